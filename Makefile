@@ -1,0 +1,49 @@
+# Two commands set everything up on a fresh Debian machine as root: `make demo` and `make test`.
+# Both install what they need (apt packages, a virtual environment, the package) and are idempotent.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := softhsm2 opensc socat openssl iproute2 util-linux python3-venv
+STATE ?= demo-state
+DEVICES ?= 100
+
+.PHONY: demo test bench lint deps apt venv clean
+
+demo: deps
+	$(VENV)/bin/birthline demo --state $(STATE) --devices $(DEVICES)
+
+test: deps lint
+	$(PY) -m pytest -q
+
+lint: deps
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+
+bench: deps
+	$(PY) bench/issue.py
+
+deps: apt venv
+
+# Install only what is missing, so a second run touches nothing and needs no network.
+apt:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+clean:
+	rm -rf $(VENV) $(STATE) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,1 @@
+"""Birthline registration-authority appliance: core, daemon, CLI."""

@@ -1,0 +1,1 @@
+"""PKCS#11 access for Birthline: one thread per process, keys usable by cryptography's builders."""

@@ -1,0 +1,1 @@
+"""Test-station side of Birthline: wire protocol, transports, fixture client, simulator."""
