@@ -1,0 +1,132 @@
+"""The one error hierarchy of the hsm package; vendor (python-pkcs11) errors are translated here only."""
+
+from __future__ import annotations
+
+import pkcs11.exceptions as p11e
+
+
+class HsmError(Exception):
+    """Root of every error the hsm package raises; `retryable` tells callers whether trying again can help."""
+
+    default_retryable = False
+
+    def __init__(self, message: str, *, retryable: bool | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retryable = self.default_retryable if retryable is None else retryable
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class PinSourceError(HsmError):
+    pass
+
+
+class TokenNotFoundError(HsmError):
+    pass
+
+
+class LoginError(HsmError):
+    pass
+
+
+class KeyNotFoundError(HsmError):
+    pass
+
+
+class KeyExistsError(HsmError):
+    pass
+
+
+class UnsupportedAlgorithmError(HsmError):
+    pass
+
+
+class SessionLostError(HsmError):
+    """The session is gone but the token is not: re-opening and logging in again is expected to work."""
+
+    default_retryable = True
+
+
+class DeviceError(HsmError):
+    """The token itself failed or vanished: fail closed, a retry would only hide a hardware problem."""
+
+
+class SignatureVerificationError(HsmError):
+    pass
+
+
+class HsmTimeoutError(HsmError):
+    default_retryable = True
+
+
+_SESSION_LOST: tuple[type[BaseException], ...] = (
+    p11e.SessionHandleInvalid,
+    p11e.SessionClosed,
+    p11e.UserNotLoggedIn,
+    # Handles may be renumbered when a session is re-opened; re-finding keys by label cures these.
+    p11e.ObjectHandleInvalid,
+    p11e.KeyHandleInvalid,
+)
+_DEVICE: tuple[type[BaseException], ...] = (
+    p11e.DeviceRemoved,
+    p11e.DeviceError,
+    p11e.DeviceMemory,
+    p11e.TokenNotPresent,
+    p11e.TokenNotRecognised,
+    p11e.GeneralError,
+    p11e.FunctionFailed,
+    p11e.HostMemory,
+)
+_LOGIN: tuple[type[BaseException], ...] = (
+    p11e.PinIncorrect,
+    p11e.PinInvalid,
+    p11e.PinLenRange,
+    p11e.PinLocked,
+    p11e.PinExpired,
+    p11e.UserPinNotInitialized,
+    p11e.AnotherUserAlreadyLoggedIn,
+    p11e.UserAlreadyLoggedIn,
+)
+_UNSUPPORTED: tuple[type[BaseException], ...] = (
+    p11e.MechanismInvalid,
+    p11e.MechanismParamInvalid,
+    p11e.FunctionNotSupported,
+    p11e.DomainParamsInvalid,
+    p11e.KeyTypeInconsistent,
+    p11e.KeySizeRange,
+    p11e.TemplateInconsistent,
+)
+
+
+def _describe(exc: BaseException) -> str:
+    # python-pkcs11 errors mostly carry no text; the class name is the PKCS#11 return value in CamelCase.
+    # The argument text is never a PIN (python-pkcs11 does not echo inputs), but keep it short anyway.
+    detail = str(exc).strip()
+    name = type(exc).__name__
+    return f"{name}: {detail[:200]}" if detail else name
+
+
+def map_pkcs11_error(exc: BaseException) -> HsmError:
+    """Translate any exception raised by a PKCS#11 call into the HsmError it means for Birthline."""
+    if isinstance(exc, HsmError):
+        return exc
+    what = _describe(exc)
+    if isinstance(exc, _SESSION_LOST):
+        return SessionLostError(f"PKCS#11 session lost ({what})")
+    if isinstance(exc, _DEVICE):
+        return DeviceError(f"HSM device failure ({what})")
+    if isinstance(exc, _LOGIN):
+        return LoginError(f"HSM login failed ({what})")
+    if isinstance(exc, _UNSUPPORTED):
+        return UnsupportedAlgorithmError(f"the token does not support this operation ({what})")
+    if isinstance(exc, p11e.NoSuchKey):
+        return KeyNotFoundError(f"key not found on the token ({what})")
+    if isinstance(exc, p11e.MultipleObjectsReturned):
+        return KeyExistsError(f"more than one object matches ({what})")
+    if isinstance(exc, p11e.NoSuchToken):
+        return TokenNotFoundError(f"token not found ({what})")
+    if isinstance(exc, p11e.PKCS11Error):
+        return HsmError(f"PKCS#11 error ({what})")
+    return HsmError(f"unexpected error during an HSM operation ({what})")

@@ -1,0 +1,311 @@
+"""cryptography private-key classes whose sign() runs on the HSM; every signature is verified before use."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn, Self
+
+import pkcs11
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
+from pkcs11 import MGF, Mechanism
+from pkcs11.util.ec import encode_ecdsa_signature
+
+from hsm.algorithms import EC_CURVES, KeyAlgorithm, default_hash, from_public_key
+from hsm.errors import SignatureVerificationError, UnsupportedAlgorithmError
+
+if TYPE_CHECKING:
+    from hsm.token import TokenSession
+
+Verify = Callable[[], None]
+
+# RFC 8017 section 9.2 note 1: DER of DigestInfo up to the digest itself.
+_DIGEST_INFO = {
+    "sha224": bytes.fromhex("302d300d06096086480165030402040500041c"),
+    "sha256": bytes.fromhex("3031300d060960864801650304020105000420"),
+    "sha384": bytes.fromhex("3041300d060960864801650304020205000430"),
+    "sha512": bytes.fromhex("3051300d060960864801650304020305000440"),
+}
+_PSS_HASH = {
+    "sha224": (Mechanism.SHA224, MGF.SHA224),
+    "sha256": (Mechanism.SHA256, MGF.SHA256),
+    "sha384": (Mechanism.SHA384, MGF.SHA384),
+    "sha512": (Mechanism.SHA512, MGF.SHA512),
+}
+
+
+def c_sign(key: Any, data: bytes, mechanism: Mechanism, param: Any = None) -> bytes:
+    """The package's only C_Sign; runs on the PKCS#11 thread (tests patch it to inject faults)."""
+    return bytes(key.sign(data, mechanism=mechanism, mechanism_param=param))
+
+
+def _digest(
+    data: bytes, algorithm: hashes.HashAlgorithm | utils.Prehashed
+) -> tuple[bytes, hashes.HashAlgorithm]:
+    if isinstance(algorithm, utils.Prehashed):
+        inner: hashes.HashAlgorithm = algorithm._algorithm
+        if len(data) != inner.digest_size:
+            raise ValueError(f"prehashed data must be {inner.digest_size} bytes, got {len(data)}")
+        return data, inner
+    h = hashes.Hash(algorithm)
+    h.update(data)
+    return h.finalize(), algorithm
+
+
+def _checked(verify: Verify, label: str) -> None:
+    try:
+        verify()
+    except (InvalidSignature, ValueError):
+        raise SignatureVerificationError(
+            f"the HSM returned a signature with key {label!r} that does not verify; not using it"
+        ) from None
+
+
+def _non_extractable(label: str) -> NoReturn:
+    raise UnsupportedAlgorithmError(f"key {label!r} lives in the HSM and is not extractable")
+
+
+class _HsmKey:
+    """What all three key classes share: where the key lives and how to get signatures out of it."""
+
+    label: str
+    algorithm: KeyAlgorithm
+
+    def _bind(self, core: TokenSession, label: str, pub: Any) -> None:
+        self._core = core
+        self.label = label
+        self.algorithm = from_public_key(pub)
+        self._public = pub
+
+    def _raw_sign(self, payloads: Sequence[bytes], mechanism: Mechanism, param: Any = None) -> list[bytes]:
+        return self._core.thread.call(self._core.run, self._sign_op(payloads, mechanism, param))
+
+    async def _araw_sign(
+        self, payloads: Sequence[bytes], mechanism: Mechanism, param: Any = None
+    ) -> list[bytes]:
+        return await self._core.thread.acall(self._core.run, self._sign_op(payloads, mechanism, param))
+
+    def _sign_op(
+        self, payloads: Sequence[bytes], mechanism: Mechanism, param: Any
+    ) -> Callable[[pkcs11.Session], list[bytes]]:
+        core, label = self._core, self.label
+
+        def op(_session: pkcs11.Session) -> list[bytes]:
+            # Looked up inside the op so that a retry after re-login uses the fresh handle.
+            key = core.private(label)
+            return [c_sign(key, p, mechanism, param) for p in payloads]
+
+        return op
+
+    # sign_many: prepare (hash) on the caller's thread, one hop for all C_Sign calls, finish (encode+verify)
+    # back on the caller's thread, so the PKCS#11 thread does nothing but PKCS#11.
+    def _prepare(self, item: bytes) -> bytes:
+        raise NotImplementedError
+
+    def _finish(self, raw: bytes, item: bytes, prepared: bytes) -> bytes:
+        raise NotImplementedError
+
+    def _batch_mechanism(self) -> Mechanism:
+        raise NotImplementedError
+
+    def sign_many(self, items: Sequence[bytes]) -> list[bytes]:
+        prepared = [self._prepare(bytes(i)) for i in items]
+        raws = self._raw_sign(prepared, self._batch_mechanism())
+        return [self._finish(r, bytes(i), p) for r, i, p in zip(raws, items, prepared, strict=True)]
+
+    async def asign_many(self, items: Sequence[bytes]) -> list[bytes]:
+        prepared = [self._prepare(bytes(i)) for i in items]
+        raws = await self._araw_sign(prepared, self._batch_mechanism())
+        return [self._finish(r, bytes(i), p) for r, i, p in zip(raws, items, prepared, strict=True)]
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} label={self.label!r} algorithm={self.algorithm.value}>"
+
+    def __copy__(self) -> Self:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, object]) -> Self:
+        return self
+
+
+class HsmEcPrivateKey(_HsmKey, ec.EllipticCurvePrivateKey):
+    def __init__(self, core: TokenSession, label: str, pub: ec.EllipticCurvePublicKey) -> None:
+        self._bind(core, label, pub)
+        self._pub: ec.EllipticCurvePublicKey = pub
+
+    @property
+    def curve(self) -> ec.EllipticCurve:
+        return EC_CURVES[self.algorithm]
+
+    @property
+    def key_size(self) -> int:
+        return self.curve.key_size
+
+    def public_key(self) -> ec.EllipticCurvePublicKey:
+        return self._pub
+
+    def _encode(self, raw: bytes, digest: bytes, hash_alg: hashes.HashAlgorithm) -> bytes:
+        # CKM_ECDSA yields r||s; X.509 wants DER. Raw r||s would be accepted by the builders silently.
+        der = encode_ecdsa_signature(raw)
+        _checked(lambda: self._pub.verify(der, digest, ec.ECDSA(utils.Prehashed(hash_alg))), self.label)
+        return der
+
+    def sign(self, data: Any, signature_algorithm: ec.EllipticCurveSignatureAlgorithm) -> bytes:
+        if not isinstance(signature_algorithm, ec.ECDSA):
+            raise UnsupportedAlgorithmError(f"unsupported EC signature algorithm {signature_algorithm!r}")
+        digest, hash_alg = _digest(bytes(data), signature_algorithm.algorithm)
+        raw = self._raw_sign([digest], Mechanism.ECDSA)[0]
+        return self._encode(raw, digest, hash_alg)
+
+    def _hash(self) -> hashes.HashAlgorithm:
+        h = default_hash(self.algorithm)
+        assert h is not None
+        return h
+
+    def _prepare(self, item: bytes) -> bytes:
+        return _digest(item, self._hash())[0]
+
+    def _finish(self, raw: bytes, item: bytes, prepared: bytes) -> bytes:
+        return self._encode(raw, prepared, self._hash())
+
+    def _batch_mechanism(self) -> Mechanism:
+        return Mechanism.ECDSA
+
+    def exchange(self, algorithm: ec.ECDH, peer_public_key: ec.EllipticCurvePublicKey) -> bytes:
+        raise UnsupportedAlgorithmError(f"key {self.label!r} is a signing key; ECDH is not offered")
+
+    def private_numbers(self) -> ec.EllipticCurvePrivateNumbers:
+        _non_extractable(self.label)
+
+    def private_bytes(
+        self,
+        encoding: serialization.Encoding,
+        format: serialization.PrivateFormat,
+        encryption_algorithm: serialization.KeySerializationEncryption,
+    ) -> bytes:
+        _non_extractable(self.label)
+
+
+class HsmRsaPrivateKey(_HsmKey, rsa.RSAPrivateKey):
+    def __init__(self, core: TokenSession, label: str, pub: rsa.RSAPublicKey) -> None:
+        self._bind(core, label, pub)
+        self._pub: rsa.RSAPublicKey = pub
+
+    @property
+    def key_size(self) -> int:
+        return self._pub.key_size
+
+    def public_key(self) -> rsa.RSAPublicKey:
+        return self._pub
+
+    def _mechanism(
+        self, pad: padding.AsymmetricPadding, hash_alg: hashes.HashAlgorithm, digest: bytes
+    ) -> tuple[Mechanism, Any, bytes]:
+        if isinstance(pad, padding.PKCS1v15):
+            if hash_alg.name not in _DIGEST_INFO:
+                raise UnsupportedAlgorithmError(f"unsupported hash {hash_alg.name} for RSA PKCS#1 v1.5")
+            return Mechanism.RSA_PKCS, None, _DIGEST_INFO[hash_alg.name] + digest
+        if isinstance(pad, padding.PSS):
+            mgf_hash = getattr(pad.mgf, "_algorithm", None)
+            if hash_alg.name not in _PSS_HASH or mgf_hash is None or mgf_hash.name != hash_alg.name:
+                raise UnsupportedAlgorithmError("PSS needs MGF1 with the same SHA-2 hash as the signature")
+            salt = pad._salt_length
+            if isinstance(salt, padding._MaxLength):
+                salt = padding.calculate_max_pss_salt_length(self._pub, hash_alg)
+            elif isinstance(salt, padding._DigestLength):
+                salt = hash_alg.digest_size
+            elif not isinstance(salt, int):
+                raise UnsupportedAlgorithmError("PSS.AUTO is only valid for verification")
+            mech_hash, mgf = _PSS_HASH[hash_alg.name]
+            return Mechanism.RSA_PKCS_PSS, (mech_hash, mgf, salt), digest
+        raise UnsupportedAlgorithmError(f"unsupported RSA padding {pad.name}")
+
+    def sign(
+        self,
+        data: Any,
+        padding: padding.AsymmetricPadding,
+        algorithm: Any,
+    ) -> bytes:
+        if not isinstance(algorithm, hashes.HashAlgorithm | utils.Prehashed):
+            raise UnsupportedAlgorithmError(
+                "RSA signing needs a hash algorithm (NoDigestInfo is not offered)"
+            )
+        digest, hash_alg = _digest(bytes(data), algorithm)
+        mechanism, param, payload = self._mechanism(padding, hash_alg, digest)
+        sig = self._raw_sign([payload], mechanism, param)[0]
+        pub = self._pub
+        _checked(lambda: pub.verify(sig, digest, padding, utils.Prehashed(hash_alg)), self.label)
+        return sig
+
+    def _prepare(self, item: bytes) -> bytes:
+        return _DIGEST_INFO["sha256"] + hashlib.sha256(item).digest()
+
+    def _finish(self, raw: bytes, item: bytes, prepared: bytes) -> bytes:
+        _checked(lambda: self._pub.verify(raw, item, padding.PKCS1v15(), hashes.SHA256()), self.label)
+        return raw
+
+    def _batch_mechanism(self) -> Mechanism:
+        return Mechanism.RSA_PKCS
+
+    def decrypt(self, ciphertext: bytes, padding: padding.AsymmetricPadding) -> bytes:
+        raise UnsupportedAlgorithmError(f"key {self.label!r} is a signing key; decryption is not offered")
+
+    def private_numbers(self) -> rsa.RSAPrivateNumbers:
+        _non_extractable(self.label)
+
+    def private_bytes(
+        self,
+        encoding: serialization.Encoding,
+        format: serialization.PrivateFormat,
+        encryption_algorithm: serialization.KeySerializationEncryption,
+    ) -> bytes:
+        _non_extractable(self.label)
+
+
+class HsmEd25519PrivateKey(_HsmKey, ed25519.Ed25519PrivateKey):
+    def __init__(self, core: TokenSession, label: str, pub: ed25519.Ed25519PublicKey) -> None:
+        self._bind(core, label, pub)
+        self._pub: ed25519.Ed25519PublicKey = pub
+
+    def public_key(self) -> ed25519.Ed25519PublicKey:
+        return self._pub
+
+    def sign(self, data: Any) -> bytes:
+        msg = bytes(data)
+        return self._finish(self._raw_sign([msg], Mechanism.EDDSA)[0], msg, msg)
+
+    def _prepare(self, item: bytes) -> bytes:
+        return item
+
+    def _finish(self, raw: bytes, item: bytes, prepared: bytes) -> bytes:
+        _checked(lambda: self._pub.verify(raw, item), self.label)
+        return raw
+
+    def _batch_mechanism(self) -> Mechanism:
+        return Mechanism.EDDSA
+
+    def private_bytes(
+        self,
+        encoding: serialization.Encoding,
+        format: serialization.PrivateFormat,
+        encryption_algorithm: serialization.KeySerializationEncryption,
+    ) -> bytes:
+        _non_extractable(self.label)
+
+    def private_bytes_raw(self) -> bytes:
+        _non_extractable(self.label)
+
+
+HsmPrivateKey = HsmEcPrivateKey | HsmRsaPrivateKey | HsmEd25519PrivateKey
+
+
+def make_key(core: TokenSession, label: str, pub: Any) -> HsmPrivateKey:
+    if isinstance(pub, ec.EllipticCurvePublicKey):
+        return HsmEcPrivateKey(core, label, pub)
+    if isinstance(pub, rsa.RSAPublicKey):
+        return HsmRsaPrivateKey(core, label, pub)
+    if isinstance(pub, ed25519.Ed25519PublicKey):
+        return HsmEd25519PrivateKey(core, label, pub)
+    raise UnsupportedAlgorithmError(f"unsupported public key type {type(pub).__name__}")
