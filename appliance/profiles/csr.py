@@ -1,0 +1,193 @@
+"""CSR intake: size, structure, key policy, proof of possession, in that order.
+
+Cheap checks come first so a hostile station spends our CPU on as little as possible: the size before any
+parsing, the DER skeleton and the key policy before the signature check. Messages never echo the input.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Final, NoReturn
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
+
+from appliance import der
+from appliance.errors import IssuanceRefused, ReasonCode
+from appliance.profiles.model import Profile
+
+_PEM_LABELS: Final = ("CERTIFICATE REQUEST", "NEW CERTIFICATE REQUEST")
+_ID_EC_PUBLIC_KEY: Final = der.oid_content("1.2.840.10045.2.1")
+_RSA_ENCRYPTION: Final = der.oid_content("1.2.840.113549.1.1.1")
+_EC_CURVES: Final = {"secp256r1": "ec-p256", "secp384r1": "ec-p384"}
+# SHA-1 and MD5 signatures do not prove possession: a second preimage or collision could be reused.
+_POP_HASHES: Final = (hashes.SHA256, hashes.SHA384, hashes.SHA512)
+RSA_EXPONENT: Final = 65537
+
+
+@dataclass(frozen=True)
+class ValidatedCsr:
+    csr: x509.CertificateSigningRequest
+    public_key: CertificatePublicKeyTypes
+    key_algorithm: str
+    # Of the canonical re-encoding, so the same key gives the same hash however the CSR spelled it; the
+    # "key already certified for another device" check relies on this.
+    public_key_sha256: bytes
+    der_sha256: bytes
+
+
+def _refuse(code: ReasonCode, message: str, **details: Any) -> NoReturn:
+    raise IssuanceRefused(message, code, details)
+
+
+def _pem_to_der(data: bytes) -> bytes:
+    try:
+        text = data.decode("ascii")
+    except UnicodeDecodeError:
+        _refuse(ReasonCode.BAD_CSR, "PEM CSR contains non-ASCII bytes")
+    lines = [line.strip() for line in text.strip().splitlines()]
+    for label in _PEM_LABELS:
+        if (
+            len(lines) >= 3
+            and lines[0] == f"-----BEGIN {label}-----"
+            and lines[-1] == f"-----END {label}-----"
+        ):
+            break
+    else:
+        _refuse(ReasonCode.BAD_CSR, "PEM input is not exactly one CERTIFICATE REQUEST block")
+    try:
+        return base64.b64decode("".join(lines[1:-1]), validate=True)
+    except (binascii.Error, ValueError):
+        _refuse(ReasonCode.BAD_CSR, "PEM CSR body is not valid base64")
+
+
+def _spki_algorithm(data: bytes) -> tuple[bytes, der.Tlv | None, bytes]:
+    """(algorithm OID content, parameters element or None, SPKI bytes) from the CSR's DER skeleton.
+
+    Also proves the outer structure is one definite-length DER SEQUENCE with nothing after it.
+    """
+    outer = der.read_tlv(data)
+    if outer.tag != der.TAG_SEQUENCE or outer.end != len(data):
+        raise ValueError("not a single DER SEQUENCE")
+    parts = der.read_children(data, outer)
+    if len(parts) != 3 or parts[0].tag != der.TAG_SEQUENCE:
+        raise ValueError("not a CertificationRequest")
+    info = der.read_children(data, parts[0])
+    if len(info) < 3 or info[2].tag != der.TAG_SEQUENCE:
+        raise ValueError("no SubjectPublicKeyInfo")
+    spki = info[2]
+    spki_parts = der.read_children(data, spki)
+    if len(spki_parts) != 2 or spki_parts[0].tag != der.TAG_SEQUENCE:
+        raise ValueError("bad SubjectPublicKeyInfo")
+    alg = der.read_children(data, spki_parts[0])
+    if not alg or alg[0].tag != der.TAG_OID or len(alg) > 2:
+        raise ValueError("bad AlgorithmIdentifier")
+    params = alg[1] if len(alg) == 2 else None
+    return data[alg[0].content : alg[0].end], params, data[spki.start : spki.end]
+
+
+def _classify(key: CertificatePublicKeyTypes, profile: Profile) -> str:
+    allowed = sorted(profile.key_algorithms)
+    if isinstance(key, rsa.RSAPublicKey):
+        size = key.key_size
+        exponent = key.public_numbers().e
+        if exponent != RSA_EXPONENT:
+            # e=1 makes the "signature" the padded hash; small or even exponents break RSA outright.
+            _refuse(
+                ReasonCode.KEY_POLICY,
+                f"RSA public exponent {exponent if exponent < 2**32 else '(huge)'} not allowed; only 65537",
+                key_algorithm=f"rsa-{size}",
+                allowed=allowed,
+            )
+        name = f"rsa-{size}"
+    elif isinstance(key, ec.EllipticCurvePublicKey):
+        curve = key.curve.name
+        name = _EC_CURVES.get(curve, f"ec-{curve}")
+    elif isinstance(key, ed25519.Ed25519PublicKey):
+        name = "ed25519"
+    else:
+        name = type(key).__name__.removesuffix("PublicKey").lower() or "unknown"
+    if name not in profile.key_algorithms:
+        _refuse(
+            ReasonCode.KEY_POLICY,
+            f"key algorithm {name} not allowed by profile {profile.name}; allowed: {', '.join(allowed)}",
+            key_algorithm=name,
+            allowed=allowed,
+        )
+    return name
+
+
+def validate_csr(data: bytes, profile: Profile, *, max_bytes: int = 8192) -> ValidatedCsr:
+    """Check a PKCS#10 CSR (DER, or PEM starting with -----BEGIN) against `profile`.
+
+    Raises IssuanceRefused with BAD_CSR, KEY_POLICY or BAD_POP. Only the public key of the result may be used
+    for issuance; everything else the CSR asks for is ignored by the builder.
+    """
+    if len(data) > max_bytes:
+        _refuse(ReasonCode.BAD_CSR, f"CSR is {len(data)} bytes; at most {max_bytes} accepted", size=len(data))
+    if not data:
+        _refuse(ReasonCode.BAD_CSR, "CSR is empty", size=0)
+    if data.startswith(b"-----BEGIN"):
+        data = _pem_to_der(data)
+
+    try:
+        alg_oid, params, _spki = _spki_algorithm(data)
+    except ValueError as exc:
+        # Our own messages: fixed texts that never contain the input.
+        _refuse(ReasonCode.BAD_CSR, f"CSR is not valid DER: {exc}", size=len(data))
+    if alg_oid == _ID_EC_PUBLIC_KEY and (params is None or params.tag != der.TAG_OID):
+        # cryptography 50 silently maps explicit parameters that equal a named curve to that curve; a profile
+        # names curves, and RFC 5480 2.1.1 requires namedCurve in PKIX.
+        _refuse(
+            ReasonCode.KEY_POLICY,
+            "EC public key with explicit or implicit curve parameters; only named curves are accepted",
+            key_algorithm="ec-explicit",
+        )
+
+    try:
+        csr = x509.load_der_x509_csr(data)
+    except ValueError:
+        _refuse(ReasonCode.BAD_CSR, "CSR does not parse as PKCS#10", size=len(data))
+    try:
+        key = csr.public_key()
+    except UnsupportedAlgorithm:
+        _refuse(ReasonCode.KEY_POLICY, "CSR public key type is not supported")
+    except ValueError:
+        # cryptography refuses RSA exponents below 3 and even ones here, before our own exponent check.
+        if alg_oid == _RSA_ENCRYPTION:
+            _refuse(
+                ReasonCode.KEY_POLICY, "RSA public key is invalid; only public exponent 65537 is accepted"
+            )
+        _refuse(ReasonCode.KEY_POLICY, "CSR public key is invalid")
+
+    key_algorithm = _classify(key, profile)
+
+    try:
+        sig_hash = csr.signature_hash_algorithm
+    except UnsupportedAlgorithm:
+        _refuse(ReasonCode.BAD_POP, "CSR signature algorithm is not supported")
+    hash_ok = sig_hash is None if key_algorithm == "ed25519" else isinstance(sig_hash, _POP_HASHES)
+    if not hash_ok:
+        name = sig_hash.name if sig_hash is not None else "none"
+        _refuse(ReasonCode.BAD_POP, f"CSR signature hash {name} is not accepted; use SHA-256 or stronger")
+    try:
+        valid = csr.is_signature_valid
+    except (UnsupportedAlgorithm, ValueError):
+        valid = False
+    if not valid:
+        _refuse(ReasonCode.BAD_POP, "CSR signature does not verify (no proof of possession)")
+
+    spki = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return ValidatedCsr(
+        csr=csr,
+        public_key=key,
+        key_algorithm=key_algorithm,
+        public_key_sha256=hashlib.sha256(spki).digest(),
+        der_sha256=hashlib.sha256(data).digest(),
+    )
