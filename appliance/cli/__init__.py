@@ -1,0 +1,1 @@
+"""The `birthline` command line."""

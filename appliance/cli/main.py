@@ -1,0 +1,304 @@
+"""`birthline`: set up, operate and demonstrate the appliance.
+
+Every command that touches state takes --config (default /etc/birthline/birthline.toml). Secrets are never
+arguments: the HSM PIN comes from the file or credential the configuration names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from appliance import ca as ca_mod
+from appliance.config import DEFAULT_CONFIG_PATH, Config, load_config
+from appliance.errors import BirthlineError
+from appliance.issuance.policy import IssueRequest
+from appliance.runtime import open_core, running_issuer
+from hsm.algorithms import KeyAlgorithm
+from hsm.errors import HsmError
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(Path(args.config))
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    print(f"{cfg.source}: OK ({len(cfg.profiles)} profiles: {', '.join(sorted(cfg.profiles))})")
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    with open_core(cfg) as core:
+        print(f"state directory {cfg.appliance.state_dir}")
+        print(f"journal {core.journal.path}: {core.journal.integrity_check()}")
+        print(f"HSM token {cfg.hsm.token_label!r}: logged in, {len(core.token.list_keys())} key(s)")
+    return 0
+
+
+def cmd_ca_init_root(args: argparse.Namespace) -> int:
+    with open_core(_config(args)) as core:
+        rec = ca_mod.create_root(
+            core.journal, core.token, args.name, args.subject or ca_mod.hierarchy.default_subject("root"),
+            KeyAlgorithm(args.algorithm), path_len=args.path_len, validity_days=args.validity_days,
+        )  # fmt: skip
+        print(f"created root CA {rec.name!r}: {rec.subject} (key {rec.key_label} in the HSM)")
+    return 0
+
+
+def cmd_ca_init_issuing(args: argparse.Namespace) -> int:
+    with open_core(_config(args)) as core:
+        rec = ca_mod.create_issuing(
+            core.journal, core.token, args.name, args.subject or ca_mod.hierarchy.default_subject("issuing"),
+            args.parent, KeyAlgorithm(args.algorithm), path_len=args.path_len, validity_days=args.validity_days,
+        )  # fmt: skip
+        print(f"created issuing CA {rec.name!r} under {rec.parent!r}: {rec.subject}")
+    return 0
+
+
+def cmd_ca_init_management(args: argparse.Namespace) -> int:
+    with open_core(_config(args)) as core:
+        rec = ca_mod.create_management(
+            core.journal, core.token, args.name, args.subject or ca_mod.hierarchy.default_subject("management"),
+            KeyAlgorithm(args.algorithm), validity_days=args.validity_days,
+        )  # fmt: skip
+        print(f"created management CA {rec.name!r}: {rec.subject}")
+    return 0
+
+
+def cmd_ca_request(args: argparse.Namespace) -> int:
+    with open_core(_config(args)) as core:
+        rec, pem = ca_mod.create_csr_for_external_root(
+            core.journal, core.token, args.name, args.subject, KeyAlgorithm(args.algorithm)
+        )
+    Path(args.out).write_bytes(pem)
+    print(f"issuing CA {rec.name!r} awaits its certificate; CSR written to {args.out}")
+    return 0
+
+
+def cmd_ca_import(args: argparse.Namespace) -> int:
+    with open_core(_config(args)) as core:
+        rec = ca_mod.import_ca_certificate(
+            core.journal, core.token, args.name, Path(args.cert).read_bytes(), Path(args.chain).read_bytes()
+        )
+    print(f"issuing CA {rec.name!r} is active: {rec.subject}, chain of {len(rec.chain)}")
+    return 0
+
+
+def cmd_ca_list(args: argparse.Namespace) -> int:
+    with open_core(_config(args)) as core:
+        records = ca_mod.list_cas(core.journal)
+    if args.json:
+        print(json.dumps([_ca_json(r) for r in records], indent=2))
+        return 0
+    children: dict[str | None, list[ca_mod.CaRecord]] = {}
+    for r in records:
+        children.setdefault(r.parent if r.parent in {x.name for x in records} else None, []).append(r)
+
+    def show(parent: str | None, depth: int) -> None:
+        for r in children.get(parent, []):
+            info = _ca_json(r)
+            print(
+                f"{'  ' * depth}{r.name} [{r.role}, {r.state}] {r.subject}  key={r.key_label} ({r.key_algorithm.value})"
+                + (f"  serial={info['serial']} notAfter={info['not_after']}" if r.cert_der else "")
+            )
+            show(r.name, depth + 1)
+
+    show(None, 0)
+    return 0
+
+
+def _ca_json(r: ca_mod.CaRecord) -> dict[str, object]:
+    out: dict[str, object] = {
+        "name": r.name, "role": r.role, "state": r.state, "subject": r.subject, "parent": r.parent,
+        "key_label": r.key_label, "key_algorithm": r.key_algorithm.value,
+    }  # fmt: skip
+    if r.cert_der:
+        c = r.certificate
+        bc = c.extensions.get_extension_for_class(x509.BasicConstraints).value
+        out.update(
+            serial=format(c.serial_number, "x"),
+            issuer=c.issuer.rfc4514_string(),
+            not_after=c.not_valid_after_utc.isoformat(),
+            path_len=bc.path_length,
+        )
+    return out
+
+
+def cmd_ca_chain(args: argparse.Namespace) -> int:
+    with open_core(_config(args)) as core:
+        rec = ca_mod.load_ca(core.journal, args.name)
+    pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in rec.chain)
+    if args.out:
+        Path(args.out).write_bytes(pem)
+    else:
+        sys.stdout.write(pem.decode())
+    return 0
+
+
+def cmd_issue(args: argparse.Namespace) -> int:
+    csr = Path(args.csr).read_bytes()
+
+    async def run() -> int:
+        with open_core(_config(args)) as core:
+            async with running_issuer(core) as service:
+                result = await service.issue(
+                    IssueRequest(
+                        args.serial,
+                        csr,
+                        station="cli",
+                        request_id=args.request_id or "",
+                        profile=args.profile,
+                    )
+                )
+        pem = result.certificate_pem + b"".join(
+            x509.load_der_x509_certificate(c).public_bytes(serialization.Encoding.PEM) for c in result.chain
+        )
+        if args.out:
+            Path(args.out).write_bytes(pem)
+        else:
+            sys.stdout.write(pem.decode())
+        print(
+            f"{'reused' if result.reused else 'issued'} {result.cert_serial} for device {result.device_serial}",
+            file=sys.stderr,
+        )
+        return 0
+
+    return asyncio.run(run())
+
+
+def cmd_journal_stats(args: argparse.Namespace) -> int:
+    with open_core(_config(args)) as core:
+        counts = core.journal.counts()
+        check = core.journal.integrity_check()
+    print(json.dumps({"integrity": check, "states": counts}, indent=2, sort_keys=True))
+    return 0 if check == "ok" else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from appliance.demo import run_demo
+
+    return run_demo(Path(args.state), args.devices)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="birthline", description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug detail to stderr")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sp.add_argument("--config", default=str(DEFAULT_CONFIG_PATH), help="configuration file (TOML)")
+        return sp
+
+    algs = [a.value for a in KeyAlgorithm]
+    with_config(
+        sub.add_parser("init", help="create the state directory and journal; check the HSM login")
+    ).set_defaults(func=cmd_init)
+    cfg = sub.add_parser("config", help="configuration").add_subparsers(dest="sub", required=True)
+    with_config(
+        cfg.add_parser("check", help="validate the configuration, listing every problem")
+    ).set_defaults(func=cmd_config_check)
+
+    ca = sub.add_parser("ca", help="the CA hierarchy (keys in the HSM)").add_subparsers(
+        dest="sub", required=True
+    )
+    sp = with_config(ca.add_parser("init-root", help="create a root CA on this appliance"))
+    sp.add_argument("--name", default="root")
+    sp.add_argument("--subject", help='e.g. "/O=Acme/CN=Acme Device Root CA"')
+    sp.add_argument("--algorithm", choices=algs, default="ec-p256")
+    sp.add_argument("--path-len", type=int, default=1)
+    sp.add_argument(
+        "--validity-days", type=int, help="default: no expiry (99991231235959Z, RFC 5280 4.1.2.5)"
+    )
+    sp.set_defaults(func=cmd_ca_init_root)
+    sp = with_config(ca.add_parser("init-issuing", help="create an issuing (birth) CA signed by a local CA"))
+    sp.add_argument("--name", default="issuing")
+    sp.add_argument("--parent", default="root")
+    sp.add_argument("--subject")
+    sp.add_argument("--algorithm", choices=algs, default="ec-p256")
+    sp.add_argument("--path-len", type=int, default=0)
+    sp.add_argument("--validity-days", type=int)
+    sp.set_defaults(func=cmd_ca_init_issuing)
+    sp = with_config(
+        ca.add_parser("init-management", help="create the management CA (TLS, station credentials)")
+    )
+    sp.add_argument("--name", default="management")
+    sp.add_argument("--subject")
+    sp.add_argument("--algorithm", choices=algs, default="ec-p256")
+    sp.add_argument("--validity-days", type=int, default=3650)
+    sp.set_defaults(func=cmd_ca_init_management)
+    sp = with_config(ca.add_parser("request", help="external root: make the issuing key and write its CSR"))
+    sp.add_argument("--name", default="issuing")
+    sp.add_argument("--subject", required=True)
+    sp.add_argument("--algorithm", choices=algs, default="ec-p256")
+    sp.add_argument("--out", required=True, help="where to write the PEM CSR")
+    sp.set_defaults(func=cmd_ca_request)
+    sp = with_config(
+        ca.add_parser("import", help="external root: import the signed CA certificate and chain")
+    )
+    sp.add_argument("--name", default="issuing")
+    sp.add_argument("--cert", required=True, help="the CA certificate (PEM or DER)")
+    sp.add_argument("--chain", required=True, help="PEM: the signing CA up to the root")
+    sp.set_defaults(func=cmd_ca_import)
+    sp = with_config(ca.add_parser("list", help="show the hierarchy"))
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_ca_list)
+    sp = with_config(ca.add_parser("chain", help="write a CA's chain as PEM (the CA first, root last)"))
+    sp.add_argument("--name", default="issuing")
+    sp.add_argument("--out")
+    sp.set_defaults(func=cmd_ca_chain)
+
+    sp = with_config(
+        sub.add_parser("issue", help="issue one birth certificate from a CSR (through the core)")
+    )
+    sp.add_argument("--serial", required=True, help="the device serial number")
+    sp.add_argument("--csr", required=True, help="PKCS#10 request, PEM or DER")
+    sp.add_argument("--profile")
+    sp.add_argument(
+        "--request-id", help="idempotency key; a retry with the same device and key gets the same cert"
+    )
+    sp.add_argument("--out", help="write certificate + chain (PEM) here instead of stdout")
+    sp.set_defaults(func=cmd_issue)
+
+    jr = sub.add_parser("journal", help="the issuance journal").add_subparsers(dest="sub", required=True)
+    with_config(jr.add_parser("stats", help="row counts per state and SQLite integrity")).set_defaults(
+        func=cmd_journal_stats
+    )
+
+    sp = sub.add_parser(
+        "demo", help="run the demo on embedded defaults (SoftHSM token, CA hierarchy, issuance)"
+    )
+    sp.add_argument("--state", default="demo-state", help="state directory (default ./demo-state)")
+    sp.add_argument("--devices", type=int, default=100)
+    sp.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return int(args.func(args))
+    except BirthlineError as exc:
+        print(f"birthline: {exc}", file=sys.stderr)
+        return 2
+    except HsmError as exc:
+        print(f"birthline: hsm: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""Appliance configuration: TOML into frozen dataclasses, every problem reported at once with where it is.
+
+Secrets are never in this file: the HSM PIN comes from a file or a systemd credential named here.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from appliance.errors import ConfigError, Problem
+from appliance.profiles import Profile, builtin_profiles, parse_profiles
+from hsm.config import HsmConfig
+
+DEFAULT_CONFIG_PATH = Path("/etc/birthline/birthline.toml")
+
+
+@dataclass(frozen=True)
+class ApplianceSection:
+    state_dir: Path
+
+
+@dataclass(frozen=True)
+class JournalSection:
+    path: Path
+    batch_max: int = 64
+
+
+@dataclass(frozen=True)
+class IssuanceSection:
+    issuing_ca: str = "issuing"
+    default_profile: str = "idevid"
+    max_csr_bytes: int = 8192
+    clock_skew_s: int = 300
+
+
+@dataclass(frozen=True)
+class Config:
+    appliance: ApplianceSection
+    hsm: HsmConfig
+    journal: JournalSection
+    issuance: IssuanceSection
+    profiles: Mapping[str, Profile] = field(default_factory=dict)
+    source: Path | None = None
+
+
+class _Reader:
+    """Reads one TOML table, collecting problems instead of stopping at the first."""
+
+    def __init__(self, table: Mapping[str, Any], where: str, problems: list[Problem]) -> None:
+        self.table = table
+        self.where = where
+        self.problems = problems
+        self.seen: set[str] = set()
+
+    def _get(self, key: str, kind: type | tuple[type, ...], default: Any, required: bool) -> Any:
+        self.seen.add(key)
+        if key not in self.table:
+            if required:
+                self.problems.append(Problem(f"{self.where}.{key}", "is required"))
+            return default
+        value = self.table[key]
+        # bool is an int in Python; a TOML `true` is never a valid count.
+        if isinstance(value, bool) and kind is int:
+            self.problems.append(Problem(f"{self.where}.{key}", f"expected an integer, got {value!r}"))
+            return default
+        if not isinstance(value, kind):
+            name = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            self.problems.append(
+                Problem(f"{self.where}.{key}", f"expected {name}, got {type(value).__name__}")
+            )
+            return default
+        return value
+
+    def text(self, key: str, default: str | None = None, *, required: bool = False) -> Any:
+        value = self._get(key, str, default, required)
+        if isinstance(value, str) and not value and required:
+            self.problems.append(Problem(f"{self.where}.{key}", "must not be empty"))
+        return value
+
+    def integer(self, key: str, default: int, *, lo: int, hi: int) -> int:
+        value = self._get(key, int, default, False)
+        if isinstance(value, int) and not lo <= value <= hi:
+            self.problems.append(
+                Problem(f"{self.where}.{key}", f"must be between {lo} and {hi}, got {value}")
+            )
+            return default
+        return int(value)
+
+    def done(self) -> None:
+        for key in sorted(set(self.table) - self.seen):
+            self.problems.append(Problem(f"{self.where}.{key}", "unknown key"))
+
+
+def _table(data: Mapping[str, Any], key: str, problems: list[Problem]) -> Mapping[str, Any]:
+    value = data.get(key, {})
+    if not isinstance(value, Mapping):
+        problems.append(Problem(key, f"expected a table, got {type(value).__name__}"))
+        return {}
+    return value
+
+
+def parse_config(
+    data: Mapping[str, Any], *, source: Path | None = None, base_dir: Path | None = None
+) -> Config:
+    """Build a Config from parsed TOML. Relative paths are relative to the config file's directory."""
+    problems: list[Problem] = []
+    base = base_dir or (source.parent if source else Path.cwd())
+
+    def path(value: str | None) -> Path | None:
+        if value is None:
+            return None
+        p = Path(value)
+        return p if p.is_absolute() else (base / p)
+
+    for key in sorted(set(data) - {"appliance", "hsm", "journal", "issuance", "profiles"}):
+        problems.append(Problem(key, "unknown section"))
+
+    r = _Reader(_table(data, "appliance", problems), "appliance", problems)
+    state_dir = path(r.text("state_dir", "/var/lib/birthline")) or Path("/var/lib/birthline")
+    r.done()
+
+    r = _Reader(_table(data, "hsm", problems), "hsm", problems)
+    module = r.text("module", required=True)
+    token_label = r.text("token_label", required=True)
+    pin_file = r.text("pin_file")
+    pin_credential = r.text("pin_credential")
+    softhsm_conf = r.text("softhsm_conf")
+    call_timeout = r.integer("call_timeout_s", 10, lo=1, hi=600)
+    if "pin" in r.table:
+        problems.append(
+            Problem("hsm.pin", "the PIN must never be in the config file; use pin_file or pin_credential")
+        )
+        r.seen.add("pin")
+    if (pin_file is None) == (pin_credential is None):
+        problems.append(Problem("hsm", "set exactly one of pin_file or pin_credential"))
+    r.done()
+    hsm = HsmConfig(
+        module=str(module or ""),
+        token_label=str(token_label or ""),
+        pin_file=str(path(pin_file)) if pin_file else None,
+        pin_credential=pin_credential,
+        softhsm_conf=str(path(softhsm_conf)) if softhsm_conf else None,
+        call_timeout_s=float(call_timeout),
+    )
+
+    r = _Reader(_table(data, "journal", problems), "journal", problems)
+    journal_path = r.text("path", "journal.sqlite")
+    batch_max = r.integer("batch_max", 64, lo=1, hi=4096)
+    r.done()
+    jp = Path(journal_path or "journal.sqlite")
+    journal = JournalSection(path=jp if jp.is_absolute() else state_dir / jp, batch_max=batch_max)
+
+    r = _Reader(_table(data, "issuance", problems), "issuance", problems)
+    issuance = IssuanceSection(
+        issuing_ca=r.text("issuing_ca", "issuing") or "issuing",
+        default_profile=r.text("default_profile", "idevid") or "idevid",
+        max_csr_bytes=r.integer("max_csr_bytes", 8192, lo=256, hi=65536),
+        clock_skew_s=r.integer("clock_skew_s", 300, lo=0, hi=86400),
+    )
+    r.done()
+
+    # Only the 802.1AR built-in is served unconfigured: the Matter built-in carries a test vendor ID and must be
+    # configured (base = "matter-dac") with the manufacturer's own before any device gets one.
+    profiles: dict[str, Profile] = {"idevid": builtin_profiles()["idevid"]}
+    configured, profile_problems = parse_profiles(_table(data, "profiles", problems), "profiles")
+    profiles.update(configured)
+    problems.extend(profile_problems)
+    if issuance.default_profile not in profiles:
+        problems.append(
+            Problem(
+                "issuance.default_profile",
+                f"no profile named {issuance.default_profile!r}; known: {', '.join(sorted(profiles))}",
+            )
+        )
+
+    if problems:
+        raise ConfigError(problems, str(source) if source else "")
+    return Config(
+        appliance=ApplianceSection(state_dir=state_dir),
+        hsm=hsm,
+        journal=journal,
+        issuance=issuance,
+        profiles=profiles,
+        source=source,
+    )
+
+
+def load_config(path: Path) -> Config:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError([Problem(str(path), f"cannot read: {exc.strerror}")]) from exc
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError([Problem(str(path), f"not valid TOML: {exc}")]) from exc
+    return parse_config(data, source=path.resolve())

@@ -1,0 +1,233 @@
+"""The durable issuance journal (SQLite, WAL, synchronous=FULL).
+
+Rows follow the saved state machine of reliability.md section 1:
+    intent  - serial reserved, exact TBS hash recorded; committed BEFORE the HSM signs
+    issued  - certificate stored; committed BEFORE the station is answered
+    confirmed - the station confirmed it stored the certificate
+    burned  - an intent whose signature was never released (crash, HSM or journal fault); its serial stays
+              reserved forever so it can never be reused.
+
+All SQLite work runs on one thread owned by the journal: the connection never crosses threads, and a slow
+fsync never blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from appliance.errors import IssuanceFailed, ReasonCode
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ca (
+    name          TEXT PRIMARY KEY,
+    role          TEXT NOT NULL CHECK (role IN ('root', 'issuing', 'management')),
+    key_label     TEXT NOT NULL UNIQUE,
+    key_algorithm TEXT NOT NULL,
+    parent        TEXT,
+    state         TEXT NOT NULL CHECK (state IN ('awaiting-certificate', 'active')),
+    subject       TEXT NOT NULL,
+    csr_der       BLOB,
+    cert_der      BLOB,
+    chain_pem     BLOB,            -- PEM certificates above this CA, nearest first
+    created_at    REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS issuance (
+    id                INTEGER PRIMARY KEY,
+    request_id        TEXT NOT NULL,
+    station           TEXT NOT NULL,
+    profile           TEXT NOT NULL,
+    ca                TEXT NOT NULL,
+    device_serial     TEXT NOT NULL,
+    public_key_sha256 BLOB NOT NULL,
+    csr_sha256        BLOB NOT NULL,
+    cert_serial       TEXT NOT NULL UNIQUE,   -- hex; burned rows keep theirs so it is never reused
+    tbs_sha256        BLOB NOT NULL,
+    state             TEXT NOT NULL CHECK (state IN ('intent', 'issued', 'confirmed', 'burned')),
+    cert_der          BLOB,
+    burn_reason       TEXT,
+    created_at        REAL NOT NULL,
+    issued_at         REAL,
+    confirmed_at      REAL,
+    CHECK ((state IN ('issued', 'confirmed')) = (cert_der IS NOT NULL))
+);
+CREATE UNIQUE INDEX IF NOT EXISTS issuance_live_device
+    ON issuance (ca, device_serial) WHERE state != 'burned';
+CREATE UNIQUE INDEX IF NOT EXISTS issuance_live_key
+    ON issuance (public_key_sha256) WHERE state != 'burned';
+CREATE INDEX IF NOT EXISTS issuance_request ON issuance (station, request_id);
+"""
+
+
+@dataclass(frozen=True)
+class IssuanceRow:
+    id: int
+    request_id: str
+    station: str
+    profile: str
+    ca: str
+    device_serial: str
+    public_key_sha256: bytes
+    cert_serial: str
+    tbs_sha256: bytes
+    state: str
+    cert_der: bytes | None
+    created_at: float
+    issued_at: float | None
+    confirmed_at: float | None
+    burn_reason: str | None
+
+    COLUMNS = (
+        "id, request_id, station, profile, ca, device_serial, public_key_sha256, cert_serial, tbs_sha256,"
+        " state, cert_der, created_at, issued_at, confirmed_at, burn_reason"
+    )
+
+    @classmethod
+    def from_row(cls, row: tuple[object, ...]) -> IssuanceRow:
+        return cls(*row)  # type: ignore[arg-type]
+
+
+def journal_error(exc: BaseException, doing: str) -> IssuanceFailed:
+    """Map a SQLite failure once, so every caller fails closed the same way."""
+    text = str(exc)
+    if "full" in text:
+        text = "disk full"
+    return IssuanceFailed(
+        f"journal unavailable while {doing}: {text}", ReasonCode.JOURNAL_UNAVAILABLE, {"doing": doing}
+    )
+
+
+class Journal:
+    """Owns the SQLite file and the one thread that touches it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal")
+        self._conn: sqlite3.Connection | None = None
+        self._thread_id = self._executor.submit(threading.get_ident).result()
+        self.call(self._open)
+
+    # -- threading --------------------------------------------------------------------------------------------
+    def call(self, fn: Callable[..., T], *args: object) -> T:
+        if threading.get_ident() == self._thread_id:
+            return fn(*args)  # already on the journal thread: waiting on ourselves would deadlock
+        return self._executor.submit(fn, *args).result()
+
+    async def acall(self, fn: Callable[..., T], *args: object) -> T:
+        return await asyncio.wrap_future(self._executor.submit(fn, *args))
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        assert self._conn is not None, "journal is closed"
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self.call(self._close)
+        self._executor.shutdown(wait=True)
+
+    def _close(self) -> None:
+        assert self._conn is not None
+        self._conn.close()
+        self._conn = None
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- setup ---------------------------------------------------------------------------------------------------
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves, so a transaction is exactly what we say.
+            conn = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
+            conn.execute("PRAGMA journal_mode=WAL")
+            # NORMAL can lose committed transactions on power loss in WAL mode; an issued certificate must not.
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.executescript(SCHEMA)
+            row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            if row is None:
+                conn.execute(
+                    "INSERT INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+                )
+            elif int(row[0]) != SCHEMA_VERSION:
+                raise IssuanceFailed(
+                    f"journal schema {row[0]} is not the supported {SCHEMA_VERSION}",
+                    ReasonCode.JOURNAL_UNAVAILABLE,
+                )
+        except sqlite3.Error as exc:
+            raise journal_error(exc, "opening the journal") from exc
+        self._conn = conn
+
+    # -- transactions -----------------------------------------------------------------------------------------
+    def transaction(self, fn: Callable[[sqlite3.Connection], T], doing: str) -> T:
+        """Run fn inside BEGIN IMMEDIATE .. COMMIT on the journal thread (call from that thread)."""
+        conn = self.conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                # On disk full SQLite may already have rolled back by itself; a second rollback is harmless.
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise journal_error(exc, doing) from exc
+        return result
+
+    async def atransaction(self, fn: Callable[[sqlite3.Connection], T], doing: str) -> T:
+        return await self.acall(self.transaction, fn, doing)
+
+    # -- recovery and queries -----------------------------------------------------------------------------------
+    def recover(self) -> int:
+        """Burn every intent left by a crash: its signature, if the HSM made one, was never released."""
+
+        def burn(conn: sqlite3.Connection) -> int:
+            cur = conn.execute(
+                "UPDATE issuance SET state='burned', burn_reason='crash-recovery' WHERE state='intent'"
+            )
+            return int(cur.rowcount)
+
+        return self.call(lambda: self.transaction(burn, "recovering interrupted issuances"))
+
+    def rows(self, where: str = "1=1", params: tuple[object, ...] = ()) -> list[IssuanceRow]:
+        def q() -> list[IssuanceRow]:
+            cur = self.conn.execute(
+                f"SELECT {IssuanceRow.COLUMNS} FROM issuance WHERE {where} ORDER BY id", params
+            )
+            return [IssuanceRow.from_row(r) for r in cur.fetchall()]
+
+        return self.call(q)
+
+    def counts(self) -> dict[str, int]:
+        def q() -> dict[str, int]:
+            return dict(self.conn.execute("SELECT state, COUNT(*) FROM issuance GROUP BY state").fetchall())
+
+        return self.call(q)
+
+    def integrity_check(self) -> str:
+        return self.call(lambda: str(self.conn.execute("PRAGMA integrity_check").fetchone()[0]))
+
+
+def now() -> float:
+    return time.time()

@@ -1,0 +1,36 @@
+"""The authorisation seam: who may get a certificate for which device.
+
+A policy runs INSIDE the intent transaction, so a later policy can consume a work order's quota atomically
+with the serial reservation (no race can exceed it, and a crash rolls both back together).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from typing import Protocol
+
+from appliance.profiles import Profile
+
+
+@dataclass(frozen=True)
+class IssueRequest:
+    """One device's request, as any front end (station protocol, CMP, CLI) hands it to the core."""
+
+    device_serial: str
+    csr: bytes
+    station: str = "cli"
+    request_id: str = ""
+    profile: str | None = None
+
+
+class AuthorisationPolicy(Protocol):
+    def authorise(self, conn: sqlite3.Connection, request: IssueRequest, profile: Profile) -> None:
+        """Raise IssuanceRefused (NOT_AUTHORISED, QUOTA_EXHAUSTED, ...) to refuse; may write rows in `conn`."""
+
+
+class AllowAll:
+    """Every well-formed request is authorised. The foundation's default, before work orders exist."""
+
+    def authorise(self, conn: sqlite3.Connection, request: IssueRequest, profile: Profile) -> None:
+        return None

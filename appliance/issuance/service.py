@@ -1,0 +1,449 @@
+"""The issuance pipeline, as a long-lived async service with group commit.
+
+authorise -> validate the CSR -> build from the profile -> journal intent -> sign in the HSM -> verify ->
+journal issued -> answer. Requests that arrive together share the two transactions (group commit) but each
+still follows that order: no signature is made before its intent is durable, and no certificate is released
+before it is stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import logging
+import os
+import signal
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from appliance.ca import CaRecord
+from appliance.errors import BirthlineError, IssuanceFailed, IssuanceRefused, ReasonCode
+from appliance.issuance.journal import IssuanceRow, Journal
+from appliance.issuance.policy import AllowAll, AuthorisationPolicy, IssueRequest
+from appliance.issuance.tbs import Tbs, TbsMaker
+from appliance.profiles import (
+    Profile,
+    build_certificate,
+    new_serial_number,
+    validate_csr,
+    validate_device_serial,
+)
+from appliance.profiles.csr import ValidatedCsr
+from hsm.errors import DeviceError, HsmError, SignatureVerificationError
+from hsm.keys import HsmPrivateKey
+
+log = logging.getLogger(__name__)
+
+# Named crash points for the crash-safety tests: the process SIGKILLs itself there. Not a secret, and unset in
+# production; read once at start so the hot path pays nothing.
+CRASH_POINTS = ("after-intent", "after-sign", "after-store")
+CRASH_ENV = "BIRTHLINE_CRASH_POINT"
+
+
+@dataclass(frozen=True)
+class IssueResult:
+    certificate: bytes  # DER
+    chain: tuple[bytes, ...]  # DER, issuing CA first, up to the root
+    cert_serial: str  # hex
+    device_serial: str
+    issuance_id: int
+    reused: bool  # answered from the journal: a retry of a request already issued
+
+    @property
+    def certificate_pem(self) -> bytes:
+        return x509.load_der_x509_certificate(self.certificate).public_bytes(serialization.Encoding.PEM)
+
+
+@dataclass
+class _Item:
+    request: IssueRequest
+    future: asyncio.Future[IssueResult]
+    profile: Profile | None = None
+    csr: ValidatedCsr | None = None
+    tbs: Tbs | None = None
+    serial_hex: str = ""
+    row_id: int | None = None
+    reuse: IssuanceRow | None = None
+    leader: _Item | None = None  # same device and key earlier in this batch: answer with its result
+    error: BirthlineError | None = None
+    followers: list[_Item] = field(default_factory=list)
+
+
+class IssueService:
+    """Issue birth certificates from one issuing CA. Use as an async context manager."""
+
+    def __init__(
+        self,
+        journal: Journal,
+        ca: CaRecord,
+        key: HsmPrivateKey,
+        profiles: Mapping[str, Profile],
+        *,
+        default_profile: str = "idevid",
+        policy: AuthorisationPolicy | None = None,
+        batch_max: int = 64,
+        max_csr_bytes: int = 8192,
+        clock_skew_s: float = 300.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        ca_cert = ca.certificate
+        spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        if ca_cert.public_key().public_bytes(*spki) != key.public_key().public_bytes(*spki):
+            raise IssuanceFailed(
+                f"the HSM key {key.label!r} is not the key of CA {ca.name!r}", ReasonCode.HSM_UNAVAILABLE
+            )
+        self.journal = journal
+        self.ca = ca
+        self.ca_cert = ca_cert
+        self.chain = tuple(c.public_bytes(serialization.Encoding.DER) for c in ca.chain)
+        self.key = key
+        self.profiles = dict(profiles)
+        self.default_profile = default_profile
+        self.policy: AuthorisationPolicy = policy or AllowAll()
+        self.batch_max = batch_max
+        self.max_csr_bytes = max_csr_bytes
+        self.clock_skew_s = clock_skew_s
+        self.clock = clock
+        self._tbs = TbsMaker(ca_cert.public_key(), ca.key_algorithm)
+        self._queue: asyncio.Queue[_Item | None] = asyncio.Queue()
+        self._tg: asyncio.TaskGroup | None = None
+        self._unsettled: list[int] = []  # intents whose signature was made but could not be stored or burned
+        self._last_issue_time: float | None = None
+        self._hsm_fault: str | None = None
+        self._crash_at = os.environ.get(CRASH_ENV, "")
+        self.stats = {"issued": 0, "reused": 0, "refused": 0, "failed": 0, "batches": 0}
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+    async def __aenter__(self) -> IssueService:
+        burned = await self.journal.acall(self.journal.recover)
+        if burned:
+            log.warning(
+                "burned %d intent(s) left by an interrupted run; their serials are never reused", burned
+            )
+        self._tg = asyncio.TaskGroup()
+        await self._tg.__aenter__()
+        self._tg.create_task(self._batcher(), name="issuance-batcher")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._queue.put(None)
+        assert self._tg is not None
+        await self._tg.__aexit__(None, None, None)
+        self._tg = None
+        # Anything still queued was never started: tell its caller rather than leave it waiting forever.
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if item is not None and not item.future.done():
+                item.future.set_exception(IssuanceFailed("the issuance service stopped", ReasonCode.BUSY))
+
+    # -- API ---------------------------------------------------------------------------------------------------
+    async def issue(self, request: IssueRequest) -> IssueResult:
+        if self._tg is None:
+            raise IssuanceFailed("the issuance service is not running", ReasonCode.BUSY)
+        if not request.request_id:
+            request = IssueRequest(
+                request.device_serial, request.csr, request.station, uuid.uuid4().hex, request.profile
+            )
+        fut: asyncio.Future[IssueResult] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Item(request, fut))
+        return await fut
+
+    async def confirm(self, cert_serial: str, cert_sha256: bytes | None = None) -> None:
+        """The station stored the certificate: from now on it counts as delivered."""
+
+        def txn(conn: sqlite3.Connection) -> None:
+            row = conn.execute(
+                "SELECT state, cert_der FROM issuance WHERE cert_serial=?", (cert_serial,)
+            ).fetchone()
+            if row is None or row[0] not in ("issued", "confirmed"):
+                raise IssuanceRefused(
+                    f"no issued certificate with serial {cert_serial}", ReasonCode.BAD_REQUEST
+                )
+            if cert_sha256 is not None and hashlib.sha256(row[1]).digest() != cert_sha256:
+                raise IssuanceRefused(
+                    "the confirmed hash is not the issued certificate's: the station stored something else",
+                    ReasonCode.BAD_REQUEST,
+                )
+            if row[0] == "issued":
+                conn.execute(
+                    "UPDATE issuance SET state='confirmed', confirmed_at=? WHERE cert_serial=?",
+                    (self.clock(), cert_serial),
+                )
+
+        await self.journal.atransaction(txn, "confirming delivery")
+
+    # -- the batcher -------------------------------------------------------------------------------------------
+    async def _batcher(self) -> None:
+        while True:
+            first = await self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < self.batch_max and not self._queue.empty():
+                nxt = self._queue.get_nowait()
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            try:
+                await self._run_batch(batch)
+            except BirthlineError as exc:
+                self._fail(batch, exc)
+            except Exception as exc:
+                log.exception("issuance batch failed")
+                self._fail(
+                    batch, IssuanceFailed(f"internal error: {type(exc).__name__}", ReasonCode.INTERNAL)
+                )
+            if stop:
+                return
+
+    def _fail(self, items: list[_Item], exc: BirthlineError) -> None:
+        for item in items:
+            if not item.future.done():
+                self.stats["failed"] += 1
+                item.future.set_exception(exc)
+
+    def _crash(self, point: str) -> None:
+        if self._crash_at == point:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    async def _run_batch(self, batch: list[_Item]) -> None:
+        self.stats["batches"] += 1
+        await self._settle()
+        await self._check_hsm()
+        now = self.clock()
+        for item in batch:
+            self._prepare(item, now)
+        live = [i for i in batch if i.error is None]
+        if live:
+            await self.journal.atransaction(
+                lambda conn: self._record_intents(conn, live, now), "recording intents"
+            )
+        self._crash("after-intent")
+        to_sign = [i for i in live if i.row_id is not None and i.error is None]
+        if to_sign:
+            await self._sign_and_store(to_sign)
+        for item in batch:
+            self._answer(item)
+
+    # -- steps -------------------------------------------------------------------------------------------------
+    def _prepare(self, item: _Item, now: float) -> None:
+        """Validate and build on the event loop: CPU work, no I/O, nothing committed yet."""
+        req = item.request
+        try:
+            name = req.profile or self.default_profile
+            profile = self.profiles.get(name)
+            if profile is None:
+                raise IssuanceRefused(f"no profile named {name!r}", ReasonCode.UNKNOWN_PROFILE)
+            validate_device_serial(profile, req.device_serial)
+            csr = validate_csr(req.csr, profile, max_bytes=self.max_csr_bytes)
+            serial = new_serial_number()
+            builder = build_certificate(
+                profile,
+                issuer_cert=self.ca_cert,
+                device_serial=req.device_serial,
+                public_key=csr.public_key,
+                serial_number=serial,
+                now=dt.datetime.fromtimestamp(int(now), dt.UTC),
+            )
+            item.profile, item.csr, item.tbs = profile, csr, self._tbs.make(builder)
+            item.serial_hex = format(serial, "x")
+        except BirthlineError as exc:
+            item.error = exc
+
+    def _record_intents(self, conn: sqlite3.Connection, items: list[_Item], now: float) -> None:
+        """One transaction for the whole batch; a SAVEPOINT per request so one refusal undoes only its own rows."""
+        if self._last_issue_time is None:
+            self._last_issue_time = conn.execute("SELECT MAX(created_at) FROM issuance").fetchone()[0] or 0.0
+        if now + self.clock_skew_s < self._last_issue_time:
+            behind = IssuanceRefused(
+                f"the clock is {self._last_issue_time - now:.0f} s behind the last issuance; set the time",
+                ReasonCode.CLOCK_NOT_TRUSTED,
+            )
+            for item in items:
+                item.error = behind
+            return
+        pending: dict[tuple[str, bytes], _Item] = {}
+        for item in items:
+            assert item.csr is not None and item.tbs is not None and item.profile is not None
+            req, key_hash = item.request, item.csr.public_key_sha256
+            if (req.device_serial, key_hash) in pending:
+                item.leader = pending[(req.device_serial, key_hash)]
+                item.leader.followers.append(item)
+                continue
+            conn.execute("SAVEPOINT item")
+            try:
+                self._check_conflicts(conn, item)
+                if item.reuse is None:
+                    self.policy.authorise(conn, req, item.profile)
+                    cur = conn.execute(
+                        "INSERT INTO issuance (request_id, station, profile, ca, device_serial, public_key_sha256,"
+                        " csr_sha256, cert_serial, tbs_sha256, state, created_at)"
+                        " VALUES (?,?,?,?,?,?,?,?,?,'intent',?)",
+                        (
+                            req.request_id, req.station, item.profile.name, self.ca.name, req.device_serial,
+                            key_hash, item.csr.der_sha256, item.serial_hex, item.tbs.sha256, now,
+                        ),
+                    )  # fmt: skip
+                    item.row_id = cur.lastrowid
+                    pending[(req.device_serial, key_hash)] = item
+                conn.execute("RELEASE item")
+            except IssuanceRefused as exc:
+                conn.execute("ROLLBACK TO item")
+                conn.execute("RELEASE item")
+                item.error = exc
+        self._last_issue_time = max(self._last_issue_time, now)
+
+    def _check_conflicts(self, conn: sqlite3.Connection, item: _Item) -> None:
+        assert item.csr is not None
+        req = item.request
+        row = conn.execute(
+            f"SELECT {IssuanceRow.COLUMNS} FROM issuance WHERE ca=? AND device_serial=? AND state!='burned'",
+            (self.ca.name, req.device_serial),
+        ).fetchone()
+        if row is not None:
+            existing = IssuanceRow.from_row(row)
+            if existing.public_key_sha256 == item.csr.public_key_sha256 and existing.cert_der is not None:
+                item.reuse = existing
+                return
+            raise IssuanceRefused(
+                f"device {req.device_serial!r} already has a certificate (serial {existing.cert_serial}) for a"
+                " different key; a new key needs an authorised rework",
+                ReasonCode.DEVICE_ALREADY_ISSUED,
+                {"cert_serial": existing.cert_serial},
+            )
+        other = conn.execute(
+            "SELECT device_serial FROM issuance WHERE public_key_sha256=? AND state!='burned'",
+            (item.csr.public_key_sha256,),
+        ).fetchone()
+        if other is not None:
+            raise IssuanceRefused(
+                "this public key is already certified for another device", ReasonCode.KEY_ALREADY_CERTIFIED
+            )
+        if conn.execute("SELECT 1 FROM issuance WHERE cert_serial=?", (item.serial_hex,)).fetchone():
+            # 2^-63 odds; refuse rather than ever reuse a serial.
+            raise IssuanceRefused("certificate serial collision; retry", ReasonCode.BUSY)
+
+    async def _sign_and_store(self, items: list[_Item]) -> None:
+        ids = [i.row_id for i in items if i.row_id is not None]
+        try:
+            signatures = await self.key.asign_many([i.tbs.tbs for i in items if i.tbs is not None])
+        except HsmError as exc:
+            if isinstance(exc, DeviceError):
+                self._hsm_fault = exc.message
+            code = (
+                ReasonCode.SIGNATURE_INVALID if isinstance(exc, SignatureVerificationError)
+                else ReasonCode.HSM_UNAVAILABLE
+            )  # fmt: skip
+            await self._burn(ids, f"hsm: {type(exc).__name__}")
+            self._fail(items, IssuanceFailed(f"HSM: {exc.message}", code))
+            return
+        self._crash("after-sign")
+        certs: list[tuple[int, bytes]] = []
+        for item, sig in zip(items, signatures, strict=True):
+            assert item.tbs is not None and item.row_id is not None
+            der = item.tbs.certificate(sig)
+            # The HSM layer verified the signature over exactly these TBS bytes with the CA key; this parse
+            # checks the assembled certificate is one a relying party can read.
+            x509.load_der_x509_certificate(der)
+            certs.append((item.row_id, der))
+        issued_at = self.clock()
+
+        def store(conn: sqlite3.Connection) -> None:
+            for row_id, der in certs:
+                cur = conn.execute(
+                    "UPDATE issuance SET state='issued', cert_der=?, issued_at=? WHERE id=? AND state='intent'",
+                    (der, issued_at, row_id),
+                )
+                if cur.rowcount != 1:
+                    raise IssuanceFailed(f"intent {row_id} vanished before storing", ReasonCode.INTERNAL)
+
+        try:
+            await self.journal.atransaction(store, "storing certificates")
+        except BirthlineError as exc:
+            # The certificates were signed but not stored: they must never be released. Burn the intents.
+            await self._burn(ids, "store failed")
+            self._fail(items, exc)
+            return
+        self._crash("after-store")
+        for item, (_, der) in zip(items, certs, strict=True):
+            self.stats["issued"] += 1
+            item.future.set_result(
+                self._result(der, item.serial_hex, item.request.device_serial, item.row_id, False)
+            )
+
+    async def _burn(self, ids: list[int], reason: str) -> None:
+        def txn(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "UPDATE issuance SET state='burned', burn_reason=? WHERE id=? AND state='intent'",
+                [(reason, i) for i in ids],
+            )
+
+        try:
+            await self.journal.atransaction(txn, "burning unreleased intents")
+        except BirthlineError:
+            # Remember them; no new issuance starts until they are settled (fail closed).
+            self._unsettled.extend(ids)
+
+    async def _settle(self) -> None:
+        if self._unsettled:
+            ids, self._unsettled = self._unsettled, []
+            await self._burn(ids, "store failed")
+            if self._unsettled:
+                raise IssuanceFailed(
+                    "the journal cannot record earlier failed issuances; issuance is stopped",
+                    ReasonCode.JOURNAL_UNAVAILABLE,
+                )
+
+    async def _check_hsm(self) -> None:
+        if self._hsm_fault is None:
+            return
+        try:
+            await self.key.asign_many([b"birthline hsm health probe"])
+        except HsmError as exc:
+            raise IssuanceFailed(f"HSM unavailable: {exc.message}", ReasonCode.HSM_UNAVAILABLE) from exc
+        log.warning("HSM is back after: %s", self._hsm_fault)
+        self._hsm_fault = None
+
+    def _result(self, der: bytes, serial: str, device: str, row_id: int | None, reused: bool) -> IssueResult:
+        return IssueResult(der, self.chain, serial, device, row_id or 0, reused)
+
+    def _answer(self, item: _Item) -> None:
+        if item.future.done():
+            pass
+        elif item.error is not None:
+            self.stats["refused"] += 1
+            item.future.set_exception(item.error)
+        elif item.reuse is not None:
+            r = item.reuse
+            assert r.cert_der is not None
+            self.stats["reused"] += 1
+            item.future.set_result(self._result(r.cert_der, r.cert_serial, r.device_serial, r.id, True))
+        elif item.leader is not None:
+            self._follow(item)
+        for follower in item.followers:
+            self._follow(follower)
+
+    def _follow(self, item: _Item) -> None:
+        leader = item.leader
+        assert leader is not None
+        if item.future.done() or not leader.future.done():
+            return
+        if leader.future.exception() is not None:
+            item.future.set_exception(leader.future.exception())  # type: ignore[arg-type]
+        else:
+            res = leader.future.result()
+            self.stats["reused"] += 1
+            item.future.set_result(
+                IssueResult(
+                    res.certificate, res.chain, res.cert_serial, res.device_serial, res.issuance_id, True
+                )
+            )

@@ -1,0 +1,70 @@
+"""Compose the core from a Config: HSM token, journal, CA records and the issuance service.
+
+The CLI, the demo and the daemon all open the appliance through here, so there is one way to do it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+from appliance.ca import CaRecord, load_ca
+from appliance.config import Config
+from appliance.errors import IssuanceFailed, ReasonCode
+from appliance.issuance.journal import Journal
+from appliance.issuance.policy import AuthorisationPolicy
+from appliance.issuance.service import IssueService
+from hsm.errors import HsmError
+from hsm.token import Token
+
+
+@dataclass
+class Core:
+    config: Config
+    token: Token
+    journal: Journal
+
+    def issuing_ca(self) -> CaRecord:
+        return load_ca(self.journal, self.config.issuance.issuing_ca)
+
+    def issue_service(self, policy: AuthorisationPolicy | None = None) -> IssueService:
+        ca = self.issuing_ca()
+        if ca.state != "active":
+            raise IssuanceFailed(
+                f"issuing CA {ca.name!r} is {ca.state}: import its certificate first",
+                ReasonCode.UNKNOWN_PROFILE,
+            )
+        return IssueService(
+            self.journal,
+            ca,
+            self.token.get_key(ca.key_label),
+            self.config.profiles,
+            default_profile=self.config.issuance.default_profile,
+            policy=policy,
+            batch_max=self.config.journal.batch_max,
+            max_csr_bytes=self.config.issuance.max_csr_bytes,
+            clock_skew_s=self.config.issuance.clock_skew_s,
+        )
+
+
+@contextlib.contextmanager
+def open_core(config: Config) -> Iterator[Core]:
+    config.appliance.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        token = Token.open(config.hsm)
+    except HsmError as exc:
+        raise IssuanceFailed(f"HSM: {exc.message}", ReasonCode.HSM_UNAVAILABLE) from exc
+    try:
+        with Journal(config.journal.path) as journal:
+            yield Core(config, token, journal)
+    finally:
+        token.close()
+
+
+@contextlib.asynccontextmanager
+async def running_issuer(
+    core: Core, policy: AuthorisationPolicy | None = None
+) -> AsyncIterator[IssueService]:
+    async with core.issue_service(policy) as service:
+        yield service

@@ -1,0 +1,151 @@
+"""Issuance throughput against the raw HSM sign rate, measured in the same run.
+
+    python bench/issue.py [--certs N] [--batch B]
+
+Issues N certificates (P-256 issuing CA in a fresh SoftHSM2 token, P-256 device CSRs made beforehand) through
+the issuance core with the durable journal (WAL, synchronous=FULL), and prints certificates/s next to the raw
+rate of C_Sign with the same token key, and their ratio. Then it times each pipeline step alone, per
+certificate, to show where the time goes. Figures are ratios within one run: this machine is shared and noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cryptography import x509  # noqa: E402
+from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
+
+from appliance import ca as ca_mod  # noqa: E402
+from appliance.issuance.journal import Journal  # noqa: E402
+from appliance.issuance.policy import IssueRequest  # noqa: E402
+from appliance.issuance.service import IssueService  # noqa: E402
+from appliance.issuance.tbs import TbsMaker  # noqa: E402
+from appliance.profiles import build_certificate, builtin_profiles, new_serial_number, validate_csr  # noqa: E402
+from hsm import _p11  # noqa: E402
+from hsm.softhsm import create_softhsm_token  # noqa: E402
+from hsm.token import Token  # noqa: E402
+
+
+def make_csrs(n: int) -> list[bytes]:
+    out = []
+    for _ in range(n):
+        key = ec.generate_private_key(ec.SECP256R1())
+        csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(key, hashes.SHA256())
+        out.append(csr.public_bytes(serialization.Encoding.DER))
+    return out
+
+
+def raw_sign_rate(token: Token, label: str, n: int) -> float:
+    """C_Sign(CKM_ECDSA) in a tight loop on the PKCS#11 thread: the ceiling for any pipeline."""
+    digest = hashlib.sha256(b"bench").digest()
+
+    def loop(session: Any) -> float:
+        from pkcs11 import Mechanism
+
+        key = _p11.find_private(session, label)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            key.sign(digest, mechanism=Mechanism.ECDSA)
+        return n / (time.perf_counter() - t0)
+
+    return token.thread.call(token.run, loop)
+
+
+def per_item_us(fn: Callable[[], object], n: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--certs", type=int, default=10000)
+    ap.add_argument("--batch", type=int, default=64)
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="birthline-bench-") as tmp:
+        softhsm = create_softhsm_token(Path(tmp) / "softhsm", label="bench")
+        with Token.open(softhsm.hsm_config()) as token, Journal(Path(tmp) / "journal.sqlite") as journal:
+            ca_mod.create_root(journal, token, "root", "CN=Bench Root")
+            issuing = ca_mod.create_issuing(journal, token, "issuing", "CN=Bench Issuing", "root")
+            key = token.get_key(issuing.key_label)
+            profiles = {"idevid": builtin_profiles()["idevid"]}
+            print(f"making {args.certs} device CSRs (not timed) ...", flush=True)
+            csrs = make_csrs(args.certs)
+
+            raw_before = raw_sign_rate(token, issuing.key_label, 20000)
+
+            async def issue_all() -> float:
+                service = IssueService(journal, issuing, key, profiles, batch_max=args.batch)
+                async with service:
+                    t0 = time.perf_counter()
+                    await asyncio.gather(
+                        *(service.issue(IssueRequest(f"BENCH{i:08d}", c)) for i, c in enumerate(csrs))
+                    )
+                    return time.perf_counter() - t0
+
+            elapsed = asyncio.run(issue_all())
+            raw_after = raw_sign_rate(token, issuing.key_label, 20000)
+            raw = (raw_before + raw_after) / 2
+            rate = args.certs / elapsed
+            counts = journal.counts()
+            assert counts == {"issued": args.certs}, counts
+
+            print(f"\nissued {args.certs} certificates in {elapsed:.2f} s, batch_max {args.batch}")
+            print(f"  issuance core:   {rate:8.0f} certificates/s (journaled, synchronous=FULL)")
+            print(f"  raw HSM C_Sign:  {raw:8.0f} signatures/s  (before {raw_before:.0f}, after {raw_after:.0f})")
+            print(f"  ratio:           {rate / raw:8.1%}  (target >= 20%)")
+
+            # Where the time goes: each step alone, per certificate.
+            n = min(2000, args.certs)
+            profile = profiles["idevid"]
+            cert = issuing.certificate
+            tbs_maker = TbsMaker(cert.public_key(), issuing.key_algorithm)
+            vcsr = validate_csr(csrs[0], profile)
+            now = x509.load_der_x509_certificate(issuing.cert_der or b"").not_valid_before_utc
+
+            def build() -> object:
+                return tbs_maker.make(
+                    build_certificate(
+                        profile, issuer_cert=cert, device_serial="SN1", public_key=vcsr.public_key,
+                        serial_number=new_serial_number(), now=now,
+                    )
+                )  # fmt: skip
+
+            tbs = tbs_maker.make(
+                build_certificate(
+                    profile, issuer_cert=cert, device_serial="SN1", public_key=vcsr.public_key,
+                    serial_number=1 << 70, now=now,
+                )
+            )  # fmt: skip
+            batch = [tbs.tbs] * 64
+            steps = {
+                "validate CSR (parse + PoP + key policy)": per_item_us(lambda: validate_csr(csrs[0], profile), n),
+                "build from profile + capture TBS": per_item_us(build, n),
+                "HSM sign + verify (batches of 64)": per_item_us(lambda: key.sign_many(batch), n // 64) / 64,
+                "assemble + parse certificate": per_item_us(
+                    lambda: x509.load_der_x509_certificate(tbs.certificate(b"\x30\x06\x02\x01\x01\x02\x01\x01")), n
+                ),
+            }
+            total_us = 1e6 / rate
+            print(f"\nper certificate: {total_us:.0f} us in the pipeline; steps timed alone:")
+            for name, us in steps.items():
+                print(f"  {name:42s} {us:7.1f} us  {us / total_us:6.1%}")
+            rest = total_us - sum(steps.values())
+            print(f"  {'journal (2 group commits) + asyncio + rest':42s} {rest:7.1f} us  {rest / total_us:6.1%}")
+
+
+if __name__ == "__main__":
+    main()

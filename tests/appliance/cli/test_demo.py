@@ -1,0 +1,86 @@
+"""`birthline demo` and the CLI, run as a user would: as subprocesses on a fresh state directory."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+
+def birthline(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "appliance.cli.main", *map(str, args)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+
+
+def test_demo_from_scratch_then_again(tmp_path: Path) -> None:
+    state = tmp_path / "demo"
+    first = birthline("demo", "--state", state, "--devices", "5")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "issued 5 birth certificates" in first.stdout
+    assert "openssl verify -x509_strict: OK" in first.stdout
+    assert "same certificate, byte for byte" in first.stdout
+    chain = x509.load_pem_x509_certificates((state / "ca-chain.pem").read_bytes())
+    assert [c.subject == c.issuer for c in chain] == [False, True]  # issuing first, then root
+    issued = sorted((state / "issued").glob("*.pem"))
+    assert len(issued) == 5
+    cert = x509.load_pem_x509_certificate(issued[0].read_bytes())
+    cert.verify_directly_issued_by(chain[0])
+    # The demo profile is the IDevID profile with hardwareModuleName.
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [o.type_id.dotted_string for o in san.get_values_for_type(x509.OtherName)] == ["1.3.6.1.5.5.7.8.4"]
+    assert cert.subject.get_attributes_for_oid(NameOID.SERIAL_NUMBER)[0].value == issued[0].stem
+    # The PIN is in a file only root can read, never in the config.
+    toml = (state / "birthline.toml").read_text()
+    pin = (state / "softhsm" / "user.pin").read_text().strip()
+    assert pin not in toml and (state / "softhsm" / "user.pin").stat().st_mode & 0o077 == 0
+
+    second = birthline("demo", "--state", state, "--devices", "3")
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "run 2: issued 3" in second.stdout
+    assert len(list((state / "issued").glob("*.pem"))) == 8
+
+    cfg = state / "birthline.toml"
+    listing = birthline("ca", "list", "--config", cfg, "--json")
+    assert listing.returncode == 0, listing.stderr
+    cas = {c["name"]: c for c in json.loads(listing.stdout)}
+    assert cas["issuing"]["parent"] == "root" and cas["management"]["path_len"] == 0
+    stats = birthline("journal", "stats", "--config", cfg)
+    assert json.loads(stats.stdout)["states"] == {"issued": 8}
+
+    # One more device through `birthline issue`, as a fixture script would.
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(key, hashes.SHA256())
+    (tmp_path / "d.csr").write_bytes(csr.public_bytes(serialization.Encoding.PEM))
+    out = birthline(
+        "issue",
+        "--config",
+        cfg,
+        "--serial",
+        "CLI-1",
+        "--csr",
+        tmp_path / "d.csr",
+        "--out",
+        tmp_path / "d.pem",
+    )
+    assert out.returncode == 0, out.stderr
+    assert len(x509.load_pem_x509_certificates((tmp_path / "d.pem").read_bytes())) == 3
+    refused = birthline("issue", "--config", cfg, "--serial", "CLI\x1b[2J", "--csr", tmp_path / "d.csr")
+    assert refused.returncode == 2 and "bad_device_serial" in refused.stderr
+    assert "\x1b" not in refused.stderr  # terminal escapes never reach the operator's screen raw
+
+
+def test_config_check_lists_problems_and_exits_2(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[hsm]\nmodule = "/x.so"\npin = "1234"\n[journal]\nbatch_max = -1\n')
+    out = birthline("config", "check", "--config", cfg)
+    assert out.returncode == 2
+    for where in ("hsm.token_label", "hsm.pin", "journal.batch_max"):
+        assert where in out.stderr

@@ -1,0 +1,103 @@
+"""Crash safety: the issuing process is SIGKILLed at each named point, then restarted.
+
+Invariants (reliability.md section 1): no serial is reused; every intent is either issued or burned; a
+certificate that was signed but not stored is never released; a retry after the crash gets a certificate, and
+the stored one byte for byte when it had been stored.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from appliance.issuance.journal import Journal
+from hsm.softhsm import SoftHsmToken
+from tests.appliance.conftest import make_csr
+
+CONFIG = """\
+[appliance]
+state_dir = "{state}"
+[hsm]
+module = "{module}"
+token_label = "{label}"
+pin_file = "{pin}"
+softhsm_conf = "{conf}"
+"""
+
+
+@pytest.fixture
+def config(tmp_path: Path, ca_journal_template: Path, softhsm_token: SoftHsmToken) -> Path:
+    state = tmp_path / "state"
+    state.mkdir()
+    shutil.copy(ca_journal_template, state / "journal.sqlite")
+    cfg = tmp_path / "birthline.toml"
+    cfg.write_text(
+        CONFIG.format(
+            state=state,
+            module=softhsm_token.module,
+            label=softhsm_token.label,
+            pin=softhsm_token.pin_file,
+            conf=softhsm_token.conf_path,
+        )
+    )
+    return cfg
+
+
+def _issue(
+    config: Path, serial: str, csr: Path, crash: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "BIRTHLINE_CRASH_POINT"}
+    if crash:
+        env["BIRTHLINE_CRASH_POINT"] = crash
+    return subprocess.run(
+        [sys.executable, "-m", "appliance.cli.main", "issue", "--config", str(config), "--serial", serial,
+         "--csr", str(csr)],
+        capture_output=True, text=True, env=env, timeout=60, check=False,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("point", ["after-intent", "after-sign", "after-store"])
+def test_sigkill_at_each_point_keeps_the_invariants(config: Path, tmp_path: Path, point: str) -> None:
+    _, der = make_csr()
+    csr = tmp_path / "dev.csr"
+    csr.write_bytes(der)
+
+    crashed = _issue(config, "SN-CRASH", csr, crash=point)
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    assert "BEGIN CERTIFICATE" not in crashed.stdout  # nothing was released
+
+    with Journal(config.parent / "state" / "journal.sqlite") as journal:
+        before = journal.rows()
+    assert len(before) == 1
+    expected_state = "issued" if point == "after-store" else "intent"
+    assert before[0].state == expected_state
+
+    retry = _issue(config, "SN-CRASH", csr)
+    assert retry.returncode == 0, retry.stderr
+    cert = x509.load_pem_x509_certificates(retry.stdout.encode())[0]
+
+    with Journal(config.parent / "state" / "journal.sqlite") as journal:
+        rows = journal.rows()
+        assert journal.integrity_check() == "ok"
+    serials = [r.cert_serial for r in rows]
+    assert len(serials) == len(set(serials)), "a serial was reused"
+    assert all(r.state in ("issued", "burned") for r in rows)
+    live = [r for r in rows if r.state == "issued"]
+    assert len(live) == 1 and live[0].cert_serial == format(cert.serial_number, "x")
+    if point == "after-store":
+        # Stored before the crash: the retry gets exactly that certificate, and nothing was signed again.
+        assert rows == [live[0]] and "reused" in retry.stderr
+        assert before[0].cert_der == live[0].cert_der
+    else:
+        # Signed (maybe) but never stored: that intent is burned and its serial never comes back.
+        burned = [r for r in rows if r.state == "burned"]
+        assert [r.burn_reason for r in burned] == ["crash-recovery"]
+        assert burned[0].cert_serial != live[0].cert_serial
+        assert burned[0].cert_der is None
