@@ -44,7 +44,7 @@ softhsm_conf = "{softhsm_conf}"
 
 [journal]
 path = "journal.sqlite"
-batch_max = 64
+batch_max = 128
 
 [issuance]
 issuing_ca = "issuing"

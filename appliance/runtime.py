@@ -28,7 +28,10 @@ class Core:
     def issuing_ca(self) -> CaRecord:
         return load_ca(self.journal, self.config.issuance.issuing_ca)
 
-    def issue_service(self, policy: AuthorisationPolicy | None = None) -> IssueService:
+    def issue_service(
+        self, policy: AuthorisationPolicy | None = None, *, prepare_workers: int | None = None
+    ) -> IssueService:
+        """prepare_workers overrides the configuration: a one-shot CLI command need not start processes."""
         ca = self.issuing_ca()
         if ca.state != "active":
             raise IssuanceFailed(
@@ -45,6 +48,10 @@ class Core:
             batch_max=self.config.journal.batch_max,
             max_csr_bytes=self.config.issuance.max_csr_bytes,
             clock_skew_s=self.config.issuance.clock_skew_s,
+            prepare_workers=self.config.issuance.prepare_workers
+            if prepare_workers is None
+            else prepare_workers,
+            pipeline_depth=self.config.issuance.pipeline_depth,
         )
 
 
@@ -64,7 +71,7 @@ def open_core(config: Config) -> Iterator[Core]:
 
 @contextlib.asynccontextmanager
 async def running_issuer(
-    core: Core, policy: AuthorisationPolicy | None = None
+    core: Core, policy: AuthorisationPolicy | None = None, *, prepare_workers: int | None = None
 ) -> AsyncIterator[IssueService]:
-    async with core.issue_service(policy) as service:
+    async with core.issue_service(policy, prepare_workers=prepare_workers) as service:
         yield service

@@ -9,9 +9,10 @@ before it is stored.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
+import concurrent.futures
 import hashlib
 import logging
+import multiprocessing
 import os
 import signal
 import sqlite3
@@ -27,15 +28,16 @@ from appliance.ca import CaRecord
 from appliance.errors import BirthlineError, IssuanceFailed, IssuanceRefused, ReasonCode
 from appliance.issuance.journal import IssuanceRow, Journal
 from appliance.issuance.policy import AllowAll, AuthorisationPolicy, IssueRequest
-from appliance.issuance.tbs import Tbs, TbsMaker
-from appliance.profiles import (
-    Profile,
-    build_certificate,
-    new_serial_number,
-    validate_csr,
-    validate_device_serial,
+from appliance.issuance.prepare import (
+    Job,
+    PrepareContext,
+    Prepared,
+    Preparer,
+    Refusal,
+    init_worker,
+    prepare_in_worker,
 )
-from appliance.profiles.csr import ValidatedCsr
+from appliance.profiles import Profile
 from hsm.errors import DeviceError, HsmError, SignatureVerificationError
 from hsm.keys import HsmPrivateKey
 
@@ -61,19 +63,21 @@ class IssueResult:
         return x509.load_der_x509_certificate(self.certificate).public_bytes(serialization.Encoding.PEM)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Item:
     request: IssueRequest
     future: asyncio.Future[IssueResult]
-    profile: Profile | None = None
-    csr: ValidatedCsr | None = None
-    tbs: Tbs | None = None
-    serial_hex: str = ""
+    prep: Prepared | None = None
     row_id: int | None = None
     reuse: IssuanceRow | None = None
-    leader: _Item | None = None  # same device and key earlier in this batch: answer with its result
+    leader: _Item | None = None  # same device and key already in flight: answer with its result
     error: BirthlineError | None = None
     followers: list[_Item] = field(default_factory=list)
+
+    @property
+    def key(self) -> tuple[str, bytes]:
+        assert self.prep is not None
+        return (self.request.device_serial, self.prep.public_key_sha256)
 
 
 class IssueService:
@@ -92,6 +96,8 @@ class IssueService:
         max_csr_bytes: int = 8192,
         clock_skew_s: float = 300.0,
         clock: Callable[[], float] = time.time,
+        prepare_workers: int = 0,
+        pipeline_depth: int = 2,
     ) -> None:
         ca_cert = ca.certificate
         spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -101,19 +107,22 @@ class IssueService:
             )
         self.journal = journal
         self.ca = ca
-        self.ca_cert = ca_cert
         self.chain = tuple(c.public_bytes(serialization.Encoding.DER) for c in ca.chain)
         self.key = key
-        self.profiles = dict(profiles)
         self.default_profile = default_profile
         self.policy: AuthorisationPolicy = policy or AllowAll()
         self.batch_max = batch_max
-        self.max_csr_bytes = max_csr_bytes
         self.clock_skew_s = clock_skew_s
         self.clock = clock
-        self._tbs = TbsMaker(ca_cert.public_key(), ca.key_algorithm)
+        self.prepare_workers = prepare_workers
+        self.pipeline_depth = max(1, pipeline_depth)
+        self._profiles = dict(profiles)
+        self._ctx = PrepareContext(self._profiles, ca.cert_der or b"", ca.key_algorithm, max_csr_bytes)
+        self._preparer = Preparer(self._ctx)
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
         self._queue: asyncio.Queue[_Item | None] = asyncio.Queue()
         self._tg: asyncio.TaskGroup | None = None
+        self._inflight: dict[tuple[str, bytes], _Item] = {}
         self._unsettled: list[int] = []  # intents whose signature was made but could not be stored or burned
         self._last_issue_time: float | None = None
         self._hsm_fault: str | None = None
@@ -127,6 +136,21 @@ class IssueService:
             log.warning(
                 "burned %d intent(s) left by an interrupted run; their serials are never reused", burned
             )
+        if self.prepare_workers > 0:
+            # spawn, not fork: this process already runs the PKCS#11 and journal threads.
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                self.prepare_workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=init_worker,
+                initargs=(self._ctx,),
+            )
+            loop = asyncio.get_running_loop()
+            await asyncio.gather(
+                *(
+                    loop.run_in_executor(self._pool, prepare_in_worker, [])
+                    for _ in range(self.prepare_workers)
+                )
+            )
         self._tg = asyncio.TaskGroup()
         await self._tg.__aenter__()
         self._tg.create_task(self._batcher(), name="issuance-batcher")
@@ -137,11 +161,18 @@ class IssueService:
         assert self._tg is not None
         await self._tg.__aexit__(None, None, None)
         self._tg = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
         # Anything still queued was never started: tell its caller rather than leave it waiting forever.
         while not self._queue.empty():
             item = self._queue.get_nowait()
             if item is not None and not item.future.done():
                 item.future.set_exception(IssuanceFailed("the issuance service stopped", ReasonCode.BUSY))
+
+    @property
+    def profiles(self) -> Mapping[str, Profile]:
+        return self._profiles
 
     # -- API ---------------------------------------------------------------------------------------------------
     async def issue(self, request: IssueRequest) -> IssueResult:
@@ -180,30 +211,46 @@ class IssueService:
         await self.journal.atransaction(txn, "confirming delivery")
 
     # -- the batcher -------------------------------------------------------------------------------------------
+    async def _next_batch(self) -> list[_Item] | None:
+        first = await self._queue.get()
+        if first is None:
+            return None
+        batch = [first]
+        while len(batch) < self.batch_max and not self._queue.empty():
+            nxt = self._queue.get_nowait()
+            if nxt is None:
+                self._queue.put_nowait(None)  # let the loop see the stop after this batch
+                break
+            batch.append(nxt)
+        return batch
+
     async def _batcher(self) -> None:
-        while True:
-            first = await self._queue.get()
-            if first is None:
-                return
-            batch = [first]
-            stop = False
-            while len(batch) < self.batch_max and not self._queue.empty():
-                nxt = self._queue.get_nowait()
-                if nxt is None:
-                    stop = True
-                    break
-                batch.append(nxt)
-            try:
-                await self._run_batch(batch)
-            except BirthlineError as exc:
-                self._fail(batch, exc)
-            except Exception as exc:
-                log.exception("issuance batch failed")
-                self._fail(
-                    batch, IssuanceFailed(f"internal error: {type(exc).__name__}", ReasonCode.INTERNAL)
-                )
-            if stop:
-                return
+        # Up to pipeline_depth batches in flight: one can be preparing or journaling while another signs, so
+        # fsyncs and HSM calls (which release the GIL) overlap with CPU work. Order within each request holds.
+        slots = asyncio.Semaphore(self.pipeline_depth)
+        async with asyncio.TaskGroup() as tg:
+            n = 0
+            while (batch := await self._next_batch()) is not None:
+                await slots.acquire()
+                n += 1
+                task = tg.create_task(self._guarded(batch), name=f"issuance-batch-{n}")
+                task.add_done_callback(lambda _t: slots.release())
+
+    async def _guarded(self, batch: list[_Item]) -> None:
+        try:
+            await self._run_batch(batch)
+        except BirthlineError as exc:
+            self._fail(batch, exc)
+        except Exception as exc:
+            log.exception("issuance batch failed")
+            self._fail(batch, IssuanceFailed(f"internal error: {type(exc).__name__}", ReasonCode.INTERNAL))
+        finally:
+            for item in batch:
+                if item.prep is not None and self._inflight.get(item.key) is item:
+                    del self._inflight[item.key]
+            for item in batch:
+                for follower in item.followers:
+                    self._follow(follower)
 
     def _fail(self, items: list[_Item], exc: BirthlineError) -> None:
         for item in items:
@@ -220,9 +267,18 @@ class IssueService:
         await self._settle()
         await self._check_hsm()
         now = self.clock()
+        await self._prepare(batch, int(now))
+        live = []
         for item in batch:
-            self._prepare(item, now)
-        live = [i for i in batch if i.error is None]
+            if item.error is not None:
+                continue
+            leader = self._inflight.get(item.key)
+            if leader is not None:
+                item.leader = leader
+                leader.followers.append(item)
+            else:
+                self._inflight[item.key] = item
+                live.append(item)
         if live:
             await self.journal.atransaction(
                 lambda conn: self._record_intents(conn, live, now), "recording intents"
@@ -235,29 +291,27 @@ class IssueService:
             self._answer(item)
 
     # -- steps -------------------------------------------------------------------------------------------------
-    def _prepare(self, item: _Item, now: float) -> None:
-        """Validate and build on the event loop: CPU work, no I/O, nothing committed yet."""
-        req = item.request
-        try:
-            name = req.profile or self.default_profile
-            profile = self.profiles.get(name)
-            if profile is None:
-                raise IssuanceRefused(f"no profile named {name!r}", ReasonCode.UNKNOWN_PROFILE)
-            validate_device_serial(profile, req.device_serial)
-            csr = validate_csr(req.csr, profile, max_bytes=self.max_csr_bytes)
-            serial = new_serial_number()
-            builder = build_certificate(
-                profile,
-                issuer_cert=self.ca_cert,
-                device_serial=req.device_serial,
-                public_key=csr.public_key,
-                serial_number=serial,
-                now=dt.datetime.fromtimestamp(int(now), dt.UTC),
+    async def _prepare(self, batch: list[_Item], now: int) -> None:
+        """Validate and build: CPU work, in worker processes when configured; nothing committed yet."""
+        jobs = [
+            Job(i.request.device_serial, i.request.csr, i.request.profile or self.default_profile, now)
+            for i in batch
+        ]
+        if self._pool is None:
+            results = self._preparer.prepare_many(jobs)
+        else:
+            loop = asyncio.get_running_loop()
+            size = -(-len(jobs) // self.prepare_workers)
+            chunks = [jobs[i : i + size] for i in range(0, len(jobs), size)]
+            parts = await asyncio.gather(
+                *(loop.run_in_executor(self._pool, prepare_in_worker, c) for c in chunks)
             )
-            item.profile, item.csr, item.tbs = profile, csr, self._tbs.make(builder)
-            item.serial_hex = format(serial, "x")
-        except BirthlineError as exc:
-            item.error = exc
+            results = [r for part in parts for r in part]
+        for item, result in zip(batch, results, strict=True):
+            if isinstance(result, Refusal):
+                item.error = result.error()
+            else:
+                item.prep = result
 
     def _record_intents(self, conn: sqlite3.Connection, items: list[_Item], now: float) -> None:
         """One transaction for the whole batch; a SAVEPOINT per request so one refusal undoes only its own rows."""
@@ -271,30 +325,24 @@ class IssueService:
             for item in items:
                 item.error = behind
             return
-        pending: dict[tuple[str, bytes], _Item] = {}
         for item in items:
-            assert item.csr is not None and item.tbs is not None and item.profile is not None
-            req, key_hash = item.request, item.csr.public_key_sha256
-            if (req.device_serial, key_hash) in pending:
-                item.leader = pending[(req.device_serial, key_hash)]
-                item.leader.followers.append(item)
-                continue
+            assert item.prep is not None
+            req, prep = item.request, item.prep
             conn.execute("SAVEPOINT item")
             try:
                 self._check_conflicts(conn, item)
                 if item.reuse is None:
-                    self.policy.authorise(conn, req, item.profile)
+                    self.policy.authorise(conn, req, self._profiles[prep.profile])
                     cur = conn.execute(
                         "INSERT INTO issuance (request_id, station, profile, ca, device_serial, public_key_sha256,"
                         " csr_sha256, cert_serial, tbs_sha256, state, created_at)"
                         " VALUES (?,?,?,?,?,?,?,?,?,'intent',?)",
                         (
-                            req.request_id, req.station, item.profile.name, self.ca.name, req.device_serial,
-                            key_hash, item.csr.der_sha256, item.serial_hex, item.tbs.sha256, now,
+                            req.request_id, req.station, prep.profile, self.ca.name, req.device_serial,
+                            prep.public_key_sha256, prep.csr_sha256, prep.serial_hex, prep.tbs.sha256, now,
                         ),
                     )  # fmt: skip
                     item.row_id = cur.lastrowid
-                    pending[(req.device_serial, key_hash)] = item
                 conn.execute("RELEASE item")
             except IssuanceRefused as exc:
                 conn.execute("ROLLBACK TO item")
@@ -303,15 +351,17 @@ class IssueService:
         self._last_issue_time = max(self._last_issue_time, now)
 
     def _check_conflicts(self, conn: sqlite3.Connection, item: _Item) -> None:
-        assert item.csr is not None
-        req = item.request
+        assert item.prep is not None
+        req, key_hash = item.request, item.prep.public_key_sha256
         row = conn.execute(
             f"SELECT {IssuanceRow.COLUMNS} FROM issuance WHERE ca=? AND device_serial=? AND state!='burned'",
             (self.ca.name, req.device_serial),
         ).fetchone()
         if row is not None:
             existing = IssuanceRow.from_row(row)
-            if existing.public_key_sha256 == item.csr.public_key_sha256 and existing.cert_der is not None:
+            if existing.public_key_sha256 == key_hash:
+                if existing.cert_der is None:
+                    raise IssuanceRefused("a request for this device is in progress; retry", ReasonCode.BUSY)
                 item.reuse = existing
                 return
             raise IssuanceRefused(
@@ -322,20 +372,20 @@ class IssueService:
             )
         other = conn.execute(
             "SELECT device_serial FROM issuance WHERE public_key_sha256=? AND state!='burned'",
-            (item.csr.public_key_sha256,),
+            (key_hash,),
         ).fetchone()
         if other is not None:
             raise IssuanceRefused(
                 "this public key is already certified for another device", ReasonCode.KEY_ALREADY_CERTIFIED
             )
-        if conn.execute("SELECT 1 FROM issuance WHERE cert_serial=?", (item.serial_hex,)).fetchone():
+        if conn.execute("SELECT 1 FROM issuance WHERE cert_serial=?", (item.prep.serial_hex,)).fetchone():
             # 2^-63 odds; refuse rather than ever reuse a serial.
             raise IssuanceRefused("certificate serial collision; retry", ReasonCode.BUSY)
 
     async def _sign_and_store(self, items: list[_Item]) -> None:
         ids = [i.row_id for i in items if i.row_id is not None]
         try:
-            signatures = await self.key.asign_many([i.tbs.tbs for i in items if i.tbs is not None])
+            signatures = await self.key.asign_many([i.prep.tbs.tbs for i in items if i.prep is not None])
         except HsmError as exc:
             if isinstance(exc, DeviceError):
                 self._hsm_fault = exc.message
@@ -349,8 +399,8 @@ class IssueService:
         self._crash("after-sign")
         certs: list[tuple[int, bytes]] = []
         for item, sig in zip(items, signatures, strict=True):
-            assert item.tbs is not None and item.row_id is not None
-            der = item.tbs.certificate(sig)
+            assert item.prep is not None and item.row_id is not None
+            der = item.prep.tbs.certificate(sig)
             # The HSM layer verified the signature over exactly these TBS bytes with the CA key; this parse
             # checks the assembled certificate is one a relying party can read.
             x509.load_der_x509_certificate(der)
@@ -375,9 +425,10 @@ class IssueService:
             return
         self._crash("after-store")
         for item, (_, der) in zip(items, certs, strict=True):
+            assert item.prep is not None
             self.stats["issued"] += 1
             item.future.set_result(
-                self._result(der, item.serial_hex, item.request.device_serial, item.row_id, False)
+                self._result(der, item.prep.serial_hex, item.request.device_serial, item.row_id, False)
             )
 
     async def _burn(self, ids: list[int], reason: str) -> None:
@@ -429,8 +480,6 @@ class IssueService:
             item.future.set_result(self._result(r.cert_der, r.cert_serial, r.device_serial, r.id, True))
         elif item.leader is not None:
             self._follow(item)
-        for follower in item.followers:
-            self._follow(follower)
 
     def _follow(self, item: _Item) -> None:
         leader = item.leader

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import re
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -188,6 +189,7 @@ def _parse_not_after(checker: _Checker, value: Any) -> str | None:
     return text
 
 
+@functools.lru_cache(maxsize=64)
 def not_after_datetime(text: str) -> datetime:
     """The datetime of a validated `not_after` string."""
     return datetime.strptime(text, "%Y%m%d%H%M%SZ").replace(tzinfo=UTC)

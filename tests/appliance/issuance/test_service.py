@@ -327,3 +327,41 @@ async def test_shutdown_with_requests_in_flight_answers_everyone(
     issued = {r.device_serial for r in journal.rows() if r.state == "issued"}
     assert issued == {r.device_serial for r in done if not isinstance(r, BaseException)}
     assert all(r.state == "issued" for r in journal.rows())
+
+
+async def test_prepare_in_worker_processes_keeps_codes_and_results(
+    journal: Journal, issuing: CaRecord, hsm_token: Token
+) -> None:
+    """The worker-process path: refusals cross the process boundary with their reason codes intact."""
+    async with _service(journal, issuing, hsm_token, prepare_workers=2, pipeline_depth=2, batch_max=8) as svc:
+        _, csr = make_csr()
+        good = [svc.issue(IssueRequest(f"SN-W{i}", make_csr()[1])) for i in range(20)]
+        results = await asyncio.gather(
+            *good,
+            svc.issue(IssueRequest("SN-W-BAD", b"\x30\x03\x02\x01\x01")),
+            svc.issue(IssueRequest("bad\x00serial", csr)),
+            svc.issue(IssueRequest("SN-W-OK", csr)),
+            svc.issue(IssueRequest("SN-W-OK", csr)),
+            return_exceptions=True,
+        )
+    for r in results[:20]:
+        assert not isinstance(r, BaseException)
+        x509.load_der_x509_certificate(r.certificate).verify_directly_issued_by(issuing.certificate)
+    assert isinstance(results[20], IssuanceRefused) and results[20].code == ReasonCode.BAD_CSR
+    assert isinstance(results[21], IssuanceRefused) and results[21].code == ReasonCode.BAD_DEVICE_SERIAL
+    a, b = results[22], results[23]
+    assert not isinstance(a, BaseException) and not isinstance(b, BaseException)
+    assert a.certificate == b.certificate and sorted([a.reused, b.reused]) == [False, True]
+    assert len([r for r in journal.rows() if r.state == "issued"]) == 21
+
+
+async def test_pipelined_batches_never_sign_a_device_twice(
+    journal: Journal, issuing: CaRecord, hsm_token: Token
+) -> None:
+    """With several batches in flight, the same device and key arriving in different batches is signed once."""
+    async with _service(journal, issuing, hsm_token, pipeline_depth=4, batch_max=2) as svc:
+        _, csr = make_csr()
+        results = await asyncio.gather(*(svc.issue(IssueRequest("SN-PIPE", csr)) for _ in range(12)))
+    assert len({r.certificate for r in results}) == 1
+    assert sum(not r.reused for r in results) == 1
+    assert len(journal.rows()) == 1

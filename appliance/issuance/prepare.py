@@ -1,0 +1,113 @@
+"""The CPU-heavy front of the pipeline: validate the CSR, build from the profile, capture the exact TBS.
+
+Pure and picklable, so the service can run it in worker processes: with the GIL, verifying proofs of
+possession and encoding certificates on the event loop's core would cap issuance at one core. Refusals come
+back as values, not exceptions, because a pickled exception loses its reason code.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography import x509
+
+from appliance.errors import IssuanceRefused, ReasonCode
+from appliance.issuance.tbs import Tbs, TbsMaker
+from appliance.profiles import (
+    Profile,
+    build_certificate,
+    new_serial_number,
+    validate_csr,
+    validate_device_serial,
+)
+from hsm.algorithms import KeyAlgorithm
+
+
+@dataclass(frozen=True)
+class Job:
+    device_serial: str
+    csr: bytes
+    profile: str
+    now: int  # POSIX seconds: notBefore
+
+
+@dataclass(frozen=True)
+class Prepared:
+    profile: str
+    public_key_sha256: bytes
+    csr_sha256: bytes
+    serial_hex: str
+    tbs: Tbs
+
+
+@dataclass(frozen=True)
+class Refusal:
+    code: ReasonCode
+    message: str
+    details: Mapping[str, Any]
+
+    def error(self) -> IssuanceRefused:
+        return IssuanceRefused(self.message, self.code, dict(self.details))
+
+
+@dataclass(frozen=True)
+class PrepareContext:
+    """What a worker needs, sent once when it starts."""
+
+    profiles: Mapping[str, Profile]
+    ca_cert_der: bytes
+    ca_algorithm: KeyAlgorithm
+    max_csr_bytes: int
+
+
+class Preparer:
+    def __init__(self, ctx: PrepareContext) -> None:
+        self.ctx = ctx
+        self.ca_cert = x509.load_der_x509_certificate(ctx.ca_cert_der)
+        self.tbs_maker = TbsMaker(self.ca_cert.public_key(), ctx.ca_algorithm)
+
+    def prepare(self, job: Job) -> Prepared | Refusal:
+        profile = self.ctx.profiles.get(job.profile)
+        if profile is None:
+            return Refusal(ReasonCode.UNKNOWN_PROFILE, f"no profile named {job.profile!r}", {})
+        try:
+            validate_device_serial(profile, job.device_serial)
+            csr = validate_csr(job.csr, profile, max_bytes=self.ctx.max_csr_bytes)
+        except IssuanceRefused as exc:
+            return Refusal(exc.code, exc.message, dict(exc.details))
+        serial = new_serial_number()
+        builder = build_certificate(
+            profile,
+            issuer_cert=self.ca_cert,
+            device_serial=job.device_serial,
+            public_key=csr.public_key,
+            serial_number=serial,
+            now=dt.datetime.fromtimestamp(job.now, dt.UTC),
+        )
+        return Prepared(
+            profile.name,
+            csr.public_key_sha256,
+            csr.der_sha256,
+            format(serial, "x"),
+            self.tbs_maker.make(builder),
+        )
+
+    def prepare_many(self, jobs: Sequence[Job]) -> list[Prepared | Refusal]:
+        return [self.prepare(j) for j in jobs]
+
+
+# -- worker-process side -------------------------------------------------------------------------------------------
+_worker: Preparer | None = None
+
+
+def init_worker(ctx: PrepareContext) -> None:
+    global _worker  # noqa: PLW0603 - one Preparer per worker process, made once at start
+    _worker = Preparer(ctx)
+
+
+def prepare_in_worker(jobs: Sequence[Job]) -> list[Prepared | Refusal]:
+    assert _worker is not None, "init_worker did not run"
+    return _worker.prepare_many(jobs)
