@@ -26,7 +26,7 @@ class ApplianceSection:
 @dataclass(frozen=True)
 class JournalSection:
     path: Path
-    batch_max: int = 64
+    batch_max: int = 128
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,29 @@ class IssuanceSection:
     default_profile: str = "idevid"
     max_csr_bytes: int = 8192
     clock_skew_s: int = 300
+    prepare_workers: int = 1
+    pipeline_depth: int = 2
+
+
+@dataclass(frozen=True)
+class StationsSection:
+    """The station server: the LAN (TLS) listener and the session timers. Serial ports come from the registry."""
+
+    lan_listen: str = "127.0.0.1:7450"  # "host:port"; "" disables the LAN listener
+    tls_dir: Path = Path("/var/lib/birthline/tls")
+    management_ca: str = "management"
+    handshake_timeout_s: float = 10.0
+    idle_timeout_s: float = 90.0
+    frame_timeout_s: float = 0.5
+    reopen_interval_s: float = 0.5
+    registry_poll_s: float = 1.0
+
+    @property
+    def lan_address(self) -> tuple[str, int] | None:
+        if not self.lan_listen:
+            return None
+        host, _, port = self.lan_listen.rpartition(":")
+        return host.strip("[]"), int(port)
 
 
 @dataclass(frozen=True)
@@ -43,6 +66,7 @@ class Config:
     hsm: HsmConfig
     journal: JournalSection
     issuance: IssuanceSection
+    stations: StationsSection = field(default_factory=StationsSection)
     profiles: Mapping[str, Profile] = field(default_factory=dict)
     source: Path | None = None
 
@@ -90,6 +114,18 @@ class _Reader:
             return default
         return int(value)
 
+    def number(self, key: str, default: float, *, lo: float, hi: float) -> float:
+        value = self._get(key, (int, float), default, False)
+        if isinstance(value, bool):
+            self.problems.append(Problem(f"{self.where}.{key}", f"expected a number, got {value!r}"))
+            return default
+        if isinstance(value, int | float) and not lo <= value <= hi:
+            self.problems.append(
+                Problem(f"{self.where}.{key}", f"must be between {lo:g} and {hi:g}, got {value}")
+            )
+            return default
+        return float(value)
+
     def done(self) -> None:
         for key in sorted(set(self.table) - self.seen):
             self.problems.append(Problem(f"{self.where}.{key}", "unknown key"))
@@ -116,7 +152,7 @@ def parse_config(
         p = Path(value)
         return p if p.is_absolute() else (base / p)
 
-    for key in sorted(set(data) - {"appliance", "hsm", "journal", "issuance", "profiles"}):
+    for key in sorted(set(data) - {"appliance", "hsm", "journal", "issuance", "stations", "profiles"}):
         problems.append(Problem(key, "unknown section"))
 
     r = _Reader(_table(data, "appliance", problems), "appliance", problems)
@@ -149,7 +185,7 @@ def parse_config(
 
     r = _Reader(_table(data, "journal", problems), "journal", problems)
     journal_path = r.text("path", "journal.sqlite")
-    batch_max = r.integer("batch_max", 64, lo=1, hi=4096)
+    batch_max = r.integer("batch_max", 128, lo=1, hi=4096)
     r.done()
     jp = Path(journal_path or "journal.sqlite")
     journal = JournalSection(path=jp if jp.is_absolute() else state_dir / jp, batch_max=batch_max)
@@ -160,6 +196,29 @@ def parse_config(
         default_profile=r.text("default_profile", "idevid") or "idevid",
         max_csr_bytes=r.integer("max_csr_bytes", 8192, lo=256, hi=65536),
         clock_skew_s=r.integer("clock_skew_s", 300, lo=0, hi=86400),
+        prepare_workers=r.integer("prepare_workers", 1, lo=0, hi=64),
+        pipeline_depth=r.integer("pipeline_depth", 2, lo=1, hi=16),
+    )
+    r.done()
+
+    r = _Reader(_table(data, "stations", problems), "stations", problems)
+    lan_listen = r.text("lan_listen", "127.0.0.1:7450")
+    if isinstance(lan_listen, str) and lan_listen:
+        host, sep, port = lan_listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            problems.append(
+                Problem("stations.lan_listen", f"expected host:port or empty, got {lan_listen!r}")
+            )
+            lan_listen = ""
+    stations = StationsSection(
+        lan_listen=lan_listen if isinstance(lan_listen, str) else "",
+        tls_dir=path(r.text("tls_dir", str(state_dir / "tls"))) or state_dir / "tls",
+        management_ca=r.text("management_ca", "management") or "management",
+        handshake_timeout_s=r.number("handshake_timeout_s", 10.0, lo=0.05, hi=300),
+        idle_timeout_s=r.number("idle_timeout_s", 90.0, lo=0.05, hi=86400),
+        frame_timeout_s=r.number("frame_timeout_s", 0.5, lo=0.01, hi=60),
+        reopen_interval_s=r.number("reopen_interval_s", 0.5, lo=0.01, hi=60),
+        registry_poll_s=r.number("registry_poll_s", 1.0, lo=0.01, hi=60),
     )
     r.done()
 
@@ -184,6 +243,7 @@ def parse_config(
         hsm=hsm,
         journal=journal,
         issuance=issuance,
+        stations=stations,
         profiles=profiles,
         source=source,
     )

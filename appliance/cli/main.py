@@ -18,6 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from appliance import ca as ca_mod
+from appliance.cli import stations as stations_cli
 from appliance.config import DEFAULT_CONFIG_PATH, Config, load_config
 from appliance.errors import BirthlineError
 from appliance.issuance.policy import IssueRequest
@@ -42,6 +43,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         print(f"state directory {cfg.appliance.state_dir}")
         print(f"journal {core.journal.path}: {core.journal.integrity_check()}")
         print(f"HSM token {cfg.hsm.token_label!r}: logged in, {len(core.token.list_keys())} key(s)")
+        stations_cli.init_stations(core)
     return 0
 
 
@@ -150,7 +152,7 @@ def cmd_issue(args: argparse.Namespace) -> int:
 
     async def run() -> int:
         with open_core(_config(args)) as core:
-            async with running_issuer(core) as service:
+            async with running_issuer(core, prepare_workers=0) as service:
                 result = await service.issue(
                     IssueRequest(
                         args.serial,
@@ -280,6 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--state", default="demo-state", help="state directory (default ./demo-state)")
     sp.add_argument("--devices", type=int, default=100)
     sp.set_defaults(func=cmd_demo)
+    from appliance.cli import fixtures
+
+    fixtures.register(sub, with_config)  # station-client, simulate (fixture side)
+    stations_cli.register(
+        sub, with_config
+    )  # station add|list|disable|enable|rotate-key, run (appliance side)
     return p
 
 

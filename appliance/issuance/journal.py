@@ -71,6 +71,54 @@ CREATE UNIQUE INDEX IF NOT EXISTS issuance_live_device
 CREATE UNIQUE INDEX IF NOT EXISTS issuance_live_key
     ON issuance (public_key_sha256) WHERE state != 'burned';
 CREATE INDEX IF NOT EXISTS issuance_request ON issuance (station, request_id);
+CREATE TABLE IF NOT EXISTS stations (
+    name            TEXT PRIMARY KEY,
+    kind            TEXT NOT NULL CHECK (kind IN ('serial', 'lan')),
+    port            TEXT,                   -- serial: the device path the station is bound to
+    baud            INTEGER,
+    key             BLOB NOT NULL CHECK (length(key) = 32),   -- the station secret: never logged
+    enabled         INTEGER NOT NULL DEFAULT 1,
+    tls_cert_der    BLOB,                   -- LAN: the station's current TLS client certificate
+    tls_fingerprint BLOB,                   -- LAN: SHA-256 of tls_cert_der
+    created_at      REAL NOT NULL,
+    rotated_at      REAL
+);
+-- A station request id answered from an earlier issuance (same device and key, new request id), so that its
+-- CONFIRM finds the certificate.
+CREATE TABLE IF NOT EXISTS station_request (
+    station     TEXT NOT NULL,
+    request_id  TEXT NOT NULL,
+    cert_serial TEXT NOT NULL,
+    PRIMARY KEY (station, request_id)
+);
+CREATE UNIQUE INDEX IF NOT EXISTS stations_serial_port ON stations (port) WHERE kind = 'serial';
+-- The tamper-evident audit log (appliance/audit, docs/audit.md): a hash chain with checkpoints signed in the HSM.
+CREATE TABLE IF NOT EXISTS audit (
+    seq       INTEGER PRIMARY KEY,                             -- 1, 2, 3, ... with no gaps
+    time      REAL NOT NULL,
+    actor     TEXT NOT NULL,
+    event     TEXT NOT NULL,
+    data      TEXT NOT NULL,                                   -- canonical JSON
+    prev_hash BLOB NOT NULL CHECK (length(prev_hash) = 32),
+    hash      BLOB NOT NULL CHECK (length(hash) = 32)
+);
+CREATE TABLE IF NOT EXISTS audit_checkpoint (
+    seq       INTEGER PRIMARY KEY,                             -- the head this checkpoint signs
+    head_hash BLOB NOT NULL CHECK (length(head_hash) = 32),
+    time      REAL NOT NULL,
+    key_label TEXT NOT NULL,
+    signature BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit_key (
+    label      TEXT PRIMARY KEY,
+    public_key BLOB NOT NULL,                                  -- SubjectPublicKeyInfo DER
+    created_at REAL NOT NULL
+);
+-- Append-only against mistakes in our own code (an attacker with the file can drop these; the chain catches that).
+CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
+    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
+    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 """
 
 

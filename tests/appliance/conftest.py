@@ -25,6 +25,7 @@ def ca_journal_template(hsm_token: Token, tmp_path_factory: pytest.TempPathFacto
     with Journal(path) as journal:
         ca_mod.create_root(journal, hsm_token, "root", "O=Birthline Test,CN=Test Root CA")
         ca_mod.create_issuing(journal, hsm_token, "issuing", "O=Birthline Test,CN=Test Birth CA", "root")
+        ca_mod.create_management(journal, hsm_token, "management", "O=Birthline Test,CN=Test Management CA")
     return path
 
 

@@ -91,6 +91,9 @@ def test_every_key_the_parser_knows_is_documented() -> None:
     text = (DOCS / "configuration.md").read_text()
     for key in [
         "state_dir", "module", "token_label", "pin_file", "pin_credential", "softhsm_conf", "call_timeout_s",
-        "path", "batch_max", "issuing_ca", "default_profile", "max_csr_bytes", "clock_skew_s",
+        "path", "batch_max", "issuing_ca", "default_profile", "max_csr_bytes", "clock_skew_s", "prepare_workers",
+        "pipeline_depth",
+        "lan_listen", "tls_dir", "management_ca", "handshake_timeout_s", "idle_timeout_s", "frame_timeout_s",
+        "reopen_interval_s", "registry_poll_s",
     ]:  # fmt: skip
         assert f"| `{key}` |" in text, key

@@ -1,0 +1,141 @@
+"""`birthline station ...` (the station registry) and `birthline run` (the daemon in the foreground).
+
+Station secrets never appear on the command line, in the config or on stdout: `add` and `rotate-key` write
+them to a credential directory (files 0600) for provisioning the fixture.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from appliance import stations_registry as reg
+from appliance.config import Config, load_config
+from appliance.runtime import Core, open_core
+
+WithConfig = Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(Path(args.config))
+
+
+def _lan_host(cfg: Config) -> str | None:
+    return cfg.stations.lan_listen or None
+
+
+def init_stations(core: Core) -> None:
+    """`birthline init`: the management CA and the appliance's TLS server credential, if missing."""
+    cfg = core.config.stations
+    hosts = reg.server_hosts(cfg.lan_address)
+    files = reg.ensure_tls_server(core.journal, core.token, cfg.tls_dir, cfg.management_ca, hosts=hosts)
+    print(f"management CA {cfg.management_ca!r}; TLS server certificate {files.cert} (key {files.key}, 0600)")
+
+
+def cmd_station_add(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    kind = "serial" if args.serial else "lan"
+    with open_core(cfg) as core:
+        creds = reg.add_station(
+            core.journal, core.token, args.name, kind, port=args.serial, baud=args.baud,
+            management_ca=cfg.stations.management_ca,
+        )  # fmt: skip
+    out = reg.write_bundle(creds, Path(args.out), lan_host=_lan_host(cfg))
+    print(
+        f"added {kind} station {args.name!r}; credentials for the fixture written to {out} (keep them secret)"
+    )
+    return 0
+
+
+def cmd_station_list(args: argparse.Namespace) -> int:
+    with open_core(_config(args)) as core:
+        records = reg.list_stations(core.journal)
+    if args.json:
+        print(json.dumps([r.public() for r in records], indent=2))
+        return 0
+    if not records:
+        print("no stations registered")
+    for r in records:
+        where = (
+            f"{r.port} @ {r.baud}" if r.kind == "serial" else f"tls {(r.tls_fingerprint or b'').hex()[:16]}"
+        )
+        when = dt.datetime.fromtimestamp(r.rotated_at or r.created_at, dt.UTC).strftime("%Y-%m-%d %H:%M")
+        print(
+            f"{r.name:<24} {r.kind:<6} {'enabled' if r.enabled else 'DISABLED':<9} {where}  key since {when}"
+        )
+    return 0
+
+
+def _set_enabled(args: argparse.Namespace, enabled: bool) -> int:
+    with open_core(_config(args)) as core:
+        reg.set_enabled(core.journal, args.name, enabled)
+    print(f"station {args.name!r} {'enabled' if enabled else 'disabled'}")
+    return 0
+
+
+def cmd_station_disable(args: argparse.Namespace) -> int:
+    return _set_enabled(args, False)
+
+
+def cmd_station_enable(args: argparse.Namespace) -> int:
+    return _set_enabled(args, True)
+
+
+def cmd_station_rotate(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    with open_core(cfg) as core:
+        creds = reg.rotate_key(core.journal, core.token, args.name, management_ca=cfg.stations.management_ca)
+    out = reg.write_bundle(creds, Path(args.out), lan_host=_lan_host(cfg))
+    print(f"station {args.name!r} has new credentials in {out}; the old ones no longer work")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import logging
+
+    from appliance.daemon import run_daemon
+
+    if not args.verbose:
+        logging.getLogger().setLevel(logging.INFO)
+    return run_daemon(_config(args))
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], with_config: WithConfig) -> None:
+    st = sub.add_parser("station", help="the station registry (test fixtures)").add_subparsers(
+        dest="sub", required=True
+    )
+    sp = with_config(
+        st.add_parser("add", help="register a station and write its credentials for the fixture")
+    )
+    sp.add_argument("--name", required=True, help="station id, [A-Za-z0-9._:-]{1,64}")
+    kind = sp.add_mutually_exclusive_group(required=True)
+    kind.add_argument(
+        "--serial", metavar="PORT", help="serial port the station is bound to (/dev/serial/by-path/...)"
+    )
+    kind.add_argument("--lan", action="store_true", help="a LAN station (TLS client certificate)")
+    sp.add_argument("--baud", type=int, help="serial only (default 115200)")
+    sp.add_argument("--out", required=True, help="directory for the credential bundle (created, files 0600)")
+    sp.set_defaults(func=cmd_station_add)
+    sp = with_config(st.add_parser("list", help="list registered stations (never their keys)"))
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_station_list)
+    sp = with_config(
+        st.add_parser("disable", help="refuse a station from now on (a running daemon drops it)")
+    )
+    sp.add_argument("--name", required=True)
+    sp.set_defaults(func=cmd_station_disable)
+    sp = with_config(st.add_parser("enable", help="accept a disabled station again"))
+    sp.add_argument("--name", required=True)
+    sp.set_defaults(func=cmd_station_enable)
+    sp = with_config(
+        st.add_parser("rotate-key", help="new station secret (and TLS certificate); old ones stop")
+    )
+    sp.add_argument("--name", required=True)
+    sp.add_argument("--out", required=True, help="directory for the new credential bundle")
+    sp.set_defaults(func=cmd_station_rotate)
+    with_config(
+        sub.add_parser("run", help="run the daemon in the foreground (stations, issuance)")
+    ).set_defaults(func=cmd_run)

@@ -1,0 +1,390 @@
+"""The Birthline daemon: the issuance core behind the station server, on serial ports and a TLS listener.
+
+    async with Daemon(config) as daemon:
+        host, port = daemon.lan_address      # the TLS listener (port 0 in the config picks a free one)
+        await daemon.wait()                  # until stop() (SIGTERM/SIGINT in `birthline run`)
+
+Named tasks run in one TaskGroup: the station-registry watcher (added, disabled and rotated stations, every
+``stations.registry_poll_s``) and one task per enabled serial station, which reopens its port every
+``stations.reopen_interval_s`` while it is unplugged. No task lets an exception out: a failing port or station
+is logged and retried, never the end of the daemon. Station secrets are never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import signal
+import sqlite3
+import ssl
+from dataclasses import dataclass
+
+from appliance import stations_registry as reg
+from appliance.config import Config
+from appliance.errors import BirthlineError, IssuanceFailed, IssuanceRefused
+from appliance.issuance.journal import Journal
+from appliance.issuance.policy import IssueRequest
+from appliance.issuance.service import IssueService
+from appliance.runtime import Core, open_core
+from appliance.stations_registry import StationRecord, TlsServerFiles, alist_stations
+from stations.codec import FrameDecoder
+from stations.codes import Code
+from stations.errors import StationError
+from stations.messages import Error
+from stations.server import StationServer, StationState, clean_text
+from stations.session import KeyLookup, plain_frame
+from stations.transports.base import ChannelClosed
+from stations.transports.stream import StreamChannel
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CoreEnroller", "Daemon", "run_daemon", "wire_code"]
+
+
+def wire_code(exc: BirthlineError) -> Code:
+    """ReasonCode numbers are the protocol's codes 1-16 and 99."""
+    try:
+        return Code(int(exc.code))
+    except ValueError:
+        return Code.INTERNAL
+
+
+@dataclass(frozen=True)
+class _Issued:
+    cert_serial: str
+    device_serial: str
+    csr_sha256: bytes | None
+    cert_der: bytes | None
+    state: str
+
+
+class CoreEnroller:
+    """stations.server.Enroller over the IssueService and the journal."""
+
+    def __init__(self, service: IssueService, journal: Journal) -> None:
+        self.service = service
+        self.journal = journal
+
+    async def ca_chain(self, station: str) -> list[bytes]:
+        return list(self.service.chain)
+
+    async def _find(self, station: str, request_id: str) -> _Issued | None:
+        def q() -> _Issued | None:
+            conn = self.journal.conn
+            row = conn.execute(
+                "SELECT cert_serial, device_serial, csr_sha256, cert_der, state FROM issuance"
+                " WHERE station=? AND request_id=? AND state!='burned' ORDER BY id DESC LIMIT 1",
+                (station, request_id),
+            ).fetchone()
+            if row is None:
+                # A retry under a new request id that the core answered from an earlier row.
+                row = conn.execute(
+                    "SELECT i.cert_serial, i.device_serial, NULL, i.cert_der, i.state FROM station_request r"
+                    " JOIN issuance i ON i.cert_serial = r.cert_serial WHERE r.station=? AND r.request_id=?",
+                    (station, request_id),
+                ).fetchone()
+            return None if row is None else _Issued(*row)
+
+        return await self.journal.acall(q)
+
+    async def _remember(self, station: str, request_id: str, cert_serial: str) -> None:
+        def txn(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT OR IGNORE INTO station_request (station, request_id, cert_serial) VALUES (?,?,?)",
+                (station, request_id, cert_serial),
+            )
+
+        await self.journal.atransaction(txn, "recording a station request")
+
+    async def enroll(
+        self, station: str, request_id: bytes, device_serial: str, csr: bytes, profile: str | None
+    ) -> list[bytes]:
+        rid = request_id.hex()
+        try:
+            known = await self._find(station, rid)
+            if known is not None and (
+                known.device_serial != device_serial
+                or (known.csr_sha256 is not None and known.csr_sha256 != hashlib.sha256(csr).digest())
+            ):
+                raise StationError(Code.BAD_REQUEST, "request id already used for another device or CSR")
+            # Shielded: a dropped connection must not cancel a request the core has already queued.
+            result = await asyncio.shield(
+                self.service.issue(IssueRequest(device_serial, csr, station, rid, profile))
+            )
+            if result.reused:
+                await self._remember(station, rid, result.cert_serial)
+        except (IssuanceRefused, IssuanceFailed) as exc:
+            raise StationError(wire_code(exc), clean_text(exc.message)) from None
+        return [result.certificate, *result.chain]
+
+    async def confirm(self, station: str, request_id: bytes, cert_sha256: bytes) -> None:
+        try:
+            known = await self._find(station, request_id.hex())
+            if known is None or known.cert_der is None:
+                raise StationError(Code.UNKNOWN_REQUEST, "no certificate was issued for this request id")
+            if hashlib.sha256(known.cert_der).digest() != cert_sha256:
+                raise StationError(
+                    Code.CONFIRM_MISMATCH, "hash differs from the issued certificate: rewrite the device"
+                )
+            await self.service.confirm(known.cert_serial, cert_sha256)
+        except (IssuanceRefused, IssuanceFailed) as exc:
+            raise StationError(wire_code(exc), clean_text(exc.message)) from None
+
+
+def server_ssl_context(files: TlsServerFiles) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(files.cert, files.key)
+    ctx.load_verify_locations(cafile=str(files.ca))
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def prepare(core: Core) -> TlsServerFiles:
+    """`birthline init`: the management CA (if missing) and the TLS server credential (if missing or stale)."""
+    cfg = core.config.stations
+    hosts = reg.server_hosts(cfg.lan_address)
+    return reg.ensure_tls_server(core.journal, core.token, cfg.tls_dir, cfg.management_ca, hosts=hosts)
+
+
+class Daemon:
+    """The running appliance. An async context manager; see the module docstring."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.server: StationServer | None = None
+        self.enroller: CoreEnroller | None = None
+        self.core: Core | None = None
+        self.tls_files: TlsServerFiles | None = None
+        self._stack = contextlib.AsyncExitStack()
+        self._tg: asyncio.TaskGroup | None = None
+        self._lan: asyncio.Server | None = None
+        self._lan_handlers: set[asyncio.Task[None]] = set()
+        self._serial_tasks: dict[str, asyncio.Task[None]] = {}
+        self._serial_bound: dict[str, tuple[str, int, bytes]] = {}
+        self._stations: dict[str, StationRecord] = {}
+        self._by_fingerprint: dict[bytes, StationRecord] = {}
+        self._stopped = asyncio.Event()
+        self._watcher: asyncio.Task[None] | None = None
+        self.refused_lan = 0  # TLS connections whose certificate belongs to no enabled station
+
+    # -- what callers see ----------------------------------------------------------------------------------------
+    @property
+    def lan_address(self) -> tuple[str, int] | None:
+        if self._lan is None or not self._lan.sockets:
+            return None
+        name = self._lan.sockets[0].getsockname()
+        return str(name[0]), int(name[1])
+
+    @property
+    def states(self) -> dict[str, StationState]:
+        assert self.server is not None
+        return self.server.states
+
+    @property
+    def journal(self) -> Journal:
+        assert self.core is not None
+        return self.core.journal
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    async def wait(self) -> None:
+        await self._stopped.wait()
+
+    # -- lifecycle -----------------------------------------------------------------------------------------------
+    async def __aenter__(self) -> Daemon:
+        try:
+            await self._start()
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        return self
+
+    async def _start(self) -> None:
+        cfg = self.config.stations
+        self.core = self._stack.enter_context(open_core(self.config))
+        if cfg.lan_address is not None:
+            self.tls_files = prepare(self.core)
+        service = await self._stack.enter_async_context(self.core.issue_service())
+        self.enroller = CoreEnroller(service, self.core.journal)
+        self.server = StationServer(
+            self.enroller, handshake_timeout=cfg.handshake_timeout_s, idle_timeout=cfg.idle_timeout_s
+        )
+        self._tg = asyncio.TaskGroup()
+        await self._tg.__aenter__()
+        self._stack.push_async_callback(self._stop_tasks)
+        await self.refresh()
+        if cfg.lan_address is not None and self.tls_files is not None:
+            host, port = cfg.lan_address
+            self._lan = await asyncio.start_server(
+                self._on_lan,
+                host,
+                port,
+                ssl=server_ssl_context(self.tls_files),
+                ssl_handshake_timeout=cfg.handshake_timeout_s,
+            )
+            log.info("listening for LAN stations on %s:%d (TLS)", *(self.lan_address or ("?", 0)))
+        self._watcher = self._tg.create_task(self._watch_registry(), name="station-registry-watcher")
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._stopped.set()
+        await self._stack.aclose()
+
+    async def _stop_tasks(self) -> None:
+        if self._lan is not None:
+            self._lan.close()
+        for task in [*self._lan_handlers, *self._serial_tasks.values()]:
+            task.cancel()
+        if self._lan_handlers:
+            await asyncio.gather(*self._lan_handlers, return_exceptions=True)
+        if self._lan is not None:
+            with contextlib.suppress(Exception):
+                await self._lan.wait_closed()
+        assert self._tg is not None
+        if self._watcher is not None:
+            self._watcher.cancel()
+        await self._tg.__aexit__(None, None, None)
+
+    # -- the registry ----------------------------------------------------------------------------------------------
+    async def _watch_registry(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.stations.registry_poll_s)
+            try:
+                await self.refresh()
+            except Exception:
+                log.exception("reading the station registry failed; trying again")
+
+    async def refresh(self) -> None:
+        """Re-read the registry: start serial ports of new stations, drop disabled and rotated ones."""
+        assert self.server is not None and self._tg is not None and self.core is not None
+        records = {r.name: r for r in await alist_stations(self.core.journal)}
+        old = self._stations
+        self._stations = records
+        self._by_fingerprint = {r.tls_fingerprint: r for r in records.values() if r.tls_fingerprint}
+        for name in set(old) | set(records):
+            now, before = records.get(name), old.get(name)
+            if now is None or not now.enabled:
+                code = Code.STATION_DISABLED
+            elif before is not None and (now.key, now.tls_fingerprint) != (
+                before.key,
+                before.tls_fingerprint,
+            ):
+                code = Code.AUTH_FAILED
+            else:
+                continue
+            if self.server.drop(name, code):
+                log.warning("station %s: connections dropped (%s)", name, code.name)
+        wanted = {
+            r.name: (r.port or "", r.baud or 115200, r.key)
+            for r in records.values()
+            if r.kind == "serial" and r.enabled and r.port
+        }
+        for name in list(self._serial_tasks):
+            if self._serial_bound.get(name) != wanted.get(name):
+                self._serial_tasks.pop(name).cancel()
+                self._serial_bound.pop(name, None)
+        for name, bound in wanted.items():
+            if name not in self._serial_tasks:
+                self._serial_bound[name] = bound
+                self._serial_tasks[name] = self._tg.create_task(
+                    self._serial_port(name, bound[0], bound[1]), name=f"serial {name} {bound[0]}"
+                )
+
+    def _lookup_for(self, bound: str) -> KeyLookup:
+        """The key lookup of one port or TLS connection: only the station bound to it may authenticate."""
+
+        def lookup(station_id: str) -> bytes | None:
+            if station_id != bound:
+                raise StationError(Code.AUTH_FAILED, "this connection belongs to another station")
+            rec = self._stations.get(station_id)
+            if rec is None:
+                return None
+            if not rec.enabled:
+                raise StationError(Code.STATION_DISABLED, "station is disabled")
+            return rec.key
+
+        return lookup
+
+    # -- transports -------------------------------------------------------------------------------------------------
+    async def _serial_port(self, name: str, path: str, baud: int) -> None:
+        from stations.transports.serial import SerialChannel
+
+        assert self.server is not None
+        cfg = self.config.stations
+        missing_logged = False
+        while True:
+            try:
+                channel = await SerialChannel.open(path, baud, pace=False, frame_timeout=cfg.frame_timeout_s)
+            except (ChannelClosed, OSError, ValueError) as exc:
+                if not missing_logged:
+                    log.warning("station %s: port %s not available (%s); retrying", name, path, exc)
+                    missing_logged = True
+                await asyncio.sleep(cfg.reopen_interval_s)
+                continue
+            except Exception:
+                log.exception("station %s: opening %s failed", name, path)
+                await asyncio.sleep(cfg.reopen_interval_s)
+                continue
+            missing_logged = False
+            log.info("station %s: port %s open at %d baud", name, path, baud)
+            try:
+                await self.server.serve(channel, self._lookup_for(name), station=name, close_on_timeout=False)
+            except Exception:
+                log.exception("station %s: session loop on %s failed; reopening", name, path)
+            log.info("station %s: port %s closed; reopening", name, path)
+            await asyncio.sleep(cfg.reopen_interval_s)
+
+    async def _on_lan(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None and self.server is not None
+        self._lan_handlers.add(task)
+        try:
+            channel = StreamChannel(
+                reader, writer, decoder=FrameDecoder(frame_timeout=self.config.stations.frame_timeout_s)
+            )
+            ssl_obj = writer.get_extra_info("ssl_object")
+            der = ssl_obj.getpeercert(binary_form=True) if ssl_obj is not None else None
+            rec = self._by_fingerprint.get(hashlib.sha256(der).digest()) if der else None
+            if rec is None or rec.kind != "lan" or not rec.enabled:
+                self.refused_lan += 1
+                code = Code.STATION_DISABLED if rec is not None else Code.UNKNOWN_STATION
+                text = (
+                    "station is disabled" if rec is not None else "TLS certificate of no registered station"
+                )
+                if rec is not None:
+                    self.server.state(rec.name).counters["refused_station_disabled"] += 1
+                log.warning("LAN connection from %s refused: %s", channel.peer, text)
+                with contextlib.suppress(Exception):
+                    await channel.send(plain_frame(Error(code, text)))
+                await channel.close()
+                return
+            await self.server.serve(channel, self._lookup_for(rec.name), station=rec.name)
+        except Exception:
+            log.exception("LAN connection failed")
+            with contextlib.suppress(Exception):
+                writer.close()
+        finally:
+            self._lan_handlers.discard(task)
+
+
+def run_daemon(config: Config) -> int:
+    """`birthline run`: the daemon in the foreground until SIGTERM or SIGINT."""
+
+    async def main() -> None:
+        async with Daemon(config) as daemon:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, daemon.stop)
+            addr = daemon.lan_address
+            log.warning(
+                "birthline daemon running: %d station(s) registered, LAN %s",
+                len(daemon._stations), f"{addr[0]}:{addr[1]}" if addr else "disabled",
+            )  # fmt: skip
+            await daemon.wait()
+            log.warning("birthline daemon stopping")
+
+    asyncio.run(main())
+    return 0

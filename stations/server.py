@@ -1,0 +1,439 @@
+"""The appliance's station server: one session loop per connection (serial port or TLS connection).
+
+The loop reads frames from a FrameChannel, feeds them to an ApplianceSession, writes its replies and hands
+authenticated requests to an ``Enroller``, the narrow interface the appliance implements. Each request runs in
+its own task, so a slow issuance never stalls the connection (PING, duplicate requests) and one station never
+delays another. The server keeps a ``StationState`` per station for a control API or dashboard.
+
+This package never imports the appliance: the Enroller protocol is all it knows of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+import unicodedata
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from stations.codec import DecodeEvent, Frame
+from stations.codes import Code
+from stations.errors import SessionError, StationError
+from stations.messages import (
+    CaChain,
+    Cert,
+    Confirm,
+    Confirmed,
+    Enroll,
+    Error,
+    GetCaChain,
+    Message,
+    Pending,
+)
+from stations.session import (
+    ApplianceSession,
+    Authenticated,
+    Closed,
+    HandshakeFailed,
+    KeyLookup,
+    Received,
+    Rejected,
+)
+from stations.transports.base import ChannelClosed, FrameChannel
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+DEFAULT_IDLE_TIMEOUT = 90.0
+DUPLICATE_RETRY_MS = 1000  # PENDING answer to an ENROLL whose request id is still being worked on
+
+
+class EnrollPending(StationError):
+    """Raised by an Enroller to answer PENDING(retry_after_ms): accepted, not finished (e.g. the HSM is busy)."""
+
+    def __init__(self, retry_after_ms: int, text: str = "in progress") -> None:
+        super().__init__(Code.BUSY, text)
+        self.retry_after_ms = max(0, min(int(retry_after_ms), 0xFFFFFFFF))
+
+
+class Enroller(Protocol):
+    """What the server needs from the appliance. Raise StationError(code, text) to refuse a request."""
+
+    async def ca_chain(self, station: str) -> list[bytes]:
+        """DER certificates, issuing CA first, root last."""
+        ...
+
+    async def enroll(
+        self, station: str, request_id: bytes, device_serial: str, csr: bytes, profile: str | None
+    ) -> list[bytes]:
+        """Device certificate DER first, then its issuers. Raise EnrollPending to answer PENDING."""
+        ...
+
+    async def confirm(self, station: str, request_id: bytes, cert_sha256: bytes) -> None:
+        """Record delivery; StationError(UNKNOWN_REQUEST / CONFIRM_MISMATCH) to refuse."""
+        ...
+
+
+@dataclass
+class StationState:
+    """What the appliance knows of one station right now (for the control API and the dashboard)."""
+
+    name: str
+    connections: int = 0
+    peer: str | None = None
+    authenticated: bool = False
+    enrolling: int = 0
+    last_device_serial: str | None = None
+    last_error: str | None = None
+    last_seen: float | None = None  # time.time() of the last valid frame
+    counters: collections.Counter[str] = field(default_factory=collections.Counter)
+
+    @property
+    def connected(self) -> bool:
+        return self.connections > 0
+
+    def snapshot(self) -> dict[str, object]:
+        return {
+            "name": self.name, "connected": self.connected, "connections": self.connections, "peer": self.peer,
+            "authenticated": self.authenticated, "enrolling": self.enrolling,
+            "last_device_serial": self.last_device_serial, "last_error": self.last_error,
+            "last_seen": self.last_seen, "counters": dict(self.counters),
+        }  # fmt: skip
+
+
+def clean_text(text: str, limit: int = 200) -> str:
+    """Escape control, format (bidi) and other non-printing characters so the text is safe on any screen."""
+    out = []
+    for ch in text[:limit]:
+        if ch.isprintable() and unicodedata.category(ch) not in ("Cf", "Cs", "Co"):
+            out.append(ch)
+        else:
+            out.append(ch.encode("unicode_escape").decode("ascii"))
+    return "".join(out)
+
+
+class StationServer:
+    """Runs station sessions over any FrameChannel. ``serve()`` once per connection, each in its own task."""
+
+    def __init__(
+        self,
+        enroller: Enroller,
+        *,
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.enroller = enroller
+        self.handshake_timeout = handshake_timeout
+        self.idle_timeout = idle_timeout
+        self.clock = clock
+        self.states: dict[str, StationState] = {}
+        self.unattributed = StationState(
+            ""
+        )  # decode events and refusals of connections with no known station
+        self._connections: dict[str, set[_Connection]] = collections.defaultdict(set)
+
+    def state(self, name: str) -> StationState:
+        st = self.states.get(name)
+        if st is None:
+            st = self.states[name] = StationState(name)
+        return st
+
+    def connected(self, name: str) -> int:
+        return len(self._connections.get(name, ()))
+
+    def drop(self, name: str, code: Code = Code.STATION_DISABLED) -> int:
+        """End every connection of a station (disabled, key rotated). Returns how many were dropped."""
+        conns = list(self._connections.get(name, ()))
+        for conn in conns:
+            conn.drop(code)
+        return len(conns)
+
+    async def serve(
+        self,
+        channel: FrameChannel,
+        lookup: KeyLookup,
+        *,
+        station: str | None = None,
+        close_on_timeout: bool = True,
+    ) -> None:
+        """Run one connection until the peer goes away or the station is dropped; never raises ChannelClosed.
+
+        ``station`` is the station the transport has already bound (the TLS certificate's or the port's owner);
+        ``lookup`` must refuse every other id. ``close_on_timeout`` ends the connection when the handshake or
+        the session times out (TLS); a serial port stays open and only forgets the session.
+        """
+        conn = _Connection(self, channel, lookup, station, close_on_timeout)
+        conn.task = asyncio.create_task(conn.run(), name=f"station-conn {channel.peer}")
+        try:
+            await asyncio.shield(conn.task)
+        except asyncio.CancelledError:
+            # Our caller is being cancelled (daemon shutdown): end the connection with BYE BUSY.
+            conn.drop(Code.BUSY)
+            with contextlib.suppress(BaseException):
+                await conn.task
+            raise
+        finally:
+            await conn.finish()
+
+
+class _Connection:
+    def __init__(
+        self,
+        server: StationServer,
+        channel: FrameChannel,
+        lookup: KeyLookup,
+        station: str | None,
+        close_on_timeout: bool,
+    ) -> None:
+        self.server = server
+        self.channel = channel
+        self.session = ApplianceSession(lookup)
+        self.bound = station
+        self.station: str | None = None  # the authenticated station id
+        self.close_on_timeout = close_on_timeout
+        self.task: asyncio.Task[None] | None = None
+        self.drop_code: Code | None = None
+        self._lock = asyncio.Lock()
+        self._requests: set[asyncio.Task[None]] = set()
+        self._inflight: set[bytes] = set()
+        now = server.clock()
+        self._connected_at = now
+        self._handshake_deadline: float | None = now + server.handshake_timeout if close_on_timeout else None
+        self._last_valid = now
+        if station is not None:
+            self._attach(station)
+
+    # -- bookkeeping -------------------------------------------------------------------------------------------
+    def _attach(self, name: str) -> None:
+        if self.station == name or (self.bound == name and self in self.server._connections[name]):
+            self.station = name
+            return
+        if self.station is not None:
+            self._detach(self.station)
+        self.station = name
+        self.server._connections[name].add(self)
+        st = self.server.state(name)
+        st.connections += 1
+        st.peer = self.channel.peer
+
+    def _detach(self, name: str) -> None:
+        conns = self.server._connections.get(name)
+        if conns is not None and self in conns:
+            conns.discard(self)
+            if not conns:
+                del self.server._connections[name]
+            st = self.server.state(name)
+            st.connections -= 1
+            if st.connections == 0:
+                st.authenticated = False
+
+    @property
+    def state(self) -> StationState:
+        name = self.station or self.bound
+        return self.server.state(name) if name else self.server.unattributed
+
+    def drop(self, code: Code) -> None:
+        if self.drop_code is None:
+            self.drop_code = code
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+
+    async def finish(self) -> None:
+        for t in list(self._requests):
+            t.cancel()
+        if self._requests:
+            await asyncio.gather(*self._requests, return_exceptions=True)
+        if self.drop_code is not None:
+            with contextlib.suppress(StationError, OSError, TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await self.channel.send(self.session.close(self.drop_code))
+        if self.station is not None:
+            self._detach(self.station)
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(1.0):
+                await self.channel.close()
+
+    # -- the loop ----------------------------------------------------------------------------------------------
+    async def run(self) -> None:
+        try:
+            await self._loop()
+        except ChannelClosed as exc:
+            log.debug("station connection %s closed: %s", self.channel.peer, exc)
+        except asyncio.CancelledError:
+            if self.drop_code is None:
+                raise
+            log.info(
+                "station %s dropped (%s)",
+                self.station or self.bound or self.channel.peer,
+                self.drop_code.name,
+            )
+
+    def _deadline(self) -> float | None:
+        if self.session.established:
+            return self._last_valid + self.server.idle_timeout
+        return self._handshake_deadline
+
+    async def _loop(self) -> None:
+        while True:
+            deadline = self._deadline()
+            timeout = None if deadline is None else max(0.0, deadline - self.server.clock())
+            try:
+                async with asyncio.timeout(timeout):
+                    item = await self.channel.recv()
+            except TimeoutError:
+                if self._on_timeout():
+                    return
+                continue
+            if isinstance(item, DecodeEvent):
+                self.state.counters[item.kind.value] += 1
+                continue
+            await self._on_frame(item)
+
+    def _on_timeout(self) -> bool:
+        """A timer expired. True ends the connection."""
+        st = self.state
+        if self.session.established:
+            st.counters["idle_timeout"] += 1
+            log.info("station %s: session idle for %.1f s, dropped", self.station, self.server.idle_timeout)
+        else:
+            st.counters["handshake_timeout"] += 1
+        self.session.reset()
+        st.authenticated = False
+        self._handshake_deadline = None
+        return self.close_on_timeout
+
+    async def _on_frame(self, frame: Frame) -> None:
+        was_challenged = self._challenged()
+        async with self._lock:
+            step = self.session.receive(frame)
+            for wire in step.send:
+                await self.channel.send(wire)
+        valid = True
+        for event in step.events:
+            if isinstance(event, Authenticated):
+                self._attach(event.station_id)
+                st = self.server.state(event.station_id)
+                st.authenticated = True
+                st.peer = self.channel.peer
+                st.counters["sessions"] += 1
+                self._handshake_deadline = None
+            elif isinstance(event, HandshakeFailed):
+                valid = False
+                self._on_handshake_failed(event)
+            elif isinstance(event, Rejected):
+                valid = False
+                self.state.counters[f"rejected_{Code(event.code).name.lower()}"] += 1
+                log.info("station %s: frame rejected: %s", self.station or self.channel.peer, event.text)
+            elif isinstance(event, Closed):
+                self.state.authenticated = False
+            elif isinstance(event, Received):
+                self._dispatch(event.message)
+        if self._challenged() and not was_challenged:
+            self._handshake_deadline = self.server.clock() + self.server.handshake_timeout
+        if valid:
+            self._last_valid = self.server.clock()
+            if self.session.established:
+                self.state.last_seen = time.time()
+
+    def _challenged(self) -> bool:
+        return not self.session.established and self.session.station_id is not None
+
+    def _on_handshake_failed(self, event: HandshakeFailed) -> None:
+        code = Code(event.code)
+        name = event.station_id if event.station_id in self.server.states else None
+        st = self.server.state(self.bound) if self.bound else (self.server.state(name) if name else None)
+        st = st or self.server.unattributed
+        st.counters["auth_failed" if code is Code.AUTH_FAILED else f"refused_{code.name.lower()}"] += 1
+        st.last_error = f"{code.name}: {clean_text(event.text)}"
+        log.warning(
+            "station handshake refused on %s: %s (%s) for station id %r",
+            self.channel.peer, code.name, clean_text(event.text), clean_text(event.station_id, 64),
+        )  # fmt: skip
+
+    # -- requests ----------------------------------------------------------------------------------------------
+    def _dispatch(self, message: Message) -> None:
+        if isinstance(message, Enroll):
+            if message.request_id in self._inflight:
+                self._spawn(self._reply(Pending(message.request_id, DUPLICATE_RETRY_MS)))
+                return
+            self._spawn(self._enroll(message))
+        elif isinstance(message, Confirm):
+            self._spawn(self._confirm(message))
+        elif isinstance(message, GetCaChain):
+            self._spawn(self._ca_chain())
+        # PONG: nothing to do; the frame already counted as traffic.
+
+    def _spawn(self, coro: object) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(coro)  # type: ignore[arg-type]
+        self._requests.add(task)
+        task.add_done_callback(self._requests.discard)
+
+    async def _reply(self, message: Message) -> None:
+        async with self._lock:
+            try:
+                wire = self.session.send(message)
+            except SessionError:
+                return  # the session ended meanwhile; the station repeats the request in its next session
+            with contextlib.suppress(ChannelClosed):
+                await self.channel.send(wire)
+
+    def _fail(self, exc: StationError, request_id: bytes, what: str) -> Message:
+        st = self.state
+        text = clean_text(exc.text)
+        st.last_error = f"{Code(exc.code).name}: {text}"
+        st.counters[f"{what}_refused"] += 1
+        return Error(exc.code, text, request_id)
+
+    async def _enroll(self, msg: Enroll) -> None:
+        name = self.station or ""
+        st = self.state
+        st.enrolling += 1
+        st.last_device_serial = msg.device_serial
+        self._inflight.add(msg.request_id)
+        reply: Message
+        try:
+            chain = await self.server.enroller.enroll(
+                name, msg.request_id, msg.device_serial, msg.csr, msg.profile or None
+            )
+            reply = Cert(msg.request_id, tuple(chain))
+            st.counters["enrolled"] += 1
+        except EnrollPending as exc:
+            reply = Pending(msg.request_id, exc.retry_after_ms)
+        except StationError as exc:
+            reply = self._fail(exc, msg.request_id, "enroll")
+        except Exception:
+            log.exception("station %s: enrolment of %r failed", name, clean_text(msg.device_serial, 64))
+            reply = self._fail(StationError(Code.INTERNAL, "internal error"), msg.request_id, "enroll")
+        finally:
+            st.enrolling -= 1
+            self._inflight.discard(msg.request_id)
+        await self._reply(reply)
+
+    async def _confirm(self, msg: Confirm) -> None:
+        reply: Message
+        try:
+            await self.server.enroller.confirm(self.station or "", msg.request_id, msg.cert_sha256)
+            reply = Confirmed(msg.request_id)
+            self.state.counters["confirmed"] += 1
+        except StationError as exc:
+            reply = self._fail(exc, msg.request_id, "confirm")
+        except Exception:
+            log.exception("station %s: confirm failed", self.station)
+            reply = self._fail(StationError(Code.INTERNAL, "internal error"), msg.request_id, "confirm")
+        await self._reply(reply)
+
+    async def _ca_chain(self) -> None:
+        reply: Message
+        try:
+            reply = CaChain(tuple(await self.server.enroller.ca_chain(self.station or "")))
+        except StationError as exc:
+            reply = self._fail(exc, bytes(16), "ca_chain")
+        except Exception:
+            log.exception("station %s: CA chain failed", self.station)
+            reply = self._fail(StationError(Code.INTERNAL, "internal error"), bytes(16), "ca_chain")
+        await self._reply(reply)

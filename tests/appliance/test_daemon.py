@@ -1,0 +1,361 @@
+"""The daemon end to end: real SoftHSM token, real journal, real TLS on 127.0.0.1, the station protocol."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import os
+import shutil
+import ssl
+import struct
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from appliance import stations_registry as reg
+from appliance.config import ApplianceSection, Config, IssuanceSection, JournalSection, StationsSection
+from appliance.daemon import Daemon
+from appliance.profiles import builtin_profiles
+from hsm.softhsm import SoftHsmToken
+from stations.codec import SYNC, crc8
+from stations.codes import Code
+from stations.messages import CaChain, Cert, Confirm, Confirmed, Enroll, Error, GetCaChain, Ping, Pong
+from stations.session import Authenticated, Closed, HandshakeFailed, Received
+from stations.transports.stream import StreamChannel
+from tests.appliance.conftest import make_csr
+from tests.stations.station_link import Link, request_id
+
+
+def _config(state: Path, softhsm_token: SoftHsmToken, template: Path) -> Config:
+    state.mkdir(parents=True, exist_ok=True)
+    shutil.copy(template, state / "journal.sqlite")
+    return Config(
+        appliance=ApplianceSection(state),
+        hsm=softhsm_token.hsm_config(),
+        journal=JournalSection(state / "journal.sqlite"),
+        issuance=IssuanceSection(),
+        stations=StationsSection(
+            lan_listen="127.0.0.1:0",
+            tls_dir=state / "tls",
+            handshake_timeout_s=0.5,
+            idle_timeout_s=5.0,
+            frame_timeout_s=0.1,
+            reopen_interval_s=0.05,
+            registry_poll_s=0.1,
+        ),
+        profiles={"idevid": builtin_profiles()["idevid"]},
+    )
+
+
+@pytest.fixture
+async def daemon(
+    softhsm_token: SoftHsmToken, ca_journal_template: Path, tmp_path: Path
+) -> AsyncIterator[Daemon]:
+    async with Daemon(_config(tmp_path / "state", softhsm_token, ca_journal_template)) as d:
+        yield d
+
+
+async def add_lan(d: Daemon, name: str, out: Path) -> Path:
+    assert d.core is not None
+    creds = reg.add_station(d.journal, d.core.token, name, "lan")
+    reg.write_bundle(creds, out / name)
+    await d.refresh()
+    return out / name
+
+
+def _addr(d: Daemon) -> tuple[str, int]:
+    assert d.lan_address is not None
+    return d.lan_address
+
+
+async def _enroll(
+    link: Link, serial: str, rid: bytes | None = None, csr: bytes | None = None
+) -> Cert | Error:
+    csr = csr or make_csr(serial)[1]
+    reply = await link.request(Enroll(rid or request_id(), serial, csr))
+    assert isinstance(reply, Cert | Error), reply
+    return reply
+
+
+async def test_enrol_over_tls_verifies_and_confirm_marks_the_journal(daemon: Daemon, tmp_path: Path) -> None:
+    bundle = await add_lan(daemon, "line1-st1", tmp_path)
+    assert (bundle / "station.key").stat().st_mode & 0o777 == 0o600
+    assert (bundle / "tls-client.key").stat().st_mode & 0o777 == 0o600
+    link = await Link.tls(_addr(daemon), bundle)
+    assert isinstance(await link.handshake(), Authenticated)
+    chain_reply = await link.request(GetCaChain())
+    assert isinstance(chain_reply, CaChain) and len(chain_reply.chain) == 2
+    rid = request_id()
+    cert_reply = await _enroll(link, "SN-TLS-1", rid)
+    assert isinstance(cert_reply, Cert) and cert_reply.request_id == rid
+    device = x509.load_der_x509_certificate(cert_reply.chain[0])
+    issuer = x509.load_der_x509_certificate(cert_reply.chain[1])
+    device.verify_directly_issued_by(issuer)
+    x509.load_der_x509_certificate(chain_reply.chain[-1]).public_key()  # the root parses
+    issuer.verify_directly_issued_by(x509.load_der_x509_certificate(chain_reply.chain[-1]))
+
+    wrong = await link.request(Confirm(rid, bytes(32)))
+    assert isinstance(wrong, Error) and wrong.code == Code.CONFIRM_MISMATCH
+    unknown = await link.request(Confirm(request_id(), hashlib.sha256(cert_reply.chain[0]).digest()))
+    assert isinstance(unknown, Error) and unknown.code == Code.UNKNOWN_REQUEST
+    ok = await link.request(Confirm(rid, hashlib.sha256(cert_reply.chain[0]).digest()))
+    assert isinstance(ok, Confirmed) and ok.request_id == rid
+    again = await link.request(Confirm(rid, hashlib.sha256(cert_reply.chain[0]).digest()))
+    assert isinstance(again, Confirmed)
+    rows = daemon.journal.rows("request_id=?", (rid.hex(),))
+    assert [(r.state, r.station) for r in rows] == [("confirmed", "line1-st1")]
+    st = daemon.states["line1-st1"]
+    assert st.connected and st.authenticated and st.last_device_serial == "SN-TLS-1"
+    assert st.counters["enrolled"] == 1 and st.counters["confirmed"] == 2
+    await link.close()
+
+
+async def test_retry_after_lost_response_gets_identical_certificate(daemon: Daemon, tmp_path: Path) -> None:
+    bundle = await add_lan(daemon, "st-retry", tmp_path)
+    rid = request_id()
+    csr = make_csr("SN-RETRY")[1]
+    link = await Link.tls(_addr(daemon), bundle)
+    assert isinstance(await link.handshake(), Authenticated)
+    await link.send(Enroll(rid, "SN-RETRY", csr))
+    await link.close()  # the CERT is lost with the connection
+    await asyncio.sleep(0.2)
+
+    link = await Link.tls(_addr(daemon), bundle)
+    assert isinstance(await link.handshake(), Authenticated)
+    first = await _enroll(link, "SN-RETRY", rid, csr)
+    second = await _enroll(link, "SN-RETRY", rid, csr)
+    # A fixture that lost its request id: a new one, same device and key.
+    third = await _enroll(link, "SN-RETRY", request_id(), csr)
+    assert isinstance(first, Cert) and isinstance(second, Cert) and isinstance(third, Cert)
+    assert first.chain == second.chain == third.chain
+    assert len(daemon.journal.rows("device_serial=?", ("SN-RETRY",))) == 1
+    # The request id reused for another device is refused.
+    other = await _enroll(link, "SN-OTHER", rid)
+    assert isinstance(other, Error) and other.code == Code.BAD_REQUEST
+    confirmed = await link.request(Confirm(third.request_id, hashlib.sha256(third.chain[0]).digest()))
+    assert isinstance(confirmed, Confirmed)
+    await link.close()
+
+
+async def test_wrong_key_and_foreign_station_id_refused_while_another_station_enrols(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    good = await add_lan(daemon, "st-good", tmp_path)
+    bad = await add_lan(daemon, "st-bad", tmp_path)
+    (bad / "station.key").write_text("00" * 32)
+    link_bad = await Link.tls(_addr(daemon), bad)
+    failed = await link_bad.handshake()
+    assert isinstance(failed, HandshakeFailed) and failed.code == Code.AUTH_FAILED
+    # st-bad's certificate with another station's id (and that station's real key): refused.
+    key_good = bytes.fromhex((good / "station.key").read_text())
+    link_spoof = await Link.tls(_addr(daemon), bad)
+    link_spoof.session = type(link_spoof.session)("st-good", key_good)
+    spoof = await link_spoof.handshake()
+    assert isinstance(spoof, HandshakeFailed) and spoof.code == Code.AUTH_FAILED
+    # An id nobody registered.
+    link_unknown = await Link.tls(_addr(daemon), bad)
+    link_unknown.session = type(link_unknown.session)("nobody", key_good)
+    unknown = await link_unknown.handshake()
+    assert isinstance(unknown, HandshakeFailed) and unknown.code == Code.AUTH_FAILED
+
+    link = await Link.tls(_addr(daemon), good)
+    assert isinstance(await link.handshake(), Authenticated)
+    assert isinstance(await _enroll(link, "SN-GOOD"), Cert)
+    assert daemon.states["st-bad"].counters["auth_failed"] == 3
+    for lk in (link, link_bad, link_spoof, link_unknown):
+        await lk.close()
+
+
+async def test_disabled_station_is_dropped_and_refused(daemon: Daemon, tmp_path: Path) -> None:
+    bundle = await add_lan(daemon, "st-dis", tmp_path)
+    link = await Link.tls(_addr(daemon), bundle)
+    assert isinstance(await link.handshake(), Authenticated)
+    reg.set_enabled(daemon.journal, "st-dis", False)
+    # The watcher notices within registry_poll_s and drops the session with BYE STATION_DISABLED.
+    events = await link.events(timeout=3)
+    assert any(isinstance(e, Closed) and e.code == Code.STATION_DISABLED for e in events)
+    assert daemon.server is not None and daemon.server.connected("st-dis") == 0
+    await link.close()
+    link = await Link.tls(_addr(daemon), bundle)
+    refused = await link.handshake()
+    assert isinstance(refused, HandshakeFailed) and refused.code == Code.STATION_DISABLED
+    await link.close()
+
+
+async def test_tls_certificate_of_another_ca_is_refused(daemon: Daemon, tmp_path: Path) -> None:
+    bundle = await add_lan(daemon, "st-ca", tmp_path)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "station st-ca")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(days=1)).sign(key, hashes.SHA256())
+    )  # fmt: skip
+    forged = tmp_path / "forged"
+    shutil.copytree(bundle, forged)
+    (forged / "tls-client.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (forged / "tls-client.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    with pytest.raises((ssl.SSLError, ConnectionError, Exception)):
+        link = await Link.tls(_addr(daemon), forged)
+        await link.handshake()
+    assert "st-ca" not in daemon.states or not daemon.states["st-ca"].authenticated
+
+
+async def test_rotated_away_tls_certificate_and_key_are_refused(daemon: Daemon, tmp_path: Path) -> None:
+    assert daemon.core is not None
+    old = await add_lan(daemon, "st-rot", tmp_path)
+    link = await Link.tls(_addr(daemon), old)
+    assert isinstance(await link.handshake(), Authenticated)
+    new = reg.write_bundle(reg.rotate_key(daemon.journal, daemon.core.token, "st-rot"), tmp_path / "new")
+    await daemon.refresh()
+    events = await link.events(timeout=3)
+    assert any(isinstance(e, Closed) for e in events)
+    await link.close()
+    # The old certificate: the TLS handshake passes (same CA) but no station owns it any more.
+    link = await Link.tls(_addr(daemon), old)
+    refused = await link.handshake()
+    assert isinstance(refused, HandshakeFailed) and refused.code == Code.UNKNOWN_STATION
+    await link.close()
+    # The new certificate with the old key: AUTH_FAILED. The new bundle works.
+    link = await Link.tls(_addr(daemon), new)
+    link.session = type(link.session)("st-rot", bytes.fromhex((old / "station.key").read_text()))
+    failed = await link.handshake()
+    assert isinstance(failed, HandshakeFailed) and failed.code == Code.AUTH_FAILED
+    await link.close()
+    link = await Link.tls(_addr(daemon), new, "st-rot")
+    assert isinstance(await link.handshake(), Authenticated)
+    await link.close()
+
+
+async def test_line_noise_on_one_connection_does_not_disturb_another(daemon: Daemon, tmp_path: Path) -> None:
+    noisy_bundle = await add_lan(daemon, "st-noisy", tmp_path)
+    good_bundle = await add_lan(daemon, "st-clean", tmp_path)
+    noisy = await Link.tls(_addr(daemon), noisy_bundle)
+    assert isinstance(await noisy.handshake(), Authenticated)
+    good = await Link.tls(_addr(daemon), good_bundle)
+    assert isinstance(await good.handshake(), Authenticated)
+
+    ping = noisy.session.send(Ping(7))
+    bad_crc = ping[:-1] + bytes([ping[-1] ^ 0xFF])
+    header = SYNC + struct.pack(">BH", 0xA1, 60000)
+    oversize = header + bytes([crc8(header)])
+    await noisy.channel.send(b"\x00garbage\xff" * 20 + bad_crc + oversize + ping[:9])  # then silence
+    enrolled = await _enroll(good, "SN-CLEAN-1")  # meanwhile the other station is served
+    assert isinstance(enrolled, Cert)
+    await asyncio.sleep(0.3)  # the truncated frame times out on the appliance
+    pong = await noisy.request(Ping(8))
+    assert isinstance(pong, Pong) and pong.token == 8
+    counters = daemon.states["st-noisy"].counters
+    assert counters["garbage"] >= 1 and counters["bad_crc"] == 1 and counters["oversize"] >= 1
+    assert counters["timeout"] >= 1
+    # Disconnect mid-frame: the appliance drops the partial frame and the other station carries on.
+    await noisy.channel.send(noisy.session.send(Ping(9))[:12])
+    await noisy.close()
+    assert isinstance(await _enroll(good, "SN-CLEAN-2"), Cert)
+    await good.close()
+
+
+async def test_replayed_sealed_frame_is_refused(daemon: Daemon, tmp_path: Path) -> None:
+    bundle = await add_lan(daemon, "st-replay", tmp_path)
+    link = await Link.tls(_addr(daemon), bundle)
+    assert isinstance(await link.handshake(), Authenticated)
+    assert isinstance(await link.request(Ping(1)), Pong)
+    await link.channel.send(link.recorded[-1])
+    (event,) = await link.events()
+    assert isinstance(event, Received) and isinstance(event.message, Error)
+    assert event.message.code == Code.REPLAY
+    assert daemon.states["st-replay"].counters["rejected_replay"] == 1
+    await link.close()
+
+
+async def test_connection_without_handshake_is_closed_after_the_timeout(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    bundle = await add_lan(daemon, "st-slow", tmp_path)
+    link = await Link.tls(_addr(daemon), bundle)
+    # Connected but never says HELLO: closed after handshake_timeout_s.
+    with pytest.raises(Exception):  # noqa: B017 - ChannelClosed or a reset, both mean "closed"
+        async with asyncio.timeout(3):
+            await link.channel.recv()
+    assert daemon.states["st-slow"].counters["handshake_timeout"] == 1
+
+
+class _Pty:
+    """A pseudo-terminal standing in for a USB-serial adapter; ``path`` is a stable symlink (like by-path)."""
+
+    def __init__(self, link: Path) -> None:
+        import tty
+
+        self.master, self.slave = os.openpty()
+        self.rx: asyncio.BaseTransport | None = None
+        self.tx: asyncio.BaseTransport | None = None
+        tty.setraw(self.slave)
+        link.unlink(missing_ok=True)
+        link.symlink_to(os.ttyname(self.slave))
+
+    async def channel(self) -> StreamChannel:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        self.rx, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(os.dup(self.master), "rb", buffering=0)
+        )
+        self.tx, protocol = await loop.connect_write_pipe(
+            asyncio.streams.FlowControlMixin, os.fdopen(os.dup(self.master), "wb", buffering=0)
+        )
+        return StreamChannel(reader, asyncio.StreamWriter(self.tx, protocol, reader, loop), peer="pty")
+
+    def unplug(self) -> None:
+        for t in (self.rx, self.tx):
+            if t is not None:
+                t.close()
+        os.close(self.slave)
+        os.close(self.master)
+
+
+async def _port_open(d: Daemon, name: str) -> None:
+    """Wait until the daemon has (re)opened the station's port: bytes sent before are flushed by the open."""
+    assert d.server is not None
+    async with asyncio.timeout(3):
+        while not d.server.connected(name):
+            await asyncio.sleep(0.02)
+
+
+async def test_serial_station_enrols_survives_unplug_and_is_bound_to_its_port(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    assert daemon.core is not None
+    port = tmp_path / "ttyUSB-line1"
+    pty = _Pty(port)
+    creds = reg.add_station(
+        daemon.journal, daemon.core.token, "st-serial", "serial", port=str(port), baud=115200
+    )
+    key = creds.record.key
+    await daemon.refresh()
+    link = Link(await pty.channel(), "st-serial", key)
+    await _port_open(daemon, "st-serial")
+    assert isinstance(await link.handshake(), Authenticated)
+    assert isinstance(await _enroll(link, "SN-SERIAL-1"), Cert)
+    # Another station's id on this port is refused even with the right key for it.
+    link.session = type(link.session)("st-other", key)
+    refused = await link.handshake()
+    assert isinstance(refused, HandshakeFailed) and refused.code == Code.AUTH_FAILED
+
+    pty.unplug()  # the adapter disappears; the daemon retries until the port is back
+    await asyncio.sleep(0.3)
+    pty = _Pty(port)
+    link = Link(await pty.channel(), "st-serial", key)
+    await _port_open(daemon, "st-serial")
+    assert isinstance(await link.handshake(), Authenticated)
+    assert isinstance(await _enroll(link, "SN-SERIAL-2"), Cert)
+    pty.unplug()

@@ -1,0 +1,183 @@
+"""SerialChannel over a real socat pty pair: framing, pacing, noise, timeouts, unplug and replug."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from stations.codec import DecodeEvent, DecodeEventKind, Frame, encode_frame
+from stations.simulator import PtyPair
+from stations.transports.base import ChannelClosed
+from stations.transports.serial import SerialChannel, wire_time
+
+
+@pytest.fixture
+def pty_pair(tmp_path: Path) -> Iterator[PtyPair]:
+    pair = PtyPair(tmp_path / "a", tmp_path / "b").start()
+    yield pair
+    pair.stop()
+
+
+@pytest.fixture
+async def ends(pty_pair: PtyPair) -> AsyncIterator[tuple[SerialChannel, SerialChannel]]:
+    a = await SerialChannel.open(pty_pair.a, frame_timeout=0.1)
+    b = await SerialChannel.open(pty_pair.b, frame_timeout=0.1)
+    yield a, b
+    await a.close()
+    await b.close()
+
+
+async def next_frame(ch: SerialChannel, timeout: float = 2.0) -> tuple[Frame, list[DecodeEvent]]:
+    events: list[DecodeEvent] = []
+    async with asyncio.timeout(timeout):
+        while True:
+            item = await ch.recv()
+            if isinstance(item, Frame):
+                return item, events
+            events.append(item)
+
+
+async def test_frames_both_ways(ends: tuple[SerialChannel, SerialChannel]) -> None:
+    a, b = ends
+    big = bytes(random.Random(1).randrange(256) for _ in range(16384))
+    await a.send(encode_frame(0x12, b"hello") + encode_frame(0x13, big))
+    assert (await next_frame(b))[0] == Frame(0x12, b"hello")
+    assert (await next_frame(b))[0] == Frame(0x13, big)
+    await b.send(encode_frame(0x92, b"back"))
+    assert (await next_frame(a))[0] == Frame(0x92, b"back")
+    assert a.bytes_sent == b.bytes_received
+
+
+@pytest.mark.parametrize("baud", [115200, 57600])
+async def test_pacing_takes_wire_time(pty_pair: PtyPair, baud: int) -> None:
+    a = await SerialChannel.open(pty_pair.a, baud, pace=True)
+    b = await SerialChannel.open(pty_pair.b, baud)
+    try:
+        frames = [encode_frame(0x13, bytes(700)), encode_frame(0x12, bytes(400))]
+        total = sum(map(len, frames))
+        start = time.perf_counter()
+        for f in frames:
+            await a.send(f)
+        for _ in frames:
+            await next_frame(b)
+        elapsed = time.perf_counter() - start
+        expected = wire_time(total, baud)
+        print(f"paced {total} bytes at {baud}: {elapsed * 1000:.1f} ms, wire time {expected * 1000:.1f} ms")
+        # A lower bound on wire time, not a speed target.
+        assert elapsed >= 0.9 * expected
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_unpaced_is_not_wire_limited(ends: tuple[SerialChannel, SerialChannel]) -> None:
+    a, b = ends
+    frame = encode_frame(0x13, bytes(4000))
+    start = time.perf_counter()
+    await a.send(frame)
+    await next_frame(b)
+    assert time.perf_counter() - start < wire_time(len(frame), 115200)
+
+
+async def test_frame_split_across_tiny_writes(ends: tuple[SerialChannel, SerialChannel]) -> None:
+    a, b = ends
+    frame = encode_frame(0x12, b"split into many one-to-three byte writes" * 3)
+    rng = random.Random(7)
+    pos = 0
+    while pos < len(frame):
+        n = rng.randint(1, 3)
+        await a.send(frame[pos : pos + n])
+        pos += n
+        if rng.random() < 0.1:
+            await asyncio.sleep(0.002)
+    got, events = await next_frame(b)
+    assert got.payload.startswith(b"split") and not events
+
+
+async def test_noise_between_frames(ends: tuple[SerialChannel, SerialChannel]) -> None:
+    a, b = ends
+    rng = random.Random(3)
+    noise = bytes(rng.choice([x for x in range(256) if x != 0xB1]) for _ in range(300))
+    false_start = b"\xb1\xd5\x12\x00\x05\x00"  # SYNC with a wrong header check byte
+    await a.send(
+        noise + encode_frame(0x01, b"one") + false_start + noise[:50] + encode_frame(0x02, b"two") + noise
+    )
+    first, ev1 = await next_frame(b)
+    second, ev2 = await next_frame(b)
+    assert (first.payload, second.payload) == (b"one", b"two")
+    kinds = {e.kind for e in ev1 + ev2}
+    assert DecodeEventKind.GARBAGE in kinds and DecodeEventKind.BAD_HEADER in kinds
+    # The trailing noise is skipped too, and the line keeps working.
+    await a.send(encode_frame(0x03, b"three"))
+    assert (await next_frame(b))[0].payload == b"three"
+
+
+async def test_truncated_frame_then_silence(ends: tuple[SerialChannel, SerialChannel]) -> None:
+    a, b = ends
+    frame = encode_frame(0x12, bytes(200))
+    await a.send(frame[:100])
+    await asyncio.sleep(0.25)  # frame_timeout is 0.1 s
+    await a.send(encode_frame(0x13, b"next"))
+    got, events = await next_frame(b)
+    assert got.payload == b"next"
+    assert any(e.kind is DecodeEventKind.TIMEOUT for e in events)
+
+
+async def test_truncated_frame_expires_while_idle(ends: tuple[SerialChannel, SerialChannel]) -> None:
+    a, b = ends
+    await a.send(encode_frame(0x12, bytes(50))[:20])
+    async with asyncio.timeout(1.0):
+        item = await b.recv()  # nothing else arrives: the decoder's own timeout must fire
+    assert isinstance(item, DecodeEvent) and item.kind is DecodeEventKind.TIMEOUT
+
+
+async def test_unplug_mid_frame_then_replug(pty_pair: PtyPair) -> None:
+    a = await SerialChannel.open(pty_pair.a)
+    b = await SerialChannel.open(pty_pair.b)
+    frame = encode_frame(0x12, bytes(300))
+    await a.send(frame[:150])
+    reader = asyncio.create_task(b.recv())
+    await asyncio.sleep(0.05)
+    pty_pair.kill()  # the cable is pulled mid-frame
+    with pytest.raises(ChannelClosed):
+        async with asyncio.timeout(2.0):
+            await reader
+    with pytest.raises(ChannelClosed):
+        await a.send(frame[150:])
+    with pytest.raises(ChannelClosed):
+        await b.recv()  # stays closed; no crash, no partial frame
+    assert b.closed and a.closed
+
+    pty_pair.start()  # plugged back in: same names
+    a2 = await SerialChannel.open(pty_pair.a)
+    b2 = await SerialChannel.open(pty_pair.b)
+    try:
+        await a2.send(frame)
+        assert (await next_frame(b2))[0] == Frame(0x12, bytes(300))
+    finally:
+        await a2.close()
+        await b2.close()
+
+
+async def test_open_missing_port_is_channel_closed(tmp_path: Path) -> None:
+    with pytest.raises(ChannelClosed):
+        await SerialChannel.open(str(tmp_path / "nope"))
+    os.symlink(tmp_path / "gone", tmp_path / "dangling")
+    with pytest.raises(ChannelClosed):
+        await SerialChannel.open(str(tmp_path / "dangling"))
+
+
+async def test_close_wakes_a_waiting_reader(ends: tuple[SerialChannel, SerialChannel]) -> None:
+    _a, b = ends
+    reader = asyncio.create_task(b.recv())
+    await asyncio.sleep(0.02)
+    await b.close()
+    with pytest.raises(ChannelClosed):
+        async with asyncio.timeout(1.0):
+            await reader
