@@ -24,6 +24,8 @@ lint: deps
 
 bench: deps
 	$(PY) bench/issue.py
+	$(PY) bench/stations.py serial
+	$(PY) bench/stations.py lan
 
 deps: apt venv
 

@@ -1,35 +1,44 @@
-"""`birthline demo`: the whole appliance on embedded defaults, in one directory.
+"""`birthline demo`: the whole appliance on embedded defaults, in one directory, through real stations.
 
-A SoftHSM2 token, a root and an issuing CA (plus the management CA), a journal, and N devices enrolling with
-P-256 keys they generate themselves. Every certificate is verified against the chain, and `openssl verify
--x509_strict` checks them all once more as an outside verifier would. Running it again adds N more devices and
-shows that a retried request gets the stored certificate byte for byte.
+A SoftHSM2 token, a root, an issuing and a management CA, a journal, the daemon with its TLS listener on
+loopback, one serial station on a socat pty pair and one LAN station over TLS. Simulated fixtures enrol N
+devices (P-256 keys they generate), confirm each certificate, and the demo verifies every certificate against
+the chain, in-process and with `openssl verify -x509_strict`. Running it again adds N more devices and shows
+that a retried request gets the stored certificate byte for byte. With --serve it then keeps the appliance
+running and describes how to reach it in DIR/demo.json.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 
 from appliance import ca as ca_mod
-from appliance.config import load_config
+from appliance import stations_registry as registry
+from appliance.config import Config, load_config
+from appliance.daemon import Daemon
 from appliance.errors import BirthlineError
-from appliance.issuance.policy import IssueRequest
-from appliance.issuance.service import IssueResult
-from appliance.runtime import open_core, running_issuer
+from appliance.runtime import open_core
 from hsm.softhsm import create_softhsm_token
+from stations.client import StationClient, client_ssl_context, generate_device_key, make_csr, read_station_key
+from stations.errors import StationError
+from stations.simulator import PtyPair
 
 DEMO_ORG = "Birthline Demo"
 # A private-enterprise arc for the demo's hwType; a manufacturer puts its own OID here.
 DEMO_HW_TYPE = "1.3.6.1.4.1.59999.1.1"
+SERIAL_STATION = "demo-serial"
+LAN_STATION = "demo-lan"
+DEFAULT_PORT = 7450
 
 CONFIG_TEMPLATE = """\
 # Written by `birthline demo`. Every key is documented in docs/configuration.md.
@@ -44,11 +53,14 @@ softhsm_conf = "{softhsm_conf}"
 
 [journal]
 path = "journal.sqlite"
-batch_max = 128
 
 [issuance]
 issuing_ca = "issuing"
 default_profile = "demo-idevid"
+
+[stations]
+lan_listen = "127.0.0.1:{port}"
+tls_dir = "tls"
 
 [profiles.demo-idevid]
 base = "idevid"
@@ -68,21 +80,12 @@ def _write_config(state: Path) -> Path:
                 label=token.label,
                 pin_file=token.pin_file,
                 softhsm_conf=token.conf_path,
+                port=DEFAULT_PORT,
                 org=DEMO_ORG,
                 hw_type=DEMO_HW_TYPE,
             )
         )
     return path
-
-
-def _device_csr(serial: str) -> tuple[ec.EllipticCurvePrivateKey, bytes]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.SERIAL_NUMBER, serial)]))
-        .sign(key, hashes.SHA256())
-    )
-    return key, csr.public_bytes(serialization.Encoding.DER)
 
 
 def _next_run(state: Path) -> int:
@@ -92,10 +95,8 @@ def _next_run(state: Path) -> int:
     return run
 
 
-def run_demo(state: Path, devices: int) -> int:
-    state = state.resolve()
-    state.mkdir(parents=True, exist_ok=True, mode=0o700)
-    config = load_config(_write_config(state))
+def _setup(config: Config, state: Path) -> None:
+    """CAs and stations, created once; a second run finds them."""
     with open_core(config) as core:
         names = {r.name for r in ca_mod.list_cas(core.journal)}
         if "root" not in names:
@@ -113,58 +114,177 @@ def run_demo(state: Path, devices: int) -> int:
                 core.journal, core.token, "management", f"O={DEMO_ORG},CN={DEMO_ORG} Management CA"
             )
         issuing = core.issuing_ca()
-        chain_pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in issuing.chain)
-        (state / "ca-chain.pem").write_bytes(chain_pem)
+        (state / "ca-chain.pem").write_bytes(
+            b"".join(c.public_bytes(serialization.Encoding.PEM) for c in issuing.chain)
+        )
+        known = {r.name for r in registry.list_stations(core.journal)}
+        (state / "pty").mkdir(exist_ok=True)
+        for name, kind in ((SERIAL_STATION, "serial"), (LAN_STATION, "lan")):
+            bundle = state / "stations" / name
+            if name in known and (bundle / "station.key").exists():
+                continue
+            port = str(state / "pty" / f"{name}.appliance") if kind == "serial" else None
+            creds = (
+                registry.rotate_key(core.journal, core.token, name)
+                if name in known
+                else registry.add_station(core.journal, core.token, name, kind, port=port)
+            )
+            registry.write_bundle(creds, bundle)
 
-        run = _next_run(state)
-        serials = [f"BLD{run:04d}{n:06d}" for n in range(1, devices + 1)]
-        requests = []
-        for s in serials:
-            _key, csr = _device_csr(s)
-            requests.append(IssueRequest(s, csr, station="demo", request_id=f"demo-{s}"))
 
-        async def issue_all() -> tuple[list[IssueResult], float, IssueResult | None]:
-            async with running_issuer(core) as service:
+class _Fixture:
+    """One simulated test fixture: it owns its device keys, as a real fixture's devices do."""
+
+    def __init__(self, client: StationClient) -> None:
+        self.client = client
+
+    async def enrol(self, serial: str) -> tuple[bytes, bytes]:
+        csr = make_csr(generate_device_key(), serial)
+        chain = await self.client.enroll(serial, csr)
+        assert self.client.last_request_id is not None
+        await self.client.confirm(self.client.last_request_id, chain[0])
+        return chain[0], csr
+
+
+async def _connect(state: Path, name: str, lan: tuple[str, int], fixture_port: str) -> StationClient:
+    bundle = state / "stations" / name
+    key = read_station_key(bundle / "station.key")
+    if name == SERIAL_STATION:
+        return await StationClient.connect_serial(
+            fixture_port, 115200, station_id=name, key=key, give_up_after=30
+        )
+    ctx = client_ssl_context(bundle / "tls-client.crt", bundle / "tls-client.key", bundle / "ca.crt")
+    return await StationClient.connect_tcp(
+        lan[0],
+        lan[1],
+        station_id=name,
+        key=key,
+        ssl_context=ctx,
+        server_hostname="localhost",
+        give_up_after=30,
+    )
+
+
+def _describe(state: Path, config: Config, lan: tuple[str, int], fixture_port: str) -> dict[str, object]:
+    return {
+        "listener": {"host": lan[0], "port": lan[1], "transport": "TLS 1.2+ with station client certificates",
+                     "protocol": "docs/station-protocol.md"},
+        "stations": [
+            {"name": SERIAL_STATION, "kind": "serial", "pty": fixture_port,
+             "appliance_port": str(state / "pty" / f"{SERIAL_STATION}.appliance"), "baud": 115200,
+             "credentials": str(state / "stations" / SERIAL_STATION)},
+            {"name": LAN_STATION, "kind": "lan", "host": f"{lan[0]}:{lan[1]}",
+             "credentials": str(state / "stations" / LAN_STATION)},
+        ],
+        "ca_chain": str(state / "ca-chain.pem"),
+        "config": str(config.source),
+        "journal": str(config.journal.path),
+        "device_serials": {
+            "accepted": "any device serial the profile allows: 1-64 PrintableString characters",
+            "note": "work orders and allowlists are not enforced yet",
+        },
+    }  # fmt: skip
+
+
+async def _run(config: Config, state: Path, devices: int, serve: bool) -> int:
+    run = _next_run(state)
+    serials = [f"BLD{run:04d}{n:06d}" for n in range(1, devices + 1)]
+    appliance_port = str(state / "pty" / f"{SERIAL_STATION}.appliance")
+    fixture_port = str(state / "pty" / f"{SERIAL_STATION}.fixture")
+    with PtyPair(appliance_port, fixture_port) as _pty:
+        async with Daemon(config) as daemon:
+            lan = daemon.lan_address
+            assert lan is not None
+            serial_client = await _connect(state, SERIAL_STATION, lan, fixture_port)
+            lan_client = await _connect(state, LAN_STATION, lan, fixture_port)
+            fixtures = [_Fixture(serial_client), _Fixture(lan_client)]
+            try:
                 t0 = time.perf_counter()
-                results = await asyncio.gather(*(service.issue(r) for r in requests))
+
+                async def line(fixture: _Fixture, mine: list[str]) -> list[tuple[str, bytes, bytes]]:
+                    return [(s, *await fixture.enrol(s)) for s in mine]
+
+                per_line = await asyncio.gather(*(line(f, serials[i::2]) for i, f in enumerate(fixtures)))
                 elapsed = time.perf_counter() - t0
-                retry = await service.issue(requests[0]) if requests else None
-            return list(results), elapsed, retry
+                results = sorted((r for rs in per_line for r in rs), key=lambda r: r[0])
+                retry_same = True
+                if results:
+                    # The fixture lost the answer and asks again, on the other line, with the same CSR.
+                    serial, cert, csr = results[0]
+                    again = await lan_client.enroll(serial, csr)
+                    retry_same = again[0] == cert
+                if serve:
+                    (state / "demo.json").write_text(
+                        json.dumps(_describe(state, config, lan, fixture_port), indent=2)
+                    )
+            finally:
+                for c in (serial_client, lan_client):
+                    await c.close()
+            counts = daemon.journal.counts()
+            rc = _report(state, config, run, serials, results, elapsed, retry_same, counts)
+            if serve and rc == 0:
+                await _serve(daemon, state, lan, fixture_port)
+            return rc
 
-        try:
-            results, elapsed, retry = asyncio.run(issue_all())
-        except BirthlineError as exc:
-            print(f"demo: issuance failed: {exc}")
-            return 1
 
+async def _serve(daemon: Daemon, state: Path, lan: tuple[str, int], fixture_port: str) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, daemon.stop)
+    print(
+        f"\nServing on {lan[0]}:{lan[1]} (LAN, TLS) and {fixture_port} (serial pty). Described in {state}/demo.json."
+    )
+    print("Try a station by hand (see README), then press Ctrl-C to stop.", flush=True)
+    await daemon.wait()
+
+
+def _report(
+    state: Path, config: Config, run: int, serials: list[str], results: list[tuple[str, bytes, bytes]],
+    elapsed: float, retry_same: bool, counts: dict[str, int],
+) -> int:  # fmt: skip
     issued_dir = state / "issued"
     issued_dir.mkdir(exist_ok=True)
-    issuing_cert, *_ = issuing.chain
+    chain = x509.load_pem_x509_certificates((state / "ca-chain.pem").read_bytes())
     files = []
-    for res in results:
-        cert = x509.load_der_x509_certificate(res.certificate)
-        cert.verify_directly_issued_by(issuing_cert)
-        f = issued_dir / f"{res.device_serial}.pem"
-        f.write_bytes(res.certificate_pem)
+    for serial, der, _ in results:
+        cert = x509.load_der_x509_certificate(der)
+        cert.verify_directly_issued_by(chain[0])
+        f = issued_dir / f"{serial}.pem"
+        f.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         files.append(f)
     ok = _openssl_verify(state / "ca-chain.pem", files)
-    same = retry is not None and retry.reused and retry.certificate == results[0].certificate
     rate = len(results) / elapsed if elapsed > 0 else 0.0
     print(
         f"Birthline demo, run {run}: issued {len(results)} birth certificates in {elapsed:.2f} s ({rate:.0f}/s)"
     )
+    print(f"  stations:      {SERIAL_STATION} (serial, socat pty) and {LAN_STATION} (TLS on 127.0.0.1)")
     print(f"  CA chain:      {state / 'ca-chain.pem'} (issuing CA, then root)")
-    print(
-        f"  certificates:  {issued_dir}/<device-serial>.pem ({serials[0]} .. {serials[-1]})"
-        if serials
-        else ""
-    )
-    print(f"  journal:       {config.journal.path}")
+    if serials:
+        print(f"  certificates:  {issued_dir}/<device-serial>.pem ({serials[0]} .. {serials[-1]})")
+    print(f"  journal:       {config.journal.path}: {json.dumps(counts, sort_keys=True)}")
     print(f"  verified:      {len(files)} against the chain in-process; openssl verify -x509_strict: {ok}")
     print(
-        f"  retry of {serials[0] if serials else '-'}: {'same certificate, byte for byte' if same else 'MISMATCH'}"
+        f"  retry of {serials[0] if serials else '-'}: {'same certificate, byte for byte' if retry_same else 'MISMATCH'}"
     )
-    return 0 if ok == "OK" and same else 1
+    confirmed_all = counts.get("issued", 0) == 0
+    if not confirmed_all:
+        print("  not every certificate was confirmed by its station")
+    return 0 if ok == "OK" and retry_same and len(results) == len(serials) and confirmed_all else 1
+
+
+def run_demo(state: Path, devices: int, *, serve: bool = False, port: int | None = None) -> int:
+    state = state.resolve()
+    state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    config = load_config(_write_config(state))
+    # Without --serve the listener takes any free port, so a demo never collides with a running one.
+    listen = f"127.0.0.1:{port if port is not None else (DEFAULT_PORT if serve else 0)}"
+    config = dataclasses.replace(config, stations=dataclasses.replace(config.stations, lan_listen=listen))
+    try:
+        _setup(config, state)
+        return asyncio.run(_run(config, state, devices, serve))
+    except (BirthlineError, StationError) as exc:
+        print(f"demo: {exc}")
+        return 1
 
 
 def _openssl_verify(chain: Path, files: list[Path]) -> str:

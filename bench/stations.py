@@ -1,142 +1,156 @@
-"""Station link throughput.
+"""Station link throughput against the real daemon (HSM-backed issuance, durable journal).
 
     python bench/stations.py serial [--stations S] [--devices M] [--baud B]
-    python bench/stations.py lan [--stations 50] [--devices M]      (in-process fake appliance over TLS)
+    python bench/stations.py lan [--stations 50] [--devices M]
 
-(a) serial: each station is a socat pty pair paced to the baud rate at BOTH ends (a pty pair does not enforce
-    a line rate), so every byte costs real wire time. Devices/s per station is set against the wire-time
-    limit for the bytes actually exchanged per device in both directions (ENROLL, CERT, CONFIRM, CONFIRMED:
-    bytes * 10 / baud seconds, half duplex in practice because each message waits for the previous one).
-    Target: at least 90 % of that limit. The appliance here is ``stations.fake_appliance`` issuing real
-    P-256 certificates in-process; ``bench_serial(serve=...)`` takes any other server loop (the real daemon).
-(b) lan: ``bench_lan(stations, devices)`` runs N concurrent simulated stations (``SimStation`` credentials)
-    against a running appliance and reports certs/s and p50/p99 latency; ``lan`` on the command line runs it
-    against an in-process TLS fake appliance so the harness itself can be checked.
+Both parts build a fresh appliance in a temporary directory (SoftHSM2 token, root/issuing/management CAs,
+journal) and run `appliance.daemon.Daemon` in-process with simulated fixtures (`stations.client`).
+
+(a) serial: each station is a socat pty pair. A pty pair does not enforce a line rate, so the fixture paces
+    its writes and the bytes it reads to the baud rate: every byte in both directions costs wire time.
+    Devices/s per station is set against the wire-time limit for the bytes actually exchanged per device
+    (ENROLL, CERT, CONFIRM, CONFIRMED: bytes * 10 / baud, 8N1). Target: at least 90 % of that limit.
+(b) lan: N concurrent stations over TLS, each enrolling and confirming M devices: certificates/s and p50/p99
+    latency per device, with the raw HSM sign rate (C_Sign in a loop, same token key) of the same run beside.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import datetime as dt
-import ipaddress
-import ssl
+import dataclasses
+import signal
+import socket
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-
-from stations.client import StationClient
-from stations.fake_appliance import FakeAppliance
-from stations.messages import Enroll
+from appliance import ca as ca_mod
+from appliance import stations_registry as registry
+from appliance.config import Config, load_config
+from appliance.daemon import Daemon
+from appliance.runtime import open_core
+from bench.issue import raw_sign_rate
+from hsm.softhsm import create_softhsm_token
+from stations.client import StationClient, client_ssl_context
 from stations.simulator import PtyPair, SimReport, SimStation, make_devices, simulate
-from stations.transports.base import ChannelClosed, FrameChannel
 from stations.transports.serial import SerialChannel, wire_time
-from stations.transports.stream import StreamChannel
 
-ServeFn = Callable[[FrameChannel], Coroutine[Any, Any, None]]
-
-
-class _Issuer:
-    """Root -> issuing CA -> device, all P-256, so the CERT frame carries realistic sizes."""
-
-    def __init__(self) -> None:
-        self.root_key = ec.generate_private_key(ec.SECP256R1())
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        root_name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Bench"),
-                               x509.NameAttribute(NameOID.COMMON_NAME, "Bench Device Root CA")])  # fmt: skip
-        name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Bench"),
-                          x509.NameAttribute(NameOID.COMMON_NAME, "Bench Device Issuing CA")])  # fmt: skip
-        self.root = self._ca(root_name, root_name, self.root_key.public_key(), self.root_key, 1)
-        self.issuing = self._ca(name, root_name, self.key.public_key(), self.root_key, 0)
-
-    @staticmethod
-    def _ca(
-        subject: x509.Name, issuer: x509.Name, public: ec.EllipticCurvePublicKey,
-        signer: ec.EllipticCurvePrivateKey, path_len: int,
-    ) -> x509.Certificate:  # fmt: skip
-        now = dt.datetime.now(dt.UTC)
-        return (
-            x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(public)
-            .serial_number(x509.random_serial_number()).not_valid_before(now)
-            .not_valid_after(now + dt.timedelta(days=3650))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=path_len), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
-            .sign(signer, hashes.SHA256())
-        )  # fmt: skip
-
-    def chain(self) -> tuple[bytes, ...]:
-        return tuple(c.public_bytes(serialization.Encoding.DER) for c in (self.issuing, self.root))
-
-    def __call__(self, enroll: Enroll) -> bytes:
-        csr = x509.load_der_x509_csr(enroll.csr)
-        now = dt.datetime.now(dt.UTC)
-        cert = (
-            x509.CertificateBuilder().subject_name(csr.subject).issuer_name(self.issuing.subject)
-            .public_key(csr.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now).not_valid_after(dt.datetime(9999, 12, 31, 23, 59, 59, tzinfo=dt.UTC))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False)
-            .sign(self.key, hashes.SHA256())
-        )  # fmt: skip
-        return cert.public_bytes(serialization.Encoding.DER)
+CONFIG = """\
+[appliance]
+state_dir = "{base}/state"
+[hsm]
+module = "{module}"
+token_label = "{label}"
+pin_file = "{pin}"
+softhsm_conf = "{conf}"
+[stations]
+lan_listen = "127.0.0.1:{port}"
+tls_dir = "{base}/tls"
+reopen_interval_s = 0.1
+"""
 
 
-def fake_appliance(keys: dict[str, bytes]) -> FakeAppliance:
-    issuer = _Issuer()
-    return FakeAppliance(keys, issuer.chain(), issue=issuer)
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
-async def bench_serial(
-    stations: int = 1, devices: int = 20, baud: int = 115200, *, serve: ServeFn | None = None
-) -> dict[str, float]:
-    """Part (a). ``serve(channel)`` is the appliance loop for one opened port (default: the fake appliance,
-    which returns when the link drops); the appliance end is opened paced, like the fixture end."""
-    keys = {f"bench-st{i:02d}": bytes([i + 1]) * 32 for i in range(stations)}
-    serve_fn: ServeFn = serve or fake_appliance(keys).serve
-    batches = [make_devices(devices, f"B{i:02d}") for i in range(stations)]
+def _config(base: Path, port: int = 0) -> Config:
+    token = create_softhsm_token(base / "softhsm", label="bench")
+    path = base / "birthline.toml"
+    path.write_text(
+        CONFIG.format(
+            base=base,
+            module=token.module,
+            label=token.label,
+            pin=token.pin_file,
+            conf=token.conf_path,
+            port=port,
+        )
+    )
+    return load_config(path)
+
+
+def _setup(config: Config, base: Path, serial: int, lan: int) -> list[SimStation]:
+    sims: list[SimStation] = []
+    with open_core(config) as core:
+        ca_mod.create_root(core.journal, core.token, "root", "O=Bench,CN=Bench Root CA")
+        ca_mod.create_issuing(core.journal, core.token, "issuing", "O=Bench,CN=Bench Birth CA", "root")
+        ca_mod.create_management(core.journal, core.token, "management", "O=Bench,CN=Bench Management CA")
+        for i in range(serial):
+            port = str(base / "pty" / f"serial{i:02d}.appliance")
+            creds = registry.add_station(core.journal, core.token, f"serial{i:02d}", "serial", port=port)
+            sims.append(SimStation(creds.record.name, "serial", creds.record.key, port=port))
+        for i in range(lan):
+            creds = registry.add_station(core.journal, core.token, f"lan{i:02d}", "lan")
+            bundle = registry.write_bundle(creds, base / "bundles" / creds.record.name)
+            ctx = client_ssl_context(bundle / "tls-client.crt", bundle / "tls-client.key", bundle / "ca.crt")
+            sims.append(SimStation(creds.record.name, "lan", creds.record.key, ssl_context=ctx,
+                                   server_hostname="localhost"))  # fmt: skip
+    (base / "pty").mkdir(exist_ok=True)
+    return sims
+
+
+@asynccontextmanager
+async def appliance(base: Path, serial: int, lan: int) -> AsyncIterator[tuple[Daemon, list[SimStation]]]:
+    """A fresh appliance with `serial` serial and `lan` LAN stations registered, running."""
+    config = _config(base)
+    sims = _setup(config, base, serial, lan)
+    async with Daemon(config) as daemon:
+        addr = daemon.lan_address
+        assert addr is not None
+        yield (
+            daemon,
+            [dataclasses.replace(s, host=addr[0], tcp_port=addr[1]) if s.kind == "lan" else s for s in sims],
+        )
+
+
+async def bench_serial(stations: int, devices: int, baud: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="birthline-bench-") as tmp:
-        pairs = [PtyPair(Path(tmp) / f"{n}.appliance", Path(tmp) / f"{n}.fixture").start() for n in keys]
-        tasks: list[asyncio.Task[None]] = []
-        try:
-            for pair in pairs:
-                channel = await SerialChannel.open(pair.a, baud, pace=True)
-                tasks.append(asyncio.create_task(serve_fn(channel)))
-            clients = [
-                await StationClient.connect_serial(pair.b, baud, station_id=name, key=key, pace=True)
-                for pair, (name, key) in zip(pairs, keys.items(), strict=True)
-            ]
-            snapshot = [_bytes(c) for c in clients]  # after the handshake: count devices only
+        base = Path(tmp)
+        async with appliance(base, stations, 0) as (_daemon, sims):
+            batches = [make_devices(devices, f"B{i:02d}") for i in range(stations)]
+            pairs = [PtyPair(s.port or "", base / "pty" / f"{s.name}.fixture").start() for s in sims]
+            try:
+                clients = [
+                    await StationClient.connect_serial(
+                        pair.b,
+                        baud,
+                        station_id=s.name,
+                        key=s.key,
+                        pace=True,
+                        pace_reads=True,
+                        give_up_after=30,
+                    )
+                    for pair, s in zip(pairs, sims, strict=True)
+                ]
+                for c in clients:
+                    await c.ca_chain()  # authenticated and warm before the clock starts
+                snapshot = [_bytes(c) for c in clients]
 
-            async def run(client: StationClient, batch: Sequence[tuple[str, bytes]]) -> float:
-                start = time.perf_counter()
-                for serial, csr in batch:
-                    chain = await client.enroll(serial, csr)
-                    assert client.last_request_id is not None
-                    await client.confirm(client.last_request_id, chain[0])
-                return time.perf_counter() - start
+                async def run(client: StationClient, batch: Sequence[tuple[str, bytes]]) -> float:
+                    start = time.perf_counter()
+                    for serial, csr in batch:
+                        chain = await client.enroll(serial, csr)
+                        assert client.last_request_id is not None
+                        await client.confirm(client.last_request_id, chain[0])
+                    return time.perf_counter() - start
 
-            elapsed = await asyncio.gather(*(run(c, b) for c, b in zip(clients, batches, strict=True)))
-            moved = [sum(_bytes(c)) - sum(s) for c, s in zip(clients, snapshot, strict=True)]
-            for c in clients:
-                await c.close()
-        finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            for pair in pairs:
-                pair.stop()
+                elapsed = await asyncio.gather(*(run(c, b) for c, b in zip(clients, batches, strict=True)))
+                moved = [sum(_bytes(c)) - sum(s) for c, s in zip(clients, snapshot, strict=True)]
+                for c in clients:
+                    await c.close()
+            finally:
+                for pair in pairs:
+                    pair.stop()
     per_device = sum(moved) / (stations * devices)
     limit = 1 / wire_time(round(per_device), baud)
     rate = sum(devices / e for e in elapsed) / stations
@@ -150,59 +164,74 @@ def _bytes(client: StationClient) -> tuple[int, int]:
     return ch.bytes_sent, ch.bytes_received
 
 
-async def bench_lan(stations: Sequence[SimStation], devices: int) -> SimReport:
-    """Part (b): N concurrent LAN stations against a running appliance (the lead wires ``stations`` from the
-    registry's TLS bundles); prints certs/s and p50/p99 per-device latency (enrol + confirm)."""
-    report = await simulate(stations, devices)
-    print(report.summary())
-    return report
-
-
-async def _lan_with_fake(stations: int, devices: int) -> SimReport:
-    from tests.stations.transport_support import make_tls_files
-
-    keys = {f"lan-st{i:02d}": bytes([i + 1]) * 32 for i in range(stations)}
-    appliance = fake_appliance(keys)
-    with tempfile.TemporaryDirectory(prefix="birthline-bench-") as tmp:
-        files = make_tls_files(Path(tmp))
-
-        async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            await appliance.serve(StreamChannel(r, w))
-
-        server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=files.server_context(), backlog=256)
-        port = server.sockets[0].getsockname()[1]
-        ctx: ssl.SSLContext = files.client_context()
-        sims = [SimStation(n, "lan", k, host=str(ipaddress.ip_address("127.0.0.1")), tcp_port=port, ssl_context=ctx)
-                for n, k in keys.items()]  # fmt: skip
+async def _wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"birthline run exited with {proc.returncode}")
         try:
-            return await bench_lan(sims, devices)
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            await asyncio.sleep(0.1)
+            continue
+        writer.close()
+        return
+    raise RuntimeError("birthline run did not start listening")
+
+
+async def bench_lan(stations: int, devices: int) -> tuple[SimReport, float, float]:
+    """The daemon runs as its own process (`birthline run`), as on the appliance; the simulated fixtures,
+    which on a line are separate machines, run here. Both share this machine's cores."""
+    with tempfile.TemporaryDirectory(prefix="birthline-bench-") as tmp:
+        base = Path(tmp)
+        port = _free_port()
+        config = _config(base, port)
+        sims = [
+            dataclasses.replace(s, host="127.0.0.1", tcp_port=port) for s in _setup(config, base, 0, stations)
+        ]
+        with open_core(config) as core:
+            label = core.issuing_ca().key_label
+            raw_before = raw_sign_rate(core.token, label, 20000)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "appliance.cli.main", "run", "--config", str(base / "birthline.toml")],
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            await _wait_listening(port, proc)
+            report = await simulate(sims, devices, prefix="LAN")
         finally:
-            server.close()
-            with contextlib.suppress(ChannelClosed):
-                await server.wait_closed()
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
+        with open_core(config) as core:
+            raw_after = raw_sign_rate(core.token, label, 20000)
+    return report, raw_before, raw_after
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     sub = p.add_subparsers(dest="part", required=True)
     s = sub.add_parser("serial")
-    s.add_argument("--stations", type=int, default=1)
+    s.add_argument("--stations", type=int, default=2)
     s.add_argument("--devices", type=int, default=20)
     s.add_argument("--baud", type=int, default=115200)
     lan = sub.add_parser("lan")
     lan.add_argument("--stations", type=int, default=50)
-    lan.add_argument("--devices", type=int, default=20)
+    lan.add_argument("--devices", type=int, default=40)
     args = p.parse_args()
     if args.part == "serial":
         r = asyncio.run(bench_serial(args.stations, args.devices, args.baud))
         print(
-            f"serial {r['baud']:.0f} baud, {r['stations']:.0f} station(s): {r['bytes_per_device']:.0f} bytes/device "
-            f"both directions -> wire limit {r['wire_limit']:.3f} devices/s per station; "
-            f"measured {r['devices_per_s_per_station']:.3f} devices/s per station = {r['ratio'] * 100:.1f} % "
-            f"of the limit (target >= 90 %)"
+            f"(a) serial {r['baud']:.0f} baud, {r['stations']:.0f} station(s), real daemon:"
+            f" {r['bytes_per_device']:.0f} bytes/device both directions -> wire limit"
+            f" {r['wire_limit']:.3f} devices/s per station; measured {r['devices_per_s_per_station']:.3f}"
+            f" devices/s per station = {r['ratio']:.1%} of the limit (target >= 90%)"
         )
-        return 0 if r["ratio"] >= 0.9 else 1
-    report = asyncio.run(_lan_with_fake(args.stations, args.devices))
+        return 0
+    report, before, after = asyncio.run(bench_lan(args.stations, args.devices))
+    raw = (before + after) / 2
+    print(f"(b) LAN over TLS, real daemon: {report.summary()}")
+    print(f"    certificates/s {report.devices_per_s:.0f}; raw HSM C_Sign {raw:.0f}/s (before {before:.0f},"
+          f" after {after:.0f}); ratio {report.devices_per_s / raw:.1%}")  # fmt: skip
     return 0 if report.failures == 0 else 1
 
 

@@ -18,6 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from appliance import ca as ca_mod
+from appliance.cli import production as production_cli
 from appliance.cli import stations as stations_cli
 from appliance.config import DEFAULT_CONFIG_PATH, Config, load_config
 from appliance.errors import BirthlineError
@@ -189,7 +190,7 @@ def cmd_journal_stats(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from appliance.demo import run_demo
 
-    return run_demo(Path(args.state), args.devices)
+    return run_demo(Path(args.state), args.devices, serve=args.serve, port=args.port)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -280,6 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="run the demo on embedded defaults (SoftHSM token, CA hierarchy, issuance)"
     )
     sp.add_argument("--state", default="demo-state", help="state directory (default ./demo-state)")
+    sp.add_argument("--serve", action="store_true", help="then keep the appliance running; see DIR/demo.json")
+    sp.add_argument(
+        "--port", type=int, help="LAN listener port on 127.0.0.1 (default: 7450 with --serve, else any)"
+    )
     sp.add_argument("--devices", type=int, default=100)
     sp.set_defaults(func=cmd_demo)
     from appliance.cli import fixtures
@@ -288,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     stations_cli.register(
         sub, with_config
     )  # station add|list|disable|enable|rotate-key, run (appliance side)
+    production_cli.register(
+        sub, with_config
+    )  # user, tenant, product, line, workorder, device, report, export
     return p
 
 

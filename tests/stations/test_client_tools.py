@@ -16,12 +16,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from stations.client import enroll_device, load_credentials
-from stations.fake_appliance import FakeAppliance
 from stations.messages import Enroll
 from stations.simulator import SimStation, simulate
 from stations.transports.base import ChannelClosed
 from stations.transports.serial import SerialChannel
 from stations.transports.stream import StreamChannel
+from tests.stations.fake_appliance import FakeAppliance
 from tests.stations.transport_support import STATION_ID, STATION_KEY, make_tls_files
 
 

@@ -12,7 +12,7 @@ import pytest
 from stations.client import Connector, StationClient, generate_device_key, make_csr, new_request_id
 from stations.codes import Code
 from stations.errors import StationError
-from stations.fake_appliance import FakeAppliance
+from tests.stations.fake_appliance import FakeAppliance
 from tests.stations.transport_support import STATION_ID, STATION_KEY, fake_chain, serial_link, tls_link
 
 Link = Callable[[FakeAppliance, Path], AbstractAsyncContextManager[Connector]]

@@ -18,11 +18,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from stations.client import Connector, client_ssl_context
-from stations.fake_appliance import FakeAppliance
 from stations.simulator import PtyPair
 from stations.transports.base import ChannelClosed, FrameChannel
 from stations.transports.serial import SerialChannel
 from stations.transports.stream import StreamChannel
+from tests.stations.fake_appliance import FakeAppliance
 
 STATION_ID = "line1-st03"
 STATION_KEY = bytes(range(32))

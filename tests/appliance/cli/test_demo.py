@@ -53,7 +53,9 @@ def test_demo_from_scratch_then_again(tmp_path: Path) -> None:
     cas = {c["name"]: c for c in json.loads(listing.stdout)}
     assert cas["issuing"]["parent"] == "root" and cas["management"]["path_len"] == 0
     stats = birthline("journal", "stats", "--config", cfg)
-    assert json.loads(stats.stdout)["states"] == {"issued": 8}
+    assert json.loads(stats.stdout)["states"] == {"confirmed": 8}  # every station confirmed what it stored
+    stations = json.loads(birthline("station", "list", "--config", cfg, "--json").stdout)
+    assert {(s["name"], s["kind"]) for s in stations} == {("demo-serial", "serial"), ("demo-lan", "lan")}
 
     # One more device through `birthline issue`, as a fixture script would.
     key = ec.generate_private_key(ec.SECP256R1())
@@ -84,3 +86,46 @@ def test_config_check_lists_problems_and_exits_2(tmp_path: Path) -> None:
     assert out.returncode == 2
     for where in ("hsm.token_label", "hsm.pin", "journal.batch_max"):
         assert where in out.stderr
+
+
+def test_served_demo_answers_stations_by_hand(tmp_path: Path) -> None:
+    """`demo --serve`, then a fixture on each line as the README shows, then Ctrl-C."""
+    import signal
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    state = tmp_path / "served"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "appliance.cli.main", "demo", "--serve", "--state", str(state), "--devices", "2",
+         "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not (state / "demo.json").exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "demo.json never appeared"
+            time.sleep(0.2)
+        info = json.loads((state / "demo.json").read_text())
+        assert info["listener"] == {**info["listener"], "host": "127.0.0.1", "port": port}
+        by_name = {s["name"]: s for s in info["stations"]}
+        serial, lan = by_name["demo-serial"], by_name["demo-lan"]
+        out = tmp_path / "dev"
+        a = birthline("station-client", "enroll", "--port", serial["pty"], "--credentials", serial["credentials"],
+                      "--serial", "HAND-1", "--keygen", "--out", out)  # fmt: skip
+        assert a.returncode == 0, a.stderr
+        b = birthline("station-client", "enroll", "--host", lan["host"], "--credentials", lan["credentials"],
+                      "--serial", "HAND-2", "--keygen", "--out", out)  # fmt: skip
+        assert b.returncode == 0, b.stderr
+        chain = x509.load_pem_x509_certificates(Path(info["ca_chain"]).read_bytes())
+        for name in ("HAND-1", "HAND-2"):
+            leaf = x509.load_pem_x509_certificates((out / f"{name}.pem").read_bytes())[0]
+            leaf.verify_directly_issued_by(chain[0])
+            assert (out / f"{name}.key").stat().st_mode & 0o077 == 0
+    finally:
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stdout + stderr

@@ -1,4 +1,4 @@
-"""An in-process stand-in for the appliance's end of a station link, for tests and benchmarks.
+"""An appliance loop for transport and client tests (tests only: the real station server is stations.server).
 
 It runs the real ``ApplianceSession`` over any FrameChannel but answers requests from a fixed CA chain and an
 injectable ``issue`` callable instead of the issuance core, so fixture software (and the transports) can be
