@@ -41,7 +41,7 @@ from cryptography.x509.oid import NameOID
 
 from stations import crypto
 from stations.codec import DecodeEvent, Frame
-from stations.codes import Code
+from stations.codes import RETRYABLE, Code
 from stations.errors import StationError
 from stations.messages import (
     NO_REQUEST,
@@ -75,19 +75,6 @@ REQUEST_TRIES = 3
 BACKOFF_START = 1.0
 BACKOFF_CAP = 30.0
 
-# Refusals the station may retry with the same request id after a back-off (section 8).
-RETRYABLE = frozenset(
-    {
-        Code.CLOCK_NOT_TRUSTED,
-        Code.HSM_UNAVAILABLE,
-        Code.JOURNAL_UNAVAILABLE,
-        Code.AUDIT_UNAVAILABLE,
-        Code.SIGNATURE_INVALID,
-        Code.BUSY,
-        Code.INTERNAL,
-        Code.TIMEOUT,
-    }
-)
 # The frame, not the request, was refused: resend at once under a new counter.
 RESEND_NOW = frozenset({Code.REPLAY, Code.BAD_TAG})
 
