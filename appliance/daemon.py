@@ -44,7 +44,7 @@ __all__ = ["CoreEnroller", "Daemon", "run_daemon", "wire_code"]
 
 
 def wire_code(exc: BirthlineError) -> Code:
-    """ReasonCode numbers are the protocol's codes 1-16 and 99."""
+    """ReasonCode numbers are the protocol's codes 1-17 and 99."""
     try:
         return Code(int(exc.code))
     except ValueError:

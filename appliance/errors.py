@@ -31,6 +31,7 @@ class ReasonCode(enum.IntEnum):
     AUDIT_UNAVAILABLE = 14  # audit log cannot be written: fail closed
     SIGNATURE_INVALID = 15  # HSM returned a signature that does not verify: nothing is released
     BUSY = 16  # overloaded, retry later
+    DEVICE_SCRAPPED = 17  # the device was scrapped: its serial is never issued again
     INTERNAL = 99
 
 

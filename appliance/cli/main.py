@@ -18,6 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from appliance import ca as ca_mod
+from appliance.cli import audit as audit_cli
 from appliance.cli import production as production_cli
 from appliance.cli import stations as stations_cli
 from appliance.config import DEFAULT_CONFIG_PATH, Config, load_config
@@ -290,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     from appliance.cli import fixtures
 
     fixtures.register(sub, with_config)  # station-client, simulate (fixture side)
+    audit_cli.register(sub, with_config)  # audit verify|export|checkpoint|head|public-key
     stations_cli.register(
         sub, with_config
     )  # station add|list|disable|enable|rotate-key, run (appliance side)

@@ -6,6 +6,10 @@ Rows follow the saved state machine of reliability.md section 1:
     confirmed - the station confirmed it stored the certificate
     burned  - an intent whose signature was never released (crash, HSM or journal fault); its serial stays
               reserved forever so it can never be reused.
+    reworked - a supervisor authorised a new key for this device (appliance/production): the row keeps its
+              certificate, leaves the one-live-row-per-device index, and the device may be issued once more.
+    scrapped - the device was destroyed (appliance/production); its certificate is to be revoked, and the
+              serial stays taken: it is never issued again.
 
 All SQLite work runs on one thread owned by the journal: the connection never crosses threads, and a slow
 fsync never blocks the event loop.
@@ -58,16 +62,18 @@ CREATE TABLE IF NOT EXISTS issuance (
     csr_sha256        BLOB NOT NULL,
     cert_serial       TEXT NOT NULL UNIQUE,   -- hex; burned rows keep theirs so it is never reused
     tbs_sha256        BLOB NOT NULL,
-    state             TEXT NOT NULL CHECK (state IN ('intent', 'issued', 'confirmed', 'burned')),
+    state             TEXT NOT NULL
+        CHECK (state IN ('intent', 'issued', 'confirmed', 'burned', 'reworked', 'scrapped')),
     cert_der          BLOB,
     burn_reason       TEXT,
     created_at        REAL NOT NULL,
     issued_at         REAL,
     confirmed_at      REAL,
-    CHECK ((state IN ('issued', 'confirmed')) = (cert_der IS NOT NULL))
+    CHECK ((state IN ('issued', 'confirmed', 'reworked', 'scrapped')) = (cert_der IS NOT NULL))
 );
+-- A reworked row gives way to the device's next issuance; a scrapped one keeps its device serial taken.
 CREATE UNIQUE INDEX IF NOT EXISTS issuance_live_device
-    ON issuance (ca, device_serial) WHERE state != 'burned';
+    ON issuance (ca, device_serial) WHERE state NOT IN ('burned', 'reworked');
 CREATE UNIQUE INDEX IF NOT EXISTS issuance_live_key
     ON issuance (public_key_sha256) WHERE state != 'burned';
 CREATE INDEX IF NOT EXISTS issuance_request ON issuance (station, request_id);
@@ -81,7 +87,8 @@ CREATE TABLE IF NOT EXISTS stations (
     tls_cert_der    BLOB,                   -- LAN: the station's current TLS client certificate
     tls_fingerprint BLOB,                   -- LAN: SHA-256 of tls_cert_der
     created_at      REAL NOT NULL,
-    rotated_at      REAL
+    rotated_at      REAL,
+    line            TEXT                    -- the production line (appliance/production); NULL: none
 );
 -- A station request id answered from an earlier issuance (same device and key, new request id), so that its
 -- CONFIRM finds the certificate.
@@ -119,6 +126,125 @@ CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
     BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
     BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+-- Production control (appliance/production, docs/production.md): tenants, products, lines, work orders with
+-- quotas and allowlists, rework and scrap, and the people allowed to change them.
+CREATE TABLE IF NOT EXISTS tenant (
+    name         TEXT PRIMARY KEY,
+    display_name TEXT NOT NULL,
+    created_at   REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS product (
+    name           TEXT PRIMARY KEY,
+    tenant         TEXT NOT NULL REFERENCES tenant (name),
+    profile        TEXT NOT NULL,
+    ca             TEXT NOT NULL,
+    key_algorithms TEXT NOT NULL,                             -- comma-separated, a subset of the profile's
+    created_at     REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS production_line (
+    name        TEXT PRIMARY KEY,
+    description TEXT NOT NULL DEFAULT '',
+    created_at  REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS work_order (
+    id           TEXT PRIMARY KEY,
+    product      TEXT NOT NULL REFERENCES product (name),
+    quantity     INTEGER NOT NULL CHECK (quantity > 0),
+    consumed     INTEGER NOT NULL DEFAULT 0,                  -- units taken: see work_order_unit
+    pattern      TEXT,                                        -- anchored, checked safe (production/allowlist.py)
+    valid_from   REAL,
+    valid_to     REAL,
+    state        TEXT NOT NULL CHECK (state IN ('draft', 'active', 'closed')),
+    created_at   REAL NOT NULL,
+    activated_at REAL,
+    closed_at    REAL,
+    CHECK (consumed >= 0 AND consumed <= quantity)
+);
+CREATE TABLE IF NOT EXISTS work_order_line (
+    work_order TEXT NOT NULL REFERENCES work_order (id),
+    line       TEXT NOT NULL REFERENCES production_line (name),
+    PRIMARY KEY (work_order, line)
+);
+CREATE INDEX IF NOT EXISTS work_order_line_by_line ON work_order_line (line);
+CREATE TABLE IF NOT EXISTS work_order_serial (
+    work_order TEXT NOT NULL REFERENCES work_order (id),
+    serial     TEXT NOT NULL,
+    PRIMARY KEY (work_order, serial)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS work_order_range (
+    work_order TEXT NOT NULL REFERENCES work_order (id),
+    prefix     TEXT NOT NULL,
+    first      INTEGER NOT NULL,
+    last       INTEGER NOT NULL,
+    width      INTEGER NOT NULL,
+    CHECK (0 <= first AND first <= last)
+);
+CREATE INDEX IF NOT EXISTS work_order_range_wo ON work_order_range (work_order);
+-- One row per issuance the work-order policy authorised, written in the intent's own transaction. A 'new' unit
+-- takes one unit of work_order.consumed; a 'rework' unit (a supervisor's rework grant) takes none. issuance_id
+-- is bound by the trigger below when the core inserts the intent; released = 1 once that intent is burned.
+CREATE TABLE IF NOT EXISTS work_order_unit (
+    id            INTEGER PRIMARY KEY,
+    work_order    TEXT NOT NULL REFERENCES work_order (id),
+    device_serial TEXT NOT NULL,
+    kind          TEXT NOT NULL CHECK (kind IN ('new', 'rework')),
+    rework_id     INTEGER,
+    issuance_id   INTEGER UNIQUE,
+    released      INTEGER NOT NULL DEFAULT 0,
+    created_at    REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS work_order_unit_wo ON work_order_unit (work_order);
+CREATE INDEX IF NOT EXISTS work_order_unit_unbound ON work_order_unit (device_serial) WHERE issuance_id IS NULL;
+CREATE TABLE IF NOT EXISTS rework (
+    id            INTEGER PRIMARY KEY,
+    ca            TEXT NOT NULL,
+    device_serial TEXT NOT NULL,
+    old_issuance  INTEGER NOT NULL UNIQUE,
+    work_order    TEXT NOT NULL,
+    authorised_by TEXT NOT NULL,
+    reason        TEXT NOT NULL,
+    created_at    REAL NOT NULL,
+    used          INTEGER NOT NULL DEFAULT 0                  -- 1 while a live issuance uses this grant
+);
+CREATE UNIQUE INDEX IF NOT EXISTS rework_open ON rework (ca, device_serial) WHERE used = 0;
+CREATE TABLE IF NOT EXISTS scrap (
+    issuance_id   INTEGER PRIMARY KEY,
+    device_serial TEXT NOT NULL,
+    cert_serial   TEXT NOT NULL,
+    work_order    TEXT,
+    authorised_by TEXT NOT NULL,
+    reason        TEXT NOT NULL,
+    created_at    REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS users (
+    name          TEXT PRIMARY KEY,
+    role          TEXT NOT NULL CHECK (role IN ('operator', 'supervisor', 'administrator', 'auditor')),
+    password_hash TEXT NOT NULL,                              -- scrypt$n$r$p$salt$hash (production/users.py)
+    enabled       INTEGER NOT NULL DEFAULT 1,
+    failed_logins INTEGER NOT NULL DEFAULT 0,
+    locked_until  REAL,
+    created_at    REAL NOT NULL,
+    changed_at    REAL NOT NULL
+);
+-- The policy inserts its unit just before the core inserts the intent, in the same SAVEPOINT: bind them.
+CREATE TRIGGER IF NOT EXISTS work_order_unit_bind AFTER INSERT ON issuance
+    BEGIN
+        UPDATE work_order_unit SET issuance_id = NEW.id
+            WHERE issuance_id IS NULL AND device_serial = NEW.device_serial;
+    END;
+-- A burned intent (crash recovery, HSM or store failure) never released a certificate: give its quota unit
+-- or rework grant back in the same transaction as the burn, so consumed always equals the live units.
+CREATE TRIGGER IF NOT EXISTS work_order_unit_release AFTER UPDATE OF state ON issuance
+    WHEN OLD.state = 'intent' AND NEW.state = 'burned'
+    BEGIN
+        UPDATE work_order SET consumed = consumed - 1
+            WHERE id = (SELECT work_order FROM work_order_unit
+                        WHERE issuance_id = NEW.id AND kind = 'new' AND released = 0);
+        UPDATE rework SET used = 0
+            WHERE id = (SELECT rework_id FROM work_order_unit
+                        WHERE issuance_id = NEW.id AND kind = 'rework' AND released = 0);
+        UPDATE work_order_unit SET released = 1 WHERE issuance_id = NEW.id;
+    END;
 """
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import hashlib
 import logging
 import multiprocessing
@@ -121,6 +122,7 @@ class IssueService:
         self._preparer = Preparer(self._ctx)
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
         self._queue: asyncio.Queue[_Item | None] = asyncio.Queue()
+        self._confirms: asyncio.Queue[tuple[str, bytes | None, asyncio.Future[None]] | None] = asyncio.Queue()
         self._tg: asyncio.TaskGroup | None = None
         self._inflight: dict[tuple[str, bytes], _Item] = {}
         self._unsettled: list[int] = []  # intents whose signature was made but could not be stored or burned
@@ -154,10 +156,12 @@ class IssueService:
         self._tg = asyncio.TaskGroup()
         await self._tg.__aenter__()
         self._tg.create_task(self._batcher(), name="issuance-batcher")
+        self._tg.create_task(self._confirm_batcher(), name="confirm-batcher")
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self._queue.put(None)
+        await self._confirms.put(None)
         assert self._tg is not None
         await self._tg.__aexit__(None, None, None)
         self._tg = None
@@ -165,10 +169,15 @@ class IssueService:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
         # Anything still queued was never started: tell its caller rather than leave it waiting forever.
+        stopped = IssuanceFailed("the issuance service stopped", ReasonCode.BUSY)
         while not self._queue.empty():
             item = self._queue.get_nowait()
             if item is not None and not item.future.done():
-                item.future.set_exception(IssuanceFailed("the issuance service stopped", ReasonCode.BUSY))
+                item.future.set_exception(stopped)
+        while not self._confirms.empty():
+            pending = self._confirms.get_nowait()
+            if pending is not None and not pending[2].done():
+                pending[2].set_exception(stopped)
 
     @property
     def profiles(self) -> Mapping[str, Profile]:
@@ -187,28 +196,62 @@ class IssueService:
         return await fut
 
     async def confirm(self, cert_serial: str, cert_sha256: bytes | None = None) -> None:
-        """The station stored the certificate: from now on it counts as delivered."""
+        """The station stored the certificate: from now on it counts as delivered.
 
-        def txn(conn: sqlite3.Connection) -> None:
+        Confirmations that arrive together share one transaction, as issuances do: one fsync per station
+        confirmation would cap a busy line at the disk's commit rate."""
+        if self._tg is None:
+            raise IssuanceFailed("the issuance service is not running", ReasonCode.BUSY)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        await self._confirms.put((cert_serial, cert_sha256, fut))
+        await fut
+
+    async def _confirm_batcher(self) -> None:
+        while (first := await self._confirms.get()) is not None:
+            batch = [first]
+            while len(batch) < self.batch_max and not self._confirms.empty():
+                nxt = self._confirms.get_nowait()
+                if nxt is None:
+                    self._confirms.put_nowait(None)
+                    break
+                batch.append(nxt)
+            errors: dict[int, BirthlineError] = {}
+            record = functools.partial(self._record_confirms, batch=batch, errors=errors)
+            try:
+                await self.journal.atransaction(record, "confirming delivery")
+            except BirthlineError as exc:
+                errors = dict.fromkeys(range(len(batch)), exc)
+            for i, (_, _, fut) in enumerate(batch):
+                if fut.done():
+                    continue
+                if i in errors:
+                    fut.set_exception(errors[i])
+                else:
+                    fut.set_result(None)
+
+    def _record_confirms(
+        self, conn: sqlite3.Connection, *, batch: list[tuple[str, bytes | None, asyncio.Future[None]]],
+        errors: dict[int, BirthlineError],
+    ) -> None:  # fmt: skip
+        now = self.clock()
+        for i, (cert_serial, cert_sha256, _) in enumerate(batch):
             row = conn.execute(
                 "SELECT state, cert_der FROM issuance WHERE cert_serial=?", (cert_serial,)
             ).fetchone()
             if row is None or row[0] not in ("issued", "confirmed"):
-                raise IssuanceRefused(
+                errors[i] = IssuanceRefused(
                     f"no issued certificate with serial {cert_serial}", ReasonCode.BAD_REQUEST
                 )
-            if cert_sha256 is not None and hashlib.sha256(row[1]).digest() != cert_sha256:
-                raise IssuanceRefused(
+            elif cert_sha256 is not None and hashlib.sha256(row[1]).digest() != cert_sha256:
+                errors[i] = IssuanceRefused(
                     "the confirmed hash is not the issued certificate's: the station stored something else",
                     ReasonCode.BAD_REQUEST,
                 )
-            if row[0] == "issued":
+            elif row[0] == "issued":
                 conn.execute(
                     "UPDATE issuance SET state='confirmed', confirmed_at=? WHERE cert_serial=?",
-                    (self.clock(), cert_serial),
+                    (now, cert_serial),
                 )
-
-        await self.journal.atransaction(txn, "confirming delivery")
 
     # -- the batcher -------------------------------------------------------------------------------------------
     async def _next_batch(self) -> list[_Item] | None:
@@ -354,11 +397,19 @@ class IssueService:
         assert item.prep is not None
         req, key_hash = item.request, item.prep.public_key_sha256
         row = conn.execute(
-            f"SELECT {IssuanceRow.COLUMNS} FROM issuance WHERE ca=? AND device_serial=? AND state!='burned'",
+            f"SELECT {IssuanceRow.COLUMNS} FROM issuance WHERE ca=? AND device_serial=?"
+            " AND state NOT IN ('burned', 'reworked')",
             (self.ca.name, req.device_serial),
         ).fetchone()
         if row is not None:
             existing = IssuanceRow.from_row(row)
+            if existing.state == "scrapped":
+                # Never hand out a scrapped device's certificate again, not even to a retry with the same key.
+                raise IssuanceRefused(
+                    f"device {req.device_serial!r} was scrapped (certificate {existing.cert_serial})",
+                    ReasonCode.DEVICE_SCRAPPED,
+                    {"cert_serial": existing.cert_serial},
+                )
             if existing.public_key_sha256 == key_hash:
                 if existing.cert_der is None:
                     raise IssuanceRefused("a request for this device is in progress; retry", ReasonCode.BUSY)

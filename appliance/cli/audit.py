@@ -1,0 +1,208 @@
+"""`birthline audit verify|export|checkpoint|head|public-key`: the auditor's commands.
+
+verify, export, head and public-key read the journal file only (no HSM login), so an auditor can run them with
+read access to the state directory; `verify --file` needs no appliance at all. checkpoint signs in the HSM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+
+from appliance.audit import (
+    AuditLog,
+    Head,
+    ensure_audit_key,
+    export,
+    head_record,
+    load_public_key,
+    read_head,
+    verify,
+)
+from appliance.audit.log import AUDIT_KEY_LABEL, AuditError
+from appliance.audit.verify import PublicKeyPin
+from appliance.config import Config, load_config
+from appliance.errors import BirthlineError, ReasonCode
+from appliance.issuance.journal import Journal
+
+WithConfig = Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(Path(args.config))
+
+
+@contextlib.contextmanager
+def _journal(args: argparse.Namespace) -> Iterator[Journal]:
+    """The journal named by the configuration, without the HSM; refuse to create one that is not there."""
+    path = _config(args).journal.path
+    if not path.exists():
+        raise AuditError(f"no journal at {path}", {"path": str(path)})
+    with Journal(path) as journal:
+        yield journal
+
+
+@contextlib.contextmanager
+def _usage(what: str) -> Iterator[None]:
+    """Unreadable or malformed auditor input: exit 2 through main(), never 1 (which means "not intact")."""
+    try:
+        yield
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise BirthlineError(f"{what}: {exc}", ReasonCode.BAD_REQUEST) from exc
+
+
+def _hex32(value: str, option: str) -> bytes:
+    with _usage(option):
+        digest = bytes.fromhex(value)
+        if len(digest) != 32:
+            raise ValueError("expected 64 hex digits")
+    return digest
+
+
+def _expected_head(args: argparse.Namespace) -> Head | None:
+    if args.head is not None:
+        with _usage(f"--head {args.head}"):
+            return read_head(Path(args.head))
+    if args.head_seq is None and args.head_hash is None:
+        return None
+    if args.head_seq is None or args.head_hash is None:
+        raise BirthlineError("--head-seq and --head-hash go together", ReasonCode.BAD_REQUEST)
+    return (args.head_seq, _hex32(args.head_hash, "--head-hash"))
+
+
+def _pin(args: argparse.Namespace) -> PublicKeyPin | None:
+    if args.public_key is not None:
+        with _usage(f"--public-key {args.public_key}"):
+            return load_public_key(Path(args.public_key).read_bytes())
+    if args.public_key_sha256 is not None:
+        return _hex32(args.public_key_sha256, "--public-key-sha256")
+    return None
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    expected, pin = _expected_head(args), _pin(args)
+    if args.file is not None:
+        if not Path(args.file).is_file():
+            raise BirthlineError(f"--file {args.file}: no such file", ReasonCode.BAD_REQUEST)
+        with _usage(f"--file {args.file}"):
+            report = verify(Path(args.file), expected_head=expected, public_key=pin)
+    else:
+        with _journal(args) as journal:
+            report = verify(journal, expected_head=expected, public_key=pin)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "source": report.source,
+                    "ok": report.ok,
+                    "entries": report.entries,
+                    "head": {"seq": report.head[0], "hash": report.head[1].hex()},
+                    "checkpoints": report.checkpoints,
+                    "last_good_checkpoint": report.last_good_checkpoint,
+                    "public_keys_sha256": report.key_fingerprints,
+                    "pinned": report.pinned,
+                    "problems": [
+                        {"seq": p.seq, "kind": p.kind, "message": p.message} for p in report.problems
+                    ],
+                    "warnings": report.warnings,
+                },
+                indent=2,
+                sort_keys=True,
+            )
+        )
+    else:
+        print(report.text())
+    return 0 if report.ok else 1
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    with _journal(args) as journal:
+        head = export(journal, Path(args.out))
+    print(f"exported {head['seq']} entries to {args.out}; head {head['hash']}", file=sys.stderr)
+    print(json.dumps(head, sort_keys=True))
+    return 0
+
+
+def cmd_head(args: argparse.Namespace) -> int:
+    with _journal(args) as journal:
+        head = head_record(journal)
+    text = json.dumps(head, sort_keys=True) + "\n"
+    if args.out:
+        Path(args.out).write_text(text, encoding="utf-8")
+    sys.stdout.write(text)
+    return 0
+
+
+def cmd_public_key(args: argparse.Namespace) -> int:
+    with _journal(args) as journal:
+        keys = AuditLog(journal).public_keys()
+    if args.label not in keys:
+        raise AuditError(f"no audit key {args.label!r} recorded yet: run `birthline audit checkpoint` first")
+    pem = load_public_key(keys[args.label]).public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    if args.out:
+        Path(args.out).write_bytes(pem)
+    sys.stdout.write(pem.decode())
+    return 0
+
+
+def cmd_checkpoint(args: argparse.Namespace) -> int:
+    from appliance.runtime import open_core
+
+    with open_core(_config(args)) as core:
+        cp = AuditLog(core.journal).checkpoint(ensure_audit_key(core.token))
+        head: dict[str, Any] = head_record(core.journal)
+    print(f"signed audit head seq {cp.seq} with HSM key {cp.key_label!r}", file=sys.stderr)
+    print(json.dumps(head, sort_keys=True))
+    return 0
+
+
+def register(sub: Any, with_config: WithConfig) -> None:
+    """Add `audit ...` to the `birthline` parser."""
+    audit = sub.add_parser("audit", help="the tamper-evident audit log").add_subparsers(
+        dest="sub", required=True
+    )
+
+    sp = with_config(
+        audit.add_parser(
+            "verify", help="recompute the hash chain and check checkpoints; exit 1 listing problems"
+        )
+    )
+    head = sp.add_mutually_exclusive_group()
+    head.add_argument("--head", help="a head record kept earlier (`audit head` output, or an export)")
+    head.add_argument("--head-seq", type=int, help="the seq of the head kept earlier (with --head-hash)")
+    sp.add_argument("--head-hash", help="the hash (hex) of the head kept earlier (with --head-seq)")
+    key = sp.add_mutually_exclusive_group()
+    key.add_argument("--public-key", help="the auditor's copy of the audit public key (PEM or DER)")
+    key.add_argument("--public-key-sha256", help="or its SHA-256 fingerprint (of the SPKI DER), hex")
+    sp.add_argument(
+        "--file", help="verify this export (JSON Lines) instead of the journal; needs no appliance"
+    )
+    sp.add_argument("--json", action="store_true", help="machine-readable report")
+    sp.set_defaults(func=cmd_verify)
+
+    sp = with_config(audit.add_parser("export", help="write the log as JSON Lines for an auditor"))
+    sp.add_argument("--out", required=True, help="the export file (written atomically)")
+    sp.set_defaults(func=cmd_export)
+
+    sp = with_config(
+        audit.add_parser("checkpoint", help="sign the current head with the audit key in the HSM")
+    )
+    sp.set_defaults(func=cmd_checkpoint)
+
+    sp = with_config(audit.add_parser("head", help="print the current head record for an auditor to keep"))
+    sp.add_argument("--out", help="also write it to this file")
+    sp.set_defaults(func=cmd_head)
+
+    sp = with_config(audit.add_parser("public-key", help="print the recorded audit public key (PEM) to pin"))
+    sp.add_argument("--label", default=AUDIT_KEY_LABEL)
+    sp.add_argument("--out", help="also write it to this file")
+    sp.set_defaults(func=cmd_public_key)

@@ -1,0 +1,303 @@
+"""People and roles: per-person accounts, scrypt-hashed passwords or PINs, lockout, and who may do what.
+
+There are no shared logins: every change names the person who made it, and the audit log records that name.
+A password is hashed with scrypt (n=2**14, r=8, p=1, a random 16-byte salt) and compared in constant time. After
+LOCKOUT_FAILURES failed logins in a row an account is locked for LOCKOUT_SECONDS, even for the right password;
+every failure and every lockout is audited.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+import hashlib
+import hmac
+import re
+import secrets
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+from appliance.errors import BirthlineError, ReasonCode
+from appliance.issuance.journal import Journal
+from appliance.production.audit import AuditSink
+
+SCRYPT_N: Final = 2**14
+SCRYPT_R: Final = 8
+SCRYPT_P: Final = 1
+SALT_BYTES: Final = 16
+HASH_BYTES: Final = 32
+PASSWORD_MIN: Final = 8
+PASSWORD_MAX: Final = 1024
+LOCKOUT_FAILURES: Final = 5
+LOCKOUT_SECONDS: Final = 300.0
+_NAME = re.compile(r"[a-z][a-z0-9._-]{0,63}")
+
+
+class Role(enum.StrEnum):
+    OPERATOR = "operator"
+    SUPERVISOR = "supervisor"
+    ADMINISTRATOR = "administrator"
+    AUDITOR = "auditor"
+
+
+class Permission(enum.StrEnum):
+    USER_MANAGE = "user.manage"  # add, disable, reset another person's password
+    SETUP = "setup"  # tenants, products, production lines
+    WORK_ORDER = "workorder"  # add, import, activate, close, assign lines
+    STATION_ASSIGN = "station.assign"  # station -> production line
+    REWORK = "rework"
+    SCRAP = "scrap"
+
+
+# docs/production.md carries the same table; test_users checks they agree.
+PERMISSIONS: Final[dict[Permission, frozenset[Role]]] = {
+    Permission.USER_MANAGE: frozenset({Role.ADMINISTRATOR}),
+    Permission.SETUP: frozenset({Role.ADMINISTRATOR}),
+    Permission.WORK_ORDER: frozenset({Role.SUPERVISOR, Role.ADMINISTRATOR}),
+    Permission.STATION_ASSIGN: frozenset({Role.SUPERVISOR, Role.ADMINISTRATOR}),
+    Permission.REWORK: frozenset({Role.SUPERVISOR}),
+    Permission.SCRAP: frozenset({Role.SUPERVISOR}),
+}
+
+
+class AuthError(BirthlineError):
+    """Login failed, the account is locked or disabled, or the role lacks the permission."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, ReasonCode.NOT_AUTHORISED)
+
+
+class UserError(BirthlineError):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, ReasonCode.BAD_REQUEST)
+
+
+@dataclass(frozen=True)
+class User:
+    """An authenticated person. Obtain one from `login` (or `bootstrap`); production changes take it."""
+
+    name: str
+    role: Role
+
+    def require(self, permission: Permission) -> None:
+        if self.role not in PERMISSIONS[permission]:
+            allowed = ", ".join(sorted(PERMISSIONS[permission]))
+            raise AuthError(f"{self.name} ({self.role}) may not {permission.value}; that needs: {allowed}")
+
+
+@dataclass(frozen=True)
+class UserInfo:
+    name: str
+    role: str
+    enabled: bool
+    failed_logins: int
+    locked_until: float | None
+    created_at: float
+    changed_at: float
+
+    COLUMNS = "name, role, enabled, failed_logins, locked_until, created_at, changed_at"
+
+
+# -- hashing -------------------------------------------------------------------------------------------------------
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def hash_password(password: str, *, salt: bytes | None = None) -> str:
+    salt = secrets.token_bytes(SALT_BYTES) if salt is None else salt
+    digest = hashlib.scrypt(
+        password.encode("utf-8"), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P, dklen=HASH_BYTES
+    )
+    return f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${_b64(salt)}${_b64(digest)}"
+
+
+def verify_password(password: str, stored: str) -> bool:
+    try:
+        kind, n, r, p, salt, digest = stored.split("$")
+        if kind != "scrypt":
+            return False
+        want = base64.b64decode(digest, validate=True)
+        got = hashlib.scrypt(
+            password.encode("utf-8"),
+            salt=base64.b64decode(salt, validate=True),
+            n=int(n),
+            r=int(r),
+            p=int(p),
+            maxmem=256 * 1024 * 1024,
+            dklen=len(want),
+        )
+    except (ValueError, UnicodeEncodeError):
+        return False
+    return hmac.compare_digest(got, want)
+
+
+# Verified when the name is unknown, so a wrong name costs as much time as a wrong password.
+_DUMMY_HASH = hash_password("birthline-no-such-user", salt=b"\0" * SALT_BYTES)
+
+
+def check_new_password(password: str) -> None:
+    if not PASSWORD_MIN <= len(password) <= PASSWORD_MAX:
+        raise UserError(f"a password or PIN is {PASSWORD_MIN}..{PASSWORD_MAX} characters")
+
+
+# -- accounts --------------------------------------------------------------------------------------------------------
+def list_users(journal: Journal) -> list[UserInfo]:
+    def q() -> list[UserInfo]:
+        rows = journal.conn.execute(f"SELECT {UserInfo.COLUMNS} FROM users ORDER BY name").fetchall()
+        return [
+            UserInfo(str(a), str(b), bool(c), int(d), e, float(f), float(g)) for a, b, c, d, e, f, g in rows
+        ]
+
+    return journal.call(q)
+
+
+def _insert(conn: sqlite3.Connection, name: str, role: Role, password_hash: str, at: float) -> None:
+    if conn.execute("SELECT 1 FROM users WHERE name=?", (name,)).fetchone():
+        raise UserError(f"a user named {name!r} already exists")
+    conn.execute(
+        "INSERT INTO users (name, role, password_hash, enabled, failed_logins, created_at, changed_at)"
+        " VALUES (?,?,?,1,0,?,?)",
+        (name, role.value, password_hash, at, at),
+    )
+
+
+def _check_name(name: str) -> None:
+    if not _NAME.fullmatch(name):
+        raise UserError("a user name is 1..64 characters [a-z0-9._-], starting with a letter")
+
+
+def bootstrap(journal: Journal, audit: AuditSink, name: str, password: str) -> User:
+    """Create the first administrator; refused once any user exists."""
+    _check_name(name)
+    check_new_password(password)
+    pw_hash = hash_password(password)
+
+    def txn(conn: sqlite3.Connection) -> None:
+        if conn.execute("SELECT 1 FROM users LIMIT 1").fetchone():
+            raise UserError("users already exist: --bootstrap only creates the first administrator")
+        _insert(conn, name, Role.ADMINISTRATOR, pw_hash, time.time())
+        audit.append(conn, name, "user.bootstrap", {"user": name, "role": Role.ADMINISTRATOR.value})
+
+    journal.call(journal.transaction, txn, "creating the first administrator")
+    return User(name, Role.ADMINISTRATOR)
+
+
+def add_user(journal: Journal, audit: AuditSink, actor: User, name: str, role: Role, password: str) -> None:
+    actor.require(Permission.USER_MANAGE)
+    _check_name(name)
+    check_new_password(password)
+    pw_hash = hash_password(password)
+
+    def txn(conn: sqlite3.Connection) -> None:
+        _insert(conn, name, role, pw_hash, time.time())
+        audit.append(conn, actor.name, "user.add", {"user": name, "role": role.value})
+
+    journal.call(journal.transaction, txn, f"adding user {name}")
+
+
+def set_enabled(journal: Journal, audit: AuditSink, actor: User, name: str, enabled: bool) -> None:
+    actor.require(Permission.USER_MANAGE)
+    if name == actor.name and not enabled:
+        raise UserError("you cannot disable your own account")
+
+    def txn(conn: sqlite3.Connection) -> None:
+        cur = conn.execute(
+            "UPDATE users SET enabled=?, failed_logins=0, locked_until=NULL, changed_at=? WHERE name=?",
+            (int(enabled), time.time(), name),
+        )
+        if cur.rowcount != 1:
+            raise UserError(f"no user named {name!r}")
+        audit.append(conn, actor.name, "user.enable" if enabled else "user.disable", {"user": name})
+
+    journal.call(journal.transaction, txn, f"{'enabling' if enabled else 'disabling'} user {name}")
+
+
+def set_password(journal: Journal, audit: AuditSink, actor: User, name: str, password: str) -> None:
+    """Anyone may change their own password (they logged in with the old one); administrators anyone's."""
+    if name != actor.name:
+        actor.require(Permission.USER_MANAGE)
+    check_new_password(password)
+    pw_hash = hash_password(password)
+
+    def txn(conn: sqlite3.Connection) -> None:
+        cur = conn.execute(
+            "UPDATE users SET password_hash=?, failed_logins=0, locked_until=NULL, changed_at=? WHERE name=?",
+            (pw_hash, time.time(), name),
+        )
+        if cur.rowcount != 1:
+            raise UserError(f"no user named {name!r}")
+        audit.append(conn, actor.name, "user.passwd", {"user": name})
+
+    journal.call(journal.transaction, txn, f"setting the password of {name}")
+
+
+# -- login -----------------------------------------------------------------------------------------------------------
+def login(
+    journal: Journal,
+    audit: AuditSink,
+    name: str,
+    password: str,
+    *,
+    clock: Callable[[], float] = time.time,
+) -> User:
+    """Check a password; audit the outcome; lock the account after LOCKOUT_FAILURES failures in a row.
+
+    The slow hash runs outside any transaction (so a login never holds the journal's write lock); the
+    counter update and its audit entry are one transaction.
+    """
+
+    def read() -> tuple[str, str, int, float | None] | None:
+        row = journal.conn.execute(
+            "SELECT role, password_hash, enabled, locked_until FROM users WHERE name=?", (name,)
+        ).fetchone()
+        return None if row is None else (str(row[0]), str(row[1]), int(row[2]), row[3])
+
+    found = journal.call(read)
+    ok = verify_password(password, found[1] if found else _DUMMY_HASH) and found is not None
+    now = clock()
+    actor = name if _NAME.fullmatch(name) else "unknown"
+
+    def txn(conn: sqlite3.Connection) -> tuple[User | None, str]:
+        row = conn.execute(
+            "SELECT role, enabled, failed_logins, locked_until FROM users WHERE name=?", (name,)
+        ).fetchone()
+        if row is None:
+            audit.append(conn, actor, "login.failure", {"user": actor, "why": "unknown user"})
+            return None, "unknown user or wrong password"
+        role, enabled, failures, locked_until = str(row[0]), bool(row[1]), int(row[2]), row[3]
+        if not enabled:
+            audit.append(conn, name, "login.failure", {"user": name, "why": "account disabled"})
+            return None, "account disabled"
+        if locked_until is not None and now < float(locked_until):
+            audit.append(
+                conn, name, "login.failure", {"user": name, "why": "locked", "locked_until": locked_until}
+            )
+            return (
+                None,
+                f"account locked for another {float(locked_until) - now:.0f} s after repeated failures",
+            )
+        if ok:
+            conn.execute("UPDATE users SET failed_logins=0, locked_until=NULL WHERE name=?", (name,))
+            audit.append(conn, name, "login.success", {"user": name, "role": role})
+            return User(name, Role(role)), ""
+        failures += 1
+        lock = now + LOCKOUT_SECONDS if failures >= LOCKOUT_FAILURES else None
+        conn.execute(
+            "UPDATE users SET failed_logins=?, locked_until=? WHERE name=?",
+            (0 if lock else failures, lock, name),
+        )
+        audit.append(
+            conn, name, "login.failure", {"user": name, "why": "wrong password", "failures": failures}
+        )
+        if lock is not None:
+            audit.append(conn, name, "login.lockout", {"user": name, "locked_until": lock})
+        return None, "unknown user or wrong password"
+
+    result: tuple[User | None, str] = journal.call(journal.transaction, txn, "recording a login")
+    user, why = result
+    if user is None:
+        raise AuthError(f"login refused for {name!r}: {why}")
+    return user

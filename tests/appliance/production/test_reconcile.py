@@ -1,0 +1,49 @@
+"""Report and export numbers against the journal rows."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+
+from cryptography import x509
+
+from appliance.issuance.policy import IssueRequest
+from appliance.issuance.service import IssueService
+from appliance.production import reconcile, store
+from tests.appliance.conftest import make_csr
+from tests.appliance.production.conftest import Floor
+
+
+async def test_report_and_export_match_the_journal(floor: Floor, service: IssueService) -> None:
+    floor.work_order(quantity=10)
+    results = [
+        await service.issue(IssueRequest(f"SN-{i:04d}", make_csr()[1], station="st1")) for i in range(6)
+    ]
+    for r in results[:3]:
+        await service.confirm(r.cert_serial)
+    store.scrap(floor.journal, floor.audit, floor.supervisor, "SN-0003", "cracked", ca="issuing")
+    store.rework(floor.journal, floor.audit, floor.supervisor, "SN-0004", "new key", ca="issuing")
+    rework = await service.issue(IssueRequest("SN-0004", make_csr()[1], station="st1"))
+    await service.issue(IssueRequest("SN-0006", make_csr()[1], station="st1"))
+
+    rep = reconcile.report(floor.journal, "WO-1")
+    assert rep.planned == 10 and rep.issued == 7 and rep.quota_used == 7 and rep.remaining == 3
+    assert (rep.confirmed, rep.pending_confirmation, rep.scrapped, rep.reworked) == (3, 3, 1, 1)
+    assert rep.in_progress == 0 and rep.consistent
+    rows = floor.journal.rows()
+    by_state = {s: sum(r.state == s for r in rows) for s in ("confirmed", "issued", "scrapped", "reworked")}
+    assert by_state == {"confirmed": 3, "issued": 3, "scrapped": 1, "reworked": 1}
+
+    certs = reconcile.certificates(floor.journal, "WO-1")
+    table = list(csv.DictReader(io.StringIO(reconcile.export_csv(certs))))
+    assert len(table) == len(rows) == 8
+    for line, row in zip(table, rows, strict=True):
+        assert row.cert_der is not None
+        assert line["certificate_serial"] == row.cert_serial and line["device_serial"] == row.device_serial
+        assert line["sha256_fingerprint"] == hashlib.sha256(row.cert_der).hexdigest()
+        assert line["station"] == "st1" and line["state"] == row.state and line["issued_at"].endswith("Z")
+        assert bool(line["confirmed_at"]) == (row.confirmed_at is not None)
+    pem = x509.load_pem_x509_certificates(reconcile.export_pem(certs))
+    assert [format(c.serial_number, "x") for c in pem] == [r.cert_serial for r in rows]
+    assert rework.cert_serial in {t["certificate_serial"] for t in table}
