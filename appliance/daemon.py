@@ -22,12 +22,14 @@ import ssl
 from dataclasses import dataclass
 
 from appliance import stations_registry as reg
+from appliance.audit.checkpointer import Checkpointer
+from appliance.audit.log import ensure_audit_key
 from appliance.config import Config
 from appliance.errors import BirthlineError, IssuanceFailed, IssuanceRefused
 from appliance.issuance.journal import Journal
 from appliance.issuance.policy import IssueRequest
 from appliance.issuance.service import IssueService
-from appliance.runtime import Core, open_core
+from appliance.runtime import Core, open_core, record_start
 from appliance.stations_registry import StationRecord, TlsServerFiles, alist_stations
 from stations.codec import FrameDecoder
 from stations.codes import Code
@@ -206,6 +208,11 @@ class Daemon:
     async def _start(self) -> None:
         cfg = self.config.stations
         self.core = self._stack.enter_context(open_core(self.config))
+        record_start(self.core)
+        # Checkpoints sign the audit head in the HSM with the audit key (never the CA keys).
+        await self._stack.enter_async_context(
+            Checkpointer(self.core.audit, ensure_audit_key(self.core.token))
+        )
         if cfg.lan_address is not None:
             self.tls_files = prepare(self.core)
         service = await self._stack.enter_async_context(self.core.issue_service())

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import secrets
 import shutil
 import signal
 import subprocess
@@ -27,7 +28,11 @@ from appliance import stations_registry as registry
 from appliance.config import Config, load_config
 from appliance.daemon import Daemon
 from appliance.errors import BirthlineError
-from appliance.runtime import open_core
+from appliance.production import store, users
+from appliance.production.allowlist import SerialRange
+from appliance.production.model import WorkOrderSpec
+from appliance.production.users import Role, User
+from appliance.runtime import Core, open_core
 from hsm.softhsm import create_softhsm_token
 from stations.client import StationClient, client_ssl_context, generate_device_key, make_csr, read_station_key
 from stations.errors import StationError
@@ -95,8 +100,46 @@ def _next_run(state: Path) -> int:
     return run
 
 
-def _setup(config: Config, state: Path) -> None:
-    """CAs and stations, created once; a second run finds them."""
+DEMO_LINE = "LINE-1"
+DEMO_PRODUCT = "demo-sensor"
+HAND_WORK_ORDER = "WO-HAND"
+HAND_RANGE = SerialRange("MYDEV-", 1, 100, 4)  # MYDEV-0001 .. MYDEV-0100, for enrolling by hand
+
+
+def _people(core: Core, state: Path) -> User:
+    """The demo's administrator and supervisor; their passwords are files only root can read."""
+    secret = state / "demo-users.secret"
+    if not users.list_users(core.journal):
+        password = secrets.token_urlsafe(18)
+        registry.write_private(secret, password.encode())
+        admin = users.bootstrap(core.journal, core.audit, "demo-admin", password)
+        users.add_user(core.journal, core.audit, admin, "demo-supervisor", Role.SUPERVISOR, password)
+    password = secret.read_text()
+    return users.login(core.journal, core.audit, "demo-supervisor", password)
+
+
+def _production(core: Core, state: Path, run: int, devices: int) -> User:
+    """Tenant, product, a line with both stations, a work order per run and one for trying stations by hand."""
+    supervisor = _people(core, state)
+    if not store.list_tenants(core.journal):
+        admin = users.login(core.journal, core.audit, "demo-admin", (state / "demo-users.secret").read_text())
+        store.add_tenant(core.journal, core.audit, admin, "demo", DEMO_ORG)
+        store.add_product(core.journal, core.audit, admin, DEMO_PRODUCT, tenant="demo",
+                          profile=core.config.profiles["demo-idevid"], ca="issuing")  # fmt: skip
+        store.add_line(core.journal, core.audit, admin, DEMO_LINE)
+        for station in (SERIAL_STATION, LAN_STATION):
+            store.assign_station(core.journal, core.audit, supervisor, station, DEMO_LINE)
+        store.add_work_order(core.journal, core.audit, supervisor, WorkOrderSpec(
+            HAND_WORK_ORDER, DEMO_PRODUCT, HAND_RANGE.last, (DEMO_LINE,), ranges=(HAND_RANGE,)), activate=True)  # fmt: skip
+    if devices:
+        spec = WorkOrderSpec(f"WO-{run:04d}", DEMO_PRODUCT, devices, (DEMO_LINE,),
+                             ranges=(SerialRange(f"BLD{run:04d}", 1, devices, 6),))  # fmt: skip
+        store.add_work_order(core.journal, core.audit, supervisor, spec, activate=True)
+    return supervisor
+
+
+def _setup(config: Config, state: Path, run: int, devices: int) -> None:
+    """CAs, stations and production control, created once; a second run finds them and adds a work order."""
     with open_core(config) as core:
         names = {r.name for r in ca_mod.list_cas(core.journal)}
         if "root" not in names:
@@ -130,6 +173,7 @@ def _setup(config: Config, state: Path) -> None:
                 else registry.add_station(core.journal, core.token, name, kind, port=port)
             )
             registry.write_bundle(creds, bundle)
+        _production(core, state, run, devices)
 
 
 class _Fixture:
@@ -180,14 +224,17 @@ def _describe(state: Path, config: Config, lan: tuple[str, int], fixture_port: s
         "config": str(config.source),
         "journal": str(config.journal.path),
         "device_serials": {
-            "accepted": "any device serial the profile allows: 1-64 PrintableString characters",
-            "note": "work orders and allowlists are not enforced yet",
+            "work_order": HAND_WORK_ORDER,
+            "line": DEMO_LINE,
+            "accepted": f"{HAND_RANGE.prefix}{HAND_RANGE.first:0{HAND_RANGE.width}d} .. "
+            f"{HAND_RANGE.prefix}{HAND_RANGE.last:0{HAND_RANGE.width}d}",
+            "quantity": HAND_RANGE.last,
+            "note": "each serial once; other serials are refused as not authorised (see docs/production.md)",
         },
     }  # fmt: skip
 
 
-async def _run(config: Config, state: Path, devices: int, serve: bool) -> int:
-    run = _next_run(state)
+async def _run(config: Config, state: Path, run: int, devices: int, serve: bool) -> int:
     serials = [f"BLD{run:04d}{n:06d}" for n in range(1, devices + 1)]
     appliance_port = str(state / "pty" / f"{SERIAL_STATION}.appliance")
     fixture_port = str(state / "pty" / f"{SERIAL_STATION}.fixture")
@@ -280,8 +327,9 @@ def run_demo(state: Path, devices: int, *, serve: bool = False, port: int | None
     listen = f"127.0.0.1:{port if port is not None else (DEFAULT_PORT if serve else 0)}"
     config = dataclasses.replace(config, stations=dataclasses.replace(config.stations, lan_listen=listen))
     try:
-        _setup(config, state)
-        return asyncio.run(_run(config, state, devices, serve))
+        run = _next_run(state)
+        _setup(config, state, run, devices)
+        return asyncio.run(_run(config, state, run, devices, serve))
     except (BirthlineError, StationError) as exc:
         print(f"demo: {exc}")
         return 1

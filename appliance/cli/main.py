@@ -159,7 +159,7 @@ def cmd_issue(args: argparse.Namespace) -> int:
                     IssueRequest(
                         args.serial,
                         csr,
-                        station="cli",
+                        station=args.station,
                         request_id=args.request_id or "",
                         profile=args.profile,
                     )
@@ -267,6 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--serial", required=True, help="the device serial number")
     sp.add_argument("--csr", required=True, help="PKCS#10 request, PEM or DER")
     sp.add_argument("--profile")
+    sp.add_argument(
+        "--station",
+        default="cli",
+        help="act as this registered station: its line's active work order must allow the serial",
+    )
     sp.add_argument(
         "--request-id", help="idempotency key; a retry with the same device and key gets the same cert"
     )

@@ -7,8 +7,9 @@ with the serial reservation (no race can exceed it, and a crash rolls both back 
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from appliance.profiles import Profile
 
@@ -34,3 +35,14 @@ class AllowAll:
 
     def authorise(self, conn: sqlite3.Connection, request: IssueRequest, profile: Profile) -> None:
         return None
+
+
+class AuditSink(Protocol):
+    """What the core and production control need from the audit log (appliance.audit.AuditLog has this shape);
+    a Protocol so tests can pass a recorder and the core does not depend on the log's storage."""
+
+    def append(self, conn: sqlite3.Connection, actor: str, event: str, data: Mapping[str, Any]) -> Any:
+        """Append inside the caller's open transaction (journal thread); raise to roll the change back."""
+
+    def record(self, actor: str, event: str, data: Mapping[str, Any]) -> Any:
+        """Append a standalone event in its own transaction."""

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives import serialization
 from appliance.ca import CaRecord
 from appliance.errors import BirthlineError, IssuanceFailed, IssuanceRefused, ReasonCode
 from appliance.issuance.journal import IssuanceRow, Journal
-from appliance.issuance.policy import AllowAll, AuthorisationPolicy, IssueRequest
+from appliance.issuance.policy import AllowAll, AuditSink, AuthorisationPolicy, IssueRequest
 from appliance.issuance.prepare import (
     Job,
     PrepareContext,
@@ -99,6 +99,7 @@ class IssueService:
         clock: Callable[[], float] = time.time,
         prepare_workers: int = 0,
         pipeline_depth: int = 2,
+        audit: AuditSink | None = None,
     ) -> None:
         ca_cert = ca.certificate
         spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -107,6 +108,7 @@ class IssueService:
                 f"the HSM key {key.label!r} is not the key of CA {ca.name!r}", ReasonCode.HSM_UNAVAILABLE
             )
         self.journal = journal
+        self.audit = audit
         self.ca = ca
         self.chain = tuple(c.public_bytes(serialization.Encoding.DER) for c in ca.chain)
         self.key = key
@@ -133,7 +135,7 @@ class IssueService:
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     async def __aenter__(self) -> IssueService:
-        burned = await self.journal.acall(self.journal.recover)
+        burned = await self.journal.atransaction(self._recover, "recovering interrupted issuances")
         if burned:
             log.warning(
                 "burned %d intent(s) left by an interrupted run; their serials are never reused", burned
@@ -252,6 +254,24 @@ class IssueService:
                     "UPDATE issuance SET state='confirmed', confirmed_at=? WHERE cert_serial=?",
                     (now, cert_serial),
                 )
+                self._note(conn, "appliance", "issuance.confirmed", {"cert_serial": cert_serial})
+
+    def _note(self, conn: sqlite3.Connection, actor: str, event: str, data: Mapping[str, object]) -> None:
+        """Append to the audit log inside `conn`'s transaction: the event commits or rolls back with the rows it
+        describes, and if the log cannot be written the whole transaction fails (AUDIT_UNAVAILABLE)."""
+        if self.audit is not None:
+            self.audit.append(conn, actor, event, data)
+
+    def _recover(self, conn: sqlite3.Connection) -> int:
+        """Burn every intent left by a crash: its signature, if the HSM made one, was never released."""
+        rows = conn.execute("SELECT id, cert_serial FROM issuance WHERE state='intent'").fetchall()
+        if rows:
+            conn.execute(
+                "UPDATE issuance SET state='burned', burn_reason='crash-recovery' WHERE state='intent'"
+            )
+            self._note(conn, "appliance", "issuance.burned",
+                       {"reason": "crash-recovery", "cert_serials": [r[1] for r in rows]})  # fmt: skip
+        return len(rows)
 
     # -- the batcher -------------------------------------------------------------------------------------------
     async def _next_batch(self) -> list[_Item] | None:
@@ -322,9 +342,10 @@ class IssueService:
             else:
                 self._inflight[item.key] = item
                 live.append(item)
-        if live:
+        refused = [i for i in batch if i.error is not None]
+        if live or (refused and self.audit is not None):
             await self.journal.atransaction(
-                lambda conn: self._record_intents(conn, live, now), "recording intents"
+                lambda conn: self._record_intents(conn, live, refused, now), "recording intents"
             )
         self._crash("after-intent")
         to_sign = [i for i in live if i.row_id is not None and i.error is None]
@@ -356,8 +377,21 @@ class IssueService:
             else:
                 item.prep = result
 
-    def _record_intents(self, conn: sqlite3.Connection, items: list[_Item], now: float) -> None:
-        """One transaction for the whole batch; a SAVEPOINT per request so one refusal undoes only its own rows."""
+    def _record_intents(
+        self, conn: sqlite3.Connection, items: list[_Item], refused: list[_Item], now: float
+    ) -> None:
+        """One transaction for the whole batch; a SAVEPOINT per request so one refusal undoes only its own rows.
+        Every refusal of the batch, including those found before (bad CSR, bad serial), is audited here."""
+        self._decide(conn, items, now)
+        for item in [*refused, *(i for i in items if i.error is not None)]:
+            assert item.error is not None
+            req = item.request
+            self._note(conn, f"station:{req.station}", "issuance.refused", {
+                "request_id": req.request_id, "device_serial": req.device_serial,
+                "code": item.error.code.name, "reason": item.error.message,
+            })  # fmt: skip
+
+    def _decide(self, conn: sqlite3.Connection, items: list[_Item], now: float) -> None:
         if self._last_issue_time is None:
             self._last_issue_time = conn.execute("SELECT MAX(created_at) FROM issuance").fetchone()[0] or 0.0
         if now + self.clock_skew_s < self._last_issue_time:
@@ -386,6 +420,11 @@ class IssueService:
                         ),
                     )  # fmt: skip
                     item.row_id = cur.lastrowid
+                    self._note(conn, f"station:{req.station}", "issuance.intent", {
+                        "request_id": req.request_id, "device_serial": req.device_serial, "profile": prep.profile,
+                        "ca": self.ca.name, "cert_serial": prep.serial_hex, "tbs_sha256": prep.tbs.sha256,
+                        "public_key_sha256": prep.public_key_sha256,
+                    })  # fmt: skip
                 conn.execute("RELEASE item")
             except IssuanceRefused as exc:
                 conn.execute("ROLLBACK TO item")
@@ -466,6 +505,8 @@ class IssueService:
                 )
                 if cur.rowcount != 1:
                     raise IssuanceFailed(f"intent {row_id} vanished before storing", ReasonCode.INTERNAL)
+                self._note(conn, "appliance", "issuance.issued",
+                           {"id": row_id, "cert_sha256": hashlib.sha256(der).digest()})  # fmt: skip
 
         try:
             await self.journal.atransaction(store, "storing certificates")
@@ -488,6 +529,7 @@ class IssueService:
                 "UPDATE issuance SET state='burned', burn_reason=? WHERE id=? AND state='intent'",
                 [(reason, i) for i in ids],
             )
+            self._note(conn, "appliance", "issuance.burned", {"reason": reason, "ids": ids})
 
         try:
             await self.journal.atransaction(txn, "burning unreleased intents")

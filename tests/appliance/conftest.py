@@ -61,3 +61,46 @@ def make_csr(
 @pytest.fixture
 def csr_maker() -> CsrMaker:
     return make_csr
+
+
+PRODUCTION_PASSWORD = "correct horse battery"
+
+
+@pytest.fixture(scope="session")
+def production_journal_template(ca_journal_template: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The CA template plus a floor: tenant, product, line L1 with station fixture-1, and work order WO-1
+    (active, 50 units) for SN-CRASH, SN-0000..SN-0099 and serials matching SN-[A-Z0-9-]+."""
+    import time as _time
+
+    from appliance.audit.log import AuditLog
+    from appliance.production import store, users
+    from appliance.production.allowlist import SerialRange
+    from appliance.production.model import WorkOrderSpec
+    from appliance.profiles import builtin_profiles
+
+    path = tmp_path_factory.mktemp("floor") / "journal.sqlite"
+    shutil.copy(ca_journal_template, path)
+    with Journal(path) as journal:
+        audit = AuditLog(journal)
+        admin = users.bootstrap(journal, audit, "alice", PRODUCTION_PASSWORD)
+        store.add_tenant(journal, audit, admin, "acme", "Acme Devices")
+        store.add_product(journal, audit, admin, "sensor", tenant="acme", profile=builtin_profiles()["idevid"],
+                          ca="issuing")  # fmt: skip
+        store.add_line(journal, audit, admin, "L1")
+        journal.call(journal.transaction, lambda conn: conn.execute(
+            "INSERT INTO stations (name, kind, key, created_at) VALUES ('fixture-1', 'lan', ?, ?)",
+            (bytes(32), _time.time())), "test station")  # fmt: skip
+        store.assign_station(journal, audit, admin, "fixture-1", "L1")
+        spec = WorkOrderSpec("WO-1", "sensor", 50, ("L1",), serials=("SN-CRASH",),
+                             ranges=(SerialRange("SN-", 0, 99, 4),), pattern="SN-[A-Z0-9-]+")  # fmt: skip
+        store.add_work_order(journal, audit, admin, spec, activate=True)
+    return path
+
+
+def put_on_line(journal: Journal, station: str, line: str = "L1") -> None:
+    """Assign a registered station to a line of the production template, as its supervisor would."""
+    from appliance.audit.log import AuditLog
+    from appliance.production import store
+    from appliance.production.users import Role, User
+
+    store.assign_station(journal, AuditLog(journal), User("alice", Role.ADMINISTRATOR), station, line)

@@ -28,7 +28,7 @@ from stations.codes import Code
 from stations.messages import CaChain, Cert, Confirm, Confirmed, Enroll, Error, GetCaChain, Ping, Pong
 from stations.session import Authenticated, Closed, HandshakeFailed, Received
 from stations.transports.stream import StreamChannel
-from tests.appliance.conftest import make_csr
+from tests.appliance.conftest import make_csr, put_on_line
 from tests.stations.station_link import Link, request_id
 
 
@@ -55,15 +55,16 @@ def _config(state: Path, softhsm_token: SoftHsmToken, template: Path) -> Config:
 
 @pytest.fixture
 async def daemon(
-    softhsm_token: SoftHsmToken, ca_journal_template: Path, tmp_path: Path
+    softhsm_token: SoftHsmToken, production_journal_template: Path, tmp_path: Path
 ) -> AsyncIterator[Daemon]:
-    async with Daemon(_config(tmp_path / "state", softhsm_token, ca_journal_template)) as d:
+    async with Daemon(_config(tmp_path / "state", softhsm_token, production_journal_template)) as d:
         yield d
 
 
 async def add_lan(d: Daemon, name: str, out: Path) -> Path:
     assert d.core is not None
     creds = reg.add_station(d.journal, d.core.token, name, "lan")
+    put_on_line(d.journal, name)
     reg.write_bundle(creds, out / name)
     await d.refresh()
     return out / name
@@ -341,6 +342,7 @@ async def test_serial_station_enrols_survives_unplug_and_is_bound_to_its_port(
         daemon.journal, daemon.core.token, "st-serial", "serial", port=str(port), baud=115200
     )
     key = creds.record.key
+    put_on_line(daemon.journal, "st-serial")
     await daemon.refresh()
     link = Link(await pty.channel(), "st-serial", key)
     await _port_open(daemon, "st-serial")

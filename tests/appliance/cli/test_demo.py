@@ -61,22 +61,34 @@ def test_demo_from_scratch_then_again(tmp_path: Path) -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(key, hashes.SHA256())
     (tmp_path / "d.csr").write_bytes(csr.public_bytes(serialization.Encoding.PEM))
-    out = birthline(
+    # Outside every work order: refused (and audited).
+    outside = birthline(
+        "issue", "--config", cfg, "--station", "demo-lan", "--serial", "CLI-1", "--csr", tmp_path / "d.csr"
+    )
+    assert outside.returncode == 2 and "not_authorised" in outside.stderr
+    out = birthline("issue", "--config", cfg, "--station", "demo-lan", "--serial", "MYDEV-0099",
+                    "--csr", tmp_path / "d.csr", "--out", tmp_path / "d.pem")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert len(x509.load_pem_x509_certificates((tmp_path / "d.pem").read_bytes())) == 3
+    refused = birthline(
         "issue",
         "--config",
         cfg,
+        "--station",
+        "demo-lan",
         "--serial",
-        "CLI-1",
+        "CLI\x1b[2J",
         "--csr",
         tmp_path / "d.csr",
-        "--out",
-        tmp_path / "d.pem",
     )
-    assert out.returncode == 0, out.stderr
-    assert len(x509.load_pem_x509_certificates((tmp_path / "d.pem").read_bytes())) == 3
-    refused = birthline("issue", "--config", cfg, "--serial", "CLI\x1b[2J", "--csr", tmp_path / "d.csr")
     assert refused.returncode == 2 and "bad_device_serial" in refused.stderr
     assert "\x1b" not in refused.stderr  # terminal escapes never reach the operator's screen raw
+
+    # Reconciliation and the audit log agree with what the stations did.
+    report = json.loads(birthline("report", "workorder", "WO-0001", "--config", cfg, "--json").stdout)
+    assert (report["planned"], report["issued"], report["confirmed"], report["remaining"]) == (5, 5, 5, 0)
+    verify = birthline("audit", "verify", "--config", cfg)
+    assert verify.returncode == 0 and "INTACT" in verify.stdout, verify.stdout + verify.stderr
 
 
 def test_config_check_lists_problems_and_exits_2(tmp_path: Path) -> None:
@@ -114,14 +126,18 @@ def test_served_demo_answers_stations_by_hand(tmp_path: Path) -> None:
         by_name = {s["name"]: s for s in info["stations"]}
         serial, lan = by_name["demo-serial"], by_name["demo-lan"]
         out = tmp_path / "dev"
+        first, last = info["device_serials"]["accepted"].split(" .. ")
         a = birthline("station-client", "enroll", "--port", serial["pty"], "--credentials", serial["credentials"],
-                      "--serial", "HAND-1", "--keygen", "--out", out)  # fmt: skip
+                      "--serial", first, "--keygen", "--out", out)  # fmt: skip
         assert a.returncode == 0, a.stderr
         b = birthline("station-client", "enroll", "--host", lan["host"], "--credentials", lan["credentials"],
-                      "--serial", "HAND-2", "--keygen", "--out", out)  # fmt: skip
+                      "--serial", last, "--keygen", "--out", out)  # fmt: skip
+        c = birthline("station-client", "enroll", "--host", lan["host"], "--credentials", lan["credentials"],
+                      "--serial", "NOT-ORDERED-1", "--keygen", "--out", out)  # fmt: skip
+        assert c.returncode != 0 and "not" in c.stderr.lower()
         assert b.returncode == 0, b.stderr
         chain = x509.load_pem_x509_certificates(Path(info["ca_chain"]).read_bytes())
-        for name in ("HAND-1", "HAND-2"):
+        for name in (first, last):
             leaf = x509.load_pem_x509_certificates((out / f"{name}.pem").read_bytes())[0]
             leaf.verify_directly_issued_by(chain[0])
             assert (out / f"{name}.key").stat().st_mode & 0o077 == 0

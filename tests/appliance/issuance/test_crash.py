@@ -17,7 +17,10 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
+from appliance.audit.log import AuditLog
+from appliance.audit.verify import verify as audit_verify
 from appliance.issuance.journal import Journal
+from appliance.production import reconcile
 from hsm.softhsm import SoftHsmToken
 from tests.appliance.conftest import make_csr
 
@@ -33,10 +36,10 @@ softhsm_conf = "{conf}"
 
 
 @pytest.fixture
-def config(tmp_path: Path, ca_journal_template: Path, softhsm_token: SoftHsmToken) -> Path:
+def config(tmp_path: Path, production_journal_template: Path, softhsm_token: SoftHsmToken) -> Path:
     state = tmp_path / "state"
     state.mkdir()
-    shutil.copy(ca_journal_template, state / "journal.sqlite")
+    shutil.copy(production_journal_template, state / "journal.sqlite")
     cfg = tmp_path / "birthline.toml"
     cfg.write_text(
         CONFIG.format(
@@ -57,8 +60,8 @@ def _issue(
     if crash:
         env["BIRTHLINE_CRASH_POINT"] = crash
     return subprocess.run(
-        [sys.executable, "-m", "appliance.cli.main", "issue", "--config", str(config), "--serial", serial,
-         "--csr", str(csr)],
+        [sys.executable, "-m", "appliance.cli.main", "issue", "--config", str(config), "--station", "fixture-1",
+         "--serial", serial, "--csr", str(csr)],
         capture_output=True, text=True, env=env, timeout=60, check=False,
     )  # fmt: skip
 
@@ -86,6 +89,15 @@ def test_sigkill_at_each_point_keeps_the_invariants(config: Path, tmp_path: Path
     with Journal(config.parent / "state" / "journal.sqlite") as journal:
         rows = journal.rows()
         assert journal.integrity_check() == "ok"
+        # The work order's quota equals the live rows: a burned intent gave its unit back.
+        assert reconcile.quota_problems(journal) == []
+        consumed = journal.call(
+            lambda: journal.conn.execute("SELECT consumed FROM work_order WHERE id='WO-1'").fetchone()[0]
+        )
+        assert consumed == 1
+        report = audit_verify(journal)
+        assert report.ok, report.text()
+        events = [e.event for e in AuditLog(journal).entries() if e.event.startswith("issuance.")]
     serials = [r.cert_serial for r in rows]
     assert len(serials) == len(set(serials)), "a serial was reused"
     assert all(r.state in ("issued", "burned") for r in rows)
@@ -95,9 +107,12 @@ def test_sigkill_at_each_point_keeps_the_invariants(config: Path, tmp_path: Path
         # Stored before the crash: the retry gets exactly that certificate, and nothing was signed again.
         assert rows == [live[0]] and "reused" in retry.stderr
         assert before[0].cert_der == live[0].cert_der
+        assert events == ["issuance.intent", "issuance.issued"]
     else:
         # Signed (maybe) but never stored: that intent is burned and its serial never comes back.
         burned = [r for r in rows if r.state == "burned"]
         assert [r.burn_reason for r in burned] == ["crash-recovery"]
         assert burned[0].cert_serial != live[0].cert_serial
         assert burned[0].cert_der is None
+        # The audit log tells the same story: intent, burned at restart, then the retry's intent and issue.
+        assert events == ["issuance.intent", "issuance.burned", "issuance.intent", "issuance.issued"]
