@@ -148,7 +148,9 @@ def prepare(core: Core) -> TlsServerFiles:
     """`birthline init`: the management CA (if missing) and the TLS server credential (if missing or stale)."""
     cfg = core.config.stations
     hosts = reg.server_hosts(cfg.lan_address)
-    return reg.ensure_tls_server(core.journal, core.token, cfg.tls_dir, cfg.management_ca, hosts=hosts)
+    return reg.ensure_tls_server(
+        core.journal, core.token, cfg.tls_dir, cfg.management_ca, hosts=hosts, audit=core.audit
+    )
 
 
 class Daemon:

@@ -19,6 +19,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -106,8 +107,8 @@ HAND_WORK_ORDER = "WO-HAND"
 HAND_RANGE = SerialRange("MYDEV-", 1, 100, 4)  # MYDEV-0001 .. MYDEV-0100, for enrolling by hand
 
 
-def _people(core: Core, state: Path) -> User:
-    """The demo's administrator and supervisor; their passwords are files only root can read."""
+def _people(core: Core, state: Path) -> tuple[User, User]:
+    """The demo's administrator and supervisor, logged in; their password is a file only root can read."""
     secret = state / "demo-users.secret"
     if not users.list_users(core.journal):
         password = secrets.token_urlsafe(18)
@@ -115,14 +116,15 @@ def _people(core: Core, state: Path) -> User:
         admin = users.bootstrap(core.journal, core.audit, "demo-admin", password)
         users.add_user(core.journal, core.audit, admin, "demo-supervisor", Role.SUPERVISOR, password)
     password = secret.read_text()
-    return users.login(core.journal, core.audit, "demo-supervisor", password)
+    return (
+        users.login(core.journal, core.audit, "demo-admin", password),
+        users.login(core.journal, core.audit, "demo-supervisor", password),
+    )
 
 
-def _production(core: Core, state: Path, run: int, devices: int) -> User:
+def _production(core: Core, admin: User, supervisor: User, run: int, devices: int) -> None:
     """Tenant, product, a line with both stations, a work order per run and one for trying stations by hand."""
-    supervisor = _people(core, state)
     if not store.list_tenants(core.journal):
-        admin = users.login(core.journal, core.audit, "demo-admin", (state / "demo-users.secret").read_text())
         store.add_tenant(core.journal, core.audit, admin, "demo", DEMO_ORG)
         store.add_product(core.journal, core.audit, admin, DEMO_PRODUCT, tenant="demo",
                           profile=core.config.profiles["demo-idevid"], ca="issuing")  # fmt: skip
@@ -135,15 +137,16 @@ def _production(core: Core, state: Path, run: int, devices: int) -> User:
         spec = WorkOrderSpec(f"WO-{run:04d}", DEMO_PRODUCT, devices, (DEMO_LINE,),
                              ranges=(SerialRange(f"BLD{run:04d}", 1, devices, 6),))  # fmt: skip
         store.add_work_order(core.journal, core.audit, supervisor, spec, activate=True)
-    return supervisor
 
 
 def _setup(config: Config, state: Path, run: int, devices: int) -> None:
     """CAs, stations and production control, created once; a second run finds them and adds a work order."""
     with open_core(config) as core:
+        admin, supervisor = _people(core, state)
+        who: dict[str, Any] = {"audit": core.audit, "actor": admin.name}
         names = {r.name for r in ca_mod.list_cas(core.journal)}
         if "root" not in names:
-            ca_mod.create_root(core.journal, core.token, "root", f"O={DEMO_ORG},CN={DEMO_ORG} Root CA")
+            ca_mod.create_root(core.journal, core.token, "root", f"O={DEMO_ORG},CN={DEMO_ORG} Root CA", **who)
         if "issuing" not in names:
             ca_mod.create_issuing(
                 core.journal,
@@ -151,10 +154,11 @@ def _setup(config: Config, state: Path, run: int, devices: int) -> None:
                 "issuing",
                 f"O={DEMO_ORG},CN={DEMO_ORG} Birth Certificate CA",
                 "root",
+                **who,
             )
         if "management" not in names:
             ca_mod.create_management(
-                core.journal, core.token, "management", f"O={DEMO_ORG},CN={DEMO_ORG} Management CA"
+                core.journal, core.token, "management", f"O={DEMO_ORG},CN={DEMO_ORG} Management CA", **who
             )
         issuing = core.issuing_ca()
         (state / "ca-chain.pem").write_bytes(
@@ -168,12 +172,14 @@ def _setup(config: Config, state: Path, run: int, devices: int) -> None:
                 continue
             port = str(state / "pty" / f"{name}.appliance") if kind == "serial" else None
             creds = (
-                registry.rotate_key(core.journal, core.token, name)
+                registry.rotate_key(core.journal, core.token, name, audit=core.audit, actor=admin.name)
                 if name in known
-                else registry.add_station(core.journal, core.token, name, kind, port=port)
+                else registry.add_station(
+                    core.journal, core.token, name, kind, port=port, audit=core.audit, actor=admin.name
+                )
             )
             registry.write_bundle(creds, bundle)
-        _production(core, state, run, devices)
+        _production(core, admin, supervisor, run, devices)
 
 
 class _Fixture:

@@ -32,6 +32,7 @@ from appliance.ca import CaRecord
 from appliance.ca.hierarchy import default_subject, key_label_for
 from appliance.errors import BirthlineError, ReasonCode
 from appliance.issuance.journal import Journal, now
+from appliance.issuance.policy import AuditSink
 from appliance.profiles import new_serial_number
 from hsm.algorithms import default_hash, from_public_key
 from hsm.token import Token
@@ -125,11 +126,15 @@ def get_station(journal: Journal, name: str) -> StationRecord:
 
 
 # -- management CA and TLS -----------------------------------------------------------------------------------------
-def ensure_management_ca(journal: Journal, token: Token, name: str = "management") -> CaRecord:
+def ensure_management_ca(
+    journal: Journal, token: Token, name: str = "management", *, audit: AuditSink, actor: str
+) -> CaRecord:
     try:
         rec = ca_mod.load_ca(journal, name)
     except ca_mod.CaError:
-        return ca_mod.create_management(journal, token, name, default_subject("management"))
+        return ca_mod.create_management(
+            journal, token, name, default_subject("management"), audit=audit, actor=actor
+        )
     if rec.role != "management":
         raise RegistryError(f"CA {name!r} is a {rec.role} CA, not a management CA")
     return rec
@@ -218,10 +223,17 @@ class TlsServerFiles:
 
 
 def ensure_tls_server(
-    journal: Journal, token: Token, tls_dir: Path, ca_name: str = "management", *, hosts: tuple[str, ...] = ()
+    journal: Journal,
+    token: Token,
+    tls_dir: Path,
+    ca_name: str = "management",
+    *,
+    hosts: tuple[str, ...] = (),
+    audit: AuditSink,
+    actor: str = "appliance",
 ) -> TlsServerFiles:
     """Make the appliance's TLS server key and certificate if missing or not from the current management CA."""
-    ca = ensure_management_ca(journal, token, ca_name)
+    ca = ensure_management_ca(journal, token, ca_name, audit=audit, actor=actor)
     tls_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     files = TlsServerFiles(tls_dir / SERVER_KEY_FILE, tls_dir / SERVER_CERT_FILE, tls_dir / CA_FILE)
     ca_pem = _pem(ca.certificate)
@@ -270,7 +282,10 @@ def add_station(
     port: str | None = None,
     baud: int | None = None,
     management_ca: str = "management",
+    audit: AuditSink,
+    actor: str,
 ) -> Credentials:
+    """Register a station; `actor` (a person, already authorised) is recorded in the audit log."""
     if not _NAME.fullmatch(name):
         raise RegistryError("a station name is 1..64 characters from [A-Za-z0-9._:-]")
     if kind not in KINDS:
@@ -286,7 +301,7 @@ def add_station(
     cert: x509.Certificate | None = None
     ca_pem: bytes | None = None
     if kind == "lan":
-        ca = ensure_management_ca(journal, token, management_ca)
+        ca = ensure_management_ca(journal, token, management_ca, audit=audit, actor=actor)
         tls_key, cert = _lan_credentials(token, ca, name)
         ca_pem = _pem(ca.certificate)
     cert_der = cert.public_bytes(serialization.Encoding.DER) if cert else None
@@ -305,6 +320,10 @@ def add_station(
             (name, kind, port if kind == "serial" else None, baud if kind == "serial" else None, secret,
              cert_der, fingerprint, now()),
         )  # fmt: skip
+        audit.append(conn, actor, "station.added", {
+            "station": name, "kind": kind, "port": port, "baud": baud,
+            "tls_fingerprint": fingerprint.hex() if fingerprint else None,
+        })  # fmt: skip
 
     journal.call(journal.transaction, ins, f"adding station {name}")
     return Credentials(
@@ -315,9 +334,12 @@ def add_station(
     )
 
 
-def set_enabled(journal: Journal, name: str, enabled: bool) -> StationRecord:
+def set_enabled(journal: Journal, name: str, enabled: bool, *, audit: AuditSink, actor: str) -> StationRecord:
     def upd(conn: sqlite3.Connection) -> int:
-        return conn.execute("UPDATE stations SET enabled=? WHERE name=?", (int(enabled), name)).rowcount
+        n = conn.execute("UPDATE stations SET enabled=? WHERE name=?", (int(enabled), name)).rowcount
+        if n:
+            audit.append(conn, actor, "station.enabled" if enabled else "station.disabled", {"station": name})
+        return int(n)
 
     if (
         journal.call(journal.transaction, upd, f"{'enabling' if enabled else 'disabling'} station {name}")
@@ -328,7 +350,13 @@ def set_enabled(journal: Journal, name: str, enabled: bool) -> StationRecord:
 
 
 def rotate_key(
-    journal: Journal, token: Token, name: str, *, management_ca: str = "management"
+    journal: Journal,
+    token: Token,
+    name: str,
+    *,
+    management_ca: str = "management",
+    audit: AuditSink,
+    actor: str,
 ) -> Credentials:
     """A new secret (and for LAN a new TLS certificate); the old ones stop working at once."""
     rec = get_station(journal, name)
@@ -337,7 +365,7 @@ def rotate_key(
     cert: x509.Certificate | None = None
     ca_pem: bytes | None = None
     if rec.kind == "lan":
-        ca = ensure_management_ca(journal, token, management_ca)
+        ca = ensure_management_ca(journal, token, management_ca, audit=audit, actor=actor)
         tls_key, cert = _lan_credentials(token, ca, name)
         ca_pem = _pem(ca.certificate)
     cert_der = cert.public_bytes(serialization.Encoding.DER) if cert else None
@@ -348,6 +376,8 @@ def rotate_key(
             "UPDATE stations SET key=?, tls_cert_der=?, tls_fingerprint=?, rotated_at=? WHERE name=?",
             (secret, cert_der, fingerprint, now(), name),
         )
+        audit.append(conn, actor, "station.key-rotated",
+                     {"station": name, "tls_fingerprint": fingerprint.hex() if fingerprint else None})  # fmt: skip
 
     journal.call(journal.transaction, upd, f"rotating the key of station {name}")
     return Credentials(

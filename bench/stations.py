@@ -87,10 +87,20 @@ def _setup(config: Config, base: Path, serial: int, lan: int) -> list[SimStation
         ca_mod.create_management(core.journal, core.token, "management", "O=Bench,CN=Bench Management CA")
         for i in range(serial):
             port = str(base / "pty" / f"serial{i:02d}.appliance")
-            creds = registry.add_station(core.journal, core.token, f"serial{i:02d}", "serial", port=port)
+            creds = registry.add_station(
+                core.journal,
+                core.token,
+                f"serial{i:02d}",
+                "serial",
+                port=port,
+                audit=core.audit,
+                actor="bench",
+            )
             sims.append(SimStation(creds.record.name, "serial", creds.record.key, port=port))
         for i in range(lan):
-            creds = registry.add_station(core.journal, core.token, f"lan{i:02d}", "lan")
+            creds = registry.add_station(
+                core.journal, core.token, f"lan{i:02d}", "lan", audit=core.audit, actor="bench"
+            )
             bundle = registry.write_bundle(creds, base / "bundles" / creds.record.name)
             ctx = client_ssl_context(bundle / "tls-client.crt", bundle / "tls-client.key", bundle / "ca.crt")
             sims.append(SimStation(creds.record.name, "lan", creds.record.key, ssl_context=ctx,

@@ -11,6 +11,7 @@ Three shapes, after the seed document's "Create Root CA and Sub CA":
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import itertools
 import sqlite3
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from cryptography.x509.oid import NameOID
 
 from appliance.errors import BirthlineError, ReasonCode
 from appliance.issuance.journal import Journal, now
+from appliance.issuance.policy import AuditSink
 from appliance.profiles import new_serial_number
 from hsm.algorithms import KeyAlgorithm, default_hash, from_public_key
 from hsm.token import Token
@@ -194,7 +196,7 @@ def list_cas(journal: Journal) -> list[CaRecord]:
     return [_record(r) for r in rows]
 
 
-def _insert(journal: Journal, rec: CaRecord) -> None:
+def _insert(journal: Journal, rec: CaRecord, audit: AuditSink | None, actor: str) -> None:
     def ins(conn: sqlite3.Connection) -> None:
         conn.execute(
             f"INSERT INTO ca ({_COLS}, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
@@ -212,6 +214,13 @@ def _insert(journal: Journal, rec: CaRecord) -> None:
                 now(),
             ),
         )
+        if audit is not None:
+            audit.append(conn, actor, "ca.created" if rec.cert_der else "ca.requested", {
+                "ca": rec.name, "role": rec.role, "parent": rec.parent, "subject": rec.subject,
+                "key_label": rec.key_label, "key_algorithm": rec.key_algorithm.value,
+                "cert_sha256": hashlib.sha256(rec.cert_der).hexdigest() if rec.cert_der else None,
+                "csr_sha256": hashlib.sha256(rec.csr_der).hexdigest() if rec.csr_der else None,
+            })  # fmt: skip
 
     journal.call(journal.transaction, ins, f"recording CA {rec.name}")
 
@@ -235,6 +244,8 @@ def create_root(
     path_len: int | None = 1,
     validity_days: int | None = None,
     role: str = "root",
+    audit: AuditSink | None = None,
+    actor: str = "appliance",
 ) -> CaRecord:
     _require_new(journal, token, name)
     subj = parse_subject(subject)
@@ -246,7 +257,7 @@ def create_root(
         name, role, key.label, algorithm, None, "active", subj.rfc4514_string(), None,
         cert.public_bytes(serialization.Encoding.DER), (),
     )  # fmt: skip
-    _insert(journal, rec)
+    _insert(journal, rec, audit, actor)
     return rec
 
 
@@ -258,11 +269,14 @@ def create_management(
     algorithm: KeyAlgorithm = KeyAlgorithm.EC_P256,
     *,
     validity_days: int | None = 3650,
+    audit: AuditSink | None = None,
+    actor: str = "appliance",
 ) -> CaRecord:
     # pathLen 0: the management CA signs TLS and station certificates only, never another CA.
     return create_root(
-        journal, token, name, subject, algorithm, path_len=0, validity_days=validity_days, role="management"
-    )
+        journal, token, name, subject, algorithm, path_len=0, validity_days=validity_days, role="management",
+        audit=audit, actor=actor,
+    )  # fmt: skip
 
 
 def create_issuing(
@@ -275,6 +289,8 @@ def create_issuing(
     *,
     path_len: int | None = 0,
     validity_days: int | None = None,
+    audit: AuditSink | None = None,
+    actor: str = "appliance",
 ) -> CaRecord:
     parent_rec = load_ca(journal, parent)
     if parent_rec.state != "active" or parent_rec.role not in ("root", "issuing"):
@@ -296,7 +312,7 @@ def create_issuing(
         name, "issuing", key.label, algorithm, parent, "active", subj.rfc4514_string(), None,
         cert.public_bytes(serialization.Encoding.DER), chain,
     )  # fmt: skip
-    _insert(journal, rec)
+    _insert(journal, rec, audit, actor)
     return rec
 
 
@@ -306,6 +322,9 @@ def create_csr_for_external_root(
     name: str,
     subject: str,
     algorithm: KeyAlgorithm = KeyAlgorithm.EC_P256,
+    *,
+    audit: AuditSink | None = None,
+    actor: str = "appliance",
 ) -> tuple[CaRecord, bytes]:
     """Generate the issuing key in the HSM and return a PEM PKCS#10 request for the external root to sign."""
     _require_new(journal, token, name)
@@ -330,7 +349,7 @@ def create_csr_for_external_root(
         None,
         (),
     )
-    _insert(journal, rec)
+    _insert(journal, rec, audit, actor)
     return rec, csr.public_bytes(serialization.Encoding.PEM)
 
 
@@ -351,7 +370,14 @@ def _check_is_ca(cert: x509.Certificate, what: str) -> x509.BasicConstraints:
 
 
 def import_ca_certificate(
-    journal: Journal, token: Token, name: str, cert_pem_or_der: bytes, chain_pem: bytes
+    journal: Journal,
+    token: Token,
+    name: str,
+    cert_pem_or_der: bytes,
+    chain_pem: bytes,
+    *,
+    audit: AuditSink | None = None,
+    actor: str = "appliance",
 ) -> CaRecord:
     """Activate a CA created with create_csr_for_external_root once its certificate comes back.
 
@@ -407,6 +433,12 @@ def import_ca_certificate(
                 name,
             ),
         )
+        if audit is not None:
+            audit.append(conn, actor, "ca.imported", {
+                "ca": name, "subject": cert.subject.rfc4514_string(),
+                "cert_sha256": hashlib.sha256(cert.public_bytes(der)).hexdigest(),
+                "chain": [c.subject.rfc4514_string() for c in chain],
+            })  # fmt: skip
 
     journal.call(journal.transaction, upd, f"importing CA {name}")
     return load_ca(journal, name)

@@ -21,9 +21,11 @@ from appliance import ca as ca_mod
 from appliance.cli import audit as audit_cli
 from appliance.cli import production as production_cli
 from appliance.cli import stations as stations_cli
+from appliance.cli.session import actor, add_login_arguments, authorised
 from appliance.config import DEFAULT_CONFIG_PATH, Config, load_config
 from appliance.errors import BirthlineError
 from appliance.issuance.policy import IssueRequest
+from appliance.production.users import Permission
 from appliance.runtime import open_core, running_issuer
 from hsm.algorithms import KeyAlgorithm
 from hsm.errors import HsmError
@@ -50,39 +52,49 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_ca_init_root(args: argparse.Namespace) -> int:
-    with open_core(_config(args)) as core:
+    with authorised(args, Permission.CA_MANAGE) as s:
+        core = s.core
         rec = ca_mod.create_root(
             core.journal, core.token, args.name, args.subject or ca_mod.hierarchy.default_subject("root"),
-            KeyAlgorithm(args.algorithm), path_len=args.path_len, validity_days=args.validity_days,
+            KeyAlgorithm(args.algorithm), path_len=args.path_len, validity_days=args.validity_days, audit=s.audit, actor=actor(s).name,
         )  # fmt: skip
         print(f"created root CA {rec.name!r}: {rec.subject} (key {rec.key_label} in the HSM)")
     return 0
 
 
 def cmd_ca_init_issuing(args: argparse.Namespace) -> int:
-    with open_core(_config(args)) as core:
+    with authorised(args, Permission.CA_MANAGE) as s:
+        core = s.core
         rec = ca_mod.create_issuing(
             core.journal, core.token, args.name, args.subject or ca_mod.hierarchy.default_subject("issuing"),
-            args.parent, KeyAlgorithm(args.algorithm), path_len=args.path_len, validity_days=args.validity_days,
+            args.parent, KeyAlgorithm(args.algorithm), path_len=args.path_len, validity_days=args.validity_days, audit=s.audit, actor=actor(s).name,
         )  # fmt: skip
         print(f"created issuing CA {rec.name!r} under {rec.parent!r}: {rec.subject}")
     return 0
 
 
 def cmd_ca_init_management(args: argparse.Namespace) -> int:
-    with open_core(_config(args)) as core:
+    with authorised(args, Permission.CA_MANAGE) as s:
+        core = s.core
         rec = ca_mod.create_management(
             core.journal, core.token, args.name, args.subject or ca_mod.hierarchy.default_subject("management"),
-            KeyAlgorithm(args.algorithm), validity_days=args.validity_days,
+            KeyAlgorithm(args.algorithm), validity_days=args.validity_days, audit=s.audit, actor=actor(s).name,
         )  # fmt: skip
         print(f"created management CA {rec.name!r}: {rec.subject}")
     return 0
 
 
 def cmd_ca_request(args: argparse.Namespace) -> int:
-    with open_core(_config(args)) as core:
+    with authorised(args, Permission.CA_MANAGE) as s:
+        core = s.core
         rec, pem = ca_mod.create_csr_for_external_root(
-            core.journal, core.token, args.name, args.subject, KeyAlgorithm(args.algorithm)
+            core.journal,
+            core.token,
+            args.name,
+            args.subject,
+            KeyAlgorithm(args.algorithm),
+            audit=s.audit,
+            actor=actor(s).name,
         )
     Path(args.out).write_bytes(pem)
     print(f"issuing CA {rec.name!r} awaits its certificate; CSR written to {args.out}")
@@ -90,9 +102,16 @@ def cmd_ca_request(args: argparse.Namespace) -> int:
 
 
 def cmd_ca_import(args: argparse.Namespace) -> int:
-    with open_core(_config(args)) as core:
+    with authorised(args, Permission.CA_MANAGE) as s:
+        core = s.core
         rec = ca_mod.import_ca_certificate(
-            core.journal, core.token, args.name, Path(args.cert).read_bytes(), Path(args.chain).read_bytes()
+            core.journal,
+            core.token,
+            args.name,
+            Path(args.cert).read_bytes(),
+            Path(args.chain).read_bytes(),
+            audit=s.audit,
+            actor=actor(s).name,
         )
     print(f"issuing CA {rec.name!r} is active: {rec.subject}, chain of {len(rec.chain)}")
     return 0
@@ -223,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--validity-days", type=int, help="default: no expiry (99991231235959Z, RFC 5280 4.1.2.5)"
     )
+    add_login_arguments(sp)
     sp.set_defaults(func=cmd_ca_init_root)
     sp = with_config(ca.add_parser("init-issuing", help="create an issuing (birth) CA signed by a local CA"))
     sp.add_argument("--name", default="issuing")
@@ -231,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--algorithm", choices=algs, default="ec-p256")
     sp.add_argument("--path-len", type=int, default=0)
     sp.add_argument("--validity-days", type=int)
+    add_login_arguments(sp)
     sp.set_defaults(func=cmd_ca_init_issuing)
     sp = with_config(
         ca.add_parser("init-management", help="create the management CA (TLS, station credentials)")
@@ -239,12 +260,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--subject")
     sp.add_argument("--algorithm", choices=algs, default="ec-p256")
     sp.add_argument("--validity-days", type=int, default=3650)
+    add_login_arguments(sp)
     sp.set_defaults(func=cmd_ca_init_management)
     sp = with_config(ca.add_parser("request", help="external root: make the issuing key and write its CSR"))
     sp.add_argument("--name", default="issuing")
     sp.add_argument("--subject", required=True)
     sp.add_argument("--algorithm", choices=algs, default="ec-p256")
     sp.add_argument("--out", required=True, help="where to write the PEM CSR")
+    add_login_arguments(sp)
     sp.set_defaults(func=cmd_ca_request)
     sp = with_config(
         ca.add_parser("import", help="external root: import the signed CA certificate and chain")
@@ -252,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--name", default="issuing")
     sp.add_argument("--cert", required=True, help="the CA certificate (PEM or DER)")
     sp.add_argument("--chain", required=True, help="PEM: the signing CA up to the root")
+    add_login_arguments(sp)
     sp.set_defaults(func=cmd_ca_import)
     sp = with_config(ca.add_parser("list", help="show the hierarchy"))
     sp.add_argument("--json", action="store_true")

@@ -8,76 +8,23 @@ environment. The command checks the person's role and the change is audited unde
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
-import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
-from appliance.audit.log import AuditLog
+from appliance.cli.session import actor, session
 from appliance.config import Config, load_config
 from appliance.production import reconcile, store, users
 from appliance.production.allowlist import AllowlistError, SerialRange, check_serial, compile_pattern
 from appliance.production.model import ProductionError, WorkOrderSpec, iso, parse_time
-from appliance.production.users import Role, User
-from appliance.runtime import Core, open_core
+from appliance.production.users import Role
+from appliance.runtime import open_core
 
 WithConfig = Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
 
 
 def _config(args: argparse.Namespace) -> Config:
     return load_config(Path(args.config))
-
-
-class _Passwords:
-    """Passwords from the terminal, or one per line from stdin (--password-stdin): never argv or env."""
-
-    def __init__(self, from_stdin: bool) -> None:
-        self.from_stdin = from_stdin
-
-    def read(self, prompt: str) -> str:
-        if self.from_stdin:
-            line = sys.stdin.readline()
-            if not line:
-                raise ProductionError(
-                    f"--password-stdin: no line on standard input for: {prompt.rstrip(': ')}"
-                )
-            return line.rstrip("\r\n")
-        return getpass.getpass(prompt)
-
-    def new(self, who: str) -> str:
-        first = self.read(f"new password or PIN for {who}: ")
-        if not self.from_stdin and self.read(f"again, for {who}: ") != first:
-            raise ProductionError("the two passwords differ")
-        return first
-
-
-@dataclass
-class _Session:
-    core: Core
-    audit: AuditLog
-    user: User | None
-    passwords: _Passwords
-
-
-@contextmanager
-def _session(args: argparse.Namespace, *, login: bool = True) -> Iterator[_Session]:
-    with open_core(_config(args)) as core:
-        audit = AuditLog(core.journal)
-        pw = _Passwords(bool(getattr(args, "password_stdin", False)))
-        user = None
-        if login:
-            if not args.user:
-                raise ProductionError("this command changes production state: give --user NAME")
-            user = users.login(core.journal, audit, args.user, pw.read(f"password for {args.user}: "))
-        yield _Session(core, audit, user, pw)
-
-
-def _actor(s: _Session) -> User:
-    assert s.user is not None
-    return s.user
 
 
 def _dump(data: object) -> None:
@@ -87,15 +34,15 @@ def _dump(data: object) -> None:
 # -- users ---------------------------------------------------------------------------------------------------------------
 def cmd_user_add(args: argparse.Namespace) -> int:
     if args.bootstrap:
-        with _session(args, login=False) as s:
+        with session(args, login=False) as s:
             users.bootstrap(s.core.journal, s.audit, args.name, s.passwords.new(args.name))
         print(f"created the first administrator {args.name!r}")
         return 0
     if not args.role:
         raise ProductionError("give --role (operator, supervisor, administrator, auditor)")
-    with _session(args) as s:
+    with session(args) as s:
         users.add_user(
-            s.core.journal, s.audit, _actor(s), args.name, Role(args.role), s.passwords.new(args.name)
+            s.core.journal, s.audit, actor(s), args.name, Role(args.role), s.passwords.new(args.name)
         )
     print(f"added {args.role} {args.name!r}")
     return 0
@@ -118,24 +65,24 @@ def cmd_user_list(args: argparse.Namespace) -> int:
 
 
 def cmd_user_enable(args: argparse.Namespace, enabled: bool) -> int:
-    with _session(args) as s:
-        users.set_enabled(s.core.journal, s.audit, _actor(s), args.name, enabled)
+    with session(args) as s:
+        users.set_enabled(s.core.journal, s.audit, actor(s), args.name, enabled)
     print(f"user {args.name!r} {'enabled' if enabled else 'disabled'}")
     return 0
 
 
 def cmd_user_passwd(args: argparse.Namespace) -> int:
-    with _session(args) as s:
-        target = args.name or _actor(s).name
-        users.set_password(s.core.journal, s.audit, _actor(s), target, s.passwords.new(target))
+    with session(args) as s:
+        target = args.name or actor(s).name
+        users.set_password(s.core.journal, s.audit, actor(s), target, s.passwords.new(target))
     print(f"password of {target!r} changed")
     return 0
 
 
 # -- tenants, products, lines ------------------------------------------------------------------------------------------
 def cmd_tenant_add(args: argparse.Namespace) -> int:
-    with _session(args) as s:
-        store.add_tenant(s.core.journal, s.audit, _actor(s), args.name, args.display_name or "")
+    with session(args) as s:
+        store.add_tenant(s.core.journal, s.audit, actor(s), args.name, args.display_name or "")
     print(f"added tenant {args.name!r}")
     return 0
 
@@ -151,12 +98,12 @@ def cmd_tenant_list(args: argparse.Namespace) -> int:
 
 
 def cmd_product_add(args: argparse.Namespace) -> int:
-    with _session(args) as s:
+    with session(args) as s:
         profile = s.core.config.profiles.get(args.profile)
         if profile is None:
             raise ProductionError(f"no profile named {args.profile!r} in the configuration")
         store.add_product(
-            s.core.journal, s.audit, _actor(s), args.name, tenant=args.tenant, profile=profile,
+            s.core.journal, s.audit, actor(s), args.name, tenant=args.tenant, profile=profile,
             ca=args.ca or s.core.config.issuance.issuing_ca, key_algorithms=args.key_algorithm or (),
         )  # fmt: skip
     print(f"added product {args.name!r}")
@@ -176,8 +123,8 @@ def cmd_product_list(args: argparse.Namespace) -> int:
 
 
 def cmd_line_add(args: argparse.Namespace) -> int:
-    with _session(args) as s:
-        store.add_line(s.core.journal, s.audit, _actor(s), args.name, args.description or "")
+    with session(args) as s:
+        store.add_line(s.core.journal, s.audit, actor(s), args.name, args.description or "")
     print(f"added line {args.name!r}")
     return 0
 
@@ -196,8 +143,8 @@ def cmd_line_list(args: argparse.Namespace) -> int:
 
 def cmd_line_assign(args: argparse.Namespace) -> int:
     line = None if args.line == "none" else args.line
-    with _session(args) as s:
-        store.assign_station(s.core.journal, s.audit, _actor(s), args.station, line)
+    with session(args) as s:
+        store.assign_station(s.core.journal, s.audit, actor(s), args.station, line)
     print(
         f"station {args.station!r} is now on line {line!r}"
         if line
@@ -238,8 +185,8 @@ def _spec(args: argparse.Namespace) -> WorkOrderSpec:
 
 def cmd_wo_add(args: argparse.Namespace) -> int:
     spec = _spec(args)
-    with _session(args) as s:
-        store.add_work_order(s.core.journal, s.audit, _actor(s), spec, activate=args.activate)
+    with session(args) as s:
+        store.add_work_order(s.core.journal, s.audit, actor(s), spec, activate=args.activate)
     print(f"added work order {spec.id!r} ({'active' if args.activate else 'draft'})")
     return 0
 
@@ -248,26 +195,26 @@ def cmd_wo_import(args: argparse.Namespace) -> int:
     path = Path(args.file)
     fmt = args.format or ("json" if path.suffix.lower() == ".json" else "csv")
     text = path.read_text(encoding="utf-8")
-    with _session(args) as s:
+    with session(args) as s:
         ids = store.import_work_orders(
-            s.core.journal, s.audit, _actor(s), text, fmt, source=path.name, activate=args.activate
+            s.core.journal, s.audit, actor(s), text, fmt, source=path.name, activate=args.activate
         )
     print(f"imported {len(ids)} work order(s): {', '.join(ids)}")
     return 0
 
 
 def cmd_wo_state(args: argparse.Namespace, state: str) -> int:
-    with _session(args) as s:
+    with session(args) as s:
         fn = store.activate_work_order if state == "active" else store.close_work_order
-        fn(s.core.journal, s.audit, _actor(s), args.id)
+        fn(s.core.journal, s.audit, actor(s), args.id)
     print(f"work order {args.id!r} is {state}")
     return 0
 
 
 def cmd_wo_assign_line(args: argparse.Namespace) -> int:
-    with _session(args) as s:
+    with session(args) as s:
         store.assign_work_order_line(
-            s.core.journal, s.audit, _actor(s), args.id, args.line, remove=args.remove
+            s.core.journal, s.audit, actor(s), args.id, args.line, remove=args.remove
         )
     print(f"work order {args.id!r}: line {args.line!r} {'removed' if args.remove else 'assigned'}")
     return 0
@@ -298,9 +245,9 @@ def cmd_wo_show(args: argparse.Namespace) -> int:
 
 # -- rework, scrap -------------------------------------------------------------------------------------------------------
 def cmd_device(args: argparse.Namespace, what: str) -> int:
-    with _session(args) as s:
+    with session(args) as s:
         fn = store.rework if what == "rework" else store.scrap
-        fn(s.core.journal, s.audit, _actor(s), args.serial, args.reason, ca=s.core.config.issuance.issuing_ca)
+        fn(s.core.journal, s.audit, actor(s), args.serial, args.reason, ca=s.core.config.issuance.issuing_ca)
     if what == "rework":
         print(f"device {args.serial!r}: rework authorised; the next request with a new key will be issued")
     else:

@@ -13,7 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from appliance import stations_registry as reg
+from appliance.cli.session import actor, add_login_arguments, authorised
 from appliance.config import Config, load_config
+from appliance.production.users import Permission
 from appliance.runtime import Core, open_core
 
 WithConfig = Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
@@ -31,17 +33,19 @@ def init_stations(core: Core) -> None:
     """`birthline init`: the management CA and the appliance's TLS server credential, if missing."""
     cfg = core.config.stations
     hosts = reg.server_hosts(cfg.lan_address)
-    files = reg.ensure_tls_server(core.journal, core.token, cfg.tls_dir, cfg.management_ca, hosts=hosts)
+    files = reg.ensure_tls_server(
+        core.journal, core.token, cfg.tls_dir, cfg.management_ca, hosts=hosts, audit=core.audit, actor="init"
+    )
     print(f"management CA {cfg.management_ca!r}; TLS server certificate {files.cert} (key {files.key}, 0600)")
 
 
 def cmd_station_add(args: argparse.Namespace) -> int:
-    cfg = _config(args)
     kind = "serial" if args.serial else "lan"
-    with open_core(cfg) as core:
+    with authorised(args, Permission.STATION_MANAGE) as s:
+        cfg = s.core.config
         creds = reg.add_station(
-            core.journal, core.token, args.name, kind, port=args.serial, baud=args.baud,
-            management_ca=cfg.stations.management_ca,
+            s.core.journal, s.core.token, args.name, kind, port=args.serial, baud=args.baud,
+            management_ca=cfg.stations.management_ca, audit=s.audit, actor=actor(s).name,
         )  # fmt: skip
     out = reg.write_bundle(creds, Path(args.out), lan_host=_lan_host(cfg))
     print(
@@ -70,8 +74,8 @@ def cmd_station_list(args: argparse.Namespace) -> int:
 
 
 def _set_enabled(args: argparse.Namespace, enabled: bool) -> int:
-    with open_core(_config(args)) as core:
-        reg.set_enabled(core.journal, args.name, enabled)
+    with authorised(args, Permission.STATION_DISABLE) as s:
+        reg.set_enabled(s.core.journal, args.name, enabled, audit=s.audit, actor=actor(s).name)
     print(f"station {args.name!r} {'enabled' if enabled else 'disabled'}")
     return 0
 
@@ -85,9 +89,12 @@ def cmd_station_enable(args: argparse.Namespace) -> int:
 
 
 def cmd_station_rotate(args: argparse.Namespace) -> int:
-    cfg = _config(args)
-    with open_core(cfg) as core:
-        creds = reg.rotate_key(core.journal, core.token, args.name, management_ca=cfg.stations.management_ca)
+    with authorised(args, Permission.STATION_MANAGE) as s:
+        cfg = s.core.config
+        creds = reg.rotate_key(
+            s.core.journal, s.core.token, args.name, management_ca=cfg.stations.management_ca,
+            audit=s.audit, actor=actor(s).name,
+        )  # fmt: skip
     out = reg.write_bundle(creds, Path(args.out), lan_host=_lan_host(cfg))
     print(f"station {args.name!r} has new credentials in {out}; the old ones no longer work")
     return 0
@@ -118,6 +125,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], with_conf
     kind.add_argument("--lan", action="store_true", help="a LAN station (TLS client certificate)")
     sp.add_argument("--baud", type=int, help="serial only (default 115200)")
     sp.add_argument("--out", required=True, help="directory for the credential bundle (created, files 0600)")
+    add_login_arguments(sp)
     sp.set_defaults(func=cmd_station_add)
     sp = with_config(st.add_parser("list", help="list registered stations (never their keys)"))
     sp.add_argument("--json", action="store_true")
@@ -126,15 +134,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], with_conf
         st.add_parser("disable", help="refuse a station from now on (a running daemon drops it)")
     )
     sp.add_argument("--name", required=True)
+    add_login_arguments(sp)
     sp.set_defaults(func=cmd_station_disable)
     sp = with_config(st.add_parser("enable", help="accept a disabled station again"))
     sp.add_argument("--name", required=True)
+    add_login_arguments(sp)
     sp.set_defaults(func=cmd_station_enable)
     sp = with_config(
         st.add_parser("rotate-key", help="new station secret (and TLS certificate); old ones stop")
     )
     sp.add_argument("--name", required=True)
     sp.add_argument("--out", required=True, help="directory for the new credential bundle")
+    add_login_arguments(sp)
     sp.set_defaults(func=cmd_station_rotate)
     with_config(
         sub.add_parser("run", help="run the daemon in the foreground (stations, issuance)")

@@ -48,6 +48,9 @@ class Permission(enum.StrEnum):
     SETUP = "setup"  # tenants, products, production lines
     WORK_ORDER = "workorder"  # add, import, activate, close, assign lines
     STATION_ASSIGN = "station.assign"  # station -> production line
+    STATION_MANAGE = "station.manage"  # register a station, rotate its credentials
+    STATION_DISABLE = "station.disable"  # disable or re-enable a station (a lost or tampered fixture)
+    CA_MANAGE = "ca.manage"  # create CAs, import an issuing CA's certificate
     REWORK = "rework"
     SCRAP = "scrap"
 
@@ -58,6 +61,9 @@ PERMISSIONS: Final[dict[Permission, frozenset[Role]]] = {
     Permission.SETUP: frozenset({Role.ADMINISTRATOR}),
     Permission.WORK_ORDER: frozenset({Role.SUPERVISOR, Role.ADMINISTRATOR}),
     Permission.STATION_ASSIGN: frozenset({Role.SUPERVISOR, Role.ADMINISTRATOR}),
+    Permission.STATION_MANAGE: frozenset({Role.ADMINISTRATOR}),
+    Permission.STATION_DISABLE: frozenset({Role.SUPERVISOR, Role.ADMINISTRATOR}),
+    Permission.CA_MANAGE: frozenset({Role.ADMINISTRATOR}),
     Permission.REWORK: frozenset({Role.SUPERVISOR}),
     Permission.SCRAP: frozenset({Role.SUPERVISOR}),
 }

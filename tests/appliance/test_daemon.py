@@ -63,7 +63,7 @@ async def daemon(
 
 async def add_lan(d: Daemon, name: str, out: Path) -> Path:
     assert d.core is not None
-    creds = reg.add_station(d.journal, d.core.token, name, "lan")
+    creds = reg.add_station(d.journal, d.core.token, name, "lan", audit=d.core.audit, actor="alice")
     put_on_line(d.journal, name)
     reg.write_bundle(creds, out / name)
     await d.refresh()
@@ -177,7 +177,8 @@ async def test_disabled_station_is_dropped_and_refused(daemon: Daemon, tmp_path:
     bundle = await add_lan(daemon, "st-dis", tmp_path)
     link = await Link.tls(_addr(daemon), bundle)
     assert isinstance(await link.handshake(), Authenticated)
-    reg.set_enabled(daemon.journal, "st-dis", False)
+    assert daemon.core is not None
+    reg.set_enabled(daemon.journal, "st-dis", False, audit=daemon.core.audit, actor="sam")
     # The watcher notices within registry_poll_s and drops the session with BYE STATION_DISABLED.
     events = await link.events(timeout=3)
     assert any(isinstance(e, Closed) and e.code == Code.STATION_DISABLED for e in events)
@@ -218,7 +219,10 @@ async def test_rotated_away_tls_certificate_and_key_are_refused(daemon: Daemon, 
     old = await add_lan(daemon, "st-rot", tmp_path)
     link = await Link.tls(_addr(daemon), old)
     assert isinstance(await link.handshake(), Authenticated)
-    new = reg.write_bundle(reg.rotate_key(daemon.journal, daemon.core.token, "st-rot"), tmp_path / "new")
+    new = reg.write_bundle(
+        reg.rotate_key(daemon.journal, daemon.core.token, "st-rot", audit=daemon.core.audit, actor="alice"),
+        tmp_path / "new",
+    )
     await daemon.refresh()
     events = await link.events(timeout=3)
     assert any(isinstance(e, Closed) for e in events)
@@ -339,8 +343,9 @@ async def test_serial_station_enrols_survives_unplug_and_is_bound_to_its_port(
     port = tmp_path / "ttyUSB-line1"
     pty = _Pty(port)
     creds = reg.add_station(
-        daemon.journal, daemon.core.token, "st-serial", "serial", port=str(port), baud=115200
-    )
+        daemon.journal, daemon.core.token, "st-serial", "serial", port=str(port), baud=115200,
+        audit=daemon.core.audit, actor="alice",
+    )  # fmt: skip
     key = creds.record.key
     put_on_line(daemon.journal, "st-serial")
     await daemon.refresh()

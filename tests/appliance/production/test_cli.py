@@ -63,7 +63,19 @@ def test_production_cli(
     assert run("line", "add", "L1", *admin, stdin="admin pass 1\n") == 0
     port = "/dev/serial/by-path/test-port0"
     assert (
-        main(["station", "add", *c, "--name", "st1", "--serial", port, "--out", str(tmp_path / "st1")]) == 0
+        run(
+            "station",
+            "add",
+            "--name",
+            "st1",
+            "--serial",
+            port,
+            "--out",
+            str(tmp_path / "st1"),
+            *admin,
+            stdin="admin pass 1\n",
+        )  # fmt: skip
+        == 0
     )
     sup = ["--user", "sam", "--password-stdin"]
     assert (
