@@ -366,3 +366,39 @@ async def test_serial_station_enrols_survives_unplug_and_is_bound_to_its_port(
     assert isinstance(await link.handshake(), Authenticated)
     assert isinstance(await _enroll(link, "SN-SERIAL-2"), Cert)
     pty.unplug()
+
+
+async def test_quota_race_over_real_stations_issues_exactly_the_quantity(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    """Ten TLS stations on one line race for the last three units of a work order: exactly three certificates,
+    every other request QUOTA_EXHAUSTED, and the counter equals the rows."""
+    from appliance.production import reconcile, store
+    from appliance.production.allowlist import SerialRange
+    from appliance.production.model import WorkOrderSpec
+    from appliance.production.users import Role, User
+
+    assert daemon.core is not None
+    spec = WorkOrderSpec("WO-RACE", "sensor", 3, ("L1",), ranges=(SerialRange("RACE-", 0, 99, 4),))
+    store.add_work_order(
+        daemon.journal, daemon.core.audit, User("alice", Role.ADMINISTRATOR), spec, activate=True
+    )
+    links = []
+    for i in range(10):
+        bundle = await add_lan(daemon, f"racer{i}", tmp_path)
+        link = await Link.tls(_addr(daemon), bundle)
+        assert isinstance(await link.handshake(), Authenticated)
+        links.append(link)
+
+    async def station(i: int, link: Link) -> list[Cert | Error]:
+        return [await _enroll(link, f"RACE-{i * 3 + k:04d}") for k in range(3)]
+
+    replies = [r for rs in await asyncio.gather(*(station(i, lk) for i, lk in enumerate(links))) for r in rs]
+    certs = [r for r in replies if isinstance(r, Cert)]
+    refused = [r for r in replies if isinstance(r, Error)]
+    assert len(certs) == 3
+    assert len(refused) == 27 and {r.code for r in refused} == {Code.QUOTA_EXHAUSTED}
+    assert store.get_work_order(daemon.journal, "WO-RACE").consumed == 3
+    assert reconcile.quota_problems(daemon.journal) == []
+    for link in links:
+        await link.close()

@@ -365,3 +365,30 @@ async def test_pipelined_batches_never_sign_a_device_twice(
     assert len({r.certificate for r in results}) == 1
     assert sum(not r.reused for r in results) == 1
     assert len(journal.rows()) == 1
+
+
+async def test_audit_log_unwritable_stops_issuance_and_says_why(
+    journal: Journal,
+    issuing: CaRecord,
+    hsm_token: Token,
+    mocker: pytest.MockFixture,  # type: ignore[name-defined]
+) -> None:
+    """A real SQLite fault (a trigger refusing audit inserts): nothing is journaled, nothing is signed, the
+    refusal says the audit log is unavailable; once the log can be written again, issuance resumes."""
+    from appliance.audit.log import AuditLog
+
+    audit = AuditLog(journal)
+    sign = mocker.spy(type(hsm_token.get_key(issuing.key_label)), "asign_many")
+    journal.call(lambda: journal.conn.execute(
+        "CREATE TRIGGER audit_full BEFORE INSERT ON audit BEGIN SELECT RAISE(ABORT, 'audit disk full'); END"))  # fmt: skip
+    async with _service(journal, issuing, hsm_token, audit=audit) as svc:
+        with pytest.raises(IssuanceFailed) as exc:
+            await svc.issue(IssueRequest("SN-AUD", make_csr()[1]))
+        assert exc.value.code == ReasonCode.AUDIT_UNAVAILABLE
+        assert "audit" in exc.value.message
+        assert journal.rows() == [] and sign.call_count == 0
+        journal.call(lambda: journal.conn.execute("DROP TRIGGER audit_full"))
+        result = await svc.issue(IssueRequest("SN-AUD", make_csr()[1]))
+    assert not result.reused and sign.call_count == 1
+    events = [e.event for e in audit.entries()]
+    assert events == ["issuance.intent", "issuance.issued"]

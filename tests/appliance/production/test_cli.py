@@ -74,7 +74,7 @@ def test_production_cli(
             str(tmp_path / "st1"),
             *admin,
             stdin="admin pass 1\n",
-        )  # fmt: skip
+        )
         == 0
     )
     sup = ["--user", "sam", "--password-stdin"]
