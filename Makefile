@@ -24,6 +24,7 @@ lint: deps
 
 bench: deps
 	$(PY) bench/issue.py
+	$(PY) bench/issue.py --controls
 	$(PY) bench/stations.py serial
 	$(PY) bench/stations.py lan
 

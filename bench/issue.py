@@ -13,6 +13,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import secrets
+import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -27,10 +30,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from appliance import ca as ca_mod
+from appliance.audit.log import AuditLog
+from appliance.audit.verify import verify as audit_verify
 from appliance.issuance.journal import Journal
 from appliance.issuance.policy import IssueRequest
 from appliance.issuance.service import IssueService
 from appliance.issuance.tbs import TbsMaker
+from appliance.production import store, users
+from appliance.production.model import WorkOrderSpec
+from appliance.production.policy import WorkOrderPolicy
 from appliance.profiles import build_certificate, builtin_profiles, new_serial_number, validate_csr
 from hsm import _p11
 from hsm.softhsm import create_softhsm_token
@@ -69,13 +77,88 @@ def per_item_us(fn: Callable[[], object], n: int) -> float:
     return (time.perf_counter() - t0) / n * 1e6
 
 
+def _floor(journal: Journal, quantity: int) -> None:
+    """Production control as a factory runs it: a person, tenant, product, line, a station on the line and an
+    active work order whose allowlist pattern admits the bench's serials."""
+    audit = AuditLog(journal)
+    admin = users.bootstrap(journal, audit, "bench-admin", secrets.token_urlsafe(16))
+    store.add_tenant(journal, audit, admin, "bench")
+    store.add_product(journal, audit, admin, "widget", tenant="bench", profile=builtin_profiles()["idevid"],
+                      ca="issuing")  # fmt: skip
+    store.add_line(journal, audit, admin, "L1")
+    journal.call(journal.transaction, lambda conn: conn.execute(
+        "INSERT INTO stations (name, kind, key, created_at) VALUES ('bench-st', 'lan', ?, ?)",
+        (secrets.token_bytes(32), time.time())), "bench station")  # fmt: skip
+    store.assign_station(journal, audit, admin, "bench-st", "L1")
+    spec = WorkOrderSpec("WO-BENCH", "widget", quantity, ("L1",), pattern="BENCH[0-9]{8}")
+    store.add_work_order(journal, audit, admin, spec, activate=True)
+
+
+def controls_run(
+    args: argparse.Namespace, tmp: Path, token: Token, template: Path, csrs: list[bytes]
+) -> None:
+    """Throughput with and without work-order enforcement and the audit log, alternated in one run."""
+    profiles = {"idevid": builtin_profiles()["idevid"]}
+    rates: dict[bool, list[float]] = {False: [], True: []}
+    for i, on in enumerate((False, True) * args.rounds):
+        path = tmp / f"controls-{i}.sqlite"
+        shutil.copy(template, path)
+        with Journal(path) as journal:
+            issuing = ca_mod.load_ca(journal, "issuing")
+            if on:
+                _floor(journal, len(csrs))
+
+            async def issue_all(journal: Journal = journal, issuing: ca_mod.CaRecord = issuing,
+                                on: bool = on) -> float:  # fmt: skip
+                service = IssueService(
+                    journal, issuing, token.get_key(issuing.key_label), profiles, batch_max=args.batch,
+                    prepare_workers=args.workers, pipeline_depth=args.depth,
+                    policy=WorkOrderPolicy("issuing") if on else None, audit=AuditLog(journal) if on else None,
+                )  # fmt: skip
+                async with service:
+                    t0 = time.perf_counter()
+                    await asyncio.gather(*(
+                        service.issue(IssueRequest(f"BENCH{n:08d}", c, station="bench-st"))
+                        for n, c in enumerate(csrs)
+                    ))  # fmt: skip
+                    return time.perf_counter() - t0
+
+            elapsed = asyncio.run(issue_all())
+            assert journal.counts() == {"issued": len(csrs)}
+            if on:
+                assert store.get_work_order(journal, "WO-BENCH").consumed == len(csrs)
+                assert audit_verify(journal).ok
+            rates[on].append(len(csrs) / elapsed)
+    off, on_ = statistics.median(rates[False]), statistics.median(rates[True])
+    print(
+        f"\nwork-order enforcement + audit log, {len(csrs)} certificates per run,"
+        f" {args.rounds} alternated rounds of off/on (medians):"
+    )
+    print(f"  without controls: {off:8.0f} certificates/s  ({', '.join(f'{r:.0f}' for r in rates[False])})")
+    print(f"  with controls:    {on_:8.0f} certificates/s  ({', '.join(f'{r:.0f}' for r in rates[True])})")
+    print(f"  cost:             {1 - on_ / off:8.1%} slower  (target <= 15%)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--certs", type=int, default=10000)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--workers", type=int, default=1, help="CSR/TBS preparation worker processes (0: inline)")
     ap.add_argument("--depth", type=int, default=2, help="batches in flight at once")
+    ap.add_argument("--controls", action="store_true", help="compare with and without work orders + audit")
+    ap.add_argument("--rounds", type=int, default=3, help="with --controls: alternated off/on rounds")
     args = ap.parse_args()
+    if args.controls:
+        with tempfile.TemporaryDirectory(prefix="birthline-bench-") as tmp:
+            softhsm = create_softhsm_token(Path(tmp) / "softhsm", label="bench")
+            with Token.open(softhsm.hsm_config()) as token:
+                template = Path(tmp) / "template.sqlite"
+                with Journal(template) as journal:
+                    ca_mod.create_root(journal, token, "root", "CN=Bench Root")
+                    ca_mod.create_issuing(journal, token, "issuing", "CN=Bench Issuing", "root")
+                print(f"making {args.certs} device CSRs (not timed) ...", flush=True)
+                controls_run(args, Path(tmp), token, template, make_csrs(args.certs))
+        return
 
     with tempfile.TemporaryDirectory(prefix="birthline-bench-") as tmp:
         softhsm = create_softhsm_token(Path(tmp) / "softhsm", label="bench")

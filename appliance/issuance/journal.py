@@ -245,6 +245,75 @@ CREATE TRIGGER IF NOT EXISTS work_order_unit_release AFTER UPDATE OF state ON is
                         WHERE issuance_id = NEW.id AND kind = 'rework' AND released = 0);
         UPDATE work_order_unit SET released = 1 WHERE issuance_id = NEW.id;
     END;
+-- Revocation and validation (appliance/va, docs/revocation.md): one row per revoked certificate, never deleted.
+-- change_seq orders every insert and reason change, so the CRL publisher and the OCSP cache see what changed.
+CREATE TABLE IF NOT EXISTS revocation (
+    cert_serial       TEXT PRIMARY KEY REFERENCES issuance (cert_serial),
+    ca                TEXT NOT NULL,
+    reason            TEXT NOT NULL CHECK (reason IN ('unspecified', 'keyCompromise', 'cACompromise',
+                          'affiliationChanged', 'superseded', 'cessationOfOperation', 'privilegeWithdrawn')),
+    revoked_at        REAL NOT NULL,                          -- revocationDate
+    invalidity_date   REAL,                                   -- RFC 5280 5.3.2; NULL: not known
+    actor             TEXT NOT NULL,
+    source            TEXT NOT NULL CHECK (source IN ('cli', 'scrap', 'rework', 'cmp', 'upstream')),
+    forwarded_at      REAL,                                   -- the CMP forwarder's seam: NULL until sent as rr
+    reason_changed_at REAL,                                   -- set when the reason was raised to keyCompromise
+    change_seq        INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS revocation_by_ca ON revocation (ca, change_seq);
+CREATE INDEX IF NOT EXISTS revocation_by_seq ON revocation (change_seq);
+CREATE INDEX IF NOT EXISTS revocation_unforwarded ON revocation (revoked_at) WHERE forwarded_at IS NULL;
+CREATE TRIGGER IF NOT EXISTS revocation_seq_insert AFTER INSERT ON revocation
+    BEGIN
+        UPDATE revocation SET change_seq = (SELECT COALESCE(MAX(change_seq), 0) + 1 FROM revocation)
+            WHERE cert_serial = NEW.cert_serial;
+    END;
+CREATE TRIGGER IF NOT EXISTS revocation_seq_update AFTER UPDATE OF reason, invalidity_date ON revocation
+    BEGIN
+        UPDATE revocation SET change_seq = (SELECT COALESCE(MAX(change_seq), 0) + 1 FROM revocation)
+            WHERE cert_serial = NEW.cert_serial;
+    END;
+-- Scrap and rework revoke in their own transaction (their audit entries name the supervisor and the serial).
+CREATE TRIGGER IF NOT EXISTS revocation_on_scrap AFTER INSERT ON scrap
+    BEGIN
+        INSERT OR IGNORE INTO revocation (cert_serial, ca, reason, revoked_at, actor, source)
+            SELECT NEW.cert_serial, ca, 'cessationOfOperation', NEW.created_at, NEW.authorised_by, 'scrap'
+            FROM issuance WHERE id = NEW.issuance_id;
+    END;
+CREATE TRIGGER IF NOT EXISTS revocation_on_rework AFTER INSERT ON rework
+    BEGIN
+        INSERT OR IGNORE INTO revocation (cert_serial, ca, reason, revoked_at, actor, source)
+            SELECT cert_serial, ca, 'superseded', NEW.created_at, NEW.authorised_by, 'rework'
+            FROM issuance WHERE id = NEW.old_issuance;
+    END;
+-- Scraps and reworks recorded before revocation existed (idempotent: runs at every open).
+INSERT OR IGNORE INTO revocation (cert_serial, ca, reason, revoked_at, actor, source)
+    SELECT s.cert_serial, i.ca, 'cessationOfOperation', s.created_at, s.authorised_by, 'scrap'
+    FROM scrap s JOIN issuance i ON i.id = s.issuance_id;
+INSERT OR IGNORE INTO revocation (cert_serial, ca, reason, revoked_at, actor, source)
+    SELECT i.cert_serial, i.ca, 'superseded', r.created_at, r.authorised_by, 'rework'
+    FROM rework r JOIN issuance i ON i.id = r.old_issuance;
+-- The latest CRL per issuing CA, signed in the HSM; served from here, never signed on the request path.
+CREATE TABLE IF NOT EXISTS crl (
+    ca             TEXT PRIMARY KEY,
+    crl_number     INTEGER NOT NULL CHECK (crl_number > 0),   -- monotonic per CA (RFC 5280 5.2.3)
+    this_update    REAL NOT NULL,
+    next_update    REAL NOT NULL,
+    revoked_count  INTEGER NOT NULL,
+    revocation_seq INTEGER NOT NULL,                          -- MAX(revocation.change_seq) of the CA it lists
+    der            BLOB NOT NULL
+);
+-- Delegated OCSP signing certificates (id-kp-OCSPSigning, ocsp-nocheck), each with its own HSM key.
+CREATE TABLE IF NOT EXISTS ocsp_signer (
+    cert_serial TEXT PRIMARY KEY,
+    ca          TEXT NOT NULL,
+    key_label   TEXT NOT NULL UNIQUE,
+    cert_der    BLOB NOT NULL,
+    not_before  REAL NOT NULL,
+    not_after   REAL NOT NULL,
+    created_at  REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ocsp_signer_by_ca ON ocsp_signer (ca, not_after);
 """
 
 

@@ -26,12 +26,20 @@ class IssueRequest:
 
 
 class AuthorisationPolicy(Protocol):
+    def begin(self, conn: sqlite3.Connection) -> None:
+        """A new intent transaction starts: anything the policy cached from an earlier one is stale. Within
+        one transaction (BEGIN IMMEDIATE: no other writer) only the policy's own writes change what it reads."""
+
     def authorise(self, conn: sqlite3.Connection, request: IssueRequest, profile: Profile) -> None:
         """Raise IssuanceRefused (NOT_AUTHORISED, QUOTA_EXHAUSTED, ...) to refuse; may write rows in `conn`."""
 
 
 class AllowAll:
-    """Every well-formed request is authorised. The foundation's default, before work orders exist."""
+    """Every well-formed request is authorised: for unit tests of the core. The appliance's runtime always uses
+    the work-order policy (appliance.production.policy)."""
+
+    def begin(self, conn: sqlite3.Connection) -> None:
+        return None
 
     def authorise(self, conn: sqlite3.Connection, request: IssueRequest, profile: Profile) -> None:
         return None

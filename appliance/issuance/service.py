@@ -236,6 +236,7 @@ class IssueService:
         errors: dict[int, BirthlineError],
     ) -> None:  # fmt: skip
         now = self.clock()
+        confirmed: list[str] = []
         for i, (cert_serial, cert_sha256, _) in enumerate(batch):
             row = conn.execute(
                 "SELECT state, cert_der FROM issuance WHERE cert_serial=?", (cert_serial,)
@@ -254,7 +255,9 @@ class IssueService:
                     "UPDATE issuance SET state='confirmed', confirmed_at=? WHERE cert_serial=?",
                     (now, cert_serial),
                 )
-                self._note(conn, "appliance", "issuance.confirmed", {"cert_serial": cert_serial})
+                confirmed.append(cert_serial)
+        if confirmed:
+            self._note(conn, "appliance", "issuance.confirmed", {"cert_serials": confirmed})
 
     def _note(self, conn: sqlite3.Connection, actor: str, event: str, data: Mapping[str, object]) -> None:
         """Append to the audit log inside `conn`'s transaction: the event commits or rolls back with the rows it
@@ -382,16 +385,21 @@ class IssueService:
     ) -> None:
         """One transaction for the whole batch; a SAVEPOINT per request so one refusal undoes only its own rows.
         Every refusal of the batch, including those found before (bad CSR, bad serial), is audited here."""
-        self._decide(conn, items, now)
-        for item in [*refused, *(i for i in items if i.error is not None)]:
-            assert item.error is not None
-            req = item.request
-            self._note(conn, f"station:{req.station}", "issuance.refused", {
-                "request_id": req.request_id, "device_serial": req.device_serial,
-                "code": item.error.code.name, "reason": item.error.message,
-            })  # fmt: skip
+        # One audit entry per kind per batch, listing its requests: the chain still covers every issuance and
+        # refusal, at the cost of one append per group commit rather than one per certificate.
+        intents = self._decide(conn, items, now)
+        if intents:
+            self._note(conn, "appliance", "issuance.intent", {"ca": self.ca.name, "items": intents})
+        refusals = [
+            {"station": i.request.station, "request_id": i.request.request_id,
+             "device_serial": i.request.device_serial, "code": i.error.code.name, "reason": i.error.message}
+            for i in [*refused, *(i for i in items if i.error is not None)]
+            if i.error is not None
+        ]  # fmt: skip
+        if refusals:
+            self._note(conn, "appliance", "issuance.refused", {"items": refusals})
 
-    def _decide(self, conn: sqlite3.Connection, items: list[_Item], now: float) -> None:
+    def _decide(self, conn: sqlite3.Connection, items: list[_Item], now: float) -> list[dict[str, object]]:
         if self._last_issue_time is None:
             self._last_issue_time = conn.execute("SELECT MAX(created_at) FROM issuance").fetchone()[0] or 0.0
         if now + self.clock_skew_s < self._last_issue_time:
@@ -401,7 +409,9 @@ class IssueService:
             )
             for item in items:
                 item.error = behind
-            return
+            return []
+        intents: list[dict[str, object]] = []
+        self.policy.begin(conn)
         for item in items:
             assert item.prep is not None
             req, prep = item.request, item.prep
@@ -420,10 +430,10 @@ class IssueService:
                         ),
                     )  # fmt: skip
                     item.row_id = cur.lastrowid
-                    self._note(conn, f"station:{req.station}", "issuance.intent", {
-                        "request_id": req.request_id, "device_serial": req.device_serial, "profile": prep.profile,
-                        "ca": self.ca.name, "cert_serial": prep.serial_hex, "tbs_sha256": prep.tbs.sha256,
-                        "public_key_sha256": prep.public_key_sha256,
+                    intents.append({
+                        "id": item.row_id, "station": req.station, "request_id": req.request_id,
+                        "device_serial": req.device_serial, "profile": prep.profile, "cert_serial": prep.serial_hex,
+                        "tbs_sha256": prep.tbs.sha256.hex(), "public_key_sha256": prep.public_key_sha256.hex(),
                     })  # fmt: skip
                 conn.execute("RELEASE item")
             except IssuanceRefused as exc:
@@ -431,6 +441,7 @@ class IssueService:
                 conn.execute("RELEASE item")
                 item.error = exc
         self._last_issue_time = max(self._last_issue_time, now)
+        return intents
 
     def _check_conflicts(self, conn: sqlite3.Connection, item: _Item) -> None:
         assert item.prep is not None
@@ -505,8 +516,9 @@ class IssueService:
                 )
                 if cur.rowcount != 1:
                     raise IssuanceFailed(f"intent {row_id} vanished before storing", ReasonCode.INTERNAL)
-                self._note(conn, "appliance", "issuance.issued",
-                           {"id": row_id, "cert_sha256": hashlib.sha256(der).digest()})  # fmt: skip
+            self._note(conn, "appliance", "issuance.issued", {
+                "items": [{"id": row_id, "cert_sha256": hashlib.sha256(der).hexdigest()} for row_id, der in certs]
+            })  # fmt: skip
 
         try:
             await self.journal.atransaction(store, "storing certificates")

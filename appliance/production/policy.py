@@ -75,26 +75,46 @@ class WorkOrderPolicy:
     def __init__(self, ca: str, *, clock: Callable[[], float] = time.time) -> None:
         self.ca = ca
         self.clock = clock
+        # Per-transaction caches (see begin): what a batch's requests share, read once per group commit.
+        self._lines: dict[str, str | None] = {}
+        self._orders: dict[str, list[_Candidate]] = {}
+        self._ranges: dict[str, list[tuple[str, int, int, int]]] = {}
+
+    def begin(self, conn: sqlite3.Connection) -> None:
+        self._lines.clear()
+        self._orders.clear()
+        self._ranges.clear()
+
+    def _line(self, conn: sqlite3.Connection, station: str) -> str | None:
+        if station not in self._lines:
+            row = conn.execute("SELECT line FROM stations WHERE name=?", (station,)).fetchone()
+            self._lines[station] = None if row is None or row[0] is None else str(row[0])
+        return self._lines[station]
+
+    def _candidates(self, conn: sqlite3.Connection, line: str) -> list[_Candidate]:
+        # `consumed` is read here only for messages; the quota itself is the conditional UPDATE below.
+        if line not in self._orders:
+            rows = conn.execute(
+                "SELECT w.id, w.quantity, w.consumed, w.pattern, w.valid_from, w.valid_to, p.profile, p.ca,"
+                " p.key_algorithms FROM work_order_line l JOIN work_order w ON w.id = l.work_order"
+                " JOIN product p ON p.name = w.product WHERE l.line = ? AND w.state = 'active'"
+                " ORDER BY w.valid_from IS NOT NULL, w.valid_from, w.created_at, w.id",
+                (line,),
+            ).fetchall()
+            self._orders[line] = [
+                _Candidate(a, b, c, d, e, f, g, h, frozenset(str(k).split(",")))
+                for a, b, c, d, e, f, g, h, k in rows
+            ]
+        return self._orders[line]
 
     def authorise(self, conn: sqlite3.Connection, request: IssueRequest, profile: Profile) -> None:
         serial = request.device_serial
-        row = conn.execute("SELECT line FROM stations WHERE name=?", (request.station,)).fetchone()
-        if row is None or row[0] is None:
+        line = self._line(conn, request.station)
+        if line is None:
             raise _refuse(f"station {request.station!r} is not assigned to a production line", "station-line")
-        line = str(row[0])
-        rows = conn.execute(
-            "SELECT w.id, w.quantity, w.consumed, w.pattern, w.valid_from, w.valid_to, p.profile, p.ca,"
-            " p.key_algorithms FROM work_order_line l JOIN work_order w ON w.id = l.work_order"
-            " JOIN product p ON p.name = w.product WHERE l.line = ? AND w.state = 'active'"
-            " ORDER BY w.valid_from IS NOT NULL, w.valid_from, w.created_at, w.id",
-            (line,),
-        ).fetchall()
-        if not rows:
+        orders = self._candidates(conn, line)
+        if not orders:
             raise _refuse(f"no active work order on line {line!r}", "active-work-order", line=line)
-        orders = [
-            _Candidate(a, b, c, d, e, f, g, h, frozenset(str(k).split(",")))
-            for a, b, c, d, e, f, g, h, k in rows
-        ]
         orders = [o for o in orders if o.profile == profile.name and o.ca == self.ca]
         if not orders:
             raise _refuse(
@@ -154,15 +174,16 @@ class WorkOrderPolicy:
                 parts.append(f"{o.id} expired at {iso(o.valid_to)}")
         return f"no work order on line {line!r} is valid now: " + "; ".join(parts)
 
-    @staticmethod
-    def _allows(conn: sqlite3.Connection, order: _Candidate, serial: str) -> bool:
+    def _allows(self, conn: sqlite3.Connection, order: _Candidate, serial: str) -> bool:
         if conn.execute(
             "SELECT 1 FROM work_order_serial WHERE work_order=? AND serial=?", (order.id, serial)
         ).fetchone():
             return True
-        for prefix, first, last, width in conn.execute(
-            "SELECT prefix, first, last, width FROM work_order_range WHERE work_order=?", (order.id,)
-        ):
+        if order.id not in self._ranges:
+            self._ranges[order.id] = conn.execute(
+                "SELECT prefix, first, last, width FROM work_order_range WHERE work_order=?", (order.id,)
+            ).fetchall()
+        for prefix, first, last, width in self._ranges[order.id]:
             if len(serial) == len(prefix) + width and serial.startswith(prefix):
                 digits = serial[len(prefix) :]
                 if digits.isascii() and digits.isdigit() and first <= int(digits) <= last:

@@ -161,6 +161,9 @@ async def test_policy_refusal_rolls_back_and_policy_sees_the_transaction(
     journal: Journal, issuing: CaRecord, hsm_token: Token
 ) -> None:
     class OnlyEven:
+        def begin(self, conn: sqlite3.Connection) -> None:
+            assert conn.in_transaction
+
         def authorise(self, conn: sqlite3.Connection, request: IssueRequest, profile: Profile) -> None:
             assert conn.in_transaction
             if int(request.device_serial[-1]) % 2:
