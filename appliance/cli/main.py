@@ -18,6 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from appliance import ca as ca_mod
+from appliance.audit.log import ensure_audit_key
 from appliance.cli import audit as audit_cli
 from appliance.cli import production as production_cli
 from appliance.cli import stations as stations_cli
@@ -48,6 +49,11 @@ def cmd_init(args: argparse.Namespace) -> int:
         print(f"journal {core.journal.path}: {core.journal.integrity_check()}")
         print(f"HSM token {cfg.hsm.token_label!r}: logged in, {len(core.token.list_keys())} key(s)")
         stations_cli.init_stations(core)
+        # The audit key exists from the start, so the auditor can pin its public key at commissioning.
+        cp = core.audit.checkpoint(ensure_audit_key(core.token))
+        print(
+            f"audit log: head {cp.seq} checkpointed with HSM key {cp.key_label!r}; `birthline audit public-key`"
+        )
     return 0
 
 
