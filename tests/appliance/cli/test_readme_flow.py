@@ -3,15 +3,13 @@ documented flow cannot drift from the code. `birthline run` is left out: the dae
 
 from __future__ import annotations
 
-import io
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
-import pytest
-
-from appliance.cli.main import main
-from hsm.softhsm import SoftHsmToken
+from hsm.softhsm import create_softhsm_token
 
 README = Path(__file__).resolve().parents[3] / "README.md"
 PASSWORDS = {"alice": "alice password 1", "sam": "sam password 1"}
@@ -39,23 +37,19 @@ def _stdin(argv: list[str]) -> str:
     return "".join(f"{x}\n" for x in lines)
 
 
-def test_readme_setup_flow_runs(
-    tmp_path: Path,
-    softhsm_token: SoftHsmToken,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    cfg = softhsm_token.hsm_config()
+def test_readme_setup_flow_runs(tmp_path: Path) -> None:
+    # Its own token, used from subprocesses only: the flow creates CAs named root and issuing, which must not
+    # collide with the session token's (and SoftHSM reads its configuration once per process).
+    cfg = create_softhsm_token(tmp_path / "softhsm", label="readme").hsm_config()
     config = tmp_path / "birthline.toml"
     config.write_text(
         f'[appliance]\nstate_dir = "{tmp_path / "state"}"\n'
         f'[hsm]\nmodule = "{cfg.module}"\ntoken_label = "{cfg.token_label}"\npin_file = "{cfg.pin_file}"\n'
         f'softhsm_conf = "{cfg.softhsm_conf}"\n[stations]\nlan_listen = "127.0.0.1:7450"\ntls_dir = "tls"\n'
     )
-    monkeypatch.chdir(tmp_path)
     commands = _commands()
     assert [c[1] for c in commands[:3]] == ["init", "audit", "user"]
-    ran = 0
+    ran, out = 0, ""
     for argv in commands:
         assert argv[0] == "birthline"
         args = [a for a in argv[1:] if a != "$C"]
@@ -63,10 +57,13 @@ def test_readme_setup_flow_runs(
             continue
         if "--user" in args or args[:2] == ["user", "add"]:
             args.append("--password-stdin")
-        monkeypatch.setattr("sys.stdin", io.StringIO(_stdin(args)))
-        assert main([*args, "--config", str(config)]) == 0, args
+        proc = subprocess.run(
+            [sys.executable, "-m", "appliance.cli.main", *args, "--config", str(config)],
+            input=_stdin(args), capture_output=True, text=True, cwd=tmp_path, timeout=60, check=False,
+        )  # fmt: skip
+        assert proc.returncode == 0, (args, proc.stderr)
+        out += proc.stdout
         ran += 1
     assert ran >= 14
-    out = capsys.readouterr().out
     assert "planned" in out and "500" in out  # the report of the work order the block created
     assert "INTACT" in out  # the auditor's verify with the pinned key
