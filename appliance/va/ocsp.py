@@ -1,0 +1,701 @@
+"""The OCSP responder (RFC 6960) over the journal, signing with delegated responder keys in the HSM.
+
+Per active issuing CA, a delegated OCSP signing certificate (id-kp-OCSPSigning, id-pkix-ocsp-nocheck, 30 days)
+is issued by the CA for a fresh key generated in the token; it is re-issued, with a new key, 10 days before it
+expires. Answers (docs/revocation.md has the table):
+
+    issued / confirmed, not revoked           -> good
+    in the revocation table                   -> revoked (revocationTime, reason unless unspecified)
+    burned (reserved, signature never released) -> revoked, RFC 6960 2.2 "non-issued" form: certificateHold,
+                                                 1970-01-01, with the extended-revoke extension (4.4.8)
+    intent (being issued this very moment)    -> unknown, never cached
+    a serial the journal never saw            -> unknown (default), or the non-issued revoked form with
+                                                 never_issued="revoked"
+    one of our OCSP signing certificates      -> good
+
+Request problems never raise: oversize, empty or undecodable requests (and requests for more than one
+certificate, which the parser does not take) get malformedRequest; an issuer that is not one of our CAs (by
+issuerNameHash + issuerKeyHash, SHA-1, SHA-256, SHA-384 or SHA-512) gets unauthorized; too many signatures
+waiting gets tryLater; anything unexpected gets internalError (and is logged).
+
+Responses without a nonce are cached per (CA, serial, CertID hash) and reused until half their validity, so
+load does not turn into HSM signatures one for one; concurrent misses for one key share one signature. The
+cache forgets a serial when its revocation or issuance row changes (polled from the journal every `poll_s`,
+so revocations made by another process, the CLI, are seen within that time). A request with a nonce is
+signed fresh and echoes the nonce.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import functools
+import hashlib
+import logging
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Literal
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509 import ocsp
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
+
+from appliance import der
+from appliance.ca import CaRecord, load_ca
+from appliance.errors import BirthlineError
+from appliance.issuance.journal import Journal
+from appliance.issuance.policy import AuditSink
+from appliance.profiles import new_serial_number
+from appliance.va.crl import issuing_cas
+from appliance.va.revocation import Reason, iso
+from hsm.algorithms import default_hash
+from hsm.errors import HsmError
+from hsm.token import Token
+
+log = logging.getLogger(__name__)
+
+EXTENDED_REVOKE_OID = ObjectIdentifier("1.3.6.1.5.5.7.48.1.9")  # RFC 6960 4.4.8, value NULL
+NON_ISSUED_TIME = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+DEFAULT_RESPONSE_VALIDITY_S = 3600.0
+DEFAULT_MAX_REQUEST_BYTES = 4096
+MAX_NONCE_BYTES = 32  # RFC 8954
+# SHA-1 only identifies the issuer in a CertID (openssl sends it by default); it signs nothing.
+_CERTID_HASHES: tuple[hashes.HashAlgorithm, ...] = (
+    hashes.SHA1(),  # noqa: S303
+    hashes.SHA256(),
+    hashes.SHA384(),
+    hashes.SHA512(),
+)
+
+NeverIssued = Literal["unknown", "revoked"]
+
+
+# -- answers -------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class OcspAnswer:
+    """One OCSPResponse and what HTTP caching needs to know about it."""
+
+    der: bytes
+    status: ocsp.OCSPResponseStatus
+    produced_at: float | None = None
+    next_update: float | None = None
+    cacheable: bool = False  # a successful answer without a nonce: HTTP caches may keep it
+    cert_status: str | None = None  # good / revoked / unknown
+
+    @functools.cached_property
+    def etag(self) -> str:
+        return '"' + hashlib.sha256(self.der).hexdigest()[:32] + '"'
+
+
+def _unsuccessful(status: ocsp.OCSPResponseStatus) -> OcspAnswer:
+    return OcspAnswer(
+        ocsp.OCSPResponseBuilder.build_unsuccessful(status).public_bytes(serialization.Encoding.DER), status
+    )
+
+
+MALFORMED = _unsuccessful(ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
+INTERNAL_ERROR = _unsuccessful(ocsp.OCSPResponseStatus.INTERNAL_ERROR)
+TRY_LATER = _unsuccessful(ocsp.OCSPResponseStatus.TRY_LATER)
+UNAUTHORIZED = _unsuccessful(ocsp.OCSPResponseStatus.UNAUTHORIZED)
+
+
+# -- delegated signers -------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class OcspSigner:
+    ca: str
+    key_label: str
+    cert_der: bytes
+    not_before: float
+    not_after: float
+
+    @functools.cached_property
+    def cert(self) -> x509.Certificate:
+        return x509.load_der_x509_certificate(self.cert_der)
+
+    @property
+    def cert_serial(self) -> str:
+        return format(self.cert.serial_number, "x")
+
+
+_SIGNER_COLS = "ca, key_label, cert_der, not_before, not_after"
+
+
+def current_signer(journal: Journal, ca: str) -> OcspSigner | None:
+    row = journal.call(
+        lambda: journal.conn.execute(
+            f"SELECT {_SIGNER_COLS} FROM ocsp_signer WHERE ca=? ORDER BY not_after DESC LIMIT 1", (ca,)
+        ).fetchone()
+    )
+    if row is None:
+        return None
+    return OcspSigner(str(row[0]), str(row[1]), bytes(row[2]), float(row[3]), float(row[4]))
+
+
+def _ski(cert: x509.Certificate) -> x509.SubjectKeyIdentifier:
+    try:
+        return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    except x509.ExtensionNotFound:
+        return x509.SubjectKeyIdentifier.from_public_key(cert.public_key())
+
+
+def _signer_subject(ca_cert: x509.Certificate) -> x509.Name:
+    cns = ca_cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    base = str(cns[0].value) if cns else "Birthline CA"
+    keep = [a for a in ca_cert.subject if a.oid != NameOID.COMMON_NAME]
+    return x509.Name([*keep, x509.NameAttribute(NameOID.COMMON_NAME, (base + " OCSP Responder")[:64])])
+
+
+def issue_signer(
+    journal: Journal,
+    token: Token,
+    audit: AuditSink,
+    ca_name: str,
+    *,
+    validity_days: int = 30,
+    actor: str = "appliance",
+    clock: Callable[[], float] = time.time,
+) -> OcspSigner:
+    """Generate a new responder key in the token and have the CA certify it for OCSP signing only."""
+    ca = load_ca(journal, ca_name)
+    ca_cert = ca.certificate
+    serial = new_serial_number()
+    label = f"ocsp:{ca_name}:{serial:x}"[:120]
+    key = token.generate_key(label, ca.key_algorithm)
+    now = int(clock())
+    not_before, not_after = now - 300, now + validity_days * 86400
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_signer_subject(ca_cert))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(serial)
+        .not_valid_before(dt.datetime.fromtimestamp(not_before, dt.UTC))
+        .not_valid_after(dt.datetime.fromtimestamp(not_after, dt.UTC))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.OCSP_SIGNING]), critical=False)
+        .add_extension(x509.OCSPNoCheck(), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(_ski(ca_cert)), critical=False
+        )
+        .sign(token.get_key(ca.key_label), default_hash(ca.key_algorithm))
+    )
+    cert_der = cert.public_bytes(serialization.Encoding.DER)
+    signer = OcspSigner(ca_name, label, cert_der, float(not_before), float(not_after))
+
+    def store(conn: sqlite3.Connection) -> None:
+        conn.execute(
+            "INSERT INTO ocsp_signer (cert_serial, ca, key_label, cert_der, not_before, not_after, created_at)"
+            " VALUES (?,?,?,?,?,?,?)",
+            (format(serial, "x"), ca_name, label, cert_der, signer.not_before, signer.not_after, clock()),
+        )
+        audit.append(conn, actor, "ocsp.signer-issued", {
+            "ca": ca_name, "cert_serial": format(serial, "x"), "key_label": label,
+            "not_after": iso(signer.not_after),
+        })  # fmt: skip
+
+    journal.call(journal.transaction, store, f"storing the OCSP signer of {ca_name}")
+    return signer
+
+
+def ensure_signer(
+    journal: Journal,
+    token: Token,
+    audit: AuditSink,
+    ca_name: str,
+    *,
+    validity_days: int = 30,
+    renew_before_days: int = 10,
+    actor: str = "appliance",
+    clock: Callable[[], float] = time.time,
+) -> OcspSigner:
+    """The CA's current signer, issuing a new one when there is none or it expires within renew_before_days."""
+    found = current_signer(journal, ca_name)
+    if (
+        found is not None
+        and found.not_after - clock() > renew_before_days * 86400
+        and token.has_key(found.key_label)
+    ):
+        return found
+    return issue_signer(journal, token, audit, ca_name, validity_days=validity_days, actor=actor, clock=clock)
+
+
+# -- status ----------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CertStatus:
+    kind: Literal["good", "revoked", "unknown"]
+    why: str  # issued, revoked, burned, in-flight, never-issued, ocsp-signer
+    revoked_at: float | None = None
+    reason: Reason | None = None
+    non_issued: bool = False  # the RFC 6960 2.2 form: certificateHold, 1970-01-01, extended-revoke extension
+    cacheable: bool = True
+
+
+def lookup_status(
+    conn: sqlite3.Connection, ca: str, serial: int, never_issued: NeverIssued = "unknown"
+) -> CertStatus:
+    """What the responder answers for `serial` under issuing CA `ca` (run on the journal thread)."""
+    hex_serial = format(serial, "x")
+    row = conn.execute(
+        "SELECT i.state, i.ca, r.reason, r.revoked_at FROM issuance i"
+        " LEFT JOIN revocation r ON r.cert_serial = i.cert_serial WHERE i.cert_serial=?",
+        (hex_serial,),
+    ).fetchone()
+    if row is not None and row[1] == ca:
+        state, _, reason, revoked_at = row
+        if reason is not None:
+            return CertStatus("revoked", "revoked", float(revoked_at), Reason(reason))
+        if state in ("issued", "confirmed"):
+            return CertStatus("good", "issued")
+        if state == "intent":
+            return CertStatus("unknown", "in-flight", cacheable=False)
+        if state == "burned":
+            return CertStatus("revoked", "burned", non_issued=True)
+        # reworked / scrapped rows are revoked by the journal's triggers; never answer good for them.
+        return CertStatus("revoked", str(state), 0.0, Reason.UNSPECIFIED)
+    if conn.execute("SELECT 1 FROM ocsp_signer WHERE ca=? AND cert_serial=?", (ca, hex_serial)).fetchone():
+        return CertStatus("good", "ocsp-signer")
+    if never_issued == "revoked":
+        return CertStatus("revoked", "never-issued", non_issued=True)
+    return CertStatus("unknown", "never-issued")
+
+
+# -- the responder -----------------------------------------------------------------------------------------------------
+def _key_hash_input(cert: x509.Certificate) -> bytes:
+    """The subjectPublicKey BIT STRING value (without the unused-bits octet), as CertID's issuerKeyHash hashes."""
+    spki = cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    outer = der.read_tlv(spki)
+    _alg, bits = der.read_children(spki, outer)
+    return spki[bits.content + 1 : bits.end]
+
+
+def _digest(alg: hashes.HashAlgorithm, data: bytes) -> bytes:
+    h = hashes.Hash(alg)
+    h.update(data)
+    return h.finalize()
+
+
+@dataclass(frozen=True)
+class _Parsed:
+    ca: str
+    algorithm: hashes.HashAlgorithm
+    name_hash: bytes
+    key_hash: bytes
+    serial: int
+    nonce: bytes | None
+
+    @property
+    def key(self) -> tuple[str, int, str]:
+        return (self.ca, self.serial, self.algorithm.name)
+
+
+@dataclass
+class _Entry:
+    answer: OcspAnswer
+    fresh_until: float
+
+
+@dataclass
+class _Signing:
+    signer: OcspSigner
+    key: Any  # the HSM private key
+    hash: hashes.HashAlgorithm | None  # None for Ed25519
+
+
+def _utc(t: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(int(t), dt.UTC)
+
+
+class OcspResponder:
+    """RFC 6960 answers over the journal. Call load() (or enter it as an async context manager, which also
+    runs the "va-ocsp-refresh" task: cache invalidation every poll_s, signer renewal every signer_check_s)."""
+
+    TASK_NAME = "va-ocsp-refresh"
+
+    def __init__(
+        self,
+        journal: Journal,
+        token: Token,
+        audit: AuditSink,
+        *,
+        validity_s: float = DEFAULT_RESPONSE_VALIDITY_S,
+        never_issued: NeverIssued = "unknown",
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        cache_max: int = 100_000,
+        max_pending: int = 256,
+        signer_validity_days: int = 30,
+        signer_renew_days: int = 10,
+        poll_s: float = 2.0,
+        signer_check_s: float = 300.0,
+        actor: str = "appliance",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if never_issued not in ("unknown", "revoked"):
+            raise ValueError("never_issued is 'unknown' or 'revoked'")
+        self.journal = journal
+        self.token = token
+        self.audit = audit
+        self.validity_s = validity_s
+        self.never_issued: NeverIssued = never_issued
+        self.max_request_bytes = max_request_bytes
+        self.cache_max = cache_max
+        self.max_pending = max_pending
+        self.signer_validity_days = signer_validity_days
+        self.signer_renew_days = signer_renew_days
+        self.poll_s = poll_s
+        self.signer_check_s = signer_check_s
+        self.actor = actor
+        self.clock = clock
+        self.hits = 0
+        self.misses = 0
+        self.signed = 0
+        self.errors = 0
+        self.last_error: BaseException | None = None
+        self._issuers: dict[tuple[str, bytes, bytes], str] = {}
+        self._signing: dict[str, _Signing] = {}
+        self._cache: dict[tuple[str, int, str], _Entry] = {}
+        self._inflight: dict[tuple[str, int, str], asyncio.Future[OcspAnswer]] = {}
+        self._pending = 0
+        self._generation = 0  # bumped whenever something is invalidated: a racing miss then does not cache
+        self._seen_revocation = 0
+        self._seen_issuance = 0
+        self._loaded = False
+        self._stop = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._tg: asyncio.TaskGroup | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    # -- set-up ----------------------------------------------------------------------------------------------
+    def load(self) -> None:
+        """(Re)load the issuing CAs and make sure each has a valid signer (may sign in the HSM; blocking)."""
+        self._install(self._prepare())
+
+    def _prepare(
+        self,
+    ) -> tuple[dict[tuple[str, bytes, bytes], str], dict[str, _Signing], tuple[int, int] | None]:
+        """The blocking half of load(), safe in a worker thread: it only reads the responder's state."""
+        issuers: dict[tuple[str, bytes, bytes], str] = {}
+        signing: dict[str, _Signing] = {}
+        for ca in issuing_cas(self.journal):
+            self._add_issuer(issuers, ca)
+            signer = ensure_signer(
+                self.journal, self.token, self.audit, ca.name, validity_days=self.signer_validity_days,
+                renew_before_days=self.signer_renew_days, actor=self.actor, clock=self.clock,
+            )  # fmt: skip
+            old = self._signing.get(ca.name)
+            if old is not None and old.signer.key_label == signer.key_label:
+                signing[ca.name] = old
+            else:
+                key = self.token.get_key(signer.key_label)
+                signing[ca.name] = _Signing(signer, key, default_hash(key.algorithm))
+        marks = None if self._loaded else self.journal.call(self._watermarks)
+        return issuers, signing, marks
+
+    def _install(
+        self,
+        prepared: tuple[dict[tuple[str, bytes, bytes], str], dict[str, _Signing], tuple[int, int] | None],
+    ) -> None:
+        issuers, signing, marks = prepared
+        for ca, s in signing.items():
+            old = self._signing.get(ca)
+            if old is None or old.signer.key_label != s.signer.key_label:
+                self._forget_ca(ca)
+        if marks is not None:
+            self._seen_revocation, self._seen_issuance = marks
+            self._loaded = True
+        self._issuers, self._signing = issuers, signing
+
+    @staticmethod
+    def _add_issuer(issuers: dict[tuple[str, bytes, bytes], str], ca: CaRecord) -> None:
+        cert = ca.certificate
+        name_der = cert.subject.public_bytes()
+        key_bits = _key_hash_input(cert)
+        for alg in _CERTID_HASHES:
+            issuers[(alg.name, _digest(alg, name_der), _digest(alg, key_bits))] = ca.name
+
+    def signer(self, ca: str) -> OcspSigner | None:
+        s = self._signing.get(ca)
+        return None if s is None else s.signer
+
+    # -- answering -------------------------------------------------------------------------------------------
+    def _parse(self, request_der: bytes) -> _Parsed | OcspAnswer:
+        if not request_der or len(request_der) > self.max_request_bytes:
+            return MALFORMED
+        try:
+            req = ocsp.load_der_ocsp_request(request_der)
+            serial = req.serial_number
+            name_hash, key_hash = req.issuer_name_hash, req.issuer_key_hash
+            nonce: bytes | None = None
+            for ext in req.extensions:
+                if isinstance(ext.value, x509.OCSPNonce):
+                    nonce = ext.value.nonce
+                elif ext.critical:
+                    return MALFORMED  # a critical request extension we do not understand
+            algorithm = req.hash_algorithm
+        except UnsupportedAlgorithm:
+            return UNAUTHORIZED  # a CertID hash we do not serve
+        except ValueError:
+            return MALFORMED
+        if (
+            serial < 0
+            or serial.bit_length() > 160
+            or (nonce is not None and not 1 <= len(nonce) <= MAX_NONCE_BYTES)
+        ):
+            return MALFORMED
+        ca = self._issuers.get((algorithm.name, name_hash, key_hash))
+        if ca is None:
+            return UNAUTHORIZED
+        if ca not in self._signing:
+            return TRY_LATER
+        return _Parsed(ca, algorithm, name_hash, key_hash, serial, nonce)
+
+    def _hit(self, key: tuple[str, int, str], now: float) -> OcspAnswer | None:
+        entry = self._cache.get(key)
+        if entry is None:
+            return None
+        if now >= entry.fresh_until:
+            self._cache.pop(key, None)
+            return None
+        self.hits += 1
+        return entry.answer
+
+    def _lookup(self, p: _Parsed) -> CertStatus:
+        return lookup_status(self.journal.conn, p.ca, p.serial, self.never_issued)
+
+    def _sign(self, p: _Parsed, status: CertStatus, now: float) -> OcspAnswer:
+        signing = self._signing[p.ca]
+        this_update = int(now)
+        next_update = this_update + int(self.validity_s)
+        if status.kind == "good":
+            cert_status, rev_time, rev_reason = ocsp.OCSPCertStatus.GOOD, None, None
+        elif status.kind == "unknown":
+            cert_status, rev_time, rev_reason = ocsp.OCSPCertStatus.UNKNOWN, None, None
+        elif status.non_issued:
+            cert_status, rev_time, rev_reason = (
+                ocsp.OCSPCertStatus.REVOKED,
+                NON_ISSUED_TIME,
+                x509.ReasonFlags.certificate_hold,
+            )
+        else:
+            reason = status.reason or Reason.UNSPECIFIED
+            cert_status, rev_time = ocsp.OCSPCertStatus.REVOKED, _utc(status.revoked_at or 0.0)
+            rev_reason = None if reason == Reason.UNSPECIFIED else reason.flag
+        builder = (
+            ocsp.OCSPResponseBuilder()
+            .add_response_by_hash(
+                p.name_hash,
+                p.key_hash,
+                p.serial,
+                p.algorithm,
+                cert_status,
+                _utc(this_update),
+                _utc(next_update),
+                rev_time,
+                rev_reason,
+            )
+            .responder_id(ocsp.OCSPResponderEncoding.HASH, signing.signer.cert)
+            .certificates([signing.signer.cert])
+        )
+        if status.non_issued:
+            builder = builder.add_extension(
+                x509.UnrecognizedExtension(EXTENDED_REVOKE_OID, b"\x05\x00"), critical=False
+            )
+        if p.nonce is not None:
+            builder = builder.add_extension(x509.OCSPNonce(p.nonce), critical=False)
+        response = builder.sign(signing.key, signing.hash)
+        self.signed += 1
+        return OcspAnswer(
+            response.public_bytes(serialization.Encoding.DER), ocsp.OCSPResponseStatus.SUCCESSFUL,
+            float(this_update), float(next_update), p.nonce is None, status.kind,
+        )  # fmt: skip
+
+    def _store(self, p: _Parsed, status: CertStatus, answer: OcspAnswer, generation: int) -> None:
+        if p.nonce is not None or not status.cacheable or generation != self._generation:
+            return
+        if len(self._cache) >= self.cache_max:
+            for old in list(self._cache)[: max(1, self.cache_max // 10)]:
+                del self._cache[old]
+        assert answer.produced_at is not None
+        self._cache[p.key] = _Entry(answer, answer.produced_at + self.validity_s / 2)
+
+    def answer(self, request_der: bytes) -> OcspAnswer:
+        """Blocking form (CLI, tests): journal lookups and HSM signing on the calling thread's behalf."""
+        try:
+            p = self._parse(bytes(request_der))
+            if isinstance(p, OcspAnswer):
+                return p
+            now = self.clock()
+            if p.nonce is None and (hit := self._hit(p.key, now)) is not None:
+                return hit
+            self.misses += 1
+            generation = self._generation
+            status = self.journal.call(self._lookup, p)
+            answer = self._sign(p, status, now)
+            self._store(p, status, answer, generation)
+            return answer
+        except Exception as exc:  # noqa: BLE001 - the responder answers every input; never raises
+            return self._internal(exc)
+
+    def respond(self, request_der: bytes) -> bytes:
+        return self.answer(request_der).der
+
+    async def aanswer(self, request_der: bytes) -> OcspAnswer:
+        """The event-loop form: the cache hit path never leaves the loop; a miss looks up on the journal
+        thread and signs in a worker thread; concurrent misses for one key share one signature."""
+        try:
+            p = self._parse(bytes(request_der))
+            if isinstance(p, OcspAnswer):
+                return p
+            now = self.clock()
+            if p.nonce is None:
+                if (hit := self._hit(p.key, now)) is not None:
+                    return hit
+                waiting = self._inflight.get(p.key)
+                if waiting is not None:
+                    self.hits += 1
+                    return await asyncio.shield(waiting)
+            if self._pending >= self.max_pending:
+                return TRY_LATER
+            self.misses += 1
+            self._pending += 1
+            future: asyncio.Future[OcspAnswer] | None = None
+            if p.nonce is None:
+                future = asyncio.get_running_loop().create_future()
+                self._inflight[p.key] = future
+            answer = INTERNAL_ERROR
+            try:
+                generation = self._generation
+                status = await self.journal.acall(self._lookup, p)
+                answer = await asyncio.to_thread(self._sign, p, status, now)
+                self._store(p, status, answer, generation)
+            finally:
+                self._pending -= 1
+                if future is not None:
+                    self._inflight.pop(p.key, None)
+                    future.set_result(answer)
+            return answer
+        except Exception as exc:  # noqa: BLE001 - the responder answers every input; never raises
+            return self._internal(exc)
+
+    async def arespond(self, request_der: bytes) -> bytes:
+        return (await self.aanswer(request_der)).der
+
+    def _internal(self, exc: BaseException) -> OcspAnswer:
+        self.errors += 1
+        self.last_error = exc
+        log.error("OCSP responder: internal error: %r", exc)
+        return INTERNAL_ERROR
+
+    # -- invalidation ----------------------------------------------------------------------------------------
+    def _watermarks(self) -> tuple[int, int]:
+        conn = self.journal.conn
+        rev = conn.execute("SELECT COALESCE(MAX(change_seq), 0) FROM revocation").fetchone()[0]
+        iss = conn.execute("SELECT COALESCE(MAX(id), 0) FROM issuance").fetchone()[0]
+        return int(rev), int(iss)
+
+    def _changes(self) -> tuple[int, int, list[tuple[str, str]]]:
+        conn = self.journal.conn
+        changed: list[tuple[str, str]] = []
+        rev, iss = self._seen_revocation, self._seen_issuance
+        for seq, ca, serial in conn.execute(
+            "SELECT change_seq, ca, cert_serial FROM revocation WHERE change_seq > ? ORDER BY change_seq",
+            (rev,),
+        ):
+            rev = max(rev, int(seq))
+            changed.append((str(ca), str(serial)))
+        for row_id, ca, serial in conn.execute(
+            "SELECT id, ca, cert_serial FROM issuance WHERE id > ? ORDER BY id", (iss,)
+        ):
+            iss = max(iss, int(row_id))
+            changed.append((str(ca), str(serial)))
+        return rev, iss, changed
+
+    def _apply(self, changes: tuple[int, int, list[tuple[str, str]]]) -> int:
+        rev, iss, changed = changes
+        self._seen_revocation, self._seen_issuance = rev, iss
+        if changed:
+            self._generation += 1
+        dropped = 0
+        for ca, serial in changed:
+            number = int(serial, 16)
+            for alg in _CERTID_HASHES:
+                if self._cache.pop((ca, number, alg.name), None) is not None:
+                    dropped += 1
+        return dropped
+
+    def refresh(self) -> int:
+        """Forget cached answers whose certificate's revocation or issuance row changed; returns how many."""
+        return self._apply(self.journal.call(self._changes))
+
+    async def arefresh(self) -> int:
+        return self._apply(await self.journal.acall(self._changes))
+
+    def _forget_ca(self, ca: str) -> None:
+        self._generation += 1
+        for key in [k for k in self._cache if k[0] == ca]:
+            del self._cache[key]
+
+    def nudge(self) -> None:
+        self._wake.set()
+
+    # -- long-lived ------------------------------------------------------------------------------------------
+    async def __aenter__(self) -> OcspResponder:
+        self._install(await asyncio.to_thread(self._prepare))
+        self._stop.clear()
+        self._tg = asyncio.TaskGroup()
+        await self._tg.__aenter__()
+        self._task = self._tg.create_task(self._run(), name=self.TASK_NAME)
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._stop.set()
+        self._wake.set()
+        tg, self._tg = self._tg, None
+        assert tg is not None, "OcspResponder exited without entering"
+        await tg.__aexit__(exc_type, exc, tb)
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def _run(self) -> None:
+        checked = time.monotonic()
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.poll_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            try:
+                await self.arefresh()
+                if time.monotonic() - checked >= self.signer_check_s:
+                    checked = time.monotonic()
+                    self._install(await asyncio.to_thread(self._prepare))
+            except (BirthlineError, HsmError, sqlite3.Error, ValueError) as exc:
+                self.errors += 1
+                self.last_error = exc
+                log.error("OCSP responder: refresh failed (will retry): %s", exc)

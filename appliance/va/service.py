@@ -1,0 +1,86 @@
+"""The validation authority as one long-lived component: the CRL publisher and the OCSP responder.
+
+async with ValidationAuthority(core.journal, core.token, core.audit, VaSettings(...)) as va:
+    app = make_app(va)               # appliance.va.http
+    async with VaServer(app, "0.0.0.0", 7451) as server: ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+
+from appliance.issuance.journal import Journal
+from appliance.issuance.policy import AuditSink
+from appliance.va.crl import DEFAULT_CRL_VALIDITY_S, CrlPublisher
+from appliance.va.ocsp import (
+    DEFAULT_MAX_REQUEST_BYTES,
+    DEFAULT_RESPONSE_VALIDITY_S,
+    NeverIssued,
+    OcspResponder,
+)
+from hsm.token import Token
+
+
+@dataclass(frozen=True)
+class VaSettings:
+    """Everything the VA needs from the configuration (the lead maps a [va] table onto this)."""
+
+    crl_validity_s: float = DEFAULT_CRL_VALIDITY_S  # CRL nextUpdate - thisUpdate; regenerated at half of it
+    ocsp_validity_s: float = DEFAULT_RESPONSE_VALIDITY_S  # OCSP nextUpdate - thisUpdate; re-signed at half
+    signer_validity_days: int = 30  # delegated OCSP signing certificate
+    signer_renew_days: int = 10  # re-issued (new key) when it expires within this
+    never_issued: NeverIssued = "unknown"  # answer for a serial the journal never saw
+    poll_s: float = 2.0  # how soon changes made by another process (the CLI) are seen
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # OCSP request body (POST) or decoded GET
+    http_max_age_s: int = 300  # Cache-Control max-age cap for CRLs and OCSP GET answers
+    cache_max: int = 100_000  # cached OCSP answers
+    max_pending_signs: int = 256  # OCSP misses waiting for the HSM beyond this get tryLater
+
+
+class ValidationAuthority:
+    """Enter to load (issuing the OCSP signers if needed) and start both named tasks; exit stops them."""
+
+    def __init__(
+        self,
+        journal: Journal,
+        token: Token,
+        audit: AuditSink,
+        settings: VaSettings | None = None,
+        *,
+        actor: str = "appliance",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = s = settings or VaSettings()
+        self.crls = CrlPublisher(
+            journal, token, audit, validity_s=s.crl_validity_s, poll_s=s.poll_s, actor=actor, clock=clock
+        )
+        self.responder = OcspResponder(
+            journal, token, audit, validity_s=s.ocsp_validity_s, never_issued=s.never_issued,
+            max_request_bytes=s.max_request_bytes, cache_max=s.cache_max, max_pending=s.max_pending_signs,
+            signer_validity_days=s.signer_validity_days, signer_renew_days=s.signer_renew_days,
+            poll_s=s.poll_s, actor=actor, clock=clock,
+        )  # fmt: skip
+        self._stack = contextlib.AsyncExitStack()
+
+    async def __aenter__(self) -> ValidationAuthority:
+        try:
+            await self._stack.enter_async_context(self.responder)
+            await self._stack.enter_async_context(self.crls)
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._stack.__aexit__(exc_type, exc, tb)
+
+    def changed(self) -> None:
+        """A revocation was made in this process (e.g. a CMP rr): regenerate CRLs and refresh OCSP now."""
+        self.crls.nudge()
+        self.responder.nudge()

@@ -1,0 +1,197 @@
+"""OCSP answers per second for concurrent HTTP clients, with the raw HSM sign rate of the same run beside it.
+
+    python bench/ocsp.py [--certs 10000] [--clients 50] [--warm 20000] [--nonce 2000]
+
+A fresh SoftHSM2 token and journal: root and issuing CA, a handful of device certificates issued through the
+real IssueService, and `--certs` issuance rows written straight into SQLite with fresh random serials of the
+issuing CA (1% of them revoked). The VA is served over HTTP on 127.0.0.1 and `--clients` aiohttp clients POST
+OCSP requests (SHA-1 CertIDs, as openssl sends them) in three phases:
+
+    cold   every certificate once: every answer is a cache miss, i.e. one HSM signature
+    warm   random certificates of the set again: answered from the cache, no signature
+    nonce  requests with a nonce: always signed fresh
+
+Clients and server share one event loop and one CPU here, so the HTTP figures include the client's cost.
+Figures are ratios within one run: this machine is shared and noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import os
+import random
+import sqlite3
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import aiohttp
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509 import ocsp
+
+from appliance import ca as ca_mod
+from appliance.audit.log import AuditLog
+from appliance.issuance.journal import Journal
+from appliance.issuance.policy import IssueRequest
+from appliance.issuance.service import IssueService
+from appliance.profiles import builtin_profiles, new_serial_number
+from appliance.va import revocation as rv
+from appliance.va.http import VaServer, make_app
+from appliance.va.service import ValidationAuthority, VaSettings
+from bench.issue import make_csrs, raw_sign_rate
+from hsm.softhsm import create_softhsm_token
+from hsm.token import Token
+
+SHA1 = hashes.SHA1()  # noqa: S303 - CertID hash, as openssl sends it
+
+
+def request(name_hash: bytes, key_hash: bytes, serial: int, nonce: bool = False) -> bytes:
+    builder = ocsp.OCSPRequestBuilder().add_certificate_by_hash(name_hash, key_hash, serial, SHA1)
+    if nonce:
+        builder = builder.add_extension(x509.OCSPNonce(os.urandom(16)), critical=False)
+    return builder.build().public_bytes(serialization.Encoding.DER)
+
+
+def populate(journal: Journal, audit: AuditLog, n: int, cert_der: bytes) -> list[int]:
+    serials = [new_serial_number() for _ in range(n)]
+
+    def txn(conn: sqlite3.Connection) -> None:
+        now = time.time()
+        conn.executemany(
+            "INSERT INTO issuance (request_id, station, profile, ca, device_serial, public_key_sha256, csr_sha256,"
+            " cert_serial, tbs_sha256, state, cert_der, created_at, issued_at)"
+            " VALUES (?, 'bench', 'idevid', 'issuing', ?, ?, ?, ?, ?, 'issued', ?, ?, ?)",
+            [
+                (f"r{i}", f"BULK{i:06d}", hashlib.sha256(b"k%d" % i).digest(), hashlib.sha256(b"c%d" % i).digest(),
+                 format(s, "x"), hashlib.sha256(b"t%d" % i).digest(), cert_der, now, now)
+                for i, s in enumerate(serials)
+            ],
+        )  # fmt: skip
+        targets = [(format(s, "x"), "issuing", f"BULK{i:06d}") for i, s in enumerate(serials) if i % 100 == 0]
+        rv.revoke_in_transaction(
+            conn, audit, "bench", targets, rv.Reason.KEY_COMPROMISE, rv.Source.CLI, now=now
+        )
+
+    journal.call(journal.transaction, txn, "bench rows")
+    return serials
+
+
+async def phase(url: str, requests: list[bytes], clients: int) -> tuple[float, dict[str, int]]:
+    queue = list(reversed(requests))
+    counts: dict[str, int] = {}
+
+    async def client(session: aiohttp.ClientSession) -> None:
+        while queue:
+            body = queue.pop()
+            async with session.post(
+                url, data=body, headers={"Content-Type": "application/ocsp-request"}
+            ) as r:
+                resp = ocsp.load_der_ocsp_response(await r.read())
+            key = resp.response_status.name
+            if resp.response_status == ocsp.OCSPResponseStatus.SUCCESSFUL:
+                key = resp.certificate_status.name
+            counts[key] = counts.get(key, 0) + 1
+
+    connector = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(session) for _ in range(clients)))
+        return len(requests) / (time.perf_counter() - t0), counts
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--certs", type=int, default=10000)
+    ap.add_argument("--clients", type=int, default=50)
+    ap.add_argument("--warm", type=int, default=20000)
+    ap.add_argument("--nonce", type=int, default=2000)
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="birthline-bench-ocsp-") as tmp:
+        softhsm = create_softhsm_token(Path(tmp) / "softhsm", label="bench")
+        with Token.open(softhsm.hsm_config()) as token, Journal(Path(tmp) / "journal.sqlite") as journal:
+            audit = AuditLog(journal)
+            ca_mod.create_root(journal, token, "root", "CN=Bench Root")
+            issuing = ca_mod.create_issuing(journal, token, "issuing", "CN=Bench Issuing", "root")
+
+            async def issue_a_few() -> bytes:
+                service = IssueService(
+                    journal,
+                    issuing,
+                    token.get_key(issuing.key_label),
+                    {"idevid": builtin_profiles()["idevid"]},
+                )
+                async with service:
+                    results = [
+                        await service.issue(IssueRequest(f"REAL{i}", c)) for i, c in enumerate(make_csrs(5))
+                    ]
+                return results[0].certificate
+
+            cert_der = asyncio.run(issue_a_few())
+            print(f"populating {args.certs} issuance rows (not timed) ...", flush=True)
+            serials = populate(journal, audit, args.certs, cert_der)
+            cert = issuing.certificate
+            probe = (
+                ocsp.OCSPRequestBuilder()
+                .add_certificate(x509.load_der_x509_certificate(cert_der), cert, SHA1)
+                .build()
+            )
+            name_hash, key_hash = probe.issuer_name_hash, probe.issuer_key_hash
+            cold = [request(name_hash, key_hash, s) for s in serials]
+            rng = random.Random(1)
+            warm = [cold[rng.randrange(len(cold))] for _ in range(args.warm)]
+            nonced = [
+                request(name_hash, key_hash, rng.choice(serials), nonce=True) for _ in range(args.nonce)
+            ]
+
+            raw_before = raw_sign_rate(token, issuing.key_label, 5000)
+
+            async def run() -> tuple[list[tuple[str, int, float, dict[str, int]]], float, float, int]:
+                settings = VaSettings(cache_max=max(100_000, 2 * args.certs))
+                async with ValidationAuthority(journal, token, audit, settings) as va:
+                    async with VaServer(make_app(va), "127.0.0.1", 0) as server:
+                        url = server.url + "/ocsp"
+                        rows = []
+                        for name, reqs in (("cold", cold), ("warm", warm), ("nonce", nonced)):
+                            rate, counts = await phase(url, reqs, args.clients)
+                            rows.append((name, len(reqs), rate, counts))
+                    # in-process cost of one answer, without HTTP
+                    responder = va.responder
+                    n = 5000
+                    t0 = time.perf_counter()
+                    for r in warm[:n]:
+                        await responder.aanswer(r)
+                    hit_us = (time.perf_counter() - t0) / n * 1e6
+                    t0 = time.perf_counter()
+                    for r in nonced[:200]:
+                        await responder.aanswer(r)
+                    miss_us = (time.perf_counter() - t0) / 200 * 1e6
+                    return rows, hit_us, miss_us, responder.signed
+
+            rows, hit_us, miss_us, signed = asyncio.run(run())
+            raw_after = raw_sign_rate(token, issuing.key_label, 5000)
+            raw = (raw_before + raw_after) / 2
+
+            print(f"\nOCSP over HTTP on 127.0.0.1, {args.clients} concurrent clients, {args.certs} certificates"
+                  f" ({args.certs // 100} revoked)")  # fmt: skip
+            for name, count, rate, counts in rows:
+                detail = ", ".join(f"{k.lower()} {v}" for k, v in sorted(counts.items()))
+                print(f"  {name:<6} {count:6d} requests: {rate:8.0f} answers/s   ({detail})")
+            print(
+                f"  raw HSM C_Sign:          {raw:8.0f} signatures/s (before {raw_before:.0f}, after {raw_after:.0f})"
+            )
+            print(f"  cold / raw sign:         {rows[0][2] / raw:8.1%}")
+            print(f"  warm / raw sign:         {rows[1][2] / raw:8.1f}x")
+            print(f"  in-process answer, cache hit:      {hit_us:8.1f} us")
+            print(f"  in-process answer, nonce (signed): {miss_us:8.1f} us")
+            print(f"  HSM signatures by the responder:   {signed}")
+
+
+if __name__ == "__main__":
+    main()
