@@ -1,0 +1,42 @@
+"""Object identifiers the CMP layer uses (dotted strings)."""
+
+from __future__ import annotations
+
+# Protection: MAC (RFC 4210 / RFC 9481)
+PASSWORD_BASED_MAC = "1.2.840.113533.7.66.13"  # noqa: S105 (an OID, not a password)
+PBMAC1 = "1.2.840.113549.1.5.14"
+PBKDF2 = "1.2.840.113549.1.5.12"
+
+# One-way functions and MACs
+SHA1 = "1.3.14.3.2.26"
+SHA256 = "2.16.840.1.101.3.4.2.1"
+SHA384 = "2.16.840.1.101.3.4.2.2"
+SHA512 = "2.16.840.1.101.3.4.2.3"
+HMAC_SHA1 = "1.3.6.1.5.5.8.1.2"
+HMAC_WITH_SHA1 = "1.2.840.113549.2.7"
+HMAC_WITH_SHA256 = "1.2.840.113549.2.9"
+HMAC_WITH_SHA384 = "1.2.840.113549.2.10"
+HMAC_WITH_SHA512 = "1.2.840.113549.2.11"
+
+# Signatures (RFC 9481 section 3)
+ECDSA_WITH_SHA256 = "1.2.840.10045.4.3.2"
+ECDSA_WITH_SHA384 = "1.2.840.10045.4.3.3"
+ECDSA_WITH_SHA512 = "1.2.840.10045.4.3.4"
+SHA256_WITH_RSA = "1.2.840.113549.1.1.11"
+SHA384_WITH_RSA = "1.2.840.113549.1.1.12"
+SHA512_WITH_RSA = "1.2.840.113549.1.1.13"
+ED25519 = "1.3.101.112"
+ED448 = "1.3.101.113"
+
+# CMP InfoTypes (id-it, RFC 9480 / RFC 9810)
+ID_IT = "1.3.6.1.5.5.7.4"
+IT_IMPLICIT_CONFIRM = ID_IT + ".13"
+IT_CONFIRM_WAIT_TIME = ID_IT + ".14"
+IT_CA_CERTS = ID_IT + ".17"
+IT_CERT_PROFILE = ID_IT + ".21"
+
+# CRMF controls
+REG_CTRL_OLD_CERT_ID = "1.3.6.1.5.5.7.5.1.5"
+
+# CRL entry extension: reasonCode
+CRL_REASON = "2.5.29.21"
