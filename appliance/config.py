@@ -13,6 +13,7 @@ from typing import Any
 
 from appliance.errors import ConfigError, Problem
 from appliance.profiles import Profile, builtin_profiles, parse_profiles
+from appliance.va.service import VaSettings
 from hsm.config import HsmConfig
 
 DEFAULT_CONFIG_PATH = Path("/etc/birthline/birthline.toml")
@@ -60,6 +61,25 @@ class StationsSection:
         return host.strip("[]"), int(port)
 
 
+def _split_listen(value: str) -> tuple[str, int] | None:
+    if not value:
+        return None
+    host, _, port = value.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True)
+class VaSection:
+    """The validation authority: CRLs and OCSP over HTTP on the appliance's LAN side."""
+
+    listen: str = "127.0.0.1:7451"  # "host:port"; "" serves no CRL or OCSP
+    settings: VaSettings = field(default_factory=VaSettings)
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        return _split_listen(self.listen)
+
+
 @dataclass(frozen=True)
 class Config:
     appliance: ApplianceSection
@@ -67,6 +87,7 @@ class Config:
     journal: JournalSection
     issuance: IssuanceSection
     stations: StationsSection = field(default_factory=StationsSection)
+    va: VaSection = field(default_factory=VaSection)
     profiles: Mapping[str, Profile] = field(default_factory=dict)
     source: Path | None = None
 
@@ -152,7 +173,7 @@ def parse_config(
         p = Path(value)
         return p if p.is_absolute() else (base / p)
 
-    for key in sorted(set(data) - {"appliance", "hsm", "journal", "issuance", "stations", "profiles"}):
+    for key in sorted(set(data) - {"appliance", "hsm", "journal", "issuance", "stations", "va", "profiles"}):
         problems.append(Problem(key, "unknown section"))
 
     r = _Reader(_table(data, "appliance", problems), "appliance", problems)
@@ -222,6 +243,34 @@ def parse_config(
     )
     r.done()
 
+    r = _Reader(_table(data, "va", problems), "va", problems)
+    va_listen = r.text("listen", "127.0.0.1:7451")
+    if isinstance(va_listen, str) and va_listen:
+        host, sep, port = va_listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            problems.append(Problem("va.listen", f"expected host:port or empty, got {va_listen!r}"))
+            va_listen = ""
+    never_issued = r.text("never_issued", "unknown")
+    if never_issued not in ("unknown", "revoked"):
+        problems.append(Problem("va.never_issued", f"expected 'unknown' or 'revoked', got {never_issued!r}"))
+        never_issued = "unknown"
+    va = VaSection(
+        listen=va_listen if isinstance(va_listen, str) else "",
+        settings=VaSettings(
+            crl_validity_s=r.number("crl_validity_s", 86400.0, lo=600, hi=31 * 86400),
+            ocsp_validity_s=r.number("ocsp_validity_s", 3600.0, lo=60, hi=7 * 86400),
+            signer_validity_days=r.integer("signer_validity_days", 30, lo=2, hi=365),
+            signer_renew_days=r.integer("signer_renew_days", 10, lo=1, hi=364),
+            never_issued=never_issued,
+            poll_s=r.number("poll_s", 2.0, lo=0.05, hi=3600),
+            max_request_bytes=r.integer("max_request_bytes", 4096, lo=256, hi=65536),
+            http_max_age_s=r.integer("http_max_age_s", 300, lo=0, hi=86400),
+        ),
+    )
+    if va.settings.signer_renew_days >= va.settings.signer_validity_days:
+        problems.append(Problem("va.signer_renew_days", "must be less than signer_validity_days"))
+    r.done()
+
     # Only the 802.1AR built-in is served unconfigured: the Matter built-in carries a test vendor ID and must be
     # configured (base = "matter-dac") with the manufacturer's own before any device gets one.
     profiles: dict[str, Profile] = {"idevid": builtin_profiles()["idevid"]}
@@ -244,6 +293,7 @@ def parse_config(
         journal=journal,
         issuance=issuance,
         stations=stations,
+        va=va,
         profiles=profiles,
         source=source,
     )

@@ -31,6 +31,8 @@ from appliance.issuance.policy import IssueRequest
 from appliance.issuance.service import IssueService
 from appliance.runtime import Core, open_core, record_start
 from appliance.stations_registry import StationRecord, TlsServerFiles, alist_stations
+from appliance.va.http import VaServer, make_app
+from appliance.va.service import ValidationAuthority
 from stations.codec import FrameDecoder
 from stations.codes import Code
 from stations.errors import StationError
@@ -173,6 +175,8 @@ class Daemon:
         self._stopped = asyncio.Event()
         self._watcher: asyncio.Task[None] | None = None
         self.refused_lan = 0  # TLS connections whose certificate belongs to no enabled station
+        self.va: ValidationAuthority | None = None
+        self.va_server: VaServer | None = None
 
     # -- what callers see ----------------------------------------------------------------------------------------
     @property
@@ -215,6 +219,15 @@ class Daemon:
         await self._stack.enter_async_context(
             Checkpointer(self.core.audit, ensure_audit_key(self.core.token))
         )
+        # CRLs and OCSP: signed in the HSM ahead of requests, served over HTTP on the LAN side.
+        self.va = await self._stack.enter_async_context(
+            ValidationAuthority(self.core.journal, self.core.token, self.core.audit, self.config.va.settings)
+        )
+        if self.config.va.address is not None:
+            self.va_server = await self._stack.enter_async_context(
+                VaServer(make_app(self.va), *self.config.va.address)
+            )
+            log.info("CRL and OCSP on %s", self.va_server.url)
         if cfg.lan_address is not None:
             self.tls_files = prepare(self.core)
         service = await self._stack.enter_async_context(self.core.issue_service())

@@ -42,6 +42,7 @@ from stations.simulator import PtyPair
 DEMO_ORG = "Birthline Demo"
 # A private-enterprise arc for the demo's hwType; a manufacturer puts its own OID here.
 DEMO_HW_TYPE = "1.3.6.1.4.1.59999.1.1"
+DEMO_PROFILE = "demo-idevid"
 SERIAL_STATION = "demo-serial"
 LAN_STATION = "demo-lan"
 DEFAULT_PORT = 7450
@@ -216,6 +217,7 @@ async def _connect(state: Path, name: str, lan: tuple[str, int], fixture_port: s
 
 
 def _describe(state: Path, config: Config, lan: tuple[str, int], fixture_port: str) -> dict[str, object]:
+    va_url = config.va.listen and f"http://{config.va.listen}"
     return {
         "listener": {"host": lan[0], "port": lan[1], "transport": "TLS 1.2+ with station client certificates",
                      "protocol": "docs/station-protocol.md"},
@@ -227,6 +229,9 @@ def _describe(state: Path, config: Config, lan: tuple[str, int], fixture_port: s
              "credentials": str(state / "stations" / LAN_STATION)},
         ],
         "ca_chain": str(state / "ca-chain.pem"),
+        "crl_url": f"{va_url}/crl/issuing.crl",
+        "ocsp_url": f"{va_url}/ocsp",
+        "supervisor": {"user": "demo-supervisor", "password_file": str(state / "demo-users.secret")},
         "config": str(config.source),
         "journal": str(config.journal.path),
         "device_serials": {
@@ -329,9 +334,20 @@ def run_demo(state: Path, devices: int, *, serve: bool = False, port: int | None
     state = state.resolve()
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
     config = load_config(_write_config(state))
-    # Without --serve the listener takes any free port, so a demo never collides with a running one.
-    listen = f"127.0.0.1:{port if port is not None else (DEFAULT_PORT if serve else 0)}"
-    config = dataclasses.replace(config, stations=dataclasses.replace(config.stations, lan_listen=listen))
+    # Without --serve the listeners take any free port, so a demo never collides with a running one. The VA
+    # (CRL, OCSP) listens on the LAN port + 1; certificates carry those URLs (the served demo's when not serving).
+    lan_port = port if port is not None else (DEFAULT_PORT if serve else 0)
+    va_port = lan_port + 1 if serve else 0
+    va_url = f"http://127.0.0.1:{va_port if serve else DEFAULT_PORT + 1}"
+    profile = dataclasses.replace(
+        config.profiles[DEMO_PROFILE], crl_urls=(f"{va_url}/crl/issuing.crl",), ocsp_url=f"{va_url}/ocsp"
+    )
+    config = dataclasses.replace(
+        config,
+        stations=dataclasses.replace(config.stations, lan_listen=f"127.0.0.1:{lan_port}"),
+        va=dataclasses.replace(config.va, listen=f"127.0.0.1:{va_port}"),
+        profiles={**config.profiles, DEMO_PROFILE: profile},
+    )
     try:
         run = _next_run(state)
         _setup(config, state, run, devices)

@@ -54,6 +54,8 @@ softhsm_conf = "{conf}"
 lan_listen = "127.0.0.1:{port}"
 tls_dir = "{base}/tls"
 reopen_interval_s = 0.1
+[va]
+listen = "127.0.0.1:0"
 """
 
 

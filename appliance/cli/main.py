@@ -21,6 +21,7 @@ from appliance import ca as ca_mod
 from appliance.audit.log import ensure_audit_key
 from appliance.cli import audit as audit_cli
 from appliance.cli import production as production_cli
+from appliance.cli import revocation as revocation_cli
 from appliance.cli import stations as stations_cli
 from appliance.cli.session import actor, add_login_arguments, authorised
 from appliance.config import DEFAULT_CONFIG_PATH, Config, load_config
@@ -327,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     fixtures.register(sub, with_config)  # station-client, simulate (fixture side)
     audit_cli.register(sub, with_config)  # audit verify|export|checkpoint|head|public-key
+    revocation_cli.register(sub, with_config)  # revoke, revocation list, crl, ocsp
     stations_cli.register(
         sub, with_config
     )  # station add|list|disable|enable|rotate-key, run (appliance side)

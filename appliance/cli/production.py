@@ -252,7 +252,7 @@ def cmd_device(args: argparse.Namespace, what: str) -> int:
         print(f"device {args.serial!r}: rework authorised; the next request with a new key will be issued")
     else:
         print(
-            f"device {args.serial!r} scrapped; its certificate is to be revoked (CRL/OCSP: revocation issue)"
+            f"device {args.serial!r} scrapped; its certificate is revoked (cessationOfOperation) on the next CRL and OCSP"
         )
     return 0
 
@@ -399,7 +399,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], with_conf
     )
     for what, text in (
         ("rework", "authorise one new key for an issued device"),
-        ("scrap", "record a destroyed device; its certificate is to be revoked"),
+        ("scrap", "record a destroyed device; its certificate is revoked (cessationOfOperation)"),
     ):
         sp = changing(dv.add_parser(what, help=text))
         sp.add_argument("serial", help="the device serial")

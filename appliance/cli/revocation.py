@@ -39,8 +39,7 @@ def _config(args: argparse.Namespace) -> Config:
 
 def va_settings(config: Config) -> VaSettings:
     """The VA settings of the configuration ([va] table), or the defaults while it has none."""
-    found = getattr(config, "va", None)
-    return found if isinstance(found, VaSettings) else VaSettings()
+    return config.va.settings
 
 
 def _password(args: argparse.Namespace, prompt: str) -> str:

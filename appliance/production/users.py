@@ -51,6 +51,7 @@ class Permission(enum.StrEnum):
     STATION_MANAGE = "station.manage"  # register a station, rotate its credentials
     STATION_DISABLE = "station.disable"  # disable or re-enable a station (a lost or tampered fixture)
     CA_MANAGE = "ca.manage"  # create CAs, import an issuing CA's certificate
+    REVOKE = "revoke"  # revoke certificates (a device, a certificate or a whole work order)
     REWORK = "rework"
     SCRAP = "scrap"
 
@@ -64,6 +65,7 @@ PERMISSIONS: Final[dict[Permission, frozenset[Role]]] = {
     Permission.STATION_MANAGE: frozenset({Role.ADMINISTRATOR}),
     Permission.STATION_DISABLE: frozenset({Role.SUPERVISOR, Role.ADMINISTRATOR}),
     Permission.CA_MANAGE: frozenset({Role.ADMINISTRATOR}),
+    Permission.REVOKE: frozenset({Role.SUPERVISOR}),
     Permission.REWORK: frozenset({Role.SUPERVISOR}),
     Permission.SCRAP: frozenset({Role.SUPERVISOR}),
 }

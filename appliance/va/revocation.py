@@ -34,10 +34,9 @@ from cryptography import x509
 from appliance.errors import BirthlineError, ReasonCode
 from appliance.issuance.journal import Journal
 from appliance.issuance.policy import AuditSink
-from appliance.production.users import AuthError, Role, User
+from appliance.production.users import Permission, User
 
 # Who may revoke: a supervisor, as for scrap and rework (docs/revocation.md).
-REVOKE_ROLES = frozenset({Role.SUPERVISOR})
 
 
 class Reason(enum.StrEnum):
@@ -170,9 +169,7 @@ def normalise_serial(text: str) -> str:
 
 
 def require_revoker(actor: User) -> None:
-    if actor.role not in REVOKE_ROLES:
-        allowed = ", ".join(sorted(REVOKE_ROLES))
-        raise AuthError(f"{actor.name} ({actor.role}) may not revoke; that needs: {allowed}")
+    actor.require(Permission.REVOKE)
 
 
 # -- changing ------------------------------------------------------------------------------------------------------

@@ -19,7 +19,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from appliance import stations_registry as reg
-from appliance.config import ApplianceSection, Config, IssuanceSection, JournalSection, StationsSection
+from appliance.config import (
+    ApplianceSection,
+    Config,
+    IssuanceSection,
+    JournalSection,
+    StationsSection,
+    VaSection,
+)
 from appliance.daemon import Daemon
 from appliance.profiles import builtin_profiles
 from hsm.softhsm import SoftHsmToken
@@ -49,6 +56,7 @@ def _config(state: Path, softhsm_token: SoftHsmToken, template: Path) -> Config:
             reopen_interval_s=0.05,
             registry_poll_s=0.1,
         ),
+        va=VaSection(listen="127.0.0.1:0"),
         profiles={"idevid": builtin_profiles()["idevid"]},
     )
 

@@ -51,6 +51,8 @@ softhsm_conf = "{conf}"
 [stations]
 lan_listen = "127.0.0.1:{port}"
 tls_dir = "{state}/tls"
+[va]
+listen = "127.0.0.1:0"
 """
 STATIONS = 3
 DEVICES = 240  # KL-0000.. : the test's own work order, 300 units

@@ -136,6 +136,28 @@ def test_served_demo_answers_stations_by_hand(tmp_path: Path) -> None:
                       "--serial", "NOT-ORDERED-1", "--keygen", "--out", out)  # fmt: skip
         assert c.returncode != 0 and "not" in c.stderr.lower()
         assert b.returncode == 0, b.stderr
+        # OCSP on the served VA, with the real openssl client, before and after a supervisor revokes.
+        ocsp = ["openssl", "ocsp", "-issuer", str(state / "issuing.pem"), "-cert", str(out / f"{first}.pem"),
+                "-url", info["ocsp_url"], "-CAfile", str(state / "root.pem")]  # fmt: skip
+        good = subprocess.run(ocsp, capture_output=True, text=True, check=False)
+        assert f"{first}.pem: good" in good.stdout and "Response verify OK" in good.stderr, (
+            good.stdout + good.stderr
+        )
+        secret = info["supervisor"]["password_file"]
+        with open(secret) as pw:
+            revoked = subprocess.run(
+                [sys.executable, "-m", "appliance.cli.main", "revoke", "--device", first, "--reason",
+                 "keyCompromise", "--config", str(state / "birthline.toml"), "--user", "demo-supervisor",
+                 "--password-stdin"], stdin=pw, capture_output=True, text=True, check=False,
+            )  # fmt: skip
+        assert revoked.returncode == 0, revoked.stderr
+        deadline = time.monotonic() + 15
+        while True:  # the daemon's responder sees another process's revocation within its poll interval
+            answer = subprocess.run(ocsp, capture_output=True, text=True, check=False)
+            if f"{first}.pem: revoked" in answer.stdout or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert f"{first}.pem: revoked" in answer.stdout, answer.stdout + answer.stderr
         chain = x509.load_pem_x509_certificates(Path(info["ca_chain"]).read_bytes())
         for name in (first, last):
             leaf = x509.load_pem_x509_certificates((out / f"{name}.pem").read_bytes())[0]
