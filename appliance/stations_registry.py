@@ -29,7 +29,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from appliance import ca as ca_mod
 from appliance.ca import CaRecord
-from appliance.ca.hierarchy import default_subject, key_label_for
+from appliance.ca.hierarchy import SIGNING_ONLY, default_subject, key_label_for
 from appliance.errors import BirthlineError, ReasonCode
 from appliance.issuance.journal import Journal, now
 from appliance.issuance.policy import AuditSink
@@ -165,17 +165,7 @@ def sign_tls_certificate(
         .not_valid_after(min(today + dt.timedelta(days=TLS_CERT_DAYS), ca_cert.not_valid_after_utc))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
+            SIGNING_ONLY,
             critical=True,
         )
         .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)

@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
-from types import TracebackType
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from appliance.audit.log import AuditLog, Checkpoint
 from appliance.errors import BirthlineError
+from appliance.lifecycle import PollingTask
 from hsm.errors import HsmError
 
 log = logging.getLogger(__name__)
 
 
-class Checkpointer:
+class Checkpointer(PollingTask):
     """Sign the audit head once `every_entries` entries are unsigned, or `every_seconds` after the last
     checkpoint if any entry is unsigned (checked every `poll_seconds`, or at once after nudge()).
 
@@ -41,6 +39,7 @@ class Checkpointer:
     ) -> None:
         if every_entries < 1 or every_seconds <= 0 or poll_seconds <= 0:
             raise ValueError("every_entries, every_seconds and poll_seconds must be positive")
+        super().__init__(poll_seconds)
         self.audit = audit
         self.key = key
         self.every_entries = every_entries
@@ -53,46 +52,16 @@ class Checkpointer:
         self.last_error: BaseException | None = None
         self._signed_seq = 0
         self._signed_at = time.monotonic()
-        self._wake = asyncio.Event()
-        self._stop = asyncio.Event()
-        self._tg: asyncio.TaskGroup | None = None
-        self._task: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> Checkpointer:
+    async def _started(self) -> None:
         self.last = await self.audit.alast_checkpoint()
         self._signed_seq = 0 if self.last is None else self.last.seq
         self._signed_at = time.monotonic()
-        self._stop.clear()
-        self._tg = asyncio.TaskGroup()
-        await self._tg.__aenter__()
-        self._task = self._tg.create_task(self._run(), name=self.TASK_NAME)
-        return self
 
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self._stop.set()
-        self._wake.set()
-        tg, self._tg = self._tg, None
-        assert tg is not None, "Checkpointer exited without entering"
-        await tg.__aexit__(exc_type, exc, tb)
+    async def _poll(self) -> None:
+        await self._tick(force=False)
 
-    @property
-    def running(self) -> bool:
-        return self._task is not None and not self._task.done()
-
-    def nudge(self) -> None:
-        """Check now rather than at the next poll (e.g. after an issuance batch committed)."""
-        self._wake.set()
-
-    async def _run(self) -> None:
-        while not self._stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
-            self._wake.clear()
-            if self._stop.is_set():
-                break
-            await self._tick(force=False)
+    async def _stopping(self) -> None:
         if self.final:
             await self._tick(force=True)
 

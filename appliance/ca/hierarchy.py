@@ -33,6 +33,11 @@ from hsm.token import Token
 # the device, so the CAs above it must not expire first.
 NO_EXPIRY = dt.datetime(9999, 12, 31, 23, 59, 59, tzinfo=dt.UTC)
 ROLES = ("root", "issuing", "management")
+# keyUsage of the appliance's own signing end-entity certificates (TLS, OCSP responder): digitalSignature only.
+SIGNING_ONLY = x509.KeyUsage(
+    digital_signature=True, content_commitment=False, key_encipherment=False, data_encipherment=False,
+    key_agreement=False, key_cert_sign=False, crl_sign=False, encipher_only=False, decipher_only=False,
+)  # fmt: skip
 
 
 class CaError(BirthlineError):

@@ -12,14 +12,12 @@ MAX(revocation.change_seq) with the one the stored CRL lists), at half its valid
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import logging
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from types import TracebackType
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -28,6 +26,7 @@ from appliance.ca import CaRecord, list_cas, load_ca
 from appliance.errors import BirthlineError
 from appliance.issuance.journal import Journal
 from appliance.issuance.policy import AuditSink
+from appliance.lifecycle import PollingTask
 from appliance.va.revocation import Reason, Revocation, iso
 from hsm.algorithms import default_hash
 from hsm.errors import HsmError
@@ -182,7 +181,7 @@ def generate_crl(
     return info
 
 
-class CrlPublisher:
+class CrlPublisher(PollingTask):
     """Keeps a fresh CRL per active issuing CA. An async context manager running one named task
     ("va-crl-publisher") in its own TaskGroup; every `poll_s` it checks, per CA, whether a revocation changed
     since the stored CRL or the CRL is past half its validity, and regenerates it (signing in a worker
@@ -204,43 +203,24 @@ class CrlPublisher:
     ) -> None:
         if validity_s < 60 or poll_s <= 0:
             raise ValueError("CRL validity must be at least 60 s and poll_s positive")
+        super().__init__(poll_s)
         self.journal = journal
         self.token = token
         self.audit = audit
         self.validity_s = validity_s
-        self.poll_s = poll_s
         self.actor = actor
         self.clock = clock
         self.generated = 0
         self.failures = 0
         self.last_error: BaseException | None = None
         self._crls: dict[str, CrlInfo] = {}
-        self._wake = asyncio.Event()
-        self._stop = asyncio.Event()
         self._lock = asyncio.Lock()
-        self._tg: asyncio.TaskGroup | None = None
-        self._task: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> CrlPublisher:
-        self._stop.clear()
+    async def _started(self) -> None:
         await self.tick()
-        self._tg = asyncio.TaskGroup()
-        await self._tg.__aenter__()
-        self._task = self._tg.create_task(self._run(), name=self.TASK_NAME)
-        return self
 
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self._stop.set()
-        self._wake.set()
-        tg, self._tg = self._tg, None
-        assert tg is not None, "CrlPublisher exited without entering"
-        await tg.__aexit__(exc_type, exc, tb)
-
-    @property
-    def running(self) -> bool:
-        return self._task is not None and not self._task.done()
+    async def _poll(self) -> None:
+        await self.tick()
 
     def current(self, ca: str) -> CrlInfo | None:
         return self._crls.get(ca)
@@ -248,19 +228,6 @@ class CrlPublisher:
     @property
     def cas(self) -> list[str]:
         return sorted(self._crls)
-
-    def nudge(self) -> None:
-        """Check now (after a revocation in this process) rather than at the next poll."""
-        self._wake.set()
-
-    async def _run(self) -> None:
-        while not self._stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.poll_s)
-            self._wake.clear()
-            if self._stop.is_set():
-                break
-            await self.tick()
 
     async def tick(self) -> None:
         """One pass over the CAs: load newer stored CRLs, regenerate stale ones. Never raises."""

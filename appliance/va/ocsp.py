@@ -28,7 +28,6 @@ signed fresh and echoes the nonce.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import functools
 import hashlib
@@ -37,7 +36,6 @@ import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any, Literal
 
 from cryptography import x509
@@ -48,9 +46,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
 from appliance import der
 from appliance.ca import CaRecord, load_ca
+from appliance.ca.hierarchy import SIGNING_ONLY
 from appliance.errors import BirthlineError
 from appliance.issuance.journal import Journal
 from appliance.issuance.policy import AuditSink
+from appliance.lifecycle import PollingTask
 from appliance.profiles import new_serial_number
 from appliance.va.crl import issuing_cas
 from appliance.va.revocation import Reason, iso
@@ -179,17 +179,7 @@ def issue_signer(
         .not_valid_after(dt.datetime.fromtimestamp(not_after, dt.UTC))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
+            SIGNING_ONLY,
             critical=True,
         )
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.OCSP_SIGNING]), critical=False)
@@ -328,7 +318,7 @@ def _utc(t: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(int(t), dt.UTC)
 
 
-class OcspResponder:
+class OcspResponder(PollingTask):
     """RFC 6960 answers over the journal. Call load() (or enter it as an async context manager, which also
     runs the "va-ocsp-refresh" task: cache invalidation every poll_s, signer renewal every signer_check_s)."""
 
@@ -354,6 +344,7 @@ class OcspResponder:
     ) -> None:
         if never_issued not in ("unknown", "revoked"):
             raise ValueError("never_issued is 'unknown' or 'revoked'")
+        super().__init__(poll_s)
         self.journal = journal
         self.token = token
         self.audit = audit
@@ -364,7 +355,6 @@ class OcspResponder:
         self.max_pending = max_pending
         self.signer_validity_days = signer_validity_days
         self.signer_renew_days = signer_renew_days
-        self.poll_s = poll_s
         self.signer_check_s = signer_check_s
         self.actor = actor
         self.clock = clock
@@ -382,10 +372,7 @@ class OcspResponder:
         self._seen_revocation = 0
         self._seen_issuance = 0
         self._loaded = False
-        self._stop = asyncio.Event()
-        self._wake = asyncio.Event()
-        self._tg: asyncio.TaskGroup | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._signer_checked = time.monotonic()
 
     # -- set-up ----------------------------------------------------------------------------------------------
     def load(self) -> None:
@@ -657,45 +644,18 @@ class OcspResponder:
         for key in [k for k in self._cache if k[0] == ca]:
             del self._cache[key]
 
-    def nudge(self) -> None:
-        self._wake.set()
-
     # -- long-lived ------------------------------------------------------------------------------------------
-    async def __aenter__(self) -> OcspResponder:
+    async def _started(self) -> None:
         self._install(await asyncio.to_thread(self._prepare))
-        self._stop.clear()
-        self._tg = asyncio.TaskGroup()
-        await self._tg.__aenter__()
-        self._task = self._tg.create_task(self._run(), name=self.TASK_NAME)
-        return self
+        self._signer_checked = time.monotonic()
 
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self._stop.set()
-        self._wake.set()
-        tg, self._tg = self._tg, None
-        assert tg is not None, "OcspResponder exited without entering"
-        await tg.__aexit__(exc_type, exc, tb)
-
-    @property
-    def running(self) -> bool:
-        return self._task is not None and not self._task.done()
-
-    async def _run(self) -> None:
-        checked = time.monotonic()
-        while not self._stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.poll_s)
-            self._wake.clear()
-            if self._stop.is_set():
-                break
-            try:
-                await self.arefresh()
-                if time.monotonic() - checked >= self.signer_check_s:
-                    checked = time.monotonic()
-                    self._install(await asyncio.to_thread(self._prepare))
-            except (BirthlineError, HsmError, sqlite3.Error, ValueError) as exc:
-                self.errors += 1
-                self.last_error = exc
-                log.error("OCSP responder: refresh failed (will retry): %s", exc)
+    async def _poll(self) -> None:
+        try:
+            await self.arefresh()
+            if time.monotonic() - self._signer_checked >= self.signer_check_s:
+                self._signer_checked = time.monotonic()
+                self._install(await asyncio.to_thread(self._prepare))
+        except (BirthlineError, HsmError, sqlite3.Error, ValueError) as exc:
+            self.errors += 1
+            self.last_error = exc
+            log.error("OCSP responder: refresh failed (will retry): %s", exc)
