@@ -27,6 +27,7 @@ bench: deps
 	$(PY) bench/issue.py --controls
 	$(PY) bench/stations.py serial
 	$(PY) bench/stations.py lan
+	$(PY) bench/ocsp.py
 
 deps: apt venv
 
