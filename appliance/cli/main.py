@@ -300,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--profile")
     sp.add_argument(
         "--station",
-        default="cli",
+        required=True,
         help="act as this registered station: its line's active work order must allow the serial",
     )
     sp.add_argument(
