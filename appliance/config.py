@@ -6,7 +6,7 @@ Secrets are never in this file: the HSM PIN comes from a file or a systemd crede
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,6 +81,39 @@ class VaSection:
 
 
 @dataclass(frozen=True)
+class CmpLabelSection:
+    """[cmp.labels.<name>]: a CMP label acts AS a registered station (work-order authorisation). Secrets stay in
+    files: `secret_file` (mode 0600) holds the MAC secret; it is read when the daemon starts."""
+
+    station: str
+    profile: str | None = None
+    secret_file: Path | None = None
+    kid: str = ""
+    station_signature: bool = False
+    trusted_ca: Path | None = None
+    allow_rr: bool = False
+    allow_nested: bool = False
+    implicit_confirm: bool = True
+
+
+@dataclass(frozen=True)
+class CmpSection:
+    """The CMP server (RFC 9483 over HTTP) on the appliance's LAN side (docs/cmp.md)."""
+
+    listen: str = ""  # "host:port"; "" (the default) serves no CMP
+    max_message_bytes: int = 256 * 1024
+    confirm_wait_s: float = 300.0
+    max_pending: int = 10_000
+    default_label: str = ""
+    ra_cert: Path | None = None  # where the RA certificate is kept; default <stations.tls_dir>/cmp-ra.pem
+    labels: Mapping[str, CmpLabelSection] = field(default_factory=dict)
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        return _split_listen(self.listen)
+
+
+@dataclass(frozen=True)
 class Config:
     appliance: ApplianceSection
     hsm: HsmConfig
@@ -88,6 +121,7 @@ class Config:
     issuance: IssuanceSection
     stations: StationsSection = field(default_factory=StationsSection)
     va: VaSection = field(default_factory=VaSection)
+    cmp: CmpSection = field(default_factory=CmpSection)
     profiles: Mapping[str, Profile] = field(default_factory=dict)
     source: Path | None = None
 
@@ -147,6 +181,9 @@ class _Reader:
             return default
         return float(value)
 
+    def flag(self, key: str, default: bool) -> bool:
+        return bool(self._get(key, bool, default, False))
+
     def done(self) -> None:
         for key in sorted(set(self.table) - self.seen):
             self.problems.append(Problem(f"{self.where}.{key}", "unknown key"))
@@ -173,7 +210,9 @@ def parse_config(
         p = Path(value)
         return p if p.is_absolute() else (base / p)
 
-    for key in sorted(set(data) - {"appliance", "hsm", "journal", "issuance", "stations", "va", "profiles"}):
+    for key in sorted(
+        set(data) - {"appliance", "hsm", "journal", "issuance", "stations", "va", "cmp", "profiles"}
+    ):
         problems.append(Problem(key, "unknown section"))
 
     r = _Reader(_table(data, "appliance", problems), "appliance", problems)
@@ -271,12 +310,17 @@ def parse_config(
         problems.append(Problem("va.signer_renew_days", "must be less than signer_validity_days"))
     r.done()
 
+    cmp = _parse_cmp(_table(data, "cmp", problems), problems, path)
+
     # Only the 802.1AR built-in is served unconfigured: the Matter built-in carries a test vendor ID and must be
     # configured (base = "matter-dac") with the manufacturer's own before any device gets one.
     profiles: dict[str, Profile] = {"idevid": builtin_profiles()["idevid"]}
     configured, profile_problems = parse_profiles(_table(data, "profiles", problems), "profiles")
     profiles.update(configured)
     problems.extend(profile_problems)
+    for name, label in cmp.labels.items():
+        if label.profile is not None and label.profile not in profiles:
+            problems.append(Problem(f"cmp.labels.{name}.profile", f"no profile named {label.profile!r}"))
     if issuance.default_profile not in profiles:
         problems.append(
             Problem(
@@ -294,9 +338,86 @@ def parse_config(
         issuance=issuance,
         stations=stations,
         va=va,
+        cmp=cmp,
         profiles=profiles,
         source=source,
     )
+
+
+def _listen(r: _Reader, key: str, default: str) -> str:
+    value = r.text(key, default)
+    if isinstance(value, str) and value:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            r.problems.append(Problem(f"{r.where}.{key}", f"expected host:port or empty, got {value!r}"))
+            return ""
+    return value if isinstance(value, str) else ""
+
+
+def _private_file(value: Path | None, where: str, problems: list[Problem]) -> None:
+    """A secret file must exist and be readable by its owner only (0600 or stricter)."""
+    if value is None:
+        return
+    try:
+        mode = value.stat().st_mode
+    except OSError as exc:
+        problems.append(Problem(where, f"cannot read {value}: {exc.strerror}"))
+        return
+    if mode & 0o077:
+        problems.append(
+            Problem(where, f"{value} is readable by others (mode {mode & 0o777:o}); chmod 600 it")
+        )
+
+
+def _parse_cmp(
+    table: Mapping[str, Any], problems: list[Problem], path: Callable[[str | None], Path | None]
+) -> CmpSection:
+    r = _Reader(table, "cmp", problems)
+    listen = _listen(r, "listen", "")
+    max_bytes = r.integer("max_message_bytes", 256 * 1024, lo=1024, hi=4 * 1024 * 1024)
+    confirm_wait = r.number("confirm_wait_s", 300.0, lo=1, hi=86400)
+    max_pending = r.integer("max_pending", 10_000, lo=1, hi=1_000_000)
+    default_label = r.text("default_label", "") or ""
+    ra_cert = path(r.text("ra_cert"))
+    raw_labels = r.table.get("labels", {})
+    r.seen.add("labels")
+    r.done()
+    labels: dict[str, CmpLabelSection] = {}
+    if not isinstance(raw_labels, Mapping):
+        problems.append(Problem("cmp.labels", f"expected a table, got {type(raw_labels).__name__}"))
+        raw_labels = {}
+    for name, raw in raw_labels.items():
+        where = f"cmp.labels.{name}"
+        if not isinstance(raw, Mapping):
+            problems.append(Problem(where, f"expected a table, got {type(raw).__name__}"))
+            continue
+        if not name or not all(c.isalnum() or c in "-_." for c in name):
+            problems.append(Problem(where, "a label is letters, digits, '-', '_' and '.' only"))
+        lr = _Reader(raw, where, problems)
+        if "secret" in raw:
+            problems.append(Problem(f"{where}.secret", "never put the secret in the config; use secret_file"))
+            lr.seen.add("secret")
+        label = CmpLabelSection(
+            station=lr.text("station", required=True) or "",
+            profile=lr.text("profile"),
+            secret_file=path(lr.text("secret_file")),
+            kid=lr.text("kid", "") or "",
+            station_signature=lr.flag("station_signature", False),
+            trusted_ca=path(lr.text("trusted_ca")),
+            allow_rr=lr.flag("allow_rr", False),
+            allow_nested=lr.flag("allow_nested", False),
+            implicit_confirm=lr.flag("implicit_confirm", True),
+        )
+        lr.done()
+        _private_file(label.secret_file, f"{where}.secret_file", problems)
+        if label.secret_file is None and not label.station_signature and label.trusted_ca is None:
+            problems.append(
+                Problem(where, "set secret_file, station_signature or trusted_ca: no peer could authenticate")
+            )
+        labels[str(name)] = label
+    if default_label and default_label not in labels:
+        problems.append(Problem("cmp.default_label", f"no label {default_label!r} in [cmp.labels]"))
+    return CmpSection(listen, max_bytes, confirm_wait, max_pending, default_label, ra_cert, labels)
 
 
 def load_config(path: Path) -> Config:

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from appliance import stations_registry as reg
 from appliance.audit.checkpointer import Checkpointer
 from appliance.audit.log import ensure_audit_key
+from appliance.cmp.ra import ensure_ra
+from appliance.cmp.server import CmpResponder, labels_from_config, make_cmp_app, settings_from_config
 from appliance.config import Config
 from appliance.errors import BirthlineError, IssuanceFailed, IssuanceRefused
 from appliance.issuance.journal import Journal
@@ -177,6 +179,8 @@ class Daemon:
         self.refused_lan = 0  # TLS connections whose certificate belongs to no enabled station
         self.va: ValidationAuthority | None = None
         self.va_server: VaServer | None = None
+        self.cmp: CmpResponder | None = None
+        self.cmp_server: VaServer | None = None
 
     # -- what callers see ----------------------------------------------------------------------------------------
     @property
@@ -231,6 +235,8 @@ class Daemon:
         if cfg.lan_address is not None:
             self.tls_files = prepare(self.core)
         service = await self._stack.enter_async_context(self.core.issue_service())
+        if self.config.cmp.address is not None:
+            await self._start_cmp(service)
         self.enroller = CoreEnroller(service, self.core.journal)
         self.server = StationServer(
             self.enroller, handshake_timeout=cfg.handshake_timeout_s, idle_timeout=cfg.idle_timeout_s
@@ -250,6 +256,30 @@ class Daemon:
             )
             log.info("listening for LAN stations on %s:%d (TLS)", *(self.lan_address or ("?", 0)))
         self._watcher = self._tg.create_task(self._watch_registry(), name="station-registry-watcher")
+
+    async def _start_cmp(self, service: IssueService) -> None:
+        """The CMP server on the LAN side: labels act as registered stations; answers to signature-protected
+        requests are signed by the RA key in the HSM, certified by the management CA."""
+        assert self.core is not None
+        cfg = self.config.cmp
+        management = reg.ensure_management_ca(
+            self.core.journal, self.core.token, self.config.stations.management_ca,
+            audit=self.core.audit, actor="appliance",
+        )  # fmt: skip
+        ra = ensure_ra(
+            self.core.token, management, cfg.ra_cert or self.config.stations.tls_dir / "cmp-ra.pem"
+        )
+        va = self.va
+        self.cmp = CmpResponder(
+            service, self.core.journal, self.core.audit, labels_from_config(cfg),
+            management_ca=management.certificate, ra=ra, settings=settings_from_config(cfg),
+            on_revoked=va.changed if va is not None else None,
+        )  # fmt: skip
+        assert cfg.address is not None
+        self.cmp_server = await self._stack.enter_async_context(
+            VaServer(make_cmp_app(self.cmp), *cfg.address)
+        )
+        log.info("CMP on %s/.well-known/cmp (%d label(s))", self.cmp_server.url, len(self.cmp.labels))
 
     async def __aexit__(self, *exc: object) -> None:
         self._stopped.set()

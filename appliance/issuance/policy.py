@@ -23,6 +23,9 @@ class IssueRequest:
     station: str = "cli"
     request_id: str = ""
     profile: str | None = None
+    public_key_der: bytes | None = None
+    """SubjectPublicKeyInfo DER, used INSTEAD of `csr` when the front end has verified proof of possession
+    itself (CMP ir/cr: the CRMF POP signature). `csr` is then empty; the same key policy applies."""
 
 
 class AuthorisationPolicy(Protocol):

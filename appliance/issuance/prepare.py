@@ -18,10 +18,13 @@ from appliance.errors import IssuanceRefused, ReasonCode
 from appliance.issuance.tbs import Tbs, TbsMaker
 from appliance.profiles import (
     Profile,
+    ValidatedCsr,
+    ValidatedKey,
     build_certificate,
     new_serial_number,
     validate_csr,
     validate_device_serial,
+    validate_public_key,
 )
 from hsm.algorithms import KeyAlgorithm
 
@@ -32,6 +35,7 @@ class Job:
     csr: bytes
     profile: str
     now: int  # POSIX seconds: notBefore
+    public_key_der: bytes | None = None  # instead of csr: a key whose POP the front end verified (CMP ir/cr)
 
 
 @dataclass(frozen=True)
@@ -75,7 +79,11 @@ class Preparer:
             return Refusal(ReasonCode.UNKNOWN_PROFILE, f"no profile named {job.profile!r}", {})
         try:
             validate_device_serial(profile, job.device_serial)
-            csr = validate_csr(job.csr, profile, max_bytes=self.ctx.max_csr_bytes)
+            csr: ValidatedCsr | ValidatedKey = (
+                validate_csr(job.csr, profile, max_bytes=self.ctx.max_csr_bytes)
+                if job.public_key_der is None
+                else validate_public_key(job.public_key_der, profile, max_bytes=self.ctx.max_csr_bytes)
+            )
         except IssuanceRefused as exc:
             return Refusal(exc.code, exc.message, dict(exc.details))
         serial = new_serial_number()

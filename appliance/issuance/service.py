@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -190,9 +191,7 @@ class IssueService:
         if self._tg is None:
             raise IssuanceFailed("the issuance service is not running", ReasonCode.BUSY)
         if not request.request_id:
-            request = IssueRequest(
-                request.device_serial, request.csr, request.station, uuid.uuid4().hex, request.profile
-            )
+            request = dataclasses.replace(request, request_id=uuid.uuid4().hex)
         fut: asyncio.Future[IssueResult] = asyncio.get_running_loop().create_future()
         await self._queue.put(_Item(request, fut))
         return await fut
@@ -361,7 +360,13 @@ class IssueService:
     async def _prepare(self, batch: list[_Item], now: int) -> None:
         """Validate and build: CPU work, in worker processes when configured; nothing committed yet."""
         jobs = [
-            Job(i.request.device_serial, i.request.csr, i.request.profile or self.default_profile, now)
+            Job(
+                i.request.device_serial,
+                i.request.csr,
+                i.request.profile or self.default_profile,
+                now,
+                i.request.public_key_der,
+            )
             for i in batch
         ]
         if self._pool is None:

@@ -25,7 +25,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from appliance.errors import IssuanceRefused, ReasonCode
 from appliance.issuance.policy import IssueRequest
@@ -40,10 +42,15 @@ def _refuse(message: str, rule: str, **details: Any) -> IssuanceRefused:
     return IssuanceRefused(message, ReasonCode.NOT_AUTHORISED, {"rule": rule, **details})
 
 
-def key_algorithm(csr: bytes) -> str:
-    """The profile-style name of the CSR's key (the core validated the CSR already)."""
-    req = x509.load_pem_x509_csr(csr) if csr.startswith(b"-----BEGIN") else x509.load_der_x509_csr(csr)
-    key = req.public_key()
+def key_algorithm(csr: bytes, public_key_der: bytes | None = None) -> str:
+    """The profile-style name of the request's key: the CSR's, or `public_key_der` (SPKI) when given (the core
+    validated either already)."""
+    key: PublicKeyTypes
+    if public_key_der is not None:
+        key = serialization.load_der_public_key(public_key_der)
+    else:
+        req = x509.load_pem_x509_csr(csr) if csr.startswith(b"-----BEGIN") else x509.load_der_x509_csr(csr)
+        key = req.public_key()
     if isinstance(key, rsa.RSAPublicKey):
         return f"rsa-{key.key_size}"
     if isinstance(key, ec.EllipticCurvePublicKey):
@@ -195,7 +202,7 @@ class WorkOrderPolicy:
         allowed = frozenset[str]().union(*(o.key_algorithms for o in orders))
         if allowed >= profile.key_algorithms:
             return  # the core already held the key to the profile's list: no need to parse the CSR again
-        name = key_algorithm(request.csr)
+        name = key_algorithm(request.csr, request.public_key_der)
         if name not in allowed:
             raise IssuanceRefused(
                 f"key algorithm {name} is not in the product's key policy ({', '.join(sorted(allowed))})",

@@ -2,7 +2,7 @@
 
 from appliance.profiles.builder import build_certificate, hardware_module_name, validity
 from appliance.profiles.config import builtin_profiles, parse_profiles
-from appliance.profiles.csr import ValidatedCsr, validate_csr
+from appliance.profiles.csr import ValidatedCsr, ValidatedKey, validate_csr, validate_public_key
 from appliance.profiles.model import (
     KEY_ALGORITHMS,
     KEY_USAGES,
@@ -25,6 +25,7 @@ __all__ = [
     "OID_MATTER_VID",
     "Profile",
     "ValidatedCsr",
+    "ValidatedKey",
     "build_certificate",
     "builtin_profiles",
     "hardware_module_name",
@@ -33,5 +34,6 @@ __all__ = [
     "safe_repr",
     "validate_csr",
     "validate_device_serial",
+    "validate_public_key",
     "validity",
 ]

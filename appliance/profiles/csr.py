@@ -9,6 +9,8 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, NoReturn
 
@@ -29,6 +31,7 @@ _EC_CURVES: Final = {"secp256r1": "ec-p256", "secp384r1": "ec-p384"}
 # SHA-1 and MD5 signatures do not prove possession: a second preimage or collision could be reused.
 _POP_HASHES: Final = (hashes.SHA256, hashes.SHA384, hashes.SHA512)
 RSA_EXPONENT: Final = 65537
+_CERTIFICATE_KEY_TYPES: Final = typing.get_args(CertificatePublicKeyTypes)
 
 
 @dataclass(frozen=True)
@@ -82,14 +85,8 @@ def _spki_algorithm(data: bytes) -> tuple[bytes, der.Tlv | None, bytes]:
     if len(info) < 3 or info[2].tag != der.TAG_SEQUENCE:
         raise ValueError("no SubjectPublicKeyInfo")
     spki = info[2]
-    spki_parts = der.read_children(data, spki)
-    if len(spki_parts) != 2 or spki_parts[0].tag != der.TAG_SEQUENCE:
-        raise ValueError("bad SubjectPublicKeyInfo")
-    alg = der.read_children(data, spki_parts[0])
-    if not alg or alg[0].tag != der.TAG_OID or len(alg) > 2:
-        raise ValueError("bad AlgorithmIdentifier")
-    params = alg[1] if len(alg) == 2 else None
-    return data[alg[0].content : alg[0].end], params, data[spki.start : spki.end]
+    alg_oid, params = _spki_parts(data, spki)
+    return alg_oid, params, data[spki.start : spki.end]
 
 
 def _classify(key: CertificatePublicKeyTypes, profile: Profile) -> str:
@@ -123,6 +120,89 @@ def _classify(key: CertificatePublicKeyTypes, profile: Profile) -> str:
     return name
 
 
+def _key_encoding_ok(alg_oid: bytes, params: der.Tlv | None) -> bool:
+    if alg_oid == _ID_EC_PUBLIC_KEY and (params is None or params.tag != der.TAG_OID):
+        # cryptography 50 silently maps explicit parameters that equal a named curve to that curve; a profile
+        # names curves, and RFC 5480 2.1.1 requires namedCurve in PKIX.
+        _refuse(
+            ReasonCode.KEY_POLICY,
+            "EC public key with explicit or implicit curve parameters; only named curves are accepted",
+            key_algorithm="ec-explicit",
+        )
+    return True
+
+
+def _checked_key(
+    alg_oid: bytes,
+    params: der.Tlv | None,
+    load: Callable[[], CertificatePublicKeyTypes],
+    profile: Profile,
+    what: str,
+) -> tuple[CertificatePublicKeyTypes, str]:
+    """The key policy shared by CSRs and bare public keys (CMP ir/cr): named curves only, loadable, RSA
+    exponent 65537, an algorithm of the profile. Returns (key, profile-style algorithm name)."""
+    _key_encoding_ok(alg_oid, params)
+    try:
+        key = load()
+    except UnsupportedAlgorithm:
+        _refuse(ReasonCode.KEY_POLICY, f"{what} public key type is not supported")
+    except ValueError:
+        # cryptography refuses RSA exponents below 3 and even ones here, before our own exponent check.
+        if alg_oid == _RSA_ENCRYPTION:
+            _refuse(
+                ReasonCode.KEY_POLICY, "RSA public key is invalid; only public exponent 65537 is accepted"
+            )
+        _refuse(ReasonCode.KEY_POLICY, f"{what} public key is invalid")
+    return key, _classify(key, profile)
+
+
+@dataclass(frozen=True)
+class ValidatedKey:
+    """A bare public key (SubjectPublicKeyInfo) whose proof of possession a front end has already verified."""
+
+    public_key: CertificatePublicKeyTypes
+    key_algorithm: str
+    public_key_sha256: bytes
+    der_sha256: bytes  # of the SPKI as received
+
+
+def _spki_parts(data: bytes, spki: der.Tlv) -> tuple[bytes, der.Tlv | None]:
+    spki_parts = der.read_children(data, spki)
+    if len(spki_parts) != 2 or spki_parts[0].tag != der.TAG_SEQUENCE:
+        raise ValueError("bad SubjectPublicKeyInfo")
+    alg = der.read_children(data, spki_parts[0])
+    if not alg or alg[0].tag != der.TAG_OID or len(alg) > 2:
+        raise ValueError("bad AlgorithmIdentifier")
+    params = alg[1] if len(alg) == 2 else None
+    return data[alg[0].content : alg[0].end], params
+
+
+def _load_spki(spki_der: bytes) -> CertificatePublicKeyTypes:
+    key = serialization.load_der_public_key(spki_der)
+    if not isinstance(key, _CERTIFICATE_KEY_TYPES):
+        raise UnsupportedAlgorithm("not a certificate public key type")
+    return typing.cast(CertificatePublicKeyTypes, key)
+
+
+def validate_public_key(spki_der: bytes, profile: Profile, *, max_bytes: int = 8192) -> ValidatedKey:
+    """Apply the key policy of validate_csr to a SubjectPublicKeyInfo (DER). The caller has verified proof of
+    possession (CMP: the CRMF POP signature). Raises IssuanceRefused (BAD_CSR, KEY_POLICY)."""
+    if not spki_der or len(spki_der) > max_bytes:
+        _refuse(
+            ReasonCode.BAD_CSR, f"public key of {len(spki_der)} bytes is not accepted", size=len(spki_der)
+        )
+    try:
+        top = der.read_tlv(spki_der)
+        if top.tag != der.TAG_SEQUENCE or top.end != len(spki_der):
+            raise ValueError("not a single DER SEQUENCE")
+        alg_oid, params = _spki_parts(spki_der, top)
+    except ValueError as exc:
+        _refuse(ReasonCode.BAD_CSR, f"public key is not valid DER: {exc}", size=len(spki_der))
+    key, key_algorithm = _checked_key(alg_oid, params, lambda: _load_spki(spki_der), profile, "requested")
+    spki = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return ValidatedKey(key, key_algorithm, hashlib.sha256(spki).digest(), hashlib.sha256(spki_der).digest())
+
+
 def validate_csr(data: bytes, profile: Profile, *, max_bytes: int = 8192) -> ValidatedCsr:
     """Check a PKCS#10 CSR (DER, or PEM starting with -----BEGIN) against `profile`.
 
@@ -141,32 +221,12 @@ def validate_csr(data: bytes, profile: Profile, *, max_bytes: int = 8192) -> Val
     except ValueError as exc:
         # Our own messages: fixed texts that never contain the input.
         _refuse(ReasonCode.BAD_CSR, f"CSR is not valid DER: {exc}", size=len(data))
-    if alg_oid == _ID_EC_PUBLIC_KEY and (params is None or params.tag != der.TAG_OID):
-        # cryptography 50 silently maps explicit parameters that equal a named curve to that curve; a profile
-        # names curves, and RFC 5480 2.1.1 requires namedCurve in PKIX.
-        _refuse(
-            ReasonCode.KEY_POLICY,
-            "EC public key with explicit or implicit curve parameters; only named curves are accepted",
-            key_algorithm="ec-explicit",
-        )
-
+    _key_encoding_ok(alg_oid, params)
     try:
         csr = x509.load_der_x509_csr(data)
     except ValueError:
         _refuse(ReasonCode.BAD_CSR, "CSR does not parse as PKCS#10", size=len(data))
-    try:
-        key = csr.public_key()
-    except UnsupportedAlgorithm:
-        _refuse(ReasonCode.KEY_POLICY, "CSR public key type is not supported")
-    except ValueError:
-        # cryptography refuses RSA exponents below 3 and even ones here, before our own exponent check.
-        if alg_oid == _RSA_ENCRYPTION:
-            _refuse(
-                ReasonCode.KEY_POLICY, "RSA public key is invalid; only public exponent 65537 is accepted"
-            )
-        _refuse(ReasonCode.KEY_POLICY, "CSR public key is invalid")
-
-    key_algorithm = _classify(key, profile)
+    key, key_algorithm = _checked_key(alg_oid, params, csr.public_key, profile, "CSR")
 
     try:
         sig_hash = csr.signature_hash_algorithm

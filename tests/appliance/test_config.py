@@ -96,5 +96,7 @@ def test_every_key_the_parser_knows_is_documented() -> None:
         "never_issued", "poll_s", "max_request_bytes", "http_max_age_s",
         "lan_listen", "tls_dir", "management_ca", "handshake_timeout_s", "idle_timeout_s", "frame_timeout_s",
         "reopen_interval_s", "registry_poll_s",
+        "max_message_bytes", "confirm_wait_s", "max_pending", "default_label", "ra_cert", "station", "profile",
+        "secret_file", "kid", "station_signature", "trusted_ca", "allow_rr", "allow_nested", "implicit_confirm",
     ]:  # fmt: skip
         assert f"| `{key}` |" in text, key
