@@ -27,7 +27,7 @@ class ApplianceSection:
 @dataclass(frozen=True)
 class JournalSection:
     path: Path
-    batch_max: int = 128
+    batch_max: int = 256
 
 
 @dataclass(frozen=True)
@@ -114,6 +114,36 @@ class CmpSection:
 
 
 @dataclass(frozen=True)
+class UpstreamSection:
+    """[upstream]: the forwarder that sends every issuance and revocation to the upstream CA over CMP as an RA
+    (docs/cmp.md "The forwarder"). An empty url (the default) forwards nothing; the outbox still fills."""
+
+    url: str = ""
+    mode: str = "single"  # single | batched
+    batch_max: int = 50
+    batch_wait_s: float = 2.0
+    protection: str = "signature"  # signature (the RA key in the HSM) | mac
+    secret_file: Path | None = None
+    kid: str = ""
+    server_cert: Path | None = None  # PEM: the upstream's protection certificate(s), or the CA(s) issuing it
+    recipient: str = "CN=Upstream CA"
+    implicit_confirm: bool = False
+    connect_timeout_s: float = 5.0
+    request_timeout_s: float = 30.0
+    backoff_base_s: float = 2.0
+    backoff_cap_s: float = 600.0
+    poll_s: float = 1.0
+    max_queue_age_s: float = 86400.0
+    max_queue_size: int = 100_000
+    hard_max_queue_age_s: float = 7 * 86400.0
+    hard_max_queue_size: int = 1_000_000
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.url)
+
+
+@dataclass(frozen=True)
 class Config:
     appliance: ApplianceSection
     hsm: HsmConfig
@@ -122,6 +152,7 @@ class Config:
     stations: StationsSection = field(default_factory=StationsSection)
     va: VaSection = field(default_factory=VaSection)
     cmp: CmpSection = field(default_factory=CmpSection)
+    upstream: UpstreamSection = field(default_factory=UpstreamSection)
     profiles: Mapping[str, Profile] = field(default_factory=dict)
     source: Path | None = None
 
@@ -211,7 +242,7 @@ def parse_config(
         return p if p.is_absolute() else (base / p)
 
     for key in sorted(
-        set(data) - {"appliance", "hsm", "journal", "issuance", "stations", "va", "cmp", "profiles"}
+        set(data) - {"appliance", "hsm", "journal", "issuance", "stations", "va", "cmp", "upstream", "profiles"}
     ):
         problems.append(Problem(key, "unknown section"))
 
@@ -245,7 +276,7 @@ def parse_config(
 
     r = _Reader(_table(data, "journal", problems), "journal", problems)
     journal_path = r.text("path", "journal.sqlite")
-    batch_max = r.integer("batch_max", 128, lo=1, hi=4096)
+    batch_max = r.integer("batch_max", 256, lo=1, hi=4096)
     r.done()
     jp = Path(journal_path or "journal.sqlite")
     journal = JournalSection(path=jp if jp.is_absolute() else state_dir / jp, batch_max=batch_max)
@@ -311,6 +342,7 @@ def parse_config(
     r.done()
 
     cmp = _parse_cmp(_table(data, "cmp", problems), problems, path)
+    upstream = _parse_upstream(_table(data, "upstream", problems), problems, path)
 
     # Only the 802.1AR built-in is served unconfigured: the Matter built-in carries a test vendor ID and must be
     # configured (base = "matter-dac") with the manufacturer's own before any device gets one.
@@ -339,6 +371,7 @@ def parse_config(
         stations=stations,
         va=va,
         cmp=cmp,
+        upstream=upstream,
         profiles=profiles,
         source=source,
     )
@@ -418,6 +451,76 @@ def _parse_cmp(
     if default_label and default_label not in labels:
         problems.append(Problem("cmp.default_label", f"no label {default_label!r} in [cmp.labels]"))
     return CmpSection(listen, max_bytes, confirm_wait, max_pending, default_label, ra_cert, labels)
+
+
+def _parse_upstream(
+    table: Mapping[str, Any], problems: list[Problem], path: Callable[[str | None], Path | None]
+) -> UpstreamSection:
+    r = _Reader(table, "upstream", problems)
+    d = UpstreamSection()
+    url = r.text("url", "") or ""
+    if url:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        try:
+            port_ok = parts.port is None or 0 < parts.port < 65536
+        except ValueError:
+            port_ok = False
+        if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+            problems.append(Problem("upstream.url", f"expected http(s)://host[:port]/path, got {url!r}"))
+    mode = r.text("mode", d.mode) or d.mode
+    if mode not in ("single", "batched"):
+        problems.append(Problem("upstream.mode", f"expected 'single' or 'batched', got {mode!r}"))
+    protection = r.text("protection", d.protection) or d.protection
+    if protection not in ("signature", "mac"):
+        problems.append(Problem("upstream.protection", f"expected 'signature' or 'mac', got {protection!r}"))
+    if "secret" in r.table:
+        problems.append(Problem("upstream.secret", "never put the secret in the config; use secret_file"))
+        r.seen.add("secret")
+    section = UpstreamSection(
+        url=url,
+        mode=mode,
+        batch_max=r.integer("batch_max", d.batch_max, lo=1, hi=100),
+        batch_wait_s=r.number("batch_wait_s", d.batch_wait_s, lo=0, hi=3600),
+        protection=protection,
+        secret_file=path(r.text("secret_file")),
+        kid=r.text("kid", "") or "",
+        server_cert=path(r.text("server_cert")),
+        recipient=r.text("recipient", d.recipient) or d.recipient,
+        implicit_confirm=r.flag("implicit_confirm", d.implicit_confirm),
+        connect_timeout_s=r.number("connect_timeout_s", d.connect_timeout_s, lo=0.1, hi=300),
+        request_timeout_s=r.number("request_timeout_s", d.request_timeout_s, lo=0.1, hi=3600),
+        backoff_base_s=r.number("backoff_base_s", d.backoff_base_s, lo=0.01, hi=3600),
+        backoff_cap_s=r.number("backoff_cap_s", d.backoff_cap_s, lo=0.01, hi=7 * 86400),
+        poll_s=r.number("poll_s", d.poll_s, lo=0.01, hi=3600),
+        max_queue_age_s=r.number("max_queue_age_s", d.max_queue_age_s, lo=1, hi=365 * 86400),
+        max_queue_size=r.integer("max_queue_size", d.max_queue_size, lo=1, hi=100_000_000),
+        hard_max_queue_age_s=r.number("hard_max_queue_age_s", d.hard_max_queue_age_s, lo=1, hi=365 * 86400),
+        hard_max_queue_size=r.integer("hard_max_queue_size", d.hard_max_queue_size, lo=1, hi=100_000_000),
+    )
+    r.done()
+    try:
+        from cryptography import x509
+
+        x509.Name.from_rfc4514_string(section.recipient)
+    except ValueError:
+        problems.append(Problem("upstream.recipient", f"not an RFC 4514 name: {section.recipient!r}"))
+    if section.enabled and protection == "mac":
+        if section.secret_file is None:
+            problems.append(Problem("upstream.secret_file", "is required with protection = 'mac'"))
+        if not section.kid:
+            problems.append(Problem("upstream.kid", "is required with protection = 'mac' (it names the secret)"))
+    if section.enabled and protection == "signature" and section.server_cert is None:
+        problems.append(Problem("upstream.server_cert", "is required with protection = 'signature'"))
+    _private_file(section.secret_file, "upstream.secret_file", problems)
+    if section.backoff_cap_s < section.backoff_base_s:
+        problems.append(Problem("upstream.backoff_cap_s", "must not be below backoff_base_s"))
+    if section.hard_max_queue_size < section.max_queue_size:
+        problems.append(Problem("upstream.hard_max_queue_size", "must not be below max_queue_size"))
+    if section.hard_max_queue_age_s < section.max_queue_age_s:
+        problems.append(Problem("upstream.hard_max_queue_age_s", "must not be below max_queue_age_s"))
+    return section
 
 
 def load_config(path: Path) -> Config:

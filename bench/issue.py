@@ -142,7 +142,7 @@ def controls_run(
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--certs", type=int, default=10000)
-    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--workers", type=int, default=1, help="CSR/TBS preparation worker processes (0: inline)")
     ap.add_argument("--depth", type=int, default=2, help="batches in flight at once")
     ap.add_argument("--controls", action="store_true", help="compare with and without work orders + audit")
