@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import serialization
 
 from appliance import ca as ca_mod
 from appliance import stations_registry as registry
-from appliance.config import Config, load_config
+from appliance.config import CmpLabelSection, Config, load_config
 from appliance.daemon import Daemon
 from appliance.errors import BirthlineError
 from appliance.production import store, users
@@ -44,6 +44,8 @@ DEMO_ORG = "Birthline Demo"
 DEMO_HW_TYPE = "1.3.6.1.4.1.59999.1.1"
 DEMO_PROFILE = "demo-idevid"
 SERIAL_STATION = "demo-serial"
+CMP_STATION = "demo-cmp"  # the station the CMP label "demo" acts as (its line and work orders apply)
+CMP_LABEL = "demo"
 LAN_STATION = "demo-lan"
 DEFAULT_PORT = 7450
 
@@ -130,7 +132,7 @@ def _production(core: Core, admin: User, supervisor: User, run: int, devices: in
         store.add_product(core.journal, core.audit, admin, DEMO_PRODUCT, tenant="demo",
                           profile=core.config.profiles["demo-idevid"], ca="issuing")  # fmt: skip
         store.add_line(core.journal, core.audit, admin, DEMO_LINE)
-        for station in (SERIAL_STATION, LAN_STATION):
+        for station in (SERIAL_STATION, LAN_STATION, CMP_STATION):
             store.assign_station(core.journal, core.audit, supervisor, station, DEMO_LINE)
         store.add_work_order(core.journal, core.audit, supervisor, WorkOrderSpec(
             HAND_WORK_ORDER, DEMO_PRODUCT, HAND_RANGE.last, (DEMO_LINE,), ranges=(HAND_RANGE,)), activate=True)  # fmt: skip
@@ -167,7 +169,7 @@ def _setup(config: Config, state: Path, run: int, devices: int) -> None:
         )
         known = {r.name for r in registry.list_stations(core.journal)}
         (state / "pty").mkdir(exist_ok=True)
-        for name, kind in ((SERIAL_STATION, "serial"), (LAN_STATION, "lan")):
+        for name, kind in ((SERIAL_STATION, "serial"), (LAN_STATION, "lan"), (CMP_STATION, "lan")):
             bundle = state / "stations" / name
             if name in known and (bundle / "station.key").exists():
                 continue
@@ -181,6 +183,16 @@ def _setup(config: Config, state: Path, run: int, devices: int) -> None:
             )
             registry.write_bundle(creds, bundle)
         _production(core, admin, supervisor, run, devices)
+        on_line = core.journal.call(
+            lambda: core.journal.conn.execute(
+                "SELECT line FROM stations WHERE name=?", (CMP_STATION,)
+            ).fetchone()
+        )
+        if on_line is None or on_line[0] is None:  # a demo state made before the CMP label existed
+            store.assign_station(core.journal, core.audit, supervisor, CMP_STATION, DEMO_LINE)
+        secret = state / "cmp-demo.secret"
+        if not secret.exists():
+            registry.write_private(secret, secrets.token_urlsafe(24).encode() + b"\n")
 
 
 class _Fixture:
@@ -229,6 +241,11 @@ def _describe(state: Path, config: Config, lan: tuple[str, int], fixture_port: s
              "credentials": str(state / "stations" / LAN_STATION)},
         ],
         "ca_chain": str(state / "ca-chain.pem"),
+        "cmp": {
+            "url": f"http://{config.cmp.listen}/.well-known/cmp/p/{CMP_LABEL}",
+            "server": config.cmp.listen, "path": f".well-known/cmp/p/{CMP_LABEL}", "kid": CMP_LABEL,
+            "secret_file": str(state / "cmp-demo.secret"), "mac": "hmacWithSHA256",
+        },
         "crl_url": f"{va_url}/crl/issuing.crl",
         "ocsp_url": f"{va_url}/ocsp",
         "supervisor": {"user": "demo-supervisor", "password_file": str(state / "demo-users.secret")},
@@ -346,6 +363,16 @@ def run_demo(state: Path, devices: int, *, serve: bool = False, port: int | None
         config,
         stations=dataclasses.replace(config.stations, lan_listen=f"127.0.0.1:{lan_port}"),
         va=dataclasses.replace(config.va, listen=f"127.0.0.1:{va_port}"),
+        cmp=dataclasses.replace(
+            config.cmp,
+            listen=f"127.0.0.1:{lan_port + 2 if serve else 0}",
+            labels={
+                **config.cmp.labels,
+                CMP_LABEL: CmpLabelSection(
+                    station=CMP_STATION, secret_file=state / "cmp-demo.secret", kid=CMP_LABEL
+                ),
+            },
+        ),
         profiles={**config.profiles, DEMO_PROFILE: profile},
     )
     try:

@@ -55,7 +55,11 @@ def test_demo_from_scratch_then_again(tmp_path: Path) -> None:
     stats = birthline("journal", "stats", "--config", cfg)
     assert json.loads(stats.stdout)["states"] == {"confirmed": 8}  # every station confirmed what it stored
     stations = json.loads(birthline("station", "list", "--config", cfg, "--json").stdout)
-    assert {(s["name"], s["kind"]) for s in stations} == {("demo-serial", "serial"), ("demo-lan", "lan")}
+    assert {(s["name"], s["kind"]) for s in stations} == {
+        ("demo-serial", "serial"),
+        ("demo-lan", "lan"),
+        ("demo-cmp", "lan"),  # the station the CMP label acts as
+    }
 
     # One more device through `birthline issue`, as a fixture script would.
     key = ec.generate_private_key(ec.SECP256R1())
@@ -136,6 +140,22 @@ def test_served_demo_answers_stations_by_hand(tmp_path: Path) -> None:
                       "--serial", "NOT-ORDERED-1", "--keygen", "--out", out)  # fmt: skip
         assert c.returncode != 0 and "not" in c.stderr.lower()
         assert b.returncode == 0, b.stderr
+        # A CMP device enrols over the demo's label with the real openssl cmp client (MAC, then certConf).
+        cmp = info["cmp"]
+        subprocess.run(["openssl", "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out",
+                        str(tmp_path / "c.key")], check=True)  # fmt: skip
+        mid = f"{first[:-4]}{int(first[-4:]) + 1:04d}"
+        enrolled = subprocess.run(
+            ["openssl", "cmp", "-config", "", "-cmd", "ir", "-server", cmp["server"], "-path", cmp["path"],
+             "-ref", cmp["kid"], "-secret", f"file:{cmp['secret_file']}", "-mac", cmp["mac"],
+             "-recipient", "/CN=Birthline", "-newkey", str(tmp_path / "c.key"), "-subject", f"/serialNumber={mid}",
+             "-certout", str(tmp_path / "c.pem")],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        assert enrolled.returncode == 0, enrolled.stderr
+        got = x509.load_pem_x509_certificate((tmp_path / "c.pem").read_bytes())
+        assert got.subject.get_attributes_for_oid(x509.NameOID.SERIAL_NUMBER)[0].value == mid
+
         # OCSP on the served VA, with the real openssl client, before and after a supervisor revokes.
         ocsp = ["openssl", "ocsp", "-issuer", str(state / "issuing.pem"), "-cert", str(out / f"{first}.pem"),
                 "-url", info["ocsp_url"], "-CAfile", str(state / "root.pem")]  # fmt: skip
