@@ -242,7 +242,8 @@ def parse_config(
         return p if p.is_absolute() else (base / p)
 
     for key in sorted(
-        set(data) - {"appliance", "hsm", "journal", "issuance", "stations", "va", "cmp", "upstream", "profiles"}
+        set(data)
+        - {"appliance", "hsm", "journal", "issuance", "stations", "va", "cmp", "upstream", "profiles"}
     ):
         problems.append(Problem(key, "unknown section"))
 
@@ -510,7 +511,9 @@ def _parse_upstream(
         if section.secret_file is None:
             problems.append(Problem("upstream.secret_file", "is required with protection = 'mac'"))
         if not section.kid:
-            problems.append(Problem("upstream.kid", "is required with protection = 'mac' (it names the secret)"))
+            problems.append(
+                Problem("upstream.kid", "is required with protection = 'mac' (it names the secret)")
+            )
     if section.enabled and protection == "signature" and section.server_cert is None:
         problems.append(Problem("upstream.server_cert", "is required with protection = 'signature'"))
     _private_file(section.secret_file, "upstream.secret_file", problems)
