@@ -8,6 +8,9 @@ back as values, not exceptions, because a pickled exception loses its reason cod
 from __future__ import annotations
 
 import datetime as dt
+import os
+import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -111,9 +114,17 @@ class Preparer:
 _worker: Preparer | None = None
 
 
+def _exit_with(parent: int) -> None:
+    # A worker whose daemon was SIGKILLed (or died any other way) would otherwise live on, orphaned, forever.
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
+
+
 def init_worker(ctx: PrepareContext) -> None:
     global _worker  # noqa: PLW0603 - one Preparer per worker process, made once at start
     _worker = Preparer(ctx)
+    threading.Thread(target=_exit_with, args=(os.getppid(),), name="parent-watch", daemon=True).start()
 
 
 def prepare_in_worker(jobs: Sequence[Job]) -> list[Prepared | Refusal]:

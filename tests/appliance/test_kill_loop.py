@@ -186,3 +186,47 @@ def test_random_sigkill_loop_keeps_every_promise(
         assert reconcile.quota_problems(journal) == []
         report = audit_verify(journal)
         assert report.ok, report.text()
+
+
+def _children(pid: int) -> set[int]:
+    out = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == pid:
+                out.add(int(entry.name))
+    return out
+
+
+def test_prepare_workers_do_not_outlive_a_killed_daemon(
+    tmp_path: Path, softhsm_token: SoftHsmToken, production_journal_template: Path
+) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    shutil.copy(production_journal_template, state / "journal.sqlite")
+    port = _free_port()
+    config = tmp_path / "birthline.toml"
+    config.write_text(
+        CONFIG.format(state=state, module=softhsm_token.module, label=softhsm_token.label,
+                      pin=softhsm_token.pin_file, conf=softhsm_token.conf_path, port=port)
+    )  # fmt: skip
+    proc = _start(config)
+    try:
+        asyncio.run(_listening(port, proc))
+        children = _children(proc.pid)
+        assert children, "the daemon started no prepare worker"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(Path(f"/proc/{c}").exists() for c in children):
+        time.sleep(0.2)
+    alive = [
+        c
+        for c in children
+        if Path(f"/proc/{c}").exists() and "Z" not in Path(f"/proc/{c}/stat").read_text().split(")")[1][:3]
+    ]
+    assert not alive, f"processes of the killed daemon still run: {alive}"
