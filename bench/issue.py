@@ -19,7 +19,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,20 +77,21 @@ def per_item_us(fn: Callable[[], object], n: int) -> float:
     return (time.perf_counter() - t0) / n * 1e6
 
 
-def _floor(journal: Journal, quantity: int) -> None:
-    """Production control as a factory runs it: a person, tenant, product, line, a station on the line and an
-    active work order whose allowlist pattern admits the bench's serials."""
+def floor(journal: Journal, quantity: int, *, stations: Sequence[str] = ("bench-st",), pattern: str) -> None:
+    """Production control as a factory runs it: a person, tenant, product, line, the stations on the line (made
+    if not registered) and an active work order whose allowlist pattern admits the bench's serials."""
     audit = AuditLog(journal)
     admin = users.bootstrap(journal, audit, "bench-admin", secrets.token_urlsafe(16))
     store.add_tenant(journal, audit, admin, "bench")
     store.add_product(journal, audit, admin, "widget", tenant="bench", profile=builtin_profiles()["idevid"],
                       ca="issuing")  # fmt: skip
     store.add_line(journal, audit, admin, "L1")
-    journal.call(journal.transaction, lambda conn: conn.execute(
-        "INSERT INTO stations (name, kind, key, created_at) VALUES ('bench-st', 'lan', ?, ?)",
-        (secrets.token_bytes(32), time.time())), "bench station")  # fmt: skip
-    store.assign_station(journal, audit, admin, "bench-st", "L1")
-    spec = WorkOrderSpec("WO-BENCH", "widget", quantity, ("L1",), pattern="BENCH[0-9]{8}")
+    for name in stations:
+        journal.call(journal.transaction, lambda conn, name=name: conn.execute(
+            "INSERT OR IGNORE INTO stations (name, kind, key, created_at) VALUES (?, 'lan', ?, ?)",
+            (name, secrets.token_bytes(32), time.time())), "bench station")  # fmt: skip
+        store.assign_station(journal, audit, admin, name, "L1")
+    spec = WorkOrderSpec("WO-BENCH", "widget", quantity, ("L1",), pattern=pattern)
     store.add_work_order(journal, audit, admin, spec, activate=True)
 
 
@@ -106,7 +107,7 @@ def controls_run(
         with Journal(path) as journal:
             issuing = ca_mod.load_ca(journal, "issuing")
             if on:
-                _floor(journal, len(csrs))
+                floor(journal, len(csrs), pattern="BENCH[0-9]{8}")
 
             async def issue_all(journal: Journal = journal, issuing: ca_mod.CaRecord = issuing,
                                 on: bool = on) -> float:  # fmt: skip

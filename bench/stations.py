@@ -36,7 +36,7 @@ from appliance import stations_registry as registry
 from appliance.config import Config, load_config
 from appliance.daemon import Daemon
 from appliance.runtime import open_core
-from bench.issue import raw_sign_rate
+from bench.issue import floor, raw_sign_rate
 from hsm.softhsm import create_softhsm_token
 from stations.client import StationClient, client_ssl_context
 from stations.simulator import PtyPair, SimReport, SimStation, make_devices, simulate
@@ -107,6 +107,13 @@ def _setup(config: Config, base: Path, serial: int, lan: int) -> list[SimStation
             ctx = client_ssl_context(bundle / "tls-client.crt", bundle / "tls-client.key", bundle / "ca.crt")
             sims.append(SimStation(creds.record.name, "lan", creds.record.key, ssl_context=ctx,
                                    server_hostname="localhost"))  # fmt: skip
+        # The daemon always enforces work orders: put the stations on a line with one for the bench's serials.
+        floor(
+            core.journal,
+            10_000_000,
+            stations=[s.name for s in sims],
+            pattern="[A-Z0-9]+-[0-9a-f]{8}-[0-9]{6}",
+        )
     (base / "pty").mkdir(exist_ok=True)
     return sims
 
