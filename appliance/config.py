@@ -10,6 +10,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
+
+from cryptography import x509
 
 from appliance.errors import ConfigError, Problem
 from appliance.profiles import Profile, builtin_profiles, parse_profiles
@@ -94,6 +97,7 @@ class CmpLabelSection:
     allow_rr: bool = False
     allow_nested: bool = False
     implicit_confirm: bool = True
+    accept_ra_verified: bool = False
 
 
 @dataclass(frozen=True)
@@ -128,6 +132,9 @@ class UpstreamSection:
     server_cert: Path | None = None  # PEM: the upstream's protection certificate(s), or the CA(s) issuing it
     recipient: str = "CN=Upstream CA"
     implicit_confirm: bool = False
+    accept_sha1_mac: bool = (
+        False  # accept replies MAC-protected with SHA-1 (openssl's mock server sends them)
+    )
     connect_timeout_s: float = 5.0
     request_timeout_s: float = 30.0
     backoff_base_s: float = 2.0
@@ -441,6 +448,7 @@ def _parse_cmp(
             allow_rr=lr.flag("allow_rr", False),
             allow_nested=lr.flag("allow_nested", False),
             implicit_confirm=lr.flag("implicit_confirm", True),
+            accept_ra_verified=lr.flag("accept_ra_verified", False),
         )
         lr.done()
         _private_file(label.secret_file, f"{where}.secret_file", problems)
@@ -461,8 +469,6 @@ def _parse_upstream(
     d = UpstreamSection()
     url = r.text("url", "") or ""
     if url:
-        from urllib.parse import urlsplit
-
         parts = urlsplit(url)
         try:
             port_ok = parts.port is None or 0 < parts.port < 65536
@@ -490,6 +496,7 @@ def _parse_upstream(
         server_cert=path(r.text("server_cert")),
         recipient=r.text("recipient", d.recipient) or d.recipient,
         implicit_confirm=r.flag("implicit_confirm", d.implicit_confirm),
+        accept_sha1_mac=r.flag("accept_sha1_mac", d.accept_sha1_mac),
         connect_timeout_s=r.number("connect_timeout_s", d.connect_timeout_s, lo=0.1, hi=300),
         request_timeout_s=r.number("request_timeout_s", d.request_timeout_s, lo=0.1, hi=3600),
         backoff_base_s=r.number("backoff_base_s", d.backoff_base_s, lo=0.01, hi=3600),
@@ -502,8 +509,6 @@ def _parse_upstream(
     )
     r.done()
     try:
-        from cryptography import x509
-
         x509.Name.from_rfc4514_string(section.recipient)
     except ValueError:
         problems.append(Problem("upstream.recipient", f"not an RFC 4514 name: {section.recipient!r}"))

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from appliance import stations_registry as reg
 from appliance.audit.checkpointer import Checkpointer
 from appliance.audit.log import ensure_audit_key
+from appliance.cmp.forwarder import Forwarder, make_forwarder
 from appliance.cmp.ra import ensure_ra
 from appliance.cmp.server import CmpResponder, labels_from_config, make_cmp_app, settings_from_config
 from appliance.config import Config
@@ -181,6 +182,7 @@ class Daemon:
         self.va_server: VaServer | None = None
         self.cmp: CmpResponder | None = None
         self.cmp_server: VaServer | None = None
+        self.forwarder: Forwarder | None = None
 
     # -- what callers see ----------------------------------------------------------------------------------------
     @property
@@ -234,7 +236,19 @@ class Daemon:
             log.info("CRL and OCSP on %s", self.va_server.url)
         if cfg.lan_address is not None:
             self.tls_files = prepare(self.core)
-        service = await self._stack.enter_async_context(self.core.issue_service())
+        if self.config.upstream.enabled:
+            # The forwarder first: its queue load is what local issuance consults against the hard limits.
+            self.forwarder = await self._stack.enter_async_context(make_forwarder(self.core))
+            log.info(
+                "forwarding to the upstream CA at %s (%s)",
+                self.config.upstream.url,
+                self.config.upstream.mode,
+            )
+        service = await self._stack.enter_async_context(
+            self.core.issue_service(
+                admission=self.forwarder.admission if self.forwarder is not None else None
+            )
+        )
         if self.config.cmp.address is not None:
             await self._start_cmp(service)
         self.enroller = CoreEnroller(service, self.core.journal)

@@ -11,7 +11,7 @@ import functools
 import hashlib
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +41,11 @@ class Core:
         return load_ca(self.journal, self.config.issuance.issuing_ca)
 
     def issue_service(
-        self, policy: AuthorisationPolicy | None = None, *, prepare_workers: int | None = None
+        self,
+        policy: AuthorisationPolicy | None = None,
+        *,
+        prepare_workers: int | None = None,
+        admission: Callable[[], str | None] | None = None,
     ) -> IssueService:
         """Issuance as every front end gets it: the work-order policy (unless a test passes another) and the
         audit log. prepare_workers overrides the configuration: a one-shot CLI command need not start processes."""
@@ -66,6 +70,7 @@ class Core:
             if prepare_workers is None
             else prepare_workers,
             pipeline_depth=self.config.issuance.pipeline_depth,
+            admission=admission,
         )
 
 

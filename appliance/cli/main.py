@@ -23,6 +23,7 @@ from appliance.cli import audit as audit_cli
 from appliance.cli import production as production_cli
 from appliance.cli import revocation as revocation_cli
 from appliance.cli import stations as stations_cli
+from appliance.cli import upstream as upstream_cli
 from appliance.cli.session import actor, add_login_arguments, authorised
 from appliance.config import DEFAULT_CONFIG_PATH, Config, load_config
 from appliance.errors import BirthlineError
@@ -329,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     fixtures.register(sub, with_config)  # station-client, simulate (fixture side)
     audit_cli.register(sub, with_config)  # audit verify|export|checkpoint|head|public-key
     revocation_cli.register(sub, with_config)  # revoke, revocation list, crl, ocsp
+    upstream_cli.register(sub, with_config)  # upstream status|sync
     stations_cli.register(
         sub, with_config
     )  # station add|list|disable|enable|rotate-key, run (appliance side)

@@ -1,8 +1,8 @@
 """CMP message layer (RFC 9810 / RFC 9480 / RFC 9483 Lightweight CMP): parse and build PKIMessages, protect
 and verify them, and apply the header rules. Pure code: bytes in, message objects out; no I/O.
 
-The HTTP server (RFC 9811) is `appliance.cmp.server` (not imported here); the upstream forwarder is a later
-item. See docs/cmp.md.
+The HTTP server (RFC 9811) is `appliance.cmp.server` and the upstream forwarder `appliance.cmp.forwarder`
+(neither imported here). See docs/cmp.md.
 """
 
 from __future__ import annotations

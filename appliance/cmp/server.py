@@ -62,6 +62,7 @@ from appliance.cmp.model import (
     PKIHeader,
     PKIMessage,
     PKIStatusInfo,
+    PopKind,
     RevokedCertId,
     RpBody,
     RrBody,
@@ -118,6 +119,9 @@ class CmpLabel:
     allow_rr: bool = False
     allow_nested: bool = False
     implicit_confirm: bool = True
+    accept_ra_verified: bool = False
+    """Accept cr/ir with POP raVerified (RFC 9483 5.2.3.2) when the message is signed by a trusted RA (a signer
+    issued by one of trusted_cas, or the station's certificate): a downstream Birthline's forwarder."""
 
     @property
     def sender_kid(self) -> bytes:
@@ -140,6 +144,7 @@ class _Pending:
     certificate: x509.Certificate
     cert_serial: str
     expires: float
+    request_sha256: bytes = b""
 
 
 @dataclass
@@ -191,6 +196,7 @@ def labels_from_config(section: CmpSection) -> dict[str, CmpLabel]:
             secret=read_secret_file(cfg.secret_file) if cfg.secret_file is not None else None,
             kid=cfg.kid.encode(), station_signature=cfg.station_signature, trusted_cas=trusted,
             allow_rr=cfg.allow_rr, allow_nested=cfg.allow_nested, implicit_confirm=cfg.implicit_confirm,
+            accept_ra_verified=cfg.accept_ra_verified,
         )  # fmt: skip
     return labels
 
@@ -263,8 +269,12 @@ class CmpResponder:
                 raise CmpError(f"no transaction of this label awaits a {msg.body_type.asn1_name}")
             check_request(msg, pending.state if follow_up and pending else None)
             if not follow_up and pending is not None:
-                raise CmpError("transactionID is in use", fail_info=FailInfo.TRANSACTION_ID_IN_USE)
-            answer = await self._dispatch(label, msg, outer=outer)
+                if pending.request_sha256 != hashlib.sha256(msg.der).digest():
+                    raise CmpError("transactionID is in use", fail_info=FailInfo.TRANSACTION_ID_IN_USE)
+                # The same request again (a forwarder's retry after a lost answer): answer it again; the core
+                # answers a retry of the same device and key with the stored certificate.
+                del self.pending[tid]
+            answer = await self._dispatch(label, msg, outer=outer, ra_signed=verified.signer is not None)
         except (BirthlineError, ValueError) as exc:
             answer = _error(exc)
         except Exception as exc:
@@ -378,10 +388,12 @@ class CmpResponder:
         )
 
     # -- the bodies ---------------------------------------------------------------------------------------------------
-    async def _dispatch(self, label: CmpLabel, msg: PKIMessage, *, outer: bool) -> _Answer:
+    async def _dispatch(
+        self, label: CmpLabel, msg: PKIMessage, *, outer: bool, ra_signed: bool = False
+    ) -> _Answer:
         body = msg.body
         if isinstance(body, CertReqBody) and msg.body_type in (BodyType.IR, BodyType.CR):
-            return await self._certify(label, msg, body)
+            return await self._certify(label, msg, body, ra_signed=ra_signed)
         if isinstance(body, P10crBody):
             return await self._certify(label, msg, body)
         if isinstance(body, CertConfBody):
@@ -392,7 +404,9 @@ class CmpResponder:
             return await self._nested(label, body)
         raise CmpError(f"{msg.body_type.asn1_name} is not served here", fail_info=FailInfo.BAD_REQUEST)
 
-    async def _certify(self, label: CmpLabel, msg: PKIMessage, body: CertReqBody | P10crBody) -> _Answer:
+    async def _certify(
+        self, label: CmpLabel, msg: PKIMessage, body: CertReqBody | P10crBody, *, ra_signed: bool = False
+    ) -> _Answer:
         tid = msg.header.transaction_id or b""
         if len(self.pending) >= self.settings.max_pending:
             raise CmpError("too many transactions await certConf; try again later",
@@ -406,7 +420,8 @@ class CmpResponder:
             if len(body.requests) != 1:
                 raise CmpError("exactly one certificate request per message is accepted")
             (req,) = body.requests
-            req.verify_pop()  # raVerified and absent POP are refused (badPOP)
+            if not (req.pop is PopKind.RA_VERIFIED and label.accept_ra_verified and ra_signed):
+                req.verify_pop()  # raVerified (unless from a trusted RA) and absent POP are refused (badPOP)
             req_id = req.cert_req_id
             issue = IssueRequest(device_serial_of(req.template.subject), b"", label.station, request_id,
                                  label.profile, public_key_der=req.template.public_key_der)  # fmt: skip
@@ -425,7 +440,7 @@ class CmpResponder:
             self.stats["confirmed"] += 1
             return _Answer(rep_type, rep, implicit=True, extra_certs=self.chain)
         pending = _Pending(label.name, TransactionState(tid, b""), req_id, cert, result.cert_serial,
-                           self.clock() + self.settings.confirm_wait_s)  # fmt: skip
+                           self.clock() + self.settings.confirm_wait_s, hashlib.sha256(msg.der).digest())  # fmt: skip
         return _Answer(rep_type, rep, extra_certs=self.chain, pending=pending)
 
     async def _cert_conf(self, msg: PKIMessage, body: CertConfBody) -> _Answer:

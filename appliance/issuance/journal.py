@@ -314,6 +314,39 @@ CREATE TABLE IF NOT EXISTS ocsp_signer (
     created_at  REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS ocsp_signer_by_ca ON ocsp_signer (ca, not_after);
+-- The upstream outbox (appliance/cmp/forwarder.py, docs/cmp.md "The forwarder"): one row per record to send to
+-- the upstream CA. Issuances write theirs in the transaction that marks them 'issued'; revocations get theirs
+-- from the trigger below, in the revocation's own transaction. request_der is built (and RA-protected) at the
+-- first send, then kept: every retry sends the same bytes with the same transaction_id.
+CREATE TABLE IF NOT EXISTS outbox (
+    id                INTEGER PRIMARY KEY,
+    kind              TEXT NOT NULL CHECK (kind IN ('p10cr', 'cr', 'rr')),
+    issuance_id       INTEGER REFERENCES issuance (id),
+    cert_serial       TEXT NOT NULL,                          -- the local certificate
+    transaction_id    BLOB NOT NULL UNIQUE,                   -- 16 random bytes, fixed at creation
+    csr_der           BLOB,                                   -- p10cr: the device's CSR, as received
+    public_key_der    BLOB,                                   -- cr: SubjectPublicKeyInfo
+    subject_der       BLOB,                                   -- cr: the subject (the local certificate's)
+    request_der       BLOB,                                   -- the exact bytes sent, from the first send on
+    state             TEXT NOT NULL DEFAULT 'queued'
+        CHECK (state IN ('queued', 'sent', 'waiting', 'done', 'failed')),
+    attempts          INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at   REAL NOT NULL,
+    last_error        TEXT,
+    last_response_der BLOB,                                   -- 'waiting': the answer a pollReq follows up
+    upstream_cert_der BLOB,                                   -- the upstream CA's certificate for the device
+    created_at        REAL NOT NULL,
+    done_at           REAL
+);
+CREATE INDEX IF NOT EXISTS outbox_open ON outbox (next_attempt_at) WHERE state IN ('queued', 'sent', 'waiting');
+CREATE INDEX IF NOT EXISTS outbox_by_issuance ON outbox (issuance_id);
+CREATE INDEX IF NOT EXISTS outbox_by_serial ON outbox (cert_serial, kind);
+CREATE UNIQUE INDEX IF NOT EXISTS outbox_one_rr ON outbox (cert_serial) WHERE kind = 'rr';
+CREATE TRIGGER IF NOT EXISTS outbox_on_revocation AFTER INSERT ON revocation WHEN NEW.source != 'upstream'
+    BEGIN
+        INSERT OR IGNORE INTO outbox (kind, cert_serial, transaction_id, next_attempt_at, created_at)
+            VALUES ('rr', NEW.cert_serial, randomblob(16), NEW.revoked_at, NEW.revoked_at);
+    END;
 """
 
 

@@ -101,6 +101,7 @@ class IssueService:
         prepare_workers: int = 0,
         pipeline_depth: int = 2,
         audit: AuditSink | None = None,
+        admission: Callable[[], str | None] | None = None,
     ) -> None:
         ca_cert = ca.certificate
         spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -133,6 +134,9 @@ class IssueService:
         self._hsm_fault: str | None = None
         self._crash_at = os.environ.get(CRASH_ENV, "")
         self.stats = {"issued": 0, "reused": 0, "refused": 0, "failed": 0, "batches": 0}
+        self.admission = admission
+        """Consulted before every batch: a text refuses the whole batch (BUSY), e.g. the upstream queue over its
+        hard limit (appliance.cmp.forwarder.Forwarder.admission). It must be cheap: it runs on the hot path."""
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     async def __aenter__(self) -> IssueService:
@@ -329,6 +333,9 @@ class IssueService:
 
     async def _run_batch(self, batch: list[_Item]) -> None:
         self.stats["batches"] += 1
+        if self.admission is not None and (refusal := self.admission()) is not None:
+            log.warning("issuance refused: %s", refusal)
+            raise IssuanceRefused(refusal, ReasonCode.BUSY)
         await self._settle()
         await self._check_hsm()
         now = self.clock()
@@ -504,14 +511,24 @@ class IssueService:
             return
         self._crash("after-sign")
         certs: list[tuple[int, bytes]] = []
+        outbox: list[tuple[str, int, str, bytes, bytes | None, bytes | None, bytes | None, float, float]] = []
+        issued_at = self.clock()
         for item, sig in zip(items, signatures, strict=True):
             assert item.prep is not None and item.row_id is not None
             der = item.prep.tbs.certificate(sig)
             # The HSM layer verified the signature over exactly these TBS bytes with the CA key; this parse
             # checks the assembled certificate is one a relying party can read.
-            x509.load_der_x509_certificate(der)
+            cert = x509.load_der_x509_certificate(der)
             certs.append((item.row_id, der))
-        issued_at = self.clock()
+            # The upstream record: the device's CSR (p10cr), or for a CRMF-enrolled device its key and the
+            # subject we certified (cr with raVerified). Built and RA-protected later, by the forwarder.
+            req = item.request
+            if req.csr:
+                outbox.append(("p10cr", item.row_id, item.prep.serial_hex, os.urandom(16), req.csr, None, None,
+                               issued_at, issued_at))  # fmt: skip
+            else:
+                outbox.append(("cr", item.row_id, item.prep.serial_hex, os.urandom(16), None, req.public_key_der,
+                               cert.subject.public_bytes(), issued_at, issued_at))  # fmt: skip
 
         def store(conn: sqlite3.Connection) -> None:
             for row_id, der in certs:
@@ -521,6 +538,11 @@ class IssueService:
                 )
                 if cur.rowcount != 1:
                     raise IssuanceFailed(f"intent {row_id} vanished before storing", ReasonCode.INTERNAL)
+            conn.executemany(
+                "INSERT INTO outbox (kind, issuance_id, cert_serial, transaction_id, csr_der, public_key_der,"
+                " subject_der, next_attempt_at, created_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                outbox,
+            )
             self._note(conn, "appliance", "issuance.issued", {
                 "items": [{"id": row_id, "cert_sha256": hashlib.sha256(der).hexdigest()} for row_id, der in certs]
             })  # fmt: skip

@@ -98,5 +98,23 @@ def test_every_key_the_parser_knows_is_documented() -> None:
         "reopen_interval_s", "registry_poll_s",
         "max_message_bytes", "confirm_wait_s", "max_pending", "default_label", "ra_cert", "station", "profile",
         "secret_file", "kid", "station_signature", "trusted_ca", "allow_rr", "allow_nested", "implicit_confirm",
+        "accept_ra_verified", "url", "mode", "batch_wait_s", "protection", "server_cert", "recipient",
+        "accept_sha1_mac", "connect_timeout_s", "request_timeout_s", "backoff_base_s", "backoff_cap_s",
+        "max_queue_age_s", "max_queue_size", "hard_max_queue_age_s", "hard_max_queue_size",
     ]:  # fmt: skip
         assert f"| `{key}` |" in text, key
+
+
+def test_upstream_section_is_checked(tmp_path: Path) -> None:
+    base = {"hsm": {"module": "m", "token_label": "t", "pin_file": "p"}}
+    with pytest.raises(ConfigError) as info:
+        parse_config({**base, "upstream": {"url": "ftp://x", "mode": "burst", "protection": "mac",
+                                           "secret": "inline", "max_queue_size": 10, "hard_max_queue_size": 5}})  # fmt: skip
+    where = {p.where for p in info.value.problems}
+    assert {"upstream.url", "upstream.mode", "upstream.secret", "upstream.secret_file", "upstream.kid",
+            "upstream.hard_max_queue_size"} <= where, where  # fmt: skip
+    cert = tmp_path / "up.pem"
+    cert.write_text("x")
+    cfg = parse_config({**base, "upstream": {"url": "https://ca.example:8443/.well-known/cmp/p/ra", "mode": "batched",
+                                             "server_cert": str(cert)}})  # fmt: skip
+    assert cfg.upstream.enabled and cfg.upstream.mode == "batched" and cfg.upstream.batch_max == 50

@@ -1,0 +1,83 @@
+"""`birthline upstream status | sync [--once]` (docs/cmp.md "The forwarder").
+
+`sync` runs the forwarder in this process until the outbox is drained (or one pass with --once), for a systemd
+timer or a cron job; it refuses to run while the daemon's forwarder holds the lock. Exit status: 0 when every
+open record went upstream and none failed in this run, 1 otherwise (records stay queued for the next run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from appliance.cmp.forwarder import make_forwarder, queue_status
+from appliance.config import Config, load_config
+from appliance.issuance.journal import Journal
+from appliance.runtime import open_core
+
+WithConfig = Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(Path(args.config))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    config = _config(args)
+    with Journal(config.journal.path) as journal:
+        status = queue_status(journal, config.upstream)
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+        return 0
+    print(f"upstream:      {status['url'] or '(not configured: records accumulate in the outbox)'}"
+          f" ({status['mode']})")  # fmt: skip
+    for kind, states in sorted(status["depth"].items()):
+        print(f"  {kind:6} " + ", ".join(f"{state} {n}" for state, n in sorted(states.items())))
+    age = status["oldest_open_age_s"]
+    print(f"open records:  {status['open']}; oldest {'-' if age is None else f'{age:.0f} s'}")
+    print(f"last success:  {status['last_success'] or '-'}")
+    err = status["last_error"]
+    print(f"last error:    {'-' if err is None else err['at'] + ' ' + err['error']}")
+    lim = status["limits"]
+    print(f"limits:        alarm at {lim['max_queue_size']} records / {lim['max_queue_age_s']:.0f} s;"
+          f" issuance stops at {lim['hard_max_queue_size']} / {lim['hard_max_queue_age_s']:.0f} s")  # fmt: skip
+    if status["issuance_stopped"]:
+        print("ALARM: the queue is over its HARD limit: local issuance is stopped")
+    elif status["alarm"]:
+        print("ALARM: the queue is over its limit")
+    return 0
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    config = _config(args)
+    with open_core(config) as core:
+        forwarder = make_forwarder(core)
+
+        async def run() -> bool:
+            forwarder.acquire()
+            try:
+                return await forwarder.drain(once=args.once, timeout_s=args.timeout)
+            finally:
+                await forwarder.close()
+
+        ok = asyncio.run(run())
+        print(json.dumps(forwarder.stats, sort_keys=True))
+    return 0 if ok else 1
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], with_config: WithConfig) -> None:
+    up = sub.add_parser("upstream", help="the upstream CA forwarder (CMP outbox)").add_subparsers(
+        dest="sub", required=True
+    )
+    sp = with_config(
+        up.add_parser("status", help="queue depth, oldest record, last success and error, limits")
+    )
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_status)
+    sp = with_config(up.add_parser("sync", help="forward the outbox now (for a timer or cron job)"))
+    sp.add_argument("--once", action="store_true", help="one pass only")
+    sp.add_argument("--timeout", type=float, default=600.0, help="stop after this many seconds (default 600)")
+    sp.set_defaults(func=cmd_sync)
