@@ -28,6 +28,7 @@ bench: deps
 	$(PY) bench/stations.py serial
 	$(PY) bench/stations.py lan
 	$(PY) bench/ocsp.py
+	$(PY) bench/upstream.py --count 5000 --single-count 2000
 
 deps: apt venv
 
