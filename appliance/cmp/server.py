@@ -78,6 +78,7 @@ from appliance.cmp.protection import (
 )
 from appliance.config import CmpSection
 from appliance.errors import BirthlineError, ConfigError, IssuanceFailed, IssuanceRefused, Problem
+from appliance.httpbody import read_limited
 from appliance.issuance.journal import Journal
 from appliance.issuance.policy import AuditSink, IssueRequest
 from appliance.issuance.service import IssueService
@@ -535,21 +536,6 @@ class CmpResponder:
 RESPONDER_KEY: web.AppKey[CmpResponder] = web.AppKey("cmp", CmpResponder)
 
 
-async def _read_limited(request: web.Request, limit: int) -> bytes | None:
-    if request.content_length is not None and request.content_length > limit:
-        return None
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        chunk = await request.content.read(limit + 1 - size)
-        if not chunk:
-            return b"".join(chunks)
-        chunks.append(chunk)
-        size += len(chunk)
-        if size > limit:
-            return None
-
-
 async def cmp_post(request: web.Request) -> web.StreamResponse:
     responder = request.app[RESPONDER_KEY]
     label = request.match_info.get("label", responder.settings.default_label)
@@ -559,7 +545,7 @@ async def cmp_post(request: web.Request) -> web.StreamResponse:
         response = web.Response(status=415, text=f"Content-Type must be {CONTENT_TYPE}\n")
         response.force_close()
         return response
-    data = await _read_limited(request, responder.settings.max_message_bytes)
+    data = await read_limited(request, responder.settings.max_message_bytes)
     if data is None:
         response = web.Response(status=413, text="CMP message too large\n")
         response.force_close()  # the rest of the body is never read

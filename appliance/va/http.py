@@ -25,6 +25,7 @@ from types import TracebackType
 from aiohttp import web
 from cryptography.x509 import ocsp
 
+from appliance.httpbody import read_limited
 from appliance.va.ocsp import MALFORMED, OcspAnswer
 from appliance.va.service import ValidationAuthority
 
@@ -59,25 +60,9 @@ def _ocsp_response(
     return web.Response(body=answer.der, headers=headers)
 
 
-async def _read_limited(request: web.Request, limit: int) -> bytes | None:
-    """The body, or None when it is longer than `limit` (judged from Content-Length before reading)."""
-    if request.content_length is not None and request.content_length > limit:
-        return None
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        chunk = await request.content.read(limit + 1 - size)
-        if not chunk:
-            return b"".join(chunks)
-        chunks.append(chunk)
-        size += len(chunk)
-        if size > limit:
-            return None
-
-
 async def ocsp_post(request: web.Request) -> web.Response:
     va = request.app[VA_KEY]
-    body = await _read_limited(request, va.settings.max_request_bytes)
+    body = await read_limited(request, va.settings.max_request_bytes)
     if body is None:
         response = _ocsp_response(request, va, MALFORMED, get=False)
         response.force_close()  # the rest of the body is never read
