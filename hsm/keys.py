@@ -123,6 +123,15 @@ class _HsmKey:
     def __repr__(self) -> str:
         return f"<{type(self).__name__} label={self.label!r} algorithm={self.algorithm.value}>"
 
+    # First in the MRO of each key class, so this satisfies the abstract method of every cryptography base.
+    def private_bytes(
+        self,
+        encoding: serialization.Encoding,
+        format: serialization.PrivateFormat,
+        encryption_algorithm: serialization.KeySerializationEncryption,
+    ) -> bytes:
+        _non_extractable(self.label)
+
     def __copy__(self) -> Self:
         return self
 
@@ -177,14 +186,6 @@ class HsmEcPrivateKey(_HsmKey, ec.EllipticCurvePrivateKey):
         raise UnsupportedAlgorithmError(f"key {self.label!r} is a signing key; ECDH is not offered")
 
     def private_numbers(self) -> ec.EllipticCurvePrivateNumbers:
-        _non_extractable(self.label)
-
-    def private_bytes(
-        self,
-        encoding: serialization.Encoding,
-        format: serialization.PrivateFormat,
-        encryption_algorithm: serialization.KeySerializationEncryption,
-    ) -> bytes:
         _non_extractable(self.label)
 
 
@@ -255,14 +256,6 @@ class HsmRsaPrivateKey(_HsmKey, rsa.RSAPrivateKey):
     def private_numbers(self) -> rsa.RSAPrivateNumbers:
         _non_extractable(self.label)
 
-    def private_bytes(
-        self,
-        encoding: serialization.Encoding,
-        format: serialization.PrivateFormat,
-        encryption_algorithm: serialization.KeySerializationEncryption,
-    ) -> bytes:
-        _non_extractable(self.label)
-
 
 class HsmEd25519PrivateKey(_HsmKey, ed25519.Ed25519PrivateKey):
     def __init__(self, core: TokenSession, label: str, pub: ed25519.Ed25519PublicKey) -> None:
@@ -285,14 +278,6 @@ class HsmEd25519PrivateKey(_HsmKey, ed25519.Ed25519PrivateKey):
 
     def _batch_mechanism(self) -> Mechanism:
         return Mechanism.EDDSA
-
-    def private_bytes(
-        self,
-        encoding: serialization.Encoding,
-        format: serialization.PrivateFormat,
-        encryption_algorithm: serialization.KeySerializationEncryption,
-    ) -> bytes:
-        _non_extractable(self.label)
 
     def private_bytes_raw(self) -> bytes:
         _non_extractable(self.label)

@@ -378,6 +378,15 @@ class IssuanceRow:
         return cls(*row)  # type: ignore[arg-type]
 
 
+def burn_interrupted(conn: sqlite3.Connection) -> list[str]:
+    """Burn every intent left by a crash (inside the caller's transaction): its signature, if the HSM made
+    one, was never released, and its serial stays reserved. Returns the burned certificate serials."""
+    serials = [str(r[0]) for r in conn.execute("SELECT cert_serial FROM issuance WHERE state='intent'")]
+    if serials:
+        conn.execute("UPDATE issuance SET state='burned', burn_reason='crash-recovery' WHERE state='intent'")
+    return serials
+
+
 def journal_error(exc: BaseException, doing: str) -> IssuanceFailed:
     """Map a SQLite failure once, so every caller fails closed the same way."""
     text = str(exc)
@@ -476,15 +485,9 @@ class Journal:
 
     # -- recovery and queries -----------------------------------------------------------------------------------
     def recover(self) -> int:
-        """Burn every intent left by a crash: its signature, if the HSM made one, was never released."""
-
-        def burn(conn: sqlite3.Connection) -> int:
-            cur = conn.execute(
-                "UPDATE issuance SET state='burned', burn_reason='crash-recovery' WHERE state='intent'"
-            )
-            return int(cur.rowcount)
-
-        return self.call(lambda: self.transaction(burn, "recovering interrupted issuances"))
+        """Burn every intent left by a crash, in its own transaction; returns how many (IssueService does the
+        same inside the transaction that also audits it)."""
+        return len(self.call(lambda: self.transaction(burn_interrupted, "recovering interrupted issuances")))
 
     def rows(self, where: str = "1=1", params: tuple[object, ...] = ()) -> list[IssuanceRow]:
         def q() -> list[IssuanceRow]:

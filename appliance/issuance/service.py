@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives import serialization
 
 from appliance.ca import CaRecord
 from appliance.errors import BirthlineError, IssuanceFailed, IssuanceRefused, ReasonCode
-from appliance.issuance.journal import IssuanceRow, Journal
+from appliance.issuance.journal import IssuanceRow, Journal, burn_interrupted
 from appliance.issuance.policy import AllowAll, AuditSink, AuthorisationPolicy, IssueRequest
 from appliance.issuance.prepare import (
     Job,
@@ -270,14 +270,12 @@ class IssueService:
 
     def _recover(self, conn: sqlite3.Connection) -> int:
         """Burn every intent left by a crash: its signature, if the HSM made one, was never released."""
-        rows = conn.execute("SELECT id, cert_serial FROM issuance WHERE state='intent'").fetchall()
-        if rows:
-            conn.execute(
-                "UPDATE issuance SET state='burned', burn_reason='crash-recovery' WHERE state='intent'"
+        serials = burn_interrupted(conn)
+        if serials:
+            self._note(
+                conn, "appliance", "issuance.burned", {"reason": "crash-recovery", "cert_serials": serials}
             )
-            self._note(conn, "appliance", "issuance.burned",
-                       {"reason": "crash-recovery", "cert_serials": [r[1] for r in rows]})  # fmt: skip
-        return len(rows)
+        return len(serials)
 
     # -- the batcher -------------------------------------------------------------------------------------------
     async def _next_batch(self) -> list[_Item] | None:
