@@ -140,6 +140,7 @@ class UpstreamSection:
     backoff_base_s: float = 2.0
     backoff_cap_s: float = 600.0
     poll_s: float = 1.0
+    pending_retry_s: float = 2.0  # RA mode: how long a station told PENDING waits before asking again
     max_queue_age_s: float = 86400.0
     max_queue_size: int = 100_000
     hard_max_queue_age_s: float = 7 * 86400.0
@@ -502,6 +503,7 @@ def _parse_upstream(
         backoff_base_s=r.number("backoff_base_s", d.backoff_base_s, lo=0.01, hi=3600),
         backoff_cap_s=r.number("backoff_cap_s", d.backoff_cap_s, lo=0.01, hi=7 * 86400),
         poll_s=r.number("poll_s", d.poll_s, lo=0.01, hi=3600),
+        pending_retry_s=r.number("pending_retry_s", d.pending_retry_s, lo=0.1, hi=3600),
         max_queue_age_s=r.number("max_queue_age_s", d.max_queue_age_s, lo=1, hi=365 * 86400),
         max_queue_size=r.integer("max_queue_size", d.max_queue_size, lo=1, hi=100_000_000),
         hard_max_queue_age_s=r.number("hard_max_queue_age_s", d.hard_max_queue_age_s, lo=1, hi=365 * 86400),

@@ -28,7 +28,7 @@ from appliance.cmp.forwarder import Forwarder, make_forwarder
 from appliance.cmp.ra import ensure_ra
 from appliance.cmp.server import CmpResponder, labels_from_config, make_cmp_app, settings_from_config
 from appliance.config import Config
-from appliance.errors import BirthlineError, IssuanceFailed, IssuanceRefused
+from appliance.errors import BirthlineError, IssuanceFailed, IssuancePending, IssuanceRefused
 from appliance.issuance.journal import Journal
 from appliance.issuance.policy import IssueRequest
 from appliance.issuance.service import IssueService
@@ -40,7 +40,7 @@ from stations.codec import FrameDecoder
 from stations.codes import Code
 from stations.errors import StationError
 from stations.messages import Error
-from stations.server import StationServer, StationState, clean_text
+from stations.server import EnrollPending, StationServer, StationState, clean_text
 from stations.session import KeyLookup, plain_frame
 from stations.transports.base import ChannelClosed
 from stations.transports.stream import StreamChannel
@@ -51,7 +51,7 @@ __all__ = ["CoreEnroller", "Daemon", "run_daemon", "wire_code"]
 
 
 def wire_code(exc: BirthlineError) -> Code:
-    """ReasonCode numbers are the protocol's codes 1-17 and 99."""
+    """ReasonCode numbers are the protocol's codes 1-18 and 99."""
     try:
         return Code(int(exc.code))
     except ValueError:
@@ -60,11 +60,12 @@ def wire_code(exc: BirthlineError) -> Code:
 
 @dataclass(frozen=True)
 class _Issued:
-    cert_serial: str
+    cert_serial: str | None
     device_serial: str
     csr_sha256: bytes | None
     cert_der: bytes | None
     state: str
+    ra_request: int | None = None  # RA mode: the upstream CA's certificate, in ra_request
 
 
 class CoreEnroller:
@@ -90,6 +91,19 @@ class CoreEnroller:
                 row = conn.execute(
                     "SELECT i.cert_serial, i.device_serial, NULL, i.cert_der, i.state FROM station_request r"
                     " JOIN issuance i ON i.cert_serial = r.cert_serial WHERE r.station=? AND r.request_id=?",
+                    (station, request_id),
+                ).fetchone()
+            if row is None:
+                row = conn.execute(
+                    "SELECT cert_serial, device_serial, csr_sha256, cert_der, state, id FROM ra_request"
+                    " WHERE station=? AND request_id=? ORDER BY id DESC LIMIT 1",
+                    (station, request_id),
+                ).fetchone()
+            if row is None:
+                # RA mode: a retry under a new request id answered from the device's earlier request.
+                row = conn.execute(
+                    "SELECT a.cert_serial, a.device_serial, NULL, a.cert_der, a.state, a.id FROM station_request r"
+                    " JOIN ra_request a ON r.cert_serial = 'ra:' || a.id WHERE r.station=? AND r.request_id=?",
                     (station, request_id),
                 ).fetchone()
             return None if row is None else _Issued(*row)
@@ -121,7 +135,12 @@ class CoreEnroller:
                 self.service.issue(IssueRequest(device_serial, csr, station, rid, profile))
             )
             if result.reused:
-                await self._remember(station, rid, result.cert_serial)
+                await self._remember(
+                    station, rid, f"ra:{result.issuance_id}" if result.upstream else result.cert_serial
+                )
+        except IssuancePending as exc:
+            # RA mode: the upstream CA issues; the station sends the same ENROLL again after this.
+            raise EnrollPending(int(exc.retry_after_s * 1000), clean_text(exc.message)) from None
         except (IssuanceRefused, IssuanceFailed) as exc:
             raise StationError(wire_code(exc), clean_text(exc.message)) from None
         return [result.certificate, *result.chain]
@@ -135,7 +154,11 @@ class CoreEnroller:
                 raise StationError(
                     Code.CONFIRM_MISMATCH, "hash differs from the issued certificate: rewrite the device"
                 )
-            await self.service.confirm(known.cert_serial, cert_sha256)
+            if known.ra_request is not None:
+                await self.service.confirm_upstream(known.ra_request, cert_sha256)
+            else:
+                assert known.cert_serial is not None
+                await self.service.confirm(known.cert_serial, cert_sha256)
         except (IssuanceRefused, IssuanceFailed) as exc:
             raise StationError(wire_code(exc), clean_text(exc.message)) from None
 

@@ -192,3 +192,25 @@ def split_certificate(der: bytes) -> tuple[bytes, bytes, bytes]:
         # Every signature algorithm we use yields whole octets.
         raise ValueError("signatureValue has unused bits")
     return der[tbs.start : tbs.end], der[alg.start : alg.end], der[sig.content + 1 : sig.end]
+
+
+def split_certificates(blob: bytes) -> tuple[bytes, ...]:
+    """DER certificates stored back to back (ra_request.chain_der) as separate DER strings."""
+    out: list[bytes] = []
+    pos = 0
+    while pos < len(blob):
+        t = read_tlv(blob, pos)
+        out.append(blob[t.start : t.end])
+        pos = t.end
+    return tuple(out)
+
+
+def tbs_subject(tbs: bytes) -> bytes:
+    """The subject Name TLV of a DER TBSCertificate (version [0] present, as in every v3 certificate)."""
+    outer = read_tlv(tbs)
+    fields = read_children(tbs, outer)
+    index = 5 if fields and fields[0].tag == 0xA0 else 4
+    subject = fields[index]
+    if subject.tag != TAG_SEQUENCE:
+        raise ValueError("TBSCertificate subject is not a SEQUENCE")
+    return tbs[subject.start : subject.end]

@@ -32,6 +32,7 @@ class ReasonCode(enum.IntEnum):
     SIGNATURE_INVALID = 15  # HSM returned a signature that does not verify: nothing is released
     BUSY = 16  # overloaded, retry later
     DEVICE_SCRAPPED = 17  # the device was scrapped: its serial is never issued again
+    UPSTREAM_REJECTED = 18  # RA mode: the upstream CA refused this request for good (a new key may be tried)
     INTERNAL = 99
 
 
@@ -59,6 +60,16 @@ class IssuanceRefused(BirthlineError):
 
 class IssuanceFailed(BirthlineError):
     """The appliance could not complete the request (HSM, journal, audit). Fail closed; retry later."""
+
+
+class IssuancePending(BirthlineError):
+    """RA mode: the request is authorised and recorded, and the upstream CA has not issued yet. Not a refusal:
+    the station is told PENDING (a CMP client "waiting") and asks again after `retry_after_s`."""
+
+    def __init__(self, message: str, retry_after_s: float, request: int) -> None:
+        super().__init__(message, ReasonCode.BUSY, {"ra_request": request, "retry_after_s": retry_after_s})
+        self.retry_after_s = retry_after_s
+        self.request = request
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,7 @@ class Core:
             else prepare_workers,
             pipeline_depth=self.config.issuance.pipeline_depth,
             admission=admission,
+            upstream_retry_s=self.config.upstream.pending_retry_s if self.config.upstream.enabled else None,
         )
 
 

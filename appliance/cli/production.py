@@ -16,7 +16,7 @@ from appliance.cli.session import actor, session
 from appliance.config import Config, load_config
 from appliance.production import reconcile, store, users
 from appliance.production.allowlist import AllowlistError, SerialRange, check_serial, compile_pattern
-from appliance.production.model import ProductionError, WorkOrderSpec, iso, parse_time
+from appliance.production.model import ISSUANCE_MODES, ProductionError, WorkOrderSpec, iso, parse_time
 from appliance.production.users import Role
 from appliance.runtime import open_core
 
@@ -105,8 +105,16 @@ def cmd_product_add(args: argparse.Namespace) -> int:
         store.add_product(
             s.core.journal, s.audit, actor(s), args.name, tenant=args.tenant, profile=profile,
             ca=args.ca or s.core.config.issuance.issuing_ca, key_algorithms=args.key_algorithm or (),
+            issuance_mode=args.issuance_mode,
         )  # fmt: skip
-    print(f"added product {args.name!r}")
+    print(f"added product {args.name!r} ({args.issuance_mode} issuance)")
+    return 0
+
+
+def cmd_product_mode(args: argparse.Namespace) -> int:
+    with session(args) as s:
+        store.set_product_mode(s.core.journal, s.audit, actor(s), args.name, args.issuance_mode)
+    print(f"product {args.name!r}: {args.issuance_mode} issuance")
     return 0
 
 
@@ -115,10 +123,13 @@ def cmd_product_list(args: argparse.Namespace) -> int:
         products = store.list_products(core.journal)
     if args.json:
         _dump([{"name": p.name, "tenant": p.tenant, "profile": p.profile, "ca": p.ca,
-                "key_algorithms": sorted(p.key_algorithms)} for p in products])  # fmt: skip
+                "key_algorithms": sorted(p.key_algorithms), "issuance_mode": p.issuance_mode}
+               for p in products])  # fmt: skip
     for p in [] if args.json else products:
         keys = ",".join(sorted(p.key_algorithms))
-        print(f"{p.name:<24} tenant={p.tenant} profile={p.profile} ca={p.ca} keys={keys}")
+        print(
+            f"{p.name:<24} tenant={p.tenant} profile={p.profile} ca={p.ca} keys={keys} mode={p.issuance_mode}"
+        )
     return 0
 
 
@@ -339,7 +350,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], with_conf
     sp.add_argument(
         "--key-algorithm", action="append", help="allowed key algorithm (repeat); default: the profile's"
     )
+    sp.add_argument("--issuance-mode", choices=ISSUANCE_MODES, default="local",
+                    help="local: this appliance's issuing CA signs (default); upstream: RA mode, the upstream CA"
+                    " issues and stations are told PENDING until it has")  # fmt: skip
     sp.set_defaults(func=cmd_product_add)
+    sp = changing(
+        pr.add_parser("mode", help="switch a product between local and upstream issuance (administrator)")
+    )
+    sp.add_argument("name")
+    sp.add_argument("issuance_mode", choices=ISSUANCE_MODES)
+    sp.set_defaults(func=cmd_product_mode)
     listing(pr.add_parser("list")).set_defaults(func=cmd_product_list)
 
     ln = sub.add_parser("line", help="production lines and their stations").add_subparsers(

@@ -71,6 +71,7 @@ _FAIL_INFO_FOR_REASON: dict[ReasonCode, FailInfo] = {
     ReasonCode.SIGNATURE_INVALID: FailInfo.SYSTEM_FAILURE,
     ReasonCode.BUSY: FailInfo.SYSTEM_UNAVAIL,
     ReasonCode.DEVICE_SCRAPPED: FailInfo.NOT_AUTHORIZED,
+    ReasonCode.UPSTREAM_REJECTED: FailInfo.BAD_REQUEST,
     ReasonCode.INTERNAL: FailInfo.SYSTEM_FAILURE,
 }
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import fcntl
+import hashlib
 import json
 import logging
 import random
@@ -66,6 +67,7 @@ from appliance.cmp.protection import DEFAULT_MAC_POLICY, MacPolicy, MacProtector
 from appliance.config import UpstreamSection
 from appliance.errors import BirthlineError, ConfigError, Problem
 from appliance.issuance.journal import Journal
+from appliance.issuance.policy import AuditSink
 from appliance.lifecycle import PollingTask
 from appliance.va.revocation import Reason
 
@@ -79,7 +81,7 @@ OPEN_STATES = ("queued", "sent", "waiting")
 _DER = serialization.Encoding.DER
 _SPKI = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
 _COLUMNS = ("id, kind, issuance_id, cert_serial, transaction_id, csr_der, public_key_der, subject_der, request_der,"
-            " state, attempts, last_response_der, created_at")  # fmt: skip
+            " state, attempts, last_response_der, created_at, ra_request_id")  # fmt: skip
 
 
 class UpstreamError(Exception):
@@ -131,6 +133,7 @@ class _Row:
     attempts: int
     last_response_der: bytes | None
     created_at: float
+    ra_request_id: int | None = None  # RA mode: the upstream's certificate IS the device's certificate
 
     @classmethod
     def from_row(cls, r: Sequence[Any]) -> _Row:
@@ -147,6 +150,9 @@ class _Outcome:
     response: PKIMessage | None = None
     check_after: float = 0.0
     cert_req_id: int = 0
+    chain: tuple[
+        x509.Certificate, ...
+    ] = ()  # the certificate's issuers as the reply showed them, nearest first
 
 
 @dataclass
@@ -189,9 +195,11 @@ class Forwarder(PollingTask):
         lock_path: Path | None = None,
         clock: Callable[[], float] = time.time,
         jitter: Callable[[], float] = random.random,
+        audit: AuditSink | None = None,
     ) -> None:
         super().__init__(settings.poll_s)
         self.journal = journal
+        self.audit = audit
         self.settings = settings
         self.protector = protector
         self.server_certs = tuple(server_certs)
@@ -369,7 +377,12 @@ class Forwarder(PollingTask):
             request = parse_message(r.request_der)
             if r.state == "waiting" and r.last_response_der is not None:
                 waiting = parse_message(r.last_response_der)
-                poll = await asyncio.to_thread(self._follow_up, waiting, BodyType.POLLREQ, PollReqBody((0,)))
+                # The certReqId the upstream used: 0 for cr, and for p10cr -1 (RFC 9810 5.3.4) or 0 (openssl 3.0,
+                # EJBCA): whatever its waiting answer said.
+                req_id = _waiting_cert_req_id(waiting)
+                poll = await asyncio.to_thread(
+                    self._follow_up, waiting, BodyType.POLLREQ, PollReqBody((req_id,))
+                )
                 out.append((r, poll))
             else:
                 out.append((r, request))
@@ -562,9 +575,11 @@ class Forwarder(PollingTask):
                 return _Outcome("retry", "reply rejected: accepted without a certificate")
             if rsp.certificate.public_key().public_bytes(*_SPKI) != _requested_key(request):
                 return _Outcome("retry", "reply rejected: the certificate's key is not the requested key")
+            chain = issuer_chain(rsp.certificate, (*answer.extra_certs, *body.ca_pubs, *self.server_certs))
             if answer.header.implicit_confirm and request.header.implicit_confirm:
-                return _Outcome("done", cert=rsp.certificate)
-            return _Outcome("confirm", cert=rsp.certificate, response=answer, cert_req_id=rsp.cert_req_id)
+                return _Outcome("done", cert=rsp.certificate, chain=chain)
+            return _Outcome("confirm", cert=rsp.certificate, response=answer, cert_req_id=rsp.cert_req_id,
+                            chain=chain)  # fmt: skip
         return _Outcome("retry", f"reply rejected: unexpected {answer.body_type.asn1_name}")
 
     async def _confirm(
@@ -597,7 +612,7 @@ class Forwarder(PollingTask):
                     outcomes[row.id] = _Outcome("retry", f"pkiConf rejected: {exc}"[:300])
                     continue
                 if answer.body_type is BodyType.PKICONF:
-                    outcomes[row.id] = _Outcome("done", cert=outcome.cert)
+                    outcomes[row.id] = _Outcome("done", cert=outcome.cert, chain=outcome.chain)
                 elif isinstance(answer.body, ErrorBody):
                     outcomes[row.id] = _Outcome(
                         "retry", "certConf refused: " + _status_text(answer.body.status)
@@ -618,10 +633,19 @@ class Forwarder(PollingTask):
         now = self.clock()
         by_id = {r.id: r for r in rows}
 
+        upstream_issued: list[dict[str, object]] = []
+        upstream_refused: list[dict[str, object]] = []
+
         def txn(conn: sqlite3.Connection) -> None:
             last_ok = last_err = None
-            for row_id, o in outcomes.items():
+            upstream_issued.clear()
+            upstream_refused.clear()
+            for row_id, decided in outcomes.items():
                 r = by_id[row_id]
+                o = decided
+                if o.action == "done" and r.ra_request_id is not None and o.cert is None:
+                    # RA mode needs the certificate itself: a "duplicate, no-op" answer leaves the device without.
+                    o = _Outcome("fail", o.text or "the upstream answered without a certificate")
                 if o.action == "done":
                     der = o.cert.public_bytes(_DER) if o.cert is not None else None
                     conn.execute(
@@ -632,6 +656,18 @@ class Forwarder(PollingTask):
                     if r.kind == "rr":
                         conn.execute("UPDATE revocation SET forwarded_at=? WHERE cert_serial=? AND forwarded_at IS NULL",
                                      (now, r.cert_serial))  # fmt: skip
+                    if r.ra_request_id is not None and o.cert is not None and der is not None:
+                        serial = f"{o.cert.serial_number:x}"
+                        chain = b"".join(c.public_bytes(_DER) for c in o.chain)
+                        cur = conn.execute(
+                            "UPDATE ra_request SET state='issued', cert_der=?, chain_der=?, cert_serial=?, issued_at=?"
+                            " WHERE id=? AND state='pending'",
+                            (der, chain, serial, now, r.ra_request_id),
+                        )
+                        if cur.rowcount:
+                            upstream_issued.append({"ra_request": r.ra_request_id, "cert_serial": serial,
+                                                    "issuer": o.cert.issuer.rfc4514_string(),
+                                                    "cert_sha256": hashlib.sha256(der).hexdigest()})  # fmt: skip
                     result.done += 1
                     last_ok = now
                 elif o.action == "wait":
@@ -647,6 +683,10 @@ class Forwarder(PollingTask):
                         "UPDATE outbox SET state='failed', done_at=?, last_error=?, attempts=attempts+1 WHERE id=?",
                         (now, o.text, row_id),
                     )
+                    if r.ra_request_id is not None:
+                        conn.execute("UPDATE ra_request SET state='failed', failure=? WHERE id=? AND state='pending'",
+                                     (o.text, r.ra_request_id))  # fmt: skip
+                        upstream_refused.append({"ra_request": r.ra_request_id, "reason": o.text})
                     result.failed += 1
                     last_err = (now, f"outbox {row_id} ({r.kind} {r.cert_serial}) failed: {o.text}")
                 else:
@@ -666,6 +706,11 @@ class Forwarder(PollingTask):
             if last_err is not None:
                 conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('upstream_last_error', ?)",
                              (json.dumps({"at": last_err[0], "error": last_err[1]}),))  # fmt: skip
+            # RA mode: the device's certificate (or its final refusal) is an issuance event like any other.
+            if self.audit is not None and upstream_issued:
+                self.audit.append(conn, "appliance", "issuance.upstream-issued", {"items": upstream_issued})
+            if self.audit is not None and upstream_refused:
+                self.audit.append(conn, "appliance", "issuance.upstream-refused", {"items": upstream_refused})
 
         if outcomes:
             await self.journal.atransaction(txn, "recording upstream results")
@@ -703,12 +748,38 @@ class Forwarder(PollingTask):
         return load.open_rows == 0 and failed == 0
 
 
+def issuer_chain(cert: x509.Certificate, pool: Sequence[x509.Certificate]) -> tuple[x509.Certificate, ...]:
+    """The issuers of `cert` found in `pool` (the reply's extraCerts and caPubs, the configured upstream
+    certificates), nearest first, each link's signature verified; it stops at a self-signed CA or a gap."""
+    chain: list[x509.Certificate] = []
+    current = cert
+    while len(chain) < 8:
+        if current.issuer == current.subject and _issued_by(current, current):
+            break
+        parent = next((c for c in pool if c.subject == current.issuer and c not in chain
+                       and _issued_by(current, c)), None)  # fmt: skip
+        if parent is None:
+            break
+        chain.append(parent)
+        current = parent
+    return tuple(chain)
+
+
 def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
     try:
         cert.verify_directly_issued_by(ca)
     except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
         return False
     return True
+
+
+def _waiting_cert_req_id(waiting: PKIMessage) -> int:
+    body = waiting.body
+    if isinstance(body, CertRepBody) and body.responses:
+        return body.responses[0].cert_req_id
+    if isinstance(body, PollRepBody) and body.entries:
+        return body.entries[0].cert_req_id
+    return 0
 
 
 def _requested_key(request: PKIMessage) -> bytes | None:
@@ -782,7 +853,7 @@ def make_forwarder(core: Core) -> Forwarder:
         ra_cert = core.config.cmp.ra_cert or core.config.stations.tls_dir / "cmp-ra.pem"
         protector = ensure_ra(core.token, management, ra_cert)
     return Forwarder(core.journal, cfg, protector, server_certs=load_server_certs(cfg), secret=secret,
-                     lock_path=core.config.appliance.state_dir / "upstream.lock")  # fmt: skip
+                     lock_path=core.config.appliance.state_dir / "upstream.lock", audit=core.audit)  # fmt: skip
 
 
 def queue_status(journal: Journal, settings: UpstreamSection, now: float | None = None) -> dict[str, Any]:

@@ -10,6 +10,10 @@ as that station's would be. Answers (docs/cmp.md "The server"):
   under MAC protection, RFC 9483 4.1.1); refusals -> an error message with the failInfo of the reason code;
 - certConf -> pkiConf (the certificate is confirmed in the journal); implicitConfirm is granted when asked and
   the label allows it, and the certificate is confirmed at once;
+- RA mode (the work order's product is in upstream issuance mode): ir / cr / p10cr -> ip / cp with status
+  "waiting"; pollReq -> pollRep (checkAfter) until the upstream CA has issued, then ip / cp with its certificate
+  and chain, and certConf as above (RFC 9483 4.4);
+- genm with id-it-caCerts -> genp with the issuing CA chain (RFC 9483 4.3.1);
 - rr -> rp (labels with allow_rr only); nested -> nested, one answer per inner message (allow_nested only).
 
 HTTP: 415 for another Content-Type, 413 for a body above the limit (judged from Content-Length before reading),
@@ -40,6 +44,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
+from appliance.cmp import _der, oids
 from appliance.cmp._names import NULL_DN
 from appliance.cmp.build import Protector, build_message
 from appliance.cmp.errors import CmpError, FailInfo, fail_info_for_error
@@ -54,6 +59,8 @@ from appliance.cmp.model import (
     CertReqBody,
     CertResponse,
     ErrorBody,
+    GenBody,
+    InfoTypeAndValue,
     Limits,
     NestedBody,
     NestedItem,
@@ -62,6 +69,9 @@ from appliance.cmp.model import (
     PKIHeader,
     PKIMessage,
     PKIStatusInfo,
+    PollRepBody,
+    PollRepEntry,
+    PollReqBody,
     PopKind,
     RevokedCertId,
     RpBody,
@@ -77,7 +87,14 @@ from appliance.cmp.protection import (
     verify_protection,
 )
 from appliance.config import CmpSection
-from appliance.errors import BirthlineError, ConfigError, IssuanceFailed, IssuanceRefused, Problem
+from appliance.errors import (
+    BirthlineError,
+    ConfigError,
+    IssuanceFailed,
+    IssuancePending,
+    IssuanceRefused,
+    Problem,
+)
 from appliance.httpbody import read_limited
 from appliance.issuance.journal import Journal
 from appliance.issuance.policy import AuditSink, IssueRequest
@@ -139,13 +156,21 @@ class CmpSettings:
 
 @dataclass
 class _Pending:
+    """An open transaction: awaiting certConf for `certificate`, or (RA mode, certificate None) awaiting the
+    upstream CA, re-asked with `issue` at each pollReq."""
+
     label: str
     state: TransactionState
     cert_req_id: int
-    certificate: x509.Certificate
+    certificate: x509.Certificate | None
     cert_serial: str
     expires: float
     request_sha256: bytes = b""
+    issue: IssueRequest | None = None
+    rep_type: BodyType = BodyType.CP
+    ra_request: int | None = None
+    mac: bool = False
+    implicit: bool = False  # implicitConfirm asked in the request and allowed by the label
 
 
 @dataclass
@@ -268,6 +293,8 @@ class CmpResponder:
             follow_up = msg.body_type in (BodyType.CERTCONF, BodyType.POLLREQ)
             if follow_up and (pending is None or pending.label != label.name):
                 raise CmpError(f"no transaction of this label awaits a {msg.body_type.asn1_name}")
+            if follow_up and pending and (msg.body_type is BodyType.POLLREQ) != (pending.certificate is None):
+                raise CmpError(f"this transaction does not await a {msg.body_type.asn1_name}")
             check_request(msg, pending.state if follow_up and pending else None)
             if not follow_up and pending is not None:
                 if pending.request_sha256 != hashlib.sha256(msg.der).digest():
@@ -399,6 +426,10 @@ class CmpResponder:
             return await self._certify(label, msg, body)
         if isinstance(body, CertConfBody):
             return await self._cert_conf(msg, body)
+        if isinstance(body, PollReqBody):
+            return await self._poll(msg, body)
+        if isinstance(body, GenBody) and msg.body_type is BodyType.GENM:
+            return self._general(body)
         if isinstance(body, RrBody):
             return await self._revoke(label, body)
         if isinstance(body, NestedBody) and outer:
@@ -426,23 +457,71 @@ class CmpResponder:
             req_id = req.cert_req_id
             issue = IssueRequest(device_serial_of(req.template.subject), b"", label.station, request_id,
                                  label.profile, public_key_der=req.template.public_key_der)  # fmt: skip
+        rep_type = {BodyType.IR: BodyType.IP}.get(msg.body_type, BodyType.CP)
+        mac = protection_kind(msg.header) in (ProtectionKind.PBM, ProtectionKind.PBMAC1)
+        pending = _Pending(label.name, TransactionState(tid, b""), req_id, None, "",
+                           self.clock() + self.settings.confirm_wait_s, hashlib.sha256(msg.der).digest(),
+                           issue=issue, rep_type=rep_type, mac=mac,
+                           implicit=msg.header.implicit_confirm and label.implicit_confirm)  # fmt: skip
+        return await self._issue(pending)
+
+    async def _issue(self, pending: _Pending) -> _Answer:
+        """Ask the core (again, for a pollReq) and answer: the certificate, or "waiting" in RA mode."""
+        assert pending.issue is not None
+        rep_type, req_id = pending.rep_type, pending.cert_req_id
         try:
-            result = await asyncio.shield(self.service.issue(issue))
+            result = await asyncio.shield(self.service.issue(pending.issue))
+        except IssuancePending as exc:
+            # RA mode: the upstream CA issues. The transaction stays open for pollReq (RFC 9483 4.4).
+            pending.ra_request = exc.request
+            pending.expires = self.clock() + self.settings.confirm_wait_s
+            waiting = CertRepBody((CertResponse(req_id, PKIStatusInfo.waiting(exc.message)),))
+            return _Answer(rep_type, waiting, pending=pending)
         except (IssuanceRefused, IssuanceFailed) as exc:
             raise CmpError(exc.message, fail_info=fail_info_for_error(exc), code=exc.code) from None
         self.stats["issued"] += 1
         cert = x509.load_der_x509_certificate(result.certificate)
-        rep_type = {BodyType.IR: BodyType.IP}.get(msg.body_type, BodyType.CP)
-        mac = protection_kind(msg.header) in (ProtectionKind.PBM, ProtectionKind.PBMAC1)
-        ca_pubs = (self.chain[-1],) if rep_type is BodyType.IP and mac else ()
+        chain = (
+            tuple(x509.load_der_x509_certificate(c) for c in result.chain) if result.upstream else self.chain
+        )
+        ca_pubs = (chain[-1],) if rep_type is BodyType.IP and pending.mac and chain else ()
         rep = CertRepBody((CertResponse(req_id, PKIStatusInfo.accepted(), cert),), ca_pubs)
-        if msg.header.implicit_confirm and label.implicit_confirm:
-            await self.service.confirm(result.cert_serial, hashlib.sha256(result.certificate).digest())
+        if pending.implicit:
+            await self._confirm(result.upstream, result.issuance_id, result.cert_serial, result.certificate)
             self.stats["confirmed"] += 1
-            return _Answer(rep_type, rep, implicit=True, extra_certs=self.chain)
-        pending = _Pending(label.name, TransactionState(tid, b""), req_id, cert, result.cert_serial,
-                           self.clock() + self.settings.confirm_wait_s, hashlib.sha256(msg.der).digest())  # fmt: skip
-        return _Answer(rep_type, rep, extra_certs=self.chain, pending=pending)
+            return _Answer(rep_type, rep, implicit=True, extra_certs=chain)
+        pending.certificate, pending.cert_serial = cert, result.cert_serial
+        pending.ra_request = result.issuance_id if result.upstream else None
+        pending.expires = self.clock() + self.settings.confirm_wait_s
+        return _Answer(rep_type, rep, extra_certs=chain, pending=pending)
+
+    async def _confirm(self, upstream: bool, ra_request: int | None, cert_serial: str, der: bytes) -> None:
+        if upstream and ra_request is not None:
+            await self.service.confirm_upstream(ra_request, hashlib.sha256(der).digest())
+        else:
+            await self.service.confirm(cert_serial, hashlib.sha256(der).digest())
+
+    async def _poll(self, msg: PKIMessage, body: PollReqBody) -> _Answer:
+        """pollReq on a transaction waiting for the upstream CA: pollRep while it still waits, else the answer."""
+        pending = self.pending.pop(msg.header.transaction_id or b"")
+        if body.cert_req_ids != (pending.cert_req_id,):
+            raise CmpError(f"pollReq names certReqId(s) {list(body.cert_req_ids)}, this transaction has"
+                           f" {pending.cert_req_id}", fail_info=FailInfo.BAD_CERT_ID)  # fmt: skip
+        answer = await self._issue(pending)
+        if isinstance(answer.body, CertRepBody) and answer.body.responses[0].certificate is None:
+            after = max(1, round(self.service.upstream_retry_s or 5.0))
+            entry = PollRepEntry(pending.cert_req_id, after, ("the upstream CA has not issued yet",))
+            return _Answer(BodyType.POLLREP, PollRepBody((entry,)), pending=answer.pending)
+        return answer
+
+    def _general(self, body: GenBody) -> _Answer:
+        """genm: id-it-caCerts is answered with the issuing CA chain; other info types are not served."""
+        if body.ca_certs() is None:
+            names = ", ".join(i.oid for i in body.items) or "none"
+            raise CmpError(f"general message info type(s) {names} are not served; id-it-caCerts is",
+                           fail_info=FailInfo.BAD_REQUEST)  # fmt: skip
+        value = _der.sequence(*(c.public_bytes(_DER) for c in self.chain))
+        return _Answer(BodyType.GENP, GenBody((InfoTypeAndValue(oids.IT_CA_CERTS, value),)))
 
     async def _cert_conf(self, msg: PKIMessage, body: CertConfBody) -> _Answer:
         tid = msg.header.transaction_id or b""
@@ -450,6 +529,7 @@ class CmpResponder:
         if len(body.statuses) != 1:
             raise CmpError("certConf must carry exactly one CertStatus", fail_info=FailInfo.BAD_REQUEST)
         (status,) = body.statuses
+        assert pending.certificate is not None  # _respond routes certConf only to a certificate's transaction
         if status.cert_req_id != pending.cert_req_id:
             raise CmpError(f"certReqId {status.cert_req_id} was not issued in this transaction",
                            fail_info=FailInfo.BAD_CERT_ID)  # fmt: skip
@@ -457,7 +537,7 @@ class CmpResponder:
             raise CmpError("certHash does not match the issued certificate", fail_info=FailInfo.BAD_CERT_ID)
         if status.accepted:
             der = pending.certificate.public_bytes(_DER)
-            await self.service.confirm(pending.cert_serial, hashlib.sha256(der).digest())
+            await self._confirm(pending.ra_request is not None, pending.ra_request, pending.cert_serial, der)
             self.stats["confirmed"] += 1
         else:
             log.warning("CMP client rejected certificate %s (label %s); it stays unconfirmed",

@@ -31,9 +31,32 @@ from appliance.errors import IssuanceFailed, ReasonCode
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
-SCHEMA = """
+RA_REQUEST_TABLE = """
+CREATE TABLE IF NOT EXISTS ra_request (
+    id                INTEGER PRIMARY KEY,
+    request_id        TEXT NOT NULL,
+    station           TEXT NOT NULL,
+    profile           TEXT NOT NULL,
+    ca                TEXT NOT NULL,                          -- the work orders' CA name (authorisation scope)
+    device_serial     TEXT NOT NULL,
+    public_key_sha256 BLOB NOT NULL,
+    csr_sha256        BLOB,
+    state             TEXT NOT NULL CHECK (state IN ('pending', 'issued', 'confirmed', 'failed')),
+    cert_serial       TEXT,                                   -- hex, the upstream certificate's
+    cert_der          BLOB,
+    chain_der         BLOB,                                   -- the issuers, nearest first, each DER, concatenated
+    failure           TEXT,
+    created_at        REAL NOT NULL,
+    issued_at         REAL,
+    confirmed_at      REAL,
+    CHECK ((state IN ('issued', 'confirmed')) = (cert_der IS NOT NULL))
+);
+"""
+
+SCHEMA = (
+    """
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -139,7 +162,9 @@ CREATE TABLE IF NOT EXISTS product (
     profile        TEXT NOT NULL,
     ca             TEXT NOT NULL,
     key_algorithms TEXT NOT NULL,                             -- comma-separated, a subset of the profile's
-    created_at     REAL NOT NULL
+    created_at     REAL NOT NULL,
+    -- local: the appliance's issuing CA signs at once; upstream: RA mode, the upstream CA issues (docs/cmp.md)
+    issuance_mode  TEXT NOT NULL DEFAULT 'local' CHECK (issuance_mode IN ('local', 'upstream'))
 );
 CREATE TABLE IF NOT EXISTS production_line (
     name        TEXT PRIMARY KEY,
@@ -191,8 +216,11 @@ CREATE TABLE IF NOT EXISTS work_order_unit (
     rework_id     INTEGER,
     issuance_id   INTEGER UNIQUE,
     released      INTEGER NOT NULL DEFAULT 0,
-    created_at    REAL NOT NULL
+    created_at    REAL NOT NULL,
+    ra_request_id INTEGER                                     -- RA mode: bound to ra_request instead
 );
+CREATE UNIQUE INDEX IF NOT EXISTS work_order_unit_ra ON work_order_unit (ra_request_id)
+    WHERE ra_request_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS work_order_unit_wo ON work_order_unit (work_order);
 CREATE INDEX IF NOT EXISTS work_order_unit_unbound ON work_order_unit (device_serial) WHERE issuance_id IS NULL;
 CREATE TABLE IF NOT EXISTS rework (
@@ -230,7 +258,7 @@ CREATE TABLE IF NOT EXISTS users (
 CREATE TRIGGER IF NOT EXISTS work_order_unit_bind AFTER INSERT ON issuance
     BEGIN
         UPDATE work_order_unit SET issuance_id = NEW.id
-            WHERE issuance_id IS NULL AND device_serial = NEW.device_serial;
+            WHERE issuance_id IS NULL AND ra_request_id IS NULL AND device_serial = NEW.device_serial;
     END;
 -- A burned intent (crash recovery, HSM or store failure) never released a certificate: give its quota unit
 -- or rework grant back in the same transaction as the burn, so consumed always equals the live units.
@@ -336,8 +364,10 @@ CREATE TABLE IF NOT EXISTS outbox (
     last_response_der BLOB,                                   -- 'waiting': the answer a pollReq follows up
     upstream_cert_der BLOB,                                   -- the upstream CA's certificate for the device
     created_at        REAL NOT NULL,
-    done_at           REAL
+    done_at           REAL,
+    ra_request_id     INTEGER REFERENCES ra_request (id)       -- RA mode: the request this row carries
 );
+CREATE INDEX IF NOT EXISTS outbox_by_ra ON outbox (ra_request_id) WHERE ra_request_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS outbox_open ON outbox (next_attempt_at) WHERE state IN ('queued', 'sent', 'waiting');
 CREATE INDEX IF NOT EXISTS outbox_by_issuance ON outbox (issuance_id);
 CREATE INDEX IF NOT EXISTS outbox_by_serial ON outbox (cert_serial, kind);
@@ -347,7 +377,49 @@ CREATE TRIGGER IF NOT EXISTS outbox_on_revocation AFTER INSERT ON revocation WHE
         INSERT OR IGNORE INTO outbox (kind, cert_serial, transaction_id, next_attempt_at, created_at)
             VALUES ('rr', NEW.cert_serial, randomblob(16), NEW.revoked_at, NEW.revoked_at);
     END;
+-- RA mode (docs/cmp.md "Upstream issuance mode"): a device request authorised here (work order, quota,
+-- allowlist) whose certificate the UPSTREAM CA issues. Written with its outbox row in one transaction; the
+-- forwarder stores the upstream's certificate and chain here; the station, told PENDING, polls until then.
+--   pending   - authorised, queued or sent upstream
+--   issued    - the upstream's certificate is stored; it is released to the station from now on
+--   confirmed - the station (or CMP client) confirmed it stored the certificate
+--   failed    - the upstream rejected the request for good (`failure` says why); its unit is given back
 """
+    + RA_REQUEST_TABLE
+    + """CREATE UNIQUE INDEX IF NOT EXISTS ra_live_device ON ra_request (ca, device_serial) WHERE state != 'failed';
+CREATE UNIQUE INDEX IF NOT EXISTS ra_live_key ON ra_request (public_key_sha256) WHERE state != 'failed';
+CREATE INDEX IF NOT EXISTS ra_by_request ON ra_request (station, request_id);
+CREATE TRIGGER IF NOT EXISTS work_order_unit_bind_ra AFTER INSERT ON ra_request
+    BEGIN
+        UPDATE work_order_unit SET ra_request_id = NEW.id
+            WHERE issuance_id IS NULL AND ra_request_id IS NULL AND device_serial = NEW.device_serial;
+    END;
+-- An upstream rejection issued nothing: give the unit (or rework grant) back, as a burned intent does.
+CREATE TRIGGER IF NOT EXISTS work_order_unit_release_ra AFTER UPDATE OF state ON ra_request
+    WHEN OLD.state = 'pending' AND NEW.state = 'failed'
+    BEGIN
+        UPDATE work_order SET consumed = consumed - 1
+            WHERE id = (SELECT work_order FROM work_order_unit
+                        WHERE ra_request_id = NEW.id AND kind = 'new' AND released = 0);
+        UPDATE rework SET used = 0
+            WHERE id = (SELECT rework_id FROM work_order_unit
+                        WHERE ra_request_id = NEW.id AND kind = 'rework' AND released = 0);
+        UPDATE work_order_unit SET released = 1 WHERE ra_request_id = NEW.id;
+    END;
+"""
+)
+
+# Schema 1 -> 2 (RA mode): columns that CREATE TABLE IF NOT EXISTS cannot add to an existing table. Run before
+# SCHEMA, whose new indexes use them.
+MIGRATIONS = {
+    1: (
+        RA_REQUEST_TABLE,
+        "ALTER TABLE product ADD COLUMN issuance_mode TEXT NOT NULL DEFAULT 'local'"
+        " CHECK (issuance_mode IN ('local', 'upstream'))",
+        "ALTER TABLE work_order_unit ADD COLUMN ra_request_id INTEGER",
+        "ALTER TABLE outbox ADD COLUMN ra_request_id INTEGER REFERENCES ra_request (id)",
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -385,6 +457,30 @@ def burn_interrupted(conn: sqlite3.Connection) -> list[str]:
     if serials:
         conn.execute("UPDATE issuance SET state='burned', burn_reason='crash-recovery' WHERE state='intent'")
     return serials
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring an older journal up to SCHEMA_VERSION, one version per transaction (a crash leaves a whole one)."""
+    if not conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone():
+        return  # a new journal: SCHEMA creates it whole
+    row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+    version = int(row[0]) if row is not None else SCHEMA_VERSION
+    if version > SCHEMA_VERSION or (version < SCHEMA_VERSION and version not in MIGRATIONS):
+        raise IssuanceFailed(
+            f"journal schema {version} is not the supported {SCHEMA_VERSION} (and cannot be migrated to it)",
+            ReasonCode.JOURNAL_UNAVAILABLE,
+        )
+    while version < SCHEMA_VERSION and version in MIGRATIONS:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in MIGRATIONS[version]:
+                conn.execute(statement)
+            version += 1
+            conn.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(version),))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
 
 
 def journal_error(exc: BaseException, doing: str) -> IssuanceFailed:
@@ -447,6 +543,7 @@ class Journal:
             # NORMAL can lose committed transactions on power loss in WAL mode; an issued certificate must not.
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA foreign_keys=ON")
+            _migrate(conn)
             conn.executescript(SCHEMA)
             row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
             if row is None:

@@ -28,12 +28,24 @@ class IssueRequest:
     itself (CMP ir/cr: the CRMF POP signature). `csr` is then empty; the same key policy applies."""
 
 
+@dataclass(frozen=True)
+class Grant:
+    """What an authorisation decided besides "yes": how the certificate is made. `upstream` is RA mode: the
+    upstream CA issues it (the product's issuance_mode), and the station is told PENDING until it has."""
+
+    mode: str = "local"  # local | upstream
+    work_order: str | None = None
+
+
+LOCAL = Grant()
+
+
 class AuthorisationPolicy(Protocol):
     def begin(self, conn: sqlite3.Connection) -> None:
         """A new intent transaction starts: anything the policy cached from an earlier one is stale. Within
         one transaction (BEGIN IMMEDIATE: no other writer) only the policy's own writes change what it reads."""
 
-    def authorise(self, conn: sqlite3.Connection, request: IssueRequest, profile: Profile) -> None:
+    def authorise(self, conn: sqlite3.Connection, request: IssueRequest, profile: Profile) -> Grant:
         """Raise IssuanceRefused (NOT_AUTHORISED, QUOTA_EXHAUSTED, ...) to refuse; may write rows in `conn`."""
 
 
@@ -44,8 +56,8 @@ class AllowAll:
     def begin(self, conn: sqlite3.Connection) -> None:
         return None
 
-    def authorise(self, conn: sqlite3.Connection, request: IssueRequest, profile: Profile) -> None:
-        return None
+    def authorise(self, conn: sqlite3.Connection, request: IssueRequest, profile: Profile) -> Grant:
+        return LOCAL
 
 
 class AuditSink(Protocol):

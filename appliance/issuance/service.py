@@ -4,6 +4,10 @@ authorise -> validate the CSR -> build from the profile -> journal intent -> sig
 journal issued -> answer. Requests that arrive together share the two transactions (group commit) but each
 still follows that order: no signature is made before its intent is durable, and no certificate is released
 before it is stored.
+
+RA mode (a product whose issuance_mode is 'upstream'): authorise -> validate the CSR -> journal the request and
+its outbox row in ONE transaction -> answer "pending" (IssuancePending). Nothing is signed here; the forwarder
+stores the upstream CA's certificate in `ra_request`, and the same request asked again is then answered with it.
 """
 
 from __future__ import annotations
@@ -27,9 +31,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from appliance.ca import CaRecord
-from appliance.errors import BirthlineError, IssuanceFailed, IssuanceRefused, ReasonCode
+from appliance.der import split_certificates, tbs_subject
+from appliance.errors import BirthlineError, IssuanceFailed, IssuancePending, IssuanceRefused, ReasonCode
 from appliance.issuance.journal import IssuanceRow, Journal, burn_interrupted
-from appliance.issuance.policy import AllowAll, AuditSink, AuthorisationPolicy, IssueRequest
+from appliance.issuance.policy import LOCAL, AllowAll, AuditSink, AuthorisationPolicy, IssueRequest
 from appliance.issuance.prepare import (
     Job,
     PrepareContext,
@@ -57,12 +62,17 @@ class IssueResult:
     chain: tuple[bytes, ...]  # DER, issuing CA first, up to the root
     cert_serial: str  # hex
     device_serial: str
-    issuance_id: int
+    issuance_id: int  # the issuance row's id; in RA mode the ra_request row's
     reused: bool  # answered from the journal: a retry of a request already issued
+    upstream: bool = False  # RA mode: the upstream CA issued it (confirm with confirm_upstream)
 
     @property
     def certificate_pem(self) -> bytes:
         return x509.load_der_x509_certificate(self.certificate).public_bytes(serialization.Encoding.PEM)
+
+
+# A delivery confirmation: ("local", cert_serial) or ("ra", ra_request id), the hash, and who waits for it.
+_Confirm = tuple[str, str, bytes | None, "asyncio.Future[None]"]
 
 
 @dataclass(eq=False)
@@ -75,6 +85,7 @@ class _Item:
     leader: _Item | None = None  # same device and key already in flight: answer with its result
     error: BirthlineError | None = None
     followers: list[_Item] = field(default_factory=list)
+    ra_done: IssueResult | None = None  # RA mode: the upstream's certificate, already stored
 
     @property
     def key(self) -> tuple[str, bytes]:
@@ -102,6 +113,7 @@ class IssueService:
         pipeline_depth: int = 2,
         audit: AuditSink | None = None,
         admission: Callable[[], str | None] | None = None,
+        upstream_retry_s: float | None = None,
     ) -> None:
         ca_cert = ca.certificate
         spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -126,15 +138,18 @@ class IssueService:
         self._preparer = Preparer(self._ctx)
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
         self._queue: asyncio.Queue[_Item | None] = asyncio.Queue()
-        self._confirms: asyncio.Queue[tuple[str, bytes | None, asyncio.Future[None]] | None] = asyncio.Queue()
+        self._confirms: asyncio.Queue[_Confirm | None] = asyncio.Queue()
         self._tg: asyncio.TaskGroup | None = None
         self._inflight: dict[tuple[str, bytes], _Item] = {}
         self._unsettled: list[int] = []  # intents whose signature was made but could not be stored or burned
         self._last_issue_time: float | None = None
         self._hsm_fault: str | None = None
         self._crash_at = os.environ.get(CRASH_ENV, "")
-        self.stats = {"issued": 0, "reused": 0, "refused": 0, "failed": 0, "batches": 0}
+        self.stats = {"issued": 0, "reused": 0, "refused": 0, "failed": 0, "batches": 0, "pending": 0}
         self.admission = admission
+        self.upstream_retry_s = upstream_retry_s
+        """RA mode is available (an upstream is configured): how long a station waits before asking again.
+        None: requests for products in upstream mode are refused (UNKNOWN_PROFILE: no upstream CA)."""
         """Consulted before every batch: a text refuses the whole batch (BUSY), e.g. the upstream queue over its
         hard limit (appliance.cmp.forwarder.Forwarder.admission). It must be cheap: it runs on the hot path."""
 
@@ -183,8 +198,8 @@ class IssueService:
                 item.future.set_exception(stopped)
         while not self._confirms.empty():
             pending = self._confirms.get_nowait()
-            if pending is not None and not pending[2].done():
-                pending[2].set_exception(stopped)
+            if pending is not None and not pending[3].done():
+                pending[3].set_exception(stopped)
 
     @property
     def profiles(self) -> Mapping[str, Profile]:
@@ -205,10 +220,17 @@ class IssueService:
 
         Confirmations that arrive together share one transaction, as issuances do: one fsync per station
         confirmation would cap a busy line at the disk's commit rate."""
+        await self._confirm(("local", cert_serial, cert_sha256))
+
+    async def confirm_upstream(self, ra_request: int, cert_sha256: bytes | None = None) -> None:
+        """The same for a certificate the upstream CA issued in RA mode (IssueResult.upstream)."""
+        await self._confirm(("ra", str(ra_request), cert_sha256))
+
+    async def _confirm(self, what: tuple[str, str, bytes | None]) -> None:
         if self._tg is None:
             raise IssuanceFailed("the issuance service is not running", ReasonCode.BUSY)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        await self._confirms.put((cert_serial, cert_sha256, fut))
+        await self._confirms.put((*what, fut))
         await fut
 
     async def _confirm_batcher(self) -> None:
@@ -226,7 +248,7 @@ class IssueService:
                 await self.journal.atransaction(record, "confirming delivery")
             except BirthlineError as exc:
                 errors = dict.fromkeys(range(len(batch)), exc)
-            for i, (_, _, fut) in enumerate(batch):
+            for i, (_, _, _, fut) in enumerate(batch):
                 if fut.done():
                     continue
                 if i in errors:
@@ -235,32 +257,42 @@ class IssueService:
                     fut.set_result(None)
 
     def _record_confirms(
-        self, conn: sqlite3.Connection, *, batch: list[tuple[str, bytes | None, asyncio.Future[None]]],
-        errors: dict[int, BirthlineError],
-    ) -> None:  # fmt: skip
+        self, conn: sqlite3.Connection, *, batch: list[_Confirm], errors: dict[int, BirthlineError]
+    ) -> None:
         now = self.clock()
         confirmed: list[str] = []
-        for i, (cert_serial, cert_sha256, _) in enumerate(batch):
-            row = conn.execute(
-                "SELECT state, cert_der FROM issuance WHERE cert_serial=?", (cert_serial,)
-            ).fetchone()
+        upstream: list[int] = []
+        for i, (kind, ref, cert_sha256, _) in enumerate(batch):
+            if kind == "ra":
+                row = conn.execute(
+                    "SELECT state, cert_der FROM ra_request WHERE id=?", (int(ref),)
+                ).fetchone()
+            else:
+                row = conn.execute(
+                    "SELECT state, cert_der FROM issuance WHERE cert_serial=?", (ref,)
+                ).fetchone()
             if row is None or row[0] not in ("issued", "confirmed"):
-                errors[i] = IssuanceRefused(
-                    f"no issued certificate with serial {cert_serial}", ReasonCode.BAD_REQUEST
-                )
+                what = f"request {ref} from the upstream CA" if kind == "ra" else f"with serial {ref}"
+                errors[i] = IssuanceRefused(f"no issued certificate {what}", ReasonCode.BAD_REQUEST)
             elif cert_sha256 is not None and hashlib.sha256(row[1]).digest() != cert_sha256:
                 errors[i] = IssuanceRefused(
                     "the confirmed hash is not the issued certificate's: the station stored something else",
                     ReasonCode.BAD_REQUEST,
                 )
+            elif row[0] == "issued" and kind == "ra":
+                conn.execute(
+                    "UPDATE ra_request SET state='confirmed', confirmed_at=? WHERE id=?", (now, int(ref))
+                )
+                upstream.append(int(ref))
             elif row[0] == "issued":
                 conn.execute(
-                    "UPDATE issuance SET state='confirmed', confirmed_at=? WHERE cert_serial=?",
-                    (now, cert_serial),
+                    "UPDATE issuance SET state='confirmed', confirmed_at=? WHERE cert_serial=?", (now, ref)
                 )
-                confirmed.append(cert_serial)
+                confirmed.append(ref)
         if confirmed:
             self._note(conn, "appliance", "issuance.confirmed", {"cert_serials": confirmed})
+        if upstream:
+            self._note(conn, "appliance", "issuance.confirmed", {"ra_requests": upstream})
 
     def _note(self, conn: sqlite3.Connection, actor: str, event: str, data: Mapping[str, object]) -> None:
         """Append to the audit log inside `conn`'s transaction: the event commits or rolls back with the rows it
@@ -404,7 +436,7 @@ class IssueService:
             {"station": i.request.station, "request_id": i.request.request_id,
              "device_serial": i.request.device_serial, "code": i.error.code.name, "reason": i.error.message}
             for i in [*refused, *(i for i in items if i.error is not None)]
-            if i.error is not None
+            if i.error is not None and not isinstance(i.error, IssuancePending)
         ]  # fmt: skip
         if refusals:
             self._note(conn, "appliance", "issuance.refused", {"items": refusals})
@@ -421,6 +453,7 @@ class IssueService:
                 item.error = behind
             return []
         intents: list[dict[str, object]] = []
+        forwarded: list[dict[str, object]] = []
         self.policy.begin(conn)
         for item in items:
             assert item.prep is not None
@@ -428,8 +461,12 @@ class IssueService:
             conn.execute("SAVEPOINT item")
             try:
                 self._check_conflicts(conn, item)
-                if item.reuse is None:
-                    self.policy.authorise(conn, req, self._profiles[prep.profile])
+                grant = LOCAL
+                if item.reuse is None and item.ra_done is None:
+                    grant = self.policy.authorise(conn, req, self._profiles[prep.profile]) or LOCAL
+                if grant.mode == "upstream":
+                    forwarded.append(self._queue_upstream(conn, item, grant.work_order, now))
+                elif item.reuse is None and item.ra_done is None:
                     cur = conn.execute(
                         "INSERT INTO issuance (request_id, station, profile, ca, device_serial, public_key_sha256,"
                         " csr_sha256, cert_serial, tbs_sha256, state, created_at)"
@@ -446,12 +483,51 @@ class IssueService:
                         "tbs_sha256": prep.tbs.sha256.hex(), "public_key_sha256": prep.public_key_sha256.hex(),
                     })  # fmt: skip
                 conn.execute("RELEASE item")
-            except IssuanceRefused as exc:
+            except (IssuanceRefused, IssuancePending) as exc:
                 conn.execute("ROLLBACK TO item")
                 conn.execute("RELEASE item")
                 item.error = exc
         self._last_issue_time = max(self._last_issue_time, now)
+        if forwarded:
+            self._note(conn, "appliance", "issuance.forwarded", {"ca": self.ca.name, "items": forwarded})
         return intents
+
+    def _queue_upstream(
+        self, conn: sqlite3.Connection, item: _Item, work_order: str | None, now: float
+    ) -> dict[str, object]:
+        """RA mode: record the authorised request and its outbox row (same SAVEPOINT as the policy's unit);
+        nothing is signed here. The request is then answered "pending"."""
+        if self.upstream_retry_s is None:
+            raise IssuanceRefused(
+                f"work order {work_order} is for a product in upstream (RA) issuance mode, and this appliance"
+                " has no upstream CA configured ([upstream] url)",
+                ReasonCode.UNKNOWN_PROFILE,
+            )
+        assert item.prep is not None
+        req, prep = item.request, item.prep
+        cur = conn.execute(
+            "INSERT INTO ra_request (request_id, station, profile, ca, device_serial, public_key_sha256, csr_sha256,"
+            " state, created_at) VALUES (?,?,?,?,?,?,?,'pending',?)",
+            (req.request_id, req.station, prep.profile, self.ca.name, req.device_serial, prep.public_key_sha256,
+             prep.csr_sha256 if req.csr else None, now),
+        )  # fmt: skip
+        ra_id = int(cur.lastrowid or 0)
+        if req.csr:
+            kind, csr, key, subject = "p10cr", req.csr, None, None
+        else:
+            # CRMF-enrolled (CMP ir/cr): the upstream gets the key and the subject the profile built (raVerified).
+            kind, csr, key, subject = "cr", None, req.public_key_der, tbs_subject(prep.tbs.tbs)
+        conn.execute(
+            "INSERT INTO outbox (kind, ra_request_id, cert_serial, transaction_id, csr_der, public_key_der,"
+            " subject_der, next_attempt_at, created_at) VALUES (?,?,'',?,?,?,?,?,?)",
+            (kind, ra_id, os.urandom(16), csr, key, subject, now, now),
+        )
+        item.error = IssuancePending(
+            "authorised; the upstream CA issues this certificate (RA mode)", self.upstream_retry_s, ra_id
+        )
+        return {"ra_request": ra_id, "station": req.station, "request_id": req.request_id,
+                "device_serial": req.device_serial, "profile": prep.profile, "work_order": work_order,
+                "public_key_sha256": prep.public_key_sha256.hex()}  # fmt: skip
 
     def _check_conflicts(self, conn: sqlite3.Connection, item: _Item) -> None:
         assert item.prep is not None
@@ -481,9 +557,13 @@ class IssueService:
                 ReasonCode.DEVICE_ALREADY_ISSUED,
                 {"cert_serial": existing.cert_serial},
             )
+        self._check_upstream(conn, item)
+        if item.ra_done is not None:
+            return
         other = conn.execute(
-            "SELECT device_serial FROM issuance WHERE public_key_sha256=? AND state!='burned'",
-            (key_hash,),
+            "SELECT device_serial FROM issuance WHERE public_key_sha256=? AND state!='burned'"
+            " UNION ALL SELECT device_serial FROM ra_request WHERE public_key_sha256=? AND state!='failed'",
+            (key_hash, key_hash),
         ).fetchone()
         if other is not None:
             raise IssuanceRefused(
@@ -492,6 +572,39 @@ class IssueService:
         if conn.execute("SELECT 1 FROM issuance WHERE cert_serial=?", (item.prep.serial_hex,)).fetchone():
             # 2^-63 odds; refuse rather than ever reuse a serial.
             raise IssuanceRefused("certificate serial collision; retry", ReasonCode.BUSY)
+
+    def _check_upstream(self, conn: sqlite3.Connection, item: _Item) -> None:
+        """The device's RA-mode request, if it has one: the same key is answered from it (pending, the upstream's
+        certificate, or the upstream's final refusal); another key is refused while it is live."""
+        assert item.prep is not None
+        req = item.request
+        row = conn.execute(
+            "SELECT id, state, public_key_sha256, cert_serial, cert_der, chain_der, failure FROM ra_request"
+            " WHERE ca=? AND device_serial=? ORDER BY id DESC LIMIT 1",
+            (self.ca.name, req.device_serial),
+        ).fetchone()
+        if row is None:
+            return
+        ra_id, state, key_hash, cert_serial, cert_der, chain_der, failure = row
+        if key_hash == item.prep.public_key_sha256:
+            if state == "pending":
+                raise IssuancePending(
+                    "the upstream CA has not issued this certificate yet", self.upstream_retry_s or 5.0, ra_id
+                )
+            if state == "failed":
+                raise IssuanceRefused(
+                    f"the upstream CA refused this request: {failure}", ReasonCode.UPSTREAM_REJECTED,
+                    {"ra_request": ra_id},
+                )  # fmt: skip
+            item.ra_done = IssueResult(cert_der, split_certificates(chain_der or b""), cert_serial,
+                                       req.device_serial, ra_id, True, upstream=True)  # fmt: skip
+        elif state != "failed":
+            raise IssuanceRefused(
+                f"device {req.device_serial!r} already has a request at the upstream CA (RA mode) for a"
+                " different key; a new key needs an authorised rework",
+                ReasonCode.DEVICE_ALREADY_ISSUED,
+                {"ra_request": ra_id},
+            )
 
     async def _sign_and_store(self, items: list[_Item]) -> None:
         ids = [i.row_id for i in items if i.row_id is not None]
@@ -601,8 +714,11 @@ class IssueService:
         if item.future.done():
             pass
         elif item.error is not None:
-            self.stats["refused"] += 1
+            self.stats["pending" if isinstance(item.error, IssuancePending) else "refused"] += 1
             item.future.set_exception(item.error)
+        elif item.ra_done is not None:
+            self.stats["reused"] += 1
+            item.future.set_result(item.ra_done)
         elif item.reuse is not None:
             r = item.reuse
             assert r.cert_der is not None

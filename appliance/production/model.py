@@ -63,6 +63,10 @@ class Product:
     ca: str
     key_algorithms: frozenset[str]
     created_at: float
+    issuance_mode: str = "local"  # local | upstream (RA mode: the upstream CA issues; docs/cmp.md)
+
+
+ISSUANCE_MODES: Final = ("local", "upstream")
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from appliance.errors import IssuanceRefused, ReasonCode
-from appliance.issuance.policy import IssueRequest
+from appliance.issuance.policy import Grant, IssueRequest
 from appliance.production.allowlist import pattern_matches
 from appliance.production.model import iso
 from appliance.profiles import Profile
@@ -71,6 +71,7 @@ class _Candidate:
     profile: str
     ca: str
     key_algorithms: frozenset[str]
+    mode: str = "local"
 
 
 class WorkOrderPolicy:
@@ -103,18 +104,18 @@ class WorkOrderPolicy:
         if line not in self._orders:
             rows = conn.execute(
                 "SELECT w.id, w.quantity, w.consumed, w.pattern, w.valid_from, w.valid_to, p.profile, p.ca,"
-                " p.key_algorithms FROM work_order_line l JOIN work_order w ON w.id = l.work_order"
+                " p.key_algorithms, p.issuance_mode FROM work_order_line l JOIN work_order w ON w.id = l.work_order"
                 " JOIN product p ON p.name = w.product WHERE l.line = ? AND w.state = 'active'"
                 " ORDER BY w.valid_from IS NOT NULL, w.valid_from, w.created_at, w.id",
                 (line,),
             ).fetchall()
             self._orders[line] = [
-                _Candidate(a, b, c, d, e, f, g, h, frozenset(str(k).split(",")))
-                for a, b, c, d, e, f, g, h, k in rows
+                _Candidate(a, b, c, d, e, f, g, h, frozenset(str(k).split(",")), str(m))
+                for a, b, c, d, e, f, g, h, k, m in rows
             ]
         return self._orders[line]
 
-    def authorise(self, conn: sqlite3.Connection, request: IssueRequest, profile: Profile) -> None:
+    def authorise(self, conn: sqlite3.Connection, request: IssueRequest, profile: Profile) -> Grant:
         serial = request.device_serial
         line = self._line(conn, request.station)
         if line is None:
@@ -141,8 +142,7 @@ class WorkOrderPolicy:
             "SELECT id, work_order FROM rework WHERE ca=? AND device_serial=? AND used=0", (self.ca, serial)
         ).fetchone()
         if grant is not None:
-            self._rework(conn, request, profile, valid, int(grant[0]), str(grant[1]), line, now)
-            return
+            return self._rework(conn, request, profile, valid, int(grant[0]), str(grant[1]), line, now)
         allowed = [o for o in valid if self._allows(conn, o, serial)]
         if not allowed:
             names = ", ".join(o.id for o in valid)
@@ -162,7 +162,7 @@ class WorkOrderPolicy:
                     "INSERT INTO work_order_unit (work_order, device_serial, kind, created_at) VALUES (?,?,'new',?)",
                     (order.id, serial, now),
                 )
-                return
+                return Grant(order.mode, order.id)
         names = ", ".join(f"{o.id} (all {o.quantity} used)" for o in allowed)
         raise IssuanceRefused(
             f"no units left on work order {names}",
@@ -220,7 +220,7 @@ class WorkOrderPolicy:
         work_order: str,
         line: str,
         now: float,
-    ) -> None:
+    ) -> Grant:
         """A supervisor's rework grant: one new issuance for this serial, without taking another unit."""
         order = next((o for o in valid if o.id == work_order), None)
         if order is None:
@@ -237,3 +237,4 @@ class WorkOrderPolicy:
             " VALUES (?,?,'rework',?,?)",
             (order.id, request.device_serial, grant_id, now),
         )
+        return Grant(order.mode, order.id)

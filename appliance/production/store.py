@@ -16,6 +16,7 @@ from appliance.issuance.journal import Journal
 from appliance.production.allowlist import SerialRange
 from appliance.production.audit import AuditSink
 from appliance.production.model import (
+    ISSUANCE_MODES,
     Line,
     Product,
     ProductionError,
@@ -90,9 +91,12 @@ def add_product(
     profile: Profile,
     ca: str,
     key_algorithms: Sequence[str] = (),
+    issuance_mode: str = "local",
 ) -> None:
-    """A product of `tenant`, certified with `profile` by issuing CA `ca`; key_algorithms narrows the profile's."""
+    """A product of `tenant`, certified with `profile` by issuing CA `ca`; key_algorithms narrows the profile's.
+    `issuance_mode` 'upstream' makes the appliance an RA for it: the upstream CA issues (docs/cmp.md)."""
     check_name("product", name)
+    _check_mode(issuance_mode)
     algs = frozenset(key_algorithms) if key_algorithms else profile.key_algorithms
     extra = sorted(algs - profile.key_algorithms)
     if extra:
@@ -110,8 +114,9 @@ def add_product(
         if row is None or row[0] != "issuing":
             raise ProductionError(f"{ca!r} is not an issuing CA on this appliance (see birthline ca list)")
         conn.execute(
-            "INSERT INTO product (name, tenant, profile, ca, key_algorithms, created_at) VALUES (?,?,?,?,?,?)",
-            (name, tenant, profile.name, ca, ",".join(sorted(algs)), time.time()),
+            "INSERT INTO product (name, tenant, profile, ca, key_algorithms, created_at, issuance_mode)"
+            " VALUES (?,?,?,?,?,?,?)",
+            (name, tenant, profile.name, ca, ",".join(sorted(algs)), time.time(), issuance_mode),
         )
         return {
             "product": name,
@@ -119,14 +124,35 @@ def add_product(
             "profile": profile.name,
             "ca": ca,
             "key_algorithms": sorted(algs),
+            "issuance_mode": issuance_mode,
         }
 
     _change(journal, audit, actor, Permission.SETUP, "product.add", f"adding product {name}", fn)
 
 
+def _check_mode(mode: str) -> None:
+    if mode not in ISSUANCE_MODES:
+        raise ProductionError(f"issuance mode must be one of {', '.join(ISSUANCE_MODES)}, not {mode!r}")
+
+
+def set_product_mode(journal: Journal, audit: AuditSink, actor: User, name: str, issuance_mode: str) -> None:
+    """Switch a product between local issuance and RA mode. Requests already pending upstream stay pending;
+    new requests follow the new mode."""
+    _check_mode(issuance_mode)
+
+    def fn(conn: sqlite3.Connection) -> Mapping[str, Any]:
+        row = conn.execute("SELECT issuance_mode FROM product WHERE name=?", (name,)).fetchone()
+        if row is None:
+            raise ProductionError(f"no product named {name!r}")
+        conn.execute("UPDATE product SET issuance_mode=? WHERE name=?", (issuance_mode, name))
+        return {"product": name, "from": row[0], "to": issuance_mode}
+
+    _change(journal, audit, actor, Permission.SETUP, "product.mode", f"changing the mode of {name}", fn)
+
+
 def _product(row: Sequence[Any]) -> Product:
-    name, tenant, profile, ca, algs, created = row
-    return Product(name, tenant, profile, ca, frozenset(a for a in str(algs).split(",") if a), created)
+    name, tenant, profile, ca, algs, created, mode = row
+    return Product(name, tenant, profile, ca, frozenset(a for a in str(algs).split(",") if a), created, mode)
 
 
 def list_products(journal: Journal) -> list[Product]:
@@ -135,7 +161,8 @@ def list_products(journal: Journal) -> list[Product]:
         lambda c: [
             _product(r)
             for r in c.execute(
-                "SELECT name, tenant, profile, ca, key_algorithms, created_at FROM product ORDER BY name"
+                "SELECT name, tenant, profile, ca, key_algorithms, created_at, issuance_mode FROM product"
+                " ORDER BY name"
             )
         ],
     )

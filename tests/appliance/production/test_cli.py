@@ -38,6 +38,7 @@ def test_production_cli(
         return main([*argv, *c])
 
     admin = ["--user", "alice", "--password-stdin"]
+    sup_early = ["--user", "sam", "--password-stdin"]
     assert run("user", "add", "alice", "--bootstrap", "--password-stdin", stdin="admin pass 1\n") == 0
     assert run("user", "add", "bob", "--bootstrap", "--password-stdin", stdin="other pass 1\n") == 2
     assert (
@@ -60,6 +61,13 @@ def test_production_cli(
         )
         == 0
     )
+    # RA mode is an administrator's switch, audited; a supervisor may not flip it.
+    assert run("product", "mode", "sensor", "upstream", *sup_early, stdin="super pass 1\n") == 2
+    assert run("product", "mode", "sensor", "upstream", *admin, stdin="admin pass 1\n") == 0
+    capsys.readouterr()
+    assert run("product", "list", "--json") == 0
+    assert [p["issuance_mode"] for p in json.loads(capsys.readouterr().out)] == ["upstream"]
+    assert run("product", "mode", "sensor", "local", *admin, stdin="admin pass 1\n") == 0
     assert run("line", "add", "L1", *admin, stdin="admin pass 1\n") == 0
     port = "/dev/serial/by-path/test-port0"
     assert (
