@@ -36,6 +36,9 @@ def cmd_status(args: argparse.Namespace) -> int:
           f" ({status['mode']})")  # fmt: skip
     for kind, states in sorted(status["depth"].items()):
         print(f"  {kind:6} " + ", ".join(f"{state} {n}" for state, n in sorted(states.items())))
+    ra = status["ra_requests"]
+    if ra:
+        print("RA mode:       " + ", ".join(f"{state} {n}" for state, n in sorted(ra.items())))
     age = status["oldest_open_age_s"]
     print(f"open records:  {status['open']}; oldest {'-' if age is None else f'{age:.0f} s'}")
     print(f"last success:  {status['last_success'] or '-'}")

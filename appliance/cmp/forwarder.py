@@ -871,7 +871,10 @@ def queue_status(journal: Journal, settings: UpstreamSection, now: float | None 
         ).fetchone()
         meta = dict(conn.execute(
             "SELECT key, value FROM meta WHERE key IN ('upstream_last_success', 'upstream_last_error')").fetchall())  # fmt: skip
-        return {"depth": depth, "open": int(open_rows), "oldest": oldest, "meta": meta}
+        ra = {
+            str(s): int(n) for s, n in conn.execute("SELECT state, COUNT(*) FROM ra_request GROUP BY state")
+        }
+        return {"depth": depth, "open": int(open_rows), "oldest": oldest, "meta": meta, "ra": ra}
 
     raw = journal.call(q)
     age = None if raw["oldest"] is None else max(0.0, when - float(raw["oldest"]))
@@ -889,6 +892,7 @@ def queue_status(journal: Journal, settings: UpstreamSection, now: float | None 
         "mode": s.mode,
         "open": raw["open"],
         "depth": raw["depth"],
+        "ra_requests": raw["ra"],  # RA mode: device requests by state (pending = a station is waiting)
         "oldest_open_age_s": age,
         "last_success": _iso(last_success),
         "last_error": None if last_error is None else {"at": _iso(last_error["at"]), "error": last_error["error"]},

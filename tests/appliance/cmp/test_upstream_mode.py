@@ -22,7 +22,7 @@ from cryptography.x509.oid import NameOID
 from appliance import ca as ca_mod
 from appliance.audit.log import AuditLog
 from appliance.audit.verify import verify
-from appliance.cmp.forwarder import Forwarder
+from appliance.cmp.forwarder import Forwarder, queue_status
 from appliance.cmp.protection import SignatureProtector
 from appliance.cmp.ra import ensure_ra
 from appliance.cmp.server import CmpLabel, CmpResponder, make_cmp_app
@@ -120,6 +120,8 @@ async def test_pending_then_the_upstream_certificate_then_confirmed(ra: Ra, upst
     with pytest.raises(IssuancePending) as again:
         await ra.service.issue(request)
     assert again.value.request == first.value.request and ra.consumed() == 1
+    status = queue_status(ra.journal, UpstreamSection(url=upstream.url))
+    assert status["ra_requests"] == {"pending": 1} and status["open"] == 1
 
     fwd = await drain(ra, upstream)
     assert fwd.stats["done"] == 1
@@ -138,6 +140,8 @@ async def test_pending_then_the_upstream_certificate_then_confirmed(ra: Ra, upst
     assert result.chain[0] == up_issuing.public_bytes(DER)  # the chain from the upstream's extraCerts
     await ra.service.confirm_upstream(result.issuance_id, hashlib.sha256(result.certificate).digest())
     assert ra.requests()[0][1] == "confirmed"
+    status = queue_status(ra.journal, UpstreamSection(url=upstream.url))
+    assert status["ra_requests"] == {"confirmed": 1} and status["open"] == 0
     events = audit_events(ra.journal)
     for event in ("issuance.forwarded", "issuance.upstream-issued", "issuance.confirmed"):
         assert event in events
