@@ -41,6 +41,8 @@ class IssuanceSection:
     clock_skew_s: int = 300
     prepare_workers: int = 1
     pipeline_depth: int = 2
+    refusal_burst: int = 60  # refusals per station and window audited in full; the rest are counted
+    refusal_window_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -298,6 +300,8 @@ def parse_config(
         clock_skew_s=r.integer("clock_skew_s", 300, lo=0, hi=86400),
         prepare_workers=r.integer("prepare_workers", 1, lo=0, hi=64),
         pipeline_depth=r.integer("pipeline_depth", 2, lo=1, hi=16),
+        refusal_burst=r.integer("refusal_burst", 60, lo=1, hi=1_000_000),
+        refusal_window_s=r.number("refusal_window_s", 60.0, lo=1, hi=86400),
     )
     r.done()
 

@@ -70,6 +70,8 @@ class Core:
             if prepare_workers is None
             else prepare_workers,
             pipeline_depth=self.config.issuance.pipeline_depth,
+            refusal_burst=self.config.issuance.refusal_burst,
+            refusal_window_s=self.config.issuance.refusal_window_s,
             admission=admission,
             upstream_retry_s=self.config.upstream.pending_retry_s if self.config.upstream.enabled else None,
         )

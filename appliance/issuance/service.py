@@ -44,6 +44,7 @@ from appliance.issuance.prepare import (
     init_worker,
     prepare_in_worker,
 )
+from appliance.issuance.refusals import RefusalLimiter
 from appliance.profiles import Profile
 from hsm.errors import DeviceError, HsmError, SignatureVerificationError
 from hsm.keys import HsmPrivateKey
@@ -114,6 +115,8 @@ class IssueService:
         audit: AuditSink | None = None,
         admission: Callable[[], str | None] | None = None,
         upstream_retry_s: float | None = None,
+        refusal_burst: int = 60,
+        refusal_window_s: float = 60.0,
     ) -> None:
         ca_cert = ca.certificate
         spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -147,6 +150,8 @@ class IssueService:
         self._crash_at = os.environ.get(CRASH_ENV, "")
         self.stats = {"issued": 0, "reused": 0, "refused": 0, "failed": 0, "batches": 0, "pending": 0}
         self.admission = admission
+        self._refusals = RefusalLimiter(refusal_burst, refusal_window_s)
+        self._stopping = asyncio.Event()
         self.upstream_retry_s = upstream_retry_s
         """RA mode is available (an upstream is configured): how long a station waits before asking again.
         None: requests for products in upstream mode are refused (UNKNOWN_PROFILE: no upstream CA)."""
@@ -179,14 +184,17 @@ class IssueService:
         await self._tg.__aenter__()
         self._tg.create_task(self._batcher(), name="issuance-batcher")
         self._tg.create_task(self._confirm_batcher(), name="confirm-batcher")
+        self._tg.create_task(self._summaries(), name="refusal-summaries")
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self._queue.put(None)
         await self._confirms.put(None)
+        self._stopping.set()
         assert self._tg is not None
         await self._tg.__aexit__(None, None, None)
         self._tg = None
+        await self._write_summaries(final=True)
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
@@ -438,8 +446,37 @@ class IssueService:
             for i in [*refused, *(i for i in items if i.error is not None)]
             if i.error is not None and not isinstance(i.error, IssuancePending)
         ]  # fmt: skip
+        # Per station, the first refusal_burst refusals of a window in full, the rest counted (refusals.py).
+        refusals = [r for r in refusals if self._refusals.admit(str(r["station"]), str(r["code"]), now)]
         if refusals:
             self._note(conn, "appliance", "issuance.refused", {"items": refusals})
+        self._note_summaries(conn, now)
+
+    def _note_summaries(self, conn: sqlite3.Connection, now: float, *, final: bool = False) -> None:
+        summaries = self._refusals.due(now, all_windows=final)
+        if summaries:
+            self._note(conn, "appliance", "issuance.refused-summary", {"items": summaries})
+
+    async def _summaries(self) -> None:
+        """Audit a station's suppressed refusals when its window closes, even if nothing else happens then."""
+        while True:
+            try:
+                await asyncio.wait_for(self._stopping.wait(), self._refusals.window_s / 4)
+                return
+            except TimeoutError:
+                pass
+            await self._write_summaries()
+
+    async def _write_summaries(self, *, final: bool = False) -> None:
+        now = self.clock()
+        if self.audit is None or not (final or self._refusals.pending(now)):
+            return
+        try:
+            await self.journal.atransaction(
+                lambda conn: self._note_summaries(conn, now, final=final), "auditing refusal summaries"
+            )
+        except BirthlineError as exc:
+            log.warning("could not audit refusal summaries: %s", exc.message)
 
     def _decide(self, conn: sqlite3.Connection, items: list[_Item], now: float) -> list[dict[str, object]]:
         if self._last_issue_time is None:
