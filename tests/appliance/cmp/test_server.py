@@ -27,16 +27,20 @@ from appliance.cmp import (
     CertTemplate,
     ErrorBody,
     FailInfo,
+    GenBody,
+    InfoTypeAndValue,
     MacProtector,
     NestedBody,
     PKIMessage,
     PKIStatus,
+    PollReqBody,
     RevDetails,
     RpBody,
     RrBody,
     build_message,
     follow_up_header,
     make_cert_request,
+    oids,
     parse_message,
     request_header,
     verify_mac,
@@ -304,3 +308,43 @@ async def test_rr_revokes_on_an_allowed_label_only(srv: Srv) -> None:
     assert tuple(row) == ("keyCompromise", "cmp:upstream", "cmp")
     again = parse_message((await _post(srv, rr(b"upstream"), label="upstream"))[1])
     assert isinstance(again.body, RpBody) and again.body.statuses[0].fail_info == {FailInfo.CERT_REVOKED}
+
+
+async def test_genm_ca_certs_is_answered_with_the_issuing_chain(srv: Srv) -> None:
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "device")])
+    header = request_header(sender=x509.DirectoryName(subject), recipient=x509.DirectoryName(subject))
+    genm = build_message(header, BodyType.GENM, GenBody((InfoTypeAndValue(oids.IT_CA_CERTS),)),
+                         protection=MacProtector(SECRET, b"line1", iterations=1000))  # fmt: skip
+    status, body = await _post(srv, genm.der)
+    genp = parse_message(body)
+    verify_mac(genp, SECRET)
+    assert status == 200 and genp.body_type is BodyType.GENP and isinstance(genp.body, GenBody)
+    assert genp.body.ca_certs() == srv.responder.chain
+    # Another info type is not served.
+    other = build_message(header, BodyType.GENM, GenBody((InfoTypeAndValue("1.3.6.1.5.5.7.4.4"),)),
+                          protection=MacProtector(SECRET, b"line1", iterations=1000))  # fmt: skip
+    refused = parse_message((await _post(srv, other.der))[1])
+    assert isinstance(refused.body, ErrorBody) and refused.body.status.fail_info == {FailInfo.BAD_REQUEST}
+    # openssl cmp sends the same genm and accepts the genp.
+    rc, said = await _openssl(srv, "line1", "-cmd", "genm", "-infotype", "caCerts", "-ref", "line1",
+                              "-secret", f"pass:{SECRET.decode()}", "-mac", "hmacWithSHA256",
+                              "-recipient", "/CN=Birthline")  # fmt: skip
+    assert rc == 0, said
+
+
+async def test_poll_req_outside_a_waiting_transaction_is_refused(srv: Srv) -> None:
+    ir = _ir("SN-0040")
+    ip = parse_message((await _post(srv, ir.der))[1])
+    assert isinstance(ip.body, CertRepBody) and ip.body.responses[0].certificate is not None
+    # The transaction awaits certConf, not pollReq (locally issued certificates never wait).
+    poll = build_message(follow_up_header(ip.header, sender=ir.header.sender), BodyType.POLLREQ,
+                         PollReqBody((0,)), protection=MacProtector(SECRET, b"line1", iterations=1000))  # fmt: skip
+    answer = parse_message((await _post(srv, poll.der))[1])
+    assert isinstance(answer.body, ErrorBody) and answer.body.status.fail_info == {FailInfo.BAD_REQUEST}
+    assert "does not await a pollReq" in " ".join(answer.body.status.status_string)
+    # A pollReq for no transaction at all.
+    stranger = build_message(request_header(sender=ir.header.sender, recipient=ir.header.recipient),
+                             BodyType.POLLREQ, PollReqBody((0,)),
+                             protection=MacProtector(SECRET, b"line1", iterations=1000))  # fmt: skip
+    answer = parse_message((await _post(srv, stranger.der))[1])
+    assert isinstance(answer.body, ErrorBody) and answer.body.status.fail_info == {FailInfo.BAD_REQUEST}
