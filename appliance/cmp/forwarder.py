@@ -573,10 +573,14 @@ class Forwarder(PollingTask):
                 return _status(rsp.status, "upstream refused the request")
             if rsp.certificate is None:
                 return _Outcome("retry", "reply rejected: accepted without a certificate")
-            if rsp.certificate.public_key().public_bytes(*_SPKI) != _requested_key(request):
+            # after polling, `request` is our pollReq: the key and implicitConfirm are those of the stored request
+            original = request
+            if request.body_type is BodyType.POLLREQ and row.request_der is not None:
+                original = parse_message(row.request_der)
+            if rsp.certificate.public_key().public_bytes(*_SPKI) != _requested_key(original):
                 return _Outcome("retry", "reply rejected: the certificate's key is not the requested key")
             chain = issuer_chain(rsp.certificate, (*answer.extra_certs, *body.ca_pubs, *self.server_certs))
-            if answer.header.implicit_confirm and request.header.implicit_confirm:
+            if answer.header.implicit_confirm and original.header.implicit_confirm:
                 return _Outcome("done", cert=rsp.certificate, chain=chain)
             return _Outcome("confirm", cert=rsp.certificate, response=answer, cert_req_id=rsp.cert_req_id,
                             chain=chain)  # fmt: skip
@@ -632,6 +636,8 @@ class Forwarder(PollingTask):
     async def _record(self, rows: list[_Row], outcomes: dict[int, _Outcome], result: PassResult) -> None:
         now = self.clock()
         by_id = {r.id: r for r in rows}
+        # `result` counts the whole pass (several chunks): the stats get only what this chunk adds
+        before = (result.done, result.retried, result.failed)
 
         upstream_issued: list[dict[str, object]] = []
         upstream_refused: list[dict[str, object]] = []
@@ -714,9 +720,9 @@ class Forwarder(PollingTask):
 
         if outcomes:
             await self.journal.atransaction(txn, "recording upstream results")
-        self.stats["done"] += result.done
-        self.stats["retried"] += result.retried
-        self.stats["failed"] += result.failed
+        self.stats["done"] += result.done - before[0]
+        self.stats["retried"] += result.retried - before[1]
+        self.stats["failed"] += result.failed - before[2]
         for o in outcomes.values():
             if o.action == "retry":
                 log.info("upstream: will retry: %s", o.text)

@@ -44,11 +44,6 @@ BACKOFF_BASE = 0.2  # the forwarder's wait after a "waiting" status that carries
 
 # Found by these tests; the proposed fix is in /tmp/helper-forwarder-fixes.diff (appliance/ is not ours to change).
 # (A first bug, pollReq always carrying certReqId 0 where openssl's p10cr answer says -1, is fixed in 83f9bfd.)
-BUG_POLL_KEY = (
-    "forwarder bug: the certificate that finally answers a pollReq is checked against the pollReq (which has no"
-    " key) instead of the stored request: 'not the requested key', the row goes back to 'sent' and re-sends its"
-    " request, and polling starts over: it never completes"
-)
 
 
 async def _device(local: Local, tmp_path: Path, serial: str, kind: str) -> tuple[Path, x509.Certificate]:
@@ -74,13 +69,7 @@ def _summary(run: MockRun) -> str:
     return f"{brief}\nstats {run.stats}\n{run.mock_log}"
 
 
-@pytest.mark.parametrize(
-    "kind",
-    [
-        pytest.param("p10cr", marks=pytest.mark.xfail(strict=True, reason=BUG_POLL_KEY)),
-        pytest.param("cr", marks=pytest.mark.xfail(strict=True, reason=BUG_POLL_KEY)),
-    ],
-)
+@pytest.mark.parametrize("kind", ["p10cr", "cr"])
 async def test_waiting_is_answered_by_polls_honouring_check_after_then_certconf(
     local: Local, tmp_path: Path, kind: str
 ) -> None:

@@ -165,14 +165,8 @@ async def test_sigkill_with_a_batch_in_flight_then_a_fresh_sync_finishes_it_once
 
 # Found while writing the test above (`upstream sync` printed done 10 for six records); proposed fix in
 # /tmp/helper-forwarder-fixes.diff.
-BUG_STATS = (
-    "forwarder bug: _record adds the pass's CUMULATIVE PassResult to fwd.stats after every chunk, so a pass of"
-    " several chunks (batched: more rows than batch_max; single: every row is a chunk) counts records again:"
-    " `upstream sync` reports done 10 for 6 records (4 + 6), 6 for 3 in single mode (1 + 2 + 3)"
-)
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_STATS)
 @pytest.mark.parametrize(("mode", "rows"), [("batched", 6), ("single", 3)])
 async def test_stats_count_each_record_once(local: Local, upstream: Upstream, mode: str, rows: int) -> None:
     for i in range(rows):
