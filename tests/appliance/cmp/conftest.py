@@ -1,3 +1,4 @@
-"""Fixtures shared by the CMP tests: the second Birthline instance acting as upstream CA (test_forwarder.py)."""
+"""Fixtures shared by the CMP tests (tests/appliance/cmp/upstream_support.py): `local`, this appliance, and
+`upstream`, a second Birthline instance acting as the upstream CA."""
 
-from tests.appliance.cmp.test_forwarder import upstream  # noqa: F401 - re-exported as a fixture
+from tests.appliance.cmp.upstream_support import local_fixture, upstream_fixture  # noqa: F401 - fixtures

@@ -8,117 +8,29 @@ import dataclasses
 import shutil
 import sqlite3
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from appliance import ca as ca_mod
-from appliance.audit.log import AuditLog
 from appliance.cmp.forwarder import Forwarder, HttpTransport
 from appliance.cmp.protection import SignatureProtector
-from appliance.cmp.ra import ensure_ra
-from appliance.cmp.server import CmpLabel, CmpResponder, make_cmp_app
-from appliance.config import UpstreamSection
 from appliance.errors import IssuanceRefused, ReasonCode
 from appliance.issuance.journal import Journal
 from appliance.issuance.policy import IssueRequest
-from appliance.issuance.service import IssueService
-from appliance.production.policy import WorkOrderPolicy
-from appliance.profiles import builtin_profiles
-from appliance.va.http import VaServer
 from appliance.va.revocation import Reason, Source, revoke_in_transaction
-from hsm.token import Token
-
-SPKI = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-
-
-def device_csr(serial: str) -> tuple[ec.EllipticCurvePrivateKey, bytes]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.SERIAL_NUMBER, serial)]))
-        .sign(key, hashes.SHA256())
-    )
-    return key, csr.public_bytes(serialization.Encoding.DER)
-
-
-@dataclass
-class Upstream:
-    journal: Journal
-    responder: CmpResponder
-    ra: SignatureProtector
-    url: str
-    port: int
-
-    def issued(self) -> list[tuple[str, str]]:
-        rows = self.journal.call(
-            lambda: self.journal.conn.execute(
-                "SELECT request_id, device_serial FROM issuance WHERE state != 'burned' ORDER BY id"
-            ).fetchall()
-        )
-        return [(str(a), str(b)) for a, b in rows]
-
-
-@dataclass
-class Local:
-    journal: Journal
-    service: IssueService
-    ra: SignatureProtector
-    audit: AuditLog
-
-
-@pytest.fixture
-async def upstream(
-    production_journal_template: Path, hsm_token: Token, tmp_path: Path
-) -> AsyncIterator[Upstream]:
-    (tmp_path / "up").mkdir()
-    shutil.copy(production_journal_template, tmp_path / "up" / "journal.sqlite")
-    with Journal(tmp_path / "up" / "journal.sqlite") as journal:
-        audit = AuditLog(journal)
-        issuing = ca_mod.load_ca(journal, "issuing")
-        management = ca_mod.load_ca(journal, "management")
-        ra = ensure_ra(hsm_token, management, tmp_path / "up" / "ra.pem")
-        label = CmpLabel("ra", "fixture-1", trusted_cas=(management.certificate,), allow_nested=True,
-                         allow_rr=True, accept_ra_verified=True)  # fmt: skip
-        service = IssueService(journal, issuing, hsm_token.get_key(issuing.key_label), dict(builtin_profiles()),
-                               policy=WorkOrderPolicy("issuing"), audit=audit)  # fmt: skip
-        async with service:
-            responder = CmpResponder(service, journal, audit, {"ra": label}, management_ca=management.certificate,
-                                     ra=ra)  # fmt: skip
-            async with VaServer(make_cmp_app(responder), "127.0.0.1", 0) as http:
-                port = http.address[1]
-                yield Upstream(journal, responder, ra, f"http://127.0.0.1:{port}/.well-known/cmp/p/ra", port)
-
-
-@pytest.fixture
-async def local(production_journal_template: Path, hsm_token: Token, tmp_path: Path) -> AsyncIterator[Local]:
-    shutil.copy(production_journal_template, tmp_path / "journal.sqlite")
-    with Journal(tmp_path / "journal.sqlite") as journal:
-        audit = AuditLog(journal)
-        issuing = ca_mod.load_ca(journal, "issuing")
-        ra = ensure_ra(hsm_token, ca_mod.load_ca(journal, "management"), tmp_path / "ra.pem")
-        service = IssueService(journal, issuing, hsm_token.get_key(issuing.key_label), dict(builtin_profiles()),
-                               policy=WorkOrderPolicy("issuing"), audit=audit)  # fmt: skip
-        async with service:
-            yield Local(journal, service, ra, audit)
-
-
-def settings(url: str, **kw: object) -> UpstreamSection:
-    base = UpstreamSection(url=url, mode="batched", batch_max=10, batch_wait_s=0, backoff_base_s=1,
-                           backoff_cap_s=10, request_timeout_s=10)  # fmt: skip
-    return dataclasses.replace(base, **kw)  # type: ignore[arg-type]
-
-
-def forwarder(local: Local, up: Upstream, url: str | None = None, **kw: object) -> Forwarder:
-    return Forwarder(
-        local.journal, settings(url or up.url, **kw), local.ra, server_certs=(up.ra.certificate,)
-    )
+from tests.appliance.cmp.upstream_support import (
+    SPKI,
+    Local,
+    Upstream,
+    device_csr,
+    forwarder,
+    netns_ok,
+    settings,
+)
 
 
 async def issue(local: Local, serials: list[str]) -> dict[str, bytes]:
@@ -323,20 +235,6 @@ sys.exit(asyncio.run(main()))
 """
 
 
-def _netns_ok() -> bool:
-    import subprocess
-
-    try:
-        return (
-            subprocess.run(
-                ["unshare", "-n", "sh", "-c", "ip link set lo up"], timeout=10, check=False
-            ).returncode
-            == 0
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
 async def test_single_mode_to_the_openssl_mock_server_in_a_private_netns(
     local: Local, tmp_path: Path
@@ -348,7 +246,7 @@ async def test_single_mode_to_the_openssl_mock_server_in_a_private_netns(
 
     from tests.appliance.cmp.support import MiniCa
 
-    if not _netns_ok():
+    if not netns_ok():
         pytest.skip("unshare -n (a private network namespace) is not available here")
     key, csr = device_csr("SN-0042")
     await local.service.issue(IssueRequest("SN-0042", csr, "fixture-1"))

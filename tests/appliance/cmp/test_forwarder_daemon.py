@@ -30,8 +30,9 @@ from appliance.issuance.journal import Journal
 from hsm.softhsm import SoftHsmToken
 from hsm.token import Token
 from stations.client import StationClient, client_ssl_context, generate_device_key, make_csr, read_station_key
-from tests.appliance.cmp.test_forwarder import SPKI, Upstream
 from tests.appliance.cmp.upstream_support import (
+    SPKI,
+    Upstream,
     birthline,
     child_env,
     write_config,

@@ -22,11 +22,12 @@ from appliance.cmp import parse_message
 from appliance.cmp.model import CertConfBody, CertRepBody, PKIStatus, PollRepBody, PollReqBody
 from appliance.issuance.policy import IssueRequest
 from tests.appliance.cmp.support import MiniCa
-from tests.appliance.cmp.test_forwarder import SPKI, Local, device_csr
 from tests.appliance.cmp.upstream_support import (
+    SPKI,
+    Local,
     MockRun,
+    device_csr,
     forward_to_openssl_mock,
-    local_fixture,  # noqa: F401 - the `local` fixture
     netns_ok,
     outbox_rows,
 )

@@ -22,11 +22,14 @@ from appliance.cmp import parse_message
 from appliance.cmp.model import CertConfBody, CertRepBody, NestedBody, PKIMessage
 from appliance.issuance.policy import IssueRequest
 from hsm.softhsm import SoftHsmToken
-from tests.appliance.cmp.test_forwarder import SPKI, Local, Upstream, device_csr, forwarder
 from tests.appliance.cmp.upstream_support import (
+    SPKI,
+    Local,
+    Upstream,
     birthline,
     child_env,
-    local_fixture,  # noqa: F401 - the `local` fixture
+    device_csr,
+    forwarder,
     outbox_rows,
     stalling_proxy,
     write_config,

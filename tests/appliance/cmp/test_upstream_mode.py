@@ -41,7 +41,7 @@ from hsm.token import Token
 from stations.codes import Code
 from stations.errors import StationError
 from stations.server import EnrollPending
-from tests.appliance.cmp.test_forwarder import Upstream, device_csr
+from tests.appliance.cmp.upstream_support import Upstream, device_csr
 
 SPKI = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
 DER = serialization.Encoding.DER

@@ -1,15 +1,15 @@
-"""Helpers for the forwarder tests that run real processes: the `local` fixture (as in test_forwarder.py: this
-appliance's journal, issuance service and RA; the `upstream` fixture comes from conftest.py), the `openssl cmp`
-mock server in a private network namespace with a forwarder child process, a proxy that can hold an answer back
-while a child is killed, a config file for `birthline` child processes, and the outbox as the tests read it.
-
-A test module uses the fixture by importing it: `from ...upstream_support import local_fixture  # noqa: F401`
-(it is registered under the name `local`)."""
+"""What the forwarder and RA-mode tests share: the `local` fixture (this appliance's journal with the production
+floor, its issuance service and RA key) and the `upstream` fixture (a second Birthline instance acting as the
+upstream CA: its CMP server on 127.0.0.1 with a label that trusts our RA), both registered in conftest.py; the
+`openssl cmp` mock server in a private network namespace with a forwarder child process, a proxy that can hold
+an answer back while a child is killed, a config file for `birthline` child processes, and the outbox as the
+tests read it."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import shlex
@@ -24,11 +24,18 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from cryptography.hazmat.primitives import serialization
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from appliance import ca as ca_mod
 from appliance.audit.log import AuditLog
+from appliance.cmp.forwarder import Forwarder
+from appliance.cmp.protection import SignatureProtector
 from appliance.cmp.ra import ensure_ra
+from appliance.cmp.server import CmpLabel, CmpResponder, make_cmp_app
+from appliance.config import UpstreamSection
 from appliance.issuance.journal import Journal
 from appliance.issuance.service import IssueService
 from appliance.production.policy import WorkOrderPolicy
@@ -36,8 +43,8 @@ from appliance.profiles import builtin_profiles
 from appliance.va.http import VaServer
 from hsm.softhsm import SoftHsmToken
 from hsm.token import Token
-from tests.appliance.cmp.test_forwarder import Local
 
+SPKI = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
 REPO = Path(__file__).resolve().parents[3]
 MOCK_PORT = 1700
 MOCK_SECRET = "mock secret"
@@ -64,12 +71,68 @@ def netns_ok() -> bool:
 
 
 # -- fixtures --------------------------------------------------------------------------------------------------------
+def device_csr(serial: str) -> tuple[ec.EllipticCurvePrivateKey, bytes]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.SERIAL_NUMBER, serial)]))
+        .sign(key, hashes.SHA256())
+    )
+    return key, csr.public_bytes(serialization.Encoding.DER)
+
+
+@dataclass
+class Upstream:
+    journal: Journal
+    responder: CmpResponder
+    ra: SignatureProtector
+    url: str
+    port: int
+
+    def issued(self) -> list[tuple[str, str]]:
+        rows = self.journal.call(
+            lambda: self.journal.conn.execute(
+                "SELECT request_id, device_serial FROM issuance WHERE state != 'burned' ORDER BY id"
+            ).fetchall()
+        )
+        return [(str(a), str(b)) for a, b in rows]
+
+
+@dataclass
+class Local:
+    journal: Journal
+    service: IssueService
+    ra: SignatureProtector
+    audit: AuditLog
+
+
+@pytest.fixture(name="upstream")
+async def upstream_fixture(
+    production_journal_template: Path, hsm_token: Token, tmp_path: Path
+) -> AsyncIterator[Upstream]:
+    (tmp_path / "up").mkdir()
+    shutil.copy(production_journal_template, tmp_path / "up" / "journal.sqlite")
+    with Journal(tmp_path / "up" / "journal.sqlite") as journal:
+        audit = AuditLog(journal)
+        issuing = ca_mod.load_ca(journal, "issuing")
+        management = ca_mod.load_ca(journal, "management")
+        ra = ensure_ra(hsm_token, management, tmp_path / "up" / "ra.pem")
+        label = CmpLabel("ra", "fixture-1", trusted_cas=(management.certificate,), allow_nested=True,
+                         allow_rr=True, accept_ra_verified=True)  # fmt: skip
+        service = IssueService(journal, issuing, hsm_token.get_key(issuing.key_label), dict(builtin_profiles()),
+                               policy=WorkOrderPolicy("issuing"), audit=audit)  # fmt: skip
+        async with service:
+            responder = CmpResponder(service, journal, audit, {"ra": label}, management_ca=management.certificate,
+                                     ra=ra)  # fmt: skip
+            async with VaServer(make_cmp_app(responder), "127.0.0.1", 0) as http:
+                port = http.address[1]
+                yield Upstream(journal, responder, ra, f"http://127.0.0.1:{port}/.well-known/cmp/p/ra", port)
+
+
 @pytest.fixture(name="local")
 async def local_fixture(
     production_journal_template: Path, hsm_token: Token, tmp_path: Path
 ) -> AsyncIterator[Local]:
-    """This appliance: a journal (tmp_path/journal.sqlite) with the production floor, its issuance service and
-    RA. A child process may open the same journal (WAL) while this one stays idle."""
     shutil.copy(production_journal_template, tmp_path / "journal.sqlite")
     with Journal(tmp_path / "journal.sqlite") as journal:
         audit = AuditLog(journal)
@@ -79,6 +142,18 @@ async def local_fixture(
                                policy=WorkOrderPolicy("issuing"), audit=audit)  # fmt: skip
         async with service:
             yield Local(journal, service, ra, audit)
+
+
+def settings(url: str, **kw: object) -> UpstreamSection:
+    base = UpstreamSection(url=url, mode="batched", batch_max=10, batch_wait_s=0, backoff_base_s=1,
+                           backoff_cap_s=10, request_timeout_s=10)  # fmt: skip
+    return dataclasses.replace(base, **kw)  # type: ignore[arg-type]
+
+
+def forwarder(local: Local, up: Upstream, url: str | None = None, **kw: object) -> Forwarder:
+    return Forwarder(
+        local.journal, settings(url or up.url, **kw), local.ra, server_certs=(up.ra.certificate,)
+    )
 
 
 # -- a proxy in front of the upstream --------------------------------------------------------------------------------
