@@ -1,11 +1,20 @@
-"""Bytes in, PKIMessage out. The only place pyasn1 decodes anything.
+"""Bytes in, PKIMessage out.
 
 Order of work for a received message, cheapest and most bounding first:
 1. size limit, before anything else;
-2. one linear framing scan (`_der.scan`): definite lengths, depth bound, no trailing bytes;
+2. one linear framing scan (`_der.scan`): definite lengths, depth bound, no trailing bytes (the inner messages
+   of a nested body are framed by the outer message's scan, not scanned again);
 3. slicing of header, body, protection and extraCerts out of the received bytes;
-4. pyasn1 (rfc9480 schemas) decodes header and body to validate their structure and read scalars;
-   values whose exact bytes matter (names, public keys, certificates, CertRequest, inner messages) are taken
+4. the header and the hot bodies (p10cr, ip/cp/kup/ccp, certConf, pkiConf, pollReq, pollRep, error) are read
+   by hand from those slices with the `_der` readers, strictly: DER (exact universal tags, primitive strings,
+   minimal INTEGERs, ...) and the RFC 9810 ASN.1 field by field (order, OPTIONAL fields at most once, nothing
+   else, SIZE (1..MAX) lists non-empty). Certificates and CSRs go to cryptography's loaders, which check their
+   whole structure. pyasn1 (rfc9480 schemas) still decodes the other bodies (ir/cr/kur/ccr/krr, genm/genp,
+   rr/rp, the unmodelled ones, and a CertifiedKeyPair with privateKey or publicationInfo) to validate them and
+   read scalars: they are rarer, structurally richer, and not on a throughput path. The hot path is by hand
+   because pyasn1 cost ~0.34 ms per PKIHeader and ~1.1 ms for a whole cp message (now ~0.04 ms and ~0.1 ms);
+   a nested batch of 50 p10cr took ~41 ms (now ~4.3 ms), and every forwarded record is several messages;
+5. values whose exact bytes matter (names, public keys, certificates, CertRequest, inner messages) are taken
    from the slices, never re-encoded.
 Every failure is one CmpError (badDataFormat unless a more precise bit applies); pyasn1's exceptions never leave.
 """
@@ -14,13 +23,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, TypeVar
 
 from cryptography import x509
 from pyasn1.codec.der import decoder as der_decoder
 from pyasn1.error import PyAsn1Error
-from pyasn1.type import useful
 from pyasn1_alt_modules import rfc9480
 
 from appliance.cmp import _der, oids
@@ -66,9 +74,10 @@ from appliance.cmp.model import (
 T = TypeVar("T")
 Tlv = _der.Tlv
 
-# Everything pyasn1, cryptography's loaders and our slicing raise on bad input.
+# Everything pyasn1, cryptography's loaders and our slicing raise on bad input. (x509.InvalidVersion, for a
+# certificate or CSR with an unknown version, is not a ValueError.)
 _DECODE_ERRORS = (PyAsn1Error, ValueError, TypeError, IndexError, KeyError, AttributeError, OverflowError,
-                  RecursionError, UnicodeDecodeError)  # fmt: skip
+                  RecursionError, UnicodeDecodeError, x509.InvalidVersion)  # fmt: skip
 
 _REASONS = {0: "unspecified", 1: "key_compromise", 2: "ca_compromise", 3: "affiliation_changed",
             4: "superseded", 5: "cessation_of_operation", 6: "certificate_hold", 8: "remove_from_crl",
@@ -130,13 +139,6 @@ def _texts(value: Any) -> tuple[str, ...]:
     return tuple(str(s) for s in value) if _present(value) else ()
 
 
-def _time(value: Any) -> datetime:
-    when: datetime = value.asDateTime
-    if when.tzinfo is None:
-        raise ValueError("GeneralizedTime without time zone")
-    return when.astimezone(UTC)
-
-
 def _status_info(value: Any) -> PKIStatusInfo:
     code = int(value["status"])
     if code not in PKIStatus._value2member_map_:
@@ -157,7 +159,9 @@ def _parse(data: bytes, limits: Limits, depth: int) -> PKIMessage:
         raise CmpError(f"message of {len(data)} bytes exceeds the limit of {limits.max_message_size}",
                        fail_info=FailInfo.BAD_REQUEST)  # fmt: skip
     with _boundary("malformed PKIMessage"):
-        top = _der.scan(data, limits.max_der_depth)
+        # An inner message of a nested body (depth > 0) lies inside the outer message, whose scan framed every
+        # element of it already, with less depth to spare: no second pass.
+        top = _der.scan(data, limits.max_der_depth) if depth == 0 else _der.read_frame(data, 0, len(data))
         if top.tag != 0x30:
             raise ValueError("not a SEQUENCE")
         parts = _der.children(data, top)
@@ -173,6 +177,8 @@ def _parse(data: bytes, limits: Limits, depth: int) -> PKIMessage:
             protection = data[bits.content + 1 : bits.end]
         if rest and rest[0].tag == 0xA1:
             seq = _only_child(data, rest.pop(0))
+            if seq.tag != 0x30:
+                raise ValueError("extraCerts is not a SEQUENCE")
             certs = _kids(data, seq, limits.max_extra_certs, "extraCerts")
             if not certs:
                 raise ValueError("extraCerts must not be empty")
@@ -188,49 +194,130 @@ def _parse(data: bytes, limits: Limits, depth: int) -> PKIMessage:
 
 
 def _parse_header(data: bytes, t: Tlv) -> PKIHeader:
-    h = _decode(_raw(data, t), rfc9480.PKIHeader())
+    """PKIHeader (RFC 9810 5.1.1): pvno, sender, recipient, then the OPTIONAL fields [0] to [8], all EXPLICIT,
+    in increasing tag order and each at most once."""
     kids = _der.children(data, t)
+    if len(kids) < 3:
+        raise ValueError("PKIHeader needs pvno, sender and recipient")
+    pvno = _der.integer_value(data, kids[0])
     sender = general_name_from_der(_raw(data, kids[1]))
     recipient = general_name_from_der(_raw(data, kids[2]))
+    fields: dict[int, Tlv] = {}
+    previous = -1
+    for kid in kids[3:]:
+        number = kid.tag - 0xA0
+        if not previous < number <= 8:
+            raise ValueError(f"PKIHeader field with tag 0x{kid.tag:02x} is unknown, repeated or out of order")
+        previous = number
+        fields[number] = _only_child(data, kid)
 
-    def octets(name: str) -> bytes | None:
-        value = h[name]
-        return bytes(value) if _present(value) else None
+    def octets(number: int) -> bytes | None:
+        return _der.octet_string_value(data, fields[number]) if number in fields else None
 
     implicit_confirm = False
     confirm_wait_time: datetime | None = None
     cert_profile: tuple[str, ...] = ()
     others: list[InfoTypeAndValue] = []
-    if _present(h["generalInfo"]):
-        for item in h["generalInfo"]:
-            itav = _itav(item)
-            if itav.oid == oids.IT_IMPLICIT_CONFIRM:
-                if itav.value not in (None, _der.null()):
-                    raise ValueError("implicitConfirm value must be NULL")
-                implicit_confirm = True
-            elif itav.oid == oids.IT_CONFIRM_WAIT_TIME and itav.value is not None:
-                confirm_wait_time = _time(_decode(itav.value, useful.GeneralizedTime()))
-            elif itav.oid == oids.IT_CERT_PROFILE and itav.value is not None:
-                cert_profile = tuple(str(s) for s in _decode(itav.value, rfc9480.CertProfileValue()))
-            else:
-                others.append(itav)
+    for item in _seq_of_some(data, fields[8], "generalInfo") if 8 in fields else ():
+        oid, value = _read_itav(data, item)
+        if oid == oids.IT_IMPLICIT_CONFIRM:
+            if value is not None and _raw(data, value) != _der.null():
+                raise ValueError("implicitConfirm value must be NULL")
+            implicit_confirm = True
+        elif oid == oids.IT_CONFIRM_WAIT_TIME and value is not None:
+            confirm_wait_time = _der.generalized_time_value(data, value)
+        elif oid == oids.IT_CERT_PROFILE and value is not None:
+            cert_profile = _read_texts(data, value)
+        else:
+            others.append(InfoTypeAndValue(oid, None if value is None else _raw(data, value)))
     return PKIHeader(
         sender=sender,
         recipient=recipient,
-        pvno=int(h["pvno"]),
-        message_time=_time(h["messageTime"]) if _present(h["messageTime"]) else None,
-        protection_alg=_algorithm(h["protectionAlg"]) if _present(h["protectionAlg"]) else None,
-        sender_kid=octets("senderKID"),
-        recip_kid=octets("recipKID"),
-        transaction_id=octets("transactionID"),
-        sender_nonce=octets("senderNonce"),
-        recip_nonce=octets("recipNonce"),
-        free_text=_texts(h["freeText"]),
+        pvno=pvno,
+        message_time=_der.generalized_time_value(data, fields[0]) if 0 in fields else None,
+        protection_alg=_read_algorithm(data, fields[1]) if 1 in fields else None,
+        sender_kid=octets(2),
+        recip_kid=octets(3),
+        transaction_id=octets(4),
+        sender_nonce=octets(5),
+        recip_nonce=octets(6),
+        free_text=_read_texts(data, fields[7]) if 7 in fields else (),
         implicit_confirm=implicit_confirm,
         confirm_wait_time=confirm_wait_time,
         cert_profile=cert_profile,
         general_info=tuple(others),
     )
+
+
+# Reading DER by hand (the header and the hot bodies). Each reader takes the element's Tlv and checks its tag.
+
+
+def _seq(data: bytes, t: Tlv, what: str) -> list[Tlv]:
+    if t.tag != 0x30:
+        raise ValueError(f"{what} is not a SEQUENCE")
+    return _der.children(data, t)
+
+
+def _seq_of_some(data: bytes, t: Tlv, what: str) -> list[Tlv]:
+    """SEQUENCE SIZE (1..MAX) OF ..."""
+    kids = _seq(data, t, what)
+    if not kids:
+        raise ValueError(f"{what} must not be empty")
+    return kids
+
+
+def _optional(parts: list[Tlv], tag: int) -> Tlv | None:
+    """The next element if it has `tag` (an OPTIONAL field, present), else None."""
+    return parts.pop(0) if parts and parts[0].tag == tag else None
+
+
+def _done(parts: list[Tlv], what: str) -> None:
+    if parts:
+        raise ValueError(f"unexpected element (tag 0x{parts[0].tag:02x}) in {what}")
+
+
+def _read_texts(data: bytes, t: Tlv) -> tuple[str, ...]:
+    """PKIFreeText (and CertProfileValue): SEQUENCE SIZE (1..MAX) OF UTF8String."""
+    return tuple(_der.utf8_string_value(data, s) for s in _seq_of_some(data, t, "PKIFreeText"))
+
+
+def _read_algorithm(data: bytes, t: Tlv) -> AlgorithmIdentifier:
+    parts = _seq(data, t, "AlgorithmIdentifier")
+    if not 1 <= len(parts) <= 2:
+        raise ValueError("AlgorithmIdentifier must hold an algorithm and at most one parameters element")
+    return AlgorithmIdentifier(
+        _der.oid_value(data, parts[0]), _raw(data, parts[1]) if len(parts) == 2 else None
+    )
+
+
+def _read_itav(data: bytes, t: Tlv) -> tuple[str, Tlv | None]:
+    parts = _seq(data, t, "InfoTypeAndValue")
+    if not 1 <= len(parts) <= 2:
+        raise ValueError("InfoTypeAndValue must hold an infoType and at most one infoValue")
+    return _der.oid_value(data, parts[0]), parts[1] if len(parts) == 2 else None
+
+
+_FAIL_INFO_BITS = max(FailInfo) + 1
+
+
+def _read_status_info(data: bytes, t: Tlv) -> PKIStatusInfo:
+    """PKIStatusInfo ::= SEQUENCE { status INTEGER, statusString PKIFreeText OPTIONAL, failInfo BIT STRING
+    OPTIONAL }. failInfo bits beyond the ones RFC 9810 names are ignored."""
+    parts = _seq(data, t, "PKIStatusInfo")
+    if not parts:
+        raise ValueError("PKIStatusInfo without status")
+    code = _der.integer_value(data, parts.pop(0))
+    if code not in PKIStatus._value2member_map_:
+        raise ValueError(f"unknown PKIStatus {code}")
+    text = _optional(parts, 0x30)
+    fail = _optional(parts, 0x03)
+    _done(parts, "PKIStatusInfo")
+    bits = (
+        frozenset(map(FailInfo, _der.bits_value(data, fail, _FAIL_INFO_BITS)))
+        if fail is not None
+        else frozenset()
+    )
+    return PKIStatusInfo(PKIStatus(code), _read_texts(data, text) if text is not None else (), bits)
 
 
 def _itav(item: Any) -> InfoTypeAndValue:
@@ -244,8 +331,11 @@ def _parse_body(data: bytes, t: Tlv, body_type: BodyType, limits: Limits, depth:
     if body_type is BodyType.NESTED:
         return _parse_nested(data, t, limits, depth)
     with _boundary(f"malformed {body_type.asn1_name} body"):
-        value = _decode(_raw(data, t), rfc9480.PKIBody()).getComponent()
         inner = _only_child(data, t)
+        fast = _FAST_BODY_PARSERS.get(body_type)
+        if fast is not None:
+            return fast(data, inner, limits)
+        value = _decode(_raw(data, t), rfc9480.PKIBody()).getComponent()
         parser = _BODY_PARSERS.get(body_type)
         if parser is None:
             return OtherBody(_raw(data, inner))
@@ -323,73 +413,10 @@ def _cert_req(data: bytes, t: Tlv, value: Any, limits: Limits) -> CertReqBody:
     return CertReqBody(tuple(out))
 
 
-def _p10cr(data: bytes, t: Tlv, value: Any, limits: Limits) -> P10crBody:
-    return P10crBody(x509.load_der_x509_csr(_raw(data, t)))
-
-
-def _cert_rep(data: bytes, t: Tlv, value: Any, limits: Limits) -> CertRepBody:
-    kids = _der.children(data, t)
-    ca_pubs: tuple[x509.Certificate, ...] = ()
-    if kids[0].tag == 0xA1:
-        certs = _kids(data, _only_child(data, kids.pop(0)), limits.max_extra_certs, "caPubs")
-        ca_pubs = tuple(x509.load_der_x509_certificate(_raw(data, c)) for c in certs)
-    responses_tlv = _kids(data, kids[0], limits.max_requests, "CertRepMessage")
-    out: list[CertResponse] = []
-    for tlv, resp in zip(responses_tlv, value["response"], strict=True):
-        cert = None
-        if _present(resp["certifiedKeyPair"]):
-            ckp_tlv = _der.children(data, tlv)[2]
-            choice = _der.children(data, ckp_tlv)[0]
-            if choice.tag != 0xA0:
-                raise CmpError("encrypted certificates are not supported", fail_info=FailInfo.BAD_DATA_FORMAT)
-            cert = x509.load_der_x509_certificate(_raw(data, _only_child(data, choice)))
-        rsp_info = bytes(resp["rspInfo"]) if _present(resp["rspInfo"]) else None
-        out.append(CertResponse(int(resp["certReqId"]), _status_info(resp["status"]), cert, rsp_info))
-    return CertRepBody(tuple(out), ca_pubs)
-
-
-def _cert_conf(data: bytes, t: Tlv, value: Any, limits: Limits) -> CertConfBody:
-    if len(value) > limits.max_requests:
-        raise CmpError("certConf has too many statuses", fail_info=FailInfo.BAD_REQUEST)
-    statuses = tuple(
-        CertStatus(
-            bytes(s["certHash"]),
-            int(s["certReqId"]),
-            _status_info(s["statusInfo"]) if _present(s["statusInfo"]) else None,
-            _algorithm(s["hashAlg"]) if _present(s["hashAlg"]) else None,
-        )
-        for s in value
-    )
-    return CertConfBody(statuses)
-
-
-def _pkiconf(data: bytes, t: Tlv, value: Any, limits: Limits) -> PkiConfBody:
-    return PkiConfBody()
-
-
-def _poll_req(data: bytes, t: Tlv, value: Any, limits: Limits) -> PollReqBody:
-    if len(value) > limits.max_requests or not len(value):
-        raise CmpError("pollReq must name 1 to max_requests certReqIds", fail_info=FailInfo.BAD_REQUEST)
-    return PollReqBody(tuple(int(e["certReqId"]) for e in value))
-
-
-def _poll_rep(data: bytes, t: Tlv, value: Any, limits: Limits) -> PollRepBody:
-    if len(value) > limits.max_requests or not len(value):
-        raise CmpError("pollRep must hold 1 to max_requests entries", fail_info=FailInfo.BAD_REQUEST)
-    return PollRepBody(
-        tuple(PollRepEntry(int(e["certReqId"]), int(e["checkAfter"]), _texts(e["reason"])) for e in value)
-    )
-
-
 def _gen(data: bytes, t: Tlv, value: Any, limits: Limits) -> GenBody:
     if len(value) > limits.max_requests:
         raise CmpError("general message has too many items", fail_info=FailInfo.BAD_REQUEST)
     return GenBody(tuple(_itav(item) for item in value))
-
-
-def _error(data: bytes, t: Tlv, value: Any, limits: Limits) -> ErrorBody:
-    code = int(value["errorCode"]) if _present(value["errorCode"]) else None
-    return ErrorBody(_status_info(value["pKIStatusInfo"]), code, _texts(value["errorDetails"]))
 
 
 def _rr(data: bytes, t: Tlv, value: Any, limits: Limits) -> RrBody:
@@ -422,17 +449,166 @@ def _rp(data: bytes, t: Tlv, value: Any, limits: Limits) -> RpBody:
     return RpBody(statuses, tuple(rev_certs))
 
 
+# The bodies pyasn1 decodes first (the `value` argument): rare, structurally rich, off the throughput paths.
 _BODY_PARSERS: dict[BodyType, Callable[[bytes, Tlv, Any, Limits], Body]] = {
     **dict.fromkeys(CERT_REQUEST_BODIES, _cert_req),
+    BodyType.GENM: _gen,
+    BodyType.GENP: _gen,
+    BodyType.RR: _rr,
+    BodyType.RP: _rp,
+}
+
+
+# The hot bodies, read by hand from the DER (no pyasn1).
+
+
+def _p10cr(data: bytes, t: Tlv, limits: Limits) -> P10crBody:
+    """CertificationRequest: cryptography's loader parses and checks the whole structure (strict DER)."""
+    return P10crBody(x509.load_der_x509_csr(_raw(data, t)))
+
+
+def _cert_rep(data: bytes, t: Tlv, limits: Limits) -> CertRepBody:
+    """CertRepMessage ::= SEQUENCE { caPubs [1] SEQUENCE SIZE (1..MAX) OF CMPCertificate OPTIONAL,
+    response SEQUENCE OF CertResponse }"""
+    parts = _seq(data, t, "CertRepMessage")
+    ca_pubs: tuple[x509.Certificate, ...] = ()
+    wrapped = _optional(parts, 0xA1)
+    if wrapped is not None:
+        seq = _only_child(data, wrapped)
+        if seq.tag != 0x30:
+            raise ValueError("caPubs is not a SEQUENCE")
+        certs = _kids(data, seq, limits.max_extra_certs, "caPubs")
+        if not certs:
+            raise ValueError("caPubs must not be empty")
+        ca_pubs = tuple(x509.load_der_x509_certificate(_raw(data, c)) for c in certs)
+    if len(parts) != 1 or parts[0].tag != 0x30:
+        raise ValueError("CertRepMessage must end with its response SEQUENCE")
+    responses = _kids(data, parts[0], limits.max_requests, "CertRepMessage")
+    return CertRepBody(tuple(_cert_response(data, r) for r in responses), ca_pubs)
+
+
+def _cert_response(data: bytes, t: Tlv) -> CertResponse:
+    """CertResponse ::= SEQUENCE { certReqId INTEGER, status PKIStatusInfo,
+    certifiedKeyPair CertifiedKeyPair OPTIONAL, rspInfo OCTET STRING OPTIONAL }"""
+    parts = _seq(data, t, "CertResponse")
+    if len(parts) < 2:
+        raise ValueError("CertResponse needs certReqId and status")
+    cert_req_id = _der.integer_value(data, parts.pop(0))
+    status = _read_status_info(data, parts.pop(0))
+    pair = _optional(parts, 0x30)
+    info = _optional(parts, 0x04)
+    _done(parts, "CertResponse")
+    cert = _certified_key_pair(data, pair) if pair is not None else None
+    return CertResponse(
+        cert_req_id, status, cert, _der.octet_string_value(data, info) if info is not None else None
+    )
+
+
+def _certified_key_pair(data: bytes, t: Tlv) -> x509.Certificate:
+    """CertifiedKeyPair ::= SEQUENCE { certOrEncCert CHOICE { certificate [0] CMPCertificate,
+    encryptedCert [1] EncryptedKey }, privateKey [0] OPTIONAL, publicationInfo [1] OPTIONAL }"""
+    parts = _seq(data, t, "CertifiedKeyPair")
+    if not parts:
+        raise ValueError("CertifiedKeyPair without certOrEncCert")
+    if len(parts) > 1:
+        # privateKey / publicationInfo (central key generation): never seen on our paths; pyasn1 validates them
+        # as it did before, and they are ignored.
+        _decode(_raw(data, t), rfc9480.CertifiedKeyPair())
+    choice = parts[0]
+    if choice.tag == 0xA1:
+        raise CmpError("encrypted certificates are not supported", fail_info=FailInfo.BAD_DATA_FORMAT)
+    if choice.tag != 0xA0:
+        raise ValueError("CertOrEncCert must be [0] certificate or [1] encryptedCert")
+    return x509.load_der_x509_certificate(_raw(data, _only_child(data, choice)))
+
+
+def _cert_conf(data: bytes, t: Tlv, limits: Limits) -> CertConfBody:
+    """CertConfirmContent ::= SEQUENCE OF CertStatus (may be empty: every certificate rejected)."""
+    items = _seq(data, t, "CertConfirmContent")
+    if len(items) > limits.max_requests:
+        raise CmpError("certConf has too many statuses", fail_info=FailInfo.BAD_REQUEST)
+    return CertConfBody(tuple(_cert_status(data, s) for s in items))
+
+
+def _cert_status(data: bytes, t: Tlv) -> CertStatus:
+    """CertStatus ::= SEQUENCE { certHash OCTET STRING, certReqId INTEGER, statusInfo PKIStatusInfo OPTIONAL,
+    hashAlg [0] AlgorithmIdentifier OPTIONAL }"""
+    parts = _seq(data, t, "CertStatus")
+    if len(parts) < 2:
+        raise ValueError("CertStatus needs certHash and certReqId")
+    cert_hash = _der.octet_string_value(data, parts.pop(0))
+    cert_req_id = _der.integer_value(data, parts.pop(0))
+    info = _optional(parts, 0x30)
+    hash_alg = _optional(parts, 0xA0)
+    _done(parts, "CertStatus")
+    return CertStatus(
+        cert_hash,
+        cert_req_id,
+        _read_status_info(data, info) if info is not None else None,
+        _read_algorithm(data, _only_child(data, hash_alg)) if hash_alg is not None else None,
+    )
+
+
+def _pkiconf(data: bytes, t: Tlv, limits: Limits) -> PkiConfBody:
+    _der.null_value(data, t)
+    return PkiConfBody()
+
+
+def _poll_req(data: bytes, t: Tlv, limits: Limits) -> PollReqBody:
+    """PollReqContent ::= SEQUENCE OF SEQUENCE { certReqId INTEGER }"""
+    items = _seq(data, t, "PollReqContent")
+    if len(items) > limits.max_requests or not items:
+        raise CmpError("pollReq must name 1 to max_requests certReqIds", fail_info=FailInfo.BAD_REQUEST)
+    ids: list[int] = []
+    for item in items:
+        parts = _seq(data, item, "pollReq entry")
+        if len(parts) != 1:
+            raise ValueError("a pollReq entry holds exactly one certReqId")
+        ids.append(_der.integer_value(data, parts[0]))
+    return PollReqBody(tuple(ids))
+
+
+def _poll_rep(data: bytes, t: Tlv, limits: Limits) -> PollRepBody:
+    """PollRepContent ::= SEQUENCE OF SEQUENCE { certReqId INTEGER, checkAfter INTEGER,
+    reason PKIFreeText OPTIONAL }"""
+    items = _seq(data, t, "PollRepContent")
+    if len(items) > limits.max_requests or not items:
+        raise CmpError("pollRep must hold 1 to max_requests entries", fail_info=FailInfo.BAD_REQUEST)
+    entries: list[PollRepEntry] = []
+    for item in items:
+        parts = _seq(data, item, "pollRep entry")
+        if not 2 <= len(parts) <= 3:
+            raise ValueError("a pollRep entry holds certReqId, checkAfter and an optional reason")
+        reason = _read_texts(data, parts[2]) if len(parts) == 3 else ()
+        entries.append(
+            PollRepEntry(_der.integer_value(data, parts[0]), _der.integer_value(data, parts[1]), reason)
+        )
+    return PollRepBody(tuple(entries))
+
+
+def _error(data: bytes, t: Tlv, limits: Limits) -> ErrorBody:
+    """ErrorMsgContent ::= SEQUENCE { pKIStatusInfo PKIStatusInfo, errorCode INTEGER OPTIONAL,
+    errorDetails PKIFreeText OPTIONAL }"""
+    parts = _seq(data, t, "ErrorMsgContent")
+    if not parts:
+        raise ValueError("ErrorMsgContent without pKIStatusInfo")
+    status = _read_status_info(data, parts.pop(0))
+    code = _optional(parts, 0x02)
+    details = _optional(parts, 0x30)
+    _done(parts, "ErrorMsgContent")
+    return ErrorBody(
+        status,
+        _der.integer_value(data, code) if code is not None else None,
+        _read_texts(data, details) if details is not None else (),
+    )
+
+
+_FAST_BODY_PARSERS: dict[BodyType, Callable[[bytes, Tlv, Limits], Body]] = {
     **dict.fromkeys(CERT_RESPONSE_BODIES, _cert_rep),
     BodyType.P10CR: _p10cr,
     BodyType.CERTCONF: _cert_conf,
     BodyType.PKICONF: _pkiconf,
     BodyType.POLLREQ: _poll_req,
     BodyType.POLLREP: _poll_rep,
-    BodyType.GENM: _gen,
-    BodyType.GENP: _gen,
     BodyType.ERROR: _error,
-    BodyType.RR: _rr,
-    BodyType.RP: _rp,
 }
