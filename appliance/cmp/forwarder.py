@@ -351,10 +351,10 @@ class Forwarder(PollingTask):
         pollReq for a waiting row. rr rows whose device has no upstream certificate fail here."""
         upstream = await self._upstream_certs([r.cert_serial for r in rows if r.kind == "rr"])
         fresh = [r for r in rows if r.request_der is None]
-        built: dict[int, bytes | _Outcome] = {}
+        built: dict[int, PKIMessage | _Outcome] = {}
         if fresh:
             built = await asyncio.to_thread(self._build_requests, fresh, upstream)
-            stored = [(der, r.id) for r in fresh if isinstance(der := built[r.id], bytes)]
+            stored = [(msg.der, r.id) for r in fresh if isinstance(msg := built[r.id], PKIMessage)]
 
             def txn(conn: sqlite3.Connection) -> None:
                 conn.executemany(
@@ -367,14 +367,19 @@ class Forwarder(PollingTask):
                 for r in fresh:
                     if r.id == row_id:
                         r.request_der, r.state = der, "sent"
+        # A request built just now is used as built; one stored earlier (a retry) is parsed from its bytes.
+        resend = [r for r in rows if r.id not in built and not (r.state == "waiting" and r.last_response_der)]
+        parsed = await asyncio.to_thread(lambda: [parse_message(r.request_der or b"") for r in resend])
+        requests: dict[int, PKIMessage | _Outcome] = {
+            **built,
+            **{r.id: m for r, m in zip(resend, parsed, strict=True)},
+        }
         out: list[tuple[_Row, PKIMessage | _Outcome]] = []
         for r in rows:
-            b = built.get(r.id)
+            b = requests.get(r.id)
             if isinstance(b, _Outcome):
                 out.append((r, b))
                 continue
-            assert r.request_der is not None
-            request = parse_message(r.request_der)
             if r.state == "waiting" and r.last_response_der is not None:
                 waiting = parse_message(r.last_response_der)
                 # The certReqId the upstream used: 0 for cr, and for p10cr -1 (RFC 9810 5.3.4) or 0 (openssl 3.0,
@@ -385,7 +390,8 @@ class Forwarder(PollingTask):
                 )
                 out.append((r, poll))
             else:
-                out.append((r, request))
+                assert b is not None
+                out.append((r, b))
         return out
 
     async def _upstream_certs(self, serials: list[str]) -> dict[str, bytes]:
@@ -410,9 +416,11 @@ class Forwarder(PollingTask):
         ).fetchone()
         return Reason(row[0]).flag if row is not None else x509.ReasonFlags.unspecified
 
-    def _build_requests(self, rows: list[_Row], upstream: dict[str, bytes]) -> dict[int, bytes | _Outcome]:
+    def _build_requests(
+        self, rows: list[_Row], upstream: dict[str, bytes]
+    ) -> dict[int, PKIMessage | _Outcome]:
         """Runs in a worker thread (HSM signatures); the rr reason is read through the journal thread."""
-        out: dict[int, bytes | _Outcome] = {}
+        out: dict[int, PKIMessage | _Outcome] = {}
         for r in rows:
             header = request_header(sender=self.sender, recipient=self.recipient, transaction_id=r.transaction_id,
                                     implicit_confirm=self.settings.implicit_confirm)  # fmt: skip
@@ -443,7 +451,7 @@ class Forwarder(PollingTask):
             except (ValueError, AssertionError) as exc:
                 out[r.id] = _Outcome("fail", f"cannot build the upstream request: {exc}"[:300])
                 continue
-            out[r.id] = msg.der
+            out[r.id] = msg
         return out
 
     def _follow_up(self, received: PKIMessage, body_type: BodyType, body: Any) -> PKIMessage:
@@ -579,7 +587,12 @@ class Forwarder(PollingTask):
                 original = parse_message(row.request_der)
             if rsp.certificate.public_key().public_bytes(*_SPKI) != _requested_key(original):
                 return _Outcome("retry", "reply rejected: the certificate's key is not the requested key")
-            chain = issuer_chain(rsp.certificate, (*answer.extra_certs, *body.ca_pubs, *self.server_certs))
+            # RA mode hands the chain to the device; a local-mode record only keeps the upstream's certificate.
+            chain = (
+                issuer_chain(rsp.certificate, (*answer.extra_certs, *body.ca_pubs, *self.server_certs))
+                if row.ra_request_id is not None
+                else ()
+            )
             if answer.header.implicit_confirm and original.header.implicit_confirm:
                 return _Outcome("done", cert=rsp.certificate, chain=chain)
             return _Outcome("confirm", cert=rsp.certificate, response=answer, cert_req_id=rsp.cert_req_id,

@@ -600,16 +600,28 @@ class CmpResponder:
             raise CmpError(
                 f"label {label.name!r} accepts no nested messages", fail_info=FailInfo.NOT_AUTHORIZED
             )
-        answers: list[PKIMessage] = []
-        for item in body.items:
+        answers: list[PKIMessage | None] = [None] * len(body.items)
+        first: dict[bytes | None, tuple[int, PKIMessage]] = {}
+        later: list[tuple[int, PKIMessage]] = []
+        for i, item in enumerate(body.items):
             if item.message is None:
                 error = item.error or CmpError(
                     "inner message could not be parsed", fail_info=FailInfo.BAD_DATA_FORMAT
                 )
-                answers.append(self._unparsed_error(error))
-            else:
-                answers.append(await self._respond(label, item.message, outer=False))
-        return _Answer(BodyType.NESTED, NestedBody(tuple(NestedItem(m.der, m) for m in answers)))
+                answers[i] = self._unparsed_error(error)
+            elif first.setdefault(item.message.header.transaction_id, (i, item.message))[0] != i:
+                later.append((i, item.message))
+        # The inner requests go to the core together, so a batch from a downstream RA shares the core's group
+        # commit (one intent and one store transaction, one HSM batch) instead of one commit per request. A
+        # transactionID seen twice is answered afterwards, as the transaction's next message would be.
+        together = list(first.values())
+        results = await asyncio.gather(*(self._respond(label, msg, outer=False) for _, msg in together))
+        for (i, _), answer in zip(together, results, strict=True):
+            answers[i] = answer
+        for i, msg in later:
+            answers[i] = await self._respond(label, msg, outer=False)
+        done = [a for a in answers if a is not None]
+        return _Answer(BodyType.NESTED, NestedBody(tuple(NestedItem(m.der, m) for m in done)))
 
 
 # -- HTTP ------------------------------------------------------------------------------------------------------------
