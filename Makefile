@@ -28,7 +28,7 @@ bench: deps
 	$(PY) bench/stations.py serial
 	$(PY) bench/stations.py lan
 	$(PY) bench/ocsp.py
-	$(PY) bench/upstream.py --count 5000 --single-count 2000
+	$(PY) bench/upstream.py --count 5000 --single-count 1000 --rtt-ms 0,20
 
 deps: apt venv
 

@@ -1,6 +1,6 @@
 """Upstream forwarding throughput: drain queued outbox records to a local upstream, batched against single.
 
-    python bench/upstream.py [--count 100000] [--batch 50] [--single-count N]
+    python bench/upstream.py [--count 100000] [--batch 50] [--single-count N] [--rtt-ms 0,20]
 
 The upstream is a MINIMAL local CMP responder built with the message layer (not a second Birthline instance:
 that would add its own HSM issuance and group commit to what is measured). It answers p10cr with a cp holding a
@@ -15,17 +15,25 @@ verified. The forwarder is the real one (appliance.cmp.forwarder) over a real jo
 
 Single mode drains `--single-count` records (default: the same as --count) and the rate is extrapolated when
 smaller. Both sides share one event loop and CPU here: figures are ratios within one run.
+
+`--rtt-ms` runs the pair once per round-trip time. 0 is plain loopback: both modes then do the same signing,
+verifying and encoding per record, and batching only saves what a message costs beyond that (an HTTP exchange
+and a journal commit). A factory's uplink to the manufacturer's CA is a WAN link: a TCP relay in its own thread
+delays every chunk by half the RTT each way (netem is not available on these machines), so single mode waits two
+round trips per record and batched mode two per batch.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import os
 import sqlite3
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -113,6 +121,61 @@ class MiniUpstream:
         return web.Response(body=self.answer(msg).der, content_type="application/pkixcmp")
 
 
+class DelayRelay:
+    """A TCP relay on 127.0.0.1 that forwards each chunk `one_way_s` after it arrived, in order, both ways: a
+    link with that propagation delay and no bandwidth limit. It runs its own event loop in a thread so the
+    bench's loop does not schedule it."""
+
+    def __init__(self, target: tuple[str, int], one_way_s: float) -> None:
+        self.target = target
+        self.one_way_s = one_way_s
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="delay-relay", daemon=True)
+
+    def __enter__(self) -> DelayRelay:
+        self._thread.start()
+        self._ready.wait(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        server = self._loop.run_until_complete(asyncio.start_server(self._accept, "127.0.0.1", 0))
+        self.port = server.sockets[0].getsockname()[1]
+        self._ready.set()
+        self._loop.run_forever()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_running_loop()
+        chunks: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue()
+
+        async def deliver() -> None:
+            while (item := await chunks.get()) is not None:
+                due, data = item
+                if (wait := due - loop.time()) > 0:
+                    await asyncio.sleep(wait)
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+
+        task = asyncio.create_task(deliver())
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(1 << 16):
+                chunks.put_nowait((loop.time() + self.one_way_s, data))
+        chunks.put_nowait(None)
+        with contextlib.suppress(ConnectionError):
+            await task
+
+
 def queue(journal_path: Path, count: int, csrs: list[bytes]) -> None:
     conn = sqlite3.connect(journal_path)
     now = time.time()
@@ -143,6 +206,7 @@ async def main() -> None:
     p.add_argument("--count", type=int, default=100_000)
     p.add_argument("--single-count", type=int, default=None)
     p.add_argument("--batch", type=int, default=50)
+    p.add_argument("--rtt-ms", default="0", help="comma-separated round-trip times to run at (default 0)")
     args = p.parse_args()
     single_count = args.single_count or args.count
 
@@ -168,17 +232,24 @@ async def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "journal.sqlite"
         Journal(path).close()
-        rates = {}
-        for mode, n in (("batched", args.count), ("single", single_count)):
-            queue(path, n, dev)
-            before = up.issued
-            with Journal(path) as journal:
-                elapsed, messages = await drain(journal, url, mode, args.batch, ra, up.cert)
-            assert up.issued - before == n, (up.issued - before, n)
-            rates[mode] = n / elapsed
-            print(f"{mode:8} {n:>7} records in {elapsed:7.1f} s: {rates[mode]:8.0f} records/s"
-                  f" ({messages} HTTP messages)")  # fmt: skip
-        print(f"batched / single: {rates['batched'] / rates['single']:.1f}x (target >= 10x)")
+        for rtt_ms in (float(x) for x in args.rtt_ms.split(",")):
+            with contextlib.ExitStack() as stack:
+                target = url
+                if rtt_ms > 0:
+                    relay = stack.enter_context(DelayRelay(("127.0.0.1", port), rtt_ms / 2000))
+                    target = f"http://127.0.0.1:{relay.port}/cmp"
+                print(f"round trip {'loopback' if rtt_ms <= 0 else f'{rtt_ms:g} ms (delay relay)'}:")
+                rates = {}
+                for mode, n in (("batched", args.count), ("single", single_count)):
+                    queue(path, n, dev)
+                    before = up.issued
+                    with Journal(path) as journal:
+                        elapsed, messages = await drain(journal, target, mode, args.batch, ra, up.cert)
+                    assert up.issued - before == n, (up.issued - before, n)
+                    rates[mode] = n / elapsed
+                    print(f"  {mode:8} {n:>7} records in {elapsed:7.1f} s: {rates[mode]:8.0f} records/s"
+                          f" ({messages} HTTP messages)")  # fmt: skip
+                print(f"  batched / single: {rates['batched'] / rates['single']:.1f}x (target >= 10x)")
     await runner.cleanup()
 
 
