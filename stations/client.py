@@ -14,6 +14,10 @@ request id, so a lost answer yields the same certificate, never a second one. PE
 retryable refusals (BUSY, HSM/journal/audit unavailable, ...) are backed off (1 s doubling, cap 30 s), and
 anything else is raised as ``StationError(code, text)``.
 
+While a session is open the client keeps it alive (section 9, keepalive): after ``keepalive_s`` without a frame
+sent it sends a PING and expects the PONG within ``request_timeout``; if none comes it drops the channel
+quietly and the next request reconnects.
+
 Synchronous helpers for fixture scripts that are not async: ``enroll_device`` and ``fetch_ca_chain``.
 Credentials come from the bundle that ``birthline station add --out DIR`` writes (``load_credentials``).
 """
@@ -55,6 +59,8 @@ from stations.messages import (
     GetCaChain,
     Message,
     Pending,
+    Ping,
+    Pong,
 )
 from stations.session import Authenticated, Closed, HandshakeFailed, Received, StationSession
 from stations.transports.base import ChannelClosed, FrameChannel
@@ -74,6 +80,7 @@ REQUEST_TIMEOUT = 5.0
 REQUEST_TRIES = 3
 BACKOFF_START = 1.0
 BACKOFF_CAP = 30.0
+KEEPALIVE = 30.0  # well inside the appliance's 90 s idle timer, so an idle fixture keeps its session
 
 # The frame, not the request, was refused: resend at once under a new counter.
 RESEND_NOW = frozenset({Code.REPLAY, Code.BAD_TAG})
@@ -104,6 +111,8 @@ class ClientStats:
     backoffs: int = 0
     decode_events: int = 0
     rejected: int = 0
+    keepalives: int = 0  # PINGs answered by their PONG
+    keepalive_failures: int = 0  # PINGs that cost the channel (no PONG in time, link lost)
 
 
 class StationClient:
@@ -111,6 +120,8 @@ class StationClient:
 
     ``give_up_after`` bounds the total time one call spends retrying (reconnects, back-offs, PENDING); on
     expiry it raises ``StationError(Code.TIMEOUT)`` and the caller may retry later with the same request id.
+    ``keepalive_s`` (default 30 s; None or 0: off) is the idle time after which a background task PINGs the
+    open session.
     """
 
     def __init__(
@@ -123,6 +134,7 @@ class StationClient:
         handshake_timeout: float = HANDSHAKE_STEP_TIMEOUT,
         give_up_after: float = 300.0,
         reconnect_delay: float = 0.2,
+        keepalive_s: float | None = KEEPALIVE,
     ) -> None:
         if len(key) != crypto.STATION_KEY_LEN:
             raise ValueError("station key must be 32 bytes")
@@ -133,10 +145,14 @@ class StationClient:
         self.handshake_timeout = handshake_timeout
         self.give_up_after = give_up_after
         self.reconnect_delay = reconnect_delay
+        self.keepalive_s = keepalive_s
         self.handshake_pause = HANDSHAKE_PAUSE
         self._channel: FrameChannel | None = None
         self._session = StationSession(station_id, key)
+        # Held for every exchange on the channel (requests, handshakes, keepalive PINGs): they never interleave.
         self._lock = asyncio.Lock()
+        self._last_sent = time.monotonic()
+        self._keepalive_task: asyncio.Task[None] | None = None
         self.last_request_id: bytes | None = None
         self.stats = ClientStats()
 
@@ -154,6 +170,7 @@ class StationClient:
         server_hostname: str | None = None,
         request_timeout: float = REQUEST_TIMEOUT,
         give_up_after: float = 300.0,
+        keepalive_s: float | None = KEEPALIVE,
     ) -> StationClient:
         """Connect over TCP (+TLS when ``ssl_context`` is given; the factory LAN always uses TLS)."""
 
@@ -175,6 +192,7 @@ class StationClient:
             key=key,
             request_timeout=request_timeout,
             give_up_after=give_up_after,
+            keepalive_s=keepalive_s,
         )
         await client.open()
         return client
@@ -191,6 +209,7 @@ class StationClient:
         pace_reads: bool = False,
         request_timeout: float | None = None,
         give_up_after: float = 300.0,
+        keepalive_s: float | None = KEEPALIVE,
     ) -> StationClient:
         """Open a serial port (``/dev/serial/by-path/...`` in production) and authenticate."""
 
@@ -208,6 +227,7 @@ class StationClient:
             key=key,
             request_timeout=request_timeout,
             give_up_after=give_up_after,
+            keepalive_s=keepalive_s,
         )
         await client.open()
         return client
@@ -265,13 +285,14 @@ class StationClient:
         await self._request(message, request_id, (Confirmed,))
 
     async def close(self) -> None:
-        """Say BYE (best effort) and close the channel."""
+        """Stop the keepalive, say BYE (best effort) and close the channel."""
+        await self._stop_keepalive()  # first, so no PING goes out after (or interleaved with) the BYE
         channel, self._channel = self._channel, None
         if channel is None:
             return
         if self._session.established:
             with contextlib.suppress(StationError, OSError):
-                await asyncio.wait_for(channel.send(self._session.close()), 1.0)
+                await asyncio.wait_for(self._send(channel, self._session.close()), 1.0)
         self._session.reset()
         with contextlib.suppress(StationError, OSError):
             await channel.close()
@@ -343,6 +364,12 @@ class StationClient:
             self._session.reset()
         if not self._session.established:
             await self._handshake(self._channel)
+            self._start_keepalive()
+
+    async def _send(self, channel: FrameChannel, wire: bytes) -> None:
+        """Every frame goes out here, so the keepalive knows when the appliance last heard from us."""
+        await channel.send(wire)
+        self._last_sent = time.monotonic()
 
     async def _handshake(self, channel: FrameChannel) -> None:
         """HELLO/CHALLENGE/AUTH/AUTH_OK with the section 9 timers: each step's frame is resent identically
@@ -351,7 +378,7 @@ class StationClient:
             if round_:
                 await asyncio.sleep(self.handshake_pause)
             self.stats.handshakes += 1
-            await channel.send(self._session.hello())
+            await self._send(channel, self._session.hello())
             tries = 1
             deadline = time.monotonic() + self.handshake_timeout
             while True:
@@ -361,12 +388,12 @@ class StationClient:
                     if wire is None or tries >= HANDSHAKE_TRIES:
                         break
                     tries += 1
-                    await channel.send(wire)
+                    await self._send(channel, wire)
                     deadline = time.monotonic() + self.handshake_timeout
                     continue
                 step = self._session.receive(item)
                 for wire in step.send:
-                    await channel.send(wire)
+                    await self._send(channel, wire)
                     tries = 1  # the next step's frame is out; its own timer starts
                     deadline = time.monotonic() + self.handshake_timeout
                 failed = False
@@ -395,7 +422,10 @@ class StationClient:
             if remaining <= 0:
                 return None
             try:
-                item = await asyncio.wait_for(channel.recv(), remaining)
+                # Not wait_for: on Python 3.11 it loses a cancel (close() stopping the keepalive) that races a
+                # frame arriving; asyncio.timeout never does.
+                async with asyncio.timeout(remaining):
+                    item = await channel.recv()
             except TimeoutError:
                 return None
             if isinstance(item, DecodeEvent):
@@ -414,7 +444,7 @@ class StationClient:
         for attempt in range(REQUEST_TRIES):
             if attempt:
                 self.stats.resends += 1
-            await channel.send(self._session.send(message))
+            await self._send(channel, self._session.send(message))
             deadline = time.monotonic() + self.request_timeout
             while True:
                 item = await self._recv(channel, deadline - time.monotonic())
@@ -422,7 +452,7 @@ class StationClient:
                     break
                 step = self._session.receive(item)
                 for wire in step.send:
-                    await channel.send(wire)
+                    await self._send(channel, wire)
                 for event in step.events:
                     if isinstance(event, Closed):
                         raise _SessionLost(event.text)
@@ -433,6 +463,70 @@ class StationClient:
                     if _matches(reply, request_id, wanted):
                         return reply
         raise _Unanswered()
+
+    # -- keepalive ---------------------------------------------------------------------------------------
+
+    def _start_keepalive(self) -> None:
+        if self.keepalive_s and (self._keepalive_task is None or self._keepalive_task.done()):
+            self._keepalive_task = asyncio.create_task(
+                self._keepalive(self.keepalive_s), name=f"station-keepalive {self.station_id}"
+            )
+
+    async def _stop_keepalive(self) -> None:
+        task, self._keepalive_task = self._keepalive_task, None
+        # wait() neither raises the task's outcome nor swallows a cancellation of close() itself. Cancel again
+        # until it ends: the transports' own wait_for can still lose one cancel on Python 3.11.
+        while task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait([task], timeout=0.1)
+
+    async def _keepalive(self, interval: float) -> None:
+        """Background task from a handshake until the session is gone (the next handshake starts a new one)
+        or ``close()``: PING after ``interval`` without a frame sent. A failed PING drops the channel and
+        never raises: the appliance has (or soon will have) forgotten the session, and the next request
+        reconnects and authenticates as it would after any other lost link."""
+        while True:
+            await asyncio.sleep(self._last_sent + interval - time.monotonic())
+            async with self._lock:
+                channel = self._channel
+                if channel is None or not self._session.established:
+                    return
+                if time.monotonic() - self._last_sent < interval:
+                    continue  # a request went out while we slept or waited for the lock
+                try:
+                    await self._ping(channel)
+                except (_Unanswered, _SessionLost, StationError, OSError) as exc:
+                    log.info("station %s: keepalive failed (%r); dropping the link", self.station_id, exc)
+                except Exception:
+                    log.exception("station %s: keepalive failed; dropping the link", self.station_id)
+                else:
+                    self.stats.keepalives += 1
+                    continue
+                self.stats.keepalive_failures += 1
+                await self._drop_channel()
+                return
+
+    async def _ping(self, channel: FrameChannel) -> None:
+        """One PING and its PONG (same token) within ``request_timeout``; one try, no resend."""
+        token = int.from_bytes(os.urandom(4), "big")
+        await self._send(channel, self._session.send(Ping(token)))
+        deadline = time.monotonic() + self.request_timeout
+        while True:
+            item = await self._recv(channel, deadline - time.monotonic())
+            if item is None:
+                raise _Unanswered()
+            step = self._session.receive(item)
+            for wire in step.send:
+                await self._send(channel, wire)
+            for event in step.events:
+                if isinstance(event, Closed):
+                    raise _SessionLost(event.text)
+                if not isinstance(event, Received):
+                    self.stats.rejected += 1
+                elif isinstance(event.message, Pong) and event.message.token == token:
+                    return
+                # Anything else is stale (a late answer to an earlier try of a request, a PONG of another
+                # token): skip it; without the matching PONG the deadline ends in _Unanswered.
 
 
 def _matches(reply: Message, request_id: bytes, wanted: tuple[type[Message], ...]) -> bool:
