@@ -132,6 +132,7 @@ class UpstreamSection:
     secret_file: Path | None = None
     kid: str = ""
     server_cert: Path | None = None  # PEM: the upstream's protection certificate(s), or the CA(s) issuing it
+    ca_certs: Path | None = None  # PEM: RA mode: the upstream CA(s) the devices' certificates must chain to
     recipient: str = "CN=Upstream CA"
     implicit_confirm: bool = False
     accept_sha1_mac: bool = (
@@ -499,6 +500,7 @@ def _parse_upstream(
         secret_file=path(r.text("secret_file")),
         kid=r.text("kid", "") or "",
         server_cert=path(r.text("server_cert")),
+        ca_certs=path(r.text("ca_certs")),
         recipient=r.text("recipient", d.recipient) or d.recipient,
         implicit_confirm=r.flag("implicit_confirm", d.implicit_confirm),
         accept_sha1_mac=r.flag("accept_sha1_mac", d.accept_sha1_mac),

@@ -196,10 +196,13 @@ class Forwarder(PollingTask):
         clock: Callable[[], float] = time.time,
         jitter: Callable[[], float] = random.random,
         audit: AuditSink | None = None,
+        ca_certs: Sequence[x509.Certificate] = (),
     ) -> None:
         super().__init__(settings.poll_s)
         self.journal = journal
         self.audit = audit
+        self.ca_certs = tuple(ca_certs)
+        """RA mode: the upstream CA certificates (root or intermediate) a device's certificate must chain to."""
         self.settings = settings
         self.protector = protector
         self.server_certs = tuple(server_certs)
@@ -587,12 +590,21 @@ class Forwarder(PollingTask):
                 original = parse_message(row.request_der)
             if rsp.certificate.public_key().public_bytes(*_SPKI) != _requested_key(original):
                 return _Outcome("retry", "reply rejected: the certificate's key is not the requested key")
-            # RA mode hands the chain to the device; a local-mode record only keeps the upstream's certificate.
-            chain = (
-                issuer_chain(rsp.certificate, (*answer.extra_certs, *body.ca_pubs, *self.server_certs))
-                if row.ra_request_id is not None
-                else ()
-            )
+            # RA mode hands the certificate and its chain to a device as its birth certificate: it must chain to a
+            # CA the administrator configured. A reply cannot choose the anchor. (A local-mode record only keeps
+            # the upstream's certificate.)
+            chain: tuple[x509.Certificate, ...] = ()
+            if row.ra_request_id is not None:
+                if not self.ca_certs:
+                    return _Outcome("retry", "RA mode needs [upstream] ca_certs: the upstream CA certificates the"
+                                    " devices' certificates must chain to")  # fmt: skip
+                anchored = anchored_chain(
+                    rsp.certificate, (*answer.extra_certs, *body.ca_pubs), self.ca_certs
+                )
+                if anchored is None:
+                    return _Outcome("retry", "reply rejected: the certificate does not chain to a CA in"
+                                    " [upstream] ca_certs")  # fmt: skip
+                chain = anchored
             if answer.header.implicit_confirm and original.header.implicit_confirm:
                 return _Outcome("done", cert=rsp.certificate, chain=chain)
             return _Outcome("confirm", cert=rsp.certificate, response=answer, cert_req_id=rsp.cert_req_id,
@@ -784,6 +796,18 @@ def issuer_chain(cert: x509.Certificate, pool: Sequence[x509.Certificate]) -> tu
     return tuple(chain)
 
 
+def anchored_chain(
+    cert: x509.Certificate, pool: Sequence[x509.Certificate], anchors: Sequence[x509.Certificate]
+) -> tuple[x509.Certificate, ...] | None:
+    """The issuers of `cert` up to and including the first of `anchors` they reach (from `pool` and the anchors
+    themselves, each link verified), or None if they reach none."""
+    chain = issuer_chain(cert, (*anchors, *pool))
+    for i, ca in enumerate(chain):
+        if ca in anchors:
+            return chain[: i + 1]
+    return None
+
+
 def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
     try:
         cert.verify_directly_issued_by(ca)
@@ -836,14 +860,20 @@ def _text(exc: BaseException) -> str:
 
 # -- composition helpers (daemon and CLI) ---------------------------------------------------------------------------
 def load_server_certs(settings: UpstreamSection) -> tuple[x509.Certificate, ...]:
-    if settings.server_cert is None:
+    return _load_pem(settings.server_cert, "upstream.server_cert")
+
+
+def load_ca_certs(settings: UpstreamSection) -> tuple[x509.Certificate, ...]:
+    return _load_pem(settings.ca_certs, "upstream.ca_certs")
+
+
+def _load_pem(path: Path | None, where: str) -> tuple[x509.Certificate, ...]:
+    if path is None:
         return ()
     try:
-        return tuple(x509.load_pem_x509_certificates(settings.server_cert.read_bytes()))
+        return tuple(x509.load_pem_x509_certificates(path.read_bytes()))
     except (OSError, ValueError) as exc:
-        raise ConfigError(
-            [Problem("upstream.server_cert", f"cannot load {settings.server_cert}: {exc}")]
-        ) from None
+        raise ConfigError([Problem(where, f"cannot load {path}: {exc}")]) from None
 
 
 def mac_protector(settings: UpstreamSection) -> tuple[MacProtector, bytes]:
@@ -872,7 +902,8 @@ def make_forwarder(core: Core) -> Forwarder:
         ra_cert = core.config.cmp.ra_cert or core.config.stations.tls_dir / "cmp-ra.pem"
         protector = ensure_ra(core.token, management, ra_cert)
     return Forwarder(core.journal, cfg, protector, server_certs=load_server_certs(cfg), secret=secret,
-                     lock_path=core.config.appliance.state_dir / "upstream.lock", audit=core.audit)  # fmt: skip
+                     lock_path=core.config.appliance.state_dir / "upstream.lock", audit=core.audit,
+                     ca_certs=load_ca_certs(cfg))  # fmt: skip
 
 
 def queue_status(journal: Journal, settings: UpstreamSection, now: float | None = None) -> dict[str, Any]:
@@ -936,6 +967,7 @@ __all__ = [
     "QueueLoad",
     "Transport",
     "UpstreamError",
+    "load_ca_certs",
     "load_server_certs",
     "mac_protector",
     "make_forwarder",

@@ -28,6 +28,7 @@ from appliance.cmp.ra import ensure_ra
 from appliance.cmp.server import CmpLabel, CmpResponder, make_cmp_app
 from appliance.config import UpstreamSection
 from appliance.daemon import CoreEnroller
+from appliance.der import split_certificates
 from appliance.errors import IssuancePending, IssuanceRefused, ReasonCode
 from appliance.issuance.journal import Journal
 from appliance.issuance.policy import IssueRequest
@@ -41,6 +42,7 @@ from hsm.token import Token
 from stations.codes import Code
 from stations.errors import StationError
 from stations.server import EnrollPending
+from tests.appliance.cmp.support import make_cert
 from tests.appliance.cmp.upstream_support import Upstream, device_csr
 
 SPKI = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -89,8 +91,18 @@ def audit_events(journal: Journal) -> list[str]:
 def forwarder(ra: Ra, up: Upstream, **kw: object) -> Forwarder:
     s = UpstreamSection(url=up.url, mode="batched", batch_max=10, batch_wait_s=0, backoff_base_s=0.2,
                         backoff_cap_s=1, request_timeout_s=10, poll_s=0.1)  # fmt: skip
+    anchors = kw.pop("ca_certs", None)
     s = dataclasses.replace(s, **kw)  # type: ignore[arg-type]
-    return Forwarder(ra.journal, s, ra.ra, server_certs=(up.ra.certificate,), audit=ra.audit)
+    if anchors is None:
+        anchors = (upstream_root(up),)
+    return Forwarder(ra.journal, s, ra.ra, server_certs=(up.ra.certificate,), audit=ra.audit,
+                     ca_certs=anchors)  # type: ignore[arg-type]  # fmt: skip
+
+
+def upstream_root(up: Upstream) -> x509.Certificate:
+    root = ca_mod.load_ca(up.journal, "root").certificate
+    assert root is not None
+    return root
 
 
 async def drain(ra: Ra, up: Upstream, **kw: object) -> Forwarder:
@@ -273,3 +285,38 @@ async def test_openssl_cmp_client_polls_until_the_upstream_has_issued(ra: Ra, up
     assert (
         responder.stats["requests"] >= 4
     )  # ir, at least one pollReq answered by pollRep, the final one, certConf
+
+
+async def test_an_upstream_certificate_is_released_only_if_it_chains_to_a_configured_ca(
+    ra: Ra, upstream: Upstream
+) -> None:
+    """The reply cannot choose the trust anchor: without [upstream] ca_certs, or with another CA there, the
+    device stays pending and the record is retried; with the upstream's root it is released."""
+    _, csr = device_csr("SN-0008")
+    with pytest.raises(IssuancePending):
+        await ra.service.issue(IssueRequest("SN-0008", csr, "fixture-1"))
+    # Another root with the upstream root's very name (both test appliances share one CA hierarchy): the subject
+    # matches, the signature does not.
+    other_key = ec.generate_private_key(ec.SECP256R1())
+    stranger = make_cert(upstream_root(upstream).subject, other_key.public_key(), other_key, ca=True)
+    for anchors, why in (((), "needs [upstream] ca_certs"), ((stranger,), "does not chain")):
+        fwd = forwarder(ra, upstream, ca_certs=anchors)
+        try:
+            await fwd.run_pass(force=True)
+        finally:
+            await fwd.close()
+        assert fwd.stats["retried"] == 1 and fwd.stats["done"] == 0
+        (row,) = ra.requests()
+        assert row[1] == "pending"
+        err = ra.journal.call(lambda: ra.journal.conn.execute("SELECT last_error FROM outbox").fetchone()[0])
+        assert why in err
+        ra.journal.call(
+            ra.journal.transaction, lambda c: c.execute("UPDATE outbox SET next_attempt_at=0"), "t"
+        )
+    await drain(ra, upstream)
+    (row,) = ra.requests()
+    assert row[1] == "issued"
+    chain = [x509.load_der_x509_certificate(c) for c in split_certificates(bytes(row[4]))]  # type: ignore[arg-type]
+    assert chain[-1] == upstream_root(upstream)
+    # The same device was issued once upstream, however often the record was sent.
+    assert [s for _, s in upstream.issued()] == ["SN-0008"]
