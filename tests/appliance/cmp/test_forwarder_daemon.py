@@ -24,9 +24,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from appliance import ca as ca_mod
 from appliance import stations_registry as reg
 from appliance.audit.log import AuditLog
 from appliance.issuance.journal import Journal
+from appliance.production import store
+from appliance.production.users import Role, User
 from hsm.softhsm import SoftHsmToken
 from hsm.token import Token
 from stations.client import StationClient, client_ssl_context, generate_device_key, make_csr, read_station_key
@@ -217,3 +220,75 @@ async def test_the_daemon_forwards_what_it_issues_and_upstream_status_reports_it
             await daemon.wait()
     assert daemon.returncode == 0, log.read_text()
     assert "forwarding to the upstream CA at " + upstream.url in log.read_text()
+
+
+async def test_ra_mode_through_the_daemon_a_station_waits_out_pending_and_gets_the_upstream_chain(
+    upstream: Upstream,
+    softhsm_token: SoftHsmToken,
+    hsm_token: Token,
+    production_journal_template: Path,
+    tmp_path: Path,
+) -> None:
+    """The product in upstream (RA) mode: the station client's ENROLL is answered PENDING until the daemon's own
+    forwarder has the upstream's certificate; the client waits it out and gets that certificate and chain."""
+    state = tmp_path / "state"
+    state.mkdir()
+    journal_path = state / "journal.sqlite"
+    shutil.copy(production_journal_template, journal_path)
+    with Journal(journal_path) as journal:
+        audit = AuditLog(journal)
+        creds = reg.add_station(journal, hsm_token, "st1", "lan", audit=audit, actor="alice")
+        put_on_line(journal, "st1")
+        reg.write_bundle(creds, tmp_path / "st1")
+        store.set_product_mode(journal, audit, User("alice", Role.ADMINISTRATOR), "sensor", "upstream")
+    up_root = ca_mod.load_ca(upstream.journal, "root").certificate
+    up_issuing = ca_mod.load_ca(upstream.journal, "issuing").certificate
+    assert up_root is not None and up_issuing is not None
+    lan = _free_port()
+    config = write_config(
+        tmp_path / "birthline.toml", softhsm_token, state=state, journal=journal_path,
+        extra=f'[stations]\nlan_listen = "127.0.0.1:{lan}"\ntls_dir = "{state / "tls"}"\n',
+        upstream={"url": upstream.url, "mode": "batched", "batch_max": 10, "batch_wait_s": 1.0, "poll_s": 0.2,
+                  "server_cert": write_pem(tmp_path / "upstream-ra.pem", upstream.ra.certificate),
+                  "ca_certs": write_pem(tmp_path / "upstream-root.pem", up_root),
+                  "pending_retry_s": 0.3, "backoff_base_s": 0.2, "backoff_cap_s": 2},
+    )  # fmt: skip
+    log = tmp_path / "daemon.log"
+    with open(log, "wb") as log_file:
+        daemon = await asyncio.create_subprocess_exec(*birthline("run", "--config", str(config)), env=child_env(),
+                                                      stdout=log_file, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        await _listening(lan, daemon, log)
+        bundle = tmp_path / "st1"
+        client = await StationClient.connect_tcp(
+            "127.0.0.1", lan, station_id="st1", key=read_station_key(bundle / "station.key"),
+            ssl_context=client_ssl_context(bundle / "tls-client.crt", bundle / "tls-client.key", bundle / "ca.crt"),
+            server_hostname="localhost",
+        )  # fmt: skip
+        try:
+            key = generate_device_key()
+            chain = await client.enroll("SN-0042", make_csr(key, "SN-0042"))
+            assert client.stats.pending >= 1  # told PENDING at least once (the batch waits 1 s upstream-side)
+            await client.confirm(client.last_request_id, chain[0])
+        finally:
+            await client.close()
+        cert = x509.load_der_x509_certificate(chain[0])
+        assert cert.public_key().public_bytes(*SPKI) == key.public_key().public_bytes(*SPKI)
+        cert.verify_directly_issued_by(up_issuing)  # the upstream CA's certificate, not this appliance's
+        assert [x509.load_der_x509_certificate(c) for c in chain[1:]] == [up_issuing, up_root]
+        conn = sqlite3.connect(f"file:{journal_path}?mode=ro", uri=True, timeout=10)
+        try:
+            rows = conn.execute("SELECT state, device_serial FROM ra_request").fetchall()
+            local = conn.execute("SELECT COUNT(*) FROM issuance").fetchone()[0]
+        finally:
+            conn.close()
+        assert rows == [("confirmed", "SN-0042")] and local == 0  # nothing was signed locally
+    finally:
+        if daemon.returncode is None:
+            daemon.send_signal(signal.SIGTERM)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(daemon.wait(), 30)
+        if daemon.returncode is None:
+            daemon.kill()
+            await daemon.wait()
+    assert daemon.returncode == 0, log.read_text()
