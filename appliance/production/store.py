@@ -422,6 +422,15 @@ def _issued_row(conn: sqlite3.Connection, ca: str, device_serial: str) -> tuple[
         (ca, device_serial),
     ).fetchone()
     if row is None:
+        ra = conn.execute(
+            "SELECT state FROM ra_request WHERE ca=? AND device_serial=? AND state != 'failed'",
+            (ca, device_serial),
+        ).fetchone()
+        if ra is not None:
+            raise ProductionError(
+                f"device {device_serial!r} is in RA mode: its certificate comes from the upstream CA ({ra[0]});"
+                " rework, scrap and revocation of it are done at the upstream CA"
+            )
         raise ProductionError(f"device {device_serial!r} has no certificate from CA {ca!r}")
     if row[1] == "scrapped":
         raise ProductionError(f"device {device_serial!r} is already scrapped")

@@ -34,6 +34,7 @@ from appliance.issuance.journal import Journal
 from appliance.issuance.policy import IssueRequest
 from appliance.issuance.service import IssueService
 from appliance.production import store
+from appliance.production.model import ProductionError
 from appliance.production.policy import WorkOrderPolicy
 from appliance.production.users import Role, User
 from appliance.profiles import builtin_profiles
@@ -320,3 +321,14 @@ async def test_an_upstream_certificate_is_released_only_if_it_chains_to_a_config
     assert chain[-1] == upstream_root(upstream)
     # The same device was issued once upstream, however often the record was sent.
     assert [s for _, s in upstream.issued()] == ["SN-0008"]
+
+
+async def test_rework_and_scrap_of_an_ra_mode_device_are_refused_with_the_reason(ra: Ra) -> None:
+    _, csr = device_csr("SN-0009")
+    with pytest.raises(IssuancePending):
+        await ra.service.issue(IssueRequest("SN-0009", csr, "fixture-1"))
+    supervisor = User("sam", Role.SUPERVISOR)
+    for change in (store.rework, store.scrap):
+        with pytest.raises(ProductionError, match=r"RA mode.*upstream CA"):
+            change(ra.journal, ra.audit, supervisor, "SN-0009", reason="test", ca="issuing")
+    assert [r[1] for r in ra.requests()] == ["pending"]
