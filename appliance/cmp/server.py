@@ -41,7 +41,7 @@ from pathlib import Path
 from aiohttp import web
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 
 from appliance.cmp import _der, oids
@@ -107,6 +107,7 @@ CONTENT_TYPE = "application/pkixcmp"
 RA_KEY_LABEL = "cmp-ra"
 
 _DER = serialization.Encoding.DER
+_SHA256 = hashes.SHA256()
 _REASONS: dict[x509.ReasonFlags, Reason] = {
     x509.ReasonFlags.unspecified: Reason.UNSPECIFIED,
     x509.ReasonFlags.key_compromise: Reason.KEY_COMPROMISE,
@@ -260,6 +261,7 @@ class CmpResponder:
         self.clock = clock
         self.limits = Limits(max_message_size=self.settings.max_message_bytes)
         self.pending: dict[bytes, _Pending] = {}
+        self._issuer_checks: dict[tuple[bytes, bytes], bool] = {}
         self.chain = tuple(x509.load_der_x509_certificate(c) for c in service.chain)
         self.stats = {"requests": 0, "errors": 0, "issued": 0, "confirmed": 0, "revoked": 0}
 
@@ -282,12 +284,26 @@ class CmpResponder:
         return build_message(header, BodyType.ERROR, ErrorBody(PKIStatusInfo.from_error(exc)))
 
     # -- one message -----------------------------------------------------------------------------------------------
-    async def _respond(self, label: CmpLabel, msg: PKIMessage, *, outer: bool) -> PKIMessage:
+    async def _respond(
+        self,
+        label: CmpLabel,
+        msg: PKIMessage,
+        *,
+        outer: bool,
+        checked: VerifiedProtection | BirthlineError | ValueError | None = None,
+    ) -> PKIMessage:
+        """`checked`: the protection and signer already checked by the caller (the inner messages of a nested
+        message are checked together, in one thread hop), or why they failed."""
         protector = self._protector_for(label, msg)
         try:
             self._purge()
-            verified = await asyncio.to_thread(self._verify, label, msg)
-            await self._check_station(label, verified)
+            if checked is None:
+                verified = await asyncio.to_thread(self._verify, label, msg)
+                self._check_signer(label, await self._station_row(label), verified)
+            elif isinstance(checked, VerifiedProtection):
+                verified = checked
+            else:
+                raise checked
             tid = msg.header.transaction_id or b""
             pending = self.pending.get(tid)
             follow_up = msg.body_type in (BodyType.CERTCONF, BodyType.POLLREQ)
@@ -376,17 +392,25 @@ class CmpResponder:
         if not signer.not_valid_before_utc <= now <= signer.not_valid_after_utc:
             raise CmpError("the signer's certificate is not valid now", fail_info=FailInfo.SIGNER_NOT_TRUSTED)
 
-    @staticmethod
-    def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
-        try:
-            cert.verify_directly_issued_by(ca)
-        except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):  # not issued by it
-            return False
-        return True
+    def _issued_by(self, cert: x509.Certificate, ca: x509.Certificate) -> bool:
+        # The answer never changes for a pair of certificates (the CAs are fixed for the server's life), and
+        # a downstream RA signs every message with the same certificate: verify once per pair.
+        key = (cert.fingerprint(_SHA256), ca.fingerprint(_SHA256))
+        known = self._issuer_checks.get(key)
+        if known is None:
+            try:
+                cert.verify_directly_issued_by(ca)
+                known = True
+            except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):  # not issued by it
+                known = False
+            if len(self._issuer_checks) >= 4096:
+                self._issuer_checks.clear()
+            self._issuer_checks[key] = known
+        return known
 
-    async def _check_station(self, label: CmpLabel, verified: VerifiedProtection) -> None:
-        """The label's station is registered and enabled; a signer is that station's TLS certificate or is
-        issued by one of the label's trusted CAs."""
+    async def _station_row(self, label: CmpLabel) -> bytes | None:
+        """The label's station is registered and enabled (read now: a disabled station stops at once); returns
+        its TLS certificate fingerprint."""
 
         def q() -> tuple[int, bytes | None] | None:
             row = self.journal.conn.execute(
@@ -398,6 +422,11 @@ class CmpResponder:
         if row is None or not row[0]:
             raise CmpError(f"the station of label {label.name!r} is not registered or is disabled",
                            fail_info=FailInfo.NOT_AUTHORIZED)  # fmt: skip
+        return row[1]
+
+    def _check_signer(self, label: CmpLabel, fingerprint: bytes | None, verified: VerifiedProtection) -> None:
+        """A signer is the station's own TLS certificate (by fingerprint, issued by the management CA) or is
+        issued by one of the label's trusted CAs."""
         signer = verified.signer
         if signer is None:
             return
@@ -406,8 +435,8 @@ class CmpResponder:
         if (
             label.station_signature
             and self.management_ca is not None
-            and row[1] is not None
-            and hashlib.sha256(signer.public_bytes(_DER)).digest() == row[1]
+            and fingerprint is not None
+            and hashlib.sha256(signer.public_bytes(_DER)).digest() == fingerprint
             and self._issued_by(signer, self.management_ca)
         ):
             return
@@ -600,6 +629,7 @@ class CmpResponder:
             raise CmpError(
                 f"label {label.name!r} accepts no nested messages", fail_info=FailInfo.NOT_AUTHORIZED
             )
+        fingerprint = await self._station_row(label)
         answers: list[PKIMessage | None] = [None] * len(body.items)
         first: dict[bytes | None, tuple[int, PKIMessage]] = {}
         later: list[tuple[int, PKIMessage]] = []
@@ -615,7 +645,26 @@ class CmpResponder:
         # commit (one intent and one store transaction, one HSM batch) instead of one commit per request. A
         # transactionID seen twice is answered afterwards, as the transaction's next message would be.
         together = list(first.values())
-        results = await asyncio.gather(*(self._respond(label, msg, outer=False) for _, msg in together))
+
+        def check_all() -> list[VerifiedProtection | BirthlineError | ValueError]:
+            out: list[VerifiedProtection | BirthlineError | ValueError] = []
+            for _, msg in together:
+                try:
+                    verified = self._verify(label, msg)
+                    self._check_signer(label, fingerprint, verified)
+                    out.append(verified)
+                except (BirthlineError, ValueError) as exc:
+                    out.append(exc)
+            return out
+
+        # Checked together (one thread hop), so the requests then reach the core together.
+        checks = await asyncio.to_thread(check_all)
+        results = await asyncio.gather(
+            *(
+                self._respond(label, msg, outer=False, checked=c)
+                for (_, msg), c in zip(together, checks, strict=True)
+            )
+        )
         for (i, _), answer in zip(together, results, strict=True):
             answers[i] = answer
         for i, msg in later:
