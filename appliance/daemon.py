@@ -103,7 +103,8 @@ class CoreEnroller:
                 # RA mode: a retry under a new request id answered from the device's earlier request.
                 row = conn.execute(
                     "SELECT a.cert_serial, a.device_serial, NULL, a.cert_der, a.state, a.id FROM station_request r"
-                    " JOIN ra_request a ON r.cert_serial = 'ra:' || a.id WHERE r.station=? AND r.request_id=?",
+                    " JOIN ra_request a ON a.id = CAST(substr(r.cert_serial, 4) AS INTEGER)"
+                    " WHERE r.station=? AND r.request_id=? AND r.cert_serial LIKE 'ra:%'",
                     (station, request_id),
                 ).fetchone()
             return None if row is None else _Issued(*row)

@@ -389,6 +389,7 @@ CREATE TRIGGER IF NOT EXISTS outbox_on_revocation AFTER INSERT ON revocation WHE
     + """CREATE UNIQUE INDEX IF NOT EXISTS ra_live_device ON ra_request (ca, device_serial) WHERE state != 'failed';
 CREATE UNIQUE INDEX IF NOT EXISTS ra_live_key ON ra_request (public_key_sha256) WHERE state != 'failed';
 CREATE INDEX IF NOT EXISTS ra_by_request ON ra_request (station, request_id);
+CREATE INDEX IF NOT EXISTS ra_by_device ON ra_request (ca, device_serial);  -- every issuance looks here
 CREATE TRIGGER IF NOT EXISTS work_order_unit_bind_ra AFTER INSERT ON ra_request
     BEGIN
         UPDATE work_order_unit SET ra_request_id = NEW.id
