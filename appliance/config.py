@@ -128,6 +128,7 @@ class UpstreamSection:
     mode: str = "single"  # single | batched
     batch_max: int = 50
     batch_wait_s: float = 2.0
+    batches_in_flight: int = 2  # batched mode: nested messages sent at once
     protection: str = "signature"  # signature (the RA key in the HSM) | mac
     secret_file: Path | None = None
     kid: str = ""
@@ -496,6 +497,7 @@ def _parse_upstream(
         mode=mode,
         batch_max=r.integer("batch_max", d.batch_max, lo=1, hi=100),
         batch_wait_s=r.number("batch_wait_s", d.batch_wait_s, lo=0, hi=3600),
+        batches_in_flight=r.integer("batches_in_flight", d.batches_in_flight, lo=1, hi=8),
         protection=protection,
         secret_file=path(r.text("secret_file")),
         kid=r.text("kid", "") or "",

@@ -164,6 +164,14 @@ class PassResult:
     sent_messages: int = 0
     errors: list[str] = field(default_factory=list)
 
+    def merge(self, other: PassResult) -> None:
+        self.done += other.done
+        self.retried += other.retried
+        self.failed += other.failed
+        self.waiting += other.waiting
+        self.sent_messages += other.sent_messages
+        self.errors.extend(other.errors)
+
 
 @dataclass(frozen=True)
 class QueueLoad:
@@ -321,13 +329,25 @@ class Forwarder(PollingTask):
             oldest = min(r.created_at for r in rows)
             if self.clock() - oldest < self.settings.batch_wait_s:
                 return result
-        for start in range(0, len(rows), size):
-            await self._chunk(rows[start : start + size], result)
+        chunks = [rows[start : start + size] for start in range(0, len(rows), size)]
+        # Batched: up to batches_in_flight nested messages at once (their rows are disjoint), so building and
+        # checking one overlaps with the upstream working on another. Single mode sends one request at a time.
+        slots = asyncio.Semaphore(self.settings.batches_in_flight if batched else 1)
+
+        async def one(chunk: list[_Row]) -> PassResult:
+            async with slots:
+                return await self._chunk(chunk)
+
+        for part in await asyncio.gather(*(one(c) for c in chunks)):
+            result.merge(part)
+            for key in ("done", "retried", "failed"):
+                self.stats[key] += getattr(part, key)
         if rows:
             await self.refresh_load()
         return result
 
-    async def _chunk(self, rows: list[_Row], result: PassResult) -> None:
+    async def _chunk(self, rows: list[_Row]) -> PassResult:
+        result = PassResult()
         prepared = await self._materialise(rows)
         outgoing: list[tuple[_Row, PKIMessage]] = []
         outcomes: dict[int, _Outcome] = {}
@@ -347,6 +367,7 @@ class Forwarder(PollingTask):
         if confirms:
             outcomes.update(await self._confirm(confirms, result))
         await self._record(rows, outcomes, result)
+        return result
 
     # -- building ----------------------------------------------------------------------------------------------
     async def _materialise(self, rows: list[_Row]) -> list[tuple[_Row, PKIMessage | _Outcome]]:
@@ -661,8 +682,6 @@ class Forwarder(PollingTask):
     async def _record(self, rows: list[_Row], outcomes: dict[int, _Outcome], result: PassResult) -> None:
         now = self.clock()
         by_id = {r.id: r for r in rows}
-        # `result` counts the whole pass (several chunks): the stats get only what this chunk adds
-        before = (result.done, result.retried, result.failed)
 
         upstream_issued: list[dict[str, object]] = []
         upstream_refused: list[dict[str, object]] = []
@@ -745,9 +764,6 @@ class Forwarder(PollingTask):
 
         if outcomes:
             await self.journal.atransaction(txn, "recording upstream results")
-        self.stats["done"] += result.done - before[0]
-        self.stats["retried"] += result.retried - before[1]
-        self.stats["failed"] += result.failed - before[2]
         for o in outcomes.values():
             if o.action == "retry":
                 log.info("upstream: will retry: %s", o.text)

@@ -82,7 +82,7 @@ async def test_sigkill_with_a_batch_in_flight_then_a_fresh_sync_finishes_it_once
     async with stalling_proxy(upstream.url, stall_at=stall_at) as proxy:
         config = write_config(
             tmp_path / "birthline.toml", softhsm_token, state=tmp_path / "state", journal=local.journal.path,
-            upstream={"url": proxy.url, "mode": "batched", "batch_max": BATCH, "batch_wait_s": 0,
+            upstream={"url": proxy.url, "mode": "batched", "batch_max": BATCH, "batch_wait_s": 0, "batches_in_flight": 1,  # the kill lands on a known exchange
                       "server_cert": write_pem(tmp_path / "upstream-ra.pem", upstream.ra.certificate),
                       "backoff_base_s": 0.2, "backoff_cap_s": 1, "request_timeout_s": 60},
         )  # fmt: skip
