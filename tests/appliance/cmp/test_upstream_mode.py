@@ -44,9 +44,8 @@ from stations.codes import Code
 from stations.errors import StationError
 from stations.server import EnrollPending
 from tests.appliance.cmp.support import make_cert
-from tests.appliance.cmp.upstream_support import Upstream, device_csr
+from tests.appliance.cmp.upstream_support import SPKI, Local, Upstream, device_csr
 
-SPKI = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
 DER = serialization.Encoding.DER
 SECRET = b"ra mode label secret"
 ALICE = User("alice", Role.ADMINISTRATOR)
@@ -71,16 +70,18 @@ class Ra:
 
 @pytest.fixture
 async def ra(production_journal_template: Path, hsm_token: Token, tmp_path: Path) -> AsyncIterator[Ra]:
-    shutil.copy(production_journal_template, tmp_path / "journal.sqlite")
-    with Journal(tmp_path / "journal.sqlite") as journal:
+    home = tmp_path / "ra-mode"  # apart from the `local` and `upstream` fixtures' files in tmp_path
+    home.mkdir()
+    shutil.copy(production_journal_template, home / "journal.sqlite")
+    with Journal(home / "journal.sqlite") as journal:
         audit = AuditLog(journal)
         store.set_product_mode(journal, audit, ALICE, "sensor", "upstream")
         issuing = ca_mod.load_ca(journal, "issuing")
-        protector = ensure_ra(hsm_token, ca_mod.load_ca(journal, "management"), tmp_path / "ra.pem")
+        protector = ensure_ra(hsm_token, ca_mod.load_ca(journal, "management"), home / "ra.pem")
         service = IssueService(journal, issuing, hsm_token.get_key(issuing.key_label), dict(builtin_profiles()),
                                policy=WorkOrderPolicy("issuing"), audit=audit, upstream_retry_s=1.0)  # fmt: skip
         async with service:
-            yield Ra(journal, service, protector, audit, tmp_path)
+            yield Ra(journal, service, protector, audit, home)
 
 
 def audit_events(journal: Journal) -> list[str]:
@@ -332,3 +333,47 @@ async def test_rework_and_scrap_of_an_ra_mode_device_are_refused_with_the_reason
         with pytest.raises(ProductionError, match=r"RA mode.*upstream CA"):
             change(ra.journal, ra.audit, supervisor, "SN-0009", reason="test", ca="issuing")
     assert [r[1] for r in ra.requests()] == ["pending"]
+
+
+async def test_three_tiers_a_downstream_batch_waits_and_polls_through_an_ra_mode_appliance(
+    ra: Ra, upstream: Upstream, local: Local
+) -> None:
+    """A (local issuance) forwards batched to B (this fixture, RA mode), which forwards batched to C (the
+    upstream fixture). B answers A's nested requests "waiting"; A polls in nested pollReqs until B's own
+    forwarder has C's certificates; then A confirms through B. Each device is issued once at C."""
+    management = ca_mod.load_ca(ra.journal, "management").certificate
+    assert management is not None
+    label = CmpLabel("ra", "fixture-1", trusted_cas=(management,), allow_nested=True, accept_ra_verified=True)
+    responder = CmpResponder(
+        ra.service, ra.journal, ra.audit, {"ra": label}, management_ca=management, ra=ra.ra
+    )
+    serials = [f"SN-00{i:02d}" for i in range(20, 26)]
+    keys = {}
+    for s in serials:
+        key, csr = device_csr(s)
+        await local.service.issue(IssueRequest(s, csr, "fixture-1"))
+        keys[s] = key.public_key().public_bytes(*SPKI)
+    async with (
+        VaServer(make_cmp_app(responder), "127.0.0.1", 0) as b_http,
+        forwarder(ra, upstream, poll_s=0.1),
+    ):
+        a_settings = UpstreamSection(url=f"http://127.0.0.1:{b_http.address[1]}/.well-known/cmp/p/ra",
+                                     mode="batched", batch_max=10, batch_wait_s=0, backoff_base_s=0.2,
+                                     backoff_cap_s=1, request_timeout_s=10)  # fmt: skip
+        a = Forwarder(local.journal, a_settings, local.ra, server_certs=(ra.ra.certificate,))
+        try:
+            assert await a.drain(timeout_s=60)
+        finally:
+            await a.close()
+    rows = local.journal.call(lambda: local.journal.conn.execute(
+        "SELECT o.state, o.upstream_cert_der, i.device_serial FROM outbox o JOIN issuance i ON i.id = o.issuance_id"
+    ).fetchall())  # fmt: skip
+    assert len(rows) == 6 and {r[0] for r in rows} == {"done"}
+    up_issuing = ca_mod.load_ca(upstream.journal, "issuing").certificate
+    for _, der, device in rows:
+        cert = x509.load_der_x509_certificate(bytes(der))
+        assert cert.public_key().public_bytes(*SPKI) == keys[device]
+        cert.verify_directly_issued_by(up_issuing)  # C's certificate, relayed by B
+    assert sorted(s for _, s in upstream.issued()) == serials  # once each at C
+    assert {r[1] for r in ra.requests()} == {"confirmed"}  # A's certConfs reached B's RA-mode requests
+    assert responder.stats["errors"] == 0
