@@ -150,13 +150,13 @@ class IssueService:
         self._crash_at = os.environ.get(CRASH_ENV, "")
         self.stats = {"issued": 0, "reused": 0, "refused": 0, "failed": 0, "batches": 0, "pending": 0}
         self.admission = admission
-        self._refusals = RefusalLimiter(refusal_burst, refusal_window_s)
-        self._stopping = asyncio.Event()
+        """Consulted before every batch: a text refuses the whole batch (BUSY), e.g. the upstream queue over its
+        hard limit (appliance.cmp.forwarder.Forwarder.admission). It must be cheap: it runs on the hot path."""
         self.upstream_retry_s = upstream_retry_s
         """RA mode is available (an upstream is configured): how long a station waits before asking again.
         None: requests for products in upstream mode are refused (UNKNOWN_PROFILE: no upstream CA)."""
-        """Consulted before every batch: a text refuses the whole batch (BUSY), e.g. the upstream queue over its
-        hard limit (appliance.cmp.forwarder.Forwarder.admission). It must be cheap: it runs on the hot path."""
+        self._refusals = RefusalLimiter(refusal_burst, refusal_window_s)
+        self._stopping = asyncio.Event()
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     async def __aenter__(self) -> IssueService:
