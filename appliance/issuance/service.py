@@ -638,7 +638,7 @@ class IssueService:
         elif state != "failed":
             raise IssuanceRefused(
                 f"device {req.device_serial!r} already has a request at the upstream CA (RA mode) for a"
-                " different key; a new key needs an authorised rework",
+                f" different key ({state}); another key is accepted only if the upstream refuses that one",
                 ReasonCode.DEVICE_ALREADY_ISSUED,
                 {"ra_request": ra_id},
             )
