@@ -84,6 +84,16 @@ _COLUMNS = ("id, kind, issuance_id, cert_serial, transaction_id, csr_der, public
             " state, attempts, last_response_der, created_at, ra_request_id")  # fmt: skip
 
 
+# Open rows that are due, oldest first; an rr waits for its device's p10cr/cr row. Served by the partial index
+# outbox_open_by_id, so the done rows (kept for ever) are never scanned.
+DUE_SQL = (
+    f"SELECT {_COLUMNS} FROM outbox o WHERE o.state IN ('queued', 'sent', 'waiting')"
+    " AND o.next_attempt_at <= ? AND (o.kind != 'rr' OR NOT EXISTS (SELECT 1 FROM outbox p"
+    " WHERE p.cert_serial = o.cert_serial AND p.kind != 'rr'"
+    " AND p.state IN ('queued', 'sent', 'waiting'))) ORDER BY o.id LIMIT ?"
+)
+
+
 class UpstreamError(Exception):
     """The upstream could not be reached or answered at the HTTP level with something other than 200."""
 
@@ -306,13 +316,7 @@ class Forwarder(PollingTask):
         now = self.clock()
 
         def q() -> list[_Row]:
-            rows = self.journal.conn.execute(
-                f"SELECT {_COLUMNS} FROM outbox o WHERE o.state IN ('queued', 'sent', 'waiting')"
-                " AND o.next_attempt_at <= ? AND (o.kind != 'rr' OR NOT EXISTS (SELECT 1 FROM outbox p"
-                " WHERE p.cert_serial = o.cert_serial AND p.kind != 'rr'"
-                " AND p.state IN ('queued', 'sent', 'waiting'))) ORDER BY o.id LIMIT ?",
-                (now, limit),
-            ).fetchall()
+            rows = self.journal.conn.execute(DUE_SQL, (now, limit)).fetchall()
             return [_Row.from_row(r) for r in rows]
 
         return await self.journal.acall(q)

@@ -369,6 +369,8 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 CREATE INDEX IF NOT EXISTS outbox_by_ra ON outbox (ra_request_id) WHERE ra_request_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS outbox_open ON outbox (next_attempt_at) WHERE state IN ('queued', 'sent', 'waiting');
+-- The forwarder takes open rows oldest first; done rows accumulate for ever and must not be scanned each pass.
+CREATE INDEX IF NOT EXISTS outbox_open_by_id ON outbox (id) WHERE state IN ('queued', 'sent', 'waiting');
 CREATE INDEX IF NOT EXISTS outbox_by_issuance ON outbox (issuance_id);
 CREATE INDEX IF NOT EXISTS outbox_by_serial ON outbox (cert_serial, kind);
 CREATE UNIQUE INDEX IF NOT EXISTS outbox_one_rr ON outbox (cert_serial) WHERE kind = 'rr';

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from appliance.cmp.forwarder import Forwarder, HttpTransport
+from appliance.cmp.forwarder import DUE_SQL, Forwarder, HttpTransport
 from appliance.cmp.protection import SignatureProtector
 from appliance.errors import IssuanceRefused, ReasonCode
 from appliance.issuance.journal import Journal
@@ -367,3 +367,15 @@ async def test_a_duplicate_answer_in_a_nested_reply_changes_nothing(local: Local
     assert {r[1] for r in rows} == {"done"}
     certs = {bytes(r[4]) for r in rows}  # type: ignore[arg-type]
     assert len(certs) == 2 and len(upstream.issued()) == 2
+
+
+def test_the_due_query_never_scans_the_done_rows(tmp_path: Path) -> None:
+    """The outbox keeps every done row; the forwarder's query for due rows (every poll_s) must use the partial
+    index of open rows, not walk the table."""
+    with Journal(tmp_path / "journal.sqlite") as journal:
+        plan = journal.call(
+            lambda: journal.conn.execute("EXPLAIN QUERY PLAN " + DUE_SQL, (time.time(), 10)).fetchall()
+        )
+    details = [str(row[3]) for row in plan]
+    assert any("outbox_open_by_id" in d for d in details), details
+    assert not any(d == "SCAN o" for d in details), details

@@ -16,6 +16,7 @@ import socket
 import sqlite3
 import subprocess
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,27 @@ async def _listening(port: int, proc: asyncio.subprocess.Process, log: Path) -> 
     raise AssertionError("birthline run never listened:\n" + log.read_text())
 
 
+@contextlib.asynccontextmanager
+async def _daemon(config: Path, log: Path, *ports: int) -> AsyncIterator[asyncio.subprocess.Process]:
+    """`birthline run --config` until its listeners answer; stopped with SIGTERM after, and it must exit 0."""
+    with open(log, "wb") as log_file:
+        daemon = await asyncio.create_subprocess_exec(*birthline("run", "--config", str(config)), env=child_env(),
+                                                      stdout=log_file, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        for port in ports:
+            await _listening(port, daemon, log)
+        yield daemon
+    finally:
+        if daemon.returncode is None:
+            daemon.send_signal(signal.SIGTERM)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(daemon.wait(), 30)
+        if daemon.returncode is None:
+            daemon.kill()
+            await daemon.wait()
+    assert daemon.returncode == 0, log.read_text()
+
+
 def _outbox(journal: Path) -> list[dict[str, Any]]:
     """The daemon's outbox, read-only (the daemon owns the journal)."""
     conn = sqlite3.connect(f"file:{journal}?mode=ro", uri=True, timeout=10)
@@ -123,13 +145,7 @@ async def test_the_daemon_forwards_what_it_issues_and_upstream_status_reports_it
     )  # fmt: skip
 
     log = tmp_path / "daemon.log"
-    with open(log, "wb") as log_file:
-        daemon = await asyncio.create_subprocess_exec(*birthline("run", "--config", str(config)), env=child_env(),
-                                                      stdout=log_file, stderr=subprocess.STDOUT)  # fmt: skip
-    try:
-        await _listening(lan, daemon, log)
-        await _listening(cmp_port, daemon, log)
-
+    async with _daemon(config, log, lan, cmp_port):
         # three devices through a LAN station (p10cr records)
         keys: dict[str, bytes] = {}
         local_certs: dict[str, bytes] = {}
@@ -210,15 +226,6 @@ async def test_the_daemon_forwards_what_it_issues_and_upstream_status_reports_it
         # one forwarder per journal: `upstream sync` refuses while the daemon forwards
         rc, stdout, stderr = await _cli("upstream", "sync", "--once", "--config", str(config))
         assert rc == 2 and "another forwarder holds" in stderr, (rc, stdout, stderr)
-    finally:
-        if daemon.returncode is None:
-            daemon.send_signal(signal.SIGTERM)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(daemon.wait(), 30)
-        if daemon.returncode is None:
-            daemon.kill()
-            await daemon.wait()
-    assert daemon.returncode == 0, log.read_text()
     assert "forwarding to the upstream CA at " + upstream.url in log.read_text()
 
 
@@ -254,11 +261,7 @@ async def test_ra_mode_through_the_daemon_a_station_waits_out_pending_and_gets_t
                   "pending_retry_s": 0.3, "backoff_base_s": 0.2, "backoff_cap_s": 2},
     )  # fmt: skip
     log = tmp_path / "daemon.log"
-    with open(log, "wb") as log_file:
-        daemon = await asyncio.create_subprocess_exec(*birthline("run", "--config", str(config)), env=child_env(),
-                                                      stdout=log_file, stderr=subprocess.STDOUT)  # fmt: skip
-    try:
-        await _listening(lan, daemon, log)
+    async with _daemon(config, log, lan):
         bundle = tmp_path / "st1"
         client = await StationClient.connect_tcp(
             "127.0.0.1", lan, station_id="st1", key=read_station_key(bundle / "station.key"),
@@ -283,12 +286,3 @@ async def test_ra_mode_through_the_daemon_a_station_waits_out_pending_and_gets_t
         finally:
             conn.close()
         assert rows == [("confirmed", "SN-0042")] and local == 0  # nothing was signed locally
-    finally:
-        if daemon.returncode is None:
-            daemon.send_signal(signal.SIGTERM)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(daemon.wait(), 30)
-        if daemon.returncode is None:
-            daemon.kill()
-            await daemon.wait()
-    assert daemon.returncode == 0, log.read_text()
