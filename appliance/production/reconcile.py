@@ -1,5 +1,6 @@
 """Reconciliation: what a work order planned against what the journal shows, and the certificate export
-manufacturers hand to their customers. Every number is counted from the issuance rows, not from counters."""
+manufacturers hand to their customers. Every number is counted from the rows a unit is bound to (`issuance`,
+or `ra_request` for a product in RA mode), not from counters."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from appliance.production.model import ProductionError, iso
 
 EXPORT_COLUMNS = (
     "certificate_serial", "device_serial", "sha256_fingerprint", "station", "issued_at", "confirmed_at", "state",
+    "issued_by",
 )  # fmt: skip
 
 
@@ -31,6 +33,7 @@ class WorkOrderReport:
     confirmed: int  # current certificates the station confirmed it stored
     pending_confirmation: int  # current certificates issued but not yet confirmed
     in_progress: int  # intents: reserved, not yet signed or stored
+    upstream_pending: int  # RA mode: authorised and counted, the upstream CA has not issued yet
     scrapped: int  # devices scrapped (their certificates are to be revoked)
     reworked: int  # certificates superseded by a rework (to be revoked)
     remaining: int  # planned - quota used
@@ -58,6 +61,14 @@ def report(journal: Journal, wo_id: str) -> WorkOrderReport:
                 (wo_id,),
             )
         }
+        # RA mode: the upstream's certificates count like local ones; 'pending' is its own column.
+        for k, s, c in conn.execute(
+            "SELECT u.kind, a.state, COUNT(*) FROM work_order_unit u JOIN ra_request a ON a.id = u.ra_request_id"
+            " WHERE u.work_order = ? AND u.released = 0 GROUP BY u.kind, a.state",
+            (wo_id,),
+        ):
+            key = (str(k), "ra-pending" if s == "pending" else str(s))
+            counts[key] = counts.get(key, 0) + int(c)
 
         def n(state_: str, kind: str | None = None) -> int:
             return sum(v for (k, s), v in counts.items() if s == state_ and (kind is None or k == kind))
@@ -65,10 +76,11 @@ def report(journal: Journal, wo_id: str) -> WorkOrderReport:
         new_units = sum(v for (k, _), v in counts.items() if k == "new")
         return WorkOrderReport(
             wo_id, str(product), str(state), int(quantity),
-            issued=new_units - n("intent", "new"),
+            issued=new_units - n("intent", "new") - n("ra-pending", "new"),
             confirmed=n("confirmed"),
             pending_confirmation=n("issued"),
             in_progress=n("intent"),
+            upstream_pending=n("ra-pending"),
             scrapped=n("scrapped"),
             reworked=n("reworked"),
             remaining=int(quantity) - int(consumed),
@@ -89,6 +101,7 @@ class ExportedCertificate:
     confirmed_at: float | None
     state: str
     cert_der: bytes
+    issued_by: str = "local"  # local: this appliance's issuing CA; upstream: the upstream CA (RA mode)
 
 
 def certificates(journal: Journal, wo_id: str) -> list[ExportedCertificate]:
@@ -99,14 +112,17 @@ def certificates(journal: Journal, wo_id: str) -> list[ExportedCertificate]:
         if conn.execute("SELECT 1 FROM work_order WHERE id=?", (wo_id,)).fetchone() is None:
             raise ProductionError(f"no work order {wo_id!r}")
         rows = conn.execute(
-            "SELECT i.cert_serial, i.device_serial, i.station, i.issued_at, i.confirmed_at, i.state, i.cert_der"
-            " FROM work_order_unit u JOIN issuance i ON i.id = u.issuance_id"
-            " WHERE u.work_order = ? AND u.released = 0 AND i.cert_der IS NOT NULL ORDER BY i.id",
+            "SELECT i.cert_serial, i.device_serial, i.station, i.issued_at, i.confirmed_at, i.state, i.cert_der,"
+            " 'local', u.id FROM work_order_unit u JOIN issuance i ON i.id = u.issuance_id"
+            " WHERE u.work_order = ?1 AND u.released = 0 AND i.cert_der IS NOT NULL"
+            " UNION ALL SELECT a.cert_serial, a.device_serial, a.station, a.issued_at, a.confirmed_at, a.state,"
+            " a.cert_der, 'upstream', u.id FROM work_order_unit u JOIN ra_request a ON a.id = u.ra_request_id"
+            " WHERE u.work_order = ?1 AND u.released = 0 AND a.cert_der IS NOT NULL ORDER BY 9",
             (wo_id,),
         ).fetchall()
         return [
-            ExportedCertificate(s, d, hashlib.sha256(der).hexdigest(), st, ia, ca, state, bytes(der))
-            for s, d, st, ia, ca, state, der in rows
+            ExportedCertificate(s, d, hashlib.sha256(der).hexdigest(), st, ia, ca, state, bytes(der), by)
+            for s, d, st, ia, ca, state, der, by, _ in rows
         ]
 
     return journal.call(q)
@@ -118,7 +134,7 @@ def export_csv(certs: list[ExportedCertificate]) -> str:
     w.writerow(EXPORT_COLUMNS)
     for c in certs:
         w.writerow([c.cert_serial, c.device_serial, c.sha256, c.station, iso(c.issued_at) or "",
-                    iso(c.confirmed_at) or "", c.state])  # fmt: skip
+                    iso(c.confirmed_at) or "", c.state, c.issued_by])  # fmt: skip
     return out.getvalue()
 
 
@@ -145,10 +161,12 @@ def check_quota(conn: sqlite3.Connection) -> list[str]:
     ):
         if consumed != live:
             problems.append(f"work order {wo}: consumed {consumed} but {live} live unit(s)")
+    # A unit is live while its issuance (or RA-mode request) is; released exactly when that was burned (failed).
     for uid, state in conn.execute(
-        "SELECT u.id, i.state FROM work_order_unit u LEFT JOIN issuance i ON i.id = u.issuance_id"
-        " WHERE (u.released = 0 AND (i.id IS NULL OR i.state = 'burned'))"
-        " OR (u.released = 1 AND i.state IS NOT 'burned')"
+        "SELECT u.id, COALESCE(i.state, a.state) FROM work_order_unit u"
+        " LEFT JOIN issuance i ON i.id = u.issuance_id LEFT JOIN ra_request a ON a.id = u.ra_request_id"
+        " WHERE (u.released = 0 AND (COALESCE(i.state, a.state) IS NULL OR i.state = 'burned' OR a.state = 'failed'))"
+        " OR (u.released = 1 AND NOT (i.state IS 'burned' OR a.state IS 'failed'))"
     ):
         problems.append(f"unit {uid}: released flag disagrees with issuance state {state}")
     return problems

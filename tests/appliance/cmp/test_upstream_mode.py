@@ -5,8 +5,10 @@ the upstream's certificate. Real SoftHSM token, journals, work-order policy and 
 from __future__ import annotations
 
 import asyncio
+import csv
 import dataclasses
 import hashlib
+import io
 import shutil
 import sqlite3
 from collections.abc import AsyncIterator
@@ -33,7 +35,7 @@ from appliance.errors import IssuancePending, IssuanceRefused, ReasonCode
 from appliance.issuance.journal import Journal
 from appliance.issuance.policy import IssueRequest
 from appliance.issuance.service import IssueService
-from appliance.production import store
+from appliance.production import reconcile, store
 from appliance.production.model import ProductionError
 from appliance.production.policy import WorkOrderPolicy
 from appliance.production.users import Role, User
@@ -377,3 +379,30 @@ async def test_three_tiers_a_downstream_batch_waits_and_polls_through_an_ra_mode
     assert sorted(s for _, s in upstream.issued()) == serials  # once each at C
     assert {r[1] for r in ra.requests()} == {"confirmed"}  # A's certConfs reached B's RA-mode requests
     assert responder.stats["errors"] == 0
+
+
+async def test_reconciliation_counts_ra_mode_units(ra: Ra, upstream: Upstream) -> None:
+    """Report, quota check and export see RA-mode devices: pending ones as pending, issued ones as certified
+    (issued_by upstream), an upstream refusal as a unit given back."""
+
+    def allow_xx(conn: sqlite3.Connection) -> None:
+        conn.execute("UPDATE work_order SET pattern='(SN|XX)-[A-Z0-9-]+' WHERE id='WO-1'")
+
+    ra.journal.call(ra.journal.transaction, allow_xx, "test: widen the local allowlist")
+    for serial in ("SN-0030", "SN-0031", "XX-0032"):  # XX- is refused by the upstream's own work order
+        with pytest.raises(IssuancePending):
+            await ra.service.issue(IssueRequest(serial, device_csr(serial)[1], "fixture-1"))
+    rep = reconcile.report(ra.journal, "WO-1")
+    assert (rep.upstream_pending, rep.issued, rep.quota_used, rep.consistent) == (3, 0, 3, True)
+    assert reconcile.quota_problems(ra.journal) == []
+    await drain(ra, upstream)
+    rep = reconcile.report(ra.journal, "WO-1")
+    assert (rep.upstream_pending, rep.issued, rep.pending_confirmation, rep.quota_used) == (0, 2, 2, 2)
+    assert rep.consistent and reconcile.quota_problems(ra.journal) == []
+    certs = reconcile.certificates(ra.journal, "WO-1")
+    table = list(csv.DictReader(io.StringIO(reconcile.export_csv(certs))))
+    assert [(t["device_serial"], t["issued_by"], t["state"]) for t in table] == [
+        ("SN-0030", "upstream", "issued"), ("SN-0031", "upstream", "issued")]  # fmt: skip
+    up_issuing = ca_mod.load_ca(upstream.journal, "issuing").certificate
+    for c in x509.load_pem_x509_certificates(reconcile.export_pem(certs)):
+        assert c.issuer == up_issuing.subject
