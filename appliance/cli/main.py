@@ -26,7 +26,7 @@ from appliance.cli import stations as stations_cli
 from appliance.cli import upstream as upstream_cli
 from appliance.cli.session import actor, add_login_arguments, authorised
 from appliance.config import DEFAULT_CONFIG_PATH, Config, load_config
-from appliance.errors import BirthlineError
+from appliance.errors import BirthlineError, IssuancePending
 from appliance.issuance.policy import IssueRequest
 from appliance.production.users import Permission
 from appliance.runtime import open_core, running_issuer
@@ -182,15 +182,21 @@ def cmd_issue(args: argparse.Namespace) -> int:
     async def run() -> int:
         with open_core(_config(args)) as core:
             async with running_issuer(core, prepare_workers=0) as service:
-                result = await service.issue(
-                    IssueRequest(
-                        args.serial,
-                        csr,
-                        station=args.station,
-                        request_id=args.request_id or "",
-                        profile=args.profile,
+                try:
+                    result = await service.issue(
+                        IssueRequest(
+                            args.serial,
+                            csr,
+                            station=args.station,
+                            request_id=args.request_id or "",
+                            profile=args.profile,
+                        )
                     )
-                )
+                except IssuancePending as exc:
+                    # RA mode: recorded and counted; the same command prints the certificate once it is there.
+                    print(f"pending: {exc.message} (RA request {exc.request}); run the same command again"
+                          " once the upstream CA has issued it", file=sys.stderr)  # fmt: skip
+                    return 3
         pem = result.certificate_pem + b"".join(
             x509.load_der_x509_certificate(c).public_bytes(serialization.Encoding.PEM) for c in result.chain
         )

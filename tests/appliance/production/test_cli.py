@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import json
 import shutil
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from appliance.cli.main import main
 from hsm.softhsm import SoftHsmToken
+from tests.appliance.conftest import make_csr
 
 
 @pytest.fixture
@@ -131,3 +136,35 @@ def test_production_cli(
     assert "exported 0 certificate(s)" in capsys.readouterr().out
     assert run("user", "list", "--json") == 0
     assert [u["name"] for u in json.loads(capsys.readouterr().out)] == ["alice", "olga", "sam"]
+
+    # RA mode from the CLI: without an upstream the request is refused; with one it is recorded and pending (exit
+    # 3), and asking again is the same request, not a second unit.
+    (tmp_path / "dev.csr").write_bytes(make_csr("SN-0050")[1])
+    issue = ["issue", "--station", "st1", "--serial", "SN-0050", "--csr", str(tmp_path / "dev.csr")]
+    assert run("product", "mode", "sensor", "upstream", *admin, stdin="admin pass 1\n") == 0
+    capsys.readouterr()
+    assert run(*issue) == 2
+    assert "no upstream CA configured" in capsys.readouterr().err
+    (tmp_path / "up.pem").write_bytes(_any_cert_pem())
+    with config_file.open("a") as f:
+        f.write(f'[upstream]\nurl = "http://127.0.0.1:9/cmp"\nserver_cert = "{tmp_path / "up.pem"}"\n')
+    assert run(*issue) == 3
+    first = capsys.readouterr().err
+    assert first.startswith("pending: ") and "RA request 1" in first
+    assert run(*issue) == 3
+    assert "RA request 1" in capsys.readouterr().err
+    assert run("report", "workorder", "WO-1", "--json") == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert (rep["upstream_pending"], rep["quota_used"], rep["consistent"]) == (1, 1, True)
+
+
+def _any_cert_pem() -> bytes:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "Upstream")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(1).not_valid_before(now).not_valid_after(now + dt.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    return cert.public_bytes(serialization.Encoding.PEM)
