@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from appliance.cmp.forwarder import DUE_SQL, Forwarder, HttpTransport
+from appliance.cmp.forwarder import DUE_SQL, Forwarder, HttpTransport, queue_status
 from appliance.cmp.protection import SignatureProtector
 from appliance.errors import IssuanceRefused, ReasonCode
 from appliance.issuance.journal import Journal
@@ -213,6 +213,23 @@ async def test_single_mode_and_hard_limit_stops_issuance(local: Local, upstream:
     finally:
         await fwd.close()
     assert len(upstream.issued()) == 2
+
+
+async def test_queue_age_limits_alarm_then_stop_issuance(local: Local, upstream: Upstream) -> None:
+    """The upstream has been away for days (a clock moved forward): past max_queue_age_s an alarm, past
+    hard_max_queue_age_s local issuance stops; nothing changes for a queue that is young."""
+    await issue(local, ["SN-0001"])
+    limits = {"max_queue_age_s": 3600.0, "hard_max_queue_age_s": 86400.0}
+    for days, alarm, stopped in ((0, False, False), (0.5, True, False), (2, True, True)):
+        later = time.time() + days * 86400
+        fwd = Forwarder(local.journal, settings(upstream.url, **limits), local.ra,
+                        server_certs=(upstream.ra.certificate,), clock=lambda later=later: later)  # fmt: skip
+        await fwd.refresh_load()
+        assert (fwd.admission() is not None) is stopped, (days, fwd.admission())
+        status = queue_status(local.journal, settings(upstream.url, **limits), now=later)
+        assert (status["alarm"], status["issuance_stopped"]) == (alarm, stopped), (days, status)
+        await fwd.close()
+    assert "oldest" in (fwd.admission() or "")
 
 
 OPENSSL_CHILD = """
