@@ -141,10 +141,42 @@ def generate_crl(
     clock: Callable[[], float] = time.time,
 ) -> CrlInfo:
     """Sign a new full CRL for `ca_name` in the HSM, store it (number + 1) and audit it. Blocking: from async
-    code run it in a thread. A CRL whose store fails was never published, so its number may be used again."""
+    code run it in a thread. A CRL whose store fails was never published, so its number may be used again.
+
+    Another publisher (the daemon's, while the CLI revokes) may store a CRL between our read and our store. If
+    that CRL already lists every revocation we read, it is the answer; otherwise we sign again on top of it."""
     ca = load_ca(journal, ca_name)
     if ca.role != "issuing" or ca.state != "active":
         raise BirthlineError(f"CA {ca_name!r} is not an active issuing CA: no CRL")
+    for _ in range(_PUBLISH_ATTEMPTS - 1):
+        try:
+            return _publish(journal, token, audit, ca, validity_s, actor, clock)
+        except _Superseded as exc:
+            current = load_crl(journal, ca_name)
+            if current is not None and current.revocation_seq >= exc.seq:
+                return current
+    return _publish(journal, token, audit, ca, validity_s, actor, clock)
+
+
+_PUBLISH_ATTEMPTS = 3
+
+
+class _Superseded(BirthlineError):
+    def __init__(self, ca_name: str, seq: int) -> None:
+        super().__init__(f"another CRL for {ca_name!r} was published meanwhile; try again")
+        self.seq = seq
+
+
+def _publish(
+    journal: Journal,
+    token: Token,
+    audit: AuditSink,
+    ca: CaRecord,
+    validity_s: float,
+    actor: str,
+    clock: Callable[[], float],
+) -> CrlInfo:
+    ca_name = ca.name
 
     def read(conn: sqlite3.Connection) -> tuple[int, int, list[Revocation]]:
         row = conn.execute("SELECT crl_number FROM crl WHERE ca=?", (ca_name,)).fetchone()
@@ -167,7 +199,7 @@ def generate_crl(
     def store(conn: sqlite3.Connection) -> None:
         row = conn.execute("SELECT crl_number FROM crl WHERE ca=?", (ca_name,)).fetchone()
         if (0 if row is None else int(row[0])) != previous:
-            raise BirthlineError(f"another CRL for {ca_name!r} was published meanwhile; try again")
+            raise _Superseded(ca_name, seq)
         conn.execute(
             f"INSERT OR REPLACE INTO crl ({_CRL_COLS}) VALUES (?,?,?,?,?,?,?)",
             (ca_name, number, info.this_update, info.next_update, len(entries), seq, der),

@@ -7,6 +7,7 @@ import time
 
 import pytest
 from cryptography import x509
+from pytest_mock import MockerFixture
 
 from appliance.va import crl as crl_mod
 from appliance.va import revocation as rv
@@ -48,6 +49,45 @@ def test_crl_is_signed_by_the_issuing_ca_with_number_aki_validity_reasons(va: Va
     stored = load_crl(va.journal, "issuing")
     assert stored is not None and stored.number == 2 and stored.revoked_count == 2
     assert len(audit_events(va.journal, "crl.generated")) == 2
+
+
+def test_a_crl_published_meanwhile_by_another_publisher_is_not_an_error(
+    va: Va, mocker: MockerFixture
+) -> None:
+    """The CLI revokes while the daemon's publisher runs: the daemon stores a CRL between the CLI's read and its
+    store. If that CRL already lists the CLI's revocation, the CLI answers with it; if it does not (it was read
+    before the revocation), the CLI signs again on top of it. Neither is an error (it was, in a flaky test)."""
+    rv.revoke(va.journal, va.audit, va.supervisor, device_serial="SN-0001", reason="unspecified")
+    real = crl_mod.build_crl
+    calls = {"n": 0}
+
+    def racing(*args: object, **kw: object) -> bytes:
+        calls["n"] += 1
+        if calls["n"] == 1:  # the other publisher wins the race with everything we read
+            generate_crl(va.journal, va.token, va.audit, "issuing")
+        return real(*args, **kw)  # type: ignore[arg-type]
+
+    mocker.patch.object(crl_mod, "build_crl", side_effect=racing)
+    got = generate_crl(va.journal, va.token, va.audit, "issuing")
+    stored = load_crl(va.journal, "issuing")
+    assert stored is not None and got == stored and got.number == 1 and got.revoked_count == 1
+
+    # The other publisher's CRL was read before our revocation (stored after our read, listing less than we
+    # read): ours is signed again on top of it, with the next number.
+    rv.revoke(va.journal, va.audit, va.supervisor, device_serial="SN-0002", reason="unspecified")
+    calls["n"] = 0
+
+    def stale(*args: object, **kw: object) -> bytes:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            va.journal.call(va.journal.transaction, lambda conn: conn.execute(
+                "UPDATE crl SET crl_number = crl_number + 1, revocation_seq = 0 WHERE ca='issuing'"), "a stale CRL")  # fmt: skip
+        return real(*args, **kw)  # type: ignore[arg-type]
+
+    mocker.patch.object(crl_mod, "build_crl", side_effect=stale)
+    got = generate_crl(va.journal, va.token, va.audit, "issuing")
+    assert calls["n"] == 2 and got.number == 3 and got.revoked_count == 2
+    assert got == load_crl(va.journal, "issuing")
 
 
 def test_no_crl_for_a_root_or_unknown_ca(va: Va) -> None:
