@@ -160,9 +160,8 @@ class _Outcome:
     response: PKIMessage | None = None
     check_after: float = 0.0
     cert_req_id: int = 0
-    chain: tuple[
-        x509.Certificate, ...
-    ] = ()  # the certificate's issuers as the reply showed them, nearest first
+    # RA mode: the certificate's issuers, nearest first, up to a CA of [upstream] ca_certs
+    chain: tuple[x509.Certificate, ...] = ()
 
 
 @dataclass
