@@ -68,6 +68,22 @@ class _Issued:
     ra_request: int | None = None  # RA mode: the upstream CA's certificate, in ra_request
 
 
+# Where a station's request id may have been answered, in order: its own issuance; a retry under a new request
+# id that the core answered from an earlier row; and the same two for RA mode (ra_request; station_request
+# holds 'ra:<id>' for those).
+_FIND_REQUEST = (
+    "SELECT cert_serial, device_serial, csr_sha256, cert_der, state FROM issuance"
+    " WHERE station=? AND request_id=? AND state!='burned' ORDER BY id DESC LIMIT 1",
+    "SELECT i.cert_serial, i.device_serial, NULL, i.cert_der, i.state FROM station_request r"
+    " JOIN issuance i ON i.cert_serial = r.cert_serial WHERE r.station=? AND r.request_id=?",
+    "SELECT cert_serial, device_serial, csr_sha256, cert_der, state, id FROM ra_request"
+    " WHERE station=? AND request_id=? ORDER BY id DESC LIMIT 1",
+    "SELECT a.cert_serial, a.device_serial, NULL, a.cert_der, a.state, a.id FROM station_request r"
+    " JOIN ra_request a ON a.id = CAST(substr(r.cert_serial, 4) AS INTEGER)"
+    " WHERE r.station=? AND r.request_id=? AND r.cert_serial LIKE 'ra:%'",
+)
+
+
 class CoreEnroller:
     """stations.server.Enroller over the IssueService and the journal."""
 
@@ -80,34 +96,11 @@ class CoreEnroller:
 
     async def _find(self, station: str, request_id: str) -> _Issued | None:
         def q() -> _Issued | None:
-            conn = self.journal.conn
-            row = conn.execute(
-                "SELECT cert_serial, device_serial, csr_sha256, cert_der, state FROM issuance"
-                " WHERE station=? AND request_id=? AND state!='burned' ORDER BY id DESC LIMIT 1",
-                (station, request_id),
-            ).fetchone()
-            if row is None:
-                # A retry under a new request id that the core answered from an earlier row.
-                row = conn.execute(
-                    "SELECT i.cert_serial, i.device_serial, NULL, i.cert_der, i.state FROM station_request r"
-                    " JOIN issuance i ON i.cert_serial = r.cert_serial WHERE r.station=? AND r.request_id=?",
-                    (station, request_id),
-                ).fetchone()
-            if row is None:
-                row = conn.execute(
-                    "SELECT cert_serial, device_serial, csr_sha256, cert_der, state, id FROM ra_request"
-                    " WHERE station=? AND request_id=? ORDER BY id DESC LIMIT 1",
-                    (station, request_id),
-                ).fetchone()
-            if row is None:
-                # RA mode: a retry under a new request id answered from the device's earlier request.
-                row = conn.execute(
-                    "SELECT a.cert_serial, a.device_serial, NULL, a.cert_der, a.state, a.id FROM station_request r"
-                    " JOIN ra_request a ON a.id = CAST(substr(r.cert_serial, 4) AS INTEGER)"
-                    " WHERE r.station=? AND r.request_id=? AND r.cert_serial LIKE 'ra:%'",
-                    (station, request_id),
-                ).fetchone()
-            return None if row is None else _Issued(*row)
+            for sql in _FIND_REQUEST:
+                row = self.journal.conn.execute(sql, (station, request_id)).fetchone()
+                if row is not None:
+                    return _Issued(*row)
+            return None
 
         return await self.journal.acall(q)
 

@@ -445,24 +445,29 @@ class StationClient:
             if attempt:
                 self.stats.resends += 1
             await self._send(channel, self._session.send(message))
-            deadline = time.monotonic() + self.request_timeout
-            while True:
-                item = await self._recv(channel, deadline - time.monotonic())
-                if item is None:
-                    break
-                step = self._session.receive(item)
-                for wire in step.send:
-                    await self._send(channel, wire)
-                for event in step.events:
-                    if isinstance(event, Closed):
-                        raise _SessionLost(event.text)
-                    if not isinstance(event, Received):
-                        self.stats.rejected += 1
-                        continue
-                    reply = event.message
-                    if _matches(reply, request_id, wanted):
-                        return reply
+            reply = await self._await_reply(channel, lambda m: _matches(m, request_id, wanted))
+            if reply is not None:
+                return reply
         raise _Unanswered()
+
+    async def _await_reply(self, channel: FrameChannel, match: Callable[[Message], bool]) -> Message | None:
+        """The first received message `match` accepts within ``request_timeout``, or None. Anything else is
+        stale (a late answer to an earlier try, a PONG of another token) and skipped."""
+        deadline = time.monotonic() + self.request_timeout
+        while True:
+            item = await self._recv(channel, deadline - time.monotonic())
+            if item is None:
+                return None
+            step = self._session.receive(item)
+            for wire in step.send:
+                await self._send(channel, wire)
+            for event in step.events:
+                if isinstance(event, Closed):
+                    raise _SessionLost(event.text)
+                if not isinstance(event, Received):
+                    self.stats.rejected += 1
+                elif match(event.message):
+                    return event.message
 
     # -- keepalive ---------------------------------------------------------------------------------------
 
@@ -510,23 +515,8 @@ class StationClient:
         """One PING and its PONG (same token) within ``request_timeout``; one try, no resend."""
         token = int.from_bytes(os.urandom(4), "big")
         await self._send(channel, self._session.send(Ping(token)))
-        deadline = time.monotonic() + self.request_timeout
-        while True:
-            item = await self._recv(channel, deadline - time.monotonic())
-            if item is None:
-                raise _Unanswered()
-            step = self._session.receive(item)
-            for wire in step.send:
-                await self._send(channel, wire)
-            for event in step.events:
-                if isinstance(event, Closed):
-                    raise _SessionLost(event.text)
-                if not isinstance(event, Received):
-                    self.stats.rejected += 1
-                elif isinstance(event.message, Pong) and event.message.token == token:
-                    return
-                # Anything else is stale (a late answer to an earlier try of a request, a PONG of another
-                # token): skip it; without the matching PONG the deadline ends in _Unanswered.
+        if await self._await_reply(channel, lambda m: isinstance(m, Pong) and m.token == token) is None:
+            raise _Unanswered()
 
 
 def _matches(reply: Message, request_id: bytes, wanted: tuple[type[Message], ...]) -> bool:
