@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from appliance.alarms import Alarms
 from appliance.audit.log import AuditLog
 from appliance.ca import CaRecord, load_ca
 from appliance.config import Config
@@ -36,6 +37,12 @@ class Core:
     @functools.cached_property
     def audit(self) -> AuditLog:
         return AuditLog(self.journal)
+
+    @functools.cached_property
+    def alarms(self) -> Alarms:
+        """The appliance's open alarms (appliance/alarms.py): one registry per process, shared by every
+        component composed from this core."""
+        return Alarms()
 
     def issuing_ca(self) -> CaRecord:
         return load_ca(self.journal, self.config.issuance.issuing_ca)
