@@ -112,30 +112,35 @@ def test_random_sigkill_loop_keeps_every_promise(
     rng = random.Random(int(os.environ.get("BIRTHLINE_KILL_SEED", "7")))
 
     async def fixture(i: int, serials: list[str]) -> None:
+        """Enrol `serials` until done; reconnect after every failure (the daemon is killed under us)."""
         bundle = tmp_path / f"k{i}"
         ctx = client_ssl_context(bundle / "tls-client.crt", bundle / "tls-client.key", bundle / "ca.crt")
-        try:
-            client = await StationClient.connect_tcp(
-                "127.0.0.1", port, station_id=f"k{i}", key=read_station_key(bundle / "station.key"),
-                ssl_context=ctx, server_hostname="localhost", request_timeout=1.0, give_up_after=1.5,
-            )  # fmt: skip
-        except (StationError, OSError):
-            return
-        try:
-            for serial in serials:
-                if serial in received:
-                    continue
-                chain = await client.enroll(serial, devices[serial])
-                if serial in received:  # a retry after a kill: must be the very same certificate
-                    assert chain[0] == received[serial]
-                received[serial] = chain[0]
-        except (StationError, OSError):
-            pass  # the daemon was killed under us; the next round retries
-        finally:
-            with contextlib.suppress(StationError, OSError):
-                await client.close()
+        while any(s not in received for s in serials):
+            try:
+                client = await StationClient.connect_tcp(
+                    "127.0.0.1", port, station_id=f"k{i}", key=read_station_key(bundle / "station.key"),
+                    ssl_context=ctx, server_hostname="localhost", request_timeout=10.0, give_up_after=60.0,
+                )  # fmt: skip
+            except (StationError, OSError):
+                await asyncio.sleep(0.1)
+                continue
+            try:
+                for serial in serials:
+                    if serial in received:
+                        continue
+                    chain = await client.enroll(serial, devices[serial])
+                    if serial in received:  # a retry after a kill: must be the very same certificate
+                        assert chain[0] == received[serial]
+                    received[serial] = chain[0]
+            except (StationError, OSError):
+                await asyncio.sleep(0.1)  # the daemon was killed under us; reconnect and retry
+            finally:
+                with contextlib.suppress(StationError, OSError):
+                    await client.close()
 
-    async def round_(kill_after: float | None) -> None:
+    async def round_(kill_after: int | None) -> None:
+        """Run the daemon; with kill_after, SIGKILL it once that many more devices have their certificate (so
+        the kill lands mid-work however slow the machine is), then stop the fixtures."""
         proc = _start(config)
         try:
             await _listening(port, proc)
@@ -143,9 +148,14 @@ def test_random_sigkill_loop_keeps_every_promise(
             work = asyncio.gather(*(fixture(i, serials[i::STATIONS]) for i in range(STATIONS)))
             if kill_after is None:
                 await work
-            else:
-                await asyncio.sleep(kill_after)
-                proc.send_signal(signal.SIGKILL)
+                return
+            target = len(received) + kill_after
+            while len(received) < target and not work.done():
+                await asyncio.sleep(0.005)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
                 await work
         finally:
             if proc.poll() is None:
@@ -158,7 +168,7 @@ def test_random_sigkill_loop_keeps_every_promise(
         nonlocal interrupted
         for _ in range(4):
             before = len(received)
-            await round_(rng.uniform(0.05, 0.5))
+            await round_(rng.randint(1, 40))
             # A kill that landed while devices were still being served (the case this test is about).
             interrupted += before < len(received) < len(devices)
         await round_(None)  # the last run completes, and its start burned whatever the last kill left
