@@ -40,7 +40,7 @@ class Core:
 
     @functools.cached_property
     def audit(self) -> AuditLog:
-        return AuditLog(self.journal)
+        return AuditLog(self.journal, policy=self.config.audit.policy)
 
     @functools.cached_property
     def alarms(self) -> Alarms:

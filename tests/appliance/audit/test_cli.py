@@ -171,8 +171,11 @@ def test_bad_auditor_input_exits_2_not_1(config_file: Path, extra: list[str]) ->
 def test_every_command_that_writes_signs_the_log_as_it_exits(
     config_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The whole CLI (appliance.cli.main): after `init` any command that wrote to the journal leaves it INTACT;
-    a command that only reads writes nothing."""
+    """The whole CLI (appliance.cli.main): after `init` any command that wrote to the journal leaves it INTACT,
+    with the checkpoint policy of the configuration; a command that only reads writes nothing."""
+    config_file.write_text(
+        config_file.read_text() + "[audit]\ncheckpoint_every_entries = 40\ncheckpoint_every_s = 30\n"
+    )
     from appliance.cli.main import main
 
     c = ["--config", str(config_file)]
@@ -187,10 +190,10 @@ def test_every_command_that_writes_signs_the_log_as_it_exits(
         before = log.head()
     assert (last.event, last.actor, claim["reason"]) == ("audit.checkpoint", "appliance", "exit")
     assert claim["policy"] == {
-        "every_entries": 1000,
-        "every_s": 300.0,
-        "max_unsigned_entries": 2000,
-        "max_unsigned_s": 600.0,
+        "every_entries": 40,
+        "every_s": 30.0,
+        "max_unsigned_entries": 80,
+        "max_unsigned_s": 60.0,
     }
     capsys.readouterr()
     assert run(["audit", "verify", *c]) == 0
