@@ -1,8 +1,8 @@
 """`birthline audit verify|export|checkpoint|head|public-key`: the auditor's commands.
 
 verify, export, head and public-key read the journal file only (no HSM login), so an auditor can run them with
-read access to the state directory; `verify --file` needs no appliance at all. checkpoint signs in the HSM, and
-may run beside the daemon.
+read access to the state directory; `verify --file` needs no appliance at all. checkpoint signs in the HSM, as a
+person (an auditor or administrator), and may run beside the daemon.
 
 verify exits 0 when every entry is covered by a checkpoint signature (INTACT), 3 when nothing is wrong but the
 last entries are covered by none (UNSIGNED TAIL: a live appliance between checkpoints, or something appended
@@ -34,9 +34,11 @@ from appliance.audit import (
 from appliance.audit.claims import REASON_ON_DEMAND
 from appliance.audit.log import AUDIT_KEY_LABEL, AuditError
 from appliance.audit.verify import INTACT, NOT_INTACT, UNSIGNED_TAIL, PublicKeyPin
+from appliance.cli.session import actor, add_login_arguments, authorised
 from appliance.config import Config, load_config
 from appliance.errors import BirthlineError, ReasonCode
 from appliance.issuance.journal import Journal
+from appliance.production.users import Permission
 
 WithConfig = Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
 
@@ -176,12 +178,11 @@ def cmd_public_key(args: argparse.Namespace) -> int:
 
 
 def cmd_checkpoint(args: argparse.Namespace) -> int:
-    """Sign the log now: how an auditor gets a signature over everything up to this moment on a live appliance,
-    beside the daemon's own interval."""
-    from appliance.runtime import open_core
-
-    with open_core(_config(args)) as core:
-        cp = core.audit.checkpoint(ensure_audit_key(core.token), reason=REASON_ON_DEMAND)
+    """A person signs the log now (their login is the entry before the claim): how an auditor gets a signature
+    over everything up to this moment on a live appliance, beside the daemon's own interval."""
+    with authorised(args, Permission.AUDIT_CHECKPOINT) as s:
+        core = s.core
+        cp = core.audit.checkpoint(ensure_audit_key(core.token), actor=actor(s).name, reason=REASON_ON_DEMAND)
         head: dict[str, Any] = head_record(core.journal)
     print(f"signed the audit log through entry {cp.seq} with HSM key {cp.key_label!r}", file=sys.stderr)
     print(json.dumps(head, sort_keys=True))
@@ -217,7 +218,12 @@ def register(sub: Any, with_config: WithConfig) -> None:
     sp.add_argument("--out", required=True, help="the export file (written atomically)")
     sp.set_defaults(func=cmd_export)
 
-    sp = with_config(audit.add_parser("checkpoint", help="sign the log now with the audit key in the HSM"))
+    sp = with_config(
+        audit.add_parser(
+            "checkpoint", help="sign the log now with the audit key in the HSM (an auditor or administrator)"
+        )
+    )
+    add_login_arguments(sp)
     sp.set_defaults(func=cmd_checkpoint)
 
     sp = with_config(audit.add_parser("head", help="print the current head record for an auditor to keep"))

@@ -72,16 +72,16 @@ def test_auditor_workflow(
     with Journal(db) as journal:
         base = AuditLog(journal).head()[0]
         fill(AuditLog(journal), 40)
-    assert run(["audit", "checkpoint", *c]) == 0
+    assert run(["audit", "checkpoint", *c, *as_(monkeypatch, "ada")]) == 0
     signed = json.loads(capsys.readouterr().out)
-    # 40 entries, the key registration, the claim
-    claim = base + 42
+    # 40 entries, ada's login, the key registration, the claim
+    claim = base + 43
     assert signed["seq"] == claim and signed["checkpoint"]["seq"] == claim
     with Journal(db) as journal:
-        registered, claimed = AuditLog(journal).entries(start=base + 41)
-    assert registered.event == "audit.key-registered"
+        login, registered, claimed = AuditLog(journal).entries(start=base + 41)
+    assert (login.actor, login.event, registered.event) == ("ada", "login.success", "audit.key-registered")
     assert (claimed.actor, claimed.event, json.loads(claimed.data)["reason"]) == (
-        "appliance",
+        "ada",
         "audit.checkpoint",
         "on-demand",
     )
@@ -115,8 +115,8 @@ def test_auditor_workflow(
     assert report["signed_through"] == claim and report["unsigned"]["first"] == claim + 1
     assert report["policy"] == {"stated_at": claim, "max_unsigned_entries": 2000, "max_unsigned_s": 600.0}
 
-    # signing the head on demand: intact again
-    assert run(["audit", "checkpoint", *c]) == 0
+    # an administrator signs the head on demand: intact again
+    assert run(["audit", "checkpoint", *c, *as_(monkeypatch, "alice")]) == 0
     capsys.readouterr()
     assert run(["audit", "verify", *c, "--head", str(head_file), "--public-key", str(key_pem)]) == 0
     assert capsys.readouterr().out.splitlines()[0].endswith(": INTACT")
@@ -139,7 +139,7 @@ def test_auditor_workflow(
     problems = json.loads(capsys.readouterr().out)["problems"]
     assert [(p["seq"], p["kind"]) for p in problems] == [
         (10, "edited"),
-        (claim + 10, "truncated"),
+        (claim + 11, "truncated"),
         (claim + 9, "truncated"),
     ]
 
@@ -152,6 +152,24 @@ def test_verify_without_a_journal_is_an_error(config_file: Path, tmp_path: Path)
 
 def test_public_key_before_any_checkpoint(config_file: Path) -> None:
     assert run(["audit", "public-key", "--config", str(config_file)]) == 2
+
+
+def test_checkpoint_needs_an_auditor_or_administrator(
+    config_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    c = ["--config", str(config_file)]
+    db = tmp_path / "state" / "journal.sqlite"
+    assert run(["audit", "checkpoint", *c]) == 2  # nobody
+    assert "give --user" in capsys.readouterr().out
+    assert run(["audit", "checkpoint", *c, *as_(monkeypatch, "olga")]) == 2  # an operator
+    assert "may not audit.checkpoint" in capsys.readouterr().out
+    assert run(["audit", "checkpoint", *c, *as_(monkeypatch, "ada", "wrong password")]) == 2
+    with Journal(db) as journal:
+        assert AuditLog(journal).last_checkpoint() is None
+        events = [(e.actor, e.event) for e in AuditLog(journal).entries()][-2:]
+    assert events == [("olga", "login.success"), ("ada", "login.failure")]  # both attempts are on the record
+    assert run(["audit", "checkpoint", *c, *as_(monkeypatch, "ada")]) == 0
+    assert run(["audit", "verify", *c]) == 0
 
 
 @pytest.mark.parametrize(
@@ -173,11 +191,11 @@ def test_every_command_that_writes_signs_the_log_as_it_exits(
 ) -> None:
     """The whole CLI (appliance.cli.main): after `init` any command that wrote to the journal leaves it INTACT,
     with the checkpoint policy of the configuration; a command that only reads writes nothing."""
+    from appliance.cli.main import main
+
     config_file.write_text(
         config_file.read_text() + "[audit]\ncheckpoint_every_entries = 40\ncheckpoint_every_s = 30\n"
     )
-    from appliance.cli.main import main
-
     c = ["--config", str(config_file)]
     db = tmp_path / "state" / "journal.sqlite"
     assert main(["init", *c]) == 0
