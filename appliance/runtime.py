@@ -113,8 +113,8 @@ def sign_on_exit(core: Core, changes_at_open: int) -> None:
     """Checkpoint the audit log if this process wrote to the journal (its connection's change count moved) and
     the appliance has an audit key (after `birthline init`). The daemon's checkpointer has signed already; a
     CLI command's entries (a login, a change, a refusal) are signed here, whether or not the command succeeded.
-    Never raises: a failure is logged, and leaves the entries for the next checkpoint (the daemon signs what it
-    finds unsigned when it starts)."""
+    A failure (HSM, journal, a key that is not the recorded one) is logged, not raised, and leaves the entries
+    for the next checkpoint (the daemon signs what it finds unsigned when it starts)."""
     journal = core.journal
     try:
         if journal.call(lambda: journal.conn.total_changes) == changes_at_open:
@@ -122,7 +122,9 @@ def sign_on_exit(core: Core, changes_at_open: int) -> None:
         if not core.audit.public_keys() or not core.token.has_key(AUDIT_KEY_LABEL):
             return
         core.audit.checkpoint(ensure_audit_key(core.token), reason=REASON_EXIT)
-    except (BirthlineError, HsmError, sqlite3.Error) as exc:
+    # It runs in a finally: it must not replace the command's own outcome. RuntimeError: the journal's thread
+    # has already been shut down.
+    except (BirthlineError, HsmError, sqlite3.Error, RuntimeError) as exc:
         log.warning("audit: the entries this command wrote stay unsigned until the next checkpoint: %s", exc)
 
 

@@ -224,3 +224,28 @@ def test_every_command_that_writes_signs_the_log_as_it_exits(
     assert main(["user", "list", *c]) == 0  # reads only
     with Journal(db) as journal:
         assert AuditLog(journal).head() == after_refusal
+
+
+def test_a_failed_exit_checkpoint_is_logged_and_never_replaces_the_commands_outcome(
+    config_file: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The journal records an audit key the HSM does not hold: signing on exit fails, the command's result stands."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from appliance.audit.encoding import spki_der
+    from appliance.config import load_config
+    from appliance.runtime import open_core
+
+    other = spki_der(ec.generate_private_key(ec.SECP256R1()).public_key())
+    with Journal(tmp_path / "state" / "journal.sqlite") as journal:
+        journal.call(journal.transaction, lambda conn: conn.execute(
+            "INSERT INTO audit_key (label, public_key, created_at) VALUES ('audit', ?, 1.0)", (other,)), "test")  # fmt: skip
+    with (
+        pytest.raises(KeyError, match="the command's own failure"),
+        open_core(load_config(config_file)) as core,
+    ):
+        core.audit.record("alice", "test.event", {})
+        raise KeyError("the command's own failure")
+    assert "stay unsigned until the next checkpoint" in caplog.text and "not the audit key" in caplog.text
+    with open_core(load_config(config_file)) as core:
+        core.audit.record("alice", "test.event", {})  # and a command that succeeded still succeeds
