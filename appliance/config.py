@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 from cryptography import x509
 
+from appliance.audit.claims import CheckpointPolicy
 from appliance.errors import ConfigError, Problem
 from appliance.profiles import Profile, builtin_profiles, parse_profiles
 from appliance.va.service import VaSettings
@@ -43,6 +44,19 @@ class IssuanceSection:
     pipeline_depth: int = 2
     refusal_burst: int = 60  # refusals per station and window audited in full; the rest are counted
     refusal_window_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class AuditSection:
+    """[audit]: how often the daemon signs the audit log; every checkpoint states it, and promises at most
+    twice as many unsigned entries and seconds, which `birthline audit verify` enforces (docs/audit.md)."""
+
+    checkpoint_every_entries: int = 1000
+    checkpoint_every_s: float = 300.0
+
+    @property
+    def policy(self) -> CheckpointPolicy:
+        return CheckpointPolicy(self.checkpoint_every_entries, self.checkpoint_every_s)
 
 
 @dataclass(frozen=True)
@@ -165,6 +179,7 @@ class Config:
     va: VaSection = field(default_factory=VaSection)
     cmp: CmpSection = field(default_factory=CmpSection)
     upstream: UpstreamSection = field(default_factory=UpstreamSection)
+    audit: AuditSection = field(default_factory=AuditSection)
     profiles: Mapping[str, Profile] = field(default_factory=dict)
     source: Path | None = None
 
@@ -253,10 +268,8 @@ def parse_config(
         p = Path(value)
         return p if p.is_absolute() else (base / p)
 
-    for key in sorted(
-        set(data)
-        - {"appliance", "hsm", "journal", "issuance", "stations", "va", "cmp", "upstream", "profiles"}
-    ):
+    sections = ("appliance", "hsm", "journal", "issuance", "stations", "va", "cmp", "upstream", "audit")
+    for key in sorted(set(data) - {*sections, "profiles"}):
         problems.append(Problem(key, "unknown section"))
 
     r = _Reader(_table(data, "appliance", problems), "appliance", problems)
@@ -359,6 +372,15 @@ def parse_config(
     cmp = _parse_cmp(_table(data, "cmp", problems), problems, path)
     upstream = _parse_upstream(_table(data, "upstream", problems), problems, path)
 
+    r = _Reader(_table(data, "audit", problems), "audit", problems)
+    # Lower bounds: the promise of twice the interval must leave room for the checkpointer's 1 s poll and the
+    # signing round trip on a loaded machine, or verify would report a healthy appliance's log as overdue.
+    audit = AuditSection(
+        checkpoint_every_entries=r.integer("checkpoint_every_entries", 1000, lo=10, hi=10_000_000),
+        checkpoint_every_s=r.number("checkpoint_every_s", 300.0, lo=10, hi=86400),
+    )
+    r.done()
+
     # Only the 802.1AR built-in is served unconfigured: the Matter built-in carries a test vendor ID and must be
     # configured (base = "matter-dac") with the manufacturer's own before any device gets one.
     profiles: dict[str, Profile] = {"idevid": builtin_profiles()["idevid"]}
@@ -387,6 +409,7 @@ def parse_config(
         va=va,
         cmp=cmp,
         upstream=upstream,
+        audit=audit,
         profiles=profiles,
         source=source,
     )

@@ -237,11 +237,12 @@ class Daemon:
     async def _start(self) -> None:
         cfg = self.config.stations
         self.core = self._stack.enter_context(open_core(self.config))
-        record_start(self.core)
-        # Checkpoints sign the audit head in the HSM with the audit key (never the CA keys).
+        # Checkpoints sign the audit log in the HSM with the audit key (never the CA keys). The checkpointer
+        # starts first: it signs what a crash left unsigned before this run's entries follow it.
         await self._stack.enter_async_context(
-            Checkpointer(self.core.audit, ensure_audit_key(self.core.token))
+            Checkpointer(self.core.audit, ensure_audit_key(self.core.token), alarms=self.core.alarms)
         )
+        record_start(self.core)
         # CRLs and OCSP: signed in the HSM ahead of requests, served over HTTP on the LAN side.
         self.va = await self._stack.enter_async_context(
             ValidationAuthority(self.core.journal, self.core.token, self.core.audit, self.config.va.settings)

@@ -10,22 +10,26 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from appliance.alarms import Alarms
-from appliance.audit.log import AuditLog
+from appliance.audit.claims import REASON_EXIT
+from appliance.audit.log import AUDIT_KEY_LABEL, AuditLog, ensure_audit_key
 from appliance.ca import CaRecord, load_ca
 from appliance.config import Config
-from appliance.errors import IssuanceFailed, ReasonCode
+from appliance.errors import BirthlineError, IssuanceFailed, ReasonCode
 from appliance.issuance.journal import Journal
 from appliance.issuance.policy import AuthorisationPolicy
 from appliance.issuance.service import IssueService
 from appliance.production.policy import WorkOrderPolicy
 from hsm.errors import HsmError
 from hsm.token import Token
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -36,7 +40,7 @@ class Core:
 
     @functools.cached_property
     def audit(self) -> AuditLog:
-        return AuditLog(self.journal)
+        return AuditLog(self.journal, policy=self.config.audit.policy)
 
     @functools.cached_property
     def alarms(self) -> Alarms:
@@ -86,6 +90,8 @@ class Core:
 
 @contextlib.contextmanager
 def open_core(config: Config) -> Iterator[Core]:
+    """The core for one process. A process that wrote to the journal signs the audit log as it leaves (see
+    sign_on_exit), so a log at rest has no unsigned entries whichever command wrote them."""
     config.appliance.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     try:
         token = Token.open(config.hsm)
@@ -93,9 +99,33 @@ def open_core(config: Config) -> Iterator[Core]:
         raise IssuanceFailed(f"HSM: {exc.message}", ReasonCode.HSM_UNAVAILABLE) from exc
     try:
         with Journal(config.journal.path) as journal:
-            yield Core(config, token, journal)
+            core = Core(config, token, journal)
+            changes = journal.call(lambda: journal.conn.total_changes)
+            try:
+                yield core
+            finally:
+                sign_on_exit(core, changes)
     finally:
         token.close()
+
+
+def sign_on_exit(core: Core, changes_at_open: int) -> None:
+    """Checkpoint the audit log if this process wrote to the journal (its connection's change count moved) and
+    the appliance has an audit key (after `birthline init`). The daemon's checkpointer has signed already; a
+    CLI command's entries (a login, a change, a refusal) are signed here, whether or not the command succeeded.
+    A failure (HSM, journal, a key that is not the recorded one) is logged, not raised, and leaves the entries
+    for the next checkpoint (the daemon signs what it finds unsigned when it starts)."""
+    journal = core.journal
+    try:
+        if journal.call(lambda: journal.conn.total_changes) == changes_at_open:
+            return
+        if not core.audit.public_keys() or not core.token.has_key(AUDIT_KEY_LABEL):
+            return
+        core.audit.checkpoint(ensure_audit_key(core.token), reason=REASON_EXIT)
+    # It runs in a finally: it must not replace the command's own outcome. RuntimeError: the journal's thread
+    # has already been shut down.
+    except (BirthlineError, HsmError, sqlite3.Error, RuntimeError) as exc:
+        log.warning("audit: the entries this command wrote stay unsigned until the next checkpoint: %s", exc)
 
 
 @contextlib.asynccontextmanager

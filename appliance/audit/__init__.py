@@ -1,9 +1,11 @@
-"""The tamper-evident audit log: a SHA-256 hash chain in the journal, with checkpoints signed in the HSM.
+"""The tamper-evident audit log: a SHA-256 hash chain in the journal, with checkpoints chained into it as claims
+and signed in the HSM.
 
 See docs/audit.md for the encodings (an auditor can write a verifier from it) and how callers use it.
 """
 
 from appliance.audit.checkpointer import Checkpointer
+from appliance.audit.claims import EVENT_CHECKPOINT, CheckpointPolicy
 from appliance.audit.encoding import (
     GENESIS_HASH,
     canonical_json,
@@ -25,12 +27,14 @@ from appliance.audit.verify import AuditProblem, VerifyReport, export, head_reco
 
 __all__ = [
     "AUDIT_KEY_LABEL",
+    "EVENT_CHECKPOINT",
     "GENESIS_HASH",
     "AuditEntry",
     "AuditError",
     "AuditLog",
     "AuditProblem",
     "Checkpoint",
+    "CheckpointPolicy",
     "Checkpointer",
     "Head",
     "VerifyReport",

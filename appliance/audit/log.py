@@ -22,6 +22,12 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from appliance.audit.claims import (
+    EVENT_CHECKPOINT,
+    REASON_ON_DEMAND,
+    CheckpointPolicy,
+    claim_data,
+)
 from appliance.audit.encoding import (
     AUDIT_CURVE,
     GENESIS_HASH,
@@ -42,8 +48,12 @@ log = logging.getLogger(__name__)
 AUDIT_KEY_LABEL = "audit"
 EVENT_RE = re.compile(r"[a-z][a-z0-9_.:-]{0,63}")
 
-# Events the audit package itself writes.
+# Events the audit package itself writes (and EVENT_CHECKPOINT, in claims.py).
 EVENT_KEY_REGISTERED = "audit.key-registered"
+
+# The last claim, through the partial index audit_claims (journal.py): the literal must match the index's WHERE.
+_LAST_CLAIM = f"SELECT max(seq) FROM audit WHERE event = '{EVENT_CHECKPOINT}'"
+_CHECKPOINT_ROUNDS = 4  # a leftover unsigned claim, then our own: more means writers racing without end
 
 
 class AuditError(IssuanceFailed):
@@ -85,7 +95,9 @@ class Checkpoint:
     head_hash: bytes
     time: float
     key_label: str
-    signature: bytes  # DER ECDSA over checkpoint_message(seq, head_hash)
+    # DER ECDSA over checkpoint_message(seq, head_hash). Entry seq is the audit.checkpoint claim it signs (in
+    # journals from before claims, any entry: docs/audit.md "Logs from before claims").
+    signature: bytes
 
     COLUMNS = "seq, head_hash, time, key_label, signature"
 
@@ -105,6 +117,14 @@ class Checkpoint:
 
 
 Head = tuple[int, bytes]  # (seq, hash); (0, 32 zero bytes) for an empty log
+
+
+@dataclass(frozen=True)
+class _ClaimStep:
+    done: Checkpoint | None  # the head is already a signed claim
+    seq: int = 0  # else: the claim to sign
+    head_hash: bytes = b""
+    new: bool = False  # appended now (False: a claim an earlier run left unsigned)
 
 
 def ensure_audit_key(token: Token, label: str = AUDIT_KEY_LABEL) -> HsmEcPrivateKey:
@@ -130,9 +150,23 @@ class AuditLog:
     to the same file, can never leave an in-memory copy ahead of or behind the table.
     """
 
-    def __init__(self, journal: Journal, *, clock: Callable[[], float] = _time.time) -> None:
+    def __init__(
+        self,
+        journal: Journal,
+        *,
+        clock: Callable[[], float] = _time.time,
+        policy: CheckpointPolicy | None = None,
+    ) -> None:
         self.journal = journal
         self.clock = clock
+        self.policy = policy or CheckpointPolicy()  # stated in the claims this object writes
+        self._watch: tuple[int, Callable[[], None]] | None = None
+
+    def watch(self, seq: int | None, callback: Callable[[], None] = lambda: None) -> None:
+        """Call `callback` once, on the journal thread inside the appending transaction, when an append reaches
+        `seq` (None: stop watching). The checkpointer's nudge: it must only schedule work, never block or raise.
+        One integer comparison per append, so a busy log is signed when due rather than at the next poll."""
+        self._watch = None if seq is None else (seq, callback)
 
     # -- appending (journal thread, inside the caller's transaction) ----------------------------------------------
     def append(self, conn: sqlite3.Connection, actor: str, event: str, data: Mapping[str, Any]) -> AuditEntry:
@@ -165,6 +199,13 @@ class AuditLog:
             )
         except sqlite3.Error as exc:
             raise AuditError(f"audit log cannot be written: {exc}", {"event": event}) from exc
+        watch = self._watch
+        if watch is not None and seq >= watch[0]:
+            self._watch = None
+            try:
+                watch[1]()
+            except Exception:  # a wake-up must never cost the caller its transaction
+                log.exception("audit: waking the checkpointer failed; it signs at its next poll")
         return AuditEntry(seq, now, actor, event, text, prev, digest)
 
     def record(self, actor: str, event: str, data: Mapping[str, Any]) -> AuditEntry:
@@ -228,38 +269,78 @@ class AuditLog:
         )
 
     # -- checkpoints -----------------------------------------------------------------------------------------------
-    def checkpoint(self, key: ec.EllipticCurvePrivateKey, *, label: str | None = None) -> Checkpoint:
-        """Sign the current head with the audit key (in the HSM) and store the checkpoint.
+    def checkpoint(
+        self,
+        key: ec.EllipticCurvePrivateKey,
+        *,
+        label: str | None = None,
+        actor: str = "appliance",
+        reason: str = REASON_ON_DEMAND,
+        policy: CheckpointPolicy | None = None,
+    ) -> Checkpoint:
+        """Sign the log: append an audit.checkpoint claim (as `actor`), sign that entry in the HSM, store the
+        signature. Returns the stored checkpoint; when the head is already a signed claim, that one.
 
         On first use the key's public half is recorded (table audit_key, plus an audit entry), so `verify` needs
-        no HSM. Call from any thread except the journal thread (the signature is made on the PKCS#11 thread).
+        no HSM. A claim an earlier run left unsigned (a crash between claim and signature) is signed first. Call
+        from any thread except the journal thread (the signature is made on the PKCS#11 thread).
         """
         label = _key_label(key, label)
-        self.journal.call(self._register_key, label, spki_der(key.public_key()))
-        seq, head_hash = self.head()
-        signature = key.sign(checkpoint_message(seq, head_hash), ec.ECDSA(hashes.SHA256()))
-        cp = self._signed(key, label, seq, head_hash, signature)
-        with _write_errors():
-            result: Checkpoint = self.journal.call(
-                self.journal.transaction, self._store_txn(cp), "storing an audit checkpoint"
-            )
-        return result
+        spki = spki_der(key.public_key())
+        self.journal.call(self._register_key, label, spki)
+        claim = self._claim_txn(label, key_fingerprint(spki), actor, reason, policy or self.policy)
+        for _ in range(_CHECKPOINT_ROUNDS):
+            with _write_errors():
+                step: _ClaimStep = self.journal.call(
+                    self.journal.transaction, claim, "claiming an audit checkpoint"
+                )
+            if step.done is not None:
+                return step.done
+            message = checkpoint_message(step.seq, step.head_hash)
+            signature = key.sign(message, ec.ECDSA(hashes.SHA256()))
+            cp = self._signed(key, label, step.seq, step.head_hash, signature)
+            with _write_errors():
+                stored: Checkpoint = self.journal.call(
+                    self.journal.transaction, self._store_txn(cp), "storing an audit checkpoint"
+                )
+            if step.new:
+                return stored
+        raise AuditError("no audit checkpoint: earlier claims kept appearing unsigned")
 
-    async def acheckpoint(self, key: ec.EllipticCurvePrivateKey, *, label: str | None = None) -> Checkpoint:
+    async def acheckpoint(
+        self,
+        key: ec.EllipticCurvePrivateKey,
+        *,
+        label: str | None = None,
+        actor: str = "appliance",
+        reason: str = REASON_ON_DEMAND,
+        policy: CheckpointPolicy | None = None,
+    ) -> Checkpoint:
+        """checkpoint() for the event loop: journal work on the journal thread, the signature on the HSM's."""
         label = _key_label(key, label)
-        await self.journal.acall(self._register_key, label, spki_der(key.public_key()))
-        seq, head_hash = await self.ahead()
-        message = checkpoint_message(seq, head_hash)
-        if isinstance(key, HsmEcPrivateKey):
-            (signature,) = await key.asign_many([message])  # P-256: ECDSA with SHA-256, verified by hsm
-        else:
-            signature = await asyncio.to_thread(key.sign, message, ec.ECDSA(hashes.SHA256()))
-        cp = self._signed(key, label, seq, head_hash, signature)
-        with _write_errors():
-            result: Checkpoint = await self.journal.acall(
-                self.journal.transaction, self._store_txn(cp), "storing an audit checkpoint"
-            )
-        return result
+        spki = spki_der(key.public_key())
+        await self.journal.acall(self._register_key, label, spki)
+        claim = self._claim_txn(label, key_fingerprint(spki), actor, reason, policy or self.policy)
+        for _ in range(_CHECKPOINT_ROUNDS):
+            with _write_errors():
+                step: _ClaimStep = await self.journal.acall(
+                    self.journal.transaction, claim, "claiming an audit checkpoint"
+                )
+            if step.done is not None:
+                return step.done
+            message = checkpoint_message(step.seq, step.head_hash)
+            if isinstance(key, HsmEcPrivateKey):
+                (signature,) = await key.asign_many([message])  # P-256: ECDSA with SHA-256, verified by hsm
+            else:
+                signature = await asyncio.to_thread(key.sign, message, ec.ECDSA(hashes.SHA256()))
+            cp = self._signed(key, label, step.seq, step.head_hash, signature)
+            with _write_errors():
+                stored: Checkpoint = await self.journal.acall(
+                    self.journal.transaction, self._store_txn(cp), "storing an audit checkpoint"
+                )
+            if step.new:
+                return stored
+        raise AuditError("no audit checkpoint: earlier claims kept appearing unsigned")
 
     def _signed(
         self, key: ec.EllipticCurvePrivateKey, label: str, seq: int, head_hash: bytes, signature: bytes
@@ -269,17 +350,42 @@ class AuditLog:
             raise AuditError(f"the audit key {label!r} returned a checkpoint signature that does not verify")
         return cp
 
+    def _claim_txn(
+        self, label: str, key_sha256: bytes, actor: str, reason: str, policy: CheckpointPolicy
+    ) -> Callable[[sqlite3.Connection], _ClaimStep]:
+        """What to sign next. Claims are appended only while every earlier claim has its signature stored (a
+        leftover unsigned claim is returned to be signed first), so a claim without a signature can only be the
+        last one in an untampered log: the rule verify relies on, whichever processes checkpoint concurrently."""
+
+        def txn(conn: sqlite3.Connection) -> _ClaimStep:
+            last = conn.execute(_LAST_CLAIM).fetchone()[0]
+            if last is not None:
+                row = conn.execute(
+                    f"SELECT {Checkpoint.COLUMNS} FROM audit_checkpoint WHERE seq=?", (last,)
+                ).fetchone()
+                if row is None:
+                    (digest,) = conn.execute("SELECT hash FROM audit WHERE seq=?", (last,)).fetchone()
+                    return _ClaimStep(None, int(last), bytes(digest), new=False)
+                (head,) = conn.execute("SELECT max(seq) FROM audit").fetchone()
+                if head == last:
+                    return _ClaimStep(Checkpoint.from_row(row))  # the head is signed: nothing to do
+            entry = self.append(conn, actor, EVENT_CHECKPOINT, claim_data(label, key_sha256, policy, reason))
+            return _ClaimStep(None, entry.seq, entry.hash, new=True)
+
+        return txn
+
     def _store_txn(self, cp: Checkpoint) -> Callable[[sqlite3.Connection], Checkpoint]:
         def txn(conn: sqlite3.Connection) -> Checkpoint:
-            if cp.seq > 0:
-                row = conn.execute("SELECT hash FROM audit WHERE seq=?", (cp.seq,)).fetchone()
-                if row is None or bytes(row[0]) != cp.head_hash:
-                    raise AuditError(f"audit entry {cp.seq} changed while its checkpoint was being signed")
             existing = conn.execute(
                 f"SELECT {Checkpoint.COLUMNS} FROM audit_checkpoint WHERE seq=?", (cp.seq,)
             ).fetchone()
             if existing is not None:
-                return Checkpoint.from_row(existing)  # this head is already signed; keep the first signature
+                return Checkpoint.from_row(
+                    existing
+                )  # another process signed this claim; keep the first signature
+            row = conn.execute("SELECT hash, event FROM audit WHERE seq=?", (cp.seq,)).fetchone()
+            if row is None or bytes(row[0]) != cp.head_hash or row[1] != EVENT_CHECKPOINT:
+                raise AuditError(f"audit entry {cp.seq} changed while its checkpoint was being signed")
             conn.execute(
                 f"INSERT INTO audit_checkpoint ({Checkpoint.COLUMNS}) VALUES (?,?,?,?,?)",
                 (cp.seq, cp.head_hash, cp.time, cp.key_label, cp.signature),

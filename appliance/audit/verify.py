@@ -3,8 +3,10 @@
 verify() recomputes the whole chain from genesis and reports every problem it finds, each with the entry's seq
 and what is wrong: edited entries, deleted or reordered entries, a chain re-hashed after an edit (caught by a
 signed checkpoint, or by the auditor's copy of the head), checkpoints re-signed with another key (caught by
-the recorded, and ideally pinned, audit public key) and a truncated tail (caught by the auditor's head).
-Verification needs no HSM: only the audit public key.
+the recorded, and ideally pinned, audit public key), checkpoints the log claims but no longer holds, an
+unsigned run longer than the log promises, and a truncated tail (caught by the auditor's head). It also says
+how far signatures cover the log: INTACT only when every entry is covered. Verification needs no HSM: only the
+audit public key.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any, Protocol, TextIO
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from appliance.audit.claims import EVENT_CHECKPOINT, Claim, parse_claim
 from appliance.audit.encoding import GENESIS_HASH, HASH_SIZE, canonical_json, entry_hash, key_fingerprint
 from appliance.audit.log import AuditEntry, AuditError, Checkpoint, Head, load_public_key
 from appliance.issuance.journal import Journal
@@ -45,10 +48,18 @@ KEY_MISMATCH = "key-mismatch"
 TRUNCATED = "truncated"
 HEAD_MISMATCH = "head-mismatch"
 EXPORT_HEAD = "export-head"
+CHECKPOINT_MISSING = "checkpoint-missing"
+OVERDUE = "unsigned-overdue"
 PROBLEM_KINDS = (
     MALFORMED, OUT_OF_ORDER, MISSING, EDITED, MOVED, CHAIN_BROKEN, NON_CANONICAL, CHECKPOINT_MISMATCH,
     CHECKPOINT_SIGNATURE, CHECKPOINT_KEY, KEY_MISMATCH, TRUNCATED, HEAD_MISMATCH, EXPORT_HEAD,
+    CHECKPOINT_MISSING, OVERDUE,
 )  # fmt: skip
+
+# The verdicts (`birthline audit verify` exits 0, 3 and 1 for them).
+INTACT = "intact"  # no problem, and every entry is covered by a checkpoint signature
+UNSIGNED_TAIL = "unsigned-tail"  # no problem, but the last entries are covered by no signature (yet)
+NOT_INTACT = "not-intact"  # at least one problem
 
 
 @dataclass(frozen=True)
@@ -69,6 +80,12 @@ class VerifyReport:
     head: Head = (0, GENESIS_HASH)  # the last entry as stored: (seq, hash)
     checkpoints: int = 0
     last_good_checkpoint: int | None = None  # highest checkpoint whose signature and hash both hold
+    claims: int = 0  # audit.checkpoint entries in the chain
+    chained_since: int | None = None  # the first of them; checkpoints before it were not chained
+    signed_through: int = 0  # entries 1..signed_through are covered by a good signature
+    unsigned: tuple[int, int] | None = None  # (first, last) entries no signature covers
+    unsigned_span_s: float | None = None  # entry time of the last minus the first of them
+    policy: dict[str, Any] | None = None  # the bound on unsigned entries the log states (stated_at, max_...)
     key_fingerprints: dict[str, str] = field(default_factory=dict)  # label -> SHA-256 of SPKI, hex
     pinned: bool = False
     problems: list[AuditProblem] = field(default_factory=list)
@@ -76,19 +93,49 @@ class VerifyReport:
 
     @property
     def ok(self) -> bool:
+        """No problem found: the chain and every claim the log makes hold (entries may still be unsigned)."""
         return not self.problems
+
+    @property
+    def intact(self) -> bool:
+        """No problem, and every entry is covered by a checkpoint signature."""
+        return self.ok and self.unsigned is None
+
+    @property
+    def status(self) -> str:
+        return NOT_INTACT if self.problems else (UNSIGNED_TAIL if self.unsigned is not None else INTACT)
 
     def problem(self, seq: int | None, kind: str, message: str) -> None:
         self.problems.append(AuditProblem(seq, kind, message))
 
     def text(self) -> str:
         seq, digest = self.head
+        verdict = {INTACT: "INTACT", UNSIGNED_TAIL: "UNSIGNED TAIL", NOT_INTACT: "NOT INTACT"}[self.status]
         lines = [
-            f"{self.source}: {'INTACT' if self.ok else 'NOT INTACT'}",
+            f"{self.source}: {verdict}",
             f"  entries {self.entries}, head seq {seq} hash {digest.hex()}",
             f"  checkpoints {self.checkpoints}, last good checkpoint "
-            + ("none" if self.last_good_checkpoint is None else f"seq {self.last_good_checkpoint}"),
+            + ("none" if self.last_good_checkpoint is None else f"seq {self.last_good_checkpoint}")
+            + (
+                f"; {self.claims} chained into the log since seq {self.chained_since}"
+                if self.chained_since is not None
+                else "; none chained into the log"
+            ),
         ]
+        if self.unsigned is None:
+            lines.append(f"  signed through seq {self.signed_through}: every entry is covered by a signature")
+        else:
+            first, last = self.unsigned
+            bound = (
+                "no bound stated"
+                if self.policy is None
+                else f"the log allows {self.policy['max_unsigned_entries']} entries and"
+                f" {self.policy['max_unsigned_s']:g} s"
+            )
+            lines.append(
+                f"  signed through seq {self.signed_through}; entries {first}..{last} are covered by NO signature"
+                f" ({last - first + 1} entries over {self.unsigned_span_s or 0.0:.0f} s; {bound})"
+            )
         for label, fp in sorted(self.key_fingerprints.items()):
             lines.append(
                 f"  audit key {label!r} sha256 {fp}{' (pinned)' if self.pinned else ' (NOT pinned)'}"
@@ -320,9 +367,9 @@ def _verify(source: AuditSource, expected_head: Head | None, pin: PublicKeyPin |
             " (--public-key) so a forger who replaced key and signatures is caught"
         )
 
-    # Checkpoints: signatures first (they need no entries).
+    # Checkpoint signatures first (they need no entries).
     want: dict[int, Checkpoint] = {}
-    good_sig: set[int] = set()
+    good_sig: dict[int, bytes] = {}  # seq -> fingerprint of the key that verified it
     for cp in source.checkpoints():
         report.checkpoints += 1
         if isinstance(cp, Malformed):
@@ -336,7 +383,7 @@ def _verify(source: AuditSource, expected_head: Head | None, pin: PublicKeyPin |
                 cp.seq, CHECKPOINT_KEY, f"checkpoint signed with key {cp.key_label!r}, which {why}"
             )
         elif cp.verifies_with(key):
-            good_sig.add(cp.seq)
+            good_sig[cp.seq] = key_fingerprint(key)
         else:
             report.problem(
                 cp.seq,
@@ -347,10 +394,15 @@ def _verify(source: AuditSource, expected_head: Head | None, pin: PublicKeyPin |
         if cp.seq == 0 and cp.head_hash != GENESIS_HASH:
             report.problem(0, CHECKPOINT_MISMATCH, "checkpoint of the empty log has a non-zero head hash")
 
-    # The chain, streamed from genesis.
+    # The chain, streamed from genesis; claims collected on the way.
     prev_seq, prev_hash = 0, GENESIS_HASH
-    seen: dict[int, bytes] = {0: GENESIS_HASH}  # stored hashes at checkpoint seqs and the expected head
+    # Stored hashes at checkpoint seqs, claims and the expected head.
+    seen: dict[int, bytes] = {0: GENESIS_HASH}
     interesting = set(want) | ({expected_head[0]} if expected_head else set())
+    first_after = {seq + 1 for seq in want} | {1}  # where an unsigned run can start
+    times: dict[int, float] = {}
+    claims: dict[int, Claim | None] = {}  # None: a claim whose data is not what the appliance writes
+    last_time = 0.0
     for e in source.entries():
         if isinstance(e, Malformed):
             report.problem(e.seq, MALFORMED, f"entry: {e.reason}")
@@ -376,12 +428,24 @@ def _verify(source: AuditSource, expected_head: Head | None, pin: PublicKeyPin |
                 f" ({prev_hash.hex()[:16]}...): an entry before it was re-hashed, removed or inserted",
             )
         _check_entry(report, e)
+        if e.event == EVENT_CHECKPOINT:
+            try:
+                claims[e.seq] = parse_claim(e.seq, e.data)
+            except ValueError as exc:
+                claims[e.seq] = None
+                report.problem(e.seq, MALFORMED, f"checkpoint claim: {exc}")
+            seen[e.seq] = e.hash
         if e.seq in interesting:
             seen[e.seq] = e.hash
-        prev_seq, prev_hash = e.seq, e.hash
+        if e.seq in first_after:
+            times[e.seq] = e.time
+        prev_seq, prev_hash, last_time = e.seq, e.hash, e.time
     report.head = (prev_seq, prev_hash)
+    report.claims = len(claims)
+    report.chained_since = min(claims, default=None)
 
-    # Checkpoints against the chain.
+    # Checkpoint signatures against the chain.
+    good: set[int] = set()
     for seq, cp in sorted(want.items()):
         stored = seen.get(seq)
         if stored is None:
@@ -399,14 +463,58 @@ def _verify(source: AuditSource, expected_head: Head | None, pin: PublicKeyPin |
                 " the log was rewritten after this checkpoint",
             )
         elif seq in good_sig:
-            report.last_good_checkpoint = seq
-    if prev_seq > 0:
-        covered = report.last_good_checkpoint or 0
-        if covered < prev_seq:
-            report.warnings.append(
-                f"entries {covered + 1}..{prev_seq} are after the last good checkpoint: only the chain (and the"
-                " auditor's head, if given) protects them"
+            good.add(seq)
+    report.last_good_checkpoint = max(good, default=None)
+
+    # The log's own claims: every claim but the last must have its signature, made with the key it names.
+    last_claim = max(claims, default=None)
+    for seq, claim in sorted(claims.items()):
+        if seq not in want:
+            if seq != last_claim:
+                report.problem(
+                    seq,
+                    CHECKPOINT_MISSING,
+                    f"entry {seq} claims a checkpoint whose signature is not in the log: checkpoints were"
+                    " deleted (a later claim is only written once the earlier one is signed)",
+                )
+        elif claim is not None and seq in good and good_sig[seq] != claim.key_sha256:
+            report.problem(
+                seq,
+                CHECKPOINT_KEY,
+                f"the claim names audit key sha256 {claim.key_sha256.hex()[:16]}... but its signature verifies"
+                f" with sha256 {good_sig[seq].hex()[:16]}...: key and signatures were replaced",
             )
+
+    # Coverage: a good signature covers its entry and, through the chain, every entry before it.
+    signed = report.last_good_checkpoint or 0
+    report.signed_through = signed
+    stated = max((c for c in good if claims.get(c) is not None), default=None)
+    policy = None if stated is None else claims[stated]
+    if policy is not None:
+        report.policy = {
+            "stated_at": policy.seq,
+            "max_unsigned_entries": policy.max_unsigned_entries,
+            "max_unsigned_s": policy.max_unsigned_s,
+        }
+    if prev_seq > signed:
+        count = prev_seq - signed
+        age = max(0.0, last_time - times.get(signed + 1, last_time))
+        report.unsigned = (signed + 1, prev_seq)
+        report.unsigned_span_s = age
+        if policy is not None and (count > policy.max_unsigned_entries or age > policy.max_unsigned_s):
+            report.problem(
+                signed + 1,
+                OVERDUE,
+                f"entries {signed + 1}..{prev_seq} ({count} entries written over {age:.0f} s) are covered by"
+                f" no signature; the claim at seq {policy.seq} promises at most {policy.max_unsigned_entries}"
+                f" entries and {policy.max_unsigned_s:g} s unsigned: checkpoints were removed with the entries"
+                f" after seq {signed} rewritten, or the appliance failed to checkpoint",
+            )
+    if not claims:
+        report.warnings.append(
+            "no checkpoint is chained into this log (a log written before Birthline chained them): removing"
+            " checkpoint rows cannot be detected, and no bound on unsigned entries is stated"
+        )
 
     # The auditor's head, kept outside the appliance.
     if expected_head is not None:

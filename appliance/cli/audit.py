@@ -1,7 +1,12 @@
 """`birthline audit verify|export|checkpoint|head|public-key`: the auditor's commands.
 
 verify, export, head and public-key read the journal file only (no HSM login), so an auditor can run them with
-read access to the state directory; `verify --file` needs no appliance at all. checkpoint signs in the HSM.
+read access to the state directory; `verify --file` needs no appliance at all. checkpoint signs in the HSM, as a
+person (an auditor or administrator), and may run beside the daemon.
+
+verify exits 0 when every entry is covered by a checkpoint signature (INTACT), 3 when nothing is wrong but the
+last entries are covered by none (UNSIGNED TAIL: a live appliance between checkpoints, or something appended
+since the last one), 1 when a problem was found (NOT INTACT), 2 when it could not check (bad input).
 """
 
 from __future__ import annotations
@@ -26,13 +31,18 @@ from appliance.audit import (
     read_head,
     verify,
 )
+from appliance.audit.claims import REASON_ON_DEMAND
 from appliance.audit.log import AUDIT_KEY_LABEL, AuditError
-from appliance.audit.verify import PublicKeyPin
+from appliance.audit.verify import INTACT, NOT_INTACT, UNSIGNED_TAIL, PublicKeyPin
+from appliance.cli.session import actor, add_login_arguments, authorised
 from appliance.config import Config, load_config
 from appliance.errors import BirthlineError, ReasonCode
 from appliance.issuance.journal import Journal
+from appliance.production.users import Permission
 
 WithConfig = Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
+
+VERIFY_EXIT = {INTACT: 0, NOT_INTACT: 1, UNSIGNED_TAIL: 3}
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -101,11 +111,24 @@ def cmd_verify(args: argparse.Namespace) -> int:
             json.dumps(
                 {
                     "source": report.source,
+                    "status": report.status,
+                    "intact": report.intact,
                     "ok": report.ok,
                     "entries": report.entries,
                     "head": {"seq": report.head[0], "hash": report.head[1].hex()},
                     "checkpoints": report.checkpoints,
                     "last_good_checkpoint": report.last_good_checkpoint,
+                    "claims": report.claims,
+                    "chained_since": report.chained_since,
+                    "signed_through": report.signed_through,
+                    "unsigned": None
+                    if report.unsigned is None
+                    else {
+                        "first": report.unsigned[0],
+                        "last": report.unsigned[1],
+                        "span_s": report.unsigned_span_s,
+                    },
+                    "policy": report.policy,
                     "public_keys_sha256": report.key_fingerprints,
                     "pinned": report.pinned,
                     "problems": [
@@ -119,7 +142,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         )
     else:
         print(report.text())
-    return 0 if report.ok else 1
+    return VERIFY_EXIT[report.status]
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -155,12 +178,13 @@ def cmd_public_key(args: argparse.Namespace) -> int:
 
 
 def cmd_checkpoint(args: argparse.Namespace) -> int:
-    from appliance.runtime import open_core
-
-    with open_core(_config(args)) as core:
-        cp = AuditLog(core.journal).checkpoint(ensure_audit_key(core.token))
+    """A person signs the log now (their login is the entry before the claim): how an auditor gets a signature
+    over everything up to this moment on a live appliance, beside the daemon's own interval."""
+    with authorised(args, Permission.AUDIT_CHECKPOINT) as s:
+        core = s.core
+        cp = core.audit.checkpoint(ensure_audit_key(core.token), actor=actor(s).name, reason=REASON_ON_DEMAND)
         head: dict[str, Any] = head_record(core.journal)
-    print(f"signed audit head seq {cp.seq} with HSM key {cp.key_label!r}", file=sys.stderr)
+    print(f"signed the audit log through entry {cp.seq} with HSM key {cp.key_label!r}", file=sys.stderr)
     print(json.dumps(head, sort_keys=True))
     return 0
 
@@ -173,7 +197,8 @@ def register(sub: Any, with_config: WithConfig) -> None:
 
     sp = with_config(
         audit.add_parser(
-            "verify", help="recompute the hash chain and check checkpoints; exit 1 listing problems"
+            "verify",
+            help="recompute the hash chain and check checkpoints: exit 0 intact, 3 unsigned tail, 1 problems",
         )
     )
     head = sp.add_mutually_exclusive_group()
@@ -194,8 +219,11 @@ def register(sub: Any, with_config: WithConfig) -> None:
     sp.set_defaults(func=cmd_export)
 
     sp = with_config(
-        audit.add_parser("checkpoint", help="sign the current head with the audit key in the HSM")
+        audit.add_parser(
+            "checkpoint", help="sign the log now with the audit key in the HSM (an auditor or administrator)"
+        )
     )
+    add_login_arguments(sp)
     sp.set_defaults(func=cmd_checkpoint)
 
     sp = with_config(audit.add_parser("head", help="print the current head record for an auditor to keep"))

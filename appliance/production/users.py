@@ -54,6 +54,7 @@ class Permission(enum.StrEnum):
     REVOKE = "revoke"  # revoke certificates (a device, a certificate or a whole work order)
     REWORK = "rework"
     SCRAP = "scrap"
+    AUDIT_CHECKPOINT = "audit.checkpoint"  # sign the audit log's head now (`birthline audit checkpoint`)
 
 
 # docs/production.md carries the same table; test_users checks they agree.
@@ -68,6 +69,7 @@ PERMISSIONS: Final[dict[Permission, frozenset[Role]]] = {
     Permission.REVOKE: frozenset({Role.SUPERVISOR}),
     Permission.REWORK: frozenset({Role.SUPERVISOR}),
     Permission.SCRAP: frozenset({Role.SUPERVISOR}),
+    Permission.AUDIT_CHECKPOINT: frozenset({Role.AUDITOR, Role.ADMINISTRATOR}),
 }
 
 

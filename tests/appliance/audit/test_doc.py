@@ -6,13 +6,30 @@ import hashlib
 import importlib
 import json
 import re
+import shutil
 import struct
 from pathlib import Path
 
-from appliance.audit import AuditLog, canonical_json, checkpoint_message, entry_hash, export, verify
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes as hashes_mod
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from appliance.audit import (
+    AuditLog,
+    canonical_json,
+    checkpoint_message,
+    entry_hash,
+    export,
+    key_fingerprint,
+    verify,
+)
+from appliance.audit.claims import EVENT_CHECKPOINT, CheckpointPolicy, claim_data
 from appliance.audit.encoding import GENESIS_HASH, entry_preimage
 from appliance.issuance.journal import Journal
-from tests.appliance.audit.conftest import fill
+from hsm.keys import HsmEcPrivateKey
+from tests.appliance.audit.conftest import fill, tamper
+from tests.appliance.audit.test_verify import MATRIX
 
 DOC = Path(__file__).resolve().parents[3] / "docs" / "audit.md"
 
@@ -61,9 +78,9 @@ def _doc_entry_hash(seq: int, time: float, actor: str, event: str, data: str, pr
 
 def test_worked_example_matches_the_code() -> None:
     sections = _sections()
-    assert set(sections) == {"entry 1", "entry 2", "checkpoint"}
+    assert set(sections) == {"entry 1", "entry 2", "entry 3", "checkpoint"}
     prev = GENESIS_HASH
-    for name in ("entry 1", "entry 2"):
+    for name in ("entry 1", "entry 2", "entry 3"):
         s = sections[name]
         seq, time = int(s["seq"]), float(s["time"])
         actor, event, data = json.loads(s["actor"]), json.loads(s["event"]), s["data"]
@@ -78,30 +95,116 @@ def test_worked_example_matches_the_code() -> None:
     assert sections["entry 2"]["data"] == canonical_json(
         {"device_serial": "SN-0001", "subject": "Gerät 7", "public_key_sha256": b"\x00\x01\x02\x03"}
     )
+    # entry 3 is a claim as the appliance writes it, for the example key (private key 1, the generator point)
+    example_key = ec.derive_private_key(1, ec.SECP256R1()).public_key()
+    assert json.loads(sections["entry 3"]["event"]) == EVENT_CHECKPOINT
+    assert sections["entry 3"]["data"] == canonical_json(
+        claim_data("audit", key_fingerprint(example_key), CheckpointPolicy(1000, 300.0), "interval")
+    )
     cp = sections["checkpoint"]
-    assert bytes.fromhex(cp["head_hash"]) == prev
+    assert int(cp["seq"]) == 3 and bytes.fromhex(cp["head_hash"]) == prev
     assert bytes.fromhex(cp["bytes"]) == checkpoint_message(int(cp["seq"]), prev)
-    assert bytes.fromhex(cp["bytes"]) == b"birthline-audit-checkpoint-v1" + (2).to_bytes(8, "big") + prev
+    assert bytes.fromhex(cp["bytes"]) == b"birthline-audit-checkpoint-v1" + (3).to_bytes(8, "big") + prev
 
 
-def test_doc_verifier_checks_a_real_export(audit: AuditLog, journal: Journal, tmp_path: Path) -> None:
-    """The document's export format and encoding are enough to verify what the appliance really writes."""
-    fill(audit, 50)
+def _doc_verify(path: Path, pin: ec.EllipticCurvePublicKey) -> str:
+    """An auditor's verifier of an export, from the document's encoding, export format and "The rules" alone:
+    returns the verdict ("intact", "unsigned-tail" or "not-intact")."""
+    entries, rows = [], {}
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        if rec["type"] == "entry":
+            entries.append(rec)
+        elif rec["type"] == "checkpoint":
+            rows[rec["seq"]] = rec
+    problems = 0
+    # 1. the chain
+    prev, hashes = bytes(32), {}
+    for n, rec in enumerate(entries, 1):
+        if rec["seq"] != n or bytes.fromhex(rec["prev_hash"]) != prev:
+            problems += 1
+        digest = _doc_entry_hash(n, rec["time"], rec["actor"], rec["event"], rec["data"], prev)
+        if digest.hex() != rec["hash"]:
+            problems += 1
+        hashes[n], prev = digest, digest
+    # 2. signatures
+    good = set()
+    for seq, row in rows.items():
+        message = b"birthline-audit-checkpoint-v1" + seq.to_bytes(8, "big") + bytes.fromhex(row["head_hash"])
+        try:
+            pin.verify(bytes.fromhex(row["signature"]), message, ec.ECDSA(hashes_mod.SHA256()))
+        except InvalidSignature:
+            problems += 1
+            continue
+        if hashes.get(seq, b"").hex() != row["head_hash"]:
+            problems += 1
+            continue
+        good.add(seq)
+    # 3. claims
+    pin_sha256 = hashlib.sha256(
+        pin.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    ).hexdigest()
+    claims = [rec["seq"] for rec in entries if rec["event"] == "audit.checkpoint"]
+    problems += sum(1 for seq in claims[:-1] if seq not in rows)
+    problems += sum(
+        1
+        for seq in claims
+        if seq in good and json.loads(entries[seq - 1]["data"])["key_sha256"] != pin_sha256
+    )
+    # 4. coverage, 5. the bound
+    signed, last = max(good, default=0), len(entries)
+    if last > signed:
+        stated = [seq for seq in claims if seq in good]
+        if stated:
+            policy = json.loads(entries[stated[-1] - 1]["data"])["policy"]
+            age = entries[-1]["time"] - entries[signed]["time"]
+            if last - signed > policy["max_unsigned_entries"] or age > policy["max_unsigned_s"]:
+                problems += 1
+    return "not-intact" if problems else ("unsigned-tail" if last > signed else "intact")
+
+
+def test_doc_verifier_checks_a_real_export(
+    audit: AuditLog, journal: Journal, audit_key: HsmEcPrivateKey, tmp_path: Path
+) -> None:
+    """The document's export format, encoding and rules are enough to verify what the appliance really writes,
+    and to reach the same verdict as `verify` on the tampered logs of the matrix."""
+    audit.checkpoint(audit_key)  # the shape of test_verify's `stopped` log: claims at 2, 21 and 31
+    fill(audit, 17)
     audit.record("operator:jürgen", "auth.login", {"note": "Gerät 7 \U0001f600", "t": 0.1})
+    audit.checkpoint(audit_key)
+    fill(audit, 9)
+    pin = audit_key.public_key()
+
+    def both(j: Journal, name: str) -> tuple[str, str]:
+        out = tmp_path / f"{name}.jsonl"
+        export(j, out)
+        return _doc_verify(out, pin), verify(out, public_key=pin).status
+
+    assert both(journal, "live") == ("unsigned-tail", "unsigned-tail")  # entries 22..30 not signed yet
+    assert audit.checkpoint(audit_key, reason="final").seq == 31
+    assert both(journal, "stopped") == ("intact", "intact")
+    journal.call(lambda: journal.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)"))
+    for n, (name, (fn, _alone, pinned, _head)) in enumerate(MATRIX.items()):
+        copy = tmp_path / f"copy-{n}.sqlite"
+        shutil.copy(journal.path, copy)
+        with Journal(copy) as j:
+            with tamper(j) as db:
+                fn(db)
+            assert both(j, f"copy-{n}") == (pinned, pinned), name
+
+
+def test_doc_verifier_reaches_the_bound(journal: Journal, audit_key: HsmEcPrivateKey, tmp_path: Path) -> None:
+    now = [1_700_000_000.0]
+    log = AuditLog(journal, clock=lambda: now[0], policy=CheckpointPolicy(every_entries=10, every_s=60))
+    log.checkpoint(audit_key)
+    fill(log, 20)
     out = tmp_path / "audit.jsonl"
     export(journal, out)
-    prev, n = GENESIS_HASH, 0
-    for line in out.read_text().splitlines():
-        rec = json.loads(line)
-        if rec["type"] != "entry":
-            continue
-        n += 1
-        assert rec["seq"] == n and bytes.fromhex(rec["prev_hash"]) == prev
-        digest = _doc_entry_hash(rec["seq"], rec["time"], rec["actor"], rec["event"], rec["data"], prev)
-        assert digest.hex() == rec["hash"]
-        prev = digest
-    assert n == 51 and json.loads(line)["hash"] == prev.hex()
-    assert verify(out).ok
+    assert _doc_verify(out, audit_key.public_key()) == verify(out).status == "unsigned-tail"
+    now[0] += 121
+    fill(log, 1)
+    export(journal, out)
+    assert _doc_verify(out, audit_key.public_key()) == verify(out).status == "not-intact"
 
 
 def test_documented_problem_kinds_are_exactly_the_codes() -> None:

@@ -181,3 +181,12 @@ def test_append_only_triggers_refuse_update_and_delete(audit: AuditLog, journal:
     for sql in ("UPDATE audit SET actor='x'", "DELETE FROM audit"):
         with pytest.raises(sqlite3.IntegrityError, match="append-only"):
             journal.call(lambda sql=sql: journal.conn.execute(sql))
+
+
+def test_the_last_claim_is_found_through_the_partial_index(audit: AuditLog, journal: Journal) -> None:
+    """Checkpoints look up the last audit.checkpoint entry: an index search, not a scan of the whole log."""
+    from appliance.audit.log import _LAST_CLAIM
+
+    plan = journal.call(lambda: journal.conn.execute("EXPLAIN QUERY PLAN " + _LAST_CLAIM).fetchall())
+    text = " ".join(str(row[-1]) for row in plan)
+    assert "SEARCH audit USING INDEX audit_claims" in text and "SCAN" not in text, plan
