@@ -91,7 +91,13 @@ class CoreEnroller:
         self.service = service
         self.journal = journal
 
-    async def ca_chain(self, station: str) -> list[bytes]:
+    async def ca_chain(self, station: str, profile: str | None) -> list[bytes]:
+        # Every profile this appliance serves is issued by the one issuing CA of the service; a name it does
+        # not serve is refused, as ENROLL would refuse it, so a station can check its profile before a device.
+        if profile is not None and profile not in self.service.profiles:
+            raise StationError(
+                Code.UNKNOWN_PROFILE, f"no profile named {clean_text(profile, 64)!r} is served"
+            )
         return list(self.service.chain)
 
     async def _find(self, station: str, request_id: str) -> _Issued | None:

@@ -63,8 +63,9 @@ class EnrollPending(StationError):
 class Enroller(Protocol):
     """What the server needs from the appliance. Raise StationError(code, text) to refuse a request."""
 
-    async def ca_chain(self, station: str) -> list[bytes]:
-        """DER certificates, issuing CA first, root last."""
+    async def ca_chain(self, station: str, profile: str | None) -> list[bytes]:
+        """DER certificates of the CA that issues ``profile`` (None: the default profile), issuing CA first,
+        root last. Raise StationError(UNKNOWN_PROFILE) for a profile the appliance does not serve."""
         ...
 
     async def enroll(
@@ -365,7 +366,7 @@ class _Connection:
         elif isinstance(message, Confirm):
             self._spawn(self._confirm(message))
         elif isinstance(message, GetCaChain):
-            self._spawn(self._ca_chain())
+            self._spawn(self._ca_chain(message.profile or None))
         # PONG: nothing to do; the frame already counted as traffic.
 
     def _spawn(self, coro: object) -> None:
@@ -427,10 +428,10 @@ class _Connection:
             reply = self._fail(StationError(Code.INTERNAL, "internal error"), msg.request_id, "confirm")
         await self._reply(reply)
 
-    async def _ca_chain(self) -> None:
+    async def _ca_chain(self, profile: str | None) -> None:
         reply: Message
         try:
-            reply = CaChain(tuple(await self.server.enroller.ca_chain(self.station or "")))
+            reply = CaChain(tuple(await self.server.enroller.ca_chain(self.station or "", profile)))
         except StationError as exc:
             reply = self._fail(exc, bytes(16), "ca_chain")
         except Exception:

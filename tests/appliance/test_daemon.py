@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from appliance import ca as ca_mod
 from appliance import stations_registry as reg
 from appliance.config import (
     ApplianceSection,
@@ -122,6 +123,25 @@ async def test_enrol_over_tls_verifies_and_confirm_marks_the_journal(daemon: Dae
     st = daemon.states["line1-st1"]
     assert st.connected and st.authenticated and st.last_device_serial == "SN-TLS-1"
     assert st.counters["enrolled"] == 1 and st.counters["confirmed"] == 2
+    await link.close()
+
+
+async def test_ca_chain_is_the_chain_of_the_profiles_issuing_ca_and_unknown_profiles_are_refused(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    bundle = await add_lan(daemon, "st-chain", tmp_path)
+    link = await Link.tls(_addr(daemon), bundle)
+    assert isinstance(await link.handshake(), Authenticated)
+    default = await link.request(GetCaChain())
+    named = await link.request(GetCaChain("idevid"))
+    assert isinstance(default, CaChain) and isinstance(named, CaChain)
+    assert default.chain == named.chain
+    assert named.chain[0] == ca_mod.load_ca(daemon.journal, "issuing").cert_der
+    unknown = await link.request(GetCaChain("no-such-profile"))
+    assert isinstance(unknown, Error) and unknown.code == Code.UNKNOWN_PROFILE
+    assert "no-such-profile" in unknown.text
+    # The refusal concerns that request only: the session goes on.
+    assert isinstance(await link.request(GetCaChain("idevid")), CaChain)
     await link.close()
 
 

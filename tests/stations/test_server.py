@@ -28,7 +28,7 @@ class SlowEnroller:
     calls: int = 0
     issued: dict[bytes, bytes] = field(default_factory=dict)
 
-    async def ca_chain(self, station: str) -> list[bytes]:
+    async def ca_chain(self, station: str, profile: str | None) -> list[bytes]:
         return [b"ca"]
 
     async def enroll(
