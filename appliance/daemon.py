@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["CoreEnroller", "Daemon", "run_daemon", "wire_code"]
 
+UNKNOWN_HERE = "no station with this id is registered on this port or certificate"
+
 
 def wire_code(exc: BirthlineError) -> Code:
     """ReasonCode numbers are the protocol's codes 1-18 and 99."""
@@ -387,7 +389,9 @@ class Daemon:
 
         def lookup(station_id: str) -> bytes | None:
             if station_id != bound:
-                raise StationError(Code.AUTH_FAILED, "this connection belongs to another station")
+                # The same answer whether or not that id is registered elsewhere: a peer on one port or with
+                # one certificate learns nothing about which other station ids exist.
+                raise StationError(Code.UNKNOWN_STATION, UNKNOWN_HERE)
             rec = self._stations.get(station_id)
             if rec is None:
                 return None

@@ -181,22 +181,25 @@ async def test_wrong_key_and_foreign_station_id_refused_while_another_station_en
     link_bad = await Link.tls(_addr(daemon), bad)
     failed = await link_bad.handshake()
     assert isinstance(failed, HandshakeFailed) and failed.code == Code.AUTH_FAILED
-    # st-bad's certificate with another station's id (and that station's real key): refused.
+    # st-bad's certificate with another station's id (and that station's real key): UNKNOWN_STATION, as the
+    # protocol promises for an id that is not registered (on this certificate)...
     key_good = bytes.fromhex((good / "station.key").read_text())
     link_spoof = await Link.tls(_addr(daemon), bad)
     link_spoof.session = type(link_spoof.session)("st-good", key_good)
     spoof = await link_spoof.handshake()
-    assert isinstance(spoof, HandshakeFailed) and spoof.code == Code.AUTH_FAILED
-    # An id nobody registered.
+    assert isinstance(spoof, HandshakeFailed) and spoof.code == Code.UNKNOWN_STATION
+    # ... word for word the answer to an id nobody registered: the answer does not tell which ids exist.
     link_unknown = await Link.tls(_addr(daemon), bad)
     link_unknown.session = type(link_unknown.session)("nobody", key_good)
     unknown = await link_unknown.handshake()
-    assert isinstance(unknown, HandshakeFailed) and unknown.code == Code.AUTH_FAILED
+    assert isinstance(unknown, HandshakeFailed) and unknown.code == Code.UNKNOWN_STATION
+    assert unknown.text == spoof.text
 
     link = await Link.tls(_addr(daemon), good)
     assert isinstance(await link.handshake(), Authenticated)
     assert isinstance(await _enroll(link, "SN-GOOD"), Cert)
-    assert daemon.states["st-bad"].counters["auth_failed"] == 3
+    counters = daemon.states["st-bad"].counters
+    assert counters["auth_failed"] == 1 and counters["refused_unknown_station"] == 2
     for lk in (link, link_bad, link_spoof, link_unknown):
         await lk.close()
 
@@ -381,10 +384,10 @@ async def test_serial_station_enrols_survives_unplug_and_is_bound_to_its_port(
     await _port_open(daemon, "st-serial")
     assert isinstance(await link.handshake(), Authenticated)
     assert isinstance(await _enroll(link, "SN-SERIAL-1"), Cert)
-    # Another station's id on this port is refused even with the right key for it.
+    # Another station's id on this port is refused even with the right key for it, as unknown here.
     link.session = type(link.session)("st-other", key)
     refused = await link.handshake()
-    assert isinstance(refused, HandshakeFailed) and refused.code == Code.AUTH_FAILED
+    assert isinstance(refused, HandshakeFailed) and refused.code == Code.UNKNOWN_STATION
 
     pty.unplug()  # the adapter disappears; the daemon retries until the port is back
     await asyncio.sleep(0.3)
