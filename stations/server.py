@@ -42,6 +42,7 @@ from stations.session import (
     KeyLookup,
     Received,
     Rejected,
+    plain_frame,
 )
 from stations.transports.base import ChannelClosed, FrameChannel
 
@@ -50,6 +51,9 @@ log = logging.getLogger(__name__)
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 DEFAULT_IDLE_TIMEOUT = 90.0
 DUPLICATE_RETRY_MS = 1000  # PENDING answer to an ENROLL whose request id is still being worked on
+CLOSE_SEND_TIMEOUT = (
+    1.0  # a last frame (BYE, ERROR TIMEOUT) to a peer that does not read is given up after this
+)
 
 
 class EnrollPending(StationError):
@@ -165,8 +169,11 @@ class StationServer:
         """Run one connection until the peer goes away or the station is dropped; never raises ChannelClosed.
 
         ``station`` is the station the transport has already bound (the TLS certificate's or the port's owner);
-        ``lookup`` must refuse every other id. ``close_on_timeout`` ends the connection when the handshake or
-        the session times out (TLS); a serial port stays open and only forgets the session.
+        ``lookup`` must refuse every other id. The timers (docs/station-protocol.md section 9) tell the station
+        what ended: a handshake not completed in ``handshake_timeout`` gets a plain ERROR TIMEOUT, a session
+        idle for ``idle_timeout`` a sealed BYE TIMEOUT. ``close_on_timeout`` (TLS) then ends the connection,
+        and its handshake timer runs from the moment it opens; a serial port (False) stays open, forgets the
+        session, and times only a handshake it has answered with a CHALLENGE.
         """
         conn = _Connection(self, channel, lookup, station, close_on_timeout)
         conn.task = asyncio.create_task(conn.run(), name=f"station-conn {channel.peer}")
@@ -203,8 +210,9 @@ class _Connection:
         self._requests: set[asyncio.Task[None]] = set()
         self._inflight: set[bytes] = set()
         now = server.clock()
-        self._connected_at = now
-        self._handshake_deadline: float | None = now + server.handshake_timeout if close_on_timeout else None
+        # The handshake timer restarts with every CHALLENGE that starts a new handshake (a HELLO with a new
+        # nonce) and whenever a session ends, so each of a station's handshake rounds gets the whole limit.
+        self._handshake_started = now
         self._last_valid = now
         if station is not None:
             self._attach(station)
@@ -251,7 +259,7 @@ class _Connection:
             await asyncio.gather(*self._requests, return_exceptions=True)
         if self.drop_code is not None:
             with contextlib.suppress(StationError, OSError, TimeoutError):
-                async with asyncio.timeout(1.0):
+                async with asyncio.timeout(CLOSE_SEND_TIMEOUT):
                     await self.channel.send(self.session.close(self.drop_code))
         if self.station is not None:
             self._detach(self.station)
@@ -277,7 +285,9 @@ class _Connection:
     def _deadline(self) -> float | None:
         if self.session.established:
             return self._last_valid + self.server.idle_timeout
-        return self._handshake_deadline
+        if self.close_on_timeout or self._challenged():
+            return self._handshake_started + self.server.handshake_timeout
+        return None  # a serial port with no handshake pending: nothing to time
 
     async def _loop(self) -> None:
         while True:
@@ -287,7 +297,7 @@ class _Connection:
                 async with asyncio.timeout(timeout):
                     item = await self.channel.recv()
             except TimeoutError:
-                if self._on_timeout():
+                if await self._on_timeout():
                     return
                 continue
             if isinstance(item, DecodeEvent):
@@ -295,21 +305,30 @@ class _Connection:
                 continue
             await self._on_frame(item)
 
-    def _on_timeout(self) -> bool:
-        """A timer expired. True ends the connection."""
+    async def _on_timeout(self) -> bool:
+        """A timer expired: tell the station (sealed BYE TIMEOUT for a session, which it can trust; plain ERROR
+        TIMEOUT for a handshake, which has no key yet). True ends the connection."""
         st = self.state
-        if self.session.established:
-            st.counters["idle_timeout"] += 1
-            log.info("station %s: session idle for %.1f s, dropped", self.station, self.server.idle_timeout)
-        else:
-            st.counters["handshake_timeout"] += 1
-        self.session.reset()
-        st.authenticated = False
-        self._handshake_deadline = None
+        async with self._lock:
+            if self.session.established:
+                st.counters["idle_timeout"] += 1
+                log.debug(
+                    "station %s: session idle for %.1f s, ended", self.station, self.server.idle_timeout
+                )
+                wire = self.session.close(Code.TIMEOUT)
+            else:
+                st.counters["handshake_timeout"] += 1
+                self.session.reset()
+                wire = plain_frame(Error(Code.TIMEOUT, "handshake not completed in time"))
+            st.authenticated = False
+            self._handshake_started = self.server.clock()
+            with contextlib.suppress(StationError, OSError, TimeoutError):
+                async with asyncio.timeout(CLOSE_SEND_TIMEOUT):
+                    await self.channel.send(wire)
         return self.close_on_timeout
 
     async def _on_frame(self, frame: Frame) -> None:
-        was_challenged = self._challenged()
+        handshakes = self.session.handshakes
         async with self._lock:
             step = self.session.receive(frame)
             for wire in step.send:
@@ -322,7 +341,6 @@ class _Connection:
                 st.authenticated = True
                 st.peer = self.channel.peer
                 st.counters["sessions"] += 1
-                self._handshake_deadline = None
             elif isinstance(event, HandshakeFailed):
                 valid = False
                 self._on_handshake_failed(event)
@@ -332,10 +350,11 @@ class _Connection:
                 log.info("station %s: frame rejected: %s", self.station or self.channel.peer, event.text)
             elif isinstance(event, Closed):
                 self.state.authenticated = False
+                self._handshake_started = self.server.clock()
             elif isinstance(event, Received):
                 self._dispatch(event.message)
-        if self._challenged() and not was_challenged:
-            self._handshake_deadline = self.server.clock() + self.server.handshake_timeout
+        if self.session.handshakes != handshakes:
+            self._handshake_started = self.server.clock()
         if valid:
             self._last_valid = self.server.clock()
             if self.session.established:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import hashlib
 import os
@@ -31,10 +32,24 @@ from appliance.config import (
 from appliance.daemon import Daemon
 from appliance.profiles import builtin_profiles
 from hsm.softhsm import SoftHsmToken
-from stations.codec import SYNC, crc8
+from stations.codec import SYNC, Frame, crc8
 from stations.codes import Code
-from stations.messages import CaChain, Cert, Confirm, Confirmed, Enroll, Error, GetCaChain, Ping, Pong
+from stations.messages import (
+    CaChain,
+    Cert,
+    Challenge,
+    Confirm,
+    Confirmed,
+    Enroll,
+    Error,
+    GetCaChain,
+    Message,
+    Ping,
+    Pong,
+    decode_message,
+)
 from stations.session import Authenticated, Closed, HandshakeFailed, Received
+from stations.transports.base import ChannelClosed
 from stations.transports.stream import StreamChannel
 from tests.appliance.conftest import make_csr, put_on_line
 from tests.stations.station_link import Link, request_id
@@ -315,16 +330,56 @@ async def test_replayed_sealed_frame_is_refused(daemon: Daemon, tmp_path: Path) 
     await link.close()
 
 
-async def test_connection_without_handshake_is_closed_after_the_timeout(
+async def _plain_then_close(link: Link, timeout: float = 10.0) -> list[Message]:
+    """The plain messages the appliance sends until it closes the connection."""
+    out: list[Message] = []
+    with pytest.raises(ChannelClosed):
+        async with asyncio.timeout(timeout):
+            while True:
+                item = await link.channel.recv()
+                if isinstance(item, Frame) and not item.sealed:
+                    out.append(decode_message(item.kind, item.payload))
+    return out
+
+
+async def test_connection_without_handshake_gets_timeout_then_is_closed(
     daemon: Daemon, tmp_path: Path
 ) -> None:
     bundle = await add_lan(daemon, "st-slow", tmp_path)
     link = await Link.tls(_addr(daemon), bundle)
-    # Connected but never says HELLO: closed after handshake_timeout_s.
-    with pytest.raises(Exception):  # noqa: B017 - ChannelClosed or a reset, both mean "closed"
-        async with asyncio.timeout(3):
-            await link.channel.recv()
+    # Connected but never says HELLO: told TIMEOUT, then closed, after handshake_timeout_s.
+    (error,) = await _plain_then_close(link)
+    assert isinstance(error, Error) and error.code == Code.TIMEOUT
     assert daemon.states["st-slow"].counters["handshake_timeout"] == 1
+
+
+async def test_idle_tls_session_ends_with_bye_timeout_then_the_connection_closes(
+    softhsm_token: SoftHsmToken, production_journal_template: Path, tmp_path: Path
+) -> None:
+    config = _config(tmp_path / "state", softhsm_token, production_journal_template)
+    config = dataclasses.replace(
+        config, stations=dataclasses.replace(config.stations, handshake_timeout_s=10.0, idle_timeout_s=0.5)
+    )
+    async with Daemon(config) as d:
+        bundle = await add_lan(d, "st-idle", tmp_path)
+        link = await Link.tls(_addr(d), bundle)
+        assert isinstance(await link.handshake(), Authenticated)
+        assert isinstance(await link.request(Ping(1)), Pong)
+        # Then nothing: the appliance ends the session with an authentic reason, then the connection.
+        (closed,) = await link.events(timeout=10)
+        assert isinstance(closed, Closed) and closed.bye and closed.code == Code.TIMEOUT
+        with pytest.raises(ChannelClosed):
+            async with asyncio.timeout(10):
+                await link.channel.recv()
+        assert d.states["st-idle"].counters["idle_timeout"] == 1
+
+
+async def _next_plain(link: Link, timeout: float = 10.0) -> Message:
+    async with asyncio.timeout(timeout):
+        while True:
+            item = await link.channel.recv()
+            if isinstance(item, Frame) and not item.sealed:
+                return decode_message(item.kind, item.payload)
 
 
 class _Pty:
@@ -388,6 +443,23 @@ async def test_serial_station_enrols_survives_unplug_and_is_bound_to_its_port(
     link.session = type(link.session)("st-other", key)
     refused = await link.handshake()
     assert isinstance(refused, HandshakeFailed) and refused.code == Code.UNKNOWN_STATION
+
+    # A CHALLENGE left unanswered: after handshake_timeout_s the appliance says TIMEOUT and forgets it; the
+    # port stays open and the station authenticates again.
+    link.session = type(link.session)("st-serial", key)
+    await link.channel.send(link.session.hello())
+    first = await _next_plain(link)
+    assert isinstance(first, Challenge)
+    second = await _next_plain(link)
+    assert isinstance(second, Error) and second.code == Code.TIMEOUT
+    assert isinstance(await link.handshake(), Authenticated)
+    # A session left idle: ended with a sealed BYE TIMEOUT after idle_timeout_s; the port stays open.
+    (closed,) = await link.events(timeout=20)
+    assert isinstance(closed, Closed) and closed.bye and closed.code == Code.TIMEOUT
+    assert isinstance(await link.handshake(), Authenticated)
+    assert isinstance(await _enroll(link, "SN-SERIAL-3"), Cert)
+    counters = daemon.states["st-serial"].counters
+    assert counters["handshake_timeout"] == 1 and counters["idle_timeout"] == 1
 
     pty.unplug()  # the adapter disappears; the daemon retries until the port is back
     await asyncio.sleep(0.3)

@@ -11,11 +11,27 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from stations.codec import Frame
 from stations.codes import Code
 from stations.errors import StationError
-from stations.messages import Cert, Confirm, Confirmed, Enroll, Error, Pending, Ping, Pong
+from stations.messages import (
+    CHALLENGE,
+    AuthOk,
+    Cert,
+    Challenge,
+    Confirm,
+    Confirmed,
+    Enroll,
+    Error,
+    Message,
+    Pending,
+    Ping,
+    Pong,
+    decode_message,
+)
 from stations.server import EnrollPending, StationServer, clean_text
 from stations.session import Authenticated, Closed
+from stations.transports.base import ChannelClosed
 from stations.transports.stream import StreamChannel
 from tests.stations.station_link import Link, request_id
 
@@ -125,23 +141,112 @@ async def test_refusals_are_coded_and_escaped_and_internal_errors_hide_details(r
     assert rig.server.states["st-a"].last_error is not None
 
 
-async def test_idle_session_is_forgotten(rig: Rig) -> None:
+async def _plain_frames_then_close(link: Link, timeout: float = 10.0) -> list[Message]:
+    """Every plain message the appliance sends until it closes the connection."""
+    out: list[Message] = []
+    with pytest.raises(ChannelClosed):
+        async with asyncio.timeout(timeout):
+            while True:
+                item = await link.channel.recv()
+                if isinstance(item, Frame) and not item.sealed:
+                    out.append(decode_message(item.kind, item.payload))
+    return out
+
+
+async def test_idle_session_ends_with_a_sealed_bye_timeout_and_the_port_stays_open(rig: Rig) -> None:
     a = await rig.connect("st-a", bound="st-a", close_on_timeout=False)
     assert isinstance(await a.handshake(), Authenticated)
-    await asyncio.sleep(0.6)
-    events = await a.request(Ping(1))
-    # The appliance answers a sealed frame without a session with plain NO_SESSION: the station starts over.
-    assert isinstance(events, Closed) and events.code == Code.NO_SESSION
+    # Nothing sent: the appliance says why it ends the session, authentically, on its own.
+    (closed,) = await a.events()
+    assert isinstance(closed, Closed) and closed.code == Code.TIMEOUT and closed.bye
     assert rig.server.states["st-a"].counters["idle_timeout"] == 1
+    # A serial port stays open: the station authenticates again on the same line.
     assert isinstance(await a.handshake(), Authenticated)
+    assert isinstance(await a.request(Ping(3)), Pong)
 
 
-async def test_half_open_handshake_expires_and_connection_closes(rig: Rig) -> None:
-    a = await rig.connect("st-a")
-    with pytest.raises(Exception):  # noqa: B017 - the server closes the connection
-        async with asyncio.timeout(2):
+async def test_idle_session_on_tls_ends_with_bye_timeout_then_the_connection_closes(rig: Rig) -> None:
+    a = await rig.connect("st-a", bound="st-a")
+    assert isinstance(await a.handshake(), Authenticated)
+    (closed,) = await a.events()
+    assert isinstance(closed, Closed) and closed.code == Code.TIMEOUT and closed.bye
+    with pytest.raises(ChannelClosed):
+        async with asyncio.timeout(5):
             await a.channel.recv()
+
+
+async def test_connection_without_handshake_gets_timeout_then_closes(rig: Rig) -> None:
+    a = await rig.connect("st-a")
+    (error,) = await _plain_frames_then_close(a)
+    assert isinstance(error, Error) and error.code == Code.TIMEOUT and error.request_id == bytes(16)
     assert rig.server.unattributed.counters["handshake_timeout"] == 1
+
+
+async def test_unanswered_challenge_on_a_serial_port_gets_timeout_and_is_forgotten(rig: Rig) -> None:
+    b = await rig.connect("st-a", bound="st-a", close_on_timeout=False)
+    await b.channel.send(b.session.hello())
+    challenge = await _next_plain(b)
+    assert isinstance(challenge, Challenge)
+    # The station never sends its AUTH: the appliance gives up on the handshake and says so, in plain.
+    timeout = await _next_plain(b)
+    assert isinstance(timeout, Error) and timeout.code == Code.TIMEOUT
+    assert rig.server.states["st-a"].counters["handshake_timeout"] == 1
+    # The port stays open; the late AUTH finds no handshake, and a new HELLO works.
+    step = b.session.receive(Frame(CHALLENGE, challenge.encode()))
+    await b.channel.send(step.send[0])
+    late = await _next_plain(b)
+    assert isinstance(late, Error) and late.code == Code.UNEXPECTED_MESSAGE
+    assert isinstance(await b.handshake(), Authenticated)
+
+
+async def _next_plain(link: Link, timeout: float = 10.0) -> Message:
+    async with asyncio.timeout(timeout):
+        while True:
+            item = await link.channel.recv()
+            if isinstance(item, Frame) and not item.sealed:
+                return decode_message(item.kind, item.payload)
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_every_new_handshake_gets_the_whole_handshake_time() -> None:
+    """A station that starts a new round (new nonce) late in the handshake time still gets the whole limit
+    for it. The server's clock is a fake, so nothing here depends on how fast the machine is."""
+    clock = _Clock()
+    server = StationServer(SlowEnroller(), handshake_timeout=100.0, idle_timeout=1000.0, clock=clock)
+    a_sock, b_sock = socket.socketpair()
+    ra, wa = await asyncio.open_connection(sock=a_sock)
+    rb, wb = await asyncio.open_connection(sock=b_sock)
+    task = asyncio.create_task(server.serve(StreamChannel(ra, wa, peer="pair"), KEYS.get, station="st-a"))
+    link = Link(StreamChannel(rb, wb), "st-a", KEYS["st-a"])
+    try:
+        clock.now += 60  # connected 60 s ago: 40 s of the first handshake time left
+        first = link.session.hello()
+        await link.channel.send(first)
+        assert isinstance(await _next_plain(link), Challenge)
+        clock.now += 90  # the first round ran out of time on the station's side; a new round, new nonce
+        link.session.reset()
+        second = link.session.hello()
+        assert second != first
+        await link.channel.send(second)
+        challenge = await _next_plain(link)
+        assert isinstance(challenge, Challenge)
+        clock.now += 90  # 240 s after connecting, 90 s into the second round: still within it
+        await link.channel.send(link.session.resend() or b"")  # the identical HELLO again: a no-op
+        assert await _next_plain(link) == challenge
+        step = link.session.receive(Frame(CHALLENGE, challenge.encode()))
+        await link.channel.send(step.send[0])
+        ok = await _next_plain(link)
+        assert isinstance(ok, AuthOk)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 async def test_drop_ends_the_session_with_bye(rig: Rig) -> None:
