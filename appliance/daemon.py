@@ -33,6 +33,7 @@ from appliance.issuance.journal import Journal
 from appliance.issuance.policy import IssueRequest
 from appliance.issuance.service import IssueService
 from appliance.runtime import Core, open_core, record_start
+from appliance.station_failures import LinkFailures
 from appliance.stations_registry import StationRecord, TlsServerFiles, alist_stations
 from appliance.va.http import VaServer, make_app
 from appliance.va.service import ValidationAuthority
@@ -40,7 +41,7 @@ from stations.codec import FrameDecoder
 from stations.codes import Code
 from stations.errors import StationError
 from stations.messages import Error
-from stations.server import EnrollPending, StationServer, StationState, clean_text
+from stations.server import EnrollPending, LinkFailure, StationServer, StationState, clean_text
 from stations.session import KeyLookup, plain_frame
 from stations.transports.base import ChannelClosed
 from stations.transports.stream import StreamChannel
@@ -165,6 +166,22 @@ class CoreEnroller:
             raise StationError(wire_code(exc), clean_text(exc.message)) from None
 
 
+class _LinkMonitor:
+    """stations.server.LinkMonitor over the core's LinkFailures (audit, log once, alarm)."""
+
+    def __init__(self, failures: LinkFailures) -> None:
+        self.failures = failures
+
+    def link_failed(self, failure: LinkFailure) -> None:
+        self.failures.failed(
+            station=failure.station, peer=failure.peer, code=failure.code.name, text=failure.text,
+            claimed=failure.claimed, blocked_s=failure.blocked_s,
+        )  # fmt: skip
+
+    def link_authenticated(self, station: str, peer: str) -> None:
+        self.failures.authenticated(station)
+
+
 def server_ssl_context(files: TlsServerFiles) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -203,6 +220,7 @@ class Daemon:
         self._stopped = asyncio.Event()
         self._watcher: asyncio.Task[None] | None = None
         self.refused_lan = 0  # TLS connections whose certificate belongs to no enabled station
+        self.link_failures: LinkFailures | None = None
         self.va: ValidationAuthority | None = None
         self.va_server: VaServer | None = None
         self.cmp: CmpResponder | None = None
@@ -277,8 +295,18 @@ class Daemon:
         if self.config.cmp.address is not None:
             await self._start_cmp(service)
         self.enroller = CoreEnroller(service, self.core.journal)
+        self.link_failures = await self._stack.enter_async_context(
+            LinkFailures(
+                self.core.audit, self.core.alarms, burst=cfg.failure_limit, window_s=cfg.failure_window_s
+            )
+        )
         self.server = StationServer(
-            self.enroller, handshake_timeout=cfg.handshake_timeout_s, idle_timeout=cfg.idle_timeout_s
+            self.enroller,
+            handshake_timeout=cfg.handshake_timeout_s,
+            idle_timeout=cfg.idle_timeout_s,
+            failure_limit=cfg.failure_limit,
+            failure_window_s=cfg.failure_window_s,
+            monitor=_LinkMonitor(self.link_failures),
         )
         self._tg = asyncio.TaskGroup()
         await self._tg.__aenter__()
@@ -449,7 +477,13 @@ class Daemon:
                 )
                 if rec is not None:
                     self.server.state(rec.name).counters["refused_station_disabled"] += 1
-                log.warning("LAN connection from %s refused: %s", channel.peer, text)
+                # Counted like a failed handshake (no station to bind it to: by the peer's address), so a
+                # certificate that keeps coming back raises the alarm; the audit and the log stay bounded.
+                key = rec.name if rec is not None else f"tls-peer:{channel.peer.rpartition(':')[0]}"
+                blocked = self.server.limiter.failed(key, self.server.clock()) or 0.0
+                assert self.link_failures is not None
+                self.link_failures.failed(station=key, peer=channel.peer, code=code.name, text=text,
+                                          blocked_s=blocked)  # fmt: skip
                 with contextlib.suppress(Exception):
                     await channel.send(plain_frame(Error(code, text)))
                 await channel.close()

@@ -14,6 +14,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
 import time
 import unicodedata
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from typing import Protocol
 from stations.codec import DecodeEvent, Frame
 from stations.codes import Code
 from stations.errors import SessionError, StationError
+from stations.limits import DEFAULT_FAILURE_LIMIT, DEFAULT_FAILURE_WINDOW, FailureLimiter
 from stations.messages import (
     CaChain,
     Cert,
@@ -50,6 +52,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 DEFAULT_IDLE_TIMEOUT = 90.0
+# Frames refused as forged or replayed: evidence of tampering (or a broken station), counted like a failed
+# handshake. Noise never gets here: the CRC drops it before the tag is checked.
+FORGED = frozenset({Code.BAD_TAG, Code.REPLAY})
 DUPLICATE_RETRY_MS = 1000  # PENDING answer to an ENROLL whose request id is still being worked on
 CLOSE_SEND_TIMEOUT = (
     1.0  # a last frame (BYE, ERROR TIMEOUT) to a peer that does not read is given up after this
@@ -81,6 +86,28 @@ class Enroller(Protocol):
     async def confirm(self, station: str, request_id: bytes, cert_sha256: bytes) -> None:
         """Record delivery; StationError(UNKNOWN_REQUEST / CONFIRM_MISMATCH) to refuse."""
         ...
+
+
+@dataclass(frozen=True)
+class LinkFailure:
+    """A failed handshake or a frame refused as forged or replayed (BAD_TAG, REPLAY): what the appliance
+    audits, and alarms on when a station keeps failing."""
+
+    station: str  # the station the port or certificate is bound to; else the id claimed in HELLO; else ""
+    peer: str  # the transport's peer: a port path, or host:port
+    code: Code
+    text: str  # ours, never the peer's
+    claimed: str = ""  # the station id the peer sent in HELLO, when it sent one
+    blocked_s: float = 0.0  # > 0: this failure reached the limit; the station's handshakes get BUSY this long
+
+
+class LinkMonitor(Protocol):
+    """What the server reports to the appliance about failing links (the appliance audits them in bounded
+    space, logs each cause once per interval and raises alarms). Called on the event loop; must not block."""
+
+    def link_failed(self, failure: LinkFailure) -> None: ...
+
+    def link_authenticated(self, station: str, peer: str) -> None: ...
 
 
 @dataclass
@@ -122,7 +149,14 @@ def clean_text(text: str, limit: int = 200) -> str:
 
 
 class StationServer:
-    """Runs station sessions over any FrameChannel. ``serve()`` once per connection, each in its own task."""
+    """Runs station sessions over any FrameChannel. ``serve()`` once per connection, each in its own task.
+
+    Failed handshakes and forged or replayed frames (BAD_TAG, REPLAY) count against the station the port or
+    certificate is bound to (``limits.FailureLimiter``: ``failure_limit`` within ``failure_window_s``); past
+    the limit its session ends with BYE BUSY and its HELLOs are answered BUSY, before any key lookup or
+    derivation, until the window has passed. Each of them is reported to ``monitor``. Peer-caused conditions
+    are logged at DEBUG only: the monitor decides what reaches the log, so a flood cannot fill it.
+    """
 
     def __init__(
         self,
@@ -130,11 +164,16 @@ class StationServer:
         *,
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        failure_limit: int = DEFAULT_FAILURE_LIMIT,
+        failure_window_s: float = DEFAULT_FAILURE_WINDOW,
+        monitor: LinkMonitor | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.enroller = enroller
         self.handshake_timeout = handshake_timeout
         self.idle_timeout = idle_timeout
+        self.limiter = FailureLimiter(failure_limit, failure_window_s)
+        self.monitor = monitor
         self.clock = clock
         self.states: dict[str, StationState] = {}
         self.unattributed = StationState(
@@ -200,7 +239,8 @@ class _Connection:
     ) -> None:
         self.server = server
         self.channel = channel
-        self.session = ApplianceSession(lookup)
+        self._lookup = lookup
+        self.session = ApplianceSession(self._guarded_lookup)
         self.bound = station
         self.station: str | None = None  # the authenticated station id
         self.close_on_timeout = close_on_timeout
@@ -303,7 +343,8 @@ class _Connection:
             if isinstance(item, DecodeEvent):
                 self.state.counters[item.kind.value] += 1
                 continue
-            await self._on_frame(item)
+            if await self._on_frame(item):
+                return
 
     async def _on_timeout(self) -> bool:
         """A timer expired: tell the station (sealed BYE TIMEOUT for a session, which it can trust; plain ERROR
@@ -327,13 +368,15 @@ class _Connection:
                     await self.channel.send(wire)
         return self.close_on_timeout
 
-    async def _on_frame(self, frame: Frame) -> None:
+    async def _on_frame(self, frame: Frame) -> bool:
+        """Handle one frame. True ends the connection."""
         handshakes = self.session.handshakes
         async with self._lock:
             step = self.session.receive(frame)
             for wire in step.send:
                 await self.channel.send(wire)
         valid = True
+        blocked = 0.0
         for event in step.events:
             if isinstance(event, Authenticated):
                 self._attach(event.station_id)
@@ -341,13 +384,19 @@ class _Connection:
                 st.authenticated = True
                 st.peer = self.channel.peer
                 st.counters["sessions"] += 1
+                self.server.limiter.succeeded(self._limit_key(event.station_id))
+                if self.server.monitor is not None:
+                    self.server.monitor.link_authenticated(event.station_id, self.channel.peer)
             elif isinstance(event, HandshakeFailed):
                 valid = False
-                self._on_handshake_failed(event)
+                blocked = max(blocked, self._on_handshake_failed(event))
             elif isinstance(event, Rejected):
                 valid = False
-                self.state.counters[f"rejected_{Code(event.code).name.lower()}"] += 1
-                log.info("station %s: frame rejected: %s", self.station or self.channel.peer, event.text)
+                code = Code(event.code)
+                self.state.counters[f"rejected_{code.name.lower()}"] += 1
+                log.debug("station %s: frame rejected: %s", self.station or self.channel.peer, event.text)
+                if code in FORGED:
+                    blocked = max(blocked, self._failed(code, event.text, self.station or ""))
             elif isinstance(event, Closed):
                 self.state.authenticated = False
                 self._handshake_started = self.server.clock()
@@ -359,21 +408,62 @@ class _Connection:
             self._last_valid = self.server.clock()
             if self.session.established:
                 self.state.last_seen = time.time()
+        if not blocked:
+            return False
+        # Over the limit: end the session (authentically, so the station knows why) and, on TLS, the
+        # connection; its next HELLOs get BUSY until the window has passed.
+        async with self._lock:
+            wire = self.session.close(Code.BUSY) if self.session.established else b""
+            self.state.authenticated = False
+            self._handshake_started = self.server.clock()
+            if wire:
+                with contextlib.suppress(StationError, OSError, TimeoutError):
+                    async with asyncio.timeout(CLOSE_SEND_TIMEOUT):
+                        await self.channel.send(wire)
+        return self.close_on_timeout
 
     def _challenged(self) -> bool:
         return not self.session.established and self.session.station_id is not None
 
-    def _on_handshake_failed(self, event: HandshakeFailed) -> None:
+    def _on_handshake_failed(self, event: HandshakeFailed) -> float:
+        """Count, report and limit a failed handshake; returns the blocking time if it reached the limit."""
         code = Code(event.code)
         name = event.station_id if event.station_id in self.server.states else None
         st = self.server.state(self.bound) if self.bound else (self.server.state(name) if name else None)
         st = st or self.server.unattributed
         st.counters["auth_failed" if code is Code.AUTH_FAILED else f"refused_{code.name.lower()}"] += 1
         st.last_error = f"{code.name}: {clean_text(event.text)}"
-        log.warning(
+        log.debug(
             "station handshake refused on %s: %s (%s) for station id %r",
             self.channel.peer, code.name, clean_text(event.text), clean_text(event.station_id, 64),
         )  # fmt: skip
+        return self._failed(code, event.text, event.station_id)
+
+    def _limit_key(self, claimed: str) -> str:
+        # The port or certificate a connection is bound to is the station; an unbound connection (not used by
+        # the daemon) is limited by the id it claims.
+        return self.bound or claimed or f"peer:{self.channel.peer}"
+
+    def _failed(self, code: Code, text: str, claimed: str) -> float:
+        """Count a failure against the station (unless it is the BUSY of an earlier block) and report it."""
+        key = self._limit_key(claimed)
+        blocked = 0.0
+        if code is not Code.BUSY:
+            blocked = self.server.limiter.failed(key, self.server.clock()) or 0.0
+        if blocked:
+            self.state.counters["blocked"] += 1
+        if self.server.monitor is not None:
+            self.server.monitor.link_failed(
+                LinkFailure(key, self.channel.peer, code, clean_text(text), claimed, blocked)
+            )
+        return blocked
+
+    def _guarded_lookup(self, station_id: str) -> bytes | None:
+        """The key lookup behind the limit: a blocked station is refused before any lookup or derivation."""
+        wait = self.server.limiter.blocked(self._limit_key(station_id), self.server.clock())
+        if wait is not None:
+            raise StationError(Code.BUSY, f"too many failed attempts: try again in {math.ceil(wait)} s")
+        return self._lookup(station_id)
 
     # -- requests ----------------------------------------------------------------------------------------------
     def _dispatch(self, message: Message) -> None:

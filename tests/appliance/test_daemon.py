@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
+import json
+import logging
 import os
 import shutil
 import ssl
 import struct
+import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -21,6 +25,7 @@ from cryptography.x509.oid import NameOID
 
 from appliance import ca as ca_mod
 from appliance import stations_registry as reg
+from appliance.audit.log import AuditLog
 from appliance.config import (
     ApplianceSection,
     Config,
@@ -30,6 +35,7 @@ from appliance.config import (
     VaSection,
 )
 from appliance.daemon import Daemon
+from appliance.issuance.journal import Journal
 from appliance.profiles import builtin_profiles
 from hsm.softhsm import SoftHsmToken
 from stations.codec import SYNC, Frame, crc8
@@ -505,3 +511,96 @@ async def test_quota_race_over_real_stations_issues_exactly_the_quantity(
     assert reconcile.quota_problems(daemon.journal) == []
     for link in links:
         await link.close()
+
+
+async def test_failed_handshakes_and_forged_frames_are_audited_bounded_logged_once_and_alarmed(
+    softhsm_token: SoftHsmToken,
+    production_journal_template: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A fixture with the wrong key hammering the appliance, and one whose frames are tampered with: every
+    failure counts, the audit log gets at most a burst per station and window plus a summary, the log one
+    line per cause, the station over its limit is answered BUSY and raises an alarm."""
+    config = _config(tmp_path / "state", softhsm_token, production_journal_template)
+    config = dataclasses.replace(
+        config, stations=dataclasses.replace(config.stations, handshake_timeout_s=10.0, failure_limit=5)
+    )
+    with caplog.at_level(logging.DEBUG):
+        async with Daemon(config) as d:
+            assert d.core is not None
+            wrong = await add_lan(d, "st-wrongkey", tmp_path)
+            (wrong / "station.key").write_text("00" * 32)
+            codes = []
+            link = await Link.tls(_addr(d), wrong)
+            for _ in range(40):
+                event = await link.handshake()
+                assert isinstance(event, HandshakeFailed)
+                codes.append(event.code)
+                if event.code == Code.AUTH_FAILED and codes.count(Code.AUTH_FAILED) == 5:
+                    # The limit: the appliance closed this TLS connection; the station comes back.
+                    await link.close()
+                    link = await Link.tls(_addr(d), wrong)
+            await link.close()
+            assert codes == [Code.AUTH_FAILED] * 5 + [Code.BUSY] * 35
+            alarm = d.core.alarms.get("station.link-failing:st-wrongkey")
+            assert alarm is not None and "AUTH_FAILED" in alarm.message
+
+            tampered = await add_lan(d, "st-tampered", tmp_path)
+            link = await Link.tls(_addr(d), tampered)
+            assert isinstance(await link.handshake(), Authenticated)
+            replies: list[object] = []
+            with contextlib.suppress(ChannelClosed):
+                for i in range(20):
+                    wire = bytearray(link.session.send(Ping(i)))
+                    wire[-5] ^= 0x80
+                    await link.channel.send(bytes(wire[:-4]) + zlib.crc32(wire[:-4]).to_bytes(4, "big"))
+                    replies.extend(await link.events())
+                    if not link.session.established:
+                        break
+            await link.close()
+            bad_tags = [r for r in replies if isinstance(r, Received) and isinstance(r.message, Error)]
+            assert [r.message.code for r in bad_tags] == [Code.BAD_TAG] * 5  # type: ignore[attr-defined]
+            assert any(isinstance(r, Closed) and r.bye and r.code == Code.BUSY for r in replies)
+            assert d.core.alarms.get("station.link-failing:st-tampered") is not None
+    # After a clean stop (its last pass audits the open windows' summaries), as an auditor reads the journal:
+    with Journal(config.journal.path) as journal:
+        entries = [e for e in AuditLog(journal).entries() if e.event.startswith("station.link-refused")]
+    full = [i for e in entries if e.event == "station.link-refused" for i in json.loads(e.data)["items"]]
+    assert [(i["station"], i["code"]) for i in full] == [("st-wrongkey", "AUTH_FAILED")] * 5 + [
+        ("st-tampered", "BAD_TAG")
+    ] * 5
+    summaries = [
+        i for e in entries if e.event == "station.link-refused-summary" for i in json.loads(e.data)["items"]
+    ]
+    assert {s["station"]: s["suppressed"] for s in summaries} == {"st-wrongkey": {"BUSY": 35}}
+    # 50 failures; the log has one WARNING per cause and one per alarm, and nothing above DEBUG from the
+    # station server itself.
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING and "st-" in r.getMessage()]
+    assert len(warnings) <= 5, [r.getMessage() for r in warnings]
+    assert not [r for r in caplog.records if r.name == "stations.server" and r.levelno > logging.DEBUG]
+
+
+async def test_tls_certificate_no_station_owns_is_audited_by_peer(daemon: Daemon, tmp_path: Path) -> None:
+    assert daemon.core is not None
+    old = await add_lan(daemon, "st-gone", tmp_path)
+    reg.rotate_key(daemon.journal, daemon.core.token, "st-gone", audit=daemon.core.audit, actor="alice")
+    await daemon.refresh()
+    link = await Link.tls(_addr(daemon), old)
+    refused = await link.handshake()
+    assert isinstance(refused, HandshakeFailed) and refused.code == Code.UNKNOWN_STATION
+    await link.close()
+    async with asyncio.timeout(10):
+        while not (items := _link_refused(daemon)):
+            await asyncio.sleep(0.05)
+    assert [(i["station"], i["code"]) for i in items] == [("tls-peer:127.0.0.1", "UNKNOWN_STATION")]
+
+
+def _link_refused(d: Daemon) -> list[dict[str, object]]:
+    assert d.core is not None
+    return [
+        i
+        for e in d.core.audit.entries()
+        if e.event == "station.link-refused"
+        for i in json.loads(e.data)["items"]
+    ]

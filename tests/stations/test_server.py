@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import socket
+import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -29,8 +31,8 @@ from stations.messages import (
     Pong,
     decode_message,
 )
-from stations.server import EnrollPending, StationServer, clean_text
-from stations.session import Authenticated, Closed
+from stations.server import EnrollPending, LinkFailure, StationServer, clean_text
+from stations.session import Authenticated, Closed, HandshakeFailed, Received, StationSession
 from stations.transports.base import ChannelClosed
 from stations.transports.stream import StreamChannel
 from tests.stations.station_link import Link, request_id
@@ -261,3 +263,105 @@ async def test_drop_ends_the_session_with_bye(rig: Rig) -> None:
 
 def test_clean_text_escapes_controls_and_bidi() -> None:
     assert clean_text("a\x00b\u202ec\n") == "a\\x00b\\u202ec\\n"
+
+
+@dataclass
+class Monitor:
+    """The appliance's side of the hook: records what the server reports."""
+
+    failures: list[LinkFailure] = field(default_factory=list)
+    sessions: list[str] = field(default_factory=list)
+
+    def link_failed(self, failure: LinkFailure) -> None:
+        self.failures.append(failure)
+
+    def link_authenticated(self, station: str, peer: str) -> None:
+        self.sessions.append(station)
+
+
+class CountingLookup:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, station_id: str) -> bytes | None:
+        self.calls += 1
+        return KEYS.get(station_id)
+
+
+@contextlib.asynccontextmanager
+async def _limited(
+    limit: int, close_on_timeout: bool
+) -> AsyncIterator[tuple[StationServer, Monitor, CountingLookup, Link]]:
+    """One station link on port "/dev/ttyUSB7" bound to st-a, with a failure limit and a recording monitor."""
+    monitor, lookup = Monitor(), CountingLookup()
+    server = StationServer(SlowEnroller(), failure_limit=limit, failure_window_s=600, monitor=monitor)
+    a, b = socket.socketpair()
+    ra, wa = await asyncio.open_connection(sock=a)
+    rb, wb = await asyncio.open_connection(sock=b)
+    channel = StreamChannel(ra, wa, peer="/dev/ttyUSB7")
+    task = asyncio.create_task(
+        server.serve(channel, lookup, station="st-a", close_on_timeout=close_on_timeout)
+    )
+    try:
+        yield server, monitor, lookup, Link(StreamChannel(rb, wb), "st-a", KEYS["st-a"])
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_station_over_its_failure_limit_gets_busy_without_any_key_derivation() -> None:
+    async with _limited(limit=4, close_on_timeout=False) as (server, monitor, lookup, link):
+        await _over_the_limit(server, monitor, lookup, link)
+
+
+async def _over_the_limit(
+    server: StationServer, monitor: Monitor, lookup: CountingLookup, link: Link
+) -> None:
+    link.session = StationSession("st-a", bytes(32))  # the wrong key
+    for _ in range(4):
+        failed = await link.handshake()
+        assert isinstance(failed, HandshakeFailed) and failed.code == Code.AUTH_FAILED
+    assert lookup.calls == 4
+    for _ in range(5):
+        busy = await link.handshake()
+        assert isinstance(busy, HandshakeFailed) and busy.code == Code.BUSY and "try again in" in busy.text
+    assert lookup.calls == 4  # refused before the key lookup, so before any key derivation
+    # Every failure was reported, the one that reached the limit with its blocking time.
+    assert [(f.code, f.blocked_s) for f in monitor.failures] == [
+        *[(Code.AUTH_FAILED, 0.0)] * 3, (Code.AUTH_FAILED, 600.0), *[(Code.BUSY, 0.0)] * 5,
+    ]  # fmt: skip
+    assert {(f.station, f.peer, f.claimed) for f in monitor.failures} == {("st-a", "/dev/ttyUSB7", "st-a")}
+    # The right key is refused too until the window has passed: the block is on the station, not the key.
+    link.session = StationSession("st-a", KEYS["st-a"])
+    assert isinstance(await link.handshake(), HandshakeFailed)
+    assert server.states["st-a"].counters["blocked"] == 1 and not monitor.sessions
+
+
+async def test_forged_frames_count_too_and_end_the_session_with_bye_busy() -> None:
+    async with _limited(limit=3, close_on_timeout=True) as (server, monitor, _, link):
+        await _forged(server, monitor, link)
+
+
+async def _forged(server: StationServer, monitor: Monitor, link: Link) -> None:
+    assert isinstance(await link.handshake(), Authenticated)
+    assert monitor.sessions == ["st-a"]
+    for i in range(2):
+        wire = bytearray(link.session.send(Ping(i)))
+        wire[-5] ^= 0x01  # the last tag byte; then a CRC that matches, as a tamperer (not noise) would send
+        forged = bytes(wire[:-4]) + zlib.crc32(bytes(wire[:-4])).to_bytes(4, "big")
+        await link.channel.send(forged)
+        (reply,) = await link.events()
+        assert isinstance(reply, Received) and isinstance(reply.message, Error)
+        assert reply.message.code == Code.BAD_TAG
+    assert isinstance(await link.request(Ping(9)), Pong)  # a genuine frame...
+    await link.channel.send(link.recorded[-1])  # ...replayed: the third failure
+    events = []
+    with contextlib.suppress(ChannelClosed):
+        async with asyncio.timeout(5):
+            while True:
+                events.extend(await link.events())
+    assert isinstance(events[0], Received) and events[0].message.code == Code.REPLAY  # type: ignore[attr-defined]
+    assert isinstance(events[1], Closed) and events[1].bye and events[1].code == Code.BUSY
+    assert [f.code for f in monitor.failures] == [Code.BAD_TAG, Code.BAD_TAG, Code.REPLAY]
+    assert monitor.failures[-1].blocked_s == 600
+    assert server.connected("st-a") == 0  # TLS: the connection is closed with it
