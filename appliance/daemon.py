@@ -489,6 +489,10 @@ class Daemon:
                 await channel.close()
                 return
             await self.server.serve(channel, self._lookup_for(rec.name), station=rec.name)
+        except asyncio.CancelledError:
+            # The daemon is stopping (serve() has said BYE BUSY). Python 3.11's start_server logs a traceback
+            # at ERROR for every handler that ends cancelled, so this one ends normally.
+            pass
         except Exception:
             log.exception("LAN connection failed")
             with contextlib.suppress(Exception):

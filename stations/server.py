@@ -55,6 +55,7 @@ DEFAULT_IDLE_TIMEOUT = 90.0
 # Frames refused as forged or replayed: evidence of tampering (or a broken station), counted like a failed
 # handshake. Noise never gets here: the CRC drops it before the tag is checked.
 FORGED = frozenset({Code.BAD_TAG, Code.REPLAY})
+BLOCKED_PAUSE = 1.0  # at most one frame a second is read from a connection whose station is blocked
 DUPLICATE_RETRY_MS = 1000  # PENDING answer to an ENROLL whose request id is still being worked on
 CLOSE_SEND_TIMEOUT = (
     1.0  # a last frame (BYE, ERROR TIMEOUT) to a peer that does not read is given up after this
@@ -154,7 +155,8 @@ class StationServer:
     Failed handshakes and forged or replayed frames (BAD_TAG, REPLAY) count against the station the port or
     certificate is bound to (``limits.FailureLimiter``: ``failure_limit`` within ``failure_window_s``); past
     the limit its session ends with BYE BUSY and its HELLOs are answered BUSY, before any key lookup or
-    derivation, until the window has passed. Each of them is reported to ``monitor``. Peer-caused conditions
+    derivation, until the window has passed, and a connection of a blocked station is read at most once per
+    ``blocked_pause_s``. Each of them is reported to ``monitor``. Peer-caused conditions
     are logged at DEBUG only: the monitor decides what reaches the log, so a flood cannot fill it.
     """
 
@@ -167,6 +169,7 @@ class StationServer:
         failure_limit: int = DEFAULT_FAILURE_LIMIT,
         failure_window_s: float = DEFAULT_FAILURE_WINDOW,
         monitor: LinkMonitor | None = None,
+        blocked_pause_s: float = BLOCKED_PAUSE,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.enroller = enroller
@@ -174,6 +177,7 @@ class StationServer:
         self.idle_timeout = idle_timeout
         self.limiter = FailureLimiter(failure_limit, failure_window_s)
         self.monitor = monitor
+        self.blocked_pause_s = blocked_pause_s
         self.clock = clock
         self.states: dict[str, StationState] = {}
         self.unattributed = StationState(
@@ -408,6 +412,14 @@ class _Connection:
             self._last_valid = self.server.clock()
             if self.session.established:
                 self.state.last_seen = time.time()
+        for event in step.events:
+            if isinstance(event, HandshakeFailed) and event.code == Code.BUSY:
+                # A station told BUSY for its failures that asks again at once is not listening: read its
+                # next frame no sooner than blocked_pause_s, so a loop of HELLOs costs the appliance next to
+                # nothing.
+                wait = self.server.limiter.blocked(self._limit_key(event.station_id), self.server.clock())
+                if wait:
+                    await asyncio.sleep(min(wait, self.server.blocked_pause_s))
         if not blocked:
             return False
         # Over the limit: end the session (authentically, so the station knows why) and, on TLS, the

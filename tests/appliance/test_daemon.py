@@ -528,7 +528,10 @@ async def test_failed_handshakes_and_forged_frames_are_audited_bounded_logged_on
     )
     with caplog.at_level(logging.DEBUG):
         async with Daemon(config) as d:
-            assert d.core is not None
+            assert d.core is not None and d.server is not None
+            d.server.blocked_pause_s = (
+                0.01  # answer the blocked station's HELLOs quickly: this test counts them
+            )
             wrong = await add_lan(d, "st-wrongkey", tmp_path)
             (wrong / "station.key").write_text("00" * 32)
             codes = []

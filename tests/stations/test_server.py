@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import os
 import socket
+import time
 import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -294,7 +295,9 @@ async def _limited(
 ) -> AsyncIterator[tuple[StationServer, Monitor, CountingLookup, Link]]:
     """One station link on port "/dev/ttyUSB7" bound to st-a, with a failure limit and a recording monitor."""
     monitor, lookup = Monitor(), CountingLookup()
-    server = StationServer(SlowEnroller(), failure_limit=limit, failure_window_s=600, monitor=monitor)
+    server = StationServer(
+        SlowEnroller(), failure_limit=limit, failure_window_s=600, monitor=monitor, blocked_pause_s=0.01
+    )
     a, b = socket.socketpair()
     ra, wa = await asyncio.open_connection(sock=a)
     rb, wb = await asyncio.open_connection(sock=b)
@@ -365,3 +368,32 @@ async def _forged(server: StationServer, monitor: Monitor, link: Link) -> None:
     assert [f.code for f in monitor.failures] == [Code.BAD_TAG, Code.BAD_TAG, Code.REPLAY]
     assert monitor.failures[-1].blocked_s == 600
     assert server.connected("st-a") == 0  # TLS: the connection is closed with it
+
+
+async def test_a_blocked_station_that_keeps_asking_is_read_once_per_pause() -> None:
+    """Told BUSY, a station that sends HELLO after HELLO gets its answers no faster than one per pause: the
+    pause only makes answers later, so a slow machine cannot make this fail."""
+    monitor, lookup = Monitor(), CountingLookup()
+    server = StationServer(
+        SlowEnroller(), failure_limit=1, failure_window_s=600, monitor=monitor, blocked_pause_s=0.3
+    )
+    a, b = socket.socketpair()
+    ra, wa = await asyncio.open_connection(sock=a)
+    rb, wb = await asyncio.open_connection(sock=b)
+    task = asyncio.create_task(
+        server.serve(StreamChannel(ra, wa, peer="p"), lookup, station="st-a", close_on_timeout=False)
+    )
+    try:
+        link = Link(StreamChannel(rb, wb), "st-a", bytes(32))
+        failed = await link.handshake()
+        assert isinstance(failed, HandshakeFailed) and failed.code == Code.AUTH_FAILED
+        start = time.monotonic()
+        for _ in range(4):
+            await link.channel.send(link.session.hello())
+        answers = [await _next_plain(link) for _ in range(4)]
+        assert all(isinstance(e, Error) and e.code == Code.BUSY for e in answers)
+        assert time.monotonic() - start >= 3 * 0.3
+        assert lookup.calls == 1
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
