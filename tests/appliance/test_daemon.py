@@ -607,3 +607,23 @@ def _link_refused(d: Daemon) -> list[dict[str, object]]:
         if e.event == "station.link-refused"
         for i in json.loads(e.data)["items"]
     ]
+
+
+async def test_stopping_with_stations_connected_says_bye_busy_and_logs_no_error(
+    softhsm_token: SoftHsmToken,
+    production_journal_template: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    config = _config(tmp_path / "state", softhsm_token, production_journal_template)
+    with caplog.at_level(logging.WARNING):
+        async with Daemon(config) as d:
+            bundle = await add_lan(d, "st-stop", tmp_path)
+            link = await Link.tls(_addr(d), bundle)
+            assert isinstance(await link.handshake(), Authenticated)
+        (closed,) = await link.events()
+        assert isinstance(closed, Closed) and closed.bye and closed.code == Code.BUSY
+        await link.close()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [
+        r.getMessage() for r in caplog.records
+    ]
