@@ -34,11 +34,10 @@ from appliance.issuance.journal import Journal
 from appliance.production import store
 from appliance.production.allowlist import SerialRange
 from appliance.production.model import WorkOrderSpec
-from appliance.production.users import Role, User
 from hsm.softhsm import SoftHsmToken
 from hsm.token import Token
-from tests.appliance.conftest import put_on_line
 from tests.conformance import station as st
+from tests.conformance.conftest import ADMIN, ISSUING, LINE, MANAGEMENT
 
 pytestmark = pytest.mark.slow
 
@@ -51,10 +50,12 @@ token_label = "{label}"
 pin_file = "{pin}"
 softhsm_conf = "{conf}"
 [issuance]
+issuing_ca = "{issuing}"
 prepare_workers = {workers}
 [stations]
 lan_listen = "127.0.0.1:{port}"
 tls_dir = "{state}/tls"
+management_ca = "{management}"
 handshake_timeout_s = {handshake}
 idle_timeout_s = {idle}
 reopen_interval_s = 0.1
@@ -97,20 +98,23 @@ def _running(
     with Journal(state / "journal.sqlite") as journal:
         audit = AuditLog(journal)
         for name in (LAN, LAN_2):
-            creds = reg.add_station(journal, token, name, "lan", audit=audit, actor="alice")
+            creds = reg.add_station(
+                journal, token, name, "lan", management_ca=MANAGEMENT, audit=audit, actor=ADMIN.name
+            )
             reg.write_bundle(creds, bundles / name, lan_host=f"127.0.0.1:{port}")
-            put_on_line(journal, name)
         creds = reg.add_station(
-            journal, token, SERIAL, "serial", port=appliance_port, audit=audit, actor="alice"
+            journal, token, SERIAL, "serial", port=appliance_port, audit=audit, actor=ADMIN.name
         )
         reg.write_bundle(creds, bundles / SERIAL)
-        put_on_line(journal, SERIAL)
-        spec = WorkOrderSpec("WO-CONF", "sensor", 500, ("L1",), ranges=(SerialRange("CF-", 0, 999, 4),))
-        store.add_work_order(journal, audit, User("alice", Role.ADMINISTRATOR), spec, activate=True)
+        for name in (LAN, LAN_2, SERIAL):
+            store.assign_station(journal, audit, ADMIN, name, LINE)
+        spec = WorkOrderSpec("WO-CONF", "conf-sensor", 500, (LINE,), ranges=(SerialRange("CF-", 0, 999, 4),))
+        store.add_work_order(journal, audit, ADMIN, spec, activate=True)
     config = tmp / "birthline.toml"
     config.write_text(
         CONFIG.format(state=state, module=softhsm.module, label=softhsm.label, pin=softhsm.pin_file,
-                      conf=softhsm.conf_path, port=port, handshake=handshake, idle=idle, workers=workers)
+                      conf=softhsm.conf_path, port=port, handshake=handshake, idle=idle, workers=workers,
+                      issuing=ISSUING, management=MANAGEMENT)
     )  # fmt: skip
     socat = subprocess.Popen(
         ["socat", f"pty,raw,echo=0,link={appliance_port}", f"pty,raw,echo=0,link={fixture_port}"],
@@ -153,11 +157,11 @@ def _listening(port: int) -> bool:
 def appliance(
     tmp_path_factory: pytest.TempPathFactory,
     softhsm_token: SoftHsmToken,
-    production_journal_template: Path,
+    conformance_template: Path,
     hsm_token: Token,
 ) -> Iterator[Appliance]:
     """The appliance as shipped: default timers, a prepare worker process."""
-    with _running(tmp_path_factory.mktemp("conformance"), softhsm_token, production_journal_template, hsm_token,
+    with _running(tmp_path_factory.mktemp("conformance"), softhsm_token, conformance_template, hsm_token,
                   handshake=10.0, idle=90.0, workers=1) as running:  # fmt: skip
         yield running
 
@@ -166,11 +170,11 @@ def appliance(
 def quick_timers(
     tmp_path_factory: pytest.TempPathFactory,
     softhsm_token: SoftHsmToken,
-    production_journal_template: Path,
+    conformance_template: Path,
     hsm_token: Token,
 ) -> Iterator[Appliance]:
     """The same with short handshake and idle timers, for the timer cases."""
-    with _running(tmp_path_factory.mktemp("timers"), softhsm_token, production_journal_template, hsm_token,
+    with _running(tmp_path_factory.mktemp("timers"), softhsm_token, conformance_template, hsm_token,
                   handshake=3.0, idle=2.0, workers=0) as running:  # fmt: skip
         yield running
 
