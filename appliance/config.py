@@ -71,6 +71,8 @@ class StationsSection:
     frame_timeout_s: float = 0.5
     reopen_interval_s: float = 0.5
     registry_poll_s: float = 1.0
+    failure_limit: int = 10  # failed handshakes / forged frames per station and window before BUSY
+    failure_window_s: float = 60.0
 
     @property
     def lan_address(self) -> tuple[str, int] | None:
@@ -338,6 +340,8 @@ def parse_config(
         frame_timeout_s=r.number("frame_timeout_s", 0.5, lo=0.01, hi=60),
         reopen_interval_s=r.number("reopen_interval_s", 0.5, lo=0.01, hi=60),
         registry_poll_s=r.number("registry_poll_s", 1.0, lo=0.01, hi=60),
+        failure_limit=r.integer("failure_limit", 10, lo=1, hi=100_000),
+        failure_window_s=r.number("failure_window_s", 60.0, lo=1, hi=86400),
     )
     r.done()
 

@@ -33,6 +33,7 @@ from appliance.issuance.journal import Journal
 from appliance.issuance.policy import IssueRequest
 from appliance.issuance.service import IssueService
 from appliance.runtime import Core, open_core, record_start
+from appliance.station_failures import LinkFailures
 from appliance.stations_registry import StationRecord, TlsServerFiles, alist_stations
 from appliance.va.http import VaServer, make_app
 from appliance.va.service import ValidationAuthority
@@ -40,7 +41,7 @@ from stations.codec import FrameDecoder
 from stations.codes import Code
 from stations.errors import StationError
 from stations.messages import Error
-from stations.server import EnrollPending, StationServer, StationState, clean_text
+from stations.server import EnrollPending, LinkFailure, StationServer, StationState, clean_text
 from stations.session import KeyLookup, plain_frame
 from stations.transports.base import ChannelClosed
 from stations.transports.stream import StreamChannel
@@ -48,6 +49,8 @@ from stations.transports.stream import StreamChannel
 log = logging.getLogger(__name__)
 
 __all__ = ["CoreEnroller", "Daemon", "run_daemon", "wire_code"]
+
+UNKNOWN_HERE = "no station with this id is registered on this port or certificate"
 
 
 def wire_code(exc: BirthlineError) -> Code:
@@ -91,7 +94,13 @@ class CoreEnroller:
         self.service = service
         self.journal = journal
 
-    async def ca_chain(self, station: str) -> list[bytes]:
+    async def ca_chain(self, station: str, profile: str | None) -> list[bytes]:
+        # Every profile this appliance serves is issued by the one issuing CA of the service; a name it does
+        # not serve is refused, as ENROLL would refuse it, so a station can check its profile before a device.
+        if profile is not None and profile not in self.service.profiles:
+            raise StationError(
+                Code.UNKNOWN_PROFILE, f"no profile named {clean_text(profile, 64)!r} is served"
+            )
         return list(self.service.chain)
 
     async def _find(self, station: str, request_id: str) -> _Issued | None:
@@ -157,6 +166,22 @@ class CoreEnroller:
             raise StationError(wire_code(exc), clean_text(exc.message)) from None
 
 
+class _LinkMonitor:
+    """stations.server.LinkMonitor over the core's LinkFailures (audit, log once, alarm)."""
+
+    def __init__(self, failures: LinkFailures) -> None:
+        self.failures = failures
+
+    def link_failed(self, failure: LinkFailure) -> None:
+        self.failures.failed(
+            station=failure.station, peer=failure.peer, code=failure.code.name, text=failure.text,
+            claimed=failure.claimed, blocked_s=failure.blocked_s,
+        )  # fmt: skip
+
+    def link_authenticated(self, station: str, peer: str) -> None:
+        self.failures.authenticated(station)
+
+
 def server_ssl_context(files: TlsServerFiles) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -195,6 +220,7 @@ class Daemon:
         self._stopped = asyncio.Event()
         self._watcher: asyncio.Task[None] | None = None
         self.refused_lan = 0  # TLS connections whose certificate belongs to no enabled station
+        self.link_failures: LinkFailures | None = None
         self.va: ValidationAuthority | None = None
         self.va_server: VaServer | None = None
         self.cmp: CmpResponder | None = None
@@ -270,8 +296,18 @@ class Daemon:
         if self.config.cmp.address is not None:
             await self._start_cmp(service)
         self.enroller = CoreEnroller(service, self.core.journal)
+        self.link_failures = await self._stack.enter_async_context(
+            LinkFailures(
+                self.core.audit, self.core.alarms, burst=cfg.failure_limit, window_s=cfg.failure_window_s
+            )
+        )
         self.server = StationServer(
-            self.enroller, handshake_timeout=cfg.handshake_timeout_s, idle_timeout=cfg.idle_timeout_s
+            self.enroller,
+            handshake_timeout=cfg.handshake_timeout_s,
+            idle_timeout=cfg.idle_timeout_s,
+            failure_limit=cfg.failure_limit,
+            failure_window_s=cfg.failure_window_s,
+            monitor=_LinkMonitor(self.link_failures),
         )
         self._tg = asyncio.TaskGroup()
         await self._tg.__aenter__()
@@ -382,7 +418,9 @@ class Daemon:
 
         def lookup(station_id: str) -> bytes | None:
             if station_id != bound:
-                raise StationError(Code.AUTH_FAILED, "this connection belongs to another station")
+                # The same answer whether or not that id is registered elsewhere: a peer on one port or with
+                # one certificate learns nothing about which other station ids exist.
+                raise StationError(Code.UNKNOWN_STATION, UNKNOWN_HERE)
             rec = self._stations.get(station_id)
             if rec is None:
                 return None
@@ -440,12 +478,22 @@ class Daemon:
                 )
                 if rec is not None:
                     self.server.state(rec.name).counters["refused_station_disabled"] += 1
-                log.warning("LAN connection from %s refused: %s", channel.peer, text)
+                # Counted like a failed handshake (no station to bind it to: by the peer's address), so a
+                # certificate that keeps coming back raises the alarm; the audit and the log stay bounded.
+                key = rec.name if rec is not None else f"tls-peer:{channel.peer.rpartition(':')[0]}"
+                blocked = self.server.limiter.failed(key, self.server.clock()) or 0.0
+                assert self.link_failures is not None
+                self.link_failures.failed(station=key, peer=channel.peer, code=code.name, text=text,
+                                          blocked_s=blocked)  # fmt: skip
                 with contextlib.suppress(Exception):
                     await channel.send(plain_frame(Error(code, text)))
                 await channel.close()
                 return
             await self.server.serve(channel, self._lookup_for(rec.name), station=rec.name)
+        except asyncio.CancelledError:
+            # The daemon is stopping (serve() has said BYE BUSY). Python 3.11's start_server logs a traceback
+            # at ERROR for every handler that ends cancelled, so this one ends normally.
+            pass
         except Exception:
             log.exception("LAN connection failed")
             with contextlib.suppress(Exception):

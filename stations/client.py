@@ -75,7 +75,7 @@ _T = TypeVar("_T")
 # docs/station-protocol.md section 9
 HANDSHAKE_STEP_TIMEOUT = 2.0
 HANDSHAKE_TRIES = 3
-HANDSHAKE_PAUSE = 5.0
+HANDSHAKE_PAUSE = 2.0  # a round (3 tries 2 s apart, then this) ends within the appliance's 10 s limit
 REQUEST_TIMEOUT = 5.0
 REQUEST_TRIES = 3
 BACKOFF_START = 1.0
@@ -95,7 +95,12 @@ def new_request_id() -> bytes:
 
 
 class _SessionLost(Exception):
-    """The appliance ended or forgot the session: handshake again on the same channel."""
+    """The appliance ended or forgot the session: handshake again on the same channel, or on a new connection
+    after a BYE on TCP/TLS (the appliance closes a LAN connection after its BYE)."""
+
+    def __init__(self, text: str, *, bye: bool = False) -> None:
+        super().__init__(text)
+        self.bye = bye
 
 
 class _Unanswered(Exception):
@@ -338,7 +343,9 @@ class StationClient:
         while True:
             try:
                 return await op()
-            except _SessionLost:
+            except _SessionLost as exc:
+                if exc.bye and isinstance(self._channel, StreamChannel):
+                    await self._drop_channel()
                 self._session.reset()
             except _Unanswered:
                 self._session.reset()
@@ -409,7 +416,7 @@ class StationClient:
 
     def _handshake_failed(self, event: HandshakeFailed) -> None:
         code = event.code if isinstance(event.code, Code) else Code.INTERNAL
-        if code in (Code.BUSY, Code.INTERNAL):
+        if code in (Code.BUSY, Code.INTERNAL, Code.TIMEOUT):
             self._session.reset()
             return
         raise StationError(code, _printable(event.text))
@@ -463,7 +470,7 @@ class StationClient:
                 await self._send(channel, wire)
             for event in step.events:
                 if isinstance(event, Closed):
-                    raise _SessionLost(event.text)
+                    raise _SessionLost(event.text, bye=event.bye)
                 if not isinstance(event, Received):
                     self.stats.rejected += 1
                 elif match(event.message):

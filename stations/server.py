@@ -14,6 +14,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
 import time
 import unicodedata
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from typing import Protocol
 from stations.codec import DecodeEvent, Frame
 from stations.codes import Code
 from stations.errors import SessionError, StationError
+from stations.limits import DEFAULT_FAILURE_LIMIT, DEFAULT_FAILURE_WINDOW, FailureLimiter
 from stations.messages import (
     CaChain,
     Cert,
@@ -42,6 +44,7 @@ from stations.session import (
     KeyLookup,
     Received,
     Rejected,
+    plain_frame,
 )
 from stations.transports.base import ChannelClosed, FrameChannel
 
@@ -49,7 +52,14 @@ log = logging.getLogger(__name__)
 
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 DEFAULT_IDLE_TIMEOUT = 90.0
+# Frames refused as forged or replayed: evidence of tampering (or a broken station), counted like a failed
+# handshake. Noise never gets here: the CRC drops it before the tag is checked.
+FORGED = frozenset({Code.BAD_TAG, Code.REPLAY})
+BLOCKED_PAUSE = 1.0  # at most one frame a second is read from a connection whose station is blocked
 DUPLICATE_RETRY_MS = 1000  # PENDING answer to an ENROLL whose request id is still being worked on
+CLOSE_SEND_TIMEOUT = (
+    1.0  # a last frame (BYE, ERROR TIMEOUT) to a peer that does not read is given up after this
+)
 
 
 class EnrollPending(StationError):
@@ -63,8 +73,9 @@ class EnrollPending(StationError):
 class Enroller(Protocol):
     """What the server needs from the appliance. Raise StationError(code, text) to refuse a request."""
 
-    async def ca_chain(self, station: str) -> list[bytes]:
-        """DER certificates, issuing CA first, root last."""
+    async def ca_chain(self, station: str, profile: str | None) -> list[bytes]:
+        """DER certificates of the CA that issues ``profile`` (None: the default profile), issuing CA first,
+        root last. Raise StationError(UNKNOWN_PROFILE) for a profile the appliance does not serve."""
         ...
 
     async def enroll(
@@ -76,6 +87,28 @@ class Enroller(Protocol):
     async def confirm(self, station: str, request_id: bytes, cert_sha256: bytes) -> None:
         """Record delivery; StationError(UNKNOWN_REQUEST / CONFIRM_MISMATCH) to refuse."""
         ...
+
+
+@dataclass(frozen=True)
+class LinkFailure:
+    """A failed handshake or a frame refused as forged or replayed (BAD_TAG, REPLAY): what the appliance
+    audits, and alarms on when a station keeps failing."""
+
+    station: str  # the station the port or certificate is bound to; else the id claimed in HELLO; else ""
+    peer: str  # the transport's peer: a port path, or host:port
+    code: Code
+    text: str  # ours, never the peer's
+    claimed: str = ""  # the station id the peer sent in HELLO, when it sent one
+    blocked_s: float = 0.0  # > 0: this failure reached the limit; the station's handshakes get BUSY this long
+
+
+class LinkMonitor(Protocol):
+    """What the server reports to the appliance about failing links (the appliance audits them in bounded
+    space, logs each cause once per interval and raises alarms). Called on the event loop; must not block."""
+
+    def link_failed(self, failure: LinkFailure) -> None: ...
+
+    def link_authenticated(self, station: str, peer: str) -> None: ...
 
 
 @dataclass
@@ -117,7 +150,15 @@ def clean_text(text: str, limit: int = 200) -> str:
 
 
 class StationServer:
-    """Runs station sessions over any FrameChannel. ``serve()`` once per connection, each in its own task."""
+    """Runs station sessions over any FrameChannel. ``serve()`` once per connection, each in its own task.
+
+    Failed handshakes and forged or replayed frames (BAD_TAG, REPLAY) count against the station the port or
+    certificate is bound to (``limits.FailureLimiter``: ``failure_limit`` within ``failure_window_s``); past
+    the limit its session ends with BYE BUSY and its HELLOs are answered BUSY, before any key lookup or
+    derivation, until the window has passed, and a connection of a blocked station is read at most once per
+    ``blocked_pause_s``. Each of them is reported to ``monitor``. Peer-caused conditions
+    are logged at DEBUG only: the monitor decides what reaches the log, so a flood cannot fill it.
+    """
 
     def __init__(
         self,
@@ -125,11 +166,18 @@ class StationServer:
         *,
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        failure_limit: int = DEFAULT_FAILURE_LIMIT,
+        failure_window_s: float = DEFAULT_FAILURE_WINDOW,
+        monitor: LinkMonitor | None = None,
+        blocked_pause_s: float = BLOCKED_PAUSE,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.enroller = enroller
         self.handshake_timeout = handshake_timeout
         self.idle_timeout = idle_timeout
+        self.limiter = FailureLimiter(failure_limit, failure_window_s)
+        self.monitor = monitor
+        self.blocked_pause_s = blocked_pause_s
         self.clock = clock
         self.states: dict[str, StationState] = {}
         self.unattributed = StationState(
@@ -164,8 +212,11 @@ class StationServer:
         """Run one connection until the peer goes away or the station is dropped; never raises ChannelClosed.
 
         ``station`` is the station the transport has already bound (the TLS certificate's or the port's owner);
-        ``lookup`` must refuse every other id. ``close_on_timeout`` ends the connection when the handshake or
-        the session times out (TLS); a serial port stays open and only forgets the session.
+        ``lookup`` must refuse every other id. The timers (docs/station-protocol.md section 9) tell the station
+        what ended: a handshake not completed in ``handshake_timeout`` gets a plain ERROR TIMEOUT, a session
+        idle for ``idle_timeout`` a sealed BYE TIMEOUT. ``close_on_timeout`` (TLS) then ends the connection,
+        and its handshake timer runs from the moment it opens; a serial port (False) stays open, forgets the
+        session, and times only a handshake it has answered with a CHALLENGE.
         """
         conn = _Connection(self, channel, lookup, station, close_on_timeout)
         conn.task = asyncio.create_task(conn.run(), name=f"station-conn {channel.peer}")
@@ -192,7 +243,8 @@ class _Connection:
     ) -> None:
         self.server = server
         self.channel = channel
-        self.session = ApplianceSession(lookup)
+        self._lookup = lookup
+        self.session = ApplianceSession(self._guarded_lookup)
         self.bound = station
         self.station: str | None = None  # the authenticated station id
         self.close_on_timeout = close_on_timeout
@@ -202,8 +254,9 @@ class _Connection:
         self._requests: set[asyncio.Task[None]] = set()
         self._inflight: set[bytes] = set()
         now = server.clock()
-        self._connected_at = now
-        self._handshake_deadline: float | None = now + server.handshake_timeout if close_on_timeout else None
+        # The handshake timer restarts with every CHALLENGE that starts a new handshake (a HELLO with a new
+        # nonce) and whenever a session ends, so each of a station's handshake rounds gets the whole limit.
+        self._handshake_started = now
         self._last_valid = now
         if station is not None:
             self._attach(station)
@@ -250,7 +303,7 @@ class _Connection:
             await asyncio.gather(*self._requests, return_exceptions=True)
         if self.drop_code is not None:
             with contextlib.suppress(StationError, OSError, TimeoutError):
-                async with asyncio.timeout(1.0):
+                async with asyncio.timeout(CLOSE_SEND_TIMEOUT):
                     await self.channel.send(self.session.close(self.drop_code))
         if self.station is not None:
             self._detach(self.station)
@@ -276,7 +329,9 @@ class _Connection:
     def _deadline(self) -> float | None:
         if self.session.established:
             return self._last_valid + self.server.idle_timeout
-        return self._handshake_deadline
+        if self.close_on_timeout or self._challenged():
+            return self._handshake_started + self.server.handshake_timeout
+        return None  # a serial port with no handshake pending: nothing to time
 
     async def _loop(self) -> None:
         while True:
@@ -286,34 +341,46 @@ class _Connection:
                 async with asyncio.timeout(timeout):
                     item = await self.channel.recv()
             except TimeoutError:
-                if self._on_timeout():
+                if await self._on_timeout():
                     return
                 continue
             if isinstance(item, DecodeEvent):
                 self.state.counters[item.kind.value] += 1
                 continue
-            await self._on_frame(item)
+            if await self._on_frame(item):
+                return
 
-    def _on_timeout(self) -> bool:
-        """A timer expired. True ends the connection."""
+    async def _on_timeout(self) -> bool:
+        """A timer expired: tell the station (sealed BYE TIMEOUT for a session, which it can trust; plain ERROR
+        TIMEOUT for a handshake, which has no key yet). True ends the connection."""
         st = self.state
-        if self.session.established:
-            st.counters["idle_timeout"] += 1
-            log.info("station %s: session idle for %.1f s, dropped", self.station, self.server.idle_timeout)
-        else:
-            st.counters["handshake_timeout"] += 1
-        self.session.reset()
-        st.authenticated = False
-        self._handshake_deadline = None
+        async with self._lock:
+            if self.session.established:
+                st.counters["idle_timeout"] += 1
+                log.debug(
+                    "station %s: session idle for %.1f s, ended", self.station, self.server.idle_timeout
+                )
+                wire = self.session.close(Code.TIMEOUT)
+            else:
+                st.counters["handshake_timeout"] += 1
+                self.session.reset()
+                wire = plain_frame(Error(Code.TIMEOUT, "handshake not completed in time"))
+            st.authenticated = False
+            self._handshake_started = self.server.clock()
+            with contextlib.suppress(StationError, OSError, TimeoutError):
+                async with asyncio.timeout(CLOSE_SEND_TIMEOUT):
+                    await self.channel.send(wire)
         return self.close_on_timeout
 
-    async def _on_frame(self, frame: Frame) -> None:
-        was_challenged = self._challenged()
+    async def _on_frame(self, frame: Frame) -> bool:
+        """Handle one frame. True ends the connection."""
+        handshakes = self.session.handshakes
         async with self._lock:
             step = self.session.receive(frame)
             for wire in step.send:
                 await self.channel.send(wire)
         valid = True
+        blocked = 0.0
         for event in step.events:
             if isinstance(event, Authenticated):
                 self._attach(event.station_id)
@@ -321,39 +388,94 @@ class _Connection:
                 st.authenticated = True
                 st.peer = self.channel.peer
                 st.counters["sessions"] += 1
-                self._handshake_deadline = None
+                self.server.limiter.succeeded(self._limit_key(event.station_id))
+                if self.server.monitor is not None:
+                    self.server.monitor.link_authenticated(event.station_id, self.channel.peer)
             elif isinstance(event, HandshakeFailed):
                 valid = False
-                self._on_handshake_failed(event)
+                blocked = max(blocked, self._on_handshake_failed(event))
             elif isinstance(event, Rejected):
                 valid = False
-                self.state.counters[f"rejected_{Code(event.code).name.lower()}"] += 1
-                log.info("station %s: frame rejected: %s", self.station or self.channel.peer, event.text)
+                code = Code(event.code)
+                self.state.counters[f"rejected_{code.name.lower()}"] += 1
+                log.debug("station %s: frame rejected: %s", self.station or self.channel.peer, event.text)
+                if code in FORGED:
+                    blocked = max(blocked, self._failed(code, event.text, self.station or ""))
             elif isinstance(event, Closed):
                 self.state.authenticated = False
+                self._handshake_started = self.server.clock()
             elif isinstance(event, Received):
                 self._dispatch(event.message)
-        if self._challenged() and not was_challenged:
-            self._handshake_deadline = self.server.clock() + self.server.handshake_timeout
+        if self.session.handshakes != handshakes:
+            self._handshake_started = self.server.clock()
         if valid:
             self._last_valid = self.server.clock()
             if self.session.established:
                 self.state.last_seen = time.time()
+        for event in step.events:
+            if isinstance(event, HandshakeFailed) and event.code == Code.BUSY:
+                # A station told BUSY for its failures that asks again at once is not listening: read its
+                # next frame no sooner than blocked_pause_s, so a loop of HELLOs costs the appliance next to
+                # nothing.
+                wait = self.server.limiter.blocked(self._limit_key(event.station_id), self.server.clock())
+                if wait:
+                    await asyncio.sleep(min(wait, self.server.blocked_pause_s))
+        if not blocked:
+            return False
+        # Over the limit: end the session (authentically, so the station knows why) and, on TLS, the
+        # connection; its next HELLOs get BUSY until the window has passed.
+        async with self._lock:
+            wire = self.session.close(Code.BUSY) if self.session.established else b""
+            self.state.authenticated = False
+            self._handshake_started = self.server.clock()
+            if wire:
+                with contextlib.suppress(StationError, OSError, TimeoutError):
+                    async with asyncio.timeout(CLOSE_SEND_TIMEOUT):
+                        await self.channel.send(wire)
+        return self.close_on_timeout
 
     def _challenged(self) -> bool:
         return not self.session.established and self.session.station_id is not None
 
-    def _on_handshake_failed(self, event: HandshakeFailed) -> None:
+    def _on_handshake_failed(self, event: HandshakeFailed) -> float:
+        """Count, report and limit a failed handshake; returns the blocking time if it reached the limit."""
         code = Code(event.code)
         name = event.station_id if event.station_id in self.server.states else None
         st = self.server.state(self.bound) if self.bound else (self.server.state(name) if name else None)
         st = st or self.server.unattributed
         st.counters["auth_failed" if code is Code.AUTH_FAILED else f"refused_{code.name.lower()}"] += 1
         st.last_error = f"{code.name}: {clean_text(event.text)}"
-        log.warning(
+        log.debug(
             "station handshake refused on %s: %s (%s) for station id %r",
             self.channel.peer, code.name, clean_text(event.text), clean_text(event.station_id, 64),
         )  # fmt: skip
+        return self._failed(code, event.text, event.station_id)
+
+    def _limit_key(self, claimed: str) -> str:
+        # The port or certificate a connection is bound to is the station; an unbound connection (not used by
+        # the daemon) is limited by the id it claims.
+        return self.bound or claimed or f"peer:{self.channel.peer}"
+
+    def _failed(self, code: Code, text: str, claimed: str) -> float:
+        """Count a failure against the station (unless it is the BUSY of an earlier block) and report it."""
+        key = self._limit_key(claimed)
+        blocked = 0.0
+        if code is not Code.BUSY:
+            blocked = self.server.limiter.failed(key, self.server.clock()) or 0.0
+        if blocked:
+            self.state.counters["blocked"] += 1
+        if self.server.monitor is not None:
+            self.server.monitor.link_failed(
+                LinkFailure(key, self.channel.peer, code, clean_text(text), claimed, blocked)
+            )
+        return blocked
+
+    def _guarded_lookup(self, station_id: str) -> bytes | None:
+        """The key lookup behind the limit: a blocked station is refused before any lookup or derivation."""
+        wait = self.server.limiter.blocked(self._limit_key(station_id), self.server.clock())
+        if wait is not None:
+            raise StationError(Code.BUSY, f"too many failed attempts: try again in {math.ceil(wait)} s")
+        return self._lookup(station_id)
 
     # -- requests ----------------------------------------------------------------------------------------------
     def _dispatch(self, message: Message) -> None:
@@ -365,7 +487,7 @@ class _Connection:
         elif isinstance(message, Confirm):
             self._spawn(self._confirm(message))
         elif isinstance(message, GetCaChain):
-            self._spawn(self._ca_chain())
+            self._spawn(self._ca_chain(message.profile or None))
         # PONG: nothing to do; the frame already counted as traffic.
 
     def _spawn(self, coro: object) -> None:
@@ -427,10 +549,10 @@ class _Connection:
             reply = self._fail(StationError(Code.INTERNAL, "internal error"), msg.request_id, "confirm")
         await self._reply(reply)
 
-    async def _ca_chain(self) -> None:
+    async def _ca_chain(self, profile: str | None) -> None:
         reply: Message
         try:
-            reply = CaChain(tuple(await self.server.enroller.ca_chain(self.station or "")))
+            reply = CaChain(tuple(await self.server.enroller.ca_chain(self.station or "", profile)))
         except StationError as exc:
             reply = self._fail(exc, bytes(16), "ca_chain")
         except Exception:

@@ -65,6 +65,7 @@ _HANDSHAKE_CODES = frozenset(
         Code.UNEXPECTED_MESSAGE,
         Code.BUSY,
         Code.INTERNAL,
+        Code.TIMEOUT,  # the appliance gave up waiting for our AUTH: start over with a new HELLO
     }
 )
 
@@ -105,6 +106,7 @@ class Closed:
 
     code: Code | int
     text: str
+    bye: bool = False  # the peer said so in a sealed BYE (authentic), not a plain ERROR or a new HELLO
 
 
 SessionEvent = Authenticated | HandshakeFailed | Received | Rejected | Closed
@@ -204,6 +206,7 @@ class ApplianceSession:
         self._lookup = lookup
         self._versions = versions
         self._random = random
+        self.handshakes = 0  # CHALLENGEs with a fresh nonce so far: each starts a handshake (and its timer)
         self._reset()
 
     def _reset(self) -> None:
@@ -295,6 +298,7 @@ class ApplianceSession:
         self.station_id = hello.station_id
         self.version = version
         self._state = _AState.CHALLENGED
+        self.handshakes += 1
         return Step((self._challenge_wire,), tuple(events))
 
     def _refuse(self, code: Code, text: str, station_id: str, events: list[SessionEvent]) -> Step:
@@ -333,7 +337,7 @@ class ApplianceSession:
             return Step((self.send(Pong(message.token)),))
         if isinstance(message, Bye):
             self._reset()
-            return Step(events=(Closed(message.code, "station said BYE"),))
+            return Step(events=(Closed(message.code, "station said BYE", bye=True),))
         if isinstance(message, GetCaChain | Enroll | Confirm | Pong):
             return Step(events=(Received(message),))
         text = f"{type(message).__name__} is not a station request"
@@ -469,6 +473,10 @@ class StationSession:
 
     def _on_plain_error(self, error: Error) -> Step:
         code = error.code
+        if code == Code.TIMEOUT and self._state is _SState.HELLO_SENT:
+            # The appliance never answers a HELLO with TIMEOUT: this one ended an earlier handshake (it was on
+            # the line before our HELLO reached the appliance). Our HELLO is still being answered.
+            return Step(events=(Rejected(Code.UNEXPECTED_MESSAGE, "TIMEOUT of an earlier handshake"),))
         if self._state in (_SState.HELLO_SENT, _SState.AUTH_SENT):
             if code in _HANDSHAKE_CODES:
                 self._reset()
@@ -493,7 +501,7 @@ class StationSession:
             return Step((self.send(Pong(message.token)),))
         if isinstance(message, Bye):
             self._reset()
-            return Step(events=(Closed(message.code, "appliance said BYE"),))
+            return Step(events=(Closed(message.code, "appliance said BYE", bye=True),))
         if isinstance(message, CaChain | Cert | Confirmed | Pending | Error | Pong):
             return Step(events=(Received(message),))
         return Step(

@@ -52,6 +52,17 @@ def test_every_problem_is_reported_at_once_with_its_path() -> None:
     assert "1234" not in str(exc.value)  # a PIN put in the config by mistake is not echoed
 
 
+def test_station_failure_limits_are_read_and_checked() -> None:
+    cfg = parse_config({**MINIMAL, "stations": {"failure_limit": 3, "failure_window_s": 30}})
+    assert (cfg.stations.failure_limit, cfg.stations.failure_window_s) == (3, 30.0)
+    assert (parse_config(MINIMAL).stations.failure_limit, parse_config(MINIMAL).stations.failure_window_s) == (
+        10, 60.0,
+    )  # fmt: skip
+    with pytest.raises(ConfigError) as exc:
+        parse_config({**MINIMAL, "stations": {"failure_limit": 0, "failure_window_s": "long"}})
+    assert {p.where for p in exc.value.problems} == {"stations.failure_limit", "stations.failure_window_s"}
+
+
 def test_pin_sources_are_exclusive() -> None:
     data = {"hsm": {**MINIMAL["hsm"], "pin_credential": "hsm-pin"}}
     with pytest.raises(ConfigError, match="exactly one of pin_file or pin_credential"):
@@ -95,7 +106,7 @@ def test_every_key_the_parser_knows_is_documented() -> None:
         "pipeline_depth", "listen", "crl_validity_s", "ocsp_validity_s", "signer_validity_days", "signer_renew_days",
         "never_issued", "poll_s", "max_request_bytes", "http_max_age_s",
         "lan_listen", "tls_dir", "management_ca", "handshake_timeout_s", "idle_timeout_s", "frame_timeout_s",
-        "reopen_interval_s", "registry_poll_s",
+        "reopen_interval_s", "registry_poll_s", "failure_limit", "failure_window_s",
         "max_message_bytes", "confirm_wait_s", "max_pending", "default_label", "ra_cert", "station", "profile",
         "secret_file", "kid", "station_signature", "trusted_ca", "allow_rr", "allow_nested", "implicit_confirm",
         "accept_ra_verified", "url", "mode", "batch_wait_s", "protection", "server_cert", "recipient",

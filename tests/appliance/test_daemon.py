@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import datetime as dt
 import hashlib
+import json
+import logging
 import os
 import shutil
 import ssl
 import struct
+import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -18,7 +23,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from appliance import ca as ca_mod
 from appliance import stations_registry as reg
+from appliance.audit.log import AuditLog
 from appliance.config import (
     ApplianceSection,
     Config,
@@ -28,12 +35,27 @@ from appliance.config import (
     VaSection,
 )
 from appliance.daemon import Daemon
+from appliance.issuance.journal import Journal
 from appliance.profiles import builtin_profiles
 from hsm.softhsm import SoftHsmToken
-from stations.codec import SYNC, crc8
+from stations.codec import SYNC, Frame, crc8
 from stations.codes import Code
-from stations.messages import CaChain, Cert, Confirm, Confirmed, Enroll, Error, GetCaChain, Ping, Pong
+from stations.messages import (
+    CaChain,
+    Cert,
+    Challenge,
+    Confirm,
+    Confirmed,
+    Enroll,
+    Error,
+    GetCaChain,
+    Message,
+    Ping,
+    Pong,
+    decode_message,
+)
 from stations.session import Authenticated, Closed, HandshakeFailed, Received
+from stations.transports.base import ChannelClosed
 from stations.transports.stream import StreamChannel
 from tests.appliance.conftest import make_csr, put_on_line
 from tests.stations.station_link import Link, request_id
@@ -125,6 +147,25 @@ async def test_enrol_over_tls_verifies_and_confirm_marks_the_journal(daemon: Dae
     await link.close()
 
 
+async def test_ca_chain_is_the_chain_of_the_profiles_issuing_ca_and_unknown_profiles_are_refused(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    bundle = await add_lan(daemon, "st-chain", tmp_path)
+    link = await Link.tls(_addr(daemon), bundle)
+    assert isinstance(await link.handshake(), Authenticated)
+    default = await link.request(GetCaChain())
+    named = await link.request(GetCaChain("idevid"))
+    assert isinstance(default, CaChain) and isinstance(named, CaChain)
+    assert default.chain == named.chain
+    assert named.chain[0] == ca_mod.load_ca(daemon.journal, "issuing").cert_der
+    unknown = await link.request(GetCaChain("no-such-profile"))
+    assert isinstance(unknown, Error) and unknown.code == Code.UNKNOWN_PROFILE
+    assert "no-such-profile" in unknown.text
+    # The refusal concerns that request only: the session goes on.
+    assert isinstance(await link.request(GetCaChain("idevid")), CaChain)
+    await link.close()
+
+
 async def test_retry_after_lost_response_gets_identical_certificate(daemon: Daemon, tmp_path: Path) -> None:
     bundle = await add_lan(daemon, "st-retry", tmp_path)
     rid = request_id()
@@ -161,22 +202,25 @@ async def test_wrong_key_and_foreign_station_id_refused_while_another_station_en
     link_bad = await Link.tls(_addr(daemon), bad)
     failed = await link_bad.handshake()
     assert isinstance(failed, HandshakeFailed) and failed.code == Code.AUTH_FAILED
-    # st-bad's certificate with another station's id (and that station's real key): refused.
+    # st-bad's certificate with another station's id (and that station's real key): UNKNOWN_STATION, as the
+    # protocol promises for an id that is not registered (on this certificate)...
     key_good = bytes.fromhex((good / "station.key").read_text())
     link_spoof = await Link.tls(_addr(daemon), bad)
     link_spoof.session = type(link_spoof.session)("st-good", key_good)
     spoof = await link_spoof.handshake()
-    assert isinstance(spoof, HandshakeFailed) and spoof.code == Code.AUTH_FAILED
-    # An id nobody registered.
+    assert isinstance(spoof, HandshakeFailed) and spoof.code == Code.UNKNOWN_STATION
+    # ... word for word the answer to an id nobody registered: the answer does not tell which ids exist.
     link_unknown = await Link.tls(_addr(daemon), bad)
     link_unknown.session = type(link_unknown.session)("nobody", key_good)
     unknown = await link_unknown.handshake()
-    assert isinstance(unknown, HandshakeFailed) and unknown.code == Code.AUTH_FAILED
+    assert isinstance(unknown, HandshakeFailed) and unknown.code == Code.UNKNOWN_STATION
+    assert unknown.text == spoof.text
 
     link = await Link.tls(_addr(daemon), good)
     assert isinstance(await link.handshake(), Authenticated)
     assert isinstance(await _enroll(link, "SN-GOOD"), Cert)
-    assert daemon.states["st-bad"].counters["auth_failed"] == 3
+    counters = daemon.states["st-bad"].counters
+    assert counters["auth_failed"] == 1 and counters["refused_unknown_station"] == 2
     for lk in (link, link_bad, link_spoof, link_unknown):
         await lk.close()
 
@@ -292,16 +336,56 @@ async def test_replayed_sealed_frame_is_refused(daemon: Daemon, tmp_path: Path) 
     await link.close()
 
 
-async def test_connection_without_handshake_is_closed_after_the_timeout(
+async def _plain_then_close(link: Link, timeout: float = 10.0) -> list[Message]:
+    """The plain messages the appliance sends until it closes the connection."""
+    out: list[Message] = []
+    with pytest.raises(ChannelClosed):
+        async with asyncio.timeout(timeout):
+            while True:
+                item = await link.channel.recv()
+                if isinstance(item, Frame) and not item.sealed:
+                    out.append(decode_message(item.kind, item.payload))
+    return out
+
+
+async def test_connection_without_handshake_gets_timeout_then_is_closed(
     daemon: Daemon, tmp_path: Path
 ) -> None:
     bundle = await add_lan(daemon, "st-slow", tmp_path)
     link = await Link.tls(_addr(daemon), bundle)
-    # Connected but never says HELLO: closed after handshake_timeout_s.
-    with pytest.raises(Exception):  # noqa: B017 - ChannelClosed or a reset, both mean "closed"
-        async with asyncio.timeout(3):
-            await link.channel.recv()
+    # Connected but never says HELLO: told TIMEOUT, then closed, after handshake_timeout_s.
+    (error,) = await _plain_then_close(link)
+    assert isinstance(error, Error) and error.code == Code.TIMEOUT
     assert daemon.states["st-slow"].counters["handshake_timeout"] == 1
+
+
+async def test_idle_tls_session_ends_with_bye_timeout_then_the_connection_closes(
+    softhsm_token: SoftHsmToken, production_journal_template: Path, tmp_path: Path
+) -> None:
+    config = _config(tmp_path / "state", softhsm_token, production_journal_template)
+    config = dataclasses.replace(
+        config, stations=dataclasses.replace(config.stations, handshake_timeout_s=10.0, idle_timeout_s=0.5)
+    )
+    async with Daemon(config) as d:
+        bundle = await add_lan(d, "st-idle", tmp_path)
+        link = await Link.tls(_addr(d), bundle)
+        assert isinstance(await link.handshake(), Authenticated)
+        assert isinstance(await link.request(Ping(1)), Pong)
+        # Then nothing: the appliance ends the session with an authentic reason, then the connection.
+        (closed,) = await link.events(timeout=10)
+        assert isinstance(closed, Closed) and closed.bye and closed.code == Code.TIMEOUT
+        with pytest.raises(ChannelClosed):
+            async with asyncio.timeout(10):
+                await link.channel.recv()
+        assert d.states["st-idle"].counters["idle_timeout"] == 1
+
+
+async def _next_plain(link: Link, timeout: float = 10.0) -> Message:
+    async with asyncio.timeout(timeout):
+        while True:
+            item = await link.channel.recv()
+            if isinstance(item, Frame) and not item.sealed:
+                return decode_message(item.kind, item.payload)
 
 
 class _Pty:
@@ -361,10 +445,27 @@ async def test_serial_station_enrols_survives_unplug_and_is_bound_to_its_port(
     await _port_open(daemon, "st-serial")
     assert isinstance(await link.handshake(), Authenticated)
     assert isinstance(await _enroll(link, "SN-SERIAL-1"), Cert)
-    # Another station's id on this port is refused even with the right key for it.
+    # Another station's id on this port is refused even with the right key for it, as unknown here.
     link.session = type(link.session)("st-other", key)
     refused = await link.handshake()
-    assert isinstance(refused, HandshakeFailed) and refused.code == Code.AUTH_FAILED
+    assert isinstance(refused, HandshakeFailed) and refused.code == Code.UNKNOWN_STATION
+
+    # A CHALLENGE left unanswered: after handshake_timeout_s the appliance says TIMEOUT and forgets it; the
+    # port stays open and the station authenticates again.
+    link.session = type(link.session)("st-serial", key)
+    await link.channel.send(link.session.hello())
+    first = await _next_plain(link)
+    assert isinstance(first, Challenge)
+    second = await _next_plain(link)
+    assert isinstance(second, Error) and second.code == Code.TIMEOUT
+    assert isinstance(await link.handshake(), Authenticated)
+    # A session left idle: ended with a sealed BYE TIMEOUT after idle_timeout_s; the port stays open.
+    (closed,) = await link.events(timeout=20)
+    assert isinstance(closed, Closed) and closed.bye and closed.code == Code.TIMEOUT
+    assert isinstance(await link.handshake(), Authenticated)
+    assert isinstance(await _enroll(link, "SN-SERIAL-3"), Cert)
+    counters = daemon.states["st-serial"].counters
+    assert counters["handshake_timeout"] == 1 and counters["idle_timeout"] == 1
 
     pty.unplug()  # the adapter disappears; the daemon retries until the port is back
     await asyncio.sleep(0.3)
@@ -410,3 +511,119 @@ async def test_quota_race_over_real_stations_issues_exactly_the_quantity(
     assert reconcile.quota_problems(daemon.journal) == []
     for link in links:
         await link.close()
+
+
+async def test_failed_handshakes_and_forged_frames_are_audited_bounded_logged_once_and_alarmed(
+    softhsm_token: SoftHsmToken,
+    production_journal_template: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A fixture with the wrong key hammering the appliance, and one whose frames are tampered with: every
+    failure counts, the audit log gets at most a burst per station and window plus a summary, the log one
+    line per cause, the station over its limit is answered BUSY and raises an alarm."""
+    config = _config(tmp_path / "state", softhsm_token, production_journal_template)
+    config = dataclasses.replace(
+        config, stations=dataclasses.replace(config.stations, handshake_timeout_s=10.0, failure_limit=5)
+    )
+    with caplog.at_level(logging.DEBUG):
+        async with Daemon(config) as d:
+            assert d.core is not None and d.server is not None
+            d.server.blocked_pause_s = (
+                0.01  # answer the blocked station's HELLOs quickly: this test counts them
+            )
+            wrong = await add_lan(d, "st-wrongkey", tmp_path)
+            (wrong / "station.key").write_text("00" * 32)
+            codes = []
+            link = await Link.tls(_addr(d), wrong)
+            for _ in range(40):
+                event = await link.handshake()
+                assert isinstance(event, HandshakeFailed)
+                codes.append(event.code)
+                if event.code == Code.AUTH_FAILED and codes.count(Code.AUTH_FAILED) == 5:
+                    # The limit: the appliance closed this TLS connection; the station comes back.
+                    await link.close()
+                    link = await Link.tls(_addr(d), wrong)
+            await link.close()
+            assert codes == [Code.AUTH_FAILED] * 5 + [Code.BUSY] * 35
+            alarm = d.core.alarms.get("station.link-failing:st-wrongkey")
+            assert alarm is not None and "AUTH_FAILED" in alarm.message
+
+            tampered = await add_lan(d, "st-tampered", tmp_path)
+            link = await Link.tls(_addr(d), tampered)
+            assert isinstance(await link.handshake(), Authenticated)
+            replies: list[object] = []
+            with contextlib.suppress(ChannelClosed):
+                for i in range(20):
+                    wire = bytearray(link.session.send(Ping(i)))
+                    wire[-5] ^= 0x80
+                    await link.channel.send(bytes(wire[:-4]) + zlib.crc32(wire[:-4]).to_bytes(4, "big"))
+                    replies.extend(await link.events())
+                    if not link.session.established:
+                        break
+            await link.close()
+            bad_tags = [r for r in replies if isinstance(r, Received) and isinstance(r.message, Error)]
+            assert [r.message.code for r in bad_tags] == [Code.BAD_TAG] * 5  # type: ignore[attr-defined]
+            assert any(isinstance(r, Closed) and r.bye and r.code == Code.BUSY for r in replies)
+            assert d.core.alarms.get("station.link-failing:st-tampered") is not None
+    # After a clean stop (its last pass audits the open windows' summaries), as an auditor reads the journal:
+    with Journal(config.journal.path) as journal:
+        entries = [e for e in AuditLog(journal).entries() if e.event.startswith("station.link-refused")]
+    full = [i for e in entries if e.event == "station.link-refused" for i in json.loads(e.data)["items"]]
+    assert [(i["station"], i["code"]) for i in full] == [("st-wrongkey", "AUTH_FAILED")] * 5 + [
+        ("st-tampered", "BAD_TAG")
+    ] * 5
+    summaries = [
+        i for e in entries if e.event == "station.link-refused-summary" for i in json.loads(e.data)["items"]
+    ]
+    assert {s["station"]: s["suppressed"] for s in summaries} == {"st-wrongkey": {"BUSY": 35}}
+    # 50 failures; the log has one WARNING per cause and one per alarm, and nothing above DEBUG from the
+    # station server itself.
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING and "st-" in r.getMessage()]
+    assert len(warnings) <= 5, [r.getMessage() for r in warnings]
+    assert not [r for r in caplog.records if r.name == "stations.server" and r.levelno > logging.DEBUG]
+
+
+async def test_tls_certificate_no_station_owns_is_audited_by_peer(daemon: Daemon, tmp_path: Path) -> None:
+    assert daemon.core is not None
+    old = await add_lan(daemon, "st-gone", tmp_path)
+    reg.rotate_key(daemon.journal, daemon.core.token, "st-gone", audit=daemon.core.audit, actor="alice")
+    await daemon.refresh()
+    link = await Link.tls(_addr(daemon), old)
+    refused = await link.handshake()
+    assert isinstance(refused, HandshakeFailed) and refused.code == Code.UNKNOWN_STATION
+    await link.close()
+    async with asyncio.timeout(10):
+        while not (items := _link_refused(daemon)):
+            await asyncio.sleep(0.05)
+    assert [(i["station"], i["code"]) for i in items] == [("tls-peer:127.0.0.1", "UNKNOWN_STATION")]
+
+
+def _link_refused(d: Daemon) -> list[dict[str, object]]:
+    assert d.core is not None
+    return [
+        i
+        for e in d.core.audit.entries()
+        if e.event == "station.link-refused"
+        for i in json.loads(e.data)["items"]
+    ]
+
+
+async def test_stopping_with_stations_connected_says_bye_busy_and_logs_no_error(
+    softhsm_token: SoftHsmToken,
+    production_journal_template: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    config = _config(tmp_path / "state", softhsm_token, production_journal_template)
+    with caplog.at_level(logging.WARNING):
+        async with Daemon(config) as d:
+            bundle = await add_lan(d, "st-stop", tmp_path)
+            link = await Link.tls(_addr(d), bundle)
+            assert isinstance(await link.handshake(), Authenticated)
+        (closed,) = await link.events()
+        assert isinstance(closed, Closed) and closed.bye and closed.code == Code.BUSY
+        await link.close()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [
+        r.getMessage() for r in caplog.records
+    ]

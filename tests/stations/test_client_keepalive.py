@@ -32,7 +32,7 @@ Mode = Literal["answer", "mute", "hang_up"]
 
 
 class InstantEnroller:
-    async def ca_chain(self, station: str) -> list[bytes]:
+    async def ca_chain(self, station: str, profile: str | None) -> list[bytes]:
         return [b"ca"]
 
     async def enroll(

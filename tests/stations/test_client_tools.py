@@ -154,3 +154,16 @@ async def test_simulator_serial_paced(tmp_path: Path) -> None:
     assert report.ok == 4 and report.failures == 0, report.summary()
     assert len(appliance.confirmed) == 4
     assert report.bytes_sent > 0 and report.bytes_received > 0
+
+
+def test_a_handshake_round_fits_within_the_appliances_handshake_limit() -> None:
+    """docs/station-protocol.md section 9: a station's round (identical HELLO/AUTH resent twice, each try
+    waiting the step timer, then the pause before a new nonce) ends before the appliance's handshake timer,
+    so a new round never lands on a LAN connection the appliance has already closed."""
+    from stations import client, server
+
+    round_s = client.HANDSHAKE_TRIES * client.HANDSHAKE_STEP_TIMEOUT + client.HANDSHAKE_PAUSE
+    assert round_s < server.DEFAULT_HANDSHAKE_TIMEOUT
+    doc = (Path(__file__).parents[2] / "docs" / "station-protocol.md").read_text(encoding="utf-8")
+    row = next(line for line in doc.splitlines() if line.startswith("| handshake step |"))
+    assert f"after {client.HANDSHAKE_TRIES} tries wait {client.HANDSHAKE_PAUSE:g} s" in row

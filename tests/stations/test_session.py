@@ -34,6 +34,7 @@ from stations.session import (
     Received,
     Rejected,
     StationSession,
+    plain_frame,
 )
 from tests.stations.vectors import Link, overhead_figures
 
@@ -87,7 +88,7 @@ def test_full_exchange_in_memory() -> None:
 
     link.station_sends(link.station.close())
     assert not link.appliance.established and not link.station.established
-    assert Closed(Code.OK, "station said BYE") in link.appliance_events
+    assert Closed(Code.OK, "station said BYE", bye=True) in link.appliance_events
 
 
 def test_wrong_key_fails_authentication_on_both_sides() -> None:
@@ -287,8 +288,23 @@ def test_ping_is_answered_in_both_directions() -> None:
 def test_appliance_bye_closes_the_station() -> None:
     link = connected()
     link.appliance_sends(link.appliance.close(Code.BUSY))
-    assert Closed(Code.BUSY, "appliance said BYE") in link.station_events
+    assert Closed(Code.BUSY, "appliance said BYE", bye=True) in link.station_events
     assert not link.station.established
+
+
+def test_plain_timeout_is_stale_while_waiting_for_challenge_and_final_while_waiting_for_auth_ok() -> None:
+    """The appliance sends a plain TIMEOUT when it gives up on a handshake it has CHALLENGEd, never as the
+    answer to a HELLO. On an ordered line, one that reaches a station still waiting for its CHALLENGE left the
+    appliance before that HELLO arrived: it ended an earlier handshake and must not end this one."""
+    timeout = plain_frame(Error(Code.TIMEOUT, "handshake not completed in time"))
+    station, appliance = StationSession("line1-st03", KEY), ApplianceSession(lookup)
+    [challenge] = appliance.receive(frame(station.hello())).send
+    step = station.receive(frame(timeout))
+    assert not any(isinstance(e, HandshakeFailed) for e in step.events)
+    [auth] = station.receive(frame(challenge)).send  # the handshake goes on
+    step = station.receive(frame(timeout))  # now it is about this handshake: the appliance gave up on it
+    assert step.events == (HandshakeFailed(Code.TIMEOUT, "handshake not completed in time", "line1-st03"),)
+    assert station.resend() is None and auth
 
 
 def test_sending_before_authentication_is_local_misuse() -> None:
