@@ -18,6 +18,7 @@ from hsm.config import HsmConfig
 from hsm.errors import (
     DeviceError,
     HsmError,
+    KeyNotFoundError,
     SessionLostError,
     TokenNotFoundError,
     UnsupportedAlgorithmError,
@@ -111,6 +112,17 @@ class TokenSession:
         self.logout()
         self.lost = True
 
+    def _check_token(self) -> None:
+        """A key that is not found may be a token that is gone (SoftHSM then finds nothing rather than failing):
+        ask the token itself, and treat a failure to answer as the device failure it is."""
+        try:
+            self.session.token.slot.get_token()
+        except Exception as exc:
+            err = map_pkcs11_error(exc)
+            if isinstance(err, DeviceError):
+                self._device_failed()
+                raise err from exc
+
     def run(self, op: Op[T]) -> T:
         """Run op(session); on a lost session log in again, re-find handles and retry exactly once. A device
         failure is raised (fail closed: no retry hides it) and the next call tries the device afresh."""
@@ -120,6 +132,9 @@ class TokenSession:
             self.recover()
         try:
             return op(self.session)
+        except KeyNotFoundError:
+            self._check_token()
+            raise
         except HsmError:
             raise
         except Exception as exc:
@@ -134,6 +149,9 @@ class TokenSession:
         self.lost = False
         try:
             return op(self.session)
+        except KeyNotFoundError:
+            self._check_token()
+            raise
         except HsmError:
             raise
         except Exception as exc:

@@ -31,3 +31,13 @@ def test_removed_token_fails_closed_and_signs_again_once_back(
     pub = ec_key.public_key()
     pub.verify(sig, b"back", ECDSA)
     assert hsm_token.has_key(ec_key.label)
+
+
+def test_key_lookup_while_removed_is_a_device_failure_not_a_missing_key(
+    softhsm_token: SoftHsmToken, hsm_token: Token, ec_key: HsmEcPrivateKey
+) -> None:
+    """SoftHSM finds no objects on a vanished token instead of failing: the layer asks the token itself, so the
+    caller sees the device failure (and the session recovers later) rather than a key that seems deleted."""
+    with hsm_token_removed(softhsm_token), pytest.raises(DeviceError):
+        hsm_token.get_key(ec_key.label)
+    assert hsm_token.get_key(ec_key.label).public_key() == ec_key.public_key()
