@@ -240,12 +240,15 @@ class Daemon:
         record_start(self.core)
         # Checkpoints sign the audit head in the HSM with the audit key (never the CA keys).
         await self._stack.enter_async_context(
-            Checkpointer(self.core.audit, ensure_audit_key(self.core.token))
+            Checkpointer(self.core.audit, ensure_audit_key(self.core.token), alarms=self.core.alarms)
         )
         # CRLs and OCSP: signed in the HSM ahead of requests, served over HTTP on the LAN side.
         self.va = await self._stack.enter_async_context(
-            ValidationAuthority(self.core.journal, self.core.token, self.core.audit, self.config.va.settings)
-        )
+            ValidationAuthority(
+                self.core.journal, self.core.token, self.core.audit, self.config.va.settings,
+                alarms=self.core.alarms,
+            )
+        )  # fmt: skip
         if self.config.va.address is not None:
             self.va_server = await self._stack.enter_async_context(
                 VaServer(make_app(self.va), *self.config.va.address)

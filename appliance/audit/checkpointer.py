@@ -7,6 +7,7 @@ import time
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from appliance.alarms import Alarms
 from appliance.audit.log import AuditLog, Checkpoint
 from appliance.errors import BirthlineError
 from appliance.lifecycle import PollingTask
@@ -21,9 +22,17 @@ class Checkpointer(PollingTask):
 
     Use as an async context manager; it runs one named task ("audit-checkpointer") in its own TaskGroup. On a
     clean exit it signs the head one last time (final=True), so a stopped appliance leaves no unsigned tail.
-    A failed checkpoint (HSM away, journal error) is logged and retried on the next tick; it never takes the
-    appliance down, and `last_error` shows it. Writing entries, not signing them, is what gates issuance.
+    A failed checkpoint (HSM away, journal error) raises the warning alarm `audit.checkpoint` (logged once, not
+    per tick) and is retried on the next tick; the next checkpoint made clears it. It never takes the appliance
+    down, and `last_error` shows it. Writing entries, not signing them, is what gates issuance.
     """
+
+    ALARM = "audit.checkpoint"
+    ADVICE = (
+        "checkpoints sign the audit head with the audit key in the HSM and are stored in the journal: check the"
+        " HSM (token present, key 'audit') and the journal's filesystem (free space, writable). Issuance goes"
+        " on; entries written meanwhile are signed by the next checkpoint that succeeds"
+    )
 
     TASK_NAME = "audit-checkpointer"
 
@@ -36,6 +45,7 @@ class Checkpointer(PollingTask):
         every_seconds: float = 300.0,
         poll_seconds: float = 1.0,
         final: bool = True,
+        alarms: Alarms | None = None,
     ) -> None:
         if every_entries < 1 or every_seconds <= 0 or poll_seconds <= 0:
             raise ValueError("every_entries, every_seconds and poll_seconds must be positive")
@@ -50,6 +60,7 @@ class Checkpointer(PollingTask):
         self.made = 0
         self.failures = 0
         self.last_error: BaseException | None = None
+        self.alarms = alarms or Alarms()
         self._signed_seq = 0
         self._signed_at = time.monotonic()
 
@@ -76,7 +87,11 @@ class Checkpointer(PollingTask):
                 cp = await self.audit.acheckpoint(self.key)
                 self.last, self.made, self.last_error = cp, self.made + 1, None
                 self._signed_seq, self._signed_at = cp.seq, time.monotonic()
+                self.alarms.clear(self.ALARM, f"checkpoint at entry {cp.seq}")
         except (BirthlineError, HsmError) as exc:
             self.failures += 1
             self.last_error = exc
-            log.error("audit checkpoint failed (will retry): %s", exc)
+            self.alarms.raise_alarm(
+                self.ALARM, f"audit checkpoint failed (retried every {self.poll_seconds:g} s): {exc}",
+                self.ADVICE, severity="warning",
+            )  # fmt: skip
