@@ -1,8 +1,8 @@
 """Real faults for tests, as a machine produces them: a full filesystem, an immutable journal, an HSM token gone.
 
-The filesystems are mounted for the test and unmounted after it (we run as root, in CI too: `make test`). Where
-the kernel refuses (no CAP_SYS_ADMIN, no loop devices), the test is skipped with the reason the mount gave,
-never faked.
+The filesystems are mounted for the test and unmounted after it. `make test` runs as root (in CI too), and
+there a mount that fails fails the test with the kernel's reason: the fault is never faked, and a machine that
+cannot produce it is noticed rather than skipped. Only a run as another user skips these tests.
 """
 
 from __future__ import annotations
@@ -23,9 +23,15 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, capture_output=True, text=True, check=False)
 
 
-def _skip_unless_mounted(done: subprocess.CompletedProcess[str], what: str) -> None:
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount {what} here (needs root with CAP_SYS_ADMIN): {done.stderr.strip()}")
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a filesystem for a real fault needs root (make test runs as root)")
+
+
+def _mounted(done: subprocess.CompletedProcess[str], what: str) -> None:
+    assert done.returncode == 0, (
+        f"cannot mount {what} (root with CAP_SYS_ADMIN needed): {done.stderr.strip()}"
+    )
 
 
 def _unmount(where: Path) -> None:
@@ -37,10 +43,9 @@ def _unmount(where: Path) -> None:
 @contextlib.contextmanager
 def small_tmpfs(where: Path, size: str = "16m") -> Iterator[Path]:
     """A tmpfs of `size` at `where`: a filesystem that fills up for real (ENOSPC)."""
+    _require_root()
     where.mkdir(parents=True, exist_ok=True)
-    _skip_unless_mounted(
-        _run("mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(where)), "a tmpfs"
-    )
+    _mounted(_run("mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(where)), "a tmpfs")
     try:
         yield where
     finally:
@@ -51,15 +56,17 @@ def small_tmpfs(where: Path, size: str = "16m") -> Iterator[Path]:
 def ext4_loop(where: Path, size_mb: int = 32) -> Iterator[Path]:
     """An ext4 filesystem in a loop-mounted image file next to `where`: it supports `chattr +i`, and ext4
     enforces the immutable flag on files that are already open (EPERM on write)."""
-    if shutil.which("mkfs.ext4") is None or shutil.which("chattr") is None:
-        pytest.skip("mkfs.ext4 or chattr missing (apt-get install e2fsprogs)")
+    _require_root()
+    assert shutil.which("mkfs.ext4") and shutil.which("chattr"), (
+        "mkfs.ext4 or chattr missing: make deps installs them"
+    )
     image = where.with_name(where.name + ".img")
     with open(image, "wb") as f:
         f.truncate(size_mb * 1024 * 1024)
     made = _run("mkfs.ext4", "-q", "-F", str(image))
     assert made.returncode == 0, made.stderr
     where.mkdir(parents=True, exist_ok=True)
-    _skip_unless_mounted(_run("mount", "-o", "loop", str(image), str(where)), "an ext4 loop image")
+    _mounted(_run("mount", "-o", "loop", str(image), str(where)), "an ext4 loop image")
     try:
         yield where
     finally:
