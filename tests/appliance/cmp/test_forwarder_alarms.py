@@ -38,7 +38,7 @@ async def test_upstream_queue_over_its_soft_limit_alarms_once_and_clears_when_dr
         await local.service.issue(IssueRequest(serial, device_csr(serial)[1], "fixture-1"))
     alarms = Alarms()
     fwd = Forwarder(
-        local.journal, settings(_dead_url(), max_queue_size=1, poll_s=0.01, backoff_base_s=0.01,
+        local.journal, settings(_dead_url(), max_queue_size=0, poll_s=0.01, backoff_base_s=0.01,
                                 backoff_cap_s=0.02), local.ra,
         server_certs=(upstream.ra.certificate,), alarms=alarms,
     )  # fmt: skip
