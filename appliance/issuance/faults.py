@@ -153,11 +153,13 @@ class IssuanceAlarms:
     # -- work orders running out -----------------------------------------------------------------------------------
     def units_left(self, work_order: str, remaining: int, quantity: int) -> None:
         """A unit was taken from `work_order`: warn at or below the threshold, clear above it."""
-        cause = quota_cause(work_order)
         if remaining > quantity * self.quota_warning_percent // 100:
-            if cause in self._quota:
-                self._clear_quota(cause, "units left again")
+            if self._quota:  # the common case costs one comparison per certificate
+                cause = quota_cause(work_order)
+                if cause in self._quota:
+                    self._clear_quota(cause, "units left again")
             return
+        cause = quota_cause(work_order)
         wo = _printable(work_order)
         text = (
             f"work order {wo} has used all {quantity} units and is still active"
