@@ -103,6 +103,10 @@ class IssuanceAlarms:
     ) -> None:
         self.alarms = alarms
         self.quota_warning_percent = quota_warning_percent
+        # A defect may hit only some inputs, which a peer chooses: if every good batch cleared the alarm, a
+        # peer alternating requests would log a raise and a clear per pair. It clears only after this long
+        # without a defect.
+        self.internal_quiet_s = internal_log_interval_s
         self._open: set[str] = set()  # causes raised here and not cleared yet: clearing is a set lookup
         self._quota: dict[str, str] = {}  # cause -> work order id, for the periodic re-check
         self._tracebacks = LogOnce(internal_log_interval_s)
@@ -138,7 +142,7 @@ class IssuanceAlarms:
     def succeeded(self, *, journal_ok: bool, signed: bool, clock_ok: bool) -> None:
         """A batch went through every step it needed without failing as a whole; it proved the journal and
         audit log writable if it wrote to them, the HSM if it signed, the clock if a request passed its check."""
-        codes = [ReasonCode.BUSY, ReasonCode.INTERNAL]
+        codes = [ReasonCode.BUSY]
         if journal_ok:
             codes += [ReasonCode.JOURNAL_UNAVAILABLE, ReasonCode.AUDIT_UNAVAILABLE]
         if signed:
@@ -146,6 +150,18 @@ class IssuanceAlarms:
         if clock_ok:
             codes.append(ReasonCode.CLOCK_NOT_TRUSTED)
         self.cleared(codes, "issuance succeeded")
+        self.quiet()
+
+    def quiet(self) -> None:
+        """Clear the defect alarm once no batch has failed with one for internal_quiet_s (a batch succeeding
+        and the periodic health pass both ask)."""
+        key = cause_for(ReasonCode.INTERNAL).key
+        if key not in self._open:
+            return
+        alarm = self.alarms.get(key)
+        if alarm is None or self.alarms.clock() - alarm.last_seen >= self.internal_quiet_s:
+            self._open.discard(key)
+            self.alarms.clear(key, f"no defect for {self.internal_quiet_s:g} s")
 
     def is_open(self, code: ReasonCode) -> bool:
         return cause_for(code).key in self._open

@@ -805,6 +805,7 @@ class IssueService:
                     and not self.admission()
                 ):
                     self._faults.cleared([ReasonCode.BUSY], "admitted again")
+                self._faults.quiet()
                 if watched := self._faults.watched_work_orders:
                     orders = await self.journal.acall(self._read_work_orders, watched)
                     self._faults.recheck_quota(orders)

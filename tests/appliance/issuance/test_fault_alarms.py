@@ -134,18 +134,35 @@ async def test_a_defect_is_logged_with_its_traceback_once_and_alarmed(
     mocker: MockerFixture,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    alarms = Alarms()
+    """A defect that only some requests hit (a peer may choose them): its alarm does not flap with every good
+    request between, it clears after internal_quiet_s without a defect."""
+    now = [1000.0]
+    alarms = Alarms(clock=lambda: now[0])
+    broken = [True]
+    real = Preparer.prepare_many
+
+    def prepare(self: Preparer, jobs: list[object]) -> list[object]:
+        if broken[0]:
+            raise RuntimeError("a defect")
+        return real(self, jobs)  # type: ignore[arg-type]
+
+    mocker.patch.object(Preparer, "prepare_many", autospec=True, side_effect=prepare)
     async with _service(journal, issuing, hsm_token, alarms=alarms) as svc:
-        broken = mocker.patch.object(Preparer, "prepare_many", side_effect=RuntimeError("a defect"))
         with caplog.at_level(logging.WARNING):
             assert await _refused(svc, "SN-I") == [ReasonCode.INTERNAL] * REFUSED
-        alarm = alarms.get("issuance.internal")
-        assert alarm is not None and alarm.count == REFUSED and "RuntimeError" in alarm.message
+            alarm = alarms.get("issuance.internal")
+            assert alarm is not None and alarm.count == REFUSED and "RuntimeError" in alarm.message
+            for i in range(REFUSED):  # good and bad requests alternate
+                broken[0] = False
+                await svc.issue(IssueRequest(f"SN-I-OK-{i}", make_csr()[1]))
+                broken[0] = True
+                assert await _refused(svc, f"SN-I-BAD-{i}", 1) == [ReasonCode.INTERNAL]
         tracebacks = [r for r in caplog.records if "Traceback" in r.getMessage()]
         assert len(tracebacks) == 1 and "a defect" in tracebacks[0].getMessage()
-        assert len(_lines(caplog)) == 2, _lines(caplog)  # the traceback and the alarm
-        mocker.stop(broken)
-        await svc.issue(IssueRequest("SN-I-OK", make_csr()[1]))
+        assert len(_lines(caplog)) == 2, _lines(caplog)  # the traceback and the alarm, nothing per request
+        broken[0] = False
+        now[0] += 301  # five minutes without a defect
+        await svc.issue(IssueRequest("SN-I-LAST", make_csr()[1]))
         assert alarms.get("issuance.internal") is None
 
 
