@@ -2,17 +2,20 @@
 fills up, its journal made immutable on an ext4 loop mount, its SoftHSM token removed. For each: issuance is
 refused with the right code, `birthline station-client enroll` gives up naming that code, the daemon logs one
 line for the cause however many requests were refused (and nothing else but other causes' alarm lines), the
-alarm is active; once the fault is removed, the next enrolment issues and the alarm clears."""
+alarm is active; once the fault is removed, the next enrolment issues and the alarm clears. Last, the registry
+watcher, whose read error is injected."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
+from pytest_mock import MockerFixture
 
 from appliance.daemon import Daemon
 from hsm.softhsm import SoftHsmToken
@@ -161,3 +164,34 @@ async def test_hsm_gone(
             inject=inject, remove=remove,
         )  # fmt: skip
     assert "HSM" in err
+
+
+async def test_registry_watcher_failing_is_one_alarm_not_a_traceback_per_poll(
+    softhsm_token: SoftHsmToken,
+    production_journal_template: Path,
+    tmp_path: Path,
+    mocker: MockerFixture,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Reading the registry fails (a journal read error: injected, since reads fail for real only on a failing
+    block device) for many polls: one alarm line and one traceback, then the alarm clears on the next read."""
+    config = _config(tmp_path / "state", softhsm_token, production_journal_template)
+    async with Daemon(config) as daemon:
+        assert daemon.core is not None
+        alarms = daemon.core.alarms
+        with caplog.at_level(logging.WARNING):
+            failing = mocker.patch(
+                "appliance.daemon.alist_stations", side_effect=sqlite3.OperationalError("disk I/O error")
+            )
+            async with asyncio.timeout(60):  # polls every 0.1 s; a deadlock guard only
+                while (alarm := alarms.get("stations.registry")) is None or alarm.count < 5:
+                    await asyncio.sleep(0.05)
+            assert "disk I/O error" in alarm.message
+            lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+            assert (
+                len(lines) == 2 and "Traceback" in lines[0] and lines[1].startswith("ALARM stations.registry")
+            )
+            mocker.stop(failing)
+            async with asyncio.timeout(60):
+                while alarms.get("stations.registry") is not None:
+                    await asyncio.sleep(0.05)
