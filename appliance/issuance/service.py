@@ -688,12 +688,8 @@ class IssueService:
             # Whatever went wrong in the HSM, the next batch first proves with a probe signature that it works
             # again, rather than reserving serials (and units) only to burn them.
             self._hsm_fault = exc.message
-            code = (
-                ReasonCode.SIGNATURE_INVALID if isinstance(exc, SignatureVerificationError)
-                else ReasonCode.HSM_UNAVAILABLE
-            )  # fmt: skip
             await self._burn(ids, f"hsm: {type(exc).__name__}")
-            self._fail(items, IssuanceFailed(f"HSM: {exc.message}", code))
+            self._fail(items, IssuanceFailed(f"HSM: {exc.message}", _hsm_code(exc)))
             return False
         self._crash("after-sign")
         certs: list[tuple[int, bytes]] = []
@@ -781,7 +777,7 @@ class IssueService:
         try:
             await self.key.asign_many([b"birthline hsm health probe"])
         except HsmError as exc:
-            raise IssuanceFailed(f"HSM unavailable: {exc.message}", ReasonCode.HSM_UNAVAILABLE) from exc
+            raise IssuanceFailed(f"HSM unavailable: {exc.message}", _hsm_code(exc)) from exc
         self._hsm_fault = None
         self._faults.cleared(
             [ReasonCode.HSM_UNAVAILABLE, ReasonCode.SIGNATURE_INVALID], f"the HSM signs again after: {fault}"
@@ -854,3 +850,13 @@ class IssueService:
                     res.certificate, res.chain, res.cert_serial, res.device_serial, res.issuance_id, True
                 )
             )
+
+
+def _hsm_code(exc: HsmError) -> ReasonCode:
+    """A signature that does not verify is its own refusal (the HSM answered, wrongly); anything else means the
+    HSM is not available."""
+    return (
+        ReasonCode.SIGNATURE_INVALID
+        if isinstance(exc, SignatureVerificationError)
+        else ReasonCode.HSM_UNAVAILABLE
+    )

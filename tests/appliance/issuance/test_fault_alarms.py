@@ -127,6 +127,34 @@ async def test_hsm_gone_raises_one_alarm_and_the_probe_clears_it_when_back(
         assert not result.reused
 
 
+async def test_an_unverifiable_signature_is_alarmed_and_the_probe_clears_it(
+    journal: Journal,
+    issuing: CaRecord,
+    hsm_token: Token,
+    mocker: MockerFixture,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """SoftHSM never returns a bad signature: injected at the key (as in test_service), then removed."""
+    from hsm.errors import SignatureVerificationError
+
+    alarms = Alarms()
+    async with _service(journal, issuing, hsm_token, alarms=alarms, health_interval_s=0.05) as svc:
+        bad = mocker.patch.object(
+            type(svc.key), "asign_many", side_effect=SignatureVerificationError("does not verify")
+        )
+        with caplog.at_level(logging.WARNING):
+            codes = await _refused(svc, "SN-S")
+        # The first batch signs and burns its intent; the probe then refuses the rest before any intent.
+        assert codes == [ReasonCode.SIGNATURE_INVALID] * REFUSED
+        assert [r.state for r in journal.rows()] == ["burned"]
+        alarm = alarms.get("issuance.signature-invalid")
+        assert alarm is not None and alarm.code == 15 and "ca list" in alarm.advice
+        lines = _lines(caplog)
+        assert len(lines) == 1 and lines[0].startswith("ALARM issuance.signature-invalid"), lines
+        mocker.stop(bad)
+        await _until(lambda: alarms.active() == [], "the probe clears it")
+
+
 async def test_a_defect_is_logged_with_its_traceback_once_and_alarmed(
     journal: Journal,
     issuing: CaRecord,
