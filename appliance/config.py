@@ -44,6 +44,7 @@ class IssuanceSection:
     pipeline_depth: int = 2
     refusal_burst: int = 60  # refusals per station and window audited in full; the rest are counted
     refusal_window_s: float = 60.0
+    quota_warning_percent: int = 5  # warning alarm when an active work order has this share of units left
 
 
 @dataclass(frozen=True)
@@ -319,6 +320,7 @@ def parse_config(
         pipeline_depth=r.integer("pipeline_depth", 2, lo=1, hi=16),
         refusal_burst=r.integer("refusal_burst", 60, lo=1, hi=1_000_000),
         refusal_window_s=r.number("refusal_window_s", 60.0, lo=1, hi=86400),
+        quota_warning_percent=r.integer("quota_warning_percent", 5, lo=0, hi=100),
     )
     r.done()
 

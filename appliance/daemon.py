@@ -19,9 +19,11 @@ import logging
 import signal
 import sqlite3
 import ssl
+import traceback
 from dataclasses import dataclass
 
 from appliance import stations_registry as reg
+from appliance.alarms import LogOnce
 from appliance.audit.checkpointer import Checkpointer
 from appliance.audit.log import ensure_audit_key
 from appliance.cmp.forwarder import Forwarder, make_forwarder
@@ -271,8 +273,11 @@ class Daemon:
         record_start(self.core)
         # CRLs and OCSP: signed in the HSM ahead of requests, served over HTTP on the LAN side.
         self.va = await self._stack.enter_async_context(
-            ValidationAuthority(self.core.journal, self.core.token, self.core.audit, self.config.va.settings)
-        )
+            ValidationAuthority(
+                self.core.journal, self.core.token, self.core.audit, self.config.va.settings,
+                alarms=self.core.alarms,
+            )
+        )  # fmt: skip
         if self.config.va.address is not None:
             self.va_server = await self._stack.enter_async_context(
                 VaServer(make_app(self.va), *self.config.va.address)
@@ -370,12 +375,28 @@ class Daemon:
 
     # -- the registry ----------------------------------------------------------------------------------------------
     async def _watch_registry(self) -> None:
+        """Re-read the registry every registry_poll_s. A failure raises the warning alarm stations.registry (one
+        log line, with the traceback once per type and 5 minutes, not one per poll), cleared by the next read."""
+        assert self.core is not None
+        alarms, tracebacks = self.core.alarms, LogOnce(300.0)
         while True:
             await asyncio.sleep(self.config.stations.registry_poll_s)
             try:
                 await self.refresh()
-            except Exception:
-                log.exception("reading the station registry failed; trying again")
+            except Exception as exc:  # noqa: BLE001 - the watcher outlives any failure; it is alarmed and logged
+                text = exc.message if isinstance(exc, BirthlineError) else f"{type(exc).__name__}: {exc}"
+                if not isinstance(exc, BirthlineError):
+                    tracebacks.log(log, logging.ERROR, type(exc).__name__, "reading the station registry failed: %s",
+                                   "".join(traceback.format_exception(exc)).rstrip())  # fmt: skip
+                alarms.raise_alarm(
+                    "stations.registry", f"reading the station registry failed (retried every"
+                    f" {self.config.stations.registry_poll_s:g} s): {text}",
+                    "added, disabled and rotated stations are not picked up meanwhile (those already known keep"
+                    " working): check the journal's filesystem and the log",
+                    severity="warning",
+                )  # fmt: skip
+            else:
+                alarms.clear("stations.registry", "registry read")
 
     async def refresh(self) -> None:
         """Re-read the registry: start serial ports of new stations, drop disabled and rotated ones."""

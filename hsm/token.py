@@ -16,7 +16,9 @@ from hsm import _p11
 from hsm.algorithms import KeyAlgorithm, from_public_key
 from hsm.config import HsmConfig
 from hsm.errors import (
+    DeviceError,
     HsmError,
+    KeyNotFoundError,
     SessionLostError,
     TokenNotFoundError,
     UnsupportedAlgorithmError,
@@ -51,6 +53,10 @@ class TokenSession:
         self.refs = 0
         self.session: Any = None
         self._private: dict[str, Any] = {}
+        # The device failed under an open session (removed, reset, network HSM unreachable): the next call
+        # re-initialises the module and logs in again, so the token comes back when the device does. A token
+        # closed on purpose (logout) stays closed.
+        self.lost = False
 
     # --- everything below the line runs on the PKCS#11 thread ---
     def login(self) -> None:
@@ -80,6 +86,7 @@ class TokenSession:
     def logout(self) -> None:
         session, self.session = self.session, None
         self._private.clear()
+        self.lost = False  # closed on purpose unless the caller says the device failed
         if session is not None:
             # Usually already gone (that is why we are here); nothing left to release then.
             with contextlib.suppress(pkcs11.PKCS11Error):
@@ -90,26 +97,68 @@ class TokenSession:
             self._private[label] = _p11.find_private(self.session, label)
         return self._private[label]
 
+    def recover(self) -> None:
+        """After a device failure: C_Finalize + C_Initialize (a module keeps a vanished token's slot dead until
+        then; SoftHSM does), then log in again. Raises the device's error while it is still away. Sessions of
+        other tokens of this module become invalid and are re-opened by their own next call."""
+        try:
+            _load_lib(self.cfg).reinitialize()
+        except Exception as exc:
+            raise map_pkcs11_error(exc) from exc
+        self.login()
+        self.lost = False
+
+    def _device_failed(self) -> None:
+        self.logout()
+        self.lost = True
+
+    def _check_token(self) -> None:
+        """A key that is not found may be a token that is gone (SoftHSM then finds nothing rather than failing):
+        ask the token itself, and treat a failure to answer as the device failure it is."""
+        try:
+            self.session.token.slot.get_token()
+        except Exception as exc:
+            err = map_pkcs11_error(exc)
+            if isinstance(err, DeviceError):
+                self._device_failed()
+                raise err from exc
+
     def run(self, op: Op[T]) -> T:
-        """Run op(session); on a lost session log in again, re-find handles and retry exactly once."""
+        """Run op(session); on a lost session log in again, re-find handles and retry exactly once. A device
+        failure is raised (fail closed: no retry hides it) and the next call tries the device afresh."""
         if self.session is None:
-            raise HsmError(f"token {self.cfg.token_label!r} is closed")
+            if not self.lost:
+                raise HsmError(f"token {self.cfg.token_label!r} is closed")
+            self.recover()
         try:
             return op(self.session)
+        except KeyNotFoundError:
+            self._check_token()
+            raise
         except HsmError:
             raise
         except Exception as exc:
             err = map_pkcs11_error(exc)
+            if isinstance(err, DeviceError):
+                self._device_failed()
             if not isinstance(err, SessionLostError):
                 raise err from exc
         self.logout()
+        self.lost = True  # until the login below succeeds
         self.login()
+        self.lost = False
         try:
             return op(self.session)
+        except KeyNotFoundError:
+            self._check_token()
+            raise
         except HsmError:
             raise
         except Exception as exc:
-            raise map_pkcs11_error(exc) from exc
+            err = map_pkcs11_error(exc)
+            if isinstance(err, DeviceError):
+                self._device_failed()
+            raise err from exc
 
 
 _registry_lock = threading.Lock()

@@ -12,7 +12,9 @@ Only the station retransmits (docs/station-protocol.md section 9): a request tha
 starts a new handshake; a dropped connection is reopened and re-authenticated. Every retry keeps the SAME
 request id, so a lost answer yields the same certificate, never a second one. PENDING is waited out,
 retryable refusals (BUSY, HSM/journal/audit unavailable, ...) are backed off (1 s doubling, cap 30 s), and
-anything else is raised as ``StationError(code, text)``.
+anything else is raised as ``StationError(code, text)``. Giving up after ``give_up_after`` raises ``GaveUp``
+(code TIMEOUT) naming the last answer the client was retrying on, e.g. "gave up after 20 s; last answer
+JOURNAL_UNAVAILABLE (13): journal unavailable while ...".
 
 While a session is open the client keeps it alive (section 9, keepalive): after ``keepalive_s`` without a frame
 sent it sends a PING and expects the PONG within ``request_timeout``; if none comes it drops the channel
@@ -46,7 +48,7 @@ from cryptography.x509.oid import NameOID
 from stations import crypto
 from stations.codec import DecodeEvent, Frame
 from stations.codes import RETRYABLE, Code
-from stations.errors import StationError
+from stations.errors import GaveUp, StationError
 from stations.messages import (
     NO_REQUEST,
     REQUEST_ID_LEN,
@@ -124,7 +126,8 @@ class StationClient:
     """One station's link to the appliance. Use ``connect_tcp``/``connect_serial``; one request at a time.
 
     ``give_up_after`` bounds the total time one call spends retrying (reconnects, back-offs, PENDING); on
-    expiry it raises ``StationError(Code.TIMEOUT)`` and the caller may retry later with the same request id.
+    expiry it raises ``GaveUp`` (a ``StationError`` with code TIMEOUT whose text names the last answer or link
+    error it was retrying on) and the caller may retry later with the same request id.
     ``keepalive_s`` (default 30 s; None or 0: off) is the idle time after which a background task PINGs the
     open session.
     """
@@ -160,6 +163,10 @@ class StationClient:
         self._keepalive_task: asyncio.Task[None] | None = None
         self.last_request_id: bytes | None = None
         self.stats = ClientStats()
+        # What the current call is retrying on, for the error it raises if it gives up: the last answer (as
+        # shown, its code, the appliance's text) and a link failure since.
+        self._last_answer: tuple[str, Code | int | None, str] | None = None
+        self._last_link_error: str | None = None
 
     # -- construction ------------------------------------------------------------------------------------
 
@@ -256,6 +263,7 @@ class StationClient:
         """Connect and authenticate now (otherwise the first request does it)."""
         async with self._lock:
             deadline = time.monotonic() + self.give_up_after
+            self._last_answer = self._last_link_error = None
             await self._with_retries(deadline, self._ensure_session)
 
     async def ca_chain(self, profile: str = "") -> list[bytes]:
@@ -310,15 +318,19 @@ class StationClient:
         async with self._lock:
             deadline = time.monotonic() + self.give_up_after
             backoff = BACKOFF_START
+            self._last_answer = self._last_link_error = None
             while True:
                 reply = await self._with_retries(
                     deadline, lambda: self._exchange(message, request_id, wanted)
                 )
                 if isinstance(reply, Pending):
                     self.stats.pending += 1
+                    self._last_answer = (f"PENDING (retry after {reply.retry_after_ms} ms)", None, "")
+                    self._last_link_error = None
                     await self._sleep_until(deadline, reply.retry_after_ms / 1000)
                     continue
                 if isinstance(reply, Error):
+                    self._answered(reply.code, reply.text)
                     if reply.code in RESEND_NOW:
                         self.stats.resends += 1
                         continue
@@ -331,9 +343,29 @@ class StationClient:
                     raise StationError(code, _printable(reply.text) or f"code {reply.code}")
                 return reply
 
+    def _answered(self, code: Code | int, text: str) -> None:
+        """Remember an ERROR the client retries on: the error it gives up with names it."""
+        text = _printable(text)
+        name = code.name if isinstance(code, Code) else "code"
+        self._last_answer = (f"{name} ({int(code)}): {text}", code, text)
+        self._last_link_error = None  # the link worked after whatever failed before
+
+    def _gave_up(self) -> GaveUp:
+        text = f"gave up after {self.give_up_after:.0f} s"
+        code: Code | int | None = None
+        last = ""
+        if self._last_answer is not None:
+            shown, code, last = self._last_answer
+            text += f"; last answer {shown}"
+        if self._last_link_error is not None:
+            text += f"; {'then ' if self._last_answer else ''}{self._last_link_error}"
+        elif self._last_answer is None:
+            text += "; no answer from the appliance"
+        return GaveUp(text, code, last)
+
     async def _sleep_until(self, deadline: float, delay: float) -> None:
         if time.monotonic() + delay > deadline:
-            raise StationError(Code.TIMEOUT, f"gave up after {self.give_up_after:.0f} s")
+            raise self._gave_up()
         await asyncio.sleep(delay)
 
     async def _with_retries(self, deadline: float, op: Callable[[], Awaitable[_T]]) -> _T:
@@ -344,18 +376,21 @@ class StationClient:
             try:
                 return await op()
             except _SessionLost as exc:
+                self._last_link_error = f"session ended by the appliance: {_printable(str(exc))}"
                 if exc.bye and isinstance(self._channel, StreamChannel):
                     await self._drop_channel()
                 self._session.reset()
             except _Unanswered:
+                self._last_link_error = f"no answer to {REQUEST_TRIES} tries"
                 self._session.reset()
             except ChannelClosed as exc:
                 log.info("station %s: link lost: %s", self.station_id, exc)
+                self._last_link_error = f"link lost: {_printable(exc.text)}"
                 await self._drop_channel()
                 await self._sleep_until(deadline, delay)
                 delay = min(delay * 2, 5.0)
             if time.monotonic() > deadline:
-                raise StationError(Code.TIMEOUT, f"gave up after {self.give_up_after:.0f} s")
+                raise self._gave_up()
 
     async def _drop_channel(self) -> None:
         channel, self._channel = self._channel, None
@@ -417,6 +452,7 @@ class StationClient:
     def _handshake_failed(self, event: HandshakeFailed) -> None:
         code = event.code if isinstance(event.code, Code) else Code.INTERNAL
         if code in (Code.BUSY, Code.INTERNAL, Code.TIMEOUT):
+            self._answered(event.code, event.text)
             self._session.reset()
             return
         raise StationError(code, _printable(event.text))

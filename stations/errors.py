@@ -21,6 +21,16 @@ class StationError(Exception):
         return f"{self.code.name.lower()}: {self.text}"
 
 
+class GaveUp(StationError):
+    """The fixture library stopped retrying (``give_up_after``): code TIMEOUT, and the text names the last answer
+    it was retrying on (``last_code``, ``last_text``), so a fixture shows why, not only that it gave up."""
+
+    def __init__(self, text: str, last_code: Code | int | None = None, last_text: str = "") -> None:
+        super().__init__(Code.TIMEOUT, text)
+        self.last_code = last_code
+        self.last_text = last_text
+
+
 class MessageError(StationError):
     """A message body does not decode or a field is out of bounds (the code says which rule)."""
 

@@ -28,6 +28,7 @@ import logging
 import random
 import sqlite3
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
+from appliance.alarms import Alarms, LogOnce
 from appliance.cmp._names import name_from_der
 from appliance.cmp.build import Protector, build_message, make_cert_request, required_pvno
 from appliance.cmp.errors import RETRYABLE_FAIL_INFO, CmpError, FailInfo
@@ -214,8 +216,11 @@ class Forwarder(PollingTask):
         jitter: Callable[[], float] = random.random,
         audit: AuditSink | None = None,
         ca_certs: Sequence[x509.Certificate] = (),
+        alarms: Alarms | None = None,
     ) -> None:
         super().__init__(settings.poll_s)
+        self.alarms = alarms or Alarms()
+        self._tracebacks = LogOnce(300.0)
         self.journal = journal
         self.audit = audit
         self.ca_certs = tuple(ca_certs)
@@ -272,13 +277,32 @@ class Forwarder(PollingTask):
     async def _stopping(self) -> None:
         await self.close()
 
+    ALARM_FORWARDER = "upstream.forwarder"
+    ALARM_QUEUE = "upstream.queue"
+
     async def _poll(self) -> None:
+        """Never raises: a failed pass raises the warning alarm upstream.forwarder (logged once, not per pass;
+        a defect's traceback once per type and 5 minutes) and the next good pass clears it."""
         try:
             await self.run_pass()
         except BirthlineError as exc:
-            log.warning("upstream forwarder: %s", exc.message)
-        except Exception:
-            log.exception("upstream forwarder pass failed")
+            self._pass_failed(exc.message)
+        except Exception as exc:  # noqa: BLE001 - the forwarder outlives a defect; its traceback is logged
+            self._tracebacks.log(
+                log, logging.ERROR, type(exc).__name__, "upstream forwarder pass failed: %s",
+                "".join(traceback.format_exception(exc)).rstrip(),
+            )  # fmt: skip
+            self._pass_failed(f"internal error: {type(exc).__name__}")
+        else:
+            self.alarms.clear(self.ALARM_FORWARDER, "a pass completed")
+
+    def _pass_failed(self, text: str) -> None:
+        self.alarms.raise_alarm(
+            self.ALARM_FORWARDER, f"upstream forwarder pass failed (retried every {self.poll_s:g} s): {text}",
+            "the forwarder reads and updates the outbox in the journal: check the journal's filesystem (free"
+            " space, writable) and the log; records stay queued and are sent once a pass succeeds",
+            severity="warning",
+        )  # fmt: skip
 
     # -- limits ------------------------------------------------------------------------------------------------
     async def refresh_load(self) -> QueueLoad:
@@ -293,11 +317,23 @@ class Forwarder(PollingTask):
         return self.load
 
     def _alarm(self) -> None:
+        """The soft limits: a warning alarm while the queue is over them (one log line when it starts, not one
+        per pass); the hard limits stop local issuance, which raises issuance.busy (appliance/issuance/faults.py)."""
         s, load = self.settings, self.load
         age = 0.0 if load.oldest_created_at is None else self.clock() - load.oldest_created_at
         if load.open_rows > s.max_queue_size or age > s.max_queue_age_s:
-            log.warning("upstream queue over its limit: %d record(s), oldest %.0f s (limits %d, %.0f s)",
-                        load.open_rows, age, s.max_queue_size, s.max_queue_age_s)  # fmt: skip
+            self.alarms.raise_alarm(
+                self.ALARM_QUEUE,
+                f"upstream queue over its limit: {load.open_rows} record(s), oldest {age:.0f} s (limits"
+                f" {s.max_queue_size}, {s.max_queue_age_s:.0f} s; issuance stops at {s.hard_max_queue_size},"
+                f" {s.hard_max_queue_age_s:.0f} s)",
+                "the upstream CA has not taken the queued records: check the link and the upstream (birthline"
+                " upstream status shows the last error); the queue drains by itself once it answers",
+                severity="warning",
+                details={"open": load.open_rows, "oldest_s": round(age)},
+            )
+        else:
+            self.alarms.clear(self.ALARM_QUEUE, f"{load.open_rows} record(s) queued")
 
     def admission(self) -> str | None:
         """For IssueService(admission=...): refuse local issuance past the HARD limits (from the queue load of
@@ -922,7 +958,7 @@ def make_forwarder(core: Core) -> Forwarder:
         protector = ensure_ra(core.token, management, ra_cert)
     return Forwarder(core.journal, cfg, protector, server_certs=load_server_certs(cfg), secret=secret,
                      lock_path=core.config.appliance.state_dir / "upstream.lock", audit=core.audit,
-                     ca_certs=load_ca_certs(cfg))  # fmt: skip
+                     ca_certs=load_ca_certs(cfg), alarms=core.alarms)  # fmt: skip
 
 
 def queue_status(journal: Journal, settings: UpstreamSection, now: float | None = None) -> dict[str, Any]:

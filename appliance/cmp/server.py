@@ -34,6 +34,7 @@ import hashlib
 import logging
 import sqlite3
 import time
+import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 
+from appliance.alarms import LogOnce
 from appliance.cmp import _der, oids
 from appliance.cmp._names import NULL_DN
 from appliance.cmp.build import Protector, build_message
@@ -264,6 +266,7 @@ class CmpResponder:
         self._issuer_checks: dict[tuple[bytes, bytes], bool] = {}
         self.chain = tuple(x509.load_der_x509_certificate(c) for c in service.chain)
         self.stats = {"requests": 0, "errors": 0, "issued": 0, "confirmed": 0, "revoked": 0}
+        self._defects = LogOnce(300.0)
 
     # -- entry point ---------------------------------------------------------------------------------------------
     async def handle(self, label_name: str, data: bytes) -> tuple[int, bytes]:
@@ -321,8 +324,13 @@ class CmpResponder:
             answer = await self._dispatch(label, msg, outer=outer, ra_signed=verified.signer is not None)
         except (BirthlineError, ValueError) as exc:
             answer = _error(exc)
-        except Exception as exc:
-            log.exception("CMP request on label %s failed", label.name)
+        except Exception as exc:  # noqa: BLE001 - answered (systemFailure) and logged below; never escapes
+            # A defect some input hits: a client could send that input in a loop, so its traceback is logged
+            # once per exception type and 5 minutes, not once per request.
+            self._defects.log(
+                log, logging.ERROR, type(exc).__name__, "CMP request on label %s failed: %s", label.name,
+                "".join(traceback.format_exception(exc)).rstrip(),
+            )  # fmt: skip
             answer = _error(exc)
         if answer.body_type is BodyType.ERROR:
             self.stats["errors"] += 1

@@ -35,6 +35,8 @@ class Grant:
 
     mode: str = "local"  # local | upstream
     work_order: str | None = None
+    remaining: int | None = None  # units the work order has left after this one (None: no quota taken)
+    quantity: int | None = None  # the work order's quantity
 
 
 LOCAL = Grant()

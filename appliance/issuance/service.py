@@ -30,11 +30,13 @@ from dataclasses import dataclass, field
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from appliance.alarms import Alarms
 from appliance.ca import CaRecord
 from appliance.der import split_certificates, tbs_subject
 from appliance.errors import BirthlineError, IssuanceFailed, IssuancePending, IssuanceRefused, ReasonCode
-from appliance.issuance.journal import IssuanceRow, Journal, burn_interrupted
-from appliance.issuance.policy import LOCAL, AllowAll, AuditSink, AuthorisationPolicy, IssueRequest
+from appliance.issuance.faults import IssuanceAlarms
+from appliance.issuance.journal import IssuanceRow, Journal, burn_interrupted, journal_error
+from appliance.issuance.policy import LOCAL, AllowAll, AuditSink, AuthorisationPolicy, Grant, IssueRequest
 from appliance.issuance.prepare import (
     Job,
     PrepareContext,
@@ -46,7 +48,7 @@ from appliance.issuance.prepare import (
 )
 from appliance.issuance.refusals import RefusalLimiter
 from appliance.profiles import Profile
-from hsm.errors import DeviceError, HsmError, SignatureVerificationError
+from hsm.errors import HsmError, SignatureVerificationError
 from hsm.keys import HsmPrivateKey
 
 log = logging.getLogger(__name__)
@@ -87,6 +89,7 @@ class _Item:
     error: BirthlineError | None = None
     followers: list[_Item] = field(default_factory=list)
     ra_done: IssueResult | None = None  # RA mode: the upstream's certificate, already stored
+    grant: Grant | None = None  # what the policy granted (the work order and its units left)
 
     @property
     def key(self) -> tuple[str, bytes]:
@@ -117,6 +120,9 @@ class IssueService:
         upstream_retry_s: float | None = None,
         refusal_burst: int = 60,
         refusal_window_s: float = 60.0,
+        alarms: Alarms | None = None,
+        quota_warning_percent: int = 5,
+        health_interval_s: float = 5.0,
     ) -> None:
         ca_cert = ca.certificate
         spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -157,6 +163,10 @@ class IssueService:
         None: requests for products in upstream mode are refused (UNKNOWN_PROFILE: no upstream CA)."""
         self._refusals = RefusalLimiter(refusal_burst, refusal_window_s)
         self._stopping = asyncio.Event()
+        self.alarms = alarms or Alarms()
+        """Where refusals of the appliance's own making are raised (runtime.Core.alarms in the daemon)."""
+        self._faults = IssuanceAlarms(self.alarms, quota_warning_percent=quota_warning_percent)
+        self.health_interval_s = health_interval_s
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     async def __aenter__(self) -> IssueService:
@@ -185,6 +195,7 @@ class IssueService:
         self._tg.create_task(self._batcher(), name="issuance-batcher")
         self._tg.create_task(self._confirm_batcher(), name="confirm-batcher")
         self._tg.create_task(self._summaries(), name="refusal-summaries")
+        self._tg.create_task(self._health(), name="issuance-health")
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -255,6 +266,7 @@ class IssueService:
             try:
                 await self.journal.atransaction(record, "confirming delivery")
             except BirthlineError as exc:
+                self._faults.failed(exc)
                 errors = dict.fromkeys(range(len(batch)), exc)
             for i, (_, _, _, fut) in enumerate(batch):
                 if fut.done():
@@ -348,9 +360,8 @@ class IssueService:
             await self._run_batch(batch)
         except BirthlineError as exc:
             self._fail(batch, exc)
-        except Exception as exc:
-            log.exception("issuance batch failed")
-            self._fail(batch, IssuanceFailed(f"internal error: {type(exc).__name__}", ReasonCode.INTERNAL))
+        except Exception as exc:  # noqa: BLE001 - a defect fails its batch (traceback logged), never the service
+            self._fail(batch, self._faults.internal(exc))
         finally:
             for item in batch:
                 if item.prep is not None and self._inflight.get(item.key) is item:
@@ -360,6 +371,9 @@ class IssueService:
                     self._follow(follower)
 
     def _fail(self, items: list[_Item], exc: BirthlineError) -> None:
+        """The whole batch (or the part being signed) failed: every cause of that is the appliance's own
+        (device-caused refusals are answered per request), so it raises the alarm of its cause."""
+        self._faults.failed(exc)
         for item in items:
             if not item.future.done():
                 self.stats["failed"] += 1
@@ -371,9 +385,10 @@ class IssueService:
 
     async def _run_batch(self, batch: list[_Item]) -> None:
         self.stats["batches"] += 1
-        if self.admission is not None and (refusal := self.admission()) is not None:
-            log.warning("issuance refused: %s", refusal)
-            raise IssuanceRefused(refusal, ReasonCode.BUSY)
+        if self.admission is not None:
+            if (refusal := self.admission()) is not None:
+                raise IssuanceRefused(refusal, ReasonCode.BUSY)
+            self._faults.cleared([ReasonCode.BUSY], "admitted again")
         await self._settle()
         await self._check_hsm()
         now = self.clock()
@@ -390,16 +405,36 @@ class IssueService:
                 self._inflight[item.key] = item
                 live.append(item)
         refused = [i for i in batch if i.error is not None]
-        if live or (refused and self.audit is not None):
+        wrote = bool(live or (refused and self.audit is not None))
+        if wrote:
             await self.journal.atransaction(
                 lambda conn: self._record_intents(conn, live, refused, now), "recording intents"
             )
         self._crash("after-intent")
         to_sign = [i for i in live if i.row_id is not None and i.error is None]
-        if to_sign:
-            await self._sign_and_store(to_sign)
+        signed = await self._sign_and_store(to_sign) if to_sign else None
         for item in batch:
             self._answer(item)
+        self._report(batch, signed, wrote)
+
+    def _report(self, batch: list[_Item], signed: bool | None, wrote: bool) -> None:
+        """Alarms from a batch that did not fail as a whole: the clock refusals and work orders running out
+        raise theirs; everything the batch proved to work clears its own."""
+        clock_ok = False
+        for item in batch:
+            err = item.error
+            if isinstance(err, IssuancePending) or item.row_id is not None or item.reuse is not None:
+                clock_ok = True  # past the clock check in _decide
+            if err is not None and err.code is ReasonCode.CLOCK_NOT_TRUSTED:
+                self._faults.failed(err)
+            elif err is not None and err.code is ReasonCode.QUOTA_EXHAUSTED:
+                self._faults.quota_refused(err)
+            grant = item.grant
+            took_unit = err is None or isinstance(err, IssuancePending)
+            if took_unit and grant is not None and grant.remaining is not None and grant.quantity is not None:
+                self._faults.units_left(str(grant.work_order), grant.remaining, grant.quantity)
+        if signed is not False:  # False: signing or storing failed, and _fail raised its alarm
+            self._faults.succeeded(journal_ok=wrote, signed=bool(signed), clock_ok=clock_ok)
 
     # -- steps -------------------------------------------------------------------------------------------------
     async def _prepare(self, batch: list[_Item], now: int) -> None:
@@ -476,7 +511,7 @@ class IssueService:
                 lambda conn: self._note_summaries(conn, now, final=final), "auditing refusal summaries"
             )
         except BirthlineError as exc:
-            log.warning("could not audit refusal summaries: %s", exc.message)
+            self._faults.failed(exc)
 
     def _decide(self, conn: sqlite3.Connection, items: list[_Item], now: float) -> list[dict[str, object]]:
         if self._last_issue_time is None:
@@ -501,6 +536,7 @@ class IssueService:
                 grant = LOCAL
                 if item.reuse is None and item.ra_done is None:
                     grant = self.policy.authorise(conn, req, self._profiles[prep.profile]) or LOCAL
+                    item.grant = grant
                 if grant.mode == "upstream":
                     forwarded.append(self._queue_upstream(conn, item, grant.work_order, now))
                 elif item.reuse is None and item.ra_done is None:
@@ -643,20 +679,18 @@ class IssueService:
                 {"ra_request": ra_id},
             )
 
-    async def _sign_and_store(self, items: list[_Item]) -> None:
+    async def _sign_and_store(self, items: list[_Item]) -> bool:
+        """Sign, verify and store; False if that failed (the items are then failed and their intents burned)."""
         ids = [i.row_id for i in items if i.row_id is not None]
         try:
             signatures = await self.key.asign_many([i.prep.tbs.tbs for i in items if i.prep is not None])
         except HsmError as exc:
-            if isinstance(exc, DeviceError):
-                self._hsm_fault = exc.message
-            code = (
-                ReasonCode.SIGNATURE_INVALID if isinstance(exc, SignatureVerificationError)
-                else ReasonCode.HSM_UNAVAILABLE
-            )  # fmt: skip
+            # Whatever went wrong in the HSM, the next batch first proves with a probe signature that it works
+            # again, rather than reserving serials (and units) only to burn them.
+            self._hsm_fault = exc.message
             await self._burn(ids, f"hsm: {type(exc).__name__}")
-            self._fail(items, IssuanceFailed(f"HSM: {exc.message}", code))
-            return
+            self._fail(items, IssuanceFailed(f"HSM: {exc.message}", _hsm_code(exc)))
+            return False
         self._crash("after-sign")
         certs: list[tuple[int, bytes]] = []
         outbox: list[tuple[str, int, str, bytes, bytes | None, bytes | None, bytes | None, float, float]] = []
@@ -701,7 +735,7 @@ class IssueService:
             # The certificates were signed but not stored: they must never be released. Burn the intents.
             await self._burn(ids, "store failed")
             self._fail(items, exc)
-            return
+            return False
         self._crash("after-store")
         for item, (_, der) in zip(items, certs, strict=True):
             assert item.prep is not None
@@ -709,6 +743,7 @@ class IssueService:
             item.future.set_result(
                 self._result(der, item.prep.serial_hex, item.request.device_serial, item.row_id, False)
             )
+        return True
 
     async def _burn(self, ids: list[int], reason: str) -> None:
         def txn(conn: sqlite3.Connection) -> None:
@@ -735,14 +770,50 @@ class IssueService:
                 )
 
     async def _check_hsm(self) -> None:
-        if self._hsm_fault is None:
+        """The HSM health probe: after an HSM failure, one signature (verified) before the next batch starts."""
+        fault = self._hsm_fault
+        if fault is None:
             return
         try:
             await self.key.asign_many([b"birthline hsm health probe"])
         except HsmError as exc:
-            raise IssuanceFailed(f"HSM unavailable: {exc.message}", ReasonCode.HSM_UNAVAILABLE) from exc
-        log.warning("HSM is back after: %s", self._hsm_fault)
+            raise IssuanceFailed(f"HSM unavailable: {exc.message}", _hsm_code(exc)) from exc
         self._hsm_fault = None
+        self._faults.cleared(
+            [ReasonCode.HSM_UNAVAILABLE, ReasonCode.SIGNATURE_INVALID], f"the HSM signs again after: {fault}"
+        )
+
+    async def _health(self) -> None:
+        """Between requests: probe a failed HSM, re-check an admission refusal and the work orders running out,
+        so their alarms clear when the condition does, even if no station asks meanwhile."""
+        while True:
+            try:
+                await asyncio.wait_for(self._stopping.wait(), self.health_interval_s)
+                return
+            except TimeoutError:
+                pass
+            try:
+                if self._hsm_fault is not None:
+                    await self._check_hsm()
+                if (
+                    self.admission is not None
+                    and self._faults.is_open(ReasonCode.BUSY)
+                    and not self.admission()
+                ):
+                    self._faults.cleared([ReasonCode.BUSY], "admitted again")
+                self._faults.quiet()
+                if watched := self._faults.watched_work_orders:
+                    orders = await self.journal.acall(self._read_work_orders, watched)
+                    self._faults.recheck_quota(orders)
+            except sqlite3.Error as exc:
+                self._faults.failed(journal_error(exc, "reading work orders"))
+            except BirthlineError as exc:
+                self._faults.failed(exc)
+            except Exception as exc:  # noqa: BLE001 - the loop outlives a defect; its traceback is logged
+                self._faults.failed(self._faults.internal(exc))
+
+    def _read_work_orders(self, ids: list[str]) -> dict[str, tuple[str, int, int]]:
+        return self._faults.read_work_orders(self.journal.conn, ids)
 
     def _result(self, der: bytes, serial: str, device: str, row_id: int | None, reused: bool) -> IssueResult:
         return IssueResult(der, self.chain, serial, device, row_id or 0, reused)
@@ -779,3 +850,13 @@ class IssueService:
                     res.certificate, res.chain, res.cert_serial, res.device_serial, res.issuance_id, True
                 )
             )
+
+
+def _hsm_code(exc: HsmError) -> ReasonCode:
+    """A signature that does not verify is its own refusal (the HSM answered, wrongly); anything else means the
+    HSM is not available."""
+    return (
+        ReasonCode.SIGNATURE_INVALID
+        if isinstance(exc, SignatureVerificationError)
+        else ReasonCode.HSM_UNAVAILABLE
+    )

@@ -153,16 +153,19 @@ class WorkOrderPolicy:
             )
         self._check_key(request, allowed, profile)
         for order in allowed:
-            cur = conn.execute(
-                "UPDATE work_order SET consumed = consumed + 1 WHERE id = ? AND consumed < quantity",
+            # RETURNING: the units left come with the update, so the core can warn a supervisor before the
+            # order runs dry without another query per certificate.
+            taken = conn.execute(
+                "UPDATE work_order SET consumed = consumed + 1 WHERE id = ? AND consumed < quantity"
+                " RETURNING quantity - consumed, quantity",
                 (order.id,),
-            )
-            if cur.rowcount == 1:
+            ).fetchone()
+            if taken is not None:
                 conn.execute(
                     "INSERT INTO work_order_unit (work_order, device_serial, kind, created_at) VALUES (?,?,'new',?)",
                     (order.id, serial, now),
                 )
-                return Grant(order.mode, order.id)
+                return Grant(order.mode, order.id, remaining=int(taken[0]), quantity=int(taken[1]))
         names = ", ".join(f"{o.id} (all {o.quantity} used)" for o in allowed)
         raise IssuanceRefused(
             f"no units left on work order {names}",

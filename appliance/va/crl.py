@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from appliance.alarms import Alarms
 from appliance.ca import CaRecord, list_cas, load_ca
 from appliance.errors import BirthlineError
 from appliance.issuance.journal import Journal
@@ -217,10 +218,17 @@ class CrlPublisher(PollingTask):
     """Keeps a fresh CRL per active issuing CA. An async context manager running one named task
     ("va-crl-publisher") in its own TaskGroup; every `poll_s` it checks, per CA, whether a revocation changed
     since the stored CRL or the CRL is past half its validity, and regenerates it (signing in a worker
-    thread, never on the event loop). A failure (HSM away, journal error) is logged and retried on the next
-    tick; the last good CRL keeps being served. `current(ca)` is what the HTTP layer serves."""
+    thread, never on the event loop). A failure (HSM away, journal error) raises the warning alarm `va.crl`
+    (logged once, not per tick) and is retried on the next tick, whose success clears it; the last good CRL keeps
+    being served. `current(ca)` is what the HTTP layer serves."""
 
     TASK_NAME = "va-crl-publisher"
+    ALARM = "va.crl"
+    ADVICE = (
+        "CRLs are signed in the HSM and stored in the journal: check the HSM (token present, the CA keys) and"
+        " the journal's filesystem (free space, writable). The last good CRL is served until its nextUpdate;"
+        " relying parties that need a fresh one fail after that"
+    )
 
     def __init__(
         self,
@@ -232,6 +240,7 @@ class CrlPublisher(PollingTask):
         poll_s: float = 2.0,
         actor: str = "appliance",
         clock: Callable[[], float] = time.time,
+        alarms: Alarms | None = None,
     ) -> None:
         if validity_s < 60 or poll_s <= 0:
             raise ValueError("CRL validity must be at least 60 s and poll_s positive")
@@ -245,6 +254,7 @@ class CrlPublisher(PollingTask):
         self.generated = 0
         self.failures = 0
         self.last_error: BaseException | None = None
+        self.alarms = alarms or Alarms()
         self._crls: dict[str, CrlInfo] = {}
         self._lock = asyncio.Lock()
 
@@ -264,6 +274,7 @@ class CrlPublisher(PollingTask):
     async def tick(self) -> None:
         """One pass over the CAs: load newer stored CRLs, regenerate stale ones. Never raises."""
         async with self._lock:
+            failures = self.failures
             try:
                 cas = await self.journal.acall(issuing_cas, self.journal)
             except BirthlineError as exc:
@@ -271,6 +282,8 @@ class CrlPublisher(PollingTask):
                 return
             for ca in cas:
                 await self._check(ca.name)
+            if self.failures == failures:
+                self.alarms.clear(self.ALARM, "CRLs published")
 
     async def _check(self, ca: str) -> None:
         def state() -> tuple[CrlInfo | None, int]:
@@ -294,4 +307,7 @@ class CrlPublisher(PollingTask):
     def _failed(self, exc: BaseException, what: str) -> None:
         self.failures += 1
         self.last_error = exc
-        log.error("CRL publisher: %s failed (will retry): %s", what, exc)
+        self.alarms.raise_alarm(
+            self.ALARM, f"CRL publisher: {what} failed (retried every {self.poll_s:g} s): {exc}", self.ADVICE,
+            severity="warning",
+        )  # fmt: skip

@@ -45,6 +45,7 @@ from cryptography.x509 import ocsp
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
 from appliance import der
+from appliance.alarms import Alarms
 from appliance.ca import CaRecord, load_ca
 from appliance.ca.hierarchy import SIGNING_ONLY
 from appliance.errors import BirthlineError
@@ -341,6 +342,7 @@ class OcspResponder(PollingTask):
         signer_check_s: float = 300.0,
         actor: str = "appliance",
         clock: Callable[[], float] = time.time,
+        alarms: Alarms | None = None,
     ) -> None:
         if never_issued not in ("unknown", "revoked"):
             raise ValueError("never_issued is 'unknown' or 'revoked'")
@@ -363,6 +365,7 @@ class OcspResponder(PollingTask):
         self.signed = 0
         self.errors = 0
         self.last_error: BaseException | None = None
+        self.alarms = alarms or Alarms()
         self._issuers: dict[tuple[str, bytes, bytes], str] = {}
         self._signing: dict[str, _Signing] = {}
         self._cache: dict[tuple[str, int, str], _Entry] = {}
@@ -649,13 +652,37 @@ class OcspResponder(PollingTask):
         self._install(await asyncio.to_thread(self._prepare))
         self._signer_checked = time.monotonic()
 
+    # Two alarms, each cleared by its own next success (one cause for both would flap between them).
+    ALARM_REFRESH = "va.ocsp-refresh"
+    ALARM_SIGNER = "va.ocsp-signer"
+    ADVICE_REFRESH = (
+        "the responder cannot read revocations from the journal, so cached answers may be stale: check the"
+        " journal's filesystem and the daemon's log; retried every poll"
+    )
+    ADVICE_SIGNER = (
+        "the delegated OCSP signing certificate could not be checked or renewed (a new key in the HSM, signed"
+        " by the CA, stored in the journal): check the HSM and the journal's filesystem before the current"
+        " signer expires ([va] signer_renew_days); retried at the next signer check"
+    )
+
     async def _poll(self) -> None:
+        """Never raises: a failure raises its warning alarm (logged once, not per poll) and is retried."""
         try:
             await self.arefresh()
-            if time.monotonic() - self._signer_checked >= self.signer_check_s:
-                self._signer_checked = time.monotonic()
-                self._install(await asyncio.to_thread(self._prepare))
         except (BirthlineError, HsmError, sqlite3.Error, ValueError) as exc:
-            self.errors += 1
-            self.last_error = exc
-            log.error("OCSP responder: refresh failed (will retry): %s", exc)
+            self._poll_failed(self.ALARM_REFRESH, "refreshing the cache", exc, self.ADVICE_REFRESH)
+        else:
+            self.alarms.clear(self.ALARM_REFRESH, "refreshed")
+        if time.monotonic() - self._signer_checked >= self.signer_check_s:
+            self._signer_checked = time.monotonic()
+            try:
+                self._install(await asyncio.to_thread(self._prepare))
+            except (BirthlineError, HsmError, sqlite3.Error, ValueError) as exc:
+                self._poll_failed(self.ALARM_SIGNER, "checking the OCSP signers", exc, self.ADVICE_SIGNER)
+            else:
+                self.alarms.clear(self.ALARM_SIGNER, "signers valid")
+
+    def _poll_failed(self, cause: str, what: str, exc: BaseException, advice: str) -> None:
+        self.errors += 1
+        self.last_error = exc
+        self.alarms.raise_alarm(cause, f"OCSP responder: {what} failed: {exc}", advice, severity="warning")

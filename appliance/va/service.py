@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 
+from appliance.alarms import Alarms
 from appliance.issuance.journal import Journal
 from appliance.issuance.policy import AuditSink
 from appliance.va.crl import DEFAULT_CRL_VALIDITY_S, CrlPublisher
@@ -53,16 +54,19 @@ class ValidationAuthority:
         *,
         actor: str = "appliance",
         clock: Callable[[], float] = time.time,
+        alarms: Alarms | None = None,
     ) -> None:
         self.settings = s = settings or VaSettings()
+        self.alarms = alarms or Alarms()
         self.crls = CrlPublisher(
-            journal, token, audit, validity_s=s.crl_validity_s, poll_s=s.poll_s, actor=actor, clock=clock
-        )
+            journal, token, audit, validity_s=s.crl_validity_s, poll_s=s.poll_s, actor=actor, clock=clock,
+            alarms=self.alarms,
+        )  # fmt: skip
         self.responder = OcspResponder(
             journal, token, audit, validity_s=s.ocsp_validity_s, never_issued=s.never_issued,
             max_request_bytes=s.max_request_bytes, cache_max=s.cache_max, max_pending=s.max_pending_signs,
             signer_validity_days=s.signer_validity_days, signer_renew_days=s.signer_renew_days,
-            poll_s=s.poll_s, actor=actor, clock=clock,
+            poll_s=s.poll_s, actor=actor, clock=clock, alarms=self.alarms,
         )  # fmt: skip
         self._stack = contextlib.AsyncExitStack()
 

@@ -103,6 +103,7 @@ def test_every_key_the_parser_knows_is_documented() -> None:
     for key in [
         "state_dir", "module", "token_label", "pin_file", "pin_credential", "softhsm_conf", "call_timeout_s",
         "path", "batch_max", "issuing_ca", "default_profile", "max_csr_bytes", "clock_skew_s", "prepare_workers",
+        "quota_warning_percent",
         "pipeline_depth", "listen", "crl_validity_s", "ocsp_validity_s", "signer_validity_days", "signer_renew_days",
         "never_issued", "poll_s", "max_request_bytes", "http_max_age_s",
         "lan_listen", "tls_dir", "management_ca", "handshake_timeout_s", "idle_timeout_s", "frame_timeout_s",
