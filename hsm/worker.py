@@ -57,9 +57,12 @@ SIGNING = Lane()
 
 
 class _Job:
-    __slots__ = ("args", "fn", "fut", "kw", "started_at")
+    __slots__ = ("args", "fn", "fut", "kw", "priority", "started_at")
 
-    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], kw: dict[str, Any]) -> None:
+    def __init__(
+        self, priority: Priority, fn: Callable[..., Any], args: tuple[Any, ...], kw: dict[str, Any]
+    ) -> None:
+        self.priority = priority
         self.fut: Future[Any] = Future()
         self.fn = fn
         self.args = args
@@ -99,7 +102,7 @@ class Pkcs11Thread:
 
     def _run(self) -> None:
         while True:
-            priority, _, job = self._queue.get()
+            _, _, job = self._queue.get()
             if job is None:
                 return
             if not job.fut.set_running_or_notify_cancel():
@@ -113,7 +116,7 @@ class Pkcs11Thread:
             else:
                 outcome = (True, result)
             self._running = None
-            self.served[Priority(priority)] += 1
+            self.served[job.priority] += 1
             # Counted before the caller wakes, so whoever sees the result also sees the count.
             if outcome[0]:
                 job.fut.set_result(outcome[1])
@@ -123,7 +126,7 @@ class Pkcs11Thread:
     def _enqueue(self, lane: Lane, fn: Callable[..., Any], args: tuple[Any, ...], kw: dict[str, Any]) -> _Job:
         if self.closed:
             raise HsmError("the PKCS#11 thread is closed")
-        job = _Job(fn, args, kw)
+        job = _Job(lane.priority, fn, args, kw)
         self._queue.put((int(lane.priority), next(self._arrivals), job))
         return job
 
