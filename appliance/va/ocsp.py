@@ -61,7 +61,7 @@ from appliance.lifecycle import PollingTask
 from appliance.profiles import new_serial_number
 from appliance.va.crl import issuing_cas
 from appliance.va.ocsp_request import Refusal, parse_request
-from appliance.va.ratelimit import ClientLimiter, TokenBucket
+from appliance.va.ratelimit import ClientLimiter, Rate
 from appliance.va.revocation import Reason, iso
 from hsm.algorithms import default_hash
 from hsm.errors import HsmBusyError, HsmError
@@ -352,9 +352,12 @@ class OcspResponder(PollingTask):
         max_pending: int = 256,
         max_inflight_signs: int = 4,
         sign_wait_s: float = 2.0,
-        client_rate: float = 10.0,
-        client_burst: int = 20,
+        client_rate: float = 50.0,
+        client_burst: int = 100,
         total_rate: float = 200.0,
+        request_rate: float = 200.0,
+        request_burst: int = 400,
+        pace_max_delay_s: float = 1.0,
         max_clients: int = 4096,
         signer_validity_days: int = 30,
         signer_renew_days: int = 10,
@@ -379,7 +382,9 @@ class OcspResponder(PollingTask):
         self.lane = Lane(Priority.VALIDATION, max_wait_s=sign_wait_s)
         self.limit_clock = limit_clock
         self._clients = ClientLimiter(client_rate, client_burst, max_clients, clock=limit_clock)
-        self._total = TokenBucket(total_rate, max(1.0, total_rate), max(1.0, total_rate), limit_clock())
+        self._total = Rate(total_rate, max(1.0, total_rate), limit_clock())
+        self._requests = ClientLimiter(request_rate, request_burst, max_clients, clock=limit_clock)
+        self.pace_max_delay_s = pace_max_delay_s
         self._slots: asyncio.Semaphore | None = None
         self._signing_now = 0
         self.peak_signing = 0  # the most signatures ever looked up / queued / signing at once
@@ -392,6 +397,8 @@ class OcspResponder(PollingTask):
         self.misses = 0
         self.signed = 0
         self.errors = 0
+        self.paced = 0  # requests held back to their client's request rate
+        self.tarpitted = 0  # ... held pace_max_delay_s and answered tryLater: far over that rate
         self.busy = 0  # the HSM had higher-priority work for sign_wait_s: tryLater
         self.throttled = 0  # no fresh signature for this client now (budget or max_pending)
         self.nonce_dropped = 0  # ... answered from the cache without the nonce instead
@@ -578,12 +585,27 @@ class OcspResponder(PollingTask):
     def respond(self, request_der: bytes) -> bytes:
         return self.answer(request_der).der
 
+    async def admit(self, client: str) -> bool:
+        """Pace a network client to its request rate before any work is done for it (the HTTP layer calls this
+        first). Within the rate: at once. Above it: held until within it. Far above it (a wait beyond
+        pace_max_delay_s): held pace_max_delay_s all the same, then False (answer tryLater). A client that
+        sends as fast as it is answered thus slows itself down instead of spinning on cheap refusals."""
+        delay = self._requests.reserve(client, self.pace_max_delay_s)
+        if delay is None:
+            self.tarpitted += 1
+            await asyncio.sleep(self.pace_max_delay_s)
+            return False
+        if delay > 0:
+            self.paced += 1
+            await asyncio.sleep(delay)
+        return True
+
     def _within_budget(self, client: str | None) -> bool:
         """May this request cost a fresh signature? Network clients spend their own budget and the shared one;
         in-process callers (client None) are not limited."""
         if client is None:
             return True
-        return self._clients.take(client) and self._total.take(self.limit_clock())
+        return self._clients.take(client) and self._total.reserve(self.limit_clock()) is not None
 
     async def _over_budget(self, p: _Parsed, now: float) -> OcspAnswer:
         """No signature for this client now. A nonce request gets the pre-produced answer without its nonce if

@@ -207,3 +207,76 @@ async def test_openssl_verifies_the_answer_without_its_nonce(
     other = files.cert("other", va.cert("SN-0003"))
     rc, out = await ocsp_query(url, files, other, "-nonce")  # nothing cached for it: try later
     assert rc != 0 and "Responder Error: trylater (3)" in out, out
+
+
+async def test_a_client_faster_than_its_request_rate_is_held_back_then_tarpitted(va: Va) -> None:
+    clock = Clock()
+    responder = OcspResponder(
+        va.journal, va.token, va.audit, request_rate=100, request_burst=1, pace_max_delay_s=0.05,
+        limit_clock=clock,
+    )  # fmt: skip
+    assert await responder.admit(A)  # within the rate: at once
+    assert await responder.admit(A) and responder.paced == 1  # 10 ms early: held until within it
+    for _ in range(10):  # 20 ms, 30 ms ... early: beyond the 50 ms it may be held, held 50 ms and refused
+        await responder.admit(A)
+    assert responder.tarpitted >= 6 and responder.paced <= 5
+    assert await responder.admit(B) and responder.paced + responder.tarpitted == 11  # B has its own rate
+
+
+@pytest.fixture
+async def paced(va: Va) -> AsyncIterator[tuple[ValidationAuthority, str]]:
+    settings = VaSettings(request_rate_per_client=0.001, request_burst_per_client=2, pace_max_delay_s=0.01)
+    authority = ValidationAuthority(va.journal, va.token, va.audit, settings)
+    async with authority, VaServer(make_app(authority), "127.0.0.1", 0) as srv:
+        yield authority, srv.url
+
+
+async def test_the_http_listener_paces_every_ocsp_request(
+    va: Va, paced: tuple[ValidationAuthority, str]
+) -> None:
+    import aiohttp
+
+    authority, url = paced
+    body = va.request("SN-0001")
+    statuses = []
+    async with aiohttp.ClientSession() as s:
+        for _ in range(2):
+            async with s.post(
+                url + "/ocsp", data=body, headers={"Content-Type": "application/ocsp-request"}
+            ) as r:
+                statuses.append(ocsp.load_der_ocsp_response(await r.read()).response_status)
+        async with s.post(
+            url + "/ocsp", data=b"garbage", headers={"Content-Type": "application/ocsp-request"}
+        ) as r:
+            statuses.append(ocsp.load_der_ocsp_response(await r.read()).response_status)
+        async with s.get(url + "/ocsp/MAA=") as r:
+            statuses.append(ocsp.load_der_ocsp_response(await r.read()).response_status)
+    # two within the burst; then even a malformed body or GET is held and refused before any work is done
+    assert statuses == [S.SUCCESSFUL, S.SUCCESSFUL, S.TRY_LATER, S.TRY_LATER]
+    assert authority.responder.tarpitted == 2 and authority.responder.refused == {}
+
+
+def test_config_keys_reach_the_responder(tmp_path: Path) -> None:
+    from appliance.config import parse_config
+    from appliance.errors import ConfigError
+
+    base = {"hsm": {"module": "m", "token_label": "t", "pin_file": "p"}}
+    keys = {
+        "max_inflight_signs": 2, "sign_wait_s": 0.5, "sign_rate_per_client": 5, "sign_burst_per_client": 7,
+        "sign_rate_total": 50, "request_rate_per_client": 30, "request_burst_per_client": 60,
+        "pace_max_delay_s": 2, "clients_max": 100,
+    }  # fmt: skip
+    settings = parse_config({**base, "va": keys}, base_dir=tmp_path).va.settings
+    assert {k: getattr(settings, k) for k in keys} == keys
+    defaults = parse_config(base, base_dir=tmp_path).va.settings
+    assert (defaults.sign_rate_per_client, defaults.request_rate_per_client, defaults.max_inflight_signs) == (
+        50, 200, 4,
+    )  # fmt: skip
+    with pytest.raises(ConfigError) as info:
+        parse_config({**base, "va": {"max_inflight_signs": 0, "sign_rate_per_client": -1, "clients_max": 1}})
+    assert {p.where for p in info.value.problems} == {
+        "va.max_inflight_signs", "va.sign_rate_per_client", "va.clients_max",
+    }  # fmt: skip
+    documented = (Path(__file__).parents[3] / "docs" / "configuration.md").read_text()
+    for key in keys:
+        assert f"| `{key}` |" in documented, key
