@@ -1,6 +1,6 @@
 """Issuance alone, and issuance during a 16-thread OCSP nonce flood, in the same run (issue 10 item 3).
 
-    python bench/ocsp_flood.py [--stations 20] [--devices 60] [--threads 16] [--rounds 3] [--unprotected]
+    python bench/ocsp_flood.py [--stations 20] [--devices 60] [--threads 16] [--rounds 3] [--unprotected] [--no-pacing]
                                [--compare SRC]
 
 A fresh appliance (SoftHSM2 token, root/issuing/management CAs, journal) runs as its own process
@@ -13,8 +13,9 @@ printed: the median devices/s alone and during the flood, their ratio, and what 
 with its nonce, cached answers without it, tryLater) per second.
 
 `--compare SRC` repeats the rounds with the daemon run from another source tree (`git archive main | tar -x -C
-SRC`), for a before/after in one run. `--unprotected` repeats them on a daemon whose request pacing and signing budgets are set out of reach,
-so only the PKCS#11 thread's priority lanes and the in-flight cap stand between the flood and issuance.
+SRC`), for a before/after in one run. `--unprotected` repeats them on a daemon whose request pacing and signing
+budgets are set out of reach, so only the PKCS#11 thread's priority lanes and the in-flight cap stand between the
+flood and issuance; `--no-pacing` on one with the signing budgets but no request pacing.
 
 The flood, the fixtures and the daemon share this machine's cores (2 here, and other work); figures are ratios
 within one run.
@@ -53,6 +54,10 @@ UNPROTECTED = """\
 sign_rate_per_client = 100000
 sign_burst_per_client = 100000
 sign_rate_total = 100000
+request_rate_per_client = 1000000
+request_burst_per_client = 1000000
+"""
+NO_PACING = """\
 request_rate_per_client = 1000000
 request_burst_per_client = 1000000
 """
@@ -243,6 +248,7 @@ async def run(args: argparse.Namespace) -> int:
         text = text.replace('listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{va_port}"')
         (base / "birthline.toml").write_text(text)
         (base / "unprotected.toml").write_text(text + UNPROTECTED)
+        (base / "no-pacing.toml").write_text(text + NO_PACING)
         config = load_config(base / "birthline.toml")
         sims = [
             dataclasses.replace(s, host="127.0.0.1", tcp_port=lan_port)
@@ -258,6 +264,8 @@ async def run(args: argparse.Namespace) -> int:
         if args.unprotected:
             runs.append(("pacing and budgets out of reach (priority lanes and the in-flight cap only):",
                          base / "unprotected.toml", None))  # fmt: skip
+        if args.no_pacing:
+            runs.append(("signing budgets, request pacing out of reach:", base / "no-pacing.toml", None))
         if args.compare:
             runs.append((f"the daemon from {args.compare}:", base / "birthline.toml", args.compare))
         failed = 0
@@ -283,6 +291,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--unprotected", action="store_true")
+    ap.add_argument("--no-pacing", action="store_true")
     ap.add_argument(
         "--compare", type=Path, help="also run the daemon from this source tree (e.g. an export of main)"
     )

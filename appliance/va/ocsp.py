@@ -114,11 +114,6 @@ TRY_LATER = _unsuccessful(ocsp.OCSPResponseStatus.TRY_LATER)
 UNAUTHORIZED = _unsuccessful(ocsp.OCSPResponseStatus.UNAUTHORIZED)
 _REFUSALS = {a.status: a for a in (MALFORMED, UNAUTHORIZED)}
 
-# One line per cause and minute: refusals are the peer's doing, internal errors ours; neither may let a flood of
-# requests become a flood of log lines.
-_peer_log = LogOnce(interval_s=60.0)
-_internal_log = LogOnce(interval_s=60.0)
-
 
 # -- delegated signers -------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -403,6 +398,9 @@ class OcspResponder(PollingTask):
         self.throttled = 0  # no fresh signature for this client now (budget or max_pending)
         self.nonce_dropped = 0  # ... answered from the cache without the nonce instead
         self.refused: dict[str, int] = {}  # refusals by reason (ocsp_request.py)
+        # One line per cause and minute: refusals are the peer's doing, internal errors ours; neither may let a
+        # flood of requests become a flood of log lines.
+        self._log_once = LogOnce(interval_s=60.0)
         self.last_error: BaseException | None = None
         self._issuers: dict[tuple[str, bytes, bytes], str] = {}
         self._signing: dict[str, _Signing] = {}
@@ -471,7 +469,7 @@ class OcspResponder(PollingTask):
     def _refuse(self, refusal: Refusal, client: str | None) -> OcspAnswer:
         self.refused[refusal.reason] = self.refused.get(refusal.reason, 0) + 1
         # Peer-caused and cheap to repeat: one line per reason and interval, never one per request.
-        _peer_log.log(
+        self._log_once.log(
             log, logging.INFO, f"refused:{refusal.reason}", "OCSP request from %s refused: %s (%s)",
             client or "this process", refusal.reason, refusal.status.name,
         )  # fmt: skip
@@ -689,7 +687,7 @@ class OcspResponder(PollingTask):
         self.errors += 1
         self.last_error = exc
         # Ours, not the peer's, but a flood of requests must not turn one fault into a flood of lines.
-        _internal_log.log(
+        self._log_once.log(
             log, logging.ERROR, f"internal:{type(exc).__name__}", "OCSP responder: internal error: %r", exc
         )
         return INTERNAL_ERROR
