@@ -115,9 +115,24 @@ def flood(address: str, name_hash: bytes, key_hash: bytes, threads: int) -> None
 
 
 # -- the run -----------------------------------------------------------------------------------------------------
-async def _phase(sims: list[SimStation], devices: int, prefix: str) -> tuple[float, int]:
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) the process has used so far, all its threads together (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclasses.dataclass
+class Phase:
+    rate: float  # devices/s
+    failures: int
+    daemon_cpu: float  # the daemon's CPU use during the phase, in cores (1.0 = one core busy)
+
+
+async def _phase(sims: list[SimStation], devices: int, prefix: str, daemon_pid: int) -> Phase:
+    cpu0, t0 = _cpu_s(daemon_pid), time.perf_counter()
     report = await simulate(sims, devices, prefix=prefix)
-    return report.devices_per_s, report.failures
+    cpu = (_cpu_s(daemon_pid) - cpu0) / (time.perf_counter() - t0)
+    return Phase(report.devices_per_s, report.failures, cpu)
 
 
 def _start_daemon(config_path: Path, src: Path | None = None) -> subprocess.Popen[bytes]:
@@ -141,8 +156,14 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 async def _with_flood(
-    sims: list[SimStation], devices: int, prefix: str, va: str, hashes_: tuple[bytes, bytes], threads: int
-) -> tuple[float, int, dict[str, object]]:
+    sims: list[SimStation],
+    devices: int,
+    prefix: str,
+    daemon_pid: int,
+    va: str,
+    hashes_: tuple[bytes, bytes],
+    threads: int,
+) -> tuple[Phase, dict[str, object]]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, __file__, "--flood", va, hashes_[0].hex(), hashes_[1].hex(), str(threads),
         stdout=asyncio.subprocess.PIPE,
@@ -151,11 +172,11 @@ async def _with_flood(
     await proc.stdout.readline()  # "flooding": threads started
     await asyncio.sleep(1.0)  # let the flood reach its steady state before the clock starts
     try:
-        rate, failures = await _phase(sims, devices, prefix)
+        phase = await _phase(sims, devices, prefix, daemon_pid)
     finally:
         proc.send_signal(signal.SIGTERM)
         out, _ = await proc.communicate()
-    return rate, failures, json.loads(out.decode().strip().splitlines()[-1])
+    return phase, json.loads(out.decode().strip().splitlines()[-1])
 
 
 def _issuer_hashes(issuing: x509.Certificate) -> tuple[bytes, bytes]:
@@ -195,43 +216,48 @@ class Setup:
 
 async def _rounds(
     setup: Setup, config: Path, src: Path | None, rounds: int, devices: int, threads: int, tag: str
-) -> tuple[list[float], list[float], list[dict[str, object]], int]:
+) -> tuple[list[Phase], list[Phase], list[dict[str, object]]]:
     """Alternate `rounds` times: issuance alone, then issuance during the flood (the machine's noise then falls
-    on both alike). Returns devices/s alone, devices/s during, what each flood got, and failed enrolments."""
+    on both alike). Returns the phases alone, the phases during the flood, and what each flood got."""
     proc = _start_daemon(config, src)
-    alone: list[float] = []
-    during: list[float] = []
+    alone: list[Phase] = []
+    during: list[Phase] = []
     floods: list[dict[str, object]] = []
-    failed = 0
     va = f"127.0.0.1:{setup.va_port}"
     try:
         await _wait_listening(setup.lan_port, proc)
         await _wait_listening(setup.va_port, proc)
-        await _phase(setup.sims, max(2, devices // 5), f"{tag}W")  # TLS sessions, worker processes, caches
+        # TLS sessions, worker processes, caches
+        await _phase(setup.sims, max(2, devices // 5), f"{tag}W", proc.pid)
         for r in range(rounds):
-            rate, fails = await _phase(setup.sims, devices, f"{tag}A{r}")
-            alone.append(rate)
-            rate, more, got = await _with_flood(setup.sims, devices, f"{tag}F{r}", va, setup.hashes, threads)
-            during.append(rate)
+            alone.append(await _phase(setup.sims, devices, f"{tag}A{r}", proc.pid))
+            phase, got = await _with_flood(
+                setup.sims, devices, f"{tag}F{r}", proc.pid, va, setup.hashes, threads
+            )
+            during.append(phase)
             floods.append(got)
-            failed += fails + more
     finally:
         _stop(proc)
-    return alone, during, floods, failed
+    return alone, during, floods
 
 
-def _report(title: str, alone: list[float], during: list[float], floods: list[dict[str, object]]) -> None:
-    a, d = statistics.median(alone), statistics.median(during)
+def _report(title: str, alone: list[Phase], during: list[Phase], floods: list[dict[str, object]]) -> None:
+    a = statistics.median(p.rate for p in alone)
+    d = statistics.median(p.rate for p in during)
     print(title)
     print(f"    issuance alone:              median {a:7.1f} devices/s  (rounds: {_list(alone)})")
     print(f"    issuance during the flood:   median {d:7.1f} devices/s  (rounds: {_list(during)})")
     print(f"    during / alone:              {d / a:7.0%}  (per round: "
-          f"{', '.join(f'{y / x:.0%}' for x, y in zip(alone, during, strict=True))})")  # fmt: skip
+          f"{', '.join(f'{y.rate / x.rate:.0%}' for x, y in zip(alone, during, strict=True))})")  # fmt: skip
+    ca = statistics.median(p.daemon_cpu for p in alone)
+    cd = statistics.median(p.daemon_cpu for p in during)
+    print(f"    daemon CPU (cores, median):  alone {ca:.2f}, during the flood {cd:.2f}; per device"
+          f" {1000 * ca / a:.2f} ms alone, {1000 * cd / d:.2f} ms during")  # fmt: skip
     print(f"    the flood got (last round):  {_describe(floods[-1])}")
 
 
-def _list(values: list[float]) -> str:
-    return ", ".join(f"{v:.0f}" for v in values)
+def _list(phases: list[Phase]) -> str:
+    return ", ".join(f"{p.rate:.0f}" for p in phases)
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -270,11 +296,11 @@ async def run(args: argparse.Namespace) -> int:
             runs.append((f"the daemon from {args.compare}:", base / "birthline.toml", args.compare))
         failed = 0
         for i, (title, config_path, src) in enumerate(runs):
-            alone, during, floods, fails = await _rounds(
+            alone, during, floods = await _rounds(
                 setup, config_path, src, args.rounds, args.devices, args.threads, f"R{i}"
             )
             _report(title, alone, during, floods)
-            failed += fails
+            failed += sum(p.failures for p in [*alone, *during])
         if failed:
             print(f"  {failed} enrolments failed")
     return 1 if failed else 0
