@@ -29,6 +29,8 @@ bench: deps
 	$(PY) bench/stations.py lan
 	$(PY) bench/station_failures.py
 	$(PY) bench/ocsp.py
+	$(PY) bench/ocsp_flood.py --unprotected
+	$(PY) bench/ocsp_fuzz.py
 	$(PY) bench/upstream.py --count 5000 --single-count 1000 --rtt-ms 0,20
 	$(PY) bench/upstream.py --upstream birthline --count 3000 --single-count 300 --rtt-ms 0,20
 

@@ -369,6 +369,15 @@ def parse_config(
             poll_s=r.number("poll_s", 2.0, lo=0.05, hi=3600),
             max_request_bytes=r.integer("max_request_bytes", 4096, lo=256, hi=65536),
             http_max_age_s=r.integer("http_max_age_s", 300, lo=0, hi=86400),
+            max_inflight_signs=r.integer("max_inflight_signs", 4, lo=1, hi=64),
+            sign_wait_s=r.number("sign_wait_s", 2.0, lo=0, hi=60),
+            sign_rate_per_client=r.number("sign_rate_per_client", 50.0, lo=0.001, hi=100_000),
+            sign_burst_per_client=r.integer("sign_burst_per_client", 100, lo=1, hi=100_000),
+            sign_rate_total=r.number("sign_rate_total", 200.0, lo=0.001, hi=100_000),
+            request_rate_per_client=r.number("request_rate_per_client", 200.0, lo=0.001, hi=1_000_000),
+            request_burst_per_client=r.integer("request_burst_per_client", 400, lo=1, hi=1_000_000),
+            pace_max_delay_s=r.number("pace_max_delay_s", 1.0, lo=0, hi=30),
+            clients_max=r.integer("clients_max", 4096, lo=16, hi=1_000_000),
         ),
     )
     if va.settings.signer_renew_days >= va.settings.signer_validity_days:

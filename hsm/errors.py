@@ -58,6 +58,15 @@ class SignatureVerificationError(HsmError):
 
 
 class HsmTimeoutError(HsmError):
+    """A PKCS#11 call ran longer than the call time-out: the HSM is not answering."""
+
+    default_retryable = True
+
+
+class HsmBusyError(HsmError):
+    """Low-priority work was not started within its lane's wait limit because more important work came first.
+    Not a fault of the HSM: callers answer "try later" and raise no alarm."""
+
     default_retryable = True
 
 

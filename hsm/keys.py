@@ -16,6 +16,7 @@ from pkcs11.util.ec import encode_ecdsa_signature
 
 from hsm.algorithms import EC_CURVES, KeyAlgorithm, default_hash, from_public_key
 from hsm.errors import SignatureVerificationError, UnsupportedAlgorithmError
+from hsm.worker import SIGNING, Lane
 
 if TYPE_CHECKING:
     from hsm.token import TokenSession
@@ -73,6 +74,7 @@ class _HsmKey:
 
     label: str
     algorithm: KeyAlgorithm
+    lane: Lane = SIGNING  # how this key's signatures queue for the PKCS#11 thread (hsm/worker.py)
 
     def _bind(self, core: TokenSession, label: str, pub: Any) -> None:
         self._core = core
@@ -80,13 +82,22 @@ class _HsmKey:
         self.algorithm = from_public_key(pub)
         self._public = pub
 
+    def in_lane(self, lane: Lane) -> Self:
+        """The same HSM key whose signatures queue in `lane`: e.g. OCSP answers behind certificate signing."""
+        twin = object.__new__(type(self))
+        twin.__dict__.update(self.__dict__)
+        twin.lane = lane
+        return twin
+
     def _raw_sign(self, payloads: Sequence[bytes], mechanism: Mechanism, param: Any = None) -> list[bytes]:
-        return self._core.thread.call(self._core.run, self._sign_op(payloads, mechanism, param))
+        return self._core.thread.call_in(self.lane, self._core.run, self._sign_op(payloads, mechanism, param))
 
     async def _araw_sign(
         self, payloads: Sequence[bytes], mechanism: Mechanism, param: Any = None
     ) -> list[bytes]:
-        return await self._core.thread.acall(self._core.run, self._sign_op(payloads, mechanism, param))
+        return await self._core.thread.acall_in(
+            self.lane, self._core.run, self._sign_op(payloads, mechanism, param)
+        )
 
     def _sign_op(
         self, payloads: Sequence[bytes], mechanism: Mechanism, param: Any

@@ -26,7 +26,7 @@ from aiohttp import web
 from cryptography.x509 import ocsp
 
 from appliance.httpbody import read_limited
-from appliance.va.ocsp import MALFORMED, OcspAnswer
+from appliance.va.ocsp import MALFORMED, TRY_LATER, OcspAnswer
 from appliance.va.service import ValidationAuthority
 
 OCSP_RESPONSE_TYPE = "application/ocsp-response"
@@ -60,14 +60,21 @@ def _ocsp_response(
     return web.Response(body=answer.der, headers=headers)
 
 
+def _peer(request: web.Request) -> str:
+    # The TCP peer, never a forwarded-for header: it is whom the OCSP signing budget is charged to.
+    return request.remote or "unknown"
+
+
 async def ocsp_post(request: web.Request) -> web.Response:
     va = request.app[VA_KEY]
+    if not await va.responder.admit(_peer(request)):
+        return _ocsp_response(request, va, TRY_LATER, get=False)
     body = await read_limited(request, va.settings.max_request_bytes)
     if body is None:
         response = _ocsp_response(request, va, MALFORMED, get=False)
         response.force_close()  # the rest of the body is never read
         return response
-    return _ocsp_response(request, va, await va.responder.aanswer(body), get=False)
+    return _ocsp_response(request, va, await va.responder.aanswer(body, _peer(request)), get=False)
 
 
 def decode_get_request(raw_path_tail: str, limit: int) -> bytes | None:
@@ -86,9 +93,11 @@ def decode_get_request(raw_path_tail: str, limit: int) -> bytes | None:
 
 async def ocsp_get(request: web.Request) -> web.Response:
     va = request.app[VA_KEY]
+    if not await va.responder.admit(_peer(request)):
+        return _ocsp_response(request, va, TRY_LATER, get=True)
     tail = request.rel_url.raw_path.split("/ocsp/", 1)[-1]
     der = decode_get_request(tail, va.settings.max_request_bytes)
-    answer = MALFORMED if der is None else await va.responder.aanswer(der)
+    answer = MALFORMED if der is None else await va.responder.aanswer(der, _peer(request))
     return _ocsp_response(request, va, answer, get=True)
 
 

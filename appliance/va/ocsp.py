@@ -13,16 +13,23 @@ expires. Answers (docs/revocation.md has the table):
                                                  never_issued="revoked"
     one of our OCSP signing certificates      -> good
 
-Request problems never raise: oversize, empty or undecodable requests (and requests for more than one
-certificate, which the parser does not take) get malformedRequest; an issuer that is not one of our CAs (by
-issuerNameHash + issuerKeyHash, SHA-1, SHA-256, SHA-384 or SHA-512) gets unauthorized; too many signatures
-waiting gets tryLater; anything unexpected gets internalError (and is logged).
+Request problems never raise: the parser (ocsp_request.py) turns every request into one CertID or a refusal
+with a reason: malformedRequest (oversize, not DER, no request or several, an extension twice, an unknown
+critical extension, a bad nonce or serial) or unauthorized (a CertID hash we do not serve, or an issuer that is
+not one of our CAs, by issuerNameHash + issuerKeyHash). Refusals are counted by reason and logged once per reason
+and minute. internalError is for our own failures only, logged once per exception type and minute.
 
 Responses without a nonce are cached per (CA, serial, CertID hash) and reused until half their validity, so
 load does not turn into HSM signatures one for one; concurrent misses for one key share one signature. The
 cache forgets a serial when its revocation or issuance row changes (polled from the journal every `poll_s`,
 so revocations made by another process, the CLI, are seen within that time). A request with a nonce is
 signed fresh and echoes the nonce.
+
+Signing never starves issuance (docs/revocation.md, "Load"): the responder keys sign in the PKCS#11 thread's
+validation lane, behind every certificate; at most `max_inflight_signs` signatures are queued for the HSM at
+once, each waits at most `sign_wait_s` to start (then tryLater); and a network client may cause at most
+`client_rate` fresh signatures a second (bursts of `client_burst`), all clients together `total_rate`. Over
+budget, a nonce request gets the cached answer without the nonce (RFC 5019 2.2.1), or tryLater.
 """
 
 from __future__ import annotations
@@ -39,13 +46,12 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
 from appliance import der
-from appliance.alarms import Alarms
+from appliance.alarms import Alarms, LogOnce
 from appliance.ca import CaRecord, load_ca
 from appliance.ca.hierarchy import SIGNING_ONLY
 from appliance.errors import BirthlineError
@@ -54,10 +60,13 @@ from appliance.issuance.policy import AuditSink
 from appliance.lifecycle import PollingTask
 from appliance.profiles import new_serial_number
 from appliance.va.crl import issuing_cas
+from appliance.va.ocsp_request import Refusal, parse_request
+from appliance.va.ratelimit import ClientLimiter, Rate
 from appliance.va.revocation import Reason, iso
 from hsm.algorithms import default_hash
-from hsm.errors import HsmError
+from hsm.errors import HsmBusyError, HsmError
 from hsm.token import Token
+from hsm.worker import Lane, Priority
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +74,6 @@ EXTENDED_REVOKE_OID = ObjectIdentifier("1.3.6.1.5.5.7.48.1.9")  # RFC 6960 4.4.8
 NON_ISSUED_TIME = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 DEFAULT_RESPONSE_VALIDITY_S = 3600.0
 DEFAULT_MAX_REQUEST_BYTES = 4096
-MAX_NONCE_BYTES = 32  # RFC 8954
 # SHA-1 only identifies the issuer in a CertID (openssl sends it by default); it signs nothing.
 _CERTID_HASHES: tuple[hashes.HashAlgorithm, ...] = (
     hashes.SHA1(),  # noqa: S303
@@ -104,6 +112,7 @@ MALFORMED = _unsuccessful(ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
 INTERNAL_ERROR = _unsuccessful(ocsp.OCSPResponseStatus.INTERNAL_ERROR)
 TRY_LATER = _unsuccessful(ocsp.OCSPResponseStatus.TRY_LATER)
 UNAUTHORIZED = _unsuccessful(ocsp.OCSPResponseStatus.UNAUTHORIZED)
+_REFUSALS = {a.status: a for a in (MALFORMED, UNAUTHORIZED)}
 
 
 # -- delegated signers -------------------------------------------------------------------------------------------------
@@ -336,6 +345,15 @@ class OcspResponder(PollingTask):
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
         cache_max: int = 100_000,
         max_pending: int = 256,
+        max_inflight_signs: int = 4,
+        sign_wait_s: float = 2.0,
+        client_rate: float = 50.0,
+        client_burst: int = 100,
+        total_rate: float = 200.0,
+        request_rate: float = 200.0,
+        request_burst: int = 400,
+        pace_max_delay_s: float = 1.0,
+        max_clients: int = 4096,
         signer_validity_days: int = 30,
         signer_renew_days: int = 10,
         poll_s: float = 2.0,
@@ -343,6 +361,7 @@ class OcspResponder(PollingTask):
         actor: str = "appliance",
         clock: Callable[[], float] = time.time,
         alarms: Alarms | None = None,
+        limit_clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if never_issued not in ("unknown", "revoked"):
             raise ValueError("never_issued is 'unknown' or 'revoked'")
@@ -355,6 +374,16 @@ class OcspResponder(PollingTask):
         self.max_request_bytes = max_request_bytes
         self.cache_max = cache_max
         self.max_pending = max_pending
+        self.max_inflight_signs = max_inflight_signs
+        self.lane = Lane(Priority.VALIDATION, max_wait_s=sign_wait_s)
+        self.limit_clock = limit_clock
+        self._clients = ClientLimiter(client_rate, client_burst, max_clients, clock=limit_clock)
+        self._total = Rate(total_rate, max(1.0, total_rate), limit_clock())
+        self._requests = ClientLimiter(request_rate, request_burst, max_clients, clock=limit_clock)
+        self.pace_max_delay_s = pace_max_delay_s
+        self._slots: asyncio.Semaphore | None = None
+        self._signing_now = 0
+        self.peak_signing = 0  # the most signatures ever looked up / queued / signing at once
         self.signer_validity_days = signer_validity_days
         self.signer_renew_days = signer_renew_days
         self.signer_check_s = signer_check_s
@@ -364,6 +393,15 @@ class OcspResponder(PollingTask):
         self.misses = 0
         self.signed = 0
         self.errors = 0
+        self.paced = 0  # requests held back to their client's request rate
+        self.tarpitted = 0  # ... held pace_max_delay_s and answered tryLater: far over that rate
+        self.busy = 0  # the HSM had higher-priority work for sign_wait_s: tryLater
+        self.throttled = 0  # no fresh signature for this client now (budget or max_pending)
+        self.nonce_dropped = 0  # ... answered from the cache without the nonce instead
+        self.refused: dict[str, int] = {}  # refusals by reason (ocsp_request.py)
+        # One line per cause and minute: refusals are the peer's doing, internal errors ours; neither may let a
+        # flood of requests become a flood of log lines.
+        self._log_once = LogOnce(interval_s=60.0)
         self.last_error: BaseException | None = None
         self.alarms = alarms or Alarms()
         self._issuers: dict[tuple[str, bytes, bytes], str] = {}
@@ -398,7 +436,7 @@ class OcspResponder(PollingTask):
             if old is not None and old.signer.key_label == signer.key_label:
                 signing[ca.name] = old
             else:
-                key = self.token.get_key(signer.key_label)
+                key = self.token.get_key(signer.key_label).in_lane(self.lane)
                 signing[ca.name] = _Signing(signer, key, default_hash(key.algorithm))
         marks = None if self._loaded else self.journal.call(self._watermarks)
         return issuers, signing, marks
@@ -430,36 +468,26 @@ class OcspResponder(PollingTask):
         return None if s is None else s.signer
 
     # -- answering -------------------------------------------------------------------------------------------
-    def _parse(self, request_der: bytes) -> _Parsed | OcspAnswer:
-        if not request_der or len(request_der) > self.max_request_bytes:
-            return MALFORMED
-        try:
-            req = ocsp.load_der_ocsp_request(request_der)
-            serial = req.serial_number
-            name_hash, key_hash = req.issuer_name_hash, req.issuer_key_hash
-            nonce: bytes | None = None
-            for ext in req.extensions:
-                if isinstance(ext.value, x509.OCSPNonce):
-                    nonce = ext.value.nonce
-                elif ext.critical:
-                    return MALFORMED  # a critical request extension we do not understand
-            algorithm = req.hash_algorithm
-        except UnsupportedAlgorithm:
-            return UNAUTHORIZED  # a CertID hash we do not serve
-        except ValueError:
-            return MALFORMED
-        if (
-            serial < 0
-            or serial.bit_length() > 160
-            or (nonce is not None and not 1 <= len(nonce) <= MAX_NONCE_BYTES)
-        ):
-            return MALFORMED
-        ca = self._issuers.get((algorithm.name, name_hash, key_hash))
+    def _refuse(self, refusal: Refusal, client: str | None) -> OcspAnswer:
+        self.refused[refusal.reason] = self.refused.get(refusal.reason, 0) + 1
+        # Peer-caused and cheap to repeat: one line per reason and interval, never one per request.
+        self._log_once.log(
+            log, logging.INFO, f"refused:{refusal.reason}", "OCSP request from %s refused: %s (%s)",
+            client or "this process", refusal.reason, refusal.status.name,
+        )  # fmt: skip
+        return _REFUSALS[refusal.status]
+
+    def _parse(self, request_der: bytes, client: str | None = None) -> _Parsed | OcspAnswer:
+        req = parse_request(request_der, self.max_request_bytes)
+        if isinstance(req, Refusal):
+            return self._refuse(req, client)
+        alg = req.hash_algorithm
+        ca = self._issuers.get((alg.name, req.name_hash, req.key_hash))
         if ca is None:
-            return UNAUTHORIZED
+            return self._refuse(Refusal(ocsp.OCSPResponseStatus.UNAUTHORIZED, "unknown-issuer"), client)
         if ca not in self._signing:
             return TRY_LATER
-        return _Parsed(ca, algorithm, name_hash, key_hash, serial, nonce)
+        return _Parsed(ca, alg, req.name_hash, req.key_hash, req.serial, req.nonce)
 
     def _hit(self, key: tuple[str, int, str], now: float) -> OcspAnswer | None:
         entry = self._cache.get(key)
@@ -514,6 +542,7 @@ class OcspResponder(PollingTask):
             )
         if p.nonce is not None:
             builder = builder.add_extension(x509.OCSPNonce(p.nonce), critical=False)
+        # The key signs in the validation lane: behind every certificate the HSM has queued (hsm/worker.py).
         response = builder.sign(signing.key, signing.hash)
         self.signed += 1
         return OcspAnswer(
@@ -531,7 +560,8 @@ class OcspResponder(PollingTask):
         self._cache[p.key] = _Entry(answer, answer.produced_at + self.validity_s / 2)
 
     def answer(self, request_der: bytes) -> OcspAnswer:
-        """Blocking form (CLI, tests): journal lookups and HSM signing on the calling thread's behalf."""
+        """Blocking form (CLI, tests): journal lookups and HSM signing on the calling thread's behalf. In-process
+        callers are trusted: no client budget applies."""
         try:
             p = self._parse(bytes(request_der))
             if isinstance(p, OcspAnswer):
@@ -542,7 +572,11 @@ class OcspResponder(PollingTask):
             self.misses += 1
             generation = self._generation
             status = self.journal.call(self._lookup, p)
-            answer = self._sign(p, status, now)
+            try:
+                answer = self._sign(p, status, now)
+            except HsmBusyError:
+                self.busy += 1
+                return TRY_LATER
             self._store(p, status, answer, generation)
             return answer
         except Exception as exc:  # noqa: BLE001 - the responder answers every input; never raises
@@ -551,11 +585,51 @@ class OcspResponder(PollingTask):
     def respond(self, request_der: bytes) -> bytes:
         return self.answer(request_der).der
 
-    async def aanswer(self, request_der: bytes) -> OcspAnswer:
+    async def admit(self, client: str) -> bool:
+        """Pace a network client to its request rate before any work is done for it (the HTTP layer calls this
+        first). Within the rate: at once. Above it: held until within it. Far above it (a wait beyond
+        pace_max_delay_s): held pace_max_delay_s all the same, then False (answer tryLater). A client that
+        sends as fast as it is answered thus slows itself down instead of spinning on cheap refusals."""
+        delay = self._requests.reserve(client, self.pace_max_delay_s)
+        if delay is None:
+            self.tarpitted += 1
+            await asyncio.sleep(self.pace_max_delay_s)
+            return False
+        if delay > 0:
+            self.paced += 1
+            await asyncio.sleep(delay)
+        return True
+
+    def _within_budget(self, client: str | None) -> bool:
+        """May this request cost a fresh signature? Network clients spend their own budget and the shared one;
+        in-process callers (client None) are not limited."""
+        if client is None:
+            return True
+        return self._clients.take(client) and self._total.reserve(self.limit_clock()) is not None
+
+    async def _over_budget(self, p: _Parsed, now: float) -> OcspAnswer:
+        """No signature for this client now. A nonce request gets the pre-produced answer without its nonce if
+        one is cached or being signed (RFC 5019 2.2.1: "the most complete response it can"); else tryLater."""
+        self.throttled += 1
+        if p.nonce is not None:
+            hit = self._hit(p.key, now)
+            if hit is None and (waiting := self._inflight.get(p.key)) is not None:
+                hit = await asyncio.shield(waiting)
+            if hit is not None and hit.status == ocsp.OCSPResponseStatus.SUCCESSFUL:
+                self.nonce_dropped += 1
+                return hit
+        return TRY_LATER
+
+    async def aanswer(self, request_der: bytes, client: str | None = None) -> OcspAnswer:
         """The event-loop form: the cache hit path never leaves the loop; a miss looks up on the journal
-        thread and signs in a worker thread; concurrent misses for one key share one signature."""
+        thread and signs in a worker thread; concurrent misses for one key share one signature.
+
+        `client` is the peer address (aiohttp's request.remote): a fresh signature (a nonce, or a miss) is
+        within that client's budget and the shared one, or none is made (see _over_budget). At most
+        `max_inflight_signs` signatures are queued for or inside the HSM at once; up to `max_pending` more
+        requests wait for a turn, the rest get tryLater."""
         try:
-            p = self._parse(bytes(request_der))
+            p = self._parse(bytes(request_der), client)
             if isinstance(p, OcspAnswer):
                 return p
             now = self.clock()
@@ -567,19 +641,33 @@ class OcspResponder(PollingTask):
                     self.hits += 1
                     return await asyncio.shield(waiting)
             if self._pending >= self.max_pending:
+                self.throttled += 1
                 return TRY_LATER
+            if not self._within_budget(client):
+                return await self._over_budget(p, now)
             self.misses += 1
             self._pending += 1
             future: asyncio.Future[OcspAnswer] | None = None
             if p.nonce is None:
                 future = asyncio.get_running_loop().create_future()
                 self._inflight[p.key] = future
-            answer = INTERNAL_ERROR
+            answer = TRY_LATER  # what those sharing this signature get if we are cancelled
             try:
-                generation = self._generation
-                status = await self.journal.acall(self._lookup, p)
-                answer = await asyncio.to_thread(self._sign, p, status, now)
+                async with self._sign_slots():
+                    self._signing_now += 1
+                    self.peak_signing = max(self.peak_signing, self._signing_now)
+                    try:
+                        generation = self._generation
+                        status = await self.journal.acall(self._lookup, p)
+                        answer = await asyncio.to_thread(self._sign, p, status, now)
+                    finally:
+                        self._signing_now -= 1
                 self._store(p, status, answer, generation)
+            except HsmBusyError:
+                self.busy += 1
+                answer = TRY_LATER
+            except Exception as exc:  # noqa: BLE001 - our own failure: internalError, logged once per cause
+                answer = self._internal(exc)
             finally:
                 self._pending -= 1
                 if future is not None:
@@ -589,13 +677,21 @@ class OcspResponder(PollingTask):
         except Exception as exc:  # noqa: BLE001 - the responder answers every input; never raises
             return self._internal(exc)
 
-    async def arespond(self, request_der: bytes) -> bytes:
-        return (await self.aanswer(request_der)).der
+    async def arespond(self, request_der: bytes, client: str | None = None) -> bytes:
+        return (await self.aanswer(request_der, client)).der
+
+    def _sign_slots(self) -> asyncio.Semaphore:
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.max_inflight_signs)
+        return self._slots
 
     def _internal(self, exc: BaseException) -> OcspAnswer:
         self.errors += 1
         self.last_error = exc
-        log.error("OCSP responder: internal error: %r", exc)
+        # Ours, not the peer's, but a flood of requests must not turn one fault into a flood of lines.
+        self._log_once.log(
+            log, logging.ERROR, f"internal:{type(exc).__name__}", "OCSP responder: internal error: %r", exc
+        )
         return INTERNAL_ERROR
 
     # -- invalidation ----------------------------------------------------------------------------------------

@@ -40,6 +40,15 @@ class VaSettings:
     http_max_age_s: int = 300  # Cache-Control max-age cap for CRLs and OCSP GET answers
     cache_max: int = 100_000  # cached OCSP answers
     max_pending_signs: int = 256  # OCSP misses waiting for the HSM beyond this get tryLater
+    max_inflight_signs: int = 4  # OCSP signatures queued for or inside the HSM at once
+    sign_wait_s: float = 2.0  # an OCSP signature not started by then (certificates first) gets tryLater
+    sign_rate_per_client: float = 50.0  # fresh OCSP signatures (nonce or cache miss) per second per client
+    sign_burst_per_client: int = 100  # ... in bursts of up to this
+    sign_rate_total: float = 200.0  # ... and for all network clients together
+    request_rate_per_client: float = 200.0  # OCSP requests per second per client; faster ones are held back
+    request_burst_per_client: int = 400  # ... in bursts of up to this
+    pace_max_delay_s: float = 1.0  # the longest a request is held; further over the rate: held, then tryLater
+    clients_max: int = 4096  # clients tracked per budget (bounded tables; see appliance/va/ratelimit.py)
 
 
 class ValidationAuthority:
@@ -65,6 +74,11 @@ class ValidationAuthority:
         self.responder = OcspResponder(
             journal, token, audit, validity_s=s.ocsp_validity_s, never_issued=s.never_issued,
             max_request_bytes=s.max_request_bytes, cache_max=s.cache_max, max_pending=s.max_pending_signs,
+            max_inflight_signs=s.max_inflight_signs, sign_wait_s=s.sign_wait_s,
+            client_rate=s.sign_rate_per_client, client_burst=s.sign_burst_per_client,
+            total_rate=s.sign_rate_total, request_rate=s.request_rate_per_client,
+            request_burst=s.request_burst_per_client, pace_max_delay_s=s.pace_max_delay_s,
+            max_clients=s.clients_max,
             signer_validity_days=s.signer_validity_days, signer_renew_days=s.signer_renew_days,
             poll_s=s.poll_s, actor=actor, clock=clock, alarms=self.alarms,
         )  # fmt: skip

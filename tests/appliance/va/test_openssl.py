@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import logging
 import shutil
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -11,9 +12,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 
+from appliance import der
 from appliance.va import revocation as rv
 from appliance.va.http import VaServer, make_app
 from appliance.va.service import ValidationAuthority, VaSettings
@@ -163,3 +165,47 @@ async def test_bad_inputs_then_openssl_still_gets_good(
                 assert ocsp.load_der_ocsp_response(await r.read()).response_status == status
             rc, out = await ocsp_query(url, files, good)
             assert rc == 0 and f"{good}: good" in out, out
+
+
+def _repeated_nonce_request(va: Va, cert: x509.Certificate) -> bytes:
+    """openssl cannot be told to repeat the nonce: the same request it would send, with the nonce extension
+    twice, built field by field."""
+    one = ocsp.OCSPRequestBuilder().add_certificate(cert, va.issuing.certificate, hashes.SHA1())  # noqa: S303
+    single = der.read_tlv(one.build().public_bytes(serialization.Encoding.DER))
+    body = one.build().public_bytes(serialization.Encoding.DER)
+    tbs = der.read_children(body, single)[0]
+    request_list = der.read_children(body, tbs)[0]
+    nonce = der.sequence(der.oid("1.3.6.1.5.5.7.48.1.2"), der.octet_string(der.octet_string(b"\x5a" * 16)))
+    extensions = der.tlv(0xA2, der.sequence(nonce, nonce))
+    return der.sequence(der.sequence(body[request_list.start : request_list.end], extensions))
+
+
+async def test_openssl_several_certificates_and_a_repeated_nonce_get_malformed_request(
+    va: Va, server: tuple[ValidationAuthority, str, Files], caplog: pytest.LogCaptureFixture
+) -> None:
+    authority, url, files = server
+    good = files.cert("good", va.cert("SN-0001"))
+    other = files.cert("other", va.cert("SN-0003"))
+    repeated = files.tmp / "repeated-nonce.der"
+    repeated.write_bytes(_repeated_nonce_request(va, va.cert("SN-0001")))
+    caplog.set_level(logging.INFO, logger="appliance.va.ocsp")
+    for _ in range(5):
+        rc, out = await ocsp_query(url, files, good, "-cert", str(other))
+        assert rc != 0 and "Responder Error: malformedrequest (1)" in out, out
+        rc, out = await openssl(
+            "ocsp", "-reqin", str(repeated), "-url", url + "/ocsp", "-issuer", str(files.issuing),
+            "-CAfile", str(files.root),
+        )  # fmt: skip
+        assert rc != 0 and "Responder Error: malformedrequest (1)" in out, out
+    responder = authority.responder
+    assert responder.refused.get("several-requests") == 5 and responder.refused.get("repeated-extension") == 5
+    assert responder.errors == 0
+    # A stranger's bad requests are logged once per reason, never at ERROR, never once per request.
+    ours = [r for r in caplog.records if r.name == "appliance.va.ocsp"]
+    assert not [r for r in ours if r.levelno >= logging.ERROR]
+    assert sorted(r.getMessage().split(": ")[1].split()[0] for r in ours) == [
+        "repeated-extension",
+        "several-requests",
+    ]
+    rc, out = await ocsp_query(url, files, good)
+    assert rc == 0 and f"{good}: good" in out, out

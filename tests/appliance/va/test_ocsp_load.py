@@ -1,0 +1,283 @@
+"""OCSP under load never starves issuance: the responder signs behind certificates on the PKCS#11 thread, with a
+bounded number of signatures queued, and each network client has a budget of fresh signatures; over it, a nonce
+request gets the pre-produced answer without its nonce (RFC 5019 2.2.1) and openssl still verifies it."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509 import ocsp
+
+from appliance.issuance.policy import IssueRequest
+from appliance.issuance.service import IssueService
+from appliance.production.policy import WorkOrderPolicy
+from appliance.profiles import builtin_profiles
+from appliance.va.http import VaServer, make_app
+from appliance.va.ocsp import OcspResponder
+from appliance.va.service import ValidationAuthority, VaSettings
+from hsm.worker import Priority
+from tests.appliance.conftest import make_csr
+from tests.appliance.va.conftest import Va
+from tests.appliance.va.test_openssl import Files, ocsp_query
+
+S = ocsp.OCSPResponseStatus
+C = ocsp.OCSPCertStatus
+GUARD_S = 60  # deadlock guard only
+A, B = "192.0.2.10", "192.0.2.20"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + GUARD_S
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached (deadlock guard)"
+        await asyncio.sleep(0.005)
+
+
+def nonce_of(der: bytes) -> bytes | None:
+    resp = ocsp.load_der_ocsp_response(der)
+    try:
+        return resp.extensions.get_extension_for_class(x509.OCSPNonce).value.nonce
+    except x509.ExtensionNotFound:
+        return None
+
+
+async def test_each_client_has_a_budget_of_fresh_signatures(va: Va) -> None:
+    clock = Clock()
+    responder = OcspResponder(
+        va.journal, va.token, va.audit, client_rate=1.0, client_burst=3, limit_clock=clock
+    )
+    await asyncio.to_thread(responder.load)
+    plain = va.request("SN-0001")
+    cached = (await responder.aanswer(plain, A)).der  # a miss: one token, and the answer is cached
+    for i in range(2):  # two nonce answers, signed fresh: the burst is spent
+        nonce = bytes([i]) * 16
+        assert nonce_of((await responder.aanswer(va.request("SN-0001", nonce=nonce), A)).der) == nonce
+    assert responder.signed == 3
+    # over budget: the pre-produced answer, without the nonce (no signature) ...
+    over = await responder.aanswer(va.request("SN-0001", nonce=b"n" * 16), A)
+    assert over.der == cached and nonce_of(over.der) is None and responder.nonce_dropped == 1
+    # ... or tryLater when nothing is cached for that certificate
+    assert (await responder.aanswer(va.request("SN-0002", nonce=b"n" * 16), A)).status == S.TRY_LATER
+    assert (await responder.aanswer(va.request("SN-0003"), A)).status == S.TRY_LATER  # a miss costs too
+    assert (await responder.aanswer(plain, A)).der == cached  # cache hits are free
+    assert responder.signed == 3 and responder.throttled == 3
+    # another client is unaffected, and the budget comes back at its rate
+    assert nonce_of((await responder.aanswer(va.request("SN-0002", nonce=b"b" * 16), B)).der) == b"b" * 16
+    clock.now += 1.0
+    assert nonce_of((await responder.aanswer(va.request("SN-0002", nonce=b"c" * 16), A)).der) == b"c" * 16
+    # in-process callers (the CLI, this process) are not limited
+    for i in range(5):
+        assert nonce_of(responder.respond(va.request("SN-0004", nonce=bytes([i]) * 8))) == bytes([i]) * 8
+
+
+async def test_all_clients_together_have_a_budget(va: Va) -> None:
+    clock = Clock()
+    responder = OcspResponder(
+        va.journal, va.token, va.audit, client_rate=100, client_burst=100, total_rate=2, limit_clock=clock
+    )
+    await asyncio.to_thread(responder.load)
+    answers = [
+        await responder.aanswer(va.request("SN-0001", nonce=b"x" * 16), f"10.0.0.{i}") for i in range(4)
+    ]
+    assert [a.status for a in answers] == [S.SUCCESSFUL, S.SUCCESSFUL, S.TRY_LATER, S.TRY_LATER]
+
+
+async def test_at_most_max_inflight_signatures_wait_for_the_hsm(va: Va) -> None:
+    responder = OcspResponder(va.journal, va.token, va.audit, max_inflight_signs=2)
+    await asyncio.to_thread(responder.load)
+    thread = va.token.thread
+    held, release = threading.Event(), threading.Event()
+    gate = thread.submit(lambda: (held.set(), release.wait(GUARD_S)))
+    await asyncio.to_thread(held.wait, GUARD_S)
+    try:
+        tasks = [
+            asyncio.ensure_future(responder.aanswer(va.request("SN-0001", nonce=bytes([i]) * 16)))
+            for i in range(6)
+        ]
+        await until(lambda: thread.pending() == 2)  # two signatures queued at the HSM ...
+        await until(lambda: responder._pending == 6)  # ... four more wait their turn in the responder
+        assert thread.pending() == 2
+    finally:
+        release.set()
+    answers = await asyncio.gather(*tasks)
+    gate.result(GUARD_S)
+    assert [nonce_of(a.der) for a in answers] == [bytes([i]) * 16 for i in range(6)]
+    assert responder.peak_signing == 2
+
+
+async def test_a_certificate_is_signed_before_queued_ocsp_answers(va: Va) -> None:
+    """The HSM thread held; OCSP nonce answers queue for it, then a device's certificate does. On release the
+    certificate's signature is made first: the OCSP answers never sit between issuance and the HSM."""
+    responder = OcspResponder(va.journal, va.token, va.audit, max_inflight_signs=4)
+    await asyncio.to_thread(responder.load)
+    issuing_key = va.token.get_key(va.issuing.key_label)
+    service = IssueService(
+        va.journal, va.issuing, issuing_key, dict(builtin_profiles()),
+        policy=WorkOrderPolicy("issuing"), audit=va.audit,
+    )  # fmt: skip
+    thread = va.token.thread
+    validation_before = thread.served[Priority.VALIDATION]
+    seen_when_certificate_signed: list[int] = []
+    async with service:
+        held, release = threading.Event(), threading.Event()
+        gate = thread.submit(lambda: (held.set(), release.wait(GUARD_S)))
+        await asyncio.to_thread(held.wait, GUARD_S)
+        try:
+            answers = [
+                asyncio.ensure_future(responder.aanswer(va.request("SN-0001", nonce=bytes([i]) * 16)))
+                for i in range(4)
+            ]
+            await until(lambda: thread.pending() == 4)
+            issued = asyncio.ensure_future(
+                service.issue(IssueRequest("SN-0050", make_csr("SN-0050")[1], station="fixture-1"))
+            )
+            await until(lambda: thread.pending() == 5)
+            # right behind the certificate in the signing lane: runs after it, before any OCSP answer
+            probe = thread.submit(
+                lambda: seen_when_certificate_signed.append(thread.served[Priority.VALIDATION])
+            )
+        finally:
+            release.set()
+        result = await issued
+        await asyncio.gather(*answers)
+    gate.result(GUARD_S)
+    probe.result(GUARD_S)
+    assert seen_when_certificate_signed == [validation_before]
+    assert thread.served[Priority.VALIDATION] == validation_before + 4
+    x509.load_der_x509_certificate(result.certificate).verify_directly_issued_by(va.issuing.certificate)
+
+
+async def test_hsm_busy_with_certificates_gets_try_later_and_no_alarm(
+    va: Va, caplog: pytest.LogCaptureFixture
+) -> None:
+    responder = OcspResponder(va.journal, va.token, va.audit, sign_wait_s=0.0)
+    await asyncio.to_thread(responder.load)
+    thread = va.token.thread
+    held, release = threading.Event(), threading.Event()
+    gate = thread.submit(lambda: (held.set(), release.wait(GUARD_S)))
+    await asyncio.to_thread(held.wait, GUARD_S)
+    try:
+        answer = await responder.aanswer(va.request("SN-0001", nonce=b"z" * 16))
+    finally:
+        release.set()
+    gate.result(GUARD_S)
+    assert answer.status == S.TRY_LATER and responder.busy == 1 and responder.errors == 0
+    assert not [r for r in caplog.records if r.levelno >= 30]  # busy is no fault: nothing logged above INFO
+
+
+@pytest.fixture
+async def tight(va: Va, tmp_path: Path) -> AsyncIterator[tuple[ValidationAuthority, str, Files]]:
+    root = tmp_path / "root.pem"
+    root.write_bytes(va.root.certificate.public_bytes(serialization.Encoding.PEM))
+    issuing = tmp_path / "issuing.pem"
+    issuing.write_bytes(va.issuing.certificate.public_bytes(serialization.Encoding.PEM))
+    settings = VaSettings(poll_s=0.05, sign_rate_per_client=0.001, sign_burst_per_client=1)
+    authority = ValidationAuthority(va.journal, va.token, va.audit, settings)
+    async with authority, VaServer(make_app(authority), "127.0.0.1", 0) as srv:
+        yield authority, srv.url, Files(root, issuing, tmp_path)
+
+
+async def test_openssl_verifies_the_answer_without_its_nonce(
+    va: Va, tight: tuple[ValidationAuthority, str, Files]
+) -> None:
+    authority, url, files = tight
+    good = files.cert("good", va.cert("SN-0001"))
+    rc, out = await ocsp_query(url, files, good, "-no_nonce")  # the one fresh signature 127.0.0.1 may cause
+    assert rc == 0 and f"{good}: good" in out, out
+    for _ in range(3):
+        rc, out = await ocsp_query(url, files, good, "-nonce")
+        assert rc == 0 and "Response verify OK" in out and f"{good}: good" in out, out
+        assert "WARNING: no nonce in response" in out, out
+    assert authority.responder.signed == 1 and authority.responder.nonce_dropped == 3
+    other = files.cert("other", va.cert("SN-0003"))
+    rc, out = await ocsp_query(url, files, other, "-nonce")  # nothing cached for it: try later
+    assert rc != 0 and "Responder Error: trylater (3)" in out, out
+
+
+async def test_a_client_faster_than_its_request_rate_is_held_back_then_tarpitted(va: Va) -> None:
+    clock = Clock()
+    responder = OcspResponder(
+        va.journal, va.token, va.audit, request_rate=100, request_burst=1, pace_max_delay_s=0.05,
+        limit_clock=clock,
+    )  # fmt: skip
+    assert await responder.admit(A)  # within the rate: at once
+    assert await responder.admit(A) and responder.paced == 1  # 10 ms early: held until within it
+    for _ in range(10):  # 20 ms, 30 ms ... early: beyond the 50 ms it may be held, held 50 ms and refused
+        await responder.admit(A)
+    assert responder.tarpitted >= 6 and responder.paced <= 5
+    assert await responder.admit(B) and responder.paced + responder.tarpitted == 11  # B has its own rate
+
+
+@pytest.fixture
+async def paced(va: Va) -> AsyncIterator[tuple[ValidationAuthority, str]]:
+    settings = VaSettings(request_rate_per_client=0.001, request_burst_per_client=2, pace_max_delay_s=0.01)
+    authority = ValidationAuthority(va.journal, va.token, va.audit, settings)
+    async with authority, VaServer(make_app(authority), "127.0.0.1", 0) as srv:
+        yield authority, srv.url
+
+
+async def test_the_http_listener_paces_every_ocsp_request(
+    va: Va, paced: tuple[ValidationAuthority, str]
+) -> None:
+    import aiohttp
+
+    authority, url = paced
+    body = va.request("SN-0001")
+    statuses = []
+    async with aiohttp.ClientSession() as s:
+        for _ in range(2):
+            async with s.post(
+                url + "/ocsp", data=body, headers={"Content-Type": "application/ocsp-request"}
+            ) as r:
+                statuses.append(ocsp.load_der_ocsp_response(await r.read()).response_status)
+        async with s.post(
+            url + "/ocsp", data=b"garbage", headers={"Content-Type": "application/ocsp-request"}
+        ) as r:
+            statuses.append(ocsp.load_der_ocsp_response(await r.read()).response_status)
+        # a forwarded-for header names someone else: not believed, the TCP peer is charged
+        async with s.get(url + "/ocsp/MAA=", headers={"X-Forwarded-For": "198.51.100.7"}) as r:
+            statuses.append(ocsp.load_der_ocsp_response(await r.read()).response_status)
+    # two within the burst; then even a malformed body or GET is held and refused before any work is done
+    assert statuses == [S.SUCCESSFUL, S.SUCCESSFUL, S.TRY_LATER, S.TRY_LATER]
+    assert authority.responder.tarpitted == 2 and authority.responder.refused == {}
+
+
+def test_config_keys_reach_the_responder(tmp_path: Path) -> None:
+    from appliance.config import parse_config
+    from appliance.errors import ConfigError
+
+    base = {"hsm": {"module": "m", "token_label": "t", "pin_file": "p"}}
+    keys = {
+        "max_inflight_signs": 2, "sign_wait_s": 0.5, "sign_rate_per_client": 5, "sign_burst_per_client": 7,
+        "sign_rate_total": 50, "request_rate_per_client": 30, "request_burst_per_client": 60,
+        "pace_max_delay_s": 2, "clients_max": 100,
+    }  # fmt: skip
+    settings = parse_config({**base, "va": keys}, base_dir=tmp_path).va.settings
+    assert {k: getattr(settings, k) for k in keys} == keys
+    defaults = parse_config(base, base_dir=tmp_path).va.settings
+    assert (defaults.sign_rate_per_client, defaults.request_rate_per_client, defaults.max_inflight_signs) == (
+        50, 200, 4,
+    )  # fmt: skip
+    with pytest.raises(ConfigError) as info:
+        parse_config({**base, "va": {"max_inflight_signs": 0, "sign_rate_per_client": -1, "clients_max": 1}})
+    assert {p.where for p in info.value.problems} == {
+        "va.max_inflight_signs", "va.sign_rate_per_client", "va.clients_max",
+    }  # fmt: skip
+    documented = (Path(__file__).parents[3] / "docs" / "configuration.md").read_text()
+    for key in keys:
+        assert f"| `{key}` |" in documented, key
