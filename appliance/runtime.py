@@ -20,7 +20,8 @@ from appliance.audit.log import AuditLog
 from appliance.ca import CaRecord, load_ca
 from appliance.config import Config
 from appliance.errors import IssuanceFailed, ReasonCode
-from appliance.issuance.journal import Journal
+from appliance.files import refuse_shared_files, secure_state_dir
+from appliance.issuance.journal import Journal, journal_files
 from appliance.issuance.policy import AuthorisationPolicy
 from appliance.issuance.service import IssueService
 from appliance.production.policy import WorkOrderPolicy
@@ -84,9 +85,17 @@ class Core:
         )
 
 
+def check_state(config: Config) -> None:
+    """Refuse state that group or others can reach: the journal holds station keys in clear and password
+    hashes, the state directory also the TLS key and secret files. A directory that existed before keeps the
+    mode it was given, so this runs at every open, not only when the directory is made."""
+    secure_state_dir(config.appliance.state_dir, "the journal (station keys, password hashes) and TLS keys")
+    refuse_shared_files(journal_files(config.journal.path), "the station keys and password hashes it holds")
+
+
 @contextlib.contextmanager
 def open_core(config: Config) -> Iterator[Core]:
-    config.appliance.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    check_state(config)
     try:
         token = Token.open(config.hsm)
     except HsmError as exc:

@@ -28,6 +28,7 @@ from appliance.audit import (
 )
 from appliance.audit.log import AUDIT_KEY_LABEL, AuditError
 from appliance.audit.verify import PublicKeyPin
+from appliance.cli import argfiles
 from appliance.config import Config, load_config
 from appliance.errors import BirthlineError, ReasonCode
 from appliance.issuance.journal import Journal
@@ -135,7 +136,7 @@ def cmd_head(args: argparse.Namespace) -> int:
         head = head_record(journal)
     text = json.dumps(head, sort_keys=True) + "\n"
     if args.out:
-        Path(args.out).write_text(text, encoding="utf-8")
+        argfiles.write("--out", args.out, text.encode("utf-8"))
     sys.stdout.write(text)
     return 0
 
@@ -149,7 +150,7 @@ def cmd_public_key(args: argparse.Namespace) -> int:
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     if args.out:
-        Path(args.out).write_bytes(pem)
+        argfiles.write("--out", args.out, pem)
     sys.stdout.write(pem.decode())
     return 0
 

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import serialization
 
 from appliance import ca as ca_mod
 from appliance.audit.log import ensure_audit_key
+from appliance.cli import argfiles
 from appliance.cli import audit as audit_cli
 from appliance.cli import production as production_cli
 from appliance.cli import revocation as revocation_cli
@@ -104,20 +105,22 @@ def cmd_ca_request(args: argparse.Namespace) -> int:
             audit=s.audit,
             actor=actor(s).name,
         )
-    Path(args.out).write_bytes(pem)
+    argfiles.write("--out", args.out, pem)
     print(f"issuing CA {rec.name!r} awaits its certificate; CSR written to {args.out}")
     return 0
 
 
 def cmd_ca_import(args: argparse.Namespace) -> int:
+    cert = argfiles.read_bytes("--cert", args.cert)
+    chain = argfiles.read_bytes("--chain", args.chain)
     with authorised(args, Permission.CA_MANAGE) as s:
         core = s.core
         rec = ca_mod.import_ca_certificate(
             core.journal,
             core.token,
             args.name,
-            Path(args.cert).read_bytes(),
-            Path(args.chain).read_bytes(),
+            cert,
+            chain,
             audit=s.audit,
             actor=actor(s).name,
         )
@@ -170,14 +173,14 @@ def cmd_ca_chain(args: argparse.Namespace) -> int:
         rec = ca_mod.load_ca(core.journal, args.name)
     pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in rec.chain)
     if args.out:
-        Path(args.out).write_bytes(pem)
+        argfiles.write("--out", args.out, pem)
     else:
         sys.stdout.write(pem.decode())
     return 0
 
 
 def cmd_issue(args: argparse.Namespace) -> int:
-    csr = Path(args.csr).read_bytes()
+    csr = argfiles.read_bytes("--csr", args.csr)
 
     async def run() -> int:
         with open_core(_config(args)) as core:
@@ -201,7 +204,7 @@ def cmd_issue(args: argparse.Namespace) -> int:
             x509.load_der_x509_certificate(c).public_bytes(serialization.Encoding.PEM) for c in result.chain
         )
         if args.out:
-            Path(args.out).write_bytes(pem)
+            argfiles.write("--out", args.out, pem)
         else:
             sys.stdout.write(pem.decode())
         print(
@@ -358,6 +361,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except HsmError as exc:
         print(f"birthline: hsm: {exc.message}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        # The environment, not the code: a state directory we may not enter, a full disk, a device that went
+        # away. One line, like every other refusal; --verbose keeps the traceback for a bug report.
+        if args.verbose:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"birthline: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

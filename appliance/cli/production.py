@@ -12,6 +12,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+from appliance.cli import argfiles
 from appliance.cli.session import actor, session
 from appliance.config import Config, load_config
 from appliance.production import reconcile, store, users
@@ -169,7 +170,8 @@ def _spec(args: argparse.Namespace) -> WorkOrderSpec:
     problems = []
     serials = list(args.serial or [])
     if args.serials_file:
-        serials += [ln.strip() for ln in Path(args.serials_file).read_text().splitlines() if ln.strip()]
+        text = argfiles.read_text("--serials-file", args.serials_file)
+        serials += [ln.strip() for ln in text.splitlines() if ln.strip()]
     ranges = []
     try:
         for s in serials:
@@ -205,7 +207,7 @@ def cmd_wo_add(args: argparse.Namespace) -> int:
 def cmd_wo_import(args: argparse.Namespace) -> int:
     path = Path(args.file)
     fmt = args.format or ("json" if path.suffix.lower() == ".json" else "csv")
-    text = path.read_text(encoding="utf-8")
+    text = argfiles.read_text("FILE", path)
     with session(args) as s:
         ids = store.import_work_orders(
             s.core.journal, s.audit, actor(s), text, fmt, source=path.name, activate=args.activate
@@ -286,9 +288,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     with open_core(_config(args)) as core:
         certs = reconcile.certificates(core.journal, args.id)
     if args.csv:
-        Path(args.csv).write_text(reconcile.export_csv(certs), encoding="utf-8")
+        argfiles.write("--csv", args.csv, reconcile.export_csv(certs).encode("utf-8"))
     if args.pem:
-        Path(args.pem).write_bytes(reconcile.export_pem(certs))
+        argfiles.write("--pem", args.pem, reconcile.export_pem(certs))
     print(f"exported {len(certs)} certificate(s) of work order {args.id!r}")
     return 0
 

@@ -22,6 +22,7 @@ from cryptography import x509
 
 from appliance.audit.log import AuditLog
 from appliance.ca import load_ca
+from appliance.cli import argfiles
 from appliance.config import Config, load_config
 from appliance.production import users
 from appliance.runtime import open_core
@@ -113,7 +114,7 @@ def cmd_revoke(args: argparse.Namespace) -> int:
 def _write_crl(info: CrlInfo, out: str | None, pem: bool) -> None:
     data = info.pem if pem else info.der
     if out:
-        Path(out).write_bytes(data)
+        argfiles.write("--out", out, data)
     elif pem:
         sys.stdout.write(data.decode())
 

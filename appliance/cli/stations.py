@@ -41,13 +41,14 @@ def init_stations(core: Core) -> None:
 
 def cmd_station_add(args: argparse.Namespace) -> int:
     kind = "serial" if args.serial else "lan"
+    out = reg.check_bundle_dir(Path(args.out))
     with authorised(args, Permission.STATION_MANAGE) as s:
         cfg = s.core.config
         creds = reg.add_station(
             s.core.journal, s.core.token, args.name, kind, port=args.serial, baud=args.baud,
             management_ca=cfg.stations.management_ca, audit=s.audit, actor=actor(s).name,
         )  # fmt: skip
-    out = reg.write_bundle(creds, Path(args.out), lan_host=_lan_host(cfg))
+    reg.write_bundle(creds, out, lan_host=_lan_host(cfg))
     print(
         f"added {kind} station {args.name!r}; credentials for the fixture written to {out} (keep them secret)"
     )
@@ -89,13 +90,14 @@ def cmd_station_enable(args: argparse.Namespace) -> int:
 
 
 def cmd_station_rotate(args: argparse.Namespace) -> int:
+    out = reg.check_bundle_dir(Path(args.out))
     with authorised(args, Permission.STATION_MANAGE) as s:
         cfg = s.core.config
         creds = reg.rotate_key(
             s.core.journal, s.core.token, args.name, management_ca=cfg.stations.management_ca,
             audit=s.audit, actor=actor(s).name,
         )  # fmt: skip
-    out = reg.write_bundle(creds, Path(args.out), lan_host=_lan_host(cfg))
+    reg.write_bundle(creds, out, lan_host=_lan_host(cfg))
     print(f"station {args.name!r} has new credentials in {out}; the old ones no longer work")
     return 0
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import sqlite3
 import threading
 import time
@@ -486,6 +487,23 @@ def _migrate(conn: sqlite3.Connection) -> None:
             raise
 
 
+def journal_files(path: Path) -> list[Path]:
+    """The database file and the two files SQLite keeps beside it in WAL mode."""
+    return [path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")]
+
+
+def _create_private(path: Path) -> None:
+    """Create the database file 0600 before SQLite opens it. SQLite would create it 0644 less the umask, and it
+    gives the -wal and -shm files the database file's mode (os_unix.c findCreateFileMode), so all three are
+    private from their first byte. (A umask around the open would do the same, but the umask is per process
+    and would race with files other threads create meanwhile.)"""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        return
+    os.close(fd)
+
+
 def journal_error(exc: BaseException, doing: str) -> IssuanceFailed:
     """Map a SQLite failure once, so every caller fails closed the same way."""
     text = str(exc)
@@ -538,8 +556,9 @@ class Journal:
 
     # -- setup ---------------------------------------------------------------------------------------------------
     def _open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
+            _create_private(self.path)
             # isolation_level=None: we issue BEGIN/COMMIT ourselves, so a transaction is exactly what we say.
             conn = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
             conn.execute("PRAGMA journal_mode=WAL")
@@ -558,7 +577,7 @@ class Journal:
                     f"journal schema {row[0]} is not the supported {SCHEMA_VERSION}",
                     ReasonCode.JOURNAL_UNAVAILABLE,
                 )
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise journal_error(exc, "opening the journal") from exc
         self._conn = conn
 

@@ -38,7 +38,7 @@ def run(argv: list[str]) -> int:
 @pytest.fixture
 def config_file(softhsm_token: SoftHsmToken, ca_journal_template: Path, tmp_path: Path) -> Path:
     state = tmp_path / "state"
-    state.mkdir()
+    state.mkdir(mode=0o700)  # the appliance refuses a state directory others can reach
     shutil.copy(ca_journal_template, state / "journal.sqlite")
     cfg = softhsm_token.hsm_config()
     path = tmp_path / "birthline.toml"

@@ -41,8 +41,14 @@ def test_demo_from_scratch_then_again(tmp_path: Path) -> None:
     toml = (state / "birthline.toml").read_text()
     pin = (state / "softhsm" / "user.pin").read_text().strip()
     assert pin not in toml and (state / "softhsm" / "user.pin").stat().st_mode & 0o077 == 0
+    # The journal holds station keys and password hashes: it and its WAL files are the owner's only.
+    _assert_private(state)
 
+    # A demo state left by an older version (journal 0644, directory 0755): the demo makes its own state private.
+    (state / "journal.sqlite").chmod(0o644)
+    state.chmod(0o755)
     second = birthline("demo", "--state", state, "--devices", "3")
+    _assert_private(state)
     assert second.returncode == 0, second.stdout + second.stderr
     assert "run 2: issued 3" in second.stdout
     assert len(list((state / "issued").glob("*.pem"))) == 8
@@ -95,6 +101,14 @@ def test_demo_from_scratch_then_again(tmp_path: Path) -> None:
     assert verify.returncode == 0 and "INTACT" in verify.stdout, verify.stdout + verify.stderr
 
 
+def _assert_private(state: Path) -> None:
+    modes = {p.name: p.stat().st_mode & 0o777 for p in state.glob("journal.sqlite*")}
+    assert "journal.sqlite" in modes and set(modes.values()) == {0o600}, modes
+    secrets = [state / "demo-users.secret", state / "softhsm" / "user.pin", *state.glob("stations/*/*.key")]
+    assert {p.stat().st_mode & 0o777 for p in secrets} == {0o600}
+    assert state.stat().st_mode & 0o777 == 0o700
+
+
 def test_config_check_lists_problems_and_exits_2(tmp_path: Path) -> None:
     cfg = tmp_path / "c.toml"
     cfg.write_text('[hsm]\nmodule = "/x.so"\npin = "1234"\n[journal]\nbatch_max = -1\n')
@@ -126,6 +140,9 @@ def test_served_demo_answers_stations_by_hand(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, "demo.json never appeared"
             time.sleep(0.2)
         info = json.loads((state / "demo.json").read_text())
+        # Serving: SQLite keeps journal.sqlite-wal and -shm open beside the journal, all three private.
+        assert {p.name for p in state.glob("journal.sqlite*")} >= {"journal.sqlite-wal", "journal.sqlite-shm"}
+        _assert_private(state)
         assert info["listener"] == {**info["listener"], "host": "127.0.0.1", "port": port}
         by_name = {s["name"]: s for s in info["stations"]}
         serial, lan = by_name["demo-serial"], by_name["demo-lan"]

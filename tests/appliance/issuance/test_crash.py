@@ -38,7 +38,7 @@ softhsm_conf = "{conf}"
 @pytest.fixture
 def config(tmp_path: Path, production_journal_template: Path, softhsm_token: SoftHsmToken) -> Path:
     state = tmp_path / "state"
-    state.mkdir()
+    state.mkdir(mode=0o700)  # the appliance refuses a state directory others can reach
     shutil.copy(production_journal_template, state / "journal.sqlite")
     cfg = tmp_path / "birthline.toml"
     cfg.write_text(
