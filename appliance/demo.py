@@ -28,6 +28,7 @@ from appliance import ca as ca_mod
 from appliance import stations_registry as registry
 from appliance.config import CmpLabelSection, Config, load_config
 from appliance.daemon import Daemon
+from appliance.daemon_lock import running
 from appliance.errors import BirthlineError
 from appliance.files import PRIVATE, PRIVATE_DIR, tighten, write_private, write_public
 from appliance.issuance.journal import journal_files
@@ -351,6 +352,10 @@ def _report(
 
 def run_demo(state: Path, devices: int, *, serve: bool = False, port: int | None = None) -> int:
     state = state.resolve()
+    holder = running(state)
+    if holder is not None:
+        print(f"demo: {holder} already runs on {state}; stop it first")
+        return 1
     state.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR)
     config = load_config(_write_config(state))
     # The demo owns its directory: state an older version (or another umask) left readable is made private

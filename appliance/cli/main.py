@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import logging
 import sys
@@ -25,8 +26,9 @@ from appliance.cli import production as production_cli
 from appliance.cli import revocation as revocation_cli
 from appliance.cli import stations as stations_cli
 from appliance.cli import upstream as upstream_cli
-from appliance.cli.session import actor, add_login_arguments, authorised
+from appliance.cli.session import Session, actor, add_login_arguments, authorised
 from appliance.config import DEFAULT_CONFIG_PATH, Config, load_config
+from appliance.daemon_lock import daemon_job
 from appliance.errors import BirthlineError, IssuancePending
 from appliance.issuance.policy import IssueRequest
 from appliance.production.users import Permission
@@ -46,8 +48,10 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    """Setting up the state directory is the appliance's own job (before any person exists): no login, and
+    refused while the daemon runs (it would replace the TLS credential under the running listener)."""
     cfg = _config(args)
-    with open_core(cfg) as core:
+    with daemon_job(cfg, "init"), open_core(cfg) as core:
         print(f"state directory {cfg.appliance.state_dir}")
         print(f"journal {core.journal.path}: {core.journal.integrity_check()}")
         print(f"HSM token {cfg.hsm.token_label!r}: logged in, {len(core.token.list_keys())} key(s)")
@@ -180,26 +184,38 @@ def cmd_ca_chain(args: argparse.Namespace) -> int:
 
 
 def cmd_issue(args: argparse.Namespace) -> int:
+    """One certificate by hand, by a person (operator or supervisor) acting as a station: the station's line
+    and work orders authorise it exactly as they would the fixture. The person's request and its answer are
+    audited under their name; the core's own entries (intent, issued) follow as for any station."""
     csr = argfiles.read_bytes("--csr", args.csr)
+    request = IssueRequest(
+        args.serial, csr, station=args.station, request_id=args.request_id or "", profile=args.profile
+    )
+    asked = {
+        "station": args.station, "device_serial": args.serial, "profile": args.profile,
+        "request_id": request.request_id, "csr_sha256": hashlib.sha256(csr).hexdigest(),
+    }  # fmt: skip
 
-    async def run() -> int:
-        with open_core(_config(args)) as core:
-            async with running_issuer(core, prepare_workers=0) as service:
-                try:
-                    result = await service.issue(
-                        IssueRequest(
-                            args.serial,
-                            csr,
-                            station=args.station,
-                            request_id=args.request_id or "",
-                            profile=args.profile,
-                        )
-                    )
-                except IssuancePending as exc:
-                    # RA mode: recorded and counted; the same command prints the certificate once it is there.
-                    print(f"pending: {exc.message} (RA request {exc.request}); run the same command again"
-                          " once the upstream CA has issued it", file=sys.stderr)  # fmt: skip
-                    return 3
+    async def run(s: Session) -> int:
+        person = actor(s).name
+        s.audit.record(person, "issue.requested", asked)
+        try:
+            async with running_issuer(s.core, prepare_workers=0) as service:
+                result = await service.issue(request)
+        except IssuancePending as exc:
+            s.audit.record(
+                person, "issue.answered", {**asked, "outcome": "pending", "ra_request": exc.request}
+            )
+            # RA mode: recorded and counted; the same command prints the certificate once it is there.
+            print(f"pending: {exc.message} (RA request {exc.request}); run the same command again"
+                  " once the upstream CA has issued it", file=sys.stderr)  # fmt: skip
+            return 3
+        except BirthlineError as exc:
+            s.audit.record(person, "issue.answered", {**asked, "outcome": "refused", "code": exc.code.name})
+            raise
+        s.audit.record(person, "issue.answered", {
+            **asked, "outcome": "reused" if result.reused else "issued", "cert_serial": result.cert_serial,
+        })  # fmt: skip
         pem = result.certificate_pem + b"".join(
             x509.load_der_x509_certificate(c).public_bytes(serialization.Encoding.PEM) for c in result.chain
         )
@@ -213,7 +229,8 @@ def cmd_issue(args: argparse.Namespace) -> int:
         )
         return 0
 
-    return asyncio.run(run())
+    with authorised(args, Permission.ISSUE) as s:
+        return asyncio.run(run(s))
 
 
 def cmd_journal_stats(args: argparse.Namespace) -> int:
@@ -317,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--request-id", help="idempotency key; a retry with the same device and key gets the same cert"
     )
     sp.add_argument("--out", help="write certificate + chain (PEM) here instead of stdout")
+    add_login_arguments(sp, required=True, who="an operator or supervisor")
     sp.set_defaults(func=cmd_issue)
 
     jr = sub.add_parser("journal", help="the issuance journal").add_subparsers(dest="sub", required=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import getpass
 import json
 import sys
 from collections.abc import Callable
@@ -23,8 +22,9 @@ from cryptography import x509
 from appliance.audit.log import AuditLog
 from appliance.ca import load_ca
 from appliance.cli import argfiles
+from appliance.cli.session import session
 from appliance.config import Config, load_config
-from appliance.production import users
+from appliance.daemon_lock import daemon_job
 from appliance.runtime import open_core
 from appliance.va.crl import DEFAULT_CRL_VALIDITY_S, CrlInfo, generate_crl, load_crl
 from appliance.va.ocsp import lookup_status
@@ -41,15 +41,6 @@ def _config(args: argparse.Namespace) -> Config:
 def va_settings(config: Config) -> VaSettings:
     """The VA settings of the configuration ([va] table), or the defaults while it has none."""
     return config.va.settings
-
-
-def _password(args: argparse.Namespace, prompt: str) -> str:
-    if args.password_stdin:
-        line = sys.stdin.readline()
-        if not line:
-            raise RevocationError(f"--password-stdin: no line on standard input for: {prompt.rstrip(': ')}")
-        return line.rstrip("\r\n")
-    return getpass.getpass(prompt)
 
 
 def _parse_time(text: str | None) -> float | None:
@@ -71,9 +62,9 @@ def _iso(t: float) -> str:
 def cmd_revoke(args: argparse.Namespace) -> int:
     reason = Reason.parse(args.reason)
     config = _config(args)
-    with open_core(config) as core:
-        audit = AuditLog(core.journal)
-        actor = users.login(core.journal, audit, args.user, _password(args, f"password for {args.user}: "))
+    with session(args) as s:
+        core, audit, actor = s.core, s.audit, s.user
+        assert actor is not None
         result = revoke(
             core.journal, audit, actor, device_serial=args.device, cert_serial=args.cert_serial,
             work_order=args.work_order, reason=reason, invalidity_date=_parse_time(args.invalidity_date),
@@ -124,12 +115,14 @@ def _default_ca(args: argparse.Namespace, config: Config) -> str:
 
 
 def cmd_crl_generate(args: argparse.Namespace) -> int:
+    """The CRL publisher's job, by hand while the daemon is stopped (the daemon re-signs on every revocation
+    and at half the validity); audited as the appliance's, like the publisher's own."""
     config = _config(args)
-    with open_core(config) as core:
+    with daemon_job(config, "crl generate"), open_core(config) as core:
         info = generate_crl(
             core.journal, core.token, AuditLog(core.journal), _default_ca(args, config),
             validity_s=args.validity_hours * 3600 if args.validity_hours else va_settings(config).crl_validity_s,
-            actor="cli",
+            actor="appliance",
         )  # fmt: skip
     _write_crl(info, args.out, args.pem)
     print(f"CRL {info.number} of {info.ca}: {info.revoked_count} entries, next update {_iso(info.next_update)}",

@@ -36,7 +36,12 @@ class Passwords:
                     f"--password-stdin: no line on standard input for: {prompt.rstrip(': ')}"
                 )
             return line.rstrip("\r\n")
-        return getpass.getpass(prompt)
+        try:
+            return getpass.getpass(prompt)
+        except EOFError:  # no terminal, and standard input is empty or closed
+            raise ProductionError(
+                f"no password for: {prompt.rstrip(': ')} (no terminal; use --password-stdin)"
+            ) from None
 
     def new(self, who: str) -> str:
         first = self.read(f"new password or PIN for {who}: ")
@@ -71,8 +76,9 @@ def actor(s: Session) -> User:
     return s.user
 
 
-def add_login_arguments(sp: argparse.ArgumentParser) -> None:
-    sp.add_argument("--user", help="who is doing this (their password is asked for)")
+def add_login_arguments(sp: argparse.ArgumentParser, *, required: bool = False, who: str = "") -> None:
+    help_text = "who is doing this (their password is asked for)" + (f": {who}" if who else "")
+    sp.add_argument("--user", required=required, help=help_text)
     sp.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
 
 

@@ -54,6 +54,7 @@ class Permission(enum.StrEnum):
     REVOKE = "revoke"  # revoke certificates (a device, a certificate or a whole work order)
     REWORK = "rework"
     SCRAP = "scrap"
+    ISSUE = "issue"  # `birthline issue`: one certificate by hand, acting as a station (the line's work orders apply)
 
 
 # docs/production.md carries the same table; test_users checks they agree.
@@ -68,6 +69,9 @@ PERMISSIONS: Final[dict[Permission, frozenset[Role]]] = {
     Permission.REVOKE: frozenset({Role.SUPERVISOR}),
     Permission.REWORK: frozenset({Role.SUPERVISOR}),
     Permission.SCRAP: frozenset({Role.SUPERVISOR}),
+    # Running the line; a supervisor stands in for an operator. Not administrators: whoever holds the CA keys
+    # and accounts does not also mint device identities.
+    Permission.ISSUE: frozenset({Role.OPERATOR, Role.SUPERVISOR}),
 }
 
 
