@@ -17,7 +17,6 @@ import hashlib
 import ipaddress
 import json
 import os
-import re
 import secrets
 import sqlite3
 import stat
@@ -30,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from appliance import ca as ca_mod
+from appliance import names
 from appliance.ca import CaRecord
 from appliance.ca.hierarchy import SIGNING_ONLY, default_subject, key_label_for
 from appliance.errors import BirthlineError, ReasonCode
@@ -42,7 +42,6 @@ from hsm.token import Token
 
 STATION_KEY_LEN = 32
 KINDS = ("serial", "lan")
-_NAME = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 TLS_CERT_DAYS = 825
 SERVER_KEY_FILE = "server.key"
 SERVER_CERT_FILE = "server.crt"
@@ -117,6 +116,8 @@ async def alist_stations(journal: Journal) -> list[StationRecord]:
 
 
 def get_station(journal: Journal, name: str) -> StationRecord:
+    names.STATION.check(name)
+
     def q() -> tuple[object, ...] | None:
         cur = journal.conn.execute(f"SELECT {StationRecord.COLUMNS} FROM stations WHERE name=?", (name,))
         row: tuple[object, ...] | None = cur.fetchone()
@@ -267,12 +268,13 @@ def add_station(
     actor: str,
 ) -> Credentials:
     """Register a station; `actor` (a person, already authorised) is recorded in the audit log."""
-    if not _NAME.fullmatch(name):
-        raise RegistryError("a station name is 1..64 characters from [A-Za-z0-9._:-]")
+    names.STATION.check(name)
     if kind not in KINDS:
         raise RegistryError(f"station kind must be one of {', '.join(KINDS)}")
     if kind == "serial" and not port:
         raise RegistryError("a serial station needs its port (e.g. /dev/serial/by-path/...)")
+    if kind == "serial":
+        names.SERIAL_PORT.check(port)
     if kind == "serial":
         baud = 115200 if baud is None else baud
         if not 300 <= baud <= 4_000_000:
@@ -316,6 +318,8 @@ def add_station(
 
 
 def set_enabled(journal: Journal, name: str, enabled: bool, *, audit: AuditSink, actor: str) -> StationRecord:
+    names.STATION.check(name)
+
     def upd(conn: sqlite3.Connection) -> int:
         n = conn.execute("UPDATE stations SET enabled=? WHERE name=?", (int(enabled), name)).rowcount
         if n:

@@ -15,7 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from appliance.cli import argfiles
+from appliance import names
+from appliance.cli import argfiles, argtypes
 from appliance.files import secret_directory, write_private, write_public
 from stations.client import (
     StationCredentials,
@@ -190,7 +191,9 @@ def register(sub: Any, with_config: WithConfig) -> None:
     where.add_argument("--port", help="serial port: /dev/serial/by-path/... (not by-id: spoofable) or a URL")
     where.add_argument("--host", help="appliance HOST:PORT (TLS)")
     sp.add_argument("--credentials", required=True, help="the station bundle directory (station add --out)")
-    sp.add_argument("--serial", required=True, help="device serial number")
+    sp.add_argument(
+        "--serial", required=True, type=argtypes.name(names.DEVICE_SERIAL), help="device serial number"
+    )
     key = sp.add_mutually_exclusive_group(required=True)
     key.add_argument("--csr", help="the device's PKCS#10 request (PEM or DER)")
     key.add_argument(
@@ -198,7 +201,9 @@ def register(sub: Any, with_config: WithConfig) -> None:
     )
     sp.add_argument("--out", default=".", help="where <serial>.pem (and .key) go (default .)")
     sp.add_argument("--baud", type=int, help="serial baud rate (default: the bundle's, else 115200)")
-    sp.add_argument("--profile", help="certificate profile (default: the station's)")
+    sp.add_argument(
+        "--profile", type=argtypes.name(names.PROFILE), help="certificate profile (default: the station's)"
+    )
     sp.add_argument("--timeout", type=float, default=120.0, help="give up after this many seconds")
     sp.set_defaults(func=cmd_station_client_enroll)
 
@@ -213,6 +218,6 @@ def register(sub: Any, with_config: WithConfig) -> None:
         "--credentials", action="append", help="station bundle dir (repeat); instead of the registry"
     )
     sp.add_argument("--host", help="appliance HOST:PORT for LAN bundles that do not name it")
-    sp.add_argument("--profile")
+    sp.add_argument("--profile", type=argtypes.name(names.PROFILE))
     sp.add_argument("--timeout", type=float, default=60.0, help="per-request give-up time in seconds")
     sp.set_defaults(func=cmd_simulate)

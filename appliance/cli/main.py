@@ -19,8 +19,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from appliance import ca as ca_mod
+from appliance import names
 from appliance.audit.log import ensure_audit_key
-from appliance.cli import argfiles
+from appliance.cli import argfiles, argtypes
 from appliance.cli import audit as audit_cli
 from appliance.cli import production as production_cli
 from appliance.cli import revocation as revocation_cli
@@ -269,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="sub", required=True
     )
     sp = with_config(ca.add_parser("init-root", help="create a root CA on this appliance"))
-    sp.add_argument("--name", default="root")
+    sp.add_argument("--name", default="root", type=argtypes.name(names.CA))
     sp.add_argument("--subject", help='e.g. "/O=Acme/CN=Acme Device Root CA"')
     sp.add_argument("--algorithm", choices=algs, default="ec-p256")
     sp.add_argument("--path-len", type=int, default=1)
@@ -279,8 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_login_arguments(sp)
     sp.set_defaults(func=cmd_ca_init_root)
     sp = with_config(ca.add_parser("init-issuing", help="create an issuing (birth) CA signed by a local CA"))
-    sp.add_argument("--name", default="issuing")
-    sp.add_argument("--parent", default="root")
+    sp.add_argument("--name", default="issuing", type=argtypes.name(names.CA))
+    sp.add_argument("--parent", default="root", type=argtypes.name(names.CA))
     sp.add_argument("--subject")
     sp.add_argument("--algorithm", choices=algs, default="ec-p256")
     sp.add_argument("--path-len", type=int, default=0)
@@ -290,14 +291,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp = with_config(
         ca.add_parser("init-management", help="create the management CA (TLS, station credentials)")
     )
-    sp.add_argument("--name", default="management")
+    sp.add_argument("--name", default="management", type=argtypes.name(names.CA))
     sp.add_argument("--subject")
     sp.add_argument("--algorithm", choices=algs, default="ec-p256")
     sp.add_argument("--validity-days", type=int, default=3650)
     add_login_arguments(sp)
     sp.set_defaults(func=cmd_ca_init_management)
     sp = with_config(ca.add_parser("request", help="external root: make the issuing key and write its CSR"))
-    sp.add_argument("--name", default="issuing")
+    sp.add_argument("--name", default="issuing", type=argtypes.name(names.CA))
     sp.add_argument("--subject", required=True)
     sp.add_argument("--algorithm", choices=algs, default="ec-p256")
     sp.add_argument("--out", required=True, help="where to write the PEM CSR")
@@ -306,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = with_config(
         ca.add_parser("import", help="external root: import the signed CA certificate and chain")
     )
-    sp.add_argument("--name", default="issuing")
+    sp.add_argument("--name", default="issuing", type=argtypes.name(names.CA))
     sp.add_argument("--cert", required=True, help="the CA certificate (PEM or DER)")
     sp.add_argument("--chain", required=True, help="PEM: the signing CA up to the root")
     add_login_arguments(sp)
@@ -315,19 +316,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_ca_list)
     sp = with_config(ca.add_parser("chain", help="write a CA's chain as PEM (the CA first, root last)"))
-    sp.add_argument("--name", default="issuing")
+    sp.add_argument("--name", default="issuing", type=argtypes.name(names.CA))
     sp.add_argument("--out")
     sp.set_defaults(func=cmd_ca_chain)
 
     sp = with_config(
         sub.add_parser("issue", help="issue one birth certificate from a CSR (through the core)")
     )
-    sp.add_argument("--serial", required=True, help="the device serial number")
+    sp.add_argument(
+        "--serial", required=True, type=argtypes.name(names.DEVICE_SERIAL), help="the device serial number"
+    )
     sp.add_argument("--csr", required=True, help="PKCS#10 request, PEM or DER")
-    sp.add_argument("--profile")
+    sp.add_argument("--profile", type=argtypes.name(names.PROFILE))
     sp.add_argument(
         "--station",
         required=True,
+        type=argtypes.name(names.STATION),
         help="act as this registered station: its line's active work order must allow the serial",
     )
     sp.add_argument(
@@ -368,7 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse has printed the usage error (exit 2) or the help (exit 0)
+        return exc.code if isinstance(exc.code, int) else 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )

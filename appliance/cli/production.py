@@ -12,7 +12,8 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from appliance.cli import argfiles
+from appliance import names
+from appliance.cli import argfiles, argtypes
 from appliance.cli.session import actor, session
 from appliance.config import Config, load_config
 from appliance.production import reconcile, store, users
@@ -299,7 +300,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], with_config: WithConfig) -> None:
     def changing(sp: argparse.ArgumentParser, *, required: bool = True) -> argparse.ArgumentParser:
         with_config(sp)
-        sp.add_argument("--user", required=required, help="your user name (you are asked for your password)")
+        sp.add_argument(
+            "--user",
+            required=required,
+            type=argtypes.name(names.USER),
+            help="your user name (you are asked for your password)",
+        )
         sp.add_argument(
             "--password-stdin",
             action="store_true",
@@ -317,7 +323,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], with_conf
         us.add_parser("add", help="add a person (administrator), or --bootstrap the first one"),
         required=False,
     )
-    sp.add_argument("name")
+    sp.add_argument("name", type=argtypes.name(names.USER))
     sp.add_argument("--role", choices=[r.value for r in Role])
     sp.add_argument(
         "--bootstrap", action="store_true", help="create the first administrator (no users exist yet)"
@@ -325,19 +331,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], with_conf
     sp.set_defaults(func=cmd_user_add)
     listing(us.add_parser("list", help="list accounts")).set_defaults(func=cmd_user_list)
     sp = changing(us.add_parser("disable", help="disable an account (administrator)"))
-    sp.add_argument("name")
+    sp.add_argument("name", type=argtypes.name(names.USER))
     sp.set_defaults(func=lambda a: cmd_user_enable(a, False))
     sp = changing(us.add_parser("enable", help="enable an account (administrator)"))
-    sp.add_argument("name")
+    sp.add_argument("name", type=argtypes.name(names.USER))
     sp.set_defaults(func=lambda a: cmd_user_enable(a, True))
     sp = changing(us.add_parser("passwd", help="change your password (or, as administrator, anyone's)"))
-    sp.add_argument("name", nargs="?")
+    sp.add_argument("name", nargs="?", type=argtypes.name(names.USER))
     sp.set_defaults(func=cmd_user_passwd)
 
     te = sub.add_parser("tenant", help="brand owners").add_subparsers(dest="sub", required=True)
     sp = changing(te.add_parser("add", help="add a tenant (administrator)"))
-    sp.add_argument("name")
-    sp.add_argument("--display-name")
+    sp.add_argument("name", type=argtypes.name(names.TENANT))
+    sp.add_argument("--display-name", type=argtypes.name(names.DISPLAY_NAME))
     sp.set_defaults(func=cmd_tenant_add)
     listing(te.add_parser("list")).set_defaults(func=cmd_tenant_list)
 
@@ -345,10 +351,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], with_conf
         dest="sub", required=True
     )
     sp = changing(pr.add_parser("add", help="add a product (administrator)"))
-    sp.add_argument("name")
-    sp.add_argument("--tenant", required=True)
-    sp.add_argument("--profile", required=True)
-    sp.add_argument("--ca", help="issuing CA (default: issuance.issuing_ca)")
+    sp.add_argument("name", type=argtypes.name(names.PRODUCT))
+    sp.add_argument("--tenant", required=True, type=argtypes.name(names.TENANT))
+    sp.add_argument("--profile", required=True, type=argtypes.name(names.PROFILE))
+    sp.add_argument("--ca", type=argtypes.name(names.CA), help="issuing CA (default: issuance.issuing_ca)")
     sp.add_argument(
         "--key-algorithm", action="append", help="allowed key algorithm (repeat); default: the profile's"
     )
@@ -359,7 +365,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], with_conf
     sp = changing(
         pr.add_parser("mode", help="switch a product between local and upstream issuance (administrator)")
     )
-    sp.add_argument("name")
+    sp.add_argument("name", type=argtypes.name(names.PRODUCT))
     sp.add_argument("issuance_mode", choices=ISSUANCE_MODES)
     sp.set_defaults(func=cmd_product_mode)
     listing(pr.add_parser("list")).set_defaults(func=cmd_product_list)
@@ -368,24 +374,29 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], with_conf
         dest="sub", required=True
     )
     sp = changing(ln.add_parser("add", help="add a line (administrator)"))
-    sp.add_argument("name")
-    sp.add_argument("--description")
+    sp.add_argument("name", type=argtypes.name(names.LINE))
+    sp.add_argument("--description", type=argtypes.name(names.DESCRIPTION))
     sp.set_defaults(func=cmd_line_add)
     listing(ln.add_parser("list")).set_defaults(func=cmd_line_list)
     sp = changing(ln.add_parser("assign-station", help="put a station on a line ('none': off every line)"))
-    sp.add_argument("line")
-    sp.add_argument("station")
+    sp.add_argument("line", type=argtypes.name(names.LINE))
+    sp.add_argument("station", type=argtypes.name(names.STATION))
     sp.set_defaults(func=cmd_line_assign)
 
     wo = sub.add_parser("workorder", help="work orders: quantity, allowlist, validity, lines").add_subparsers(
         dest="sub", required=True
     )
     sp = changing(wo.add_parser("add", help="add a work order (draft unless --activate)"))
-    sp.add_argument("id")
-    sp.add_argument("--product", required=True)
+    sp.add_argument("id", type=argtypes.name(names.WORK_ORDER_ID))
+    sp.add_argument("--product", required=True, type=argtypes.name(names.PRODUCT))
     sp.add_argument("--quantity", type=int, required=True)
-    sp.add_argument("--line", action="append", help="assigned line (repeat)")
-    sp.add_argument("--serial", action="append", help="an allowed device serial (repeat)")
+    sp.add_argument("--line", action="append", type=argtypes.name(names.LINE), help="assigned line (repeat)")
+    sp.add_argument(
+        "--serial",
+        action="append",
+        type=argtypes.name(names.DEVICE_SERIAL),
+        help="an allowed device serial (repeat)",
+    )
     sp.add_argument("--serials-file", help="allowed device serials, one per line")
     sp.add_argument("--range", action="append", help="PREFIX[FIRST-LAST], e.g. ACME-[000001-000500] (repeat)")
     sp.add_argument("--pattern", help="regular expression the whole serial must match (restricted, see docs)")
@@ -399,21 +410,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], with_conf
     sp.add_argument("--activate", action="store_true")
     sp.set_defaults(func=cmd_wo_import)
     sp = changing(wo.add_parser("activate"))
-    sp.add_argument("id")
+    sp.add_argument("id", type=argtypes.name(names.WORK_ORDER_ID))
     sp.set_defaults(func=lambda a: cmd_wo_state(a, "active"))
     sp = changing(wo.add_parser("close"))
-    sp.add_argument("id")
+    sp.add_argument("id", type=argtypes.name(names.WORK_ORDER_ID))
     sp.set_defaults(func=lambda a: cmd_wo_state(a, "closed"))
     sp = changing(wo.add_parser("assign-line", help="assign (or --remove) a line"))
-    sp.add_argument("id")
-    sp.add_argument("line")
+    sp.add_argument("id", type=argtypes.name(names.WORK_ORDER_ID))
+    sp.add_argument("line", type=argtypes.name(names.LINE))
     sp.add_argument("--remove", action="store_true")
     sp.set_defaults(func=cmd_wo_assign_line)
     sp = listing(wo.add_parser("list"))
     sp.add_argument("--state", choices=["draft", "active", "closed"])
     sp.set_defaults(func=cmd_wo_list)
     sp = listing(wo.add_parser("show"))
-    sp.add_argument("id")
+    sp.add_argument("id", type=argtypes.name(names.WORK_ORDER_ID))
     sp.set_defaults(func=cmd_wo_show)
 
     dv = sub.add_parser("device", help="rework and scrap (supervisor)").add_subparsers(
@@ -424,17 +435,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], with_conf
         ("scrap", "record a destroyed device; its certificate is revoked (cessationOfOperation)"),
     ):
         sp = changing(dv.add_parser(what, help=text))
-        sp.add_argument("serial", help="the device serial")
-        sp.add_argument("--reason", required=True)
+        sp.add_argument("serial", type=argtypes.name(names.DEVICE_SERIAL), help="the device serial")
+        sp.add_argument("--reason", required=True, type=argtypes.name(names.REASON))
         sp.set_defaults(func=lambda a, w=what: cmd_device(a, w))
 
     rp = sub.add_parser("report", help="reconciliation reports").add_subparsers(dest="sub", required=True)
     sp = listing(rp.add_parser("workorder", help="planned, issued, confirmed, pending, scrapped, remaining"))
-    sp.add_argument("id")
+    sp.add_argument("id", type=argtypes.name(names.WORK_ORDER_ID))
     sp.set_defaults(func=cmd_report)
     ex = sub.add_parser("export", help="certificate exports").add_subparsers(dest="sub", required=True)
     sp = with_config(ex.add_parser("workorder", help="every certificate of a work order: CSV and PEM bundle"))
-    sp.add_argument("id")
+    sp.add_argument("id", type=argtypes.name(names.WORK_ORDER_ID))
     sp.add_argument("--csv", help="write the CSV list here")
     sp.add_argument("--pem", help="write the PEM bundle here")
     sp.set_defaults(func=cmd_export)

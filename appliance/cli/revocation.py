@@ -19,9 +19,10 @@ from typing import Any
 
 from cryptography import x509
 
+from appliance import names
 from appliance.audit.log import AuditLog
 from appliance.ca import load_ca
-from appliance.cli import argfiles
+from appliance.cli import argfiles, argtypes
 from appliance.cli.session import session
 from appliance.config import Config, load_config
 from appliance.daemon_lock import daemon_job
@@ -191,27 +192,38 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], with_conf
     reasons = ", ".join(r.value for r in Reason)
     sp = with_config(sub.add_parser("revoke", help="revoke certificates (supervisor); CRLs are regenerated"))
     which = sp.add_mutually_exclusive_group(required=True)
-    which.add_argument("--device", help="every certificate of this device serial")
+    which.add_argument(
+        "--device", type=argtypes.name(names.DEVICE_SERIAL), help="every certificate of this device serial"
+    )
     which.add_argument("--cert-serial", help="the certificate with this serial (hex)")
-    which.add_argument("--work-order", help="every certificate issued under this work order")
+    which.add_argument(
+        "--work-order",
+        type=argtypes.name(names.WORK_ORDER_ID),
+        help="every certificate issued under this work order",
+    )
     sp.add_argument("--reason", required=True, help=f"RFC 5280 reason: {reasons}")
     sp.add_argument(
         "--invalidity-date", help="ISO 8601: when the key is known or suspected to have been compromised"
     )
-    sp.add_argument("--user", required=True, help="your user name (you are asked for your password)")
+    sp.add_argument(
+        "--user",
+        required=True,
+        type=argtypes.name(names.USER),
+        help="your user name (you are asked for your password)",
+    )
     sp.add_argument("--password-stdin", action="store_true", help="read the password from stdin (automation)")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_revoke)
 
     rl = sub.add_parser("revocation", help="the revocation store").add_subparsers(dest="sub", required=True)
     sp = with_config(rl.add_parser("list", help="revoked certificates"))
-    sp.add_argument("--ca")
+    sp.add_argument("--ca", type=argtypes.name(names.CA))
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_revocation_list)
 
     crl = sub.add_parser("crl", help="certificate revocation lists").add_subparsers(dest="sub", required=True)
     sp = with_config(crl.add_parser("generate", help="sign and publish a new CRL now (in the HSM)"))
-    sp.add_argument("--ca", help="issuing CA (default: issuance.issuing_ca)")
+    sp.add_argument("--ca", type=argtypes.name(names.CA), help="issuing CA (default: issuance.issuing_ca)")
     sp.add_argument("--out", help="also write it here (DER, or PEM with --pem)")
     sp.add_argument("--pem", action="store_true")
     sp.add_argument(
@@ -219,7 +231,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], with_conf
     )
     sp.set_defaults(func=cmd_crl_generate)
     sp = with_config(crl.add_parser("show", help="the latest published CRL"))
-    sp.add_argument("--ca", help="issuing CA (default: issuance.issuing_ca)")
+    sp.add_argument("--ca", type=argtypes.name(names.CA), help="issuing CA (default: issuance.issuing_ca)")
     sp.add_argument("--out", help="write it here (DER, or PEM with --pem) instead of listing it")
     sp.add_argument("--pem", action="store_true")
     sp.set_defaults(func=cmd_crl_show)
@@ -227,6 +239,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], with_conf
     oc = sub.add_parser("ocsp", help="the OCSP responder").add_subparsers(dest="sub", required=True)
     sp = with_config(oc.add_parser("status", help="what the responder answers for a certificate serial"))
     sp.add_argument("--cert-serial", required=True)
-    sp.add_argument("--ca", help="issuing CA (default: issuance.issuing_ca)")
+    sp.add_argument("--ca", type=argtypes.name(names.CA), help="issuing CA (default: issuance.issuing_ca)")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_ocsp_status)

@@ -14,7 +14,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from appliance import names
 from appliance.audit.log import AuditLog
+from appliance.cli import argtypes
 from appliance.config import load_config
 from appliance.production import users
 from appliance.production.model import ProductionError
@@ -78,7 +80,7 @@ def actor(s: Session) -> User:
 
 def add_login_arguments(sp: argparse.ArgumentParser, *, required: bool = False, who: str = "") -> None:
     help_text = "who is doing this (their password is asked for)" + (f": {who}" if who else "")
-    sp.add_argument("--user", required=required, help=help_text)
+    sp.add_argument("--user", required=required, type=argtypes.name(names.USER), help=help_text)
     sp.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
 
 

@@ -12,7 +12,9 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+from appliance import names
 from appliance import stations_registry as reg
+from appliance.cli import argtypes
 from appliance.cli.session import actor, add_login_arguments, authorised
 from appliance.config import Config, load_config
 from appliance.production.users import Permission
@@ -119,10 +121,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], with_conf
     sp = with_config(
         st.add_parser("add", help="register a station and write its credentials for the fixture")
     )
-    sp.add_argument("--name", required=True, help="station id, [A-Za-z0-9._:-]{1,64}")
+    sp.add_argument(
+        "--name", required=True, type=argtypes.name(names.STATION), help=f"station name: {names.STATION.rule}"
+    )
     kind = sp.add_mutually_exclusive_group(required=True)
     kind.add_argument(
-        "--serial", metavar="PORT", help="serial port the station is bound to (/dev/serial/by-path/...)"
+        "--serial",
+        metavar="PORT",
+        type=argtypes.name(names.SERIAL_PORT),
+        help="serial port the station is bound to (/dev/serial/by-path/...)",
     )
     kind.add_argument("--lan", action="store_true", help="a LAN station (TLS client certificate)")
     sp.add_argument("--baud", type=int, help="serial only (default 115200)")
@@ -135,17 +142,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], with_conf
     sp = with_config(
         st.add_parser("disable", help="refuse a station from now on (a running daemon drops it)")
     )
-    sp.add_argument("--name", required=True)
+    sp.add_argument("--name", required=True, type=argtypes.name(names.STATION))
     add_login_arguments(sp)
     sp.set_defaults(func=cmd_station_disable)
     sp = with_config(st.add_parser("enable", help="accept a disabled station again"))
-    sp.add_argument("--name", required=True)
+    sp.add_argument("--name", required=True, type=argtypes.name(names.STATION))
     add_login_arguments(sp)
     sp.set_defaults(func=cmd_station_enable)
     sp = with_config(
         st.add_parser("rotate-key", help="new station secret (and TLS certificate); old ones stop")
     )
-    sp.add_argument("--name", required=True)
+    sp.add_argument("--name", required=True, type=argtypes.name(names.STATION))
     sp.add_argument("--out", required=True, help="directory for the new credential bundle")
     add_login_arguments(sp)
     sp.set_defaults(func=cmd_station_rotate)

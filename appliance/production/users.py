@@ -12,7 +12,6 @@ import base64
 import enum
 import hashlib
 import hmac
-import re
 import secrets
 import sqlite3
 import time
@@ -20,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
+from appliance import names
 from appliance.errors import BirthlineError, ReasonCode
 from appliance.issuance.journal import Journal
 from appliance.production.audit import AuditSink
@@ -33,7 +33,6 @@ PASSWORD_MIN: Final = 8
 PASSWORD_MAX: Final = 1024
 LOCKOUT_FAILURES: Final = 5
 LOCKOUT_SECONDS: Final = 300.0
-_NAME = re.compile(r"[a-z][a-z0-9._-]{0,63}")
 
 
 class Role(enum.StrEnum):
@@ -176,14 +175,9 @@ def _insert(conn: sqlite3.Connection, name: str, role: Role, password_hash: str,
     )
 
 
-def _check_name(name: str) -> None:
-    if not _NAME.fullmatch(name):
-        raise UserError("a user name is 1..64 characters [a-z0-9._-], starting with a letter")
-
-
 def bootstrap(journal: Journal, audit: AuditSink, name: str, password: str) -> User:
     """Create the first administrator; refused once any user exists."""
-    _check_name(name)
+    names.USER.check(name)
     check_new_password(password)
     pw_hash = hash_password(password)
 
@@ -199,7 +193,7 @@ def bootstrap(journal: Journal, audit: AuditSink, name: str, password: str) -> U
 
 def add_user(journal: Journal, audit: AuditSink, actor: User, name: str, role: Role, password: str) -> None:
     actor.require(Permission.USER_MANAGE)
-    _check_name(name)
+    names.USER.check(name)
     check_new_password(password)
     pw_hash = hash_password(password)
 
@@ -270,7 +264,7 @@ def login(
     found = journal.call(read)
     ok = verify_password(password, found[1] if found else _DUMMY_HASH) and found is not None
     now = clock()
-    actor = name if _NAME.fullmatch(name) else "unknown"
+    actor = name if names.USER.problem(name) is None else "unknown"
 
     def txn(conn: sqlite3.Connection) -> tuple[User | None, str]:
         row = conn.execute(

@@ -95,7 +95,7 @@ def test_demo_from_scratch_then_again(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     assert len(x509.load_pem_x509_certificates((tmp_path / "d.pem").read_bytes())) == 3
     refused = issue("CLI\x1b[2J")
-    assert refused.returncode == 2 and "bad_device_serial" in refused.stderr
+    assert refused.returncode == 2 and "argument --serial: device serial" in refused.stderr
     assert "\x1b" not in refused.stderr  # terminal escapes never reach the operator's screen raw
 
     # Reconciliation and the audit log agree with what the stations did.
