@@ -23,7 +23,7 @@ from appliance.issuance.journal import Journal
 from appliance.production import reconcile, users
 from appliance.production.users import Role
 from hsm.softhsm import SoftHsmToken
-from tests.appliance.conftest import PRODUCTION_PASSWORD, make_csr
+from tests.appliance.conftest import PRODUCTION_PASSWORD, TEST_COST, make_csr
 
 OPERATOR_PASSWORD = "operator password 1"
 
@@ -46,8 +46,8 @@ def config(tmp_path: Path, production_journal_template: Path, softhsm_token: Sof
     # `birthline issue` acts as a person: an operator, added by the template's administrator.
     with Journal(state / "journal.sqlite") as journal:
         audit = AuditLog(journal)
-        admin = users.login(journal, audit, "alice", PRODUCTION_PASSWORD)
-        users.add_user(journal, audit, admin, "olga", Role.OPERATOR, OPERATOR_PASSWORD)
+        admin = users.login(journal, audit, "alice", PRODUCTION_PASSWORD, cost=TEST_COST)
+        users.add_user(journal, audit, admin, "olga", Role.OPERATOR, OPERATOR_PASSWORD, cost=TEST_COST)
     cfg = tmp_path / "birthline.toml"
     cfg.write_text(
         CONFIG.format(
