@@ -94,6 +94,14 @@ def check_state(config: Config) -> None:
 
 
 @contextlib.contextmanager
+def read_journal(config: Config) -> Iterator[Journal]:
+    """The journal alone and read-only, for commands that only read (lists, reports, exports, audit verify): no
+    HSM login, nothing created, and no mode checks, so a forensic copy can be read wherever it is."""
+    with Journal(config.journal.path, read_only=True) as journal:
+        yield journal
+
+
+@contextlib.contextmanager
 def open_core(config: Config) -> Iterator[Core]:
     check_state(config)
     try:

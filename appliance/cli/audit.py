@@ -42,11 +42,12 @@ def _config(args: argparse.Namespace) -> Config:
 
 @contextlib.contextmanager
 def _journal(args: argparse.Namespace) -> Iterator[Journal]:
-    """The journal named by the configuration, without the HSM; refuse to create one that is not there."""
+    """The journal named by the configuration, without the HSM, read-only (a forensic copy on read-only media
+    verifies; nothing is created or changed); refuse one that is not there."""
     path = _config(args).journal.path
     if not path.exists():
         raise AuditError(f"no journal at {path}", {"path": str(path)})
-    with Journal(path) as journal:
+    with Journal(path, read_only=True) as journal:
         yield journal
 
 

@@ -121,7 +121,7 @@ def _registry_stations(config_path: str, kind: str) -> list[Any]:
     from stations.simulator import SimStation
 
     cfg = load_config(Path(config_path))
-    with Journal(cfg.journal.path) as journal:
+    with Journal(cfg.journal.path, read_only=True) as journal:
         records = list_stations(journal)
     return [
         SimStation(r.name, "serial", r.key, port=r.port)

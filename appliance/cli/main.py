@@ -33,7 +33,7 @@ from appliance.daemon_lock import daemon_job
 from appliance.errors import BirthlineError, IssuancePending
 from appliance.issuance.policy import IssueRequest
 from appliance.production.users import Permission
-from appliance.runtime import open_core, running_issuer
+from appliance.runtime import open_core, read_journal, running_issuer
 from hsm.algorithms import KeyAlgorithm
 from hsm.errors import HsmError
 
@@ -134,8 +134,8 @@ def cmd_ca_import(args: argparse.Namespace) -> int:
 
 
 def cmd_ca_list(args: argparse.Namespace) -> int:
-    with open_core(_config(args)) as core:
-        records = ca_mod.list_cas(core.journal)
+    with read_journal(_config(args)) as journal:
+        records = ca_mod.list_cas(journal)
     if args.json:
         print(json.dumps([_ca_json(r) for r in records], indent=2))
         return 0
@@ -174,8 +174,8 @@ def _ca_json(r: ca_mod.CaRecord) -> dict[str, object]:
 
 
 def cmd_ca_chain(args: argparse.Namespace) -> int:
-    with open_core(_config(args)) as core:
-        rec = ca_mod.load_ca(core.journal, args.name)
+    with read_journal(_config(args)) as journal:
+        rec = ca_mod.load_ca(journal, args.name)
     pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in rec.chain)
     if args.out:
         argfiles.write("--out", args.out, pem)
@@ -235,9 +235,9 @@ def cmd_issue(args: argparse.Namespace) -> int:
 
 
 def cmd_journal_stats(args: argparse.Namespace) -> int:
-    with open_core(_config(args)) as core:
-        counts = core.journal.counts()
-        check = core.journal.integrity_check()
+    with read_journal(_config(args)) as journal:
+        counts = journal.counts()
+        check = journal.integrity_check()
     print(json.dumps({"integrity": check, "states": counts}, indent=2, sort_keys=True))
     return 0 if check == "ok" else 1
 

@@ -20,7 +20,7 @@ from appliance.production import reconcile, store, users
 from appliance.production.allowlist import AllowlistError, SerialRange, check_serial, compile_pattern
 from appliance.production.model import ISSUANCE_MODES, ProductionError, WorkOrderSpec, iso, parse_time
 from appliance.production.users import Role
-from appliance.runtime import open_core
+from appliance.runtime import read_journal
 
 WithConfig = Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
 
@@ -51,8 +51,8 @@ def cmd_user_add(args: argparse.Namespace) -> int:
 
 
 def cmd_user_list(args: argparse.Namespace) -> int:
-    with open_core(_config(args)) as core:
-        listed = users.list_users(core.journal)
+    with read_journal(_config(args)) as journal:
+        listed = users.list_users(journal)
     if args.json:
         _dump([{"name": u.name, "role": u.role, "enabled": u.enabled, "locked_until": iso(u.locked_until)}
                for u in listed])  # fmt: skip
@@ -90,8 +90,8 @@ def cmd_tenant_add(args: argparse.Namespace) -> int:
 
 
 def cmd_tenant_list(args: argparse.Namespace) -> int:
-    with open_core(_config(args)) as core:
-        tenants = store.list_tenants(core.journal)
+    with read_journal(_config(args)) as journal:
+        tenants = store.list_tenants(journal)
     if args.json:
         _dump([{"name": t.name, "display_name": t.display_name} for t in tenants])
     for t in [] if args.json else tenants:
@@ -121,8 +121,8 @@ def cmd_product_mode(args: argparse.Namespace) -> int:
 
 
 def cmd_product_list(args: argparse.Namespace) -> int:
-    with open_core(_config(args)) as core:
-        products = store.list_products(core.journal)
+    with read_journal(_config(args)) as journal:
+        products = store.list_products(journal)
     if args.json:
         _dump([{"name": p.name, "tenant": p.tenant, "profile": p.profile, "ca": p.ca,
                 "key_algorithms": sorted(p.key_algorithms), "issuance_mode": p.issuance_mode}
@@ -143,8 +143,8 @@ def cmd_line_add(args: argparse.Namespace) -> int:
 
 
 def cmd_line_list(args: argparse.Namespace) -> int:
-    with open_core(_config(args)) as core:
-        lines = store.list_lines(core.journal)
+    with read_journal(_config(args)) as journal:
+        lines = store.list_lines(journal)
     if args.json:
         _dump(
             [{"name": ln.name, "description": ln.description, "stations": list(ln.stations)} for ln in lines]
@@ -235,8 +235,8 @@ def cmd_wo_assign_line(args: argparse.Namespace) -> int:
 
 
 def cmd_wo_list(args: argparse.Namespace) -> int:
-    with open_core(_config(args)) as core:
-        orders = store.list_work_orders(core.journal, args.state)
+    with read_journal(_config(args)) as journal:
+        orders = store.list_work_orders(journal, args.state)
     if args.json:
         _dump([o.public() for o in orders])
     for o in [] if args.json else orders:
@@ -247,8 +247,8 @@ def cmd_wo_list(args: argparse.Namespace) -> int:
 
 
 def cmd_wo_show(args: argparse.Namespace) -> int:
-    with open_core(_config(args)) as core:
-        o = store.get_work_order(core.journal, args.id)
+    with read_journal(_config(args)) as journal:
+        o = store.get_work_order(journal, args.id)
     data = o.public()
     if args.json:
         _dump(data)
@@ -273,8 +273,8 @@ def cmd_device(args: argparse.Namespace, what: str) -> int:
 
 # -- reconciliation ------------------------------------------------------------------------------------------------------
 def cmd_report(args: argparse.Namespace) -> int:
-    with open_core(_config(args)) as core:
-        rep = reconcile.report(core.journal, args.id)
+    with read_journal(_config(args)) as journal:
+        rep = reconcile.report(journal, args.id)
     if args.json:
         _dump(rep.public())
         return 0 if rep.consistent else 1
@@ -286,8 +286,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     if not args.csv and not args.pem:
         raise ProductionError("give --csv FILE and/or --pem FILE")
-    with open_core(_config(args)) as core:
-        certs = reconcile.certificates(core.journal, args.id)
+    with read_journal(_config(args)) as journal:
+        certs = reconcile.certificates(journal, args.id)
     if args.csv:
         argfiles.write("--csv", args.csv, reconcile.export_csv(certs).encode("utf-8"))
     if args.pem:

@@ -26,7 +26,7 @@ from appliance.cli import argfiles, argtypes
 from appliance.cli.session import session
 from appliance.config import Config, load_config
 from appliance.daemon_lock import daemon_job
-from appliance.runtime import open_core
+from appliance.runtime import open_core, read_journal
 from appliance.va.crl import DEFAULT_CRL_VALIDITY_S, CrlInfo, generate_crl, load_crl
 from appliance.va.ocsp import lookup_status
 from appliance.va.revocation import Reason, RevocationError, list_revocations, normalise_serial, revoke
@@ -134,8 +134,8 @@ def cmd_crl_generate(args: argparse.Namespace) -> int:
 def cmd_crl_show(args: argparse.Namespace) -> int:
     config = _config(args)
     ca = _default_ca(args, config)
-    with open_core(config) as core:
-        info = load_crl(core.journal, ca)
+    with read_journal(config) as journal:
+        info = load_crl(journal, ca)
     if info is None:
         raise RevocationError(f"no CRL has been generated for {ca!r} yet (birthline crl generate)")
     if args.out or args.pem:
@@ -153,8 +153,8 @@ def cmd_crl_show(args: argparse.Namespace) -> int:
 
 
 def cmd_revocation_list(args: argparse.Namespace) -> int:
-    with open_core(_config(args)) as core:
-        found = list_revocations(core.journal, args.ca)
+    with read_journal(_config(args)) as journal:
+        found = list_revocations(journal, args.ca)
     if args.json:
         print(json.dumps([r.as_dict() for r in found], indent=2, sort_keys=True))
         return 0
@@ -169,10 +169,10 @@ def cmd_ocsp_status(args: argparse.Namespace) -> int:
     config = _config(args)
     ca = _default_ca(args, config)
     serial = normalise_serial(args.cert_serial)
-    with open_core(config) as core:
-        load_ca(core.journal, ca)
+    with read_journal(config) as journal:
+        load_ca(journal, ca)
         never = va_settings(config).never_issued
-        status = core.journal.call(lambda: lookup_status(core.journal.conn, ca, int(serial, 16), never))
+        status = journal.call(lambda: lookup_status(journal.conn, ca, int(serial, 16), never))
     out: dict[str, Any] = {"ca": ca, "cert_serial": serial, "status": status.kind, "why": status.why}
     if status.kind == "revoked":
         out["reason"] = (

@@ -18,7 +18,7 @@ from appliance.cli import argtypes
 from appliance.cli.session import actor, add_login_arguments, authorised
 from appliance.config import Config, load_config
 from appliance.production.users import Permission
-from appliance.runtime import Core, open_core
+from appliance.runtime import Core, read_journal
 
 WithConfig = Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
 
@@ -58,8 +58,8 @@ def cmd_station_add(args: argparse.Namespace) -> int:
 
 
 def cmd_station_list(args: argparse.Namespace) -> int:
-    with open_core(_config(args)) as core:
-        records = reg.list_stations(core.journal)
+    with read_journal(_config(args)) as journal:
+        records = reg.list_stations(journal)
     if args.json:
         print(json.dumps([r.public() for r in records], indent=2))
         return 0

@@ -17,8 +17,7 @@ from pathlib import Path
 from appliance.cmp.forwarder import make_forwarder, queue_status
 from appliance.config import Config, load_config
 from appliance.daemon_lock import daemon_job
-from appliance.issuance.journal import Journal
-from appliance.runtime import open_core
+from appliance.runtime import open_core, read_journal
 
 WithConfig = Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
 
@@ -29,7 +28,7 @@ def _config(args: argparse.Namespace) -> Config:
 
 def cmd_status(args: argparse.Namespace) -> int:
     config = _config(args)
-    with Journal(config.journal.path) as journal:
+    with read_journal(config) as journal:
         status = queue_status(journal, config.upstream)
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
