@@ -17,7 +17,7 @@ from typing import Any
 
 from appliance import names
 from appliance.cli import argfiles, argtypes
-from appliance.files import secret_directory, write_private, write_public
+from appliance.files import FileRefused, refuse_shared_files, secret_directory, write_private, write_public
 from stations.client import (
     StationCredentials,
     chain_pem,
@@ -57,7 +57,13 @@ def _read_csr(path: Path) -> bytes:
 
 
 def _credentials(option: str, path: str) -> StationCredentials:
-    """A credential bundle named on the command line; what is wrong with it in one line."""
+    """A credential bundle named on the command line; what is wrong with it in one line. Like ssh with a private
+    key, its secret files (*.key: the station key, the TLS client key) are refused while group or others can
+    read them."""
+    try:
+        refuse_shared_files(sorted(Path(path).glob("*.key")), "the station's secrets")
+    except FileRefused as exc:
+        raise argfiles.ArgumentFileError(option, path, exc.message) from None
     try:
         return load_credentials(path)
     except OSError as exc:

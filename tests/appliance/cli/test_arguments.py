@@ -127,6 +127,10 @@ def test_station_client_bundle_and_csr_errors_are_one_line(
     (bundle / "station.json").write_text("{not json")
     err = _one_line_refusal([*base, "--credentials", str(bundle), "--keygen"], capsys, monkeypatch)
     assert "not a station credential bundle" in err
+    (bundle / "station.key").write_text("00" * 32 + "\n")
+    (bundle / "station.key").chmod(0o644)
+    err = _one_line_refusal([*base, "--credentials", str(bundle), "--keygen"], capsys, monkeypatch)
+    assert f"{bundle / 'station.key'} (mode 644)" in err and f"chmod 600 {bundle / 'station.key'}" in err
 
 
 def test_a_bug_still_shows_its_traceback(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
