@@ -42,7 +42,8 @@ class Passwords:
             return getpass.getpass(prompt)
         except EOFError:  # no terminal, and standard input is empty or closed
             raise ProductionError(
-                f"no password for: {prompt.rstrip(': ')} (no terminal; use --password-stdin)"
+                f"{prompt.rstrip(': ')}: none given (no terminal, nothing on standard input;"
+                " use --password-stdin)"
             ) from None
 
     def new(self, who: str) -> str:
