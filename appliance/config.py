@@ -15,8 +15,10 @@ from urllib.parse import urlsplit
 from cryptography import x509
 
 from appliance.audit.claims import CheckpointPolicy
+from appliance import names
 from appliance.errors import ConfigError, Problem
 from appliance.profiles import Profile, builtin_profiles, parse_profiles
+from appliance.text import safe_repr
 from appliance.va.service import VaSettings
 from hsm.config import HsmConfig
 
@@ -242,6 +244,12 @@ class _Reader:
             return default
         return float(value)
 
+    def name(self, key: str, rule: names.Rule) -> None:
+        """Check a name-valued key against its kind's rule (appliance.names); the value is read as text after."""
+        value = self.table.get(key)
+        if isinstance(value, str) and value and (problem := rule.problem(value)) is not None:
+            self.problems.append(Problem(f"{self.where}.{key}", problem))
+
     def flag(self, key: str, default: bool) -> bool:
         return bool(self._get(key, bool, default, False))
 
@@ -311,6 +319,7 @@ def parse_config(
     journal = JournalSection(path=jp if jp.is_absolute() else state_dir / jp, batch_max=batch_max)
 
     r = _Reader(_table(data, "issuance", problems), "issuance", problems)
+    r.name("issuing_ca", names.CA)
     issuance = IssuanceSection(
         issuing_ca=r.text("issuing_ca", "issuing") or "issuing",
         default_profile=r.text("default_profile", "idevid") or "idevid",
@@ -325,6 +334,7 @@ def parse_config(
     r.done()
 
     r = _Reader(_table(data, "stations", problems), "stations", problems)
+    r.name("management_ca", names.CA)
     lan_listen = r.text("lan_listen", "127.0.0.1:7450")
     if isinstance(lan_listen, str) and lan_listen:
         host, sep, port = lan_listen.rpartition(":")
@@ -463,6 +473,7 @@ def _parse_cmp(
     max_bytes = r.integer("max_message_bytes", 256 * 1024, lo=1024, hi=4 * 1024 * 1024)
     confirm_wait = r.number("confirm_wait_s", 300.0, lo=1, hi=86400)
     max_pending = r.integer("max_pending", 10_000, lo=1, hi=1_000_000)
+    r.name("default_label", names.CMP_LABEL)
     default_label = r.text("default_label", "") or ""
     ra_cert = path(r.text("ra_cert"))
     raw_labels = r.table.get("labels", {})
@@ -477,9 +488,12 @@ def _parse_cmp(
         if not isinstance(raw, Mapping):
             problems.append(Problem(where, f"expected a table, got {type(raw).__name__}"))
             continue
-        if not name or not all(c.isalnum() or c in "-_." for c in name):
-            problems.append(Problem(where, "a label is letters, digits, '-', '_' and '.' only"))
+        label_problem = names.CMP_LABEL.problem(name)
+        if label_problem is not None:
+            where = f"cmp.labels.{safe_repr(str(name))}"
+            problems.append(Problem(where, label_problem))
         lr = _Reader(raw, where, problems)
+        lr.name("station", names.STATION)
         if "secret" in raw:
             problems.append(Problem(f"{where}.secret", "never put the secret in the config; use secret_file"))
             lr.seen.add("secret")

@@ -30,12 +30,13 @@ from appliance.cmp.forwarder import Forwarder, make_forwarder
 from appliance.cmp.ra import ensure_ra
 from appliance.cmp.server import CmpResponder, labels_from_config, make_cmp_app, settings_from_config
 from appliance.config import Config
+from appliance.daemon_lock import DaemonLock, DaemonRunning
 from appliance.errors import BirthlineError, IssuanceFailed, IssuancePending, IssuanceRefused
 from appliance.issuance.journal import Journal
 from appliance.issuance.policy import IssueRequest
 from appliance.issuance.service import IssueService
-from appliance.runtime import Core, open_core, record_start
 from appliance.station_failures import LinkFailures
+from appliance.runtime import Core, check_state, open_core, record_start
 from appliance.stations_registry import StationRecord, TlsServerFiles, alist_stations
 from appliance.va.http import VaServer, make_app
 from appliance.va.service import ValidationAuthority
@@ -264,6 +265,12 @@ class Daemon:
 
     async def _start(self) -> None:
         cfg = self.config.stations
+        # The daemon lock says the daemon runs: its own jobs (crl generate, upstream sync) refuse meanwhile.
+        check_state(self.config)
+        try:
+            self._stack.enter_context(DaemonLock(self.config.appliance.state_dir, "the daemon"))
+        except DaemonRunning as exc:
+            raise DaemonRunning(f"the daemon cannot start: {exc.message}", exc.holder) from None
         self.core = self._stack.enter_context(open_core(self.config))
         # Checkpoints sign the audit log in the HSM with the audit key (never the CA keys). The checkpointer
         # starts first: it signs what a crash left unsigned before this run's entries follow it.

@@ -28,7 +28,10 @@ from appliance import ca as ca_mod
 from appliance import stations_registry as registry
 from appliance.config import CmpLabelSection, Config, load_config
 from appliance.daemon import Daemon
+from appliance.daemon_lock import running
 from appliance.errors import BirthlineError
+from appliance.files import PRIVATE, PRIVATE_DIR, tighten, write_private, write_public
+from appliance.issuance.journal import journal_files
 from appliance.production import store, users
 from appliance.production.allowlist import SerialRange
 from appliance.production.model import WorkOrderSpec
@@ -82,8 +85,7 @@ def _write_config(state: Path) -> Path:
     token = create_softhsm_token(state / "softhsm", label="birthline-demo")
     path = state / "birthline.toml"
     if not path.exists():
-        path.write_text(
-            CONFIG_TEMPLATE.format(
+        write_public(path, CONFIG_TEMPLATE.format(
                 state=state,
                 module=token.module,
                 label=token.label,
@@ -92,15 +94,14 @@ def _write_config(state: Path) -> Path:
                 port=DEFAULT_PORT,
                 org=DEMO_ORG,
                 hw_type=DEMO_HW_TYPE,
-            )
-        )
+            ).encode())  # fmt: skip
     return path
 
 
 def _next_run(state: Path) -> int:
     marker = state / "demo-runs"
     run = int(marker.read_text()) + 1 if marker.exists() else 1
-    marker.write_text(str(run))
+    write_public(marker, str(run).encode())
     return run
 
 
@@ -115,7 +116,7 @@ def _people(core: Core, state: Path) -> tuple[User, User]:
     secret = state / "demo-users.secret"
     if not users.list_users(core.journal):
         password = secrets.token_urlsafe(18)
-        registry.write_private(secret, password.encode())
+        write_private(secret, password.encode())
         admin = users.bootstrap(core.journal, core.audit, "demo-admin", password)
         users.add_user(core.journal, core.audit, admin, "demo-supervisor", Role.SUPERVISOR, password)
     password = secret.read_text()
@@ -164,8 +165,9 @@ def _setup(config: Config, state: Path, run: int, devices: int) -> None:
                 core.journal, core.token, "management", f"O={DEMO_ORG},CN={DEMO_ORG} Management CA", **who
             )
         issuing = core.issuing_ca()
-        (state / "ca-chain.pem").write_bytes(
-            b"".join(c.public_bytes(serialization.Encoding.PEM) for c in issuing.chain)
+        write_public(
+            state / "ca-chain.pem",
+            b"".join(c.public_bytes(serialization.Encoding.PEM) for c in issuing.chain),
         )
         known = {r.name for r in registry.list_stations(core.journal)}
         (state / "pty").mkdir(exist_ok=True)
@@ -192,7 +194,7 @@ def _setup(config: Config, state: Path, run: int, devices: int) -> None:
             store.assign_station(core.journal, core.audit, supervisor, CMP_STATION, DEMO_LINE)
         secret = state / "cmp-demo.secret"
         if not secret.exists():
-            registry.write_private(secret, secrets.token_urlsafe(24).encode() + b"\n")
+            write_private(secret, secrets.token_urlsafe(24).encode() + b"\n")
 
 
 class _Fixture:
@@ -289,8 +291,9 @@ async def _run(config: Config, state: Path, run: int, devices: int, serve: bool)
                     again = await lan_client.enroll(serial, csr)
                     retry_same = again[0] == cert
                 if serve:
-                    (state / "demo.json").write_text(
-                        json.dumps(_describe(state, config, lan, fixture_port), indent=2)
+                    write_public(
+                        state / "demo.json",
+                        json.dumps(_describe(state, config, lan, fixture_port), indent=2).encode(),
                     )
             finally:
                 for c in (serial_client, lan_client):
@@ -325,7 +328,7 @@ def _report(
         cert = x509.load_der_x509_certificate(der)
         cert.verify_directly_issued_by(chain[0])
         f = issued_dir / f"{serial}.pem"
-        f.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        write_public(f, cert.public_bytes(serialization.Encoding.PEM))
         files.append(f)
     ok = _openssl_verify(state / "ca-chain.pem", files)
     rate = len(results) / elapsed if elapsed > 0 else 0.0
@@ -349,8 +352,16 @@ def _report(
 
 def run_demo(state: Path, devices: int, *, serve: bool = False, port: int | None = None) -> int:
     state = state.resolve()
-    state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    holder = running(state)
+    if holder is not None:
+        print(f"demo: {holder} already runs on {state}; stop it first")
+        return 1
+    state.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR)
     config = load_config(_write_config(state))
+    # The demo owns its directory: state an older version (or another umask) left readable is made private
+    # here, where any other command refuses it (appliance.runtime.check_state).
+    tighten([state], PRIVATE_DIR)
+    tighten(journal_files(config.journal.path), PRIVATE)
     # Without --serve the listeners take any free port, so a demo never collides with a running one. The VA
     # (CRL, OCSP) listens on the LAN port + 1; certificates carry those URLs (the served demo's when not serving).
     lan_port = port if port is not None else (DEFAULT_PORT if serve else 0)
@@ -393,8 +404,8 @@ def _openssl_verify(chain: Path, files: list[Path]) -> str:
     certs = x509.load_pem_x509_certificates(chain.read_bytes())
     root = chain.with_name("root.pem")
     untrusted = chain.with_name("issuing.pem")
-    root.write_bytes(certs[-1].public_bytes(serialization.Encoding.PEM))
-    untrusted.write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs[:-1]))
+    write_public(root, certs[-1].public_bytes(serialization.Encoding.PEM))
+    write_public(untrusted, b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs[:-1]))
     proc = subprocess.run(
         [
             openssl,

@@ -22,7 +22,8 @@ from appliance.audit.log import AUDIT_KEY_LABEL, AuditLog, ensure_audit_key
 from appliance.ca import CaRecord, load_ca
 from appliance.config import Config
 from appliance.errors import BirthlineError, IssuanceFailed, ReasonCode
-from appliance.issuance.journal import Journal
+from appliance.files import refuse_shared_files, secure_state_dir
+from appliance.issuance.journal import Journal, journal_files
 from appliance.issuance.policy import AuthorisationPolicy
 from appliance.issuance.service import IssueService
 from appliance.production.policy import WorkOrderPolicy
@@ -90,11 +91,27 @@ class Core:
         )
 
 
+def check_state(config: Config) -> None:
+    """Refuse state that group or others can reach: the journal holds station keys in clear and password
+    hashes, the state directory also the TLS key and secret files. A directory that existed before keeps the
+    mode it was given, so this runs at every open, not only when the directory is made."""
+    secure_state_dir(config.appliance.state_dir, "the journal (station keys, password hashes) and TLS keys")
+    refuse_shared_files(journal_files(config.journal.path), "the station keys and password hashes it holds")
+
+
+@contextlib.contextmanager
+def read_journal(config: Config) -> Iterator[Journal]:
+    """The journal alone and read-only, for commands that only read (lists, reports, exports, audit verify): no
+    HSM login, nothing created, and no mode checks, so a forensic copy can be read wherever it is."""
+    with Journal(config.journal.path, read_only=True) as journal:
+        yield journal
+
+
 @contextlib.contextmanager
 def open_core(config: Config) -> Iterator[Core]:
     """The core for one process. A process that wrote to the journal signs the audit log as it leaves (see
     sign_on_exit), so a log at rest has no unsigned entries whichever command wrote them."""
-    config.appliance.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    check_state(config)
     try:
         token = Token.open(config.hsm)
     except HsmError as exc:

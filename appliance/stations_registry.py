@@ -11,14 +11,15 @@ This module is core: it never imports the stations package.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import ipaddress
 import json
 import os
-import re
 import secrets
 import sqlite3
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,9 +29,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from appliance import ca as ca_mod
+from appliance import names
 from appliance.ca import CaRecord
 from appliance.ca.hierarchy import SIGNING_ONLY, default_subject, key_label_for
 from appliance.errors import BirthlineError, ReasonCode
+from appliance.files import refuse_shared_files, secret_directory, write_private, write_public
 from appliance.issuance.journal import Journal, now
 from appliance.issuance.policy import AuditSink
 from appliance.profiles import new_serial_number
@@ -39,7 +42,6 @@ from hsm.token import Token
 
 STATION_KEY_LEN = 32
 KINDS = ("serial", "lan")
-_NAME = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 TLS_CERT_DAYS = 825
 SERVER_KEY_FILE = "server.key"
 SERVER_CERT_FILE = "server.crt"
@@ -114,6 +116,8 @@ async def alist_stations(journal: Journal) -> list[StationRecord]:
 
 
 def get_station(journal: Journal, name: str) -> StationRecord:
+    names.STATION.check(name)
+
     def q() -> tuple[object, ...] | None:
         cur = journal.conn.execute(f"SELECT {StationRecord.COLUMNS} FROM stations WHERE name=?", (name,))
         row: tuple[object, ...] | None = cur.fetchone()
@@ -192,19 +196,6 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-def write_private(path: Path, data: bytes) -> None:
-    """Create or replace a file readable by its owner only (0600), never briefly wider."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
 @dataclass(frozen=True)
 class TlsServerFiles:
     key: Path
@@ -227,6 +218,7 @@ def ensure_tls_server(
     tls_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     files = TlsServerFiles(tls_dir / SERVER_KEY_FILE, tls_dir / SERVER_CERT_FILE, tls_dir / CA_FILE)
     ca_pem = _pem(ca.certificate)
+    refuse_shared_files([files.key], "the appliance's TLS server key")
     if files.key.exists() and files.cert.exists() and files.ca.exists() and files.ca.read_bytes() == ca_pem:
         return files
     key = ec.generate_private_key(ec.SECP256R1())
@@ -236,8 +228,8 @@ def ensure_tls_server(
         token, ca, "birthline appliance", key.public_key(), server=True, dns_names=dns, ip_addresses=ips
     )
     write_private(files.key, _key_pem(key))
-    files.cert.write_bytes(_pem(cert))
-    files.ca.write_bytes(ca_pem)
+    write_public(files.cert, _pem(cert))
+    write_public(files.ca, ca_pem)
     return files
 
 
@@ -276,12 +268,13 @@ def add_station(
     actor: str,
 ) -> Credentials:
     """Register a station; `actor` (a person, already authorised) is recorded in the audit log."""
-    if not _NAME.fullmatch(name):
-        raise RegistryError("a station name is 1..64 characters from [A-Za-z0-9._:-]")
+    names.STATION.check(name)
     if kind not in KINDS:
         raise RegistryError(f"station kind must be one of {', '.join(KINDS)}")
     if kind == "serial" and not port:
         raise RegistryError("a serial station needs its port (e.g. /dev/serial/by-path/...)")
+    if kind == "serial":
+        names.SERIAL_PORT.check(port)
     if kind == "serial":
         baud = 115200 if baud is None else baud
         if not 300 <= baud <= 4_000_000:
@@ -325,6 +318,8 @@ def add_station(
 
 
 def set_enabled(journal: Journal, name: str, enabled: bool, *, audit: AuditSink, actor: str) -> StationRecord:
+    names.STATION.check(name)
+
     def upd(conn: sqlite3.Connection) -> int:
         n = conn.execute("UPDATE stations SET enabled=? WHERE name=?", (int(enabled), name)).rowcount
         if n:
@@ -378,10 +373,31 @@ def rotate_key(
     )
 
 
+BUNDLE_FILES = ("station.key", "tls-client.key", "tls-client.crt", "ca.crt", "station.json")
+
+
+def check_bundle_dir(out: Path) -> Path:
+    """Refuse an output directory that could hand the bundle to someone else (appliance.files.secret_directory),
+    or that holds a link or anything but a regular file where a bundle file goes; BEFORE the registry changes,
+    as a refusal after `add` or `rotate-key` would leave credentials that nobody holds."""
+    secret_directory(out)
+    for name in BUNDLE_FILES:
+        with contextlib.suppress(FileNotFoundError):
+            st = os.lstat(out / name)
+            if not stat.S_ISREG(st.st_mode):
+                kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a regular file"
+                raise RegistryError(f"{out / name} is {kind}; refusing to write the bundle through it")
+    return out
+
+
 def write_bundle(creds: Credentials, out: Path, *, lan_host: str | None = None) -> Path:
     """Write the fixture's credential bundle to `out`: station.json, station.key (0600) and, for LAN, the TLS
-    client key (0600), its certificate and the management CA certificate (which also issued the server's)."""
-    out.mkdir(parents=True, exist_ok=True, mode=0o700)
+    client key (0600), its certificate and the management CA certificate (which also issued the server's).
+
+    Every file is created new and renamed into place, never written through a link (appliance.files), and `out`
+    is refused when it is a symlink or writable by others; rotating into the old bundle's directory replaces
+    its files."""
+    check_bundle_dir(out)
     rec = creds.record
     write_private(out / "station.key", rec.key.hex().encode() + b"\n")
     info: dict[str, object] = {"name": rec.name, "kind": rec.kind, "key_file": "station.key"}
@@ -390,8 +406,8 @@ def write_bundle(creds: Credentials, out: Path, *, lan_host: str | None = None) 
     else:
         assert creds.tls_key_pem and creds.tls_cert_pem and creds.ca_pem
         write_private(out / "tls-client.key", creds.tls_key_pem)
-        (out / "tls-client.crt").write_bytes(creds.tls_cert_pem)
-        (out / "ca.crt").write_bytes(creds.ca_pem)
+        write_public(out / "tls-client.crt", creds.tls_cert_pem)
+        write_public(out / "ca.crt", creds.ca_pem)
         info.update(
             host=lan_host,
             tls_key_file="tls-client.key",
@@ -399,5 +415,5 @@ def write_bundle(creds: Credentials, out: Path, *, lan_host: str | None = None) 
             ca_file="ca.crt",
             server_ca_file="ca.crt",
         )
-    (out / "station.json").write_text(json.dumps(info, indent=2) + "\n")
+    write_public(out / "station.json", (json.dumps(info, indent=2) + "\n").encode())
     return out

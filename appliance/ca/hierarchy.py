@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import NameOID
 
+from appliance import names
 from appliance.errors import BirthlineError, ReasonCode
 from appliance.issuance.journal import Journal, now
 from appliance.issuance.policy import AuditSink
@@ -231,6 +232,7 @@ def _insert(journal: Journal, rec: CaRecord, audit: AuditSink | None, actor: str
 
 
 def _require_new(journal: Journal, token: Token, name: str) -> None:
+    names.CA.check(name)
     exists = journal.call(lambda: journal.conn.execute("SELECT 1 FROM ca WHERE name=?", (name,)).fetchone())
     if exists:
         raise CaError(f"a CA named {name!r} already exists")

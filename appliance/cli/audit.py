@@ -35,6 +35,8 @@ from appliance.audit.claims import REASON_ON_DEMAND
 from appliance.audit.log import AUDIT_KEY_LABEL, AuditError
 from appliance.audit.verify import INTACT, NOT_INTACT, UNSIGNED_TAIL, PublicKeyPin
 from appliance.cli.session import actor, add_login_arguments, authorised
+from appliance.audit.verify import PublicKeyPin
+from appliance.cli import argfiles
 from appliance.config import Config, load_config
 from appliance.errors import BirthlineError, ReasonCode
 from appliance.issuance.journal import Journal
@@ -51,11 +53,12 @@ def _config(args: argparse.Namespace) -> Config:
 
 @contextlib.contextmanager
 def _journal(args: argparse.Namespace) -> Iterator[Journal]:
-    """The journal named by the configuration, without the HSM; refuse to create one that is not there."""
+    """The journal named by the configuration, without the HSM, read-only (a forensic copy on read-only media
+    verifies; nothing is created or changed); refuse one that is not there."""
     path = _config(args).journal.path
     if not path.exists():
         raise AuditError(f"no journal at {path}", {"path": str(path)})
-    with Journal(path) as journal:
+    with Journal(path, read_only=True) as journal:
         yield journal
 
 
@@ -158,7 +161,7 @@ def cmd_head(args: argparse.Namespace) -> int:
         head = head_record(journal)
     text = json.dumps(head, sort_keys=True) + "\n"
     if args.out:
-        Path(args.out).write_text(text, encoding="utf-8")
+        argfiles.write("--out", args.out, text.encode("utf-8"))
     sys.stdout.write(text)
     return 0
 
@@ -172,7 +175,7 @@ def cmd_public_key(args: argparse.Namespace) -> int:
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     if args.out:
-        Path(args.out).write_bytes(pem)
+        argfiles.write("--out", args.out, pem)
     sys.stdout.write(pem.decode())
     return 0
 

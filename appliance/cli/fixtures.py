@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from appliance import names
+from appliance.cli import argfiles, argtypes
+from appliance.files import FileRefused, refuse_shared_files, secret_directory, write_private, write_public
 from stations.client import (
+    StationCredentials,
     chain_pem,
     connect,
     generate_device_key,
@@ -31,20 +34,14 @@ from stations.errors import StationError
 WithConfig = Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(path, 0o600)
-
-
 def _load_key(path: Path) -> Any:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise ValueError(f"{path}: not an EC private key")
+    with argfiles.parsing("--keygen", path, "a PEM private key"):
+        key = serialization.load_pem_private_key(argfiles.read_bytes("--keygen", path), password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ValueError("not an EC private key")
     return key
 
 
@@ -52,33 +49,52 @@ def _read_csr(path: Path) -> bytes:
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 
-    data = path.read_bytes()
+    data = argfiles.read_bytes("--csr", path)
     if b"-----BEGIN" in data:
-        return x509.load_pem_x509_csr(data).public_bytes(serialization.Encoding.DER)
+        with argfiles.parsing("--csr", path, "a PEM certificate request"):
+            return x509.load_pem_x509_csr(data).public_bytes(serialization.Encoding.DER)
     return data
 
 
+def _credentials(option: str, path: str) -> StationCredentials:
+    """A credential bundle named on the command line; what is wrong with it in one line. Like ssh with a private
+    key, its secret files (*.key: the station key, the TLS client key) are refused while group or others can
+    read them."""
+    try:
+        refuse_shared_files(sorted(Path(path).glob("*.key")), "the station's secrets")
+    except FileRefused as exc:
+        raise argfiles.ArgumentFileError(option, path, exc.message) from None
+    try:
+        return load_credentials(path)
+    except OSError as exc:
+        where = exc.filename or path
+        raise argfiles.ArgumentFileError(option, path, f"{where}: {exc.strerror or exc}") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise argfiles.ArgumentFileError(option, path, f"not a station credential bundle: {exc!r}") from None
+
+
 def cmd_station_client_enroll(args: argparse.Namespace) -> int:
-    creds = load_credentials(args.credentials)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    creds = _credentials("--credentials", args.credentials)
+    # The device's private key is written here: refuse a directory someone else could swap it in.
+    out = secret_directory(Path(args.out))
     serial = args.serial
     safe = "".join(ch if ch.isalnum() or ch in "-._" else "_" for ch in serial)
     # The request id (and a generated key) are stored BEFORE sending, so a rerun after a crash or a lost
     # answer retries the same request and gets the same certificate (docs/station-protocol.md section 6).
     rid_file = out / f"{safe}.request"
     if rid_file.exists():
-        request_id = bytes.fromhex(rid_file.read_text().strip())
+        with argfiles.parsing("--out", rid_file, "a request id file (hex)"):
+            request_id = bytes.fromhex(argfiles.read_text("--out", rid_file).strip())
     else:
         request_id = new_request_id()
-        rid_file.write_text(request_id.hex() + "\n")
+        write_private(rid_file, request_id.hex().encode() + b"\n")
     if args.keygen:
         key_file = out / f"{safe}.key"
         if key_file.exists():
             key = _load_key(key_file)
         else:
             key = generate_device_key()
-            _write_private(key_file, key_pem(key))
+            write_private(key_file, key_pem(key))
         csr = make_csr(key, serial)
     else:
         csr = _read_csr(Path(args.csr))
@@ -98,7 +114,7 @@ def cmd_station_client_enroll(args: argparse.Namespace) -> int:
     except StationError as exc:
         print(f"birthline station-client: {exc.code.name} ({int(exc.code)}): {exc.text}", file=sys.stderr)
         return 1
-    (out / f"{safe}.pem").write_bytes(chain_pem(chain))
+    write_public(out / f"{safe}.pem", chain_pem(chain))
     rid_file.unlink(missing_ok=True)  # final outcome reached: CONFIRMED
     print(f"{serial}: enrolled and confirmed, {len(chain)} certificate(s) in {out / (safe + '.pem')}")
     return 0
@@ -111,7 +127,7 @@ def _registry_stations(config_path: str, kind: str) -> list[Any]:
     from stations.simulator import SimStation
 
     cfg = load_config(Path(config_path))
-    with Journal(cfg.journal.path) as journal:
+    with Journal(cfg.journal.path, read_only=True) as journal:
         records = list_stations(journal)
     return [
         SimStation(r.name, "serial", r.key, port=r.port)
@@ -125,7 +141,7 @@ def _bundle_stations(dirs: list[str], host: str | None) -> list[Any]:
 
     out = []
     for d in dirs:
-        c = load_credentials(d)
+        c = _credentials("--credentials", d)
         h, p = split_host_port(host) if host else (c.host, c.tcp_port)
         out.append(
             SimStation(
@@ -181,7 +197,9 @@ def register(sub: Any, with_config: WithConfig) -> None:
     where.add_argument("--port", help="serial port: /dev/serial/by-path/... (not by-id: spoofable) or a URL")
     where.add_argument("--host", help="appliance HOST:PORT (TLS)")
     sp.add_argument("--credentials", required=True, help="the station bundle directory (station add --out)")
-    sp.add_argument("--serial", required=True, help="device serial number")
+    sp.add_argument(
+        "--serial", required=True, type=argtypes.name(names.DEVICE_SERIAL), help="device serial number"
+    )
     key = sp.add_mutually_exclusive_group(required=True)
     key.add_argument("--csr", help="the device's PKCS#10 request (PEM or DER)")
     key.add_argument(
@@ -189,7 +207,9 @@ def register(sub: Any, with_config: WithConfig) -> None:
     )
     sp.add_argument("--out", default=".", help="where <serial>.pem (and .key) go (default .)")
     sp.add_argument("--baud", type=int, help="serial baud rate (default: the bundle's, else 115200)")
-    sp.add_argument("--profile", help="certificate profile (default: the station's)")
+    sp.add_argument(
+        "--profile", type=argtypes.name(names.PROFILE), help="certificate profile (default: the station's)"
+    )
     sp.add_argument("--timeout", type=float, default=120.0, help="give up after this many seconds")
     sp.set_defaults(func=cmd_station_client_enroll)
 
@@ -204,6 +224,6 @@ def register(sub: Any, with_config: WithConfig) -> None:
         "--credentials", action="append", help="station bundle dir (repeat); instead of the registry"
     )
     sp.add_argument("--host", help="appliance HOST:PORT for LAN bundles that do not name it")
-    sp.add_argument("--profile")
+    sp.add_argument("--profile", type=argtypes.name(names.PROFILE))
     sp.add_argument("--timeout", type=float, default=60.0, help="per-request give-up time in seconds")
     sp.set_defaults(func=cmd_simulate)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import logging
 import sys
@@ -18,18 +19,21 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from appliance import ca as ca_mod
+from appliance import names
 from appliance.audit.log import ensure_audit_key
+from appliance.cli import argfiles, argtypes
 from appliance.cli import audit as audit_cli
 from appliance.cli import production as production_cli
 from appliance.cli import revocation as revocation_cli
 from appliance.cli import stations as stations_cli
 from appliance.cli import upstream as upstream_cli
-from appliance.cli.session import actor, add_login_arguments, authorised
+from appliance.cli.session import Session, actor, add_login_arguments, authorised
 from appliance.config import DEFAULT_CONFIG_PATH, Config, load_config
+from appliance.daemon_lock import daemon_job
 from appliance.errors import BirthlineError, IssuancePending
 from appliance.issuance.policy import IssueRequest
 from appliance.production.users import Permission
-from appliance.runtime import open_core, running_issuer
+from appliance.runtime import open_core, read_journal, running_issuer
 from hsm.algorithms import KeyAlgorithm
 from hsm.errors import HsmError
 
@@ -45,8 +49,10 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    """Setting up the state directory is the appliance's own job (before any person exists): no login, and
+    refused while the daemon runs (it would replace the TLS credential under the running listener)."""
     cfg = _config(args)
-    with open_core(cfg) as core:
+    with daemon_job(cfg, "init"), open_core(cfg) as core:
         print(f"state directory {cfg.appliance.state_dir}")
         print(f"journal {core.journal.path}: {core.journal.integrity_check()}")
         print(f"HSM token {cfg.hsm.token_label!r}: logged in, {len(core.token.list_keys())} key(s)")
@@ -104,20 +110,22 @@ def cmd_ca_request(args: argparse.Namespace) -> int:
             audit=s.audit,
             actor=actor(s).name,
         )
-    Path(args.out).write_bytes(pem)
+    argfiles.write("--out", args.out, pem)
     print(f"issuing CA {rec.name!r} awaits its certificate; CSR written to {args.out}")
     return 0
 
 
 def cmd_ca_import(args: argparse.Namespace) -> int:
+    cert = argfiles.read_bytes("--cert", args.cert)
+    chain = argfiles.read_bytes("--chain", args.chain)
     with authorised(args, Permission.CA_MANAGE) as s:
         core = s.core
         rec = ca_mod.import_ca_certificate(
             core.journal,
             core.token,
             args.name,
-            Path(args.cert).read_bytes(),
-            Path(args.chain).read_bytes(),
+            cert,
+            chain,
             audit=s.audit,
             actor=actor(s).name,
         )
@@ -126,8 +134,8 @@ def cmd_ca_import(args: argparse.Namespace) -> int:
 
 
 def cmd_ca_list(args: argparse.Namespace) -> int:
-    with open_core(_config(args)) as core:
-        records = ca_mod.list_cas(core.journal)
+    with read_journal(_config(args)) as journal:
+        records = ca_mod.list_cas(journal)
     if args.json:
         print(json.dumps([_ca_json(r) for r in records], indent=2))
         return 0
@@ -166,42 +174,54 @@ def _ca_json(r: ca_mod.CaRecord) -> dict[str, object]:
 
 
 def cmd_ca_chain(args: argparse.Namespace) -> int:
-    with open_core(_config(args)) as core:
-        rec = ca_mod.load_ca(core.journal, args.name)
+    with read_journal(_config(args)) as journal:
+        rec = ca_mod.load_ca(journal, args.name)
     pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in rec.chain)
     if args.out:
-        Path(args.out).write_bytes(pem)
+        argfiles.write("--out", args.out, pem)
     else:
         sys.stdout.write(pem.decode())
     return 0
 
 
 def cmd_issue(args: argparse.Namespace) -> int:
-    csr = Path(args.csr).read_bytes()
+    """One certificate by hand, by a person (operator or supervisor) acting as a station: the station's line
+    and work orders authorise it exactly as they would the fixture. The person's request and its answer are
+    audited under their name; the core's own entries (intent, issued) follow as for any station."""
+    csr = argfiles.read_bytes("--csr", args.csr)
+    request = IssueRequest(
+        args.serial, csr, station=args.station, request_id=args.request_id or "", profile=args.profile
+    )
+    asked = {
+        "station": args.station, "device_serial": args.serial, "profile": args.profile,
+        "request_id": request.request_id, "csr_sha256": hashlib.sha256(csr).hexdigest(),
+    }  # fmt: skip
 
-    async def run() -> int:
-        with open_core(_config(args)) as core:
-            async with running_issuer(core, prepare_workers=0) as service:
-                try:
-                    result = await service.issue(
-                        IssueRequest(
-                            args.serial,
-                            csr,
-                            station=args.station,
-                            request_id=args.request_id or "",
-                            profile=args.profile,
-                        )
-                    )
-                except IssuancePending as exc:
-                    # RA mode: recorded and counted; the same command prints the certificate once it is there.
-                    print(f"pending: {exc.message} (RA request {exc.request}); run the same command again"
-                          " once the upstream CA has issued it", file=sys.stderr)  # fmt: skip
-                    return 3
+    async def run(s: Session) -> int:
+        person = actor(s).name
+        s.audit.record(person, "issue.requested", asked)
+        try:
+            async with running_issuer(s.core, prepare_workers=0) as service:
+                result = await service.issue(request)
+        except IssuancePending as exc:
+            s.audit.record(
+                person, "issue.answered", {**asked, "outcome": "pending", "ra_request": exc.request}
+            )
+            # RA mode: recorded and counted; the same command prints the certificate once it is there.
+            print(f"pending: {exc.message} (RA request {exc.request}); run the same command again"
+                  " once the upstream CA has issued it", file=sys.stderr)  # fmt: skip
+            return 3
+        except BirthlineError as exc:
+            s.audit.record(person, "issue.answered", {**asked, "outcome": "refused", "code": exc.code.name})
+            raise
+        s.audit.record(person, "issue.answered", {
+            **asked, "outcome": "reused" if result.reused else "issued", "cert_serial": result.cert_serial,
+        })  # fmt: skip
         pem = result.certificate_pem + b"".join(
             x509.load_der_x509_certificate(c).public_bytes(serialization.Encoding.PEM) for c in result.chain
         )
         if args.out:
-            Path(args.out).write_bytes(pem)
+            argfiles.write("--out", args.out, pem)
         else:
             sys.stdout.write(pem.decode())
         print(
@@ -210,13 +230,14 @@ def cmd_issue(args: argparse.Namespace) -> int:
         )
         return 0
 
-    return asyncio.run(run())
+    with authorised(args, Permission.ISSUE) as s:
+        return asyncio.run(run(s))
 
 
 def cmd_journal_stats(args: argparse.Namespace) -> int:
-    with open_core(_config(args)) as core:
-        counts = core.journal.counts()
-        check = core.journal.integrity_check()
+    with read_journal(_config(args)) as journal:
+        counts = journal.counts()
+        check = journal.integrity_check()
     print(json.dumps({"integrity": check, "states": counts}, indent=2, sort_keys=True))
     return 0 if check == "ok" else 1
 
@@ -249,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="sub", required=True
     )
     sp = with_config(ca.add_parser("init-root", help="create a root CA on this appliance"))
-    sp.add_argument("--name", default="root")
+    sp.add_argument("--name", default="root", type=argtypes.name(names.CA))
     sp.add_argument("--subject", help='e.g. "/O=Acme/CN=Acme Device Root CA"')
     sp.add_argument("--algorithm", choices=algs, default="ec-p256")
     sp.add_argument("--path-len", type=int, default=1)
@@ -259,8 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_login_arguments(sp)
     sp.set_defaults(func=cmd_ca_init_root)
     sp = with_config(ca.add_parser("init-issuing", help="create an issuing (birth) CA signed by a local CA"))
-    sp.add_argument("--name", default="issuing")
-    sp.add_argument("--parent", default="root")
+    sp.add_argument("--name", default="issuing", type=argtypes.name(names.CA))
+    sp.add_argument("--parent", default="root", type=argtypes.name(names.CA))
     sp.add_argument("--subject")
     sp.add_argument("--algorithm", choices=algs, default="ec-p256")
     sp.add_argument("--path-len", type=int, default=0)
@@ -270,14 +291,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp = with_config(
         ca.add_parser("init-management", help="create the management CA (TLS, station credentials)")
     )
-    sp.add_argument("--name", default="management")
+    sp.add_argument("--name", default="management", type=argtypes.name(names.CA))
     sp.add_argument("--subject")
     sp.add_argument("--algorithm", choices=algs, default="ec-p256")
     sp.add_argument("--validity-days", type=int, default=3650)
     add_login_arguments(sp)
     sp.set_defaults(func=cmd_ca_init_management)
     sp = with_config(ca.add_parser("request", help="external root: make the issuing key and write its CSR"))
-    sp.add_argument("--name", default="issuing")
+    sp.add_argument("--name", default="issuing", type=argtypes.name(names.CA))
     sp.add_argument("--subject", required=True)
     sp.add_argument("--algorithm", choices=algs, default="ec-p256")
     sp.add_argument("--out", required=True, help="where to write the PEM CSR")
@@ -286,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = with_config(
         ca.add_parser("import", help="external root: import the signed CA certificate and chain")
     )
-    sp.add_argument("--name", default="issuing")
+    sp.add_argument("--name", default="issuing", type=argtypes.name(names.CA))
     sp.add_argument("--cert", required=True, help="the CA certificate (PEM or DER)")
     sp.add_argument("--chain", required=True, help="PEM: the signing CA up to the root")
     add_login_arguments(sp)
@@ -295,25 +316,29 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_ca_list)
     sp = with_config(ca.add_parser("chain", help="write a CA's chain as PEM (the CA first, root last)"))
-    sp.add_argument("--name", default="issuing")
+    sp.add_argument("--name", default="issuing", type=argtypes.name(names.CA))
     sp.add_argument("--out")
     sp.set_defaults(func=cmd_ca_chain)
 
     sp = with_config(
         sub.add_parser("issue", help="issue one birth certificate from a CSR (through the core)")
     )
-    sp.add_argument("--serial", required=True, help="the device serial number")
+    sp.add_argument(
+        "--serial", required=True, type=argtypes.name(names.DEVICE_SERIAL), help="the device serial number"
+    )
     sp.add_argument("--csr", required=True, help="PKCS#10 request, PEM or DER")
-    sp.add_argument("--profile")
+    sp.add_argument("--profile", type=argtypes.name(names.PROFILE))
     sp.add_argument(
         "--station",
         required=True,
+        type=argtypes.name(names.STATION),
         help="act as this registered station: its line's active work order must allow the serial",
     )
     sp.add_argument(
         "--request-id", help="idempotency key; a retry with the same device and key gets the same cert"
     )
     sp.add_argument("--out", help="write certificate + chain (PEM) here instead of stdout")
+    add_login_arguments(sp, required=True, who="an operator or supervisor")
     sp.set_defaults(func=cmd_issue)
 
     jr = sub.add_parser("journal", help="the issuance journal").add_subparsers(dest="sub", required=True)
@@ -347,7 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse has printed the usage error (exit 2) or the help (exit 0)
+        return exc.code if isinstance(exc.code, int) else 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
@@ -358,6 +386,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except HsmError as exc:
         print(f"birthline: hsm: {exc.message}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        # The environment, not the code: a state directory we may not enter, a full disk, a device that went
+        # away. One line, like every other refusal; --verbose keeps the traceback for a bug report.
+        if args.verbose:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"birthline: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -12,13 +12,15 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+from appliance import names
+from appliance.cli import argfiles, argtypes
 from appliance.cli.session import actor, session
 from appliance.config import Config, load_config
 from appliance.production import reconcile, store, users
 from appliance.production.allowlist import AllowlistError, SerialRange, check_serial, compile_pattern
 from appliance.production.model import ISSUANCE_MODES, ProductionError, WorkOrderSpec, iso, parse_time
 from appliance.production.users import Role
-from appliance.runtime import open_core
+from appliance.runtime import read_journal
 
 WithConfig = Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
 
@@ -49,8 +51,8 @@ def cmd_user_add(args: argparse.Namespace) -> int:
 
 
 def cmd_user_list(args: argparse.Namespace) -> int:
-    with open_core(_config(args)) as core:
-        listed = users.list_users(core.journal)
+    with read_journal(_config(args)) as journal:
+        listed = users.list_users(journal)
     if args.json:
         _dump([{"name": u.name, "role": u.role, "enabled": u.enabled, "locked_until": iso(u.locked_until)}
                for u in listed])  # fmt: skip
@@ -88,8 +90,8 @@ def cmd_tenant_add(args: argparse.Namespace) -> int:
 
 
 def cmd_tenant_list(args: argparse.Namespace) -> int:
-    with open_core(_config(args)) as core:
-        tenants = store.list_tenants(core.journal)
+    with read_journal(_config(args)) as journal:
+        tenants = store.list_tenants(journal)
     if args.json:
         _dump([{"name": t.name, "display_name": t.display_name} for t in tenants])
     for t in [] if args.json else tenants:
@@ -119,8 +121,8 @@ def cmd_product_mode(args: argparse.Namespace) -> int:
 
 
 def cmd_product_list(args: argparse.Namespace) -> int:
-    with open_core(_config(args)) as core:
-        products = store.list_products(core.journal)
+    with read_journal(_config(args)) as journal:
+        products = store.list_products(journal)
     if args.json:
         _dump([{"name": p.name, "tenant": p.tenant, "profile": p.profile, "ca": p.ca,
                 "key_algorithms": sorted(p.key_algorithms), "issuance_mode": p.issuance_mode}
@@ -141,8 +143,8 @@ def cmd_line_add(args: argparse.Namespace) -> int:
 
 
 def cmd_line_list(args: argparse.Namespace) -> int:
-    with open_core(_config(args)) as core:
-        lines = store.list_lines(core.journal)
+    with read_journal(_config(args)) as journal:
+        lines = store.list_lines(journal)
     if args.json:
         _dump(
             [{"name": ln.name, "description": ln.description, "stations": list(ln.stations)} for ln in lines]
@@ -169,7 +171,8 @@ def _spec(args: argparse.Namespace) -> WorkOrderSpec:
     problems = []
     serials = list(args.serial or [])
     if args.serials_file:
-        serials += [ln.strip() for ln in Path(args.serials_file).read_text().splitlines() if ln.strip()]
+        text = argfiles.read_text("--serials-file", args.serials_file)
+        serials += [ln.strip() for ln in text.splitlines() if ln.strip()]
     ranges = []
     try:
         for s in serials:
@@ -205,7 +208,7 @@ def cmd_wo_add(args: argparse.Namespace) -> int:
 def cmd_wo_import(args: argparse.Namespace) -> int:
     path = Path(args.file)
     fmt = args.format or ("json" if path.suffix.lower() == ".json" else "csv")
-    text = path.read_text(encoding="utf-8")
+    text = argfiles.read_text("FILE", path)
     with session(args) as s:
         ids = store.import_work_orders(
             s.core.journal, s.audit, actor(s), text, fmt, source=path.name, activate=args.activate
@@ -232,8 +235,8 @@ def cmd_wo_assign_line(args: argparse.Namespace) -> int:
 
 
 def cmd_wo_list(args: argparse.Namespace) -> int:
-    with open_core(_config(args)) as core:
-        orders = store.list_work_orders(core.journal, args.state)
+    with read_journal(_config(args)) as journal:
+        orders = store.list_work_orders(journal, args.state)
     if args.json:
         _dump([o.public() for o in orders])
     for o in [] if args.json else orders:
@@ -244,8 +247,8 @@ def cmd_wo_list(args: argparse.Namespace) -> int:
 
 
 def cmd_wo_show(args: argparse.Namespace) -> int:
-    with open_core(_config(args)) as core:
-        o = store.get_work_order(core.journal, args.id)
+    with read_journal(_config(args)) as journal:
+        o = store.get_work_order(journal, args.id)
     data = o.public()
     if args.json:
         _dump(data)
@@ -270,8 +273,8 @@ def cmd_device(args: argparse.Namespace, what: str) -> int:
 
 # -- reconciliation ------------------------------------------------------------------------------------------------------
 def cmd_report(args: argparse.Namespace) -> int:
-    with open_core(_config(args)) as core:
-        rep = reconcile.report(core.journal, args.id)
+    with read_journal(_config(args)) as journal:
+        rep = reconcile.report(journal, args.id)
     if args.json:
         _dump(rep.public())
         return 0 if rep.consistent else 1
@@ -283,12 +286,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     if not args.csv and not args.pem:
         raise ProductionError("give --csv FILE and/or --pem FILE")
-    with open_core(_config(args)) as core:
-        certs = reconcile.certificates(core.journal, args.id)
+    with read_journal(_config(args)) as journal:
+        certs = reconcile.certificates(journal, args.id)
     if args.csv:
-        Path(args.csv).write_text(reconcile.export_csv(certs), encoding="utf-8")
+        argfiles.write("--csv", args.csv, reconcile.export_csv(certs).encode("utf-8"))
     if args.pem:
-        Path(args.pem).write_bytes(reconcile.export_pem(certs))
+        argfiles.write("--pem", args.pem, reconcile.export_pem(certs))
     print(f"exported {len(certs)} certificate(s) of work order {args.id!r}")
     return 0
 
@@ -297,7 +300,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], with_config: WithConfig) -> None:
     def changing(sp: argparse.ArgumentParser, *, required: bool = True) -> argparse.ArgumentParser:
         with_config(sp)
-        sp.add_argument("--user", required=required, help="your user name (you are asked for your password)")
+        sp.add_argument(
+            "--user",
+            required=required,
+            type=argtypes.name(names.USER),
+            help="your user name (you are asked for your password)",
+        )
         sp.add_argument(
             "--password-stdin",
             action="store_true",
@@ -315,7 +323,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], with_conf
         us.add_parser("add", help="add a person (administrator), or --bootstrap the first one"),
         required=False,
     )
-    sp.add_argument("name")
+    sp.add_argument("name", type=argtypes.name(names.USER))
     sp.add_argument("--role", choices=[r.value for r in Role])
     sp.add_argument(
         "--bootstrap", action="store_true", help="create the first administrator (no users exist yet)"
@@ -323,19 +331,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], with_conf
     sp.set_defaults(func=cmd_user_add)
     listing(us.add_parser("list", help="list accounts")).set_defaults(func=cmd_user_list)
     sp = changing(us.add_parser("disable", help="disable an account (administrator)"))
-    sp.add_argument("name")
+    sp.add_argument("name", type=argtypes.name(names.USER))
     sp.set_defaults(func=lambda a: cmd_user_enable(a, False))
     sp = changing(us.add_parser("enable", help="enable an account (administrator)"))
-    sp.add_argument("name")
+    sp.add_argument("name", type=argtypes.name(names.USER))
     sp.set_defaults(func=lambda a: cmd_user_enable(a, True))
     sp = changing(us.add_parser("passwd", help="change your password (or, as administrator, anyone's)"))
-    sp.add_argument("name", nargs="?")
+    sp.add_argument("name", nargs="?", type=argtypes.name(names.USER))
     sp.set_defaults(func=cmd_user_passwd)
 
     te = sub.add_parser("tenant", help="brand owners").add_subparsers(dest="sub", required=True)
     sp = changing(te.add_parser("add", help="add a tenant (administrator)"))
-    sp.add_argument("name")
-    sp.add_argument("--display-name")
+    sp.add_argument("name", type=argtypes.name(names.TENANT))
+    sp.add_argument("--display-name", type=argtypes.name(names.DISPLAY_NAME))
     sp.set_defaults(func=cmd_tenant_add)
     listing(te.add_parser("list")).set_defaults(func=cmd_tenant_list)
 
@@ -343,10 +351,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], with_conf
         dest="sub", required=True
     )
     sp = changing(pr.add_parser("add", help="add a product (administrator)"))
-    sp.add_argument("name")
-    sp.add_argument("--tenant", required=True)
-    sp.add_argument("--profile", required=True)
-    sp.add_argument("--ca", help="issuing CA (default: issuance.issuing_ca)")
+    sp.add_argument("name", type=argtypes.name(names.PRODUCT))
+    sp.add_argument("--tenant", required=True, type=argtypes.name(names.TENANT))
+    sp.add_argument("--profile", required=True, type=argtypes.name(names.PROFILE))
+    sp.add_argument("--ca", type=argtypes.name(names.CA), help="issuing CA (default: issuance.issuing_ca)")
     sp.add_argument(
         "--key-algorithm", action="append", help="allowed key algorithm (repeat); default: the profile's"
     )
@@ -357,7 +365,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], with_conf
     sp = changing(
         pr.add_parser("mode", help="switch a product between local and upstream issuance (administrator)")
     )
-    sp.add_argument("name")
+    sp.add_argument("name", type=argtypes.name(names.PRODUCT))
     sp.add_argument("issuance_mode", choices=ISSUANCE_MODES)
     sp.set_defaults(func=cmd_product_mode)
     listing(pr.add_parser("list")).set_defaults(func=cmd_product_list)
@@ -366,24 +374,29 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], with_conf
         dest="sub", required=True
     )
     sp = changing(ln.add_parser("add", help="add a line (administrator)"))
-    sp.add_argument("name")
-    sp.add_argument("--description")
+    sp.add_argument("name", type=argtypes.name(names.LINE))
+    sp.add_argument("--description", type=argtypes.name(names.DESCRIPTION))
     sp.set_defaults(func=cmd_line_add)
     listing(ln.add_parser("list")).set_defaults(func=cmd_line_list)
     sp = changing(ln.add_parser("assign-station", help="put a station on a line ('none': off every line)"))
-    sp.add_argument("line")
-    sp.add_argument("station")
+    sp.add_argument("line", type=argtypes.name(names.LINE))
+    sp.add_argument("station", type=argtypes.name(names.STATION))
     sp.set_defaults(func=cmd_line_assign)
 
     wo = sub.add_parser("workorder", help="work orders: quantity, allowlist, validity, lines").add_subparsers(
         dest="sub", required=True
     )
     sp = changing(wo.add_parser("add", help="add a work order (draft unless --activate)"))
-    sp.add_argument("id")
-    sp.add_argument("--product", required=True)
+    sp.add_argument("id", type=argtypes.name(names.WORK_ORDER_ID))
+    sp.add_argument("--product", required=True, type=argtypes.name(names.PRODUCT))
     sp.add_argument("--quantity", type=int, required=True)
-    sp.add_argument("--line", action="append", help="assigned line (repeat)")
-    sp.add_argument("--serial", action="append", help="an allowed device serial (repeat)")
+    sp.add_argument("--line", action="append", type=argtypes.name(names.LINE), help="assigned line (repeat)")
+    sp.add_argument(
+        "--serial",
+        action="append",
+        type=argtypes.name(names.DEVICE_SERIAL),
+        help="an allowed device serial (repeat)",
+    )
     sp.add_argument("--serials-file", help="allowed device serials, one per line")
     sp.add_argument("--range", action="append", help="PREFIX[FIRST-LAST], e.g. ACME-[000001-000500] (repeat)")
     sp.add_argument("--pattern", help="regular expression the whole serial must match (restricted, see docs)")
@@ -397,21 +410,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], with_conf
     sp.add_argument("--activate", action="store_true")
     sp.set_defaults(func=cmd_wo_import)
     sp = changing(wo.add_parser("activate"))
-    sp.add_argument("id")
+    sp.add_argument("id", type=argtypes.name(names.WORK_ORDER_ID))
     sp.set_defaults(func=lambda a: cmd_wo_state(a, "active"))
     sp = changing(wo.add_parser("close"))
-    sp.add_argument("id")
+    sp.add_argument("id", type=argtypes.name(names.WORK_ORDER_ID))
     sp.set_defaults(func=lambda a: cmd_wo_state(a, "closed"))
     sp = changing(wo.add_parser("assign-line", help="assign (or --remove) a line"))
-    sp.add_argument("id")
-    sp.add_argument("line")
+    sp.add_argument("id", type=argtypes.name(names.WORK_ORDER_ID))
+    sp.add_argument("line", type=argtypes.name(names.LINE))
     sp.add_argument("--remove", action="store_true")
     sp.set_defaults(func=cmd_wo_assign_line)
     sp = listing(wo.add_parser("list"))
     sp.add_argument("--state", choices=["draft", "active", "closed"])
     sp.set_defaults(func=cmd_wo_list)
     sp = listing(wo.add_parser("show"))
-    sp.add_argument("id")
+    sp.add_argument("id", type=argtypes.name(names.WORK_ORDER_ID))
     sp.set_defaults(func=cmd_wo_show)
 
     dv = sub.add_parser("device", help="rework and scrap (supervisor)").add_subparsers(
@@ -422,17 +435,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], with_conf
         ("scrap", "record a destroyed device; its certificate is revoked (cessationOfOperation)"),
     ):
         sp = changing(dv.add_parser(what, help=text))
-        sp.add_argument("serial", help="the device serial")
-        sp.add_argument("--reason", required=True)
+        sp.add_argument("serial", type=argtypes.name(names.DEVICE_SERIAL), help="the device serial")
+        sp.add_argument("--reason", required=True, type=argtypes.name(names.REASON))
         sp.set_defaults(func=lambda a, w=what: cmd_device(a, w))
 
     rp = sub.add_parser("report", help="reconciliation reports").add_subparsers(dest="sub", required=True)
     sp = listing(rp.add_parser("workorder", help="planned, issued, confirmed, pending, scrapped, remaining"))
-    sp.add_argument("id")
+    sp.add_argument("id", type=argtypes.name(names.WORK_ORDER_ID))
     sp.set_defaults(func=cmd_report)
     ex = sub.add_parser("export", help="certificate exports").add_subparsers(dest="sub", required=True)
     sp = with_config(ex.add_parser("workorder", help="every certificate of a work order: CSV and PEM bundle"))
-    sp.add_argument("id")
+    sp.add_argument("id", type=argtypes.name(names.WORK_ORDER_ID))
     sp.add_argument("--csv", help="write the CSV list here")
     sp.add_argument("--pem", help="write the PEM bundle here")
     sp.set_defaults(func=cmd_export)

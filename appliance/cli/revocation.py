@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import getpass
 import json
 import sys
 from collections.abc import Callable
@@ -20,11 +19,14 @@ from typing import Any
 
 from cryptography import x509
 
+from appliance import names
 from appliance.audit.log import AuditLog
 from appliance.ca import load_ca
+from appliance.cli import argfiles, argtypes
+from appliance.cli.session import session
 from appliance.config import Config, load_config
-from appliance.production import users
-from appliance.runtime import open_core
+from appliance.daemon_lock import daemon_job
+from appliance.runtime import open_core, read_journal
 from appliance.va.crl import DEFAULT_CRL_VALIDITY_S, CrlInfo, generate_crl, load_crl
 from appliance.va.ocsp import lookup_status
 from appliance.va.revocation import Reason, RevocationError, list_revocations, normalise_serial, revoke
@@ -40,15 +42,6 @@ def _config(args: argparse.Namespace) -> Config:
 def va_settings(config: Config) -> VaSettings:
     """The VA settings of the configuration ([va] table), or the defaults while it has none."""
     return config.va.settings
-
-
-def _password(args: argparse.Namespace, prompt: str) -> str:
-    if args.password_stdin:
-        line = sys.stdin.readline()
-        if not line:
-            raise RevocationError(f"--password-stdin: no line on standard input for: {prompt.rstrip(': ')}")
-        return line.rstrip("\r\n")
-    return getpass.getpass(prompt)
 
 
 def _parse_time(text: str | None) -> float | None:
@@ -70,9 +63,9 @@ def _iso(t: float) -> str:
 def cmd_revoke(args: argparse.Namespace) -> int:
     reason = Reason.parse(args.reason)
     config = _config(args)
-    with open_core(config) as core:
-        audit = AuditLog(core.journal)
-        actor = users.login(core.journal, audit, args.user, _password(args, f"password for {args.user}: "))
+    with session(args) as s:
+        core, audit, actor = s.core, s.audit, s.user
+        assert actor is not None
         result = revoke(
             core.journal, audit, actor, device_serial=args.device, cert_serial=args.cert_serial,
             work_order=args.work_order, reason=reason, invalidity_date=_parse_time(args.invalidity_date),
@@ -113,7 +106,7 @@ def cmd_revoke(args: argparse.Namespace) -> int:
 def _write_crl(info: CrlInfo, out: str | None, pem: bool) -> None:
     data = info.pem if pem else info.der
     if out:
-        Path(out).write_bytes(data)
+        argfiles.write("--out", out, data)
     elif pem:
         sys.stdout.write(data.decode())
 
@@ -123,12 +116,14 @@ def _default_ca(args: argparse.Namespace, config: Config) -> str:
 
 
 def cmd_crl_generate(args: argparse.Namespace) -> int:
+    """The CRL publisher's job, by hand while the daemon is stopped (the daemon re-signs on every revocation
+    and at half the validity); audited as the appliance's, like the publisher's own."""
     config = _config(args)
-    with open_core(config) as core:
+    with daemon_job(config, "crl generate"), open_core(config) as core:
         info = generate_crl(
             core.journal, core.token, AuditLog(core.journal), _default_ca(args, config),
             validity_s=args.validity_hours * 3600 if args.validity_hours else va_settings(config).crl_validity_s,
-            actor="cli",
+            actor="appliance",
         )  # fmt: skip
     _write_crl(info, args.out, args.pem)
     print(f"CRL {info.number} of {info.ca}: {info.revoked_count} entries, next update {_iso(info.next_update)}",
@@ -139,8 +134,8 @@ def cmd_crl_generate(args: argparse.Namespace) -> int:
 def cmd_crl_show(args: argparse.Namespace) -> int:
     config = _config(args)
     ca = _default_ca(args, config)
-    with open_core(config) as core:
-        info = load_crl(core.journal, ca)
+    with read_journal(config) as journal:
+        info = load_crl(journal, ca)
     if info is None:
         raise RevocationError(f"no CRL has been generated for {ca!r} yet (birthline crl generate)")
     if args.out or args.pem:
@@ -158,8 +153,8 @@ def cmd_crl_show(args: argparse.Namespace) -> int:
 
 
 def cmd_revocation_list(args: argparse.Namespace) -> int:
-    with open_core(_config(args)) as core:
-        found = list_revocations(core.journal, args.ca)
+    with read_journal(_config(args)) as journal:
+        found = list_revocations(journal, args.ca)
     if args.json:
         print(json.dumps([r.as_dict() for r in found], indent=2, sort_keys=True))
         return 0
@@ -174,10 +169,10 @@ def cmd_ocsp_status(args: argparse.Namespace) -> int:
     config = _config(args)
     ca = _default_ca(args, config)
     serial = normalise_serial(args.cert_serial)
-    with open_core(config) as core:
-        load_ca(core.journal, ca)
+    with read_journal(config) as journal:
+        load_ca(journal, ca)
         never = va_settings(config).never_issued
-        status = core.journal.call(lambda: lookup_status(core.journal.conn, ca, int(serial, 16), never))
+        status = journal.call(lambda: lookup_status(journal.conn, ca, int(serial, 16), never))
     out: dict[str, Any] = {"ca": ca, "cert_serial": serial, "status": status.kind, "why": status.why}
     if status.kind == "revoked":
         out["reason"] = (
@@ -197,27 +192,38 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], with_conf
     reasons = ", ".join(r.value for r in Reason)
     sp = with_config(sub.add_parser("revoke", help="revoke certificates (supervisor); CRLs are regenerated"))
     which = sp.add_mutually_exclusive_group(required=True)
-    which.add_argument("--device", help="every certificate of this device serial")
+    which.add_argument(
+        "--device", type=argtypes.name(names.DEVICE_SERIAL), help="every certificate of this device serial"
+    )
     which.add_argument("--cert-serial", help="the certificate with this serial (hex)")
-    which.add_argument("--work-order", help="every certificate issued under this work order")
+    which.add_argument(
+        "--work-order",
+        type=argtypes.name(names.WORK_ORDER_ID),
+        help="every certificate issued under this work order",
+    )
     sp.add_argument("--reason", required=True, help=f"RFC 5280 reason: {reasons}")
     sp.add_argument(
         "--invalidity-date", help="ISO 8601: when the key is known or suspected to have been compromised"
     )
-    sp.add_argument("--user", required=True, help="your user name (you are asked for your password)")
+    sp.add_argument(
+        "--user",
+        required=True,
+        type=argtypes.name(names.USER),
+        help="your user name (you are asked for your password)",
+    )
     sp.add_argument("--password-stdin", action="store_true", help="read the password from stdin (automation)")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_revoke)
 
     rl = sub.add_parser("revocation", help="the revocation store").add_subparsers(dest="sub", required=True)
     sp = with_config(rl.add_parser("list", help="revoked certificates"))
-    sp.add_argument("--ca")
+    sp.add_argument("--ca", type=argtypes.name(names.CA))
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_revocation_list)
 
     crl = sub.add_parser("crl", help="certificate revocation lists").add_subparsers(dest="sub", required=True)
     sp = with_config(crl.add_parser("generate", help="sign and publish a new CRL now (in the HSM)"))
-    sp.add_argument("--ca", help="issuing CA (default: issuance.issuing_ca)")
+    sp.add_argument("--ca", type=argtypes.name(names.CA), help="issuing CA (default: issuance.issuing_ca)")
     sp.add_argument("--out", help="also write it here (DER, or PEM with --pem)")
     sp.add_argument("--pem", action="store_true")
     sp.add_argument(
@@ -225,7 +231,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], with_conf
     )
     sp.set_defaults(func=cmd_crl_generate)
     sp = with_config(crl.add_parser("show", help="the latest published CRL"))
-    sp.add_argument("--ca", help="issuing CA (default: issuance.issuing_ca)")
+    sp.add_argument("--ca", type=argtypes.name(names.CA), help="issuing CA (default: issuance.issuing_ca)")
     sp.add_argument("--out", help="write it here (DER, or PEM with --pem) instead of listing it")
     sp.add_argument("--pem", action="store_true")
     sp.set_defaults(func=cmd_crl_show)
@@ -233,6 +239,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], with_conf
     oc = sub.add_parser("ocsp", help="the OCSP responder").add_subparsers(dest="sub", required=True)
     sp = with_config(oc.add_parser("status", help="what the responder answers for a certificate serial"))
     sp.add_argument("--cert-serial", required=True)
-    sp.add_argument("--ca", help="issuing CA (default: issuance.issuing_ca)")
+    sp.add_argument("--ca", type=argtypes.name(names.CA), help="issuing CA (default: issuance.issuing_ca)")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_ocsp_status)

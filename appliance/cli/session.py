@@ -14,7 +14,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from appliance import names
 from appliance.audit.log import AuditLog
+from appliance.cli import argtypes
 from appliance.config import load_config
 from appliance.production import users
 from appliance.production.model import ProductionError
@@ -36,7 +38,13 @@ class Passwords:
                     f"--password-stdin: no line on standard input for: {prompt.rstrip(': ')}"
                 )
             return line.rstrip("\r\n")
-        return getpass.getpass(prompt)
+        try:
+            return getpass.getpass(prompt)
+        except EOFError:  # no terminal, and standard input is empty or closed
+            raise ProductionError(
+                f"{prompt.rstrip(': ')}: none given (no terminal, nothing on standard input;"
+                " use --password-stdin)"
+            ) from None
 
     def new(self, who: str) -> str:
         first = self.read(f"new password or PIN for {who}: ")
@@ -71,8 +79,9 @@ def actor(s: Session) -> User:
     return s.user
 
 
-def add_login_arguments(sp: argparse.ArgumentParser) -> None:
-    sp.add_argument("--user", help="who is doing this (their password is asked for)")
+def add_login_arguments(sp: argparse.ArgumentParser, *, required: bool = False, who: str = "") -> None:
+    help_text = "who is doing this (their password is asked for)" + (f": {who}" if who else "")
+    sp.add_argument("--user", required=required, type=argtypes.name(names.USER), help=help_text)
     sp.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
 
 

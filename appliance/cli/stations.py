@@ -12,11 +12,13 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+from appliance import names
 from appliance import stations_registry as reg
+from appliance.cli import argtypes
 from appliance.cli.session import actor, add_login_arguments, authorised
 from appliance.config import Config, load_config
 from appliance.production.users import Permission
-from appliance.runtime import Core, open_core
+from appliance.runtime import Core, read_journal
 
 WithConfig = Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
 
@@ -41,13 +43,14 @@ def init_stations(core: Core) -> None:
 
 def cmd_station_add(args: argparse.Namespace) -> int:
     kind = "serial" if args.serial else "lan"
+    out = reg.check_bundle_dir(Path(args.out))
     with authorised(args, Permission.STATION_MANAGE) as s:
         cfg = s.core.config
         creds = reg.add_station(
             s.core.journal, s.core.token, args.name, kind, port=args.serial, baud=args.baud,
             management_ca=cfg.stations.management_ca, audit=s.audit, actor=actor(s).name,
         )  # fmt: skip
-    out = reg.write_bundle(creds, Path(args.out), lan_host=_lan_host(cfg))
+    reg.write_bundle(creds, out, lan_host=_lan_host(cfg))
     print(
         f"added {kind} station {args.name!r}; credentials for the fixture written to {out} (keep them secret)"
     )
@@ -55,8 +58,8 @@ def cmd_station_add(args: argparse.Namespace) -> int:
 
 
 def cmd_station_list(args: argparse.Namespace) -> int:
-    with open_core(_config(args)) as core:
-        records = reg.list_stations(core.journal)
+    with read_journal(_config(args)) as journal:
+        records = reg.list_stations(journal)
     if args.json:
         print(json.dumps([r.public() for r in records], indent=2))
         return 0
@@ -89,13 +92,14 @@ def cmd_station_enable(args: argparse.Namespace) -> int:
 
 
 def cmd_station_rotate(args: argparse.Namespace) -> int:
+    out = reg.check_bundle_dir(Path(args.out))
     with authorised(args, Permission.STATION_MANAGE) as s:
         cfg = s.core.config
         creds = reg.rotate_key(
             s.core.journal, s.core.token, args.name, management_ca=cfg.stations.management_ca,
             audit=s.audit, actor=actor(s).name,
         )  # fmt: skip
-    out = reg.write_bundle(creds, Path(args.out), lan_host=_lan_host(cfg))
+    reg.write_bundle(creds, out, lan_host=_lan_host(cfg))
     print(f"station {args.name!r} has new credentials in {out}; the old ones no longer work")
     return 0
 
@@ -117,10 +121,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], with_conf
     sp = with_config(
         st.add_parser("add", help="register a station and write its credentials for the fixture")
     )
-    sp.add_argument("--name", required=True, help="station id, [A-Za-z0-9._:-]{1,64}")
+    sp.add_argument(
+        "--name", required=True, type=argtypes.name(names.STATION), help=f"station name: {names.STATION.rule}"
+    )
     kind = sp.add_mutually_exclusive_group(required=True)
     kind.add_argument(
-        "--serial", metavar="PORT", help="serial port the station is bound to (/dev/serial/by-path/...)"
+        "--serial",
+        metavar="PORT",
+        type=argtypes.name(names.SERIAL_PORT),
+        help="serial port the station is bound to (/dev/serial/by-path/...)",
     )
     kind.add_argument("--lan", action="store_true", help="a LAN station (TLS client certificate)")
     sp.add_argument("--baud", type=int, help="serial only (default 115200)")
@@ -133,17 +142,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], with_conf
     sp = with_config(
         st.add_parser("disable", help="refuse a station from now on (a running daemon drops it)")
     )
-    sp.add_argument("--name", required=True)
+    sp.add_argument("--name", required=True, type=argtypes.name(names.STATION))
     add_login_arguments(sp)
     sp.set_defaults(func=cmd_station_disable)
     sp = with_config(st.add_parser("enable", help="accept a disabled station again"))
-    sp.add_argument("--name", required=True)
+    sp.add_argument("--name", required=True, type=argtypes.name(names.STATION))
     add_login_arguments(sp)
     sp.set_defaults(func=cmd_station_enable)
     sp = with_config(
         st.add_parser("rotate-key", help="new station secret (and TLS certificate); old ones stop")
     )
-    sp.add_argument("--name", required=True)
+    sp.add_argument("--name", required=True, type=argtypes.name(names.STATION))
     sp.add_argument("--out", required=True, help="directory for the new credential bundle")
     add_login_arguments(sp)
     sp.set_defaults(func=cmd_station_rotate)

@@ -1,7 +1,8 @@
 """`birthline upstream status | sync [--once]` (docs/cmp.md "The forwarder").
 
 `sync` runs the forwarder in this process until the outbox is drained (or one pass with --once), for a systemd
-timer or a cron job; it refuses to run while the daemon's forwarder holds the lock. Exit status: 0 when every
+timer or a cron job. It is the daemon's own job: refused while the daemon runs (appliance/daemon_lock.py), and
+it takes no person (nothing a person decides: it sends what the journal already holds). Exit status: 0 when every
 open record went upstream and none failed in this run, 1 otherwise (records stay queued for the next run).
 """
 
@@ -15,8 +16,8 @@ from pathlib import Path
 
 from appliance.cmp.forwarder import make_forwarder, queue_status
 from appliance.config import Config, load_config
-from appliance.issuance.journal import Journal
-from appliance.runtime import open_core
+from appliance.daemon_lock import daemon_job
+from appliance.runtime import open_core, read_journal
 
 WithConfig = Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
 
@@ -27,7 +28,7 @@ def _config(args: argparse.Namespace) -> Config:
 
 def cmd_status(args: argparse.Namespace) -> int:
     config = _config(args)
-    with Journal(config.journal.path) as journal:
+    with read_journal(config) as journal:
         status = queue_status(journal, config.upstream)
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
@@ -55,8 +56,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
+    """The daemon's forwarder, by hand or from a timer while the daemon is stopped: refused while it runs."""
     config = _config(args)
-    with open_core(config) as core:
+    with daemon_job(config, "upstream sync"), open_core(config) as core:
         forwarder = make_forwarder(core)
 
         async def run() -> bool:

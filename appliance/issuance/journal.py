@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
+import shutil
 import sqlite3
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -489,6 +492,35 @@ def _migrate(conn: sqlite3.Connection) -> None:
             raise
 
 
+def journal_files(path: Path) -> list[Path]:
+    """The database file and the two files SQLite keeps beside it in WAL mode."""
+    return [path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")]
+
+
+def _create_private(path: Path) -> None:
+    """Create the database file 0600 before SQLite opens it. SQLite would create it 0644 less the umask, and it
+    gives the -wal and -shm files the database file's mode (os_unix.c findCreateFileMode), so all three are
+    private from their first byte. (A umask around the open would do the same, but the umask is per process
+    and would race with files other threads create meanwhile.)"""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        return
+    os.close(fd)
+
+
+def _connect_read_only(path: Path, params: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(
+        f"{path.resolve().as_uri()}?{params}", uri=True, isolation_level=None, timeout=30.0
+    )
+    try:
+        conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()  # open the file and its WAL index now
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
 def journal_error(exc: BaseException, doing: str) -> IssuanceFailed:
     """Map a SQLite failure once, so every caller fails closed the same way."""
     text = str(exc)
@@ -502,12 +534,19 @@ def journal_error(exc: BaseException, doing: str) -> IssuanceFailed:
 class Journal:
     """Owns the SQLite file and the one thread that touches it."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, read_only: bool = False) -> None:
+        """`read_only`: for commands that only read (see _open_read_only); nothing is created or migrated."""
         self.path = path
+        self.read_only = read_only
+        self._snapshot: Path | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal")
         self._conn: sqlite3.Connection | None = None
         self._thread_id = self._executor.submit(threading.get_ident).result()
-        self.call(self._open)
+        try:
+            self.call(self._open_read_only if read_only else self._open)
+        except BaseException:
+            self._executor.shutdown(wait=False)
+            raise
 
     # -- threading --------------------------------------------------------------------------------------------
     def call(self, fn: Callable[..., T], *args: object) -> T:
@@ -532,6 +571,9 @@ class Journal:
         assert self._conn is not None
         self._conn.close()
         self._conn = None
+        if self._snapshot is not None:
+            shutil.rmtree(self._snapshot, ignore_errors=True)
+            self._snapshot = None
 
     def __enter__(self) -> Journal:
         return self
@@ -541,8 +583,9 @@ class Journal:
 
     # -- setup ---------------------------------------------------------------------------------------------------
     def _open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
+            _create_private(self.path)
             # isolation_level=None: we issue BEGIN/COMMIT ourselves, so a transaction is exactly what we say.
             conn = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
             conn.execute("PRAGMA journal_mode=WAL")
@@ -561,8 +604,44 @@ class Journal:
                     f"journal schema {row[0]} is not the supported {SCHEMA_VERSION}",
                     ReasonCode.JOURNAL_UNAVAILABLE,
                 )
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise journal_error(exc, "opening the journal") from exc
+        self._conn = conn
+
+    def _open_read_only(self) -> None:
+        """Open without write access (SQLite mode=ro): reports, exports and audit verification change nothing,
+        and a forensic copy on read-only media can be read.
+
+        In WAL mode a reader needs the -shm index beside the file; SQLite opens it, or creates it when the
+        directory is writable. A copy in a read-only directory without its -shm cannot get one. Then, with an
+        empty or no -wal, immutable=1 reads the database file exactly; with a -wal that holds transactions
+        (which immutable=1 would silently leave out) the file and its -wal are copied into a private temporary
+        directory and read there."""
+        if not self.path.is_file():
+            raise IssuanceFailed(f"no journal at {self.path}", ReasonCode.JOURNAL_UNAVAILABLE)
+        wal = self.path.with_name(self.path.name + "-wal")
+        try:
+            try:
+                conn = _connect_read_only(self.path, "mode=ro")
+            except sqlite3.OperationalError:
+                if not wal.exists() or wal.stat().st_size == 0:
+                    conn = _connect_read_only(self.path, "mode=ro&immutable=1")
+                else:
+                    self._snapshot = Path(tempfile.mkdtemp(prefix="birthline-journal-"))
+                    copy = self._snapshot / self.path.name
+                    shutil.copyfile(self.path, copy)
+                    shutil.copyfile(wal, copy.with_name(wal.name))
+                    conn = _connect_read_only(copy, "mode=ro")
+            row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        except (sqlite3.Error, OSError) as exc:
+            raise journal_error(exc, f"opening {self.path} read-only") from exc
+        if row is None or int(row[0]) != SCHEMA_VERSION:
+            conn.close()
+            raise IssuanceFailed(
+                f"journal {self.path} has schema {row[0] if row else '?'}, not {SCHEMA_VERSION}: a command that"
+                " writes (birthline init) migrates it",
+                ReasonCode.JOURNAL_UNAVAILABLE,
+            )
         self._conn = conn
 
     # -- transactions -----------------------------------------------------------------------------------------

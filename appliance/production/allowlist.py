@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Final
 
+from appliance import names
 from appliance.profiles.model import DEVICE_SERIAL_MAX
 
 PATTERN_MAX: Final = 128
@@ -35,8 +36,9 @@ class AllowlistError(ValueError):
 
 
 def check_serial(serial: str) -> str:
-    if not _SERIAL.fullmatch(serial):
-        raise AllowlistError(f"device serial {serial[:70]!r} is not 1..64 PrintableString characters")
+    problem = names.DEVICE_SERIAL.problem(serial)
+    if problem is not None:
+        raise AllowlistError(problem)
     return serial
 
 

@@ -15,10 +15,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from appliance import names
 from appliance.errors import BirthlineError, Problem, ReasonCode
 from appliance.production.allowlist import AllowlistError, SerialRange, check_serial, compile_pattern
 
-NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 QUANTITY_MAX: Final = 1_000_000_000
 SERIALS_MAX: Final = 1_000_000
 WORK_ORDER_STATES: Final = ("draft", "active", "closed")
@@ -140,12 +140,46 @@ def parse_time(text: str) -> float:
     return value.timestamp()
 
 
-def check_name(kind: str, name: str) -> str:
-    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        raise ProductionError(
-            f"a {kind} name is 1..64 characters [A-Za-z0-9._:-], starting with a letter or digit"
-        )
-    return name
+def spec_problems(spec: WorkOrderSpec, where: str = "work order") -> list[Problem]:
+    """Every problem of a work order built by the CLI or a caller of the core (an MES file is checked as it is
+    parsed, by spec_from_mapping, with the same rules)."""
+    problems: list[Problem] = []
+
+    def bad(key: str, message: str | None) -> None:
+        if message is not None:
+            problems.append(Problem(f"{where}.{key}", message))
+
+    bad("id", names.WORK_ORDER_ID.problem(spec.id))
+    bad("product", names.PRODUCT.problem(spec.product))
+    if (
+        isinstance(spec.quantity, bool)
+        or not isinstance(spec.quantity, int)
+        or not 1 <= spec.quantity <= QUANTITY_MAX
+    ):
+        bad("quantity", f"a whole number 1..{QUANTITY_MAX}")
+    for line in spec.lines:
+        bad("lines", names.LINE.problem(line))
+    if len(spec.serials) > SERIALS_MAX:
+        bad("serials", f"at most {SERIALS_MAX} explicit serials per work order; use ranges or a pattern")
+    else:
+        for serial in spec.serials:
+            bad("serials", names.DEVICE_SERIAL.problem(serial))
+        if len(set(spec.serials)) != len(spec.serials):
+            bad("serials", "lists a serial more than once")
+    if spec.pattern is not None:
+        try:
+            compile_pattern(spec.pattern)
+        except AllowlistError as exc:
+            bad("pattern", str(exc))
+    if not spec.serials and not spec.ranges and spec.pattern is None:
+        bad("serials", "a work order needs an allowlist: serials, ranges and/or a pattern")
+    if spec.valid_from is not None and spec.valid_to is not None and spec.valid_from >= spec.valid_to:
+        bad("valid_to", "must be after valid_from")
+    return problems
+
+
+def _name_problem(rule: names.Rule, value: object) -> str:
+    return f"required: {rule.rule}" if value is None or value == "" else str(rule.problem(value))
 
 
 # -- work-order specs ------------------------------------------------------------------------------------------------
@@ -172,11 +206,11 @@ def spec_from_mapping(data: Mapping[str, Any], where: str) -> tuple[WorkOrderSpe
         if key not in known:
             bad(str(key), "unknown field")
     wo_id = data.get("id")
-    if not isinstance(wo_id, str) or not NAME_RE.fullmatch(wo_id):
-        bad("id", "required: 1..64 characters [A-Za-z0-9._:-]")
+    if names.WORK_ORDER_ID.problem(wo_id) is not None:
+        bad("id", _name_problem(names.WORK_ORDER_ID, wo_id))
     product = data.get("product")
-    if not isinstance(product, str) or not NAME_RE.fullmatch(product):
-        bad("product", "required: a product name")
+    if names.PRODUCT.problem(product) is not None:
+        bad("product", _name_problem(names.PRODUCT, product))
     raw_q = data.get("quantity")
     quantity = 0
     if isinstance(raw_q, str) and raw_q.strip().isdigit():
@@ -202,8 +236,9 @@ def spec_from_mapping(data: Mapping[str, Any], where: str) -> tuple[WorkOrderSpe
         bad("valid_to", "must be after valid_from")
     lines = _as_list(data.get("lines"), f"{where}.lines", problems)
     for line in lines:
-        if not NAME_RE.fullmatch(line):
-            bad("lines", f"{line[:70]!r} is not a line name")
+        problem = names.LINE.problem(line)
+        if problem is not None:
+            bad("lines", problem)
     serials = _as_list(data.get("serials"), f"{where}.serials", problems)
     if len(serials) > SERIALS_MAX:
         bad("serials", f"at most {SERIALS_MAX} explicit serials per work order; use ranges or a pattern")

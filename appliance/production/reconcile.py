@@ -128,13 +128,26 @@ def certificates(journal: Journal, wo_id: str) -> list[ExportedCertificate]:
     return journal.call(q)
 
 
+# A spreadsheet evaluates a cell that starts with one of these as a formula (OWASP "CSV Injection"; ASVS 5.0
+# 1.2.10 adds NUL). Device serials are PrintableString, which allows '=', '+' and '-' first.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "\n", "\0")
+
+
+def spreadsheet_safe(value: str) -> str:
+    """The OWASP neutralisation: a cell that a spreadsheet would read as a formula gets a leading single quote,
+    which spreadsheets take as "this is text" (the csv module's RFC 4180 quoting then escapes quotes and
+    separators)."""
+    return "'" + value if value.startswith(FORMULA_STARTS) else value
+
+
 def export_csv(certs: list[ExportedCertificate]) -> str:
     out = io.StringIO()
     w = csv.writer(out, lineterminator="\n")
     w.writerow(EXPORT_COLUMNS)
     for c in certs:
-        w.writerow([c.cert_serial, c.device_serial, c.sha256, c.station, iso(c.issued_at) or "",
-                    iso(c.confirmed_at) or "", c.state, c.issued_by])  # fmt: skip
+        row = [c.cert_serial, c.device_serial, c.sha256, c.station, iso(c.issued_at) or "",
+               iso(c.confirmed_at) or "", c.state, c.issued_by]  # fmt: skip
+        w.writerow([spreadsheet_safe(cell) for cell in row])
     return out.getvalue()
 
 

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
+from appliance import names
 from appliance.errors import Problem
 from appliance.issuance.journal import Journal
 from appliance.production.allowlist import SerialRange
@@ -23,12 +24,13 @@ from appliance.production.model import (
     Tenant,
     WorkOrder,
     WorkOrderSpec,
-    check_name,
     iso,
     parse_import,
+    spec_problems,
 )
 from appliance.production.users import Permission, User
 from appliance.profiles import Profile
+from appliance.text import safe_repr
 
 T = TypeVar("T")
 
@@ -58,7 +60,8 @@ def _read(journal: Journal, fn: Callable[[sqlite3.Connection], T]) -> T:
 
 # -- tenants, products, lines ------------------------------------------------------------------------------------------
 def add_tenant(journal: Journal, audit: AuditSink, actor: User, name: str, display_name: str = "") -> None:
-    check_name("tenant", name)
+    names.TENANT.check(name)
+    names.DISPLAY_NAME.check(display_name)
 
     def fn(conn: sqlite3.Connection) -> Mapping[str, Any]:
         if conn.execute("SELECT 1 FROM tenant WHERE name=?", (name,)).fetchone():
@@ -95,13 +98,15 @@ def add_product(
 ) -> None:
     """A product of `tenant`, certified with `profile` by issuing CA `ca`; key_algorithms narrows the profile's.
     `issuance_mode` 'upstream' makes the appliance an RA for it: the upstream CA issues (docs/cmp.md)."""
-    check_name("product", name)
+    names.PRODUCT.check(name)
+    names.TENANT.check(tenant)
+    names.CA.check(ca)
     _check_mode(issuance_mode)
     algs = frozenset(key_algorithms) if key_algorithms else profile.key_algorithms
     extra = sorted(algs - profile.key_algorithms)
     if extra:
         raise ProductionError(
-            f"key algorithm(s) {', '.join(extra)} are not allowed by profile {profile.name}"
+            f"key algorithm(s) {', '.join(map(safe_repr, extra))} are not allowed by profile {profile.name}"
             f" ({', '.join(sorted(profile.key_algorithms))})"
         )
 
@@ -169,7 +174,8 @@ def list_products(journal: Journal) -> list[Product]:
 
 
 def add_line(journal: Journal, audit: AuditSink, actor: User, name: str, description: str = "") -> None:
-    check_name("line", name)
+    names.LINE.check(name)
+    names.DESCRIPTION.check(description)
 
     def fn(conn: sqlite3.Connection) -> Mapping[str, Any]:
         if conn.execute("SELECT 1 FROM production_line WHERE name=?", (name,)).fetchone():
@@ -196,6 +202,9 @@ def list_lines(journal: Journal) -> list[Line]:
 
 def assign_station(journal: Journal, audit: AuditSink, actor: User, station: str, line: str | None) -> None:
     """Put a station on a production line (None: take it off any line; it then gets no certificates)."""
+    names.STATION.check(station)
+    if line is not None:
+        names.LINE.check(line)
 
     def fn(conn: sqlite3.Connection) -> Mapping[str, Any]:
         row = conn.execute("SELECT line FROM stations WHERE name=?", (station,)).fetchone()
@@ -265,6 +274,12 @@ def _spec_audit(spec: WorkOrderSpec) -> dict[str, Any]:
 def add_work_order(
     journal: Journal, audit: AuditSink, actor: User, spec: WorkOrderSpec, *, activate: bool = False
 ) -> None:
+    """Store a work order, however it was built (CLI, a program): its names and allowlist are checked here by
+    the same rules an MES import is checked with."""
+    problems = spec_problems(spec)
+    if problems:
+        raise ProductionError(f"work order {safe_repr(spec.id)} not added:", problems)
+
     def fn(conn: sqlite3.Connection) -> Mapping[str, Any]:
         problems = _spec_problems(conn, spec, "work order")
         if problems:
@@ -317,6 +332,7 @@ def _where_key(where: str) -> tuple[int, str]:
 
 
 def _set_state(journal: Journal, audit: AuditSink, actor: User, wo_id: str, state: str) -> None:
+    names.WORK_ORDER_ID.check(wo_id)
     allowed_from = {"active": ("draft",), "closed": ("draft", "active")}[state]
 
     def fn(conn: sqlite3.Connection) -> Mapping[str, Any]:
@@ -350,6 +366,9 @@ def close_work_order(journal: Journal, audit: AuditSink, actor: User, wo_id: str
 def assign_work_order_line(
     journal: Journal, audit: AuditSink, actor: User, wo_id: str, line: str, *, remove: bool = False
 ) -> None:
+    names.WORK_ORDER_ID.check(wo_id)
+    names.LINE.check(line)
+
     def fn(conn: sqlite3.Connection) -> Mapping[str, Any]:
         row = conn.execute("SELECT state FROM work_order WHERE id=?", (wo_id,)).fetchone()
         if row is None:
@@ -456,8 +475,8 @@ def rework(
     for this serial on a line of the same work order, without taking another unit of its quantity: the device
     was already counted once.
     """
-    if not reason.strip():
-        raise ProductionError("a rework needs a reason")
+    names.DEVICE_SERIAL.check(device_serial)
+    names.REASON.check(reason)
 
     def fn(conn: sqlite3.Connection) -> Mapping[str, Any]:
         row_id, state, cert_serial = _issued_row(conn, ca, device_serial)
@@ -487,8 +506,8 @@ def scrap(
 ) -> None:
     """A supervisor records a destroyed device: its row becomes 'scrapped' and its serial is never issued
     again. The unit stays counted against the work order. CRL/OCSP publication comes with revocation."""
-    if not reason.strip():
-        raise ProductionError("a scrap needs a reason")
+    names.DEVICE_SERIAL.check(device_serial)
+    names.REASON.check(reason)
 
     def fn(conn: sqlite3.Connection) -> Mapping[str, Any]:
         row_id, state, cert_serial = _issued_row(conn, ca, device_serial)

@@ -1,7 +1,9 @@
 """People and roles: per-person accounts, scrypt-hashed passwords or PINs, lockout, and who may do what.
 
 There are no shared logins: every change names the person who made it, and the audit log records that name.
-A password is hashed with scrypt (n=2**14, r=8, p=1, a random 16-byte salt) and compared in constant time. After
+A password is hashed with scrypt at the OWASP Password Storage Cheat Sheet's parameters (N=2**17, r=8, p=1:
+128 MiB and about half a second per hash), with a random 16-byte salt, and compared in constant time; a login
+that succeeds against a hash made with weaker parameters stores a new hash at the current ones. After
 LOCKOUT_FAILURES failed logins in a row an account is locked for LOCKOUT_SECONDS, even for the right password;
 every failure and every lockout is audited.
 """
@@ -10,9 +12,9 @@ from __future__ import annotations
 
 import base64
 import enum
+import functools
 import hashlib
 import hmac
-import re
 import secrets
 import sqlite3
 import time
@@ -20,20 +22,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
+from appliance import names
 from appliance.errors import BirthlineError, ReasonCode
 from appliance.issuance.journal import Journal
 from appliance.production.audit import AuditSink
 
-SCRYPT_N: Final = 2**14
-SCRYPT_R: Final = 8
-SCRYPT_P: Final = 1
 SALT_BYTES: Final = 16
 HASH_BYTES: Final = 32
 PASSWORD_MIN: Final = 8
 PASSWORD_MAX: Final = 1024
 LOCKOUT_FAILURES: Final = 5
 LOCKOUT_SECONDS: Final = 300.0
-_NAME = re.compile(r"[a-z][a-z0-9._-]{0,63}")
 
 
 class Role(enum.StrEnum):
@@ -55,6 +54,7 @@ class Permission(enum.StrEnum):
     REWORK = "rework"
     SCRAP = "scrap"
     AUDIT_CHECKPOINT = "audit.checkpoint"  # sign the audit log's head now (`birthline audit checkpoint`)
+    ISSUE = "issue"  # `birthline issue`: one certificate by hand, acting as a station (the line's work orders apply)
 
 
 # docs/production.md carries the same table; test_users checks they agree.
@@ -70,6 +70,9 @@ PERMISSIONS: Final[dict[Permission, frozenset[Role]]] = {
     Permission.REWORK: frozenset({Role.SUPERVISOR}),
     Permission.SCRAP: frozenset({Role.SUPERVISOR}),
     Permission.AUDIT_CHECKPOINT: frozenset({Role.AUDITOR, Role.ADMINISTRATOR}),
+    # Running the line; a supervisor stands in for an operator. Not administrators: whoever holds the CA keys
+    # and accounts does not also mint device identities.
+    Permission.ISSUE: frozenset({Role.OPERATOR, Role.SUPERVISOR}),
 }
 
 
@@ -116,27 +119,74 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def hash_password(password: str, *, salt: bytes | None = None) -> str:
+@dataclass(frozen=True)
+class ScryptCost:
+    """scrypt's work factors. Memory is about 128 * n * r bytes."""
+
+    n: int
+    r: int
+    p: int
+
+    @property
+    def memory(self) -> int:
+        """What hashlib.scrypt needs as maxmem (OpenSSL: 128 * r * (n + p + 2) bytes)."""
+        return 128 * self.r * (self.n + self.p + 2)
+
+    def weaker_than(self, other: ScryptCost) -> bool:
+        return self.n < other.n or self.r < other.r or self.p < other.p
+
+
+# OWASP Password Storage Cheat Sheet: "scrypt with a minimum CPU/memory cost parameter of (2^17), a minimum block
+# size of 8 (1024 bytes), and a parallelization parameter of 1". Every hash the appliance makes uses it: the
+# functions below take `cost` only so that a test can pass a cheaper one explicitly; nothing reads it from a
+# configuration or the environment.
+OWASP_SCRYPT: Final = ScryptCost(2**17, 8, 1)
+# A stored hash is data from the journal: refuse to verify one that would take more memory than this (2**18, r=8).
+VERIFY_MAX_MEMORY: Final = 128 * 8 * (2**18 + 3)
+
+
+def hash_password(password: str, *, salt: bytes | None = None, cost: ScryptCost = OWASP_SCRYPT) -> str:
     salt = secrets.token_bytes(SALT_BYTES) if salt is None else salt
     digest = hashlib.scrypt(
-        password.encode("utf-8"), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P, dklen=HASH_BYTES
+        password.encode("utf-8"),
+        salt=salt,
+        n=cost.n,
+        r=cost.r,
+        p=cost.p,
+        maxmem=cost.memory,
+        dklen=HASH_BYTES,
     )
-    return f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${_b64(salt)}${_b64(digest)}"
+    return f"scrypt${cost.n}${cost.r}${cost.p}${_b64(salt)}${_b64(digest)}"
+
+
+def stored_cost(stored: str) -> ScryptCost | None:
+    """The parameters a stored hash was made with, or None if it is not a usable scrypt hash."""
+    parts = stored.split("$")
+    if len(parts) != 6 or parts[0] != "scrypt" or not all(x.isdigit() for x in parts[1:4]):
+        return None
+    cost = ScryptCost(int(parts[1]), int(parts[2]), int(parts[3]))
+    power_of_two = cost.n > 1 and cost.n & (cost.n - 1) == 0
+    if not power_of_two or not 1 <= cost.r <= 64 or not 1 <= cost.p <= 16 or cost.memory > VERIFY_MAX_MEMORY:
+        return None
+    return cost
 
 
 def verify_password(password: str, stored: str) -> bool:
+    cost = stored_cost(stored)
+    if cost is None:
+        return False
     try:
-        kind, n, r, p, salt, digest = stored.split("$")
-        if kind != "scrypt":
-            return False
+        salt, digest = stored.split("$")[4:6]
         want = base64.b64decode(digest, validate=True)
+        if not 16 <= len(want) <= 64:
+            return False
         got = hashlib.scrypt(
             password.encode("utf-8"),
             salt=base64.b64decode(salt, validate=True),
-            n=int(n),
-            r=int(r),
-            p=int(p),
-            maxmem=256 * 1024 * 1024,
+            n=cost.n,
+            r=cost.r,
+            p=cost.p,
+            maxmem=cost.memory,
             dklen=len(want),
         )
     except (ValueError, UnicodeEncodeError):
@@ -144,8 +194,11 @@ def verify_password(password: str, stored: str) -> bool:
     return hmac.compare_digest(got, want)
 
 
-# Verified when the name is unknown, so a wrong name costs as much time as a wrong password.
-_DUMMY_HASH = hash_password("birthline-no-such-user", salt=b"\0" * SALT_BYTES)
+@functools.lru_cache(maxsize=4)
+def _dummy_hash(cost: ScryptCost) -> str:
+    """Verified when the name is unknown, so a wrong name costs as much time as a wrong password. Made on first
+    use, not at import: every `birthline` command imports this module, few log in."""
+    return hash_password("birthline-no-such-user", salt=b"\0" * SALT_BYTES, cost=cost)
 
 
 def check_new_password(password: str) -> None:
@@ -174,16 +227,13 @@ def _insert(conn: sqlite3.Connection, name: str, role: Role, password_hash: str,
     )
 
 
-def _check_name(name: str) -> None:
-    if not _NAME.fullmatch(name):
-        raise UserError("a user name is 1..64 characters [a-z0-9._-], starting with a letter")
-
-
-def bootstrap(journal: Journal, audit: AuditSink, name: str, password: str) -> User:
+def bootstrap(
+    journal: Journal, audit: AuditSink, name: str, password: str, *, cost: ScryptCost = OWASP_SCRYPT
+) -> User:
     """Create the first administrator; refused once any user exists."""
-    _check_name(name)
+    names.USER.check(name)
     check_new_password(password)
-    pw_hash = hash_password(password)
+    pw_hash = hash_password(password, cost=cost)
 
     def txn(conn: sqlite3.Connection) -> None:
         if conn.execute("SELECT 1 FROM users LIMIT 1").fetchone():
@@ -195,11 +245,20 @@ def bootstrap(journal: Journal, audit: AuditSink, name: str, password: str) -> U
     return User(name, Role.ADMINISTRATOR)
 
 
-def add_user(journal: Journal, audit: AuditSink, actor: User, name: str, role: Role, password: str) -> None:
+def add_user(
+    journal: Journal,
+    audit: AuditSink,
+    actor: User,
+    name: str,
+    role: Role,
+    password: str,
+    *,
+    cost: ScryptCost = OWASP_SCRYPT,
+) -> None:
     actor.require(Permission.USER_MANAGE)
-    _check_name(name)
+    names.USER.check(name)
     check_new_password(password)
-    pw_hash = hash_password(password)
+    pw_hash = hash_password(password, cost=cost)
 
     def txn(conn: sqlite3.Connection) -> None:
         _insert(conn, name, role, pw_hash, time.time())
@@ -225,12 +284,20 @@ def set_enabled(journal: Journal, audit: AuditSink, actor: User, name: str, enab
     journal.call(journal.transaction, txn, f"{'enabling' if enabled else 'disabling'} user {name}")
 
 
-def set_password(journal: Journal, audit: AuditSink, actor: User, name: str, password: str) -> None:
+def set_password(
+    journal: Journal,
+    audit: AuditSink,
+    actor: User,
+    name: str,
+    password: str,
+    *,
+    cost: ScryptCost = OWASP_SCRYPT,
+) -> None:
     """Anyone may change their own password (they logged in with the old one); administrators anyone's."""
     if name != actor.name:
         actor.require(Permission.USER_MANAGE)
     check_new_password(password)
-    pw_hash = hash_password(password)
+    pw_hash = hash_password(password, cost=cost)
 
     def txn(conn: sqlite3.Connection) -> None:
         cur = conn.execute(
@@ -252,11 +319,14 @@ def login(
     password: str,
     *,
     clock: Callable[[], float] = time.time,
+    cost: ScryptCost = OWASP_SCRYPT,
 ) -> User:
-    """Check a password; audit the outcome; lock the account after LOCKOUT_FAILURES failures in a row.
+    """Check a password; audit the outcome; lock the account after LOCKOUT_FAILURES failures in a row. A right
+    password whose stored hash is weaker than `cost` is hashed again at `cost` and stored (audited as
+    `rehashed` in login.success), so accounts move to the current parameters as people log in.
 
-    The slow hash runs outside any transaction (so a login never holds the journal's write lock); the
-    counter update and its audit entry are one transaction.
+    The slow hashes run outside any transaction (so a login never holds the journal's write lock); the
+    counter update, the new hash and the audit entry are one transaction.
     """
 
     def read() -> tuple[str, str, int, float | None] | None:
@@ -266,9 +336,12 @@ def login(
         return None if row is None else (str(row[0]), str(row[1]), int(row[2]), row[3])
 
     found = journal.call(read)
-    ok = verify_password(password, found[1] if found else _DUMMY_HASH) and found is not None
+    stored = found[1] if found else _dummy_hash(cost)
+    ok = verify_password(password, stored) and found is not None
+    old_cost = stored_cost(stored)
+    rehash = hash_password(password, cost=cost) if ok and old_cost and old_cost.weaker_than(cost) else None
     now = clock()
-    actor = name if _NAME.fullmatch(name) else "unknown"
+    actor = name if names.USER.problem(name) is None else "unknown"
 
     def txn(conn: sqlite3.Connection) -> tuple[User | None, str]:
         row = conn.execute(
@@ -291,7 +364,17 @@ def login(
             )
         if ok:
             conn.execute("UPDATE users SET failed_logins=0, locked_until=NULL WHERE name=?", (name,))
-            audit.append(conn, name, "login.success", {"user": name, "role": role})
+            data: dict[str, object] = {"user": name, "role": role}
+            # Only over the hash just verified: a password changed meanwhile is not overwritten.
+            if (
+                rehash is not None
+                and conn.execute(
+                    "UPDATE users SET password_hash=? WHERE name=? AND password_hash=?",
+                    (rehash, name, stored),
+                ).rowcount
+            ):
+                data["rehashed"] = {"from": stored.rsplit("$", 2)[0], "to": rehash.rsplit("$", 2)[0]}
+            audit.append(conn, name, "login.success", data)
             return User(name, Role(role)), ""
         failures += 1
         lock = now + LOCKOUT_SECONDS if failures >= LOCKOUT_FAILURES else None

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from typing import Any, Final
 from urllib.parse import urlsplit
 
+from appliance import names
 from appliance.der import oid_content
 from appliance.errors import Problem
 from appliance.profiles.model import (
@@ -23,7 +24,6 @@ from appliance.profiles.model import (
 )
 from appliance.profiles.serial import is_clean_text, safe_repr
 
-_NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 _HEX4_RE: Final = re.compile(r"[0-9A-F]{4}")
 _GENERALIZED_TIME_RE: Final = re.compile(r"\d{14}Z")
 _URI_SCHEME_RE: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
@@ -69,7 +69,7 @@ def builtin_profiles() -> dict[str, Profile]:
 
 
 def _key_path(where: str, key: str) -> str:
-    return f"{where}.{key}" if _NAME_RE.fullmatch(key) else f"{where}.{safe_repr(key)}"
+    return f"{where}.{key}" if names.PROFILE.problem(key) is None else f"{where}.{safe_repr(key)}"
 
 
 def _type_name(value: object) -> str:
@@ -399,13 +399,9 @@ def parse_profiles(
         return {}, [Problem(where, f"must be a table of profiles, not {_type_name(tables)}")]
     for name, table in tables.items():
         path = _key_path(where, name)
-        if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-            problems.append(
-                Problem(
-                    path,
-                    "profile names are 1-64 characters of A-Z a-z 0-9 _ -, starting with a letter or digit",
-                )
-            )
+        problem = names.PROFILE.problem(name)
+        if problem is not None:
+            problems.append(Problem(path, problem))
             continue
         if not isinstance(table, Mapping):
             problems.append(Problem(path, f"must be a table, not {_type_name(table)}"))

@@ -16,6 +16,7 @@ from cryptography.x509.oid import NameOID
 from appliance import ca as ca_mod
 from appliance.ca import CaRecord
 from appliance.issuance.journal import Journal
+from appliance.production.users import ScryptCost
 from hsm.token import Token
 
 
@@ -64,6 +65,9 @@ def csr_maker() -> CsrMaker:
 
 
 PRODUCTION_PASSWORD = "correct horse battery"
+# Passed explicitly where tests make accounts in bulk: the appliance itself always hashes at the OWASP cost
+# (users.OWASP_SCRYPT, about 0.5-1 s and 128 MiB each here), and CLI tests log in at that cost.
+TEST_COST = ScryptCost(2**10, 8, 1)
 
 
 @pytest.fixture(scope="session")
@@ -82,7 +86,7 @@ def production_journal_template(ca_journal_template: Path, tmp_path_factory: pyt
     shutil.copy(ca_journal_template, path)
     with Journal(path) as journal:
         audit = AuditLog(journal)
-        admin = users.bootstrap(journal, audit, "alice", PRODUCTION_PASSWORD)
+        admin = users.bootstrap(journal, audit, "alice", PRODUCTION_PASSWORD, cost=TEST_COST)
         store.add_tenant(journal, audit, admin, "acme", "Acme Devices")
         store.add_product(journal, audit, admin, "sensor", tenant="acme", profile=builtin_profiles()["idevid"],
                           ca="issuing")  # fmt: skip

@@ -62,7 +62,7 @@ from tests.stations.station_link import Link, request_id
 
 
 def _config(state: Path, softhsm_token: SoftHsmToken, template: Path) -> Config:
-    state.mkdir(parents=True, exist_ok=True)
+    state.mkdir(parents=True, exist_ok=True, mode=0o700)
     shutil.copy(template, state / "journal.sqlite")
     return Config(
         appliance=ApplianceSection(state),

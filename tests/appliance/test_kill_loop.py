@@ -89,7 +89,7 @@ def test_random_sigkill_loop_keeps_every_promise(
     tmp_path: Path, softhsm_token: SoftHsmToken, production_journal_template: Path, hsm_token: Token
 ) -> None:
     state = tmp_path / "state"
-    state.mkdir()
+    state.mkdir(mode=0o700)  # the appliance refuses a state directory others can reach
     shutil.copy(production_journal_template, state / "journal.sqlite")
     port = _free_port()
     config = tmp_path / "birthline.toml"
@@ -215,7 +215,7 @@ def test_prepare_workers_do_not_outlive_a_killed_daemon(
     tmp_path: Path, softhsm_token: SoftHsmToken, production_journal_template: Path
 ) -> None:
     state = tmp_path / "state"
-    state.mkdir()
+    state.mkdir(mode=0o700)  # the appliance refuses a state directory others can reach
     shutil.copy(production_journal_template, state / "journal.sqlite")
     port = _free_port()
     config = tmp_path / "birthline.toml"

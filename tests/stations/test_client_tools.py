@@ -82,6 +82,8 @@ async def lan_appliance(tmp: Path) -> AsyncIterator[tuple[FakeAppliance, int, Pa
         "tls_key_file": "tls-client.key", "tls_cert_file": "tls-client.crt", "ca_file": "ca.crt",
     }  # fmt: skip
     (bundle / "station.json").write_text(json.dumps(meta))
+    for secret in ("station.key", "tls-client.key"):  # as `station add` writes them; the CLI refuses wider
+        (bundle / secret).chmod(0o600)
     try:
         yield appliance, port, bundle
     finally:

@@ -19,7 +19,7 @@ from appliance.production import users
 from appliance.production.users import Role, User
 from hsm.softhsm import SoftHsmToken
 from tests.appliance.audit.conftest import fill
-from tests.appliance.conftest import PRODUCTION_PASSWORD
+from tests.appliance.conftest import PRODUCTION_PASSWORD, TEST_COST
 
 
 def run(argv: list[str]) -> int:
@@ -43,12 +43,12 @@ def run(argv: list[str]) -> int:
 def config_file(softhsm_token: SoftHsmToken, production_journal_template: Path, tmp_path: Path) -> Path:
     """The production floor: alice (administrator), plus ada (auditor) and olga (operator)."""
     state = tmp_path / "state"
-    state.mkdir()
+    state.mkdir(mode=0o700)  # the appliance refuses a state directory others can reach
     shutil.copy(production_journal_template, state / "journal.sqlite")
     with Journal(state / "journal.sqlite") as journal:
         audit, alice = AuditLog(journal), User("alice", Role.ADMINISTRATOR)
-        users.add_user(journal, audit, alice, "ada", Role.AUDITOR, PRODUCTION_PASSWORD)
-        users.add_user(journal, audit, alice, "olga", Role.OPERATOR, PRODUCTION_PASSWORD)
+        users.add_user(journal, audit, alice, "ada", Role.AUDITOR, PRODUCTION_PASSWORD, cost=TEST_COST)
+        users.add_user(journal, audit, alice, "olga", Role.OPERATOR, PRODUCTION_PASSWORD, cost=TEST_COST)
     cfg = softhsm_token.hsm_config()
     path = tmp_path / "birthline.toml"
     path.write_text(

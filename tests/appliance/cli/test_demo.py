@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
+from contextlib import closing
 from pathlib import Path
 
 from cryptography import x509
@@ -13,10 +15,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 
-def birthline(*args: str | Path) -> subprocess.CompletedProcess[str]:
+def birthline(*args: str | Path, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "appliance.cli.main", *map(str, args)],
-        capture_output=True, text=True, timeout=120, check=False,
+        input=stdin, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
 
 
@@ -41,8 +43,14 @@ def test_demo_from_scratch_then_again(tmp_path: Path) -> None:
     toml = (state / "birthline.toml").read_text()
     pin = (state / "softhsm" / "user.pin").read_text().strip()
     assert pin not in toml and (state / "softhsm" / "user.pin").stat().st_mode & 0o077 == 0
+    # The journal holds station keys and password hashes: it and its WAL files are the owner's only.
+    _assert_private(state)
 
+    # A demo state left by an older version (journal 0644, directory 0755): the demo makes its own state private.
+    (state / "journal.sqlite").chmod(0o644)
+    state.chmod(0o755)
     second = birthline("demo", "--state", state, "--devices", "3")
+    _assert_private(state)
     assert second.returncode == 0, second.stdout + second.stderr
     assert "run 2: issued 3" in second.stdout
     assert len(list((state / "issued").glob("*.pem"))) == 8
@@ -61,31 +69,33 @@ def test_demo_from_scratch_then_again(tmp_path: Path) -> None:
         ("demo-cmp", "lan"),  # the station the CMP label acts as
     }
 
-    # One more device through `birthline issue`, as a fixture script would.
+    # One more device through `birthline issue`: a person (the demo's supervisor) acting as a station.
     key = ec.generate_private_key(ec.SECP256R1())
     csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(key, hashes.SHA256())
     (tmp_path / "d.csr").write_bytes(csr.public_bytes(serialization.Encoding.PEM))
+    secret = (state / "demo-users.secret").read_text()
+
+    def issue(
+        serial: str, *more: str | Path, user: str = "demo-supervisor"
+    ) -> subprocess.CompletedProcess[str]:
+        return birthline("issue", "--config", cfg, "--station", "demo-lan", "--serial", serial,
+                         "--csr", tmp_path / "d.csr", *more, "--user", user, "--password-stdin",
+                         stdin=secret + "\n")  # fmt: skip
+
+    # Nobody, or a person whose role does not run the line, mints nothing.
+    nobody = birthline("issue", "--config", cfg, "--station", "demo-lan", "--serial", "MYDEV-0098",
+                       "--csr", tmp_path / "d.csr", stdin="")  # fmt: skip
+    assert nobody.returncode == 2 and "--user" in nobody.stderr
+    admin = issue("MYDEV-0098", user="demo-admin")
+    assert admin.returncode == 2 and "may not issue" in admin.stderr, admin.stderr
     # Outside every work order: refused (and audited).
-    outside = birthline(
-        "issue", "--config", cfg, "--station", "demo-lan", "--serial", "CLI-1", "--csr", tmp_path / "d.csr"
-    )
+    outside = issue("CLI-1")
     assert outside.returncode == 2 and "not_authorised" in outside.stderr
-    out = birthline("issue", "--config", cfg, "--station", "demo-lan", "--serial", "MYDEV-0099",
-                    "--csr", tmp_path / "d.csr", "--out", tmp_path / "d.pem")  # fmt: skip
+    out = issue("MYDEV-0099", "--out", tmp_path / "d.pem")
     assert out.returncode == 0, out.stderr
     assert len(x509.load_pem_x509_certificates((tmp_path / "d.pem").read_bytes())) == 3
-    refused = birthline(
-        "issue",
-        "--config",
-        cfg,
-        "--station",
-        "demo-lan",
-        "--serial",
-        "CLI\x1b[2J",
-        "--csr",
-        tmp_path / "d.csr",
-    )
-    assert refused.returncode == 2 and "bad_device_serial" in refused.stderr
+    refused = issue("CLI\x1b[2J")
+    assert refused.returncode == 2 and "argument --serial: device serial" in refused.stderr
     assert "\x1b" not in refused.stderr  # terminal escapes never reach the operator's screen raw
 
     # Reconciliation and the audit log agree with what the stations did.
@@ -93,6 +103,14 @@ def test_demo_from_scratch_then_again(tmp_path: Path) -> None:
     assert (report["planned"], report["issued"], report["confirmed"], report["remaining"]) == (5, 5, 5, 0)
     verify = birthline("audit", "verify", "--config", cfg)
     assert verify.returncode == 0 and "INTACT" in verify.stdout, verify.stdout + verify.stderr
+
+
+def _assert_private(state: Path) -> None:
+    modes = {p.name: p.stat().st_mode & 0o777 for p in state.glob("journal.sqlite*")}
+    assert "journal.sqlite" in modes and set(modes.values()) == {0o600}, modes
+    secrets = [state / "demo-users.secret", state / "softhsm" / "user.pin", *state.glob("stations/*/*.key")]
+    assert {p.stat().st_mode & 0o777 for p in secrets} == {0o600}
+    assert state.stat().st_mode & 0o777 == 0o700
 
 
 def test_config_check_lists_problems_and_exits_2(tmp_path: Path) -> None:
@@ -126,6 +144,9 @@ def test_served_demo_answers_stations_by_hand(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, "demo.json never appeared"
             time.sleep(0.2)
         info = json.loads((state / "demo.json").read_text())
+        # Serving: SQLite keeps journal.sqlite-wal and -shm open beside the journal, all three private.
+        assert {p.name for p in state.glob("journal.sqlite*")} >= {"journal.sqlite-wal", "journal.sqlite-shm"}
+        _assert_private(state)
         assert info["listener"] == {**info["listener"], "host": "127.0.0.1", "port": port}
         by_name = {s["name"]: s for s in info["stations"]}
         serial, lan = by_name["demo-serial"], by_name["demo-lan"]
@@ -163,6 +184,29 @@ def test_served_demo_answers_stations_by_hand(tmp_path: Path) -> None:
         assert f"{first}.pem: good" in good.stdout and "Response verify OK" in good.stderr, (
             good.stdout + good.stderr
         )
+        # Nobody mints a certificate from the command line without logging in as a person with the role, and
+        # the daemon's own jobs are refused while it runs (the served demo holds the daemon lock).
+        (tmp_path / "k.csr").write_bytes(
+            x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
+            .sign(ec.generate_private_key(ec.SECP256R1()), hashes.SHA256())
+            .public_bytes(serialization.Encoding.PEM)
+        )  # fmt: skip
+        cfg = state / "birthline.toml"
+        for who in ([], ["--user", "demo-supervisor"]):
+            minted = subprocess.run(
+                [sys.executable, "-m", "appliance.cli.main", "issue", "--station", "demo-lan", "--serial",
+                 "MYDEV-0077", "--csr", str(tmp_path / "k.csr"), "--config", str(cfg), *who],
+                stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120, check=False,
+            )  # fmt: skip
+            assert minted.returncode == 2 and "Traceback" not in minted.stderr, minted.stderr
+        with closing(sqlite3.connect(f"file:{state / 'journal.sqlite'}?mode=ro", uri=True)) as db:
+            assert db.execute(
+                "SELECT COUNT(*) FROM issuance WHERE device_serial='MYDEV-0077'"
+            ).fetchone() == (0,)
+        for job in (["crl", "generate"], ["upstream", "sync", "--once"], ["init"]):
+            refused = birthline(*job, "--config", cfg)
+            assert refused.returncode == 2, refused.stderr
+            assert "refused while the daemon runs" in refused.stderr and "the daemon (pid" in refused.stderr
         secret = info["supervisor"]["password_file"]
         with open(secret) as pw:
             revoked = subprocess.run(

@@ -12,6 +12,7 @@ import pytest
 from appliance.audit.log import AuditLog
 from appliance.cli.main import main
 from appliance.issuance.journal import Journal
+from appliance.stations_registry import get_station
 from hsm.softhsm import SoftHsmToken
 from tests.appliance.conftest import PRODUCTION_PASSWORD
 
@@ -19,7 +20,7 @@ from tests.appliance.conftest import PRODUCTION_PASSWORD
 @pytest.fixture
 def config_file(softhsm_token: SoftHsmToken, production_journal_template: Path, tmp_path: Path) -> Path:
     state = tmp_path / "state"
-    state.mkdir()
+    state.mkdir(mode=0o700)  # the appliance refuses a state directory others can reach
     shutil.copy(production_journal_template, state / "journal.sqlite")
     cfg = softhsm_token.hsm_config()
     path = tmp_path / "birthline.toml"
@@ -144,3 +145,71 @@ def test_station_changes_are_audited_under_the_person(config_file: Path, tmp_pat
     added = [e for e in entries if e.event == "station.added"]
     assert len(added) == 1 and added[0].actor == "alice" and json.loads(added[0].data)["station"] == "lan9"
     assert entries[-2].event == "login.success" and entries[-2].actor == "alice"
+
+
+def test_bundle_files_are_never_written_through_a_planted_symlink(
+    config_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 10 item 9: someone who could write the output directory plants station.key (and the TLS key)
+    as links to a file root cares about; rotating into that directory must leave the target untouched."""
+    c = str(config_file)
+
+    def as_alice() -> list[str]:
+        monkeypatch.setattr("sys.stdin", io.StringIO(f"{PRODUCTION_PASSWORD}\n"))
+        return ["--user", "alice", "--password-stdin"]
+
+    out = tmp_path / "bundle"
+    assert (
+        main(["station", "add", "--config", c, "--name", "lan7", "--lan", "--out", str(out), *as_alice()])
+        == 0
+    )
+    key = (out / "station.key").read_bytes()
+    # Rotating into the same directory replaces the old bundle's files.
+    assert (
+        main(["station", "rotate-key", "--config", c, "--name", "lan7", "--out", str(out), *as_alice()]) == 0
+    )
+    assert (out / "station.key").read_bytes() != key
+    key = (out / "station.key").read_bytes()
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"root's file\n")
+    # Links where a writer might put its temporary files: never followed (the temporary names are random and
+    # created with O_EXCL|O_NOFOLLOW).
+    for name in ("station.key.tmp", "tls-client.key.tmp", "station.json.tmp"):
+        (out / name).symlink_to(victim)
+    assert (
+        main(["station", "rotate-key", "--config", c, "--name", "lan7", "--out", str(out), *as_alice()]) == 0
+    )
+    assert victim.read_bytes() == b"root's file\n"
+    key = (out / "station.key").read_bytes()
+    assert (out / "station.key").stat().st_mode & 0o777 == 0o600
+    assert (out / "tls-client.key").stat().st_mode & 0o777 == 0o600
+    # Links in the place of the bundle's own files: refused, and the target untouched.
+    for name in ("station.key", "tls-client.key", "station.json", "ca.crt"):
+        kept = (out / name).read_bytes()
+        (out / name).unlink()
+        (out / name).symlink_to(victim)
+        capsys.readouterr()
+        assert main(["station", "rotate-key", "--config", c, "--name", "lan7", "--out", str(out),
+                     *as_alice()]) == 2  # fmt: skip
+        assert f"{out / name} is a symbolic link" in capsys.readouterr().err
+        assert victim.read_bytes() == b"root's file\n"
+        (out / name).unlink()
+        (out / name).write_bytes(kept)
+    # Refused before the registry changed: the bundle on disk still holds the station's current key.
+    with Journal(tmp_path / "state" / "journal.sqlite") as journal:
+        assert get_station(journal, "lan7").key.hex().encode() + b"\n" == key
+
+    # An output directory that is a link, or that others may write, is refused BEFORE the registry changes.
+    (tmp_path / "elsewhere").mkdir(mode=0o700)
+    (tmp_path / "linked").symlink_to(tmp_path / "elsewhere")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    capsys.readouterr()
+    for bad, why in ((tmp_path / "linked", "symbolic link"), (shared, "writable by group or others")):
+        assert main(["station", "add", "--config", c, "--name", "lan8", "--lan", "--out", str(bad),
+                     *as_alice()]) == 2  # fmt: skip
+        assert why in capsys.readouterr().err
+        assert list(bad.iterdir()) == []
+    assert main(["station", "list", "--config", c, "--json"]) == 0
+    assert "lan8" not in capsys.readouterr().out

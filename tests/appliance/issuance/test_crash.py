@@ -20,9 +20,12 @@ from cryptography import x509
 from appliance.audit.log import AuditLog
 from appliance.audit.verify import verify as audit_verify
 from appliance.issuance.journal import Journal
-from appliance.production import reconcile
+from appliance.production import reconcile, users
+from appliance.production.users import Role
 from hsm.softhsm import SoftHsmToken
-from tests.appliance.conftest import make_csr
+from tests.appliance.conftest import PRODUCTION_PASSWORD, TEST_COST, make_csr
+
+OPERATOR_PASSWORD = "operator password 1"
 
 CONFIG = """\
 [appliance]
@@ -38,8 +41,13 @@ softhsm_conf = "{conf}"
 @pytest.fixture
 def config(tmp_path: Path, production_journal_template: Path, softhsm_token: SoftHsmToken) -> Path:
     state = tmp_path / "state"
-    state.mkdir()
+    state.mkdir(mode=0o700)  # the appliance refuses a state directory others can reach
     shutil.copy(production_journal_template, state / "journal.sqlite")
+    # `birthline issue` acts as a person: an operator, added by the template's administrator.
+    with Journal(state / "journal.sqlite") as journal:
+        audit = AuditLog(journal)
+        admin = users.login(journal, audit, "alice", PRODUCTION_PASSWORD, cost=TEST_COST)
+        users.add_user(journal, audit, admin, "olga", Role.OPERATOR, OPERATOR_PASSWORD, cost=TEST_COST)
     cfg = tmp_path / "birthline.toml"
     cfg.write_text(
         CONFIG.format(
@@ -61,8 +69,8 @@ def _issue(
         env["BIRTHLINE_CRASH_POINT"] = crash
     return subprocess.run(
         [sys.executable, "-m", "appliance.cli.main", "issue", "--config", str(config), "--station", "fixture-1",
-         "--serial", serial, "--csr", str(csr)],
-        capture_output=True, text=True, env=env, timeout=60, check=False,
+         "--serial", serial, "--csr", str(csr), "--user", "olga", "--password-stdin"],
+        input=OPERATOR_PASSWORD + "\n", capture_output=True, text=True, env=env, timeout=60, check=False,
     )  # fmt: skip
 
 
@@ -97,7 +105,11 @@ def test_sigkill_at_each_point_keeps_the_invariants(config: Path, tmp_path: Path
         assert consumed == 1
         report = audit_verify(journal)
         assert report.ok, report.text()
-        events = [e.event for e in AuditLog(journal).entries() if e.event.startswith("issuance.")]
+        entries = AuditLog(journal).entries()
+        events = [e.event for e in entries if e.event.startswith("issuance.")]
+        # Each run of the command is on record under the operator who ran it, whatever the crash left.
+        asked = [(e.actor, e.event) for e in entries if e.event.startswith("issue.")]
+    assert asked == [("olga", "issue.requested"), ("olga", "issue.requested"), ("olga", "issue.answered")]
     serials = [r.cert_serial for r in rows]
     assert len(serials) == len(set(serials)), "a serial was reused"
     assert all(r.state in ("issued", "burned") for r in rows)

@@ -21,6 +21,7 @@ from appliance.production.policy import WorkOrderPolicy
 from appliance.production.users import Role, User
 from appliance.profiles import Profile, builtin_profiles
 from hsm.token import Token
+from tests.appliance.conftest import TEST_COST
 
 PASSWORD = "correct horse battery"
 
@@ -64,10 +65,10 @@ class Floor:
 @pytest.fixture
 def floor(journal: Journal) -> Floor:
     audit = AuditLog(journal)
-    admin = users.bootstrap(journal, audit, "alice", PASSWORD)
+    admin = users.bootstrap(journal, audit, "alice", PASSWORD, cost=TEST_COST)
     people = {}
     for name, role in (("sam", Role.SUPERVISOR), ("olga", Role.OPERATOR), ("aud", Role.AUDITOR)):
-        users.add_user(journal, audit, admin, name, role, PASSWORD)
+        users.add_user(journal, audit, admin, name, role, PASSWORD, cost=TEST_COST)
         people[role] = User(name, role)
     profile = builtin_profiles()["idevid"]
     store.add_tenant(journal, audit, admin, "acme", "Acme Devices")

@@ -21,7 +21,7 @@ from tests.appliance.conftest import make_csr
 @pytest.fixture
 def config_file(softhsm_token: SoftHsmToken, ca_journal_template: Path, tmp_path: Path) -> Path:
     state = tmp_path / "state"
-    state.mkdir()
+    state.mkdir(mode=0o700)  # the appliance refuses a state directory others can reach
     shutil.copy(ca_journal_template, state / "journal.sqlite")
     cfg = softhsm_token.hsm_config()
     path = tmp_path / "birthline.toml"
@@ -140,18 +140,18 @@ def test_production_cli(
     # RA mode from the CLI: without an upstream the request is refused; with one it is recorded and pending (exit
     # 3), and asking again is the same request, not a second unit.
     (tmp_path / "dev.csr").write_bytes(make_csr("SN-0050")[1])
-    issue = ["issue", "--station", "st1", "--serial", "SN-0050", "--csr", str(tmp_path / "dev.csr")]
+    issue = ["issue", "--station", "st1", "--serial", "SN-0050", "--csr", str(tmp_path / "dev.csr"), *sup]
     assert run("product", "mode", "sensor", "upstream", *admin, stdin="admin pass 1\n") == 0
     capsys.readouterr()
-    assert run(*issue) == 2
+    assert run(*issue, stdin="super pass 1\n") == 2
     assert "no upstream CA configured" in capsys.readouterr().err
     (tmp_path / "up.pem").write_bytes(_any_cert_pem())
     with config_file.open("a") as f:
         f.write(f'[upstream]\nurl = "http://127.0.0.1:9/cmp"\nserver_cert = "{tmp_path / "up.pem"}"\n')
-    assert run(*issue) == 3
+    assert run(*issue, stdin="super pass 1\n") == 3
     first = capsys.readouterr().err
     assert first.startswith("pending: ") and "RA request 1" in first
-    assert run(*issue) == 3
+    assert run(*issue, stdin="super pass 1\n") == 3
     assert "RA request 1" in capsys.readouterr().err
     assert run("report", "workorder", "WO-1", "--json") == 0
     rep = json.loads(capsys.readouterr().out)

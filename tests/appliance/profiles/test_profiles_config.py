@@ -105,7 +105,7 @@ def test_config_error_carries_all_problems() -> None:
     text = str(err)
     assert "profiles.a.kind: unknown kind 'x509'" in text
     assert "profiles.b.key_algorithms: must list at least one algorithm" in text
-    assert "profiles.'c d': profile names are" in text
+    assert "profiles.'c d': profile name 'c d' is not allowed: 1..64 characters" in text
     assert "profiles.e: must be a table, not integer" in text
     assert len(err.problems) == 4
 

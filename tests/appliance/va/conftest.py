@@ -25,7 +25,7 @@ from appliance.production.policy import WorkOrderPolicy
 from appliance.production.users import Role, User
 from appliance.profiles import Profile, builtin_profiles
 from hsm.token import Token
-from tests.appliance.conftest import PRODUCTION_PASSWORD, make_csr
+from tests.appliance.conftest import PRODUCTION_PASSWORD, TEST_COST, make_csr
 
 DEVICES = tuple(f"SN-{i:04d}" for i in range(6))
 
@@ -39,8 +39,8 @@ def va_template(
     with Journal(path) as journal:
         audit = AuditLog(journal)
         admin = User("alice", Role.ADMINISTRATOR)
-        users.add_user(journal, audit, admin, "sam", Role.SUPERVISOR, PRODUCTION_PASSWORD)
-        users.add_user(journal, audit, admin, "olga", Role.OPERATOR, PRODUCTION_PASSWORD)
+        users.add_user(journal, audit, admin, "sam", Role.SUPERVISOR, PRODUCTION_PASSWORD, cost=TEST_COST)
+        users.add_user(journal, audit, admin, "olga", Role.OPERATOR, PRODUCTION_PASSWORD, cost=TEST_COST)
         issuing = ca_mod.load_ca(journal, "issuing")
         profiles: dict[str, Profile] = dict(builtin_profiles())
 

@@ -21,7 +21,7 @@ from tests.appliance.conftest import PRODUCTION_PASSWORD
 @pytest.fixture
 def config_file(softhsm_token: SoftHsmToken, va_template: Path, tmp_path: Path) -> Path:
     state = tmp_path / "state"
-    state.mkdir()
+    state.mkdir(mode=0o700)  # the appliance refuses a state directory others can reach
     shutil.copy(va_template, state / "journal.sqlite")
     cfg = softhsm_token.hsm_config()
     path = tmp_path / "birthline.toml"
