@@ -160,14 +160,18 @@ class StationServer:
         *,
         station: str | None = None,
         close_on_timeout: bool = True,
+        on_authenticated: Callable[[], None] | None = None,
     ) -> None:
         """Run one connection until the peer goes away or the station is dropped; never raises ChannelClosed.
 
         ``station`` is the station the transport has already bound (the TLS certificate's or the port's owner);
         ``lookup`` must refuse every other id. ``close_on_timeout`` ends the connection when the handshake or
         the session times out (TLS); a serial port stays open and only forgets the session.
+        ``on_authenticated`` is called at each completed handshake (the listener's bound on unauthenticated
+        connections).
         """
         conn = _Connection(self, channel, lookup, station, close_on_timeout)
+        conn.on_authenticated = on_authenticated
         conn.task = asyncio.create_task(conn.run(), name=f"station-conn {channel.peer}")
         try:
             await asyncio.shield(conn.task)
@@ -197,6 +201,7 @@ class _Connection:
         self.station: str | None = None  # the authenticated station id
         self.close_on_timeout = close_on_timeout
         self.task: asyncio.Task[None] | None = None
+        self.on_authenticated: Callable[[], None] | None = None
         self.drop_code: Code | None = None
         self._lock = asyncio.Lock()
         self._requests: set[asyncio.Task[None]] = set()
@@ -322,6 +327,8 @@ class _Connection:
                 st.peer = self.channel.peer
                 st.counters["sessions"] += 1
                 self._handshake_deadline = None
+                if self.on_authenticated is not None:
+                    self.on_authenticated()
             elif isinstance(event, HandshakeFailed):
                 valid = False
                 self._on_handshake_failed(event)

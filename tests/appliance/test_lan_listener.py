@@ -1,0 +1,167 @@
+"""The LAN station listener's bounds (caps, displacement of unauthenticated connections, the TLS handshake and
+authentication deadlines) and its TLS policy, against the real daemon in-process: real SoftHSM token, journal,
+TLS on loopback, and the real `openssl s_client` / `openssl s_server` as peers. Waits are for conditions (the
+daemon closing a socket, an answer) with a generous guard against a hang, never claims about durations."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from appliance.config import Config
+from appliance.daemon import Daemon
+from hsm.softhsm import SoftHsmToken
+from stations.client import StationClient, client_ssl_context, generate_device_key, make_csr, read_station_key
+from stations.errors import StationError
+from stations.messages import Cert
+from stations.session import Authenticated, HandshakeFailed
+from stations.transports.base import ChannelClosed
+from stations.transports.stream import StreamChannel
+from tests.appliance.test_daemon import _addr, _config, _enroll, add_lan
+from tests.stations.station_link import Link, tls_client_context
+
+GUARD_S = 30.0  # a hang guard only
+
+
+@contextlib.asynccontextmanager
+async def running(
+    softhsm_token: SoftHsmToken, template: Path, tmp_path: Path, **stations: object
+) -> AsyncIterator[Daemon]:
+    base = _config(tmp_path / "state", softhsm_token, template)
+    config: Config = dataclasses.replace(base, stations=dataclasses.replace(base.stations, **stations))
+    async with Daemon(config) as d:
+        yield d
+
+
+@pytest.fixture
+def daemon_with(
+    softhsm_token: SoftHsmToken, production_journal_template: Path, tmp_path: Path
+) -> Callable[..., contextlib.AbstractAsyncContextManager[Daemon]]:
+    def make(**stations: object) -> contextlib.AbstractAsyncContextManager[Daemon]:
+        return running(softhsm_token, production_journal_template, tmp_path, **stations)
+
+    return make
+
+
+async def raw(d: Daemon, source: str = "127.0.0.1") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A plain TCP connection to the TLS port that never sends a ClientHello."""
+    return await asyncio.open_connection(*_addr(d), local_addr=(source, 0))
+
+
+async def closed_by_daemon(reader: asyncio.StreamReader) -> bytes:
+    async with asyncio.timeout(GUARD_S):
+        try:
+            return await reader.read()
+        except ConnectionError:
+            return b""
+
+
+async def until(cond: Callable[[], bool]) -> None:
+    async with asyncio.timeout(GUARD_S):
+        while not cond():
+            await asyncio.sleep(0.01)
+
+
+async def enrol_once(bundle: Path, addr: tuple[str, int], serial: str) -> list[bytes]:
+    ctx = client_ssl_context(bundle / "tls-client.crt", bundle / "tls-client.key", bundle / "ca.crt")
+    client = await StationClient.connect_tcp(
+        *addr, station_id=bundle.name, key=read_station_key(bundle / "station.key"), ssl_context=ctx,
+        server_hostname="localhost", give_up_after=GUARD_S,
+    )  # fmt: skip
+    try:
+        return await client.enroll(serial, make_csr(generate_device_key(), serial))
+    finally:
+        await client.close()
+
+
+async def test_tcp_that_never_starts_tls_is_closed_after_the_handshake_timeout(daemon_with, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    async with daemon_with(handshake_timeout_s=0.5, auth_timeout_s=60.0) as d:
+        reader, writer = await raw(d)
+        await until(lambda: d.lan_gate is not None and d.lan_gate.open == 1)
+        assert await closed_by_daemon(reader) == b""
+        await until(lambda: d.lan_gate is not None and d.lan_gate.open == 0)
+        writer.close()
+
+
+async def test_failed_handshakes_cannot_keep_a_connection_past_the_auth_timeout(
+    daemon_with, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    """A peer with a station's TLS certificate but not its key starts handshake after handshake; each resets
+    the station handshake timer, but the connection has auth_timeout_s to authenticate, in all."""
+    async with daemon_with(handshake_timeout_s=5.0, auth_timeout_s=0.5) as d:
+        bundle = await add_lan(d, "lan-wrongkey", tmp_path)
+        reader, writer = await asyncio.open_connection(*_addr(d), ssl=tls_client_context(bundle))
+        link = Link(StreamChannel(reader, writer), bundle.name, os.urandom(32))  # not the station's key
+        failures = 0
+        with pytest.raises((ChannelClosed, ConnectionError, TimeoutError, StationError)):
+            async with asyncio.timeout(GUARD_S):
+                while True:
+                    event = await link.handshake()
+                    assert isinstance(event, HandshakeFailed)
+                    failures += 1
+        assert failures >= 1
+        assert d.lan_gate is not None and d.lan_gate.counters["timeout_unauthenticated"] == 1
+
+
+async def test_an_authenticated_station_outlives_the_auth_timeout(daemon_with, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    async with daemon_with(handshake_timeout_s=5.0, auth_timeout_s=0.3, idle_timeout_s=30.0) as d:
+        bundle = await add_lan(d, "lan-ok", tmp_path)
+        link = await Link.tls(_addr(d), bundle)
+        assert isinstance(await link.handshake(), Authenticated)
+        await asyncio.sleep(1.0)  # beyond the auth timeout: only an unauthenticated connection is cut there
+        assert isinstance(await _enroll(link, "SN-AUTH-1"), Cert)
+        assert d.lan_gate is not None and "timeout_unauthenticated" not in d.lan_gate.counters
+        await link.close()
+
+
+async def test_cap_per_peer_closes_at_accept_and_other_peers_enrol(daemon_with, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    async with daemon_with(handshake_timeout_s=60.0, max_connections=8, max_connections_per_peer=2) as d:
+        bundle = await add_lan(d, "lan-peer", tmp_path)
+        held = [await raw(d, "127.0.0.2") for _ in range(2)]
+        await until(lambda: d.lan_gate is not None and d.lan_gate.open == 2)
+        reader, writer = await raw(d, "127.0.0.2")
+        assert await closed_by_daemon(reader) == b""  # closed at accept: not a byte of TLS
+        assert d.lan_gate is not None and d.lan_gate.counters["refused_peer"] == 1
+        chain = await enrol_once(bundle, _addr(d), "SN-PEER-1")
+        assert len(chain) == 3
+        for _, w in [*held, (reader, writer)]:
+            w.close()
+
+
+async def test_global_cap_displaces_unauthenticated_connections_for_a_station(daemon_with, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    async with daemon_with(handshake_timeout_s=60.0, max_connections=3, max_connections_per_peer=3) as d:
+        bundle = await add_lan(d, "lan-disp", tmp_path)
+        assert d.core is not None
+        alarms: list[tuple[str, str]] = []
+        d.core.alarms.subscribe(lambda event, alarm: alarms.append((event, alarm.cause)))
+        idle = [await raw(d, f"127.0.0.{10 + i}") for i in range(3)]
+        await until(lambda: d.lan_gate is not None and d.lan_gate.open == 3)
+        chain = await enrol_once(bundle, _addr(d), "SN-DISP-1")
+        assert len(chain) == 3
+        assert await closed_by_daemon(idle[0][0]) == b""  # the oldest idle connection made room
+        assert d.lan_gate is not None and d.lan_gate.counters["displaced"] >= 1
+        assert ("raised", "listener.stations.full") in alarms
+        for _, w in idle:
+            w.close()
+
+
+async def test_global_cap_refuses_when_every_connection_is_an_authenticated_station(
+    daemon_with, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    async with daemon_with(handshake_timeout_s=60.0, max_connections=2, max_connections_per_peer=2) as d:
+        bundles = [await add_lan(d, f"lan-full{i}", tmp_path) for i in range(2)]
+        links = [await Link.tls(_addr(d), b) for b in bundles]
+        for link in links:
+            assert isinstance(await link.handshake(), Authenticated)
+        reader, writer = await raw(d, "127.0.0.5")
+        assert await closed_by_daemon(reader) == b""
+        assert d.lan_gate is not None and d.lan_gate.counters["refused_full"] == 1
+        for i, link in enumerate(links):  # the authenticated sessions were not disturbed
+            assert isinstance(await _enroll(link, f"SN-FULL-{i}"), Cert)
+        writer.close()
