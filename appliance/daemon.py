@@ -52,6 +52,7 @@ from stations.errors import StationError
 from stations.messages import Error
 from stations.server import EnrollPending, StationServer, StationState, clean_text
 from stations.session import KeyLookup, plain_frame
+from stations.tls import apply_tls_policy
 from stations.transports.base import ChannelClosed
 from stations.transports.stream import StreamChannel
 
@@ -171,7 +172,7 @@ class CoreEnroller:
 
 def server_ssl_context(files: TlsServerFiles) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    apply_tls_policy(ctx)
     ctx.load_cert_chain(files.cert, files.key)
     ctx.load_verify_locations(cafile=str(files.ca))
     ctx.verify_mode = ssl.CERT_REQUIRED

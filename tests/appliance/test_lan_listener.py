@@ -9,6 +9,8 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import re
+import subprocess
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from stations.client import StationClient, client_ssl_context, generate_device_k
 from stations.errors import StationError
 from stations.messages import Cert
 from stations.session import Authenticated, HandshakeFailed
+from stations.tls import TLS12_CIPHERS
 from stations.transports.base import ChannelClosed
 from stations.transports.stream import StreamChannel
 from tests.appliance.test_daemon import _addr, _config, _enroll, add_lan
@@ -165,3 +168,77 @@ async def test_global_cap_refuses_when_every_connection_is_an_authenticated_stat
         for i, link in enumerate(links):  # the authenticated sessions were not disturbed
             assert isinstance(await _enroll(link, f"SN-FULL-{i}"), Cert)
         writer.close()
+
+
+# -- the TLS policy --------------------------------------------------------------------------------------------
+def s_client(addr: tuple[str, int], bundle: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["openssl", "s_client", "-connect", f"{addr[0]}:{addr[1]}", "-brief", "-servername", "localhost",
+         "-CAfile", str(bundle / "ca.crt"), "-cert", str(bundle / "tls-client.crt"),
+         "-key", str(bundle / "tls-client.key"), *args],
+        input="", capture_output=True, text=True, timeout=GUARD_S, check=False,
+    )  # fmt: skip
+
+
+async def test_station_port_offers_only_ecdhe_aead_under_tls12_and_tls13(daemon_with, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    async with daemon_with() as d:
+        bundle = await add_lan(d, "lan-tls", tmp_path)
+        addr = _addr(d)
+        for cbc in ("ECDHE-ECDSA-AES128-SHA256", "ECDHE-ECDSA-AES256-SHA", "ECDHE-ECDSA-AES128-SHA"):
+            r = await asyncio.to_thread(s_client, addr, bundle, "-tls1_2", "-cipher", cbc)
+            assert r.returncode != 0 and "Ciphersuite" not in r.stdout + r.stderr, cbc
+        for aead in ("ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-AES256-GCM-SHA384",
+                     "ECDHE-ECDSA-CHACHA20-POLY1305"):  # fmt: skip
+            r = await asyncio.to_thread(s_client, addr, bundle, "-tls1_2", "-cipher", aead)
+            out = r.stdout + r.stderr
+            assert "Protocol version: TLSv1.2" in out and f"Ciphersuite: {aead}" in out, out
+        r = await asyncio.to_thread(s_client, addr, bundle, "-tls1_3")
+        assert "Protocol version: TLSv1.3" in r.stdout + r.stderr
+        r = await asyncio.to_thread(s_client, addr, bundle, "-tls1_1", "-cipher", "ALL:@SECLEVEL=0")
+        assert "Ciphersuite" not in r.stdout + r.stderr  # below TLS 1.2: refused
+
+
+@contextlib.contextmanager
+def s_server(cert: Path, key: Path, *args: str) -> object:
+    proc = subprocess.Popen(
+        ["openssl", "s_server", "-accept", "127.0.0.1:0", "-cert", str(cert), "-key", str(key), "-naccept", "1",
+         "-no_dhe", *args],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            m = re.search(r"ACCEPT .*:(\d+)", line)
+            if m:
+                yield int(m.group(1))
+                break
+        else:
+            raise AssertionError("openssl s_server did not start")
+    finally:
+        proc.kill()
+        proc.wait(timeout=GUARD_S)
+
+
+async def test_station_client_refuses_a_server_that_offers_only_cbc(daemon_with, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    async with daemon_with() as d:
+        bundle = await add_lan(d, "lan-client", tmp_path)
+        assert d.tls_files is not None
+        ctx = client_ssl_context(bundle / "tls-client.crt", bundle / "tls-client.key", bundle / "ca.crt")
+        assert {c["name"] for c in ctx.get_ciphers() if c["protocol"] == "TLSv1.2"} <= {
+            "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-RSA-AES256-GCM-SHA384", "ECDHE-ECDSA-AES128-GCM-SHA256",
+            "ECDHE-RSA-AES128-GCM-SHA256", "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-CHACHA20-POLY1305",
+        }  # fmt: skip
+        assert "ECDHE+AESGCM" in TLS12_CIPHERS
+        for suite, ok in (("ECDHE-ECDSA-AES128-SHA256", False), ("ECDHE-ECDSA-AES128-GCM-SHA256", True)):
+            with s_server(d.tls_files.cert, d.tls_files.key, "-tls1_2", "-cipher", suite) as port:
+                try:
+                    _, w = await asyncio.wait_for(
+                        asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="localhost"),
+                        GUARD_S,
+                    )
+                except (OSError, asyncio.IncompleteReadError) as exc:
+                    assert not ok, f"{suite}: {exc}"
+                else:
+                    assert ok, f"{suite}: the client accepted it"
+                    assert w.get_extra_info("cipher")[0] == suite
+                    w.close()
