@@ -24,6 +24,7 @@ from stations.codec import DecodeEvent, Frame
 from stations.codes import Code
 from stations.errors import SessionError, StationError
 from stations.messages import (
+    NO_REQUEST,
     CaChain,
     Cert,
     Confirm,
@@ -33,6 +34,7 @@ from stations.messages import (
     GetCaChain,
     Message,
     Pending,
+    Pong,
 )
 from stations.session import (
     ApplianceSession,
@@ -50,6 +52,9 @@ log = logging.getLogger(__name__)
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 DEFAULT_IDLE_TIMEOUT = 90.0
 DUPLICATE_RETRY_MS = 1000  # PENDING answer to an ENROLL whose request id is still being worked on
+# Requests of one connection being worked on at once. Each is a task holding its message (a CSR is up to 8 KiB);
+# past this a request is answered BUSY at once, so a peer pipelining requests cannot grow the task set.
+MAX_REQUESTS_IN_FLIGHT = 8
 
 
 class EnrollPending(StationError):
@@ -339,7 +344,12 @@ class _Connection:
             elif isinstance(event, Closed):
                 self.state.authenticated = False
             elif isinstance(event, Received):
-                self._dispatch(event.message)
+                if len(self._requests) >= MAX_REQUESTS_IN_FLIGHT and not isinstance(event.message, Pong):
+                    self.state.counters["busy_in_flight"] += 1
+                    rid = getattr(event.message, "request_id", NO_REQUEST)
+                    await self._reply(Error(Code.BUSY, "too many requests in flight on this connection", rid))
+                else:
+                    self._dispatch(event.message)
         if self._challenged() and not was_challenged:
             self._handshake_deadline = self.server.clock() + self.server.handshake_timeout
         if valid:
