@@ -6,18 +6,23 @@ request line was held forever. Here every connection goes through a ConnectionGa
 header, body and idle deadlines); a middleware tells the Guard where each request is.
 
 Per connection aiohttp buffers at most: the request line (8190 bytes), MAX_HEADERS header lines of at most
-MAX_FIELD bytes each, and up to twice READ_BUFSIZE of body before it stops reading the socket.
+MAX_FIELD bytes each, and up to twice READ_BUFSIZE of body before it stops reading the socket. aiohttp's own
+error log (a traceback per malformed request) goes through a rate limit: a peer cannot fill the log.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import logging
+import traceback
+from collections.abc import Awaitable, Callable, MutableMapping
 from types import TracebackType
+from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
-from appliance.alarms import Alarms
+from appliance.alarms import Alarms, LogOnce
 from appliance.connections import AcceptErrors, ConnectionGate, Guard, HttpLimits, serve_guarded
 
 __all__ = ["MAX_FIELD", "MAX_HEADERS", "READ_BUFSIZE", "HttpListener"]
@@ -27,6 +32,37 @@ MAX_FIELD = 2048
 READ_BUFSIZE = 64 * 1024  # the body stream's limit: reading pauses past twice this
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class _ServerLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """aiohttp's server logger. aiohttp logs every malformed request at ERROR with a traceback, so any peer
+    could fill the log: those (HttpProcessingError: bad request line, too many or too long headers) are logged
+    once a minute per kind at INFO, and anything else (a handler's bug) once a minute per kind at ERROR with
+    its traceback."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(logging.getLogger(f"birthline.http.{name}"), {})
+        self.listener = name
+        self._once = LogOnce(interval_s=60.0, max_causes=64)
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info")
+        if not isinstance(exc, BaseException) or level < logging.WARNING:
+            super().log(level, msg, *args, **kwargs)
+        elif isinstance(exc, HttpProcessingError):
+            self._once.log(
+                self.logger, logging.INFO, f"peer:{type(exc).__name__}",
+                "%s listener: malformed request refused (%s: %s)",
+                self.listener, type(exc).__name__, str(exc).replace("\n", " ")[:200],
+            )  # fmt: skip
+        else:
+            self._once.log(
+                self.logger, logging.ERROR, f"own:{type(exc).__name__}", "%s listener: %s\n%s",
+                self.listener, str(msg) % args, "".join(traceback.format_exception(exc)),
+            )  # fmt: skip
+
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
+        return msg, kwargs
 
 
 @web.middleware
@@ -88,7 +124,7 @@ class HttpListener:
         self._runner = web.AppRunner(
             self.app, access_log=None, keepalive_timeout=self.limits.idle_timeout_s,
             max_headers=MAX_HEADERS, max_field_size=MAX_FIELD, read_bufsize=READ_BUFSIZE,
-            lingering_time=min(self.limits.body_timeout_s, 10.0),
+            lingering_time=min(self.limits.body_timeout_s, 10.0), logger=_ServerLog(self.gate.name),
         )  # fmt: skip
         await self._runner.setup()
         try:

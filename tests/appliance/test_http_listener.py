@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import resource
 import sys
 from collections.abc import AsyncIterator
@@ -18,7 +19,7 @@ from aiohttp import web
 from appliance.alarms import Alarms
 from appliance.connections import HttpLimits, ensure_fd_budget
 from appliance.errors import ConfigError
-from appliance.httplisten import HttpListener
+from appliance.httplisten import MAX_FIELD, MAX_HEADERS, HttpListener
 
 GUARD_S = 20.0  # a hang guard only
 
@@ -122,6 +123,7 @@ async def test_cap_per_peer_refuses_with_503_and_other_peers_are_served() -> Non
         third = await Conn.open(server, "127.0.0.2")
         refused = await third.closed_by_server()
         assert refused.startswith(b"HTTP/1.1 503 ") and b"Connection: close" in refused
+        assert b"Retry-After: 1" in refused
         assert server.gate.counters["refused_peer"] == 1
         other = await Conn.open(server, "127.0.0.3")
         await other.send(GET)
@@ -249,6 +251,36 @@ async def test_idle_keep_alive_is_closed_and_a_busy_handler_is_not() -> None:
         app.release.set()
         assert (await slow.response()).endswith(b"ok")
         slow.close()
+
+
+async def test_header_sizes_are_bounded() -> None:
+    """At most MAX_HEADERS header lines of at most MAX_FIELD bytes: more is a 400, not a growing buffer."""
+    async with listener(SHORT) as (server, _):
+        fine = b"".join(b"X-%02d: %s\r\n" % (i, b"a" * (MAX_FIELD - 8)) for i in range(MAX_HEADERS - 1))
+        c = await Conn.open(server)
+        await c.send(b"GET /hello HTTP/1.1\r\nHost: x\r\n" + fine + b"\r\n")
+        assert (await c.response()).endswith(b"hello")
+        c.close()
+        for too_much in (
+            b"".join(b"X-%02d: a\r\n" % i for i in range(MAX_HEADERS)),
+            b"X-Long: " + b"a" * (MAX_FIELD + 1) + b"\r\n",
+        ):
+            c = await Conn.open(server)
+            await c.send(b"GET /hello HTTP/1.1\r\nHost: x\r\n" + too_much + b"\r\n")
+            assert (await c.closed_by_server()).split(b"\r\n")[0].endswith(b" 400 Bad Request")
+
+
+async def test_malformed_requests_cannot_fill_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    """aiohttp logs each malformed request at ERROR with a traceback; a peer sending many gets one line."""
+    caplog.set_level(logging.DEBUG)
+    async with listener(SHORT) as (server, _):
+        for _ in range(20):
+            c = await Conn.open(server)
+            await c.send(b"GET /hello HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n")
+            assert (await c.closed_by_server()).split(b"\r\n")[0].endswith(b" 400 Bad Request")
+    lines = [r for r in caplog.records if r.levelno >= logging.INFO and "malformed" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].levelno == logging.INFO and not lines[0].exc_info
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 def test_caps_over_the_file_descriptor_limit_are_refused_with_the_keys_named() -> None:
