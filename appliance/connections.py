@@ -134,6 +134,7 @@ class ConnectionGate:
             "accepted": 0, "refused_full": 0, "refused_peer": 0, "displaced": 0,
         }  # fmt: skip
         self._displaceable: dict[Guard, None] = {}  # insertion-ordered: the oldest first
+        self._admitted: set[Guard] = set()
         self._peak = 0  # most connections open at once since the last trim
         self._full = False
         self._log = LogOnce(interval_s=60.0, max_causes=256)
@@ -164,6 +165,7 @@ class ConnectionGate:
             self.counters["displaced"] += 1
             victim.displace()
         self.peers[peer] = self.peers.get(peer, 0) + 1
+        self._admitted.add(guard)
         self.open += 1
         self._peak = max(self._peak, self.open)
         self.counters["accepted"] += 1
@@ -184,6 +186,7 @@ class ConnectionGate:
 
     def release(self, guard: Guard, *, displaced: bool = False) -> None:
         self._displaceable.pop(guard, None)
+        self._admitted.discard(guard)
         self.open -= 1
         held = self.peers.get(guard.peer, 0) - 1
         if held > 0:
@@ -200,6 +203,11 @@ class ConnectionGate:
             self._full = False
             if self.alarms is not None:
                 self.alarms.clear(self.cause, f"{self.open} connections open")
+
+    def abort_all(self) -> None:
+        """Shutdown: end every admitted connection at once (those in a TLS handshake have no handler to do it)."""
+        for guard in list(self._admitted):
+            guard.displace()
 
     def displaceable(self, guard: Guard, flag: bool) -> None:
         self._displaceable.pop(guard, None)
@@ -440,13 +448,17 @@ def tls_server_protocol(
     app_protocol: asyncio.BaseProtocol, context: ssl.SSLContext, handshake_timeout_s: float
 ) -> asyncio.BufferedProtocol:
     """Server-side TLS in front of `app_protocol`, as asyncio's create_server(ssl=...) builds it, with a 32 KiB
-    read buffer instead of 256 KiB and the incoming ciphertext bounded the same way."""
+    read buffer instead of 256 KiB and the incoming ciphertext bounded the same way. `handshake_timeout_s`
+    bounds the closing handshake too (asyncio waits 30 s for a peer's close_notify otherwise, the connection
+    counted against the caps all the while)."""
     loop = asyncio.get_running_loop()
     # No waiter (asyncio passes none either when nothing awaits the handshake; a future would hold the
-    # exception of every failed handshake unretrieved). typeshed types these two arguments too narrowly.
+    # exception of every failed handshake unretrieved). typeshed types waiter and the handshake timeout too
+    # narrowly.
     proto = _BoundedSSLProtocol(
         loop, app_protocol, context, None,  # type: ignore[arg-type]
         server_side=True, ssl_handshake_timeout=handshake_timeout_s,  # type: ignore[arg-type]
+        ssl_shutdown_timeout=handshake_timeout_s,
     )  # fmt: skip
     proto._set_read_buffer_limits(high=TLS_INCOMING_HIGH_WATER)  # type: ignore[attr-defined]
     return proto

@@ -376,6 +376,8 @@ class Daemon:
             task.cancel()
         if self._lan_handlers:
             await asyncio.gather(*self._lan_handlers, return_exceptions=True)
+        if self.lan_gate is not None:
+            self.lan_gate.abort_all()
         if self._lan is not None:
             with contextlib.suppress(Exception):
                 await self._lan.wait_closed()

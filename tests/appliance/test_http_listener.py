@@ -42,12 +42,14 @@ class Conn:
         await self.writer.drain()
 
     async def closed_by_server(self) -> bytes:
-        """Everything the server sends until it closes the connection."""
+        """Everything the server sends until it closes the connection (then closed here too)."""
         async with asyncio.timeout(GUARD_S):
             try:
                 return await self.reader.read()
             except ConnectionError:
                 return b""
+            finally:
+                self.close()
 
     async def response(self) -> bytes:
         """One response's head and body (Content-Length framed)."""

@@ -57,12 +57,15 @@ async def raw(d: Daemon, source: str = "127.0.0.1") -> tuple[asyncio.StreamReade
     return await asyncio.open_connection(*_addr(d), local_addr=(source, 0))
 
 
-async def closed_by_daemon(reader: asyncio.StreamReader) -> bytes:
+async def closed_by_daemon(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+    """Everything the daemon sends until it closes the connection (then closed here too)."""
     async with asyncio.timeout(GUARD_S):
         try:
             return await reader.read()
         except ConnectionError:
             return b""
+        finally:
+            writer.close()
 
 
 async def until(cond: Callable[[], bool]) -> None:
@@ -87,9 +90,32 @@ async def test_tcp_that_never_starts_tls_is_closed_after_the_handshake_timeout(d
     async with daemon_with(handshake_timeout_s=0.5, auth_timeout_s=60.0) as d:
         reader, writer = await raw(d)
         await until(lambda: d.lan_gate is not None and d.lan_gate.open == 1)
-        assert await closed_by_daemon(reader) == b""
+        assert await closed_by_daemon(reader, writer) == b""
         await until(lambda: d.lan_gate is not None and d.lan_gate.open == 0)
         writer.close()
+
+
+async def test_shutdown_closes_connections_still_in_tls(daemon_with, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    async with daemon_with(handshake_timeout_s=60.0) as d:
+        reader, writer = await raw(d)
+        await until(lambda: d.lan_gate is not None and d.lan_gate.open == 1)
+    assert d.lan_gate is not None and d.lan_gate.open == 0  # ended by the shutdown itself
+    assert await closed_by_daemon(reader, writer) == b""
+
+
+async def test_a_peer_that_ignores_the_tls_close_is_cut_off_after_the_handshake_timeout(
+    daemon_with, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    """asyncio waits 30 s for a peer's close_notify by default, the connection counted against the caps all the
+    while; the listener waits handshake_timeout_s."""
+    async with daemon_with(handshake_timeout_s=0.5, auth_timeout_s=60.0) as d:
+        bundle = await add_lan(d, "lan-close", tmp_path)
+        link = await Link.tls(_addr(d), bundle)
+        assert isinstance(await link.handshake(), Authenticated)
+        link.channel.writer.transport.pause_reading()  # the BYE and the close_notify stay unread
+        assert d.server is not None and d.server.drop("lan-close") == 1
+        await until(lambda: d.lan_gate is not None and d.lan_gate.open == 0)
+        link.channel.writer.transport.abort()
 
 
 async def test_failed_handshakes_cannot_keep_a_connection_past_the_auth_timeout(
@@ -108,6 +134,7 @@ async def test_failed_handshakes_cannot_keep_a_connection_past_the_auth_timeout(
                     event = await link.handshake()
                     assert isinstance(event, HandshakeFailed)
                     failures += 1
+        await link.close()
         assert failures >= 1
         assert d.lan_gate is not None and d.lan_gate.counters["timeout_unauthenticated"] == 1
 
@@ -129,7 +156,7 @@ async def test_cap_per_peer_closes_at_accept_and_other_peers_enrol(daemon_with, 
         held = [await raw(d, "127.0.0.2") for _ in range(2)]
         await until(lambda: d.lan_gate is not None and d.lan_gate.open == 2)
         reader, writer = await raw(d, "127.0.0.2")
-        assert await closed_by_daemon(reader) == b""  # closed at accept: not a byte of TLS
+        assert await closed_by_daemon(reader, writer) == b""  # closed at accept: not a byte of TLS
         assert d.lan_gate is not None and d.lan_gate.counters["refused_peer"] == 1
         chain = await enrol_once(bundle, _addr(d), "SN-PEER-1")
         assert len(chain) == 3
@@ -147,7 +174,7 @@ async def test_global_cap_displaces_unauthenticated_connections_for_a_station(da
         await until(lambda: d.lan_gate is not None and d.lan_gate.open == 3)
         chain = await enrol_once(bundle, _addr(d), "SN-DISP-1")
         assert len(chain) == 3
-        assert await closed_by_daemon(idle[0][0]) == b""  # the oldest idle connection made room
+        assert await closed_by_daemon(*idle[0]) == b""  # the oldest idle connection made room
         assert d.lan_gate is not None and d.lan_gate.counters["displaced"] >= 1
         assert ("raised", "listener.stations.full") in alarms
         for _, w in idle:
@@ -163,11 +190,11 @@ async def test_global_cap_refuses_when_every_connection_is_an_authenticated_stat
         for link in links:
             assert isinstance(await link.handshake(), Authenticated)
         reader, writer = await raw(d, "127.0.0.5")
-        assert await closed_by_daemon(reader) == b""
+        assert await closed_by_daemon(reader, writer) == b""
         assert d.lan_gate is not None and d.lan_gate.counters["refused_full"] == 1
         for i, link in enumerate(links):  # the authenticated sessions were not disturbed
             assert isinstance(await _enroll(link, f"SN-FULL-{i}"), Cert)
-        writer.close()
+            await link.close()
 
 
 # -- the TLS policy --------------------------------------------------------------------------------------------
@@ -216,7 +243,7 @@ def s_server(cert: Path, key: Path, *args: str) -> object:
             raise AssertionError("openssl s_server did not start")
     finally:
         proc.kill()
-        proc.wait(timeout=GUARD_S)
+        proc.communicate(timeout=GUARD_S)
 
 
 async def test_station_client_refuses_a_server_that_offers_only_cbc(daemon_with, tmp_path) -> None:  # type: ignore[no-untyped-def]
