@@ -79,8 +79,8 @@ def _split_listen(value: str) -> tuple[str, int] | None:
     return host.strip("[]"), int(port)
 
 
-# The HTTP listeners' embedded bounds (docs/configuration.md). Together with the LAN listener's caps and the
-# descriptor reserve they fit in the common default file-descriptor limit of 1024.
+# The HTTP listeners' embedded bounds (docs/configuration.md). The LAN listener and the VA with their accepts in
+# flight and the process's reserve fit in the common default file-descriptor limit of 1024; CMP raises it.
 VA_LIMITS = HttpLimits(
     max_connections=256, max_connections_per_peer=64, header_timeout_s=10.0, body_timeout_s=10.0,
     idle_timeout_s=15.0,

@@ -2,11 +2,13 @@
 
 Each listener is an asyncio server whose protocol is a ``Guard``. At accept, before anything else is
 allocated for the connection (no TLS object, no HTTP parser, no task), the listener's ``ConnectionGate``
-counts it against a global cap and a cap per peer address; over either cap the connection is refused cheaply
-(an HTTP listener writes a fixed 503 with ``Connection: close``, the TLS listener just closes) and the refusal
-is counted, logged once per cause and interval, and at the global cap an alarm is raised. An admitted
-connection gets its real protocol (aiohttp's request handler, or TLS in front of the station stream) with the
-Guard in front of it, which keeps one deadline per connection and aborts the connection when it passes:
+counts it against a global cap and a cap per peer address. At the global cap it displaces the oldest
+connection that is not yet a proven client (see ConnectionGate); over the per-peer cap, or when nothing can be
+displaced, it is refused cheaply (an HTTP listener writes a fixed 503 with ``Connection: close``, the TLS
+listener just closes), counted, and logged once per cause and interval; at the global cap an alarm is raised.
+An admitted connection gets its real protocol (aiohttp's request handler, or TLS in front of the station
+stream) with the Guard in front of it, which keeps one deadline per connection and aborts the connection when
+it passes:
 
     HTTP   request headers complete within header_timeout_s of connect (or of the first byte of a following
            request); the body complete within body_timeout_s of its headers; a keep-alive connection idle (or a
@@ -40,6 +42,8 @@ from appliance.errors import ConfigError, Problem
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "ACCEPTS_IN_FLIGHT",
+    "ACCEPT_BACKLOG",
     "FD_RESERVE",
     "AcceptErrors",
     "ConnectionCaps",
@@ -51,11 +55,17 @@ __all__ = [
     "tls_server_protocol",
 ]
 
-# Descriptors kept beyond the caps: 128 for the process (the journal and its -wal/-shm, the HSM library's files,
-# prepare-worker pipes, serial ports, the upstream forwarder's connections, the listening sockets) and 128 for
-# connections being refused: accept() gives each a descriptor, closed on the event loop's next turn, and asyncio
-# accepts up to a listen backlog (128) of them in one turn.
-FD_RESERVE = 256
+# Descriptors the process keeps beyond its listeners: the journal and its -wal/-shm, the HSM library's files,
+# prepare-worker pipes, serial ports, the upstream forwarder's connections, the listening sockets.
+FD_RESERVE = 128
+# The kernel's queue of connections not yet accepted, per listener; also how many asyncio accepts in one turn of
+# the event loop.
+ACCEPT_BACKLOG = 64
+# A connection holds its descriptor from accept() before the gate has seen it: asyncio builds its transport in a
+# task (the next turn), which calls connection_made (the turn after), and a refused or displaced connection is
+# closed a turn later still, while each turn may accept another backlog. So beyond its cap a flooded listener
+# holds up to four backlogs of descriptors in flight; the descriptor budget counts them.
+ACCEPTS_IN_FLIGHT = 4 * ACCEPT_BACKLOG
 
 # The TLS read buffer asyncio allocates per connection is 256 KiB (asyncio.sslproto.SSLProtocol.max_size).
 # One TLS record is at most 16 KiB of plaintext plus 2 KiB of expansion, so 32 KiB reads whole records; a flood
@@ -431,7 +441,7 @@ async def serve_guarded(
     port: int,
     *,
     buffered: bool = False,
-    backlog: int = 128,
+    backlog: int = ACCEPT_BACKLOG,
 ) -> asyncio.Server:
     """A listening asyncio server whose connections go through `gate`. `buffered`: the inner protocol is an
     asyncio.BufferedProtocol (TLS)."""
@@ -465,9 +475,11 @@ def tls_server_protocol(
 
 
 def ensure_fd_budget(caps: Mapping[str, int], reserve: int = FD_RESERVE) -> tuple[int, int]:
-    """Check that the listeners' caps (config key -> cap) plus `reserve` fit under RLIMIT_NOFILE, raising the
-    soft limit up to the hard one when that is enough. Returns (limit, needed); ConfigError when impossible."""
-    needed = sum(caps.values()) + reserve
+    """Check that the listeners' caps (config key -> cap), each with ACCEPTS_IN_FLIGHT, plus `reserve` fit under
+    RLIMIT_NOFILE, raising the soft limit up to the hard one when that is enough. Returns (limit, needed);
+    ConfigError when impossible."""
+    in_flight = ACCEPTS_IN_FLIGHT * len(caps)
+    needed = sum(caps.values()) + in_flight + reserve
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if needed > soft and (hard == resource.RLIM_INFINITY or needed <= hard):
         try:
@@ -480,14 +492,15 @@ def ensure_fd_budget(caps: Mapping[str, int], reserve: int = FD_RESERVE) -> tupl
         raise ConfigError([
             Problem(
                 keys,
-                f"the connection caps add up to {sum(caps.values())}; with {reserve} descriptors kept for the"
-                f" journal, HSM and ports that is {needed}, above this process's file-descriptor limit of"
-                f" {soft} (RLIMIT_NOFILE, hard limit {hard}): lower the caps or raise LimitNOFILE=",
+                f"the connection caps add up to {sum(caps.values())}; with {in_flight} for connections being"
+                f" accepted or refused and {reserve} for the journal, HSM and ports that is {needed}, above this"
+                f" process's file-descriptor limit of {soft} (RLIMIT_NOFILE, hard limit {hard}): lower the caps"
+                " or raise LimitNOFILE=",
             )
         ])  # fmt: skip
     log.info(
-        "file descriptors: limit %d; listener caps %s = %d, plus %d reserved",
-        soft, ", ".join(f"{k} {v}" for k, v in caps.items()), sum(caps.values()), reserve,
+        "file descriptors: limit %d; listener caps %s = %d, plus %d being accepted, plus %d reserved",
+        soft, ", ".join(f"{k} {v}" for k, v in caps.items()), sum(caps.values()), in_flight, reserve,
     )  # fmt: skip
     return soft, needed
 

@@ -17,7 +17,7 @@ import pytest
 from aiohttp import web
 
 from appliance.alarms import Alarms
-from appliance.connections import HttpLimits, ensure_fd_budget
+from appliance.connections import ACCEPTS_IN_FLIGHT, FD_RESERVE, HttpLimits, ensure_fd_budget
 from appliance.errors import ConfigError
 from appliance.httplisten import MAX_FIELD, MAX_HEADERS, HttpListener
 
@@ -297,7 +297,7 @@ def test_caps_over_the_file_descriptor_limit_are_refused_with_the_keys_named() -
     assert "RLIMIT_NOFILE" in problem.message
     assert resource.getrlimit(resource.RLIMIT_NOFILE) == (soft, hard)  # nothing raised for a hopeless case
     limit, needed = ensure_fd_budget({"va.max_connections": 10})
-    assert needed == 10 + 256 and limit >= needed
+    assert needed == 10 + ACCEPTS_IN_FLIGHT + FD_RESERVE and limit >= needed
 
 
 async def test_listener_survives_emfile_and_reports_it_as_one_alarm() -> None:

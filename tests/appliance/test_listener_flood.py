@@ -23,6 +23,7 @@ import pytest
 from appliance import stations_registry as reg
 from appliance.audit.log import AuditLog
 from appliance.config import StationsSection, VaSection
+from appliance.connections import ACCEPTS_IN_FLIGHT
 from appliance.issuance.journal import Journal
 from hsm.softhsm import SoftHsmToken
 from hsm.token import Token
@@ -161,15 +162,14 @@ def test_flood_of_2000_connections_is_bounded_and_the_daemon_keeps_serving(
         await crl()  # warm: every path the flood and the good clients touch has run once
         rss0, fd0 = _rss_mib(pid), _fds(pid)
 
-        # A refused connection holds a descriptor from accept() to the event loop's next turn, and asyncio accepts
-        # up to a backlog (128) per turn: at any moment at most the cap plus one such batch; the cap once the
-        # daemon has caught up with the flood.
+        # Beyond its cap a flooded listener holds at most ACCEPTS_IN_FLIGHT descriptors of connections being
+        # accepted or refused; the cap alone once the daemon has caught up with the flood.
         lan_flood = await _flood(lan, b"")  # TCP that never starts TLS
-        assert _fds(pid) - fd0 <= stations_cap + 128
+        assert _fds(pid) - fd0 <= stations_cap + ACCEPTS_IN_FLIGHT
         await _until(lambda: _fds(pid) - fd0 <= stations_cap, f"at most {stations_cap} LAN connections held")
         await enrol()  # from 127.0.0.1: a peer of its own, within the caps
         va_flood = await _flood(va, b"GET /crl/issuing.crl HTTP/1.1\r\nHost: x\r\n")  # headers never end
-        assert _fds(pid) - fd0 <= stations_cap + va_cap + 128
+        assert _fds(pid) - fd0 <= stations_cap + va_cap + ACCEPTS_IN_FLIGHT
         await _until(lambda: _fds(pid) - fd0 <= stations_cap + va_cap, "at most the two caps held")
         await crl()
         during = _rss_mib(pid)
