@@ -12,7 +12,6 @@ error log (a traceback per malformed request) goes through a rate limit: a peer 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import traceback
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -151,9 +150,3 @@ class HttpListener:
     def url(self) -> str:
         host, port = self.address
         return f"http://{host}:{port}"
-
-    async def wait_idle(self, timeout: float) -> None:
-        """Until no connection is open (tests and benches; a deadlock guard, not a timing claim)."""
-        async with asyncio.timeout(timeout):
-            while self.gate.open:
-                await asyncio.sleep(0.02)
