@@ -16,6 +16,7 @@ from cryptography import x509
 
 from appliance import names
 from appliance.audit.claims import CheckpointPolicy
+from appliance.connections import HttpLimits
 from appliance.errors import ConfigError, Problem
 from appliance.profiles import Profile, builtin_profiles, parse_profiles
 from appliance.text import safe_repr
@@ -76,6 +77,11 @@ class StationsSection:
     registry_poll_s: float = 1.0
     failure_limit: int = 10  # failed handshakes / forged frames per station and window before BUSY
     failure_window_s: float = 60.0
+    max_connections: int = 128  # LAN listener: open TCP connections, TLS or not yet
+    max_connections_per_peer: int = 16  # of these, from one IP address
+    auth_timeout_s: float = (
+        30.0  # a LAN connection with no authenticated station session after this is closed
+    )
 
     @property
     def lan_address(self) -> tuple[str, int] | None:
@@ -92,12 +98,25 @@ def _split_listen(value: str) -> tuple[str, int] | None:
     return host.strip("[]"), int(port)
 
 
+# The HTTP listeners' embedded bounds (docs/configuration.md). The LAN listener and the VA with their accepts in
+# flight and the process's reserve fit in the common default file-descriptor limit of 1024; CMP raises it.
+VA_LIMITS = HttpLimits(
+    max_connections=256, max_connections_per_peer=64, header_timeout_s=10.0, body_timeout_s=10.0,
+    idle_timeout_s=15.0,
+)  # fmt: skip
+CMP_LIMITS = HttpLimits(
+    max_connections=128, max_connections_per_peer=32, header_timeout_s=10.0, body_timeout_s=30.0,
+    idle_timeout_s=30.0,
+)  # fmt: skip
+
+
 @dataclass(frozen=True)
 class VaSection:
     """The validation authority: CRLs and OCSP over HTTP on the appliance's LAN side."""
 
     listen: str = "127.0.0.1:7451"  # "host:port"; "" serves no CRL or OCSP
     settings: VaSettings = field(default_factory=VaSettings)
+    limits: HttpLimits = field(default_factory=lambda: VA_LIMITS)
 
     @property
     def address(self) -> tuple[str, int] | None:
@@ -132,6 +151,7 @@ class CmpSection:
     default_label: str = ""
     ra_cert: Path | None = None  # where the RA certificate is kept; default <stations.tls_dir>/cmp-ra.pem
     labels: Mapping[str, CmpLabelSection] = field(default_factory=dict)
+    limits: HttpLimits = field(default_factory=lambda: CMP_LIMITS)
 
     @property
     def address(self) -> tuple[str, int] | None:
@@ -354,7 +374,11 @@ def parse_config(
         registry_poll_s=r.number("registry_poll_s", 1.0, lo=0.01, hi=60),
         failure_limit=r.integer("failure_limit", 10, lo=1, hi=100_000),
         failure_window_s=r.number("failure_window_s", 60.0, lo=1, hi=86400),
+        max_connections=r.integer("max_connections", 128, lo=1, hi=1_000_000),
+        max_connections_per_peer=r.integer("max_connections_per_peer", 16, lo=1, hi=1_000_000),
+        auth_timeout_s=r.number("auth_timeout_s", 30.0, lo=0.05, hi=3600),
     )
+    _per_peer_within(stations.max_connections, stations.max_connections_per_peer, "stations", problems)
     r.done()
 
     r = _Reader(_table(data, "va", problems), "va", problems)
@@ -389,6 +413,7 @@ def parse_config(
             pace_max_delay_s=r.number("pace_max_delay_s", 1.0, lo=0, hi=30),
             clients_max=r.integer("clients_max", 4096, lo=16, hi=1_000_000),
         ),
+        limits=_http_limits(r, VA_LIMITS),
     )
     if va.settings.signer_renew_days >= va.settings.signer_validity_days:
         problems.append(Problem("va.signer_renew_days", "must be less than signer_validity_days"))
@@ -450,6 +475,28 @@ def _listen(r: _Reader, key: str, default: str) -> str:
     return value if isinstance(value, str) else ""
 
 
+def _http_limits(r: _Reader, d: HttpLimits) -> HttpLimits:
+    """The connection bounds of an HTTP listener's section ([va], [cmp])."""
+    limits = HttpLimits(
+        max_connections=r.integer("max_connections", d.max_connections, lo=1, hi=1_000_000),
+        max_connections_per_peer=r.integer(
+            "max_connections_per_peer", d.max_connections_per_peer, lo=1, hi=1_000_000
+        ),
+        header_timeout_s=r.number("header_timeout_s", d.header_timeout_s, lo=0.05, hi=600),
+        body_timeout_s=r.number("body_timeout_s", d.body_timeout_s, lo=0.05, hi=3600),
+        idle_timeout_s=r.number("idle_timeout_s", d.idle_timeout_s, lo=0.05, hi=3600),
+    )
+    _per_peer_within(limits.max_connections, limits.max_connections_per_peer, r.where, r.problems)
+    return limits
+
+
+def _per_peer_within(total: int, per_peer: int, where: str, problems: list[Problem]) -> None:
+    if per_peer > total:
+        problems.append(
+            Problem(f"{where}.max_connections_per_peer", f"must not exceed max_connections ({total})")
+        )
+
+
 def _private_file(value: Path | None, where: str, problems: list[Problem]) -> None:
     """A secret file must exist and be readable by its owner only (0600 or stricter)."""
     if value is None:
@@ -476,6 +523,7 @@ def _parse_cmp(
     r.name("default_label", names.CMP_LABEL)
     default_label = r.text("default_label", "") or ""
     ra_cert = path(r.text("ra_cert"))
+    limits = _http_limits(r, CMP_LIMITS)
     raw_labels = r.table.get("labels", {})
     r.seen.add("labels")
     r.done()
@@ -518,7 +566,7 @@ def _parse_cmp(
         labels[str(name)] = label
     if default_label and default_label not in labels:
         problems.append(Problem("cmp.default_label", f"no label {default_label!r} in [cmp.labels]"))
-    return CmpSection(listen, max_bytes, confirm_wait, max_pending, default_label, ra_cert, labels)
+    return CmpSection(listen, max_bytes, confirm_wait, max_pending, default_label, ra_cert, labels, limits)
 
 
 def _parse_upstream(
