@@ -31,7 +31,6 @@ from appliance.cmp.forwarder import Forwarder, make_forwarder
 from appliance.cmp.ra import ensure_ra
 from appliance.cmp.server import CmpResponder, labels_from_config, make_cmp_app, settings_from_config
 from appliance.config import Config
-from appliance.daemon_lock import DaemonLock, DaemonRunning
 from appliance.connections import (
     AcceptErrors,
     ConnectionCaps,
@@ -41,6 +40,7 @@ from appliance.connections import (
     serve_guarded,
     tls_server_protocol,
 )
+from appliance.daemon_lock import DaemonLock, DaemonRunning
 from appliance.errors import BirthlineError, IssuanceFailed, IssuancePending, IssuanceRefused
 from appliance.issuance.journal import Journal
 from appliance.issuance.policy import IssueRequest

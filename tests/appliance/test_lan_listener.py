@@ -122,8 +122,9 @@ async def test_failed_handshakes_cannot_keep_a_connection_past_the_auth_timeout(
     daemon_with, tmp_path
 ) -> None:  # type: ignore[no-untyped-def]
     """A peer with a station's TLS certificate but not its key starts handshake after handshake; each resets
-    the station handshake timer, but the connection has auth_timeout_s to authenticate, in all."""
-    async with daemon_with(handshake_timeout_s=5.0, auth_timeout_s=0.5) as d:
+    the station handshake timer, but the connection has auth_timeout_s to authenticate, in all. (The failure
+    limit, which would end it after failure_limit failures, is set out of reach: this is the other bound.)"""
+    async with daemon_with(handshake_timeout_s=5.0, auth_timeout_s=0.5, failure_limit=100_000) as d:
         bundle = await add_lan(d, "lan-wrongkey", tmp_path)
         reader, writer = await asyncio.open_connection(*_addr(d), ssl=tls_client_context(bundle))
         link = Link(StreamChannel(reader, writer), bundle.name, os.urandom(32))  # not the station's key

@@ -118,7 +118,7 @@ def test_flood_of_2000_connections_is_bounded_and_the_daemon_keeps_serving(
     tmp_path: Path, softhsm_token: SoftHsmToken, production_journal_template: Path, hsm_token: Token
 ) -> None:
     state = tmp_path / "state"
-    state.mkdir()
+    state.mkdir(mode=0o700)  # the appliance refuses a state directory others can reach
     shutil.copy(production_journal_template, state / "journal.sqlite")
     lan, va = _free_port(), _free_port()
     config = tmp_path / "birthline.toml"
@@ -157,7 +157,10 @@ def test_flood_of_2000_connections_is_bounded_and_the_daemon_keeps_serving(
 
     async def scenario(proc: subprocess.Popen[bytes]) -> None:
         pid = proc.pid
-        await _until(lambda: _listening(lan) and _listening(va), "the daemon listens")
+        await _until(
+            lambda: proc.poll() is not None or (_listening(lan) and _listening(va)), "the daemon listens"
+        )
+        assert proc.poll() is None, f"birthline run exited with {proc.returncode}"
         await enrol()
         await crl()  # warm: every path the flood and the good clients touch has run once
         rss0, fd0 = _rss_mib(pid), _fds(pid)
