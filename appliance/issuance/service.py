@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from appliance.alarms import LogOnce
 from appliance.ca import CaRecord
 from appliance.der import split_certificates, tbs_subject
 from appliance.errors import BirthlineError, IssuanceFailed, IssuancePending, IssuanceRefused, ReasonCode
@@ -140,6 +141,8 @@ class IssueService:
         self._ctx = PrepareContext(self._profiles, ca.cert_der or b"", ca.key_algorithm, max_csr_bytes)
         self._preparer = Preparer(self._ctx)
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        # A bug of ours in preparation refuses one request (INTERNAL); logged once per place, not per request.
+        self._faults = LogOnce(interval_s=300.0)
         self._queue: asyncio.Queue[_Item | None] = asyncio.Queue()
         self._confirms: asyncio.Queue[_Confirm | None] = asyncio.Queue()
         self._tg: asyncio.TaskGroup | None = None
@@ -427,6 +430,11 @@ class IssueService:
         for item, result in zip(batch, results, strict=True):
             if isinstance(result, Refusal):
                 item.error = result.error()
+                if result.fault is not None:
+                    self._faults.log(
+                        log, logging.ERROR, f"prepare:{result.fault}",
+                        "a request was refused INTERNAL by a fault in CSR checking (a bug): %s", result.fault,
+                    )  # fmt: skip
             else:
                 item.prep = result
 
