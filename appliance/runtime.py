@@ -80,6 +80,7 @@ class Core:
             refusal_burst=self.config.issuance.refusal_burst,
             refusal_window_s=self.config.issuance.refusal_window_s,
             admission=admission,
+            alarms=self.alarms,
             upstream_retry_s=self.config.upstream.pending_retry_s if self.config.upstream.enabled else None,
         )
 

@@ -13,12 +13,10 @@ stores the upstream CA's certificate in `ra_request`, and the same request asked
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import dataclasses
 import functools
 import hashlib
 import logging
-import multiprocessing
 import os
 import signal
 import sqlite3
@@ -30,22 +28,15 @@ from dataclasses import dataclass, field
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from appliance.alarms import LogOnce
+from appliance.alarms import Alarms, LogOnce
 from appliance.ca import CaRecord
 from appliance.der import split_certificates, tbs_subject
 from appliance.errors import BirthlineError, IssuanceFailed, IssuancePending, IssuanceRefused, ReasonCode
 from appliance.issuance.journal import IssuanceRow, Journal, burn_interrupted
 from appliance.issuance.policy import LOCAL, AllowAll, AuditSink, AuthorisationPolicy, IssueRequest
-from appliance.issuance.prepare import (
-    Job,
-    PrepareContext,
-    Prepared,
-    Preparer,
-    Refusal,
-    init_worker,
-    prepare_in_worker,
-)
+from appliance.issuance.prepare import Job, PrepareContext, Prepared, Preparer, Refusal
 from appliance.issuance.refusals import RefusalLimiter
+from appliance.issuance.workers import PreparePool
 from appliance.profiles import Profile
 from hsm.errors import DeviceError, HsmError, SignatureVerificationError
 from hsm.keys import HsmPrivateKey
@@ -118,6 +109,7 @@ class IssueService:
         upstream_retry_s: float | None = None,
         refusal_burst: int = 60,
         refusal_window_s: float = 60.0,
+        alarms: Alarms | None = None,
     ) -> None:
         ca_cert = ca.certificate
         spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -140,7 +132,8 @@ class IssueService:
         self._profiles = dict(profiles)
         self._ctx = PrepareContext(self._profiles, ca.cert_der or b"", ca.key_algorithm, max_csr_bytes)
         self._preparer = Preparer(self._ctx)
-        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._pool: PreparePool | None = None
+        self.alarms = alarms
         # A bug of ours in preparation refuses one request (INTERNAL); logged once per place, not per request.
         self._faults = LogOnce(interval_s=300.0)
         self._queue: asyncio.Queue[_Item | None] = asyncio.Queue()
@@ -169,20 +162,8 @@ class IssueService:
                 "burned %d intent(s) left by an interrupted run; their serials are never reused", burned
             )
         if self.prepare_workers > 0:
-            # spawn, not fork: this process already runs the PKCS#11 and journal threads.
-            self._pool = concurrent.futures.ProcessPoolExecutor(
-                self.prepare_workers,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=init_worker,
-                initargs=(self._ctx,),
-            )
-            loop = asyncio.get_running_loop()
-            await asyncio.gather(
-                *(
-                    loop.run_in_executor(self._pool, prepare_in_worker, [])
-                    for _ in range(self.prepare_workers)
-                )
-            )
+            self._pool = PreparePool(self._ctx, self.prepare_workers, alarms=self.alarms)
+            await self._pool.start()
         self._tg = asyncio.TaskGroup()
         await self._tg.__aenter__()
         self._tg.create_task(self._batcher(), name="issuance-batcher")
@@ -199,7 +180,7 @@ class IssueService:
         self._tg = None
         await self._write_summaries(final=True)
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool.shutdown()
             self._pool = None
         # Anything still queued was never started: tell its caller rather than leave it waiting forever.
         stopped = IssuanceFailed("the issuance service stopped", ReasonCode.BUSY)
@@ -420,13 +401,8 @@ class IssueService:
         if self._pool is None:
             results = self._preparer.prepare_many(jobs)
         else:
-            loop = asyncio.get_running_loop()
-            size = -(-len(jobs) // self.prepare_workers)
-            chunks = [jobs[i : i + size] for i in range(0, len(jobs), size)]
-            parts = await asyncio.gather(
-                *(loop.run_in_executor(self._pool, prepare_in_worker, c) for c in chunks)
-            )
-            results = [r for part in parts for r in part]
+            # Never raises for a job's content or a worker's death (appliance/issuance/workers.py).
+            results = await self._pool.run(jobs)
         for item, result in zip(batch, results, strict=True):
             if isinstance(result, Refusal):
                 item.error = result.error()

@@ -4,15 +4,21 @@ issuance. Real IssueService with prepare_workers > 0, real SoftHSM token, real j
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
+import os
+import signal
+import time
 
 import pytest
 from cryptography import x509
 
+from appliance.alarms import Alarms
 from appliance.ca import CaRecord
 from appliance.errors import IssuanceRefused, ReasonCode
 from appliance.issuance.journal import Journal
 from appliance.issuance.policy import IssueRequest
 from appliance.issuance.service import IssueService
+from appliance.issuance.workers import ALARM_DEATHS, ALARM_UNAVAILABLE, POISON_MESSAGE
 from appliance.profiles import Profile, builtin_profiles
 from hsm.token import Token
 from tests.appliance.conftest import make_csr
@@ -96,3 +102,102 @@ async def test_a_bug_in_preparation_refuses_that_request_internal_and_is_logged_
     lines = [r.getMessage() for r in caplog.records if "fault in CSR checking" in r.getMessage()]
     assert len(lines) == 1, lines
     assert "KeyError at" in lines[0] and "buggy" in lines[0] and "secret" not in lines[0]
+
+
+def _patch_worker(mocker: pytest.MockFixture) -> None:  # type: ignore[name-defined]
+    from appliance.issuance import prepare
+    from tests.appliance.issuance import worker_faults
+
+    mocker.patch.object(prepare, "prepare_in_worker", worker_faults.prepare_or_die)
+
+
+@pytest.mark.parametrize("how", ["EXIT", "KILL", "SEGV"])
+async def test_a_request_that_kills_its_worker_is_refused_alone_and_its_batch_issues(
+    journal: Journal,
+    issuing: CaRecord,
+    hsm_token: Token,
+    mocker: pytest.MockFixture,  # type: ignore[name-defined]
+    how: str,
+) -> None:
+    """A poison request (it kills the worker process every time: os._exit, SIGKILL, SIGSEGV) is isolated and
+    refused BAD_CSR with a clear reason; the other requests of its batch issue; the next batches issue; and a
+    worker that keeps dying raises an alarm."""
+    _patch_worker(mocker)
+    alarms = Alarms()
+    async with _service(journal, issuing, hsm_token, prepare_workers=2, batch_max=16, alarms=alarms) as svc:
+        for round_ in range(2):
+            serials = [f"SN-R{round_}-{i}" for i in range(10)]
+            results = await asyncio.gather(
+                *(svc.issue(IssueRequest(s, make_csr()[1])) for s in serials[:5]),
+                svc.issue(IssueRequest(f"DIE-{how}-{round_}", make_csr()[1])),
+                *(svc.issue(IssueRequest(s, make_csr()[1])) for s in serials[5:]),
+                return_exceptions=True,
+            )
+            poison = results.pop(5)
+            assert isinstance(poison, IssuanceRefused) and poison.code == ReasonCode.BAD_CSR, poison
+            assert poison.message == POISON_MESSAGE
+            for r in results:
+                assert not isinstance(r, BaseException), r
+            await _issues(svc, issuing, f"SN-NEXT-{round_}")
+        # Two poison requests: each killed the shared pool once and its quarantine worker once.
+        alarm = alarms.get(ALARM_DEATHS)
+        assert alarm is not None and alarm.severity == "warning" and alarm.count >= 1
+    rows = journal.rows()
+    assert not [r for r in rows if r.device_serial.startswith("DIE-")]
+    assert len([r for r in rows if r.state == "issued"]) == 22
+
+
+async def test_workers_killed_from_outside_are_replaced_and_nothing_is_lost(
+    journal: Journal, issuing: CaRecord, hsm_token: Token
+) -> None:
+    """The OOM killer's way, with no mock at all: SIGKILL every worker process, idle or busy, and the requests
+    of that moment and after still issue."""
+    async with _service(journal, issuing, hsm_token, prepare_workers=2, batch_max=8) as svc:
+        await _issues(svc, issuing, "SN-BEFORE")
+        for round_ in range(3):
+            workers = multiprocessing.active_children()
+            assert workers
+            pending = [asyncio.create_task(svc.issue(IssueRequest(f"SN-K{round_}-{i}", make_csr()[1])))
+                       for i in range(12)]  # fmt: skip
+            if round_ == 1:
+                await asyncio.sleep(0)  # let the first batch reach the workers before they die
+            for proc in workers:
+                os.kill(proc.pid or 0, signal.SIGKILL)
+            for r in await asyncio.gather(*pending, return_exceptions=True):
+                assert not isinstance(r, BaseException), r
+        await _issues(svc, issuing, "SN-AFTER")
+    assert len([r for r in journal.rows() if r.state == "issued"]) == 38
+
+
+async def test_workers_that_cannot_start_refuse_busy_with_a_critical_alarm_until_they_can(
+    journal: Journal,
+    issuing: CaRecord,
+    hsm_token: Token,
+    mocker: pytest.MockFixture,  # type: ignore[name-defined]
+) -> None:
+    """When a fresh worker cannot even start, nothing is blamed on the request (BUSY, not BAD_CSR), a critical
+    alarm says why, and issuance resumes by itself once workers start again."""
+    from appliance.issuance import prepare
+    from tests.appliance.issuance import worker_faults
+
+    alarms = Alarms()
+    async with _service(journal, issuing, hsm_token, prepare_workers=1, alarms=alarms) as svc:
+        await _issues(svc, issuing, "SN-UP")
+        broken = mocker.patch.object(prepare, "init_worker", worker_faults.init_and_die)
+        for proc in multiprocessing.active_children():
+            os.kill(proc.pid or 0, signal.SIGKILL)
+        with pytest.raises(IssuanceRefused) as exc:
+            await svc.issue(IssueRequest("SN-DOWN", make_csr()[1]))
+        assert exc.value.code == ReasonCode.BUSY
+        alarm = alarms.get(ALARM_UNAVAILABLE)
+        assert alarm is not None and alarm.severity == "critical"
+        mocker.stop(broken)
+        deadline = time.monotonic() + 120  # a deadlock guard only: the backoff is a few seconds
+        while True:
+            try:
+                await _issues(svc, issuing, "SN-DOWN")
+                break
+            except IssuanceRefused as again:
+                assert again.code == ReasonCode.BUSY and time.monotonic() < deadline
+                await asyncio.sleep(0.5)
+        assert alarms.get(ALARM_UNAVAILABLE) is None
