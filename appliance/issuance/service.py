@@ -197,6 +197,12 @@ class IssueService:
     def profiles(self) -> Mapping[str, Profile]:
         return self._profiles
 
+    @property
+    def prepare_stats(self) -> Mapping[str, int]:
+        """The prepare workers' counters (deaths, pool replacements, jobs quarantined, poison requests refused,
+        times no worker could start); empty without worker processes."""
+        return dict(self._pool.stats) if self._pool is not None else {}
+
     # -- API ---------------------------------------------------------------------------------------------------
     async def issue(self, request: IssueRequest) -> IssueResult:
         if self._tg is None:
