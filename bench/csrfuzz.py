@@ -296,6 +296,14 @@ def hand_csr(spki: bytes, sign: Signer, sig_alg: bytes, *, version: int = 0) -> 
     return der.sequence(info, sig_alg, der.bit_string(sign(info)))
 
 
+def ecdsa(key: ec.EllipticCurvePrivateKey, h: hashes.HashAlgorithm) -> Signer:
+    return lambda data: key.sign(data, ec.ECDSA(h, deterministic_signing=True))
+
+
+def pkcs1(key: rsa.RSAPrivateKey, h: hashes.HashAlgorithm) -> Signer:
+    return lambda data: key.sign(data, padding.PKCS1v15(), h)
+
+
 def make_seeds(seed: int = 1, *, rsa_3072: bool = True) -> list[Seed]:
     """Valid CSRs of every accepted key type, and some that PROFILE must refuse; deterministic for `seed`.
     The RSA-3072 key takes seconds to find in Python: the fast test slice leaves it out."""
@@ -304,12 +312,6 @@ def make_seeds(seed: int = 1, *, rsa_3072: bool = True) -> list[Seed]:
     ed = ed25519.Ed25519PrivateKey.from_private_bytes(rng.randbytes(32))
     primes = rsa_primes(2048, rng)
     r2048 = rsa_key(primes)
-
-    def ecdsa(key: ec.EllipticCurvePrivateKey, h: hashes.HashAlgorithm) -> Signer:
-        return lambda data: key.sign(data, ec.ECDSA(h, deterministic_signing=True))
-
-    def pkcs1(key: rsa.RSAPrivateKey, h: hashes.HashAlgorithm) -> Signer:
-        return lambda data: key.sign(data, padding.PKCS1v15(), h)
 
     seeds = [
         Seed("ec-p256", _builder_csr(p256, hashes.SHA256()), ISSUED, ecdsa(p256, hashes.SHA256()), _ECDSA_SHA256),
