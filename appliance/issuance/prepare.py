@@ -59,6 +59,9 @@ class Prepared:
     csr_sha256: bytes
     serial_hex: str
     tbs: Tbs
+    csr_der: bytes = b""
+    """The DER CSR intake checked (a PEM input decoded); empty for a bare key. Later stages (policy, upstream
+    outbox) read this, never the raw input again under other parsing rules."""
 
 
 @dataclass(frozen=True)
@@ -146,6 +149,7 @@ class Preparer:
             csr.der_sha256,
             format(serial, "x"),
             self.tbs_maker.make(builder),
+            csr.der if isinstance(csr, ValidatedCsr) else b"",
         )
 
     def prepare_many(self, jobs: Sequence[Job]) -> list[Prepared | Refusal]:

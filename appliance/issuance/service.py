@@ -419,6 +419,9 @@ class IssueService:
                     )  # fmt: skip
             else:
                 item.prep = result
+                if result.csr_der and result.csr_der != item.request.csr:
+                    # A PEM input: from here on the request carries the DER that was validated.
+                    item.request = dataclasses.replace(item.request, csr=result.csr_der)
 
     def _record_intents(
         self, conn: sqlite3.Connection, items: list[_Item], refused: list[_Item], now: float

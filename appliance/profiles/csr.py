@@ -48,6 +48,9 @@ class ValidatedCsr:
     # "key already certified for another device" check relies on this.
     public_key_sha256: bytes
     der_sha256: bytes
+    der: bytes = (
+        b""  # the DER that was checked (a PEM input decoded): what later stages must read, not the input
+    )
 
 
 def _refuse(code: ReasonCode, message: str, **details: Any) -> NoReturn:
@@ -257,4 +260,5 @@ def validate_csr(data: bytes, profile: Profile, *, max_bytes: int = 8192) -> Val
         key_algorithm=key_algorithm,
         public_key_sha256=hashlib.sha256(spki).digest(),
         der_sha256=hashlib.sha256(data).digest(),
+        der=data,
     )

@@ -4,10 +4,13 @@ issuance. Real IssueService with prepare_workers > 0, real SoftHSM token, real j
 from __future__ import annotations
 
 import asyncio
+import base64
 import multiprocessing
 import os
+import shutil
 import signal
 import time
+from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -201,3 +204,50 @@ async def test_workers_that_cannot_start_refuse_busy_with_a_critical_alarm_until
                 assert again.code == ReasonCode.BUSY and time.monotonic() < deadline
                 await asyncio.sleep(0.5)
         assert alarms.get(ALARM_UNAVAILABLE) is None
+
+
+def _pem_with_blank_line(der: bytes) -> bytes:
+    """PEM that validate_csr accepts (blank lines are whitespace) and cryptography's PEM loader does not."""
+    b64 = base64.b64encode(der)
+    lines = [b64[i : i + 64] for i in range(0, len(b64), 64)]
+    return (
+        b"-----BEGIN CERTIFICATE REQUEST-----\n"
+        + lines[0]
+        + b"\n\n"
+        + b"\n".join(lines[1:])
+        + (b"\n-----END CERTIFICATE REQUEST-----\n")
+    )
+
+
+@pytest.mark.parametrize("narrow_product", [False, True])
+async def test_what_is_validated_is_what_later_stages_read(
+    production_journal_template: Path, tmp_path: Path, hsm_token: Token, narrow_product: bool
+) -> None:
+    """Later stages (the work-order policy, the upstream outbox) read the DER that CSR intake validated, never
+    the raw input again under other rules. A PEM CSR that intake accepts and cryptography's PEM loader does not
+    (a blank line) went to the upstream outbox as PEM text, and with a product narrower than its profile made
+    the policy raise inside the intent transaction, failing every request of the batch INTERNAL."""
+    from appliance import ca as ca_mod
+    from appliance.audit.log import AuditLog
+    from appliance.production.policy import WorkOrderPolicy
+
+    shutil.copy(production_journal_template, tmp_path / "journal.sqlite")
+    with Journal(tmp_path / "journal.sqlite") as journal:
+        if narrow_product:  # as `product add --key-algorithms ec-p256` would have stored it
+            journal.call(lambda: journal.conn.execute("UPDATE product SET key_algorithms='ec-p256'"))
+        issuing = ca_mod.load_ca(journal, "issuing")
+        policy = WorkOrderPolicy("issuing")
+        async with _service(journal, issuing, hsm_token, policy=policy, audit=AuditLog(journal)) as svc:
+            _, der = make_csr()
+            results = await asyncio.gather(
+                svc.issue(IssueRequest("SN-0001", _pem_with_blank_line(der), station="fixture-1")),
+                *(
+                    svc.issue(IssueRequest(f"SN-001{i}", make_csr()[1], station="fixture-1"))
+                    for i in range(5)
+                ),
+                return_exceptions=True,
+            )
+        for r in results:
+            assert not isinstance(r, BaseException), r
+        rows = journal.call(lambda: journal.conn.execute("SELECT csr_der FROM outbox ORDER BY id").fetchall())
+    assert rows[0][0] == der  # the upstream gets the DER, not the PEM text
