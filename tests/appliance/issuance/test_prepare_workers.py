@@ -251,3 +251,38 @@ async def test_what_is_validated_is_what_later_stages_read(
             assert not isinstance(r, BaseException), r
         rows = journal.call(lambda: journal.conn.execute("SELECT csr_der FROM outbox ORDER BY id").fetchall())
     assert rows[0][0] == der  # the upstream gets the DER, not the PEM text
+
+
+async def test_worker_deaths_raise_an_alarm_that_clears_after_a_quiet_window(issuing: CaRecord) -> None:
+    """DEATHS_FOR_ALARM deaths within DEATH_WINDOW_S raise the warning alarm; a run after a window without a
+    death clears it. Real SIGKILLs, a fake clock for the window."""
+    import dataclasses
+
+    from appliance.issuance.prepare import Job, PrepareContext, Prepared
+    from appliance.issuance.workers import DEATH_WINDOW_S, DEATHS_FOR_ALARM, PreparePool
+
+    now = [1_000.0]
+    alarms = Alarms(clock=lambda: now[0])
+    ctx = PrepareContext(dict(builtin_profiles()), issuing.cert_der or b"", issuing.key_algorithm, 8192)
+    pool = PreparePool(ctx, 1, alarms=alarms, clock=lambda: now[0])
+    await pool.start()
+    job = Job("SN-1", make_csr()[1], "idevid", int(time.time()))
+    try:
+        for i in range(DEATHS_FOR_ALARM):
+            assert alarms.get(ALARM_DEATHS) is None
+            for proc in multiprocessing.active_children():
+                os.kill(proc.pid or 0, signal.SIGKILL)
+            (result,) = await pool.run([dataclasses.replace(job, device_serial=f"SN-{i}")])
+            assert isinstance(result, Prepared)
+            now[0] += 1
+        assert pool.stats["deaths"] == DEATHS_FOR_ALARM
+        alarm = alarms.get(ALARM_DEATHS)
+        assert alarm is not None and alarm.severity == "warning"
+        now[0] += DEATH_WINDOW_S / 2
+        await pool.run([job])
+        assert alarms.get(ALARM_DEATHS) is not None
+        now[0] += DEATH_WINDOW_S
+        await pool.run([job])
+        assert alarms.get(ALARM_DEATHS) is None
+    finally:
+        pool.shutdown()
