@@ -17,7 +17,7 @@ from appliance.ca import CaRecord
 from appliance.errors import IssuanceRefused, ReasonCode
 from appliance.issuance.journal import Journal
 from appliance.issuance.policy import IssueRequest
-from appliance.issuance.prepare import Preparer
+from appliance.issuance.prepare import Job, Preparer
 from appliance.issuance.service import IssueService
 from bench import csrfuzz
 from hsm.token import Token
@@ -103,6 +103,20 @@ def test_mutations_chosen_by_hypothesis_keep_the_invariant(
     kind, data = fuzz.mutator(rng).derive(chosen, ops, resign=resign)
     outcome = fuzz.check(data)
     assert outcome.violation is None, (kind, chosen.name, outcome, data.hex())
+
+
+def test_bare_public_keys_keep_the_invariant(fuzz: Fuzz) -> None:
+    """The CMP ir/cr path into the same core: a SubjectPublicKeyInfo instead of a CSR (validate_public_key)."""
+    seeds = [csrfuzz.Seed(f"spki-{i}", spki, "?") for i, spki in enumerate(fuzz.spkis) if spki[:1] == b"\x30"]
+    mutator = csrfuzz.Mutator(seeds, random.Random("spki-1"), fuzz.spkis)
+    codes: collections.Counter[str] = collections.Counter()
+    for _ in range(1500):
+        kind, seed, data = mutator.next()
+        job = Job(csrfuzz.DEVICE_SERIAL, b"", csrfuzz.PROFILE.name, csrfuzz.NOW, public_key_der=data)
+        outcome = csrfuzz.check(fuzz.prep, data, None, job)
+        assert outcome.violation is None, (kind, seed, outcome, data.hex())
+        codes[outcome.code] += 1
+    assert {"BAD_CSR", "KEY_POLICY", csrfuzz.ISSUED} <= set(codes), codes
 
 
 async def test_a_sample_through_the_service_and_the_next_good_request_still_issues(
