@@ -135,7 +135,7 @@ class IssueService:
         self._pool: PreparePool | None = None
         self.alarms = alarms
         # A bug of ours in preparation refuses one request (INTERNAL); logged once per place, not per request.
-        self._faults = LogOnce(interval_s=300.0)
+        self._prepare_faults = LogOnce(interval_s=300.0)
         self._queue: asyncio.Queue[_Item | None] = asyncio.Queue()
         self._confirms: asyncio.Queue[_Confirm | None] = asyncio.Queue()
         self._tg: asyncio.TaskGroup | None = None
@@ -413,7 +413,7 @@ class IssueService:
             if isinstance(result, Refusal):
                 item.error = result.error()
                 if result.fault is not None:
-                    self._faults.log(
+                    self._prepare_faults.log(
                         log, logging.ERROR, f"prepare:{result.fault}",
                         "a request was refused INTERNAL by a fault in CSR checking (a bug): %s", result.fault,
                     )  # fmt: skip
