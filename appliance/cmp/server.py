@@ -190,6 +190,15 @@ def _error(exc: BaseException) -> _Answer:
     return _Answer(BodyType.ERROR, ErrorBody(PKIStatusInfo.rejection(fail_info_for_error(exc), text)))
 
 
+def csr_subject(csr: x509.CertificateSigningRequest) -> x509.Name:
+    """A p10cr's requested subject. cryptography decodes it only when asked, so a malformed one (an empty RDN,
+    an undecodable string) raises here: the device's error, not ours."""
+    try:
+        return csr.subject
+    except Exception:  # noqa: BLE001 - what cryptography raises for a device's bytes is not a stable contract
+        raise CmpError("the CSR's subject does not parse", fail_info=FailInfo.BAD_DATA_FORMAT) from None
+
+
 def device_serial_of(subject: x509.Name | None) -> str:
     """The device serial: the requested subject's serialNumber attribute (exactly one)."""
     values = [] if subject is None else subject.get_attributes_for_oid(NameOID.SERIAL_NUMBER)
@@ -483,7 +492,7 @@ class CmpResponder:
         request_id = f"cmp:{label.name}:{tid.hex()}"
         if isinstance(body, P10crBody):
             req_id = 0
-            issue = IssueRequest(device_serial_of(body.csr.subject), body.csr.public_bytes(_DER), label.station,
+            issue = IssueRequest(device_serial_of(csr_subject(body.csr)), body.csr.public_bytes(_DER), label.station,
                                  request_id, label.profile)  # fmt: skip
         else:
             if len(body.requests) != 1:

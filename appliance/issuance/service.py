@@ -13,12 +13,10 @@ stores the upstream CA's certificate in `ra_request`, and the same request asked
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import dataclasses
 import functools
 import hashlib
 import logging
-import multiprocessing
 import os
 import signal
 import sqlite3
@@ -30,23 +28,16 @@ from dataclasses import dataclass, field
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from appliance.alarms import Alarms
+from appliance.alarms import Alarms, LogOnce
 from appliance.ca import CaRecord
 from appliance.der import split_certificates, tbs_subject
 from appliance.errors import BirthlineError, IssuanceFailed, IssuancePending, IssuanceRefused, ReasonCode
 from appliance.issuance.faults import IssuanceAlarms
 from appliance.issuance.journal import IssuanceRow, Journal, burn_interrupted, journal_error
 from appliance.issuance.policy import LOCAL, AllowAll, AuditSink, AuthorisationPolicy, Grant, IssueRequest
-from appliance.issuance.prepare import (
-    Job,
-    PrepareContext,
-    Prepared,
-    Preparer,
-    Refusal,
-    init_worker,
-    prepare_in_worker,
-)
+from appliance.issuance.prepare import Job, PrepareContext, Prepared, Preparer, Refusal
 from appliance.issuance.refusals import RefusalLimiter
+from appliance.issuance.workers import PreparePool
 from appliance.profiles import Profile
 from hsm.errors import HsmError, SignatureVerificationError
 from hsm.keys import HsmPrivateKey
@@ -145,7 +136,9 @@ class IssueService:
         self._profiles = dict(profiles)
         self._ctx = PrepareContext(self._profiles, ca.cert_der or b"", ca.key_algorithm, max_csr_bytes)
         self._preparer = Preparer(self._ctx)
-        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._pool: PreparePool | None = None
+        # A bug of ours in preparation refuses one request (INTERNAL); logged once per place, not per request.
+        self._prepare_faults = LogOnce(interval_s=300.0)
         self._queue: asyncio.Queue[_Item | None] = asyncio.Queue()
         self._confirms: asyncio.Queue[_Confirm | None] = asyncio.Queue()
         self._tg: asyncio.TaskGroup | None = None
@@ -176,20 +169,8 @@ class IssueService:
                 "burned %d intent(s) left by an interrupted run; their serials are never reused", burned
             )
         if self.prepare_workers > 0:
-            # spawn, not fork: this process already runs the PKCS#11 and journal threads.
-            self._pool = concurrent.futures.ProcessPoolExecutor(
-                self.prepare_workers,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=init_worker,
-                initargs=(self._ctx,),
-            )
-            loop = asyncio.get_running_loop()
-            await asyncio.gather(
-                *(
-                    loop.run_in_executor(self._pool, prepare_in_worker, [])
-                    for _ in range(self.prepare_workers)
-                )
-            )
+            self._pool = PreparePool(self._ctx, self.prepare_workers, alarms=self.alarms)
+            await self._pool.start()
         self._tg = asyncio.TaskGroup()
         await self._tg.__aenter__()
         self._tg.create_task(self._batcher(), name="issuance-batcher")
@@ -207,7 +188,7 @@ class IssueService:
         self._tg = None
         await self._write_summaries(final=True)
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool.shutdown()
             self._pool = None
         # Anything still queued was never started: tell its caller rather than leave it waiting forever.
         stopped = IssuanceFailed("the issuance service stopped", ReasonCode.BUSY)
@@ -223,6 +204,12 @@ class IssueService:
     @property
     def profiles(self) -> Mapping[str, Profile]:
         return self._profiles
+
+    @property
+    def prepare_stats(self) -> Mapping[str, int]:
+        """The prepare workers' counters (deaths, pool replacements, jobs quarantined, poison requests refused,
+        times no worker could start); empty without worker processes."""
+        return dict(self._pool.stats) if self._pool is not None else {}
 
     # -- API ---------------------------------------------------------------------------------------------------
     async def issue(self, request: IssueRequest) -> IssueResult:
@@ -452,18 +439,21 @@ class IssueService:
         if self._pool is None:
             results = self._preparer.prepare_many(jobs)
         else:
-            loop = asyncio.get_running_loop()
-            size = -(-len(jobs) // self.prepare_workers)
-            chunks = [jobs[i : i + size] for i in range(0, len(jobs), size)]
-            parts = await asyncio.gather(
-                *(loop.run_in_executor(self._pool, prepare_in_worker, c) for c in chunks)
-            )
-            results = [r for part in parts for r in part]
+            # Never raises for a job's content or a worker's death (appliance/issuance/workers.py).
+            results = await self._pool.run(jobs)
         for item, result in zip(batch, results, strict=True):
             if isinstance(result, Refusal):
                 item.error = result.error()
+                if result.fault is not None:
+                    self._prepare_faults.log(
+                        log, logging.ERROR, f"prepare:{result.fault}",
+                        "a request was refused INTERNAL by a fault in CSR checking (a bug): %s", result.fault,
+                    )  # fmt: skip
             else:
                 item.prep = result
+                if result.csr_der and result.csr_der != item.request.csr:
+                    # A PEM input: from here on the request carries the DER that was validated.
+                    item.request = dataclasses.replace(item.request, csr=result.csr_der)
 
     def _record_intents(
         self, conn: sqlite3.Connection, items: list[_Item], refused: list[_Item], now: float
