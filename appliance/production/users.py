@@ -55,6 +55,8 @@ class Permission(enum.StrEnum):
     REWORK = "rework"
     SCRAP = "scrap"
     AUDIT_CHECKPOINT = "audit.checkpoint"  # sign the audit log's head now (`birthline audit checkpoint`)
+    STATION_PAUSE = "station.pause"  # pause or resume a station's issuance (the console)
+    ALARM_ACKNOWLEDGE = "alarm.acknowledge"  # acknowledge an alarm (the console)
 
 
 # docs/production.md carries the same table; test_users checks they agree.
@@ -70,6 +72,8 @@ PERMISSIONS: Final[dict[Permission, frozenset[Role]]] = {
     Permission.REWORK: frozenset({Role.SUPERVISOR}),
     Permission.SCRAP: frozenset({Role.SUPERVISOR}),
     Permission.AUDIT_CHECKPOINT: frozenset({Role.AUDITOR, Role.ADMINISTRATOR}),
+    Permission.STATION_PAUSE: frozenset({Role.OPERATOR, Role.SUPERVISOR, Role.ADMINISTRATOR}),
+    Permission.ALARM_ACKNOWLEDGE: frozenset({Role.OPERATOR, Role.SUPERVISOR, Role.ADMINISTRATOR}),
 }
 
 
