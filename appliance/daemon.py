@@ -30,6 +30,7 @@ from appliance.cmp.forwarder import Forwarder, make_forwarder
 from appliance.cmp.ra import ensure_ra
 from appliance.cmp.server import CmpResponder, labels_from_config, make_cmp_app, settings_from_config
 from appliance.config import Config
+from appliance.control.plane import ControlPlane
 from appliance.errors import BirthlineError, IssuanceFailed, IssuancePending, IssuanceRefused
 from appliance.issuance.journal import Journal
 from appliance.issuance.policy import IssueRequest
@@ -228,6 +229,7 @@ class Daemon:
         self.cmp: CmpResponder | None = None
         self.cmp_server: VaServer | None = None
         self.forwarder: Forwarder | None = None
+        self.control: ControlPlane | None = None
 
     # -- what callers see ----------------------------------------------------------------------------------------
     @property
@@ -298,6 +300,7 @@ class Daemon:
                 admission=self.forwarder.admission if self.forwarder is not None else None
             )
         )
+        await self._start_control(service)
         if self.config.cmp.address is not None:
             await self._start_cmp(service)
         self.enroller = CoreEnroller(service, self.core.journal)
@@ -329,6 +332,26 @@ class Daemon:
             )
             log.info("listening for LAN stations on %s:%d (TLS)", *(self.lan_address or ("?", 0)))
         self._watcher = self._tg.create_task(self._watch_registry(), name="station-registry-watcher")
+
+    async def _start_control(self, service: IssueService) -> None:
+        """The control API, metrics and the disk alarm (appliance/control): before any listener takes a request,
+        so every answer is seen."""
+        assert self.core is not None
+
+        # The station server is made after this (it needs the enroller); until then there is nothing to read.
+        def probe() -> dict[str, tuple[bool, bool, str | None]]:
+            states = self.server.states if self.server is not None else {}
+            return {n: (st.connected, st.authenticated, st.peer) for n, st in states.items() if n}
+
+        def snapshots() -> dict[str, dict[str, object]]:
+            states = self.server.states if self.server is not None else {}
+            return {n: st.snapshot() for n, st in states.items() if n}
+
+        va = self.va
+        self.control = await self._stack.enter_async_context(
+            ControlPlane(self.core, service, probe=probe, snapshots=snapshots,
+                         on_revoked=va.changed if va is not None else None)
+        )  # fmt: skip
 
     async def _start_cmp(self, service: IssueService) -> None:
         """The CMP server on the LAN side: labels act as registered stations; answers to signature-protected
