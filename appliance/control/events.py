@@ -74,6 +74,11 @@ class EventBus:
         if sub in self._subscribers:
             self._subscribers.remove(sub)
 
+    def skip(self) -> None:
+        """An event nobody is subscribed to: numbered (so `seq` counts every event), not built."""
+        self.published += 1
+        self.last_seq = next(self._seq)
+
     def publish(self, kind: str, data: Mapping[str, Any]) -> None:
         """Number the event and queue it for every subscriber (event loop thread only)."""
         self.published += 1

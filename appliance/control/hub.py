@@ -116,21 +116,17 @@ class ControlHub:
             act = self.activity[station] = StationActivity()
         serial = _text(outcome.device_serial)
         act.last_device_serial = serial
-        data: dict[str, Any] = {
-            "station": station, "device_serial": serial, "work_order": outcome.work_order, "product": outcome.product,
-            "profile": outcome.profile,
-        }  # fmt: skip
-        if outcome.error is not None:
-            code = outcome.error.code.name
+        error = outcome.error
+        if error is not None:
+            code = error.code.name
             self.stats.refused[(station, product, code)] += 1
             act.refused += 1
-            act.last_refusal = {"code": code, "reason": outcome.error.message[:300], "device_serial": serial,
+            act.last_refusal = {"code": code, "reason": error.message[:300], "device_serial": serial,
                                 "time": time.time()}  # fmt: skip
-            self.bus.publish(wire.EVENT_REFUSED, {**data, "code": code, "code_number": int(outcome.error.code),
-                                                  "reason": outcome.error.message[:300]})  # fmt: skip
+            kind = wire.EVENT_REFUSED
         elif outcome.pending:
             self.stats.pending[(station, product)] += 1
-            self.bus.publish(wire.EVENT_PENDING, data)
+            kind = wire.EVENT_PENDING
         else:
             if outcome.reused:
                 self.stats.reused[(station, product)] += 1
@@ -140,9 +136,23 @@ class ControlHub:
                 self.stats.per_minute.add()
                 act.issued += 1
             act.last_issued_at = time.time()
-            self.bus.publish(
-                wire.EVENT_ISSUED, {**data, "cert_serial": outcome.cert_serial, "reused": outcome.reused}
+            kind = wire.EVENT_ISSUED
+        if not self.bus.subscribers:
+            self.bus.skip()  # no console: nothing to build
+            return
+        data: dict[str, Any] = {
+            "station": station, "device_serial": serial, "work_order": outcome.work_order, "product": outcome.product,
+            "profile": outcome.profile,
+        }  # fmt: skip
+        if error is not None:
+            data["code"], data["code_number"], data["reason"] = (
+                error.code.name,
+                int(error.code),
+                error.message[:300],
             )
+        elif kind == wire.EVENT_ISSUED:
+            data["cert_serial"], data["reused"] = outcome.cert_serial, outcome.reused
+        self.bus.publish(kind, data)
 
     def signed(self, certificates: int, seconds: float) -> None:
         self.stats.sign_seconds.observe(seconds)

@@ -41,7 +41,8 @@ from console import wire
 log = logging.getLogger(__name__)
 
 KEEPALIVE_S = 15.0  # an event stream with nothing to say sends a comment this often (dead consoles show up)
-WRITE_TIMEOUT_S = 10.0  # a console that does not read its stream for this long is dropped
+WRITE_TIMEOUT_S = 10.0
+BATCH_S = 0.05  # events are written at most this late, together  # a console that does not read its stream for this long is dropped
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -50,9 +51,16 @@ def error(status: int, code: str, message: str) -> web.Response:
     return web.json_response({"error": code, "message": message}, status=status)
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), check_circular=False, default=str)
+
+
 def sse(event: Event) -> bytes:
-    data = json.dumps(event, separators=(",", ":"), default=str)
-    return f"id: {event['seq']}\nevent: {event['type']}\ndata: {data}\n\n".encode()
+    """One server-sent event (on the hot path once per event and stream: the encoder is built once)."""
+    return b"id: %d\nevent: %s\ndata: %s\n\n" % (
+        event["seq"],
+        str(event["type"]).encode(),
+        _ENCODER.encode(event).encode(),
+    )
 
 
 class ControlApi:
@@ -164,7 +172,19 @@ class ControlApi:
                     continue
                 if event is None:
                     break
-                await self._write(resp, sse(event))
+                # Events come in bursts (a group commit answers a batch): gather what arrives within
+                # BATCH_S and write it at once, so a busy line costs a few writes a second, not one per event.
+                await asyncio.sleep(BATCH_S)
+                chunk, end = [sse(event)], False
+                while not sub.queue.empty():
+                    more = sub.queue.get_nowait()
+                    if more is None:
+                        end = True
+                        break
+                    chunk.append(sse(more))
+                await self._write(resp, b"".join(chunk))
+                if end:
+                    break
         except (TimeoutError, ConnectionError):
             pass  # the console stopped reading or went away: its stream ends here
         finally:
