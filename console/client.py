@@ -135,17 +135,23 @@ class ControlClient:
                         err = json.loads(text)
                         raise ControlError(resp.status, str(err.get("error")), str(err.get("message")))
                     raise ControlError(resp.status, wire.ERR_INTERNAL, text[:200])
-                data: list[str] = []
+                buffer = b""
                 while True:
-                    raw = await resp.content.readline()
-                    if not raw:
+                    chunk = await resp.content.readany()  # whatever arrived: the daemon writes in batches
+                    if not chunk:
                         return
-                    line = raw.decode("utf-8").rstrip("\r\n")
-                    if line.startswith("data:"):
-                        data.append(line[5:].lstrip(" "))
-                    elif not line and data:
-                        yield json.loads("\n".join(data))
-                        data = []
+                    buffer += chunk
+                    if len(buffer) > SSE_LINE_MAX:
+                        raise ControlError(
+                            resp.status, wire.ERR_INTERNAL, "an event larger than the client allows"
+                        )
+                    *blocks, buffer = buffer.replace(b"\r\n", b"\n").split(b"\n\n")
+                    for block in blocks:
+                        data = [
+                            line[5:].lstrip(b" ") for line in block.split(b"\n") if line.startswith(b"data:")
+                        ]
+                        if data:
+                            yield json.loads(b"\n".join(data))
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError, OSError) as exc:
             raise ControlUnavailable(f"the event stream from {self.socket_path} broke: {exc}") from exc
 

@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 import os
+import time
 import traceback
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -161,7 +162,7 @@ class ControlApi:
                                                "X-Accel-Buffering": "no"})  # fmt: skip
             await resp.prepare(request)
             hello = {"type": wire.EVENT_HELLO, "seq": self.hub.bus.last_seq, "api": wire.API_VERSION,
-                     "time": asyncio.get_running_loop().time()}  # fmt: skip
+                     "time": time.time()}  # fmt: skip
             await self._write(resp, sse(hello))
             while True:
                 try:
