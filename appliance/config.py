@@ -5,6 +5,7 @@ Secrets are never in this file: the HSM PIN comes from a file or a systemd crede
 
 from __future__ import annotations
 
+import grp
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -195,6 +196,35 @@ class UpstreamSection:
 
 
 @dataclass(frozen=True)
+class ControlSection:
+    """[control]: the control API (docs/control-api.md) on a Unix socket; never on TCP."""
+
+    socket: Path | None = None  # None: <state_dir>/control.sock (Config.control_socket)
+    group: str = ""  # the group whose members may connect (socket mode 0660); "": the daemon's own group
+    enabled: bool = True
+    max_connections: int = 32
+    max_subscribers: int = 8  # event streams open at once
+    subscriber_queue: int = 2048  # events buffered per stream; a stream that falls this far behind is dropped
+    request_timeout_s: float = 10.0  # a request's headers and body must arrive within this of connect / idle
+    max_body_bytes: int = 16 * 1024
+    session_ttl_s: float = 8 * 3600.0  # a console login lasts this long (a shift)
+    max_sessions: int = 64
+    disk_low_mb: int = 256  # alarm disk.low when the state directory's filesystem has less free than this
+    disk_check_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class MetricsSection:
+    """[metrics]: OpenMetrics for the plant's monitoring (docs/metrics.md), on its own HTTP listener."""
+
+    listen: str = ""  # "host:port"; "" (the default) serves no metrics
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        return _split_listen(self.listen)
+
+
+@dataclass(frozen=True)
 class Config:
     appliance: ApplianceSection
     hsm: HsmConfig
@@ -207,6 +237,12 @@ class Config:
     audit: AuditSection = field(default_factory=AuditSection)
     profiles: Mapping[str, Profile] = field(default_factory=dict)
     source: Path | None = None
+    control: ControlSection = field(default_factory=ControlSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+
+    @property
+    def control_socket(self) -> Path:
+        return self.control.socket or self.appliance.state_dir / "control.sock"
 
 
 class _Reader:
@@ -299,7 +335,8 @@ def parse_config(
         p = Path(value)
         return p if p.is_absolute() else (base / p)
 
-    sections = ("appliance", "hsm", "journal", "issuance", "stations", "va", "cmp", "upstream", "audit")
+    sections = ("appliance", "hsm", "journal", "issuance", "stations", "va", "cmp", "upstream", "audit", "control",
+                "metrics")  # fmt: skip
     for key in sorted(set(data) - {*sections, "profiles"}):
         problems.append(Problem(key, "unknown section"))
 
@@ -431,6 +468,11 @@ def parse_config(
     )
     r.done()
 
+    control = _parse_control(_table(data, "control", problems), problems, path, state_dir)
+    r = _Reader(_table(data, "metrics", problems), "metrics", problems)
+    metrics = MetricsSection(listen=_listen(r, "listen", ""))
+    r.done()
+
     # Only the 802.1AR built-in is served unconfigured: the Matter built-in carries a test vendor ID and must be
     # configured (base = "matter-dac") with the manufacturer's own before any device gets one.
     profiles: dict[str, Profile] = {"idevid": builtin_profiles()["idevid"]}
@@ -462,6 +504,8 @@ def parse_config(
         audit=audit,
         profiles=profiles,
         source=source,
+        control=control,
+        metrics=metrics,
     )
 
 
@@ -495,6 +539,48 @@ def _per_peer_within(total: int, per_peer: int, where: str, problems: list[Probl
         problems.append(
             Problem(f"{where}.max_connections_per_peer", f"must not exceed max_connections ({total})")
         )
+# sockaddr_un.sun_path is 108 bytes with its NUL; longer paths are bound through the directory (control/unix.py),
+# but a name alone longer than this cannot be bound at all.
+_SOCKET_NAME_MAX = 100
+
+
+def _parse_control(
+    table: Mapping[str, Any],
+    problems: list[Problem],
+    path: Callable[[str | None], Path | None],
+    state_dir: Path,
+) -> ControlSection:
+    r = _Reader(table, "control", problems)
+    d = ControlSection()
+    socket_path = path(r.text("socket")) or state_dir / "control.sock"
+    if len(socket_path.name.encode()) > _SOCKET_NAME_MAX:
+        problems.append(Problem("control.socket", f"the file name is longer than {_SOCKET_NAME_MAX} bytes"))
+    group = r.text("group", "") or ""
+    if group:
+        try:
+            grp.getgrnam(group)
+        except KeyError:
+            problems.append(Problem("control.group", f"no group named {group!r} on this system"))
+    section = ControlSection(
+        socket=socket_path,
+        group=group,
+        enabled=r.flag("enabled", d.enabled),
+        max_connections=r.integer("max_connections", d.max_connections, lo=2, hi=4096),
+        max_subscribers=r.integer("max_subscribers", d.max_subscribers, lo=1, hi=1024),
+        subscriber_queue=r.integer("subscriber_queue", d.subscriber_queue, lo=16, hi=1_000_000),
+        request_timeout_s=r.number("request_timeout_s", d.request_timeout_s, lo=0.1, hi=600),
+        max_body_bytes=r.integer("max_body_bytes", d.max_body_bytes, lo=1024, hi=1024 * 1024),
+        session_ttl_s=r.number("session_ttl_s", d.session_ttl_s, lo=60, hi=7 * 86400),
+        max_sessions=r.integer("max_sessions", d.max_sessions, lo=1, hi=10_000),
+        disk_low_mb=r.integer("disk_low_mb", d.disk_low_mb, lo=0, hi=10_000_000),
+        disk_check_s=r.number("disk_check_s", d.disk_check_s, lo=0.05, hi=3600),
+    )
+    r.done()
+    if section.max_subscribers >= section.max_connections:
+        problems.append(
+            Problem("control.max_subscribers", "must be below max_connections (actions need room)")
+        )
+    return section
 
 
 def _private_file(value: Path | None, where: str, problems: list[Problem]) -> None:

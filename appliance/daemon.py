@@ -41,6 +41,7 @@ from appliance.connections import (
     tls_server_protocol,
 )
 from appliance.daemon_lock import DaemonLock, DaemonRunning
+from appliance.control.plane import ControlPlane
 from appliance.errors import BirthlineError, IssuanceFailed, IssuancePending, IssuanceRefused
 from appliance.issuance.journal import Journal
 from appliance.issuance.policy import IssueRequest
@@ -243,6 +244,7 @@ class Daemon:
         self.cmp: CmpResponder | None = None
         self.cmp_server: VaServer | None = None
         self.forwarder: Forwarder | None = None
+        self.control: ControlPlane | None = None
 
     # -- what callers see ----------------------------------------------------------------------------------------
     @property
@@ -326,6 +328,7 @@ class Daemon:
                 admission=self.forwarder.admission if self.forwarder is not None else None
             )
         )
+        await self._start_control(service)
         if self.config.cmp.address is not None:
             await self._start_cmp(service, accept_errors)
         self.enroller = CoreEnroller(service, self.core.journal)
@@ -385,6 +388,26 @@ class Daemon:
 
         host, port = cfg.lan_address
         self._lan = await serve_guarded(self.lan_gate, inner, host, port, buffered=True)
+
+    async def _start_control(self, service: IssueService) -> None:
+        """The control API, metrics and the disk alarm (appliance/control): before any listener takes a request,
+        so every answer is seen."""
+        assert self.core is not None
+
+        # The station server is made after this (it needs the enroller); until then there is nothing to read.
+        def probe() -> dict[str, tuple[bool, bool, str | None]]:
+            states = self.server.states if self.server is not None else {}
+            return {n: (st.connected, st.authenticated, st.peer) for n, st in states.items() if n}
+
+        def snapshots() -> dict[str, dict[str, object]]:
+            states = self.server.states if self.server is not None else {}
+            return {n: st.snapshot() for n, st in states.items() if n}
+
+        va = self.va
+        self.control = await self._stack.enter_async_context(
+            ControlPlane(self.core, service, probe=probe, snapshots=snapshots,
+                         on_revoked=va.changed if va is not None else None)
+        )  # fmt: skip
 
     async def _start_cmp(self, service: IssueService, accept_errors: AcceptErrors) -> None:
         """The CMP server on the LAN side: labels act as registered stations; answers to signature-protected

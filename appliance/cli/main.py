@@ -245,7 +245,9 @@ def cmd_journal_stats(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from appliance.demo import run_demo
 
-    return run_demo(Path(args.state), args.devices, serve=args.serve, port=args.port)
+    return run_demo(
+        Path(args.state), args.devices, serve=args.serve, port=args.port, gentle_rate=args.gentle_rate
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -355,6 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--port", type=int, help="LAN listener port on 127.0.0.1 (default: 7450 with --serve, else any)"
     )
     sp.add_argument("--devices", type=int, default=100)
+    sp.add_argument(
+        "--gentle-rate", type=float, default=0.0, metavar="R",
+        help="with --serve: simulated fixtures keep enrolling R devices/s on both stations (default 0: none)",
+    )  # fmt: skip
     sp.set_defaults(func=cmd_demo)
     from appliance.cli import fixtures
 

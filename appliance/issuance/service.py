@@ -34,6 +34,8 @@ from appliance.der import split_certificates, tbs_subject
 from appliance.errors import BirthlineError, IssuanceFailed, IssuancePending, IssuanceRefused, ReasonCode
 from appliance.issuance.faults import IssuanceAlarms
 from appliance.issuance.journal import IssuanceRow, Journal, burn_interrupted, journal_error
+from appliance.issuance.observe import Confirmation, IssuanceObserver, Outcome
+from appliance.issuance.pauses import StationPauses
 from appliance.issuance.policy import LOCAL, AllowAll, AuditSink, AuthorisationPolicy, Grant, IssueRequest
 from appliance.issuance.prepare import Job, PrepareContext, Prepared, Preparer, Refusal
 from appliance.issuance.refusals import RefusalLimiter
@@ -160,6 +162,10 @@ class IssueService:
         """Where refusals of the appliance's own making are raised (runtime.Core.alarms in the daemon)."""
         self._faults = IssuanceAlarms(self.alarms, quota_warning_percent=quota_warning_percent)
         self.health_interval_s = health_interval_s
+        self.pauses = StationPauses(journal)
+        """Stations an operator paused: refused STATION_PAUSED before anything else is done for them."""
+        self.observer: IssuanceObserver | None = None
+        """Told every answer, signing call and confirmation (the control API and metrics); None: nobody."""
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     async def __aenter__(self) -> IssueService:
@@ -218,8 +224,29 @@ class IssueService:
         if not request.request_id:
             request = dataclasses.replace(request, request_id=uuid.uuid4().hex)
         fut: asyncio.Future[IssueResult] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Item(request, fut))
-        return await fut
+        item = _Item(request, fut)
+        await self._queue.put(item)
+        if self.observer is None:
+            return await fut
+        try:
+            result = await fut
+        except BirthlineError as exc:
+            self._tell(item, None, exc)
+            raise
+        self._tell(item, result, None)
+        return result
+
+    def _tell(self, item: _Item, result: IssueResult | None, error: BirthlineError | None) -> None:
+        if self.observer is None:
+            return
+        req, grant = item.request, item.grant
+        self.observer.answered(Outcome(
+            req.station, req.device_serial, req.request_id,
+            item.prep.profile if item.prep is not None else req.profile,
+            grant.work_order if grant is not None else None, grant.product if grant is not None else None,
+            result.cert_serial if result is not None else None, result.reused if result is not None else False,
+            None if isinstance(error, IssuancePending) else error, isinstance(error, IssuancePending),
+        ))  # fmt: skip
 
     async def confirm(self, cert_serial: str, cert_sha256: bytes | None = None) -> None:
         """The station stored the certificate: from now on it counts as delivered.
@@ -249,12 +276,16 @@ class IssueService:
                     break
                 batch.append(nxt)
             errors: dict[int, BirthlineError] = {}
-            record = functools.partial(self._record_confirms, batch=batch, errors=errors)
+            done: list[Confirmation] = []
+            record = functools.partial(self._record_confirms, batch=batch, errors=errors, done=done)
             try:
                 await self.journal.atransaction(record, "confirming delivery")
             except BirthlineError as exc:
                 self._faults.failed(exc)
                 errors = dict.fromkeys(range(len(batch)), exc)
+            else:
+                if done and self.observer is not None:
+                    self.observer.confirmed(done)
             for i, (_, _, _, fut) in enumerate(batch):
                 if fut.done():
                     continue
@@ -264,7 +295,12 @@ class IssueService:
                     fut.set_result(None)
 
     def _record_confirms(
-        self, conn: sqlite3.Connection, *, batch: list[_Confirm], errors: dict[int, BirthlineError]
+        self,
+        conn: sqlite3.Connection,
+        *,
+        batch: list[_Confirm],
+        errors: dict[int, BirthlineError],
+        done: list[Confirmation],
     ) -> None:
         now = self.clock()
         confirmed: list[str] = []
@@ -272,11 +308,15 @@ class IssueService:
         for i, (kind, ref, cert_sha256, _) in enumerate(batch):
             if kind == "ra":
                 row = conn.execute(
-                    "SELECT state, cert_der FROM ra_request WHERE id=?", (int(ref),)
+                    "SELECT state, cert_der, station, device_serial, cert_serial, issued_at FROM ra_request"
+                    " WHERE id=?",
+                    (int(ref),),
                 ).fetchone()
             else:
                 row = conn.execute(
-                    "SELECT state, cert_der FROM issuance WHERE cert_serial=?", (ref,)
+                    "SELECT state, cert_der, station, device_serial, cert_serial, issued_at FROM issuance"
+                    " WHERE cert_serial=?",
+                    (ref,),
                 ).fetchone()
             if row is None or row[0] not in ("issued", "confirmed"):
                 what = f"request {ref} from the upstream CA" if kind == "ra" else f"with serial {ref}"
@@ -291,11 +331,15 @@ class IssueService:
                     "UPDATE ra_request SET state='confirmed', confirmed_at=? WHERE id=?", (now, int(ref))
                 )
                 upstream.append(int(ref))
+                done.append(
+                    Confirmation(str(row[2]), str(row[3]), str(row[4] or ""), now - float(row[5] or now))
+                )
             elif row[0] == "issued":
                 conn.execute(
                     "UPDATE issuance SET state='confirmed', confirmed_at=? WHERE cert_serial=?", (now, ref)
                 )
                 confirmed.append(ref)
+                done.append(Confirmation(str(row[2]), str(row[3]), ref, now - float(row[5] or now)))
         if confirmed:
             self._note(conn, "appliance", "issuance.confirmed", {"cert_serials": confirmed})
         if upstream:
@@ -308,7 +352,9 @@ class IssueService:
             self.audit.append(conn, actor, event, data)
 
     def _recover(self, conn: sqlite3.Connection) -> int:
-        """Burn every intent left by a crash: its signature, if the HSM made one, was never released."""
+        """Burn every intent left by a crash: its signature, if the HSM made one, was never released. Read the
+        paused stations."""
+        self.pauses.load_in(conn)
         serials = burn_interrupted(conn)
         if serials:
             self._note(
@@ -379,6 +425,10 @@ class IssueService:
         await self._settle()
         await self._check_hsm()
         now = self.clock()
+        if self.pauses.paused:
+            for item in batch:
+                if (pause := self.pauses.get(item.request.station)) is not None:
+                    item.error = pause.refusal()
         await self._prepare(batch, int(now))
         live = []
         for item in batch:
@@ -425,7 +475,11 @@ class IssueService:
 
     # -- steps -------------------------------------------------------------------------------------------------
     async def _prepare(self, batch: list[_Item], now: int) -> None:
-        """Validate and build: CPU work, in worker processes when configured; nothing committed yet."""
+        """Validate and build: CPU work, in worker processes when configured; nothing committed yet. Items
+        already refused (a paused station) are left out."""
+        batch = [i for i in batch if i.error is None]
+        if not batch:
+            return
         jobs = [
             Job(
                 i.request.device_serial,
@@ -672,15 +726,20 @@ class IssueService:
     async def _sign_and_store(self, items: list[_Item]) -> bool:
         """Sign, verify and store; False if that failed (the items are then failed and their intents burned)."""
         ids = [i.row_id for i in items if i.row_id is not None]
+        started = time.perf_counter()
         try:
             signatures = await self.key.asign_many([i.prep.tbs.tbs for i in items if i.prep is not None])
         except HsmError as exc:
+            if self.observer is not None:
+                self.observer.signed(len(items), time.perf_counter() - started)
             # Whatever went wrong in the HSM, the next batch first proves with a probe signature that it works
             # again, rather than reserving serials (and units) only to burn them.
             self._hsm_fault = exc.message
             await self._burn(ids, f"hsm: {type(exc).__name__}")
             self._fail(items, IssuanceFailed(f"HSM: {exc.message}", _hsm_code(exc)))
             return False
+        if self.observer is not None:
+            self.observer.signed(len(items), time.perf_counter() - started)
         self._crash("after-sign")
         certs: list[tuple[int, bytes]] = []
         outbox: list[tuple[str, int, str, bytes, bytes | None, bytes | None, bytes | None, float, float]] = []
