@@ -539,6 +539,8 @@ def _per_peer_within(total: int, per_peer: int, where: str, problems: list[Probl
         problems.append(
             Problem(f"{where}.max_connections_per_peer", f"must not exceed max_connections ({total})")
         )
+
+
 # sockaddr_un.sun_path is 108 bytes with its NUL; longer paths are bound through the directory (control/unix.py),
 # but a name alone longer than this cannot be bound at all.
 _SOCKET_NAME_MAX = 100

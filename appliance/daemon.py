@@ -40,8 +40,8 @@ from appliance.connections import (
     serve_guarded,
     tls_server_protocol,
 )
-from appliance.daemon_lock import DaemonLock, DaemonRunning
 from appliance.control.plane import ControlPlane
+from appliance.daemon_lock import DaemonLock, DaemonRunning
 from appliance.errors import BirthlineError, IssuanceFailed, IssuancePending, IssuanceRefused
 from appliance.issuance.journal import Journal
 from appliance.issuance.policy import IssueRequest

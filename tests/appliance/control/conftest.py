@@ -45,6 +45,7 @@ def short_dir() -> Iterator[Path]:
 
 def control_config(state: Path, token: SoftHsmToken, template: Path, **control: object) -> Config:
     state.mkdir(parents=True, exist_ok=True)
+    state.chmod(0o700)  # the appliance refuses a state directory others can reach
     shutil.copy(template, state / "journal.sqlite")
     return Config(
         appliance=ApplianceSection(state),
