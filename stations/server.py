@@ -417,7 +417,12 @@ class _Connection:
                 self.state.authenticated = False
                 self._handshake_started = self.server.clock()
             elif isinstance(event, Received):
-                if len(self._requests) >= MAX_REQUESTS_IN_FLIGHT and not isinstance(event.message, Pong):
+                msg = event.message
+                if isinstance(msg, Enroll) and msg.request_id in self._inflight:
+                    # The same request id still being worked on (sent again before its answer): PENDING, never a
+                    # second answer of another kind for one request id.
+                    await self._reply(Pending(msg.request_id, DUPLICATE_RETRY_MS))
+                elif len(self._requests) >= MAX_REQUESTS_IN_FLIGHT and not isinstance(msg, Pong):
                     self.state.counters["busy_in_flight"] += 1
                     rid = getattr(event.message, "request_id", NO_REQUEST)
                     await self._reply(Error(Code.BUSY, "too many requests in flight on this connection", rid))
@@ -497,9 +502,9 @@ class _Connection:
     # -- requests ----------------------------------------------------------------------------------------------
     def _dispatch(self, message: Message) -> None:
         if isinstance(message, Enroll):
-            if message.request_id in self._inflight:
-                self._spawn(self._reply(Pending(message.request_id, DUPLICATE_RETRY_MS)))
-                return
+            # In flight from now, not from when its task first runs: frames read in one go are all dispatched
+            # before any task starts, and a copy among them must be seen as one.
+            self._inflight.add(message.request_id)
             self._spawn(self._enroll(message))
         elif isinstance(message, Confirm):
             self._spawn(self._confirm(message))
@@ -533,7 +538,6 @@ class _Connection:
         st = self.state
         st.enrolling += 1
         st.last_device_serial = msg.device_serial
-        self._inflight.add(msg.request_id)
         reply: Message
         try:
             chain = await self.server.enroller.enroll(

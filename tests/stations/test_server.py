@@ -129,6 +129,26 @@ async def test_slow_enrol_blocks_neither_the_connection_nor_other_stations(rig: 
     assert rig.server.states["st-a"].snapshot()["enrolling"] == 0
 
 
+async def test_copies_of_a_request_read_in_one_go_are_one_request_and_the_copies_pending(rig: Rig) -> None:
+    """Identical ENROLLs arriving together (one write, so all are read before any is worked on) are one request:
+    the first is answered CERT, every copy PENDING (protocol section 14), never two CERTs or a BUSY."""
+    a = await rig.connect("st-a")
+    assert isinstance(await a.handshake(), Authenticated)
+    rid = request_id()
+    wires = [a.session.send(_enroll("SN-DUP", rid)) for _ in range(5)]
+    await a.channel.send(b"".join(wires))
+    pending = [await a.events() for _ in range(4)]
+    assert all(
+        isinstance(e[0], Received) and isinstance(e[0].message, Pending) and e[0].message.request_id == rid
+        for e in pending
+    )
+    assert rig.server.states["st-a"].enrolling == 1
+    rig.enroller.gate.set()
+    (cert,) = await a.events()
+    assert isinstance(cert, Received) and isinstance(cert.message, Cert)
+    assert rig.enroller.calls == 1
+
+
 async def test_requests_in_flight_per_connection_are_capped_and_the_excess_answered_busy() -> None:
     """A station pipelining requests (the spec asks for one at a time) holds at most MAX_REQUESTS_IN_FLIGHT
     tasks; the rest are answered BUSY at once instead of queueing without bound."""
