@@ -502,10 +502,12 @@ class Daemon:
                 continue
             if self.server.drop(name, code):
                 log.warning("station %s: connections dropped (%s)", name, code.name)
+        # A disabled station's port stays open: its HELLOs are answered STATION_DISABLED (the lookup), so its
+        # fixture shows code 105 and stops instead of retrying into silence.
         wanted = {
             r.name: (r.port or "", r.baud or 115200, r.key)
             for r in records.values()
-            if r.kind == "serial" and r.enabled and r.port
+            if r.kind == "serial" and r.port
         }
         for name in list(self._serial_tasks):
             if self._serial_bound.get(name) != wanted.get(name):

@@ -477,6 +477,38 @@ async def test_serial_station_enrols_survives_unplug_and_is_bound_to_its_port(
     pty.unplug()
 
 
+async def test_disabled_serial_station_is_told_so_on_its_port_and_works_again_once_enabled(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    """Disabling ends the session with BYE STATION_DISABLED, and the port stays open so that every HELLO after
+    is answered STATION_DISABLED (protocol sections 4.3, 14): not silence, which a fixture would retry."""
+    assert daemon.core is not None
+    port = tmp_path / "ttyUSB-disabled"
+    pty = _Pty(port)
+    creds = reg.add_station(
+        daemon.journal, daemon.core.token, "st-serial-dis", "serial", port=str(port), baud=115200,
+        audit=daemon.core.audit, actor="alice",
+    )  # fmt: skip
+    await daemon.refresh()
+    link = Link(await pty.channel(), "st-serial-dis", creds.record.key)
+    await _port_open(daemon, "st-serial-dis")
+    assert isinstance(await link.handshake(), Authenticated)
+    reg.set_enabled(daemon.journal, "st-serial-dis", False, audit=daemon.core.audit, actor="sam")
+    events = await link.events(timeout=5)
+    assert any(isinstance(e, Closed) and e.code == Code.STATION_DISABLED for e in events)
+    assert daemon.server is not None
+    async with asyncio.timeout(10):  # the old session lets go of the port, then the daemon reopens it
+        while daemon.server.connected("st-serial-dis"):
+            await asyncio.sleep(0.02)
+    await _port_open(daemon, "st-serial-dis")
+    refused = await link.handshake()
+    assert isinstance(refused, HandshakeFailed) and refused.code == Code.STATION_DISABLED
+    reg.set_enabled(daemon.journal, "st-serial-dis", True, audit=daemon.core.audit, actor="sam")
+    await daemon.refresh()
+    assert isinstance(await link.handshake(), Authenticated)
+    pty.unplug()
+
+
 async def test_quota_race_over_real_stations_issues_exactly_the_quantity(
     daemon: Daemon, tmp_path: Path
 ) -> None:
