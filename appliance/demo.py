@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import serialization
 
 from appliance import ca as ca_mod
 from appliance import stations_registry as registry
-from appliance.config import CmpLabelSection, Config, MetricsSection, load_config
+from appliance.config import Config, MetricsSection, load_config
 from appliance.daemon import Daemon
 from appliance.daemon_lock import running
 from appliance.errors import BirthlineError
@@ -75,27 +75,53 @@ default_profile = "demo-idevid"
 lan_listen = "127.0.0.1:{port}"
 tls_dir = "tls"
 
+[va]
+listen = "127.0.0.1:{va_port}"
+
+[cmp]
+listen = "127.0.0.1:{cmp_port}"
+
+[cmp.labels.{cmp_label}]
+station = "{cmp_station}"
+secret_file = "{state}/cmp-demo.secret"
+kid = "{cmp_label}"
+
+[metrics]
+listen = "127.0.0.1:{metrics_port}"
+
 [profiles.demo-idevid]
 base = "idevid"
 subject_o = "{org}"
 hardware_module_name = "{hw_type}"
+crl_urls = ["http://127.0.0.1:{va_port}/crl/issuing.crl"]
+ocsp_url = "http://127.0.0.1:{va_port}/ocsp"
 """
 
 
-def _write_config(state: Path) -> Path:
+def _write_config(state: Path, port: int) -> Path:
+    """The demo's configuration, written anew on every run: it describes the appliance this run serves (the
+    LAN port `port`, the VA on port + 1, CMP on + 2, metrics on + 3, and the CRL and OCSP URLs certificates
+    carry), so every command run with it (`station rotate-key`, `birthline run`, reports) agrees with demo.json."""
     token = create_softhsm_token(state / "softhsm", label="birthline-demo")
+    secret = state / "cmp-demo.secret"
+    if not secret.exists():
+        write_private(secret, secrets.token_urlsafe(24).encode() + b"\n")
     path = state / "birthline.toml"
-    if not path.exists():
-        write_public(path, CONFIG_TEMPLATE.format(
-                state=state,
-                module=token.module,
-                label=token.label,
-                pin_file=token.pin_file,
-                softhsm_conf=token.conf_path,
-                port=DEFAULT_PORT,
-                org=DEMO_ORG,
-                hw_type=DEMO_HW_TYPE,
-            ).encode())  # fmt: skip
+    write_public(path, CONFIG_TEMPLATE.format(
+            state=state,
+            module=token.module,
+            label=token.label,
+            pin_file=token.pin_file,
+            softhsm_conf=token.conf_path,
+            port=port,
+            va_port=port + 1,
+            cmp_port=port + 2,
+            metrics_port=port + 3,
+            cmp_label=CMP_LABEL,
+            cmp_station=CMP_STATION,
+            org=DEMO_ORG,
+            hw_type=DEMO_HW_TYPE,
+        ).encode())  # fmt: skip
     return path
 
 
@@ -155,8 +181,11 @@ def _gentle_work_order(core: Core, supervisor: User, run: int) -> None:
     store.add_work_order(core.journal, core.audit, supervisor, spec, activate=True)
 
 
-def _setup(config: Config, state: Path, run: int, devices: int, *, gentle: bool = False) -> None:
-    """CAs, stations and production control, created once; a second run finds them and adds a work order."""
+def _setup(
+    config: Config, state: Path, run: int, devices: int, *, lan_host: str, gentle: bool = False
+) -> None:
+    """CAs, stations and production control, created once; a second run finds them and adds a work order.
+    LAN bundles name `lan_host`, the listener the configuration file describes."""
     with open_core(config) as core:
         admin, supervisor = _people(core, state)
         who: dict[str, Any] = {"audit": core.audit, "actor": admin.name}
@@ -185,7 +214,10 @@ def _setup(config: Config, state: Path, run: int, devices: int, *, gentle: bool 
         (state / "pty").mkdir(exist_ok=True)
         for name, kind in ((SERIAL_STATION, "serial"), (LAN_STATION, "lan"), (CMP_STATION, "lan")):
             bundle = state / "stations" / name
+            host = lan_host if kind == "lan" else None
             if name in known and (bundle / "station.key").exists():
+                if kind == "lan":
+                    registry.set_bundle_host(bundle, host)
                 continue
             port = str(state / "pty" / f"{name}.appliance") if kind == "serial" else None
             creds = (
@@ -195,7 +227,7 @@ def _setup(config: Config, state: Path, run: int, devices: int, *, gentle: bool 
                     core.journal, core.token, name, kind, port=port, audit=core.audit, actor=admin.name
                 )
             )
-            registry.write_bundle(creds, bundle)
+            registry.write_bundle(creds, bundle, lan_host=host)
         _production(core, admin, supervisor, run, devices)
         if gentle:
             _gentle_work_order(core, supervisor, run)
@@ -206,9 +238,6 @@ def _setup(config: Config, state: Path, run: int, devices: int, *, gentle: bool 
         )
         if on_line is None or on_line[0] is None:  # a demo state made before the CMP label existed
             store.assign_station(core.journal, core.audit, supervisor, CMP_STATION, DEMO_LINE)
-        secret = state / "cmp-demo.secret"
-        if not secret.exists():
-            write_private(secret, secrets.token_urlsafe(24).encode() + b"\n")
 
 
 class _Fixture:
@@ -460,40 +489,27 @@ def run_demo(
         print(f"demo: {holder} already runs on {state}; stop it first")
         return 1
     state.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR)
-    config = load_config(_write_config(state))
+    # The file names the served ports (DEFAULT_PORT unless --port); a run that does not serve takes any free
+    # ports instead, in memory, so it never collides with a running demo.
+    file_port = port if port is not None else DEFAULT_PORT
+    config = load_config(_write_config(state, file_port))
     # The demo owns its directory: state an older version (or another umask) left readable is made private
     # here, where any other command refuses it (appliance.runtime.check_state).
     tighten([state], PRIVATE_DIR)
     tighten(journal_files(config.journal.path), PRIVATE)
-    # Without --serve the listeners take any free port, so a demo never collides with a running one. The VA
-    # (CRL, OCSP) listens on the LAN port + 1; certificates carry those URLs (the served demo's when not serving).
-    lan_port = port if port is not None else (DEFAULT_PORT if serve else 0)
-    va_port = lan_port + 1 if serve else 0
-    va_url = f"http://127.0.0.1:{va_port if serve else DEFAULT_PORT + 1}"
-    profile = dataclasses.replace(
-        config.profiles[DEMO_PROFILE], crl_urls=(f"{va_url}/crl/issuing.crl",), ocsp_url=f"{va_url}/ocsp"
-    )
-    config = dataclasses.replace(
-        config,
-        stations=dataclasses.replace(config.stations, lan_listen=f"127.0.0.1:{lan_port}"),
-        va=dataclasses.replace(config.va, listen=f"127.0.0.1:{va_port}"),
-        cmp=dataclasses.replace(
-            config.cmp,
-            listen=f"127.0.0.1:{lan_port + 2 if serve else 0}",
-            labels={
-                **config.cmp.labels,
-                CMP_LABEL: CmpLabelSection(
-                    station=CMP_STATION, secret_file=state / "cmp-demo.secret", kid=CMP_LABEL
-                ),
-            },
-        ),
-        profiles={**config.profiles, DEMO_PROFILE: profile},
-        # OpenMetrics on the LAN port + 3 when serving (demo.json names the URL).
-        metrics=MetricsSection(listen=f"127.0.0.1:{lan_port + 3}" if serve else ""),
-    )
+    if not serve:
+        config = dataclasses.replace(
+            config,
+            stations=dataclasses.replace(config.stations, lan_listen="127.0.0.1:0"),
+            va=dataclasses.replace(config.va, listen="127.0.0.1:0"),
+            cmp=dataclasses.replace(config.cmp, listen="127.0.0.1:0"),
+            metrics=MetricsSection(listen=""),
+        )
     try:
         run = _next_run(state)
-        _setup(config, state, run, devices, gentle=serve and gentle_rate > 0)
+        _setup(
+            config, state, run, devices, lan_host=f"127.0.0.1:{file_port}", gentle=serve and gentle_rate > 0
+        )
         return asyncio.run(_run(config, state, run, devices, serve, gentle_rate))
     except (BirthlineError, StationError) as exc:
         print(f"demo: {exc}")

@@ -417,3 +417,12 @@ def write_bundle(creds: Credentials, out: Path, *, lan_host: str | None = None) 
         )
     write_public(out / "station.json", (json.dumps(info, indent=2) + "\n").encode())
     return out
+
+
+def set_bundle_host(out: Path, lan_host: str | None) -> None:
+    """Point an existing LAN bundle's station.json at `lan_host` (the listener moved); nothing else changes."""
+    check_bundle_dir(out)
+    info = json.loads((out / "station.json").read_text())
+    if info.get("kind") == "lan" and info.get("host") != lan_host:
+        info["host"] = lan_host
+        write_public(out / "station.json", (json.dumps(info, indent=2) + "\n").encode())

@@ -150,6 +150,19 @@ def test_served_demo_answers_stations_by_hand(tmp_path: Path) -> None:
         assert info["listener"] == {**info["listener"], "host": "127.0.0.1", "port": port}
         by_name = {s["name"]: s for s in info["stations"]}
         serial, lan = by_name["demo-serial"], by_name["demo-lan"]
+        # The configuration file and the bundles describe the appliance being served, not a default port, so a
+        # fixture reading its bundle and an administrator using the file reach this demo.
+        import tomllib
+
+        cfg = tomllib.loads((state / "birthline.toml").read_text())
+        assert cfg["stations"]["lan_listen"] == f"127.0.0.1:{port}"
+        assert (
+            cfg["va"]["listen"] == f"127.0.0.1:{port + 1}" and cfg["cmp"]["listen"] == f"127.0.0.1:{port + 2}"
+        )
+        assert cfg["profiles"]["demo-idevid"]["ocsp_url"] == info["ocsp_url"]
+        for name in ("demo-lan", "demo-cmp"):
+            bundle = json.loads((state / "stations" / name / "station.json").read_text())
+            assert bundle["host"] == f"127.0.0.1:{port}"
         out = tmp_path / "dev"
         first, last = info["device_serials"]["accepted"].split(" .. ")
         a = birthline("station-client", "enroll", "--port", serial["pty"], "--credentials", serial["credentials"],
