@@ -142,6 +142,12 @@ class CoreEnroller:
         self, station: str, request_id: bytes, device_serial: str, csr: bytes, profile: str | None
     ) -> list[bytes]:
         rid = request_id.hex()
+        if not csr.startswith(b"\x30"):
+            # The wire carries DER only (protocol section 5): one encoding, so the CSR a request id was first
+            # sent with is the same bytes on every retry (idempotency compares their hash).
+            raise StationError(
+                Code.BAD_CSR, "the CSR is not DER (a PKCS#10 SEQUENCE); PEM is not accepted here"
+            )
         try:
             known = await self._find(station, rid)
             if known is not None and (

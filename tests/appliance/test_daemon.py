@@ -477,6 +477,19 @@ async def test_serial_station_enrols_survives_unplug_and_is_bound_to_its_port(
     pty.unplug()
 
 
+async def test_a_pem_csr_is_refused_bad_csr_on_the_wire(daemon: Daemon, tmp_path: Path) -> None:
+    """The station protocol carries DER (section 5); PEM, which other front ends accept, is refused here."""
+    bundle = await add_lan(daemon, "st-pem", tmp_path)
+    link = await Link.tls(_addr(daemon), bundle)
+    assert isinstance(await link.handshake(), Authenticated)
+    der = make_csr("SN-PEM")[1]
+    pem = x509.load_der_x509_csr(der).public_bytes(serialization.Encoding.PEM)
+    refused = await _enroll(link, "SN-PEM", csr=pem)
+    assert isinstance(refused, Error) and refused.code == Code.BAD_CSR and "DER" in refused.text
+    assert isinstance(await _enroll(link, "SN-PEM", csr=der), Cert)
+    await link.close()
+
+
 async def test_disabled_serial_station_is_told_so_on_its_port_and_works_again_once_enabled(
     daemon: Daemon, tmp_path: Path
 ) -> None:
