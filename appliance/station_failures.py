@@ -95,7 +95,18 @@ class LinkFailures(PollingTask):
             log, logging.WARNING, f"station.{code.lower()}:{station}",
             "station link %s (%s): %s: %s", station, peer, code, text,
         )  # fmt: skip
-        if blocked_s:
+        if blocked_s and station.startswith(("tls-peer:", "peer:")):
+            # No station to block: the certificate is refused before any handshake anyway, so only say what
+            # keeps happening and from where.
+            self.alarms.raise_alarm(
+                ALARM_CAUSE + station,
+                f"{station} keeps connecting and failing ({code}: {text}); each attempt is refused at once and"
+                " audited in bounded space",
+                "a host keeps using a TLS certificate no enabled station owns (a retired or rotated fixture's?);"
+                " find it by its address",
+                severity="warning",
+            )
+        elif blocked_s:
             self.alarms.raise_alarm(
                 ALARM_CAUSE + station,
                 f"station {station} keeps failing ({code}: {text}); its handshakes are refused (BUSY) for"

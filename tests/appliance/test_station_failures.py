@@ -71,6 +71,19 @@ async def test_a_station_over_its_limit_raises_an_alarm_cleared_by_its_next_sess
         assert alarms.get(ALARM_CAUSE + "st-1") is None
 
 
+async def test_a_peer_with_no_station_is_not_said_to_be_refused_busy(journal: Journal) -> None:
+    """A certificate no station owns is refused UNKNOWN_STATION before any handshake, limit or not: the alarm
+    says so (and where from), not that handshakes get BUSY."""
+    alarms = Alarms()
+    async with LinkFailures(AuditLog(journal), alarms, poll_s=3600) as failures:
+        failures.failed(
+            station="tls-peer:10.0.0.7", peer="10.0.0.7:5000", code="UNKNOWN_STATION",
+            text="TLS certificate of no registered station", blocked_s=60,
+        )  # fmt: skip
+        alarm = alarms.get(ALARM_CAUSE + "tls-peer:10.0.0.7")
+        assert alarm is not None and "BUSY" not in alarm.message and "10.0.0.7" in alarm.message
+
+
 async def test_entries_wait_for_a_journal_that_cannot_be_written(
     journal: Journal, mocker: MockerFixture
 ) -> None:
