@@ -157,7 +157,8 @@ def sign_tls_certificate(
     """A TLS leaf certificate from the management CA, signed in the HSM."""
     ca_cert = ca.certificate
     key = token.get_key(key_label_for(ca.name))
-    today = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    # Five minutes early, for peers whose clock is a little behind; the validity is TLS_CERT_DAYS in all.
+    start = dt.datetime.now(dt.UTC).replace(microsecond=0) - dt.timedelta(minutes=5)
     eku = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
     builder = (
         x509.CertificateBuilder()
@@ -165,8 +166,8 @@ def sign_tls_certificate(
         .issuer_name(ca_cert.subject)
         .public_key(public_key)
         .serial_number(new_serial_number())
-        .not_valid_before(today - dt.timedelta(minutes=5))
-        .not_valid_after(min(today + dt.timedelta(days=TLS_CERT_DAYS), ca_cert.not_valid_after_utc))
+        .not_valid_before(start)
+        .not_valid_after(min(start + dt.timedelta(days=TLS_CERT_DAYS), ca_cert.not_valid_after_utc))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             SIGNING_ONLY,
@@ -179,8 +180,8 @@ def sign_tls_certificate(
             critical=False,
         )
     )
-    sans: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
-    sans += [x509.IPAddress(ipaddress.ip_address(a)) for a in ip_addresses]
+    sans: list[x509.GeneralName] = [x509.DNSName(n) for n in dict.fromkeys(dns_names)]
+    sans += [x509.IPAddress(ip) for ip in dict.fromkeys(ipaddress.ip_address(a) for a in ip_addresses)]
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
     return builder.sign(key, default_hash(from_public_key(key.public_key())))
