@@ -14,8 +14,8 @@ from urllib.parse import urlsplit
 
 from cryptography import x509
 
-from appliance.audit.claims import CheckpointPolicy
 from appliance import names
+from appliance.audit.claims import CheckpointPolicy
 from appliance.errors import ConfigError, Problem
 from appliance.profiles import Profile, builtin_profiles, parse_profiles
 from appliance.text import safe_repr

@@ -35,8 +35,8 @@ from appliance.errors import BirthlineError, IssuanceFailed, IssuancePending, Is
 from appliance.issuance.journal import Journal
 from appliance.issuance.policy import IssueRequest
 from appliance.issuance.service import IssueService
-from appliance.station_failures import LinkFailures
 from appliance.runtime import Core, check_state, open_core, record_start
+from appliance.station_failures import LinkFailures
 from appliance.stations_registry import StationRecord, TlsServerFiles, alist_stations
 from appliance.va.http import VaServer, make_app
 from appliance.va.service import ValidationAuthority

@@ -34,9 +34,8 @@ from appliance.audit import (
 from appliance.audit.claims import REASON_ON_DEMAND
 from appliance.audit.log import AUDIT_KEY_LABEL, AuditError
 from appliance.audit.verify import INTACT, NOT_INTACT, UNSIGNED_TAIL, PublicKeyPin
-from appliance.cli.session import actor, add_login_arguments, authorised
-from appliance.audit.verify import PublicKeyPin
 from appliance.cli import argfiles
+from appliance.cli.session import actor, add_login_arguments, authorised
 from appliance.config import Config, load_config
 from appliance.errors import BirthlineError, ReasonCode
 from appliance.issuance.journal import Journal
