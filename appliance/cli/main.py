@@ -32,6 +32,7 @@ from appliance.config import DEFAULT_CONFIG_PATH, Config, load_config
 from appliance.daemon_lock import daemon_job
 from appliance.errors import BirthlineError, IssuancePending
 from appliance.issuance.policy import IssueRequest
+from appliance.issuance.service import csr_der
 from appliance.production.users import Permission
 from appliance.runtime import open_core, read_journal, running_issuer
 from hsm.algorithms import KeyAlgorithm
@@ -188,7 +189,7 @@ def cmd_issue(args: argparse.Namespace) -> int:
     """One certificate by hand, by a person (operator or supervisor) acting as a station: the station's line
     and work orders authorise it exactly as they would the fixture. The person's request and its answer are
     audited under their name; the core's own entries (intent, issued) follow as for any station."""
-    csr = argfiles.read_bytes("--csr", args.csr)
+    csr = csr_der(argfiles.read_bytes("--csr", args.csr))  # PEM or DER; journaled and sent upstream as DER
     request = IssueRequest(
         args.serial, csr, station=args.station, request_id=args.request_id or "", profile=args.profile
     )

@@ -473,6 +473,27 @@ MIGRATIONS = {
 }
 
 
+ORIGIN_SQL = """WITH RECURSIVE origin(id, updates, depth) AS (
+    SELECT id, updates, 0 FROM issuance WHERE id = ?
+    UNION ALL SELECT i.id, i.updates, o.depth + 1 FROM issuance i JOIN origin o ON i.id = o.updates
+        WHERE o.depth < 10000)
+"""
+"""A WITH clause: `origin` is the issuance row given and, back along key updates (issuance.updates), every
+certificate it replaced, nearest first (`depth`). A key update takes no work-order unit: its work order and
+product are those of the first certificate of the device (see work_order_of)."""
+
+
+def work_order_of(conn: sqlite3.Connection, issuance_id: int) -> str | None:
+    """The work order the certificate in `issuance_id` counts under: its unit's, or for a key update the unit of
+    the certificate it updated, back to the device's first one."""
+    row = conn.execute(
+        ORIGIN_SQL + "SELECT u.work_order FROM origin JOIN work_order_unit u ON u.issuance_id = origin.id"
+        " ORDER BY origin.depth LIMIT 1",
+        (issuance_id,),
+    ).fetchone()
+    return None if row is None else str(row[0])
+
+
 @dataclass(frozen=True)
 class IssuanceRow:
     id: int
@@ -490,10 +511,12 @@ class IssuanceRow:
     issued_at: float | None
     confirmed_at: float | None
     burn_reason: str | None
+    updates: int | None = None  # key update: the row of the certificate this one replaced
+    updated_by: int | None = None  # the row of the key update that replaced this one
 
     COLUMNS = (
         "id, request_id, station, profile, ca, device_serial, public_key_sha256, cert_serial, tbs_sha256,"
-        " state, cert_der, created_at, issued_at, confirmed_at, burn_reason"
+        " state, cert_der, created_at, issued_at, confirmed_at, burn_reason, updates, updated_by"
     )
 
     @classmethod
