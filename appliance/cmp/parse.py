@@ -425,6 +425,7 @@ def _rr(data: bytes, t: Tlv, value: Any, limits: Limits) -> RrBody:
     for tlv, details in zip(kids, value, strict=True):
         template = _template(data, _der.children(data, tlv)[0])
         reason = None
+        count = 0
         if _present(details["crlEntryDetails"]):
             for ext in details["crlEntryDetails"]:
                 if str(ext["extnID"]) == oids.CRL_REASON:
@@ -432,7 +433,9 @@ def _rr(data: bytes, t: Tlv, value: Any, limits: Limits) -> RrBody:
                     if len(enum_der) != 3 or enum_der[:2] != b"\x0a\x01" or enum_der[2] not in _REASONS:
                         raise ValueError("bad CRL reason code")
                     reason = x509.ReasonFlags[_REASONS[enum_der[2]]]
-        out.append(RevDetails(template.issuer, template.serial_number, reason))
+                    count += 1
+        out.append(RevDetails(template.issuer, template.serial_number, reason, template.subject,
+                              template.public_key_der, count))  # fmt: skip
     return RrBody(tuple(out))
 
 
