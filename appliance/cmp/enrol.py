@@ -120,6 +120,9 @@ class Enroller:
     def label_ca(self, label: CmpLabel) -> str:
         return label.issuing_ca or self.default_ca
 
+    def _default_profile(self, label: CmpLabel) -> str:
+        return self.services[self.label_ca(label)].default_profile
+
     # -- a request ----------------------------------------------------------------------------------------------
     async def certify(
         self, label: CmpLabel, msg: PKIMessage, body: CertReqBody | P10crBody, auth: Auth, pending_count: int
@@ -133,6 +136,14 @@ class Enroller:
                 raise CmpError("too many transactions await certConf; try again later",
                                fail_info=FailInfo.SYSTEM_UNAVAIL)  # fmt: skip
             request_id = f"cmp:{label.name}:{(msg.header.transaction_id or b'').hex()}"
+            asked = msg.header.cert_profile
+            if (
+                asked
+                and msg.body_type is not BodyType.KUR
+                and asked[0] != (label.profile or self._default_profile(label))
+            ):
+                raise CmpError(f"certificate profile {asked[0][:64]!r} is not issued on label {label.name!r}",
+                               fail_info=FailInfo.BAD_CERT_TEMPLATE)  # fmt: skip
             if isinstance(body, P10crBody):
                 prepared = self._p10cr(label, body, auth, request_id)
             elif msg.body_type is BodyType.KUR:

@@ -38,6 +38,8 @@ SUPPORTED_PVNO = frozenset({PVNO_CMP2000, PVNO_CMP2021})
 FIRST_MESSAGE_BODIES = CERT_REQUEST_BODIES | {BodyType.P10CR, BodyType.GENM, BodyType.RR, BodyType.NESTED}
 """Bodies that open a transaction (a client's or a downstream RA's first message)."""
 FOLLOW_UP_BODIES = frozenset({BodyType.CERTCONF, BodyType.POLLREQ})
+IMPLICIT_CONFIRM_BODIES = CERT_REQUEST_BODIES | {BodyType.P10CR}
+"""RFC 9483 3.1: implicitConfirm is asked for in ir/cr/kur/p10cr (and granted in their responses) only."""
 """Request bodies that continue a transaction the server answered before."""
 
 
@@ -197,6 +199,15 @@ def check_request(
     one), else the state of the transaction this message continues (certConf, pollReq)."""
     check_header(message, now=now, max_clock_skew=max_clock_skew)
     h = message.header
+    if h.confirm_wait_time is not None:
+        # RFC 9483 3.1: confirmWaitTime belongs in ip/cp/kup (the server's promise), never in a request.
+        raise _fail(FailInfo.BAD_REQUEST, "confirmWaitTime is for responses, not requests")
+    if h.implicit_confirm and message.body_type not in IMPLICIT_CONFIRM_BODIES:
+        raise _fail(
+            FailInfo.BAD_REQUEST, f"implicitConfirm has no meaning in a {message.body_type.asn1_name}"
+        )
+    if len(h.cert_profile) > 1:
+        raise _fail(FailInfo.BAD_REQUEST, "certProfile must name one profile (RFC 9483 3.1)")
     if expect is None:
         if message.body_type not in FIRST_MESSAGE_BODIES:
             raise _fail(FailInfo.BAD_REQUEST, f"{message.body_type.asn1_name} cannot start a transaction")

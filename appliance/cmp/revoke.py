@@ -99,6 +99,9 @@ class Revoker:
                 raise CmpError("no certificate with this issuer and serial was issued here",
                                fail_info=FailInfo.BAD_CERT_ID)  # fmt: skip
             cert = x509.load_der_x509_certificate(bytes(row[4]))
+            if cert.not_valid_after_utc.timestamp() < self.clock():
+                # RFC 9483 5.1.3: the certificate must not be expired (or revoked: certRevoked covers both).
+                raise CmpError("the certificate has expired", fail_info=FailInfo.CERT_REVOKED)
             if details.subject is not None and details.subject != cert.subject:
                 raise CmpError(
                     "the template's subject is not the certificate's", fail_info=FailInfo.BAD_CERT_ID

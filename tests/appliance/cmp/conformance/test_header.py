@@ -98,3 +98,27 @@ async def test_first_message_must_not_carry_recip_nonce(peer: Peer) -> None:
         assert err.value.fail_info is FailInfo.BAD_RECIPIENT_NONCE
         assert refused(await peer.post(msg)) == {FailInfo.BAD_RECIPIENT_NONCE}
     assert peer.journal.rows("device_serial='SN-0103'") == []
+
+
+async def test_general_info_belongs_to_its_messages(peer: Peer) -> None:
+    """3.1: implicitConfirm only in ir/cr/kur/p10cr (and their answers), confirmWaitTime only in ip/cp/kup,
+    certProfile names one profile; a certProfile the label does not issue is refused (badCertTemplate)."""
+    import datetime as dt
+
+    genm = build(
+        header(implicit_confirm=True), BodyType.GENM, GenBody((InfoTypeAndValue(oids.IT_CA_CERTS),)), mac()
+    )
+    assert refused(await peer.post(genm)) == {FailInfo.BAD_REQUEST}
+    wait = dataclasses.replace(header(), confirm_wait_time=dt.datetime.now(dt.UTC))
+    assert refused(await peer.post(build(wait, BodyType.IR, cert_request("SN-0104", new_key()), mac()))) == {
+        FailInfo.BAD_REQUEST
+    }
+    two = header(cert_profile=("idevid", "other"))
+    assert refused(await peer.post(build(two, BodyType.IR, cert_request("SN-0104", new_key()), mac()))) == {
+        FailInfo.BAD_REQUEST
+    }
+    other = header(cert_profile=("matter-dac",))
+    answer = await peer.post(build(other, BodyType.IR, cert_request("SN-0104", new_key()), mac()))
+    assert refused(answer, BodyType.IP) == {FailInfo.BAD_CERT_TEMPLATE}
+    right = header(cert_profile=("idevid",))
+    assert issued(await peer.post(build(right, BodyType.IR, cert_request("SN-0104", new_key()), mac())))

@@ -113,3 +113,17 @@ async def test_rr_by_a_trusted_ra_on_a_label_that_allows_it(peer: Peer) -> None:
     assert refused(refused_rp, BodyType.RP) == {FailInfo.NOT_AUTHORIZED}
     _accepted(await peer.post(build(header(ra_cert.subject), BodyType.RR, _rr(cert), ra), "ra"))
     assert peer.revoked(cert) == "keyCompromise"
+
+
+async def test_an_expired_certificate_is_not_revoked(peer: Peer) -> None:
+    """5.1.3: the referenced certificate must not be expired or revoked (certRevoked)."""
+
+    _, cert = await peer.enrol("SN-0408")
+    ra = peer.ra_signer()
+    after_it = (
+        cert.not_valid_after_utc.timestamp() + 10
+    )  # the revoker's clock past the certificate's notAfter
+    peer.responder.revoker.clock = lambda: after_it
+    answer = await peer.post(build(header(ra.certificate.subject), BodyType.RR, _rr(cert), ra), "ra")
+    assert refused(answer, BodyType.RP) == {FailInfo.CERT_REVOKED}
+    assert peer.revoked(cert) is None
