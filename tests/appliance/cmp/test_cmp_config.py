@@ -44,3 +44,10 @@ def test_label_trust_keys(tmp_path: Path) -> None:
         "cmp.crl_timeout_s", "cmp.labels.field.signer_revocation", "cmp.labels.field.crl_files",
         "cmp.labels.field.issuing_ca",
     }  # fmt: skip
+
+
+def test_the_keys_are_documented() -> None:
+    text = (Path(__file__).resolve().parents[3] / "docs" / "configuration.md").read_text()
+    for key in ("issuing_ca", "idevid_roots", "signer_revocation", "crl_files", "crl_fetch", "crl_timeout_s",
+                "crl_max_bytes", "crl_retry_s", "crl_refresh_s"):  # fmt: skip
+        assert f"| `{key}` |" in text, key

@@ -77,6 +77,11 @@ async def test_rr_needs_exactly_one_reason_code(peer: Peer) -> None:
         header(cert.subject), BodyType.RR, rr_content(cert, (0, 1)), peer.device_signer(key, cert)
     )
     assert refused(await _post_raw(peer, two), BodyType.RP) == {FailInfo.BAD_REQUEST}
+    # certificateHold (6) is not offered: a revocation here is final
+    hold = raw_message(
+        header(cert.subject), BodyType.RR, rr_content(cert, (6,)), peer.device_signer(key, cert)
+    )
+    assert refused(await _post_raw(peer, hold), BodyType.RP) == {FailInfo.BAD_REQUEST}
     assert peer.revoked(cert) is None
     # none at all is taken as unspecified: what openssl cmp sends unless told -revreason
     none = raw_message(header(cert.subject), BodyType.RR, rr_content(cert, ()), peer.device_signer(key, cert))
