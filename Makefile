@@ -25,14 +25,17 @@ lint: deps
 bench: deps
 	$(PY) bench/issue.py
 	$(PY) bench/issue.py --controls
+	$(PY) bench/console.py
 	$(PY) bench/stations.py serial
 	$(PY) bench/stations.py lan
 	$(PY) bench/station_failures.py
 	$(PY) bench/ocsp.py
 	$(PY) bench/ocsp_flood.py --unprotected
 	$(PY) bench/ocsp_fuzz.py
+	$(PY) bench/listeners.py --fresh --listeners station,station-tls,va,va-headers,cmp
 	$(PY) bench/upstream.py --count 5000 --single-count 1000 --rtt-ms 0,20
 	$(PY) bench/upstream.py --upstream birthline --count 3000 --single-count 300 --rtt-ms 0,20
+	$(PY) bench/fuzz_csr.py --inputs 1000000
 
 deps: apt venv
 

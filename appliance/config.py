@@ -5,6 +5,7 @@ Secrets are never in this file: the HSM PIN comes from a file or a systemd crede
 
 from __future__ import annotations
 
+import grp
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from cryptography import x509
 
 from appliance import names
 from appliance.audit.claims import CheckpointPolicy
+from appliance.connections import HttpLimits
 from appliance.errors import ConfigError, Problem
 from appliance.profiles import Profile, builtin_profiles, parse_profiles
 from appliance.text import safe_repr
@@ -76,6 +78,11 @@ class StationsSection:
     registry_poll_s: float = 1.0
     failure_limit: int = 10  # failed handshakes / forged frames per station and window before BUSY
     failure_window_s: float = 60.0
+    max_connections: int = 128  # LAN listener: open TCP connections, TLS or not yet
+    max_connections_per_peer: int = 16  # of these, from one IP address
+    auth_timeout_s: float = (
+        30.0  # a LAN connection with no authenticated station session after this is closed
+    )
 
     @property
     def lan_address(self) -> tuple[str, int] | None:
@@ -92,12 +99,25 @@ def _split_listen(value: str) -> tuple[str, int] | None:
     return host.strip("[]"), int(port)
 
 
+# The HTTP listeners' embedded bounds (docs/configuration.md). The LAN listener and the VA with their accepts in
+# flight and the process's reserve fit in the common default file-descriptor limit of 1024; CMP raises it.
+VA_LIMITS = HttpLimits(
+    max_connections=256, max_connections_per_peer=64, header_timeout_s=10.0, body_timeout_s=10.0,
+    idle_timeout_s=15.0,
+)  # fmt: skip
+CMP_LIMITS = HttpLimits(
+    max_connections=128, max_connections_per_peer=32, header_timeout_s=10.0, body_timeout_s=30.0,
+    idle_timeout_s=30.0,
+)  # fmt: skip
+
+
 @dataclass(frozen=True)
 class VaSection:
     """The validation authority: CRLs and OCSP over HTTP on the appliance's LAN side."""
 
     listen: str = "127.0.0.1:7451"  # "host:port"; "" serves no CRL or OCSP
     settings: VaSettings = field(default_factory=VaSettings)
+    limits: HttpLimits = field(default_factory=lambda: VA_LIMITS)
 
     @property
     def address(self) -> tuple[str, int] | None:
@@ -139,6 +159,7 @@ class CmpSection:
     default_label: str = ""
     ra_cert: Path | None = None  # where the RA certificate is kept; default <stations.tls_dir>/cmp-ra.pem
     labels: Mapping[str, CmpLabelSection] = field(default_factory=dict)
+    limits: HttpLimits = field(default_factory=lambda: CMP_LIMITS)
     crl_timeout_s: float = 5.0  # fetching a signer's CRL from its distribution point
     crl_max_bytes: int = 1024 * 1024
     crl_retry_s: float = 60.0  # after a failed fetch, the same URL is not tried again for this long
@@ -186,6 +207,35 @@ class UpstreamSection:
 
 
 @dataclass(frozen=True)
+class ControlSection:
+    """[control]: the control API (docs/control-api.md) on a Unix socket; never on TCP."""
+
+    socket: Path | None = None  # None: <state_dir>/control.sock (Config.control_socket)
+    group: str = ""  # the group whose members may connect (socket mode 0660); "": the daemon's own group
+    enabled: bool = True
+    max_connections: int = 32
+    max_subscribers: int = 8  # event streams open at once
+    subscriber_queue: int = 2048  # events buffered per stream; a stream that falls this far behind is dropped
+    request_timeout_s: float = 10.0  # a request's headers and body must arrive within this of connect / idle
+    max_body_bytes: int = 16 * 1024
+    session_ttl_s: float = 8 * 3600.0  # a console login lasts this long (a shift)
+    max_sessions: int = 64
+    disk_low_mb: int = 256  # alarm disk.low when the state directory's filesystem has less free than this
+    disk_check_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class MetricsSection:
+    """[metrics]: OpenMetrics for the plant's monitoring (docs/metrics.md), on its own HTTP listener."""
+
+    listen: str = ""  # "host:port"; "" (the default) serves no metrics
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        return _split_listen(self.listen)
+
+
+@dataclass(frozen=True)
 class Config:
     appliance: ApplianceSection
     hsm: HsmConfig
@@ -198,6 +248,12 @@ class Config:
     audit: AuditSection = field(default_factory=AuditSection)
     profiles: Mapping[str, Profile] = field(default_factory=dict)
     source: Path | None = None
+    control: ControlSection = field(default_factory=ControlSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+
+    @property
+    def control_socket(self) -> Path:
+        return self.control.socket or self.appliance.state_dir / "control.sock"
 
 
 class _Reader:
@@ -290,7 +346,8 @@ def parse_config(
         p = Path(value)
         return p if p.is_absolute() else (base / p)
 
-    sections = ("appliance", "hsm", "journal", "issuance", "stations", "va", "cmp", "upstream", "audit")
+    sections = ("appliance", "hsm", "journal", "issuance", "stations", "va", "cmp", "upstream", "audit", "control",
+                "metrics")  # fmt: skip
     for key in sorted(set(data) - {*sections, "profiles"}):
         problems.append(Problem(key, "unknown section"))
 
@@ -365,7 +422,11 @@ def parse_config(
         registry_poll_s=r.number("registry_poll_s", 1.0, lo=0.01, hi=60),
         failure_limit=r.integer("failure_limit", 10, lo=1, hi=100_000),
         failure_window_s=r.number("failure_window_s", 60.0, lo=1, hi=86400),
+        max_connections=r.integer("max_connections", 128, lo=1, hi=1_000_000),
+        max_connections_per_peer=r.integer("max_connections_per_peer", 16, lo=1, hi=1_000_000),
+        auth_timeout_s=r.number("auth_timeout_s", 30.0, lo=0.05, hi=3600),
     )
+    _per_peer_within(stations.max_connections, stations.max_connections_per_peer, "stations", problems)
     r.done()
 
     r = _Reader(_table(data, "va", problems), "va", problems)
@@ -400,6 +461,7 @@ def parse_config(
             pace_max_delay_s=r.number("pace_max_delay_s", 1.0, lo=0, hi=30),
             clients_max=r.integer("clients_max", 4096, lo=16, hi=1_000_000),
         ),
+        limits=_http_limits(r, VA_LIMITS),
     )
     if va.settings.signer_renew_days >= va.settings.signer_validity_days:
         problems.append(Problem("va.signer_renew_days", "must be less than signer_validity_days"))
@@ -415,6 +477,11 @@ def parse_config(
         checkpoint_every_entries=r.integer("checkpoint_every_entries", 1000, lo=10, hi=10_000_000),
         checkpoint_every_s=r.number("checkpoint_every_s", 300.0, lo=10, hi=86400),
     )
+    r.done()
+
+    control = _parse_control(_table(data, "control", problems), problems, path, state_dir)
+    r = _Reader(_table(data, "metrics", problems), "metrics", problems)
+    metrics = MetricsSection(listen=_listen(r, "listen", ""))
     r.done()
 
     # Only the 802.1AR built-in is served unconfigured: the Matter built-in carries a test vendor ID and must be
@@ -448,6 +515,8 @@ def parse_config(
         audit=audit,
         profiles=profiles,
         source=source,
+        control=control,
+        metrics=metrics,
     )
 
 
@@ -459,6 +528,72 @@ def _listen(r: _Reader, key: str, default: str) -> str:
             r.problems.append(Problem(f"{r.where}.{key}", f"expected host:port or empty, got {value!r}"))
             return ""
     return value if isinstance(value, str) else ""
+
+
+def _http_limits(r: _Reader, d: HttpLimits) -> HttpLimits:
+    """The connection bounds of an HTTP listener's section ([va], [cmp])."""
+    limits = HttpLimits(
+        max_connections=r.integer("max_connections", d.max_connections, lo=1, hi=1_000_000),
+        max_connections_per_peer=r.integer(
+            "max_connections_per_peer", d.max_connections_per_peer, lo=1, hi=1_000_000
+        ),
+        header_timeout_s=r.number("header_timeout_s", d.header_timeout_s, lo=0.05, hi=600),
+        body_timeout_s=r.number("body_timeout_s", d.body_timeout_s, lo=0.05, hi=3600),
+        idle_timeout_s=r.number("idle_timeout_s", d.idle_timeout_s, lo=0.05, hi=3600),
+    )
+    _per_peer_within(limits.max_connections, limits.max_connections_per_peer, r.where, r.problems)
+    return limits
+
+
+def _per_peer_within(total: int, per_peer: int, where: str, problems: list[Problem]) -> None:
+    if per_peer > total:
+        problems.append(
+            Problem(f"{where}.max_connections_per_peer", f"must not exceed max_connections ({total})")
+        )
+
+
+# sockaddr_un.sun_path is 108 bytes with its NUL; longer paths are bound through the directory (control/unix.py),
+# but a name alone longer than this cannot be bound at all.
+_SOCKET_NAME_MAX = 100
+
+
+def _parse_control(
+    table: Mapping[str, Any],
+    problems: list[Problem],
+    path: Callable[[str | None], Path | None],
+    state_dir: Path,
+) -> ControlSection:
+    r = _Reader(table, "control", problems)
+    d = ControlSection()
+    socket_path = path(r.text("socket")) or state_dir / "control.sock"
+    if len(socket_path.name.encode()) > _SOCKET_NAME_MAX:
+        problems.append(Problem("control.socket", f"the file name is longer than {_SOCKET_NAME_MAX} bytes"))
+    group = r.text("group", "") or ""
+    if group:
+        try:
+            grp.getgrnam(group)
+        except KeyError:
+            problems.append(Problem("control.group", f"no group named {group!r} on this system"))
+    section = ControlSection(
+        socket=socket_path,
+        group=group,
+        enabled=r.flag("enabled", d.enabled),
+        max_connections=r.integer("max_connections", d.max_connections, lo=2, hi=4096),
+        max_subscribers=r.integer("max_subscribers", d.max_subscribers, lo=1, hi=1024),
+        subscriber_queue=r.integer("subscriber_queue", d.subscriber_queue, lo=16, hi=1_000_000),
+        request_timeout_s=r.number("request_timeout_s", d.request_timeout_s, lo=0.1, hi=600),
+        max_body_bytes=r.integer("max_body_bytes", d.max_body_bytes, lo=1024, hi=1024 * 1024),
+        session_ttl_s=r.number("session_ttl_s", d.session_ttl_s, lo=60, hi=7 * 86400),
+        max_sessions=r.integer("max_sessions", d.max_sessions, lo=1, hi=10_000),
+        disk_low_mb=r.integer("disk_low_mb", d.disk_low_mb, lo=0, hi=10_000_000),
+        disk_check_s=r.number("disk_check_s", d.disk_check_s, lo=0.05, hi=3600),
+    )
+    r.done()
+    if section.max_subscribers >= section.max_connections:
+        problems.append(
+            Problem("control.max_subscribers", "must be below max_connections (actions need room)")
+        )
+    return section
 
 
 def _private_file(value: Path | None, where: str, problems: list[Problem]) -> None:
@@ -487,6 +622,7 @@ def _parse_cmp(
     r.name("default_label", names.CMP_LABEL)
     default_label = r.text("default_label", "") or ""
     ra_cert = path(r.text("ra_cert"))
+    limits = _http_limits(r, CMP_LIMITS)
     crl_timeout = r.number("crl_timeout_s", 5.0, lo=0.1, hi=120)
     crl_max_bytes = r.integer("crl_max_bytes", 1024 * 1024, lo=1024, hi=64 * 1024 * 1024)
     crl_retry = r.number("crl_retry_s", 60.0, lo=1, hi=86400)
@@ -546,8 +682,9 @@ def _parse_cmp(
         labels[str(name)] = label
     if default_label and default_label not in labels:
         problems.append(Problem("cmp.default_label", f"no label {default_label!r} in [cmp.labels]"))
-    return CmpSection(listen, max_bytes, confirm_wait, max_pending, default_label, ra_cert, labels,
-                      crl_timeout, crl_max_bytes, crl_retry, crl_refresh)  # fmt: skip
+    return CmpSection(listen, max_bytes, confirm_wait, max_pending, default_label, ra_cert, labels, limits,
+                      crl_timeout_s=crl_timeout, crl_max_bytes=crl_max_bytes, crl_retry_s=crl_retry,
+                      crl_refresh_s=crl_refresh)  # fmt: skip
 
 
 def _paths(r: _Reader, key: str, path: Callable[[str | None], Path | None]) -> tuple[Path, ...]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import signal
@@ -30,6 +31,16 @@ from appliance.cmp.forwarder import Forwarder, make_forwarder
 from appliance.cmp.ra import ensure_ra
 from appliance.cmp.server import CmpResponder, labels_from_config, make_cmp_app, settings_from_config
 from appliance.config import Config
+from appliance.connections import (
+    AcceptErrors,
+    ConnectionCaps,
+    ConnectionGate,
+    Guard,
+    ensure_fd_budget,
+    serve_guarded,
+    tls_server_protocol,
+)
+from appliance.control.plane import ControlPlane
 from appliance.daemon_lock import DaemonLock, DaemonRunning
 from appliance.errors import BirthlineError, IssuanceFailed, IssuancePending, IssuanceRefused
 from appliance.issuance.journal import Journal
@@ -40,12 +51,13 @@ from appliance.station_failures import LinkFailures
 from appliance.stations_registry import StationRecord, TlsServerFiles, alist_stations
 from appliance.va.http import VaServer, make_app
 from appliance.va.service import ValidationAuthority
-from stations.codec import FrameDecoder
+from stations.codec import FRAME_OVERHEAD, MAX_PAYLOAD, FrameDecoder
 from stations.codes import Code
 from stations.errors import StationError
 from stations.messages import Error
 from stations.server import EnrollPending, LinkFailure, StationServer, StationState, clean_text
 from stations.session import KeyLookup, plain_frame
+from stations.tls import apply_tls_policy
 from stations.transports.base import ChannelClosed
 from stations.transports.stream import StreamChannel
 
@@ -54,6 +66,7 @@ log = logging.getLogger(__name__)
 __all__ = ["CoreEnroller", "Daemon", "run_daemon", "wire_code"]
 
 UNKNOWN_HERE = "no station with this id is registered on this port or certificate"
+LAN_WRITE_HIGH_WATER = 64 * 1024
 
 
 def wire_code(exc: BirthlineError) -> Code:
@@ -187,7 +200,7 @@ class _LinkMonitor:
 
 def server_ssl_context(files: TlsServerFiles) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    apply_tls_policy(ctx)
     ctx.load_cert_chain(files.cert, files.key)
     ctx.load_verify_locations(cafile=str(files.ca))
     ctx.verify_mode = ssl.CERT_REQUIRED
@@ -215,6 +228,8 @@ class Daemon:
         self._stack = contextlib.AsyncExitStack()
         self._tg: asyncio.TaskGroup | None = None
         self._lan: asyncio.Server | None = None
+        self.lan_gate: ConnectionGate | None = None
+        self.fd_budget: tuple[int, int] = (0, 0)  # (RLIMIT_NOFILE soft limit, listener caps + reserve)
         self._lan_handlers: set[asyncio.Task[None]] = set()
         self._serial_tasks: dict[str, asyncio.Task[None]] = {}
         self._serial_bound: dict[str, tuple[str, int, bytes]] = {}
@@ -229,6 +244,7 @@ class Daemon:
         self.cmp: CmpResponder | None = None
         self.cmp_server: VaServer | None = None
         self.forwarder: Forwarder | None = None
+        self.control: ControlPlane | None = None
 
     # -- what callers see ----------------------------------------------------------------------------------------
     @property
@@ -271,7 +287,11 @@ class Daemon:
             self._stack.enter_context(DaemonLock(self.config.appliance.state_dir, "the daemon"))
         except DaemonRunning as exc:
             raise DaemonRunning(f"the daemon cannot start: {exc.message}", exc.holder) from None
+        self._check_fd_budget()
         self.core = self._stack.enter_context(open_core(self.config))
+        accept_errors = AcceptErrors(self.core.alarms)
+        accept_errors.install()
+        self._stack.callback(accept_errors.uninstall)
         # Checkpoints sign the audit log in the HSM with the audit key (never the CA keys). The checkpointer
         # starts first: it signs what a crash left unsigned before this run's entries follow it.
         await self._stack.enter_async_context(
@@ -287,8 +307,11 @@ class Daemon:
         )  # fmt: skip
         if self.config.va.address is not None:
             self.va_server = await self._stack.enter_async_context(
-                VaServer(make_app(self.va), *self.config.va.address)
-            )
+                VaServer(
+                    make_app(self.va), *self.config.va.address, limits=self.config.va.limits, name="va",
+                    alarms=self.core.alarms, accept_errors=accept_errors,
+                )
+            )  # fmt: skip
             log.info("CRL and OCSP on %s", self.va_server.url)
         if cfg.lan_address is not None:
             self.tls_files = prepare(self.core)
@@ -305,8 +328,9 @@ class Daemon:
                 admission=self.forwarder.admission if self.forwarder is not None else None
             )
         )
+        await self._start_control(service)
         if self.config.cmp.address is not None:
-            await self._start_cmp(service)
+            await self._start_cmp(service, accept_errors)
         self.enroller = CoreEnroller(service, self.core.journal)
         self.link_failures = await self._stack.enter_async_context(
             LinkFailures(
@@ -326,18 +350,66 @@ class Daemon:
         self._stack.push_async_callback(self._stop_tasks)
         await self.refresh()
         if cfg.lan_address is not None and self.tls_files is not None:
-            host, port = cfg.lan_address
-            self._lan = await asyncio.start_server(
-                self._on_lan,
-                host,
-                port,
-                ssl=server_ssl_context(self.tls_files),
-                ssl_handshake_timeout=cfg.handshake_timeout_s,
-            )
+            await self._start_lan(server_ssl_context(self.tls_files), accept_errors)
             log.info("listening for LAN stations on %s:%d (TLS)", *(self.lan_address or ("?", 0)))
         self._watcher = self._tg.create_task(self._watch_registry(), name="station-registry-watcher")
 
-    async def _start_cmp(self, service: IssueService) -> None:
+    def _check_fd_budget(self) -> None:
+        """Every listener's cap together must fit under RLIMIT_NOFILE: a flood meets a cap, never EMFILE."""
+        caps = {}
+        if self.config.stations.lan_address is not None:
+            caps["stations.max_connections"] = self.config.stations.max_connections
+        if self.config.va.address is not None:
+            caps["va.max_connections"] = self.config.va.limits.max_connections
+        if self.config.cmp.address is not None:
+            caps["cmp.max_connections"] = self.config.cmp.limits.max_connections
+        self.fd_budget = ensure_fd_budget(caps)
+
+    async def _start_lan(self, context: ssl.SSLContext, accept_errors: AcceptErrors) -> None:
+        """The TLS listener for LAN stations. Each connection is admitted by the gate before TLS allocates
+        anything; TLS then has handshake_timeout_s, and the connection auth_timeout_s to authenticate a station
+        session."""
+        assert self.core is not None
+        cfg = self.config.stations
+        assert cfg.lan_address is not None
+        self.lan_gate = ConnectionGate(
+            "stations", ConnectionCaps(cfg.max_connections, cfg.max_connections_per_peer),
+            alarms=self.core.alarms, accept_errors=accept_errors,
+            advice="raise [stations] max_connections (or max_connections_per_peer) if these are stations;"
+            " otherwise find the host holding the connections",
+        )  # fmt: skip
+
+        def inner(guard: Guard) -> asyncio.BaseProtocol:
+            guard.set_deadline(cfg.auth_timeout_s, "unauthenticated")
+            # The stream reader pauses the connection past twice its limit: two frames of the protocol.
+            reader = asyncio.StreamReader(limit=MAX_PAYLOAD + FRAME_OVERHEAD)
+            app = asyncio.StreamReaderProtocol(reader, functools.partial(self._spawn_lan, guard))
+            return tls_server_protocol(app, context, cfg.handshake_timeout_s)
+
+        host, port = cfg.lan_address
+        self._lan = await serve_guarded(self.lan_gate, inner, host, port, buffered=True)
+
+    async def _start_control(self, service: IssueService) -> None:
+        """The control API, metrics and the disk alarm (appliance/control): before any listener takes a request,
+        so every answer is seen."""
+        assert self.core is not None
+
+        # The station server is made after this (it needs the enroller); until then there is nothing to read.
+        def probe() -> dict[str, tuple[bool, bool, str | None]]:
+            states = self.server.states if self.server is not None else {}
+            return {n: (st.connected, st.authenticated, st.peer) for n, st in states.items() if n}
+
+        def snapshots() -> dict[str, dict[str, object]]:
+            states = self.server.states if self.server is not None else {}
+            return {n: st.snapshot() for n, st in states.items() if n}
+
+        va = self.va
+        self.control = await self._stack.enter_async_context(
+            ControlPlane(self.core, service, probe=probe, snapshots=snapshots,
+                         on_revoked=va.changed if va is not None else None)
+        )  # fmt: skip
+
+    async def _start_cmp(self, service: IssueService, accept_errors: AcceptErrors) -> None:
         """The CMP server on the LAN side: labels act as registered stations; answers to signature-protected
         requests are signed by the RA key in the HSM, certified by the management CA."""
         assert self.core is not None
@@ -365,8 +437,11 @@ class Daemon:
         )  # fmt: skip
         assert cfg.address is not None
         self.cmp_server = await self._stack.enter_async_context(
-            VaServer(make_cmp_app(self.cmp), *cfg.address)
-        )
+            VaServer(
+                make_cmp_app(self.cmp), *cfg.address, limits=cfg.limits, name="cmp", alarms=self.core.alarms,
+                accept_errors=accept_errors,
+            )
+        )  # fmt: skip
         log.info("CMP on %s/.well-known/cmp (%d label(s))", self.cmp_server.url, len(self.cmp.labels))
 
     async def __aexit__(self, *exc: object) -> None:
@@ -380,6 +455,8 @@ class Daemon:
             task.cancel()
         if self._lan_handlers:
             await asyncio.gather(*self._lan_handlers, return_exceptions=True)
+        if self.lan_gate is not None:
+            self.lan_gate.abort_all()
         if self._lan is not None:
             with contextlib.suppress(Exception):
                 await self._lan.wait_closed()
@@ -495,11 +572,20 @@ class Daemon:
             log.info("station %s: port %s closed; reopening", name, path)
             await asyncio.sleep(cfg.reopen_interval_s)
 
-    async def _on_lan(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _spawn_lan(self, guard: Guard, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # A task of our own rather than the one asyncio makes of a coroutine callback: in Python 3.11 that
+        # task's done-callback logs every handler cancelled at shutdown as an unhandled exception.
+        task = asyncio.create_task(self._on_lan(guard, reader, writer), name=f"lan {guard.peer}")
+        self._lan_handlers.add(task)
+
+    async def _on_lan(self, guard: Guard, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None and self.server is not None
         self._lan_handlers.add(task)
         try:
+            # Replies are drained after each write: a peer that stops reading blocks its own session here
+            # instead of growing the TLS write buffer (asyncio's default allows 512 KiB).
+            writer.transport.set_write_buffer_limits(high=LAN_WRITE_HIGH_WATER)
             channel = StreamChannel(
                 reader, writer, decoder=FrameDecoder(frame_timeout=self.config.stations.frame_timeout_s)
             )
@@ -525,10 +611,12 @@ class Daemon:
                     await channel.send(plain_frame(Error(code, text)))
                 await channel.close()
                 return
-            await self.server.serve(channel, self._lookup_for(rec.name), station=rec.name)
+            await self.server.serve(
+                channel, self._lookup_for(rec.name), station=rec.name, on_authenticated=guard.authenticated
+            )
         except asyncio.CancelledError:
-            # The daemon is stopping (serve() has said BYE BUSY). Python 3.11's start_server logs a traceback
-            # at ERROR for every handler that ends cancelled, so this one ends normally.
+            # The daemon is stopping (serve() has said BYE BUSY): this handler ends normally, so nothing logs
+            # a cancelled handler as an unhandled exception.
             pass
         except Exception:
             log.exception("LAN connection failed")
@@ -547,9 +635,11 @@ def run_daemon(config: Config) -> int:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, daemon.stop)
             addr = daemon.lan_address
+            limit, needed = daemon.fd_budget
             log.warning(
-                "birthline daemon running: %d station(s) registered, LAN %s",
-                len(daemon._stations), f"{addr[0]}:{addr[1]}" if addr else "disabled",
+                "birthline daemon running: %d station(s) registered, LAN %s; file descriptors: limit %d,"
+                " listener caps and reserve %d",
+                len(daemon._stations), f"{addr[0]}:{addr[1]}" if addr else "disabled", limit, needed,
             )  # fmt: skip
             await daemon.wait()
             log.warning("birthline daemon stopping")

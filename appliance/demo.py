@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import serialization
 
 from appliance import ca as ca_mod
 from appliance import stations_registry as registry
-from appliance.config import CmpLabelSection, Config, load_config
+from appliance.config import CmpLabelSection, Config, MetricsSection, load_config
 from appliance.daemon import Daemon
 from appliance.daemon_lock import running
 from appliance.errors import BirthlineError
@@ -40,6 +40,7 @@ from appliance.profiles import Profile
 from appliance.runtime import Core, open_core
 from hsm.softhsm import create_softhsm_token
 from stations.client import StationClient, client_ssl_context, generate_device_key, make_csr, read_station_key
+from stations.codes import Code
 from stations.errors import StationError
 from stations.simulator import PtyPair
 
@@ -177,7 +178,18 @@ def _production(core: Core, admin: User, supervisor: User, run: int, devices: in
         store.add_work_order(core.journal, core.audit, supervisor, spec, activate=True)
 
 
-def _setup(config: Config, state: Path, run: int, devices: int) -> None:
+def gentle_range(run: int) -> SerialRange:
+    """The serials simulated fixtures enrol with --gentle-rate in run `run` (one work order per run)."""
+    return SerialRange(f"GEN{run:04d}-", 1, 999_999, 6)
+
+
+def _gentle_work_order(core: Core, supervisor: User, run: int) -> None:
+    rng = gentle_range(run)
+    spec = WorkOrderSpec(f"WO-GENTLE-{run:04d}", DEMO_PRODUCT, rng.last, (DEMO_LINE,), ranges=(rng,))
+    store.add_work_order(core.journal, core.audit, supervisor, spec, activate=True)
+
+
+def _setup(config: Config, state: Path, run: int, devices: int, *, gentle: bool = False) -> None:
     """CAs, stations and production control, created once; a second run finds them and adds a work order."""
     with open_core(config) as core:
         admin, supervisor = _people(core, state)
@@ -224,6 +236,8 @@ def _setup(config: Config, state: Path, run: int, devices: int) -> None:
             registry.write_bundle(creds, bundle)
         _production(core, admin, supervisor, run, devices)
         _field(core, admin, supervisor)
+        if gentle:
+            _gentle_work_order(core, supervisor, run)
         on_line = core.journal.call(
             lambda: core.journal.conn.execute(
                 "SELECT line FROM stations WHERE name=?", (CMP_STATION,)
@@ -269,9 +283,14 @@ async def _connect(state: Path, name: str, lan: tuple[str, int], fixture_port: s
     )
 
 
-def _describe(state: Path, config: Config, lan: tuple[str, int], fixture_port: str) -> dict[str, object]:
+def _describe(
+    state: Path, config: Config, lan: tuple[str, int], fixture_port: str, metrics_url: str | None = None
+) -> dict[str, object]:
     va_url = config.va.listen and f"http://{config.va.listen}"
     return {
+        "control": {"socket": str(config.control_socket), "api": "docs/control-api.md",
+                    "login": "demo-supervisor or demo-admin, password in the supervisor's password_file"},
+        "metrics": {"url": metrics_url, "format": "OpenMetrics (docs/metrics.md)"},
         "listener": {"host": lan[0], "port": lan[1], "transport": "TLS 1.2+ with station client certificates",
                      "protocol": "docs/station-protocol.md"},
         "stations": [
@@ -311,7 +330,9 @@ def _describe(state: Path, config: Config, lan: tuple[str, int], fixture_port: s
     }  # fmt: skip
 
 
-async def _run(config: Config, state: Path, run: int, devices: int, serve: bool) -> int:
+async def _run(
+    config: Config, state: Path, run: int, devices: int, serve: bool, gentle_rate: float = 0.0
+) -> int:
     serials = [f"BLD{run:04d}{n:06d}" for n in range(1, devices + 1)]
     appliance_port = str(state / "pty" / f"{SERIAL_STATION}.appliance")
     fixture_port = str(state / "pty" / f"{SERIAL_STATION}.fixture")
@@ -338,9 +359,10 @@ async def _run(config: Config, state: Path, run: int, devices: int, serve: bool)
                     again = await lan_client.enroll(serial, csr)
                     retry_same = again[0] == cert
                 if serve:
+                    metrics = daemon.control.metrics_url if daemon.control is not None else None
                     write_public(
                         state / "demo.json",
-                        json.dumps(_describe(state, config, lan, fixture_port), indent=2).encode(),
+                        json.dumps(_describe(state, config, lan, fixture_port, metrics), indent=2).encode(),
                     )
             finally:
                 for c in (serial_client, lan_client):
@@ -349,19 +371,98 @@ async def _run(config: Config, state: Path, run: int, devices: int, serve: bool)
             unconfirmed = _unconfirmed(daemon, serials)
             rc = _report(state, config, run, serials, results, elapsed, retry_same, counts, unconfirmed)
             if serve and rc == 0:
-                await _serve(daemon, state, lan, fixture_port)
+                gentle = GentleLine(state, lan, fixture_port, run, gentle_rate) if gentle_rate > 0 else None
+                await _serve(daemon, state, lan, fixture_port, gentle)
             return rc
 
 
-async def _serve(daemon: Daemon, state: Path, lan: tuple[str, int], fixture_port: str) -> None:
+async def _serve(
+    daemon: Daemon, state: Path, lan: tuple[str, int], fixture_port: str, gentle: GentleLine | None = None
+) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, daemon.stop)
     print(
         f"\nServing on {lan[0]}:{lan[1]} (LAN, TLS) and {fixture_port} (serial pty). Described in {state}/demo.json."
     )
+    if gentle is not None:
+        print(f"Simulated fixtures enrol {gentle.rate:g} device(s)/s on both stations (work order"
+              f" WO-GENTLE-{gentle.run:04d}).")  # fmt: skip
     print("Try a station by hand (see README), then press Ctrl-C to stop.", flush=True)
-    await daemon.wait()
+    if gentle is None:
+        await daemon.wait()
+        return
+    async with gentle:
+        await daemon.wait()
+
+
+class GentleLine:
+    """Simulated fixtures that keep enrolling at a gentle rate while the demo is served, so a console has
+    something to show: one on each demo station, together `rate` devices per second. A fixture refused (a
+    paused station, a refusal) notes it, waits a second and goes on; one whose link broke (the daemon
+    restarting) connects again. Used as an async context manager around the served demo.
+
+    `issued`, `refused` and `last_error` say what happened (for the dashboard's tests and the demo's output).
+    """
+
+    def __init__(self, state: Path, lan: tuple[str, int], fixture_port: str, run: int, rate: float) -> None:
+        self.state = state
+        self.lan = lan
+        self.fixture_port = fixture_port
+        self.run = run
+        self.rate = rate
+        self.issued = 0
+        self.refused: dict[str, int] = {}
+        self.last_error: str | None = None
+        self._next = 0
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def _serial(self) -> str:
+        rng = gentle_range(self.run)
+        self._next += 1
+        return f"{rng.prefix}{self._next:0{rng.width}d}"
+
+    async def __aenter__(self) -> GentleLine:
+        for name in (SERIAL_STATION, LAN_STATION):
+            self._tasks.append(asyncio.create_task(self._fixture(name), name=f"gentle {name}"))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _fixture(self, name: str) -> None:
+        interval = 2.0 / self.rate  # two fixtures share the rate
+        while True:
+            try:
+                client = await _connect(self.state, name, self.lan, self.fixture_port)
+            except (StationError, OSError) as exc:
+                self.last_error = f"{name}: {exc}"
+                await asyncio.sleep(1.0)
+                continue
+            try:
+                serial = self._serial()
+                while True:
+                    await asyncio.sleep(interval)
+                    try:
+                        await _Fixture(client).enrol(serial)
+                    except StationError as exc:
+                        self.refused[exc.code.name] = self.refused.get(exc.code.name, 0) + 1
+                        self.last_error = f"{name}: {exc}"
+                        if exc.code in (Code.STATION_PAUSED, Code.BUSY):
+                            await asyncio.sleep(1.0)
+                            continue  # the same device again once the station is resumed
+                        if exc.code.value >= 100 or exc.code is Code.INTERNAL:
+                            raise  # the link, not the device: connect again
+                    else:
+                        self.issued += 1
+                    serial = self._serial()
+            except (StationError, OSError) as exc:
+                self.last_error = f"{name}: {exc}"
+                await asyncio.sleep(1.0)
+            finally:
+                await client.close()
 
 
 def _unconfirmed(daemon: Daemon, serials: list[str]) -> list[str]:
@@ -413,7 +514,9 @@ def _report(
     return 0 if ok == "OK" and retry_same and len(results) == len(serials) and confirmed_all else 1
 
 
-def run_demo(state: Path, devices: int, *, serve: bool = False, port: int | None = None) -> int:
+def run_demo(
+    state: Path, devices: int, *, serve: bool = False, port: int | None = None, gentle_rate: float = 0.0
+) -> int:
     state = state.resolve()
     holder = running(state)
     if holder is not None:
@@ -454,11 +557,13 @@ def run_demo(state: Path, devices: int, *, serve: bool = False, port: int | None
             },
         ),
         profiles={**config.profiles, DEMO_PROFILE: profile, FIELD_PROFILE: _ldevid(profile)},
+        # OpenMetrics on the LAN port + 3 when serving (demo.json names the URL).
+        metrics=MetricsSection(listen=f"127.0.0.1:{lan_port + 3}" if serve else ""),
     )
     try:
         run = _next_run(state)
-        _setup(config, state, run, devices)
-        return asyncio.run(_run(config, state, run, devices, serve))
+        _setup(config, state, run, devices, gentle=serve and gentle_rate > 0)
+        return asyncio.run(_run(config, state, run, devices, serve, gentle_rate))
     except (BirthlineError, StationError) as exc:
         print(f"demo: {exc}")
         return 1

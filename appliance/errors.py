@@ -33,6 +33,7 @@ class ReasonCode(enum.IntEnum):
     BUSY = 16  # overloaded, retry later
     DEVICE_SCRAPPED = 17  # the device was scrapped: its serial is never issued again
     UPSTREAM_REJECTED = 18  # RA mode: the upstream CA refused this request for good (a new key may be tried)
+    STATION_PAUSED = 19  # an operator paused the station (control API): no issuance until it is resumed
     INTERNAL = 99
 
 

@@ -119,14 +119,19 @@ def secret_directory(path: Path) -> Path:
 
 
 def secure_state_dir(path: Path, holds: str) -> Path:
-    """The state directory: created 0700 if missing; refused when group or others have any access to it (an
-    existing directory keeps the mode it was given, so it is checked every time)."""
+    """The state directory: created 0700 if missing; refused when others have any access to it, or its group
+    more than traverse (an existing directory keeps the mode it was given, so it is checked every time).
+
+    Group traverse alone (0710) is allowed: it is how `[control] group` reaches the control socket by name
+    (appliance/control/unix.py open_for_group). It lists nothing and opens only what a file's own mode allows,
+    and the secret files are 0600, which refuse_shared_files checks."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR)
     st = os.stat(path)
-    if stat.S_IMODE(st.st_mode) & 0o077:
+    if stat.S_IMODE(st.st_mode) & 0o067:
         raise FileRefused(
-            f"state directory {path} is mode {_mode(st)}: group and others can reach {holds}; run: chmod 700 {path}",
+            f"state directory {path} is mode {_mode(st)}: group and others can reach {holds}; run: chmod 700"
+            f" {path} (or 710 to let the console group reach the control socket)",
             path,
         )
     return path

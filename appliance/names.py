@@ -44,8 +44,24 @@ class InvalidName(BirthlineError):
         return self.message
 
 
+class _Checks:
+    """`check`: the value if it is allowed, else InvalidName naming the field and the rule."""
+
+    field: str
+
+    def problem(self, value: object) -> str | None:
+        raise NotImplementedError
+
+    def check(self, value: object) -> str:
+        problem = self.problem(value)
+        if problem is not None:
+            raise InvalidName(problem, self.field)
+        assert isinstance(value, str)
+        return value
+
+
 @dataclass(frozen=True)
-class Rule:
+class Rule(_Checks):
     """A kind of name: its field (for messages), the rule in words, and the pattern the whole value matches."""
 
     field: str
@@ -59,13 +75,6 @@ class Rule:
         if self.pattern.fullmatch(value) is None:
             return f"{self.field} {safe_repr(value)} is not allowed: {self.rule}"
         return None
-
-    def check(self, value: object) -> str:
-        problem = self.problem(value)
-        if problem is not None:
-            raise InvalidName(problem, self.field)
-        assert isinstance(value, str)
-        return value
 
 
 def _identifier(field: str, extra: str, *, first: str = "A-Za-z0-9", lower: bool = False) -> Rule:
@@ -140,7 +149,7 @@ SERIAL_PORT: Final = PortRule(
 
 
 @dataclass(frozen=True)
-class TextRule:
+class TextRule(_Checks):
     """Free text (display names, descriptions, reasons): printable Unicode, bounded, and never control, format
     (bidi), surrogate or unassigned characters."""
 
@@ -159,13 +168,6 @@ class TextRule:
         if (self.required and not value.strip()) or len(value) > self.max_len or not is_clean_text(value):
             return f"{self.field} {safe_repr(value)} is not allowed: {self.rule}"
         return None
-
-    def check(self, value: object) -> str:
-        problem = self.problem(value)
-        if problem is not None:
-            raise InvalidName(problem, self.field)
-        assert isinstance(value, str)
-        return value
 
 
 DISPLAY_NAME: Final = TextRule("display name")

@@ -88,8 +88,8 @@ class Core:
             refusal_burst=self.config.issuance.refusal_burst,
             refusal_window_s=self.config.issuance.refusal_window_s,
             admission=admission,
-            upstream_retry_s=self.config.upstream.pending_retry_s if self.config.upstream.enabled else None,
             alarms=self.alarms,
+            upstream_retry_s=self.config.upstream.pending_retry_s if self.config.upstream.enabled else None,
             quota_warning_percent=self.config.issuance.quota_warning_percent,
         )
 

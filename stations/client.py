@@ -65,6 +65,7 @@ from stations.messages import (
     Pong,
 )
 from stations.session import Authenticated, Closed, HandshakeFailed, Received, StationSession
+from stations.tls import apply_tls_policy
 from stations.transports.base import ChannelClosed, FrameChannel
 from stations.transports.serial import SerialChannel, wire_time
 from stations.transports.stream import StreamChannel
@@ -597,10 +598,10 @@ class StationCredentials:
 def client_ssl_context(
     cert_file: str | Path, key_file: str | Path, ca_file: str | Path, *, check_hostname: bool = True
 ) -> ssl.SSLContext:
-    """TLS 1.2+ client context: presents the station's certificate and verifies the appliance's server
-    certificate against ``ca_file`` (the CA that signed it). Hostname checking stays on unless asked off."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    """Client context under the link's TLS policy (stations.tls: TLS 1.2 with ECDHE AEAD suites, or 1.3):
+    presents the station's certificate and verifies the appliance's server certificate against ``ca_file``
+    (the CA that signed it). Hostname checking stays on unless asked off."""
+    ctx = apply_tls_policy(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.check_hostname = check_hostname
     ctx.load_verify_locations(cafile=str(ca_file))

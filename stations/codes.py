@@ -1,6 +1,6 @@
 """The code table carried by ERROR and BYE frames.
 
-Codes 1-18 and 99 mirror ``appliance.errors.ReasonCode`` number for number, so a refusal shown on a
+Codes 1-19 and 99 mirror ``appliance.errors.ReasonCode`` number for number, so a refusal shown on a
 fixture's screen matches the appliance's audit log and dashboard. They are copied rather than imported because
 the fixture side must not depend on the appliance package; ``tests/stations/test_codes.py`` fails if the two
 tables drift.
@@ -36,6 +36,7 @@ class Code(enum.IntEnum):
     BUSY = 16
     DEVICE_SCRAPPED = 17
     UPSTREAM_REJECTED = 18
+    STATION_PAUSED = 19
     INTERNAL = 99
 
     # Protocol-level codes.

@@ -26,6 +26,7 @@ from stations.codes import Code
 from stations.errors import SessionError, StationError
 from stations.limits import DEFAULT_FAILURE_LIMIT, DEFAULT_FAILURE_WINDOW, FailureLimiter
 from stations.messages import (
+    NO_REQUEST,
     CaChain,
     Cert,
     Confirm,
@@ -35,6 +36,7 @@ from stations.messages import (
     GetCaChain,
     Message,
     Pending,
+    Pong,
 )
 from stations.session import (
     ApplianceSession,
@@ -60,6 +62,9 @@ DUPLICATE_RETRY_MS = 1000  # PENDING answer to an ENROLL whose request id is sti
 CLOSE_SEND_TIMEOUT = (
     1.0  # a last frame (BYE, ERROR TIMEOUT) to a peer that does not read is given up after this
 )
+# Requests of one connection being worked on at once. Each is a task holding its message (a CSR is up to 8 KiB);
+# past this a request is answered BUSY at once, so a peer pipelining requests cannot grow the task set.
+MAX_REQUESTS_IN_FLIGHT = 8
 
 
 class EnrollPending(StationError):
@@ -208,6 +213,7 @@ class StationServer:
         *,
         station: str | None = None,
         close_on_timeout: bool = True,
+        on_authenticated: Callable[[], None] | None = None,
     ) -> None:
         """Run one connection until the peer goes away or the station is dropped; never raises ChannelClosed.
 
@@ -217,8 +223,11 @@ class StationServer:
         idle for ``idle_timeout`` a sealed BYE TIMEOUT. ``close_on_timeout`` (TLS) then ends the connection,
         and its handshake timer runs from the moment it opens; a serial port (False) stays open, forgets the
         session, and times only a handshake it has answered with a CHALLENGE.
+        ``on_authenticated`` is called at each completed handshake (the listener's bound on unauthenticated
+        connections).
         """
         conn = _Connection(self, channel, lookup, station, close_on_timeout)
+        conn.on_authenticated = on_authenticated
         conn.task = asyncio.create_task(conn.run(), name=f"station-conn {channel.peer}")
         try:
             await asyncio.shield(conn.task)
@@ -249,6 +258,7 @@ class _Connection:
         self.station: str | None = None  # the authenticated station id
         self.close_on_timeout = close_on_timeout
         self.task: asyncio.Task[None] | None = None
+        self.on_authenticated: Callable[[], None] | None = None
         self.drop_code: Code | None = None
         self._lock = asyncio.Lock()
         self._requests: set[asyncio.Task[None]] = set()
@@ -391,6 +401,8 @@ class _Connection:
                 self.server.limiter.succeeded(self._limit_key(event.station_id))
                 if self.server.monitor is not None:
                     self.server.monitor.link_authenticated(event.station_id, self.channel.peer)
+                if self.on_authenticated is not None:
+                    self.on_authenticated()
             elif isinstance(event, HandshakeFailed):
                 valid = False
                 blocked = max(blocked, self._on_handshake_failed(event))
@@ -405,7 +417,17 @@ class _Connection:
                 self.state.authenticated = False
                 self._handshake_started = self.server.clock()
             elif isinstance(event, Received):
-                self._dispatch(event.message)
+                msg = event.message
+                if isinstance(msg, Enroll) and msg.request_id in self._inflight:
+                    # The same request id still being worked on (sent again before its answer): PENDING, never a
+                    # second answer of another kind for one request id.
+                    await self._reply(Pending(msg.request_id, DUPLICATE_RETRY_MS))
+                elif len(self._requests) >= MAX_REQUESTS_IN_FLIGHT and not isinstance(msg, Pong):
+                    self.state.counters["busy_in_flight"] += 1
+                    rid = getattr(event.message, "request_id", NO_REQUEST)
+                    await self._reply(Error(Code.BUSY, "too many requests in flight on this connection", rid))
+                else:
+                    self._dispatch(event.message)
         if self.session.handshakes != handshakes:
             self._handshake_started = self.server.clock()
         if valid:
@@ -480,9 +502,9 @@ class _Connection:
     # -- requests ----------------------------------------------------------------------------------------------
     def _dispatch(self, message: Message) -> None:
         if isinstance(message, Enroll):
-            if message.request_id in self._inflight:
-                self._spawn(self._reply(Pending(message.request_id, DUPLICATE_RETRY_MS)))
-                return
+            # In flight from now, not from when its task first runs: frames read in one go are all dispatched
+            # before any task starts, and a copy among them must be seen as one.
+            self._inflight.add(message.request_id)
             self._spawn(self._enroll(message))
         elif isinstance(message, Confirm):
             self._spawn(self._confirm(message))
@@ -516,7 +538,6 @@ class _Connection:
         st = self.state
         st.enrolling += 1
         st.last_device_serial = msg.device_serial
-        self._inflight.add(msg.request_id)
         reply: Message
         try:
             chain = await self.server.enroller.enroll(

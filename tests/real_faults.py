@@ -67,6 +67,7 @@ def ext4_loop(where: Path, size_mb: int = 32) -> Iterator[Path]:
     assert made.returncode == 0, made.stderr
     where.mkdir(parents=True, exist_ok=True)
     _mounted(_run("mount", "-o", "loop", str(image), str(where)), "an ext4 loop image")
+    where.chmod(0o700)  # a fresh ext4 root is 0755; the appliance refuses a state directory others can reach
     try:
         yield where
     finally:

@@ -32,7 +32,6 @@ from appliance.config import DEFAULT_CONFIG_PATH, Config, load_config
 from appliance.daemon_lock import daemon_job
 from appliance.errors import BirthlineError, IssuancePending
 from appliance.issuance.policy import IssueRequest
-from appliance.issuance.service import csr_der
 from appliance.production.users import Permission
 from appliance.runtime import open_core, read_journal, running_issuer
 from hsm.algorithms import KeyAlgorithm
@@ -189,7 +188,7 @@ def cmd_issue(args: argparse.Namespace) -> int:
     """One certificate by hand, by a person (operator or supervisor) acting as a station: the station's line
     and work orders authorise it exactly as they would the fixture. The person's request and its answer are
     audited under their name; the core's own entries (intent, issued) follow as for any station."""
-    csr = csr_der(argfiles.read_bytes("--csr", args.csr))  # PEM or DER; journaled and sent upstream as DER
+    csr = argfiles.read_bytes("--csr", args.csr)
     request = IssueRequest(
         args.serial, csr, station=args.station, request_id=args.request_id or "", profile=args.profile
     )
@@ -246,7 +245,9 @@ def cmd_journal_stats(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from appliance.demo import run_demo
 
-    return run_demo(Path(args.state), args.devices, serve=args.serve, port=args.port)
+    return run_demo(
+        Path(args.state), args.devices, serve=args.serve, port=args.port, gentle_rate=args.gentle_rate
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -356,6 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--port", type=int, help="LAN listener port on 127.0.0.1 (default: 7450 with --serve, else any)"
     )
     sp.add_argument("--devices", type=int, default=100)
+    sp.add_argument(
+        "--gentle-rate", type=float, default=0.0, metavar="R",
+        help="with --serve: simulated fixtures keep enrolling R devices/s on both stations (default 0: none)",
+    )  # fmt: skip
     sp.set_defaults(func=cmd_demo)
     from appliance.cli import fixtures
 

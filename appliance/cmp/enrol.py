@@ -77,11 +77,20 @@ def _requested_extensions(der: bytes | None) -> tuple[tuple[str, bool, bytes], .
     return tuple((str(e["extnID"]), bool(e["critical"]), bytes(e["extnValue"])) for e in value)
 
 
+def csr_subject(csr: x509.CertificateSigningRequest) -> x509.Name:
+    """A p10cr's requested subject. cryptography decodes it only when asked, so a malformed one (an empty RDN,
+    an undecodable string) raises here: the device's error, not ours."""
+    try:
+        return csr.subject
+    except Exception:  # noqa: BLE001 - what cryptography raises for a device's bytes is not a stable contract
+        raise CmpError("the CSR's subject does not parse", fail_info=FailInfo.BAD_DATA_FORMAT) from None
+
+
 def _csr_extensions(csr: x509.CertificateSigningRequest) -> tuple[tuple[str, bool, bytes], ...]:
     try:
         return tuple((e.oid.dotted_string, e.critical, e.value.public_bytes()) for e in csr.extensions)
-    except (ValueError, NotImplementedError) as exc:
-        raise CmpError(f"the CSR's requested extensions do not decode: {exc}"[:200],
+    except Exception as exc:  # noqa: BLE001 - as in csr_subject (two of one type: DuplicateExtension)
+        raise CmpError(f"the CSR's requested extensions do not decode: {type(exc).__name__}: {exc}"[:200],
                        fail_info=FailInfo.BAD_CERT_TEMPLATE) from None  # fmt: skip
 
 
@@ -162,10 +171,11 @@ class Enroller:
             return rejection(rep_type, req_id, exc)
 
     def _p10cr(self, label: CmpLabel, body: P10crBody, auth: Auth, request_id: str) -> _Prepared:
-        device = self._device_serial(body.csr.subject, auth)
+        subject = csr_subject(body.csr)
+        device = self._device_serial(subject, auth)
         issue = IssueRequest(device, body.csr.public_bytes(_DER), label.station, request_id, label.profile)
         return _Prepared(issue, self.label_ca(label), P10CR_CERT_REQ_ID,
-                         Requested(body.csr.subject, _csr_extensions(body.csr)))  # fmt: skip
+                         Requested(subject, _csr_extensions(body.csr)))  # fmt: skip
 
     def _one(self, body: CertReqBody, what: str) -> CertReqMessage:
         if len(body.requests) != 1:

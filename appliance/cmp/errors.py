@@ -72,6 +72,7 @@ _FAIL_INFO_FOR_REASON: dict[ReasonCode, FailInfo] = {
     ReasonCode.BUSY: FailInfo.SYSTEM_UNAVAIL,
     ReasonCode.DEVICE_SCRAPPED: FailInfo.NOT_AUTHORIZED,
     ReasonCode.UPSTREAM_REJECTED: FailInfo.BAD_REQUEST,
+    ReasonCode.STATION_PAUSED: FailInfo.SYSTEM_UNAVAIL,
     ReasonCode.INTERNAL: FailInfo.SYSTEM_FAILURE,
 }
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from appliance.cmp.enrol import csr_subject
 from appliance.cmp.labels import (
     CmpLabel,
     CmpSettings,
@@ -36,6 +37,7 @@ __all__ = [
     "CmpResponder",
     "CmpSettings",
     "cmp_post",
+    "csr_subject",
     "device_serial_of",
     "labels_from_config",
     "make_cmp_app",

@@ -156,6 +156,14 @@ CREATE TABLE IF NOT EXISTS station_request (
     PRIMARY KEY (station, request_id)
 );
 CREATE UNIQUE INDEX IF NOT EXISTS stations_serial_port ON stations (port) WHERE kind = 'serial';
+-- Stations an operator paused from the control API (appliance/issuance/pauses.py): refused STATION_PAUSED
+-- until resumed; kept across restarts.
+CREATE TABLE IF NOT EXISTS station_pause (
+    station    TEXT PRIMARY KEY,
+    paused_by  TEXT NOT NULL,
+    reason     TEXT NOT NULL,
+    paused_at  REAL NOT NULL
+);
 -- The tamper-evident audit log (appliance/audit, docs/audit.md): a hash chain with checkpoints signed in the HSM.
 CREATE TABLE IF NOT EXISTS audit (
     seq       INTEGER PRIMARY KEY,                             -- 1, 2, 3, ... with no gaps
@@ -607,6 +615,8 @@ class Journal:
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal")
         self._conn: sqlite3.Connection | None = None
         self._thread_id = self._executor.submit(threading.get_ident).result()
+        self.commit_observer: Callable[[float], None] | None = None
+        """Called on the journal thread with the seconds each committed transaction took (metrics)."""
         try:
             self.call(self._open_read_only if read_only else self._open)
         except BaseException:
@@ -713,11 +723,14 @@ class Journal:
     def transaction(self, fn: Callable[[sqlite3.Connection], T], doing: str) -> T:
         """Run fn inside BEGIN IMMEDIATE .. COMMIT on the journal thread (call from that thread)."""
         conn = self.conn
+        started = time.perf_counter()
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 result = fn(conn)
                 conn.execute("COMMIT")
+                if self.commit_observer is not None:
+                    self.commit_observer(time.perf_counter() - started)
             except BaseException:
                 # On disk full SQLite may already have rolled back by itself; a second rollback is harmless.
                 if conn.in_transaction:

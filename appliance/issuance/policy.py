@@ -40,6 +40,7 @@ class Grant:
     work_order: str | None = None
     remaining: int | None = None  # units the work order has left after this one (None: no quota taken)
     quantity: int | None = None  # the work order's quantity
+    product: str | None = None  # the work order's product (for metrics and the control API's events)
 
 
 LOCAL = Grant()

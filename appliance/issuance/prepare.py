@@ -3,6 +3,13 @@
 Pure and picklable, so the service can run it in worker processes: with the GIL, verifying proofs of
 possession and encoding certificates on the event loop's core would cap issuance at one core. Refusals come
 back as values, not exceptions, because a pickled exception loses its reason code.
+
+The invariant (docs/architecture.md): whatever a job holds, `prepare` returns a Prepared or a Refusal and never
+raises, and both are built from plain values only, so they always pickle in the worker and unpickle in the
+parent. An exception that escaped once (cryptography's InvalidVersion, whose pickle cannot be loaded again)
+broke the process pool for every station. The validators map what a device can get wrong to its reason code;
+anything still raised is our own bug and costs that one request an INTERNAL refusal, with a `fault` (where, not
+what: no input) for the service to log once.
 """
 
 from __future__ import annotations
@@ -11,8 +18,9 @@ import datetime as dt
 import os
 import threading
 import time
+import traceback
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography import x509
@@ -25,11 +33,14 @@ from appliance.profiles import (
     ValidatedKey,
     build_certificate,
     new_serial_number,
+    safe_repr,
     validate_csr,
     validate_device_serial,
     validate_public_key,
 )
 from hsm.algorithms import KeyAlgorithm
+
+INTERNAL_MESSAGE = "internal error while checking this request; it was not issued"
 
 
 @dataclass(frozen=True)
@@ -48,6 +59,9 @@ class Prepared:
     csr_sha256: bytes
     serial_hex: str
     tbs: Tbs
+    csr_der: bytes = b""
+    """The DER CSR intake checked (a PEM input decoded); empty for a bare key. Later stages (policy, upstream
+    outbox) read this, never the raw input again under other parsing rules."""
 
 
 @dataclass(frozen=True)
@@ -55,9 +69,34 @@ class Refusal:
     code: ReasonCode
     message: str
     details: Mapping[str, Any]
+    fault: str | None = field(default=None, compare=False)
+    """INTERNAL only: the exception type and the code lines it came through, for our log (never the input)."""
 
     def error(self) -> IssuanceRefused:
         return IssuanceRefused(self.message, self.code, dict(self.details))
+
+
+def plain(value: Any) -> Any:
+    """`value` as plain data (str, int, float, bool, None, lists and string-keyed dicts of them): what a
+    Refusal's details may hold so it pickles in a worker and unpickles in the parent, whatever a validator put
+    there. Anything else becomes its escaped repr."""
+    if value is None or isinstance(value, str | bool | float):
+        return value
+    if isinstance(value, int):
+        return int(value)  # an IntEnum member pickles by reference to its class: keep the number
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [plain(v) for v in value]
+    return safe_repr(repr(value))
+
+
+def fault_of(exc: BaseException) -> str:
+    """Where an unexpected exception came from: its type and the last frames (file:line function), which hold
+    no input; the exception's own text may (a KeyError shows its key), so it is left out."""
+    frames = traceback.extract_tb(exc.__traceback__)[-3:]
+    where = " < ".join(f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in reversed(frames))
+    return f"{type(exc).__name__} at {where or 'unknown'}"
 
 
 @dataclass(frozen=True)
@@ -77,18 +116,24 @@ class Preparer:
         self.tbs_maker = TbsMaker(self.ca_cert.public_key(), ctx.ca_algorithm)
 
     def prepare(self, job: Job) -> Prepared | Refusal:
-        profile = self.ctx.profiles.get(job.profile)
-        if profile is None:
-            return Refusal(ReasonCode.UNKNOWN_PROFILE, f"no profile named {job.profile!r}", {})
+        """Never raises (the module docstring says why)."""
         try:
-            validate_device_serial(profile, job.device_serial)
-            csr: ValidatedCsr | ValidatedKey = (
-                validate_csr(job.csr, profile, max_bytes=self.ctx.max_csr_bytes)
-                if job.public_key_der is None
-                else validate_public_key(job.public_key_der, profile, max_bytes=self.ctx.max_csr_bytes)
-            )
+            return self._prepare(job)
         except IssuanceRefused as exc:
-            return Refusal(exc.code, exc.message, dict(exc.details))
+            return Refusal(exc.code, exc.message, plain(exc.details))
+        except Exception as exc:  # noqa: BLE001 - our bug must cost one request, never the worker pool
+            return Refusal(ReasonCode.INTERNAL, INTERNAL_MESSAGE, {}, fault=fault_of(exc))
+
+    def _prepare(self, job: Job) -> Prepared | Refusal:
+        profile = self.ctx.profiles.get(job.profile) if isinstance(job.profile, str) else None
+        if profile is None:
+            return Refusal(ReasonCode.UNKNOWN_PROFILE, f"no profile named {safe_repr(str(job.profile))}", {})
+        validate_device_serial(profile, job.device_serial)
+        csr: ValidatedCsr | ValidatedKey = (
+            validate_csr(job.csr, profile, max_bytes=self.ctx.max_csr_bytes)
+            if job.public_key_der is None
+            else validate_public_key(job.public_key_der, profile, max_bytes=self.ctx.max_csr_bytes)
+        )
         serial = new_serial_number()
         builder = build_certificate(
             profile,
@@ -104,6 +149,7 @@ class Preparer:
             csr.der_sha256,
             format(serial, "x"),
             self.tbs_maker.make(builder),
+            csr.der if isinstance(csr, ValidatedCsr) else b"",
         )
 
     def prepare_many(self, jobs: Sequence[Job]) -> list[Prepared | Refusal]:
@@ -128,5 +174,11 @@ def init_worker(ctx: PrepareContext) -> None:
 
 
 def prepare_in_worker(jobs: Sequence[Job]) -> list[Prepared | Refusal]:
-    assert _worker is not None, "init_worker did not run"
-    return _worker.prepare_many(jobs)
+    """The function the service's pool runs. It returns, never raises: an exception leaving a worker is pickled
+    back to the parent, and one that cannot be unpickled there breaks the whole pool."""
+    try:
+        assert _worker is not None, "init_worker did not run"
+        return _worker.prepare_many(jobs)
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        refusal = Refusal(ReasonCode.INTERNAL, INTERNAL_MESSAGE, {}, fault=fault_of(exc))
+        return [refusal] * len(jobs)

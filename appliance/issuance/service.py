@@ -13,12 +13,10 @@ stores the upstream CA's certificate in `ra_request`, and the same request asked
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import dataclasses
 import functools
 import hashlib
 import logging
-import multiprocessing
 import os
 import signal
 import sqlite3
@@ -30,23 +28,18 @@ from dataclasses import dataclass, field
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from appliance.alarms import Alarms
+from appliance.alarms import Alarms, LogOnce
 from appliance.ca import CaRecord
 from appliance.der import split_certificates, tbs_subject
 from appliance.errors import BirthlineError, IssuanceFailed, IssuancePending, IssuanceRefused, ReasonCode
 from appliance.issuance.faults import IssuanceAlarms
 from appliance.issuance.journal import IssuanceRow, Journal, burn_interrupted, journal_error, work_order_of
+from appliance.issuance.observe import Confirmation, IssuanceObserver, Outcome
+from appliance.issuance.pauses import StationPauses
 from appliance.issuance.policy import LOCAL, AllowAll, AuditSink, AuthorisationPolicy, Grant, IssueRequest
-from appliance.issuance.prepare import (
-    Job,
-    PrepareContext,
-    Prepared,
-    Preparer,
-    Refusal,
-    init_worker,
-    prepare_in_worker,
-)
+from appliance.issuance.prepare import Job, PrepareContext, Prepared, Preparer, Refusal
 from appliance.issuance.refusals import RefusalLimiter
+from appliance.issuance.workers import PreparePool
 from appliance.profiles import Profile
 from hsm.errors import HsmError, SignatureVerificationError
 from hsm.keys import HsmPrivateKey
@@ -86,14 +79,6 @@ class _NoAudit:
 
 
 _NO_AUDIT = _NoAudit()
-
-
-def csr_der(data: bytes) -> bytes:
-    """A PEM CSR as DER; anything that is not one PEM CSR is returned as it is (CSR validation refuses it)."""
-    try:
-        return x509.load_pem_x509_csr(data).public_bytes(serialization.Encoding.DER)
-    except ValueError:
-        return data
 
 
 # A delivery confirmation: ("local", cert_serial) or ("ra", ra_request id), the hash, and who waits for it.
@@ -168,7 +153,9 @@ class IssueService:
         self._profiles = dict(profiles)
         self._ctx = PrepareContext(self._profiles, ca.cert_der or b"", ca.key_algorithm, max_csr_bytes)
         self._preparer = Preparer(self._ctx)
-        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._pool: PreparePool | None = None
+        # A bug of ours in preparation refuses one request (INTERNAL); logged once per place, not per request.
+        self._prepare_faults = LogOnce(interval_s=300.0)
         self._queue: asyncio.Queue[_Item | None] = asyncio.Queue()
         self._confirms: asyncio.Queue[_Confirm | None] = asyncio.Queue()
         self._tg: asyncio.TaskGroup | None = None
@@ -190,6 +177,10 @@ class IssueService:
         """Where refusals of the appliance's own making are raised (runtime.Core.alarms in the daemon)."""
         self._faults = IssuanceAlarms(self.alarms, quota_warning_percent=quota_warning_percent)
         self.health_interval_s = health_interval_s
+        self.pauses = StationPauses(journal)
+        """Stations an operator paused: refused STATION_PAUSED before anything else is done for them."""
+        self.observer: IssuanceObserver | None = None
+        """Told every answer, signing call and confirmation (the control API and metrics); None: nobody."""
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     async def __aenter__(self) -> IssueService:
@@ -199,20 +190,8 @@ class IssueService:
                 "burned %d intent(s) left by an interrupted run; their serials are never reused", burned
             )
         if self.prepare_workers > 0:
-            # spawn, not fork: this process already runs the PKCS#11 and journal threads.
-            self._pool = concurrent.futures.ProcessPoolExecutor(
-                self.prepare_workers,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=init_worker,
-                initargs=(self._ctx,),
-            )
-            loop = asyncio.get_running_loop()
-            await asyncio.gather(
-                *(
-                    loop.run_in_executor(self._pool, prepare_in_worker, [])
-                    for _ in range(self.prepare_workers)
-                )
-            )
+            self._pool = PreparePool(self._ctx, self.prepare_workers, alarms=self.alarms)
+            await self._pool.start()
         self._tg = asyncio.TaskGroup()
         await self._tg.__aenter__()
         self._tg.create_task(self._batcher(), name="issuance-batcher")
@@ -230,7 +209,7 @@ class IssueService:
         self._tg = None
         await self._write_summaries(final=True)
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool.shutdown()
             self._pool = None
         # Anything still queued was never started: tell its caller rather than leave it waiting forever.
         stopped = IssuanceFailed("the issuance service stopped", ReasonCode.BUSY)
@@ -247,18 +226,42 @@ class IssueService:
     def profiles(self) -> Mapping[str, Profile]:
         return self._profiles
 
+    @property
+    def prepare_stats(self) -> Mapping[str, int]:
+        """The prepare workers' counters (deaths, pool replacements, jobs quarantined, poison requests refused,
+        times no worker could start); empty without worker processes."""
+        return dict(self._pool.stats) if self._pool is not None else {}
+
     # -- API ---------------------------------------------------------------------------------------------------
     async def issue(self, request: IssueRequest) -> IssueResult:
         if self._tg is None:
             raise IssuanceFailed("the issuance service is not running", ReasonCode.BUSY)
         if not request.request_id:
             request = dataclasses.replace(request, request_id=uuid.uuid4().hex)
-        if request.csr.lstrip().startswith(b"-----BEGIN"):
-            # Every front end may hand over PEM; the journal, its hashes and the upstream record hold DER.
-            request = dataclasses.replace(request, csr=csr_der(request.csr))
         fut: asyncio.Future[IssueResult] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Item(request, fut))
-        return await fut
+        item = _Item(request, fut)
+        await self._queue.put(item)
+        if self.observer is None:
+            return await fut
+        try:
+            result = await fut
+        except BirthlineError as exc:
+            self._tell(item, None, exc)
+            raise
+        self._tell(item, result, None)
+        return result
+
+    def _tell(self, item: _Item, result: IssueResult | None, error: BirthlineError | None) -> None:
+        if self.observer is None:
+            return
+        req, grant = item.request, item.grant
+        self.observer.answered(Outcome(
+            req.station, req.device_serial, req.request_id,
+            item.prep.profile if item.prep is not None else req.profile,
+            grant.work_order if grant is not None else None, grant.product if grant is not None else None,
+            result.cert_serial if result is not None else None, result.reused if result is not None else False,
+            None if isinstance(error, IssuancePending) else error, isinstance(error, IssuancePending),
+        ))  # fmt: skip
 
     async def confirm(self, cert_serial: str, cert_sha256: bytes | None = None) -> None:
         """The station stored the certificate: from now on it counts as delivered.
@@ -288,12 +291,16 @@ class IssueService:
                     break
                 batch.append(nxt)
             errors: dict[int, BirthlineError] = {}
-            record = functools.partial(self._record_confirms, batch=batch, errors=errors)
+            done: list[Confirmation] = []
+            record = functools.partial(self._record_confirms, batch=batch, errors=errors, done=done)
             try:
                 await self.journal.atransaction(record, "confirming delivery")
             except BirthlineError as exc:
                 self._faults.failed(exc)
                 errors = dict.fromkeys(range(len(batch)), exc)
+            else:
+                if done and self.observer is not None:
+                    self.observer.confirmed(done)
             for i, (_, _, _, fut) in enumerate(batch):
                 if fut.done():
                     continue
@@ -303,7 +310,12 @@ class IssueService:
                     fut.set_result(None)
 
     def _record_confirms(
-        self, conn: sqlite3.Connection, *, batch: list[_Confirm], errors: dict[int, BirthlineError]
+        self,
+        conn: sqlite3.Connection,
+        *,
+        batch: list[_Confirm],
+        errors: dict[int, BirthlineError],
+        done: list[Confirmation],
     ) -> None:
         now = self.clock()
         confirmed: list[str] = []
@@ -311,11 +323,15 @@ class IssueService:
         for i, (kind, ref, cert_sha256, _) in enumerate(batch):
             if kind == "ra":
                 row = conn.execute(
-                    "SELECT state, cert_der FROM ra_request WHERE id=?", (int(ref),)
+                    "SELECT state, cert_der, station, device_serial, cert_serial, issued_at FROM ra_request"
+                    " WHERE id=?",
+                    (int(ref),),
                 ).fetchone()
             else:
                 row = conn.execute(
-                    "SELECT state, cert_der FROM issuance WHERE cert_serial=?", (ref,)
+                    "SELECT state, cert_der, station, device_serial, cert_serial, issued_at FROM issuance"
+                    " WHERE cert_serial=?",
+                    (ref,),
                 ).fetchone()
             if row is None or row[0] not in ("issued", "confirmed"):
                 what = f"request {ref} from the upstream CA" if kind == "ra" else f"with serial {ref}"
@@ -330,11 +346,15 @@ class IssueService:
                     "UPDATE ra_request SET state='confirmed', confirmed_at=? WHERE id=?", (now, int(ref))
                 )
                 upstream.append(int(ref))
+                done.append(
+                    Confirmation(str(row[2]), str(row[3]), str(row[4] or ""), now - float(row[5] or now))
+                )
             elif row[0] == "issued":
                 conn.execute(
                     "UPDATE issuance SET state='confirmed', confirmed_at=? WHERE cert_serial=?", (now, ref)
                 )
                 confirmed.append(ref)
+                done.append(Confirmation(str(row[2]), str(row[3]), ref, now - float(row[5] or now)))
         if confirmed:
             self._note(conn, "appliance", "issuance.confirmed", {"cert_serials": confirmed})
             self._revoke_replaced(conn, confirmed, now)
@@ -373,7 +393,9 @@ class IssueService:
             self.audit.append(conn, actor, event, data)
 
     def _recover(self, conn: sqlite3.Connection) -> int:
-        """Burn every intent left by a crash: its signature, if the HSM made one, was never released."""
+        """Burn every intent left by a crash: its signature, if the HSM made one, was never released. Read the
+        paused stations."""
+        self.pauses.load_in(conn)
         serials = burn_interrupted(conn)
         if serials:
             self._note(
@@ -444,6 +466,10 @@ class IssueService:
         await self._settle()
         await self._check_hsm()
         now = self.clock()
+        if self.pauses.paused:
+            for item in batch:
+                if (pause := self.pauses.get(item.request.station)) is not None:
+                    item.error = pause.refusal()
         await self._prepare(batch, int(now))
         live = []
         for item in batch:
@@ -490,7 +516,11 @@ class IssueService:
 
     # -- steps -------------------------------------------------------------------------------------------------
     async def _prepare(self, batch: list[_Item], now: int) -> None:
-        """Validate and build: CPU work, in worker processes when configured; nothing committed yet."""
+        """Validate and build: CPU work, in worker processes when configured; nothing committed yet. Items
+        already refused (a paused station) are left out."""
+        batch = [i for i in batch if i.error is None]
+        if not batch:
+            return
         jobs = [
             Job(
                 i.request.device_serial,
@@ -504,18 +534,21 @@ class IssueService:
         if self._pool is None:
             results = self._preparer.prepare_many(jobs)
         else:
-            loop = asyncio.get_running_loop()
-            size = -(-len(jobs) // self.prepare_workers)
-            chunks = [jobs[i : i + size] for i in range(0, len(jobs), size)]
-            parts = await asyncio.gather(
-                *(loop.run_in_executor(self._pool, prepare_in_worker, c) for c in chunks)
-            )
-            results = [r for part in parts for r in part]
+            # Never raises for a job's content or a worker's death (appliance/issuance/workers.py).
+            results = await self._pool.run(jobs)
         for item, result in zip(batch, results, strict=True):
             if isinstance(result, Refusal):
                 item.error = result.error()
+                if result.fault is not None:
+                    self._prepare_faults.log(
+                        log, logging.ERROR, f"prepare:{result.fault}",
+                        "a request was refused INTERNAL by a fault in CSR checking (a bug): %s", result.fault,
+                    )  # fmt: skip
             else:
                 item.prep = result
+                if result.csr_der and result.csr_der != item.request.csr:
+                    # A PEM input: from here on the request carries the DER that was validated.
+                    item.request = dataclasses.replace(item.request, csr=result.csr_der)
 
     def _record_intents(
         self, conn: sqlite3.Connection, items: list[_Item], refused: list[_Item], now: float
@@ -764,15 +797,20 @@ class IssueService:
     async def _sign_and_store(self, items: list[_Item]) -> bool:
         """Sign, verify and store; False if that failed (the items are then failed and their intents burned)."""
         ids = [i.row_id for i in items if i.row_id is not None]
+        started = time.perf_counter()
         try:
             signatures = await self.key.asign_many([i.prep.tbs.tbs for i in items if i.prep is not None])
         except HsmError as exc:
+            if self.observer is not None:
+                self.observer.signed(len(items), time.perf_counter() - started)
             # Whatever went wrong in the HSM, the next batch first proves with a probe signature that it works
             # again, rather than reserving serials (and units) only to burn them.
             self._hsm_fault = exc.message
             await self._burn(ids, f"hsm: {type(exc).__name__}")
             self._fail(items, IssuanceFailed(f"HSM: {exc.message}", _hsm_code(exc)))
             return False
+        if self.observer is not None:
+            self.observer.signed(len(items), time.perf_counter() - started)
         self._crash("after-sign")
         certs: list[tuple[int, bytes]] = []
         outbox: list[tuple[str, int, str, bytes, bytes | None, bytes | None, bytes | None, float, float]] = []

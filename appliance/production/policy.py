@@ -73,6 +73,7 @@ class _Candidate:
     ca: str
     key_algorithms: frozenset[str]
     mode: str = "local"
+    product: str = ""
 
 
 class WorkOrderPolicy:
@@ -105,14 +106,14 @@ class WorkOrderPolicy:
         if line not in self._orders:
             rows = conn.execute(
                 "SELECT w.id, w.quantity, w.consumed, w.pattern, w.valid_from, w.valid_to, p.profile, p.ca,"
-                " p.key_algorithms, p.issuance_mode FROM work_order_line l JOIN work_order w ON w.id = l.work_order"
+                " p.key_algorithms, p.issuance_mode, w.product FROM work_order_line l JOIN work_order w ON w.id = l.work_order"
                 " JOIN product p ON p.name = w.product WHERE l.line = ? AND w.state = 'active'"
                 " ORDER BY w.valid_from IS NOT NULL, w.valid_from, w.created_at, w.id",
                 (line,),
             ).fetchall()
             self._orders[line] = [
-                _Candidate(a, b, c, d, e, f, g, h, frozenset(str(k).split(",")), str(m))
-                for a, b, c, d, e, f, g, h, k, m in rows
+                _Candidate(a, b, c, d, e, f, g, h, frozenset(str(k).split(",")), str(m), str(p))
+                for a, b, c, d, e, f, g, h, k, m, p in rows
             ]
         return self._orders[line]
 
@@ -166,7 +167,13 @@ class WorkOrderPolicy:
                     "INSERT INTO work_order_unit (work_order, device_serial, kind, created_at) VALUES (?,?,'new',?)",
                     (order.id, serial, now),
                 )
-                return Grant(order.mode, order.id, remaining=int(taken[0]), quantity=int(taken[1]))
+                return Grant(
+                    order.mode,
+                    order.id,
+                    remaining=int(taken[0]),
+                    quantity=int(taken[1]),
+                    product=order.product,
+                )
         names = ", ".join(f"{o.id} (all {o.quantity} used)" for o in allowed)
         raise IssuanceRefused(
             f"no units left on work order {names}",
@@ -272,4 +279,4 @@ class WorkOrderPolicy:
             " VALUES (?,?,'rework',?,?)",
             (order.id, request.device_serial, grant_id, now),
         )
-        return Grant(order.mode, order.id)
+        return Grant(order.mode, order.id, product=order.product)

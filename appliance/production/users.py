@@ -55,6 +55,8 @@ class Permission(enum.StrEnum):
     SCRAP = "scrap"
     AUDIT_CHECKPOINT = "audit.checkpoint"  # sign the audit log's head now (`birthline audit checkpoint`)
     ISSUE = "issue"  # `birthline issue`: one certificate by hand, acting as a station (the line's work orders apply)
+    STATION_PAUSE = "station.pause"  # pause or resume a station's issuance (the console)
+    ALARM_ACKNOWLEDGE = "alarm.acknowledge"  # acknowledge an alarm (the console)
 
 
 # docs/production.md carries the same table; test_users checks they agree.
@@ -73,6 +75,8 @@ PERMISSIONS: Final[dict[Permission, frozenset[Role]]] = {
     # Running the line; a supervisor stands in for an operator. Not administrators: whoever holds the CA keys
     # and accounts does not also mint device identities.
     Permission.ISSUE: frozenset({Role.OPERATOR, Role.SUPERVISOR}),
+    Permission.STATION_PAUSE: frozenset({Role.OPERATOR, Role.SUPERVISOR, Role.ADMINISTRATOR}),
+    Permission.ALARM_ACKNOWLEDGE: frozenset({Role.OPERATOR, Role.SUPERVISOR, Role.ADMINISTRATOR}),
 }
 
 

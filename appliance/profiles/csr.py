@@ -2,6 +2,11 @@
 
 Cheap checks come first so a hostile station spends our CPU on as little as possible: the size before any
 parsing, the DER skeleton and the key policy before the signature check. Messages never echo the input.
+
+Every call into cryptography on bytes a device sent refuses with a reason code on ANY exception it raises, not
+on a list of types: what it raises for a malformed input is not a stable contract (cryptography 50 raises
+x509.InvalidVersion, which is not a ValueError, for a CSR of version 2), and such a failure is a property of
+the input whatever its type. One that escaped once broke the worker pool for every station.
 """
 
 from __future__ import annotations
@@ -43,6 +48,9 @@ class ValidatedCsr:
     # "key already certified for another device" check relies on this.
     public_key_sha256: bytes
     der_sha256: bytes
+    der: bytes = (
+        b""  # the DER that was checked (a PEM input decoded): what later stages must read, not the input
+    )
 
 
 def _refuse(code: ReasonCode, message: str, **details: Any) -> NoReturn:
@@ -146,7 +154,7 @@ def _checked_key(
         key = load()
     except UnsupportedAlgorithm:
         _refuse(ReasonCode.KEY_POLICY, f"{what} public key type is not supported")
-    except ValueError:
+    except Exception:  # noqa: BLE001 - see the module docstring: any failure to load the device's key
         # cryptography refuses RSA exponents below 3 and even ones here, before our own exponent check.
         if alg_oid == _RSA_ENCRYPTION:
             _refuse(
@@ -224,13 +232,15 @@ def validate_csr(data: bytes, profile: Profile, *, max_bytes: int = 8192) -> Val
     _key_encoding_ok(alg_oid, params)
     try:
         csr = x509.load_der_x509_csr(data)
-    except ValueError:
+    except x509.InvalidVersion:
+        _refuse(ReasonCode.BAD_CSR, "CSR version is not v1 (0)", size=len(data))
+    except Exception:  # noqa: BLE001 - see the module docstring
         _refuse(ReasonCode.BAD_CSR, "CSR does not parse as PKCS#10", size=len(data))
     key, key_algorithm = _checked_key(alg_oid, params, csr.public_key, profile, "CSR")
 
     try:
         sig_hash = csr.signature_hash_algorithm
-    except UnsupportedAlgorithm:
+    except Exception:  # noqa: BLE001 - UnsupportedAlgorithm, or whatever an odd AlgorithmIdentifier raises
         _refuse(ReasonCode.BAD_POP, "CSR signature algorithm is not supported")
     hash_ok = sig_hash is None if key_algorithm == "ed25519" else isinstance(sig_hash, _POP_HASHES)
     if not hash_ok:
@@ -238,7 +248,7 @@ def validate_csr(data: bytes, profile: Profile, *, max_bytes: int = 8192) -> Val
         _refuse(ReasonCode.BAD_POP, f"CSR signature hash {name} is not accepted; use SHA-256 or stronger")
     try:
         valid = csr.is_signature_valid
-    except (UnsupportedAlgorithm, ValueError):
+    except Exception:  # noqa: BLE001 - see the module docstring: no proof either way is no proof
         valid = False
     if not valid:
         _refuse(ReasonCode.BAD_POP, "CSR signature does not verify (no proof of possession)")
@@ -250,4 +260,5 @@ def validate_csr(data: bytes, profile: Profile, *, max_bytes: int = 8192) -> Val
         key_algorithm=key_algorithm,
         public_key_sha256=hashlib.sha256(spki).digest(),
         der_sha256=hashlib.sha256(data).digest(),
+        der=data,
     )

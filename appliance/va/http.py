@@ -20,12 +20,12 @@ import datetime as dt
 import email.utils
 import time
 import urllib.parse
-from types import TracebackType
 
 from aiohttp import web
 from cryptography.x509 import ocsp
 
 from appliance.httpbody import read_limited
+from appliance.httplisten import HttpListener
 from appliance.va.ocsp import MALFORMED, TRY_LATER, OcspAnswer
 from appliance.va.service import ValidationAuthority
 
@@ -129,39 +129,6 @@ def make_app(va: ValidationAuthority) -> web.Application:
     return app
 
 
-class VaServer:
-    """Serve an app on host:port (port 0: any free one) until exit. `address` is the bound (host, port)."""
-
-    def __init__(self, app: web.Application, host: str, port: int) -> None:
-        self.app = app
-        self.host = host
-        self.port = port
-        self._runner: web.AppRunner | None = None
-
-    async def __aenter__(self) -> VaServer:
-        self._runner = web.AppRunner(self.app, access_log=None)
-        await self._runner.setup()
-        try:
-            await web.TCPSite(self._runner, self.host, self.port).start()
-        except BaseException:
-            await self._runner.cleanup()
-            raise
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
-
-    @property
-    def address(self) -> tuple[str, int]:
-        assert self._runner is not None, "the VA server is not running"
-        host, port = self._runner.addresses[0][:2]
-        return str(host), int(port)
-
-    @property
-    def url(self) -> str:
-        host, port = self.address
-        return f"http://{host}:{port}"
+# The VA's listener is the appliance's one bounded HTTP listener (caps, header/body/idle deadlines); the CMP
+# server is served by the same class.
+VaServer = HttpListener

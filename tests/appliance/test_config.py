@@ -113,6 +113,7 @@ def test_every_key_the_parser_knows_is_documented() -> None:
         "accept_ra_verified", "url", "mode", "batch_wait_s", "protection", "server_cert", "recipient",
         "accept_sha1_mac", "connect_timeout_s", "request_timeout_s", "backoff_base_s", "backoff_cap_s",
         "max_queue_age_s", "max_queue_size", "hard_max_queue_age_s", "hard_max_queue_size",
+        "max_connections", "max_connections_per_peer", "auth_timeout_s", "header_timeout_s", "body_timeout_s",
     ]:  # fmt: skip
         assert f"| `{key}` |" in text, key
 
@@ -130,3 +131,25 @@ def test_upstream_section_is_checked(tmp_path: Path) -> None:
     cfg = parse_config({**base, "upstream": {"url": "https://ca.example:8443/.well-known/cmp/p/ra", "mode": "batched",
                                              "server_cert": str(cert)}})  # fmt: skip
     assert cfg.upstream.enabled and cfg.upstream.mode == "batched" and cfg.upstream.batch_max == 50
+
+
+def test_listener_bounds_have_defaults_and_every_problem_is_reported() -> None:
+    cfg = parse_config(MINIMAL)
+    assert (cfg.stations.max_connections, cfg.stations.max_connections_per_peer) == (128, 16)
+    assert cfg.va.limits.max_connections == 256 and cfg.cmp.limits.body_timeout_s == 30
+    data = {
+        **MINIMAL,
+        "stations": {"max_connections": 4, "max_connections_per_peer": 8, "auth_timeout_s": 0},
+        "va": {"max_connections": 0, "header_timeout_s": "soon", "idle_timeout_s": 1e9},
+        "cmp": {"max_connections": 10, "max_connections_per_peer": 11, "body_timeout_s": -1},
+    }
+    with pytest.raises(ConfigError) as info:
+        parse_config(data)
+    where = {p.where for p in info.value.problems}
+    assert where >= {
+        "stations.max_connections_per_peer", "stations.auth_timeout_s", "va.max_connections",
+        "va.header_timeout_s", "va.idle_timeout_s", "cmp.max_connections_per_peer", "cmp.body_timeout_s",
+    }, where  # fmt: skip
+    ok = parse_config({**MINIMAL, "va": {"max_connections": 10, "max_connections_per_peer": 10,
+                                          "header_timeout_s": 2.5, "body_timeout_s": 3, "idle_timeout_s": 4}})  # fmt: skip
+    assert ok.va.limits.caps.max_per_peer == 10 and ok.va.limits.header_timeout_s == 2.5

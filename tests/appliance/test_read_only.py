@@ -19,12 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from appliance.audit.log import AuditLog
+from appliance.audit.log import AuditLog, ensure_audit_key
 from appliance.cli.main import main
 from appliance.issuance.journal import Journal
 from appliance.production import store
 from appliance.production.users import Role, User
 from hsm.softhsm import SoftHsmToken
+from hsm.token import Token
 
 ALICE = User("alice", Role.ADMINISTRATOR)
 
@@ -52,14 +53,17 @@ def _config(tmp_path: Path, state: Path, softhsm_token: SoftHsmToken) -> Path:
 
 
 @pytest.fixture
-def live(production_journal_template: Path, tmp_path: Path) -> Iterator[Journal]:
-    """A journal open for writing with transactions still in its WAL (nothing checkpointed yet)."""
+def live(production_journal_template: Path, tmp_path: Path, hsm_token: Token) -> Iterator[Journal]:
+    """A journal open for writing with transactions still in its WAL (nothing checkpointed yet), its audit log
+    signed to the end as a stopped appliance leaves it (so verify can say INTACT)."""
     state = tmp_path / "live"
     state.mkdir(mode=0o700)
     shutil.copy(production_journal_template, state / "journal.sqlite")
     with Journal(state / "journal.sqlite") as journal:
         journal.call(lambda: journal.conn.execute("PRAGMA wal_autocheckpoint=0"))
-        store.add_tenant(journal, AuditLog(journal), ALICE, "forensic", "only in the WAL")
+        audit = AuditLog(journal)
+        store.add_tenant(journal, audit, ALICE, "forensic", "only in the WAL")
+        audit.checkpoint(ensure_audit_key(hsm_token))
         assert (state / "journal.sqlite-wal").stat().st_size > 0
         yield journal
 

@@ -65,6 +65,20 @@ def test_run_refuses_a_state_directory_others_can_reach(
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("mode", [0o750, 0o730, 0o701])
+def test_group_traverse_alone_is_allowed_and_anything_more_refused(
+    config: Path, mode: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """0710 lets the console group reach the control socket by name; listing or writing the directory, or
+    anything for others, is refused."""
+    state = config.parent / "state"
+    state.chmod(mode)
+    assert main(["crl", "generate", "--config", str(config)]) == 2
+    assert f"state directory {state} is mode {mode:o}" in capsys.readouterr().err
+    state.chmod(0o710)
+    assert main(["crl", "generate", "--config", str(config)]) == 0
+
+
 def test_run_refuses_a_journal_others_can_read(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
     journal = config.parent / "state" / "journal.sqlite"
     journal.chmod(0o644)

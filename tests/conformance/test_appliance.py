@@ -91,7 +91,7 @@ def _running(
     workers: int,
 ) -> Iterator[Appliance]:
     state, bundles = tmp / "state", tmp / "bundles"
-    state.mkdir()
+    state.mkdir(mode=0o700)  # the appliance refuses a state directory others can reach
     shutil.copy(template, state / "journal.sqlite")
     port = _free_port()
     appliance_port, fixture_port = str(tmp / "tty-appliance"), str(tmp / "tty-fixture")

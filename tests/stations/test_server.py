@@ -32,7 +32,7 @@ from stations.messages import (
     Pong,
     decode_message,
 )
-from stations.server import EnrollPending, LinkFailure, StationServer, clean_text
+from stations.server import MAX_REQUESTS_IN_FLIGHT, EnrollPending, LinkFailure, StationServer, clean_text
 from stations.session import Authenticated, Closed, HandshakeFailed, Received, StationSession
 from stations.transports.base import ChannelClosed
 from stations.transports.stream import StreamChannel
@@ -127,6 +127,54 @@ async def test_slow_enrol_blocks_neither_the_connection_nor_other_stations(rig: 
     ok = await a.request(Confirm(rid, hashlib.sha256(b"cert-SN1").digest()))
     assert isinstance(ok, Confirmed)
     assert rig.server.states["st-a"].snapshot()["enrolling"] == 0
+
+
+async def test_copies_of_a_request_read_in_one_go_are_one_request_and_the_copies_pending(rig: Rig) -> None:
+    """Identical ENROLLs arriving together (one write, so all are read before any is worked on) are one request:
+    the first is answered CERT, every copy PENDING (protocol section 14), never two CERTs or a BUSY."""
+    a = await rig.connect("st-a")
+    assert isinstance(await a.handshake(), Authenticated)
+    rid = request_id()
+    wires = [a.session.send(_enroll("SN-DUP", rid)) for _ in range(5)]
+    await a.channel.send(b"".join(wires))
+    pending = [await a.events() for _ in range(4)]
+    assert all(
+        isinstance(e[0], Received) and isinstance(e[0].message, Pending) and e[0].message.request_id == rid
+        for e in pending
+    )
+    assert rig.server.states["st-a"].enrolling == 1
+    rig.enroller.gate.set()
+    (cert,) = await a.events()
+    assert isinstance(cert, Received) and isinstance(cert.message, Cert)
+    assert rig.enroller.calls == 1
+
+
+async def test_requests_in_flight_per_connection_are_capped_and_the_excess_answered_busy() -> None:
+    """A station pipelining requests (the spec asks for one at a time) holds at most MAX_REQUESTS_IN_FLIGHT
+    tasks; the rest are answered BUSY at once instead of queueing without bound."""
+    enroller = SlowEnroller()
+    # Session timers far beyond the test's steps: only the cap decides what is answered.
+    rig = Rig(StationServer(enroller, handshake_timeout=60, idle_timeout=60), enroller)
+    a = await rig.connect("st-a")
+    assert isinstance(await a.handshake(), Authenticated)
+    extra = 4
+    rids = [request_id() for _ in range(MAX_REQUESTS_IN_FLIGHT + extra)]
+    for i, rid in enumerate(rids):
+        await a.send(_enroll(f"SN{i}", rid))
+    busy = [await a.events() for _ in range(extra)]
+    replies = [e[0].message for e in busy if isinstance(e[0], Received)]
+    assert [r.code for r in replies if isinstance(r, Error)] == [Code.BUSY] * extra
+    assert {r.request_id for r in replies if isinstance(r, Error)} == set(rids[MAX_REQUESTS_IN_FLIGHT:])
+    assert rig.server.states["st-a"].enrolling == MAX_REQUESTS_IN_FLIGHT
+    assert isinstance(await a.request(Ping(7)), Pong)  # the link itself stays responsive
+    rig.enroller.gate.set()
+    certs = [(await a.events())[0] for _ in range(MAX_REQUESTS_IN_FLIGHT)]
+    assert {
+        e.message.request_id for e in certs if isinstance(e, Received) and isinstance(e.message, Cert)
+    } == set(rids[:MAX_REQUESTS_IN_FLIGHT])
+    for t in rig.tasks:
+        t.cancel()
+    await asyncio.gather(*rig.tasks, return_exceptions=True)
 
 
 async def test_refusals_are_coded_and_escaped_and_internal_errors_hide_details(rig: Rig) -> None:

@@ -26,6 +26,7 @@ from hsm.softhsm import SoftHsmToken
 
 def _config(state: Path, softhsm_token: SoftHsmToken, template: Path) -> Config:
     state.mkdir(parents=True, exist_ok=True)
+    state.chmod(0o700)  # the appliance refuses a state directory others can reach
     shutil.copy(template, state / "journal.sqlite")
     return Config(
         appliance=ApplianceSection(state),

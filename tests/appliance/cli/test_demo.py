@@ -232,3 +232,82 @@ def test_served_demo_answers_stations_by_hand(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 0, stdout + stderr
+
+
+def test_served_demo_lists_its_console_and_keeps_fixtures_enrolling_gently(tmp_path: Path) -> None:
+    """`demo --serve --gentle-rate`: demo.json names the control socket and the metrics URL; the simulated
+    fixtures keep enrolling on both stations; a console pauses one (they are refused STATION_PAUSED while the
+    other goes on) and resumes it."""
+    import asyncio
+    import signal
+    import socket
+    import stat
+    import time
+    import urllib.request
+
+    from console.client import ControlClient
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    state = tmp_path / "gentle"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "appliance.cli.main", "demo", "--serve", "--state", str(state), "--devices", "2",
+         "--port", str(port), "--gentle-rate", "4"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 90
+        while not (state / "demo.json").exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "demo.json never appeared"
+            time.sleep(0.2)
+        info = json.loads((state / "demo.json").read_text())
+        sock = Path(info["control"]["socket"])
+        assert (
+            sock.is_absolute()
+            and stat.S_ISSOCK(sock.stat().st_mode)
+            and stat.S_IMODE(sock.stat().st_mode) == 0o660
+        )
+        with urllib.request.urlopen(info["metrics"]["url"], timeout=30) as r:  # noqa: S310 - our own loopback URL
+            assert "# TYPE birthline_issued_total counter" in r.read().decode()
+        password = Path(info["supervisor"]["password_file"]).read_text()
+
+        async def console() -> dict[str, list[dict[str, object]]]:
+            seen: dict[str, list[dict[str, object]]] = {"demo-serial": [], "demo-lan": []}
+            async with ControlClient(sock) as api:
+                await api.login(info["supervisor"]["user"], password)
+                phase = "running"
+                async with asyncio.timeout(120):
+                    async for event in api.events():
+                        station = str(event.get("station", ""))
+                        if event["type"] in ("issued", "refused") and station in seen:
+                            seen[station].append({**event, "phase": phase})
+                        issued = {k: sum(1 for e in v if e["type"] == "issued" and e["phase"] == phase)
+                                  for k, v in seen.items()}  # fmt: skip
+                        if phase == "running" and min(issued.values()) >= 2:
+                            await api.pause_station("demo-lan", "test")
+                            phase = "paused"
+                        elif (
+                            phase == "paused"
+                            and issued["demo-serial"] >= 3
+                            and any(e["type"] == "refused" for e in seen["demo-lan"])
+                        ):
+                            await api.resume_station("demo-lan")
+                            phase = "resumed"
+                        elif phase == "resumed" and issued["demo-lan"] >= 2:
+                            return seen
+            raise AssertionError("the event stream ended")
+
+        seen = asyncio.run(console())
+        lan_paused = [e for e in seen["demo-lan"] if e["phase"] == "paused"]
+        # A request already past the check when the pause was recorded may still be issued; after the first
+        # refusal, every answer to the paused station is STATION_PAUSED until it is resumed.
+        first = next(i for i, e in enumerate(lan_paused) if e["type"] == "refused")
+        assert all(e["type"] == "refused" and e["code"] == "STATION_PAUSED" for e in lan_paused[first:])
+        assert all(e["type"] == "issued" for e in seen["demo-serial"])
+    finally:
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stdout + stderr
+    assert "enrol 4 device(s)/s" in stdout

@@ -1,0 +1,568 @@
+"""Admission and deadlines for every connection a listener accepts (the station TLS port, the VA, CMP).
+
+Each listener is an asyncio server whose protocol is a ``Guard``. At accept, before anything else is
+allocated for the connection (no TLS object, no HTTP parser, no task), the listener's ``ConnectionGate``
+counts it against a global cap and a cap per peer address. At the global cap it displaces the oldest
+connection that is not yet a proven client (see ConnectionGate); over the per-peer cap, or when nothing can be
+displaced, it is refused cheaply (an HTTP listener writes a fixed 503 with ``Connection: close``, the TLS
+listener just closes), counted, and logged once per cause and interval; at the global cap an alarm is raised.
+An admitted connection gets its real protocol (aiohttp's request handler, or TLS in front of the station
+stream) with the Guard in front of it, which keeps one deadline per connection and aborts the connection when
+it passes:
+
+    HTTP   request headers complete within header_timeout_s of connect (or of the first byte of a following
+           request); the body complete within body_timeout_s of its headers; a keep-alive connection idle (or a
+           response unread) for idle_timeout_s after the last response
+    TLS    the station listener sets its own deadline (no authenticated session within auth_timeout_s)
+
+The counts live in memory only and are per listener. ``ensure_fd_budget`` checks at start that the caps of all
+listeners together, plus a reserve, fit under the process's file-descriptor limit (RLIMIT_NOFILE), raising the
+soft limit when the hard one allows, so a flood is refused by a cap, never by EMFILE. ``AcceptErrors`` turns
+asyncio's accept failures (EMFILE and the like, after which asyncio pauses that listener for a second and tries
+again) into one alarm instead of a traceback a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import errno
+import logging
+import resource
+import ssl
+from asyncio import sslproto
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from appliance.alarms import Alarms, LogOnce
+from appliance.errors import ConfigError, Problem
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "ACCEPTS_IN_FLIGHT",
+    "ACCEPT_BACKLOG",
+    "FD_RESERVE",
+    "AcceptErrors",
+    "ConnectionCaps",
+    "ConnectionGate",
+    "Guard",
+    "HttpLimits",
+    "ensure_fd_budget",
+    "serve_guarded",
+    "tls_server_protocol",
+]
+
+# Descriptors the process keeps beyond its listeners: the journal and its -wal/-shm, the HSM library's files,
+# prepare-worker pipes, serial ports, the upstream forwarder's connections, the listening sockets.
+FD_RESERVE = 128
+# The kernel's queue of connections not yet accepted, per listener; also how many asyncio accepts in one turn of
+# the event loop.
+ACCEPT_BACKLOG = 64
+# A connection holds its descriptor from accept() before the gate has seen it: asyncio builds its transport in a
+# task (the next turn), which calls connection_made (the turn after), and a refused or displaced connection is
+# closed a turn later still, while each turn may accept another backlog. So beyond its cap a flooded listener
+# holds up to four backlogs of descriptors in flight; the descriptor budget counts them.
+ACCEPTS_IN_FLIGHT = 4 * ACCEPT_BACKLOG
+
+# The TLS read buffer asyncio allocates per connection is 256 KiB (asyncio.sslproto.SSLProtocol.max_size).
+# One TLS record is at most 16 KiB of plaintext plus 2 KiB of expansion, so 32 KiB reads whole records; a flood
+# of connections then costs an eighth of the memory, and glibc keeps less of it once they are gone.
+TLS_READ_BUFFER = 32 * 1024
+# Ciphertext buffered while the station session does not read (its stream reader is full): past this the
+# socket is no longer read and TCP pushes back on the peer.
+TLS_INCOMING_HIGH_WATER = 32 * 1024
+
+# After this many connections were open at once, the listener's count falling to a quarter of that peak ends
+# a burst: the memory its connections freed is handed back to the OS (glibc keeps freed heap memory otherwise,
+# and a daemon's RSS would stay at its highest flood for good).
+TRIM_AFTER_PEAK = 64
+
+_REFUSED_TEXT = b"too many connections: retry\n"
+REFUSED_503 = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
+    b"Retry-After: 1\r\nConnection: close\r\n\r\n%s" % (len(_REFUSED_TEXT), _REFUSED_TEXT)
+)
+
+
+@dataclass(frozen=True)
+class ConnectionCaps:
+    max_connections: int
+    max_per_peer: int
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    """The bounds of one aiohttp listener (VA, CMP). Field names are the config keys of its section."""
+
+    max_connections: int = 256
+    max_connections_per_peer: int = 64
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    idle_timeout_s: float = 30.0
+
+    @property
+    def caps(self) -> ConnectionCaps:
+        return ConnectionCaps(self.max_connections, self.max_connections_per_peer)
+
+
+class ConnectionGate:
+    """One listener's connection counts: admission against the caps, release on close, refusal counters.
+
+    A connection that has not shown it is a real client yet (a station connection before its session is
+    authenticated; an HTTP connection waiting for request headers or idle between requests) is *displaceable*.
+    At the global cap a new connection displaces the oldest displaceable one, so a flood of idle or half-open
+    connections from many addresses cannot lock clients out: it only displaces itself. When every connection is
+    an authenticated session or a request being served, the new one is refused. The cap per peer address is
+    checked first and never displaces anything.
+
+    Single-threaded (the event loop's). The per-peer table holds only peers with an open connection, so it is
+    bounded by the global cap whatever addresses a flood uses.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        caps: ConnectionCaps,
+        *,
+        http: HttpLimits | None = None,
+        alarms: Alarms | None = None,
+        accept_errors: AcceptErrors | None = None,
+        advice: str = "",
+    ) -> None:
+        self.name = name
+        self.caps = caps
+        self.http = http
+        self.alarms = alarms
+        self.accept_errors = accept_errors
+        self.advice = advice or f"raise the {name} listener's max_connections if these clients are legitimate"
+        self.open = 0
+        self.peers: dict[str, int] = {}
+        self.counters: dict[str, int] = {
+            "accepted": 0, "refused_full": 0, "refused_peer": 0, "displaced": 0,
+        }  # fmt: skip
+        self._displaceable: dict[Guard, None] = {}  # insertion-ordered: the oldest first
+        self._admitted: set[Guard] = set()
+        self._peak = 0  # most connections open at once since the last trim
+        self._full = False
+        self._log = LogOnce(interval_s=60.0, max_causes=256)
+
+    @property
+    def cause(self) -> str:
+        return f"listener.{self.name}.full"
+
+    def admit(self, guard: Guard) -> bool:
+        if self.accept_errors is not None:
+            self.accept_errors.accepted()
+        peer = guard.peer
+        held = self.peers.get(peer, 0)
+        if held >= self.caps.max_per_peer:
+            self.counters["refused_peer"] += 1
+            self._log.log(
+                log, logging.WARNING, f"peer:{peer}",
+                "%s listener: %s holds %d connections, its cap per peer; refusing more",
+                self.name, peer, held,
+            )  # fmt: skip
+            return False
+        if self.open >= self.caps.max_connections:
+            self._at_cap()
+            if not self._displaceable:
+                self.counters["refused_full"] += 1
+                return False
+            victim = next(iter(self._displaceable))
+            self.counters["displaced"] += 1
+            victim.displace()
+        self.peers[peer] = self.peers.get(peer, 0) + 1
+        self._admitted.add(guard)
+        self.open += 1
+        self._peak = max(self._peak, self.open)
+        self.counters["accepted"] += 1
+        return True
+
+    def _at_cap(self) -> None:
+        if self._full:
+            return
+        self._full = True
+        message = (
+            f"the {self.name} listener is at its cap of {self.caps.max_connections} connections: new ones"
+            " displace idle and unauthenticated ones, or are refused"
+        )
+        if self.alarms is not None:
+            self.alarms.raise_alarm(self.cause, message, self.advice, severity="warning")
+        else:
+            log.warning("%s (%s)", message, self.advice)
+
+    def release(self, guard: Guard, *, displaced: bool = False) -> None:
+        self._displaceable.pop(guard, None)
+        self._admitted.discard(guard)
+        self.open -= 1
+        held = self.peers.get(guard.peer, 0) - 1
+        if held > 0:
+            self.peers[guard.peer] = held
+        else:
+            self.peers.pop(guard.peer, None)
+        if displaced:
+            return  # its place is taken at once: the listener is as full as before
+        if self._peak >= TRIM_AFTER_PEAK and self.open <= self._peak // 4:
+            self._peak = self.open
+            trim_heap()
+        # Hysteresis: a listener hovering at its cap would otherwise raise and clear on every connection.
+        if self._full and self.open <= self.caps.max_connections * 3 // 4:
+            self._full = False
+            if self.alarms is not None:
+                self.alarms.clear(self.cause, f"{self.open} connections open")
+
+    def abort_all(self) -> None:
+        """Shutdown: end every admitted connection at once (those in a TLS handshake have no handler to do it)."""
+        for guard in list(self._admitted):
+            guard.displace()
+
+    def displaceable(self, guard: Guard, flag: bool) -> None:
+        self._displaceable.pop(guard, None)
+        if flag:
+            self._displaceable[guard] = None  # to the end: displaceable since now
+
+    def timed_out(self, why: str, peer: str) -> None:
+        key = f"timeout_{why}"
+        self.counters[key] = self.counters.get(key, 0) + 1
+        self._log.log(
+            log, logging.INFO, key, "%s listener: closed a connection from %s (%s timeout)", self.name, peer, why
+        )  # fmt: skip
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"name": self.name, "open": self.open, "peers": len(self.peers), **self.counters}
+
+
+def _load_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim: Callable[[int], int] = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None  # not glibc: nothing to do
+    return trim
+
+
+_malloc_trim = _load_malloc_trim()
+
+
+def trim_heap() -> None:
+    """Return the C heap's free pages to the OS (glibc malloc_trim; a no-op elsewhere)."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
+def _peer_host(transport: asyncio.BaseTransport) -> str:
+    name = transport.get_extra_info("peername")
+    if isinstance(name, tuple) and name:
+        return str(name[0])
+    return str(name or "?")
+
+
+class Guard(asyncio.Protocol):
+    """The protocol of every accepted connection: admission, then the real protocol behind one deadline.
+
+    ``make_inner(guard)`` builds the real protocol only once the connection is admitted. A new connection is
+    displaceable (see ConnectionGate) until ``authenticated()`` (the station listener) or its first request
+    (HTTP, which makes it displaceable again whenever it is idle).
+    """
+
+    def __init__(self, gate: ConnectionGate, make_inner: Callable[[Guard], asyncio.BaseProtocol]) -> None:
+        self.gate = gate
+        self._make_inner = make_inner
+        self.inner: asyncio.BaseProtocol | None = None
+        self.transport: asyncio.Transport | None = None
+        self.peer = ""
+        self.why = ""  # what the deadline waits for: headers, body, idle, or the listener's own reason
+        self._deadline: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._busy = 0  # HTTP requests between their headers and their response
+        self._payload: Any = None  # HTTP: the body being received (aiohttp StreamReader)
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.peer = _peer_host(transport)
+        if not self.gate.admit(self):
+            if self.gate.http is not None:
+                transport.write(REFUSED_503)
+            transport.close()
+            return
+        self.transport = transport
+        self.gate.displaceable(self, True)
+        if self.gate.http is not None:
+            self.set_deadline(self.gate.http.header_timeout_s, "headers")
+        self.inner = self._make_inner(self)
+        self.inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        inner = self.inner
+        if inner is None:
+            return
+        inner.data_received(data)  # type: ignore[attr-defined]
+        if self.gate.http is not None:
+            self._http_bytes()
+
+    def eof_received(self) -> bool | None:
+        inner = self.inner
+        if inner is None:
+            return False
+        result: bool | None = inner.eof_received()  # type: ignore[attr-defined]
+        return result
+
+    def pause_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.clear_deadline()
+        inner, self.inner = self.inner, None
+        self._payload = None
+        if self.transport is not None:  # admitted, and not displaced (which released it already)
+            self.transport = None
+            self.gate.release(self)
+        if inner is not None:
+            inner.connection_lost(exc)
+
+    def displace(self) -> None:
+        """Make room for a new connection: released now, aborted (connection_lost follows)."""
+        transport, self.transport = self.transport, None
+        self.clear_deadline()
+        self.gate.release(self, displaced=True)
+        if transport is not None:
+            transport.abort()
+
+    def authenticated(self) -> None:
+        """The station listener's peer proved who it is: no deadline, never displaced."""
+        self.clear_deadline()
+        self.gate.displaceable(self, False)
+
+    # -- the deadline -------------------------------------------------------------------------------------------
+    def set_deadline(self, seconds: float, why: str) -> None:
+        """Abort the connection `seconds` from now unless the deadline is moved or cleared before."""
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.time() + seconds
+        self.why = why
+        if self._timer is not None and self._timer.when() <= self._deadline:
+            return  # the pending timer fires first and re-arms itself for the later deadline
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = loop.call_at(self._deadline, self._expire)
+
+    def clear_deadline(self) -> None:
+        self._deadline = None
+        self.why = ""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expire(self) -> None:
+        self._timer = None
+        if self._deadline is None or self.transport is None:
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._deadline:
+            self._timer = loop.call_at(self._deadline, self._expire)
+            return
+        if self.why == "body" and self._payload is not None and self._payload.is_eof():
+            self.clear_deadline()
+            return
+        self.gate.timed_out(self.why, self.peer)
+        transport = self.transport
+        self.clear_deadline()
+        transport.abort()
+
+    # -- HTTP request phases (called by the aiohttp middleware of appliance.httplisten) ----------------------
+    def _http_bytes(self) -> None:
+        limits = self.gate.http
+        assert limits is not None
+        if self._busy:
+            if self._payload is not None and self._payload.is_eof():
+                self._payload = None
+                self.clear_deadline()
+        elif self.why == "idle":
+            # The first bytes of the next request: its headers get header_timeout_s, but never more than the
+            # idle time that was left.
+            loop = asyncio.get_running_loop()
+            if self._deadline is None or loop.time() + limits.header_timeout_s < self._deadline:
+                self.set_deadline(limits.header_timeout_s, "headers")
+            else:
+                self.why = "headers"
+
+    def request_started(self, payload: Any) -> None:
+        """Headers complete. `payload` is the body stream, or None without a body."""
+        limits = self.gate.http
+        assert limits is not None
+        self._busy += 1
+        self.gate.displaceable(self, False)
+        if payload is not None and not payload.is_eof():
+            self._payload = payload
+            self.set_deadline(limits.body_timeout_s, "body")
+        else:
+            self.clear_deadline()
+
+    def request_finished(self) -> None:
+        """The handler returned its response (written next): the connection is idle from now on."""
+        limits = self.gate.http
+        assert limits is not None
+        self._busy -= 1
+        self._payload = None
+        if not self._busy and self.transport is not None:
+            self.set_deadline(limits.idle_timeout_s, "idle")
+            self.gate.displaceable(self, True)
+
+
+class BufferedGuard(Guard, asyncio.BufferedProtocol):
+    """A Guard in front of a buffered protocol (asyncio's TLS): the transport reads into the inner buffer."""
+
+    _scratch = bytearray(1024)  # handed to the transport for a refused connection, whose bytes are ignored
+
+    def get_buffer(self, sizehint: int) -> Any:
+        inner = self.inner
+        if isinstance(inner, asyncio.BufferedProtocol):
+            return inner.get_buffer(sizehint)
+        return memoryview(self._scratch)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        inner = self.inner
+        if isinstance(inner, asyncio.BufferedProtocol):
+            inner.buffer_updated(nbytes)
+
+
+async def serve_guarded(
+    gate: ConnectionGate,
+    make_inner: Callable[[Guard], asyncio.BaseProtocol],
+    host: str,
+    port: int,
+    *,
+    buffered: bool = False,
+    backlog: int = ACCEPT_BACKLOG,
+) -> asyncio.Server:
+    """A listening asyncio server whose connections go through `gate`. `buffered`: the inner protocol is an
+    asyncio.BufferedProtocol (TLS)."""
+    loop = asyncio.get_running_loop()
+    cls = BufferedGuard if buffered else Guard
+    return await loop.create_server(lambda: cls(gate, make_inner), host, port, backlog=backlog)
+
+
+class _BoundedSSLProtocol(sslproto.SSLProtocol):
+    max_size = TLS_READ_BUFFER
+
+
+def tls_server_protocol(
+    app_protocol: asyncio.BaseProtocol, context: ssl.SSLContext, handshake_timeout_s: float
+) -> asyncio.BufferedProtocol:
+    """Server-side TLS in front of `app_protocol`, as asyncio's create_server(ssl=...) builds it, with a 32 KiB
+    read buffer instead of 256 KiB and the incoming ciphertext bounded the same way. `handshake_timeout_s`
+    bounds the closing handshake too (asyncio waits 30 s for a peer's close_notify otherwise, the connection
+    counted against the caps all the while)."""
+    loop = asyncio.get_running_loop()
+    # No waiter (asyncio passes none either when nothing awaits the handshake; a future would hold the
+    # exception of every failed handshake unretrieved). typeshed types waiter and the handshake timeout too
+    # narrowly.
+    proto = _BoundedSSLProtocol(
+        loop, app_protocol, context, None,  # type: ignore[arg-type]
+        server_side=True, ssl_handshake_timeout=handshake_timeout_s,  # type: ignore[arg-type]
+        ssl_shutdown_timeout=handshake_timeout_s,
+    )  # fmt: skip
+    proto._set_read_buffer_limits(high=TLS_INCOMING_HIGH_WATER)  # type: ignore[attr-defined]
+    return proto
+
+
+def ensure_fd_budget(caps: Mapping[str, int], reserve: int = FD_RESERVE) -> tuple[int, int]:
+    """Check that the listeners' caps (config key -> cap), each with ACCEPTS_IN_FLIGHT, plus `reserve` fit under
+    RLIMIT_NOFILE, raising the soft limit up to the hard one when that is enough. Returns (limit, needed);
+    ConfigError when impossible."""
+    in_flight = ACCEPTS_IN_FLIGHT * len(caps)
+    needed = sum(caps.values()) + in_flight + reserve
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if needed > soft and (hard == resource.RLIM_INFINITY or needed <= hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+            soft = needed
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the file-descriptor limit from %d to %d: %s", soft, needed, exc)
+    if needed > soft:
+        keys = " + ".join(caps)
+        raise ConfigError([
+            Problem(
+                keys,
+                f"the connection caps add up to {sum(caps.values())}; with {in_flight} for connections being"
+                f" accepted or refused and {reserve} for the journal, HSM and ports that is {needed}, above this"
+                f" process's file-descriptor limit of {soft} (RLIMIT_NOFILE, hard limit {hard}): lower the caps"
+                " or raise LimitNOFILE=",
+            )
+        ])  # fmt: skip
+    log.info(
+        "file descriptors: limit %d; listener caps %s = %d, plus %d being accepted, plus %d reserved",
+        soft, ", ".join(f"{k} {v}" for k, v in caps.items()), sum(caps.values()), in_flight, reserve,
+    )  # fmt: skip
+    return soft, needed
+
+
+_ACCEPT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+class AcceptErrors:
+    """An event-loop exception handler for accept() failing for lack of descriptors or memory.
+
+    asyncio already survives them (it stops reading that listening socket for a second, then accepts again) but
+    reports each one with a traceback; here the first raises an alarm and later ones only count. At the limit
+    accepts alternate between failing and succeeding (each freed descriptor is taken by the next waiting
+    connection), so the alarm clears only at a connection admitted `quiet_s` after the last failure. Other
+    contexts go to the handler that was installed before.
+    """
+
+    CAUSE = "listener.accept-failing"
+
+    def __init__(self, alarms: Alarms, quiet_s: float = 10.0) -> None:
+        self.alarms = alarms
+        self.quiet_s = quiet_s
+        self.count = 0
+        self._active = False
+        self._last_failure = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._previous: Any = None
+
+    def install(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._previous = self._loop.get_exception_handler()
+        self._loop.set_exception_handler(self._handle)
+
+    def uninstall(self) -> None:
+        if self._loop is not None:
+            self._loop.set_exception_handler(self._previous)
+            self._loop = None
+
+    def _handle(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if (
+            isinstance(exc, OSError)
+            and exc.errno in _ACCEPT_ERRNOS
+            and "accept" in str(context.get("message"))
+        ):
+            self.count += 1
+            self._active = True
+            self._last_failure = loop.time()
+            self.alarms.raise_alarm(
+                self.CAUSE,
+                f"accepting connections fails: {errno.errorcode.get(exc.errno or 0, exc.errno)}"
+                " (out of file descriptors or memory); listeners retry every second",
+                "check what holds descriptors (ls /proc/PID/fd) and the listeners' max_connections",
+                code=None,
+            )
+            return
+        if self._previous is not None:
+            self._previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    def accepted(self) -> None:
+        if self._active and self._loop is not None and self._loop.time() - self._last_failure >= self.quiet_s:
+            self._active = False
+            self.alarms.clear(self.CAUSE, "a connection was accepted again")

@@ -1,0 +1,207 @@
+"""The control socket as a listener: its permissions, its bounds, and a slow console that never slows issuance."""
+
+from __future__ import annotations
+
+import asyncio
+import grp
+import json
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from appliance.control.events import EventBus
+from appliance.daemon import Daemon
+from console import wire
+from console.client import ControlClient
+from hsm.softhsm import SoftHsmToken
+from tests.appliance.control.conftest import control_config
+
+# The probe runs as nobody, who cannot read root's virtualenv: the system's interpreter (stdlib only) runs it.
+PYTHON = shutil.which("python3", path="/usr/bin:/bin") or sys.executable
+GROUP = "daemon"  # an existing group that root's tests can hand the socket to; nobody is not in it
+
+# A client as another user: connect and GET the status; prints the HTTP status line or the error.
+PROBE = """
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+try:
+    s.connect(sys.argv[1])
+except OSError as exc:
+    print("ERR", exc.errno); sys.exit(0)
+s.sendall(b"GET /v1/status HTTP/1.0\\r\\n\\r\\n")
+print(s.recv(64).split(b"\\r\\n")[0].decode())
+"""
+
+
+def _as(uid: int, gid: int, extra: list[int], path: Path) -> str:
+    out = subprocess.run([PYTHON, "-c", PROBE, str(path)], user=uid, group=gid, extra_groups=extra,
+                         capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+    return out.stdout.strip()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs clients as other users")
+async def test_socket_is_0660_in_its_group_and_only_that_group_gets_in(
+    softhsm_token: SoftHsmToken, people_journal_template: Path, short_dir: Path
+) -> None:
+    state = short_dir / "state"
+    config = control_config(state, softhsm_token, people_journal_template, group=GROUP)
+    gid = grp.getgrnam(GROUP).gr_gid
+    nobody, nogroup = 65534, 65534
+    async with Daemon(config):
+        sock = config.control_socket
+        st = sock.stat()
+        assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == gid
+        dir_st = state.stat()
+        assert stat.S_IMODE(dir_st.st_mode) == 0o710 and dir_st.st_gid == gid  # traverse only, nothing listed
+        member = await asyncio.to_thread(_as, nobody, nogroup, [gid], sock)
+        outsider = await asyncio.to_thread(_as, nobody, nogroup, [], sock)
+        assert member.split()[1:2] == ["200"], member
+        assert outsider == "ERR 13", outsider  # EACCES
+    assert not sock.exists()  # removed on exit
+
+
+async def test_a_second_daemon_does_not_steal_a_live_socket_but_replaces_a_dead_one(
+    softhsm_token: SoftHsmToken, people_journal_template: Path, short_dir: Path
+) -> None:
+    from appliance.control.unix import ControlSocketBusy, bind_control_socket
+
+    config = control_config(short_dir / "state", softhsm_token, people_journal_template)
+    async with Daemon(config):
+        with pytest.raises(ControlSocketBusy):
+            bind_control_socket(config.control_socket)
+    dead = socket.socket(socket.AF_UNIX)
+    dead.bind(str(config.control_socket))  # a socket file nobody listens on (a daemon that was killed)
+    dead.close()
+    async with Daemon(config), ControlClient(config.control_socket) as api:
+        assert (await api.status())["api"] == wire.API_VERSION
+
+
+async def test_connection_cap_and_request_deadline(
+    softhsm_token: SoftHsmToken, people_journal_template: Path, short_dir: Path
+) -> None:
+    config = control_config(short_dir / "state", softhsm_token, people_journal_template, max_connections=4,
+                            max_subscribers=2, request_timeout_s=0.5)  # fmt: skip
+    async with Daemon(config) as d:
+        assert d.control is not None and d.control.server is not None
+        gate = d.control.server.gate
+        held = [await asyncio.open_unix_connection(str(config.control_socket)) for _ in range(4)]
+        reader, writer = await asyncio.open_unix_connection(str(config.control_socket))
+        answer = await asyncio.wait_for(reader.read(), 10)
+        assert answer.startswith(b"HTTP/1.1 503") and b'"busy"' in answer
+        writer.close()
+        # The held connections sent nothing: each is closed by the request deadline, and the cap frees up.
+        for r, _w in held:
+            assert await asyncio.wait_for(r.read(), 10) == b""
+        assert gate.timed_out >= 4 and gate.refused >= 1
+        async with ControlClient(config.control_socket) as api:
+            assert (await api.status())["api"] == wire.API_VERSION
+        # A partial request is no request: it is cut off too.
+        r, w = await asyncio.open_unix_connection(str(config.control_socket))
+        w.write(b"GET /v1/status HTTP/1.1\r\nHost: x\r\n")
+        assert await asyncio.wait_for(r.read(), 10) == b""
+
+
+async def test_a_console_that_stops_reading_is_dropped_and_the_others_get_every_event(
+    softhsm_token: SoftHsmToken, people_journal_template: Path, short_dir: Path
+) -> None:
+    config = control_config(short_dir / "state", softhsm_token, people_journal_template, subscriber_queue=16)
+    async with Daemon(config) as d, ControlClient(config.control_socket) as api:
+        assert d.control is not None
+        bus = d.control.hub.bus
+        # The stalled console: subscribes, then never reads.
+        _stalled, w = await asyncio.open_unix_connection(str(config.control_socket), limit=1024)
+        w.write(b"GET /v1/events HTTP/1.1\r\nHost: x\r\n\r\n")
+        await w.drain()
+        got: list[int] = []
+
+        async def follow() -> None:
+            async for event in api.events():
+                if event["type"] == "test":
+                    got.append(event["n"])
+                    if event["n"] == 4_999:
+                        return
+
+        async with asyncio.timeout(30):
+            while bus.subscribers < 1:
+                await asyncio.sleep(0.01)
+        reader = asyncio.create_task(follow())
+        async with asyncio.timeout(30):
+            while bus.subscribers < 2:
+                await asyncio.sleep(0.01)
+        healthy = bus._subscribers[1]
+        for n in range(5_000):
+            bus.publish("test", {"n": n, "pad": "x" * 200})  # never waits, whoever reads or not
+            if n % 8 == 7:
+                # A console that keeps up: its queue is empty again before the next few events. (The stalled one's
+                # socket buffer fills after a few hundred kB; then its queue does, and it is dropped.)
+                async with asyncio.timeout(30):
+                    while not healthy.queue.empty():
+                        await asyncio.sleep(0.001)
+        await asyncio.wait_for(reader, 60)
+        assert got == list(range(5_000))
+        assert bus.dropped_subscribers == 1 and not healthy.dropped
+        w.close()
+
+
+def test_a_full_queue_drops_only_that_subscriber_and_publish_never_blocks() -> None:
+    bus = EventBus(queue_size=16, max_subscribers=3)
+    slow, fast = bus.subscribe(), bus.subscribe()
+    assert slow is not None and fast is not None
+    for n in range(40):
+        bus.publish("x", {"n": n})
+        fast.queue.get_nowait()
+    assert slow.dropped and not fast.dropped and bus.subscribers == 1
+    last = [slow.queue.get_nowait(), slow.queue.get_nowait()]
+    assert last[0] is not None and last[0]["type"] == wire.EVENT_DROPPED and last[1] is None
+    assert bus.subscribe() is not None and bus.subscribe() is not None and bus.subscribe() is None
+
+
+async def test_metrics_are_openmetrics_with_the_documented_families(
+    softhsm_token: SoftHsmToken, people_journal_template: Path, short_dir: Path
+) -> None:
+    import aiohttp
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+    from appliance.issuance.policy import IssueRequest
+    from tests.appliance.conftest import make_csr
+
+    config = control_config(short_dir / "state", softhsm_token, people_journal_template)
+    async with Daemon(config) as d:
+        assert d.control is not None and d.control.metrics_url is not None and d.enroller is not None
+        svc = d.enroller.service
+        result = await svc.issue(IssueRequest("SN-0060", make_csr("SN-0060")[1], station="fixture-1"))
+        await svc.confirm(result.cert_serial)
+        with pytest.raises(Exception):  # noqa: B017 - any refusal will do
+            await svc.issue(IssueRequest("BAD-1", make_csr("BAD-1")[1], station="fixture-1"))
+        async with aiohttp.ClientSession() as http:
+            async with http.get(
+                d.control.metrics_url, headers={"Accept": "application/openmetrics-text"}
+            ) as r:
+                assert r.headers["Content-Type"].startswith("application/openmetrics-text")
+                text = await r.text()
+            async with http.get(d.control.metrics_url) as r:
+                assert "# TYPE birthline_issued_total counter" in await r.text()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples
+    }
+    assert samples[("birthline_issued_total", (("product", "sensor"), ("station", "fixture-1")))] == 1
+    assert samples[("birthline_refused_total", (("product", ""), ("reason", "NOT_AUTHORISED"),
+                                                ("station", "fixture-1")))] == 1  # fmt: skip
+    assert samples[("birthline_confirmed_total", (("station", "fixture-1"),))] == 1
+    assert samples[("birthline_hsm_sign_seconds_count", ())] >= 1
+    assert samples[("birthline_journal_commit_seconds_count", ())] >= 3
+    assert samples[("birthline_confirmation_lag_seconds_count", ())] == 1
+    assert samples[("birthline_upstream_queue_depth", ())] >= 1  # the outbox fills even with no upstream
+    assert ("birthline_alarms_active", (("severity", "critical"),)) in samples
+    doc = (Path(__file__).resolve().parents[3] / "docs" / "metrics.md").read_text()
+    for name in families:
+        if name.startswith("birthline_") and not name.startswith("birthline_process"):
+            assert f"`{name}" in doc, f"{name} is not in docs/metrics.md"
+    json.dumps(sorted(families))
