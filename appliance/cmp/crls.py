@@ -133,6 +133,15 @@ class CrlCache:
 
 
 def _parse(data: bytes) -> x509.CertificateRevocationList:
-    if data.lstrip().startswith(b"-----BEGIN"):
-        return x509.load_pem_x509_crl(data)
-    return x509.load_der_x509_crl(data)
+    """The fetched CRL, its issuer name and dates decoded here (cryptography decodes names only when asked): what
+    does not decode is a failed fetch (ValueError), not an exception deep in the signer check."""
+    crl = (
+        x509.load_pem_x509_crl(data)
+        if data.lstrip().startswith(b"-----BEGIN")
+        else x509.load_der_x509_crl(data)
+    )
+    try:
+        _ = crl.issuer, crl.last_update_utc, crl.next_update_utc
+    except Exception as exc:  # noqa: BLE001 - what cryptography raises for a peer's bytes is not a stable contract
+        raise ValueError(f"the CRL's issuer or dates do not decode: {type(exc).__name__}: {exc}") from None
+    return crl

@@ -113,6 +113,33 @@ class SoftCa:
         return b.sign(self.key, hashes.SHA256())
 
 
+_STAND_IN = x509.ObjectIdentifier("2.5.29.99")  # encoded 55 1d 63; subjectKeyIdentifier 2.5.29.14 is 55 1d 0e
+
+
+def twice_ski(builder: x509.CertificateBuilder | x509.CertificateSigningRequestBuilder,
+              public: PublicKeyTypes) -> x509.CertificateBuilder | x509.CertificateSigningRequestBuilder:  # fmt: skip
+    """The builder with a subjectKeyIdentifier, and a second one, under a stand-in OID that resign() turns into the real one
+    (cryptography's builders refuse two extensions of one type; its loaders accept them, and only decoding the
+    extensions then raises DuplicateExtension)."""
+    ski = x509.SubjectKeyIdentifier.from_public_key(public)  # type: ignore[arg-type]
+    builder = builder.add_extension(ski, critical=False)  # type: ignore[assignment]
+    return builder.add_extension(x509.UnrecognizedExtension(_STAND_IN, ski.public_bytes()), critical=False)  # type: ignore[return-value]
+
+
+def resign(der: bytes, tbs: bytes, key: ec.EllipticCurvePrivateKey) -> bytes:
+    """A certificate or CSR (`der`, whose signed part is `tbs`) with the stand-in OID turned into
+    subjectKeyIdentifier and signed again by `key` (ecdsa-with-SHA256): its signature verifies, its extensions
+    do not decode."""
+    from appliance.cmp import _der
+
+    stand_in, real = bytes.fromhex("0603551d63"), bytes.fromhex("0603551d0e")
+    assert tbs.count(stand_in) == 1
+    patched = tbs.replace(stand_in, real)
+    signature_algorithm = bytes.fromhex("300a06082a8648ce3d040302")
+    signature = key.sign(patched, ec.ECDSA(hashes.SHA256()))
+    return _der.sequence(patched, signature_algorithm, _der.tlv(0x03, b"\x00" + signature))
+
+
 def mac(kid: bytes = b"mac", secret: bytes = SECRET) -> MacProtector:
     return MacProtector(secret, kid, iterations=1000)
 
@@ -191,6 +218,13 @@ class Peer:
         status, body = await self.post_bytes(msg.der, label)
         assert status == 200, status
         return parse_message(body)
+
+    async def unparsed(self, msg: PKIMessage, label: str = "mac") -> frozenset[FailInfo]:
+        """The failInfo of the answer to a message refused as malformed: HTTP 400 and an unprotected error."""
+        status, body = await self.post_bytes(msg.der, label)
+        answer = parse_message(body)
+        assert status == 400 and answer.protection is None, (status, statuses(answer))
+        return refused(answer)
 
     def follow(self, answer: PKIMessage, body_type: BodyType, body: Body, protection: Protector | None,
                sender: x509.GeneralName | None = None, **kw: object) -> PKIMessage:  # fmt: skip

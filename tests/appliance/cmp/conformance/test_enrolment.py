@@ -4,8 +4,9 @@ that changes what was asked answers grantedWithMods."""
 
 from __future__ import annotations
 
+import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 
 from appliance.cmp import (
@@ -29,9 +30,13 @@ from tests.appliance.cmp.conformance.peer import (
     mac,
     new_key,
     refused,
+    resign,
     serial_name,
     spki,
+    twice_ski,
 )
+
+DER = serialization.Encoding.DER
 
 
 async def test_ir_cert_req_id_must_be_0(peer: Peer) -> None:
@@ -147,3 +152,20 @@ def _extensions_der(exts: x509.Extensions) -> bytes:
                       _der.octet_string(e.value.public_bytes()))
         for e in exts
     ))  # fmt: skip
+
+
+async def test_a_p10cr_whose_csr_extensions_do_not_decode_is_refused(peer: Peer) -> None:
+    """A CSR that loads and whose signature verifies, but whose requested extensions do not decode (two
+    subjectKeyIdentifiers): the device's malformed data, never a systemFailure of ours. The message's parsing
+    refuses it (HTTP 400, an unprotected error badDataFormat): what it hands on decodes whole."""
+    key = new_key()
+    builder = twice_ski(
+        x509.CertificateSigningRequestBuilder().subject_name(serial_name("SN-0230")), key.public_key()
+    )
+    draft = builder.sign(key, hashes.SHA256())  # type: ignore[union-attr]
+    csr = x509.load_der_x509_csr(resign(draft.public_bytes(DER), draft.tbs_certrequest_bytes, key))
+    assert csr.is_signature_valid
+    with pytest.raises(x509.DuplicateExtension):
+        _ = csr.extensions
+    p10cr = build(header(), BodyType.P10CR, P10crBody(csr), mac())
+    assert await peer.unparsed(p10cr) == {FailInfo.BAD_DATA_FORMAT}

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp import web
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 
 from appliance.cmp import BodyType, FailInfo, SignatureProtector
@@ -28,6 +28,8 @@ from tests.appliance.cmp.conformance.peer import (
     issued,
     new_key,
     refused,
+    resign,
+    twice_ski,
 )
 
 DER = serialization.Encoding.DER
@@ -178,3 +180,35 @@ async def test_cr_signed_by_a_revoked_certificate_of_this_appliance_is_refused(p
     cr = build(header(cert.subject), BodyType.CR, cert_request("SN-0712", new_key()), signer)
     assert refused(await peer.post(cr, label)) == {FailInfo.CERT_REVOKED}
     assert peer.journal.rows("device_serial='SN-0712'") == []
+
+
+async def test_a_signer_certificate_whose_extensions_do_not_decode_is_refused(peer: Peer) -> None:
+    """A protection certificate that loads but whose extensions do not decode (two subjectKeyIdentifiers: the
+    certificate signed by the trusted CA, the message by its key) is the peer's malformed data: badDataFormat,
+    never a systemFailure of ours; refused with the message's parsing (HTTP 400, an unprotected error), as every
+    certificate in extraCerts must decode whole. The same for such a certificate further down extraCerts."""
+    vendor = SoftCa("Vendor CA")
+    label = _label(peer, (vendor.cert,), signer_revocation="none")
+    key = new_key()
+    builder = twice_ski(
+        x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "odd")]))
+        .issuer_name(vendor.name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5))
+        .not_valid_after(dt.datetime.now(dt.UTC) + dt.timedelta(days=30)),
+        key.public_key(),
+    )  # fmt: skip
+    draft = builder.sign(vendor.key, hashes.SHA256())  # type: ignore[union-attr]
+    odd = x509.load_der_x509_certificate(
+        resign(draft.public_bytes(DER), draft.tbs_certificate_bytes, vendor.key)
+    )
+    assert odd.verify_directly_issued_by(vendor.cert) is None
+    with pytest.raises(x509.DuplicateExtension):
+        _ = odd.extensions
+    signer = SignatureProtector(key, odd, (vendor.cert,))
+    hdr = header(odd.subject, sender_kid=b"odd")  # the client's own code would not find one in it either
+    odd_ir = build(hdr, BodyType.IR, cert_request("SN-0710", new_key()), signer)
+    assert await peer.unparsed(odd_ir, label) == {FailInfo.BAD_DATA_FORMAT}
+    good = _signer(vendor)
+    behind = SignatureProtector(good.key, good.certificate, (vendor.cert, odd))
+    assert await peer.unparsed(_ir(behind, "SN-0710"), label) == {FailInfo.BAD_DATA_FORMAT}  # type: ignore[arg-type]
+    assert issued(await peer.post(_ir(good, "SN-0710"), label))  # type: ignore[arg-type]
