@@ -428,10 +428,18 @@ class Daemon:
             self.core.token, management, cfg.ra_cert or self.config.stations.tls_dir / "cmp-ra.pem"
         )
         va = self.va
+        labels = labels_from_config(cfg)
+        # A label may issue from another issuing CA (greenfield: operational certificates); each CA has its own
+        # issuance service, on the same journal, HSM and audit log.
+        others: dict[str, IssueService] = {}
+        for name in sorted({lb.issuing_ca for lb in labels.values() if lb.issuing_ca} - {service.ca.name}):
+            others[name] = await self._stack.enter_async_context(
+                self.core.issue_service(admission=service.admission, ca_name=name)
+            )
         self.cmp = CmpResponder(
-            service, self.core.journal, self.core.audit, labels_from_config(cfg),
+            service, self.core.journal, self.core.audit, labels,
             management_ca=management.certificate, ra=ra, settings=settings_from_config(cfg),
-            on_revoked=va.changed if va is not None else None,
+            on_revoked=va.changed if va is not None else None, services=others,
         )  # fmt: skip
         assert cfg.address is not None
         self.cmp_server = await self._stack.enter_async_context(

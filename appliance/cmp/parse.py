@@ -96,6 +96,33 @@ def _boundary(what: str) -> Iterator[None]:
         ) from None
 
 
+def _certificate(der: bytes) -> x509.Certificate:
+    """A certificate a peer sent, decoded whole here. cryptography decodes names and extensions only when asked,
+    so one that loads may still raise later (two extensions of one type: DuplicateExtension; an undecodable
+    name or extension value), deep in the trust or enrolment code: the peer's malformed data, answered as ours
+    (systemFailure). What parse_message hands on decodes."""
+    cert = x509.load_der_x509_certificate(der)
+    try:
+        _ = cert.subject, cert.issuer, cert.extensions
+    except Exception as exc:  # noqa: BLE001 - what cryptography raises for a peer's bytes is not a stable contract
+        raise ValueError(
+            f"a certificate's names or extensions do not decode: {type(exc).__name__}: {exc}"
+        ) from None
+    return cert
+
+
+def _csr(der: bytes) -> x509.CertificateSigningRequest:
+    """A PKCS#10 request, decoded whole here, as _certificate."""
+    csr = x509.load_der_x509_csr(der)
+    try:
+        _ = csr.subject, csr.extensions
+    except Exception as exc:  # noqa: BLE001 - as in _certificate
+        raise ValueError(
+            f"the CSR's subject or extensions do not decode: {type(exc).__name__}: {exc}"
+        ) from None
+    return csr
+
+
 def _decode(der: bytes, spec: Any) -> Any:
     value, rest = der_decoder.decode(der, asn1Spec=spec)
     if rest:
@@ -182,7 +209,7 @@ def _parse(data: bytes, limits: Limits, depth: int) -> PKIMessage:
             certs = _kids(data, seq, limits.max_extra_certs, "extraCerts")
             if not certs:
                 raise ValueError("extraCerts must not be empty")
-            extra_certs = tuple(x509.load_der_x509_certificate(_raw(data, c)) for c in certs)
+            extra_certs = tuple(_certificate(_raw(data, c)) for c in certs)
         if rest:
             raise ValueError("unexpected element after the body")
         header_tlv, body_tlv = parts[0], parts[1]
@@ -425,6 +452,7 @@ def _rr(data: bytes, t: Tlv, value: Any, limits: Limits) -> RrBody:
     for tlv, details in zip(kids, value, strict=True):
         template = _template(data, _der.children(data, tlv)[0])
         reason = None
+        count = 0
         if _present(details["crlEntryDetails"]):
             for ext in details["crlEntryDetails"]:
                 if str(ext["extnID"]) == oids.CRL_REASON:
@@ -432,7 +460,9 @@ def _rr(data: bytes, t: Tlv, value: Any, limits: Limits) -> RrBody:
                     if len(enum_der) != 3 or enum_der[:2] != b"\x0a\x01" or enum_der[2] not in _REASONS:
                         raise ValueError("bad CRL reason code")
                     reason = x509.ReasonFlags[_REASONS[enum_der[2]]]
-        out.append(RevDetails(template.issuer, template.serial_number, reason))
+                    count += 1
+        out.append(RevDetails(template.issuer, template.serial_number, reason, template.subject,
+                              template.public_key_der, count))  # fmt: skip
     return RrBody(tuple(out))
 
 
@@ -464,7 +494,7 @@ _BODY_PARSERS: dict[BodyType, Callable[[bytes, Tlv, Any, Limits], Body]] = {
 
 def _p10cr(data: bytes, t: Tlv, limits: Limits) -> P10crBody:
     """CertificationRequest: cryptography's loader parses and checks the whole structure (strict DER)."""
-    return P10crBody(x509.load_der_x509_csr(_raw(data, t)))
+    return P10crBody(_csr(_raw(data, t)))
 
 
 def _cert_rep(data: bytes, t: Tlv, limits: Limits) -> CertRepBody:
@@ -480,7 +510,7 @@ def _cert_rep(data: bytes, t: Tlv, limits: Limits) -> CertRepBody:
         certs = _kids(data, seq, limits.max_extra_certs, "caPubs")
         if not certs:
             raise ValueError("caPubs must not be empty")
-        ca_pubs = tuple(x509.load_der_x509_certificate(_raw(data, c)) for c in certs)
+        ca_pubs = tuple(_certificate(_raw(data, c)) for c in certs)
     if len(parts) != 1 or parts[0].tag != 0x30:
         raise ValueError("CertRepMessage must end with its response SEQUENCE")
     responses = _kids(data, parts[0], limits.max_requests, "CertRepMessage")
@@ -519,7 +549,7 @@ def _certified_key_pair(data: bytes, t: Tlv) -> x509.Certificate:
         raise CmpError("encrypted certificates are not supported", fail_info=FailInfo.BAD_DATA_FORMAT)
     if choice.tag != 0xA0:
         raise ValueError("CertOrEncCert must be [0] certificate or [1] encryptedCert")
-    return x509.load_der_x509_certificate(_raw(data, _only_child(data, choice)))
+    return _certificate(_raw(data, _only_child(data, choice)))
 
 
 def _cert_conf(data: bytes, t: Tlv, limits: Limits) -> CertConfBody:

@@ -191,8 +191,9 @@ def verify_mac(message: PKIMessage, secret: bytes, *, policy: MacPolicy = DEFAUL
 
 def verify_signature(message: PKIMessage, signer: x509.Certificate | None = None) -> x509.Certificate:
     """Check a signature protection with `signer`, or else the first certificate of extraCerts
-    (RFC 9483 3.3). Returns the certificate used. Whether that certificate is TRUSTED (chain, revocation,
-    whose it is) is the caller's decision."""
+    (RFC 9483 3.3), and that senderKID names that certificate's key: it MUST be its subjectKeyIdentifier when
+    the certificate has one (RFC 9483 3.1). Returns the certificate used. Whether that certificate is TRUSTED
+    (chain, revocation, whose it is) is the caller's decision."""
     alg, value = _checked(message, (ProtectionKind.SIGNATURE,))
     if signer is None:
         if not message.extra_certs:
@@ -204,6 +205,12 @@ def verify_signature(message: PKIMessage, signer: x509.Certificate | None = None
     except ValueError as exc:
         raise _bad_alg(f"signer certificate key: {exc}") from None
     verify_signature_with(key, alg, value, message.protected_part)
+    ski = subject_key_id(signer)
+    if ski is not None and message.header.sender_kid != ski:
+        what = (
+            "missing" if message.header.sender_kid is None else "not the subjectKeyIdentifier of the signer"
+        )
+        raise CmpError(f"senderKID is {what} (RFC 9483 3.1)", fail_info=FailInfo.BAD_MESSAGE_CHECK)
     return signer
 
 

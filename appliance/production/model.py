@@ -64,6 +64,7 @@ class Product:
     key_algorithms: frozenset[str]
     created_at: float
     issuance_mode: str = "local"  # local | upstream (RA mode: the upstream CA issues; docs/cmp.md)
+    revoke_on_update: bool = False  # a key update (CMP kur) revokes the replaced certificate once confirmed
 
 
 ISSUANCE_MODES: Final = ("local", "upstream")

@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from appliance.errors import IssuanceRefused, ReasonCode
+from appliance.issuance.journal import work_order_of
 from appliance.issuance.policy import Grant, IssueRequest
 from appliance.production.allowlist import pattern_matches
 from appliance.production.model import iso
@@ -179,6 +180,37 @@ class WorkOrderPolicy:
             ReasonCode.QUOTA_EXHAUSTED,
             {"work_orders": [o.id for o in allowed]},
         )
+
+    def authorise_update(
+        self, conn: sqlite3.Connection, request: IssueRequest, profile: Profile, updates: int
+    ) -> Grant:
+        """A key update (CMP kur) of the device's current certificate, row `updates`: no unit is taken and the work
+        order need not be active any more (a device updates its key in the field, long after its run); the
+        product the device was made under decides the key policy."""
+        work_order = work_order_of(conn, updates)
+        product = None
+        if work_order is not None:
+            product = conn.execute(
+                "SELECT p.key_algorithms, p.profile, p.ca FROM work_order w JOIN product p ON p.name = w.product"
+                " WHERE w.id = ?",
+                (work_order,),
+            ).fetchone()
+        if product is None:
+            raise _refuse(
+                f"no work order or product is recorded for the certificate of {request.device_serial!r}:"
+                " its key cannot be updated here",
+                "key-update-product",
+            )
+        if product[2] != self.ca or product[1] != profile.name:
+            raise _refuse(
+                f"the product of {request.device_serial!r} is certified by profile {product[1]!r} of CA"
+                f" {product[2]!r}, not {profile.name!r} of {self.ca!r}",
+                "key-update-product",
+            )
+        allowed = frozenset(str(product[0]).split(","))
+        candidate = _Candidate(str(work_order), 0, 0, None, None, None, profile.name, self.ca, allowed)
+        self._check_key(request, [candidate], profile)
+        return Grant("local", str(work_order))
 
     # -- helpers -------------------------------------------------------------------------------------------------------
     @staticmethod

@@ -67,6 +67,7 @@ def test_demo_from_scratch_then_again(tmp_path: Path) -> None:
         ("demo-serial", "serial"),
         ("demo-lan", "lan"),
         ("demo-cmp", "lan"),  # the station the CMP label acts as
+        ("demo-field", "lan"),  # the station the greenfield CMP label acts as
     }
 
     # One more device through `birthline issue`: a person (the demo's supervisor) acting as a station.

@@ -345,7 +345,14 @@ async def test_three_tiers_a_downstream_batch_waits_and_polls_through_an_ra_mode
     forwarder has C's certificates; then A confirms through B. Each device is issued once at C."""
     management = ca_mod.load_ca(ra.journal, "management").certificate
     assert management is not None
-    label = CmpLabel("ra", "fixture-1", trusted_cas=(management,), allow_nested=True, accept_ra_verified=True)
+    label = CmpLabel(
+        "ra",
+        "fixture-1",
+        trusted_cas=(management,),
+        allow_nested=True,
+        accept_ra_verified=True,
+        signer_revocation="none",
+    )
     responder = CmpResponder(
         ra.service, ra.journal, ra.audit, {"ra": label}, management_ca=management, ra=ra.ra
     )

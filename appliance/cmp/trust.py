@@ -1,0 +1,326 @@
+"""Who signed a CMP message, and may they (RFC 9483 3.5: the CMP protection certificate is validated, its
+revocation status included).
+
+A signature that verified (appliance/cmp/protection.py) names a certificate; it is trusted on a label as
+
+- STATION: the label's station's own TLS certificate (its registered fingerprint, issued by the management CA);
+  disabling or rotating the station is its revocation;
+- RA: a certificate that chains, through the message's extraCerts, to one of the label's trusted_ca
+  (a downstream RA, a station with a credential from its own CA);
+- DEVICE: a birth certificate (IDevID) that chains to one of the label's idevid_roots (greenfield enrolment);
+- OWN: a certificate this appliance issued (one of its issuing CAs), found in the journal byte for byte: a device
+  updating its key (kur) or revoking its own certificate (rr).
+
+Revocation, checked at every message, failing closed:
+- a certificate of one of this appliance's issuing CAs: its journal row (released, not revoked) - read at the
+  time of the message, so a supervisor's `birthline revoke` takes effect at once;
+- any other certificate in a trusted_ca / idevid_roots chain: a CRL of its issuer, from the label's crl_files or
+  fetched from the certificate's CRL distribution point (appliance/cmp/crls.py), signed by that issuer and
+  current; no such CRL is "unknown": the message is refused (signerNotTrusted), unless the label says
+  signer_revocation = "none".
+A revoked certificate anywhere in the chain is refused with certRevoked.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import hashlib
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+
+from appliance.cmp.crls import CrlCache, CrlUnavailable, crl_urls
+from appliance.cmp.errors import CmpError, FailInfo
+from appliance.cmp.labels import CmpLabel
+from appliance.issuance.journal import Journal
+
+_DER = serialization.Encoding.DER
+_SHA256 = hashes.SHA256()
+MAX_CHAIN = 6
+
+
+class SignerKind(enum.Enum):
+    STATION = "station"
+    RA = "ra"
+    DEVICE = "device"
+    OWN = "own"
+
+
+@dataclass(frozen=True)
+class OwnCertificate:
+    """A certificate of this appliance, as its journal row says it is now."""
+
+    row_id: int
+    ca: str
+    cert_serial: str
+    device_serial: str
+    profile: str
+    state: str
+    updated_by: int | None
+
+
+@dataclass(frozen=True)
+class Signer:
+    kind: SignerKind
+    certificate: x509.Certificate
+    chain: tuple[x509.Certificate, ...] = ()
+    """The issuers of `certificate` up to the trust anchor that was found (STATION, OWN: empty)."""
+    own: OwnCertificate | None = None
+    """When the signing certificate is one of this appliance's (OWN always; DEVICE when the idevid_roots include
+    this appliance's root): its journal row."""
+
+    @property
+    def fingerprint(self) -> bytes:
+        return self.certificate.fingerprint(_SHA256)
+
+
+def _fail(text: str, fail_info: FailInfo = FailInfo.SIGNER_NOT_TRUSTED) -> CmpError:
+    return CmpError(text, fail_info=fail_info)
+
+
+def _valid_at(cert: x509.Certificate, now: dt.datetime) -> bool:
+    return cert.not_valid_before_utc <= now <= cert.not_valid_after_utc
+
+
+def _is_ca(cert: x509.Certificate, anchor: bool) -> bool:
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return anchor  # an administrator's trust anchor may be an old v1 root without extensions
+    except ValueError:
+        return False
+
+
+class SignerTrust:
+    """Authenticates the signer of a message for a label. Journal reads go through the journal's thread; CRL
+    fetches through `crls` (bounded, cached); certificate signature checks are cached per pair."""
+
+    def __init__(
+        self,
+        journal: Journal,
+        issuing_cas: Mapping[str, x509.Certificate],
+        *,
+        management_ca: x509.Certificate | None = None,
+        own_chain: Sequence[x509.Certificate] = (),
+        crls: CrlCache | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.journal = journal
+        self.issuing_cas = dict(issuing_cas)
+        """This appliance's issuing CAs by name: their certificates' revocation is the journal's."""
+        self.management_ca = management_ca
+        self._own_cas = {c.fingerprint(_SHA256) for c in (*issuing_cas.values(), *own_chain)}
+        self.crls = crls or CrlCache(clock=clock)
+        self.clock = clock
+        self._issued: dict[tuple[bytes, bytes], bool] = {}
+
+    def _now(self) -> dt.datetime:
+        return dt.datetime.fromtimestamp(self.clock(), dt.UTC)
+
+    # -- signatures between certificates ---------------------------------------------------------------------
+    def issued_by(self, cert: x509.Certificate, ca: x509.Certificate) -> bool:
+        # The answer never changes for a pair of certificates, and a peer signs every message with the same one.
+        key = (cert.fingerprint(_SHA256), ca.fingerprint(_SHA256))
+        known = self._issued.get(key)
+        if known is None:
+            known = cert.issuer == ca.subject
+            if known:
+                try:
+                    cert.verify_directly_issued_by(ca)
+                except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+                    known = False
+            if len(self._issued) >= 4096:
+                self._issued.clear()
+            self._issued[key] = known
+        return known
+
+    def chain(
+        self, cert: x509.Certificate, pool: Sequence[x509.Certificate], anchors: Sequence[x509.Certificate]
+    ) -> tuple[x509.Certificate, ...] | None:
+        """The issuers of `cert` up to and including one of `anchors`, from `pool` (the message's extraCerts) and
+        the anchors, each link's signature verified, each issuer a CA valid now; None when there is no such path.
+        A certificate that is itself an anchor has an empty chain (it is pinned)."""
+        if cert in anchors:
+            return ()
+        now = self._now()
+        candidates = [*anchors, *(c for c in pool if c not in anchors)]
+
+        def walk(current: x509.Certificate, path: list[x509.Certificate]) -> list[x509.Certificate] | None:
+            if len(path) >= MAX_CHAIN:
+                return None
+            for parent in candidates:
+                anchor = parent in anchors
+                if parent in path or parent == current or parent.subject != current.issuer:
+                    continue
+                if not (
+                    _valid_at(parent, now) and _is_ca(parent, anchor) and self.issued_by(current, parent)
+                ):
+                    continue
+                if anchor:
+                    return [*path, parent]
+                found = walk(parent, [*path, parent])
+                if found is not None:
+                    return found
+            return None
+
+        found = walk(cert, [])
+        return None if found is None else tuple(found)
+
+    # -- this appliance's certificates -------------------------------------------------------------------------
+    def own_ca_of(self, cert: x509.Certificate) -> str | None:
+        """The name of the issuing CA of this appliance that issued `cert`, if one did."""
+        for name, ca in self.issuing_cas.items():
+            if self.issued_by(cert, ca):
+                return name
+        return None
+
+    async def own(self, cert: x509.Certificate, ca: str) -> OwnCertificate:
+        """The journal row of a certificate of this appliance. CmpError: certRevoked when it is revoked,
+        signerNotTrusted when it was never released (or is not in the journal as these bytes)."""
+        serial = format(cert.serial_number, "x")
+        der = cert.public_bytes(_DER)
+
+        def q() -> tuple[Any, ...] | None:
+            row = self.journal.conn.execute(
+                "SELECT i.id, i.ca, i.cert_serial, i.device_serial, i.profile, i.state, i.updated_by, i.cert_der,"
+                " r.reason FROM issuance i LEFT JOIN revocation r ON r.cert_serial = i.cert_serial"
+                " WHERE i.cert_serial = ? AND i.ca = ?",
+                (serial, ca),
+            ).fetchone()
+            return None if row is None else tuple(row)
+
+        row = await self.journal.acall(q)
+        if row is None or row[7] is None or bytes(row[7]) != der:
+            raise _fail(f"certificate {serial} of CA {ca} is not one this appliance issued")
+        if row[8] is not None:
+            raise _fail(f"certificate {serial} is revoked ({row[8]})", FailInfo.CERT_REVOKED)
+        if row[5] not in ("issued", "confirmed"):
+            raise _fail(f"certificate {serial} is {row[5]}", FailInfo.CERT_REVOKED)
+        return OwnCertificate(int(row[0]), str(row[1]), str(row[2]), str(row[3]), str(row[4]), str(row[5]),
+                              None if row[6] is None else int(row[6]))  # fmt: skip
+
+    async def own_by_serial(self, ca: str, serial_number: int) -> tuple[OwnCertificate, x509.Certificate]:
+        """A certificate of this appliance named by issuer and serial (a kur forwarded by an RA names the one it
+        updates): its row and the certificate. CmpError badCertId when there is no such certificate."""
+        serial = format(serial_number, "x")
+
+        def q() -> bytes | None:
+            row = self.journal.conn.execute(
+                "SELECT cert_der FROM issuance WHERE cert_serial = ? AND ca = ?", (serial, ca)
+            ).fetchone()
+            return None if row is None or row[0] is None else bytes(row[0])
+
+        der = await self.journal.acall(q)
+        if der is None:
+            raise _fail(f"CA {ca} issued no certificate {serial}", FailInfo.BAD_CERT_ID)
+        cert = x509.load_der_x509_certificate(der)
+        if not _valid_at(cert, self._now()):
+            raise _fail(f"certificate {serial} is not valid now", FailInfo.BAD_CERT_ID)
+        return await self.own(cert, ca), cert
+
+    # -- authentication ----------------------------------------------------------------------------------------
+    async def authenticate(
+        self,
+        label: CmpLabel,
+        signer: x509.Certificate,
+        extra_certs: Sequence[x509.Certificate],
+        station_fingerprint: bytes | None,
+    ) -> Signer:
+        """How `signer` (whose signature over the message verified) is trusted on `label`; CmpError otherwise."""
+        if not _valid_at(signer, self._now()):
+            raise _fail("the signer's certificate is not valid now")
+        pool = tuple(extra_certs[1:])
+        if (
+            label.station_signature
+            and self.management_ca is not None
+            and station_fingerprint is not None
+            and hashlib.sha256(signer.public_bytes(_DER)).digest() == station_fingerprint
+            and self.issued_by(signer, self.management_ca)
+        ):
+            return Signer(SignerKind.STATION, signer)
+        for kind, anchors in ((SignerKind.RA, label.trusted_cas), (SignerKind.DEVICE, label.idevid_roots)):
+            if not anchors:
+                continue
+            chain = self.chain(signer, pool, anchors)
+            if chain is None:
+                continue
+            own = await self._check_chain(label, signer, chain)
+            return Signer(kind, signer, chain, own)
+        ca = self.own_ca_of(signer)
+        if ca is not None:
+            return Signer(SignerKind.OWN, signer, (), await self.own(signer, ca))
+        raise _fail(f"the signer is not trusted for label {label.name!r}")
+
+    async def _check_chain(
+        self, label: CmpLabel, signer: x509.Certificate, chain: tuple[x509.Certificate, ...]
+    ) -> OwnCertificate | None:
+        """Revocation of every certificate of [signer, *chain] below the anchor; returns the signer's journal row
+        when it is a certificate of this appliance."""
+        path = (signer, *chain)
+        own: OwnCertificate | None = None
+        for i, cert in enumerate(path[:-1]):
+            issuer = path[i + 1]
+            if cert.fingerprint(_SHA256) in self._own_cas:
+                continue  # this appliance's own CA hierarchy
+            ca = next((n for n, c in self.issuing_cas.items() if c == issuer), None)
+            if ca is not None:
+                row = await self.own(cert, ca)
+                own = row if i == 0 else own
+            elif label.signer_revocation != "none":
+                await self._check_crl(label, cert, issuer)
+        return own
+
+    async def _check_crl(self, label: CmpLabel, cert: x509.Certificate, issuer: x509.Certificate) -> None:
+        now = self._now()
+        reasons: list[str] = []
+        usable: list[x509.CertificateRevocationList] = []
+        for crl in label.crls:
+            if crl.issuer == issuer.subject:
+                why = self._unusable(crl, issuer, now)
+                (reasons.append(f"configured CRL: {why}") if why else usable.append(crl))
+        if not usable and label.crl_fetch:
+            urls = crl_urls(cert)
+            if not urls:
+                reasons.append("the certificate names no http CRL distribution point")
+            for url in urls:
+                try:
+                    crl = await self.crls.get(url)
+                except CrlUnavailable as exc:
+                    reasons.append(f"{url}: {exc}")
+                    continue
+                why = self._unusable(crl, issuer, now)
+                if why:
+                    reasons.append(f"{url}: {why}")
+                else:
+                    usable.append(crl)
+                    break
+        subject = cert.subject.rfc4514_string()[:120]
+        if not usable:
+            detail = "; ".join(reasons) or "no CRL is configured for its issuer"
+            raise _fail(f"revocation status of {subject} is unknown: {detail}"[:400])
+        for crl in usable:
+            entry = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
+            if entry is not None:
+                raise _fail(f"certificate {subject} is revoked (CRL of its issuer)", FailInfo.CERT_REVOKED)
+
+    @staticmethod
+    def _unusable(crl: x509.CertificateRevocationList, issuer: x509.Certificate, now: dt.datetime) -> str:
+        if crl.issuer != issuer.subject:
+            return "issued by another CA"
+        try:
+            if not crl.is_signature_valid(issuer.public_key()):  # type: ignore[arg-type]
+                return "its signature does not verify with the issuer's key"
+        except (TypeError, ValueError, UnsupportedAlgorithm):
+            return "its signature cannot be checked"
+        if crl.next_update_utc is None:
+            return "it has no nextUpdate"
+        if not crl.last_update_utc <= now < crl.next_update_utc:
+            return (f"it is not current (thisUpdate {crl.last_update_utc:%Y-%m-%d %H:%M}, nextUpdate"
+                    f" {crl.next_update_utc:%Y-%m-%d %H:%M})")  # fmt: skip
+        return ""
