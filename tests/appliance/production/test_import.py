@@ -41,6 +41,22 @@ def test_csv_import(floor: Floor) -> None:
     assert events == ["workorder.add"] * 3 + ["workorder.import"]
 
 
+def test_a_spreadsheets_byte_order_mark_is_not_part_of_the_header(floor: Floor) -> None:
+    """Excel's "CSV UTF-8" starts with U+FEFF."""
+    ids = store.import_work_orders(floor.journal, floor.audit, floor.supervisor, "\ufeff" + CSV_OK, "csv")
+    assert ids == ["WO-100", "WO-101", "WO-102"]
+
+
+@pytest.mark.parametrize(
+    "doc", ["[" * 100_000 + "]" * 100_000, '{"work_orders": [{"quantity": ' + "9" * 5000 + "}]}"]
+)
+def test_hostile_json_is_a_problem_not_a_traceback(floor: Floor, doc: str) -> None:
+    with pytest.raises(ProductionError) as info:
+        store.import_work_orders(floor.journal, floor.audit, floor.supervisor, doc, "json")
+    assert "not valid JSON" in str(info.value)
+    assert count(floor) == 0
+
+
 def test_json_import(floor: Floor) -> None:
     doc = {"work_orders": [{
         "id": "WO-J", "product": "sensor", "quantity": 2, "lines": ["L1"], "serials": ["S1"],
