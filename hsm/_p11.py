@@ -36,7 +36,11 @@ def has_private(session: pkcs11.Session, label: str) -> bool:
     return any(True for _ in found)
 
 
-def generate(session: pkcs11.Session, label: str, alg: KeyAlgorithm) -> None:
+def generate(session: pkcs11.Session, label: str, alg: KeyAlgorithm, *, decrypt: bool = False) -> None:
+    """A key pair that signs; with `decrypt` (RSA only) its private key may also decrypt (CKA_DECRYPT): a key
+    transport recipient, such as the SCEP RA's."""
+    if decrypt and alg not in RSA_BITS:
+        raise UnsupportedAlgorithmError(f"only RSA keys decrypt here, not {alg}")
     if has_private(session, label):
         raise KeyExistsError(f"a private key labelled {label!r} already exists")
     private_template = {
@@ -46,11 +50,15 @@ def generate(session: pkcs11.Session, label: str, alg: KeyAlgorithm) -> None:
         Attribute.EXTRACTABLE: False,
         Attribute.SIGN: True,
     }
+    capabilities = MechanismFlag.SIGN | MechanismFlag.VERIFY
+    if decrypt:
+        private_template[Attribute.DECRYPT] = True
+        capabilities |= MechanismFlag.DECRYPT | MechanismFlag.ENCRYPT
     common: dict[str, Any] = {
         "label": label,
         "id": hashlib.sha256(label.encode()).digest()[:16],
         "store": True,
-        "capabilities": MechanismFlag.SIGN | MechanismFlag.VERIFY,
+        "capabilities": capabilities,
         "private_template": private_template,
     }
     if alg in EC_CURVES:

@@ -57,6 +57,12 @@ class SignatureVerificationError(HsmError):
     pass
 
 
+class CiphertextError(HsmError):
+    """The token would not decrypt these bytes (bad padding, wrong length): the input's fault, not the device's.
+    Callers that decrypt what a peer sent must not tell this apart from a wrong key in their answer (an RSA
+    PKCS#1 v1.5 padding oracle)."""
+
+
 class HsmTimeoutError(HsmError):
     """A PKCS#11 call ran longer than the call time-out: the HSM is not answering."""
 
@@ -109,6 +115,9 @@ _UNSUPPORTED: tuple[type[BaseException], ...] = (
 )
 
 
+_CIPHERTEXT: tuple[type[BaseException], ...] = (p11e.EncryptedDataInvalid, p11e.EncryptedDataLenRange)
+
+
 def _describe(exc: BaseException) -> str:
     # python-pkcs11 errors mostly carry no text; the class name is the PKCS#11 return value in CamelCase.
     # The argument text is never a PIN (python-pkcs11 does not echo inputs), but keep it short anyway.
@@ -128,6 +137,8 @@ def map_pkcs11_error(exc: BaseException) -> HsmError:
         return DeviceError(f"HSM device failure ({what})")
     if isinstance(exc, _LOGIN):
         return LoginError(f"HSM login failed ({what})")
+    if isinstance(exc, _CIPHERTEXT):
+        return CiphertextError(f"the token refused the ciphertext ({what})")
     if isinstance(exc, _UNSUPPORTED):
         return UnsupportedAlgorithmError(f"the token does not support this operation ({what})")
     if isinstance(exc, p11e.NoSuchKey):

@@ -15,7 +15,7 @@ from pkcs11 import MGF, Mechanism
 from pkcs11.util.ec import encode_ecdsa_signature
 
 from hsm.algorithms import EC_CURVES, KeyAlgorithm, default_hash, from_public_key
-from hsm.errors import SignatureVerificationError, UnsupportedAlgorithmError
+from hsm.errors import CiphertextError, SignatureVerificationError, UnsupportedAlgorithmError
 from hsm.worker import SIGNING, Lane
 
 if TYPE_CHECKING:
@@ -41,6 +41,11 @@ _PSS_HASH = {
 def c_sign(key: Any, data: bytes, mechanism: Mechanism, param: Any = None) -> bytes:
     """The package's only C_Sign; runs on the PKCS#11 thread (tests patch it to inject faults)."""
     return bytes(key.sign(data, mechanism=mechanism, mechanism_param=param))
+
+
+def c_decrypt(key: Any, data: bytes, mechanism: Mechanism) -> bytes:
+    """The package's only C_Decrypt; runs on the PKCS#11 thread."""
+    return bytes(key.decrypt(data, mechanism=mechanism))
 
 
 def _digest(
@@ -268,8 +273,49 @@ class HsmRsaPrivateKey(_HsmKey, rsa.RSAPrivateKey):
     def _batch_mechanism(self) -> Mechanism:
         return Mechanism.RSA_PKCS
 
+    def _decrypt_op(
+        self, ciphertext: bytes, pad: padding.AsymmetricPadding
+    ) -> Callable[[pkcs11.Session], bytes]:
+        if not isinstance(pad, padding.PKCS1v15):
+            raise UnsupportedAlgorithmError(
+                f"RSA decryption is offered with PKCS#1 v1.5 only, not {pad.name}"
+            )
+        size = (self._pub.key_size + 7) // 8
+        if len(ciphertext) != size or int.from_bytes(ciphertext, "big") >= self._pub.public_numbers().n:
+            raise CiphertextError(f"not an RSA-{self._pub.key_size} ciphertext")
+        core, label = self._core, self.label
+
+        def op(_session: pkcs11.Session) -> bytes:
+            # Raw RSA (CKM_RSA_X_509), unpadded here: with CKM_RSA_PKCS SoftHSM answers a bad padding with
+            # CKR_GENERAL_ERROR, which is a device failure to this layer, so any peer's bytes would have the
+            # token re-initialised; raw RSA of a number below n cannot fail on the input.
+            return c_decrypt(core.private(label), ciphertext, Mechanism.RSA_X_509)
+
+        return op
+
+    @staticmethod
+    def _unpad(block: bytes, size: int) -> bytes:
+        """RFC 8017 7.2.2 EME-PKCS1-v1_5 decoding: 0x00 0x02, at least 8 non-zero padding bytes, 0x00, message.
+        Callers answering a peer must treat this error as they treat a wrong key (no padding oracle)."""
+        block = block.rjust(size, b"\x00")
+        separator = block.find(b"\x00", 2)
+        if len(block) != size or block[:2] != b"\x00\x02" or separator < 10:
+            raise CiphertextError("the decrypted block is not PKCS#1 v1.5 padded")
+        return block[separator + 1 :]
+
     def decrypt(self, ciphertext: bytes, padding: padding.AsymmetricPadding) -> bytes:
-        raise UnsupportedAlgorithmError(f"key {self.label!r} is a signing key; decryption is not offered")
+        """RSA PKCS#1 v1.5 decryption, for a key made with decrypt=True (Token.generate_key). A ciphertext that
+        does not decrypt to a padded block raises CiphertextError; a key without CKA_DECRYPT, the token's
+        refusal of the operation."""
+        size = (self._pub.key_size + 7) // 8
+        return self._unpad(
+            self._core.thread.call_in(self.lane, self._core.run, self._decrypt_op(ciphertext, padding)), size
+        )
+
+    async def adecrypt(self, ciphertext: bytes, padding: padding.AsymmetricPadding) -> bytes:
+        op = self._decrypt_op(ciphertext, padding)
+        block = await self._core.thread.acall_in(self.lane, self._core.run, op)
+        return self._unpad(block, (self._pub.key_size + 7) // 8)
 
     def private_numbers(self) -> rsa.RSAPrivateNumbers:
         _non_extractable(self.label)

@@ -238,9 +238,10 @@ class Token:
             raise HsmError("this Token has been closed")
         return await self.thread.acall(self._core.run, op)
 
-    def generate_key(self, label: str, algorithm: KeyAlgorithm) -> HsmPrivateKey:
+    def generate_key(self, label: str, algorithm: KeyAlgorithm, *, decrypt: bool = False) -> HsmPrivateKey:
+        """A new key pair in the token; `decrypt` (RSA only) lets the private key decrypt as well as sign."""
         algorithm = KeyAlgorithm(algorithm)
-        self.run(lambda s: _p11.generate(s, label, algorithm))
+        self.run(lambda s: _p11.generate(s, label, algorithm, decrypt=decrypt))
         key = self.get_key(label)
         if key.algorithm is not algorithm:
             raise UnsupportedAlgorithmError(f"token generated {key.algorithm} when asked for {algorithm}")
