@@ -170,6 +170,45 @@ class CmpSection:
         return _split_listen(self.listen)
 
 
+SCEP_LIMITS = HttpLimits(
+    max_connections=128, max_connections_per_peer=32, header_timeout_s=10.0, body_timeout_s=30.0,
+    idle_timeout_s=30.0,
+)  # fmt: skip
+SCEP_LEGACY_ALGORITHMS = ("des", "3des", "sha1", "md5")
+SCEP_DEVICE_SERIAL_FROM = ("serialNumber", "commonName")
+
+
+@dataclass(frozen=True)
+class ScepLabelSection:
+    """[scep.labels.<name>]: a SCEP URL (/scep/<name>) acting AS a registered station (work-order authorisation,
+    as a CMP label). Devices authenticate with challenge passwords made by a supervisor (`birthline scep
+    challenge add`), never configured here."""
+
+    station: str
+    profile: str | None = None
+    device_serial_from: str = (
+        "serialNumber"  # the CSR subject attribute a work-order challenge's device names
+    )
+    renewal: bool = True  # RenewalReq signed by the certificate being renewed
+    legacy_algorithms: tuple[str, ...] = ()  # des, 3des, sha1, md5: refused unless listed (docs/scep.md)
+
+
+@dataclass(frozen=True)
+class ScepSection:
+    """The SCEP server (RFC 8894 over plain HTTP: the messages are signed and encrypted) (docs/scep.md)."""
+
+    listen: str = ""  # "host:port"; "" (the default) serves no SCEP
+    max_message_bytes: int = 64 * 1024
+    default_label: str = ""  # the label /scep (without a label) serves; "": 404
+    ra_cert: Path | None = None  # where the RA certificate is kept; default <stations.tls_dir>/scep-ra.pem
+    labels: Mapping[str, ScepLabelSection] = field(default_factory=dict)
+    limits: HttpLimits = field(default_factory=lambda: SCEP_LIMITS)
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        return _split_listen(self.listen)
+
+
 @dataclass(frozen=True)
 class UpstreamSection:
     """[upstream]: the forwarder that sends every issuance and revocation to the upstream CA over CMP as an RA
@@ -250,6 +289,7 @@ class Config:
     source: Path | None = None
     control: ControlSection = field(default_factory=ControlSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
+    scep: ScepSection = field(default_factory=ScepSection)
 
     @property
     def control_socket(self) -> Path:
@@ -347,7 +387,7 @@ def parse_config(
         return p if p.is_absolute() else (base / p)
 
     sections = ("appliance", "hsm", "journal", "issuance", "stations", "va", "cmp", "upstream", "audit", "control",
-                "metrics")  # fmt: skip
+                "metrics", "scep")  # fmt: skip
     for key in sorted(set(data) - {*sections, "profiles"}):
         problems.append(Problem(key, "unknown section"))
 
@@ -493,6 +533,12 @@ def parse_config(
     for name, label in cmp.labels.items():
         if label.profile is not None and label.profile not in profiles:
             problems.append(Problem(f"cmp.labels.{name}.profile", f"no profile named {label.profile!r}"))
+    scep = _parse_scep(_table(data, "scep", problems), problems, path)
+    for name, scep_label in scep.labels.items():
+        if scep_label.profile is not None and scep_label.profile not in profiles:
+            problems.append(
+                Problem(f"scep.labels.{name}.profile", f"no profile named {scep_label.profile!r}")
+            )
     if issuance.default_profile not in profiles:
         problems.append(
             Problem(
@@ -517,6 +563,7 @@ def parse_config(
         source=source,
         control=control,
         metrics=metrics,
+        scep=scep,
     )
 
 
@@ -685,6 +732,67 @@ def _parse_cmp(
     return CmpSection(listen, max_bytes, confirm_wait, max_pending, default_label, ra_cert, labels, limits,
                       crl_timeout_s=crl_timeout, crl_max_bytes=crl_max_bytes, crl_retry_s=crl_retry,
                       crl_refresh_s=crl_refresh)  # fmt: skip
+
+
+def _parse_scep(
+    table: Mapping[str, Any], problems: list[Problem], path: Callable[[str | None], Path | None]
+) -> ScepSection:
+    r = _Reader(table, "scep", problems)
+    d = ScepSection()
+    listen = _listen(r, "listen", "")
+    max_bytes = r.integer("max_message_bytes", d.max_message_bytes, lo=4096, hi=1024 * 1024)
+    r.name("default_label", names.SCEP_LABEL)
+    default_label = r.text("default_label", "") or ""
+    ra_cert = path(r.text("ra_cert"))
+    limits = _http_limits(r, SCEP_LIMITS)
+    raw_labels = r.table.get("labels", {})
+    r.seen.add("labels")
+    r.done()
+    labels: dict[str, ScepLabelSection] = {}
+    if not isinstance(raw_labels, Mapping):
+        problems.append(Problem("scep.labels", f"expected a table, got {type(raw_labels).__name__}"))
+        raw_labels = {}
+    for name, raw in raw_labels.items():
+        where = f"scep.labels.{name}"
+        label_problem = names.SCEP_LABEL.problem(name)
+        if label_problem is not None:
+            where = f"scep.labels.{safe_repr(str(name))}"
+            problems.append(Problem(where, label_problem))
+        if not isinstance(raw, Mapping):
+            problems.append(Problem(where, f"expected a table, got {type(raw).__name__}"))
+            continue
+        lr = _Reader(raw, where, problems)
+        lr.name("station", names.STATION)
+        for key in ("challenge", "challenge_password", "secret"):
+            if key in raw:
+                problems.append(Problem(f"{where}.{key}", "challenge passwords are never configured: a supervisor"
+                                        " makes them (birthline scep challenge add)"))  # fmt: skip
+                lr.seen.add(key)
+        serial_from = lr.text("device_serial_from", "serialNumber") or "serialNumber"
+        if serial_from not in SCEP_DEVICE_SERIAL_FROM:
+            problems.append(Problem(f"{where}.device_serial_from",
+                                    f"expected one of {', '.join(SCEP_DEVICE_SERIAL_FROM)}, got {serial_from!r}"))  # fmt: skip
+        lr.seen.add("legacy_algorithms")
+        legacy = raw.get("legacy_algorithms", [])
+        if not isinstance(legacy, list) or not all(isinstance(v, str) for v in legacy):
+            problems.append(Problem(f"{where}.legacy_algorithms", "expected a list of algorithm names"))
+            legacy = []
+        for value in legacy:
+            if value not in SCEP_LEGACY_ALGORITHMS:
+                problems.append(Problem(f"{where}.legacy_algorithms", f"{safe_repr(value)} is not one of"
+                                        f" {', '.join(SCEP_LEGACY_ALGORITHMS)}"))  # fmt: skip
+        label = ScepLabelSection(
+            station=lr.text("station", required=True) or "",
+            profile=lr.text("profile"),
+            device_serial_from=serial_from,
+            renewal=lr.flag("renewal", True),
+            legacy_algorithms=tuple(dict.fromkeys(v for v in legacy if v in SCEP_LEGACY_ALGORITHMS)),
+        )
+        lr.done()
+        labels[str(name)] = label
+    if default_label and default_label not in labels:
+        problems.append(Problem("scep.default_label", f"no label {default_label!r} in [scep.labels]"))
+    return ScepSection(listen, max_bytes, default_label, ra_cert, labels, limits)
 
 
 def _paths(r: _Reader, key: str, path: Callable[[str | None], Path | None]) -> tuple[Path, ...]:

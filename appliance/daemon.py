@@ -43,10 +43,15 @@ from appliance.connections import (
 from appliance.control.plane import ControlPlane
 from appliance.daemon_lock import DaemonLock, DaemonRunning
 from appliance.errors import BirthlineError, IssuanceFailed, IssuancePending, IssuanceRefused
+from appliance.httplisten import HttpListener
 from appliance.issuance.journal import Journal
 from appliance.issuance.policy import IssueRequest
 from appliance.issuance.service import IssueService
 from appliance.runtime import Core, check_state, open_core, record_start
+from appliance.scep.labels import labels_from_config as scep_labels_from_config
+from appliance.scep.ra import ensure_scep_ra
+from appliance.scep.responder import ScepResponder
+from appliance.scep.server import make_scep_app
 from appliance.station_failures import LinkFailures
 from appliance.stations_registry import StationRecord, TlsServerFiles, alist_stations
 from appliance.va.http import VaServer, make_app
@@ -251,6 +256,8 @@ class Daemon:
         self.cmp_server: VaServer | None = None
         self.forwarder: Forwarder | None = None
         self.control: ControlPlane | None = None
+        self.scep: ScepResponder | None = None
+        self.scep_server: HttpListener | None = None
 
     # -- what callers see ----------------------------------------------------------------------------------------
     @property
@@ -337,6 +344,8 @@ class Daemon:
         await self._start_control(service)
         if self.config.cmp.address is not None:
             await self._start_cmp(service, accept_errors)
+        if self.config.scep.address is not None:
+            await self._start_scep(service, accept_errors)
         self.enroller = CoreEnroller(service, self.core.journal)
         self.link_failures = await self._stack.enter_async_context(
             LinkFailures(
@@ -369,6 +378,8 @@ class Daemon:
             caps["va.max_connections"] = self.config.va.limits.max_connections
         if self.config.cmp.address is not None:
             caps["cmp.max_connections"] = self.config.cmp.limits.max_connections
+        if self.config.scep.address is not None:
+            caps["scep.max_connections"] = self.config.scep.limits.max_connections
         self.fd_budget = ensure_fd_budget(caps)
 
     async def _start_lan(self, context: ssl.SSLContext, accept_errors: AcceptErrors) -> None:
@@ -449,6 +460,34 @@ class Daemon:
             )
         )  # fmt: skip
         log.info("CMP on %s/.well-known/cmp (%d label(s))", self.cmp_server.url, len(self.cmp.labels))
+
+    async def _start_scep(self, service: IssueService, accept_errors: AcceptErrors) -> None:
+        """The SCEP server (docs/scep.md): labels act as registered stations; the RA key in the HSM (RSA: SCEP
+        encrypts to it) decrypts the requests and signs the answers, certified by the management CA."""
+        assert self.core is not None
+        cfg = self.config.scep
+        management = reg.ensure_management_ca(
+            self.core.journal, self.core.token, self.config.stations.management_ca,
+            audit=self.core.audit, actor="appliance",
+        )  # fmt: skip
+        ra = ensure_scep_ra(
+            self.core.token, management, cfg.ra_cert or self.config.stations.tls_dir / "scep-ra.pem"
+        )
+        va = self.va
+        self.scep = ScepResponder(
+            service, self.core.audit, scep_labels_from_config(cfg), ra, default_label=cfg.default_label,
+            max_message_bytes=cfg.max_message_bytes, on_revoked=va.changed if va is not None else None,
+            refusal_burst=self.config.issuance.refusal_burst, refusal_window_s=self.config.issuance.refusal_window_s,
+        )  # fmt: skip
+        self._stack.push_async_callback(self.scep.flush_refusals)
+        assert cfg.address is not None
+        self.scep_server = await self._stack.enter_async_context(
+            HttpListener(
+                make_scep_app(self.scep), *cfg.address, limits=cfg.limits, name="scep", alarms=self.core.alarms,
+                accept_errors=accept_errors,
+            )
+        )  # fmt: skip
+        log.info("SCEP on %s/scep (%d label(s))", self.scep_server.url, len(self.scep.labels))
 
     async def __aexit__(self, *exc: object) -> None:
         self._stopped.set()

@@ -190,7 +190,12 @@ def cmd_issue(args: argparse.Namespace) -> int:
     audited under their name; the core's own entries (intent, issued) follow as for any station."""
     csr = argfiles.read_bytes("--csr", args.csr)
     request = IssueRequest(
-        args.serial, csr, station=args.station, request_id=args.request_id or "", profile=args.profile
+        args.serial,
+        csr,
+        station=args.station,
+        request_id=args.request_id or "",
+        profile=args.profile,
+        front_end="cli",
     )
     asked = {
         "station": args.station, "device_serial": args.serial, "profile": args.profile,

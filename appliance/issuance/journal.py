@@ -85,6 +85,30 @@ CREATE TABLE IF NOT EXISTS ra_request (
 );
 """
 
+# SCEP challenge passwords (appliance/scep/challenges.py, docs/scep.md): made by a supervisor for one device or
+# for the devices of one work order, on one SCEP label; only the SHA-256 of the password is kept. A device
+# challenge is bound at its first use to the public key that used it. A table of its own, created on every open
+# (CREATE TABLE IF NOT EXISTS): nothing else refers to it, so no schema version is needed for it.
+SCEP_CHALLENGE_TABLE = """
+CREATE TABLE IF NOT EXISTS scep_challenge (
+    id              INTEGER PRIMARY KEY,
+    label           TEXT NOT NULL,
+    secret_sha256   BLOB NOT NULL UNIQUE,
+    device_serial   TEXT,                   -- for this device only (one-time)
+    work_order      TEXT,                   -- within this work order only
+    created_by      TEXT NOT NULL,
+    created_at      REAL NOT NULL,
+    expires_at      REAL NOT NULL,
+    revoked_by      TEXT,
+    revoked_at      REAL,
+    used_key_sha256 BLOB,                   -- a device challenge: the key of its first use, the only one it serves
+    first_used_at   REAL,
+    last_used_at    REAL,
+    uses            INTEGER NOT NULL DEFAULT 0,
+    CHECK (device_serial IS NOT NULL OR work_order IS NOT NULL)
+);
+"""
+
 SCHEMA = (
     """
 CREATE TABLE IF NOT EXISTS meta (
@@ -444,6 +468,7 @@ CREATE TRIGGER IF NOT EXISTS work_order_unit_release_ra AFTER UPDATE OF state ON
         UPDATE work_order_unit SET released = 1 WHERE ra_request_id = NEW.id;
     END;
 """
+    + SCEP_CHALLENGE_TABLE
 )
 
 _OUTBOX_COLUMNS = (

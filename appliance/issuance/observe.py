@@ -26,6 +26,7 @@ class Outcome:
     reused: bool  # answered with the certificate stored for an earlier request (same device and key)
     error: BirthlineError | None
     pending: bool  # RA mode: authorised, the upstream CA issues it
+    front_end: str = "station"  # the front end the request came through (IssueRequest.front_end)
 
 
 @dataclass(frozen=True, slots=True)

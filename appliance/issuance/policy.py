@@ -29,6 +29,12 @@ class IssueRequest:
     replaces: str | None = None
     """Key update (CMP kur): the serial (hex) of the device's current certificate, which the front end has
     authenticated the request with. The new certificate takes its place; the old row is kept and linked."""
+    work_order: str | None = None
+    """The front end's credential is good for this work order only (a SCEP challenge password made for it): the
+    policy grants the request from that work order or refuses it, whatever else is active on the line."""
+    front_end: str = "station"
+    """Which front end the request came through (station, cmp, scep, est, cli): shown with each issuance on the
+    control API's event stream."""
 
 
 @dataclass(frozen=True)

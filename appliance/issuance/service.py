@@ -261,6 +261,7 @@ class IssueService:
             grant.work_order if grant is not None else None, grant.product if grant is not None else None,
             result.cert_serial if result is not None else None, result.reused if result is not None else False,
             None if isinstance(error, IssuancePending) else error, isinstance(error, IssuancePending),
+            req.front_end,
         ))  # fmt: skip
 
     async def confirm(self, cert_serial: str, cert_sha256: bytes | None = None) -> None:

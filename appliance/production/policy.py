@@ -123,6 +123,11 @@ class WorkOrderPolicy:
         if line is None:
             raise _refuse(f"station {request.station!r} is not assigned to a production line", "station-line")
         orders = self._candidates(conn, line)
+        if request.work_order is not None:
+            orders = [o for o in orders if o.id == request.work_order]
+            if not orders:
+                raise _refuse(f"work order {request.work_order!r}, the only one this request's credential is good"
+                              f" for, is not active on line {line!r}", "credential-work-order", line=line)  # fmt: skip
         if not orders:
             raise _refuse(f"no active work order on line {line!r}", "active-work-order", line=line)
         orders = [o for o in orders if o.profile == profile.name and o.ca == self.ca]
