@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 
 from appliance import ca as ca_mod
 from appliance import stations_registry as registry
@@ -37,6 +37,7 @@ from appliance.production.allowlist import SerialRange
 from appliance.production.model import WorkOrderSpec
 from appliance.production.users import Role, User
 from appliance.runtime import Core, open_core
+from appliance.scep import challenges
 from hsm.softhsm import create_softhsm_token
 from stations.client import StationClient, client_ssl_context, generate_device_key, make_csr, read_station_key
 from stations.codes import Code
@@ -61,6 +62,16 @@ FIELD_PRODUCT = "demo-sensor-op"
 FIELD_WORK_ORDER = "WO-FIELD"
 LAN_STATION = "demo-lan"
 DEFAULT_PORT = 7450
+# SCEP (docs/scep.md) on port + 5: label "scep" (AES, SHA-256: certmonger), and "scep-legacy" for micromdm's
+# scepclient, which sends DES and SHA-1 whatever GetCACaps says and can put the device serial in its CN only.
+# Both act as station demo-scep on LINE-1; challenge passwords for a few MYDEV serials are in DIR/scep/.
+SCEP_STATION = "demo-scep"
+SCEP_LABEL = "scep"
+SCEP_LEGACY_LABEL = "scep-legacy"
+SCEP_PORT_OFFSET = 5
+SCEP_DEVICES = {  # a device challenge each, for the label its client speaks (README)
+    "MYDEV-0030": SCEP_LEGACY_LABEL, "MYDEV-0031": SCEP_LABEL, "MYDEV-0032": SCEP_LABEL, "MYDEV-0033": SCEP_LABEL,
+}  # fmt: skip
 
 CONFIG_TEMPLATE = """\
 # Written by `birthline demo`. Every key is documented in docs/configuration.md.
@@ -105,6 +116,20 @@ idevid_roots = "{state}/root.pem"
 [metrics]
 listen = "127.0.0.1:{metrics_port}"
 
+# SCEP: labels act as station {scep_station}; devices authenticate with challenge passwords a supervisor makes
+# (`birthline scep challenge add`; the demo's are in {state}/scep/).
+[scep]
+listen = "127.0.0.1:{scep_port}"
+
+[scep.labels.{scep_label}]
+station = "{scep_station}"
+
+# micromdm's scepclient 2.1: DES and SHA-1 (docs/scep.md says what that exposes), device serial in the CN.
+[scep.labels.{scep_legacy_label}]
+station = "{scep_station}"
+legacy_algorithms = ["des", "sha1"]
+device_serial_from = "commonName"
+
 [profiles.demo-idevid]
 base = "idevid"
 subject_o = "{org}"
@@ -126,8 +151,9 @@ ocsp_url = "http://127.0.0.1:{va_port}/ocsp"
 
 def _write_config(state: Path, port: int) -> Path:
     """The demo's configuration, written anew on every run: it describes the appliance this run serves (the
-    LAN port `port`, the VA on port + 1, CMP on + 2, metrics on + 3, and the CRL and OCSP URLs certificates
-    carry), so every command run with it (`station rotate-key`, `birthline run`, reports) agrees with demo.json."""
+    LAN port `port`, the VA on port + 1, CMP on + 2, metrics on + 3, SCEP on + 5, and the CRL and OCSP URLs
+    certificates carry), so every command run with it (`station rotate-key`, `birthline run`, reports) agrees
+    with demo.json."""
     token = create_softhsm_token(state / "softhsm", label="birthline-demo")
     secret = state / "cmp-demo.secret"
     if not secret.exists():
@@ -143,6 +169,10 @@ def _write_config(state: Path, port: int) -> Path:
             va_port=port + 1,
             cmp_port=port + 2,
             metrics_port=port + 3,
+            scep_port=port + SCEP_PORT_OFFSET,
+            scep_label=SCEP_LABEL,
+            scep_legacy_label=SCEP_LEGACY_LABEL,
+            scep_station=SCEP_STATION,
             cmp_label=CMP_LABEL,
             cmp_station=CMP_STATION,
             field_label=FIELD_LABEL,
@@ -205,6 +235,25 @@ def _field(core: Core, admin: User, supervisor: User) -> None:
     if FIELD_WORK_ORDER not in {w.id for w in store.list_work_orders(core.journal)}:
         store.add_work_order(core.journal, core.audit, supervisor, WorkOrderSpec(
             FIELD_WORK_ORDER, FIELD_PRODUCT, HAND_RANGE.last, (FIELD_LINE,), ranges=(HAND_RANGE,)), activate=True)  # fmt: skip
+
+
+def _scep(core: Core, state: Path, admin: User, supervisor: User) -> None:
+    """The station the SCEP labels act as, on LINE-1, and challenge passwords made anew on every run (a day's
+    validity): one per device in SCEP_DEVICES, and one for work order WO-HAND, in DIR/scep/ (0600)."""
+    if SCEP_STATION not in {r.name for r in registry.list_stations(core.journal)}:
+        registry.add_station(
+            core.journal, core.token, SCEP_STATION, "lan", audit=core.audit, actor=admin.name
+        )
+        store.assign_station(core.journal, core.audit, supervisor, SCEP_STATION, DEMO_LINE)
+    folder = state / "scep"
+    folder.mkdir(exist_ok=True, mode=PRIVATE_DIR)
+    for device, label in SCEP_DEVICES.items():
+        _, secret = challenges.add(core.journal, core.audit, supervisor, label, device_serial=device,
+                                   valid_s=86400.0)  # fmt: skip
+        write_private(folder / f"{device}.challenge", secret.encode() + b"\n")
+    _, secret = challenges.add(core.journal, core.audit, supervisor, SCEP_LEGACY_LABEL,
+                               work_order=HAND_WORK_ORDER, valid_s=86400.0)  # fmt: skip
+    write_private(folder / f"{HAND_WORK_ORDER}.challenge", secret.encode() + b"\n")
 
 
 def _production(core: Core, admin: User, supervisor: User, run: int, devices: int) -> None:
@@ -288,6 +337,7 @@ def _setup(
             registry.write_bundle(creds, bundle, lan_host=host)
         _production(core, admin, supervisor, run, devices)
         _field(core, admin, supervisor)
+        _scep(core, state, admin, supervisor)
         if gentle:
             _gentle_work_order(core, supervisor, run)
         on_line = core.journal.call(
@@ -363,6 +413,7 @@ def _describe(
             "work_order": FIELD_WORK_ORDER, "line": FIELD_LINE,
             "note": "a device with a birth certificate from this demo signs its ir with it (see README)",
         },
+        "scep": _describe_scep(state, config),
         "crl_url": f"{va_url}/crl/issuing.crl",
         "ocsp_url": f"{va_url}/ocsp",
         "supervisor": {"user": "demo-supervisor", "password_file": str(state / "demo-users.secret")},
@@ -376,6 +427,25 @@ def _describe(
             "quantity": HAND_RANGE.last,
             "note": "each serial once; other serials are refused as not authorised (see docs/production.md)",
         },
+    }  # fmt: skip
+
+
+def _describe_scep(state: Path, config: Config) -> dict[str, object]:
+    base = f"http://{config.scep.listen}/scep"
+    ra_cert = config.scep.ra_cert or config.stations.tls_dir / "scep-ra.pem"
+    fingerprint = None
+    if ra_cert.exists():
+        cert = x509.load_pem_x509_certificate(ra_cert.read_bytes())
+        fingerprint = cert.fingerprint(hashes.SHA256()).hex()
+    return {
+        "url": f"{base}/{SCEP_LABEL}", "legacy_url": f"{base}/{SCEP_LEGACY_LABEL}", "station": SCEP_STATION,
+        "ra_cert": str(ra_cert), "ra_fingerprint_sha256": fingerprint,
+        "challenges": [{"device_serial": d, "label": label, "url": f"{base}/{label}",
+                        "file": str(state / "scep" / f"{d}.challenge")} for d, label in SCEP_DEVICES.items()],
+        "work_order_challenge": {"work_order": HAND_WORK_ORDER, "label": SCEP_LEGACY_LABEL,
+                                 "file": str(state / "scep" / f"{HAND_WORK_ORDER}.challenge")},
+        "note": "url: AES and SHA-256 (certmonger); legacy_url: DES and SHA-1 for micromdm's scepclient, the device"
+                " serial in the CN (docs/scep.md); each device challenge is one-time, valid for a day",
     }  # fmt: skip
 
 
@@ -586,6 +656,7 @@ def run_demo(
             stations=dataclasses.replace(config.stations, lan_listen="127.0.0.1:0"),
             va=dataclasses.replace(config.va, listen="127.0.0.1:0"),
             cmp=dataclasses.replace(config.cmp, listen="127.0.0.1:0"),
+            scep=dataclasses.replace(config.scep, listen="127.0.0.1:0"),
             metrics=MetricsSection(listen=""),
         )
     try:

@@ -25,6 +25,7 @@ from appliance.cli import argfiles, argtypes
 from appliance.cli import audit as audit_cli
 from appliance.cli import production as production_cli
 from appliance.cli import revocation as revocation_cli
+from appliance.cli import scep as scep_cli
 from appliance.cli import stations as stations_cli
 from appliance.cli import upstream as upstream_cli
 from appliance.cli.session import Session, actor, add_login_arguments, authorised
@@ -373,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit_cli.register(sub, with_config)  # audit verify|export|checkpoint|head|public-key
     revocation_cli.register(sub, with_config)  # revoke, revocation list, crl, ocsp
     upstream_cli.register(sub, with_config)  # upstream status|sync
+    scep_cli.register(sub, with_config)  # scep challenge add|list|revoke
     stations_cli.register(
         sub, with_config
     )  # station add|list|disable|enable|rotate-key, run (appliance side)
