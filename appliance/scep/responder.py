@@ -56,6 +56,7 @@ from hsm.errors import CiphertextError, HsmError
 log = logging.getLogger(__name__)
 
 _DER = serialization.Encoding.DER
+_SPKI = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
 PKI_MESSAGE = "application/x-pki-message"
 TEXT_MAX = 300
 
@@ -299,7 +300,6 @@ class ScepResponder:
         own = await self._own(message.signer) if renewal else None
         request_id = self._request_id(label, message.transaction_id)
         named = self._named(csr, label.device_serial_from)
-        csr_der = csr.public_bytes(_DER)
         if own is None:
             secret = self._challenge(csr)
             now = self.clock()
@@ -309,8 +309,9 @@ class ScepResponder:
                 ),
                 "using a SCEP challenge",
             )
+            csr_der, key_der = self._material(csr, claim.device_serial)
             issue = IssueRequest(claim.device_serial, csr_der, label.station, request_id, label.profile,
-                                 work_order=claim.work_order, front_end="scep")  # fmt: skip
+                                 public_key_der=key_der, work_order=claim.work_order, front_end="scep")  # fmt: skip
         else:
             if cms.spki_sha256(message.signer) == key_sha256:
                 raise IssuanceRefused("a renewal needs a new key pair: this appliance certifies a key once",
@@ -329,12 +330,30 @@ class ScepResponder:
             ):
                 raise ScepError(f"a renewal keeps the device serial ({own.device_serial})", FailInfo.BAD_REQUEST,
                                 ReasonCode.BAD_DEVICE_SERIAL)  # fmt: skip
+            csr_der, key_der = self._material(csr, own.device_serial)
             issue = IssueRequest(own.device_serial, csr_der, label.station, request_id, own.profile,
-                                 replaces=own.cert_serial, front_end="scep")  # fmt: skip
+                                 public_key_der=key_der, replaces=own.cert_serial, front_end="scep")  # fmt: skip
         # Shielded: a client that hangs up must not cancel a request the core has already queued.
         result = await asyncio.shield(self.service.issue(issue))
         await self._delivered(result, replaced=issue.replaces is not None)
         return result
+
+    @staticmethod
+    def _material(csr: x509.CertificateSigningRequest, device: str) -> tuple[bytes, bytes | None]:
+        """What the core gets: the CSR when its subject's serialNumber is the device's, else only its key (its
+        proof of possession checked here), so that what goes upstream names the device: a p10cr with the device's
+        own CSR, or a cr with the subject the profile built (docs/cmp.md "The outbox"). A SCEP client's CSR often
+        names nothing useful (micromdm's scepclient: CN=scepclient, O=scep-client, ...)."""
+        try:
+            names = [a.value for a in csr.subject.get_attributes_for_oid(NameOID.SERIAL_NUMBER)]
+        except Exception:  # noqa: BLE001 - _named read the subject already; a defect here is the CSR's
+            names = []
+        if names == [device]:
+            return csr.public_bytes(_DER), None
+        if not csr.is_signature_valid:
+            raise ScepError("the CSR's signature does not verify (no proof of possession)",
+                            FailInfo.BAD_MESSAGE_CHECK, ReasonCode.BAD_POP)  # fmt: skip
+        return b"", csr.public_key().public_bytes(*_SPKI)
 
     async def _own(self, signer: x509.Certificate) -> _Own:
         """The journal row of the certificate that signed a renewal."""
