@@ -66,7 +66,7 @@ from appliance.cmp.protection import (
 )
 from appliance.cmp.revoke import Revoker
 from appliance.cmp.transactions import Answer, Auth, Credential, Transaction, error_answer
-from appliance.cmp.trust import SignerKind, SignerTrust
+from appliance.cmp.trust import SignerKind, SignerTrust, purpose_of
 from appliance.errors import BirthlineError, ConfigError, Problem
 from appliance.issuance.journal import Journal
 from appliance.issuance.policy import AuditSink
@@ -75,7 +75,6 @@ from appliance.issuance.service import IssueService
 log = logging.getLogger(__name__)
 
 _DER = serialization.Encoding.DER
-ENROL_BODIES = frozenset({BodyType.IR, BodyType.CR, BodyType.P10CR})
 
 
 class CmpResponder:
@@ -117,7 +116,7 @@ class CmpResponder:
         own_chain = [x509.load_der_x509_certificate(c) for svc in self.services.values() for c in svc.chain]
         s = self.settings
         self.trust = SignerTrust(
-            journal, issuing, management_ca=management_ca, own_chain=own_chain, clock=clock,
+            journal, issuing, management_ca=management_ca, own_chain=own_chain, clock=clock, default_ca=service.ca.name,
             crls=crls or CrlCache(timeout_s=s.crl_timeout_s, max_bytes=s.crl_max_bytes, retry_s=s.crl_retry_s,
                                   refresh_s=s.crl_refresh_s, clock=clock),
         )  # fmt: skip
@@ -282,7 +281,9 @@ class CmpResponder:
     ) -> Auth:
         signer = None
         if verified.signer is not None:
-            signer = await self.trust.authenticate(label, verified.signer, msg.extra_certs, station_fp)
+            purpose, revoked_ok = purpose_of(msg, verified.signer)
+            signer = await self.trust.authenticate(label, verified.signer, msg.extra_certs, station_fp, purpose,
+                                                   what=msg.body_type.asn1_name, revoked_ok=revoked_ok)  # fmt: skip
         return Auth(verified, Credential.of(msg, verified), signer)
 
     async def _station_row(self, label: CmpLabel) -> bytes | None:
@@ -306,9 +307,6 @@ class CmpResponder:
         self, label: CmpLabel, msg: PKIMessage, auth: Auth, pending: Transaction | None
     ) -> Answer:
         body = msg.body
-        if msg.body_type in ENROL_BODIES and auth.signer is not None and auth.signer.kind is SignerKind.OWN:
-            raise CmpError(f"the signer is not trusted for a {msg.body_type.asn1_name} on label {label.name!r}:"
-                           " a certificate of this appliance signs its own kur and rr", fail_info=FailInfo.SIGNER_NOT_TRUSTED)  # fmt: skip
         if isinstance(body, CertReqBody) and msg.body_type in (BodyType.IR, BodyType.CR, BodyType.KUR):
             return await self.enroller.certify(label, msg, body, auth, len(self.pending))
         if isinstance(body, P10crBody):
