@@ -354,10 +354,31 @@ class CmpResponder:
             )
         body = msg.body
         items = body.items
+        outer_h = msg.header
         if len(items) == 1 and items[0].message is not None:
             inner = items[0].message
-            if inner.header.transaction_id == msg.header.transaction_id:
+            if inner.header.transaction_id == outer_h.transaction_id:
+                # 5.2.2.1: the wrapping RA copies the transactionID and the nonces of the message it protects.
+                if outer_h.sender_nonce != inner.header.sender_nonce:
+                    raise CmpError("a nested message adding protection to one message carries that message's"
+                                   " senderNonce (RFC 9483 5.2.2.1)", fail_info=FailInfo.BAD_SENDER_NONCE)  # fmt: skip
+                if outer_h.recip_nonce != inner.header.recip_nonce:
+                    raise CmpError("a nested message adding protection to one message carries that message's"
+                                   " recipNonce (RFC 9483 5.2.2.1)", fail_info=FailInfo.BAD_RECIPIENT_NONCE)  # fmt: skip
                 return await self._respond(label, inner, outer=False)
+        # 5.2.2.2: a batch is an exchange of its own: a fresh transactionID and senderNonce, and (its first
+        # message) no recipNonce.
+        inner_headers = [i.message.header for i in items if i.message is not None]
+        if outer_h.recip_nonce is not None:
+            raise CmpError("a batch (nested message of its own transactionID) must not carry recipNonce"
+                           " (RFC 9483 5.2.2.2, 3.1)", fail_info=FailInfo.BAD_RECIPIENT_NONCE)  # fmt: skip
+        if any(h.transaction_id == outer_h.transaction_id for h in inner_headers):
+            raise CmpError("a batch's transactionID must be fresh, not one of its inner messages' (RFC 9483"
+                           " 5.2.2.2); one inner message with the same transactionID is added protection"
+                           " (5.2.2.1)", fail_info=FailInfo.BAD_REQUEST)  # fmt: skip
+        if any(h.sender_nonce == outer_h.sender_nonce for h in inner_headers):
+            raise CmpError("a batch's senderNonce must be fresh, not one of its inner messages' (RFC 9483"
+                           " 5.2.2.2)", fail_info=FailInfo.BAD_SENDER_NONCE)  # fmt: skip
         return await self._batch(label, body)
 
     async def _batch(self, label: CmpLabel, body: NestedBody) -> Answer:
