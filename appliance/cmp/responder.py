@@ -172,6 +172,10 @@ class CmpResponder:
             else:
                 pending = self._transaction(label, msg, auth)
                 answer = await self._dispatch(label, msg, auth, pending)
+                if (
+                    pending is not None
+                ):  # answered: the transaction ends, or the answer opens it again (below)
+                    self.pending.pop(msg.header.transaction_id or b"", None)
         except (BirthlineError, ValueError) as exc:
             answer = error_answer(exc)
         except Exception as exc:  # noqa: BLE001 - answered (systemFailure) and logged below; never escapes
@@ -186,11 +190,22 @@ class CmpResponder:
             self._counts["errors"] += 1
             log.info("CMP %s on label %s refused: %s", msg.body_type.asn1_name, label.name,
                      answer.body.status.status_string if isinstance(answer.body, ErrorBody) else "")  # fmt: skip
-        out = await asyncio.to_thread(self._build, msg, answer, protector)
-        if answer.pending is not None and out.header.sender_nonce is not None:
-            tid = msg.header.transaction_id or b""
-            answer.pending.state = TransactionState(tid, out.header.sender_nonce)
-            answer.pending.nonces |= {out.header.sender_nonce, msg.header.sender_nonce or b""}
+        tid = msg.header.transaction_id or b""
+        try:
+            out = await asyncio.to_thread(self._build, msg, answer, protector)
+        finally:
+            if pending is not None:
+                pending.busy = False
+        nonce = out.header.sender_nonce
+        if pending is not None and self.pending.get(tid) is pending and nonce is not None:
+            # A follow-up that passed the transaction's checks (its protection, nonces) and was refused: the
+            # transaction stays open for the client's corrected one, which may echo this error's senderNonce.
+            pending.nonces |= {nonce, msg.header.sender_nonce or b""}
+            pending.answered.add(nonce)
+        if answer.pending is not None and nonce is not None:
+            answer.pending.state = TransactionState(tid, nonce)
+            answer.pending.answered = {nonce}
+            answer.pending.nonces |= {nonce, msg.header.sender_nonce or b""}
             self.pending[tid] = answer.pending
         return out
 
@@ -204,7 +219,8 @@ class CmpResponder:
                 raise CmpError(f"no transaction of this label awaits a {msg.body_type.asn1_name}")
             if (msg.body_type is BodyType.POLLREQ) != (pending.certificate is None):
                 raise CmpError(f"this transaction does not await a {msg.body_type.asn1_name}")
-            check_request(msg, pending.state)
+            recip = msg.header.recip_nonce
+            check_request(msg, TransactionState(tid, recip) if recip in pending.answered else pending.state)
             if auth.credential != pending.credential:
                 # RFC 9483 3.2 / 4.1.1: the messages of one transaction are protected alike; a certConf signed
                 # with the certificate it confirms, or by MAC after a signed request, proves nothing.
@@ -213,9 +229,11 @@ class CmpResponder:
             if msg.header.sender_nonce in pending.nonces:
                 raise CmpError("senderNonce was used before in this transaction",
                                fail_info=FailInfo.BAD_SENDER_NONCE)  # fmt: skip
-            return self.pending.pop(
-                tid
-            )  # the transaction ends with this message, or its answer opens it again
+            if pending.busy:
+                raise CmpError(f"another message of this transaction is being answered; send the"
+                               f" {msg.body_type.asn1_name} again after its answer")  # fmt: skip
+            pending.busy = True  # until answered (_respond); the answer ends the transaction or keeps it open
+            return pending
         check_request(msg, None)
         if pending is not None:
             if pending.request_sha256 != hashlib.sha256(msg.der).digest():
