@@ -154,13 +154,17 @@ class CmpResponder:
     ) -> PKIMessage:
         """`checked`: the protection already verified by the caller (the inner messages of a nested message are
         verified together, in one thread hop), or why it failed."""
-        protector = self._protector_for(label, msg)
+        # Until the message's protection verified, the peer has shown no secret: an answer is never MAC-protected
+        # with the label's (that would name its senderKID and hand out material for offline guessing), but
+        # signed by the RA key, or unprotected without one - the same way whatever senderKID the message named.
+        protector: Protector | None = self.ra
         pending: Transaction | None = None
         try:
             self._purge()
             if isinstance(checked, BirthlineError):
                 raise checked
             auth = checked or await self._authenticate(label, msg, await self._station_row(label))
+            protector = self._protector_for(label, msg)
             if msg.body_type is BodyType.NESTED:
                 # A nested message is no transaction of its own: with added protection (RFC 9483 5.2.2.1) it
                 # carries the transactionID and nonces of the one message it wraps.
@@ -262,7 +266,8 @@ class CmpResponder:
         return x509.DirectoryName(self.chain[0].subject)
 
     def _protector_for(self, label: CmpLabel, msg: PKIMessage) -> Protector | None:
-        """Protect the answer as the request was: MAC with the label's secret, else a signature by the RA."""
+        """Protect the answer to a message whose protection verified as the request was: MAC with the label's
+        secret, else a signature by the RA."""
         try:
             kind = protection_kind(msg.header)
         except CmpError:
