@@ -434,8 +434,8 @@ class CmpResponder:
         async def trusted(
             msg: PKIMessage, v: VerifiedProtection | BirthlineError | ValueError
         ) -> Auth | BirthlineError:
-            if isinstance(v, ValueError):
-                return CmpError(str(v)[:200], fail_info=FailInfo.BAD_MESSAGE_CHECK)
+            if isinstance(v, ValueError):  # a library's text stays here: the peer is told what failed
+                return CmpError("protection does not verify", fail_info=FailInfo.BAD_MESSAGE_CHECK)
             if isinstance(v, BirthlineError):
                 return v
             try:
