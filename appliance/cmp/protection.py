@@ -102,9 +102,9 @@ def _decode_params(der: bytes | None, spec: Any, what: str, policy: MacPolicy = 
     except (PyAsn1Error, ValueError, TypeError):
         # Our own words, never pyasn1's (its texts repr schema objects): what was expected, and the bounds.
         raise _bad_alg(
-            f"{what} parameters are not a DER {_SHAPE.get(type(spec).__name__, type(spec).__name__)}; accepted:"
-            f" a salt of {policy.min_salt_length} to {policy.max_salt_length} bytes, {policy.min_iterations} to"
-            f" {policy.max_iterations} iterations"
+            f"{what} parameters are not a DER {_SHAPE.get(type(spec).__name__, type(spec).__name__)} within the"
+            f" bounds accepted here: a salt of {policy.min_salt_length} to {policy.max_salt_length} bytes,"
+            f" {policy.min_iterations} to {policy.max_iterations} iterations"
         ) from None
     if rest:
         raise _bad_alg(f"{what} parameters have trailing bytes")
@@ -168,7 +168,8 @@ def derive_mac_key(
         _check_counts(salt, iterations, policy, "PBMAC1")
         length = int(k["keyLength"]) if k["keyLength"].isValue else hashlib.new(mac).digest_size
         if not policy.min_key_length <= length <= policy.max_key_length:
-            raise _bad_alg(f"PBKDF2 key length {length} is not accepted")
+            raise _bad_alg(f"PBKDF2 key length {length}: {policy.min_key_length} to {policy.max_key_length} bytes"
+                           " accepted")  # fmt: skip
         return hashlib.pbkdf2_hmac(prf, secret, salt, iterations, length), mac
     raise _bad_alg(f"{alg.oid} is not a MAC algorithm")
 
