@@ -81,6 +81,7 @@ def _ir(protector: object) -> PKIMessage:
         ("PBM parameters absent", oids.PASSWORD_BASED_MAC, None, "missing"),
         ("PBMAC1 with 0 iterations", oids.PBMAC1, pbmac1_parameters(os.urandom(16), 0), "100"),
         ("PBMAC1 parameters garbage", oids.PBMAC1, b"\x30\x03\x02\x01\x05", "PBMAC1"),
+        ("PBMAC1 key length 8", oids.PBMAC1, pbmac1_parameters(os.urandom(16), 1000, 8), "16 to 64"),
     ],
 )
 async def test_mac_parameters(peer: Peer, case: str, oid: str, parameters: bytes | None, says: str) -> None:
