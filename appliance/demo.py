@@ -95,12 +95,14 @@ station = "{cmp_station}"
 secret_file = "{state}/cmp-demo.secret"
 kid = "{cmp_label}"
 
-# Greenfield: devices sign their ir with their birth certificate for an operational certificate.
+# Greenfield: devices sign their ir with their birth certificate for an operational certificate. The anchor is
+# the CA that issues birth certificates, not the root: the root also certifies the operational CA, and every
+# certificate under an idevid_roots anchor is taken for a birth certificate.
 [cmp.labels.{field_label}]
 station = "{field_station}"
 profile = "{field_profile}"
 issuing_ca = "{field_ca}"
-idevid_roots = "{state}/root.pem"
+idevid_roots = "{state}/issuing.pem"
 
 [metrics]
 listen = "127.0.0.1:{metrics_port}"
@@ -264,8 +266,8 @@ def _setup(
             state / "ca-chain.pem",
             b"".join(c.public_bytes(serialization.Encoding.PEM) for c in issuing.chain),
         )
-        # The root is the greenfield label's trust anchor for birth certificates (idevid_roots), and with the
-        # issuing CA what a device sends along to prove its birth certificate (docs: README).
+        # The issuing CA is the greenfield label's trust anchor for birth certificates (idevid_roots); the root
+        # with it is what a relying party verifies them against (docs: README).
         write_public(state / "root.pem", issuing.chain[-1].public_bytes(serialization.Encoding.PEM))
         write_public(state / "issuing.pem", issuing.certificate.public_bytes(serialization.Encoding.PEM))
         known = {r.name for r in registry.list_stations(core.journal)}
@@ -359,7 +361,7 @@ def _describe(
         },
         "greenfield": {
             "server": config.cmp.listen, "path": f".well-known/cmp/p/{FIELD_LABEL}",
-            "idevid_roots": str(state / "root.pem"), "issuing_ca": FIELD_CA, "profile": FIELD_PROFILE,
+            "idevid_roots": str(state / "issuing.pem"), "issuing_ca": FIELD_CA, "profile": FIELD_PROFILE,
             "work_order": FIELD_WORK_ORDER, "line": FIELD_LINE,
             "note": "a device with a birth certificate from this demo signs its ir with it (see README)",
         },

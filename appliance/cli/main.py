@@ -28,7 +28,7 @@ from appliance.cli import revocation as revocation_cli
 from appliance.cli import stations as stations_cli
 from appliance.cli import upstream as upstream_cli
 from appliance.cli.session import Session, actor, add_login_arguments, authorised
-from appliance.config import DEFAULT_CONFIG_PATH, Config, load_config
+from appliance.config import DEFAULT_CONFIG_PATH, Config, config_warnings, load_config
 from appliance.daemon_lock import daemon_job
 from appliance.errors import BirthlineError, IssuancePending
 from appliance.issuance.policy import IssueRequest
@@ -45,6 +45,8 @@ def _config(args: argparse.Namespace) -> Config:
 def cmd_config_check(args: argparse.Namespace) -> int:
     cfg = _config(args)
     print(f"{cfg.source}: OK ({len(cfg.profiles)} profiles: {', '.join(sorted(cfg.profiles))})")
+    for warning in config_warnings(cfg):
+        print(f"warning: {warning}")
     return 0
 
 
