@@ -362,6 +362,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --serve: simulated fixtures keep enrolling R devices/s on both stations (default 0: none)",
     )  # fmt: skip
     sp.set_defaults(func=cmd_demo)
+    from console.dashboard import cli as dashboard_cli
+
+    sp = sub.add_parser("dashboard", help="the operator dashboard of a running appliance (docs/dashboard.md)")
+    dashboard_cli.add_arguments(sp)
+    sp.set_defaults(func=dashboard_cli.run)
     from appliance.cli import fixtures
 
     fixtures.register(sub, with_config)  # station-client, simulate (fixture side)
