@@ -52,6 +52,8 @@ class Link:
                     why = f"the daemon does not answer on {self.socket}"
                 except ControlError as exc:
                     why = f"{exc.code}: {exc.message}"
+                except ValueError as exc:  # the stream carried something that is not JSON
+                    why = f"the daemon sent what this dashboard cannot read ({exc}); connecting again"
                 if model.connected:
                     delay = RECONNECT_MIN_S  # it was up: try again soon
                 model.set_disconnected(why, time.monotonic())
@@ -88,6 +90,8 @@ class Link:
         self, events: AsyncIterator[dict[str, Any]], model: Model, changed: Callable[[], None]
     ) -> None:
         async for event in events:
+            if not isinstance(event, dict):
+                continue  # not an event object: nothing this dashboard can show
             model.apply(event)
             changed()
             if event.get("type") == wire.EVENT_DROPPED:

@@ -27,6 +27,20 @@ REPLAY_MAX: Final = 20_000  # events kept for re-applying on top of the next sta
 ACTIVE_STATES: Final = frozenset({"issuing", "idle", "error"})
 
 
+def _map(value: Any) -> Mapping[str, Any]:
+    """A JSON object from the daemon, or an empty one: a field of another shape (a later API version, a
+    defect) is read as absent rather than break the dashboard."""
+    return value if isinstance(value, Mapping) else {}
+
+
+def _maps(value: Any) -> list[Mapping[str, Any]]:
+    return [x for x in value if isinstance(x, Mapping)] if isinstance(value, list) else []
+
+
+def _strs(value: Any) -> list[str]:
+    return [str(x) for x in value] if isinstance(value, list) else []
+
+
 def _str(value: Any) -> str | None:
     return None if value is None else str(value)
 
@@ -114,7 +128,7 @@ class WorkOrder:
             planned=_int(doc.get("planned")), issued=_int(doc.get("issued")), confirmed=_int(doc.get("confirmed")),
             remaining=_int(doc.get("remaining")), scrapped=_int(doc.get("scrapped")),
             reworked=_int(doc.get("reworked")), pending_confirmation=_int(doc.get("pending_confirmation")),
-            lines=tuple(str(x) for x in doc.get("lines", []) or []),
+            lines=tuple(_strs(doc.get("lines"))),
         )  # fmt: skip
 
     @property
@@ -180,7 +194,12 @@ class Summary:
     rate_per_s: float = 0.0
     rate_per_s_1m: float = 0.0
     per_minute_last_hour: list[int] = field(default_factory=list)
-    upstream: dict[str, Any] = field(default_factory=dict)
+    upstream_enabled: bool = False
+    upstream_link: str = "disabled"  # up, down, unknown, disabled
+    upstream_depth: int = 0
+    upstream_age_s: float | None = None
+    upstream_over_limit: bool = False
+    upstream_stopped: bool = False  # its hard limits stopped issuance
     subscribers: int = 0
     sessions: int = 0
 
@@ -246,37 +265,41 @@ class Model:
         self.status_seq = _int(doc.get("seq"))
         s = self.summary
         s.time = _float(doc.get("time"))
-        appliance = doc.get("appliance") or {}
+        appliance = _map(doc.get("appliance"))
         s.started_at, s.config = _float(appliance.get("started_at")), _str(appliance.get("config"))
         s.issuing_ca = _str(appliance.get("issuing_ca"))
-        hsm = doc.get("hsm") or {}
+        hsm = _map(doc.get("hsm"))
         s.hsm_state, s.hsm_token, s.hsm_detail = str(hsm.get("state", "unknown")), _str(hsm.get("token_label")), _str(hsm.get("detail"))  # fmt: skip
-        clock = doc.get("clock") or {}
+        clock = _map(doc.get("clock"))
         s.clock_trusted, s.clock_detail = bool(clock.get("trusted", True)), _str(clock.get("detail"))
         s.last_issuance_at = _float(clock.get("last_issuance_at"))
-        issuance = doc.get("issuance") or {}
+        issuance = _map(doc.get("issuance"))
         s.issued, s.refused, s.confirmed = (_int(issuance.get(k)) for k in ("issued", "refused", "confirmed"))
         s.rate_per_s = _float(issuance.get("rate_per_s")) or 0.0
         s.rate_per_s_1m = _float(issuance.get("rate_per_s_1m")) or 0.0
-        s.per_minute_last_hour = [_int(x) for x in issuance.get("per_minute_last_hour", []) or []]
-        upstream = doc.get("upstream")
-        s.upstream = dict(upstream) if isinstance(upstream, Mapping) else {}
-        console = doc.get("console") or {}
+        series = issuance.get("per_minute_last_hour")
+        s.per_minute_last_hour = [_int(x) for x in series] if isinstance(series, list) else []
+        up = _map(doc.get("upstream"))
+        s.upstream_enabled, s.upstream_link = bool(up.get("enabled", False)), str(up.get("link", "disabled"))
+        s.upstream_depth, s.upstream_age_s = _int(up.get("queue_depth")), _float(up.get("oldest_age_s"))
+        s.upstream_over_limit = bool(up.get("over_limit", False))
+        s.upstream_stopped = bool(up.get("issuance_stopped", False))
+        console = _map(doc.get("console"))
         s.subscribers, s.sessions = _int(console.get("subscribers")), _int(console.get("sessions"))
         self.summary_changed = True
 
         stations: dict[str, Station] = {}
         lines: list[str] = []
         line_orders: dict[str, list[str]] = {}
-        for line in doc.get("lines", []) or []:
+        for line in _maps(doc.get("lines")):
             name = str(line.get("name", ""))
             lines.append(name)
-            line_orders[name] = [str(x) for x in line.get("work_orders", []) or []]
-            for st in line.get("stations", []) or []:
+            line_orders[name] = _strs(line.get("work_orders"))
+            for st in _maps(line.get("stations")):
                 station = Station.from_status(st)
                 station.line = name
                 stations[station.name] = station
-        for st in doc.get("unassigned_stations", []) or []:
+        for st in _maps(doc.get("unassigned_stations")):
             station = Station.from_status(st)
             station.line = None
             stations[station.name] = station
@@ -287,11 +310,11 @@ class Model:
                 self.changed_stations.add(name)
         self.stations, self.lines, self.line_orders = stations, lines, line_orders
 
-        orders = {o.id: o for o in (WorkOrder.from_status(x) for x in doc.get("work_orders", []) or [])}
+        orders = {o.id: o for o in (WorkOrder.from_status(x) for x in _maps(doc.get("work_orders")))}
         if orders != self.work_orders:
             self.orders_changed = True
         self.work_orders = orders
-        alarms = {a.cause: a for a in (Alarm.from_status(x) for x in doc.get("alarms", []) or [])}
+        alarms = {a.cause: a for a in (Alarm.from_status(x) for x in _maps(doc.get("alarms")))}
         if alarms != self.alarms:
             self.alarms_changed = True
         self.alarms = alarms
@@ -335,11 +358,6 @@ class Model:
         t = _float(event.get("time"))
         if kind in (wire.EVENT_ISSUED, wire.EVENT_PENDING, wire.EVENT_REFUSED) and station is not None:
             station.last_device_serial = _str(event.get("device_serial"))
-            if station.state == "disconnected":
-                # It was just answered, so it is connected: the daemon sees connects by polling, and its
-                # "connected" event may come after the station's first answers.
-                station.connected = True
-                station.state = "idle"
             if kind == wire.EVENT_REFUSED:
                 station.refused += 1
                 station.last_refusal = Refusal(str(event.get("code", "")), str(event.get("reason", "")),

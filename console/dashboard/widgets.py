@@ -149,17 +149,18 @@ class SummaryBar(Vertical):
         )
         health.append(f" {clock(s.time)}")
         health.append(" │ upstream ")
-        up = s.upstream
-        link_state = str(up.get("link", "?"))
-        if not up.get("enabled"):
+        if not s.upstream_enabled:
             health.append("off", style="dim")
         else:
-            style = {"up": "green", "down": "bold red"}.get(link_state, "yellow")
-            health.append(inert(link_state, 12), style=style)
-            age = up.get("oldest_age_s")
-            health.append(f" q{int(up.get('queue_depth') or 0)}")
-            if isinstance(age, int | float) and age > 0:
-                health.append(f" {duration(age)} old", style="red" if up.get("over_limit") else "")
+            style = {"up": "green", "down": "bold red"}.get(s.upstream_link, "yellow")
+            health.append(inert(s.upstream_link, 12), style=style)
+            health.append(f" q{s.upstream_depth}", style="bold red" if s.upstream_stopped else "")
+            if s.upstream_age_s:
+                health.append(
+                    f" {duration(s.upstream_age_s)} old", style="red" if s.upstream_over_limit else ""
+                )
+            if s.upstream_stopped:
+                health.append(" ISSUANCE STOPPED", style="bold white on red")
         crit = sum(1 for a in model.alarms.values() if a.severity == "critical")
         warn = len(model.alarms) - crit
         health.append(" │ alarms ")
