@@ -67,8 +67,9 @@ class DashboardApp(App[None]):
     #left { width: 3fr; }
     #orders-panel, #alarms-panel, #log-panel { height: 1fr; width: 1fr; }
     WorkOrderTable, AlarmTable { height: 1fr; }
-    #advice { height: auto; max-height: 4; padding: 0 1; border-top: solid $primary-darken-2; }
-    EventLog { height: 1fr; }
+    #advice { height: auto; max-height: 7; padding: 0 1; border-top: solid $primary-darken-2; }
+    AlarmTable { min-height: 3; }
+    EventLog { height: 1fr; overflow-x: hidden; }
     #lower.-orders #alarms-panel, #lower.-orders #log-panel { display: none; }
     #lower.-alarms #orders-panel, #lower.-alarms #log-panel { display: none; }
     #lower.-log #left { display: none; }

@@ -71,7 +71,8 @@ class Link:
             if hello is None or hello.get("type") != wire.EVENT_HELLO:
                 return
             model.load_status(await api.status())
-            model.set_connected(time.monotonic())
+            hello_time = hello.get("time")
+            model.set_connected(time.monotonic(), hello_time if isinstance(hello_time, int | float) else None)
             self.connects += 1
             changed()
             reader = asyncio.create_task(self._read(events, model, changed))

@@ -235,13 +235,16 @@ class Model:
         self.summary_changed = True
 
     # -- the link ------------------------------------------------------------------------------------------------
-    def set_connected(self, at: float) -> None:
+    def set_connected(self, at: float, daemon_time: float | None = None) -> None:
+        """The link is up (`at`: this process's clock); `daemon_time` is the stream's hello, which the log shows
+        (events after it may be older than the status document)."""
         self.connected = True
         self.ever_connected = True
         self.link_note = None
         self.link_since = at
         self.summary_changed = True
-        self._log(LogEntry(self.summary.time, "link", "", "", "connected to the daemon", "good"))
+        when = daemon_time if daemon_time is not None else self.summary.time
+        self._log(LogEntry(when, "link", "", "", "connected to the daemon", "good"))
 
     def set_disconnected(self, why: str, at: float) -> None:
         was = self.connected

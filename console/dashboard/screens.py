@@ -136,40 +136,49 @@ class FormScreen(ModalScreen[bool]):
 
 
 HELP = """\
-[b]Birthline dashboard[/b]: the line as the daemon sees it, live. Closing it never stops issuance.
+[b]Birthline dashboard[/b]: the line as the daemon sees it, live.
+[dim]Esc closes, ↑ ↓ scroll.[/dim] Closing the dashboard never stops issuance.
+A mouse works too: click a row, a tab, a button.
 
-[b]Keys[/b] (mouse works too: click a row, a tab or a button)
-  [b]Tab[/b] / [b]Shift+Tab[/b]  move between the station grid and the panel below
-  [b]↑ ↓ PgUp PgDn[/b]  choose a row            [b]1[/b] [b]2[/b] [b]3[/b]  work orders, alarms, log
-  [b]p[/b]  pause / resume the chosen station (station grid)
-  [b]a[/b]  acknowledge the chosen alarm (alarms)
-  [b]o[/b]  activate a draft work order, [b]x[/b]  close a work order (work orders; a supervisor confirms)
-  [b]s[/b]  scrap a device, [b]r[/b]  approve a rework (a supervisor confirms)
-  [b]l[/b]  log in (once per session) or log out     [b]?[/b]  this help     [b]q[/b]  quit
+[b]Keys[/b]
+  [b]Tab[/b]        the station grid, then the panel below (Shift+Tab back)
+  [b]↑ ↓[/b]        choose a row          [b]1 2 3[/b]  work orders, alarms, log
+  [b]p[/b]          pause or resume the chosen station (asks for a reason)
+  [b]a[/b]          acknowledge the chosen alarm
+  [b]o[/b] / [b]x[/b]      activate / close the chosen work order (supervisor confirms)
+  [b]s[/b] / [b]r[/b]      scrap a device / approve its rework    (supervisor confirms)
+  [b]l[/b]          log in (once for the session) or out
+  [b]?[/b]          this help        [b]q[/b]  quit
+An action asks you to log in first; a supervisor's action asks for a
+supervisor's name and password each time. Passwords are never shown.
 
 [b]Station states[/b]
-  [green]● issuing[/]  a request in progress or a certificate in the last 10 s
-  [cyan]○ idle[/]  connected, nothing asked lately
-  [yellow]‖ paused[/]  an operator paused it: its requests are refused STATION_PAUSED until resumed
-  [red]✖ error[/]  its last answer (within a minute) was a refusal: see Last refusal
-  [red]◌ disconnected[/]  no TLS connection, or the serial port is not open
-  [dim]- disabled[/]  taken out of service by an administrator
+  [green]● issuing[/]       a request in progress, or a certificate in the last 10 s
+  [cyan]○ idle[/]          connected, nothing asked lately
+  [yellow]‖ paused[/]        paused from a console: refused STATION_PAUSED
+  [red]✖ error[/]         its last answer (within a minute) was a refusal
+  [red]◌ disconnected[/]  no TLS connection, or its serial port is not open
+  [dim]- disabled[/]      taken out of service by an administrator
 
-[b]Top lines[/b]  link to the daemon, who is logged in, stations per state; HSM, clock (the daemon's),
-  upstream CA link / queue depth / oldest record, open alarms, certificates per second now and, as a
-  sparkline, per minute over the last hour.
-[b]Work orders[/b]  quota used (bar), issued of planned, units left. [b]Alarms[/b]  what is wrong and what to do.
-[b]Log[/b]  the latest issuances and refusals with their reasons, pauses, alarms (confirmations are counted,
-  not listed).
-
-Text that came from stations or devices is shown escaped: a control character appears as \\x1b, \\u202e.
+[b]The screen[/b]
+  Top: the link to the daemon, who is logged in, stations per state;
+  the HSM, the daemon's clock, the upstream CA (link, queue depth, oldest
+  record), open alarms, certificates per second now and, as a sparkline,
+  per minute over the last hour.
+  Grid: a row per station, by line: its state, certificates issued since
+  the daemon started, the last device it asked for, its last refusal.
+  Work orders: quota used (bar), issued of planned, units left.
+  Alarms: what is wrong and, below, what to do.
+  Log: issuances, refusals with their reasons, pauses, alarms, work order
+  and device actions.
+  Text from stations and devices is shown escaped: ESC appears as \\x1b.
 """
 
 
 class HelpScreen(ModalScreen[None]):
     DEFAULT_CSS = """
     HelpScreen { align: center middle; }
-    HelpScreen > VerticalScroll { width: 104; max-width: 100%; height: auto; max-height: 100%;
+    HelpScreen > VerticalScroll { width: 82; max-width: 100%; height: auto; max-height: 100%;
                                   border: thick $accent; background: $surface; padding: 0 1; }
     """
     BINDINGS: ClassVar[list[BindingType]] = [

@@ -43,14 +43,16 @@ Column = tuple[str, str, int]
 FLEX_MIN: Final = 12
 
 
-def fit_columns(sets: tuple[tuple[Column, ...], ...], width: int) -> tuple[tuple[Column, ...], bool]:
-    """The most detailed column set that fits `width` cells, with its flexible column sized to fill it; and
-    whether that is the first (most detailed) set."""
+def fit_columns(
+    sets: tuple[tuple[Column, ...], ...], width: int, flex_min: int = FLEX_MIN
+) -> tuple[tuple[Column, ...], bool]:
+    """The most detailed column set that fits `width` cells, with its flexible column sized to fill it (at least
+    `flex_min`); and whether that is the first (most detailed) set."""
     for i, columns in enumerate(sets):
         fixed = sum(w for _, _, w in columns) + CELL_PADDING * len(columns) + SCROLLBAR
         flex = width - fixed
-        if flex >= FLEX_MIN or i == len(sets) - 1:
-            sized = tuple((k, label, w or max(FLEX_MIN, flex)) for k, label, w in columns)
+        if flex >= flex_min or i == len(sets) - 1:
+            sized = tuple((k, label, w or max(flex_min, flex)) for k, label, w in columns)
             return sized, i == 0
     raise AssertionError("unreachable")
 
@@ -123,7 +125,7 @@ class SummaryBar(Vertical):
         elif not model.ever_connected:
             link.append("◌ connecting…", style="bold yellow")
         else:
-            link.append("◌ DISCONNECTED, reconnecting", style="bold white on red")
+            link.append("◌ DISCONNECTED", style="bold white on red")
         counts = model.counts_by_state()
         for state in ("issuing", "idle", "paused", "error", "disconnected", "disabled"):
             if counts.get(state):
@@ -271,7 +273,7 @@ class WorkOrderTable(DataTable[Text]):
                      ("issued", "Issued/planned", 15), ("remaining", "Left", 7))  # fmt: skip
     WIDE: Final = (("id", "Work order", 0), ("product", "Product", 12), ("state", "State", 6),
                    ("bar", "Quota", BAR_WIDTH), ("issued", "Issued/planned", 15), ("confirmed", "Confirmed", 9),
-                   ("remaining", "Left", 7), ("scrapped", "Scrap", 5))  # fmt: skip
+                   ("remaining", "Left", 7))  # fmt: skip
 
     def __init__(self, **kwargs: object) -> None:
         super().__init__(cursor_type="row", zebra_stripes=True, **kwargs)  # type: ignore[arg-type]
@@ -284,7 +286,7 @@ class WorkOrderTable(DataTable[Text]):
 
     def rebuild(self, model: Model, width: int) -> None:
         keep = self._keys[self.cursor_row] if self._keys and 0 <= self.cursor_row < len(self._keys) else None
-        columns, _ = fit_columns((self.WIDE, self.NARROW), width)
+        columns, _ = fit_columns((self.WIDE, self.NARROW), width, flex_min=16)  # a work order id whole
         self.clear(columns=True)
         for key, label, w in columns:
             self.add_column(label, key=key, width=w)
@@ -300,7 +302,6 @@ class WorkOrderTable(DataTable[Text]):
                 "issued": Text(f"{wo.issued}/{wo.planned}", justify="right"),
                 "confirmed": Text(str(wo.confirmed), justify="right"),
                 "remaining": Text(str(wo.remaining), justify="right", style="bold red" if full else ""),
-                "scrapped": Text(str(wo.scrapped), justify="right"),
             }
             self.add_row(*(cells[k] for k, _, _ in columns), key=wo.id)
             self._keys.append(wo.id)
