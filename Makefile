@@ -26,6 +26,7 @@ bench: deps
 	$(PY) bench/issue.py
 	$(PY) bench/issue.py --controls
 	$(PY) bench/console.py
+	$(PY) bench/dashboard.py
 	$(PY) bench/stations.py serial
 	$(PY) bench/stations.py lan
 	$(PY) bench/station_failures.py

@@ -19,6 +19,7 @@ from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
+from textual.css.query import NoMatches
 from textual.widgets import DataTable, Footer, Static, Tab, Tabs
 
 from console import wire
@@ -114,13 +115,15 @@ class DashboardApp(App[None]):
         self._dirty = True
         self._view_size: tuple[int, int] | None = None
         self._panel = "orders"
+        self._log_behind = False  # the log panel was hidden while entries came: rewrite it when shown
         self.refreshes = 0  # how many times the view was brought up to date (tests, the bench)
 
     # -- layout ---------------------------------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
         yield SummaryBar()
         yield StationGrid(id="stations")
-        tabs = Tabs(Tab("1 Work orders", id="orders"), Tab("2 Alarms", id="alarms"), Tab("3 Log", id="log"))
+        tabs = Tabs(*(Tab(label, id=f"tab-{p}") for p, label in zip(PANELS, ("1 Work orders", "2 Alarms", "3 Log"),
+                                                                       strict=True)))  # fmt: skip
         tabs.can_focus = False
         yield tabs
         with Horizontal(id="lower", classes="-orders"):
@@ -152,6 +155,12 @@ class DashboardApp(App[None]):
     # -- following the model --------------------------------------------------------------------------------------
     def refresh_view(self) -> None:
         """Bring every widget up to date with the model (called every refresh_s; cheap when nothing changed)."""
+        try:
+            self._refresh_view()
+        except NoMatches:  # the app is closing: its widgets are already gone, the timer not yet
+            return
+
+    def _refresh_view(self) -> None:
         size = (self.size.width, self.size.height)
         relayout = size != self._view_size
         if not self._dirty and not relayout:
@@ -174,17 +183,33 @@ class DashboardApp(App[None]):
             self._show_advice()
             count = len(m.alarms)
             label = f"2 Alarms ({count})" if count else "2 Alarms"
-            self.query_one(Tabs).query_one("#alarms", Tab).label = label
+            self.query_one("#tab-alarms", Tab).label = label
             self.query_one("#alarms-title", Static).update(f"Alarms ({count})" if count else "Alarms")
-        new, skipped = m.take_log()
-        if new or skipped:
-            self.query_one(EventLog).add(new, skipped)
+        self._follow_log(relayout)
         session = self.api.user if self.api is not None else None
         self.query_one(SummaryBar).show(
             m, session.get("user") if session else None, session.get("role") if session else None
         )
-        self.screen.set_class(not m.connected and m.ever_connected, "-stale")
+        self.default_screen.set_class(not m.connected and m.ever_connected, "-stale")
         self.refreshes += 1
+
+    def _follow_log(self, relayout: bool) -> None:
+        """Write the model's new log entries to the log, while it is shown. A hidden RichLog (another tab) keeps
+        every write aside until it is first shown, without its max_lines bound: so while it is hidden nothing is
+        written, and once it is shown again it is rewritten from the model's log (LOG_MAX entries)."""
+        m = self.model
+        new, skipped = m.take_log()
+        log = self.query_one(EventLog)
+        shown = self._panel == "log" or bool(self._view_size and self._view_size[0] >= WIDE)
+        if not shown:
+            self._log_behind = self._log_behind or bool(new or skipped)
+            return
+        if self._log_behind or relayout:
+            log.clear()
+            log.add(list(m.log), 0)
+            self._log_behind = False
+        elif new or skipped:
+            log.add(new, skipped)
 
     def _show_advice(self) -> None:
         self.query_one("#advice", Static).update(
@@ -197,19 +222,21 @@ class DashboardApp(App[None]):
 
     @on(Tabs.TabActivated)
     def _tab(self, event: Tabs.TabActivated) -> None:
-        if event.tab.id in PANELS:
-            self._select_panel(event.tab.id)
+        panel = (event.tab.id or "").removeprefix("tab-")
+        if panel in PANELS:
+            self._select_panel(panel)
 
     def _select_panel(self, panel: str) -> None:
         self._panel = panel
+        self._dirty = True  # the log, if it is the one now shown, catches up at the next refresh
         lower = self.query_one("#lower")
         for p in PANELS:
             lower.set_class(p == panel, f"-{p}")
 
     def action_panel(self, panel: str) -> None:
-        self.query_one(Tabs).active = panel
+        self.query_one(Tabs).active = f"tab-{panel}"
         self._select_panel(panel)
-        self.query_one(f"#{panel}").focus()
+        self.query_one(f"#lower #{panel}").focus()
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen())

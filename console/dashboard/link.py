@@ -77,12 +77,15 @@ class Link:
             changed()
             reader = asyncio.create_task(self._read(events, model, changed))
             poller = asyncio.create_task(self._poll(api, model, changed))
-            done, pending = await asyncio.wait({reader, poller}, return_when=asyncio.FIRST_COMPLETED)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+            try:
+                done, _ = await asyncio.wait({reader, poller}, return_when=asyncio.FIRST_COMPLETED)
+            finally:  # the other one, or both when this link is cancelled (the dashboard closing)
+                for task in (reader, poller):
+                    task.cancel()
+                await asyncio.gather(reader, poller, return_exceptions=True)
             for task in done:
-                task.result()  # a ControlError of either ends this session
+                if not task.cancelled():
+                    task.result()  # a ControlError of either ends this session
         finally:
             with contextlib.suppress(ControlError, RuntimeError):
                 await events.aclose()

@@ -22,7 +22,7 @@ LOG_MAX: Final = 500  # log entries kept (and shown) by the dashboard
 LOG_FLUSH_MAX: Final = (
     200  # new log entries handed to the screen per refresh; older ones of a burst are counted
 )
-REPLAY_MAX: Final = 20_000  # events kept for re-applying on top of the next status document
+REPLAY_MAX: Final = 5_000  # events kept for re-applying on top of the next status document (a second's worth)
 # Station states, as the daemon names them (docs/control-api.md, "A station"), and what an event turns them into.
 ACTIVE_STATES: Final = frozenset({"issuing", "idle", "error"})
 

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from textual.widgets import Input
 
 from appliance.errors import BirthlineError
 from appliance.issuance.policy import IssueRequest
@@ -19,8 +20,9 @@ from appliance.production.model import WorkOrderSpec
 from appliance.production.users import Role, User
 from console.dashboard.app import DashboardApp
 from console.dashboard.link import Link
+from console.dashboard.model import LOG_MAX
 from console.dashboard.screens import FormScreen
-from console.dashboard.widgets import AlarmTable, StationGrid, WorkOrderTable
+from console.dashboard.widgets import AlarmTable, EventLog, StationGrid, WorkOrderTable
 from stations.messages import Cert, Confirm, Enroll
 from stations.session import Authenticated
 from tests.appliance.conftest import PRODUCTION_PASSWORD, make_csr
@@ -240,3 +242,61 @@ async def test_scrap_and_rework_a_device_confirmed_by_a_supervisor(floor: Floor,
         ((actor, data),) = _audit(floor, event)
         assert actor == "sam" and data["session"] == "olga" and data["device_serial"] == serial
         assert data["reason"] == reason
+
+
+async def test_help_keys_and_the_mouse(floor: Floor, app: DashboardApp) -> None:
+    """? opens the help and Escape closes it; a click on a tab shows its panel, a click on a row chooses it, a
+    click on a form's button submits it."""
+    async with app.run_test(size=SIZE) as pilot:
+        await until(
+            pilot, lambda: "fixture-1" in app.model.stations and "WO-1" in screen_text(app), "the line"
+        )
+        await pilot.press("question_mark")
+        await until(pilot, lambda: "Station states" in screen_text(app), "the help")
+        await pilot.press("escape")
+        await until(pilot, lambda: "Station states" not in screen_text(app), "the help closed")
+        await pilot.click("#tab-alarms")
+        await until(pilot, lambda: "Acknowledged" in screen_text(app), "the alarms panel, clicked")
+        await pilot.click("#tab-log")
+        await until(pilot, lambda: "connected to the daemon" in screen_text(app), "the log panel, clicked")
+        grid = app.query_one(StationGrid)
+        row = grid._keys.index("fixture-1")
+        await pilot.click(StationGrid, offset=(20, row + 1))  # below the header line
+        assert grid.cursor_row == row
+        await pilot.press("p")
+        await until(pilot, lambda: isinstance(app.screen, FormScreen), "the login form")
+        app.screen.query_one("#f-user", Input).value = "olga"
+        app.screen.query_one("#f-password", Input).value = PW
+        await pilot.click("#ok")
+        await until(
+            pilot, lambda: "Pause station fixture-1" in screen_text(app), "the pause form, after a click"
+        )
+        await pilot.click("#cancel")
+        await until(pilot, lambda: not isinstance(app.screen, FormScreen), "cancelled")
+        assert (
+            floor.daemon.enroller is not None
+            and floor.daemon.enroller.service.pauses.get("fixture-1") is None
+        )
+
+
+async def test_a_hidden_log_holds_no_more_than_the_model_keeps(floor: Floor, app: DashboardApp) -> None:
+    """At 80x24 the log is a tab, hidden while another is shown. A busy line must not pile its events up there:
+    a hidden RichLog keeps every write aside, unbounded, until it is first shown (that grew the dashboard by
+    about 20 MB a minute at 300 requests/s). The log is written while shown, and rewritten from the model's
+    bounded log when it is shown again."""
+    assert floor.daemon.enroller is not None
+    service = floor.daemon.enroller.service
+    csr = make_csr("x")[1]
+    n = LOG_MAX + 300
+    async with app.run_test(size=(80, 24)) as pilot:
+        await until(pilot, lambda: app.model.connected, "connected")
+        log = app.query_one(EventLog)
+        for i in range(n):  # refused (outside the work order): an event each, cheap
+            with pytest.raises(BirthlineError):
+                await service.issue(IssueRequest(f"OUT-{i}", csr, station="fixture-1"))
+        await until(pilot, lambda: app.model.stations["fixture-1"].refused >= n, "every refusal counted")
+        await pilot.pause(0.3)
+        assert len(log._deferred_renders) == 0 and len(log.lines) == 0  # nothing written while hidden
+        await pilot.press("3")
+        await until(pilot, lambda: f"OUT-{n - 1}" in screen_text(app), "the newest refusal, once shown")
+        assert LOG_MAX - 10 <= len(log.lines) <= LOG_MAX
