@@ -50,7 +50,9 @@ async def app(floor: Floor) -> AsyncIterator[DashboardApp]:
     yield DashboardApp(Link(floor.socket, poll_s=0.2), refresh_s=0.05)
 
 
-def _select(table: StationGrid | WorkOrderTable | AlarmTable, key: str) -> None:
+async def _select(pilot: Any, table: StationGrid | WorkOrderTable | AlarmTable, key: str) -> None:
+    """Choose a row (once the table shows it: it follows the model at the next refresh)."""
+    await until(pilot, lambda: key in table._keys, f"{key} in the table")
     table.move_cursor(row=table._keys.index(key))
     table.focus()
 
@@ -102,7 +104,7 @@ async def test_pause_and_resume_from_the_grid_as_the_person_logged_in(
 ) -> None:
     async with app.run_test(size=SIZE) as pilot:
         await until(pilot, lambda: "fixture-1" in app.model.stations, "the station listed")
-        _select(app.query_one(StationGrid), "fixture-1")
+        await _select(pilot, app.query_one(StationGrid), "fixture-1")
         await pilot.press("p")
         await _login(pilot)  # asked once, at the first action
         await until(pilot, lambda: "Pause station fixture-1" in screen_text(app), "the pause form")
@@ -137,7 +139,7 @@ async def test_acknowledge_the_chosen_alarm(floor: Floor, app: DashboardApp) -> 
         await pilot.press("2")
         await until(pilot, lambda: "What to do: look at it" in screen_text(app), "the alarm's advice")
         assert "1 critical" in screen_text(app)
-        _select(app.query_one(AlarmTable), "test.dashboard")
+        await _select(pilot, app.query_one(AlarmTable), "test.dashboard")
         await pilot.press("a")
         await _login(pilot)
         await until(
@@ -165,13 +167,13 @@ async def test_activate_and_close_a_work_order_confirmed_by_a_supervisor(
     async with app.run_test(size=SIZE) as pilot:
         await until(pilot, lambda: "WO-8" in app.model.work_orders, "the work orders listed")
         await pilot.press("1")
-        _select(app.query_one(WorkOrderTable), "WO-8")
+        await _select(pilot, app.query_one(WorkOrderTable), "WO-8")
         await pilot.press("o")
         await _login(pilot)  # olga runs the line; sam, a supervisor, confirms
         await until(pilot, lambda: "Activate work order WO-8" in screen_text(app), "the confirmation form")
         await fill(pilot, user="sam", password=PW)
         await until(pilot, lambda: app.model.work_orders["WO-8"].state == "active", "WO-8 active")
-        _select(app.query_one(WorkOrderTable), "WO-7")
+        await _select(pilot, app.query_one(WorkOrderTable), "WO-7")
         await pilot.press("x")
         await until(pilot, lambda: "Close work order WO-7" in screen_text(app), "the confirmation form")
         await fill(pilot, user="sam", password=PW)
@@ -192,7 +194,7 @@ async def test_a_role_below_is_refused_and_a_wrong_password_asked_again(
     async with app.run_test(size=SIZE) as pilot:
         await until(pilot, lambda: "WO-7" in app.model.work_orders, "the work orders listed")
         await pilot.press("1")
-        _select(app.query_one(WorkOrderTable), "WO-7")
+        await _select(pilot, app.query_one(WorkOrderTable), "WO-7")
         await pilot.press("x")
         await until(pilot, lambda: isinstance(app.screen, FormScreen), "the login form")
         await fill(pilot, user="olga", password=wrong)
@@ -220,7 +222,7 @@ async def test_scrap_and_rework_a_device_confirmed_by_a_supervisor(floor: Floor,
     async with app.run_test(size=SIZE) as pilot:
         await until(pilot, lambda: app.model.stations.get("fixture-1") is not None
                     and app.model.stations["fixture-1"].last_device_serial == "SN-0071", "the last device")  # fmt: skip
-        _select(app.query_one(StationGrid), "fixture-1")
+        await _select(pilot, app.query_one(StationGrid), "fixture-1")
         await pilot.press("s")
         await _login(pilot)
         await until(pilot, lambda: "Scrap a device" in screen_text(app), "the scrap form")
