@@ -104,7 +104,7 @@ class DashboardApp(App[None]):
 
     def __init__(
         self, feed: Feed, *, user: str | None = None, refresh_s: float = REFRESH_S,
-        screenshot: tuple[Path, float] | None = None,
+        screenshot: tuple[Path, float, str] | None = None,
     ) -> None:  # fmt: skip
         super().__init__()
         self.feed = feed
@@ -249,15 +249,18 @@ class DashboardApp(App[None]):
                     await api.logout()  # end the console session rather than leave it open for its lifetime
         self.exit()
 
-    async def _shoot(self, path: Path, after: float) -> None:
-        """--screenshot: wait for the first status document, let `after` seconds of events arrive, save, exit."""
+    async def _shoot(self, path: Path, after: float, key: str) -> None:
+        """--screenshot: wait for the first status document and `after` seconds of events, press `key`, save the
+        screen as SVG, exit."""
         while not self.model.connected:
             await asyncio.sleep(0.1)
         await asyncio.sleep(after)
+        self.simulate_key(key)
+        await asyncio.sleep(0.3)
         self._dirty = True
         self.refresh_view()
-        await asyncio.sleep(0.2)
-        self.save_screenshot(path.name, str(path.parent or Path(".")))
+        await asyncio.sleep(0.3)
+        self.save_screenshot(path.name, str(path.parent))
         self.exit()
 
     # -- the person ------------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """`birthline dashboard [--config FILE] [--socket PATH] [--user NAME]`: open the dashboard in this terminal.
 
 `--screenshot FILE.svg` runs it without a terminal at `--size` (default 80x24), waits for the daemon's first
-status document and `--after` seconds of events, saves the screen as SVG and exits (docs/dashboard.md's
-pictures are made so).
+status document and `--after` seconds of events, shows `--show` (a panel or the help) as its key would, saves
+the screen as SVG and exits (docs/dashboard.md's pictures are made so).
 """
 
 from __future__ import annotations
@@ -14,6 +14,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from console.locate import DEFAULT_CONFIG, control_socket
+
+# --show: what the screenshot shows below the station grid (the key an operator would press for it).
+SHOW = {"orders": "1", "alarms": "2", "log": "3", "help": "question_mark"}
 
 
 def build_parser(prog: str = "birthline dashboard") -> argparse.ArgumentParser:
@@ -31,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--size", default="80x24", help="with --screenshot: COLUMNSxLINES (default 80x24)")
     p.add_argument("--after", type=float, default=3.0, help="with --screenshot: seconds to wait (default 3)")
+    p.add_argument("--show", choices=SHOW, default="orders",
+                   help="with --screenshot: the panel shown below the grid, or the help (default: orders)")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from console.dashboard.app import DashboardApp
     from console.dashboard.link import Link
 
-    shot = (Path(args.screenshot).resolve(), args.after) if args.screenshot else None
+    shot = (Path(args.screenshot).resolve(), args.after, SHOW[args.show]) if args.screenshot else None
     app = DashboardApp(Link(socket), user=args.user, screenshot=shot)
     if shot is not None:
         app.run(headless=True, size=(int(size[1]), int(size[2])))
