@@ -65,7 +65,7 @@ class DashboardApp(App[None]):
     StationGrid { height: auto; max-height: 50%; min-height: 3; }
     Tabs { height: 2; }
     #lower { height: 1fr; }
-    #left { width: 3fr; }
+    #left { width: 1fr; }
     #orders-panel, #alarms-panel, #log-panel { height: 1fr; width: 1fr; }
     WorkOrderTable, AlarmTable { height: 1fr; }
     #advice { height: auto; max-height: 7; padding: 0 1; border-top: solid $primary-darken-2; }
@@ -79,7 +79,7 @@ class DashboardApp(App[None]):
     Screen.-wide #lower #left { display: block; }
     Screen.-wide #lower #orders-panel { display: block; height: 1fr; }
     Screen.-wide #lower #alarms-panel { display: block; height: 1fr; }
-    Screen.-wide #lower #log-panel { display: block; width: 2fr; border-left: solid $primary-darken-2; }
+    Screen.-wide #lower #log-panel { display: block; width: 1fr; border-left: solid $primary-darken-2; }
     .panel-title { display: none; height: 1; text-style: bold; background: $primary-darken-2; padding: 0 1; }
     Screen.-wide .panel-title { display: block; }
     Screen.-stale StationGrid, Screen.-stale #lower { text-opacity: 60%; }
@@ -175,7 +175,7 @@ class DashboardApp(App[None]):
             grid.rebuild(m, size[0])
         elif stations:
             grid.update_stations(m, stations)
-        half = size[0] * 3 // 5 if wide else size[0]  # #left's share of a wide screen
+        half = size[0] // 2 if wide else size[0]  # #left's share of a wide screen
         if orders or relayout:
             self.query_one(WorkOrderTable).rebuild(m, half)
         if alarms or relayout:
@@ -255,8 +255,9 @@ class DashboardApp(App[None]):
         while not self.model.connected:
             await asyncio.sleep(0.1)
         await asyncio.sleep(after)
-        self.simulate_key(key)
-        await asyncio.sleep(0.3)
+        if key:
+            self.simulate_key(key)
+            await asyncio.sleep(0.3)
         self._dirty = True
         self.refresh_view()
         await asyncio.sleep(0.3)

@@ -16,7 +16,7 @@ from pathlib import Path
 from console.locate import DEFAULT_CONFIG, control_socket
 
 # --show: what the screenshot shows below the station grid (the key an operator would press for it).
-SHOW = {"orders": "1", "alarms": "2", "log": "3", "help": "question_mark"}
+SHOW = {"line": "", "alarms": "2", "log": "3", "help": "question_mark"}
 
 
 def build_parser(prog: str = "birthline dashboard") -> argparse.ArgumentParser:
@@ -34,8 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--size", default="80x24", help="with --screenshot: COLUMNSxLINES (default 80x24)")
     p.add_argument("--after", type=float, default=3.0, help="with --screenshot: seconds to wait (default 3)")
-    p.add_argument("--show", choices=SHOW, default="orders",
-                   help="with --screenshot: the panel shown below the grid, or the help (default: orders)")  # fmt: skip
+    p.add_argument("--show", choices=SHOW, default="line",
+                   help="with --screenshot: the screen as it opens (line: the grid and work orders), the alarms or"
+                   " the log below the grid, or the help")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
