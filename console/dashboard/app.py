@@ -257,10 +257,11 @@ class DashboardApp(App[None]):
         await asyncio.sleep(after)
         if key:
             self.simulate_key(key)
-            await asyncio.sleep(0.3)
         self._dirty = True
+        await asyncio.sleep(0.2)
         self.refresh_view()
-        await asyncio.sleep(0.3)
+        # Let everything settle (the footer follows the focus a moment later), then save.
+        await asyncio.sleep(1.0)
         self.save_screenshot(path.name, str(path.parent))
         self.exit()
 

@@ -143,8 +143,8 @@ def test_demo_dashboard_pause_takes_effect_and_closing_it_stops_nothing(tmp_path
 
 def test_dashboard_survives_a_daemon_restart_and_its_own_death_stops_nothing(tmp_path: Path) -> None:
     """`birthline dashboard` against a served demo: the daemon stops (DISCONNECTED shown), starts again (the
-    dashboard reconnects by itself and the counts move again); then the dashboard is killed (SIGKILL) and
-    issuance goes on."""
+    dashboard reconnects by itself and the counts move again), hangs (SIGSTOP: DISCONNECTED) and goes on
+    (SIGCONT: reconnected); then the dashboard is killed (SIGKILL) and issuance goes on."""
     state = tmp_path / "demo"
     port = free_ports(4)
     with served_demo(state, port):
@@ -165,6 +165,13 @@ def test_dashboard_survives_a_daemon_restart_and_its_own_death_stops_nothing(tmp
                 "reconnected by itself to the restarted daemon, both stations issuing", timeout=90,
             )  # fmt: skip
             assert "DISCONNECTED" not in screen
+            # A daemon that stops answering without closing its socket (hung): the status request gives up.
+            os.kill(again.pid, signal.SIGSTOP)
+            try:
+                term.wait_for(lambda s: "DISCONNECTED" in s, "a hung daemon shown", timeout=60)
+            finally:
+                os.kill(again.pid, signal.SIGCONT)
+            term.wait_for(lambda s: "● connected" in s, "reconnected once it answers again", timeout=60)
             dashboard = term.pid()
             os.kill(dashboard, signal.SIGKILL)
             assert gone(dashboard, 30)
