@@ -1,5 +1,6 @@
-"""The dashboard's tests: a real daemon (SoftHSM, journal, TLS station listener, control socket) and the app
-driven by Textual's Pilot, or the `birthline dashboard` process in a real terminal (tmux)."""
+"""Helpers for driving the dashboard with Textual's Pilot: what the screen shows, waiting for it, filling a
+form. (The tests that run it against a real daemon are in tests/appliance/control/test_dashboard_*.py, beside
+the daemon's fixtures.)"""
 
 from __future__ import annotations
 
@@ -11,9 +12,6 @@ from rich.console import Console
 from textual.app import App
 from textual.pilot import Pilot
 from textual.widgets import Input
-
-from tests.appliance.conftest import ca_journal_template, production_journal_template  # noqa: F401 - fixtures
-from tests.appliance.control.conftest import floor, people_journal_template  # noqa: F401 - fixtures
 
 __all__ = ["fill", "screen_text", "until"]
 

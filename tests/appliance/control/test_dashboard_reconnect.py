@@ -16,7 +16,7 @@ from console.dashboard.widgets import StationGrid
 from hsm.softhsm import SoftHsmToken
 from tests.appliance.conftest import PRODUCTION_PASSWORD
 from tests.appliance.control.conftest import control_config
-from tests.console.conftest import fill, screen_text, until
+from tests.console.pilot import fill, screen_text, until
 
 
 async def test_a_daemon_restart_is_shown_and_recovered_from(

@@ -19,7 +19,7 @@ from console.dashboard.app import DashboardApp
 from console.dashboard.link import Link
 from tests.appliance.conftest import make_csr
 from tests.appliance.control.conftest import Floor
-from tests.console.conftest import screen_text, until
+from tests.console.pilot import screen_text, until
 from tests.console.terminal import Terminal, needs_tmux
 
 # What a hostile station or device would send: retitle the terminal, clear it, blink, and markup that would

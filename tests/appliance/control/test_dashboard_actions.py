@@ -27,7 +27,7 @@ from stations.messages import Cert, Confirm, Enroll
 from stations.session import Authenticated
 from tests.appliance.conftest import PRODUCTION_PASSWORD, make_csr
 from tests.appliance.control.conftest import Floor
-from tests.console.conftest import fill, screen_text, until
+from tests.console.pilot import fill, screen_text, until
 from tests.stations.station_link import Link as StationLink
 from tests.stations.station_link import request_id
 
