@@ -86,6 +86,14 @@ def station_row(screen: str, name: str) -> tuple[str, int] | None:
     return (m[1], int(m[2])) if m else None
 
 
+def grid_position(screen: str, name: str) -> int:
+    """The 0-based row of a station in the grid as the screen shows it (the cursor starts on row 0), so a test
+    moves to it by pressing Down that many times whatever stations the demo adds."""
+    rows = re.findall(r"(?m)^\s*(?:\S+\s+)?(demo-[\w-]+)\s+\S\s+\w+\s+\d+\b", screen)
+    assert name in rows, f"{name} not in the grid: {rows}\n{screen}"
+    return rows.index(name)
+
+
 def free_ports(count: int) -> int:
     """A first port of `count` consecutive free loopback ports (the served demo uses P..P+3)."""
     for _ in range(200):

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from console.client import ControlClient
-from tests.console.terminal import Terminal, free_ports, needs_tmux, station_row
+from tests.console.terminal import Terminal, free_ports, grid_position, needs_tmux, station_row
 
 pytestmark = [needs_tmux, pytest.mark.slow]
 BIRTHLINE = f"{shlex.quote(sys.executable)} -m appliance.cli.launch"
@@ -105,7 +105,7 @@ def test_demo_dashboard_pause_takes_effect_and_closing_it_stops_nothing(tmp_path
             lambda s: all((station_row(s, n) or ("", 0))[1] > c[1] for n, c in start.items() if c),
             "the counts moving",
         )  # fmt: skip
-        term.keys("Down", "p")  # the grid lists demo-cmp, demo-lan, demo-serial: the second one
+        term.keys(*["Down"] * grid_position(both, "demo-lan"), "p")
         term.wait_for(lambda s: "Log in" in s and "Password" in s, "the login form")
         term.paste_file(state / "demo-users.secret")
         term.keys("Enter")
