@@ -68,6 +68,7 @@ def test_demo_from_scratch_then_again(tmp_path: Path) -> None:
         ("demo-lan", "lan"),
         ("demo-cmp", "lan"),  # the station the CMP label acts as
         ("demo-field", "lan"),  # the station the greenfield CMP label acts as
+        ("demo-scep", "lan"),  # the station the SCEP labels act as
     }
 
     # One more device through `birthline issue`: a person (the demo's supervisor) acting as a station.
