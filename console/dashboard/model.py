@@ -467,14 +467,18 @@ def log_entry(event: Mapping[str, Any]) -> LogEntry | None:
     t = _float(event.get("time"))
     station = str(event.get("station") or "")
     serial = str(event.get("device_serial") or "")
+    # The front end when it is not the station protocol (cmp, scep, cli): the station column is then a label's.
+    via = f" via {event.get('front_end')}" if event.get("front_end") not in (None, "", "station") else ""
     if kind == wire.EVENT_ISSUED:
         reused = " (retry: the stored certificate)" if event.get("reused") else ""
-        return LogEntry(t, kind, station, serial, f"{event.get('work_order') or ''}{reused}", "good")
+        return LogEntry(t, kind, station, serial, f"{event.get('work_order') or ''}{reused}{via}", "good")
     if kind == wire.EVENT_PENDING:
-        return LogEntry(t, kind, station, serial, f"{event.get('work_order') or ''} (upstream CA issues it)")
+        return LogEntry(
+            t, kind, station, serial, f"{event.get('work_order') or ''} (upstream CA issues it){via}"
+        )
     if kind == wire.EVENT_REFUSED:
         return LogEntry(
-            t, kind, station, serial, f"{event.get('code', '')}: {event.get('reason', '')}", "error"
+            t, kind, station, serial, f"{event.get('code', '')}: {event.get('reason', '')}{via}", "error"
         )
     if kind == wire.EVENT_STATION:
         state = str(event.get("state", ""))

@@ -160,3 +160,14 @@ def test_events_of_another_shape_do_not_break_it(event: dict[str, Any]) -> None:
     m.take_log()
     m.apply(issued(10))
     assert m.stations["st-1"].issued == 1
+
+
+def test_the_log_names_the_front_end_of_an_issuance_that_did_not_come_from_a_station() -> None:
+    m = Model()
+    m.load_status(status(seq=1))
+    m.apply({**issued(2), "front_end": "scep"})
+    m.apply({**issued(3), "front_end": "station"})
+    m.apply({"type": "refused", "seq": 4, "time": 1004.0, "station": "st-1", "device_serial": "SN-4",
+             "code": "BAD_REQUEST", "reason": "no", "front_end": "cmp"})  # fmt: skip
+    details = [e.detail for e in m.take_log()[0]]
+    assert details == ["WO-1 via scep", "WO-1", "BAD_REQUEST: no via cmp"]
