@@ -376,3 +376,27 @@ async def test_issuance_events_name_the_front_end(scep: Served) -> None:
         events.append(event)
     issued = [e for e in events if e["type"] == "issued"]
     assert issued and issued[-1]["front_end"] == "scep" and issued[-1]["device_serial"] == "SN-0070"
+
+
+async def test_a_paused_station_is_answered_503_then_the_same_request_issues(scep: Served) -> None:
+    """A refusal that is the appliance's state, not the request's (here the label's station paused), has no SCEP
+    status: HTTP 503 with Retry-After, the challenge left unused for the retry, which then issues."""
+    daemon = scep.daemon
+    assert daemon.scep is not None
+    pauses = daemon.scep.service.pauses
+    await pauses.pause("fixture-1", "alice", "test", AuditLog(daemon.journal))
+    dev = Device.new()
+    csr = make_csr(dev.key, challenge=scep.challenge(device_serial="SN-0080"))
+    data = client.request(MessageType.PKCS_REQ, csr, signer=dev.signer, key=dev.key, ra=scep.ra_cert,
+                          transaction_id="tx-80", sender_nonce=b"n" * 16)  # fmt: skip
+    async with aiohttp.ClientSession() as http, http.post(
+        f"http://127.0.0.1:{scep.port}/scep/line1?operation=PKIOperation", data=data
+    ) as r:  # fmt: skip
+        assert r.status == 503 and r.headers["Retry-After"] == "5" and b"STATION_PAUSED" in await r.read()
+    assert not daemon.journal.rows("device_serial=?", ("SN-0080",))
+    await pauses.resume("fixture-1", "alice", AuditLog(daemon.journal))
+    status, body, _ = await post(scep, data)
+    assert status == 200
+    reply = client.read_reply(body, ra=scep.ra_cert, signer=dev.signer, key=dev.key, transaction_id="tx-80",
+                              sender_nonce=b"n" * 16)  # fmt: skip
+    assert reply.status is PkiStatus.SUCCESS
