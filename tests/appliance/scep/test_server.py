@@ -400,3 +400,18 @@ async def test_a_paused_station_is_answered_503_then_the_same_request_issues(sce
     reply = client.read_reply(body, ra=scep.ra_cert, signer=dev.signer, key=dev.key, transaction_id="tx-80",
                               sender_nonce=b"n" * 16)  # fmt: skip
     assert reply.status is PkiStatus.SUCCESS
+
+
+async def test_a_certificate_not_valid_now_does_not_renew(scep: Served) -> None:
+    dev = Device.new()
+    first = await enrol(scep, dev, make_csr(dev.key, challenge=scep.challenge(device_serial="SN-0090")))
+    old = first.certificates[0]
+    assert scep.daemon.scep is not None
+    # Birth certificates do not expire (99991231235959Z): a clock before the certificate's notBefore.
+    scep.daemon.scep.clock = lambda: old.not_valid_before_utc.timestamp() - 86400
+    new_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    reply = await enrol(
+        scep, dev, make_csr(new_key), signer=old, key=dev.key, message_type=MessageType.RENEWAL_REQ
+    )
+    assert reply.status is PkiStatus.FAILURE and reply.fail_info == FailInfo.BAD_TIME, reply.fail_info_text
+    assert len(scep.daemon.journal.rows("device_serial=?", ("SN-0090",))) == 1
