@@ -1,6 +1,6 @@
 """SCEP throughput against the station LAN front end, same daemon, same run.
 
-    python bench/scep.py [--clients 20] [--devices 10] [--rounds 2]
+    python bench/scep.py [--clients 20] [--devices 10] [--rounds 3]
 
 A fresh appliance (SoftHSM2 token, root/issuing/management CAs, durable journal) runs as its own process
 (`birthline run`) with the LAN station listener and a SCEP label acting as one of the LAN stations, both on
@@ -154,8 +154,9 @@ async def bench(clients: int, devices: int, rounds: int) -> list[Round]:
         config = _config(base, lan_port)
         sims = [replace(s, host="127.0.0.1", tcp_port=lan_port) for s in _setup(config, base, 0, clients)]
         path = base / "birthline.toml"
-        with path.open("a") as f:
-            f.write(SCEP_SECTION.format(port=scep_port, label=LABEL, station=sims[0].name))
+        # Every simulated station connects from 127.0.0.1: the per-peer cap (16 by default) would refuse some.
+        text = path.read_text().replace("[stations]\n", "[stations]\nmax_connections_per_peer = 128\n", 1)
+        path.write_text(text + SCEP_SECTION.format(port=scep_port, label=LABEL, station=sims[0].name))
         config = load_config(path)
         with open_core(config) as core:
             admin = User("bench-admin", Role.ADMINISTRATOR)
@@ -190,7 +191,7 @@ def main() -> int:
     p.add_argument(
         "--devices", type=int, default=10, help="devices per station and per SCEP client, per round"
     )
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
     results = asyncio.run(bench(args.clients, args.devices, args.rounds))
     for r in results:
