@@ -315,7 +315,7 @@ class Daemon:
             self.va_server = await self._stack.enter_async_context(
                 VaServer(
                     make_app(self.va), *self.config.va.address, limits=self.config.va.limits, name="va",
-                    alarms=self.core.alarms, accept_errors=accept_errors,
+                    section="va", alarms=self.core.alarms, accept_errors=accept_errors,
                 )
             )  # fmt: skip
             log.info("CRL and OCSP on %s", self.va_server.url)
@@ -444,8 +444,8 @@ class Daemon:
         assert cfg.address is not None
         self.cmp_server = await self._stack.enter_async_context(
             VaServer(
-                make_cmp_app(self.cmp), *cfg.address, limits=cfg.limits, name="cmp", alarms=self.core.alarms,
-                accept_errors=accept_errors,
+                make_cmp_app(self.cmp), *cfg.address, limits=cfg.limits, name="cmp", section="cmp",
+                alarms=self.core.alarms, accept_errors=accept_errors,
             )
         )  # fmt: skip
         log.info("CMP on %s/.well-known/cmp (%d label(s))", self.cmp_server.url, len(self.cmp.labels))
@@ -622,6 +622,9 @@ class Daemon:
                     await channel.send(plain_frame(Error(code, text)))
                 await channel.close()
                 return
+            # A registered station's certificate: the listener no longer displaces this connection for
+            # newcomers (appliance/connections.py), while its station session authenticates.
+            guard.vouched(rec.name)
             await self.server.serve(
                 channel, self._lookup_for(rec.name), station=rec.name, on_authenticated=guard.authenticated
             )
