@@ -40,6 +40,7 @@ from appliance.connections import (
     serve_guarded,
     tls_server_protocol,
 )
+from appliance.control.metrics import METRICS_LIMITS
 from appliance.control.plane import ControlPlane
 from appliance.daemon_lock import DaemonLock, DaemonRunning
 from appliance.errors import BirthlineError, IssuanceFailed, IssuancePending, IssuanceRefused
@@ -334,7 +335,7 @@ class Daemon:
                 admission=self.forwarder.admission if self.forwarder is not None else None
             )
         )
-        await self._start_control(service)
+        await self._start_control(service, accept_errors)
         if self.config.cmp.address is not None:
             await self._start_cmp(service, accept_errors)
         self.enroller = CoreEnroller(service, self.core.journal)
@@ -361,15 +362,20 @@ class Daemon:
         self._watcher = self._tg.create_task(self._watch_registry(), name="station-registry-watcher")
 
     def _check_fd_budget(self) -> None:
-        """Every listener's cap together must fit under RLIMIT_NOFILE: a flood meets a cap, never EMFILE."""
-        caps = {}
+        """Every listener's cap together must fit under RLIMIT_NOFILE: a flood meets a cap, never EMFILE. The
+        station, VA, CMP and metrics listeners and the control socket each count with their cap."""
+        caps, fixed = {}, {}
         if self.config.stations.lan_address is not None:
             caps["stations.max_connections"] = self.config.stations.max_connections
         if self.config.va.address is not None:
             caps["va.max_connections"] = self.config.va.limits.max_connections
         if self.config.cmp.address is not None:
             caps["cmp.max_connections"] = self.config.cmp.limits.max_connections
-        self.fd_budget = ensure_fd_budget(caps)
+        if self.config.control.enabled:
+            caps["control.max_connections"] = self.config.control.max_connections
+        if self.config.metrics.address is not None:
+            fixed["the metrics listener"] = METRICS_LIMITS.max_connections
+        self.fd_budget = ensure_fd_budget(caps, fixed=fixed)
 
     async def _start_lan(self, context: ssl.SSLContext, accept_errors: AcceptErrors) -> None:
         """The TLS listener for LAN stations. Each connection is admitted by the gate before TLS allocates
@@ -395,7 +401,7 @@ class Daemon:
         host, port = cfg.lan_address
         self._lan = await serve_guarded(self.lan_gate, inner, host, port, buffered=True)
 
-    async def _start_control(self, service: IssueService) -> None:
+    async def _start_control(self, service: IssueService, accept_errors: AcceptErrors) -> None:
         """The control API, metrics and the disk alarm (appliance/control): before any listener takes a request,
         so every answer is seen."""
         assert self.core is not None
@@ -412,7 +418,7 @@ class Daemon:
         va = self.va
         self.control = await self._stack.enter_async_context(
             ControlPlane(self.core, service, probe=probe, snapshots=snapshots,
-                         on_revoked=va.changed if va is not None else None)
+                         on_revoked=va.changed if va is not None else None, accept_errors=accept_errors)
         )  # fmt: skip
 
     async def _start_cmp(self, service: IssueService, accept_errors: AcceptErrors) -> None:
