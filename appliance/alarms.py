@@ -164,3 +164,72 @@ class LogOnce:
         else:
             logger.log(level, msg, *args)
         return True
+
+
+class LogTally:
+    """Log an event that many sources cause (connections refused from rotating addresses) at most once per
+    cause and interval, with how many occurred and from which sources most, never once per source.
+
+        tally = LogTally(interval_s=60)
+        tally.add(log, logging.WARNING, "refused_peer", peer, "va listener: refused a connection from %s", peer)
+
+    The first event of a cause is logged as it is. Later ones within `interval_s` of that line are counted with
+    their source; the next line logged for the cause (at the first event after the interval) adds how many
+    there were since the last line and the sources seen most often. Sources are counted in a table of at most
+    `max_sources` entries (the Space-Saving count: a newcomer to a full table replaces the least counted entry
+    and inherits its count, so a source named is one of the most frequent, its count an upper bound) and causes
+    are kept up to `max_causes` (oldest evicted): rotating sources or causes cannot grow memory or the log.
+    """
+
+    def __init__(
+        self,
+        interval_s: float = 60.0,
+        *,
+        top: int = 3,
+        max_sources: int = 32,
+        max_causes: int = 64,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.interval_s = interval_s
+        self.top = top
+        self.max_sources = max_sources
+        self.max_causes = max_causes
+        self.clock = clock
+        self._lock = threading.Lock()
+        # cause -> (time of its last line, events since that line, {source: count})
+        self._causes: dict[str, tuple[float, int, dict[str, int]]] = {}
+
+    def add(
+        self, logger: logging.Logger, level: int, cause: str, source: str, msg: str, *args: object
+    ) -> bool:
+        """Count one event of `cause` from `source`; True when a line was logged for it."""
+        now = self.clock()
+        with self._lock:
+            entry = self._causes.get(cause)
+            if entry is not None and now - entry[0] < self.interval_s:
+                last, count, sources = entry
+                self._count(sources, source)
+                self._causes[cause] = (last, count + 1, sources)
+                return False
+            summary = ""
+            if entry is not None and entry[1]:
+                _, count, sources = entry
+                self._count(sources, source)
+                ranked = sorted(sources.items(), key=lambda kv: (-kv[1], kv[0]))[: self.top]
+                top = ", ".join(f"{s} x{n}" for s, n in ranked)
+                summary = f" ({count + 1} like this since the last report, most from {top})"
+            self._causes.pop(cause, None)
+            self._causes[cause] = (now, 0, {})
+            while len(self._causes) > self.max_causes:
+                del self._causes[next(iter(self._causes))]
+        logger.log(level, msg + "%s", *args, summary)
+        return True
+
+    def _count(self, sources: dict[str, int], source: str) -> None:
+        if source in sources:
+            sources[source] += 1
+        elif len(sources) < self.max_sources:
+            sources[source] = 1
+        else:
+            least = min(sources, key=sources.__getitem__)
+            sources[source] = sources.pop(least) + 1

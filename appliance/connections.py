@@ -1,11 +1,13 @@
-"""Admission and deadlines for every connection a listener accepts (the station TLS port, the VA, CMP).
+"""Admission and deadlines for every connection a listener accepts (the station TLS port, the VA, CMP, metrics).
 
 Each listener is an asyncio server whose protocol is a ``Guard``. At accept, before anything else is
 allocated for the connection (no TLS object, no HTTP parser, no task), the listener's ``ConnectionGate``
-counts it against a global cap and a cap per peer address. At the global cap it displaces the oldest
-connection that is not yet a proven client (see ConnectionGate); over the per-peer cap, or when nothing can be
-displaced, it is refused cheaply (an HTTP listener writes a fixed 503 with ``Connection: close``, the TLS
-listener just closes), counted, and logged once per cause and interval; at the global cap an alarm is raised.
+counts it against a global cap and a cap per peer address. At the global cap it displaces a connection that
+is not yet a proven client, chosen so that a flood displaces its own connections first (see ConnectionGate);
+over the per-peer cap, or when nothing can be displaced, it is refused cheaply (an HTTP listener writes a fixed
+503 with ``Connection: close``, the TLS listener just closes) and counted; refusals, displacements and timeouts
+are logged once per listener, kind and minute with their count and the addresses seen most (never once per
+address); at the global cap an alarm is raised.
 An admitted connection gets its real protocol (aiohttp's request handler, or TLS in front of the station
 stream) with the Guard in front of it, which keeps one deadline per connection and aborts the connection when
 it passes:
@@ -31,12 +33,13 @@ import errno
 import logging
 import resource
 import ssl
+import time
 from asyncio import sslproto
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from appliance.alarms import Alarms, LogOnce
+from appliance.alarms import Alarms, LogTally
 from appliance.errors import ConfigError, Problem
 
 log = logging.getLogger(__name__)
@@ -44,6 +47,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "ACCEPTS_IN_FLIGHT",
     "ACCEPT_BACKLOG",
+    "DISPLACE_GRACE_S",
     "FD_RESERVE",
     "AcceptErrors",
     "ConnectionCaps",
@@ -74,6 +78,15 @@ TLS_READ_BUFFER = 32 * 1024
 # Ciphertext buffered while the station session does not read (its stream reader is full): past this the
 # socket is no longer read and TCP pushes back on the peer.
 TLS_INCOMING_HIGH_WATER = 32 * 1024
+
+# An address's only unproven connection (see ConnectionGate) is not displaced in its first DISPLACE_GRACE_S:
+# time to finish a TLS handshake or send request headers, on a daemon busy with a flood.
+DISPLACE_GRACE_S = 1.0
+# Station listener: connections vouched for by one station's TLS certificate at once (a station reconnecting
+# while its old connection lingers needs two).
+VOUCHED_PER_STATION = 2
+# Station listener: addresses where a station authenticated, remembered (the least recent forgotten first).
+KNOWN_PEERS = 1024
 
 # After this many connections were open at once, the listener's count falling to a quarter of that peak ends
 # a burst: the memory its connections freed is handed back to the OS (glibc keeps freed heap memory otherwise,
@@ -111,15 +124,29 @@ class HttpLimits:
 class ConnectionGate:
     """One listener's connection counts: admission against the caps, release on close, refusal counters.
 
-    A connection that has not shown it is a real client yet (a station connection before its session is
-    authenticated; an HTTP connection waiting for request headers or idle between requests) is *displaceable*.
-    At the global cap a new connection displaces the oldest displaceable one, so a flood of idle or half-open
-    connections from many addresses cannot lock clients out: it only displaces itself. When every connection is
-    an authenticated session or a request being served, the new one is refused. The cap per peer address is
-    checked first and never displaces anything.
+    A connection that has not shown it is a real client yet is *unproven*: a station connection before its TLS
+    handshake completed with a registered station's certificate (*vouched*, see ``vouch``) or its session is
+    authenticated; an HTTP connection waiting for request headers, receiving a body, held by pacing, or idle
+    between requests. Only unproven connections are ever displaced. At the global cap a new connection takes
+    the place of, in this order:
 
-    Single-threaded (the event loop's). The per-peer table holds only peers with an open connection, so it is
-    bounded by the global cap whatever addresses a flood uses.
+    1. the longest-waiting *surplus* unproven connection: one whose address holds a newer unproven connection
+       (each address's newest unproven connection is its *lone* one, every other is surplus), whatever its age;
+    2. the longest-waiting lone connection, but only once it has been unproven for ``grace_s`` (a connection
+       gets that long to show it is a client: finish its TLS handshake, send its request headers), and never
+       one from a *known* address (one where a station authenticated, the last KNOWN_PEERS of them: the station
+       listener only);
+    3. for a newcomer from a known address: the longest-waiting lone connection of an address that is not
+       known, young or not; else of a known one, past its grace;
+
+    or else it is refused. So a flood from fewer addresses than the connections it holds only displaces itself
+    (an address's lone connection is displaced only when no address holds two), a station's address that is
+    known gets in whenever an unknown address holds an unproven connection, and a flood from unknown addresses
+    never displaces a known address's connection. The cap per peer address is checked first and never
+    displaces anything.
+
+    Single-threaded (the event loop's). The per-peer tables hold only peers with an open connection, and the
+    known addresses at most KNOWN_PEERS, so they are bounded whatever addresses a flood uses.
     """
 
     def __init__(
@@ -131,27 +158,44 @@ class ConnectionGate:
         alarms: Alarms | None = None,
         accept_errors: AcceptErrors | None = None,
         advice: str = "",
+        grace_s: float = DISPLACE_GRACE_S,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.name = name
         self.caps = caps
         self.http = http
         self.alarms = alarms
         self.accept_errors = accept_errors
-        self.advice = advice or f"raise the {name} listener's max_connections if these clients are legitimate"
+        self.advice = advice or f"find the peer holding the {name} listener's connections"
+        self.grace_s = grace_s
+        self.clock = clock
         self.open = 0
         self.peers: dict[str, int] = {}
         self.counters: dict[str, int] = {
             "accepted": 0, "refused_full": 0, "refused_peer": 0, "displaced": 0,
         }  # fmt: skip
-        self._displaceable: dict[Guard, None] = {}  # insertion-ordered: the oldest first
         self._admitted: set[Guard] = set()
+        # Unproven connections: per peer, oldest first; each peer's newest is in _lone, the others in _surplus
+        # (both in the order they got there, the longest-waiting first). _since: when each became unproven.
+        self._unproven: dict[str, dict[Guard, None]] = {}
+        self._lone: dict[Guard, None] = {}
+        self._surplus: dict[Guard, None] = {}
+        self._since: dict[Guard, float] = {}
+        # The station listener: station name -> its vouched connections, oldest first; and the reverse.
+        self._vouched: dict[str, dict[Guard, None]] = {}
+        self._vouch_of: dict[Guard, str] = {}
+        self._known: dict[str, None] = {}  # addresses where a station authenticated, least recent first
         self._peak = 0  # most connections open at once since the last trim
         self._full = False
-        self._log = LogOnce(interval_s=60.0, max_causes=256)
+        self._log = LogTally(interval_s=60.0, clock=clock)
 
     @property
     def cause(self) -> str:
         return f"listener.{self.name}.full"
+
+    @property
+    def unproven(self) -> int:
+        return len(self._since)
 
     def admit(self, guard: Guard) -> bool:
         if self.accept_errors is not None:
@@ -160,19 +204,29 @@ class ConnectionGate:
         held = self.peers.get(peer, 0)
         if held >= self.caps.max_per_peer:
             self.counters["refused_peer"] += 1
-            self._log.log(
-                log, logging.WARNING, f"peer:{peer}",
-                "%s listener: %s holds %d connections, its cap per peer; refusing more",
+            self._log.add(
+                log, logging.WARNING, "refused_peer", peer,
+                "%s listener: refused a connection from %s, which holds %d, its cap per address",
                 self.name, peer, held,
             )  # fmt: skip
             return False
         if self.open >= self.caps.max_connections:
             self._at_cap()
-            if not self._displaceable:
+            victim = self._victim(peer)
+            if victim is None:
                 self.counters["refused_full"] += 1
+                self._log.add(
+                    log, logging.WARNING, "refused_full", peer,
+                    "%s listener: refused a connection from %s: all %d connections are clients or still in"
+                    " their first %g s", self.name, peer, self.caps.max_connections, self.grace_s,
+                )  # fmt: skip
                 return False
-            victim = next(iter(self._displaceable))
             self.counters["displaced"] += 1
+            self._log.add(
+                log, logging.INFO, "displaced", victim.peer,
+                "%s listener: at its cap, closed an unproven connection from %s for a new one",
+                self.name, victim.peer,
+            )  # fmt: skip
             victim.displace()
         self.peers[peer] = self.peers.get(peer, 0) + 1
         self._admitted.add(guard)
@@ -181,13 +235,35 @@ class ConnectionGate:
         self.counters["accepted"] += 1
         return True
 
+    def _victim(self, newcomer: str) -> Guard | None:
+        if self._surplus:
+            return next(iter(self._surplus))
+        known = self._known
+        if newcomer in known:
+            # Any other address's lone connection, young or not; else a known one past its grace.
+            first_known = None
+            for guard in self._lone:
+                if guard.peer not in known:
+                    return guard
+                if first_known is None:
+                    first_known = guard
+            if first_known is not None and self.clock() - self._since[first_known] >= self.grace_s:
+                return first_known
+            return None
+        # The longest-waiting lone connection of an address that is not known, once past its grace. (The scan
+        # passes over known addresses' connections only: a station's few.)
+        for guard in self._lone:
+            if guard.peer not in known:
+                return guard if self.clock() - self._since[guard] >= self.grace_s else None
+        return None
+
     def _at_cap(self) -> None:
         if self._full:
             return
         self._full = True
         message = (
             f"the {self.name} listener is at its cap of {self.caps.max_connections} connections: new ones"
-            " displace idle and unauthenticated ones, or are refused"
+            " displace connections that have not shown they are clients, or are refused"
         )
         if self.alarms is not None:
             self.alarms.raise_alarm(self.cause, message, self.advice, severity="warning")
@@ -195,7 +271,7 @@ class ConnectionGate:
             log.warning("%s (%s)", message, self.advice)
 
     def release(self, guard: Guard, *, displaced: bool = False) -> None:
-        self._displaceable.pop(guard, None)
+        self.displaceable(guard, False)
         self._admitted.discard(guard)
         self.open -= 1
         held = self.peers.get(guard.peer, 0) - 1
@@ -220,19 +296,76 @@ class ConnectionGate:
             guard.displace()
 
     def displaceable(self, guard: Guard, flag: bool) -> None:
-        self._displaceable.pop(guard, None)
-        if flag:
-            self._displaceable[guard] = None  # to the end: displaceable since now
+        """Mark `guard` unproven (again: it becomes its address's newest, its grace counted from now) or not."""
+        self._unvouch(guard)
+        peer = guard.peer
+        mine = self._unproven.get(peer)
+        if mine is not None and guard in mine:
+            del mine[guard]
+            del self._since[guard]
+            if guard in self._lone:
+                del self._lone[guard]
+                if mine:  # the newest of the rest becomes the address's lone connection
+                    newest = next(reversed(mine))
+                    del self._surplus[newest]
+                    self._lone[newest] = None
+            else:
+                del self._surplus[guard]
+            if not mine:
+                del self._unproven[peer]
+        if not flag:
+            return
+        mine = self._unproven.setdefault(peer, {})
+        if mine:
+            previous = next(reversed(mine))
+            del self._lone[previous]
+            self._surplus[previous] = None
+        mine[guard] = None
+        self._lone[guard] = None
+        self._since[guard] = self.clock()
+
+    def vouch(self, guard: Guard, station: str) -> None:
+        """The station listener: `guard`'s TLS handshake completed with the certificate of registered station
+        `station`. Not displaced from now on (its deadline still runs). At most VOUCHED_PER_STATION connections
+        per station are vouched for at once: beyond, the oldest is unproven again."""
+        if guard not in self._admitted or guard in self._vouch_of:
+            return
+        self.displaceable(guard, False)
+        mine = self._vouched.setdefault(station, {})
+        mine[guard] = None
+        self._vouch_of[guard] = station
+        while len(mine) > VOUCHED_PER_STATION:
+            self.displaceable(next(iter(mine)), True)
+
+    def _unvouch(self, guard: Guard) -> None:
+        station = self._vouch_of.pop(guard, None)
+        if station is not None:
+            mine = self._vouched[station]
+            del mine[guard]
+            if not mine:
+                del self._vouched[station]
+
+    def authenticated(self, guard: Guard) -> None:
+        """A station authenticated on `guard`: never displaced, and its address is known from now on."""
+        self.displaceable(guard, False)
+        self._known.pop(guard.peer, None)
+        self._known[guard.peer] = None
+        while len(self._known) > KNOWN_PEERS:
+            del self._known[next(iter(self._known))]
 
     def timed_out(self, why: str, peer: str) -> None:
         key = f"timeout_{why}"
         self.counters[key] = self.counters.get(key, 0) + 1
-        self._log.log(
-            log, logging.INFO, key, "%s listener: closed a connection from %s (%s timeout)", self.name, peer, why
+        self._log.add(
+            log, logging.INFO, key, peer, "%s listener: closed a connection from %s (%s timeout)",
+            self.name, peer, why,
         )  # fmt: skip
 
     def snapshot(self) -> dict[str, Any]:
-        return {"name": self.name, "open": self.open, "peers": len(self.peers), **self.counters}
+        return {
+            "name": self.name, "open": self.open, "peers": len(self.peers), "unproven": self.unproven,
+            "vouched": len(self._vouch_of), **self.counters,
+        }  # fmt: skip
 
 
 def _load_malloc_trim() -> Callable[[int], int] | None:
@@ -264,8 +397,9 @@ class Guard(asyncio.Protocol):
     """The protocol of every accepted connection: admission, then the real protocol behind one deadline.
 
     ``make_inner(guard)`` builds the real protocol only once the connection is admitted. A new connection is
-    displaceable (see ConnectionGate) until ``authenticated()`` (the station listener) or its first request
-    (HTTP, which makes it displaceable again whenever it is idle).
+    unproven (displaceable, see ConnectionGate) until ``vouched()`` or ``authenticated()`` (the station
+    listener), or until its request headers and body are in (HTTP; unproven again while the application holds
+    the request for pacing, see ``hold``, and whenever the connection is idle).
     """
 
     def __init__(self, gate: ConnectionGate, make_inner: Callable[[Guard], asyncio.BaseProtocol]) -> None:
@@ -279,6 +413,7 @@ class Guard(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._busy = 0  # HTTP requests between their headers and their response
         self._payload: Any = None  # HTTP: the body being received (aiohttp StreamReader)
+        self._last_payload: Any = None  # HTTP: the body of the latest request, read to its end or not
 
     # -- asyncio.Protocol ---------------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -323,11 +458,18 @@ class Guard(asyncio.Protocol):
         self.clear_deadline()
         inner, self.inner = self.inner, None
         self._payload = None
+        last, self._last_payload = self._last_payload, None
         if self.transport is not None:  # admitted, and not displaced (which released it already)
             self.transport = None
             self.gate.release(self)
         if inner is not None:
             inner.connection_lost(exc)
+        if not self._busy and last is not None and not last.is_eof():
+            # aiohttp reads the unread rest of a body after its response ("lingering", up to lingering_time)
+            # and is not woken when the connection ends: its task, the request and the buffered body would stay
+            # in memory that long, for every connection closed meanwhile (at a flood's rate, far beyond the
+            # caps). The response is out and no handler reads this body: end it here.
+            last.feed_eof()
 
     def displace(self) -> None:
         """Make room for a new connection: released now, aborted (connection_lost follows)."""
@@ -337,10 +479,22 @@ class Guard(asyncio.Protocol):
         if transport is not None:
             transport.abort()
 
+    def vouched(self, station: str) -> None:
+        """The station listener: the TLS handshake completed with registered station `station`'s certificate.
+        Not displaced from now on; the listener's deadline still runs."""
+        if self.transport is not None:
+            self.gate.vouch(self, station)
+
     def authenticated(self) -> None:
         """The station listener's peer proved who it is: no deadline, never displaced."""
         self.clear_deadline()
-        self.gate.displaceable(self, False)
+        if self.transport is not None:
+            self.gate.authenticated(self)
+
+    @property
+    def gone(self) -> bool:
+        """The connection was closed, aborted or displaced: nothing written to it arrives."""
+        return self.transport is None or self.transport.is_closing()
 
     # -- the deadline -------------------------------------------------------------------------------------------
     def set_deadline(self, seconds: float, why: str) -> None:
@@ -370,7 +524,7 @@ class Guard(asyncio.Protocol):
             self._timer = loop.call_at(self._deadline, self._expire)
             return
         if self.why == "body" and self._payload is not None and self._payload.is_eof():
-            self.clear_deadline()
+            self._body_complete()
             return
         self.gate.timed_out(self.why, self.peer)
         transport = self.transport
@@ -383,8 +537,7 @@ class Guard(asyncio.Protocol):
         assert limits is not None
         if self._busy:
             if self._payload is not None and self._payload.is_eof():
-                self._payload = None
-                self.clear_deadline()
+                self._body_complete()
         elif self.why == "idle":
             # The first bytes of the next request: its headers get header_timeout_s, but never more than the
             # idle time that was left.
@@ -394,17 +547,35 @@ class Guard(asyncio.Protocol):
             else:
                 self.why = "headers"
 
+    def _body_complete(self) -> None:
+        self._payload = None
+        self.clear_deadline()
+        if self.transport is not None:
+            self.gate.displaceable(self, False)  # the request is in: served from now on
+
     def request_started(self, payload: Any) -> None:
-        """Headers complete. `payload` is the body stream, or None without a body."""
+        """Headers complete. `payload` is the body stream, or None without a body. A request still receiving
+        its body has not shown it is a client yet: it stays displaceable until the body is in."""
         limits = self.gate.http
         assert limits is not None
         self._busy += 1
-        self.gate.displaceable(self, False)
+        self._last_payload = payload
+        if self.transport is None:
+            return
         if payload is not None and not payload.is_eof():
             self._payload = payload
             self.set_deadline(limits.body_timeout_s, "body")
+            self.gate.displaceable(self, True)
         else:
             self.clear_deadline()
+            self.gate.displaceable(self, False)
+
+    def hold(self, held: bool) -> None:
+        """The application holds the request (pacing a client over its rate) or releases it. A held request
+        has not been served: its connection is displaceable meanwhile."""
+        if self.transport is None or not self._busy:
+            return
+        self.gate.displaceable(self, held or self._payload is not None)
 
     def request_finished(self) -> None:
         """The handler returned its response (written next): the connection is idle from now on."""
@@ -474,12 +645,16 @@ def tls_server_protocol(
     return proto
 
 
-def ensure_fd_budget(caps: Mapping[str, int], reserve: int = FD_RESERVE) -> tuple[int, int]:
-    """Check that the listeners' caps (config key -> cap), each with ACCEPTS_IN_FLIGHT, plus `reserve` fit under
-    RLIMIT_NOFILE, raising the soft limit up to the hard one when that is enough. Returns (limit, needed);
-    ConfigError when impossible."""
-    in_flight = ACCEPTS_IN_FLIGHT * len(caps)
-    needed = sum(caps.values()) + in_flight + reserve
+def ensure_fd_budget(
+    caps: Mapping[str, int], reserve: int = FD_RESERVE, *, fixed: Mapping[str, int] | None = None
+) -> tuple[int, int]:
+    """Check that the listeners' caps (config key -> cap; `fixed`: listeners whose cap is not configurable, name ->
+    cap), each with ACCEPTS_IN_FLIGHT, plus `reserve` fit under RLIMIT_NOFILE, raising the soft limit up to the
+    hard one when that is enough. Returns (limit, needed); ConfigError when impossible."""
+    fixed = fixed or {}
+    in_flight = ACCEPTS_IN_FLIGHT * (len(caps) + len(fixed))
+    total = sum(caps.values()) + sum(fixed.values())
+    needed = total + in_flight + reserve
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if needed > soft and (hard == resource.RLIM_INFINITY or needed <= hard):
         try:
@@ -489,18 +664,19 @@ def ensure_fd_budget(caps: Mapping[str, int], reserve: int = FD_RESERVE) -> tupl
             log.warning("could not raise the file-descriptor limit from %d to %d: %s", soft, needed, exc)
     if needed > soft:
         keys = " + ".join(caps)
+        also = "".join(f", {name} {cap}" for name, cap in fixed.items())
         raise ConfigError([
             Problem(
                 keys,
-                f"the connection caps add up to {sum(caps.values())}; with {in_flight} for connections being"
-                f" accepted or refused and {reserve} for the journal, HSM and ports that is {needed}, above this"
-                f" process's file-descriptor limit of {soft} (RLIMIT_NOFILE, hard limit {hard}): lower the caps"
-                " or raise LimitNOFILE=",
+                f"the connection caps add up to {total} ({', '.join(f'{k} {v}' for k, v in caps.items())}{also});"
+                f" with {in_flight} for connections being accepted or refused and {reserve} for the journal,"
+                f" HSM and ports that is {needed}, above this process's file-descriptor limit of {soft}"
+                f" (RLIMIT_NOFILE, hard limit {hard}): lower the caps or raise LimitNOFILE=",
             )
         ])  # fmt: skip
     log.info(
-        "file descriptors: limit %d; listener caps %s = %d, plus %d being accepted, plus %d reserved",
-        soft, ", ".join(f"{k} {v}" for k, v in caps.items()), sum(caps.values()), in_flight, reserve,
+        "file descriptors: limit %d, needed %d: listener caps %s = %d, plus %d being accepted, plus %d reserved",
+        soft, needed, ", ".join(f"{k} {v}" for k, v in {**caps, **fixed}.items()), total, in_flight, reserve,
     )  # fmt: skip
     return soft, needed
 
@@ -553,7 +729,9 @@ class AcceptErrors:
                 self.CAUSE,
                 f"accepting connections fails: {errno.errorcode.get(exc.errno or 0, exc.errno)}"
                 " (out of file descriptors or memory); listeners retry every second",
-                "check what holds descriptors (ls /proc/PID/fd) and the listeners' max_connections",
+                "check what holds descriptors (ls /proc/PID/fd); the budget checked at start counts [stations],"
+                " [va], [cmp], [scep] and [control] max_connections, the metrics listener's 64 and 256 per listener for"
+                " connections being accepted: raise LimitNOFILE= in the unit or lower those caps",
                 code=None,
             )
             return

@@ -40,6 +40,7 @@ from appliance.connections import (
     serve_guarded,
     tls_server_protocol,
 )
+from appliance.control.metrics import METRICS_LIMITS
 from appliance.control.plane import ControlPlane
 from appliance.daemon_lock import DaemonLock, DaemonRunning
 from appliance.errors import BirthlineError, IssuanceFailed, IssuancePending, IssuanceRefused
@@ -322,7 +323,7 @@ class Daemon:
             self.va_server = await self._stack.enter_async_context(
                 VaServer(
                     make_app(self.va), *self.config.va.address, limits=self.config.va.limits, name="va",
-                    alarms=self.core.alarms, accept_errors=accept_errors,
+                    section="va", alarms=self.core.alarms, accept_errors=accept_errors,
                 )
             )  # fmt: skip
             log.info("CRL and OCSP on %s", self.va_server.url)
@@ -341,7 +342,7 @@ class Daemon:
                 admission=self.forwarder.admission if self.forwarder is not None else None
             )
         )
-        await self._start_control(service)
+        await self._start_control(service, accept_errors)
         if self.config.cmp.address is not None:
             await self._start_cmp(service, accept_errors)
         if self.config.scep.address is not None:
@@ -370,8 +371,9 @@ class Daemon:
         self._watcher = self._tg.create_task(self._watch_registry(), name="station-registry-watcher")
 
     def _check_fd_budget(self) -> None:
-        """Every listener's cap together must fit under RLIMIT_NOFILE: a flood meets a cap, never EMFILE."""
-        caps = {}
+        """Every listener's cap together must fit under RLIMIT_NOFILE: a flood meets a cap, never EMFILE. The
+        station, VA, CMP and metrics listeners and the control socket each count with their cap."""
+        caps, fixed = {}, {}
         if self.config.stations.lan_address is not None:
             caps["stations.max_connections"] = self.config.stations.max_connections
         if self.config.va.address is not None:
@@ -380,7 +382,11 @@ class Daemon:
             caps["cmp.max_connections"] = self.config.cmp.limits.max_connections
         if self.config.scep.address is not None:
             caps["scep.max_connections"] = self.config.scep.limits.max_connections
-        self.fd_budget = ensure_fd_budget(caps)
+        if self.config.control.enabled:
+            caps["control.max_connections"] = self.config.control.max_connections
+        if self.config.metrics.address is not None:
+            fixed["the metrics listener"] = METRICS_LIMITS.max_connections
+        self.fd_budget = ensure_fd_budget(caps, fixed=fixed)
 
     async def _start_lan(self, context: ssl.SSLContext, accept_errors: AcceptErrors) -> None:
         """The TLS listener for LAN stations. Each connection is admitted by the gate before TLS allocates
@@ -406,7 +412,7 @@ class Daemon:
         host, port = cfg.lan_address
         self._lan = await serve_guarded(self.lan_gate, inner, host, port, buffered=True)
 
-    async def _start_control(self, service: IssueService) -> None:
+    async def _start_control(self, service: IssueService, accept_errors: AcceptErrors) -> None:
         """The control API, metrics and the disk alarm (appliance/control): before any listener takes a request,
         so every answer is seen."""
         assert self.core is not None
@@ -423,7 +429,7 @@ class Daemon:
         va = self.va
         self.control = await self._stack.enter_async_context(
             ControlPlane(self.core, service, probe=probe, snapshots=snapshots,
-                         on_revoked=va.changed if va is not None else None)
+                         on_revoked=va.changed if va is not None else None, accept_errors=accept_errors)
         )  # fmt: skip
 
     async def _start_cmp(self, service: IssueService, accept_errors: AcceptErrors) -> None:
@@ -455,8 +461,8 @@ class Daemon:
         assert cfg.address is not None
         self.cmp_server = await self._stack.enter_async_context(
             VaServer(
-                make_cmp_app(self.cmp), *cfg.address, limits=cfg.limits, name="cmp", alarms=self.core.alarms,
-                accept_errors=accept_errors,
+                make_cmp_app(self.cmp), *cfg.address, limits=cfg.limits, name="cmp", section="cmp",
+                alarms=self.core.alarms, accept_errors=accept_errors,
             )
         )  # fmt: skip
         log.info("CMP on %s/.well-known/cmp (%d label(s))", self.cmp_server.url, len(self.cmp.labels))
@@ -483,7 +489,8 @@ class Daemon:
         assert cfg.address is not None
         self.scep_server = await self._stack.enter_async_context(
             HttpListener(
-                make_scep_app(self.scep), *cfg.address, limits=cfg.limits, name="scep", alarms=self.core.alarms,
+                make_scep_app(self.scep), *cfg.address, limits=cfg.limits, name="scep", section="scep",
+                alarms=self.core.alarms,
                 accept_errors=accept_errors,
             )
         )  # fmt: skip
@@ -661,6 +668,9 @@ class Daemon:
                     await channel.send(plain_frame(Error(code, text)))
                 await channel.close()
                 return
+            # A registered station's certificate: the listener no longer displaces this connection for
+            # newcomers (appliance/connections.py), while its station session authenticates.
+            guard.vouched(rec.name)
             await self.server.serve(
                 channel, self._lookup_for(rec.name), station=rec.name, on_authenticated=guard.authenticated
             )

@@ -3,18 +3,22 @@
 aiohttp (3.14) bounds header sizes and closes a keep-alive connection idle for keepalive_timeout, but it has no
 deadline for finishing the request headers or the body, and no connection cap: an idle socket that sent half a
 request line was held forever. Here every connection goes through a ConnectionGate and a Guard (caps, and the
-header, body and idle deadlines); a middleware tells the Guard where each request is.
+header, body and idle deadlines); a middleware tells the Guard where each request is, and ``held(request)``
+marks the time a handler holds a request to pace its client (the connection may be displaced meanwhile).
 
 Per connection aiohttp buffers at most: the request line (8190 bytes), MAX_HEADERS header lines of at most
-MAX_FIELD bytes each, and up to twice READ_BUFSIZE of body before it stops reading the socket. aiohttp's own
-error log (a traceback per malformed request) goes through a rate limit: a peer cannot fill the log.
+MAX_FIELD bytes each, and up to twice READ_BUFSIZE of body before it stops reading the socket (one read of the
+socket, up to 256 KiB, may land before it stops). aiohttp's own error log (a traceback per malformed request)
+goes through a rate limit, and a client that goes away in the middle of its request is no error of ours: a peer
+cannot fill the log, nor put a traceback in it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import traceback
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from types import TracebackType
 from typing import Any
 
@@ -22,9 +26,16 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from appliance.alarms import Alarms, LogOnce
-from appliance.connections import AcceptErrors, ConnectionGate, Guard, HttpLimits, serve_guarded
+from appliance.connections import (
+    DISPLACE_GRACE_S,
+    AcceptErrors,
+    ConnectionGate,
+    Guard,
+    HttpLimits,
+    serve_guarded,
+)
 
-__all__ = ["MAX_FIELD", "MAX_HEADERS", "READ_BUFSIZE", "HttpListener"]
+__all__ = ["MAX_FIELD", "MAX_HEADERS", "READ_BUFSIZE", "HttpListener", "gone", "held"]
 
 MAX_HEADERS = 32  # OCSP and CMP clients send a handful
 MAX_FIELD = 2048
@@ -35,9 +46,10 @@ _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 class _ServerLog(logging.LoggerAdapter):  # type: ignore[type-arg]
     """aiohttp's server logger. aiohttp logs every malformed request at ERROR with a traceback, so any peer
-    could fill the log: those (HttpProcessingError: bad request line, too many or too long headers) are logged
-    once a minute per kind at INFO, and anything else (a handler's bug) once a minute per kind at ERROR with
-    its traceback."""
+    could fill the log: those (HttpProcessingError: bad request line, too many or too long headers) and a
+    connection lost in the middle of a request (ConnectionError: the peer went away, or the listener closed it
+    at a deadline) are the client's doing, logged once a minute per kind at INFO without a traceback; anything
+    else (a handler's bug) once a minute per kind at ERROR with its traceback."""
 
     def __init__(self, name: str) -> None:
         super().__init__(logging.getLogger(f"birthline.http.{name}"), {})
@@ -54,6 +66,12 @@ class _ServerLog(logging.LoggerAdapter):  # type: ignore[type-arg]
                 "%s listener: malformed request refused (%s: %s)",
                 self.listener, type(exc).__name__, str(exc).replace("\n", " ")[:200],
             )  # fmt: skip
+        elif isinstance(exc, ConnectionError):
+            self._once.log(
+                self.logger, logging.INFO, f"peer:{type(exc).__name__}",
+                "%s listener: a connection ended in the middle of a request (%s)",
+                self.listener, type(exc).__name__,
+            )  # fmt: skip
         else:
             self._once.log(
                 self.logger, logging.ERROR, f"own:{type(exc).__name__}", "%s listener: %s\n%s",
@@ -64,15 +82,52 @@ class _ServerLog(logging.LoggerAdapter):  # type: ignore[type-arg]
         return msg, kwargs
 
 
+_GUARD: web.RequestKey[Guard] = web.RequestKey("birthline.guard", Guard)
+
+
+def _guard(request: web.Request) -> Guard | None:
+    guard = request.get(_GUARD)
+    return guard if isinstance(guard, Guard) else None
+
+
+@contextlib.contextmanager
+def held(request: web.Request) -> Iterator[None]:
+    """While a handler holds `request` to pace its client, the connection has not been served: displaceable."""
+    guard = _guard(request)
+    if guard is None:
+        yield
+        return
+    guard.hold(True)
+    try:
+        yield
+    finally:
+        guard.hold(False)
+
+
+def gone(request: web.Request) -> bool:
+    """The request's connection was closed (displaced, timed out, or by the peer): nothing more to do for it."""
+    guard = _guard(request)
+    if guard is not None:
+        return guard.gone
+    return request.transport is None or request.transport.is_closing()
+
+
 @web.middleware
 async def _request_phases(request: web.Request, handler: _Handler) -> web.StreamResponse:
     transport = request.transport
     guard = transport.get_protocol() if transport is not None else None
     if not isinstance(guard, Guard):
         return await handler(request)
+    request[_GUARD] = guard
     guard.request_started(request.content if request.body_exists else None)
     try:
         return await handler(request)
+    except ConnectionError:
+        if not guard.gone:
+            raise
+        # The connection ended under the handler (reading a body the peer stopped sending, closed at its
+        # deadline or displaced): the listener counted and logged that; no answer can reach anyone.
+        return web.Response(status=400)
     finally:
         guard.request_finished()
 
@@ -104,17 +159,30 @@ class HttpListener:
         *,
         limits: HttpLimits | None = None,
         name: str = "http",
+        section: str | None = None,
         alarms: Alarms | None = None,
         accept_errors: AcceptErrors | None = None,
+        grace_s: float = DISPLACE_GRACE_S,
     ) -> None:
+        """`name` names the listener in alarms and the log; `section` is the configuration section holding its
+        limits (None: they are fixed), which the at-cap alarm's advice names; `grace_s` see ConnectionGate."""
         self.app = app
         self.host = host
         self.port = port
         self.limits = limits or HttpLimits()
+        if section is not None:
+            advice = (
+                f"raise [{section}] max_connections (or max_connections_per_peer) if these clients are"
+                " legitimate; otherwise find the peer holding them"
+            )
+        else:
+            advice = (
+                f"the {name} listener's caps are fixed ({self.limits.max_connections} connections,"
+                f" {self.limits.max_connections_per_peer} per address): find the peer holding them"
+            )
         self.gate = ConnectionGate(
-            name, self.limits.caps, http=self.limits, alarms=alarms, accept_errors=accept_errors,
-            advice=f"raise [{name}] max_connections (or max_connections_per_peer) if these clients are"
-            " legitimate; otherwise find the peer holding them",
+            name, self.limits.caps, http=self.limits, alarms=alarms, accept_errors=accept_errors, advice=advice,
+            grace_s=grace_s,
         )  # fmt: skip
         self._runner: web.AppRunner | None = None
 

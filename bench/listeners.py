@@ -13,9 +13,12 @@ each listener in turn this opens `--connections` TCP connections, spread over `-
     va           HTTP request headers never finished ("GET /crl/issuing.crl HTTP/1.1\\r\\nHost: x\\r\\n")
     va-headers   the most header bytes the VA accepts for one request (31 fields of 4 KiB), never finished
     cmp          the same with a POST to /.well-known/cmp
+    cmp-415      a POST to /.well-known/cmp without a Content-Type (answered 415 unread) announcing 256 KiB of
+                 body and sending 200,000 bytes of it at once, then silence
 
 and prints the daemon's RSS (VmRSS of the main process) and open file descriptors before, during (all flood
-connections made) and after (flood sockets closed, the daemon's descriptors back), the RSS growth per admitted
+connections made; and the highest RSS sampled every 0.1 s from the first flood connection until the flood's
+sockets are closed) and after (flood sockets closed, the daemon's descriptors back), the RSS growth per admitted
 connection, how many flood connections the daemon refused at once and how many it closed itself within `--hold`
 seconds, and whether a good client from 127.0.0.1 (a station enrolment over TLS, a CRL fetch, a CMP POST) was
 served during and after the flood.
@@ -84,10 +87,19 @@ PARTIAL = {
     "station": b"",
     "station-tls": b"",
     # The most header bytes aiohttp keeps for one request (appliance/httplisten.py), and never the blank line.
+    "cmp-415": b"POST /.well-known/cmp/p/bench HTTP/1.1\r\nHost: x\r\nContent-Length: 262144\r\n\r\n"
+    + b"A" * 200_000,
     "va-headers": b"GET /crl/issuing.crl HTTP/1.1\r\n"
     + b"".join(b"X-Pad-%02d: %s\r\n" % (i, b"a" * (MAX_FIELD - 12)) for i in range(MAX_HEADERS - 1)),
 }
-PORT = {"va": "va", "va-headers": "va", "cmp": "cmp", "station": "station", "station-tls": "station"}
+PORT = {
+    "va": "va",
+    "va-headers": "va",
+    "cmp": "cmp",
+    "cmp-415": "cmp",
+    "station": "station",
+    "station-tls": "station",
+}
 
 
 def free_port() -> int:
@@ -309,6 +321,16 @@ async def run_listener(
     pid = app.pid
     await good.check(listener)  # warm: first use loads what the path needs
     rss0, fd0 = rss_kib(pid), fds(pid)
+    peak = rss0
+
+    async def sample() -> None:
+        nonlocal peak
+        while True:
+            with contextlib.suppress(OSError, ValueError):
+                peak = max(peak, rss_kib(pid))
+            await asyncio.sleep(0.1)
+
+    sampler = asyncio.create_task(sample())
     conns = await flood(listener, app, n, sources)
     await asyncio.sleep(0.5)
     rss1, fd1 = rss_kib(pid), fds(pid)
@@ -318,6 +340,7 @@ async def run_listener(
     _, closed_hold = conns.closed_by_server()
     rss_hold = rss_kib(pid)
     conns.close()
+    sampler.cancel()
     await wait_for(lambda: fds(pid) <= fd0 + 2, 30)
     await asyncio.sleep(1.0)
     after_result = await good.check(listener)
@@ -331,6 +354,7 @@ async def run_listener(
           f" ({answered} with HTTP 503)")  # fmt: skip
     if held > 0:
         print(f"          {(rss1 - rss0) / held:.1f} KiB of RSS per connection the daemon holds")
+    print(f"  highest RSS while the flood was open: {peak / 1024:7.1f} MiB ({(peak - rss0) / 1024:+.1f} MiB)")
     print(f"  good client from 127.0.0.1 during the flood: {during_result}")
     print(f"  after holding up to {hold:.0f} s: {closed_hold} of {len(conns)} closed by the daemon"
           f"{' (all)' if gone else ''}; RSS {rss_hold / 1024:.1f} MiB")  # fmt: skip

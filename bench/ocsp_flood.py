@@ -1,7 +1,7 @@
 """Issuance alone, and issuance during a 16-thread OCSP nonce flood, in the same run (issue 10 item 3).
 
     python bench/ocsp_flood.py [--stations 20] [--devices 60] [--threads 16] [--rounds 3] [--unprotected] [--no-pacing]
-                               [--compare SRC]
+                               [--compare SRC] [--kind ocsp|crl|metrics]
 
 A fresh appliance (SoftHSM2 token, root/issuing/management CAs, journal) runs as its own process
 (`birthline run`), as on the appliance, with the LAN station listener and the VA (CRL/OCSP) on 127.0.0.1.
@@ -10,7 +10,9 @@ devices, first alone, then while another process floods POST /ocsp from `--threa
 with a fresh 16-octet nonce, for random serials of the issuing CA, one keep-alive connection per thread.
 Phases alternate (alone, flood, alone, flood, ...) for `--rounds` rounds so the machine's noise falls on both;
 printed: the median devices/s alone and during the flood, their ratio, and what the flood got (answers signed
-with its nonce, cached answers without it, tryLater) per second.
+with its nonce, cached answers without it, tryLater) per second. `--kind crl` floods GET /crl/issuing.crl
+instead, `--kind metrics` GET /metrics on the daemon's metrics listener (`[metrics] listen`, enabled for that
+kind), each thread as fast as it is answered; what the flood got is then counted by HTTP status.
 
 `--compare SRC` repeats the rounds with the daemon run from another source tree (`git archive main | tar -x -C
 SRC`), for a before/after in one run. `--unprotected` repeats them on a daemon whose request pacing and signing
@@ -70,8 +72,12 @@ def _request(name_hash: bytes, key_hash: bytes, serial: int) -> bytes:
     return builder.build().public_bytes(serialization.Encoding.DER)
 
 
-def flood(address: str, name_hash: bytes, key_hash: bytes, threads: int) -> None:
-    """POST nonce requests from `threads` threads until SIGTERM; then print the counts as JSON."""
+GET_PATH = {"crl": "/crl/issuing.crl", "metrics": "/metrics"}
+
+
+def flood(address: str, name_hash: bytes, key_hash: bytes, threads: int, kind: str = "ocsp") -> None:
+    """POST nonce requests (`kind` ocsp; else GETs of GET_PATH[kind]) from `threads` threads until SIGTERM; then
+    print the counts as JSON."""
     host, port = address.rsplit(":", 1)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -83,6 +89,18 @@ def flood(address: str, name_hash: bytes, key_hash: bytes, threads: int) -> None
         conn = http.client.HTTPConnection(host, int(port), timeout=30)
         local: Counter[str] = Counter()
         while not stop.is_set():
+            if kind != "ocsp":
+                try:
+                    conn.request("GET", GET_PATH[kind])
+                    r = conn.getresponse()
+                    r.read()
+                except (OSError, http.client.HTTPException):
+                    local["connection error"] += 1
+                    conn.close()
+                    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+                    continue
+                local[f"HTTP {r.status}"] += 1
+                continue
             body = _request(name_hash, key_hash, rng.getrandbits(63) | 1)
             try:
                 conn.request("POST", "/ocsp", body, {"Content-Type": "application/ocsp-request"})
@@ -163,9 +181,10 @@ async def _with_flood(
     va: str,
     hashes_: tuple[bytes, bytes],
     threads: int,
+    kind: str,
 ) -> tuple[Phase, dict[str, object]]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, __file__, "--flood", va, hashes_[0].hex(), hashes_[1].hex(), str(threads),
+        sys.executable, __file__, "--flood", va, hashes_[0].hex(), hashes_[1].hex(), str(threads), kind,
         stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
     assert proc.stdout is not None
@@ -212,6 +231,8 @@ class Setup:
     lan_port: int
     va_port: int
     hashes: tuple[bytes, bytes]
+    kind: str = "ocsp"
+    metrics_port: int = 0
 
 
 async def _rounds(
@@ -223,7 +244,7 @@ async def _rounds(
     alone: list[Phase] = []
     during: list[Phase] = []
     floods: list[dict[str, object]] = []
-    va = f"127.0.0.1:{setup.va_port}"
+    va = f"127.0.0.1:{setup.metrics_port if setup.kind == 'metrics' else setup.va_port}"
     try:
         await _wait_listening(setup.lan_port, proc)
         await _wait_listening(setup.va_port, proc)
@@ -232,7 +253,7 @@ async def _rounds(
         for r in range(rounds):
             alone.append(await _phase(setup.sims, devices, f"{tag}A{r}", proc.pid))
             phase, got = await _with_flood(
-                setup.sims, devices, f"{tag}F{r}", proc.pid, va, setup.hashes, threads
+                setup.sims, devices, f"{tag}F{r}", proc.pid, va, setup.hashes, threads, setup.kind
             )
             during.append(phase)
             floods.append(got)
@@ -272,9 +293,11 @@ async def run(args: argparse.Namespace) -> int:
         text = CONFIG.format(base=base, module=token.module, label=token.label, pin=token.pin_file,
                              conf=token.conf_path, port=lan_port)  # fmt: skip
         text = text.replace('listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{va_port}"')
-        (base / "birthline.toml").write_text(text)
-        (base / "unprotected.toml").write_text(text + UNPROTECTED)
-        (base / "no-pacing.toml").write_text(text + NO_PACING)
+        metrics_port = _free_port()
+        tail = f'[metrics]\nlisten = "127.0.0.1:{metrics_port}"\n' if args.kind == "metrics" else ""
+        (base / "birthline.toml").write_text(text + tail)
+        (base / "unprotected.toml").write_text(text + UNPROTECTED + tail)
+        (base / "no-pacing.toml").write_text(text + NO_PACING + tail)
         config = load_config(base / "birthline.toml")
         sims = [
             dataclasses.replace(s, host="127.0.0.1", tcp_port=lan_port)
@@ -282,9 +305,10 @@ async def run(args: argparse.Namespace) -> int:
         ]
         with open_core(config) as core:
             issuing = core.issuing_ca().certificate
-        setup = Setup(base, sims, lan_port, va_port, _issuer_hashes(issuing))
+        setup = Setup(base, sims, lan_port, va_port, _issuer_hashes(issuing), args.kind, metrics_port)
+        what = {"ocsp": "nonce requests", "crl": "CRL GETs", "metrics": "/metrics scrapes"}[args.kind]
         print(f"{args.stations} LAN stations x {args.devices} devices over TLS per phase, real daemon"
-              f" (`birthline run`); flood: {args.threads} threads of nonce requests from one address;"
+              f" (`birthline run`); flood: {args.threads} threads of {what} from one address;"
               f" {args.rounds} rounds")  # fmt: skip
         runs = [("this tree, defaults:", base / "birthline.toml", None)]
         if args.unprotected:
@@ -308,8 +332,8 @@ async def run(args: argparse.Namespace) -> int:
 
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--flood":
-        _, _, address, name_hash, key_hash, threads = sys.argv
-        flood(address, bytes.fromhex(name_hash), bytes.fromhex(key_hash), int(threads))
+        _, _, address, name_hash, key_hash, threads, kind = sys.argv
+        flood(address, bytes.fromhex(name_hash), bytes.fromhex(key_hash), int(threads), kind)
         return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--stations", type=int, default=20)
@@ -318,6 +342,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--unprotected", action="store_true")
     ap.add_argument("--no-pacing", action="store_true")
+    ap.add_argument(
+        "--kind", choices=["ocsp", "crl", "metrics"], default="ocsp", help="what the flood asks for"
+    )
     ap.add_argument(
         "--compare", type=Path, help="also run the daemon from this source tree (e.g. an export of main)"
     )

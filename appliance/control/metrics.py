@@ -2,16 +2,22 @@
 
 The hot path only counts into plain dicts and histograms (appliance/control/stats.py); this module turns them
 into metric families when the endpoint is scraped. Values that live in the journal (the upstream queue) are read
-once per scrape, on the journal thread, before the families are built.
+on the journal thread, before the families are built.
 
     GET /metrics     OpenMetrics 1.0 when the Accept header asks for application/openmetrics-text (Prometheus
                      does), else the Prometheus text format 0.0.4 (curl, older scrapers)
 
-The listener is its own ([metrics] listen), bounded like the VA's.
+A scrape is answered from a snapshot at most SNAPSHOT_S old (one per format; concurrent scrapes share the one
+being built), so however often the endpoint is asked, the journal is read and the text built at most once per
+SNAPSHOT_S for each format. Each client address is paced to SCRAPE_RATE scrapes a second (bursts of
+SCRAPE_BURST): a faster one waits, at most SCRAPE_MAX_DELAY_S, then gets 503 with Retry-After.
+
+The listener is its own ([metrics] listen), with fixed bounds (METRICS_LIMITS).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -24,12 +30,26 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from appliance.alarms import Alarms
+from appliance.connections import HttpLimits
 from appliance.control.events import EventBus
 from appliance.control.stats import Histogram, Stats
+from appliance.httplisten import gone, held
 from appliance.issuance.journal import Journal
 from appliance.issuance.pauses import StationPauses
+from appliance.va.ratelimit import ClientLimiter
 
 NAMESPACE = "birthline"
+
+SNAPSHOT_S = 1.0  # the oldest a scrape's answer may be
+SCRAPE_RATE = 5.0  # scrapes a second per client address (Prometheus scrapes every 15 s or so) ...
+SCRAPE_BURST = 10  # ... in bursts of up to this many
+SCRAPE_MAX_DELAY_S = 1.0  # the longest a scrape is held; one further over its rate gets 503
+SCRAPE_CLIENTS = 1024  # addresses whose rate is tracked (appliance/va/ratelimit.py: newcomers then share one)
+# The metrics listener's bounds, fixed: a few scrapers need a few connections.
+METRICS_LIMITS = HttpLimits(
+    max_connections=64, max_connections_per_peer=16, header_timeout_s=10.0, body_timeout_s=10.0,
+    idle_timeout_s=30.0,
+)  # fmt: skip
 
 # name -> (connected, authenticated, peer), as the hub reads the station server
 StationProbe = Callable[[], Mapping[str, tuple[bool, bool, str | None]]]
@@ -136,14 +156,21 @@ class ApplianceCollector(Collector):
 
 
 class Metrics:
-    """The registry and the /metrics handler."""
+    """The registry, its snapshots and the /metrics handler."""
 
-    def __init__(self, collector: ApplianceCollector, journal: Journal) -> None:
+    def __init__(
+        self, collector: ApplianceCollector, journal: Journal, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.collector = collector
         self.journal = journal
+        self.clock = clock
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(collector)
         self.registry.register(ProcessCollector(namespace=NAMESPACE, registry=None))
+        self.renders = 0  # snapshots built (the journal read and the text generated)
+        self._snapshots: dict[bool, tuple[float, bytes, str]] = {}  # openmetrics? -> (built at, body, type)
+        self._lock = asyncio.Lock()
+        self._pace = ClientLimiter(SCRAPE_RATE, SCRAPE_BURST, SCRAPE_CLIENTS)
 
     def _queue(self) -> QueueLoad:
         row = self.journal.conn.execute(
@@ -153,12 +180,35 @@ class Metrics:
         return QueueLoad(int(row[0]), 0.0 if oldest is None else max(0.0, time.time() - float(oldest)))
 
     async def render(self, accept: str) -> tuple[bytes, str]:
-        self.collector.queue = await self.journal.acall(self._queue)
-        if "application/openmetrics-text" in accept:
-            return openmetrics.generate_latest(self.registry), openmetrics.CONTENT_TYPE_LATEST  # type: ignore[no-untyped-call]
-        return exposition.generate_latest(self.registry), exposition.CONTENT_TYPE_LATEST
+        """The exposition for an Accept header: the snapshot if it is at most SNAPSHOT_S old, else a new one."""
+        om = "application/openmetrics-text" in accept
+        async with self._lock:  # a scrape arriving while a snapshot is built waits for it
+            snap = self._snapshots.get(om)
+            if snap is not None and self.clock() - snap[0] < SNAPSHOT_S:
+                return snap[1], snap[2]
+            built = self.clock()
+            self.collector.queue = await self.journal.acall(self._queue)
+            if om:
+                body = openmetrics.generate_latest(self.registry)  # type: ignore[no-untyped-call]
+                content_type = openmetrics.CONTENT_TYPE_LATEST
+            else:
+                body, content_type = exposition.generate_latest(self.registry), exposition.CONTENT_TYPE_LATEST
+            self.renders += 1
+            self._snapshots[om] = (built, body, content_type)
+            return body, content_type
 
     async def handle(self, request: web.Request) -> web.Response:
+        delay = self._pace.reserve(request.remote, SCRAPE_MAX_DELAY_S)
+        if delay is None or delay > 0:
+            with held(request):  # the connection is displaceable while its scrape waits
+                await asyncio.sleep(SCRAPE_MAX_DELAY_S if delay is None else delay)
+            if gone(request):
+                return web.Response(status=400)  # never sent: the connection is closed
+        if delay is None:
+            return web.Response(
+                status=503, text="too many scrapes from this address: retry\n",
+                headers={"Retry-After": "1", "Cache-Control": "no-store"},
+            )  # fmt: skip
         body, content_type = await self.render(request.headers.get("Accept", ""))
         return web.Response(body=body, headers={"Content-Type": content_type, "Cache-Control": "no-store"})
 

@@ -8,10 +8,11 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from appliance.connections import AcceptErrors
 from appliance.control.actions import Actions
 from appliance.control.events import EventBus
 from appliance.control.hub import ControlHub
-from appliance.control.metrics import ApplianceCollector, Metrics
+from appliance.control.metrics import METRICS_LIMITS, ApplianceCollector, Metrics
 from appliance.control.server import ControlApi, ControlServer
 from appliance.control.sessions import Sessions
 from appliance.control.status import StatusBuilder, StatusSources
@@ -36,8 +37,10 @@ class ControlPlane:
         probe: Probe,
         snapshots: Snapshots,
         on_revoked: Callable[[], None] | None = None,
+        accept_errors: AcceptErrors | None = None,
     ) -> None:
         self.core = core
+        self.accept_errors = accept_errors
         self.service = service
         self.probe = probe
         self.snapshots = snapshots
@@ -85,8 +88,11 @@ class ControlPlane:
                                            cfg.upstream.enabled)  # fmt: skip
             self.metrics = Metrics(collector, core.journal)
             self.metrics_server = await self._stack.enter_async_context(
-                VaServer(self.metrics.app(), *cfg.metrics.address)
-            )
+                VaServer(
+                    self.metrics.app(), *cfg.metrics.address, limits=METRICS_LIMITS, name="metrics",
+                    alarms=core.alarms, accept_errors=self.accept_errors,
+                )
+            )  # fmt: skip
             log.info("metrics on %s", self.metrics_url)
 
     async def __aexit__(self, *exc: object) -> None:

@@ -10,6 +10,11 @@ http://HOST:PORT they are http://HOST:PORT/crl/<issuing-ca>.crl and http://HOST:
 A request body longer than the limit is refused from its Content-Length before a byte of it is read (and
 while reading, for chunked bodies), with an OCSP malformedRequest answer and the connection closed. Nothing
 here signs a CRL, and OCSP answers come from the responder's cache whenever it has one.
+
+Every request, OCSP or CRL, is first paced to its client's request rate (OcspResponder.admit, one budget per
+client for both): a client over it waits, its connection displaceable meanwhile (appliance.httplisten.held); one
+far over it gets OCSP tryLater, or for a CRL 503 with Retry-After. A request whose connection is gone by then is
+not worked on.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from aiohttp import web
 from cryptography.x509 import ocsp
 
 from appliance.httpbody import read_limited
-from appliance.httplisten import HttpListener
+from appliance.httplisten import HttpListener, gone, held
 from appliance.va.ocsp import MALFORMED, TRY_LATER, OcspAnswer
 from appliance.va.service import ValidationAuthority
 
@@ -65,9 +70,23 @@ def _peer(request: web.Request) -> str:
     return request.remote or "unknown"
 
 
+class _Gone(ConnectionResetError):
+    """The connection ended while its request was held: nothing is worked on or answered (the listener's
+    middleware drops the request quietly)."""
+
+
+async def _admit(request: web.Request, va: ValidationAuthority) -> bool:
+    """Pace the client (see the module docstring): True within its rate. _Gone when the connection ended."""
+    with held(request):
+        admitted = await va.responder.admit(_peer(request))
+    if gone(request):
+        raise _Gone
+    return admitted
+
+
 async def ocsp_post(request: web.Request) -> web.Response:
     va = request.app[VA_KEY]
-    if not await va.responder.admit(_peer(request)):
+    if not await _admit(request, va):
         return _ocsp_response(request, va, TRY_LATER, get=False)
     body = await read_limited(request, va.settings.max_request_bytes)
     if body is None:
@@ -93,7 +112,7 @@ def decode_get_request(raw_path_tail: str, limit: int) -> bytes | None:
 
 async def ocsp_get(request: web.Request) -> web.Response:
     va = request.app[VA_KEY]
-    if not await va.responder.admit(_peer(request)):
+    if not await _admit(request, va):
         return _ocsp_response(request, va, TRY_LATER, get=True)
     tail = request.rel_url.raw_path.split("/ocsp/", 1)[-1]
     der = decode_get_request(tail, va.settings.max_request_bytes)
@@ -103,6 +122,11 @@ async def ocsp_get(request: web.Request) -> web.Response:
 
 async def crl_get(request: web.Request) -> web.Response:
     va = request.app[VA_KEY]
+    if not await _admit(request, va):
+        raise web.HTTPServiceUnavailable(
+            text="too many requests from this address: retry\n",
+            headers={"Retry-After": "1", "Cache-Control": "no-store"},
+        )
     info = va.crls.current(request.match_info["name"])
     if info is None:
         raise web.HTTPNotFound(text="no such CRL\n")

@@ -19,7 +19,7 @@ from aiohttp import web
 from appliance.alarms import Alarms
 from appliance.connections import ACCEPTS_IN_FLIGHT, FD_RESERVE, HttpLimits, ensure_fd_budget
 from appliance.errors import ConfigError
-from appliance.httplisten import MAX_FIELD, MAX_HEADERS, HttpListener
+from appliance.httplisten import MAX_FIELD, MAX_HEADERS, HttpListener, held
 
 GUARD_S = 20.0  # a hang guard only
 
@@ -81,9 +81,15 @@ class App:
     def build(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/hello", self.hello)
+        app.router.add_get("/paced", self.paced)
         app.router.add_post("/echo", self.echo)
         app.router.add_post("/slow", self.slow)
         return app
+
+    async def paced(self, request: web.Request) -> web.Response:
+        with held(request):  # e.g. the VA pacing a client over its request rate
+            await self.release.wait()
+        return web.Response(text="paced")
 
     async def hello(self, request: web.Request) -> web.Response:
         return web.Response(text="hello")
@@ -100,10 +106,15 @@ class App:
 
 
 @contextlib.asynccontextmanager
-async def listener(limits: HttpLimits, app: App | None = None) -> AsyncIterator[tuple[HttpListener, Alarms]]:
+async def listener(
+    limits: HttpLimits, app: App | None = None, grace_s: float = 0.0
+) -> AsyncIterator[tuple[HttpListener, Alarms]]:
+    """A listener whose lone connections have `grace_s` (none by default: tests of the grace set it)."""
     alarms = Alarms()
     app = app or App()
-    async with HttpListener(app.build(), "127.0.0.1", 0, limits=limits, name="test", alarms=alarms) as server:
+    async with HttpListener(
+        app.build(), "127.0.0.1", 0, limits=limits, name="test", alarms=alarms, grace_s=grace_s
+    ) as server:
         yield server, alarms
 
 
@@ -153,26 +164,118 @@ async def test_global_cap_displaces_the_oldest_idle_connection() -> None:
             c.close()
 
 
-async def test_global_cap_refuses_when_every_connection_is_busy() -> None:
-    """Bodies being received are not displaceable: the cap then refuses with 503 (and the alarm is up)."""
-    async with listener(LONG) as (server, alarms):
+async def test_global_cap_refuses_when_every_connection_is_being_served() -> None:
+    """Requests whose body is in and whose handler is working (a CMP request waiting for its issuance) are not
+    displaceable: the cap then refuses with 503 (and the alarm is up)."""
+    app = App()
+    app.release.clear()
+    async with listener(LONG, app) as (server, alarms):
         busy = []
         for i in range(4):
             busy.append(await Conn.open(server, f"127.0.0.{10 + i}"))
-            await busy[-1].send(post_head(100) + b"x" * 10)
+            await busy[-1].send(b"POST /slow HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nok")
         await wait_until(lambda: server.gate.open == 4, "all admitted")
         # Admission is at accept; the request phase begins once aiohttp parsed the headers.
-        await wait_until(lambda: not server.gate._displaceable, "all busy")
+        await wait_until(lambda: server.gate.unproven == 0, "all being served")
         refused = await (await Conn.open(server, "127.0.0.20")).closed_by_server()
         assert refused.startswith(b"HTTP/1.1 503 ")
         assert server.gate.counters["refused_full"] == 1
         assert alarms.get("listener.test.full") is not None
-        for c in busy:
-            await c.send(b"y" * 90)  # the bodies complete; each is answered
-            assert (await c.response()).endswith(b"x" * 10 + b"y" * 90)
+        app.release.set()
+        for c in busy:  # the requests being served were not disturbed
+            assert (await c.response()).endswith(b"ok")
             c.close()
         await wait_until(lambda: server.gate.open == 0, "all closed")
         assert alarms.get("listener.test.full") is None  # cleared once the listener drained
+
+
+async def test_slow_bodies_from_a_few_addresses_are_displaced_for_a_client() -> None:
+    """A request still receiving its body has not shown it is a client: a flood of slow bodies (a byte a second,
+    reconnecting at each body timeout) from fewer addresses than the connections it holds only displaces
+    itself, and a client from another address is served at once."""
+    app = App()
+    async with listener(LONG, app, grace_s=60.0) as (server, _):
+        slow = []
+        for i in range(4):  # two addresses, two each: the cap
+            slow.append(await Conn.open(server, f"127.0.0.{10 + i % 2}"))
+            await slow[-1].send(post_head(4000) + b"x")
+        await wait_until(lambda: server.gate.open == 4 and server.gate.unproven == 4, "all receiving bodies")
+        for i in range(3):  # clients come and go; each time an older slow body makes room
+            client = await Conn.open(server, f"127.0.0.{20 + i}")
+            await client.send(post_head(5) + b"hello")
+            assert (await client.response()).endswith(b"hello")
+            client.close()
+            await wait_until(lambda: server.gate.open < 4, "the client's connection closed")
+            more = await Conn.open(server, f"127.0.0.{10 + i % 2}")  # the flood reconnects
+            await more.send(post_head(4000) + b"x")
+            slow.append(more)
+            await wait_until(lambda: server.gate.open == 4, "the flood back at the cap")
+        assert server.gate.counters["displaced"] == 3
+        assert server.gate.counters["refused_full"] == 0
+        assert app.bodies[:3] == [b"hello"] * 3
+        for c in slow:
+            c.close()
+
+
+async def test_surplus_connections_of_an_address_are_displaced_before_any_lone_one() -> None:
+    """The victim at the cap is the longest-waiting connection of an address holding a newer unproven one, even
+    when another address's only connection is older, and even within the grace; an address's only unproven
+    connection is displaced only once no address holds two, and not within its grace."""
+    async with listener(LONG, grace_s=60.0) as (server, _):
+        lone = await Conn.open(server, "127.0.0.10")  # oldest of all: a client about to send its request
+        await wait_until(lambda: server.gate.open == 1, "admitted")
+        flood = [await Conn.open(server, "127.0.0.11") for _ in range(2)]
+        other = await Conn.open(server, "127.0.0.12")
+        await wait_until(lambda: server.gate.open == 4, "all admitted")
+        newcomer = await Conn.open(server, "127.0.0.13")
+        assert await flood[0].closed_by_server() == b""  # the surplus one, not the older lone one
+        await newcomer.send(GET)
+        assert (await newcomer.response()).endswith(b"hello")
+        assert server.gate.counters["displaced"] == 1
+        # Now every address holds one unproven connection, all within their grace: the next newcomer is refused.
+        refused = await (await Conn.open(server, "127.0.0.14")).closed_by_server()
+        assert refused.startswith(b"HTTP/1.1 503 ")
+        await lone.send(GET)  # and the client that took its time is served
+        assert (await lone.response()).endswith(b"hello")
+        for c in [lone, flood[1], other, newcomer]:
+            c.close()
+
+
+async def test_a_lone_connection_is_displaced_once_past_its_grace() -> None:
+    async with listener(LONG, grace_s=0.3) as (server, _):
+        idle = [await Conn.open(server, f"127.0.0.{10 + i}") for i in range(4)]
+        await wait_until(lambda: server.gate.open == 4, "all admitted")
+        first = await Conn.open(server, "127.0.0.20")
+        assert (await first.closed_by_server()).startswith(b"HTTP/1.1 503 ")  # all within their grace
+        await asyncio.sleep(0.3)  # the grace is a lower bound: past it, the oldest makes room
+        newcomer = await Conn.open(server, "127.0.0.20")
+        assert await idle[0].closed_by_server() == b""
+        await newcomer.send(GET)
+        assert (await newcomer.response()).endswith(b"hello")
+        for c in [*idle, newcomer]:
+            c.close()
+
+
+async def test_a_request_held_for_pacing_is_displaceable() -> None:
+    """A handler holding a request to pace its client (the VA's admit) has not served it: at the cap its
+    connection may be displaced, and the handler's answer goes nowhere, quietly."""
+    app = App()
+    app.release.clear()
+    async with listener(LONG, app) as (server, _):
+        paced = []
+        for i in range(4):
+            paced.append(await Conn.open(server, f"127.0.0.{10 + i}"))
+            await paced[-1].send(b"GET /paced HTTP/1.1\r\nHost: x\r\n\r\n")
+        await wait_until(lambda: server.gate.open == 4 and server.gate.unproven == 4, "all held")
+        newcomer = await Conn.open(server, "127.0.0.20")
+        assert await paced[0].closed_by_server() == b""
+        await newcomer.send(GET)
+        assert (await newcomer.response()).endswith(b"hello")
+        app.release.set()
+        for c in paced[1:]:
+            assert (await c.response()).endswith(b"paced")
+            c.close()
+        newcomer.close()
 
 
 SHORT = HttpLimits(
@@ -231,6 +334,38 @@ async def test_slow_body_is_closed_after_the_body_timeout() -> None:
             await task
         assert server.gate.counters["timeout_body"] == 2
         assert app.bodies == []  # no handler ever saw a partial body as complete
+
+
+async def test_stalled_bodies_are_closed_without_a_traceback_or_a_line_each(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A client that stops sending its body is closed at the body deadline with no answer; the handler reading
+    it then sees the connection gone. That is the client's doing: no ERROR, no traceback, and one line for all
+    of them (the listener's timeout, once per kind and minute), not one per request."""
+    caplog.set_level(logging.DEBUG)
+    app = App()
+    async with listener(SHORT, app) as (server, _):
+        for _ in range(5):
+            stalled = await Conn.open(server)
+            await stalled.send(post_head(1000) + b"x" * 100)
+            assert await stalled.closed_by_server() == b""
+        await wait_until(lambda: server.gate.open == 0, "released")
+        assert server.gate.counters["timeout_body"] == 5
+        c = await Conn.open(server)  # and the listener serves the next client as ever
+        await c.send(post_head(2) + b"ok")
+        assert (await c.response()).endswith(b"ok")
+        c.close()
+    assert app.bodies == [b"ok"]
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.WARNING], [
+        r.getMessage() for r in caplog.records if r.exc_info or r.levelno >= logging.WARNING
+    ]
+    lines = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno >= logging.INFO and "test listener" in r.getMessage()
+    ]
+    assert len(lines) <= 2, lines  # the body timeout; at most one more for the handlers' lost connections
+    assert any("body timeout" in line for line in lines)
 
 
 async def test_idle_keep_alive_is_closed_and_a_busy_handler_is_not() -> None:

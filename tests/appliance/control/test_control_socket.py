@@ -205,3 +205,58 @@ async def test_metrics_are_openmetrics_with_the_documented_families(
         if name.startswith("birthline_") and not name.startswith("birthline_process"):
             assert f"`{name}" in doc, f"{name} is not in docs/metrics.md"
     json.dumps(sorted(families))
+
+
+async def test_metrics_scrapes_come_from_a_snapshot_and_each_address_is_paced(
+    softhsm_token: SoftHsmToken, people_journal_template: Path, short_dir: Path
+) -> None:
+    """16 connections scraping as fast as they are answered cut issuance from 168 to 13-16 certificates/s: every
+    scrape read the journal and built the text. Now a scrape is answered from a snapshot at most SNAPSHOT_S old
+    (the journal read once per snapshot), and an address scraping faster than SCRAPE_RATE waits and then gets
+    503: a scraper cannot make the daemon work more than a few times a second."""
+    import time
+
+    import aiohttp
+
+    from appliance.control.metrics import SCRAPE_BURST, SCRAPE_MAX_DELAY_S, SCRAPE_RATE, SNAPSHOT_S
+
+    config = control_config(short_dir / "state", softhsm_token, people_journal_template)
+    async with Daemon(config) as d:
+        assert d.control is not None and d.control.metrics is not None and d.control.metrics_url is not None
+        metrics, url = d.control.metrics, d.control.metrics_url
+        reads = 0
+        queue = metrics._queue
+
+        def counted() -> object:
+            nonlocal reads
+            reads += 1
+            return queue()
+
+        metrics._queue = counted  # type: ignore[method-assign]
+        statuses: list[int] = []
+
+        async def scraper(http: aiohttp.ClientSession, n: int) -> None:
+            for _ in range(n):
+                async with http.get(url) as r:
+                    body = await r.read()
+                    statuses.append(r.status)
+                    if r.status == 200:
+                        assert b"birthline_issued_total" in body
+                    else:
+                        assert r.headers["Retry-After"] == "1"
+
+        connector = aiohttp.TCPConnector(limit=8, force_close=False)
+        async with aiohttp.ClientSession(connector=connector) as http:
+            started = time.monotonic()
+            await asyncio.gather(*(scraper(http, 8) for _ in range(8)))
+            elapsed = time.monotonic() - started
+    ok, busy = statuses.count(200), statuses.count(503)
+    assert ok + busy == 64
+    # Within the address's rate (a burst, then SCRAPE_RATE a second, each waiting at most SCRAPE_MAX_DELAY_S) ...
+    assert SCRAPE_BURST <= ok <= SCRAPE_BURST + SCRAPE_RATE * (elapsed + SCRAPE_MAX_DELAY_S) + 1, (
+        ok,
+        elapsed,
+    )
+    assert busy > 0
+    # ... and the journal read once per snapshot, however many scrapes were answered.
+    assert 1 <= reads <= 1 + elapsed / SNAPSHOT_S, (reads, ok, elapsed)

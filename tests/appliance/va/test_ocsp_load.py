@@ -257,6 +257,25 @@ async def test_the_http_listener_paces_every_ocsp_request(
     assert authority.responder.tarpitted == 2 and authority.responder.refused == {}
 
 
+async def test_crl_fetches_are_paced_like_ocsp_requests(paced: tuple[ValidationAuthority, str]) -> None:
+    """A CRL GET costs little, but a flood of them from one address cost half of issuance: each is paced to
+    the client's request rate (the same budget as its OCSP requests); far over it, held and answered 503."""
+    import aiohttp
+
+    authority, url = paced
+    statuses = []
+    async with aiohttp.ClientSession() as s:
+        for _ in range(4):
+            async with s.get(url + "/crl/issuing.crl") as r:
+                statuses.append((r.status, r.headers.get("Retry-After"), len(await r.read()) > 0))
+        async with s.post(
+            url + "/ocsp", data=b"garbage", headers={"Content-Type": "application/ocsp-request"}
+        ) as r:  # one budget for both
+            assert ocsp.load_der_ocsp_response(await r.read()).response_status == S.TRY_LATER
+    assert statuses == [(200, None, True), (200, None, True), (503, "1", True), (503, "1", True)]
+    assert authority.responder.tarpitted == 3
+
+
 def test_config_keys_reach_the_responder(tmp_path: Path) -> None:
     from appliance.config import parse_config
     from appliance.errors import ConfigError
