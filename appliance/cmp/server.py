@@ -3,9 +3,11 @@
     POST /.well-known/cmp[/<operation>]              the configured default label
     POST /.well-known/cmp/p/<label>[/<operation>]    a label of [cmp.labels]
 
-This module is the HTTP side: 415 for another Content-Type, 413 for a body above the limit (judged from
-Content-Length before reading), 404 for an unknown label; the CMP answer (HTTP 200, or 400 for bytes that are no
-PKIMessage) comes from CmpResponder (appliance/cmp/responder.py). Labels are appliance/cmp/labels.py, who may sign
+This module is the HTTP side. Every request is first admitted against its peer's budget and the shared one
+(appliance/cmp/admission.py) before a byte of its body is read: over them, HTTP 503 with Retry-After and the
+connection closed. Then 404 for an unknown label, 415 for another Content-Type, 413 for a body above the limit
+(judged from Content-Length before reading); the CMP answer (HTTP 200, or 400 for bytes that are no PKIMessage)
+comes from CmpResponder (appliance/cmp/responder.py). Labels are appliance/cmp/labels.py, who may sign
 appliance/cmp/trust.py, certificate requests appliance/cmp/enrol.py, revocation appliance/cmp/revoke.py
 (docs/cmp.md "The server").
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from appliance.cmp.admission import CmpBusy
 from appliance.cmp.enrol import csr_subject
 from appliance.cmp.labels import (
     CmpLabel,
@@ -52,6 +55,14 @@ RESPONDER_KEY: web.AppKey[CmpResponder] = web.AppKey("cmp", CmpResponder)
 
 async def cmp_post(request: web.Request) -> web.StreamResponse:
     responder = request.app[RESPONDER_KEY]
+    try:
+        # The TCP peer, never a forwarded-for header: it is whom the budget is charged to.
+        ticket = await responder.admit(request.remote)
+    except CmpBusy as busy:
+        response = web.Response(status=503, headers={"Retry-After": str(busy.retry_after_s)},
+                                text=f"busy: retry after {busy.retry_after_s} s\n")  # fmt: skip
+        response.force_close()  # the body is never read
+        return response
     label = request.match_info.get("label", responder.settings.default_label)
     if not label or label not in responder.labels:
         return web.Response(status=404, text="no such CMP label\n")
@@ -64,7 +75,7 @@ async def cmp_post(request: web.Request) -> web.StreamResponse:
         response = web.Response(status=413, text="CMP message too large\n")
         response.force_close()  # the rest of the body is never read
         return response
-    status, answer = await responder.handle(label, data)
+    status, answer = await responder.handle(label, data, ticket=ticket)
     return web.Response(status=status, body=answer, content_type=CONTENT_TYPE)
 
 

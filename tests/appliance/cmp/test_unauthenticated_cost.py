@@ -5,11 +5,14 @@
 - a signature is verified only with a key the signer policy accepts (a 3,070-bit RSA exponent made one check
   cost 100 times more);
 - building a signer's chain from the peer's extraCerts is not an exhaustive search (12 look-alike certificates
-  that all sign each other took 6.6 s of CPU on the event loop, 15 took 35 s).
+  that all sign each other took 6.6 s of CPU on the event loop, 15 took 35 s);
+- every request of a network peer takes one unit of its budget and of the shared one before any work, given back
+  when it authenticates (appliance/cmp/admission.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hmac
 import os
@@ -36,6 +39,7 @@ from appliance.cmp import (
     parse_message,
     request_header,
 )
+from appliance.cmp.admission import Admission, AdmissionLimits, CmpBusy
 from appliance.cmp.protection import (
     DEFAULT_MAC_POLICY,
     MacPolicy,
@@ -193,3 +197,80 @@ def test_a_chain_of_look_alike_certificates_is_not_searched_exhaustively() -> No
     weak = rsa.generate_private_key(65537, 1024)  # noqa: S505 - the point: a key the policy refuses
     weak_ca = _cert("W", "Anchor", weak.public_key(), anchor_key)
     assert trust.chain(_cert("S2", "W", leaf_key.public_key(), weak, ca=False), [weak_ca], [anchor]) is None
+
+
+# -- admission ----------------------------------------------------------------------------------------------------
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_each_peer_has_a_budget_given_back_when_its_request_authenticates() -> None:
+    clock = Clock()
+    adm = Admission(AdmissionLimits(check_rate_per_client=1, check_burst_per_client=3, check_rate_total=1000,
+                                    check_burst_total=1000, pace_max_delay_s=0), clock=clock)  # fmt: skip
+    tickets = [await adm.admit("192.0.2.1") for _ in range(3)]
+    with pytest.raises(CmpBusy) as info:
+        await adm.admit("192.0.2.1")
+    assert info.value.scope == "client" and info.value.retry_after_s >= 1
+    assert (await adm.admit("192.0.2.2")).peer == "192.0.2.2"  # another peer has its own budget
+    adm.authenticated(tickets[0])  # given back: the peer proved a credential
+    adm.authenticated(tickets[0])  # once
+    await adm.admit("192.0.2.1")
+    with pytest.raises(CmpBusy):
+        await adm.admit("192.0.2.1")
+    clock.now += 1.0  # one more per second
+    await adm.admit("192.0.2.1")
+    assert adm.stats == {"admitted": 6, "paced": 0, "busy_client": 2, "busy_total": 0, "authenticated": 1}
+
+
+async def test_the_shared_budget_bounds_all_peers_and_spares_peers_known_to_authenticate() -> None:
+    clock = Clock()
+    adm = Admission(AdmissionLimits(check_rate_per_client=100, check_burst_per_client=100, check_rate_total=1,
+                                    check_burst_total=4, pace_max_delay_s=0), clock=clock)  # fmt: skip
+    known = await adm.admit("192.0.2.200")
+    adm.authenticated(known)
+    for i in range(4):
+        await adm.admit(f"192.0.2.{i}")
+    with pytest.raises(CmpBusy) as info:
+        await adm.admit("192.0.2.99")  # a new peer: the shared budget is spent
+    assert info.value.scope == "total"
+    assert (await adm.admit("192.0.2.200")).shared is False  # a peer that authenticated does not need it
+    clock.now += 601  # ... for known_client_s; then it spends the shared budget like any peer
+    for i in range(4):
+        await adm.admit(f"192.0.2.{10 + i}")
+    with pytest.raises(CmpBusy):
+        await adm.admit("192.0.2.200")
+    # IPv6: a /64 is one client
+    adm6 = Admission(AdmissionLimits(check_burst_per_client=2, pace_max_delay_s=0), clock=clock)
+    await adm6.admit("2001:db8::1")
+    await adm6.admit("2001:db8::2")
+    with pytest.raises(CmpBusy):
+        await adm6.admit("2001:db8::3")
+
+
+async def test_a_peer_over_its_budget_is_paced_then_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = Clock()
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        clock.now += seconds
+
+    monkeypatch.setattr(asyncio, "sleep", sleep)
+    adm = Admission(AdmissionLimits(check_rate_per_client=2, check_burst_per_client=1, pace_max_delay_s=1.0),
+                    clock=clock)  # fmt: skip
+    await adm.admit("192.0.2.1")
+    assert slept == []
+    await adm.admit("192.0.2.1")  # held until within its rate (2/s: 0.5 s)
+    assert slept == [0.5]
+    await adm.admit("192.0.2.1")
+    assert slept == [0.5, 0.5]
+    clock.now -= 1.5  # as if three more arrived at once: the wait would exceed pace_max_delay_s
+    with pytest.raises(CmpBusy):
+        await adm.admit("192.0.2.1")
+    assert slept[-1] == 1.0  # held the longest pace, then refused
+    assert adm.stats["paced"] == 2 and adm.stats["busy_client"] == 1
