@@ -28,6 +28,7 @@ from appliance.alarms import LogOnce
 from appliance.audit.checkpointer import Checkpointer
 from appliance.audit.log import ensure_audit_key
 from appliance.cmp.forwarder import Forwarder, make_forwarder
+from appliance.cmp.metrics import CmpCollector
 from appliance.cmp.ra import ensure_ra
 from appliance.cmp.server import CmpResponder, labels_from_config, make_cmp_app, settings_from_config
 from appliance.config import Config
@@ -412,7 +413,8 @@ class Daemon:
         va = self.va
         self.control = await self._stack.enter_async_context(
             ControlPlane(self.core, service, probe=probe, snapshots=snapshots,
-                         on_revoked=va.changed if va is not None else None)
+                         on_revoked=va.changed if va is not None else None,
+                         cmp=lambda: self.cmp.snapshot() if self.cmp is not None else None)
         )  # fmt: skip
 
     async def _start_cmp(self, service: IssueService, accept_errors: AcceptErrors) -> None:
@@ -449,6 +451,8 @@ class Daemon:
             )
         )  # fmt: skip
         log.info("CMP on %s/.well-known/cmp (%d label(s))", self.cmp_server.url, len(self.cmp.labels))
+        if self.control is not None and self.control.metrics is not None:
+            self.control.metrics.registry.register(CmpCollector(self.cmp))
 
     async def __aexit__(self, *exc: object) -> None:
         self._stopped.set()

@@ -15,7 +15,8 @@ label's secret, or a signature by the RA key in the HSM.
 
 Before any of it, a network peer's request is admitted against its budget and the shared one
 (appliance/cmp/admission.py: `admit`); the unit it took is given back once step 2 has authenticated it. At most
-`checks_in_flight` protection checks run at once.
+`checks_in_flight` protection checks run at once. Refusals are the peers' doing: they are counted (`stats`,
+`refusals`) and logged once per label, body type and failInfo and minute, never once per request.
 """
 
 from __future__ import annotations
@@ -133,12 +134,25 @@ class CmpResponder:
         self.mac_policy = MacPolicy(max_iterations=self.settings.max_mac_iterations)
         self.admission = Admission(self.settings.admission)
         self._counts = {"requests": 0, "errors": 0}
+        self.refusals: dict[tuple[str, str, str], int] = {}
+        """Error answers by (label, body type, failInfo): a peer's refusals are counted, not logged one by one."""
         self._defects = LogOnce(300.0)
+        self._refused_log = LogOnce(60.0)
 
     @property
     def stats(self) -> dict[str, int]:
         return {**self._counts, **self.enroller.stats, **self.revoker.stats,
                 **{f"admission_{k}": v for k, v in self.admission.stats.items()}}  # fmt: skip
+
+    def snapshot(self) -> dict[str, object]:
+        """The counters for the status document (docs/control-api.md): requests, error answers, what admission
+        did, and the error answers by label, body type and failInfo."""
+        return {
+            "requests": self._counts["requests"], "errors": self._counts["errors"],
+            "admission": self.admission.stats,
+            "refused": [{"label": label, "body": body, "fail_info": fail, "count": n}
+                        for (label, body, fail), n in sorted(self.refusals.items())],
+        }  # fmt: skip
 
     async def admit(self, remote: str | None) -> Ticket:
         """Admit a network peer's request before anything is read or done for it (appliance/cmp/admission.py);
@@ -209,9 +223,7 @@ class CmpResponder:
             )  # fmt: skip
             answer = error_answer(exc)
         if answer.body_type is BodyType.ERROR:
-            self._counts["errors"] += 1
-            log.info("CMP %s on label %s refused: %s", msg.body_type.asn1_name, label.name,
-                     answer.body.status.status_string if isinstance(answer.body, ErrorBody) else "")  # fmt: skip
+            self._refused(label, msg, answer)
         out = await asyncio.to_thread(self._build, msg, answer, protector)
         if answer.pending is not None and out.header.sender_nonce is not None:
             tid = msg.header.transaction_id or b""
@@ -219,6 +231,18 @@ class CmpResponder:
             answer.pending.nonces |= {out.header.sender_nonce, msg.header.sender_nonce or b""}
             self.pending[tid] = answer.pending
         return out
+
+    def _refused(self, label: CmpLabel, msg: PKIMessage, answer: Answer) -> None:
+        """Count an error answer; log it once per label, body type and failInfo and minute (a peer can send the
+        same refused message in a loop: each one a line would let it fill the log)."""
+        self._counts["errors"] += 1
+        status = answer.body.status if isinstance(answer.body, ErrorBody) else None
+        fail = ",".join(sorted(f.name for f in status.fail_info)) if status is not None else ""
+        key = (label.name, msg.body_type.asn1_name, fail or "none")
+        self.refusals[key] = self.refusals.get(key, 0) + 1
+        text = "; ".join(status.status_string)[:300] if status is not None else ""
+        self._refused_log.log(log, logging.INFO, ":".join(key), "CMP %s on label %s refused (%s): %s",
+                              key[1], key[0], key[2], text)  # fmt: skip
 
     def _transaction(self, label: CmpLabel, msg: PKIMessage, auth: Auth) -> Transaction | None:
         """The open transaction a certConf / pollReq continues (checked: the same label, protected as its request

@@ -7,7 +7,8 @@
 - building a signer's chain from the peer's extraCerts is not an exhaustive search (12 look-alike certificates
   that all sign each other took 6.6 s of CPU on the event loop, 15 took 35 s);
 - every request of a network peer takes one unit of its budget and of the shared one before any work, given back
-  when it authenticates (appliance/cmp/admission.py).
+  when it authenticates (appliance/cmp/admission.py);
+- refusals are counted and logged once per cause and minute, not once per request.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import hmac
+import logging
 import os
 import random
 
@@ -29,6 +31,7 @@ from appliance.cmp import (
     AlgorithmIdentifier,
     BodyType,
     CmpError,
+    ErrorBody,
     FailInfo,
     MacProtector,
     P10crBody,
@@ -51,6 +54,7 @@ from appliance.cmp.protection import (
     verify_protection,
 )
 from appliance.cmp.trust import SignerTrust
+from tests.appliance.cmp.test_server import Srv, _ir, srv  # noqa: F401 - srv is the fixture
 from tests.cpu import cpu_budget
 
 NOW = dt.datetime.now(dt.UTC)
@@ -274,3 +278,26 @@ async def test_a_peer_over_its_budget_is_paced_then_refused(monkeypatch: pytest.
         await adm.admit("192.0.2.1")
     assert slept[-1] == 1.0  # held the longest pace, then refused
     assert adm.stats["paced"] == 2 and adm.stats["busy_client"] == 1
+
+
+# -- refusals: counted, logged once --------------------------------------------------------------------------------
+REQUESTS = 30
+
+
+async def test_refusals_are_counted_and_logged_once_per_cause(
+    srv: Srv,  # noqa: F811 - the fixture imported above
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.INFO, logger="appliance.cmp"):
+        for i in range(REQUESTS):
+            status, body = await srv.responder.handle("line1", _ir(f"SN-00{40 + i}", secret=b"wrong").der)
+            answer = parse_message(body)
+            assert status == 200 and isinstance(answer.body, ErrorBody)
+            assert answer.body.status.fail_info == {FailInfo.BAD_MESSAGE_CHECK}
+    lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(lines) == 1 and "MAC protection does not verify" in lines[0], lines
+    assert srv.responder.refusals == {("line1", "ir", "BAD_MESSAGE_CHECK"): REQUESTS}
+    assert srv.responder.stats["errors"] == REQUESTS
+    snapshot = srv.responder.snapshot()
+    assert snapshot["refused"] == [{"label": "line1", "body": "ir", "fail_info": "BAD_MESSAGE_CHECK",
+                                    "count": REQUESTS}]  # fmt: skip
