@@ -70,7 +70,14 @@ async def cmp_post(request: web.Request) -> web.StreamResponse:
         response = web.Response(status=415, text=f"Content-Type must be {CONTENT_TYPE}\n")
         response.force_close()
         return response
-    data = await read_limited(request, responder.settings.max_message_bytes)
+    try:
+        data = await read_limited(request, responder.settings.max_message_bytes)
+    except ConnectionError:
+        # The peer went away (perhaps while its request was held to its budget): nobody to answer, and a peer's
+        # doing, so no traceback in the log.
+        response = web.Response(status=400, text="connection lost\n")
+        response.force_close()
+        return response
     if data is None:
         response = web.Response(status=413, text="CMP message too large\n")
         response.force_close()  # the rest of the body is never read

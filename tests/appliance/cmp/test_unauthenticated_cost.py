@@ -54,7 +54,7 @@ from appliance.cmp.protection import (
     verify_protection,
 )
 from appliance.cmp.trust import SignerTrust
-from tests.appliance.cmp.test_server import Srv, _ir, srv  # noqa: F401 - srv is the fixture
+from tests.appliance.cmp.test_server import Srv, _ir, _post, srv  # noqa: F401 - srv is the fixture
 from tests.cpu import cpu_budget
 
 NOW = dt.datetime.now(dt.UTC)
@@ -301,3 +301,24 @@ async def test_refusals_are_counted_and_logged_once_per_cause(
     snapshot = srv.responder.snapshot()
     assert snapshot["refused"] == [{"label": "line1", "body": "ir", "fail_info": "BAD_MESSAGE_CHECK",
                                     "count": REQUESTS}]  # fmt: skip
+
+
+async def test_a_peer_that_goes_away_mid_request_leaves_no_traceback(
+    srv: Srv,  # noqa: F811 - the fixture imported above
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A request whose peer closes before its body is in (say while the request was held to its budget) is
+    dropped quietly: the peer's doing, and one traceback per request would let it fill the log."""
+    with caplog.at_level(logging.INFO):
+        for _ in range(3):
+            _, w = await asyncio.open_connection("127.0.0.1", srv.port)
+            w.write(b"POST /.well-known/cmp/p/line1 HTTP/1.1\r\nHost: x\r\nContent-Type: application/pkixcmp\r\n"
+                    b"Content-Length: 1000\r\n\r\n" + b"0" * 10)  # fmt: skip
+            await w.drain()
+            w.close()
+            await w.wait_closed()
+        # the server has dealt with them once it answers the next request on the same loop
+        status, _ = await _post(srv, _ir("SN-0077").der)
+        assert status == 200
+    noisy = [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
+    assert noisy == [], [r.getMessage() for r in noisy]
