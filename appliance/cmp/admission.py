@@ -97,9 +97,11 @@ class Admission:
             return False
         return True
 
-    async def admit(self, remote: str | None) -> Ticket:
+    async def admit(self, remote: str | None, *, holding: Callable[[bool], None] | None = None) -> Ticket:
         """Admit one request from `remote` (the TCP peer's address), pacing it to its budgets; CmpBusy when it
-        is further over them than pace_max_delay_s (after holding it that long)."""
+        is further over them than pace_max_delay_s (after holding it that long). `holding(True)` is called
+        before the request is held and `holding(False)` once it is admitted (the HTTP side lets the listener
+        displace a held request's connection meanwhile)."""
         lim = self.limits
         peer = client_key(remote)
         now = self.clock()
@@ -111,7 +113,7 @@ class Admission:
                           "CMP: requests from %s that did not authenticate exceed its budget ([cmp]"
                           " check_rate_per_client %g/s, bursts of %d): answered 503 without being read", peer,
                           lim.check_rate_per_client, lim.check_burst_per_client)  # fmt: skip
-            await asyncio.sleep(lim.pace_max_delay_s)
+            await self._hold(lim.pace_max_delay_s, holding)
             raise CmpBusy(_seconds(retry), "client")
         shared = not self._is_known(peer, now)
         if shared:
@@ -125,14 +127,22 @@ class Admission:
                               " shared budget ([cmp] check_rate_total %g/s, bursts of %d): new peers answered"
                               " 503 without being read (the last: %s)", lim.check_rate_total,
                               lim.check_burst_total, peer)  # fmt: skip
-                await asyncio.sleep(lim.pace_max_delay_s)
+                await self._hold(lim.pace_max_delay_s, holding)
                 raise CmpBusy(_seconds(retry), "total")
             delay = max(delay, total_delay)
         if delay > 0:
             self.paced += 1
-            await asyncio.sleep(delay)
+            await self._hold(delay, holding)
+            if holding is not None:
+                holding(False)
         self.admitted += 1
         return Ticket(peer, remote, shared)
+
+    @staticmethod
+    async def _hold(seconds: float, holding: Callable[[bool], None] | None) -> None:
+        if holding is not None:
+            holding(True)
+        await asyncio.sleep(seconds)
 
     def authenticated(self, ticket: Ticket | None) -> None:
         """The request proved its sender holds a credential: what it took is given back, and its client spends

@@ -154,11 +154,12 @@ class CmpResponder:
                         for (label, body, fail), n in sorted(self.refusals.items())],
         }  # fmt: skip
 
-    async def admit(self, remote: str | None) -> Ticket:
+    async def admit(self, remote: str | None, *, holding: Callable[[bool], None] | None = None) -> Ticket:
         """Admit a network peer's request before anything is read or done for it (appliance/cmp/admission.py);
         raises CmpBusy (answer HTTP 503 with Retry-After) when the peer, or all peers together, are over budget.
-        Hand the ticket to `handle`: it is given back when the request authenticates."""
-        return await self.admission.admit(remote)
+        Hand the ticket to `handle`: it is given back when the request authenticates. `holding(True/False)` is
+        called around the time the request is held."""
+        return await self.admission.admit(remote, holding=holding)
 
     # -- entry point ---------------------------------------------------------------------------------------------
     async def handle(

@@ -14,6 +14,8 @@ appliance/cmp/trust.py, certificate requests appliance/cmp/enrol.py, revocation 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from aiohttp import web
 
 from appliance.cmp.admission import CmpBusy
@@ -27,6 +29,7 @@ from appliance.cmp.labels import (
     settings_from_config,
 )
 from appliance.cmp.responder import CmpResponder
+from appliance.connections import Guard
 from appliance.httpbody import read_limited
 
 CONTENT_TYPE = "application/pkixcmp"
@@ -53,11 +56,22 @@ __all__ = [
 RESPONDER_KEY: web.AppKey[CmpResponder] = web.AppKey("cmp", CmpResponder)
 
 
+def _holding(request: web.Request) -> Callable[[bool], None]:
+    """While a request is held to its budget it has not shown it is a client: the listener may displace its
+    connection to make room for a new one (appliance/connections.py), so held requests never fill the listener
+    and lock out the clients that would authenticate."""
+    transport = request.transport
+    guard = transport.get_protocol() if transport is not None else None
+    if not isinstance(guard, Guard):
+        return lambda _held: None
+    return lambda held: guard.gate.displaceable(guard, held)
+
+
 async def cmp_post(request: web.Request) -> web.StreamResponse:
     responder = request.app[RESPONDER_KEY]
     try:
         # The TCP peer, never a forwarded-for header: it is whom the budget is charged to.
-        ticket = await responder.admit(request.remote)
+        ticket = await responder.admit(request.remote, holding=_holding(request))
     except CmpBusy as busy:
         response = web.Response(status=503, headers={"Retry-After": str(busy.retry_after_s)},
                                 text=f"busy: retry after {busy.retry_after_s} s\n")  # fmt: skip

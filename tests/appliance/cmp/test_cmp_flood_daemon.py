@@ -7,8 +7,9 @@ and a random MAC, as the security review sent them.
   read and checked for nothing; a LAN station issues throughout, and a client with the secret gets its
   certificate; the daemon logs the refusal cause once, not once per request; metrics and the status document
   count them;
-- 32 addresses: the shared budget bounds them all together, and a client that authenticated before the flood
-  is still served during it.
+- 32 addresses with 2 connections each, more than the listener takes: the shared budget bounds them all
+  together, and a client that authenticated before the flood is still served during it (a request held to its
+  budget has not shown it is a client: its connection makes room for a new one).
 """
 
 from __future__ import annotations
@@ -301,17 +302,19 @@ async def test_a_flood_from_one_address_is_bounded_by_its_budget_and_logged_once
 async def test_a_flood_from_many_addresses_is_bounded_in_total_and_known_clients_are_still_served(
     softhsm_token: SoftHsmToken, hsm_token: Token, production_journal_template: Path, tmp_path: Path
 ) -> None:
-    extra = "check_rate_total = 4\ncheck_burst_total = 8\n"
+    extra = "check_rate_total = 4\ncheck_burst_total = 8\nmax_connections = 48\n"
     async with _appliance(softhsm_token, hsm_token, production_journal_template, tmp_path, extra) as run:
         assert await _good(run.cmp_port, "SN-K0001")  # authenticates: a known client from now on
         bodies = [_p10cr(f"SN-F{i:03d}", RandomMac()) for i in range(8)]
         sources = [f"127.0.0.{10 + i}" for i in range(32)]
-        flood = asyncio.create_task(_flood(run.cmp_port, sources, 1, bodies))
+        flood = asyncio.create_task(_flood(run.cmp_port, sources, 2, bodies))
         await asyncio.sleep(FLOOD_S / 2)
         served = [await _good(run.cmp_port, f"SN-K{n:04d}") for n in (2, 3)]
         counts, elapsed = await flood
         assert counts["200"] <= 8 + 4 * elapsed + 2, (counts, elapsed)
         assert counts["503"] > 0, counts
         assert served == [True, True]
+        # the listener was full, and they got in all the same
+        assert "listener.cmp.full" in run.log.read_text()
         busy = [line for line in run.log.read_text().splitlines() if "shared budget" in line]
         assert len(busy) == 1, busy
