@@ -612,9 +612,12 @@ class Daemon:
                 )
                 if rec is not None:
                     self.server.state(rec.name).counters["refused_station_disabled"] += 1
-                # Counted like a failed handshake (no station to bind it to: by the peer's address), so a
-                # certificate that keeps coming back raises the alarm; the audit and the log stay bounded.
-                key = rec.name if rec is not None else f"tls-peer:{channel.peer.rpartition(':')[0]}"
+                # Counted like a failed handshake; with no station to bind it to, by the certificate itself (it
+                # verified against the management CA, so there are only as many as that CA ever issued, however
+                # many addresses present them): the alarms, the audit and the log stay bounded.
+                key = (
+                    rec.name if rec is not None else f"tls-cert:{hashlib.sha256(der or b'').hexdigest()[:16]}"
+                )
                 blocked = self.server.limiter.failed(key, self.server.clock()) or 0.0
                 assert self.link_failures is not None
                 self.link_failures.failed(station=key, peer=channel.peer, code=code.name, text=text,

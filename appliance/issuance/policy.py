@@ -61,6 +61,14 @@ class AuthorisationPolicy(Protocol):
         request): the device was counted when that certificate was issued, so no unit is taken; the product's
         key policy still applies. Raise IssuanceRefused to refuse."""
 
+    def authorise_retry(
+        self, conn: sqlite3.Connection, request: IssueRequest, unit: str, row_id: int
+    ) -> None:
+        """Another station asks again for a certificate already issued (same device, same key) to a station: it is
+        answered from the journal only if this station could have asked for it (it takes nothing). `unit` is
+        "issuance_id" or "ra_request_id", the work_order_unit column that binds `row_id` to its work order.
+        Raise IssuanceRefused to refuse."""
+
 
 class AllowAll:
     """Every well-formed request is authorised: for unit tests of the core. The appliance's runtime always uses
@@ -76,6 +84,11 @@ class AllowAll:
         self, conn: sqlite3.Connection, request: IssueRequest, profile: Profile, updates: int
     ) -> Grant:
         return LOCAL
+
+    def authorise_retry(
+        self, conn: sqlite3.Connection, request: IssueRequest, unit: str, row_id: int
+    ) -> None:
+        return None
 
 
 class AuditSink(Protocol):

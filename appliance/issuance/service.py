@@ -726,6 +726,8 @@ class IssueService:
             if existing.public_key_sha256 == key_hash and existing.cert_serial != req.replaces:
                 if existing.cert_der is None:
                     raise IssuanceRefused("a request for this device is in progress; retry", ReasonCode.BUSY)
+                if existing.station != req.station:
+                    self.policy.authorise_retry(conn, req, "issuance_id", existing.id)
                 item.reuse = existing
                 return
             if req.replaces is not None and existing.cert_serial != req.replaces:
@@ -767,14 +769,16 @@ class IssueService:
         assert item.prep is not None
         req = item.request
         row = conn.execute(
-            "SELECT id, state, public_key_sha256, cert_serial, cert_der, chain_der, failure FROM ra_request"
+            "SELECT id, state, public_key_sha256, cert_serial, cert_der, chain_der, failure, station FROM ra_request"
             " WHERE ca=? AND device_serial=? ORDER BY id DESC LIMIT 1",
             (self.ca.name, req.device_serial),
         ).fetchone()
         if row is None:
             return
-        ra_id, state, key_hash, cert_serial, cert_der, chain_der, failure = row
+        ra_id, state, key_hash, cert_serial, cert_der, chain_der, failure, station = row
         if key_hash == item.prep.public_key_sha256:
+            if station != req.station:
+                self.policy.authorise_retry(conn, req, "ra_request_id", ra_id)
             if state == "pending":
                 raise IssuancePending(
                     "the upstream CA has not issued this certificate yet", self.upstream_retry_s or 5.0, ra_id

@@ -212,6 +212,28 @@ class WorkOrderPolicy:
         self._check_key(request, [candidate], profile)
         return Grant("local", str(work_order))
 
+    def authorise_retry(
+        self, conn: sqlite3.Connection, request: IssueRequest, unit: str, row_id: int
+    ) -> None:
+        """A station other than the one it was issued to asks for a stored certificate: only a station on a line
+        of that certificate's work order gets it (and may then confirm it), whatever the order's state now."""
+        assert unit in ("issuance_id", "ra_request_id")
+        line = self._line(conn, request.station)
+        on_line = (
+            line is not None
+            and conn.execute(
+                f"SELECT 1 FROM work_order_unit u JOIN work_order_line l ON l.work_order = u.work_order"
+                f" WHERE u.{unit} = ? AND l.line = ?",
+                (row_id, line),
+            ).fetchone()
+        )
+        if not on_line:
+            raise _refuse(
+                f"device {request.device_serial!r} was certified for a work order that station"
+                f" {request.station!r} does not serve",
+                "retry-line",
+            )
+
     # -- helpers -------------------------------------------------------------------------------------------------------
     @staticmethod
     def _window_text(orders: Sequence[_Candidate], now: float, line: str) -> str:
