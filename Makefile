@@ -33,6 +33,7 @@ bench: deps
 	$(PY) bench/station_failures.py
 	$(PY) bench/ocsp.py
 	$(PY) bench/ocsp_flood.py --unprotected
+	$(PY) bench/cmp_flood.py
 	$(PY) bench/ocsp_fuzz.py
 	$(PY) bench/listeners.py --fresh --listeners station,station-tls,va,va-headers,cmp
 	$(PY) bench/upstream.py --count 5000 --single-count 1000 --rtt-ms 0,20

@@ -8,7 +8,7 @@ from __future__ import annotations
 import grp
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -164,6 +164,16 @@ class CmpSection:
     crl_max_bytes: int = 1024 * 1024
     crl_retry_s: float = 60.0  # after a failed fetch, the same URL is not tried again for this long
     crl_refresh_s: float = 3600.0  # a fetched CRL is fetched again after this long, or at its nextUpdate
+    # What peers that have not authenticated may make the server do (appliance/cmp/admission.py, docs/cmp.md)
+    max_mac_iterations: int = 10_000  # PBM / PBKDF2 iterations a received message may ask for
+    check_rate_per_client: float = 5.0  # requests per second per client that do not authenticate
+    check_burst_per_client: int = 32
+    check_rate_total: float = 20.0  # ... from all clients together (clients known to authenticate excepted)
+    check_burst_total: int = 64
+    pace_max_delay_s: float = 1.0  # the longest a request is held; further over budget: held, then HTTP 503
+    checks_in_flight: int = 2  # MAC derivations and signature verifications at once
+    clients_max: int = 4096
+    known_client_s: float = 600.0  # a client that authenticated spends no shared budget for this long
 
     @property
     def address(self) -> tuple[str, int] | None:
@@ -674,6 +684,17 @@ def _parse_cmp(
     crl_max_bytes = r.integer("crl_max_bytes", 1024 * 1024, lo=1024, hi=64 * 1024 * 1024)
     crl_retry = r.number("crl_retry_s", 60.0, lo=1, hi=86400)
     crl_refresh = r.number("crl_refresh_s", 3600.0, lo=10, hi=7 * 86400)
+    costs = CmpSection(
+        max_mac_iterations=r.integer("max_mac_iterations", 10_000, lo=100, hi=100_000),
+        check_rate_per_client=r.number("check_rate_per_client", 5.0, lo=0.001, hi=100_000),
+        check_burst_per_client=r.integer("check_burst_per_client", 32, lo=1, hi=100_000),
+        check_rate_total=r.number("check_rate_total", 20.0, lo=0.001, hi=100_000),
+        check_burst_total=r.integer("check_burst_total", 64, lo=1, hi=100_000),
+        pace_max_delay_s=r.number("pace_max_delay_s", 1.0, lo=0, hi=30),
+        checks_in_flight=r.integer("checks_in_flight", 2, lo=1, hi=64),
+        clients_max=r.integer("clients_max", 4096, lo=16, hi=1_000_000),
+        known_client_s=r.number("known_client_s", 600.0, lo=0, hi=86400),
+    )
     raw_labels = r.table.get("labels", {})
     r.seen.add("labels")
     r.done()
@@ -729,9 +750,11 @@ def _parse_cmp(
         labels[str(name)] = label
     if default_label and default_label not in labels:
         problems.append(Problem("cmp.default_label", f"no label {default_label!r} in [cmp.labels]"))
-    return CmpSection(listen, max_bytes, confirm_wait, max_pending, default_label, ra_cert, labels, limits,
-                      crl_timeout_s=crl_timeout, crl_max_bytes=crl_max_bytes, crl_retry_s=crl_retry,
-                      crl_refresh_s=crl_refresh)  # fmt: skip
+    return replace(
+        costs, listen=listen, max_message_bytes=max_bytes, confirm_wait_s=confirm_wait, max_pending=max_pending,
+        default_label=default_label, ra_cert=ra_cert, labels=labels, limits=limits, crl_timeout_s=crl_timeout,
+        crl_max_bytes=crl_max_bytes, crl_retry_s=crl_retry, crl_refresh_s=crl_refresh,
+    )  # fmt: skip
 
 
 def _parse_scep(

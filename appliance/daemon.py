@@ -28,6 +28,7 @@ from appliance.alarms import LogOnce
 from appliance.audit.checkpointer import Checkpointer
 from appliance.audit.log import ensure_audit_key
 from appliance.cmp.forwarder import Forwarder, make_forwarder
+from appliance.cmp.metrics import CmpCollector
 from appliance.cmp.ra import ensure_ra
 from appliance.cmp.server import CmpResponder, labels_from_config, make_cmp_app, settings_from_config
 from appliance.config import Config
@@ -429,7 +430,8 @@ class Daemon:
         va = self.va
         self.control = await self._stack.enter_async_context(
             ControlPlane(self.core, service, probe=probe, snapshots=snapshots,
-                         on_revoked=va.changed if va is not None else None, accept_errors=accept_errors)
+                         on_revoked=va.changed if va is not None else None, accept_errors=accept_errors,
+                         cmp=lambda: self.cmp.snapshot() if self.cmp is not None else None)
         )  # fmt: skip
 
     async def _start_cmp(self, service: IssueService, accept_errors: AcceptErrors) -> None:
@@ -466,6 +468,8 @@ class Daemon:
             )
         )  # fmt: skip
         log.info("CMP on %s/.well-known/cmp (%d label(s))", self.cmp_server.url, len(self.cmp.labels))
+        if self.control is not None and self.control.metrics is not None:
+            self.control.metrics.registry.register(CmpCollector(self.cmp))
 
     async def _start_scep(self, service: IssueService, accept_errors: AcceptErrors) -> None:
         """The SCEP server (docs/scep.md): labels act as registered stations; the RA key in the HSM (RSA: SCEP

@@ -104,6 +104,12 @@ def held(request: web.Request) -> Iterator[None]:
         guard.hold(False)
 
 
+def holder(request: web.Request) -> Callable[[bool], None]:
+    """`held` for a handler that holds and releases its request itself: call it with True while holding."""
+    guard = _guard(request)
+    return guard.hold if guard is not None else (lambda _held: None)
+
+
 def gone(request: web.Request) -> bool:
     """The request's connection was closed (displaced, timed out, or by the peer): nothing more to do for it."""
     guard = _guard(request)
@@ -122,11 +128,12 @@ async def _request_phases(request: web.Request, handler: _Handler) -> web.Stream
     guard.request_started(request.content if request.body_exists else None)
     try:
         return await handler(request)
-    except ConnectionError:
+    except (ConnectionError, RuntimeError):
         if not guard.gone:
             raise
         # The connection ended under the handler (reading a body the peer stopped sending, closed at its
-        # deadline or displaced): the listener counted and logged that; no answer can reach anyone.
+        # deadline or displaced; aiohttp's body reader says RuntimeError "Connection closed." when the close
+        # comes from our side): the listener counted and logged that; no answer can reach anyone.
         return web.Response(status=400)
     finally:
         guard.request_finished()

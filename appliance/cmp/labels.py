@@ -9,6 +9,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+from appliance.cmp.admission import AdmissionLimits
 from appliance.cmp.errors import CmpError, FailInfo
 from appliance.cmp.model import DEFAULT_LIMITS
 from appliance.config import CmpSection
@@ -73,6 +74,10 @@ class CmpSettings:
     crl_max_bytes: int = 1024 * 1024
     crl_retry_s: float = 60.0
     crl_refresh_s: float = 3600.0
+    max_mac_iterations: int = 10_000
+    """The most PBM / PBKDF2 iterations a received message may ask for (checked before any derivation)."""
+    admission: AdmissionLimits = field(default_factory=AdmissionLimits)
+    """What peers that have not authenticated may make the server do (appliance/cmp/admission.py)."""
 
 
 def device_serial_of(subject: x509.Name | None) -> str:
@@ -143,4 +148,12 @@ def settings_from_config(section: CmpSection) -> CmpSettings:
     return CmpSettings(
         section.max_message_bytes, section.confirm_wait_s, section.max_pending, section.default_label,
         section.crl_timeout_s, section.crl_max_bytes, section.crl_retry_s, section.crl_refresh_s,
+        max_mac_iterations=section.max_mac_iterations,
+        admission=AdmissionLimits(
+            check_rate_per_client=section.check_rate_per_client,
+            check_burst_per_client=section.check_burst_per_client, check_rate_total=section.check_rate_total,
+            check_burst_total=section.check_burst_total, pace_max_delay_s=section.pace_max_delay_s,
+            checks_in_flight=section.checks_in_flight, clients_max=section.clients_max,
+            known_client_s=section.known_client_s,
+        ),
     )  # fmt: skip

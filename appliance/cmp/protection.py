@@ -1,8 +1,13 @@
 """CMP message protection: MAC (PasswordBasedMac, PBMAC1) and signatures (software or HSM keys).
 
 Verification is always over `PKIMessage.protected_part`, built from the header and body bytes exactly as
-received; nothing is re-encoded. Parameters that cost CPU (iteration counts) are checked against a policy
-before any key derivation runs, so a hostile message costs at most `MacPolicy.max_iterations` hash rounds.
+received; nothing is re-encoded. What a hostile message can make verification cost is bounded before any of it
+is spent: MAC parameters (iteration counts, salt and key lengths) are checked against a policy before any key
+derivation runs, so a message costs at most `MacPolicy.max_iterations` hash rounds, computed by libcrypto outside
+the GIL (appliance/cmp/_pbm.py; PBKDF2 by hashlib, also outside it); and a signer's key must be one the
+appliance's key policy knows (`check_signer_key`: RSA 2048/3072/4096 with exponent 65537, EC P-256/P-384/P-521,
+Ed25519, Ed448) before a signature is verified with it (an RSA key with a 3,070-bit public exponent made one
+verification cost 100 times more).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
@@ -23,7 +29,7 @@ from pyasn1.codec.der import decoder as der_decoder
 from pyasn1.error import PyAsn1Error
 from pyasn1_alt_modules import rfc8018, rfc9480
 
-from appliance.cmp import _der, oids
+from appliance.cmp import _der, _pbm, oids
 from appliance.cmp.errors import CmpError, FailInfo
 from appliance.cmp.model import (
     SIGNATURE_ALGORITHMS,
@@ -46,7 +52,9 @@ class MacPolicy:
     """What MAC parameters a received message may use. The same policy bounds what we send."""
 
     min_iterations: int = 100
-    max_iterations: int = 100_000
+    max_iterations: int = 10_000
+    """What one message may make us derive. openssl cmp sends 500 by default; this appliance sends 10,000
+    (MacProtector); openssl itself accepts at most 100,000. The server's is `[cmp] max_mac_iterations`."""
     min_salt_length: int = 8
     max_salt_length: int = 128
     min_key_length: int = 16
@@ -146,10 +154,7 @@ def derive_mac_key(
         mac = _hash_name(p["mac"], _HMAC_SHA2, _HMAC_SHA1, policy, "PBM MAC")
         _check_counts(salt, iterations, policy, "PBM")
         # RFC 4211 4.4: key = OWF^iterationCount(secret || salt)
-        key = hashlib.new(owf, secret + salt).digest()
-        for _ in range(iterations - 1):
-            key = hashlib.new(owf, key).digest()
-        return key, mac
+        return _pbm.python_pbm_key(owf, secret, salt, iterations), mac
     if alg.oid == oids.PBMAC1:
         p = _decode_params(alg.parameters, rfc8018.PBMAC1_params(), "PBMAC1", policy)
         kdf = p["keyDerivationFunc"]
@@ -177,8 +182,26 @@ def derive_mac_key(
 def compute_mac(
     alg: AlgorithmIdentifier, secret: bytes, data: bytes, policy: MacPolicy = DEFAULT_MAC_POLICY
 ) -> bytes:
+    """The MAC of `data` under a PBM or PBMAC1 protectionAlg, after checking its parameters against `policy`.
+    PBM is computed by libcrypto outside the GIL when it is usable here (appliance/cmp/_pbm.py), else in
+    Python; PBMAC1's PBKDF2 by hashlib, which releases the GIL too."""
+    if alg.oid == oids.PASSWORD_BASED_MAC and alg.parameters is not None:
+        _pbm_parameters_checked(alg.parameters, policy)
+        native = _pbm.native()
+        if native is not None:
+            value = native(alg.parameters, secret, data)
+            if value is not None:
+                return value
     key, mac = derive_mac_key(alg, secret, policy)
     return hmac.new(key, data, mac).digest()
+
+
+def _pbm_parameters_checked(der: bytes, policy: MacPolicy) -> None:
+    """Everything derive_mac_key checks of a PBMParameter, without deriving anything."""
+    p = _decode_params(der, rfc9480.PBMParameter(), "PasswordBasedMac")
+    _hash_name(p["owf"], _SHA2, _SHA1, policy, "PBM one-way function")
+    _hash_name(p["mac"], _HMAC_SHA2, _HMAC_SHA1, policy, "PBM MAC")
+    _check_counts(bytes(p["salt"]), int(p["iterationCount"]), policy, "PBM")
 
 
 def _checked(message: PKIMessage, kinds: tuple[ProtectionKind, ...]) -> tuple[AlgorithmIdentifier, bytes]:
@@ -215,8 +238,9 @@ def verify_signature(message: PKIMessage, signer: x509.Certificate | None = None
         signer = message.extra_certs[0]
     try:
         key = signer.public_key()
-    except ValueError:
+    except (ValueError, UnsupportedAlgorithm):
         raise _bad_alg("the signer certificate's public key is not one this appliance can use") from None
+    check_signer_key(key)
     verify_signature_with(key, alg, value, message.protected_part)
     ski = subject_key_id(signer)
     if ski is not None and message.header.sender_kid != ski:
@@ -225,6 +249,27 @@ def verify_signature(message: PKIMessage, signer: x509.Certificate | None = None
         )
         raise CmpError(f"senderKID is {what} (RFC 9483 3.1)", fail_info=FailInfo.BAD_MESSAGE_CHECK)
     return signer
+
+
+SIGNER_RSA_BITS = frozenset({2048, 3072, 4096})
+SIGNER_CURVES = frozenset({"secp256r1", "secp384r1", "secp521r1"})
+SIGNER_KEYS_TEXT = "RSA 2048, 3072 or 4096 bits with exponent 65537, EC P-256, P-384 or P-521, Ed25519, Ed448"
+
+
+def check_signer_key(key: object) -> None:
+    """Refuse (badAlg), before anything is verified with it, a key this appliance would not accept from a peer:
+    the cost of a verification is the key's (a huge RSA exponent or modulus makes one cost a hundred times
+    more), and the key comes from a certificate anyone can make. The same sizes and exponent as the key
+    policy for devices (profiles: rsa-2048/3072/4096, exponent 65537), and the curves this layer verifies."""
+    if isinstance(key, rsa.RSAPublicKey):
+        if key.key_size in SIGNER_RSA_BITS and key.public_numbers().e == 65537:
+            return
+    elif isinstance(key, ec.EllipticCurvePublicKey):
+        if key.curve.name in SIGNER_CURVES:
+            return
+    elif isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
+        return
+    raise _bad_alg(f"the signer's key is not accepted: {SIGNER_KEYS_TEXT}")
 
 
 @dataclass(frozen=True)

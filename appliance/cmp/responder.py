@@ -12,6 +12,11 @@ For each message, in this order (RFC 9483 3.5):
 A failure in 1-3 (or a body this server does not serve) is answered with an error message; a request refused in
 4 with the response of its type carrying status rejection. Answers are protected like the request: MAC with the
 label's secret, or a signature by the RA key in the HSM.
+
+Before any of it, a network peer's request is admitted against its budget and the shared one
+(appliance/cmp/admission.py: `admit`); the unit it took is given back once step 2 has authenticated it. At most
+`checks_in_flight` protection checks run at once. Refusals are the peers' doing: they are counted (`stats`,
+`refusals`) and logged once per label, body type and failInfo and minute, never once per request.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from cryptography.hazmat.primitives import serialization
 from appliance.alarms import LogOnce
 from appliance.cmp import _der, oids
 from appliance.cmp._names import NULL_DN
+from appliance.cmp.admission import Admission, Ticket
 from appliance.cmp.build import Protector, build_message
 from appliance.cmp.crls import CrlCache
 from appliance.cmp.enrol import Enroller
@@ -57,6 +63,7 @@ from appliance.cmp.model import (
 )
 from appliance.cmp.parse import parse_message
 from appliance.cmp.protection import (
+    MacPolicy,
     MacProtector,
     ProtectionKind,
     SignatureProtector,
@@ -123,16 +130,42 @@ class CmpResponder:
         self.enroller = Enroller(self.services, service.ca.name, self.trust, self.settings, clock=clock,
                                  on_revoked=on_revoked)  # fmt: skip
         self.revoker = Revoker(journal, audit, issuing, on_revoked=on_revoked, clock=clock)
+        self.mac_policy = MacPolicy(max_iterations=self.settings.max_mac_iterations)
+        self.admission = Admission(self.settings.admission)
         self._counts = {"requests": 0, "errors": 0}
+        self.refusals: dict[tuple[str, str, str], int] = {}
+        """Error answers by (label, body type, failInfo): a peer's refusals are counted, not logged one by one."""
         self._defects = LogOnce(300.0)
+        self._refused_log = LogOnce(60.0)
 
     @property
     def stats(self) -> dict[str, int]:
-        return {**self._counts, **self.enroller.stats, **self.revoker.stats}
+        return {**self._counts, **self.enroller.stats, **self.revoker.stats,
+                **{f"admission_{k}": v for k, v in self.admission.stats.items()}}  # fmt: skip
+
+    def snapshot(self) -> dict[str, object]:
+        """The counters for the status document (docs/control-api.md): requests, error answers, what admission
+        did, and the error answers by label, body type and failInfo."""
+        return {
+            "requests": self._counts["requests"], "errors": self._counts["errors"],
+            "admission": self.admission.stats,
+            "refused": [{"label": label, "body": body, "fail_info": fail, "count": n}
+                        for (label, body, fail), n in sorted(self.refusals.items())],
+        }  # fmt: skip
+
+    async def admit(self, remote: str | None, *, holding: Callable[[bool], None] | None = None) -> Ticket:
+        """Admit a network peer's request before anything is read or done for it (appliance/cmp/admission.py);
+        raises CmpBusy (answer HTTP 503 with Retry-After) when the peer, or all peers together, are over budget.
+        Hand the ticket to `handle`: it is given back when the request authenticates. `holding(True/False)` is
+        called around the time the request is held."""
+        return await self.admission.admit(remote, holding=holding)
 
     # -- entry point ---------------------------------------------------------------------------------------------
-    async def handle(self, label_name: str, data: bytes) -> tuple[int, bytes]:
-        """(HTTP status, PKIMessage DER) for one request body addressed to `label_name` (which must exist)."""
+    async def handle(
+        self, label_name: str, data: bytes, *, ticket: Ticket | None = None
+    ) -> tuple[int, bytes]:
+        """(HTTP status, PKIMessage DER) for one request body addressed to `label_name` (which must exist).
+        `ticket`: what `admit` took for a network peer's request (None: an in-process caller, not budgeted)."""
         label = self.labels[label_name]
         self._counts["requests"] += 1
         try:
@@ -140,7 +173,7 @@ class CmpResponder:
         except CmpError as exc:
             self._counts["errors"] += 1
             return 400, self._unparsed_error(exc).der
-        answer = await self._respond(label, msg, outer=True)
+        answer = await self._respond(label, msg, outer=True, ticket=ticket)
         return 200, answer.der
 
     def _unparsed_error(self, exc: CmpError) -> PKIMessage:
@@ -150,10 +183,17 @@ class CmpResponder:
 
     # -- one message -----------------------------------------------------------------------------------------------
     async def _respond(
-        self, label: CmpLabel, msg: PKIMessage, *, outer: bool, checked: Auth | BirthlineError | None = None
+        self,
+        label: CmpLabel,
+        msg: PKIMessage,
+        *,
+        outer: bool,
+        checked: Auth | BirthlineError | None = None,
+        ticket: Ticket | None = None,
     ) -> PKIMessage:
         """`checked`: the protection already verified by the caller (the inner messages of a nested message are
-        verified together, in one thread hop), or why it failed."""
+        verified together, in one thread hop), or why it failed. `ticket`: given back once the message has
+        authenticated."""
         # Until the message's protection verified, the peer has shown no secret: an answer is never MAC-protected
         # with the label's (that would name its senderKID and hand out material for offline guessing), but
         # signed by the RA key, or unprotected without one - the same way whatever senderKID the message named.
@@ -163,7 +203,7 @@ class CmpResponder:
             self._purge()
             if isinstance(checked, BirthlineError):
                 raise checked
-            auth = checked or await self._authenticate(label, msg, await self._station_row(label))
+            auth = checked or await self._authenticate(label, msg, await self._station_row(label), ticket)
             protector = self._protector_for(label, msg)
             if msg.body_type is BodyType.NESTED:
                 # A nested message is no transaction of its own: with added protection (RFC 9483 5.2.2.1) it
@@ -191,9 +231,7 @@ class CmpResponder:
             )  # fmt: skip
             answer = error_answer(exc)
         if answer.body_type is BodyType.ERROR:
-            self._counts["errors"] += 1
-            log.info("CMP %s on label %s refused: %s", msg.body_type.asn1_name, label.name,
-                     answer.body.status.status_string if isinstance(answer.body, ErrorBody) else "")  # fmt: skip
+            self._refused(label, msg, answer)
         tid = msg.header.transaction_id or b""
         try:
             out = await asyncio.to_thread(self._build, msg, answer, protector)
@@ -212,6 +250,18 @@ class CmpResponder:
             answer.pending.nonces |= {nonce, msg.header.sender_nonce or b""}
             self.pending[tid] = answer.pending
         return out
+
+    def _refused(self, label: CmpLabel, msg: PKIMessage, answer: Answer) -> None:
+        """Count an error answer; log it once per label, body type and failInfo and minute (a peer can send the
+        same refused message in a loop: each one a line would let it fill the log)."""
+        self._counts["errors"] += 1
+        status = answer.body.status if isinstance(answer.body, ErrorBody) else None
+        fail = ",".join(sorted(f.name for f in status.fail_info)) if status is not None else ""
+        key = (label.name, msg.body_type.asn1_name, fail or "none")
+        self.refusals[key] = self.refusals.get(key, 0) + 1
+        text = "; ".join(status.status_string)[:300] if status is not None else ""
+        self._refused_log.log(log, logging.INFO, ":".join(key), "CMP %s on label %s refused (%s): %s",
+                              key[1], key[0], key[2], text)  # fmt: skip
 
     def _transaction(self, label: CmpLabel, msg: PKIMessage, auth: Auth) -> Transaction | None:
         """The open transaction a certConf / pollReq continues (checked: the same label, protected as its request
@@ -293,11 +343,18 @@ class CmpResponder:
 
         # Signatures are always verified: a certificate of this appliance may sign a kur or rr for itself on any
         # label; whether another signer is trusted here is the label's (trust.py).
-        return verify_protection(msg, secret_for=secret_for if secret else None, allow_signature=True)
+        return verify_protection(
+            msg, secret_for=secret_for if secret else None, allow_signature=True, policy=self.mac_policy
+        )
 
-    async def _authenticate(self, label: CmpLabel, msg: PKIMessage, station_fp: bytes | None) -> Auth:
-        verified = await asyncio.to_thread(self._verify, label, msg)
-        return await self._trust(label, msg, verified, station_fp)
+    async def _authenticate(
+        self, label: CmpLabel, msg: PKIMessage, station_fp: bytes | None, ticket: Ticket | None = None
+    ) -> Auth:
+        async with self.admission.slots():
+            verified = await asyncio.to_thread(self._verify, label, msg)
+        auth = await self._trust(label, msg, verified, station_fp)
+        self.admission.authenticated(ticket)
+        return auth
 
     async def _trust(
         self, label: CmpLabel, msg: PKIMessage, verified: VerifiedProtection, station_fp: bytes | None
@@ -444,7 +501,8 @@ class CmpResponder:
                 return exc
 
         # Verified together (one thread hop), so the requests then reach the core together.
-        verified = await asyncio.to_thread(verify_all)
+        async with self.admission.slots():
+            verified = await asyncio.to_thread(verify_all)
         checks = await asyncio.gather(*(trusted(m, v) for (_, m), v in zip(together, verified, strict=True)))
         results = await asyncio.gather(
             *(

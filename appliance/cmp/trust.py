@@ -47,11 +47,13 @@ from appliance.cmp.crls import CrlCache, CrlUnavailable, crl_urls
 from appliance.cmp.errors import CmpError, FailInfo
 from appliance.cmp.labels import CmpLabel
 from appliance.cmp.model import BodyType, CertReqBody, PKIMessage, RrBody
+from appliance.cmp.protection import check_signer_key
 from appliance.issuance.journal import Journal
 
 _DER = serialization.Encoding.DER
 _SHA256 = hashes.SHA256()
 MAX_CHAIN = 6
+MAX_CHAIN_LINK_CHECKS = 48  # candidate links (and so signature checks) looked at to build one chain
 
 
 class SignerKind(enum.Enum):
@@ -130,6 +132,16 @@ def _valid_at(cert: x509.Certificate, now: dt.datetime) -> bool:
     return cert.not_valid_before_utc <= now <= cert.not_valid_after_utc
 
 
+def _policy_key(cert: x509.Certificate) -> bool:
+    """A certificate from the message may sign a link only with a key the signer policy accepts (verifying with
+    any other could cost a hundred times more: appliance/cmp/protection.py check_signer_key)."""
+    try:
+        check_signer_key(cert.public_key())
+    except (CmpError, ValueError, UnsupportedAlgorithm):
+        return False
+    return True
+
+
 def _is_ca(cert: x509.Certificate, anchor: bool) -> bool:
     try:
         return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
@@ -196,23 +208,37 @@ class SignerTrust:
             return ()
         now = self._now()
         candidates = [*anchors, *(c for c in pool if c not in anchors)]
+        # The pool is the peer's: certificates that all share one name and key sign each other, and a plain
+        # depth-first search over them tries every ordering (15 such certificates: 35 s of CPU on the event loop
+        # for one message). Each certificate is explored again only with more links left than it failed with, a
+        # link's signature is checked only with a key the signer policy accepts, and at most
+        # MAX_CHAIN_LINK_CHECKS links are looked at per chain: then there is no chain.
+        failed: dict[int, int] = {}
+        budget = [MAX_CHAIN_LINK_CHECKS]
 
         def walk(current: x509.Certificate, path: list[x509.Certificate]) -> list[x509.Certificate] | None:
-            if len(path) >= MAX_CHAIN:
+            left = MAX_CHAIN - len(path)
+            if left <= 0 or failed.get(id(current), 0) >= left:
                 return None
             for parent in candidates:
                 anchor = parent in anchors
                 if parent in path or parent == current or parent.subject != current.issuer:
                     continue
-                if not (
-                    _valid_at(parent, now) and _is_ca(parent, anchor) and self.issued_by(current, parent)
-                ):
+                if not (_valid_at(parent, now) and _is_ca(parent, anchor)):
+                    continue
+                if not anchor and not _policy_key(parent):
+                    continue
+                budget[0] -= 1
+                if budget[0] < 0:
+                    return None
+                if not self.issued_by(current, parent):
                     continue
                 if anchor:
                     return [*path, parent]
                 found = walk(parent, [*path, parent])
                 if found is not None:
                     return found
+            failed[id(current)] = max(failed.get(id(current), 0), left)
             return None
 
         found = walk(cert, [])

@@ -38,9 +38,11 @@ class ControlPlane:
         snapshots: Snapshots,
         on_revoked: Callable[[], None] | None = None,
         accept_errors: AcceptErrors | None = None,
+        cmp: Callable[[], Mapping[str, Any] | None] | None = None,
     ) -> None:
         self.core = core
         self.accept_errors = accept_errors
+        self.cmp = cmp
         self.service = service
         self.probe = probe
         self.snapshots = snapshots
@@ -78,7 +80,7 @@ class ControlPlane:
             actions = Actions(core.journal, core.audit, core.alarms, self.service.pauses, self.hub.bus, self.sessions,
                               cfg.issuance.issuing_ca, self.on_revoked)  # fmt: skip
             status = StatusBuilder(StatusSources(cfg, core.journal, self.hub, core.alarms, self.service.pauses,
-                                                 self.sessions, self.snapshots))  # fmt: skip
+                                                 self.sessions, self.snapshots, self.cmp))  # fmt: skip
             api = ControlApi(cfg.control, self.hub, status, self.sessions, actions)
             self.server = await self._stack.enter_async_context(
                 ControlServer(api, cfg.control_socket, cfg.control)

@@ -30,6 +30,8 @@ CLOCK_ALARM = "issuance.clock-not-trusted"
 
 # name -> the station server's StationState.snapshot() (stations/server.py)
 StationSnapshots = Callable[[], Mapping[str, Mapping[str, Any]]]
+# the CMP server's counters (appliance/cmp/responder.py CmpResponder.snapshot), None while it does not run
+CmpSnapshot = Callable[[], Mapping[str, Any] | None]
 
 
 @dataclass
@@ -41,6 +43,7 @@ class StatusSources:
     pauses: StationPauses
     sessions: Sessions
     stations: StationSnapshots
+    cmp: CmpSnapshot | None = None
 
 
 def _read(journal: Journal, config: Config) -> dict[str, Any]:
@@ -109,6 +112,11 @@ def _upstream(config: Config, raw: Mapping[str, Any] | None) -> dict[str, Any]:
         "oldest_age_s": raw["oldest_open_age_s"], "last_success": ok, "last_error": err,
         "over_limit": raw["alarm"], "issuance_stopped": raw["issuance_stopped"], "limits": raw["limits"],
     }  # fmt: skip
+
+
+def _cmp(source: CmpSnapshot | None) -> dict[str, Any]:
+    snapshot = source() if source is not None else None
+    return {"enabled": False} if snapshot is None else {"enabled": True, **snapshot}
 
 
 class StatusBuilder:
@@ -189,5 +197,6 @@ class StatusBuilder:
             "work_orders": raw["orders"],
             "upstream": _upstream(s.config, raw["upstream"]),
             "alarms": [a.snapshot() for a in alarms],
+            "cmp": _cmp(s.cmp),
             "console": {"subscribers": s.hub.bus.subscribers, "sessions": len(s.sessions)},
         }  # fmt: skip

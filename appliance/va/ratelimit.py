@@ -55,7 +55,9 @@ class Rate:
         """Seconds to wait before acting (0.0: now), or None (nothing reserved) if that would exceed max_delay."""
         tat = max(self._tat, now)
         wait = tat - now - self._tolerance
-        if wait > max_delay:
+        if (
+            wait > max_delay + 1e-9
+        ):  # timestamps are floats: the last action of a burst must not be lost to rounding
             return None
         self._tat = tat + self._interval
         return max(0.0, wait)
@@ -63,6 +65,14 @@ class Rate:
     def idle(self, now: float) -> bool:
         """Back to a full burst: the entry says nothing a fresh one would not."""
         return self._tat <= now
+
+    def wait(self, now: float) -> float:
+        """Seconds until an action would be admitted at once (0.0: now). Reserves nothing."""
+        return max(0.0, max(self._tat, now) - now - self._tolerance)
+
+    def refund(self) -> None:
+        """Give back one action reserved earlier (it turned out to cost nothing worth limiting)."""
+        self._tat -= self._interval
 
 
 class ClientLimiter:
@@ -104,6 +114,16 @@ class ClientLimiter:
         """For this peer: seconds to wait before acting, or None when it is over its rate by more than that."""
         now = self.clock()
         return self._entry(client_key(remote), now).reserve(now, max_delay)
+
+    def wait(self, remote: str | None) -> float:
+        """Seconds until this peer's next action would be admitted at once. Reserves nothing."""
+        now = self.clock()
+        return self._entry(client_key(remote), now).wait(now)
+
+    def refund(self, remote: str | None) -> None:
+        """Give back one action this peer reserved earlier. A peer whose entry was forgotten meanwhile (or that
+        shares the overflow entry) gives it back to whichever entry it has now."""
+        self._entry(client_key(remote), self.clock()).refund()
 
     def take(self, remote: str | None) -> bool:
         """Spend one action of this peer's budget now; False when it has none left."""
