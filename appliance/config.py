@@ -10,19 +10,22 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from cryptography import x509
 
 from appliance import names
-from appliance.audit.claims import CheckpointPolicy
 from appliance.connections import HttpLimits
 from appliance.errors import ConfigError, Problem
 from appliance.profiles import Profile, builtin_profiles, parse_profiles
 from appliance.text import safe_repr
 from appliance.va.service import VaSettings
 from hsm.config import HsmConfig
+
+if TYPE_CHECKING:
+    # Imported where used: the audit package brings the HSM session layer, which a read-only command never needs.
+    from appliance.audit.claims import CheckpointPolicy
 
 DEFAULT_CONFIG_PATH = Path("/etc/birthline/birthline.toml")
 
@@ -61,6 +64,8 @@ class AuditSection:
 
     @property
     def policy(self) -> CheckpointPolicy:
+        from appliance.audit.claims import CheckpointPolicy
+
         return CheckpointPolicy(self.checkpoint_every_entries, self.checkpoint_every_s)
 
 

@@ -14,7 +14,7 @@ import logging
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from appliance.alarms import Alarms
 from appliance.audit.claims import REASON_EXIT
@@ -24,11 +24,13 @@ from appliance.config import Config
 from appliance.errors import BirthlineError, IssuanceFailed, ReasonCode
 from appliance.files import refuse_shared_files, secure_state_dir
 from appliance.issuance.journal import Journal, journal_files
-from appliance.issuance.policy import AuthorisationPolicy
-from appliance.issuance.service import IssueService
-from appliance.production.policy import WorkOrderPolicy
 from hsm.errors import HsmError
-from hsm.token import Token
+
+if TYPE_CHECKING:
+    # Imported where used: a read-only command (read_journal) loads neither issuance nor the HSM session layer.
+    from appliance.issuance.policy import AuthorisationPolicy
+    from appliance.issuance.service import IssueService
+    from hsm.token import Token
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,9 @@ class Core:
     ) -> IssueService:
         """Issuance as every front end gets it: the work-order policy (unless a test passes another) and the
         audit log. prepare_workers overrides the configuration: a one-shot CLI command need not start processes."""
+        from appliance.issuance.service import IssueService
+        from appliance.production.policy import WorkOrderPolicy
+
         ca = self.issuing_ca()
         if ca.state != "active":
             raise IssuanceFailed(
@@ -111,6 +116,8 @@ def read_journal(config: Config) -> Iterator[Journal]:
 def open_core(config: Config) -> Iterator[Core]:
     """The core for one process. A process that wrote to the journal signs the audit log as it leaves (see
     sign_on_exit), so a log at rest has no unsigned entries whichever command wrote them."""
+    from hsm.token import Token
+
     check_state(config)
     try:
         token = Token.open(config.hsm)

@@ -15,6 +15,7 @@ import hashlib
 import itertools
 import sqlite3
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -25,10 +26,12 @@ from cryptography.x509.oid import NameOID
 from appliance import names
 from appliance.errors import BirthlineError, ReasonCode
 from appliance.issuance.journal import Journal, now
-from appliance.issuance.policy import AuditSink
-from appliance.profiles import new_serial_number
 from hsm.algorithms import KeyAlgorithm, default_hash, from_public_key
-from hsm.token import Token
+
+if TYPE_CHECKING:
+    # Types only: `ca list` and `ca chain` read the journal without loading issuance or the HSM session layer.
+    from appliance.issuance.policy import AuditSink
+    from hsm.token import Token
 
 # RFC 5280 4.1.2.5: 99991231235959Z means "no well-defined expiration". A birth certificate lives as long as
 # the device, so the CAs above it must not expire first.
@@ -128,6 +131,8 @@ def _sign_ca_cert(
     path_len: int | None,
     not_after: dt.datetime,
 ) -> x509.Certificate:
+    from appliance.profiles import new_serial_number
+
     today = dt.datetime.now(dt.UTC).replace(microsecond=0)
     builder = (
         x509.CertificateBuilder()

@@ -14,10 +14,9 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from appliance.cmp.forwarder import make_forwarder, queue_status
 from appliance.config import Config, load_config
-from appliance.daemon_lock import daemon_job
-from appliance.runtime import open_core, read_journal
+from appliance.outbox import queue_status
+from appliance.runtime import read_journal
 
 WithConfig = Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
 
@@ -57,6 +56,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_sync(args: argparse.Namespace) -> int:
     """The daemon's forwarder, by hand or from a timer while the daemon is stopped: refused while it runs."""
+    from appliance.cmp.forwarder import make_forwarder
+    from appliance.daemon_lock import daemon_job
+    from appliance.runtime import open_core
+
     config = _config(args)
     with daemon_job(config, "upstream sync"), open_core(config) as core:
         forwarder = make_forwarder(core)

@@ -71,6 +71,7 @@ from appliance.errors import BirthlineError, ConfigError, Problem
 from appliance.issuance.journal import Journal
 from appliance.issuance.policy import AuditSink
 from appliance.lifecycle import PollingTask
+from appliance.outbox import queue_status
 from appliance.va.revocation import Reason
 
 if TYPE_CHECKING:
@@ -959,59 +960,6 @@ def make_forwarder(core: Core) -> Forwarder:
     return Forwarder(core.journal, cfg, protector, server_certs=load_server_certs(cfg), secret=secret,
                      lock_path=core.config.appliance.state_dir / "upstream.lock", audit=core.audit,
                      ca_certs=load_ca_certs(cfg), alarms=core.alarms)  # fmt: skip
-
-
-def queue_status(journal: Journal, settings: UpstreamSection, now: float | None = None) -> dict[str, Any]:
-    """What `birthline upstream status` prints: depth by kind and state, oldest open record, last success and
-    last error, the limits and whether they are exceeded."""
-    when = time.time() if now is None else now
-
-    def q() -> dict[str, Any]:
-        conn = journal.conn
-        depth: dict[str, dict[str, int]] = {}
-        for kind, state, n in conn.execute("SELECT kind, state, COUNT(*) FROM outbox GROUP BY kind, state"):
-            depth.setdefault(str(kind), {})[str(state)] = int(n)
-        open_rows, oldest = conn.execute(
-            "SELECT COUNT(*), MIN(created_at) FROM outbox WHERE state IN ('queued', 'sent', 'waiting')"
-        ).fetchone()
-        meta = dict(conn.execute(
-            "SELECT key, value FROM meta WHERE key IN ('upstream_last_success', 'upstream_last_error')").fetchall())  # fmt: skip
-        ra = {
-            str(s): int(n) for s, n in conn.execute("SELECT state, COUNT(*) FROM ra_request GROUP BY state")
-        }
-        return {"depth": depth, "open": int(open_rows), "oldest": oldest, "meta": meta, "ra": ra}
-
-    raw = journal.call(q)
-    age = None if raw["oldest"] is None else max(0.0, when - float(raw["oldest"]))
-    last_error = (
-        json.loads(raw["meta"]["upstream_last_error"]) if "upstream_last_error" in raw["meta"] else None
-    )
-    last_success = (
-        float(raw["meta"]["upstream_last_success"]) if "upstream_last_success" in raw["meta"] else None
-    )
-    s = settings
-    alarm = raw["open"] > s.max_queue_size or (age or 0.0) > s.max_queue_age_s
-    hard = raw["open"] >= s.hard_max_queue_size or (age or 0.0) >= s.hard_max_queue_age_s
-    return {
-        "url": s.url or None,
-        "mode": s.mode,
-        "open": raw["open"],
-        "depth": raw["depth"],
-        "ra_requests": raw["ra"],  # RA mode: device requests by state (pending = a station is waiting)
-        "oldest_open_age_s": age,
-        "last_success": _iso(last_success),
-        "last_error": None if last_error is None else {"at": _iso(last_error["at"]), "error": last_error["error"]},
-        "limits": {"max_queue_size": s.max_queue_size, "max_queue_age_s": s.max_queue_age_s,
-                   "hard_max_queue_size": s.hard_max_queue_size, "hard_max_queue_age_s": s.hard_max_queue_age_s},
-        "alarm": alarm,
-        "issuance_stopped": hard and s.enabled,
-    }  # fmt: skip
-
-
-def _iso(t: float | None) -> str | None:
-    if t is None:
-        return None
-    return dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 __all__ = [

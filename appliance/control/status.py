@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from appliance.alarms import Alarms
-from appliance.cmp.forwarder import queue_status
 from appliance.config import Config
 from appliance.control.hub import ControlHub
 from appliance.control.sessions import Sessions
 from appliance.issuance.journal import Journal
 from appliance.issuance.pauses import StationPauses
+from appliance.outbox import queue_status
 from appliance.production.reconcile import report
 from console import wire
 
