@@ -79,6 +79,7 @@ def _read(journal: Journal, config: Config) -> dict[str, Any]:
                 "id": wo, "product": r.product, "state": r.state, "planned": r.planned, "issued": r.issued,
                 "confirmed": r.confirmed, "pending_confirmation": r.pending_confirmation,
                 "upstream_pending": r.upstream_pending, "scrapped": r.scrapped, "reworked": r.reworked,
+                "revoked": r.revoked, "revoked_by_reason": r.revoked_by_reason,
                 "remaining": r.remaining, "lines": wo_lines.get(wo, []),
             })  # fmt: skip
         last = conn.execute("SELECT MAX(created_at) FROM issuance").fetchone()[0]
