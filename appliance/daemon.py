@@ -17,16 +17,20 @@ import contextlib
 import functools
 import hashlib
 import logging
+import shlex
 import signal
 import sqlite3
 import ssl
+import sys
 import traceback
 from dataclasses import dataclass
+from pathlib import Path
 
 from appliance import stations_registry as reg
 from appliance.alarms import LogOnce
 from appliance.audit.checkpointer import Checkpointer
 from appliance.audit.log import ensure_audit_key
+from appliance.bind import binding
 from appliance.cmp.forwarder import Forwarder, make_forwarder
 from appliance.cmp.ra import ensure_ra
 from appliance.cmp.server import CmpResponder, labels_from_config, make_cmp_app, settings_from_config
@@ -204,6 +208,13 @@ class _LinkMonitor:
         self.failures.authenticated(station)
 
 
+def _started_as() -> str:
+    """This process's command line (`birthline run --config ...`, `birthline demo --serve ...`), for the refusal
+    another daemon or job prints while this one holds the state directory."""
+    words = [Path(sys.argv[0]).name, *sys.argv[1:]] if sys.argv and sys.argv[0] else ["python"]
+    return shlex.join(words)[:200]
+
+
 def server_ssl_context(files: TlsServerFiles) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     apply_tls_policy(ctx)
@@ -290,9 +301,14 @@ class Daemon:
         # The daemon lock says the daemon runs: its own jobs (crl generate, upstream sync) refuse meanwhile.
         check_state(self.config)
         try:
-            self._stack.enter_context(DaemonLock(self.config.appliance.state_dir, "the daemon"))
+            self._stack.enter_context(
+                DaemonLock(self.config.appliance.state_dir, f"the daemon `{_started_as()}`")
+            )
         except DaemonRunning as exc:
-            raise DaemonRunning(f"the daemon cannot start: {exc.message}", exc.holder) from None
+            raise DaemonRunning(
+                f"the daemon cannot start: {exc.message}; one daemon runs per state directory: stop that one first",
+                exc.holder,
+            ) from None
         self._check_fd_budget()
         self.core = self._stack.enter_context(open_core(self.config))
         accept_errors = AcceptErrors(self.core.alarms)
@@ -312,12 +328,13 @@ class Daemon:
             )
         )  # fmt: skip
         if self.config.va.address is not None:
-            self.va_server = await self._stack.enter_async_context(
-                VaServer(
-                    make_app(self.va), *self.config.va.address, limits=self.config.va.limits, name="va",
-                    alarms=self.core.alarms, accept_errors=accept_errors,
-                )
-            )  # fmt: skip
+            with binding("[va] listen", self.config.va.listen):
+                self.va_server = await self._stack.enter_async_context(
+                    VaServer(
+                        make_app(self.va), *self.config.va.address, limits=self.config.va.limits, name="va",
+                        alarms=self.core.alarms, accept_errors=accept_errors,
+                    )
+                )  # fmt: skip
             log.info("CRL and OCSP on %s", self.va_server.url)
         if cfg.lan_address is not None:
             self.tls_files = prepare(self.core)
@@ -393,7 +410,8 @@ class Daemon:
             return tls_server_protocol(app, context, cfg.handshake_timeout_s)
 
         host, port = cfg.lan_address
-        self._lan = await serve_guarded(self.lan_gate, inner, host, port, buffered=True)
+        with binding("[stations] lan_listen", cfg.lan_listen):
+            self._lan = await serve_guarded(self.lan_gate, inner, host, port, buffered=True)
 
     async def _start_control(self, service: IssueService) -> None:
         """The control API, metrics and the disk alarm (appliance/control): before any listener takes a request,
@@ -434,12 +452,13 @@ class Daemon:
             on_revoked=va.changed if va is not None else None,
         )  # fmt: skip
         assert cfg.address is not None
-        self.cmp_server = await self._stack.enter_async_context(
-            VaServer(
-                make_cmp_app(self.cmp), *cfg.address, limits=cfg.limits, name="cmp", alarms=self.core.alarms,
-                accept_errors=accept_errors,
-            )
-        )  # fmt: skip
+        with binding("[cmp] listen", cfg.listen):
+            self.cmp_server = await self._stack.enter_async_context(
+                VaServer(
+                    make_cmp_app(self.cmp), *cfg.address, limits=cfg.limits, name="cmp", alarms=self.core.alarms,
+                    accept_errors=accept_errors,
+                )
+            )  # fmt: skip
         log.info("CMP on %s/.well-known/cmp (%d label(s))", self.cmp_server.url, len(self.cmp.labels))
 
     async def __aexit__(self, *exc: object) -> None:

@@ -60,6 +60,7 @@ class Core:
         *,
         prepare_workers: int | None = None,
         admission: Callable[[], str | None] | None = None,
+        recover_intents: bool = True,
     ) -> IssueService:
         """Issuance as every front end gets it: the work-order policy (unless a test passes another) and the
         audit log. prepare_workers overrides the configuration: a one-shot CLI command need not start processes."""
@@ -93,6 +94,7 @@ class Core:
             alarms=self.alarms,
             upstream_retry_s=self.config.upstream.pending_retry_s if self.config.upstream.enabled else None,
             quota_warning_percent=self.config.issuance.quota_warning_percent,
+            recover_intents=recover_intents,
         )
 
 
@@ -156,9 +158,15 @@ def sign_on_exit(core: Core, changes_at_open: int) -> None:
 
 @contextlib.asynccontextmanager
 async def running_issuer(
-    core: Core, policy: AuthorisationPolicy | None = None, *, prepare_workers: int | None = None
+    core: Core,
+    policy: AuthorisationPolicy | None = None,
+    *,
+    prepare_workers: int | None = None,
+    recover_intents: bool = True,
 ) -> AsyncIterator[IssueService]:
-    async with core.issue_service(policy, prepare_workers=prepare_workers) as service:
+    async with core.issue_service(
+        policy, prepare_workers=prepare_workers, recover_intents=recover_intents
+    ) as service:
         yield service
 
 

@@ -304,9 +304,19 @@ def create_issuing(
     audit: AuditSink | None = None,
     actor: str = "appliance",
 ) -> CaRecord:
-    parent_rec = load_ca(journal, parent)
+    try:
+        parent_rec = load_ca(journal, parent)
+    except CaError:
+        raise CaError(
+            f"no CA named {parent!r} to sign issuing CA {name!r}: create it with `birthline ca init-root"
+            f" --name {parent}`, name another signing CA with --parent (`birthline ca list`), or, under an"
+            " external root, use `birthline ca request` and `birthline ca import` instead"
+        ) from None
     if parent_rec.state != "active" or parent_rec.role not in ("root", "issuing"):
-        raise CaError(f"CA {parent!r} ({parent_rec.role}, {parent_rec.state}) cannot sign an issuing CA")
+        raise CaError(
+            f"CA {parent!r} ({parent_rec.role}, {parent_rec.state}) cannot sign an issuing CA: give --parent a"
+            " root or issuing CA that is active (`birthline ca list`)"
+        )
     parent_cert = parent_rec.certificate
     bc = parent_cert.extensions.get_extension_for_class(x509.BasicConstraints).value
     if bc.path_length is not None and bc.path_length < 1:

@@ -48,7 +48,8 @@ def cmd_issue(args: argparse.Namespace) -> int:
         person = actor(s).name
         s.audit.record(person, "issue.requested", asked)
         try:
-            async with running_issuer(s.core, prepare_workers=0) as service:
+            # The daemon may be running and have requests in flight: their intents are its to recover.
+            async with running_issuer(s.core, prepare_workers=0, recover_intents=False) as service:
                 result = await service.issue(request)
         except IssuancePending as exc:
             s.audit.record(

@@ -86,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     import logging
 
-    from appliance.errors import BirthlineError
+    from appliance.errors import BirthlineError, IssuanceFailed, IssuanceRefused
 
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
@@ -94,7 +94,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except BirthlineError as exc:
-        print(f"birthline: {exc}", file=sys.stderr)
+        # A refusal of the issuance pipeline keeps its reason code, the one a station shows (station-protocol.md
+        # section 8); any other error is its message alone, which says what is wrong and what to do.
+        text = str(exc) if isinstance(exc, IssuanceRefused | IssuanceFailed) else exc.message
+        print(f"birthline: {text}", file=sys.stderr)
         return 2
     except OSError as exc:
         # The environment, not the code: a state directory we may not enter, a full disk, a device that went

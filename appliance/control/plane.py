@@ -8,6 +8,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from appliance.bind import binding
 from appliance.control.actions import Actions
 from appliance.control.events import EventBus
 from appliance.control.hub import ControlHub
@@ -84,9 +85,10 @@ class ControlPlane:
             collector = ApplianceCollector(self.hub.stats, core.alarms, self.hub.bus, self.service.pauses, self.probe,
                                            cfg.upstream.enabled)  # fmt: skip
             self.metrics = Metrics(collector, core.journal)
-            self.metrics_server = await self._stack.enter_async_context(
-                VaServer(self.metrics.app(), *cfg.metrics.address)
-            )
+            with binding("[metrics] listen", cfg.metrics.listen):
+                self.metrics_server = await self._stack.enter_async_context(
+                    VaServer(self.metrics.app(), *cfg.metrics.address)
+                )
             log.info("metrics on %s", self.metrics_url)
 
     async def __aexit__(self, *exc: object) -> None:

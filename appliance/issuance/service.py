@@ -116,6 +116,7 @@ class IssueService:
         alarms: Alarms | None = None,
         quota_warning_percent: int = 5,
         health_interval_s: float = 5.0,
+        recover_intents: bool = True,
     ) -> None:
         ca_cert = ca.certificate
         spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -158,6 +159,10 @@ class IssueService:
         None: requests for products in upstream mode are refused (UNKNOWN_PROFILE: no upstream CA)."""
         self._refusals = RefusalLimiter(refusal_burst, refusal_window_s)
         self._stopping = asyncio.Event()
+        self.recover_intents = recover_intents
+        """Burn the intents found at start (crash recovery). Only for a process that issues alone on this
+        journal: the daemon, under its lock. `birthline issue` beside a running daemon must not, or it would burn
+        the daemon's requests in flight."""
         self.alarms = alarms or Alarms()
         """Where refusals of the appliance's own making are raised (runtime.Core.alarms in the daemon)."""
         self._faults = IssuanceAlarms(self.alarms, quota_warning_percent=quota_warning_percent)
@@ -355,7 +360,7 @@ class IssueService:
         """Burn every intent left by a crash: its signature, if the HSM made one, was never released. Read the
         paused stations."""
         self.pauses.load_in(conn)
-        serials = burn_interrupted(conn)
+        serials = burn_interrupted(conn) if self.recover_intents else []
         if serials:
             self._note(
                 conn, "appliance", "issuance.burned", {"reason": "crash-recovery", "cert_serials": serials}
