@@ -4,6 +4,7 @@ appliance")."""
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,10 +12,82 @@ WithConfig = Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
+    """The file, then (unless --no-hsm) what the appliance needs of the HSM, in order: the PIN source, the
+    module, the token, one login. The first failure ends the command with what to do."""
     from appliance.config import load_config
 
     cfg = load_config(Path(args.config))
     print(f"{cfg.source}: OK ({len(cfg.profiles)} profiles: {', '.join(sorted(cfg.profiles))})")
+    if args.no_hsm:
+        return 0
+    from hsm.commission import CHECKS
+
+    for check in CHECKS:
+        found = check(cfg.hsm)
+        print(f"{found.what}: {found.found}")
+    return 0
+
+
+def cmd_hsm_init_token(args: argparse.Namespace) -> int:
+    """A new token for the configuration's [hsm]: its label, module and PIN file (SoftHSM: and its softhsm_conf,
+    written if missing). The user PIN is the PIN file's if it exists, else asked for (or generated with
+    --generate) and written there; the SO PIN likewise with --so-pin-file. Before `birthline init`: there is no
+    journal to audit it in yet."""
+    import getpass
+    import secrets
+
+    from appliance.config import load_config
+    from appliance.errors import BirthlineError
+    from appliance.files import write_private
+    from hsm.commission import init_token, write_softhsm_conf
+    from hsm.config import HsmConfig
+    from hsm.pin import read_pin
+
+    cfg = load_config(Path(args.config))
+    hsm = cfg.hsm
+    if hsm.pin_file is None:
+        raise BirthlineError(
+            "hsm init-token writes the user PIN to [hsm] pin_file; with pin_credential, initialise the token with"
+            " the HSM's own tool and put the PIN in the credential (docs/configuration.md, [hsm])"
+        )
+    if hsm.softhsm_conf is not None:
+        write_softhsm_conf(Path(hsm.softhsm_conf))
+
+    def pin(path: Path | None, what: str) -> tuple[str, Path | None]:
+        """The PIN from its file, or a new one (generated or typed twice) and the file to write it to."""
+        if path is not None and (path.exists() or path.is_symlink()):
+            return read_pin(HsmConfig(module="", token_label="", pin_file=str(path))), None
+        if args.generate:
+            return secrets.token_urlsafe(24), path
+        if not sys.stdin.isatty():  # a prompt, or nothing: a PIN is never read from a pipe
+            raise BirthlineError(
+                f"{what}: no terminal to ask on: give --generate, or write it to a file first"
+            )
+        first = getpass.getpass(f"new {what}: ")
+        if getpass.getpass(f"again, {what}: ") != first:
+            raise BirthlineError(f"the two {what}s differ")
+        return first, path
+
+    so_file = Path(args.so_pin_file) if args.so_pin_file else None
+    if args.generate and so_file is None:
+        raise BirthlineError(
+            "--generate needs --so-pin-file FILE to keep the SO PIN (it resets a locked user PIN)"
+        )
+    user_pin, new_user_file = pin(Path(hsm.pin_file), "user PIN")
+    so_pin, new_so_file = pin(so_file, "SO PIN")
+    # Written before the token is made: a token whose PIN was lost would have to be thrown away.
+    for path, value in ((new_user_file, user_pin), (new_so_file, so_pin)):
+        if path is not None:
+            write_private(path, value.encode() + b"\n")
+    slot = init_token(hsm, so_pin, user_pin)
+    del user_pin, so_pin
+    print(f"token {hsm.token_label!r} initialised in slot {slot} of {hsm.module}")
+    print(f"user PIN: {hsm.pin_file} (0600){'' if new_user_file else ', as it was'}")
+    if so_file is not None:
+        print(
+            f"SO PIN: {so_file} (0600){'' if new_so_file else ', as it was'}: keep it offline; it resets the user PIN"
+        )
+    print("next: `birthline config check`, then `birthline init`")
     return 0
 
 
@@ -47,6 +120,29 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], with_conf
         sub.add_parser("init", help="create the state directory and journal; check the HSM login")
     ).set_defaults(func=cmd_init)
     cfg = sub.add_parser("config", help="configuration").add_subparsers(dest="sub", required=True)
-    with_config(
-        cfg.add_parser("check", help="validate the configuration, listing every problem")
-    ).set_defaults(func=cmd_config_check)
+    sp = with_config(
+        cfg.add_parser(
+            "check",
+            help="validate the configuration, listing every problem; then the PIN source, the HSM module, the"
+            " token and one login (run it as the daemon's user)",
+        )
+    )
+    sp.add_argument("--no-hsm", action="store_true", help="check the file only (no HSM here)")
+    sp.set_defaults(func=cmd_config_check)
+    hsm = sub.add_parser("hsm", help="the HSM token").add_subparsers(dest="sub", required=True)
+    sp = with_config(
+        hsm.add_parser(
+            "init-token",
+            help="initialise a new token ([hsm] token_label) in a free slot: SoftHSM, or a module with C_InitToken",
+        )
+    )
+    sp.add_argument(
+        "--so-pin-file",
+        help="the SO PIN: read from this file (0600) if it exists, else written there (new, 0600)",
+    )
+    sp.add_argument(
+        "--generate",
+        action="store_true",
+        help="random PINs for those whose file does not exist yet (else they are asked for on the terminal)",
+    )
+    sp.set_defaults(func=cmd_hsm_init_token)

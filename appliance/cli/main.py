@@ -22,6 +22,7 @@ DEFAULT_CONFIG_PATH: Final = "/etc/birthline/birthline.toml"
 COMMANDS: Final[dict[str, tuple[str, str]]] = {
     "init": ("commissioning", "create the state directory and journal; check the HSM login"),
     "config": ("commissioning", "configuration"),
+    "hsm": ("commissioning", "the HSM token"),
     "ca": ("ca", "the CA hierarchy (keys in the HSM)"),
     "issue": ("issuing", "issue one birth certificate from a CSR (through the core)"),
     "journal": ("issuing", "the issuance journal"),
