@@ -33,6 +33,9 @@ DEFAULT_CONFIG_PATH = Path("/etc/birthline/birthline.toml")
 @dataclass(frozen=True)
 class ApplianceSection:
     state_dir: Path
+    # The DNS names and IP addresses the appliance answers to on the LAN: its TLS server certificate carries them
+    # (docs/station-protocol.md 13.3). Empty: the built-in names (localhost, birthline, the loopback addresses).
+    names: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -347,6 +350,7 @@ def parse_config(
 
     r = _Reader(_table(data, "appliance", problems), "appliance", problems)
     state_dir = path(r.text("state_dir", "/var/lib/birthline")) or Path("/var/lib/birthline")
+    host_names = _host_names(r, "names")
     r.done()
 
     r = _Reader(_table(data, "hsm", problems), "hsm", problems)
@@ -498,7 +502,7 @@ def parse_config(
     if problems:
         raise ConfigError(problems, str(source) if source else "")
     return Config(
-        appliance=ApplianceSection(state_dir=state_dir),
+        appliance=ApplianceSection(state_dir=state_dir, names=host_names),
         hsm=hsm,
         journal=journal,
         issuance=issuance,
@@ -512,6 +516,21 @@ def parse_config(
         control=control,
         metrics=metrics,
     )
+
+
+def _host_names(r: _Reader, key: str) -> tuple[str, ...]:
+    """A list of network names (appliance.names.HOST), each once (DNS names compared without case)."""
+    value = r._get(key, list, [], False)
+    found: list[str] = []
+    for i, item in enumerate(value if isinstance(value, list) else []):
+        problem = names.HOST.problem(item)
+        if problem is not None:
+            r.problems.append(Problem(f"{r.where}.{key}[{i}]", problem))
+        elif any(item.lower() == seen.lower() for seen in found):
+            r.problems.append(Problem(f"{r.where}.{key}[{i}]", f"{item!r} is listed twice"))
+        else:
+            found.append(item)
+    return tuple(found)
 
 
 def _listen(r: _Reader, key: str, default: str) -> str:

@@ -220,17 +220,33 @@ def server_ssl_context(files: TlsServerFiles) -> ssl.SSLContext:
     apply_tls_policy(ctx)
     ctx.load_cert_chain(files.cert, files.key)
     ctx.load_verify_locations(cafile=str(files.ca))
+    # The management CA is the trust anchor even when an external root signed it (ca request --role
+    # management): station certificates must come from it, never from another CA under the same root.
+    ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
     ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
 
 
 def prepare(core: Core) -> TlsServerFiles:
-    """`birthline init`: the management CA (if missing) and the TLS server credential (if missing or stale)."""
+    """The TLS server credential (made if missing or not from the current management CA, as `birthline init`
+    does). One for other names than the configuration's is served as it is, under the warning alarm tls.names:
+    changing the names stations check is an administrator's act (`birthline tls reissue`)."""
     cfg = core.config.stations
-    hosts = reg.server_hosts(cfg.lan_address)
-    return reg.ensure_tls_server(
-        core.journal, core.token, cfg.tls_dir, cfg.management_ca, hosts=hosts, audit=core.audit
+    names = reg.server_names(core.config.appliance.names, cfg.lan_address)
+    files = reg.ensure_tls_server(
+        core.journal, core.token, cfg.tls_dir, cfg.management_ca, names=names, audit=core.audit
     )
+    served = reg.served_names(files)
+    if set(served) != set(names):
+        core.alarms.raise_alarm(
+            "tls.names",
+            f"the TLS server certificate names {', '.join(served)}; the configuration names {', '.join(names)}",
+            "a station connecting by a name the certificate lacks fails its hostname check: run `birthline tls"
+            " reissue --user ADMIN`, then restart the daemon",
+            severity="warning",
+            details={"served": list(served), "configured": list(names)},
+        )
+    return files
 
 
 class Daemon:

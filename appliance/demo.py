@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives import serialization
 
 from appliance import ca as ca_mod
 from appliance import stations_registry as registry
+from appliance.ca import identity
 from appliance.config import Config, MetricsSection, load_config
 from appliance.daemon import Daemon
 from appliance.daemon_lock import running
@@ -43,7 +44,7 @@ from stations.codes import Code
 from stations.errors import StationError
 from stations.simulator import PtyPair
 
-DEMO_ORG = "Birthline Demo"
+DEMO_ORG = identity.DEMO_ORGANISATION
 # A private-enterprise arc for the demo's hwType; a manufacturer puts its own OID here.
 DEMO_HW_TYPE = "1.3.6.1.4.1.59999.1.1"
 DEMO_PROFILE = "demo-idevid"
@@ -189,6 +190,9 @@ def _setup(
     with open_core(config) as core:
         admin, supervisor = _people(core, state)
         who: dict[str, Any] = {"audit": core.audit, "actor": admin.name}
+        # The demo's organisation is its own: refused anywhere else (appliance/ca/identity.py).
+        identity.record(core.journal, DEMO_ORG, audit=core.audit, actor=admin.name, demo=True)
+        who["demo"] = True
         names = {r.name for r in ca_mod.list_cas(core.journal)}
         if "root" not in names:
             ca_mod.create_root(core.journal, core.token, "root", f"O={DEMO_ORG},CN={DEMO_ORG} Root CA", **who)

@@ -21,9 +21,9 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
-from cryptography.x509.oid import NameOID
 
 from appliance import names
+from appliance.ca.identity import check_subject
 from appliance.errors import BirthlineError, ReasonCode
 from appliance.issuance.journal import Journal, now
 from hsm.algorithms import KeyAlgorithm, default_hash, from_public_key
@@ -258,9 +258,11 @@ def create_root(
     role: str = "root",
     audit: AuditSink | None = None,
     actor: str = "appliance",
+    demo: bool = False,
 ) -> CaRecord:
     _require_new(journal, token, name)
     subj = parse_subject(subject)
+    check_subject(subj, demo=demo)
     key = token.generate_key(key_label_for(name), algorithm)
     pub = key.public_key()
     ski = x509.SubjectKeyIdentifier.from_public_key(pub)
@@ -283,11 +285,12 @@ def create_management(
     validity_days: int | None = 3650,
     audit: AuditSink | None = None,
     actor: str = "appliance",
+    demo: bool = False,
 ) -> CaRecord:
     # pathLen 0: the management CA signs TLS and station certificates only, never another CA.
     return create_root(
         journal, token, name, subject, algorithm, path_len=0, validity_days=validity_days, role="management",
-        audit=audit, actor=actor,
+        audit=audit, actor=actor, demo=demo,
     )  # fmt: skip
 
 
@@ -303,6 +306,7 @@ def create_issuing(
     validity_days: int | None = None,
     audit: AuditSink | None = None,
     actor: str = "appliance",
+    demo: bool = False,
 ) -> CaRecord:
     try:
         parent_rec = load_ca(journal, parent)
@@ -323,6 +327,7 @@ def create_issuing(
         raise CaError(f"CA {parent!r} has pathLen {bc.path_length}: it may not sign another CA")
     _require_new(journal, token, name)
     subj = parse_subject(subject)
+    check_subject(subj, demo=demo)
     key = token.generate_key(key_label_for(name), algorithm)
     parent_key = token.get_key(parent_rec.key_label)
     cert = _sign_ca_cert(
@@ -345,12 +350,18 @@ def create_csr_for_external_root(
     subject: str,
     algorithm: KeyAlgorithm = KeyAlgorithm.EC_P256,
     *,
+    role: str = "issuing",
     audit: AuditSink | None = None,
     actor: str = "appliance",
 ) -> tuple[CaRecord, bytes]:
-    """Generate the issuing key in the HSM and return a PEM PKCS#10 request for the external root to sign."""
+    """Generate the CA's key in the HSM and return a PEM PKCS#10 request for the external root to sign: an
+    issuing CA, or the management CA (role "management"), which then signs the appliance's TLS and station
+    certificates under the organisation's own root."""
+    if role not in ("issuing", "management"):
+        raise CaError(f"an external root signs an issuing or a management CA, not a {role} CA")
     _require_new(journal, token, name)
     subj = parse_subject(subject)
+    check_subject(subj)
     key = token.generate_key(key_label_for(name), algorithm)
     csr = (
         x509.CertificateSigningRequestBuilder()
@@ -361,7 +372,7 @@ def create_csr_for_external_root(
     der = csr.public_bytes(serialization.Encoding.DER)
     rec = CaRecord(
         name,
-        "issuing",
+        role,
         key.label,
         algorithm,
         None,
@@ -410,6 +421,7 @@ def import_ca_certificate(
     if rec.state != "awaiting-certificate":
         raise CaError(f"CA {name!r} is {rec.state}; only a CA awaiting its certificate can be imported")
     cert = _load_one(cert_pem_or_der, "the CA certificate")
+    check_subject(cert.subject)
     chain = _load_many(chain_pem, "the chain")
     if not chain:
         raise CaError(
@@ -480,13 +492,3 @@ def _load_many(data: bytes, what: str) -> list[x509.Certificate]:
         return [x509.load_der_x509_certificate(data)]
     except ValueError as exc:
         raise CaError(f"{what}: not a certificate ({exc})") from exc
-
-
-def default_subject(role: str, org: str = "Birthline Demo") -> str:
-    cn = {"root": "Root CA", "issuing": "Birth Certificate CA", "management": "Management CA"}[role]
-    return x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, org),
-            x509.NameAttribute(NameOID.COMMON_NAME, f"{org} {cn}"),
-        ]
-    ).rfc4514_string()

@@ -26,6 +26,7 @@ ALGORITHMS = ("ec-p256", "ec-p384", "rsa-2048", "rsa-3072", "ed25519")
 
 def cmd_ca_init_root(args: argparse.Namespace) -> int:
     from appliance import ca as ca_mod
+    from appliance.ca import identity
     from appliance.cli.session import actor, authorised
     from appliance.production.users import Permission
     from hsm.algorithms import KeyAlgorithm
@@ -33,7 +34,7 @@ def cmd_ca_init_root(args: argparse.Namespace) -> int:
     with authorised(args, Permission.CA_MANAGE) as s:
         core = s.core
         rec = ca_mod.create_root(
-            core.journal, core.token, args.name, args.subject or ca_mod.hierarchy.default_subject("root"),
+            core.journal, core.token, args.name, args.subject or identity.subject_for(core.journal, "root"),
             KeyAlgorithm(args.algorithm), path_len=args.path_len, validity_days=args.validity_days, audit=s.audit, actor=actor(s).name,
         )  # fmt: skip
         print(f"created root CA {rec.name!r}: {rec.subject} (key {rec.key_label} in the HSM)")
@@ -42,6 +43,7 @@ def cmd_ca_init_root(args: argparse.Namespace) -> int:
 
 def cmd_ca_init_issuing(args: argparse.Namespace) -> int:
     from appliance import ca as ca_mod
+    from appliance.ca import identity
     from appliance.cli.session import actor, authorised
     from appliance.production.users import Permission
     from hsm.algorithms import KeyAlgorithm
@@ -49,7 +51,7 @@ def cmd_ca_init_issuing(args: argparse.Namespace) -> int:
     with authorised(args, Permission.CA_MANAGE) as s:
         core = s.core
         rec = ca_mod.create_issuing(
-            core.journal, core.token, args.name, args.subject or ca_mod.hierarchy.default_subject("issuing"),
+            core.journal, core.token, args.name, args.subject or identity.subject_for(core.journal, "issuing"),
             args.parent, KeyAlgorithm(args.algorithm), path_len=args.path_len, validity_days=args.validity_days, audit=s.audit, actor=actor(s).name,
         )  # fmt: skip
         print(f"created issuing CA {rec.name!r} under {rec.parent!r}: {rec.subject}")
@@ -58,6 +60,7 @@ def cmd_ca_init_issuing(args: argparse.Namespace) -> int:
 
 def cmd_ca_init_management(args: argparse.Namespace) -> int:
     from appliance import ca as ca_mod
+    from appliance.ca import identity
     from appliance.cli.session import actor, authorised
     from appliance.production.users import Permission
     from hsm.algorithms import KeyAlgorithm
@@ -65,7 +68,7 @@ def cmd_ca_init_management(args: argparse.Namespace) -> int:
     with authorised(args, Permission.CA_MANAGE) as s:
         core = s.core
         rec = ca_mod.create_management(
-            core.journal, core.token, args.name, args.subject or ca_mod.hierarchy.default_subject("management"),
+            core.journal, core.token, args.name, args.subject or identity.subject_for(core.journal, "management"),
             KeyAlgorithm(args.algorithm), validity_days=args.validity_days, audit=s.audit, actor=actor(s).name,
         )  # fmt: skip
         print(f"created management CA {rec.name!r}: {rec.subject}")
@@ -86,11 +89,12 @@ def cmd_ca_request(args: argparse.Namespace) -> int:
             args.name,
             args.subject,
             KeyAlgorithm(args.algorithm),
+            role=args.role,
             audit=s.audit,
             actor=actor(s).name,
         )
     argfiles.write("--out", args.out, pem)
-    print(f"issuing CA {rec.name!r} awaits its certificate; CSR written to {args.out}")
+    print(f"{rec.role} CA {rec.name!r} awaits its certificate; CSR written to {args.out}")
     return 0
 
 
@@ -112,7 +116,7 @@ def cmd_ca_import(args: argparse.Namespace) -> int:
             audit=s.audit,
             actor=actor(s).name,
         )
-    print(f"issuing CA {rec.name!r} is active: {rec.subject}, chain of {len(rec.chain)}")
+    print(f"{rec.role} CA {rec.name!r} is active: {rec.subject}, chain of {len(rec.chain)}")
     return 0
 
 
@@ -186,7 +190,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], with_conf
     )
     sp = with_config(ca.add_parser("init-root", help="create a root CA on this appliance"))
     sp.add_argument("--name", default="root", type=argtypes.name(names.CA))
-    sp.add_argument("--subject", help='e.g. "/O=Acme/CN=Acme Device Root CA"')
+    sp.add_argument(
+        "--subject", help='e.g. "/O=Acme/CN=Acme Device Root CA" (default: after the organisation of `init`)'
+    )
     sp.add_argument("--algorithm", choices=ALGORITHMS, default="ec-p256")
     sp.add_argument("--path-len", type=int, default=1)
     sp.add_argument(
@@ -212,8 +218,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], with_conf
     sp.add_argument("--validity-days", type=int, default=3650)
     add_login_arguments(sp)
     sp.set_defaults(func=cmd_ca_init_management)
-    sp = with_config(ca.add_parser("request", help="external root: make the issuing key and write its CSR"))
+    sp = with_config(
+        ca.add_parser(
+            "request", help="external root: make an issuing (or management) CA's key, write its CSR"
+        )
+    )
     sp.add_argument("--name", default="issuing", type=argtypes.name(names.CA))
+    sp.add_argument(
+        "--role", choices=("issuing", "management"), default="issuing",
+        help="management: the CA of the appliance's TLS and station certificates, under your root",
+    )  # fmt: skip
     sp.add_argument("--subject", required=True)
     sp.add_argument("--algorithm", choices=ALGORITHMS, default="ec-p256")
     sp.add_argument("--out", required=True, help="where to write the PEM CSR")

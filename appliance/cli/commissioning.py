@@ -8,6 +8,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from appliance.cli.argtypes import add_login_arguments
+
 WithConfig = Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
 
 
@@ -93,19 +95,29 @@ def cmd_hsm_init_token(args: argparse.Namespace) -> int:
 
 def cmd_init(args: argparse.Namespace) -> int:
     """Setting up the state directory is the appliance's own job (before any person exists): no login, and
-    refused while the daemon runs (it would replace the TLS credential under the running listener)."""
+    refused while the daemon runs (it would replace the TLS credential under the running listener). The first
+    run records the organisation the appliance's CAs are named after, and makes the management CA."""
     from appliance.audit.log import ensure_audit_key
+    from appliance.ca import identity
     from appliance.cli import stations as stations_cli
     from appliance.config import load_config
     from appliance.daemon_lock import daemon_job
     from appliance.runtime import open_core
 
     cfg = load_config(Path(args.config))
+    given = args.organisation
+    if given is not None:
+        identity.check_organisation(given)  # before anything is created
     with daemon_job(cfg, "init"), open_core(cfg) as core:
         print(f"state directory {cfg.appliance.state_dir}")
         print(f"journal {core.journal.path}: {core.journal.integrity_check()}")
         print(f"HSM token {cfg.hsm.token_label!r}: logged in, {len(core.token.list_keys())} key(s)")
-        stations_cli.init_stations(core)
+        recorded = identity.organisation(core.journal)
+        if given is None and recorded is None:
+            given = _ask_organisation()
+        org = identity.record(core.journal, given or recorded or "", audit=core.audit, actor="init")
+        print(f"organisation {org!r}: the appliance's CAs are named after it")
+        stations_cli.init_stations(core, management_subject=args.management_subject)
         # The audit key exists from the start, so the auditor can pin its public key at commissioning.
         cp = core.audit.checkpoint(ensure_audit_key(core.token))
         print(
@@ -114,11 +126,52 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ask_organisation() -> str:
+    from appliance.ca.identity import IdentityError
+
+    if not sys.stdin.isatty():
+        raise IdentityError(
+            "the organisation the appliance's CAs are named after: give --organisation NAME (e.g. 'Acme Devices')"
+        )
+    return input("organisation the appliance's CAs are named after (O=), e.g. Acme Devices: ")
+
+
+def cmd_tls_reissue(args: argparse.Namespace) -> int:
+    """A new TLS server key and certificate for the configured names, by an administrator, audited
+    (tls.reissued). A running daemon keeps serving the one it loaded until it restarts."""
+    from appliance import stations_registry as reg
+    from appliance.cli.session import actor, authorised
+    from appliance.daemon_lock import running
+    from appliance.production.users import Permission
+
+    with authorised(args, Permission.CA_MANAGE) as s:
+        cfg = s.core.config
+        names = reg.server_names(cfg.appliance.names, cfg.stations.lan_address)
+        files = reg.reissue_tls_server(
+            s.core.journal, s.core.token, cfg.stations.tls_dir, cfg.stations.management_ca, names,
+            audit=s.audit, actor=actor(s).name,
+        )  # fmt: skip
+    print(f"TLS server certificate {files.cert} reissued for {', '.join(names)}")
+    holder = running(cfg.appliance.state_dir)
+    if holder is not None:
+        print(f"the running daemon ({holder}) serves it after a restart (systemctl restart birthline)")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], with_config: WithConfig) -> None:
     """Add `init` and `config ...` to the `birthline` parser."""
-    with_config(
+    sp = with_config(
         sub.add_parser("init", help="create the state directory and journal; check the HSM login")
-    ).set_defaults(func=cmd_init)
+    )
+    sp.add_argument(
+        "--organisation",
+        help="the organisation the appliance's CAs are named after (O=); asked for when not given; recorded once",
+    )
+    sp.add_argument(
+        "--management-subject",
+        help="the management CA's name (default: O=<organisation>, CN=<organisation> Management CA)",
+    )
+    sp.set_defaults(func=cmd_init)
     cfg = sub.add_parser("config", help="configuration").add_subparsers(dest="sub", required=True)
     sp = with_config(
         cfg.add_parser(
@@ -146,3 +199,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], with_conf
         help="random PINs for those whose file does not exist yet (else they are asked for on the terminal)",
     )
     sp.set_defaults(func=cmd_hsm_init_token)
+    tls = sub.add_parser("tls", help="the appliance's TLS server certificate").add_subparsers(
+        dest="sub", required=True
+    )
+    sp = with_config(
+        tls.add_parser(
+            "reissue",
+            help="a new TLS server certificate for [appliance] names (an administrator; audited)",
+        )
+    )
+    add_login_arguments(sp, required=True, who="an administrator")
+    sp.set_defaults(func=cmd_tls_reissue)

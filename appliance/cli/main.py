@@ -23,6 +23,7 @@ COMMANDS: Final[dict[str, tuple[str, str]]] = {
     "init": ("commissioning", "create the state directory and journal; check the HSM login"),
     "config": ("commissioning", "configuration"),
     "hsm": ("commissioning", "the HSM token"),
+    "tls": ("commissioning", "the appliance's TLS server certificate"),
     "ca": ("ca", "the CA hierarchy (keys in the HSM)"),
     "issue": ("issuing", "issue one birth certificate from a CSR (through the core)"),
     "journal": ("issuing", "the issuance journal"),

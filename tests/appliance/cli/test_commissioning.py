@@ -74,6 +74,21 @@ def test_a_generated_token_passes_every_check(commissioned: Path, tmp_path: Path
     assert lines[4] == "hsm login to 'line-1': the PIN logs in"
 
 
+def test_an_existing_token_is_never_initialised_again(commissioned: Path, tmp_path: Path) -> None:
+    first = _birthline("init", "--config", commissioned, "--organisation", "Acme Devices")
+    assert first.returncode == 0, first.stderr
+    pins = (tmp_path / "hsm.pin").read_bytes(), (tmp_path / "so.pin").read_bytes()
+    again = _one_line(_birthline("hsm", "init-token", "--generate", "--so-pin-file", tmp_path / "so.pin",
+                                 "--config", commissioned))  # fmt: skip
+    assert "a token labelled 'line-1' exists already; it is left as it is" in again
+    assert ((tmp_path / "hsm.pin").read_bytes(), (tmp_path / "so.pin").read_bytes()) == pins
+    second = _birthline("init", "--config", commissioned)
+    assert second.returncode == 0, second.stderr
+    # The keys the first `init` made (the management CA's, the audit key) are still in the token.
+    keys = next(line for line in second.stdout.splitlines() if line.startswith("HSM token"))
+    assert keys == "HSM token 'line-1': logged in, 2 key(s)"
+
+
 def test_each_failed_check_says_what_to_do(commissioned: Path, tmp_path: Path) -> None:
     pin = tmp_path / "hsm.pin"
     good = pin.read_text()
@@ -167,3 +182,35 @@ def _on_a_terminal(argv: list[str], answers: dict[str, str]) -> str:
         _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0, seen
     return seen
+
+
+def test_init_names_the_appliance_after_its_organisation(commissioned: Path, tmp_path: Path) -> None:
+    """Issue 17 item 1: `init` made a management CA named "Birthline Demo Management CA", with no option."""
+    demo = _one_line(_birthline("init", "--organisation", "Birthline  demo", "--config", commissioned))
+    assert "'Birthline Demo' is the demo's name; give your organisation's" in demo
+    asked = _birthline("init", "--config", commissioned)  # no terminal to ask on
+    assert "give --organisation NAME" in _one_line(asked)
+
+    done = _birthline("init", "--organisation", "Acme Devices, Inc.", "--config", commissioned)
+    assert done.returncode == 0, done.stderr
+    assert "organisation 'Acme Devices, Inc.': the appliance's CAs are named after it" in done.stdout
+    assert (
+        "management CA 'management': CN=Acme Devices\\, Inc. Management CA,O=Acme Devices\\, Inc."
+        in done.stdout
+    )
+    other = _one_line(_birthline("init", "--organisation", "Other Corp", "--config", commissioned))
+    assert "this appliance was commissioned for 'Acme Devices, Inc.'" in other
+    assert _birthline("init", "--config", commissioned).returncode == 0  # the recorded one, nothing asked
+
+    admin = ["--user", "alice", "--password-stdin", "--config", str(commissioned)]
+    assert (
+        _birthline("user", "add", "alice", "--bootstrap", *admin[2:], stdin="alice pw 123\n").returncode == 0
+    )
+    root = _birthline("ca", "init-root", *admin, stdin="alice pw 123\n")
+    assert root.returncode == 0, root.stderr
+    assert "CN=Acme Devices\\, Inc. Device Root CA,O=Acme Devices\\, Inc." in root.stdout
+    refused = _birthline("ca", "init-issuing", "--subject", "/O=Birthline Demo/CN=Line CA", *admin,
+                         stdin="alice pw 123\n")  # fmt: skip
+    assert "'Birthline Demo' names are the demo's" in _one_line(refused)
+    issuing = _birthline("ca", "init-issuing", *admin, stdin="alice pw 123\n")
+    assert "CN=Acme Devices\\, Inc. Birth Certificate CA" in issuing.stdout, issuing.stderr

@@ -43,14 +43,11 @@ def test_ca_errors_say_what_to_do_without_a_code_prefix(
     config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     c = ["--config", str(config), "--user", "alice", "--password-stdin"]
-    err = _refusal(
-        ["ca", "init-issuing", "--name", "line2", "--parent", "offline-root", *c], capsys, monkeypatch
-    )
+    line2 = ["ca", "init-issuing", "--name", "line2", "--subject", "/O=Acme/CN=Acme Line 2 CA"]
+    err = _refusal([*line2, "--parent", "offline-root", *c], capsys, monkeypatch)
     assert err.startswith("birthline: no CA named 'offline-root' to sign issuing CA 'line2': ")
     assert "birthline ca init-root --name offline-root" in err and "--parent" in err and "ca request" in err
-    err = _refusal(
-        ["ca", "init-issuing", "--name", "line2", "--parent", "management", *c], capsys, monkeypatch
-    )
+    err = _refusal([*line2, "--parent", "management", *c], capsys, monkeypatch)
     assert "cannot sign an issuing CA: give --parent a root or issuing CA" in err
     pem = tmp_path / "ca.pem"
     pem.write_text("not a certificate")
