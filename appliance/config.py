@@ -170,7 +170,8 @@ class CmpSection:
 @dataclass(frozen=True)
 class UpstreamSection:
     """[upstream]: the forwarder that sends every issuance and revocation to the upstream CA over CMP as an RA
-    (docs/cmp.md "The forwarder"). An empty url (the default) forwards nothing; the outbox still fills."""
+    (docs/cmp.md "The forwarder"). An empty url (the default): a standalone line, which forwards nothing and writes
+    no issuance to the outbox."""
 
     url: str = ""
     mode: str = "single"  # single | batched

@@ -47,10 +47,12 @@ def queue_status(journal: Journal, settings: UpstreamSection, now: float | None 
         float(raw["meta"]["upstream_last_success"]) if "upstream_last_success" in raw["meta"] else None
     )
     s = settings
-    alarm = raw["open"] > s.max_queue_size or (age or 0.0) > s.max_queue_age_s
+    # A standalone line (no upstream) has nothing to drain: its limits do not apply and nothing is alarming.
+    alarm = s.enabled and (raw["open"] > s.max_queue_size or (age or 0.0) > s.max_queue_age_s)
     hard = raw["open"] >= s.hard_max_queue_size or (age or 0.0) >= s.hard_max_queue_age_s
     return {
         "url": s.url or None,
+        "standalone": not s.enabled,
         "mode": s.mode,
         "open": raw["open"],
         "depth": raw["depth"],

@@ -95,6 +95,7 @@ class Core:
             upstream_retry_s=self.config.upstream.pending_retry_s if self.config.upstream.enabled else None,
             quota_warning_percent=self.config.issuance.quota_warning_percent,
             recover_intents=recover_intents,
+            forward_upstream=self.config.upstream.enabled,
         )
 
 

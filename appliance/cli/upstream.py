@@ -32,15 +32,21 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
         return 0
-    print(f"upstream:      {status['url'] or '(not configured: records accumulate in the outbox)'}"
-          f" ({status['mode']})")  # fmt: skip
+    if status["standalone"]:
+        print("upstream:      none: a standalone line ([upstream] url is not set); issuances queue nothing, and"
+              " no limit applies")  # fmt: skip
+    else:
+        print(f"upstream:      {status['url']} ({status['mode']})")
     for kind, states in sorted(status["depth"].items()):
         print(f"  {kind:6} " + ", ".join(f"{state} {n}" for state, n in sorted(states.items())))
     ra = status["ra_requests"]
     if ra:
         print("RA mode:       " + ", ".join(f"{state} {n}" for state, n in sorted(ra.items())))
     age = status["oldest_open_age_s"]
-    print(f"open records:  {status['open']}; oldest {'-' if age is None else f'{age:.0f} s'}")
+    print(f"open records:  {status['open']}; oldest {'-' if age is None else f'{age:.0f} s'}"
+          + (" (kept for an upstream CA configured later)" if status["standalone"] and status["open"] else ""))  # fmt: skip
+    if status["standalone"]:
+        return 0
     print(f"last success:  {status['last_success'] or '-'}")
     err = status["last_error"]
     print(f"last error:    {'-' if err is None else err['at'] + ' ' + err['error']}")
