@@ -147,6 +147,13 @@ class CmpLabelSection:
     allow_nested: bool = False
     implicit_confirm: bool = True
     accept_ra_verified: bool = False
+    issuing_ca: str | None = None  # the issuing CA of this label's ir/cr/p10cr; None: [issuance] issuing_ca
+    idevid_roots: Path | None = (
+        None  # PEM: greenfield, devices sign with a birth certificate chaining to these
+    )
+    signer_revocation: str = "crl"  # crl | none: revocation of signers from trusted_ca / idevid_roots
+    crl_files: tuple[Path, ...] = ()
+    crl_fetch: bool = True
 
 
 @dataclass(frozen=True)
@@ -161,6 +168,10 @@ class CmpSection:
     ra_cert: Path | None = None  # where the RA certificate is kept; default <stations.tls_dir>/cmp-ra.pem
     labels: Mapping[str, CmpLabelSection] = field(default_factory=dict)
     limits: HttpLimits = field(default_factory=lambda: CMP_LIMITS)
+    crl_timeout_s: float = 5.0  # fetching a signer's CRL from its distribution point
+    crl_max_bytes: int = 1024 * 1024
+    crl_retry_s: float = 60.0  # after a failed fetch, the same URL is not tried again for this long
+    crl_refresh_s: float = 3600.0  # a fetched CRL is fetched again after this long, or at its nextUpdate
 
     @property
     def address(self) -> tuple[str, int] | None:
@@ -637,6 +648,10 @@ def _parse_cmp(
     default_label = r.text("default_label", "") or ""
     ra_cert = path(r.text("ra_cert"))
     limits = _http_limits(r, CMP_LIMITS)
+    crl_timeout = r.number("crl_timeout_s", 5.0, lo=0.1, hi=120)
+    crl_max_bytes = r.integer("crl_max_bytes", 1024 * 1024, lo=1024, hi=64 * 1024 * 1024)
+    crl_retry = r.number("crl_retry_s", 60.0, lo=1, hi=86400)
+    crl_refresh = r.number("crl_refresh_s", 3600.0, lo=10, hi=7 * 86400)
     raw_labels = r.table.get("labels", {})
     r.seen.add("labels")
     r.done()
@@ -655,6 +670,7 @@ def _parse_cmp(
             problems.append(Problem(where, label_problem))
         lr = _Reader(raw, where, problems)
         lr.name("station", names.STATION)
+        lr.name("issuing_ca", names.CA)
         if "secret" in raw:
             problems.append(Problem(f"{where}.secret", "never put the secret in the config; use secret_file"))
             lr.seen.add("secret")
@@ -669,17 +685,41 @@ def _parse_cmp(
             allow_nested=lr.flag("allow_nested", False),
             implicit_confirm=lr.flag("implicit_confirm", True),
             accept_ra_verified=lr.flag("accept_ra_verified", False),
+            issuing_ca=lr.text("issuing_ca"),
+            idevid_roots=path(lr.text("idevid_roots")),
+            signer_revocation=lr.text("signer_revocation", "crl") or "crl",
+            crl_files=_paths(lr, "crl_files", path),
+            crl_fetch=lr.flag("crl_fetch", True),
         )
         lr.done()
         _private_file(label.secret_file, f"{where}.secret_file", problems)
-        if label.secret_file is None and not label.station_signature and label.trusted_ca is None:
-            problems.append(
-                Problem(where, "set secret_file, station_signature or trusted_ca: no peer could authenticate")
-            )
+        if label.signer_revocation not in ("crl", "none"):
+            problems.append(Problem(f"{where}.signer_revocation",
+                                    f"expected 'crl' or 'none', got {label.signer_revocation!r}"))  # fmt: skip
+        if (
+            label.secret_file is None
+            and not label.station_signature
+            and label.trusted_ca is None
+            and label.idevid_roots is None
+        ):
+            problems.append(Problem(where, "set secret_file, station_signature, trusted_ca or idevid_roots: no"
+                                    " peer could authenticate"))  # fmt: skip
         labels[str(name)] = label
     if default_label and default_label not in labels:
         problems.append(Problem("cmp.default_label", f"no label {default_label!r} in [cmp.labels]"))
-    return CmpSection(listen, max_bytes, confirm_wait, max_pending, default_label, ra_cert, labels, limits)
+    return CmpSection(listen, max_bytes, confirm_wait, max_pending, default_label, ra_cert, labels, limits,
+                      crl_timeout_s=crl_timeout, crl_max_bytes=crl_max_bytes, crl_retry_s=crl_retry,
+                      crl_refresh_s=crl_refresh)  # fmt: skip
+
+
+def _paths(r: _Reader, key: str, path: Callable[[str | None], Path | None]) -> tuple[Path, ...]:
+    """A list of file names (relative to the config file's directory)."""
+    r.seen.add(key)
+    value = r.table.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        r.problems.append(Problem(f"{r.where}.{key}", "expected a list of file names"))
+        return ()
+    return tuple(p for v in value if (p := path(v)) is not None)
 
 
 def _parse_upstream(
@@ -742,6 +782,10 @@ def _parse_upstream(
             problems.append(
                 Problem("upstream.kid", "is required with protection = 'mac' (it names the secret)")
             )
+    if section.enabled and protection == "mac" and mode == "batched":
+        problems.append(Problem("upstream.protection", "batched mode sends nested messages, which RFC 9483 5.2.2"
+                                " requires to be signature-protected (a conformant upstream refuses a MAC-protected"
+                                " one): use protection = 'signature', or mode = 'single'"))  # fmt: skip
     if section.enabled and protection == "signature" and section.server_cert is None:
         problems.append(Problem("upstream.server_cert", "is required with protection = 'signature'"))
     _private_file(section.secret_file, "upstream.secret_file", problems)
@@ -752,6 +796,23 @@ def _parse_upstream(
     if section.hard_max_queue_age_s < section.max_queue_age_s:
         problems.append(Problem("upstream.hard_max_queue_age_s", "must not be below max_queue_age_s"))
     return section
+
+
+def config_warnings(cfg: Config) -> list[Problem]:
+    """Settings that are valid but that a conformant peer will refuse in some case, with what to do (printed
+    by `birthline config check`; the configuration is still accepted)."""
+    warnings: list[Problem] = []
+    up = cfg.upstream
+    if up.enabled and up.protection == "mac" and cfg.cmp.listen and cfg.cmp.labels:
+        warnings.append(Problem("upstream.protection", "with 'mac', the records of devices enrolled over CMP with"
+                                " a CRMF request (ir, cr: sent upstream as cr with POP raVerified) and of key updates"
+                                " (kur) are refused by the upstream: raVerified and a kur on a device's behalf need"
+                                " the RA's signature (RFC 9483 5.2.3.2; a Birthline upstream answers notAuthorized,"
+                                " wrongIntegrity for kur), and in RA mode such a device's ir ends in a rejection"
+                                " after polling. Only CSR records (p10cr: the station protocol, CMP p10cr, birthline"
+                                " issue) go through. Use protection = 'signature' with server_cert, or enrol CMP"
+                                " devices with p10cr only"))  # fmt: skip
+    return warnings
 
 
 def load_config(path: Path) -> Config:

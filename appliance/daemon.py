@@ -462,10 +462,18 @@ class Daemon:
             self.core.token, management, cfg.ra_cert or self.config.stations.tls_dir / "cmp-ra.pem"
         )
         va = self.va
+        labels = labels_from_config(cfg)
+        # A label may issue from another issuing CA (greenfield: operational certificates); each CA has its own
+        # issuance service, on the same journal, HSM and audit log.
+        others: dict[str, IssueService] = {}
+        for name in sorted({lb.issuing_ca for lb in labels.values() if lb.issuing_ca} - {service.ca.name}):
+            others[name] = await self._stack.enter_async_context(
+                self.core.issue_service(admission=service.admission, ca_name=name)
+            )
         self.cmp = CmpResponder(
-            service, self.core.journal, self.core.audit, labels_from_config(cfg),
+            service, self.core.journal, self.core.audit, labels,
             management_ca=management.certificate, ra=ra, settings=settings_from_config(cfg),
-            on_revoked=va.changed if va is not None else None,
+            on_revoked=va.changed if va is not None else None, services=others,
         )  # fmt: skip
         assert cfg.address is not None
         with binding("[cmp] listen", cfg.listen):
@@ -635,9 +643,12 @@ class Daemon:
                 )
                 if rec is not None:
                     self.server.state(rec.name).counters["refused_station_disabled"] += 1
-                # Counted like a failed handshake (no station to bind it to: by the peer's address), so a
-                # certificate that keeps coming back raises the alarm; the audit and the log stay bounded.
-                key = rec.name if rec is not None else f"tls-peer:{channel.peer.rpartition(':')[0]}"
+                # Counted like a failed handshake; with no station to bind it to, by the certificate itself (it
+                # verified against the management CA, so there are only as many as that CA ever issued, however
+                # many addresses present them): the alarms, the audit and the log stay bounded.
+                key = (
+                    rec.name if rec is not None else f"tls-cert:{hashlib.sha256(der or b'').hexdigest()[:16]}"
+                )
                 blocked = self.server.limiter.failed(key, self.server.clock()) or 0.0
                 assert self.link_failures is not None
                 self.link_failures.failed(station=key, peer=channel.peer, code=code.name, text=text,

@@ -11,6 +11,7 @@ running and describes how to reach it in DIR/demo.json.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import secrets
@@ -30,6 +31,7 @@ from appliance.ca import identity
 from appliance.config import Config, MetricsSection, load_config
 from appliance.daemon import Daemon
 from appliance.daemon_lock import running
+from appliance.demo_dashboard import run_dashboard
 from appliance.errors import BirthlineError
 from appliance.files import PRIVATE, PRIVATE_DIR, tighten, write_private, write_public
 from appliance.issuance.journal import journal_files
@@ -51,6 +53,15 @@ DEMO_PROFILE = "demo-idevid"
 SERIAL_STATION = "demo-serial"
 CMP_STATION = "demo-cmp"  # the station the CMP label "demo" acts as (its line and work orders apply)
 CMP_LABEL = "demo"
+# Greenfield: a device signs its ir with the birth certificate it got on the line and gets an operational
+# certificate (an LDevID) from another issuing CA, within work order WO-FIELD, through label "field".
+FIELD_LABEL = "field"
+FIELD_STATION = "demo-field"
+FIELD_LINE = "FIELD"
+FIELD_CA = "operational"
+FIELD_PROFILE = "demo-ldevid"
+FIELD_PRODUCT = "demo-sensor-op"
+FIELD_WORK_ORDER = "WO-FIELD"
 LAN_STATION = "demo-lan"
 DEFAULT_PORT = 7450
 
@@ -87,6 +98,15 @@ station = "{cmp_station}"
 secret_file = "{state}/cmp-demo.secret"
 kid = "{cmp_label}"
 
+# Greenfield: devices sign their ir with their birth certificate for an operational certificate. The anchor is
+# the CA that issues birth certificates, not the root: the root also certifies the operational CA, and every
+# certificate under an idevid_roots anchor is taken for a birth certificate.
+[cmp.labels.{field_label}]
+station = "{field_station}"
+profile = "{field_profile}"
+issuing_ca = "{field_ca}"
+idevid_roots = "{state}/issuing.pem"
+
 [metrics]
 listen = "127.0.0.1:{metrics_port}"
 
@@ -95,6 +115,16 @@ base = "idevid"
 subject_o = "{org}"
 hardware_module_name = "{hw_type}"
 crl_urls = ["http://127.0.0.1:{va_port}/crl/issuing.crl"]
+ocsp_url = "http://127.0.0.1:{va_port}/ocsp"
+
+# The operational certificate (LDevID): the birth certificate's subject and extensions, a year's validity.
+[profiles.{field_profile}]
+base = "idevid"
+subject_o = "{org}"
+subject_ou = "Operations"
+hardware_module_name = "{hw_type}"
+validity_days = 365
+crl_urls = ["http://127.0.0.1:{va_port}/crl/{field_ca}.crl"]
 ocsp_url = "http://127.0.0.1:{va_port}/ocsp"
 """
 
@@ -120,6 +150,10 @@ def _write_config(state: Path, port: int) -> Path:
             metrics_port=port + 3,
             cmp_label=CMP_LABEL,
             cmp_station=CMP_STATION,
+            field_label=FIELD_LABEL,
+            field_station=FIELD_STATION,
+            field_profile=FIELD_PROFILE,
+            field_ca=FIELD_CA,
             org=DEMO_ORG,
             hw_type=DEMO_HW_TYPE,
         ).encode())  # fmt: skip
@@ -152,6 +186,30 @@ def _people(core: Core, state: Path) -> tuple[User, User]:
         users.login(core.journal, core.audit, "demo-admin", password),
         users.login(core.journal, core.audit, "demo-supervisor", password),
     )
+
+
+def _field(core: Core, admin: User, supervisor: User) -> None:
+    """The greenfield half: an operational issuing CA, an LDevID product, line FIELD with the station the "field"
+    label acts as, and a work order for the hand-enrolled serials. Made once; an older demo state gets it too."""
+    who: dict[str, Any] = {"audit": core.audit, "actor": admin.name}
+    if FIELD_CA not in {r.name for r in ca_mod.list_cas(core.journal)}:
+        ca_mod.create_issuing(core.journal, core.token, FIELD_CA,
+                              f"O={DEMO_ORG},CN={DEMO_ORG} Operational CA", "root", **who)  # fmt: skip
+    if FIELD_PRODUCT not in {p.name for p in store.list_products(core.journal)}:
+        store.add_product(core.journal, core.audit, admin, FIELD_PRODUCT, tenant="demo",
+                          profile=core.config.profiles[FIELD_PROFILE], ca=FIELD_CA)  # fmt: skip
+    if FIELD_LINE not in {line.name for line in store.list_lines(core.journal)}:
+        store.add_line(
+            core.journal, core.audit, admin, FIELD_LINE, "devices in the field (greenfield enrolment)"
+        )
+    if FIELD_STATION not in {r.name for r in registry.list_stations(core.journal)}:
+        registry.add_station(
+            core.journal, core.token, FIELD_STATION, "lan", audit=core.audit, actor=admin.name
+        )
+        store.assign_station(core.journal, core.audit, supervisor, FIELD_STATION, FIELD_LINE)
+    if FIELD_WORK_ORDER not in {w.id for w in store.list_work_orders(core.journal)}:
+        store.add_work_order(core.journal, core.audit, supervisor, WorkOrderSpec(
+            FIELD_WORK_ORDER, FIELD_PRODUCT, HAND_RANGE.last, (FIELD_LINE,), ranges=(HAND_RANGE,)), activate=True)  # fmt: skip
 
 
 def _production(core: Core, admin: User, supervisor: User, run: int, devices: int) -> None:
@@ -214,6 +272,10 @@ def _setup(
             state / "ca-chain.pem",
             b"".join(c.public_bytes(serialization.Encoding.PEM) for c in issuing.chain),
         )
+        # The issuing CA is the greenfield label's trust anchor for birth certificates (idevid_roots); the root
+        # with it is what a relying party verifies them against (docs: README).
+        write_public(state / "root.pem", issuing.chain[-1].public_bytes(serialization.Encoding.PEM))
+        write_public(state / "issuing.pem", issuing.certificate.public_bytes(serialization.Encoding.PEM))
         known = {r.name for r in registry.list_stations(core.journal)}
         (state / "pty").mkdir(exist_ok=True)
         for name, kind in ((SERIAL_STATION, "serial"), (LAN_STATION, "lan"), (CMP_STATION, "lan")):
@@ -233,6 +295,7 @@ def _setup(
             )
             registry.write_bundle(creds, bundle, lan_host=host)
         _production(core, admin, supervisor, run, devices)
+        _field(core, admin, supervisor)
         if gentle:
             _gentle_work_order(core, supervisor, run)
         on_line = core.journal.call(
@@ -299,6 +362,14 @@ def _describe(
             "url": f"http://{config.cmp.listen}/.well-known/cmp/p/{CMP_LABEL}",
             "server": config.cmp.listen, "path": f".well-known/cmp/p/{CMP_LABEL}", "kid": CMP_LABEL,
             "secret_file": str(state / "cmp-demo.secret"), "mac": "hmacWithSHA256",
+            "ra_cert": str(config.cmp.ra_cert or config.stations.tls_dir / "cmp-ra.pem"),
+            "root": str(state / "root.pem"), "issuing": str(state / "issuing.pem"),
+        },
+        "greenfield": {
+            "server": config.cmp.listen, "path": f".well-known/cmp/p/{FIELD_LABEL}",
+            "idevid_roots": str(state / "issuing.pem"), "issuing_ca": FIELD_CA, "profile": FIELD_PROFILE,
+            "work_order": FIELD_WORK_ORDER, "line": FIELD_LINE,
+            "note": "a device with a birth certificate from this demo signs its ir with it (see README)",
         },
         "crl_url": f"{va_url}/crl/issuing.crl",
         "ocsp_url": f"{va_url}/ocsp",
@@ -317,8 +388,9 @@ def _describe(
 
 
 async def _run(
-    config: Config, state: Path, run: int, devices: int, serve: bool, gentle_rate: float = 0.0
-) -> int:
+    config: Config, state: Path, run: int, devices: int, serve: bool, gentle_rate: float = 0.0,
+    dashboard: bool = False,
+) -> int:  # fmt: skip
     serials = [f"BLD{run:04d}{n:06d}" for n in range(1, devices + 1)]
     appliance_port = str(state / "pty" / f"{SERIAL_STATION}.appliance")
     fixture_port = str(state / "pty" / f"{SERIAL_STATION}.fixture")
@@ -354,16 +426,19 @@ async def _run(
                 for c in (serial_client, lan_client):
                     await c.close()
             counts = daemon.journal.counts()
-            rc = _report(state, config, run, serials, results, elapsed, retry_same, counts)
+            unconfirmed = _unconfirmed(daemon, serials)
+            rc = _report(state, config, run, serials, results, elapsed, retry_same, counts, unconfirmed)
             if serve and rc == 0:
                 gentle = GentleLine(state, lan, fixture_port, run, gentle_rate) if gentle_rate > 0 else None
-                await _serve(daemon, state, lan, fixture_port, gentle)
+                await _serve(daemon, state, lan, fixture_port, gentle,
+                             config.control_socket if dashboard else None)  # fmt: skip
             return rc
 
 
 async def _serve(
-    daemon: Daemon, state: Path, lan: tuple[str, int], fixture_port: str, gentle: GentleLine | None = None
-) -> None:
+    daemon: Daemon, state: Path, lan: tuple[str, int], fixture_port: str, gentle: GentleLine | None = None,
+    dashboard: Path | None = None,
+) -> None:  # fmt: skip
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, daemon.stop)
@@ -374,11 +449,15 @@ async def _serve(
         print(f"Simulated fixtures enrol {gentle.rate:g} device(s)/s on both stations (work order"
               f" WO-GENTLE-{gentle.run:04d}).")  # fmt: skip
     print("Try a station by hand (see README), then press Ctrl-C to stop.", flush=True)
-    if gentle is None:
-        await daemon.wait()
-        return
-    async with gentle:
-        await daemon.wait()
+    async with gentle if gentle is not None else contextlib.nullcontext():
+        done = asyncio.ensure_future(daemon.wait())
+        if dashboard is not None:
+            closed = await run_dashboard(dashboard, "demo-supervisor", state / "demo.log", done)
+            if closed:
+                print(f"The dashboard closed; the appliance goes on serving (its log: {state}/demo.log). Open the"
+                      f" dashboard again with `birthline dashboard --config {state}/birthline.toml`; Ctrl-C stops"
+                      " the demo.", flush=True)  # fmt: skip
+        await done
 
 
 class GentleLine:
@@ -450,9 +529,24 @@ class GentleLine:
                 await client.close()
 
 
+def _unconfirmed(daemon: Daemon, serials: list[str]) -> list[str]:
+    """This run's devices whose certificate is not confirmed. Only these: anything else in the journal (a CMP
+    client that never sent certConf, a station that gave up) is normal and none of this run's business."""
+    wanted = set(serials)
+
+    def q() -> list[str]:
+        rows = daemon.journal.conn.execute(
+            "SELECT device_serial FROM issuance WHERE state = 'issued' AND station IN (?, ?)",
+            (SERIAL_STATION, LAN_STATION),
+        ).fetchall()
+        return sorted(str(r[0]) for r in rows if r[0] in wanted)
+
+    return daemon.journal.call(q)
+
+
 def _report(
     state: Path, config: Config, run: int, serials: list[str], results: list[tuple[str, bytes, bytes]],
-    elapsed: float, retry_same: bool, counts: dict[str, int],
+    elapsed: float, retry_same: bool, counts: dict[str, int], unconfirmed: list[str],
 ) -> int:  # fmt: skip
     issued_dir = state / "issued"
     issued_dir.mkdir(exist_ok=True)
@@ -478,15 +572,26 @@ def _report(
     print(
         f"  retry of {serials[0] if serials else '-'}: {'same certificate, byte for byte' if retry_same else 'MISMATCH'}"
     )
-    confirmed_all = counts.get("issued", 0) == 0
+    confirmed_all = not unconfirmed
     if not confirmed_all:
-        print("  not every certificate was confirmed by its station")
+        print(f"  not confirmed by their station: {', '.join(unconfirmed[:10])}")
     return 0 if ok == "OK" and retry_same and len(results) == len(serials) and confirmed_all else 1
 
 
+DASHBOARD_GENTLE_RATE = (
+    1.0  # devices/s the simulated fixtures enrol under `--dashboard` unless told otherwise
+)
+
+
 def run_demo(
-    state: Path, devices: int, *, serve: bool = False, port: int | None = None, gentle_rate: float = 0.0
-) -> int:
+    state: Path, devices: int, *, serve: bool = False, port: int | None = None, gentle_rate: float = 0.0,
+    dashboard: bool = False,
+) -> int:  # fmt: skip
+    """The demo; `dashboard` (which implies `serve`) opens `birthline dashboard` on it in this terminal, with
+    simulated fixtures enrolling at `gentle_rate` (DASHBOARD_GENTLE_RATE if not given)."""
+    if dashboard:
+        serve = True
+        gentle_rate = gentle_rate or DASHBOARD_GENTLE_RATE
     state = state.resolve()
     holder = running(state)
     if holder is not None:
@@ -514,7 +619,7 @@ def run_demo(
         _setup(
             config, state, run, devices, lan_host=f"127.0.0.1:{file_port}", gentle=serve and gentle_rate > 0
         )
-        return asyncio.run(_run(config, state, run, devices, serve, gentle_rate))
+        return asyncio.run(_run(config, state, run, devices, serve, gentle_rate, dashboard))
     except (BirthlineError, StationError) as exc:
         print(f"demo: {exc}")
         return 1

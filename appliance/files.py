@@ -47,6 +47,20 @@ def _mode(st: os.stat_result) -> str:
     return f"{stat.S_IMODE(st.st_mode):o}"
 
 
+def _refuse_target(st: os.stat_result, path: Path) -> None:
+    if stat.S_ISLNK(st.st_mode):
+        raise FileRefused(f"{path} is a symbolic link; refusing to write through it", path)
+    if not stat.S_ISREG(st.st_mode):
+        raise FileRefused(f"{path} exists and is not a regular file; refusing to replace it", path)
+
+
+def check_write_target(path: Path) -> None:
+    """Refuse, before any work, a target that write_file would refuse (for writers that stream into a temporary
+    file of their own and rename it into place, such as the audit export)."""
+    with contextlib.suppress(FileNotFoundError):
+        _refuse_target(os.lstat(path), Path(path))
+
+
 def write_file(path: Path, data: bytes, *, mode: int = PRIVATE) -> Path:
     """Create or replace `path` with `data` and exactly `mode`, never through a link (see the module doc)."""
     path = Path(path)
@@ -58,10 +72,7 @@ def write_file(path: Path, data: bytes, *, mode: int = PRIVATE) -> Path:
         except FileNotFoundError:
             pass
         else:
-            if stat.S_ISLNK(st.st_mode):
-                raise FileRefused(f"{path} is a symbolic link; refusing to write through it", path)
-            if not stat.S_ISREG(st.st_mode):
-                raise FileRefused(f"{path} exists and is not a regular file; refusing to replace it", path)
+            _refuse_target(st, path)
         tmp = f".{path.name}.{secrets.token_hex(8)}.tmp"
         fd = os.open(
             tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dfd

@@ -18,9 +18,13 @@ if TYPE_CHECKING:
     from appliance.config import UpstreamSection
 
 
+SET_ASIDE_SHOWN = 20
+"""How many parked and failed records `upstream status` lists (the newest; the depth counts all)."""
+
+
 def queue_status(journal: Journal, settings: UpstreamSection, now: float | None = None) -> dict[str, Any]:
     """What `birthline upstream status` prints: depth by kind and state, oldest open record, last success and
-    last error, the limits and whether they are exceeded."""
+    last error, the parked and failed records with their reasons, the limits and whether they are exceeded."""
     when = time.time() if now is None else now
 
     def q() -> dict[str, Any]:
@@ -36,7 +40,21 @@ def queue_status(journal: Journal, settings: UpstreamSection, now: float | None 
         ra = {
             str(s): int(n) for s, n in conn.execute("SELECT state, COUNT(*) FROM ra_request GROUP BY state")
         }
-        return {"depth": depth, "open": int(open_rows), "oldest": oldest, "meta": meta, "ra": ra}
+        aside = [
+            {"id": int(i), "kind": str(k), "cert_serial": str(c), "state": str(s), "at": _iso(at),
+             "reason": str(e or "")}
+            for i, k, c, s, at, e in conn.execute(
+                "SELECT id, kind, cert_serial, state, done_at, last_error FROM outbox"
+                " WHERE state IN ('parked', 'failed') ORDER BY id DESC LIMIT ?", (SET_ASIDE_SHOWN,))
+        ]  # fmt: skip
+        return {
+            "depth": depth,
+            "open": int(open_rows),
+            "oldest": oldest,
+            "meta": meta,
+            "ra": ra,
+            "aside": aside,
+        }
 
     raw = journal.call(q)
     age = None if raw["oldest"] is None else max(0.0, when - float(raw["oldest"]))
@@ -60,6 +78,8 @@ def queue_status(journal: Journal, settings: UpstreamSection, now: float | None 
         "oldest_open_age_s": age,
         "last_success": _iso(last_success),
         "last_error": None if last_error is None else {"at": _iso(last_error["at"]), "error": last_error["error"]},
+        "parked": [a for a in raw["aside"] if a["state"] == "parked"],
+        "failed": [a for a in raw["aside"] if a["state"] == "failed"],
         "limits": {"max_queue_size": s.max_queue_size, "max_queue_age_s": s.max_queue_age_s,
                    "hard_max_queue_size": s.hard_max_queue_size, "hard_max_queue_age_s": s.hard_max_queue_age_s},
         "alarm": alarm,

@@ -51,8 +51,8 @@ class Core:
         component composed from this core."""
         return Alarms()
 
-    def issuing_ca(self) -> CaRecord:
-        return load_ca(self.journal, self.config.issuance.issuing_ca)
+    def issuing_ca(self, name: str | None = None) -> CaRecord:
+        return load_ca(self.journal, name or self.config.issuance.issuing_ca)
 
     def issue_service(
         self,
@@ -61,13 +61,16 @@ class Core:
         prepare_workers: int | None = None,
         admission: Callable[[], str | None] | None = None,
         recover_intents: bool = True,
+        ca_name: str | None = None,
     ) -> IssueService:
         """Issuance as every front end gets it: the work-order policy (unless a test passes another) and the
-        audit log. prepare_workers overrides the configuration: a one-shot CLI command need not start processes."""
+        audit log. prepare_workers overrides the configuration: a one-shot CLI command need not start processes.
+        `ca_name`: another issuing CA than [issuance] issuing_ca (a CMP label's issuing_ca), with its own work
+        orders (the policy only authorises products of the service's CA)."""
         from appliance.issuance.service import IssueService
         from appliance.production.policy import WorkOrderPolicy
 
-        ca = self.issuing_ca()
+        ca = self.issuing_ca(ca_name)
         if ca.state != "active":
             raise IssuanceFailed(
                 f"issuing CA {ca.name!r} is {ca.state}: import its certificate first",

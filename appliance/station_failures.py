@@ -70,7 +70,7 @@ class LinkFailures(PollingTask):
         blocked_s: float = 0.0,
     ) -> None:
         """One failed handshake or refused frame. ``station`` is the station the port or certificate is bound
-        to, or a ``peer:``/``tls-peer:`` key where none is; ``code`` the protocol code's name; ``text`` ours."""
+        to, or a ``tls-cert:`` key (a certificate no station owns) where none is; ``code`` the protocol code's name; ``text`` ours."""
         now = self.clock()
         self.stats["failed"] += 1
         if self._limiter.admit(station, code, now):
@@ -95,15 +95,15 @@ class LinkFailures(PollingTask):
             log, logging.WARNING, f"station.{code.lower()}:{station}",
             "station link %s (%s): %s: %s", station, peer, code, text,
         )  # fmt: skip
-        if blocked_s and station.startswith(("tls-peer:", "peer:")):
+        if blocked_s and station.startswith("tls-cert:"):
             # No station to block: the certificate is refused before any handshake anyway, so only say what
-            # keeps happening and from where.
+            # keeps happening (the audit entries name the addresses).
             self.alarms.raise_alarm(
                 ALARM_CAUSE + station,
-                f"{station} keeps connecting and failing ({code}: {text}); each attempt is refused at once and"
-                " audited in bounded space",
-                "a host keeps using a TLS certificate no enabled station owns (a retired or rotated fixture's?);"
-                " find it by its address",
+                f"{station} (a TLS certificate no enabled station owns) keeps connecting ({code}: {text});"
+                " each attempt is refused at once and audited in bounded space",
+                "a retired or rotated fixture's certificate is still in use: find the host by the addresses in the"
+                " audit (station.link-refused) and remove the old bundle",
                 severity="warning",
             )
         elif blocked_s:

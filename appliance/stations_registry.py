@@ -162,6 +162,23 @@ def ensure_management_ca(
     return rec
 
 
+def _serial_device_or_absent(port: str) -> None:
+    """A serial port is a character device; one not plugged in yet (absent) is fine: the daemon opens it when it
+    appears. Anything else (a regular file, a directory) is refused: the daemon would never open it as a port
+    (stations/transports/serial.py), so registering it could only be a mistake."""
+    try:
+        mode = os.stat(port).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise RegistryError(f"serial port {port}: {exc.strerror}") from exc
+    if not stat.S_ISCHR(mode):
+        raise RegistryError(
+            f"serial port {port} is not a serial device (not a character device); give the adapter's"
+            " /dev/serial/by-path/... name"
+        )
+
+
 def sign_tls_certificate(
     token: Token,
     ca: CaRecord,
@@ -367,6 +384,8 @@ def add_station(
         raise RegistryError("a serial station needs its port (e.g. /dev/serial/by-path/...)")
     if kind == "serial":
         names.SERIAL_PORT.check(port)
+        assert port is not None
+        _serial_device_or_absent(port)
     if kind == "serial":
         baud = 115200 if baud is None else baud
         if not 300 <= baud <= 4_000_000:

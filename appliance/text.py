@@ -6,8 +6,9 @@ dashboards; what a message shows of them is escaped here.
 
 from __future__ import annotations
 
+import json
 import unicodedata
-from typing import Final
+from typing import Any, Final
 
 # X.680 PrintableString, exactly. Many encoders also let '*', '@', '&' or '_' through; strict relying parties
 # then reject the certificate, so we never emit them.
@@ -45,3 +46,17 @@ def safe_repr(value: str, limit: int = _SHOW_MAX) -> str:
 def is_clean_text(value: str) -> bool:
     """True when `value` has no control, format (bidi), surrogate or unassigned characters."""
     return all(unicodedata.category(ch)[0] != "C" for ch in value)
+
+
+def load_json(text: str | bytes) -> Any:
+    """json.loads for input from outside (an MES file, an export, a peer): every failure is a ValueError whose
+    message is ours. The json module raises RecursionError for deep nesting and a plain ValueError for an
+    integer of more than 4,300 digits; neither may escape as a traceback."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not valid JSON: {exc.msg} (line {exc.lineno})") from None
+    except RecursionError:
+        raise ValueError("not valid JSON: nested too deeply") from None
+    except ValueError:
+        raise ValueError("not valid JSON: a number too long to read") from None

@@ -27,7 +27,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from appliance.audit.claims import EVENT_CHECKPOINT, Claim, parse_claim
 from appliance.audit.encoding import GENESIS_HASH, HASH_SIZE, canonical_json, entry_hash, key_fingerprint
 from appliance.audit.log import AuditEntry, AuditError, Checkpoint, Head, load_public_key
+from appliance.files import check_write_target
 from appliance.issuance.journal import Journal
+from appliance.text import load_json
 
 EXPORT_FORMAT = "birthline-audit-export"
 EXPORT_VERSION = 1
@@ -248,6 +250,8 @@ class ExportSource:
                     )
                 elif kind == "head":
                     self._head = rec
+                elif kind == "unparseable":
+                    raise ValueError(rec["error"])
                 elif kind != "entry":
                     raise ValueError(f"unknown record type {kind!r}")
             except (KeyError, TypeError, ValueError) as exc:
@@ -261,8 +265,8 @@ class ExportSource:
                 if not line.strip():
                     continue
                 try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as exc:
+                    rec = load_json(line)
+                except ValueError as exc:
                     rec = {"type": "unparseable", "error": str(exc)}
                 if not isinstance(rec, dict):
                     rec = {"type": "unparseable", "error": "not a JSON object"}
@@ -560,7 +564,7 @@ def _check_entry(report: VerifyReport, e: AuditEntry) -> None:
         report.problem(e.seq, EDITED, "contents do not match the stored hash: the entry was edited")
         return
     try:
-        canonical = canonical_json(json.loads(e.data))
+        canonical = canonical_json(load_json(e.data))
     except (ValueError, TypeError):
         canonical = None
     if canonical != e.data:
@@ -648,6 +652,7 @@ def export(journal: Journal, out: Path | TextIO) -> dict[str, Any]:
     written to a temporary file, fsynced and renamed into place.
     """
     if isinstance(out, Path):
+        check_write_target(out)  # never replace a link or a non-file, as every other writer refuses to
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
         try:
@@ -726,7 +731,7 @@ def read_head(path: Path) -> Head:
     for line in path.read_text(encoding="utf-8").splitlines():
         if not line.strip():
             continue
-        rec = json.loads(line)
+        rec = load_json(line)
         if isinstance(rec, dict) and "seq" in rec and "hash" in rec and rec.get("type", "head") == "head":
             found = (int(rec["seq"]), bytes.fromhex(str(rec["hash"])))
     if found is None:

@@ -16,10 +16,12 @@ WithConfig = Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
 def cmd_config_check(args: argparse.Namespace) -> int:
     """The file, then (unless --no-hsm) what the appliance needs of the HSM, in order: the PIN source, the
     module, the token, one login. The first failure ends the command with what to do."""
-    from appliance.config import load_config
+    from appliance.config import config_warnings, load_config
 
     cfg = load_config(Path(args.config))
     print(f"{cfg.source}: OK ({len(cfg.profiles)} profiles: {', '.join(sorted(cfg.profiles))})")
+    for warning in config_warnings(cfg):
+        print(f"warning: {warning}")
     if args.no_hsm:
         return 0
     from hsm.commission import CHECKS

@@ -13,8 +13,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from appliance.demo import run_demo
 
     return run_demo(
-        Path(args.state), args.devices, serve=args.serve, port=args.port, gentle_rate=args.gentle_rate
-    )
+        Path(args.state), args.devices, serve=args.serve, port=args.port, gentle_rate=args.gentle_rate,
+        dashboard=args.dashboard,
+    )  # fmt: skip
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], with_config: WithConfig) -> None:
@@ -31,5 +32,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], with_conf
     sp.add_argument(
         "--gentle-rate", type=float, default=0.0, metavar="R",
         help="with --serve: simulated fixtures keep enrolling R devices/s on both stations (default 0: none)",
+    )  # fmt: skip
+    sp.add_argument(
+        "--dashboard", action="store_true",
+        help="serve, keep simulated fixtures enrolling (--gentle-rate, default 1/s) and open `birthline"
+        " dashboard` on the running demo in this terminal; closing it leaves the demo serving until Ctrl-C",
     )  # fmt: skip
     sp.set_defaults(func=cmd_demo)

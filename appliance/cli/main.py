@@ -28,6 +28,7 @@ COMMANDS: Final[dict[str, tuple[str, str]]] = {
     "issue": ("issuing", "issue one birth certificate from a CSR (through the core)"),
     "journal": ("issuing", "the issuance journal"),
     "demo": ("demo", "run the demo on embedded defaults (SoftHSM token, CA hierarchy, issuance)"),
+    "dashboard": ("dashboard", "the operator dashboard of a running appliance (docs/dashboard.md)"),
     "station-client": ("fixtures", "fixture side: talk to the appliance with a station bundle"),
     "simulate": ("fixtures", "run N simulated fixtures against a running appliance"),
     "audit": ("audit", "the tamper-evident audit log"),

@@ -107,9 +107,19 @@ def cmd_product_add(args: argparse.Namespace) -> int:
         store.add_product(
             s.core.journal, s.audit, actor(s), args.name, tenant=args.tenant, profile=profile,
             ca=args.ca or s.core.config.issuance.issuing_ca, key_algorithms=args.key_algorithm or (),
-            issuance_mode=args.issuance_mode,
+            issuance_mode=args.issuance_mode, revoke_on_update=args.key_update == "revoke",
         )  # fmt: skip
-    print(f"added product {args.name!r} ({args.issuance_mode} issuance)")
+    print(f"added product {args.name!r} ({args.issuance_mode} issuance, key update: {args.key_update} old)")
+    return 0
+
+
+def cmd_product_key_update(args: argparse.Namespace) -> int:
+    with session(args) as s:
+        store.set_product_key_update(
+            s.core.journal, s.audit, actor(s), args.name, args.key_update == "revoke"
+        )
+    print(f"product {args.name!r}: a key update {'revokes' if args.key_update == 'revoke' else 'keeps'} the old"
+          " certificate")  # fmt: skip
     return 0
 
 
@@ -125,13 +135,13 @@ def cmd_product_list(args: argparse.Namespace) -> int:
         products = store.list_products(journal)
     if args.json:
         _dump([{"name": p.name, "tenant": p.tenant, "profile": p.profile, "ca": p.ca,
-                "key_algorithms": sorted(p.key_algorithms), "issuance_mode": p.issuance_mode}
+                "key_algorithms": sorted(p.key_algorithms), "issuance_mode": p.issuance_mode,
+                "key_update": "revoke" if p.revoke_on_update else "keep"}
                for p in products])  # fmt: skip
     for p in [] if args.json else products:
         keys = ",".join(sorted(p.key_algorithms))
-        print(
-            f"{p.name:<24} tenant={p.tenant} profile={p.profile} ca={p.ca} keys={keys} mode={p.issuance_mode}"
-        )
+        print(f"{p.name:<24} tenant={p.tenant} profile={p.profile} ca={p.ca} keys={keys} mode={p.issuance_mode}"
+              f" key_update={'revoke' if p.revoke_on_update else 'keep'}")  # fmt: skip
     return 0
 
 
@@ -366,7 +376,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], with_conf
     sp.add_argument("--issuance-mode", choices=ISSUANCE_MODES, default="local",
                     help="local: this appliance's issuing CA signs (default); upstream: RA mode, the upstream CA"
                     " issues and stations are told PENDING until it has")  # fmt: skip
+    sp.add_argument("--key-update", choices=("keep", "revoke"), default="keep",
+                    help="what a key update (CMP kur) does to the certificate it replaces once the new one is"
+                    " confirmed: keep it valid until it expires (default) or revoke it (superseded)")  # fmt: skip
     sp.set_defaults(func=cmd_product_add)
+    sp = changing(pr.add_parser(
+        "key-update", help="whether a key update revokes the certificate it replaces (administrator)"))  # fmt: skip
+    sp.add_argument("name", type=argtypes.name(names.PRODUCT))
+    sp.add_argument("key_update", choices=("keep", "revoke"))
+    sp.set_defaults(func=cmd_product_key_update)
     sp = changing(
         pr.add_parser("mode", help="switch a product between local and upstream issuance (administrator)")
     )

@@ -50,6 +50,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"last success:  {status['last_success'] or '-'}")
     err = status["last_error"]
     print(f"last error:    {'-' if err is None else err['at'] + ' ' + err['error']}")
+    for state in ("parked", "failed"):
+        for rec in status[state]:
+            print(f"{state}:{' ' * (13 - len(state))}outbox {rec['id']} ({rec['kind']} {rec['cert_serial']})"
+                  f" {rec['at'] or ''}: {rec['reason']}")  # fmt: skip
     lim = status["limits"]
     print(f"limits:        alarm at {lim['max_queue_size']} records / {lim['max_queue_age_s']:.0f} s;"
           f" issuance stops at {lim['hard_max_queue_size']} / {lim['hard_max_queue_age_s']:.0f} s")  # fmt: skip

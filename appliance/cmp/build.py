@@ -143,6 +143,12 @@ def encode_cert_request(cert_req_id: int, template: CertTemplate,
     return _der.sequence(*parts)
 
 
+def old_cert_id(issuer: x509.Name, serial_number: int) -> InfoTypeAndValue:
+    """The regCtrl oldCertID control of a kur: the certificate being updated (RFC 4211 6.5, RFC 9483 4.1.3)."""
+    value = _der.sequence(general_name_to_der(x509.DirectoryName(issuer)), _der.integer(serial_number))
+    return InfoTypeAndValue(oids.REG_CTRL_OLD_CERT_ID, value)
+
+
 def make_cert_request(
     template: CertTemplate,
     *,
@@ -231,7 +237,8 @@ def encode_body_content(body: Body) -> bytes:
         case RrBody(requests):
             items = []
             for r in requests:
-                template = encode_template(CertTemplate(issuer=r.issuer, serial_number=r.serial_number))
+                template = encode_template(CertTemplate(subject=r.subject, public_key_der=r.public_key_der,
+                                                        issuer=r.issuer, serial_number=r.serial_number))  # fmt: skip
                 ext = b""
                 if r.reason is not None:
                     enumerated = _der.tlv(0x0A, bytes((_REASON_CODES[r.reason.name],)))

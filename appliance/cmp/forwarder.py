@@ -1,20 +1,23 @@
 """The upstream forwarder: every record of the `outbox` journal table goes to the upstream CA over CMP, as an RA
 (RFC 9483 5.2), exactly once as far as the upstream can tell (docs/cmp.md "The forwarder").
 
-- p10cr rows carry the device's CSR; cr rows its public key and subject (POP raVerified, RFC 9483 5.2.3.2);
-  rr rows revoke the UPSTREAM certificate of a revoked device (they wait for its p10cr/cr row to be done).
+- What each record carries and how its request is built: appliance/cmp/upstream_requests.py (p10cr, cr and kur
+  with POP raVerified, rr); which records are due and how a pass is recorded: appliance/cmp/outbox.py; what an
+  answer decides: appliance/cmp/upstream_replies.py.
 - A request is built and protected (the RA key in the HSM, or a MAC) at its first send, stored in
   `request_der` in the same transaction that moves the row to 'sent', and from then on re-sent byte for byte
   with the same transactionID, across retries and restarts.
 - Modes: `single` (one POST per request, for CAs such as EJBCA that use only the first inner message of a
   nested one) or `batched` (up to batch_max requests, or what is due after batch_wait_s, in ONE nested
-  message with a fresh outer transactionID and nonce, protected by the RA: RFC 9483 5.2.2.2).
+  message with a fresh outer transactionID and nonce, signed by the RA: RFC 9483 5.2.2.2).
 - Replies are checked (protection over the bytes received, by a trusted upstream; transactionID; recipNonce;
   the certificate's public key is the request's; status). certConf follows each certificate (unless the
   upstream granted implicitConfirm), pkiConf is checked; "waiting" is answered by pollReq after checkAfter.
 - Network errors, HTTP errors, untrusted or malformed replies and systemUnavail: retried with exponential
-  backoff and jitter. A rejection is permanent: the row is 'failed' with the reason. duplicateCertReq and an
-  rr answered certRevoked are no-ops (done).
+  backoff and jitter. A refusal of the request is permanent: 'failed' with the reason. A record that cannot be
+  built, whose stored bytes do not parse, or that the upstream refuses as a message (malformed, wrong key
+  identifier): 'parked' with the reason; the records it shares a batch with go on. duplicateCertReq and an rr
+  answered certRevoked are no-ops (done).
 """
 
 from __future__ import annotations
@@ -22,57 +25,61 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import fcntl
-import hashlib
-import json
 import logging
 import random
 import sqlite3
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
 import aiohttp
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
 
 from appliance.alarms import Alarms, LogOnce
-from appliance.cmp._names import name_from_der
-from appliance.cmp.build import Protector, build_message, make_cert_request, required_pvno
-from appliance.cmp.errors import RETRYABLE_FAIL_INFO, CmpError, FailInfo
+from appliance.cmp.build import Protector, build_message, required_pvno
+from appliance.cmp.errors import CmpError, FailInfo
 from appliance.cmp.header import check_header, check_response, follow_up_header, request_header
 from appliance.cmp.model import (
     BodyType,
     CertConfBody,
-    CertRepBody,
-    CertReqBody,
     CertStatus,
-    CertTemplate,
     ErrorBody,
     NestedBody,
     NestedItem,
-    P10crBody,
     PKIMessage,
-    PKIStatus,
     PKIStatusInfo,
-    PollRepBody,
     PollReqBody,
-    RevDetails,
-    RpBody,
-    RrBody,
+)
+from appliance.cmp.outbox import (
+    DUE_SQL,
+    OPEN_STATES,
+    Outcome,
+    PassResult,
+    QueueLoad,
+    Row,
+    record_outcomes,
 )
 from appliance.cmp.parse import parse_message
 from appliance.cmp.protection import DEFAULT_MAC_POLICY, MacPolicy, MacProtector, verify_protection
+from appliance.cmp.upstream_replies import (
+    anchored_chain,
+    describe,
+    issued_by,
+    issuer_chain,
+    judge,
+    status_text,
+    text,
+    waiting_cert_req_id,
+)
+from appliance.cmp.upstream_requests import RequestBuilder, revocation_reasons, upstream_certificates
 from appliance.config import UpstreamSection
 from appliance.errors import BirthlineError, ConfigError, Problem
 from appliance.issuance.journal import Journal
 from appliance.issuance.policy import AuditSink
 from appliance.lifecycle import PollingTask
 from appliance.outbox import queue_status
-from appliance.va.revocation import Reason
 
 if TYPE_CHECKING:
     from appliance.runtime import Core
@@ -80,21 +87,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CONTENT_TYPE = "application/pkixcmp"
-OPEN_STATES = ("queued", "sent", "waiting")
-_DER = serialization.Encoding.DER
-_SPKI = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-_COLUMNS = ("id, kind, issuance_id, cert_serial, transaction_id, csr_der, public_key_der, subject_der, request_der,"
-            " state, attempts, last_response_der, created_at, ra_request_id")  # fmt: skip
-
-
-# Open rows that are due, oldest first; an rr waits for its device's p10cr/cr row. Served by the partial index
-# outbox_open_by_id, so the done rows (kept for ever) are never scanned.
-DUE_SQL = (
-    f"SELECT {_COLUMNS} FROM outbox o WHERE o.state IN ('queued', 'sent', 'waiting')"
-    " AND o.next_attempt_at <= ? AND (o.kind != 'rr' OR NOT EXISTS (SELECT 1 FROM outbox p"
-    " WHERE p.cert_serial = o.cert_serial AND p.kind != 'rr'"
-    " AND p.state IN ('queued', 'sent', 'waiting'))) ORDER BY o.id LIMIT ?"
-)
 
 
 class UpstreamError(Exception):
@@ -129,66 +121,6 @@ class HttpTransport:
         if self._session is not None:
             await self._session.close()
             self._session = None
-
-
-@dataclass
-class _Row:
-    id: int
-    kind: str
-    issuance_id: int | None
-    cert_serial: str
-    transaction_id: bytes
-    csr_der: bytes | None
-    public_key_der: bytes | None
-    subject_der: bytes | None
-    request_der: bytes | None
-    state: str
-    attempts: int
-    last_response_der: bytes | None
-    created_at: float
-    ra_request_id: int | None = None  # RA mode: the upstream's certificate IS the device's certificate
-
-    @classmethod
-    def from_row(cls, r: Sequence[Any]) -> _Row:
-        return cls(*r)
-
-
-@dataclass
-class _Outcome:
-    """What one exchange decided for a row."""
-
-    action: str  # done | confirm | wait | retry | fail
-    text: str = ""
-    cert: x509.Certificate | None = None
-    response: PKIMessage | None = None
-    check_after: float = 0.0
-    cert_req_id: int = 0
-    # RA mode: the certificate's issuers, nearest first, up to a CA of [upstream] ca_certs
-    chain: tuple[x509.Certificate, ...] = ()
-
-
-@dataclass
-class PassResult:
-    done: int = 0
-    retried: int = 0
-    failed: int = 0
-    waiting: int = 0
-    sent_messages: int = 0
-    errors: list[str] = field(default_factory=list)
-
-    def merge(self, other: PassResult) -> None:
-        self.done += other.done
-        self.retried += other.retried
-        self.failed += other.failed
-        self.waiting += other.waiting
-        self.sent_messages += other.sent_messages
-        self.errors.extend(other.errors)
-
-
-@dataclass(frozen=True)
-class QueueLoad:
-    open_rows: int
-    oldest_created_at: float | None
 
 
 class ForwarderLocked(BirthlineError):
@@ -243,9 +175,10 @@ class Forwarder(PollingTask):
             kid = settings.kid or "birthline"
             self.sender = x509.DirectoryName(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, kid)]))
         self.recipient = x509.DirectoryName(x509.Name.from_rfc4514_string(settings.recipient))
+        self.builder = RequestBuilder(protector, self.sender, self.recipient, settings.implicit_confirm)
         self.load = QueueLoad(0, None)
         self._lock_file: IO[bytes] | None = None
-        self.stats = {"passes": 0, "messages": 0, "done": 0, "retried": 0, "failed": 0}
+        self.stats = {"passes": 0, "messages": 0, "done": 0, "retried": 0, "failed": 0, "parked": 0}
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def acquire(self) -> None:
@@ -348,12 +281,12 @@ class Forwarder(PollingTask):
         return None
 
     # -- one pass ----------------------------------------------------------------------------------------------
-    async def _due(self, limit: int) -> list[_Row]:
+    async def _due(self, limit: int) -> list[Row]:
         now = self.clock()
 
-        def q() -> list[_Row]:
+        def q() -> list[Row]:
             rows = self.journal.conn.execute(DUE_SQL, (now, limit)).fetchall()
-            return [_Row.from_row(r) for r in rows]
+            return [Row.from_row(r) for r in rows]
 
         return await self.journal.acall(q)
 
@@ -374,30 +307,30 @@ class Forwarder(PollingTask):
         # checking one overlaps with the upstream working on another. Single mode sends one request at a time.
         slots = asyncio.Semaphore(self.settings.batches_in_flight if batched else 1)
 
-        async def one(chunk: list[_Row]) -> PassResult:
+        async def one(chunk: list[Row]) -> PassResult:
             async with slots:
                 return await self._chunk(chunk)
 
         for part in await asyncio.gather(*(one(c) for c in chunks)):
             result.merge(part)
-            for key in ("done", "retried", "failed"):
+            for key in ("done", "retried", "failed", "parked"):
                 self.stats[key] += getattr(part, key)
         if rows:
             await self.refresh_load()
         return result
 
-    async def _chunk(self, rows: list[_Row]) -> PassResult:
+    async def _chunk(self, rows: list[Row]) -> PassResult:
         result = PassResult()
         prepared = await self._materialise(rows)
-        outgoing: list[tuple[_Row, PKIMessage]] = []
-        outcomes: dict[int, _Outcome] = {}
+        outgoing: list[tuple[Row, PKIMessage]] = []
+        outcomes: dict[int, Outcome] = {}
         for row, msg_or_outcome in prepared:
-            if isinstance(msg_or_outcome, _Outcome):
+            if isinstance(msg_or_outcome, Outcome):
                 outcomes[row.id] = msg_or_outcome
             else:
                 outgoing.append((row, msg_or_outcome))
         answers = await self._exchange(outgoing, result)
-        confirms: list[tuple[_Row, PKIMessage, _Outcome]] = []
+        confirms: list[tuple[Row, PKIMessage, Outcome]] = []
         for row, request in outgoing:
             outcome = self._judge(row, request, answers.get(row.id))
             if outcome.action == "confirm":
@@ -410,14 +343,15 @@ class Forwarder(PollingTask):
         return result
 
     # -- building ----------------------------------------------------------------------------------------------
-    async def _materialise(self, rows: list[_Row]) -> list[tuple[_Row, PKIMessage | _Outcome]]:
+    async def _materialise(self, rows: list[Row]) -> list[tuple[Row, PKIMessage | Outcome]]:
         """The message to send for each row: its stored request (built and stored now at the first send), or a
-        pollReq for a waiting row. rr rows whose device has no upstream certificate fail here."""
-        upstream = await self._upstream_certs([r.cert_serial for r in rows if r.kind == "rr"])
+        pollReq for a waiting row. A row whose request cannot be built, or whose stored bytes no longer parse, is
+        parked here with the reason: one such record never holds up the others it would share a batch with."""
+        context = await self.journal.acall(self._build_context, rows)
         fresh = [r for r in rows if r.request_der is None]
-        built: dict[int, PKIMessage | _Outcome] = {}
+        built: dict[int, PKIMessage | Outcome] = {}
         if fresh:
-            built = await asyncio.to_thread(self._build_requests, fresh, upstream)
+            built = await asyncio.to_thread(self.builder.build, fresh, *context)
             stored = [(msg.der, r.id) for r in fresh if isinstance(msg := built[r.id], PKIMessage)]
 
             def txn(conn: sqlite3.Connection) -> None:
@@ -433,22 +367,24 @@ class Forwarder(PollingTask):
                         r.request_der, r.state = der, "sent"
         # A request built just now is used as built; one stored earlier (a retry) is parsed from its bytes.
         resend = [r for r in rows if r.id not in built and not (r.state == "waiting" and r.last_response_der)]
-        parsed = await asyncio.to_thread(lambda: [parse_message(r.request_der or b"") for r in resend])
-        requests: dict[int, PKIMessage | _Outcome] = {
-            **built,
-            **{r.id: m for r, m in zip(resend, parsed, strict=True)},
-        }
-        out: list[tuple[_Row, PKIMessage | _Outcome]] = []
+        parsed = await asyncio.to_thread(
+            lambda: {r.id: _parsed(r.request_der, "stored request") for r in resend}
+        )
+        requests: dict[int, PKIMessage | Outcome] = {**built, **parsed}
+        out: list[tuple[Row, PKIMessage | Outcome]] = []
         for r in rows:
             b = requests.get(r.id)
-            if isinstance(b, _Outcome):
+            if isinstance(b, Outcome):
                 out.append((r, b))
                 continue
             if r.state == "waiting" and r.last_response_der is not None:
-                waiting = parse_message(r.last_response_der)
-                # The certReqId the upstream used: 0 for cr, and for p10cr -1 (RFC 9810 5.3.4) or 0 (openssl 3.0,
-                # EJBCA): whatever its waiting answer said.
-                req_id = _waiting_cert_req_id(waiting)
+                waiting = _parsed(r.last_response_der, "stored answer")
+                if isinstance(waiting, Outcome):
+                    out.append((r, waiting))
+                    continue
+                # The certReqId the upstream used: 0 for cr and kur, and for p10cr -1 (RFC 9810 5.3.4) or 0
+                # (openssl 3.0's mock server, EJBCA): whatever its waiting answer said.
+                req_id = waiting_cert_req_id(waiting)
                 poll = await asyncio.to_thread(
                     self._follow_up, waiting, BodyType.POLLREQ, PollReqBody((req_id,))
                 )
@@ -458,65 +394,9 @@ class Forwarder(PollingTask):
                 out.append((r, b))
         return out
 
-    async def _upstream_certs(self, serials: list[str]) -> dict[str, bytes]:
-        if not serials:
-            return {}
-
-        def q() -> dict[str, bytes]:
-            found: dict[str, bytes] = {}
-            for s in serials:
-                row = self.journal.conn.execute(
-                    "SELECT upstream_cert_der FROM outbox WHERE cert_serial=? AND kind != 'rr' AND state='done'"
-                    " AND upstream_cert_der IS NOT NULL ORDER BY id DESC LIMIT 1", (s,)).fetchone()  # fmt: skip
-                if row is not None:
-                    found[s] = bytes(row[0])
-            return found
-
-        return await self.journal.acall(q)
-
-    def _reason(self, cert_serial: str) -> x509.ReasonFlags:
-        row = self.journal.conn.execute(
-            "SELECT reason FROM revocation WHERE cert_serial=?", (cert_serial,)
-        ).fetchone()
-        return Reason(row[0]).flag if row is not None else x509.ReasonFlags.unspecified
-
-    def _build_requests(
-        self, rows: list[_Row], upstream: dict[str, bytes]
-    ) -> dict[int, PKIMessage | _Outcome]:
-        """Runs in a worker thread (HSM signatures); the rr reason is read through the journal thread."""
-        out: dict[int, PKIMessage | _Outcome] = {}
-        for r in rows:
-            header = request_header(sender=self.sender, recipient=self.recipient, transaction_id=r.transaction_id,
-                                    implicit_confirm=self.settings.implicit_confirm)  # fmt: skip
-            try:
-                if r.kind == "p10cr":
-                    assert r.csr_der is not None
-                    csr = x509.load_der_x509_csr(r.csr_der)
-                    msg = build_message(header, BodyType.P10CR, P10crBody(csr), protection=self.protector)
-                elif r.kind == "cr":
-                    assert r.public_key_der is not None and r.subject_der is not None
-                    subject = name_from_der(r.subject_der)
-                    template = CertTemplate(subject=subject, public_key_der=r.public_key_der)
-                    body = CertReqBody((make_cert_request(template, ra_verified=True),))
-                    msg = build_message(header, BodyType.CR, body, protection=self.protector)
-                else:
-                    der = upstream.get(r.cert_serial)
-                    if der is None:
-                        out[r.id] = _Outcome(
-                            "fail", "no upstream certificate for this device: nothing to revoke"
-                        )
-                        continue
-                    cert = x509.load_der_x509_certificate(der)
-                    reason = self.journal.call(self._reason, r.cert_serial)
-                    details = RevDetails(cert.issuer, cert.serial_number, reason)
-                    rr_header = request_header(sender=self.sender, recipient=self.recipient,
-                                               transaction_id=r.transaction_id)  # fmt: skip
-                    msg = build_message(rr_header, BodyType.RR, RrBody((details,)), protection=self.protector)
-            except (ValueError, AssertionError) as exc:
-                out[r.id] = _Outcome("fail", f"cannot build the upstream request: {exc}"[:300])
-                continue
-            out[r.id] = msg
-        return out
+    def _build_context(self, rows: list[Row]) -> tuple[dict[int, bytes], dict[str, x509.ReasonFlags]]:
+        """What building needs from the journal (read on its thread): upstream certificates, rr reasons."""
+        return upstream_certificates(self.journal.conn, rows), revocation_reasons(self.journal.conn, rows)
 
     def _follow_up(self, received: PKIMessage, body_type: BodyType, body: Any) -> PKIMessage:
         header = follow_up_header(received.header, sender=self.sender, pvno=required_pvno(body_type, body))
@@ -524,7 +404,7 @@ class Forwarder(PollingTask):
 
     # -- sending -----------------------------------------------------------------------------------------------
     async def _exchange(
-        self, outgoing: list[tuple[_Row, PKIMessage]], result: PassResult
+        self, outgoing: list[tuple[Row, PKIMessage]], result: PassResult
     ) -> dict[int, PKIMessage | Exception]:
         """Send the messages (one POST each, or one nested message) and return each row's answer, or why there is
         none. The nested answer is matched to the rows by transactionID; a second answer for one is ignored."""
@@ -551,18 +431,30 @@ class Forwarder(PollingTask):
             reply = await self._post(outer.der)
             self._check(reply, outer)
             if not isinstance(reply.body, NestedBody):
-                raise CmpError(_describe(reply), fail_info=FailInfo.BAD_REQUEST)
+                raise CmpError(describe(reply), fail_info=FailInfo.BAD_REQUEST)
         except (UpstreamError, CmpError) as exc:
             return {row.id: exc for row, _ in outgoing}
         by_tid = {msg.header.transaction_id: row for row, msg in outgoing}
+        unmatched: list[PKIMessage] = []
         for item in reply.body.items:
             if item.message is None:
+                continue
+            if item.message.header.transaction_id is None and isinstance(item.message.body, ErrorBody):
+                unmatched.append(item.message)  # the upstream could not read an inner message to answer it
                 continue
             match = by_tid.get(item.message.header.transaction_id)
             if match is None or match.id in answers:
                 log.warning("upstream: ignoring an unexpected or duplicate answer in a nested reply")
                 continue
             answers[match.id] = item.message
+        missing = [row for row, _ in outgoing if row.id not in answers]
+        if unmatched and len(unmatched) == len(missing):
+            # As many requests without an answer as answers saying "could not read it": those requests are
+            # malformed for this upstream, and resending the same bytes would not change that.
+            for row, error in zip(missing, unmatched, strict=True):
+                assert isinstance(error.body, ErrorBody)
+                answers[row.id] = Unreadable("the upstream could not read this request: "
+                                             + status_text(error.body.status))  # fmt: skip
         for row, _ in outgoing:
             answers.setdefault(row.id, CmpError("the upstream's nested reply has no answer for this request"))
         return answers
@@ -586,7 +478,7 @@ class Forwarder(PollingTask):
             if not signer.not_valid_before_utc <= now <= signer.not_valid_after_utc:
                 raise CmpError("the upstream's signer certificate is not valid now",
                                fail_info=FailInfo.SIGNER_NOT_TRUSTED)  # fmt: skip
-            if not any(signer == c or _issued_by(signer, c) for c in self.server_certs):
+            if not any(signer == c or issued_by(signer, c) for c in self.server_certs):
                 raise CmpError("the upstream's signer is not trusted", fail_info=FailInfo.SIGNER_NOT_TRUSTED)
         if reply.body_type is BodyType.NESTED and request.body_type is BodyType.NESTED:
             # check_response refuses a nested body (it can also be a request); the same checks for the outer reply
@@ -604,81 +496,19 @@ class Forwarder(PollingTask):
         check_response(reply, request.header)
 
     # -- judging -----------------------------------------------------------------------------------------------
-    def _judge(self, row: _Row, request: PKIMessage, answer: PKIMessage | Exception | None) -> _Outcome:
-        if answer is None:
-            return _Outcome("retry", "no answer")
-        if isinstance(answer, Exception):
-            return _Outcome("retry", _text(answer))
-        try:
-            self._check(answer, request)
-        except CmpError as exc:
-            return _Outcome("retry", f"reply rejected: {exc}"[:300])
-        body = answer.body
-        if isinstance(body, ErrorBody):
-            return _status(body.status, "upstream error")
-        if isinstance(body, PollRepBody):
-            after = body.entries[0].check_after if body.entries else self.settings.backoff_base_s
-            return _Outcome("wait", "upstream: waiting", response=answer, check_after=float(after))
-        if isinstance(body, RpBody) and row.kind == "rr":
-            if not body.statuses:
-                return _Outcome("retry", "reply rejected: rp without status")
-            status = body.statuses[0]
-            if status.status in (PKIStatus.ACCEPTED, PKIStatus.GRANTED_WITH_MODS):
-                return _Outcome("done")
-            if FailInfo.CERT_REVOKED in status.fail_info:
-                return _Outcome("done", "already revoked upstream")
-            return _status(status, "upstream refused the revocation")
-        if (
-            isinstance(body, CertRepBody)
-            and row.kind != "rr"
-            and answer.body_type in (BodyType.IP, BodyType.CP)
-        ):
-            if len(body.responses) != 1:
-                return _Outcome("retry", "reply rejected: not exactly one CertResponse")
-            (rsp,) = body.responses
-            if row.kind == "cr" and rsp.cert_req_id != 0:
-                return _Outcome("retry", f"reply rejected: certReqId {rsp.cert_req_id} was not requested")
-            if rsp.status.status is PKIStatus.WAITING:
-                return _Outcome("wait", "upstream: waiting", response=answer,
-                                check_after=self.settings.backoff_base_s)  # fmt: skip
-            if rsp.status.status not in (PKIStatus.ACCEPTED, PKIStatus.GRANTED_WITH_MODS):
-                return _status(rsp.status, "upstream refused the request")
-            if rsp.certificate is None:
-                return _Outcome("retry", "reply rejected: accepted without a certificate")
-            # after polling, `request` is our pollReq: the key and implicitConfirm are those of the stored request
-            original = request
-            if request.body_type is BodyType.POLLREQ and row.request_der is not None:
-                original = parse_message(row.request_der)
-            if rsp.certificate.public_key().public_bytes(*_SPKI) != _requested_key(original):
-                return _Outcome("retry", "reply rejected: the certificate's key is not the requested key")
-            # RA mode hands the certificate and its chain to a device as its birth certificate: it must chain to a
-            # CA the administrator configured. A reply cannot choose the anchor. (A local-mode record only keeps
-            # the upstream's certificate.)
-            chain: tuple[x509.Certificate, ...] = ()
-            if row.ra_request_id is not None:
-                if not self.ca_certs:
-                    return _Outcome("retry", "RA mode needs [upstream] ca_certs: the upstream CA certificates the"
-                                    " devices' certificates must chain to")  # fmt: skip
-                anchored = anchored_chain(
-                    rsp.certificate, (*answer.extra_certs, *body.ca_pubs), self.ca_certs
-                )
-                if anchored is None:
-                    return _Outcome("retry", "reply rejected: the certificate does not chain to a CA in"
-                                    " [upstream] ca_certs")  # fmt: skip
-                chain = anchored
-            if answer.header.implicit_confirm and original.header.implicit_confirm:
-                return _Outcome("done", cert=rsp.certificate, chain=chain)
-            return _Outcome("confirm", cert=rsp.certificate, response=answer, cert_req_id=rsp.cert_req_id,
-                            chain=chain)  # fmt: skip
-        return _Outcome("retry", f"reply rejected: unexpected {answer.body_type.asn1_name}")
+    def _judge(self, row: Row, request: PKIMessage, answer: PKIMessage | Exception | None) -> Outcome:
+        if isinstance(answer, Unreadable):
+            return Outcome("park", str(answer)[:300])
+        return judge(row, request, answer, check=self._check, ca_certs=self.ca_certs,
+                     backoff_base_s=self.settings.backoff_base_s)  # fmt: skip
 
     async def _confirm(
-        self, items: list[tuple[_Row, PKIMessage, _Outcome]], result: PassResult
-    ) -> dict[int, _Outcome]:
+        self, items: list[tuple[Row, PKIMessage, Outcome]], result: PassResult
+    ) -> dict[int, Outcome]:
         """certConf for each certificate received; the certificate is recorded once pkiConf is checked. A failed
         confirmation is retried from the start (the upstream answers the same request with the same certificate)."""
 
-        def build() -> list[tuple[_Row, PKIMessage]]:
+        def build() -> list[tuple[Row, PKIMessage]]:
             out = []
             for row, _, outcome in items:
                 assert outcome.response is not None and outcome.cert is not None
@@ -692,25 +522,25 @@ class Forwarder(PollingTask):
 
         conf = await asyncio.to_thread(build)
         answers = await self._exchange(conf, result)
-        outcomes: dict[int, _Outcome] = {}
+        outcomes: dict[int, Outcome] = {}
         for (row, msg), (_, _, outcome) in zip(conf, items, strict=True):
             answer = answers.get(row.id)
             if isinstance(answer, PKIMessage):
                 try:
                     self._check(answer, msg)
                 except CmpError as exc:
-                    outcomes[row.id] = _Outcome("retry", f"pkiConf rejected: {exc}"[:300])
+                    outcomes[row.id] = Outcome("retry", f"pkiConf rejected: {exc}"[:300])
                     continue
                 if answer.body_type is BodyType.PKICONF:
-                    outcomes[row.id] = _Outcome("done", cert=outcome.cert, chain=outcome.chain)
+                    outcomes[row.id] = Outcome("done", cert=outcome.cert, chain=outcome.chain)
                 elif isinstance(answer.body, ErrorBody):
-                    outcomes[row.id] = _Outcome(
-                        "retry", "certConf refused: " + _status_text(answer.body.status)
+                    outcomes[row.id] = Outcome(
+                        "retry", "certConf refused: " + status_text(answer.body.status)
                     )
                 else:
-                    outcomes[row.id] = _Outcome("retry", f"certConf answered by {answer.body_type.asn1_name}")
+                    outcomes[row.id] = Outcome("retry", f"certConf answered by {answer.body_type.asn1_name}")
             else:
-                outcomes[row.id] = _Outcome("retry", _text(answer) if answer else "no answer to certConf")
+                outcomes[row.id] = Outcome("retry", text(answer) if answer else "no answer to certConf")
         return outcomes
 
     # -- recording ---------------------------------------------------------------------------------------------
@@ -719,88 +549,11 @@ class Forwarder(PollingTask):
         delay: float = min(s.backoff_cap_s, s.backoff_base_s * 2.0 ** min(attempts - 1, 30))
         return delay * (0.5 + 0.5 * self.jitter())
 
-    async def _record(self, rows: list[_Row], outcomes: dict[int, _Outcome], result: PassResult) -> None:
+    async def _record(self, rows: list[Row], outcomes: dict[int, Outcome], result: PassResult) -> None:
         now = self.clock()
-        by_id = {r.id: r for r in rows}
-
-        upstream_issued: list[dict[str, object]] = []
-        upstream_refused: list[dict[str, object]] = []
 
         def txn(conn: sqlite3.Connection) -> None:
-            last_ok = last_err = None
-            upstream_issued.clear()
-            upstream_refused.clear()
-            for row_id, decided in outcomes.items():
-                r = by_id[row_id]
-                o = decided
-                if o.action == "done" and r.ra_request_id is not None and o.cert is None:
-                    # RA mode needs the certificate itself: a "duplicate, no-op" answer leaves the device without.
-                    o = _Outcome("fail", o.text or "the upstream answered without a certificate")
-                if o.action == "done":
-                    der = o.cert.public_bytes(_DER) if o.cert is not None else None
-                    conn.execute(
-                        "UPDATE outbox SET state='done', done_at=?, upstream_cert_der=COALESCE(?, upstream_cert_der),"
-                        " last_error=?, last_response_der=NULL, attempts=attempts+1 WHERE id=?",
-                        (now, der, o.text or None, row_id),
-                    )
-                    if r.kind == "rr":
-                        conn.execute("UPDATE revocation SET forwarded_at=? WHERE cert_serial=? AND forwarded_at IS NULL",
-                                     (now, r.cert_serial))  # fmt: skip
-                    if r.ra_request_id is not None and o.cert is not None and der is not None:
-                        serial = f"{o.cert.serial_number:x}"
-                        chain = b"".join(c.public_bytes(_DER) for c in o.chain)
-                        cur = conn.execute(
-                            "UPDATE ra_request SET state='issued', cert_der=?, chain_der=?, cert_serial=?, issued_at=?"
-                            " WHERE id=? AND state='pending'",
-                            (der, chain, serial, now, r.ra_request_id),
-                        )
-                        if cur.rowcount:
-                            upstream_issued.append({"ra_request": r.ra_request_id, "cert_serial": serial,
-                                                    "issuer": o.cert.issuer.rfc4514_string(),
-                                                    "cert_sha256": hashlib.sha256(der).hexdigest()})  # fmt: skip
-                    result.done += 1
-                    last_ok = now
-                elif o.action == "wait":
-                    assert o.response is not None
-                    conn.execute(
-                        "UPDATE outbox SET state='waiting', next_attempt_at=?, last_response_der=?, last_error=?"
-                        " WHERE id=?",
-                        (now + max(o.check_after, 0.0), o.response.der, o.text, row_id),
-                    )
-                    result.waiting += 1
-                elif o.action == "fail":
-                    conn.execute(
-                        "UPDATE outbox SET state='failed', done_at=?, last_error=?, attempts=attempts+1 WHERE id=?",
-                        (now, o.text, row_id),
-                    )
-                    if r.ra_request_id is not None:
-                        conn.execute("UPDATE ra_request SET state='failed', failure=? WHERE id=? AND state='pending'",
-                                     (o.text, r.ra_request_id))  # fmt: skip
-                        upstream_refused.append({"ra_request": r.ra_request_id, "reason": o.text})
-                    result.failed += 1
-                    last_err = (now, f"outbox {row_id} ({r.kind} {r.cert_serial}) failed: {o.text}")
-                else:
-                    attempts = r.attempts + 1
-                    # a row that was waiting goes back to re-sending its request
-                    conn.execute(
-                        "UPDATE outbox SET state=CASE WHEN request_der IS NULL THEN 'queued' ELSE 'sent' END,"
-                        " attempts=?, next_attempt_at=?, last_error=?, last_response_der=NULL WHERE id=?",
-                        (attempts, now + self._backoff(attempts), o.text, row_id),
-                    )
-                    result.retried += 1
-                    result.errors.append(o.text)
-                    last_err = (now, f"outbox {row_id} ({r.kind} {r.cert_serial}): {o.text}")
-            if last_ok is not None:
-                conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('upstream_last_success', ?)",
-                             (repr(last_ok),))  # fmt: skip
-            if last_err is not None:
-                conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('upstream_last_error', ?)",
-                             (json.dumps({"at": last_err[0], "error": last_err[1]}),))  # fmt: skip
-            # RA mode: the device's certificate (or its final refusal) is an issuance event like any other.
-            if self.audit is not None and upstream_issued:
-                self.audit.append(conn, "appliance", "issuance.upstream-issued", {"items": upstream_issued})
-            if self.audit is not None and upstream_refused:
-                self.audit.append(conn, "appliance", "issuance.upstream-refused", {"items": upstream_refused})
+            record_outcomes(conn, rows, outcomes, result, now=now, backoff=self._backoff, audit=self.audit)
 
         if outcomes:
             await self.journal.atransaction(txn, "recording upstream results")
@@ -809,16 +562,18 @@ class Forwarder(PollingTask):
                 log.info("upstream: will retry: %s", o.text)
             elif o.action == "fail":
                 log.warning("upstream: permanently failed: %s", o.text)
+            elif o.action == "park":
+                log.warning("upstream: parked (it cannot be sent as it is): %s", o.text)
 
     # -- draining (birthline upstream sync) ---------------------------------------------------------------------
     async def drain(self, *, once: bool = False, timeout_s: float = 600.0) -> bool:
         """Run passes until nothing is open (or one pass with `once`), sleeping until the next row is due, for at
-        most `timeout_s`. True when everything open went and nothing failed in this run."""
+        most `timeout_s`. True when everything open went and nothing failed or was parked in this run."""
         deadline = time.monotonic() + timeout_s
         failed = 0
         while True:
             result = await self.run_pass(force=True)
-            failed += result.failed
+            failed += result.failed + result.parked
             if once:
                 break
             load = await self.refresh_load()
@@ -835,83 +590,15 @@ class Forwarder(PollingTask):
         return load.open_rows == 0 and failed == 0
 
 
-def issuer_chain(cert: x509.Certificate, pool: Sequence[x509.Certificate]) -> tuple[x509.Certificate, ...]:
-    """The issuers of `cert` found in `pool` (the reply's extraCerts and caPubs, the configured upstream
-    certificates), nearest first, each link's signature verified; it stops at a self-signed CA or a gap."""
-    chain: list[x509.Certificate] = []
-    current = cert
-    while len(chain) < 8:
-        if current.issuer == current.subject and _issued_by(current, current):
-            break
-        parent = next((c for c in pool if c.subject == current.issuer and c not in chain
-                       and _issued_by(current, c)), None)  # fmt: skip
-        if parent is None:
-            break
-        chain.append(parent)
-        current = parent
-    return tuple(chain)
-
-
-def anchored_chain(
-    cert: x509.Certificate, pool: Sequence[x509.Certificate], anchors: Sequence[x509.Certificate]
-) -> tuple[x509.Certificate, ...] | None:
-    """The issuers of `cert` up to and including the first of `anchors` they reach (from `pool` and the anchors
-    themselves, each link verified), or None if they reach none."""
-    chain = issuer_chain(cert, (*anchors, *pool))
-    for i, ca in enumerate(chain):
-        if ca in anchors:
-            return chain[: i + 1]
-    return None
-
-
-def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+def _parsed(der: bytes | None, what: str) -> PKIMessage | Outcome:
     try:
-        cert.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
-        return False
-    return True
+        return parse_message(der or b"")
+    except CmpError as exc:
+        return Outcome("park", f"the {what} does not parse: {exc}"[:300])
 
 
-def _waiting_cert_req_id(waiting: PKIMessage) -> int:
-    body = waiting.body
-    if isinstance(body, CertRepBody) and body.responses:
-        return body.responses[0].cert_req_id
-    if isinstance(body, PollRepBody) and body.entries:
-        return body.entries[0].cert_req_id
-    return 0
-
-
-def _requested_key(request: PKIMessage) -> bytes | None:
-    body = request.body
-    if isinstance(body, P10crBody):
-        return body.csr.public_key().public_bytes(*_SPKI)
-    if isinstance(body, CertReqBody) and body.requests:
-        return body.requests[0].template.public_key_der
-    return None
-
-
-def _status_text(status: PKIStatusInfo) -> str:
-    bits = ",".join(sorted(b.name for b in status.fail_info))
-    return f"{'; '.join(status.status_string) or status.status.name}" + (f" [{bits}]" if bits else "")
-
-
-def _status(status: PKIStatusInfo, what: str) -> _Outcome:
-    text = f"{what}: {_status_text(status)}"[:300]
-    if status.fail_info & RETRYABLE_FAIL_INFO:
-        return _Outcome("retry", text)
-    if FailInfo.DUPLICATE_CERT_REQ in status.fail_info:
-        return _Outcome("done", f"duplicate (no-op): {text}")
-    return _Outcome("fail", text)
-
-
-def _describe(msg: PKIMessage) -> str:
-    if isinstance(msg.body, ErrorBody):
-        return "upstream error: " + _status_text(msg.body.status)
-    return f"expected a nested reply, got {msg.body_type.asn1_name}"
-
-
-def _text(exc: BaseException) -> str:
-    return (exc.message if isinstance(exc, BirthlineError) else str(exc))[:300]
+class Unreadable(CmpError):
+    """A nested reply said, for this request, that the upstream could not read it."""
 
 
 # -- composition helpers (daemon and CLI) ---------------------------------------------------------------------------
@@ -963,6 +650,8 @@ def make_forwarder(core: Core) -> Forwarder:
 
 
 __all__ = [
+    "DUE_SQL",
+    "OPEN_STATES",
     "Forwarder",
     "ForwarderLocked",
     "HttpTransport",
@@ -970,6 +659,8 @@ __all__ = [
     "QueueLoad",
     "Transport",
     "UpstreamError",
+    "anchored_chain",
+    "issuer_chain",
     "load_ca_certs",
     "load_server_certs",
     "mac_protector",

@@ -2,8 +2,9 @@
 
 - transactionID: 128 random bits in the first message of a transaction, copied into every later one.
 - senderNonce: 128 fresh random bits in every message; recipNonce: the peer's last senderNonce.
-- senderKID: required with MAC protection (it names the secret); with a signature, the signer's
-  subjectKeyIdentifier, and sender is the signer certificate's subject.
+- senderKID: required with MAC protection (it names the secret), and sender is then a directoryName; with a
+  signature, the signer's subjectKeyIdentifier (checked in appliance.cmp.protection), and sender is the signer
+  certificate's subject.
 - pvno: cmp2000 (2), or cmp2021 (3) where RFC 9480 needs it (certConf with hashAlg); 3 is also accepted.
 - messageTime: recommended; required when confirmWaitTime is sent.
 The checks are pure: the caller supplies what it remembers of the transaction (TransactionState).
@@ -37,6 +38,8 @@ SUPPORTED_PVNO = frozenset({PVNO_CMP2000, PVNO_CMP2021})
 FIRST_MESSAGE_BODIES = CERT_REQUEST_BODIES | {BodyType.P10CR, BodyType.GENM, BodyType.RR, BodyType.NESTED}
 """Bodies that open a transaction (a client's or a downstream RA's first message)."""
 FOLLOW_UP_BODIES = frozenset({BodyType.CERTCONF, BodyType.POLLREQ})
+IMPLICIT_CONFIRM_BODIES = CERT_REQUEST_BODIES | {BodyType.P10CR}
+"""RFC 9483 3.1: implicitConfirm is asked for in ir/cr/kur/p10cr (and granted in their responses) only."""
 """Request bodies that continue a transaction the server answered before."""
 
 
@@ -164,8 +167,15 @@ def check_header(
     if h.recip_nonce is not None:
         _check_id(h.recip_nonce, "recipNonce", FailInfo.BAD_RECIPIENT_NONCE)
     kind = protection_kind(h)
-    if kind in (ProtectionKind.PBM, ProtectionKind.PBMAC1) and not h.sender_kid:
-        raise _fail(FailInfo.BAD_MESSAGE_CHECK, "MAC-protected message without senderKID")
+    if kind in (ProtectionKind.PBM, ProtectionKind.PBMAC1):
+        if not h.sender_kid:
+            raise _fail(FailInfo.BAD_MESSAGE_CHECK, "MAC-protected message without senderKID")
+        # RFC 9483 3.1 / 4.1.5: with a shared secret the sender is named by a directoryName (the senderKID
+        # names the secret); another GeneralName form cannot be matched to the secret's owner.
+        if not isinstance(h.sender, x509.DirectoryName):
+            raise _fail(
+                FailInfo.BAD_MESSAGE_CHECK, "MAC-protected message whose sender is not a directoryName"
+            )
     if kind is ProtectionKind.SIGNATURE and message.extra_certs:
         signer = message.extra_certs[0]
         if not isinstance(h.sender, x509.DirectoryName) or h.sender.value != signer.subject:
@@ -189,9 +199,24 @@ def check_request(
     one), else the state of the transaction this message continues (certConf, pollReq)."""
     check_header(message, now=now, max_clock_skew=max_clock_skew)
     h = message.header
+    if h.confirm_wait_time is not None:
+        # RFC 9483 3.1: confirmWaitTime belongs in ip/cp/kup (the server's promise), never in a request.
+        raise _fail(FailInfo.BAD_REQUEST, "confirmWaitTime is for responses, not requests")
+    if h.implicit_confirm and message.body_type not in IMPLICIT_CONFIRM_BODIES:
+        raise _fail(
+            FailInfo.BAD_REQUEST, f"implicitConfirm has no meaning in a {message.body_type.asn1_name}"
+        )
+    if len(h.cert_profile) > 1:
+        raise _fail(FailInfo.BAD_REQUEST, "certProfile must name one profile (RFC 9483 3.1)")
     if expect is None:
         if message.body_type not in FIRST_MESSAGE_BODIES:
             raise _fail(FailInfo.BAD_REQUEST, f"{message.body_type.asn1_name} cannot start a transaction")
+        # RFC 9483 3.1: recipNonce MUST be absent in the first message of a transaction (there is nothing to
+        # echo yet); one that carries it answers a message we never sent.
+        if h.recip_nonce is not None:
+            raise _fail(
+                FailInfo.BAD_RECIPIENT_NONCE, "the first message of a transaction must not carry recipNonce"
+            )
         return
     if message.body_type not in FOLLOW_UP_BODIES:
         raise _fail(

@@ -139,9 +139,9 @@ class PKIStatusInfo:
 def _load_public_key(spki_der: bytes) -> PublicKeyTypes:
     try:
         return serialization.load_der_public_key(spki_der)
-    except (ValueError, UnsupportedAlgorithm) as exc:
-        raise CmpError(f"public key in the request is not usable: {exc}",
-                       fail_info=FailInfo.BAD_CERT_TEMPLATE) from None  # fmt: skip
+    except (ValueError, UnsupportedAlgorithm):
+        raise CmpError("the public key in the request does not decode as a SubjectPublicKeyInfo of an algorithm"
+                       " this appliance supports", fail_info=FailInfo.BAD_CERT_TEMPLATE) from None  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -183,6 +183,29 @@ class CertReqMessage:
     pop_has_input: bool = False
     controls: tuple[InfoTypeAndValue, ...] = ()
     cert_request_der: bytes = b""
+
+    def old_cert_id(self) -> tuple[x509.GeneralName, int] | None:
+        """The regCtrl oldCertID control (RFC 4211 6.5, RFC 9483 4.1.3: the certificate a kur updates) as
+        (issuer, serialNumber); None when absent; CmpError(badDataFormat) when malformed."""
+        from appliance.cmp._names import general_name_from_der
+
+        found = [c for c in self.controls if c.oid == oids.REG_CTRL_OLD_CERT_ID]
+        if not found:
+            return None
+        if len(found) > 1 or found[0].value is None:
+            raise CmpError("oldCertID must be given once, with a value", fail_info=FailInfo.BAD_REQUEST)
+        der = found[0].value
+        try:
+            top = _der.read_frame(der, 0, len(der))
+            parts = _der.children(der, top)
+            if top.tag != 0x30 or top.end != len(der) or len(parts) != 2 or parts[1].tag != 0x02:
+                raise _der.Malformed("CertId ::= SEQUENCE { issuer GeneralName, serialNumber INTEGER }")
+            issuer = general_name_from_der(der[parts[0].start : parts[0].end])
+            serial = _der.integer_value(der, parts[1])
+        except ValueError as exc:
+            detail = str(exc) if isinstance(exc, _der.Malformed) else "not a DER CertId (RFC 4211 6.5)"
+            raise CmpError(f"oldCertID: {detail}", fail_info=FailInfo.BAD_DATA_FORMAT) from None
+        return issuer, serial
 
     def verify_pop(self) -> None:
         """Check a signature POP with the template's own public key; CmpError(badPOP) otherwise.
@@ -339,11 +362,16 @@ class ErrorBody:
 
 @dataclass(frozen=True)
 class RevDetails:
-    """One revocation request (RFC 9483 4.2): the certificate by issuer and serial, and an optional reason."""
+    """One revocation request (RFC 9483 4.2): the certificate by issuer and serial, and an optional reason.
+    `subject` and `public_key_der`, when the template carries them, must be those of that certificate;
+    `reason_count` is how many CRL reason codes crlEntryDetails held (RFC 9483 4.2: exactly one)."""
 
     issuer: x509.Name | None
     serial_number: int | None
     reason: x509.ReasonFlags | None = None
+    subject: x509.Name | None = None
+    public_key_der: bytes | None = None
+    reason_count: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True)
@@ -470,8 +498,10 @@ def certificates_from_sequence(der: bytes, what: str) -> tuple[x509.Certificate,
         if top.tag != 0x30 or top.end != len(der):
             raise ValueError("not a single SEQUENCE")
         return tuple(x509.load_der_x509_certificate(der[c.start : c.end]) for c in _der.children(der, top))
-    except ValueError as exc:
-        raise CmpError(f"{what}: bad certificate: {exc}", fail_info=FailInfo.BAD_DATA_FORMAT) from None
+    except ValueError:
+        raise CmpError(
+            f"{what}: not a SEQUENCE of DER X.509 certificates", fail_info=FailInfo.BAD_DATA_FORMAT
+        ) from None
 
 
 # Signature algorithms accepted for protection and POP (RFC 9481 section 3); SHA-1 is refused.

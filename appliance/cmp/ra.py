@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from appliance.ca import CaRecord
 from appliance.cmp.protection import SignatureProtector
+from appliance.files import write_public
 from appliance.stations_registry import sign_tls_certificate
 from hsm.algorithms import KeyAlgorithm
 from hsm.token import Token
@@ -53,6 +54,6 @@ def ensure_ra(token: Token, management_ca: CaRecord, cert_path: Path) -> Signatu
     if cert is None:
         cert = sign_tls_certificate(token, management_ca, RA_COMMON_NAME, public, server=True)
         cert_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))  # never through a link
         log.info("CMP RA certificate written to %s", cert_path)
     return SignatureProtector(key, cert, (management_ca.certificate,))

@@ -34,7 +34,34 @@ from appliance.errors import IssuanceFailed, ReasonCode
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+
+# The outbox (appliance/cmp/forwarder.py, docs/cmp.md "The forwarder"): one row per record to send to the
+# upstream CA. 'failed': the upstream refused the request for good; 'parked': the request could not be built or
+# was refused as a message (malformed, wrong key identifier), so it is set aside with its reason and the rest go.
+OUTBOX_TABLE = """
+CREATE TABLE IF NOT EXISTS outbox (
+    id                INTEGER PRIMARY KEY,
+    kind              TEXT NOT NULL CHECK (kind IN ('p10cr', 'cr', 'kur', 'rr')),
+    issuance_id       INTEGER REFERENCES issuance (id),
+    cert_serial       TEXT NOT NULL,                          -- the local certificate
+    transaction_id    BLOB NOT NULL UNIQUE,                   -- 16 random bytes, fixed at creation
+    csr_der           BLOB,                                   -- p10cr: the device's CSR, as received
+    public_key_der    BLOB,                                   -- cr, kur: SubjectPublicKeyInfo
+    subject_der       BLOB,                                   -- cr, kur: the subject (the local certificate's)
+    request_der       BLOB,                                   -- the exact bytes sent, from the first send on
+    state             TEXT NOT NULL DEFAULT 'queued'
+        CHECK (state IN ('queued', 'sent', 'waiting', 'done', 'failed', 'parked')),
+    attempts          INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at   REAL NOT NULL,
+    last_error        TEXT,
+    last_response_der BLOB,                                   -- 'waiting': the answer a pollReq follows up
+    upstream_cert_der BLOB,                                   -- the upstream CA's certificate for the device
+    created_at        REAL NOT NULL,
+    done_at           REAL,
+    ra_request_id     INTEGER REFERENCES ra_request (id)       -- RA mode: the request this row carries
+);
+"""
 
 RA_REQUEST_TABLE = """
 CREATE TABLE IF NOT EXISTS ra_request (
@@ -95,11 +122,15 @@ CREATE TABLE IF NOT EXISTS issuance (
     created_at        REAL NOT NULL,
     issued_at         REAL,
     confirmed_at      REAL,
+    updates           INTEGER,                -- key update (CMP kur): the row of the certificate this one updates
+    updated_by        INTEGER,                -- the row of the certificate that updated this one (then not live)
     CHECK ((state IN ('issued', 'confirmed', 'reworked', 'scrapped')) = (cert_der IS NOT NULL))
 );
--- A reworked row gives way to the device's next issuance; a scrapped one keeps its device serial taken.
+-- A reworked row gives way to the device's next issuance, an updated one to its key update; a scrapped one keeps
+-- its device serial taken.
 CREATE UNIQUE INDEX IF NOT EXISTS issuance_live_device
-    ON issuance (ca, device_serial) WHERE state NOT IN ('burned', 'reworked');
+    ON issuance (ca, device_serial) WHERE state NOT IN ('burned', 'reworked') AND updated_by IS NULL;
+CREATE INDEX IF NOT EXISTS issuance_updates ON issuance (updates) WHERE updates IS NOT NULL;
 CREATE UNIQUE INDEX IF NOT EXISTS issuance_live_key
     ON issuance (public_key_sha256) WHERE state != 'burned';
 CREATE INDEX IF NOT EXISTS issuance_request ON issuance (station, request_id);
@@ -178,7 +209,9 @@ CREATE TABLE IF NOT EXISTS product (
     key_algorithms TEXT NOT NULL,                             -- comma-separated, a subset of the profile's
     created_at     REAL NOT NULL,
     -- local: the appliance's issuing CA signs at once; upstream: RA mode, the upstream CA issues (docs/cmp.md)
-    issuance_mode  TEXT NOT NULL DEFAULT 'local' CHECK (issuance_mode IN ('local', 'upstream'))
+    issuance_mode  TEXT NOT NULL DEFAULT 'local' CHECK (issuance_mode IN ('local', 'upstream')),
+    -- a key update (CMP kur) revokes the certificate it replaces (reason superseded) once the new one is confirmed
+    revoke_on_update INTEGER NOT NULL DEFAULT 0 CHECK (revoke_on_update IN (0, 1))
 );
 CREATE TABLE IF NOT EXISTS production_line (
     name        TEXT PRIMARY KEY,
@@ -287,6 +320,12 @@ CREATE TRIGGER IF NOT EXISTS work_order_unit_release AFTER UPDATE OF state ON is
                         WHERE issuance_id = NEW.id AND kind = 'rework' AND released = 0);
         UPDATE work_order_unit SET released = 1 WHERE issuance_id = NEW.id;
     END;
+-- A burned key-update intent never released a certificate: the certificate it was to replace is live again.
+CREATE TRIGGER IF NOT EXISTS issuance_update_release AFTER UPDATE OF state ON issuance
+    WHEN OLD.state = 'intent' AND NEW.state = 'burned' AND NEW.updates IS NOT NULL
+    BEGIN
+        UPDATE issuance SET updated_by = NULL WHERE id = NEW.updates AND updated_by = NEW.id;
+    END;
 -- Revocation and validation (appliance/va, docs/revocation.md): one row per revoked certificate, never deleted.
 -- change_seq orders every insert and reason change, so the CRL publisher and the OCSP cache see what changed.
 CREATE TABLE IF NOT EXISTS revocation (
@@ -360,28 +399,9 @@ CREATE INDEX IF NOT EXISTS ocsp_signer_by_ca ON ocsp_signer (ca, not_after);
 -- the upstream CA. Issuances write theirs in the transaction that marks them 'issued'; revocations get theirs
 -- from the trigger below, in the revocation's own transaction. request_der is built (and RA-protected) at the
 -- first send, then kept: every retry sends the same bytes with the same transaction_id.
-CREATE TABLE IF NOT EXISTS outbox (
-    id                INTEGER PRIMARY KEY,
-    kind              TEXT NOT NULL CHECK (kind IN ('p10cr', 'cr', 'rr')),
-    issuance_id       INTEGER REFERENCES issuance (id),
-    cert_serial       TEXT NOT NULL,                          -- the local certificate
-    transaction_id    BLOB NOT NULL UNIQUE,                   -- 16 random bytes, fixed at creation
-    csr_der           BLOB,                                   -- p10cr: the device's CSR, as received
-    public_key_der    BLOB,                                   -- cr: SubjectPublicKeyInfo
-    subject_der       BLOB,                                   -- cr: the subject (the local certificate's)
-    request_der       BLOB,                                   -- the exact bytes sent, from the first send on
-    state             TEXT NOT NULL DEFAULT 'queued'
-        CHECK (state IN ('queued', 'sent', 'waiting', 'done', 'failed')),
-    attempts          INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at   REAL NOT NULL,
-    last_error        TEXT,
-    last_response_der BLOB,                                   -- 'waiting': the answer a pollReq follows up
-    upstream_cert_der BLOB,                                   -- the upstream CA's certificate for the device
-    created_at        REAL NOT NULL,
-    done_at           REAL,
-    ra_request_id     INTEGER REFERENCES ra_request (id)       -- RA mode: the request this row carries
-);
-CREATE INDEX IF NOT EXISTS outbox_by_ra ON outbox (ra_request_id) WHERE ra_request_id IS NOT NULL;
+"""
+    + OUTBOX_TABLE
+    + """CREATE INDEX IF NOT EXISTS outbox_by_ra ON outbox (ra_request_id) WHERE ra_request_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS outbox_open ON outbox (next_attempt_at) WHERE state IN ('queued', 'sent', 'waiting');
 -- The forwarder takes open rows oldest first; done rows accumulate for ever and must not be scanned each pass.
 CREATE INDEX IF NOT EXISTS outbox_open_by_id ON outbox (id) WHERE state IN ('queued', 'sent', 'waiting');
@@ -426,6 +446,12 @@ CREATE TRIGGER IF NOT EXISTS work_order_unit_release_ra AFTER UPDATE OF state ON
 """
 )
 
+_OUTBOX_COLUMNS = (
+    "id, kind, issuance_id, cert_serial, transaction_id, csr_der, public_key_der, subject_der, request_der, state,"
+    " attempts, next_attempt_at, last_error, last_response_der, upstream_cert_der, created_at, done_at,"
+    " ra_request_id"
+)
+
 # Schema 1 -> 2 (RA mode): columns that CREATE TABLE IF NOT EXISTS cannot add to an existing table. Run before
 # SCHEMA, whose new indexes use them.
 MIGRATIONS = {
@@ -436,7 +462,44 @@ MIGRATIONS = {
         "ALTER TABLE work_order_unit ADD COLUMN ra_request_id INTEGER",
         "ALTER TABLE outbox ADD COLUMN ra_request_id INTEGER REFERENCES ra_request (id)",
     ),
+    # Schema 2 -> 3 (key update, parked upstream records): two issuance columns and the live-device index that
+    # uses one, the product's revoke_on_update, and the outbox rebuilt for its new kind and state (SQLite cannot
+    # change a CHECK in place). The trigger that writes rr rows is dropped first so that no trigger names the
+    # table while it is swapped; SCHEMA creates it again, and the outbox's indexes, right after.
+    2: (
+        "ALTER TABLE issuance ADD COLUMN updates INTEGER",
+        "ALTER TABLE issuance ADD COLUMN updated_by INTEGER",
+        "DROP INDEX IF EXISTS issuance_live_device",
+        "ALTER TABLE product ADD COLUMN revoke_on_update INTEGER NOT NULL DEFAULT 0"
+        " CHECK (revoke_on_update IN (0, 1))",
+        "DROP TRIGGER IF EXISTS outbox_on_revocation",
+        OUTBOX_TABLE.replace("CREATE TABLE IF NOT EXISTS outbox (", "CREATE TABLE outbox_v3 ("),
+        f"INSERT INTO outbox_v3 ({_OUTBOX_COLUMNS}) SELECT {_OUTBOX_COLUMNS} FROM outbox",
+        "DROP TABLE outbox",
+        "ALTER TABLE outbox_v3 RENAME TO outbox",
+    ),
 }
+
+
+ORIGIN_SQL = """WITH RECURSIVE origin(id, updates, depth) AS (
+    SELECT id, updates, 0 FROM issuance WHERE id = ?
+    UNION ALL SELECT i.id, i.updates, o.depth + 1 FROM issuance i JOIN origin o ON i.id = o.updates
+        WHERE o.depth < 10000)
+"""
+"""A WITH clause: `origin` is the issuance row given and, back along key updates (issuance.updates), every
+certificate it replaced, nearest first (`depth`). A key update takes no work-order unit: its work order and
+product are those of the first certificate of the device (see work_order_of)."""
+
+
+def work_order_of(conn: sqlite3.Connection, issuance_id: int) -> str | None:
+    """The work order the certificate in `issuance_id` counts under: its unit's, or for a key update the unit of
+    the certificate it updated, back to the device's first one."""
+    row = conn.execute(
+        ORIGIN_SQL + "SELECT u.work_order FROM origin JOIN work_order_unit u ON u.issuance_id = origin.id"
+        " ORDER BY origin.depth LIMIT 1",
+        (issuance_id,),
+    ).fetchone()
+    return None if row is None else str(row[0])
 
 
 @dataclass(frozen=True)
@@ -456,10 +519,12 @@ class IssuanceRow:
     issued_at: float | None
     confirmed_at: float | None
     burn_reason: str | None
+    updates: int | None = None  # key update: the row of the certificate this one replaced
+    updated_by: int | None = None  # the row of the key update that replaced this one
 
     COLUMNS = (
         "id, request_id, station, profile, ca, device_serial, public_key_sha256, cert_serial, tbs_sha256,"
-        " state, cert_der, created_at, issued_at, confirmed_at, burn_reason"
+        " state, cert_der, created_at, issued_at, confirmed_at, burn_reason, updates, updated_by"
     )
 
     @classmethod

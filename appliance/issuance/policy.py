@@ -26,6 +26,9 @@ class IssueRequest:
     public_key_der: bytes | None = None
     """SubjectPublicKeyInfo DER, used INSTEAD of `csr` when the front end has verified proof of possession
     itself (CMP ir/cr: the CRMF POP signature). `csr` is then empty; the same key policy applies."""
+    replaces: str | None = None
+    """Key update (CMP kur): the serial (hex) of the device's current certificate, which the front end has
+    authenticated the request with. The new certificate takes its place; the old row is kept and linked."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,21 @@ class AuthorisationPolicy(Protocol):
     def authorise(self, conn: sqlite3.Connection, request: IssueRequest, profile: Profile) -> Grant:
         """Raise IssuanceRefused (NOT_AUTHORISED, QUOTA_EXHAUSTED, ...) to refuse; may write rows in `conn`."""
 
+    def authorise_update(
+        self, conn: sqlite3.Connection, request: IssueRequest, profile: Profile, updates: int
+    ) -> Grant:
+        """A key update of the certificate in issuance row `updates` (the device's current one, which signed the
+        request): the device was counted when that certificate was issued, so no unit is taken; the product's
+        key policy still applies. Raise IssuanceRefused to refuse."""
+
+    def authorise_retry(
+        self, conn: sqlite3.Connection, request: IssueRequest, unit: str, row_id: int
+    ) -> None:
+        """Another station asks again for a certificate already issued (same device, same key) to a station: it is
+        answered from the journal only if this station could have asked for it (it takes nothing). `unit` is
+        "issuance_id" or "ra_request_id", the work_order_unit column that binds `row_id` to its work order.
+        Raise IssuanceRefused to refuse."""
+
 
 class AllowAll:
     """Every well-formed request is authorised: for unit tests of the core. The appliance's runtime always uses
@@ -61,6 +79,16 @@ class AllowAll:
 
     def authorise(self, conn: sqlite3.Connection, request: IssueRequest, profile: Profile) -> Grant:
         return LOCAL
+
+    def authorise_update(
+        self, conn: sqlite3.Connection, request: IssueRequest, profile: Profile, updates: int
+    ) -> Grant:
+        return LOCAL
+
+    def authorise_retry(
+        self, conn: sqlite3.Connection, request: IssueRequest, unit: str, row_id: int
+    ) -> None:
+        return None
 
 
 class AuditSink(Protocol):

@@ -33,7 +33,7 @@ from appliance.ca import CaRecord
 from appliance.der import split_certificates, tbs_subject
 from appliance.errors import BirthlineError, IssuanceFailed, IssuancePending, IssuanceRefused, ReasonCode
 from appliance.issuance.faults import IssuanceAlarms
-from appliance.issuance.journal import IssuanceRow, Journal, burn_interrupted, journal_error
+from appliance.issuance.journal import IssuanceRow, Journal, burn_interrupted, journal_error, work_order_of
 from appliance.issuance.observe import Confirmation, IssuanceObserver, Outcome
 from appliance.issuance.pauses import StationPauses
 from appliance.issuance.policy import LOCAL, AllowAll, AuditSink, AuthorisationPolicy, Grant, IssueRequest
@@ -67,6 +67,20 @@ class IssueResult:
         return x509.load_der_x509_certificate(self.certificate).public_bytes(serialization.Encoding.PEM)
 
 
+_SPKI = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+
+
+class _NoAudit:
+    def append(self, conn: sqlite3.Connection, actor: str, event: str, data: Mapping[str, object]) -> None:
+        return None
+
+    def record(self, actor: str, event: str, data: Mapping[str, object]) -> None:
+        return None
+
+
+_NO_AUDIT = _NoAudit()
+
+
 # A delivery confirmation: ("local", cert_serial) or ("ra", ra_request id), the hash, and who waits for it.
 _Confirm = tuple[str, str, bytes | None, "asyncio.Future[None]"]
 
@@ -83,6 +97,7 @@ class _Item:
     followers: list[_Item] = field(default_factory=list)
     ra_done: IssueResult | None = None  # RA mode: the upstream's certificate, already stored
     grant: Grant | None = None  # what the policy granted (the work order and its units left)
+    update: IssuanceRow | None = None  # key update: the device's current certificate, which this one replaces
 
     @property
     def key(self) -> tuple[str, bytes]:
@@ -351,8 +366,34 @@ class IssueService:
                 done.append(Confirmation(str(row[2]), str(row[3]), ref, now - float(row[5] or now)))
         if confirmed:
             self._note(conn, "appliance", "issuance.confirmed", {"cert_serials": confirmed})
+            self._revoke_replaced(conn, confirmed, now)
         if upstream:
             self._note(conn, "appliance", "issuance.confirmed", {"ra_requests": upstream})
+
+    def _revoke_replaced(self, conn: sqlite3.Connection, confirmed: list[str], now: float) -> None:
+        """A confirmed key update revokes the certificate it replaced (reason superseded) when its product says so
+        (product.revoke_on_update): only now, so that a device that never got its new certificate can still
+        retry with the old one. Audited as any revocation (cert.revoke), and sent upstream as rr by trigger."""
+        from appliance.va.revocation import Reason, Source, revoke_in_transaction
+
+        marks = ",".join("?" * len(confirmed))
+        rows = conn.execute(
+            f"SELECT n.id, n.cert_serial, o.cert_serial, o.ca, o.device_serial FROM issuance n"
+            f" JOIN issuance o ON o.id = n.updates WHERE n.cert_serial IN ({marks})",
+            confirmed,
+        ).fetchall()
+        for new_id, new_serial, old_serial, ca, device in rows:
+            work_order = work_order_of(conn, int(new_id))
+            policy = conn.execute(
+                "SELECT p.revoke_on_update FROM work_order w JOIN product p ON p.name = w.product WHERE w.id=?",
+                (work_order,),
+            ).fetchone()
+            if policy is not None and policy[0]:
+                revoke_in_transaction(
+                    conn, self.audit or _NO_AUDIT, "appliance", [(str(old_serial), str(ca), str(device))],
+                    Reason.SUPERSEDED, Source.CMP, now=now, refuse_change=False,
+                    selector={"key_update": str(new_serial), "work_order": str(work_order)},
+                )  # fmt: skip
 
     def _note(self, conn: sqlite3.Connection, actor: str, event: str, data: Mapping[str, object]) -> None:
         """Append to the audit log inside `conn`'s transaction: the event commits or rolls back with the rows it
@@ -588,25 +629,38 @@ class IssueService:
                 self._check_conflicts(conn, item)
                 grant = LOCAL
                 if item.reuse is None and item.ra_done is None:
-                    grant = self.policy.authorise(conn, req, self._profiles[prep.profile]) or LOCAL
+                    profile = self._profiles[prep.profile]
+                    if item.update is not None:
+                        grant = self.policy.authorise_update(conn, req, profile, item.update.id) or LOCAL
+                    else:
+                        grant = self.policy.authorise(conn, req, profile) or LOCAL
                     item.grant = grant
                 if grant.mode == "upstream":
                     forwarded.append(self._queue_upstream(conn, item, grant.work_order, now))
                 elif item.reuse is None and item.ra_done is None:
+                    old = item.update
+                    if old is not None:
+                        # The old row leaves the one-live-row-per-device index before the new one enters it; the
+                        # link is made once the new row has its id (0 never outlives this savepoint).
+                        conn.execute("UPDATE issuance SET updated_by = 0 WHERE id = ?", (old.id,))
                     cur = conn.execute(
                         "INSERT INTO issuance (request_id, station, profile, ca, device_serial, public_key_sha256,"
-                        " csr_sha256, cert_serial, tbs_sha256, state, created_at)"
-                        " VALUES (?,?,?,?,?,?,?,?,?,'intent',?)",
+                        " csr_sha256, cert_serial, tbs_sha256, state, created_at, updates)"
+                        " VALUES (?,?,?,?,?,?,?,?,?,'intent',?,?)",
                         (
                             req.request_id, req.station, prep.profile, self.ca.name, req.device_serial,
                             prep.public_key_sha256, prep.csr_sha256, prep.serial_hex, prep.tbs.sha256, now,
+                            None if old is None else old.id,
                         ),
                     )  # fmt: skip
                     item.row_id = cur.lastrowid
+                    if old is not None:
+                        conn.execute("UPDATE issuance SET updated_by = ? WHERE id = ?", (item.row_id, old.id))
                     intents.append({
                         "id": item.row_id, "station": req.station, "request_id": req.request_id,
                         "device_serial": req.device_serial, "profile": prep.profile, "cert_serial": prep.serial_hex,
                         "tbs_sha256": prep.tbs.sha256.hex(), "public_key_sha256": prep.public_key_sha256.hex(),
+                        **({"updates": old.cert_serial} if old is not None else {}),
                     })  # fmt: skip
                 conn.execute("RELEASE item")
             except (IssuanceRefused, IssuancePending) as exc:
@@ -660,9 +714,15 @@ class IssueService:
         req, key_hash = item.request, item.prep.public_key_sha256
         row = conn.execute(
             f"SELECT {IssuanceRow.COLUMNS} FROM issuance WHERE ca=? AND device_serial=?"
-            " AND state NOT IN ('burned', 'reworked')",
+            " AND state NOT IN ('burned', 'reworked') AND updated_by IS NULL",
             (self.ca.name, req.device_serial),
         ).fetchone()
+        if row is None and req.replaces is not None:
+            raise IssuanceRefused(
+                f"certificate {req.replaces} is not the current certificate of device {req.device_serial!r}",
+                ReasonCode.NOT_AUTHORISED,
+                {"cert_serial": req.replaces},
+            )
         if row is not None:
             existing = IssuanceRow.from_row(row)
             if existing.state == "scrapped":
@@ -672,17 +732,30 @@ class IssueService:
                     ReasonCode.DEVICE_SCRAPPED,
                     {"cert_serial": existing.cert_serial},
                 )
-            if existing.public_key_sha256 == key_hash:
+            if existing.public_key_sha256 == key_hash and existing.cert_serial != req.replaces:
                 if existing.cert_der is None:
                     raise IssuanceRefused("a request for this device is in progress; retry", ReasonCode.BUSY)
+                if existing.station != req.station:
+                    self.policy.authorise_retry(conn, req, "issuance_id", existing.id)
                 item.reuse = existing
                 return
-            raise IssuanceRefused(
-                f"device {req.device_serial!r} already has a certificate (serial {existing.cert_serial}) for a"
-                " different key; a new key needs an authorised rework",
-                ReasonCode.DEVICE_ALREADY_ISSUED,
-                {"cert_serial": existing.cert_serial},
-            )
+            if req.replaces is not None and existing.cert_serial != req.replaces:
+                raise IssuanceRefused(
+                    f"certificate {req.replaces} is not the current certificate of device {req.device_serial!r}"
+                    f" (that is {existing.cert_serial})",
+                    ReasonCode.NOT_AUTHORISED,
+                    {"cert_serial": req.replaces},
+                )
+            if req.replaces is not None and existing.state in ("issued", "confirmed"):
+                # Key update: the device's current certificate (which authenticated the request) is replaced.
+                item.update = existing
+            else:
+                raise IssuanceRefused(
+                    f"device {req.device_serial!r} already has a certificate (serial {existing.cert_serial}) for"
+                    " a different key; a new key needs an authorised rework",
+                    ReasonCode.DEVICE_ALREADY_ISSUED,
+                    {"cert_serial": existing.cert_serial},
+                )
         self._check_upstream(conn, item)
         if item.ra_done is not None:
             return
@@ -705,14 +778,16 @@ class IssueService:
         assert item.prep is not None
         req = item.request
         row = conn.execute(
-            "SELECT id, state, public_key_sha256, cert_serial, cert_der, chain_der, failure FROM ra_request"
+            "SELECT id, state, public_key_sha256, cert_serial, cert_der, chain_der, failure, station FROM ra_request"
             " WHERE ca=? AND device_serial=? ORDER BY id DESC LIMIT 1",
             (self.ca.name, req.device_serial),
         ).fetchone()
         if row is None:
             return
-        ra_id, state, key_hash, cert_serial, cert_der, chain_der, failure = row
+        ra_id, state, key_hash, cert_serial, cert_der, chain_der, failure, station = row
         if key_hash == item.prep.public_key_sha256:
+            if station != req.station:
+                self.policy.authorise_retry(conn, req, "ra_request_id", ra_id)
             if state == "pending":
                 raise IssuancePending(
                     "the upstream CA has not issued this certificate yet", self.upstream_retry_s or 5.0, ra_id
@@ -765,12 +840,14 @@ class IssueService:
             req = item.request
             if not self.forward_upstream:
                 continue
-            if req.csr:
+            if req.csr and item.update is None:
                 outbox.append(("p10cr", item.row_id, item.prep.serial_hex, os.urandom(16), req.csr, None, None,
                                issued_at, issued_at))  # fmt: skip
             else:
-                outbox.append(("cr", item.row_id, item.prep.serial_hex, os.urandom(16), None, req.public_key_der,
-                               cert.subject.public_bytes(), issued_at, issued_at))  # fmt: skip
+                # A key update goes upstream as kur for the upstream's certificate of the device (forwarder).
+                key = req.public_key_der or x509.load_der_x509_csr(req.csr).public_key().public_bytes(*_SPKI)
+                outbox.append(("kur" if item.update is not None else "cr", item.row_id, item.prep.serial_hex,
+                               os.urandom(16), None, key, cert.subject.public_bytes(), issued_at, issued_at))  # fmt: skip
 
         def store(conn: sqlite3.Connection) -> None:
             for row_id, der in certs:

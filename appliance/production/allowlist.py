@@ -4,7 +4,10 @@ Python's `re` backtracks and has no timeout, and the policy runs on the journal 
 it), so a work order's pattern is restricted to a subset whose worst case is small: at most 128 characters, no
 backreferences, lookarounds or conditionals, no quantifier inside a quantified part (nested quantifiers are
 the exponential case), at most 3 variable-width repeats, each bounded by the device-serial length, and the
-subject is at most 64 characters. Matching is always whole-string (fullmatch).
+subject is at most 64 characters. Sequences of alternations are exponential too, without any quantifier
+(`(.|a)(.|a)...` tries 2^n ways before it fails), so the number of ways the pattern can split a serial is
+bounded as well: at most PATHS_MAX, counted as a branch's ways added up, a sequence's multiplied and a repeat's
+choices of length. Matching is always whole-string (fullmatch).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from appliance.profiles.model import DEVICE_SERIAL_MAX
 
 PATTERN_MAX: Final = 128
 VARIABLE_REPEATS_MAX: Final = 3
+PATHS_MAX: Final = 50_000  # ways to split a serial; each costs the matcher at most 64 steps
 RANGE_WIDTH_MAX: Final = 18  # fits an SQLite INTEGER
 # PrintableString (X.520 serialNumber), as profiles/serial.py enforces at issuance.
 _SERIAL = re.compile(r"[A-Za-z0-9 '()+,\-./:=?]{1,64}")
@@ -88,6 +92,24 @@ class SerialRange:
         return digits.isascii() and digits.isdigit() and self.first <= int(digits) <= self.last
 
 
+def _paths(items: Any) -> int:
+    """An upper bound on the ways the (already checked) pattern can split a subject: what backtracking tries."""
+    total = 1
+    for op, av in items:
+        name = str(op)
+        if name in _REPEATS:
+            lo, hi, body = av
+            hi = min(DEVICE_SERIAL_MAX, hi if hi is not _c.MAXREPEAT else DEVICE_SERIAL_MAX)
+            total *= max(1, hi - max(lo, 0) + 1) * _paths(body)
+        elif name == "SUBPATTERN":
+            total *= _paths(av[-1])
+        elif name == "BRANCH":
+            total *= sum(_paths(branch) for branch in av[1])
+        if total > PATHS_MAX:
+            return total
+    return total
+
+
 def _walk(items: Any, inside_repeat: bool, counts: list[int]) -> None:
     for op, av in items:
         name = str(op)
@@ -133,6 +155,11 @@ def compile_pattern(pattern: str) -> re.Pattern[str]:
     _walk(tree, False, counts)
     if counts[0] > VARIABLE_REPEATS_MAX:
         raise AllowlistError(f"pattern has more than {VARIABLE_REPEATS_MAX} variable-length repeats")
+    if _paths(tree) > PATHS_MAX:
+        raise AllowlistError(
+            f"pattern can split a serial in more than {PATHS_MAX:,} ways (alternations and variable repeats"
+            " multiply); write it with fewer, or use ranges"
+        )
     return compiled
 
 

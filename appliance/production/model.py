@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
-import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from typing import Any, Final
 from appliance import names
 from appliance.errors import BirthlineError, Problem, ReasonCode
 from appliance.production.allowlist import AllowlistError, SerialRange, check_serial, compile_pattern
+from appliance.text import load_json
 
 QUANTITY_MAX: Final = 1_000_000_000
 SERIALS_MAX: Final = 1_000_000
@@ -64,6 +64,7 @@ class Product:
     key_algorithms: frozenset[str]
     created_at: float
     issuance_mode: str = "local"  # local | upstream (RA mode: the upstream CA issues; docs/cmp.md)
+    revoke_on_update: bool = False  # a key update (CMP kur) revokes the replaced certificate once confirmed
 
 
 ISSUANCE_MODES: Final = ("local", "upstream")
@@ -310,9 +311,9 @@ def parse_import(text: str, fmt: str) -> tuple[list[tuple[str, WorkOrderSpec]], 
     entries: list[tuple[str, Mapping[str, Any]]] = []
     if fmt == "json":
         try:
-            doc = json.loads(text)
-        except json.JSONDecodeError as exc:
-            return [], [Problem(f"line {exc.lineno}", f"not valid JSON: {exc.msg}")]
+            doc = load_json(text)
+        except ValueError as exc:
+            return [], [Problem("$", str(exc))]
         items = doc.get("work_orders") if isinstance(doc, dict) else doc
         if not isinstance(items, list):
             return [], [Problem("$", 'expected {"work_orders": [ ... ]} or a list of work orders')]
@@ -322,7 +323,8 @@ def parse_import(text: str, fmt: str) -> tuple[list[tuple[str, WorkOrderSpec]], 
             else:
                 problems.append(Problem(f"work_orders[{n}]", "not an object"))
     elif fmt == "csv":
-        reader = csv.DictReader(io.StringIO(text, newline=""))
+        # A spreadsheet's "CSV UTF-8" starts with a byte order mark: it is not part of the first column's name.
+        reader = csv.DictReader(io.StringIO(text.removeprefix("\ufeff"), newline=""))
         header = reader.fieldnames or []
         missing = [c for c in ("id", "product", "quantity") if c not in header]
         unknown = [c for c in header if c not in CSV_COLUMNS]

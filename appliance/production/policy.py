@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from appliance.errors import IssuanceRefused, ReasonCode
+from appliance.issuance.journal import work_order_of
 from appliance.issuance.policy import Grant, IssueRequest
 from appliance.production.allowlist import pattern_matches
 from appliance.production.model import iso
@@ -179,6 +180,59 @@ class WorkOrderPolicy:
             ReasonCode.QUOTA_EXHAUSTED,
             {"work_orders": [o.id for o in allowed]},
         )
+
+    def authorise_update(
+        self, conn: sqlite3.Connection, request: IssueRequest, profile: Profile, updates: int
+    ) -> Grant:
+        """A key update (CMP kur) of the device's current certificate, row `updates`: no unit is taken and the work
+        order need not be active any more (a device updates its key in the field, long after its run); the
+        product the device was made under decides the key policy."""
+        work_order = work_order_of(conn, updates)
+        product = None
+        if work_order is not None:
+            product = conn.execute(
+                "SELECT p.key_algorithms, p.profile, p.ca FROM work_order w JOIN product p ON p.name = w.product"
+                " WHERE w.id = ?",
+                (work_order,),
+            ).fetchone()
+        if product is None:
+            raise _refuse(
+                f"no work order or product is recorded for the certificate of {request.device_serial!r}:"
+                " its key cannot be updated here",
+                "key-update-product",
+            )
+        if product[2] != self.ca or product[1] != profile.name:
+            raise _refuse(
+                f"the product of {request.device_serial!r} is certified by profile {product[1]!r} of CA"
+                f" {product[2]!r}, not {profile.name!r} of {self.ca!r}",
+                "key-update-product",
+            )
+        allowed = frozenset(str(product[0]).split(","))
+        candidate = _Candidate(str(work_order), 0, 0, None, None, None, profile.name, self.ca, allowed)
+        self._check_key(request, [candidate], profile)
+        return Grant("local", str(work_order))
+
+    def authorise_retry(
+        self, conn: sqlite3.Connection, request: IssueRequest, unit: str, row_id: int
+    ) -> None:
+        """A station other than the one it was issued to asks for a stored certificate: only a station on a line
+        of that certificate's work order gets it (and may then confirm it), whatever the order's state now."""
+        assert unit in ("issuance_id", "ra_request_id")
+        line = self._line(conn, request.station)
+        on_line = (
+            line is not None
+            and conn.execute(
+                f"SELECT 1 FROM work_order_unit u JOIN work_order_line l ON l.work_order = u.work_order"
+                f" WHERE u.{unit} = ? AND l.line = ?",
+                (row_id, line),
+            ).fetchone()
+        )
+        if not on_line:
+            raise _refuse(
+                f"device {request.device_serial!r} was certified for a work order that station"
+                f" {request.station!r} does not serve",
+                "retry-line",
+            )
 
     # -- helpers -------------------------------------------------------------------------------------------------------
     @staticmethod

@@ -182,13 +182,17 @@ def certificates(journal: Journal, wo_id: str) -> list[ExportedCertificate]:
 # A spreadsheet evaluates a cell that starts with one of these as a formula (OWASP "CSV Injection"; ASVS 5.0
 # 1.2.10 adds NUL). Device serials are PrintableString, which allows '=', '+' and '-' first.
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "\n", "\0")
+# ... and the quote itself, so that a value that really starts with one (PrintableString allows it) reads back
+# unambiguously: strip one leading quote from every cell that has one.
+_NEUTRALISED = (*FORMULA_STARTS, "'")
 
 
 def spreadsheet_safe(value: str) -> str:
     """The OWASP neutralisation: a cell that a spreadsheet would read as a formula gets a leading single quote,
     which spreadsheets take as "this is text" (the csv module's RFC 4180 quoting then escapes quotes and
-    separators)."""
-    return "'" + value if value.startswith(FORMULA_STARTS) else value
+    separators). A value that starts with a quote gets one more, so every cell reads back by removing one leading
+    quote when it has one."""
+    return "'" + value if value.startswith(_NEUTRALISED) else value
 
 
 def export_csv(certs: list[ExportedCertificate]) -> str:

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 from appliance import names
 from appliance.errors import Problem
-from appliance.issuance.journal import Journal
+from appliance.issuance.journal import Journal, work_order_of
 from appliance.production.allowlist import SerialRange
 from appliance.production.audit import AuditSink
 from appliance.production.model import (
@@ -95,9 +95,11 @@ def add_product(
     ca: str,
     key_algorithms: Sequence[str] = (),
     issuance_mode: str = "local",
+    revoke_on_update: bool = False,
 ) -> None:
     """A product of `tenant`, certified with `profile` by issuing CA `ca`; key_algorithms narrows the profile's.
-    `issuance_mode` 'upstream' makes the appliance an RA for it: the upstream CA issues (docs/cmp.md)."""
+    `issuance_mode` 'upstream' makes the appliance an RA for it: the upstream CA issues (docs/cmp.md).
+    `revoke_on_update`: a key update (CMP kur) revokes the certificate it replaces once the new one is confirmed."""
     names.PRODUCT.check(name)
     names.TENANT.check(tenant)
     names.CA.check(ca)
@@ -119,10 +121,11 @@ def add_product(
         if row is None or row[0] != "issuing":
             raise ProductionError(f"{ca!r} is not an issuing CA on this appliance (see birthline ca list)")
         conn.execute(
-            "INSERT INTO product (name, tenant, profile, ca, key_algorithms, created_at, issuance_mode)"
-            " VALUES (?,?,?,?,?,?,?)",
-            (name, tenant, profile.name, ca, ",".join(sorted(algs)), time.time(), issuance_mode),
-        )
+            "INSERT INTO product (name, tenant, profile, ca, key_algorithms, created_at, issuance_mode,"
+            " revoke_on_update) VALUES (?,?,?,?,?,?,?,?)",
+            (name, tenant, profile.name, ca, ",".join(sorted(algs)), time.time(), issuance_mode,
+             int(revoke_on_update)),
+        )  # fmt: skip
         return {
             "product": name,
             "tenant": tenant,
@@ -130,6 +133,7 @@ def add_product(
             "ca": ca,
             "key_algorithms": sorted(algs),
             "issuance_mode": issuance_mode,
+            "revoke_on_update": revoke_on_update,
         }
 
     _change(journal, audit, actor, Permission.SETUP, "product.add", f"adding product {name}", fn)
@@ -155,9 +159,27 @@ def set_product_mode(journal: Journal, audit: AuditSink, actor: User, name: str,
     _change(journal, audit, actor, Permission.SETUP, "product.mode", f"changing the mode of {name}", fn)
 
 
+def set_product_key_update(journal: Journal, audit: AuditSink, actor: User, name: str, revoke: bool) -> None:
+    """Whether a key update (CMP kur) of this product's devices revokes the certificate it replaces (reason
+    superseded, once the new one is confirmed) or leaves it valid until it expires. Applies to confirmations from
+    now on."""
+
+    def fn(conn: sqlite3.Connection) -> Mapping[str, Any]:
+        row = conn.execute("SELECT revoke_on_update FROM product WHERE name=?", (name,)).fetchone()
+        if row is None:
+            raise ProductionError(f"no product named {name!r}")
+        conn.execute("UPDATE product SET revoke_on_update=? WHERE name=?", (int(revoke), name))
+        return {"product": name, "from": bool(row[0]), "revoke_on_update": revoke}
+
+    _change(
+        journal, audit, actor, Permission.SETUP, "product.key-update", f"changing key updates of {name}", fn
+    )
+
+
 def _product(row: Sequence[Any]) -> Product:
-    name, tenant, profile, ca, algs, created, mode = row
-    return Product(name, tenant, profile, ca, frozenset(a for a in str(algs).split(",") if a), created, mode)
+    name, tenant, profile, ca, algs, created, mode, revoke = row
+    return Product(name, tenant, profile, ca, frozenset(a for a in str(algs).split(",") if a), created, mode,
+                   bool(revoke))  # fmt: skip
 
 
 def list_products(journal: Journal) -> list[Product]:
@@ -166,8 +188,8 @@ def list_products(journal: Journal) -> list[Product]:
         lambda c: [
             _product(r)
             for r in c.execute(
-                "SELECT name, tenant, profile, ca, key_algorithms, created_at, issuance_mode FROM product"
-                " ORDER BY name"
+                "SELECT name, tenant, profile, ca, key_algorithms, created_at, issuance_mode, revoke_on_update"
+                " FROM product ORDER BY name"
             )
         ],
     )
@@ -437,7 +459,7 @@ def list_work_orders(journal: Journal, state: str | None = None) -> list[WorkOrd
 def _issued_row(conn: sqlite3.Connection, ca: str, device_serial: str) -> tuple[int, str, str]:
     row = conn.execute(
         "SELECT id, state, cert_serial FROM issuance WHERE ca=? AND device_serial=?"
-        " AND state NOT IN ('burned', 'reworked')",
+        " AND state NOT IN ('burned', 'reworked') AND updated_by IS NULL",
         (ca, device_serial),
     ).fetchone()
     if row is None:
@@ -459,10 +481,8 @@ def _issued_row(conn: sqlite3.Connection, ca: str, device_serial: str) -> tuple[
 
 
 def _unit_work_order(conn: sqlite3.Connection, issuance_id: int) -> str | None:
-    row = conn.execute(
-        "SELECT work_order FROM work_order_unit WHERE issuance_id=?", (issuance_id,)
-    ).fetchone()
-    return None if row is None else str(row[0])
+    # A key update (CMP kur) has no unit of its own: it counts under the device's first certificate's.
+    return work_order_of(conn, issuance_id)
 
 
 def rework(

@@ -24,6 +24,7 @@ import asyncio
 import collections
 import contextlib
 import os
+import stat
 import time
 from typing import Any
 
@@ -88,6 +89,8 @@ class SerialChannel:
         Raises ChannelClosed when the port cannot be opened (absent, busy, not a tty)."""
         if baud <= 0:
             raise ValueError("baud must be positive")
+        if "://" not in path:
+            _require_character_device(path)
         try:
             port = serial.serial_for_url(
                 path,
@@ -235,3 +238,15 @@ class SerialChannel:
 
     async def close(self) -> None:
         self._shutdown()
+
+
+def _require_character_device(path: str) -> None:
+    """Refuse a path that is not a character device before opening it: opening (and closing) any other file in
+    this process could do harm beyond a failed open. Closing a descriptor of a SQLite database drops every POSIX
+    lock this process holds on it, the journal's included, and pyserial closes what it cannot configure."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise ChannelClosed(f"{path}: cannot open: {exc.strerror}") from exc
+    if not stat.S_ISCHR(st.st_mode):
+        raise ChannelClosed(f"{path}: not a serial device (not a character device); refusing to open it")

@@ -55,6 +55,9 @@ class StreamChannel:
         return self._pending.popleft()
 
     async def send(self, data: bytes) -> None:
+        if self._writer.is_closing():
+            # asyncio's TLS transport fails with an AttributeError, not an OSError, once it has been closed.
+            raise ChannelClosed(f"{self._peer}: the connection is closed")
         try:
             self._writer.write(data)
             await self._writer.drain()

@@ -58,7 +58,7 @@ from stations.session import Authenticated, Closed, HandshakeFailed, Received
 from stations.transports.base import ChannelClosed
 from stations.transports.stream import StreamChannel
 from tests.appliance.conftest import make_csr, put_on_line
-from tests.stations.station_link import Link, request_id
+from tests.stations.station_link import Link, request_id, tls_client_context
 
 
 def _config(state: Path, softhsm_token: SoftHsmToken, template: Path) -> Config:
@@ -629,19 +629,33 @@ async def test_failed_handshakes_and_forged_frames_are_audited_bounded_logged_on
     assert not [r for r in caplog.records if r.name == "stations.server" and r.levelno > logging.DEBUG]
 
 
-async def test_tls_certificate_no_station_owns_is_audited_by_peer(daemon: Daemon, tmp_path: Path) -> None:
+async def test_tls_certificate_no_station_owns_is_counted_by_certificate_not_address(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    """A rotated-away certificate presented from many addresses is one thing to audit and alarm about: the
+    audit keeps a burst in full, and one alarm is raised, however many addresses are used."""
     assert daemon.core is not None
     old = await add_lan(daemon, "st-gone", tmp_path)
     reg.rotate_key(daemon.journal, daemon.core.token, "st-gone", audit=daemon.core.audit, actor="alice")
     await daemon.refresh()
-    link = await Link.tls(_addr(daemon), old)
-    refused = await link.handshake()
-    assert isinstance(refused, HandshakeFailed) and refused.code == Code.UNKNOWN_STATION
-    await link.close()
+    fingerprint = hashlib.sha256(x509.load_pem_x509_certificate((old / "tls-client.crt").read_bytes()).public_bytes(
+        serialization.Encoding.DER)).hexdigest()[:16]  # fmt: skip
+    for i in range(25):  # 25 source addresses
+        reader, writer = await asyncio.open_connection(
+            *_addr(daemon), ssl=tls_client_context(old), local_addr=(f"127.0.0.{2 + i}", 0)
+        )
+        link = Link(StreamChannel(reader, writer), "st-gone", bytes(32))
+        refused = await link.handshake()
+        assert isinstance(refused, HandshakeFailed) and refused.code == Code.UNKNOWN_STATION
+        await link.close()
     async with asyncio.timeout(10):
-        while not (items := _link_refused(daemon)):
+        while len(items := _link_refused(daemon)) < daemon.config.stations.failure_limit:
             await asyncio.sleep(0.05)
-    assert [(i["station"], i["code"]) for i in items] == [("tls-peer:127.0.0.1", "UNKNOWN_STATION")]
+    assert {i["station"] for i in items} == {f"tls-cert:{fingerprint}"}
+    assert len(items) == daemon.config.stations.failure_limit  # the rest are counted for the summary
+    assert len({i["peer"] for i in items}) == len(items)  # the audit names where each came from
+    failing = [a for a in daemon.core.alarms.active() if a.cause.startswith("station.link-failing:")]
+    assert [a.cause for a in failing] == [f"station.link-failing:tls-cert:{fingerprint}"]
 
 
 def _link_refused(d: Daemon) -> list[dict[str, object]]:

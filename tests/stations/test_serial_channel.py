@@ -181,3 +181,28 @@ async def test_close_wakes_a_waiting_reader(ends: tuple[SerialChannel, SerialCha
     with pytest.raises(ChannelClosed):
         async with asyncio.timeout(1.0):
             await reader
+
+
+async def test_a_path_that_is_not_a_character_device_is_never_opened(tmp_path: Path) -> None:
+    """A serial port configured onto a database file must not be opened: closing any descriptor of a SQLite file
+    drops every POSIX lock this process holds on it, so even a failed open would break the journal's locking."""
+    import sqlite3
+    import subprocess
+    import sys
+
+    db = tmp_path / "journal.sqlite"
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("CREATE TABLE t (x)")
+    conn.execute("BEGIN IMMEDIATE")  # this process holds the write lock
+    conn.execute("INSERT INTO t VALUES (1)")
+    with pytest.raises(ChannelClosed, match="not a serial device"):
+        await SerialChannel.open(str(db))
+    other = subprocess.run(
+        [sys.executable, "-c", "import sqlite3, sys; c = sqlite3.connect(sys.argv[1], timeout=0);"
+         " c.execute('BEGIN IMMEDIATE')", str(db)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert other.returncode != 0 and "locked" in other.stderr, "the write lock was lost"
+    conn.execute("COMMIT")
+    with pytest.raises(ChannelClosed, match="not a serial device"):
+        await SerialChannel.open(str(tmp_path))  # a directory

@@ -105,3 +105,20 @@ async def test_unknown_station(link: Link, appliance: FakeAppliance, tmp_path: P
             await c.open()
         await c.close()
     assert err.value.code is Code.UNKNOWN_STATION
+
+
+async def test_sending_on_a_closed_stream_is_channel_closed() -> None:
+    """A closed writer (TLS's raises AttributeError inside asyncio) is the link gone, never another exception."""
+    import asyncio
+    import socket
+
+    from stations.transports.base import ChannelClosed
+    from stations.transports.stream import StreamChannel
+
+    a, b = socket.socketpair()
+    reader, writer = await asyncio.open_connection(sock=a)
+    channel = StreamChannel(reader, writer, peer="pair")
+    await channel.close()
+    b.close()
+    with pytest.raises(ChannelClosed, match="closed"):
+        await channel.send(b"x")

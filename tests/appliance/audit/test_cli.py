@@ -249,3 +249,28 @@ def test_a_failed_exit_checkpoint_is_logged_and_never_replaces_the_commands_outc
     assert "stay unsigned until the next checkpoint" in caplog.text and "not the audit key" in caplog.text
     with open_core(load_config(config_file)) as core:
         core.audit.record("alice", "test.event", {})  # and a command that succeeded still succeeds
+
+
+def test_export_refuses_a_link_as_every_other_out_does(config_file: Path, tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("keep me\n")
+    link = tmp_path / "audit.jsonl"
+    link.symlink_to(target)
+    assert run(["audit", "export", "--out", str(link), "--config", str(config_file)]) == 2
+    assert link.is_symlink() and target.read_text() == "keep me\n"
+
+
+@pytest.mark.parametrize(
+    "line", ["[" * 100_000 + "]" * 100_000, '{"type": "entry", "seq": ' + "9" * 5000 + "}"]
+)
+def test_a_hostile_line_in_an_export_is_malformed_not_a_traceback(
+    config_file: Path, tmp_path: Path, line: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    export = tmp_path / "audit.jsonl"
+    assert run(["audit", "export", "--out", str(export), "--config", str(config_file)]) == 0
+    with export.open("a") as f:
+        f.write(line + "\n")
+    capsys.readouterr()
+    assert run(["audit", "verify", "--file", str(export), "--json", "--config", str(config_file)]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert any(p["kind"] == "malformed" and "not valid JSON" in p["message"] for p in report["problems"])

@@ -69,6 +69,11 @@ def test_station_lifecycle(
     assert meta == {"name": "ser1", "kind": "serial", "key_file": "station.key", "port": port, "baud": 115200}
     key = (out / "station.key").read_text().strip()
     assert len(bytes.fromhex(key)) == 32 and (out / "station.key").stat().st_mode & 0o777 == 0o600
+    # A port that exists but is not a character device (here the journal itself) is refused, in one line.
+    journal_file = str(Path(c).parent / "state" / "journal.sqlite")
+    assert main(["station", "add", "--config", c, "--name", "ser-file", "--serial", journal_file, "--out",
+                 str(tmp_path / "ser-file"), *as_("alice", PRODUCTION_PASSWORD)]) == 2  # fmt: skip
+    assert "not a serial device" in capsys.readouterr().err
     lan = json.loads((tmp_path / "lan1" / "station.json").read_text())
     assert lan["host"] == "127.0.0.1:7450" and lan["tls_cert_file"] == "tls-client.crt"
     # An operator may not touch the registry; without a login nobody may.

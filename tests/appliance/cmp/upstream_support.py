@@ -117,7 +117,7 @@ async def upstream_fixture(
         issuing = ca_mod.load_ca(journal, "issuing")
         management = ca_mod.load_ca(journal, "management")
         ra = ensure_ra(hsm_token, management, tmp_path / "up" / "ra.pem")
-        label = CmpLabel("ra", "fixture-1", trusted_cas=(management.certificate,), allow_nested=True,
+        label = CmpLabel("ra", "fixture-1", trusted_cas=(management.certificate,), allow_nested=True, signer_revocation="none",
                          allow_rr=True, accept_ra_verified=True)  # fmt: skip
         service = IssueService(journal, issuing, hsm_token.get_key(issuing.key_label), dict(builtin_profiles()),
                                policy=WorkOrderPolicy("issuing"), audit=audit)  # fmt: skip

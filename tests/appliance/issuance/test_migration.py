@@ -62,3 +62,68 @@ def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     conn.close()
     with pytest.raises(IssuanceFailed, match="schema 99"):
         Journal(path)
+
+
+V2 = Path(__file__).parent / "data" / "journal-schema-2.sql"
+
+
+def test_schema_2_is_migrated_and_keeps_its_rows(tmp_path: Path) -> None:
+    """Schema 3 adds key update (issuance.updates / updated_by, product.revoke_on_update) and the outbox's kur
+    kind and parked state; the outbox is rebuilt for them, with every row and the rr trigger kept."""
+    path = tmp_path / "journal.sqlite"
+    conn = sqlite3.connect(path)
+    conn.executescript(V2.read_text())
+    conn.close()
+    with Journal(path) as journal:
+
+        def q(sql: str) -> list[tuple[object, ...]]:
+            return journal.call(lambda: journal.conn.execute(sql).fetchall())
+
+        assert q("SELECT value FROM meta WHERE key='schema_version'") == [("3",)]
+        assert q(
+            "SELECT id, kind, state, attempts, last_error, upstream_cert_der, transaction_id FROM outbox"
+        ) == [
+            (1, "p10cr", "done", 0, None, b"\x30\x01", bytes.fromhex("00112233445566778899aabbccddeeff")),
+            (
+                2,
+                "rr",
+                "sent",
+                2,
+                "upstream unreachable",
+                None,
+                bytes.fromhex("ffeeddccbbaa99887766554433221100"),
+            ),
+        ]
+        assert q("SELECT name, revoke_on_update FROM product") == [("sensor", 0)]
+        assert q("SELECT cert_serial, state, updates, updated_by FROM issuance") == [
+            ("0a1b", "issued", None, None)
+        ]
+        assert q("PRAGMA integrity_check") == [("ok",)]
+        assert q("PRAGMA foreign_key_check") == []
+
+        def key_update(c: sqlite3.Connection) -> None:
+            # What the core does for a kur: the old row leaves the live-device index, the new one takes its place.
+            c.execute("UPDATE issuance SET updated_by = 0 WHERE id = 1")
+            c.execute(
+                "INSERT INTO issuance (request_id, station, profile, ca, device_serial, public_key_sha256,"
+                " csr_sha256, cert_serial, tbs_sha256, state, created_at, updates) VALUES ('r2', 'fixture-1',"
+                " 'idevid', 'issuing', 'SN-0001', x'05', x'06', '0c1d', x'07', 'intent', 2, 1)"
+            )
+            c.execute("UPDATE issuance SET updated_by = 2 WHERE id = 1")
+            c.execute("INSERT INTO outbox (kind, issuance_id, cert_serial, transaction_id, next_attempt_at,"
+                      " created_at, state) VALUES ('kur', 2, '0c1d', x'01', 2, 2, 'parked')")  # fmt: skip
+
+        journal.call(journal.transaction, key_update, "test")
+        with pytest.raises(IssuanceFailed, match="UNIQUE"):  # still one live row per device
+            journal.call(journal.transaction, lambda c: c.execute(
+                "UPDATE issuance SET updated_by = NULL WHERE id = 1"), "t")  # fmt: skip
+        # A burned key-update intent gives the device its old certificate back (the trigger).
+        journal.call(
+            journal.transaction, lambda c: c.execute("UPDATE issuance SET state='burned' WHERE id = 2"), "t"
+        )
+        assert q("SELECT id, updated_by FROM issuance ORDER BY id") == [(1, None), (2, None)]
+        # The rr trigger was recreated on the rebuilt outbox: a revocation still writes its rr row.
+        journal.call(journal.transaction, lambda c: c.execute(
+            "INSERT INTO revocation (cert_serial, ca, reason, revoked_at, actor, source)"
+            " VALUES ('0c1d', 'issuing', 'superseded', 3, 'alice', 'cli')"), "t")  # fmt: skip
+        assert q("SELECT kind FROM outbox WHERE cert_serial='0c1d' ORDER BY id") == [("kur",), ("rr",)]

@@ -262,3 +262,6 @@ def test_spreadsheet_safe_covers_owasp_characters() -> None:
     for lead in ("=", "+", "-", "@", "\t", "\r", "\n", "\0"):
         assert reconcile.spreadsheet_safe(lead + "X") == "'" + lead + "X"
     assert reconcile.spreadsheet_safe("A=1") == "A=1" and reconcile.spreadsheet_safe("") == ""
+    # A serial that really starts with a quote (PrintableString allows it) stays distinct from a neutralised
+    # formula: every cell reads back by dropping one leading quote.
+    assert reconcile.spreadsheet_safe("'=1+2") == "''=1+2" != reconcile.spreadsheet_safe("=1+2")

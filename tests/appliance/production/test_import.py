@@ -10,6 +10,7 @@ from appliance.production import store
 from appliance.production.allowlist import AllowlistError, SerialRange, compile_pattern, pattern_matches
 from appliance.production.model import ProductionError
 from tests.appliance.production.conftest import Floor
+from tests.cpu import cpu_budget
 
 CSV_OK = """id,product,quantity,valid_from,valid_to,lines,serials,ranges,pattern
 WO-100,sensor,500,2025-01-01T00:00:00Z,2030-01-01T00:00:00Z,L1;L2,,ACME-[000001-000500],
@@ -38,6 +39,22 @@ def test_csv_import(floor: Floor) -> None:
     assert store.get_work_order(floor.journal, "WO-101").serial_count == 3
     events = [e.event for e in floor.audit.entries()][-4:]
     assert events == ["workorder.add"] * 3 + ["workorder.import"]
+
+
+def test_a_spreadsheets_byte_order_mark_is_not_part_of_the_header(floor: Floor) -> None:
+    """Excel's "CSV UTF-8" starts with U+FEFF."""
+    ids = store.import_work_orders(floor.journal, floor.audit, floor.supervisor, "\ufeff" + CSV_OK, "csv")
+    assert ids == ["WO-100", "WO-101", "WO-102"]
+
+
+@pytest.mark.parametrize(
+    "doc", ["[" * 100_000 + "]" * 100_000, '{"work_orders": [{"quantity": ' + "9" * 5000 + "}]}"]
+)
+def test_hostile_json_is_a_problem_not_a_traceback(floor: Floor, doc: str) -> None:
+    with pytest.raises(ProductionError) as info:
+        store.import_work_orders(floor.journal, floor.audit, floor.supervisor, doc, "json")
+    assert "not valid JSON" in str(info.value)
+    assert count(floor) == 0
 
 
 def test_json_import(floor: Floor) -> None:
@@ -103,11 +120,21 @@ def test_import_needs_the_work_order_role(floor: Floor) -> None:
 
 @pytest.mark.parametrize(
     "pattern",
-    [r"(a+)+b", r"(a*)*", r"(ab|cd)*x", r"(a|a)+", r"\w*\w*\w*\w*", r"(?=a)a", r"(a)\1", "x" * 129, r"[0-9"],
-)
+    [r"(a+)+b", r"(a*)*", r"(ab|cd)*x", r"(a|a)+", r"\w*\w*\w*\w*", r"(?=a)a", r"(a)\1", "x" * 129, r"[0-9",
+     "(.|a)" * 25, r"\w*-\w*-\w*", "(ab|cd|ef)" * 11],
+)  # fmt: skip
 def test_unsafe_or_broken_patterns_are_refused(pattern: str) -> None:
     with pytest.raises(AllowlistError):
         compile_pattern(pattern)
+
+
+def test_every_accepted_pattern_fails_cheaply_on_the_worst_serial() -> None:
+    """The bound holds where backtracking is worst: a 64-character serial the pattern almost matches."""
+    for pattern in (r"A.{0,31}B.{0,31}C", "(.|a)" * 15 + "b", r"[A-Z]{1,64}[0-9]{1,64}X"):
+        compiled = compile_pattern(pattern)
+        with cpu_budget(0.5):
+            for subject in ("a" * 64, "A" * 63 + "0", "ABC" * 21 + "D"):
+                compiled.fullmatch(subject)
 
 
 def test_safe_patterns_match_the_whole_serial() -> None:

@@ -49,6 +49,25 @@ async def test_issues_within_the_work_order_and_binds_the_unit(floor: Floor, ser
     assert reconcile.quota_problems(floor.journal) == []
 
 
+async def test_a_stored_certificate_goes_only_to_a_station_that_serves_its_work_order(
+    floor: Floor, service: IssueService
+) -> None:
+    """The same device and key asked again is answered from the journal (nothing taken), but a station on
+    another line, or on none, is refused: it could then confirm a device it never made."""
+    floor.work_order(quantity=3)
+    floor.add_station("st1b", line="L1")
+    floor.add_station("other", line="L2")
+    floor.add_station("loose", line=None)
+    csr = make_csr("SN-0001")[1]
+    first = await service.issue(req("SN-0001", csr=csr))
+    again = await service.issue(req("SN-0001", station="st1b", csr=csr))  # same line: the stored certificate
+    assert again.reused and again.certificate == first.certificate
+    for station in ("other", "loose"):
+        exc = await refused(service, req("SN-0001", station=station, csr=csr))
+        assert exc.code is ReasonCode.NOT_AUTHORISED and exc.details["rule"] == "retry-line"
+    assert floor.consumed() == 1
+
+
 async def test_station_without_a_line_is_refused(floor: Floor, service: IssueService) -> None:
     floor.work_order()
     floor.add_station("loose", line=None)
