@@ -191,7 +191,7 @@ def _people(core: Core, state: Path) -> tuple[User, User]:
 def _field(core: Core, admin: User, supervisor: User) -> None:
     """The greenfield half: an operational issuing CA, an LDevID product, line FIELD with the station the "field"
     label acts as, and a work order for the hand-enrolled serials. Made once; an older demo state gets it too."""
-    who: dict[str, Any] = {"audit": core.audit, "actor": admin.name}
+    who: dict[str, Any] = {"audit": core.audit, "actor": admin.name, "demo": True}
     if FIELD_CA not in {r.name for r in ca_mod.list_cas(core.journal)}:
         ca_mod.create_issuing(core.journal, core.token, FIELD_CA,
                               f"O={DEMO_ORG},CN={DEMO_ORG} Operational CA", "root", **who)  # fmt: skip
