@@ -130,9 +130,10 @@ def cmd_ca_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([_ca_json(r) for r in records], indent=2))
         return 0
+    local = {x.name for x in records}
     children: dict[str | None, list[ca_mod.CaRecord]] = {}
     for r in records:
-        children.setdefault(r.parent if r.parent in {x.name for x in records} else None, []).append(r)
+        children.setdefault(r.parent if r.parent in local else _external_root(r), []).append(r)
 
     def show(parent: str | None, depth: int) -> None:
         for r in children.get(parent, []):
@@ -143,8 +144,22 @@ def cmd_ca_list(args: argparse.Namespace) -> int:
             )
             show(r.name, depth + 1)
 
+    # A CA imported under a root this appliance does not hold (ca request/import) is shown under that root,
+    # marked external: the anchor relying parties need, whose key is not in this HSM.
+    for root in sorted(k for k in children if k is not None and k not in local):
+        print(f"{root}  (external root: not in the HSM)")
+        show(root, 1)
     show(None, 0)
     return 0
+
+
+def _external_root(r: CaRecord) -> str | None:
+    """The subject and validity of the self-signed root at the end of an imported CA's chain; None for a CA
+    made here (its own root is a local record, or it is one)."""
+    if not r.cert_der or not r.chain_der:
+        return None
+    root = r.chain[-1]
+    return f"{root.subject.rfc4514_string()}  serial={root.serial_number:x} notAfter={root.not_valid_after_utc.isoformat()}"
 
 
 def _ca_json(r: CaRecord) -> dict[str, object]:
@@ -163,6 +178,10 @@ def _ca_json(r: CaRecord) -> dict[str, object]:
             not_after=c.not_valid_after_utc.isoformat(),
             path_len=bc.path_length,
         )
+        if r.chain_der:
+            out["chain"] = [
+                c.subject.rfc4514_string() for c in r.chain[1:]
+            ]  # up to the root, which may be external
     return out
 
 

@@ -237,3 +237,32 @@ async def _in_thread(fn: object, *args: object) -> object:
     import asyncio
 
     return await asyncio.to_thread(fn, *args)  # type: ignore[arg-type]
+
+
+def test_ca_list_shows_the_external_root_an_imported_ca_chains_to(
+    softhsm_token: SoftHsmToken, hsm_token: Token, production_journal_template: Path, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """Item 9: a CA made under the organisation's offline root was listed alone at the top, as if it were a root;
+    the anchor a relying party needs was nowhere. `ca list` shows it above the CA, marked external."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    shutil.copy(production_journal_template, state / "journal.sqlite")
+    mgmt = f"mgmt-{secrets.token_hex(3)}"
+    with Journal(state / "journal.sqlite") as journal:
+        root = _external_management_ca(journal, hsm_token, mgmt)
+    config = _config(tmp_path / "c.toml", state, softhsm_token, names=[NAME], lan="127.0.0.1:0", mgmt=mgmt)
+    capsys.readouterr()
+    assert main(["ca", "list", "--config", str(config)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("CN=Acme Corporate Root"))
+    assert (
+        lines[at].endswith("(external root: not in the HSM)")
+        and f"serial={root.serial_number:x}" in lines[at]
+    )
+    assert lines[at + 1].startswith(
+        f"  {mgmt} [management, active] O=Acme Devices,CN=Acme Appliance Management"
+    )
+    assert main(["ca", "list", "--json", "--config", str(config)]) == 0
+    listed = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert listed[mgmt]["chain"] == ["CN=Acme Corporate Root"]
