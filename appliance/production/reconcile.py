@@ -195,12 +195,19 @@ def spreadsheet_safe(value: str) -> str:
     return "'" + value if value.startswith(_NEUTRALISED) else value
 
 
+def whole_bytes(serial_hex: str) -> str:
+    """A serial as `openssl x509 -serial` prints it: upper-case hex in whole bytes, so a leading zero is kept (the
+    journal's form, lower-case without leading zeros, reads one digit shorter for one certificate in 16)."""
+    digits = serial_hex.upper()
+    return "0" * (len(digits) % 2) + digits
+
+
 def export_csv(certs: list[ExportedCertificate]) -> str:
     out = io.StringIO()
     w = csv.writer(out, lineterminator="\n")
     w.writerow(EXPORT_COLUMNS)
     for c in certs:
-        row = [c.cert_serial, c.device_serial, c.sha256, c.station, iso(c.issued_at) or "",
+        row = [whole_bytes(c.cert_serial), c.device_serial, c.sha256, c.station, iso(c.issued_at) or "",
                iso(c.confirmed_at) or "", c.shown_state, c.issued_by, c.revocation_reason or "",
                iso(c.revoked_at) or ""]  # fmt: skip
         w.writerow([spreadsheet_safe(cell) for cell in row])
