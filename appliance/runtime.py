@@ -128,7 +128,11 @@ def open_core(config: Config) -> Iterator[Core]:
     try:
         token = Token.open(config.hsm)
     except HsmError as exc:
-        raise IssuanceFailed(f"HSM: {exc.message}", ReasonCode.HSM_UNAVAILABLE) from exc
+        raise IssuanceFailed(
+            f"HSM: {exc.message}: `birthline config check` checks the PIN file, the module, the token and one"
+            " login, and says what to do",
+            ReasonCode.HSM_UNAVAILABLE,
+        ) from exc
     try:
         with Journal(config.journal.path) as journal:
             core = Core(config, token, journal)

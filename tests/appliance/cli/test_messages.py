@@ -73,3 +73,22 @@ def test_an_issuance_refusal_keeps_its_reason_code(
     err = _refusal(["issue", "--station", "fixture-1", "--serial", "OTHER-1", "--csr", str(csr), "--config",
                     str(config), "--user", "sam", "--password-stdin"], capsys, monkeypatch)  # fmt: skip
     assert err.startswith("birthline: not_authorised: "), err
+
+
+def test_a_missing_journal_or_an_unloadable_hsm_module_says_what_to_do(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A report before `init` said only 'no journal at ...'; `init` with a wrong [hsm] module said 'PKCS#11 error
+    (OS exception while loading ...)'. Each names the command that helps."""
+    pin = tmp_path / "hsm.pin"
+    pin.write_text("1234\n")
+    pin.chmod(0o600)
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f'[appliance]\nstate_dir = "{tmp_path / "state"}"\n'
+        f'[hsm]\nmodule = "{tmp_path / "no-such-module.so"}"\ntoken_label = "x"\npin_file = "{pin}"\n'
+    )
+    err = _refusal(["report", "workorder", "WO-1", "--config", str(config)], capsys, monkeypatch)
+    assert "no journal at" in err and "`birthline init` creates it" in err, err
+    err = _refusal(["init", "--organisation", "Acme", "--config", str(config)], capsys, monkeypatch)
+    assert "no-such-module.so" in err and "`birthline config check`" in err, err
