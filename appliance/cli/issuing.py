@@ -30,6 +30,7 @@ def cmd_issue(args: argparse.Namespace) -> int:
     from cryptography.hazmat.primitives import serialization
 
     from appliance.cli.session import actor, authorised
+    from appliance.daemon_lock import DaemonLock, DaemonRunning
     from appliance.errors import BirthlineError, IssuancePending
     from appliance.issuance.policy import IssueRequest
     from appliance.production.users import Permission
@@ -47,9 +48,18 @@ def cmd_issue(args: argparse.Namespace) -> int:
     async def run(s: Session) -> int:
         person = actor(s).name
         s.audit.record(person, "issue.requested", asked)
+        # Crash recovery burns every intent in the journal, so only a process that issues alone may run it: the
+        # daemon may be running with requests in flight, whose intents are its own. This command recovers (an
+        # earlier `birthline issue` killed mid-way leaves its device busy otherwise) only while it holds the
+        # daemon lock, which also keeps a daemon from starting beside it until it is done.
+        lock = DaemonLock(s.core.config.appliance.state_dir, "`birthline issue`")
         try:
-            # The daemon may be running and have requests in flight: their intents are its to recover.
-            async with running_issuer(s.core, prepare_workers=0, recover_intents=False) as service:
+            lock.acquire()
+            alone = True
+        except DaemonRunning:
+            alone = False
+        try:
+            async with running_issuer(s.core, prepare_workers=0, recover_intents=alone) as service:
                 result = await service.issue(request)
         except IssuancePending as exc:
             s.audit.record(
@@ -62,6 +72,8 @@ def cmd_issue(args: argparse.Namespace) -> int:
         except BirthlineError as exc:
             s.audit.record(person, "issue.answered", {**asked, "outcome": "refused", "code": exc.code.name})
             raise
+        finally:
+            lock.release()
         s.audit.record(person, "issue.answered", {
             **asked, "outcome": "reused" if result.reused else "issued", "cert_serial": result.cert_serial,
         })  # fmt: skip
