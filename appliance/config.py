@@ -10,13 +10,12 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from cryptography import x509
 
 from appliance import names
-from appliance.audit.claims import CheckpointPolicy
 from appliance.connections import HttpLimits
 from appliance.errors import ConfigError, Problem
 from appliance.profiles import Profile, builtin_profiles, parse_profiles
@@ -24,12 +23,19 @@ from appliance.text import safe_repr
 from appliance.va.service import VaSettings
 from hsm.config import HsmConfig
 
+if TYPE_CHECKING:
+    # Imported where used: the audit package brings the HSM session layer, which a read-only command never needs.
+    from appliance.audit.claims import CheckpointPolicy
+
 DEFAULT_CONFIG_PATH = Path("/etc/birthline/birthline.toml")
 
 
 @dataclass(frozen=True)
 class ApplianceSection:
     state_dir: Path
+    # The DNS names and IP addresses the appliance answers to on the LAN: its TLS server certificate carries them
+    # (docs/station-protocol.md 13.3). Empty: the built-in names (localhost, birthline, the loopback addresses).
+    names: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,8 @@ class AuditSection:
 
     @property
     def policy(self) -> CheckpointPolicy:
+        from appliance.audit.claims import CheckpointPolicy
+
         return CheckpointPolicy(self.checkpoint_every_entries, self.checkpoint_every_s)
 
 
@@ -222,7 +230,8 @@ class ScepSection:
 @dataclass(frozen=True)
 class UpstreamSection:
     """[upstream]: the forwarder that sends every issuance and revocation to the upstream CA over CMP as an RA
-    (docs/cmp.md "The forwarder"). An empty url (the default) forwards nothing; the outbox still fills."""
+    (docs/cmp.md "The forwarder"). An empty url (the default): a standalone line, which forwards nothing and writes
+    no issuance to the outbox."""
 
     url: str = ""
     mode: str = "single"  # single | batched
@@ -403,6 +412,7 @@ def parse_config(
 
     r = _Reader(_table(data, "appliance", problems), "appliance", problems)
     state_dir = path(r.text("state_dir", "/var/lib/birthline")) or Path("/var/lib/birthline")
+    host_names = _host_names(r, "names")
     r.done()
 
     r = _Reader(_table(data, "hsm", problems), "hsm", problems)
@@ -560,7 +570,7 @@ def parse_config(
     if problems:
         raise ConfigError(problems, str(source) if source else "")
     return Config(
-        appliance=ApplianceSection(state_dir=state_dir),
+        appliance=ApplianceSection(state_dir=state_dir, names=host_names),
         hsm=hsm,
         journal=journal,
         issuance=issuance,
@@ -575,6 +585,21 @@ def parse_config(
         metrics=metrics,
         scep=scep,
     )
+
+
+def _host_names(r: _Reader, key: str) -> tuple[str, ...]:
+    """A list of network names (appliance.names.HOST), each once (DNS names compared without case)."""
+    value = r._get(key, list, [], False)
+    found: list[str] = []
+    for i, item in enumerate(value if isinstance(value, list) else []):
+        problem = names.HOST.problem(item)
+        if problem is not None:
+            r.problems.append(Problem(f"{r.where}.{key}[{i}]", problem))
+        elif any(item.lower() == seen.lower() for seen in found):
+            r.problems.append(Problem(f"{r.where}.{key}[{i}]", f"{item!r} is listed twice"))
+        else:
+            found.append(item)
+    return tuple(found)
 
 
 def _listen(r: _Reader, key: str, default: str) -> str:

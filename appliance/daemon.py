@@ -17,16 +17,20 @@ import contextlib
 import functools
 import hashlib
 import logging
+import shlex
 import signal
 import sqlite3
 import ssl
+import sys
 import traceback
 from dataclasses import dataclass
+from pathlib import Path
 
 from appliance import stations_registry as reg
 from appliance.alarms import LogOnce
 from appliance.audit.checkpointer import Checkpointer
 from appliance.audit.log import ensure_audit_key
+from appliance.bind import binding
 from appliance.cmp.forwarder import Forwarder, make_forwarder
 from appliance.cmp.metrics import CmpCollector
 from appliance.cmp.ra import ensure_ra
@@ -211,22 +215,45 @@ class _LinkMonitor:
         self.failures.authenticated(station)
 
 
+def _started_as() -> str:
+    """This process's command line (`birthline run --config ...`, `birthline demo --serve ...`), for the refusal
+    another daemon or job prints while this one holds the state directory."""
+    words = [Path(sys.argv[0]).name, *sys.argv[1:]] if sys.argv and sys.argv[0] else ["python"]
+    return shlex.join(words)[:200]
+
+
 def server_ssl_context(files: TlsServerFiles) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     apply_tls_policy(ctx)
     ctx.load_cert_chain(files.cert, files.key)
     ctx.load_verify_locations(cafile=str(files.ca))
+    # The management CA is the trust anchor even when an external root signed it (ca request --role
+    # management): station certificates must come from it, never from another CA under the same root.
+    ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
     ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
 
 
 def prepare(core: Core) -> TlsServerFiles:
-    """`birthline init`: the management CA (if missing) and the TLS server credential (if missing or stale)."""
+    """The TLS server credential (made if missing or not from the current management CA, as `birthline init`
+    does). One for other names than the configuration's is served as it is, under the warning alarm tls.names:
+    changing the names stations check is an administrator's act (`birthline tls reissue`)."""
     cfg = core.config.stations
-    hosts = reg.server_hosts(cfg.lan_address)
-    return reg.ensure_tls_server(
-        core.journal, core.token, cfg.tls_dir, cfg.management_ca, hosts=hosts, audit=core.audit
+    names = reg.server_names(core.config.appliance.names, cfg.lan_address)
+    files = reg.ensure_tls_server(
+        core.journal, core.token, cfg.tls_dir, cfg.management_ca, names=names, audit=core.audit
     )
+    served = reg.served_names(files)
+    if set(served) != set(names):
+        core.alarms.raise_alarm(
+            "tls.names",
+            f"the TLS server certificate names {', '.join(served)}; the configuration names {', '.join(names)}",
+            "a station connecting by a name the certificate lacks fails its hostname check: run `birthline tls"
+            " reissue --user ADMIN`, then restart the daemon",
+            severity="warning",
+            details={"served": list(served), "configured": list(names)},
+        )
+    return files
 
 
 class Daemon:
@@ -299,9 +326,14 @@ class Daemon:
         # The daemon lock says the daemon runs: its own jobs (crl generate, upstream sync) refuse meanwhile.
         check_state(self.config)
         try:
-            self._stack.enter_context(DaemonLock(self.config.appliance.state_dir, "the daemon"))
+            self._stack.enter_context(
+                DaemonLock(self.config.appliance.state_dir, f"the daemon `{_started_as()}`")
+            )
         except DaemonRunning as exc:
-            raise DaemonRunning(f"the daemon cannot start: {exc.message}", exc.holder) from None
+            raise DaemonRunning(
+                f"the daemon cannot start: {exc.message}; one daemon runs per state directory: stop that one first",
+                exc.holder,
+            ) from None
         self._check_fd_budget()
         self.core = self._stack.enter_context(open_core(self.config))
         accept_errors = AcceptErrors(self.core.alarms)
@@ -321,12 +353,13 @@ class Daemon:
             )
         )  # fmt: skip
         if self.config.va.address is not None:
-            self.va_server = await self._stack.enter_async_context(
-                VaServer(
-                    make_app(self.va), *self.config.va.address, limits=self.config.va.limits, name="va",
-                    section="va", alarms=self.core.alarms, accept_errors=accept_errors,
-                )
-            )  # fmt: skip
+            with binding("[va] listen", self.config.va.listen):
+                self.va_server = await self._stack.enter_async_context(
+                    VaServer(
+                        make_app(self.va), *self.config.va.address, limits=self.config.va.limits, name="va",
+                        section="va", alarms=self.core.alarms, accept_errors=accept_errors,
+                    )
+                )  # fmt: skip
             log.info("CRL and OCSP on %s", self.va_server.url)
         if cfg.lan_address is not None:
             self.tls_files = prepare(self.core)
@@ -411,7 +444,8 @@ class Daemon:
             return tls_server_protocol(app, context, cfg.handshake_timeout_s)
 
         host, port = cfg.lan_address
-        self._lan = await serve_guarded(self.lan_gate, inner, host, port, buffered=True)
+        with binding("[stations] lan_listen", cfg.lan_listen):
+            self._lan = await serve_guarded(self.lan_gate, inner, host, port, buffered=True)
 
     async def _start_control(self, service: IssueService, accept_errors: AcceptErrors) -> None:
         """The control API, metrics and the disk alarm (appliance/control): before any listener takes a request,
@@ -461,12 +495,13 @@ class Daemon:
             on_revoked=va.changed if va is not None else None, services=others,
         )  # fmt: skip
         assert cfg.address is not None
-        self.cmp_server = await self._stack.enter_async_context(
-            VaServer(
-                make_cmp_app(self.cmp), *cfg.address, limits=cfg.limits, name="cmp", section="cmp",
-                alarms=self.core.alarms, accept_errors=accept_errors,
-            )
-        )  # fmt: skip
+        with binding("[cmp] listen", cfg.listen):
+            self.cmp_server = await self._stack.enter_async_context(
+                VaServer(
+                    make_cmp_app(self.cmp), *cfg.address, limits=cfg.limits, name="cmp", section="cmp",
+                    alarms=self.core.alarms, accept_errors=accept_errors,
+                )
+            )  # fmt: skip
         log.info("CMP on %s/.well-known/cmp (%d label(s))", self.cmp_server.url, len(self.cmp.labels))
         if self.control is not None and self.control.metrics is not None:
             self.control.metrics.registry.register(CmpCollector(self.cmp))
@@ -491,13 +526,13 @@ class Daemon:
         )  # fmt: skip
         self._stack.push_async_callback(self.scep.flush_refusals)
         assert cfg.address is not None
-        self.scep_server = await self._stack.enter_async_context(
-            HttpListener(
-                make_scep_app(self.scep), *cfg.address, limits=cfg.limits, name="scep", section="scep",
-                alarms=self.core.alarms,
-                accept_errors=accept_errors,
-            )
-        )  # fmt: skip
+        with binding("[scep] listen", cfg.listen):
+            self.scep_server = await self._stack.enter_async_context(
+                HttpListener(
+                    make_scep_app(self.scep), *cfg.address, limits=cfg.limits, name="scep", section="scep",
+                    alarms=self.core.alarms, accept_errors=accept_errors,
+                )
+            )  # fmt: skip
         log.info("SCEP on %s/scep (%d label(s))", self.scep_server.url, len(self.scep.labels))
 
     async def __aexit__(self, *exc: object) -> None:

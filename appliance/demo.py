@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 
 from appliance import ca as ca_mod
 from appliance import stations_registry as registry
+from appliance.ca import identity
 from appliance.config import Config, MetricsSection, load_config
 from appliance.daemon import Daemon
 from appliance.daemon_lock import running
@@ -46,7 +47,7 @@ from stations.codes import Code
 from stations.errors import StationError
 from stations.simulator import PtyPair
 
-DEMO_ORG = "Birthline Demo"
+DEMO_ORG = identity.DEMO_ORGANISATION
 # A private-enterprise arc for the demo's hwType; a manufacturer puts its own OID here.
 DEMO_HW_TYPE = "1.3.6.1.4.1.59999.1.1"
 DEMO_PROFILE = "demo-idevid"
@@ -220,7 +221,7 @@ def _people(core: Core, state: Path) -> tuple[User, User]:
 def _field(core: Core, admin: User, supervisor: User) -> None:
     """The greenfield half: an operational issuing CA, an LDevID product, line FIELD with the station the "field"
     label acts as, and a work order for the hand-enrolled serials. Made once; an older demo state gets it too."""
-    who: dict[str, Any] = {"audit": core.audit, "actor": admin.name}
+    who: dict[str, Any] = {"audit": core.audit, "actor": admin.name, "demo": True}
     if FIELD_CA not in {r.name for r in ca_mod.list_cas(core.journal)}:
         ca_mod.create_issuing(core.journal, core.token, FIELD_CA,
                               f"O={DEMO_ORG},CN={DEMO_ORG} Operational CA", "root", **who)  # fmt: skip
@@ -296,6 +297,9 @@ def _setup(
     with open_core(config) as core:
         admin, supervisor = _people(core, state)
         who: dict[str, Any] = {"audit": core.audit, "actor": admin.name}
+        # The demo's organisation is its own: refused anywhere else (appliance/ca/identity.py).
+        identity.record(core.journal, DEMO_ORG, audit=core.audit, actor=admin.name, demo=True)
+        who["demo"] = True
         names = {r.name for r in ca_mod.list_cas(core.journal)}
         if "root" not in names:
             ca_mod.create_root(core.journal, core.token, "root", f"O={DEMO_ORG},CN={DEMO_ORG} Root CA", **who)

@@ -20,6 +20,7 @@ unassigned characters, and is bounded in length.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 from typing import Final
@@ -147,6 +148,43 @@ SERIAL_PORT: Final = PortRule(
     " (e.g. /dev/serial/by-path/...)",
     re.compile(f"/[!-~]{{1,{PORT_MAX - 1}}}"),
 )
+
+
+@dataclass(frozen=True)
+class HostRule(_Checks):
+    """A name the appliance answers to on the network, as it goes into its TLS server certificate: a DNS name
+    (RFC 1123 labels of letters, digits and '-', not starting or ending with '-'; no wildcard, no final dot) or an
+    IPv4 or IPv6 address."""
+
+    field: str
+    rule: str = (
+        "a DNS name (labels of 1..63 letters, digits and '-', not at either end; 253 characters at most; no"
+        " wildcard) or an IPv4 or IPv6 address"
+    )
+
+    def problem(self, value: object) -> str | None:
+        if not isinstance(value, str):
+            return f"{self.field} must be text, not {type(value).__name__}"
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            pass
+        else:
+            return None
+        labels = value.split(".")
+        if (
+            not value
+            or len(value) > HOST_MAX
+            or value.replace(".", "").isdigit()  # all-numeric: a mistyped address, never a DNS name here
+            or not all(_LABEL.fullmatch(label) for label in labels)
+        ):
+            return f"{self.field} {safe_repr(value)} is not allowed: {self.rule}"
+        return None
+
+
+HOST_MAX: Final = 253
+_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+HOST: Final = HostRule("network name")
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import logging
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from appliance.alarms import Alarms
 from appliance.audit.claims import REASON_EXIT
@@ -24,11 +24,13 @@ from appliance.config import Config
 from appliance.errors import BirthlineError, IssuanceFailed, ReasonCode
 from appliance.files import refuse_shared_files, secure_state_dir
 from appliance.issuance.journal import Journal, journal_files
-from appliance.issuance.policy import AuthorisationPolicy
-from appliance.issuance.service import IssueService
-from appliance.production.policy import WorkOrderPolicy
 from hsm.errors import HsmError
-from hsm.token import Token
+
+if TYPE_CHECKING:
+    # Imported where used: a read-only command (read_journal) loads neither issuance nor the HSM session layer.
+    from appliance.issuance.policy import AuthorisationPolicy
+    from appliance.issuance.service import IssueService
+    from hsm.token import Token
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +60,16 @@ class Core:
         *,
         prepare_workers: int | None = None,
         admission: Callable[[], str | None] | None = None,
+        recover_intents: bool = True,
         ca_name: str | None = None,
     ) -> IssueService:
         """Issuance as every front end gets it: the work-order policy (unless a test passes another) and the
         audit log. prepare_workers overrides the configuration: a one-shot CLI command need not start processes.
         `ca_name`: another issuing CA than [issuance] issuing_ca (a CMP label's issuing_ca), with its own work
         orders (the policy only authorises products of the service's CA)."""
+        from appliance.issuance.service import IssueService
+        from appliance.production.policy import WorkOrderPolicy
+
         ca = self.issuing_ca(ca_name)
         if ca.state != "active":
             raise IssuanceFailed(
@@ -91,6 +97,8 @@ class Core:
             alarms=self.alarms,
             upstream_retry_s=self.config.upstream.pending_retry_s if self.config.upstream.enabled else None,
             quota_warning_percent=self.config.issuance.quota_warning_percent,
+            recover_intents=recover_intents,
+            forward_upstream=self.config.upstream.enabled,
         )
 
 
@@ -114,11 +122,17 @@ def read_journal(config: Config) -> Iterator[Journal]:
 def open_core(config: Config) -> Iterator[Core]:
     """The core for one process. A process that wrote to the journal signs the audit log as it leaves (see
     sign_on_exit), so a log at rest has no unsigned entries whichever command wrote them."""
+    from hsm.token import Token
+
     check_state(config)
     try:
         token = Token.open(config.hsm)
     except HsmError as exc:
-        raise IssuanceFailed(f"HSM: {exc.message}", ReasonCode.HSM_UNAVAILABLE) from exc
+        raise IssuanceFailed(
+            f"HSM: {exc.message}: `birthline config check` checks the PIN file, the module, the token and one"
+            " login, and says what to do",
+            ReasonCode.HSM_UNAVAILABLE,
+        ) from exc
     try:
         with Journal(config.journal.path) as journal:
             core = Core(config, token, journal)
@@ -152,9 +166,15 @@ def sign_on_exit(core: Core, changes_at_open: int) -> None:
 
 @contextlib.asynccontextmanager
 async def running_issuer(
-    core: Core, policy: AuthorisationPolicy | None = None, *, prepare_workers: int | None = None
+    core: Core,
+    policy: AuthorisationPolicy | None = None,
+    *,
+    prepare_workers: int | None = None,
+    recover_intents: bool = True,
 ) -> AsyncIterator[IssueService]:
-    async with core.issue_service(policy, prepare_workers=prepare_workers) as service:
+    async with core.issue_service(
+        policy, prepare_workers=prepare_workers, recover_intents=recover_intents
+    ) as service:
         yield service
 
 

@@ -30,8 +30,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from appliance import ca as ca_mod
 from appliance import names
-from appliance.ca import CaRecord
-from appliance.ca.hierarchy import SIGNING_ONLY, default_subject, key_label_for
+from appliance.ca import CaRecord, identity
+from appliance.ca.hierarchy import SIGNING_ONLY, key_label_for
 from appliance.errors import BirthlineError, ReasonCode
 from appliance.files import refuse_shared_files, secret_directory, write_private, write_public
 from appliance.issuance.journal import Journal, now
@@ -131,16 +131,34 @@ def get_station(journal: Journal, name: str) -> StationRecord:
 
 # -- management CA and TLS -----------------------------------------------------------------------------------------
 def ensure_management_ca(
-    journal: Journal, token: Token, name: str = "management", *, audit: AuditSink, actor: str
+    journal: Journal,
+    token: Token,
+    name: str = "management",
+    *,
+    audit: AuditSink,
+    actor: str,
+    subject: str | None = None,
 ) -> CaRecord:
+    """The management CA `name`, made if missing: named `subject`, or after the organisation recorded at
+    commissioning (refused before it). One imported from an external root must have its certificate."""
     try:
         rec = ca_mod.load_ca(journal, name)
     except ca_mod.CaError:
         return ca_mod.create_management(
-            journal, token, name, default_subject("management"), audit=audit, actor=actor
+            journal,
+            token,
+            name,
+            subject or identity.subject_for(journal, "management"),
+            audit=audit,
+            actor=actor,
         )
     if rec.role != "management":
         raise RegistryError(f"CA {name!r} is a {rec.role} CA, not a management CA")
+    if rec.state != "active":
+        raise RegistryError(
+            f"management CA {name!r} awaits its certificate from the external root: `birthline ca import --name"
+            f" {name} --cert CERT --chain CHAIN`"
+        )
     return rec
 
 
@@ -221,40 +239,113 @@ class TlsServerFiles:
     ca: Path  # the management CA certificate: the trust anchor for station client certificates
 
 
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+_WILDCARDS = ("", "0.0.0.0", "::")  # noqa: S104 - compared against, never bound
+
+
+def server_names(configured: tuple[str, ...], address: tuple[str, int] | None) -> tuple[str, ...]:
+    """The names of the appliance's TLS server certificate, each once: the configured `[appliance] names` (or,
+    with none, the built-in `birthline`), the LAN listener's host unless it is a wildcard, and the loopback
+    names, for tools on the appliance itself."""
+    listen = (address[0],) if address and address[0] not in _WILDCARDS else ()
+    unique: dict[str, str] = {}
+    for name in (*(configured or ("birthline",)), *listen, *LOOPBACK_NAMES):
+        key = str(ipaddress.ip_address(name)) if _is_ip(name) else name.lower()
+        unique.setdefault(key, key)
+    return tuple(unique)
+
+
+def certificate_names(cert: x509.Certificate) -> tuple[str, ...]:
+    """A certificate's subjectAltName DNS names and IP addresses, in the form server_names() gives."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return ()
+    dns = [n.lower() for n in san.get_values_for_type(x509.DNSName)]
+    return (*dns, *(str(ip) for ip in san.get_values_for_type(x509.IPAddress)))
+
+
+def served_names(files: TlsServerFiles) -> tuple[str, ...]:
+    return certificate_names(x509.load_pem_x509_certificate(files.cert.read_bytes()))
+
+
+def _tls_files(tls_dir: Path) -> TlsServerFiles:
+    return TlsServerFiles(tls_dir / SERVER_KEY_FILE, tls_dir / SERVER_CERT_FILE, tls_dir / CA_FILE)
+
+
 def ensure_tls_server(
     journal: Journal,
     token: Token,
     tls_dir: Path,
     ca_name: str = "management",
     *,
-    hosts: tuple[str, ...] = (),
+    names: tuple[str, ...] = (),
     audit: AuditSink,
     actor: str = "appliance",
 ) -> TlsServerFiles:
-    """Make the appliance's TLS server key and certificate if missing or not from the current management CA."""
+    """Make the appliance's TLS server key and certificate (for `names`, server_names() when empty) if missing
+    or not from the current management CA. A certificate for other names is left as it is: changing the names a
+    station checks is an administrator's act (`birthline tls reissue`, reissue_tls_server)."""
     ca = ensure_management_ca(journal, token, ca_name, audit=audit, actor=actor)
     tls_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    files = TlsServerFiles(tls_dir / SERVER_KEY_FILE, tls_dir / SERVER_CERT_FILE, tls_dir / CA_FILE)
-    ca_pem = _pem(ca.certificate)
+    files = _tls_files(tls_dir)
     refuse_shared_files([files.key], "the appliance's TLS server key")
+    ca_pem = _pem(ca.certificate)
     if files.key.exists() and files.cert.exists() and files.ca.exists() and files.ca.read_bytes() == ca_pem:
         return files
+    return _issue_tls_server(
+        journal, token, files, ca, names or server_names((), None), audit, actor, "tls.issued"
+    )
+
+
+def reissue_tls_server(
+    journal: Journal,
+    token: Token,
+    tls_dir: Path,
+    ca_name: str,
+    names: tuple[str, ...],
+    *,
+    audit: AuditSink,
+    actor: str,
+) -> TlsServerFiles:
+    """A new TLS server key and certificate for `names`, whatever is there now (audited as tls.reissued)."""
+    ca = ensure_management_ca(journal, token, ca_name, audit=audit, actor=actor)
+    tls_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    files = _tls_files(tls_dir)
+    refuse_shared_files([files.key], "the appliance's TLS server key")
+    return _issue_tls_server(journal, token, files, ca, names, audit, actor, "tls.reissued")
+
+
+def _issue_tls_server(
+    journal: Journal,
+    token: Token,
+    files: TlsServerFiles,
+    ca: CaRecord,
+    names: tuple[str, ...],
+    audit: AuditSink,
+    actor: str,
+    event: str,
+) -> TlsServerFiles:
     key = ec.generate_private_key(ec.SECP256R1())
-    ips = tuple(h for h in ("127.0.0.1", "::1", *hosts) if _is_ip(h))
-    dns = tuple(h for h in ("localhost", "birthline", *hosts) if not _is_ip(h))
+    ips = tuple(n for n in names if _is_ip(n))
+    dns = tuple(n for n in names if not _is_ip(n))
     cert = sign_tls_certificate(
         token, ca, "birthline appliance", key.public_key(), server=True, dns_names=dns, ip_addresses=ips
     )
+    der = cert.public_bytes(serialization.Encoding.DER)
+
+    def record(conn: sqlite3.Connection) -> None:
+        audit.append(conn, actor, event, {
+            "names": list(names), "cert_serial": format(cert.serial_number, "x"), "management_ca": ca.name,
+            "cert_sha256": hashlib.sha256(der).hexdigest(), "not_after": cert.not_valid_after_utc.isoformat(),
+        })  # fmt: skip
+
+    # Audited before the files change: an unrecorded TLS certificate must never be served.
+    journal.call(journal.transaction, record, "recording the TLS server certificate")
     write_private(files.key, _key_pem(key))
     write_public(files.cert, _pem(cert))
-    write_public(files.ca, ca_pem)
+    write_public(files.ca, _pem(ca.certificate))
     return files
-
-
-def server_hosts(address: tuple[str, int] | None) -> tuple[str, ...]:
-    """Extra names for the TLS server certificate: the configured listen host unless it is a wildcard."""
-    wildcard = ("", "0.0.0.0", "::")  # noqa: S104 - compared against, never bound
-    return (address[0],) if address and address[0] not in wildcard else ()
 
 
 def _is_ip(text: str) -> bool:

@@ -44,6 +44,11 @@ def _load_lib(cfg: HsmConfig) -> Any:
     return _libs[cfg.module]
 
 
+def library(cfg: HsmConfig) -> Any:
+    """The PKCS#11 module `cfg` names, loaded and initialised once per process. On the PKCS#11 thread only."""
+    return _load_lib(cfg)
+
+
 class TokenSession:
     """The shared, refcounted state behind every Token object for one (module, label)."""
 

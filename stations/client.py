@@ -605,6 +605,9 @@ def client_ssl_context(
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.check_hostname = check_hostname
     ctx.load_verify_locations(cafile=str(ca_file))
+    # ca_file's CA is the trust anchor even when it is not self-signed (a management CA under the organisation's
+    # root): only the server certificates it issued are accepted, not those of other CAs under that root.
+    ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
     ctx.load_cert_chain(str(cert_file), str(key_file))
     return ctx
 

@@ -15,20 +15,23 @@ import hashlib
 import itertools
 import sqlite3
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
-from cryptography.x509.oid import NameOID
 
 from appliance import names
+from appliance.ca.identity import check_subject
 from appliance.errors import BirthlineError, ReasonCode
 from appliance.issuance.journal import Journal, now
-from appliance.issuance.policy import AuditSink
-from appliance.profiles import new_serial_number
 from hsm.algorithms import KeyAlgorithm, default_hash, from_public_key
-from hsm.token import Token
+
+if TYPE_CHECKING:
+    # Types only: `ca list` and `ca chain` read the journal without loading issuance or the HSM session layer.
+    from appliance.issuance.policy import AuditSink
+    from hsm.token import Token
 
 # RFC 5280 4.1.2.5: 99991231235959Z means "no well-defined expiration". A birth certificate lives as long as
 # the device, so the CAs above it must not expire first.
@@ -128,6 +131,8 @@ def _sign_ca_cert(
     path_len: int | None,
     not_after: dt.datetime,
 ) -> x509.Certificate:
+    from appliance.profiles import new_serial_number
+
     today = dt.datetime.now(dt.UTC).replace(microsecond=0)
     builder = (
         x509.CertificateBuilder()
@@ -253,9 +258,11 @@ def create_root(
     role: str = "root",
     audit: AuditSink | None = None,
     actor: str = "appliance",
+    demo: bool = False,
 ) -> CaRecord:
     _require_new(journal, token, name)
     subj = parse_subject(subject)
+    check_subject(subj, demo=demo)
     key = token.generate_key(key_label_for(name), algorithm)
     pub = key.public_key()
     ski = x509.SubjectKeyIdentifier.from_public_key(pub)
@@ -278,11 +285,12 @@ def create_management(
     validity_days: int | None = 3650,
     audit: AuditSink | None = None,
     actor: str = "appliance",
+    demo: bool = False,
 ) -> CaRecord:
     # pathLen 0: the management CA signs TLS and station certificates only, never another CA.
     return create_root(
         journal, token, name, subject, algorithm, path_len=0, validity_days=validity_days, role="management",
-        audit=audit, actor=actor,
+        audit=audit, actor=actor, demo=demo,
     )  # fmt: skip
 
 
@@ -298,16 +306,28 @@ def create_issuing(
     validity_days: int | None = None,
     audit: AuditSink | None = None,
     actor: str = "appliance",
+    demo: bool = False,
 ) -> CaRecord:
-    parent_rec = load_ca(journal, parent)
+    try:
+        parent_rec = load_ca(journal, parent)
+    except CaError:
+        raise CaError(
+            f"no CA named {parent!r} to sign issuing CA {name!r}: create it with `birthline ca init-root"
+            f" --name {parent}`, name another signing CA with --parent (`birthline ca list`), or, under an"
+            " external root, use `birthline ca request` and `birthline ca import` instead"
+        ) from None
     if parent_rec.state != "active" or parent_rec.role not in ("root", "issuing"):
-        raise CaError(f"CA {parent!r} ({parent_rec.role}, {parent_rec.state}) cannot sign an issuing CA")
+        raise CaError(
+            f"CA {parent!r} ({parent_rec.role}, {parent_rec.state}) cannot sign an issuing CA: give --parent a"
+            " root or issuing CA that is active (`birthline ca list`)"
+        )
     parent_cert = parent_rec.certificate
     bc = parent_cert.extensions.get_extension_for_class(x509.BasicConstraints).value
     if bc.path_length is not None and bc.path_length < 1:
         raise CaError(f"CA {parent!r} has pathLen {bc.path_length}: it may not sign another CA")
     _require_new(journal, token, name)
     subj = parse_subject(subject)
+    check_subject(subj, demo=demo)
     key = token.generate_key(key_label_for(name), algorithm)
     parent_key = token.get_key(parent_rec.key_label)
     cert = _sign_ca_cert(
@@ -330,12 +350,18 @@ def create_csr_for_external_root(
     subject: str,
     algorithm: KeyAlgorithm = KeyAlgorithm.EC_P256,
     *,
+    role: str = "issuing",
     audit: AuditSink | None = None,
     actor: str = "appliance",
 ) -> tuple[CaRecord, bytes]:
-    """Generate the issuing key in the HSM and return a PEM PKCS#10 request for the external root to sign."""
+    """Generate the CA's key in the HSM and return a PEM PKCS#10 request for the external root to sign: an
+    issuing CA, or the management CA (role "management"), which then signs the appliance's TLS and station
+    certificates under the organisation's own root."""
+    if role not in ("issuing", "management"):
+        raise CaError(f"an external root signs an issuing or a management CA, not a {role} CA")
     _require_new(journal, token, name)
     subj = parse_subject(subject)
+    check_subject(subj)
     key = token.generate_key(key_label_for(name), algorithm)
     csr = (
         x509.CertificateSigningRequestBuilder()
@@ -346,7 +372,7 @@ def create_csr_for_external_root(
     der = csr.public_bytes(serialization.Encoding.DER)
     rec = CaRecord(
         name,
-        "issuing",
+        role,
         key.label,
         algorithm,
         None,
@@ -395,6 +421,7 @@ def import_ca_certificate(
     if rec.state != "awaiting-certificate":
         raise CaError(f"CA {name!r} is {rec.state}; only a CA awaiting its certificate can be imported")
     cert = _load_one(cert_pem_or_der, "the CA certificate")
+    check_subject(cert.subject)
     chain = _load_many(chain_pem, "the chain")
     if not chain:
         raise CaError(
@@ -465,13 +492,3 @@ def _load_many(data: bytes, what: str) -> list[x509.Certificate]:
         return [x509.load_der_x509_certificate(data)]
     except ValueError as exc:
         raise CaError(f"{what}: not a certificate ({exc})") from exc
-
-
-def default_subject(role: str, org: str = "Birthline Demo") -> str:
-    cn = {"root": "Root CA", "issuing": "Birth Certificate CA", "management": "Management CA"}[role]
-    return x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, org),
-            x509.NameAttribute(NameOID.COMMON_NAME, f"{org} {cn}"),
-        ]
-    ).rfc4514_string()

@@ -289,7 +289,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         _dump(rep.public())
         return 0 if rep.consistent else 1
     for k, v in rep.public().items():
-        print(f"{k.replace('_', ' '):<22} {v}")
+        shown = ", ".join(f"{r} {n}" for r, n in v.items()) or "-" if isinstance(v, dict) else v
+        print(f"{k.replace('_', ' '):<22} {'-' if shown is None else shown}")
     return 0 if rep.consistent else 1
 
 
@@ -302,7 +303,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         argfiles.write("--csv", args.csv, reconcile.export_csv(certs).encode("utf-8"))
     if args.pem:
         argfiles.write("--pem", args.pem, reconcile.export_pem(certs))
-    print(f"exported {len(certs)} certificate(s) of work order {args.id!r}")
+    revoked = sum(c.revoked for c in certs)
+    print(
+        f"exported {len(certs)} certificate(s) of work order {args.id!r}: {revoked} revoked"
+        + (" (in the CSV with reason and time; left out of the PEM list)" if revoked else "")
+    )
     return 0
 
 

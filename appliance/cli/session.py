@@ -14,14 +14,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance import names
 from appliance.audit.log import AuditLog
-from appliance.cli import argtypes
+from appliance.cli.argtypes import add_login_arguments
 from appliance.config import load_config
 from appliance.production import users
 from appliance.production.model import ProductionError
 from appliance.production.users import Permission, User
 from appliance.runtime import Core, open_core
+
+__all__ = ["Passwords", "Session", "actor", "add_login_arguments", "authorised", "session"]
 
 
 class Passwords:
@@ -77,12 +78,6 @@ def session(args: argparse.Namespace, *, login: bool = True) -> Iterator[Session
 def actor(s: Session) -> User:
     assert s.user is not None
     return s.user
-
-
-def add_login_arguments(sp: argparse.ArgumentParser, *, required: bool = False, who: str = "") -> None:
-    help_text = "who is doing this (their password is asked for)" + (f": {who}" if who else "")
-    sp.add_argument("--user", required=required, type=argtypes.name(names.USER), help=help_text)
-    sp.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
 
 
 @contextmanager

@@ -12,8 +12,10 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+from appliance import ca as ca_mod
 from appliance import names
 from appliance import stations_registry as reg
+from appliance.ca import identity
 from appliance.cli import argtypes
 from appliance.cli.session import actor, add_login_arguments, authorised
 from appliance.config import Config, load_config
@@ -27,18 +29,46 @@ def _config(args: argparse.Namespace) -> Config:
     return load_config(Path(args.config))
 
 
-def _lan_host(cfg: Config) -> str | None:
-    return cfg.stations.lan_listen or None
-
-
-def init_stations(core: Core) -> None:
+def init_stations(core: Core, *, management_subject: str | None = None) -> None:
     """`birthline init`: the management CA and the appliance's TLS server credential, if missing."""
     cfg = core.config.stations
-    hosts = reg.server_hosts(cfg.lan_address)
+    names = reg.server_names(core.config.appliance.names, cfg.lan_address)
+    ca = reg.ensure_management_ca(
+        core.journal, core.token, cfg.management_ca, audit=core.audit, actor="init", subject=management_subject
+    )  # fmt: skip
     files = reg.ensure_tls_server(
-        core.journal, core.token, cfg.tls_dir, cfg.management_ca, hosts=hosts, audit=core.audit, actor="init"
+        core.journal, core.token, cfg.tls_dir, cfg.management_ca, names=names, audit=core.audit, actor="init"
     )
-    print(f"management CA {cfg.management_ca!r}; TLS server certificate {files.cert} (key {files.key}, 0600)")
+    print(f"management CA {cfg.management_ca!r}: {ca.subject}")
+    wanted = (
+        ca_mod.hierarchy.parse_subject(management_subject).rfc4514_string() if management_subject else None
+    )
+    if wanted is not None and ca.subject != wanted:
+        print(f"  (it existed already: --management-subject {management_subject!r} was not used)")
+    if identity.is_demo_name(ca.subject):
+        print("  warning: it carries the demo's name (made by an earlier `birthline init`): make another with"
+              " `birthline ca init-management --name NAME`, set [stations] management_ca to it, run"
+              " `birthline init` and rotate the LAN stations' keys")  # fmt: skip
+    served = reg.served_names(files)
+    print(f"TLS server certificate {files.cert} (key {files.key}, 0600) for {', '.join(served)}")
+    if set(served) != set(names):
+        print(
+            f"  it does not carry the configured names ({', '.join(names)}): `birthline tls reissue --user ADMIN`"
+        )
+
+
+def lan_host(cfg: Config) -> str | None:
+    """Where a LAN fixture reaches the appliance, for its bundle (station.json "host"): the first configured
+    name with the listener's port, else the listener's own address unless it is a wildcard."""
+    address = cfg.stations.lan_address
+    if address is None:
+        return None
+    host, port = address
+    if cfg.appliance.names:
+        host = cfg.appliance.names[0]
+    elif host in ("", "0.0.0.0", "::"):  # noqa: S104 - compared against, never bound
+        return None
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def cmd_station_add(args: argparse.Namespace) -> int:
@@ -50,7 +80,7 @@ def cmd_station_add(args: argparse.Namespace) -> int:
             s.core.journal, s.core.token, args.name, kind, port=args.serial, baud=args.baud,
             management_ca=cfg.stations.management_ca, audit=s.audit, actor=actor(s).name,
         )  # fmt: skip
-    reg.write_bundle(creds, out, lan_host=_lan_host(cfg))
+    reg.write_bundle(creds, out, lan_host=lan_host(cfg))
     print(
         f"added {kind} station {args.name!r}; credentials for the fixture written to {out} (keep them secret)"
     )
@@ -99,7 +129,7 @@ def cmd_station_rotate(args: argparse.Namespace) -> int:
             s.core.journal, s.core.token, args.name, management_ca=cfg.stations.management_ca,
             audit=s.audit, actor=actor(s).name,
         )  # fmt: skip
-    reg.write_bundle(creds, out, lan_host=_lan_host(cfg))
+    reg.write_bundle(creds, out, lan_host=lan_host(cfg))
     print(f"station {args.name!r} has new credentials in {out}; the old ones no longer work")
     return 0
 

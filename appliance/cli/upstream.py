@@ -14,10 +14,9 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from appliance.cmp.forwarder import make_forwarder, queue_status
 from appliance.config import Config, load_config
-from appliance.daemon_lock import daemon_job
-from appliance.runtime import open_core, read_journal
+from appliance.outbox import queue_status
+from appliance.runtime import read_journal
 
 WithConfig = Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
 
@@ -33,15 +32,21 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
         return 0
-    print(f"upstream:      {status['url'] or '(not configured: records accumulate in the outbox)'}"
-          f" ({status['mode']})")  # fmt: skip
+    if status["standalone"]:
+        print("upstream:      none: a standalone line ([upstream] url is not set); issuances queue nothing, and"
+              " no limit applies")  # fmt: skip
+    else:
+        print(f"upstream:      {status['url']} ({status['mode']})")
     for kind, states in sorted(status["depth"].items()):
         print(f"  {kind:6} " + ", ".join(f"{state} {n}" for state, n in sorted(states.items())))
     ra = status["ra_requests"]
     if ra:
         print("RA mode:       " + ", ".join(f"{state} {n}" for state, n in sorted(ra.items())))
     age = status["oldest_open_age_s"]
-    print(f"open records:  {status['open']}; oldest {'-' if age is None else f'{age:.0f} s'}")
+    print(f"open records:  {status['open']}; oldest {'-' if age is None else f'{age:.0f} s'}"
+          + (" (kept for an upstream CA configured later)" if status["standalone"] and status["open"] else ""))  # fmt: skip
+    if status["standalone"]:
+        return 0
     print(f"last success:  {status['last_success'] or '-'}")
     err = status["last_error"]
     print(f"last error:    {'-' if err is None else err['at'] + ' ' + err['error']}")
@@ -61,6 +66,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_sync(args: argparse.Namespace) -> int:
     """The daemon's forwarder, by hand or from a timer while the daemon is stopped: refused while it runs."""
+    from appliance.cmp.forwarder import make_forwarder
+    from appliance.daemon_lock import daemon_job
+    from appliance.runtime import open_core
+
     config = _config(args)
     with daemon_job(config, "upstream sync"), open_core(config) as core:
         forwarder = make_forwarder(core)

@@ -59,7 +59,6 @@ from appliance.cmp.outbox import (
     PassResult,
     QueueLoad,
     Row,
-    queue_status,
     record_outcomes,
 )
 from appliance.cmp.parse import parse_message
@@ -80,6 +79,7 @@ from appliance.errors import BirthlineError, ConfigError, Problem
 from appliance.issuance.journal import Journal
 from appliance.issuance.policy import AuditSink
 from appliance.lifecycle import PollingTask
+from appliance.outbox import queue_status
 
 if TYPE_CHECKING:
     from appliance.runtime import Core

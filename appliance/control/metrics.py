@@ -1,8 +1,9 @@
 """OpenMetrics for the plant's monitoring (docs/metrics.md lists every metric), through prometheus-client.
 
 The hot path only counts into plain dicts and histograms (appliance/control/stats.py); this module turns them
-into metric families when the endpoint is scraped. Values that live in the journal (the upstream queue) are read
-on the journal thread, before the families are built.
+into metric families when the endpoint is scraped. Values that live in the journal (the upstream queue, the
+revocations, which the CLI makes in another process) are read on the journal thread, before the families are
+built, once per snapshot.
 
     GET /metrics     OpenMetrics 1.0 when the Accept header asks for application/openmetrics-text (Prometheus
                      does), else the Prometheus text format 0.0.4 (curl, older scrapers)
@@ -83,6 +84,7 @@ class ApplianceCollector(Collector):
         self.stations = stations
         self.upstream_enabled = upstream_enabled
         self.queue = QueueLoad()
+        self.revoked: dict[str, int] = {}  # revoked certificates by RFC 5280 reason, from the journal
 
     def collect(self) -> Iterable[Metric]:
         s = self.stats
@@ -127,6 +129,11 @@ class ApplianceCollector(Collector):
                                 " (queued, sent or waiting)", value=self.queue.depth)  # fmt: skip
         yield GaugeMetricFamily(f"{NAMESPACE}_upstream_queue_oldest_age_seconds", "Age of the oldest record"
                                 " queued for the upstream CA (0: none)", value=self.queue.oldest_age_s)  # fmt: skip
+        revoked = GaugeMetricFamily(f"{NAMESPACE}_revoked_certificates", "Certificates revoked (every source:"
+                                    " revoke, scrap, rework, CMP), by reason", labels=["reason"])  # fmt: skip
+        for reason, n in sorted(self.revoked.items()):
+            revoked.add_metric([reason], n)
+        yield revoked
         active = self.alarms.active()
         by_severity = GaugeMetricFamily(f"{NAMESPACE}_alarms_active", "Open alarms by severity",
                                         labels=["severity"])  # fmt: skip
@@ -179,6 +186,10 @@ class Metrics:
         oldest = row[1]
         return QueueLoad(int(row[0]), 0.0 if oldest is None else max(0.0, time.time() - float(oldest)))
 
+    def _revoked(self) -> dict[str, int]:
+        rows = self.journal.conn.execute("SELECT reason, COUNT(*) FROM revocation GROUP BY reason").fetchall()
+        return {str(reason): int(n) for reason, n in rows}
+
     async def render(self, accept: str) -> tuple[bytes, str]:
         """The exposition for an Accept header: the snapshot if it is at most SNAPSHOT_S old, else a new one."""
         om = "application/openmetrics-text" in accept
@@ -188,6 +199,7 @@ class Metrics:
                 return snap[1], snap[2]
             built = self.clock()
             self.collector.queue = await self.journal.acall(self._queue)
+            self.collector.revoked = await self.journal.acall(self._revoked)
             if om:
                 body = openmetrics.generate_latest(self.registry)  # type: ignore[no-untyped-call]
                 content_type = openmetrics.CONTENT_TYPE_LATEST

@@ -8,6 +8,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from appliance.bind import binding
 from appliance.connections import AcceptErrors
 from appliance.control.actions import Actions
 from appliance.control.events import EventBus
@@ -89,12 +90,13 @@ class ControlPlane:
             collector = ApplianceCollector(self.hub.stats, core.alarms, self.hub.bus, self.service.pauses, self.probe,
                                            cfg.upstream.enabled)  # fmt: skip
             self.metrics = Metrics(collector, core.journal)
-            self.metrics_server = await self._stack.enter_async_context(
-                VaServer(
-                    self.metrics.app(), *cfg.metrics.address, limits=METRICS_LIMITS, name="metrics",
-                    alarms=core.alarms, accept_errors=self.accept_errors,
-                )
-            )  # fmt: skip
+            with binding("[metrics] listen", cfg.metrics.listen):
+                self.metrics_server = await self._stack.enter_async_context(
+                    VaServer(
+                        self.metrics.app(), *cfg.metrics.address, limits=METRICS_LIMITS, name="metrics",
+                        alarms=core.alarms, accept_errors=self.accept_errors,
+                    )
+                )  # fmt: skip
             log.info("metrics on %s", self.metrics_url)
 
     async def __aexit__(self, *exc: object) -> None:

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from appliance.alarms import Alarms
-from appliance.cmp.forwarder import queue_status
 from appliance.config import Config
 from appliance.control.hub import ControlHub
 from appliance.control.sessions import Sessions
 from appliance.issuance.journal import Journal
 from appliance.issuance.pauses import StationPauses
+from appliance.outbox import queue_status
 from appliance.production.reconcile import report
 from console import wire
 
@@ -82,6 +82,7 @@ def _read(journal: Journal, config: Config) -> dict[str, Any]:
                 "id": wo, "product": r.product, "state": r.state, "planned": r.planned, "issued": r.issued,
                 "confirmed": r.confirmed, "pending_confirmation": r.pending_confirmation,
                 "upstream_pending": r.upstream_pending, "scrapped": r.scrapped, "reworked": r.reworked,
+                "revoked": r.revoked, "revoked_by_reason": r.revoked_by_reason,
                 "remaining": r.remaining, "lines": wo_lines.get(wo, []),
             })  # fmt: skip
         last = conn.execute("SELECT MAX(created_at) FROM issuance").fetchone()[0]

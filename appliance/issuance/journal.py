@@ -718,7 +718,11 @@ class Journal:
         (which immutable=1 would silently leave out) the file and its -wal are copied into a private temporary
         directory and read there."""
         if not self.path.is_file():
-            raise IssuanceFailed(f"no journal at {self.path}", ReasonCode.JOURNAL_UNAVAILABLE)
+            raise IssuanceFailed(
+                f"no journal at {self.path}: `birthline init` creates it (or [appliance] state_dir / [journal]"
+                " path name another place)",
+                ReasonCode.JOURNAL_UNAVAILABLE,
+            )
         wal = self.path.with_name(self.path.name + "-wal")
         try:
             try:

@@ -131,6 +131,8 @@ class IssueService:
         alarms: Alarms | None = None,
         quota_warning_percent: int = 5,
         health_interval_s: float = 5.0,
+        recover_intents: bool = True,
+        forward_upstream: bool = True,
     ) -> None:
         ca_cert = ca.certificate
         spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -173,6 +175,13 @@ class IssueService:
         None: requests for products in upstream mode are refused (UNKNOWN_PROFILE: no upstream CA)."""
         self._refusals = RefusalLimiter(refusal_burst, refusal_window_s)
         self._stopping = asyncio.Event()
+        self.forward_upstream = forward_upstream
+        """Write each issuance's upstream outbox record. False on a standalone line (no [upstream] url): nothing
+        would ever send them, and the outbox would grow with every certificate (docs/cmp.md)."""
+        self.recover_intents = recover_intents
+        """Burn the intents found at start (crash recovery). Only for a process that issues alone on this
+        journal: the daemon, under its lock. `birthline issue` beside a running daemon must not, or it would burn
+        the daemon's requests in flight."""
         self.alarms = alarms or Alarms()
         """Where refusals of the appliance's own making are raised (runtime.Core.alarms in the daemon)."""
         self._faults = IssuanceAlarms(self.alarms, quota_warning_percent=quota_warning_percent)
@@ -397,7 +406,7 @@ class IssueService:
         """Burn every intent left by a crash: its signature, if the HSM made one, was never released. Read the
         paused stations."""
         self.pauses.load_in(conn)
-        serials = burn_interrupted(conn)
+        serials = burn_interrupted(conn) if self.recover_intents else []
         if serials:
             self._note(
                 conn, "appliance", "issuance.burned", {"reason": "crash-recovery", "cert_serials": serials}
@@ -830,6 +839,8 @@ class IssueService:
             # The upstream record: the device's CSR (p10cr), or for a CRMF-enrolled device its key and the
             # subject we certified (cr with raVerified). Built and RA-protected later, by the forwarder.
             req = item.request
+            if not self.forward_upstream:
+                continue
             if req.csr and item.update is None:
                 outbox.append(("p10cr", item.row_id, item.prep.serial_hex, os.urandom(16), req.csr, None, None,
                                issued_at, issued_at))  # fmt: skip

@@ -1,6 +1,10 @@
 """Reconciliation: what a work order planned against what the journal shows, and the certificate export
 manufacturers hand to their customers. Every number is counted from the rows a unit is bound to (`issuance`,
-or `ra_request` for a product in RA mode), not from counters."""
+or `ra_request` for a product in RA mode), not from counters.
+
+Revocation is part of every figure: the report counts revoked certificates by reason, the CSV gives each one's
+reason and time and never a good state (`issued`, `confirmed`) to a revoked certificate, and the PEM list a brand
+owner loads into an allowlist holds only certificates that are not revoked."""
 
 from __future__ import annotations
 
@@ -19,8 +23,11 @@ from appliance.production.model import ProductionError, iso
 
 EXPORT_COLUMNS = (
     "certificate_serial", "device_serial", "sha256_fingerprint", "station", "issued_at", "confirmed_at", "state",
-    "issued_by",
+    "issued_by", "revocation_reason", "revoked_at",
 )  # fmt: skip
+# The states of a certificate in service; a revoked one is exported as `revoked` instead (reworked and scrapped
+# ones keep those names: they are revoked by definition, and the CSV says with which reason and when).
+GOOD_STATES = ("issued", "confirmed")
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,11 @@ class WorkOrderReport:
     upstream_pending: int  # RA mode: authorised and counted, the upstream CA has not issued yet
     scrapped: int  # devices scrapped (their certificates are to be revoked)
     reworked: int  # certificates superseded by a rework (to be revoked)
+    revoked: (
+        int  # certificates of the order revoked now, whatever their state (scrapped and reworked included)
+    )
+    revoked_by_reason: dict[str, int]  # those, by RFC 5280 reason
+    last_revoked_at: str | None  # ISO 8601 UTC: the latest of their revocations
     remaining: int  # planned - quota used
     quota_used: int  # work_order.consumed
     consistent: bool  # quota_used equals the count of live 'new' units
@@ -74,6 +86,16 @@ def report(journal: Journal, wo_id: str) -> WorkOrderReport:
             return sum(v for (k, s), v in counts.items() if s == state_ and (kind is None or k == kind))
 
         new_units = sum(v for (k, _), v in counts.items() if k == "new")
+        by_reason: dict[str, int] = {}
+        last: float | None = None
+        for reason, c, at in conn.execute(
+            "SELECT r.reason, COUNT(*), MAX(r.revoked_at) FROM work_order_unit u"
+            " JOIN issuance i ON i.id = u.issuance_id JOIN revocation r ON r.cert_serial = i.cert_serial"
+            " WHERE u.work_order = ? AND u.released = 0 GROUP BY r.reason ORDER BY r.reason",
+            (wo_id,),
+        ):
+            by_reason[str(reason)] = int(c)
+            last = float(at) if last is None else max(last, float(at))
         return WorkOrderReport(
             wo_id, str(product), str(state), int(quantity),
             issued=new_units - n("intent", "new") - n("ra-pending", "new"),
@@ -83,6 +105,9 @@ def report(journal: Journal, wo_id: str) -> WorkOrderReport:
             upstream_pending=n("ra-pending"),
             scrapped=n("scrapped"),
             reworked=n("reworked"),
+            revoked=sum(by_reason.values()),
+            revoked_by_reason=by_reason,
+            last_revoked_at=iso(last),
             remaining=int(quantity) - int(consumed),
             quota_used=int(consumed),
             consistent=int(consumed) == new_units,
@@ -102,10 +127,22 @@ class ExportedCertificate:
     state: str
     cert_der: bytes
     issued_by: str = "local"  # local: this appliance's issuing CA; upstream: the upstream CA (RA mode)
+    revocation_reason: str | None = None  # RFC 5280 reason when revoked
+    revoked_at: float | None = None
+
+    @property
+    def revoked(self) -> bool:
+        return self.revocation_reason is not None
+
+    @property
+    def shown_state(self) -> str:
+        """The state a customer reads: never a good one for a revoked certificate."""
+        return "revoked" if self.revoked and self.state in GOOD_STATES else self.state
 
 
 def certificates(journal: Journal, wo_id: str) -> list[ExportedCertificate]:
-    """Every certificate issued under the work order, in issuance order (reworked and scrapped ones included)."""
+    """Every certificate issued under the work order, in issuance order (reworked, scrapped and revoked ones
+    included), each with its revocation if it has one."""
 
     def q() -> list[ExportedCertificate]:
         conn = journal.conn
@@ -113,16 +150,30 @@ def certificates(journal: Journal, wo_id: str) -> list[ExportedCertificate]:
             raise ProductionError(f"no work order {wo_id!r}")
         rows = conn.execute(
             "SELECT i.cert_serial, i.device_serial, i.station, i.issued_at, i.confirmed_at, i.state, i.cert_der,"
-            " 'local', u.id FROM work_order_unit u JOIN issuance i ON i.id = u.issuance_id"
+            " 'local', u.id, r.reason, r.revoked_at FROM work_order_unit u JOIN issuance i ON i.id = u.issuance_id"
+            " LEFT JOIN revocation r ON r.cert_serial = i.cert_serial"
             " WHERE u.work_order = ?1 AND u.released = 0 AND i.cert_der IS NOT NULL"
             " UNION ALL SELECT a.cert_serial, a.device_serial, a.station, a.issued_at, a.confirmed_at, a.state,"
-            " a.cert_der, 'upstream', u.id FROM work_order_unit u JOIN ra_request a ON a.id = u.ra_request_id"
-            " WHERE u.work_order = ?1 AND u.released = 0 AND a.cert_der IS NOT NULL ORDER BY 9",
+            " a.cert_der, 'upstream', u.id, NULL, NULL FROM work_order_unit u JOIN ra_request a"
+            " ON a.id = u.ra_request_id WHERE u.work_order = ?1 AND u.released = 0 AND a.cert_der IS NOT NULL"
+            " ORDER BY 9",
             (wo_id,),
         ).fetchall()
         return [
-            ExportedCertificate(s, d, hashlib.sha256(der).hexdigest(), st, ia, ca, state, bytes(der), by)
-            for s, d, st, ia, ca, state, der, by, _ in rows
+            ExportedCertificate(
+                s,
+                d,
+                hashlib.sha256(der).hexdigest(),
+                st,
+                ia,
+                ca,
+                state,
+                bytes(der),
+                by,
+                reason,
+                None if at is None else float(at),
+            )
+            for s, d, st, ia, ca, state, der, by, _, reason, at in rows
         ]
 
     return journal.call(q)
@@ -144,21 +195,49 @@ def spreadsheet_safe(value: str) -> str:
     return "'" + value if value.startswith(_NEUTRALISED) else value
 
 
+def whole_bytes(serial_hex: str) -> str:
+    """A serial as `openssl x509 -serial` prints it: upper-case hex in whole bytes, so a leading zero is kept (the
+    journal's form, lower-case without leading zeros, reads one digit shorter for one certificate in 16)."""
+    digits = serial_hex.upper()
+    return "0" * (len(digits) % 2) + digits
+
+
 def export_csv(certs: list[ExportedCertificate]) -> str:
     out = io.StringIO()
     w = csv.writer(out, lineterminator="\n")
     w.writerow(EXPORT_COLUMNS)
     for c in certs:
-        row = [c.cert_serial, c.device_serial, c.sha256, c.station, iso(c.issued_at) or "",
-               iso(c.confirmed_at) or "", c.state, c.issued_by]  # fmt: skip
+        row = [whole_bytes(c.cert_serial), c.device_serial, c.sha256, c.station, iso(c.issued_at) or "",
+               iso(c.confirmed_at) or "", c.shown_state, c.issued_by, c.revocation_reason or "",
+               iso(c.revoked_at) or ""]  # fmt: skip
         w.writerow([spreadsheet_safe(cell) for cell in row])
     return out.getvalue()
 
 
 def export_pem(certs: list[ExportedCertificate]) -> bytes:
+    """The certificates in service, for a brand owner's allowlist: revoked, reworked and scrapped ones are left
+    out (the CSV lists them with their reason)."""
     return b"".join(
-        x509.load_der_x509_certificate(c.cert_der).public_bytes(serialization.Encoding.PEM) for c in certs
+        x509.load_der_x509_certificate(c.cert_der).public_bytes(serialization.Encoding.PEM)
+        for c in certs
+        if c.state in GOOD_STATES and not c.revoked
     )
+
+
+def revocation_summary(journal: Journal) -> dict[str, Any]:
+    """Every revocation in the journal: how many, by reason and by source, and the latest (`journal stats`)."""
+
+    def q() -> dict[str, Any]:
+        conn = journal.conn
+        by_reason = dict(conn.execute(
+            "SELECT reason, COUNT(*) FROM revocation GROUP BY reason ORDER BY reason").fetchall())  # fmt: skip
+        by_source = dict(conn.execute(
+            "SELECT source, COUNT(*) FROM revocation GROUP BY source ORDER BY source").fetchall())  # fmt: skip
+        last = conn.execute("SELECT MAX(revoked_at) FROM revocation").fetchone()[0]
+        return {"total": sum(by_reason.values()), "by_reason": by_reason, "by_source": by_source,
+                "last_revoked_at": iso(last)}  # fmt: skip
+
+    return journal.call(q)
 
 
 def quota_problems(journal: Journal) -> list[str]:

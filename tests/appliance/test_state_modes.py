@@ -93,7 +93,7 @@ def test_run_refuses_a_journal_others_can_read(config: Path, capsys: pytest.Capt
 def test_run_refuses_a_tls_server_key_others_can_read(
     config: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["init", "--config", str(config)]) == 0
+    assert main(["init", "--organisation", "Acme Devices", "--config", str(config)]) == 0
     key = config.parent / "state" / "tls" / "server.key"
     assert _mode(key) == 0o600
     key.chmod(0o644)

@@ -198,7 +198,7 @@ def test_every_command_that_writes_signs_the_log_as_it_exits(
     )
     c = ["--config", str(config_file)]
     db = tmp_path / "state" / "journal.sqlite"
-    assert main(["init", *c]) == 0
+    assert main(["init", "--organisation", "Acme Devices", *c]) == 0
     login = as_(monkeypatch, "alice", f"{PRODUCTION_PASSWORD}\nsam's own password")  # then sam's new password
     assert main(["user", "add", "sam", "--role", "supervisor", *c, *login]) == 0
     with Journal(db) as journal:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.cli import main as cli_main
+from appliance.cli import commissioning
 from appliance.cli.main import main
 from hsm.softhsm import SoftHsmToken
 from tests.appliance.conftest import PRODUCTION_PASSWORD
@@ -140,6 +140,6 @@ def test_a_bug_still_shows_its_traceback(monkeypatch: pytest.MonkeyPatch, tmp_pa
     def broken(args: object) -> int:
         raise ValueError("a bug")
 
-    monkeypatch.setattr(cli_main, "cmd_config_check", broken)
+    monkeypatch.setattr(commissioning, "cmd_config_check", broken)
     with pytest.raises(ValueError, match="a bug"):
         main(["config", "check", "--config", str(tmp_path / "any.toml")])

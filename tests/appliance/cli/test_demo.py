@@ -249,7 +249,13 @@ def test_served_demo_answers_stations_by_hand(tmp_path: Path) -> None:
         for job in (["crl", "generate"], ["upstream", "sync", "--once"], ["init"]):
             refused = birthline(*job, "--config", cfg)
             assert refused.returncode == 2, refused.stderr
-            assert "refused while the daemon runs" in refused.stderr and "the daemon (pid" in refused.stderr
+            assert "refused while the daemon runs" in refused.stderr
+            # Which process holds the state: its command line and pid.
+            assert (
+                "the daemon `" in refused.stderr
+                and " demo --serve " in refused.stderr
+                and "(pid " in refused.stderr
+            )
         secret = info["supervisor"]["password_file"]
         with open(secret) as pw:
             revoked = subprocess.run(

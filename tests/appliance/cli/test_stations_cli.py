@@ -42,7 +42,7 @@ def test_station_lifecycle(
         monkeypatch.setattr("sys.stdin", io.StringIO("".join(f"{x}\n" for x in lines)))
         return ["--user", user, "--password-stdin"]
 
-    assert main(["init", "--config", c]) == 0
+    assert main(["init", "--organisation", "Acme Devices", "--config", c]) == 0
     assert (tmp_path / "state" / "tls" / "server.key").stat().st_mode & 0o777 == 0o600
     assert (
         main(

@@ -168,7 +168,10 @@ async def test_metrics_are_openmetrics_with_the_documented_families(
     import aiohttp
     from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
+    from appliance.audit.log import AuditLog
     from appliance.issuance.policy import IssueRequest
+    from appliance.production.users import Role, User
+    from appliance.va.revocation import Reason, revoke
     from tests.appliance.conftest import make_csr
 
     config = control_config(short_dir / "state", softhsm_token, people_journal_template)
@@ -177,6 +180,9 @@ async def test_metrics_are_openmetrics_with_the_documented_families(
         svc = d.enroller.service
         result = await svc.issue(IssueRequest("SN-0060", make_csr("SN-0060")[1], station="fixture-1"))
         await svc.confirm(result.cert_serial)
+        # Revoked by another process's CLI in real life: the journal is what the scrape reads.
+        revoke(d.journal, AuditLog(d.journal), User("sam", Role.SUPERVISOR), cert_serial=result.cert_serial,
+               reason=Reason.KEY_COMPROMISE)  # fmt: skip
         with pytest.raises(Exception):  # noqa: B017 - any refusal will do
             await svc.issue(IssueRequest("BAD-1", make_csr("BAD-1")[1], station="fixture-1"))
         async with aiohttp.ClientSession() as http:
@@ -198,8 +204,9 @@ async def test_metrics_are_openmetrics_with_the_documented_families(
     assert samples[("birthline_hsm_sign_seconds_count", ())] >= 1
     assert samples[("birthline_journal_commit_seconds_count", ())] >= 3
     assert samples[("birthline_confirmation_lag_seconds_count", ())] == 1
-    assert samples[("birthline_upstream_queue_depth", ())] >= 1  # the outbox fills even with no upstream
+    assert samples[("birthline_upstream_queue_depth", ())] == 1  # standalone: the revocation's record alone
     assert ("birthline_alarms_active", (("severity", "critical"),)) in samples
+    assert samples[("birthline_revoked_certificates", (("reason", "keyCompromise"),))] == 1
     doc = (Path(__file__).resolve().parents[3] / "docs" / "metrics.md").read_text()
     for name in families:
         if name.startswith("birthline_") and not name.startswith("birthline_process"):
