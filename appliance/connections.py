@@ -131,6 +131,7 @@ class ConnectionGate:
         alarms: Alarms | None = None,
         accept_errors: AcceptErrors | None = None,
         advice: str = "",
+        tls: bool = False,
     ) -> None:
         self.name = name
         self.caps = caps
@@ -138,6 +139,9 @@ class ConnectionGate:
         self.alarms = alarms
         self.accept_errors = accept_errors
         self.advice = advice or f"raise the {name} listener's max_connections if these clients are legitimate"
+        # What a refused connection is told before it is closed: a plain HTTP listener's 503; nothing on a TLS
+        # port (HTTPS included), whose client would read plaintext as a broken handshake.
+        self.refusal = REFUSED_503 if http is not None and not tls else b""
         self.open = 0
         self.peers: dict[str, int] = {}
         self.counters: dict[str, int] = {
@@ -285,8 +289,8 @@ class Guard(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.peer = _peer_host(transport)
         if not self.gate.admit(self):
-            if self.gate.http is not None:
-                transport.write(REFUSED_503)
+            if self.gate.refusal:
+                transport.write(self.gate.refusal)
             transport.close()
             return
         self.transport = transport
@@ -432,6 +436,8 @@ class BufferedGuard(Guard, asyncio.BufferedProtocol):
         inner = self.inner
         if isinstance(inner, asyncio.BufferedProtocol):
             inner.buffer_updated(nbytes)
+            if self.gate.http is not None:
+                self._http_bytes()  # HTTPS: bytes of the next request after idle (ciphertext: any byte counts)
 
 
 async def serve_guarded(
@@ -455,12 +461,17 @@ class _BoundedSSLProtocol(sslproto.SSLProtocol):
 
 
 def tls_server_protocol(
-    app_protocol: asyncio.BaseProtocol, context: ssl.SSLContext, handshake_timeout_s: float
+    app_protocol: asyncio.BaseProtocol,
+    context: ssl.SSLContext,
+    handshake_timeout_s: float,
+    *,
+    extra: Mapping[str, Any] | None = None,
 ) -> asyncio.BufferedProtocol:
     """Server-side TLS in front of `app_protocol`, as asyncio's create_server(ssl=...) builds it, with a 32 KiB
     read buffer instead of 256 KiB and the incoming ciphertext bounded the same way. `handshake_timeout_s`
     bounds the closing handshake too (asyncio waits 30 s for a peer's close_notify otherwise, the connection
-    counted against the caps all the while)."""
+    counted against the caps all the while). `extra`: more names the application's transport answers in
+    get_extra_info (an HTTPS listener finds the connection's Guard this way)."""
     loop = asyncio.get_running_loop()
     # No waiter (asyncio passes none either when nothing awaits the handshake; a future would hold the
     # exception of every failed handshake unretrieved). typeshed types waiter and the handshake timeout too
@@ -471,6 +482,8 @@ def tls_server_protocol(
         ssl_shutdown_timeout=handshake_timeout_s,
     )  # fmt: skip
     proto._set_read_buffer_limits(high=TLS_INCOMING_HIGH_WATER)  # type: ignore[attr-defined]
+    if extra:
+        proto._extra.update(extra)  # what the app transport's get_extra_info looks in first
     return proto
 
 

@@ -1,4 +1,5 @@
-"""Serving an aiohttp application behind the connection bounds of appliance.connections (the VA and CMP).
+"""Serving an aiohttp application behind the connection bounds of appliance.connections (the VA, CMP, metrics;
+EST over TLS).
 
 aiohttp (3.14) bounds header sizes and closes a keep-alive connection idle for keepalive_timeout, but it has no
 deadline for finishing the request headers or the body, and no connection cap: an idle socket that sent half a
@@ -8,13 +9,21 @@ header, body and idle deadlines); a middleware tells the Guard where each reques
 Per connection aiohttp buffers at most: the request line (8190 bytes), MAX_HEADERS header lines of at most
 MAX_FIELD bytes each, and up to twice READ_BUFSIZE of body before it stops reading the socket. aiohttp's own
 error log (a traceback per malformed request) goes through a rate limit: a peer cannot fill the log.
+
+With `tls` (HTTPS: the EST listener) TLS sits between the Guard and aiohttp, admitted and deadlined like the
+rest: the header deadline runs from accept and so covers the TLS handshake too, which also has its own
+`handshake_timeout_s`; a refused connection is closed without a byte (a TLS client would read a plaintext 503 as
+a broken handshake). The handler reaches the TLS session through the request's transport (`ssl_object`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import ssl
 import traceback
 from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -22,15 +31,32 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from appliance.alarms import Alarms, LogOnce
-from appliance.connections import AcceptErrors, ConnectionGate, Guard, HttpLimits, serve_guarded
+from appliance.connections import (
+    AcceptErrors,
+    ConnectionGate,
+    Guard,
+    HttpLimits,
+    serve_guarded,
+    tls_server_protocol,
+)
 
-__all__ = ["MAX_FIELD", "MAX_HEADERS", "READ_BUFSIZE", "HttpListener"]
+__all__ = ["MAX_FIELD", "MAX_HEADERS", "READ_BUFSIZE", "HttpListener", "TlsServing"]
 
 MAX_HEADERS = 32  # OCSP and CMP clients send a handful
 MAX_FIELD = 2048
 READ_BUFSIZE = 64 * 1024  # the body stream's limit: reading pauses past twice this
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# The name under which an HTTPS connection's TLS transport answers with its Guard (get_extra_info).
+_GUARD_EXTRA = "birthline_guard"
+
+
+@dataclass(frozen=True)
+class TlsServing:
+    """HTTPS: the server's TLS context (certificate, client-certificate policy) and the handshake's deadline."""
+
+    context: ssl.SSLContext
+    handshake_timeout_s: float = 10.0
 
 
 class _ServerLog(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -68,6 +94,8 @@ class _ServerLog(logging.LoggerAdapter):  # type: ignore[type-arg]
 async def _request_phases(request: web.Request, handler: _Handler) -> web.StreamResponse:
     transport = request.transport
     guard = transport.get_protocol() if transport is not None else None
+    if not isinstance(guard, Guard) and transport is not None:
+        guard = transport.get_extra_info(_GUARD_EXTRA)  # HTTPS: TLS is between the Guard and aiohttp
     if not isinstance(guard, Guard):
         return await handler(request)
     guard.request_started(request.content if request.body_exists else None)
@@ -80,21 +108,35 @@ async def _request_phases(request: web.Request, handler: _Handler) -> web.Stream
 class _GuardedSite(web.TCPSite):
     """aiohttp's TCPSite with the Guard as every connection's protocol, in front of aiohttp's handler."""
 
-    def __init__(self, runner: web.AppRunner, host: str, port: int, gate: ConnectionGate) -> None:
+    def __init__(
+        self, runner: web.AppRunner, host: str, port: int, gate: ConnectionGate, tls: TlsServing | None
+    ) -> None:
         super().__init__(runner, host, port)
         self.gate = gate
+        self.tls = tls
 
     async def start(self) -> None:
         await web.BaseSite.start(self)
         server = self._runner.server
         assert server is not None
-        self._server = await serve_guarded(self.gate, lambda _guard: server(), self._host or "", self._port)
+        tls = self.tls
+
+        def inner(guard: Guard) -> asyncio.BaseProtocol:
+            if tls is None:
+                return server()
+            return tls_server_protocol(
+                server(), tls.context, tls.handshake_timeout_s, extra={_GUARD_EXTRA: guard}
+            )
+
+        self._server = await serve_guarded(
+            self.gate, inner, self._host or "", self._port, buffered=tls is not None
+        )
         self._bound_port = self._server.sockets[0].getsockname()[1]
 
 
 class HttpListener:
-    """Serve an app on host:port (port 0: any free one) until exit, within `limits`. `address` is the bound
-    (host, port); `gate` holds the connection counts."""
+    """Serve an app on host:port (port 0: any free one) until exit, within `limits`; over TLS with `tls`.
+    `address` is the bound (host, port); `gate` holds the connection counts."""
 
     def __init__(
         self,
@@ -106,15 +148,17 @@ class HttpListener:
         name: str = "http",
         alarms: Alarms | None = None,
         accept_errors: AcceptErrors | None = None,
+        tls: TlsServing | None = None,
     ) -> None:
         self.app = app
         self.host = host
         self.port = port
         self.limits = limits or HttpLimits()
+        self.tls = tls
         self.gate = ConnectionGate(
             name, self.limits.caps, http=self.limits, alarms=alarms, accept_errors=accept_errors,
             advice=f"raise [{name}] max_connections (or max_connections_per_peer) if these clients are"
-            " legitimate; otherwise find the peer holding them",
+            " legitimate; otherwise find the peer holding them", tls=tls is not None,
         )  # fmt: skip
         self._runner: web.AppRunner | None = None
 
@@ -127,7 +171,7 @@ class HttpListener:
         )  # fmt: skip
         await self._runner.setup()
         try:
-            await _GuardedSite(self._runner, self.host, self.port, self.gate).start()
+            await _GuardedSite(self._runner, self.host, self.port, self.gate, self.tls).start()
         except BaseException:
             await self._runner.cleanup()
             raise
@@ -149,4 +193,4 @@ class HttpListener:
     @property
     def url(self) -> str:
         host, port = self.address
-        return f"http://{host}:{port}"
+        return f"{'https' if self.tls is not None else 'http'}://{host}:{port}"
