@@ -190,8 +190,9 @@ def cmd_issue(args: argparse.Namespace) -> int:
     audited under their name; the core's own entries (intent, issued) follow as for any station."""
     csr = argfiles.read_bytes("--csr", args.csr)
     request = IssueRequest(
-        args.serial, csr, station=args.station, request_id=args.request_id or "", profile=args.profile
-    )
+        args.serial, csr, station=args.station, request_id=args.request_id or "", profile=args.profile,
+        front_end="cli",
+    )  # fmt: skip
     asked = {
         "station": args.station, "device_serial": args.serial, "profile": args.profile,
         "request_id": request.request_id, "csr_sha256": hashlib.sha256(csr).hexdigest(),

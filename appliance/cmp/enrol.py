@@ -173,7 +173,8 @@ class Enroller:
     def _p10cr(self, label: CmpLabel, body: P10crBody, auth: Auth, request_id: str) -> _Prepared:
         subject = csr_subject(body.csr)
         device = self._device_serial(subject, auth)
-        issue = IssueRequest(device, body.csr.public_bytes(_DER), label.station, request_id, label.profile)
+        issue = IssueRequest(device, body.csr.public_bytes(_DER), label.station, request_id, label.profile,
+                             front_end="cmp")  # fmt: skip
         return _Prepared(issue, self.label_ca(label), P10CR_CERT_REQ_ID,
                          Requested(subject, _csr_extensions(body.csr)))  # fmt: skip
 
@@ -221,7 +222,7 @@ class Enroller:
         self._check_pop(label, req, auth)
         device = self._device_serial(req.template.subject, auth)
         issue = IssueRequest(device, b"", label.station, request_id, label.profile,
-                             public_key_der=req.template.public_key_der)  # fmt: skip
+                             public_key_der=req.template.public_key_der, front_end="cmp")  # fmt: skip
         requested = Requested(req.template.subject, _requested_extensions(req.template.extensions_der))
         return _Prepared(issue, self.label_ca(label), 0, requested)
 
@@ -267,7 +268,8 @@ class Enroller:
         if old.ca not in self.services:
             raise CmpError(f"CA {old.ca} does not issue here any more", fail_info=FailInfo.NOT_AUTHORIZED)
         issue = IssueRequest(old.device_serial, b"", label.station, request_id, old.profile,
-                             public_key_der=req.template.public_key_der, replaces=old.cert_serial)  # fmt: skip
+                             public_key_der=req.template.public_key_der, replaces=old.cert_serial,
+                             front_end="cmp")  # fmt: skip
         requested = Requested(subject, _requested_extensions(req.template.extensions_der))
         return _Prepared(issue, old.ca, 0, requested)
 

@@ -142,7 +142,7 @@ class ControlHub:
             return
         data: dict[str, Any] = {
             "station": station, "device_serial": serial, "work_order": outcome.work_order, "product": outcome.product,
-            "profile": outcome.profile,
+            "profile": outcome.profile, "front_end": outcome.front_end,
         }  # fmt: skip
         if error is not None:
             data["code"], data["code_number"], data["reason"] = (

@@ -27,8 +27,15 @@ class IssueRequest:
     """SubjectPublicKeyInfo DER, used INSTEAD of `csr` when the front end has verified proof of possession
     itself (CMP ir/cr: the CRMF POP signature). `csr` is then empty; the same key policy applies."""
     replaces: str | None = None
-    """Key update (CMP kur): the serial (hex) of the device's current certificate, which the front end has
-    authenticated the request with. The new certificate takes its place; the old row is kept and linked."""
+    """Key update (CMP kur, EST simplereenroll): the serial (hex) of the device's current certificate, which the
+    front end has authenticated the request with. The new certificate takes its place; the old row is kept and
+    linked."""
+    front_end: str = "station"
+    """Which front end asked (station, cmp, est, cli, ...): told to the observer (the control API's events), so a
+    console shows how each device enrolled. Never used to authorise: the station does that."""
+    local_only: bool = False
+    """The front end cannot wait for an upstream CA (EST serverkeygen: the appliance made the key and keeps it
+    nowhere): a product in upstream (RA) issuance mode is refused instead of being forwarded."""
 
 
 @dataclass(frozen=True)

@@ -261,6 +261,7 @@ class IssueService:
             grant.work_order if grant is not None else None, grant.product if grant is not None else None,
             result.cert_serial if result is not None else None, result.reused if result is not None else False,
             None if isinstance(error, IssuancePending) else error, isinstance(error, IssuancePending),
+            req.front_end,
         ))  # fmt: skip
 
     async def confirm(self, cert_serial: str, cert_sha256: bytes | None = None) -> None:
@@ -627,6 +628,13 @@ class IssueService:
                         grant = self.policy.authorise(conn, req, profile) or LOCAL
                     item.grant = grant
                 if grant.mode == "upstream":
+                    if req.local_only:
+                        raise IssuanceRefused(
+                            f"work order {grant.work_order} is for a product in upstream (RA) issuance mode; this"
+                            " request can only be issued here (an appliance-generated key is kept nowhere to wait"
+                            " for the upstream CA)",
+                            ReasonCode.UNKNOWN_PROFILE,
+                        )
                     forwarded.append(self._queue_upstream(conn, item, grant.work_order, now))
                 elif item.reuse is None and item.ra_done is None:
                     old = item.update
