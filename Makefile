@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := softhsm2 opensc socat openssl iproute2 util-linux mount e2fsprogs python3-venv
+APT_PACKAGES := softhsm2 opensc socat openssl iproute2 util-linux mount e2fsprogs python3-venv tmux
 STATE ?= demo-state
 DEVICES ?= 100
 
@@ -26,6 +26,7 @@ bench: deps
 	$(PY) bench/issue.py
 	$(PY) bench/issue.py --controls
 	$(PY) bench/console.py
+	$(PY) bench/dashboard.py
 	$(PY) bench/stations.py serial
 	$(PY) bench/stations.py lan
 	$(PY) bench/station_failures.py

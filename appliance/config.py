@@ -773,6 +773,23 @@ def _parse_upstream(
     return section
 
 
+def config_warnings(cfg: Config) -> list[Problem]:
+    """Settings that are valid but that a conformant peer will refuse in some case, with what to do (printed
+    by `birthline config check`; the configuration is still accepted)."""
+    warnings: list[Problem] = []
+    up = cfg.upstream
+    if up.enabled and up.protection == "mac" and cfg.cmp.listen and cfg.cmp.labels:
+        warnings.append(Problem("upstream.protection", "with 'mac', the records of devices enrolled over CMP with"
+                                " a CRMF request (ir, cr: sent upstream as cr with POP raVerified) and of key updates"
+                                " (kur) are refused by the upstream: raVerified and a kur on a device's behalf need"
+                                " the RA's signature (RFC 9483 5.2.3.2; a Birthline upstream answers notAuthorized,"
+                                " wrongIntegrity for kur), and in RA mode such a device's ir ends in a rejection"
+                                " after polling. Only CSR records (p10cr: the station protocol, CMP p10cr, birthline"
+                                " issue) go through. Use protection = 'signature' with server_cert, or enrol CMP"
+                                " devices with p10cr only"))  # fmt: skip
+    return warnings
+
+
 def load_config(path: Path) -> Config:
     try:
         raw = path.read_bytes()

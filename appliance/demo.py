@@ -11,6 +11,7 @@ running and describes how to reach it in DIR/demo.json.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import secrets
@@ -29,6 +30,7 @@ from appliance import stations_registry as registry
 from appliance.config import Config, MetricsSection, load_config
 from appliance.daemon import Daemon
 from appliance.daemon_lock import running
+from appliance.demo_dashboard import run_dashboard
 from appliance.errors import BirthlineError
 from appliance.files import PRIVATE, PRIVATE_DIR, tighten, write_private, write_public
 from appliance.issuance.journal import journal_files
@@ -95,12 +97,14 @@ station = "{cmp_station}"
 secret_file = "{state}/cmp-demo.secret"
 kid = "{cmp_label}"
 
-# Greenfield: devices sign their ir with their birth certificate for an operational certificate.
+# Greenfield: devices sign their ir with their birth certificate for an operational certificate. The anchor is
+# the CA that issues birth certificates, not the root: the root also certifies the operational CA, and every
+# certificate under an idevid_roots anchor is taken for a birth certificate.
 [cmp.labels.{field_label}]
 station = "{field_station}"
 profile = "{field_profile}"
 issuing_ca = "{field_ca}"
-idevid_roots = "{state}/root.pem"
+idevid_roots = "{state}/issuing.pem"
 
 [metrics]
 listen = "127.0.0.1:{metrics_port}"
@@ -264,8 +268,8 @@ def _setup(
             state / "ca-chain.pem",
             b"".join(c.public_bytes(serialization.Encoding.PEM) for c in issuing.chain),
         )
-        # The root is the greenfield label's trust anchor for birth certificates (idevid_roots), and with the
-        # issuing CA what a device sends along to prove its birth certificate (docs: README).
+        # The issuing CA is the greenfield label's trust anchor for birth certificates (idevid_roots); the root
+        # with it is what a relying party verifies them against (docs: README).
         write_public(state / "root.pem", issuing.chain[-1].public_bytes(serialization.Encoding.PEM))
         write_public(state / "issuing.pem", issuing.certificate.public_bytes(serialization.Encoding.PEM))
         known = {r.name for r in registry.list_stations(core.journal)}
@@ -359,7 +363,7 @@ def _describe(
         },
         "greenfield": {
             "server": config.cmp.listen, "path": f".well-known/cmp/p/{FIELD_LABEL}",
-            "idevid_roots": str(state / "root.pem"), "issuing_ca": FIELD_CA, "profile": FIELD_PROFILE,
+            "idevid_roots": str(state / "issuing.pem"), "issuing_ca": FIELD_CA, "profile": FIELD_PROFILE,
             "work_order": FIELD_WORK_ORDER, "line": FIELD_LINE,
             "note": "a device with a birth certificate from this demo signs its ir with it (see README)",
         },
@@ -380,8 +384,9 @@ def _describe(
 
 
 async def _run(
-    config: Config, state: Path, run: int, devices: int, serve: bool, gentle_rate: float = 0.0
-) -> int:
+    config: Config, state: Path, run: int, devices: int, serve: bool, gentle_rate: float = 0.0,
+    dashboard: bool = False,
+) -> int:  # fmt: skip
     serials = [f"BLD{run:04d}{n:06d}" for n in range(1, devices + 1)]
     appliance_port = str(state / "pty" / f"{SERIAL_STATION}.appliance")
     fixture_port = str(state / "pty" / f"{SERIAL_STATION}.fixture")
@@ -421,13 +426,15 @@ async def _run(
             rc = _report(state, config, run, serials, results, elapsed, retry_same, counts, unconfirmed)
             if serve and rc == 0:
                 gentle = GentleLine(state, lan, fixture_port, run, gentle_rate) if gentle_rate > 0 else None
-                await _serve(daemon, state, lan, fixture_port, gentle)
+                await _serve(daemon, state, lan, fixture_port, gentle,
+                             config.control_socket if dashboard else None)  # fmt: skip
             return rc
 
 
 async def _serve(
-    daemon: Daemon, state: Path, lan: tuple[str, int], fixture_port: str, gentle: GentleLine | None = None
-) -> None:
+    daemon: Daemon, state: Path, lan: tuple[str, int], fixture_port: str, gentle: GentleLine | None = None,
+    dashboard: Path | None = None,
+) -> None:  # fmt: skip
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, daemon.stop)
@@ -438,11 +445,15 @@ async def _serve(
         print(f"Simulated fixtures enrol {gentle.rate:g} device(s)/s on both stations (work order"
               f" WO-GENTLE-{gentle.run:04d}).")  # fmt: skip
     print("Try a station by hand (see README), then press Ctrl-C to stop.", flush=True)
-    if gentle is None:
-        await daemon.wait()
-        return
-    async with gentle:
-        await daemon.wait()
+    async with gentle if gentle is not None else contextlib.nullcontext():
+        done = asyncio.ensure_future(daemon.wait())
+        if dashboard is not None:
+            closed = await run_dashboard(dashboard, "demo-supervisor", state / "demo.log", done)
+            if closed:
+                print(f"The dashboard closed; the appliance goes on serving (its log: {state}/demo.log). Open the"
+                      f" dashboard again with `birthline dashboard --config {state}/birthline.toml`; Ctrl-C stops"
+                      " the demo.", flush=True)  # fmt: skip
+        await done
 
 
 class GentleLine:
@@ -563,9 +574,20 @@ def _report(
     return 0 if ok == "OK" and retry_same and len(results) == len(serials) and confirmed_all else 1
 
 
+DASHBOARD_GENTLE_RATE = (
+    1.0  # devices/s the simulated fixtures enrol under `--dashboard` unless told otherwise
+)
+
+
 def run_demo(
-    state: Path, devices: int, *, serve: bool = False, port: int | None = None, gentle_rate: float = 0.0
-) -> int:
+    state: Path, devices: int, *, serve: bool = False, port: int | None = None, gentle_rate: float = 0.0,
+    dashboard: bool = False,
+) -> int:  # fmt: skip
+    """The demo; `dashboard` (which implies `serve`) opens `birthline dashboard` on it in this terminal, with
+    simulated fixtures enrolling at `gentle_rate` (DASHBOARD_GENTLE_RATE if not given)."""
+    if dashboard:
+        serve = True
+        gentle_rate = gentle_rate or DASHBOARD_GENTLE_RATE
     state = state.resolve()
     holder = running(state)
     if holder is not None:
@@ -593,7 +615,7 @@ def run_demo(
         _setup(
             config, state, run, devices, lan_host=f"127.0.0.1:{file_port}", gentle=serve and gentle_rate > 0
         )
-        return asyncio.run(_run(config, state, run, devices, serve, gentle_rate))
+        return asyncio.run(_run(config, state, run, devices, serve, gentle_rate, dashboard))
     except (BirthlineError, StationError) as exc:
         print(f"demo: {exc}")
         return 1

@@ -28,7 +28,7 @@ from appliance.cli import revocation as revocation_cli
 from appliance.cli import stations as stations_cli
 from appliance.cli import upstream as upstream_cli
 from appliance.cli.session import Session, actor, add_login_arguments, authorised
-from appliance.config import DEFAULT_CONFIG_PATH, Config, load_config
+from appliance.config import DEFAULT_CONFIG_PATH, Config, config_warnings, load_config
 from appliance.daemon_lock import daemon_job
 from appliance.errors import BirthlineError, IssuancePending
 from appliance.issuance.policy import IssueRequest
@@ -45,6 +45,8 @@ def _config(args: argparse.Namespace) -> Config:
 def cmd_config_check(args: argparse.Namespace) -> int:
     cfg = _config(args)
     print(f"{cfg.source}: OK ({len(cfg.profiles)} profiles: {', '.join(sorted(cfg.profiles))})")
+    for warning in config_warnings(cfg):
+        print(f"warning: {warning}")
     return 0
 
 
@@ -247,8 +249,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from appliance.demo import run_demo
 
     return run_demo(
-        Path(args.state), args.devices, serve=args.serve, port=args.port, gentle_rate=args.gentle_rate
-    )
+        Path(args.state), args.devices, serve=args.serve, port=args.port, gentle_rate=args.gentle_rate,
+        dashboard=args.dashboard,
+    )  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -362,7 +365,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--gentle-rate", type=float, default=0.0, metavar="R",
         help="with --serve: simulated fixtures keep enrolling R devices/s on both stations (default 0: none)",
     )  # fmt: skip
+    sp.add_argument(
+        "--dashboard", action="store_true",
+        help="serve, keep simulated fixtures enrolling (--gentle-rate, default 1/s) and open `birthline"
+        " dashboard` on the running demo in this terminal; closing it leaves the demo serving until Ctrl-C",
+    )  # fmt: skip
     sp.set_defaults(func=cmd_demo)
+    from console.dashboard import cli as dashboard_cli
+
+    sp = sub.add_parser("dashboard", help="the operator dashboard of a running appliance (docs/dashboard.md)")
+    dashboard_cli.add_arguments(sp)
+    sp.set_defaults(func=dashboard_cli.run)
     from appliance.cli import fixtures
 
     fixtures.register(sub, with_config)  # station-client, simulate (fixture side)

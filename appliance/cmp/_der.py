@@ -10,7 +10,8 @@ The `*_value` readers decode one primitive element the parser found with `childr
 exact universal tag (primitive form only), minimal INTEGER content, BIT STRING padding bits zero,
 GeneralizedTime as YYYYMMDDHHMMSS[.fff]Z, valid UTF-8.
 
-Everything here raises ValueError; the parser turns that into one CmpError at its boundary.
+Everything here raises Malformed (a ValueError whose text is ours); the parser turns that into one CmpError at its
+boundary, and only a Malformed's text reaches a peer.
 """
 
 from __future__ import annotations
@@ -20,7 +21,14 @@ from datetime import UTC, datetime
 
 from appliance.der import Tlv, bit_string, encode_length, octet_string, oid, sequence, tlv, utf8_string
 
+
+class Malformed(ValueError):
+    """Received bytes are not what they must be, in our own words: the text may be sent to the peer in a
+    statusString (RFC 9810 PKIFreeText). A library's exception text never is (appliance/cmp/parse.py)."""
+
+
 __all__ = [
+    "Malformed",
     "Tlv",
     "algorithm_identifier",
     "bit_string",
@@ -57,34 +65,34 @@ MAX_LENGTH_OCTETS = 4
 def read_frame(data: bytes, offset: int, limit: int) -> Tlv:
     """One element at `offset` that must end at or before `limit`. Non-minimal lengths are accepted."""
     if offset + 2 > limit:
-        raise ValueError("truncated element")
+        raise Malformed("truncated element")
     tag = data[offset]
     if tag & 0x1F == 0x1F:
-        raise ValueError("multi-byte tags are not supported")
+        raise Malformed("multi-byte tags are not supported")
     if tag & 0xDF == 0:
-        raise ValueError("tag [UNIVERSAL 0] (end-of-contents) is not an element")
+        raise Malformed("tag [UNIVERSAL 0] (end-of-contents) is not an element")
     first = data[offset + 1]
     pos = offset + 2
     if first < 0x80:
         length = first
     elif first == 0x80:
-        raise ValueError("indefinite length is not allowed")
+        raise Malformed("indefinite length is not allowed")
     else:
         count = first & 0x7F
         if count > MAX_LENGTH_OCTETS:
-            raise ValueError("length field too long")
+            raise Malformed("length field too long")
         if pos + count > limit:
-            raise ValueError("truncated length")
+            raise Malformed("truncated length")
         length = int.from_bytes(data[pos : pos + count], "big")
         pos += count
     if pos + length > limit:
-        raise ValueError("length beyond the end of its container")
+        raise Malformed("length beyond the end of its container")
     return Tlv(tag, offset, pos, pos + length)
 
 
 def children(data: bytes, parent: Tlv) -> list[Tlv]:
     if not parent.tag & TAG_CONSTRUCTED:
-        raise ValueError("primitive element has no children")
+        raise Malformed("primitive element has no children")
     out: list[Tlv] = []
     pos = parent.content
     while pos < parent.end:
@@ -100,11 +108,11 @@ def scan(data: bytes, max_depth: int) -> Tlv:
     message, certificates and CSRs included, goes through here."""
     top = read_frame(data, 0, len(data))
     if top.end != len(data):
-        raise ValueError(f"{len(data) - top.end} trailing byte(s) after the message")
+        raise Malformed(f"{len(data) - top.end} trailing byte(s) after the message")
     if not top.tag & TAG_CONSTRUCTED:
         return top
     if max_depth <= 1:
-        raise ValueError(f"elements nested deeper than {max_depth}")
+        raise Malformed(f"elements nested deeper than {max_depth}")
     ends = [top.end]  # the ends of the open constructed elements; the innermost last
     pos = top.content
     while ends:
@@ -113,31 +121,31 @@ def scan(data: bytes, max_depth: int) -> Tlv:
             ends.pop()
             continue
         if pos + 2 > end:
-            raise ValueError("truncated element")
+            raise Malformed("truncated element")
         tag = data[pos]
         if tag & 0x1F == 0x1F:
-            raise ValueError("multi-byte tags are not supported")
+            raise Malformed("multi-byte tags are not supported")
         if tag & 0xDF == 0:
-            raise ValueError("tag [UNIVERSAL 0] (end-of-contents) is not an element")
+            raise Malformed("tag [UNIVERSAL 0] (end-of-contents) is not an element")
         first = data[pos + 1]
         pos += 2
         if first < 0x80:
             length = first
         elif first == 0x80:
-            raise ValueError("indefinite length is not allowed")
+            raise Malformed("indefinite length is not allowed")
         else:
             count = first & 0x7F
             if count > MAX_LENGTH_OCTETS:
-                raise ValueError("length field too long")
+                raise Malformed("length field too long")
             if pos + count > end:
-                raise ValueError("truncated length")
+                raise Malformed("truncated length")
             length = int.from_bytes(data[pos : pos + count], "big")
             pos += count
         if pos + length > end:
-            raise ValueError("length beyond the end of its container")
+            raise Malformed("length beyond the end of its container")
         if tag & TAG_CONSTRUCTED:
             if len(ends) + 1 >= max_depth:
-                raise ValueError(f"elements nested deeper than {max_depth}")
+                raise Malformed(f"elements nested deeper than {max_depth}")
             ends.append(pos + length)
         else:
             pos += length
@@ -146,15 +154,15 @@ def scan(data: bytes, max_depth: int) -> Tlv:
 
 def oid_from_content(content: bytes) -> str:
     if not content or content[-1] & 0x80:
-        raise ValueError("bad OBJECT IDENTIFIER encoding")
+        raise Malformed("bad OBJECT IDENTIFIER encoding")
     if len(content) > 64:
-        raise ValueError("OBJECT IDENTIFIER too long")
+        raise Malformed("OBJECT IDENTIFIER too long")
     arcs: list[int] = []
     value = 0
     started = False
     for byte in content:
         if not started and byte == 0x80:
-            raise ValueError("non-minimal OBJECT IDENTIFIER arc")
+            raise Malformed("non-minimal OBJECT IDENTIFIER arc")
         started = True
         value = (value << 7) | (byte & 0x7F)
         if not byte & 0x80:
@@ -168,16 +176,16 @@ def oid_from_content(content: bytes) -> str:
 
 def _primitive(data: bytes, t: Tlv, tag: int, what: str) -> bytes:
     if t.tag != tag:
-        raise ValueError(f"expected {what} (tag 0x{tag:02x}), found tag 0x{t.tag:02x}")
+        raise Malformed(f"expected {what} (tag 0x{tag:02x}), found tag 0x{t.tag:02x}")
     return data[t.content : t.end]
 
 
 def integer_value(data: bytes, t: Tlv) -> int:
     content = _primitive(data, t, 0x02, "INTEGER")
     if not content:
-        raise ValueError("empty INTEGER")
+        raise Malformed("empty INTEGER")
     if len(content) > 1 and (content[0], content[1] & 0x80) in ((0x00, 0), (0xFF, 0x80)):
-        raise ValueError("INTEGER not minimally encoded")
+        raise Malformed("INTEGER not minimally encoded")
     return int.from_bytes(content, "big", signed=True)
 
 
@@ -187,7 +195,7 @@ def octet_string_value(data: bytes, t: Tlv) -> bytes:
 
 def null_value(data: bytes, t: Tlv) -> None:
     if _primitive(data, t, 0x05, "NULL"):
-        raise ValueError("NULL with content")
+        raise Malformed("NULL with content")
 
 
 def oid_value(data: bytes, t: Tlv) -> str:
@@ -195,7 +203,10 @@ def oid_value(data: bytes, t: Tlv) -> str:
 
 
 def utf8_string_value(data: bytes, t: Tlv) -> str:
-    return _primitive(data, t, 0x0C, "UTF8String").decode("utf-8")
+    try:
+        return _primitive(data, t, 0x0C, "UTF8String").decode("utf-8")
+    except UnicodeDecodeError:
+        raise Malformed("UTF8String is not valid UTF-8") from None
 
 
 def bits_value(data: bytes, t: Tlv, below: int) -> frozenset[int]:
@@ -203,12 +214,12 @@ def bits_value(data: bytes, t: Tlv, below: int) -> frozenset[int]:
     DER: unused-bits count 0..7 (0 when empty) and the unused bits zero."""
     content = _primitive(data, t, 0x03, "BIT STRING")
     if not content:
-        raise ValueError("BIT STRING without its unused-bits octet")
+        raise Malformed("BIT STRING without its unused-bits octet")
     unused = content[0]
     if unused > 7 or (unused and len(content) == 1):
-        raise ValueError("bad unused-bits count in BIT STRING")
+        raise Malformed("bad unused-bits count in BIT STRING")
     if unused and content[-1] & ((1 << unused) - 1):
-        raise ValueError("unused bits of a BIT STRING are not zero")
+        raise Malformed("unused bits of a BIT STRING are not zero")
     octets = content[1 : 1 + (below + 7) // 8]
     return frozenset(
         i * 8 + j
@@ -227,7 +238,7 @@ def generalized_time_value(data: bytes, t: Tlv) -> datetime:
     microsecond, further digits dropped)."""
     match = _GENERALIZED_TIME.fullmatch(_primitive(data, t, 0x18, "GeneralizedTime"))
     if match is None:
-        raise ValueError("GeneralizedTime is not YYYYMMDDHHMMSS[.fff]Z")
+        raise Malformed("GeneralizedTime is not YYYYMMDDHHMMSS[.fff]Z")
     year, month, day, hour, minute, second = (int(g) for g in match.groups()[:6])
     fraction = match.group(7)
     micro = int(fraction[:6].ljust(6, b"0")) if fraction else 0
@@ -249,7 +260,7 @@ def null() -> bytes:
 
 def generalized_time(when: datetime) -> bytes:
     if when.tzinfo is None:
-        raise ValueError("messageTime must be timezone-aware")
+        raise Malformed("messageTime must be timezone-aware")
     return tlv(0x18, when.astimezone(UTC).strftime("%Y%m%d%H%M%SZ").encode("ascii"))
 
 

@@ -106,7 +106,8 @@ class CrlCache:
             self.stats["failed"] += 1
             # A peer can name any URL in a certificate; its failures are logged once per URL and 5 minutes.
             self._failures.log(log, logging.WARNING, url, "CRL from %s unavailable: %s", url, text[:200])
-            entry = _Entry(None, now + self.retry_s, text[:200] or "no CRL")
+            # What a peer is told (statusString) is ours, never the library's text above.
+            entry = _Entry(None, now + self.retry_s, _told(exc, self.timeout_s))
         else:
             self.stats["fetched"] += 1
             due = now + self.refresh_s
@@ -130,6 +131,16 @@ class CrlCache:
             if len(data) > self.max_bytes:
                 raise CrlUnavailable(f"more than {self.max_bytes} bytes")
             return data
+
+
+def _told(exc: BaseException, timeout_s: float) -> str:
+    if isinstance(exc, CrlUnavailable):
+        return str(exc)[:200] or "no CRL"
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {timeout_s:g} s"
+    if isinstance(exc, aiohttp.ClientError | OSError):
+        return "the fetch failed (no connection, or no HTTP answer)"
+    return "the answer is not a CRL (DER or PEM) whose issuer and dates decode"
 
 
 def _parse(data: bytes) -> x509.CertificateRevocationList:

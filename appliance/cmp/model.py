@@ -139,9 +139,9 @@ class PKIStatusInfo:
 def _load_public_key(spki_der: bytes) -> PublicKeyTypes:
     try:
         return serialization.load_der_public_key(spki_der)
-    except (ValueError, UnsupportedAlgorithm) as exc:
-        raise CmpError(f"public key in the request is not usable: {exc}",
-                       fail_info=FailInfo.BAD_CERT_TEMPLATE) from None  # fmt: skip
+    except (ValueError, UnsupportedAlgorithm):
+        raise CmpError("the public key in the request does not decode as a SubjectPublicKeyInfo of an algorithm"
+                       " this appliance supports", fail_info=FailInfo.BAD_CERT_TEMPLATE) from None  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -199,11 +199,12 @@ class CertReqMessage:
             top = _der.read_frame(der, 0, len(der))
             parts = _der.children(der, top)
             if top.tag != 0x30 or top.end != len(der) or len(parts) != 2 or parts[1].tag != 0x02:
-                raise ValueError("CertId ::= SEQUENCE { issuer GeneralName, serialNumber INTEGER }")
+                raise _der.Malformed("CertId ::= SEQUENCE { issuer GeneralName, serialNumber INTEGER }")
             issuer = general_name_from_der(der[parts[0].start : parts[0].end])
             serial = _der.integer_value(der, parts[1])
         except ValueError as exc:
-            raise CmpError(f"oldCertID: {exc}", fail_info=FailInfo.BAD_DATA_FORMAT) from None
+            detail = str(exc) if isinstance(exc, _der.Malformed) else "not a DER CertId (RFC 4211 6.5)"
+            raise CmpError(f"oldCertID: {detail}", fail_info=FailInfo.BAD_DATA_FORMAT) from None
         return issuer, serial
 
     def verify_pop(self) -> None:
@@ -497,8 +498,10 @@ def certificates_from_sequence(der: bytes, what: str) -> tuple[x509.Certificate,
         if top.tag != 0x30 or top.end != len(der):
             raise ValueError("not a single SEQUENCE")
         return tuple(x509.load_der_x509_certificate(der[c.start : c.end]) for c in _der.children(der, top))
-    except ValueError as exc:
-        raise CmpError(f"{what}: bad certificate: {exc}", fail_info=FailInfo.BAD_DATA_FORMAT) from None
+    except ValueError:
+        raise CmpError(
+            f"{what}: not a SEQUENCE of DER X.509 certificates", fail_info=FailInfo.BAD_DATA_FORMAT
+        ) from None
 
 
 # Signature algorithms accepted for protection and POP (RFC 9481 section 3); SHA-1 is refused.

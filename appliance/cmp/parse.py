@@ -86,14 +86,17 @@ _REASONS = {0: "unspecified", 1: "key_compromise", 2: "ca_compromise", 3: "affil
 
 @contextmanager
 def _boundary(what: str) -> Iterator[None]:
+    """One CmpError (badDataFormat) for whatever decoding raised. Its text goes to the peer in statusString: our
+    own words (a Malformed's), never a library's exception text (pyasn1 reprs its schema objects in them)."""
     try:
         yield
     except CmpError:
         raise
     except _DECODE_ERRORS as exc:
-        raise CmpError(
-            f"{what}: {type(exc).__name__}: {exc}"[:300], fail_info=FailInfo.BAD_DATA_FORMAT
-        ) from None
+        detail = (
+            str(exc) if isinstance(exc, _der.Malformed) else "not DER of its ASN.1 type (RFC 9810, RFC 4211)"
+        )
+        raise CmpError(f"{what}: {detail}"[:300], fail_info=FailInfo.BAD_DATA_FORMAT) from None
 
 
 def _certificate(der: bytes) -> x509.Certificate:
@@ -101,32 +104,33 @@ def _certificate(der: bytes) -> x509.Certificate:
     so one that loads may still raise later (two extensions of one type: DuplicateExtension; an undecodable
     name or extension value), deep in the trust or enrolment code: the peer's malformed data, answered as ours
     (systemFailure). What parse_message hands on decodes."""
-    cert = x509.load_der_x509_certificate(der)
     try:
+        cert = x509.load_der_x509_certificate(der)
         _ = cert.subject, cert.issuer, cert.extensions
-    except Exception as exc:  # noqa: BLE001 - what cryptography raises for a peer's bytes is not a stable contract
-        raise ValueError(
-            f"a certificate's names or extensions do not decode: {type(exc).__name__}: {exc}"
+    except Exception:  # noqa: BLE001 - what cryptography raises for a peer's bytes is not a stable contract
+        raise _der.Malformed(
+            "a certificate does not decode whole as an X.509 certificate (RFC 5280: DER, names of string"
+            " attributes, each extension at most once and its value the DER of its type)"
         ) from None
     return cert
 
 
 def _csr(der: bytes) -> x509.CertificateSigningRequest:
-    """A PKCS#10 request, decoded whole here, as _certificate."""
-    csr = x509.load_der_x509_csr(der)
+    """A p10cr's PKCS#10 request: its structure here (strict DER). Its subject and extensions are decoded by the
+    enroller (appliance/cmp/enrol.py): a CSR whose requested extensions do not decode is the device's request
+    content, refused with a protected cp (RFC 9483 3.6, 4.1.4), not a message that does not parse."""
     try:
-        _ = csr.subject, csr.extensions
-    except Exception as exc:  # noqa: BLE001 - as in _certificate
-        raise ValueError(
-            f"the CSR's subject or extensions do not decode: {type(exc).__name__}: {exc}"
+        return x509.load_der_x509_csr(der)
+    except Exception:  # noqa: BLE001 - as in _certificate
+        raise _der.Malformed(
+            "the CSR does not decode as a PKCS#10 CertificationRequest (RFC 2986, DER)"
         ) from None
-    return csr
 
 
 def _decode(der: bytes, spec: Any) -> Any:
     value, rest = der_decoder.decode(der, asn1Spec=spec)
     if rest:
-        raise ValueError("trailing bytes")
+        raise _der.Malformed("trailing bytes")
     return value
 
 
@@ -148,7 +152,7 @@ def _kids(data: bytes, t: Tlv, limit: int | None = None, what: str = "list") -> 
 def _only_child(data: bytes, t: Tlv) -> Tlv:
     kids = _der.children(data, t)
     if len(kids) != 1:
-        raise ValueError("explicit tag must wrap exactly one element")
+        raise _der.Malformed("explicit tag must wrap exactly one element")
     return kids[0]
 
 
@@ -169,7 +173,7 @@ def _texts(value: Any) -> tuple[str, ...]:
 def _status_info(value: Any) -> PKIStatusInfo:
     code = int(value["status"])
     if code not in PKIStatus._value2member_map_:
-        raise ValueError(f"unknown PKIStatus {code}")
+        raise _der.Malformed(f"unknown PKIStatus {code}")
     bits: frozenset[FailInfo] = frozenset()
     if _present(value["failInfo"]):
         bits = frozenset(FailInfo(i) for i, bit in enumerate(value["failInfo"]) if bit and i <= max(FailInfo))
@@ -190,28 +194,28 @@ def _parse(data: bytes, limits: Limits, depth: int) -> PKIMessage:
         # element of it already, with less depth to spare: no second pass.
         top = _der.scan(data, limits.max_der_depth) if depth == 0 else _der.read_frame(data, 0, len(data))
         if top.tag != 0x30:
-            raise ValueError("not a SEQUENCE")
+            raise _der.Malformed("not a SEQUENCE")
         parts = _der.children(data, top)
         if len(parts) < 2 or parts[0].tag != 0x30 or parts[1].tag & 0xE0 != 0xA0 or parts[1].tag & 0x1F > 26:
-            raise ValueError("expected header and body")
+            raise _der.Malformed("expected header and body")
         rest = parts[2:]
         protection: bytes | None = None
         extra_certs: tuple[x509.Certificate, ...] = ()
         if rest and rest[0].tag == 0xA0:
             bits = _only_child(data, rest.pop(0))
             if bits.tag != 0x03 or bits.end == bits.content or data[bits.content] != 0:
-                raise ValueError("protection must be a BIT STRING of whole octets")
+                raise _der.Malformed("protection must be a BIT STRING of whole octets")
             protection = data[bits.content + 1 : bits.end]
         if rest and rest[0].tag == 0xA1:
             seq = _only_child(data, rest.pop(0))
             if seq.tag != 0x30:
-                raise ValueError("extraCerts is not a SEQUENCE")
+                raise _der.Malformed("extraCerts is not a SEQUENCE")
             certs = _kids(data, seq, limits.max_extra_certs, "extraCerts")
             if not certs:
-                raise ValueError("extraCerts must not be empty")
+                raise _der.Malformed("extraCerts must not be empty")
             extra_certs = tuple(_certificate(_raw(data, c)) for c in certs)
         if rest:
-            raise ValueError("unexpected element after the body")
+            raise _der.Malformed("unexpected element after the body")
         header_tlv, body_tlv = parts[0], parts[1]
         header = _parse_header(data, header_tlv)
         body_type = BodyType(body_tlv.tag & 0x1F)
@@ -225,7 +229,7 @@ def _parse_header(data: bytes, t: Tlv) -> PKIHeader:
     in increasing tag order and each at most once."""
     kids = _der.children(data, t)
     if len(kids) < 3:
-        raise ValueError("PKIHeader needs pvno, sender and recipient")
+        raise _der.Malformed("PKIHeader needs pvno, sender and recipient")
     pvno = _der.integer_value(data, kids[0])
     sender = general_name_from_der(_raw(data, kids[1]))
     recipient = general_name_from_der(_raw(data, kids[2]))
@@ -234,7 +238,9 @@ def _parse_header(data: bytes, t: Tlv) -> PKIHeader:
     for kid in kids[3:]:
         number = kid.tag - 0xA0
         if not previous < number <= 8:
-            raise ValueError(f"PKIHeader field with tag 0x{kid.tag:02x} is unknown, repeated or out of order")
+            raise _der.Malformed(
+                f"PKIHeader field with tag 0x{kid.tag:02x} is unknown, repeated or out of order"
+            )
         previous = number
         fields[number] = _only_child(data, kid)
 
@@ -249,7 +255,7 @@ def _parse_header(data: bytes, t: Tlv) -> PKIHeader:
         oid, value = _read_itav(data, item)
         if oid == oids.IT_IMPLICIT_CONFIRM:
             if value is not None and _raw(data, value) != _der.null():
-                raise ValueError("implicitConfirm value must be NULL")
+                raise _der.Malformed("implicitConfirm value must be NULL")
             implicit_confirm = True
         elif oid == oids.IT_CONFIRM_WAIT_TIME and value is not None:
             confirm_wait_time = _der.generalized_time_value(data, value)
@@ -281,7 +287,7 @@ def _parse_header(data: bytes, t: Tlv) -> PKIHeader:
 
 def _seq(data: bytes, t: Tlv, what: str) -> list[Tlv]:
     if t.tag != 0x30:
-        raise ValueError(f"{what} is not a SEQUENCE")
+        raise _der.Malformed(f"{what} is not a SEQUENCE")
     return _der.children(data, t)
 
 
@@ -289,7 +295,7 @@ def _seq_of_some(data: bytes, t: Tlv, what: str) -> list[Tlv]:
     """SEQUENCE SIZE (1..MAX) OF ..."""
     kids = _seq(data, t, what)
     if not kids:
-        raise ValueError(f"{what} must not be empty")
+        raise _der.Malformed(f"{what} must not be empty")
     return kids
 
 
@@ -300,7 +306,7 @@ def _optional(parts: list[Tlv], tag: int) -> Tlv | None:
 
 def _done(parts: list[Tlv], what: str) -> None:
     if parts:
-        raise ValueError(f"unexpected element (tag 0x{parts[0].tag:02x}) in {what}")
+        raise _der.Malformed(f"unexpected element (tag 0x{parts[0].tag:02x}) in {what}")
 
 
 def _read_texts(data: bytes, t: Tlv) -> tuple[str, ...]:
@@ -311,7 +317,7 @@ def _read_texts(data: bytes, t: Tlv) -> tuple[str, ...]:
 def _read_algorithm(data: bytes, t: Tlv) -> AlgorithmIdentifier:
     parts = _seq(data, t, "AlgorithmIdentifier")
     if not 1 <= len(parts) <= 2:
-        raise ValueError("AlgorithmIdentifier must hold an algorithm and at most one parameters element")
+        raise _der.Malformed("AlgorithmIdentifier must hold an algorithm and at most one parameters element")
     return AlgorithmIdentifier(
         _der.oid_value(data, parts[0]), _raw(data, parts[1]) if len(parts) == 2 else None
     )
@@ -320,7 +326,7 @@ def _read_algorithm(data: bytes, t: Tlv) -> AlgorithmIdentifier:
 def _read_itav(data: bytes, t: Tlv) -> tuple[str, Tlv | None]:
     parts = _seq(data, t, "InfoTypeAndValue")
     if not 1 <= len(parts) <= 2:
-        raise ValueError("InfoTypeAndValue must hold an infoType and at most one infoValue")
+        raise _der.Malformed("InfoTypeAndValue must hold an infoType and at most one infoValue")
     return _der.oid_value(data, parts[0]), parts[1] if len(parts) == 2 else None
 
 
@@ -332,10 +338,10 @@ def _read_status_info(data: bytes, t: Tlv) -> PKIStatusInfo:
     OPTIONAL }. failInfo bits beyond the ones RFC 9810 names are ignored."""
     parts = _seq(data, t, "PKIStatusInfo")
     if not parts:
-        raise ValueError("PKIStatusInfo without status")
+        raise _der.Malformed("PKIStatusInfo without status")
     code = _der.integer_value(data, parts.pop(0))
     if code not in PKIStatus._value2member_map_:
-        raise ValueError(f"unknown PKIStatus {code}")
+        raise _der.Malformed(f"unknown PKIStatus {code}")
     text = _optional(parts, 0x30)
     fail = _optional(parts, 0x03)
     _done(parts, "PKIStatusInfo")
@@ -349,7 +355,7 @@ def _read_status_info(data: bytes, t: Tlv) -> PKIStatusInfo:
 
 def _itav(item: Any) -> InfoTypeAndValue:
     if not _present(item["infoType"]):
-        raise ValueError("InfoTypeAndValue without infoType")
+        raise _der.Malformed("InfoTypeAndValue without infoType")
     value = item["infoValue"]
     return InfoTypeAndValue(str(item["infoType"]), bytes(value) if _present(value) else None)
 
@@ -376,10 +382,10 @@ def _parse_nested(data: bytes, t: Tlv, limits: Limits, depth: int) -> NestedBody
     with _boundary("malformed nested body"):
         seq = _only_child(data, t)
         if seq.tag != 0x30:
-            raise ValueError("nested content must be a SEQUENCE OF PKIMessage")
+            raise _der.Malformed("nested content must be a SEQUENCE OF PKIMessage")
         inner = _kids(data, seq, limits.max_batch_size, "nested message batch")
         if not inner:
-            raise ValueError("nested message with no inner message")
+            raise _der.Malformed("nested message with no inner message")
     items: list[NestedItem] = []
     for element in inner:
         raw = _raw(data, element)
@@ -412,7 +418,7 @@ def _template(data: bytes, t: Tlv) -> CertTemplate:
 def _cert_req(data: bytes, t: Tlv, value: Any, limits: Limits) -> CertReqBody:
     msgs = _kids(data, t, limits.max_requests, "CertReqMessages")
     if len(msgs) != len(value) or not msgs:
-        raise ValueError("CertReqMessages must hold at least one CertReqMsg")
+        raise _der.Malformed("CertReqMessages must hold at least one CertReqMsg")
     out: list[CertReqMessage] = []
     for tlv, msg in zip(msgs, value, strict=True):
         cert_req_tlv = _der.children(data, tlv)[0]
@@ -429,7 +435,7 @@ def _cert_req(data: bytes, t: Tlv, value: Any, limits: Limits) -> CertReqBody:
                 pop_alg = _algorithm(sk["algorithmIdentifier"])
                 bits = sk["signature"]
                 if len(bits) % 8:
-                    raise ValueError("POP signature has unused bits")
+                    raise _der.Malformed("POP signature has unused bits")
                 pop_sig = bits.asOctets()
                 has_input = _present(sk["poposkInput"])
         controls: tuple[InfoTypeAndValue, ...] = ()
@@ -458,7 +464,7 @@ def _rr(data: bytes, t: Tlv, value: Any, limits: Limits) -> RrBody:
                 if str(ext["extnID"]) == oids.CRL_REASON:
                     enum_der = bytes(ext["extnValue"])
                     if len(enum_der) != 3 or enum_der[:2] != b"\x0a\x01" or enum_der[2] not in _REASONS:
-                        raise ValueError("bad CRL reason code")
+                        raise _der.Malformed("bad CRL reason code")
                     reason = x509.ReasonFlags[_REASONS[enum_der[2]]]
                     count += 1
         out.append(RevDetails(template.issuer, template.serial_number, reason, template.subject,
@@ -506,13 +512,13 @@ def _cert_rep(data: bytes, t: Tlv, limits: Limits) -> CertRepBody:
     if wrapped is not None:
         seq = _only_child(data, wrapped)
         if seq.tag != 0x30:
-            raise ValueError("caPubs is not a SEQUENCE")
+            raise _der.Malformed("caPubs is not a SEQUENCE")
         certs = _kids(data, seq, limits.max_extra_certs, "caPubs")
         if not certs:
-            raise ValueError("caPubs must not be empty")
+            raise _der.Malformed("caPubs must not be empty")
         ca_pubs = tuple(_certificate(_raw(data, c)) for c in certs)
     if len(parts) != 1 or parts[0].tag != 0x30:
-        raise ValueError("CertRepMessage must end with its response SEQUENCE")
+        raise _der.Malformed("CertRepMessage must end with its response SEQUENCE")
     responses = _kids(data, parts[0], limits.max_requests, "CertRepMessage")
     return CertRepBody(tuple(_cert_response(data, r) for r in responses), ca_pubs)
 
@@ -522,7 +528,7 @@ def _cert_response(data: bytes, t: Tlv) -> CertResponse:
     certifiedKeyPair CertifiedKeyPair OPTIONAL, rspInfo OCTET STRING OPTIONAL }"""
     parts = _seq(data, t, "CertResponse")
     if len(parts) < 2:
-        raise ValueError("CertResponse needs certReqId and status")
+        raise _der.Malformed("CertResponse needs certReqId and status")
     cert_req_id = _der.integer_value(data, parts.pop(0))
     status = _read_status_info(data, parts.pop(0))
     pair = _optional(parts, 0x30)
@@ -539,7 +545,7 @@ def _certified_key_pair(data: bytes, t: Tlv) -> x509.Certificate:
     encryptedCert [1] EncryptedKey }, privateKey [0] OPTIONAL, publicationInfo [1] OPTIONAL }"""
     parts = _seq(data, t, "CertifiedKeyPair")
     if not parts:
-        raise ValueError("CertifiedKeyPair without certOrEncCert")
+        raise _der.Malformed("CertifiedKeyPair without certOrEncCert")
     if len(parts) > 1:
         # privateKey / publicationInfo (central key generation): never seen on our paths; pyasn1 validates them
         # as it did before, and they are ignored.
@@ -548,7 +554,7 @@ def _certified_key_pair(data: bytes, t: Tlv) -> x509.Certificate:
     if choice.tag == 0xA1:
         raise CmpError("encrypted certificates are not supported", fail_info=FailInfo.BAD_DATA_FORMAT)
     if choice.tag != 0xA0:
-        raise ValueError("CertOrEncCert must be [0] certificate or [1] encryptedCert")
+        raise _der.Malformed("CertOrEncCert must be [0] certificate or [1] encryptedCert")
     return _certificate(_raw(data, _only_child(data, choice)))
 
 
@@ -565,7 +571,7 @@ def _cert_status(data: bytes, t: Tlv) -> CertStatus:
     hashAlg [0] AlgorithmIdentifier OPTIONAL }"""
     parts = _seq(data, t, "CertStatus")
     if len(parts) < 2:
-        raise ValueError("CertStatus needs certHash and certReqId")
+        raise _der.Malformed("CertStatus needs certHash and certReqId")
     cert_hash = _der.octet_string_value(data, parts.pop(0))
     cert_req_id = _der.integer_value(data, parts.pop(0))
     info = _optional(parts, 0x30)
@@ -593,7 +599,7 @@ def _poll_req(data: bytes, t: Tlv, limits: Limits) -> PollReqBody:
     for item in items:
         parts = _seq(data, item, "pollReq entry")
         if len(parts) != 1:
-            raise ValueError("a pollReq entry holds exactly one certReqId")
+            raise _der.Malformed("a pollReq entry holds exactly one certReqId")
         ids.append(_der.integer_value(data, parts[0]))
     return PollReqBody(tuple(ids))
 
@@ -608,7 +614,7 @@ def _poll_rep(data: bytes, t: Tlv, limits: Limits) -> PollRepBody:
     for item in items:
         parts = _seq(data, item, "pollRep entry")
         if not 2 <= len(parts) <= 3:
-            raise ValueError("a pollRep entry holds certReqId, checkAfter and an optional reason")
+            raise _der.Malformed("a pollRep entry holds certReqId, checkAfter and an optional reason")
         reason = _read_texts(data, parts[2]) if len(parts) == 3 else ()
         entries.append(
             PollRepEntry(_der.integer_value(data, parts[0]), _der.integer_value(data, parts[1]), reason)
@@ -621,7 +627,7 @@ def _error(data: bytes, t: Tlv, limits: Limits) -> ErrorBody:
     errorDetails PKIFreeText OPTIONAL }"""
     parts = _seq(data, t, "ErrorMsgContent")
     if not parts:
-        raise ValueError("ErrorMsgContent without pKIStatusInfo")
+        raise _der.Malformed("ErrorMsgContent without pKIStatusInfo")
     status = _read_status_info(data, parts.pop(0))
     code = _optional(parts, 0x02)
     details = _optional(parts, 0x30)

@@ -87,13 +87,25 @@ def protection_kind(header: PKIHeader) -> ProtectionKind:
     raise _bad_alg(f"protection algorithm {alg.oid} is not supported")
 
 
-def _decode_params(der: bytes | None, spec: Any, what: str) -> Any:
+_SHAPE = {
+    "PBMParameter": "PBMParameter (RFC 4211 4.4: salt, owf, iterationCount, mac)",
+    "PBMAC1_params": "PBMAC1-params (RFC 8018 A.5: keyDerivationFunc PBKDF2, messageAuthScheme)",
+    "PBKDF2_params": "PBKDF2-params (RFC 8018 A.2: salt, iterationCount, keyLength, prf)",
+}
+
+
+def _decode_params(der: bytes | None, spec: Any, what: str, policy: MacPolicy = DEFAULT_MAC_POLICY) -> Any:
     if der is None:
         raise _bad_alg(f"{what} parameters are missing")
     try:
         value, rest = der_decoder.decode(der, asn1Spec=spec)
-    except (PyAsn1Error, ValueError, TypeError) as exc:
-        raise _bad_alg(f"{what} parameters are not a valid {type(spec).__name__}: {exc}"[:200]) from None
+    except (PyAsn1Error, ValueError, TypeError):
+        # Our own words, never pyasn1's (its texts repr schema objects): what was expected, and the bounds.
+        raise _bad_alg(
+            f"{what} parameters are not a DER {_SHAPE.get(type(spec).__name__, type(spec).__name__)} within the"
+            f" bounds accepted here: a salt of {policy.min_salt_length} to {policy.max_salt_length} bytes,"
+            f" {policy.min_iterations} to {policy.max_iterations} iterations"
+        ) from None
     if rest:
         raise _bad_alg(f"{what} parameters have trailing bytes")
     return value
@@ -127,7 +139,7 @@ def derive_mac_key(
 ) -> tuple[bytes, str]:
     """(MAC key, HMAC hash name) for a PBM or PBMAC1 protectionAlg, after checking its parameters."""
     if alg.oid == oids.PASSWORD_BASED_MAC:
-        p = _decode_params(alg.parameters, rfc9480.PBMParameter(), "PasswordBasedMac")
+        p = _decode_params(alg.parameters, rfc9480.PBMParameter(), "PasswordBasedMac", policy)
         salt = bytes(p["salt"])
         iterations = int(p["iterationCount"])
         owf = _hash_name(p["owf"], _SHA2, _SHA1, policy, "PBM one-way function")
@@ -139,13 +151,13 @@ def derive_mac_key(
             key = hashlib.new(owf, key).digest()
         return key, mac
     if alg.oid == oids.PBMAC1:
-        p = _decode_params(alg.parameters, rfc8018.PBMAC1_params(), "PBMAC1")
+        p = _decode_params(alg.parameters, rfc8018.PBMAC1_params(), "PBMAC1", policy)
         kdf = p["keyDerivationFunc"]
         if str(kdf["algorithm"]) != oids.PBKDF2:
             raise _bad_alg(f"PBMAC1 key derivation {kdf['algorithm']} is not PBKDF2")
         kdf_params = kdf["parameters"]
         k = _decode_params(
-            bytes(kdf_params) if kdf_params.isValue else None, rfc8018.PBKDF2_params(), "PBKDF2"
+            bytes(kdf_params) if kdf_params.isValue else None, rfc8018.PBKDF2_params(), "PBKDF2", policy
         )
         if k["salt"].getName() != "specified":
             raise _bad_alg("PBKDF2 salt must be specified")
@@ -156,7 +168,8 @@ def derive_mac_key(
         _check_counts(salt, iterations, policy, "PBMAC1")
         length = int(k["keyLength"]) if k["keyLength"].isValue else hashlib.new(mac).digest_size
         if not policy.min_key_length <= length <= policy.max_key_length:
-            raise _bad_alg(f"PBKDF2 key length {length} is not accepted")
+            raise _bad_alg(f"PBKDF2 key length {length}: {policy.min_key_length} to {policy.max_key_length} bytes"
+                           " accepted")  # fmt: skip
         return hashlib.pbkdf2_hmac(prf, secret, salt, iterations, length), mac
     raise _bad_alg(f"{alg.oid} is not a MAC algorithm")
 
@@ -202,8 +215,8 @@ def verify_signature(message: PKIMessage, signer: x509.Certificate | None = None
         signer = message.extra_certs[0]
     try:
         key = signer.public_key()
-    except ValueError as exc:
-        raise _bad_alg(f"signer certificate key: {exc}") from None
+    except ValueError:
+        raise _bad_alg("the signer certificate's public key is not one this appliance can use") from None
     verify_signature_with(key, alg, value, message.protected_part)
     ski = subject_key_id(signer)
     if ski is not None and message.header.sender_kid != ski:

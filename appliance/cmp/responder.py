@@ -66,7 +66,7 @@ from appliance.cmp.protection import (
 )
 from appliance.cmp.revoke import Revoker
 from appliance.cmp.transactions import Answer, Auth, Credential, Transaction, error_answer
-from appliance.cmp.trust import SignerKind, SignerTrust
+from appliance.cmp.trust import SignerKind, SignerTrust, purpose_of
 from appliance.errors import BirthlineError, ConfigError, Problem
 from appliance.issuance.journal import Journal
 from appliance.issuance.policy import AuditSink
@@ -75,7 +75,6 @@ from appliance.issuance.service import IssueService
 log = logging.getLogger(__name__)
 
 _DER = serialization.Encoding.DER
-ENROL_BODIES = frozenset({BodyType.IR, BodyType.CR, BodyType.P10CR})
 
 
 class CmpResponder:
@@ -117,7 +116,7 @@ class CmpResponder:
         own_chain = [x509.load_der_x509_certificate(c) for svc in self.services.values() for c in svc.chain]
         s = self.settings
         self.trust = SignerTrust(
-            journal, issuing, management_ca=management_ca, own_chain=own_chain, clock=clock,
+            journal, issuing, management_ca=management_ca, own_chain=own_chain, clock=clock, default_ca=service.ca.name,
             crls=crls or CrlCache(timeout_s=s.crl_timeout_s, max_bytes=s.crl_max_bytes, retry_s=s.crl_retry_s,
                                   refresh_s=s.crl_refresh_s, clock=clock),
         )  # fmt: skip
@@ -155,13 +154,17 @@ class CmpResponder:
     ) -> PKIMessage:
         """`checked`: the protection already verified by the caller (the inner messages of a nested message are
         verified together, in one thread hop), or why it failed."""
-        protector = self._protector_for(label, msg)
+        # Until the message's protection verified, the peer has shown no secret: an answer is never MAC-protected
+        # with the label's (that would name its senderKID and hand out material for offline guessing), but
+        # signed by the RA key, or unprotected without one - the same way whatever senderKID the message named.
+        protector: Protector | None = self.ra
         pending: Transaction | None = None
         try:
             self._purge()
             if isinstance(checked, BirthlineError):
                 raise checked
             auth = checked or await self._authenticate(label, msg, await self._station_row(label))
+            protector = self._protector_for(label, msg)
             if msg.body_type is BodyType.NESTED:
                 # A nested message is no transaction of its own: with added protection (RFC 9483 5.2.2.1) it
                 # carries the transactionID and nonces of the one message it wraps.
@@ -173,6 +176,10 @@ class CmpResponder:
             else:
                 pending = self._transaction(label, msg, auth)
                 answer = await self._dispatch(label, msg, auth, pending)
+                if (
+                    pending is not None
+                ):  # answered: the transaction ends, or the answer opens it again (below)
+                    self.pending.pop(msg.header.transaction_id or b"", None)
         except (BirthlineError, ValueError) as exc:
             answer = error_answer(exc)
         except Exception as exc:  # noqa: BLE001 - answered (systemFailure) and logged below; never escapes
@@ -187,11 +194,22 @@ class CmpResponder:
             self._counts["errors"] += 1
             log.info("CMP %s on label %s refused: %s", msg.body_type.asn1_name, label.name,
                      answer.body.status.status_string if isinstance(answer.body, ErrorBody) else "")  # fmt: skip
-        out = await asyncio.to_thread(self._build, msg, answer, protector)
-        if answer.pending is not None and out.header.sender_nonce is not None:
-            tid = msg.header.transaction_id or b""
-            answer.pending.state = TransactionState(tid, out.header.sender_nonce)
-            answer.pending.nonces |= {out.header.sender_nonce, msg.header.sender_nonce or b""}
+        tid = msg.header.transaction_id or b""
+        try:
+            out = await asyncio.to_thread(self._build, msg, answer, protector)
+        finally:
+            if pending is not None:
+                pending.busy = False
+        nonce = out.header.sender_nonce
+        if pending is not None and self.pending.get(tid) is pending and nonce is not None:
+            # A follow-up that passed the transaction's checks (its protection, nonces) and was refused: the
+            # transaction stays open for the client's corrected one, which may echo this error's senderNonce.
+            pending.nonces |= {nonce, msg.header.sender_nonce or b""}
+            pending.answered.add(nonce)
+        if answer.pending is not None and nonce is not None:
+            answer.pending.state = TransactionState(tid, nonce)
+            answer.pending.answered = {nonce}
+            answer.pending.nonces |= {nonce, msg.header.sender_nonce or b""}
             self.pending[tid] = answer.pending
         return out
 
@@ -205,7 +223,8 @@ class CmpResponder:
                 raise CmpError(f"no transaction of this label awaits a {msg.body_type.asn1_name}")
             if (msg.body_type is BodyType.POLLREQ) != (pending.certificate is None):
                 raise CmpError(f"this transaction does not await a {msg.body_type.asn1_name}")
-            check_request(msg, pending.state)
+            recip = msg.header.recip_nonce
+            check_request(msg, TransactionState(tid, recip) if recip in pending.answered else pending.state)
             if auth.credential != pending.credential:
                 # RFC 9483 3.2 / 4.1.1: the messages of one transaction are protected alike; a certConf signed
                 # with the certificate it confirms, or by MAC after a signed request, proves nothing.
@@ -214,9 +233,11 @@ class CmpResponder:
             if msg.header.sender_nonce in pending.nonces:
                 raise CmpError("senderNonce was used before in this transaction",
                                fail_info=FailInfo.BAD_SENDER_NONCE)  # fmt: skip
-            return self.pending.pop(
-                tid
-            )  # the transaction ends with this message, or its answer opens it again
+            if pending.busy:
+                raise CmpError(f"another message of this transaction is being answered; send the"
+                               f" {msg.body_type.asn1_name} again after its answer")  # fmt: skip
+            pending.busy = True  # until answered (_respond); the answer ends the transaction or keeps it open
+            return pending
         check_request(msg, None)
         if pending is not None:
             if pending.request_sha256 != hashlib.sha256(msg.der).digest():
@@ -245,7 +266,8 @@ class CmpResponder:
         return x509.DirectoryName(self.chain[0].subject)
 
     def _protector_for(self, label: CmpLabel, msg: PKIMessage) -> Protector | None:
-        """Protect the answer as the request was: MAC with the label's secret, else a signature by the RA."""
+        """Protect the answer to a message whose protection verified as the request was: MAC with the label's
+        secret, else a signature by the RA."""
         try:
             kind = protection_kind(msg.header)
         except CmpError:
@@ -282,7 +304,9 @@ class CmpResponder:
     ) -> Auth:
         signer = None
         if verified.signer is not None:
-            signer = await self.trust.authenticate(label, verified.signer, msg.extra_certs, station_fp)
+            purpose, revoked_ok = purpose_of(msg, verified.signer)
+            signer = await self.trust.authenticate(label, verified.signer, msg.extra_certs, station_fp, purpose,
+                                                   what=msg.body_type.asn1_name, revoked_ok=revoked_ok)  # fmt: skip
         return Auth(verified, Credential.of(msg, verified), signer)
 
     async def _station_row(self, label: CmpLabel) -> bytes | None:
@@ -306,9 +330,6 @@ class CmpResponder:
         self, label: CmpLabel, msg: PKIMessage, auth: Auth, pending: Transaction | None
     ) -> Answer:
         body = msg.body
-        if msg.body_type in ENROL_BODIES and auth.signer is not None and auth.signer.kind is SignerKind.OWN:
-            raise CmpError(f"the signer is not trusted for a {msg.body_type.asn1_name} on label {label.name!r}:"
-                           " a certificate of this appliance signs its own kur and rr", fail_info=FailInfo.SIGNER_NOT_TRUSTED)  # fmt: skip
         if isinstance(body, CertReqBody) and msg.body_type in (BodyType.IR, BodyType.CR, BodyType.KUR):
             return await self.enroller.certify(label, msg, body, auth, len(self.pending))
         if isinstance(body, P10crBody):
@@ -356,10 +377,31 @@ class CmpResponder:
             )
         body = msg.body
         items = body.items
+        outer_h = msg.header
         if len(items) == 1 and items[0].message is not None:
             inner = items[0].message
-            if inner.header.transaction_id == msg.header.transaction_id:
+            if inner.header.transaction_id == outer_h.transaction_id:
+                # 5.2.2.1: the wrapping RA copies the transactionID and the nonces of the message it protects.
+                if outer_h.sender_nonce != inner.header.sender_nonce:
+                    raise CmpError("a nested message adding protection to one message carries that message's"
+                                   " senderNonce (RFC 9483 5.2.2.1)", fail_info=FailInfo.BAD_SENDER_NONCE)  # fmt: skip
+                if outer_h.recip_nonce != inner.header.recip_nonce:
+                    raise CmpError("a nested message adding protection to one message carries that message's"
+                                   " recipNonce (RFC 9483 5.2.2.1)", fail_info=FailInfo.BAD_RECIPIENT_NONCE)  # fmt: skip
                 return await self._respond(label, inner, outer=False)
+        # 5.2.2.2: a batch is an exchange of its own: a fresh transactionID and senderNonce, and (its first
+        # message) no recipNonce.
+        inner_headers = [i.message.header for i in items if i.message is not None]
+        if outer_h.recip_nonce is not None:
+            raise CmpError("a batch (nested message of its own transactionID) must not carry recipNonce"
+                           " (RFC 9483 5.2.2.2, 3.1)", fail_info=FailInfo.BAD_RECIPIENT_NONCE)  # fmt: skip
+        if any(h.transaction_id == outer_h.transaction_id for h in inner_headers):
+            raise CmpError("a batch's transactionID must be fresh, not one of its inner messages' (RFC 9483"
+                           " 5.2.2.2); one inner message with the same transactionID is added protection"
+                           " (5.2.2.1)", fail_info=FailInfo.BAD_REQUEST)  # fmt: skip
+        if any(h.sender_nonce == outer_h.sender_nonce for h in inner_headers):
+            raise CmpError("a batch's senderNonce must be fresh, not one of its inner messages' (RFC 9483"
+                           " 5.2.2.2)", fail_info=FailInfo.BAD_SENDER_NONCE)  # fmt: skip
         return await self._batch(label, body)
 
     async def _batch(self, label: CmpLabel, body: NestedBody) -> Answer:
@@ -392,8 +434,8 @@ class CmpResponder:
         async def trusted(
             msg: PKIMessage, v: VerifiedProtection | BirthlineError | ValueError
         ) -> Auth | BirthlineError:
-            if isinstance(v, ValueError):
-                return CmpError(str(v)[:200], fail_info=FailInfo.BAD_MESSAGE_CHECK)
+            if isinstance(v, ValueError):  # a library's text stays here: the peer is told what failed
+                return CmpError("protection does not verify", fail_info=FailInfo.BAD_MESSAGE_CHECK)
             if isinstance(v, BirthlineError):
                 return v
             try:

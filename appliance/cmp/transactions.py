@@ -113,6 +113,11 @@ class Transaction:
     """The issuing CA (its issuance service) the request went to."""
     nonces: set[bytes] = field(default_factory=set)
     """Every senderNonce of the transaction so far, both sides: a later message must bring a fresh one."""
+    answered: set[bytes] = field(default_factory=set)
+    """Our senderNonces the peer's next message may echo as recipNonce: the last response that kept the
+    transaction open, and the error messages since that answered the peer's own (authenticated) follow-ups."""
+    busy: bool = False
+    """A follow-up of this transaction is being answered: another one waits for that answer."""
     issue: IssueRequest | None = None
     rep_type: BodyType = BodyType.CP
     ra_request: int | None = None

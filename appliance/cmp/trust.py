@@ -11,6 +11,14 @@ A signature that verified (appliance/cmp/protection.py) names a certificate; it 
 - OWN: a certificate this appliance issued (one of its issuing CAs), found in the journal byte for byte: a device
   updating its key (kur) or revoking its own certificate (rr).
 
+Which of these a signer is depends on what the message is (Purpose), not only on which anchor a chain reaches: a
+kur of the signer's own certificate, or an rr of it, is that certificate acting on itself (OWN) even where its
+chain also reaches a label's idevid_roots or trusted_ca; an ir, cr or p10cr is never signed by a certificate
+acting on itself (a certificate of this appliance that no anchor of the label covers may not sign one); other
+messages (genm, nested, certConf, pollReq, a kur or rr on behalf of a device) take the first that applies. A
+birth certificate (DEVICE) is never a certificate the label itself issues (its issuing CA): an operational
+certificate under the same root as the birth certificates is refused as an ir signer.
+
 Revocation, checked at every message, failing closed:
 - a certificate of one of this appliance's issuing CAs: its journal row (released, not revoked) - read at the
   time of the message, so a supervisor's `birthline revoke` takes effect at once;
@@ -38,6 +46,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from appliance.cmp.crls import CrlCache, CrlUnavailable, crl_urls
 from appliance.cmp.errors import CmpError, FailInfo
 from appliance.cmp.labels import CmpLabel
+from appliance.cmp.model import BodyType, CertReqBody, PKIMessage, RrBody
 from appliance.issuance.journal import Journal
 
 _DER = serialization.Encoding.DER
@@ -50,6 +59,18 @@ class SignerKind(enum.Enum):
     RA = "ra"
     DEVICE = "device"
     OWN = "own"
+
+
+class Purpose(enum.Enum):
+    """What the signer is asked to be trusted for (see the module docstring)."""
+
+    ENROL = "enrol"
+    """ir, cr, p10cr: a station, an RA or a birth certificate; never a certificate acting on itself."""
+    SELF = "self"
+    """kur of the signer's own certificate, rr of it: a certificate of this appliance is OWN, whatever its chain
+    also reaches."""
+    OTHER = "other"
+    """Anything else: the first kind that applies (station, RA, birth certificate, this appliance's)."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +99,27 @@ class Signer:
     @property
     def fingerprint(self) -> bytes:
         return self.certificate.fingerprint(_SHA256)
+
+
+def purpose_of(msg: PKIMessage, signer: x509.Certificate) -> tuple[Purpose, bool]:
+    """What a signed message asks its signer to be trusted for, and whether a revoked or expired certificate of
+    this appliance still signs it (an rr of itself: answered with an rp, RFC 9483 4.2, 5.1.3)."""
+    body = msg.body
+    if msg.body_type in (BodyType.IR, BodyType.CR, BodyType.P10CR):
+        return Purpose.ENROL, False
+    if msg.body_type is BodyType.KUR and isinstance(body, CertReqBody):
+        try:
+            named = [r.old_cert_id() for r in body.requests]
+        except CmpError:
+            return Purpose.SELF, False  # the enroller refuses the malformed oldCertID
+        issuer = x509.DirectoryName(signer.issuer)
+        if all(n is None or (n[0] == issuer and n[1] == signer.serial_number) for n in named):
+            return Purpose.SELF, False
+    if isinstance(body, RrBody) and len(body.requests) == 1:
+        details = body.requests[0]
+        if details.issuer == signer.issuer and details.serial_number == signer.serial_number:
+            return Purpose.SELF, True
+    return Purpose.OTHER, False
 
 
 def _fail(text: str, fail_info: FailInfo = FailInfo.SIGNER_NOT_TRUSTED) -> CmpError:
@@ -110,11 +152,15 @@ class SignerTrust:
         own_chain: Sequence[x509.Certificate] = (),
         crls: CrlCache | None = None,
         clock: Callable[[], float] = time.time,
+        default_ca: str | None = None,
     ) -> None:
         self.journal = journal
         self.issuing_cas = dict(issuing_cas)
         """This appliance's issuing CAs by name: their certificates' revocation is the journal's."""
         self.management_ca = management_ca
+        self.default_ca = default_ca
+        """The issuing CA of labels that name none ([issuance] issuing_ca)."""
+        self._own_chain = tuple(own_chain)
         self._own_cas = {c.fingerprint(_SHA256) for c in (*issuing_cas.values(), *own_chain)}
         self.crls = crls or CrlCache(clock=clock)
         self.clock = clock
@@ -180,9 +226,10 @@ class SignerTrust:
                 return name
         return None
 
-    async def own(self, cert: x509.Certificate, ca: str) -> OwnCertificate:
-        """The journal row of a certificate of this appliance. CmpError: certRevoked when it is revoked,
-        signerNotTrusted when it was never released (or is not in the journal as these bytes)."""
+    async def own(self, cert: x509.Certificate, ca: str, *, revoked_ok: bool = False) -> OwnCertificate:
+        """The journal row of a certificate of this appliance. CmpError: certRevoked when it is revoked (unless
+        `revoked_ok`: an rr of itself is answered at the request level), signerNotTrusted when it was never
+        released (or is not in the journal as these bytes)."""
         serial = format(cert.serial_number, "x")
         der = cert.public_bytes(_DER)
 
@@ -198,9 +245,11 @@ class SignerTrust:
         row = await self.journal.acall(q)
         if row is None or row[7] is None or bytes(row[7]) != der:
             raise _fail(f"certificate {serial} of CA {ca} is not one this appliance issued")
-        if row[8] is not None:
+        if revoked_ok and row[5] in ("issued", "confirmed", "reworked", "scrapped"):
+            pass
+        elif row[8] is not None:
             raise _fail(f"certificate {serial} is revoked ({row[8]})", FailInfo.CERT_REVOKED)
-        if row[5] not in ("issued", "confirmed"):
+        elif row[5] not in ("issued", "confirmed"):
             raise _fail(f"certificate {serial} is {row[5]}", FailInfo.CERT_REVOKED)
         return OwnCertificate(int(row[0]), str(row[1]), str(row[2]), str(row[3]), str(row[4]), str(row[5]),
                               None if row[6] is None else int(row[6]))  # fmt: skip
@@ -231,11 +280,24 @@ class SignerTrust:
         signer: x509.Certificate,
         extra_certs: Sequence[x509.Certificate],
         station_fingerprint: bytes | None,
+        purpose: Purpose = Purpose.OTHER,
+        *,
+        what: str = "message",
+        revoked_ok: bool = False,
     ) -> Signer:
-        """How `signer` (whose signature over the message verified) is trusted on `label`; CmpError otherwise."""
+        """How `signer` (whose signature over the message verified) is trusted on `label` for a message `what`
+        (its body's name) of `purpose`; CmpError otherwise, with a text that says what is wrong. `revoked_ok`
+        (an rr of the signer's own certificate): a certificate of this appliance that is revoked or expired is
+        still OWN, so the rr is answered with an rp saying so."""
+        pool = tuple(extra_certs[1:])
+        if purpose is Purpose.SELF:
+            ca = self.own_ca_of(signer)
+            if ca is not None:
+                if not revoked_ok and not _valid_at(signer, self._now()):
+                    raise _fail("the signer's certificate is not valid now")
+                return Signer(SignerKind.OWN, signer, (), await self.own(signer, ca, revoked_ok=revoked_ok))
         if not _valid_at(signer, self._now()):
             raise _fail("the signer's certificate is not valid now")
-        pool = tuple(extra_certs[1:])
         if (
             label.station_signature
             and self.management_ca is not None
@@ -251,11 +313,62 @@ class SignerTrust:
             if chain is None:
                 continue
             own = await self._check_chain(label, signer, chain)
+            if (
+                kind is SignerKind.DEVICE
+                and own is not None
+                and own.ca == (label.issuing_ca or self.default_ca)
+            ):
+                if purpose is not Purpose.ENROL:
+                    continue  # a certificate this label issued is this appliance's own (below)
+                raise _fail(f"the signer is a certificate of CA {own.ca!r}, which this label issues from: an"
+                            " operational certificate, not a birth certificate (idevid_roots anchors it too: anchor"
+                            " idevid_roots at the CAs that issue birth certificates)")  # fmt: skip
             return Signer(kind, signer, chain, own)
         ca = self.own_ca_of(signer)
-        if ca is not None:
+        if ca is not None and purpose is not Purpose.ENROL:
             return Signer(SignerKind.OWN, signer, (), await self.own(signer, ca))
-        raise _fail(f"the signer is not trusted for label {label.name!r}")
+        raise _fail(self._untrusted(label, signer, pool, purpose, what, ca)[:400])
+
+    def _untrusted(
+        self, label: CmpLabel, signer: x509.Certificate, pool: Sequence[x509.Certificate], purpose: Purpose,
+        what: str, own_ca: str | None,
+    ) -> str:  # fmt: skip
+        """Why `signer` is not trusted on `label`: which anchors the label has, and where the path to them
+        breaks (a missing issuer in extraCerts, or a link that does not verify)."""
+        subject = signer.subject.rfc4514_string()[:120]
+        configured = [
+            n for n, a in (("trusted_ca", label.trusted_cas), ("idevid_roots", label.idevid_roots)) if a
+        ]
+        anchors = (*label.trusted_cas, *label.idevid_roots)
+        if not configured:
+            whom = f"an {what}" if purpose is Purpose.ENROL else f"a {what} of another CA"
+            text = f"label {label.name!r} trusts no signer for {whom} (no trusted_ca or idevid_roots"
+            text += ", and the signer is not the label's station)" if label.station_signature else ")"
+        else:
+            text = (f"the signer ({subject}) has no path to the {' or '.join(configured)} of label {label.name!r}:"
+                    f" {self._break(signer, pool, anchors)}")  # fmt: skip
+        if own_ca is not None and purpose is Purpose.ENROL:
+            ca_cert = self.issuing_cas[own_ca]
+            if not configured or self.chain(ca_cert, self._own_chain, anchors) is None:
+                text += (f"; a certificate of this appliance signs only its own kur and rr (and genm) on a label"
+                         f" that does not trust its CA ({own_ca})")  # fmt: skip
+        return text
+
+    def _break(
+        self, cert: x509.Certificate, pool: Sequence[x509.Certificate], anchors: Sequence[x509.Certificate]
+    ) -> str:
+        current = cert
+        for _ in range(MAX_CHAIN):
+            issuers = [c for c in (*anchors, *pool) if c.subject == current.issuer and c != current]
+            if not issuers:
+                return (f"the certificate of its issuer {current.issuer.rfc4514_string()[:120]!r} is neither an"
+                        " anchor of the label nor in extraCerts (RFC 9483 3.3: send the protection certificate's"
+                        " chain after it)")  # fmt: skip
+            if any(c in anchors for c in issuers):
+                break
+            current = issuers[0]
+        return ("a certificate of its chain is not valid now, is not a CA, or did not sign the certificate below"
+                " it")  # fmt: skip
 
     async def _check_chain(
         self, label: CmpLabel, signer: x509.Certificate, chain: tuple[x509.Certificate, ...]

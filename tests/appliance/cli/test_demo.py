@@ -191,6 +191,34 @@ def test_served_demo_answers_stations_by_hand(tmp_path: Path) -> None:
         got = x509.load_pem_x509_certificate((tmp_path / "c.pem").read_bytes())
         assert got.subject.get_attributes_for_oid(x509.NameOID.SERIAL_NUMBER)[0].value == mid
 
+        # Greenfield as the README shows it: the birth certificate signs an ir on label "field" for an operational
+        # certificate; an operational certificate is no birth certificate there (review finding 3: the label's
+        # idevid_roots is the birth certificates' issuing CA, not the root that also certifies the operational
+        # CA); the birth certificate updates its key there with its chain in extraCerts (review finding 1).
+        green = info["greenfield"]
+        assert green["idevid_roots"] == str(state / "issuing.pem")
+
+        def field(*args: str | Path) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(["openssl", "cmp", "-config", "", "-server", green["server"], "-path", green["path"],
+                                   "-srvcert", cmp["ra_cert"], *map(str, args)],
+                                  capture_output=True, text=True, check=False)  # fmt: skip
+
+        for name in ("op", "op2", "new"):
+            subprocess.run(["openssl", "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out",
+                            str(tmp_path / f"{name}.key")], check=True)  # fmt: skip
+        birth, birth_key = out / f"{last}.pem", out / f"{last}.key"
+        op = field("-cmd", "ir", "-cert", birth, "-key", birth_key, "-newkey", tmp_path / "op.key",
+                   "-subject", f"/serialNumber={last}", "-certout", tmp_path / "op.pem", "-chainout",
+                   tmp_path / "op-chain.pem")  # fmt: skip
+        assert op.returncode == 0, op.stdout + op.stderr
+        again = field("-cmd", "ir", "-cert", tmp_path / "op.pem", "-key", tmp_path / "op.key", "-extracerts",
+                      tmp_path / "op-chain.pem", "-newkey", tmp_path / "op2.key", "-subject", f"/serialNumber={last}",
+                      "-certout", tmp_path / "op2.pem")  # fmt: skip
+        assert again.returncode != 0 and "signerNotTrusted" in again.stdout + again.stderr, again.stdout
+        kur = field("-cmd", "kur", "-cert", birth, "-key", birth_key, "-oldcert", birth, "-extracerts",
+                    state / "issuing.pem", "-newkey", tmp_path / "new.key", "-certout", tmp_path / "new.pem")  # fmt: skip
+        assert kur.returncode == 0, kur.stdout + kur.stderr
+
         # OCSP on the served VA, with the real openssl client, before and after a supervisor revokes.
         ocsp = ["openssl", "ocsp", "-issuer", str(state / "issuing.pem"), "-cert", str(out / f"{first}.pem"),
                 "-url", info["ocsp_url"], "-CAfile", str(state / "root.pem")]  # fmt: skip

@@ -51,3 +51,34 @@ def test_the_keys_are_documented() -> None:
     for key in ("issuing_ca", "idevid_roots", "signer_revocation", "crl_files", "crl_fetch", "crl_timeout_s",
                 "crl_max_bytes", "crl_retry_s", "crl_refresh_s"):  # fmt: skip
         assert f"| `{key}` |" in text, key
+
+
+def test_config_check_warns_that_mac_upstream_protection_refuses_crmf_and_kur_records(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Review finding 10: with [upstream] protection = "mac", the records of devices enrolled over CMP with a
+    CRMF request (sent upstream as cr with POP raVerified) and of key updates need an RA's signature: the
+    upstream refuses them (notAuthorized), and in RA mode such a device's ir ends in a rejection after polling.
+    `config check` accepts the file (it is valid) and says so, with what to do; not without a CMP server, or
+    with signature protection."""
+    from appliance.cli.main import main
+
+    secret = tmp_path / "s"
+    secret.write_text("x")
+    secret.chmod(0o600)
+    hsm = '[hsm]\nmodule = "/usr/lib/softhsm/libsofthsm2.so"\ntoken_label = "t"\npin_file = "/etc/pin"\n'
+    upstream = (
+        f'[upstream]\nurl = "http://127.0.0.1:9/x"\nprotection = "mac"\nkid = "k"\nsecret_file = "{secret}"\n'
+    )
+    cmp = f'[cmp]\nlisten = "127.0.0.1:7452"\n[cmp.labels.demo]\nstation = "st"\nsecret_file = "{secret}"\n'
+    cases = {"mac with cmp": (hsm + upstream + cmp, True), "mac without cmp": (hsm + upstream, False),
+             "signature with cmp": (hsm + upstream.replace('"mac"', '"signature"') + 'server_cert = "up.pem"\n'
+                                    + cmp, False)}  # fmt: skip
+    for case, (text, warned) in cases.items():
+        path = tmp_path / "c.toml"
+        path.write_text(text)
+        assert main(["config", "check", "--config", str(path)]) == 0, case
+        out = capsys.readouterr().out
+        assert ("warning: upstream.protection" in out) is warned, (case, out)
+        if warned:
+            assert "raVerified" in out and "notAuthorized" in out and "protection = 'signature'" in out, out

@@ -243,3 +243,50 @@ async def test_refusals(field: Field) -> None:
     assert [r for r in field.operational("SN-0003") if r[0] == OPERATIONAL] == []
     assert field.operational("SN-0006") == [] and field.operational("XX-0007") == []
     assert field.operational("SN-0004") == []
+
+
+async def _operational(field: Field, serial: str) -> tuple[Path, Path, Path]:
+    """A device with a birth certificate of this appliance enrolled on the greenfield label: its operational
+    certificate, that certificate's key, and the operational CA's certificate (the chain it sends)."""
+    idevid, idevid_key, _ = await field.own_idevid(serial)
+    _, op_key = field.write_key(f"op-{serial}")
+    op = field.tmp / f"op-{serial}.pem"
+    rc, said = await field.openssl("-cmd", "ir", "-cert", idevid, "-key", idevid_key, "-extracerts", field.chain,
+                                   "-newkey", op_key, "-subject", f"/serialNumber={serial}", "-certout", op)  # fmt: skip
+    assert rc == 0, said
+    op_ca = field.write_cert("operational-ca", ca_mod.load_ca(field.journal, OPERATIONAL).certificate)
+    return op, op_key, op_ca
+
+
+async def test_an_operational_certificate_updates_its_key_and_revokes_itself_on_the_greenfield_label(
+    field: Field,
+) -> None:
+    """Review finding 1: the greenfield label trusts the birth certificates' root (idevid_roots), which also
+    certifies the operational CA; a kur and an rr signed by an operational certificate that sends its chain (as
+    `-extracerts` does, RFC 9483 3.3) are the certificate acting on itself, whatever else its chain reaches."""
+    op, op_key, op_ca = await _operational(field, "SN-0020")
+    _, new_key = field.write_key("op2-SN-0020")
+    updated = field.tmp / "op2.pem"
+    rc, said = await field.openssl("-cmd", "kur", "-cert", op, "-key", op_key, "-oldcert", op, "-extracerts", op_ca,
+                                   "-newkey", new_key, "-certout", updated)  # fmt: skip
+    assert rc == 0, said
+    assert [r[0] for r in field.operational("SN-0020")] == ["issuing", OPERATIONAL, OPERATIONAL]
+    rc, said = await field.openssl("-cmd", "rr", "-cert", updated, "-key", new_key, "-oldcert", updated,
+                                   "-extracerts", op_ca, "-revreason", "1")  # fmt: skip
+    assert rc == 0, said
+    serial = format(x509.load_pem_x509_certificate(updated.read_bytes()).serial_number, "x")
+    reason = field.journal.call(lambda: field.journal.conn.execute(
+        "SELECT reason FROM revocation WHERE cert_serial=?", (serial,)).fetchone())  # fmt: skip
+    assert reason is not None and reason[0] == "keyCompromise"
+
+
+async def test_an_operational_certificate_is_not_a_birth_certificate(field: Field) -> None:
+    """Review finding 3: an ir signed by a certificate this label itself issued (an operational certificate,
+    under the same root as the birth certificates) is refused as a signer, with a text that says why; it is not
+    taken for a birth certificate and refused later as a duplicate."""
+    op, op_key, op_ca = await _operational(field, "SN-0021")
+    rc, said = await field.openssl("-cmd", "ir", "-cert", op, "-key", op_key, "-extracerts", op_ca,
+                                   "-newkey", field.write_key("op3")[1], "-subject", "/serialNumber=SN-0021",
+                                   "-certout", field.tmp / "op3.pem")  # fmt: skip
+    assert rc != 0 and "signerNotTrusted" in said and "not a birth certificate" in said, said
+    assert [r[0] for r in field.operational("SN-0021")] == ["issuing", OPERATIONAL]

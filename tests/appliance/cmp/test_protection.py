@@ -78,9 +78,9 @@ def _with_alg(alg: AlgorithmIdentifier, protection: bytes = b"\x00" * 32) -> PKI
         (pbm_parameters(b"s" * 16, 500, owf=oids.SHA1), "SHA-1"),
         (pbm_parameters(b"s" * 16, 500, mac=oids.HMAC_SHA1), "SHA-1"),
         (pbm_parameters(b"s" * 16, 500, mac="1.2.3.4"), "not supported"),
-        (_der.integer(5), "not a valid PBMParameter"),
-        (pbmac1_parameters(b"s" * 16, 500), "not a valid PBMParameter"),
-        (_der.octet_string(b"x"), "not a valid PBMParameter"),
+        (_der.integer(5), "not a DER PBMParameter"),
+        (pbmac1_parameters(b"s" * 16, 500), "not a DER PBMParameter"),
+        (_der.octet_string(b"x"), "not a DER PBMParameter"),
         (None, "missing"),
     ],
 )

@@ -413,3 +413,42 @@ async def test_reconciliation_counts_ra_mode_units(ra: Ra, upstream: Upstream) -
     up_issuing = ca_mod.load_ca(upstream.journal, "issuing").certificate
     for c in x509.load_pem_x509_certificates(reconcile.export_pem(certs)):
         assert c.issuer == up_issuing.subject
+
+
+async def test_a_wrong_poll_req_leaves_the_device_its_waiting_transaction(ra: Ra) -> None:
+    """Review finding 4: a pollReq naming another certReqId (0 after a p10cr, which has -1) is answered with an
+    error (badCertId) and the transaction stays open: the corrected pollReq is answered (pollRep, the upstream
+    has not issued yet: no forwarder runs here), not refused as belonging to no transaction."""
+    from appliance.cmp import (
+        BodyType,
+        ErrorBody,
+        FailInfo,
+        MacProtector,
+        P10crBody,
+        PollReqBody,
+        build_message,
+    )
+    from appliance.cmp.header import follow_up_header, request_header
+    from appliance.cmp.parse import parse_message
+
+    management = ca_mod.load_ca(ra.journal, "management")
+    responder = CmpResponder(ra.service, ra.journal, ra.audit, {"line1": CmpLabel("line1", "fixture-1", secret=SECRET)},
+                             management_ca=management.certificate, ra=ra.ra)  # fmt: skip
+    mac = MacProtector(SECRET, b"line1", iterations=1000)
+    me = x509.DirectoryName(x509.Name([x509.NameAttribute(NameOID.SERIAL_NUMBER, "SN-0010")]))
+    csr = x509.load_der_x509_csr(device_csr("SN-0010")[1])
+    p10cr = build_message(
+        request_header(sender=me, recipient=me), BodyType.P10CR, P10crBody(csr), protection=mac
+    )
+    waiting = parse_message((await responder.handle("line1", p10cr.der))[1])
+    assert waiting.body_type is BodyType.CP
+
+    async def poll(after: object, cert_req_id: int) -> object:
+        msg = build_message(follow_up_header(after.header, sender=me), BodyType.POLLREQ,  # type: ignore[attr-defined]
+                            PollReqBody((cert_req_id,)), protection=mac)  # fmt: skip
+        return parse_message((await responder.handle("line1", msg.der))[1])
+
+    wrong = await poll(waiting, 0)
+    assert isinstance(wrong.body, ErrorBody) and wrong.body.status.fail_info == {FailInfo.BAD_CERT_ID}  # type: ignore[attr-defined]
+    right = await poll(wrong, -1)  # recipNonce: the error's senderNonce, the last message of the transaction
+    assert right.body_type is BodyType.POLLREP, right  # type: ignore[attr-defined]

@@ -84,3 +84,50 @@ async def test_cert_conf_keeps_the_mac_algorithm(peer: Peer) -> None:
     }
     assert (await peer.post(peer.follow(ip, BodyType.CERTCONF, good, mac()))).body_type is BodyType.PKICONF
     assert peer.state(cert)[0] == "confirmed"
+
+
+async def test_a_wrong_cert_conf_leaves_the_transaction_open(peer: Peer) -> None:
+    """Review finding 4: an authenticated, well-formed certConf that is wrong (another certReqId, a certHash of
+    another certificate, accepted with a failInfo, two CertStatus) is answered with an error and the
+    transaction stays open for the client's corrected certConf, which may echo either our last answer's
+    senderNonce (the error's, as RFC 9810 recipNonce says) or the ip's; each retry brings a fresh senderNonce."""
+    key = new_key()
+    ip = await peer.post(build(header(), BodyType.IR, cert_request("SN-0303", key), mac()))
+    cert = issued(ip)
+    good = CertStatus.for_certificate(cert, 0)
+    other = CertStatus.for_certificate(issued(await peer.post(build(header(implicit_confirm=True), BodyType.IR,
+                                                                    cert_request("SN-0304", new_key()), mac()))), 0)  # fmt: skip
+    mixed = CertStatus.for_certificate(
+        cert, 0, PKIStatusInfo(PKIStatus.ACCEPTED, (), frozenset({FailInfo.BAD_REQUEST}))
+    )
+    last = ip
+    for body, fail in (
+        (CertConfBody((CertStatus.for_certificate(cert, 5),)), FailInfo.BAD_CERT_ID),
+        (CertConfBody((dataclasses.replace(other, cert_req_id=0),)), FailInfo.BAD_CERT_ID),
+        (CertConfBody((mixed,)), FailInfo.BAD_REQUEST),
+        (CertConfBody((good, good)), FailInfo.BAD_REQUEST),
+    ):
+        wrong = await peer.post(peer.follow(ip, BodyType.CERTCONF, body, mac()))
+        assert refused(wrong) == {fail}
+        last = wrong
+    assert peer.state(cert)[0] == "issued"
+    # the failed certConf's senderNonce is used up
+    used = peer.follow(
+        ip, BodyType.CERTCONF, CertConfBody((good,)), mac(), sender_nonce=wrong.header.recip_nonce
+    )
+    assert refused(await peer.post(used)) == {FailInfo.BAD_SENDER_NONCE}
+    done = await peer.post(peer.follow(last, BodyType.CERTCONF, CertConfBody((good,)), mac()))
+    assert done.body_type is BodyType.PKICONF
+    assert peer.state(cert)[0] == "confirmed"
+    # the transaction ended with the pkiConf
+    after = await peer.post(peer.follow(ip, BodyType.CERTCONF, CertConfBody((good,)), mac()))
+    assert refused(after) == {FailInfo.BAD_REQUEST}
+    # a client that echoes the ip's senderNonce after an error is answered too
+    ip2 = await peer.post(build(header(), BodyType.IR, cert_request("SN-0305", new_key()), mac()))
+    cert2 = issued(ip2)
+    wrong = await peer.post(peer.follow(ip2, BodyType.CERTCONF, CertConfBody((CertStatus.for_certificate(cert2, 3),)),
+                                        mac()))  # fmt: skip
+    assert refused(wrong) == {FailInfo.BAD_CERT_ID}
+    done = await peer.post(peer.follow(ip2, BodyType.CERTCONF, CertConfBody((CertStatus.for_certificate(cert2, 0),)),
+                                       mac()))  # fmt: skip
+    assert done.body_type is BodyType.PKICONF and peer.state(cert2)[0] == "confirmed"

@@ -156,8 +156,11 @@ def _extensions_der(exts: x509.Extensions) -> bytes:
 
 async def test_a_p10cr_whose_csr_extensions_do_not_decode_is_refused(peer: Peer) -> None:
     """A CSR that loads and whose signature verifies, but whose requested extensions do not decode (two
-    subjectKeyIdentifiers): the device's malformed data, never a systemFailure of ours. The message's parsing
-    refuses it (HTTP 400, an unprotected error badDataFormat): what it hands on decodes whole."""
+    subjectKeyIdentifiers): the device's malformed data, never a systemFailure of ours. Review finding 8: the
+    message parses, its MAC verifies and its header is sound, so this is a request-level refusal (RFC 9483 3.6,
+    4.1.4): a cp with status rejection, badDataFormat, protected and with the request's transactionID and
+    nonce so the client can verify and match it; our own text, not the library's. HTTP 400 and an unprotected
+    error are for bytes that are no PKIMessage."""
     key = new_key()
     builder = twice_ski(
         x509.CertificateSigningRequestBuilder().subject_name(serial_name("SN-0230")), key.public_key()
@@ -168,4 +171,11 @@ async def test_a_p10cr_whose_csr_extensions_do_not_decode_is_refused(peer: Peer)
     with pytest.raises(x509.DuplicateExtension):
         _ = csr.extensions
     p10cr = build(header(), BodyType.P10CR, P10crBody(csr), mac())
-    assert await peer.unparsed(p10cr) == {FailInfo.BAD_DATA_FORMAT}
+    answer = await peer.post(p10cr)
+    assert refused(answer, BodyType.CP) == {FailInfo.BAD_DATA_FORMAT}
+    assert answer.body.responses[0].cert_req_id == -1  # type: ignore[union-attr]
+    assert answer.protection is not None and answer.header.transaction_id == p10cr.header.transaction_id
+    assert answer.header.recip_nonce == p10cr.header.sender_nonce
+    text = answer.body.responses[0].status.status_string[0]  # type: ignore[union-attr]
+    assert "Duplicate" not in text and "extensions" in text, text
+    assert peer.journal.rows("device_serial='SN-0230'") == []

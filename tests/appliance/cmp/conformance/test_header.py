@@ -23,6 +23,7 @@ from appliance.cmp import (
     verify_protection,
 )
 from tests.appliance.cmp.conformance.peer import (
+    SECRET,
     Peer,
     build,
     cert_request,
@@ -122,3 +123,41 @@ async def test_general_info_belongs_to_its_messages(peer: Peer) -> None:
     assert refused(answer, BodyType.IP) == {FailInfo.BAD_CERT_TEMPLATE}
     right = header(cert_profile=("idevid",))
     assert issued(await peer.post(build(right, BodyType.IR, cert_request("SN-0104", new_key()), mac())))
+
+
+async def test_an_error_to_an_unverified_message_reveals_no_kid_and_carries_no_mac(peer: Peer) -> None:
+    """Review finding 6: an unknown senderKID and a wrong MAC get the same answer, and neither is protected with
+    the label's secret (which the peer has not shown it holds: a MAC'd answer would name the real senderKID and
+    hand it material for offline guessing). The answer is signed by the RA key, the same way whatever the KID;
+    without an RA key it is unprotected. Once the MAC verified, answers are MAC-protected as before."""
+    from appliance.cmp import verify_signature
+
+    answers = []
+    for protector in (mac(b"guess-kid"), mac(b"mac", b"not the secret")):
+        answer = await peer.post(build(header(), BodyType.IR, cert_request("SN-0120", new_key()), protector))
+        assert refused(answer) == {FailInfo.BAD_MESSAGE_CHECK}
+        assert verify_signature(answer, peer.ra_cert) == peer.ra_cert  # the RA's signature, no MAC
+        assert answer.header.sender == x509.DirectoryName(peer.ra_cert.subject)
+        assert answer.header.sender_kid != b"mac" and b"mac" not in answer.der.split(answer.body_der)[0]
+        answers.append(answer)
+    assert answers[0].body.status == answers[1].body.status  # type: ignore[union-attr]
+    assert answers[0].header.sender_kid == answers[1].header.sender_kid
+    ra, peer.responder.ra = peer.responder.ra, None
+    try:
+        bare = await peer.post(
+            build(header(), BodyType.IR, cert_request("SN-0120", new_key()), mac(b"guess-kid"))
+        )
+    finally:
+        peer.responder.ra = ra
+    assert refused(bare) == {FailInfo.BAD_MESSAGE_CHECK}
+    assert bare.protection is None and bare.header.protection_alg is None and bare.header.sender_kid is None
+    # the right secret: the error about the header is MAC-protected with it (the peer proved it holds it)
+    late = build(
+        header(implicit_confirm=True), BodyType.GENM, GenBody((InfoTypeAndValue(oids.IT_CA_CERTS),)), mac()
+    )
+    answer = await peer.post(late)
+    assert refused(answer) == {FailInfo.BAD_REQUEST}
+    assert (
+        verify_protection(answer, secret_for=lambda kid: SECRET if kid == b"mac" else None).kind.value
+        == "PasswordBasedMac"
+    )

@@ -13,6 +13,7 @@ from appliance.cmp.parse import parse_message
 from tests.appliance.cmp.conformance.peer import (
     Peer,
     build,
+    cert_request,
     header,
     mac,
     new_key,
@@ -55,9 +56,14 @@ async def test_rr_with_the_certificates_own_key_revokes_it(peer: Peer) -> None:
     signer = peer.device_signer(key, cert)
     _accepted(await peer.post(build(header(cert.subject), BodyType.RR, _rr(cert), signer)))
     assert peer.revoked(cert) == "keyCompromise"
-    # now revoked, the key signs nothing any more (RFC 9483 3.5)
+    # Review finding 7: asked again, the rr is answered at the request level (RFC 9483 4.2, 5.1.3): an rp with
+    # status rejection, certRevoked, as docs/cmp.md's rr row says; not an error about the signer.
     again = await peer.post(build(header(cert.subject), BodyType.RR, _rr(cert), signer))
-    assert refused(again) == {FailInfo.CERT_REVOKED}
+    assert refused(again, BodyType.RP) == {FailInfo.CERT_REVOKED}
+    assert "already revoked" in again.body.statuses[0].status_string[0]  # type: ignore[union-attr]
+    # the revoked key still signs nothing else: a kur is refused with an error about the signer (3.5)
+    kur = build(header(cert.subject), BodyType.KUR, cert_request(None, new_key()), signer)
+    assert refused(await peer.post(kur)) == {FailInfo.CERT_REVOKED}
 
 
 async def test_one_key_may_not_revoke_another_certificate(peer: Peer) -> None:

@@ -212,3 +212,24 @@ async def test_a_signer_certificate_whose_extensions_do_not_decode_is_refused(pe
     behind = SignatureProtector(good.key, good.certificate, (vendor.cert, odd))
     assert await peer.unparsed(_ir(behind, "SN-0710"), label) == {FailInfo.BAD_DATA_FORMAT}  # type: ignore[arg-type]
     assert issued(await peer.post(_ir(good, "SN-0710"), label))  # type: ignore[arg-type]
+
+
+async def test_a_refused_signer_is_told_what_is_wrong(peer: Peer) -> None:
+    """Review finding 1: a signer is judged by what the message is. An ir on a greenfield label (idevid_roots:
+    this appliance's root) signed by a birth certificate of this appliance that leaves out its issuing CA has no
+    path to the anchor, and the answer says so (not "a certificate of this appliance signs its own kur and
+    rr"); with its chain it enrols. On a label that trusts no signer for an ir, a certificate of this appliance
+    is told what it may sign instead."""
+    root = peer.responder.chain[-1]
+    peer.responder.labels["field"] = CmpLabel("field", "fixture-1", idevid_roots=(root,))
+    key, cert = await peer.enrol("SN-0720")
+    alone = SignatureProtector(key, cert)
+    answer = await peer.post(_ir(alone, "SN-0720"), "field")  # type: ignore[arg-type]
+    assert refused(answer) == {FailInfo.SIGNER_NOT_TRUSTED}
+    text = answer.body.status.status_string[0]  # type: ignore[union-attr]
+    assert "extraCerts" in text and "idevid_roots" in text and "kur and rr" not in text, text
+    peer.responder.labels["mac2"] = CmpLabel("mac2", "fixture-1", secret=b"x")
+    answer = await peer.post(_ir(peer.device_signer(key, cert), "SN-0720"), "mac2")  # type: ignore[arg-type]
+    assert refused(answer) == {FailInfo.SIGNER_NOT_TRUSTED}
+    text = answer.body.status.status_string[0]  # type: ignore[union-attr]
+    assert "trusts no signer for an ir" in text and "its own kur and rr" in text, text
