@@ -23,6 +23,8 @@ import ssl
 import traceback
 from dataclasses import dataclass
 
+from cryptography import x509
+
 from appliance import stations_registry as reg
 from appliance.alarms import LogOnce
 from appliance.audit.checkpointer import Checkpointer
@@ -43,6 +45,10 @@ from appliance.connections import (
 from appliance.control.plane import ControlPlane
 from appliance.daemon_lock import DaemonLock, DaemonRunning
 from appliance.errors import BirthlineError, IssuanceFailed, IssuancePending, IssuanceRefused
+from appliance.est.labels import labels_from_config as est_labels_from_config
+from appliance.est.labels import settings_from_config as est_settings_from_config
+from appliance.est.server import EstResponder, make_est_app, server_context
+from appliance.httplisten import HttpListener, TlsServing
 from appliance.issuance.journal import Journal
 from appliance.issuance.policy import IssueRequest
 from appliance.issuance.service import IssueService
@@ -249,6 +255,8 @@ class Daemon:
         self.va_server: VaServer | None = None
         self.cmp: CmpResponder | None = None
         self.cmp_server: VaServer | None = None
+        self.est: EstResponder | None = None
+        self.est_server: HttpListener | None = None
         self.forwarder: Forwarder | None = None
         self.control: ControlPlane | None = None
 
@@ -337,6 +345,8 @@ class Daemon:
         await self._start_control(service)
         if self.config.cmp.address is not None:
             await self._start_cmp(service, accept_errors)
+        if self.config.est.address is not None:
+            await self._start_est(service, accept_errors)
         self.enroller = CoreEnroller(service, self.core.journal)
         self.link_failures = await self._stack.enter_async_context(
             LinkFailures(
@@ -369,6 +379,8 @@ class Daemon:
             caps["va.max_connections"] = self.config.va.limits.max_connections
         if self.config.cmp.address is not None:
             caps["cmp.max_connections"] = self.config.cmp.limits.max_connections
+        if self.config.est.address is not None:
+            caps["est.max_connections"] = self.config.est.limits.max_connections
         self.fd_budget = ensure_fd_budget(caps)
 
     async def _start_lan(self, context: ssl.SSLContext, accept_errors: AcceptErrors) -> None:
@@ -449,6 +461,44 @@ class Daemon:
             )
         )  # fmt: skip
         log.info("CMP on %s/.well-known/cmp (%d label(s))", self.cmp_server.url, len(self.cmp.labels))
+
+    async def _start_est(self, service: IssueService, accept_errors: AcceptErrors) -> None:
+        """The EST server (docs/est.md) over TLS on the LAN side: labels act as registered stations. Its server
+        certificate is the appliance's TLS server certificate (management CA), as the station listener's."""
+        assert self.core is not None
+        cfg = self.config.est
+        assert cfg.address is not None
+        management = reg.ensure_management_ca(
+            self.core.journal, self.core.token, self.config.stations.management_ca,
+            audit=self.core.audit, actor="appliance",
+        )  # fmt: skip
+        files = self.tls_files or reg.ensure_tls_server(
+            self.core.journal, self.core.token, self.config.stations.tls_dir, self.config.stations.management_ca,
+            hosts=reg.server_hosts(cfg.address), audit=self.core.audit,
+        )  # fmt: skip
+        labels = est_labels_from_config(cfg)
+        others: dict[str, IssueService] = {}
+        for name in sorted({lb.issuing_ca for lb in labels.values() if lb.issuing_ca} - {service.ca.name}):
+            others[name] = await self._stack.enter_async_context(
+                self.core.issue_service(admission=service.admission, ca_name=name)
+            )
+        va = self.va
+        self.est = EstResponder(
+            service, self.core.journal, labels, est_settings_from_config(cfg, self.config.issuance.max_csr_bytes),
+            management_ca=management.certificate, services=others,
+            on_revoked=va.changed if va is not None else None,
+        )  # fmt: skip
+        # The anchors a TLS client certificate may chain to: stations' (management CA), this appliance's own
+        # certificates (simplereenroll) and the labels' birth-certificate roots.
+        anchors = [management.certificate, *(x509.load_der_x509_certificate(c) for svc in self.est.services.values()
+                                             for c in svc.chain),
+                   *(root for lb in labels.values() for root in lb.idevid_roots)]  # fmt: skip
+        tls = TlsServing(server_context(files.cert, files.key, anchors), cfg.handshake_timeout_s)
+        self.est_server = await self._stack.enter_async_context(
+            HttpListener(make_est_app(self.est), *cfg.address, limits=cfg.limits, name="est",
+                         alarms=self.core.alarms, accept_errors=accept_errors, tls=tls)
+        )  # fmt: skip
+        log.info("EST on %s/.well-known/est (%d label(s))", self.est_server.url, len(labels))
 
     async def __aexit__(self, *exc: object) -> None:
         self._stopped.set()

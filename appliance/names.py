@@ -97,6 +97,7 @@ PRODUCT: Final = _identifier("product name", "._:-")
 CA: Final = _identifier("CA name", "._-")
 PROFILE: Final = _identifier("profile name", "_-")
 CMP_LABEL: Final = _identifier("CMP label", "._-")
+EST_LABEL: Final = _identifier("EST label", "._-")
 USER: Final = _identifier("user name", "._-", first="a-z", lower=True)
 
 
