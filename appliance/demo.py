@@ -52,6 +52,10 @@ DEMO_PROFILE = "demo-idevid"
 SERIAL_STATION = "demo-serial"
 CMP_STATION = "demo-cmp"  # the station the CMP label "demo" acts as (its line and work orders apply)
 CMP_LABEL = "demo"
+EST_STATION = "demo-est"  # the station the EST label "demo" acts as (docs/est.md)
+EST_LABEL = "demo"
+EST_USER = "fixture"  # the demo EST label's HTTP Basic user; the password is in est-demo.secret
+EST_PORT_OFFSET = 4
 # Greenfield: a device signs its ir with the birth certificate it got on the line and gets an operational
 # certificate (an LDevID) from another issuing CA, within work order WO-FIELD, through label "field".
 FIELD_LABEL = "field"
@@ -109,6 +113,18 @@ idevid_roots = "{state}/issuing.pem"
 [metrics]
 listen = "127.0.0.1:{metrics_port}"
 
+# EST (docs/est.md) on port + 4: the label "demo" (also /.well-known/est/...) acts as station {est_station}; a
+# fixture authenticates with that station's TLS client certificate or with HTTP Basic.
+[est]
+listen = "127.0.0.1:{est_port}"
+default_label = "{est_label}"
+
+[est.labels.{est_label}]
+station = "{est_station}"
+station_certificate = true
+username = "{est_user}"
+password_file = "{state}/est-demo.secret"
+
 [profiles.demo-idevid]
 base = "idevid"
 subject_o = "{org}"
@@ -136,6 +152,9 @@ def _write_config(state: Path, port: int) -> Path:
     secret = state / "cmp-demo.secret"
     if not secret.exists():
         write_private(secret, secrets.token_urlsafe(24).encode() + b"\n")
+    est_secret = state / "est-demo.secret"
+    if not est_secret.exists():
+        write_private(est_secret, secrets.token_urlsafe(18).encode() + b"\n")
     path = state / "birthline.toml"
     write_public(path, CONFIG_TEMPLATE.format(
             state=state,
@@ -147,6 +166,10 @@ def _write_config(state: Path, port: int) -> Path:
             va_port=port + 1,
             cmp_port=port + 2,
             metrics_port=port + 3,
+            est_port=port + EST_PORT_OFFSET,
+            est_label=EST_LABEL,
+            est_station=EST_STATION,
+            est_user=EST_USER,
             cmp_label=CMP_LABEL,
             cmp_station=CMP_STATION,
             field_label=FIELD_LABEL,
@@ -218,7 +241,7 @@ def _production(core: Core, admin: User, supervisor: User, run: int, devices: in
         store.add_product(core.journal, core.audit, admin, DEMO_PRODUCT, tenant="demo",
                           profile=core.config.profiles["demo-idevid"], ca="issuing")  # fmt: skip
         store.add_line(core.journal, core.audit, admin, DEMO_LINE)
-        for station in (SERIAL_STATION, LAN_STATION, CMP_STATION):
+        for station in (SERIAL_STATION, LAN_STATION, CMP_STATION, EST_STATION):
             store.assign_station(core.journal, core.audit, supervisor, station, DEMO_LINE)
         store.add_work_order(core.journal, core.audit, supervisor, WorkOrderSpec(
             HAND_WORK_ORDER, DEMO_PRODUCT, HAND_RANGE.last, (DEMO_LINE,), ranges=(HAND_RANGE,)), activate=True)  # fmt: skip
@@ -274,7 +297,12 @@ def _setup(
         write_public(state / "issuing.pem", issuing.certificate.public_bytes(serialization.Encoding.PEM))
         known = {r.name for r in registry.list_stations(core.journal)}
         (state / "pty").mkdir(exist_ok=True)
-        for name, kind in ((SERIAL_STATION, "serial"), (LAN_STATION, "lan"), (CMP_STATION, "lan")):
+        for name, kind in (
+            (SERIAL_STATION, "serial"),
+            (LAN_STATION, "lan"),
+            (CMP_STATION, "lan"),
+            (EST_STATION, "lan"),
+        ):
             bundle = state / "stations" / name
             host = lan_host if kind == "lan" else None
             if name in known and (bundle / "station.key").exists():
@@ -294,13 +322,14 @@ def _setup(
         _field(core, admin, supervisor)
         if gentle:
             _gentle_work_order(core, supervisor, run)
-        on_line = core.journal.call(
-            lambda: core.journal.conn.execute(
-                "SELECT line FROM stations WHERE name=?", (CMP_STATION,)
-            ).fetchone()
-        )
-        if on_line is None or on_line[0] is None:  # a demo state made before the CMP label existed
-            store.assign_station(core.journal, core.audit, supervisor, CMP_STATION, DEMO_LINE)
+        for label_station in (CMP_STATION, EST_STATION):
+            on_line = core.journal.call(
+                lambda name=label_station: core.journal.conn.execute(
+                    "SELECT line FROM stations WHERE name=?", (name,)
+                ).fetchone()
+            )
+            if on_line is None or on_line[0] is None:  # a demo state made before the CMP or EST label existed
+                store.assign_station(core.journal, core.audit, supervisor, label_station, DEMO_LINE)
 
 
 class _Fixture:
@@ -366,6 +395,15 @@ def _describe(
             "idevid_roots": str(state / "issuing.pem"), "issuing_ca": FIELD_CA, "profile": FIELD_PROFILE,
             "work_order": FIELD_WORK_ORDER, "line": FIELD_LINE,
             "note": "a device with a birth certificate from this demo signs its ir with it (see README)",
+        },
+        "est": {
+            "url": f"https://{config.est.listen}/.well-known/est",
+            "server": config.est.listen, "label": EST_LABEL, "station": EST_STATION,
+            "tls_ca": str(config.stations.tls_dir / "management-ca.crt"),
+            "basic_user": EST_USER, "password_file": str(state / "est-demo.secret"),
+            "station_cert": str(state / "stations" / EST_STATION / "station.crt"),
+            "station_key": str(state / "stations" / EST_STATION / "station.key"),
+            "docs": "docs/est.md",
         },
         "crl_url": f"{va_url}/crl/issuing.crl",
         "ocsp_url": f"{va_url}/ocsp",
@@ -608,6 +646,7 @@ def run_demo(
             stations=dataclasses.replace(config.stations, lan_listen="127.0.0.1:0"),
             va=dataclasses.replace(config.va, listen="127.0.0.1:0"),
             cmp=dataclasses.replace(config.cmp, listen="127.0.0.1:0"),
+            est=dataclasses.replace(config.est, listen="127.0.0.1:0"),
             metrics=MetricsSection(listen=""),
         )
     try:
