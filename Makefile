@@ -29,6 +29,7 @@ bench: deps
 	$(PY) bench/dashboard.py
 	$(PY) bench/stations.py serial
 	$(PY) bench/stations.py lan
+	$(PY) bench/est.py
 	$(PY) bench/station_failures.py
 	$(PY) bench/ocsp.py
 	$(PY) bench/ocsp_flood.py --unprotected
