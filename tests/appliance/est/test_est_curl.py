@@ -74,6 +74,9 @@ async def test_csrattrs_name_the_device_serial_and_the_profiles_keys(curl: Curl)
 async def test_simpleenroll_with_http_basic_issues_through_the_core(
     est: Daemon, curl: Curl, tmp_path: Path
 ) -> None:
+    assert est.control is not None
+    events = est.control.hub.bus.subscribe()
+    assert events is not None
     _, csr = openssl_csr(tmp_path, "d1", "/serialNumber=SN-0001/CN=anything")
     answer = await curl("simpleenroll", *curl.basic(), body=csr)
     assert answer.status == 200, answer.text
@@ -83,6 +86,13 @@ async def test_simpleenroll_with_http_basic_issues_through_the_core(
     (row,) = est.journal.rows("device_serial=?", ("SN-0001",))
     assert row.state == "confirmed" and row.station == "fixture-1"
     assert row.cert_der == cert.public_bytes(serialization.Encoding.DER)
+    # The control API's event stream says which front end issued it.
+    while (event := await asyncio.wait_for(events.next_event(), 30)) is not None and event[
+        "type"
+    ] != "issued":
+        pass
+    assert event is not None and event["front_end"] == "est" and event["device_serial"] == "SN-0001"
+    events.close()
     # The answer was lost: the same CSR again is answered with the same certificate.
     again = await curl("simpleenroll", *curl.basic(), body=csr)
     assert again.status == 200 and again.certificates() == [cert]
