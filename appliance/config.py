@@ -192,6 +192,7 @@ class EstLabelSection:
     crl_files: tuple[Path, ...] = ()
     crl_fetch: bool = True
     channel_binding: str = "optional"  # optional | required: tls-unique / tls-exporter in the CSR
+    serverkeygen: bool = False  # /serverkeygen: the appliance generates the device's key
 
 
 @dataclass(frozen=True)
@@ -202,6 +203,7 @@ class EstSection:
     default_label: str = ""  # the label of /.well-known/est/<operation>; "": those paths answer 404
     max_request_bytes: int = 16 * 1024
     handshake_timeout_s: float = 10.0
+    keygen_in_flight: int = 4  # serverkeygen key generations at once; more are answered 503
     auth_failure_limit: int = 10  # failed HTTP Basic logins per peer address and window before 429
     auth_failure_window_s: float = 60.0
     labels: Mapping[str, EstLabelSection] = field(default_factory=dict)
@@ -745,6 +747,7 @@ def _parse_est(
     default_label = r.text("default_label", "") or ""
     max_request_bytes = r.integer("max_request_bytes", d.max_request_bytes, lo=1024, hi=1024 * 1024)
     handshake_timeout_s = r.number("handshake_timeout_s", d.handshake_timeout_s, lo=0.05, hi=300)
+    keygen_in_flight = r.integer("keygen_in_flight", d.keygen_in_flight, lo=1, hi=64)
     auth_failure_limit = r.integer("auth_failure_limit", d.auth_failure_limit, lo=1, hi=100_000)
     auth_failure_window_s = r.number("auth_failure_window_s", d.auth_failure_window_s, lo=1, hi=86400)
     limits = _http_limits(r, EST_LIMITS)
@@ -783,6 +786,7 @@ def _parse_est(
             crl_files=_paths(lr, "crl_files", path),
             crl_fetch=lr.flag("crl_fetch", True),
             channel_binding=lr.text("channel_binding", "optional") or "optional",
+            serverkeygen=lr.flag("serverkeygen", False),
         )
         lr.done()
         _private_file(label.password_file, f"{where}.password_file", problems)
@@ -800,7 +804,7 @@ def _parse_est(
         labels[str(name)] = label
     if default_label and default_label not in labels:
         problems.append(Problem("est.default_label", f"no label {default_label!r} in [est.labels]"))
-    return EstSection(listen, default_label, max_request_bytes, handshake_timeout_s,
+    return EstSection(listen, default_label, max_request_bytes, handshake_timeout_s, keygen_in_flight,
                       auth_failure_limit, auth_failure_window_s, labels, limits)  # fmt: skip
 
 

@@ -20,6 +20,10 @@ from cryptography.x509.oid import AttributeOID, NameOID
 from appliance.errors import ReasonCode
 from appliance.est.errors import EstError
 
+# RFC 7030 4.4.1.1 / 4.4.1.2: a serverkeygen client that wants its key encrypted names the key to encrypt it with
+# in one of these CSR attributes.
+DECRYPT_KEY_IDENTIFIER: Final = x509.ObjectIdentifier("1.2.840.113549.1.9.16.2.37")
+ASYMMETRIC_DECRYPT_KEY_IDENTIFIER: Final = x509.ObjectIdentifier("1.2.840.113549.1.9.16.2.54")
 _SPKI: Final = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
@@ -28,6 +32,9 @@ class EstCsr:
     der: bytes
     subject: x509.Name
     challenge_password: bytes | None
+    wants_encrypted_key: bool
+    """serverkeygen: the CSR asks for the key encrypted (RFC 7030 4.4.1.1, 4.4.1.2)."""
+    signature_valid: bool
     public_key_der: bytes | None
     """The SubjectPublicKeyInfo, or None when cryptography cannot load the key (the core refuses it then)."""
     key_algorithm: str | None
@@ -60,6 +67,11 @@ def read_csr(der: bytes, max_bytes: int) -> EstCsr:
         raise _bad(
             "the CSR is not a PKCS#10 request in DER (or its subject or attributes do not decode)"
         ) from None
+    encrypted = any(a.oid in (DECRYPT_KEY_IDENTIFIER, ASYMMETRIC_DECRYPT_KEY_IDENTIFIER) for a in attributes)
+    try:
+        signature_valid = csr.is_signature_valid
+    except Exception:  # noqa: BLE001 - as above
+        signature_valid = False
     passwords = [a.value for a in attributes if a.oid == AttributeOID.CHALLENGE_PASSWORD]
     if len(passwords) > 1:
         raise _bad("the CSR has more than one challengePassword attribute")
@@ -69,7 +81,9 @@ def read_csr(der: bytes, max_bytes: int) -> EstCsr:
         algorithm = _algorithm(key)
     except Exception:  # noqa: BLE001 - as above: the core's key policy refuses it with its reason
         spki, algorithm = None, None
-    return EstCsr(der, subject, passwords[0] if passwords else None, spki, algorithm)
+    return EstCsr(
+        der, subject, passwords[0] if passwords else None, encrypted, signature_valid, spki, algorithm
+    )
 
 
 def device_serial(subject: x509.Name) -> str:

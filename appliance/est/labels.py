@@ -39,6 +39,8 @@ class EstLabel:
     crls: tuple[x509.CertificateRevocationList, ...] = ()
     crl_fetch: bool = True
     channel_binding: ChannelBinding = "optional"
+    serverkeygen: bool = False
+    """/serverkeygen on this label: the appliance generates the device's key (docs/est.md)."""
 
     @property
     def basic(self) -> bool:
@@ -71,6 +73,7 @@ class EstSettings:
     default_label: str = ""
     max_request_bytes: int = 16 * 1024
     max_csr_bytes: int = 8192
+    keygen_in_flight: int = 4
     auth_failure_limit: int = 10
     auth_failure_window_s: float = 60.0
 
@@ -125,12 +128,13 @@ def labels_from_config(section: EstSection) -> dict[str, EstLabel]:
             idevid_roots=_certificates(cfg.idevid_roots, f"{where}.idevid_roots"),
             signer_revocation=cfg.signer_revocation, crls=_crls(cfg, f"{where}.crl_files"), crl_fetch=cfg.crl_fetch,
             channel_binding="required" if cfg.channel_binding == "required" else "optional",
+            serverkeygen=cfg.serverkeygen,
         )  # fmt: skip
     return labels
 
 
 def settings_from_config(section: EstSection, max_csr_bytes: int) -> EstSettings:
     return EstSettings(
-        section.default_label, section.max_request_bytes, max_csr_bytes,
+        section.default_label, section.max_request_bytes, max_csr_bytes, section.keygen_in_flight,
         section.auth_failure_limit, section.auth_failure_window_s,
     )  # fmt: skip

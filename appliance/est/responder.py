@@ -9,10 +9,12 @@ is answered with the same certificate (the core's retry rule: same device, same 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
 import logging
+import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -24,7 +26,8 @@ from appliance.errors import BirthlineError, ConfigError, Problem, ReasonCode
 from appliance.est.auth import Authenticator, Client, ClientKind, TlsPeer
 from appliance.est.csr import EstCsr, device_serial, read_csr, same_name
 from appliance.est.csrattrs import csr_attributes
-from appliance.est.errors import EstError, from_core, refuse
+from appliance.est.errors import RETRY_AFTER_S, EstError, from_core, refuse
+from appliance.est.keygen import generate_key, keygen_algorithm
 from appliance.est.labels import EstLabel, EstSettings
 from appliance.est.wire import certs_only, decode_body
 from appliance.issuance.journal import Journal
@@ -72,7 +75,8 @@ class EstResponder:
         self.trust = SignerTrust(journal, issuing, management_ca=management_ca, own_chain=own_chain,
                                  default_ca=service.ca.name)  # fmt: skip
         self.auth = Authenticator(journal, self.trust, settings, service.ca.name)
-        self.stats = {"cacerts": 0, "enrolled": 0, "reenrolled": 0, "refused": 0, "pending": 0}
+        self.stats = {"cacerts": 0, "enrolled": 0, "reenrolled": 0, "keygen": 0, "refused": 0, "pending": 0}
+        self._keygen_free = settings.keygen_in_flight
 
     # -- labels ------------------------------------------------------------------------------------------------
     def label(self, name: str | None) -> EstLabel:
@@ -140,6 +144,52 @@ class EstResponder:
         issued = await self._issue(label, request, client)
         self.stats["reenrolled"] += 1
         return issued
+
+    # -- /serverkeygen -------------------------------------------------------------------------------------------
+    async def serverkeygen(
+        self, label: EstLabel, tls: TlsPeer, authorization: str | None, peer: str, body: bytes
+    ) -> tuple[bytes, Issued]:
+        """The appliance generates the device's key (RFC 7030 4.4) and certifies it: the PKCS#8 DER of the key and
+        the certificate. The key is returned over this TLS connection, unencrypted (4.4.2); it is stored nowhere
+        and never logged, so a lost answer cannot be asked for again (the device then needs a rework)."""
+        if not label.serverkeygen:
+            raise refuse(404, ReasonCode.BAD_REQUEST, f"EST label {label.name!r} does not serve serverkeygen")
+        client = await self.auth.enrolling(label, tls, authorization, peer)
+        csr = self._csr(label, tls, body)
+        if not csr.signature_valid:
+            raise refuse(400, ReasonCode.BAD_POP, "the CSR's signature does not verify")
+        if csr.wants_encrypted_key:
+            raise refuse(501, ReasonCode.BAD_REQUEST, "an encrypted server-generated key (DecryptKeyIdentifier,"
+                         " AsymmetricDecryptKeyIdentifier) is not supported: the key is returned over this TLS"
+                         " connection; send the CSR without those attributes")  # fmt: skip
+        serial = device_serial(csr.subject)
+        if client.kind is ClientKind.DEVICE and serial != client.device_serial:
+            raise refuse(403, ReasonCode.NOT_AUTHORISED, f"the CSR names device {serial!r}, the birth"
+                         f" certificate device {client.device_serial!r}")  # fmt: skip
+        service = self.service_of(label)
+        profile = service.profiles.get(label.profile or service.default_profile)
+        if profile is None:
+            raise refuse(400, ReasonCode.UNKNOWN_PROFILE, "the label's profile is not configured")
+        algorithm = keygen_algorithm(profile.key_algorithms, csr.key_algorithm)
+        if algorithm is None:
+            raise refuse(400, ReasonCode.KEY_POLICY, "the label's profile allows no key type this appliance"
+                         " generates (ec-p256, ec-p384, rsa-2048/3072/4096, ed25519)")  # fmt: skip
+        if self._keygen_free <= 0:
+            raise refuse(503, ReasonCode.BUSY, "too many key generations at once; try again",
+                         retry_after_s=float(RETRY_AFTER_S))  # fmt: skip
+        self._keygen_free -= 1
+        try:
+            key = await asyncio.to_thread(generate_key, algorithm)
+        finally:
+            self._keygen_free += 1
+        spki = key.public_key().public_bytes(*_SPKI)
+        request = IssueRequest(serial, b"", label.station, f"est-keygen:{label.name}:{secrets.token_hex(12)}",
+                               label.profile, public_key_der=spki, front_end="est", local_only=True)  # fmt: skip
+        issued = await self._issue(label, request, client)
+        self.stats["keygen"] += 1
+        pkcs8 = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption())  # fmt: skip
+        return pkcs8, issued
 
     # -- the parts -----------------------------------------------------------------------------------------------
     def _csr(self, label: EstLabel, tls: TlsPeer, body: bytes) -> EstCsr:

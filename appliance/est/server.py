@@ -2,6 +2,7 @@
 
     GET  /.well-known/est/cacerts                 POST /.well-known/est/simpleenroll
     GET  /.well-known/est/csrattrs                POST /.well-known/est/simplereenroll
+                                                  POST /.well-known/est/serverkeygen  (labels with serverkeygen)
     ... and the same under /.well-known/est/<label>/ for a label of [est.labels]
 
 The listener is TLS, always: there is no plain-HTTP EST, so HTTP Basic never travels in the clear. A TLS client
@@ -16,6 +17,7 @@ before reading it), 415 for a POST that is not application/pkcs10, 404 for an un
 
 from __future__ import annotations
 
+import secrets
 import ssl
 from collections.abc import Iterable
 from pathlib import Path
@@ -29,14 +31,22 @@ from appliance.est.auth import TlsPeer
 from appliance.est.binding import binding
 from appliance.est.errors import EstError, refuse
 from appliance.est.responder import EstResponder
-from appliance.est.wire import CT_CERTS_ONLY, CT_CSRATTRS, CT_PKCS10, certs_only, encode_body
+from appliance.est.wire import (
+    CT_CERTS_ONLY,
+    CT_CSRATTRS,
+    CT_PKCS8,
+    CT_PKCS10,
+    certs_only,
+    encode_body,
+    multipart,
+)
 from appliance.httpbody import read_limited
 from stations.tls import apply_tls_policy
 
 RESPONDER_KEY: web.AppKey[EstResponder] = web.AppKey("est", EstResponder)
 PREFIX = "/.well-known/est"
 _GET = ("cacerts", "csrattrs")
-_POST = ("simpleenroll", "simplereenroll")
+_POST = ("simpleenroll", "simplereenroll", "serverkeygen")
 
 
 def server_context(cert: Path, key: Path, anchors: Iterable[x509.Certificate]) -> ssl.SSLContext:
@@ -101,6 +111,15 @@ async def est_handler(request: web.Request) -> web.StreamResponse:
         if operation in _POST and request.method == "POST":
             tls = _tls(request)
             body = await _read(request, responder)
+            if operation == "serverkeygen":
+                key, issued = await responder.serverkeygen(label, tls, request.headers.get("Authorization"),
+                                                           request.remote or "?", body)  # fmt: skip
+                p7 = certs_only([x509.load_der_x509_certificate(issued.certificate)])
+                content_type, parts = multipart([(CT_PKCS8, key), (CT_CERTS_ONLY, p7)],
+                                                f"est-{secrets.token_hex(12)}")  # fmt: skip
+                return web.Response(
+                    body=parts, headers={"Content-Type": content_type, "Cache-Control": "no-store"}
+                )
             if operation == "simpleenroll":
                 issued = await responder.simpleenroll(label, tls, request.headers.get("Authorization"),
                                                       request.remote or "?", body)  # fmt: skip

@@ -25,6 +25,7 @@ from appliance.est.errors import EstError
 CT_PKCS10: Final = "application/pkcs10"
 CT_CERTS_ONLY: Final = "application/pkcs7-mime; smime-type=certs-only"
 CT_CSRATTRS: Final = "application/csrattrs"
+CT_PKCS8: Final = "application/pkcs8"
 CT_TEXT: Final = "text/plain; charset=utf-8"
 
 _WHITESPACE: Final = re.compile(rb"[ \t\r\n\v\f]+")
@@ -69,3 +70,13 @@ def certs_only(certificates: Sequence[x509.Certificate]) -> bytes:
     """A degenerate CMS SignedData holding `certificates` and nothing else (RFC 7030 4.1.3, 4.2.3: a CMC Simple
     PKI Response, "certs-only"), DER."""
     return pkcs7.serialize_certificates(list(certificates), serialization.Encoding.DER)
+
+
+def multipart(parts: Sequence[tuple[str, bytes]], boundary: str) -> tuple[str, bytes]:
+    """A multipart/mixed body (RFC 7030 4.4.2) of (content type, DER) parts, each base64 in CRLF lines; returns
+    the Content-Type header value and the body. `boundary` must not occur in base64 text (use a "-" in it)."""
+    body = b"".join(
+        b"--%s\r\nContent-Type: %s\r\n\r\n%s" % (boundary.encode(), ctype.encode(), encode_body(der, b"\r\n"))
+        for ctype, der in parts
+    )
+    return f"multipart/mixed; boundary={boundary}", body + b"--%s--\r\n" % boundary.encode()

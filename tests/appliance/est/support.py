@@ -34,6 +34,7 @@ def est_config(cfg: Config, tmp_path: Path, **section: object) -> Config:
         "cb": EstLabelSection(
             station="fixture-1", username=USER, password_file=secret, channel_binding="required"
         ),
+        "kg": EstLabelSection(station="fixture-1", username=USER, password_file=secret, serverkeygen=True),
     }
     est = EstSection(listen="127.0.0.1:0", default_label="line1", labels=labels)
     return dataclasses.replace(cfg, est=dataclasses.replace(est, **section))  # type: ignore[arg-type]
