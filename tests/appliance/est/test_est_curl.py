@@ -235,3 +235,19 @@ async def test_simplereenroll_rekeys_and_the_journal_links_old_and_new(
     newer = await curl("simplereenroll", "--cert", str(write_pem(tmp_path / "new.pem", new)), "--key",
                        str(new_key), body=third)  # fmt: skip
     assert newer.status == 200, newer.text
+
+
+async def test_plain_http_and_garbage_on_the_est_port_get_no_answer(est: Daemon, curl: Curl) -> None:
+    """EST is TLS only: a plain HTTP request (with HTTP Basic in it) or garbage is never answered in the clear,
+    and the listener goes on serving."""
+    assert est.est_server is not None
+    host, port = est.est_server.address
+    for data in (b"GET /.well-known/est/cacerts HTTP/1.1\r\nHost: x\r\nAuthorization: Basic Zm9vOmJhcg==\r\n\r\n",
+                 bytes(range(256)) * 8):  # fmt: skip
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(data)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 60)  # the server closes the connection
+        writer.close()
+        assert b"HTTP/1.1" not in answer and b"BEGIN" not in answer
+    assert (await curl("cacerts")).status == 200
