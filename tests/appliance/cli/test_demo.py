@@ -200,6 +200,9 @@ def test_served_demo_answers_stations_by_hand(tmp_path: Path) -> None:
             est["url"] == f"https://127.0.0.1:{port + 4}/.well-known/est"
             and cfg["est"]["listen"] == est["server"]
         )
+        assert all(
+            Path(est[k]).is_file() for k in ("tls_ca", "password_file", "station_tls_cert", "station_tls_key")
+        )
         doc = (Path(__file__).parents[3] / "docs" / "est.md").read_text()
         script = doc.split("## Try it", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
         script = script.replace("/tmp/", f"{tmp_path}/")  # first: the state directory is under /tmp too
