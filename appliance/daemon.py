@@ -482,6 +482,8 @@ class Daemon:
             others[name] = await self._stack.enter_async_context(
                 self.core.issue_service(admission=service.admission, ca_name=name)
             )
+            # Its answers are events of the control API too (a greenfield label's operational certificates).
+            others[name].observer = service.observer
         va = self.va
         self.est = EstResponder(
             service, self.core.journal, labels, est_settings_from_config(cfg, self.config.issuance.max_csr_bytes),

@@ -4,6 +4,7 @@ the birth certificate; judged by the same signer trust as the CMP greenfield lab
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import shutil
 import time
@@ -58,6 +59,9 @@ async def test_a_birth_certificate_enrols_for_an_operational_certificate(est: Da
     wrong_device = await curl("field/simpleenroll", *tls, body=other)
     assert wrong_device.status == 403 and "SN-0031" in wrong_device.text, wrong_device.text
     op_key, op_csr = openssl_csr(work, "op", "/serialNumber=SN-0030")
+    assert est.control is not None
+    events = est.control.hub.bus.subscribe()
+    assert events is not None
     answer = await curl("field/simpleenroll", *tls, body=op_csr)
     assert answer.status == 200, answer.text
     (op,) = answer.certificates()
@@ -65,6 +69,13 @@ async def test_a_birth_certificate_enrols_for_an_operational_certificate(est: Da
     assert op.issuer == ca_mod.load_ca(est.journal, OPERATIONAL).certificate.subject
     rows = {(r.ca, r.station) for r in est.journal.rows("device_serial=?", ("SN-0030",))}
     assert rows == {("issuing", "fixture-1"), (OPERATIONAL, "field-1")}
+    # The operational CA's issuance is an event of the control API too.
+    while (event := await asyncio.wait_for(events.next_event(), 30)) is not None and event[
+        "type"
+    ] != "issued":
+        pass
+    assert event is not None and event["station"] == "field-1" and event["front_end"] == "est"
+    events.close()
     # The operational certificate is no birth certificate on this label.
     _, again = openssl_csr(work, "again", "/serialNumber=SN-0030")
     op_tls = ("--cert", str(write_pem(work / "op.pem", op)), "--key", str(op_key))
