@@ -15,12 +15,18 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from appliance import ca as ca_mod
+from appliance.audit.log import AuditLog
 from appliance.config import EstLabelSection
 from appliance.daemon import Daemon
 from appliance.issuance.journal import Journal
+from appliance.production import store
+from appliance.production.allowlist import SerialRange
+from appliance.production.model import WorkOrderSpec
+from appliance.production.users import Role, User
 from appliance.va.revocation import Reason, Source, revoke_in_transaction
 from hsm.softhsm import SoftHsmToken
-from tests.appliance.cmp.test_greenfield import LDEVID, OPERATIONAL, field_template  # noqa: F401 - a fixture
+from hsm.token import Token
+from tests.appliance.cmp.test_greenfield import LDEVID
 from tests.appliance.est.support import Curl, est_config, openssl_csr, write_pem
 from tests.appliance.test_daemon import _config
 
@@ -29,9 +35,41 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+OPERATIONAL = (
+    "est-operational"  # not the CMP greenfield tests' CA: both make their CA key in the session's token
+)
+
+
+@pytest.fixture(scope="session")
+def est_field_template(
+    production_journal_template: Path, hsm_token: Token, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """The production floor plus an operational issuing CA, an LDevID product and work order on line FIELD,
+    where station field-1 (the greenfield label's) stands."""
+    path = tmp_path_factory.mktemp("est-field") / "journal.sqlite"
+    shutil.copy(production_journal_template, path)
+    with Journal(path) as journal:
+        audit = AuditLog(journal)
+        admin = User("alice", Role.ADMINISTRATOR)
+        ca_mod.create_issuing(
+            journal, hsm_token, OPERATIONAL, "O=Birthline Test,CN=Test EST Operational CA", "root"
+        )
+        store.add_product(journal, audit, admin, "sensor-op", tenant="acme", profile=LDEVID, ca=OPERATIONAL)
+        store.add_line(journal, audit, admin, "FIELD")
+        journal.call(journal.transaction, lambda conn: conn.execute(
+            "INSERT INTO stations (name, kind, key, created_at) VALUES ('field-1', 'lan', ?, ?)",
+            (bytes(32), time.time())), "test station")  # fmt: skip
+        store.assign_station(journal, audit, admin, "field-1", "FIELD")
+        spec = WorkOrderSpec(
+            "WO-FIELD", "sensor-op", 50, ("FIELD",), ranges=(SerialRange("SN-", 0, 9999, 4),)
+        )
+        store.add_work_order(journal, audit, admin, spec, activate=True)
+    return path
+
+
 @pytest.fixture
-async def est(softhsm_token: SoftHsmToken, field_template: Path, tmp_path: Path) -> AsyncIterator[Daemon]:  # noqa: F811
-    cfg = est_config(_config(tmp_path / "state", softhsm_token, field_template), tmp_path)
+async def est(softhsm_token: SoftHsmToken, est_field_template: Path, tmp_path: Path) -> AsyncIterator[Daemon]:
+    cfg = est_config(_config(tmp_path / "state", softhsm_token, est_field_template), tmp_path)
     cfg = dataclasses.replace(cfg, profiles={**cfg.profiles, LDEVID.name: LDEVID})
     roots = tmp_path / "idevid-roots.pem"
     # The anchor is the CA that issues birth certificates, not the root that also certifies the operational CA.
