@@ -30,6 +30,7 @@ bench: deps
 	$(PY) bench/stations.py serial
 	$(PY) bench/stations.py lan
 	$(PY) bench/scep.py
+	$(PY) bench/est.py
 	$(PY) bench/station_failures.py
 	$(PY) bench/ocsp.py
 	$(PY) bench/ocsp_flood.py --unprotected

@@ -227,6 +227,50 @@ class ScepSection:
         return _split_listen(self.listen)
 
 
+EST_LIMITS = HttpLimits(
+    max_connections=128, max_connections_per_peer=32, header_timeout_s=10.0, body_timeout_s=30.0,
+    idle_timeout_s=30.0,
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class EstLabelSection:
+    """[est.labels.<name>]: an EST label acts AS a registered station (work-order authorisation), as a CMP label
+    does. The HTTP Basic password stays in `password_file` (mode 0600), read when the daemon starts."""
+
+    station: str
+    profile: str | None = None
+    issuing_ca: str | None = None  # the issuing CA of this label's enrolments; None: [issuance] issuing_ca
+    station_certificate: bool = False  # accept the station's own TLS client certificate
+    username: str = ""  # HTTP Basic user name; "": the label's name
+    password_file: Path | None = None  # HTTP Basic password (0600); None: no Basic authentication
+    idevid_roots: Path | None = None  # PEM: greenfield, devices authenticate with a birth certificate
+    signer_revocation: str = "crl"  # crl | none: revocation of birth certificates from idevid_roots
+    crl_files: tuple[Path, ...] = ()
+    crl_fetch: bool = True
+    channel_binding: str = "optional"  # optional | required: tls-unique / tls-exporter in the CSR
+    serverkeygen: bool = False  # /serverkeygen: the appliance generates the device's key
+
+
+@dataclass(frozen=True)
+class EstSection:
+    """The EST server (RFC 7030 with RFC 8951) over TLS on the appliance's LAN side (docs/est.md)."""
+
+    listen: str = ""  # "host:port"; "" (the default) serves no EST
+    default_label: str = ""  # the label of /.well-known/est/<operation>; "": those paths answer 404
+    max_request_bytes: int = 16 * 1024
+    handshake_timeout_s: float = 10.0
+    keygen_in_flight: int = 4  # serverkeygen key generations at once; more are answered 503
+    auth_failure_limit: int = 10  # failed HTTP Basic logins per peer address and window before 429
+    auth_failure_window_s: float = 60.0
+    labels: Mapping[str, EstLabelSection] = field(default_factory=dict)
+    limits: HttpLimits = field(default_factory=lambda: EST_LIMITS)
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        return _split_listen(self.listen)
+
+
 @dataclass(frozen=True)
 class UpstreamSection:
     """[upstream]: the forwarder that sends every issuance and revocation to the upstream CA over CMP as an RA
@@ -309,6 +353,7 @@ class Config:
     control: ControlSection = field(default_factory=ControlSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
     scep: ScepSection = field(default_factory=ScepSection)
+    est: EstSection = field(default_factory=EstSection)
 
     @property
     def control_socket(self) -> Path:
@@ -406,7 +451,7 @@ def parse_config(
         return p if p.is_absolute() else (base / p)
 
     sections = ("appliance", "hsm", "journal", "issuance", "stations", "va", "cmp", "upstream", "audit", "control",
-                "metrics", "scep")  # fmt: skip
+                "metrics", "scep", "est")  # fmt: skip
     for key in sorted(set(data) - {*sections, "profiles"}):
         problems.append(Problem(key, "unknown section"))
 
@@ -528,6 +573,7 @@ def parse_config(
     r.done()
 
     cmp = _parse_cmp(_table(data, "cmp", problems), problems, path)
+    est = _parse_est(_table(data, "est", problems), problems, path)
     upstream = _parse_upstream(_table(data, "upstream", problems), problems, path)
 
     r = _Reader(_table(data, "audit", problems), "audit", problems)
@@ -559,6 +605,9 @@ def parse_config(
             problems.append(
                 Problem(f"scep.labels.{name}.profile", f"no profile named {scep_label.profile!r}")
             )
+    for name, est_label in est.labels.items():
+        if est_label.profile is not None and est_label.profile not in profiles:
+            problems.append(Problem(f"est.labels.{name}.profile", f"no profile named {est_label.profile!r}"))
     if issuance.default_profile not in profiles:
         problems.append(
             Problem(
@@ -584,6 +633,7 @@ def parse_config(
         control=control,
         metrics=metrics,
         scep=scep,
+        est=est,
     )
 
 
@@ -841,6 +891,77 @@ def _parse_scep(
     if default_label and default_label not in labels:
         problems.append(Problem("scep.default_label", f"no label {default_label!r} in [scep.labels]"))
     return ScepSection(listen, max_bytes, default_label, ra_cert, labels, limits)
+
+
+def _parse_est(
+    table: Mapping[str, Any], problems: list[Problem], path: Callable[[str | None], Path | None]
+) -> EstSection:
+    r = _Reader(table, "est", problems)
+    d = EstSection()
+    listen = _listen(r, "listen", "")
+    r.name("default_label", names.EST_LABEL)
+    default_label = r.text("default_label", "") or ""
+    max_request_bytes = r.integer("max_request_bytes", d.max_request_bytes, lo=1024, hi=1024 * 1024)
+    handshake_timeout_s = r.number("handshake_timeout_s", d.handshake_timeout_s, lo=0.05, hi=300)
+    keygen_in_flight = r.integer("keygen_in_flight", d.keygen_in_flight, lo=1, hi=64)
+    auth_failure_limit = r.integer("auth_failure_limit", d.auth_failure_limit, lo=1, hi=100_000)
+    auth_failure_window_s = r.number("auth_failure_window_s", d.auth_failure_window_s, lo=1, hi=86400)
+    limits = _http_limits(r, EST_LIMITS)
+    raw_labels = r.table.get("labels", {})
+    r.seen.add("labels")
+    r.done()
+    labels: dict[str, EstLabelSection] = {}
+    if not isinstance(raw_labels, Mapping):
+        problems.append(Problem("est.labels", f"expected a table, got {type(raw_labels).__name__}"))
+        raw_labels = {}
+    for name, raw in raw_labels.items():
+        where = f"est.labels.{name}"
+        if not isinstance(raw, Mapping):
+            problems.append(Problem(where, f"expected a table, got {type(raw).__name__}"))
+            continue
+        label_problem = names.EST_LABEL.problem(name)
+        if label_problem is not None:
+            where = f"est.labels.{safe_repr(str(name))}"
+            problems.append(Problem(where, label_problem))
+        lr = _Reader(raw, where, problems)
+        lr.name("station", names.STATION)
+        lr.name("issuing_ca", names.CA)
+        if "password" in raw:
+            problems.append(Problem(f"{where}.password", "never put the password in the config; use"
+                                    " password_file"))  # fmt: skip
+            lr.seen.add("password")
+        label = EstLabelSection(
+            station=lr.text("station", required=True) or "",
+            profile=lr.text("profile"),
+            issuing_ca=lr.text("issuing_ca"),
+            station_certificate=lr.flag("station_certificate", False),
+            username=lr.text("username", "") or "",
+            password_file=path(lr.text("password_file")),
+            idevid_roots=path(lr.text("idevid_roots")),
+            signer_revocation=lr.text("signer_revocation", "crl") or "crl",
+            crl_files=_paths(lr, "crl_files", path),
+            crl_fetch=lr.flag("crl_fetch", True),
+            channel_binding=lr.text("channel_binding", "optional") or "optional",
+            serverkeygen=lr.flag("serverkeygen", False),
+        )
+        lr.done()
+        _private_file(label.password_file, f"{where}.password_file", problems)
+        if ":" in label.username or not all(0x20 < ord(c) < 0x7F for c in label.username):
+            problems.append(Problem(f"{where}.username", "printable ASCII without ':' or spaces (RFC 7617)"))
+        if label.signer_revocation not in ("crl", "none"):
+            problems.append(Problem(f"{where}.signer_revocation",
+                                    f"expected 'crl' or 'none', got {label.signer_revocation!r}"))  # fmt: skip
+        if label.channel_binding not in ("optional", "required"):
+            problems.append(Problem(f"{where}.channel_binding",
+                                    f"expected 'optional' or 'required', got {label.channel_binding!r}"))  # fmt: skip
+        if not (label.station_certificate or label.password_file or label.idevid_roots):
+            problems.append(Problem(where, "set station_certificate, password_file or idevid_roots: no client"
+                                    " could authenticate to enrol"))  # fmt: skip
+        labels[str(name)] = label
+    if default_label and default_label not in labels:
+        problems.append(Problem("est.default_label", f"no label {default_label!r} in [est.labels]"))
+    return EstSection(listen, default_label, max_request_bytes, handshake_timeout_s, keygen_in_flight,
+                      auth_failure_limit, auth_failure_window_s, labels, limits)  # fmt: skip
 
 
 def _paths(r: _Reader, key: str, path: Callable[[str | None], Path | None]) -> tuple[Path, ...]:

@@ -160,6 +160,7 @@ class ConnectionGate:
         advice: str = "",
         grace_s: float = DISPLACE_GRACE_S,
         clock: Callable[[], float] = time.monotonic,
+        tls: bool = False,
     ) -> None:
         self.name = name
         self.caps = caps
@@ -169,6 +170,9 @@ class ConnectionGate:
         self.advice = advice or f"find the peer holding the {name} listener's connections"
         self.grace_s = grace_s
         self.clock = clock
+        # What a refused connection is told before it is closed: a plain HTTP listener's 503; nothing on a TLS
+        # port (HTTPS included), whose client would read plaintext as a broken handshake.
+        self.refusal = REFUSED_503 if http is not None and not tls else b""
         self.open = 0
         self.peers: dict[str, int] = {}
         self.counters: dict[str, int] = {
@@ -420,8 +424,8 @@ class Guard(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.peer = _peer_host(transport)
         if not self.gate.admit(self):
-            if self.gate.http is not None:
-                transport.write(REFUSED_503)
+            if self.gate.refusal:
+                transport.write(self.gate.refusal)
             transport.close()
             return
         self.transport = transport
@@ -603,6 +607,8 @@ class BufferedGuard(Guard, asyncio.BufferedProtocol):
         inner = self.inner
         if isinstance(inner, asyncio.BufferedProtocol):
             inner.buffer_updated(nbytes)
+            if self.gate.http is not None:
+                self._http_bytes()  # HTTPS: bytes of the next request after idle (ciphertext: any byte counts)
 
 
 async def serve_guarded(
@@ -626,12 +632,17 @@ class _BoundedSSLProtocol(sslproto.SSLProtocol):
 
 
 def tls_server_protocol(
-    app_protocol: asyncio.BaseProtocol, context: ssl.SSLContext, handshake_timeout_s: float
+    app_protocol: asyncio.BaseProtocol,
+    context: ssl.SSLContext,
+    handshake_timeout_s: float,
+    *,
+    extra: Mapping[str, Any] | None = None,
 ) -> asyncio.BufferedProtocol:
     """Server-side TLS in front of `app_protocol`, as asyncio's create_server(ssl=...) builds it, with a 32 KiB
     read buffer instead of 256 KiB and the incoming ciphertext bounded the same way. `handshake_timeout_s`
     bounds the closing handshake too (asyncio waits 30 s for a peer's close_notify otherwise, the connection
-    counted against the caps all the while)."""
+    counted against the caps all the while). `extra`: more names the application's transport answers in
+    get_extra_info (an HTTPS listener finds the connection's Guard this way)."""
     loop = asyncio.get_running_loop()
     # No waiter (asyncio passes none either when nothing awaits the handshake; a future would hold the
     # exception of every failed handshake unretrieved). typeshed types waiter and the handshake timeout too
@@ -642,6 +653,8 @@ def tls_server_protocol(
         ssl_shutdown_timeout=handshake_timeout_s,
     )  # fmt: skip
     proto._set_read_buffer_limits(high=TLS_INCOMING_HIGH_WATER)  # type: ignore[attr-defined]
+    if extra:
+        proto._extra.update(extra)  # what the app transport's get_extra_info looks in first
     return proto
 
 

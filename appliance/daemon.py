@@ -26,6 +26,8 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography import x509
+
 from appliance import stations_registry as reg
 from appliance.alarms import LogOnce
 from appliance.audit.checkpointer import Checkpointer
@@ -49,7 +51,10 @@ from appliance.control.metrics import METRICS_LIMITS
 from appliance.control.plane import ControlPlane
 from appliance.daemon_lock import DaemonLock, DaemonRunning
 from appliance.errors import BirthlineError, IssuanceFailed, IssuancePending, IssuanceRefused
-from appliance.httplisten import HttpListener
+from appliance.est.labels import labels_from_config as est_labels_from_config
+from appliance.est.labels import settings_from_config as est_settings_from_config
+from appliance.est.server import EstResponder, make_est_app, server_context
+from appliance.httplisten import HttpListener, TlsServing
 from appliance.issuance.journal import Journal
 from appliance.issuance.policy import IssueRequest
 from appliance.issuance.service import IssueService
@@ -234,12 +239,13 @@ def server_ssl_context(files: TlsServerFiles) -> ssl.SSLContext:
     return ctx
 
 
-def prepare(core: Core) -> TlsServerFiles:
+def prepare(core: Core, address: tuple[str, int] | None = None) -> TlsServerFiles:
     """The TLS server credential (made if missing or not from the current management CA, as `birthline init`
-    does). One for other names than the configuration's is served as it is, under the warning alarm tls.names:
+    does) for the listener on `address` (the LAN station port's by default; EST's when it serves without one).
+    One for other names than the configuration's is served as it is, under the warning alarm tls.names:
     changing the names stations check is an administrator's act (`birthline tls reissue`)."""
     cfg = core.config.stations
-    names = reg.server_names(core.config.appliance.names, cfg.lan_address)
+    names = reg.server_names(core.config.appliance.names, address or cfg.lan_address)
     files = reg.ensure_tls_server(
         core.journal, core.token, cfg.tls_dir, cfg.management_ca, names=names, audit=core.audit
     )
@@ -283,6 +289,8 @@ class Daemon:
         self.va_server: VaServer | None = None
         self.cmp: CmpResponder | None = None
         self.cmp_server: VaServer | None = None
+        self.est: EstResponder | None = None
+        self.est_server: HttpListener | None = None
         self.forwarder: Forwarder | None = None
         self.control: ControlPlane | None = None
         self.scep: ScepResponder | None = None
@@ -381,6 +389,8 @@ class Daemon:
             await self._start_cmp(service, accept_errors)
         if self.config.scep.address is not None:
             await self._start_scep(service, accept_errors)
+        if self.config.est.address is not None:
+            await self._start_est(service, accept_errors)
         self.enroller = CoreEnroller(service, self.core.journal)
         self.link_failures = await self._stack.enter_async_context(
             LinkFailures(
@@ -416,6 +426,8 @@ class Daemon:
             caps["cmp.max_connections"] = self.config.cmp.limits.max_connections
         if self.config.scep.address is not None:
             caps["scep.max_connections"] = self.config.scep.limits.max_connections
+        if self.config.est.address is not None:
+            caps["est.max_connections"] = self.config.est.limits.max_connections
         if self.config.control.enabled:
             caps["control.max_connections"] = self.config.control.max_connections
         if self.config.metrics.address is not None:
@@ -534,6 +546,44 @@ class Daemon:
                 )
             )  # fmt: skip
         log.info("SCEP on %s/scep (%d label(s))", self.scep_server.url, len(self.scep.labels))
+
+    async def _start_est(self, service: IssueService, accept_errors: AcceptErrors) -> None:
+        """The EST server (docs/est.md) over TLS on the LAN side: labels act as registered stations. Its server
+        certificate is the appliance's TLS server certificate (management CA), as the station listener's."""
+        assert self.core is not None
+        cfg = self.config.est
+        assert cfg.address is not None
+        management = reg.ensure_management_ca(
+            self.core.journal, self.core.token, self.config.stations.management_ca,
+            audit=self.core.audit, actor="appliance",
+        )  # fmt: skip
+        files = self.tls_files or prepare(self.core, cfg.address)
+        labels = est_labels_from_config(cfg)
+        others: dict[str, IssueService] = {}
+        for name in sorted({lb.issuing_ca for lb in labels.values() if lb.issuing_ca} - {service.ca.name}):
+            others[name] = await self._stack.enter_async_context(
+                self.core.issue_service(admission=service.admission, ca_name=name)
+            )
+            # Its answers are events of the control API too (a greenfield label's operational certificates).
+            others[name].observer = service.observer
+        va = self.va
+        self.est = EstResponder(
+            service, self.core.journal, labels, est_settings_from_config(cfg, self.config.issuance.max_csr_bytes),
+            management_ca=management.certificate, services=others,
+            on_revoked=va.changed if va is not None else None,
+        )  # fmt: skip
+        # The anchors a TLS client certificate may chain to: stations' (management CA), this appliance's own
+        # certificates (simplereenroll) and the labels' birth-certificate roots.
+        anchors = [management.certificate, *(x509.load_der_x509_certificate(c) for svc in self.est.services.values()
+                                             for c in svc.chain),
+                   *(root for lb in labels.values() for root in lb.idevid_roots)]  # fmt: skip
+        tls = TlsServing(server_context(files.cert, files.key, anchors), cfg.handshake_timeout_s)
+        with binding("[est] listen", cfg.listen):
+            self.est_server = await self._stack.enter_async_context(
+                HttpListener(make_est_app(self.est), *cfg.address, limits=cfg.limits, name="est", section="est",
+                             alarms=self.core.alarms, accept_errors=accept_errors, tls=tls)
+            )  # fmt: skip
+        log.info("EST on %s/.well-known/est (%d label(s))", self.est_server.url, len(labels))
 
     async def __aexit__(self, *exc: object) -> None:
         self._stopped.set()

@@ -54,6 +54,10 @@ DEMO_PROFILE = "demo-idevid"
 SERIAL_STATION = "demo-serial"
 CMP_STATION = "demo-cmp"  # the station the CMP label "demo" acts as (its line and work orders apply)
 CMP_LABEL = "demo"
+EST_STATION = "demo-est"  # the station the EST label "demo" acts as (docs/est.md)
+EST_LABEL = "demo"
+EST_USER = "fixture"  # the demo EST label's HTTP Basic user; the password is in est-demo.secret
+EST_PORT_OFFSET = 4
 # Greenfield: a device signs its ir with the birth certificate it got on the line and gets an operational
 # certificate (an LDevID) from another issuing CA, within work order WO-FIELD, through label "field".
 FIELD_LABEL = "field"
@@ -135,6 +139,18 @@ station = "{scep_station}"
 legacy_algorithms = ["des", "sha1"]
 device_serial_from = "commonName"
 
+# EST (docs/est.md) on port + 4: the label "demo" (also /.well-known/est/...) acts as station {est_station}; a
+# fixture authenticates with that station's TLS client certificate or with HTTP Basic.
+[est]
+listen = "127.0.0.1:{est_port}"
+default_label = "{est_label}"
+
+[est.labels.{est_label}]
+station = "{est_station}"
+station_certificate = true
+username = "{est_user}"
+password_file = "{state}/est-demo.secret"
+
 [profiles.demo-idevid]
 base = "idevid"
 subject_o = "{org}"
@@ -156,13 +172,16 @@ ocsp_url = "http://127.0.0.1:{va_port}/ocsp"
 
 def _write_config(state: Path, port: int) -> Path:
     """The demo's configuration, written anew on every run: it describes the appliance this run serves (the
-    LAN port `port`, the VA on port + 1, CMP on + 2, metrics on + 3, SCEP on + 5, and the CRL and OCSP URLs
+    LAN port `port`, the VA on port + 1, CMP on + 2, metrics on + 3, EST on + 4, SCEP on + 5, and the CRL and OCSP URLs
     certificates carry), so every command run with it (`station rotate-key`, `birthline run`, reports) agrees
     with demo.json."""
     token = create_softhsm_token(state / "softhsm", label="birthline-demo")
     secret = state / "cmp-demo.secret"
     if not secret.exists():
         write_private(secret, secrets.token_urlsafe(24).encode() + b"\n")
+    est_secret = state / "est-demo.secret"
+    if not est_secret.exists():
+        write_private(est_secret, secrets.token_urlsafe(18).encode() + b"\n")
     path = state / "birthline.toml"
     write_public(path, CONFIG_TEMPLATE.format(
             state=state,
@@ -178,6 +197,10 @@ def _write_config(state: Path, port: int) -> Path:
             scep_label=SCEP_LABEL,
             scep_legacy_label=SCEP_LEGACY_LABEL,
             scep_station=SCEP_STATION,
+            est_port=port + EST_PORT_OFFSET,
+            est_label=EST_LABEL,
+            est_station=EST_STATION,
+            est_user=EST_USER,
             cmp_label=CMP_LABEL,
             cmp_station=CMP_STATION,
             field_label=FIELD_LABEL,
@@ -268,7 +291,7 @@ def _production(core: Core, admin: User, supervisor: User, run: int, devices: in
         store.add_product(core.journal, core.audit, admin, DEMO_PRODUCT, tenant="demo",
                           profile=core.config.profiles["demo-idevid"], ca="issuing")  # fmt: skip
         store.add_line(core.journal, core.audit, admin, DEMO_LINE)
-        for station in (SERIAL_STATION, LAN_STATION, CMP_STATION):
+        for station in (SERIAL_STATION, LAN_STATION, CMP_STATION, EST_STATION):
             store.assign_station(core.journal, core.audit, supervisor, station, DEMO_LINE)
         store.add_work_order(core.journal, core.audit, supervisor, WorkOrderSpec(
             HAND_WORK_ORDER, DEMO_PRODUCT, HAND_RANGE.last, (DEMO_LINE,), ranges=(HAND_RANGE,)), activate=True)  # fmt: skip
@@ -327,7 +350,12 @@ def _setup(
         write_public(state / "issuing.pem", issuing.certificate.public_bytes(serialization.Encoding.PEM))
         known = {r.name for r in registry.list_stations(core.journal)}
         (state / "pty").mkdir(exist_ok=True)
-        for name, kind in ((SERIAL_STATION, "serial"), (LAN_STATION, "lan"), (CMP_STATION, "lan")):
+        for name, kind in (
+            (SERIAL_STATION, "serial"),
+            (LAN_STATION, "lan"),
+            (CMP_STATION, "lan"),
+            (EST_STATION, "lan"),
+        ):
             bundle = state / "stations" / name
             host = lan_host if kind == "lan" else None
             if name in known and (bundle / "station.key").exists():
@@ -348,13 +376,14 @@ def _setup(
         _scep(core, state, admin, supervisor)
         if gentle:
             _gentle_work_order(core, supervisor, run)
-        on_line = core.journal.call(
-            lambda: core.journal.conn.execute(
-                "SELECT line FROM stations WHERE name=?", (CMP_STATION,)
-            ).fetchone()
-        )
-        if on_line is None or on_line[0] is None:  # a demo state made before the CMP label existed
-            store.assign_station(core.journal, core.audit, supervisor, CMP_STATION, DEMO_LINE)
+        for label_station in (CMP_STATION, EST_STATION):
+            on_line = core.journal.call(
+                lambda name=label_station: core.journal.conn.execute(
+                    "SELECT line FROM stations WHERE name=?", (name,)
+                ).fetchone()
+            )
+            if on_line is None or on_line[0] is None:  # a demo state made before the CMP or EST label existed
+                store.assign_station(core.journal, core.audit, supervisor, label_station, DEMO_LINE)
 
 
 class _Fixture:
@@ -422,6 +451,15 @@ def _describe(
             "note": "a device with a birth certificate from this demo signs its ir with it (see README)",
         },
         "scep": _describe_scep(state, config),
+        "est": {
+            "url": f"https://{config.est.listen}/.well-known/est",
+            "server": config.est.listen, "label": EST_LABEL, "station": EST_STATION,
+            "tls_ca": str(config.stations.tls_dir / "management-ca.crt"),
+            "basic_user": EST_USER, "password_file": str(state / "est-demo.secret"),
+            "station_tls_cert": str(state / "stations" / EST_STATION / "tls-client.crt"),
+            "station_tls_key": str(state / "stations" / EST_STATION / "tls-client.key"),
+            "docs": "docs/est.md",
+        },
         "crl_url": f"{va_url}/crl/issuing.crl",
         "ocsp_url": f"{va_url}/ocsp",
         "supervisor": {"user": "demo-supervisor", "password_file": str(state / "demo-users.secret")},
@@ -683,6 +721,7 @@ def run_demo(
             va=dataclasses.replace(config.va, listen="127.0.0.1:0"),
             cmp=dataclasses.replace(config.cmp, listen="127.0.0.1:0"),
             scep=dataclasses.replace(config.scep, listen="127.0.0.1:0"),
+            est=dataclasses.replace(config.est, listen="127.0.0.1:0"),
             metrics=MetricsSection(listen=""),
         )
     try:

@@ -1,4 +1,5 @@
-"""Serving an aiohttp application behind the connection bounds of appliance.connections (the VA and CMP).
+"""Serving an aiohttp application behind the connection bounds of appliance.connections (the VA, CMP, metrics;
+EST over TLS).
 
 aiohttp (3.14) bounds header sizes and closes a keep-alive connection idle for keepalive_timeout, but it has no
 deadline for finishing the request headers or the body, and no connection cap: an idle socket that sent half a
@@ -11,14 +12,22 @@ MAX_FIELD bytes each, and up to twice READ_BUFSIZE of body before it stops readi
 socket, up to 256 KiB, may land before it stops). aiohttp's own error log (a traceback per malformed request)
 goes through a rate limit, and a client that goes away in the middle of its request is no error of ours: a peer
 cannot fill the log, nor put a traceback in it.
+
+With `tls` (HTTPS: the EST listener) TLS sits between the Guard and aiohttp, admitted and deadlined like the
+rest: the header deadline runs from accept and so covers the TLS handshake too, which also has its own
+`handshake_timeout_s`; a refused connection is closed without a byte (a TLS client would read a plaintext 503 as
+a broken handshake). The handler reaches the TLS session through the request's transport (`ssl_object`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import ssl
 import traceback
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -33,15 +42,26 @@ from appliance.connections import (
     Guard,
     HttpLimits,
     serve_guarded,
+    tls_server_protocol,
 )
 
-__all__ = ["MAX_FIELD", "MAX_HEADERS", "READ_BUFSIZE", "HttpListener", "gone", "held"]
+__all__ = ["MAX_FIELD", "MAX_HEADERS", "READ_BUFSIZE", "HttpListener", "TlsServing", "gone", "held", "holder"]
 
 MAX_HEADERS = 32  # OCSP and CMP clients send a handful
 MAX_FIELD = 2048
 READ_BUFSIZE = 64 * 1024  # the body stream's limit: reading pauses past twice this
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# The name under which an HTTPS connection's TLS transport answers with its Guard (get_extra_info).
+_GUARD_EXTRA = "birthline_guard"
+
+
+@dataclass(frozen=True)
+class TlsServing:
+    """HTTPS: the server's TLS context (certificate, client-certificate policy) and the handshake's deadline."""
+
+    context: ssl.SSLContext
+    handshake_timeout_s: float = 10.0
 
 
 class _ServerLog(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -122,6 +142,8 @@ def gone(request: web.Request) -> bool:
 async def _request_phases(request: web.Request, handler: _Handler) -> web.StreamResponse:
     transport = request.transport
     guard = transport.get_protocol() if transport is not None else None
+    if not isinstance(guard, Guard) and transport is not None:
+        guard = transport.get_extra_info(_GUARD_EXTRA)  # HTTPS: TLS is between the Guard and aiohttp
     if not isinstance(guard, Guard):
         return await handler(request)
     request[_GUARD] = guard
@@ -142,21 +164,35 @@ async def _request_phases(request: web.Request, handler: _Handler) -> web.Stream
 class _GuardedSite(web.TCPSite):
     """aiohttp's TCPSite with the Guard as every connection's protocol, in front of aiohttp's handler."""
 
-    def __init__(self, runner: web.AppRunner, host: str, port: int, gate: ConnectionGate) -> None:
+    def __init__(
+        self, runner: web.AppRunner, host: str, port: int, gate: ConnectionGate, tls: TlsServing | None
+    ) -> None:
         super().__init__(runner, host, port)
         self.gate = gate
+        self.tls = tls
 
     async def start(self) -> None:
         await web.BaseSite.start(self)
         server = self._runner.server
         assert server is not None
-        self._server = await serve_guarded(self.gate, lambda _guard: server(), self._host or "", self._port)
+        tls = self.tls
+
+        def inner(guard: Guard) -> asyncio.BaseProtocol:
+            if tls is None:
+                return server()
+            return tls_server_protocol(
+                server(), tls.context, tls.handshake_timeout_s, extra={_GUARD_EXTRA: guard}
+            )
+
+        self._server = await serve_guarded(
+            self.gate, inner, self._host or "", self._port, buffered=tls is not None
+        )
         self._bound_port = self._server.sockets[0].getsockname()[1]
 
 
 class HttpListener:
-    """Serve an app on host:port (port 0: any free one) until exit, within `limits`. `address` is the bound
-    (host, port); `gate` holds the connection counts."""
+    """Serve an app on host:port (port 0: any free one) until exit, within `limits`; over TLS with `tls`.
+    `address` is the bound (host, port); `gate` holds the connection counts."""
 
     def __init__(
         self,
@@ -170,6 +206,7 @@ class HttpListener:
         alarms: Alarms | None = None,
         accept_errors: AcceptErrors | None = None,
         grace_s: float = DISPLACE_GRACE_S,
+        tls: TlsServing | None = None,
     ) -> None:
         """`name` names the listener in alarms and the log; `section` is the configuration section holding its
         limits (None: they are fixed), which the at-cap alarm's advice names; `grace_s` see ConnectionGate."""
@@ -187,9 +224,10 @@ class HttpListener:
                 f"the {name} listener's caps are fixed ({self.limits.max_connections} connections,"
                 f" {self.limits.max_connections_per_peer} per address): find the peer holding them"
             )
+        self.tls = tls
         self.gate = ConnectionGate(
             name, self.limits.caps, http=self.limits, alarms=alarms, accept_errors=accept_errors, advice=advice,
-            grace_s=grace_s,
+            grace_s=grace_s, tls=tls is not None,
         )  # fmt: skip
         self._runner: web.AppRunner | None = None
 
@@ -202,7 +240,7 @@ class HttpListener:
         )  # fmt: skip
         await self._runner.setup()
         try:
-            await _GuardedSite(self._runner, self.host, self.port, self.gate).start()
+            await _GuardedSite(self._runner, self.host, self.port, self.gate, self.tls).start()
         except BaseException:
             await self._runner.cleanup()
             raise
@@ -224,4 +262,4 @@ class HttpListener:
     @property
     def url(self) -> str:
         host, port = self.address
-        return f"http://{host}:{port}"
+        return f"{'https' if self.tls is not None else 'http'}://{host}:{port}"

@@ -99,6 +99,7 @@ CA: Final = _identifier("CA name", "._-")
 PROFILE: Final = _identifier("profile name", "_-")
 CMP_LABEL: Final = _identifier("CMP label", "._-")
 SCEP_LABEL: Final = _identifier("SCEP label", "._-")
+EST_LABEL: Final = _identifier("EST label", "._-")
 USER: Final = _identifier("user name", "._-", first="a-z", lower=True)
 
 

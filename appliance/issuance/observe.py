@@ -26,7 +26,7 @@ class Outcome:
     reused: bool  # answered with the certificate stored for an earlier request (same device and key)
     error: BirthlineError | None
     pending: bool  # RA mode: authorised, the upstream CA issues it
-    front_end: str = "station"  # the front end the request came through (IssueRequest.front_end)
+    front_end: str = "station"  # the IssueRequest's: station, cmp, scep, est, cli
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,14 +27,18 @@ class IssueRequest:
     """SubjectPublicKeyInfo DER, used INSTEAD of `csr` when the front end has verified proof of possession
     itself (CMP ir/cr: the CRMF POP signature). `csr` is then empty; the same key policy applies."""
     replaces: str | None = None
-    """Key update (CMP kur): the serial (hex) of the device's current certificate, which the front end has
-    authenticated the request with. The new certificate takes its place; the old row is kept and linked."""
+    """Key update (CMP kur, EST simplereenroll, SCEP RenewalReq): the serial (hex) of the device's current
+    certificate, which the front end has authenticated the request with. The new certificate takes its place; the
+    old row is kept and linked."""
     work_order: str | None = None
     """The front end's credential is good for this work order only (a SCEP challenge password made for it): the
     policy grants the request from that work order or refuses it, whatever else is active on the line."""
     front_end: str = "station"
-    """Which front end the request came through (station, cmp, scep, est, cli): shown with each issuance on the
-    control API's event stream."""
+    """Which front end the request came through (station, cmp, scep, est, cli): told to the observer (the control
+    API's events), so a console shows how each device enrolled. Never used to authorise: the station does that."""
+    local_only: bool = False
+    """The front end cannot wait for an upstream CA (EST serverkeygen: the appliance made the key and keeps it
+    nowhere): a product in upstream (RA) issuance mode is refused instead of being forwarded."""
 
 
 @dataclass(frozen=True)

@@ -637,6 +637,13 @@ class IssueService:
                         grant = self.policy.authorise(conn, req, profile) or LOCAL
                     item.grant = grant
                 if grant.mode == "upstream":
+                    if req.local_only:
+                        raise IssuanceRefused(
+                            f"work order {grant.work_order} is for a product in upstream (RA) issuance mode; this"
+                            " request can only be issued here (an appliance-generated key is kept nowhere to wait"
+                            " for the upstream CA)",
+                            ReasonCode.UNKNOWN_PROFILE,
+                        )
                     forwarded.append(self._queue_upstream(conn, item, grant.work_order, now))
                 elif item.reuse is None and item.ra_done is None:
                     old = item.update

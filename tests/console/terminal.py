@@ -10,7 +10,6 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -92,24 +91,3 @@ def grid_position(screen: str, name: str) -> int:
     rows = re.findall(r"(?m)^\s*(?:\S+\s+)?(demo-[\w-]+)\s+\S\s+\w+\s+\d+\b", screen)
     assert name in rows, f"{name} not in the grid: {rows}\n{screen}"
     return rows.index(name)
-
-
-def free_ports(count: int) -> int:
-    """A first port of `count` consecutive free loopback ports (the served demo uses P..P+3)."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            first = s.getsockname()[1]
-        if first + count > 65535:
-            continue
-        ok = True
-        for p in range(first, first + count):
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", p))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return first
-    raise AssertionError("no free ports")

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from console.client import ControlClient
-from tests.console.terminal import Terminal, free_ports, grid_position, needs_tmux, station_row
+from tests.console.terminal import Terminal, grid_position, needs_tmux, station_row
+from tests.ports import free_ports
 
 pytestmark = [needs_tmux, pytest.mark.slow]
 BIRTHLINE = f"{shlex.quote(sys.executable)} -m appliance.cli.launch"
@@ -90,7 +91,7 @@ def test_demo_dashboard_pause_takes_effect_and_closing_it_stops_nothing(tmp_path
     password (pasted from the demo's secret file), a reason: demo-lan is paused and refused while demo-serial
     goes on; p again resumes it; q closes the dashboard and the appliance goes on issuing."""
     state = tmp_path / "demo"
-    port = free_ports(4)
+    port = free_ports()
     term = Terminal(
         f"exec {BIRTHLINE} demo --dashboard --state {state} --port {port} --devices 2 --gentle-rate 4"
     )
@@ -146,7 +147,7 @@ def test_dashboard_survives_a_daemon_restart_and_its_own_death_stops_nothing(tmp
     dashboard reconnects by itself and the counts move again), hangs (SIGSTOP: DISCONNECTED) and goes on
     (SIGCONT: reconnected); then the dashboard is killed (SIGKILL) and issuance goes on."""
     state = tmp_path / "demo"
-    port = free_ports(4)
+    port = free_ports()
     with served_demo(state, port):
         term = Terminal(f"exec {BIRTHLINE} dashboard --config {state / 'birthline.toml'}")
         try:

@@ -14,6 +14,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from tests.ports import free_ports
+
 
 def birthline(*args: str | Path, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -69,6 +71,7 @@ def test_demo_from_scratch_then_again(tmp_path: Path) -> None:
         ("demo-cmp", "lan"),  # the station the CMP label acts as
         ("demo-field", "lan"),  # the station the greenfield CMP label acts as
         ("demo-scep", "lan"),  # the station the SCEP labels act as
+        ("demo-est", "lan"),  # the station the EST label acts as
     }
 
     # One more device through `birthline issue`: a person (the demo's supervisor) acting as a station.
@@ -127,12 +130,9 @@ def test_config_check_lists_problems_and_exits_2(tmp_path: Path) -> None:
 def test_served_demo_answers_stations_by_hand(tmp_path: Path) -> None:
     """`demo --serve`, then a fixture on each line as the README shows, then Ctrl-C."""
     import signal
-    import socket
     import time
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_ports()  # the served demo binds port .. port + 5
     state = tmp_path / "served"
     proc = subprocess.Popen(
         [sys.executable, "-m", "appliance.cli.main", "demo", "--serve", "--state", str(state), "--devices", "2",
@@ -191,6 +191,43 @@ def test_served_demo_answers_stations_by_hand(tmp_path: Path) -> None:
         assert enrolled.returncode == 0, enrolled.stderr
         got = x509.load_pem_x509_certificate((tmp_path / "c.pem").read_bytes())
         assert got.subject.get_attributes_for_oid(x509.NameOID.SERIAL_NUMBER)[0].value == mid
+
+        # EST as docs/est.md shows it, the commands as written (the demo's state, port and a scratch directory
+        # put in): cacerts, csrattrs, simpleenroll with HTTP Basic and with the station's TLS certificate, then
+        # simplereenroll, and the renewed certificate verifies against the chain.
+        est = info["est"]
+        assert (
+            est["url"] == f"https://127.0.0.1:{port + 4}/.well-known/est"
+            and cfg["est"]["listen"] == est["server"]
+        )
+        assert all(
+            Path(est[k]).is_file() for k in ("tls_ca", "password_file", "station_tls_cert", "station_tls_key")
+        )
+        doc = (Path(__file__).parents[3] / "docs" / "est.md").read_text()
+        script = doc.split("## Try it", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+        script = script.replace("/tmp/", f"{tmp_path}/")  # first: the state directory is under /tmp too
+        script = script.replace("demo-state", str(state)).replace("7454", str(port + 4))
+        ran = subprocess.run(["bash", "-euo", "pipefail", "-c", script], capture_output=True, text=True, timeout=300,
+                             check=False)  # fmt: skip
+        assert ran.returncode == 0, ran.stdout + ran.stderr
+        assert (
+            "Birthline Demo Birth Certificate CA" in ran.stdout
+            and f"{tmp_path}/est1-new.pem: OK" in ran.stdout
+        )
+        renewed = x509.load_pem_x509_certificates((tmp_path / "est1-new.pem").read_bytes())[0]
+        assert renewed.subject.get_attributes_for_oid(x509.NameOID.SERIAL_NUMBER)[0].value == "MYDEV-0011"
+        assert (tmp_path / "est2.pem").exists()
+        readme = (Path(__file__).parents[3] / "README.md").read_text()
+        script = readme.split("speaks EST", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+        script = script.replace("/tmp/", f"{tmp_path}/")
+        script = script.replace("demo-state", str(state)).replace("7454", str(port + 4))
+        ran = subprocess.run(["bash", "-euo", "pipefail", "-c", script], capture_output=True, text=True, timeout=300,
+                             check=False)  # fmt: skip
+        assert ran.returncode == 0 and "Birthline Demo Birth Certificate CA" in ran.stdout, (
+            ran.stdout + ran.stderr
+        )
+        readme_cert = x509.load_pem_x509_certificates((tmp_path / "est3.pem").read_bytes())[0]
+        assert readme_cert.subject.get_attributes_for_oid(x509.NameOID.SERIAL_NUMBER)[0].value == "MYDEV-0013"
 
         # Greenfield as the README shows it: the birth certificate signs an ir on label "field" for an operational
         # certificate; an operational certificate is no birth certificate there (review finding 3: the label's
@@ -288,16 +325,13 @@ def test_served_demo_lists_its_console_and_keeps_fixtures_enrolling_gently(tmp_p
     other goes on) and resumes it."""
     import asyncio
     import signal
-    import socket
     import stat
     import time
     import urllib.request
 
     from console.client import ControlClient
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_ports()  # the served demo binds port .. port + 5
     state = tmp_path / "gentle"
     proc = subprocess.Popen(
         [sys.executable, "-m", "appliance.cli.main", "demo", "--serve", "--state", str(state), "--devices", "2",

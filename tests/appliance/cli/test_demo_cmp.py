@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from typing import Any
 from cryptography import x509
 
 from tests.appliance.cli.test_demo import birthline
+from tests.ports import free_ports
 
 
 @contextmanager
@@ -55,9 +55,7 @@ def _cmp(*args: str | Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_served_demo_for_cmp_devices(tmp_path: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_ports()  # the served demo binds port .. port + 5
     state = tmp_path / "demo"
     with served(state, port) as info:
         cmp = info["cmp"]

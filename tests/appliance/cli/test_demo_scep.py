@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from cryptography.x509.oid import NameOID
 
 from appliance.issuance.journal import Journal
 from tests.appliance.cli.test_demo_cmp import served
+from tests.ports import free_ports
 
 README = Path(__file__).resolve().parents[3] / "README.md"
 
@@ -33,9 +33,7 @@ def _serial(path: Path) -> str:
 def test_readme_scep_commands_on_the_served_demo(tmp_path: Path) -> None:
     block = re.search(r"<!-- scep-by-hand -->\n```sh\n(.*?)```", README.read_text(), re.S)
     assert block is not None
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_ports()  # the served demo binds port .. port + 5
     script = block.group(1).replace("7455", str(port + 5)).replace("/tmp/scep-", f"{tmp_path}/scep-")
     with served(tmp_path / "demo-state", port) as info:
         assert info["scep"]["url"] == f"http://127.0.0.1:{port + 5}/scep/scep"

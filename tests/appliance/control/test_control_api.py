@@ -87,6 +87,7 @@ async def test_event_stream_sees_connects_issuances_refusals_confirmations_and_a
         issued = await stream.wait_for(lambda e: e["type"] == "issued")
         assert issued["station"] == "st-ev" and issued["device_serial"] == "SN-0042"
         assert issued["work_order"] == "WO-1" and issued["product"] == "sensor" and not issued["reused"]
+        assert issued["front_end"] == "station"
         ok = await link.request(Confirm(rid, hashlib.sha256(cert.chain[0]).digest()))
         assert isinstance(ok, Confirmed)
         confirmed = await stream.wait_for(lambda e: e["type"] == "confirmed")
@@ -95,7 +96,9 @@ async def test_event_stream_sees_connects_issuances_refusals_confirmations_and_a
         assert isinstance(refused, Error) and refused.code == Code.NOT_AUTHORISED
         ev = await stream.wait_for(lambda e: e["type"] == "refused")
         assert ev["code"] == "NOT_AUTHORISED" and ev["code_number"] == int(ReasonCode.NOT_AUTHORISED)
-        assert ev["device_serial"] == "OTHER-1" and "allowlist" in ev["reason"]
+        assert (
+            ev["device_serial"] == "OTHER-1" and "allowlist" in ev["reason"] and ev["front_end"] == "station"
+        )
         assert floor.daemon.core is not None
         floor.daemon.core.alarms.raise_alarm("test.cause", "something broke", "fix it", severity="warning")
         alarm = await stream.wait_for(lambda e: e["type"] == "alarm" and e["action"] == "raised")

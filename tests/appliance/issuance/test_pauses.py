@@ -113,7 +113,7 @@ async def test_the_observer_hears_issued_reused_refused_signed_and_confirmed(ser
     service.observer = rec
     csr = make_csr("SN-0010")[1]
     first = await service.issue(IssueRequest("SN-0010", csr, station="st1", request_id="a"))
-    again = await service.issue(IssueRequest("SN-0010", csr, station="st1", request_id="b"))
+    again = await service.issue(IssueRequest("SN-0010", csr, station="st1", request_id="b", front_end="est"))
     with pytest.raises(IssuanceRefused):
         await service.issue(IssueRequest("SN-0011", b"not a csr", station="st1", request_id="c"))
     await service.confirm(first.cert_serial)
@@ -121,6 +121,7 @@ async def test_the_observer_hears_issued_reused_refused_signed_and_confirmed(ser
         (o.cert_serial is not None, o.reused, o.error.code.name if o.error else None) for o in rec.outcomes
     ]
     assert kinds == [(True, False, None), (True, True, None), (False, False, "BAD_CSR")]
+    assert [o.front_end for o in rec.outcomes] == ["station", "est", "station"]  # which front end asked
     assert again.cert_serial == first.cert_serial
     assert [n for n, _ in rec.sign_calls] == [1]  # one signing call; the retry was answered from the journal
     (conf,) = rec.confirmations

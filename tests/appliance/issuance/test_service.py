@@ -17,9 +17,9 @@ from cryptography.hazmat.primitives import serialization
 
 from appliance import ca as ca_mod
 from appliance.ca import CaRecord
-from appliance.errors import IssuanceFailed, IssuanceRefused, ReasonCode
+from appliance.errors import IssuanceFailed, IssuancePending, IssuanceRefused, ReasonCode
 from appliance.issuance.journal import Journal
-from appliance.issuance.policy import IssueRequest
+from appliance.issuance.policy import Grant, IssueRequest
 from appliance.issuance.service import IssueService
 from appliance.profiles import Profile, builtin_profiles
 from hsm.errors import DeviceError, SignatureVerificationError
@@ -176,6 +176,30 @@ async def test_policy_refusal_rolls_back_and_policy_sees_the_transaction(
     assert [isinstance(r, IssuanceRefused) for r in results] == [False, True, False, True]
     assert all(r.code == ReasonCode.NOT_AUTHORISED for r in results if isinstance(r, IssuanceRefused))
     assert sorted(r.device_serial for r in journal.rows()) == ["SN-0", "SN-2"]
+
+
+async def test_a_local_only_request_for_an_upstream_product_is_refused_and_nothing_is_queued(
+    journal: Journal, issuing: CaRecord, hsm_token: Token
+) -> None:
+    """EST serverkeygen keeps its key nowhere, so it cannot wait for an upstream CA: a product in RA mode refuses
+    it (UNKNOWN_PROFILE) instead of recording a request for a key that is about to be lost."""
+
+    class Upstream:
+        def begin(self, conn: sqlite3.Connection) -> None:
+            return None
+
+        def authorise(self, conn: sqlite3.Connection, request: IssueRequest, profile: Profile) -> Grant:
+            return Grant("upstream", "WO-RA")
+
+    async with _service(journal, issuing, hsm_token, policy=Upstream(), upstream_retry_s=2.0) as svc:
+        with pytest.raises(IssuanceRefused) as refused:
+            await svc.issue(IssueRequest("SN-1", make_csr("SN-1")[1], local_only=True))
+        assert refused.value.code is ReasonCode.UNKNOWN_PROFILE and "WO-RA" in refused.value.message
+        queued = journal.call(lambda: journal.conn.execute(
+            "SELECT (SELECT COUNT(*) FROM ra_request), (SELECT COUNT(*) FROM outbox)").fetchone())  # fmt: skip
+        assert tuple(queued) == (0, 0)
+        with pytest.raises(IssuancePending):  # the same request from a front end that can wait is forwarded
+            await svc.issue(IssueRequest("SN-1", make_csr("SN-1")[1]))
 
 
 async def test_clock_behind_last_issuance_refuses(

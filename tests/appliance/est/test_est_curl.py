@@ -1,0 +1,253 @@
+"""The EST server in the daemon, with `curl` and `openssl` as the client (RFC 7030's own examples): every
+operation and refusal, over the real TLS listener, issuing through the real core (SoftHSM2, SQLite)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import shutil
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
+
+from appliance import stations_registry as reg
+from appliance.daemon import Daemon
+from hsm.softhsm import SoftHsmToken
+from tests.appliance.conftest import put_on_line
+from tests.appliance.est.support import PASSWORD, Curl, est_config, openssl_csr, write_pem
+from tests.appliance.test_daemon import _config
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("openssl") is None or shutil.which("curl") is None, reason="openssl and curl needed"
+)
+
+
+@pytest.fixture
+async def est(
+    softhsm_token: SoftHsmToken, production_journal_template: Path, tmp_path: Path
+) -> AsyncIterator[Daemon]:
+    cfg = est_config(_config(tmp_path / "state", softhsm_token, production_journal_template), tmp_path)
+    async with Daemon(cfg) as d:
+        yield d
+
+
+@pytest.fixture
+def curl(est: Daemon, tmp_path: Path) -> Curl:
+    work = tmp_path / "curl"
+    work.mkdir()
+    return Curl(est, work)
+
+
+def _serial(cert: x509.Certificate) -> str:
+    return str(cert.subject.get_attributes_for_oid(NameOID.SERIAL_NUMBER)[0].value)
+
+
+async def test_cacerts_is_the_issuing_chain_certs_only(est: Daemon, curl: Curl) -> None:
+    for path in ("cacerts", "line1/cacerts", "st/cacerts"):
+        answer = await curl(path)
+        assert answer.status == 200, answer.text
+        assert "application/pkcs7-mime; smime-type=certs-only" in answer.headers
+        assert "content-transfer-encoding" not in answer.headers.lower()
+        assert est.core is not None
+        der = serialization.Encoding.DER
+        assert {c.public_bytes(der) for c in answer.certificates()} == {
+            c.public_bytes(der) for c in est.core.issuing_ca().chain
+        }
+    missing = await curl("nolabel/cacerts")
+    assert missing.status == 404 and "no such EST label" in missing.text
+
+
+async def test_csrattrs_name_the_device_serial_and_the_profiles_keys(curl: Curl) -> None:
+    answer = await curl("csrattrs")
+    assert answer.status == 200 and "application/csrattrs" in answer.headers
+    parsed = subprocess.run(["openssl", "asn1parse", "-inform", "DER"], input=base64.b64decode(answer.body),
+                            capture_output=True, check=True).stdout.decode()  # fmt: skip
+    assert ":serialNumber" in parsed and ":id-ecPublicKey" in parsed and ":prime256v1" in parsed
+    assert ":challengePassword" not in parsed  # the label does not require channel binding
+
+
+async def test_simpleenroll_with_http_basic_issues_through_the_core(
+    est: Daemon, curl: Curl, tmp_path: Path
+) -> None:
+    assert est.control is not None
+    events = est.control.hub.bus.subscribe()
+    assert events is not None
+    _, csr = openssl_csr(tmp_path, "d1", "/serialNumber=SN-0001/CN=anything")
+    answer = await curl("simpleenroll", *curl.basic(), body=csr)
+    assert answer.status == 200, answer.text
+    assert "application/pkcs7-mime; smime-type=certs-only" in answer.headers
+    (cert,) = answer.certificates()
+    assert _serial(cert) == "SN-0001"
+    (row,) = est.journal.rows("device_serial=?", ("SN-0001",))
+    assert row.state == "confirmed" and row.station == "fixture-1"
+    assert row.cert_der == cert.public_bytes(serialization.Encoding.DER)
+    # The control API's event stream says which front end issued it.
+    while (event := await asyncio.wait_for(events.next_event(), 30)) is not None and event[
+        "type"
+    ] != "issued":
+        pass
+    assert event is not None and event["front_end"] == "est" and event["device_serial"] == "SN-0001"
+    events.close()
+    # The answer was lost: the same CSR again is answered with the same certificate.
+    again = await curl("simpleenroll", *curl.basic(), body=csr)
+    assert again.status == 200 and again.certificates() == [cert]
+    assert len(est.journal.rows("device_serial=?", ("SN-0001",))) == 1
+
+
+async def test_enrolment_refusals_say_why(est: Daemon, curl: Curl, tmp_path: Path) -> None:
+    _, csr = openssl_csr(tmp_path, "d2", "/serialNumber=SN-0002")
+    nobody = await curl("simpleenroll", body=csr)
+    assert nobody.status == 401 and 'WWW-Authenticate: Basic realm="birthline est line1"' in nobody.headers
+    assert nobody.text.startswith("NOT_AUTHORISED (6): ")
+    wrong = await curl("simpleenroll", *curl.basic(password="guess"), body=csr)
+    assert wrong.status == 401 and "wrong user name or password" in wrong.text
+    other_user = await curl("simpleenroll", *curl.basic(user="someone", password=PASSWORD), body=csr)
+    assert other_user.status == 401
+    ctype = await curl("simpleenroll", *curl.basic(), "-H", "Content-Type: text/plain", body=csr)
+    assert ctype.status == 415 and "application/pkcs10" in ctype.text
+    big = await curl("simpleenroll", *curl.basic(), body=b"A" * (17 * 1024))
+    assert big.status == 413
+    junk = await curl("simpleenroll", *curl.basic(), body=b"not base64 at all!")
+    assert junk.status == 400 and junk.text.startswith("BAD_CSR")
+    not_csr = await curl("simpleenroll", *curl.basic(), body=b"AAAA")
+    assert not_csr.status == 400 and "PKCS#10" in not_csr.text
+    _, no_serial = openssl_csr(tmp_path, "d3", "/CN=no serial")
+    assert (await curl("simpleenroll", *curl.basic(), body=no_serial)).status == 400
+    _, outside = openssl_csr(tmp_path, "d4", "/serialNumber=OTHER-1")
+    refused = await curl("simpleenroll", *curl.basic(), body=outside)
+    assert refused.status == 403 and refused.text.startswith("NOT_AUTHORISED"), refused.text
+    get = await curl("simpleenroll")
+    assert get.status == 405
+    assert (await curl("nosuchop")).status == 404
+    assert est.journal.rows("device_serial=?", ("SN-0002",)) == []
+    # Nothing of that stopped the listener: the right request is served.
+    assert (await curl("simpleenroll", *curl.basic(), body=csr)).status == 200
+    _, new_key = openssl_csr(tmp_path, "d2b", "/serialNumber=SN-0002")
+    conflict = await curl("simpleenroll", *curl.basic(), body=new_key)
+    assert conflict.status == 409 and conflict.text.startswith("DEVICE_ALREADY_ISSUED"), conflict.text
+
+
+async def test_a_client_certificate_of_an_unknown_ca_fails_the_handshake(curl: Curl, tmp_path: Path) -> None:
+    key, cert = tmp_path / "self.key", tmp_path / "self.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=stranger", "-days", "1"],
+                   check=True, capture_output=True)  # fmt: skip
+    _, csr = openssl_csr(tmp_path, "d9", "/serialNumber=SN-0009")
+    (tmp_path / "d9.b64").write_bytes(csr)
+    proc = await asyncio.create_subprocess_exec(
+        "curl", "-sS", "--cacert", str(curl.ca), "--cert", str(cert), "--key", str(key), "-u", "fixture:x", "-H",
+        "Content-Type: application/pkcs10", "--data-binary", f"@{tmp_path / 'd9.b64'}", f"{curl.base}/simpleenroll",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode != 0 and out == b"", err  # the TLS handshake failed: no HTTP answer at all
+    assert (await curl("cacerts")).status == 200
+
+
+async def test_failed_basic_logins_are_paced_per_address(
+    softhsm_token: SoftHsmToken, production_journal_template: Path, tmp_path: Path
+) -> None:
+    cfg = _config(tmp_path / "state", softhsm_token, production_journal_template)
+    cfg = est_config(cfg, tmp_path, auth_failure_limit=2, auth_failure_window_s=3600.0)
+    work = tmp_path / "w"
+    work.mkdir()
+    _, csr = openssl_csr(work, "d", "/serialNumber=SN-0003")
+    async with Daemon(cfg) as d:
+        curl = Curl(d, work)
+        for _ in range(2):
+            assert (await curl("simpleenroll", *curl.basic(password="guess"), body=csr)).status == 401
+        paced = await curl("simpleenroll", *curl.basic(), body=csr)  # even the right password is not checked
+        assert paced.status == 429 and "Retry-After:" in paced.headers, paced.headers
+        assert d.journal.rows("device_serial=?", ("SN-0003",)) == []
+
+
+async def _station(d: Daemon, name: str, out: Path) -> Path:
+    assert d.core is not None
+    creds = reg.add_station(d.journal, d.core.token, name, "lan", audit=d.core.audit, actor="alice")
+    put_on_line(d.journal, name)
+    return reg.write_bundle(creds, out / name)
+
+
+async def test_simpleenroll_with_the_stations_tls_certificate(
+    est: Daemon, curl: Curl, tmp_path: Path
+) -> None:
+    _, csr = openssl_csr(tmp_path, "d5", "/serialNumber=SN-0005")
+    missing = await curl("st/simpleenroll", body=csr)
+    assert missing.status == 403 and "not registered or is disabled" in missing.text
+    bundle = await _station(est, "est-st", tmp_path)
+    tls = ("--cert", str(bundle / "tls-client.crt"), "--key", str(bundle / "tls-client.key"))
+    no_cert = await curl("st/simpleenroll", body=csr)
+    assert no_cert.status == 401 and "TLS client certificate" in no_cert.text
+    ok = await curl("st/simpleenroll", *tls, body=csr)
+    assert ok.status == 200, ok.text
+    (row,) = est.journal.rows("device_serial=?", ("SN-0005",))
+    assert row.station == "est-st"
+    # Another station's certificate (same management CA) is not this label's station.
+    other = await _station(est, "est-other", tmp_path)
+    _, csr6 = openssl_csr(tmp_path, "d6", "/serialNumber=SN-0006")
+    wrong = await curl("st/simpleenroll", "--cert", str(other / "tls-client.crt"), "--key",
+                       str(other / "tls-client.key"), body=csr6)  # fmt: skip
+    assert wrong.status == 403, wrong.text
+    # A password label does not take a station certificate in place of the password.
+    assert (await curl("line1/simpleenroll", *tls, body=csr6)).status in (401, 403)
+    # Disabling the station stops its label at once.
+    assert est.core is not None
+    reg.set_enabled(est.journal, "est-st", False, audit=est.core.audit, actor="alice")
+    disabled = await curl("st/simpleenroll", *tls, body=csr6)
+    assert disabled.status == 403 and "disabled" in disabled.text
+
+
+async def test_simplereenroll_rekeys_and_the_journal_links_old_and_new(
+    est: Daemon, curl: Curl, tmp_path: Path
+) -> None:
+    key, csr = openssl_csr(tmp_path, "d7", "/serialNumber=SN-0007")
+    (old,) = (await curl("simpleenroll", *curl.basic(), body=csr)).certificates()
+    old_pem = write_pem(tmp_path / "old.pem", old)
+    subject = "/serialNumber=SN-0007"  # the test profile's subject is the serial alone
+    assert old.subject.rfc4514_string() == "2.5.4.5=SN-0007"
+    tls = ("--cert", str(old_pem), "--key", str(key))
+
+    same_key = await curl("simplereenroll", *tls, body=openssl_csr(tmp_path, "same", subject, key)[1])
+    assert same_key.status == 400 and "new key" in same_key.text
+    _, other_subject = openssl_csr(tmp_path, "subj", "/serialNumber=SN-0007/CN=else")
+    bad = await curl("simplereenroll", *tls, body=other_subject)
+    assert bad.status == 400 and "subject" in bad.text
+    new_key, new_csr = openssl_csr(tmp_path, "d7b", subject)
+    no_cert = await curl("simplereenroll", *curl.basic(), body=new_csr)
+    assert no_cert.status == 401 and "certificate being renewed" in no_cert.text
+
+    renewed = await curl("simplereenroll", *tls, body=new_csr)
+    assert renewed.status == 200, renewed.text
+    (new,) = renewed.certificates()
+    assert new.subject == old.subject and new.serial_number != old.serial_number
+    rows = {r.cert_serial: r for r in est.journal.rows("device_serial=?", ("SN-0007",))}
+    assert rows[f"{old.serial_number:x}"].updated_by == rows[f"{new.serial_number:x}"].id
+    # The replaced certificate renews nothing more.
+    _, third = openssl_csr(tmp_path, "d7c", subject)
+    again = await curl("simplereenroll", *tls, body=third)
+    assert again.status == 403 and "replaced" in again.text
+    # The new one does.
+    newer = await curl("simplereenroll", "--cert", str(write_pem(tmp_path / "new.pem", new)), "--key",
+                       str(new_key), body=third)  # fmt: skip
+    assert newer.status == 200, newer.text
+
+
+async def test_plain_http_and_garbage_on_the_est_port_get_no_answer(est: Daemon, curl: Curl) -> None:
+    """EST is TLS only: a plain HTTP request (with HTTP Basic in it) or garbage is never answered in the clear,
+    and the listener goes on serving."""
+    assert est.est_server is not None
+    host, port = est.est_server.address
+    for data in (b"GET /.well-known/est/cacerts HTTP/1.1\r\nHost: x\r\nAuthorization: Basic Zm9vOmJhcg==\r\n\r\n",
+                 bytes(range(256)) * 8):  # fmt: skip
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(data)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 60)  # the server closes the connection
+        writer.close()
+        assert b"HTTP/1.1" not in answer and b"BEGIN" not in answer
+    assert (await curl("cacerts")).status == 200
