@@ -111,8 +111,8 @@ class Actions:
         async with self._logins:
             try:
                 return await asyncio.to_thread(users.login, self.journal, self.audit, name, password)
-            except AuthError as exc:
-                raise ActionError(401, wire.ERR_LOGIN_FAILED, exc.message) from None
+            except AuthError as exc:  # never the name as typed: it may be a password typed in the wrong field
+                raise ActionError(401, wire.ERR_LOGIN_FAILED, f"login refused: {exc.why}") from None
             except BirthlineError as exc:
                 raise _unavailable(exc) from None
 

@@ -245,6 +245,10 @@ async def test_actions_need_a_session_and_a_logout_ends_it(floor: Floor, api: Co
         await api.login("olga", "wrong password")
     assert bad.value.code == wire.ERR_LOGIN_FAILED
     assert [d["why"] for _, d in _audit(floor, "login.failure") if d["user"] == "olga"] == ["wrong password"]
+    # A name as typed is never repeated in a refusal (a password typed into the name field would be shown).
+    with pytest.raises(ControlError) as typo:
+        await api.login("Sup3rSecretPW", "x")
+    assert typo.value.code == wire.ERR_LOGIN_FAILED and "Sup3rSecretPW" not in typo.value.message
     session = await api.login("olga", PW)
     assert session["user"] == "olga" and session["role"] == "operator" and "token" not in session
     assert (await api.session())["user"] == "olga"
