@@ -36,7 +36,8 @@ _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 class _ServerLog(logging.LoggerAdapter):  # type: ignore[type-arg]
     """aiohttp's server logger. aiohttp logs every malformed request at ERROR with a traceback, so any peer
     could fill the log: those (HttpProcessingError: bad request line, too many or too long headers) are logged
-    once a minute per kind at INFO, and anything else (a handler's bug) once a minute per kind at ERROR with
+    once a minute per kind at INFO, by kind and status only (aiohttp's message quotes the request's bytes, and a
+    URL may carry a secret), and anything else (a handler's bug) once a minute per kind at ERROR with
     its traceback."""
 
     def __init__(self, name: str) -> None:
@@ -46,14 +47,16 @@ class _ServerLog(logging.LoggerAdapter):  # type: ignore[type-arg]
 
     def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info")
-        if not isinstance(exc, BaseException) or level < logging.WARNING:
-            super().log(level, msg, *args, **kwargs)
-        elif isinstance(exc, HttpProcessingError):
+        if isinstance(
+            exc, HttpProcessingError
+        ):  # its text quotes the request's bytes (a URL, a header): never logged
             self._once.log(
-                self.logger, logging.INFO, f"peer:{type(exc).__name__}",
-                "%s listener: malformed request refused (%s: %s)",
-                self.listener, type(exc).__name__, str(exc).replace("\n", " ")[:200],
+                self.logger, logging.INFO if level >= logging.WARNING else logging.DEBUG,
+                f"peer:{type(exc).__name__}", "%s listener: malformed request refused (%s, HTTP %s)",
+                self.listener, type(exc).__name__, exc.code,
             )  # fmt: skip
+        elif not isinstance(exc, BaseException) or level < logging.WARNING:
+            super().log(level, msg, *args, **kwargs)
         else:
             self._once.log(
                 self.logger, logging.ERROR, f"own:{type(exc).__name__}", "%s listener: %s\n%s",
