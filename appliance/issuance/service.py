@@ -189,6 +189,9 @@ class IssueService:
             log.warning(
                 "burned %d intent(s) left by an interrupted run; their serials are never reused", burned
             )
+        self._faults.check_work_orders(
+            await self.journal.acall(self._faults.read_active_work_orders, self.journal.conn)
+        )
         if self.prepare_workers > 0:
             self._pool = PreparePool(self._ctx, self.prepare_workers, alarms=self.alarms)
             await self._pool.start()
