@@ -160,3 +160,22 @@ def test_events_of_another_shape_do_not_break_it(event: dict[str, Any]) -> None:
     m.take_log()
     m.apply(issued(10))
     assert m.stations["st-1"].issued == 1
+
+
+def test_link_lines_carry_the_local_clock_and_unknown_stays_unknown() -> None:
+    """A link line says when the dashboard saw the change (this computer's clock), not the last daemon time
+    it had seen; before any status document the clock's state is unknown, not ok."""
+    import time
+
+    from console.dashboard.model import Model
+
+    model = Model()
+    assert model.summary.clock_trusted is None
+    model.load_status({"seq": 0})
+    assert model.summary.clock_trusted is None
+    model.set_connected(0.0)
+    model.apply({"type": "issued", "seq": 1, "time": 1_000.0, "station": "st"})  # a daemon time long ago
+    before = time.time()
+    model.set_disconnected("gone", 1.0)
+    line = model.log[-1]
+    assert line.kind == "link" and line.time is not None and line.time >= before
