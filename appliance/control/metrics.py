@@ -5,7 +5,8 @@ into metric families when the endpoint is scraped. Values that live in the journ
 once per scrape, on the journal thread, before the families are built.
 
     GET /metrics     OpenMetrics 1.0 when the Accept header asks for application/openmetrics-text (Prometheus
-                     does), else the Prometheus text format 0.0.4 (curl, older scrapers)
+                     does), else the Prometheus text format (curl, older scrapers; prometheus-client 0.26
+                     labels it text/plain; version=1.0.0)
 
 The listener is its own ([metrics] listen), bounded like the VA's.
 """
