@@ -198,8 +198,10 @@ class ControlApi:
                 await self._write(resp, b"".join(chunk))
                 if end:
                     break
-        except (TimeoutError, ConnectionError):
-            pass  # the console stopped reading or went away: its stream ends here
+        except TimeoutError:
+            self.hub.bus.stalled(sub)  # the console stopped reading: closed, and counted as dropped
+        except ConnectionError:
+            pass  # the console went away: its stream ends here
         finally:
             sub.close()
         return resp

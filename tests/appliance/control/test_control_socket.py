@@ -288,3 +288,38 @@ async def test_the_connection_cap_holds_for_a_burst(
         lines = await asyncio.to_thread(burst)
     assert lines.count(b"HTTP/1.1 200") == 4, lines
     assert lines.count(b"HTTP/1.1 503") == 16, lines
+
+
+async def test_a_stream_whose_socket_accepts_nothing_is_closed_and_counted_dropped(
+    softhsm_token: SoftHsmToken,
+    people_journal_template: Path,
+    short_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A console that never reads, with a queue too large to fill: its socket fills, the write times out, and the
+    stream is closed and counted in birthline_control_event_streams_dropped_total (no `dropped` event can reach
+    it)."""
+    from appliance.control import server
+
+    monkeypatch.setattr(server, "WRITE_TIMEOUT_S", 0.5)
+    config = control_config(
+        short_dir / "state", softhsm_token, people_journal_template, subscriber_queue=1_000_000
+    )
+    async with Daemon(config) as d:
+        assert d.control is not None
+        bus = d.control.hub.bus
+        s = socket.socket(socket.AF_UNIX)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(str(config.control_socket))
+        s.sendall(b"GET /v1/events HTTP/1.1\r\nHost: b\r\n\r\n")  # and never read
+        try:
+            async with asyncio.timeout(120):  # a hang guard: the stream goes once its socket is full
+                while not bus.subscribers:
+                    await asyncio.sleep(0.01)
+                while bus.subscribers:
+                    for _ in range(50):
+                        bus.publish("test", {"pad": "x" * 1000})
+                    await asyncio.sleep(0.02)
+        finally:
+            s.close()
+        assert bus.dropped_subscribers == 1
