@@ -284,7 +284,7 @@ def _scep(core: Core, state: Path, admin: User, supervisor: User) -> None:
     write_private(folder / f"{HAND_WORK_ORDER}.challenge", secret.encode() + b"\n")
 
 
-def _production(core: Core, admin: User, supervisor: User, run: int, devices: int) -> None:
+def _production(core: Core, admin: User, supervisor: User, run: int, devices: int) -> list[str]:
     """Tenant, product, a line with both stations, a work order per run and one for trying stations by hand."""
     if not store.list_tenants(core.journal):
         store.add_tenant(core.journal, core.audit, admin, "demo", DEMO_ORG)
@@ -295,10 +295,12 @@ def _production(core: Core, admin: User, supervisor: User, run: int, devices: in
             store.assign_station(core.journal, core.audit, supervisor, station, DEMO_LINE)
         store.add_work_order(core.journal, core.audit, supervisor, WorkOrderSpec(
             HAND_WORK_ORDER, DEMO_PRODUCT, HAND_RANGE.last, (DEMO_LINE,), ranges=(HAND_RANGE,)), activate=True)  # fmt: skip
-    if devices:
-        spec = WorkOrderSpec(f"WO-{run:04d}", DEMO_PRODUCT, devices, (DEMO_LINE,),
-                             ranges=(SerialRange(f"BLD{run:04d}", 1, devices, 6),))  # fmt: skip
-        store.add_work_order(core.journal, core.audit, supervisor, spec, activate=True)
+    if not devices:
+        return []
+    spec = WorkOrderSpec(f"WO-{run:04d}", DEMO_PRODUCT, devices, (DEMO_LINE,),
+                         ranges=(SerialRange(f"BLD{run:04d}", 1, devices, 6),))  # fmt: skip
+    store.add_work_order(core.journal, core.audit, supervisor, spec, activate=True)
+    return [spec.id]
 
 
 def gentle_range(run: int) -> SerialRange:
@@ -306,17 +308,37 @@ def gentle_range(run: int) -> SerialRange:
     return SerialRange(f"GEN{run:04d}-", 1, 999_999, 6)
 
 
-def _gentle_work_order(core: Core, supervisor: User, run: int) -> None:
+def _gentle_work_order(core: Core, supervisor: User, run: int) -> list[str]:
     rng = gentle_range(run)
     spec = WorkOrderSpec(f"WO-GENTLE-{run:04d}", DEMO_PRODUCT, rng.last, (DEMO_LINE,), ranges=(rng,))
     store.add_work_order(core.journal, core.audit, supervisor, spec, activate=True)
+    return [spec.id]
+
+
+def paused_stations(core: Core) -> set[str]:
+    """The stations an operator left paused: the daemon keeps them paused (docs/control-api.md), so the demo's
+    fixtures enrol through the others, and the console shows them paused until someone resumes them."""
+    rows = core.journal.call(
+        lambda: core.journal.conn.execute("SELECT station FROM station_pause").fetchall()
+    )
+    return {str(r[0]) for r in rows}
+
+
+def _withdraw(config: Config, state: Path, work_orders: list[str]) -> None:
+    """A run that failed closes the work orders it made and used for nothing, so none is left active unused."""
+    with open_core(config) as core:
+        _, supervisor = _people(core, state)
+        for wo in work_orders:
+            if store.get_work_order(core.journal, wo).consumed == 0:
+                store.close_work_order(core.journal, core.audit, supervisor, wo)
 
 
 def _setup(
     config: Config, state: Path, run: int, devices: int, *, lan_host: str, gentle: bool = False
-) -> None:
+) -> tuple[set[str], list[str]]:
     """CAs, stations and production control, created once; a second run finds them and adds a work order.
-    LAN bundles name `lan_host`, the listener the configuration file describes."""
+    LAN bundles name `lan_host`, the listener the configuration file describes. Returns the demo stations an
+    operator left paused and the work orders this run made."""
     with open_core(config) as core:
         admin, supervisor = _people(core, state)
         who: dict[str, Any] = {"audit": core.audit, "actor": admin.name}
@@ -371,11 +393,14 @@ def _setup(
                 )
             )
             registry.write_bundle(creds, bundle, lan_host=host)
-        _production(core, admin, supervisor, run, devices)
+        paused = paused_stations(core) & {SERIAL_STATION, LAN_STATION}
+        if paused == {SERIAL_STATION, LAN_STATION}:
+            devices = 0  # nothing to enrol through: no work order for them either
+        made = _production(core, admin, supervisor, run, devices)
         _field(core, admin, supervisor)
         _scep(core, state, admin, supervisor)
         if gentle:
-            _gentle_work_order(core, supervisor, run)
+            made += _gentle_work_order(core, supervisor, run)
         for label_station in (CMP_STATION, EST_STATION):
             on_line = core.journal.call(
                 lambda name=label_station: core.journal.conn.execute(
@@ -384,6 +409,7 @@ def _setup(
             )
             if on_line is None or on_line[0] is None:  # a demo state made before the CMP or EST label existed
                 store.assign_station(core.journal, core.audit, supervisor, label_station, DEMO_LINE)
+    return paused, made
 
 
 class _Fixture:
@@ -497,9 +523,12 @@ def _describe_scep(state: Path, config: Config) -> dict[str, object]:
 
 async def _run(
     config: Config, state: Path, run: int, devices: int, serve: bool, gentle_rate: float = 0.0,
-    dashboard: bool = False,
+    dashboard: bool = False, paused: frozenset[str] = frozenset(),
 ) -> int:  # fmt: skip
     serials = [f"BLD{run:04d}{n:06d}" for n in range(1, devices + 1)]
+    for name in sorted(paused):
+        print(f"demo: station {name} is paused (an operator resumes it on the console); the demo's devices are"
+              " enrolled through the others")  # fmt: skip
     appliance_port = str(state / "pty" / f"{SERIAL_STATION}.appliance")
     fixture_port = str(state / "pty" / f"{SERIAL_STATION}.fixture")
     with PtyPair(appliance_port, fixture_port) as _pty:
@@ -508,21 +537,27 @@ async def _run(
             assert lan is not None
             serial_client = await _connect(state, SERIAL_STATION, lan, fixture_port)
             lan_client = await _connect(state, LAN_STATION, lan, fixture_port)
-            fixtures = [_Fixture(serial_client), _Fixture(lan_client)]
+            fixtures = [
+                _Fixture(c)
+                for name, c in ((SERIAL_STATION, serial_client), (LAN_STATION, lan_client))
+                if name not in paused
+            ]
             try:
                 t0 = time.perf_counter()
 
                 async def line(fixture: _Fixture, mine: list[str]) -> list[tuple[str, bytes, bytes]]:
                     return [(s, *await fixture.enrol(s)) for s in mine]
 
-                per_line = await asyncio.gather(*(line(f, serials[i::2]) for i, f in enumerate(fixtures)))
+                n = max(len(fixtures), 1)
+                per_line = await asyncio.gather(*(line(f, serials[i::n]) for i, f in enumerate(fixtures)))
                 elapsed = time.perf_counter() - t0
                 results = sorted((r for rs in per_line for r in rs), key=lambda r: r[0])
                 retry_same = True
                 if results:
                     # The fixture lost the answer and asks again, on the other line, with the same CSR.
                     serial, cert, csr = results[0]
-                    again = await lan_client.enroll(serial, csr)
+                    retry = serial_client if LAN_STATION in paused else lan_client
+                    again = await retry.enroll(serial, csr)
                     retry_same = again[0] == cert
                 if serve:
                     metrics = daemon.control.metrics_url if daemon.control is not None else None
@@ -726,12 +761,24 @@ def run_demo(
         )
     try:
         run = _next_run(state)
-        _setup(
+        paused, made = _setup(
             config, state, run, devices, lan_host=f"127.0.0.1:{file_port}", gentle=serve and gentle_rate > 0
         )
-        return asyncio.run(_run(config, state, run, devices, serve, gentle_rate, dashboard))
     except (BirthlineError, StationError) as exc:
         print(f"demo: {exc}")
+        return 1
+    if paused == {SERIAL_STATION, LAN_STATION}:
+        devices = 0
+    try:
+        return asyncio.run(
+            _run(config, state, run, devices, serve, gentle_rate, dashboard, frozenset(paused))
+        )
+    except (BirthlineError, StationError, OSError) as exc:
+        print(f"demo: {exc}")
+        with contextlib.suppress(BirthlineError):
+            _withdraw(config, state, made)
+            if made:
+                print(f"demo: the unused work orders this run made are closed ({', '.join(made)})")
         return 1
 
 

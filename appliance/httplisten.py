@@ -66,10 +66,11 @@ class TlsServing:
 
 class _ServerLog(logging.LoggerAdapter):  # type: ignore[type-arg]
     """aiohttp's server logger. aiohttp logs every malformed request at ERROR with a traceback, so any peer
-    could fill the log: those (HttpProcessingError: bad request line, too many or too long headers) and a
-    connection lost in the middle of a request (ConnectionError: the peer went away, or the listener closed it
-    at a deadline) are the client's doing, logged once a minute per kind at INFO without a traceback; anything
-    else (a handler's bug) once a minute per kind at ERROR with its traceback."""
+    could fill the log: those (HttpProcessingError: bad request line, too many or too long headers) are logged
+    once a minute per kind at INFO, by kind and status only (aiohttp's message quotes the request's bytes, and a
+    URL may carry a secret); a connection lost in the middle of a request (ConnectionError: the peer went away,
+    or the listener closed it at a deadline) is the client's doing, logged once a minute per kind at INFO without
+    a traceback; anything else (a handler's bug) once a minute per kind at ERROR with its traceback."""
 
     def __init__(self, name: str) -> None:
         super().__init__(logging.getLogger(f"birthline.http.{name}"), {})
@@ -78,14 +79,16 @@ class _ServerLog(logging.LoggerAdapter):  # type: ignore[type-arg]
 
     def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info")
-        if not isinstance(exc, BaseException) or level < logging.WARNING:
-            super().log(level, msg, *args, **kwargs)
-        elif isinstance(exc, HttpProcessingError):
+        if isinstance(
+            exc, HttpProcessingError
+        ):  # its text quotes the request's bytes (a URL, a header): never logged
             self._once.log(
-                self.logger, logging.INFO, f"peer:{type(exc).__name__}",
-                "%s listener: malformed request refused (%s: %s)",
-                self.listener, type(exc).__name__, str(exc).replace("\n", " ")[:200],
+                self.logger, logging.INFO if level >= logging.WARNING else logging.DEBUG,
+                f"peer:{type(exc).__name__}", "%s listener: malformed request refused (%s, HTTP %s)",
+                self.listener, type(exc).__name__, exc.code,
             )  # fmt: skip
+        elif not isinstance(exc, BaseException) or level < logging.WARNING:
+            super().log(level, msg, *args, **kwargs)
         elif isinstance(exc, ConnectionError):
             self._once.log(
                 self.logger, logging.INFO, f"peer:{type(exc).__name__}",

@@ -58,6 +58,7 @@ ERR_UNAUTHENTICATED: Final = "unauthenticated"  # 401: no session, or it expired
 ERR_LOGIN_FAILED: Final = "login_failed"  # 401: wrong name or password, account locked or disabled
 ERR_FORBIDDEN: Final = "forbidden"  # 403: the person's role does not allow the action
 ERR_NOT_FOUND: Final = "not_found"  # 404
+ERR_METHOD_NOT_ALLOWED: Final = "method_not_allowed"  # 405: a path answered with another method
 ERR_CONFLICT: Final = "conflict"  # 409: not possible in the current state (already paused, closed, ...)
 ERR_TOO_LARGE: Final = "too_large"  # 413
 ERR_BUSY: Final = "busy"  # 503: too many connections, streams or sessions

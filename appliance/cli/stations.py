@@ -7,6 +7,8 @@ them to a credential directory (files 0600) for provisioning the fixture.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import datetime as dt
 import json
 from collections.abc import Callable
@@ -19,8 +21,13 @@ from appliance.ca import identity
 from appliance.cli import argtypes
 from appliance.cli.session import actor, add_login_arguments, authorised
 from appliance.config import Config, load_config
+from appliance.daemon_lock import DaemonRunning, daemon_job
+from appliance.issuance.pauses import PauseError, StationPauses
+from appliance.production.model import ProductionError
 from appliance.production.users import Permission
 from appliance.runtime import Core, read_journal
+
+REASON_MAX = 200  # as the control API's station.pause
 
 WithConfig = Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
 
@@ -121,6 +128,49 @@ def cmd_station_enable(args: argparse.Namespace) -> int:
     return _set_enabled(args, True)
 
 
+def _reason(value: str) -> str:
+    if len(value) > REASON_MAX or any(not ch.isprintable() for ch in value):
+        raise argparse.ArgumentTypeError(f"at most {REASON_MAX} printable characters")
+    return value
+
+
+def _pause(args: argparse.Namespace, pause: bool) -> int:
+    """Pause or resume a station while no daemon runs. A running daemon holds the pauses in memory (its issuance
+    core reads them on every request): while it runs, its console does it (docs/control-api.md)."""
+    verb = "pause" if pause else "resume"
+    config = _config(args)
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(daemon_job(config, f"station {verb}"))
+        except DaemonRunning as exc:
+            raise DaemonRunning(
+                f"the daemon runs ({exc.holder}): {verb} station {args.name!r} on its console"
+                f" (`birthline dashboard`, or the control API's station.{verb})",
+                exc.holder,
+            ) from None
+        with authorised(args, Permission.STATION_PAUSE) as s:
+            pauses = StationPauses(s.core.journal)
+            who = actor(s).name
+            try:
+                if pause:
+                    reason = args.reason or "paused with the CLI"
+                    asyncio.run(pauses.pause(args.name, who, reason, s.audit, via="cli"))
+                else:
+                    asyncio.run(pauses.resume(args.name, who, s.audit, via="cli"))
+            except PauseError as exc:
+                raise ProductionError(str(exc)) from None
+    print(f"station {args.name!r} {'paused' if pause else 'resumed'}")
+    return 0
+
+
+def cmd_station_pause(args: argparse.Namespace) -> int:
+    return _pause(args, True)
+
+
+def cmd_station_resume(args: argparse.Namespace) -> int:
+    return _pause(args, False)
+
+
 def cmd_station_rotate(args: argparse.Namespace) -> int:
     out = reg.check_bundle_dir(Path(args.out))
     with authorised(args, Permission.STATION_MANAGE) as s:
@@ -179,6 +229,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], with_conf
     sp.add_argument("--name", required=True, type=argtypes.name(names.STATION))
     add_login_arguments(sp)
     sp.set_defaults(func=cmd_station_enable)
+    sp = with_config(
+        st.add_parser(
+            "pause", help="refuse a station's requests STATION_PAUSED (no daemon running: else the console)"
+        )
+    )
+    sp.add_argument("--name", required=True, type=argtypes.name(names.STATION))
+    sp.add_argument("--reason", type=_reason, default="", help=f"why (at most {REASON_MAX} characters)")
+    add_login_arguments(sp)
+    sp.set_defaults(func=cmd_station_pause)
+    sp = with_config(
+        st.add_parser("resume", help="end a station's pause (no daemon running: else the console)")
+    )
+    sp.add_argument("--name", required=True, type=argtypes.name(names.STATION))
+    add_login_arguments(sp)
+    sp.set_defaults(func=cmd_station_resume)
     sp = with_config(
         st.add_parser("rotate-key", help="new station secret (and TLS certificate); old ones stop")
     )

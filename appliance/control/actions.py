@@ -77,6 +77,15 @@ def text_field(body: Mapping[str, Any], name: str, limit: int = FIELD_MAX, *, re
     return value
 
 
+def _password(body: Mapping[str, Any], key: str, shown: str = "") -> str:
+    password = body.get(key)
+    if not isinstance(password, str) or not password:
+        raise bad_request(f"{shown or key!r} is required (a non-empty string)")
+    if len(password) > users.PASSWORD_MAX:
+        raise bad_request(f"{shown or key!r} is longer than {users.PASSWORD_MAX} characters")
+    return password
+
+
 class _Via:
     """An AuditSink that adds who and where to every entry of one action (the store functions write them)."""
 
@@ -111,17 +120,14 @@ class Actions:
         async with self._logins:
             try:
                 return await asyncio.to_thread(users.login, self.journal, self.audit, name, password)
-            except AuthError as exc:
-                raise ActionError(401, wire.ERR_LOGIN_FAILED, exc.message) from None
+            except AuthError as exc:  # never the name as typed: it may be a password typed in the wrong field
+                raise ActionError(401, wire.ERR_LOGIN_FAILED, f"login refused: {exc.why}") from None
             except BirthlineError as exc:
                 raise _unavailable(exc) from None
 
     async def login(self, body: Mapping[str, Any]) -> tuple[str, ConsoleSession]:
         name = text_field(body, "user", 64)
-        password = body.get("password")
-        if not isinstance(password, str) or not password or len(password) > users.PASSWORD_MAX:
-            raise bad_request("'password' is required (a string)")
-        user = await self._check_password(name, password)
+        user = await self._check_password(name, _password(body, "password"))
         return self.sessions.open(user)
 
     # -- actions ---------------------------------------------------------------------------------------------------
@@ -138,10 +144,7 @@ class Actions:
                     f" allowed to {permission.value}"
                 )
             name = text_field(confirm, "user", 64)
-            password = confirm.get("password")
-            if not isinstance(password, str) or not password or len(password) > users.PASSWORD_MAX:
-                raise bad_request("'confirm.password' is required (a string)")
-            person = await self._check_password(name, password)
+            person = await self._check_password(name, _password(confirm, "password", "confirm.password"))
         try:
             person.require(permission)
         except AuthError as exc:

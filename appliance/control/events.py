@@ -113,6 +113,15 @@ class EventBus:
                 sub.queue.get_nowait()
             sub.queue.put_nowait(None)
 
+    def stalled(self, sub: Subscriber) -> None:
+        """The subscriber's socket accepted nothing for the write timeout: its stream is closed (no `dropped`
+        event can reach a reader that does not read), and counted with the dropped ones."""
+        if not sub.dropped:
+            sub.dropped = True
+            self.dropped_subscribers += 1
+            log.warning("control API: an event stream accepted nothing for a while and was closed")
+        self.unsubscribe(sub)
+
     def _drop(self, sub: Subscriber) -> None:
         """The subscriber fell queue_size events behind: end its stream rather than slow anyone down."""
         self.unsubscribe(sub)

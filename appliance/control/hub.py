@@ -177,13 +177,17 @@ class ControlHub:
     def _on_alarm(self, event: str, alarm: Alarm) -> None:
         self.bus.publish_threadsafe(wire.EVENT_ALARM, {"action": event, "alarm": alarm.snapshot()})
 
-    def station_state(self, name: str, connected: bool, enrolling: int, paused: bool, enabled: bool) -> str:
-        """issuing / idle / paused / error / disconnected / disabled (docs/control-api.md, "Stations")."""
+    def station_state(
+        self, name: str, connected: bool, enrolling: int, paused: bool, enabled: bool, linkless: bool = False
+    ) -> str:
+        """issuing / idle / paused / error / disconnected / disabled (docs/control-api.md, "Stations"). A
+        `linkless` station (one a CMP label acts as: each request is its own HTTP exchange) is never
+        disconnected: its state comes from its answers alone."""
         if not enabled:
             return "disabled"
         if paused:
             return "paused"
-        if not connected:
+        if not connected and not linkless:
             return "disconnected"
         act = self.activity.get(name)
         now = time.time()

@@ -6,7 +6,8 @@ revocations, which the CLI makes in another process) are read on the journal thr
 built, once per snapshot.
 
     GET /metrics     OpenMetrics 1.0 when the Accept header asks for application/openmetrics-text (Prometheus
-                     does), else the Prometheus text format 0.0.4 (curl, older scrapers)
+                     does), else the Prometheus text format (curl, older scrapers; prometheus-client 0.26
+                     labels it text/plain; version=1.0.0)
 
 A scrape is answered from a snapshot at most SNAPSHOT_S old (one per format; concurrent scrapes share the one
 being built), so however often the endpoint is asked, the journal is read and the text built at most once per

@@ -28,6 +28,8 @@ from types import TracebackType
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 
 from appliance.alarms import LogOnce
 from appliance.config import ControlSection
@@ -37,6 +39,7 @@ from appliance.control.hub import ControlHub
 from appliance.control.sessions import ConsoleSession, Sessions
 from appliance.control.status import StatusBuilder
 from appliance.control.unix import CappedProtocol, Gate, bind_control_socket, capped_factory, open_for_group
+from appliance.text import load_json
 from console import wire
 
 log = logging.getLogger(__name__)
@@ -100,6 +103,11 @@ class ControlApi:
             return error(
                 413, wire.ERR_TOO_LARGE, f"the body is larger than {self.settings.max_body_bytes} bytes"
             )
+        except web.HTTPMethodNotAllowed as exc:
+            allowed = ", ".join(sorted(exc.allowed_methods))
+            return error(
+                405, wire.ERR_METHOD_NOT_ALLOWED, f"{request.method} is not allowed here (only {allowed})"
+            )
         except web.HTTPException as exc:
             code = wire.ERR_NOT_FOUND if exc.status == 404 else wire.ERR_BAD_REQUEST
             return error(exc.status, code, exc.reason)
@@ -122,9 +130,13 @@ class ControlApi:
         if not raw:
             return {}
         try:
-            body = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise bad_request("the body is not JSON") from None
+            body = load_json(
+                raw.decode("utf-8")
+            )  # bounded: too deep a nesting is a 400, not a RecursionError
+        except UnicodeDecodeError:
+            raise bad_request("the body is not JSON (not UTF-8)") from None
+        except ValueError as exc:
+            raise bad_request(f"the body is {exc}") from None
         if not isinstance(body, dict):
             raise bad_request("the body must be a JSON object")
         return body
@@ -186,8 +198,10 @@ class ControlApi:
                 await self._write(resp, b"".join(chunk))
                 if end:
                     break
-        except (TimeoutError, ConnectionError):
-            pass  # the console stopped reading or went away: its stream ends here
+        except TimeoutError:
+            self.hub.bus.stalled(sub)  # the console stopped reading: closed, and counted as dropped
+        except ConnectionError:
+            pass  # the console went away: its stream ends here
         finally:
             sub.close()
         return resp
@@ -231,6 +245,43 @@ def _dumps(obj: Any) -> str:
     return json.dumps(obj, default=str)
 
 
+MALFORMED_LOG_S = 300.0  # a malformed request is logged once per kind this often (docs/control-api.md)
+
+
+class _JsonErrors(RequestHandler):
+    """aiohttp's connection handler, except for requests it cannot parse (a request line or header too long,
+    bad syntax): aiohttp logs each with a traceback whose message holds the request's bytes (a URL may carry a
+    password) and answers text/plain. Here they are answered in JSON and logged once per kind every
+    MALFORMED_LOG_S, by type and status only: never the request's bytes."""
+
+    once = LogOnce(MALFORMED_LOG_S, max_causes=64)
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        kind = type(exc).__name__ if exc is not None else "error"
+        self.once.log(log, logging.WARNING if status < 500 else logging.ERROR, f"{status}:{kind}",
+                      "control API: a request refused before it was read (HTTP %d, %s); its bytes are not logged",
+                      status, kind)  # fmt: skip
+        if request.writer.output_size > 0:
+            raise ConnectionError("the answer was being sent already: the connection is closed")
+        if status >= 500:
+            resp = error(500, wire.ERR_INTERNAL, "internal error (logged)")
+        else:
+            text = (
+                "the request line or a header is too long"
+                if "too long" in str(exc) or "Got more than" in str(exc)
+                else "the request is not valid HTTP/1.1"
+            )
+            resp = error(status, wire.ERR_BAD_REQUEST, text)
+        resp.force_close()
+        return resp
+
+
 class _Site(web.BaseSite):
     """aiohttp's site on an already bound socket, with the Gate's protocol in front of every connection."""
 
@@ -249,7 +300,12 @@ class _Site(web.BaseSite):
         server = self._runner.server
         assert server is not None
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_unix_server(capped_factory(self._gate, server), sock=self._sock)
+
+        def handler() -> RequestHandler:
+            # As aiohttp's Server.__call__ (3.14), with the handler that never logs a request's bytes.
+            return _JsonErrors(server, loop=loop, **server._kwargs)
+
+        self._server = await loop.create_unix_server(capped_factory(self._gate, handler), sock=self._sock)
 
 
 class ControlServer:

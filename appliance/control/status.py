@@ -143,6 +143,8 @@ class StatusBuilder:
         alarms = s.alarms.active()
         causes = {a.cause: a for a in alarms}
         now = time.time()
+        # Stations a CMP label acts as have no link of their own: kind "cmp", state from their answers.
+        cmp = {label.station for label in s.config.cmp.labels.values()} if s.config.cmp.listen else set()
         stations = []
         for st in raw["stations"]:
             name = st["name"]
@@ -150,9 +152,11 @@ class StatusBuilder:
             pause = pauses.get(name)
             act = s.hub.activity.get(name)
             connected = bool(snap.get("connected", False))
+            linkless = name in cmp and not connected
             stations.append({
-                **st, "state": s.hub.station_state(name, connected, int(snap.get("enrolling", 0) or 0),
-                                                   pause is not None, st["enabled"]),
+                **st, "kind": "cmp" if name in cmp else st["kind"],
+                "state": s.hub.station_state(name, connected, int(snap.get("enrolling", 0) or 0),
+                                             pause is not None, st["enabled"], linkless),
                 "connected": connected, "authenticated": bool(snap.get("authenticated", False)),
                 "peer": snap.get("peer"), "enrolling": snap.get("enrolling", 0),
                 "last_seen": snap.get("last_seen"), "last_link_error": snap.get("last_error"),

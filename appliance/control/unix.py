@@ -123,8 +123,7 @@ class CappedProtocol(asyncio.Protocol):
     # asyncio.Protocol, delegated
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        self.gate.open += 1
+        self.transport = transport  # counted in `gate.open` already, when the factory made it
         self._arm()
         self.inner.connection_made(transport)
 
@@ -183,8 +182,12 @@ class _Refuse(asyncio.Protocol):
 
 def capped_factory(gate: Gate, inner: Callable[[], Any]) -> Callable[[], asyncio.Protocol]:
     def factory() -> asyncio.Protocol:
+        # Counted here, not in connection_made: asyncio accepts a burst of connections and makes all their
+        # protocols before any connection_made runs, so a count taken there let a burst past the cap.
         if gate.open >= gate.max_connections:
             return _Refuse(gate)
-        return CappedProtocol(gate, inner())
+        protocol = CappedProtocol(gate, inner())
+        gate.open += 1
+        return protocol
 
     return factory

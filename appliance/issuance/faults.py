@@ -221,6 +221,19 @@ class IssuanceAlarms:
                 out[wo] = (str(row[0]), int(row[1]), int(row[2]))
         return out
 
+    @staticmethod
+    def read_active_work_orders(conn: sqlite3.Connection) -> list[tuple[str, int, int]]:
+        """(id, quantity, consumed) of every active work order (journal thread)."""
+        rows = conn.execute("SELECT id, quantity, consumed FROM work_order WHERE state='active'").fetchall()
+        return [(str(r[0]), int(r[1]), int(r[2])) for r in rows]
+
+    def check_work_orders(self, orders: list[tuple[str, int, int]]) -> None:
+        """At start: the warnings of the active work orders at or below the threshold, from their state (the
+        alarms of the run before are gone with its process)."""
+        for work_order, quantity, consumed in orders:
+            if quantity - consumed <= quantity * self.quota_warning_percent // 100:
+                self.units_left(work_order, quantity - consumed, quantity)
+
     def recheck_quota(self, orders: dict[str, tuple[str, int, int]]) -> None:
         """Clear the warnings whose work order is no longer active or has units again."""
         for cause, work_order in list(self._quota.items()):

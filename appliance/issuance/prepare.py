@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import signal
 import threading
 import time
 import traceback
@@ -169,6 +170,9 @@ def _exit_with(parent: int) -> None:
 
 def init_worker(ctx: PrepareContext) -> None:
     global _worker  # noqa: PLW0603 - one Preparer per worker process, made once at start
+    # Ctrl-C goes to the whole process group: the parent decides and stops the pool (each worker would
+    # otherwise die with its own KeyboardInterrupt traceback).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _worker = Preparer(ctx)
     threading.Thread(target=_exit_with, args=(os.getppid(),), name="parent-watch", daemon=True).start()
 

@@ -98,6 +98,9 @@ class _Item:
     ra_done: IssueResult | None = None  # RA mode: the upstream's certificate, already stored
     grant: Grant | None = None  # what the policy granted (the work order and its units left)
     update: IssuanceRow | None = None  # key update: the device's current certificate, which this one replaces
+    origin: tuple[str | None, str | None] | None = (
+        None  # a retry (reuse): its certificate's work order, product
+    )
 
     @property
     def key(self) -> tuple[str, bytes]:
@@ -198,6 +201,9 @@ class IssueService:
             log.warning(
                 "burned %d intent(s) left by an interrupted run; their serials are never reused", burned
             )
+        self._faults.check_work_orders(
+            await self.journal.acall(self._faults.read_active_work_orders, self.journal.conn)
+        )
         if self.prepare_workers > 0:
             self._pool = PreparePool(self._ctx, self.prepare_workers, alarms=self.alarms)
             await self._pool.start()
@@ -263,11 +269,14 @@ class IssueService:
     def _tell(self, item: _Item, result: IssueResult | None, error: BirthlineError | None) -> None:
         if self.observer is None:
             return
-        req, grant = item.request, item.grant
+        req = item.request
+        grant = item.grant if item.leader is None else item.leader.grant  # a follower: its leader's grant
+        work_order, product = (
+            (grant.work_order, grant.product) if grant is not None else item.origin or (None, None)
+        )
         self.observer.answered(Outcome(
             req.station, req.device_serial, req.request_id,
-            item.prep.profile if item.prep is not None else req.profile,
-            grant.work_order if grant is not None else None, grant.product if grant is not None else None,
+            item.prep.profile if item.prep is not None else req.profile, work_order, product,
             result.cert_serial if result is not None else None, result.reused if result is not None else False,
             None if isinstance(error, IssuancePending) else error, isinstance(error, IssuancePending),
             req.front_end,
@@ -746,6 +755,16 @@ class IssueService:
                 if existing.station != req.station:
                     self.policy.authorise_retry(conn, req, "issuance_id", existing.id)
                 item.reuse = existing
+                if (
+                    self.observer is not None
+                ):  # the retry counts under its certificate's work order and product
+                    wo = work_order_of(conn, existing.id)
+                    row = (
+                        conn.execute("SELECT product FROM work_order WHERE id=?", (wo,)).fetchone()
+                        if wo
+                        else None
+                    )
+                    item.origin = (wo, str(row[0]) if row is not None else None)
                 return
             if req.replaces is not None and existing.cert_serial != req.replaces:
                 raise IssuanceRefused(

@@ -83,8 +83,9 @@ PERMISSIONS: Final[dict[Permission, frozenset[Role]]] = {
 class AuthError(BirthlineError):
     """Login failed, the account is locked or disabled, or the role lacks the permission."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, why: str = "") -> None:
         super().__init__(message, ReasonCode.NOT_AUTHORISED)
+        self.why = why or message  # without the name as typed (a console must not show it back)
 
 
 class UserError(BirthlineError):
@@ -396,5 +397,5 @@ def login(
     result: tuple[User | None, str] = journal.call(journal.transaction, txn, "recording a login")
     user, why = result
     if user is None:
-        raise AuthError(f"login refused for {name!r}: {why}")
+        raise AuthError(f"login refused for {name!r}: {why}", why)
     return user

@@ -38,6 +38,7 @@ from console.dashboard.widgets import (
 )
 
 REFRESH_S: Final = 0.2  # the screen follows the model at most this late
+SCREENSHOT_WAIT_S: Final = 30.0  # --screenshot gives up after this long without the daemon's status
 WIDE: Final = 140  # columns from which every panel is shown at once, with more detail
 PANELS: Final = ("orders", "alarms", "log")
 
@@ -104,7 +105,7 @@ class DashboardApp(App[None]):
 
     def __init__(
         self, feed: Feed, *, user: str | None = None, refresh_s: float = REFRESH_S,
-        screenshot: tuple[Path, float, str] | None = None,
+        screenshot: tuple[Path, float, str] | None = None, screenshot_wait_s: float = SCREENSHOT_WAIT_S,
     ) -> None:  # fmt: skip
         super().__init__()
         self.feed = feed
@@ -112,6 +113,7 @@ class DashboardApp(App[None]):
         self.default_user = user
         self.refresh_s = refresh_s
         self.screenshot = screenshot
+        self.screenshot_wait_s = screenshot_wait_s
         self._dirty = True
         self._view_size: tuple[int, int] | None = None
         self._panel = "orders"
@@ -252,8 +254,15 @@ class DashboardApp(App[None]):
     async def _shoot(self, path: Path, after: float, key: str) -> None:
         """--screenshot: wait for the first status document and `after` seconds of events, press `key`, save the
         screen as SVG, exit."""
-        while not self.model.connected:
-            await asyncio.sleep(0.1)
+        try:
+            async with asyncio.timeout(self.screenshot_wait_s):
+                while not self.model.connected:
+                    await asyncio.sleep(0.1)
+        except TimeoutError:
+            why = self.model.link_note or "no status document"
+            self.exit(return_code=1, message=f"birthline dashboard: --screenshot: the daemon did not answer within"
+                      f" {self.screenshot_wait_s:g} s ({inert(why, 300)}); no screenshot saved")  # fmt: skip
+            return
         await asyncio.sleep(after)
         if key:
             self.simulate_key(key)

@@ -34,6 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--size", default="80x24", help="with --screenshot: COLUMNSxLINES (default 80x24)")
     p.add_argument("--after", type=float, default=3.0, help="with --screenshot: seconds to wait (default 3)")
+    p.add_argument("--wait", type=float, default=30.0,
+                   help="with --screenshot: give up (exit 1) after this many seconds without the daemon's status"
+                   " (default 30)")  # fmt: skip
     p.add_argument("--show", choices=SHOW, default="line",
                    help="with --screenshot: the screen as it opens (line: the grid and work orders), the alarms or"
                    " the log below the grid, or the help")  # fmt: skip
@@ -54,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from console.dashboard.link import Link
 
     shot = (Path(args.screenshot).resolve(), args.after, SHOW[args.show]) if args.screenshot else None
-    app = DashboardApp(Link(socket), user=args.user, screenshot=shot)
+    app = DashboardApp(Link(socket), user=args.user, screenshot=shot, screenshot_wait_s=args.wait)
     if shot is not None:
         app.run(headless=True, size=(int(size[1]), int(size[2])))
     else:

@@ -22,6 +22,11 @@ from console.dashboard.model import Model
 POLL_S: Final = 1.0  # the status document, once a second (the daemon caches it for half a second)
 RECONNECT_MIN_S: Final = 0.5
 RECONNECT_MAX_S: Final = 5.0
+EVENTS_RETRY_S: Final = 5.0  # with every event stream taken, the stream is tried again this often
+
+
+class _TryEvents(Exception):
+    """The daemon answers but its event streams were busy: try the stream again (not a disconnection)."""
 
 
 class Feed(Protocol):
@@ -48,6 +53,8 @@ class Link:
                 try:
                     await self._session(model, changed)
                     why = "the daemon ended the event stream (stopping?)"
+                except _TryEvents:
+                    continue
                 except ControlUnavailable:
                     why = f"the daemon does not answer on {self.socket}"
                 except ControlError as exc:
@@ -67,12 +74,17 @@ class Link:
         api = self.api
         events = cast(AsyncGenerator[dict[str, Any]], api.events())  # an async generator: closed below
         try:
-            hello = await anext(events, None)
+            try:
+                hello = await anext(events, None)
+            except ControlError as exc:
+                if exc.code != wire.ERR_BUSY:
+                    raise
+                await self._without_events(api, model, changed)
+                return
             if hello is None or hello.get("type") != wire.EVENT_HELLO:
                 return
             model.load_status(await api.status())
-            hello_time = hello.get("time")
-            model.set_connected(time.monotonic(), hello_time if isinstance(hello_time, int | float) else None)
+            model.set_connected(time.monotonic())
             self.connects += 1
             changed()
             reader = asyncio.create_task(self._read(events, model, changed))
@@ -89,6 +101,18 @@ class Link:
         finally:
             with contextlib.suppress(ControlError, RuntimeError):
                 await events.aclose()
+
+    async def _without_events(self, api: ControlClient, model: Model, changed: Callable[[], None]) -> None:
+        """Every event stream of the daemon is taken: show the status, polled, and try the stream again now and
+        then (each try that fails costs one refused request)."""
+        model.load_status(await api.status())
+        model.set_connected(time.monotonic(), events=False)
+        changed()
+        for _ in range(max(1, round(EVENTS_RETRY_S / self.poll_s))):
+            await asyncio.sleep(self.poll_s)
+            model.load_status(await api.status())
+            changed()
+        raise _TryEvents
 
     async def _read(
         self, events: AsyncIterator[dict[str, Any]], model: Model, changed: Callable[[], None]

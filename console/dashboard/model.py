@@ -11,6 +11,7 @@ is shown depends only on what the daemon said.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -185,7 +186,7 @@ class Summary:
     hsm_state: str = "unknown"
     hsm_token: str | None = None
     hsm_detail: str | None = None
-    clock_trusted: bool = True
+    clock_trusted: bool | None = None  # None: not known yet (no status document read)
     clock_detail: str | None = None
     last_issuance_at: float | None = None
     issued: int = 0
@@ -212,6 +213,9 @@ class Model:
     def __init__(self) -> None:
         self.connected = False
         self.ever_connected = False
+        self.events_busy = (
+            False  # the daemon refused the event stream (all its slots taken): status is polled
+        )
         self.link_note: str | None = None  # why the link is down, or None
         self.link_since: float | None = None  # this process's clock: when the link went down or came up
         self.status_seq = 0
@@ -235,24 +239,31 @@ class Model:
         self.summary_changed = True
 
     # -- the link ------------------------------------------------------------------------------------------------
-    def set_connected(self, at: float, daemon_time: float | None = None) -> None:
-        """The link is up (`at`: this process's clock); `daemon_time` is the stream's hello, which the log shows
-        (events after it may be older than the status document)."""
+    def set_connected(self, at: float, *, events: bool = True, wall: float | None = None) -> None:
+        """The link is up (`at`: this process's monotonic clock). `events` False: the daemon answers but its
+        event stream is busy (the status is polled instead). Link lines in the log carry this computer's
+        clock (`wall`, default now): the moment the dashboard saw the change, not the last daemon time seen."""
+        was = (self.connected, self.events_busy)
         self.connected = True
         self.ever_connected = True
+        self.events_busy = not events
         self.link_note = None
         self.link_since = at
         self.summary_changed = True
-        when = daemon_time if daemon_time is not None else self.summary.time
-        self._log(LogEntry(when, "link", "", "", "connected to the daemon", "good"))
+        if was != (True, not events):
+            text = (
+                "connected to the daemon" if events else "connected to the daemon; events busy: status polled"
+            )
+            self._log(LogEntry(time.time() if wall is None else wall, "link", "", "", text, "good"))
 
-    def set_disconnected(self, why: str, at: float) -> None:
+    def set_disconnected(self, why: str, at: float, *, wall: float | None = None) -> None:
         was = self.connected
         self.connected = False
+        self.events_busy = False
         self.link_note = why
         if was or self.link_since is None:
             self.link_since = at
-            self._log(LogEntry(self.last_event_time or self.summary.time, "link", "", "", f"disconnected: {why}",
+            self._log(LogEntry(time.time() if wall is None else wall, "link", "", "", f"disconnected: {why}",
                                "error"))  # fmt: skip
         self.summary_changed = True
 
@@ -274,7 +285,11 @@ class Model:
         hsm = _map(doc.get("hsm"))
         s.hsm_state, s.hsm_token, s.hsm_detail = str(hsm.get("state", "unknown")), _str(hsm.get("token_label")), _str(hsm.get("detail"))  # fmt: skip
         clock = _map(doc.get("clock"))
-        s.clock_trusted, s.clock_detail = bool(clock.get("trusted", True)), _str(clock.get("detail"))
+        trusted = clock.get("trusted")
+        s.clock_trusted, s.clock_detail = (
+            trusted if isinstance(trusted, bool) else None,
+            _str(clock.get("detail")),
+        )
         s.last_issuance_at = _float(clock.get("last_issuance_at"))
         issuance = _map(doc.get("issuance"))
         s.issued, s.refused, s.confirmed = (_int(issuance.get(k)) for k in ("issued", "refused", "confirmed"))

@@ -37,7 +37,7 @@ class Field:
 
 
 class FormScreen(ModalScreen[bool]):
-    """A few labelled inputs; Enter moves to the next one and submits from the last; Escape cancels."""
+    """A few labelled inputs; Enter moves to the next empty one and submits when none is left; Escape cancels."""
 
     DEFAULT_CSS = """
     FormScreen { align: center middle; }
@@ -87,10 +87,13 @@ class FormScreen(ModalScreen[bool]):
 
     @on(Input.Submitted)
     def _enter(self, event: Input.Submitted) -> None:
+        """Enter goes to the next empty field (a pre-filled name is skipped: the cursor lands in the password
+        field, never in a visible one the person did not mean to type into); from the last, it submits."""
         inputs = list(self.query(Input))
-        index = inputs.index(event.input)
-        if index + 1 < len(inputs):
-            inputs[index + 1].focus()
+        after = inputs[inputs.index(event.input) + 1 :]
+        empty = next((i for i in after if not i.value), None)
+        if empty is not None:
+            empty.focus()
         else:
             self._go()
 

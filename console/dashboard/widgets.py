@@ -116,12 +116,14 @@ class SummaryBar(Vertical):
         with Horizontal():
             yield Static(id="health")
             yield Static(id="rate")
-            yield Sparkline([0], id="spark")
+            yield Sparkline([], id="spark")
 
     def show(self, model: Model, user: str | None, role: str | None) -> None:
         link = Text()
         if model.connected:
             link.append("● connected", style="bold green")
+            if model.events_busy:
+                link.append(" events: busy", style="bold yellow")
         elif not model.ever_connected:
             link.append("◌ connecting…", style="bold yellow")
         else:
@@ -146,9 +148,12 @@ class SummaryBar(Vertical):
         health.append("HSM ")
         health.append(inert(s.hsm_state, 16), style="green" if s.hsm_state == "ok" else "bold red")
         health.append(" │ clock ")
-        health.append(
-            "ok" if s.clock_trusted else "NOT TRUSTED", style="green" if s.clock_trusted else "bold red"
-        )
+        if s.clock_trusted is None:
+            health.append("unknown", style="dim")
+        else:
+            health.append(
+                "ok" if s.clock_trusted else "NOT TRUSTED", style="green" if s.clock_trusted else "bold red"
+            )
         health.append(f" {clock(s.time)}")
         health.append(" │ upstream ")
         if not s.upstream_enabled:
@@ -178,8 +183,8 @@ class SummaryBar(Vertical):
         self.query_one("#health", Static).update(health)
         rate = Text(f"│ {s.rate_per_s:.1f}/s")
         self.query_one("#rate", Static).update(rate)
-        series = s.per_minute_last_hour or [0]
-        self.query_one("#spark", Sparkline).data = [float(x) for x in series]
+        # No data is no bar (Textual draws a series of zeros as a full one).
+        self.query_one("#spark", Sparkline).data = [float(x) for x in s.per_minute_last_hour]
 
 
 class StationGrid(DataTable[Text]):

@@ -420,6 +420,19 @@ async def test_malformed_requests_cannot_fill_the_log(caplog: pytest.LogCaptureF
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
+async def test_a_malformed_request_is_never_logged_with_its_bytes(caplog: pytest.LogCaptureFixture) -> None:
+    """aiohttp's message for a bad request line quotes it, URL and all (a password in a query): not logged."""
+    caplog.set_level(logging.DEBUG)
+    async with listener(SHORT) as (server, _):
+        for request in (b"G\x01T /hello?password=Sup3rSecretPW HTTP/1.1\r\n\r\n",
+                        b"GET /hello?password=Sup3rSecretPW HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n"):  # fmt: skip
+            c = await Conn.open(server)
+            await c.send(request)
+            assert (await c.closed_by_server()).split(b"\r\n")[0].endswith(b" 400 Bad Request")
+    assert any("malformed" in r.getMessage() for r in caplog.records)
+    assert "Sup3rSecretPW" not in caplog.text
+
+
 def test_caps_over_the_file_descriptor_limit_are_refused_with_the_keys_named() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY:

@@ -171,3 +171,22 @@ def test_the_log_names_the_front_end_of_an_issuance_that_did_not_come_from_a_sta
              "code": "BAD_REQUEST", "reason": "no", "front_end": "cmp"})  # fmt: skip
     details = [e.detail for e in m.take_log()[0]]
     assert details == ["WO-1 via scep", "WO-1", "BAD_REQUEST: no via cmp"]
+
+
+def test_link_lines_carry_the_local_clock_and_unknown_stays_unknown() -> None:
+    """A link line says when the dashboard saw the change (this computer's clock), not the last daemon time
+    it had seen; before any status document the clock's state is unknown, not ok."""
+    import time
+
+    from console.dashboard.model import Model
+
+    model = Model()
+    assert model.summary.clock_trusted is None
+    model.load_status({"seq": 0})
+    assert model.summary.clock_trusted is None
+    model.set_connected(0.0)
+    model.apply({"type": "issued", "seq": 1, "time": 1_000.0, "station": "st"})  # a daemon time long ago
+    before = time.time()
+    model.set_disconnected("gone", 1.0)
+    line = model.log[-1]
+    assert line.kind == "link" and line.time is not None and line.time >= before

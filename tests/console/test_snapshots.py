@@ -38,11 +38,11 @@ class RecordedFeed:
     async def run(self, model: Model, changed: Callable[[], None]) -> None:
         hello, *events = self.data["events"]
         model.load_status(self.data["status"])
-        model.set_connected(0.0, hello["time"])
+        model.set_connected(0.0, wall=hello["time"])  # a fixed time for the link line: the snapshot is stable
         for event in events:  # as the stream delivers them
             model.apply(event)
         if self.disconnect is not None:
-            model.set_disconnected(self.disconnect, 0.0)
+            model.set_disconnected(self.disconnect, 0.0, wall=model.last_event_time)
         changed()
         await asyncio.Event().wait()
 

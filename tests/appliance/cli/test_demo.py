@@ -393,3 +393,58 @@ def test_served_demo_lists_its_console_and_keeps_fixtures_enrolling_gently(tmp_p
         stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0, stdout + stderr
     assert "enrol 4 device(s)/s" in stdout
+
+
+def test_a_paused_station_stays_paused_across_demo_runs_and_the_cli_resumes_it(tmp_path: Path) -> None:
+    """A station left paused is the daemon's state: the next demo run keeps it paused and enrols through the other
+    station; `station pause|resume` (no daemon running) is audited under the person; a run that fails leaves no
+    new active work order behind."""
+    import socket
+
+    from appliance.daemon_lock import DaemonLock
+
+    state = tmp_path / "demo"
+    assert birthline("demo", "--state", state, "--devices", "2").returncode == 0
+    cfg = state / "birthline.toml"
+    pw = (state / "demo-users.secret").read_text() + "\n"
+    login = ("--config", cfg, "--user", "demo-supervisor", "--password-stdin")
+    paused = birthline(
+        "station", "pause", "--name", "demo-lan", "--reason", "after restart", *login, stdin=pw
+    )
+    assert paused.returncode == 0, paused.stdout + paused.stderr
+    again = birthline("station", "pause", "--name", "demo-lan", *login, stdin=pw)
+    assert again.returncode != 0 and "already paused" in again.stdout + again.stderr
+
+    second = birthline("demo", "--state", state, "--devices", "3")
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "station demo-lan is paused" in second.stdout and "run 2: issued 3" in second.stdout
+    with closing(sqlite3.connect(state / "journal.sqlite")) as db:
+        stations = db.execute("SELECT DISTINCT station FROM issuance WHERE device_serial LIKE 'BLD0002%'")
+        assert stations.fetchall() == [
+            ("demo-serial",)
+        ]  # the devices and the retry, all on the one not paused
+        assert db.execute("SELECT paused_by, reason FROM station_pause").fetchall() == [
+            ("demo-supervisor", "after restart")
+        ]
+
+    # While a daemon runs, the pause is its state: the CLI sends the person to the console.
+    with DaemonLock(state, "a test daemon"):
+        busy = birthline("station", "resume", "--name", "demo-lan", *login, stdin=pw)
+    assert busy.returncode != 0 and "console" in busy.stdout + busy.stderr
+    resumed = birthline("station", "resume", "--name", "demo-lan", *login, stdin=pw)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+
+    # A served run that cannot start (its port is taken) closes the work orders it made.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        failed = birthline("demo", "--state", state, "--devices", "2", "--serve", "--gentle-rate", "1",
+                           "--port", port)  # fmt: skip
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    with closing(sqlite3.connect(state / "journal.sqlite")) as db:
+        assert db.execute("SELECT id, state FROM work_order WHERE id LIKE '%0003'").fetchall() == [
+            ("WO-0003", "closed"), ("WO-GENTLE-0003", "closed")
+        ]  # fmt: skip
+        events = db.execute("SELECT actor, event FROM audit WHERE event LIKE 'station.%'").fetchall()
+    assert ("demo-supervisor", "station.pause") in events and ("demo-supervisor", "station.resume") in events

@@ -42,6 +42,18 @@ def served(state: Path, port: int) -> Iterator[dict[str, Any]]:
     assert proc.returncode == 0, out[-2000:]
 
 
+def _status(sock: Path) -> dict[str, Any]:
+    import asyncio
+
+    from console.client import ControlClient
+
+    async def get() -> dict[str, Any]:
+        async with ControlClient(sock) as api:
+            return await api.status()
+
+    return asyncio.run(get())
+
+
 def _key(path: Path) -> Path:
     subprocess.run(
         ["openssl", "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", str(path)], check=True
@@ -65,6 +77,15 @@ def test_served_demo_for_cmp_devices(tmp_path: Path) -> None:
         left = _cmp("-cmd", "ir", *mac, "-newkey", _key(tmp_path / "u.key"), "-subject", "/serialNumber=MYDEV-0090",
                     "-certout", tmp_path / "u.pem", "-disable_confirm")  # fmt: skip
         assert left.returncode == 0, left.stderr
+        # The station the label acts as has no link: the console sees its kind and its answers, never
+        # "disconnected".
+        status = _status(Path(info["control"]["socket"]))
+        everywhere = status["unassigned_stations"] + [
+            st for line in status["lines"] for st in line["stations"]
+        ]
+        (station,) = [st for st in everywhere if st["name"] == "demo-cmp"]
+        assert station["kind"] == "cmp" and station["state"] in ("issuing", "idle"), station
+        assert station["last_issued_at"] is not None and station["issued"] >= 1, station
     # ... and the served demo starts on that state again (it refused before: "not every certificate was confirmed")
     with served(state, port) as info:
         cmp, field = info["cmp"], info["greenfield"]

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from appliance.errors import ReasonCode
+from appliance.issuance.policy import IssueRequest
 from console import wire
 from console.client import ControlClient, ControlError, Credentials
 from stations.codes import Code
@@ -248,6 +249,10 @@ async def test_actions_need_a_session_and_a_logout_ends_it(floor: Floor, api: Co
         await api.login("olga", "wrong password")
     assert bad.value.code == wire.ERR_LOGIN_FAILED
     assert [d["why"] for _, d in _audit(floor, "login.failure") if d["user"] == "olga"] == ["wrong password"]
+    # A name as typed is never repeated in a refusal (a password typed into the name field would be shown).
+    with pytest.raises(ControlError) as typo:
+        await api.login("Sup3rSecretPW", "x")
+    assert typo.value.code == wire.ERR_LOGIN_FAILED and "Sup3rSecretPW" not in typo.value.message
     session = await api.login("olga", PW)
     assert session["user"] == "olga" and session["role"] == "operator" and "token" not in session
     assert (await api.session())["user"] == "olga"
@@ -295,3 +300,24 @@ async def test_bad_bodies_are_refused_with_a_reason(floor: Floor, api: ControlCl
     with pytest.raises(ControlError) as twice:
         await api.pause_station("fixture-1")
     assert twice.value.status == 409 and twice.value.code == wire.ERR_CONFLICT
+
+
+async def test_a_retry_counts_under_its_certificates_work_order_and_product(
+    floor: Floor, api: ControlClient
+) -> None:
+    """A retry answered with the stored certificate names the work order and product it was issued under (in
+    its event and birthline_reused_total): product is empty only for a refusal before a work order was chosen."""
+    d = floor.daemon
+    assert d.enroller is not None and d.control is not None
+    csr = make_csr("SN-0077")[1]
+    stream = Stream(api)
+    try:
+        await stream.wait_for(lambda e: e["type"] == wire.EVENT_HELLO)
+        first = await d.enroller.service.issue(IssueRequest("SN-0077", csr, station="fixture-1"))
+        again = await d.enroller.service.issue(IssueRequest("SN-0077", csr, station="fixture-1"))
+        assert again.reused and again.certificate == first.certificate
+        retry = await stream.wait_for(lambda e: e["type"] == "issued" and e["reused"])
+        assert retry["work_order"] == "WO-1" and retry["product"] == "sensor", retry
+    finally:
+        await stream.close()
+    assert d.control.hub.stats.reused == {("fixture-1", "sensor"): 1}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import grp
 import json
 import os
@@ -18,7 +19,7 @@ import pytest
 from appliance.control.events import EventBus
 from appliance.daemon import Daemon
 from console import wire
-from console.client import ControlClient
+from console.client import ControlClient, ControlError
 from hsm.softhsm import SoftHsmToken
 from tests.appliance.control.conftest import control_config
 
@@ -267,3 +268,120 @@ async def test_metrics_scrapes_come_from_a_snapshot_and_each_address_is_paced(
     assert busy > 0
     # ... and the journal read once per snapshot, however many scrapes were answered.
     assert 1 <= reads <= 1 + elapsed / SNAPSHOT_S, (reads, ok, elapsed)
+
+
+async def _raw(path: Path, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """One request as bytes; the answer's status, headers and body (read to the end: these close)."""
+    reader, writer = await asyncio.open_unix_connection(str(path))
+    try:
+        writer.write(request)
+        answer = await asyncio.wait_for(reader.read(), 30)
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    return int(lines[0].split()[1]), headers, body
+
+
+async def test_malformed_requests_answer_json_and_are_logged_once_without_their_bytes(
+    softhsm_token: SoftHsmToken,
+    people_journal_template: Path,
+    short_dir: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    config = control_config(short_dir / "state", softhsm_token, people_journal_template)
+    secret = b"Sup3rSecretPW"
+    long_url = b"POST /v1/login?password=" + secret + b"&pad=" + b"a" * 9000 + b" HTTP/1.1\r\nHost: b\r\n"
+    long_header = b"GET /v1/status HTTP/1.1\r\nHost: b\r\nX-Pad: " + secret + b"a" * 9000 + b"\r\n\r\n"
+    async with Daemon(config):
+        sock = config.control_socket
+        for request in (long_url + b"Content-Length: 2\r\n\r\n{}",) * 3 + (long_header,) * 3:
+            status, headers, body = await _raw(sock, request)
+            assert status == 400 and headers["content-type"].startswith("application/json"), (status, headers)
+            assert json.loads(body)["error"] == wire.ERR_BAD_REQUEST
+        # A body nested too deeply is a bad request, not a defect (500).
+        deep = b'{"user": "olga", "password": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+        status, _, body = await _raw(sock, b"POST /v1/login HTTP/1.1\r\nHost: b\r\nConnection: close\r\n"
+                                     b"Content-Length: %d\r\n\r\n%s" % (len(deep), deep))  # fmt: skip
+        assert status == 400 and "nested too deeply" in json.loads(body)["message"], body
+        # A wrong method is 405 with its own code; an overlong password is said to be too long.
+        status, _, body = await _raw(sock, b"GET /v1/login HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n")
+        assert status == 405 and json.loads(body)["error"] == wire.ERR_METHOD_NOT_ALLOWED
+        async with ControlClient(sock) as api:
+            with pytest.raises(ControlError) as too_long:
+                await api.login("olga", "x" * 15_000)
+        assert "longer than" in str(too_long.value)
+    refused = [r for r in caplog.records if "refused before it was read" in r.getMessage()]
+    assert 1 <= len(refused) <= 2, [r.getMessage() for r in refused]  # once per kind (URL, header)
+    assert secret.decode() not in caplog.text
+    assert not [r for r in caplog.records if r.name == "aiohttp.server" and r.levelno >= logging.WARNING]
+
+
+async def test_the_connection_cap_holds_for_a_burst(
+    softhsm_token: SoftHsmToken, people_journal_template: Path, short_dir: Path
+) -> None:
+    """Connections opened at once (asyncio accepts them in one batch) are counted one by one: exactly the cap
+    gets in, the rest get 503 busy."""
+    config = control_config(short_dir / "state", softhsm_token, people_journal_template, max_connections=4)
+
+    def burst() -> list[bytes]:
+        socks = []
+        for _ in range(20):  # all connected before the daemon accepts any: one batch
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(str(config.control_socket))
+            socks.append(s)
+        lines = []
+        for s in socks:
+            s.settimeout(30)
+            with contextlib.suppress(
+                BrokenPipeError, ConnectionResetError
+            ):  # refused and closed: its 503 waits
+                s.sendall(b"GET /v1/alarms HTTP/1.1\r\nHost: b\r\n\r\n")
+            lines.append(s.recv(12))
+        for s in socks:
+            s.close()
+        return lines
+
+    async with Daemon(config):
+        lines = await asyncio.to_thread(burst)
+    assert lines.count(b"HTTP/1.1 200") == 4, lines
+    assert lines.count(b"HTTP/1.1 503") == 16, lines
+
+
+async def test_a_stream_whose_socket_accepts_nothing_is_closed_and_counted_dropped(
+    softhsm_token: SoftHsmToken,
+    people_journal_template: Path,
+    short_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A console that never reads, with a queue too large to fill: its socket fills, the write times out, and the
+    stream is closed and counted in birthline_control_event_streams_dropped_total (no `dropped` event can reach
+    it)."""
+    from appliance.control import server
+
+    monkeypatch.setattr(server, "WRITE_TIMEOUT_S", 0.5)
+    config = control_config(
+        short_dir / "state", softhsm_token, people_journal_template, subscriber_queue=1_000_000
+    )
+    async with Daemon(config) as d:
+        assert d.control is not None
+        bus = d.control.hub.bus
+        s = socket.socket(socket.AF_UNIX)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(str(config.control_socket))
+        s.sendall(b"GET /v1/events HTTP/1.1\r\nHost: b\r\n\r\n")  # and never read
+        try:
+            async with asyncio.timeout(120):  # a hang guard: the stream goes once its socket is full
+                while not bus.subscribers:
+                    await asyncio.sleep(0.01)
+                while bus.subscribers:
+                    for _ in range(50):
+                        bus.publish("test", {"pad": "x" * 1000})
+                    await asyncio.sleep(0.02)
+        finally:
+            s.close()
+        assert bus.dropped_subscribers == 1

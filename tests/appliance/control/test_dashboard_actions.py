@@ -302,3 +302,40 @@ async def test_a_hidden_log_holds_no_more_than_the_model_keeps(floor: Floor, app
         await pilot.press("3")
         await until(pilot, lambda: f"OUT-{n - 1}" in screen_text(app), "the newest refusal, once shown")
         assert LOG_MAX - 10 <= len(log.lines) <= LOG_MAX
+
+
+async def test_enter_on_the_reason_goes_to_the_password_not_the_prefilled_name(
+    floor: Floor, app: DashboardApp
+) -> None:
+    """A supervisor logged in types the reason and Enter: the cursor is in the masked password field (the name is
+    filled in already), so a password is never typed into the visible name field; a refusal never repeats the
+    name as typed (it might be a password)."""
+    d = floor.daemon
+    assert d.enroller is not None
+    await d.enroller.service.issue(IssueRequest("SN-0090", make_csr("SN-0090")[1], station="fixture-1"))
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.model.stations.get("fixture-1") is not None
+                    and app.model.stations["fixture-1"].last_device_serial == "SN-0090", "the last device")  # fmt: skip
+        await _select(pilot, app.query_one(StationGrid), "fixture-1")
+        await pilot.press("r")
+        await _login(pilot, "sam")
+        await until(pilot, lambda: "Approve a rework" in screen_text(app), "the rework form")
+        form = app.screen
+        assert form.query_one("#f-user", Input).value == "sam"
+        assert form.focused is form.query_one("#f-reason", Input)
+        await pilot.press(*"bad flash", "enter")
+        assert form.focused is form.query_one("#f-password", Input)
+        # A password typed where the name goes is refused without being shown back.
+        secret = "Sup3rSecretPW-typed-in-the-name"
+        form.query_one("#f-user", Input).value = secret
+        form.query_one("#f-password", Input).focus()
+        await pilot.press(*"x", "enter")
+        await until(pilot, lambda: "wrong name or password" in screen_text(app), "refused")
+        form.query_one("#f-user", Input).value = "sam"
+        form.query_one("#f-password", Input).focus()
+        await pilot.pause()
+        assert "wrong name or password" in screen_text(app) and secret not in screen_text(app)
+        await pilot.press(*PW, "enter")
+        await until(pilot, lambda: not isinstance(app.screen, FormScreen), "reworked")
+    ((actor, data),) = _audit(floor, "device.rework")
+    assert actor == "sam" and data["device_serial"] == "SN-0090" and data["reason"] == "bad flash"

@@ -33,6 +33,14 @@ def test_a_wrong_argument_is_one_line_and_exit_2(tmp_path: Path) -> None:
     assert full.returncode == 0 and "--screenshot" in full.stdout  # the whole CLI knows the command too
 
 
+def test_a_screenshot_without_a_daemon_gives_up_with_a_clear_error(tmp_path: Path) -> None:
+    out = dashboard(
+        "--socket", tmp_path / "nonexistent.sock", "--screenshot", tmp_path / "x.svg", "--wait", "1"
+    )
+    assert out.returncode == 1, out.stdout[-500:] + out.stderr[-500:]
+    assert "did not answer within 1 s" in out.stdout + out.stderr and not (tmp_path / "x.svg").exists()
+
+
 async def test_a_screenshot_of_the_live_line_without_loading_the_core(floor: Floor, tmp_path: Path) -> None:
     shot = tmp_path / "line.svg"
     out = await asyncio.to_thread(

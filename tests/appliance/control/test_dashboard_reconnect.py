@@ -56,3 +56,38 @@ async def test_a_daemon_restart_is_shown_and_recovered_from(
             rows = j.call(lambda: j.conn.execute(
                 "SELECT actor, data FROM audit WHERE event='station.pause'").fetchall())  # fmt: skip
             assert [(a, json.loads(d)["reason"]) for a, d in rows] == [("olga", "after restart")]
+
+
+async def test_with_every_event_stream_taken_the_status_is_shown_and_the_stream_taken_when_free(
+    softhsm_token: SoftHsmToken, people_journal_template: Path, tmp_path: Path
+) -> None:
+    """The daemon answers but its event streams are all taken: the dashboard shows the line from the status
+    document (polled), says `events: busy`, and follows the stream once one is free."""
+    import asyncio
+    import contextlib
+
+    from console.client import ControlClient
+
+    config = control_config(tmp_path / "state", softhsm_token, people_journal_template, max_subscribers=1)
+    resource_tracker.ensure_running()
+    app = DashboardApp(Link(config.control_socket, poll_s=0.2), refresh_s=0.05)
+    async with Daemon(config), ControlClient(config.control_socket) as other:
+        taken = asyncio.Event()
+
+        async def hold() -> None:
+            async for _ in other.events():
+                taken.set()
+
+        holder = asyncio.create_task(hold())
+        await taken.wait()
+        async with app.run_test(size=(100, 30)) as pilot:
+            await until(pilot, lambda: "events: busy" in screen_text(app) and "fixture-1" in screen_text(app),
+                        "the line shown, the stream busy")  # fmt: skip
+            assert "clock ok" in screen_text(app) and app.model.connected
+            holder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await holder
+            await until(
+                pilot, lambda: app.model.connected and not app.model.events_busy, "the stream followed"
+            )
+            await until(pilot, lambda: "events: busy" not in screen_text(app), "the header says so")

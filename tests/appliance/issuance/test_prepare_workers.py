@@ -286,3 +286,19 @@ async def test_worker_deaths_raise_an_alarm_that_clears_after_a_quiet_window(iss
         assert alarms.get(ALARM_DEATHS) is None
     finally:
         pool.shutdown()
+
+
+async def test_workers_ignore_sigint_the_parent_stops_them(
+    journal: Journal, issuing: CaRecord, hsm_token: Token
+) -> None:
+    """Ctrl-C reaches the whole process group: the workers ignore it (no KeyboardInterrupt traceback from each),
+    the parent decides and stops them."""
+    async with _service(journal, issuing, hsm_token, prepare_workers=2, batch_max=8) as svc:
+        await _issues(svc, issuing, "SN-INT-BEFORE")
+        workers = multiprocessing.active_children()
+        assert workers
+        for proc in workers:
+            os.kill(proc.pid or 0, signal.SIGINT)
+        for i in range(4):  # requests through the workers after the signal: each a round trip to them
+            await _issues(svc, issuing, f"SN-INT-{i}")
+        assert all(proc.is_alive() for proc in workers), [(p.pid, p.exitcode) for p in workers]

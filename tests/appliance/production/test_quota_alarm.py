@@ -59,20 +59,24 @@ async def test_quota_running_out_warns_then_clears_when_the_order_is_closed(
         await _until(lambda: alarms.get(CAUSE) is None)
 
 
-async def test_exhausted_order_is_alarmed_after_a_restart_from_the_refusal(
+async def test_an_order_at_its_end_is_alarmed_at_start_after_a_restart(
     floor: Floor, make_service: ServiceMaker
 ) -> None:
-    """The alarm registry lives in memory: after a restart the first QUOTA_EXHAUSTED refusal raises it again."""
+    """The alarm registry lives in memory: a restart computes the quota alarms from the work orders as they
+    stand, before any station asks; an order that has units left raises nothing."""
     floor.work_order("WO-Q", quantity=1)
     async with make_service() as svc:
         await svc.issue(IssueRequest("SN-0000", make_csr()[1], station="st1"))
+    floor.work_order("WO-R", quantity=1000)
     alarms = Alarms()
-    async with make_service(alarms=alarms) as svc:
-        assert alarms.get(CAUSE) is None
-        with pytest.raises(IssuanceRefused):
-            await svc.issue(IssueRequest("SN-0001", make_csr()[1], station="st1"))
-    alarm = alarms.get(CAUSE)
-    assert alarm is not None and alarm.message == "work order WO-Q has no units left"
+    async with make_service(alarms=alarms, health_interval_s=0.05):
+        alarm = alarms.get(CAUSE)
+        assert (
+            alarm is not None and alarm.message == "work order WO-Q has used all 1 units and is still active"
+        )
+        assert alarms.get("workorder.WO-R.quota") is None
+        store.close_work_order(floor.journal, floor.audit, floor.supervisor, "WO-Q")
+        await _until(lambda: alarms.get(CAUSE) is None)  # the start's alarm clears like any other
 
 
 async def test_a_large_order_far_from_its_end_raises_nothing(
