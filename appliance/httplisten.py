@@ -153,8 +153,10 @@ async def _request_phases(request: web.Request, handler: _Handler) -> web.Stream
     guard.request_started(request.content if request.body_exists else None)
     try:
         return await handler(request)
-    except (ConnectionError, RuntimeError):
-        if not guard.gone:
+    except (ConnectionError, RuntimeError) as exc:
+        # aiohttp's body reader raises RuntimeError("Connection closed.") once its protocol saw the connection
+        # lost, which can come before the Guard sees its transport closing; any other RuntimeError is a defect.
+        if not (guard.gone or (isinstance(exc, RuntimeError) and str(exc) == "Connection closed.")):
             raise
         # The connection ended under the handler (reading a body the peer stopped sending, closed at its
         # deadline or displaced; aiohttp's body reader says RuntimeError "Connection closed." when the close

@@ -37,7 +37,7 @@ COMMANDS: Final[dict[str, tuple[str, str]]] = {
     "crl": ("revocation", "certificate revocation lists"),
     "ocsp": ("revocation", "the OCSP responder"),
     "upstream": ("upstream", "the upstream CA forwarder (CMP outbox)"),
-    "scep": ("scep", "SCEP challenge passwords (docs/scep.md)"),
+    "scep": ("scep", "the SCEP front end (docs/scep.md)"),
     "station": ("stations", "the station registry (test fixtures)"),
     "run": ("stations", "run the daemon in the foreground (stations, issuance)"),
     "user": ("production", "people and roles"),
