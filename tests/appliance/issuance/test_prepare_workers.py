@@ -297,6 +297,20 @@ async def test_workers_ignore_sigint_the_parent_stops_them(
         await _issues(svc, issuing, "SN-INT-BEFORE")
         workers = multiprocessing.active_children()
         assert workers
+
+        def ignoring_sigint(pid: int | None) -> bool:
+            # A worker still starting (the pool spawns them on demand) has not run its initializer yet: a
+            # signal then would test Python's start-up, not the worker. The kernel says when it ignores SIGINT.
+            status = Path(f"/proc/{pid}/status").read_text()
+            ignored = int(
+                next(line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:")), 16
+            )
+            return bool(ignored & (1 << (signal.SIGINT - 1)))
+
+        deadline = time.monotonic() + 120  # a hang guard, not a timing assertion
+        while not all(ignoring_sigint(proc.pid) for proc in workers):
+            assert time.monotonic() < deadline, "the workers never ran their initializer"
+            await asyncio.sleep(0.05)
         for proc in workers:
             os.kill(proc.pid or 0, signal.SIGINT)
         for i in range(4):  # requests through the workers after the signal: each a round trip to them
