@@ -172,7 +172,7 @@ class CmpSection:
     crl_max_bytes: int = 1024 * 1024
     crl_retry_s: float = 60.0  # after a failed fetch, the same URL is not tried again for this long
     crl_refresh_s: float = 3600.0  # a fetched CRL is fetched again after this long, or at its nextUpdate
-    # What peers that have not authenticated may make the server do (appliance/cmp/admission.py, docs/cmp.md)
+    # What peers that have not authenticated may make the server do (appliance/admission.py, docs/cmp.md)
     max_mac_iterations: int = 10_000  # PBM / PBKDF2 iterations a received message may ask for
     check_rate_per_client: float = 5.0  # requests per second per client that do not authenticate
     check_burst_per_client: int = 32
