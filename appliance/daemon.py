@@ -54,6 +54,7 @@ from appliance.issuance.journal import Journal
 from appliance.issuance.policy import IssueRequest
 from appliance.issuance.service import IssueService
 from appliance.runtime import Core, check_state, open_core, record_start
+from appliance.scep.labels import admission_from_config as scep_admission_from_config
 from appliance.scep.labels import labels_from_config as scep_labels_from_config
 from appliance.scep.ra import ensure_scep_ra
 from appliance.scep.responder import ScepResponder
@@ -523,6 +524,7 @@ class Daemon:
             service, self.core.audit, scep_labels_from_config(cfg), ra, default_label=cfg.default_label,
             max_message_bytes=cfg.max_message_bytes, on_revoked=va.changed if va is not None else None,
             refusal_burst=self.config.issuance.refusal_burst, refusal_window_s=self.config.issuance.refusal_window_s,
+            admission=scep_admission_from_config(cfg),
         )  # fmt: skip
         self._stack.push_async_callback(self.scep.flush_refusals)
         assert cfg.address is not None
