@@ -56,6 +56,7 @@ from appliance.issuance.service import IssueService
 from appliance.runtime import Core, check_state, open_core, record_start
 from appliance.scep.labels import admission_from_config as scep_admission_from_config
 from appliance.scep.labels import labels_from_config as scep_labels_from_config
+from appliance.scep.metrics import ScepCollector
 from appliance.scep.ra import ensure_scep_ra
 from appliance.scep.responder import ScepResponder
 from appliance.scep.server import make_scep_app
@@ -536,6 +537,8 @@ class Daemon:
                 )
             )  # fmt: skip
         log.info("SCEP on %s/scep (%d label(s))", self.scep_server.url, len(self.scep.labels))
+        if self.control is not None and self.control.metrics is not None:
+            self.control.metrics.registry.register(ScepCollector(self.scep))
 
     async def __aexit__(self, *exc: object) -> None:
         self._stopped.set()

@@ -5,7 +5,7 @@ in the HSM with the RA key and an HSM signature on the FAILURE CertRep, before t
 - one address, 8 connections: the requests that got as far as their checks (HTTP 200, a FAILURE CertRep) are at
   most the peer's burst plus its rate over the flood's length; the rest were answered 503 with Retry-After, read
   and checked for nothing; a client with a valid challenge enrols during the flood; the daemon logs the refusal
-  cause and the budget once, not once per request;
+  cause and the budget once, not once per request; the metrics count exactly the 200s and 503s;
 - 32 addresses with 2 connections each, more than the listener takes: the shared budget bounds them all
   together, and a client that enrolled before the flood enrols again during it.
 
@@ -27,11 +27,13 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import AttributeOID, NameOID
+from prometheus_client.parser import text_string_to_metric_families
 
 from appliance.audit.log import AuditLog
 from appliance.issuance.journal import Journal
@@ -142,6 +144,7 @@ async def _flood(
 @dataclasses.dataclass
 class Running:
     port: int
+    metrics_port: int
     log: Path
     ra: x509.Certificate
     challenges: list[str]  # one per good client, each for device SN-G<index>
@@ -177,8 +180,8 @@ async def _appliance(softhsm_token: SoftHsmToken, template: Path, tmp: Path, sce
             challenges.add(journal, AuditLog(journal), SUPERVISOR, "line1", device_serial=f"SN-G{n:04d}")[1]
             for n in range(good)
         ]
-    port = _free_port()
-    extra = (f'[stations]\ntls_dir = "{state / "tls"}"\n'
+    port, metrics = _free_port(), _free_port()
+    extra = (f'[stations]\ntls_dir = "{state / "tls"}"\n[metrics]\nlisten = "127.0.0.1:{metrics}"\n'
              f'[scep]\nlisten = "127.0.0.1:{port}"\n{scep_extra}'
              f'[scep.labels.line1]\nstation = "fixture-1"\n')  # fmt: skip
     config = write_config(tmp / "birthline.toml", softhsm_token, state=state, journal=journal_path, upstream={},
@@ -188,19 +191,20 @@ async def _appliance(softhsm_token: SoftHsmToken, template: Path, tmp: Path, sce
         daemon = await asyncio.create_subprocess_exec(*birthline("run", "--config", str(config)), env=child_env(),
                                                       stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert daemon.returncode is None, log.read_text()
-            try:
-                _, w = await asyncio.open_connection("127.0.0.1", port)
-            except OSError:
-                assert time.monotonic() < deadline, log.read_text()
-                await asyncio.sleep(0.05)
-                continue
-            w.close()
-            break
+        for p in (port, metrics):
+            deadline = time.monotonic() + 60
+            while True:
+                assert daemon.returncode is None, log.read_text()
+                try:
+                    _, w = await asyncio.open_connection("127.0.0.1", p)
+                except OSError:
+                    assert time.monotonic() < deadline, log.read_text()
+                    await asyncio.sleep(0.05)
+                    continue
+                w.close()
+                break
         ra = x509.load_pem_x509_certificate((state / "tls" / "scep-ra.pem").read_bytes())
-        yield Running(port, log, ra, secrets)
+        yield Running(port, metrics, log, ra, secrets)
     finally:
         if daemon.returncode is None:
             daemon.send_signal(signal.SIGTERM)
@@ -234,6 +238,20 @@ async def test_a_pkcsreq_flood_from_one_address_is_bounded_by_its_budget_and_log
         assert len(busy) == 1 and "127.0.0.2" in busy[0] and "[scep]" in busy[0], busy
         refused = [line for line in log.splitlines() if "SCEP" in line and "refused" in line]
         assert len(refused) == 1, refused
+
+        async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{run.metrics_port}/metrics") as r:
+            metrics = {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+                       for family in text_string_to_metric_families(await r.text())
+                       for sample in family.samples}  # fmt: skip
+        assert metrics[("birthline_scep_admission_total", (("outcome", "busy_client"),))] == counts["503"]
+        assert (
+            metrics[("birthline_scep_admission_total", (("outcome", "authenticated"),))] == 1
+        )  # the good one
+        assert metrics[("birthline_scep_pki_operations_total", (("outcome", "refused"),))] == counts["200"]
+        assert metrics[("birthline_scep_pki_operations_total", (("outcome", "issued"),))] == 1
+        documented = (Path(__file__).resolve().parents[3] / "docs" / "metrics.md").read_text()
+        for name in {n.removesuffix("_total") for n, _ in metrics if n.startswith("birthline_scep_")}:
+            assert f"`{name}_total`" in documented, name
 
 
 async def test_a_pkcsreq_flood_from_many_addresses_is_bounded_in_total_and_known_clients_still_enrol(
