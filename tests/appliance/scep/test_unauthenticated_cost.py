@@ -7,6 +7,8 @@ counted where the work is: RSA decryptions with the RA key in the HSM, signature
   given back;
 - a signer key outside the key policy (RSA 1024, RSA with exponent 3) is refused badAlg before its signature is
   verified and before anything is decrypted;
+- a unit is given back when the request authenticates (a challenge claimed, a renewal's signer, a CertPoll's
+  key), and only then;
 - [scep]'s cost keys are read and checked as [cmp]'s.
 """
 
@@ -27,9 +29,9 @@ from appliance.scep.algorithms import AlgorithmPolicy
 from appliance.scep.errors import FailInfo, ScepError
 from appliance.scep.oids import MessageType, PkiStatus
 from hsm.softhsm import SoftHsmToken
-from tests.appliance.scep.support import served
+from tests.appliance.scep.support import Served, served
 from tests.appliance.scep.test_scep_flood_daemon import FLOOD_S, _csr, _flood, _pkcs_req
-from tests.appliance.scep.test_server import post
+from tests.appliance.scep.test_server import Device, enrol, make_csr, post, scep  # noqa: F401 - scep: the fixture
 from tests.appliance.test_config import MINIMAL
 
 
@@ -142,3 +144,34 @@ def test_labels_parse_beside_the_cost_keys() -> None:
     assert (
         cfg.scep.labels == {"line1": ScepLabelSection(station="fixture-1")} and cfg.scep.check_rate_total == 4
     )
+
+
+async def test_units_are_given_back_when_a_request_authenticates_and_only_then(
+    scep: Served,  # noqa: F811 - the fixture imported above
+) -> None:
+    """A challenge claimed, a renewal signed by a current certificate of this appliance, a CertPoll signed by
+    the request's key: given back. A wrong challenge, a stranger's CertPoll: kept."""
+    assert scep.daemon.scep is not None
+    stats = scep.daemon.scep.admission.stats
+
+    def given_back() -> int:
+        return scep.daemon.scep.admission.stats["authenticated"]  # type: ignore[union-attr]
+
+    dev = Device.new()
+    first = await enrol(
+        scep, dev, make_csr(dev.key, challenge=scep.challenge(device_serial="SN-0060")), tid="t60"
+    )
+    assert first.status is PkiStatus.SUCCESS and given_back() == 1
+    refused = await enrol(scep, dev, make_csr(Device.new().key, challenge="wrong"))
+    assert refused.status is PkiStatus.FAILURE and given_back() == 1
+    poll = client.issuer_and_subject(scep.ra_cert.subject, dev.signer.subject)
+    assert (await enrol(scep, dev, poll, tid="t60", message_type=MessageType.CERT_POLL)).certificates
+    assert given_back() == 2
+    stranger = await enrol(scep, Device.new(), poll, tid="t60", message_type=MessageType.CERT_POLL)
+    assert stranger.status is PkiStatus.FAILURE and given_back() == 2
+    new_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    renewed = await enrol(scep, dev, make_csr(new_key), signer=first.certificates[0], key=dev.key,
+                          message_type=MessageType.RENEWAL_REQ)  # fmt: skip
+    assert renewed.status is PkiStatus.SUCCESS and given_back() == 3
+    assert stats["admitted"] == 0  # a snapshot: taken before any request
+    assert scep.daemon.scep.admission.stats["admitted"] == 5
