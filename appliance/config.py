@@ -172,7 +172,7 @@ class CmpSection:
     crl_max_bytes: int = 1024 * 1024
     crl_retry_s: float = 60.0  # after a failed fetch, the same URL is not tried again for this long
     crl_refresh_s: float = 3600.0  # a fetched CRL is fetched again after this long, or at its nextUpdate
-    # What peers that have not authenticated may make the server do (appliance/cmp/admission.py, docs/cmp.md)
+    # What peers that have not authenticated may make the server do (appliance/admission.py, docs/cmp.md)
     max_mac_iterations: int = 10_000  # PBM / PBKDF2 iterations a received message may ask for
     check_rate_per_client: float = 5.0  # requests per second per client that do not authenticate
     check_burst_per_client: int = 32
@@ -221,6 +221,16 @@ class ScepSection:
     ra_cert: Path | None = None  # where the RA certificate is kept; default <stations.tls_dir>/scep-ra.pem
     labels: Mapping[str, ScepLabelSection] = field(default_factory=dict)
     limits: HttpLimits = field(default_factory=lambda: SCEP_LIMITS)
+    # What peers that have not authenticated may make the server do (appliance/admission.py, docs/scep.md):
+    # the same keys and defaults as [cmp]'s, a budget of SCEP's own
+    check_rate_per_client: float = 5.0  # PKIOperations per second per client that do not authenticate
+    check_burst_per_client: int = 32
+    check_rate_total: float = 20.0  # ... from all clients together (clients known to authenticate excepted)
+    check_burst_total: int = 64
+    pace_max_delay_s: float = 1.0  # the longest a request is held; further over budget: held, then HTTP 503
+    checks_in_flight: int = 2  # signature verifications and HSM decryptions at once
+    clients_max: int = 4096
+    known_client_s: float = 600.0  # a client that authenticated spends no shared budget for this long
 
     @property
     def address(self) -> tuple[str, int] | None:
@@ -760,15 +770,7 @@ def _parse_cmp(
     crl_retry = r.number("crl_retry_s", 60.0, lo=1, hi=86400)
     crl_refresh = r.number("crl_refresh_s", 3600.0, lo=10, hi=7 * 86400)
     costs = CmpSection(
-        max_mac_iterations=r.integer("max_mac_iterations", 10_000, lo=100, hi=100_000),
-        check_rate_per_client=r.number("check_rate_per_client", 5.0, lo=0.001, hi=100_000),
-        check_burst_per_client=r.integer("check_burst_per_client", 32, lo=1, hi=100_000),
-        check_rate_total=r.number("check_rate_total", 20.0, lo=0.001, hi=100_000),
-        check_burst_total=r.integer("check_burst_total", 64, lo=1, hi=100_000),
-        pace_max_delay_s=r.number("pace_max_delay_s", 1.0, lo=0, hi=30),
-        checks_in_flight=r.integer("checks_in_flight", 2, lo=1, hi=64),
-        clients_max=r.integer("clients_max", 4096, lo=16, hi=1_000_000),
-        known_client_s=r.number("known_client_s", 600.0, lo=0, hi=86400),
+        max_mac_iterations=r.integer("max_mac_iterations", 10_000, lo=100, hi=100_000), **_admission_keys(r)
     )
     raw_labels = r.table.get("labels", {})
     r.seen.add("labels")
@@ -832,6 +834,20 @@ def _parse_cmp(
     )  # fmt: skip
 
 
+def _admission_keys(r: _Reader) -> dict[str, Any]:
+    """The keys of what unauthenticated peers may cost, the same in [cmp] and [scep] (appliance/admission.py)."""
+    return {
+        "check_rate_per_client": r.number("check_rate_per_client", 5.0, lo=0.001, hi=100_000),
+        "check_burst_per_client": r.integer("check_burst_per_client", 32, lo=1, hi=100_000),
+        "check_rate_total": r.number("check_rate_total", 20.0, lo=0.001, hi=100_000),
+        "check_burst_total": r.integer("check_burst_total", 64, lo=1, hi=100_000),
+        "pace_max_delay_s": r.number("pace_max_delay_s", 1.0, lo=0, hi=30),
+        "checks_in_flight": r.integer("checks_in_flight", 2, lo=1, hi=64),
+        "clients_max": r.integer("clients_max", 4096, lo=16, hi=1_000_000),
+        "known_client_s": r.number("known_client_s", 600.0, lo=0, hi=86400),
+    }
+
+
 def _parse_scep(
     table: Mapping[str, Any], problems: list[Problem], path: Callable[[str | None], Path | None]
 ) -> ScepSection:
@@ -843,6 +859,7 @@ def _parse_scep(
     default_label = r.text("default_label", "") or ""
     ra_cert = path(r.text("ra_cert"))
     limits = _http_limits(r, SCEP_LIMITS)
+    costs = _admission_keys(r)
     raw_labels = r.table.get("labels", {})
     r.seen.add("labels")
     r.done()
@@ -890,7 +907,7 @@ def _parse_scep(
         labels[str(name)] = label
     if default_label and default_label not in labels:
         problems.append(Problem("scep.default_label", f"no label {default_label!r} in [scep.labels]"))
-    return ScepSection(listen, max_bytes, default_label, ra_cert, labels, limits)
+    return ScepSection(listen, max_bytes, default_label, ra_cert, labels, limits, **costs)
 
 
 def _parse_est(

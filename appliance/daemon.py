@@ -59,7 +59,9 @@ from appliance.issuance.journal import Journal
 from appliance.issuance.policy import IssueRequest
 from appliance.issuance.service import IssueService
 from appliance.runtime import Core, check_state, open_core, record_start
+from appliance.scep.labels import admission_from_config as scep_admission_from_config
 from appliance.scep.labels import labels_from_config as scep_labels_from_config
+from appliance.scep.metrics import ScepCollector
 from appliance.scep.ra import ensure_scep_ra
 from appliance.scep.responder import ScepResponder
 from appliance.scep.server import make_scep_app
@@ -535,6 +537,7 @@ class Daemon:
             service, self.core.audit, scep_labels_from_config(cfg), ra, default_label=cfg.default_label,
             max_message_bytes=cfg.max_message_bytes, on_revoked=va.changed if va is not None else None,
             refusal_burst=self.config.issuance.refusal_burst, refusal_window_s=self.config.issuance.refusal_window_s,
+            admission=scep_admission_from_config(cfg),
         )  # fmt: skip
         self._stack.push_async_callback(self.scep.flush_refusals)
         assert cfg.address is not None
@@ -546,6 +549,8 @@ class Daemon:
                 )
             )  # fmt: skip
         log.info("SCEP on %s/scep (%d label(s))", self.scep_server.url, len(self.scep.labels))
+        if self.control is not None and self.control.metrics is not None:
+            self.control.metrics.registry.register(ScepCollector(self.scep))
 
     async def _start_est(self, service: IssueService, accept_errors: AcceptErrors) -> None:
         """The EST server (docs/est.md) over TLS on the LAN side: labels act as registered stations. Its server

@@ -9,7 +9,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from appliance.cmp.admission import AdmissionLimits
+from appliance.admission import AdmissionLimits
 from appliance.cmp.errors import CmpError, FailInfo
 from appliance.cmp.model import DEFAULT_LIMITS
 from appliance.config import CmpSection
@@ -77,7 +77,7 @@ class CmpSettings:
     max_mac_iterations: int = 10_000
     """The most PBM / PBKDF2 iterations a received message may ask for (checked before any derivation)."""
     admission: AdmissionLimits = field(default_factory=AdmissionLimits)
-    """What peers that have not authenticated may make the server do (appliance/cmp/admission.py)."""
+    """What peers that have not authenticated may make the server do (appliance/admission.py)."""
 
 
 def device_serial_of(subject: x509.Name | None) -> str:

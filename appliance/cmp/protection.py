@@ -38,6 +38,7 @@ from appliance.cmp.model import (
     PKIMessage,
     verify_signature_with,
 )
+from appliance.signerkeys import SIGNER_KEYS_TEXT, signer_key_accepted
 
 
 class ProtectionKind(enum.Enum):
@@ -251,25 +252,12 @@ def verify_signature(message: PKIMessage, signer: x509.Certificate | None = None
     return signer
 
 
-SIGNER_RSA_BITS = frozenset({2048, 3072, 4096})
-SIGNER_CURVES = frozenset({"secp256r1", "secp384r1", "secp521r1"})
-SIGNER_KEYS_TEXT = "RSA 2048, 3072 or 4096 bits with exponent 65537, EC P-256, P-384 or P-521, Ed25519, Ed448"
-
-
 def check_signer_key(key: object) -> None:
-    """Refuse (badAlg), before anything is verified with it, a key this appliance would not accept from a peer:
-    the cost of a verification is the key's (a huge RSA exponent or modulus makes one cost a hundred times
-    more), and the key comes from a certificate anyone can make. The same sizes and exponent as the key
-    policy for devices (profiles: rsa-2048/3072/4096, exponent 65537), and the curves this layer verifies."""
-    if isinstance(key, rsa.RSAPublicKey):
-        if key.key_size in SIGNER_RSA_BITS and key.public_numbers().e == 65537:
-            return
-    elif isinstance(key, ec.EllipticCurvePublicKey):
-        if key.curve.name in SIGNER_CURVES:
-            return
-    elif isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
-        return
-    raise _bad_alg(f"the signer's key is not accepted: {SIGNER_KEYS_TEXT}")
+    """Refuse (badAlg), before anything is verified with it, a key this appliance would not accept from a peer
+    (appliance/signerkeys.py: the cost of a verification is the key's, and the key comes from a certificate
+    anyone can make)."""
+    if not signer_key_accepted(key):
+        raise _bad_alg(f"the signer's key is not accepted: {SIGNER_KEYS_TEXT}")
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ A failure in 1-3 (or a body this server does not serve) is answered with an erro
 label's secret, or a signature by the RA key in the HSM.
 
 Before any of it, a network peer's request is admitted against its budget and the shared one
-(appliance/cmp/admission.py: `admit`); the unit it took is given back once step 2 has authenticated it. At most
+(appliance/admission.py: `admit`); the unit it took is given back once step 2 has authenticated it. At most
 `checks_in_flight` protection checks run at once. Refusals are the peers' doing: they are counted (`stats`,
 `refusals`) and logged once per label, body type and failInfo and minute, never once per request.
 """
@@ -33,10 +33,10 @@ from collections.abc import Callable, Mapping
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from appliance.admission import Admission, Ticket
 from appliance.alarms import LogOnce
 from appliance.cmp import _der, oids
 from appliance.cmp._names import NULL_DN
-from appliance.cmp.admission import Admission, Ticket
 from appliance.cmp.build import Protector, build_message
 from appliance.cmp.crls import CrlCache
 from appliance.cmp.enrol import Enroller
@@ -154,8 +154,8 @@ class CmpResponder:
         }  # fmt: skip
 
     async def admit(self, remote: str | None, *, holding: Callable[[bool], None] | None = None) -> Ticket:
-        """Admit a network peer's request before anything is read or done for it (appliance/cmp/admission.py);
-        raises CmpBusy (answer HTTP 503 with Retry-After) when the peer, or all peers together, are over budget.
+        """Admit a network peer's request before anything is read or done for it (appliance/admission.py);
+        raises Busy (answer HTTP 503 with Retry-After) when the peer, or all peers together, are over budget.
         Hand the ticket to `handle`: it is given back when the request authenticates. `holding(True/False)` is
         called around the time the request is held."""
         return await self.admission.admit(remote, holding=holding)

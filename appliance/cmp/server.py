@@ -4,7 +4,7 @@
     POST /.well-known/cmp/p/<label>[/<operation>]    a label of [cmp.labels]
 
 This module is the HTTP side. Every request is first admitted against its peer's budget and the shared one
-(appliance/cmp/admission.py) before a byte of its body is read: over them, HTTP 503 with Retry-After and the
+(appliance/admission.py) before a byte of its body is read: over them, HTTP 503 with Retry-After and the
 connection closed. Then 404 for an unknown label, 415 for another Content-Type, 413 for a body above the limit
 (judged from Content-Length before reading); the CMP answer (HTTP 200, or 400 for bytes that are no PKIMessage)
 comes from CmpResponder (appliance/cmp/responder.py). Labels are appliance/cmp/labels.py, who may sign
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from appliance.cmp.admission import CmpBusy
+from appliance.admission import Busy
 from appliance.cmp.enrol import csr_subject
 from appliance.cmp.labels import (
     CmpLabel,
@@ -81,7 +81,7 @@ async def cmp_post(request: web.Request) -> web.StreamResponse:
         # trickling bodies from a few addresses never spend the budget all peers share. The TCP peer, never a
         # forwarded-for header, is whom the budget is charged to.
         ticket = await responder.admit(request.remote, holding=holder(request))
-    except CmpBusy as busy:
+    except Busy as busy:
         response = web.Response(status=503, headers={"Retry-After": str(busy.retry_after_s)},
                                 text=f"busy: retry after {busy.retry_after_s} s\n")  # fmt: skip
         response.force_close()

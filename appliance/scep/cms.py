@@ -51,6 +51,7 @@ from appliance.scep.algorithms import (
     Digest,
 )
 from appliance.scep.errors import FailInfo, ScepError
+from appliance.signerkeys import signer_key_accepted
 
 MAX_DEPTH = 32
 MAX_CERTIFICATES = 8
@@ -209,7 +210,15 @@ def _verify(
                 f"signature algorithm {algorithm} does not use the digest algorithm {digest.name}",
                 FailInfo.BAD_ALG,
             )
-    key = signer.public_key()
+    try:
+        key = signer.public_key()
+    except (ValueError, UnsupportedAlgorithm):
+        raise ScepError("the signer certificate's public key is not one this appliance can use",
+                        FailInfo.BAD_ALG) from None  # fmt: skip
+    # Bounded before anything is verified with it: the cost of a verification is the key's, and the peer chose
+    # it (appliance/signerkeys.py). SCEP signers are RSA (the answer is encrypted to the key) or EC.
+    if not signer_key_accepted(key, edwards=False):
+        raise ScepError(f"the signer's key is not accepted: {SCEP_SIGNER_KEYS_TEXT}", FailInfo.BAD_ALG)
     try:
         if kind == "rsa" and isinstance(key, rsa.RSAPublicKey):
             key.verify(signature, signed, padding.PKCS1v15(), digest.algorithm)
@@ -219,6 +228,9 @@ def _verify(
             raise ScepError("the signature algorithm does not fit the signer's key", FailInfo.BAD_ALG)
     except (InvalidSignature, UnsupportedAlgorithm, ValueError):
         raise ScepError("the message signature does not verify", FailInfo.BAD_MESSAGE_CHECK) from None
+
+
+SCEP_SIGNER_KEYS_TEXT = "RSA 2048, 3072 or 4096 bits with exponent 65537, EC P-256, P-384 or P-521"
 
 
 def read_signed(data: bytes, policy: AlgorithmPolicy) -> SignedMessage:

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from appliance.admission import AdmissionLimits
 from appliance.config import ScepSection
 from appliance.scep.algorithms import LEGACY_RISKS, AlgorithmPolicy
 
@@ -33,6 +34,16 @@ def labels_from_config(section: ScepSection) -> dict[str, ScepLabel]:
         labels[name] = ScepLabel(name, cfg.station, cfg.profile, cfg.device_serial_from, cfg.renewal, policy)
     warn_legacy(labels)
     return labels
+
+
+def admission_from_config(section: ScepSection) -> AdmissionLimits:
+    """What peers that have not authenticated may make the SCEP server do ([scep]'s cost keys)."""
+    return AdmissionLimits(
+        check_rate_per_client=section.check_rate_per_client, check_burst_per_client=section.check_burst_per_client,
+        check_rate_total=section.check_rate_total, check_burst_total=section.check_burst_total,
+        pace_max_delay_s=section.pace_max_delay_s, checks_in_flight=section.checks_in_flight,
+        clients_max=section.clients_max, known_client_s=section.known_client_s,
+    )  # fmt: skip
 
 
 def warn_legacy(labels: Mapping[str, ScepLabel]) -> None:

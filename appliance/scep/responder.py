@@ -18,6 +18,16 @@ Answers: SUCCESS with the issued certificate in an envelope for the signer's key
 cipher; the chain is GetCACert's), FAILURE with failInfo and failInfoText, PENDING; a request that cannot be addressed (no
 transactionID or senderNonce to answer to) is HTTP 400; a refusal the client should retry (the HSM, the journal,
 a paused station) is HTTP 503 with Retry-After. Nothing a peer sends escapes as an exception.
+
+Unauthenticated peers (docs/scep.md "Unauthenticated peers"): a PKIOperation from the network is admitted against
+its peer's budget and the shared one (appliance/admission.py, [scep]'s keys) before anything is done for it: its
+signature verified (with a key appliance/signerkeys.py accepts), its envelope decrypted with the RA key in the
+HSM, its FAILURE answer signed there. The unit it took is given back once it has authenticated: a PKCSReq's
+challenge password claimed, a renewal's signer found to be a current certificate of this appliance, a CertPoll
+found signed by the key that made the request. At most `checks_in_flight` signature verifications and HSM
+decryptions run at once. Refusals are counted (`stats`), audited within a budget per label and failInfo
+(issuance/refusals.py) and logged once per label, failInfo and minute, never once per request. GetCACaps and
+GetCACert are served from memory and are not budgeted.
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import AttributeOID, NameOID
 
+from appliance.admission import Admission, AdmissionLimits, Ticket
 from appliance.alarms import LogOnce
 from appliance.der import read_children, read_tlv, split_certificates
 from appliance.errors import BirthlineError, IssuanceFailed, IssuancePending, IssuanceRefused, ReasonCode
@@ -81,6 +92,7 @@ class _Request:
     label: ScepLabel
     message: cms.SignedMessage
     cipher: Cipher = AES256
+    ticket: Ticket | None = None  # what admission took for it (None: an in-process caller, not budgeted)
 
 
 class ScepResponder:
@@ -100,6 +112,7 @@ class ScepResponder:
         on_revoked: Callable[[], None] | None = None,
         refusal_burst: int = 60,
         refusal_window_s: float = 60.0,
+        admission: AdmissionLimits | None = None,
     ) -> None:
         self.service = service
         self.journal = service.journal
@@ -118,7 +131,15 @@ class ScepResponder:
         self._ca_certs_der = cms.certs_only(self.ca_certs)
         self._refusals = RefusalLimiter(refusal_burst, refusal_window_s)
         self._defects = LogOnce(interval_s=300.0)
+        self._refused_log = LogOnce(interval_s=60.0)
+        self.admission = Admission(admission, section="scep")
         self.stats = {"issued": 0, "pending": 0, "refused": 0, "retry_later": 0, "malformed": 0}
+
+    async def admit(self, remote: str | None, *, holding: Callable[[bool], None] | None = None) -> Ticket:
+        """Admit a network peer's PKIOperation before anything is done for it (appliance/admission.py); raises
+        Busy (answer HTTP 503 with Retry-After) when the peer, or all peers together, are over budget. Hand the
+        ticket to `operate`: it is given back when the request authenticates."""
+        return await self.admission.admit(remote, holding=holding)
 
     # -- GET operations -------------------------------------------------------------------------------------------
     def capabilities(self, label: str) -> bytes:
@@ -129,13 +150,15 @@ class ScepResponder:
         return self._ca_certs_der
 
     # -- PKIOperation -----------------------------------------------------------------------------------------------
-    async def operate(self, label: str, data: bytes) -> Answer:
-        """Answer one pkiMessage on `label`. Never raises for what a peer sends."""
+    async def operate(self, label: str, data: bytes, *, ticket: Ticket | None = None) -> Answer:
+        """Answer one pkiMessage on `label`. Never raises for what a peer sends. `ticket`: what `admit` took for
+        a network peer's request (None: an in-process caller, not budgeted)."""
         found = self.labels[label]
         request: _Request | None = None
         try:
-            message = cms.read_signed(data, found.policy)
-            request = _Request(found, message)
+            async with self.admission.slots():
+                message = await asyncio.to_thread(cms.read_signed, data, found.policy)
+            request = _Request(found, message, ticket=ticket)
             if message.sender_nonce is None:
                 raise ScepError("the request carries no senderNonce")
             kind = message.message_type
@@ -172,7 +195,11 @@ class ScepResponder:
 
     async def _refused(self, label: ScepLabel, request: _Request | None, exc: ScepError) -> Answer:
         """A refusal of this layer: FAILURE when the request can be answered, else HTTP 400. Audited per label
-        within a budget (issuance/refusals.py); the core audits its own refusals."""
+        within a budget (issuance/refusals.py) and logged once per label, failInfo and minute; the core audits
+        its own refusals."""
+        code = exc.fail_info.asn1_name
+        self._refused_log.log(log, logging.INFO, f"{label.name}:{code}", "SCEP request on label %s refused (%s):"
+                              " %s", label.name, code, _clean(exc.message))  # fmt: skip
         await self._audit_refusal(label, request, exc)
         if request is None and exc.transaction_id is not None and exc.sender_nonce is not None:
             return await self._failure_to(
@@ -234,7 +261,8 @@ class ScepResponder:
         envelope = cms.read_envelope(message.content, self.ra.certificate, request.label.policy)
         request.cipher = envelope.cipher
         try:
-            key = await self.ra.key.adecrypt(envelope.encrypted_key, padding.PKCS1v15())
+            async with self.admission.slots():
+                key = await self.ra.key.adecrypt(envelope.encrypted_key, padding.PKCS1v15())
         except CiphertextError:
             key = b""
         except HsmError as exc:
@@ -309,6 +337,7 @@ class ScepResponder:
                 ),
                 "using a SCEP challenge",
             )
+            self.admission.authenticated(request.ticket)  # the challenge password was the device's
             csr_der, key_der = self._material(csr, claim.device_serial)
             issue = IssueRequest(claim.device_serial, csr_der, label.station, request_id, label.profile,
                                  public_key_der=key_der, work_order=claim.work_order, front_end="scep")  # fmt: skip
@@ -323,6 +352,7 @@ class ScepResponder:
                 # lost the answer asks again with the old certificate and gets the same new one.
                 raise ScepError(f"certificate {own.cert_serial} is revoked ({own.revoked})", FailInfo.BAD_REQUEST,
                                 ReasonCode.NOT_AUTHORISED)  # fmt: skip
+            self.admission.authenticated(request.ticket)  # signed by a current certificate of this appliance
             if (
                 named is not None
                 and label.device_serial_from == "serialNumber"
@@ -441,6 +471,7 @@ class ScepResponder:
             raise ScepError(
                 "the CertPoll is not signed by the key that made the request", FailInfo.BAD_CERT_ID
             )
+        self.admission.authenticated(request.ticket)  # the key of a request this label took
         if kind == "ra":
             if state == "pending":
                 raise IssuancePending("the upstream CA has not issued this certificate yet", 5.0, int(row_id))

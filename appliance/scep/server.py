@@ -11,6 +11,11 @@ A path segment after the label (/scep/<label>/pkiclient.exe, as some clients app
 unknown label, 400 for an unknown operation or a message parameter that is not base64, 413 for a body above
 `max_message_bytes` (judged from Content-Length before reading), 415 for a POST that says it is something else
 than a pkiMessage; everything a pkiMessage can be answered with comes from ScepResponder.
+
+A PKIOperation is admitted against its peer's budget and the shared one (appliance/admission.py) once its
+message is in, before anything is done with it: over them, held up to pace_max_delay_s, then HTTP 503 with
+Retry-After and the connection closed (docs/scep.md "Unauthenticated peers"). GetCACaps and GetCACert are answered
+from memory (bytes built at start), cost no more than the HTTP exchange, and are not budgeted.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ import urllib.parse
 
 from aiohttp import web
 
+from appliance.admission import Busy
 from appliance.httpbody import read_limited
+from appliance.httplisten import holder
 from appliance.scep.responder import Answer, ScepResponder
 
 CA_RA_CERT = "application/x-x509-ca-ra-cert"
@@ -51,6 +58,20 @@ def _label(request: web.Request, responder: ScepResponder) -> str | None:
     return label if label and label in responder.labels else None
 
 
+async def _operate(request: web.Request, responder: ScepResponder, label: str, data: bytes) -> web.Response:
+    """Admitted once the message is in, before anything is done with it: a body still arriving costs only its
+    connection (bounded by the listener), so trickling bodies never spend the budget all peers share. The TCP
+    peer, never a forwarded-for header, is whom the budget is charged to."""
+    try:
+        ticket = await responder.admit(request.remote, holding=holder(request))
+    except Busy as busy:
+        response = web.Response(status=503, headers={"Retry-After": str(busy.retry_after_s)},
+                                text=f"busy: retry after {busy.retry_after_s} s\n")  # fmt: skip
+        response.force_close()
+        return response
+    return _response(await responder.operate(label, data, ticket=ticket))
+
+
 def _response(answer: Answer) -> web.Response:
     return web.Response(status=answer.status, body=answer.body, content_type=answer.content_type,
                         headers=dict(answer.headers))  # fmt: skip
@@ -77,7 +98,7 @@ async def scep_get(request: web.Request) -> web.StreamResponse:
             return _text(400, "the message parameter is not base64")
         if not data:
             return _text(400, "PKIOperation needs a message parameter")
-        return _response(await responder.operate(label, data))
+        return await _operate(request, responder, label, data)
     return _text(400, "unknown operation: GetCACaps, GetCACert and PKIOperation are offered")
 
 
@@ -92,14 +113,20 @@ async def scep_post(request: web.Request) -> web.StreamResponse:
         response = _text(415, "Content-Type must be application/x-pki-message")
         response.force_close()
         return response
-    data = await read_limited(request, responder.max_message_bytes)
+    try:
+        data = await read_limited(request, responder.max_message_bytes)
+    except ConnectionError:
+        # The peer went away (perhaps displaced while a request was held to its budget): nobody to answer.
+        response = _text(400, "connection lost")
+        response.force_close()
+        return response
     if data is None:
         response = _text(413, "pkiMessage too large")
         response.force_close()  # the rest of the body is never read
         return response
     if not data:
         return _text(400, "PKIOperation needs a pkiMessage as the body")
-    return _response(await responder.operate(label, data))
+    return await _operate(request, responder, label, data)
 
 
 def make_scep_app(responder: ScepResponder) -> web.Application:

@@ -7,7 +7,7 @@
 - building a signer's chain from the peer's extraCerts is not an exhaustive search (12 look-alike certificates
   that all sign each other took 6.6 s of CPU on the event loop, 15 took 35 s);
 - every request of a network peer takes one unit of its budget and of the shared one before any work, given back
-  when it authenticates (appliance/cmp/admission.py);
+  when it authenticates (appliance/admission.py);
 - refusals are counted and logged once per cause and minute, not once per request.
 """
 
@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes, PublicKeyTypes
 from cryptography.x509.oid import NameOID
 
+from appliance.admission import Admission, AdmissionLimits, Busy
 from appliance.cmp import (
     AlgorithmIdentifier,
     BodyType,
@@ -42,7 +43,6 @@ from appliance.cmp import (
     parse_message,
     request_header,
 )
-from appliance.cmp.admission import Admission, AdmissionLimits, CmpBusy
 from appliance.cmp.protection import (
     DEFAULT_MAC_POLICY,
     MacPolicy,
@@ -217,14 +217,14 @@ async def test_each_peer_has_a_budget_given_back_when_its_request_authenticates(
     adm = Admission(AdmissionLimits(check_rate_per_client=1, check_burst_per_client=3, check_rate_total=1000,
                                     check_burst_total=1000, pace_max_delay_s=0), clock=clock)  # fmt: skip
     tickets = [await adm.admit("192.0.2.1") for _ in range(3)]
-    with pytest.raises(CmpBusy) as info:
+    with pytest.raises(Busy) as info:
         await adm.admit("192.0.2.1")
     assert info.value.scope == "client" and info.value.retry_after_s >= 1
     assert (await adm.admit("192.0.2.2")).peer == "192.0.2.2"  # another peer has its own budget
     adm.authenticated(tickets[0])  # given back: the peer proved a credential
     adm.authenticated(tickets[0])  # once
     await adm.admit("192.0.2.1")
-    with pytest.raises(CmpBusy):
+    with pytest.raises(Busy):
         await adm.admit("192.0.2.1")
     clock.now += 1.0  # one more per second
     await adm.admit("192.0.2.1")
@@ -239,20 +239,20 @@ async def test_the_shared_budget_bounds_all_peers_and_spares_peers_known_to_auth
     adm.authenticated(known)
     for i in range(4):
         await adm.admit(f"192.0.2.{i}")
-    with pytest.raises(CmpBusy) as info:
+    with pytest.raises(Busy) as info:
         await adm.admit("192.0.2.99")  # a new peer: the shared budget is spent
     assert info.value.scope == "total"
     assert (await adm.admit("192.0.2.200")).shared is False  # a peer that authenticated does not need it
     clock.now += 601  # ... for known_client_s; then it spends the shared budget like any peer
     for i in range(4):
         await adm.admit(f"192.0.2.{10 + i}")
-    with pytest.raises(CmpBusy):
+    with pytest.raises(Busy):
         await adm.admit("192.0.2.200")
     # IPv6: a /64 is one client
     adm6 = Admission(AdmissionLimits(check_burst_per_client=2, pace_max_delay_s=0), clock=clock)
     await adm6.admit("2001:db8::1")
     await adm6.admit("2001:db8::2")
-    with pytest.raises(CmpBusy):
+    with pytest.raises(Busy):
         await adm6.admit("2001:db8::3")
 
 
@@ -274,7 +274,7 @@ async def test_a_peer_over_its_budget_is_paced_then_refused(monkeypatch: pytest.
     await adm.admit("192.0.2.1")
     assert slept == [0.5, 0.5]
     clock.now -= 1.5  # as if three more arrived at once: the wait would exceed pace_max_delay_s
-    with pytest.raises(CmpBusy):
+    with pytest.raises(Busy):
         await adm.admit("192.0.2.1")
     assert slept[-1] == 1.0  # held the longest pace, then refused
     assert adm.stats["paced"] == 2 and adm.stats["busy_client"] == 1

@@ -1,11 +1,15 @@
-"""What an unauthenticated peer can make the CMP server do: bounded per peer and in total, before the work.
+"""What an unauthenticated peer can make a front end (CMP, SCEP) do: bounded per peer and in total, before the
+work.
 
 Every request a network peer sends takes one unit from that peer's budget (`check_rate_per_client`, bursts of
 `check_burst_per_client`) and from the budget of all peers together (`check_rate_total`, bursts of
-`check_burst_total`) *before anything is done for it*, once its body is in (appliance/cmp/server.py: a body still
-arriving costs only its connection, which the listener bounds): before it is parsed, its MAC derived or its
-signature and signer verified, and before an error answer is built and protected. The unit is given back as soon
-as the request has authenticated (its protection verified and its signer trusted, appliance/cmp/responder.py):
+`check_burst_total`) *before anything is done for it*, once its body is in (appliance/cmp/server.py,
+appliance/scep/server.py: a body still arriving costs only its connection, which the listener bounds): before it
+is parsed, its MAC derived or its signature and signer verified, its envelope decrypted in the HSM, and before an
+error answer is built and protected. The unit is given back as soon as the request has authenticated (CMP: its
+protection verified and its signer trusted, appliance/cmp/responder.py; SCEP: its challenge password claimed, a
+renewal's signer found to be a current certificate of this appliance, a CertPoll signed by the key that made the
+request, appliance/scep/responder.py):
 so the budgets count the work peers cause that proves nothing, and a client that holds a credential - a device,
 a station, a downstream RA draining hundreds of records a second - is never held back by its own traffic.
 
@@ -15,8 +19,11 @@ long all the same and then answered HTTP 503 with Retry-After, having cost nothi
 authenticated within the last `known_client_s` seconds does not spend the shared budget, only its own, so a flood
 from many addresses does not lock out the clients the appliance already knows.
 
-At most `checks_in_flight` protection checks (MAC derivations, signature verifications) run at once, whoever
-asked for them; the rest wait their turn in the responder.
+At most `checks_in_flight` protection checks (MAC derivations, signature verifications, HSM decryptions) run at
+once, whoever asked for them; the rest wait their turn in the responder.
+
+One Admission per front end, each with its own budgets and its own config section (`section`: [cmp], [scep]):
+a flood of one protocol does not spend the other's budget.
 
 A client is its IP address (an IPv6 client its /64: appliance/va/ratelimit.py); the tables are bounded
 (`clients_max`). Peers behind one NAT or proxy share one budget.
@@ -50,7 +57,7 @@ class AdmissionLimits:
     known_client_s: float = 600.0
 
 
-class CmpBusy(Exception):
+class Busy(Exception):
     """The peer is over its budget, or all peers together are: answer HTTP 503 with Retry-After, do nothing."""
 
     def __init__(self, retry_after_s: int, scope: str) -> None:
@@ -73,9 +80,14 @@ class Admission:
     """See the module docstring. The event loop owns it (not thread-safe)."""
 
     def __init__(
-        self, limits: AdmissionLimits | None = None, clock: Callable[[], float] = time.monotonic
+        self,
+        limits: AdmissionLimits | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        section: str = "cmp",
     ) -> None:
         self.limits = lim = limits or AdmissionLimits()
+        self.section = section  # the front end's config section, which names it in the log
         self.clock = clock
         self._clients = ClientLimiter(lim.check_rate_per_client, lim.check_burst_per_client, lim.clients_max,
                                       clock=clock)  # fmt: skip
@@ -99,7 +111,7 @@ class Admission:
         return True
 
     async def admit(self, remote: str | None, *, holding: Callable[[bool], None] | None = None) -> Ticket:
-        """Admit one request from `remote` (the TCP peer's address), pacing it to its budgets; CmpBusy when it
+        """Admit one request from `remote` (the TCP peer's address), pacing it to its budgets; Busy when it
         is further over them than pace_max_delay_s (after holding it that long). `holding(True)` is called
         before the request is held and `holding(False)` once it is admitted (the HTTP side lets the listener
         displace a held request's connection meanwhile)."""
@@ -110,12 +122,13 @@ class Admission:
         if delay is None:
             self.busy_client += 1
             retry = self._clients.wait(remote) - lim.pace_max_delay_s
-            self._log.log(log, logging.WARNING, "cmp.busy.client",
-                          "CMP: requests from %s that did not authenticate exceed its budget ([cmp]"
-                          " check_rate_per_client %g/s, bursts of %d): answered 503 without being parsed", peer,
-                          lim.check_rate_per_client, lim.check_burst_per_client)  # fmt: skip
+            self._log.log(log, logging.WARNING, f"{self.section}.busy.client",
+                          "%s: requests from %s that did not authenticate exceed its budget ([%s]"
+                          " check_rate_per_client %g/s, bursts of %d): answered 503 without being parsed",
+                          self.section.upper(), peer, self.section, lim.check_rate_per_client,
+                          lim.check_burst_per_client)  # fmt: skip
             await self._hold(lim.pace_max_delay_s, holding)
-            raise CmpBusy(_seconds(retry), "client")
+            raise Busy(_seconds(retry), "client")
         shared = not self._is_known(peer, now)
         if shared:
             total_delay = self._total.reserve(now, lim.pace_max_delay_s)
@@ -123,13 +136,13 @@ class Admission:
                 self._clients.refund(remote)
                 self.busy_total += 1
                 retry = self._total.wait(now) - lim.pace_max_delay_s
-                self._log.log(log, logging.WARNING, "cmp.busy.total",
-                              "CMP: requests that did not authenticate, from all peers together, exceed the"
-                              " shared budget ([cmp] check_rate_total %g/s, bursts of %d): new peers answered"
-                              " 503 without being parsed (the last: %s)", lim.check_rate_total,
-                              lim.check_burst_total, peer)  # fmt: skip
+                self._log.log(log, logging.WARNING, f"{self.section}.busy.total",
+                              "%s: requests that did not authenticate, from all peers together, exceed the"
+                              " shared budget ([%s] check_rate_total %g/s, bursts of %d): new peers answered"
+                              " 503 without being parsed (the last: %s)", self.section.upper(), self.section,
+                              lim.check_rate_total, lim.check_burst_total, peer)  # fmt: skip
                 await self._hold(lim.pace_max_delay_s, holding)
-                raise CmpBusy(_seconds(retry), "total")
+                raise Busy(_seconds(retry), "total")
             delay = max(delay, total_delay)
         if delay > 0:
             self.paced += 1
@@ -161,7 +174,8 @@ class Admission:
             self._known.popitem(last=False)
 
     def slots(self) -> asyncio.Semaphore:
-        """The protection checks (MAC derivations, signature verifications) allowed to run at once."""
+        """The protection checks (MAC derivations, signature verifications, HSM decryptions) allowed to run at
+        once."""
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.limits.checks_in_flight)
         return self._slots
