@@ -77,6 +77,9 @@ class Client:
     own: OwnCertificate | None = None
     """DEVICE or OWN: the journal row when the certificate is this appliance's."""
     certificate: x509.Certificate | None = None
+    replaced_by_key: bytes | None = None
+    """OWN: the certificate was already renewed, to the key with this SHA-256 (of its SubjectPublicKeyInfo): only
+    that renewal again (a client that lost the answer) is answered, with the same certificate."""
 
 
 def _subject(cert: x509.Certificate) -> str:
@@ -220,8 +223,35 @@ class Authenticator:
         try:
             own = await self.trust.own(cert, ca)
         except CmpError as exc:
-            raise _not_trusted(exc) from None
+            # Revoked, unless superseded by its own renewal (a product that revokes what a renewal replaces): the
+            # client that lost the answer asks again with it; the responder answers only that renewal's key.
+            reason, _ = await self._successor(cert, ca)
+            if exc.fail_info is not FailInfo.CERT_REVOKED or reason != "superseded":
+                raise _not_trusted(exc) from None
+            own = await self.trust.own(cert, ca, revoked_ok=True)
+        successor = None
         if own.updated_by is not None:
-            raise refuse(403, ReasonCode.NOT_AUTHORISED, f"certificate {own.cert_serial} is not the current"
-                         f" certificate of device {own.device_serial!r}: it was replaced")  # fmt: skip
-        return Client(ClientKind.OWN, _subject(cert), own.device_serial, own, cert)
+            reason, successor = await self._successor(cert, ca)
+            if successor is None or reason not in (None, "superseded"):
+                raise refuse(403, ReasonCode.NOT_AUTHORISED, f"certificate {own.cert_serial} is not the current"
+                             f" certificate of device {own.device_serial!r}: it was replaced")  # fmt: skip
+        return Client(ClientKind.OWN, _subject(cert), own.device_serial, own, cert, successor)
+
+    async def _successor(self, cert: x509.Certificate, ca: str) -> tuple[str | None, bytes | None]:
+        """The certificate's revocation reason, and the key (SHA-256 of its SubjectPublicKeyInfo) of the
+        certificate that replaced it."""
+        serial = format(cert.serial_number, "x")
+
+        def q() -> tuple[str | None, bytes | None]:
+            row = self.journal.conn.execute(
+                "SELECT r.reason, n.public_key_sha256 FROM issuance i"
+                " LEFT JOIN revocation r ON r.cert_serial = i.cert_serial"
+                " LEFT JOIN issuance n ON n.id = i.updated_by AND n.state NOT IN ('burned', 'intent')"
+                " WHERE i.cert_serial = ? AND i.ca = ?",
+                (serial, ca),
+            ).fetchone()
+            if row is None:
+                return None, None
+            return (None if row[0] is None else str(row[0])), (None if row[1] is None else bytes(row[1]))
+
+        return await self.journal.acall(q)

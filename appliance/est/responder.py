@@ -134,6 +134,13 @@ class EstResponder:
         if csr.public_key_der == old_key:
             raise refuse(400, ReasonCode.KEY_POLICY, "simplereenroll needs a new key: this appliance certifies a"
                          " key once (a renewal is a rekey here)")  # fmt: skip
+        if client.replaced_by_key is not None and (
+            csr.public_key_der is None
+            or hashlib.sha256(csr.public_key_der).digest() != client.replaced_by_key
+        ):
+            raise refuse(403, ReasonCode.NOT_AUTHORISED, f"certificate {client.own.cert_serial} is not the current"
+                         f" certificate of device {client.own.device_serial!r}: it was replaced (only the"
+                         " renewal that replaced it is answered again)")  # fmt: skip
         if device_serial(csr.subject) != client.own.device_serial:
             raise refuse(400, ReasonCode.BAD_DEVICE_SERIAL, "simplereenroll: the CSR names another device")
         if client.own.ca != (label.issuing_ca or self.service.ca.name):

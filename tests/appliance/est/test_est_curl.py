@@ -17,6 +17,8 @@ from cryptography.x509.oid import NameOID
 
 from appliance import stations_registry as reg
 from appliance.daemon import Daemon
+from appliance.production import store
+from appliance.production.users import Role, User
 from hsm.softhsm import SoftHsmToken
 from tests.appliance.conftest import put_on_line
 from tests.appliance.est.support import PASSWORD, Curl, est_config, openssl_csr, write_pem
@@ -227,6 +229,10 @@ async def test_simplereenroll_rekeys_and_the_journal_links_old_and_new(
     assert new.subject == old.subject and new.serial_number != old.serial_number
     rows = {r.cert_serial: r for r in est.journal.rows("device_serial=?", ("SN-0007",))}
     assert rows[f"{old.serial_number:x}"].updated_by == rows[f"{new.serial_number:x}"].id
+    # The answer was lost: the same CSR with the same (old) certificate gets the same new certificate.
+    retried = await curl("simplereenroll", *tls, body=new_csr)
+    assert retried.status == 200, retried.text
+    assert retried.certificates() == [new]
     # The replaced certificate renews nothing more.
     _, third = openssl_csr(tmp_path, "d7c", subject)
     again = await curl("simplereenroll", *tls, body=third)
@@ -251,3 +257,28 @@ async def test_plain_http_and_garbage_on_the_est_port_get_no_answer(est: Daemon,
         writer.close()
         assert b"HTTP/1.1" not in answer and b"BEGIN" not in answer
     assert (await curl("cacerts")).status == 200
+
+
+async def test_a_lost_renewal_is_answered_again_when_the_product_revokes_what_it_replaced(
+    est: Daemon, curl: Curl, tmp_path: Path
+) -> None:
+    """With `product key-update revoke` the old certificate is revoked (superseded) once the renewal is
+    delivered; a client that lost the answer still gets the same certificate for the same CSR, and nothing else."""
+    assert est.core is not None
+    store.set_product_key_update(
+        est.journal, est.core.audit, User("alice", Role.ADMINISTRATOR), "sensor", True
+    )
+    key, csr = openssl_csr(tmp_path, "d8", "/serialNumber=SN-0008")
+    (old,) = (await curl("simpleenroll", *curl.basic(), body=csr)).certificates()
+    tls = ("--cert", str(write_pem(tmp_path / "old8.pem", old)), "--key", str(key))
+    _, new_csr = openssl_csr(tmp_path, "d8b", "/serialNumber=SN-0008")
+    (new,) = (await curl("simplereenroll", *tls, body=new_csr)).certificates()
+    revoked = est.journal.call(lambda: est.journal.conn.execute(
+        "SELECT reason FROM revocation WHERE cert_serial=?", (f"{old.serial_number:x}",)).fetchone())  # fmt: skip
+    assert revoked is not None and revoked[0] == "superseded"
+    again = await curl("simplereenroll", *tls, body=new_csr)
+    assert again.status == 200, again.text
+    assert again.certificates() == [new]
+    _, other = openssl_csr(tmp_path, "d8c", "/serialNumber=SN-0008")
+    refused = await curl("simplereenroll", *tls, body=other)
+    assert refused.status == 403, refused.text
