@@ -21,7 +21,7 @@ from appliance.production import store
 from appliance.production.users import Role, User
 from hsm.softhsm import SoftHsmToken
 from tests.appliance.conftest import put_on_line
-from tests.appliance.est.support import PASSWORD, Curl, est_config, openssl_csr, write_pem
+from tests.appliance.est.support import PASSWORD, Curl, est_config, openssl_csr, station_status, write_pem
 from tests.appliance.test_daemon import _config
 
 pytestmark = pytest.mark.skipif(
@@ -99,6 +99,9 @@ async def test_simpleenroll_with_http_basic_issues_through_the_core(
     again = await curl("simpleenroll", *curl.basic(), body=csr)
     assert again.status == 200 and again.certificates() == [cert]
     assert len(est.journal.rows("device_serial=?", ("SN-0001",))) == 1
+    # The station the label acts as has no link: the console sees kind "est" and its answers, never disconnected.
+    station = await station_status(est, "fixture-1")
+    assert station["kind"] == "est" and station["state"] == "issuing", station
 
 
 async def test_enrolment_refusals_say_why(est: Daemon, curl: Curl, tmp_path: Path) -> None:
