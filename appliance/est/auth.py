@@ -14,9 +14,10 @@ EstLabel.trust_view). TLS has already proved the client holds the certificate's 
 signature chain to one of the anchors the listener loads; which anchor counts for which label, and revocation,
 are decided here.
 
-Failed Basic logins are counted per peer address: past `auth_failure_limit` within `auth_failure_window_s` that
-address is answered 429 with Retry-After without any password being checked, so guessing is paced; the log
-says so once per label and address and minute, never the password.
+Failed Basic logins are counted per peer address, on every label together: past `auth_failure_limit` within
+`auth_failure_window_s` that address is answered 429 with Retry-After without any password being checked, so
+guessing is paced; a successful login resets nothing (a failure leaves the count only when it is older than the
+window). The log says so once per label and address and minute, never the password.
 """
 
 from __future__ import annotations
@@ -190,7 +191,8 @@ class Authenticator:
         except (binascii.Error, ValueError):
             sep, name, password = b"", "", b""
         if sep and label.password_matches(name, password):
-            self._failures.pop(peer, None)
+            # A success erases no failure: guesses on one label between right logins on another (or the same)
+            # still add up; failures leave the count only by aging out of the window.
             return Client(ClientKind.PASSWORD, safe_repr(name, 64))
         self.stats["basic_failed"] += 1
         times.append(now)

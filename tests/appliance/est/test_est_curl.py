@@ -171,6 +171,26 @@ async def test_failed_basic_logins_are_paced_per_address(
         assert d.journal.rows("device_serial=?", ("SN-0003",)) == []
 
 
+async def test_a_successful_login_does_not_reset_the_failed_ones(
+    softhsm_token: SoftHsmToken, production_journal_template: Path, tmp_path: Path
+) -> None:
+    """Wrong passwords on one label with a right login on another in between still add up to the limit."""
+    cfg = _config(tmp_path / "state", softhsm_token, production_journal_template)
+    cfg = est_config(cfg, tmp_path, auth_failure_limit=2, auth_failure_window_s=3600.0)
+    work = tmp_path / "w"
+    work.mkdir()
+    _, csr = openssl_csr(work, "d", "/serialNumber=SN-0009")
+    _, csr10 = openssl_csr(work, "e", "/serialNumber=SN-0010")
+    async with Daemon(cfg) as d:
+        curl = Curl(d, work)
+        assert (await curl("simpleenroll", *curl.basic(password="guess"), body=csr)).status == 401
+        ok = await curl("kg/simpleenroll", *curl.basic(), body=csr10)  # right, on another label
+        assert ok.status == 200, ok.text
+        assert (await curl("simpleenroll", *curl.basic(password="guess2"), body=csr)).status == 401
+        paced = await curl("simpleenroll", *curl.basic(password="guess3"), body=csr)
+        assert paced.status == 429 and "Retry-After:" in paced.headers, paced.text
+
+
 async def _station(d: Daemon, name: str, out: Path) -> Path:
     assert d.core is not None
     creds = reg.add_station(d.journal, d.core.token, name, "lan", audit=d.core.audit, actor="alice")
