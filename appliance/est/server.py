@@ -133,6 +133,10 @@ async def est_handler(request: web.Request) -> web.StreamResponse:
             )
         raise refuse(404, ReasonCode.BAD_REQUEST, "no such EST operation")
     except EstError as exc:
+        # A configured label only (an unknown one from the path is "-": the budget is kept per label).
+        name = request.match_info.get("label") or responder.settings.default_label
+        known = operation if operation in (*_GET, *_POST) else "-"
+        await responder.refused(name if name in responder.labels else "-", known, request.remote or "?", exc)
         return _error(exc)
 
 

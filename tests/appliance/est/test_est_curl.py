@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import shutil
 import subprocess
 from collections.abc import AsyncIterator
@@ -305,3 +306,37 @@ async def test_a_lost_renewal_is_answered_again_when_the_product_revokes_what_it
     _, other = openssl_csr(tmp_path, "d8c", "/serialNumber=SN-0008")
     refused = await curl("simplereenroll", *tls, body=other)
     assert refused.status == 403, refused.text
+
+
+async def test_est_layer_refusals_are_audited_within_a_budget(
+    softhsm_token: SoftHsmToken, production_journal_template: Path, tmp_path: Path
+) -> None:
+    """A wrong password, no credentials, a replaced certificate: each refusal of the EST layer is an audit entry
+    (est.refused, never the password), the first refusal_burst of a window in full and the rest summarised."""
+    import json
+
+    from appliance.audit.log import AuditLog
+    from appliance.issuance.journal import Journal
+
+    cfg = _config(tmp_path / "state", softhsm_token, production_journal_template)
+    cfg = est_config(cfg, tmp_path, auth_failure_limit=100)
+    cfg = dataclasses.replace(cfg, issuance=dataclasses.replace(cfg.issuance, refusal_burst=2))
+    work = tmp_path / "w"
+    work.mkdir()
+    _, csr = openssl_csr(work, "d", "/serialNumber=SN-0011")
+    async with Daemon(cfg) as d:
+        curl = Curl(d, work)
+        for _ in range(3):
+            wrong = await curl("simpleenroll", *curl.basic(password="not-it"), body=csr)
+            assert wrong.status == 401
+        assert (await curl("line1/simpleenroll", body=csr)).status == 401
+    with Journal(cfg.journal.path) as journal:  # the summary is written at shutdown
+        entries = [e for e in AuditLog(journal).entries() if e.event.startswith("est.")]
+    full = [json.loads(e.data) for e in entries if e.event == "est.refused"]
+    assert [(f["label"], f["operation"], f["status"], f["code"]) for f in full] == [
+        ("line1", "simpleenroll", 401, "NOT_AUTHORISED")
+    ] * 2
+    assert all(e.actor == "est:line1" for e in entries)
+    (summary,) = [json.loads(e.data) for e in entries if e.event == "est.refusals-suppressed"]
+    assert summary["suppressed"] == {"NOT_AUTHORISED": 2}
+    assert "not-it" not in " ".join(e.data for e in entries)
