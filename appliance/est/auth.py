@@ -26,6 +26,7 @@ import base64
 import binascii
 import datetime as dt
 import enum
+import hashlib
 import logging
 import time
 from collections import OrderedDict
@@ -33,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from appliance.alarms import LogOnce
 from appliance.cmp.errors import CmpError, FailInfo
@@ -140,6 +142,13 @@ class Authenticator:
                 return await self._certificate(label, tls, fingerprint)
             except EstError as exc:
                 refused = exc
+            management = self.trust.management_ca
+            own = (
+                hashlib.sha256(tls.certificate.public_bytes(serialization.Encoding.DER)).digest()
+                == fingerprint
+            )
+            if management is not None and not own and self.trust.issued_by(tls.certificate, management):
+                raise refused  # another station's certificate: no password makes it this label's
         if authorization is not None and authorization[:6].lower() == "basic ":
             return self._basic(label, authorization[6:], peer)
         if refused is not None:
@@ -158,7 +167,18 @@ class Authenticator:
         try:
             signer = await self.trust.authenticate(view, cert, (cert, *tls.chain), fingerprint)
         except CmpError as exc:
-            raise _not_trusted(exc) from None
+            if exc.fail_info is FailInfo.CERT_REVOKED or "scrapped" in exc.message:
+                raise _not_trusted(exc) from None
+            if self.trust.own_ca_of(cert) is not None:
+                why = "a certificate of this appliance renews itself at simplereenroll"
+            elif label.idevid_roots:
+                why = exc.message  # where its path to the label's idevid_roots breaks
+            else:
+                takes = [w for w, on in (("its station's TLS client certificate", label.station_certificate),
+                                         ("HTTP Basic", label.basic)) if on]  # fmt: skip
+                why = f"the label takes {' or '.join(takes) or 'no TLS client certificate'}"
+            raise refuse(403, ReasonCode.NOT_AUTHORISED, f"the TLS client certificate ({_subject(cert)}) does not"
+                         f" authenticate an enrolment on EST label {label.name!r}: {why}") from None  # fmt: skip
         if signer.kind is SignerKind.STATION:
             return Client(ClientKind.STATION, label.station, certificate=cert)
         if signer.kind is SignerKind.DEVICE:

@@ -219,6 +219,15 @@ async def test_simpleenroll_with_the_stations_tls_certificate(
     wrong = await curl("st/simpleenroll", "--cert", str(other / "tls-client.crt"), "--key",
                        str(other / "tls-client.key"), body=csr6)  # fmt: skip
     assert wrong.status == 403, wrong.text
+    assert "trusted_ca" not in wrong.text and "EST label 'st'" in wrong.text, wrong.text
+    # ... nor with a right password beside it, on a label that takes HTTP Basic (docs/est.md).
+    other_tls = ("--cert", str(other / "tls-client.crt"), "--key", str(other / "tls-client.key"))
+    both = await curl("line1/simpleenroll", *other_tls, *curl.basic(), body=csr6)
+    assert both.status == 403, both.text
+    no_basic = await curl("line1/simpleenroll", *other_tls, body=csr6)
+    assert no_basic.status == 403 and "trusted_ca" not in no_basic.text and "HTTP Basic" in no_basic.text, (
+        no_basic.text
+    )
     # A password label does not take a station certificate in place of the password.
     assert (await curl("line1/simpleenroll", *tls, body=csr6)).status in (401, 403)
     # Disabling the station stops its label at once.
