@@ -149,7 +149,7 @@ class Authenticator:
             )
             if management is not None and not own and self.trust.issued_by(tls.certificate, management):
                 raise refused  # another station's certificate: no password makes it this label's
-        if authorization is not None and authorization[:6].lower() == "basic ":
+        if authorization is not None and authorization[:6].lower() == "basic " and label.basic:
             return self._basic(label, authorization[6:], peer)
         if refused is not None:
             raise refused
@@ -157,7 +157,8 @@ class Authenticator:
             raise refuse(401, ReasonCode.NOT_AUTHORISED, f"EST label {label.name!r} needs HTTP Basic"
                          f"{' or a TLS client certificate' if label.station_certificate or label.idevid_roots else ''}",
                          basic_realm=f"birthline est {label.name}")  # fmt: skip
-        raise refuse(401, ReasonCode.NOT_AUTHORISED,
+        # 403, not 401: a 401 must carry an HTTP authentication challenge, and no HTTP scheme sends a certificate.
+        raise refuse(403, ReasonCode.NOT_AUTHORISED,
                      f"EST label {label.name!r} needs a TLS client certificate")  # fmt: skip
 
     async def _certificate(self, label: EstLabel, tls: TlsPeer, fingerprint: bytes | None) -> Client:
@@ -224,7 +225,7 @@ class Authenticator:
                       "EST label %s: HTTP Basic login failed from %s (%d in the window)", label.name, peer,
                       len(times))  # fmt: skip
         raise refuse(401, ReasonCode.NOT_AUTHORISED, "wrong user name or password",
-                     basic_realm=f"birthline est {label.name}" if label.basic else None)  # fmt: skip
+                     basic_realm=f"birthline est {label.name}")  # fmt: skip
 
     # -- simplereenroll ------------------------------------------------------------------------------------------
     async def renewing(self, label: EstLabel, tls: TlsPeer) -> Client:
@@ -233,7 +234,7 @@ class Authenticator:
         await self.station_fingerprint(label)
         cert = tls.certificate
         if cert is None:
-            raise refuse(401, ReasonCode.NOT_AUTHORISED, "simplereenroll is authenticated by the certificate"
+            raise refuse(403, ReasonCode.NOT_AUTHORISED, "simplereenroll is authenticated by the certificate"
                          " being renewed: present it as the TLS client certificate")  # fmt: skip
         ca = self.trust.own_ca_of(cert)
         if ca is None:

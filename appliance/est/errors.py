@@ -45,6 +45,8 @@ class EstError(BirthlineError):
     """Sent as Retry-After (whole seconds): 202 (RA mode) and 503."""
     basic_realm: str | None = None
     """A 401 that HTTP Basic can answer: sent as WWW-Authenticate: Basic realm="..."."""
+    allow: str | None = None
+    """A 405: the methods the resource takes (the Allow header)."""
     core: bool = False
     """The issuance core's answer (from_core): the core audits its own refusals."""
 
@@ -70,5 +72,7 @@ def refuse(
     *,
     retry_after_s: float | None = None,
     basic_realm: str | None = None,
+    allow: str | None = None,
 ) -> EstError:
-    return EstError(message, code, status=status, retry_after_s=retry_after_s, basic_realm=basic_realm)
+    return EstError(message, code, status=status, retry_after_s=retry_after_s, basic_realm=basic_realm,
+                    allow=allow)  # fmt: skip

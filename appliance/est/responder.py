@@ -280,7 +280,7 @@ class EstResponder:
             await service.confirm(result.cert_serial, digest)
             if request.replaces is not None and self.on_revoked is not None:
                 self.on_revoked()  # the renewal revoked the certificate it replaced
-        log.info("EST label %s: %s certificate %s for device %s (client %s: %s)", label.name,
+        log.debug("EST label %s: %s certificate %s for device %s (client %s: %s)", label.name,
                  "renewed" if request.replaces else "issued", result.cert_serial, result.device_serial,
                  client.kind.value, client.who)  # fmt: skip
         return Issued(result.certificate, result.device_serial, result.cert_serial)

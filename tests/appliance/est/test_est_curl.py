@@ -128,7 +128,11 @@ async def test_enrolment_refusals_say_why(est: Daemon, curl: Curl, tmp_path: Pat
     refused = await curl("simpleenroll", *curl.basic(), body=outside)
     assert refused.status == 403 and refused.text.startswith("NOT_AUTHORISED"), refused.text
     get = await curl("simpleenroll")
-    assert get.status == 405
+    assert get.status == 405 and "Allow: POST" in get.headers, get.headers  # RFC 9110 15.5.6
+    post = await curl("cacerts", body=csr)
+    assert post.status == 405 and "Allow: GET, HEAD" in post.headers, post.headers
+    head = await curl("cacerts", "-I")  # GET implies HEAD
+    assert head.status == 200 and "application/pkcs7-mime" in head.headers, head.headers
     assert (await curl("nosuchop")).status == 404
     assert est.journal.rows("device_serial=?", ("SN-0002",)) == []
     # Nothing of that stopped the listener: the right request is served.
@@ -208,7 +212,9 @@ async def test_simpleenroll_with_the_stations_tls_certificate(
     bundle = await _station(est, "est-st", tmp_path)
     tls = ("--cert", str(bundle / "tls-client.crt"), "--key", str(bundle / "tls-client.key"))
     no_cert = await curl("st/simpleenroll", body=csr)
-    assert no_cert.status == 401 and "TLS client certificate" in no_cert.text
+    assert no_cert.status == 403 and "TLS client certificate" in no_cert.text
+    basic = await curl("st/simpleenroll", *curl.basic(), body=csr)  # the label takes no password
+    assert basic.status == 403 and "TLS client certificate" in basic.text, basic.text
     ok = await curl("st/simpleenroll", *tls, body=csr)
     assert ok.status == 200, ok.text
     (row,) = est.journal.rows("device_serial=?", ("SN-0005",))
@@ -254,7 +260,8 @@ async def test_simplereenroll_rekeys_and_the_journal_links_old_and_new(
     assert bad.status == 400 and "subject" in bad.text
     new_key, new_csr = openssl_csr(tmp_path, "d7b", subject)
     no_cert = await curl("simplereenroll", *curl.basic(), body=new_csr)
-    assert no_cert.status == 401 and "certificate being renewed" in no_cert.text
+    # 403, not a 401 without a challenge (RFC 9110 15.5.2): no HTTP authentication scheme sends a certificate.
+    assert no_cert.status == 403 and "certificate being renewed" in no_cert.text
 
     renewed = await curl("simplereenroll", *tls, body=new_csr)
     assert renewed.status == 200, renewed.text
