@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import logging
 import shutil
 import subprocess
 from collections.abc import AsyncIterator
@@ -75,8 +76,9 @@ async def test_csrattrs_name_the_device_serial_and_the_profiles_keys(curl: Curl)
 
 
 async def test_simpleenroll_with_http_basic_issues_through_the_core(
-    est: Daemon, curl: Curl, tmp_path: Path
+    est: Daemon, curl: Curl, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="appliance.est")
     assert est.control is not None
     events = est.control.hub.bus.subscribe()
     assert events is not None
@@ -103,6 +105,10 @@ async def test_simpleenroll_with_http_basic_issues_through_the_core(
     # The station the label acts as has no link: the console sees kind "est" and its answers, never disconnected.
     station = await station_status(est, "fixture-1")
     assert station["kind"] == "est" and station["state"] == "issuing", station
+    # An issuance is an event and an audit entry, not an INFO log line (no other front end logs one).
+    assert not [
+        r for r in caplog.records if r.name == "appliance.est.responder" and r.levelno >= logging.INFO
+    ]
 
 
 async def test_enrolment_refusals_say_why(est: Daemon, curl: Curl, tmp_path: Path) -> None:
