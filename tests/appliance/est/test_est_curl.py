@@ -19,7 +19,7 @@ from cryptography.x509.oid import NameOID
 
 from appliance import stations_registry as reg
 from appliance.daemon import Daemon
-from appliance.production import store
+from appliance.production import reconcile, store
 from appliance.production.users import Role, User
 from hsm.softhsm import SoftHsmToken
 from tests.appliance.conftest import put_on_line
@@ -279,6 +279,11 @@ async def test_simplereenroll_rekeys_and_the_journal_links_old_and_new(
     retried = await curl("simplereenroll", *tls, body=new_csr)
     assert retried.status == 200, retried.text
     assert retried.certificates() == [new]
+    # The renewal counts under the work order of the certificate it replaced (production.md): the export lists it.
+    exported = [
+        c.cert_serial for c in reconcile.certificates(est.journal, "WO-1") if c.device_serial == "SN-0007"
+    ]
+    assert exported == [f"{old.serial_number:x}", f"{new.serial_number:x}"]
     # The replaced certificate renews nothing more.
     _, third = openssl_csr(tmp_path, "d7c", subject)
     again = await curl("simplereenroll", *tls, body=third)
