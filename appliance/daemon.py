@@ -575,8 +575,10 @@ class Daemon:
         self.est = EstResponder(
             service, self.core.journal, labels, est_settings_from_config(cfg, self.config.issuance.max_csr_bytes),
             management_ca=management.certificate, services=others,
-            on_revoked=va.changed if va is not None else None,
+            on_revoked=va.changed if va is not None else None, audit=self.core.audit,
+            refusal_burst=self.config.issuance.refusal_burst, refusal_window_s=self.config.issuance.refusal_window_s,
         )  # fmt: skip
+        self._stack.push_async_callback(self.est.flush_refusals)
         # The anchors a TLS client certificate may chain to: stations' (management CA), this appliance's own
         # certificates (simplereenroll) and the labels' birth-certificate roots.
         anchors = [management.certificate, *(x509.load_der_x509_certificate(c) for svc in self.est.services.values()

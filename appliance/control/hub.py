@@ -181,7 +181,7 @@ class ControlHub:
         self, name: str, connected: bool, enrolling: int, paused: bool, enabled: bool, linkless: bool = False
     ) -> str:
         """issuing / idle / paused / error / disconnected / disabled (docs/control-api.md, "Stations"). A
-        `linkless` station (one a CMP label acts as: each request is its own HTTP exchange) is never
+        `linkless` station (one a CMP, EST or SCEP label acts as: each request is its own HTTP exchange) is never
         disconnected: its state comes from its answers alone."""
         if not enabled:
             return "disabled"

@@ -143,8 +143,12 @@ class StatusBuilder:
         alarms = s.alarms.active()
         causes = {a.cause: a for a in alarms}
         now = time.time()
-        # Stations a CMP label acts as have no link of their own: kind "cmp", state from their answers.
-        cmp = {label.station for label in s.config.cmp.labels.values()} if s.config.cmp.listen else set()
+        # Stations a CMP, EST or SCEP label acts as have no link of their own: kind "cmp", "est" or "scep", state
+        # from their answers.
+        fronts: dict[str, str] = {}
+        for kind, section in (("scep", s.config.scep), ("est", s.config.est), ("cmp", s.config.cmp)):
+            if section.listen:
+                fronts.update({label.station: kind for label in section.labels.values()})
         stations = []
         for st in raw["stations"]:
             name = st["name"]
@@ -152,9 +156,9 @@ class StatusBuilder:
             pause = pauses.get(name)
             act = s.hub.activity.get(name)
             connected = bool(snap.get("connected", False))
-            linkless = name in cmp and not connected
+            linkless = name in fronts and not connected
             stations.append({
-                **st, "kind": "cmp" if name in cmp else st["kind"],
+                **st, "kind": fronts.get(name, st["kind"]),
                 "state": s.hub.station_state(name, connected, int(snap.get("enrolling", 0) or 0),
                                              pause is not None, st["enabled"], linkless),
                 "connected": connected, "authenticated": bool(snap.get("authenticated", False)),

@@ -14,9 +14,10 @@ EstLabel.trust_view). TLS has already proved the client holds the certificate's 
 signature chain to one of the anchors the listener loads; which anchor counts for which label, and revocation,
 are decided here.
 
-Failed Basic logins are counted per peer address: past `auth_failure_limit` within `auth_failure_window_s` that
-address is answered 429 with Retry-After without any password being checked, so guessing is paced; the log
-says so once per label and address and minute, never the password.
+Failed Basic logins are counted per peer address, on every label together: past `auth_failure_limit` within
+`auth_failure_window_s` that address is answered 429 with Retry-After without any password being checked, so
+guessing is paced; a successful login resets nothing (a failure leaves the count only when it is older than the
+window). The log says so once per label and address and minute, never the password.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import base64
 import binascii
 import datetime as dt
 import enum
+import hashlib
 import logging
 import time
 from collections import OrderedDict
@@ -32,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from appliance.alarms import LogOnce
 from appliance.cmp.errors import CmpError, FailInfo
@@ -77,6 +80,9 @@ class Client:
     own: OwnCertificate | None = None
     """DEVICE or OWN: the journal row when the certificate is this appliance's."""
     certificate: x509.Certificate | None = None
+    replaced_by_key: bytes | None = None
+    """OWN: the certificate was already renewed, to the key with this SHA-256 (of its SubjectPublicKeyInfo): only
+    that renewal again (a client that lost the answer) is answered, with the same certificate."""
 
 
 def _subject(cert: x509.Certificate) -> str:
@@ -136,7 +142,14 @@ class Authenticator:
                 return await self._certificate(label, tls, fingerprint)
             except EstError as exc:
                 refused = exc
-        if authorization is not None and authorization[:6].lower() == "basic ":
+            management = self.trust.management_ca
+            own = (
+                hashlib.sha256(tls.certificate.public_bytes(serialization.Encoding.DER)).digest()
+                == fingerprint
+            )
+            if management is not None and not own and self.trust.issued_by(tls.certificate, management):
+                raise refused  # another station's certificate: no password makes it this label's
+        if authorization is not None and authorization[:6].lower() == "basic " and label.basic:
             return self._basic(label, authorization[6:], peer)
         if refused is not None:
             raise refused
@@ -144,7 +157,8 @@ class Authenticator:
             raise refuse(401, ReasonCode.NOT_AUTHORISED, f"EST label {label.name!r} needs HTTP Basic"
                          f"{' or a TLS client certificate' if label.station_certificate or label.idevid_roots else ''}",
                          basic_realm=f"birthline est {label.name}")  # fmt: skip
-        raise refuse(401, ReasonCode.NOT_AUTHORISED,
+        # 403, not 401: a 401 must carry an HTTP authentication challenge, and no HTTP scheme sends a certificate.
+        raise refuse(403, ReasonCode.NOT_AUTHORISED,
                      f"EST label {label.name!r} needs a TLS client certificate")  # fmt: skip
 
     async def _certificate(self, label: EstLabel, tls: TlsPeer, fingerprint: bytes | None) -> Client:
@@ -154,7 +168,18 @@ class Authenticator:
         try:
             signer = await self.trust.authenticate(view, cert, (cert, *tls.chain), fingerprint)
         except CmpError as exc:
-            raise _not_trusted(exc) from None
+            if exc.fail_info is FailInfo.CERT_REVOKED or "scrapped" in exc.message:
+                raise _not_trusted(exc) from None
+            if self.trust.own_ca_of(cert) is not None:
+                why = "a certificate of this appliance renews itself at simplereenroll"
+            elif label.idevid_roots:
+                why = exc.message  # where its path to the label's idevid_roots breaks
+            else:
+                takes = [w for w, on in (("its station's TLS client certificate", label.station_certificate),
+                                         ("HTTP Basic", label.basic)) if on]  # fmt: skip
+                why = f"the label takes {' or '.join(takes) or 'no TLS client certificate'}"
+            raise refuse(403, ReasonCode.NOT_AUTHORISED, f"the TLS client certificate ({_subject(cert)}) does not"
+                         f" authenticate an enrolment on EST label {label.name!r}: {why}") from None  # fmt: skip
         if signer.kind is SignerKind.STATION:
             return Client(ClientKind.STATION, label.station, certificate=cert)
         if signer.kind is SignerKind.DEVICE:
@@ -187,7 +212,8 @@ class Authenticator:
         except (binascii.Error, ValueError):
             sep, name, password = b"", "", b""
         if sep and label.password_matches(name, password):
-            self._failures.pop(peer, None)
+            # A success erases no failure: guesses on one label between right logins on another (or the same)
+            # still add up; failures leave the count only by aging out of the window.
             return Client(ClientKind.PASSWORD, safe_repr(name, 64))
         self.stats["basic_failed"] += 1
         times.append(now)
@@ -199,7 +225,7 @@ class Authenticator:
                       "EST label %s: HTTP Basic login failed from %s (%d in the window)", label.name, peer,
                       len(times))  # fmt: skip
         raise refuse(401, ReasonCode.NOT_AUTHORISED, "wrong user name or password",
-                     basic_realm=f"birthline est {label.name}" if label.basic else None)  # fmt: skip
+                     basic_realm=f"birthline est {label.name}")  # fmt: skip
 
     # -- simplereenroll ------------------------------------------------------------------------------------------
     async def renewing(self, label: EstLabel, tls: TlsPeer) -> Client:
@@ -208,7 +234,7 @@ class Authenticator:
         await self.station_fingerprint(label)
         cert = tls.certificate
         if cert is None:
-            raise refuse(401, ReasonCode.NOT_AUTHORISED, "simplereenroll is authenticated by the certificate"
+            raise refuse(403, ReasonCode.NOT_AUTHORISED, "simplereenroll is authenticated by the certificate"
                          " being renewed: present it as the TLS client certificate")  # fmt: skip
         ca = self.trust.own_ca_of(cert)
         if ca is None:
@@ -220,8 +246,35 @@ class Authenticator:
         try:
             own = await self.trust.own(cert, ca)
         except CmpError as exc:
-            raise _not_trusted(exc) from None
+            # Revoked, unless superseded by its own renewal (a product that revokes what a renewal replaces): the
+            # client that lost the answer asks again with it; the responder answers only that renewal's key.
+            reason, _ = await self._successor(cert, ca)
+            if exc.fail_info is not FailInfo.CERT_REVOKED or reason != "superseded":
+                raise _not_trusted(exc) from None
+            own = await self.trust.own(cert, ca, revoked_ok=True)
+        successor = None
         if own.updated_by is not None:
-            raise refuse(403, ReasonCode.NOT_AUTHORISED, f"certificate {own.cert_serial} is not the current"
-                         f" certificate of device {own.device_serial!r}: it was replaced")  # fmt: skip
-        return Client(ClientKind.OWN, _subject(cert), own.device_serial, own, cert)
+            reason, successor = await self._successor(cert, ca)
+            if successor is None or reason not in (None, "superseded"):
+                raise refuse(403, ReasonCode.NOT_AUTHORISED, f"certificate {own.cert_serial} is not the current"
+                             f" certificate of device {own.device_serial!r}: it was replaced")  # fmt: skip
+        return Client(ClientKind.OWN, _subject(cert), own.device_serial, own, cert, successor)
+
+    async def _successor(self, cert: x509.Certificate, ca: str) -> tuple[str | None, bytes | None]:
+        """The certificate's revocation reason, and the key (SHA-256 of its SubjectPublicKeyInfo) of the
+        certificate that replaced it."""
+        serial = format(cert.serial_number, "x")
+
+        def q() -> tuple[str | None, bytes | None]:
+            row = self.journal.conn.execute(
+                "SELECT r.reason, n.public_key_sha256 FROM issuance i"
+                " LEFT JOIN revocation r ON r.cert_serial = i.cert_serial"
+                " LEFT JOIN issuance n ON n.id = i.updated_by AND n.state NOT IN ('burned', 'intent')"
+                " WHERE i.cert_serial = ? AND i.ca = ?",
+                (serial, ca),
+            ).fetchone()
+            if row is None:
+                return None, None
+            return (None if row[0] is None else str(row[0])), (None if row[1] is None else bytes(row[1]))
+
+        return await self.journal.acall(q)

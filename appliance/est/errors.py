@@ -45,6 +45,10 @@ class EstError(BirthlineError):
     """Sent as Retry-After (whole seconds): 202 (RA mode) and 503."""
     basic_realm: str | None = None
     """A 401 that HTTP Basic can answer: sent as WWW-Authenticate: Basic realm="..."."""
+    allow: str | None = None
+    """A 405: the methods the resource takes (the Allow header)."""
+    core: bool = False
+    """The issuance core's answer (from_core): the core audits its own refusals."""
 
     def body(self) -> bytes:
         """The text body: the reason code's name and number, then the reason (one line)."""
@@ -55,10 +59,10 @@ class EstError(BirthlineError):
 def from_core(exc: BirthlineError) -> EstError:
     """The answer to a refusal, failure or "pending" of the issuance core."""
     if isinstance(exc, IssuancePending):
-        return EstError(exc.message, exc.code, status=202, retry_after_s=exc.retry_after_s)
+        return EstError(exc.message, exc.code, status=202, retry_after_s=exc.retry_after_s, core=True)
     status = STATUS_FOR_REASON.get(exc.code, 500)
     retry = float(RETRY_AFTER_S) if status == 503 else None
-    return EstError(exc.message, exc.code, status=status, retry_after_s=retry)
+    return EstError(exc.message, exc.code, status=status, retry_after_s=retry, core=True)
 
 
 def refuse(
@@ -68,5 +72,7 @@ def refuse(
     *,
     retry_after_s: float | None = None,
     basic_realm: str | None = None,
+    allow: str | None = None,
 ) -> EstError:
-    return EstError(message, code, status=status, retry_after_s=retry_after_s, basic_realm=basic_realm)
+    return EstError(message, code, status=status, retry_after_s=retry_after_s, basic_realm=basic_realm,
+                    allow=allow)  # fmt: skip

@@ -15,8 +15,11 @@ import hashlib
 import hmac
 import logging
 import secrets
+import sqlite3
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -31,7 +34,8 @@ from appliance.est.keygen import generate_key, keygen_algorithm
 from appliance.est.labels import EstLabel, EstSettings
 from appliance.est.wire import certs_only, decode_body
 from appliance.issuance.journal import Journal
-from appliance.issuance.policy import IssueRequest
+from appliance.issuance.policy import AuditSink, IssueRequest
+from appliance.issuance.refusals import RefusalLimiter
 from appliance.issuance.service import IssueService
 
 log = logging.getLogger(__name__)
@@ -59,8 +63,13 @@ class EstResponder:
         management_ca: x509.Certificate | None = None,
         services: Mapping[str, IssueService] | None = None,
         on_revoked: Callable[[], None] | None = None,
+        audit: AuditSink | None = None,
+        refusal_burst: int = 60,
+        refusal_window_s: float = 60.0,
     ) -> None:
         self.service = service
+        self.audit = audit
+        self._refusals = RefusalLimiter(refusal_burst, refusal_window_s)
         self.services = {service.ca.name: service, **(services or {})}
         missing = sorted({lb.issuing_ca for lb in labels.values() if lb.issuing_ca} - set(self.services))
         if missing:
@@ -77,6 +86,43 @@ class EstResponder:
         self.auth = Authenticator(journal, self.trust, settings, service.ca.name)
         self.stats = {"cacerts": 0, "enrolled": 0, "reenrolled": 0, "keygen": 0, "refused": 0, "pending": 0}
         self._keygen_free = settings.keygen_in_flight
+
+    # -- refusals of this layer -------------------------------------------------------------------------------------
+    async def refused(self, label: str, operation: str, peer: str, exc: EstError) -> None:
+        """A refusal of the EST layer (who the client is, what its request is): audited per label within a budget
+        (issuance/refusals.py: the first `refusal_burst` of each `refusal_window_s` in full, the rest counted and
+        summarised). The core audits its own refusals (exc.core)."""
+        if exc.core or self.audit is None:
+            return
+        self.stats["refused"] += 1
+        now = time.time()
+        entries: list[tuple[str, str, dict[str, Any]]] = []
+        if self._refusals.admit(label, exc.code.name, now):
+            entries.append((label, "est.refused", {
+                "label": label, "operation": operation, "status": exc.status, "code": exc.code.name,
+                "reason": " ".join(exc.message.split())[:500], "peer": peer,
+            }))  # fmt: skip
+        entries += [(str(s["station"]), "est.refusals-suppressed", s) for s in self._refusals.due(now)]
+        await self._audit_entries(entries)
+
+    async def flush_refusals(self) -> None:
+        """At shutdown: the summaries of the windows still open."""
+        summaries = self._refusals.due(time.time(), all_windows=True)
+        await self._audit_entries([(str(s["station"]), "est.refusals-suppressed", s) for s in summaries])
+
+    async def _audit_entries(self, entries: list[tuple[str, str, dict[str, Any]]]) -> None:
+        audit = self.audit
+        if not entries or audit is None:
+            return
+
+        def txn(conn: sqlite3.Connection) -> None:
+            for label, event, data in entries:
+                audit.append(conn, f"est:{label}", event, data)
+
+        try:
+            await self.journal.atransaction(txn, "auditing an EST refusal")
+        except BirthlineError as exc:
+            log.warning("EST refusal not audited: %s", exc.message)
 
     # -- labels ------------------------------------------------------------------------------------------------
     def label(self, name: str | None) -> EstLabel:
@@ -134,6 +180,13 @@ class EstResponder:
         if csr.public_key_der == old_key:
             raise refuse(400, ReasonCode.KEY_POLICY, "simplereenroll needs a new key: this appliance certifies a"
                          " key once (a renewal is a rekey here)")  # fmt: skip
+        if client.replaced_by_key is not None and (
+            csr.public_key_der is None
+            or hashlib.sha256(csr.public_key_der).digest() != client.replaced_by_key
+        ):
+            raise refuse(403, ReasonCode.NOT_AUTHORISED, f"certificate {client.own.cert_serial} is not the current"
+                         f" certificate of device {client.own.device_serial!r}: it was replaced (only the"
+                         " renewal that replaced it is answered again)")  # fmt: skip
         if device_serial(csr.subject) != client.own.device_serial:
             raise refuse(400, ReasonCode.BAD_DEVICE_SERIAL, "simplereenroll: the CSR names another device")
         if client.own.ca != (label.issuing_ca or self.service.ca.name):
@@ -227,7 +280,7 @@ class EstResponder:
             await service.confirm(result.cert_serial, digest)
             if request.replaces is not None and self.on_revoked is not None:
                 self.on_revoked()  # the renewal revoked the certificate it replaced
-        log.info("EST label %s: %s certificate %s for device %s (client %s: %s)", label.name,
+        log.debug("EST label %s: %s certificate %s for device %s (client %s: %s)", label.name,
                  "renewed" if request.replaces else "issued", result.cert_serial, result.device_serial,
                  client.kind.value, client.who)  # fmt: skip
         return Issued(result.certificate, result.device_serial, result.cert_serial)

@@ -82,6 +82,8 @@ def _error(exc: EstError) -> web.Response:
         headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
     if exc.basic_realm is not None:
         headers["WWW-Authenticate"] = f'Basic realm="{exc.basic_realm}", charset="UTF-8"'
+    if exc.allow is not None:
+        headers["Allow"] = exc.allow  # RFC 9110 15.5.6: a 405 MUST say what is allowed
     response = web.Response(status=exc.status, body=exc.body(), headers=headers, content_type="text/plain",
                             charset="utf-8")  # fmt: skip
     if exc.status == 413:
@@ -104,7 +106,7 @@ async def est_handler(request: web.Request) -> web.StreamResponse:
     operation = request.match_info["operation"]
     try:
         label = responder.label(request.match_info.get("label"))
-        if operation in _GET and request.method == "GET":
+        if operation in _GET and request.method in ("GET", "HEAD"):  # GET implies HEAD (RFC 9110 9.3.2)
             if operation == "cacerts":
                 return _ok(responder.cacerts(label), CT_CERTS_ONLY)
             return _ok(responder.csrattrs(label), CT_CSRATTRS)
@@ -128,11 +130,15 @@ async def est_handler(request: web.Request) -> web.StreamResponse:
             p7 = certs_only([x509.load_der_x509_certificate(issued.certificate)])
             return _ok(p7, CT_CERTS_ONLY)
         if operation in (*_GET, *_POST):
-            raise refuse(
-                405, ReasonCode.BAD_REQUEST, f"{operation} is {'GET' if operation in _GET else 'POST'}"
-            )
+            get = operation in _GET
+            raise refuse(405, ReasonCode.BAD_REQUEST, f"{operation} is {'GET' if get else 'POST'}",
+                         allow="GET, HEAD" if get else "POST")  # fmt: skip
         raise refuse(404, ReasonCode.BAD_REQUEST, "no such EST operation")
     except EstError as exc:
+        # A configured label only (an unknown one from the path is "-": the budget is kept per label).
+        name = request.match_info.get("label") or responder.settings.default_label
+        known = operation if operation in (*_GET, *_POST) else "-"
+        await responder.refused(name if name in responder.labels else "-", known, request.remote or "?", exc)
         return _error(exc)
 
 

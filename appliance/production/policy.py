@@ -196,7 +196,7 @@ class WorkOrderPolicy:
         product = None
         if work_order is not None:
             product = conn.execute(
-                "SELECT p.key_algorithms, p.profile, p.ca FROM work_order w JOIN product p ON p.name = w.product"
+                "SELECT p.key_algorithms, p.profile, p.ca, p.name FROM work_order w JOIN product p ON p.name = w.product"
                 " WHERE w.id = ?",
                 (work_order,),
             ).fetchone()
@@ -215,7 +215,7 @@ class WorkOrderPolicy:
         allowed = frozenset(str(product[0]).split(","))
         candidate = _Candidate(str(work_order), 0, 0, None, None, None, profile.name, self.ca, allowed)
         self._check_key(request, [candidate], profile)
-        return Grant("local", str(work_order))
+        return Grant("local", str(work_order), product=str(product[3]))
 
     def authorise_retry(
         self, conn: sqlite3.Connection, request: IssueRequest, unit: str, row_id: int

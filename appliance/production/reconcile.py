@@ -148,15 +148,20 @@ def certificates(journal: Journal, wo_id: str) -> list[ExportedCertificate]:
         conn = journal.conn
         if conn.execute("SELECT 1 FROM work_order WHERE id=?", (wo_id,)).fetchone() is None:
             raise ProductionError(f"no work order {wo_id!r}")
+        # A key update takes no unit: it counts under the work order of the certificate it replaced, so each
+        # unit's certificate is followed along issuance.updates (work_order_of, the other way round).
         rows = conn.execute(
-            "SELECT i.cert_serial, i.device_serial, i.station, i.issued_at, i.confirmed_at, i.state, i.cert_der,"
-            " 'local', u.id, r.reason, r.revoked_at FROM work_order_unit u JOIN issuance i ON i.id = u.issuance_id"
-            " LEFT JOIN revocation r ON r.cert_serial = i.cert_serial"
-            " WHERE u.work_order = ?1 AND u.released = 0 AND i.cert_der IS NOT NULL"
+            "WITH RECURSIVE chain(id, unit, depth) AS (SELECT u.issuance_id, u.id, 0 FROM work_order_unit u"
+            " WHERE u.work_order = ?1 AND u.released = 0 AND u.issuance_id IS NOT NULL"
+            " UNION ALL SELECT i.id, c.unit, c.depth + 1 FROM issuance i JOIN chain c ON i.updates = c.id"
+            " WHERE c.depth < 10000)"
+            " SELECT i.cert_serial, i.device_serial, i.station, i.issued_at, i.confirmed_at, i.state, i.cert_der,"
+            " 'local', c.unit, r.reason, r.revoked_at, c.depth FROM chain c JOIN issuance i ON i.id = c.id"
+            " LEFT JOIN revocation r ON r.cert_serial = i.cert_serial WHERE i.cert_der IS NOT NULL"
             " UNION ALL SELECT a.cert_serial, a.device_serial, a.station, a.issued_at, a.confirmed_at, a.state,"
-            " a.cert_der, 'upstream', u.id, NULL, NULL FROM work_order_unit u JOIN ra_request a"
+            " a.cert_der, 'upstream', u.id, NULL, NULL, 0 FROM work_order_unit u JOIN ra_request a"
             " ON a.id = u.ra_request_id WHERE u.work_order = ?1 AND u.released = 0 AND a.cert_der IS NOT NULL"
-            " ORDER BY 9",
+            " ORDER BY 9, 12",
             (wo_id,),
         ).fetchall()
         return [
@@ -173,7 +178,7 @@ def certificates(journal: Journal, wo_id: str) -> list[ExportedCertificate]:
                 reason,
                 None if at is None else float(at),
             )
-            for s, d, st, ia, ca, state, der, by, _, reason, at in rows
+            for s, d, st, ia, ca, state, der, by, _, reason, at, _ in rows
         ]
 
     return journal.call(q)

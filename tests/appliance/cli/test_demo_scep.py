@@ -43,6 +43,8 @@ def test_readme_scep_commands_on_the_served_demo(tmp_path: Path) -> None:
         assert run.returncode == 0, out
     assert "AES" in run.stdout and "SHA-256" in run.stdout  # GetCACaps
     assert _serial(tmp_path / "scep-dev" / "client.pem") == "MYDEV-0030"
+    assert (tmp_path / "scep-dev" / "dev.key").stat().st_mode & 0o077 == 0  # the device key is private
+    assert (tmp_path / "scep-dev").stat().st_mode & 0o077 == 0
     assert _serial(tmp_path / "scep-cm" / "dev.pem") == "MYDEV-0031"
     assert "status: MONITORING" in run.stdout, out
     with Journal(tmp_path / "demo-state" / "journal.sqlite") as journal:

@@ -9,6 +9,7 @@ import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -105,3 +106,18 @@ def openssl_csr(work: Path, name: str, subject: str, key: Path | None = None) ->
 def write_pem(path: Path, cert: x509.Certificate) -> Path:
     path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return path
+
+
+async def station_status(d: Daemon, name: str) -> dict[str, Any]:
+    """The station `name` as the control API's status document shows it (the daemon's own hub and journal)."""
+    from appliance.control.status import StatusBuilder, StatusSources
+
+    assert d.control is not None and d.core is not None
+    c = d.control
+    sources = StatusSources(
+        d.config, d.journal, c.hub, d.core.alarms, c.service.pauses, c.sessions, c.snapshots
+    )
+    doc = await StatusBuilder(sources).document()
+    everywhere = doc["unassigned_stations"] + [st for line in doc["lines"] for st in line["stations"]]
+    (station,) = [st for st in everywhere if st["name"] == name]
+    return dict(station)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
+import logging
 import shutil
 import subprocess
 from collections.abc import AsyncIterator
@@ -17,9 +19,11 @@ from cryptography.x509.oid import NameOID
 
 from appliance import stations_registry as reg
 from appliance.daemon import Daemon
+from appliance.production import reconcile, store
+from appliance.production.users import Role, User
 from hsm.softhsm import SoftHsmToken
 from tests.appliance.conftest import put_on_line
-from tests.appliance.est.support import PASSWORD, Curl, est_config, openssl_csr, write_pem
+from tests.appliance.est.support import PASSWORD, Curl, est_config, openssl_csr, station_status, write_pem
 from tests.appliance.test_daemon import _config
 
 pytestmark = pytest.mark.skipif(
@@ -72,8 +76,9 @@ async def test_csrattrs_name_the_device_serial_and_the_profiles_keys(curl: Curl)
 
 
 async def test_simpleenroll_with_http_basic_issues_through_the_core(
-    est: Daemon, curl: Curl, tmp_path: Path
+    est: Daemon, curl: Curl, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="appliance.est")
     assert est.control is not None
     events = est.control.hub.bus.subscribe()
     assert events is not None
@@ -97,6 +102,13 @@ async def test_simpleenroll_with_http_basic_issues_through_the_core(
     again = await curl("simpleenroll", *curl.basic(), body=csr)
     assert again.status == 200 and again.certificates() == [cert]
     assert len(est.journal.rows("device_serial=?", ("SN-0001",))) == 1
+    # The station the label acts as has no link: the console sees kind "est" and its answers, never disconnected.
+    station = await station_status(est, "fixture-1")
+    assert station["kind"] == "est" and station["state"] == "issuing", station
+    # An issuance is an event and an audit entry, not an INFO log line (no other front end logs one).
+    assert not [
+        r for r in caplog.records if r.name == "appliance.est.responder" and r.levelno >= logging.INFO
+    ]
 
 
 async def test_enrolment_refusals_say_why(est: Daemon, curl: Curl, tmp_path: Path) -> None:
@@ -122,7 +134,11 @@ async def test_enrolment_refusals_say_why(est: Daemon, curl: Curl, tmp_path: Pat
     refused = await curl("simpleenroll", *curl.basic(), body=outside)
     assert refused.status == 403 and refused.text.startswith("NOT_AUTHORISED"), refused.text
     get = await curl("simpleenroll")
-    assert get.status == 405
+    assert get.status == 405 and "Allow: POST" in get.headers, get.headers  # RFC 9110 15.5.6
+    post = await curl("cacerts", body=csr)
+    assert post.status == 405 and "Allow: GET, HEAD" in post.headers, post.headers
+    head = await curl("cacerts", "-I")  # GET implies HEAD
+    assert head.status == 200 and "application/pkcs7-mime" in head.headers, head.headers
     assert (await curl("nosuchop")).status == 404
     assert est.journal.rows("device_serial=?", ("SN-0002",)) == []
     # Nothing of that stopped the listener: the right request is served.
@@ -166,6 +182,26 @@ async def test_failed_basic_logins_are_paced_per_address(
         assert d.journal.rows("device_serial=?", ("SN-0003",)) == []
 
 
+async def test_a_successful_login_does_not_reset_the_failed_ones(
+    softhsm_token: SoftHsmToken, production_journal_template: Path, tmp_path: Path
+) -> None:
+    """Wrong passwords on one label with a right login on another in between still add up to the limit."""
+    cfg = _config(tmp_path / "state", softhsm_token, production_journal_template)
+    cfg = est_config(cfg, tmp_path, auth_failure_limit=2, auth_failure_window_s=3600.0)
+    work = tmp_path / "w"
+    work.mkdir()
+    _, csr = openssl_csr(work, "d", "/serialNumber=SN-0009")
+    _, csr10 = openssl_csr(work, "e", "/serialNumber=SN-0010")
+    async with Daemon(cfg) as d:
+        curl = Curl(d, work)
+        assert (await curl("simpleenroll", *curl.basic(password="guess"), body=csr)).status == 401
+        ok = await curl("kg/simpleenroll", *curl.basic(), body=csr10)  # right, on another label
+        assert ok.status == 200, ok.text
+        assert (await curl("simpleenroll", *curl.basic(password="guess2"), body=csr)).status == 401
+        paced = await curl("simpleenroll", *curl.basic(password="guess3"), body=csr)
+        assert paced.status == 429 and "Retry-After:" in paced.headers, paced.text
+
+
 async def _station(d: Daemon, name: str, out: Path) -> Path:
     assert d.core is not None
     creds = reg.add_station(d.journal, d.core.token, name, "lan", audit=d.core.audit, actor="alice")
@@ -182,7 +218,9 @@ async def test_simpleenroll_with_the_stations_tls_certificate(
     bundle = await _station(est, "est-st", tmp_path)
     tls = ("--cert", str(bundle / "tls-client.crt"), "--key", str(bundle / "tls-client.key"))
     no_cert = await curl("st/simpleenroll", body=csr)
-    assert no_cert.status == 401 and "TLS client certificate" in no_cert.text
+    assert no_cert.status == 403 and "TLS client certificate" in no_cert.text
+    basic = await curl("st/simpleenroll", *curl.basic(), body=csr)  # the label takes no password
+    assert basic.status == 403 and "TLS client certificate" in basic.text, basic.text
     ok = await curl("st/simpleenroll", *tls, body=csr)
     assert ok.status == 200, ok.text
     (row,) = est.journal.rows("device_serial=?", ("SN-0005",))
@@ -193,6 +231,15 @@ async def test_simpleenroll_with_the_stations_tls_certificate(
     wrong = await curl("st/simpleenroll", "--cert", str(other / "tls-client.crt"), "--key",
                        str(other / "tls-client.key"), body=csr6)  # fmt: skip
     assert wrong.status == 403, wrong.text
+    assert "trusted_ca" not in wrong.text and "EST label 'st'" in wrong.text, wrong.text
+    # ... nor with a right password beside it, on a label that takes HTTP Basic (docs/est.md).
+    other_tls = ("--cert", str(other / "tls-client.crt"), "--key", str(other / "tls-client.key"))
+    both = await curl("line1/simpleenroll", *other_tls, *curl.basic(), body=csr6)
+    assert both.status == 403, both.text
+    no_basic = await curl("line1/simpleenroll", *other_tls, body=csr6)
+    assert no_basic.status == 403 and "trusted_ca" not in no_basic.text and "HTTP Basic" in no_basic.text, (
+        no_basic.text
+    )
     # A password label does not take a station certificate in place of the password.
     assert (await curl("line1/simpleenroll", *tls, body=csr6)).status in (401, 403)
     # Disabling the station stops its label at once.
@@ -219,7 +266,8 @@ async def test_simplereenroll_rekeys_and_the_journal_links_old_and_new(
     assert bad.status == 400 and "subject" in bad.text
     new_key, new_csr = openssl_csr(tmp_path, "d7b", subject)
     no_cert = await curl("simplereenroll", *curl.basic(), body=new_csr)
-    assert no_cert.status == 401 and "certificate being renewed" in no_cert.text
+    # 403, not a 401 without a challenge (RFC 9110 15.5.2): no HTTP authentication scheme sends a certificate.
+    assert no_cert.status == 403 and "certificate being renewed" in no_cert.text
 
     renewed = await curl("simplereenroll", *tls, body=new_csr)
     assert renewed.status == 200, renewed.text
@@ -227,6 +275,15 @@ async def test_simplereenroll_rekeys_and_the_journal_links_old_and_new(
     assert new.subject == old.subject and new.serial_number != old.serial_number
     rows = {r.cert_serial: r for r in est.journal.rows("device_serial=?", ("SN-0007",))}
     assert rows[f"{old.serial_number:x}"].updated_by == rows[f"{new.serial_number:x}"].id
+    # The answer was lost: the same CSR with the same (old) certificate gets the same new certificate.
+    retried = await curl("simplereenroll", *tls, body=new_csr)
+    assert retried.status == 200, retried.text
+    assert retried.certificates() == [new]
+    # The renewal counts under the work order of the certificate it replaced (production.md): the export lists it.
+    exported = [
+        c.cert_serial for c in reconcile.certificates(est.journal, "WO-1") if c.device_serial == "SN-0007"
+    ]
+    assert exported == [f"{old.serial_number:x}", f"{new.serial_number:x}"]
     # The replaced certificate renews nothing more.
     _, third = openssl_csr(tmp_path, "d7c", subject)
     again = await curl("simplereenroll", *tls, body=third)
@@ -251,3 +308,62 @@ async def test_plain_http_and_garbage_on_the_est_port_get_no_answer(est: Daemon,
         writer.close()
         assert b"HTTP/1.1" not in answer and b"BEGIN" not in answer
     assert (await curl("cacerts")).status == 200
+
+
+async def test_a_lost_renewal_is_answered_again_when_the_product_revokes_what_it_replaced(
+    est: Daemon, curl: Curl, tmp_path: Path
+) -> None:
+    """With `product key-update revoke` the old certificate is revoked (superseded) once the renewal is
+    delivered; a client that lost the answer still gets the same certificate for the same CSR, and nothing else."""
+    assert est.core is not None
+    store.set_product_key_update(
+        est.journal, est.core.audit, User("alice", Role.ADMINISTRATOR), "sensor", True
+    )
+    key, csr = openssl_csr(tmp_path, "d8", "/serialNumber=SN-0008")
+    (old,) = (await curl("simpleenroll", *curl.basic(), body=csr)).certificates()
+    tls = ("--cert", str(write_pem(tmp_path / "old8.pem", old)), "--key", str(key))
+    _, new_csr = openssl_csr(tmp_path, "d8b", "/serialNumber=SN-0008")
+    (new,) = (await curl("simplereenroll", *tls, body=new_csr)).certificates()
+    revoked = est.journal.call(lambda: est.journal.conn.execute(
+        "SELECT reason FROM revocation WHERE cert_serial=?", (f"{old.serial_number:x}",)).fetchone())  # fmt: skip
+    assert revoked is not None and revoked[0] == "superseded"
+    again = await curl("simplereenroll", *tls, body=new_csr)
+    assert again.status == 200, again.text
+    assert again.certificates() == [new]
+    _, other = openssl_csr(tmp_path, "d8c", "/serialNumber=SN-0008")
+    refused = await curl("simplereenroll", *tls, body=other)
+    assert refused.status == 403, refused.text
+
+
+async def test_est_layer_refusals_are_audited_within_a_budget(
+    softhsm_token: SoftHsmToken, production_journal_template: Path, tmp_path: Path
+) -> None:
+    """A wrong password, no credentials, a replaced certificate: each refusal of the EST layer is an audit entry
+    (est.refused, never the password), the first refusal_burst of a window in full and the rest summarised."""
+    import json
+
+    from appliance.audit.log import AuditLog
+    from appliance.issuance.journal import Journal
+
+    cfg = _config(tmp_path / "state", softhsm_token, production_journal_template)
+    cfg = est_config(cfg, tmp_path, auth_failure_limit=100)
+    cfg = dataclasses.replace(cfg, issuance=dataclasses.replace(cfg.issuance, refusal_burst=2))
+    work = tmp_path / "w"
+    work.mkdir()
+    _, csr = openssl_csr(work, "d", "/serialNumber=SN-0011")
+    async with Daemon(cfg) as d:
+        curl = Curl(d, work)
+        for _ in range(3):
+            wrong = await curl("simpleenroll", *curl.basic(password="not-it"), body=csr)
+            assert wrong.status == 401
+        assert (await curl("line1/simpleenroll", body=csr)).status == 401
+    with Journal(cfg.journal.path) as journal:  # the summary is written at shutdown
+        entries = [e for e in AuditLog(journal).entries() if e.event.startswith("est.")]
+    full = [json.loads(e.data) for e in entries if e.event == "est.refused"]
+    assert [(f["label"], f["operation"], f["status"], f["code"]) for f in full] == [
+        ("line1", "simpleenroll", 401, "NOT_AUTHORISED")
+    ] * 2
+    assert all(e.actor == "est:line1" for e in entries)
+    (summary,) = [json.loads(e.data) for e in entries if e.event == "est.refusals-suppressed"]
+    assert summary["suppressed"] == {"NOT_AUTHORISED": 2}
+    assert "not-it" not in " ".join(e.data for e in entries)

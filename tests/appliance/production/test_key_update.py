@@ -13,8 +13,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from appliance.errors import IssuanceRefused, ReasonCode
+from appliance.issuance.observe import Confirmation, Outcome
 from appliance.issuance.policy import IssueRequest
-from appliance.production import store
+from appliance.production import reconcile, store
 from tests.appliance.production.conftest import Floor, ServiceMaker
 
 SPKI = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -102,3 +103,40 @@ async def test_the_product_key_policy_applies_to_a_key_update(
                                              replaces=first.cert_serial))  # fmt: skip
     assert err.value.code is ReasonCode.KEY_POLICY
     assert _row(floor, first.cert_serial)[3] is None  # refused: the old certificate is still the current one
+
+
+class _Seen:
+    """An IssuanceObserver that keeps what it is told."""
+
+    def __init__(self) -> None:
+        self.outcomes: list[Outcome] = []
+
+    def answered(self, outcome: Outcome) -> None:
+        self.outcomes.append(outcome)
+
+    def signed(self, certificates: int, seconds: float) -> None:
+        return None
+
+    def confirmed(self, confirmations: list[Confirmation]) -> None:
+        return None
+
+
+async def test_a_key_update_counts_under_the_work_order_and_product_of_the_certificate_it_replaces(
+    floor: Floor, make_service: ServiceMaker
+) -> None:
+    """The new certificate of a key update (CMP kur, EST simplereenroll, SCEP renewal) is the order's: the
+    observer (events, metrics) is told its work order and product, and the order's export lists it after the
+    certificate it replaced; no unit is taken."""
+    floor.work_order(quantity=2)
+    seen = _Seen()
+    async with make_service(audit=floor.audit) as service:
+        service.observer = seen
+        first = await service.issue(IssueRequest("SN-0004", b"", "st1", public_key_der=_key()))
+        update = IssueRequest("SN-0004", b"", "st1", public_key_der=_key(), replaces=first.cert_serial)
+        second = await service.issue(update)
+        third = await service.issue(update)  # a retry: the same certificate, the same order
+        assert third.certificate == second.certificate
+    assert [(o.work_order, o.product) for o in seen.outcomes] == [("WO-1", "sensor")] * 3
+    exported = [c.cert_serial for c in reconcile.certificates(floor.journal, "WO-1")]
+    assert exported == [first.cert_serial, second.cert_serial]
+    assert floor.consumed() == 1

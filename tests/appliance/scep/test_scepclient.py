@@ -12,6 +12,7 @@ from cryptography.x509.oid import NameOID
 
 from appliance.config import ScepLabelSection
 from hsm.softhsm import SoftHsmToken
+from tests.appliance.est.support import station_status
 from tests.appliance.scep.support import SCEPCLIENT, ra_fingerprint, scepclient, served
 
 pytestmark = pytest.mark.skipif(SCEPCLIENT is None, reason="scepclient (Debian package scep) not installed")
@@ -35,6 +36,8 @@ async def test_scepclient_enrols_with_a_device_challenge(
         assert len(rows) == 1 and rows[0].state == "confirmed"
         assert rows[0].cert_der == cert.public_bytes(serialization.Encoding.DER)
         assert rows[0].station == "fixture-1" and rows[0].request_id.startswith("scep:line1:")
+        station = await station_status(s.daemon, "fixture-1")
+        assert station["kind"] == "scep" and station["state"] == "issuing", station
 
 
 async def test_scepclient_with_a_work_order_challenge_names_the_device_in_its_cn(

@@ -10,6 +10,7 @@ from cryptography import x509
 
 from appliance.cmp import BodyType, CertConfBody, CertStatus, FailInfo
 from appliance.cmp.build import old_cert_id
+from appliance.production import reconcile
 from appliance.va.revocation import Reason, Source, revoke_in_transaction
 from tests.appliance.cmp.conformance.peer import (
     Peer,
@@ -44,6 +45,12 @@ async def test_kur_signed_by_the_current_certificate(peer: Peer) -> None:
         and updates is not None
     )
     assert peer.revoked(old) is None  # the product keeps old certificates (its default)
+    # The new certificate counts under the work order of the one it replaced (docs/production.md): the export
+    # lists both.
+    exported = [
+        c.cert_serial for c in reconcile.certificates(peer.journal, "WO-1") if c.device_serial == "SN-0601"
+    ]
+    assert exported == [f"{old.serial_number:x}", f"{cert.serial_number:x}"]
 
 
 async def test_kur_signed_by_a_revoked_certificate_is_refused(peer: Peer) -> None:
