@@ -503,6 +503,8 @@ class Daemon:
             others[name] = await self._stack.enter_async_context(
                 self.core.issue_service(admission=service.admission, ca_name=name)
             )
+            # Its answers are events of the control API too (a greenfield label's operational certificates).
+            others[name].observer = service.observer
         self.cmp = CmpResponder(
             service, self.core.journal, self.core.audit, labels,
             management_ca=management.certificate, ra=ra, settings=settings_from_config(cfg),

@@ -105,6 +105,11 @@ def test_served_demo_for_cmp_devices(tmp_path: Path) -> None:
         operational = x509.load_pem_x509_certificate((tmp_path / "op.pem").read_bytes())
         assert "Operational CA" in operational.issuer.rfc4514_string()
         assert operational.subject.get_attributes_for_oid(x509.NameOID.SERIAL_NUMBER)[0].value == "MYDEV-0001"
+        # ... issued by the operational CA's own issuance service, and seen by the console all the same
+        status = _status(Path(info["control"]["socket"]))
+        everywhere = status["unassigned_stations"] + [st for line in status["lines"] for st in line["stations"]]
+        (station,) = [st for st in everywhere if st["name"] == "demo-field"]
+        assert station["issued"] >= 1 and station["last_device_serial"] == "MYDEV-0001", station
         # kur of the birth certificate, signed by it
         kur = _cmp("-cmd", "kur", *signed, "-cert", idevid, "-key", idevid_key, "-oldcert", idevid,
                    "-newkey", _key(tmp_path / "k2.key"), "-certout", tmp_path / "k2.pem")  # fmt: skip
