@@ -107,7 +107,9 @@ def test_served_demo_for_cmp_devices(tmp_path: Path) -> None:
         assert operational.subject.get_attributes_for_oid(x509.NameOID.SERIAL_NUMBER)[0].value == "MYDEV-0001"
         # ... issued by the operational CA's own issuance service, and seen by the console all the same
         status = _status(Path(info["control"]["socket"]))
-        everywhere = status["unassigned_stations"] + [st for line in status["lines"] for st in line["stations"]]
+        everywhere = status["unassigned_stations"] + [
+            st for line in status["lines"] for st in line["stations"]
+        ]
         (station,) = [st for st in everywhere if st["name"] == "demo-field"]
         assert station["issued"] >= 1 and station["last_device_serial"] == "MYDEV-0001", station
         # kur of the birth certificate, signed by it
