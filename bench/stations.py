@@ -54,6 +54,10 @@ softhsm_conf = "{conf}"
 lan_listen = "127.0.0.1:{port}"
 tls_dir = "{base}/tls"
 reopen_interval_s = 0.1
+# Every simulated station connects from 127.0.0.1: one address holds all of them (a plant's stations each
+# have their own), so the per-address cap is raised to the whole listener's.
+max_connections = 512
+max_connections_per_peer = 512
 [va]
 listen = "127.0.0.1:0"
 """
