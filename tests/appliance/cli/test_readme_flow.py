@@ -9,6 +9,8 @@ served at the URL it names."""
 from __future__ import annotations
 
 import json
+import os
+import pwd
 import re
 import shlex
 import signal
@@ -128,6 +130,9 @@ def test_the_readme_setup_commissions_a_line_that_enrols_over_each_station_kind(
     commands = _commands({
         "/dev/serial/by-path/pci-0000:00:14.0-usb-0:2:1.0-port0": str(serial_link),
         "/root/": f"{tmp_path / 'root'}/",
+        # The daemon's user is this test's own: the check runs as it, the token is given to it.
+        "sudo -u birthline birthline": "birthline",
+        "--owner birthline": f"--owner {pwd.getpwuid(os.geteuid()).pw_name}",
     })  # fmt: skip
     assert [c[1] for c in commands[:3]] == ["hsm", "config", "init"]
     assert not (tmp_path / "state").exists()  # a fresh state: nothing of the demo
