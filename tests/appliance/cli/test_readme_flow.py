@@ -181,8 +181,15 @@ def _enrol_over_each_kind(tmp: Path, fixture_port: Path, lan_port: int, doc: dic
         "ACME-000001": ["--port", str(fixture_port), "--credentials", str(tmp / "root" / "L1-st1")],
         # The bundle points at the first of [appliance] names, a name only a LAN resolver knows; here the loopback
         # address the TLS certificate also carries (tests/appliance/test_network_names.py connects by the name).
-        "ACME-000002": ["--host", f"127.0.0.1:{lan_port}", "--credentials", str(tmp / "root" / "L1-st2")],
+        # So the bundle's station.json is pointed there, and the client (given neither --port nor --host) goes
+        # where the bundle says, as the README has it.
+        "ACME-000002": ["--credentials", str(tmp / "root" / "L1-st2")],
     }
+    station_json = tmp / "root" / "L1-st2" / "station.json"
+    bundle = json.loads(station_json.read_text())
+    assert bundle["host"] == f"{doc['appliance']['names'][0]}:{lan_port}"
+    bundle["host"] = f"127.0.0.1:{lan_port}"
+    station_json.write_text(json.dumps(bundle))
     for serial, where in enrolments.items():
         proc = subprocess.run(
             [sys.executable, "-m", "appliance.cli.main", "station-client", "enroll", *where, "--serial", serial,
