@@ -126,8 +126,13 @@ def cmd_init(args: argparse.Namespace) -> int:
 
     cfg = load_config(Path(args.config))
     given = args.organisation
+    # Every argument is checked before anything is created or recorded: a refused `init` records nothing.
     if given is not None:
-        identity.check_organisation(given)  # before anything is created
+        identity.check_organisation(given)
+    if args.management_subject is not None:
+        from appliance.ca.hierarchy import parse_subject
+
+        identity.check_subject(parse_subject(args.management_subject), given_by="--management-subject")
     with daemon_job(cfg, "init"), open_core(cfg) as core:
         print(f"state directory {cfg.appliance.state_dir}")
         print(f"journal {core.journal.path}: {core.journal.integrity_check()}")

@@ -344,3 +344,14 @@ def test_owner_gives_the_token_to_the_daemons_user_and_the_check_names_unreadabl
     missing.chmod(0o644)
     err = _one_line(as_nobody("config", "check", "--config", missing))
     assert f"hsm.softhsm_conf {tmp_path / 'nope.conf'}: no such file" in err
+
+
+def test_a_refused_management_subject_records_nothing(commissioned: Path) -> None:
+    """Review findings 6 and 7: the refusal named --subject, which `init` has not, and the organisation of the
+    refused `init` was recorded for good."""
+    refused = _one_line(_birthline("init", "--organisation", "Acme Devices", "--management-subject",
+                                   "/O=Birthline-Demo/CN=Line Management CA", "--config", commissioned))  # fmt: skip
+    assert refused.endswith("names are the demo's; give your organisation's (--management-subject)"), refused
+    done = _birthline("init", "--organisation", "Other Devices", "--config", commissioned)
+    assert done.returncode == 0, done.stderr
+    assert "organisation 'Other Devices': the appliance's CAs are named after it" in done.stdout
