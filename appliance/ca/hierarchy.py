@@ -196,7 +196,10 @@ def load_ca(journal: Journal, name: str) -> CaRecord:
         lambda: journal.conn.execute(f"SELECT {_COLS} FROM ca WHERE name=?", (name,)).fetchone()
     )
     if row is None:
-        raise CaError(f"no CA named {name!r}")
+        raise CaError(
+            f"no CA named {name!r}: make it (`birthline ca init-root`, then `birthline ca init-issuing` for the"
+            " issuing CA, or `ca request` and `ca import` from your own root), or name one `birthline ca list` shows"
+        )
     return _record(row)
 
 

@@ -252,3 +252,11 @@ def test_requesting_an_existing_ca_name_says_what_to_do(journal: Journal, hsm_to
         f"a CA named {name!r} already exists (management, active): request this one under a new name" in text
     )
     assert "set [stations] management_ca to it and run `birthline init` again" in text
+
+
+def test_a_missing_ca_says_how_to_make_it(journal: Journal) -> None:
+    """Review finding 12: `birthline run` before `ca init-issuing` said only "no CA named 'issuing'"."""
+    with pytest.raises(CaError) as info:
+        ca_mod.load_ca(journal, "no-such-ca")
+    assert info.value.message.startswith("no CA named 'no-such-ca': make it (`birthline ca init-root`, then")
+    assert "`birthline ca init-issuing` for the issuing CA" in info.value.message
