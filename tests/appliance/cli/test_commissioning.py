@@ -355,3 +355,45 @@ def test_a_refused_management_subject_records_nothing(commissioned: Path) -> Non
     done = _birthline("init", "--organisation", "Other Devices", "--config", commissioned)
     assert done.returncode == 0, done.stderr
     assert "organisation 'Other Devices': the appliance's CAs are named after it" in done.stdout
+
+
+def test_the_external_root_management_ca_in_the_readme_order(commissioned: Path, tmp_path: Path) -> None:
+    """Review finding 7: after `init`, `ca request --name management` said only that the name exists. The
+    documented order (docs/commissioning.md): a new name, import, [stations] management_ca, `init` again."""
+    assert _birthline("init", "--organisation", "Acme Devices", "--config", commissioned).returncode == 0
+    pw = "alice password 1\n"
+    made = _birthline("user", "add", "alice", "--bootstrap", "--password-stdin", "--config", commissioned,
+                      stdin=pw * 2)  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    alice = ("--user", "alice", "--password-stdin", "--config", commissioned)
+    subject = ("--role", "management", "--subject", "/O=Acme Devices/CN=Acme Appliance Management CA")
+    taken = _one_line(_birthline("ca", "request", "--name", "management", *subject, "--out", tmp_path / "m.csr",
+                                 *alice, stdin=pw))  # fmt: skip
+    assert "request this one under a new name (--name NEW)" in taken and "[stations] management_ca" in taken
+    asked = _birthline("ca", "request", "--name", "mgmt-acme", *subject, "--out", tmp_path / "m.csr", *alice,
+                       stdin=pw)  # fmt: skip
+    assert asked.returncode == 0, asked.stderr
+    root_key, root, ext = tmp_path / "root.key", tmp_path / "root.pem", tmp_path / "ext.cnf"
+    for argv in (
+        ["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", root_key],
+        ["req", "-x509", "-new", "-key", root_key, "-subj", "/O=Acme/CN=Acme Offline Root", "-days", "30", "-out",
+         root, "-addext", "basicConstraints=critical,CA:TRUE,pathlen:1", "-addext",
+         "keyUsage=critical,keyCertSign,cRLSign"],
+    ):  # fmt: skip
+        subprocess.run(["openssl", *map(str, argv)], check=True, capture_output=True)
+    ext.write_text("basicConstraints=critical,CA:TRUE,pathlen:0\nkeyUsage=critical,keyCertSign,cRLSign\n")
+    subprocess.run(["openssl", "x509", "-req", "-in", tmp_path / "m.csr", "-CA", root, "-CAkey", root_key,
+                    "-CAcreateserial", "-days", "30", "-extfile", ext, "-out", tmp_path / "m.pem"],
+                   check=True, capture_output=True)  # fmt: skip
+    imported = _birthline("ca", "import", "--name", "mgmt-acme", "--cert", tmp_path / "m.pem", "--chain", root,
+                          *alice, stdin=pw)  # fmt: skip
+    assert imported.returncode == 0, imported.stderr
+    commissioned.write_text(commissioned.read_text() + '[stations]\nmanagement_ca = "mgmt-acme"\n')
+    again = _birthline("init", "--config", commissioned)
+    assert again.returncode == 0, again.stderr
+    assert "management CA 'mgmt-acme': CN=Acme Appliance Management CA,O=Acme Devices" in again.stdout
+    served = tmp_path / "state" / "tls" / "server.crt"
+    issuer = subprocess.run(
+        ["openssl", "x509", "-in", served, "-noout", "-issuer"], check=True, capture_output=True, text=True
+    )
+    assert "CN = Acme Appliance Management CA" in issuer.stdout, (issuer.stdout, again.stdout)
