@@ -140,9 +140,13 @@ def cmd_init(args: argparse.Namespace) -> int:
         recorded = identity.organisation(core.journal)
         if given is None and recorded is None:
             given = _ask_organisation()
-        org = identity.record(core.journal, given or recorded or "", audit=core.audit, actor="init")
+        org = identity.check_organisation(given) if given else (recorded or "")
+        if recorded is not None and org != recorded:
+            identity.record(core.journal, org, audit=core.audit, actor="init")  # refuses, writing nothing
+        # Recorded once the management CA and the TLS credential are made: a failed `init` records nothing.
+        stations_cli.init_stations(core, management_subject=args.management_subject, organisation=org)
+        org = identity.record(core.journal, org, audit=core.audit, actor="init")
         print(f"organisation {org!r}: the appliance's CAs are named after it")
-        stations_cli.init_stations(core, management_subject=args.management_subject)
         # The audit key exists from the start, so the auditor can pin its public key at commissioning.
         cp = core.audit.checkpoint(ensure_audit_key(core.token))
         print(

@@ -397,3 +397,22 @@ def test_the_external_root_management_ca_in_the_readme_order(commissioned: Path,
         ["openssl", "x509", "-in", served, "-noout", "-issuer"], check=True, capture_output=True, text=True
     )
     assert "CN = Acme Appliance Management CA" in issuer.stdout, (issuer.stdout, again.stdout)
+
+
+def test_an_init_that_fails_records_no_organisation(commissioned: Path, tmp_path: Path) -> None:
+    """Review finding 7: the organisation of a failed `init` was recorded for good. Here `init` fails on a
+    management CA still awaiting its certificate from the external root."""
+    import sqlite3
+
+    pw = "alice password 1\n"
+    made = _birthline("user", "add", "alice", "--bootstrap", "--password-stdin", "--config", commissioned,
+                      stdin=pw * 2)  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    asked = _birthline("ca", "request", "--name", "management", "--role", "management", "--subject",
+                       "/O=Acme Devices/CN=Acme Mgmt", "--out", tmp_path / "m.csr", "--user", "alice",
+                       "--password-stdin", "--config", commissioned, stdin=pw)  # fmt: skip
+    assert asked.returncode == 0, asked.stderr
+    failed = _one_line(_birthline("init", "--organisation", "Acme Devices", "--config", commissioned))
+    assert "awaits its certificate from the external root" in failed
+    with sqlite3.connect(tmp_path / "state" / "journal.sqlite") as db:
+        assert db.execute("SELECT value FROM meta WHERE key='organisation'").fetchall() == []
