@@ -626,6 +626,15 @@ def parse_config(
             )
         )
 
+    problems.extend(
+        _shared_listeners(
+            {
+                "stations.lan_listen": stations.lan_address, "va.listen": va.address, "cmp.listen": cmp.address,
+                "scep.listen": scep.address, "est.listen": est.address, "metrics.listen": metrics.address,
+            }
+        )
+    )  # fmt: skip
+
     if problems:
         raise ConfigError(problems, str(source) if source else "")
     return Config(
@@ -645,6 +654,29 @@ def parse_config(
         scep=scep,
         est=est,
     )
+
+
+_WILDCARDS = ("", "0.0.0.0", "::")  # noqa: S104 - compared against, never bound
+
+
+def _shared_listeners(addresses: dict[str, tuple[str, int] | None]) -> list[Problem]:
+    """Two listeners on one port of one address (or one of them on the wildcard) cannot both bind: the second
+    would fail at `birthline run`, as if another program held the port."""
+    problems: list[Problem] = []
+    seen: list[tuple[str, tuple[str, int]]] = []
+    for key, address in addresses.items():
+        if address is None or address[1] == 0:  # port 0: each gets a free port of its own
+            continue
+        for other, taken in seen:
+            if address[1] == taken[1] and (
+                address[0] == taken[0] or _WILDCARDS.count(address[0]) + _WILDCARDS.count(taken[0])
+            ):
+                problems.append(
+                    Problem(key, f"port {address[1]} is {other}'s too: give each listener its own port")
+                )
+                break
+        seen.append((key, address))
+    return problems
 
 
 def _host_names(r: _Reader, key: str) -> tuple[str, ...]:

@@ -26,7 +26,7 @@ from typing import Any
 
 from hsm.config import HsmConfig
 from hsm.errors import HsmError, PinSourceError
-from hsm.pin import read_pin
+from hsm.pin import pin_content_problem, read_pin
 
 LABEL_MAX = 32  # CK_TOKEN_INFO.label: 32 bytes, blank padded
 PIN_MIN, PIN_MAX = 4, 255  # SoftHSM's bounds; vendors' are narrower, never wider
@@ -188,11 +188,6 @@ def _run(fn: Any, *args: Any) -> Any:
     return process_thread().call(fn, *args)
 
 
-# In order; each needs the one before. Each returns what it found, or raises (CommissionError, PinSourceError)
-# saying what is wrong and what to do.
-CHECKS = (check_pin_source, check_module, check_token, check_login)
-
-
 # -- initialising a token ------------------------------------------------------------------------------------------
 # PINs and the label arrive on stdin, one per line. Exit codes: 0 done, 3 the label exists, 4 no free slot,
 # 5 C_InitToken failed (its CKR_ value follows).
@@ -221,8 +216,11 @@ print(free[0].slot_id)
 
 
 def check_new_pin(pin: str, what: str) -> None:
-    if not PIN_MIN <= len(pin.encode()) <= PIN_MAX or "\n" in pin or "\r" in pin:
-        raise CommissionError(f"the {what} must be {PIN_MIN} to {PIN_MAX} bytes on one line")
+    """The rule read_pin applies to the PIN file, so a PIN written there reads back as it was set."""
+    if not PIN_MIN <= len(pin.encode()) <= PIN_MAX or pin_content_problem(pin):
+        raise CommissionError(
+            f"the {what} must be {PIN_MIN} to {PIN_MAX} bytes on one line, without blanks before or after it"
+        )
 
 
 def init_token(cfg: HsmConfig, so_pin: str, user_pin: str) -> int:
@@ -252,6 +250,84 @@ def init_token(cfg: HsmConfig, so_pin: str, user_pin: str) -> int:
     return int(done.stdout.strip().splitlines()[-1])
 
 
+def refuse_existing_label(cfg: HsmConfig) -> None:
+    """Refused before anything is written when a token already carries the label (init_token checks again)."""
+    check_module(cfg)
+    labels, _ = _run(_token_info, cfg)
+    if cfg.token_label in labels:
+        raise CommissionError(f"a token labelled {cfg.token_label!r} exists already; it is left as it is"
+                              " (initialising it again would erase its keys); no file was written")  # fmt: skip
+
+
+def softhsm_tokendir(conf: Path) -> Path | None:
+    """The `directories.tokendir` a SoftHSM configuration names, or None."""
+    for line in conf.read_text(errors="replace").splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.strip() == "directories.tokendir":
+            return Path(value.strip())
+    return None
+
+
+def give_to(cfg: HsmConfig, uid: int, gid: int) -> list[Path]:
+    """The daemon's user owns the user PIN file and, for SoftHSM, its configuration and every file of its token
+    directory (SoftHSM opens them for writing at each session)."""
+    paths: list[Path] = []
+    if cfg.pin_file is not None:
+        paths.append(Path(cfg.pin_file))
+    if cfg.softhsm_conf is not None:
+        conf = Path(cfg.softhsm_conf)
+        paths.append(conf)
+        tokendir = softhsm_tokendir(conf)
+        if tokendir is not None:
+            paths.append(tokendir)
+            for top, dirs, files in os.walk(tokendir):
+                for name in dirs + files:
+                    os.lchown(os.path.join(top, name), uid, gid)
+    for path in paths:
+        os.lchown(path, uid, gid)
+    return paths
+
+
+def check_softhsm_conf(cfg: HsmConfig) -> Check:
+    """SoftHSM only: its configuration file and token directory exist and this user may use them. SoftHSM
+    reports either as a bare GeneralError when the module is loaded, which says nothing of the cause."""
+    if cfg.softhsm_conf is None:
+        return Check("hsm.softhsm_conf", "not set (a vendor HSM)")
+    conf = Path(cfg.softhsm_conf)
+    where = f"hsm.softhsm_conf {conf}"
+    me = _user(os.geteuid())
+    if not conf.is_file():
+        raise CommissionError(f"{where}: no such file: correct the path, or let `birthline hsm init-token` write"
+                              " it")  # fmt: skip
+    if not os.access(conf, os.R_OK):
+        raise CommissionError(f"{where}: {me} who runs this check cannot read it (owned by"
+                              f" {_user(conf.stat().st_uid)}): the daemon's user must own it and its token"
+                              " directory (`birthline hsm init-token --owner USER`, or chown -R USER the"
+                              " directory), and this check must run as that user")  # fmt: skip
+    tokendir = softhsm_tokendir(conf)
+    if tokendir is None:
+        raise CommissionError(f"{where}: names no directories.tokendir")
+    if not tokendir.is_dir():
+        raise CommissionError(f"{where}: its tokendir {tokendir} does not exist: create it (mode 0700, owned by the"
+                              " daemon's user)")  # fmt: skip
+    unusable = [tokendir] if not os.access(tokendir, os.R_OK | os.W_OK | os.X_OK) else []
+    if not unusable:
+        for top, dirs, files in os.walk(tokendir):
+            for name in dirs:
+                if not os.access(os.path.join(top, name), os.R_OK | os.W_OK | os.X_OK):
+                    unusable.append(Path(top, name))
+            for name in files:
+                if not os.access(os.path.join(top, name), os.R_OK | os.W_OK):
+                    unusable.append(Path(top, name))
+    if unusable:
+        first = unusable[0]
+        raise CommissionError(f"{where}: {me} who runs this check cannot read and write {first} (owned by"
+                              f" {_user(first.stat().st_uid)}) in its tokendir: the daemon's user must own the"
+                              f" token directory (chown -R {me} {tokendir}, or `birthline hsm init-token --owner"
+                              " USER` for a new token), and this check must run as that user")  # fmt: skip
+    return Check(where, f"readable; tokendir {tokendir} readable and writable by {me}")
+
+
 def write_softhsm_conf(conf: Path) -> Path:
     """A SoftHSM configuration whose tokens live in `tokens/` beside it (0700), unless the file exists."""
     if conf.exists():
@@ -264,4 +340,18 @@ def write_softhsm_conf(conf: Path) -> Path:
     return conf
 
 
-__all__ = ["CHECKS", "Check", "CommissionError", "PinSourceError", "init_token", "write_softhsm_conf"]
+# In order; each needs the one before. Each returns what it found, or raises (CommissionError, PinSourceError)
+# saying what is wrong and what to do.
+CHECKS = (check_pin_source, check_softhsm_conf, check_module, check_token, check_login)
+
+
+__all__ = [
+    "CHECKS",
+    "Check",
+    "CommissionError",
+    "PinSourceError",
+    "give_to",
+    "init_token",
+    "refuse_existing_label",
+    "write_softhsm_conf",
+]

@@ -54,6 +54,22 @@ def read_pin(cfg: HsmConfig) -> str:
         raise PinSourceError(f"PIN source {path} is not valid UTF-8") from None
     if pin.endswith("\n"):
         pin = pin[:-1]
-    if not pin:
-        raise PinSourceError(f"PIN source {path} is empty")
+    problem = pin_content_problem(pin)
+    if problem:
+        raise PinSourceError(f"PIN source {path} {problem}: write the PIN alone on one line")
     return pin
+
+
+def pin_content_problem(pin: str) -> str | None:
+    """What is wrong with a PIN as read (its one final newline removed), never quoting it; None when it is one
+    line of text. A second line, a carriage return (a CRLF line end) or blanks around the PIN would otherwise
+    be sent to the token as part of the PIN: a wrong PIN, which counts towards the token's lockout."""
+    if not pin:
+        return "is empty"
+    if "\n" in pin:
+        return "has more than one line"
+    if "\r" in pin:
+        return "has a carriage return (a CRLF line end?)"
+    if pin != pin.strip():
+        return "has blanks (spaces, tabs) before or after the PIN"
+    return None

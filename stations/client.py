@@ -32,6 +32,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -77,6 +78,10 @@ _T = TypeVar("_T")
 
 # docs/station-protocol.md section 9
 HANDSHAKE_STEP_TIMEOUT = 2.0
+# getaddrinfo's answers that a name does not exist (permanent), as against EAI_AGAIN (try again).
+_NO_SUCH_NAME = frozenset(
+    e for e in (getattr(socket, "EAI_NONAME", None), getattr(socket, "EAI_NODATA", None)) if e is not None
+)
 HANDSHAKE_TRIES = 3
 HANDSHAKE_PAUSE = 2.0  # a round (3 tries 2 s apart, then this) ends within the appliance's 10 s limit
 REQUEST_TIMEOUT = 5.0
@@ -195,6 +200,21 @@ class StationClient:
                     ssl=ssl_context,
                     server_hostname=(server_hostname or host) if ssl_context is not None else None,
                 )
+            except ssl.SSLCertVerificationError as exc:
+                # Permanent: retrying meets the same certificate. Said at once, not after give_up_after.
+                raise StationError(
+                    Code.AUTH_FAILED,
+                    f"{host}:{port}: TLS: the appliance's certificate is refused ({exc.verify_message or exc}):"
+                    " connect by one of the names it carries ([appliance] names; `birthline tls reissue` after"
+                    " changing them) with the bundle's CA",
+                ) from None
+            except socket.gaierror as exc:
+                if exc.errno not in _NO_SUCH_NAME:  # a resolver that did not answer: retried like a lost link
+                    raise ChannelClosed(f"{host}:{port}: {exc}") from exc
+                raise StationError(
+                    Code.BAD_REQUEST,
+                    f"{host}: DNS: no such host ({exc.strerror}): check --host or the bundle's",
+                ) from None
             except (OSError, ssl.SSLError) as exc:
                 raise ChannelClosed(f"{host}:{port}: {exc}") from exc
             return StreamChannel(reader, writer, peer=f"{host}:{port}")

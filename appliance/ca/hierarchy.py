@@ -196,7 +196,10 @@ def load_ca(journal: Journal, name: str) -> CaRecord:
         lambda: journal.conn.execute(f"SELECT {_COLS} FROM ca WHERE name=?", (name,)).fetchone()
     )
     if row is None:
-        raise CaError(f"no CA named {name!r}")
+        raise CaError(
+            f"no CA named {name!r}: make it (`birthline ca init-root`, then `birthline ca init-issuing` for the"
+            " issuing CA, or `ca request` and `ca import` from your own root), or name one `birthline ca list` shows"
+        )
     return _record(row)
 
 
@@ -359,9 +362,24 @@ def create_csr_for_external_root(
     certificates under the organisation's own root."""
     if role not in ("issuing", "management"):
         raise CaError(f"an external root signs an issuing or a management CA, not a {role} CA")
+    try:
+        existing = load_ca(journal, name)
+    except CaError:
+        existing = None
+    if existing is not None:
+        then = (
+            f" set [stations] management_ca to it and run `birthline init` again, which makes the TLS server"
+            f" certificate from it (the {existing.state} {name!r} is then unused; docs/commissioning.md)"
+            if role == "management"
+            else " and give that name wherever the issuing CA is named"
+        )
+        raise CaError(
+            f"a CA named {name!r} already exists ({existing.role}, {existing.state}): request this one under a"
+            f" new name (--name NEW), import its certificate (`birthline ca import --name NEW ...`),{then}"
+        )
     _require_new(journal, token, name)
     subj = parse_subject(subject)
-    check_subject(subj)
+    check_subject(subj, given_by="--subject")
     key = token.generate_key(key_label_for(name), algorithm)
     csr = (
         x509.CertificateSigningRequestBuilder()
@@ -421,8 +439,12 @@ def import_ca_certificate(
     if rec.state != "awaiting-certificate":
         raise CaError(f"CA {name!r} is {rec.state}; only a CA awaiting its certificate can be imported")
     cert = _load_one(cert_pem_or_der, "the CA certificate")
-    check_subject(cert.subject)
+    check_subject(cert.subject, given_by="--cert: the name the request carried")
     chain = _load_many(chain_pem, "the chain")
+    for i, above in enumerate(chain):  # a clean name under the demo's root is still the demo's chain
+        check_subject(
+            above.subject, given_by=f"--chain certificate {i + 1}: have your organisation's own root sign it"
+        )
     if not chain:
         raise CaError(
             "the chain is empty: give the signing CA's certificate and those above it, up to the root"

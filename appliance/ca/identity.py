@@ -43,8 +43,25 @@ class IdentityError(BirthlineError):
         return self.message
 
 
+# Letters of other scripts that look like Latin ones (Cyrillic, Greek), lower case: "Dеmo" with a Cyrillic е
+# reads as the demo's name.
+_CONFUSABLES: Final = str.maketrans("аеорсухіјѕԁһӏкмтвнєαεοριυνκτμηχ", "aeopcyxijsdhlkmtbheaeopiuvktmnx")
+
+
+def fold_name(text: str) -> str:
+    """A name as it reads: compatibility forms and accents folded (NFKD), case folded, look-alike letters of
+    other scripts mapped to Latin ones, and everything but letters and digits dropped (blanks, '-', '_', '.')."""
+    import unicodedata
+
+    decomposed = unicodedata.normalize("NFKD", text.casefold())
+    letters = "".join(ch for ch in decomposed if not unicodedata.combining(ch)).translate(_CONFUSABLES)
+    return "".join(ch for ch in letters if ch.isalnum())
+
+
 def is_demo_name(text: str) -> bool:
-    return DEMO_ORGANISATION.casefold() in " ".join(text.split()).casefold()
+    """Whether a name carries the demo's organisation, however spelt: "Birthline-Demo", "birthline_demo",
+    "BirthlineDemo" and "Birthline Dеmo" (a Cyrillic е) all do."""
+    return fold_name(DEMO_ORGANISATION) in fold_name(text)
 
 
 def check_organisation(value: str, *, demo: bool = False) -> str:
@@ -59,8 +76,14 @@ def check_organisation(value: str, *, demo: bool = False) -> str:
     return org
 
 
-def check_subject(subject: x509.Name, *, demo: bool = False) -> None:
-    """Refuse a CA name that carries the demo's organisation outside the demo."""
+def check_subject(
+    subject: x509.Name,
+    *,
+    demo: bool = False,
+    given_by: str = "--subject, or the organisation of `birthline init`",
+) -> None:
+    """Refuse a CA name that carries the demo's organisation outside the demo; `given_by` names where the name
+    came from, for the refusal to say what to change."""
     if demo:
         return
     for attribute in subject:
@@ -68,7 +91,7 @@ def check_subject(subject: x509.Name, *, demo: bool = False) -> None:
         if is_demo_name(value):
             raise IdentityError(
                 f"CA name {subject.rfc4514_string()!r}: {DEMO_ORGANISATION!r} names are the demo's; give your"
-                " organisation's (--subject, or the organisation of `birthline init`)"
+                f" organisation's ({given_by})"
             )
 
 

@@ -173,9 +173,11 @@ def cmd_public_key(args: argparse.Namespace) -> int:
     pem = load_public_key(keys[args.label]).public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    if args.out:
+    if args.out:  # the file alone: the key is not printed as well
         argfiles.write("--out", args.out, pem)
-    sys.stdout.write(pem.decode())
+        print(f"audit key {args.label!r}: public key written to {args.out}", file=sys.stderr)
+    else:
+        sys.stdout.write(pem.decode())
     return 0
 
 
@@ -234,5 +236,5 @@ def register(sub: Any, with_config: WithConfig) -> None:
 
     sp = with_config(audit.add_parser("public-key", help="print the recorded audit public key (PEM) to pin"))
     sp.add_argument("--label", default=AUDIT_KEY_LABEL)
-    sp.add_argument("--out", help="also write it to this file")
+    sp.add_argument("--out", help="write it to this file instead of printing it")
     sp.set_defaults(func=cmd_public_key)

@@ -43,7 +43,7 @@ def cmd_hsm_init_token(args: argparse.Namespace) -> int:
     from appliance.config import load_config
     from appliance.errors import BirthlineError
     from appliance.files import write_private
-    from hsm.commission import init_token, write_softhsm_conf
+    from hsm.commission import give_to, init_token, refuse_existing_label, write_softhsm_conf
     from hsm.config import HsmConfig
     from hsm.pin import read_pin
 
@@ -54,8 +54,11 @@ def cmd_hsm_init_token(args: argparse.Namespace) -> int:
             "hsm init-token writes the user PIN to [hsm] pin_file; with pin_credential, initialise the token with"
             " the HSM's own tool and put the PIN in the credential (docs/configuration.md, [hsm])"
         )
+    owner = _owner(args.owner) if args.owner else None
     if hsm.softhsm_conf is not None:
         write_softhsm_conf(Path(hsm.softhsm_conf))
+    # Before any PIN file is written: a refusal leaves every file as it was.
+    refuse_existing_label(hsm)
 
     def pin(path: Path | None, what: str) -> tuple[str, Path | None]:
         """The PIN from its file, or a new one (generated or typed twice) and the file to write it to."""
@@ -85,6 +88,9 @@ def cmd_hsm_init_token(args: argparse.Namespace) -> int:
             write_private(path, value.encode() + b"\n")
     slot = init_token(hsm, so_pin, user_pin)
     del user_pin, so_pin
+    if owner is not None:
+        for path in give_to(hsm, owner[0], owner[1]):
+            print(f"{path}: owned by {args.owner}")
     print(f"token {hsm.token_label!r} initialised in slot {slot} of {hsm.module}")
     print(f"user PIN: {hsm.pin_file} (0600){'' if new_user_file else ', as it was'}")
     if so_file is not None:
@@ -93,6 +99,18 @@ def cmd_hsm_init_token(args: argparse.Namespace) -> int:
         )
     print("next: `birthline config check`, then `birthline init`")
     return 0
+
+
+def _owner(name: str) -> tuple[int, int]:
+    import pwd
+
+    from appliance.errors import BirthlineError
+
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        raise BirthlineError(f"--owner {name}: no such user (create the daemon's user first)") from None
+    return entry.pw_uid, entry.pw_gid
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -108,8 +126,13 @@ def cmd_init(args: argparse.Namespace) -> int:
 
     cfg = load_config(Path(args.config))
     given = args.organisation
+    # Every argument is checked before anything is created or recorded: a refused `init` records nothing.
     if given is not None:
-        identity.check_organisation(given)  # before anything is created
+        identity.check_organisation(given)
+    if args.management_subject is not None:
+        from appliance.ca.hierarchy import parse_subject
+
+        identity.check_subject(parse_subject(args.management_subject), given_by="--management-subject")
     with daemon_job(cfg, "init"), open_core(cfg) as core:
         print(f"state directory {cfg.appliance.state_dir}")
         print(f"journal {core.journal.path}: {core.journal.integrity_check()}")
@@ -117,9 +140,13 @@ def cmd_init(args: argparse.Namespace) -> int:
         recorded = identity.organisation(core.journal)
         if given is None and recorded is None:
             given = _ask_organisation()
-        org = identity.record(core.journal, given or recorded or "", audit=core.audit, actor="init")
+        org = identity.check_organisation(given) if given else (recorded or "")
+        if recorded is not None and org != recorded:
+            identity.record(core.journal, org, audit=core.audit, actor="init")  # refuses, writing nothing
+        # Recorded once the management CA and the TLS credential are made: a failed `init` records nothing.
+        stations_cli.init_stations(core, management_subject=args.management_subject, organisation=org)
+        org = identity.record(core.journal, org, audit=core.audit, actor="init")
         print(f"organisation {org!r}: the appliance's CAs are named after it")
-        stations_cli.init_stations(core, management_subject=args.management_subject)
         # The audit key exists from the start, so the auditor can pin its public key at commissioning.
         cp = core.audit.checkpoint(ensure_audit_key(core.token))
         print(
@@ -199,6 +226,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], with_conf
         "--generate",
         action="store_true",
         help="random PINs for those whose file does not exist yet (else they are asked for on the terminal)",
+    )
+    sp.add_argument(
+        "--owner",
+        metavar="USER",
+        help="the daemon's user: made owner of the user PIN file and (SoftHSM) of softhsm_conf and its token"
+        " directory, so that the daemon and `config check` run as that user (the SO PIN file stays as written)",
     )
     sp.set_defaults(func=cmd_hsm_init_token)
     tls = sub.add_parser("tls", help="the appliance's TLS server certificate").add_subparsers(

@@ -100,6 +100,15 @@ def cmd_station_client_enroll(args: argparse.Namespace) -> int:
         csr = _read_csr(Path(args.csr))
     if args.host:
         split_host_port(args.host)  # validate early
+    elif args.port is None:  # where the bundle points: a LAN bundle's host, a serial bundle's port
+        if creds.kind == "lan" and (creds.host is None or creds.tcp_port is None):
+            raise argfiles.ArgumentFileError(
+                "--credentials", args.credentials, "the bundle names no appliance host: give --host HOST:PORT"
+            )
+        if creds.kind == "serial" and creds.port is None:
+            raise argfiles.ArgumentFileError(
+                "--credentials", args.credentials, "the bundle names no serial port: give --port PATH"
+            )
 
     async def run() -> list[bytes]:
         async with await connect(
@@ -193,9 +202,14 @@ def register(sub: Any, with_config: WithConfig) -> None:
     sc = sub.add_parser("station-client", help="fixture side: talk to the appliance with a station bundle")
     scs = sc.add_subparsers(dest="sub", required=True)
     sp = scs.add_parser("enroll", help="enrol one device, confirm it, write its certificate chain")
-    where = sp.add_mutually_exclusive_group(required=True)
-    where.add_argument("--port", help="serial port: /dev/serial/by-path/... (not by-id: spoofable) or a URL")
-    where.add_argument("--host", help="appliance HOST:PORT (TLS)")
+    where = sp.add_mutually_exclusive_group()
+    where.add_argument(
+        "--port",
+        help="serial port: /dev/serial/by-path/... (not by-id: spoofable) or a URL (default: the bundle's)",
+    )
+    where.add_argument(
+        "--host", help="appliance HOST:PORT (TLS; default: the bundle's, the first of [appliance] names)"
+    )
     sp.add_argument("--credentials", required=True, help="the station bundle directory (station add --out)")
     sp.add_argument(
         "--serial", required=True, type=argtypes.name(names.DEVICE_SERIAL), help="device serial number"

@@ -36,12 +36,18 @@ def _config(args: argparse.Namespace) -> Config:
     return load_config(Path(args.config))
 
 
-def init_stations(core: Core, *, management_subject: str | None = None) -> None:
-    """`birthline init`: the management CA and the appliance's TLS server credential, if missing."""
+def init_stations(
+    core: Core, *, management_subject: str | None = None, organisation: str | None = None
+) -> None:
+    """`birthline init`: the management CA and the appliance's TLS server credential, if missing. The CA is
+    named `management_subject`, else after `organisation` (not recorded yet), else after the recorded one."""
     cfg = core.config.stations
     names = reg.server_names(core.config.appliance.names, cfg.lan_address)
+    subject = management_subject or (
+        identity.default_subject("management", organisation) if organisation else None
+    )
     ca = reg.ensure_management_ca(
-        core.journal, core.token, cfg.management_ca, audit=core.audit, actor="init", subject=management_subject
+        core.journal, core.token, cfg.management_ca, audit=core.audit, actor="init", subject=subject
     )  # fmt: skip
     files = reg.ensure_tls_server(
         core.journal, core.token, cfg.tls_dir, cfg.management_ca, names=names, audit=core.audit, actor="init"

@@ -43,7 +43,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if ra:
         print("RA mode:       " + ", ".join(f"{state} {n}" for state, n in sorted(ra.items())))
     age = status["oldest_open_age_s"]
-    print(f"open records:  {status['open']}; oldest {'-' if age is None else f'{age:.0f} s'}"
+    print(f"open records:  {status['open']}; oldest {'-' if age is None else age_text(age)}"
           + (" (kept for an upstream CA configured later)" if status["standalone"] and status["open"] else ""))  # fmt: skip
     if status["standalone"]:
         return 0
@@ -64,6 +64,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def age_text(seconds: float) -> str:
+    """An age as a person reads it: "42 s", "17 min", "5 h 3 min", "30 d 0 h"."""
+    s = int(seconds)
+    if s < 120:
+        return f"{s} s"
+    if s < 7200:
+        return f"{s // 60} min"
+    if s < 2 * 86400:
+        return f"{s // 3600} h {s % 3600 // 60} min"
+    return f"{s // 86400} d {s % 86400 // 3600} h"
+
+
 def cmd_sync(args: argparse.Namespace) -> int:
     """The daemon's forwarder, by hand or from a timer while the daemon is stopped: refused while it runs."""
     from appliance.cmp.forwarder import make_forwarder
@@ -71,18 +83,22 @@ def cmd_sync(args: argparse.Namespace) -> int:
     from appliance.runtime import open_core
 
     config = _config(args)
-    with daemon_job(config, "upstream sync"), open_core(config) as core:
-        forwarder = make_forwarder(core)
+    with daemon_job(config, "upstream sync"):
+        if not config.upstream.enabled:  # a supported mode: a timer left in place is not an error
+            print("standalone line ([upstream] url is not set): nothing to send")
+            return 0
+        with open_core(config) as core:
+            forwarder = make_forwarder(core)
 
-        async def run() -> bool:
-            forwarder.acquire()
-            try:
-                return await forwarder.drain(once=args.once, timeout_s=args.timeout)
-            finally:
-                await forwarder.close()
+            async def run() -> bool:
+                forwarder.acquire()
+                try:
+                    return await forwarder.drain(once=args.once, timeout_s=args.timeout)
+                finally:
+                    await forwarder.close()
 
-        ok = asyncio.run(run())
-        print(json.dumps(forwarder.stats, sort_keys=True))
+            ok = asyncio.run(run())
+            print(json.dumps(forwarder.stats, sort_keys=True))
     return 0 if ok else 1
 
 

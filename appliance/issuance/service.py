@@ -777,9 +777,14 @@ class IssueService:
                 # Key update: the device's current certificate (which authenticated the request) is replaced.
                 item.update = existing
             else:
+                revoked = conn.execute(
+                    "SELECT reason FROM revocation WHERE cert_serial=?", (existing.cert_serial,)
+                ).fetchone()
+                now_ = f", revoked ({revoked[0]})" if revoked is not None else ""
                 raise IssuanceRefused(
-                    f"device {req.device_serial!r} already has a certificate (serial {existing.cert_serial}) for"
-                    " a different key; a new key needs an authorised rework",
+                    f"device {req.device_serial!r} already has a certificate (serial {existing.cert_serial}{now_})"
+                    " for a different key; a new key needs an authorised rework (`birthline device rework"
+                    " SERIAL`)",
                     ReasonCode.DEVICE_ALREADY_ISSUED,
                     {"cert_serial": existing.cert_serial},
                 )

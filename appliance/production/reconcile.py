@@ -68,8 +68,12 @@ def report(journal: Journal, wo_id: str) -> WorkOrderReport:
         counts: dict[tuple[str, str], int] = {
             (str(k), str(s)): int(n)
             for k, s, n in conn.execute(
-                "SELECT u.kind, i.state, COUNT(*) FROM work_order_unit u JOIN issuance i ON i.id = u.issuance_id"
-                " WHERE u.work_order = ? AND u.released = 0 GROUP BY u.kind, i.state",
+                # A revoked certificate is neither confirmed nor pending confirmation: it is counted as revoked
+                # (as the CSV export shows it), whatever its station did.
+                "SELECT u.kind, CASE WHEN i.state IN ('issued', 'confirmed') AND EXISTS (SELECT 1 FROM revocation r"
+                " WHERE r.cert_serial = i.cert_serial) THEN 'revoked' ELSE i.state END AS shown, COUNT(*)"
+                " FROM work_order_unit u JOIN issuance i ON i.id = u.issuance_id"
+                " WHERE u.work_order = ? AND u.released = 0 GROUP BY u.kind, shown",
                 (wo_id,),
             )
         }

@@ -153,3 +153,30 @@ def test_listener_bounds_have_defaults_and_every_problem_is_reported() -> None:
     ok = parse_config({**MINIMAL, "va": {"max_connections": 10, "max_connections_per_peer": 10,
                                           "header_timeout_s": 2.5, "body_timeout_s": 3, "idle_timeout_s": 4}})  # fmt: skip
     assert ok.va.limits.caps.max_per_peer == 10 and ok.va.limits.header_timeout_s == 2.5
+
+
+@pytest.mark.parametrize(
+    ("stations", "va"),
+    [
+        ("127.0.0.1:17450", "127.0.0.1:17450"),
+        ("0.0.0.0:17450", "127.0.0.1:17450"),
+        ("[::]:17450", "10.0.0.5:17450"),
+    ],
+)
+def test_two_listeners_on_one_port_are_refused_naming_both(stations: str, va: str) -> None:
+    """Review finding 8: they passed `config check`, and `run` blamed another program for the port."""
+    data = {**MINIMAL, "stations": {"lan_listen": stations}, "va": {"listen": va}}
+    with pytest.raises(ConfigError) as exc:
+        parse_config(data)
+    assert [str(p) for p in exc.value.problems] == [
+        str(p) for p in exc.value.problems if p.where == "va.listen"
+    ]
+    assert "port 17450 is stations.lan_listen's too: give each listener its own port" in str(exc.value)
+    parse_config({**MINIMAL, "stations": {"lan_listen": stations}, "va": {"listen": "127.0.0.1:17451"}})
+    parse_config(
+        {**MINIMAL, "stations": {"lan_listen": "127.0.0.1:17450"}, "va": {"listen": "127.0.0.2:17450"}}
+    )
+
+
+def test_listeners_on_port_zero_each_get_their_own() -> None:
+    parse_config({**MINIMAL, "stations": {"lan_listen": "127.0.0.1:0"}, "va": {"listen": "127.0.0.1:0"}})

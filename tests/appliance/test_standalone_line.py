@@ -75,9 +75,14 @@ def test_upstream_status_on_a_standalone_line_has_no_limits_and_no_alarm(
     out = capsys.readouterr().out
     assert out.startswith("upstream:      none: a standalone line ([upstream] url is not set)")
     assert "(kept for an upstream CA configured later)" in out
+    # Review finding 11: the age in units a person reads (it was "oldest 172800 s").
+    assert "open records:  1; oldest 2 d 0 h (kept" in out
     assert "ALARM" not in out and "limits:" not in out and "issuance stops" not in out
     assert main(["upstream", "status", "--json", "--config", str(standalone)]) == 0
     assert '"alarm": false' in capsys.readouterr().out
+    # A timer left running on a standalone line: nothing to send is no error (it was exit 2, "url: is not set").
+    assert main(["upstream", "sync", "--once", "--config", str(standalone)]) == 0
+    assert capsys.readouterr().out == "standalone line ([upstream] url is not set): nothing to send\n"
 
     # The same queue with an upstream configured is over its age limit: that one is an alarm.
     upstream = _config(

@@ -37,7 +37,24 @@ def _pin_file(tmp_path: Path, content: str, mode: int = 0o600) -> HsmConfig:
 
 def test_pin_file_read_and_one_newline_stripped(tmp_path: Path) -> None:
     assert read_pin(_pin_file(tmp_path, SECRET + "\n")) == SECRET
-    assert read_pin(_pin_file(tmp_path, SECRET + "\n\n")) == SECRET + "\n"
+    assert read_pin(_pin_file(tmp_path, SECRET)) == SECRET
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (SECRET + "\n\n", "has more than one line"),
+        (SECRET + "\nmore\n", "has more than one line"),
+        (SECRET + "\r\n", "has a carriage return"),
+        (SECRET + " \n", "has blanks"),
+        (" " + SECRET, "has blanks"),
+        ("", "is empty"),
+    ],
+)
+def test_pin_file_not_one_line_of_text_refused(tmp_path: Path, content: str, problem: str) -> None:
+    with pytest.raises(PinSourceError, match=problem) as info:
+        read_pin(_pin_file(tmp_path, content))
+    assert SECRET not in str(info.value)
 
 
 @pytest.mark.parametrize("mode", [0o644, 0o640, 0o604])

@@ -15,7 +15,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from stations.client import enroll_device, load_credentials
+from stations.client import connect, enroll_device, load_credentials
+from stations.codes import Code
+from stations.errors import GaveUp, StationError
 from stations.messages import Enroll
 from stations.simulator import SimStation, simulate
 from stations.transports.base import ChannelClosed
@@ -169,3 +171,22 @@ def test_a_handshake_round_fits_within_the_appliances_handshake_limit() -> None:
     doc = (Path(__file__).parents[2] / "docs" / "station-protocol.md").read_text(encoding="utf-8")
     row = next(line for line in doc.splitlines() if line.startswith("| handshake step |"))
     assert f"after {client.HANDSHAKE_TRIES} tries wait {client.HANDSHAKE_PAUSE:g} s" in row
+
+
+@pytest.mark.parametrize(
+    ("host", "code", "cause"),
+    [
+        ("localhost", Code.AUTH_FAILED, "TLS: the appliance's certificate is refused (Hostname mismatch"),
+        ("no-such-host.invalid", Code.BAD_REQUEST, "no-such-host.invalid: DNS: no such host"),
+    ],
+)
+async def test_a_certificate_or_name_that_cannot_work_is_said_at_once(
+    tmp_path: Path, host: str, code: Code, cause: str
+) -> None:
+    """Review finding 5: a name the server certificate lacks (or a name that does not resolve) was retried
+    silently until give_up_after, then reported as TIMEOUT."""
+    async with lan_appliance(tmp_path) as (_, port, bundle):
+        with pytest.raises(StationError) as info:
+            await connect(load_credentials(bundle), host=f"{host}:{port}", give_up_after=60)
+    assert not isinstance(info.value, GaveUp)
+    assert info.value.code == code and cause in info.value.text, info.value

@@ -86,8 +86,11 @@ def test_auditor_workflow(
         "on-demand",
     )
     key_pem = tmp_path / "audit-key.pem"
+    capsys.readouterr()
     assert run(["audit", "public-key", *c, "--out", str(key_pem)]) == 0
     assert key_pem.read_bytes().startswith(b"-----BEGIN PUBLIC KEY-----")
+    written = capsys.readouterr()  # review finding 12: the file alone, not the key on stdout as well
+    assert written.out == "" and f"public key written to {key_pem}" in written.err
     capsys.readouterr()
     assert run(["audit", "verify", *c, "--public-key", str(key_pem)]) == 0
     out = capsys.readouterr().out

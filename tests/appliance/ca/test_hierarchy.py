@@ -11,7 +11,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from appliance import ca as ca_mod
-from appliance.ca import CaError
+from appliance.ca import CaError, identity
+from appliance.ca.identity import IdentityError
 from appliance.issuance.journal import Journal
 from hsm.algorithms import KeyAlgorithm
 from hsm.token import Token
@@ -191,3 +192,71 @@ def test_import_refuses_a_non_ca_certificate(
 def test_list_shows_the_hierarchy(journal: Journal) -> None:
     names = [(r.name, r.role, r.parent) for r in ca_mod.list_cas(journal)]
     assert ("root", "root", None) in names and ("issuing", "issuing", "root") in names
+
+
+@pytest.fixture
+def demo_root(tmp_path: Path) -> tuple[Path, Path]:
+    """A root carrying the demo's name, as `birthline demo` makes one."""
+    key, cert = tmp_path / "demo-root.key", tmp_path / "demo-root.pem"
+    _openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", key)
+    _openssl(
+        "req", "-x509", "-new", "-key", key, "-subj", "/O=Birthline Demo/CN=Birthline Demo Root", "-days", "30",
+        "-out", cert, "-addext", "basicConstraints=critical,CA:TRUE,pathlen:1",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+    )  # fmt: skip
+    return key, cert
+
+
+def test_import_refuses_a_clean_name_under_the_demos_root(
+    journal: Journal, hsm_token: Token, tmp_path: Path, demo_root: tuple[Path, Path]
+) -> None:
+    """Review finding 6: only the imported certificate's own name was checked, not the chain above it."""
+    name = _name()
+    _, pem = ca_mod.create_csr_for_external_root(journal, hsm_token, name, "/O=Acme/CN=Acme Birth CA 9")
+    csr_file = tmp_path / "issuing.csr"
+    csr_file.write_bytes(pem)
+    signed = _sign_as_ca(tmp_path, csr_file, *demo_root)
+    with pytest.raises(IdentityError) as info:
+        ca_mod.import_ca_certificate(journal, hsm_token, name, signed.read_bytes(), demo_root[1].read_bytes())
+    assert "--chain certificate 1: have your organisation's own root sign it" in str(info.value)
+    assert "--subject" not in str(info.value)
+    assert ca_mod.load_ca(journal, name).state == "awaiting-certificate"
+
+
+@pytest.mark.parametrize(
+    "spelling", ["Birthline-Demo", "Birthline_Demo", "BirthlineDemo", "birthline.demo", "Birthline D\u0435mo",
+                 "\uff22irthline Demo", "Birthline D\u00e9mo"],
+)  # fmt: skip
+def test_the_demos_name_is_refused_however_spelt(journal: Journal, hsm_token: Token, spelling: str) -> None:
+    """Review finding 6: separators, case, a Cyrillic е or a full-width letter passed."""
+    assert identity.is_demo_name(spelling)
+    with pytest.raises(IdentityError, match="is the demo's name"):
+        identity.check_organisation(spelling)
+    with pytest.raises(IdentityError, match=r"names are the demo's; give your organisation's \(--subject"):
+        ca_mod.create_root(journal, hsm_token, _name(), f"/O=Acme/CN={spelling} Root")
+    with pytest.raises(IdentityError, match=r"\(--subject\)$"):
+        ca_mod.create_csr_for_external_root(journal, hsm_token, _name(), f"/O={spelling}/CN=Acme Birth CA")
+    assert not identity.is_demo_name("Acme Devices") and not identity.is_demo_name("Birthline Dome")
+
+
+def test_requesting_an_existing_ca_name_says_what_to_do(journal: Journal, hsm_token: Token) -> None:
+    """Review finding 7: `ca request --name management` after `init` said only that the name exists."""
+    name = _name()
+    ca_mod.create_management(journal, hsm_token, name, f"CN={name}")
+    with pytest.raises(CaError) as info:
+        ca_mod.create_csr_for_external_root(
+            journal, hsm_token, name, "/O=Acme/CN=Acme Mgmt", role="management"
+        )
+    text = str(info.value)
+    assert (
+        f"a CA named {name!r} already exists (management, active): request this one under a new name" in text
+    )
+    assert "set [stations] management_ca to it and run `birthline init` again" in text
+
+
+def test_a_missing_ca_says_how_to_make_it(journal: Journal) -> None:
+    """Review finding 12: `birthline run` before `ca init-issuing` said only "no CA named 'issuing'"."""
+    with pytest.raises(CaError) as info:
+        ca_mod.load_ca(journal, "no-such-ca")
+    assert info.value.message.startswith("no CA named 'no-such-ca': make it (`birthline ca init-root`, then")
+    assert "`birthline ca init-issuing` for the issuing CA" in info.value.message

@@ -9,6 +9,8 @@ served at the URL it names."""
 from __future__ import annotations
 
 import json
+import os
+import pwd
 import re
 import shlex
 import signal
@@ -128,6 +130,9 @@ def test_the_readme_setup_commissions_a_line_that_enrols_over_each_station_kind(
     commands = _commands({
         "/dev/serial/by-path/pci-0000:00:14.0-usb-0:2:1.0-port0": str(serial_link),
         "/root/": f"{tmp_path / 'root'}/",
+        # The daemon's user is this test's own: the check runs as it, the token is given to it.
+        "sudo -u birthline birthline": "birthline",
+        "--owner birthline": f"--owner {pwd.getpwuid(os.geteuid()).pw_name}",
     })  # fmt: skip
     assert [c[1] for c in commands[:3]] == ["hsm", "config", "init"]
     assert not (tmp_path / "state").exists()  # a fresh state: nothing of the demo
@@ -176,8 +181,15 @@ def _enrol_over_each_kind(tmp: Path, fixture_port: Path, lan_port: int, doc: dic
         "ACME-000001": ["--port", str(fixture_port), "--credentials", str(tmp / "root" / "L1-st1")],
         # The bundle points at the first of [appliance] names, a name only a LAN resolver knows; here the loopback
         # address the TLS certificate also carries (tests/appliance/test_network_names.py connects by the name).
-        "ACME-000002": ["--host", f"127.0.0.1:{lan_port}", "--credentials", str(tmp / "root" / "L1-st2")],
+        # So the bundle's station.json is pointed there, and the client (given neither --port nor --host) goes
+        # where the bundle says, as the README has it.
+        "ACME-000002": ["--credentials", str(tmp / "root" / "L1-st2")],
     }
+    station_json = tmp / "root" / "L1-st2" / "station.json"
+    bundle = json.loads(station_json.read_text())
+    assert bundle["host"] == f"{doc['appliance']['names'][0]}:{lan_port}"
+    bundle["host"] = f"127.0.0.1:{lan_port}"
+    station_json.write_text(json.dumps(bundle))
     for serial, where in enrolments.items():
         proc = subprocess.run(
             [sys.executable, "-m", "appliance.cli.main", "station-client", "enroll", *where, "--serial", serial,

@@ -325,3 +325,23 @@ async def test_identical_requests_in_flight_together_take_one_unit(
         results = await asyncio.gather(*(svc.issue(req("SN-0001", csr=csr)) for _ in range(4)))
     assert len({r.certificate for r in results}) == 1 and sum(not r.reused for r in results) == 1
     assert floor.consumed() == 1 and live_rows(floor) == 1
+
+
+async def test_a_new_key_for_a_revoked_device_says_it_is_revoked(floor: Floor, service: IssueService) -> None:
+    """Review finding 12: the refusal said only "already has a certificate", not that it is revoked."""
+    from appliance.va.revocation import Reason, revoke
+
+    floor.work_order(quantity=2)
+    first = await service.issue(req("SN-0001"))
+    assert "revoked" not in (await refused(service, req("SN-0001"))).message
+    revoke(
+        floor.journal,
+        floor.audit,
+        floor.supervisor,
+        cert_serial=first.cert_serial,
+        reason=Reason.KEY_COMPROMISE,
+    )
+    exc = await refused(service, req("SN-0001"))
+    assert exc.code is ReasonCode.DEVICE_ALREADY_ISSUED
+    assert f"(serial {first.cert_serial}, revoked (keyCompromise)) for a different key" in exc.message
+    assert "needs an authorised rework (`birthline device rework SERIAL`)" in exc.message

@@ -78,7 +78,10 @@ async def test_a_revoked_certificate_is_never_reported_or_exported_as_good(
     store.scrap(floor.journal, floor.audit, floor.supervisor, "SN-0003", "cracked", ca="issuing")
 
     rep = reconcile.report(floor.journal, "WO-1")
-    assert rep.revoked == 3 and rep.confirmed == 3 and rep.scrapped == 1
+    # Review finding 9: the report said "confirmed 3" beside the CSV's one confirmed row (docs/production.md:
+    # confirmed counts current certificates); a revoked one is counted as revoked only.
+    assert rep.revoked == 3 and rep.confirmed == 1 and rep.pending_confirmation == 0 and rep.scrapped == 1
+    assert rep.issued == 4
     assert rep.revoked_by_reason == {"cessationOfOperation": 1, "keyCompromise": 1, "privilegeWithdrawn": 1}
     assert rep.last_revoked_at is not None and rep.last_revoked_at.endswith("Z")
 
@@ -90,6 +93,7 @@ async def test_a_revoked_certificate_is_never_reported_or_exported_as_good(
         "revoked",
         "scrapped",
     ]
+    assert rep.confirmed == sum(row["state"] == "confirmed" for row in table.values())
     assert table["SN-0001"]["revocation_reason"] == "keyCompromise" and table["SN-0001"]["revoked_at"]
     assert table["SN-0002"]["revocation_reason"] == "privilegeWithdrawn"
     assert table["SN-0000"]["revocation_reason"] == table["SN-0000"]["revoked_at"] == ""
