@@ -4,7 +4,8 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := softhsm2 opensc socat openssl iproute2 util-linux mount e2fsprogs python3-venv tmux scep certmonger
+APT_PACKAGES := softhsm2 opensc socat openssl iproute2 util-linux mount e2fsprogs python3-venv tmux scep certmonger \
+	curl dbus-daemon
 STATE ?= demo-state
 DEVICES ?= 100
 
@@ -35,6 +36,8 @@ bench: deps
 	$(PY) bench/ocsp.py
 	$(PY) bench/ocsp_flood.py --unprotected
 	$(PY) bench/cmp_flood.py
+	$(PY) bench/scep_flood.py
+	$(PY) bench/startup.py
 	$(PY) bench/ocsp_fuzz.py
 	$(PY) bench/listeners.py --fresh --listeners station,station-tls,va,va-headers,cmp
 	$(PY) bench/upstream.py --count 5000 --single-count 1000 --rtt-ms 0,20
