@@ -79,6 +79,10 @@ TLS_READ_BUFFER = 32 * 1024
 # socket is no longer read and TCP pushes back on the peer.
 TLS_INCOMING_HIGH_WATER = 32 * 1024
 
+# The at-cap alarm clears once the listener has drained AND has not been at its cap for this long: a flood that
+# fills the listener in waves (64 addresses reconnecting) raised and cleared it 15-17 times in 30 s, two log lines
+# and two alarm events each, where an operator needs one alarm for the whole flood.
+FULL_CLEAR_HOLD_S = 10.0
 # An address's only unproven connection (see ConnectionGate) is not displaced in its first DISPLACE_GRACE_S:
 # time to finish a TLS handshake or send request headers, on a daemon busy with a flood.
 DISPLACE_GRACE_S = 1.0
@@ -161,6 +165,7 @@ class ConnectionGate:
         grace_s: float = DISPLACE_GRACE_S,
         clock: Callable[[], float] = time.monotonic,
         tls: bool = False,
+        clear_hold_s: float = FULL_CLEAR_HOLD_S,
     ) -> None:
         self.name = name
         self.caps = caps
@@ -191,6 +196,9 @@ class ConnectionGate:
         self._known: dict[str, None] = {}  # addresses where a station authenticated, least recent first
         self._peak = 0  # most connections open at once since the last trim
         self._full = False
+        self.clear_hold_s = clear_hold_s
+        self._last_at_cap = 0.0
+        self._clear_timer: asyncio.TimerHandle | None = None
         self._log = LogTally(interval_s=60.0, clock=clock)
 
     @property
@@ -262,6 +270,7 @@ class ConnectionGate:
         return None
 
     def _at_cap(self) -> None:
+        self._last_at_cap = self.clock()
         if self._full:
             return
         self._full = True
@@ -288,14 +297,34 @@ class ConnectionGate:
         if self._peak >= TRIM_AFTER_PEAK and self.open <= self._peak // 4:
             self._peak = self.open
             trim_heap()
-        # Hysteresis: a listener hovering at its cap would otherwise raise and clear on every connection.
-        if self._full and self.open <= self.caps.max_connections * 3 // 4:
+        self._maybe_clear()
+
+    def _maybe_clear(self, *, timer: bool = False) -> None:
+        """Clear the at-cap alarm once the listener has drained (three quarters of its cap or fewer open: a
+        listener hovering at its cap would otherwise raise and clear on every connection) and has not been at its
+        cap for clear_hold_s; drained sooner, look again when the hold has passed."""
+        if timer:
+            self._clear_timer = None
+        if not self._full or self.open > self.caps.max_connections * 3 // 4:
+            return
+        wait = self._last_at_cap + self.clear_hold_s - self.clock()
+        if wait <= 0:
             self._full = False
             if self.alarms is not None:
                 self.alarms.clear(self.cause, f"{self.open} connections open")
+            return
+        if self._clear_timer is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no loop (the gate driven by hand): the next release looks again
+                return
+            self._clear_timer = loop.call_later(wait, lambda: self._maybe_clear(timer=True))
 
     def abort_all(self) -> None:
         """Shutdown: end every admitted connection at once (those in a TLS handshake have no handler to do it)."""
+        if self._clear_timer is not None:
+            self._clear_timer.cancel()
+            self._clear_timer = None
         for guard in list(self._admitted):
             guard.displace()
 

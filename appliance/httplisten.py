@@ -37,6 +37,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from appliance.alarms import Alarms, LogOnce
 from appliance.connections import (
     DISPLACE_GRACE_S,
+    FULL_CLEAR_HOLD_S,
     AcceptErrors,
     ConnectionGate,
     Guard,
@@ -212,6 +213,7 @@ class HttpListener:
         accept_errors: AcceptErrors | None = None,
         grace_s: float = DISPLACE_GRACE_S,
         tls: TlsServing | None = None,
+        clear_hold_s: float = FULL_CLEAR_HOLD_S,
     ) -> None:
         """`name` names the listener in alarms and the log; `section` is the configuration section holding its
         limits (None: they are fixed), which the at-cap alarm's advice names; `grace_s` see ConnectionGate."""
@@ -232,7 +234,7 @@ class HttpListener:
         self.tls = tls
         self.gate = ConnectionGate(
             name, self.limits.caps, http=self.limits, alarms=alarms, accept_errors=accept_errors, advice=advice,
-            grace_s=grace_s, tls=tls is not None,
+            grace_s=grace_s, tls=tls is not None, clear_hold_s=clear_hold_s,
         )  # fmt: skip
         self._runner: web.AppRunner | None = None
 

@@ -10,7 +10,9 @@ from typing import cast
 
 import pytest
 
+from appliance.alarms import Alarms
 from appliance.connections import (
+    FULL_CLEAR_HOLD_S,
     KNOWN_PEERS,
     VOUCHED_PER_STATION,
     ConnectionCaps,
@@ -40,9 +42,12 @@ class Conn:
         self.gate.release(cast(Guard, self), displaced=True)
 
 
-def gate_of(cap: int, per_peer: int = 100, grace_s: float = 1.0) -> tuple[ConnectionGate, Clock]:
+def gate_of(
+    cap: int, per_peer: int = 100, grace_s: float = 1.0, alarms: Alarms | None = None
+) -> tuple[ConnectionGate, Clock]:
     clock = Clock()
-    return ConnectionGate("t", ConnectionCaps(cap, per_peer), grace_s=grace_s, clock=clock), clock
+    gate = ConnectionGate("t", ConnectionCaps(cap, per_peer), grace_s=grace_s, clock=clock, alarms=alarms)
+    return gate, clock
 
 
 def connect(gate: ConnectionGate, peer: str) -> Conn | None:
@@ -158,3 +163,26 @@ def test_tables_and_the_log_stay_bounded_whatever_addresses_a_flood_rotates_thro
         mine = [line for line in lines if kind in line]
         assert 2 <= len(mine) <= 11, (kind, len(mine))  # 600 s: the first line, then one a minute at most
         assert "like this since the last report, most from 10." in mine[-1]
+
+
+def test_a_flood_in_waves_is_one_alarm_cleared_once_it_has_stayed_away() -> None:
+    """A flood that fills the listener in waves raised and cleared the at-cap alarm 15-17 times in 30 s (two log
+    lines and two alarm events each). The alarm now clears only once the listener has drained and has not been
+    at its cap for FULL_CLEAR_HOLD_S: one alarm for the whole flood."""
+    alarms = Alarms()
+    events: list[str] = []
+    alarms.subscribe(lambda kind, alarm: events.append(kind))
+    gate, clock = gate_of(4, per_peer=1, grace_s=100.0, alarms=alarms)
+    for wave in range(5):
+        conns = [connect(gate, f"10.0.{wave}.{i}") for i in range(4)]
+        assert connect(gate, f"10.1.{wave}.0") is None  # at the cap: every lone connection is in its grace
+        for conn in conns:
+            gate.release(g(conn))  # the wave goes: the listener has drained
+        assert alarms.get(gate.cause) is not None, wave  # ... but it was at its cap a moment ago
+        clock.now += FULL_CLEAR_HOLD_S / 4
+    assert events == ["raised"]
+    clock.now += FULL_CLEAR_HOLD_S
+    last = connect(gate, "10.2.0.0")
+    gate.release(g(last))  # the next release past the hold clears it (a timer does when none comes)
+    assert alarms.get(gate.cause) is None
+    assert events == ["raised", "cleared"]
