@@ -112,7 +112,8 @@ def _certificates(path: Path | None, where: str) -> tuple[x509.Certificate, ...]
         raise ConfigError([Problem(where, f"cannot load certificates from {path}: {exc}")]) from None
 
 
-def _crls(paths: tuple[Path, ...], where: str) -> tuple[x509.CertificateRevocationList, ...]:
+def load_crl_files(paths: tuple[Path, ...], where: str) -> tuple[x509.CertificateRevocationList, ...]:
+    """CRL files (PEM or DER) a label names, each problem a ConfigError at `where` (CMP and EST labels)."""
     crls: list[x509.CertificateRevocationList] = []
     for path in paths:
         try:
@@ -138,7 +139,7 @@ def labels_from_config(section: CmpSection) -> dict[str, CmpLabel]:
             allow_rr=cfg.allow_rr, allow_nested=cfg.allow_nested, implicit_confirm=cfg.implicit_confirm,
             accept_ra_verified=cfg.accept_ra_verified, issuing_ca=cfg.issuing_ca,
             idevid_roots=_certificates(cfg.idevid_roots, f"{where}.idevid_roots"),
-            signer_revocation=cfg.signer_revocation, crls=_crls(cfg.crl_files, f"{where}.crl_files"),
+            signer_revocation=cfg.signer_revocation, crls=load_crl_files(cfg.crl_files, f"{where}.crl_files"),
             crl_fetch=cfg.crl_fetch,
         )  # fmt: skip
     return labels

@@ -11,8 +11,8 @@ from typing import Literal
 
 from cryptography import x509
 
-from appliance.cmp.labels import CmpLabel
-from appliance.config import EstLabelSection, EstSection
+from appliance.cmp.labels import CmpLabel, load_crl_files
+from appliance.config import EstSection
 from appliance.errors import ConfigError, Problem
 
 ChannelBinding = Literal["optional", "required"]
@@ -103,19 +103,6 @@ def _certificates(path: Path | None, where: str) -> tuple[x509.Certificate, ...]
         raise ConfigError([Problem(where, f"cannot load certificates from {path}: {exc}")]) from None
 
 
-def _crls(cfg: EstLabelSection, where: str) -> tuple[x509.CertificateRevocationList, ...]:
-    crls: list[x509.CertificateRevocationList] = []
-    for path in cfg.crl_files:
-        try:
-            data = path.read_bytes()
-            crls.append(
-                x509.load_pem_x509_crl(data) if b"-----BEGIN" in data else x509.load_der_x509_crl(data)
-            )
-        except (OSError, ValueError) as exc:
-            raise ConfigError([Problem(where, f"cannot load a CRL from {path}: {exc}")]) from None
-    return tuple(crls)
-
-
 def labels_from_config(section: EstSection) -> dict[str, EstLabel]:
     """The configured labels with their passwords (hashed), birth-certificate roots and CRLs read from files."""
     labels: dict[str, EstLabel] = {}
@@ -126,7 +113,7 @@ def labels_from_config(section: EstSection) -> dict[str, EstLabel]:
             name, cfg.station, cfg.profile, cfg.issuing_ca, station_certificate=cfg.station_certificate,
             username=cfg.username, password_sha256=None if password is None else hashlib.sha256(password).digest(),
             idevid_roots=_certificates(cfg.idevid_roots, f"{where}.idevid_roots"),
-            signer_revocation=cfg.signer_revocation, crls=_crls(cfg, f"{where}.crl_files"), crl_fetch=cfg.crl_fetch,
+            signer_revocation=cfg.signer_revocation, crls=load_crl_files(cfg.crl_files, f"{where}.crl_files"), crl_fetch=cfg.crl_fetch,
             channel_binding="required" if cfg.channel_binding == "required" else "optional",
             serverkeygen=cfg.serverkeygen,
         )  # fmt: skip
