@@ -66,3 +66,14 @@ $(VENV)/.installed: pyproject.toml
 
 clean:
 	rm -rf $(VENV) $(STATE) .mypy_cache .ruff_cache .pytest_cache
+
+# The fault campaign (docs/reliability.md "Faults"): PKCS#11 faults, disk full, read-only journal, clock steps,
+# upstream faults through a proxy. Part of `make test` too; this runs only these.
+FAULT_TESTS := tests/appliance/issuance/test_hsm_faults.py tests/appliance/test_wrong_pin_restarts.py \
+	tests/hsm/test_refused_pin.py tests/hsm/test_hsm_recovery.py tests/hsm/test_hsm_removal.py \
+	tests/appliance/test_silent_faults.py tests/appliance/test_disk_full_kill.py \
+	tests/appliance/issuance/test_fault_alarms.py tests/appliance/issuance/test_clock_faults.py \
+	tests/appliance/cmp/test_upstream_faults.py tests/appliance/cmp/test_forwarder_alarms.py
+.PHONY: faults
+faults: deps
+	$(PY) -m pytest -q $(FAULT_TESTS)

@@ -12,8 +12,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from hsm.softhsm import SoftHsmToken
 from tests.ports import free_ports
+
+pytestmark = pytest.mark.slow
 
 CONFIG = """\
 [appliance]
