@@ -73,7 +73,8 @@ FAULT_TESTS := tests/appliance/issuance/test_hsm_faults.py tests/appliance/test_
 	tests/hsm/test_refused_pin.py tests/hsm/test_hsm_recovery.py tests/hsm/test_hsm_removal.py \
 	tests/appliance/test_silent_faults.py tests/appliance/test_disk_full_kill.py \
 	tests/appliance/issuance/test_fault_alarms.py tests/appliance/issuance/test_clock_faults.py \
-	tests/appliance/cmp/test_upstream_faults.py tests/appliance/cmp/test_forwarder_alarms.py
+	tests/appliance/cmp/test_upstream_faults.py tests/appliance/cmp/test_forwarder_alarms.py \
+	tests/appliance/test_daemon_hsm_faults.py
 .PHONY: faults
 faults: deps
 	$(PY) -m pytest -q $(FAULT_TESTS)
