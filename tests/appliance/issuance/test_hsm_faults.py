@@ -13,6 +13,7 @@ import asyncio
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pkcs11
 import pytest
 
 from appliance.alarms import Alarms
@@ -169,3 +170,23 @@ async def test_a_refused_pin_is_never_presented_again_by_the_session_recovery(
         assert faults.logins == 2  # the corrected PIN, once
         await svc.issue(IssueRequest("SN-PIN-OK", make_csr()[1]))
     assert _states(journal)["SN-PIN-OK"] == "issued"
+
+
+async def test_a_device_error_at_login_is_retried_by_the_probe_unlike_a_refused_pin(
+    journal: Journal, issuing: CaRecord, hsm_token: Token, faults: Faults
+) -> None:
+    """C_Login failing with CKR_DEVICE_ERROR says nothing about the PIN: the probe logs in again until the device
+    answers, then issuance resumes."""
+    alarms = Alarms()
+    async with _service(journal, issuing, hsm_token, alarms) as svc:
+        faults.login_error = pkcs11.DeviceError
+        faults.session_lost = 1
+        assert await _refused(svc, "SN-LOGIN") == [ReasonCode.HSM_UNAVAILABLE] * REFUSED
+        alarm = alarms.get("issuance.hsm-unavailable")
+        assert alarm is not None and "HSM device failure" in alarm.message
+        logins = faults.logins
+        await _until(lambda: faults.logins >= logins + 3, "the probe logs in again")
+        faults.login_error = None
+        await _until(lambda: alarms.get("issuance.hsm-unavailable") is None, "the probe clears the alarm")
+        await svc.issue(IssueRequest("SN-LOGIN-OK", make_csr()[1]))
+    assert _states(journal)["SN-LOGIN-OK"] == "issued"
