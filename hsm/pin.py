@@ -117,7 +117,7 @@ def refused_before(cfg: HsmConfig, pin: str) -> str | None:
     except (OSError, ValueError, KeyError, TypeError):
         # An unreadable record must not open the way to a lockout: treat the PIN as refused before, and say so.
         return f"at an unknown time (the record {cfg.refused_pin_record} cannot be read)"
-    return str(record.get("at", "at an unknown time")) if same else None
+    return f"at {record.get('at', 'an unknown time')}" if same else None
 
 
 def remember_refused(cfg: HsmConfig, pin: str) -> str | None:

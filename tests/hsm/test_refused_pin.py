@@ -33,7 +33,7 @@ def test_a_refused_pin_is_recorded_without_the_pin_and_only_that_pin_is_held_bac
     assert refused_before(cfg, PIN) == "earlier in this process"
     # Another process: no memory of it but the record, which it reads.
     monkeypatch.setattr(hsm.pin, "_refused_in_process", set())
-    assert refused_before(cfg, PIN) == json.loads(text)["at"]
+    assert refused_before(cfg, PIN) == f"at {json.loads(text)['at']}"
     assert refused_before(cfg, PIN + "0") is None  # a corrected PIN is tried
     forget_refused(cfg)
     assert not record.exists()
