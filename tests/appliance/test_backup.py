@@ -252,6 +252,9 @@ def test_restore_refuses_a_live_or_non_empty_state_unless_forced(
     assert len(aside) == 1 and (aside[0] / "journal.sqlite").read_bytes() == b"precious"
     assert (target / "journal.sqlite").read_bytes()[:16] == b"SQLite format 3\x00"
     assert target.stat().st_mode & 0o777 == 0o700
+    # Taken with the daemon stopped: every audit entry is signed, the restored log verifies INTACT at once.
+    verified = birthline("audit", "verify", "--config", config)
+    assert verified.returncode == 0 and "INTACT" in verified.stdout, verified.stdout + verified.stderr
     # A configuration file outside the state that exists is not replaced without --force.
     elsewhere = tmp_path / "etc.toml"
     elsewhere.write_text("# mine\n")
@@ -322,3 +325,54 @@ def test_restore_check_reads_the_manifest(archive: Path) -> None:
     assert kinds["state/journal.sqlite"] == "sqlite" and kinds["config/birthline.toml"] == "file"
     assert any(p.startswith("state/softhsm/tokens/") for p in kinds)
     assert {e["why"] for e in manifest["excluded"]} >= {"the HSM user PIN is never backed up"}
+
+
+def test_a_configuration_and_token_outside_the_state_are_restored_inside_the_new_one(
+    demo_state: Path, tmp_path: Path
+) -> None:
+    """The appliance's layout: the configuration and the SoftHSM token under /etc, the state elsewhere."""
+    etc, state = tmp_path / "etc", tmp_path / "var"
+    shutil.copytree(demo_state, state, ignore=shutil.ignore_patterns("daemon.lock", "pty", "*.sock"))
+    etc.mkdir()
+    shutil.move(state / "softhsm", etc / "softhsm")
+    conf = etc / "softhsm" / "softhsm2.conf"
+    conf.write_text(conf.read_text().replace(str(demo_state / "softhsm"), str(etc / "softhsm")))
+    text = (
+        (demo_state / "birthline.toml").read_text().replace(str(demo_state / "softhsm"), str(etc / "softhsm"))
+    )
+    text = text.replace(str(demo_state), str(state)).replace(
+        'tls_dir = "tls"', f'tls_dir = "{state / "tls"}"'
+    )
+    (etc / "birthline.toml").write_text(text)
+    assert birthline("config", "check", "--config", etc / "birthline.toml").returncode == 0
+
+    taken = birthline("backup", "--config", etc / "birthline.toml", "--out", tmp_path / "a.tgz")
+    assert taken.returncode == 0, taken.stderr
+    new_etc, new_state = tmp_path / "etc2", tmp_path / "var2"
+    got = birthline(
+        "restore", tmp_path / "a.tgz", "--config", new_etc / "birthline.toml", "--state-dir", new_state
+    )
+    assert got.returncode == 0, got.stderr
+    restored = (new_etc / "birthline.toml").read_text()
+    assert f'softhsm_conf = "{new_state}/softhsm/softhsm2.conf"' in restored
+    assert f'state_dir = "{new_state}"' in restored and f'"{state}/' not in restored
+    # The PIN file stays where the configuration put it, outside the state: it was never in the backup.
+    assert f'pin_file = "{etc}/softhsm/user.pin"' in restored
+    softhsm = (new_state / "softhsm" / "softhsm2.conf").read_text()
+    assert f"directories.tokendir = {new_state}/softhsm/tokens" in softhsm
+    shutil.rmtree(etc)  # the old token and configuration are gone: only the restored ones can answer
+    (etc / "softhsm").mkdir(parents=True)
+    shutil.copy(demo_state / "softhsm" / "user.pin", etc / "softhsm" / "user.pin")
+    checked = birthline("config", "check", "--config", new_etc / "birthline.toml")
+    assert checked.returncode == 0 and "the PIN logs in" in checked.stdout, checked.stdout + checked.stderr
+    verified = birthline("audit", "verify", "--config", new_etc / "birthline.toml")
+    assert verified.returncode == 0 and "INTACT" in verified.stdout, verified.stdout + verified.stderr
+
+
+def test_relocation_rewrites_whole_path_components_only() -> None:
+    from appliance.backup import _relocate
+
+    text = 'a = "/var/lib/birthline"\nb = "/var/lib/birthline/tls"\nc = "/var/lib/birthline2/x"\nd = /var/lib/birthline\n'
+    assert _relocate(text, [("/var/lib/birthline", "/srv/bl")]) == (
+        'a = "/srv/bl"\nb = "/srv/bl/tls"\nc = "/var/lib/birthline2/x"\nd = /srv/bl\n'
+    )
