@@ -441,8 +441,15 @@ def _empty_or_absent(path: Path) -> bool:
 
 
 def restore(
-    archive: Path, config_out: Path, state_dir: Path | None = None, *, force: bool = False
+    archive: Path,
+    config_out: Path,
+    state_dir: Path | None = None,
+    *,
+    force: bool = False,
+    owner: tuple[int, int] | None = None,
 ) -> RestoreResult:
+    """`owner` (uid, gid): the daemon's user gets every restored file and directory and the configuration, as
+    `hsm init-token --owner` gives it the token; otherwise they belong to the user restoring."""
     archive = Path(archive).absolute()
     if not archive.is_file():
         raise BackupError(f"{archive}: no such archive")
@@ -523,6 +530,9 @@ def restore(
                     moved_aside.append(aside)
                 else:
                     new_state.rmdir()
+            if owner is not None:
+                for path in (build, *build.rglob("*")):
+                    os.chown(path, *owner, follow_symlinks=False)
             build.rename(new_state)
             build.mkdir(mode=0o700)  # for the staging context's clean-up
         if not _inside(config_out, new_state):
@@ -532,6 +542,8 @@ def restore(
                 moved_aside.append(aside)
             config_out.parent.mkdir(parents=True, exist_ok=True)
             _write_new(config_out, _relocate(config_text, moves), config_mode)
+            if owner is not None:
+                os.chown(config_out, *owner)
     restored = load_config(config_out)
     if restored.appliance.state_dir.resolve() != new_state.resolve() or not restored.journal.path.is_file():
         raise BackupError(

@@ -39,10 +39,25 @@ def cmd_restore(args: argparse.Namespace) -> int:
                   f" {manifest['journal_schema']}")  # fmt: skip
         return 0
     state = Path(args.state_dir) if args.state_dir else None
-    result = restore(Path(args.archive), Path(args.config), state, force=args.force)
+    owner = None
+    if args.owner:
+        import pwd
+
+        from appliance.backup import BackupError
+
+        try:
+            entry = pwd.getpwnam(args.owner)
+        except KeyError:
+            raise BackupError(
+                f"--owner {args.owner}: no such user (create the daemon's user first)"
+            ) from None
+        owner = (entry.pw_uid, entry.pw_gid)
+    result = restore(Path(args.archive), Path(args.config), state, force=args.force, owner=owner)
     print(f"restored {result.members} files into {result.state_dir}; configuration {result.config}")
     for aside in result.moved_aside:
         print(f"  moved aside: {aside}")
+    if args.owner:
+        print(f"  owned by {args.owner}")
     if result.pin_file is not None:
         print(
             f"the HSM PIN is not in a backup: put it in {result.pin_file} (one line, 0600, the daemon's user)"
@@ -76,6 +91,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], with_conf
     sp.add_argument("archive", help="an archive `birthline backup` wrote")
     sp.add_argument("--state-dir", help="where to restore the state (default: where the backup was taken)")
     sp.add_argument("--force", action="store_true", help="move a non-empty state directory or config aside")
+    sp.add_argument("--owner", metavar="USER", help="give the restored files to this user (the daemon's)")
     sp.add_argument(
         "--check", action="store_true", help="only check the archive: manifest, digests, databases"
     )

@@ -7,6 +7,8 @@ import asyncio
 import gzip
 import io
 import json
+import os
+import pwd
 import re
 import shutil
 import signal
@@ -376,3 +378,16 @@ def test_relocation_rewrites_whole_path_components_only() -> None:
     assert _relocate(text, [("/var/lib/birthline", "/srv/bl")]) == (
         'a = "/srv/bl"\nb = "/srv/bl/tls"\nc = "/var/lib/birthline2/x"\nd = /srv/bl\n'
     )
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving files to another user takes root")
+def test_restore_gives_the_files_to_the_daemons_user(archive: Path, tmp_path: Path) -> None:
+    nobody = pwd.getpwnam("nobody")
+    target, config = tmp_path / "state", tmp_path / "etc" / "birthline.toml"
+    got = birthline("restore", archive, "--config", config, "--state-dir", target, "--owner", "nobody")
+    assert got.returncode == 0, got.stderr
+    owners = {(p.lstat().st_uid, p.lstat().st_gid) for p in (target, config, *target.rglob("*"))}
+    assert owners == {(nobody.pw_uid, nobody.pw_gid)}
+    refused = birthline("restore", archive, "--config", tmp_path / "c.toml", "--state-dir", tmp_path / "s2",
+                        "--owner", "no-such-user-here")  # fmt: skip
+    assert refused.returncode == 2 and "no such user" in refused.stderr and not (tmp_path / "s2").exists()
