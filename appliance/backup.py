@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Final
 
-from appliance.config import Config, load_config
+from appliance.config import load_config
 from appliance.daemon_lock import LOCK_FILE, running
 from appliance.errors import BirthlineError, ReasonCode
 
@@ -159,7 +159,7 @@ def _staging(beside: Path) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _check_output(out: Path, config: Config, keep_out: list[Path]) -> None:
+def _check_output(out: Path, keep_out: list[Path]) -> None:
     if out.exists() or out.is_symlink():
         raise BackupError(f"{out} exists: give a new file name (a backup never replaces a file)")
     if not out.parent.is_dir():
@@ -195,7 +195,7 @@ def backup(config_path: Path, out: Path) -> BackupResult:
             f"[hsm] softhsm_conf {softhsm_conf} names no directories.tokendir: no token to back up"
         )
     tokendir = tokendir.resolve() if tokendir is not None else None
-    _check_output(out, config, [state_dir] + ([tokendir] if tokendir else []))
+    _check_output(out, [state_dir] + ([tokendir] if tokendir else []))
 
     never: dict[Path, str] = {}
     if config.hsm.pin_file:
@@ -204,31 +204,34 @@ def backup(config_path: Path, out: Path) -> BackupResult:
     never[config.control_socket.resolve()] = "the control socket"
     excluded: list[tuple[str, str]] = []
 
-    # (archive path, source, kind) in the order they are read: SQLite databases first, the journal before all.
-    plan: list[tuple[str, Path, str]] = [(f"config/{config_path.name}", config_path, "file")]
+    # (archive path, source, kind), in the order they are read: the journal, the other databases, the
+    # configuration and the state's other files, then the token.
+    databases: list[tuple[str, Path, str]] = []
+    files: list[tuple[str, Path, str]] = [(f"config/{config_path.name}", config_path, "file")]
     if not _inside(journal, state_dir):
-        plan.append((f"journal/{journal.name}", journal, "sqlite"))
-    files: list[tuple[str, Path, str]] = []
+        databases.append((f"journal/{journal.name}", journal, "sqlite"))
     for path in sorted(state_dir.rglob("*")):
         rel = path.relative_to(state_dir).as_posix()
         if tokendir is not None and _inside(path, tokendir):
             continue  # with the token, below, after the journal
-        if path.resolve() in never or path in never:
-            excluded.append((str(path), never.get(path.resolve(), never.get(path, ""))))
+        why = never.get(path.resolve()) or never.get(path)
+        if why is None and path.name.endswith(".pin"):
+            why = "a PIN file is never backed up"
+        if why is None and (path.is_symlink() or not (path.is_file() or path.is_dir())):
+            why = "not a regular file"
+        if why is not None:
+            excluded.append((str(path), why))
             continue
-        if path.name.endswith(".pin"):
-            excluded.append((str(path), "a PIN file is never backed up"))
-            continue
-        if path.is_symlink() or not path.is_file():
-            if not path.is_dir() or path.is_symlink():
-                excluded.append((str(path), "not a regular file"))
-            continue
-        if path.name.endswith(_SIDECARS) and Path(str(path).rsplit("-", 1)[0]).is_file():
-            continue  # SQLite's -wal/-shm: their content is in the snapshot
-        kind = "sqlite" if _is_sqlite(path) else "file"
-        (plan if kind == "sqlite" else files).append((f"state/{rel}", path, kind))
-    plan.sort(key=lambda p: (p[2] != "sqlite" or p[1].resolve() != journal, p[0]))
-    plan += files
+        if path.is_dir() or (path.name.endswith(_SIDECARS) and Path(str(path).rsplit("-", 1)[0]).is_file()):
+            continue  # directories come with their files; SQLite's -wal/-shm: their content is in the snapshot
+        if _is_sqlite(path):
+            databases.append((f"state/{rel}", path, "sqlite"))
+        else:
+            files.append((f"state/{rel}", path, "file"))
+    databases.sort(key=lambda p: (p[1].resolve() != journal, p[0]))
+    plan = databases + files
+    if not databases or databases[0][1].resolve() != journal:
+        raise BackupError(f"journal {journal} is not an SQLite database: is {config_path} the appliance's?")
     if softhsm_conf is not None and tokendir is not None:
         if not _inside(softhsm_conf, state_dir):
             plan.append((f"softhsm/{softhsm_conf.name}", softhsm_conf, "file"))
@@ -262,9 +265,7 @@ def backup(config_path: Path, out: Path) -> BackupResult:
         manifest = {
             "format": FORMAT,
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "journal_schema": _schema_of(
-                stage / f"{[m.path for m in members].index(_journal_member(state_dir, journal)):06d}"
-            ),
+            "journal_schema": _schema_of(stage / f"{0:06d}"),  # the journal is read first
             "source": {
                 "config": str(config_path),
                 "state_dir": str(state_dir),
@@ -299,12 +300,6 @@ def backup(config_path: Path, out: Path) -> BackupResult:
             tmp.unlink(missing_ok=True)
             raise
     return BackupResult(out, tuple(members), tuple(excluded))
-
-
-def _journal_member(state_dir: Path, journal: Path) -> str:
-    if _inside(journal, state_dir):
-        return f"state/{journal.relative_to(state_dir).as_posix()}"
-    return f"journal/{journal.name}"
 
 
 def _schema_of(db: Path) -> int | None:
