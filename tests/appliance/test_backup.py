@@ -391,3 +391,34 @@ def test_restore_gives_the_files_to_the_daemons_user(archive: Path, tmp_path: Pa
     refused = birthline("restore", archive, "--config", tmp_path / "c.toml", "--state-dir", tmp_path / "s2",
                         "--owner", "no-such-user-here")  # fmt: skip
     assert refused.returncode == 2 and "no such user" in refused.stderr and not (tmp_path / "s2").exists()
+
+
+def test_every_database_in_the_state_is_snapshotted_with_what_its_wal_holds(
+    demo_state: Path, tmp_path: Path
+) -> None:
+    """A copy of the file alone would miss what a writer has committed to the WAL but not checkpointed: the
+    online backup API reads through it."""
+    state = tmp_path / "state"
+    shutil.copytree(demo_state, state, ignore=shutil.ignore_patterns("daemon.lock", "pty", "*.sock"))
+    config = tmp_path / "birthline.toml"
+    config.write_text((demo_state / "birthline.toml").read_text().replace(str(demo_state), str(state)))
+    writer = sqlite3.connect(state / "extra.sqlite")
+    try:
+        writer.execute("PRAGMA journal_mode=WAL")
+        writer.execute("PRAGMA wal_autocheckpoint=0")
+        writer.execute("CREATE TABLE t (x TEXT)")
+        writer.execute("INSERT INTO t VALUES ('committed, in the WAL only')")
+        writer.commit()
+        assert (state / "extra.sqlite-wal").stat().st_size > 0
+        taken = birthline("backup", "--config", config, "--out", tmp_path / "a.tgz")
+    finally:
+        writer.close()
+    assert taken.returncode == 0, taken.stderr
+    assert "state/extra.sqlite: online snapshot" in taken.stdout
+    got = birthline(
+        "restore", tmp_path / "a.tgz", "--config", tmp_path / "r.toml", "--state-dir", tmp_path / "r"
+    )
+    assert got.returncode == 0, got.stderr
+    assert not (tmp_path / "r" / "extra.sqlite-wal").exists()
+    with closing(sqlite3.connect(tmp_path / "r" / "extra.sqlite")) as db:
+        assert db.execute("SELECT x FROM t").fetchall() == [("committed, in the WAL only",)]
