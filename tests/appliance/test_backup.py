@@ -425,3 +425,21 @@ def test_every_database_in_the_state_is_snapshotted_with_what_its_wal_holds(
     assert not (tmp_path / "r" / "extra.sqlite-wal").exists()
     with closing(sqlite3.connect(tmp_path / "r" / "extra.sqlite")) as db:
         assert db.execute("SELECT x FROM t").fetchall() == [("committed, in the WAL only",)]
+
+
+def test_an_archive_on_another_file_system_restores(archive: Path, tmp_path: Path) -> None:
+    """The image keeps the state on its own partition: the archive comes from elsewhere (here a tmpfs), and the
+    restore still renames its files into place on the state's file system."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("no second file system (/dev/shm) beside the test's temporary directory")
+    elsewhere = shm / f"birthline-test-{os.getpid()}-{tmp_path.name}.tgz"
+    shutil.copy(archive, elsewhere)
+    try:
+        got = birthline("restore", elsewhere, "--config", tmp_path / "s" / "birthline.toml", "--state-dir",
+                        tmp_path / "s")  # fmt: skip
+        assert got.returncode == 0, got.stderr
+        assert (tmp_path / "s" / "journal.sqlite").is_file()
+        assert not [p for p in shm.iterdir() if "staging" in p.name]
+    finally:
+        elsewhere.unlink()
