@@ -39,10 +39,15 @@ def birthline(*args: str | Path) -> subprocess.CompletedProcess[str]:
 
 
 def _wait_for(
-    what: str, ok: object, proc: subprocess.Popen[str] | None = None, timeout_s: float = 120
+    what: str,
+    ok: object,
+    proc: subprocess.Popen[str] | None = None,
+    timeout_s: float = 120,
+    failed: list[str] | None = None,
 ) -> None:
     deadline = time.monotonic() + timeout_s
     while not ok():  # type: ignore[operator]
+        assert not [f for f in failed or () if f.startswith("station failed")], failed
         if proc is not None and proc.poll() is not None:
             raise AssertionError(f"{what}: the process exited: {proc.communicate()}")
         assert time.monotonic() < deadline, f"{what}: not within {timeout_s} s"
@@ -79,6 +84,9 @@ async def _enrol(
             chain = await client.enroll(serial, make_csr(generate_device_key(), serial))
             assert chain
             done.append(serial)
+    except BaseException as exc:  # the waits below show why the station stopped, not only that it did
+        done.append(f"station failed: {exc!r}")
+        raise
     finally:
         await client.close()
 
@@ -109,7 +117,7 @@ def test_a_backup_taken_while_the_daemon_issues_restores_elsewhere_verifies_and_
             target=lambda: asyncio.run(_enrol(live / "stations" / "demo-lan", port, serials, stop, enrolled))
         )
         station.start()
-        _wait_for("three enrolments", lambda: len(enrolled) >= 3, demo)
+        _wait_for("three enrolments", lambda: len(enrolled) >= 3, demo, failed=enrolled)
         before = len(enrolled)
         assert running(live) is not None  # the daemon holds its lock: the backup is of a live state
         taken = birthline("backup", "--config", live / "birthline.toml", "--out", tmp_path / "live.tgz")
@@ -117,7 +125,8 @@ def test_a_backup_taken_while_the_daemon_issues_restores_elsewhere_verifies_and_
         assert taken.returncode == 0, taken.stderr
         assert "state/journal.sqlite: online snapshot" in taken.stdout
         # The station went on enrolling across the backup: nothing waited for it.
-        _wait_for("two more enrolments", lambda: len(enrolled) >= after + 2, demo)
+        # (or on to its last serial: on a quiet machine it can enrol all 79 while the backup runs)
+        _wait_for("two more enrolments", lambda: len(enrolled) >= min(after + 2, 79), demo, failed=enrolled)
         stop.set()
         station.join(60)
         assert not station.is_alive()
