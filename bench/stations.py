@@ -277,7 +277,7 @@ async def bench_serial(counts: Sequence[int], devices: int, baud: int) -> None:
         config = _config(base)
         sims = _setup(config, base, max(counts), 0)
         print(f"making {sum(counts) * devices} device keys and CSRs (not timed) ...", flush=True)
-        batches = {n: [make_devices(devices, f"S{n}x{i:02d}") for i in range(n)] for n in counts}
+        batches = {n: [make_devices(devices, f"S{n}N{i:02d}") for i in range(n)] for n in counts}
         pairs = [PtyPair(s.port or "", base / "pty" / f"{s.name}.fixture").start() for s in sims]
         try:
             async with daemon_process(base, config, None) as pid:
