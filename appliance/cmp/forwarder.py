@@ -38,7 +38,7 @@ import aiohttp
 from cryptography import x509
 
 from appliance.alarms import Alarms, LogOnce
-from appliance.cmp.build import Protector, build_message, required_pvno
+from appliance.cmp.build import Protector, build_message, build_messages, required_pvno
 from appliance.cmp.errors import CmpError, FailInfo
 from appliance.cmp.header import check_header, check_response, follow_up_header, request_header
 from appliance.cmp.model import (
@@ -509,16 +509,20 @@ class Forwarder(PollingTask):
         confirmation is retried from the start (the upstream answers the same request with the same certificate)."""
 
         def build() -> list[tuple[Row, PKIMessage]]:
-            out = []
-            for row, _, outcome in items:
+            specs = []
+            for _, _, outcome in items:
                 assert outcome.response is not None and outcome.cert is not None
                 status = CertStatus.for_certificate(
                     outcome.cert, outcome.cert_req_id, PKIStatusInfo.accepted()
                 )
-                out.append(
-                    (row, self._follow_up(outcome.response, BodyType.CERTCONF, CertConfBody((status,))))
+                body = CertConfBody((status,))
+                header = follow_up_header(
+                    outcome.response.header, sender=self.sender, pvno=required_pvno(BodyType.CERTCONF, body)
                 )
-            return out
+                specs.append((header, BodyType.CERTCONF, body))
+            # Signed together: one HSM call for the batch's certConfs, as for its requests.
+            messages = build_messages(specs, protection=self.protector)
+            return [(row, msg) for (row, _, _), msg in zip(items, messages, strict=True)]
 
         conf = await asyncio.to_thread(build)
         answers = await self._exchange(conf, result)
