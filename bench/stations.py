@@ -1,17 +1,29 @@
-"""Station link throughput against the real daemon (HSM-backed issuance, durable journal).
+"""Station link throughput against the real daemon (`birthline run` in its own process, HSM-backed issuance,
+durable journal), with the load generator's own CPU time printed beside the daemon's.
 
-    python bench/stations.py serial [--stations S] [--devices M] [--baud B]
-    python bench/stations.py lan [--stations 50] [--devices M]
+    python bench/stations.py serial [--stations 1,2,8] [--devices 20] [--baud 115200]
+    python bench/stations.py lan [--stations 50] [--devices 40] [--core-certs 5000]
+    python bench/stations.py lan --open-loop 50x2 [--seconds 20 | --minutes 30] [--rss-every 60]
 
-Both parts build a fresh appliance in a temporary directory (SoftHSM2 token, root/issuing/management CAs,
-journal) and run `appliance.daemon.Daemon` in-process with simulated fixtures (`stations.client`).
+Each part builds a fresh appliance in a temporary directory (SoftHSM2 token, root/issuing/management CAs, a
+production floor with an active work order) and starts `birthline run` on it. Device keys and CSRs are made and
+the stations connected and authenticated before the clock starts. The daemon's CPU time (all its threads and its
+CSR preparation worker process, from /proc/<pid>/stat) and this generator's (resource.getrusage) are printed for
+the timed window: both share this machine's cores, which a real line (fixtures on their own machines) does not.
 
-(a) serial: each station is a socat pty pair. A pty pair does not enforce a line rate, so the fixture paces
-    its writes and the bytes it reads to the baud rate: every byte in both directions costs wire time.
-    Devices/s per station is set against the wire-time limit for the bytes actually exchanged per device
-    (ENROLL, CERT, CONFIRM, CONFIRMED: bytes * 10 / baud, 8N1). Target: at least 90 % of that limit.
-(b) lan: N concurrent stations over TLS, each enrolling and confirming M devices: certificates/s and p50/p99
-    latency per device, with the raw HSM sign rate (C_Sign in a loop, same token key) of the same run beside.
+serial: each station is a socat pty pair paced to the baud rate in both directions (the fixture paces its writes
+    and the bytes it reads). The wire limit is computed from the frame bytes actually exchanged per certificate
+    (ENROLL, CERT, CONFIRM, CONFIRMED; 10 bits a byte at 8N1): a station cannot do better than 1 / wire time.
+    One run per station count in --stations. Goal: >= 95% of the limit.
+lan (closed loop): N TLS stations each enrol and confirm M devices back to back: certificates/s, latency per
+    device, the raw C_Sign rate of the same token key, and bench/issue.py's issuance core rate measured in the same
+    run (its own process, before the daemon starts). Goal: >= 60% of the core rate.
+lan --open-loop SxR: S stations each START a device every 1/R s whatever happened before (staggered), for
+    --seconds or --minutes; latency is measured from each device's scheduled start (a late answer delays the
+    next device's clock and is counted, no coordinated omission): p50/p99/p99.9 and the achieved rate. Goal: p99
+    <= 20 ms at 50x2. With --rss-every the daemon's RSS (its processes together) is printed over time: the memory
+    bench is `--open-loop 100x0.2 --minutes 30 --rss-every 60` (100 stations connected and enrolling, goal
+    <= 150 MB and flat).
 """
 
 from __future__ import annotations
