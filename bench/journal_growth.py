@@ -31,6 +31,7 @@ import asyncio
 import os
 import shutil
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from appliance.audit.encoding import entry_hash
 from appliance.audit.log import ensure_audit_key
-from appliance.config import Config
+from appliance.config import Config, load_config
 from appliance.production.policy import WorkOrderPolicy
 from appliance.runtime import open_core
 from appliance.va.ocsp import lookup_status
@@ -263,7 +264,6 @@ def measure(label: str, base: Path, toml: Path, config: Config, port: int, wo: s
     journal = config.appliance.state_dir / "journal.sqlite"
     out: dict[str, float] = {}
     out["start_s"] = asyncio.run(daemon_start_s(toml, port))
-    out["rate"] = issue_sample(config, sample, tag)
     out["ocsp_us"] = ocsp_lookup_us(journal, config.issuance.issuing_ca)
     out["report_s"] = cli_s(toml, "report", "workorder", wo)
     out["export_s"] = cli_s(toml, "export", "workorder", wo, "--csv", str(base / f"{tag}.csv"))
@@ -288,6 +288,7 @@ def main() -> int:
     ap.add_argument(
         "--no-outbox", action="store_true", help="no outbox rows (a plant without an upstream CA)"
     )
+    ap.add_argument("--rounds", type=int, default=3, help="alternated issuance rounds per journal (median)")
     ap.add_argument("--keep", type=Path, help="keep the filled appliance in this directory")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="birthline-growth-", dir=args.keep)
@@ -303,6 +304,11 @@ def main() -> int:
             )
         issue_sample(config, args.sample, "W")  # the rows the bulk copies the shape of; warms the token
         empty = measure("empty", base, toml, config, port, "WO-BENCH", "E", args.sample)
+        # A copy of the empty appliance's state, to alternate issuance rounds with the full one afterwards.
+        shutil.copytree(config.appliance.state_dir, base / "state-empty")
+        toml_empty = base / "birthline-empty.toml"
+        toml_empty.write_text(toml.read_text().replace(f"{base}/state", f"{base}/state-empty"))
+        config_empty = load_config(toml_empty)
         t0 = time.perf_counter()
         fill(
             config,
@@ -313,6 +319,14 @@ def main() -> int:
         )
         print(f"bulk fill took {time.perf_counter() - t0:.0f} s", flush=True)
         full = measure("full", base, toml, config, port, "WO-Y000000", "F", args.sample)
+        # Issuance on each journal, alternated (empty, full, empty, ...): this machine's load drifts.
+        rounds: dict[str, list[float]] = {"empty": [], "full": []}
+        for i in range(args.rounds):
+            for name, cfg in (("empty", config_empty), ("full", config)):
+                rounds[name].append(issue_sample(cfg, args.sample, f"R{i}{name[0].upper()}"))
+        empty["rate"], full["rate"] = statistics.median(rounds["empty"]), statistics.median(rounds["full"])
+        shown = {k: ", ".join(f"{r:.0f}" for r in v) for k, v in rounds.items()}
+        print(f"issuance rounds (certificates/s): empty {shown['empty']}; full {shown['full']}")
     finally:
         if args.keep is None:
             shutil.rmtree(tmp, ignore_errors=True)
