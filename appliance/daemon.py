@@ -33,7 +33,8 @@ from appliance.alarms import LogOnce
 from appliance.audit.checkpointer import Checkpointer
 from appliance.audit.log import ensure_audit_key
 from appliance.bind import binding
-from appliance.cmp.forwarder import Forwarder, make_forwarder
+from appliance.cmp.forwarder import Forwarder
+from appliance.cmp.forwarder_setup import make_forwarder
 from appliance.cmp.metrics import CmpCollector
 from appliance.cmp.ra import ensure_ra
 from appliance.cmp.server import CmpResponder, labels_from_config, make_cmp_app, settings_from_config
