@@ -113,8 +113,21 @@ def issue_sample(config: Config, n: int, tag: str) -> float:
                 await asyncio.gather(*(one(s, c) for s, c in devices))
                 return time.perf_counter() - t0
 
+        written = _written()
         elapsed = asyncio.run(run())
+        WRITTEN.append((_written() - written) / n)
     return n / elapsed
+
+
+WRITTEN: list[float] = []  # bytes this process wrote to disk per certificate, one per issue_sample call
+
+
+def _written() -> int:
+    """Bytes this process has caused to be written to storage (/proc/self/io: WAL, database, checkpoints)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("write_bytes:"):
+            return int(line.split()[1])
+    return 0
 
 
 # -- the bulk fill ----------------------------------------------------------------------------------------------
@@ -321,10 +334,16 @@ def main() -> int:
         full = measure("full", base, toml, config, port, "WO-Y000000", "F", args.sample)
         # Issuance on each journal, alternated (empty, full, empty, ...): this machine's load drifts.
         rounds: dict[str, list[float]] = {"empty": [], "full": []}
+        written: dict[str, list[float]] = {"empty": [], "full": []}
         for i in range(args.rounds):
             for name, cfg in (("empty", config_empty), ("full", config)):
                 rounds[name].append(issue_sample(cfg, args.sample, f"R{i}{name[0].upper()}"))
+                written[name].append(WRITTEN[-1])
         empty["rate"], full["rate"] = statistics.median(rounds["empty"]), statistics.median(rounds["full"])
+        empty["written"], full["written"] = (
+            statistics.median(written["empty"]),
+            statistics.median(written["full"]),
+        )
         shown = {k: ", ".join(f"{r:.0f}" for r in v) for k, v in rounds.items()}
         print(f"issuance rounds (certificates/s): empty {shown['empty']}; full {shown['full']}")
     finally:
@@ -335,6 +354,7 @@ def main() -> int:
           f" {full['audit']:.0f} audit entries; machine: {os.cpu_count()} cores")  # fmt: skip
     rows = (
         ("issuance rate (certificates/s)", "rate", "{:.0f}"),
+        ("bytes written per certificate", "written", "{:.0f}"),
         ("OCSP cold lookup (us)", "ocsp_us", "{:.1f}"),
         ("report workorder (s)", "report_s", "{:.2f}"),
         ("export workorder --csv (s)", "export_s", "{:.2f}"),
