@@ -251,18 +251,21 @@ class Cpu:
 RAW_SIGNS = 5000
 
 
-def core_rate(certs: int) -> float:
+def core_rate(certs: int) -> float | None:
     """bench/issue.py's issuance core rate (certificates/s) measured now, in its own process, while nothing
-    else of this bench runs: the ceiling the LAN figure is compared with."""
-    out = subprocess.run(
+    else of this bench runs: the ceiling the LAN figure is compared with. None (said why) when it fails: the LAN
+    figures are still worth printing."""
+    proc = subprocess.run(
         [sys.executable, str(Path(__file__).with_name("issue.py")), "--certs", str(certs)],
         capture_output=True,
         text=True,
-        check=True,
-    ).stdout
-    m = re.search(r"issuance core:\s+([0-9.]+)", out)
-    if m is None:
-        raise RuntimeError(f"bench/issue.py printed no core rate:\n{out}")
+        check=False,
+    )
+    m = re.search(r"issuance core:\s+([0-9.]+)", proc.stdout)
+    if proc.returncode != 0 or m is None:
+        why = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        print(f"bench/issue.py --certs {certs} gave no core rate (exit {proc.returncode}): {why}", flush=True)
+        return None
     return float(m.group(1))
 
 
