@@ -96,3 +96,13 @@ FAULT_TESTS := tests/appliance/issuance/test_hsm_faults.py tests/appliance/test_
 .PHONY: faults
 faults: deps
 	$(PY) -m pytest -q $(FAULT_TESTS)
+
+# perf-front (issue 15): the front ends, the upstream drain, a journal years full, memory (docs/performance.md).
+bench-front: deps
+	$(PY) bench/stations.py lan --open-loop 50x2 --seconds 30
+	$(PY) bench/stations.py lan --stations 50 --devices 100 --core-certs 10000
+	$(PY) bench/stations.py serial --stations 1,2,8
+	$(PY) bench/upstream.py --count 100000 --single-count 200 --rtt-ms 20
+	$(PY) bench/upstream.py --count 20000 --single-count 100 --rtt-ms 20 --one-by-one
+	$(PY) bench/journal_growth.py --certs 1000000
+	$(PY) bench/stations.py lan --open-loop 100x0.2 --minutes 30 --rss-every 60

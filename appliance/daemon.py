@@ -33,7 +33,8 @@ from appliance.alarms import LogOnce
 from appliance.audit.checkpointer import Checkpointer
 from appliance.audit.log import ensure_audit_key
 from appliance.bind import binding
-from appliance.cmp.forwarder import Forwarder, make_forwarder
+from appliance.cmp.forwarder import Forwarder
+from appliance.cmp.forwarder_setup import make_forwarder
 from appliance.cmp.metrics import CmpCollector
 from appliance.cmp.ra import ensure_ra
 from appliance.cmp.server import CmpResponder, labels_from_config, make_cmp_app, settings_from_config
@@ -124,9 +125,23 @@ _FIND_REQUEST = (
 class CoreEnroller:
     """stations.server.Enroller over the IssueService and the journal."""
 
+    # How many answered ENROLLs to remember for their CONFIRM (a station confirms the device it just enrolled):
+    # a hit saves CONFIRM's journal lookup, one hop onto the journal thread that every commit also needs.
+    RECENT = 4096
+
     def __init__(self, service: IssueService, journal: Journal) -> None:
         self.service = service
         self.journal = journal
+        # (station, request id hex) -> what _find would read for it now: the issued row's cert_der never
+        # changes, and the confirm transaction re-reads the row's state anyway. Oldest first (dict order).
+        self._recent: dict[tuple[str, str], _Issued] = {}
+
+    def _note_recent(self, station: str, rid: str, issued: _Issued) -> None:
+        recent = self._recent
+        recent.pop((station, rid), None)
+        recent[(station, rid)] = issued
+        if len(recent) > self.RECENT:
+            del recent[next(iter(recent))]
 
     async def ca_chain(self, station: str, profile: str | None) -> list[bytes]:
         # Every profile this appliance serves is issued by the one issuing CA of the service; a name it does
@@ -181,6 +196,12 @@ class CoreEnroller:
                 await self._remember(
                     station, rid, f"ra:{result.issuance_id}" if result.upstream else result.cert_serial
                 )
+            if not result.upstream:
+                self._note_recent(
+                    station,
+                    rid,
+                    _Issued(result.cert_serial, device_serial, None, result.certificate, "issued"),
+                )
         except IssuancePending as exc:
             # RA mode: the upstream CA issues; the station sends the same ENROLL again after this.
             raise EnrollPending(int(exc.retry_after_s * 1000), clean_text(exc.message)) from None
@@ -190,7 +211,8 @@ class CoreEnroller:
 
     async def confirm(self, station: str, request_id: bytes, cert_sha256: bytes) -> None:
         try:
-            known = await self._find(station, request_id.hex())
+            rid = request_id.hex()
+            known = self._recent.pop((station, rid), None) or await self._find(station, rid)
             if known is None or known.cert_der is None:
                 raise StationError(Code.UNKNOWN_REQUEST, "no certificate was issued for this request id")
             if hashlib.sha256(known.cert_der).digest() != cert_sha256:

@@ -1,30 +1,48 @@
-"""Station link throughput against the real daemon (HSM-backed issuance, durable journal).
+"""Station link throughput against the real daemon (`birthline run` in its own process, HSM-backed issuance,
+durable journal), with the load generator's own CPU time printed beside the daemon's.
 
-    python bench/stations.py serial [--stations S] [--devices M] [--baud B]
-    python bench/stations.py lan [--stations 50] [--devices M]
+    python bench/stations.py serial [--stations 1,2,8] [--devices 20] [--baud 115200]
+    python bench/stations.py lan [--stations 50] [--devices 40] [--core-certs 5000]
+    python bench/stations.py lan --open-loop 50x2 [--seconds 20 | --minutes 30] [--rss-every 60]
 
-Both parts build a fresh appliance in a temporary directory (SoftHSM2 token, root/issuing/management CAs,
-journal) and run `appliance.daemon.Daemon` in-process with simulated fixtures (`stations.client`).
+Each part builds a fresh appliance in a temporary directory (SoftHSM2 token, root/issuing/management CAs, a
+production floor with an active work order) and starts `birthline run` on it. Device keys and CSRs are made and
+the stations connected and authenticated before the clock starts. The daemon's CPU time (all its threads and its
+CSR preparation worker process, from /proc/<pid>/stat) and this generator's (resource.getrusage) are printed for
+the timed window: both share this machine's cores, which a real line (fixtures on their own machines) does not.
 
-(a) serial: each station is a socat pty pair. A pty pair does not enforce a line rate, so the fixture paces
-    its writes and the bytes it reads to the baud rate: every byte in both directions costs wire time.
-    Devices/s per station is set against the wire-time limit for the bytes actually exchanged per device
-    (ENROLL, CERT, CONFIRM, CONFIRMED: bytes * 10 / baud, 8N1). Target: at least 90 % of that limit.
-(b) lan: N concurrent stations over TLS, each enrolling and confirming M devices: certificates/s and p50/p99
-    latency per device, with the raw HSM sign rate (C_Sign in a loop, same token key) of the same run beside.
+serial: each station is a socat pty pair paced to the baud rate in both directions (the fixture paces its writes
+    and the bytes it reads). The wire limit is computed from the frame bytes actually exchanged per certificate
+    (ENROLL, CERT, CONFIRM, CONFIRMED; 10 bits a byte at 8N1): a station cannot do better than 1 / wire time.
+    One run per station count in --stations. Goal: >= 95% of the limit.
+lan (closed loop): N TLS stations each enrol and confirm M devices back to back: certificates/s, latency per
+    device, the raw C_Sign rate of the same token key, and bench/issue.py's issuance core rate measured in the same
+    run (its own process, before the daemon starts). Goal: >= 60% of the core rate.
+lan --open-loop SxR: S stations each START a device every 1/R s whatever happened before (staggered), for
+    --seconds or --minutes; latency is measured from each device's scheduled start (a late answer delays the
+    next device's clock and is counted, no coordinated omission): p50/p99/p99.9 and the achieved rate. Goal: p99
+    <= 20 ms at 50x2. With --rss-every the daemon's RSS (its processes together) is printed over time: the memory
+    bench is `--open-loop 100x0.2 --minutes 30 --rss-every 60` (100 stations connected and enrolling, goal
+    <= 150 MB and flat).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
+import math
+import os
+import re
+import resource
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -39,7 +57,8 @@ from appliance.runtime import open_core
 from bench.issue import floor, raw_sign_rate
 from hsm.softhsm import create_softhsm_token
 from stations.client import StationClient, client_ssl_context
-from stations.simulator import PtyPair, SimReport, SimStation, make_devices, simulate
+from stations.errors import StationError
+from stations.simulator import PtyPair, SimReport, SimStation, make_devices, run_fixture
 from stations.transports.serial import SerialChannel, wire_time
 
 CONFIG = """\
@@ -136,51 +155,6 @@ async def appliance(base: Path, serial: int, lan: int) -> AsyncIterator[tuple[Da
         )
 
 
-async def bench_serial(stations: int, devices: int, baud: int) -> dict[str, float]:
-    with tempfile.TemporaryDirectory(prefix="birthline-bench-") as tmp:
-        base = Path(tmp)
-        async with appliance(base, stations, 0) as (_daemon, sims):
-            batches = [make_devices(devices, f"B{i:02d}") for i in range(stations)]
-            pairs = [PtyPair(s.port or "", base / "pty" / f"{s.name}.fixture").start() for s in sims]
-            try:
-                clients = [
-                    await StationClient.connect_serial(
-                        pair.b,
-                        baud,
-                        station_id=s.name,
-                        key=s.key,
-                        pace=True,
-                        pace_reads=True,
-                        give_up_after=30,
-                    )
-                    for pair, s in zip(pairs, sims, strict=True)
-                ]
-                for c in clients:
-                    await c.ca_chain()  # authenticated and warm before the clock starts
-                snapshot = [_bytes(c) for c in clients]
-
-                async def run(client: StationClient, batch: Sequence[tuple[str, bytes]]) -> float:
-                    start = time.perf_counter()
-                    for serial, csr in batch:
-                        chain = await client.enroll(serial, csr)
-                        assert client.last_request_id is not None
-                        await client.confirm(client.last_request_id, chain[0])
-                    return time.perf_counter() - start
-
-                elapsed = await asyncio.gather(*(run(c, b) for c, b in zip(clients, batches, strict=True)))
-                moved = [sum(_bytes(c)) - sum(s) for c, s in zip(clients, snapshot, strict=True)]
-                for c in clients:
-                    await c.close()
-            finally:
-                for pair in pairs:
-                    pair.stop()
-    per_device = sum(moved) / (stations * devices)
-    limit = 1 / wire_time(round(per_device), baud)
-    rate = sum(devices / e for e in elapsed) / stations
-    return {"bytes_per_device": per_device, "devices_per_s_per_station": rate, "wire_limit": limit,
-            "ratio": rate / limit, "stations": stations, "baud": baud}  # fmt: skip
-
-
 def _bytes(client: StationClient) -> tuple[int, int]:
     ch = client.channel
     assert isinstance(ch, SerialChannel)
@@ -202,60 +176,358 @@ async def _wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: flo
     raise RuntimeError("birthline run did not start listening")
 
 
-async def bench_lan(stations: int, devices: int) -> tuple[SimReport, float, float]:
+# -- measuring the two processes ------------------------------------------------------------------------------
+
+
+def _family(pid: int) -> list[int]:
+    """`pid` and its descendants (the daemon's CSR preparation worker is a child process)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo.extend(int(c) for c in (task / "children").read_text().split())
+    return out
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, all threads) `pid` and its descendants have used so far (/proc/<pid>/stat)."""
+    total = 0
+    for p in _family(pid):
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _self_cpu_s() -> float:
+    """This process's CPU seconds: the load generator (fixtures, TLS, pacing) and its threads."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _rss_mb(pid: int) -> float:
+    """Resident memory of `pid` and its descendants together (MB): the daemon as a whole."""
+    total = 0
+    for p in _family(pid):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return total / 1024
+
+
+@dataclasses.dataclass
+class Cpu:
+    """CPU used by the daemon and by this generator over one timed window, with the window's wall time."""
+
+    pid: int
+    wall: float = 0.0
+    daemon: float = 0.0
+    generator: float = 0.0
+    _t0: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+    def start(self) -> None:
+        self._t0 = (time.perf_counter(), _cpu_s(self.pid), _self_cpu_s())
+
+    def stop(self) -> None:
+        t, d, g = self._t0
+        self.wall = time.perf_counter() - t
+        self.daemon = _cpu_s(self.pid) - d
+        self.generator = _self_cpu_s() - g
+
+    def line(self, per: int) -> str:
+        per = max(1, per)
+        return (
+            f"CPU over {self.wall:.1f} s: daemon {self.daemon:.1f} s ({self.daemon / self.wall:.2f} cores,"
+            f" {self.daemon / per * 1e3:.2f} ms/certificate), generator {self.generator:.1f} s"
+            f" ({self.generator / self.wall:.2f} cores, {self.generator / per * 1e3:.2f} ms/certificate)"
+        )
+
+
+# C_Sign calls per raw-rate sample: one PKCS#11 call holds them all, and the token thread gives up on a call after
+# 10 s, which 20,000 signatures passed on this machine under a load average of 16.
+RAW_SIGNS = 5000
+
+
+def core_rate(certs: int) -> float | None:
+    """bench/issue.py's issuance core rate (certificates/s) measured now, in its own process, while nothing
+    else of this bench runs: the ceiling the LAN figure is compared with. None (said why) when it fails: the LAN
+    figures are still worth printing."""
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("issue.py")), "--certs", str(certs)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    m = re.search(r"issuance core:\s+([0-9.]+)", proc.stdout)
+    if proc.returncode != 0 or m is None:
+        why = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        print(f"bench/issue.py --certs {certs} gave no core rate (exit {proc.returncode}): {why}", flush=True)
+        return None
+    return float(m.group(1))
+
+
+@asynccontextmanager
+async def daemon_process(base: Path, config: Config, port: int | None) -> AsyncIterator[int]:
+    """`birthline run` as its own process, as on the appliance; yields its pid once it listens (LAN)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "appliance.cli.main", "run", "--config", str(base / "birthline.toml")],
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        if port is not None:
+            await _wait_listening(port, proc)
+        yield proc.pid
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
+# -- serial -------------------------------------------------------------------------------------------------
+
+
+async def bench_serial(counts: Sequence[int], devices: int, baud: int) -> None:
+    """One appliance with max(counts) serial stations; for each count, that many fixtures enrol `devices` each
+    over paced ptys. The wire limit comes from the frame bytes actually exchanged per certificate (ENROLL,
+    CERT, CONFIRM, CONFIRMED both ways, 8N1 at `baud`): a station can do no better than 1 / wire time."""
+    with tempfile.TemporaryDirectory(prefix="birthline-bench-") as tmp:
+        base = Path(tmp)
+        config = _config(base)
+        sims = _setup(config, base, max(counts), 0)
+        print(f"making {sum(counts) * devices} device keys and CSRs (not timed) ...", flush=True)
+        batches = {n: [make_devices(devices, f"S{n}N{i:02d}") for i in range(n)] for n in counts}
+        pairs = [PtyPair(s.port or "", base / "pty" / f"{s.name}.fixture").start() for s in sims]
+        try:
+            async with daemon_process(base, config, None) as pid:
+                for n in counts:
+                    clients = [
+                        await StationClient.connect_serial(pair.b, baud, station_id=s.name, key=s.key, pace=True,
+                                                           pace_reads=True, give_up_after=60)
+                        for pair, s in zip(pairs[:n], sims[:n], strict=True)
+                    ]  # fmt: skip
+                    for c in clients:
+                        await c.ca_chain()  # authenticated and warm before the clock starts
+                    snapshot = [_bytes(c) for c in clients]
+
+                    async def run(client: StationClient, batch: Sequence[tuple[str, bytes]]) -> float:
+                        start = time.perf_counter()
+                        for serial, csr in batch:
+                            chain = await client.enroll(serial, csr)
+                            assert client.last_request_id is not None
+                            await client.confirm(client.last_request_id, chain[0])
+                        return time.perf_counter() - start
+
+                    cpu = Cpu(pid)
+                    cpu.start()
+                    elapsed = await asyncio.gather(
+                        *(run(c, b) for c, b in zip(clients, batches[n], strict=True))
+                    )
+                    cpu.stop()
+                    moved = [sum(_bytes(c)) - sum(s) for c, s in zip(clients, snapshot, strict=True)]
+                    for c in clients:
+                        await c.close()
+                    per_device = sum(moved) / (n * devices)
+                    limit = 1 / wire_time(round(per_device), baud)
+                    rate = sum(devices / e for e in elapsed) / n
+                    print(
+                        f"serial {baud} baud, {n} station(s) x {devices} devices: {per_device:.0f} frame bytes per"
+                        f" certificate both ways -> wire limit {limit:.3f}/s per station; measured {rate:.3f}/s"
+                        f" per station = {rate / limit:.1%} of the limit (goal >= 95%)"
+                    )
+                    print(f"    {cpu.line(n * devices)}", flush=True)
+        finally:
+            for pair in pairs:
+                pair.stop()
+
+
+# -- LAN ----------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class OpenLoop:
+    stations: int
+    rate: float  # devices/s offered by each station
+
+    @classmethod
+    def parse(cls, text: str) -> OpenLoop:
+        s, _, r = text.partition("x")
+        return cls(int(s), float(r))
+
+
+def _pct(values: Sequence[float], q: float) -> float:
+    """The q-quantile (nearest rank) of `values`; 0 when empty."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+async def _connect_all(sims: Sequence[SimStation]) -> list[StationClient]:
+    clients = []
+    for s in sims:
+        assert s.host is not None and s.tcp_port is not None
+        client = await StationClient.connect_tcp(s.host, s.tcp_port, station_id=s.name, key=s.key,
+                                                 ssl_context=s.ssl_context, server_hostname=s.server_hostname,
+                                                 give_up_after=60)  # fmt: skip
+        await client.ca_chain()  # authenticated and warm before the clock starts
+        clients.append(client)
+    return clients
+
+
+async def _rss_sampler(pid: int, every: float, samples: list[tuple[float, float]], t0: float) -> None:
+    while True:
+        t = time.perf_counter() - t0
+        rss = _rss_mb(pid)
+        samples.append((t, rss))
+        print(f"    t={t:7.0f} s  daemon RSS {rss:6.1f} MB", flush=True)
+        await asyncio.sleep(every)
+
+
+async def _open_loop(
+    clients: Sequence[StationClient], batches: Sequence[Sequence[tuple[str, bytes]]], rate: float
+) -> tuple[list[float], Counter[str], float]:
+    """Each station starts device i at t0 + phase + i / rate whatever happened before (open loop). Latency is
+    measured from that scheduled start, so a late answer also delays the next device's clock (no coordinated
+    omission). Returns latencies, errors and the time from t0 to the last answer."""
+    loop = asyncio.get_running_loop()
+    t0 = loop.time() + 0.05
+    latencies: list[float] = []
+    errors: Counter[str] = Counter()
+    last = [t0]
+
+    async def station(k: int, client: StationClient, batch: Sequence[tuple[str, bytes]]) -> None:
+        phase = k / (len(clients) * rate)  # spread the stations' starts evenly over one period
+        for i, (serial, csr) in enumerate(batch):
+            due = t0 + phase + i / rate
+            delay = due - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            try:
+                chain = await client.enroll(serial, csr)
+                assert client.last_request_id is not None
+                await client.confirm(client.last_request_id, chain[0])
+            except StationError as exc:
+                errors[exc.code.name] += 1
+                continue
+            now = loop.time()
+            latencies.append(now - due)
+            last[0] = max(last[0], now)
+
+    await asyncio.gather(*(station(k, c, b) for k, (c, b) in enumerate(zip(clients, batches, strict=True))))
+    return latencies, errors, last[0] - t0
+
+
+async def bench_lan(args: argparse.Namespace) -> int:
     """The daemon runs as its own process (`birthline run`), as on the appliance; the simulated fixtures,
-    which on a line are separate machines, run here. Both share this machine's cores."""
+    which on a line are separate machines, run here, on the same two cores: their CPU is printed beside."""
+    open_loop = OpenLoop.parse(args.open_loop) if args.open_loop else None
+    n = open_loop.stations if open_loop else args.stations
+    if open_loop:
+        seconds = args.minutes * 60 if args.minutes else args.seconds
+        per_station = max(1, math.ceil(open_loop.rate * seconds))
+    else:
+        per_station = args.devices
+    core = core_rate(args.core_certs) if args.core_certs and not open_loop else None
     with tempfile.TemporaryDirectory(prefix="birthline-bench-") as tmp:
         base = Path(tmp)
         port = _free_port()
         config = _config(base, port)
-        sims = [
-            dataclasses.replace(s, host="127.0.0.1", tcp_port=port) for s in _setup(config, base, 0, stations)
-        ]
-        with open_core(config) as core:
-            label = core.issuing_ca().key_label
-            raw_before = raw_sign_rate(core.token, label, 20000)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "appliance.cli.main", "run", "--config", str(base / "birthline.toml")],
-            stderr=subprocess.DEVNULL,
+        sims = [dataclasses.replace(s, host="127.0.0.1", tcp_port=port) for s in _setup(config, base, 0, n)]
+        with open_core(config) as c:
+            label = c.issuing_ca().key_label
+            raw_before = raw_sign_rate(c.token, label, RAW_SIGNS)
+        print(f"making {n * per_station} device keys and CSRs (not timed) ...", flush=True)
+        batches = [make_devices(per_station, f"LAN{i:03d}") for i in range(n)]
+        async with daemon_process(base, config, port) as pid:
+            clients = await _connect_all(sims)
+            print(f"{n} stations connected and authenticated; daemon RSS {_rss_mb(pid):.1f} MB", flush=True)
+            samples: list[tuple[float, float]] = []
+            sampler = (
+                asyncio.create_task(_rss_sampler(pid, args.rss_every, samples, time.perf_counter()))
+                if args.rss_every
+                else None
+            )
+            cpu = Cpu(pid)
+            cpu.start()
+            if open_loop:
+                latencies, errors, elapsed = await _open_loop(clients, batches, open_loop.rate)
+            else:
+                report = SimReport(n, n * per_station)
+                t0 = time.perf_counter()
+                await asyncio.gather(
+                    *(run_fixture(c, b, report) for c, b in zip(clients, batches, strict=True))
+                )
+                elapsed = time.perf_counter() - t0
+                latencies, errors = report.latencies, report.errors
+            cpu.stop()
+            rss_end = _rss_mb(pid)
+            if sampler is not None:
+                sampler.cancel()
+            for client in clients:
+                with contextlib.suppress(StationError, OSError):
+                    await client.close()
+        with open_core(config) as c:
+            raw_after = raw_sign_rate(c.token, label, RAW_SIGNS)
+    ok = len(latencies)
+    rate = ok / elapsed if elapsed > 0 else 0.0
+    raw = (raw_before + raw_after) / 2
+    mode = (
+        f"open loop {open_loop.stations} stations x {open_loop.rate:g} devices/s"
+        f" (offered {open_loop.stations * open_loop.rate:g}/s)"
+        if open_loop
+        else f"closed loop {n} stations x {per_station} devices"
+    )
+    print(f"LAN over TLS, real daemon (`birthline run`), {mode}:")
+    print(
+        f"    {ok} certificates ok, {sum(errors.values())} failed, in {elapsed:.2f} s = {rate:.1f} certificates/s"
+    )
+    print(
+        f"    latency per device (enrol + confirm{', from its scheduled start' if open_loop else ''}):"
+        f" p50 {_pct(latencies, 0.5) * 1e3:.1f} ms, p99 {_pct(latencies, 0.99) * 1e3:.1f} ms,"
+        f" p99.9 {_pct(latencies, 0.999) * 1e3:.1f} ms, max {max(latencies, default=0) * 1e3:.1f} ms"
+    )
+    print(f"    {cpu.line(ok)}")
+    print(
+        f"    raw HSM C_Sign {raw:.0f}/s (before {raw_before:.0f}, after {raw_after:.0f}); LAN = {rate / raw:.1%}"
+    )
+    if core is not None:
+        print(
+            f"    bench/issue.py core rate in this run {core:.0f}/s; LAN = {rate / core:.1%} of it (goal >= 60%)"
         )
-        try:
-            await _wait_listening(port, proc)
-            report = await simulate(sims, devices, prefix="LAN")
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=30)
-        with open_core(config) as core:
-            raw_after = raw_sign_rate(core.token, label, 20000)
-    return report, raw_before, raw_after
+    if samples:
+        rss = [r for _, r in samples] + [rss_end]
+        print(
+            f"    daemon RSS: first {rss[0]:.1f} MB, max {max(rss):.1f} MB, last {rss[-1]:.1f} MB (goal <= 150 MB)"
+        )
+    for name, count in errors.most_common():
+        print(f"    error {name}: {count}")
+    return 0 if not errors else 1
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     sub = p.add_subparsers(dest="part", required=True)
     s = sub.add_parser("serial")
-    s.add_argument("--stations", type=int, default=2)
+    s.add_argument("--stations", default="1,2,8", help="comma-separated station counts, one run each")
     s.add_argument("--devices", type=int, default=20)
     s.add_argument("--baud", type=int, default=115200)
     lan = sub.add_parser("lan")
-    lan.add_argument("--stations", type=int, default=50)
-    lan.add_argument("--devices", type=int, default=40)
+    lan.add_argument("--stations", type=int, default=50, help="closed loop: stations")
+    lan.add_argument("--devices", type=int, default=40, help="closed loop: devices per station")
+    lan.add_argument(
+        "--core-certs", type=int, default=5000, help="closed loop: bench/issue.py --certs (0: skip)"
+    )
+    lan.add_argument("--open-loop", metavar="SxR", help="open loop: S stations offering R devices/s each")
+    lan.add_argument("--seconds", type=float, default=20.0, help="open loop: how long")
+    lan.add_argument("--minutes", type=float, default=0.0, help="open loop: how long (overrides --seconds)")
+    lan.add_argument("--rss-every", type=float, default=0.0, help="print the daemon's RSS every this many s")
     args = p.parse_args()
     if args.part == "serial":
-        r = asyncio.run(bench_serial(args.stations, args.devices, args.baud))
-        print(
-            f"(a) serial {r['baud']:.0f} baud, {r['stations']:.0f} station(s), real daemon:"
-            f" {r['bytes_per_device']:.0f} bytes/device both directions -> wire limit"
-            f" {r['wire_limit']:.3f} devices/s per station; measured {r['devices_per_s_per_station']:.3f}"
-            f" devices/s per station = {r['ratio']:.1%} of the limit (target >= 90%)"
-        )
+        asyncio.run(bench_serial([int(x) for x in args.stations.split(",")], args.devices, args.baud))
         return 0
-    report, before, after = asyncio.run(bench_lan(args.stations, args.devices))
-    raw = (before + after) / 2
-    print(f"(b) LAN over TLS, real daemon: {report.summary()}")
-    print(f"    certificates/s {report.devices_per_s:.0f}; raw HSM C_Sign {raw:.0f}/s (before {before:.0f},"
-          f" after {after:.0f}); ratio {report.devices_per_s / raw:.1%}")  # fmt: skip
-    return 0 if report.failures == 0 else 1
+    return asyncio.run(bench_lan(args))
 
 
 if __name__ == "__main__":

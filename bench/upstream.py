@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -78,9 +79,13 @@ from appliance.cmp import (
     verify_signature,
 )
 from appliance.cmp.forwarder import Forwarder
+from appliance.cmp.model import PKIHeader
 from appliance.config import UpstreamSection
 from appliance.issuance.journal import Journal
 from bench import upstream_peer
+from hsm.algorithms import KeyAlgorithm
+from hsm.softhsm import create_softhsm_token
+from hsm.token import Token
 
 
 def _cert(subject: str, key: ec.EllipticCurvePrivateKey, issuer: str, issuer_key: ec.EllipticCurvePrivateKey,
@@ -98,6 +103,23 @@ def _cert(subject: str, key: ec.EllipticCurvePrivateKey, issuer: str, issuer_key
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(issuer_key, hashes.SHA256())
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class OneByOne:
+    """A SignatureProtector without protect_many: the forwarder then signs every message in its own call."""
+
+    inner: SignatureProtector
+
+    @property
+    def extra_certs(self) -> tuple[x509.Certificate, ...]:
+        return self.inner.extra_certs
+
+    def prepare(self, header: PKIHeader) -> PKIHeader:
+        return self.inner.prepare(header)
+
+    def protect(self, header: PKIHeader, protected_part: bytes) -> bytes:
+        return self.inner.protect(header, protected_part)
 
 
 class MiniUpstream:
@@ -440,7 +462,19 @@ async def main() -> None:
     p.add_argument("--rtt-ms", default="0", help="comma-separated round-trip times to run at (default 0)")
     p.add_argument("--upstream", choices=("mini", "birthline"), default="mini",
                    help="mini: the in-process responder (default); birthline: a real Birthline in a child process")  # fmt: skip
+    p.add_argument(
+        "--ra-key",
+        choices=("hsm", "software"),
+        default="hsm",
+        help="hsm: the RA key in a SoftHSM2 token, as on the appliance (default); software: in memory",
+    )
+    p.add_argument(
+        "--one-by-one",
+        action="store_true",
+        help="sign each inner message in its own HSM call (as before sign_many), for comparison",
+    )
     args = p.parse_args()
+    args.ra_key = args.ra_key or ("hsm" if args.upstream == "mini" else "software")
     single_count = args.single_count or args.count
     rtts = [float(x) for x in args.rtt_ms.split(",")]
 
@@ -448,9 +482,25 @@ async def main() -> None:
     main_task = asyncio.current_task()
     assert main_task is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
-    ra_key = ec.generate_private_key(ec.SECP256R1())
-    ra = SignatureProtector(ra_key, _cert("Bench RA", ra_key, "Bench RA", ra_key, False))
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        ra_key: ec.EllipticCurvePrivateKey
+        if args.ra_key == "hsm":
+            # As on the appliance: the RA key in the HSM (SoftHSM2 here), so each signature is a PKCS#11 call.
+            softhsm = create_softhsm_token(Path(tmp) / "softhsm", label="bench")
+            token = stack.enter_context(Token.open(softhsm.hsm_config()))
+            hsm_key = token.generate_key("cmp-ra", KeyAlgorithm.EC_P256)
+            assert isinstance(hsm_key, ec.EllipticCurvePrivateKey)
+            ra_key = hsm_key
+            issuer = ec.generate_private_key(ec.SECP256R1())  # cryptography cannot self-sign with an HSM key
+            ra = SignatureProtector(ra_key, _cert("Bench RA", ra_key, "Bench RA issuer", issuer, False))
+        else:
+            ra_key = ec.generate_private_key(ec.SECP256R1())
+            ra = SignatureProtector(ra_key, _cert("Bench RA", ra_key, "Bench RA", ra_key, False))
+        if args.one_by_one:
+            ra = OneByOne(ra)  # type: ignore[assignment]
+        print(
+            f"RA key: {args.ra_key}, {'one signature per call' if args.one_by_one else 'batched'}", flush=True
+        )
         path = Path(tmp) / "journal.sqlite"
         Journal(path).close()
         if args.upstream == "mini":

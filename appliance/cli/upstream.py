@@ -78,7 +78,7 @@ def age_text(seconds: float) -> str:
 
 def cmd_sync(args: argparse.Namespace) -> int:
     """The daemon's forwarder, by hand or from a timer while the daemon is stopped: refused while it runs."""
-    from appliance.cmp.forwarder import make_forwarder
+    from appliance.cmp.forwarder_setup import make_forwarder
     from appliance.daemon_lock import daemon_job
     from appliance.runtime import open_core
 

@@ -306,6 +306,21 @@ def build_message(
     return PKIMessage(header, body_type, body, value, tuple(certs), der, header_der, body_der)
 
 
+def build_messages(
+    specs: Sequence[tuple[PKIHeader, BodyType, Body]], *, protection: Protector | None
+) -> list[PKIMessage]:
+    """build_message for many messages. A protector with `protect_many` (SignatureProtector over an HSM key:
+    one PKCS#11 call, sign_many, for all) protects them together, which is what lets the upstream drain sign
+    a batch of inner messages for the price of one HSM round trip; any other protects them one by one."""
+    many = getattr(protection, "protect_many", None)
+    if protection is None or many is None:
+        return [build_message(h, t, b, protection=protection) for h, t, b in specs]
+    drafts = [build_message(protection.prepare(h), t, b) for h, t, b in specs]
+    values: list[bytes] = many([d.header for d in drafts], [d.protected_part for d in drafts])
+    certs = protection.extra_certs
+    return [with_protection(d, v, certs) for d, v in zip(drafts, values, strict=True)]
+
+
 def with_protection(
     message: PKIMessage, protection: bytes, extra_certs: Sequence[x509.Certificate] = ()
 ) -> PKIMessage:

@@ -38,7 +38,7 @@ import aiohttp
 from cryptography import x509
 
 from appliance.alarms import Alarms, LogOnce
-from appliance.cmp.build import Protector, build_message, required_pvno
+from appliance.cmp.build import Protector, build_message, build_messages, required_pvno
 from appliance.cmp.errors import CmpError, FailInfo
 from appliance.cmp.header import check_header, check_response, follow_up_header, request_header
 from appliance.cmp.model import (
@@ -62,7 +62,7 @@ from appliance.cmp.outbox import (
     record_outcomes,
 )
 from appliance.cmp.parse import parse_message
-from appliance.cmp.protection import DEFAULT_MAC_POLICY, MacPolicy, MacProtector, verify_protection
+from appliance.cmp.protection import DEFAULT_MAC_POLICY, MacPolicy, verify_protection
 from appliance.cmp.upstream_replies import (
     anchored_chain,
     describe,
@@ -75,14 +75,14 @@ from appliance.cmp.upstream_replies import (
 )
 from appliance.cmp.upstream_requests import RequestBuilder, revocation_reasons, upstream_certificates
 from appliance.config import UpstreamSection
-from appliance.errors import BirthlineError, ConfigError, Problem
+from appliance.errors import BirthlineError
 from appliance.issuance.journal import Journal
 from appliance.issuance.policy import AuditSink
 from appliance.lifecycle import PollingTask
 from appliance.outbox import queue_status
 
 if TYPE_CHECKING:
-    from appliance.runtime import Core
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -509,16 +509,20 @@ class Forwarder(PollingTask):
         confirmation is retried from the start (the upstream answers the same request with the same certificate)."""
 
         def build() -> list[tuple[Row, PKIMessage]]:
-            out = []
-            for row, _, outcome in items:
+            specs = []
+            for _, _, outcome in items:
                 assert outcome.response is not None and outcome.cert is not None
                 status = CertStatus.for_certificate(
                     outcome.cert, outcome.cert_req_id, PKIStatusInfo.accepted()
                 )
-                out.append(
-                    (row, self._follow_up(outcome.response, BodyType.CERTCONF, CertConfBody((status,))))
+                body = CertConfBody((status,))
+                header = follow_up_header(
+                    outcome.response.header, sender=self.sender, pvno=required_pvno(BodyType.CERTCONF, body)
                 )
-            return out
+                specs.append((header, BodyType.CERTCONF, body))
+            # Signed together: one HSM call for the batch's certConfs, as for its requests.
+            messages = build_messages(specs, protection=self.protector)
+            return [(row, msg) for (row, _, _), msg in zip(items, messages, strict=True)]
 
         conf = await asyncio.to_thread(build)
         answers = await self._exchange(conf, result)
@@ -601,54 +605,6 @@ class Unreadable(CmpError):
     """A nested reply said, for this request, that the upstream could not read it."""
 
 
-# -- composition helpers (daemon and CLI) ---------------------------------------------------------------------------
-def load_server_certs(settings: UpstreamSection) -> tuple[x509.Certificate, ...]:
-    return _load_pem(settings.server_cert, "upstream.server_cert")
-
-
-def load_ca_certs(settings: UpstreamSection) -> tuple[x509.Certificate, ...]:
-    return _load_pem(settings.ca_certs, "upstream.ca_certs")
-
-
-def _load_pem(path: Path | None, where: str) -> tuple[x509.Certificate, ...]:
-    if path is None:
-        return ()
-    try:
-        return tuple(x509.load_pem_x509_certificates(path.read_bytes()))
-    except (OSError, ValueError) as exc:
-        raise ConfigError([Problem(where, f"cannot load {path}: {exc}")]) from None
-
-
-def mac_protector(settings: UpstreamSection) -> tuple[MacProtector, bytes]:
-    from appliance.cmp.server import read_secret_file
-
-    assert settings.secret_file is not None
-    secret = read_secret_file(settings.secret_file)
-    return MacProtector(secret, settings.kid.encode()), secret
-
-
-def make_forwarder(core: Core) -> Forwarder:
-    """The forwarder as the daemon and `upstream sync` build it (RA key in the HSM, or the MAC secret)."""
-    from appliance import stations_registry as reg
-    from appliance.cmp.ra import ensure_ra
-
-    cfg = core.config.upstream
-    if not cfg.enabled:
-        raise ConfigError([Problem("upstream.url", "is not set: there is no upstream to forward to")])
-    secret: bytes | None = None
-    protector: Protector
-    if cfg.protection == "mac":
-        protector, secret = mac_protector(cfg)
-    else:
-        management = reg.ensure_management_ca(core.journal, core.token, core.config.stations.management_ca,
-                                              audit=core.audit, actor="appliance")  # fmt: skip
-        ra_cert = core.config.cmp.ra_cert or core.config.stations.tls_dir / "cmp-ra.pem"
-        protector = ensure_ra(core.token, management, ra_cert)
-    return Forwarder(core.journal, cfg, protector, server_certs=load_server_certs(cfg), secret=secret,
-                     lock_path=core.config.appliance.state_dir / "upstream.lock", audit=core.audit,
-                     ca_certs=load_ca_certs(cfg), alarms=core.alarms)  # fmt: skip
-
-
 __all__ = [
     "DUE_SQL",
     "OPEN_STATES",
@@ -661,9 +617,5 @@ __all__ = [
     "UpstreamError",
     "anchored_chain",
     "issuer_chain",
-    "load_ca_certs",
-    "load_server_certs",
-    "mac_protector",
-    "make_forwarder",
     "queue_status",
 ]

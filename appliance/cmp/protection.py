@@ -16,7 +16,7 @@ import enum
 import hashlib
 import hmac
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -428,3 +428,18 @@ class SignatureProtector:
         if header.protection_alg != alg:
             raise ValueError("header.protection_alg does not match the key")
         return signature
+
+    def protect_many(self, headers: Sequence[PKIHeader], parts: Sequence[bytes]) -> list[bytes]:
+        """protect() for many messages: an HSM key signs them all in one PKCS#11 call (sign_many, which hashes
+        as signature_algorithm says: SHA-256, or SHA-384 on P-384, PKCS#1 v1.5 SHA-256, pure EdDSA); a
+        software key one by one."""
+        alg = signature_algorithm(self.key)
+        if any(h.protection_alg != alg for h in headers):
+            raise ValueError("header.protection_alg does not match the key")
+        sign_many = getattr(self.key, "sign_many", None)
+        if sign_many is None or (
+            isinstance(self.key, ec.EllipticCurvePrivateKey) and self.key.curve.key_size > 384
+        ):
+            return [sign_data(self.key, p)[1] for p in parts]
+        signatures: list[bytes] = sign_many(list(parts))
+        return signatures

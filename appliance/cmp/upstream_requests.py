@@ -16,21 +16,25 @@ from collections.abc import Sequence
 from cryptography import x509
 
 from appliance.cmp._names import name_from_der
-from appliance.cmp.build import Protector, build_message, make_cert_request, old_cert_id
+from appliance.cmp.build import Protector, build_message, build_messages, make_cert_request, old_cert_id
 from appliance.cmp.errors import CmpError
 from appliance.cmp.header import request_header
 from appliance.cmp.model import (
+    Body,
     BodyType,
     CertReqBody,
     CertTemplate,
     InfoTypeAndValue,
     P10crBody,
+    PKIHeader,
     PKIMessage,
     RevDetails,
     RrBody,
 )
 from appliance.cmp.outbox import Outcome, Row
 from appliance.va.revocation import Reason
+
+Spec = tuple[PKIHeader, BodyType, Body]  # one message to build: what build_message takes before protection
 
 
 def upstream_certificates(conn: sqlite3.Connection, rows: Sequence[Row]) -> dict[int, bytes]:
@@ -81,24 +85,41 @@ class RequestBuilder:
     def build(
         self, rows: Sequence[Row], upstream: dict[int, bytes], reasons: dict[str, x509.ReasonFlags]
     ) -> dict[int, PKIMessage | Outcome]:
-        """Runs in a worker thread (HSM signatures). A failure of the HSM is not the record's: it propagates."""
+        """Runs in a worker thread (HSM signatures). A failure of the HSM is not the record's: it propagates.
+        The messages are signed together (build_messages: one HSM call for the batch with an HSM key)."""
         out: dict[int, PKIMessage | Outcome] = {}
+        specs: list[tuple[int, Spec]] = []
         for r in rows:
             try:
-                out[r.id] = self._one(r, upstream.get(r.id), reasons)
+                one = self._one(r, upstream.get(r.id), reasons)
             except (ValueError, TypeError, AssertionError, CmpError) as exc:
-                out[r.id] = Outcome("park", f"cannot build the upstream request: {exc}"[:300])
+                one = Outcome("park", f"cannot build the upstream request: {exc}"[:300])
+            if isinstance(one, Outcome):
+                out[r.id] = one
+            else:
+                specs.append((r.id, one))
+        if not specs:
+            return out
+        try:
+            messages = build_messages([spec for _, spec in specs], protection=self.protector)
+        except (ValueError, TypeError, AssertionError, CmpError):
+            # One record that cannot be encoded must not park the batch: build them one by one to find it.
+            for row_id, (header, body_type, body) in specs:
+                try:
+                    out[row_id] = build_message(header, body_type, body, protection=self.protector)
+                except (ValueError, TypeError, AssertionError, CmpError) as exc:
+                    out[row_id] = Outcome("park", f"cannot build the upstream request: {exc}"[:300])
+            return out
+        out.update((row_id, msg) for (row_id, _), msg in zip(specs, messages, strict=True))
         return out
 
-    def _one(
-        self, r: Row, upstream: bytes | None, reasons: dict[str, x509.ReasonFlags]
-    ) -> PKIMessage | Outcome:
+    def _one(self, r: Row, upstream: bytes | None, reasons: dict[str, x509.ReasonFlags]) -> Spec | Outcome:
         header = request_header(sender=self.sender, recipient=self.recipient, transaction_id=r.transaction_id,
                                 implicit_confirm=self.implicit_confirm and r.kind != "rr")  # fmt: skip
         if r.kind == "p10cr":
             assert r.csr_der is not None, "the record has no CSR"
             csr = x509.load_der_x509_csr(r.csr_der)
-            return build_message(header, BodyType.P10CR, P10crBody(csr), protection=self.protector)
+            return header, BodyType.P10CR, P10crBody(csr)
         if r.kind in ("cr", "kur"):
             assert r.public_key_der is not None and r.subject_der is not None, (
                 "the record has no key or subject"
@@ -113,9 +134,9 @@ class RequestBuilder:
                 controls = (old_cert_id(old.issuer, old.serial_number),)
             body = CertReqBody((make_cert_request(template, ra_verified=True, controls=controls),))
             body_type = BodyType.KUR if r.kind == "kur" else BodyType.CR
-            return build_message(header, body_type, body, protection=self.protector)
+            return header, body_type, body
         if upstream is None:
             return Outcome("fail", "no upstream certificate for this device: nothing to revoke")
         cert = x509.load_der_x509_certificate(upstream)
         details = RevDetails(cert.issuer, cert.serial_number, reasons.get(r.cert_serial))
-        return build_message(header, BodyType.RR, RrBody((details,)), protection=self.protector)
+        return header, BodyType.RR, RrBody((details,))

@@ -158,6 +158,8 @@ CREATE INDEX IF NOT EXISTS issuance_updates ON issuance (updates) WHERE updates 
 CREATE UNIQUE INDEX IF NOT EXISTS issuance_live_key
     ON issuance (public_key_sha256) WHERE state != 'burned';
 CREATE INDEX IF NOT EXISTS issuance_request ON issuance (station, request_id);
+-- `revoke --device` looks a device up under every CA and in every state: without this, a scan of ten years.
+CREATE INDEX IF NOT EXISTS issuance_by_device ON issuance (device_serial);
 CREATE TABLE IF NOT EXISTS stations (
     name            TEXT PRIMARY KEY,
     kind            TEXT NOT NULL CHECK (kind IN ('serial', 'lan')),

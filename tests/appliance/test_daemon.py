@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from appliance import ca as ca_mod
+from appliance import daemon as daemon_mod
 from appliance import stations_registry as reg
 from appliance.audit.log import AuditLog
 from appliance.config import (
@@ -686,3 +687,36 @@ async def test_stopping_with_stations_connected_says_bye_busy_and_logs_no_error(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [
         r.getMessage() for r in caplog.records
     ]
+
+
+async def test_confirm_answered_from_the_enrolls_memory_is_per_station_and_marks_the_journal(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    """CONFIRM right after ENROLL is answered from what the ENROLL returned (no journal lookup): that memory is
+    keyed by station, so another station cannot confirm the request, and the confirm still reaches the
+    journal; it is bounded, oldest out first."""
+    links = [await Link.tls(_addr(daemon), await add_lan(daemon, f"recent-st{i}", tmp_path)) for i in (1, 2)]
+    for link in links:
+        assert isinstance(await link.handshake(), Authenticated)
+    rid = request_id()
+    cert = await _enroll(links[0], "SN-RECENT-1", rid)
+    assert isinstance(cert, Cert)
+    digest = hashlib.sha256(cert.chain[0]).digest()
+    enroller = daemon.enroller
+    assert enroller is not None and ("recent-st1", rid.hex()) in enroller._recent
+    other = await links[1].request(Confirm(rid, digest))
+    assert isinstance(other, Error) and other.code == Code.UNKNOWN_REQUEST
+    ok = await links[0].request(Confirm(rid, digest))
+    assert isinstance(ok, Confirmed)
+    assert ("recent-st1", rid.hex()) not in enroller._recent
+    assert [r.state for r in daemon.journal.rows("request_id=?", (rid.hex(),))] == ["confirmed"]
+    for link in links:
+        await link.close()
+
+    sample = next(iter(daemon.journal.rows("request_id=?", (rid.hex(),))))
+    for n in range(enroller.RECENT + 10):
+        enroller._note_recent(
+            "bounded", f"{n:032x}", daemon_mod._Issued(sample.cert_serial, "x", None, b"", "issued")
+        )
+    keys = [k for k in enroller._recent if k[0] == "bounded"]
+    assert len(enroller._recent) == enroller.RECENT and keys[0] == ("bounded", f"{10:032x}")

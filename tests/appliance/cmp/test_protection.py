@@ -30,7 +30,7 @@ from appliance.cmp import (
     verify_protection,
     verify_signature,
 )
-from appliance.cmp.build import with_protection
+from appliance.cmp.build import build_messages, with_protection
 from appliance.cmp.protection import compute_mac, pbm_parameters, pbmac1_parameters
 from hsm.algorithms import KeyAlgorithm
 from hsm.token import Token
@@ -233,3 +233,29 @@ def test_signature_protection_with_an_hsm_key(hsm_token: Token, algorithm: KeyAl
     msg = parse_message(nested.der)
     assert verify_signature(msg) == cert
     check_header(msg)
+
+
+@pytest.mark.parametrize(
+    "algorithm", [KeyAlgorithm.EC_P256, KeyAlgorithm.EC_P384, KeyAlgorithm.RSA_2048, KeyAlgorithm.ED25519]
+)
+def test_messages_signed_together_in_the_hsm_each_verify(hsm_token: Token, algorithm: KeyAlgorithm) -> None:
+    """build_messages signs a batch in one HSM call (sign_many): every message must carry its own signature,
+    made with the hash its protectionAlg names, exactly as if it had been signed alone."""
+    label = f"cmp-ra-many-{algorithm.value}"
+    key = hsm_token.get_key(label) if hsm_token.has_key(label) else hsm_token.generate_key(label, algorithm)
+    ca = MiniCa()
+    cert = ca.issue(name("RA in the HSM"), key.public_key())
+    protector = SignatureProtector(key, cert, (ca.cert,))
+    header = replace(ir_header(), sender=x509.DirectoryName(cert.subject))
+    specs = [(replace(header, transaction_id=bytes([i]) * 16), BodyType.IR, ir_body()) for i in range(5)]
+    built = build_messages(specs, protection=protector)
+    assert len({m.protection for m in built}) == 5
+    for i, m in enumerate(built):
+        msg = parse_message(m.der)
+        assert msg.header.transaction_id == bytes([i]) * 16 and msg.extra_certs == (cert, ca.cert)
+        assert verify_signature(msg) == cert
+    swapped = parse_message(with_protection(built[0], built[1].protection or b"", built[0].extra_certs).der)
+    with pytest.raises(CmpError):
+        verify_signature(swapped)
+    with pytest.raises(ValueError, match="protection_alg"):
+        protector.protect_many([ir_header()], [b"part"])  # a header that names no (or another) algorithm

@@ -1,0 +1,378 @@
+"""Ten years of journal: how the appliance behaves when its journal holds millions of certificates.
+
+    python bench/journal_growth.py [--certs 1000000] [--per-work-order 10000] [--sample 3000]
+
+Builds a real appliance (SoftHSM2 token, CA hierarchy, one LAN station, a production floor with an active work
+order), issues --sample certificates through the issuance core with the work-order policy and the audit log (the
+"empty journal" figures), copies that journal aside, then fills it with --certs more issued and confirmed
+certificates written directly in bulk with SQL (not through the HSM): their issuance rows (random 128-bit serials,
+the size of a real certificate), one work-order unit each in closed work orders of --per-work-order units, one
+finished outbox row each (the forwarder's record of the upstream copy: CSR, request and upstream certificate
+sized like real ones), and the audit entries the core writes for them (as many per certificate as the sample
+wrote, hash-chained, with a checkpoint signed in the HSM every 1,000 entries as the daemon does). Then, on the
+empty and on the full journal, measures what a user meets:
+
+    issuance rate         --sample certificates through the core (policy + audit); goal: full >= 80% of empty
+    OCSP cold lookup      lookup_status() of random serials, per lookup (the responder's cache is not involved)
+    report workorder      `birthline report workorder` of a work order of --per-work-order units, wall time
+    export workorder      `birthline export workorder ... --csv`, wall time
+    audit verify          `birthline audit verify`, wall time (it recomputes the whole chain from genesis)
+    journal size          bytes per certificate
+    daemon start          `birthline run` until its LAN listener accepts
+
+and prints the query plan (EXPLAIN QUERY PLAN) of the hot queries, flagging any full-table scan. Figures are
+ratios within one run: this machine is shared and noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from appliance.audit.encoding import entry_hash
+from appliance.audit.log import ensure_audit_key
+from appliance.config import Config, load_config
+from appliance.production.policy import WorkOrderPolicy
+from appliance.runtime import open_core
+from appliance.va.ocsp import lookup_status
+from bench.stations import _config, _free_port, _setup, _wait_listening
+from stations.simulator import make_devices
+
+CLI = [sys.executable, "-m", "appliance.cli.main"]
+CHECKPOINT_EVERY = 1000  # [audit] checkpoint_every_entries default
+
+# The queries that run per request or per command and must stay indexed as the journal grows (name, SQL,
+# parameters). Checked with EXPLAIN QUERY PLAN here and in tests/appliance/issuance/test_query_plans.py. The
+# audit head reads the rowid b-tree backwards with LIMIT 1: SQLite shows that as "SCAN audit", one row read.
+HOT_QUERIES: tuple[tuple[str, str, tuple[object, ...]], ...] = (
+    ("ocsp status", "SELECT i.state, i.ca, r.reason, r.revoked_at FROM issuance i LEFT JOIN revocation r"
+     " ON r.cert_serial = i.cert_serial WHERE i.cert_serial=?", ("ab",)),
+    ("station request", "SELECT cert_serial, device_serial, csr_sha256, cert_der, state FROM issuance"
+     " WHERE station=? AND request_id=? AND state!='burned' ORDER BY id DESC LIMIT 1", ("s", "r")),
+    ("revocation by device", "SELECT cert_serial, ca, device_serial, state FROM issuance WHERE device_serial=?"
+     " ORDER BY id", ("d",)),
+    ("audit head", "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", ()),
+    ("report workorder", "SELECT u.kind, i.state, COUNT(*) FROM work_order_unit u JOIN issuance i"
+     " ON i.id = u.issuance_id WHERE u.work_order = ? AND u.released = 0 GROUP BY u.kind, i.state", ("w",)),
+    ("confirm", "SELECT state, cert_der, station, device_serial, cert_serial, issued_at FROM issuance"
+     " WHERE cert_serial=?", ("ab",)),
+    ("ocsp changes", "SELECT id, ca, cert_serial FROM issuance WHERE id > ? ORDER BY id", (1,)),
+    ("issue: device conflict", "SELECT id FROM issuance WHERE ca=? AND device_serial=?"
+     " AND state NOT IN ('burned', 'reworked') AND updated_by IS NULL", ("c", "d")),
+    ("issue: key conflict", "SELECT id FROM issuance WHERE public_key_sha256=? AND state != 'burned'", (b"k",)),
+    ("issue: RA request", "SELECT id FROM ra_request WHERE ca=? AND device_serial=? ORDER BY id DESC LIMIT 1",
+     ("c", "d")),
+    ("export workorder", "SELECT u.issuance_id FROM work_order_unit u WHERE u.work_order = ? AND u.released = 0"
+     " AND u.issuance_id IS NOT NULL", ("w",)),
+    ("outbox due", "SELECT id FROM outbox WHERE state IN ('queued', 'sent', 'waiting') AND next_attempt_at <= ?"
+     " ORDER BY next_attempt_at LIMIT 50", (0.0,)),
+)  # fmt: skip
+
+
+def plans(conn: sqlite3.Connection) -> list[tuple[str, str, bool]]:
+    """(name, plan, scans a whole table) for each hot query."""
+    out = []
+    for name, sql, params in HOT_QUERIES:
+        detail = [str(r[3]) for r in conn.execute("EXPLAIN QUERY PLAN " + sql, params)]
+        one_row = name == "audit head"
+        scans = not one_row and any(d.startswith("SCAN ") and " USING " not in d for d in detail)
+        out.append((name, "; ".join(detail), scans))
+    return out
+
+
+# -- the sample: real issuance through the core --------------------------------------------------------------
+
+
+def issue_sample(config: Config, n: int, tag: str) -> float:
+    """Issue and confirm `n` devices through the core with the work-order policy and the audit log;
+    returns certificates/s (issue + confirm, all concurrently, as many stations would)."""
+    devices = make_devices(n, f"JG{tag}")
+    with open_core(config) as core:
+        service = core.issue_service(WorkOrderPolicy(config.issuance.issuing_ca))
+        from appliance.issuance.policy import IssueRequest
+
+        async def run() -> float:
+            async with service:
+                t0 = time.perf_counter()
+
+                async def one(serial: str, csr: bytes) -> None:
+                    result = await service.issue(IssueRequest(serial, csr, station="lan00"))
+                    await service.confirm(result.cert_serial)
+
+                await asyncio.gather(*(one(s, c) for s, c in devices))
+                return time.perf_counter() - t0
+
+        written = _written()
+        elapsed = asyncio.run(run())
+        WRITTEN.append((_written() - written) / n)
+    return n / elapsed
+
+
+WRITTEN: list[float] = []  # bytes this process wrote to disk per certificate, one per issue_sample call
+
+
+def _written() -> int:
+    """Bytes this process has caused to be written to storage (/proc/self/io: WAL, database, checkpoints)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("write_bytes:"):
+            return int(line.split()[1])
+    return 0
+
+
+# -- the bulk fill ----------------------------------------------------------------------------------------------
+
+
+def fill(config: Config, journal_path: Path, certs: int, per_wo: int, outbox: bool) -> None:
+    """Append `certs` issued+confirmed certificates with their units, outbox rows and audit entries."""
+    conn = sqlite3.connect(journal_path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")  # a bulk load: the measured phases use the daemon's settings
+    sample = conn.execute(
+        "SELECT profile, ca, cert_der, station FROM issuance WHERE state='confirmed' LIMIT 1"
+    ).fetchone()
+    assert sample is not None, "the sample issued nothing"
+    profile, ca, cert_der, station = sample
+    n_sample = conn.execute("SELECT COUNT(*) FROM issuance").fetchone()[0]
+    n_audit = conn.execute("SELECT COUNT(*) FROM audit WHERE event LIKE 'issuance.%'").fetchone()[0]
+    per_cert = n_audit / n_sample
+    shapes = [
+        (str(a), str(e), str(d))
+        for a, e, d in conn.execute(
+            "SELECT actor, event, data FROM audit WHERE event LIKE 'issuance.%' LIMIT 64"
+        )
+    ]
+    csr = make_devices(1, "X")[0][1]
+    t_start = time.time() - 10 * 365 * 86400  # ten years ago
+    span = 10 * 365 * 86400
+    wos = (certs + per_wo - 1) // per_wo
+    print(f"bulk: {certs} certificates in {wos} work orders, {per_cert:.3f} audit entries per certificate"
+          f" (as the sample), {'outbox rows' if outbox else 'no outbox'} ...", flush=True)  # fmt: skip
+    conn.execute("BEGIN")
+    for w in range(wos):
+        wid = f"WO-Y{w:06d}"
+        qty = min(per_wo, certs - w * per_wo)
+        at = t_start + span * w / wos
+        conn.execute(
+            "INSERT INTO work_order (id, product, quantity, consumed, state, created_at, activated_at, closed_at)"
+            " VALUES (?, 'widget', ?, ?, 'closed', ?, ?, ?)",
+            (wid, qty, qty, at, at, at + span / wos),
+        )
+        conn.execute("INSERT INTO work_order_line (work_order, line) VALUES (?, 'L1')", (wid,))
+    conn.execute("COMMIT")
+    chunk = 100_000
+    t0 = time.perf_counter()
+    for first in range(0, certs, chunk):
+        n = min(chunk, certs - first)
+        conn.execute("BEGIN")
+        conn.execute(
+            "WITH RECURSIVE c(x) AS (SELECT ?1 UNION ALL SELECT x + 1 FROM c WHERE x + 1 < ?1 + ?2)"
+            " INSERT INTO issuance (request_id, station, profile, ca, device_serial, public_key_sha256, csr_sha256,"
+            " cert_serial, tbs_sha256, state, cert_der, created_at, issued_at, confirmed_at)"
+            " SELECT lower(hex(randomblob(16))), ?3, ?4, ?5, printf('Y%08x-%06d', x / 1000000, x % 1000000),"
+            " randomblob(32), randomblob(32), ltrim(lower(hex(randomblob(16))), '0'), randomblob(32), 'confirmed', ?6,"
+            " ?7 + x * ?8, ?7 + x * ?8, ?7 + x * ?8 + 1 FROM c",
+            (first, n, station, profile, ca, cert_der, t_start, span / certs),
+        )
+        last_id = conn.execute("SELECT MAX(id) FROM issuance").fetchone()[0]
+        conn.execute(
+            "INSERT INTO work_order_unit (work_order, device_serial, kind, issuance_id, created_at)"
+            " SELECT printf('WO-Y%06d', (id - ?1) / ?2), device_serial, 'new', id, created_at FROM issuance"
+            " WHERE id > ?3",
+            (last_id - n + 1 - first, per_wo, last_id - n),
+        )
+        if outbox:
+            conn.execute(
+                "INSERT INTO outbox (kind, issuance_id, cert_serial, transaction_id, csr_der, request_der, state,"
+                " attempts, next_attempt_at, upstream_cert_der, created_at, done_at)"
+                " SELECT 'p10cr', id, cert_serial, randomblob(16), ?1, zeroblob(?2), 'done', 1, created_at, ?3,"
+                " created_at, created_at + 1 FROM issuance WHERE id > ?4",
+                (csr, len(csr) + 600, cert_der, last_id - n),
+            )
+        conn.execute("COMMIT")
+        print(f"  {first + n} certificates ({time.perf_counter() - t0:.0f} s)", flush=True)
+    conn.close()
+    fill_audit(config, round(certs * per_cert), shapes, t_start, span)
+
+
+def fill_audit(
+    config: Config, entries: int, shapes: list[tuple[str, str, str]], t0: float, span: float
+) -> None:
+    """Append `entries` hash-chained audit entries, signing a checkpoint every CHECKPOINT_EVERY as the daemon
+    does (the audit key in the HSM)."""
+    with open_core(config) as core:
+        key = ensure_audit_key(core.token)
+        done = 0
+        while done < entries:
+            n = min(CHECKPOINT_EVERY - 1, entries - done)
+
+            def txn(conn: sqlite3.Connection, n: int = n, done: int = done) -> None:
+                seq, prev = conn.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+                prev = bytes(prev)
+                rows = []
+                for k in range(n):
+                    seq += 1
+                    actor, event, data = shapes[(done + k) % len(shapes)]
+                    at = t0 + span * (done + k) / entries
+                    digest = entry_hash(seq, at, actor, event, data, prev)
+                    rows.append((seq, at, actor, event, data, prev, digest))
+                    prev = digest
+                conn.executemany(
+                    "INSERT INTO audit (seq, time, actor, event, data, prev_hash, hash) VALUES (?,?,?,?,?,?,?)",
+                    rows,
+                )
+
+            core.journal.call(core.journal.transaction, txn, "bulk audit")
+            core.audit.checkpoint(key)
+            done += n
+    print(f"  {entries} audit entries with a checkpoint every {CHECKPOINT_EVERY}", flush=True)
+
+
+# -- measuring ------------------------------------------------------------------------------------------------
+
+
+def ocsp_lookup_us(path: Path, ca: str, n: int = 2000) -> float:
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    serials = [
+        int(s, 16)
+        for (s,) in conn.execute("SELECT cert_serial FROM issuance ORDER BY random() LIMIT ?", (n,))
+    ]
+    t0 = time.perf_counter()
+    for s in serials:
+        assert lookup_status(conn, ca, s).kind == "good"
+    us = (time.perf_counter() - t0) / len(serials) * 1e6
+    conn.close()
+    return us
+
+
+def cli_s(toml: Path, *argv: str) -> float:
+    t0 = time.perf_counter()
+    subprocess.run([*CLI, *argv, "--config", str(toml)], check=True, capture_output=True)
+    return time.perf_counter() - t0
+
+
+async def daemon_start_s(toml: Path, port: int) -> float:
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([*CLI, "run", "--config", str(toml)], stderr=subprocess.DEVNULL)
+    try:
+        await _wait_listening(port, proc, timeout=600)
+        return time.perf_counter() - t0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=120)
+
+
+def measure(label: str, base: Path, toml: Path, config: Config, port: int, wo: str, tag: str, sample: int,
+            ) -> dict[str, float]:  # fmt: skip
+    journal = config.appliance.state_dir / "journal.sqlite"
+    out: dict[str, float] = {}
+    out["start_s"] = asyncio.run(daemon_start_s(toml, port))
+    out["ocsp_us"] = ocsp_lookup_us(journal, config.issuance.issuing_ca)
+    out["report_s"] = cli_s(toml, "report", "workorder", wo)
+    out["export_s"] = cli_s(toml, "export", "workorder", wo, "--csv", str(base / f"{tag}.csv"))
+    out["verify_s"] = cli_s(toml, "audit", "verify")
+    with sqlite3.connect(journal) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        out["certs"] = conn.execute("SELECT COUNT(*) FROM issuance").fetchone()[0]
+        out["audit"] = conn.execute("SELECT COUNT(*) FROM audit").fetchone()[0]
+        for name, plan, scans in plans(conn):
+            print(f"  [{label}] plan {name}: {plan}{'   <-- FULL SCAN' if scans else ''}")
+    out["bytes"] = sum(p.stat().st_size for p in journal.parent.glob("journal.sqlite*"))
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    ap.add_argument(
+        "--certs", type=int, default=1_000_000, help="certificates to add in bulk (10000000: ten years)"
+    )
+    ap.add_argument("--per-work-order", type=int, default=10_000)
+    ap.add_argument("--sample", type=int, default=3000, help="certificates issued through the core per rate")
+    ap.add_argument(
+        "--no-outbox", action="store_true", help="no outbox rows (a plant without an upstream CA)"
+    )
+    ap.add_argument("--rounds", type=int, default=3, help="alternated issuance rounds per journal (median)")
+    ap.add_argument("--keep", type=Path, help="keep the filled appliance in this directory")
+    args = ap.parse_args()
+    tmp = tempfile.mkdtemp(prefix="birthline-growth-", dir=args.keep)
+    base = Path(tmp)
+    try:
+        port = _free_port()
+        config = _config(base, port)
+        toml = base / "birthline.toml"
+        _setup(config, base, 0, 1)
+        with sqlite3.connect(config.appliance.state_dir / "journal.sqlite") as conn:
+            conn.execute(
+                "UPDATE work_order SET quantity = ? WHERE id = 'WO-BENCH'", (args.certs + 10 * args.sample,)
+            )
+        issue_sample(config, args.sample, "W")  # the rows the bulk copies the shape of; warms the token
+        empty = measure("empty", base, toml, config, port, "WO-BENCH", "E", args.sample)
+        # A copy of the empty appliance's state, to alternate issuance rounds with the full one afterwards.
+        shutil.copytree(config.appliance.state_dir, base / "state-empty")
+        toml_empty = base / "birthline-empty.toml"
+        toml_empty.write_text(toml.read_text().replace(f"{base}/state", f"{base}/state-empty"))
+        config_empty = load_config(toml_empty)
+        t0 = time.perf_counter()
+        fill(
+            config,
+            config.appliance.state_dir / "journal.sqlite",
+            args.certs,
+            args.per_work_order,
+            not args.no_outbox,
+        )
+        print(f"bulk fill took {time.perf_counter() - t0:.0f} s", flush=True)
+        full = measure("full", base, toml, config, port, "WO-Y000000", "F", args.sample)
+        # Issuance on each journal, alternated (empty, full, empty, ...): this machine's load drifts.
+        rounds: dict[str, list[float]] = {"empty": [], "full": []}
+        written: dict[str, list[float]] = {"empty": [], "full": []}
+        for i in range(args.rounds):
+            for name, cfg in (("empty", config_empty), ("full", config)):
+                rounds[name].append(issue_sample(cfg, args.sample, f"R{i}{name[0].upper()}"))
+                written[name].append(WRITTEN[-1])
+        empty["rate"], full["rate"] = statistics.median(rounds["empty"]), statistics.median(rounds["full"])
+        empty["written"], full["written"] = (
+            statistics.median(written["empty"]),
+            statistics.median(written["full"]),
+        )
+        shown = {k: ", ".join(f"{r:.0f}" for r in v) for k, v in rounds.items()}
+        print(f"issuance rounds (certificates/s): empty {shown['empty']}; full {shown['full']}")
+    finally:
+        if args.keep is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    added = full["certs"] - empty["certs"]
+    print(f"\njournal: {empty['certs']:.0f} -> {full['certs']:.0f} certificates, {empty['audit']:.0f} ->"
+          f" {full['audit']:.0f} audit entries; machine: {os.cpu_count()} cores")  # fmt: skip
+    rows = (
+        ("issuance rate (certificates/s)", "rate", "{:.0f}"),
+        ("bytes written per certificate", "written", "{:.0f}"),
+        ("OCSP cold lookup (us)", "ocsp_us", "{:.1f}"),
+        ("report workorder (s)", "report_s", "{:.2f}"),
+        ("export workorder --csv (s)", "export_s", "{:.2f}"),
+        ("audit verify (s)", "verify_s", "{:.2f}"),
+        ("daemon start (s)", "start_s", "{:.2f}"),
+    )
+    print(f"  {'':34s} {'empty':>10s} {'full':>10s} {'full/empty':>10s}")
+    for name, key, fmt in rows:
+        print(
+            f"  {name:34s} {fmt.format(empty[key]):>10s} {fmt.format(full[key]):>10s} {full[key] / empty[key]:10.2f}"
+        )
+    print(
+        f"  issuance rate on the full journal: {full['rate'] / empty['rate']:.0%} of the empty one (goal >= 80%)"
+    )
+    print(f"  journal bytes per certificate: {(full['bytes'] - empty['bytes']) / added:.0f}"
+          f" (full journal {full['bytes'] / 1e9:.2f} GB)")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

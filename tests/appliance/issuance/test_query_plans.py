@@ -1,0 +1,24 @@
+"""The queries that run per request or per command use indexes, so they cost the same on a journal ten years full
+(bench/journal_growth.py measures that journal; this checks the plans, which do not depend on its size)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from appliance.issuance.journal import Journal
+from bench.journal_growth import HOT_QUERIES, plans
+
+
+def test_hot_queries_use_indexes_on_a_real_journal(tmp_path: Path) -> None:
+    with Journal(tmp_path / "journal.sqlite") as journal:
+        found = journal.call(lambda: plans(journal.conn))
+    assert [name for name, _, _ in found] == [name for name, _, _ in HOT_QUERIES]
+    assert [(name, plan) for name, plan, scans in found if scans] == []
+
+
+def test_a_lookup_without_its_index_is_reported_as_a_full_scan(tmp_path: Path) -> None:
+    """The check above can fail: without issuance_by_device, `revoke --device` scans the issuance table."""
+    with Journal(tmp_path / "journal.sqlite") as journal:
+        journal.call(lambda: journal.conn.execute("DROP INDEX issuance_by_device"))
+        found = journal.call(lambda: plans(journal.conn))
+    assert [name for name, _, scans in found if scans] == ["revocation by device"]
