@@ -98,6 +98,7 @@ faults: deps
 	$(PY) -m pytest -q $(FAULT_TESTS)
 
 # perf-front (issue 15): the front ends, the upstream drain, a journal years full, memory (docs/performance.md).
+.PHONY: bench-front
 bench-front: deps
 	$(PY) bench/stations.py lan --open-loop 50x2 --seconds 30
 	$(PY) bench/stations.py lan --stations 50 --devices 100 --core-certs 10000
