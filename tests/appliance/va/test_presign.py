@@ -8,6 +8,7 @@ import asyncio
 import datetime as dt
 import random
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,11 +18,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import NameOID
 
+from appliance.config import parse_config
+from appliance.errors import ConfigError
 from appliance.va import revocation as rv
 from appliance.va.fastpath import OcspListener
 from appliance.va.ocsp import EXTENDED_REVOKE_OID, OcspResponder
 from appliance.va.presign import ResponseMaker, plain_request
+from appliance.va.service import ValidationAuthority, VaSettings
 from tests.appliance.va.conftest import DEVICES, Va
+from tests.appliance.va.test_openssl import Files, ocsp_query
 from tests.ports import free_ports
 
 C = ocsp.OCSPCertStatus
@@ -243,3 +248,46 @@ async def test_line_listener_refuses_what_it_does_not_serve(va: Va, head: bytes)
         writer.write(head)
         assert (await reader.read()).startswith(b"HTTP/1.1 404")
         writer.close()
+
+
+async def test_openssl_against_the_line_listener_of_a_presigning_va(va: Va, tmp_path: Path) -> None:
+    """The VA as the daemon runs it with [va] presign_max and ocsp_listen: its poll makes the answers, and
+    openssl (-no_nonce: answered from bytes alone; -nonce: signed fresh) verifies them through the listener."""
+    root, issuing = tmp_path / "root.pem", tmp_path / "issuing.pem"
+    root.write_bytes(va.root.certificate.public_bytes(serialization.Encoding.PEM))
+    issuing.write_bytes(va.issuing.certificate.public_bytes(serialization.Encoding.PEM))
+    files = Files(root, issuing, tmp_path)
+    good = files.cert("good", va.cert("SN-0001"))
+    settings = VaSettings(presign_max=100, poll_s=0.05)
+    async with ValidationAuthority(va.journal, va.token, va.audit, settings) as authority:
+        responder = authority.responder
+        deadline = time.monotonic() + 60
+        while responder.presigned < len(DEVICES):
+            assert time.monotonic() < deadline, "the poll never pre-signed"
+            await asyncio.sleep(0.05)
+        async with OcspListener(responder, "127.0.0.1", free_ports(1)) as server:
+            signed = responder.signed
+            rc, out = await ocsp_query(server.url, files, good, "-no_nonce")
+            assert rc == 0 and "Response verify OK" in out and f"{good}: good" in out, out
+            assert server.fast == 1 and responder.signed == signed
+            rc, out = await ocsp_query(server.url, files, good, "-nonce")
+            assert rc == 0 and "Response verify OK" in out and f"{good}: good" in out, out
+            assert "WARNING: no nonce in response" not in out and responder.signed == signed + 1
+
+
+def test_config_keys_reach_the_line_listener_and_presigning(tmp_path: Path) -> None:
+    base = {"hsm": {"module": "m", "token_label": "t", "pin_file": "p"}}
+    va = parse_config({**base, "va": {"ocsp_listen": "127.0.0.1:7460", "presign_max": 5000, "presign_batch": 64}},
+                      base_dir=tmp_path).va  # fmt: skip
+    assert va.ocsp_address == ("127.0.0.1", 7460)
+    assert (va.settings.presign_max, va.settings.presign_batch) == (5000, 64)
+    defaults = parse_config(base, base_dir=tmp_path).va
+    assert defaults.ocsp_address is None and defaults.settings.presign_max == 0
+    with pytest.raises(ConfigError) as info:
+        parse_config({**base, "va": {"ocsp_listen": "nowhere", "presign_batch": 0}}, base_dir=tmp_path)
+    assert {p.where for p in info.value.problems} == {"va.ocsp_listen", "va.presign_batch"}
+    with pytest.raises(ConfigError) as info:
+        parse_config(
+            {**base, "va": {"listen": "127.0.0.1:7451", "ocsp_listen": "127.0.0.1:7451"}}, base_dir=tmp_path
+        )
+    assert "va.ocsp_listen" in str(info.value)
