@@ -33,6 +33,7 @@ import multiprocessing
 import os
 import random
 import sqlite3
+import statistics
 import sys
 import tempfile
 import time
@@ -117,6 +118,73 @@ async def phase(url: str, requests: list[bytes], clients: int) -> tuple[float, d
         return len(requests) / (time.perf_counter() - t0), counts
 
 
+def mixed(
+    args: argparse.Namespace, loadgen: concurrent.futures.ProcessPoolExecutor, journal: Journal, token: Token,
+    audit: AuditLog, issuing: ca_mod.CaRecord, warm: list[bytes], nonced: list[bytes],
+) -> None:  # fmt: skip
+    """The priority rule (certificates before OCSP signatures, hsm/worker.py lanes) measured: issuance rounds
+    alone and with OCSP load (warm pipelined requests with one nonce request in ten mixed in, from the load
+    generator's process, through the line listener) alternated, then the medians compared."""
+    key = token.get_key(issuing.key_label)
+    profiles = {"idevid": builtin_profiles()["idevid"]}
+    print(f"making {args.issue} device CSRs per round (not timed) ...", flush=True)
+    rounds = [make_csrs(args.issue) for _ in range(6)]  # a device key is certified once: fresh keys per round
+    load = [b for i, w in enumerate(warm) for b in ((w, nonced[i % len(nonced)]) if i % 9 == 0 else (w,))]
+    settings = VaSettings(
+        cache_max=max(100_000, 2 * args.certs), sign_rate_per_client=1e6, sign_burst_per_client=10**6,
+        sign_rate_total=1e6, request_rate_per_client=1e6, request_burst_per_client=10**6,
+        presign_max=args.certs + 100, presign_batch=args.presign_batch, max_inflight_signs=64,
+        max_pending_signs=10**6,
+    )  # fmt: skip
+    rates: dict[bool, list[float]] = {False: [], True: []}
+    ocsp_rates: list[float] = []
+
+    async def run() -> None:
+        async with ValidationAuthority(journal, token, audit, settings) as va:
+            await va.responder.presign()
+            async with OcspListener(va.responder, "127.0.0.1", 0, max_connections=4 * args.clients) as server:
+                for rnd, loaded in enumerate((False, True) * 3):
+                    csrs = rounds[rnd]
+                    service = IssueService(journal, issuing, key, profiles, batch_max=256)
+                    async with service:
+                        pending = None
+                        if loaded:
+                            pending = asyncio.get_running_loop().run_in_executor(
+                                loadgen, run_load, "127.0.0.1", server.port, load, args.clients, args.depth
+                            )
+                            before = server.requests
+                            while server.requests - before < 1000:  # the load is on
+                                await asyncio.sleep(0.01)
+                        t0 = time.perf_counter()
+                        await asyncio.gather(*(
+                            service.issue(IssueRequest(f"MIX{rnd}-{i:06d}", c)) for i, c in enumerate(csrs)
+                        ))  # fmt: skip
+                        elapsed = time.perf_counter() - t0
+                        rates[loaded].append(args.issue / elapsed)
+                        if pending is not None:
+                            during = server.requests - before
+                            ocsp_rates.append(during / elapsed)
+                            wall, _, _ = await pending
+                            if wall < elapsed:
+                                print(
+                                    "  (the OCSP load ended before the issuance round: use a larger --warm)"
+                                )
+
+    asyncio.run(run())
+    alone, loaded = statistics.median(rates[False]), statistics.median(rates[True])
+    print(
+        f"\nissuance with OCSP load beside it, {args.issue} certificates per round, 3 alternated rounds each:"
+    )
+    print(
+        f"  issuance alone:          {alone:8.0f} certificates/s  ({', '.join(f'{r:.0f}' for r in rates[False])})"
+    )
+    print(
+        f"  issuance under OCSP:     {loaded:8.0f} certificates/s  ({', '.join(f'{r:.0f}' for r in rates[True])})"
+    )
+    print(f"  OCSP answers meanwhile:  {statistics.median(ocsp_rates):8.0f} answers/s (1 in 10 with a nonce)")
+    print(f"  loaded / alone:          {loaded / alone:8.1%}  (goal >= 80%)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--certs", type=int, default=10000)
@@ -125,6 +193,8 @@ def main() -> None:
     ap.add_argument("--nonce", type=int, default=2000)
     ap.add_argument("--depth", type=int, default=16, help="line listener: requests pipelined per connection")
     ap.add_argument("--presign-batch", type=int, default=128, help="answers per HSM call when pre-signing")
+    ap.add_argument("--mixed", action="store_true", help="issuance alone and with OCSP load beside it")
+    ap.add_argument("--issue", type=int, default=3000, help="with --mixed: certificates per issuance round")
     args = ap.parse_args()
     # The load generator's process, started before the token exists (spawn: it shares nothing with us).
     loadgen = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
@@ -167,6 +237,10 @@ def main() -> None:
                 request(name_hash, key_hash, rng.choice(serials), nonce=True) for _ in range(args.nonce)
             ]
 
+            if args.mixed:
+                mixed(args, loadgen, journal, token, audit, issuing, warm, nonced)
+                loadgen.shutdown()
+                return
             raw_before = raw_sign_rate(token, issuing.key_label, 5000)
 
             async def run() -> tuple[
