@@ -875,6 +875,9 @@ class OcspResponder(PollingTask):
                 signatures = await signing.key.asign_many([u.tbs for u, _, _ in built])
                 self.signed += len(signatures)
                 self.presigned += len(signatures)
+                # A long pass must not hold back revocations: the poll's refresh also runs between batches,
+                # so what it drops (and the _changed check below) is never more than a batch late.
+                await self.arefresh()
                 if self._signing.get(ca) is not signing:
                     break  # a new signer took over meanwhile: its answers are made on demand / next pass
                 for p, (_, status), (u, this_update, next_update), sig in zip(
