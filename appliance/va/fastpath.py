@@ -75,6 +75,7 @@ class _Conn(asyncio.Protocol):
         self.peer = "unknown"
         self.closing = False
         self.reading = True
+        self.writable = True
         self.last_seen = time.monotonic()
 
     # -- connection --------------------------------------------------------------------------------------------
@@ -96,6 +97,18 @@ class _Conn(asyncio.Protocol):
             if isinstance(slot, asyncio.Future):
                 slot.cancel()
         self.slots.clear()
+
+    def pause_writing(self) -> None:
+        # A client that sends but does not read: stop reading its requests, or its answers (ten times the size
+        # of its requests) would pile up in our memory.
+        self.writable = False
+        if self.reading and self.transport is not None:
+            self.reading = False
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.writable = True
+        self._flush()
 
     # -- requests ----------------------------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
@@ -238,7 +251,7 @@ class _Conn(asyncio.Protocol):
             transport.write(b"".join(out))
         if self.closing and not self.slots:
             transport.close()
-        elif not self.reading and len(self.slots) < MAX_PIPELINE // 2 and not self.closing:
+        elif not self.reading and self.writable and len(self.slots) < MAX_PIPELINE // 2 and not self.closing:
             self.reading = True
             transport.resume_reading()
 

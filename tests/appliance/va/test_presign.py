@@ -291,3 +291,32 @@ def test_config_keys_reach_the_line_listener_and_presigning(tmp_path: Path) -> N
             {**base, "va": {"listen": "127.0.0.1:7451", "ocsp_listen": "127.0.0.1:7451"}}, base_dir=tmp_path
         )
     assert "va.ocsp_listen" in str(info.value)
+
+
+async def test_line_listener_stops_reading_a_client_that_does_not_read(va: Va) -> None:
+    """Pipelined requests from a client that never reads its answers: the listener stops reading once its send
+    buffer is full, instead of piling answers up in memory; when the client reads, every answer arrives."""
+    responder = OcspResponder(
+        va.journal, va.token, va.audit, presign_max=100, request_rate=1e6, request_burst=10**6
+    )
+    await asyncio.to_thread(responder.load)
+    await responder.presign()
+    request = _post(va.request("SN-0000"))
+    count = 20_000  # ~2 MB of requests, ~20 MB of answers
+    async with OcspListener(responder, "127.0.0.1", free_ports(1)) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.transport.set_write_buffer_limits(high=64 * 1024 * 1024)  # our side never pauses
+        writer.write(request * count)
+        deadline = time.monotonic() + 60
+        while not any(not c.reading and not c.writable for c in server.conns):
+            assert time.monotonic() < deadline, "the listener never stopped reading"
+            await asyncio.sleep(0.01)
+        (conn,) = server.conns
+        assert conn.transport is not None
+        assert conn.transport.get_write_buffer_size() < 8 * 1024 * 1024
+        assert server.requests < count
+        for _ in range(count):
+            _, body = await _read_response(reader)
+        assert ocsp.load_der_ocsp_response(body).certificate_status == C.GOOD
+        assert server.requests == count
+        writer.close()
