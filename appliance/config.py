@@ -126,10 +126,15 @@ class VaSection:
     listen: str = "127.0.0.1:7451"  # "host:port"; "" serves no CRL or OCSP
     settings: VaSettings = field(default_factory=VaSettings)
     limits: HttpLimits = field(default_factory=lambda: VA_LIMITS)
+    ocsp_listen: str = ""  # the OCSP line listener (appliance/va/fastpath.py), "host:port"; "" none
 
     @property
     def address(self) -> tuple[str, int] | None:
         return _split_listen(self.listen)
+
+    @property
+    def ocsp_address(self) -> tuple[str, int] | None:
+        return _split_listen(self.ocsp_listen)
 
 
 @dataclass(frozen=True)
@@ -577,8 +582,11 @@ def parse_config(
             request_burst_per_client=r.integer("request_burst_per_client", 400, lo=1, hi=1_000_000),
             pace_max_delay_s=r.number("pace_max_delay_s", 1.0, lo=0, hi=30),
             clients_max=r.integer("clients_max", 4096, lo=16, hi=1_000_000),
+            presign_max=r.integer("presign_max", 0, lo=0, hi=10_000_000),
+            presign_batch=r.integer("presign_batch", 128, lo=1, hi=1024),
         ),
         limits=_http_limits(r, VA_LIMITS),
+        ocsp_listen=_listen(r, "ocsp_listen", ""),
     )
     if va.settings.signer_renew_days >= va.settings.signer_validity_days:
         problems.append(Problem("va.signer_renew_days", "must be less than signer_validity_days"))
@@ -631,7 +639,7 @@ def parse_config(
     problems.extend(
         _shared_listeners(
             {
-                "stations.lan_listen": stations.lan_address, "va.listen": va.address, "cmp.listen": cmp.address,
+                "stations.lan_listen": stations.lan_address, "va.listen": va.address, "va.ocsp_listen": va.ocsp_address, "cmp.listen": cmp.address,
                 "scep.listen": scep.address, "est.listen": est.address, "metrics.listen": metrics.address,
             }
         )

@@ -68,6 +68,7 @@ from appliance.scep.responder import ScepResponder
 from appliance.scep.server import make_scep_app
 from appliance.station_failures import LinkFailures
 from appliance.stations_registry import StationRecord, TlsServerFiles, alist_stations
+from appliance.va.fastpath import OcspListener
 from appliance.va.http import VaServer, make_app
 from appliance.va.service import ValidationAuthority
 from stations.codec import FRAME_OVERHEAD, MAX_PAYLOAD, FrameDecoder
@@ -311,6 +312,7 @@ class Daemon:
         self.link_failures: LinkFailures | None = None
         self.va: ValidationAuthority | None = None
         self.va_server: VaServer | None = None
+        self.ocsp_line: OcspListener | None = None
         self.cmp: CmpResponder | None = None
         self.cmp_server: VaServer | None = None
         self.est: EstResponder | None = None
@@ -393,6 +395,16 @@ class Daemon:
                     )
                 )  # fmt: skip
             log.info("CRL and OCSP on %s", self.va_server.url)
+        if self.config.va.ocsp_address is not None:
+            limits = self.config.va.limits
+            with binding("[va] ocsp_listen", self.config.va.ocsp_listen):
+                self.ocsp_line = await self._stack.enter_async_context(
+                    OcspListener(
+                        self.va.responder, *self.config.va.ocsp_address, max_connections=limits.max_connections,
+                        idle_s=limits.idle_timeout_s, max_age=self.config.va.settings.http_max_age_s,
+                    )
+                )  # fmt: skip
+            log.info("OCSP (line listener) on %s/ocsp", self.ocsp_line.url)
         if cfg.lan_address is not None:
             self.tls_files = prepare(self.core)
         if self.config.upstream.enabled:

@@ -1,6 +1,6 @@
 """OCSP answers per second for concurrent HTTP clients, with the raw HSM sign rate of the same run beside it.
 
-    python bench/ocsp.py [--certs 10000] [--clients 50] [--warm 20000] [--nonce 2000]
+    python bench/ocsp.py [--certs 10000] [--clients 50] [--warm 20000] [--nonce 2000] [--depth 16]
 
 A fresh SoftHSM2 token and journal: root and issuing CA, a handful of device certificates issued through the
 real IssueService, and `--certs` issuance rows written straight into SQLite with fresh random serials of the
@@ -11,7 +11,15 @@ OCSP requests (SHA-1 CertIDs, as openssl sends them) in three phases:
     warm   random certificates of the set again: answered from the cache, no signature
     nonce  requests with a nonce: always signed fresh
 
-Clients and server share one event loop and one CPU here, so the HTTP figures include the client's cost.
+Clients and server share one event loop and one CPU here, so these HTTP figures include the client's cost.
+
+Then the line rate, on the OCSP line listener (appliance/va/fastpath.py) with answers made ahead of time
+(OcspResponder.presign, timed: answers signed per second in batches of --presign-batch): a load generator in
+its own process (bench/ocsp_load.py; its CPU time is printed) sends the warm requests over --clients
+keep-alive connections, --depth requests pipelined on each, then again with one request in flight per
+connection, and the nonce requests (each signed fresh). The first line matching "warm / raw" is the
+pipelined line-rate figure.
+
 Figures are ratios within one run: this machine is shared and noisy.
 """
 
@@ -19,10 +27,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import hashlib
+import multiprocessing
 import os
 import random
 import sqlite3
+import statistics
 import sys
 import tempfile
 import time
@@ -42,9 +53,11 @@ from appliance.issuance.policy import IssueRequest
 from appliance.issuance.service import IssueService
 from appliance.profiles import builtin_profiles, new_serial_number
 from appliance.va import revocation as rv
+from appliance.va.fastpath import OcspListener
 from appliance.va.http import VaServer, make_app
 from appliance.va.service import ValidationAuthority, VaSettings
 from bench.issue import make_csrs, raw_sign_rate
+from bench.ocsp_load import run_load
 from hsm.softhsm import create_softhsm_token
 from hsm.token import Token
 
@@ -105,13 +118,87 @@ async def phase(url: str, requests: list[bytes], clients: int) -> tuple[float, d
         return len(requests) / (time.perf_counter() - t0), counts
 
 
+def mixed(
+    args: argparse.Namespace, loadgen: concurrent.futures.ProcessPoolExecutor, journal: Journal, token: Token,
+    audit: AuditLog, issuing: ca_mod.CaRecord, warm: list[bytes], nonced: list[bytes],
+) -> None:  # fmt: skip
+    """The priority rule (certificates before OCSP signatures, hsm/worker.py lanes) measured: issuance rounds
+    alone and with OCSP load (warm pipelined requests with one nonce request in ten mixed in, from the load
+    generator's process, through the line listener) alternated, then the medians compared."""
+    key = token.get_key(issuing.key_label)
+    profiles = {"idevid": builtin_profiles()["idevid"]}
+    print(f"making {args.issue} device CSRs per round (not timed) ...", flush=True)
+    rounds = [make_csrs(args.issue) for _ in range(6)]  # a device key is certified once: fresh keys per round
+    load = [b for i, w in enumerate(warm) for b in ((w, nonced[i % len(nonced)]) if i % 9 == 0 else (w,))]
+    settings = VaSettings(
+        cache_max=max(100_000, 2 * args.certs), sign_rate_per_client=1e6, sign_burst_per_client=10**6,
+        sign_rate_total=1e6, request_rate_per_client=1e6, request_burst_per_client=10**6,
+        presign_max=args.certs + 100, presign_batch=args.presign_batch, max_inflight_signs=64,
+        max_pending_signs=10**6,
+    )  # fmt: skip
+    rates: dict[bool, list[float]] = {False: [], True: []}
+    ocsp_rates: list[float] = []
+
+    async def run() -> None:
+        async with ValidationAuthority(journal, token, audit, settings) as va:
+            await va.responder.presign()
+            async with OcspListener(va.responder, "127.0.0.1", 0, max_connections=4 * args.clients) as server:
+                for rnd, loaded in enumerate((False, True) * 3):
+                    csrs = rounds[rnd]
+                    service = IssueService(journal, issuing, key, profiles, batch_max=256)
+                    async with service:
+                        pending = None
+                        if loaded:
+                            pending = asyncio.get_running_loop().run_in_executor(
+                                loadgen, run_load, "127.0.0.1", server.port, load, args.clients, args.depth
+                            )
+                            before = server.requests
+                            while server.requests - before < 1000:  # the load is on
+                                await asyncio.sleep(0.01)
+                        t0 = time.perf_counter()
+                        await asyncio.gather(*(
+                            service.issue(IssueRequest(f"MIX{rnd}-{i:06d}", c)) for i, c in enumerate(csrs)
+                        ))  # fmt: skip
+                        elapsed = time.perf_counter() - t0
+                        rates[loaded].append(args.issue / elapsed)
+                        if pending is not None:
+                            during = server.requests - before
+                            ocsp_rates.append(during / elapsed)
+                            wall, _, _ = await pending
+                            if wall < elapsed:
+                                print(
+                                    "  (the OCSP load ended before the issuance round: use a larger --warm)"
+                                )
+
+    asyncio.run(run())
+    alone, loaded = statistics.median(rates[False]), statistics.median(rates[True])
+    print(
+        f"\nissuance with OCSP load beside it, {args.issue} certificates per round, 3 alternated rounds each:"
+    )
+    print(
+        f"  issuance alone:          {alone:8.0f} certificates/s  ({', '.join(f'{r:.0f}' for r in rates[False])})"
+    )
+    print(
+        f"  issuance under OCSP:     {loaded:8.0f} certificates/s  ({', '.join(f'{r:.0f}' for r in rates[True])})"
+    )
+    print(f"  OCSP answers meanwhile:  {statistics.median(ocsp_rates):8.0f} answers/s (1 in 10 with a nonce)")
+    print(f"  loaded / alone:          {loaded / alone:8.1%}  (goal >= 80%)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--certs", type=int, default=10000)
     ap.add_argument("--clients", type=int, default=50)
     ap.add_argument("--warm", type=int, default=20000)
     ap.add_argument("--nonce", type=int, default=2000)
+    ap.add_argument("--depth", type=int, default=16, help="line listener: requests pipelined per connection")
+    ap.add_argument("--presign-batch", type=int, default=128, help="answers per HSM call when pre-signing")
+    ap.add_argument("--mixed", action="store_true", help="issuance alone and with OCSP load beside it")
+    ap.add_argument("--issue", type=int, default=3000, help="with --mixed: certificates per issuance round")
     args = ap.parse_args()
+    # The load generator's process, started before the token exists (spawn: it shares nothing with us).
+    loadgen = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    loadgen.submit(int, 0).result()
 
     with tempfile.TemporaryDirectory(prefix="birthline-bench-ocsp-") as tmp:
         softhsm = create_softhsm_token(Path(tmp) / "softhsm", label="bench")
@@ -150,14 +237,21 @@ def main() -> None:
                 request(name_hash, key_hash, rng.choice(serials), nonce=True) for _ in range(args.nonce)
             ]
 
+            if args.mixed:
+                mixed(args, loadgen, journal, token, audit, issuing, warm, nonced)
+                loadgen.shutdown()
+                return
             raw_before = raw_sign_rate(token, issuing.key_label, 5000)
 
-            async def run() -> tuple[list[tuple[str, int, float, dict[str, int]]], float, float, int]:
+            async def run() -> tuple[
+                list[tuple[str, int, float, dict[str, int]]], float, float, int, list[str]
+            ]:
                 # Capacity, not policy: every client here is 127.0.0.1, so the per-client pacing and signing
                 # budgets (docs/revocation.md, "Load") are set out of reach; bench/ocsp_flood.py measures those.
                 settings = VaSettings(
                     cache_max=max(100_000, 2 * args.certs), sign_rate_per_client=1e6, sign_burst_per_client=10**6,
                     sign_rate_total=1e6, request_rate_per_client=1e6, request_burst_per_client=10**6,
+                    presign_batch=args.presign_batch, max_inflight_signs=128, max_pending_signs=10**6,
                 )  # fmt: skip
                 async with ValidationAuthority(journal, token, audit, settings) as va:
                     async with VaServer(make_app(va), "127.0.0.1", 0) as server:
@@ -177,11 +271,62 @@ def main() -> None:
                     for r in nonced[:200]:
                         await responder.aanswer(r)
                     miss_us = (time.perf_counter() - t0) / 200 * 1e6
-                    return rows, hit_us, miss_us, responder.signed
+                # A second VA on the same journal and signer, with an empty cache: pre-signing makes every answer.
+                async with ValidationAuthority(journal, token, audit, settings) as va2:
+                    line = await line_rate(va2, warm, nonced)
+                return rows, hit_us, miss_us, responder.signed, line
 
-            rows, hit_us, miss_us, signed = asyncio.run(run())
+            async def line_rate(va: ValidationAuthority, warm: list[bytes], nonced: list[bytes]) -> list[str]:
+                responder = va.responder
+                responder.presign_max = args.certs + 100
+                t0 = time.perf_counter()
+                made = await responder.presign()
+                presign_rate = rates["presign"] = made / (time.perf_counter() - t0)
+                out = [f"  presign {made:6d} answers:  {presign_rate:8.0f} answers/s signed ahead, "
+                       f"{args.presign_batch} per HSM call"]  # fmt: skip
+                loop = asyncio.get_running_loop()
+                async with OcspListener(
+                    responder, "127.0.0.1", 0, max_connections=4 * args.clients
+                ) as server:
+                    for name, reqs, depth in (
+                        ("warm", warm, args.depth),
+                        ("warm-1", warm, 1),
+                        ("nonce", nonced, args.depth),
+                    ):
+                        fast0 = server.fast
+                        wall, cpu, counts = await loop.run_in_executor(
+                            loadgen, run_load, "127.0.0.1", server.port, reqs, args.clients, depth
+                        )
+                        rate = len(reqs) / wall
+                        rates[name] = rate
+                        detail = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+                        out.append(f"  {name:<6} {len(reqs):6d} requests: {rate:8.0f} answers/s  depth {depth},"
+                                   f" {server.fast - fast0} from bytes alone, generator CPU {cpu / wall:.0%} of"
+                                   f" its wall time ({detail})")  # fmt: skip
+                return out
+
+            rates: dict[str, float] = {}
+            rows, hit_us, miss_us, signed, line = asyncio.run(run())
             raw_after = raw_sign_rate(token, issuing.key_label, 5000)
             raw = (raw_before + raw_after) / 2
+            loadgen.shutdown()
+
+            print(f"\nOCSP line listener on 127.0.0.1 (appliance/va/fastpath.py), answers made ahead of time,"
+                  f" {args.clients} connections, load generator in its own process")  # fmt: skip
+            print("\n".join(line))
+            print(
+                f"  raw HSM C_Sign:          {raw:8.0f} signatures/s (before {raw_before:.0f}, after {raw_after:.0f})"
+            )
+            print(
+                f"  warm / raw sign:         {rates['warm'] / raw:8.2f}x  (pipelined, depth {args.depth}; goal >= 2)"
+            )
+            print(
+                f"  warm-1 / raw sign:       {rates['warm-1'] / raw:8.2f}x  (one request in flight per connection)"
+            )
+            print(f"  nonce / raw sign:        {rates['nonce'] / raw:8.1%}  (goal >= 25%)")
+            print(
+                f"  presign / raw sign:      {rates['presign'] / raw:8.1%}  (signed in batches, each verified)"
+            )
 
             print(f"\nOCSP over HTTP on 127.0.0.1, {args.clients} concurrent clients, {args.certs} certificates"
                   f" ({args.certs // 100} revoked)")  # fmt: skip
@@ -192,7 +337,7 @@ def main() -> None:
                 f"  raw HSM C_Sign:          {raw:8.0f} signatures/s (before {raw_before:.0f}, after {raw_after:.0f})"
             )
             print(f"  cold / raw sign:         {rows[0][2] / raw:8.1%}")
-            print(f"  warm / raw sign:         {rows[1][2] / raw:8.1f}x")
+            print(f"  aiohttp warm:raw sign:   {rows[1][2] / raw:8.2f}x")
             print(f"  in-process answer, cache hit:      {hit_us:8.1f} us")
             print(f"  in-process answer, nonce (signed): {miss_us:8.1f} us")
             print(f"  HSM signatures by the responder:   {signed}")

@@ -90,21 +90,28 @@ class _CaptureEd25519(ed25519.Ed25519PrivateKey):
     private_bytes = private_bytes_raw = __copy__ = __deepcopy__ = _refuse
 
 
+CaptureKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+
+
+def capture_key(public_key: Any) -> CaptureKey:
+    """A stand-in private key for `public_key` whose signatures are placeholders (also used for OCSP answers,
+    appliance/va/presign.py, whose to-be-signed bytes cryptography likewise only builds while signing)."""
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        return _CaptureEc(public_key)
+    if isinstance(public_key, rsa.RSAPublicKey):
+        return _CaptureRsa(public_key)
+    if isinstance(public_key, ed25519.Ed25519PublicKey):
+        return _CaptureEd25519(public_key)
+    raise TypeError(f"unsupported CA key type {type(public_key).__name__}")
+
+
 class TbsMaker:
     """Makes TBS bytes for one issuing CA key (its public half and algorithm are all it needs)."""
 
     def __init__(self, ca_public_key: Any, algorithm: KeyAlgorithm) -> None:
         self.algorithm = algorithm
         self.hash: hashes.HashAlgorithm | None = default_hash(algorithm)
-        self._key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
-        if isinstance(ca_public_key, ec.EllipticCurvePublicKey):
-            self._key = _CaptureEc(ca_public_key)
-        elif isinstance(ca_public_key, rsa.RSAPublicKey):
-            self._key = _CaptureRsa(ca_public_key)
-        elif isinstance(ca_public_key, ed25519.Ed25519PublicKey):
-            self._key = _CaptureEd25519(ca_public_key)
-        else:
-            raise TypeError(f"unsupported CA key type {type(ca_public_key).__name__}")
+        self._key: CaptureKey = capture_key(ca_public_key)
 
     def make(self, builder: x509.CertificateBuilder) -> Tbs:
         placeholder = builder.sign(self._key, self.hash)  # type: ignore[arg-type]

@@ -61,6 +61,7 @@ from appliance.lifecycle import PollingTask
 from appliance.profiles import new_serial_number
 from appliance.va.crl import issuing_cas
 from appliance.va.ocsp_request import Refusal, parse_request
+from appliance.va.presign import ResponseMaker, Unsigned, plain_request
 from appliance.va.ratelimit import ClientLimiter, Rate
 from appliance.va.revocation import Reason, iso
 from hsm.algorithms import default_hash
@@ -251,6 +252,31 @@ class CertStatus:
     cacheable: bool = True
 
 
+def _row_status(state: str, reason: Any, revoked_at: Any) -> CertStatus:
+    if reason is not None:
+        return CertStatus("revoked", "revoked", float(revoked_at or 0.0), Reason(reason))
+    if state in ("issued", "confirmed"):
+        return CertStatus("good", "issued")
+    if state == "intent":
+        return CertStatus("unknown", "in-flight", cacheable=False)
+    if state == "burned":
+        return CertStatus("revoked", "burned", non_issued=True)
+    # reworked / scrapped rows are revoked by the journal's triggers; never answer good for them.
+    return CertStatus("revoked", str(state), 0.0, Reason.UNSPECIFIED)
+
+
+def live_statuses(conn: sqlite3.Connection, ca: str, limit: int) -> list[tuple[int, CertStatus]]:
+    """The `limit` newest issued or confirmed certificates of `ca` with what the responder answers for them
+    (good, or revoked with its time and reason): the ones worth answering ahead of time."""
+    rows = conn.execute(
+        "SELECT i.cert_serial, i.state, r.reason, r.revoked_at FROM issuance i"
+        " LEFT JOIN revocation r ON r.cert_serial = i.cert_serial"
+        " WHERE i.ca=? AND i.state IN ('issued', 'confirmed') ORDER BY i.id DESC LIMIT ?",
+        (ca, limit),
+    ).fetchall()
+    return [(int(serial, 16), _row_status(state, reason, at)) for serial, state, reason, at in rows]
+
+
 def lookup_status(
     conn: sqlite3.Connection, ca: str, serial: int, never_issued: NeverIssued = "unknown"
 ) -> CertStatus:
@@ -262,17 +288,7 @@ def lookup_status(
         (hex_serial,),
     ).fetchone()
     if row is not None and row[1] == ca:
-        state, _, reason, revoked_at = row
-        if reason is not None:
-            return CertStatus("revoked", "revoked", float(revoked_at), Reason(reason))
-        if state in ("issued", "confirmed"):
-            return CertStatus("good", "issued")
-        if state == "intent":
-            return CertStatus("unknown", "in-flight", cacheable=False)
-        if state == "burned":
-            return CertStatus("revoked", "burned", non_issued=True)
-        # reworked / scrapped rows are revoked by the journal's triggers; never answer good for them.
-        return CertStatus("revoked", str(state), 0.0, Reason.UNSPECIFIED)
+        return _row_status(row[0], row[2], row[3])
     if conn.execute("SELECT 1 FROM ocsp_signer WHERE ca=? AND cert_serial=?", (ca, hex_serial)).fetchone():
         return CertStatus("good", "ocsp-signer")
     if never_issued == "revoked":
@@ -315,6 +331,7 @@ class _Parsed:
 class _Entry:
     answer: OcspAnswer
     fresh_until: float
+    dead: bool = False  # dropped from the cache (changed, evicted, expired): never served again
 
 
 @dataclass
@@ -322,6 +339,10 @@ class _Signing:
     signer: OcspSigner
     key: Any  # the HSM private key
     hash: hashes.HashAlgorithm | None  # None for Ed25519
+
+    @functools.cached_property
+    def maker(self) -> ResponseMaker:
+        return ResponseMaker(self.signer.cert, self.hash)
 
 
 def _utc(t: float) -> dt.datetime:
@@ -358,6 +379,8 @@ class OcspResponder(PollingTask):
         signer_renew_days: int = 10,
         poll_s: float = 2.0,
         signer_check_s: float = 300.0,
+        presign_max: int = 0,
+        presign_batch: int = 128,
         actor: str = "appliance",
         clock: Callable[[], float] = time.time,
         alarms: Alarms | None = None,
@@ -387,6 +410,9 @@ class OcspResponder(PollingTask):
         self.signer_validity_days = signer_validity_days
         self.signer_renew_days = signer_renew_days
         self.signer_check_s = signer_check_s
+        self.presign_max = presign_max
+        self.presign_batch = presign_batch
+        self.presigned = 0  # answers signed ahead of time (also counted in `signed`)
         self.actor = actor
         self.clock = clock
         self.hits = 0
@@ -407,6 +433,13 @@ class OcspResponder(PollingTask):
         self._issuers: dict[tuple[str, bytes, bytes], str] = {}
         self._signing: dict[str, _Signing] = {}
         self._cache: dict[tuple[str, int, str], _Entry] = {}
+        # Request bytes -> cache entry: a request seen before (or the plain encoding of a pre-produced answer)
+        # is answered from its bytes alone, without parsing (fast()). Entries die with their cache entry.
+        self._by_request: dict[bytes, _Entry] = {}
+        self._changed: set[tuple[str, int]] = set()  # (ca, serial) changed since the current presign began
+        # Answers waiting for a signature: signed together, one sign_many call per CA and turn (_drain).
+        self._to_sign: list[tuple[_Parsed, CertStatus, float, asyncio.Future[OcspAnswer]]] = []
+        self._drainer: asyncio.Task[None] | None = None
         self._inflight: dict[tuple[str, int, str], asyncio.Future[OcspAnswer]] = {}
         self._pending = 0
         self._generation = 0  # bumped whenever something is invalidated: a racing miss then does not cache
@@ -495,6 +528,7 @@ class OcspResponder(PollingTask):
             return None
         if now >= entry.fresh_until:
             self._cache.pop(key, None)
+            entry.dead = True
             return None
         self.hits += 1
         return entry.answer
@@ -504,6 +538,86 @@ class OcspResponder(PollingTask):
 
     def _sign(self, p: _Parsed, status: CertStatus, now: float) -> OcspAnswer:
         signing = self._signing[p.ca]
+        builder, this_update, next_update = self._builder(signing, p, status, now)
+        # The key signs in the validation lane: behind every certificate the HSM has queued (hsm/worker.py).
+        response = builder.sign(signing.key, signing.hash)
+        self.signed += 1
+        return self._answer_of(response.public_bytes(serialization.Encoding.DER), p, status, this_update,
+                               next_update)  # fmt: skip
+
+    async def _sign_batched(self, p: _Parsed, status: CertStatus, now: float) -> OcspAnswer:
+        """Sign in the next batch: everything that queued while the previous batch was in the HSM goes in one
+        sign_many call (which verifies each signature). Raises what signing raised (HsmBusyError, ...)."""
+        future: asyncio.Future[OcspAnswer] = asyncio.get_running_loop().create_future()
+        self._to_sign.append((p, status, now, future))
+        if self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.create_task(self._drain(), name="va-ocsp-sign")
+        return await future
+
+    async def _drain(self) -> None:
+        while self._to_sign:
+            batch, self._to_sign = self._to_sign, []
+            by_ca: dict[str, list[tuple[_Parsed, CertStatus, float, asyncio.Future[OcspAnswer]]]] = {}
+            for item in batch:
+                by_ca.setdefault(item[0].ca, []).append(item)
+            for ca, items in by_ca.items():
+                try:
+                    signing = self._signing[ca]
+                    built = [self._unsigned(signing, p, st, now) for p, st, now, _ in items]
+                    # The key signs in the validation lane: behind every certificate the HSM has queued.
+                    signatures = await signing.key.asign_many([u.tbs for u, _, _ in built])
+                    self.signed += len(signatures)
+                    for (p, st, _, future), (u, this_update, next_update), sig in zip(
+                        items, built, signatures, strict=True
+                    ):
+                        if not future.done():
+                            future.set_result(
+                                self._answer_of(u.response(sig), p, st, this_update, next_update)
+                            )
+                except Exception as exc:  # noqa: BLE001 - handed to each waiting request, which answers for it
+                    for *_, future in items:
+                        if not future.done():
+                            future.set_exception(exc)
+
+    @staticmethod
+    def _answer_of(
+        response: bytes, p: _Parsed, status: CertStatus, this_update: int, next_update: int
+    ) -> OcspAnswer:
+        return OcspAnswer(
+            response, ocsp.OCSPResponseStatus.SUCCESSFUL,
+            float(this_update), float(next_update), p.nonce is None, status.kind,
+        )  # fmt: skip
+
+    def _unsigned(
+        self, signing: _Signing, p: _Parsed, status: CertStatus, now: float
+    ) -> tuple[Unsigned, int, int]:
+        """What _builder's builder would sign, built by hand (presign.py) for sign_many."""
+        this_update = int(now)
+        next_update = this_update + int(self.validity_s)
+        revoked_at, reason = None, None
+        if status.kind == "good":
+            cert_status = ocsp.OCSPCertStatus.GOOD
+        elif status.kind == "unknown":
+            cert_status = ocsp.OCSPCertStatus.UNKNOWN
+        elif status.non_issued:
+            cert_status, revoked_at, reason = (
+                ocsp.OCSPCertStatus.REVOKED,
+                0,
+                x509.ReasonFlags.certificate_hold,
+            )
+        else:
+            why = status.reason or Reason.UNSPECIFIED
+            cert_status, revoked_at = ocsp.OCSPCertStatus.REVOKED, int(status.revoked_at or 0.0)
+            reason = None if why == Reason.UNSPECIFIED else why.flag
+        unsigned = signing.maker.make(
+            p.algorithm.name, p.name_hash, p.key_hash, p.serial, cert_status, this_update, next_update,
+            revoked_at, reason, extended_revoke=status.non_issued, nonce=p.nonce,
+        )  # fmt: skip
+        return unsigned, this_update, next_update
+
+    def _builder(
+        self, signing: _Signing, p: _Parsed, status: CertStatus, now: float
+    ) -> tuple[ocsp.OCSPResponseBuilder, int, int]:
         this_update = int(now)
         next_update = this_update + int(self.validity_s)
         if status.kind == "good":
@@ -542,22 +656,41 @@ class OcspResponder(PollingTask):
             )
         if p.nonce is not None:
             builder = builder.add_extension(x509.OCSPNonce(p.nonce), critical=False)
-        # The key signs in the validation lane: behind every certificate the HSM has queued (hsm/worker.py).
-        response = builder.sign(signing.key, signing.hash)
-        self.signed += 1
-        return OcspAnswer(
-            response.public_bytes(serialization.Encoding.DER), ocsp.OCSPResponseStatus.SUCCESSFUL,
-            float(this_update), float(next_update), p.nonce is None, status.kind,
-        )  # fmt: skip
+        return builder, this_update, next_update
 
-    def _store(self, p: _Parsed, status: CertStatus, answer: OcspAnswer, generation: int) -> None:
+    def _store(self, p: _Parsed, status: CertStatus, answer: OcspAnswer, generation: int) -> _Entry | None:
         if p.nonce is not None or not status.cacheable or generation != self._generation:
-            return
+            return None
+        return self._put(p.key, answer)
+
+    def _put(self, key: tuple[str, int, str], answer: OcspAnswer) -> _Entry:
         if len(self._cache) >= self.cache_max:
             for old in list(self._cache)[: max(1, self.cache_max // 10)]:
-                del self._cache[old]
+                self._cache.pop(old).dead = True
         assert answer.produced_at is not None
-        self._cache[p.key] = _Entry(answer, answer.produced_at + self.validity_s / 2)
+        if (previous := self._cache.get(key)) is not None:
+            previous.dead = True
+        entry = self._cache[key] = _Entry(answer, answer.produced_at + self.validity_s / 2)
+        return entry
+
+    def _index(self, request_der: bytes, entry: _Entry) -> None:
+        if len(self._by_request) >= self.cache_max:
+            for old in list(self._by_request)[: max(1, self.cache_max // 10)]:
+                del self._by_request[old]
+        self._by_request[request_der] = entry
+
+    def fast(self, request_der: bytes) -> OcspAnswer | None:
+        """The answer for a request whose exact bytes were answered from the cache before, or that asks in the
+        plain encoding for a pre-produced answer: one dict lookup, no parsing, no journal, no HSM. None: use
+        aanswer. Only answers without a nonce are found here (a nonce makes every request's bytes new)."""
+        entry = self._by_request.get(request_der)
+        if entry is None:
+            return None
+        if entry.dead or self.clock() >= entry.fresh_until:
+            del self._by_request[request_der]
+            return None
+        self.hits += 1
+        return entry.answer
 
     def answer(self, request_der: bytes) -> OcspAnswer:
         """Blocking form (CLI, tests): journal lookups and HSM signing on the calling thread's behalf. In-process
@@ -590,15 +723,24 @@ class OcspResponder(PollingTask):
         first). Within the rate: at once. Above it: held until within it. Far above it (a wait beyond
         pace_max_delay_s): held pace_max_delay_s all the same, then False (answer tryLater). A client that
         sends as fast as it is answered thus slows itself down instead of spinning on cheap refusals."""
-        delay = self._requests.reserve(client, self.pace_max_delay_s)
+        delay = self.pace(client)
         if delay is None:
-            self.tarpitted += 1
             await asyncio.sleep(self.pace_max_delay_s)
             return False
         if delay > 0:
-            self.paced += 1
             await asyncio.sleep(delay)
         return True
+
+    def pace(self, client: str) -> float | None:
+        """admit() without the wait, for listeners that hold requests themselves (appliance/va/fastpath.py):
+        0.0 within the client's rate, seconds to hold the request, or None far above it (hold it
+        pace_max_delay_s, then answer tryLater). Counted as admit counts."""
+        delay = self._requests.reserve(client, self.pace_max_delay_s)
+        if delay is None:
+            self.tarpitted += 1
+        elif delay > 0:
+            self.paced += 1
+        return delay
 
     def _within_budget(self, client: str | None) -> bool:
         """May this request cost a fresh signature? Network clients spend their own budget and the shared one;
@@ -635,6 +777,7 @@ class OcspResponder(PollingTask):
             now = self.clock()
             if p.nonce is None:
                 if (hit := self._hit(p.key, now)) is not None:
+                    self._index(bytes(request_der), self._cache[p.key])
                     return hit
                 waiting = self._inflight.get(p.key)
                 if waiting is not None:
@@ -659,10 +802,11 @@ class OcspResponder(PollingTask):
                     try:
                         generation = self._generation
                         status = await self.journal.acall(self._lookup, p)
-                        answer = await asyncio.to_thread(self._sign, p, status, now)
+                        answer = await self._sign_batched(p, status, now)
                     finally:
                         self._signing_now -= 1
-                self._store(p, status, answer, generation)
+                if (entry := self._store(p, status, answer, generation)) is not None:
+                    self._index(bytes(request_der), entry)
             except HsmBusyError:
                 self.busy += 1
                 answer = TRY_LATER
@@ -693,6 +837,59 @@ class OcspResponder(PollingTask):
             log, logging.ERROR, f"internal:{type(exc).__name__}", "OCSP responder: internal error: %r", exc
         )
         return INTERNAL_ERROR
+
+    # -- answers made ahead of time ----------------------------------------------------------------------------
+    def _certid_hashes(self, ca: str) -> tuple[bytes, bytes] | None:
+        for (alg, name_hash, key_hash), name in self._issuers.items():
+            if name == ca and alg == "sha1":
+                return name_hash, key_hash
+        return None
+
+    async def presign(self) -> int:
+        """Answer ahead of time, as large responders do: sign (SHA-1 CertID, no nonce, the form RFC 5019
+        clients and openssl send) answers for the `presign_max` newest live certificates of each CA that have
+        none in the cache, or whose answer is past a quarter of its validity, in batches of `presign_batch`
+        answers per HSM call (validation lane, behind certificates). A warm request then costs a lookup.
+
+        A certificate whose issuance or revocation row changes while its batch is signed (seen by refresh())
+        is not stored: its next answer is made from the journal as it is then. Returns answers stored."""
+        stored = 0
+        self._changed.clear()
+        for ca, signing in list(self._signing.items()):
+            ids = self._certid_hashes(ca)
+            if ids is None:
+                continue
+            name_hash, key_hash = ids
+            rows = await self.journal.acall(live_statuses, self.journal.conn, ca, self.presign_max)
+            now = self.clock()
+            due = [
+                (serial, status) for serial, status in rows
+                if (e := self._cache.get((ca, serial, "sha1"))) is None or e.fresh_until - now < self.validity_s / 4
+            ]  # fmt: skip
+            for start in range(0, len(due), self.presign_batch):
+                chunk = due[start : start + self.presign_batch]
+                parsed = [_Parsed(ca, _CERTID_HASHES[0], name_hash, key_hash, s, None) for s, _ in chunk]
+                built = [
+                    self._unsigned(signing, p, st, now) for p, (_, st) in zip(parsed, chunk, strict=True)
+                ]
+                signatures = await signing.key.asign_many([u.tbs for u, _, _ in built])
+                self.signed += len(signatures)
+                self.presigned += len(signatures)
+                # A long pass must not hold back revocations: the poll's refresh also runs between batches,
+                # so what it drops (and the _changed check below) is never more than a batch late.
+                await self.arefresh()
+                if self._signing.get(ca) is not signing:
+                    break  # a new signer took over meanwhile: its answers are made on demand / next pass
+                for p, (_, status), (u, this_update, next_update), sig in zip(
+                    parsed, chunk, built, signatures, strict=True
+                ):
+                    if (ca, p.serial) in self._changed:
+                        continue
+                    answer = self._answer_of(u.response(sig), p, status, this_update, next_update)
+                    entry = self._put(p.key, answer)
+                    self._index(plain_request("sha1", name_hash, key_hash, p.serial), entry)
+                    stored += 1
+        return stored
 
     # -- invalidation ----------------------------------------------------------------------------------------
     def _watermarks(self) -> tuple[int, int]:
@@ -726,8 +923,10 @@ class OcspResponder(PollingTask):
         dropped = 0
         for ca, serial in changed:
             number = int(serial, 16)
+            self._changed.add((ca, number))
             for alg in _CERTID_HASHES:
-                if self._cache.pop((ca, number, alg.name), None) is not None:
+                if (entry := self._cache.pop((ca, number, alg.name), None)) is not None:
+                    entry.dead = True
                     dropped += 1
         return dropped
 
@@ -741,7 +940,7 @@ class OcspResponder(PollingTask):
     def _forget_ca(self, ca: str) -> None:
         self._generation += 1
         for key in [k for k in self._cache if k[0] == ca]:
-            del self._cache[key]
+            self._cache.pop(key).dead = True
 
     # -- long-lived ------------------------------------------------------------------------------------------
     async def _started(self) -> None:
@@ -769,6 +968,12 @@ class OcspResponder(PollingTask):
             self._poll_failed(self.ALARM_REFRESH, "refreshing the cache", exc, self.ADVICE_REFRESH)
         else:
             self.alarms.clear(self.ALARM_REFRESH, "refreshed")
+            if self.presign_max > 0:
+                try:
+                    await self.presign()
+                except (BirthlineError, HsmError, sqlite3.Error, ValueError) as exc:
+                    # Not an outage: every answer can still be signed on demand. Retried next poll.
+                    self._log_once.log(log, logging.WARNING, "presign", "OCSP pre-signing failed: %r", exc)
         if time.monotonic() - self._signer_checked >= self.signer_check_s:
             self._signer_checked = time.monotonic()
             try:

@@ -49,6 +49,8 @@ class VaSettings:
     request_burst_per_client: int = 400  # ... in bursts of up to this
     pace_max_delay_s: float = 1.0  # the longest a request is held; further over the rate: held, then tryLater
     clients_max: int = 4096  # clients tracked per budget (bounded tables; see appliance/va/ratelimit.py)
+    presign_max: int = 0  # OCSP answers made ahead of time for this many newest live certificates per CA
+    presign_batch: int = 128  # ... signed this many per HSM call
 
 
 class ValidationAuthority:
@@ -78,7 +80,7 @@ class ValidationAuthority:
             client_rate=s.sign_rate_per_client, client_burst=s.sign_burst_per_client,
             total_rate=s.sign_rate_total, request_rate=s.request_rate_per_client,
             request_burst=s.request_burst_per_client, pace_max_delay_s=s.pace_max_delay_s,
-            max_clients=s.clients_max,
+            max_clients=s.clients_max, presign_max=s.presign_max, presign_batch=s.presign_batch,
             signer_validity_days=s.signer_validity_days, signer_renew_days=s.signer_renew_days,
             poll_s=s.poll_s, actor=actor, clock=clock, alarms=self.alarms,
         )  # fmt: skip
