@@ -66,3 +66,9 @@ $(VENV)/.installed: pyproject.toml
 
 clean:
 	rm -rf $(VENV) $(STATE) .mypy_cache .ruff_cache .pytest_cache
+
+# The systemd units, udev rules, sysusers and tmpfiles entries (systemd/install.sh): DESTDIR=DIR installs into an
+# image's root filesystem, ENABLE=1 also creates the accounts and enables the units (docs/operations.md).
+.PHONY: install-units
+install-units:
+	sh systemd/install.sh --root "$(or $(DESTDIR),/)" $(if $(filter 1,$(ENABLE)),--enable,)
