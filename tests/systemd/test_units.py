@@ -79,6 +79,9 @@ def test_daemon_unit_directives() -> None:
     for key in ("NoNewPrivileges", "PrivateTmp", "ProtectHome"):
         assert d[key] == ["yes"], key
     assert d["SystemCallFilter"][0] == "@system-service"
+    # The daemon chowns the control socket to [control] group: ~@privileged alone denies that (EPERM), which
+    # stopped the daemon at its first boot under this unit.
+    assert d["SystemCallFilter"][-1] == "@chown"
     assert d["DevicePolicy"] == ["closed"]
     allowed = {v.split()[0] for v in d["DeviceAllow"]}
     assert {"char-ttyUSB", "char-ttyACM", "char-ttyS"} <= allowed
