@@ -492,6 +492,8 @@ def parse_config(
         pin_credential=pin_credential,
         softhsm_conf=str(path(softhsm_conf)) if softhsm_conf else None,
         call_timeout_s=float(call_timeout),
+        # Beside the journal: every process of this appliance (daemon, CLI) shares it, and it outlives restarts.
+        refused_pin_record=str(state_dir / "hsm-pin-refused"),
     )
 
     r = _Reader(_table(data, "journal", problems), "journal", problems)

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import hashlib
+import hmac
+import json
 import os
+import secrets
 import stat
 
 from hsm.config import HsmConfig
@@ -73,3 +79,77 @@ def pin_content_problem(pin: str) -> str | None:
     if pin != pin.strip():
         return "has blanks (spaces, tabs) before or after the PIN"
     return None
+
+
+# --- a PIN the token refused is never presented twice ------------------------------------------------------------
+# A real HSM locks its user PIN after a few wrong attempts (SoftHSM never does). A daemon under systemd with
+# Restart= and a wrong PIN file would log in once per restart and lock the token within minutes; the session
+# recovery inside one process would do the same at every health probe. So a refused PIN is remembered (in the
+# process, and in `refused_pin_record` across processes) and the next login with that same PIN is refused here,
+# without C_Login. A different PIN (the administrator corrected the file or the credential) is tried once.
+#
+# The record holds HMAC-SHA256(random salt, PIN) of a PIN the token *refused*: at worst it tells who can read
+# the state directory a wrong PIN. The right PIN is never recorded (the record is deleted at a good login).
+
+_refused_in_process: set[tuple[str, bytes]] = set()  # (token label, HMAC under _PROCESS_SALT)
+_PROCESS_SALT = secrets.token_bytes(32)
+
+
+def _mac(salt: bytes, pin: str) -> bytes:
+    return hmac.new(salt, pin.encode("utf-8"), hashlib.sha256).digest()
+
+
+def refused_before(cfg: HsmConfig, pin: str) -> str | None:
+    """When the token refused this very PIN before: the time it did ("earlier in this process" when only this
+    process knows); None if it did not, or nobody remembers it."""
+    if (cfg.token_label, _mac(_PROCESS_SALT, pin)) in _refused_in_process:
+        return "earlier in this process"
+    if cfg.refused_pin_record is None:
+        return None
+    try:
+        with open(cfg.refused_pin_record, encoding="utf-8") as f:
+            record = json.load(f)
+        same = record["token"] == cfg.token_label and hmac.compare_digest(
+            bytes.fromhex(record["hmac"]), _mac(bytes.fromhex(record["salt"]), pin)
+        )
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        # An unreadable record must not open the way to a lockout: treat the PIN as refused before, and say so.
+        return f"at an unknown time (the record {cfg.refused_pin_record} cannot be read)"
+    return f"at {record.get('at', 'an unknown time')}" if same else None
+
+
+def remember_refused(cfg: HsmConfig, pin: str) -> str | None:
+    """Remember that the token refused `pin`; returns why the record could not be written (None when it was).
+    The process remembers it whatever happens to the file."""
+    _refused_in_process.add((cfg.token_label, _mac(_PROCESS_SALT, pin)))
+    if cfg.refused_pin_record is None:
+        return None
+    salt = secrets.token_bytes(16)
+    record = {
+        "token": cfg.token_label,
+        "salt": salt.hex(),
+        "hmac": _mac(salt, pin).hex(),
+        "at": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    path = cfg.refused_pin_record
+    tmp = f"{path}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(record, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        return f"cannot record the refused PIN in {path}: {exc.strerror or exc}"
+    return None
+
+
+def forget_refused(cfg: HsmConfig) -> None:
+    """After a good login: nothing to remember (a later wrong PIN is a new one)."""
+    if cfg.refused_pin_record is not None:
+        # A record that cannot be removed (read-only state) only means one needless refusal of this PIN later.
+        with contextlib.suppress(OSError):
+            os.unlink(cfg.refused_pin_record)

@@ -19,17 +19,27 @@ from hsm.errors import (
     DeviceError,
     HsmError,
     KeyNotFoundError,
+    LoginError,
     SessionLostError,
     TokenNotFoundError,
     UnsupportedAlgorithmError,
     map_pkcs11_error,
 )
 from hsm.keys import HsmPrivateKey, make_key
-from hsm.pin import read_pin
+from hsm.pin import forget_refused, read_pin, refused_before, remember_refused
 from hsm.worker import Pkcs11Thread, process_thread
 
 T = TypeVar("T")
 Op = Callable[[pkcs11.Session], T]
+
+# The token says this PIN is wrong (or no longer usable): presenting it again can only count towards a lockout.
+_PIN_REFUSED = (
+    pkcs11.PinIncorrect,
+    pkcs11.PinInvalid,
+    pkcs11.PinLenRange,
+    pkcs11.PinExpired,
+    pkcs11.PinLocked,
+)
 
 # Touched only on the PKCS#11 thread, so no lock.
 _libs: dict[str, Any] = {}
@@ -78,12 +88,27 @@ class TokenSession:
             raise TokenNotFoundError(f"{len(matches)} tokens labelled {self.cfg.token_label!r}: ambiguous")
         pin = read_pin(self.cfg)
         try:
-            self.session = matches[0].open(rw=True, user_pin=pin)
-        except pkcs11.UserAlreadyLoggedIn:
-            # Login state is per token per process and can outlive the session that created it.
-            self.session = matches[0].open(rw=True)
-        except pkcs11.PKCS11Error as exc:
-            raise map_pkcs11_error(exc) from None
+            when = refused_before(self.cfg, pin)
+            if when is not None:
+                raise LoginError(
+                    f"the token refused this PIN {when}; it is not presented again (each wrong attempt counts"
+                    " towards the token's lockout): correct the PIN source; a different PIN is tried once",
+                    retryable=False,
+                )
+            try:
+                self.session = matches[0].open(rw=True, user_pin=pin)
+            except pkcs11.UserAlreadyLoggedIn:
+                # Login state is per token per process and can outlive the session that created it.
+                self.session = matches[0].open(rw=True)
+            except _PIN_REFUSED as exc:
+                unrecorded = remember_refused(self.cfg, pin)
+                err = map_pkcs11_error(exc)
+                if unrecorded:
+                    err.message += f" ({unrecorded}: a restart would present it again)"
+                raise err from None
+            except pkcs11.PKCS11Error as exc:
+                raise map_pkcs11_error(exc) from None
+            forget_refused(self.cfg)
         finally:
             del pin
         self._private.clear()

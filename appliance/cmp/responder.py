@@ -118,6 +118,8 @@ class CmpResponder:
         self.clock = clock
         self.limits = Limits(max_message_size=self.settings.max_message_bytes)
         self.pending: dict[bytes, Transaction] = {}
+        # The open transaction a repeated request replaced, until that request is answered (_respond merges it).
+        self._replaced: dict[bytes, Transaction] = {}
         self.chain = tuple(x509.load_der_x509_certificate(c) for c in service.chain)
         issuing = {name: svc.ca.certificate for name, svc in self.services.items()}
         own_chain = [x509.load_der_x509_certificate(c) for svc in self.services.values() for c in svc.chain]
@@ -233,6 +235,7 @@ class CmpResponder:
         if answer.body_type is BodyType.ERROR:
             self._refused(label, msg, answer)
         tid = msg.header.transaction_id or b""
+        replaced = self._replaced.pop(tid, None)
         try:
             out = await asyncio.to_thread(self._build, msg, answer, protector)
         finally:
@@ -248,6 +251,12 @@ class CmpResponder:
             answer.pending.state = TransactionState(tid, nonce)
             answer.pending.answered = {nonce}
             answer.pending.nonces |= {nonce, msg.header.sender_nonce or b""}
+            if replaced is not None and replaced.cert_serial == answer.pending.cert_serial:
+                # The same request came twice (a retransmission on the way: both reached us, and the client
+                # may have heard either answer). Both answers carry the same stored certificate, so a certConf
+                # may echo either's senderNonce; otherwise the client would retry its transaction for ever.
+                answer.pending.answered |= replaced.answered
+                answer.pending.nonces |= replaced.nonces
             self.pending[tid] = answer.pending
         return out
 
@@ -294,7 +303,7 @@ class CmpResponder:
                 raise CmpError("transactionID is in use", fail_info=FailInfo.TRANSACTION_ID_IN_USE)
             # The same request again (a forwarder's retry after a lost answer): answer it again; the core
             # answers a retry of the same device and key with the stored certificate.
-            del self.pending[tid]
+            self._replaced[tid] = self.pending.pop(tid)
         return None
 
     def _build(self, msg: PKIMessage, answer: Answer, protector: Protector | None) -> PKIMessage:

@@ -59,7 +59,8 @@ CAUSES: dict[ReasonCode, Cause] = {
     ReasonCode.CLOCK_NOT_TRUSTED: Cause(
         "issuance.clock-not-trusted",
         "set the system clock right (timedatectl, chronyc tracking); issuance resumes by itself once the"
-        " clock is no more than [issuance] clock_skew_s behind the last issuance",
+        " clock is no more than [issuance] clock_skew_s behind the last issuance and, after a step, back"
+        " within clock_skew_s of where it was (if the stepped time is the right one, restart the daemon)",
     ),
     ReasonCode.BUSY: Cause(
         "issuance.busy",

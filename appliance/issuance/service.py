@@ -124,6 +124,7 @@ class IssueService:
         max_csr_bytes: int = 8192,
         clock_skew_s: float = 300.0,
         clock: Callable[[], float] = time.time,
+        steady_clock: Callable[[], float] | None = None,
         prepare_workers: int = 0,
         pipeline_depth: int = 2,
         audit: AuditSink | None = None,
@@ -153,6 +154,13 @@ class IssueService:
         self.batch_max = batch_max
         self.clock_skew_s = clock_skew_s
         self.clock = clock
+        self.steady_clock = steady_clock
+        """A clock nobody sets (the daemon: CLOCK_BOOTTIME), against which steps of `clock` are seen: a wall clock
+        stepped by more than clock_skew_s since the last batch refuses issuance (CLOCK_NOT_TRUSTED) until it is
+        set back. None: no such check (tests that drive `clock` by hand)."""
+        self._clock_anchor: tuple[float, float] | None = (
+            None  # (wall, steady) at the last batch that was on time
+        )
         self.prepare_workers = prepare_workers
         self.pipeline_depth = max(1, pipeline_depth)
         self._profiles = dict(profiles)
@@ -618,6 +626,29 @@ class IssueService:
         except BirthlineError as exc:
             self._faults.failed(exc)
 
+    def _clock_stepped(self, now: float) -> IssuanceRefused | None:
+        """The wall clock jumped (someone set it, or a bad time source) since the last batch: compared with the
+        steady clock, it moved more than clock_skew_s further or less far. A certificate dated by a clock that
+        jumped forward is not yet valid for its device, and once the clock is set right every later issuance would
+        be refused as behind it; so refuse until the clock is set back. A step to the right time (the clock was
+        wrong when the daemon started) is accepted by restarting the daemon, which anchors afresh."""
+        if self.steady_clock is None:
+            return None
+        steady = self.steady_clock()
+        if self._clock_anchor is not None:
+            wall0, steady0 = self._clock_anchor
+            step = (now - wall0) - (steady - steady0)
+            if abs(step) > self.clock_skew_s:
+                when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(wall0))
+                return IssuanceRefused(
+                    f"the clock was stepped {'forward' if step > 0 else 'back'} by {abs(step):.0f} s since the"
+                    f" last issuance ({when}); set it back, or restart the daemon if the new time is right",
+                    ReasonCode.CLOCK_NOT_TRUSTED,
+                )
+        # Anchored at every batch on time: the slow slewing NTP does never adds up to a step.
+        self._clock_anchor = (now, steady)
+        return None
+
     def _decide(self, conn: sqlite3.Connection, items: list[_Item], now: float) -> list[dict[str, object]]:
         if self._last_issue_time is None:
             self._last_issue_time = conn.execute("SELECT MAX(created_at) FROM issuance").fetchone()[0] or 0.0
@@ -628,6 +659,10 @@ class IssueService:
             )
             for item in items:
                 item.error = behind
+            return []
+        if (stepped := self._clock_stepped(now)) is not None:
+            for item in items:
+                item.error = stepped
             return []
         intents: list[dict[str, object]] = []
         forwarded: list[dict[str, object]] = []
@@ -993,11 +1028,15 @@ class IssueService:
             )
             if self._last_issue_time is None:  # a batch may have read it meanwhile
                 self._last_issue_time = float(last or 0.0)
-        behind = self._last_issue_time - self.clock()
+        now = self.clock()
+        behind = self._last_issue_time - now
         if behind > self.clock_skew_s:
             self._faults.failed(IssuanceRefused(
                 f"the clock is {behind:.0f} s behind the last issuance; set the time", ReasonCode.CLOCK_NOT_TRUSTED
             ))  # fmt: skip
+        elif (stepped := self._clock_stepped(now)) is not None:
+            # A step since the last batch refuses issuance as well (_decide): the alarm stays until it is set back.
+            self._faults.failed(stepped)
         elif self._faults.is_open(ReasonCode.CLOCK_NOT_TRUSTED):
             self._faults.cleared(
                 [ReasonCode.CLOCK_NOT_TRUSTED], "the clock is no longer behind the last issuance"

@@ -1,0 +1,176 @@
+"""The upstream forwarder through a real TCP proxy that misbehaves on the wire, between the forwarder's HTTP client
+and a second Birthline acting as the upstream CA (real CMP server, SoftHSM, journals):
+
+- hang: takes the request and never answers;        - reset: takes the request and resets the connection (RST);
+- slow: answers a few bytes at a time;              - garbage: answers HTTP 200 with random bytes;
+- twice: sends every request to the upstream twice (a retransmission) and writes both answers back.
+
+While the fault lasts the forwarder runs on its own (as in the daemon): every pass fails the same way, the queue
+alarm (limit 0 here) and the pass's record says why, the outbox keeps its rows (no new row per attempt) and
+their bytes. When the proxy passes traffic again the queue drains: every record reaches the upstream and is
+done once, the upstream issued each device once, and the bytes sent on the retry are those of the first try.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import struct
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import pytest
+
+from appliance.alarms import Alarms
+from appliance.cmp.forwarder import Forwarder
+from appliance.issuance.policy import IssueRequest
+from tests.appliance.cmp.upstream_support import Local, Upstream, device_csr, settings
+from tests.appliance.test_component_alarms import until
+
+DEVICES = ("SN-0001", "SN-0002", "SN-0003")
+
+
+async def _read_http(reader: asyncio.StreamReader) -> bytes:
+    """One HTTP/1.1 message (headers and Content-Length body), as bytes; b"" at a clean end of stream."""
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError as exc:
+        if exc.partial:
+            raise
+        return b""
+    length = 0
+    for line in head.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    return head + await reader.readexactly(length)
+
+
+@dataclass
+class FaultyProxy:
+    upstream: tuple[str, int]
+    mode: str = "pass"
+    requests: int = 0  # requests the proxy took from the forwarder
+    to_upstream: list[bytes] = field(default_factory=list)  # request bodies it passed on
+    url: str = ""
+    _hung: list[asyncio.StreamWriter] = field(default_factory=list)
+
+    async def _exchange(self, request: bytes) -> bytes:
+        r, w = await asyncio.open_connection(*self.upstream)
+        try:
+            w.write(request)
+            await w.drain()
+            self.to_upstream.append(request.split(b"\r\n\r\n", 1)[1])
+            return await _read_http(r)
+        finally:
+            w.close()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while request := await _read_http(reader):
+                self.requests += 1
+                mode = self.mode
+                if mode == "hang":
+                    self._hung.append(writer)  # kept open, never answered, closed with the proxy
+                    return
+                if mode == "reset":
+                    sock = writer.get_extra_info("socket")
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    writer.transport.abort()
+                    return
+                if mode == "garbage":
+                    body = os.urandom(700)
+                    writer.write(
+                        b"HTTP/1.1 200 OK\r\nContent-Type: application/pkixcmp\r\n"
+                        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                        + body
+                    )
+                elif mode == "twice":
+                    first = await self._exchange(request)
+                    second = await self._exchange(request)
+                    writer.write(first + second)
+                else:
+                    answer = await self._exchange(request)
+                    if mode == "slow":
+                        for i in range(0, len(answer), 256):
+                            writer.write(answer[i : i + 256])
+                            await writer.drain()
+                            await asyncio.sleep(0.02)
+                    else:
+                        writer.write(answer)
+                await writer.drain()
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        if self.mode != "hang":
+            writer.close()
+
+
+@contextlib.asynccontextmanager
+async def faulty_proxy(upstream_url: str) -> AsyncIterator[FaultyProxy]:
+    target = urlsplit(upstream_url)
+    assert target.hostname is not None and target.port is not None
+    proxy = FaultyProxy((target.hostname, target.port))
+    server = await asyncio.start_server(proxy.handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    proxy.url = f"http://127.0.0.1:{port}{target.path}"
+    try:
+        yield proxy
+    finally:
+        for w in proxy._hung:
+            w.close()
+        server.close()
+        await server.wait_closed()
+
+
+def _outbox(local: Local) -> list[tuple[bytes, str, bytes | None, int]]:
+    rows = local.journal.call(
+        lambda: local.journal.conn.execute(
+            "SELECT transaction_id, state, request_der, attempts FROM outbox ORDER BY id"
+        ).fetchall()
+    )
+    return [(bytes(t), s, None if d is None else bytes(d), a) for t, s, d, a in rows]
+
+
+@pytest.mark.parametrize("mode", ["hang", "reset", "slow", "garbage", "twice"])
+async def test_upstream_misbehaving_on_the_wire_loses_nothing_and_sends_nothing_twice(
+    local: Local, upstream: Upstream, mode: str
+) -> None:
+    for serial in DEVICES:
+        await local.service.issue(IssueRequest(serial, device_csr(serial)[1], "fixture-1"))
+    alarms = Alarms()
+    async with faulty_proxy(upstream.url) as proxy:
+        proxy.mode = mode
+        fwd = Forwarder(
+            local.journal, settings(proxy.url, mode="single", request_timeout_s=1, max_queue_size=0,
+                                    poll_s=0.05, backoff_base_s=0.05, backoff_cap_s=0.1), local.ra,
+            server_certs=(upstream.ra.certificate,), alarms=alarms,
+        )  # fmt: skip
+        async with fwd:
+            if mode in ("slow", "twice"):
+                # Not a fault the forwarder can see: the records go, once each. (Twice: the upstream answers the
+                # repeated p10cr with the stored certificate, and takes the certConf echoing either answer.)
+                await until(lambda: {r[1] for r in _outbox(local)} == {"done"}, "drained through the proxy")
+            else:
+                await until(lambda: proxy.requests >= 3 * len(DEVICES), "several attempts per record")
+                rows = _outbox(local)
+                assert len(rows) == len(DEVICES), "the queue grew with the attempts"
+                assert {r[1] for r in rows} == {"sent"} and all(r[3] >= 2 for r in rows), rows
+                alarm = alarms.get("upstream.queue")
+                assert alarm is not None and f"{len(DEVICES)} record(s)" in alarm.message
+                assert upstream.issued() == [], "the proxy passed nothing on"
+                first = rows
+                proxy.mode = "pass"
+                await until(
+                    lambda: {r[1] for r in _outbox(local)} == {"done"}, "drained once the link is good"
+                )
+                await until(lambda: alarms.get("upstream.queue") is None, "the queue alarm clears")
+                after = _outbox(local)
+                # The same transactions, the same bytes: a retry, never a new request.
+                assert [(r[0], r[2]) for r in after] == [(r[0], r[2]) for r in first]
+    issued = upstream.issued()
+    assert sorted(d for _, d in issued) == sorted(DEVICES), issued  # each device issued upstream exactly once
+    sent = _outbox(local)
+    assert all(r[2] in proxy.to_upstream for r in sent)
