@@ -107,3 +107,9 @@ bench-front: deps
 	$(PY) bench/upstream.py --count 20000 --single-count 100 --rtt-ms 20 --one-by-one
 	$(PY) bench/journal_growth.py --certs 1000000
 	$(PY) bench/stations.py lan --open-loop 100x0.2 --minutes 30 --rss-every 60
+
+# The systemd units, udev rules, sysusers and tmpfiles entries (systemd/install.sh): DESTDIR=DIR installs into an
+# image's root filesystem, ENABLE=1 also creates the accounts and enables the units (docs/operations.md).
+.PHONY: install-units
+install-units:
+	sh systemd/install.sh --root "$(or $(DESTDIR),/)" $(if $(filter 1,$(ENABLE)),--enable,)
