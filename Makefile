@@ -67,6 +67,12 @@ $(VENV)/.installed: pyproject.toml
 clean:
 	rm -rf $(VENV) $(STATE) .mypy_cache .ruff_cache .pytest_cache
 
+# The systemd units, udev rules, sysusers and tmpfiles entries (systemd/install.sh): DESTDIR=DIR installs into an
+# image's root filesystem, ENABLE=1 also creates the accounts and enables the units (docs/operations.md).
+.PHONY: install-units
+install-units:
+	sh systemd/install.sh --root "$(or $(DESTDIR),/)" $(if $(filter 1,$(ENABLE)),--enable,)
+
 # The appliance image (docs/operations.md, "Building and testing the image"): not part of `make test` (qemu boots
 # take minutes); its own apt packages, installed by the same rule as the others.
 IMAGE_APT_PACKAGES := debootstrap qemu-system-x86 e2fsprogs openssl
