@@ -8,6 +8,11 @@ APT_PACKAGES := softhsm2 opensc socat openssl iproute2 util-linux mount e2fsprog
 	curl dbus-daemon
 STATE ?= demo-state
 DEVICES ?= 100
+# requirements.txt: the runtime lock (the appliance image installs it); requirements-dev.txt: runtime + dev tools.
+LOCK := requirements-dev.txt
+UV_VERSION := 0.13.9
+UV_COMPILE := --quiet --universal --python-version 3.11 --generate-hashes --custom-compile-command "make lock" \
+	--annotation-style line
 
 .PHONY: demo test bench lint deps apt venv clean
 
@@ -58,11 +63,24 @@ apt:
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# Every dependency (and the setuptools that builds Birthline) comes from the hashed lock, so a rebuild next year
+# installs the same bytes; the project itself goes in last without touching the resolver. The venv's own pip (the
+# one Python's ensurepip ships) is kept rather than upgraded from the network: it honours --require-hashes.
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --require-hashes -r $(LOCK)
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
+
+# Regenerate the hashed locks from pyproject.toml (uv: one universal resolution for every platform running
+# Python 3.11+, with the hash of every published file of each pinned version). Run it after changing a dependency
+# and commit both files.
+.PHONY: lock
+lock:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q uv==$(UV_VERSION)
+	$(VENV)/bin/uv pip compile $(UV_COMPILE) pyproject.toml requirements-build.in -o requirements.txt
+	$(VENV)/bin/uv pip compile $(UV_COMPILE) --extra dev pyproject.toml requirements-build.in -o requirements-dev.txt
 
 clean:
 	rm -rf $(VENV) $(STATE) .mypy_cache .ruff_cache .pytest_cache

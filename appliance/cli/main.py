@@ -48,6 +48,14 @@ COMMANDS: Final[dict[str, tuple[str, str]]] = {
     "device": ("production", "rework and scrap (supervisor)"),
     "report": ("production", "reconciliation reports"),
     "export": ("production", "certificate exports"),
+    "backup": (
+        "backup",
+        "archive the journal (online), the state, the SoftHSM token and the configuration; never a PIN",
+    ),
+    "restore": (
+        "backup",
+        "restore a backup onto a fresh state directory, checking its manifest (--check: only check)",
+    ),
 }
 
 
