@@ -44,7 +44,7 @@ fi
 rm -rf "$B/wheels"
 mkdir -p "$B/wheels"
 lock=""
-for f in "$repo/requirements/runtime.txt" "$repo/requirements-runtime.txt"; do
+for f in "$repo/requirements.txt"; do
     [ -f "$f" ] && lock=$f && break
 done
 pip="$repo/.venv/bin/python -m pip"
@@ -52,10 +52,11 @@ if [ -n "$lock" ]; then
     $pip download -q --only-binary=:all: --require-hashes -r "$lock" -d "$B/wheels"
     cp "$lock" "$B/wheels/runtime.txt"
 else
-    echo "image: no lock file (requirements/runtime.txt): the dependencies are resolved now, not pinned"
+    echo "image: no lock file (requirements.txt): the dependencies are resolved now, not pinned"
     $pip wheel -q "$repo" -w "$B/wheels"
 fi
-$pip wheel -q --no-deps "$repo" -w "$B/wheels"
+# Built with the setuptools of this venv (itself from the lock), not one fetched for an isolated build.
+$pip wheel -q --no-deps --no-build-isolation "$repo" -w "$B/wheels"
 phase "wheels in $B/wheels${lock:+ (from $lock)}"
 
 # 3. The system tree: a fresh copy of the base each time, so a rebuild never inherits a previous one's files.
@@ -75,7 +76,7 @@ if [ -n "$lock" ]; then
     inchroot /opt/birthline/bin/pip install -q --no-index --find-links /tmp/wheels --require-hashes \
         -r /tmp/wheels/runtime.txt
 fi
-inchroot /opt/birthline/bin/pip install -q --no-index --find-links /tmp/wheels birthline
+inchroot /opt/birthline/bin/pip install -q --no-index --find-links /tmp/wheels ${lock:+--no-deps} birthline
 rm -rf "$R/tmp/wheels"
 phase "birthline installed in /opt/birthline"
 

@@ -314,13 +314,18 @@ def check_state(t: float, got: Path) -> int:
         [*BIRTHLINE, "audit", "verify", "--public-key", str(got / "audit.pem"), "--config", str(config)],
         cwd=REPO,
     )
-    print(f"image-test: audit verify: {out.stdout.strip().splitlines()[-1] if out.stdout.strip() else 'OK'}")
+    verdict = out.stdout.splitlines()[0] if out.stdout else ""
+    if not verdict.endswith(": INTACT"):
+        raise Failed(f"audit verify: {out.stdout}")
+    print(f"image-test: audit verify --public-key (pinned at first boot): {verdict}", flush=True)
     out = run([*BIRTHLINE, "report", "workorder", "WO-IMG", "--json", "--config", str(config)], cwd=REPO)
     report = json.loads(out.stdout)
-    print(f"image-test: report workorder WO-IMG: {json.dumps(report)[:300]}")
-    issued = report.get("issued")
-    if issued != 2:
-        raise Failed(f"report workorder WO-IMG: issued {issued!r}, expected 2 (IMG-0001, IMG-0002)")
+    counts = {k: report.get(k) for k in ("issued", "confirmed", "consistent")}
+    print(f"image-test: report workorder WO-IMG: {counts}", flush=True)
+    if counts != {"issued": 2, "confirmed": 2, "consistent": True}:
+        raise Failed(
+            f"report workorder WO-IMG: {counts}, expected 2 issued and confirmed (IMG-0001, IMG-0002)"
+        )
     phase("audit verify and report workorder on the copy", t)
     print("image-test: PASSED", flush=True)
     return 0
