@@ -19,3 +19,6 @@ chown 990:990 "$tree"
 chmod 0700 "$tree"
 rm -f "$out"
 mke2fs -q -t ext4 -L bl-state -E root_owner=990:990 -d "$tree" "$out" "$size"
+# mke2fs -d copies the files' modes but leaves the root directory 0755: the daemon refuses a state directory
+# others can read.
+debugfs -w -R "sif / mode 040700" "$out" 2>/dev/null
