@@ -17,6 +17,10 @@ the image").
 6. The state copied out of the state disk with debugfs (no mount) passes `birthline audit verify` against the
    audit key exported at first boot, and `report workorder` counts both devices.
 
+IMAGE_TEST_ROOT=external: before step 2, a boot 0 stops at `BIRTHLINE WAITING FOR ROOT` with the issuing CA's CSR
+on the state disk; with the guest powered down the test signs it as an offline root would and writes the
+certificate and the root back with debugfs; boot 1's first boot then imports them and carries on.
+
 Every phase prints its duration. Software emulation (TCG); IMAGE_TEST_ACCEL=kvm uses KVM.
 """
 
@@ -44,10 +48,13 @@ BIRTHLINE = [sys.executable, "-m", "appliance.cli.main"]
 ADMIN_PASSWORD = "alice image-test password"  # noqa: S105
 SAM_PASSWORD = "sam image-test password"  # noqa: S105
 
-FIRSTBOOT_CONF = """\
+# IMAGE_TEST_ROOT=external: the hierarchy under an offline root this test plays (the key ceremony's CSR out and
+# certificate in through the state disk, with the guest powered down).
+ROOT = os.environ.get("IMAGE_TEST_ROOT", "local")
+FIRSTBOOT_CONF = f"""\
 ORGANISATION="Image Test Devices"
 NAMES="birthline.test"
-ROOT=local
+ROOT={ROOT}
 ADMIN=alice
 """
 
@@ -192,6 +199,77 @@ def verify(cert: Path, root: Path, issuing: Path) -> None:
         raise Failed(out.stdout)
 
 
+def offline_root_signs() -> None:
+    """The key ceremony with an external root: the CSR read off the powered-down state disk, signed by a root
+    made here (as the organisation's offline root would), the certificate and the root's chain written back
+    for the daemon's user; the next boot's first boot imports them."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    ceremony = WORK / "ceremony"
+    ceremony.mkdir()
+    state = WORK / "state.img"
+    run(["debugfs", "-R", f"dump /ceremony/issuing.csr {ceremony / 'issuing.csr'}", str(state)])
+    csr = x509.load_pem_x509_csr((ceremony / "issuing.csr").read_bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Image Test Devices"),
+            x509.NameAttribute(NameOID.COMMON_NAME, "Image Test Offline Root"),
+        ]
+    )
+    start = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=1)
+    forever = datetime.datetime(9999, 12, 31, 23, 59, 59, tzinfo=datetime.UTC)
+
+    def ca_cert(
+        subject: x509.Name, public: ec.EllipticCurvePublicKey, path_len: int | None
+    ) -> x509.Certificate:
+        return (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(name)
+            .public_key(public)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(start)
+            .not_valid_after(forever)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=path_len), critical=True)
+            .add_extension(
+                x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()), critical=False
+            )
+            .sign(key, hashes.SHA256())
+        )
+
+    root = ca_cert(name, key.public_key(), None)
+    public = csr.public_key()
+    assert isinstance(public, ec.EllipticCurvePublicKey), "the issuing CA's key is EC P-256 by default"
+    issuing = ca_cert(csr.subject, public, 0)
+    pem = serialization.Encoding.PEM
+    (ceremony / "issuing.pem").write_bytes(issuing.public_bytes(pem))
+    (ceremony / "root-chain.pem").write_bytes(root.public_bytes(pem))
+    commands = ceremony / "debugfs.cmd"
+    lines = ["cd /ceremony"]
+    for f in ("issuing.pem", "root-chain.pem"):
+        lines += [
+            f"write {ceremony / f} {f}",
+            f"sif /ceremony/{f} uid 990",
+            f"sif /ceremony/{f} gid 990",
+            f"sif /ceremony/{f} mode 0100600",
+        ]
+    commands.write_text("\n".join(lines) + "\n")
+    run(["debugfs", "-w", "-f", str(commands), str(state)])
+    back = run(["debugfs", "-R", "cat /ceremony/issuing.pem", str(state)]).stdout
+    if back.encode() != issuing.public_bytes(pem):
+        raise Failed("debugfs did not write issuing.pem onto the state disk")
+
+
 def split_chain(chain: Path) -> tuple[Path, Path]:
     """ca chain writes the issuing CA first and the root last."""
     certs = re.findall(r"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----\n", chain.read_text(), re.S)
@@ -228,6 +306,16 @@ def main() -> int:
     lan_port = free_ports(2)
     serial_port = lan_port + 1
     boot_timeout = 300 if mode == "kvm" else 1200
+    if ROOT == "external":
+        vm = Vm(0, lan_port, serial_port, mode)
+        try:
+            line = vm.wait_for("WAITING FOR ROOT", boot_timeout)
+            t = phase(f"boot 0 (first boot: token, issuing CA request) to '{line.strip()}'", t)
+            vm.power_down(180)
+        finally:
+            vm.kill()
+        offline_root_signs()
+        t = phase("the offline root signed issuing.csr; certificate and chain put on the state disk", t)
     vm = Vm(1, lan_port, serial_port, mode)
     try:
         line = vm.wait_for("READY", boot_timeout)
