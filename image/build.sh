@@ -47,16 +47,17 @@ lock=""
 for f in "$repo/requirements.txt"; do
     [ -f "$f" ] && lock=$f && break
 done
-pip="$repo/.venv/bin/python -m pip"
+# pip's complaints about index directories this host's pip configuration names but lacks are noise here.
+pip() { "$repo/.venv/bin/python" -m pip "$@" 2> >(grep -v "^WARNING: Location .* is ignored" >&2); }
 if [ -n "$lock" ]; then
-    $pip download -q --only-binary=:all: --require-hashes -r "$lock" -d "$B/wheels"
+    pip download -q --only-binary=:all: --require-hashes -r "$lock" -d "$B/wheels"
     cp "$lock" "$B/wheels/runtime.txt"
 else
     echo "image: no lock file (requirements.txt): the dependencies are resolved now, not pinned"
-    $pip wheel -q "$repo" -w "$B/wheels"
+    pip wheel -q "$repo" -w "$B/wheels"
 fi
 # Built with the setuptools of this venv (itself from the lock), not one fetched for an isolated build.
-$pip wheel -q --no-deps --no-build-isolation "$repo" -w "$B/wheels"
+pip wheel -q --no-deps --no-build-isolation "$repo" -w "$B/wheels"
 phase "wheels in $B/wheels${lock:+ (from $lock)}"
 
 # 3. The system tree: a fresh copy of the base each time, so a rebuild never inherits a previous one's files.
