@@ -91,14 +91,25 @@ if ! grep -rqs NOTIFY_SOCKET "$repo/appliance"; then
     echo "image: WARNING: the daemon does not send READY=1 yet: birthline.service runs as Type=simple"
     printf '[Service]\nType=simple\nWatchdogSec=0\n' >"$R/etc/systemd/system/birthline.service.d/40-no-notify.conf"
 fi
-# The configuration and the root-only PIN live on the state disk, so an upgrade keeps them.
+# The configuration and the root-only PIN live on the state disk, so an upgrade keeps them: /etc/birthline and
+# the credential birthline.service loads (LoadCredential=hsm-pin:/etc/credstore/birthline-hsm-pin) link there.
 rm -rf "$R/etc/birthline"
 ln -s /var/lib/birthline/etc "$R/etc/birthline"
+install -d -m 0700 "$R/etc/credstore"
+ln -sfn /var/lib/birthline/etc/hsm.pin "$R/etc/credstore/birthline-hsm-pin"
 mkdir -p "$R/var/lib/birthline"
 echo birthline >"$R/etc/hostname"
+# A persistent journal (on the system disk: an upgrade starts a new one).
+mkdir -p "$R/var/log/journal"
 units="birthline-firstboot.service birthline-ready.service systemd-networkd.service"
 inchroot systemctl enable -q $units
 phase "units installed (systemd/install.sh) and enabled: birthline, birthline-console, $units"
+
+# SSH is off by not being there: nothing in the package list may pull a server in.
+if [ -e "$R/usr/sbin/sshd" ]; then
+    echo "image: an SSH server is in the image (/usr/sbin/sshd): the appliance has none" >&2
+    exit 1
+fi
 
 # 5. The filesystem image, and the kernel and initramfs beside it for qemu.
 cp "$R"/boot/vmlinuz-* "$B/vmlinuz"

@@ -54,7 +54,11 @@ def test_ready_marker_script_compiles() -> None:
 def test_pin_never_on_a_command_line() -> None:
     """The wrapper and first boot hand the PIN to systemd as a credential file, never as an argument."""
     wrapper = (ROOTFS / "usr" / "local" / "sbin" / "birthline").read_text()
-    assert "LoadCredential=hsm-pin:/etc/birthline/hsm.pin" in wrapper
+    assert "LoadCredential=hsm-pin:/etc/credstore/birthline-hsm-pin" in wrapper
+    assert (
+        "LoadCredential=hsm-pin:/etc/credstore/birthline-hsm-pin"
+        in (TOP / "systemd" / "birthline.service").read_text()
+    )
     firstboot = (ROOTFS / "usr" / "lib" / "birthline" / "firstboot").read_text()
     assert not re.search(r"\$\(cat [^)]*hsm\.pin", firstboot)
 
