@@ -316,6 +316,10 @@ class Daemon:
         assert self.core is not None
         return self.core.journal
 
+    def registered_stations(self) -> list[StationRecord]:
+        """The station registry as last read (every stations.registry_poll_s)."""
+        return list(self._stations.values())
+
     def stop(self) -> None:
         self._stopped.set()
 
@@ -787,20 +791,29 @@ class Daemon:
 def run_daemon(config: Config) -> int:
     """`birthline run`: the daemon in the foreground until SIGTERM or SIGINT."""
 
+    from appliance.sdnotify import Notifier
+    from appliance.unitstatus import DaemonFigures, UnitReporter
+
     async def main() -> None:
+        notifier = Notifier.from_environment()
+        # What `systemctl status` shows while the HSM login, the journal and the listeners come up.
+        notifier.send(STATUS="starting: HSM login, journal, listeners")
         async with Daemon(config) as daemon:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, daemon.stop)
-            addr = daemon.lan_address
-            limit, needed = daemon.fd_budget
-            log.warning(
-                "birthline daemon running: %d station(s) registered, LAN %s; file descriptors: limit %d,"
-                " listener caps and reserve %d",
-                len(daemon._stations), f"{addr[0]}:{addr[1]}" if addr else "disabled", limit, needed,
-            )  # fmt: skip
-            await daemon.wait()
-            log.warning("birthline daemon stopping")
+            async with UnitReporter(
+                notifier, DaemonFigures(daemon)
+            ):  # READY=1 here, STOPPING=1 on the way out
+                addr = daemon.lan_address
+                limit, needed = daemon.fd_budget
+                log.warning(
+                    "birthline daemon running: %d station(s) registered, LAN %s; file descriptors: limit %d,"
+                    " listener caps and reserve %d",
+                    len(daemon._stations), f"{addr[0]}:{addr[1]}" if addr else "disabled", limit, needed,
+                )  # fmt: skip
+                await daemon.wait()
+                log.warning("birthline daemon stopping")
 
     asyncio.run(main())
     return 0

@@ -10,6 +10,7 @@
 #   /usr/lib/systemd/system/birthline.service, birthline-console.service
 #   /usr/lib/sysusers.d/birthline.conf, /usr/lib/tmpfiles.d/birthline.conf
 #   /usr/lib/udev/rules.d/70-birthline-stations.rules
+#   /usr/share/doc/birthline/*.md (docs/: operations.md, the units' Documentation=)
 # The units run /opt/birthline/bin/birthline: the appliance's environment is installed at /opt/birthline.
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
@@ -30,6 +31,9 @@ install -D -m 0644 "$here/birthline-console.service" "$root/usr/lib/systemd/syst
 install -D -m 0644 "$here/birthline.sysusers" "$root/usr/lib/sysusers.d/birthline.conf"
 install -D -m 0644 "$here/birthline.tmpfiles" "$root/usr/lib/tmpfiles.d/birthline.conf"
 install -D -m 0644 "$top/udev/70-birthline-stations.rules" "$root/usr/lib/udev/rules.d/70-birthline-stations.rules"
+# The guide the units' Documentation= names (systemctl help birthline), with the pages it links to.
+install -d -m 0755 "$root/usr/share/doc/birthline"
+install -m 0644 "$top"/docs/*.md "$root/usr/share/doc/birthline/"
 if [ "$enable" = 1 ]; then
   if [ -z "$root" ]; then
     systemd-sysusers birthline.conf

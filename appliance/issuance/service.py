@@ -204,6 +204,7 @@ class IssueService:
         self._faults.check_work_orders(
             await self.journal.acall(self._faults.read_active_work_orders, self.journal.conn)
         )
+        await self._check_clock()
         if self.prepare_workers > 0:
             self._pool = PreparePool(self._ctx, self.prepare_workers, alarms=self.alarms)
             await self._pool.start()
@@ -971,6 +972,7 @@ class IssueService:
                 ):
                     self._faults.cleared([ReasonCode.BUSY], "admitted again")
                 self._faults.quiet()
+                await self._check_clock()
                 if watched := self._faults.watched_work_orders:
                     orders = await self.journal.acall(self._read_work_orders, watched)
                     self._faults.recheck_quota(orders)
@@ -980,6 +982,26 @@ class IssueService:
                 self._faults.failed(exc)
             except Exception as exc:  # noqa: BLE001 - the loop outlives a defect; its traceback is logged
                 self._faults.failed(self._faults.internal(exc))
+
+    async def _check_clock(self) -> None:
+        """Raise the clock alarm while the clock is behind the last issuance (every request is refused
+        CLOCK_NOT_TRUSTED then), at start and between requests, not only when a station asks; clear it once the
+        clock is right again."""
+        if self._last_issue_time is None:
+            last = await self.journal.acall(
+                lambda: self.journal.conn.execute("SELECT MAX(created_at) FROM issuance").fetchone()[0]
+            )
+            if self._last_issue_time is None:  # a batch may have read it meanwhile
+                self._last_issue_time = float(last or 0.0)
+        behind = self._last_issue_time - self.clock()
+        if behind > self.clock_skew_s:
+            self._faults.failed(IssuanceRefused(
+                f"the clock is {behind:.0f} s behind the last issuance; set the time", ReasonCode.CLOCK_NOT_TRUSTED
+            ))  # fmt: skip
+        elif self._faults.is_open(ReasonCode.CLOCK_NOT_TRUSTED):
+            self._faults.cleared(
+                [ReasonCode.CLOCK_NOT_TRUSTED], "the clock is no longer behind the last issuance"
+            )
 
     def _read_work_orders(self, ids: list[str]) -> dict[str, tuple[str, int, int]]:
         return self._faults.read_work_orders(self.journal.conn, ids)

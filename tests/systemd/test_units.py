@@ -136,7 +136,7 @@ def test_install_into_an_image_root(tmp_path: Path) -> None:
                    capture_output=True)  # fmt: skip
     for path in ("usr/lib/systemd/system/birthline.service", "usr/lib/systemd/system/birthline-console.service",
                  "usr/lib/sysusers.d/birthline.conf", "usr/lib/tmpfiles.d/birthline.conf",
-                 "usr/lib/udev/rules.d/70-birthline-stations.rules"):  # fmt: skip
+                 "usr/lib/udev/rules.d/70-birthline-stations.rules", "usr/share/doc/birthline/operations.md"):  # fmt: skip
         assert (root / path).is_file(), path
     for unit in ("birthline.service", "birthline-console.service"):
         link = root / "etc/systemd/system/multi-user.target.wants" / unit
