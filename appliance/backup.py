@@ -34,6 +34,7 @@ import shutil
 import sqlite3
 import stat
 import tarfile
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -408,9 +409,20 @@ def _extract_checked(archive: Path, stage: Path) -> tuple[dict[str, Any], dict[s
 def verify(archive: Path) -> dict[str, Any]:
     """Check an archive without restoring it: the manifest, every digest, every database's integrity."""
     archive = Path(archive).absolute()
-    with _staging(archive) as stage:
-        manifest, _ = _extract_checked(archive, stage)
+    if not archive.is_file():
+        raise BackupError(f"{archive}: no such archive")
+    # In the temporary directory, not beside the archive: it may be on read-only media.
+    with tempfile.TemporaryDirectory(prefix="birthline-check-") as stage:
+        manifest, _ = _extract_checked(archive, Path(stage))
     return manifest
+
+
+def _peek_manifest(archive: Path) -> dict[str, Any]:
+    try:
+        with tarfile.open(archive, mode="r:*") as tar:
+            return read_manifest(tar)
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise BackupError(f"{archive}: not a readable archive ({exc})") from None
 
 
 def _relocate(text: str, moves: list[tuple[str, str]]) -> str:
@@ -449,10 +461,15 @@ def restore(
     if not archive.is_file():
         raise BackupError(f"{archive}: no such archive")
     config_out = Path(config_out).absolute()
-    with _staging(archive) as checked:
+    peeked = _peek_manifest(archive)
+    new_state = Path(state_dir).absolute() if state_dir is not None else Path(peeked["source"]["state_dir"])
+    if not new_state.parent.is_dir():
+        raise BackupError(f"{new_state.parent} is not a directory: create it first")
+    # Checked beside the new state, not beside the archive: the files are then renamed into place on one file
+    # system (the archive is often elsewhere: another partition, a USB stick).
+    with _staging(new_state) as checked:
         manifest, placed = _extract_checked(archive, checked)
         source = manifest["source"]
-        new_state = Path(state_dir).absolute() if state_dir is not None else Path(source["state_dir"])
         # Refusals before anything is moved: a live state is never replaced unless asked, never while it runs.
         moved_aside: list[Path] = []
         stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -469,8 +486,6 @@ def restore(
                 )
         if (config_out.exists() or config_out.is_symlink()) and not (force or _inside(config_out, new_state)):
             raise BackupError(f"{config_out} exists: give --config a new path, or --force to move it aside")
-        if not new_state.parent.is_dir():
-            raise BackupError(f"{new_state.parent} is not a directory: create it first")
 
         old_state = source["state_dir"]
         moves: list[tuple[str, str]] = [(old_state, str(new_state))]

@@ -166,8 +166,10 @@ def test_a_backup_taken_while_the_daemon_issues_restores_elsewhere_verifies_and_
     assert report["consistent"] is True and report["planned"] == 100, report  # the reconciliation agrees
     restored, original = _certificates(fresh / "journal.sqlite"), _certificates(live / "journal.sqlite")
     assert restored.items() <= original.items() and len(restored) < len(original)
-    stats = json.loads(birthline("journal", "stats", "--config", config).stdout)
-    assert sum(stats["states"].values()) == len(restored)
+    # An issuance in flight at that instant is an intent in the copy (no certificate): the restored daemon burns it
+    # when it starts, as after a crash, and its serial is never used again.
+    states = json.loads(birthline("journal", "stats", "--config", config).stdout)["states"]
+    assert sum(n for state, n in states.items() if state not in ("intent", "burned")) == len(restored)
 
     # The restored appliance starts and issues the next device.
     daemon = subprocess.Popen(
@@ -183,6 +185,7 @@ def test_a_backup_taken_while_the_daemon_issues_restores_elsewhere_verifies_and_
     finally:
         _stop(daemon, signal.SIGTERM)
     assert more == ["MYDEV-0099"], daemon.communicate()
+    assert "intent" not in json.loads(birthline("journal", "stats", "--config", config).stdout)["states"]
     after_run = json.loads(birthline("report", "workorder", "WO-HAND", "--config", config, "--json").stdout)
     assert after_run["issued"] == report["issued"] + 1
     issuing = x509.load_pem_x509_certificates((fresh / "ca-chain.pem").read_bytes())[0]
@@ -391,3 +394,52 @@ def test_restore_gives_the_files_to_the_daemons_user(archive: Path, tmp_path: Pa
     refused = birthline("restore", archive, "--config", tmp_path / "c.toml", "--state-dir", tmp_path / "s2",
                         "--owner", "no-such-user-here")  # fmt: skip
     assert refused.returncode == 2 and "no such user" in refused.stderr and not (tmp_path / "s2").exists()
+
+
+def test_every_database_in_the_state_is_snapshotted_with_what_its_wal_holds(
+    demo_state: Path, tmp_path: Path
+) -> None:
+    """A copy of the file alone would miss what a writer has committed to the WAL but not checkpointed: the
+    online backup API reads through it."""
+    state = tmp_path / "state"
+    shutil.copytree(demo_state, state, ignore=shutil.ignore_patterns("daemon.lock", "pty", "*.sock"))
+    config = tmp_path / "birthline.toml"
+    config.write_text((demo_state / "birthline.toml").read_text().replace(str(demo_state), str(state)))
+    writer = sqlite3.connect(state / "extra.sqlite")
+    try:
+        writer.execute("PRAGMA journal_mode=WAL")
+        writer.execute("PRAGMA wal_autocheckpoint=0")
+        writer.execute("CREATE TABLE t (x TEXT)")
+        writer.execute("INSERT INTO t VALUES ('committed, in the WAL only')")
+        writer.commit()
+        assert (state / "extra.sqlite-wal").stat().st_size > 0
+        taken = birthline("backup", "--config", config, "--out", tmp_path / "a.tgz")
+    finally:
+        writer.close()
+    assert taken.returncode == 0, taken.stderr
+    assert "state/extra.sqlite: online snapshot" in taken.stdout
+    got = birthline(
+        "restore", tmp_path / "a.tgz", "--config", tmp_path / "r.toml", "--state-dir", tmp_path / "r"
+    )
+    assert got.returncode == 0, got.stderr
+    assert not (tmp_path / "r" / "extra.sqlite-wal").exists()
+    with closing(sqlite3.connect(tmp_path / "r" / "extra.sqlite")) as db:
+        assert db.execute("SELECT x FROM t").fetchall() == [("committed, in the WAL only",)]
+
+
+def test_an_archive_on_another_file_system_restores(archive: Path, tmp_path: Path) -> None:
+    """The image keeps the state on its own partition: the archive comes from elsewhere (here a tmpfs), and the
+    restore still renames its files into place on the state's file system."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("no second file system (/dev/shm) beside the test's temporary directory")
+    elsewhere = shm / f"birthline-test-{os.getpid()}-{tmp_path.name}.tgz"
+    shutil.copy(archive, elsewhere)
+    try:
+        got = birthline("restore", elsewhere, "--config", tmp_path / "s" / "birthline.toml", "--state-dir",
+                        tmp_path / "s")  # fmt: skip
+        assert got.returncode == 0, got.stderr
+        assert (tmp_path / "s" / "journal.sqlite").is_file()
+        assert not [p for p in shm.iterdir() if "staging" in p.name]
+    finally:
+        elsewhere.unlink()
