@@ -21,7 +21,8 @@ IMAGE_TEST_ROOT=external: before step 2, a boot 0 stops at `BIRTHLINE WAITING FO
 on the state disk; with the guest powered down the test signs it as an offline root would and writes the
 certificate and the root back with debugfs; boot 1's first boot then imports them and carries on.
 
-Every phase prints its duration. Software emulation (TCG); IMAGE_TEST_ACCEL=kvm uses KVM.
+Every phase prints its duration. Software emulation (TCG); IMAGE_TEST_ACCEL=kvm uses KVM. IMAGE_TEST_WORK=DIR
+works in DIR instead of build/image/test (two runs side by side).
 """
 
 from __future__ import annotations
