@@ -399,7 +399,9 @@ def check_state(t: float, got: Path) -> int:
     # The guest's configuration, its paths moved to the copy; the PIN from the copy's root-only file.
     config = state / "host.toml"
     text = (state / "etc" / "birthline.toml").read_text().replace("/var/lib/birthline", str(state))
-    config.write_text(text.replace('pin_credential = "hsm-pin"', f'pin_file = "{state}/etc/hsm.pin"'))
+    text = text.replace('pin_credential = "hsm-pin"', f'pin_file = "{state}/etc/hsm.pin"')
+    # The console's group exists in the image only; this host runs no daemon on the copy.
+    config.write_text(text.replace('group = "birthline-console"', ""))
     softhsm = state / "softhsm" / "softhsm2.conf"
     softhsm.write_text(softhsm.read_text().replace("/var/lib/birthline", str(state)))
     out = run(
