@@ -392,7 +392,8 @@ def main() -> int:
 
 def check_state(t: float, got: Path) -> int:
     """The journal and audit log as the guest left them, read on this host from a copy of the state disk."""
-    state = WORK / "state-copy"
+    # Absolute: the configuration resolves relative paths from its own directory.
+    state = (WORK / "state-copy").resolve()
     state.mkdir()
     run(["debugfs", "-R", f"rdump / {state}", str(WORK / "state.img")])
     t = phase("state copied out of the state disk (debugfs rdump, no mount)", t)
