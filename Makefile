@@ -113,3 +113,18 @@ bench-front: deps
 .PHONY: install-units
 install-units:
 	sh systemd/install.sh --root "$(or $(DESTDIR),/)" $(if $(filter 1,$(ENABLE)),--enable,)
+
+# The appliance image (docs/operations.md, "Building and testing the image"): not part of `make test` (qemu boots
+# take minutes); its own apt packages, installed by the same rule as the others.
+IMAGE_APT_PACKAGES := debootstrap qemu-system-x86 e2fsprogs openssl
+
+.PHONY: image image-test image-apt
+
+image-apt:
+	$(MAKE) --no-print-directory apt APT_PACKAGES="$(IMAGE_APT_PACKAGES)"
+
+image: deps image-apt
+	image/build.sh
+
+image-test: image
+	$(PY) image/test.py

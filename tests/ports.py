@@ -12,7 +12,7 @@ def free_ports(count: int = DEMO_PORTS) -> int:
     for _ in range(200):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
-            first = s.getsockname()[1]
+            first: int = s.getsockname()[1]
         if first + count > 65535:
             continue
         ok = True
