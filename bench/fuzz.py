@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import random
 import signal
 import sys
@@ -146,7 +147,22 @@ def fuzz(target: Target, inputs: int, seed: int = 1, limit: float = 10.0) -> Rep
             if len(corpus) < MAX_CORPUS:
                 corpus.append(data)
     report.seconds = time.perf_counter() - start
+    # On a shared machine one slow time can be a preemption: the slowest inputs are timed again (best of 3).
+    report.slowest = sorted(
+        ((_best_of(checker, data, 3, limit), data) for _, data in report.slowest), key=lambda s: -s[0]
+    )
     return report
+
+
+def _best_of(checker: Checker, data: bytes, times: int, limit: float) -> float:
+    best = float("inf")
+    for _ in range(times):
+        start = time.perf_counter()
+        # A violation or a hang was recorded already; only the time matters here.
+        with contextlib.suppress(Exception, Hang), time_limit(limit):
+            checker(data)
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def fuzz_atheris(target: Target, inputs: int, seed: int, limit: float, save: Path | None) -> None:
@@ -191,7 +207,10 @@ def print_report(report: Report, seconds: float | None = None) -> None:
     top = ", ".join(f"{k} {v}" for k, v in report.outcomes.most_common(12))
     print(f"  outcomes ({len(report.outcomes)}): {top}")
     if report.slowest:
-        print("  slowest: " + ", ".join(f"{s * 1000:.1f} ms ({len(d)} B)" for s, d in report.slowest))
+        print(
+            "  slowest (timed again after the run, best of 3): "
+            + ", ".join(f"{s * 1000:.1f} ms ({len(d)} B)" for s, d in report.slowest)
+        )
     for what, data in report.violations[:10]:
         print(f"  VIOLATION {what} [{len(data)} B] {data[:48].hex()}")
 
