@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from appliance.ca import CaRecord
+from appliance.daemon import CoreEnroller
 from appliance.errors import IssuanceRefused, ReasonCode
 from appliance.issuance.journal import Journal
 from appliance.issuance.policy import IssueRequest
 from appliance.issuance.service import SHED_RETRY_AFTER_S, IssueService
 from appliance.profiles import builtin_profiles
 from hsm.token import Token
+from stations.server import EnrollPending
 from tests.appliance.conftest import make_csr
 
 
@@ -48,3 +52,23 @@ async def test_no_limit_by_default(journal: Journal, issuing: CaRecord, hsm_toke
             *(service.issue(IssueRequest(f"SN-ALL-{i}", make_csr()[1])) for i in range(30))
         )
     assert len(results) == 30 and service.shed == 0
+
+
+async def test_a_station_is_told_pending_with_the_retry_after(
+    journal: Journal, issuing: CaRecord, hsm_token: Token, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The station front end turns the shed refusal into PENDING(retry_after_ms): the station waits and sends
+    the same ENROLL again. The full queue is injected (a real one fills only under a real overload:
+    bench/soak.py's overload phase shows it end to end)."""
+    service = IssueService(journal, issuing, hsm_token.get_key(issuing.key_label), dict(builtin_profiles()),
+                           max_queued=4)  # fmt: skip
+    enroller = CoreEnroller(service, journal)
+    async with service:
+        monkeypatch.setattr(service._queue, "qsize", lambda: 4)
+        with pytest.raises(EnrollPending) as pending:
+            await enroller.enroll("st1", bytes(16), "SN-PENDING", make_csr()[1], None)
+        assert pending.value.retry_after_ms == int(SHED_RETRY_AFTER_S * 1000)
+        assert journal.rows() == []
+        monkeypatch.undo()
+        chain = await enroller.enroll("st1", bytes(16), "SN-PENDING", make_csr()[1], None)
+        assert chain[1:] == list(service.chain) and len(journal.rows()) == 1
