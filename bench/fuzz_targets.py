@@ -9,6 +9,9 @@ tallies); it raises `Violation` when the boundary broke its contract. The contra
   holds no partial frame;
 - session: both session state machines take any frame from the peer without raising (a bad frame is a Rejected
   or HandshakeFailed event), and everything they send is one well-formed frame;
+- server: the appliance's station connection loop (stations/server.py) over an in-memory channel ends without
+  raising when the line goes down, no task of it fails, it sends only well-formed frames, and only requests of
+  the station bound to the line reach the enroller;
 - csr: the worker-side CSR intake (device serial, CSR, profile builder, TBS capture) answers a certificate or
   a refusal with a reason code other than INTERNAL and a short printable message (bench/csrfuzz.check);
 - cmp: parse_message, then the protection check and proof of possession, raise nothing but CmpError;
@@ -212,6 +215,146 @@ def _session_seeds() -> list[bytes]:
         op(1) + op(4, b"\x03" + bytes(20)) + op(2, b"\x06"),
         op(0, b"\xb1\xd5\x01\x00\x00\x00") + op(1) + op(5) + op(1),
         op(3, b"garbage") + op(1) + op(2, bytes([0x05]) + bytes(40)),
+    ]
+
+
+def _server() -> Checker:
+    """The appliance's station connection (stations/server.py) over an in-memory channel: what the script sends
+    goes through the real server loop (session, failure limiter, request tasks, a small enroller); the station
+    side answers with a real StationSession, so handshakes complete and sealed requests reach the enroller."""
+    import asyncio
+
+    from stations.codec import DecodeEvent, Frame, FrameDecoder
+    from stations.codes import Code
+    from stations.errors import StationError
+    from stations.messages import Confirm, Enroll, GetCaChain, Message, Ping
+    from stations.server import EnrollPending, StationServer
+    from stations.session import StationSession
+    from stations.transports.base import ChannelClosed
+
+    class Enroller:
+        calls = 0
+
+        async def ca_chain(self, station: str, profile: str | None) -> list[bytes]:
+            return [b"ca"]
+
+        async def enroll(
+            self, station: str, request_id: bytes, device_serial: str, csr: bytes, profile: str | None
+        ) -> list[bytes]:
+            self.calls += 1
+            if station != STATION:
+                raise Violation(f"a request reached the enroller for station {station!r}")
+            if device_serial.startswith("P"):
+                raise EnrollPending(5)
+            if device_serial.startswith("R"):
+                raise StationError(Code.DEVICE_ALREADY_ISSUED, "refused\x1b[31m")
+            return [b"cert:" + csr[:16], b"ca"]
+
+        async def confirm(self, station: str, request_id: bytes, cert_sha256: bytes) -> None:
+            if station != STATION:
+                raise Violation(f"a confirmation reached the enroller for station {station!r}")
+
+    class Channel:
+        peer = "fuzz"
+
+        def __init__(self, data: bytes) -> None:
+            self.data, self.pos = data, 0
+            self.inbox: list[Frame | DecodeEvent] = []
+            self.to_server, self.to_station = FrameDecoder(), FrameDecoder()
+            self.sta = StationSession(STATION, STATION_KEY, random=_counter_random())
+            self.replies = 0
+
+        def _queue(self, wire: bytes) -> None:
+            self.inbox += self.to_server.feed(wire)
+
+        def _seal(self, message: Message) -> None:
+            if self.sta.established:
+                try:
+                    wire = self.sta.send(message)
+                except StationError:
+                    return  # the station library's own check of what it sends (e.g. a bad serial): not sent
+                self._queue(wire)
+
+        async def recv(self) -> Frame | DecodeEvent:
+            while not self.inbox:
+                if self.pos + 1 >= len(self.data):
+                    for _ in range(4):
+                        await asyncio.sleep(0)  # let the request tasks answer before the line goes down
+                    raise ChannelClosed("end of input")
+                op, size = self.data[self.pos], self.data[self.pos + 1]
+                chunk = self.data[self.pos + 2 : self.pos + 2 + size]
+                self.pos += 2 + size
+                kind = op % 7
+                rid = bytes([(chunk[:1] or b"\x01")[0] | 1]) * 16
+                if kind == 0:
+                    self._queue(chunk)
+                elif kind == 1:
+                    self._queue(self.sta.hello())
+                elif kind == 2 and chunk:
+                    self._seal(cast(Message, _RawBody(chunk[0], chunk[1:])))
+                elif kind == 3:
+                    serial = chunk[1:9].decode("ascii", "replace") or "S"
+                    self._seal(
+                        Enroll(rid, "".join(c if c.isalnum() else "X" for c in serial), b"0" + chunk[9:])
+                    )
+                elif kind == 4:
+                    self._seal(Confirm(rid, bytes(32)))
+                elif kind == 5:
+                    self._seal(GetCaChain() if op & 0x80 else Ping(int.from_bytes(chunk[:4], "big")))
+                else:
+                    self.sta.reset()
+            return self.inbox.pop(0)
+
+        async def send(self, data: bytes) -> None:
+            for item in self.to_station.feed(data):
+                if isinstance(item, Frame):
+                    self.replies += 1
+                    for wire in self.sta.receive(item).send:
+                        self._queue(wire)
+                elif item.kind.value != "garbage":
+                    raise Violation(f"the server sent a broken frame ({item.kind.value})")
+
+        async def close(self) -> None:
+            return None
+
+    loop = asyncio.new_event_loop()
+    problems: list[str] = []
+    loop.set_exception_handler(
+        lambda _loop, ctx: problems.append(str(ctx.get("exception") or ctx["message"]))
+    )
+
+    def lookup(station_id: str) -> bytes | None:
+        return STATION_KEY if station_id == STATION else None
+
+    def check(data: bytes) -> str:
+        enroller = Enroller()
+        server = StationServer(enroller, failure_limit=5)
+        channel = Channel(data)
+        problems.clear()
+        try:
+            loop.run_until_complete(server.serve(channel, lookup, station=STATION))
+        except Violation:
+            raise
+        except Exception as exc:
+            raise Violation(f"serve raised {type(exc).__name__}: {exc}") from exc
+        if problems:
+            raise Violation(f"a task failed: {problems[0]}")
+        counters = server.states[STATION].counters if STATION in server.states else {}
+        sessions = min(counters.get("sessions", 0), 2)
+        return f"replies={min(channel.replies, 4)},sessions={sessions},enrolled={min(enroller.calls, 2)}"
+
+    return check
+
+
+def _server_seeds() -> list[bytes]:
+    def op(kind: int, chunk: bytes = b"") -> bytes:
+        return bytes([kind, len(chunk)]) + chunk
+
+    return [
+        op(1) + op(3, b"\x01SN000001" + bytes(20)) + op(4, b"\x01") + op(5),
+        op(1) + op(3, b"\x02PENDING1" + bytes(8)) + op(3, b"\x03REFUSED1") + op(0x85) + op(6) + op(1),
+        op(0, b"\xb1\xd5\x01\x00") + op(1) + op(2, b"\x03" + bytes(30)) + op(3, b"\x04SN2"),
+        op(1) + op(3, b"\x05A") + op(3, b"\x05A") + op(3, b"\x05A") + op(4, b"\x07"),
     ]
 
 
@@ -546,6 +689,7 @@ TARGETS: Final = {
     for t in (
         Target("codec", _codec, _codec_seeds),
         Target("session", _session, _session_seeds),
+        Target("server", _server, _server_seeds),
         Target("csr", _csr, _csr_seeds, _csr_mutate),
         Target("cmp", _cmp, _cmp_seeds, _der_mutate),
         Target("ocsp", _ocsp, _ocsp_seeds, _der_mutate),

@@ -16,6 +16,7 @@ from bench.fuzz_targets import TARGETS, Target
 BUDGET = {
     "codec": (4000, 4),
     "session": (3000, 5),
+    "server": (1500, 5),
     "csr": (2000, 4),
     "cmp": (1500, 6),
     "ocsp": (4000, 10),
