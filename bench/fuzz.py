@@ -13,8 +13,10 @@ coverage-guided: libFuzzer's mutations plus the same structure-aware ones, steer
 input reaches in appliance/, stations/ and bench/; it stops at the first violation and writes it to --save.
 
 Every input runs under a time limit (SIGALRM; libFuzzer's -timeout with atheris): one that takes longer is a
-hang. The run prints inputs, rate, outcomes, the slowest inputs and every violation; with --save each violating
-input is written to DIR/<target>-<n>.bin. Exit status 1 if anything broke a contract.
+hang. The five slowest inputs are timed again after the run (best of 3); one still slower than --slow-ms (100)
+is a finding too (an input that costs the appliance far more than it costs the peer). The run prints inputs,
+rate, outcomes, the slowest inputs and every violation; with --save each violating input is written to
+DIR/<target>-<n>.bin (slow ones to DIR/<target>-slow-<n>.bin). Exit status 1 if anything broke a contract.
 """
 
 from __future__ import annotations
@@ -68,6 +70,9 @@ class Report:
     outcomes: collections.Counter[str] = field(default_factory=collections.Counter)
     violations: list[tuple[str, bytes]] = field(default_factory=list)  # (what, input)
     slowest: list[tuple[float, bytes]] = field(default_factory=list)  # the 5 slowest (seconds, input)
+    slow: list[tuple[float, bytes]] = field(
+        default_factory=list
+    )  # of those, slower than --slow-ms timed again
 
 
 def corpus_inputs(name: str) -> list[bytes]:
@@ -124,7 +129,7 @@ def byte_mutate(data: bytes, rng: random.Random, corpus: list[bytes]) -> bytes:
     return bytes(raw)
 
 
-def fuzz(target: Target, inputs: int, seed: int = 1, limit: float = 10.0) -> Report:
+def fuzz(target: Target, inputs: int, seed: int = 1, limit: float = 10.0, slow_s: float = 0.1) -> Report:
     """The `mutate` engine: the committed corpus first, then `inputs` mutated inputs, deterministically."""
     checker = target.make()
     mutate = target.mutate() if target.mutate else None
@@ -213,6 +218,8 @@ def print_report(report: Report, seconds: float | None = None) -> None:
         )
     for what, data in report.violations[:10]:
         print(f"  VIOLATION {what} [{len(data)} B] {data[:48].hex()}")
+    for took, data in report.slow:
+        print(f"  SLOW {took * 1000:.0f} ms, timed again [{len(data)} B] {data[:48].hex()}")
 
 
 def main() -> int:  # pragma: no cover - a benchmark
@@ -224,6 +231,12 @@ def main() -> int:  # pragma: no cover - a benchmark
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--engine", default="mutate", choices=["mutate", "atheris"])
     parser.add_argument("--time-limit", type=float, default=10.0, help="seconds one input may take")
+    parser.add_argument(
+        "--slow-ms",
+        type=float,
+        default=100.0,
+        help="one of the slowest inputs slower than this, timed again, is a finding",
+    )
     parser.add_argument("--save", type=Path, help="write violating inputs here")
     parser.add_argument("--write-seeds", action="store_true", help="write seeds to tests/fuzz_corpus/")
     args = parser.parse_args()
@@ -242,14 +255,16 @@ def main() -> int:  # pragma: no cover - a benchmark
         return 0
     broken = 0
     for name in names:
-        report = fuzz(TARGETS[name], args.inputs, args.seed, args.time_limit)
+        report = fuzz(TARGETS[name], args.inputs, args.seed, args.time_limit, args.slow_ms / 1000)
         print_report(report)
         sys.stdout.flush()
-        broken += len(report.violations)
+        broken += len(report.violations) + len(report.slow)
         if args.save:
             args.save.mkdir(parents=True, exist_ok=True)
             for n, (_, data) in enumerate(report.violations):
                 (args.save / f"{name}-{n}.bin").write_bytes(data)
+            for n, (_, data) in enumerate(report.slow):
+                (args.save / f"{name}-slow-{n}.bin").write_bytes(data)
     return 1 if broken else 0
 
 
