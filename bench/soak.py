@@ -21,7 +21,8 @@ the simulated stations, the OCSP and the CMP clients run in this process. Four p
    requests in flight at once) for
    `--overload-minutes`, with the OCSP and CMP clients. The daemon runs with `[issuance] max_queued =
    --max-queued`: past it a request is shed, a station answered PENDING with a retry-after (it waits and sends
-   the same ENROLL again), a CMP client systemUnavail. Printed: the PENDING answers, the latency of the
+   the same ENROLL again), a CMP client systemUnavail; the VA answers OCSP tryLater when a signature could not
+   start within its sign_wait_s, the HSM thread busy with certificates (docs/revocation.md). Printed: the PENDING answers, the latency of the
    requests accepted (ENROLL sent to CERT received, for the attempt that got the certificate) and of devices
    end to end, and errors (0 expected: a shed request is retried, never lost).
 4. checks, daemon stopped: PRAGMA integrity_check ok; no certificate serial twice; no intent left; quota of the
@@ -73,6 +74,7 @@ class Tally:
     errors: Counter[str] = field(default_factory=Counter)
     pending: int = 0  # PENDING answers (shed requests)
     ocsp_ok: int = 0
+    ocsp_shed: int = 0  # tryLater, in the overload phase
     cmp_ok: int = 0
     cmp_refused: Counter[str] = field(default_factory=Counter)
     cpu: float = 0.0  # the daemon's CPU during the phase, in cores
@@ -171,7 +173,7 @@ async def _http(port: int, path: str, ctype: str, body: bytes, conn: list[object
     return status, data
 
 
-async def _ocsp_client(run: Run, rate: float, until: float, tally: Tally) -> None:
+async def _ocsp_client(run: Run, rate: float, until: float, tally: Tally, shed_ok: bool) -> None:
     conn: list[object] = []
     rng = random.Random(1)
     due = time.monotonic()
@@ -191,7 +193,9 @@ async def _ocsp_client(run: Run, rate: float, until: float, tally: Tally) -> Non
             tally.errors[f"ocsp:http-{status}"] += 1
             continue
         answer = ocsp.load_der_ocsp_response(data)
-        if answer.response_status is not ocsp.OCSPResponseStatus.SUCCESSFUL:
+        if answer.response_status is ocsp.OCSPResponseStatus.TRY_LATER and shed_ok:
+            tally.ocsp_shed += 1  # the HSM thread busy with certificates: the VA sheds (docs/revocation.md)
+        elif answer.response_status is not ocsp.OCSPResponseStatus.SUCCESSFUL:
             tally.errors[f"ocsp:{answer.response_status.name}"] += 1
         elif answer.certificate_status is not ocsp.OCSPCertStatus.GOOD or answer.serial_number != serial:
             tally.errors[f"ocsp:{answer.certificate_status.name}"] += 1
@@ -307,7 +311,7 @@ async def _phase(run: Run, sims: list[SimStation], interval: float | None, secon
     start = time.perf_counter()
     jobs = [_station(run, s, interval, until, tally, tag) for s in sims]
     if ocsp_rate:
-        jobs.append(_ocsp_client(run, ocsp_rate, until, tally))
+        jobs.append(_ocsp_client(run, ocsp_rate, until, tally, shed_ok))
     if cmp_rate:
         jobs.append(_cmp_client(run, cmp_rate, until, tally, shed_ok))
     await asyncio.gather(*jobs)
@@ -323,7 +327,8 @@ def _print_phase(name: str, tally: Tally, elapsed: float) -> None:
           f" {tally.cpu:.0%} of a core); device p50"
           f" {statistics.median(lat) * 1000 if lat else 0:.0f} ms p99 {p99(lat) * 1000:.0f} ms max"
           f" {lat[-1] * 1000 if lat else 0:.0f} ms; accepted ENROLL p99 {p99(acc) * 1000:.0f} ms max"
-          f" {acc[-1] * 1000 if acc else 0:.0f} ms; PENDING (shed) {tally.pending}; OCSP good {tally.ocsp_ok};"
+          f" {acc[-1] * 1000 if acc else 0:.0f} ms; PENDING (shed) {tally.pending}; OCSP good {tally.ocsp_ok},"
+          f" tryLater {tally.ocsp_shed};"
           f" CMP certificates {tally.cmp_ok}, CMP shed {dict(tally.cmp_refused)}; errors"
           f" {sum(tally.errors.values())} {dict(tally.errors)}")  # fmt: skip
 
