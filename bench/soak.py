@@ -18,13 +18,13 @@ the simulated stations, the OCSP and the CMP clients run in this process. Four p
    `--sample-s`. Errors (a station giving up or refused, an OCSP answer other than "good", a CMP answer other than
    a certificate) must be 0.
 3. overload: twice the stations, each on the schedule of a station at capacity (offered: 2C/s, twice the
-   requests in flight at once) for
-   `--overload-minutes`, with the OCSP and CMP clients. The daemon runs with `[issuance] max_queued =
-   --max-queued`: past it a request is shed, a station answered PENDING with a retry-after (it waits and sends
-   the same ENROLL again), a CMP client systemUnavail; the VA answers OCSP tryLater when a signature could not
-   start within its sign_wait_s, the HSM thread busy with certificates (docs/revocation.md). Printed: the PENDING answers, the latency of the
-   requests accepted (ENROLL sent to CERT received, for the attempt that got the certificate) and of devices
-   end to end, and errors (0 expected: a shed request is retried, never lost).
+   requests in flight at once) for `--overload-minutes`, with the OCSP and CMP clients. The daemon runs with
+   `[issuance] max_queued = --max-queued`: past it a request is shed, a station answered PENDING with a
+   retry-after (it waits and sends the same ENROLL again), a CMP client systemUnavail; the VA answers OCSP
+   tryLater when a signature could not start within its sign_wait_s, the HSM thread busy with certificates
+   (docs/revocation.md). Printed: the PENDING answers, the latency of the requests accepted (ENROLL sent to
+   CERT received, for the attempt that got the certificate) and of devices end to end, and errors (0 expected:
+   a shed request is retried, never lost).
 4. checks, daemon stopped: PRAGMA integrity_check ok; no certificate serial twice; no intent left; quota of the
    work order equals its live rows; the audit chain verifies; every certificate a station or the CMP client
    received is in the journal with the same bytes.
