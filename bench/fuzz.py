@@ -134,7 +134,9 @@ def byte_mutate(data: bytes, rng: random.Random, corpus: list[bytes]) -> bytes:
     return bytes(raw)
 
 
-def fuzz(target: Target, inputs: int, seed: int = 1, limit: float = 10.0, slow_s: float = 0.1) -> Report:
+def fuzz(
+    target: Target, inputs: int, seed: int = 1, limit: float = 10.0, slow_s: float = 0.1, progress: int = 0
+) -> Report:
     """The `mutate` engine: the committed corpus first, then `inputs` mutated inputs, deterministically."""
     checker = target.make()
     mutate = target.mutate() if target.mutate else None
@@ -145,7 +147,13 @@ def fuzz(target: Target, inputs: int, seed: int = 1, limit: float = 10.0, slow_s
         run_one(checker, data, limit, report)
     seen = set(report.outcomes)
     rng = random.Random(f"{target.name}-{seed}")
-    for _ in range(inputs):
+    for n in range(inputs):
+        if progress and n and n % progress == 0:
+            took = time.perf_counter() - start
+            print(
+                f"  ... {report.inputs} inputs in {took:.0f} s, {len(report.violations)} violations",
+                flush=True,
+            )
         base = rng.choice(corpus)
         data = mutate(base, rng) if mutate and rng.random() < 0.6 else byte_mutate(base, rng, corpus)
         before = len(report.violations)
@@ -260,7 +268,7 @@ def main() -> int:  # pragma: no cover - a benchmark
         return 0
     broken = 0
     for name in names:
-        report = fuzz(TARGETS[name], args.inputs, args.seed, args.time_limit, args.slow_ms / 1000)
+        report = fuzz(TARGETS[name], args.inputs, args.seed, args.time_limit, args.slow_ms / 1000, 50_000)
         print_report(report)
         sys.stdout.flush()
         broken += len(report.violations) + len(report.slow)
