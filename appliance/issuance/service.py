@@ -46,9 +46,9 @@ from hsm.keys import HsmPrivateKey
 
 log = logging.getLogger(__name__)
 
-SHED_RETRY_AFTER_S = (
-    1.0  # the retry-after of a request refused because the queue is full (about its drain time)
-)
+# The retry-after of a request refused because the issuance queue is full: about the time a full default queue
+# (1,024) takes to drain at this appliance's rate.
+SHED_RETRY_AFTER_S = 1.0
 
 # Named crash points for the crash-safety tests: the process SIGKILLs itself there. Not a secret, and unset in
 # production; read once at start so the hot path pays nothing.
