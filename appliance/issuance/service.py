@@ -46,8 +46,8 @@ from hsm.keys import HsmPrivateKey
 
 log = logging.getLogger(__name__)
 
-# The retry-after of a request refused because the issuance queue is full: about the time a full default queue
-# (1,024) takes to drain at this appliance's rate.
+# The retry-after of a request refused because the issuance queue is full: the same second a station is told for a
+# request id still being worked on (stations.server.DUPLICATE_RETRY_MS); the queue has moved on by then.
 SHED_RETRY_AFTER_S = 1.0
 
 # Named crash points for the crash-safety tests: the process SIGKILLs itself there. Not a secret, and unset in
