@@ -128,3 +128,15 @@ image: deps image-apt
 
 image-test: image
 	$(PY) image/test.py
+
+# Fuzzing and load (docs/reliability.md): the fuzzing's short budget runs in `make test` (tests/test_fuzz.py);
+# these are the long runs. fuzz-atheris installs the optional 'fuzz' extra (atheris, coverage-guided).
+.PHONY: fuzz-long fuzz-atheris soak
+fuzz-long: deps
+	$(PY) bench/fuzz.py --target all --inputs 1000000
+fuzz-atheris: deps
+	$(PY) -m pip install -q -e '.[fuzz]'
+	for t in codec session csr cmp ocsp config; do \
+	  $(PY) bench/fuzz.py --engine atheris --target $$t --inputs 1000000 || exit 1; done
+soak: deps
+	$(PY) bench/soak.py --minutes 30

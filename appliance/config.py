@@ -55,6 +55,7 @@ class IssuanceSection:
     refusal_burst: int = 60  # refusals per station and window audited in full; the rest are counted
     refusal_window_s: float = 60.0
     quota_warning_percent: int = 5  # warning alarm when an active work order has this share of units left
+    max_queued: int = 1024  # requests waiting for the issuance loop; past it one is refused BUSY at once
 
 
 @dataclass(frozen=True)
@@ -520,6 +521,7 @@ def parse_config(
         refusal_burst=r.integer("refusal_burst", 60, lo=1, hi=1_000_000),
         refusal_window_s=r.number("refusal_window_s", 60.0, lo=1, hi=86400),
         quota_warning_percent=r.integer("quota_warning_percent", 5, lo=0, hi=100),
+        max_queued=r.integer("max_queued", 1024, lo=1, hi=1_000_000),
     )
     r.done()
 

@@ -51,7 +51,7 @@ from appliance.connections import (
 from appliance.control.metrics import METRICS_LIMITS
 from appliance.control.plane import ControlPlane
 from appliance.daemon_lock import DaemonLock, DaemonRunning
-from appliance.errors import BirthlineError, IssuanceFailed, IssuancePending, IssuanceRefused
+from appliance.errors import BirthlineError, IssuanceFailed, IssuancePending, IssuanceRefused, ReasonCode
 from appliance.est.labels import labels_from_config as est_labels_from_config
 from appliance.est.labels import settings_from_config as est_settings_from_config
 from appliance.est.server import EstResponder, make_est_app, server_context
@@ -207,6 +207,11 @@ class CoreEnroller:
             # RA mode: the upstream CA issues; the station sends the same ENROLL again after this.
             raise EnrollPending(int(exc.retry_after_s * 1000), clean_text(exc.message)) from None
         except (IssuanceRefused, IssuanceFailed) as exc:
+            retry_after = exc.details.get("retry_after_s")
+            if exc.code is ReasonCode.BUSY and isinstance(retry_after, float):
+                # Shed (the issuance queue is full): PENDING carries the retry-after, and nothing was recorded,
+                # so the same ENROLL sent again then is a new request.
+                raise EnrollPending(int(retry_after * 1000), clean_text(exc.message)) from None
             raise StationError(wire_code(exc), clean_text(exc.message)) from None
         return [result.certificate, *result.chain]
 

@@ -100,6 +100,7 @@ class Core:
             alarms=self.alarms,
             upstream_retry_s=self.config.upstream.pending_retry_s if self.config.upstream.enabled else None,
             quota_warning_percent=self.config.issuance.quota_warning_percent,
+            max_queued=self.config.issuance.max_queued,
             recover_intents=recover_intents,
             forward_upstream=self.config.upstream.enabled,
         )

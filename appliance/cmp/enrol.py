@@ -27,6 +27,7 @@ from pyasn1.codec.der import decoder as der_decoder
 from pyasn1.error import PyAsn1Error
 from pyasn1_alt_modules import rfc5280
 
+from appliance import pyasn1_repr  # noqa: F401 - installs pyasn1's cheap schema repr (see there)
 from appliance.cmp.errors import CmpError, FailInfo, fail_info_for_error
 from appliance.cmp.header import TransactionState
 from appliance.cmp.labels import CmpLabel, CmpSettings, device_serial_of

@@ -31,6 +31,7 @@ from pyasn1.codec.der import decoder as der_decoder
 from pyasn1.error import PyAsn1Error
 from pyasn1_alt_modules import rfc9480
 
+from appliance import pyasn1_repr  # noqa: F401 - installs pyasn1's cheap schema repr (see there)
 from appliance.cmp import _der, oids
 from appliance.cmp._names import general_name_from_der, name_from_der
 from appliance.cmp.errors import CmpError, FailInfo

@@ -46,6 +46,10 @@ from hsm.keys import HsmPrivateKey
 
 log = logging.getLogger(__name__)
 
+# The retry-after of a request refused because the issuance queue is full: the same second a station is told for a
+# request id still being worked on (stations.server.DUPLICATE_RETRY_MS); the queue has moved on by then.
+SHED_RETRY_AFTER_S = 1.0
+
 # Named crash points for the crash-safety tests: the process SIGKILLs itself there. Not a secret, and unset in
 # production; read once at start so the hot path pays nothing.
 CRASH_POINTS = ("after-intent", "after-sign", "after-store")
@@ -137,6 +141,7 @@ class IssueService:
         health_interval_s: float = 5.0,
         recover_intents: bool = True,
         forward_upstream: bool = True,
+        max_queued: int = 0,
     ) -> None:
         ca_cert = ca.certificate
         spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -178,6 +183,12 @@ class IssueService:
         self._hsm_fault: str | None = None
         self._crash_at = os.environ.get(CRASH_ENV, "")
         self.stats = {"issued": 0, "reused": 0, "refused": 0, "failed": 0, "batches": 0, "pending": 0}
+        self.max_queued = max_queued
+        """Requests waiting for the issuance loop at most (0: no limit). Past it a request is refused BUSY before
+        anything is done for it, with `retry_after_s` in its details: over capacity the queue, and so the latency
+        of the requests accepted, stays bounded, instead of every request waiting longer and longer."""
+        self.shed = 0  # requests refused that way
+        self._shed_log = LogOnce(interval_s=60.0)
         self.admission = admission
         """Consulted before every batch: a text refuses the whole batch (BUSY), e.g. the upstream queue over its
         hard limit (appliance.cmp.forwarder.Forwarder.admission). It must be cheap: it runs on the hot path."""
@@ -260,6 +271,15 @@ class IssueService:
     async def issue(self, request: IssueRequest) -> IssueResult:
         if self._tg is None:
             raise IssuanceFailed("the issuance service is not running", ReasonCode.BUSY)
+        if self.max_queued and self._queue.qsize() >= self.max_queued:
+            self.shed += 1
+            self._shed_log.log(log, logging.WARNING, "shed", "issuance queue full (%d requests): new requests are"
+                               " answered BUSY, retry after %g s", self.max_queued, SHED_RETRY_AFTER_S)  # fmt: skip
+            raise IssuanceRefused(
+                f"the appliance is busy ({self.max_queued} requests queued): retry after {SHED_RETRY_AFTER_S:g} s",
+                ReasonCode.BUSY,
+                {"retry_after_s": SHED_RETRY_AFTER_S},
+            )
         if not request.request_id:
             request = dataclasses.replace(request, request_id=uuid.uuid4().hex)
         fut: asyncio.Future[IssueResult] = asyncio.get_running_loop().create_future()

@@ -38,6 +38,7 @@ from pyasn1.error import PyAsn1Error
 from pyasn1.type import char, univ
 from pyasn1_alt_modules import rfc5280, rfc5652
 
+from appliance import pyasn1_repr  # noqa: F401 - installs pyasn1's cheap schema repr (see there)
 from appliance.cmp._der import oid_value, scan
 from appliance.der import Tlv, read_children, read_tlv
 from appliance.scep import oids
