@@ -91,7 +91,8 @@ CMP_LABEL = "chaos"
 LIVE = ("issued", "confirmed", "reworked", "scrapped")
 SPKI = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
 START_TIMEOUT_S = 120.0
-POINT_WAIT_S = 30.0  # a round that names a crash point waits this long for the daemon to reach it
+POINT_WAIT_S = 30.0
+ROUND_TIMEOUT_S = 300.0  # a round that takes longer is stuck: counted as a violation, the campaign goes on  # a round that names a crash point waits this long for the daemon to reach it
 
 CONFIG = """\
 [appliance]
@@ -737,11 +738,22 @@ async def run(args: argparse.Namespace, root: Path) -> int:
         named = list(POINTS)
         for i in range(args.kills):
             plan.append(named[(i // 2) % len(named)] if i % 2 == 0 else None)
+        stop_at = t0 + args.minutes * 60 if args.minutes else None
         for i, point in enumerate(plan):
-            await c.round(point)
+            if stop_at is not None and time.monotonic() > stop_at:
+                print(f"  --minutes {args.minutes} reached after {i} kills: final round", flush=True)
+                break
+            try:
+                await asyncio.wait_for(c.round(point), ROUND_TIMEOUT_S)
+            except TimeoutError:
+                c.tally.violation(
+                    f"round {i} ({point or 'random'}) did not end within {ROUND_TIMEOUT_S:.0f} s"
+                )
             if (i + 1) % 10 == 0 or i + 1 == len(plan):
                 print(f"  {i + 1} kills, {len(c.devices)} devices, {c.tally.checks} checks, "
-                      f"{len(c.tally.violations)} violations, {time.monotonic() - t0:.0f} s", flush=True)  # fmt: skip
+                      f"{len(c.tally.violations)} violations, {time.monotonic() - t0:.0f} s; reached "
+                      f"{sum(c.tally.reached.values())}/{sum(c.tally.named.values())} named, "
+                      f"{c.tally.random_mid_work}/{c.tally.random_kills} random mid-work", flush=True)  # fmt: skip
         await c.final_round()
     finally:
         await c.stop_peer()
@@ -772,6 +784,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kills", type=int, default=40, help="kills before the final round (default 40)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--minutes", type=float, default=0, help="start no new kill after this long (0: no limit)")
     p.add_argument("--dir", type=Path, default=None, help="work here (kept) instead of a temporary directory")
     args = p.parse_args()
     for tool in ("openssl", "socat"):
