@@ -66,3 +66,11 @@ $(VENV)/.installed: pyproject.toml
 
 clean:
 	rm -rf $(VENV) $(STATE) .mypy_cache .ruff_cache .pytest_cache
+
+# The crash campaign, short version (docs/reliability.md): 40 SIGKILLs of a real daemon, every named crash point
+# twice, then the checks; prints "chaos: N kills (...), violations: 0". Several minutes: not part of `make test`.
+# The long version: CHAOS_KILLS=1000 (or bench/chaos.py --kills 1000 --minutes 60).
+CHAOS_KILLS ?= 40
+.PHONY: chaos
+chaos: deps
+	$(PY) bench/chaos.py --kills $(CHAOS_KILLS)

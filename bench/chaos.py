@@ -177,6 +177,8 @@ class Campaign:
         self.pty: PtyPair | None = None
         self._owners: dict[str, set[str]] = {}  # client -> the device serials it enrols
         self.finishing = False  # the final round: finish what was started, start nothing new
+        self.stopping = False  # the clients' loops end (a cancellation alone can be lost in wait_for, 3.11)
+        self.phase = ""  # where the current round is (reported when a round is stuck)
 
     # -- setup --------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -312,7 +314,7 @@ class Campaign:
         pending: list[Device] = [
             d for d in self.devices.values() if d.serial in self._owned(name) and not d.confirmed
         ]
-        while True:
+        while not self.stopping:
             try:
                 if name == SERIAL_STATION:
                     client = await StationClient.connect_serial(str(self.root / "pty" / "fixture"), 115200,
@@ -329,7 +331,7 @@ class Campaign:
                 await asyncio.sleep(0.1)
                 continue
             try:
-                while True:
+                while not self.stopping:
                     held = [d for d in self.devices.values() if d.serial in self._owned(name) and d.confirmed]
                     if held and self.rng.random() < 0.2 and not self.finishing:
                         dev = self.rng.choice(held)
@@ -393,7 +395,7 @@ class Campaign:
         the VA asked about it over OCSP. Whatever a kill interrupted is asked again first."""
         work = self.root / "cmp"
         work.mkdir(exist_ok=True)
-        while True:
+        while not self.stopping:
             for got in [
                 d for d in self.devices.values() if d.serial in self._owned("cmp") and d.cert is not None
             ]:
@@ -442,7 +444,7 @@ class Campaign:
 
     async def revoke(self, dev: Device, key: Path, cert_pem: Path) -> None:
         serial = self._serial_of(dev)
-        while serial not in self.revoke_acked:
+        while serial not in self.revoke_acked and not self.stopping:
             self.in_flight += 1
             try:
                 rc, said = await self.openssl(*self.cmp_args(
@@ -552,7 +554,7 @@ class Campaign:
                 continue
             serial = format(x509.load_der_x509_certificate(dev.cert).serial_number, "x")
             row = by_serial.get(serial)
-            if row is None or row[4] is None or bytes(row[4]) != dev.cert:
+            if row is None or row[4] is None or bytes(row[4]) != dev.cert or str(row[1]) != dev.serial:
                 t.violation(
                     f"received: {dev.serial}'s certificate {serial} is not in the journal with the same bytes"
                 )
@@ -616,6 +618,7 @@ class Campaign:
 
     async def round(self, point: str | None) -> None:
         self.ensure_pty()
+        self.phase = "starting"
         proc = await self.start_daemon(point)
         t0 = time.monotonic()
         try:
@@ -627,7 +630,9 @@ class Campaign:
                 self.tally.reached[point or "?"] += 1
                 self.tally.startup_deaths += 1
                 return
+            self.phase = "checking"
             self.check()
+            self.phase = "working"
             clients = [asyncio.create_task(self.station(n)) for n in (*LAN_STATIONS, SERIAL_STATION)]
             clients.append(asyncio.create_task(self.cmp_client()))
             try:
@@ -648,13 +653,26 @@ class Campaign:
                     await asyncio.sleep(self.rng.random() * 0.3)
                     self.tally.random_mid_work += self.in_flight > 0
             finally:
+                self.phase = "killing"
                 await self.kill(proc)
-                for c in clients:
-                    c.cancel()
-                await asyncio.gather(*clients, return_exceptions=True)
+                self.phase = "stopping clients"
+                await self.stop_clients(clients)
                 self.in_flight = 0
         finally:
             await self.kill(proc)
+
+    async def stop_clients(self, clients: list[asyncio.Task[None]]) -> None:
+        """Cancel the clients until they are all done: their loops also watch `stopping`, since a cancellation can
+        be swallowed by asyncio.wait_for when the awaited call finishes at the same moment (Python 3.11)."""
+        self.stopping = True
+        try:
+            pending = set(clients)
+            while pending:
+                for c in pending:
+                    c.cancel()
+                _, pending = await asyncio.wait(pending, timeout=2)
+        finally:
+            self.stopping = False
 
     async def final_round(self) -> None:
         """No kill: every interrupted device and revocation is finished, the outbox drains, the CRL catches up."""
@@ -669,9 +687,7 @@ class Campaign:
             clients.append(asyncio.create_task(self.cmp_client()))
             deadline = time.monotonic() + 300
             _, pending = await asyncio.wait(clients, timeout=300)
-            for c in pending:
-                c.cancel()
-            await asyncio.gather(*clients, return_exceptions=True)
+            await self.stop_clients(clients)
             if pending or not self._settled():
                 self.tally.violation("final: the clients did not finish their devices within 300 s")
             # let the forwarder and the CRL publisher finish what the clients' last requests started
@@ -746,9 +762,8 @@ async def run(args: argparse.Namespace, root: Path) -> int:
             try:
                 await asyncio.wait_for(c.round(point), ROUND_TIMEOUT_S)
             except TimeoutError:
-                c.tally.violation(
-                    f"round {i} ({point or 'random'}) did not end within {ROUND_TIMEOUT_S:.0f} s"
-                )
+                c.tally.violation(f"round {i} ({point or 'random'}) did not end within {ROUND_TIMEOUT_S:.0f} s"
+                                  f" (at: {c.phase})")  # fmt: skip
             if (i + 1) % 10 == 0 or i + 1 == len(plan):
                 print(f"  {i + 1} kills, {len(c.devices)} devices, {c.tally.checks} checks, "
                       f"{len(c.tally.violations)} violations, {time.monotonic() - t0:.0f} s; reached "
