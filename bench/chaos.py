@@ -179,6 +179,7 @@ class Campaign:
         self.finishing = False  # the final round: finish what was started, start nothing new
         self.stopping = False  # the clients' loops end (a cancellation alone can be lost in wait_for, 3.11)
         self.phase = ""  # where the current round is (reported when a round is stuck)
+        self.last_cmp_failure = ""
 
     # -- setup --------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -406,6 +407,11 @@ class Campaign:
             )
             if dev is None and self.finishing:
                 return
+            again = [d for d in self.devices.values() if d.serial in self._owned("cmp") and d.cert is not None
+                     and not self._revocable(d)]  # fmt: skip
+            if dev is None and again and self.rng.random() < 0.15:
+                await self.cmp_again(self.rng.choice(again), work)
+                continue
             if dev is None:
                 dev = self.new_device()
                 self._owned("cmp").add(dev.serial)
@@ -433,6 +439,26 @@ class Campaign:
             self.tally.ops["cmp-ir"] += 1
             if self._revocable(dev):
                 await self.revoke(dev, key, out)
+
+    async def cmp_again(self, dev: Device, work: Path) -> None:
+        """The same ir again for a device that has its certificate (same key, same serial): the stored one."""
+        out = work / f"{dev.serial}.again.pem"
+        out.unlink(missing_ok=True)
+        self.in_flight += 1
+        try:
+            rc, said = await self.openssl(*self.cmp_args(
+                "-cmd", "ir", "-ref", CMP_LABEL, "-secret", f"file:{self.secret}", "-mac", "hmacWithSHA256",
+                "-recipient", "/CN=Birthline", "-newkey", work / f"{dev.serial}.key", "-subject",
+                f"/serialNumber={dev.serial}", "-certout", out))  # fmt: skip
+        finally:
+            self.in_flight -= 1
+        if rc == 0 and out.exists():
+            cert = x509.load_pem_x509_certificate(out.read_bytes())
+            self.received(dev, cert.public_bytes(serialization.Encoding.DER), "openssl cmp ir again")
+            self.tally.ops["cmp-retry"] += 1
+        else:
+            self.tally.ops["cmp-retry-failed"] += 1  # the daemon killed under it, most likely
+            self.last_cmp_failure = said[-300:]
 
     @staticmethod
     def _revocable(dev: Device) -> bool:
