@@ -140,3 +140,11 @@ fuzz-atheris: deps
 	  $(PY) bench/fuzz.py --engine atheris --target $$t --inputs 1000000 || exit 1; done
 soak: deps
 	$(PY) bench/soak.py --minutes 30
+
+# The crash campaign, short version (docs/reliability.md): 40 SIGKILLs of a real daemon, every named crash point
+# twice, then the checks; prints "chaos: N kills (...), violations: 0". Several minutes: not part of `make test`.
+# The long version: CHAOS_KILLS=1000 (or bench/chaos.py --kills 1000 --minutes 60).
+CHAOS_KILLS ?= 40
+.PHONY: chaos
+chaos: deps
+	$(PY) bench/chaos.py --kills $(CHAOS_KILLS)

@@ -103,7 +103,8 @@ async def serve(directory: Path, ra_cert: x509.Certificate, quantity: int) -> No
         floor(journal, quantity, stations=(STATION,), pattern=PATTERN)
         audit = AuditLog(journal)
         ra = ensure_ra(token, management, directory / "cmp-ra.pem")
-        label = CmpLabel(LABEL, STATION, trusted_cas=(ra_cert,), allow_nested=True, accept_ra_verified=True)
+        label = CmpLabel(LABEL, STATION, trusted_cas=(ra_cert,), allow_nested=True, accept_ra_verified=True,
+                         allow_rr=True)  # fmt: skip
         # As the daemon builds it (appliance/runtime.py Core.issue_service) with the configuration's defaults.
         iss = IssuanceSection()
         service = IssueService(

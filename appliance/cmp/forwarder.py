@@ -75,6 +75,7 @@ from appliance.cmp.upstream_replies import (
 )
 from appliance.cmp.upstream_requests import RequestBuilder, revocation_reasons, upstream_certificates
 from appliance.config import UpstreamSection
+from appliance.crashpoints import crash_point
 from appliance.errors import BirthlineError
 from appliance.issuance.journal import Journal
 from appliance.issuance.policy import AuditSink
@@ -330,6 +331,7 @@ class Forwarder(PollingTask):
             else:
                 outgoing.append((row, msg_or_outcome))
         answers = await self._exchange(outgoing, result)
+        crash_point("after-forward-send")
         confirms: list[tuple[Row, PKIMessage, Outcome]] = []
         for row, request in outgoing:
             outcome = self._judge(row, request, answers.get(row.id))
@@ -339,7 +341,9 @@ class Forwarder(PollingTask):
                 outcomes[row.id] = outcome
         if confirms:
             outcomes.update(await self._confirm(confirms, result))
+            crash_point("after-forward-confirm")
         await self._record(rows, outcomes, result)
+        crash_point("after-forward-record")
         return result
 
     # -- building ----------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from appliance.cmp.labels import CmpLabel
 from appliance.cmp.model import BodyType, PKIStatusInfo, RevokedCertId, RpBody, RrBody
 from appliance.cmp.transactions import Answer, Auth, revocation_rejection
 from appliance.cmp.trust import SignerKind
+from appliance.crashpoints import crash_point
 from appliance.errors import BirthlineError
 from appliance.issuance.journal import Journal
 from appliance.issuance.policy import AuditSink
@@ -122,6 +123,7 @@ class Revoker:
             changed = await self.journal.atransaction(txn, f"revoking {serial} over CMP")
         except RevocationError as exc:
             raise CmpError(exc.message, fail_info=FailInfo.CERT_REVOKED) from None
+        crash_point("after-revoke")
         if not changed:
             raise CmpError("the certificate is already revoked", fail_info=FailInfo.CERT_REVOKED)
         self.stats["revoked"] += 1

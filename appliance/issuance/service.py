@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives import serialization
 
 from appliance.alarms import Alarms, LogOnce
 from appliance.ca import CaRecord
+from appliance.crashpoints import crash_point
 from appliance.der import split_certificates, tbs_subject
 from appliance.errors import BirthlineError, IssuanceFailed, IssuancePending, IssuanceRefused, ReasonCode
 from appliance.issuance.faults import IssuanceAlarms
@@ -347,6 +348,7 @@ class IssueService:
                 self._faults.failed(exc)
                 errors = dict.fromkeys(range(len(batch)), exc)
             else:
+                crash_point("after-confirm")
                 if done and self.observer is not None:
                     self.observer.confirmed(done)
             for i, (_, _, _, fut) in enumerate(batch):

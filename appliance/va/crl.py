@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import serialization
 
 from appliance.alarms import Alarms
 from appliance.ca import CaRecord, list_cas, load_ca
+from appliance.crashpoints import crash_point
 from appliance.errors import BirthlineError
 from appliance.issuance.journal import Journal
 from appliance.issuance.policy import AuditSink
@@ -195,6 +196,7 @@ def _publish(
     now = int(clock())
     number = previous + 1
     der = build_crl(ca, token.get_key(ca.key_label), entries, number, now, now + validity_s)
+    crash_point("after-crl-sign")
     info = CrlInfo(ca_name, number, float(now), float(now + int(validity_s)), len(entries), seq, der)
 
     def store(conn: sqlite3.Connection) -> None:
@@ -211,6 +213,7 @@ def _publish(
         })  # fmt: skip
 
     journal.call(journal.transaction, store, f"storing CRL {number} of {ca_name}")
+    crash_point("after-crl-store")
     return info
 
 

@@ -1,0 +1,849 @@
+"""The crash campaign: SIGKILL a real `birthline run` at random moments and at every named crash point while every
+front end works at once, restart it, and check after every restart that nothing signed was lost or issued twice.
+
+    python bench/chaos.py [--kills 40] [--seed 1] [--dir DIR] [--keep]
+
+What runs (all at once, against one daemon started through bench/chaos_launcher.py, which writes down every HSM
+signature with fsync before the signature is returned to its caller):
+  - two LAN stations (TLS) and one serial station on a socat pty pair, enrolling devices and confirming them with
+    the station protocol (stations/client.py), and now and then asking again for a device they already hold;
+  - a CMP client, the `openssl cmp` binary: ir with MAC protection on label "chaos", then for every third device
+    rr signed with the device's own key (revocation; the daemon's CRL publisher signs a new CRL after each), and
+    `openssl ocsp` asking the VA about it;
+  - the upstream forwarder in local mode: every issuance and revocation goes to the upstream CA, a second Birthline
+    (bench/upstream_peer.py, its own SoftHSM token and journal) that is never killed.
+Each round starts the daemon (with BIRTHLINE_CRASH_POINT set to the next named point of appliance/crashpoints.py
+every other round), waits until it listens, runs the checks below, starts the clients, and SIGKILLs the daemon:
+at the crash point when the round names one (the daemon kills itself there; if the round's work never reaches
+the point, it is killed after a while and counted as "not reached"), otherwise after a random number of
+completed operations plus a random fraction of a second, so the kill lands while requests are in flight.
+After the last kill, a final round runs without a kill until every device has its certificate, every revocation
+is acknowledged and the outbox is drained; then the checks run once more with the end-of-run rules.
+
+Checks (every one a violation when it fails):
+  serial       no certificate serial used twice (journal rows, and every certificate any client received)
+  signature    every HSM signature is accounted for: by the issuing CA, a certificate whose TBS is an issuance row
+               (issued, confirmed, burned, ...) or the delegated OCSP signer's, or a CRL, or an OCSP answer; by
+               the RA key a CMP protection; by the audit key a checkpoint; by the management CA a TLS/RA
+               certificate the appliance keeps. And every certificate in the journal was seen by the wrapper.
+  quota        each work order's consumed count equals its live units (appliance.production.reconcile)
+  received     every certificate any client received is in the journal, same bytes, live
+  retry        a device asked for again (same key) gets the certificate it got before, byte for byte
+  audit        the audit chain verifies with the audit key pinned before the run
+  outbox       at most one outbox row per record; every live certificate and revocation has its row;
+               the upstream holds each device at most once (at the end: exactly once, every row done)
+  revoked      every revocation the CMP client saw acknowledged is in the journal; OCSP never says good for it;
+               at the end the stored CRL lists every revocation
+It prints the kills (at each named point, how many reached it; random ones, how many landed with requests in
+flight) and a final line `chaos: N kills (...), violations: V`. Exit status 0 only when V is 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import faulthandler
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from appliance import ca as ca_mod
+from appliance import stations_registry as registry
+from appliance.audit.log import AUDIT_KEY_LABEL, AuditLog, ensure_audit_key
+from appliance.audit.verify import verify as audit_verify
+from appliance.cmp.ra import RA_KEY_LABEL, ensure_ra
+from appliance.crashpoints import CRASH_ENV, POINTS
+from appliance.issuance.journal import Journal
+from appliance.production.reconcile import check_quota
+from bench.issue import floor
+from bench.upstream_peer import PATTERN, device_serial
+from hsm.softhsm import create_softhsm_token
+from hsm.token import Token
+from stations.client import StationClient, client_ssl_context, generate_device_key, make_csr, read_station_key
+from stations.errors import StationError
+from stations.simulator import PtyPair
+
+ROOT = Path(__file__).resolve().parents[1]
+LAN_STATIONS = ("lan-0", "lan-1")
+SERIAL_STATION = "ser-0"
+CMP_STATION = "cmp-st"
+CMP_LABEL = "chaos"
+LIVE = ("issued", "confirmed", "reworked", "scrapped")
+SPKI = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+START_TIMEOUT_S = 120.0
+POINT_WAIT_S = 30.0
+ROUND_TIMEOUT_S = 300.0  # a round that takes longer is stuck: counted as a violation, the campaign goes on  # a round that names a crash point waits this long for the daemon to reach it
+
+CONFIG = """\
+[appliance]
+state_dir = "{state}"
+[hsm]
+module = "{module}"
+token_label = "{label}"
+pin_file = "{pin}"
+softhsm_conf = "{conf}"
+[stations]
+lan_listen = "127.0.0.1:{lan}"
+tls_dir = "{state}/tls"
+max_connections_per_peer = 64
+[va]
+listen = "127.0.0.1:{va}"
+[cmp]
+listen = "127.0.0.1:{cmp}"
+[cmp.labels.{cmp_label}]
+station = "{cmp_station}"
+secret_file = "{secret}"
+kid = "{cmp_label}"
+[upstream]
+url = "{upstream_url}"
+mode = "batched"
+batch_max = 8
+batch_wait_s = 0.2
+poll_s = 0.2
+backoff_base_s = 0.2
+backoff_cap_s = 2.0
+request_timeout_s = 20.0
+server_cert = "{upstream_cert}"
+[control]
+enabled = false
+"""
+
+
+@dataclass
+class Device:
+    serial: str
+    key: ec.EllipticCurvePrivateKey
+    csr: bytes
+    cert: bytes | None = None  # what a client received
+    confirmed: bool = False
+
+
+@dataclass
+class Tally:
+    violations: list[str] = field(default_factory=list)
+    named: Counter[str] = field(default_factory=Counter)  # kills that named the point
+    reached: Counter[str] = field(default_factory=Counter)  # ... and the daemon died there by itself
+    random_kills: int = 0
+    random_mid_work: int = 0  # random kills with client requests in flight
+    startup_deaths: int = 0  # the daemon reached the named point before it listened (forwarding, CRL)
+    checks: int = 0
+    status_lost: int = 0  # daemons whose exit status asyncio's child watcher lost (reported as 255)
+    start_s: list[float] = field(default_factory=list)  # start to listening, per start
+    ops: Counter[str] = field(default_factory=Counter)
+
+    def violation(self, what: str) -> None:
+        self.violations.append(what)
+        print(f"VIOLATION: {what}", flush=True)
+
+
+def _ro(path: Path) -> sqlite3.Connection:
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+
+
+class Campaign:
+    def __init__(self, root: Path, rng: random.Random) -> None:
+        self.root = root
+        self.rng = rng
+        self.state = root / "state"
+        self.journal_path = self.state / "journal.sqlite"
+        self.siglog = root / "signatures.jsonl"
+        self.tally = Tally()
+        self.devices: dict[str, Device] = {}
+        self.next_device = 0
+        self.in_flight = 0
+        self.completed = 0
+        self.revoke_acked: set[str] = set()  # hex cert serials the CMP client saw revoked
+        self.received_serials: dict[str, bytes] = {}  # hex cert serial -> the certificate a client received
+        self.peer: asyncio.subprocess.Process | None = None
+        self.pty: PtyPair | None = None
+        self._owners: dict[str, set[str]] = {}  # client -> the device serials it enrols
+        self.finishing = False  # the final round: finish what was started, start nothing new
+        self.stopping = False  # the clients' loops end (a cancellation alone can be lost in wait_for, 3.11)
+        self.phase = ""  # where the current round is (reported when a round is stuck)
+        self.last_cmp_failure = ""
+
+    # -- setup --------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        self.state.mkdir(mode=0o700)
+        softhsm = create_softhsm_token(self.root / "softhsm", label="chaos")
+        self.softhsm = softhsm
+        with Token.open(softhsm.hsm_config()) as token, Journal(self.journal_path) as journal:
+            ca_mod.create_root(journal, token, "root", "O=Birthline Chaos,CN=Chaos Root CA")
+            ca_mod.create_issuing(journal, token, "issuing", "O=Birthline Chaos,CN=Chaos Birth CA", "root")
+            management = ca_mod.create_management(
+                journal, token, "management", "O=Birthline Chaos,CN=Chaos Mgmt CA"
+            )
+            audit = AuditLog(journal)
+            (self.root / "pty").mkdir()
+            for name in LAN_STATIONS:
+                creds = registry.add_station(journal, token, name, "lan", audit=audit, actor="chaos")
+                registry.write_bundle(creds, self.root / "stations" / name)
+            creds = registry.add_station(journal, token, SERIAL_STATION, "serial", audit=audit, actor="chaos",
+                                         port=str(self.root / "pty" / "appliance"))  # fmt: skip
+            registry.write_bundle(creds, self.root / "stations" / SERIAL_STATION)
+            floor(journal, 1_000_000, stations=(*LAN_STATIONS, SERIAL_STATION, CMP_STATION), pattern=PATTERN)
+            # Pinned before the run: the audit chain must verify with THIS key after every kill.
+            self.audit_pin = ensure_audit_key(token).public_key()
+            (self.state / "tls").mkdir(mode=0o700, exist_ok=True)
+            ensure_ra(token, management, self.state / "tls" / "cmp-ra.pem")
+            self.management_pem = self.root / "management.pem"
+            self.management_pem.write_bytes(management.certificate.public_bytes(serialization.Encoding.PEM))
+            issuing = ca_mod.load_ca(journal, "issuing")
+            self.issuing_pem = self.root / "issuing.pem"
+            self.issuing_pem.write_bytes(issuing.certificate.public_bytes(serialization.Encoding.PEM))
+            self.key_roles = {str(r.key_label): r.name for r in ca_mod.list_cas(journal)}
+        self.secret = self.root / "cmp.secret"
+        fd = os.open(self.secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, os.urandom(18).hex().encode() + b"\n")
+        os.close(fd)
+
+    async def start_peer(self) -> dict[str, Any]:
+        self.peer = await asyncio.create_subprocess_exec(
+            sys.executable, str(ROOT / "bench" / "upstream_peer.py"), str(self.root / "peer"),
+            str(self.state / "tls" / "cmp-ra.pem"), "1000000", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+        assert self.peer.stdout is not None
+        while line := await asyncio.wait_for(self.peer.stdout.readline(), START_TIMEOUT_S):
+            if line.startswith(b"{"):
+                info: dict[str, Any] = json.loads(line)
+                self.peer_journal = Path(info["journal"])
+                return info
+        raise RuntimeError("the upstream peer exited before serving")
+
+    async def stop_peer(self) -> None:
+        if self.peer is None or self.peer.returncode is not None:
+            return
+        assert self.peer.stdin is not None
+        self.peer.stdin.close()
+        try:
+            await asyncio.wait_for(self.peer.wait(), 60)
+        except TimeoutError:
+            os.killpg(self.peer.pid, signal.SIGKILL)
+            await self.peer.wait()
+
+    def write_config(self, peer: dict[str, Any]) -> None:
+        self.lan, self.va, self.cmp = _free_ports(3)
+        self.config = self.root / "birthline.toml"
+        self.config.write_text(CONFIG.format(
+            state=self.state, module=self.softhsm.module, label=self.softhsm.label, pin=self.softhsm.pin_file,
+            conf=self.softhsm.conf_path, lan=self.lan, va=self.va, cmp=self.cmp, cmp_label=CMP_LABEL,
+            cmp_station=CMP_STATION, secret=self.secret, upstream_url=peer["url"], upstream_cert=peer["ra_cert"],
+        ))  # fmt: skip
+
+    # -- the daemon ---------------------------------------------------------------------------------------
+    async def start_daemon(self, point: str | None) -> asyncio.subprocess.Process:
+        env = {k: v for k, v in os.environ.items() if k != CRASH_ENV}
+        if point:
+            env[CRASH_ENV] = point
+        with open(self.root / "daemon.log", "ab") as log:
+            return await asyncio.create_subprocess_exec(
+                sys.executable, str(ROOT / "bench" / "chaos_launcher.py"), str(self.siglog), "run", "--config",
+                str(self.config), env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+
+    async def listening(self, proc: asyncio.subprocess.Process) -> bool:
+        """True once the LAN, VA and CMP listeners accept; False if the daemon died first."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        for port in (self.lan, self.va, self.cmp):
+            while True:
+                if proc.returncode is not None:
+                    return False
+                if time.monotonic() > deadline:
+                    raise RuntimeError("birthline run never listened; see daemon.log")
+                try:
+                    _, w = await asyncio.open_connection("127.0.0.1", port)
+                except OSError:
+                    await asyncio.sleep(0.05)
+                    continue
+                w.close()
+                break
+        return True
+
+    @staticmethod
+    async def kill(proc: asyncio.subprocess.Process) -> None:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # the daemon and its prepare workers
+        await proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # workers of a daemon that killed itself
+
+    # -- devices ------------------------------------------------------------------------------------------
+    def new_device(self) -> Device:
+        serial = device_serial(self.next_device)
+        self.next_device += 1
+        key = generate_device_key()
+        dev = Device(serial, key, make_csr(key, serial))
+        self.devices[serial] = dev
+        return dev
+
+    def received(self, dev: Device, cert: bytes, how: str) -> None:
+        if dev.cert is not None and dev.cert != cert:
+            self.tally.violation(f"retry: {dev.serial} ({how}) got a different certificate than before")
+        dev.cert = cert
+        serial = format(x509.load_der_x509_certificate(cert).serial_number, "x")
+        other = self.received_serials.setdefault(serial, cert)
+        if other != cert:
+            self.tally.violation(f"serial: two different certificates with serial {serial} reached clients")
+
+    # -- clients ------------------------------------------------------------------------------------------
+    async def station(self, name: str) -> None:
+        """Enrol and confirm new devices, reconnecting after every failure; a device interrupted by a kill is
+        asked for again (same key and CSR) before a new one; every fifth step re-asks a device already held."""
+        bundle = self.root / "stations" / name
+        key = read_station_key(bundle / "station.key")
+        pending: list[Device] = [
+            d for d in self.devices.values() if d.serial in self._owned(name) and not d.confirmed
+        ]
+        while not self.stopping:
+            try:
+                if name == SERIAL_STATION:
+                    client = await StationClient.connect_serial(str(self.root / "pty" / "fixture"), 115200,
+                                                                station_id=name, key=key, give_up_after=10,
+                                                                request_timeout=10.0)  # fmt: skip
+                else:
+                    ctx = client_ssl_context(
+                        bundle / "tls-client.crt", bundle / "tls-client.key", bundle / "ca.crt"
+                    )
+                    client = await StationClient.connect_tcp("127.0.0.1", self.lan, station_id=name, key=key,
+                                                             ssl_context=ctx, server_hostname="localhost",
+                                                             request_timeout=10.0, give_up_after=10)  # fmt: skip
+            except (StationError, OSError):
+                await asyncio.sleep(0.1)
+                continue
+            try:
+                while not self.stopping:
+                    held = [d for d in self.devices.values() if d.serial in self._owned(name) and d.confirmed]
+                    if held and self.rng.random() < 0.2 and not self.finishing:
+                        dev = self.rng.choice(held)
+                        self.in_flight += 1
+                        try:
+                            chain = await client.enroll(dev.serial, dev.csr)
+                        finally:
+                            self.in_flight -= 1
+                        self.received(dev, chain[0], f"station {name} re-asked")
+                        self.tally.ops["retry"] += 1
+                        continue
+                    if not pending and self.finishing:
+                        return
+                    if not pending:
+                        dev = self.new_device()
+                        self._owned(name).add(dev.serial)
+                        pending.append(dev)
+                    dev = pending[0]
+                    self.in_flight += 1
+                    try:
+                        chain = await client.enroll(dev.serial, dev.csr)
+                        self.received(dev, chain[0], f"station {name}")
+                        assert client.last_request_id is not None
+                        await client.confirm(client.last_request_id, chain[0])
+                    finally:
+                        self.in_flight -= 1
+                    dev.confirmed = True
+                    pending.pop(0)
+                    self.completed += 1
+                    self.tally.ops[name] += 1
+            except (StationError, OSError):
+                await asyncio.sleep(0.1)
+            finally:
+                with contextlib.suppress(StationError, OSError):
+                    await client.close()
+
+    def _owned(self, name: str) -> set[str]:
+        return self._owners.setdefault(name, set())
+
+    async def openssl(self, *args: str | Path, timeout: float = 30.0) -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(
+            "openssl", *map(str, args), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), timeout)
+        except (TimeoutError, asyncio.CancelledError):
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            raise
+        assert proc.returncode is not None
+        return proc.returncode, (out + err).decode(errors="replace")
+
+    def cmp_args(self, *args: str | Path) -> list[str | Path]:
+        return ["cmp", "-config", "", "-server", f"127.0.0.1:{self.cmp}", "-path", f".well-known/cmp/p/{CMP_LABEL}",
+                "-msg_timeout", "10", "-total_timeout", "20", *args]  # fmt: skip
+
+    async def cmp_client(self) -> None:
+        """ir (MAC) for a new device; every third device is then revoked with rr signed by its own key, and
+        the VA asked about it over OCSP. Whatever a kill interrupted is asked again first."""
+        work = self.root / "cmp"
+        work.mkdir(exist_ok=True)
+        while not self.stopping:
+            for got in [
+                d for d in self.devices.values() if d.serial in self._owned("cmp") and d.cert is not None
+            ]:
+                if self._revocable(got) and self._serial_of(got) not in self.revoke_acked:
+                    await self.revoke(got, work / f"{got.serial}.key", work / f"{got.serial}.pem")
+            dev = next(
+                (d for d in self.devices.values() if d.serial in self._owned("cmp") and d.cert is None), None
+            )
+            if dev is None and self.finishing:
+                return
+            again = [d for d in self.devices.values() if d.serial in self._owned("cmp") and d.cert is not None
+                     and not self._revocable(d)]  # fmt: skip
+            if dev is None and again and self.rng.random() < 0.15:
+                await self.cmp_again(self.rng.choice(again), work)
+                continue
+            if dev is None:
+                dev = self.new_device()
+                self._owned("cmp").add(dev.serial)
+            key = work / f"{dev.serial}.key"
+            if not key.exists():
+                key.write_bytes(dev.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                      serialization.NoEncryption()))  # fmt: skip
+            out = work / f"{dev.serial}.pem"
+            out.unlink(missing_ok=True)
+            self.in_flight += 1
+            try:
+                rc, _ = await self.openssl(*self.cmp_args(
+                    "-cmd", "ir", "-ref", CMP_LABEL, "-secret", f"file:{self.secret}", "-mac", "hmacWithSHA256",
+                    "-recipient", "/CN=Birthline", "-newkey", key, "-subject", f"/serialNumber={dev.serial}",
+                    "-certout", out))  # fmt: skip
+            finally:
+                self.in_flight -= 1
+            if rc != 0 or not out.exists():
+                await asyncio.sleep(0.2)
+                continue
+            cert = x509.load_pem_x509_certificate(out.read_bytes())
+            self.received(dev, cert.public_bytes(serialization.Encoding.DER), "openssl cmp ir")
+            dev.confirmed = True
+            self.completed += 1
+            self.tally.ops["cmp-ir"] += 1
+            if self._revocable(dev):
+                await self.revoke(dev, key, out)
+
+    async def cmp_again(self, dev: Device, work: Path) -> None:
+        """The same ir again for a device that has its certificate (same key, same serial): the stored one."""
+        out = work / f"{dev.serial}.again.pem"
+        out.unlink(missing_ok=True)
+        self.in_flight += 1
+        try:
+            rc, said = await self.openssl(*self.cmp_args(
+                "-cmd", "ir", "-ref", CMP_LABEL, "-secret", f"file:{self.secret}", "-mac", "hmacWithSHA256",
+                "-recipient", "/CN=Birthline", "-newkey", work / f"{dev.serial}.key", "-subject",
+                f"/serialNumber={dev.serial}", "-certout", out))  # fmt: skip
+        finally:
+            self.in_flight -= 1
+        if rc == 0 and out.exists():
+            cert = x509.load_pem_x509_certificate(out.read_bytes())
+            self.received(dev, cert.public_bytes(serialization.Encoding.DER), "openssl cmp ir again")
+            self.tally.ops["cmp-retry"] += 1
+        else:
+            self.tally.ops["cmp-retry-failed"] += 1  # the daemon killed under it, most likely
+            self.last_cmp_failure = said[-300:]
+
+    @staticmethod
+    def _revocable(dev: Device) -> bool:
+        return int(dev.serial[-8:]) % 3 == 0
+
+    @staticmethod
+    def _serial_of(dev: Device) -> str:
+        return format(x509.load_der_x509_certificate(dev.cert or b"").serial_number, "x")
+
+    async def revoke(self, dev: Device, key: Path, cert_pem: Path) -> None:
+        serial = self._serial_of(dev)
+        while serial not in self.revoke_acked and not self.stopping:
+            self.in_flight += 1
+            try:
+                rc, said = await self.openssl(*self.cmp_args(
+                    "-cmd", "rr", "-oldcert", cert_pem, "-cert", cert_pem, "-key", key,
+                    "-srvcert", self.state / "tls" / "cmp-ra.pem", "-revreason", "1"))  # fmt: skip
+            finally:
+                self.in_flight -= 1
+            if rc == 0 or "certRevoked" in said or "already revoked" in said:
+                self.revoke_acked.add(serial)
+                self.tally.ops["cmp-rr"] += 1
+            else:
+                await asyncio.sleep(0.2)
+                continue
+            rc, said = await self.openssl("ocsp", "-issuer", self.issuing_pem, "-cert", cert_pem, "-url",
+                                          f"http://127.0.0.1:{self.va}/ocsp", "-noverify", timeout=20)  # fmt: skip
+            if rc == 0:
+                self.tally.ops["ocsp"] += 1
+                if ": good" in said:
+                    self.tally.violation(f"revoked: OCSP says good for {serial}, revoked and acknowledged")
+
+    # -- checks -------------------------------------------------------------------------------------------
+    def signatures(self) -> list[dict[str, Any]]:
+        if not self.siglog.exists():
+            return []
+        out = []
+        for line in self.siglog.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))  # a line cut by the kill is not a signature returned to anyone
+        return out
+
+    def check(self, *, final: bool = False) -> None:
+        """Every check of the module docstring, on a consistent snapshot of the journal."""
+        t = self.tally
+        t.checks += 1
+        sigs = self.signatures()  # before the snapshot: an issuing-key signature's intent is already durable
+        conn = _ro(self.journal_path)
+        try:
+            conn.execute("BEGIN")
+            rows = conn.execute("SELECT cert_serial, device_serial, state, tbs_sha256, cert_der FROM issuance"
+                                ).fetchall()  # fmt: skip
+            ocsp_signers = [bytes(r[0]) for r in conn.execute("SELECT cert_der FROM ocsp_signer")]
+            tls_certs = [
+                bytes(r[0])
+                for r in conn.execute("SELECT tls_cert_der FROM stations WHERE tls_cert_der IS NOT NULL")
+            ]
+            revocations = {str(r[0]) for r in conn.execute("SELECT cert_serial FROM revocation")}
+            outbox = conn.execute("SELECT kind, cert_serial, state FROM outbox").fetchall()
+            crl = conn.execute("SELECT der FROM crl WHERE ca='issuing'").fetchone()
+            for problem in check_quota(conn):
+                t.violation(f"quota: {problem}")
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+        by_serial = {str(r[0]): r for r in rows}
+        # serial: UNIQUE in the schema; a certificate's own serial must be its row's
+        for r in rows:
+            if r[4] is not None:
+                cert = x509.load_der_x509_certificate(bytes(r[4]))
+                if format(cert.serial_number, "x") != str(r[0]):
+                    t.violation(f"serial: row {r[0]} holds a certificate with serial {cert.serial_number:x}")
+                if hashlib.sha256(cert.tbs_certificate_bytes).digest() != bytes(r[3]):
+                    t.violation(f"signature: row {r[0]}'s certificate is not the TBS its intent recorded")
+            if r[2] == "intent":
+                t.violation(f"serial: intent {r[0]} survived a restart")
+        # signatures
+        tbs = {bytes(r[3]).hex() for r in rows}
+        ca_certs = {hashlib.sha256(x509.load_der_x509_certificate(d).tbs_certificate_bytes).hexdigest()
+                    for d in ocsp_signers}  # fmt: skip
+        mgmt_certs = {hashlib.sha256(x509.load_der_x509_certificate(d).tbs_certificate_bytes).hexdigest()
+                      for d in tls_certs + _pem_certs(self.state / "tls")}  # fmt: skip
+        seen: set[str] = set()
+        kinds: Counter[str] = Counter()
+        for s in sigs:
+            role = self.key_roles.get(s["key"])
+            if role == "issuing" and s["kind"] == "cert":
+                if s["msg"] in tbs:
+                    seen.add(s["msg"])
+                    kinds["certificate"] += 1
+                elif s["msg"] in ca_certs:
+                    kinds["ocsp signer certificate"] += 1
+                else:
+                    t.violation(
+                        f"signature: the issuing CA signed a certificate (TBS {s['msg']}) the journal lacks"
+                    )
+            elif role == "issuing" and s["kind"] in ("crl", "ocsp"):
+                kinds[s["kind"]] += 1
+            elif role == "management" and s["kind"] == "cert" and s["msg"] in mgmt_certs:
+                kinds["tls/ra certificate"] += 1
+            elif s["key"] == RA_KEY_LABEL and s["kind"] == "cmp":
+                kinds["cmp protection"] += 1
+            elif s["key"] == AUDIT_KEY_LABEL:
+                kinds["audit checkpoint"] += 1
+            elif s["kind"] == "ocsp" and role is None:
+                kinds["ocsp"] += 1  # the delegated OCSP signer's key
+            else:
+                t.violation(f"signature: unaccounted {s}")
+        for r in rows:
+            if r[4] is not None and bytes(r[3]).hex() not in seen:
+                t.violation(
+                    f"signature: certificate {r[0]} is in the journal but the HSM wrapper never saw it"
+                )
+        burned_signed = sum(1 for r in rows if r[2] == "burned" and bytes(r[3]).hex() in seen)
+        self.last_kinds, self.burned_signed = kinds, burned_signed
+        # received
+        for dev in self.devices.values():
+            if dev.cert is None:
+                continue
+            serial = format(x509.load_der_x509_certificate(dev.cert).serial_number, "x")
+            row = by_serial.get(serial)
+            if row is None or row[4] is None or bytes(row[4]) != dev.cert or str(row[1]) != dev.serial:
+                t.violation(
+                    f"received: {dev.serial}'s certificate {serial} is not in the journal with the same bytes"
+                )
+            elif row[2] not in LIVE:
+                t.violation(f"received: {dev.serial}'s certificate {serial} is {row[2]} in the journal")
+        # revoked
+        for serial in self.revoke_acked - revocations:
+            t.violation(f"revoked: {serial} was acknowledged revoked but the journal has no revocation")
+        # outbox
+        records = Counter((str(k), str(s)) for k, s, _ in outbox)
+        for (kind, serial), n in records.items():
+            if n > 1:
+                t.violation(f"outbox: {n} {kind} rows for {serial}")
+        issued_records = {s for k, s in records if k != "rr"}
+        for r in rows:
+            if r[2] in LIVE and str(r[0]) not in issued_records:
+                t.violation(f"outbox: certificate {r[0]} has no outbox row")
+        for serial in revocations - {s for k, s in records if k == "rr"}:
+            t.violation(f"outbox: revocation {serial} has no rr row")
+        peer = _ro(self.peer_journal)
+        try:
+            held = Counter(str(r[0]) for r in peer.execute(
+                "SELECT device_serial FROM issuance WHERE state NOT IN ('burned', 'intent')"))  # fmt: skip
+            peer_revoked = peer.execute("SELECT COUNT(*) FROM revocation").fetchone()[0]
+        finally:
+            peer.close()
+        for device, n in held.items():
+            if n > 1:
+                t.violation(f"outbox: the upstream holds {n} certificates for {device}")
+        if final:
+            states = Counter(str(st) for _, _, st in outbox)
+            if set(states) != {"done"}:
+                t.violation(f"outbox: not every record done at the end: {dict(states)}")
+            live_devices = {str(r[1]) for r in rows if r[2] in LIVE}
+            if set(held) != live_devices:
+                t.violation(
+                    f"outbox: the upstream holds {len(held)} devices, the journal {len(live_devices)} live"
+                )
+            if peer_revoked != len(revocations):
+                t.violation(
+                    f"outbox: the upstream has {peer_revoked} revocations, the journal {len(revocations)}"
+                )
+            listed = set()
+            if crl is not None:
+                listed = {format(e.serial_number, "x") for e in x509.load_der_x509_crl(bytes(crl[0]))}
+            if revocations - listed:
+                t.violation(f"revoked: the stored CRL lacks {len(revocations - listed)} revocation(s)")
+        # audit (its own read-only journal: one snapshot inside verify)
+        journal = Journal(self.journal_path, read_only=True)
+        try:
+            report = audit_verify(journal, public_key=self.audit_pin)
+        finally:
+            journal.close()
+        if not report.ok:
+            t.violation(f"audit: {report.text()[:500]}")
+
+    # -- the campaign -------------------------------------------------------------------------------------
+    def ensure_pty(self) -> None:
+        if self.pty is None or not self.pty.running:
+            self.pty = PtyPair(self.root / "pty" / "appliance", self.root / "pty" / "fixture").start()
+
+    async def round(self, point: str | None) -> None:
+        self.ensure_pty()
+        self.phase = "starting"
+        proc = await self.start_daemon(point)
+        t0 = time.monotonic()
+        try:
+            up = await self.listening(proc)
+            self.tally.start_s.append(time.monotonic() - t0)
+            if not up:
+                # Reached the point while starting (the forwarder drains or the CRL publisher runs at once).
+                self.tally.named[point or "?"] += 1
+                self.tally.reached[point or "?"] += 1
+                self.tally.startup_deaths += 1
+                return
+            self.phase = "checking"
+            self.check()
+            self.phase = "working"
+            clients = [asyncio.create_task(self.station(n)) for n in (*LAN_STATIONS, SERIAL_STATION)]
+            clients.append(asyncio.create_task(self.cmp_client()))
+            try:
+                if point:
+                    self.tally.named[point] += 1
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(proc.wait(), POINT_WAIT_S)
+                    if proc.returncode == -signal.SIGKILL:
+                        self.tally.reached[point] += 1
+                    elif proc.returncode == 255:
+                        # asyncio's child watcher lost the status ("Unknown child process pid"): it died by itself
+                        # before our kill, which is what the crash point does; the log would show any traceback.
+                        self.tally.reached[point] += 1
+                        self.tally.status_lost += 1
+                    elif proc.returncode is not None:
+                        self.tally.violation(f"daemon: exited {proc.returncode} on its own; see daemon.log")
+                else:
+                    self.tally.random_kills += 1
+                    target = self.completed + self.rng.randint(0, 6)
+                    deadline = time.monotonic() + POINT_WAIT_S
+                    while self.completed < target and proc.returncode is None and time.monotonic() < deadline:
+                        await asyncio.sleep(0.01)
+                    await asyncio.sleep(self.rng.random() * 0.3)
+                    self.tally.random_mid_work += self.in_flight > 0
+            finally:
+                self.phase = "killing"
+                await self.kill(proc)
+                self.phase = "stopping clients"
+                await self.stop_clients(clients)
+                self.in_flight = 0
+        finally:
+            await self.kill(proc)
+
+    async def stop_clients(self, clients: list[asyncio.Task[None]]) -> None:
+        """Cancel the clients until they are all done: their loops also watch `stopping`, since a cancellation can
+        be swallowed by asyncio.wait_for when the awaited call finishes at the same moment (Python 3.11)."""
+        self.stopping = True
+        try:
+            pending = set(clients)
+            while pending:
+                for c in pending:
+                    c.cancel()
+                _, pending = await asyncio.wait(pending, timeout=2)
+        finally:
+            self.stopping = False
+
+    async def final_round(self) -> None:
+        """No kill: every interrupted device and revocation is finished, the outbox drains, the CRL catches up."""
+        self.ensure_pty()
+        proc = await self.start_daemon(None)
+        try:
+            if not await self.listening(proc):
+                raise RuntimeError("the daemon died in the final round; see daemon.log")
+            self.check()
+            self.finishing = True
+            clients = [asyncio.create_task(self.station(n)) for n in (*LAN_STATIONS, SERIAL_STATION)]
+            clients.append(asyncio.create_task(self.cmp_client()))
+            deadline = time.monotonic() + 300
+            _, pending = await asyncio.wait(clients, timeout=300)
+            await self.stop_clients(clients)
+            if pending or not self._settled():
+                self.tally.violation("final: the clients did not finish their devices within 300 s")
+            # let the forwarder and the CRL publisher finish what the clients' last requests started
+            while time.monotonic() < deadline and not self._drained():
+                await asyncio.sleep(0.5)
+            self.check(final=True)
+        finally:
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    await asyncio.wait_for(proc.wait(), 60)
+                except TimeoutError:
+                    await self.kill(proc)
+                    self.tally.violation("daemon: did not stop on SIGTERM")
+
+    def _settled(self) -> bool:
+        """Every device some client started holds a certificate (and the stations' are confirmed)."""
+        return all(d.cert is not None for d in self.devices.values())
+
+    def _drained(self) -> bool:
+        conn = _ro(self.journal_path)
+        try:
+            open_rows = conn.execute("SELECT COUNT(*) FROM outbox WHERE state != 'done'").fetchone()[0]
+            rev = conn.execute("SELECT COUNT(*) FROM revocation WHERE ca='issuing'").fetchone()[0]
+            crl = conn.execute("SELECT revoked_count FROM crl WHERE ca='issuing'").fetchone()
+        finally:
+            conn.close()
+        return open_rows == 0 and (rev == 0 or (crl is not None and crl[0] == rev))
+
+
+def _pem_certs(folder: Path) -> list[bytes]:
+    out = []
+    for path in folder.glob("*"):
+        with contextlib.suppress(OSError, ValueError):
+            data = path.read_bytes()
+            if b"-----BEGIN CERTIFICATE-----" in data:
+                out += [
+                    c.public_bytes(serialization.Encoding.DER) for c in x509.load_pem_x509_certificates(data)
+                ]
+    return out
+
+
+def _free_ports(count: int) -> list[int]:
+    """`count` distinct free loopback ports (held open together while chosen, so they differ)."""
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+async def run(args: argparse.Namespace, root: Path) -> int:
+    rng = random.Random(args.seed)
+    c = Campaign(root, rng)
+    t0 = time.monotonic()
+    c.setup()
+    info = await c.start_peer()
+    try:
+        c.write_config(info)
+        plan: list[str | None] = []
+        named = list(POINTS)
+        for i in range(args.kills):
+            plan.append(named[(i // 2) % len(named)] if i % 2 == 0 else None)
+        stop_at = t0 + args.minutes * 60 if args.minutes else None
+        for i, point in enumerate(plan):
+            if stop_at is not None and time.monotonic() > stop_at:
+                print(f"  --minutes {args.minutes} reached after {i} kills: final round", flush=True)
+                break
+            try:
+                await asyncio.wait_for(c.round(point), ROUND_TIMEOUT_S)
+            except TimeoutError:
+                c.tally.violation(f"round {i} ({point or 'random'}) did not end within {ROUND_TIMEOUT_S:.0f} s"
+                                  f" (at: {c.phase})")  # fmt: skip
+            if (i + 1) % 10 == 0 or i + 1 == len(plan):
+                print(f"  {i + 1} kills, {len(c.devices)} devices, {c.tally.checks} checks, "
+                      f"{len(c.tally.violations)} violations, {time.monotonic() - t0:.0f} s; reached "
+                      f"{sum(c.tally.reached.values())}/{sum(c.tally.named.values())} named, "
+                      f"{c.tally.random_mid_work}/{c.tally.random_kills} random mid-work", flush=True)  # fmt: skip
+        await c.final_round()
+    finally:
+        await c.stop_peer()
+        if c.pty is not None:
+            c.pty.stop()
+    t = c.tally
+    kills = sum(t.named.values()) + t.random_kills
+    print("named crash points (kills / reached):")
+    for p in POINTS:
+        print(f"  {p:24} {t.named[p]:5} / {t.reached[p]}")
+    print(
+        f"  ({t.startup_deaths} of them reached while the daemon was starting: forwarding or CRL at startup;"
+        f" {t.status_lost} exit statuses lost by asyncio, counted as reached)"
+    )
+    print(f"random kills: {t.random_kills}, with requests in flight: {t.random_mid_work}")
+    print(f"work: {dict(t.ops)}; devices {len(c.devices)}; checks {t.checks}; burned after signing "
+          f"{c.burned_signed}")  # fmt: skip
+    print(f"signatures by kind: {dict(c.last_kinds)}")
+    starts = sorted(t.start_s)
+    print(f"daemon start to listening: median {starts[len(starts) // 2]:.1f} s, max {starts[-1]:.1f} s")
+    reached = sum(t.reached.values())
+    print(f"chaos: {kills} kills ({reached} at named points, {t.random_kills} random, {t.random_mid_work} of them "
+          f"mid-work) in {time.monotonic() - t0:.0f} s, violations: {len(t.violations)}", flush=True)  # fmt: skip
+    return 0 if not t.violations else 1
+
+
+def main() -> None:
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1` prints where a stuck campaign is
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kills", type=int, default=40, help="kills before the final round (default 40)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--minutes", type=float, default=0, help="start no new kill after this long (0: no limit)")
+    p.add_argument("--dir", type=Path, default=None, help="work here (kept) instead of a temporary directory")
+    args = p.parse_args()
+    for tool in ("openssl", "socat"):
+        if shutil.which(tool) is None:
+            sys.exit(f"chaos: {tool} is not installed")
+    if args.dir is not None:
+        args.dir.mkdir(parents=True)
+        sys.exit(asyncio.run(run(args, args.dir.resolve())))
+    with tempfile.TemporaryDirectory(prefix="chaos-") as tmp:
+        sys.exit(asyncio.run(run(args, Path(tmp))))
+
+
+if __name__ == "__main__":
+    main()
