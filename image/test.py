@@ -35,6 +35,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -47,6 +48,8 @@ WORK = Path(os.environ.get("IMAGE_TEST_WORK", BUILD / "test"))
 BIRTHLINE = [sys.executable, "-m", "appliance.cli.main"]
 # Test accounts of a throwaway appliance, typed into its provisioning.
 ADMIN_PASSWORD = "alice image-test password"  # noqa: S105
+# root's console login: only its hash (openssl passwd -6) goes onto the state disk.
+ROOT_PASSWORD = "root image-test password"  # noqa: S105
 SAM_PASSWORD = "sam image-test password"  # noqa: S105
 
 # IMAGE_TEST_ROOT=external: the hierarchy under an offline root this test plays (the key ceremony's CSR out and
@@ -94,8 +97,10 @@ def phase(name: str, since: float) -> float:
     return now
 
 
-def run(argv: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    out = subprocess.run(argv, capture_output=True, text=True, cwd=cwd, check=False)
+def run(
+    argv: list[str], cwd: Path | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    out = subprocess.run(argv, capture_output=True, text=True, cwd=cwd, check=False, input=stdin)
     if out.returncode != 0:
         raise Failed(f"{' '.join(map(str, argv))}: exit {out.returncode}\n{out.stdout}{out.stderr}")
     return out
@@ -117,7 +122,10 @@ class Vm:
     def __init__(self, boot: int, lan_port: int, serial_port: int, accel: str) -> None:
         self.console = WORK / f"console-{boot}.log"
         self.qmp_path = WORK / f"qmp-{boot}.sock"
-        for p in (self.console, self.qmp_path):
+        # ttyS0 both ways: a Unix socket this test holds from the start (wait=on: qemu waits for it, so nothing
+        # the guest writes is lost) and logs in through; everything the guest writes also goes to the log file.
+        self.tty_path = WORK / f"ttyS0-{boot}.sock"
+        for p in (self.console, self.qmp_path, self.tty_path):
             p.unlink(missing_ok=True)
         argv = [
             "qemu-system-x86_64", "-accel", accel, "-m", "1024", "-smp", "1", "-no-reboot",
@@ -127,16 +135,39 @@ class Vm:
             "-append", "root=/dev/vda rw console=ttyS0 no_timer_check panic=-1",
             *disk("system"), *disk("state"), *disk("outbox"),
             "-display", "none", "-monitor", "none",
-            "-serial", f"file:{self.console}",
+            "-chardev", f"socket,id=ttyS0,path={self.tty_path},server=on,wait=on",
+            "-serial", "chardev:ttyS0",
             "-serial", f"tcp:127.0.0.1:{serial_port},server=on,wait=off",
             "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{lan_port}-:7450",
             "-device", "virtio-net-pci,netdev=n0",
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
         ]  # fmt: skip
         self.log = open(WORK / f"qemu-{boot}.log", "w")  # noqa: SIM115
+        self._seen = b""  # ttyS0's output since the last expect() match
+        self._lock = threading.Lock()
         self.proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT
         )
+        self.tty = socket.socket(socket.AF_UNIX)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                self.tty.connect(str(self.tty_path))
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise Failed(f"qemu did not open {self.tty_path}") from None
+                time.sleep(0.2)
+        threading.Thread(target=self._pump, name=f"ttyS0-{boot}", daemon=True).start()
+
+    def _pump(self) -> None:
+        """ttyS0's output into the console log (what wait_for reads) and the buffer expect() reads."""
+        with open(self.console, "ab") as log:
+            while chunk := self.tty.recv(4096):
+                log.write(chunk)
+                log.flush()
+                with self._lock:
+                    self._seen += chunk
 
     def text(self) -> str:
         try:
@@ -157,6 +188,37 @@ class Vm:
                 raise Failed(f"qemu exited ({self.proc.returncode}) before {pattern}\n{self.tail()}")
             time.sleep(1)
         raise Failed(f"no BIRTHLINE {pattern} on the console in {timeout:.0f} s\n{self.tail()}")
+
+    def send(self, line: str) -> None:
+        """Type a line on ttyS0; expect() then looks only at what the guest writes from now on."""
+        with self._lock:
+            self._seen = b""
+        self.tty.sendall(line.encode() + b"\r")
+
+    def expect(self, pattern: bytes, timeout: float) -> re.Match[bytes]:
+        """Wait until `pattern` appears in ttyS0's output after the last send() or match."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                m = re.search(pattern, self._seen)
+                if m:
+                    self._seen = self._seen[m.end() :]
+                    return m
+                seen = self._seen
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise Failed(
+                    f"ttyS0: no {pattern!r} in {timeout:.0f} s; got:\n{seen[-3000:].decode(errors='replace')}"
+                )
+            time.sleep(0.5)
+
+    def login(self, password: str, timeout: float) -> None:
+        """Log in as root on the serial console (ttyS0, serial-getty)."""
+        self.send("")  # a fresh prompt
+        self.expect(rb"login: ", timeout)
+        self.send("root")
+        self.expect(rb"Password: ", timeout)
+        self.send(password)
+        self.expect(rb"root@birthline:[^\n]*# ", timeout)
 
     def tail(self, n: int = 60) -> str:
         return "\n".join(self.text().splitlines()[-n:])
@@ -299,6 +361,8 @@ def main() -> int:
     provision.mkdir()
     (provision / "firstboot.conf").write_text(FIRSTBOOT_CONF)
     (provision / "admin.password").write_text(ADMIN_PASSWORD + "\n")
+    hashed = run(["openssl", "passwd", "-6", "-stdin"], stdin=ROOT_PASSWORD + "\n").stdout
+    (provision / "root.passwd-hash").write_text(hashed)
     (provision / "provision.sh").write_text(PROVISION_SH)
     run(["cp", "--sparse=always", str(BUILD / "system.img"), str(WORK / "system.img")])
     run([str(REPO / "image" / "mkstate.sh"), str(WORK / "state.img"), str(provision)])
@@ -357,6 +421,7 @@ def main() -> int:
         print(
             "image-test: both certificates verify (openssl verify -x509_strict) against the chain", flush=True
         )
+        t = administrator_login(vm, t)
         vm.power_down(180)
         t = phase("power down 1 (ACPI)", t)
     finally:
@@ -388,6 +453,36 @@ def main() -> int:
         vm.kill()
 
     return check_state(t, got)
+
+
+def administrator_login(vm: Vm, t: float) -> float:
+    """The administrator's way in: a wrong password refused, then root's provisioned password on the serial
+    console, and one administrator command through the `birthline` wrapper."""
+    vm.send("")
+    vm.expect(rb"login: ", 300)
+    vm.send("root")
+    vm.expect(rb"Password: ", 300)
+    vm.send("not the password")
+    vm.expect(rb"Login incorrect", 300)
+    t = phase("ttyS0: a wrong root password is refused (Login incorrect)", t)
+    vm.login(ROOT_PASSWORD, 300)
+    t = phase("ttyS0: root logged in with the password provisioned as root.passwd-hash", t)
+    # The markers are computed by the shell and python, so the echoed command line never matches them.
+    vm.send(
+        "birthline report workorder WO-IMG --json --config /etc/birthline/birthline.toml"
+        ' </dev/null >/root/wo.json; echo BL-RC=$?; python3 -c \'import json; d = json.load(open("/root/wo.json"));'
+        ' print("BL-" + "COUNTS", d["issued"], d["confirmed"], d["consistent"])\''
+    )
+    rc = vm.expect(rb"BL-RC=(\d+)", 600)
+    if rc.group(1) != b"0":
+        raise Failed(f"birthline report workorder on the appliance: exit {rc.group(1).decode()}")
+    counts = vm.expect(rb"BL-COUNTS (\d+) (\d+) (True|False)", 120)
+    print(f"image-test: on the appliance, birthline report workorder WO-IMG: issued {counts.group(1).decode()},"
+          f" confirmed {counts.group(2).decode()}, consistent {counts.group(3).decode()}", flush=True)  # fmt: skip
+    if counts.group(1) != b"2":
+        raise Failed(f"report workorder on the appliance: issued {counts.group(1).decode()}, expected 2")
+    vm.send("exit")
+    return phase("ttyS0: birthline report workorder run by the administrator", t)
 
 
 def check_state(t: float, got: Path) -> int:
