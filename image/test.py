@@ -7,13 +7,16 @@ the image").
    a LAN station, a line and a work order), and an empty 16 MiB "outbox" disk.
 2. Boot 1: first boot makes the token and the hierarchy and runs provision.sh, which writes the two station
    bundles and the CA chain as a tar onto the outbox disk (raw, no filesystem: the host reads the file while
-   the guest runs). Wait for `BIRTHLINE READY` on the serial console (ttyS0, a file on the host).
+   the guest runs). Wait for `BIRTHLINE READY` on the serial console (ttyS0, logged to console-N.log).
 3. Enrol IMG-0001 over the guest's ttyS1 (a second -serial, a TCP socket on 127.0.0.1 that the station client
    opens as socket://) and IMG-0002 over the LAN (user-mode networking, hostfwd from 127.0.0.1 only), with
    the project's station client; `openssl verify -x509_strict` both against the chain.
+   Then, on ttyS0 (a Unix socket held from the start), a wrong root password gets "Login incorrect", root logs
+   in with the password whose hash was provisioned, and `birthline report workorder` counts 2 issued.
 4. Power down by ACPI (QMP system_powerdown); the state disk must then fsck clean.
 5. Boot 2, on a fresh copy of system.img (as an upgrade replaces the system disk): READY again without first boot; the same request for IMG-0001 (same CSR) returns the stored
    certificate byte for byte, over the LAN this time. Power down.
+   root logs in on the serial console again (the hash kept on the state disk).
 6. The state copied out of the state disk with debugfs (no mount) passes `birthline audit verify` against the
    audit key exported at first boot, and `report workorder` counts both devices.
 
@@ -447,6 +450,10 @@ def main() -> int:
         ):
             raise Failed("IMG-0001 asked again after the reboot: not the stored certificate")
         t = phase("IMG-0001 asked again after the reboot: the stored certificate, byte for byte", t)
+        # The new system disk's /etc/shadow has root locked: the login comes from the state disk's copy.
+        vm.login(ROOT_PASSWORD, 300)
+        vm.send("exit")
+        t = phase("ttyS0: root logged in on the new system disk (the hash kept on the state disk)", t)
         vm.power_down(180)
         t = phase("power down 2 (ACPI)", t)
     finally:
