@@ -214,10 +214,12 @@ class Vm:
                 )
             time.sleep(0.5)
 
-    def login(self, password: str, timeout: float) -> None:
-        """Log in as root on the serial console (ttyS0, serial-getty)."""
-        self.send("")  # a fresh prompt
-        self.expect(rb"login: ", timeout)
+    def login(self, password: str, timeout: float, *, prompted: bool = False) -> None:
+        """Log in as root on the serial console (ttyS0, serial-getty); `prompted`: the login prompt is already
+        on the screen (an empty line would be taken as a user name)."""
+        if not prompted:
+            self.send("")  # a fresh prompt
+            self.expect(rb"login: ", timeout)
         self.send("root")
         self.expect(rb"Password: ", timeout)
         self.send(password)
@@ -471,8 +473,9 @@ def administrator_login(vm: Vm, t: float) -> float:
     vm.expect(rb"Password: ", 300)
     vm.send("not the password")
     vm.expect(rb"Login incorrect", 300)
+    vm.expect(rb"login: ", 300)  # login asks again
     t = phase("ttyS0: a wrong root password is refused (Login incorrect)", t)
-    vm.login(ROOT_PASSWORD, 300)
+    vm.login(ROOT_PASSWORD, 300, prompted=True)
     t = phase("ttyS0: root logged in with the password provisioned as root.passwd-hash", t)
     # The markers are computed by the shell and python, so the echoed command line never matches them.
     vm.send(
