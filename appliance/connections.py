@@ -687,6 +687,15 @@ def tls_server_protocol(
     return proto
 
 
+def fd_needed(
+    caps: Mapping[str, int], reserve: int = FD_RESERVE, *, fixed: Mapping[str, int] | None = None
+) -> int:
+    """The descriptors the listeners' caps need: each cap, ACCEPTS_IN_FLIGHT per listener, plus `reserve`. Pure,
+    so the systemd unit's LimitNOFILE= can be checked against it (tests/systemd/test_units.py)."""
+    fixed = fixed or {}
+    return sum(caps.values()) + sum(fixed.values()) + ACCEPTS_IN_FLIGHT * (len(caps) + len(fixed)) + reserve
+
+
 def ensure_fd_budget(
     caps: Mapping[str, int], reserve: int = FD_RESERVE, *, fixed: Mapping[str, int] | None = None
 ) -> tuple[int, int]:
@@ -696,7 +705,7 @@ def ensure_fd_budget(
     fixed = fixed or {}
     in_flight = ACCEPTS_IN_FLIGHT * (len(caps) + len(fixed))
     total = sum(caps.values()) + sum(fixed.values())
-    needed = total + in_flight + reserve
+    needed = fd_needed(caps, reserve, fixed=fixed)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if needed > soft and (hard == resource.RLIM_INFINITY or needed <= hard):
         try:

@@ -292,6 +292,27 @@ def prepare(core: Core, address: tuple[str, int] | None = None) -> TlsServerFile
     return files
 
 
+def fd_caps(config: Config) -> tuple[dict[str, int], dict[str, int]]:
+    """The connection caps whose sum the daemon needs in descriptors (config key -> cap, and the listeners whose
+    cap is fixed): the station, VA, CMP, SCEP, EST and metrics listeners and the control socket it runs."""
+    caps, fixed = {}, {}
+    if config.stations.lan_address is not None:
+        caps["stations.max_connections"] = config.stations.max_connections
+    if config.va.address is not None:
+        caps["va.max_connections"] = config.va.limits.max_connections
+    if config.cmp.address is not None:
+        caps["cmp.max_connections"] = config.cmp.limits.max_connections
+    if config.scep.address is not None:
+        caps["scep.max_connections"] = config.scep.limits.max_connections
+    if config.est.address is not None:
+        caps["est.max_connections"] = config.est.limits.max_connections
+    if config.control.enabled:
+        caps["control.max_connections"] = config.control.max_connections
+    if config.metrics.address is not None:
+        fixed["the metrics listener"] = METRICS_LIMITS.max_connections
+    return caps, fixed
+
+
 class Daemon:
     """The running appliance. An async context manager; see the module docstring."""
 
@@ -460,23 +481,8 @@ class Daemon:
         self._watcher = self._tg.create_task(self._watch_registry(), name="station-registry-watcher")
 
     def _check_fd_budget(self) -> None:
-        """Every listener's cap together must fit under RLIMIT_NOFILE: a flood meets a cap, never EMFILE. The
-        station, VA, CMP and metrics listeners and the control socket each count with their cap."""
-        caps, fixed = {}, {}
-        if self.config.stations.lan_address is not None:
-            caps["stations.max_connections"] = self.config.stations.max_connections
-        if self.config.va.address is not None:
-            caps["va.max_connections"] = self.config.va.limits.max_connections
-        if self.config.cmp.address is not None:
-            caps["cmp.max_connections"] = self.config.cmp.limits.max_connections
-        if self.config.scep.address is not None:
-            caps["scep.max_connections"] = self.config.scep.limits.max_connections
-        if self.config.est.address is not None:
-            caps["est.max_connections"] = self.config.est.limits.max_connections
-        if self.config.control.enabled:
-            caps["control.max_connections"] = self.config.control.max_connections
-        if self.config.metrics.address is not None:
-            fixed["the metrics listener"] = METRICS_LIMITS.max_connections
+        """Every listener's cap together must fit under RLIMIT_NOFILE: a flood meets a cap, never EMFILE."""
+        caps, fixed = fd_caps(self.config)
         self.fd_budget = ensure_fd_budget(caps, fixed=fixed)
 
     async def _start_lan(self, context: ssl.SSLContext, accept_errors: AcceptErrors) -> None:

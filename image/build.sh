@@ -101,7 +101,10 @@ mkdir -p "$R/var/lib/birthline"
 echo birthline >"$R/etc/hostname"
 # A persistent journal (on the system disk: an upgrade starts a new one).
 mkdir -p "$R/var/log/journal"
-units="birthline-firstboot.service birthline-ready.service systemd-networkd.service"
+# The administrator's logins: a getty on the serial console and on tty2 (tty1 is the operator dashboard),
+# root's password from the state disk (birthline-login.service); root stays locked until one is provisioned.
+units="birthline-firstboot.service birthline-ready.service birthline-login.service systemd-networkd.service"
+units="$units serial-getty@ttyS0.service getty@tty2.service"
 inchroot systemctl enable -q $units
 phase "units installed (systemd/install.sh) and enabled: birthline, birthline-console, $units"
 

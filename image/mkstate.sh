@@ -7,6 +7,24 @@ set -euo pipefail
 out=$1
 provision=${2:-}
 size=${3:-1G}
+# The administrator logs in as root on the serial console or tty2 with the password whose hash is in
+# provision/root.passwd-hash (birthline-login.service applies it at every boot). Without one nobody can log in on
+# the appliance to back it up, upgrade it or add stations: refused unless MKSTATE_NO_LOGIN=1 says so.
+hashfile=${provision:+$provision/root.passwd-hash}
+if [ -n "$hashfile" ] && [ -f "$hashfile" ]; then
+    # A crypt(3) hash (openssl passwd -6), never a clear-text password kept on disk.
+    if ! head -n 1 "$hashfile" | grep -Eq '^\$[0-9a-z]+\$[^: ]+\$[^: ]+$'; then
+        echo "mkstate.sh: $hashfile is not a crypt hash: write it with openssl passwd -6 >$hashfile" >&2
+        exit 1
+    fi
+elif [ "${MKSTATE_NO_LOGIN:-}" = 1 ]; then
+    echo "mkstate.sh: WARNING: no provision/root.passwd-hash: no administrator can log in on this appliance" >&2
+else
+    echo "mkstate.sh: no PROVISION_DIR/root.passwd-hash: no administrator could log in on the appliance." >&2
+    echo "  Make one with: openssl passwd -6 >PROVISION_DIR/root.passwd-hash (it asks for the password)," >&2
+    echo "  or set MKSTATE_NO_LOGIN=1 to make a state disk without a login." >&2
+    exit 1
+fi
 tree=$(mktemp -d)
 trap 'rm -rf "$tree"' EXIT
 if [ -n "$provision" ]; then

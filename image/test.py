@@ -7,13 +7,16 @@ the image").
    a LAN station, a line and a work order), and an empty 16 MiB "outbox" disk.
 2. Boot 1: first boot makes the token and the hierarchy and runs provision.sh, which writes the two station
    bundles and the CA chain as a tar onto the outbox disk (raw, no filesystem: the host reads the file while
-   the guest runs). Wait for `BIRTHLINE READY` on the serial console (ttyS0, a file on the host).
+   the guest runs). Wait for `BIRTHLINE READY` on the serial console (ttyS0, logged to console-N.log).
 3. Enrol IMG-0001 over the guest's ttyS1 (a second -serial, a TCP socket on 127.0.0.1 that the station client
    opens as socket://) and IMG-0002 over the LAN (user-mode networking, hostfwd from 127.0.0.1 only), with
    the project's station client; `openssl verify -x509_strict` both against the chain.
+   Then, on ttyS0 (a Unix socket held from the start), a wrong root password gets "Login incorrect", root logs
+   in with the password whose hash was provisioned, and `birthline report workorder` counts 2 issued.
 4. Power down by ACPI (QMP system_powerdown); the state disk must then fsck clean.
 5. Boot 2, on a fresh copy of system.img (as an upgrade replaces the system disk): READY again without first boot; the same request for IMG-0001 (same CSR) returns the stored
    certificate byte for byte, over the LAN this time. Power down.
+   root logs in on the serial console again (the hash kept on the state disk).
 6. The state copied out of the state disk with debugfs (no mount) passes `birthline audit verify` against the
    audit key exported at first boot, and `report workorder` counts both devices.
 
@@ -35,6 +38,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -47,6 +51,8 @@ WORK = Path(os.environ.get("IMAGE_TEST_WORK", BUILD / "test"))
 BIRTHLINE = [sys.executable, "-m", "appliance.cli.main"]
 # Test accounts of a throwaway appliance, typed into its provisioning.
 ADMIN_PASSWORD = "alice image-test password"  # noqa: S105
+# root's console login: only its hash (openssl passwd -6) goes onto the state disk.
+ROOT_PASSWORD = "root image-test password"  # noqa: S105
 SAM_PASSWORD = "sam image-test password"  # noqa: S105
 
 # IMAGE_TEST_ROOT=external: the hierarchy under an offline root this test plays (the key ceremony's CSR out and
@@ -94,8 +100,10 @@ def phase(name: str, since: float) -> float:
     return now
 
 
-def run(argv: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    out = subprocess.run(argv, capture_output=True, text=True, cwd=cwd, check=False)
+def run(
+    argv: list[str], cwd: Path | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    out = subprocess.run(argv, capture_output=True, text=True, cwd=cwd, check=False, input=stdin)
     if out.returncode != 0:
         raise Failed(f"{' '.join(map(str, argv))}: exit {out.returncode}\n{out.stdout}{out.stderr}")
     return out
@@ -117,7 +125,10 @@ class Vm:
     def __init__(self, boot: int, lan_port: int, serial_port: int, accel: str) -> None:
         self.console = WORK / f"console-{boot}.log"
         self.qmp_path = WORK / f"qmp-{boot}.sock"
-        for p in (self.console, self.qmp_path):
+        # ttyS0 both ways: a Unix socket this test holds from the start (wait=on: qemu waits for it, so nothing
+        # the guest writes is lost) and logs in through; everything the guest writes also goes to the log file.
+        self.tty_path = WORK / f"ttyS0-{boot}.sock"
+        for p in (self.console, self.qmp_path, self.tty_path):
             p.unlink(missing_ok=True)
         argv = [
             "qemu-system-x86_64", "-accel", accel, "-m", "1024", "-smp", "1", "-no-reboot",
@@ -127,16 +138,39 @@ class Vm:
             "-append", "root=/dev/vda rw console=ttyS0 no_timer_check panic=-1",
             *disk("system"), *disk("state"), *disk("outbox"),
             "-display", "none", "-monitor", "none",
-            "-serial", f"file:{self.console}",
+            "-chardev", f"socket,id=ttyS0,path={self.tty_path},server=on,wait=on",
+            "-serial", "chardev:ttyS0",
             "-serial", f"tcp:127.0.0.1:{serial_port},server=on,wait=off",
             "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{lan_port}-:7450",
             "-device", "virtio-net-pci,netdev=n0",
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
         ]  # fmt: skip
         self.log = open(WORK / f"qemu-{boot}.log", "w")  # noqa: SIM115
+        self._seen = b""  # ttyS0's output since the last expect() match
+        self._lock = threading.Lock()
         self.proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT
         )
+        self.tty = socket.socket(socket.AF_UNIX)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                self.tty.connect(str(self.tty_path))
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise Failed(f"qemu did not open {self.tty_path}") from None
+                time.sleep(0.2)
+        threading.Thread(target=self._pump, name=f"ttyS0-{boot}", daemon=True).start()
+
+    def _pump(self) -> None:
+        """ttyS0's output into the console log (what wait_for reads) and the buffer expect() reads."""
+        with open(self.console, "ab") as log:
+            while chunk := self.tty.recv(4096):
+                log.write(chunk)
+                log.flush()
+                with self._lock:
+                    self._seen += chunk
 
     def text(self) -> str:
         try:
@@ -157,6 +191,39 @@ class Vm:
                 raise Failed(f"qemu exited ({self.proc.returncode}) before {pattern}\n{self.tail()}")
             time.sleep(1)
         raise Failed(f"no BIRTHLINE {pattern} on the console in {timeout:.0f} s\n{self.tail()}")
+
+    def send(self, line: str) -> None:
+        """Type a line on ttyS0; expect() then looks only at what the guest writes from now on."""
+        with self._lock:
+            self._seen = b""
+        self.tty.sendall(line.encode() + b"\r")
+
+    def expect(self, pattern: bytes, timeout: float) -> re.Match[bytes]:
+        """Wait until `pattern` appears in ttyS0's output after the last send() or match."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                m = re.search(pattern, self._seen)
+                if m:
+                    self._seen = self._seen[m.end() :]
+                    return m
+                seen = self._seen
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise Failed(
+                    f"ttyS0: no {pattern!r} in {timeout:.0f} s; got:\n{seen[-3000:].decode(errors='replace')}"
+                )
+            time.sleep(0.5)
+
+    def login(self, password: str, timeout: float, *, prompted: bool = False) -> None:
+        """Log in as root on the serial console (ttyS0, serial-getty); `prompted`: the login prompt is already
+        on the screen (an empty line would be taken as a user name)."""
+        if not prompted:
+            self.send("")  # a fresh prompt
+            self.expect(rb"login: ", timeout)
+        self.send("root")
+        self.expect(rb"Password: ", timeout)
+        self.send(password)
+        self.expect(rb"root@birthline:[^\n]*# ", timeout)
 
     def tail(self, n: int = 60) -> str:
         return "\n".join(self.text().splitlines()[-n:])
@@ -299,6 +366,8 @@ def main() -> int:
     provision.mkdir()
     (provision / "firstboot.conf").write_text(FIRSTBOOT_CONF)
     (provision / "admin.password").write_text(ADMIN_PASSWORD + "\n")
+    hashed = run(["openssl", "passwd", "-6", "-stdin"], stdin=ROOT_PASSWORD + "\n").stdout
+    (provision / "root.passwd-hash").write_text(hashed)
     (provision / "provision.sh").write_text(PROVISION_SH)
     run(["cp", "--sparse=always", str(BUILD / "system.img"), str(WORK / "system.img")])
     run([str(REPO / "image" / "mkstate.sh"), str(WORK / "state.img"), str(provision)])
@@ -357,6 +426,7 @@ def main() -> int:
         print(
             "image-test: both certificates verify (openssl verify -x509_strict) against the chain", flush=True
         )
+        t = administrator_login(vm, t)
         vm.power_down(180)
         t = phase("power down 1 (ACPI)", t)
     finally:
@@ -382,12 +452,47 @@ def main() -> int:
         ):
             raise Failed("IMG-0001 asked again after the reboot: not the stored certificate")
         t = phase("IMG-0001 asked again after the reboot: the stored certificate, byte for byte", t)
+        # The new system disk's /etc/shadow has root locked: the login comes from the state disk's copy.
+        vm.login(ROOT_PASSWORD, 300)
+        vm.send("exit")
+        t = phase("ttyS0: root logged in on the new system disk (the hash kept on the state disk)", t)
         vm.power_down(180)
         t = phase("power down 2 (ACPI)", t)
     finally:
         vm.kill()
 
     return check_state(t, got)
+
+
+def administrator_login(vm: Vm, t: float) -> float:
+    """The administrator's way in: a wrong password refused, then root's provisioned password on the serial
+    console, and one administrator command through the `birthline` wrapper."""
+    vm.send("")
+    vm.expect(rb"login: ", 300)
+    vm.send("root")
+    vm.expect(rb"Password: ", 300)
+    vm.send("not the password")
+    vm.expect(rb"Login incorrect", 300)
+    vm.expect(rb"login: ", 300)  # login asks again
+    t = phase("ttyS0: a wrong root password is refused (Login incorrect)", t)
+    vm.login(ROOT_PASSWORD, 300, prompted=True)
+    t = phase("ttyS0: root logged in with the password provisioned as root.passwd-hash", t)
+    # The markers are computed by the shell and python, so the echoed command line never matches them.
+    vm.send(
+        "birthline report workorder WO-IMG --json --config /etc/birthline/birthline.toml"
+        ' </dev/null >/root/wo.json; echo BL-RC=$?; python3 -c \'import json; d = json.load(open("/root/wo.json"));'
+        ' print("BL-" + "COUNTS", d["issued"], d["confirmed"], d["consistent"])\''
+    )
+    rc = vm.expect(rb"BL-RC=(\d+)", 600)
+    if rc.group(1) != b"0":
+        raise Failed(f"birthline report workorder on the appliance: exit {rc.group(1).decode()}")
+    counts = vm.expect(rb"BL-COUNTS (\d+) (\d+) (True|False)", 120)
+    print(f"image-test: on the appliance, birthline report workorder WO-IMG: issued {counts.group(1).decode()},"
+          f" confirmed {counts.group(2).decode()}, consistent {counts.group(3).decode()}", flush=True)  # fmt: skip
+    if counts.group(1) != b"2":
+        raise Failed(f"report workorder on the appliance: issued {counts.group(1).decode()}, expected 2")
+    vm.send("exit")
+    return phase("ttyS0: birthline report workorder run by the administrator", t)
 
 
 def check_state(t: float, got: Path) -> int:

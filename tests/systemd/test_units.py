@@ -155,3 +155,38 @@ def test_install_into_an_image_root(tmp_path: Path) -> None:
     assert "birthline" in groups["dialout"] and "birthline" in groups["birthline-console"]
     assert not any("birthline-console" in members for members in groups.values())
     assert (root / "etc/credstore").stat().st_mode & 0o777 == 0o700
+
+
+def test_limit_nofile_covers_what_the_daemon_needs() -> None:
+    """The daemon cannot raise its own descriptor limit (SystemCallFilter=~@resources refuses setrlimit), so the
+    unit's LimitNOFILE= must already cover every listener's cap plus the reserve, as the daemon computes it at
+    start ("file descriptors: limit N, needed M"), for the configuration first boot writes on the appliance and
+    with the metrics listener on as well."""
+    from appliance.config import parse_config
+    from appliance.connections import fd_needed
+    from appliance.daemon import fd_caps
+
+    unit = directives(TOP / "systemd" / "birthline.service")
+    assert "~@privileged @resources" in unit["SystemCallFilter"]
+    limit = int(unit["LimitNOFILE"][-1])
+    # The image's drop-in no longer overrides it: the unit itself is right.
+    dropin = TOP / "image" / "rootfs" / "etc" / "systemd" / "system" / "birthline.service.d" / "50-image.conf"
+    assert "LimitNOFILE" not in directives(dropin)
+    hsm = {
+        "module": "/usr/lib/softhsm/libsofthsm2.so",
+        "token_label": "birthline",
+        "pin_credential": "hsm-pin",
+    }
+    firstboot = {
+        "appliance": {"state_dir": "/var/lib/birthline", "names": ["birthline.test"]},
+        "hsm": hsm,
+        "stations": {"lan_listen": "0.0.0.0:7450"},
+        "va": {"listen": "0.0.0.0:7451"},
+        # first boot also sets group = "birthline-console", a group of the image only: no effect on the caps.
+        "control": {"socket": "/run/birthline/control.sock"},
+    }
+    for data in (firstboot, {**firstboot, "metrics": {"listen": "127.0.0.1:9100"}}):
+        caps, fixed = fd_caps(parse_config(data, base_dir=TOP))
+        assert "stations.max_connections" in caps and "va.max_connections" in caps
+        needed = fd_needed(caps, fixed=fixed)
+        assert needed <= limit, f"LimitNOFILE={limit} but the daemon needs {needed} ({caps}, {fixed})"
