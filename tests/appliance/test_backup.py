@@ -558,3 +558,18 @@ def test_restore_onto_a_mount_point_stages_inside_it(archive: Path, tmp_path: Pa
         assert taken.returncode == 0, taken.stderr
         with tarfile.open(tmp_path / "again.tgz") as tar:
             assert not [n for n in tar.getnames() if "before-restore" in n or "lost+found" in n]
+        # The appliance's way: --config through /etc/birthline, a link into the state disk, and --owner.
+        link = tmp_path / "etc-link"
+        link.symlink_to(target / "etc")
+        nobody = pwd.getpwnam("nobody")
+        again = birthline("restore", archive, "--config", link / "birthline.toml", "--state-dir", target,
+                          "--force", "--owner", "nobody")  # fmt: skip
+        assert again.returncode == 0, again.stderr
+        assert (
+            target / "etc" / "birthline.toml"
+        ).is_file()  # written in the new state: nothing set aside beside it
+        assert not list(target.glob("etc/*.before-restore-*"))
+        assert {(p.lstat().st_uid, p.lstat().st_gid) for p in (target, *target.glob("*")) if ".before" not in p.name
+                and p.name != "lost+found"} == {(nobody.pw_uid, nobody.pw_gid)}  # fmt: skip
+        verified = birthline("audit", "verify", "--config", link / "birthline.toml")
+        assert verified.returncode == 0 and "INTACT" in verified.stdout, verified.stdout + verified.stderr
