@@ -175,7 +175,9 @@ def test_a_backup_taken_while_the_daemon_issues_restores_elsewhere_verifies_and_
     assert before <= report["issued"] <= after + 1, (before, report, after)
     assert report["consistent"] is True and report["planned"] == 100, report  # the reconciliation agrees
     restored, original = _certificates(fresh / "journal.sqlite"), _certificates(live / "journal.sqlite")
-    assert restored.items() <= original.items() and len(restored) < len(original)
+    assert restored.items() <= original.items()
+    # Fewer than the live journal's, unless the station had enrolled its last serial before the snapshot.
+    assert len(restored) < len(original) or (len(enrolled) == 79 and report["issued"] == 79), report
     # An issuance in flight at that instant is an intent in the copy (no certificate): the restored daemon burns it
     # when it starts, as after a crash, and its serial is never used again.
     states = json.loads(birthline("journal", "stats", "--config", config).stdout)["states"]
