@@ -4,16 +4,17 @@
 What a backup holds: the configuration file; every file of the state directory, with each SQLite database in it
 (the journal, wherever the configuration puts it, and any other) copied through SQLite's online backup API, so a
 backup taken while the daemon issues is a consistent snapshot of each database; the SoftHSM configuration and
-token directory when `[hsm] softhsm_conf` is set (wherever they are). What it never holds: the HSM PIN (`[hsm]
-pin_file` and every `*.pin` file are left out; a PIN credential is not a file of the state), SQLite's -wal/-shm
-sidecars (the snapshot has their content), the control socket and the daemon's lock file.
+token directory when `[hsm] softhsm_conf` is set (wherever they are). What it never holds: a credential that unlocks the HSM or an
+administrator account: `[hsm] pin_file` and every `*.pin` or `*.password` file (the image's first-boot PINs and
+administrator password; see _secret_files for what is kept, and why); SQLite's -wal/-shm sidecars (the snapshot has their content), the control socket, the
+daemon's lock file, and a restore's staging or set-aside directories.
 
 The journal is copied first and the token after it: a key made between the two is then in the token but unknown
 to the journal (harmless), never known to the journal but missing from the token.
 
 The archive is a gzip'd tar with MANIFEST.json first: the format, where each part came from, and the sha256 and
-size of every other member. `restore` checks all of it into a staging directory beside the target before it puts
-anything in place, and moves paths that named the old state directory to the new one (the configuration's and
+size of every other member. `restore` checks all of it into a staging directory on the target's file system (beside
+the target, or inside it when it is a mount point) before it puts anything in place, and moves paths that named the old state directory to the new one (the configuration's and
 softhsm2.conf's), so a state restored elsewhere is complete but for the PIN.
 
 The archive holds station keys in clear (the journal keeps them) and the token's encrypted key files: it is
@@ -49,6 +50,16 @@ MANIFEST: Final = "MANIFEST.json"
 _SQLITE_MAGIC: Final = b"SQLite format 3\x00"
 _SIDECARS: Final = ("-wal", "-shm", "-journal")
 _CHUNK: Final = 1 << 20
+# A restore onto a mount point (the appliance's state disk) cannot rename the directory itself: it stages in a
+# hidden directory inside it and moves the children; --force moves the old children into a hidden directory
+# there too. A later backup leaves both out.
+_STAGING_PREFIX: Final = ".restore-staging-"
+_ASIDE_PREFIX: Final = ".before-restore-"
+# fsck's directory on an ext4 state disk: not ours to move aside.
+_MOUNT_LEFT_ALONE: Final = frozenset({"lost+found"})
+# Files restore writes keep at most the owner's rwx (the daemon's user owns the state): never setuid, setgid or
+# sticky bits, nor any access for group or others, whatever the (unsigned) manifest says.
+_MODE_MASK: Final = 0o700
 
 
 class BackupError(BirthlineError):
@@ -150,9 +161,13 @@ def _stable_copy(source: Path, target: Path) -> None:
 
 
 @contextlib.contextmanager
-def _staging(beside: Path) -> Iterator[Path]:
-    """A private scratch directory next to `beside` (same file system: restore renames out of it)."""
-    path = beside.parent / f".{beside.name}.staging-{secrets.token_hex(6)}"
+def _staging(beside: Path, *, inside: bool = False) -> Iterator[Path]:
+    """A private scratch directory next to `beside`, or in it when `inside` (a mount point: nothing beside it is
+    on its file system). Either way on the target's file system: restore renames out of it."""
+    if inside:
+        path = beside / f"{_STAGING_PREFIX}{secrets.token_hex(6)}"
+    else:
+        path = beside.parent / f".{beside.name}.staging-{secrets.token_hex(6)}"
     path.mkdir(mode=0o700)
     try:
         yield path
@@ -177,6 +192,25 @@ def _check_output(out: Path, keep_out: list[Path]) -> None:
             )
 
 
+def _secret_files(config: Any) -> dict[Path, str]:
+    """The credentials that unlock the HSM or an administrator account are never backed up: `[hsm] pin_file` here,
+    and by name every `*.pin` and `*.password` file (the image's first-boot PIN and administrator password). The
+    stations' authenticators (their keys in the journal, the CMP MAC secrets and EST passwords the configuration
+    names) are: the line cannot run without them, and the archive already holds station keys in clear."""
+    named: dict[Path, str] = {}
+    if config.hsm.pin_file:
+        named[Path(config.hsm.pin_file).resolve()] = "the HSM user PIN is never backed up"
+    return named
+
+
+def _secret_by_name(name: str) -> str | None:
+    if name.endswith(".pin"):
+        return "a PIN file is never backed up"
+    if name.endswith(".password"):
+        return "a password file is never backed up"
+    return None
+
+
 def backup(config_path: Path, out: Path) -> BackupResult:
     config_path = Path(config_path).resolve()
     config = load_config(config_path)
@@ -198,9 +232,7 @@ def backup(config_path: Path, out: Path) -> BackupResult:
     tokendir = tokendir.resolve() if tokendir is not None else None
     _check_output(out, [state_dir] + ([tokendir] if tokendir else []))
 
-    never: dict[Path, str] = {}
-    if config.hsm.pin_file:
-        never[Path(config.hsm.pin_file).resolve()] = "the HSM user PIN is never backed up"
+    never = _secret_files(config)
     never[state_dir / LOCK_FILE] = "the daemon's lock"
     never[config.control_socket.resolve()] = "the control socket"
     excluded: list[tuple[str, str]] = []
@@ -215,9 +247,14 @@ def backup(config_path: Path, out: Path) -> BackupResult:
         rel = path.relative_to(state_dir).as_posix()
         if tokendir is not None and _inside(path, tokendir):
             continue  # with the token, below, after the journal
+        top = rel.split("/", 1)[0]
+        if top.startswith((_STAGING_PREFIX, _ASIDE_PREFIX)) or top in _MOUNT_LEFT_ALONE:
+            if top == rel:
+                excluded.append((str(path), "a restore's staging or set-aside state, or lost+found"))
+            continue
         why = never.get(path.resolve()) or never.get(path)
-        if why is None and path.name.endswith(".pin"):
-            why = "a PIN file is never backed up"
+        if why is None:
+            why = _secret_by_name(path.name)
         if why is None and (path.is_symlink() or not (path.is_file() or path.is_dir())):
             why = "not a regular file"
         if why is not None:
@@ -243,6 +280,9 @@ def backup(config_path: Path, out: Path) -> BackupResult:
         )
         for path in sorted(tokendir.rglob("*")):
             if path.is_file() and not path.is_symlink():
+                if (why := never.get(path.resolve()) or _secret_by_name(path.name)) is not None:
+                    excluded.append((str(path), why))
+                    continue
                 plan.append((f"{token_prefix}/{path.relative_to(tokendir).as_posix()}", path, "token"))
 
     members: list[Member] = []
@@ -399,6 +439,9 @@ def _extract_checked(archive: Path, stage: Path) -> tuple[dict[str, Any], dict[s
             conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
             try:
                 (check,) = conn.execute("PRAGMA integrity_check").fetchone()
+            except sqlite3.Error as exc:
+                # Not an SQLite database at all (its header is gone): SQLite cannot even run the check.
+                raise BackupError(f"{name}: not a readable SQLite database ({exc}): not restored") from None
             finally:
                 conn.close()
             if check != "ok":
@@ -443,8 +486,19 @@ def _write_new(path: Path, text: str, mode: int) -> None:
         os.fsync(f.fileno())
 
 
-def _empty_or_absent(path: Path) -> bool:
-    return not path.exists() or (path.is_dir() and not path.is_symlink() and not any(path.iterdir()))
+def _is_mount(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and os.path.ismount(path)
+
+
+def _children(state: Path, in_place: bool) -> list[Path]:
+    """The state's present entries, but for this restore's staging (and lost+found on a mount point)."""
+    if not state.is_dir() or state.is_symlink():
+        return [state] if state.exists() or state.is_symlink() else []
+    return [
+        p
+        for p in state.iterdir()
+        if not p.name.startswith(_STAGING_PREFIX) and not (in_place and p.name in _MOUNT_LEFT_ALONE)
+    ]
 
 
 def restore(
@@ -461,19 +515,25 @@ def restore(
     if not archive.is_file():
         raise BackupError(f"{archive}: no such archive")
     config_out = Path(config_out).absolute()
+    # Through its directory's links (the image's /etc/birthline is a link into the state disk): a configuration
+    # that lives in the new state is written into it.
+    config_out = config_out.parent.resolve() / config_out.name
     peeked = _peek_manifest(archive)
-    new_state = Path(state_dir).absolute() if state_dir is not None else Path(peeked["source"]["state_dir"])
+    new_state = Path(state_dir) if state_dir is not None else Path(peeked["source"]["state_dir"])
+    new_state = new_state.resolve()
     if not new_state.parent.is_dir():
         raise BackupError(f"{new_state.parent} is not a directory: create it first")
-    # Checked beside the new state, not beside the archive: the files are then renamed into place on one file
-    # system (the archive is often elsewhere: another partition, a USB stick).
-    with _staging(new_state) as checked:
+    # A mount point (the appliance's state disk) cannot be renamed: stage inside it and move its children.
+    in_place = _is_mount(new_state)
+    # Checked on the new state's file system, not beside the archive: the files are then renamed into place on
+    # one file system (the archive is often elsewhere: another partition, a USB stick).
+    with _staging(new_state, inside=in_place) as checked:
         manifest, placed = _extract_checked(archive, checked)
         source = manifest["source"]
         # Refusals before anything is moved: a live state is never replaced unless asked, never while it runs.
         moved_aside: list[Path] = []
         stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-        if not _empty_or_absent(new_state):
+        if _children(new_state, in_place):
             if not force:
                 raise BackupError(
                     f"{new_state} is not empty: restore goes onto a fresh state directory (--force moves the"
@@ -503,7 +563,7 @@ def restore(
         moves.sort(key=lambda m: len(m[0]), reverse=True)
 
         # The new state directory is built whole in a staging directory beside it, then renamed into place.
-        with _staging(new_state) as build:
+        with _staging(new_state, inside=in_place) as build:
             build.chmod(0o700)
             config_text = None
             modes = {m["path"]: int(m["mode"]) for m in manifest["files"]}
@@ -511,7 +571,7 @@ def restore(
                 parts = PurePosixPath(name).parts
                 if parts[0] == "config":
                     config_text = staged.read_text()
-                    config_mode = modes[name]
+                    config_mode = modes[name] & _MODE_MASK
                     continue
                 if parts[0] == "state":
                     target = build.joinpath(*parts[1:])
@@ -521,7 +581,7 @@ def restore(
                     target = build.joinpath("softhsm", *parts[1:])
                 target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
                 os.replace(staged, target)
-                target.chmod(modes[name])
+                target.chmod(modes[name] & _MODE_MASK)
             if config_text is None:
                 raise BackupError("the archive holds no configuration file")
             for conf in build.rglob("softhsm2.conf"):
@@ -533,18 +593,32 @@ def restore(
                 inner.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
                 inner.unlink(missing_ok=True)
                 _write_new(inner, _relocate(config_text, moves), config_mode)
-            if new_state.exists():
-                if any(new_state.iterdir()):
-                    aside = new_state.with_name(f"{new_state.name}.before-restore-{stamp}")
-                    new_state.rename(aside)
-                    moved_aside.append(aside)
-                else:
-                    new_state.rmdir()
             if owner is not None:
                 for path in (build, *build.rglob("*")):
                     os.chown(path, *owner, follow_symlinks=False)
-            build.rename(new_state)
-            build.mkdir(mode=0o700)  # for the staging context's clean-up
+            if in_place:
+                old = _children(new_state, in_place)
+                if old:
+                    aside = new_state / f"{_ASIDE_PREFIX}{stamp}"
+                    aside.mkdir(mode=0o700)
+                    for child in old:
+                        child.rename(aside / child.name)
+                    moved_aside.append(aside)
+                for child in list(build.iterdir()):
+                    child.rename(new_state / child.name)
+                new_state.chmod(0o700)
+                if owner is not None:
+                    os.chown(new_state, *owner)
+            else:
+                if new_state.exists():
+                    if any(new_state.iterdir()):
+                        aside = new_state.with_name(f"{new_state.name}{_ASIDE_PREFIX}{stamp}")
+                        new_state.rename(aside)
+                        moved_aside.append(aside)
+                    else:
+                        new_state.rmdir()
+                build.rename(new_state)
+                build.mkdir(mode=0o700)  # for the staging context's clean-up
         if not _inside(config_out, new_state):
             if config_out.exists() or config_out.is_symlink():
                 aside = config_out.with_name(f"{config_out.name}.before-restore-{stamp}")
