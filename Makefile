@@ -66,10 +66,12 @@ venv: $(VENV)/.installed
 # Every dependency (and the setuptools that builds Birthline) comes from the hashed lock, so a rebuild next year
 # installs the same bytes; the project itself goes in last without touching the resolver. The venv's own pip (the
 # one Python's ensurepip ships) is kept rather than upgraded from the network: it honours --require-hashes.
+# -qq: errors only. Where pip's own configuration names index directories that do not exist, pip -q warned once
+# per package (56 lines before the demo's output).
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --require-hashes -r $(LOCK)
-	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -m pip install -qq --require-hashes -r $(LOCK)
+	$(PY) -m pip install -qq --no-deps --no-build-isolation -e .
 	touch $@
 
 # Regenerate the hashed locks from pyproject.toml (uv: one universal resolution for every platform running
