@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import multiprocessing
 import random
 import shutil
+import traceback
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,31 @@ pytestmark = [
 
 
 def test_a_small_campaign_keeps_every_promise_and_its_checks_bite(tmp_path: Path) -> None:
+    # In a process of its own: the campaign makes its own SoftHSM token, and SoftHSM reads SOFTHSM2_CONF only
+    # when the library is first loaded, which an earlier test in this process may have done with its own.
+    ctx = multiprocessing.get_context("spawn")
+    outcome = ctx.Queue()
+    child = ctx.Process(target=_campaign, args=(tmp_path, outcome))
+    child.start()
+    try:
+        failure = outcome.get(timeout=1800)
+    finally:
+        child.join(60)
+        if child.is_alive():
+            child.kill()
+    assert failure is None, failure
+
+
+def _campaign(tmp_path: Path, outcome: multiprocessing.Queue[str | None]) -> None:
+    try:
+        _small_campaign(tmp_path)
+    except BaseException:  # noqa: BLE001 - any failure, assertion or not, goes back to the test's process
+        outcome.put(traceback.format_exc())
+    else:
+        outcome.put(None)
+
+
+def _small_campaign(tmp_path: Path) -> None:
     c = Campaign(tmp_path, random.Random(3))
 
     async def scenario() -> None:
