@@ -300,6 +300,9 @@ def fd_caps(config: Config) -> tuple[dict[str, int], dict[str, int]]:
         caps["stations.max_connections"] = config.stations.max_connections
     if config.va.address is not None:
         caps["va.max_connections"] = config.va.limits.max_connections
+    if config.va.ocsp_address is not None:
+        # The line listener has caps of its own, the same values as the VA's.
+        fixed["the OCSP line listener ([va] max_connections)"] = config.va.limits.max_connections
     if config.cmp.address is not None:
         caps["cmp.max_connections"] = config.cmp.limits.max_connections
     if config.scep.address is not None:
@@ -430,8 +433,9 @@ class Daemon:
             with binding("[va] ocsp_listen", self.config.va.ocsp_listen):
                 self.ocsp_line = await self._stack.enter_async_context(
                     OcspListener(
-                        self.va.responder, *self.config.va.ocsp_address, max_connections=limits.max_connections,
-                        idle_s=limits.idle_timeout_s, max_age=self.config.va.settings.http_max_age_s,
+                        self.va.responder, *self.config.va.ocsp_address, limits,
+                        max_age=self.config.va.settings.http_max_age_s, alarms=self.core.alarms,
+                        accept_errors=accept_errors,
                     )
                 )  # fmt: skip
             log.info("OCSP (line listener) on %s/ocsp", self.ocsp_line.url)

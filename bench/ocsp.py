@@ -48,6 +48,7 @@ from cryptography.x509 import ocsp
 
 from appliance import ca as ca_mod
 from appliance.audit.log import AuditLog
+from appliance.connections import HttpLimits
 from appliance.issuance.journal import Journal
 from appliance.issuance.policy import IssueRequest
 from appliance.issuance.service import IssueService
@@ -62,6 +63,11 @@ from hsm.softhsm import create_softhsm_token
 from hsm.token import Token
 
 SHA1 = hashes.SHA1()  # noqa: S303 - CertID hash, as openssl sends it
+
+
+def _limits(clients: int) -> HttpLimits:
+    # Every load client connects from 127.0.0.1: the per-address cap is the whole cap here.
+    return HttpLimits(max_connections=4 * clients, max_connections_per_peer=4 * clients)
 
 
 def request(name_hash: bytes, key_hash: bytes, serial: int, nonce: bool = False) -> bytes:
@@ -142,7 +148,7 @@ def mixed(
     async def run() -> None:
         async with ValidationAuthority(journal, token, audit, settings) as va:
             await va.responder.presign()
-            async with OcspListener(va.responder, "127.0.0.1", 0, max_connections=4 * args.clients) as server:
+            async with OcspListener(va.responder, "127.0.0.1", 0, _limits(args.clients)) as server:
                 for rnd, loaded in enumerate((False, True) * 3):
                     csrs = rounds[rnd]
                     service = IssueService(journal, issuing, key, profiles, batch_max=256)
@@ -285,9 +291,7 @@ def main() -> None:
                 out = [f"  presign {made:6d} answers:  {presign_rate:8.0f} answers/s signed ahead, "
                        f"{args.presign_batch} per HSM call"]  # fmt: skip
                 loop = asyncio.get_running_loop()
-                async with OcspListener(
-                    responder, "127.0.0.1", 0, max_connections=4 * args.clients
-                ) as server:
+                async with OcspListener(responder, "127.0.0.1", 0, _limits(args.clients)) as server:
                     for name, reqs, depth in (
                         ("warm", warm, args.depth),
                         ("warm-1", warm, 1),

@@ -13,9 +13,14 @@ as the aiohttp listener): a request over it is held, or far over it answered try
     POST /ocsp, /ocsp/              RFC 6960 A.1 body, Content-Length only (chunked bodies are refused)
     GET  /ocsp/<base64 request>     RFC 6960 A.1 / RFC 5019, with the caching headers of http.py
 
-Bounds: at most `max_connections` connections (more are closed at once), a request head of at most
-MAX_HEAD_BYTES, a body of at most the responder's max_request_bytes (else malformedRequest and close), at most
-MAX_PIPELINE requests in flight per connection (reading pauses), and a connection idle for `idle_s` is closed.
+Bounds, the [va] limits of the aiohttp listener applied the same way (appliance/connections.py: ConnectionGate
+and Guard): at most `max_connections` connections and `max_connections_per_peer` from one address (at the cap a
+connection that has not sent a whole request yet is displaced, else the newcomer gets a 503 and is closed; the
+at-cap alarm is listener.va-ocsp-line.full); a request's head must arrive within `header_timeout_s` of its first
+byte (and of the connection's opening), its body within `body_timeout_s` of its head, a connection idle for
+`idle_timeout_s` is closed, and so is one whose client has not read its answers for `idle_timeout_s`; a request
+head of at most MAX_HEAD_BYTES, a body of at most the responder's max_request_bytes (else malformedRequest and
+close), at most MAX_PIPELINE requests in flight per connection (reading pauses).
 """
 
 from __future__ import annotations
@@ -29,6 +34,15 @@ from typing import Final
 
 from cryptography.x509 import ocsp
 
+from appliance.alarms import Alarms
+from appliance.connections import (
+    DISPLACE_GRACE_S,
+    FULL_CLEAR_HOLD_S,
+    AcceptErrors,
+    ConnectionGate,
+    Guard,
+    HttpLimits,
+)
 from appliance.va.http import _http_date, decode_get_request
 from appliance.va.ocsp import MALFORMED, TRY_LATER, OcspAnswer, OcspResponder
 
@@ -64,30 +78,36 @@ def _simple(status: bytes) -> bytes:
     return b"HTTP/1.1 %s\r\nContent-Length: 0\r\nConnection: close\r\n\r\n" % status
 
 
+class _LineGuard(Guard):
+    """The gate's Guard, with the request phases driven by _Conn's own parser instead of aiohttp's."""
+
+    def _http_bytes(self) -> None:
+        pass
+
+
 class _Conn(asyncio.Protocol):
-    def __init__(self, server: OcspListener) -> None:
+    def __init__(self, server: OcspListener, guard: Guard) -> None:
         self.server = server
+        self.guard = guard
+        self.limits = server.limits
         self.responder = server.responder
         self.buf = bytearray()
         self.slots: collections.deque[bytes | asyncio.Future[bytes]] = collections.deque()
         self.waiting = 0  # futures among the slots: answers on the full path, not yet sent
         self.transport: asyncio.Transport | None = None
-        self.peer = "unknown"
+        self.peer = guard.peer or "unknown"
         self.closing = False
         self.reading = True
         self.writable = True
-        self.last_seen = time.monotonic()
+        self.phase = (
+            "headers"  # what the guard's deadline waits for: headers, body, idle, send, or "" (serving)
+        )
 
     # -- connection --------------------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Admitted by the gate, which set the first request's header deadline.
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        if len(self.server.conns) >= self.server.max_connections:
-            self.server.refused += 1
-            transport.abort()
-            return
-        peer = transport.get_extra_info("peername")
-        self.peer = str(peer[0]) if peer else "unknown"
         self.server.conns.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -100,24 +120,61 @@ class _Conn(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         # A client that sends but does not read: stop reading its requests, or its answers (ten times the size
-        # of its requests) would pile up in our memory.
+        # of its requests) would pile up in our memory; and if it does not read for the idle time, close.
         self.writable = False
         if self.reading and self.transport is not None:
             self.reading = False
             self.transport.pause_reading()
+        self._phase("send")
 
     def resume_writing(self) -> None:
         self.writable = True
         self._flush()
+        self._settle()
+
+    def _phase(self, phase: str) -> None:
+        """Move the guard's deadline to what the connection waits for now (unchanged if it already waits for
+        that: a head trickled byte by byte keeps the deadline of its first byte)."""
+        if phase == self.phase or self.guard.transport is None:
+            return  # unchanged, or the connection is gone (released: the gate must not list it again)
+        self.phase = phase
+        guard, limits = self.guard, self.limits
+        if phase == "":
+            guard.clear_deadline()
+            self.server.gate.displaceable(guard, False)
+            return
+        seconds = {
+            "headers": limits.header_timeout_s, "body": limits.body_timeout_s, "idle": limits.idle_timeout_s,
+            "send": limits.idle_timeout_s,
+        }[phase]  # fmt: skip
+        guard.set_deadline(seconds, phase)
+        # A connection that has not sent a whole request is not a client yet: displaceable at the cap.
+        self.server.gate.displaceable(guard, phase != "send")
+
+    def _settle(self) -> None:
+        """After reading or sending: the phase the connection is in."""
+        if self.closing or self.transport is None:
+            return
+        if not self.writable:
+            self._phase("send")
+        elif self.buf:
+            if self.phase not in ("headers", "body"):
+                self._phase("headers")
+        elif self.slots:
+            self._phase("")
+        else:
+            self._phase("idle")
 
     # -- requests ----------------------------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
-        self.last_seen = time.monotonic()
+        if self.phase == "idle":
+            self._phase("headers")  # the first bytes of the next request
         self.buf += data
         self._parse()
         self._flush()
+        self._settle()
 
     def _parse(self) -> None:
         while not self.closing:
@@ -156,12 +213,15 @@ class _Conn(asyncio.Protocol):
                     self._finish(_post_response(MALFORMED.der), close=True)
                     return
                 if len(self.buf) < head_end + 4 + length:
-                    return  # the rest of the body is still on its way
+                    self._phase("body")  # the rest of the body is still on its way
+                    return
                 body = bytes(self.buf[head_end + 4 : head_end + 4 + length])
                 del self.buf[: head_end + 4 + length]
+                self._phase("")
                 self._request(body, get=False)
             elif method == b"GET" and target.startswith(b"/ocsp/") and length == 0 and not chunked:
                 del self.buf[: head_end + 4]
+                self._phase("")
                 der = decode_get_request(target[6:].decode("latin-1"), self.responder.max_request_bytes)
                 if der is None:
                     self._queue(_post_response(MALFORMED.der))
@@ -211,6 +271,7 @@ class _Conn(asyncio.Protocol):
             if not future.done():
                 future.cancel()
             self._flush()
+            self._settle()
 
     def _queue(self, slot: bytes | asyncio.Future[bytes]) -> None:
         if isinstance(slot, asyncio.Future):
@@ -255,65 +316,59 @@ class _Conn(asyncio.Protocol):
             self.reading = True
             transport.resume_reading()
 
-    def idle_for(self, now: float) -> float:
-        return 0.0 if self.slots else now - self.last_seen
-
 
 class OcspListener:
-    """`async with OcspListener(responder, host, port):` serves OCSP at http://host:port/ocsp."""
+    """`async with OcspListener(responder, host, port, limits):` serves OCSP at http://host:port/ocsp."""
 
     def __init__(
         self,
         responder: OcspResponder,
         host: str,
         port: int,
+        limits: HttpLimits | None = None,
         *,
-        max_connections: int = 1024,
-        idle_s: float = 30.0,
         max_age: int = 300,
+        alarms: Alarms | None = None,
+        accept_errors: AcceptErrors | None = None,
+        grace_s: float = DISPLACE_GRACE_S,
+        clear_hold_s: float = FULL_CLEAR_HOLD_S,
     ) -> None:
         self.responder = responder
         self.host, self.port = host, port
-        self.max_connections = max_connections
-        self.idle_s = idle_s
+        self.limits = limits or HttpLimits()
         self.max_age = max_age
+        self.gate = ConnectionGate(
+            "va-ocsp-line", self.limits.caps, http=self.limits, alarms=alarms, accept_errors=accept_errors,
+            advice="raise [va] max_connections (or max_connections_per_peer) if these OCSP clients are"
+            " legitimate; otherwise find the peer holding them",
+            grace_s=grace_s, clear_hold_s=clear_hold_s,
+        )  # fmt: skip
         self.conns: set[_Conn] = set()
         self.tasks: set[asyncio.Future[None]] = set()
         self.requests = 0
         self.fast = 0  # answered from their bytes alone (OcspResponder.fast)
-        self.refused = 0  # connections closed at once: max_connections reached
         self._server: asyncio.Server | None = None
-        self._reaper: asyncio.Task[None] | None = None
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
     async def __aenter__(self) -> OcspListener:
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _Conn(self), self.host, self.port, backlog=1024)
-        self.port = int(self._server.sockets[0].getsockname()[1])
-        self._reaper = asyncio.create_task(self._reap(), name="va-ocsp-line-idle")
-        return self
+        def inner(guard: Guard) -> asyncio.BaseProtocol:
+            return _Conn(self, guard)
 
-    async def _reap(self) -> None:
-        while True:
-            await asyncio.sleep(max(0.05, self.idle_s / 4))
-            now = time.monotonic()
-            for conn in [c for c in self.conns if c.idle_for(now) >= self.idle_s]:
-                if conn.transport is not None:
-                    conn.transport.close()
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _LineGuard(self.gate, inner), self.host, self.port,
+                                                backlog=1024)  # fmt: skip
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self._reaper is not None:
-            self._reaper.cancel()
         if self._server is not None:
             self._server.close()
-        for conn in list(self.conns):
-            if conn.transport is not None:
-                conn.transport.abort()
+        self.gate.abort_all()
         for task in list(self.tasks):
             task.cancel()
         if self._server is not None:

@@ -185,8 +185,11 @@ def test_limit_nofile_covers_what_the_daemon_needs() -> None:
         # first boot also sets group = "birthline-console", a group of the image only: no effect on the caps.
         "control": {"socket": "/run/birthline/control.sock"},
     }
-    for data in (firstboot, {**firstboot, "metrics": {"listen": "127.0.0.1:9100"}}):
+    line = {**firstboot, "va": {"listen": "0.0.0.0:7451", "ocsp_listen": "0.0.0.0:7452"}}
+    for data in (firstboot, {**firstboot, "metrics": {"listen": "127.0.0.1:9100"}}, line):
         caps, fixed = fd_caps(parse_config(data, base_dir=TOP))
+        # The OCSP line listener has caps of its own (the [va] values): counted once more when it is on.
+        assert any("OCSP line listener" in name for name in fixed) == (data is line)
         assert "stations.max_connections" in caps and "va.max_connections" in caps
         needed = fd_needed(caps, fixed=fixed)
         assert needed <= limit, f"LimitNOFILE={limit} but the daemon needs {needed} ({caps}, {fixed})"
