@@ -45,7 +45,7 @@ from appliance.audit.log import ensure_audit_key
 from appliance.config import Config, load_config
 from appliance.production.policy import WorkOrderPolicy
 from appliance.runtime import open_core
-from appliance.va.ocsp import lookup_status
+from appliance.va.status import lookup_status
 from bench.stations import _config, _free_port, _setup, _wait_listening
 from stations.simulator import make_devices
 

@@ -28,9 +28,9 @@ from appliance.config import Config, load_config
 from appliance.daemon_lock import daemon_job
 from appliance.runtime import open_core, read_journal
 from appliance.va.crl import DEFAULT_CRL_VALIDITY_S, CrlInfo, generate_crl, load_crl
-from appliance.va.ocsp import lookup_status
 from appliance.va.revocation import Reason, RevocationError, list_revocations, normalise_serial, revoke
 from appliance.va.service import VaSettings
+from appliance.va.status import lookup_status
 
 WithConfig = Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
 

@@ -1,7 +1,7 @@
 """Revocation and validation: the revocation store, CRLs and the OCSP responder (docs/revocation.md)."""
 
 from appliance.va.crl import CrlInfo, CrlPublisher, generate_crl, issuing_cas, load_crl
-from appliance.va.ocsp import OcspAnswer, OcspResponder, OcspSigner, ensure_signer, lookup_status
+from appliance.va.ocsp import OcspAnswer, OcspResponder
 from appliance.va.revocation import (
     Reason,
     Revocation,
@@ -14,6 +14,8 @@ from appliance.va.revocation import (
     revoke_in_transaction,
 )
 from appliance.va.service import ValidationAuthority, VaSettings
+from appliance.va.signer import OcspSigner, ensure_signer
+from appliance.va.status import lookup_status
 
 __all__ = [
     "CrlInfo",

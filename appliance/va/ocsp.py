@@ -43,27 +43,27 @@ import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
+from cryptography.x509.oid import ObjectIdentifier
 
 from appliance import der
 from appliance.alarms import Alarms, LogOnce
-from appliance.ca import CaRecord, load_ca
-from appliance.ca.hierarchy import SIGNING_ONLY
+from appliance.ca import CaRecord
 from appliance.errors import BirthlineError
 from appliance.issuance.journal import Journal
 from appliance.issuance.policy import AuditSink
 from appliance.lifecycle import PollingTask
-from appliance.profiles import new_serial_number
 from appliance.va.crl import issuing_cas
 from appliance.va.ocsp_request import Refusal, parse_request
 from appliance.va.presign import ResponseMaker, Unsigned, plain_request
 from appliance.va.ratelimit import ClientLimiter, Rate
-from appliance.va.revocation import Reason, iso
+from appliance.va.revocation import Reason
+from appliance.va.signer import OcspSigner, ensure_signer
+from appliance.va.status import CertStatus, NeverIssued, live_statuses, lookup_status
 from hsm.algorithms import default_hash
 from hsm.errors import HsmBusyError, HsmError
 from hsm.token import Token
@@ -82,8 +82,6 @@ _CERTID_HASHES: tuple[hashes.HashAlgorithm, ...] = (
     hashes.SHA384(),
     hashes.SHA512(),
 )
-
-NeverIssued = Literal["unknown", "revoked"]
 
 
 # -- answers -------------------------------------------------------------------------------------------------------
@@ -114,186 +112,6 @@ INTERNAL_ERROR = _unsuccessful(ocsp.OCSPResponseStatus.INTERNAL_ERROR)
 TRY_LATER = _unsuccessful(ocsp.OCSPResponseStatus.TRY_LATER)
 UNAUTHORIZED = _unsuccessful(ocsp.OCSPResponseStatus.UNAUTHORIZED)
 _REFUSALS = {a.status: a for a in (MALFORMED, UNAUTHORIZED)}
-
-
-# -- delegated signers -------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class OcspSigner:
-    ca: str
-    key_label: str
-    cert_der: bytes
-    not_before: float
-    not_after: float
-
-    @functools.cached_property
-    def cert(self) -> x509.Certificate:
-        return x509.load_der_x509_certificate(self.cert_der)
-
-    @property
-    def cert_serial(self) -> str:
-        return format(self.cert.serial_number, "x")
-
-
-_SIGNER_COLS = "ca, key_label, cert_der, not_before, not_after"
-
-
-def current_signer(journal: Journal, ca: str) -> OcspSigner | None:
-    row = journal.call(
-        lambda: journal.conn.execute(
-            f"SELECT {_SIGNER_COLS} FROM ocsp_signer WHERE ca=? ORDER BY not_after DESC LIMIT 1", (ca,)
-        ).fetchone()
-    )
-    if row is None:
-        return None
-    return OcspSigner(str(row[0]), str(row[1]), bytes(row[2]), float(row[3]), float(row[4]))
-
-
-def _ski(cert: x509.Certificate) -> x509.SubjectKeyIdentifier:
-    try:
-        return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    except x509.ExtensionNotFound:
-        return x509.SubjectKeyIdentifier.from_public_key(cert.public_key())
-
-
-def _signer_subject(ca_cert: x509.Certificate) -> x509.Name:
-    cns = ca_cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    base = str(cns[0].value) if cns else "Birthline CA"
-    keep = [a for a in ca_cert.subject if a.oid != NameOID.COMMON_NAME]
-    return x509.Name([*keep, x509.NameAttribute(NameOID.COMMON_NAME, (base + " OCSP Responder")[:64])])
-
-
-def issue_signer(
-    journal: Journal,
-    token: Token,
-    audit: AuditSink,
-    ca_name: str,
-    *,
-    validity_days: int = 30,
-    actor: str = "appliance",
-    clock: Callable[[], float] = time.time,
-) -> OcspSigner:
-    """Generate a new responder key in the token and have the CA certify it for OCSP signing only."""
-    ca = load_ca(journal, ca_name)
-    ca_cert = ca.certificate
-    serial = new_serial_number()
-    label = f"ocsp:{ca_name}:{serial:x}"[:120]
-    key = token.generate_key(label, ca.key_algorithm)
-    now = int(clock())
-    not_before, not_after = now - 300, now + validity_days * 86400
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_signer_subject(ca_cert))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(serial)
-        .not_valid_before(dt.datetime.fromtimestamp(not_before, dt.UTC))
-        .not_valid_after(dt.datetime.fromtimestamp(not_after, dt.UTC))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            SIGNING_ONLY,
-            critical=True,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.OCSP_SIGNING]), critical=False)
-        .add_extension(x509.OCSPNoCheck(), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(_ski(ca_cert)), critical=False
-        )
-        .sign(token.get_key(ca.key_label), default_hash(ca.key_algorithm))
-    )
-    cert_der = cert.public_bytes(serialization.Encoding.DER)
-    signer = OcspSigner(ca_name, label, cert_der, float(not_before), float(not_after))
-
-    def store(conn: sqlite3.Connection) -> None:
-        conn.execute(
-            "INSERT INTO ocsp_signer (cert_serial, ca, key_label, cert_der, not_before, not_after, created_at)"
-            " VALUES (?,?,?,?,?,?,?)",
-            (format(serial, "x"), ca_name, label, cert_der, signer.not_before, signer.not_after, clock()),
-        )
-        audit.append(conn, actor, "ocsp.signer-issued", {
-            "ca": ca_name, "cert_serial": format(serial, "x"), "key_label": label,
-            "not_after": iso(signer.not_after),
-        })  # fmt: skip
-
-    journal.call(journal.transaction, store, f"storing the OCSP signer of {ca_name}")
-    return signer
-
-
-def ensure_signer(
-    journal: Journal,
-    token: Token,
-    audit: AuditSink,
-    ca_name: str,
-    *,
-    validity_days: int = 30,
-    renew_before_days: int = 10,
-    actor: str = "appliance",
-    clock: Callable[[], float] = time.time,
-) -> OcspSigner:
-    """The CA's current signer, issuing a new one when there is none or it expires within renew_before_days."""
-    found = current_signer(journal, ca_name)
-    if (
-        found is not None
-        and found.not_after - clock() > renew_before_days * 86400
-        and token.has_key(found.key_label)
-    ):
-        return found
-    return issue_signer(journal, token, audit, ca_name, validity_days=validity_days, actor=actor, clock=clock)
-
-
-# -- status ----------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class CertStatus:
-    kind: Literal["good", "revoked", "unknown"]
-    why: str  # issued, revoked, burned, in-flight, never-issued, ocsp-signer
-    revoked_at: float | None = None
-    reason: Reason | None = None
-    non_issued: bool = False  # the RFC 6960 2.2 form: certificateHold, 1970-01-01, extended-revoke extension
-    cacheable: bool = True
-
-
-def _row_status(state: str, reason: Any, revoked_at: Any) -> CertStatus:
-    if reason is not None:
-        return CertStatus("revoked", "revoked", float(revoked_at or 0.0), Reason(reason))
-    if state in ("issued", "confirmed"):
-        return CertStatus("good", "issued")
-    if state == "intent":
-        return CertStatus("unknown", "in-flight", cacheable=False)
-    if state == "burned":
-        return CertStatus("revoked", "burned", non_issued=True)
-    # reworked / scrapped rows are revoked by the journal's triggers; never answer good for them.
-    return CertStatus("revoked", str(state), 0.0, Reason.UNSPECIFIED)
-
-
-def live_statuses(conn: sqlite3.Connection, ca: str, limit: int) -> list[tuple[int, CertStatus]]:
-    """The `limit` newest issued or confirmed certificates of `ca` with what the responder answers for them
-    (good, or revoked with its time and reason): the ones worth answering ahead of time."""
-    rows = conn.execute(
-        "SELECT i.cert_serial, i.state, r.reason, r.revoked_at FROM issuance i"
-        " LEFT JOIN revocation r ON r.cert_serial = i.cert_serial"
-        " WHERE i.ca=? AND i.state IN ('issued', 'confirmed') ORDER BY i.id DESC LIMIT ?",
-        (ca, limit),
-    ).fetchall()
-    return [(int(serial, 16), _row_status(state, reason, at)) for serial, state, reason, at in rows]
-
-
-def lookup_status(
-    conn: sqlite3.Connection, ca: str, serial: int, never_issued: NeverIssued = "unknown"
-) -> CertStatus:
-    """What the responder answers for `serial` under issuing CA `ca` (run on the journal thread)."""
-    hex_serial = format(serial, "x")
-    row = conn.execute(
-        "SELECT i.state, i.ca, r.reason, r.revoked_at FROM issuance i"
-        " LEFT JOIN revocation r ON r.cert_serial = i.cert_serial WHERE i.cert_serial=?",
-        (hex_serial,),
-    ).fetchone()
-    if row is not None and row[1] == ca:
-        return _row_status(row[0], row[2], row[3])
-    if conn.execute("SELECT 1 FROM ocsp_signer WHERE ca=? AND cert_serial=?", (ca, hex_serial)).fetchone():
-        return CertStatus("good", "ocsp-signer")
-    if never_issued == "revoked":
-        return CertStatus("revoked", "never-issued", non_issued=True)
-    return CertStatus("unknown", "never-issued")
 
 
 # -- the responder -----------------------------------------------------------------------------------------------------

@@ -17,12 +17,8 @@ from appliance.alarms import Alarms
 from appliance.issuance.journal import Journal
 from appliance.issuance.policy import AuditSink
 from appliance.va.crl import DEFAULT_CRL_VALIDITY_S, CrlPublisher
-from appliance.va.ocsp import (
-    DEFAULT_MAX_REQUEST_BYTES,
-    DEFAULT_RESPONSE_VALIDITY_S,
-    NeverIssued,
-    OcspResponder,
-)
+from appliance.va.ocsp import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_RESPONSE_VALIDITY_S, OcspResponder
+from appliance.va.status import NeverIssued
 from hsm.token import Token
 
 
