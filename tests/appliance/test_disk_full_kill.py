@@ -38,25 +38,12 @@ from stations.client import StationClient, client_ssl_context, generate_device_k
 from stations.codes import Code
 from stations.errors import GaveUp
 from tests.appliance.conftest import put_on_line
+from tests.daemon_config import lan_daemon_config
 from tests.ports import free_ports
 from tests.real_faults import fill, small_tmpfs
 
 pytestmark = pytest.mark.slow
 
-CONFIG = """\
-[appliance]
-state_dir = "{state}"
-[hsm]
-module = "{module}"
-token_label = "{label}"
-pin_file = "{pin}"
-softhsm_conf = "{conf}"
-[stations]
-lan_listen = "127.0.0.1:{port}"
-tls_dir = "{state}/tls"
-[va]
-listen = "127.0.0.1:0"
-"""
 ALARM = "ALARM issuance.journal-unavailable"
 
 
@@ -99,10 +86,7 @@ def test_disk_full_then_sigkill_loses_nothing_and_resumes(
         shutil.copy(production_journal_template, state / "journal.sqlite")
         port = free_ports(1)
         config = tmp_path / "birthline.toml"
-        config.write_text(
-            CONFIG.format(state=state, module=softhsm_token.module, label=softhsm_token.label,
-                          pin=softhsm_token.pin_file, conf=softhsm_token.conf_path, port=port)
-        )  # fmt: skip
+        config.write_text(lan_daemon_config(state, softhsm_token, port))
         with Journal(state / "journal.sqlite") as journal:
             audit = AuditLog(journal)
             creds = reg.add_station(journal, hsm_token, "df", "lan", audit=audit, actor="alice")

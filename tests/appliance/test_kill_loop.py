@@ -15,7 +15,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -37,31 +36,13 @@ from hsm.token import Token
 from stations.client import StationClient, client_ssl_context, generate_device_key, make_csr, read_station_key
 from stations.errors import StationError
 from tests.appliance.conftest import put_on_line
+from tests.daemon_config import lan_daemon_config
+from tests.ports import free_ports
 
 pytestmark = pytest.mark.slow
 
-CONFIG = """\
-[appliance]
-state_dir = "{state}"
-[hsm]
-module = "{module}"
-token_label = "{label}"
-pin_file = "{pin}"
-softhsm_conf = "{conf}"
-[stations]
-lan_listen = "127.0.0.1:{port}"
-tls_dir = "{state}/tls"
-[va]
-listen = "127.0.0.1:0"
-"""
 STATIONS = 3
 DEVICES = 240  # KL-0000.. : the test's own work order, 300 units
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _start(config: Path) -> subprocess.Popen[bytes]:
@@ -91,12 +72,9 @@ def test_random_sigkill_loop_keeps_every_promise(
     state = tmp_path / "state"
     state.mkdir(mode=0o700)  # the appliance refuses a state directory others can reach
     shutil.copy(production_journal_template, state / "journal.sqlite")
-    port = _free_port()
+    port = free_ports(1)
     config = tmp_path / "birthline.toml"
-    config.write_text(
-        CONFIG.format(state=state, module=softhsm_token.module, label=softhsm_token.label,
-                      pin=softhsm_token.pin_file, conf=softhsm_token.conf_path, port=port)
-    )  # fmt: skip
+    config.write_text(lan_daemon_config(state, softhsm_token, port))
     with Journal(state / "journal.sqlite") as journal:
         audit = AuditLog(journal)
         for i in range(STATIONS):
@@ -217,12 +195,9 @@ def test_prepare_workers_do_not_outlive_a_killed_daemon(
     state = tmp_path / "state"
     state.mkdir(mode=0o700)  # the appliance refuses a state directory others can reach
     shutil.copy(production_journal_template, state / "journal.sqlite")
-    port = _free_port()
+    port = free_ports(1)
     config = tmp_path / "birthline.toml"
-    config.write_text(
-        CONFIG.format(state=state, module=softhsm_token.module, label=softhsm_token.label,
-                      pin=softhsm_token.pin_file, conf=softhsm_token.conf_path, port=port)
-    )  # fmt: skip
+    config.write_text(lan_daemon_config(state, softhsm_token, port))
     proc = _start(config)
     try:
         asyncio.run(_listening(port, proc))

@@ -29,6 +29,8 @@ from hsm.softhsm import SoftHsmToken
 from hsm.token import Token
 from stations.client import StationClient, client_ssl_context, generate_device_key, make_csr, read_station_key
 from tests.appliance.conftest import put_on_line
+from tests.daemon_config import daemon_config
+from tests.ports import free_ports
 
 pytestmark = pytest.mark.slow
 
@@ -37,26 +39,13 @@ SOURCES = 8
 RSS_MARGIN_MIB = 20
 GUARD_S = 90.0
 
-CONFIG = """\
-[appliance]
-state_dir = "{state}"
-[hsm]
-module = "{module}"
-token_label = "{label}"
-pin_file = "{pin}"
-softhsm_conf = "{conf}"
+SECTIONS = """\
 [stations]
 lan_listen = "127.0.0.1:{lan}"
 tls_dir = "{state}/tls"
 [va]
 listen = "127.0.0.1:{va}"
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _rss_mib(pid: int) -> float:
@@ -120,12 +109,9 @@ def test_flood_of_2000_connections_is_bounded_and_the_daemon_keeps_serving(
     state = tmp_path / "state"
     state.mkdir(mode=0o700)  # the appliance refuses a state directory others can reach
     shutil.copy(production_journal_template, state / "journal.sqlite")
-    lan, va = _free_port(), _free_port()
+    lan, va = free_ports(1), free_ports(1)
     config = tmp_path / "birthline.toml"
-    config.write_text(
-        CONFIG.format(state=state, module=softhsm_token.module, label=softhsm_token.label,
-                      pin=softhsm_token.pin_file, conf=softhsm_token.conf_path, lan=lan, va=va)
-    )  # fmt: skip
+    config.write_text(daemon_config(state, softhsm_token, SECTIONS.format(state=state, lan=lan, va=va)))
     with Journal(state / "journal.sqlite") as journal:
         creds = reg.add_station(journal, hsm_token, "flood-st", "lan", audit=AuditLog(journal), actor="alice")
         put_on_line(journal, "flood-st")

@@ -44,6 +44,8 @@ from stations.client import StationClient, client_ssl_context, generate_device_k
 from stations.transports.base import ChannelClosed, FrameChannel
 from stations.transports.stream import StreamChannel
 from tests.appliance.conftest import put_on_line
+from tests.daemon_config import daemon_config
+from tests.ports import free_ports
 
 pytestmark = pytest.mark.slow
 
@@ -51,14 +53,7 @@ GUARD_S = 90.0  # a hang guard only
 RSS_PEAK_MIB = 64
 RSS_AFTER_MIB = 16
 
-CONFIG = """\
-[appliance]
-state_dir = "{state}"
-[hsm]
-module = "{module}"
-token_label = "{label}"
-pin_file = "{pin}"
-softhsm_conf = "{conf}"
+SECTIONS = """\
 [stations]
 lan_listen = "127.0.0.1:{lan}"
 tls_dir = "{state}/tls"
@@ -72,12 +67,6 @@ secret_file = "{secret}"
 [metrics]
 listen = "127.0.0.1:{metrics}"
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _rss_mib(pid: int) -> float:
@@ -191,12 +180,11 @@ def appliance(
     fd = os.open(secret, os.O_WRONLY | os.O_CREAT, 0o600)
     os.write(fd, secrets.token_hex(16).encode())
     os.close(fd)
-    ports = {name: _free_port() for name in ("lan", "va", "cmp", "metrics")}
+    ports = {name: free_ports(1) for name in ("lan", "va", "cmp", "metrics")}
     config = tmp_path / "birthline.toml"
     config.write_text(
-        CONFIG.format(state=state, module=softhsm_token.module, label=softhsm_token.label,
-                      pin=softhsm_token.pin_file, conf=softhsm_token.conf_path, secret=secret, **ports)
-    )  # fmt: skip
+        daemon_config(state, softhsm_token, SECTIONS.format(state=state, secret=secret, **ports))
+    )
     with Journal(state / "journal.sqlite") as journal:
         creds = reg.add_station(journal, hsm_token, "flood-st", "lan", audit=AuditLog(journal), actor="alice")
         put_on_line(journal, "flood-st")

@@ -15,24 +15,11 @@ from pathlib import Path
 import pytest
 
 from hsm.softhsm import SoftHsmToken
+from tests.daemon_config import lan_daemon_config
 from tests.ports import free_ports
 
 pytestmark = pytest.mark.slow
 
-CONFIG = """\
-[appliance]
-state_dir = "{state}"
-[hsm]
-module = "{module}"
-token_label = "{label}"
-pin_file = "{pin}"
-softhsm_conf = "{conf}"
-[stations]
-lan_listen = "127.0.0.1:{port}"
-tls_dir = "{state}/tls"
-[va]
-listen = "127.0.0.1:0"
-"""
 STARTS = 6
 
 
@@ -74,10 +61,7 @@ def test_a_restart_loop_with_a_wrong_pin_presents_it_once(
     pin.chmod(0o600)
     port = free_ports(1)
     config = tmp_path / "birthline.toml"
-    config.write_text(
-        CONFIG.format(state=state, module=softhsm_token.module, label=softhsm_token.label, pin=pin,
-                      conf=softhsm_token.conf_path, port=port)
-    )  # fmt: skip
+    config.write_text(lan_daemon_config(state, softhsm_token, port, pin=pin))
     count = tmp_path / "logins"
     record = state / "hsm-pin-refused"
     for start in range(STARTS):

@@ -38,17 +38,12 @@ from hsm.softhsm import SoftHsmToken
 from hsm.token import Token
 from tests.conformance import station as st
 from tests.conformance.conftest import ADMIN, ISSUING, LINE, MANAGEMENT
+from tests.daemon_config import daemon_config
+from tests.ports import free_ports
 
 pytestmark = pytest.mark.slow
 
-CONFIG = """\
-[appliance]
-state_dir = "{state}"
-[hsm]
-module = "{module}"
-token_label = "{label}"
-pin_file = "{pin}"
-softhsm_conf = "{conf}"
+SECTIONS = """\
 [issuance]
 issuing_ca = "{issuing}"
 prepare_workers = {workers}
@@ -73,12 +68,6 @@ class Appliance:
     log: Path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def _running(
     tmp: Path,
@@ -93,7 +82,7 @@ def _running(
     state, bundles = tmp / "state", tmp / "bundles"
     state.mkdir(mode=0o700)  # the appliance refuses a state directory others can reach
     shutil.copy(template, state / "journal.sqlite")
-    port = _free_port()
+    port = free_ports(1)
     appliance_port, fixture_port = str(tmp / "tty-appliance"), str(tmp / "tty-fixture")
     with Journal(state / "journal.sqlite") as journal:
         audit = AuditLog(journal)
@@ -112,10 +101,8 @@ def _running(
         store.add_work_order(journal, audit, ADMIN, spec, activate=True)
     config = tmp / "birthline.toml"
     config.write_text(
-        CONFIG.format(state=state, module=softhsm.module, label=softhsm.label, pin=softhsm.pin_file,
-                      conf=softhsm.conf_path, port=port, handshake=handshake, idle=idle, workers=workers,
-                      issuing=ISSUING, management=MANAGEMENT)
-    )  # fmt: skip
+        daemon_config(state, softhsm, SECTIONS.format(state=state, port=port, handshake=handshake, idle=idle, workers=workers,
+                      issuing=ISSUING, management=MANAGEMENT)))  # fmt: skip
     socat = subprocess.Popen(
         ["socat", f"pty,raw,echo=0,link={appliance_port}", f"pty,raw,echo=0,link={fixture_port}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -24,18 +24,9 @@ from appliance.production import reconcile, users
 from appliance.production.users import Role
 from hsm.softhsm import SoftHsmToken
 from tests.appliance.conftest import PRODUCTION_PASSWORD, TEST_COST, make_csr
+from tests.daemon_config import daemon_config
 
 OPERATOR_PASSWORD = "operator password 1"
-
-CONFIG = """\
-[appliance]
-state_dir = "{state}"
-[hsm]
-module = "{module}"
-token_label = "{label}"
-pin_file = "{pin}"
-softhsm_conf = "{conf}"
-"""
 
 
 @pytest.fixture
@@ -49,15 +40,7 @@ def config(tmp_path: Path, production_journal_template: Path, softhsm_token: Sof
         admin = users.login(journal, audit, "alice", PRODUCTION_PASSWORD, cost=TEST_COST)
         users.add_user(journal, audit, admin, "olga", Role.OPERATOR, OPERATOR_PASSWORD, cost=TEST_COST)
     cfg = tmp_path / "birthline.toml"
-    cfg.write_text(
-        CONFIG.format(
-            state=state,
-            module=softhsm_token.module,
-            label=softhsm_token.label,
-            pin=softhsm_token.pin_file,
-            conf=softhsm_token.conf_path,
-        )
-    )
+    cfg.write_text(daemon_config(state, softhsm_token))
     return cfg
 
 
