@@ -56,6 +56,7 @@ from hsm.token import Token
 from stations.client import StationClient, client_ssl_context, generate_device_key, make_csr, read_station_key
 from tests.appliance.cmp.upstream_support import birthline, child_env, write_config
 from tests.appliance.conftest import put_on_line
+from tests.http_flood import Conn, flood
 
 pytestmark = [pytest.mark.slow]  # a subprocess daemon
 
@@ -93,41 +94,9 @@ def _p10cr(serial: str, protection: MacProtector | RandomMac) -> bytes:
     return build_message(header, BodyType.P10CR, P10crBody(csr), protection=protection).der  # type: ignore[arg-type]
 
 
-class Conn:
-    """One keep-alive HTTP/1.1 connection from a chosen local address (reopened when the server closes it)."""
-
-    def __init__(self, port: int, src: str) -> None:
-        self.port, self.src = port, src
-        self.rw: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
-
-    async def post(self, body: bytes) -> tuple[int, dict[str, str], bytes]:
-        if self.rw is None:
-            self.rw = await asyncio.open_connection("127.0.0.1", self.port, local_addr=(self.src, 0))
-        r, w = self.rw
-        w.write(f"POST /.well-known/cmp/p/line1 HTTP/1.1\r\nHost: x\r\nContent-Type: application/pkixcmp\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n".encode() + body)  # fmt: skip
-        await w.drain()
-        line = await r.readline()
-        if not line:
-            raise ConnectionResetError("closed by the server")
-        headers: dict[str, str] = {}
-        while (h := await r.readline()) not in (b"\r\n", b""):
-            k, _, v = h.decode().partition(":")
-            headers[k.strip().lower()] = v.strip()
-        data = await r.readexactly(int(headers.get("content-length", "0")))
-        if headers.get("connection", "").lower() == "close":
-            w.close()
-            self.rw = None
-        return int(line.split()[1]), headers, data
-
-    def close(self) -> None:
-        if self.rw is not None:
-            self.rw[1].close()
-
-
 async def _good(port: int, serial: str) -> bool:
     """A client with the label's secret (openssl cmp's 500 iterations) asks for one certificate."""
-    conn = Conn(port, "127.0.0.1")
+    conn = Conn(port, "127.0.0.1", "/.well-known/cmp/p/line1", "application/pkixcmp")
     try:
         status, _, data = await conn.post(_p10cr(serial, MacProtector(SECRET, b"line1", iterations=500)))
     finally:
@@ -139,29 +108,9 @@ async def _good(port: int, serial: str) -> bool:
 async def _flood(
     port: int, sources: list[str], per_source: int, bodies: list[bytes]
 ) -> tuple[Counter[str], float]:
-    """Send as fast as answered for FLOOD_S; counts by HTTP status ("503 without Retry-After" if one lacks it)."""
-    counts: Counter[str] = Counter()
-    stop = time.monotonic() + FLOOD_S
-
-    async def one(src: str, i: int) -> None:
-        conn = Conn(port, src)
-        try:
-            while time.monotonic() < stop:
-                try:
-                    status, headers, _ = await conn.post(bodies[i % len(bodies)])
-                except (OSError, asyncio.IncompleteReadError):
-                    counts["connection error"] += 1
-                    conn.rw = None
-                    continue
-                counts[
-                    str(status) if status != 503 or "retry-after" in headers else "503 without Retry-After"
-                ] += 1
-        finally:
-            conn.close()
-
-    t0 = time.monotonic()
-    await asyncio.gather(*(one(src, i) for src in sources for i in range(per_source)))
-    return counts, time.monotonic() - t0
+    return await flood(
+        port, "/.well-known/cmp/p/line1", "application/pkixcmp", sources, per_source, bodies, FLOOD_S
+    )
 
 
 @dataclasses.dataclass

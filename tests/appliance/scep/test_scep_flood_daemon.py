@@ -42,6 +42,7 @@ from appliance.scep.oids import MessageType, PkiStatus
 from hsm.softhsm import SoftHsmToken
 from tests.appliance.cmp.upstream_support import birthline, child_env, write_config
 from tests.appliance.scep.support import SUPERVISOR
+from tests.http_flood import Conn, flood
 
 pytestmark = [pytest.mark.slow]  # a subprocess daemon
 
@@ -81,64 +82,10 @@ def _pkcs_req(ra: x509.Certificate, serial: str, challenge: str) -> Pkcs:
     return Pkcs(key, signer, tid, nonce, body)
 
 
-class Conn:
-    """One keep-alive HTTP/1.1 connection from a chosen local address (reopened when the server closes it)."""
-
-    def __init__(self, port: int, src: str) -> None:
-        self.port, self.src = port, src
-        self.rw: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
-
-    async def post(self, body: bytes) -> tuple[int, dict[str, str], bytes]:
-        if self.rw is None:
-            self.rw = await asyncio.open_connection("127.0.0.1", self.port, local_addr=(self.src, 0))
-        r, w = self.rw
-        w.write(f"POST {PATH} HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-pki-message\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n".encode() + body)  # fmt: skip
-        await w.drain()
-        line = await r.readline()
-        if not line:
-            raise ConnectionResetError("closed by the server")
-        headers: dict[str, str] = {}
-        while (h := await r.readline()) not in (b"\r\n", b""):
-            k, _, v = h.decode().partition(":")
-            headers[k.strip().lower()] = v.strip()
-        data = await r.readexactly(int(headers.get("content-length", "0")))
-        if headers.get("connection", "").lower() == "close":
-            w.close()
-            self.rw = None
-        return int(line.split()[1]), headers, data
-
-    def close(self) -> None:
-        if self.rw is not None:
-            self.rw[1].close()
-
-
 async def _flood(
     port: int, sources: list[str], per_source: int, bodies: list[bytes]
 ) -> tuple[Counter[str], float]:
-    """Send as fast as answered for FLOOD_S; counts by HTTP status ("503 without Retry-After" if one lacks it)."""
-    counts: Counter[str] = Counter()
-    stop = time.monotonic() + FLOOD_S
-
-    async def one(src: str, i: int) -> None:
-        conn = Conn(port, src)
-        try:
-            while time.monotonic() < stop:
-                try:
-                    status, headers, _ = await conn.post(bodies[i % len(bodies)])
-                except (OSError, asyncio.IncompleteReadError):
-                    counts["connection error"] += 1
-                    conn.rw = None
-                    continue
-                counts[
-                    str(status) if status != 503 or "retry-after" in headers else "503 without Retry-After"
-                ] += 1
-        finally:
-            conn.close()
-
-    t0 = time.monotonic()
-    await asyncio.gather(*(one(src, i) for src in sources for i in range(per_source)))
-    return counts, time.monotonic() - t0
+    return await flood(port, PATH, "application/x-pki-message", sources, per_source, bodies, FLOOD_S)
 
 
 @dataclasses.dataclass
@@ -153,7 +100,7 @@ class Running:
 async def _enrols(run: Running, n: int) -> bool:
     """A client with the n-th valid challenge asks for its certificate (from 127.0.0.1, as it likes)."""
     req = _pkcs_req(run.ra, f"SN-G{n:04d}", run.challenges[n])
-    conn = Conn(run.port, "127.0.0.1")
+    conn = Conn(run.port, "127.0.0.1", PATH, "application/x-pki-message")
     try:
         for _ in range(30):  # a 503 (busy) is retried, as a SCEP client does after Retry-After
             status, headers, data = await conn.post(req.body)
