@@ -71,10 +71,16 @@ from appliance import ca as ca_mod
 from appliance import stations_registry as registry
 from appliance.audit.log import AUDIT_KEY_LABEL, AuditLog, ensure_audit_key
 from appliance.audit.verify import verify as audit_verify
+from appliance.cmp.labels import read_secret_file
 from appliance.cmp.ra import RA_KEY_LABEL, ensure_ra
 from appliance.crashpoints import CRASH_ENV, POINTS
 from appliance.issuance.journal import Journal
+from appliance.production import store
+from appliance.production.model import WorkOrderSpec
 from appliance.production.reconcile import check_quota
+from appliance.production.users import Role, User
+from appliance.profiles import builtin_profiles
+from bench import chaos_cmp
 from bench.issue import floor
 from bench.upstream_peer import PATTERN, device_serial
 from hsm.softhsm import create_softhsm_token
@@ -88,6 +94,12 @@ LAN_STATIONS = ("lan-0", "lan-1")
 SERIAL_STATION = "ser-0"
 CMP_STATION = "cmp-st"
 CMP_LABEL = "chaos"
+# RA mode: product widget-ra (issuance mode upstream) on line L2; the upstream CA issues its devices' certificates.
+RA_STATION = "lan-ra"  # a LAN station on L2: told PENDING until the forwarder has the upstream's certificate
+CMP_RA_STATION = "cmp-ra-st"
+CMP_RA_LABEL = "chaos-ra"  # the project's own CMP client's RA label (ir, "waiting", pollReq until the ip)
+OWN_CMP = "cmp-own"  # the project's own CMP client (bench/chaos_cmp.py), on both labels
+RA_STATES = ("issued", "confirmed")  # ra_request states with the upstream's certificate
 LIVE = ("issued", "confirmed", "reworked", "scrapped")
 SPKI = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
 START_TIMEOUT_S = 120.0
@@ -114,6 +126,10 @@ listen = "127.0.0.1:{cmp}"
 station = "{cmp_station}"
 secret_file = "{secret}"
 kid = "{cmp_label}"
+[cmp.labels.{cmp_ra_label}]
+station = "{cmp_ra_station}"
+secret_file = "{secret}"
+kid = "{cmp_ra_label}"
 [upstream]
 url = "{upstream_url}"
 mode = "batched"
@@ -124,6 +140,8 @@ backoff_base_s = 0.2
 backoff_cap_s = 2.0
 request_timeout_s = 20.0
 server_cert = "{upstream_cert}"
+ca_certs = "{upstream_root}"
+pending_retry_s = 0.2
 [control]
 enabled = false
 """
@@ -156,6 +174,22 @@ class Tally:
         print(f"VIOLATION: {what}", flush=True)
 
 
+def ra_floor(journal: Journal, audit: AuditLog) -> None:
+    """The RA-mode product beside bench.issue.floor's local one: widget-ra (issuance mode upstream) on line L2
+    with the LAN station RA_STATION and the CMP label's station, its own work order for the same serial pattern."""
+    admin = User("bench-admin", Role.ADMINISTRATOR)  # made by floor()
+    store.add_product(journal, audit, admin, "widget-ra", tenant="bench", profile=builtin_profiles()["idevid"],
+                      ca="issuing", issuance_mode="upstream")  # fmt: skip
+    store.add_line(journal, audit, admin, "L2")
+    journal.call(journal.transaction, lambda conn: conn.execute(
+        "INSERT OR IGNORE INTO stations (name, kind, key, created_at) VALUES (?, 'lan', ?, ?)",
+        (CMP_RA_STATION, os.urandom(32), time.time())), "chaos station")  # fmt: skip
+    for name in (RA_STATION, CMP_RA_STATION):
+        store.assign_station(journal, audit, admin, name, "L2")
+    spec = WorkOrderSpec("WO-RA", "widget-ra", 1_000_000, ("L2",), pattern=PATTERN)
+    store.add_work_order(journal, audit, admin, spec, activate=True)
+
+
 def _ro(path: Path) -> sqlite3.Connection:
     return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
 
@@ -181,6 +215,9 @@ class Campaign:
         self.stopping = False  # the clients' loops end (a cancellation alone can be lost in wait_for, 3.11)
         self.phase = ""  # where the current round is (reported when a round is stuck)
         self.last_cmp_failure = ""
+        self.last_ra: Counter[str] = Counter()
+        self.ra_devices: set[str] = set()  # device serials of the RA-mode product (the upstream CA issues)
+        self.interrupted: set[str] = set()  # the own CMP client's devices whose ir a kill cut: asked again
 
     # -- setup --------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -202,6 +239,9 @@ class Campaign:
                                          port=str(self.root / "pty" / "appliance"))  # fmt: skip
             registry.write_bundle(creds, self.root / "stations" / SERIAL_STATION)
             floor(journal, 1_000_000, stations=(*LAN_STATIONS, SERIAL_STATION, CMP_STATION), pattern=PATTERN)
+            creds = registry.add_station(journal, token, RA_STATION, "lan", audit=audit, actor="chaos")
+            registry.write_bundle(creds, self.root / "stations" / RA_STATION)
+            ra_floor(journal, audit)
             # Pinned before the run: the audit chain must verify with THIS key after every kill.
             self.audit_pin = ensure_audit_key(token).public_key()
             (self.state / "tls").mkdir(mode=0o700, exist_ok=True)
@@ -228,6 +268,15 @@ class Campaign:
             if line.startswith(b"{"):
                 info: dict[str, Any] = json.loads(line)
                 self.peer_journal = Path(info["journal"])
+                # RA mode: the devices' certificates must chain to the upstream's root ([upstream] ca_certs)
+                peer_journal = Journal(self.peer_journal, read_only=True)
+                try:
+                    root = ca_mod.load_ca(peer_journal, "root").certificate
+                finally:
+                    peer_journal.close()
+                assert root is not None
+                self.peer_root = self.root / "upstream-root.pem"
+                self.peer_root.write_bytes(root.public_bytes(serialization.Encoding.PEM))
                 return info
         raise RuntimeError("the upstream peer exited before serving")
 
@@ -249,6 +298,7 @@ class Campaign:
             state=self.state, module=self.softhsm.module, label=self.softhsm.label, pin=self.softhsm.pin_file,
             conf=self.softhsm.conf_path, lan=self.lan, va=self.va, cmp=self.cmp, cmp_label=CMP_LABEL,
             cmp_station=CMP_STATION, secret=self.secret, upstream_url=peer["url"], upstream_cert=peer["ra_cert"],
+            cmp_ra_label=CMP_RA_LABEL, cmp_ra_station=CMP_RA_STATION, upstream_root=self.peer_root,
         ))  # fmt: skip
 
     # -- the daemon ---------------------------------------------------------------------------------------
@@ -302,8 +352,10 @@ class Campaign:
         if dev.cert is not None and dev.cert != cert:
             self.tally.violation(f"retry: {dev.serial} ({how}) got a different certificate than before")
         dev.cert = cert
-        serial = format(x509.load_der_x509_certificate(cert).serial_number, "x")
-        other = self.received_serials.setdefault(serial, cert)
+        parsed = x509.load_der_x509_certificate(cert)
+        serial = format(parsed.serial_number, "x")
+        # per issuer: the RA product's certificates are the upstream CA's, whose serials are its own
+        other = self.received_serials.setdefault(f"{parsed.issuer.rfc4514_string()}/{serial}", cert)
         if other != cert:
             self.tally.violation(f"serial: two different certificates with serial {serial} reached clients")
 
@@ -350,6 +402,8 @@ class Campaign:
                     if not pending:
                         dev = self.new_device()
                         self._owned(name).add(dev.serial)
+                        if name == RA_STATION:
+                            self.ra_devices.add(dev.serial)
                         pending.append(dev)
                     dev = pending[0]
                     self.in_flight += 1
@@ -369,6 +423,66 @@ class Campaign:
             finally:
                 with contextlib.suppress(StationError, OSError):
                     await client.close()
+
+    def start_clients(self) -> list[asyncio.Task[None]]:
+        stations = [self.station(n) for n in (*LAN_STATIONS, SERIAL_STATION, RA_STATION)]
+        return [asyncio.create_task(c) for c in (*stations, self.cmp_client(), self.own_cmp_client())]
+
+    async def own_cmp_client(self) -> None:
+        """The project's own CMP client (bench/chaos_cmp.py): ir for a new device on the local label or the RA
+        label in turn, a device a kill interrupted asked again first (same key: the stored certificate or a clean
+        refusal, never a second one), and now and then the same ir again for a device it holds."""
+        secret = read_secret_file(self.secret)
+        while not self.stopping:
+            dev = next((d for d in self.devices.values() if d.serial in self._owned(OWN_CMP) and d.cert is None),
+                       None)  # fmt: skip
+            if dev is None and self.finishing:
+                return
+            held = [
+                d for d in self.devices.values() if d.serial in self._owned(OWN_CMP) and d.cert is not None
+            ]
+            again = dev is None and held and self.rng.random() < 0.15
+            if again:
+                dev = self.rng.choice(held)
+            elif dev is None:
+                dev = self.new_device()
+                self._owned(OWN_CMP).add(dev.serial)
+                if self.next_device % 2:
+                    self.ra_devices.add(dev.serial)
+            assert dev is not None
+            label = CMP_RA_LABEL if dev.serial in self.ra_devices else CMP_LABEL
+            retried = dev.serial in self.interrupted
+            self.in_flight += 1
+            try:
+                cert = await chaos_cmp.enrol(f"http://127.0.0.1:{self.cmp}/.well-known/cmp/p/{label}", label,
+                                             secret, dev.key, dev.serial)  # fmt: skip
+            except chaos_cmp.CmpBroken as exc:
+                self.interrupted.add(dev.serial)  # the daemon killed under it, most likely
+                self.last_cmp_failure = str(exc)
+                await asyncio.sleep(0.2)
+                continue
+            except chaos_cmp.CmpRefused as exc:
+                self.tally.ops["cmp-own-refused"] += 1
+                self.last_cmp_failure = str(exc)
+                await asyncio.sleep(0.2)
+                continue
+            finally:
+                self.in_flight -= 1
+            self.received(dev, cert, f"own cmp ir ({label})")
+            self.interrupted.discard(dev.serial)
+            dev.confirmed = True
+            kind = (
+                "again"
+                if again
+                else "after a kill"
+                if retried
+                else "ra"
+                if label == CMP_RA_LABEL
+                else "local"
+            )
+            self.tally.ops[f"cmp-own-{kind}"] += 1
+            if not again:
+                self.completed += 1
 
     def _owned(self, name: str) -> set[str]:
         return self._owners.setdefault(name, set())
@@ -518,7 +632,15 @@ class Campaign:
                 for r in conn.execute("SELECT tls_cert_der FROM stations WHERE tls_cert_der IS NOT NULL")
             ]
             revocations = {str(r[0]) for r in conn.execute("SELECT cert_serial FROM revocation")}
-            outbox = conn.execute("SELECT kind, cert_serial, state FROM outbox").fetchall()
+            outbox = conn.execute("SELECT kind, cert_serial, state FROM outbox WHERE ra_request_id IS NULL"
+                                  ).fetchall()  # fmt: skip
+            ra_outbox = Counter(int(r[0]) for r in conn.execute(
+                "SELECT ra_request_id FROM outbox WHERE ra_request_id IS NOT NULL"))  # fmt: skip
+            ra_open = conn.execute("SELECT COUNT(*) FROM outbox WHERE ra_request_id IS NOT NULL AND state != 'done'"
+                                   ).fetchone()[0]  # fmt: skip
+            ra_rows = conn.execute(
+                "SELECT id, device_serial, state, cert_der, failure FROM ra_request"
+            ).fetchall()
             crl = conn.execute("SELECT der FROM crl WHERE ca='issuing'").fetchone()
             for problem in check_quota(conn):
                 t.violation(f"quota: {problem}")
@@ -576,8 +698,26 @@ class Campaign:
         burned_signed = sum(1 for r in rows if r[2] == "burned" and bytes(r[3]).hex() in seen)
         self.last_kinds, self.burned_signed = kinds, burned_signed
         # received
+        ra_by_device: dict[str, tuple[Any, ...]] = {}
+        for r in ra_rows:
+            if r[2] != "failed" and ra_by_device.setdefault(str(r[1]), r) is not r:
+                t.violation(f"ra: two live ra_request rows for {r[1]}")
+        local_devices = {str(r[1]) for r in rows if r[2] != "burned"}
+        for device in local_devices & set(ra_by_device):
+            t.violation(f"ra: {device} has both a local certificate and an RA request")
+        for r in ra_rows:
+            if r[2] == "failed":
+                t.violation(f"ra: the upstream refused ra_request {r[0]} ({r[1]}): {r[4]}")
+            elif r[2] in RA_STATES and r[3] is None:
+                t.violation(f"ra: ra_request {r[0]} is {r[2]} without a certificate")
         for dev in self.devices.values():
             if dev.cert is None:
+                continue
+            if dev.serial in self.ra_devices:
+                ra = ra_by_device.get(dev.serial)
+                if ra is None or ra[2] not in RA_STATES or ra[3] is None or bytes(ra[3]) != dev.cert:
+                    t.violation(f"received: {dev.serial}'s certificate (RA mode) is not its ra_request's, byte"
+                                f" for byte")  # fmt: skip
                 continue
             serial = format(x509.load_der_x509_certificate(dev.cert).serial_number, "x")
             row = by_serial.get(serial)
@@ -601,21 +741,44 @@ class Campaign:
                 t.violation(f"outbox: certificate {r[0]} has no outbox row")
         for serial in revocations - {s for k, s in records if k == "rr"}:
             t.violation(f"outbox: revocation {serial} has no rr row")
+        for ra_id, n in ra_outbox.items():
+            if n > 1:
+                t.violation(f"outbox: {n} rows for ra_request {ra_id}")
+        for r in ra_rows:
+            if int(r[0]) not in ra_outbox:
+                t.violation(f"outbox: ra_request {r[0]} ({r[1]}) has no outbox row")
         peer = _ro(self.peer_journal)
         try:
-            held = Counter(str(r[0]) for r in peer.execute(
-                "SELECT device_serial FROM issuance WHERE state NOT IN ('burned', 'intent')"))  # fmt: skip
+            upstream = peer.execute(
+                "SELECT device_serial, cert_der FROM issuance WHERE state NOT IN ('burned', 'intent')"
+            ).fetchall()
+            held = Counter(str(r[0]) for r in upstream)
             peer_revoked = peer.execute("SELECT COUNT(*) FROM revocation").fetchone()[0]
         finally:
             peer.close()
         for device, n in held.items():
             if n > 1:
                 t.violation(f"outbox: the upstream holds {n} certificates for {device}")
+        # RA mode: the certificate the RA journal stores is the one the upstream issued, byte for byte
+        upstream_cert = {str(r[0]): r[1] for r in upstream}
+        ra_issued = {d: r for d, r in ra_by_device.items() if r[2] in RA_STATES and r[3] is not None}
+        for device, r in ra_issued.items():
+            theirs = upstream_cert.get(device)
+            if theirs is None or bytes(theirs) != bytes(r[3]):
+                t.violation(
+                    f"ra: {device}'s certificate in ra_request {r[0]} is not the upstream's, byte for byte"
+                )
+        self.last_ra = Counter(str(r[2]) for r in ra_rows)
         if final:
+            if ra_open:
+                t.violation(f"outbox: {ra_open} RA record(s) not done at the end")
+            if set(ra_issued) != set(ra_by_device):
+                t.violation(f"ra: {len(set(ra_by_device) - set(ra_issued))} RA request(s) still without the"
+                            f" upstream's certificate at the end")  # fmt: skip
             states = Counter(str(st) for _, _, st in outbox)
             if set(states) != {"done"}:
                 t.violation(f"outbox: not every record done at the end: {dict(states)}")
-            live_devices = {str(r[1]) for r in rows if r[2] in LIVE}
+            live_devices = {str(r[1]) for r in rows if r[2] in LIVE} | set(ra_issued)
             if set(held) != live_devices:
                 t.violation(
                     f"outbox: the upstream holds {len(held)} devices, the journal {len(live_devices)} live"
@@ -660,8 +823,7 @@ class Campaign:
             self.phase = "checking"
             self.check()
             self.phase = "working"
-            clients = [asyncio.create_task(self.station(n)) for n in (*LAN_STATIONS, SERIAL_STATION)]
-            clients.append(asyncio.create_task(self.cmp_client()))
+            clients = self.start_clients()
             try:
                 if point:
                     self.tally.named[point] += 1
@@ -715,8 +877,7 @@ class Campaign:
                 raise RuntimeError("the daemon died in the final round; see daemon.log")
             self.check()
             self.finishing = True
-            clients = [asyncio.create_task(self.station(n)) for n in (*LAN_STATIONS, SERIAL_STATION)]
-            clients.append(asyncio.create_task(self.cmp_client()))
+            clients = self.start_clients()
             deadline = time.monotonic() + 300
             _, pending = await asyncio.wait(clients, timeout=300)
             await self.stop_clients(clients)
@@ -819,6 +980,7 @@ async def run(args: argparse.Namespace, root: Path) -> int:
     print(f"work: {dict(t.ops)}; devices {len(c.devices)}; checks {t.checks}; burned after signing "
           f"{c.burned_signed}")  # fmt: skip
     print(f"signatures by kind: {dict(c.last_kinds)}")
+    print(f"RA mode: {len(c.ra_devices)} devices, ra_request rows by state {dict(c.last_ra)}")
     starts = sorted(t.start_s)
     print(f"daemon start to listening: median {starts[len(starts) // 2]:.1f} s, max {starts[-1]:.1f} s")
     reached = sum(t.reached.values())
