@@ -188,6 +188,17 @@ class Tally:
         print(f"VIOLATION: {what}", flush=True)
 
 
+FRONT_ENDS = (
+    ("stations, LAN TLS + serial pty", ("lan-0", "lan-1", "ser-0", "retry")),
+    ("station, LAN, RA mode (PENDING)", ("lan-ra",)),
+    ("openssl cmp + openssl ocsp", ("cmp-ir", "cmp-retry", "cmp-retry-failed", "cmp-rr", "ocsp")),
+    ("own CMP client (local, RA)", ("cmp-own-local", "cmp-own-ra", "cmp-own-after a kill", "cmp-own-again",
+                                    "cmp-own-refused")),
+    ("EST (stations/est.py)", ("est-enroll", "est-reenroll", "est-refused")),
+    ("SCEP (scepclient)", ("scep", "scep-refused")),
+)  # fmt: skip
+
+
 def ra_floor(journal: Journal, audit: AuditLog) -> None:
     """The RA-mode product beside bench.issue.floor's local one: widget-ra (issuance mode upstream) on line L2
     with the LAN station RA_STATION and the CMP label's station, its own work order for the same serial pattern."""
@@ -230,6 +241,7 @@ class Campaign:
         self.phase = ""  # where the current round is (reported when a round is stuck)
         self.last_cmp_failure = ""
         self.last_ra: Counter[str] = Counter()
+        self.last_forwarded: Counter[str] = Counter()
         self.ra_devices: set[str] = set()  # device serials of the RA-mode product (the upstream CA issues)
         self.renewed: dict[str, bytes] = {}  # EST simplereenroll: device serial -> the renewed certificate
         self.renew_keys: dict[str, ec.EllipticCurvePrivateKey] = {}  # ... and its new key (kept for a retry)
@@ -671,6 +683,10 @@ class Campaign:
                 "SELECT ra_request_id FROM outbox WHERE ra_request_id IS NOT NULL"))  # fmt: skip
             ra_open = conn.execute("SELECT COUNT(*) FROM outbox WHERE ra_request_id IS NOT NULL AND state != 'done'"
                                    ).fetchone()[0]  # fmt: skip
+            self.last_forwarded = Counter({"local": conn.execute(
+                "SELECT COUNT(*) FROM outbox WHERE state='done' AND ra_request_id IS NULL").fetchone()[0],
+                "ra": conn.execute("SELECT COUNT(*) FROM outbox WHERE state='done' AND ra_request_id IS NOT NULL"
+                                   ).fetchone()[0]})  # fmt: skip
             ra_rows = conn.execute(
                 "SELECT id, device_serial, state, cert_der, failure FROM ra_request"
             ).fetchall()
@@ -1014,10 +1030,17 @@ async def run(args: argparse.Namespace, root: Path) -> int:
         f" {t.status_lost} exit statuses lost by asyncio, counted as reached)"
     )
     print(f"random kills: {t.random_kills}, with requests in flight: {t.random_mid_work}")
-    print(f"work: {dict(t.ops)}; devices {len(c.devices)}; checks {t.checks}; burned after signing "
-          f"{c.burned_signed}")  # fmt: skip
+    print(
+        "per front end (operations completed; a device's first certificate counts once, its re-asks apart):"
+    )
+    for front_end, keys in FRONT_ENDS:
+        print(f"  {front_end:34} " + ", ".join(f"{k} {t.ops[k]}" for k in keys))
+    print(f"  {'forwarder (to the upstream CA)':34} records done: local {c.last_forwarded['local']}, "
+          f"RA {c.last_forwarded['ra']}; ra_request rows by state {dict(c.last_ra)}")  # fmt: skip
+    other = {k: v for k, v in t.ops.items() if not any(k in keys for _, keys in FRONT_ENDS)}
+    print(f"devices {len(c.devices)} ({len(c.ra_devices)} in RA mode); checks {t.checks}; burned after signing "
+          f"{c.burned_signed}; other: {other}")  # fmt: skip
     print(f"signatures by kind: {dict(c.last_kinds)}")
-    print(f"RA mode: {len(c.ra_devices)} devices, ra_request rows by state {dict(c.last_ra)}")
     starts = sorted(t.start_s)
     print(f"daemon start to listening: median {starts[len(starts) // 2]:.1f} s, max {starts[-1]:.1f} s")
     reached = sum(t.reached.values())
