@@ -10,8 +10,15 @@ signature with fsync before the signature is returned to its caller):
   - a CMP client, the `openssl cmp` binary: ir with MAC protection on label "chaos", then for every third device
     rr signed with the device's own key (revocation; the daemon's CRL publisher signs a new CRL after each), and
     `openssl ocsp` asking the VA about it;
-  - the upstream forwarder in local mode: every issuance and revocation goes to the upstream CA, a second Birthline
-    (bench/upstream_peer.py, its own SoftHSM token and journal) that is never killed.
+  - the project's own CMP client (bench/chaos_cmp.py: appliance/cmp build, parse, header and protection code over
+    HTTP) on the local label and on an RA-mode label: ir, pollReq while "waiting", certConf; an ir a kill cut is
+    sent again (same key): the stored certificate or a clean refusal, never a second one;
+  - EST (stations/est.py: simpleenroll, and simplereenroll with a new key for every fourth device) and SCEP
+    (micromdm's scepclient, a work-order challenge) clients (bench/chaos_http.py);
+  - the upstream forwarder in local mode (every issuance, renewal and revocation goes to the upstream CA) and in
+    RA mode: a second product, widget-ra, in issuance mode upstream on line L2, whose devices (a LAN station told
+    PENDING until the certificate comes, and the own CMP client's RA label) get the upstream CA's certificate.
+    The upstream is a second Birthline (bench/upstream_peer.py, its own SoftHSM token and journal), never killed.
 Each round starts the daemon (with BIRTHLINE_CRASH_POINT set to the next named point of appliance/crashpoints.py
 every other round), waits until it listens, runs the checks below, starts the clients, and SIGKILLs the daemon:
 at the crash point when the round names one (the daemon kills itself there; if the round's work never reaches
@@ -31,9 +38,13 @@ Checks (every one a violation when it fails):
   retry        a device asked for again (same key) gets the certificate it got before, byte for byte
   audit        the audit chain verifies with the audit key pinned before the run
   outbox       at most one outbox row per record; every live certificate and revocation has its row;
-               the upstream holds each device at most once (at the end: exactly once, every row done)
+               the upstream holds per device at most one certificate per record (a renewal is a second
+               record; at the end: exactly that, every row done)
   revoked      every revocation the CMP client saw acknowledged is in the journal; OCSP never says good for it;
                at the end the stored CRL lists every revocation
+  ra           (RA mode) at most one live ra_request per device and no device both local and RA; no request
+               refused upstream; a device's certificate is its ra_request's and the upstream's, byte for byte; one
+               outbox row per request; at the end every request has the upstream's certificate
 It prints the kills (at each named point, how many reached it; random ones, how many landed with requests in
 flight) and a final line `chaos: N kills (...), violations: V`. Exit status 0 only when V is 0.
 """
@@ -187,6 +198,14 @@ class Tally:
         self.violations.append(what)
         print(f"VIOLATION: {what}", flush=True)
 
+
+# What the RA key (cmp-ra) may sign, by PKIBody tag: the CMP server's answers (ip cp kup rp pkiconf genp error
+# pollRep) and the forwarder's requests to the upstream (cr p10cr kur rr nested certConf pollReq).
+_ANSWER, _REQUEST = "server answer", "forwarder request"
+CMP_SENT = {
+    **dict.fromkeys((1, 3, 8, 12, 19, 22, 23, 26), _ANSWER),
+    **dict.fromkeys((2, 4, 7, 11, 20, 24, 25), _REQUEST),
+}
 
 FRONT_ENDS = (
     ("stations, LAN TLS + serial pty", ("lan-0", "lan-1", "ser-0", "retry")),
@@ -731,8 +750,8 @@ class Campaign:
                 kinds[s["kind"]] += 1
             elif role == "management" and s["kind"] == "cert" and s["msg"] in mgmt_certs:
                 kinds["tls/ra certificate"] += 1
-            elif s["key"] == RA_KEY_LABEL and s["kind"] == "cmp":
-                kinds["cmp protection"] += 1
+            elif s["key"] == RA_KEY_LABEL and s["kind"] == "cmp" and s.get("body") in CMP_SENT:
+                kinds[f"cmp protection ({CMP_SENT[s['body']]})"] += 1
             elif s["key"] == SCEP_RA_KEY_LABEL:
                 kinds["scep answer"] += 1  # the SCEP RA signs each CertRep (CMS SignedData)
             elif s["key"] == AUDIT_KEY_LABEL:

@@ -68,7 +68,9 @@ def _small_campaign(tmp_path: Path) -> None:
             await c.final_round()
             assert c.tally.violations == [], c.tally.violations
             assert c.tally.reached["after-sign"] == 1, "the daemon never reached the named crash point"
-            assert c.last_kinds["certificate"] >= 3 and c.last_kinds["cmp protection"] > 0, c.last_kinds
+            assert (
+                c.last_kinds["certificate"] >= 3 and c.last_kinds["cmp protection (forwarder request)"] > 0
+            ), c.last_kinds
             assert c.burned_signed >= 1, "the kill after signing left no burned-but-signed serial"
             # Every front end started devices, and the final round finished them all (else a violation above).
             for client in ("lan-0", "ser-0", "cmp", OWN_CMP, "est", "scep", RA_STATION):
