@@ -122,8 +122,7 @@ async def scep_client(c: Campaign) -> None:
             # Made here and renamed into place: scepclient writes its own key in place, and a kill during that
             # leaves an empty file it cannot read again (so the retry would never send the same key).
             draft = folder / "device.key.new"
-            draft.write_bytes(rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
-                PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()))  # fmt: skip
+            draft.write_bytes(await asyncio.to_thread(_rsa_key_pem))  # off the loop the other clients share
             draft.rename(key)
         for name in (
             "client.pem",
@@ -170,3 +169,10 @@ async def _run(*argv: str, cwd: Path, timeout: float = 60.0) -> tuple[int, str]:
         await proc.wait()
         raise
     return proc.returncode or 0, out.decode(errors="replace")
+
+
+def _rsa_key_pem() -> bytes:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return key.private_bytes(
+        PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+    )
