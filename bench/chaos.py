@@ -1078,9 +1078,9 @@ def main() -> None:
     p.add_argument("--minutes", type=float, default=0, help="start no new kill after this long (0: no limit)")
     p.add_argument("--dir", type=Path, default=None, help="work here (kept) instead of a temporary directory")
     args = p.parse_args()
-    for tool in ("openssl", "socat"):
+    for tool in ("openssl", "socat", "scepclient"):
         if shutil.which(tool) is None:
-            sys.exit(f"chaos: {tool} is not installed")
+            sys.exit(f"chaos: {tool} is not installed (scepclient: Debian package scep)")
     if args.dir is not None:
         args.dir.mkdir(parents=True)
         sys.exit(asyncio.run(run(args, args.dir.resolve())))
