@@ -10,8 +10,15 @@ signature with fsync before the signature is returned to its caller):
   - a CMP client, the `openssl cmp` binary: ir with MAC protection on label "chaos", then for every third device
     rr signed with the device's own key (revocation; the daemon's CRL publisher signs a new CRL after each), and
     `openssl ocsp` asking the VA about it;
-  - the upstream forwarder in local mode: every issuance and revocation goes to the upstream CA, a second Birthline
-    (bench/upstream_peer.py, its own SoftHSM token and journal) that is never killed.
+  - the project's own CMP client (bench/chaos_cmp.py: appliance/cmp build, parse, header and protection code over
+    HTTP) on the local label and on an RA-mode label: ir, pollReq while "waiting", certConf; an ir a kill cut is
+    sent again (same key): the stored certificate or a clean refusal, never a second one;
+  - EST (stations/est.py: simpleenroll, and simplereenroll with a new key for every fourth device) and SCEP
+    (micromdm's scepclient, a work-order challenge) clients (bench/chaos_http.py);
+  - the upstream forwarder in local mode (every issuance, renewal and revocation goes to the upstream CA) and in
+    RA mode: a second product, widget-ra, in issuance mode upstream on line L2, whose devices (a LAN station told
+    PENDING until the certificate comes, and the own CMP client's RA label) get the upstream CA's certificate.
+    The upstream is a second Birthline (bench/upstream_peer.py, its own SoftHSM token and journal), never killed.
 Each round starts the daemon (with BIRTHLINE_CRASH_POINT set to the next named point of appliance/crashpoints.py
 every other round), waits until it listens, runs the checks below, starts the clients, and SIGKILLs the daemon:
 at the crash point when the round names one (the daemon kills itself there; if the round's work never reaches
@@ -31,9 +38,13 @@ Checks (every one a violation when it fails):
   retry        a device asked for again (same key) gets the certificate it got before, byte for byte
   audit        the audit chain verifies with the audit key pinned before the run
   outbox       at most one outbox row per record; every live certificate and revocation has its row;
-               the upstream holds each device at most once (at the end: exactly once, every row done)
+               the upstream holds per device at most one certificate per record (a renewal is a second
+               record; at the end: exactly that, every row done)
   revoked      every revocation the CMP client saw acknowledged is in the journal; OCSP never says good for it;
                at the end the stored CRL lists every revocation
+  ra           (RA mode) at most one live ra_request per device and no device both local and RA; no request
+               refused upstream; a device's certificate is its ra_request's and the upstream's, byte for byte; one
+               outbox row per request; at the end every request has the upstream's certificate
 It prints the kills (at each named point, how many reached it; random ones, how many landed with requests in
 flight) and a final line `chaos: N kills (...), violations: V`. Exit status 0 only when V is 0.
 """
@@ -71,10 +82,19 @@ from appliance import ca as ca_mod
 from appliance import stations_registry as registry
 from appliance.audit.log import AUDIT_KEY_LABEL, AuditLog, ensure_audit_key
 from appliance.audit.verify import verify as audit_verify
+from appliance.cmp.labels import read_secret_file
 from appliance.cmp.ra import RA_KEY_LABEL, ensure_ra
 from appliance.crashpoints import CRASH_ENV, POINTS
 from appliance.issuance.journal import Journal
+from appliance.production import store
+from appliance.production.model import WorkOrderSpec
 from appliance.production.reconcile import check_quota
+from appliance.production.users import Role, User
+from appliance.profiles import builtin_profiles
+from appliance.scep import challenges
+from appliance.scep.ra import RA_KEY_LABEL as SCEP_RA_KEY_LABEL
+from bench import chaos_cmp
+from bench.chaos_http import EST_LABEL, EST_STATION, SCEP_LABEL, SCEP_STATION, est_client, scep_client
 from bench.issue import floor
 from bench.upstream_peer import PATTERN, device_serial
 from hsm.softhsm import create_softhsm_token
@@ -88,6 +108,12 @@ LAN_STATIONS = ("lan-0", "lan-1")
 SERIAL_STATION = "ser-0"
 CMP_STATION = "cmp-st"
 CMP_LABEL = "chaos"
+# RA mode: product widget-ra (issuance mode upstream) on line L2; the upstream CA issues its devices' certificates.
+RA_STATION = "lan-ra"  # a LAN station on L2: told PENDING until the forwarder has the upstream's certificate
+CMP_RA_STATION = "cmp-ra-st"
+CMP_RA_LABEL = "chaos-ra"  # the project's own CMP client's RA label (ir, "waiting", pollReq until the ip)
+OWN_CMP = "cmp-own"  # the project's own CMP client (bench/chaos_cmp.py), on both labels
+RA_STATES = ("issued", "confirmed")  # ra_request states with the upstream's certificate
 LIVE = ("issued", "confirmed", "reworked", "scrapped")
 SPKI = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
 START_TIMEOUT_S = 120.0
@@ -114,6 +140,21 @@ listen = "127.0.0.1:{cmp}"
 station = "{cmp_station}"
 secret_file = "{secret}"
 kid = "{cmp_label}"
+[cmp.labels.{cmp_ra_label}]
+station = "{cmp_ra_station}"
+secret_file = "{secret}"
+kid = "{cmp_ra_label}"
+[est]
+listen = "127.0.0.1:{est}"
+[est.labels.{est_label}]
+station = "{est_station}"
+password_file = "{est_password}"
+[scep]
+listen = "127.0.0.1:{scep}"
+[scep.labels.{scep_label}]
+station = "{scep_station}"
+legacy_algorithms = ["des", "sha1"]  # scepclient 2.1 envelopes with DES and signs with SHA-1 (docs/scep.md)
+device_serial_from = "commonName"
 [upstream]
 url = "{upstream_url}"
 mode = "batched"
@@ -124,6 +165,8 @@ backoff_base_s = 0.2
 backoff_cap_s = 2.0
 request_timeout_s = 20.0
 server_cert = "{upstream_cert}"
+ca_certs = "{upstream_root}"
+pending_retry_s = 0.2
 [control]
 enabled = false
 """
@@ -156,6 +199,41 @@ class Tally:
         print(f"VIOLATION: {what}", flush=True)
 
 
+# What the RA key (cmp-ra) may sign, by PKIBody tag: the CMP server's answers (ip cp kup rp pkiconf genp error
+# pollRep) and the forwarder's requests to the upstream (cr p10cr kur rr nested certConf pollReq).
+_ANSWER, _REQUEST = "server answer", "forwarder request"
+CMP_SENT = {
+    **dict.fromkeys((1, 3, 8, 12, 19, 22, 23, 26), _ANSWER),
+    **dict.fromkeys((2, 4, 7, 11, 20, 24, 25), _REQUEST),
+}
+
+FRONT_ENDS = (
+    ("stations, LAN TLS + serial pty", ("lan-0", "lan-1", "ser-0", "retry")),
+    ("station, LAN, RA mode (PENDING)", ("lan-ra",)),
+    ("openssl cmp + openssl ocsp", ("cmp-ir", "cmp-retry", "cmp-retry-failed", "cmp-rr", "ocsp")),
+    ("own CMP client (local, RA)", ("cmp-own-local", "cmp-own-ra", "cmp-own-after a kill", "cmp-own-again",
+                                    "cmp-own-refused")),
+    ("EST (stations/est.py)", ("est-enroll", "est-reenroll", "est-refused")),
+    ("SCEP (scepclient)", ("scep", "scep-refused")),
+)  # fmt: skip
+
+
+def ra_floor(journal: Journal, audit: AuditLog) -> None:
+    """The RA-mode product beside bench.issue.floor's local one: widget-ra (issuance mode upstream) on line L2
+    with the LAN station RA_STATION and the CMP label's station, its own work order for the same serial pattern."""
+    admin = User("bench-admin", Role.ADMINISTRATOR)  # made by floor()
+    store.add_product(journal, audit, admin, "widget-ra", tenant="bench", profile=builtin_profiles()["idevid"],
+                      ca="issuing", issuance_mode="upstream")  # fmt: skip
+    store.add_line(journal, audit, admin, "L2")
+    journal.call(journal.transaction, lambda conn: conn.execute(
+        "INSERT OR IGNORE INTO stations (name, kind, key, created_at) VALUES (?, 'lan', ?, ?)",
+        (CMP_RA_STATION, os.urandom(32), time.time())), "chaos station")  # fmt: skip
+    for name in (RA_STATION, CMP_RA_STATION):
+        store.assign_station(journal, audit, admin, name, "L2")
+    spec = WorkOrderSpec("WO-RA", "widget-ra", 1_000_000, ("L2",), pattern=PATTERN)
+    store.add_work_order(journal, audit, admin, spec, activate=True)
+
+
 def _ro(path: Path) -> sqlite3.Connection:
     return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
 
@@ -181,6 +259,12 @@ class Campaign:
         self.stopping = False  # the clients' loops end (a cancellation alone can be lost in wait_for, 3.11)
         self.phase = ""  # where the current round is (reported when a round is stuck)
         self.last_cmp_failure = ""
+        self.last_ra: Counter[str] = Counter()
+        self.last_forwarded: Counter[str] = Counter()
+        self.ra_devices: set[str] = set()  # device serials of the RA-mode product (the upstream CA issues)
+        self.renewed: dict[str, bytes] = {}  # EST simplereenroll: device serial -> the renewed certificate
+        self.renew_keys: dict[str, ec.EllipticCurvePrivateKey] = {}  # ... and its new key (kept for a retry)
+        self.interrupted: set[str] = set()  # the own CMP client's devices whose ir a kill cut: asked again
 
     # -- setup --------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -201,7 +285,13 @@ class Campaign:
             creds = registry.add_station(journal, token, SERIAL_STATION, "serial", audit=audit, actor="chaos",
                                          port=str(self.root / "pty" / "appliance"))  # fmt: skip
             registry.write_bundle(creds, self.root / "stations" / SERIAL_STATION)
-            floor(journal, 1_000_000, stations=(*LAN_STATIONS, SERIAL_STATION, CMP_STATION), pattern=PATTERN)
+            floor(journal, 1_000_000, stations=(*LAN_STATIONS, SERIAL_STATION, CMP_STATION, EST_STATION,
+                                                SCEP_STATION), pattern=PATTERN)  # fmt: skip
+            _, self.scep_challenge = challenges.add(journal, audit, User("bench-admin", Role.ADMINISTRATOR),
+                                                    SCEP_LABEL, work_order="WO-BENCH", valid_s=30 * 86400)  # fmt: skip
+            creds = registry.add_station(journal, token, RA_STATION, "lan", audit=audit, actor="chaos")
+            registry.write_bundle(creds, self.root / "stations" / RA_STATION)
+            ra_floor(journal, audit)
             # Pinned before the run: the audit chain must verify with THIS key after every kill.
             self.audit_pin = ensure_audit_key(token).public_key()
             (self.state / "tls").mkdir(mode=0o700, exist_ok=True)
@@ -213,9 +303,11 @@ class Campaign:
             self.issuing_pem.write_bytes(issuing.certificate.public_bytes(serialization.Encoding.PEM))
             self.key_roles = {str(r.key_label): r.name for r in ca_mod.list_cas(journal)}
         self.secret = self.root / "cmp.secret"
-        fd = os.open(self.secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        os.write(fd, os.urandom(18).hex().encode() + b"\n")
-        os.close(fd)
+        self.est_password = self.root / "est.password"
+        for path in (self.secret, self.est_password):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.write(fd, os.urandom(18).hex().encode() + b"\n")
+            os.close(fd)
 
     async def start_peer(self) -> dict[str, Any]:
         self.peer = await asyncio.create_subprocess_exec(
@@ -228,6 +320,15 @@ class Campaign:
             if line.startswith(b"{"):
                 info: dict[str, Any] = json.loads(line)
                 self.peer_journal = Path(info["journal"])
+                # RA mode: the devices' certificates must chain to the upstream's root ([upstream] ca_certs)
+                peer_journal = Journal(self.peer_journal, read_only=True)
+                try:
+                    root = ca_mod.load_ca(peer_journal, "root").certificate
+                finally:
+                    peer_journal.close()
+                assert root is not None
+                self.peer_root = self.root / "upstream-root.pem"
+                self.peer_root.write_bytes(root.public_bytes(serialization.Encoding.PEM))
                 return info
         raise RuntimeError("the upstream peer exited before serving")
 
@@ -243,12 +344,15 @@ class Campaign:
             await self.peer.wait()
 
     def write_config(self, peer: dict[str, Any]) -> None:
-        self.lan, self.va, self.cmp = _free_ports(3)
+        self.lan, self.va, self.cmp, self.est, self.scep = _free_ports(5)
         self.config = self.root / "birthline.toml"
         self.config.write_text(CONFIG.format(
             state=self.state, module=self.softhsm.module, label=self.softhsm.label, pin=self.softhsm.pin_file,
             conf=self.softhsm.conf_path, lan=self.lan, va=self.va, cmp=self.cmp, cmp_label=CMP_LABEL,
             cmp_station=CMP_STATION, secret=self.secret, upstream_url=peer["url"], upstream_cert=peer["ra_cert"],
+            cmp_ra_label=CMP_RA_LABEL, cmp_ra_station=CMP_RA_STATION, upstream_root=self.peer_root,
+            est=self.est, est_label=EST_LABEL, est_station=EST_STATION, est_password=self.est_password,
+            scep=self.scep, scep_label=SCEP_LABEL, scep_station=SCEP_STATION,
         ))  # fmt: skip
 
     # -- the daemon ---------------------------------------------------------------------------------------
@@ -265,7 +369,7 @@ class Campaign:
     async def listening(self, proc: asyncio.subprocess.Process) -> bool:
         """True once the LAN, VA and CMP listeners accept; False if the daemon died first."""
         deadline = time.monotonic() + START_TIMEOUT_S
-        for port in (self.lan, self.va, self.cmp):
+        for port in (self.lan, self.va, self.cmp, self.est, self.scep):
             while True:
                 if proc.returncode is not None:
                     return False
@@ -302,10 +406,21 @@ class Campaign:
         if dev.cert is not None and dev.cert != cert:
             self.tally.violation(f"retry: {dev.serial} ({how}) got a different certificate than before")
         dev.cert = cert
-        serial = format(x509.load_der_x509_certificate(cert).serial_number, "x")
-        other = self.received_serials.setdefault(serial, cert)
+        parsed = x509.load_der_x509_certificate(cert)
+        serial = format(parsed.serial_number, "x")
+        # per issuer: the RA product's certificates are the upstream CA's, whose serials are its own
+        other = self.received_serials.setdefault(f"{parsed.issuer.rfc4514_string()}/{serial}", cert)
         if other != cert:
             self.tally.violation(f"serial: two different certificates with serial {serial} reached clients")
+
+    def renewal(self, dev: Device, cert: bytes, key: ec.EllipticCurvePrivateKey) -> None:
+        """EST simplereenroll answered: the device's certificate is now `cert` (a retry must get the same)."""
+        first = self.renewed.setdefault(dev.serial, cert)
+        if first != cert:
+            self.tally.violation(f"retry: {dev.serial}'s renewal sent again got a different certificate")
+        if dev.cert != cert:
+            dev.cert, dev.key = None, key
+            self.received(dev, cert, "est simplereenroll")
 
     # -- clients ------------------------------------------------------------------------------------------
     async def station(self, name: str) -> None:
@@ -314,7 +429,7 @@ class Campaign:
         bundle = self.root / "stations" / name
         key = read_station_key(bundle / "station.key")
         pending: list[Device] = [
-            d for d in self.devices.values() if d.serial in self._owned(name) and not d.confirmed
+            d for d in self.devices.values() if d.serial in self.owned(name) and not d.confirmed
         ]
         while not self.stopping:
             try:
@@ -334,7 +449,7 @@ class Campaign:
                 continue
             try:
                 while not self.stopping:
-                    held = [d for d in self.devices.values() if d.serial in self._owned(name) and d.confirmed]
+                    held = [d for d in self.devices.values() if d.serial in self.owned(name) and d.confirmed]
                     if held and self.rng.random() < 0.2 and not self.finishing:
                         dev = self.rng.choice(held)
                         self.in_flight += 1
@@ -349,7 +464,9 @@ class Campaign:
                         return
                     if not pending:
                         dev = self.new_device()
-                        self._owned(name).add(dev.serial)
+                        self.owned(name).add(dev.serial)
+                        if name == RA_STATION:
+                            self.ra_devices.add(dev.serial)
                         pending.append(dev)
                     dev = pending[0]
                     self.in_flight += 1
@@ -370,7 +487,68 @@ class Campaign:
                 with contextlib.suppress(StationError, OSError):
                     await client.close()
 
-    def _owned(self, name: str) -> set[str]:
+    def start_clients(self) -> list[asyncio.Task[None]]:
+        stations = [self.station(n) for n in (*LAN_STATIONS, SERIAL_STATION, RA_STATION)]
+        others = (self.cmp_client(), self.own_cmp_client(), est_client(self), scep_client(self))
+        return [asyncio.create_task(c) for c in (*stations, *others)]
+
+    async def own_cmp_client(self) -> None:
+        """The project's own CMP client (bench/chaos_cmp.py): ir for a new device on the local label or the RA
+        label in turn, a device a kill interrupted asked again first (same key: the stored certificate or a clean
+        refusal, never a second one), and now and then the same ir again for a device it holds."""
+        secret = read_secret_file(self.secret)
+        while not self.stopping:
+            dev = next((d for d in self.devices.values() if d.serial in self.owned(OWN_CMP) and d.cert is None),
+                       None)  # fmt: skip
+            if dev is None and self.finishing:
+                return
+            held = [
+                d for d in self.devices.values() if d.serial in self.owned(OWN_CMP) and d.cert is not None
+            ]
+            again = dev is None and held and self.rng.random() < 0.15
+            if again:
+                dev = self.rng.choice(held)
+            elif dev is None:
+                dev = self.new_device()
+                self.owned(OWN_CMP).add(dev.serial)
+                if self.next_device % 2:
+                    self.ra_devices.add(dev.serial)
+            assert dev is not None
+            label = CMP_RA_LABEL if dev.serial in self.ra_devices else CMP_LABEL
+            retried = dev.serial in self.interrupted
+            self.in_flight += 1
+            try:
+                cert = await chaos_cmp.enrol(f"http://127.0.0.1:{self.cmp}/.well-known/cmp/p/{label}", label,
+                                             secret, dev.key, dev.serial)  # fmt: skip
+            except chaos_cmp.CmpBroken as exc:
+                self.interrupted.add(dev.serial)  # the daemon killed under it, most likely
+                self.last_cmp_failure = str(exc)
+                await asyncio.sleep(0.2)
+                continue
+            except chaos_cmp.CmpRefused as exc:
+                self.tally.ops["cmp-own-refused"] += 1
+                self.last_cmp_failure = str(exc)
+                await asyncio.sleep(0.2)
+                continue
+            finally:
+                self.in_flight -= 1
+            self.received(dev, cert, f"own cmp ir ({label})")
+            self.interrupted.discard(dev.serial)
+            dev.confirmed = True
+            kind = (
+                "again"
+                if again
+                else "after a kill"
+                if retried
+                else "ra"
+                if label == CMP_RA_LABEL
+                else "local"
+            )
+            self.tally.ops[f"cmp-own-{kind}"] += 1
+            if not again:
+                self.completed += 1
+
+    def owned(self, name: str) -> set[str]:
         return self._owners.setdefault(name, set())
 
     async def openssl(self, *args: str | Path, timeout: float = 30.0) -> tuple[int, str]:
@@ -399,23 +577,23 @@ class Campaign:
         work.mkdir(exist_ok=True)
         while not self.stopping:
             for got in [
-                d for d in self.devices.values() if d.serial in self._owned("cmp") and d.cert is not None
+                d for d in self.devices.values() if d.serial in self.owned("cmp") and d.cert is not None
             ]:
                 if self._revocable(got) and self._serial_of(got) not in self.revoke_acked:
                     await self.revoke(got, work / f"{got.serial}.key", work / f"{got.serial}.pem")
             dev = next(
-                (d for d in self.devices.values() if d.serial in self._owned("cmp") and d.cert is None), None
+                (d for d in self.devices.values() if d.serial in self.owned("cmp") and d.cert is None), None
             )
             if dev is None and self.finishing:
                 return
-            again = [d for d in self.devices.values() if d.serial in self._owned("cmp") and d.cert is not None
+            again = [d for d in self.devices.values() if d.serial in self.owned("cmp") and d.cert is not None
                      and not self._revocable(d)]  # fmt: skip
             if dev is None and again and self.rng.random() < 0.15:
                 await self.cmp_again(self.rng.choice(again), work)
                 continue
             if dev is None:
                 dev = self.new_device()
-                self._owned("cmp").add(dev.serial)
+                self.owned("cmp").add(dev.serial)
             key = work / f"{dev.serial}.key"
             if not key.exists():
                 key.write_bytes(dev.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
@@ -518,7 +696,19 @@ class Campaign:
                 for r in conn.execute("SELECT tls_cert_der FROM stations WHERE tls_cert_der IS NOT NULL")
             ]
             revocations = {str(r[0]) for r in conn.execute("SELECT cert_serial FROM revocation")}
-            outbox = conn.execute("SELECT kind, cert_serial, state FROM outbox").fetchall()
+            outbox = conn.execute("SELECT kind, cert_serial, state FROM outbox WHERE ra_request_id IS NULL"
+                                  ).fetchall()  # fmt: skip
+            ra_outbox = Counter(int(r[0]) for r in conn.execute(
+                "SELECT ra_request_id FROM outbox WHERE ra_request_id IS NOT NULL"))  # fmt: skip
+            ra_open = conn.execute("SELECT COUNT(*) FROM outbox WHERE ra_request_id IS NOT NULL AND state != 'done'"
+                                   ).fetchone()[0]  # fmt: skip
+            self.last_forwarded = Counter({"local": conn.execute(
+                "SELECT COUNT(*) FROM outbox WHERE state='done' AND ra_request_id IS NULL").fetchone()[0],
+                "ra": conn.execute("SELECT COUNT(*) FROM outbox WHERE state='done' AND ra_request_id IS NOT NULL"
+                                   ).fetchone()[0]})  # fmt: skip
+            ra_rows = conn.execute(
+                "SELECT id, device_serial, state, cert_der, failure FROM ra_request"
+            ).fetchall()
             crl = conn.execute("SELECT der FROM crl WHERE ca='issuing'").fetchone()
             for problem in check_quota(conn):
                 t.violation(f"quota: {problem}")
@@ -560,8 +750,10 @@ class Campaign:
                 kinds[s["kind"]] += 1
             elif role == "management" and s["kind"] == "cert" and s["msg"] in mgmt_certs:
                 kinds["tls/ra certificate"] += 1
-            elif s["key"] == RA_KEY_LABEL and s["kind"] == "cmp":
-                kinds["cmp protection"] += 1
+            elif s["key"] == RA_KEY_LABEL and s["kind"] == "cmp" and s.get("body") in CMP_SENT:
+                kinds[f"cmp protection ({CMP_SENT[s['body']]})"] += 1
+            elif s["key"] == SCEP_RA_KEY_LABEL:
+                kinds["scep answer"] += 1  # the SCEP RA signs each CertRep (CMS SignedData)
             elif s["key"] == AUDIT_KEY_LABEL:
                 kinds["audit checkpoint"] += 1
             elif s["kind"] == "ocsp" and role is None:
@@ -576,8 +768,26 @@ class Campaign:
         burned_signed = sum(1 for r in rows if r[2] == "burned" and bytes(r[3]).hex() in seen)
         self.last_kinds, self.burned_signed = kinds, burned_signed
         # received
+        ra_by_device: dict[str, tuple[Any, ...]] = {}
+        for r in ra_rows:
+            if r[2] != "failed" and ra_by_device.setdefault(str(r[1]), r) is not r:
+                t.violation(f"ra: two live ra_request rows for {r[1]}")
+        local_devices = {str(r[1]) for r in rows if r[2] != "burned"}
+        for device in local_devices & set(ra_by_device):
+            t.violation(f"ra: {device} has both a local certificate and an RA request")
+        for r in ra_rows:
+            if r[2] == "failed":
+                t.violation(f"ra: the upstream refused ra_request {r[0]} ({r[1]}): {r[4]}")
+            elif r[2] in RA_STATES and r[3] is None:
+                t.violation(f"ra: ra_request {r[0]} is {r[2]} without a certificate")
         for dev in self.devices.values():
             if dev.cert is None:
+                continue
+            if dev.serial in self.ra_devices:
+                ra = ra_by_device.get(dev.serial)
+                if ra is None or ra[2] not in RA_STATES or ra[3] is None or bytes(ra[3]) != dev.cert:
+                    t.violation(f"received: {dev.serial}'s certificate (RA mode) is not its ra_request's, byte"
+                                f" for byte")  # fmt: skip
                 continue
             serial = format(x509.load_der_x509_certificate(dev.cert).serial_number, "x")
             row = by_serial.get(serial)
@@ -601,25 +811,52 @@ class Campaign:
                 t.violation(f"outbox: certificate {r[0]} has no outbox row")
         for serial in revocations - {s for k, s in records if k == "rr"}:
             t.violation(f"outbox: revocation {serial} has no rr row")
+        for ra_id, n in ra_outbox.items():
+            if n > 1:
+                t.violation(f"outbox: {n} rows for ra_request {ra_id}")
+        for r in ra_rows:
+            if int(r[0]) not in ra_outbox:
+                t.violation(f"outbox: ra_request {r[0]} ({r[1]}) has no outbox row")
         peer = _ro(self.peer_journal)
         try:
-            held = Counter(str(r[0]) for r in peer.execute(
-                "SELECT device_serial FROM issuance WHERE state NOT IN ('burned', 'intent')"))  # fmt: skip
+            upstream = peer.execute(
+                "SELECT device_serial, cert_der FROM issuance WHERE state NOT IN ('burned', 'intent')"
+            ).fetchall()
+            held = Counter(str(r[0]) for r in upstream)
             peer_revoked = peer.execute("SELECT COUNT(*) FROM revocation").fetchone()[0]
         finally:
             peer.close()
+        # The upstream holds one certificate per record: per device, one per live local certificate (a renewal
+        # adds one: the kur record) or the RA request's one - which the upstream may hold while the request is
+        # still pending here (a kill after the upstream answered, before the answer was recorded; the next send
+        # is answered with the same certificate).
+        ra_issued = {d: r for d, r in ra_by_device.items() if r[2] in RA_STATES and r[3] is not None}
+        expected = Counter(dict.fromkeys(ra_by_device, 1)) + Counter(str(r[1]) for r in rows if r[2] in LIVE)
         for device, n in held.items():
-            if n > 1:
-                t.violation(f"outbox: the upstream holds {n} certificates for {device}")
+            if n > expected[device]:
+                t.violation(f"outbox: the upstream holds {n} certificates for {device}, the journal"
+                            f" {expected[device]}")  # fmt: skip
+        # RA mode: the certificate the RA journal stores is the one the upstream issued, byte for byte
+        upstream_cert = {str(r[0]): r[1] for r in upstream}
+        for device, r in ra_issued.items():
+            theirs = upstream_cert.get(device)
+            if theirs is None or bytes(theirs) != bytes(r[3]):
+                t.violation(
+                    f"ra: {device}'s certificate in ra_request {r[0]} is not the upstream's, byte for byte"
+                )
+        self.last_ra = Counter(str(r[2]) for r in ra_rows)
         if final:
+            if ra_open:
+                t.violation(f"outbox: {ra_open} RA record(s) not done at the end")
+            if set(ra_issued) != set(ra_by_device):
+                t.violation(f"ra: {len(set(ra_by_device) - set(ra_issued))} RA request(s) still without the"
+                            f" upstream's certificate at the end")  # fmt: skip
             states = Counter(str(st) for _, _, st in outbox)
             if set(states) != {"done"}:
                 t.violation(f"outbox: not every record done at the end: {dict(states)}")
-            live_devices = {str(r[1]) for r in rows if r[2] in LIVE}
-            if set(held) != live_devices:
-                t.violation(
-                    f"outbox: the upstream holds {len(held)} devices, the journal {len(live_devices)} live"
-                )
+            if held != expected:
+                t.violation(f"outbox: the upstream holds {sum(held.values())} certificates for {len(held)} devices,"
+                            f" the journal {sum(expected.values())} for {len(expected)}")  # fmt: skip
             if peer_revoked != len(revocations):
                 t.violation(
                     f"outbox: the upstream has {peer_revoked} revocations, the journal {len(revocations)}"
@@ -660,8 +897,7 @@ class Campaign:
             self.phase = "checking"
             self.check()
             self.phase = "working"
-            clients = [asyncio.create_task(self.station(n)) for n in (*LAN_STATIONS, SERIAL_STATION)]
-            clients.append(asyncio.create_task(self.cmp_client()))
+            clients = self.start_clients()
             try:
                 if point:
                     self.tally.named[point] += 1
@@ -715,8 +951,7 @@ class Campaign:
                 raise RuntimeError("the daemon died in the final round; see daemon.log")
             self.check()
             self.finishing = True
-            clients = [asyncio.create_task(self.station(n)) for n in (*LAN_STATIONS, SERIAL_STATION)]
-            clients.append(asyncio.create_task(self.cmp_client()))
+            clients = self.start_clients()
             deadline = time.monotonic() + 300
             _, pending = await asyncio.wait(clients, timeout=300)
             await self.stop_clients(clients)
@@ -816,8 +1051,16 @@ async def run(args: argparse.Namespace, root: Path) -> int:
         f" {t.status_lost} exit statuses lost by asyncio, counted as reached)"
     )
     print(f"random kills: {t.random_kills}, with requests in flight: {t.random_mid_work}")
-    print(f"work: {dict(t.ops)}; devices {len(c.devices)}; checks {t.checks}; burned after signing "
-          f"{c.burned_signed}")  # fmt: skip
+    print(
+        "per front end (operations completed; a device's first certificate counts once, its re-asks apart):"
+    )
+    for front_end, keys in FRONT_ENDS:
+        print(f"  {front_end:34} " + ", ".join(f"{k} {t.ops[k]}" for k in keys))
+    print(f"  {'forwarder (to the upstream CA)':34} records done: local {c.last_forwarded['local']}, "
+          f"RA {c.last_forwarded['ra']}; ra_request rows by state {dict(c.last_ra)}")  # fmt: skip
+    other = {k: v for k, v in t.ops.items() if not any(k in keys for _, keys in FRONT_ENDS)}
+    print(f"devices {len(c.devices)} ({len(c.ra_devices)} in RA mode); checks {t.checks}; burned after signing "
+          f"{c.burned_signed}; other: {other}")  # fmt: skip
     print(f"signatures by kind: {dict(c.last_kinds)}")
     starts = sorted(t.start_s)
     print(f"daemon start to listening: median {starts[len(starts) // 2]:.1f} s, max {starts[-1]:.1f} s")
@@ -835,9 +1078,9 @@ def main() -> None:
     p.add_argument("--minutes", type=float, default=0, help="start no new kill after this long (0: no limit)")
     p.add_argument("--dir", type=Path, default=None, help="work here (kept) instead of a temporary directory")
     args = p.parse_args()
-    for tool in ("openssl", "socat"):
+    for tool in ("openssl", "socat", "scepclient"):
         if shutil.which(tool) is None:
-            sys.exit(f"chaos: {tool} is not installed")
+            sys.exit(f"chaos: {tool} is not installed (scepclient: Debian package scep)")
     if args.dir is not None:
         args.dir.mkdir(parents=True)
         sys.exit(asyncio.run(run(args, args.dir.resolve())))

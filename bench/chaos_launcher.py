@@ -7,7 +7,8 @@ after the token returns a signature and BEFORE the signature goes back to the ca
 to SIGNATURE_LOG and fsynced:
 
     {"key": <key label>, "mech": <mechanism>, "data": sha256(signed input), "sig": sha256(signature),
-     "kind": cert | crl | ocsp | cmp | other, "msg": sha256(the message whose digest was signed) or null}
+     "kind": cert | crl | ocsp | cmp | other, "msg": sha256(the message whose digest was signed) or null,
+     "body": the CMP body type number (PKIBody's tag: 1 ip, 4 p10cr, 20 nested, ...) of a cmp ProtectedPart, or null}
 
 so a SIGKILL anywhere after C_Sign still leaves the signature on record, and bench/chaos.py can check that every
 signature the HSM made is accounted for. `kind` and `msg` come from the bytes the key classes hashed (hsm.keys
@@ -53,26 +54,53 @@ def kind_of(message: bytes) -> str:
     return "other"
 
 
+def _tlv_end(message: bytes, pos: int) -> int:
+    """Where the DER element starting at `pos` ends (-1 when it does not fit)."""
+    if pos + 2 > len(message):
+        return -1
+    n = message[pos + 1]
+    if n < 0x80:
+        return pos + 2 + n
+    count = n & 0x7F
+    if count == 0 or count > 4 or pos + 2 + count > len(message):
+        return -1
+    return pos + 2 + count + int.from_bytes(message[pos + 2 : pos + 2 + count], "big")
+
+
+def cmp_body(message: bytes) -> int | None:
+    """The body type of a CMP ProtectedPart (SEQUENCE { header SEQUENCE, body [n] }): the tag number n."""
+    if len(message) < 4 or message[0] != 0x30:
+        return None
+    n = message[1]
+    header = 2 + (n & 0x7F if n & 0x80 else 0)
+    body = _tlv_end(message, header)
+    if body < 0 or body >= len(message) or message[body] & 0xE0 != 0xA0:
+        return None
+    return message[body] & 0x1F
+
+
 class SignatureLog:
     def __init__(self, path: Path) -> None:
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self.lock = threading.Lock()
-        self.messages: dict[bytes, tuple[str, str]] = {}  # digest -> (kind, sha256 of the message)
+        self.messages: dict[bytes, tuple[str, str, int | None]] = {}  # digest -> (kind, sha256, CMP body)
 
     def remember(self, message: bytes, digest: bytes) -> None:
         if len(self.messages) > 100_000:  # bounded: an entry is used within the same call chain
             self.messages.clear()
-        self.messages[digest] = (kind_of(message), hashlib.sha256(message).hexdigest())
+        kind = kind_of(message)
+        body = cmp_body(message) if kind == "cmp" else None
+        self.messages[digest] = (kind, hashlib.sha256(message).hexdigest(), body)
 
     def record(self, key: Any, data: bytes, mechanism: Any, signature: bytes) -> None:
         digest = data[len(_DIGEST_INFO_SHA256) :] if data.startswith(_DIGEST_INFO_SHA256) else data
-        kind, msg = self.messages.pop(digest, (kind_of(data), None))
+        kind, msg, body = self.messages.pop(digest, (kind_of(data), None, None))
         if msg is None and data.startswith(_DIGEST_INFO_SHA256):
             msg = digest.hex()  # RSA batch signing hashes with SHA-256 itself: the digest IS sha256(message)
         line = json.dumps({
             "key": str(getattr(key, "label", "?")), "mech": str(mechanism),
             "data": hashlib.sha256(data).hexdigest(), "sig": hashlib.sha256(signature).hexdigest(),
-            "kind": kind, "msg": msg,
+            "kind": kind, "msg": msg, "body": body,
         })  # fmt: skip
         with self.lock:
             os.write(self.fd, line.encode() + b"\n")

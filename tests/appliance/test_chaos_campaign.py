@@ -1,7 +1,9 @@
 """bench/chaos.py in small: a real daemon (through the signature-logging launcher) killed at a named crash point and
-at random while every client works, then the final round; no violation. Then the checks are shown to bite: a
-signature the journal cannot account for, a certificate a client holds that the journal does not, and a
-revocation acknowledged but absent are each reported."""
+at random while every client works (stations, an RA-mode station, openssl cmp, the own CMP client on the local
+and the RA label, EST, SCEP), then the final round; no violation, and every front end finished its devices. Then
+the checks are shown to bite: a signature the journal cannot account for, a certificate a client holds that the
+journal does not, a revocation acknowledged but absent, an RA device holding another's certificate, and an RA
+record duplicated in the outbox (it would go upstream twice) are each reported."""
 
 from __future__ import annotations
 
@@ -10,18 +12,20 @@ import json
 import multiprocessing
 import random
 import shutil
+import sqlite3
 import traceback
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 
-from bench.chaos import Campaign
+from bench.chaos import OWN_CMP, RA_STATION, Campaign
 
 pytestmark = [
     pytest.mark.slow,  # subprocess daemons and an upstream peer
     pytest.mark.skipif(
-        not (shutil.which("openssl") and shutil.which("socat")), reason="openssl/socat missing"
+        not (shutil.which("openssl") and shutil.which("socat") and shutil.which("scepclient")),
+        reason="openssl/socat/scepclient (Debian package scep) missing",
     ),
 ]
 
@@ -64,8 +68,17 @@ def _small_campaign(tmp_path: Path) -> None:
             await c.final_round()
             assert c.tally.violations == [], c.tally.violations
             assert c.tally.reached["after-sign"] == 1, "the daemon never reached the named crash point"
-            assert c.last_kinds["certificate"] >= 3 and c.last_kinds["cmp protection"] > 0, c.last_kinds
+            assert (
+                c.last_kinds["certificate"] >= 3 and c.last_kinds["cmp protection (forwarder request)"] > 0
+            ), c.last_kinds
             assert c.burned_signed >= 1, "the kill after signing left no burned-but-signed serial"
+            # Every front end started devices, and the final round finished them all (else a violation above).
+            for client in ("lan-0", "ser-0", "cmp", OWN_CMP, "est", "scep", RA_STATION):
+                devices = [c.devices[s] for s in c.owned(client)]
+                assert devices and all(d.cert is not None for d in devices), client
+            assert c.ra_devices and set(c.last_ra) <= {"issued", "confirmed"}, c.last_ra
+            assert c.last_forwarded["ra"] == sum(c.last_ra.values()) > 0, (c.last_forwarded, c.last_ra)
+            assert c.last_kinds["scep answer"] > 0, c.last_kinds
 
             # 1. an issuing-CA signature over a TBS the journal never recorded
             issuing = next(label for label, role in c.key_roles.items() if role == "issuing")
@@ -78,12 +91,30 @@ def _small_campaign(tmp_path: Path) -> None:
             dev.cert = other.cert
             # 3. a revocation acknowledged to a client but not recorded
             c.revoke_acked.add("1234abcd")
+            # 4. an RA device holding another RA device's certificate
+            ra_held = [c.devices[s] for s in sorted(c.ra_devices) if c.devices[s].cert is not None]
+            ra_dev = ra_held[0]
+            ra_dev.cert = next((d.cert for d in ra_held[1:]), other.cert)
+            # 5. an RA record duplicated in the outbox (the daemon is stopped: the journal is ours to write)
+            journal = sqlite3.connect(c.journal_path)
+            with journal:
+                ra_id = journal.execute("SELECT MIN(ra_request_id) FROM outbox").fetchone()[0]
+                journal.execute(
+                    "INSERT INTO outbox (kind, ra_request_id, cert_serial, transaction_id, csr_der, public_key_der,"
+                    " subject_der, next_attempt_at, created_at) SELECT kind, ra_request_id, cert_serial,"
+                    " randomblob(16), csr_der, public_key_der, subject_der, next_attempt_at, created_at FROM outbox"
+                    " WHERE ra_request_id=?", (ra_id,))  # fmt: skip
+            journal.close()
             before = len(c.tally.violations)
             c.check()
             found = c.tally.violations[before:]
             assert any(v.startswith("signature: the issuing CA signed a certificate") for v in found), found
             assert any(v.startswith(f"received: {dev.serial}") for v in found), found
             assert any("1234abcd" in v for v in found), found
+            assert any(v.startswith(f"received: {ra_dev.serial}'s certificate (RA mode)") for v in found), (
+                found
+            )
+            assert f"outbox: 2 rows for ra_request {ra_id}" in found, found
             assert x509.load_der_x509_certificate(other.cert or b"")
         finally:
             await c.stop_peer()
