@@ -21,6 +21,7 @@ demo: deps
 
 test: deps lint
 	$(PY) -m pytest -q
+	$(PY) bench/chaos.py --kills $(CHAOS_KILLS)
 
 lint: deps
 	$(VENV)/bin/ruff check .
