@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from appliance.errors import IssuanceFailed, ReasonCode
+from appliance.issuance.groupcommit import GroupCommitter
 
 T = TypeVar("T")
 
@@ -644,6 +645,8 @@ class Journal:
         self._thread_id = self._executor.submit(threading.get_ident).result()
         self.commit_observer: Callable[[float], None] | None = None
         """Called on the journal thread with the seconds each committed transaction took (metrics)."""
+        self.group = GroupCommitter(self)
+        """Async transactions queued together share one COMMIT (appliance/issuance/groupcommit.py)."""
         try:
             self.call(self._open_read_only if read_only else self._open)
         except BaseException:
@@ -772,7 +775,10 @@ class Journal:
         return result
 
     async def atransaction(self, fn: Callable[[sqlite3.Connection], T], doing: str) -> T:
-        return await self.acall(self.transaction, fn, doing)
+        """`transaction` on the journal thread; the ones queued while another commits share one COMMIT, each in
+        its own SAVEPOINT (group commit, appliance/issuance/groupcommit.py)."""
+        result: T = await self.group.run(fn, doing)
+        return result
 
     # -- recovery and queries -----------------------------------------------------------------------------------
     def recover(self) -> int:
