@@ -130,3 +130,33 @@ async def test_a_read_queued_after_a_write_sees_it(journal: Journal) -> None:
         await asyncio.sleep(0)
     seen = await journal.acall(read)
     assert await task == "w" and seen == {"w"}
+
+
+async def test_a_lookup_on_the_reader_never_waits_behind_a_commit_and_sees_only_committed_rows(
+    journal: Journal,
+) -> None:
+    """Journal.aread (the ENROLL's request-id lookup) runs on its own read-only connection: it answers while
+    the journal thread is inside a transaction, and does not see that transaction's rows until it commits."""
+    inside, release = threading.Event(), threading.Event()
+
+    def slow(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO t (k) VALUES ('pending')")
+        inside.set()
+        release.wait()
+
+    def keys(conn: sqlite3.Connection) -> set[str]:
+        return {r[0] for r in conn.execute("SELECT k FROM t")}
+
+    await journal.atransaction(_insert("committed"), "before")
+    writer = asyncio.ensure_future(journal.atransaction(slow, "slow"))
+    await asyncio.to_thread(inside.wait)
+    assert await journal.aread(keys) == {"committed"}  # answered while the journal thread is busy
+    release.set()
+    await writer
+    assert await journal.aread(keys) == {"committed", "pending"}
+
+    def write(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO t (k) VALUES ('nope')")
+
+    with pytest.raises(sqlite3.OperationalError):  # query_only: the reader can never write
+        await journal.aread(write)
