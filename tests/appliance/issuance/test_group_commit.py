@@ -160,3 +160,10 @@ async def test_a_lookup_on_the_reader_never_waits_behind_a_commit_and_sees_only_
 
     with pytest.raises(sqlite3.OperationalError):  # query_only: the reader can never write
         await journal.aread(write)
+
+
+async def test_aread_on_a_read_only_journal_reads_on_its_own_thread(journal: Journal) -> None:
+    await journal.atransaction(_insert("kept"), "write")
+    with Journal(journal.path, read_only=True) as ro:
+        assert await ro.aread(lambda conn: [r[0] for r in conn.execute("SELECT k FROM t")]) == ["kept"]
+        assert ro._reader is None  # no second connection for a journal that only reads
