@@ -154,14 +154,16 @@ class CoreEnroller:
         return list(self.service.chain)
 
     async def _find(self, station: str, request_id: str) -> _Issued | None:
-        def q() -> _Issued | None:
+        def q(conn: sqlite3.Connection) -> _Issued | None:
             for sql in _FIND_REQUEST:
-                row = self.journal.conn.execute(sql, (station, request_id)).fetchone()
+                row = conn.execute(sql, (station, request_id)).fetchone()
                 if row is not None:
                     return _Issued(*row)
             return None
 
-        return await self.journal.acall(q)
+        # On the journal's reader connection: an ENROLL's lookup never waits behind the commits queued on the
+        # journal thread (appliance/issuance/reader.py); it sees every committed row, as it did there.
+        return await self.journal.aread(q)
 
     async def _remember(self, station: str, request_id: str, cert_serial: str) -> None:
         def txn(conn: sqlite3.Connection) -> None:

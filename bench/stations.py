@@ -1,7 +1,7 @@
 """Station link throughput against the real daemon (`birthline run` in its own process, HSM-backed issuance,
 durable journal), with the load generator's own CPU time printed beside the daemon's.
 
-    python bench/stations.py serial [--stations 1,2,8] [--devices 20] [--baud 115200]
+    python bench/stations.py serial [--stations 1,2,8] [--devices 20] [--baud 115200] [--pipeline]
     python bench/stations.py lan [--stations 50] [--devices 40] [--core-certs 5000]
     python bench/stations.py lan --open-loop 50x2 [--seconds 20 | --minutes 30] [--rss-every 60]
 
@@ -14,7 +14,10 @@ the timed window: both share this machine's cores, which a real line (fixtures o
 serial: each station is a socat pty pair paced to the baud rate in both directions (the fixture paces its writes
     and the bytes it reads). The wire limit is computed from the frame bytes actually exchanged per certificate
     (ENROLL, CERT, CONFIRM, CONFIRMED; 10 bits a byte at 8N1): a station cannot do better than 1 / wire time.
-    One run per station count in --stations. Goal: >= 95% of the limit.
+    One run per station count in --stations. Goal: >= 95% of the limit. --pipeline: each count is run a
+    second time, right after, each fixture sending a device's CONFIRM and the next device's ENROLL back to back
+    (StationClient.confirm_and_enroll): the appliance's confirmation commit overlaps the ENROLL's line time.
+    The limit is computed the same way.
 lan (closed loop): N TLS stations each enrol and confirm M devices back to back: certificates/s, latency per
     device, the raw C_Sign rate of the same token key, and bench/issue.py's issuance core rate measured in the same
     run (its own process, before the daemon starts). Goal: >= 60% of the core rate.
@@ -288,7 +291,7 @@ async def daemon_process(base: Path, config: Config, port: int | None) -> AsyncI
 # -- serial -------------------------------------------------------------------------------------------------
 
 
-async def bench_serial(counts: Sequence[int], devices: int, baud: int) -> None:
+async def bench_serial(counts: Sequence[int], devices: int, baud: int, pipeline: bool = False) -> None:
     """One appliance with max(counts) serial stations; for each count, that many fixtures enrol `devices` each
     over paced ptys. The wire limit comes from the frame bytes actually exchanged per certificate (ENROLL,
     CERT, CONFIRM, CONFIRMED both ways, 8N1 at `baud`): a station can do no better than 1 / wire time."""
@@ -296,12 +299,18 @@ async def bench_serial(counts: Sequence[int], devices: int, baud: int) -> None:
         base = Path(tmp)
         config = _config(base)
         sims = _setup(config, base, max(counts), 0)
-        print(f"making {sum(counts) * devices} device keys and CSRs (not timed) ...", flush=True)
-        batches = {n: [make_devices(devices, f"S{n}N{i:02d}") for i in range(n)] for n in counts}
+        # With --pipeline each station count runs twice, one at a time and pipelined, back to back on the same
+        # daemon: the pair compares under the same load (this machine's load drifts within minutes).
+        plan = [(n, mode) for n in counts for mode in ((False, True) if pipeline else (False,))]
+        print(f"making {len(plan) * max(counts) * devices} device keys and CSRs (not timed) ...", flush=True)
+        batches = {
+            (n, mode): [make_devices(devices, f"S{n}{'P' if mode else 'N'}{i:02d}") for i in range(n)]
+            for n, mode in plan
+        }
         pairs = [PtyPair(s.port or "", base / "pty" / f"{s.name}.fixture").start() for s in sims]
         try:
             async with daemon_process(base, config, None) as pid:
-                for n in counts:
+                for n, mode in plan:
                     clients = [
                         await StationClient.connect_serial(pair.b, baud, station_id=s.name, key=s.key, pace=True,
                                                            pace_reads=True, give_up_after=60)
@@ -311,8 +320,21 @@ async def bench_serial(counts: Sequence[int], devices: int, baud: int) -> None:
                         await c.ca_chain()  # authenticated and warm before the clock starts
                     snapshot = [_bytes(c) for c in clients]
 
-                    async def run(client: StationClient, batch: Sequence[tuple[str, bytes]]) -> float:
+                    async def run(
+                        client: StationClient, batch: Sequence[tuple[str, bytes]], pipelined: bool
+                    ) -> float:
                         start = time.perf_counter()
+                        if pipelined:
+                            # Each CONFIRM goes out with the next device's ENROLL (confirm_and_enroll).
+                            chain = await client.enroll(*batch[0])
+                            for serial, csr in batch[1:]:
+                                assert client.last_request_id is not None
+                                chain = await client.confirm_and_enroll(
+                                    client.last_request_id, chain[0], serial, csr
+                                )
+                            assert client.last_request_id is not None
+                            await client.confirm(client.last_request_id, chain[0])
+                            return time.perf_counter() - start
                         for serial, csr in batch:
                             chain = await client.enroll(serial, csr)
                             assert client.last_request_id is not None
@@ -322,7 +344,7 @@ async def bench_serial(counts: Sequence[int], devices: int, baud: int) -> None:
                     cpu = Cpu(pid)
                     cpu.start()
                     elapsed = await asyncio.gather(
-                        *(run(c, b) for c, b in zip(clients, batches[n], strict=True))
+                        *(run(c, b, mode) for c, b in zip(clients, batches[(n, mode)], strict=True))
                     )
                     cpu.stop()
                     moved = [sum(_bytes(c)) - sum(s) for c, s in zip(clients, snapshot, strict=True)]
@@ -332,7 +354,8 @@ async def bench_serial(counts: Sequence[int], devices: int, baud: int) -> None:
                     limit = 1 / wire_time(round(per_device), baud)
                     rate = sum(devices / e for e in elapsed) / n
                     print(
-                        f"serial {baud} baud, {n} station(s) x {devices} devices: {per_device:.0f} frame bytes per"
+                        f"serial {baud} baud{', CONFIRM pipelined with the next ENROLL' if mode else ''},"
+                        f" {n} station(s) x {devices} devices: {per_device:.0f} frame bytes per"
                         f" certificate both ways -> wire limit {limit:.3f}/s per station; measured {rate:.3f}/s"
                         f" per station = {rate / limit:.1%} of the limit (goal >= 95%)"
                     )
@@ -513,6 +536,11 @@ def main() -> int:
     s.add_argument("--stations", default="1,2,8", help="comma-separated station counts, one run each")
     s.add_argument("--devices", type=int, default=20)
     s.add_argument("--baud", type=int, default=115200)
+    s.add_argument(
+        "--pipeline",
+        action="store_true",
+        help="send each CONFIRM with the next device's ENROLL (StationClient.confirm_and_enroll)",
+    )
     lan = sub.add_parser("lan")
     lan.add_argument("--stations", type=int, default=50, help="closed loop: stations")
     lan.add_argument("--devices", type=int, default=40, help="closed loop: devices per station")
@@ -525,7 +553,9 @@ def main() -> int:
     lan.add_argument("--rss-every", type=float, default=0.0, help="print the daemon's RSS every this many s")
     args = p.parse_args()
     if args.part == "serial":
-        asyncio.run(bench_serial([int(x) for x in args.stations.split(",")], args.devices, args.baud))
+        asyncio.run(
+            bench_serial([int(x) for x in args.stations.split(",")], args.devices, args.baud, args.pipeline)
+        )
         return 0
     return asyncio.run(bench_lan(args))
 

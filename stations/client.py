@@ -49,7 +49,7 @@ from cryptography.x509.oid import NameOID
 from stations import crypto
 from stations.codec import DecodeEvent, Frame
 from stations.codes import RETRYABLE, Code
-from stations.errors import GaveUp, StationError
+from stations.errors import GaveUp, SessionError, StationError
 from stations.messages import (
     NO_REQUEST,
     REQUEST_ID_LEN,
@@ -318,6 +318,40 @@ class StationClient:
         message = Confirm(request_id, hashlib.sha256(cert_der).digest())
         await self._request(message, request_id, (Confirmed,))
 
+    async def confirm_and_enroll(
+        self,
+        confirm_id: bytes,
+        cert_der: bytes,
+        device_serial: str,
+        csr_der: bytes,
+        *,
+        request_id: bytes | None = None,
+        profile: str | None = None,
+    ) -> list[bytes]:
+        """``confirm(confirm_id, cert_der)`` for the device just written, and ``enroll(device_serial, csr_der)``
+        for the next one, without waiting in between: both frames go out back to back and both answers are
+        awaited (protocol section 1: the appliance works on the requests of a session at once). The appliance's
+        commit of the confirmation then overlaps the next ENROLL on the line instead of adding a round trip per
+        device. Returns the new device's chain, as enroll() does.
+
+        Only the answers CONFIRMED and CERT are taken from the pair. Any other outcome (ERROR, PENDING, a lost
+        link or session, no answer in time) sends that request again alone, as confirm() and enroll() would,
+        with its same request id (both are idempotent, section 7), and raises as they would; the confirmation is
+        settled first. If it raises for the confirmation, the new device's request id is in last_request_id:
+        its ENROLL may have been answered, so send it again with that id."""
+        confirm = Confirm(confirm_id, hashlib.sha256(cert_der).digest())
+        rid = request_id or new_request_id()
+        self.last_request_id = rid
+        enroll = Enroll(rid, device_serial, csr_der, profile or "")
+        enroll.encode()  # local validation before anything goes out, as enroll() does
+        async with self._lock:
+            got = await self._pair(confirm, confirm_id, Confirmed, enroll, rid, Cert)
+            if Confirmed not in got:
+                await self._request_locked(confirm, confirm_id, (Confirmed,))
+            reply = got.get(Cert) or await self._request_locked(enroll, rid, (Cert,))
+        assert isinstance(reply, Cert)
+        return list(reply.chain)
+
     async def close(self) -> None:
         """Stop the keepalive, say BYE (best effort) and close the channel."""
         await self._stop_keepalive()  # first, so no PING goes out after (or interleaved with) the BYE
@@ -337,32 +371,71 @@ class StationClient:
         self, message: Message, request_id: bytes, wanted: tuple[type[Message], ...]
     ) -> Message:
         async with self._lock:
-            deadline = time.monotonic() + self.give_up_after
-            backoff = BACKOFF_START
-            self._last_answer = self._last_link_error = None
-            while True:
-                reply = await self._with_retries(
-                    deadline, lambda: self._exchange(message, request_id, wanted)
-                )
-                if isinstance(reply, Pending):
-                    self.stats.pending += 1
-                    self._last_answer = (f"PENDING (retry after {reply.retry_after_ms} ms)", None, "")
-                    self._last_link_error = None
-                    await self._sleep_until(deadline, reply.retry_after_ms / 1000)
+            return await self._request_locked(message, request_id, wanted)
+
+    async def _request_locked(
+        self, message: Message, request_id: bytes, wanted: tuple[type[Message], ...]
+    ) -> Message:
+        deadline = time.monotonic() + self.give_up_after
+        backoff = BACKOFF_START
+        self._last_answer = self._last_link_error = None
+        while True:
+            reply = await self._with_retries(deadline, lambda: self._exchange(message, request_id, wanted))
+            if isinstance(reply, Pending):
+                self.stats.pending += 1
+                self._last_answer = (f"PENDING (retry after {reply.retry_after_ms} ms)", None, "")
+                self._last_link_error = None
+                await self._sleep_until(deadline, reply.retry_after_ms / 1000)
+                continue
+            if isinstance(reply, Error):
+                self._answered(reply.code, reply.text)
+                if reply.code in RESEND_NOW:
+                    self.stats.resends += 1
                     continue
-                if isinstance(reply, Error):
-                    self._answered(reply.code, reply.text)
-                    if reply.code in RESEND_NOW:
-                        self.stats.resends += 1
-                        continue
-                    if reply.code in RETRYABLE:
-                        self.stats.backoffs += 1
-                        await self._sleep_until(deadline, backoff)
-                        backoff = min(backoff * 2, BACKOFF_CAP)
-                        continue
-                    code = reply.code if isinstance(reply.code, Code) else Code.INTERNAL
-                    raise StationError(code, _printable(reply.text) or f"code {reply.code}")
-                return reply
+                if reply.code in RETRYABLE:
+                    self.stats.backoffs += 1
+                    await self._sleep_until(deadline, backoff)
+                    backoff = min(backoff * 2, BACKOFF_CAP)
+                    continue
+                code = reply.code if isinstance(reply.code, Code) else Code.INTERNAL
+                raise StationError(code, _printable(reply.text) or f"code {reply.code}")
+            return reply
+
+    async def _pair(
+        self,
+        first: Message,
+        first_id: bytes,
+        first_type: type[Message],
+        second: Message,
+        second_id: bytes,
+        second_type: type[Message],
+    ) -> dict[type[Message], Message]:
+        """Send two requests back to back and return the ones answered with their wanted message, by type.
+        Whatever else happens is left to the one-at-a-time path, which meets it again and deals with it (a lost
+        link or session, an ERROR, PENDING, no answer in time)."""
+        got: dict[type[Message], Message] = {}
+        try:
+            await self._ensure_session()
+            channel = self._channel
+            assert channel is not None
+            await self._send(channel, self._session.send(first))
+            await self._send(channel, self._session.send(second))
+            answered: set[bytes] = set()
+            while len(answered) < 2:
+                reply = await self._await_reply(
+                    channel,
+                    lambda m: _matches(m, first_id, (first_type,)) or _matches(m, second_id, (second_type,)),
+                )
+                rid = getattr(reply, "request_id", NO_REQUEST)
+                if reply is None or rid == NO_REQUEST:
+                    break  # no answer in time, or an ERROR about no request in particular
+                answered.add(rid)
+                for wanted, wanted_id in ((first_type, first_id), (second_type, second_id)):
+                    if isinstance(reply, wanted) and rid == wanted_id:
+                        got[wanted] = reply
+        except (ChannelClosed, _SessionLost, SessionError, StationError):
+            pass
+        return got
 
     def _answered(self, code: Code | int, text: str) -> None:
         """Remember an ERROR the client retries on: the error it gives up with names it."""

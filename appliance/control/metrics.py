@@ -122,8 +122,8 @@ class ApplianceCollector(Collector):
                          s.sign_seconds)  # fmt: skip
         yield CounterMetricFamily(f"{NAMESPACE}_hsm_signatures", "Certificate signatures asked of the HSM",
                                   value=s.signed_certificates)  # fmt: skip
-        yield _histogram("journal_commit_seconds", "Duration of one journal transaction, BEGIN IMMEDIATE to"
-                         " COMMIT (fsync included)", s.commit_seconds)  # fmt: skip
+        yield _histogram("journal_commit_seconds", "Duration of one journal COMMIT from BEGIN IMMEDIATE"
+                         " (fsync included); transactions queued together share one (group commit)", s.commit_seconds)  # fmt: skip
         yield GaugeMetricFamily(f"{NAMESPACE}_upstream_enabled", "1 when an upstream CA is configured",
                                 value=int(self.upstream_enabled))  # fmt: skip
         yield GaugeMetricFamily(f"{NAMESPACE}_upstream_queue_depth", "Records queued for the upstream CA"

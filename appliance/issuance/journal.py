@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import TypeVar
 
 from appliance.errors import IssuanceFailed, ReasonCode
+from appliance.issuance.groupcommit import GroupCommitter
+from appliance.issuance.reader import JournalReader
 
 T = TypeVar("T")
 
@@ -644,6 +646,9 @@ class Journal:
         self._thread_id = self._executor.submit(threading.get_ident).result()
         self.commit_observer: Callable[[float], None] | None = None
         """Called on the journal thread with the seconds each committed transaction took (metrics)."""
+        self.group = GroupCommitter(self)
+        """Async transactions queued together share one COMMIT (appliance/issuance/groupcommit.py)."""
+        self._reader: JournalReader | None = None  # opened by the first aread
         try:
             self.call(self._open_read_only if read_only else self._open)
         except BaseException:
@@ -659,12 +664,24 @@ class Journal:
     async def acall(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.wrap_future(self._executor.submit(fn, *args))
 
+    async def aread(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """`fn(conn)` for a read that must not wait behind commits (a request's lookup): on a read-only second
+        connection with a thread of its own (appliance/issuance/reader.py). It sees what is committed."""
+        if self.read_only:
+            return await self.acall(lambda: fn(self.conn))
+        if self._reader is None:
+            self._reader = JournalReader(self.path)
+        return await self._reader.read(fn)
+
     @property
     def conn(self) -> sqlite3.Connection:
         assert self._conn is not None, "journal is closed"
         return self._conn
 
     def close(self) -> None:
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.close()
         if self._conn is not None:
             self.call(self._close)
         self._executor.shutdown(wait=True)
@@ -772,7 +789,10 @@ class Journal:
         return result
 
     async def atransaction(self, fn: Callable[[sqlite3.Connection], T], doing: str) -> T:
-        return await self.acall(self.transaction, fn, doing)
+        """`transaction` on the journal thread; the ones queued while another commits share one COMMIT, each in
+        its own SAVEPOINT (group commit, appliance/issuance/groupcommit.py)."""
+        result: T = await self.group.run(fn, doing)
+        return result
 
     # -- recovery and queries -----------------------------------------------------------------------------------
     def recover(self) -> int:

@@ -720,3 +720,50 @@ async def test_confirm_answered_from_the_enrolls_memory_is_per_station_and_marks
         )
     keys = [k for k in enroller._recent if k[0] == "bounded"]
     assert len(enroller._recent) == enroller.RECENT and keys[0] == ("bounded", f"{10:032x}")
+
+
+async def test_confirm_and_enroll_pipelined_confirms_one_device_and_issues_the_next(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    """StationClient.confirm_and_enroll sends a device's CONFIRM and the next device's ENROLL back to back over
+    one session (the appliance works on both at once): the first is confirmed in the journal, the second issued;
+    a confirmation the appliance refuses raises as confirm() would, and the next device's ENROLL, sent again
+    under last_request_id, is answered with the certificate already issued for it."""
+    from stations.client import StationClient, client_ssl_context, read_station_key
+    from stations.errors import StationError
+
+    bundle = await add_lan(daemon, "pipe-st1", tmp_path)
+    host, port = _addr(daemon)
+    client = await StationClient.connect_tcp(
+        host, port, station_id="pipe-st1", key=read_station_key(bundle / "station.key"),
+        ssl_context=client_ssl_context(bundle / "tls-client.crt", bundle / "tls-client.key", bundle / "ca.crt"),
+        server_hostname="localhost", keepalive_s=None,
+    )  # fmt: skip
+    try:
+        serials = [f"SN-PIPE-{i}" for i in range(4)]
+        chain = await client.enroll(serials[0], make_csr(serials[0])[1])
+        rids = [client.last_request_id]
+        for serial in serials[1:]:
+            prev = rids[-1]
+            assert prev is not None
+            chain = await client.confirm_and_enroll(prev, chain[0], serial, make_csr(serial)[1])
+            rids.append(client.last_request_id)
+            x509.load_der_x509_certificate(chain[0])
+        states = {r.device_serial: r.state for r in daemon.journal.rows("device_serial LIKE 'SN-PIPE-%'")}
+        assert states == {**dict.fromkeys(serials[:-1], "confirmed"), serials[-1]: "issued"}
+
+        # A refused confirmation (wrong hash): raised, and the next device's ENROLL is answered on a resend.
+        last = rids[-1]
+        assert last is not None
+        csr = make_csr("SN-PIPE-X")[1]
+        with pytest.raises(StationError) as refused:
+            await client.confirm_and_enroll(last, b"not what was issued", "SN-PIPE-X", csr)
+        assert refused.value.code == Code.CONFIRM_MISMATCH
+        next_rid = client.last_request_id
+        assert next_rid is not None and next_rid != last
+        again = await client.enroll("SN-PIPE-X", csr, request_id=next_rid)
+        (row,) = daemon.journal.rows("device_serial='SN-PIPE-X'")
+        assert row.cert_der == again[0] and row.state == "issued"
+        assert daemon.journal.rows("request_id=?", (last.hex(),))[0].state == "issued"  # not confirmed
+    finally:
+        await client.close()
