@@ -18,7 +18,8 @@ own CPU time (user + system, all threads), and exits when stdin closes (the benc
 - a p10cr's CSR signature is verified (proof of possession) once per distinct CSR, and the certificate issued for
   that CSR is made once and cached: the bench reuses 1,000 CSRs, and a CA answering the same key with the same
   certificate is what the forwarder must accept anyway (a retry is answered so);
-- a certConf is answered pkiConf (its certHash is not compared: the forwarder's side is what is measured).
+- a certConf is answered pkiConf (its certHash is not compared: the forwarder's side is what is measured);
+  implicitConfirm is granted to a request that asks for it (then no certConf follows).
 Every answer (each inner one and the outer nested one) is signed with its own software EC P-256 key: they carry
 fresh senderNonces and the request's recipNonce, so no signature can be computed ahead or cached.
 
@@ -140,7 +141,8 @@ class MiniUpstream:
         return cert
 
     def _answer_spec(self, msg: PKIMessage) -> tuple[PKIHeader, BodyType, Any]:
-        header = response_header(msg.header, sender=self.sender)
+        # implicitConfirm is granted when the request asks for it (response_header grants it only then)
+        header = response_header(msg.header, sender=self.sender, implicit_confirm=True)
         if isinstance(msg.body, P10crBody):
             self.stats["issued"] += 1
             cert = self._certificate(msg.body, msg.der)
