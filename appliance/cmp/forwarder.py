@@ -248,10 +248,16 @@ class Forwarder(PollingTask):
     # -- limits ------------------------------------------------------------------------------------------------
     async def refresh_load(self) -> QueueLoad:
         def q() -> QueueLoad:
-            row = self.journal.conn.execute(
-                "SELECT COUNT(*), MIN(created_at) FROM outbox WHERE state IN ('queued', 'sent', 'waiting')"
+            # Two queries: each is served by its partial index of open rows (together, MIN(created_at) would
+            # read every open row from the table: about a second per pass with 100,000 queued).
+            conn = self.journal.conn
+            (count,) = conn.execute(
+                "SELECT COUNT(*) FROM outbox WHERE state IN ('queued', 'sent', 'waiting')"
             ).fetchone()
-            return QueueLoad(int(row[0]), row[1])
+            (oldest,) = conn.execute(
+                "SELECT MIN(created_at) FROM outbox WHERE state IN ('queued', 'sent', 'waiting')"
+            ).fetchone()
+            return QueueLoad(int(count), oldest)
 
         self.load = await self.journal.acall(q)
         self._alarm()
@@ -617,7 +623,10 @@ class Forwarder(PollingTask):
             failed += result.failed + result.parked
             if once:
                 break
-            load = await self.refresh_load()
+            # A pass that took rows refreshed the load as it ended: counting the open rows again would double
+            # the journal thread's share of each pass.
+            took = result.done + result.retried + result.failed + result.parked + result.waiting
+            load = self.load if took else await self.refresh_load()
             if load.open_rows == 0:
                 break
             nxt = await self.journal.acall(lambda: self.journal.conn.execute(
