@@ -79,6 +79,7 @@ HOT_QUERIES: tuple[tuple[str, str, tuple[object, ...]], ...] = (
      " AND u.issuance_id IS NOT NULL", ("w",)),
     ("outbox due", "SELECT id FROM outbox WHERE state IN ('queued', 'sent', 'waiting') AND next_attempt_at <= ?"
      " ORDER BY next_attempt_at LIMIT 50", (0.0,)),
+    ("outbox oldest", "SELECT MIN(created_at) FROM outbox WHERE state IN ('queued', 'sent', 'waiting')", ()),
 )  # fmt: skip
 
 
