@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import shutil
 import sqlite3
 import statistics
@@ -51,6 +52,7 @@ from stations.simulator import make_devices
 
 CLI = [sys.executable, "-m", "appliance.cli.main"]
 CHECKPOINT_EVERY = 1000  # [audit] checkpoint_every_entries default
+VERIFY_SINCE_ENTRIES = 10_000  # `audit verify --since-checkpoint` is measured from a checkpoint this far back
 
 # The queries that run per request or per command and must stay indexed as the journal grows (name, SQL,
 # parameters). Checked with EXPLAIN QUERY PLAN here and in tests/appliance/issuance/test_query_plans.py. The
@@ -77,6 +79,7 @@ HOT_QUERIES: tuple[tuple[str, str, tuple[object, ...]], ...] = (
      " AND u.issuance_id IS NOT NULL", ("w",)),
     ("outbox due", "SELECT id FROM outbox WHERE state IN ('queued', 'sent', 'waiting') AND next_attempt_at <= ?"
      " ORDER BY next_attempt_at LIMIT 50", (0.0,)),
+    ("outbox oldest", "SELECT MIN(created_at) FROM outbox WHERE state IN ('queued', 'sent', 'waiting')", ()),
 )  # fmt: skip
 
 
@@ -105,10 +108,14 @@ def issue_sample(config: Config, n: int, tag: str) -> float:
         async def run() -> float:
             async with service:
                 t0 = time.perf_counter()
+                # Half the core's queue bound in flight ([issuance] max_queued): past the bound a request is
+                # refused BUSY, which would end the run instead of measuring it.
+                slots = asyncio.Semaphore(max(1, config.issuance.max_queued // 2))
 
                 async def one(serial: str, csr: bytes) -> None:
-                    result = await service.issue(IssueRequest(serial, csr, station="lan00"))
-                    await service.confirm(result.cert_serial)
+                    async with slots:
+                        result = await service.issue(IssueRequest(serial, csr, station="lan00"))
+                        await service.confirm(result.cert_serial)
 
                 await asyncio.gather(*(one(s, c) for s, c in devices))
                 return time.perf_counter() - t0
@@ -133,8 +140,30 @@ def _written() -> int:
 # -- the bulk fill ----------------------------------------------------------------------------------------------
 
 
+TEN_YEARS_S = 10 * 365 * 86400
+
+
+def audit_shapes(journal_path: Path) -> tuple[float, list[tuple[str, str, str]]]:
+    """What the sample's issuance wrote to the audit log: entries per certificate, and their (actor, event, data)
+    to copy. Read from the empty copy when resuming (the full journal's counts include the bulk rows)."""
+    conn = sqlite3.connect(f"file:{journal_path}?mode=ro", uri=True)
+    try:
+        n_sample = conn.execute("SELECT COUNT(*) FROM issuance").fetchone()[0]
+        n_audit = conn.execute("SELECT COUNT(*) FROM audit WHERE event LIKE 'issuance.%'").fetchone()[0]
+        shapes = [
+            (str(a), str(e), str(d))
+            for a, e, d in conn.execute(
+                "SELECT actor, event, data FROM audit WHERE event LIKE 'issuance.%' LIMIT 64"
+            )
+        ]
+    finally:
+        conn.close()
+    return n_audit / n_sample, shapes
+
+
 def fill(config: Config, journal_path: Path, certs: int, per_wo: int, outbox: bool) -> None:
     """Append `certs` issued+confirmed certificates with their units, outbox rows and audit entries."""
+    per_cert, shapes = audit_shapes(journal_path)
     conn = sqlite3.connect(journal_path, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")  # a bulk load: the measured phases use the daemon's settings
@@ -143,18 +172,9 @@ def fill(config: Config, journal_path: Path, certs: int, per_wo: int, outbox: bo
     ).fetchone()
     assert sample is not None, "the sample issued nothing"
     profile, ca, cert_der, station = sample
-    n_sample = conn.execute("SELECT COUNT(*) FROM issuance").fetchone()[0]
-    n_audit = conn.execute("SELECT COUNT(*) FROM audit WHERE event LIKE 'issuance.%'").fetchone()[0]
-    per_cert = n_audit / n_sample
-    shapes = [
-        (str(a), str(e), str(d))
-        for a, e, d in conn.execute(
-            "SELECT actor, event, data FROM audit WHERE event LIKE 'issuance.%' LIMIT 64"
-        )
-    ]
     csr = make_devices(1, "X")[0][1]
-    t_start = time.time() - 10 * 365 * 86400  # ten years ago
-    span = 10 * 365 * 86400
+    t_start = time.time() - TEN_YEARS_S  # ten years ago
+    span = TEN_YEARS_S
     wos = (certs + per_wo - 1) // per_wo
     print(f"bulk: {certs} certificates in {wos} work orders, {per_cert:.3f} audit entries per certificate"
           f" (as the sample), {'outbox rows' if outbox else 'no outbox'} ...", flush=True)  # fmt: skip
@@ -255,10 +275,19 @@ def ocsp_lookup_us(path: Path, ca: str, n: int = 2000) -> float:
     return us
 
 
-def cli_s(toml: Path, *argv: str) -> float:
+def cli_s(toml: Path, *argv: str, ok: tuple[int, ...] = (0,)) -> float:
     t0 = time.perf_counter()
-    subprocess.run([*CLI, *argv, "--config", str(toml)], check=True, capture_output=True)
-    return time.perf_counter() - t0
+    done = subprocess.run([*CLI, *argv, "--config", str(toml)], capture_output=True, check=False)
+    elapsed = time.perf_counter() - t0
+    if done.returncode not in ok:
+        raise RuntimeError(
+            f"birthline {' '.join(argv)} exited {done.returncode}: {done.stdout!r} {done.stderr!r}"
+        )
+    return elapsed
+
+
+# `audit verify`: INTACT (0), or UNSIGNED TAIL (3, no problem) when the daemon was stopped before its checkpoint
+VERIFIED = (0, 3)
 
 
 async def daemon_start_s(toml: Path, port: int) -> float:
@@ -280,7 +309,16 @@ def measure(label: str, base: Path, toml: Path, config: Config, port: int, wo: s
     out["ocsp_us"] = ocsp_lookup_us(journal, config.issuance.issuing_ca)
     out["report_s"] = cli_s(toml, "report", "workorder", wo)
     out["export_s"] = cli_s(toml, "export", "workorder", wo, "--csv", str(base / f"{tag}.csv"))
-    out["verify_s"] = cli_s(toml, "audit", "verify")
+    out["verify_s"] = cli_s(toml, "audit", "verify", ok=VERIFIED)
+    # Incremental: from the checkpoint about VERIFY_SINCE_ENTRIES entries before the head (as if the last full
+    # verification had been made then), that checkpoint's signature verified again.
+    with sqlite3.connect(f"file:{journal}?mode=ro", uri=True) as conn:
+        head = conn.execute("SELECT MAX(seq) FROM audit").fetchone()[0]
+        since = conn.execute(
+            "SELECT MIN(seq) FROM audit_checkpoint WHERE seq >= ?", (head - VERIFY_SINCE_ENTRIES,)
+        ).fetchone()[0]
+    out["verify_since_s"] = cli_s(toml, "audit", "verify", "--since-checkpoint", str(since), ok=VERIFIED)
+    out["verify_since_entries"] = head - since + 1
     with sqlite3.connect(journal) as conn:
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         out["certs"] = conn.execute("SELECT COUNT(*) FROM issuance").fetchone()[0]
@@ -303,7 +341,17 @@ def main() -> int:
     )
     ap.add_argument("--rounds", type=int, default=3, help="alternated issuance rounds per journal (median)")
     ap.add_argument("--keep", type=Path, help="keep the filled appliance in this directory")
+    ap.add_argument(
+        "--measure-kept",
+        type=Path,
+        metavar="DIR",
+        help="measure a kept appliance (a birthline-growth-* directory of an earlier --keep run) instead of"
+        " building one; if that run was stopped during the bulk fill, its certificates' audit entries are"
+        " added first",
+    )
     args = ap.parse_args()
+    if args.measure_kept is not None:
+        return measure_kept(args)
     tmp = tempfile.mkdtemp(prefix="birthline-growth-", dir=args.keep)
     base = Path(tmp)
     try:
@@ -332,23 +380,75 @@ def main() -> int:
         )
         print(f"bulk fill took {time.perf_counter() - t0:.0f} s", flush=True)
         full = measure("full", base, toml, config, port, "WO-Y000000", "F", args.sample)
-        # Issuance on each journal, alternated (empty, full, empty, ...): this machine's load drifts.
-        rounds: dict[str, list[float]] = {"empty": [], "full": []}
-        written: dict[str, list[float]] = {"empty": [], "full": []}
-        for i in range(args.rounds):
-            for name, cfg in (("empty", config_empty), ("full", config)):
-                rounds[name].append(issue_sample(cfg, args.sample, f"R{i}{name[0].upper()}"))
-                written[name].append(WRITTEN[-1])
-        empty["rate"], full["rate"] = statistics.median(rounds["empty"]), statistics.median(rounds["full"])
-        empty["written"], full["written"] = (
-            statistics.median(written["empty"]),
-            statistics.median(written["full"]),
-        )
-        shown = {k: ", ".join(f"{r:.0f}" for r in v) for k, v in rounds.items()}
-        print(f"issuance rounds (certificates/s): empty {shown['empty']}; full {shown['full']}")
+        alternate_rounds(args, config_empty, config, empty, full)
     finally:
         if args.keep is None:
             shutil.rmtree(tmp, ignore_errors=True)
+    report(empty, full)
+    return 0
+
+
+def alternate_rounds(
+    args: argparse.Namespace,
+    config_empty: Config,
+    config: Config,
+    empty: dict[str, float],
+    full: dict[str, float],
+) -> None:
+    """Issuance on each journal, alternated (empty, full, empty, ...): this machine's load drifts."""
+    rounds: dict[str, list[float]] = {"empty": [], "full": []}
+    written: dict[str, list[float]] = {"empty": [], "full": []}
+    for i in range(args.rounds):
+        for name, cfg in (("empty", config_empty), ("full", config)):
+            rounds[name].append(issue_sample(cfg, args.sample, f"R{i}{name[0].upper()}"))
+            written[name].append(WRITTEN[-1])
+    empty["rate"], full["rate"] = statistics.median(rounds["empty"]), statistics.median(rounds["full"])
+    empty["written"], full["written"] = (
+        statistics.median(written["empty"]),
+        statistics.median(written["full"]),
+    )
+    shown = {k: ", ".join(f"{r:.0f}" for r in v) for k, v in rounds.items()}
+    print(f"issuance rounds (certificates/s): empty {shown['empty']}; full {shown['full']}", flush=True)
+
+
+def measure_kept(args: argparse.Namespace) -> int:
+    """--measure-kept: the empty copy and the full journal of a kept run, measured as a whole run measures them.
+    A run stopped during the bulk fill kept the 100,000-certificate chunks it committed, without their audit
+    entries (the audit fill comes last): those are added first, as fill() would have (a checkpoint every
+    CHECKPOINT_EVERY entries, signed in the HSM)."""
+    base = args.measure_kept.resolve()
+    toml, toml_empty = base / "birthline.toml", base / "birthline-empty.toml"
+    config, config_empty = load_config(toml), load_config(toml_empty)
+    port = int(re.search(r'lan_listen = "127\.0\.0\.1:(\d+)"', toml.read_text()).group(1))  # type: ignore[union-attr]
+    empty_path = config_empty.appliance.state_dir / "journal.sqlite"
+    full_path = config.appliance.state_dir / "journal.sqlite"
+    per_cert, shapes = audit_shapes(empty_path)
+    counts = {}
+    for name, path in (("empty", empty_path), ("full", full_path)):
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+            counts[name] = conn.execute(
+                "SELECT (SELECT MAX(id) FROM issuance), (SELECT MAX(seq) FROM audit)"
+            ).fetchone()
+    bulk = counts["full"][0] - counts["empty"][0]  # the bulk rows follow the sample's ids
+    audit_bulk = counts["full"][1] - counts["empty"][1]
+    want = round(bulk * per_cert)
+    print(
+        f"kept run {base}: {bulk} bulk certificates, {audit_bulk} of their {want} audit entries", flush=True
+    )
+    if audit_bulk < want // 2:  # the fill was stopped before its audit entries
+        t0 = time.perf_counter()
+        fill_audit(config, want, shapes, time.time() - TEN_YEARS_S, TEN_YEARS_S)
+        print(f"audit fill took {time.perf_counter() - t0:.0f} s", flush=True)
+    full = measure("full", base, toml, config, port, "WO-Y000000", f"KF{time.time():.0f}", args.sample)
+    empty = measure(
+        "empty", base, toml_empty, config_empty, port, "WO-BENCH", f"KE{time.time():.0f}", args.sample
+    )
+    alternate_rounds(args, config_empty, config, empty, full)
+    report(empty, full)
+    return 0
+
+
+def report(empty: dict[str, float], full: dict[str, float]) -> None:
     added = full["certs"] - empty["certs"]
     print(f"\njournal: {empty['certs']:.0f} -> {full['certs']:.0f} certificates, {empty['audit']:.0f} ->"
           f" {full['audit']:.0f} audit entries; machine: {os.cpu_count()} cores")  # fmt: skip
@@ -359,6 +459,7 @@ def main() -> int:
         ("report workorder (s)", "report_s", "{:.2f}"),
         ("export workorder --csv (s)", "export_s", "{:.2f}"),
         ("audit verify (s)", "verify_s", "{:.2f}"),
+        ("audit verify --since-checkpoint (s)", "verify_since_s", "{:.2f}"),
         ("daemon start (s)", "start_s", "{:.2f}"),
     )
     print(f"  {'':34s} {'empty':>10s} {'full':>10s} {'full/empty':>10s}")
@@ -371,7 +472,8 @@ def main() -> int:
     )
     print(f"  journal bytes per certificate: {(full['bytes'] - empty['bytes']) / added:.0f}"
           f" (full journal {full['bytes'] / 1e9:.2f} GB)")  # fmt: skip
-    return 0
+    print(f"  audit verify --since-checkpoint read {empty['verify_since_entries']:.0f} / {full['verify_since_entries']:.0f}"
+          f" entries of {empty['audit']:.0f} / {full['audit']:.0f}")  # fmt: skip
 
 
 if __name__ == "__main__":

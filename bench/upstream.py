@@ -1,21 +1,27 @@
 """Upstream forwarding throughput: drain queued outbox records to a local upstream, batched against single.
 
-    python bench/upstream.py [--count 100000] [--batch 50] [--single-count N] [--rtt-ms 0,20]
+    python bench/upstream.py [--count 100000] [--batch 50] [--in-flight 2] [--single-count N] [--rtt-ms 0,20]
                              [--upstream mini|birthline]
 
-`--upstream mini` (the default): the upstream is a MINIMAL local CMP responder built with the message layer (not a
-second Birthline instance: that would add its own HSM issuance and group commit to what is measured). It answers
-p10cr with a cp holding a certificate for the requested key (software CA), certConf with pkiConf, and nested
-messages with one answer per inner message; every answer is signature-protected (software EC key) and every
-request's protection is verified. The forwarder is the real one (appliance.cmp.forwarder) over a real journal and
-real HTTP on 127.0.0.1; its RA key is a software EC P-256 key here (the appliance uses the HSM's `cmp-ra`).
-`--count` records (p10cr, 1,000 distinct device CSRs reused) are written straight into the outbox, then drained:
+`--upstream mini` (the default): the upstream is bench/upstream_mini.py in a process of its own: a MINIMAL CMP
+responder built with the message layer (not a second Birthline instance: that would add its own HSM issuance and
+group commit to what is measured). Its module docstring lists exactly what it checks (the RA's signature on each
+message, once per nested message; each CSR's signature once) and what it caches (the certificate per CSR); every
+answer it sends is signed. The forwarder is the real one (appliance.cmp.forwarder) over a real journal and real
+HTTP on 127.0.0.1, its RA key in a SoftHSM2 token as on the appliance (`--ra-key software`: in memory). `--count`
+records (p10cr, 1,000 distinct device CSRs reused) are written straight into the outbox, then drained:
 
-    batched   nested messages of --batch requests (then one nested certConf batch)
+    batched   nested messages of --batch requests, --in-flight of them at once ([upstream] batches_in_flight),
+              then one nested certConf message per batch
     single    one p10cr and one certConf message per record
 
+With --implicit-confirm the forwarder asks for implicitConfirm ([upstream] implicit_confirm) and the minimal
+upstream grants it: no certConf, one exchange and one RA signature per record instead of two.
+
 Single mode drains `--single-count` records (default: the same as --count) and the rate is extrapolated when
-smaller. Both sides share one event loop and CPU here: figures are ratios within one run.
+smaller. After each mode the bench prints the CPU time per record of this process (the forwarder, with its
+journal and PKCS#11 threads), of the upstream process and of the relay process, and how busy each was: the
+three share this machine's cores, so figures are ratios within one run.
 
 `--upstream birthline`: the upstream is a REAL second Birthline instance in its own process
 (bench/upstream_peer.py: SoftHSM2 token, journal, CA hierarchy, production floor with an active work order, the
@@ -30,9 +36,9 @@ what the forwarder and the message layer cost without an issuing upstream.
 
 `--rtt-ms` runs the pair once per round-trip time. 0 is plain loopback: both modes then do the same signing,
 verifying and encoding per record, and batching only saves what a message costs beyond that (an HTTP exchange
-and a journal commit). A factory's uplink to the manufacturer's CA is a WAN link: a TCP relay in its own thread
-delays every chunk by half the RTT each way (netem is not available on these machines), so single mode waits two
-round trips per record and batched mode two per batch.
+and a journal commit). A factory's uplink to the manufacturer's CA is a WAN link: a TCP relay in a process of its
+own (bench/upstream_mini.py relay, with either upstream) delays every chunk by half the RTT each way (netem is not
+available on these machines), so single mode waits two round trips per record and batched mode two per batch.
 """
 
 from __future__ import annotations
@@ -44,11 +50,11 @@ import dataclasses
 import datetime as dt
 import json
 import os
+import resource
 import signal
 import sqlite3
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -56,27 +62,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from appliance.cmp import (
-    BodyType,
-    CertRepBody,
-    CertResponse,
-    NestedBody,
-    NestedItem,
-    P10crBody,
-    PkiConfBody,
-    PKIMessage,
-    PKIStatusInfo,
     SignatureProtector,
-    build_message,
-    parse_message,
-    response_header,
-    verify_signature,
 )
 from appliance.cmp.forwarder import Forwarder
 from appliance.cmp.model import PKIHeader
@@ -122,99 +114,6 @@ class OneByOne:
         return self.inner.protect(header, protected_part)
 
 
-class MiniUpstream:
-    def __init__(self) -> None:
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        self.cert = _cert("Bench Upstream CA", self.key, "Bench Upstream CA", self.key, True)
-        self.protector = SignatureProtector(self.key, self.cert)
-        self.issued = 0
-        self.transactions: set[bytes] = set()
-
-    def answer(self, msg: PKIMessage) -> PKIMessage:
-        verify_signature(msg)
-        header = response_header(msg.header, sender=x509.DirectoryName(self.cert.subject))
-        if isinstance(msg.body, NestedBody):
-            inner = [self.answer(m) for m in msg.body.messages]
-            body = NestedBody(tuple(NestedItem(m.der, m) for m in inner))
-            return build_message(header, BodyType.NESTED, body, protection=self.protector)
-        if isinstance(msg.body, P10crBody):
-            self.issued += 1
-            self.transactions.add(msg.header.transaction_id or b"")
-            now = dt.datetime.now(dt.UTC)
-            cert = (
-                x509.CertificateBuilder()
-                .subject_name(msg.body.csr.subject)
-                .issuer_name(self.cert.subject)
-                .public_key(msg.body.csr.public_key())
-                .serial_number(x509.random_serial_number())
-                .not_valid_before(now)
-                .not_valid_after(now + dt.timedelta(days=3650))
-                .sign(self.key, hashes.SHA256())
-            )
-            rep = CertRepBody((CertResponse(0, PKIStatusInfo.accepted(), cert),))
-            return build_message(header, BodyType.CP, rep, protection=self.protector)
-        return build_message(header, BodyType.PKICONF, PkiConfBody(), protection=self.protector)
-
-    async def handle(self, request: web.Request) -> web.Response:
-        msg = parse_message(await request.read())
-        return web.Response(body=self.answer(msg).der, content_type="application/pkixcmp")
-
-
-class DelayRelay:
-    """A TCP relay on 127.0.0.1 that forwards each chunk `one_way_s` after it arrived, in order, both ways: a
-    link with that propagation delay and no bandwidth limit. It runs its own event loop in a thread so the
-    bench's loop does not schedule it."""
-
-    def __init__(self, target: tuple[str, int], one_way_s: float) -> None:
-        self.target = target
-        self.one_way_s = one_way_s
-        self.port = 0
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="delay-relay", daemon=True)
-
-    def __enter__(self) -> DelayRelay:
-        self._thread.start()
-        self._ready.wait(10)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        server = self._loop.run_until_complete(asyncio.start_server(self._accept, "127.0.0.1", 0))
-        self.port = server.sockets[0].getsockname()[1]
-        self._ready.set()
-        self._loop.run_forever()
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(*self.target)
-        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        loop = asyncio.get_running_loop()
-        chunks: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue()
-
-        async def deliver() -> None:
-            while (item := await chunks.get()) is not None:
-                due, data = item
-                if (wait := due - loop.time()) > 0:
-                    await asyncio.sleep(wait)
-                writer.write(data)
-                await writer.drain()
-            writer.close()
-
-        task = asyncio.create_task(deliver())
-        with contextlib.suppress(ConnectionError):
-            while data := await reader.read(1 << 16):
-                chunks.put_nowait((loop.time() + self.one_way_s, data))
-        chunks.put_nowait(None)
-        with contextlib.suppress(ConnectionError):
-            await task
-
-
 def queue(journal_path: Path, count: int, csrs: list[bytes]) -> None:
     conn = sqlite3.connect(journal_path)
     now = time.time()
@@ -237,8 +136,9 @@ def outbox_states(journal_path: Path) -> dict[str, int]:
 
 
 async def drain(journal: Journal, url: str, mode: str, batch: int, ra: SignatureProtector,
-                server: x509.Certificate) -> tuple[float, int]:  # fmt: skip
-    settings = UpstreamSection(url=url, mode=mode, batch_max=batch, batch_wait_s=0, request_timeout_s=60)
+                server: x509.Certificate, in_flight: int, implicit_confirm: bool = False) -> tuple[float, int]:  # fmt: skip
+    settings = UpstreamSection(url=url, mode=mode, batch_max=batch, batch_wait_s=0, request_timeout_s=60,
+                               batches_in_flight=in_flight, implicit_confirm=implicit_confirm)  # fmt: skip
     fwd = Forwarder(journal, settings, ra, server_certs=(server,))
     # A record that keeps failing would be retried with backoff for up to an hour: give up after a few.
     retry_limit = 10 + batch
@@ -284,16 +184,16 @@ async def run_modes(path: Path, port: int, url_path: str, rtt_ms: float, args: a
                     check: Callable[[str, int], Awaitable[None]]) -> None:  # fmt: skip
     """Drain each (mode, records, CSRs) of `plan` at one round-trip time and print the rates; `check(mode, n)`
     asserts the upstream issued n certificates for that mode."""
-    with contextlib.ExitStack() as stack:
+    async with contextlib.AsyncExitStack() as stack:
         target = f"http://127.0.0.1:{port}{url_path}"
         if rtt_ms > 0:
-            relay = stack.enter_context(DelayRelay(("127.0.0.1", port), rtt_ms / 2000))
-            target = f"http://127.0.0.1:{relay.port}{url_path}"
+            relay = await stack.enter_async_context(Child("relay", str(port), str(rtt_ms / 2000)))
+            target = f"http://127.0.0.1:{relay.info['port']}{url_path}"
         rates = {}
         for mode, n, csrs in plan:
             queue(path, n, csrs)
             with Journal(path) as journal:
-                elapsed, messages = await drain(journal, target, mode, args.batch, ra, server)
+                elapsed, messages = await drain(journal, target, mode, args.batch, ra, server, args.in_flight)
             assert (states := outbox_states(path)) == {"done": n}, states
             rates[mode] = n / elapsed
             print(f"  {mode:8} {n:>7} records in {elapsed:7.1f} s: {rates[mode]:8.0f} records/s"
@@ -302,35 +202,113 @@ async def run_modes(path: Path, port: int, url_path: str, rtt_ms: float, args: a
         print(f"  batched / single: {rates['batched'] / rates['single']:.1f}x (target >= 10x)", flush=True)
 
 
-async def run_mini(args: argparse.Namespace, single_count: int, rtts: list[float], path: Path,
+class Child:
+    """A bench/upstream_mini.py process (`serve` or `relay`), a session of its own: its first JSON line says where
+    it listens; `stats()` asks for its counters and CPU time; closing its stdin stops it."""
+
+    def __init__(self, *argv: str) -> None:
+        self.argv = argv
+        self.proc: asyncio.subprocess.Process | None = None
+        self.info: dict[str, Any] = {}
+
+    async def __aenter__(self) -> Child:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, str(Path(__file__).with_name("upstream_mini.py")), *self.argv,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, start_new_session=True,
+        )  # fmt: skip
+        assert self.proc.stdout is not None
+        line = await asyncio.wait_for(self.proc.stdout.readline(), 60)
+        if not line:
+            await self.__aexit__()
+            raise RuntimeError(f"bench/upstream_mini.py {self.argv[0]} exited before serving")
+        self.info = json.loads(line)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        proc = self.proc
+        if proc is None or proc.returncode is not None:
+            return
+        if proc.stdin is not None:
+            proc.stdin.close()
+        try:
+            await asyncio.wait_for(proc.wait(), 30)
+        except (TimeoutError, asyncio.CancelledError):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+            raise
+
+    async def stats(self) -> dict[str, Any]:
+        assert self.proc is not None and self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(b"stats\n")
+        await self.proc.stdin.drain()
+        line = await asyncio.wait_for(self.proc.stdout.readline(), 30)
+        assert line, f"bench/upstream_mini.py {self.argv[0]} exited"
+        result: dict[str, Any] = json.loads(line)
+        return result
+
+
+def cpu_s() -> float:
+    """This process's CPU time so far, every thread (the forwarder, the journal's, PKCS#11's): user + system."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+async def run_mini(args: argparse.Namespace, single_count: int, rtts: list[float], tmp: Path, path: Path,
                    ra: SignatureProtector) -> None:  # fmt: skip
-    up = MiniUpstream()
-    app = web.Application(client_max_size=4 * 1024 * 1024)
-    app.router.add_post("/cmp", up.handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        dev = []
-        for i in range(1000):
-            k = ec.generate_private_key(ec.SECP256R1())
-            name = x509.Name([x509.NameAttribute(NameOID.SERIAL_NUMBER, f"SN-{i:05d}")])
-            csr = x509.CertificateSigningRequestBuilder().subject_name(name).sign(k, hashes.SHA256())
-            dev.append(csr.public_bytes(serialization.Encoding.DER))
-        issued = {"before": 0}
-
-        async def check(mode: str, n: int) -> None:
-            assert up.issued - issued["before"] == n, (up.issued - issued["before"], n)
-            issued["before"] = up.issued
-
+    """The minimal upstream (bench/upstream_mini.py serve) and, at a round-trip time, the delay relay, each in a
+    process of its own: they do not share this process's event loop or GIL. Each mode's line gives the CPU
+    seconds this process (forwarder), the upstream and the relay spent on it."""
+    ra_pem = tmp / "bench-ra.pem"
+    ra_pem.write_bytes(ra.certificate.public_bytes(serialization.Encoding.PEM))
+    dev = []
+    for i in range(1000):
+        k = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.SERIAL_NUMBER, f"SN-{i:05d}")])
+        csr = x509.CertificateSigningRequestBuilder().subject_name(name).sign(k, hashes.SHA256())
+        dev.append(csr.public_bytes(serialization.Encoding.DER))
+    async with Child("serve", str(ra_pem)) as up:
+        assert up.proc is not None
+        server = x509.load_pem_x509_certificate(up.info["cert"].encode())
+        print(f"upstream: bench/upstream_mini.py in process {up.proc.pid}", flush=True)
         for rtt_ms in rtts:
-            print(describe_rtt(rtt_ms))
-            plan = [("batched", args.count, dev), ("single", single_count, dev)]
-            await run_modes(path, port, "/cmp", rtt_ms, args, ra, up.cert, plan, check)
-    finally:
-        await runner.cleanup()
+            print(describe_rtt(rtt_ms), flush=True)
+            async with contextlib.AsyncExitStack() as stack:
+                port = int(up.info["port"])
+                link: Child | None = None
+                if rtt_ms > 0:
+                    link = await stack.enter_async_context(Child("relay", str(port), str(rtt_ms / 2000)))
+                    port = int(link.info["port"])
+                target = f"http://127.0.0.1:{port}/cmp"
+                rates = {}
+                for mode, n in (("batched", args.count), ("single", single_count)):
+                    queue(path, n, dev)
+                    before = (cpu_s(), await up.stats(), await link.stats() if link else None)
+                    with Journal(path) as journal:
+                        elapsed, messages = await drain(journal, target, mode, args.batch, ra, server,
+                                                        args.in_flight, args.implicit_confirm)  # fmt: skip
+                    after = (cpu_s(), await up.stats(), await link.stats() if link else None)
+                    assert (states := outbox_states(path)) == {"done": n}, states
+                    issued = after[1]["issued"] - before[1]["issued"]
+                    assert issued == n and after[1]["refused"] == 0, (issued, n, after[1])
+                    rates[mode] = n / elapsed
+                    cpu = {"forwarder (this process)": after[0] - before[0],
+                           "upstream": after[1]["cpu_s"] - before[1]["cpu_s"]}  # fmt: skip
+                    if link is not None:
+                        assert before[2] is not None and after[2] is not None
+                        cpu["relay"] = after[2]["cpu_s"] - before[2]["cpu_s"]
+                    print(f"  {mode:8} {n:>7} records in {elapsed:7.1f} s: {rates[mode]:8.0f} records/s"
+                          f" ({messages} HTTP messages)", flush=True)  # fmt: skip
+                    print("    CPU per record: " + ", ".join(f"{k} {v / n * 1e3:.3f} ms" for k, v in cpu.items())
+                          + "; CPU busy: " + ", ".join(f"{k} {v / elapsed:.0%}" for k, v in cpu.items()),
+                          flush=True)  # fmt: skip
+                    own = cpu["forwarder (this process)"] / n
+                    print(f"    forwarder alone on one core: about {1 / own:.0f} records/s (1 / its CPU per record:"
+                          " an inference from this run, not a measured rate)", flush=True)  # fmt: skip
+                print(
+                    f"  batched / single: {rates['batched'] / rates['single']:.1f}x (target >= 10x)",
+                    flush=True,
+                )
 
 
 class Peer:
@@ -459,6 +437,10 @@ async def main() -> None:
     p.add_argument("--count", type=int, default=100_000)
     p.add_argument("--single-count", type=int, default=None)
     p.add_argument("--batch", type=int, default=50)
+    p.add_argument("--implicit-confirm", action="store_true",
+                   help="mini upstream: the forwarder asks for implicitConfirm, which the upstream grants (no certConf)")  # fmt: skip
+    p.add_argument("--in-flight", type=int, default=UpstreamSection().batches_in_flight,
+                   help="batched mode: nested messages in flight at once ([upstream] batches_in_flight)")  # fmt: skip
     p.add_argument("--rtt-ms", default="0", help="comma-separated round-trip times to run at (default 0)")
     p.add_argument("--upstream", choices=("mini", "birthline"), default="mini",
                    help="mini: the in-process responder (default); birthline: a real Birthline in a child process")  # fmt: skip
@@ -504,7 +486,7 @@ async def main() -> None:
         path = Path(tmp) / "journal.sqlite"
         Journal(path).close()
         if args.upstream == "mini":
-            await run_mini(args, single_count, rtts, path, ra)
+            await run_mini(args, single_count, rtts, Path(tmp), path, ra)
         else:
             await run_birthline(args, single_count, rtts, Path(tmp), path, ra)
 

@@ -1,7 +1,8 @@
 """Verify the audit log (in the journal, or an exported JSON Lines file) and export it for auditors.
 
-verify() recomputes the whole chain from genesis and reports every problem it finds, each with the entry's seq
-and what is wrong: edited entries, deleted or reordered entries, a chain re-hashed after an edit (caught by a
+verify() recomputes the whole chain from genesis (or, with since_checkpoint, from a checkpoint an earlier
+verification found good: see there) and reports every problem it finds, each with the entry's seq and what is
+wrong: edited entries, deleted or reordered entries, a chain re-hashed after an edit (caught by a
 signed checkpoint, or by the auditor's copy of the head), checkpoints re-signed with another key (caught by
 the recorded, and ideally pinned, audit public key), checkpoints the log claims but no longer holds, an
 unsigned run longer than the log promises, and a truncated tail (caught by the auditor's head). It also says
@@ -90,6 +91,7 @@ class VerifyReport:
     policy: dict[str, Any] | None = None  # the bound on unsigned entries the log states (stated_at, max_...)
     key_fingerprints: dict[str, str] = field(default_factory=dict)  # label -> SHA-256 of SPKI, hex
     pinned: bool = False
+    since_checkpoint: int | None = None  # incremental: entries before this checkpoint's seq were not checked
     problems: list[AuditProblem] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -114,7 +116,8 @@ class VerifyReport:
         seq, digest = self.head
         verdict = {INTACT: "INTACT", UNSIGNED_TAIL: "UNSIGNED TAIL", NOT_INTACT: "NOT INTACT"}[self.status]
         lines = [
-            f"{self.source}: {verdict}",
+            f"{self.source}: {verdict}"
+            + ("" if self.since_checkpoint is None else f" (checked from seq {self.since_checkpoint} on)"),
             f"  entries {self.entries}, head seq {seq} hash {digest.hex()}",
             f"  checkpoints {self.checkpoints}, last good checkpoint "
             + ("none" if self.last_good_checkpoint is None else f"seq {self.last_good_checkpoint}")
@@ -124,6 +127,11 @@ class VerifyReport:
                 else "; none chained into the log"
             ),
         ]
+        if self.since_checkpoint is not None:
+            lines.append(
+                f"  incremental: entries before seq {self.since_checkpoint} were NOT checked; they are trusted"
+                f" through the checkpoint at seq {self.since_checkpoint}, whose signature was verified again"
+            )
         if self.unsigned is None:
             lines.append(f"  signed through seq {self.signed_through}: every entry is covered by a signature")
         else:
@@ -159,8 +167,8 @@ class AuditSource(Protocol):
     name: str
 
     def keys(self) -> dict[str, bytes]: ...
-    def checkpoints(self) -> list[Checkpoint | Malformed]: ...
-    def entries(self) -> Iterator[AuditEntry | Malformed]: ...
+    def checkpoints(self, since: int = 0) -> list[Checkpoint | Malformed]: ...
+    def entries(self, since: int = 0) -> Iterator[AuditEntry | Malformed]: ...
     def head_record(self) -> dict[str, Any] | None: ...
 
 
@@ -198,12 +206,21 @@ class SqliteSource:
     def keys(self) -> dict[str, bytes]:
         return {str(r[0]): bytes(r[1]) for r in self.conn.execute("SELECT label, public_key FROM audit_key")}
 
-    def checkpoints(self) -> list[Checkpoint | Malformed]:
-        cur = self.conn.execute(f"SELECT {Checkpoint.COLUMNS} FROM audit_checkpoint ORDER BY seq")
+    def checkpoints(self, since: int = 0) -> list[Checkpoint | Malformed]:
+        """The checkpoint rows from seq `since` on (all by default); a row whose seq is not an integer is kept."""
+        cur = self.conn.execute(
+            f"SELECT {Checkpoint.COLUMNS} FROM audit_checkpoint WHERE NOT (typeof(seq) = 'integer' AND seq < ?)"
+            " ORDER BY seq",
+            (since,),
+        )
         return [_checkpoint(r) for r in cur]
 
-    def entries(self) -> Iterator[AuditEntry | Malformed]:
-        for row in self.conn.execute(f"SELECT {AuditEntry.COLUMNS} FROM audit ORDER BY seq"):
+    def entries(self, since: int = 0) -> Iterator[AuditEntry | Malformed]:
+        """The entries from seq `since` on, in seq order (a range of the rowid b-tree: no scan of the rest)."""
+        sql = (
+            f"SELECT {AuditEntry.COLUMNS} FROM audit" + (" WHERE seq >= ?" if since else "") + " ORDER BY seq"
+        )
+        for row in self.conn.execute(sql, (since,) if since else ()):
             yield _entry(row)
 
     def head_record(self) -> dict[str, Any] | None:
@@ -275,12 +292,15 @@ class ExportSource:
     def keys(self) -> dict[str, bytes]:
         return dict(self._keys)
 
-    def checkpoints(self) -> list[Checkpoint | Malformed]:
-        return sorted(self._checkpoints, key=lambda c: -1 if c.seq is None else c.seq)
+    def checkpoints(self, since: int = 0) -> list[Checkpoint | Malformed]:
+        kept = [c for c in self._checkpoints if c.seq is None or c.seq >= since]
+        return sorted(kept, key=lambda c: -1 if c.seq is None else c.seq)
 
-    def entries(self) -> Iterator[AuditEntry | Malformed]:
+    def entries(self, since: int = 0) -> Iterator[AuditEntry | Malformed]:
         for lineno, rec in self._records():
             if rec.get("type") != "entry":
+                continue
+            if since and isinstance(rec.get("seq"), int) and rec["seq"] < since:
                 continue
             try:
                 row = (
@@ -310,6 +330,7 @@ def verify(
     *,
     expected_head: Head | None = None,
     public_key: PublicKeyPin | None = None,
+    since_checkpoint: int | None = None,
 ) -> VerifyReport:
     """Recompute the chain from genesis and check every checkpoint; report every problem found.
 
@@ -317,7 +338,23 @@ def verify(
     an earlier `audit head` or export; the log must still contain that seq with that hash (truncation, or a
     rewrite after it). public_key: the auditor's pinned audit key (or its SPKI SHA-256); without it the key
     recorded in the log is trusted, and the report warns.
+
+    since_checkpoint: incremental verification from the checkpoint at that seq, one an earlier verification of
+    this log found good (its `last_good_checkpoint`). Its signature is verified again (pinned key, else the
+    recorded one) and its entry must still hash to the signed head; from there the chain, the later checkpoints
+    and claims, the coverage and the expected head are checked exactly as a full verification does. Entries
+    BEFORE it are not read: an edit there that leaves the stored hashes alone is not seen (one that re-hashes
+    the chain through the checkpoint's entry is: that entry's hash is no longer the signed one). A full
+    verification stays the auditor's check; this one is the cheap periodic one between them.
     """
+    if since_checkpoint is not None:
+        if since_checkpoint < 1:
+            raise ValueError("since_checkpoint is the seq of a signed entry (1 or more)")
+        if expected_head is not None and expected_head[0] < since_checkpoint:
+            raise ValueError(
+                f"the expected head (seq {expected_head[0]}) is before the checkpoint the verification starts"
+                f" from (seq {since_checkpoint}): it cannot be checked incrementally"
+            )
     if isinstance(source, Journal):
         journal = source
 
@@ -325,7 +362,9 @@ def verify(
             conn = journal.conn
             conn.execute("BEGIN")  # one snapshot for every pass
             try:
-                return _verify(SqliteSource(conn, str(journal.path)), expected_head, public_key)
+                return _verify(
+                    SqliteSource(conn, str(journal.path)), expected_head, public_key, since_checkpoint
+                )
             finally:
                 conn.execute("COMMIT")
 
@@ -334,14 +373,16 @@ def verify(
         except sqlite3.Error as exc:
             raise AuditError(f"audit log cannot be read: {exc}") from exc
     exported = ExportSource(Path(source))
-    report = _verify(exported, expected_head, public_key)
+    report = _verify(exported, expected_head, public_key, since_checkpoint)
     for bad in exported.bad_lines:
         report.problem(bad.seq, MALFORMED, bad.reason)
     return report
 
 
-def _verify(source: AuditSource, expected_head: Head | None, pin: PublicKeyPin | None) -> VerifyReport:
-    report = VerifyReport(source.name, pinned=pin is not None)
+def _verify(
+    source: AuditSource, expected_head: Head | None, pin: PublicKeyPin | None, since: int | None = None
+) -> VerifyReport:
+    report = VerifyReport(source.name, pinned=pin is not None, since_checkpoint=since)
     pin_fp = None if pin is None else (pin if isinstance(pin, bytes) else key_fingerprint(pin))
     if pin_fp is not None and len(pin_fp) != HASH_SIZE:
         raise ValueError("a public key fingerprint is the 32-byte SHA-256 of the SubjectPublicKeyInfo DER")
@@ -374,7 +415,7 @@ def _verify(source: AuditSource, expected_head: Head | None, pin: PublicKeyPin |
     # Checkpoint signatures first (they need no entries).
     want: dict[int, Checkpoint] = {}
     good_sig: dict[int, bytes] = {}  # seq -> fingerprint of the key that verified it
-    for cp in source.checkpoints():
+    for cp in source.checkpoints(since or 0):
         report.checkpoints += 1
         if isinstance(cp, Malformed):
             report.problem(cp.seq, MALFORMED, f"checkpoint: {cp.reason}")
@@ -398,20 +439,35 @@ def _verify(source: AuditSource, expected_head: Head | None, pin: PublicKeyPin |
         if cp.seq == 0 and cp.head_hash != GENESIS_HASH:
             report.problem(0, CHECKPOINT_MISMATCH, "checkpoint of the empty log has a non-zero head hash")
 
-    # The chain, streamed from genesis; claims collected on the way.
+    if since is not None and since not in want:
+        report.problem(
+            since,
+            CHECKPOINT_MISSING,
+            f"no checkpoint at seq {since}, the one this verification was to start from: checkpoints were"
+            " deleted (or it never was one: take last_good_checkpoint from an earlier verification)",
+        )
+
+    # The chain, streamed from genesis (or from the trusted checkpoint's entry); claims collected on the way.
     prev_seq, prev_hash = 0, GENESIS_HASH
+    # Incremental: the checkpoint's own entry comes first and its prev_hash is taken as stored (its hash, which
+    # covers prev_hash, is what the checkpoint signed).
+    anchor: int | None = since
     # Stored hashes at checkpoint seqs, claims and the expected head.
     seen: dict[int, bytes] = {0: GENESIS_HASH}
     interesting = set(want) | ({expected_head[0]} if expected_head else set())
-    first_after = {seq + 1 for seq in want} | {1}  # where an unsigned run can start
+    first_after = {seq + 1 for seq in want} | {
+        1 if since is None else since
+    }  # where an unsigned run can start
     times: dict[int, float] = {}
     claims: dict[int, Claim | None] = {}  # None: a claim whose data is not what the appliance writes
     last_time = 0.0
-    for e in source.entries():
+    for e in source.entries(since or 0):
         if isinstance(e, Malformed):
             report.problem(e.seq, MALFORMED, f"entry: {e.reason}")
             continue
         report.entries += 1
+        if anchor is not None:
+            prev_seq, prev_hash, anchor = anchor - 1, e.prev_hash, None  # a missing anchor is a gap below
         if e.seq <= prev_seq:
             report.problem(
                 e.seq, OUT_OF_ORDER, f"entry {e.seq} comes after entry {prev_seq}: duplicated or reordered"
@@ -490,7 +546,7 @@ def _verify(source: AuditSource, expected_head: Head | None, pin: PublicKeyPin |
             )
 
     # Coverage: a good signature covers its entry and, through the chain, every entry before it.
-    signed = report.last_good_checkpoint or 0
+    signed = report.last_good_checkpoint or (0 if since is None else since - 1)
     report.signed_through = signed
     stated = max((c for c in good if claims.get(c) is not None), default=None)
     policy = None if stated is None else claims[stated]
@@ -550,7 +606,7 @@ def _verify(source: AuditSource, expected_head: Head | None, pin: PublicKeyPin |
                 report.problem(
                     file_head[0], EXPORT_HEAD, "the export's head record does not match its last entry"
                 )
-    _diagnose_moves(report, source)
+    _diagnose_moves(report, source, since or 0)
     return report
 
 
@@ -573,12 +629,12 @@ def _check_entry(report: VerifyReport, e: AuditEntry) -> None:
         )
 
 
-def _diagnose_moves(report: VerifyReport, source: AuditSource) -> None:
+def _diagnose_moves(report: VerifyReport, source: AuditSource, since: int = 0) -> None:
     """Name the original seq of entries whose hash fails only because they were moved (swap, renumbering)."""
     edited = {p.seq: i for i, p in enumerate(report.problems) if p.kind == EDITED and p.seq is not None}
     if not edited:
         return
-    for e in source.entries():
+    for e in source.entries(since):
         if isinstance(e, Malformed) or e.seq not in edited:
             continue
         for delta in range(1, MOVE_WINDOW + 1):

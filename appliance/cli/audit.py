@@ -100,14 +100,27 @@ def _pin(args: argparse.Namespace) -> PublicKeyPin | None:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     expected, pin = _expected_head(args), _pin(args)
+    since = args.since_checkpoint
+    if since is not None and (since < 1 or (expected is not None and expected[0] < since)):
+        raise BirthlineError(
+            f"--since-checkpoint {since}: the seq of a checkpoint (1 or more), at or before the expected head",
+            ReasonCode.BAD_REQUEST,
+        )
     if args.file is not None:
         if not Path(args.file).is_file():
             raise BirthlineError(f"--file {args.file}: no such file", ReasonCode.BAD_REQUEST)
         with _usage(f"--file {args.file}"):
-            report = verify(Path(args.file), expected_head=expected, public_key=pin)
+            report = verify(
+                Path(args.file),
+                expected_head=expected,
+                public_key=pin,
+                since_checkpoint=args.since_checkpoint,
+            )
     else:
         with _journal(args) as journal:
-            report = verify(journal, expected_head=expected, public_key=pin)
+            report = verify(
+                journal, expected_head=expected, public_key=pin, since_checkpoint=args.since_checkpoint
+            )
     if args.json:
         print(
             json.dumps(
@@ -133,6 +146,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
                     "policy": report.policy,
                     "public_keys_sha256": report.key_fingerprints,
                     "pinned": report.pinned,
+                    "since_checkpoint": report.since_checkpoint,
                     "problems": [
                         {"seq": p.seq, "kind": p.kind, "message": p.message} for p in report.problems
                     ],
@@ -214,6 +228,13 @@ def register(sub: Any, with_config: WithConfig) -> None:
     key.add_argument("--public-key-sha256", help="or its SHA-256 fingerprint (of the SPKI DER), hex")
     sp.add_argument(
         "--file", help="verify this export (JSON Lines) instead of the journal; needs no appliance"
+    )
+    sp.add_argument(
+        "--since-checkpoint",
+        type=int,
+        metavar="SEQ",
+        help="incremental: start from the checkpoint at SEQ that an earlier verify found good (its last good"
+        " checkpoint), verified again; entries before it are NOT checked. The default checks from genesis",
     )
     sp.add_argument("--json", action="store_true", help="machine-readable report")
     sp.set_defaults(func=cmd_verify)

@@ -58,8 +58,11 @@ def name_from_der(der: bytes) -> x509.Name:
     return x509.Name(rdns)
 
 
+@functools.lru_cache(maxsize=1024)
 def general_name_from_der(der: bytes) -> x509.GeneralName:
-    """One GeneralName TLV (as found in a PKIHeader or a CertId)."""
+    """One GeneralName TLV (as found in a PKIHeader or a CertId). Cached as name_from_der is: the sender and
+    recipient of a peer's messages repeat in every header (twice per record in an upstream drain), and a
+    GeneralName is immutable."""
     top = _der.read_frame(der, 0, len(der))
     if top.end != len(der):
         raise _der.Malformed("trailing bytes after GeneralName")

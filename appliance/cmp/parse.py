@@ -21,6 +21,7 @@ Every failure is one CmpError (badDataFormat unless a more precise bit applies);
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -100,11 +101,16 @@ def _boundary(what: str) -> Iterator[None]:
         raise CmpError(f"{what}: {detail}"[:300], fail_info=FailInfo.BAD_DATA_FORMAT) from None
 
 
+@functools.lru_cache(maxsize=64)
 def _certificate(der: bytes) -> x509.Certificate:
     """A certificate a peer sent, decoded whole here. cryptography decodes names and extensions only when asked,
     so one that loads may still raise later (two extensions of one type: DuplicateExtension; an undecodable
     name or extension value), deep in the trust or enrolment code: the peer's malformed data, answered as ours
-    (systemFailure). What parse_message hands on decodes."""
+    (systemFailure). What parse_message hands on decodes.
+
+    Cached by its bytes (a certificate object is immutable; a refusal is not cached): a peer's protection
+    certificate and its chain come in the extraCerts of every message, twice per record in an upstream drain.
+    64 entries: those repeat; a device's certificate, seen once, only passes through."""
     try:
         cert = x509.load_der_x509_certificate(der)
         _ = cert.subject, cert.issuer, cert.extensions

@@ -433,6 +433,9 @@ CREATE INDEX IF NOT EXISTS ocsp_signer_by_ca ON ocsp_signer (ca, not_after);
 CREATE INDEX IF NOT EXISTS outbox_open ON outbox (next_attempt_at) WHERE state IN ('queued', 'sent', 'waiting');
 -- The forwarder takes open rows oldest first; done rows accumulate for ever and must not be scanned each pass.
 CREATE INDEX IF NOT EXISTS outbox_open_by_id ON outbox (id) WHERE state IN ('queued', 'sent', 'waiting');
+-- The queue's oldest open record (the forwarder's age limits, every pass): MIN(created_at) otherwise reads every
+-- open row from the table, about a second with 100,000 queued.
+CREATE INDEX IF NOT EXISTS outbox_open_created ON outbox (created_at) WHERE state IN ('queued', 'sent', 'waiting');
 CREATE INDEX IF NOT EXISTS outbox_by_issuance ON outbox (issuance_id);
 CREATE INDEX IF NOT EXISTS outbox_by_serial ON outbox (cert_serial, kind);
 CREATE UNIQUE INDEX IF NOT EXISTS outbox_one_rr ON outbox (cert_serial) WHERE kind = 'rr';

@@ -147,6 +147,42 @@ def test_auditor_workflow(
     ]
 
 
+def test_verify_since_checkpoint(
+    config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The periodic check from the last good checkpoint of an earlier full verification (its --json)."""
+    c = ["--config", str(config_file)]
+    db = tmp_path / "state" / "journal.sqlite"
+    with Journal(db) as journal:
+        fill(AuditLog(journal), 30)
+    assert run(["audit", "checkpoint", *c, *as_(monkeypatch, "ada")]) == 0
+    capsys.readouterr()
+    assert run(["audit", "verify", *c, "--json"]) == 0
+    full = json.loads(capsys.readouterr().out)
+    since = full["last_good_checkpoint"]
+    assert full["since_checkpoint"] is None and since == full["head"]["seq"]
+    with Journal(db) as journal:
+        fill(AuditLog(journal), 5)
+    assert run(["audit", "checkpoint", *c, *as_(monkeypatch, "ada")]) == 0
+    capsys.readouterr()
+    assert run(["audit", "verify", *c, "--since-checkpoint", str(since), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    # the checkpoint's entry, 5 entries, ada's login and the new claim
+    assert (report["since_checkpoint"], report["entries"], report["status"]) == (since, 8, "intact")
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("DROP TRIGGER audit_no_update")
+    conn.execute("UPDATE audit SET actor='operator:mallory' WHERE seq IN (?, ?)", (since - 3, since + 2))
+    conn.close()
+    assert run(["audit", "verify", *c, "--since-checkpoint", str(since)]) == 1
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].endswith(f": NOT INTACT (checked from seq {since} on)")
+    assert f"seq {since + 2}: edited:" in out and f"seq {since - 3}:" not in out  # before it: not checked
+    assert run(["audit", "verify", *c]) == 1 and f"seq {since - 3}: edited:" in capsys.readouterr().out
+    assert run(["audit", "verify", *c, "--since-checkpoint", "0"]) == 2
+    assert run(["audit", "verify", *c, "--since-checkpoint", str(since), "--head-seq", "1",
+                "--head-hash", "00" * 32]) == 2  # fmt: skip
+
+
 def test_verify_without_a_journal_is_an_error(config_file: Path, tmp_path: Path) -> None:
     (tmp_path / "state" / "journal.sqlite").unlink()
     assert run(["audit", "verify", "--config", str(config_file)]) == 2

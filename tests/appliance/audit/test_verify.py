@@ -616,3 +616,98 @@ def test_claims_from_two_writers_keep_the_rule(
             (other if i % 2 else audit).checkpoint(audit_key)
     report = verify(journal)
     assert report.intact and report.claims == 5, report.text()
+
+
+# -- incremental verification from a checkpoint --------------------------------------------------------------------
+# The stopped log: claims 2, 21, 31, all signed. An auditor's full verify found checkpoint 21 good; later runs
+# start from it (since_checkpoint=21): entries 21..31 are read, entries 1..20 are not.
+def test_incremental_verify_of_an_intact_log_reads_only_from_the_checkpoint(
+    stopped: AuditLog, journal: Journal, audit_key: HsmEcPrivateKey
+) -> None:
+    pin = audit_key.public_key()
+    full = verify(journal, public_key=pin, expected_head=stopped.head())
+    report = verify(journal, public_key=pin, expected_head=stopped.head(), since_checkpoint=21)
+    assert report.status == INTACT and report.intact, report.text()
+    assert (report.entries, report.checkpoints, report.claims) == (11, 2, 2)  # entries 21..31, rows 21 and 31
+    assert (report.head, report.last_good_checkpoint, report.signed_through) == (full.head, 31, 31)
+    assert report.policy == full.policy and report.since_checkpoint == 21 and full.since_checkpoint is None
+    text = report.text()
+    assert text.splitlines()[0].endswith(": INTACT (checked from seq 21 on)")
+    assert "entries before seq 21 were NOT checked" in text
+    # the live log: the unsigned tail is judged as a full verification judges it
+    live = verify(journal, since_checkpoint=31)
+    assert live.intact and live.entries == 1
+
+
+def test_incremental_verify_does_not_see_an_edit_before_its_checkpoint(
+    stopped: AuditLog, journal: Journal, audit_key: HsmEcPrivateKey
+) -> None:
+    """The documented limit: an entry before the checkpoint, edited with its stored hashes left alone."""
+    with tamper(journal) as db:
+        db.execute("""UPDATE audit SET data='{"i":1,"serial":"SN-99999"}' WHERE seq=7""")
+    pin = audit_key.public_key()
+    assert kinds(verify(journal, public_key=pin)) == [(7, EDITED)]  # the full verification sees it
+    assert (
+        verify(journal, public_key=pin, since_checkpoint=21).status == INTACT
+    )  # the incremental one does not
+    assert kinds(verify(journal, public_key=pin, since_checkpoint=2)) == [(7, EDITED)]  # from before it: seen
+
+
+def test_incremental_verify_catches_a_rehash_through_its_checkpoint(
+    stopped: AuditLog, journal: Journal, audit_key: HsmEcPrivateKey
+) -> None:
+    """An edit before the checkpoint with every later hash recomputed changes the checkpoint's entry."""
+    with tamper(journal) as db:
+        rehash_from(db, 9, {9: '{"i":0,"serial":"SN-FORGED"}'})
+    report = verify(journal, public_key=audit_key.public_key(), since_checkpoint=21)
+    assert kinds(report) == [(21, CHECKPOINT_MISMATCH), (31, CHECKPOINT_MISMATCH)]
+
+
+@pytest.mark.parametrize(
+    ("sql", "expected"),
+    [
+        ("""UPDATE audit SET data='{"i":1,"serial":"SN-99999"}' WHERE seq=25""", [(25, EDITED)]),
+        ("UPDATE audit SET actor='operator:mallory' WHERE seq=21", [(21, EDITED)]),  # the checkpoint's own entry
+        ("DELETE FROM audit WHERE seq=27", [(27, MISSING)]),
+        ("DELETE FROM audit WHERE seq=21", [(21, MISSING), (21, TRUNCATED)]),
+        ("UPDATE audit_checkpoint SET signature=X'3006020101020101' WHERE seq=21", [(21, CHECKPOINT_SIGNATURE)]),
+        ("DELETE FROM audit_checkpoint WHERE seq=21", [(21, CHECKPOINT_MISSING), (21, CHECKPOINT_MISSING)]),
+        ("DELETE FROM audit_checkpoint WHERE seq=31", []),  # the last claim: a crash's window, an unsigned tail
+    ],
+    ids=["edit after", "edit the checkpoint entry", "delete after", "delete the checkpoint entry",
+         "bad checkpoint signature", "delete the checkpoint row", "delete the last row"],
+)  # fmt: skip
+def test_incremental_verify_catches_tampering_from_its_checkpoint_on(
+    stopped: AuditLog, journal: Journal, audit_key: HsmEcPrivateKey, sql: str, expected: list[tuple[int, str]]
+) -> None:
+    with tamper(journal) as db:
+        db.execute(sql)
+    pin = audit_key.public_key()
+    report = verify(journal, public_key=pin, since_checkpoint=21)
+    assert kinds(report) == expected, report.text()
+    assert report.status == (UNSIGNED_TAIL if not expected else NOT_INTACT)
+    # whatever the incremental verification reports, the full one reports too
+    assert set(kinds(report)) <= set(kinds(verify(journal, public_key=pin))) | {(21, CHECKPOINT_MISSING)}
+
+
+def test_incremental_verify_of_an_export_file(
+    stopped: AuditLog, journal: Journal, audit_key: HsmEcPrivateKey, tmp_path: Path
+) -> None:
+    out = tmp_path / "audit.jsonl"
+    export(journal, out)
+    report = verify(out, public_key=audit_key.public_key(), since_checkpoint=21)
+    assert report.intact and report.entries == 11, report.text()
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    for rec in records:
+        if rec.get("type") == "entry" and rec["seq"] in (7, 25):
+            rec["actor"] = "operator:mallory"
+    out.write_text("".join(json.dumps(rec) + "\n" for rec in records))
+    assert kinds(verify(out, since_checkpoint=21)) == [(25, EDITED)]  # 7 is before the checkpoint
+    assert kinds(verify(out)) == [(7, EDITED), (25, EDITED)]
+
+
+def test_incremental_verify_refuses_a_head_before_its_checkpoint(stopped: AuditLog, journal: Journal) -> None:
+    with pytest.raises(ValueError, match="before the checkpoint"):
+        verify(journal, expected_head=(5, bytes(32)), since_checkpoint=21)
+    with pytest.raises(ValueError, match="1 or more"):
+        verify(journal, since_checkpoint=0)

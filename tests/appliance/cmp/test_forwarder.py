@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from appliance.cmp.forwarder import DUE_SQL, Forwarder, HttpTransport, queue_status
+from appliance.cmp.model import PKIMessage
 from appliance.cmp.protection import SignatureProtector
 from appliance.errors import IssuanceRefused, ReasonCode
 from appliance.issuance.journal import Journal
@@ -384,6 +385,59 @@ async def test_a_duplicate_answer_in_a_nested_reply_changes_nothing(local: Local
     assert {r[1] for r in rows} == {"done"}
     certs = {bytes(r[4]) for r in rows}  # type: ignore[arg-type]
     assert len(certs) == 2 and len(upstream.issued()) == 2
+
+
+@pytest.mark.parametrize("inner", ["broken signature, same signer", "another signer"])
+async def test_inner_answers_are_verified_unless_the_nested_signature_covers_them(
+    local: Local, upstream: Upstream, inner: str
+) -> None:
+    """The nested reply's signature is verified; an inner answer signed by that same certificate is covered by
+    it (its exact bytes are signed) and its own signature is not verified again: even a broken one is taken, as
+    the trusted upstream signed it. An inner answer by any other signer is verified on its own: here untrusted."""
+    from appliance.cmp import BodyType, NestedBody, NestedItem, build_message, parse_message, response_header
+    from appliance.cmp.build import with_protection
+    from tests.appliance.cmp.support import MiniCa
+
+    await issue(local, ["SN-0001", "SN-0002"])
+    real = Recording(upstream.url)
+    other = MiniCa("Another CA")
+    other_key = ec.generate_private_key(ec.SECP256R1())
+    other_cert = other.issue(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Not the upstream")]),
+                             other_key.public_key())  # fmt: skip
+    impostor = SignatureProtector(other_key, other_cert)
+
+    def replace(msg: PKIMessage) -> PKIMessage:
+        if inner == "broken signature, same signer":
+            assert msg.protection is not None
+            return with_protection(msg, bytes(len(msg.protection)), msg.extra_certs)
+        header = dataclasses.replace(msg.header, sender=x509.DirectoryName(other_cert.subject), sender_kid=None,
+                                     protection_alg=None)  # fmt: skip
+        return build_message(header, msg.body_type, msg.body, protection=impostor)
+
+    async def post(der: bytes) -> bytes:
+        reply = parse_message(await real.post(der))
+        assert isinstance(reply.body, NestedBody)
+        body = NestedBody(tuple(NestedItem(m.der, m) for m in map(replace, reply.body.messages)))
+        req = parse_message(der)
+        header = response_header(req.header, sender=x509.DirectoryName(upstream.ra.certificate.subject))
+        return build_message(header, BodyType.NESTED, body, protection=upstream.ra).der
+
+    script = Scripted(None)
+    script.post = post  # type: ignore[method-assign]
+    fwd = Forwarder(local.journal, settings(upstream.url), local.ra, server_certs=(upstream.ra.certificate,),
+                    transport=script)  # fmt: skip
+    try:
+        result = await fwd.run_pass(force=True)
+    finally:
+        await real.http.close()
+    rows = outbox(local.journal)
+    if inner == "another signer":
+        assert (result.done, result.retried) == (0, 2)
+        assert {r[1] for r in rows} == {"sent"} and all("signer is not trusted" in str(r[6]) for r in rows), (
+            rows
+        )
+    else:
+        assert (result.done, result.retried) == (2, 0) and {r[1] for r in rows} == {"done"}, rows
 
 
 def test_the_due_query_never_scans_the_done_rows(tmp_path: Path) -> None:
