@@ -902,7 +902,8 @@ class IssueService:
         ids = [i.row_id for i in items if i.row_id is not None]
         started = time.perf_counter()
         try:
-            signatures = await self.key.asign_many([i.prep.tbs.tbs for i in items if i.prep is not None])
+            raws = await self.key.asign_unverified([i.prep.tbs.tbs for i in items if i.prep is not None])
+            ders = await self._finish(items, raws)
         except HsmError as exc:
             if self.observer is not None:
                 self.observer.signed(len(items), time.perf_counter() - started)
@@ -918,12 +919,8 @@ class IssueService:
         certs: list[tuple[int, bytes]] = []
         outbox: list[tuple[str, int, str, bytes, bytes | None, bytes | None, bytes | None, float, float]] = []
         issued_at = self.clock()
-        for item, sig in zip(items, signatures, strict=True):
+        for item, der in zip(items, ders, strict=True):
             assert item.prep is not None and item.row_id is not None
-            der = item.prep.tbs.certificate(sig)
-            # The HSM layer verified the signature over exactly these TBS bytes with the CA key; this parse
-            # checks the assembled certificate is one a relying party can read.
-            cert = x509.load_der_x509_certificate(der)
             certs.append((item.row_id, der))
             # The upstream record: the device's CSR (p10cr), or for a CRMF-enrolled device its key and the
             # subject we certified (cr with raVerified). Built and RA-protected later, by the forwarder.
@@ -937,7 +934,7 @@ class IssueService:
                 # A key update goes upstream as kur for the upstream's certificate of the device (forwarder).
                 key = req.public_key_der or x509.load_der_x509_csr(req.csr).public_key().public_bytes(*_SPKI)
                 outbox.append(("kur" if item.update is not None else "cr", item.row_id, item.prep.serial_hex,
-                               os.urandom(16), None, key, cert.subject.public_bytes(), issued_at, issued_at))  # fmt: skip
+                               os.urandom(16), None, key, tbs_subject(item.prep.tbs.tbs), issued_at, issued_at))  # fmt: skip
 
         def store(conn: sqlite3.Connection) -> None:
             for row_id, der in certs:
@@ -971,6 +968,22 @@ class IssueService:
                 self._result(der, item.prep.serial_hex, item.request.device_serial, item.row_id, False)
             )
         return True
+
+    async def _finish(self, items: list[_Item], raws: list[bytes]) -> list[bytes]:
+        """The certificates: every raw signature encoded and verified with the CA key over exactly its TBS bytes,
+        then assembled (Preparer.finish), in the prepare workers when there are some (the verify is the largest
+        CPU cost left in this process), else on a thread (off the event loop). SignatureVerificationError if
+        any does not verify: then none of the batch is stored or released."""
+        signed = [(i.prep.tbs, raw) for i, raw in zip(items, raws, strict=True) if i.prep is not None]
+        ders = await self._pool.finish(signed) if self._pool is not None else None
+        if ders is None:
+            ders = await asyncio.to_thread(self._preparer.finish, signed)
+        checked = [d for d in ders if d is not None]
+        if len(checked) != len(items):
+            raise SignatureVerificationError(
+                f"the HSM returned a signature with key {self.key.label!r} that does not verify; not using it"
+            )
+        return checked
 
     async def _burn(self, ids: list[int], reason: str) -> None:
         def txn(conn: sqlite3.Connection) -> None:

@@ -33,6 +33,7 @@ from appliance.alarms import Alarms, LogOnce
 from appliance.errors import IssuanceFailed, ReasonCode
 from appliance.issuance import prepare
 from appliance.issuance.prepare import Job, PrepareContext, Prepared, Refusal
+from appliance.issuance.tbs import Tbs
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +140,30 @@ class PreparePool:
             self._clear(ALARM_UNAVAILABLE, "the prepare workers run again")
         if not self._deaths or self.clock() - self._deaths[-1] > DEATH_WINDOW_S:
             self._clear(ALARM_DEATHS, f"no prepare worker died for {DEATH_WINDOW_S:.0f} s")
+        return results
+
+    async def finish(self, signed: Sequence[tuple[Tbs, bytes]]) -> list[bytes | None] | None:
+        """Preparer.finish (encode, verify, assemble) spread over the workers, one result per item in order; None
+        if the workers could not do it (a worker died, or a fault in one): the caller then finishes the batch
+        itself. A broken pool is replaced for the next batch."""
+        if not signed or not self._usable():
+            return None
+        size = -(-len(signed) // self.workers)
+        chunks = [list(signed[i : i + size]) for i in range(0, len(signed), size)]
+        generation = self._generation
+        loop = asyncio.get_running_loop()
+        try:
+            outcomes = await asyncio.gather(
+                *(loop.run_in_executor(self._pool, prepare.finish_in_worker, c) for c in chunks)
+            )
+        except Exception:  # noqa: BLE001 - BrokenExecutor, or an OSError submitting: see _submit_failed
+            await self._renew(generation)
+            return None
+        results: list[bytes | None] = []
+        for outcome in outcomes:
+            if outcome is None:
+                return None
+            results.extend(outcome)
         return results
 
     async def _try(self, chunk: list[Job]) -> list[Result] | _Lost:
