@@ -40,6 +40,7 @@ from appliance.issuance.pauses import StationPauses
 from appliance.issuance.policy import LOCAL, AllowAll, AuditSink, AuthorisationPolicy, Grant, IssueRequest
 from appliance.issuance.prepare import Job, PrepareContext, Prepared, Preparer, Refusal
 from appliance.issuance.refusals import RefusalLimiter
+from appliance.issuance.template import ALARM as TEMPLATE_ALARM
 from appliance.issuance.workers import PreparePool
 from appliance.profiles import Profile
 from hsm.errors import HsmError, SignatureVerificationError
@@ -596,6 +597,12 @@ class IssueService:
                     )  # fmt: skip
             else:
                 item.prep = result
+                if result.template_fault is not None:
+                    self.alarms.raise_alarm(
+                        TEMPLATE_ALARM, result.template_fault,
+                        "report it with the profile's configuration; issuance goes on with cryptography's builder"
+                        " (slower) until the daemon restarts", severity="warning",
+                    )  # fmt: skip
                 if result.csr_der and result.csr_der != item.request.csr:
                     # A PEM input: from here on the request carries the DER that was validated.
                     item.request = dataclasses.replace(item.request, csr=result.csr_der)

@@ -82,14 +82,14 @@ async def test_a_bug_in_preparation_refuses_that_request_internal_and_is_logged_
     batch; the log names where it happened once, without the input, however many requests hit it."""
     from appliance.issuance import prepare
 
-    real = prepare.build_certificate
+    real = prepare.validate_device_serial
 
-    def buggy(profile: Profile, **kw: object) -> object:
-        if str(kw["device_serial"]).startswith("SN-BUG"):
+    def buggy(profile: Profile, serial: str) -> None:
+        if serial.startswith("SN-BUG"):
             raise KeyError("SN-BUG secret input")
-        return real(profile, **kw)  # type: ignore[arg-type]
+        real(profile, serial)
 
-    mocker.patch.object(prepare, "build_certificate", side_effect=buggy)
+    mocker.patch.object(prepare, "validate_device_serial", side_effect=buggy)
     async with _service(journal, issuing, hsm_token, prepare_workers=0) as svc:
         results = await asyncio.gather(
             *(svc.issue(IssueRequest(f"SN-BUG{i}" if i % 2 else f"SN-OK{i}", make_csr()[1])) for i in range(8)),
