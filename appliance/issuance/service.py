@@ -33,6 +33,7 @@ from appliance.ca import CaRecord
 from appliance.crashpoints import crash_point
 from appliance.der import split_certificates, tbs_subject
 from appliance.errors import BirthlineError, IssuanceFailed, IssuancePending, IssuanceRefused, ReasonCode
+from appliance.issuance.conflicts import Present
 from appliance.issuance.faults import IssuanceAlarms
 from appliance.issuance.journal import IssuanceRow, Journal, burn_interrupted, journal_error, work_order_of
 from appliance.issuance.observe import Confirmation, IssuanceObserver, Outcome
@@ -696,12 +697,17 @@ class IssueService:
         intents: list[dict[str, object]] = []
         forwarded: list[dict[str, object]] = []
         self.policy.begin(conn)
+        present = Present(
+            conn, self.ca.name, [i.request.device_serial for i in items],
+            [i.prep.public_key_sha256 for i in items if i.prep is not None],
+            [i.prep.serial_hex for i in items if i.prep is not None],
+        )  # fmt: skip
         for item in items:
             assert item.prep is not None
             req, prep = item.request, item.prep
             conn.execute("SAVEPOINT item")
             try:
-                self._check_conflicts(conn, item)
+                self._check_conflicts(conn, item, present)
                 grant = LOCAL
                 if item.reuse is None and item.ra_done is None:
                     profile = self._profiles[prep.profile]
@@ -719,6 +725,7 @@ class IssueService:
                             ReasonCode.UNKNOWN_PROFILE,
                         )
                     forwarded.append(self._queue_upstream(conn, item, grant.work_order, now))
+                    present.forwarded(req.device_serial, prep.public_key_sha256)
                 elif item.reuse is None and item.ra_done is None:
                     old = item.update
                     if old is not None:
@@ -736,6 +743,7 @@ class IssueService:
                         ),
                     )  # fmt: skip
                     item.row_id = cur.lastrowid
+                    present.issued(req.device_serial, prep.public_key_sha256, prep.serial_hex)
                     if old is not None:
                         conn.execute("UPDATE issuance SET updated_by = ? WHERE id = ?", (item.row_id, old.id))
                     intents.append({
@@ -791,14 +799,19 @@ class IssueService:
                 "device_serial": req.device_serial, "profile": prep.profile, "work_order": work_order,
                 "public_key_sha256": prep.public_key_sha256.hex()}  # fmt: skip
 
-    def _check_conflicts(self, conn: sqlite3.Connection, item: _Item) -> None:
+    def _check_conflicts(self, conn: sqlite3.Connection, item: _Item, present: Present) -> None:
+        """Each query runs only where the batch's `present` says the journal may hold a match (conflicts.py)."""
         assert item.prep is not None
         req, key_hash = item.request, item.prep.public_key_sha256
-        row = conn.execute(
-            f"SELECT {IssuanceRow.COLUMNS} FROM issuance WHERE ca=? AND device_serial=?"
-            " AND state NOT IN ('burned', 'reworked') AND updated_by IS NULL",
-            (self.ca.name, req.device_serial),
-        ).fetchone()
+        row = (
+            conn.execute(
+                f"SELECT {IssuanceRow.COLUMNS} FROM issuance WHERE ca=? AND device_serial=?"
+                " AND state NOT IN ('burned', 'reworked') AND updated_by IS NULL",
+                (self.ca.name, req.device_serial),
+            ).fetchone()
+            if req.device_serial in present.devices
+            else None
+        )
         if row is None and req.replaces is not None:
             raise IssuanceRefused(
                 f"certificate {req.replaces} is not the current certificate of device {req.device_serial!r}",
@@ -853,19 +866,28 @@ class IssueService:
                     ReasonCode.DEVICE_ALREADY_ISSUED,
                     {"cert_serial": existing.cert_serial},
                 )
-        self._check_upstream(conn, item)
+        if req.device_serial in present.ra_devices:
+            self._check_upstream(conn, item)
         if item.ra_done is not None:
             return
-        other = conn.execute(
-            "SELECT device_serial FROM issuance WHERE public_key_sha256=? AND state!='burned'"
-            " UNION ALL SELECT device_serial FROM ra_request WHERE public_key_sha256=? AND state!='failed'",
-            (key_hash, key_hash),
-        ).fetchone()
+        other = (
+            conn.execute(
+                "SELECT device_serial FROM issuance WHERE public_key_sha256=? AND state!='burned'"
+                " UNION ALL SELECT device_serial FROM ra_request WHERE public_key_sha256=? AND state!='failed'",
+                (key_hash, key_hash),
+            ).fetchone()
+            if key_hash in present.keys
+            else None
+        )
         if other is not None:
             raise IssuanceRefused(
                 "this public key is already certified for another device", ReasonCode.KEY_ALREADY_CERTIFIED
             )
-        if conn.execute("SELECT 1 FROM issuance WHERE cert_serial=?", (item.prep.serial_hex,)).fetchone():
+        serial = item.prep.serial_hex
+        if (
+            serial in present.serials
+            and conn.execute("SELECT 1 FROM issuance WHERE cert_serial=?", (serial,)).fetchone()
+        ):
             # 2^-63 odds; refuse rather than ever reuse a serial.
             raise IssuanceRefused("certificate serial collision; retry", ReasonCode.BUSY)
 
@@ -944,13 +966,14 @@ class IssueService:
                                os.urandom(16), None, key, tbs_subject(item.prep.tbs.tbs), issued_at, issued_at))  # fmt: skip
 
         def store(conn: sqlite3.Connection) -> None:
-            for row_id, der in certs:
-                cur = conn.execute(
-                    "UPDATE issuance SET state='issued', cert_der=?, issued_at=? WHERE id=? AND state='intent'",
-                    (der, issued_at, row_id),
+            cur = conn.executemany(
+                "UPDATE issuance SET state='issued', cert_der=?, issued_at=? WHERE id=? AND state='intent'",
+                [(der, issued_at, row_id) for row_id, der in certs],
+            )
+            if cur.rowcount != len(certs):  # rolled back whole: nothing of the batch is stored
+                raise IssuanceFailed(
+                    f"{len(certs) - cur.rowcount} intent(s) vanished before storing", ReasonCode.INTERNAL
                 )
-                if cur.rowcount != 1:
-                    raise IssuanceFailed(f"intent {row_id} vanished before storing", ReasonCode.INTERNAL)
             conn.executemany(
                 "INSERT INTO outbox (kind, issuance_id, cert_serial, transaction_id, csr_der, public_key_der,"
                 " subject_der, next_attempt_at, created_at) VALUES (?,?,?,?,?,?,?,?,?)",
