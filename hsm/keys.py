@@ -11,8 +11,8 @@ import pkcs11
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from pkcs11 import MGF, Mechanism
-from pkcs11.util.ec import encode_ecdsa_signature
 
 from hsm.algorithms import EC_CURVES, KeyAlgorithm, default_hash, from_public_key
 from hsm.errors import CiphertextError, SignatureVerificationError, UnsupportedAlgorithmError
@@ -70,6 +70,15 @@ def _checked(verify: Verify, label: str) -> None:
         ) from None
 
 
+def ecdsa_der(raw: bytes) -> bytes:
+    """CKM_ECDSA yields r||s; X.509 wants the DER Ecdsa-Sig-Value (raw r||s would be accepted by the builders
+    silently). cryptography's encoder: python-pkcs11's (asn1crypto) cost ~10 us a signature."""
+    half = len(raw) // 2
+    if len(raw) % 2 or not half:
+        raise SignatureVerificationError("the HSM returned an ECDSA signature of odd length; not using it")
+    return encode_dss_signature(int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big"))
+
+
 def _non_extractable(label: str) -> NoReturn:
     raise UnsupportedAlgorithmError(f"key {label!r} lives in the HSM and is not extractable")
 
@@ -86,6 +95,8 @@ class SignatureCheck:
         self._pub = public_key
         self.algorithm = from_public_key(public_key)
         self._hash = default_hash(self.algorithm)
+        # Made once: building the signature algorithm objects per signature cost more than the DER encoding.
+        self._ecdsa = ec.ECDSA(utils.Prehashed(self._hash)) if self._hash is not None else None
 
     def digest(self, item: bytes) -> bytes:
         """What the batch mechanism signs for `item` (sign_many): its hash, or for RSA the DigestInfo."""
@@ -103,9 +114,10 @@ class SignatureCheck:
         if isinstance(pub, ec.EllipticCurvePublicKey):
             assert self._hash is not None
             digest = prepared if prepared is not None else _digest(item, self._hash)[0]
-            # CKM_ECDSA yields r||s; X.509 wants DER. Raw r||s would be accepted by the builders silently.
-            der = encode_ecdsa_signature(raw)
-            _checked(lambda: pub.verify(der, digest, ec.ECDSA(utils.Prehashed(self._hash))), self.label)  # type: ignore[arg-type]
+            der = ecdsa_der(raw)
+            algorithm = self._ecdsa
+            assert algorithm is not None
+            _checked(lambda: pub.verify(der, digest, algorithm), self.label)
             return der
         if isinstance(pub, rsa.RSAPublicKey):
             _checked(lambda: pub.verify(raw, item, padding.PKCS1v15(), hashes.SHA256()), self.label)
@@ -228,8 +240,7 @@ class HsmEcPrivateKey(_HsmKey, ec.EllipticCurvePrivateKey):
         return self._pub
 
     def _encode(self, raw: bytes, digest: bytes, hash_alg: hashes.HashAlgorithm) -> bytes:
-        # CKM_ECDSA yields r||s; X.509 wants DER. Raw r||s would be accepted by the builders silently.
-        der = encode_ecdsa_signature(raw)
+        der = ecdsa_der(raw)
         _checked(lambda: self._pub.verify(der, digest, ec.ECDSA(utils.Prehashed(hash_alg))), self.label)
         return der
 
