@@ -41,6 +41,8 @@ DEATHS_FOR_ALARM: Final = 3
 DEATH_WINDOW_S: Final = 600.0
 LOG_INTERVAL_S: Final = 60.0
 RESTART_BACKOFF_S: Final = 5.0
+STARTUP_S: Final = 60.0
+STARTUP_POLL_S: Final = 0.05
 
 ALARM_DEATHS: Final = "issuance.prepare-worker-deaths"
 ALARM_UNAVAILABLE: Final = "issuance.prepare-workers-unavailable"
@@ -101,14 +103,8 @@ class PreparePool:
     # -- lifecycle -----------------------------------------------------------------------------------------------
     async def start(self) -> None:
         """Start every worker now (a failure to start is a start-up error, not a surprise at the first request)."""
-        loop = asyncio.get_running_loop()
         try:
-            await asyncio.gather(
-                *(
-                    loop.run_in_executor(self._pool, prepare.prepare_in_worker, [])
-                    for _ in range(self.workers)
-                )
-            )
+            await _all_running(self._pool, self.workers)
         except Exception as exc:  # BrokenExecutor, or an OSError spawning a worker
             self._pool.shutdown(wait=False, cancel_futures=True)
             raise IssuanceFailed(
@@ -217,11 +213,8 @@ class PreparePool:
     async def _started(self, workers: int) -> concurrent.futures.ProcessPoolExecutor | None:
         """A new pool with all its workers running, or None (then issuance is refused BUSY for a while)."""
         pool = _new_executor(self.ctx, workers)
-        loop = asyncio.get_running_loop()
         try:
-            await asyncio.gather(
-                *(loop.run_in_executor(pool, prepare.prepare_in_worker, []) for _ in range(workers))
-            )
+            await _all_running(pool, workers)
         except Exception:  # noqa: BLE001 - BrokenExecutor, or see _submit_failed
             pool.shutdown(wait=False, cancel_futures=True)
             self._submit_failed()
@@ -307,6 +300,23 @@ class PreparePool:
     def _clear(self, cause: str, note: str) -> None:
         if self.alarms is not None:
             self.alarms.clear(cause, note)
+
+
+async def _all_running(pool: concurrent.futures.ProcessPoolExecutor, workers: int) -> None:
+    """Wait until each of the pool's `workers` processes has run its initializer (it then exits with its
+    parent: prepare._exit_with). One empty job per worker is not enough: the first worker up may take them all
+    while another is still importing, and a daemon killed then would leave that one behind, for as long as its
+    imports take on a loaded machine. Each round asks every worker for its pid; the waits are for processes
+    starting, bounded by STARTUP_S (past it, issuance goes on: a late worker still exits with its parent once
+    started)."""
+    loop = asyncio.get_running_loop()
+    seen: set[int] = set()
+    deadline = time.monotonic() + STARTUP_S
+    while len(seen) < workers and time.monotonic() < deadline:
+        pids = await asyncio.gather(
+            *(loop.run_in_executor(pool, prepare.worker_pid, STARTUP_POLL_S) for _ in range(workers))
+        )
+        seen.update(pids)
 
 
 def _unavailable() -> Refusal:
