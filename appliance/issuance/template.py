@@ -52,9 +52,24 @@ class TemplateError(Exception):
     """The reference certificate is not of the shape this module can fill in: use cryptography for it."""
 
 
+def _tlv(tag: bytes, content: bytes) -> bytes:
+    # der.tlv without its checks (the tags here are constants): this runs ~14 times a certificate.
+    n = len(content)
+    if n < 0x80:
+        return tag + bytes((n,)) + content
+    return tag + der.encode_length(n) + content
+
+
+_SEQ: Final = b"\x30"
+_SET: Final = b"\x31"
+_OCTETS: Final = b"\x04"
+_CTX0: Final = b"\xa0"
+_CTX3: Final = b"\xa3"
+
+
 def _integer(value: int) -> bytes:
     # Positive: the minimal big-endian octets plus a leading zero octet when the top bit is set.
-    return der.tlv(der.TAG_INTEGER, value.to_bytes(value.bit_length() // 8 + 1, "big"))
+    return _tlv(b"\x02", value.to_bytes(value.bit_length() // 8 + 1, "big"))
 
 
 def _time(when: dt.datetime) -> bytes:
@@ -98,6 +113,7 @@ class TbsTemplate:
         except Exception as exc:
             raise TemplateError(f"no reference certificate: {type(exc).__name__}") from exc
         self.signature_algorithm = ref.signature_algorithm
+        self._validity: tuple[dt.datetime, bytes] | None = None  # the last `now` and its Validity TLV
         t = ref.tbs
         try:
             fields = _children(t, der.read_tlv(t))
@@ -157,35 +173,33 @@ class TbsTemplate:
         """The TBS for one device. `spki_der`: the SubjectPublicKeyInfo as cryptography encodes the key
         (public_bytes(DER, SubjectPublicKeyInfo)); `device_serial` already checked against the profile."""
         serial_ascii = device_serial.encode("ascii")
-        not_before, not_after = validity(self.profile, now)
-        rdn = der.tlv(der.TAG_SET, der.sequence(self._rdn.oid, der.tlv(self._rdn.tag, serial_ascii)))
-        subject = der.sequence(*(p if p is not None else rdn for p in self._subject_parts))
+        cached = self._validity
+        if cached is not None and cached[0] == now:
+            validity_der = cached[1]  # a batch shares its `now`
+        else:
+            not_before, not_after = validity(self.profile, now)
+            validity_der = _tlv(_SEQ, _time(not_before) + _time(not_after))
+            self._validity = (now, validity_der)
+        rdn = _tlv(_SET, _tlv(_SEQ, self._rdn.oid + _tlv(bytes((self._rdn.tag,)), serial_ascii)))
+        subject = _tlv(_SEQ, b"".join(p if p is not None else rdn for p in self._subject_parts))
         exts: list[bytes] = []
         for part in self._extensions:
             if part == "ski":
                 # RFC 5280 4.2.1.2 method (1), as cryptography's from_public_key: SHA-1 of the subjectPublicKey
                 # BIT STRING's value (without its unused-bits octet).
-                spki = der.read_tlv(spki_der)
-                bits = _children(spki_der, spki)[1]
+                bits = _children(spki_der, der.read_tlv(spki_der))[1]
                 ski = hashlib.sha1(spki_der[bits.content + 1 : bits.end], usedforsecurity=False).digest()
-                exts.append(der.sequence(_OID_SKI, der.octet_string(der.octet_string(ski))))
+                exts.append(_tlv(_SEQ, _OID_SKI + _tlv(_OCTETS, _tlv(_OCTETS, ski))))
             elif part == "san":
-                value = der.sequence(self._hw_type, der.octet_string(serial_ascii))
-                other = der.tlv(0xA0, _OID_HMN + der.tlv(0xA0, value))
-                exts.append(der.sequence(_OID_SAN, der.octet_string(der.sequence(other))))
+                value = _tlv(_SEQ, self._hw_type + _tlv(_OCTETS, serial_ascii))
+                other = _tlv(_CTX0, _OID_HMN + _tlv(_CTX0, value))
+                exts.append(_tlv(_SEQ, _OID_SAN + _tlv(_OCTETS, _tlv(_SEQ, other))))
             else:
                 assert isinstance(part, bytes)
                 exts.append(part)
-        tbs = der.sequence(
-            self._head,
-            _integer(serial_number),
-            self._middle,
-            der.sequence(_time(not_before), _time(not_after)),
-            subject,
-            spki_der,
-            der.tlv(0xA3, der.sequence(*exts)),
-        )
-        return Tbs(tbs, self.signature_algorithm)
+        body = b"".join((self._head, _integer(serial_number), self._middle, validity_der, subject, spki_der,
+                         _tlv(_CTX3, _tlv(_SEQ, b"".join(exts)))))  # fmt: skip
+        return Tbs(_tlv(_SEQ, body), self.signature_algorithm)
 
 
 def spki_of(public_key: Any) -> bytes:
