@@ -174,7 +174,7 @@ def main() -> None:
     ap.add_argument("--certs", type=int, default=10000)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument(
-        "--workers", type=int, default=2, help="prepare worker processes (0: inline); as the daemon"
+        "--workers", type=int, default=1, help="prepare worker processes (0: inline); as the daemon"
     )
     ap.add_argument("--depth", type=int, default=4, help="batches in flight at once; as the daemon")
     ap.add_argument("--controls", action="store_true", help="compare with and without work orders + audit")
