@@ -50,8 +50,10 @@ class IssuanceSection:
     default_profile: str = "idevid"
     max_csr_bytes: int = 8192
     clock_skew_s: int = 300
+    # One: a second worker issued ~1 point of the raw sign rate more (docs/performance.md) for ~36 MB more RSS,
+    # past the 150 MB the daemon and its children are held to.
     prepare_workers: int = 1
-    pipeline_depth: int = 2
+    pipeline_depth: int = 4
     refusal_burst: int = 60  # refusals per station and window audited in full; the rest are counted
     refusal_window_s: float = 60.0
     quota_warning_percent: int = 5  # warning alarm when an active work order has this share of units left
@@ -517,7 +519,7 @@ def parse_config(
         max_csr_bytes=r.integer("max_csr_bytes", 8192, lo=256, hi=65536),
         clock_skew_s=r.integer("clock_skew_s", 300, lo=0, hi=86400),
         prepare_workers=r.integer("prepare_workers", 1, lo=0, hi=64),
-        pipeline_depth=r.integer("pipeline_depth", 2, lo=1, hi=16),
+        pipeline_depth=r.integer("pipeline_depth", 4, lo=1, hi=16),
         refusal_burst=r.integer("refusal_burst", 60, lo=1, hi=1_000_000),
         refusal_window_s=r.number("refusal_window_s", 60.0, lo=1, hi=86400),
         quota_warning_percent=r.integer("quota_warning_percent", 5, lo=0, hi=100),

@@ -11,8 +11,8 @@ import pkcs11
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from pkcs11 import MGF, Mechanism
-from pkcs11.util.ec import encode_ecdsa_signature
 
 from hsm.algorithms import EC_CURVES, KeyAlgorithm, default_hash, from_public_key
 from hsm.errors import CiphertextError, SignatureVerificationError, UnsupportedAlgorithmError
@@ -70,8 +70,60 @@ def _checked(verify: Verify, label: str) -> None:
         ) from None
 
 
+def ecdsa_der(raw: bytes) -> bytes:
+    """CKM_ECDSA yields r||s; X.509 wants the DER Ecdsa-Sig-Value (raw r||s would be accepted by the builders
+    silently). cryptography's encoder: python-pkcs11's (asn1crypto) cost ~10 us a signature."""
+    half = len(raw) // 2
+    if len(raw) % 2 or not half:
+        raise SignatureVerificationError("the HSM returned an ECDSA signature of odd length; not using it")
+    return encode_dss_signature(int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big"))
+
+
 def _non_extractable(label: str) -> NoReturn:
     raise UnsupportedAlgorithmError(f"key {label!r} lives in the HSM and is not extractable")
+
+
+class SignatureCheck:
+    """The check every signature of this package passes before use, runnable in any process: turns a raw
+    mechanism output (asign_unverified) into the signature X.509 carries and verifies it with the public key.
+
+    Made from the public key alone, so a worker process that holds the signed bytes can do it (the issuance
+    prepare workers: appliance/issuance/prepare.py), off the process that drives the HSM."""
+
+    def __init__(self, public_key: Any, label: str) -> None:
+        self.label = label
+        self._pub = public_key
+        self.algorithm = from_public_key(public_key)
+        self._hash = default_hash(self.algorithm)
+        # Made once: building the signature algorithm objects per signature cost more than the DER encoding.
+        self._ecdsa = ec.ECDSA(utils.Prehashed(self._hash)) if self._hash is not None else None
+
+    def digest(self, item: bytes) -> bytes:
+        """What the batch mechanism signs for `item` (sign_many): its hash, or for RSA the DigestInfo."""
+        if isinstance(self._pub, ec.EllipticCurvePublicKey):
+            assert self._hash is not None
+            return _digest(item, self._hash)[0]
+        if isinstance(self._pub, rsa.RSAPublicKey):
+            return _DIGEST_INFO["sha256"] + hashlib.sha256(item).digest()
+        return item
+
+    def finish(self, raw: bytes, item: bytes, prepared: bytes | None = None) -> bytes:
+        """The verified signature over `item` (`prepared`: digest(item), if the caller has it); raises
+        SignatureVerificationError if it does not verify."""
+        pub = self._pub
+        if isinstance(pub, ec.EllipticCurvePublicKey):
+            assert self._hash is not None
+            digest = prepared if prepared is not None else _digest(item, self._hash)[0]
+            der = ecdsa_der(raw)
+            algorithm = self._ecdsa
+            assert algorithm is not None
+            _checked(lambda: pub.verify(der, digest, algorithm), self.label)
+            return der
+        if isinstance(pub, rsa.RSAPublicKey):
+            _checked(lambda: pub.verify(raw, item, padding.PKCS1v15(), hashes.SHA256()), self.label)
+            return raw
+        _checked(lambda: pub.verify(raw, item), self.label)
+        return raw
 
 
 class _HsmKey:
@@ -86,6 +138,7 @@ class _HsmKey:
         self.label = label
         self.algorithm = from_public_key(pub)
         self._public = pub
+        self.check = SignatureCheck(pub, label)
 
     def in_lane(self, lane: Lane) -> Self:
         """The same HSM key whose signatures queue in `lane`: e.g. OCSP answers behind certificate signing."""
@@ -119,10 +172,10 @@ class _HsmKey:
     # sign_many: prepare (hash) on the caller's thread, one hop for all C_Sign calls, finish (encode+verify)
     # back on the caller's thread, so the PKCS#11 thread does nothing but PKCS#11.
     def _prepare(self, item: bytes) -> bytes:
-        raise NotImplementedError
+        return self.check.digest(item)
 
     def _finish(self, raw: bytes, item: bytes, prepared: bytes) -> bytes:
-        raise NotImplementedError
+        return self.check.finish(raw, item, prepared)
 
     def _batch_mechanism(self) -> Mechanism:
         raise NotImplementedError
@@ -142,6 +195,14 @@ class _HsmKey:
             return [self._finish(r, bytes(i), p) for r, i, p in zip(raws, items, prepared, strict=True)]
 
         return await asyncio.to_thread(finish)
+
+    async def asign_unverified(self, items: Sequence[bytes]) -> list[bytes]:
+        """The raw mechanism outputs of sign_many for `items`, NOT verified and, for ECDSA, not yet in the DER
+        X.509 carries: each must pass `self.check.finish` (here or in another process that holds the item)
+        before it is used in any way. For a pipeline that verifies where its CPU is cheaper; anything else
+        uses asign_many."""
+        prepared = [self._prepare(bytes(i)) for i in items]
+        return await self._araw_sign(prepared, self._batch_mechanism())
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} label={self.label!r} algorithm={self.algorithm.value}>"
@@ -179,8 +240,7 @@ class HsmEcPrivateKey(_HsmKey, ec.EllipticCurvePrivateKey):
         return self._pub
 
     def _encode(self, raw: bytes, digest: bytes, hash_alg: hashes.HashAlgorithm) -> bytes:
-        # CKM_ECDSA yields r||s; X.509 wants DER. Raw r||s would be accepted by the builders silently.
-        der = encode_ecdsa_signature(raw)
+        der = ecdsa_der(raw)
         _checked(lambda: self._pub.verify(der, digest, ec.ECDSA(utils.Prehashed(hash_alg))), self.label)
         return der
 
@@ -190,17 +250,6 @@ class HsmEcPrivateKey(_HsmKey, ec.EllipticCurvePrivateKey):
         digest, hash_alg = _digest(bytes(data), signature_algorithm.algorithm)
         raw = self._raw_sign([digest], Mechanism.ECDSA)[0]
         return self._encode(raw, digest, hash_alg)
-
-    def _hash(self) -> hashes.HashAlgorithm:
-        h = default_hash(self.algorithm)
-        assert h is not None
-        return h
-
-    def _prepare(self, item: bytes) -> bytes:
-        return _digest(item, self._hash())[0]
-
-    def _finish(self, raw: bytes, item: bytes, prepared: bytes) -> bytes:
-        return self._encode(raw, prepared, self._hash())
 
     def _batch_mechanism(self) -> Mechanism:
         return Mechanism.ECDSA
@@ -263,13 +312,6 @@ class HsmRsaPrivateKey(_HsmKey, rsa.RSAPrivateKey):
         _checked(lambda: pub.verify(sig, digest, padding, utils.Prehashed(hash_alg)), self.label)
         return sig
 
-    def _prepare(self, item: bytes) -> bytes:
-        return _DIGEST_INFO["sha256"] + hashlib.sha256(item).digest()
-
-    def _finish(self, raw: bytes, item: bytes, prepared: bytes) -> bytes:
-        _checked(lambda: self._pub.verify(raw, item, padding.PKCS1v15(), hashes.SHA256()), self.label)
-        return raw
-
     def _batch_mechanism(self) -> Mechanism:
         return Mechanism.RSA_PKCS
 
@@ -331,14 +373,7 @@ class HsmEd25519PrivateKey(_HsmKey, ed25519.Ed25519PrivateKey):
 
     def sign(self, data: Any) -> bytes:
         msg = bytes(data)
-        return self._finish(self._raw_sign([msg], Mechanism.EDDSA)[0], msg, msg)
-
-    def _prepare(self, item: bytes) -> bytes:
-        return item
-
-    def _finish(self, raw: bytes, item: bytes, prepared: bytes) -> bytes:
-        _checked(lambda: self._pub.verify(raw, item), self.label)
-        return raw
+        return self.check.finish(self._raw_sign([msg], Mechanism.EDDSA)[0], msg)
 
     def _batch_mechanism(self) -> Mechanism:
         return Mechanism.EDDSA

@@ -1,4 +1,5 @@
-"""The CPU-heavy front of the pipeline: validate the CSR, build from the profile, capture the exact TBS.
+"""The CPU-heavy work of the pipeline: validate the CSR, build from the profile, capture the exact TBS; and
+after the HSM signed, encode and verify each signature and assemble the certificate (`finish`).
 
 Pure and picklable, so the service can run it in worker processes: with the GIL, verifying proofs of
 possession and encoding certificates on the event loop's core would cap issuance at one core. Refusals come
@@ -28,6 +29,7 @@ from cryptography import x509
 
 from appliance.errors import IssuanceRefused, ReasonCode
 from appliance.issuance.tbs import Tbs, TbsMaker
+from appliance.issuance.template import CHECK_EVERY, TbsTemplate, TemplateError, spki_of
 from appliance.profiles import (
     Profile,
     ValidatedCsr,
@@ -40,6 +42,8 @@ from appliance.profiles import (
     validate_public_key,
 )
 from hsm.algorithms import KeyAlgorithm
+from hsm.errors import SignatureVerificationError
+from hsm.keys import SignatureCheck
 
 INTERNAL_MESSAGE = "internal error while checking this request; it was not issued"
 
@@ -63,6 +67,9 @@ class Prepared:
     csr_der: bytes = b""
     """The DER CSR intake checked (a PEM input decoded); empty for a bare key. Later stages (policy, upstream
     outbox) read this, never the raw input again under other parsing rules."""
+    template_fault: str | None = None
+    """The hand-built TBS of this profile differed from cryptography's (this one is cryptography's, and so
+    are all later ones of the profile in this process): for the service to raise an alarm."""
 
 
 @dataclass(frozen=True)
@@ -115,6 +122,12 @@ class Preparer:
         self.ctx = ctx
         self.ca_cert = x509.load_der_x509_certificate(ctx.ca_cert_der)
         self.tbs_maker = TbsMaker(self.ca_cert.public_key(), ctx.ca_algorithm)
+        self.check = SignatureCheck(self.ca_cert.public_key(), "issuing CA")
+        # Per profile name: its hand-built TBS template (None: cryptography's builder, after a mismatch or for
+        # a shape the template cannot fill in), and how many it made.
+        self._templates: dict[str, TbsTemplate | None] = {}
+        self._made: dict[str, int] = {}
+        self.use_templates = True
 
     def prepare(self, job: Job) -> Prepared | Refusal:
         """Never raises (the module docstring says why)."""
@@ -136,25 +149,91 @@ class Preparer:
             else validate_public_key(job.public_key_der, profile, max_bytes=self.ctx.max_csr_bytes)
         )
         serial = new_serial_number()
-        builder = build_certificate(
-            profile,
-            issuer_cert=self.ca_cert,
-            device_serial=job.device_serial,
-            public_key=csr.public_key,
-            serial_number=serial,
-            now=dt.datetime.fromtimestamp(job.now, dt.UTC),
-        )
+        now = dt.datetime.fromtimestamp(job.now, dt.UTC)
+        tbs, fault = self._tbs(profile, job.device_serial, csr.public_key, serial, now, csr.spki_der)
         return Prepared(
             profile.name,
             csr.public_key_sha256,
             csr.der_sha256,
             format(serial, "x"),
-            self.tbs_maker.make(builder),
+            tbs,
             csr.der if isinstance(csr, ValidatedCsr) else b"",
+            fault,
+        )
+
+    def _reference(
+        self, profile: Profile, device_serial: str, public_key: Any, serial: int, now: dt.datetime
+    ) -> Tbs:
+        builder = build_certificate(
+            profile, issuer_cert=self.ca_cert, device_serial=device_serial, public_key=public_key,
+            serial_number=serial, now=now,
+        )  # fmt: skip
+        return self.tbs_maker.make(builder)
+
+    def _tbs(
+        self,
+        profile: Profile,
+        device_serial: str,
+        public_key: Any,
+        serial: int,
+        now: dt.datetime,
+        spki_der: bytes = b"",
+    ) -> tuple[Tbs, str | None]:
+        """The TBS, hand-built from the profile's template when it has one (template.py), else cryptography's.
+        The first of each template and one in CHECK_EVERY are compared with cryptography's; a difference
+        retires the template and is reported (the second value)."""
+        if not self.use_templates:
+            return self._reference(profile, device_serial, public_key, serial, now), None
+        name = profile.name
+        if name not in self._templates:
+            try:
+                self._templates[name] = TbsTemplate(profile, self.ca_cert, self.tbs_maker, now)
+            except TemplateError:
+                self._templates[name] = None
+            self._made[name] = 0
+        template = self._templates[name]
+        if template is None or (template.profile is not profile and template.profile != profile):
+            return self._reference(profile, device_serial, public_key, serial, now), None
+        made = template.make(
+            device_serial=device_serial,
+            spki_der=spki_der or spki_of(public_key),
+            serial_number=serial,
+            now=now,
+        )
+        count = self._made[name]
+        self._made[name] = count + 1
+        if count % CHECK_EVERY:
+            return made, None
+        reference = self._reference(profile, device_serial, public_key, serial, now)
+        if reference == made:
+            return made, None
+        self._templates[name] = None
+        return reference, (
+            f"the hand-built TBS of profile {safe_repr(name)} differs from cryptography's; cryptography's builder"
+            " is used for it from now on (slower, correct)"
         )
 
     def prepare_many(self, jobs: Sequence[Job]) -> list[Prepared | Refusal]:
         return [self.prepare(j) for j in jobs]
+
+    def finish(self, signed: Sequence[tuple[Tbs, bytes]]) -> list[bytes | None]:
+        """Each (TBS, raw HSM signature) as the DER certificate, once its signature verified with the CA's
+        public key over exactly those TBS bytes; None for one that does not verify (never a certificate).
+
+        Here rather than in the process that drives the HSM: the verify is the largest CPU cost left there
+        (~70 us a certificate), and a prepare worker has a core of its own."""
+        out: list[bytes | None] = []
+        for tbs, raw in signed:
+            try:
+                der = tbs.certificate(self.check.finish(raw, tbs.tbs))
+            except SignatureVerificationError:
+                out.append(None)
+                continue
+            # The signature verified over these TBS bytes; the parse checks the assembled certificate is one a
+            # relying party can read.
+            x509.load_der_x509_certificate(der)
+            out.append(der)
+        return out
 
 
 # -- worker-process side -------------------------------------------------------------------------------------------
@@ -175,6 +254,24 @@ def init_worker(ctx: PrepareContext) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _worker = Preparer(ctx)
     threading.Thread(target=_exit_with, args=(os.getppid(),), name="parent-watch", daemon=True).start()
+
+
+def worker_pid(hold_s: float) -> int:
+    """This worker's pid, after holding it `hold_s`, so that workers still starting get the other calls of a
+    round (workers._all_running)."""
+    assert _worker is not None, "init_worker did not run"
+    time.sleep(hold_s)
+    return os.getpid()
+
+
+def finish_in_worker(signed: Sequence[tuple[Tbs, bytes]]) -> list[bytes | None] | None:
+    """Preparer.finish in a worker; None if it failed for any other reason (the service then finishes the batch
+    itself: a bug here must not cost certificates, and nothing unverified ever comes back)."""
+    try:
+        assert _worker is not None, "init_worker did not run"
+        return _worker.finish(signed)
+    except Exception:  # noqa: BLE001 - see the docstring
+        return None
 
 
 def prepare_in_worker(jobs: Sequence[Job]) -> list[Prepared | Refusal]:

@@ -33,6 +33,7 @@ from appliance.ca import CaRecord
 from appliance.crashpoints import crash_point
 from appliance.der import split_certificates, tbs_subject
 from appliance.errors import BirthlineError, IssuanceFailed, IssuancePending, IssuanceRefused, ReasonCode
+from appliance.issuance.conflicts import Present
 from appliance.issuance.faults import IssuanceAlarms
 from appliance.issuance.journal import IssuanceRow, Journal, burn_interrupted, journal_error, work_order_of
 from appliance.issuance.observe import Confirmation, IssuanceObserver, Outcome
@@ -40,6 +41,7 @@ from appliance.issuance.pauses import StationPauses
 from appliance.issuance.policy import LOCAL, AllowAll, AuditSink, AuthorisationPolicy, Grant, IssueRequest
 from appliance.issuance.prepare import Job, PrepareContext, Prepared, Preparer, Refusal
 from appliance.issuance.refusals import RefusalLimiter
+from appliance.issuance.template import ALARM as TEMPLATE_ALARM
 from appliance.issuance.workers import PreparePool
 from appliance.profiles import Profile
 from hsm.errors import HsmError, SignatureVerificationError
@@ -596,6 +598,12 @@ class IssueService:
                     )  # fmt: skip
             else:
                 item.prep = result
+                if result.template_fault is not None:
+                    self.alarms.raise_alarm(
+                        TEMPLATE_ALARM, result.template_fault,
+                        "report it with the profile's configuration; issuance goes on with cryptography's builder"
+                        " (slower) until the daemon restarts", severity="warning",
+                    )  # fmt: skip
                 if result.csr_der and result.csr_der != item.request.csr:
                     # A PEM input: from here on the request carries the DER that was validated.
                     item.request = dataclasses.replace(item.request, csr=result.csr_der)
@@ -689,12 +697,17 @@ class IssueService:
         intents: list[dict[str, object]] = []
         forwarded: list[dict[str, object]] = []
         self.policy.begin(conn)
+        present = Present(
+            conn, self.ca.name, [i.request.device_serial for i in items],
+            [i.prep.public_key_sha256 for i in items if i.prep is not None],
+            [i.prep.serial_hex for i in items if i.prep is not None],
+        )  # fmt: skip
         for item in items:
             assert item.prep is not None
             req, prep = item.request, item.prep
             conn.execute("SAVEPOINT item")
             try:
-                self._check_conflicts(conn, item)
+                self._check_conflicts(conn, item, present)
                 grant = LOCAL
                 if item.reuse is None and item.ra_done is None:
                     profile = self._profiles[prep.profile]
@@ -712,6 +725,7 @@ class IssueService:
                             ReasonCode.UNKNOWN_PROFILE,
                         )
                     forwarded.append(self._queue_upstream(conn, item, grant.work_order, now))
+                    present.forwarded(req.device_serial, prep.public_key_sha256)
                 elif item.reuse is None and item.ra_done is None:
                     old = item.update
                     if old is not None:
@@ -729,6 +743,7 @@ class IssueService:
                         ),
                     )  # fmt: skip
                     item.row_id = cur.lastrowid
+                    present.issued(req.device_serial, prep.public_key_sha256, prep.serial_hex)
                     if old is not None:
                         conn.execute("UPDATE issuance SET updated_by = ? WHERE id = ?", (item.row_id, old.id))
                     intents.append({
@@ -784,14 +799,19 @@ class IssueService:
                 "device_serial": req.device_serial, "profile": prep.profile, "work_order": work_order,
                 "public_key_sha256": prep.public_key_sha256.hex()}  # fmt: skip
 
-    def _check_conflicts(self, conn: sqlite3.Connection, item: _Item) -> None:
+    def _check_conflicts(self, conn: sqlite3.Connection, item: _Item, present: Present) -> None:
+        """Each query runs only where the batch's `present` says the journal may hold a match (conflicts.py)."""
         assert item.prep is not None
         req, key_hash = item.request, item.prep.public_key_sha256
-        row = conn.execute(
-            f"SELECT {IssuanceRow.COLUMNS} FROM issuance WHERE ca=? AND device_serial=?"
-            " AND state NOT IN ('burned', 'reworked') AND updated_by IS NULL",
-            (self.ca.name, req.device_serial),
-        ).fetchone()
+        row = (
+            conn.execute(
+                f"SELECT {IssuanceRow.COLUMNS} FROM issuance WHERE ca=? AND device_serial=?"
+                " AND state NOT IN ('burned', 'reworked') AND updated_by IS NULL",
+                (self.ca.name, req.device_serial),
+            ).fetchone()
+            if req.device_serial in present.devices
+            else None
+        )
         if row is None and req.replaces is not None:
             raise IssuanceRefused(
                 f"certificate {req.replaces} is not the current certificate of device {req.device_serial!r}",
@@ -846,19 +866,28 @@ class IssueService:
                     ReasonCode.DEVICE_ALREADY_ISSUED,
                     {"cert_serial": existing.cert_serial},
                 )
-        self._check_upstream(conn, item)
+        if req.device_serial in present.ra_devices:
+            self._check_upstream(conn, item)
         if item.ra_done is not None:
             return
-        other = conn.execute(
-            "SELECT device_serial FROM issuance WHERE public_key_sha256=? AND state!='burned'"
-            " UNION ALL SELECT device_serial FROM ra_request WHERE public_key_sha256=? AND state!='failed'",
-            (key_hash, key_hash),
-        ).fetchone()
+        other = (
+            conn.execute(
+                "SELECT device_serial FROM issuance WHERE public_key_sha256=? AND state!='burned'"
+                " UNION ALL SELECT device_serial FROM ra_request WHERE public_key_sha256=? AND state!='failed'",
+                (key_hash, key_hash),
+            ).fetchone()
+            if key_hash in present.keys
+            else None
+        )
         if other is not None:
             raise IssuanceRefused(
                 "this public key is already certified for another device", ReasonCode.KEY_ALREADY_CERTIFIED
             )
-        if conn.execute("SELECT 1 FROM issuance WHERE cert_serial=?", (item.prep.serial_hex,)).fetchone():
+        serial = item.prep.serial_hex
+        if (
+            serial in present.serials
+            and conn.execute("SELECT 1 FROM issuance WHERE cert_serial=?", (serial,)).fetchone()
+        ):
             # 2^-63 odds; refuse rather than ever reuse a serial.
             raise IssuanceRefused("certificate serial collision; retry", ReasonCode.BUSY)
 
@@ -902,7 +931,8 @@ class IssueService:
         ids = [i.row_id for i in items if i.row_id is not None]
         started = time.perf_counter()
         try:
-            signatures = await self.key.asign_many([i.prep.tbs.tbs for i in items if i.prep is not None])
+            raws = await self.key.asign_unverified([i.prep.tbs.tbs for i in items if i.prep is not None])
+            ders = await self._finish(items, raws)
         except HsmError as exc:
             if self.observer is not None:
                 self.observer.signed(len(items), time.perf_counter() - started)
@@ -918,12 +948,8 @@ class IssueService:
         certs: list[tuple[int, bytes]] = []
         outbox: list[tuple[str, int, str, bytes, bytes | None, bytes | None, bytes | None, float, float]] = []
         issued_at = self.clock()
-        for item, sig in zip(items, signatures, strict=True):
+        for item, der in zip(items, ders, strict=True):
             assert item.prep is not None and item.row_id is not None
-            der = item.prep.tbs.certificate(sig)
-            # The HSM layer verified the signature over exactly these TBS bytes with the CA key; this parse
-            # checks the assembled certificate is one a relying party can read.
-            cert = x509.load_der_x509_certificate(der)
             certs.append((item.row_id, der))
             # The upstream record: the device's CSR (p10cr), or for a CRMF-enrolled device its key and the
             # subject we certified (cr with raVerified). Built and RA-protected later, by the forwarder.
@@ -937,16 +963,17 @@ class IssueService:
                 # A key update goes upstream as kur for the upstream's certificate of the device (forwarder).
                 key = req.public_key_der or x509.load_der_x509_csr(req.csr).public_key().public_bytes(*_SPKI)
                 outbox.append(("kur" if item.update is not None else "cr", item.row_id, item.prep.serial_hex,
-                               os.urandom(16), None, key, cert.subject.public_bytes(), issued_at, issued_at))  # fmt: skip
+                               os.urandom(16), None, key, tbs_subject(item.prep.tbs.tbs), issued_at, issued_at))  # fmt: skip
 
         def store(conn: sqlite3.Connection) -> None:
-            for row_id, der in certs:
-                cur = conn.execute(
-                    "UPDATE issuance SET state='issued', cert_der=?, issued_at=? WHERE id=? AND state='intent'",
-                    (der, issued_at, row_id),
+            cur = conn.executemany(
+                "UPDATE issuance SET state='issued', cert_der=?, issued_at=? WHERE id=? AND state='intent'",
+                [(der, issued_at, row_id) for row_id, der in certs],
+            )
+            if cur.rowcount != len(certs):  # rolled back whole: nothing of the batch is stored
+                raise IssuanceFailed(
+                    f"{len(certs) - cur.rowcount} intent(s) vanished before storing", ReasonCode.INTERNAL
                 )
-                if cur.rowcount != 1:
-                    raise IssuanceFailed(f"intent {row_id} vanished before storing", ReasonCode.INTERNAL)
             conn.executemany(
                 "INSERT INTO outbox (kind, issuance_id, cert_serial, transaction_id, csr_der, public_key_der,"
                 " subject_der, next_attempt_at, created_at) VALUES (?,?,?,?,?,?,?,?,?)",
@@ -971,6 +998,22 @@ class IssueService:
                 self._result(der, item.prep.serial_hex, item.request.device_serial, item.row_id, False)
             )
         return True
+
+    async def _finish(self, items: list[_Item], raws: list[bytes]) -> list[bytes]:
+        """The certificates: every raw signature encoded and verified with the CA key over exactly its TBS bytes,
+        then assembled (Preparer.finish), in the prepare workers when there are some (the verify is the largest
+        CPU cost left in this process), else on a thread (off the event loop). SignatureVerificationError if
+        any does not verify: then none of the batch is stored or released."""
+        signed = [(i.prep.tbs, raw) for i, raw in zip(items, raws, strict=True) if i.prep is not None]
+        ders = await self._pool.finish(signed) if self._pool is not None else None
+        if ders is None:
+            ders = await asyncio.to_thread(self._preparer.finish, signed)
+        checked = [d for d in ders if d is not None]
+        if len(checked) != len(items):
+            raise SignatureVerificationError(
+                f"the HSM returned a signature with key {self.key.label!r} that does not verify; not using it"
+            )
+        return checked
 
     async def _burn(self, ids: list[int], reason: str) -> None:
         def txn(conn: sqlite3.Connection) -> None:

@@ -33,6 +33,7 @@ from appliance.alarms import Alarms, LogOnce
 from appliance.errors import IssuanceFailed, ReasonCode
 from appliance.issuance import prepare
 from appliance.issuance.prepare import Job, PrepareContext, Prepared, Refusal
+from appliance.issuance.tbs import Tbs
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,8 @@ DEATHS_FOR_ALARM: Final = 3
 DEATH_WINDOW_S: Final = 600.0
 LOG_INTERVAL_S: Final = 60.0
 RESTART_BACKOFF_S: Final = 5.0
+STARTUP_S: Final = 60.0
+STARTUP_POLL_S: Final = 0.05
 
 ALARM_DEATHS: Final = "issuance.prepare-worker-deaths"
 ALARM_UNAVAILABLE: Final = "issuance.prepare-workers-unavailable"
@@ -100,14 +103,8 @@ class PreparePool:
     # -- lifecycle -----------------------------------------------------------------------------------------------
     async def start(self) -> None:
         """Start every worker now (a failure to start is a start-up error, not a surprise at the first request)."""
-        loop = asyncio.get_running_loop()
         try:
-            await asyncio.gather(
-                *(
-                    loop.run_in_executor(self._pool, prepare.prepare_in_worker, [])
-                    for _ in range(self.workers)
-                )
-            )
+            await _all_running(self._pool, self.workers)
         except Exception as exc:  # BrokenExecutor, or an OSError spawning a worker
             self._pool.shutdown(wait=False, cancel_futures=True)
             raise IssuanceFailed(
@@ -139,6 +136,30 @@ class PreparePool:
             self._clear(ALARM_UNAVAILABLE, "the prepare workers run again")
         if not self._deaths or self.clock() - self._deaths[-1] > DEATH_WINDOW_S:
             self._clear(ALARM_DEATHS, f"no prepare worker died for {DEATH_WINDOW_S:.0f} s")
+        return results
+
+    async def finish(self, signed: Sequence[tuple[Tbs, bytes]]) -> list[bytes | None] | None:
+        """Preparer.finish (encode, verify, assemble) spread over the workers, one result per item in order; None
+        if the workers could not do it (a worker died, or a fault in one): the caller then finishes the batch
+        itself. A broken pool is replaced for the next batch."""
+        if not signed or not self._usable():
+            return None
+        size = -(-len(signed) // self.workers)
+        chunks = [list(signed[i : i + size]) for i in range(0, len(signed), size)]
+        generation = self._generation
+        loop = asyncio.get_running_loop()
+        try:
+            outcomes = await asyncio.gather(
+                *(loop.run_in_executor(self._pool, prepare.finish_in_worker, c) for c in chunks)
+            )
+        except Exception:  # noqa: BLE001 - BrokenExecutor, or an OSError submitting: see _submit_failed
+            await self._renew(generation)
+            return None
+        results: list[bytes | None] = []
+        for outcome in outcomes:
+            if outcome is None:
+                return None
+            results.extend(outcome)
         return results
 
     async def _try(self, chunk: list[Job]) -> list[Result] | _Lost:
@@ -192,11 +213,8 @@ class PreparePool:
     async def _started(self, workers: int) -> concurrent.futures.ProcessPoolExecutor | None:
         """A new pool with all its workers running, or None (then issuance is refused BUSY for a while)."""
         pool = _new_executor(self.ctx, workers)
-        loop = asyncio.get_running_loop()
         try:
-            await asyncio.gather(
-                *(loop.run_in_executor(pool, prepare.prepare_in_worker, []) for _ in range(workers))
-            )
+            await _all_running(pool, workers)
         except Exception:  # noqa: BLE001 - BrokenExecutor, or see _submit_failed
             pool.shutdown(wait=False, cancel_futures=True)
             self._submit_failed()
@@ -282,6 +300,23 @@ class PreparePool:
     def _clear(self, cause: str, note: str) -> None:
         if self.alarms is not None:
             self.alarms.clear(cause, note)
+
+
+async def _all_running(pool: concurrent.futures.ProcessPoolExecutor, workers: int) -> None:
+    """Wait until each of the pool's `workers` processes has run its initializer (it then exits with its
+    parent: prepare._exit_with). One empty job per worker is not enough: the first worker up may take them all
+    while another is still importing, and a daemon killed then would leave that one behind, for as long as its
+    imports take on a loaded machine. Each round asks every worker for its pid; the waits are for processes
+    starting, bounded by STARTUP_S (past it, issuance goes on: a late worker still exits with its parent once
+    started)."""
+    loop = asyncio.get_running_loop()
+    seen: set[int] = set()
+    deadline = time.monotonic() + STARTUP_S
+    while len(seen) < workers and time.monotonic() < deadline:
+        pids = await asyncio.gather(
+            *(loop.run_in_executor(pool, prepare.worker_pid, STARTUP_POLL_S) for _ in range(workers))
+        )
+        seen.update(pids)
 
 
 def _unavailable() -> Refusal:

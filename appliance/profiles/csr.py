@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Final, NoReturn
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
@@ -50,6 +50,9 @@ class ValidatedCsr:
     der_sha256: bytes
     der: bytes = (
         b""  # the DER that was checked (a PEM input decoded): what later stages must read, not the input
+    )
+    spki_der: bytes = (
+        b""  # the canonical re-encoding of the key (SubjectPublicKeyInfo), as a certificate holds it
     )
 
 
@@ -172,6 +175,9 @@ class ValidatedKey:
     key_algorithm: str
     public_key_sha256: bytes
     der_sha256: bytes  # of the SPKI as received
+    spki_der: bytes = (
+        b""  # the canonical re-encoding of the key (SubjectPublicKeyInfo), as a certificate holds it
+    )
 
 
 def _spki_parts(data: bytes, spki: der.Tlv) -> tuple[bytes, der.Tlv | None]:
@@ -208,7 +214,35 @@ def validate_public_key(spki_der: bytes, profile: Profile, *, max_bytes: int = 8
         _refuse(ReasonCode.BAD_CSR, f"public key is not valid DER: {exc}", size=len(spki_der))
     key, key_algorithm = _checked_key(alg_oid, params, lambda: _load_spki(spki_der), profile, "requested")
     spki = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return ValidatedKey(key, key_algorithm, hashlib.sha256(spki).digest(), hashlib.sha256(spki_der).digest())
+    return ValidatedKey(
+        key, key_algorithm, hashlib.sha256(spki).digest(), hashlib.sha256(spki_der).digest(), spki_der=spki
+    )
+
+
+_ECDSA_POP: Final = frozenset({
+    x509.SignatureAlgorithmOID.ECDSA_WITH_SHA256,
+    x509.SignatureAlgorithmOID.ECDSA_WITH_SHA384,
+    x509.SignatureAlgorithmOID.ECDSA_WITH_SHA512,
+})  # fmt: skip
+
+
+def _pop_valid(
+    csr: x509.CertificateSigningRequest, key: CertificatePublicKeyTypes, sig_hash: hashes.HashAlgorithm | None
+) -> bool:
+    """The CSR's signature verifies with its own key. ECDSA with the key already loaded: is_signature_valid
+    would load it from the CSR a second time (~20 us, a tenth of a certificate's CPU); anything else through
+    cryptography's own check."""
+    if (
+        isinstance(key, ec.EllipticCurvePublicKey)
+        and isinstance(sig_hash, _POP_HASHES)
+        and csr.signature_algorithm_oid in _ECDSA_POP
+    ):
+        try:
+            key.verify(csr.signature, csr.tbs_certrequest_bytes, ec.ECDSA(sig_hash))
+        except InvalidSignature:
+            return False
+        return True
+    return bool(csr.is_signature_valid)
 
 
 def validate_csr(data: bytes, profile: Profile, *, max_bytes: int = 8192) -> ValidatedCsr:
@@ -247,7 +281,7 @@ def validate_csr(data: bytes, profile: Profile, *, max_bytes: int = 8192) -> Val
         name = sig_hash.name if sig_hash is not None else "none"
         _refuse(ReasonCode.BAD_POP, f"CSR signature hash {name} is not accepted; use SHA-256 or stronger")
     try:
-        valid = csr.is_signature_valid
+        valid = _pop_valid(csr, key, sig_hash)
     except Exception:  # noqa: BLE001 - see the module docstring: no proof either way is no proof
         valid = False
     if not valid:
@@ -261,4 +295,5 @@ def validate_csr(data: bytes, profile: Profile, *, max_bytes: int = 8192) -> Val
         public_key_sha256=hashlib.sha256(spki).digest(),
         der_sha256=hashlib.sha256(data).digest(),
         der=data,
+        spki_der=spki,
     )

@@ -92,7 +92,7 @@ async def test_birthline_issue_beside_the_daemon_leaves_its_requests_in_flight_a
         assert daemon.enroller is not None
         service = daemon.enroller.service
         release, signing = asyncio.Event(), asyncio.Event()
-        real = service.key.asign_many
+        real = service.key.asign_unverified
 
         async def slow_hsm(items: list[bytes]) -> list[bytes]:
             # The fault: an HSM slow enough that the request's intent is committed and waits here.
@@ -100,12 +100,12 @@ async def test_birthline_issue_beside_the_daemon_leaves_its_requests_in_flight_a
             await release.wait()
             return await real(items)
 
-        monkeypatch.setattr(service.key, "asign_many", slow_hsm)
+        monkeypatch.setattr(service.key, "asign_unverified", slow_hsm)
         in_flight = asyncio.create_task(
             service.issue(IssueRequest("SN-0001", make_csr("SN-0001")[1], station="fixture-1"))
         )
         await asyncio.wait_for(signing.wait(), 60)
-        monkeypatch.setattr(service.key, "asign_many", real)
+        monkeypatch.setattr(service.key, "asign_unverified", real)
         csr = tmp_path / "dev.csr"
         csr.write_bytes(make_csr("SN-0002")[1])
         try:

@@ -203,3 +203,25 @@ def test_exchange_and_unsupported_signature_algorithms_refused(ec_key: HsmEcPriv
     assert isinstance(ec_key, HsmEcPrivateKey)
     with pytest.raises(UnsupportedAlgorithmError):
         ec_key.exchange(ec.ECDH(), ec_key.public_key())
+
+
+def test_ecdsa_der_is_python_pkcs11s_encoding_and_refuses_odd_lengths() -> None:
+    """hsm.keys.ecdsa_der replaced pkcs11.util.ec.encode_ecdsa_signature (asn1crypto, ~10 us): same bytes for
+    every curve size, leading zero octets and high bits included."""
+    import os
+
+    from pkcs11.util.ec import encode_ecdsa_signature
+
+    from hsm.errors import SignatureVerificationError
+    from hsm.keys import ecdsa_der
+
+    for half in (32, 48, 66):
+        for i in range(2000):
+            raw = bytearray(os.urandom(2 * half))
+            if i % 3 == 0:
+                raw[: 1 + i % 9] = bytes(1 + i % 9)  # r with leading zero octets
+            if i % 5 == 0:
+                raw[half] |= 0x80  # s with its high bit set
+            assert ecdsa_der(bytes(raw)) == encode_ecdsa_signature(bytes(raw))
+    with pytest.raises(SignatureVerificationError):
+        ecdsa_der(b"\x01" * 65)

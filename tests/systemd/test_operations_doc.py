@@ -10,14 +10,14 @@ from appliance import diskspace, station_failures
 from appliance.audit import checkpointer
 from appliance.cmp.forwarder import Forwarder
 from appliance.connections import AcceptErrors
-from appliance.issuance import faults, workers
+from appliance.issuance import faults, template, workers
 from appliance.va.crl import CrlPublisher
 from appliance.va.ocsp import OcspResponder
 
 TOP = Path(__file__).resolve().parents[2]
 # Every place that raises an alarm (`raise_alarm(` in appliance/): a new one must be added to CAUSES below and
 # to the table in docs/operations.md.
-RAISE_SITES = 16
+RAISE_SITES = 17
 
 
 def causes() -> set[str]:
@@ -26,6 +26,7 @@ def causes() -> set[str]:
         faults.quota_cause("<id>"),
         workers.ALARM_DEATHS,
         workers.ALARM_UNAVAILABLE,
+        template.ALARM,
         Forwarder.ALARM_FORWARDER,
         Forwarder.ALARM_QUEUE,
         diskspace.CAUSE,

@@ -134,14 +134,20 @@ async def test_an_unverifiable_signature_is_alarmed_and_the_probe_clears_it(
     mocker: MockerFixture,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """SoftHSM never returns a bad signature: injected at the key (as in test_service), then removed."""
-    from hsm.errors import SignatureVerificationError
+    """SoftHSM never returns a bad signature: one bit of every C_Sign output flipped (as in test_service), then
+    put right. The service's own verify catches it; the health probe's (hsm/keys.py) until it is put right."""
+    import hsm.keys
+
+    real = hsm.keys.c_sign
+
+    def corrupt(*args: object, **kw: object) -> bytes:
+        sig = bytearray(real(*args, **kw))  # type: ignore[arg-type]
+        sig[len(sig) // 2] ^= 0x01
+        return bytes(sig)
 
     alarms = Alarms()
     async with _service(journal, issuing, hsm_token, alarms=alarms, health_interval_s=0.05) as svc:
-        bad = mocker.patch.object(
-            type(svc.key), "asign_many", side_effect=SignatureVerificationError("does not verify")
-        )
+        bad = mocker.patch("hsm.keys.c_sign", side_effect=corrupt)
         with caplog.at_level(logging.WARNING):
             codes = await _refused(svc, "SN-S")
         # The first batch signs and burns its intent; the probe then refuses the rest before any intent.

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from appliance.alarms import Alarms
 from appliance.ca import CaRecord
@@ -82,14 +84,14 @@ async def test_a_bug_in_preparation_refuses_that_request_internal_and_is_logged_
     batch; the log names where it happened once, without the input, however many requests hit it."""
     from appliance.issuance import prepare
 
-    real = prepare.build_certificate
+    real = prepare.validate_device_serial
 
-    def buggy(profile: Profile, **kw: object) -> object:
-        if str(kw["device_serial"]).startswith("SN-BUG"):
+    def buggy(profile: Profile, serial: str) -> None:
+        if serial.startswith("SN-BUG"):
             raise KeyError("SN-BUG secret input")
-        return real(profile, **kw)  # type: ignore[arg-type]
+        real(profile, serial)
 
-    mocker.patch.object(prepare, "build_certificate", side_effect=buggy)
+    mocker.patch.object(prepare, "validate_device_serial", side_effect=buggy)
     async with _service(journal, issuing, hsm_token, prepare_workers=0) as svc:
         results = await asyncio.gather(
             *(svc.issue(IssueRequest(f"SN-BUG{i}" if i % 2 else f"SN-OK{i}", make_csr()[1])) for i in range(8)),
@@ -316,3 +318,30 @@ async def test_workers_ignore_sigint_the_parent_stops_them(
         for i in range(4):  # requests through the workers after the signal: each a round trip to them
             await _issues(svc, issuing, f"SN-INT-{i}")
         assert all(proc.is_alive() for proc in workers), [(p.pid, p.exitcode) for p in workers]
+
+
+async def test_a_worker_dying_while_verifying_signatures_costs_no_certificate(
+    journal: Journal,
+    issuing: CaRecord,
+    hsm_token: Token,
+    mocker: pytest.MockFixture,  # type: ignore[name-defined]
+) -> None:
+    """The worker verifying a batch's HSM signatures dies (os._exit): the daemon verifies that batch itself, every
+    certificate of it is issued (each verifies with the CA key), the pool is replaced and later batches issue."""
+    from appliance.issuance import prepare
+    from tests.appliance.issuance import worker_faults
+
+    mocker.patch.object(prepare, "finish_in_worker", worker_faults.finish_or_die)
+    async with _service(journal, issuing, hsm_token, prepare_workers=1, batch_max=16) as svc:
+        first = await asyncio.gather(
+            *(svc.issue(IssueRequest(s, make_csr()[1])) for s in ["SN-F1", "FINISH-DIE", "SN-F2"])
+        )
+        later = await svc.issue(IssueRequest("SN-F3", make_csr()[1]))
+        assert svc.prepare_stats["replaced"] >= 1
+    ca_key = issuing.certificate.public_key()
+    for result in [*first, later]:
+        cert = x509.load_der_x509_certificate(result.certificate)
+        ca_key.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(hashes.SHA256()))  # type: ignore[union-attr, call-arg]
+    assert {r.device_serial: r.state for r in journal.rows()} == dict.fromkeys(
+        ["SN-F1", "FINISH-DIE", "SN-F2", "SN-F3"], "issued"
+    )

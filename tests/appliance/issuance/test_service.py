@@ -10,11 +10,13 @@ import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+import hsm.keys
 from appliance import ca as ca_mod
 from appliance.ca import CaRecord
 from appliance.errors import IssuanceFailed, IssuancePending, IssuanceRefused, ReasonCode
@@ -22,7 +24,7 @@ from appliance.issuance.journal import Journal
 from appliance.issuance.policy import Grant, IssueRequest
 from appliance.issuance.service import IssueService
 from appliance.profiles import Profile, builtin_profiles
-from hsm.errors import DeviceError, SignatureVerificationError
+from hsm.errors import DeviceError
 from hsm.token import Token
 from tests.appliance.conftest import make_csr
 
@@ -230,8 +232,12 @@ async def test_hsm_device_error_burns_intents_and_fails_closed(
     mocker: pytest.MockFixture,  # type: ignore[name-defined]
 ) -> None:
     async with _service(journal, issuing, hsm_token) as svc:
-        # The HSM device disappearing cannot be produced with SoftHSM; inject it at the key boundary.
+        # The HSM device disappearing cannot be produced with SoftHSM; inject it at the key boundary (both
+        # signing calls: the pipeline's and the health probe's).
         broken = mocker.patch.object(type(svc.key), "asign_many", side_effect=DeviceError("device removed"))
+        broken_raw = mocker.patch.object(
+            type(svc.key), "asign_unverified", side_effect=DeviceError("device removed")
+        )
         with pytest.raises(IssuanceFailed) as exc:
             await svc.issue(IssueRequest("SN-H1", make_csr()[1]))
         assert exc.value.code == ReasonCode.HSM_UNAVAILABLE
@@ -241,6 +247,7 @@ async def test_hsm_device_error_burns_intents_and_fails_closed(
         rows = journal.rows()
         assert [(r.device_serial, r.state) for r in rows] == [("SN-H1", "burned")]
         mocker.stop(broken)
+        mocker.stop(broken_raw)
         ok = await svc.issue(IssueRequest("SN-H1", make_csr()[1]))
     assert not ok.reused
     states = [(r.device_serial, r.state) for r in journal.rows()]
@@ -249,20 +256,29 @@ async def test_hsm_device_error_burns_intents_and_fails_closed(
     assert len(set(serials)) == 2
 
 
+@pytest.mark.parametrize("workers", [0, 1])
 async def test_unverifiable_signature_is_never_released(
+    workers: int,
     journal: Journal,
     issuing: CaRecord,
     hsm_token: Token,
     mocker: pytest.MockFixture,  # type: ignore[name-defined]
 ) -> None:
-    async with _service(journal, issuing, hsm_token) as svc:
-        mocker.patch.object(
-            type(svc.key), "asign_many", side_effect=SignatureVerificationError("bad signature")
-        )
+    async with _service(journal, issuing, hsm_token, prepare_workers=workers) as svc:
+        # SoftHSM never returns a bad signature: one bit of every C_Sign output flipped. The service's own
+        # verify (in the prepare worker, or on a thread without workers) must catch it.
+        real = hsm.keys.c_sign
+
+        def corrupt(*args: Any, **kw: Any) -> bytes:
+            sig = bytearray(real(*args, **kw))
+            sig[len(sig) // 2] ^= 0x01
+            return bytes(sig)
+
+        mocker.patch("hsm.keys.c_sign", side_effect=corrupt)
         with pytest.raises(IssuanceFailed) as exc:
             await svc.issue(IssueRequest("SN-V", make_csr()[1]))
     assert exc.value.code == ReasonCode.SIGNATURE_INVALID
-    assert [r.state for r in journal.rows()] == ["burned"]
+    assert [(r.state, r.cert_der) for r in journal.rows()] == [("burned", None)]
 
 
 async def test_journal_failure_while_storing_withholds_the_certificate(
@@ -405,7 +421,7 @@ async def test_audit_log_unwritable_stops_issuance_and_says_why(
     from appliance.audit.log import AuditLog
 
     audit = AuditLog(journal)
-    sign = mocker.spy(type(hsm_token.get_key(issuing.key_label)), "asign_many")
+    sign = mocker.spy(type(hsm_token.get_key(issuing.key_label)), "asign_unverified")
     journal.call(lambda: journal.conn.execute(
         "CREATE TRIGGER audit_full BEFORE INSERT ON audit BEGIN SELECT RAISE(ABORT, 'audit disk full'); END"))  # fmt: skip
     async with _service(journal, issuing, hsm_token, audit=audit) as svc:

@@ -39,3 +39,13 @@ def prepare_or_die(jobs: Sequence[prepare.Job]) -> list[prepare.Prepared | prepa
 def init_and_die(ctx: prepare.PrepareContext) -> None:
     """A worker that cannot start (a missing library, no memory): it exits in its initializer."""
     os._exit(4)
+
+
+_real_finish = prepare.finish_in_worker
+
+
+def finish_or_die(signed: Sequence[tuple[object, bytes]]) -> list[bytes | None] | None:
+    """A batch holding the device FINISH-DIE kills the worker that verifies its HSM signatures."""
+    if any(b"FINISH-DIE" in tbs.tbs for tbs, _ in signed):  # type: ignore[attr-defined]
+        os._exit(3)
+    return _real_finish(signed)  # type: ignore[arg-type]

@@ -209,7 +209,7 @@ async def test_an_hsm_failure_gives_the_unit_back(
     floor: Floor, service: IssueService, mocker: MockerFixture
 ) -> None:
     floor.work_order(quantity=1)
-    mocker.patch.object(type(service.key), "asign_many", side_effect=DeviceError("removed"))
+    mocker.patch.object(type(service.key), "asign_unverified", side_effect=DeviceError("removed"))
     with pytest.raises(IssuanceFailed):
         await service.issue(req("SN-0001"))
     assert floor.journal.rows()[0].state == "burned"
@@ -285,7 +285,7 @@ async def test_a_burned_rework_issuance_reopens_the_grant(
     floor.work_order(quantity=1)
     await service.issue(req("SN-0001"))
     store.rework(floor.journal, floor.audit, floor.supervisor, "SN-0001", "new key", ca="issuing")
-    mocker.patch.object(type(service.key), "asign_many", side_effect=DeviceError("removed"))
+    mocker.patch.object(type(service.key), "asign_unverified", side_effect=DeviceError("removed"))
     with pytest.raises(IssuanceFailed):
         await service.issue(req("SN-0001"))
     mocker.stopall()
