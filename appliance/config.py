@@ -6,6 +6,7 @@ Secrets are never in this file: the HSM PIN comes from a file or a systemd crede
 from __future__ import annotations
 
 import grp
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -457,6 +458,10 @@ def parse_config(
     data: Mapping[str, Any], *, source: Path | None = None, base_dir: Path | None = None
 ) -> Config:
     """Build a Config from parsed TOML. Relative paths are relative to the config file's directory."""
+    if wide := _wide_integers(data):
+        # Checked before anything else: the problem texts below print values, and Python refuses to print an
+        # integer of more than 4300 digits (a ValueError where a ConfigError is due).
+        raise ConfigError(wide, str(source) if source else "")
     problems: list[Problem] = []
     base = base_dir or (source.parent if source else Path.cwd())
 
@@ -1128,13 +1133,52 @@ def config_warnings(cfg: Config) -> list[Problem]:
     return warnings
 
 
+_INT64 = range(-(2**63), 2**63)
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _wide_integers(data: Mapping[str, Any]) -> list[Problem]:
+    """Integers outside 64 bits, which TOML 1.0 says a parser must refuse (tomllib reads any length)."""
+    problems: list[Problem] = []
+    # A loop, not recursion: what tomllib read nested deep can be walked here without a RecursionError.
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, Mapping):
+            for key, item in value.items():
+                shown = key if _BARE_KEY.fullmatch(key) else safe_repr(key)
+                stack.append((f"{where}.{shown}" if where else shown, item))
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{i}]", item) for i, item in enumerate(value))
+        elif isinstance(value, int) and not isinstance(value, bool) and value not in _INT64:
+            problems.append(
+                Problem(where, f"an integer of {value.bit_length()} bits: TOML integers are 64-bit")
+            )
+    return sorted(problems, key=lambda p: p.where)
+
+
 def load_config(path: Path) -> Config:
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError([Problem(str(path), f"cannot read: {exc.strerror}")]) from exc
+    return load_config_bytes(raw, path.resolve())
+
+
+def load_config_bytes(raw: bytes, source: Path) -> Config:
+    """load_config on the file's bytes: `source` (absolute) names the file in problems and anchors relative paths.
+
+    The contract (bench/fuzz.py's config target checks it on any bytes): a Config, or a ConfigError listing every
+    problem with where it is; never another exception.
+    """
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError([Problem(str(path), f"not valid TOML: {exc}")]) from exc
-    return parse_config(data, source=path.resolve())
+        raise ConfigError([Problem(str(source), f"not valid TOML: {exc}")]) from exc
+    except ValueError as exc:
+        # tomllib lets Python's own refusal through: a decimal integer of more than 4300 digits.
+        raise ConfigError([Problem(str(source), "not valid TOML: an integer too long to read")]) from exc
+    except RecursionError as exc:
+        # Arrays or inline tables nested about 1000 deep exhaust tomllib's recursive descent.
+        raise ConfigError([Problem(str(source), "not valid TOML: arrays or tables nested too deep")]) from exc
+    return parse_config(data, source=source)

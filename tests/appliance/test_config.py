@@ -88,6 +88,43 @@ def test_bad_toml_is_a_config_error(tmp_path: Path) -> None:
         load_config(f)
 
 
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("[" * 3000, "nested too deep"),  # tomllib's recursive descent: a RecursionError before the fix
+        ("{ a = " * 3000, "nested too deep"),
+        ("9" * 4400, "an integer too long to read"),  # Python's 4300-digit limit: a ValueError before the fix
+    ],
+)
+def test_toml_past_the_readers_limits_is_a_config_error(tmp_path: Path, value: str, message: str) -> None:
+    """Found by bench/fuzz.py's config target (regression inputs in tests/fuzz_corpus/config/)."""
+    f = tmp_path / "c.toml"
+    f.write_text(f"[journal]\nbatch_max = {value}\n")
+    with pytest.raises(ConfigError, match=message) as exc:
+        load_config(f)
+    assert [p.where for p in exc.value.problems] == [str(f)]
+
+
+def test_integers_past_64_bits_are_refused_where_they_are() -> None:
+    """TOML integers are 64-bit; tomllib reads any length, and a 4000-digit one made the range check's own
+    message (which prints the value) raise ValueError."""
+    wide = int("f" * 4000, 16)
+    data = {**MINIMAL, "journal": {"batch_max": wide}, "profiles": {"p q": {"x": [1, {"y": 2**63}]}}}
+    with pytest.raises(ConfigError) as exc:
+        parse_config(data)
+    assert [(p.where, p.message) for p in exc.value.problems] == [
+        ("journal.batch_max", "an integer of 16000 bits: TOML integers are 64-bit"),
+        ("profiles.'p q'.x[1].y", "an integer of 64 bits: TOML integers are 64-bit"),
+    ]
+    # The 64-bit edges themselves are TOML integers: only out of range here.
+    for edge in (2**63 - 1, -(2**63)):
+        with pytest.raises(ConfigError) as exc:
+            parse_config({**MINIMAL, "journal": {"batch_max": edge}})
+        assert [(p.where, p.message) for p in exc.value.problems] == [
+            ("journal.batch_max", f"must be between 1 and 4096, got {edge}")
+        ]
+
+
 def test_documented_example_parses() -> None:
     text = (DOCS / "configuration.md").read_text()
     block = re.search(r"## A complete example\n\n```toml\n(.*?)```", text, re.S)
