@@ -402,13 +402,15 @@ def _csr_mutate() -> Mutate:
     seeds, _ = _csr_seeds_and_known()
     typed = cast(list[csrfuzz.Seed], seeds)
     spkis = csrfuzz.interesting_spkis(typed)
-    mutators: dict[int, csrfuzz.Mutator] = {}
+    current: list[csrfuzz.Mutator] = []
 
     def mutate(data: bytes, rng: random.Random) -> bytes:
         # csrfuzz's mutator works from its own seeds (it re-signs after a change, so inputs get past the proof
-        # of possession); one per rng keeps runs deterministic.
-        m = mutators.setdefault(id(rng), csrfuzz.Mutator(typed, rng, spkis))
-        return m.next()[2]
+        # of possession); one per rng keeps runs deterministic. Only the last is kept: atheris passes a new rng
+        # on every call, and a table of them all (each holding its rng) grew by about 1.5 kB an input.
+        if not current or current[0].rng is not rng:
+            current[:] = [csrfuzz.Mutator(typed, rng, spkis)]
+        return current[0].next()[2]
 
     return mutate
 
