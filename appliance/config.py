@@ -102,6 +102,12 @@ class StationsSection:
         return host.strip("[]"), int(port)
 
 
+def _is_port(text: str) -> bool:
+    """ASCII digits, 0..65535. str.isdigit() alone takes '\u00b2' (which int() refuses) and strings of thousands of
+    digits (which int() refuses past 4300)."""
+    return text.isascii() and text.isdigit() and len(text) <= 5 and int(text) <= 65535
+
+
 def _split_listen(value: str) -> tuple[str, int] | None:
     if not value:
         return None
@@ -535,7 +541,7 @@ def parse_config(
     lan_listen = r.text("lan_listen", "127.0.0.1:7450")
     if isinstance(lan_listen, str) and lan_listen:
         host, sep, port = lan_listen.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        if not sep or not host or not _is_port(port):
             problems.append(
                 Problem("stations.lan_listen", f"expected host:port or empty, got {lan_listen!r}")
             )
@@ -562,7 +568,7 @@ def parse_config(
     va_listen = r.text("listen", "127.0.0.1:7451")
     if isinstance(va_listen, str) and va_listen:
         host, sep, port = va_listen.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        if not sep or not host or not _is_port(port):
             problems.append(Problem("va.listen", f"expected host:port or empty, got {va_listen!r}"))
             va_listen = ""
     never_issued = r.text("never_issued", "unknown")
@@ -715,7 +721,7 @@ def _listen(r: _Reader, key: str, default: str) -> str:
     value = r.text(key, default)
     if isinstance(value, str) and value:
         host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        if not sep or not host or not _is_port(port):
             r.problems.append(Problem(f"{r.where}.{key}", f"expected host:port or empty, got {value!r}"))
             return ""
     return value if isinstance(value, str) else ""
@@ -763,7 +769,7 @@ def _parse_control(
     if group:
         try:
             grp.getgrnam(group)
-        except KeyError:
+        except (KeyError, ValueError):  # ValueError: a NUL in the name
             problems.append(Problem("control.group", f"no group named {group!r} on this system"))
     section = ControlSection(
         socket=socket_path,
@@ -795,6 +801,9 @@ def _private_file(value: Path | None, where: str, problems: list[Problem]) -> No
         mode = value.stat().st_mode
     except OSError as exc:
         problems.append(Problem(where, f"cannot read {value}: {exc.strerror}"))
+        return
+    except ValueError:  # a NUL in the path, which no file name holds
+        problems.append(Problem(where, f"not a file name: {safe_repr(str(value))}"))
         return
     if mode & 0o077:
         problems.append(
@@ -1047,11 +1056,11 @@ def _parse_upstream(
     d = UpstreamSection()
     url = r.text("url", "") or ""
     if url:
-        parts = urlsplit(url)
         try:
+            parts = urlsplit(url)  # raises on a bracketed host that is not an IPv6 address
             port_ok = parts.port is None or 0 < parts.port < 65536
         except ValueError:
-            port_ok = False
+            parts, port_ok = urlsplit(""), False
         if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
             problems.append(Problem("upstream.url", f"expected http(s)://host[:port]/path, got {url!r}"))
     mode = r.text("mode", d.mode) or d.mode

@@ -125,6 +125,33 @@ def test_integers_past_64_bits_are_refused_where_they_are() -> None:
         ]
 
 
+@pytest.mark.parametrize(
+    ("section", "where", "message"),
+    [
+        ({"control": {"group": "wheel\x00"}}, "control.group", "no group named 'wheel\\x00'"),
+        ({"upstream": {"secret_file": "a\x00b"}}, "upstream.secret_file", "not a file name: '/etc/a\\x00b'"),
+        ({"upstream": {"url": "http://[::1/cmp"}}, "upstream.url", "expected http(s)://host[:port]/path"),
+        ({"va": {"listen": "127.0.0.1:\u00b2"}}, "va.listen", "expected host:port or empty"),
+        (
+            {"stations": {"lan_listen": "h:" + "7" * 4400}},
+            "stations.lan_listen",
+            "expected host:port or empty",
+        ),
+        ({"metrics": {"listen": "h:\u0661"}}, "metrics.listen", "expected host:port or empty"),
+    ],
+)
+def test_values_python_refuses_are_problems_where_they_are(
+    section: dict[str, object], where: str, message: str
+) -> None:
+    """Found by bench/fuzz.py's config target: each raised ValueError out of the loader (a NUL in a path or a group
+    name, a bracketed URL host that is not IPv6, a port of Unicode digits or of thousands of digits)."""
+    with pytest.raises(ConfigError) as exc:
+        parse_config({**MINIMAL, **section}, base_dir=Path("/etc"))
+    assert any(p.where == where and p.message.startswith(message) for p in exc.value.problems), (
+        exc.value.problems
+    )
+
+
 def test_documented_example_parses() -> None:
     text = (DOCS / "configuration.md").read_text()
     block = re.search(r"## A complete example\n\n```toml\n(.*?)```", text, re.S)
