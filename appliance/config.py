@@ -449,7 +449,7 @@ class _Reader:
 
     def done(self) -> None:
         for key in sorted(set(self.table) - self.seen):
-            self.problems.append(Problem(f"{self.where}.{key}", "unknown key"))
+            self.problems.append(Problem(f"{self.where}.{_shown_key(key)}", "unknown key"))
 
 
 def _table(data: Mapping[str, Any], key: str, problems: list[Problem]) -> Mapping[str, Any]:
@@ -480,7 +480,7 @@ def parse_config(
     sections = ("appliance", "hsm", "journal", "issuance", "stations", "va", "cmp", "upstream", "audit", "control",
                 "metrics", "scep", "est")  # fmt: skip
     for key in sorted(set(data) - {*sections, "profiles"}):
-        problems.append(Problem(key, "unknown section"))
+        problems.append(Problem(_shown_key(key), "unknown section"))
 
     r = _Reader(_table(data, "appliance", problems), "appliance", problems)
     state_dir = path(r.text("state_dir", "/var/lib/birthline")) or Path("/var/lib/birthline")
@@ -1146,6 +1146,12 @@ _INT64 = range(-(2**63), 2**63)
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
+def _shown_key(key: str) -> str:
+    """A key from the file as a problem's location: a TOML bare key as it is, any other quoted and escaped, so an
+    empty key still shows where it is and control characters reach no terminal."""
+    return key if _BARE_KEY.fullmatch(key) else safe_repr(key)
+
+
 def _wide_integers(data: Mapping[str, Any]) -> list[Problem]:
     """Integers outside 64 bits, which TOML 1.0 says a parser must refuse (tomllib reads any length)."""
     problems: list[Problem] = []
@@ -1155,7 +1161,7 @@ def _wide_integers(data: Mapping[str, Any]) -> list[Problem]:
         where, value = stack.pop()
         if isinstance(value, Mapping):
             for key, item in value.items():
-                shown = key if _BARE_KEY.fullmatch(key) else safe_repr(key)
+                shown = _shown_key(key)
                 stack.append((f"{where}.{shown}" if where else shown, item))
         elif isinstance(value, list):
             stack.extend((f"{where}[{i}]", item) for i, item in enumerate(value))

@@ -152,6 +152,19 @@ def test_values_python_refuses_are_problems_where_they_are(
     )
 
 
+def test_unknown_keys_show_where_they_are_even_when_empty_or_unprintable() -> None:
+    """atheris found a top-level `"" = nan` reported as an unknown section at '' (nowhere)."""
+    data = {**MINIMAL, "": 1, "a\x1b[2J": {}, "journal": {"": 1, "line\nbreak": 2}}
+    with pytest.raises(ConfigError) as exc:
+        parse_config(data)
+    assert {(p.where, p.message) for p in exc.value.problems} == {
+        ("''", "unknown section"),
+        ("'a\\x1b[2J'", "unknown section"),
+        ("journal.''", "unknown key"),
+        ("journal.'line\\x0abreak'", "unknown key"),
+    }
+
+
 def test_documented_example_parses() -> None:
     text = (DOCS / "configuration.md").read_text()
     block = re.search(r"## A complete example\n\n```toml\n(.*?)```", text, re.S)
