@@ -139,7 +139,7 @@ fuzz-long: deps
 	$(PY) bench/fuzz.py --target all --inputs 1000000
 fuzz-atheris: deps
 	$(PY) -m pip install -q -e '.[fuzz]'
-	for t in codec session csr cmp ocsp config; do \
+	for t in codec session server csr cmp ocsp config; do \
 	  $(PY) bench/fuzz.py --engine atheris --target $$t --inputs 1000000 || exit 1; done
 soak: deps
 	$(PY) bench/soak.py --minutes 30

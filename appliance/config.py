@@ -6,6 +6,7 @@ Secrets are never in this file: the HSM PIN comes from a file or a systemd crede
 from __future__ import annotations
 
 import grp
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -101,6 +102,12 @@ class StationsSection:
             return None
         host, _, port = self.lan_listen.rpartition(":")
         return host.strip("[]"), int(port)
+
+
+def _is_port(text: str) -> bool:
+    """ASCII digits, 0..65535. str.isdigit() alone takes '\u00b2' (which int() refuses) and strings of thousands of
+    digits (which int() refuses past 4300)."""
+    return text.isascii() and text.isdigit() and len(text) <= 5 and int(text) <= 65535
 
 
 def _split_listen(value: str) -> tuple[str, int] | None:
@@ -444,7 +451,7 @@ class _Reader:
 
     def done(self) -> None:
         for key in sorted(set(self.table) - self.seen):
-            self.problems.append(Problem(f"{self.where}.{key}", "unknown key"))
+            self.problems.append(Problem(f"{self.where}.{_shown_key(key)}", "unknown key"))
 
 
 def _table(data: Mapping[str, Any], key: str, problems: list[Problem]) -> Mapping[str, Any]:
@@ -459,6 +466,10 @@ def parse_config(
     data: Mapping[str, Any], *, source: Path | None = None, base_dir: Path | None = None
 ) -> Config:
     """Build a Config from parsed TOML. Relative paths are relative to the config file's directory."""
+    if wide := _wide_integers(data):
+        # Checked before anything else: the problem texts below print values, and Python refuses to print an
+        # integer of more than 4300 digits (a ValueError where a ConfigError is due).
+        raise ConfigError(wide, str(source) if source else "")
     problems: list[Problem] = []
     base = base_dir or (source.parent if source else Path.cwd())
 
@@ -471,7 +482,7 @@ def parse_config(
     sections = ("appliance", "hsm", "journal", "issuance", "stations", "va", "cmp", "upstream", "audit", "control",
                 "metrics", "scep", "est")  # fmt: skip
     for key in sorted(set(data) - {*sections, "profiles"}):
-        problems.append(Problem(key, "unknown section"))
+        problems.append(Problem(_shown_key(key), "unknown section"))
 
     r = _Reader(_table(data, "appliance", problems), "appliance", problems)
     state_dir = path(r.text("state_dir", "/var/lib/birthline")) or Path("/var/lib/birthline")
@@ -532,7 +543,7 @@ def parse_config(
     lan_listen = r.text("lan_listen", "127.0.0.1:7450")
     if isinstance(lan_listen, str) and lan_listen:
         host, sep, port = lan_listen.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        if not sep or not host or not _is_port(port):
             problems.append(
                 Problem("stations.lan_listen", f"expected host:port or empty, got {lan_listen!r}")
             )
@@ -559,7 +570,7 @@ def parse_config(
     va_listen = r.text("listen", "127.0.0.1:7451")
     if isinstance(va_listen, str) and va_listen:
         host, sep, port = va_listen.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        if not sep or not host or not _is_port(port):
             problems.append(Problem("va.listen", f"expected host:port or empty, got {va_listen!r}"))
             va_listen = ""
     never_issued = r.text("never_issued", "unknown")
@@ -712,7 +723,7 @@ def _listen(r: _Reader, key: str, default: str) -> str:
     value = r.text(key, default)
     if isinstance(value, str) and value:
         host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        if not sep or not host or not _is_port(port):
             r.problems.append(Problem(f"{r.where}.{key}", f"expected host:port or empty, got {value!r}"))
             return ""
     return value if isinstance(value, str) else ""
@@ -760,7 +771,7 @@ def _parse_control(
     if group:
         try:
             grp.getgrnam(group)
-        except KeyError:
+        except (KeyError, ValueError):  # ValueError: a NUL in the name
             problems.append(Problem("control.group", f"no group named {group!r} on this system"))
     section = ControlSection(
         socket=socket_path,
@@ -792,6 +803,9 @@ def _private_file(value: Path | None, where: str, problems: list[Problem]) -> No
         mode = value.stat().st_mode
     except OSError as exc:
         problems.append(Problem(where, f"cannot read {value}: {exc.strerror}"))
+        return
+    except ValueError:  # a NUL in the path, which no file name holds
+        problems.append(Problem(where, f"not a file name: {safe_repr(str(value))}"))
         return
     if mode & 0o077:
         problems.append(
@@ -1044,11 +1058,11 @@ def _parse_upstream(
     d = UpstreamSection()
     url = r.text("url", "") or ""
     if url:
-        parts = urlsplit(url)
         try:
+            parts = urlsplit(url)  # raises on a bracketed host that is not an IPv6 address
             port_ok = parts.port is None or 0 < parts.port < 65536
         except ValueError:
-            port_ok = False
+            parts, port_ok = urlsplit(""), False
         if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
             problems.append(Problem("upstream.url", f"expected http(s)://host[:port]/path, got {url!r}"))
     mode = r.text("mode", d.mode) or d.mode
@@ -1130,13 +1144,58 @@ def config_warnings(cfg: Config) -> list[Problem]:
     return warnings
 
 
+_INT64 = range(-(2**63), 2**63)
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _shown_key(key: str) -> str:
+    """A key from the file as a problem's location: a TOML bare key as it is, any other quoted and escaped, so an
+    empty key still shows where it is and control characters reach no terminal."""
+    return key if _BARE_KEY.fullmatch(key) else safe_repr(key)
+
+
+def _wide_integers(data: Mapping[str, Any]) -> list[Problem]:
+    """Integers outside 64 bits, which TOML 1.0 says a parser must refuse (tomllib reads any length)."""
+    problems: list[Problem] = []
+    # A loop, not recursion: what tomllib read nested deep can be walked here without a RecursionError.
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, Mapping):
+            for key, item in value.items():
+                shown = _shown_key(key)
+                stack.append((f"{where}.{shown}" if where else shown, item))
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{i}]", item) for i, item in enumerate(value))
+        elif isinstance(value, int) and not isinstance(value, bool) and value not in _INT64:
+            problems.append(
+                Problem(where, f"an integer of {value.bit_length()} bits: TOML integers are 64-bit")
+            )
+    return sorted(problems, key=lambda p: p.where)
+
+
 def load_config(path: Path) -> Config:
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError([Problem(str(path), f"cannot read: {exc.strerror}")]) from exc
+    return load_config_bytes(raw, path.resolve())
+
+
+def load_config_bytes(raw: bytes, source: Path) -> Config:
+    """load_config on the file's bytes: `source` (absolute) names the file in problems and anchors relative paths.
+
+    The contract (bench/fuzz.py's config target checks it on any bytes): a Config, or a ConfigError listing every
+    problem with where it is; never another exception.
+    """
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError([Problem(str(path), f"not valid TOML: {exc}")]) from exc
-    return parse_config(data, source=path.resolve())
+        raise ConfigError([Problem(str(source), f"not valid TOML: {exc}")]) from exc
+    except ValueError as exc:
+        # tomllib lets Python's own refusal through: a decimal integer of more than 4300 digits.
+        raise ConfigError([Problem(str(source), "not valid TOML: an integer too long to read")]) from exc
+    except RecursionError as exc:
+        # Arrays or inline tables nested about 1000 deep exhaust tomllib's recursive descent.
+        raise ConfigError([Problem(str(source), "not valid TOML: arrays or tables nested too deep")]) from exc
+    return parse_config(data, source=source)

@@ -16,7 +16,8 @@ tallies); it raises `Violation` when the boundary broke its contract. The contra
   a refusal with a reason code other than INTERNAL and a short printable message (bench/csrfuzz.check);
 - cmp: parse_message, then the protection check and proof of possession, raise nothing but CmpError;
 - ocsp: parse_request returns an OcspRequest or a Refusal with a short reason, never raises;
-- config: load_config returns a Config or raises ConfigError (with its problems), nothing else.
+- config: load_config_bytes (load_config after its read) returns a frozen Config or raises ConfigError listing
+  its problems, each with where it is; nothing else.
 """
 
 from __future__ import annotations
@@ -401,13 +402,15 @@ def _csr_mutate() -> Mutate:
     seeds, _ = _csr_seeds_and_known()
     typed = cast(list[csrfuzz.Seed], seeds)
     spkis = csrfuzz.interesting_spkis(typed)
-    mutators: dict[int, csrfuzz.Mutator] = {}
+    current: list[csrfuzz.Mutator] = []
 
     def mutate(data: bytes, rng: random.Random) -> bytes:
         # csrfuzz's mutator works from its own seeds (it re-signs after a change, so inputs get past the proof
-        # of possession); one per rng keeps runs deterministic.
-        m = mutators.setdefault(id(rng), csrfuzz.Mutator(typed, rng, spkis))
-        return m.next()[2]
+        # of possession); one per rng keeps runs deterministic. Only the last is kept: atheris passes a new rng
+        # on every call, and a table of them all (each holding its rng) grew by about 1.5 kB an input.
+        if not current or current[0].rng is not rng:
+            current[:] = [csrfuzz.Mutator(typed, rng, spkis)]
+        return current[0].next()[2]
 
     return mutate
 
@@ -585,6 +588,10 @@ _TOML_VALUES: Final = [
     "true", "false", '""', '"x"', '"' + "a" * 5000 + '"', '"\\u0000"', '"../../etc/passwd"', '"/dev/null"',
     '"0.0.0.0:0"', '"127.0.0.1:99999"', '"[::1]:7450"', '"host:port"', '":7450"', "[]", '["a", "b"]', "[1, 2]",
     "{}", "{ a = 1 }", "1979-05-27T07:32:00Z", "07:32:00", '"%s%n"', '"\\u202e"', "[[1]]",
+    # Edges of the TOML reader itself: integers past 64 bits and past the 4300 digits Python prints, arrays and
+    # inline tables nested past the depth of tomllib's recursive descent, and just below it.
+    "9223372036854775808", "0x" + "f" * 40, "0x" + "f" * 4000, "9" * 4400, "[" * 1000, "{a=" * 1000,
+    "[" * 300 + "]" * 300,
 ]  # fmt: skip
 
 _CONFIG_KEYS: Final = [
@@ -599,21 +606,26 @@ _CONFIG_SECTIONS: Final = ["appliance", "hsm", "journal", "issuance", "stations"
 
 
 def _config() -> Checker:
+    import dataclasses
     import tomllib
 
-    from appliance.config import Config, load_config
+    from appliance.config import Config, load_config_bytes
     from appliance.errors import ConfigError
 
-    work = Path(tempfile.mkdtemp(prefix="birthline-fuzz-config-"))
-    path = work / "birthline.toml"
+    # The loader on the input as the bytes of a configuration file in an empty directory (relative paths in it
+    # resolve there). load_config is load_config_bytes after one read: writing each input to a file cost more
+    # than loading it and held the target to a few hundred inputs a second.
+    source = Path(tempfile.mkdtemp(prefix="birthline-fuzz-config-")).resolve() / "birthline.toml"
 
     def check(data: bytes) -> str:
-        path.write_bytes(data)
         try:
-            cfg = load_config(path)
+            cfg = load_config_bytes(data, source)
         except ConfigError as exc:
             if not exc.problems:
                 raise Violation("a ConfigError without problems") from exc
+            for problem in exc.problems:
+                if not problem.where or not problem.message:
+                    raise Violation(f"a problem without where it is or what: {problem!r}") from exc
             first = exc.problems[0].message
             return "not-toml" if first.startswith(("not valid TOML", "cannot read")) else "problems"
         except (RecursionError, tomllib.TOMLDecodeError) as exc:
@@ -622,6 +634,10 @@ def _config() -> Checker:
             raise Violation(f"raised {type(exc).__name__}: {exc}") from exc
         if not isinstance(cfg, Config):
             raise Violation(f"returned a {type(cfg).__name__}")
+        for part in [cfg, *(getattr(cfg, f.name) for f in dataclasses.fields(cfg))]:
+            params = getattr(type(part), "__dataclass_params__", None)  # set on every dataclass
+            if params is not None and not params.frozen:
+                raise Violation(f"{type(part).__name__} is not frozen")
         return "config"
 
     return check

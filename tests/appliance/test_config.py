@@ -88,6 +88,83 @@ def test_bad_toml_is_a_config_error(tmp_path: Path) -> None:
         load_config(f)
 
 
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("[" * 1000, "nested too deep"),  # tomllib's recursive descent: a RecursionError before the fix
+        ("{a=" * 1000, "nested too deep"),
+        ("9" * 4400, "an integer too long to read"),  # Python's 4300-digit limit: a ValueError before the fix
+    ],
+)
+def test_toml_past_the_readers_limits_is_a_config_error(tmp_path: Path, value: str, message: str) -> None:
+    """Found by bench/fuzz.py's config target (regression inputs in tests/fuzz_corpus/config/)."""
+    f = tmp_path / "c.toml"
+    f.write_text(f"[journal]\nbatch_max = {value}\n")
+    with pytest.raises(ConfigError, match=message) as exc:
+        load_config(f)
+    assert [p.where for p in exc.value.problems] == [str(f)]
+
+
+def test_integers_past_64_bits_are_refused_where_they_are() -> None:
+    """TOML integers are 64-bit; tomllib reads any length, and a 4000-digit one made the range check's own
+    message (which prints the value) raise ValueError."""
+    wide = int("f" * 4000, 16)
+    data = {**MINIMAL, "journal": {"batch_max": wide}, "profiles": {"p q": {"x": [1, {"y": 2**63}]}}}
+    with pytest.raises(ConfigError) as exc:
+        parse_config(data)
+    assert [(p.where, p.message) for p in exc.value.problems] == [
+        ("journal.batch_max", "an integer of 16000 bits: TOML integers are 64-bit"),
+        ("profiles.'p q'.x[1].y", "an integer of 64 bits: TOML integers are 64-bit"),
+    ]
+    # The 64-bit edges themselves are TOML integers: only out of range here.
+    for edge in (2**63 - 1, -(2**63)):
+        with pytest.raises(ConfigError) as exc:
+            parse_config({**MINIMAL, "journal": {"batch_max": edge}})
+        assert [(p.where, p.message) for p in exc.value.problems] == [
+            ("journal.batch_max", f"must be between 1 and 4096, got {edge}")
+        ]
+
+
+@pytest.mark.parametrize(
+    ("section", "where", "message"),
+    [
+        ({"control": {"group": "wheel\x00"}}, "control.group", "no group named 'wheel\\x00'"),
+        ({"upstream": {"secret_file": "a\x00b"}}, "upstream.secret_file", "not a file name: '/etc/a\\x00b'"),
+        ({"upstream": {"url": "http://[::1/cmp"}}, "upstream.url", "expected http(s)://host[:port]/path"),
+        ({"va": {"listen": "127.0.0.1:\u00b2"}}, "va.listen", "expected host:port or empty"),
+        (
+            {"stations": {"lan_listen": "h:" + "7" * 4400}},
+            "stations.lan_listen",
+            "expected host:port or empty",
+        ),
+        ({"metrics": {"listen": "h:\u0661"}}, "metrics.listen", "expected host:port or empty"),
+    ],
+)
+def test_values_python_refuses_are_problems_where_they_are(
+    section: dict[str, object], where: str, message: str
+) -> None:
+    """Found by bench/fuzz.py's config target: each raised ValueError out of the loader (a NUL in a path or a group
+    name, a bracketed URL host that is not IPv6, a port of Unicode digits or of thousands of digits)."""
+    with pytest.raises(ConfigError) as exc:
+        parse_config({**MINIMAL, **section}, base_dir=Path("/etc"))
+    assert any(p.where == where and p.message.startswith(message) for p in exc.value.problems), (
+        exc.value.problems
+    )
+
+
+def test_unknown_keys_show_where_they_are_even_when_empty_or_unprintable() -> None:
+    """atheris found a top-level `"" = nan` reported as an unknown section at '' (nowhere)."""
+    data = {**MINIMAL, "": 1, "a\x1b[2J": {}, "journal": {"": 1, "line\nbreak": 2}}
+    with pytest.raises(ConfigError) as exc:
+        parse_config(data)
+    assert {(p.where, p.message) for p in exc.value.problems} == {
+        ("''", "unknown section"),
+        ("'a\\x1b[2J'", "unknown section"),
+        ("journal.''", "unknown key"),
+        ("journal.'line\\x0abreak'", "unknown key"),
+    }
+
+
 def test_documented_example_parses() -> None:
     text = (DOCS / "configuration.md").read_text()
     block = re.search(r"## A complete example\n\n```toml\n(.*?)```", text, re.S)
