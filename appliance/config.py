@@ -1174,11 +1174,21 @@ def _wide_integers(data: Mapping[str, Any]) -> list[Problem]:
     return sorted(problems, key=lambda p: p.where)
 
 
+# A configuration is a few kilobytes; reading stops past this, so a path to a device or a FIFO that never ends
+# (/dev/zero, /dev/urandom) is refused instead of read until memory runs out.
+MAX_CONFIG_BYTES = 1024 * 1024
+
+
 def load_config(path: Path) -> Config:
     try:
-        raw = path.read_bytes()
+        with path.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise ConfigError([Problem(str(path), f"cannot read: {exc.strerror}")]) from exc
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            [Problem(str(path), f"larger than {MAX_CONFIG_BYTES} bytes: not a configuration file")]
+        )
     return load_config_bytes(raw, path.resolve())
 
 

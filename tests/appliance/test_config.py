@@ -257,3 +257,23 @@ def test_two_listeners_on_one_port_are_refused_naming_both(stations: str, va: st
 
 def test_listeners_on_port_zero_each_get_their_own() -> None:
     parse_config({**MINIMAL, "stations": {"lan_listen": "127.0.0.1:0"}, "va": {"listen": "127.0.0.1:0"}})
+
+
+def test_a_configuration_path_that_never_ends_is_refused_not_read_forever(tmp_path: Path) -> None:
+    """/dev/zero given as the configuration (a typo, a hostile CLI argument): a ConfigError saying why, after
+    reading at most MAX_CONFIG_BYTES + 1, not a hang until memory runs out; a regular file one byte too big too."""
+    from appliance.config import MAX_CONFIG_BYTES, load_config
+
+    with pytest.raises(ConfigError) as info:
+        load_config(Path("/dev/zero"))
+    assert f"larger than {MAX_CONFIG_BYTES} bytes" in str(info.value)
+    big = tmp_path / "big.toml"
+    big.write_bytes(b"#" * (MAX_CONFIG_BYTES + 1))
+    with pytest.raises(ConfigError, match="larger than"):
+        load_config(big)
+    big.write_bytes(
+        b"#" * MAX_CONFIG_BYTES
+    )  # at the limit: read and judged as TOML (a comment: defaults missing)
+    with pytest.raises(ConfigError) as info:
+        load_config(big)
+    assert "larger than" not in str(info.value)
