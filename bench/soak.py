@@ -416,7 +416,10 @@ async def main_async(args: argparse.Namespace) -> int:
             print(f"  soak at half capacity ({capacity / 2:.0f} devices/s asked) for {args.minutes:g} min:")
             _print_phase("soak", soak, soak_s)
             failed += sum(soak.errors.values())
-            _print_rss(samples)
+            growth = _print_rss(samples, args.rss_growth_mib)
+            if growth:
+                print(f"  MEMORY: {growth}")
+                failed += 1
             over, over_s = await _phase(run, sims, 1 / per_station, args.overload_minutes * 60, "OVER",
                                         args.ocsp_rate, args.cmp_rate, True)  # fmt: skip
             print(f"  overload at twice capacity ({2 * capacity:.0f} devices/s asked, {stations} stations,"
@@ -433,9 +436,11 @@ async def main_async(args: argparse.Namespace) -> int:
         return 1 if failed or problems else 0
 
 
-def _print_rss(samples: list[tuple[float, int, int]]) -> None:
+def _print_rss(samples: list[tuple[float, int, int]], bound_mib: float) -> str:
+    """Print RSS over the soak; a problem (else "") when the peak of its last tenth is more than `bound_mib` above
+    the peak of its first tenth, for the main process or with its prepare workers: growth, not a level."""
     if not samples:
-        return
+        return "no RSS sample was taken"
     step = max(1, len(samples) // 12)
     shown = samples[::step] + ([samples[-1]] if (len(samples) - 1) % step else [])
     print("  daemon RSS over time (s: main MiB / with prepare workers MiB): "
@@ -445,8 +450,16 @@ def _print_rss(samples: list[tuple[float, int, int]]) -> None:
     first, last = max(mains[:tenth]), max(mains[-tenth:])
     print(
         f"  RSS of the main process: {min(mains) / 1024:.0f}..{max(mains) / 1024:.0f} MiB; peak of the first"
-        f" tenth {first / 1024:.0f} MiB, of the last tenth {last / 1024:.0f} MiB ({(last - first) / 1024:+.1f} MiB)"
+        f" tenth {first / 1024:.0f} MiB, of the last tenth {last / 1024:.0f} MiB ({(last - first) / 1024:+.1f} MiB;"
+        f" bound +{bound_mib:g} MiB)"
     )
+    alls = [a for _, _, a in samples]
+    grew = {
+        "main process": (max(mains[-tenth:]) - max(mains[:tenth])) / 1024,
+        "with prepare workers": (max(alls[-tenth:]) - max(alls[:tenth])) / 1024,
+    }
+    over = [f"{what} grew {mib:+.1f} MiB" for what, mib in grew.items() if mib > bound_mib]
+    return "; ".join(over) + f" over the soak (bound +{bound_mib:g} MiB)" if over else ""
 
 
 def main() -> int:
@@ -458,6 +471,8 @@ def main() -> int:
     p.add_argument("--ocsp-rate", type=float, default=20.0)
     p.add_argument("--cmp-rate", type=float, default=2.0)
     p.add_argument("--sample-s", type=float, default=10.0)
+    p.add_argument("--rss-growth-mib", type=float, default=8.0,
+                   help="fail if the RSS peak of the soak's last tenth exceeds its first tenth's by more (8)")  # fmt: skip
     p.add_argument("--max-queued", type=int, help="[issuance] max_queued; default: stations + 4")
     args = p.parse_args()
     if args.max_queued is None:
