@@ -31,12 +31,18 @@ Checks (every one a violation when it fails):
   serial       no certificate serial used twice (journal rows, and every certificate any client received)
   signature    every HSM signature is accounted for: by the issuing CA, a certificate whose TBS is an issuance row
                (issued, confirmed, burned, ...) or the delegated OCSP signer's, or a CRL, or an OCSP answer; by
-               the RA key a CMP protection; by the audit key a checkpoint; by the management CA a TLS/RA
-               certificate the appliance keeps. And every certificate in the journal was seen by the wrapper.
+               the RA key a CMP protection; by the audit key a checkpoint claim still in the chain; by the
+               management CA a TLS/RA certificate the appliance keeps; by the SCEP RA at least one per SCEP answer
+               received. And every certificate and daemon-made checkpoint in the journal was seen by the wrapper;
+               no certificate TBS is signed twice, and the certificate signatures number the rows that reached
+               signing (stored certificates + burned intents signed) and the OCSP signer certificates kept
   quota        each work order's consumed count equals its live units (appliance.production.reconcile)
   received     every certificate any client received is in the journal, same bytes, live
   retry        a device asked for again (same key) gets the certificate it got before, byte for byte
-  audit        the audit chain verifies with the audit key pinned before the run
+  audit        the audit chain verifies with the audit key pinned before the run, and still holds the head the
+               previous check saw (truncation)
+  daemon       a daemon death before the campaign's kill counts as reaching the armed point only with the marker
+               that point writes (crashpoints.die); any other death (starting or working) is a violation
   outbox       at most one outbox row per record; every live certificate and revocation has its row;
                the upstream holds per device at most one certificate per record (a renewal is a second
                record; at the end: exactly that, every row done)
