@@ -145,7 +145,8 @@ soak: deps
 	$(PY) bench/soak.py --minutes 30
 
 # The crash campaign, short version (docs/reliability.md): 40 SIGKILLs of a real daemon, every named crash point
-# twice, then the checks; prints "chaos: N kills (...), violations: 0". Several minutes: not part of `make test`.
+# twice, then the checks; prints "chaos: N kills (...), violations: 0". Several minutes; `make test` runs it
+# after pytest (a violation fails `make test`).
 # The long version: CHAOS_KILLS=1000 (or bench/chaos.py --kills 1000 --minutes 60).
 CHAOS_KILLS ?= 40
 .PHONY: chaos

@@ -4,6 +4,10 @@
 the daemon at the exact moment that matters (a revocation committed but not yet answered, a CRL signed but not yet
 stored, ...) instead of hoping a random kill lands there. The variable is read once at import; unset (production),
 a call is one comparison of a module constant. It is not a secret and changes nothing else.
+
+Before it kills itself, an armed point appends `<point> <pid>` to the file BIRTHLINE_CRASH_MARKER names (if set)
+and fsyncs it: the campaign counts a daemon's death as "reached the point" only on that evidence, so a daemon that
+dies of anything else (a traceback, exit 1, a status asyncio lost) is never mistaken for a planned kill.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import os
 import signal
 
 CRASH_ENV = "BIRTHLINE_CRASH_POINT"
+MARKER_ENV = "BIRTHLINE_CRASH_MARKER"
 
 # Every named point, in pipeline order. The first three are the issuance service's own (issuance/service.py reads
 # the same variable); the others call crash_point() below.
@@ -29,9 +34,22 @@ POINTS = (
 )
 
 _ARMED = os.environ.get(CRASH_ENV, "")
+_MARKER = os.environ.get(MARKER_ENV, "")
 
 
 def crash_point(name: str) -> None:
     """SIGKILL this process if BIRTHLINE_CRASH_POINT names `name` (SIGKILL: no handler, no flush, no cleanup)."""
     if name == _ARMED:
-        os.kill(os.getpid(), signal.SIGKILL)
+        die(name)
+
+
+def die(name: str) -> None:
+    """Leave the marker (written and fsynced: it must survive the kill), then SIGKILL this process."""
+    if _MARKER:
+        fd = os.open(_MARKER, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            os.write(fd, f"{name} {os.getpid()}\n".encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    os.kill(os.getpid(), signal.SIGKILL)

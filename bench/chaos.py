@@ -31,12 +31,18 @@ Checks (every one a violation when it fails):
   serial       no certificate serial used twice (journal rows, and every certificate any client received)
   signature    every HSM signature is accounted for: by the issuing CA, a certificate whose TBS is an issuance row
                (issued, confirmed, burned, ...) or the delegated OCSP signer's, or a CRL, or an OCSP answer; by
-               the RA key a CMP protection; by the audit key a checkpoint; by the management CA a TLS/RA
-               certificate the appliance keeps. And every certificate in the journal was seen by the wrapper.
+               the RA key a CMP protection; by the audit key a checkpoint claim still in the chain; by the
+               management CA a TLS/RA certificate the appliance keeps; by the SCEP RA at least one per SCEP answer
+               received. And every certificate and daemon-made checkpoint in the journal was seen by the wrapper;
+               no certificate TBS is signed twice, and the certificate signatures number the rows that reached
+               signing (stored certificates + burned intents signed) and the OCSP signer certificates kept
   quota        each work order's consumed count equals its live units (appliance.production.reconcile)
   received     every certificate any client received is in the journal, same bytes, live
   retry        a device asked for again (same key) gets the certificate it got before, byte for byte
-  audit        the audit chain verifies with the audit key pinned before the run
+  audit        the audit chain verifies with the audit key pinned before the run, and still holds the head the
+               previous check saw (truncation)
+  daemon       a daemon death before the campaign's kill counts as reaching the armed point only with the marker
+               that point writes (crashpoints.die); any other death (starting or working) is a violation
   outbox       at most one outbox row per record; every live certificate and revocation has its row;
                the upstream holds per device at most one certificate per record (a renewal is a second
                record; at the end: exactly that, every row done)
@@ -80,11 +86,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from appliance import ca as ca_mod
 from appliance import stations_registry as registry
+from appliance.audit.encoding import checkpoint_message
 from appliance.audit.log import AUDIT_KEY_LABEL, AuditLog, ensure_audit_key
 from appliance.audit.verify import verify as audit_verify
 from appliance.cmp.labels import read_secret_file
 from appliance.cmp.ra import RA_KEY_LABEL, ensure_ra
-from appliance.crashpoints import CRASH_ENV, POINTS
+from appliance.crashpoints import CRASH_ENV, MARKER_ENV, POINTS
 from appliance.issuance.journal import Journal
 from appliance.production import store
 from appliance.production.model import WorkOrderSpec
@@ -189,8 +196,9 @@ class Tally:
     random_kills: int = 0
     random_mid_work: int = 0  # random kills with client requests in flight
     startup_deaths: int = 0  # the daemon reached the named point before it listened (forwarding, CRL)
+    unplanned_deaths: int = 0  # the daemon died without the armed point's marker: each one is a violation
     checks: int = 0
-    status_lost: int = 0  # daemons whose exit status asyncio's child watcher lost (reported as 255)
+    status_lost: int = 0  # deaths at the point whose status asyncio lost (255): told by the marker
     start_s: list[float] = field(default_factory=list)  # start to listening, per start
     ops: Counter[str] = field(default_factory=Counter)
 
@@ -245,6 +253,8 @@ class Campaign:
         self.state = root / "state"
         self.journal_path = self.state / "journal.sqlite"
         self.siglog = root / "signatures.jsonl"
+        self.audit_head: tuple[int, bytes] | None = None  # the last check's audit head: must be extended
+        self.marker = root / "crash-marker"  # crashpoints.die() writes "<point> <pid>" here first
         self.tally = Tally()
         self.devices: dict[str, Device] = {}
         self.next_device = 0
@@ -302,6 +312,10 @@ class Campaign:
             self.issuing_pem = self.root / "issuing.pem"
             self.issuing_pem.write_bytes(issuing.certificate.public_bytes(serialization.Encoding.PEM))
             self.key_roles = {str(r.key_label): r.name for r in ca_mod.list_cas(journal)}
+            # Checkpoints signed here, outside the signature-logging launcher: the only ones it cannot have seen.
+            self.setup_checkpoints = journal.call(
+                lambda: {int(r[0]) for r in journal.conn.execute("SELECT seq FROM audit_checkpoint")}
+            )
         self.secret = self.root / "cmp.secret"
         self.est_password = self.root / "est.password"
         for path in (self.secret, self.est_password):
@@ -360,6 +374,8 @@ class Campaign:
         env = {k: v for k, v in os.environ.items() if k != CRASH_ENV}
         if point:
             env[CRASH_ENV] = point
+        env[MARKER_ENV] = str(self.marker)
+        self.marker.unlink(missing_ok=True)
         with open(self.root / "daemon.log", "ab") as log:
             return await asyncio.create_subprocess_exec(
                 sys.executable, str(ROOT / "bench" / "chaos_launcher.py"), str(self.siglog), "run", "--config",
@@ -710,6 +726,16 @@ class Campaign:
                 "SELECT id, device_serial, state, cert_der, failure FROM ra_request"
             ).fetchall()
             crl = conn.execute("SELECT der FROM crl WHERE ca='issuing'").fetchone()
+            # What the audit key may sign: a checkpoint claim in the chain (claimed before it is signed)
+            claims = {
+                hashlib.sha256(checkpoint_message(int(seq), bytes(h))).hexdigest(): int(seq)
+                for seq, h in conn.execute("SELECT seq, hash FROM audit WHERE event='audit.checkpoint'")
+            }
+            checkpoints = {
+                int(seq): hashlib.sha256(checkpoint_message(int(seq), bytes(h))).hexdigest()
+                for seq, h in conn.execute("SELECT seq, head_hash FROM audit_checkpoint")
+                if isinstance(seq, int) and len(bytes(h)) == 32
+            }
             for problem in check_quota(conn):
                 t.violation(f"quota: {problem}")
             conn.execute("COMMIT")
@@ -734,9 +760,12 @@ class Campaign:
                       for d in tls_certs + _pem_certs(self.state / "tls")}  # fmt: skip
         seen: set[str] = set()
         kinds: Counter[str] = Counter()
+        signed_tbs: Counter[str] = Counter()  # issuing-CA certificate signatures per TBS hash
+        audit_signed: set[str] = set()
         for s in sigs:
             role = self.key_roles.get(s["key"])
             if role == "issuing" and s["kind"] == "cert":
+                signed_tbs[s["msg"]] += 1
                 if s["msg"] in tbs:
                     seen.add(s["msg"])
                     kinds["certificate"] += 1
@@ -753,9 +782,15 @@ class Campaign:
             elif s["key"] == RA_KEY_LABEL and s["kind"] == "cmp" and s.get("body") in CMP_SENT:
                 kinds[f"cmp protection ({CMP_SENT[s['body']]})"] += 1
             elif s["key"] == SCEP_RA_KEY_LABEL:
-                kinds["scep answer"] += 1  # the SCEP RA signs each CertRep (CMS SignedData)
-            elif s["key"] == AUDIT_KEY_LABEL:
+                # each CertRep's signed attributes; an RSA key signs a DigestInfo, so the log cannot tell the kind
+                kinds["scep answer"] += 1
+            elif s["key"] == AUDIT_KEY_LABEL and s["msg"] in claims:
+                # the same claim may be signed again after a kill before its checkpoint was stored
                 kinds["audit checkpoint"] += 1
+                audit_signed.add(s["msg"])
+            elif s["key"] == AUDIT_KEY_LABEL:
+                t.violation(f"audit: the audit key signed a checkpoint (message {s['msg']}) for a claim the chain"
+                            f" no longer holds (truncated?)")  # fmt: skip
             elif s["kind"] == "ocsp" and role is None:
                 kinds["ocsp"] += 1  # the delegated OCSP signer's key
             else:
@@ -765,7 +800,28 @@ class Campaign:
                 t.violation(
                     f"signature: certificate {r[0]} is in the journal but the HSM wrapper never saw it"
                 )
+        # A TBS signed twice is a certificate issued twice (one copy thrown away or handed out unrecorded).
+        for digest, n in signed_tbs.items():
+            if n > 1:
+                t.violation(f"signature: the issuing CA signed certificate TBS {digest} {n} times")
+        # Every SCEP answer a client got (a certificate or a signed refusal) is one CertRep the RA key signed; a kill
+        # may cut answers after signing, so only "at least".
+        scep_answers = t.ops["scep"] + t.ops["scep-refused"]
+        if kinds["scep answer"] < scep_answers:
+            t.violation(
+                f"signature: {kinds['scep answer']} SCEP RA signatures for {scep_answers} answers received"
+            )
+        for seq, message in checkpoints.items():
+            if seq not in self.setup_checkpoints and message not in audit_signed:
+                t.violation(f"audit: checkpoint {seq} is in the journal but the wrapper never saw it signed")
         burned_signed = sum(1 for r in rows if r[2] == "burned" and bytes(r[3]).hex() in seen)
+        # ... and in total: one certificate signature per row that reached signing (a stored certificate, or a
+        # burned intent the log shows signed), plus one per OCSP signer certificate the journal keeps.
+        reached_signing = sum(1 for r in rows if r[4] is not None) + burned_signed
+        if kinds["certificate"] != reached_signing or kinds["ocsp signer certificate"] != len(ca_certs):
+            t.violation(f"signature: {kinds['certificate']} certificate signatures for {reached_signing} rows that"
+                        f" reached signing; {kinds['ocsp signer certificate']} OCSP signer certificate signatures"
+                        f" for {len(ca_certs)} kept")  # fmt: skip
         self.last_kinds, self.burned_signed = kinds, burned_signed
         # received
         ra_by_device: dict[str, tuple[Any, ...]] = {}
@@ -869,11 +925,13 @@ class Campaign:
         # audit (its own read-only journal: one snapshot inside verify)
         journal = Journal(self.journal_path, read_only=True)
         try:
-            report = audit_verify(journal, public_key=self.audit_pin)
+            report = audit_verify(journal, public_key=self.audit_pin, expected_head=self.audit_head)
         finally:
             journal.close()
         if not report.ok:
-            t.violation(f"audit: {report.text()[:500]}")
+            t.violation(f"audit: {'; '.join(str(p) for p in report.problems)[:500]}")
+        else:
+            self.audit_head = report.head  # the next check's chain must hold it: no truncation, no rewrite
 
     # -- the campaign -------------------------------------------------------------------------------------
     def ensure_pty(self) -> None:
@@ -889,10 +947,13 @@ class Campaign:
             up = await self.listening(proc)
             self.tally.start_s.append(time.monotonic() - t0)
             if not up:
-                # Reached the point while starting (the forwarder drains or the CRL publisher runs at once).
-                self.tally.named[point or "?"] += 1
-                self.tally.reached[point or "?"] += 1
-                self.tally.startup_deaths += 1
+                # Died while starting: the named point (the forwarder drains or the CRL publisher runs at once)
+                # only if it left its marker; anything else is a violation.
+                await proc.wait()
+                if point:
+                    self.tally.named[point] += 1
+                if self.died_at_point(proc, point, "while starting"):
+                    self.tally.startup_deaths += 1
                 return
             self.phase = "checking"
             self.check()
@@ -903,15 +964,8 @@ class Campaign:
                     self.tally.named[point] += 1
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(proc.wait(), POINT_WAIT_S)
-                    if proc.returncode == -signal.SIGKILL:
-                        self.tally.reached[point] += 1
-                    elif proc.returncode == 255:
-                        # asyncio's child watcher lost the status ("Unknown child process pid"): it died by itself
-                        # before our kill, which is what the crash point does; the log would show any traceback.
-                        self.tally.reached[point] += 1
-                        self.tally.status_lost += 1
-                    elif proc.returncode is not None:
-                        self.tally.violation(f"daemon: exited {proc.returncode} on its own; see daemon.log")
+                    if proc.returncode is not None:
+                        self.died_at_point(proc, point, "on its own")
                 else:
                     self.tally.random_kills += 1
                     target = self.completed + self.rng.randint(0, 6)
@@ -920,6 +974,8 @@ class Campaign:
                         await asyncio.sleep(0.01)
                     await asyncio.sleep(self.rng.random() * 0.3)
                     self.tally.random_mid_work += self.in_flight > 0
+                    if proc.returncode is not None:  # no point armed: any death before our kill is one
+                        self.died_at_point(proc, None, "on its own before the random kill")
             finally:
                 self.phase = "killing"
                 await self.kill(proc)
@@ -928,6 +984,25 @@ class Campaign:
                 self.in_flight = 0
         finally:
             await self.kill(proc)
+
+    def died_at_point(self, proc: asyncio.subprocess.Process, point: str | None, when: str) -> bool:
+        """Whether the dead daemon died at the armed point: only its marker says so (the exit status alone cannot:
+        asyncio's child watcher may lose it, and SIGKILL may come from elsewhere). Else a violation with the log's
+        tail."""
+        try:
+            marks = self.marker.read_text().split()
+        except FileNotFoundError:
+            marks = []
+        if point is not None and marks == [point, str(proc.pid)]:
+            self.tally.reached[point] += 1
+            if proc.returncode != -signal.SIGKILL:
+                self.tally.status_lost += 1  # asyncio lost the status (255); the marker is the evidence
+            return True
+        self.tally.unplanned_deaths += 1
+        tail = _tail(self.root / "daemon.log")
+        self.tally.violation(f"daemon: died {when} (exit {proc.returncode}, armed {point or 'nothing'}, marker"
+                             f" {' '.join(marks) or 'none'}); daemon.log ends:\n{tail}")  # fmt: skip
+        return False
 
     async def stop_clients(self, clients: list[asyncio.Task[None]]) -> None:
         """Cancel the clients until they are all done: their loops also watch `stopping`, since a cancellation can
@@ -983,6 +1058,16 @@ class Campaign:
         finally:
             conn.close()
         return open_rows == 0 and (rev == 0 or (crl is not None and crl[0] == rev))
+
+
+def _tail(path: Path, lines: int = 12) -> str:
+    try:
+        with path.open("rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4000))
+            text = f.read().decode(errors="replace")
+    except OSError as exc:
+        return f"({exc})"
+    return "\n".join("    " + line for line in text.splitlines()[-lines:])
 
 
 def _pem_certs(folder: Path) -> list[bytes]:
@@ -1047,9 +1132,11 @@ async def run(args: argparse.Namespace, root: Path) -> int:
     for p in POINTS:
         print(f"  {p:24} {t.named[p]:5} / {t.reached[p]}")
     print(
-        f"  ({t.startup_deaths} of them reached while the daemon was starting: forwarding or CRL at startup;"
-        f" {t.status_lost} exit statuses lost by asyncio, counted as reached)"
+        f"  ({t.startup_deaths} of the reached ones while the daemon was starting: forwarding or CRL at startup;"
+        f" {t.status_lost} whose exit status asyncio lost, counted by their marker)"
     )
+    if t.unplanned_deaths:
+        print(f"daemon deaths without the armed point's marker (violations): {t.unplanned_deaths}")
     print(f"random kills: {t.random_kills}, with requests in flight: {t.random_mid_work}")
     print(
         "per front end (operations completed; a device's first certificate counts once, its re-asks apart):"
@@ -1065,8 +1152,9 @@ async def run(args: argparse.Namespace, root: Path) -> int:
     starts = sorted(t.start_s)
     print(f"daemon start to listening: median {starts[len(starts) // 2]:.1f} s, max {starts[-1]:.1f} s")
     reached = sum(t.reached.values())
-    print(f"chaos: {kills} kills ({reached} at named points, {t.random_kills} random, {t.random_mid_work} of them "
-          f"mid-work) in {time.monotonic() - t0:.0f} s, violations: {len(t.violations)}", flush=True)  # fmt: skip
+    print(f"chaos: {kills} kills ({sum(t.named.values())} at named points, {reached} of them reached; "
+          f"{t.random_kills} random, {t.random_mid_work} of them mid-work; {t.unplanned_deaths} deaths without the"
+          f" marker) in {time.monotonic() - t0:.0f} s, violations: {len(t.violations)}", flush=True)  # fmt: skip
     return 0 if not t.violations else 1
 
 

@@ -2,8 +2,10 @@
 at random while every client works (stations, an RA-mode station, openssl cmp, the own CMP client on the local
 and the RA label, EST, SCEP), then the final round; no violation, and every front end finished its devices. Then
 the checks are shown to bite: a signature the journal cannot account for, a certificate a client holds that the
-journal does not, a revocation acknowledged but absent, an RA device holding another's certificate, and an RA
-record duplicated in the outbox (it would go upstream twice) are each reported."""
+journal does not, a revocation acknowledged but absent, an RA device holding another's certificate, an RA
+record duplicated in the outbox (it would go upstream twice), a certificate TBS signed twice, a truncated audit
+log (tail and its checkpoints cut to an earlier, self-consistent state), and a daemon that dies while starting
+without the armed crash point's marker are each reported."""
 
 from __future__ import annotations
 
@@ -116,6 +118,41 @@ def _small_campaign(tmp_path: Path) -> None:
             )
             assert f"outbox: 2 rows for ra_request {ra_id}" in found, found
             assert x509.load_der_x509_certificate(other.cert or b"")
+
+            # 6. a certificate TBS the issuing CA signed twice (the second signature thrown away)
+            cert_sig = next(s for s in c.signatures() if s["key"] == issuing and s["kind"] == "cert")
+            with c.siglog.open("a") as f:
+                f.write(json.dumps(cert_sig) + "\n")
+            # 7. the audit log cut back to its second-to-last checkpoint claim: a log that verifies on its own
+            journal = sqlite3.connect(c.journal_path)
+            with journal:
+                keep = journal.execute(
+                    "SELECT seq FROM audit WHERE event='audit.checkpoint' ORDER BY seq DESC LIMIT 1 OFFSET 1"
+                ).fetchone()[0]
+                journal.execute("DROP TRIGGER audit_no_delete")
+                journal.execute("DELETE FROM audit WHERE seq > ?", (keep,))
+                journal.execute("DELETE FROM audit_checkpoint WHERE seq > ?", (keep,))
+            journal.close()
+            before = len(c.tally.violations)
+            c.check()
+            found = c.tally.violations[before:]
+            assert f"signature: the issuing CA signed certificate TBS {cert_sig['msg']} 2 times" in found, (
+                found
+            )
+            assert any(v.startswith("signature: ") and " certificate signatures for " in v for v in found), (
+                found
+            )
+            assert any(v.startswith("audit: ") and "truncated" in v for v in found), found  # expected head
+            assert any("for a claim the chain no longer holds" in v for v in found), found
+
+            # 8. a daemon that dies while starting, not at the armed point (here: a configuration it rejects)
+            c.config.write_text("[appliance\n")
+            before = len(c.tally.violations)
+            await c.round("after-intent")
+            found = c.tally.violations[before:]
+            assert len(found) == 1 and found[0].startswith("daemon: died while starting"), found
+            assert "marker none" in found[0] and "daemon.log ends:" in found[0], found
+            assert c.tally.reached["after-intent"] == 0, c.tally.reached
         finally:
             await c.stop_peer()
             if c.pty is not None:
