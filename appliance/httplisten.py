@@ -149,6 +149,11 @@ async def _request_phases(request: web.Request, handler: _Handler) -> web.Stream
     if not isinstance(guard, Guard) and transport is not None:
         guard = transport.get_extra_info(_GUARD_EXTRA)  # HTTPS: TLS is between the Guard and aiohttp
     if not isinstance(guard, Guard):
+        if transport is None:
+            # The connection ended before its handler ran (displaced at the cap, closed at a deadline or by the
+            # peer): aiohttp has dropped the transport, its body reader would raise RuntimeError("Connection
+            # closed."), and no answer can reach anyone. The listener counted and logged the close.
+            return web.Response(status=400)
         return await handler(request)
     request[_GUARD] = guard
     guard.request_started(request.content if request.body_exists else None)
