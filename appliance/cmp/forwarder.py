@@ -17,7 +17,9 @@
   backoff and jitter. A refusal of the request is permanent: 'failed' with the reason. A record that cannot be
   built, whose stored bytes do not parse, or that the upstream refuses as a message (malformed, wrong key
   identifier): 'parked' with the reason; the records it shares a batch with go on. duplicateCertReq and an rr
-  answered certRevoked are no-ops (done).
+  answered certRevoked are no-ops (done). A refused certConf is retried from the start (the stored request
+  again), at most CONF_REFUSALS_MAX times in a row per record and process; then the record is parked with the
+  alarm upstream.unconfirmed (_conf_refused).
 """
 
 from __future__ import annotations
@@ -186,6 +188,8 @@ class Forwarder(PollingTask):
         self.load = QueueLoad(0, None)
         self._lock_file: IO[bytes] | None = None
         self.stats = {"passes": 0, "messages": 0, "done": 0, "retried": 0, "failed": 0, "parked": 0}
+        self._conf_refusals: dict[int, int] = {}
+        """Row id -> certConfs the upstream refused in a row for it (this process): see _conf_refused."""
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def acquire(self) -> None:
@@ -220,6 +224,9 @@ class Forwarder(PollingTask):
 
     ALARM_FORWARDER = "upstream.forwarder"
     ALARM_QUEUE = "upstream.queue"
+    ALARM_UNCONFIRMED = "upstream.unconfirmed"
+    CONF_REFUSALS_MAX = 3
+    """A record whose certConf the upstream refuses this many times in a row is parked (_conf_refused)."""
 
     async def _poll(self) -> None:
         """Never raises: a failed pass raises the warning alarm upstream.forwarder (logged once, not per pass;
@@ -579,16 +586,41 @@ class Forwarder(PollingTask):
                     outcomes[row.id] = Outcome("retry", f"pkiConf rejected: {exc}"[:300])
                     continue
                 if answer.body_type is BodyType.PKICONF:
+                    self._conf_refusals.pop(row.id, None)
                     outcomes[row.id] = Outcome("done", cert=outcome.cert, chain=outcome.chain)
                 elif isinstance(answer.body, ErrorBody):
-                    outcomes[row.id] = Outcome(
-                        "retry", "certConf refused: " + status_text(answer.body.status)
-                    )
+                    outcomes[row.id] = self._conf_refused(row, outcome, status_text(answer.body.status))
                 else:
                     outcomes[row.id] = Outcome("retry", f"certConf answered by {answer.body_type.asn1_name}")
             else:
                 outcomes[row.id] = Outcome("retry", text(answer) if answer else "no answer to certConf")
         return outcomes
+
+    def _conf_refused(self, row: Row, outcome: Outcome, why: str) -> Outcome:
+        """The upstream refused the certConf for the certificate it issued. Retried from the start (the same
+        request bytes: the upstream answers them with the same certificate and a new confirmation) up to
+        CONF_REFUSALS_MAX times in a row; then the record is parked with the alarm upstream.unconfirmed. An
+        upstream that takes every message twice and loses the first answer refuses the copy of a certConf it
+        has just accepted, every time: without the limit that record was retried for ever, and every retry
+        put the request before the upstream again."""
+        n = self._conf_refusals.get(row.id, 0) + 1
+        if n < self.CONF_REFUSALS_MAX:
+            self._conf_refusals[row.id] = n
+            return Outcome("retry", f"certConf refused ({n} of {self.CONF_REFUSALS_MAX}): {why}"[:300])
+        self._conf_refusals.pop(row.id, None)
+        cert = outcome.cert
+        assert cert is not None  # only a certificate is confirmed
+        reason = (f"the upstream issued certificate serial {cert.serial_number:x} and refused its certConf {n}"
+                  f" times in a row (last: {why[:120]}); it may have accepted an earlier copy")  # fmt: skip
+        self.alarms.raise_alarm(
+            self.ALARM_UNCONFIRMED,
+            f"upstream record {row.id} ({row.kind} {row.cert_serial}) parked: {reason}",
+            "check at the upstream CA whether that certificate is confirmed and valid; birthline upstream status"
+            " lists the parked records with their reasons. The forwarder does not send them again",
+            severity="warning",
+            details={"outbox": row.id, "cert_serial": f"{cert.serial_number:x}"},
+        )
+        return Outcome("park", reason[:300])
 
     # -- recording ---------------------------------------------------------------------------------------------
     def _backoff(self, attempts: int) -> float:
@@ -604,13 +636,15 @@ class Forwarder(PollingTask):
 
         if outcomes:
             await self.journal.atransaction(txn, "recording upstream results")
-        for o in outcomes.values():
+        for row_id, o in outcomes.items():
+            if o.action in ("done", "fail", "park"):
+                self._conf_refusals.pop(row_id, None)  # closed: its count of refused certConfs goes too
             if o.action == "retry":
                 log.info("upstream: will retry: %s", o.text)
             elif o.action == "fail":
                 log.warning("upstream: permanently failed: %s", o.text)
             elif o.action == "park":
-                log.warning("upstream: parked (it cannot be sent as it is): %s", o.text)
+                log.warning("upstream: parked (set aside, not sent again): %s", o.text)
 
     # -- draining (birthline upstream sync) ---------------------------------------------------------------------
     async def drain(self, *, once: bool = False, timeout_s: float = 600.0) -> bool:

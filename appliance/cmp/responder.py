@@ -55,6 +55,7 @@ from appliance.cmp.model import (
     NestedBody,
     NestedItem,
     P10crBody,
+    PkiConfBody,
     PKIHeader,
     PKIMessage,
     PKIStatusInfo,
@@ -120,6 +121,11 @@ class CmpResponder:
         self.pending: dict[bytes, Transaction] = {}
         # The open transaction a repeated request replaced, until that request is answered (_respond merges it).
         self._replaced: dict[bytes, Transaction] = {}
+        # Confirmed transactions (transactionID -> the certConf's SHA-256, its label, until when), kept for
+        # confirm_wait_s: a retransmission of that very certConf (both copies reached us, the client heard only
+        # the second answer) is answered pkiConf again instead of "no transaction awaits a certConf", which
+        # would make the client start its transaction over, and meet the same retransmission again, for ever.
+        self._confirmed: dict[bytes, tuple[bytes, str, float]] = {}
         self.chain = tuple(x509.load_der_x509_certificate(c) for c in service.chain)
         issuing = {name: svc.ca.certificate for name, svc in self.services.items()}
         own_chain = [x509.load_der_x509_certificate(c) for svc in self.services.values() for c in svc.chain]
@@ -134,7 +140,7 @@ class CmpResponder:
         self.revoker = Revoker(journal, audit, issuing, on_revoked=on_revoked, clock=clock)
         self.mac_policy = MacPolicy(max_iterations=self.settings.max_mac_iterations)
         self.admission = Admission(self.settings.admission)
-        self._counts = {"requests": 0, "errors": 0}
+        self._counts = {"requests": 0, "errors": 0, "repeated_confirmations": 0}
         self.refusals: dict[tuple[str, str, str], int] = {}
         """Error answers by (label, body type, failInfo): a peer's refusals are counted, not logged one by one."""
         self._defects = LogOnce(300.0)
@@ -215,9 +221,13 @@ class CmpResponder:
                 if isinstance(result, PKIMessage):
                     return result
                 answer = result
+            elif (repeated := self._repeated_conf(label, msg)) is not None:
+                answer = repeated
             else:
                 pending = self._transaction(label, msg, auth)
                 answer = await self._dispatch(label, msg, auth, pending)
+                if pending is not None and answer.body_type is BodyType.PKICONF:
+                    self._remember_conf(label, msg)
                 if (
                     pending is not None
                 ):  # answered: the transaction ends, or the answer opens it again (below)
@@ -271,6 +281,30 @@ class CmpResponder:
         text = "; ".join(status.status_string)[:300] if status is not None else ""
         self._refused_log.log(log, logging.INFO, ":".join(key), "CMP %s on label %s refused (%s): %s",
                               key[1], key[0], key[2], text)  # fmt: skip
+
+    def _remember_conf(self, label: CmpLabel, msg: PKIMessage) -> None:
+        tid = msg.header.transaction_id or b""
+        self._confirmed.pop(tid, None)  # re-inserted last: the dict stays in expiry order for _purge
+        self._confirmed[tid] = (
+            hashlib.sha256(msg.der).digest(),
+            label.name,
+            self.clock() + self.settings.confirm_wait_s,
+        )
+        if len(self._confirmed) > self.settings.max_pending:
+            del self._confirmed[next(iter(self._confirmed))]
+
+    def _repeated_conf(self, label: CmpLabel, msg: PKIMessage) -> Answer | None:
+        """pkiConf for a byte-identical copy of a certConf this label's transaction was confirmed with (its
+        protection verified again above): RFC 9810 5.3.18 leaves a repeated certConf unspecified; answering it
+        as the first one was changes nothing and lets the client finish. Any other certConf of a closed
+        transaction is refused as before."""
+        if msg.body_type is not BodyType.CERTCONF:
+            return None
+        done = self._confirmed.get(msg.header.transaction_id or b"")
+        if done is None or done[1] != label.name or done[0] != hashlib.sha256(msg.der).digest():
+            return None
+        self._counts["repeated_confirmations"] += 1
+        return Answer(BodyType.PKICONF, PkiConfBody())
 
     def _transaction(self, label: CmpLabel, msg: PKIMessage, auth: Auth) -> Transaction | None:
         """The open transaction a certConf / pollReq continues (checked: the same label, protected as its request
@@ -338,6 +372,8 @@ class CmpResponder:
 
     def _purge(self) -> None:
         now = self.clock()
+        while self._confirmed and next(iter(self._confirmed.values()))[2] <= now:
+            del self._confirmed[next(iter(self._confirmed))]
         for tid in [t for t, p in self.pending.items() if p.expires <= now]:
             expired = self.pending.pop(tid)
             log.info("CMP transaction on label %s expired without certConf: certificate %s stays unconfirmed",

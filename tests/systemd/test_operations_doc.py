@@ -17,7 +17,7 @@ from appliance.va.ocsp import OcspResponder
 TOP = Path(__file__).resolve().parents[2]
 # Every place that raises an alarm (`raise_alarm(` in appliance/): a new one must be added to CAUSES below and
 # to the table in docs/operations.md.
-RAISE_SITES = 17
+RAISE_SITES = 18
 
 
 def causes() -> set[str]:
@@ -29,6 +29,7 @@ def causes() -> set[str]:
         template.ALARM,
         Forwarder.ALARM_FORWARDER,
         Forwarder.ALARM_QUEUE,
+        Forwarder.ALARM_UNCONFIRMED,
         diskspace.CAUSE,
         checkpointer.ALARM_CAUSE,
         station_failures.ALARM_CAUSE + "<station>",

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import pytest
+from pytest_mock import MockerFixture
 
 from appliance.alarms import Alarms
 from appliance.cmp.forwarder import Forwarder
@@ -88,10 +89,11 @@ class FaultyProxy:
                         + f"Content-Length: {len(body)}\r\n\r\n".encode()
                         + body
                     )
-                elif mode == "twice":
+                elif mode in ("twice", "twice-second"):
                     first = await self._exchange(request)
                     second = await self._exchange(request)
-                    writer.write(first + second)
+                    # twice-second: the first answer is lost on the way back; only the second arrives.
+                    writer.write(first + second if mode == "twice" else second)
                 else:
                     answer = await self._exchange(request)
                     if mode == "slow":
@@ -134,9 +136,13 @@ def _outbox(local: Local) -> list[tuple[bytes, str, bytes | None, int]]:
     return [(bytes(t), s, None if d is None else bytes(d), a) for t, s, d, a in rows]
 
 
-@pytest.mark.parametrize("mode", ["hang", "reset", "slow", "garbage", "twice"])
+@pytest.mark.parametrize(
+    ("mode", "forwarding"),
+    [("hang", "single"), ("reset", "single"), ("slow", "single"), ("garbage", "single"), ("twice", "single"),
+     ("twice", "batched"), ("twice-second", "single"), ("twice-second", "batched")],
+)  # fmt: skip
 async def test_upstream_misbehaving_on_the_wire_loses_nothing_and_sends_nothing_twice(
-    local: Local, upstream: Upstream, mode: str
+    local: Local, upstream: Upstream, mode: str, forwarding: str
 ) -> None:
     for serial in DEVICES:
         await local.service.issue(IssueRequest(serial, device_csr(serial)[1], "fixture-1"))
@@ -144,15 +150,26 @@ async def test_upstream_misbehaving_on_the_wire_loses_nothing_and_sends_nothing_
     async with faulty_proxy(upstream.url) as proxy:
         proxy.mode = mode
         fwd = Forwarder(
-            local.journal, settings(proxy.url, mode="single", request_timeout_s=1, max_queue_size=0,
+            local.journal, settings(proxy.url, mode=forwarding, request_timeout_s=1, max_queue_size=0,
                                     poll_s=0.05, backoff_base_s=0.05, backoff_cap_s=0.1), local.ra,
             server_certs=(upstream.ra.certificate,), alarms=alarms,
         )  # fmt: skip
         async with fwd:
-            if mode in ("slow", "twice"):
+            if mode in ("slow", "twice", "twice-second"):
                 # Not a fault the forwarder can see: the records go, once each. (Twice: the upstream answers the
-                # repeated p10cr with the stored certificate, and takes the certConf echoing either answer.)
+                # repeated p10cr with the stored certificate, and takes the certConf echoing either answer.
+                # Twice-second: the first answer is lost, so the forwarder hears the answer to the copy; the
+                # copy of its certConf is answered pkiConf again, not "no transaction awaits a certConf".)
                 await until(lambda: {r[1] for r in _outbox(local)} == {"done"}, "drained through the proxy")
+                await until(lambda: alarms.get("upstream.queue") is None, "the queue alarm clears")
+                confirmed = upstream.journal.call(lambda: upstream.journal.conn.execute(
+                    "SELECT COUNT(*) FROM issuance WHERE confirmed_at IS NOT NULL").fetchone()[0])  # fmt: skip
+                assert confirmed == len(DEVICES), "each certificate is confirmed upstream"
+                repeated = upstream.responder.stats["repeated_confirmations"]
+                if mode == "twice-second":
+                    assert repeated >= len(DEVICES), repeated
+                elif mode == "slow":
+                    assert repeated == 0, repeated
             else:
                 await until(lambda: proxy.requests >= 3 * len(DEVICES), "several attempts per record")
                 rows = _outbox(local)
@@ -173,4 +190,46 @@ async def test_upstream_misbehaving_on_the_wire_loses_nothing_and_sends_nothing_
     issued = upstream.issued()
     assert sorted(d for _, d in issued) == sorted(DEVICES), issued  # each device issued upstream exactly once
     sent = _outbox(local)
-    assert all(r[2] in proxy.to_upstream for r in sent)
+    # Each stored request went on the wire as it is (batched: inside a nested message).
+    assert all(r[2] is not None and any(r[2] in body for body in proxy.to_upstream) for r in sent)
+
+
+@pytest.mark.parametrize("forwarding", ["single", "batched"])
+async def test_an_upstream_refusing_every_certconf_copy_parks_the_records_instead_of_retrying_for_ever(
+    local: Local, upstream: Upstream, forwarding: str, mocker: MockerFixture
+) -> None:
+    """twice-second against an upstream that refuses the copy of a certConf it has just accepted (as this server
+    did before it answered the copy pkiConf again; other CAs may): the pkiConf never reaches the forwarder. Each
+    record is retried from the start CONF_REFUSALS_MAX times, then parked with its reason and the alarm
+    upstream.unconfirmed; nothing is sent for it after that, and the upstream issued each device once."""
+    # The fault: this server's answer to a repeated certConf, switched off (no other CA to run here does it).
+    mocker.patch.object(upstream.responder, "_repeated_conf", return_value=None)
+    for serial in DEVICES:
+        await local.service.issue(IssueRequest(serial, device_csr(serial)[1], "fixture-1"))
+    alarms = Alarms()
+    async with faulty_proxy(upstream.url) as proxy:
+        proxy.mode = "twice-second"
+        fwd = Forwarder(
+            local.journal, settings(proxy.url, mode=forwarding, request_timeout_s=60, backoff_base_s=0.01,
+                                    backoff_cap_s=0.02), local.ra,
+            server_certs=(upstream.ra.certificate,), alarms=alarms,
+        )  # fmt: skip
+        try:  # drained here, without the polling task
+            assert await fwd.drain(timeout_s=120) is False  # parked records are not a success
+            rows = _outbox(local)
+            assert {r[1] for r in rows} == {"parked"}, rows
+            assert all(r[3] == Forwarder.CONF_REFUSALS_MAX for r in rows), rows
+            reasons = local.journal.call(lambda: [
+                str(r[0]) for r in local.journal.conn.execute("SELECT last_error FROM outbox").fetchall()])  # fmt: skip
+            assert all("refused its certConf 3 times in a row" in r for r in reasons), reasons
+            alarm = alarms.get("upstream.unconfirmed")
+            assert alarm is not None and "parked" in alarm.message
+            took = proxy.requests
+            # Each attempt: a request and its certConf, for one record or (batched) several.
+            assert took <= Forwarder.CONF_REFUSALS_MAX * 2 * len(DEVICES), took
+            assert await fwd.drain(timeout_s=5) is True  # nothing open, nothing sent
+            assert proxy.requests == took
+        finally:
+            await fwd.close()
+    issued = upstream.issued()
+    assert sorted(d for _, d in issued) == sorted(DEVICES), issued  # each device issued upstream exactly once
