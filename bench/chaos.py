@@ -1,7 +1,7 @@
 """The crash campaign: SIGKILL a real `birthline run` at random moments and at every named crash point while every
 front end works at once, restart it, and check after every restart that nothing signed was lost or issued twice.
 
-    python bench/chaos.py [--kills 40] [--seed 1] [--dir DIR] [--keep]
+    python bench/chaos.py [--kills 40] [--seed 1] [--minutes M] [--dir DIR]
 
 What runs (all at once, against one daemon started through bench/chaos_launcher.py, which writes down every HSM
 signature with fsync before the signature is returned to its caller):
