@@ -62,6 +62,16 @@ _MOUNT_LEFT_ALONE: Final = frozenset({"lost+found"})
 _MODE_MASK: Final = 0o700
 
 
+def _unused(path: Path) -> Path:
+    """`path`, or `path`-2, -3, ... if taken: two forced restores within one second must not meet at one name
+    (a directory there fails the move; a file there would be replaced, losing what the first one set aside)."""
+    candidate, n = path, 1
+    while candidate.exists() or candidate.is_symlink():
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate
+
+
 class BackupError(BirthlineError):
     """A backup or restore refused: a bad path, a target in use, an archive that does not check."""
 
@@ -599,7 +609,7 @@ def restore(
             if in_place:
                 old = _children(new_state, in_place)
                 if old:
-                    aside = new_state / f"{_ASIDE_PREFIX}{stamp}"
+                    aside = _unused(new_state / f"{_ASIDE_PREFIX}{stamp}")
                     aside.mkdir(mode=0o700)
                     for child in old:
                         child.rename(aside / child.name)
@@ -612,7 +622,7 @@ def restore(
             else:
                 if new_state.exists():
                     if any(new_state.iterdir()):
-                        aside = new_state.with_name(f"{new_state.name}{_ASIDE_PREFIX}{stamp}")
+                        aside = _unused(new_state.with_name(f"{new_state.name}{_ASIDE_PREFIX}{stamp}"))
                         new_state.rename(aside)
                         moved_aside.append(aside)
                     else:
@@ -621,7 +631,7 @@ def restore(
                 build.mkdir(mode=0o700)  # for the staging context's clean-up
         if not _inside(config_out, new_state):
             if config_out.exists() or config_out.is_symlink():
-                aside = config_out.with_name(f"{config_out.name}.before-restore-{stamp}")
+                aside = _unused(config_out.with_name(f"{config_out.name}.before-restore-{stamp}"))
                 config_out.rename(aside)
                 moved_aside.append(aside)
             config_out.parent.mkdir(parents=True, exist_ok=True)

@@ -567,6 +567,11 @@ def test_restore_onto_a_mount_point_stages_inside_it(archive: Path, tmp_path: Pa
         again = birthline("restore", archive, "--config", link / "birthline.toml", "--state-dir", target,
                           "--force", "--owner", "nobody")  # fmt: skip
         assert again.returncode == 0, again.stderr
+        # The second forced restore set aside what was there, the first one's aside included, under a name of its
+        # own even within the same second as the first (it once failed there: "File exists").
+        (newest,) = [p for p in target.iterdir() if p.name.startswith(".before-restore-")]
+        (older,) = [p for p in newest.iterdir() if p.name.startswith(".before-restore-")]
+        assert (older / "journal.sqlite").read_bytes() == b"precious"
         assert (
             target / "etc" / "birthline.toml"
         ).is_file()  # written in the new state: nothing set aside beside it
@@ -575,3 +580,17 @@ def test_restore_onto_a_mount_point_stages_inside_it(archive: Path, tmp_path: Pa
                 and p.name != "lost+found"} == {(nobody.pw_uid, nobody.pw_gid)}  # fmt: skip
         verified = birthline("audit", "verify", "--config", link / "birthline.toml")
         assert verified.returncode == 0 and "INTACT" in verified.stdout, verified.stdout + verified.stderr
+
+
+def test_a_name_to_set_aside_is_never_one_already_taken(tmp_path: Path) -> None:
+    """Two forced restores in one second share a time stamp: the second's aside name gets -2 (-3, ...), so the
+    move does not fail on the first one's directory, nor replace the first one's set-aside configuration file."""
+    from appliance.backup import _unused
+
+    base = tmp_path / ".before-restore-20261206T014931Z"
+    assert _unused(base) == base
+    base.mkdir()
+    assert _unused(base) == tmp_path / ".before-restore-20261206T014931Z-2"
+    (tmp_path / ".before-restore-20261206T014931Z-2").write_text("first restore's config")
+    (tmp_path / ".before-restore-20261206T014931Z-3").symlink_to("nowhere")  # a dangling link is taken too
+    assert _unused(base) == tmp_path / ".before-restore-20261206T014931Z-4"
