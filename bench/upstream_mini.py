@@ -33,11 +33,8 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
-import os
 import resource
-import signal
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +65,7 @@ from appliance.cmp import (
 )
 from appliance.cmp.build import build_messages
 from appliance.cmp.model import PKIHeader
+from bench.stdin_control import until_stdin_closes
 
 
 def cpu_s() -> float:
@@ -216,36 +214,6 @@ class DelayRelay:
             await task
 
 
-async def until_stdin_closes(stats: Callable[[], dict[str, Any]]) -> None:
-    """Answer "stats" lines on stdin with one JSON line each, until stdin closes or SIGTERM / SIGINT."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    fd = sys.stdin.fileno()
-    os.set_blocking(fd, False)
-    pending = b""
-
-    def readable() -> None:
-        nonlocal pending
-        try:
-            data = os.read(fd, 4096)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            stop.set()
-            return
-        *lines, pending = (pending + data).split(b"\n")
-        for line in lines:
-            if line.strip() == b"stats":
-                print(json.dumps({**stats(), "cpu_s": cpu_s()}), flush=True)
-
-    loop.add_reader(fd, readable)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-
-
 async def serve(ra_cert: x509.Certificate) -> None:
     up = MiniUpstream(ra_cert)
     app = web.Application(client_max_size=16 * 1024 * 1024)
@@ -258,7 +226,7 @@ async def serve(ra_cert: x509.Certificate) -> None:
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         pem = up.cert.public_bytes(serialization.Encoding.PEM).decode()
         print(json.dumps({"port": port, "cert": pem}), flush=True)
-        await until_stdin_closes(lambda: dict(up.stats))
+        await until_stdin_closes(lambda: {**up.stats, "cpu_s": cpu_s()})
     finally:
         await runner.cleanup()
 
@@ -268,7 +236,7 @@ async def relay(target_port: int, one_way_s: float) -> None:
     server = await asyncio.start_server(r.accept, "127.0.0.1", 0)
     async with server:
         print(json.dumps({"port": server.sockets[0].getsockname()[1]}), flush=True)
-        await until_stdin_closes(lambda: dict(r.stats))
+        await until_stdin_closes(lambda: {**r.stats, "cpu_s": cpu_s()})
 
 
 def main() -> None:

@@ -22,9 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +41,7 @@ from appliance.production.policy import WorkOrderPolicy
 from appliance.profiles import builtin_profiles
 from appliance.va.http import VaServer
 from bench.issue import floor
+from bench.stdin_control import until_stdin_closes
 from hsm.softhsm import create_softhsm_token
 from hsm.token import Token
 
@@ -54,42 +53,6 @@ STATION = "bench-st"
 
 def device_serial(i: int) -> str:
     return f"BENCH{i:08d}"
-
-
-async def _until_stopped(stats: Callable[[], dict[str, Any]]) -> None:
-    """Until stdin reaches EOF (the bench closed it, or died) or SIGTERM / SIGINT. Each line "stats" on stdin is
-    answered with one JSON line of `stats()` on stdout."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    fd = sys.stdin.fileno()
-    os.set_blocking(fd, False)
-    pending = b""
-
-    def readable() -> None:
-        nonlocal pending
-        try:
-            data = os.read(fd, 4096)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            stop.set()
-            return
-        *lines, pending = (pending + data).split(b"\n")
-        for line in lines:
-            if line.strip() == b"stats":
-                print(json.dumps(stats()), flush=True)
-
-    loop.add_reader(fd, readable)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        loop.remove_reader(fd)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
 
 
 async def serve(directory: Path, ra_cert: x509.Certificate, quantity: int) -> None:
@@ -129,14 +92,14 @@ async def serve(directory: Path, ra_cert: x509.Certificate, quantity: int) -> No
 
                 profile_to = os.environ.get("BENCH_PEER_PROFILE")
                 if not profile_to:
-                    await _until_stopped(stats)
+                    await until_stdin_closes(stats)
                     return
                 import cProfile  # the event loop's thread only: not the journal, PKCS#11 or prepare workers
 
                 prof = cProfile.Profile()
                 prof.enable()
                 try:
-                    await _until_stopped(stats)
+                    await until_stdin_closes(stats)
                 finally:
                     prof.disable()
                     prof.dump_stats(profile_to)
