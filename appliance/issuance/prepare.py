@@ -56,6 +56,10 @@ class Job:
     now: int  # POSIX seconds: notBefore
     public_key_der: bytes | None = None  # instead of csr: a key whose POP the front end verified (CMP ir/cr)
 
+    def __reduce__(self) -> tuple[type[Job], tuple[str, bytes, str, int, bytes | None]]:
+        # Plain values, not the dataclass state: several times cheaper through the worker pipe (see Tbs).
+        return (Job, (self.device_serial, self.csr, self.profile, self.now, self.public_key_der))
+
 
 @dataclass(frozen=True)
 class Prepared:
@@ -65,11 +69,16 @@ class Prepared:
     serial_hex: str
     tbs: Tbs
     csr_der: bytes = b""
-    """The DER CSR intake checked (a PEM input decoded); empty for a bare key. Later stages (policy, upstream
-    outbox) read this, never the raw input again under other parsing rules."""
+    """The DER CSR intake checked when it differs from the job's input (a PEM input decoded); empty for a bare
+    key and for a DER input, which is itself what was checked. Later stages (policy, upstream outbox) read the
+    checked DER, never the raw input again under other parsing rules."""
     template_fault: str | None = None
     """The hand-built TBS of this profile differed from cryptography's (this one is cryptography's, and so
     are all later ones of the profile in this process): for the service to raise an alarm."""
+
+    def __reduce__(self) -> tuple[type[Prepared], tuple[Any, ...]]:
+        return (Prepared, (self.profile, self.public_key_sha256, self.csr_sha256, self.serial_hex, self.tbs,
+                           self.csr_der, self.template_fault))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -157,7 +166,7 @@ class Preparer:
             csr.der_sha256,
             format(serial, "x"),
             tbs,
-            csr.der if isinstance(csr, ValidatedCsr) else b"",
+            csr.der if isinstance(csr, ValidatedCsr) and csr.der != job.csr else b"",
             fault,
         )
 

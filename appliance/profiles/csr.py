@@ -102,7 +102,10 @@ def _spki_algorithm(data: bytes) -> tuple[bytes, der.Tlv | None, bytes]:
 
 def _classify(key: CertificatePublicKeyTypes, profile: Profile) -> str:
     allowed = sorted(profile.key_algorithms)
-    if isinstance(key, rsa.RSAPublicKey):
+    if isinstance(key, ec.EllipticCurvePublicKey):  # first: the usual device key, and a cheap check
+        curve = key.curve.name
+        name = _EC_CURVES.get(curve, f"ec-{curve}")
+    elif isinstance(key, rsa.RSAPublicKey):
         size = key.key_size
         exponent = key.public_numbers().e
         if exponent != RSA_EXPONENT:
@@ -114,9 +117,6 @@ def _classify(key: CertificatePublicKeyTypes, profile: Profile) -> str:
                 allowed=allowed,
             )
         name = f"rsa-{size}"
-    elif isinstance(key, ec.EllipticCurvePublicKey):
-        curve = key.curve.name
-        name = _EC_CURVES.get(curve, f"ec-{curve}")
     elif isinstance(key, ed25519.Ed25519PublicKey):
         name = "ed25519"
     else:
@@ -263,7 +263,7 @@ def validate_csr(data: bytes, profile: Profile, *, max_bytes: int = 8192) -> Val
     except ValueError as exc:
         # Our own messages: fixed texts that never contain the input.
         _refuse(ReasonCode.BAD_CSR, f"CSR is not valid DER: {exc}", size=len(data))
-    _key_encoding_ok(alg_oid, params)
+    _key_encoding_ok(alg_oid, params)  # before parsing it whole: cheap refusals first (module docstring)
     try:
         csr = x509.load_der_x509_csr(data)
     except x509.InvalidVersion:
