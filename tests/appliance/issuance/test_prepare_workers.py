@@ -329,19 +329,18 @@ async def test_a_worker_dying_while_verifying_signatures_costs_no_certificate(
     """The worker verifying a batch's HSM signatures dies (os._exit): the daemon verifies that batch itself, every
     certificate of it is issued (each verifies with the CA key), the pool is replaced and later batches issue."""
     from appliance.issuance import prepare
+    from appliance.issuance.service import FINISH_HERE_MAX
     from tests.appliance.issuance import worker_faults
 
     mocker.patch.object(prepare, "finish_in_worker", worker_faults.finish_or_die)
+    # A batch larger than FINISH_HERE_MAX: a smaller one is verified in the daemon, never in a worker.
+    batch = ["FINISH-DIE", *(f"SN-F{i}" for i in range(FINISH_HERE_MAX))]
     async with _service(journal, issuing, hsm_token, prepare_workers=1, batch_max=16) as svc:
-        first = await asyncio.gather(
-            *(svc.issue(IssueRequest(s, make_csr()[1])) for s in ["SN-F1", "FINISH-DIE", "SN-F2"])
-        )
-        later = await svc.issue(IssueRequest("SN-F3", make_csr()[1]))
+        first = await asyncio.gather(*(svc.issue(IssueRequest(s, make_csr()[1])) for s in batch))
+        later = await svc.issue(IssueRequest("SN-LATER", make_csr()[1]))
         assert svc.prepare_stats["replaced"] >= 1
     ca_key = issuing.certificate.public_key()
     for result in [*first, later]:
         cert = x509.load_der_x509_certificate(result.certificate)
         ca_key.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(hashes.SHA256()))  # type: ignore[union-attr, call-arg]
-    assert {r.device_serial: r.state for r in journal.rows()} == dict.fromkeys(
-        ["SN-F1", "FINISH-DIE", "SN-F2", "SN-F3"], "issued"
-    )
+    assert {r.device_serial: r.state for r in journal.rows()} == dict.fromkeys([*batch, "SN-LATER"], "issued")

@@ -22,7 +22,8 @@ from appliance.ca import CaRecord
 from appliance.errors import IssuanceFailed, IssuancePending, IssuanceRefused, ReasonCode
 from appliance.issuance.journal import Journal
 from appliance.issuance.policy import Grant, IssueRequest
-from appliance.issuance.service import IssueService
+from appliance.issuance.service import FINISH_HERE_MAX, IssueService
+from appliance.issuance.workers import PreparePool
 from appliance.profiles import Profile, builtin_profiles
 from hsm.errors import DeviceError
 from hsm.token import Token
@@ -256,15 +257,22 @@ async def test_hsm_device_error_burns_intents_and_fails_closed(
     assert len(set(serials)) == 2
 
 
-@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize(
+    ("workers", "count", "in_worker"),
+    [(0, 1, False), (1, 1, False), (1, FINISH_HERE_MAX, False), (1, FINISH_HERE_MAX + 1, True)],
+)
 async def test_unverifiable_signature_is_never_released(
     workers: int,
+    count: int,
+    in_worker: bool,
     journal: Journal,
     issuing: CaRecord,
     hsm_token: Token,
     mocker: pytest.MockFixture,  # type: ignore[name-defined]
 ) -> None:
-    async with _service(journal, issuing, hsm_token, prepare_workers=workers) as svc:
+    """Whichever process verifies a batch's signatures (a prepare worker for a batch larger than FINISH_HERE_MAX,
+    else a thread of this process), a signature that does not verify is never released."""
+    async with _service(journal, issuing, hsm_token, prepare_workers=workers, batch_max=16) as svc:
         # SoftHSM never returns a bad signature: one bit of every C_Sign output flipped. The service's own
         # verify (in the prepare worker, or on a thread without workers) must catch it.
         real = hsm.keys.c_sign
@@ -275,10 +283,16 @@ async def test_unverifiable_signature_is_never_released(
             return bytes(sig)
 
         mocker.patch("hsm.keys.c_sign", side_effect=corrupt)
-        with pytest.raises(IssuanceFailed) as exc:
-            await svc.issue(IssueRequest("SN-V", make_csr()[1]))
-    assert exc.value.code == ReasonCode.SIGNATURE_INVALID
-    assert [(r.state, r.cert_der) for r in journal.rows()] == [("burned", None)]
+        to_workers = mocker.spy(PreparePool, "finish")
+        outcomes = await asyncio.gather(
+            *(svc.issue(IssueRequest(f"SN-V{i}", make_csr()[1])) for i in range(count)),
+            return_exceptions=True,
+        )
+    assert [o.code if isinstance(o, IssuanceFailed) else o for o in outcomes] == [
+        ReasonCode.SIGNATURE_INVALID
+    ] * count
+    assert [(r.state, r.cert_der) for r in journal.rows()] == [("burned", None)] * count
+    assert to_workers.call_count == (1 if in_worker else 0)
 
 
 async def test_journal_failure_while_storing_withholds_the_certificate(
