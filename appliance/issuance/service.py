@@ -52,13 +52,14 @@ log = logging.getLogger(__name__)
 # request id still being worked on (stations.server.DUPLICATE_RETRY_MS); the queue has moved on by then.
 SHED_RETRY_AFTER_S = 1.0
 
-# Named crash points for the crash-safety tests: the process SIGKILLs itself there. Not a secret, and unset in
-# production; read once at start so the hot path pays nothing.
 # A batch of at most this many signatures is verified and assembled on a thread of this process rather than in
 # a prepare worker: the round trip to a worker (~0.8 ms through the process pool's threads and pipes) costs ten
 # times the verify (~70 us each), and at a line's usual pace batches are of one or two devices. Nothing a device
 # sent is parsed here: the TBS is ours and the signature our HSM's.
 FINISH_HERE_MAX = 4
+
+# Named crash points for the crash-safety tests: the process SIGKILLs itself there. Not a secret, and unset in
+# production; read once at start so the hot path pays nothing.
 CRASH_POINTS = ("after-intent", "after-sign", "after-store")
 CRASH_ENV = "BIRTHLINE_CRASH_POINT"
 
@@ -1012,8 +1013,8 @@ class IssueService:
         event loop). SignatureVerificationError if any does not verify: then none of the batch is stored or
         released."""
         signed = [(i.prep.tbs, raw) for i, raw in zip(items, raws, strict=True) if i.prep is not None]
-        to_pool = self._pool is not None and len(signed) > FINISH_HERE_MAX
-        ders = await self._pool.finish(signed) if self._pool is not None and to_pool else None
+        pool = self._pool if len(signed) > FINISH_HERE_MAX else None
+        ders = await pool.finish(signed) if pool is not None else None
         if ders is None:
             ders = await asyncio.to_thread(self._preparer.finish, signed)
         checked = [d for d in ders if d is not None]

@@ -23,7 +23,7 @@ from appliance.errors import IssuanceRefused, ReasonCode
 from appliance.issuance.journal import Journal
 from appliance.issuance.policy import IssueRequest
 from appliance.issuance.service import IssueService
-from appliance.issuance.workers import ALARM_DEATHS, ALARM_UNAVAILABLE, POISON_MESSAGE
+from appliance.issuance.workers import ALARM_DEATHS, ALARM_UNAVAILABLE, POISON_MESSAGE, PreparePool
 from appliance.profiles import Profile, builtin_profiles
 from hsm.token import Token
 from tests.appliance.conftest import make_csr
@@ -337,10 +337,46 @@ async def test_a_worker_dying_while_verifying_signatures_costs_no_certificate(
     batch = ["FINISH-DIE", *(f"SN-F{i}" for i in range(FINISH_HERE_MAX))]
     async with _service(journal, issuing, hsm_token, prepare_workers=1, batch_max=16) as svc:
         first = await asyncio.gather(*(svc.issue(IssueRequest(s, make_csr()[1])) for s in batch))
-        later = await svc.issue(IssueRequest("SN-LATER", make_csr()[1]))
+        # Again larger than FINISH_HERE_MAX: the replaced pool verifies it.
+        later_batch = [f"SN-LATER{i}" for i in range(FINISH_HERE_MAX + 1)]
+        to_workers = mocker.spy(PreparePool, "finish")
+        later = await asyncio.gather(*(svc.issue(IssueRequest(s, make_csr()[1])) for s in later_batch))
         assert svc.prepare_stats["replaced"] >= 1
+        assert to_workers.call_count == 1 and to_workers.spy_return == [r.certificate for r in later]
     ca_key = issuing.certificate.public_key()
-    for result in [*first, later]:
+    for result in [*first, *later]:
         cert = x509.load_der_x509_certificate(result.certificate)
         ca_key.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(hashes.SHA256()))  # type: ignore[union-attr, call-arg]
-    assert {r.device_serial: r.state for r in journal.rows()} == dict.fromkeys([*batch, "SN-LATER"], "issued")
+    assert {r.device_serial: r.state for r in journal.rows()} == dict.fromkeys(
+        [*batch, *later_batch], "issued"
+    )
+
+
+def test_what_crosses_the_worker_pipe_keeps_every_field() -> None:
+    """Job, Prepared and Tbs pickle as plain values (their own __reduce__, which names the fields by hand for
+    speed): every field, each set to a value other than its default, survives the round trip, so a field added
+    later without adding it there fails here rather than silently resetting in the parent."""
+    import dataclasses
+    import pickle
+
+    from appliance.issuance.prepare import Job, Prepared
+    from appliance.issuance.tbs import Tbs
+
+    tbs = Tbs(b"\x30\x03\x02\x01\x01", b"\x30\x0a\x06\x08\x2a\x86\x48\xce\x3d\x04\x03\x02")
+    samples = [
+        Job("SN-1", b"\x30csr", "idevid", 1_700_000_000, b"\x30spki"),
+        Prepared("idevid", b"k" * 32, b"c" * 32, "7f01", tbs, b"\x30der", "template differs"),
+        tbs,
+    ]
+    for value in samples:
+        fields = dataclasses.fields(value)
+        assert len(value.__reduce__()[1]) == len(fields), type(value).__name__
+        for f in fields:
+            if f.default is not dataclasses.MISSING:
+                assert getattr(value, f.name) != f.default, (
+                    f"{type(value).__name__}.{f.name} left at its default"
+                )
+        back = pickle.loads(pickle.dumps(value))  # noqa: S301 - our own bytes, as the pipe carries them
+        assert back == value and type(back) is type(value)
+        assert [getattr(back, f.name) for f in fields] == [getattr(value, f.name) for f in fields]
+    assert pickle.loads(pickle.dumps(tbs)).sha256 == tbs.sha256  # noqa: S301 - our own bytes

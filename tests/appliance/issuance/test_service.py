@@ -288,11 +288,14 @@ async def test_unverifiable_signature_is_never_released(
             *(svc.issue(IssueRequest(f"SN-V{i}", make_csr()[1])) for i in range(count)),
             return_exceptions=True,
         )
+        assert svc.stats["batches"] == 1  # one batch of `count`: its size chose who verifies
     assert [o.code if isinstance(o, IssuanceFailed) else o for o in outcomes] == [
         ReasonCode.SIGNATURE_INVALID
     ] * count
     assert [(r.state, r.cert_der) for r in journal.rows()] == [("burned", None)] * count
     assert to_workers.call_count == (1 if in_worker else 0)
+    if in_worker:  # the worker itself refused every signature (None each), not a fallback after it
+        assert to_workers.spy_return == [None] * count
 
 
 async def test_journal_failure_while_storing_withholds_the_certificate(
