@@ -1,7 +1,7 @@
 """Which of a batch's devices, keys and serials the journal already holds: four queries per batch, not per request.
 
 Before recording an intent the service asks the journal, per request, for the device's live certificate, its
-RA-mode request, another device holding the same key, and the serial (service._check_conflicts). Four indexed
+RA-mode request, another device holding the same key, and the serial (checks.check_conflicts). Four indexed
 queries per certificate were a third of the journal thread's CPU, and nearly every answer is "none": a factory
 issues each device once. `Present` asks the same questions once for the whole batch, inside the same
 transaction (BEGIN IMMEDIATE: nobody else writes meanwhile), and the per-request query then runs only where the
@@ -46,7 +46,7 @@ class Present:
         keys: Sequence[bytes],
         serials: Sequence[str],
     ) -> None:
-        # The same conditions as the per-request queries in service._check_conflicts / _check_upstream.
+        # The same conditions as the per-request queries in checks.check_conflicts / check_upstream.
         self.devices = _found(
             conn,
             "SELECT device_serial FROM issuance WHERE ca=? AND device_serial IN ({IN})"

@@ -22,7 +22,6 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -30,15 +29,18 @@ from cryptography.hazmat.primitives import serialization
 from appliance.alarms import Alarms, LogOnce
 from appliance.ca import CaRecord
 from appliance.crashpoints import crash_point, die
-from appliance.der import split_certificates, tbs_subject
+from appliance.der import tbs_subject
 from appliance.errors import BirthlineError, IssuanceFailed, IssuancePending, IssuanceRefused, ReasonCode
+from appliance.issuance.checks import check_conflicts
+from appliance.issuance.confirmations import record_confirmations
 from appliance.issuance.conflicts import Present
 from appliance.issuance.faults import IssuanceAlarms
-from appliance.issuance.journal import IssuanceRow, Journal, burn_interrupted, journal_error, work_order_of
+from appliance.issuance.items import IssueResult, Item
+from appliance.issuance.journal import Journal, burn_interrupted, journal_error
 from appliance.issuance.observe import Confirmation, IssuanceObserver, Outcome
 from appliance.issuance.pauses import StationPauses
-from appliance.issuance.policy import LOCAL, AllowAll, AuditSink, AuthorisationPolicy, Grant, IssueRequest
-from appliance.issuance.prepare import Job, PrepareContext, Prepared, Preparer, Refusal
+from appliance.issuance.policy import LOCAL, AllowAll, AuditSink, AuthorisationPolicy, IssueRequest
+from appliance.issuance.prepare import Job, PrepareContext, Preparer, Refusal
 from appliance.issuance.refusals import RefusalLimiter
 from appliance.issuance.template import ALARM as TEMPLATE_ALARM
 from appliance.issuance.workers import PreparePool
@@ -64,60 +66,11 @@ CRASH_POINTS = ("after-intent", "after-sign", "after-store")
 CRASH_ENV = "BIRTHLINE_CRASH_POINT"
 
 
-@dataclass(frozen=True)
-class IssueResult:
-    certificate: bytes  # DER
-    chain: tuple[bytes, ...]  # DER, issuing CA first, up to the root
-    cert_serial: str  # hex
-    device_serial: str
-    issuance_id: int  # the issuance row's id; in RA mode the ra_request row's
-    reused: bool  # answered from the journal: a retry of a request already issued
-    upstream: bool = False  # RA mode: the upstream CA issued it (confirm with confirm_upstream)
-
-    @property
-    def certificate_pem(self) -> bytes:
-        return x509.load_der_x509_certificate(self.certificate).public_bytes(serialization.Encoding.PEM)
-
-
 _SPKI = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-
-
-class _NoAudit:
-    def append(self, conn: sqlite3.Connection, actor: str, event: str, data: Mapping[str, object]) -> None:
-        return None
-
-    def record(self, actor: str, event: str, data: Mapping[str, object]) -> None:
-        return None
-
-
-_NO_AUDIT = _NoAudit()
 
 
 # A delivery confirmation: ("local", cert_serial) or ("ra", ra_request id), the hash, and who waits for it.
 _Confirm = tuple[str, str, bytes | None, "asyncio.Future[None]"]
-
-
-@dataclass(eq=False)
-class _Item:
-    request: IssueRequest
-    future: asyncio.Future[IssueResult]
-    prep: Prepared | None = None
-    row_id: int | None = None
-    reuse: IssuanceRow | None = None
-    leader: _Item | None = None  # same device and key already in flight: answer with its result
-    error: BirthlineError | None = None
-    followers: list[_Item] = field(default_factory=list)
-    ra_done: IssueResult | None = None  # RA mode: the upstream's certificate, already stored
-    grant: Grant | None = None  # what the policy granted (the work order and its units left)
-    update: IssuanceRow | None = None  # key update: the device's current certificate, which this one replaces
-    origin: tuple[str | None, str | None] | None = (
-        None  # a retry (reuse): its certificate's work order, product
-    )
-
-    @property
-    def key(self) -> tuple[str, bytes]:
-        assert self.prep is not None
-        return (self.request.device_serial, self.prep.public_key_sha256)
 
 
 class IssueService:
@@ -182,10 +135,10 @@ class IssueService:
         self._pool: PreparePool | None = None
         # A bug of ours in preparation refuses one request (INTERNAL); logged once per place, not per request.
         self._prepare_faults = LogOnce(interval_s=300.0)
-        self._queue: asyncio.Queue[_Item | None] = asyncio.Queue()
+        self._queue: asyncio.Queue[Item | None] = asyncio.Queue()
         self._confirms: asyncio.Queue[_Confirm | None] = asyncio.Queue()
         self._tg: asyncio.TaskGroup | None = None
-        self._inflight: dict[tuple[str, bytes], _Item] = {}
+        self._inflight: dict[tuple[str, bytes], Item] = {}
         self._unsettled: list[int] = []  # intents whose signature was made but could not be stored or burned
         self._last_issue_time: float | None = None
         self._hsm_fault: str | None = None
@@ -291,7 +244,7 @@ class IssueService:
         if not request.request_id:
             request = dataclasses.replace(request, request_id=uuid.uuid4().hex)
         fut: asyncio.Future[IssueResult] = asyncio.get_running_loop().create_future()
-        item = _Item(request, fut)
+        item = Item(request, fut)
         await self._queue.put(item)
         if self.observer is None:
             return await fut
@@ -303,7 +256,7 @@ class IssueService:
         self._tell(item, result, None)
         return result
 
-    def _tell(self, item: _Item, result: IssueResult | None, error: BirthlineError | None) -> None:
+    def _tell(self, item: Item, result: IssueResult | None, error: BirthlineError | None) -> None:
         if self.observer is None:
             return
         req = item.request
@@ -348,7 +301,14 @@ class IssueService:
                 batch.append(nxt)
             errors: dict[int, BirthlineError] = {}
             done: list[Confirmation] = []
-            record = functools.partial(self._record_confirms, batch=batch, errors=errors, done=done)
+            record = functools.partial(
+                record_confirmations,
+                batch=batch,
+                clock=self.clock,
+                audit=self.audit,
+                errors=errors,
+                done=done,
+            )
             try:
                 await self.journal.atransaction(record, "confirming delivery")
             except BirthlineError as exc:
@@ -365,83 +325,6 @@ class IssueService:
                     fut.set_exception(errors[i])
                 else:
                     fut.set_result(None)
-
-    def _record_confirms(
-        self,
-        conn: sqlite3.Connection,
-        *,
-        batch: list[_Confirm],
-        errors: dict[int, BirthlineError],
-        done: list[Confirmation],
-    ) -> None:
-        now = self.clock()
-        confirmed: list[str] = []
-        upstream: list[int] = []
-        for i, (kind, ref, cert_sha256, _) in enumerate(batch):
-            if kind == "ra":
-                row = conn.execute(
-                    "SELECT state, cert_der, station, device_serial, cert_serial, issued_at FROM ra_request"
-                    " WHERE id=?",
-                    (int(ref),),
-                ).fetchone()
-            else:
-                row = conn.execute(
-                    "SELECT state, cert_der, station, device_serial, cert_serial, issued_at FROM issuance"
-                    " WHERE cert_serial=?",
-                    (ref,),
-                ).fetchone()
-            if row is None or row[0] not in ("issued", "confirmed"):
-                what = f"request {ref} from the upstream CA" if kind == "ra" else f"with serial {ref}"
-                errors[i] = IssuanceRefused(f"no issued certificate {what}", ReasonCode.BAD_REQUEST)
-            elif cert_sha256 is not None and hashlib.sha256(row[1]).digest() != cert_sha256:
-                errors[i] = IssuanceRefused(
-                    "the confirmed hash is not the issued certificate's: the station stored something else",
-                    ReasonCode.BAD_REQUEST,
-                )
-            elif row[0] == "issued" and kind == "ra":
-                conn.execute(
-                    "UPDATE ra_request SET state='confirmed', confirmed_at=? WHERE id=?", (now, int(ref))
-                )
-                upstream.append(int(ref))
-                done.append(
-                    Confirmation(str(row[2]), str(row[3]), str(row[4] or ""), now - float(row[5] or now))
-                )
-            elif row[0] == "issued":
-                conn.execute(
-                    "UPDATE issuance SET state='confirmed', confirmed_at=? WHERE cert_serial=?", (now, ref)
-                )
-                confirmed.append(ref)
-                done.append(Confirmation(str(row[2]), str(row[3]), ref, now - float(row[5] or now)))
-        if confirmed:
-            self._note(conn, "appliance", "issuance.confirmed", {"cert_serials": confirmed})
-            self._revoke_replaced(conn, confirmed, now)
-        if upstream:
-            self._note(conn, "appliance", "issuance.confirmed", {"ra_requests": upstream})
-
-    def _revoke_replaced(self, conn: sqlite3.Connection, confirmed: list[str], now: float) -> None:
-        """A confirmed key update revokes the certificate it replaced (reason superseded) when its product says so
-        (product.revoke_on_update): only now, so that a device that never got its new certificate can still
-        retry with the old one. Audited as any revocation (cert.revoke), and sent upstream as rr by trigger."""
-        from appliance.va.revocation import Reason, Source, revoke_in_transaction
-
-        marks = ",".join("?" * len(confirmed))
-        rows = conn.execute(
-            f"SELECT n.id, n.cert_serial, o.cert_serial, o.ca, o.device_serial FROM issuance n"
-            f" JOIN issuance o ON o.id = n.updates WHERE n.cert_serial IN ({marks})",
-            confirmed,
-        ).fetchall()
-        for new_id, new_serial, old_serial, ca, device in rows:
-            work_order = work_order_of(conn, int(new_id))
-            policy = conn.execute(
-                "SELECT p.revoke_on_update FROM work_order w JOIN product p ON p.name = w.product WHERE w.id=?",
-                (work_order,),
-            ).fetchone()
-            if policy is not None and policy[0]:
-                revoke_in_transaction(
-                    conn, self.audit or _NO_AUDIT, "appliance", [(str(old_serial), str(ca), str(device))],
-                    Reason.SUPERSEDED, Source.CMP, now=now, refuse_change=False,
-                    selector={"key_update": str(new_serial), "work_order": str(work_order)},
-                )  # fmt: skip
 
     def _note(self, conn: sqlite3.Connection, actor: str, event: str, data: Mapping[str, object]) -> None:
         """Append to the audit log inside `conn`'s transaction: the event commits or rolls back with the rows it
@@ -461,7 +344,7 @@ class IssueService:
         return len(serials)
 
     # -- the batcher -------------------------------------------------------------------------------------------
-    async def _next_batch(self) -> list[_Item] | None:
+    async def _next_batch(self) -> list[Item] | None:
         first = await self._queue.get()
         if first is None:
             return None
@@ -486,7 +369,7 @@ class IssueService:
                 task = tg.create_task(self._guarded(batch), name=f"issuance-batch-{n}")
                 task.add_done_callback(lambda _t: slots.release())
 
-    async def _guarded(self, batch: list[_Item]) -> None:
+    async def _guarded(self, batch: list[Item]) -> None:
         try:
             await self._run_batch(batch)
         except BirthlineError as exc:
@@ -501,7 +384,7 @@ class IssueService:
                 for follower in item.followers:
                     self._follow(follower)
 
-    def _fail(self, items: list[_Item], exc: BirthlineError) -> None:
+    def _fail(self, items: list[Item], exc: BirthlineError) -> None:
         """The whole batch (or the part being signed) failed: every cause of that is the appliance's own
         (device-caused refusals are answered per request), so it raises the alarm of its cause."""
         self._faults.failed(exc)
@@ -514,7 +397,7 @@ class IssueService:
         if self._crash_at == point:
             die(point)  # the marker first: the campaign counts only a death that left it
 
-    async def _run_batch(self, batch: list[_Item]) -> None:
+    async def _run_batch(self, batch: list[Item]) -> None:
         self.stats["batches"] += 1
         if self.admission is not None:
             if (refusal := self.admission()) is not None:
@@ -552,7 +435,7 @@ class IssueService:
             self._answer(item)
         self._report(batch, signed, wrote)
 
-    def _report(self, batch: list[_Item], signed: bool | None, wrote: bool) -> None:
+    def _report(self, batch: list[Item], signed: bool | None, wrote: bool) -> None:
         """Alarms from a batch that did not fail as a whole: the clock refusals and work orders running out
         raise theirs; everything the batch proved to work clears its own."""
         clock_ok = False
@@ -572,7 +455,7 @@ class IssueService:
             self._faults.succeeded(journal_ok=wrote, signed=bool(signed), clock_ok=clock_ok)
 
     # -- steps -------------------------------------------------------------------------------------------------
-    async def _prepare(self, batch: list[_Item], now: int) -> None:
+    async def _prepare(self, batch: list[Item], now: int) -> None:
         """Validate and build: CPU work, in worker processes when configured; nothing committed yet. Items
         already refused (a paused station) are left out."""
         batch = [i for i in batch if i.error is None]
@@ -614,7 +497,7 @@ class IssueService:
                     item.request = dataclasses.replace(item.request, csr=result.csr_der)
 
     def _record_intents(
-        self, conn: sqlite3.Connection, items: list[_Item], refused: list[_Item], now: float
+        self, conn: sqlite3.Connection, items: list[Item], refused: list[Item], now: float
     ) -> None:
         """One transaction for the whole batch; a SAVEPOINT per request so one refusal undoes only its own rows.
         Every refusal of the batch, including those found before (bad CSR, bad serial), is audited here."""
@@ -684,7 +567,7 @@ class IssueService:
         self._clock_anchor = (now, steady)
         return None
 
-    def _decide(self, conn: sqlite3.Connection, items: list[_Item], now: float) -> list[dict[str, object]]:
+    def _decide(self, conn: sqlite3.Connection, items: list[Item], now: float) -> list[dict[str, object]]:
         if self._last_issue_time is None:
             self._last_issue_time = conn.execute("SELECT MAX(created_at) FROM issuance").fetchone()[0] or 0.0
         if now + self.clock_skew_s < self._last_issue_time:
@@ -712,7 +595,10 @@ class IssueService:
             req, prep = item.request, item.prep
             conn.execute("SAVEPOINT item")
             try:
-                self._check_conflicts(conn, item, present)
+                check_conflicts(
+                    conn, item, present, ca=self.ca.name, policy=self.policy, observed=self.observer is not None,
+                    retry_s=self.upstream_retry_s,
+                )  # fmt: skip
                 grant = LOCAL
                 if item.reuse is None and item.ra_done is None:
                     profile = self._profiles[prep.profile]
@@ -769,7 +655,7 @@ class IssueService:
         return intents
 
     def _queue_upstream(
-        self, conn: sqlite3.Connection, item: _Item, work_order: str | None, now: float
+        self, conn: sqlite3.Connection, item: Item, work_order: str | None, now: float
     ) -> dict[str, object]:
         """RA mode: record the authorised request and its outbox row (same SAVEPOINT as the policy's unit);
         nothing is signed here. The request is then answered "pending"."""
@@ -805,134 +691,7 @@ class IssueService:
                 "device_serial": req.device_serial, "profile": prep.profile, "work_order": work_order,
                 "public_key_sha256": prep.public_key_sha256.hex()}  # fmt: skip
 
-    def _check_conflicts(self, conn: sqlite3.Connection, item: _Item, present: Present) -> None:
-        """Each query runs only where the batch's `present` says the journal may hold a match (conflicts.py)."""
-        assert item.prep is not None
-        req, key_hash = item.request, item.prep.public_key_sha256
-        row = (
-            conn.execute(
-                f"SELECT {IssuanceRow.COLUMNS} FROM issuance WHERE ca=? AND device_serial=?"
-                " AND state NOT IN ('burned', 'reworked') AND updated_by IS NULL",
-                (self.ca.name, req.device_serial),
-            ).fetchone()
-            if req.device_serial in present.devices
-            else None
-        )
-        if row is None and req.replaces is not None:
-            raise IssuanceRefused(
-                f"certificate {req.replaces} is not the current certificate of device {req.device_serial!r}",
-                ReasonCode.NOT_AUTHORISED,
-                {"cert_serial": req.replaces},
-            )
-        if row is not None:
-            existing = IssuanceRow.from_row(row)
-            if existing.state == "scrapped":
-                # Never hand out a scrapped device's certificate again, not even to a retry with the same key.
-                raise IssuanceRefused(
-                    f"device {req.device_serial!r} was scrapped (certificate {existing.cert_serial})",
-                    ReasonCode.DEVICE_SCRAPPED,
-                    {"cert_serial": existing.cert_serial},
-                )
-            if existing.public_key_sha256 == key_hash and existing.cert_serial != req.replaces:
-                if existing.cert_der is None:
-                    raise IssuanceRefused("a request for this device is in progress; retry", ReasonCode.BUSY)
-                if existing.station != req.station:
-                    self.policy.authorise_retry(conn, req, "issuance_id", existing.id)
-                item.reuse = existing
-                if (
-                    self.observer is not None
-                ):  # the retry counts under its certificate's work order and product
-                    wo = work_order_of(conn, existing.id)
-                    row = (
-                        conn.execute("SELECT product FROM work_order WHERE id=?", (wo,)).fetchone()
-                        if wo
-                        else None
-                    )
-                    item.origin = (wo, str(row[0]) if row is not None else None)
-                return
-            if req.replaces is not None and existing.cert_serial != req.replaces:
-                raise IssuanceRefused(
-                    f"certificate {req.replaces} is not the current certificate of device {req.device_serial!r}"
-                    f" (that is {existing.cert_serial})",
-                    ReasonCode.NOT_AUTHORISED,
-                    {"cert_serial": req.replaces},
-                )
-            if req.replaces is not None and existing.state in ("issued", "confirmed"):
-                # Key update: the device's current certificate (which authenticated the request) is replaced.
-                item.update = existing
-            else:
-                revoked = conn.execute(
-                    "SELECT reason FROM revocation WHERE cert_serial=?", (existing.cert_serial,)
-                ).fetchone()
-                now_ = f", revoked ({revoked[0]})" if revoked is not None else ""
-                raise IssuanceRefused(
-                    f"device {req.device_serial!r} already has a certificate (serial {existing.cert_serial}{now_})"
-                    " for a different key; a new key needs an authorised rework (`birthline device rework"
-                    " SERIAL`)",
-                    ReasonCode.DEVICE_ALREADY_ISSUED,
-                    {"cert_serial": existing.cert_serial},
-                )
-        if req.device_serial in present.ra_devices:
-            self._check_upstream(conn, item)
-        if item.ra_done is not None:
-            return
-        other = (
-            conn.execute(
-                "SELECT device_serial FROM issuance WHERE public_key_sha256=? AND state!='burned'"
-                " UNION ALL SELECT device_serial FROM ra_request WHERE public_key_sha256=? AND state!='failed'",
-                (key_hash, key_hash),
-            ).fetchone()
-            if key_hash in present.keys
-            else None
-        )
-        if other is not None:
-            raise IssuanceRefused(
-                "this public key is already certified for another device", ReasonCode.KEY_ALREADY_CERTIFIED
-            )
-        serial = item.prep.serial_hex
-        if (
-            serial in present.serials
-            and conn.execute("SELECT 1 FROM issuance WHERE cert_serial=?", (serial,)).fetchone()
-        ):
-            # 2^-63 odds; refuse rather than ever reuse a serial.
-            raise IssuanceRefused("certificate serial collision; retry", ReasonCode.BUSY)
-
-    def _check_upstream(self, conn: sqlite3.Connection, item: _Item) -> None:
-        """The device's RA-mode request, if it has one: the same key is answered from it (pending, the upstream's
-        certificate, or the upstream's final refusal); another key is refused while it is live."""
-        assert item.prep is not None
-        req = item.request
-        row = conn.execute(
-            "SELECT id, state, public_key_sha256, cert_serial, cert_der, chain_der, failure, station FROM ra_request"
-            " WHERE ca=? AND device_serial=? ORDER BY id DESC LIMIT 1",
-            (self.ca.name, req.device_serial),
-        ).fetchone()
-        if row is None:
-            return
-        ra_id, state, key_hash, cert_serial, cert_der, chain_der, failure, station = row
-        if key_hash == item.prep.public_key_sha256:
-            if station != req.station:
-                self.policy.authorise_retry(conn, req, "ra_request_id", ra_id)
-            if state == "pending":
-                raise IssuancePending(
-                    "the upstream CA has not issued this certificate yet", self.upstream_retry_s or 5.0, ra_id
-                )
-            if state == "failed":
-                raise IssuanceRefused(
-                    f"the upstream CA refused this request: {failure}", ReasonCode.UPSTREAM_REJECTED,
-                    {"ra_request": ra_id},
-                )  # fmt: skip
-            item.ra_done = IssueResult(cert_der, split_certificates(chain_der or b""), cert_serial,
-                                       req.device_serial, ra_id, True, upstream=True)  # fmt: skip
-        elif state != "failed":
-            raise IssuanceRefused(
-                f"device {req.device_serial!r} already has a request at the upstream CA (RA mode) for a"
-                f" different key ({state}); another key is accepted only if the upstream refuses that one",
-                ReasonCode.DEVICE_ALREADY_ISSUED,
-                {"ra_request": ra_id},
-            )
-
-    async def _sign_and_store(self, items: list[_Item]) -> bool:
+    async def _sign_and_store(self, items: list[Item]) -> bool:
         """Sign, verify and store; False if that failed (the items are then failed and their intents burned)."""
         ids = [i.row_id for i in items if i.row_id is not None]
         started = time.perf_counter()
@@ -1006,7 +765,7 @@ class IssueService:
             )
         return True
 
-    async def _finish(self, items: list[_Item], raws: list[bytes]) -> list[bytes]:
+    async def _finish(self, items: list[Item], raws: list[bytes]) -> list[bytes]:
         """The certificates: every raw signature encoded and verified with the CA key over exactly its TBS bytes,
         then assembled (Preparer.finish), in the prepare workers when there are some and the batch is larger
         than FINISH_HERE_MAX (the verify is the largest CPU cost left in this process), else on a thread (off the
@@ -1122,7 +881,7 @@ class IssueService:
     def _result(self, der: bytes, serial: str, device: str, row_id: int | None, reused: bool) -> IssueResult:
         return IssueResult(der, self.chain, serial, device, row_id or 0, reused)
 
-    def _answer(self, item: _Item) -> None:
+    def _answer(self, item: Item) -> None:
         if item.future.done():
             pass
         elif item.error is not None:
@@ -1139,7 +898,7 @@ class IssueService:
         elif item.leader is not None:
             self._follow(item)
 
-    def _follow(self, item: _Item) -> None:
+    def _follow(self, item: Item) -> None:
         leader = item.leader
         assert leader is not None
         if item.future.done() or not leader.future.done():

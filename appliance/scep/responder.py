@@ -53,9 +53,10 @@ from appliance.admission import Admission, AdmissionLimits, Ticket
 from appliance.alarms import LogOnce
 from appliance.der import read_children, read_tlv, split_certificates
 from appliance.errors import BirthlineError, IssuanceFailed, IssuancePending, IssuanceRefused, ReasonCode
+from appliance.issuance.items import IssueResult
 from appliance.issuance.policy import AuditSink, IssueRequest
 from appliance.issuance.refusals import RefusalLimiter
-from appliance.issuance.service import IssueResult, IssueService
+from appliance.issuance.service import IssueService
 from appliance.scep import challenges, cms
 from appliance.scep.algorithms import AES256, SHA256, Cipher
 from appliance.scep.errors import RETRY_LATER, FailInfo, ScepError, fail_info_for

@@ -12,9 +12,10 @@ from appliance.ca import CaRecord
 from appliance.errors import IssuanceRefused, ReasonCode
 from appliance.issuance import prepare
 from appliance.issuance.conflicts import Present
+from appliance.issuance.items import IssueResult
 from appliance.issuance.journal import Journal
 from appliance.issuance.policy import IssueRequest
-from appliance.issuance.service import IssueResult, IssueService
+from appliance.issuance.service import IssueService
 from appliance.profiles import builtin_profiles
 from hsm.token import Token
 from tests.appliance.conftest import make_csr
