@@ -5,12 +5,12 @@
 Builds a real appliance (SoftHSM2 token, CA hierarchy, one LAN station, a production floor with an active work
 order), issues --sample certificates through the issuance core with the work-order policy and the audit log (the
 "empty journal" figures), copies that journal aside, then fills it with --certs more issued and confirmed
-certificates written directly in bulk with SQL (not through the HSM): their issuance rows (random 128-bit serials,
-the size of a real certificate), one work-order unit each in closed work orders of --per-work-order units, one
-finished outbox row each (the forwarder's record of the upstream copy: CSR, request and upstream certificate
-sized like real ones), and the audit entries the core writes for them (as many per certificate as the sample
-wrote, hash-chained, with a checkpoint signed in the HSM every 1,000 entries as the daemon does). Then, on the
-empty and on the full journal, measures what a user meets:
+certificates written directly in bulk with SQL (not through the HSM): their issuance rows (random 127-bit serials
+drawn in index order, see _ordered_keys; the size of a real certificate), one work-order unit each in closed work
+orders of --per-work-order units, one finished outbox row each (the forwarder's record of the upstream copy: CSR,
+request and upstream certificate sized like real ones), and the audit entries the core writes for them (as many per
+certificate as the sample wrote, hash-chained, with a checkpoint signed in the HSM every 1,000 entries as the
+daemon does). Then, on the empty and on the full journal, measures what a user meets:
 
     issuance rate         --sample certificates through the core (policy + audit); goal: full >= 80% of empty
     OCSP cold lookup      lookup_status() of random serials, per lookup (the responder's cache is not involved)
