@@ -22,31 +22,43 @@ SET_ASIDE_SHOWN = 20
 """How many parked and failed records `upstream status` lists (the newest; the depth counts all)."""
 
 
-def queue_status(journal: Journal, settings: UpstreamSection, now: float | None = None) -> dict[str, Any]:
+def queue_status(
+    journal: Journal, settings: UpstreamSection, now: float | None = None, *, counts: bool = True
+) -> dict[str, Any]:
     """What `birthline upstream status` prints: depth by kind and state, oldest open record, last success and
-    last error, the parked and failed records with their reasons, the limits and whether they are exceeded."""
+    last error, the parked and failed records with their reasons, the limits and whether they are exceeded.
+
+    `counts=False` (the status document, read by consoles every few seconds on the daemon's journal thread):
+    without the depth, the RA-mode requests by state and the parked and failed records. Counting the depth
+    reads every outbox row, done ones included, one per certificate for ever; the open records, their age and
+    the limits come from the open rows' indexes."""
     when = time.time() if now is None else now
 
     def q() -> dict[str, Any]:
         conn = journal.conn
         depth: dict[str, dict[str, int]] = {}
-        for kind, state, n in conn.execute("SELECT kind, state, COUNT(*) FROM outbox GROUP BY kind, state"):
-            depth.setdefault(str(kind), {})[str(state)] = int(n)
+        if counts:
+            for kind, state, n in conn.execute(
+                "SELECT kind, state, COUNT(*) FROM outbox GROUP BY kind, state"
+            ):
+                depth.setdefault(str(kind), {})[str(state)] = int(n)
         open_rows, oldest = conn.execute(
             "SELECT COUNT(*), MIN(created_at) FROM outbox WHERE state IN ('queued', 'sent', 'waiting')"
         ).fetchone()
         meta = dict(conn.execute(
             "SELECT key, value FROM meta WHERE key IN ('upstream_last_success', 'upstream_last_error')").fetchall())  # fmt: skip
-        ra = {
-            str(s): int(n) for s, n in conn.execute("SELECT state, COUNT(*) FROM ra_request GROUP BY state")
-        }
+        ra = (
+            {str(s): int(n) for s, n in conn.execute("SELECT state, COUNT(*) FROM ra_request GROUP BY state")}
+            if counts
+            else {}
+        )
         aside = [
             {"id": int(i), "kind": str(k), "cert_serial": str(c), "state": str(s), "at": _iso(at),
              "reason": str(e or "")}
             for i, k, c, s, at, e in conn.execute(
                 "SELECT id, kind, cert_serial, state, done_at, last_error FROM outbox"
                 " WHERE state IN ('parked', 'failed') ORDER BY id DESC LIMIT ?", (SET_ASIDE_SHOWN,))
-        ]  # fmt: skip
+        ] if counts else []  # fmt: skip
         return {
             "depth": depth,
             "open": int(open_rows),
@@ -68,7 +80,7 @@ def queue_status(journal: Journal, settings: UpstreamSection, now: float | None 
     # A standalone line (no upstream) has nothing to drain: its limits do not apply and nothing is alarming.
     alarm = s.enabled and (raw["open"] > s.max_queue_size or (age or 0.0) > s.max_queue_age_s)
     hard = raw["open"] >= s.hard_max_queue_size or (age or 0.0) >= s.hard_max_queue_age_s
-    return {
+    status = {
         "url": s.url or None,
         "standalone": not s.enabled,
         "mode": s.mode,
@@ -85,6 +97,10 @@ def queue_status(journal: Journal, settings: UpstreamSection, now: float | None 
         "alarm": alarm,
         "issuance_stopped": hard and s.enabled,
     }  # fmt: skip
+    if not counts:  # not read: absent rather than shown empty
+        for key in ("depth", "ra_requests", "parked", "failed"):
+            del status[key]
+    return status
 
 
 def _iso(t: float | None) -> str | None:

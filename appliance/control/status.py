@@ -88,7 +88,9 @@ def _read(journal: Journal, config: Config) -> dict[str, Any]:
         last = conn.execute("SELECT MAX(created_at) FROM issuance").fetchone()[0]
     finally:
         conn.execute("COMMIT")
-    upstream = queue_status(journal, config.upstream) if config.upstream.enabled else None
+    # Without the outbox's depth: counting it reads every outbox row, one per certificate for ever, on the thread
+    # every commit waits for (docs/performance.md "Ten years of journal").
+    upstream = queue_status(journal, config.upstream, counts=False) if config.upstream.enabled else None
     return {
         "lines": lines,
         "stations": stations,

@@ -162,6 +162,12 @@ CREATE UNIQUE INDEX IF NOT EXISTS issuance_live_key
 CREATE INDEX IF NOT EXISTS issuance_request ON issuance (station, request_id);
 -- `revoke --device` looks a device up under every CA and in every state: without this, a scan of ten years.
 CREATE INDEX IF NOT EXISTS issuance_by_device ON issuance (device_serial);
+-- Every start of the issuance core burns the intents a crash left and reads the time of the last issuance (its
+-- clock check, also the status document's): without these, two reads of every row, seconds on ten years.
+-- Intents live for one batch, so issuance_intent holds a handful of rows; created_at grows with the row id, so
+-- issuance_created is appended at its end.
+CREATE INDEX IF NOT EXISTS issuance_intent ON issuance (state) WHERE state = 'intent';
+CREATE INDEX IF NOT EXISTS issuance_created ON issuance (created_at);
 CREATE TABLE IF NOT EXISTS stations (
     name            TEXT PRIMARY KEY,
     kind            TEXT NOT NULL CHECK (kind IN ('serial', 'lan')),

@@ -35,3 +35,18 @@ def test_the_queue_age_is_read_from_its_own_index(tmp_path: Path) -> None:
         journal.call(lambda: journal.conn.execute("DROP INDEX outbox_open_created"))
         plan = dict((name, p) for name, p, _ in journal.call(lambda: plans(journal.conn)))["outbox oldest"]
     assert "outbox_open_created" not in plan, plan
+
+
+def test_the_daemon_start_reads_no_whole_table(tmp_path: Path) -> None:
+    """At every start the issuance core burns the intents a crash left and reads the time of the last issuance
+    (its clock check): each was a read of every issuance row (docs/performance.md "Ten years of journal").
+    Without their indexes both are flagged."""
+    with Journal(tmp_path / "journal.sqlite") as journal:
+        found = dict((name, p) for name, p, _ in journal.call(lambda: plans(journal.conn)))
+    assert "issuance_intent" in found["start: interrupted intents"], found
+    assert "issuance_created" in found["start: last issuance"], found
+    with Journal(tmp_path / "without.sqlite") as journal:  # the check can fail
+        journal.call(lambda: journal.conn.execute("DROP INDEX issuance_intent"))
+        journal.call(lambda: journal.conn.execute("DROP INDEX issuance_created"))
+        flagged = [name for name, _, scans in journal.call(lambda: plans(journal.conn)) if scans]
+    assert flagged == ["start: interrupted intents", "start: last issuance"]
