@@ -5,8 +5,8 @@
 Builds a real appliance (SoftHSM2 token, CA hierarchy, one LAN station, a production floor with an active work
 order), issues --sample certificates through the issuance core with the work-order policy and the audit log (the
 "empty journal" figures), copies that journal aside, then fills it with --certs more issued and confirmed
-certificates written directly in bulk with SQL (not through the HSM): their issuance rows (random 127-bit serials
-drawn in index order, see _ordered_keys; the size of a real certificate), one work-order unit each in closed work
+certificates written directly in bulk with SQL (not through the HSM): their issuance rows (serials in the product's
+time-ordered layout, see _ordered_keys; the size of a real certificate), one work-order unit each in closed work
 orders of --per-work-order units, one finished outbox row each (the forwarder's record of the upstream copy: CSR,
 request and upstream certificate sized like real ones), and the audit entries the core writes for them (as many per
 certificate as the sample wrote, hash-chained, with a checkpoint signed in the HSM every 1,000 entries as the
@@ -47,6 +47,7 @@ from appliance.audit.encoding import entry_hash
 from appliance.audit.log import ensure_audit_key
 from appliance.config import Config, load_config
 from appliance.production.policy import WorkOrderPolicy
+from appliance.profiles import new_serial_number
 from appliance.runtime import open_core
 from appliance.va.status import lookup_status
 from bench.stations import _config, _free_port, _setup, _wait_listening
@@ -173,19 +174,25 @@ def audit_shapes(journal_path: Path) -> tuple[float, list[tuple[str, str, str]]]
 def _ordered_keys(conn: sqlite3.Connection, total: int) -> None:
     """SQL functions for the bulk rows' random keys, drawn so that each key sorts after the previous row's.
 
-    A certificate serial, a public-key hash, a station request id and an outbox transaction id are random, and
-    each has an index. Inserted in random order, every 100,000-row chunk dirties nearly every page of those
+    A public-key hash, a station request id and an outbox transaction id are random, and each has an index; a
+    certificate serial is the product's own, time-ordered (appliance/profiles/serial.py), for a time a
+    millisecond apart per row. Inserted in random order, every 100,000-row chunk dirties nearly every page of those
     indexes: past about four million certificates each chunk rewrote gigabytes and the fill slowed from 11,000 to
     800 certificates/s. Here row x of `total` gets a key whose leading 31 or 32 bits are x's place in the fill
     (x * 2**31 / total) and whose other bits are random: the keys are as uniformly spread and as unpredictable in
-    their low bits as the product's, but each lands at the right edge of its index (a serial below 2**123 is
-    written with fewer hex digits, as the product writes it, and sorts among the others: 1/16 of the rows)."""
+    their low bits as the product's, but each lands at the right edge of its index ."""
 
     def lead(x: int) -> int:
         return x * (1 << 31) // total
 
-    def serial(x: int) -> str:  # appliance/profiles/serial.py: 127 bits, at least 2**64, lowercase hex
-        return f"{(lead(x) << 96) | int.from_bytes(os.urandom(12), 'big') | (1 << 64):x}"
+    # A millisecond a row, ending now: the serials the measuring rounds issue later sort after all of them, as a
+    # running appliance's new serials do after its old ones.
+    start_ms = int(time.time() * 1000) - total
+
+    def serial(
+        x: int,
+    ) -> str:  # the product's layout (appliance/profiles/serial.py): time-ordered, lowercase hex
+        return f"{new_serial_number(now_ms=start_ms + x):x}"
 
     def request_id(x: int) -> str:  # a uuid4().hex, its version nibble kept
         return f"{lead(x) << 1:08x}" + uuid.uuid4().hex[8:]

@@ -73,8 +73,27 @@ def test_new_serial_number() -> None:
     seen = set()
     for _ in range(2000):
         n = new_serial_number()
-        assert 2**64 <= n < 2**127
+        assert 2**126 <= n < 2**127  # 16 DER octets, no sign padding; far above the 2**64 floor
+        assert len(f"{n:x}") == 32
         seen.add(n)
     assert len(seen) == 2000
-    # Top bit is random: over 2000 draws both halves of the range must show up.
-    assert any(n >= 2**126 for n in seen) and any(n < 2**126 for n in seen)
+    # The low 83 bits are the CSPRNG's: within one millisecond they still differ, and every one of them varies.
+    same_ms = [new_serial_number(now_ms=1_765_000_000_000) for _ in range(2000)]
+    assert len(set(same_ms)) == 2000
+    assert {n >> 83 for n in same_ms} == {(1 << 43) | 1_765_000_000_000}
+    varied = 0
+    for n in same_ms:
+        varied |= n ^ same_ms[0]
+    assert varied == (1 << 83) - 1
+
+
+def test_later_serials_sort_after_earlier_ones_as_numbers_and_as_stored_text() -> None:
+    """The journal stores serials as hex text and indexes them: a later serial must sort after an earlier one both
+    ways, so that each new certificate's index entries go at the end of the index (docs/performance.md)."""
+    earlier = [new_serial_number(now_ms=1_765_000_000_000 + i) for i in range(0, 5000, 7)]
+    later = [new_serial_number(now_ms=1_765_000_000_000 + 5000 + i) for i in range(0, 5000, 7)]
+    assert max(earlier) < min(later)
+    assert max(f"{n:x}" for n in earlier) < min(f"{n:x}" for n in later)
+    # Year 2245 still fits the 43 bits of milliseconds and keeps the same layout.
+    far = new_serial_number(now_ms=8_700_000_000_000)
+    assert 2**126 <= far < 2**127 and far >> 83 == (1 << 43) | 8_700_000_000_000
