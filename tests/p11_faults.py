@@ -16,7 +16,7 @@ import contextlib
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,23 @@ import pkcs11
 from pkcs11 import ObjectClass
 
 import hsm.token
+
+
+def flip_one_bit(signature: bytes) -> bytes:
+    """`signature` with one bit of its middle byte flipped: SoftHSM never returns a bad signature, so a test that
+    needs one makes it from a real one."""
+    sig = bytearray(signature)
+    sig[len(sig) // 2] ^= 0x01
+    return bytes(sig)
+
+
+def corrupting(sign: Callable[..., bytes]) -> Callable[..., bytes]:
+    """`sign` (hsm.keys.c_sign, for mocker.patch) with one bit of every signature it returns flipped."""
+
+    def corrupt(*args: Any, **kw: Any) -> bytes:
+        return flip_one_bit(sign(*args, **kw))
+
+    return corrupt
 
 
 @dataclass
@@ -72,10 +89,8 @@ class _Key:
             raise pkcs11.SessionHandleInvalid()
         if f.delay_s:
             time.sleep(f.delay_s)
-        sig = bytearray(self._real.sign(data, **kw))
-        if f.corrupt:
-            sig[len(sig) // 2] ^= 0x01
-        return bytes(sig)
+        sig = bytes(self._real.sign(data, **kw))
+        return flip_one_bit(sig) if f.corrupt else sig
 
 
 class _Slot:

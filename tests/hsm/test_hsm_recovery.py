@@ -12,6 +12,7 @@ import hsm.keys
 from hsm.errors import DeviceError, SignatureVerificationError
 from hsm.keys import HsmEcPrivateKey, HsmPrivateKey
 from hsm.token import Token
+from tests.p11_faults import corrupting
 
 ECDSA = ec.ECDSA(hashes.SHA256())
 
@@ -69,14 +70,7 @@ def test_device_loss_fails_closed(
 
 
 def test_corrupted_signature_is_never_returned(mocker: MockerFixture, any_key: HsmPrivateKey) -> None:
-    real = hsm.keys.c_sign
-
-    def corrupt(*args: Any, **kw: Any) -> bytes:
-        sig = bytearray(real(*args, **kw))
-        sig[len(sig) // 2] ^= 0x01
-        return bytes(sig)
-
-    mocker.patch("hsm.keys.c_sign", side_effect=corrupt)
+    mocker.patch("hsm.keys.c_sign", side_effect=corrupting(hsm.keys.c_sign))
     with pytest.raises(SignatureVerificationError):
         any_key.sign_many([b"tbs"])
     with pytest.raises(SignatureVerificationError):

@@ -22,6 +22,7 @@ from appliance.profiles import Profile, builtin_profiles
 from hsm.softhsm import SoftHsmToken
 from hsm.token import Token
 from tests.appliance.conftest import make_csr
+from tests.p11_faults import corrupting
 from tests.real_faults import hsm_token_removed
 
 REFUSED = 12  # requests sent while the fault lasts
@@ -138,12 +139,7 @@ async def test_an_unverifiable_signature_is_alarmed_and_the_probe_clears_it(
     put right. The service's own verify catches it; the health probe's (hsm/keys.py) until it is put right."""
     import hsm.keys
 
-    real = hsm.keys.c_sign
-
-    def corrupt(*args: object, **kw: object) -> bytes:
-        sig = bytearray(real(*args, **kw))  # type: ignore[arg-type]
-        sig[len(sig) // 2] ^= 0x01
-        return bytes(sig)
+    corrupt = corrupting(hsm.keys.c_sign)
 
     alarms = Alarms()
     async with _service(journal, issuing, hsm_token, alarms=alarms, health_interval_s=0.05) as svc:

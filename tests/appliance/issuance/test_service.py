@@ -10,7 +10,6 @@ import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from cryptography import x509
@@ -28,6 +27,7 @@ from appliance.profiles import Profile, builtin_profiles
 from hsm.errors import DeviceError
 from hsm.token import Token
 from tests.appliance.conftest import make_csr
+from tests.p11_faults import corrupting
 
 
 def _service(journal: Journal, issuing: CaRecord, token: Token, **kw: object) -> IssueService:
@@ -275,14 +275,7 @@ async def test_unverifiable_signature_is_never_released(
     async with _service(journal, issuing, hsm_token, prepare_workers=workers, batch_max=16) as svc:
         # SoftHSM never returns a bad signature: one bit of every C_Sign output flipped. The service's own
         # verify (in the prepare worker, or on a thread without workers) must catch it.
-        real = hsm.keys.c_sign
-
-        def corrupt(*args: Any, **kw: Any) -> bytes:
-            sig = bytearray(real(*args, **kw))
-            sig[len(sig) // 2] ^= 0x01
-            return bytes(sig)
-
-        mocker.patch("hsm.keys.c_sign", side_effect=corrupt)
+        mocker.patch("hsm.keys.c_sign", side_effect=corrupting(hsm.keys.c_sign))
         to_workers = mocker.spy(PreparePool, "finish")
         outcomes = await asyncio.gather(
             *(svc.issue(IssueRequest(f"SN-V{i}", make_csr()[1])) for i in range(count)),
