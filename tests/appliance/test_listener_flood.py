@@ -109,7 +109,8 @@ def test_flood_of_2000_connections_is_bounded_and_the_daemon_keeps_serving(
     state = tmp_path / "state"
     state.mkdir(mode=0o700)  # the appliance refuses a state directory others can reach
     shutil.copy(production_journal_template, state / "journal.sqlite")
-    lan, va = free_ports(1), free_ports(1)
+    lan = free_ports(2)  # two consecutive free ports from one call: two calls may return the same port
+    va = lan + 1
     config = tmp_path / "birthline.toml"
     config.write_text(daemon_config(state, softhsm_token, SECTIONS.format(state=state, lan=lan, va=va)))
     with Journal(state / "journal.sqlite") as journal:

@@ -180,7 +180,9 @@ def appliance(
     fd = os.open(secret, os.O_WRONLY | os.O_CREAT, 0o600)
     os.write(fd, secrets.token_hex(16).encode())
     os.close(fd)
-    ports = {name: free_ports(1) for name in ("lan", "va", "cmp", "metrics")}
+    # One call for all four: separate calls may each be handed the same just-released port (seen once in a full run).
+    first = free_ports(4)
+    ports = {name: first + i for i, name in enumerate(("lan", "va", "cmp", "metrics"))}
     config = tmp_path / "birthline.toml"
     config.write_text(
         daemon_config(state, softhsm_token, SECTIONS.format(state=state, secret=secret, **ports))
