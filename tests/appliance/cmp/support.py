@@ -20,6 +20,7 @@ from appliance.cmp import (
     request_header,
 )
 from appliance.cmp.model import CertReqBody
+from appliance.issuance.journal import Journal
 
 SECRET = b"correct horse battery staple"
 KID = b"line-1"
@@ -87,3 +88,10 @@ def ir_body(key: ec.EllipticCurvePrivateKey | None = None, cn: str = "device") -
 
 def ip_body(cert: x509.Certificate, ca: x509.Certificate | None = None) -> CertRepBody:
     return CertRepBody((CertResponse(0, PKIStatusInfo.accepted(), cert),), (ca,) if ca else ())
+
+
+def issuance_state(journal: Journal, cert: x509.Certificate) -> str:
+    """The journal state (issued, confirmed, ...) of the issuance row of `cert`."""
+    row = journal.call(lambda: journal.conn.execute(
+        "SELECT state FROM issuance WHERE cert_serial=?", (format(cert.serial_number, "x"),)).fetchone())  # fmt: skip
+    return str(row[0])

@@ -45,6 +45,7 @@ from appliance.production.policy import WorkOrderPolicy
 from appliance.profiles import builtin_profiles
 from appliance.va.http import VaServer
 from hsm.token import Token
+from tests.appliance.cmp.support import issuance_state
 
 SECRET = b"line one shared secret"
 SPKI = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -60,9 +61,7 @@ class Srv:
     offset: list[float]  # seconds added to the real clock: the responder's time, moved by the test
 
     def state(self, cert: x509.Certificate) -> str:
-        row = self.journal.call(lambda: self.journal.conn.execute(
-            "SELECT state FROM issuance WHERE cert_serial=?", (format(cert.serial_number, "x"),)).fetchone())  # fmt: skip
-        return str(row[0])
+        return issuance_state(self.journal, cert)
 
 
 @pytest.fixture

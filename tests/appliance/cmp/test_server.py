@@ -53,6 +53,7 @@ from appliance.production.policy import WorkOrderPolicy
 from appliance.profiles import builtin_profiles
 from appliance.va.http import VaServer
 from hsm.token import Token
+from tests.appliance.cmp.support import issuance_state
 from tests.appliance.conftest import put_on_line
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
@@ -74,9 +75,7 @@ class Srv:
     revoked: list[int]
 
     def state(self, cert: x509.Certificate) -> str:
-        row = self.journal.call(lambda: self.journal.conn.execute(
-            "SELECT state FROM issuance WHERE cert_serial=?", (format(cert.serial_number, "x"),)).fetchone())  # fmt: skip
-        return str(row[0])
+        return issuance_state(self.journal, cert)
 
 
 @pytest.fixture
