@@ -99,10 +99,7 @@ def _thread_cpu_s() -> dict[str, float]:
 
 
 def _worker_pids(service: IssueService) -> list[int]:
-    pool = service._pool  # a bench may look inside: which processes to charge
-    if pool is None:
-        return []
-    return list(pool._pool._processes or {})
+    return service.prepare_pids
 
 
 def per_item_us(fn: Callable[[], object], n: int) -> float:

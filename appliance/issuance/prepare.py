@@ -265,14 +265,6 @@ def init_worker(ctx: PrepareContext) -> None:
     threading.Thread(target=_exit_with, args=(os.getppid(),), name="parent-watch", daemon=True).start()
 
 
-def worker_pid(hold_s: float) -> int:
-    """This worker's pid, after holding it `hold_s`, so that workers still starting get the other calls of a
-    round (workers._all_running)."""
-    assert _worker is not None, "init_worker did not run"
-    time.sleep(hold_s)
-    return os.getpid()
-
-
 def finish_in_worker(signed: Sequence[tuple[Tbs, bytes]]) -> list[bytes | None] | None:
     """Preparer.finish in a worker; None if it failed for any other reason (the service then finishes the batch
     itself: a bug here must not cost certificates, and nothing unverified ever comes back)."""

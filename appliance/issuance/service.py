@@ -228,6 +228,11 @@ class IssueService:
         times no worker could start); empty without worker processes."""
         return dict(self._pool.stats) if self._pool is not None else {}
 
+    @property
+    def prepare_pids(self) -> list[int]:
+        """The process ids of the prepare workers now running; empty without worker processes."""
+        return self._pool.pids if self._pool is not None else []
+
     # -- API ---------------------------------------------------------------------------------------------------
     async def issue(self, request: IssueRequest) -> IssueResult:
         if self._tg is None:

@@ -1,8 +1,8 @@
 """The prepare worker processes, kept working whatever happens to one of them.
 
-A ProcessPoolExecutor is broken for good once one of its workers dies (the OOM killer, a crash in a C library,
-os._exit): every later call raises BrokenProcessPool. Before this module that meant INTERNAL for every request
-of every station until a restart. `PreparePool` replaces a broken pool as soon as a batch finds it broken (a
+A process pool (`procpool.ProcessPool`, as concurrent.futures.ProcessPoolExecutor before it) is broken for good
+once one of its workers dies (the OOM killer, a crash in a C library, os._exit): every later call raises
+BrokenProcessPool. Before this module that meant INTERNAL for every request of every station until a restart. `PreparePool` replaces a broken pool as soon as a batch finds it broken (a
 worker that died while idle costs no request), and the jobs that were lost with it are run again, each ALONE in
 a one-worker quarantine pool: a job that kills its worker every time (a poison input) is then found and refused
 by itself (BAD_CSR), while the rest of its batch still issues. No job is ever put back into a shared batch
@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import logging
-import multiprocessing
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import BrokenExecutor
@@ -33,6 +31,7 @@ from appliance.alarms import Alarms, LogOnce
 from appliance.errors import IssuanceFailed, ReasonCode
 from appliance.issuance import prepare
 from appliance.issuance.prepare import Job, PrepareContext, Prepared, Refusal
+from appliance.issuance.procpool import ProcessPool
 from appliance.issuance.tbs import Tbs
 
 log = logging.getLogger(__name__)
@@ -42,7 +41,6 @@ DEATH_WINDOW_S: Final = 600.0
 LOG_INTERVAL_S: Final = 60.0
 RESTART_BACKOFF_S: Final = 5.0
 STARTUP_S: Final = 60.0
-STARTUP_POLL_S: Final = 0.05
 
 ALARM_DEATHS: Final = "issuance.prepare-worker-deaths"
 ALARM_UNAVAILABLE: Final = "issuance.prepare-workers-unavailable"
@@ -63,14 +61,9 @@ class _Lost:
     ran: bool
 
 
-def _new_executor(ctx: PrepareContext, workers: int) -> concurrent.futures.ProcessPoolExecutor:
-    # spawn, not fork: the parent runs the PKCS#11 and journal threads.
-    return concurrent.futures.ProcessPoolExecutor(
-        workers,
-        mp_context=multiprocessing.get_context("spawn"),
-        initializer=prepare.init_worker,
-        initargs=(ctx,),
-    )
+def _new_pool(ctx: PrepareContext, workers: int) -> ProcessPool:
+    # prepare.init_worker looked up now, not at import: tests put a worker that cannot start in its place.
+    return ProcessPool(workers, prepare.init_worker, (ctx,))
 
 
 class PreparePool:
@@ -90,7 +83,7 @@ class PreparePool:
         self.workers = workers
         self.alarms = alarms
         self.clock = clock
-        self._pool = _new_executor(ctx, workers)
+        self._pool = _new_pool(ctx, workers)
         self._generation = 0
         self._quarantine_lock = asyncio.Lock()
         self._renew_lock = asyncio.Lock()
@@ -104,15 +97,20 @@ class PreparePool:
     async def start(self) -> None:
         """Start every worker now (a failure to start is a start-up error, not a surprise at the first request)."""
         try:
-            await _all_running(self._pool, self.workers)
+            await self._pool.start(STARTUP_S)
         except Exception as exc:  # BrokenExecutor, or an OSError spawning a worker
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool.shutdown(wait=False)
             raise IssuanceFailed(
                 "the CSR checking worker processes could not start", ReasonCode.INTERNAL
             ) from exc
 
     def shutdown(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool.shutdown(wait=True)
+
+    @property
+    def pids(self) -> list[int]:
+        """The process ids of the shared pool's workers (tests and benches kill or measure them)."""
+        return self._pool.pids
 
     # -- work ----------------------------------------------------------------------------------------------------
     async def run(self, jobs: Sequence[Job]) -> list[Result]:
@@ -147,11 +145,8 @@ class PreparePool:
         size = -(-len(signed) // self.workers)
         chunks = [list(signed[i : i + size]) for i in range(0, len(signed), size)]
         generation = self._generation
-        loop = asyncio.get_running_loop()
         try:
-            outcomes = await asyncio.gather(
-                *(loop.run_in_executor(self._pool, prepare.finish_in_worker, c) for c in chunks)
-            )
+            outcomes = await asyncio.gather(*(self._pool.submit(prepare.finish_in_worker, c) for c in chunks))
         except Exception:  # noqa: BLE001 - BrokenExecutor, or an OSError submitting: see _submit_failed
             await self._renew(generation)
             return None
@@ -165,13 +160,14 @@ class PreparePool:
     async def _try(self, chunk: list[Job]) -> list[Result] | _Lost:
         generation = self._generation
         try:
-            future = asyncio.get_running_loop().run_in_executor(self._pool, prepare.prepare_in_worker, chunk)
+            future = self._pool.submit(prepare.prepare_in_worker, chunk)
         except Exception:  # noqa: BLE001 - see _submit_failed
             return _Lost(generation, ran=False)
         try:
-            return await future
+            results: list[Result] = await future
         except BrokenExecutor:
             return _Lost(generation, ran=True)
+        return results
 
     async def _recover(self, chunk: list[Job], lost: _Lost) -> list[Result]:
         await self._renew(lost.generation)
@@ -189,12 +185,8 @@ class PreparePool:
         return self.clock() >= self._unavailable_until
 
     async def _renew(self, generation: int) -> None:
-        """Replace the shared pool, once per broken generation (several chunks see the same break).
-
-        The fresh pool starts all its workers before anyone may use it. CPython 3.11's pool otherwise spawns
-        workers inside submit(), and a submit that spawns while the pool is breaking races with the cleanup
-        thread, which does not take submit's lock ("dictionary changed size during iteration", "handle is
-        closed"): seen here with a poison job in a pool still starting its workers."""
+        """Replace the shared pool, once per broken generation (several chunks see the same break). The fresh
+        pool starts all its workers before anyone may use it."""
         async with self._renew_lock:
             if generation != self._generation:
                 return
@@ -203,20 +195,20 @@ class PreparePool:
                 self._died(
                     "a prepare worker process died; the pool is replaced and its jobs retried one by one"
                 )
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool.shutdown(wait=False)
             fresh = await self._started(self.workers)
             if fresh is not None:
                 self._pool = fresh
                 self._generation += 1
                 self.stats["replaced"] += 1
 
-    async def _started(self, workers: int) -> concurrent.futures.ProcessPoolExecutor | None:
+    async def _started(self, workers: int) -> ProcessPool | None:
         """A new pool with all its workers running, or None (then issuance is refused BUSY for a while)."""
-        pool = _new_executor(self.ctx, workers)
+        pool = _new_pool(self.ctx, workers)
         try:
-            await _all_running(pool, workers)
+            await pool.start(STARTUP_S)
         except Exception:  # noqa: BLE001 - BrokenExecutor, or see _submit_failed
-            pool.shutdown(wait=False, cancel_futures=True)
+            pool.shutdown(wait=False)
             self._submit_failed()
             return None
         self._clear(ALARM_UNAVAILABLE, "the prepare workers start again")
@@ -224,10 +216,9 @@ class PreparePool:
 
     async def _quarantine(self, jobs: list[Job]) -> list[Result]:
         """Each job alone in a fresh one-worker pool: a death is then that job's doing."""
-        loop = asyncio.get_running_loop()
         results: list[Result] = []
         async with self._quarantine_lock:
-            pool: concurrent.futures.ProcessPoolExecutor | None = None
+            pool: ProcessPool | None = None
             try:
                 for job in jobs:
                     if pool is None:
@@ -237,9 +228,9 @@ class PreparePool:
                             break
                     self.stats["quarantined"] += 1
                     try:
-                        future = loop.run_in_executor(pool, prepare.prepare_in_worker, [job])
+                        future = pool.submit(prepare.prepare_in_worker, [job])
                     except Exception:  # noqa: BLE001 - see _submit_failed: not the job's doing
-                        pool.shutdown(wait=False, cancel_futures=True)
+                        pool.shutdown(wait=False)
                         pool = None
                         self._submit_failed()
                         results.extend([_unavailable()] * (len(jobs) - len(results)))
@@ -247,7 +238,7 @@ class PreparePool:
                     try:
                         (result,) = await future
                     except BrokenExecutor:
-                        pool.shutdown(wait=False, cancel_futures=True)
+                        pool.shutdown(wait=False)
                         pool = None
                         self.stats["poison"] += 1
                         self._died(
@@ -257,7 +248,7 @@ class PreparePool:
                     results.append(result)
             finally:
                 if pool is not None:
-                    pool.shutdown(wait=False, cancel_futures=True)
+                    pool.shutdown(wait=False)
         return results
 
     def _submit_failed(self) -> None:
@@ -300,23 +291,6 @@ class PreparePool:
     def _clear(self, cause: str, note: str) -> None:
         if self.alarms is not None:
             self.alarms.clear(cause, note)
-
-
-async def _all_running(pool: concurrent.futures.ProcessPoolExecutor, workers: int) -> None:
-    """Wait until each of the pool's `workers` processes has run its initializer (it then exits with its
-    parent: prepare._exit_with). One empty job per worker is not enough: the first worker up may take them all
-    while another is still importing, and a daemon killed then would leave that one behind, for as long as its
-    imports take on a loaded machine. Each round asks every worker for its pid; the waits are for processes
-    starting, bounded by STARTUP_S (past it, issuance goes on: a late worker still exits with its parent once
-    started)."""
-    loop = asyncio.get_running_loop()
-    seen: set[int] = set()
-    deadline = time.monotonic() + STARTUP_S
-    while len(seen) < workers and time.monotonic() < deadline:
-        pids = await asyncio.gather(
-            *(loop.run_in_executor(pool, prepare.worker_pid, STARTUP_POLL_S) for _ in range(workers))
-        )
-        seen.update(pids)
 
 
 def _unavailable() -> Refusal:

@@ -5,7 +5,6 @@ session that the restart ended is asked for again at the next action, which then
 from __future__ import annotations
 
 import json
-from multiprocessing import resource_tracker
 from pathlib import Path
 
 from appliance.daemon import Daemon
@@ -23,9 +22,6 @@ async def test_a_daemon_restart_is_shown_and_recovered_from(
     softhsm_token: SoftHsmToken, people_journal_template: Path, tmp_path: Path
 ) -> None:
     config = control_config(tmp_path / "state", softhsm_token, people_journal_template)
-    # The daemon's CSR workers are spawned processes; multiprocessing's resource tracker, started with the first
-    # of them, passes on sys.stderr's descriptor, which Textual's test harness replaces while the app runs.
-    resource_tracker.ensure_running()
     app = DashboardApp(Link(config.control_socket, poll_s=0.2), refresh_s=0.05)
     async with app.run_test(size=(100, 30)) as pilot:
         await until(pilot, lambda: "connecting" in screen_text(app), "connecting, before the daemon runs")
@@ -69,7 +65,6 @@ async def test_with_every_event_stream_taken_the_status_is_shown_and_the_stream_
     from console.client import ControlClient
 
     config = control_config(tmp_path / "state", softhsm_token, people_journal_template, max_subscribers=1)
-    resource_tracker.ensure_running()
     app = DashboardApp(Link(config.control_socket, poll_s=0.2), refresh_s=0.05)
     async with Daemon(config), ControlClient(config.control_socket) as other:
         taken = asyncio.Event()

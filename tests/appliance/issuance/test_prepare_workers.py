@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import multiprocessing
 import os
 import shutil
 import signal
@@ -160,14 +159,14 @@ async def test_workers_killed_from_outside_are_replaced_and_nothing_is_lost(
     async with _service(journal, issuing, hsm_token, prepare_workers=2, batch_max=8) as svc:
         await _issues(svc, issuing, "SN-BEFORE")
         for round_ in range(3):
-            workers = multiprocessing.active_children()
+            workers = svc.prepare_pids
             assert workers
             pending = [asyncio.create_task(svc.issue(IssueRequest(f"SN-K{round_}-{i}", make_csr()[1])))
                        for i in range(12)]  # fmt: skip
             if round_ == 1:
                 await asyncio.sleep(0)  # let the first batch reach the workers before they die
-            for proc in workers:
-                os.kill(proc.pid or 0, signal.SIGKILL)
+            for pid in workers:
+                os.kill(pid, signal.SIGKILL)
             for r in await asyncio.gather(*pending, return_exceptions=True):
                 assert not isinstance(r, BaseException), r
         await _issues(svc, issuing, "SN-AFTER")
@@ -189,8 +188,8 @@ async def test_workers_that_cannot_start_refuse_busy_with_a_critical_alarm_until
     async with _service(journal, issuing, hsm_token, prepare_workers=1, alarms=alarms) as svc:
         await _issues(svc, issuing, "SN-UP")
         broken = mocker.patch.object(prepare, "init_worker", worker_faults.init_and_die)
-        for proc in multiprocessing.active_children():
-            os.kill(proc.pid or 0, signal.SIGKILL)
+        for pid in svc.prepare_pids:
+            os.kill(pid, signal.SIGKILL)
         with pytest.raises(IssuanceRefused) as exc:
             await svc.issue(IssueRequest("SN-DOWN", make_csr()[1]))
         assert exc.value.code == ReasonCode.BUSY
@@ -272,8 +271,8 @@ async def test_worker_deaths_raise_an_alarm_that_clears_after_a_quiet_window(iss
     try:
         for i in range(DEATHS_FOR_ALARM):
             assert alarms.get(ALARM_DEATHS) is None
-            for proc in multiprocessing.active_children():
-                os.kill(proc.pid or 0, signal.SIGKILL)
+            for pid in pool.pids:
+                os.kill(pid, signal.SIGKILL)
             (result,) = await pool.run([dataclasses.replace(job, device_serial=f"SN-{i}")])
             assert isinstance(result, Prepared)
             now[0] += 1
@@ -297,10 +296,10 @@ async def test_workers_ignore_sigint_the_parent_stops_them(
     the parent decides and stops them."""
     async with _service(journal, issuing, hsm_token, prepare_workers=2, batch_max=8) as svc:
         await _issues(svc, issuing, "SN-INT-BEFORE")
-        workers = multiprocessing.active_children()
+        workers = svc.prepare_pids
         assert workers
 
-        def ignoring_sigint(pid: int | None) -> bool:
+        def ignoring_sigint(pid: int) -> bool:
             # A worker still starting (the pool spawns them on demand) has not run its initializer yet: a
             # signal then would test Python's start-up, not the worker. The kernel says when it ignores SIGINT.
             status = Path(f"/proc/{pid}/status").read_text()
@@ -310,14 +309,16 @@ async def test_workers_ignore_sigint_the_parent_stops_them(
             return bool(ignored & (1 << (signal.SIGINT - 1)))
 
         deadline = time.monotonic() + 120  # a hang guard, not a timing assertion
-        while not all(ignoring_sigint(proc.pid) for proc in workers):
+        while not all(ignoring_sigint(pid) for pid in workers):
             assert time.monotonic() < deadline, "the workers never ran their initializer"
             await asyncio.sleep(0.05)
-        for proc in workers:
-            os.kill(proc.pid or 0, signal.SIGINT)
+        for pid in workers:
+            os.kill(pid, signal.SIGINT)
         for i in range(4):  # requests through the workers after the signal: each a round trip to them
             await _issues(svc, issuing, f"SN-INT-{i}")
-        assert all(proc.is_alive() for proc in workers), [(p.pid, p.exitcode) for p in workers]
+        assert svc.prepare_pids == workers and svc.prepare_stats["deaths"] == 0
+        for pid in workers:
+            assert Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] in "RSD", pid
 
 
 async def test_a_worker_dying_while_verifying_signatures_costs_no_certificate(
