@@ -29,18 +29,17 @@ def queue_status(
     last error, the parked and failed records with their reasons, the limits and whether they are exceeded.
 
     `counts=False` (the status document, read by consoles every few seconds on the daemon's journal thread):
-    without the depth, the RA-mode requests by state and the parked and failed records. Counting the depth
-    reads every outbox row, done ones included, one per certificate for ever; the open records, their age and
-    the limits come from the open rows' indexes."""
+    without the depth, the RA-mode requests by state and the parked and failed records. The depths come from
+    counters the journal's triggers keep, not from the rows (one per certificate, for ever); the open
+    records, their age and the limits come from the open rows' indexes."""
     when = time.time() if now is None else now
 
     def q() -> dict[str, Any]:
         conn = journal.conn
         depth: dict[str, dict[str, int]] = {}
         if counts:
-            for kind, state, n in conn.execute(
-                "SELECT kind, state, COUNT(*) FROM outbox GROUP BY kind, state"
-            ):
+            # Counters the journal's triggers keep (journal.py, OUTBOX_COUNT_TABLE): GROUP BY read every row.
+            for kind, state, n in conn.execute("SELECT kind, state, n FROM outbox_count WHERE n > 0"):
                 depth.setdefault(str(kind), {})[str(state)] = int(n)
         open_rows, oldest = conn.execute(
             "SELECT COUNT(*), MIN(created_at) FROM outbox WHERE state IN ('queued', 'sent', 'waiting')"
@@ -48,7 +47,7 @@ def queue_status(
         meta = dict(conn.execute(
             "SELECT key, value FROM meta WHERE key IN ('upstream_last_success', 'upstream_last_error')").fetchall())  # fmt: skip
         ra = (
-            {str(s): int(n) for s, n in conn.execute("SELECT state, COUNT(*) FROM ra_request GROUP BY state")}
+            {str(s): int(n) for s, n in conn.execute("SELECT state, n FROM ra_request_count WHERE n > 0")}
             if counts
             else {}
         )

@@ -79,7 +79,12 @@ def test_schema_2_is_migrated_and_keeps_its_rows(tmp_path: Path) -> None:
         def q(sql: str) -> list[tuple[object, ...]]:
             return journal.call(lambda: journal.conn.execute(sql).fetchall())
 
-        assert q("SELECT value FROM meta WHERE key='schema_version'") == [("3",)]
+        assert q("SELECT value FROM meta WHERE key='schema_version'") == [(str(SCHEMA_VERSION),)]
+        # Schema 4's depth counters start from the rows the journal already held.
+        assert q("SELECT kind, state, n FROM outbox_count ORDER BY kind") == [
+            ("p10cr", "done", 1),
+            ("rr", "sent", 1),
+        ]
         assert q(
             "SELECT id, kind, state, attempts, last_error, upstream_cert_der, transaction_id FROM outbox"
         ) == [
@@ -127,3 +132,6 @@ def test_schema_2_is_migrated_and_keeps_its_rows(tmp_path: Path) -> None:
             "INSERT INTO revocation (cert_serial, ca, reason, revoked_at, actor, source)"
             " VALUES ('0c1d', 'issuing', 'superseded', 3, 'alice', 'cli')"), "t")  # fmt: skip
         assert q("SELECT kind FROM outbox WHERE cert_serial='0c1d' ORDER BY id") == [("kur",), ("rr",)]
+        assert q("SELECT kind, state, n FROM outbox_count WHERE n > 0 ORDER BY kind, state") == q(
+            "SELECT kind, state, COUNT(*) FROM outbox GROUP BY kind, state ORDER BY kind, state"
+        )
