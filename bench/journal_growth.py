@@ -16,6 +16,7 @@ daemon does). Then, on the empty and on the full journal, measures what a user m
     OCSP cold lookup      lookup_status() of random serials, per lookup (the responder's cache is not involved)
     report workorder      `birthline report workorder` of a work order of --per-work-order units, wall time
     export workorder      `birthline export workorder ... --csv`, wall time
+    upstream status       `birthline upstream status` (the outbox depth by kind and state), wall time
     audit verify          `birthline audit verify`, wall time (it recomputes the whole chain from genesis)
     journal size          bytes per certificate
     daemon start          `birthline run` until its LAN listener accepts
@@ -382,6 +383,7 @@ def measure(label: str, base: Path, toml: Path, config: Config, port: int, wo: s
     out["report_s"] = cli_s(toml, "report", "workorder", wo)
     out["export_s"] = cli_s(toml, "export", "workorder", wo, "--csv", str(base / f"{tag}.csv"))
     out["verify_s"] = cli_s(toml, "audit", "verify", ok=VERIFIED)
+    out["upstream_s"] = cli_s(toml, "upstream", "status")
     # Incremental: from the checkpoint about VERIFY_SINCE_ENTRIES entries before the head (as if the last full
     # verification had been made then), that checkpoint's signature verified again.
     with contextlib.closing(sqlite3.connect(f"file:{journal}?mode=ro", uri=True)) as conn:
@@ -533,6 +535,7 @@ def report(empty: dict[str, float], full: dict[str, float]) -> None:
         ("report workorder (s)", "report_s", "{:.2f}"),
         ("export workorder --csv (s)", "export_s", "{:.2f}"),
         ("audit verify (s)", "verify_s", "{:.2f}"),
+        ("upstream status (s)", "upstream_s", "{:.2f}"),
         ("audit verify --since-checkpoint (s)", "verify_since_s", "{:.2f}"),
         ("daemon start (s)", "start_s", "{:.2f}"),
     )

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import pkcs11.exceptions as p11e
+import functools
+from typing import Any
 
 
 class HsmError(Exception):
@@ -76,46 +77,56 @@ class HsmBusyError(HsmError):
     default_retryable = True
 
 
-_SESSION_LOST: tuple[type[BaseException], ...] = (
-    p11e.SessionHandleInvalid,
-    p11e.SessionClosed,
-    p11e.UserNotLoggedIn,
-    # Handles may be renumbered when a session is re-opened; re-finding keys by label cures these.
-    p11e.ObjectHandleInvalid,
-    p11e.KeyHandleInvalid,
-)
-_DEVICE: tuple[type[BaseException], ...] = (
-    p11e.DeviceRemoved,
-    p11e.DeviceError,
-    p11e.DeviceMemory,
-    p11e.TokenNotPresent,
-    p11e.TokenNotRecognised,
-    p11e.GeneralError,
-    p11e.FunctionFailed,
-    p11e.HostMemory,
-)
-_LOGIN: tuple[type[BaseException], ...] = (
-    p11e.PinIncorrect,
-    p11e.PinInvalid,
-    p11e.PinLenRange,
-    p11e.PinLocked,
-    p11e.PinExpired,
-    p11e.UserPinNotInitialized,
-    p11e.AnotherUserAlreadyLoggedIn,
-    p11e.UserAlreadyLoggedIn,
-)
-_UNSUPPORTED: tuple[type[BaseException], ...] = (
-    p11e.MechanismInvalid,
-    p11e.MechanismParamInvalid,
-    p11e.FunctionNotSupported,
-    p11e.DomainParamsInvalid,
-    p11e.KeyTypeInconsistent,
-    p11e.KeySizeRange,
-    p11e.TemplateInconsistent,
-)
+@functools.cache
+def _classes() -> dict[str, Any]:
+    """python-pkcs11's exception classes by what they mean here, imported at the first error to map: processes that
+    only verify signatures (the prepare workers, hsm/verify.py) never load the PKCS#11 binding."""
+    import pkcs11.exceptions as p11e
 
+    session_lost: tuple[type[BaseException], ...] = (
+        p11e.SessionHandleInvalid,
+        p11e.SessionClosed,
+        p11e.UserNotLoggedIn,
+        # Handles may be renumbered when a session is re-opened; re-finding keys by label cures these.
+        p11e.ObjectHandleInvalid,
+        p11e.KeyHandleInvalid,
+    )
+    device: tuple[type[BaseException], ...] = (
+        p11e.DeviceRemoved,
+        p11e.DeviceError,
+        p11e.DeviceMemory,
+        p11e.TokenNotPresent,
+        p11e.TokenNotRecognised,
+        p11e.GeneralError,
+        p11e.FunctionFailed,
+        p11e.HostMemory,
+    )
+    login: tuple[type[BaseException], ...] = (
+        p11e.PinIncorrect,
+        p11e.PinInvalid,
+        p11e.PinLenRange,
+        p11e.PinLocked,
+        p11e.PinExpired,
+        p11e.UserPinNotInitialized,
+        p11e.AnotherUserAlreadyLoggedIn,
+        p11e.UserAlreadyLoggedIn,
+    )
+    unsupported: tuple[type[BaseException], ...] = (
+        p11e.MechanismInvalid,
+        p11e.MechanismParamInvalid,
+        p11e.FunctionNotSupported,
+        p11e.DomainParamsInvalid,
+        p11e.KeyTypeInconsistent,
+        p11e.KeySizeRange,
+        p11e.TemplateInconsistent,
+    )
 
-_CIPHERTEXT: tuple[type[BaseException], ...] = (p11e.EncryptedDataInvalid, p11e.EncryptedDataLenRange)
+    ciphertext: tuple[type[BaseException], ...] = (p11e.EncryptedDataInvalid, p11e.EncryptedDataLenRange)
+    return {
+        "session_lost": session_lost, "device": device, "login": login, "unsupported": unsupported,
+        "ciphertext": ciphertext, "no_key": p11e.NoSuchKey, "several": p11e.MultipleObjectsReturned,
+        "no_token": p11e.NoSuchToken, "pkcs11": p11e.PKCS11Error,
+    }  # fmt: skip
 
 
 def _describe(exc: BaseException) -> str:
@@ -131,22 +142,23 @@ def map_pkcs11_error(exc: BaseException) -> HsmError:
     if isinstance(exc, HsmError):
         return exc
     what = _describe(exc)
-    if isinstance(exc, _SESSION_LOST):
+    c = _classes()
+    if isinstance(exc, c["session_lost"]):
         return SessionLostError(f"PKCS#11 session lost ({what})")
-    if isinstance(exc, _DEVICE):
+    if isinstance(exc, c["device"]):
         return DeviceError(f"HSM device failure ({what})")
-    if isinstance(exc, _LOGIN):
+    if isinstance(exc, c["login"]):
         return LoginError(f"HSM login failed ({what})")
-    if isinstance(exc, _CIPHERTEXT):
+    if isinstance(exc, c["ciphertext"]):
         return CiphertextError(f"the token refused the ciphertext ({what})")
-    if isinstance(exc, _UNSUPPORTED):
+    if isinstance(exc, c["unsupported"]):
         return UnsupportedAlgorithmError(f"the token does not support this operation ({what})")
-    if isinstance(exc, p11e.NoSuchKey):
+    if isinstance(exc, c["no_key"]):
         return KeyNotFoundError(f"key not found on the token ({what})")
-    if isinstance(exc, p11e.MultipleObjectsReturned):
+    if isinstance(exc, c["several"]):
         return KeyExistsError(f"more than one object matches ({what})")
-    if isinstance(exc, p11e.NoSuchToken):
+    if isinstance(exc, c["no_token"]):
         return TokenNotFoundError(f"token not found ({what})")
-    if isinstance(exc, p11e.PKCS11Error):
+    if isinstance(exc, c["pkcs11"]):
         return HsmError(f"PKCS#11 error ({what})")
     return HsmError(f"unexpected error during an HSM operation ({what})")

@@ -43,7 +43,7 @@ from appliance.profiles import (
 )
 from hsm.algorithms import KeyAlgorithm
 from hsm.errors import SignatureVerificationError
-from hsm.keys import SignatureCheck
+from hsm.verify import SignatureCheck
 
 INTERNAL_MESSAGE = "internal error while checking this request; it was not issued"
 

@@ -213,7 +213,7 @@ def test_ecdsa_der_is_python_pkcs11s_encoding_and_refuses_odd_lengths() -> None:
     from pkcs11.util.ec import encode_ecdsa_signature
 
     from hsm.errors import SignatureVerificationError
-    from hsm.keys import ecdsa_der
+    from hsm.verify import ecdsa_der
 
     for half in (32, 48, 66):
         for i in range(2000):
