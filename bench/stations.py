@@ -91,7 +91,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _config(base: Path, port: int = 0) -> Config:
+def _config(base: Path, port: int = 0, workers: int | None = None) -> Config:
     token = create_softhsm_token(base / "softhsm", label="bench")
     path = base / "birthline.toml"
     path.write_text(
@@ -103,6 +103,7 @@ def _config(base: Path, port: int = 0) -> Config:
             conf=token.conf_path,
             port=port,
         )
+        + ("" if workers is None else f"[issuance]\nprepare_workers = {workers}\n")
     )
     return load_config(path)
 
@@ -211,12 +212,25 @@ def _self_cpu_s() -> float:
 
 
 def _rss_mb(pid: int) -> float:
-    """Resident memory of `pid` and its descendants together (MB): the daemon as a whole."""
+    """Resident memory of `pid` and its descendants together (MB): the daemon as a whole. A page its processes
+    share (the Python binary, libcrypto, cryptography's library) counts once in each: an upper bound."""
     total = 0
     for p in _family(pid):
         with contextlib.suppress(OSError):
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return total / 1024
+
+
+def _pss_mb(pid: int) -> float:
+    """Proportional set size of `pid` and its descendants together (MB): each shared page split among the
+    processes that map it, so pages shared between the daemon's processes count once."""
+    total = 0
+    for p in _family(pid):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
                     total += int(line.split()[1])
     return total / 1024
 
@@ -404,7 +418,7 @@ async def _rss_sampler(pid: int, every: float, samples: list[tuple[float, float]
         t = time.perf_counter() - t0
         rss = _rss_mb(pid)
         samples.append((t, rss))
-        print(f"    t={t:7.0f} s  daemon RSS {rss:6.1f} MB", flush=True)
+        print(f"    t={t:7.0f} s  daemon RSS {rss:6.1f} MB (PSS {_pss_mb(pid):6.1f} MB)", flush=True)
         await asyncio.sleep(every)
 
 
@@ -456,7 +470,7 @@ async def bench_lan(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="birthline-bench-") as tmp:
         base = Path(tmp)
         port = _free_port()
-        config = _config(base, port)
+        config = _config(base, port, args.workers)
         sims = [dataclasses.replace(s, host="127.0.0.1", tcp_port=port) for s in _setup(config, base, 0, n)]
         with open_core(config) as c:
             label = c.issuing_ca().key_label
@@ -485,7 +499,7 @@ async def bench_lan(args: argparse.Namespace) -> int:
                 elapsed = time.perf_counter() - t0
                 latencies, errors = report.latencies, report.errors
             cpu.stop()
-            rss_end = _rss_mb(pid)
+            rss_end, pss_end = _rss_mb(pid), _pss_mb(pid)
             if sampler is not None:
                 sampler.cancel()
             for client in clients:
@@ -522,7 +536,8 @@ async def bench_lan(args: argparse.Namespace) -> int:
     if samples:
         rss = [r for _, r in samples] + [rss_end]
         print(
-            f"    daemon RSS: first {rss[0]:.1f} MB, max {max(rss):.1f} MB, last {rss[-1]:.1f} MB (goal <= 150 MB)"
+            f"    daemon RSS: first {rss[0]:.1f} MB, max {max(rss):.1f} MB, last {rss[-1]:.1f} MB (goal <= 150 MB);"
+            f" PSS last {pss_end:.1f} MB; prepare_workers {'default' if args.workers is None else args.workers}"
         )
     for name, count in errors.most_common():
         print(f"    error {name}: {count}")
@@ -551,6 +566,12 @@ def main() -> int:
     lan.add_argument("--seconds", type=float, default=20.0, help="open loop: how long")
     lan.add_argument("--minutes", type=float, default=0.0, help="open loop: how long (overrides --seconds)")
     lan.add_argument("--rss-every", type=float, default=0.0, help="print the daemon's RSS every this many s")
+    lan.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="[issuance] prepare_workers of the daemon (default: its own)",
+    )
     args = p.parse_args()
     if args.part == "serial":
         asyncio.run(

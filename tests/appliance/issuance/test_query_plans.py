@@ -50,3 +50,17 @@ def test_the_daemon_start_reads_no_whole_table(tmp_path: Path) -> None:
         journal.call(lambda: journal.conn.execute("DROP INDEX issuance_created"))
         flagged = [name for name, _, scans in journal.call(lambda: plans(journal.conn)) if scans]
     assert flagged == ["start: interrupted intents", "start: last issuance"]
+
+
+def test_upstream_status_reads_counters_and_an_index_not_the_outbox(tmp_path: Path) -> None:
+    """`birthline upstream status` on ten years of records: the depths from the counter table (journal schema
+    4), the parked and failed records through outbox_aside. Without that index the listing reads the outbox
+    backwards, all of it when nothing is set aside (45 s with a million records), and is flagged."""
+    with Journal(tmp_path / "journal.sqlite") as journal:
+        found = dict((name, p) for name, p, _ in journal.call(lambda: plans(journal.conn)))
+    assert found["upstream status: depth"] == "SCAN outbox_count", found
+    assert "outbox_aside" in found["upstream status: set aside"], found
+    with Journal(tmp_path / "without.sqlite") as journal:  # the check can fail
+        journal.call(lambda: journal.conn.execute("DROP INDEX outbox_aside"))
+        flagged = [name for name, _, scans in journal.call(lambda: plans(journal.conn)) if scans]
+    assert flagged == ["upstream status: set aside"]
