@@ -75,6 +75,7 @@ EXTENDED_REVOKE_OID = ObjectIdentifier("1.3.6.1.5.5.7.48.1.9")  # RFC 6960 4.4.8
 NON_ISSUED_TIME = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 DEFAULT_RESPONSE_VALIDITY_S = 3600.0
 DEFAULT_MAX_REQUEST_BYTES = 4096
+SIGN_BATCHES_IN_FLIGHT = 2
 # SHA-1 only identifies the issuer in a CertID (openssl sends it by default); it signs nothing.
 _CERTID_HASHES: tuple[hashes.HashAlgorithm, ...] = (
     hashes.SHA1(),  # noqa: S303
@@ -161,6 +162,10 @@ class _Signing:
     @functools.cached_property
     def maker(self) -> ResponseMaker:
         return ResponseMaker(self.signer.cert, self.hash)
+
+
+# A request waiting for its answer's signature: what it asked, its status, when, and where its answer goes.
+_Waiting = tuple[_Parsed, CertStatus, float, "asyncio.Future[OcspAnswer]"]
 
 
 def _utc(t: float) -> dt.datetime:
@@ -256,8 +261,12 @@ class OcspResponder(PollingTask):
         self._by_request: dict[bytes, _Entry] = {}
         self._changed: set[tuple[str, int]] = set()  # (ca, serial) changed since the current presign began
         # Answers waiting for a signature: signed together, one sign_many call per CA and turn (_drain).
-        self._to_sign: list[tuple[_Parsed, CertStatus, float, asyncio.Future[OcspAnswer]]] = []
+        self._to_sign: list[_Waiting] = []
         self._drainer: asyncio.Task[None] | None = None
+        # Batches between their sign_many call and their answers: the HSM signs one while the answers of the
+        # one before are verified (a thread, the GIL) instead of each waiting for the other.
+        self._batches_in_flight = asyncio.Semaphore(SIGN_BATCHES_IN_FLIGHT)
+        self._batch_tasks: set[asyncio.Task[None]] = set()
         self._inflight: dict[tuple[str, int, str], asyncio.Future[OcspAnswer]] = {}
         self._pending = 0
         self._generation = 0  # bumped whenever something is invalidated: a racing miss then does not cache
@@ -374,28 +383,43 @@ class OcspResponder(PollingTask):
 
     async def _drain(self) -> None:
         while self._to_sign:
+            await self._batches_in_flight.acquire()
+            # Everything queued by now (this task alone takes from the queue, so it is not empty).
             batch, self._to_sign = self._to_sign, []
-            by_ca: dict[str, list[tuple[_Parsed, CertStatus, float, asyncio.Future[OcspAnswer]]]] = {}
-            for item in batch:
-                by_ca.setdefault(item[0].ca, []).append(item)
-            for ca, items in by_ca.items():
-                try:
-                    signing = self._signing[ca]
-                    built = [self._unsigned(signing, p, st, now) for p, st, now, _ in items]
-                    # The key signs in the validation lane: behind every certificate the HSM has queued.
-                    signatures = await signing.key.asign_many([u.tbs for u, _, _ in built])
-                    self.signed += len(signatures)
-                    for (p, st, _, future), (u, this_update, next_update), sig in zip(
-                        items, built, signatures, strict=True
-                    ):
-                        if not future.done():
-                            future.set_result(
-                                self._answer_of(u.response(sig), p, st, this_update, next_update)
-                            )
-                except Exception as exc:  # noqa: BLE001 - handed to each waiting request, which answers for it
-                    for *_, future in items:
-                        if not future.done():
-                            future.set_exception(exc)
+            task = asyncio.create_task(self._sign_batch(batch), name="va-ocsp-sign-batch")
+            self._batch_tasks.add(task)
+            task.add_done_callback(self._batch_tasks.discard)
+
+    async def _sign_batch(
+        self, batch: list[tuple[_Parsed, CertStatus, float, asyncio.Future[OcspAnswer]]]
+    ) -> None:
+        try:
+            await self._sign_by_ca(batch)
+        finally:
+            self._batches_in_flight.release()
+
+    async def _sign_by_ca(
+        self, batch: list[tuple[_Parsed, CertStatus, float, asyncio.Future[OcspAnswer]]]
+    ) -> None:
+        by_ca: dict[str, list[_Waiting]] = {}
+        for item in batch:
+            by_ca.setdefault(item[0].ca, []).append(item)
+        for ca, items in by_ca.items():
+            try:
+                signing = self._signing[ca]
+                built = [self._unsigned(signing, p, st, now) for p, st, now, _ in items]
+                # The key signs in the validation lane: behind every certificate the HSM has queued.
+                signatures = await signing.key.asign_many([u.tbs for u, _, _ in built])
+                self.signed += len(signatures)
+                for (p, st, _, future), (u, this_update, next_update), sig in zip(
+                    items, built, signatures, strict=True
+                ):
+                    if not future.done():
+                        future.set_result(self._answer_of(u.response(sig), p, st, this_update, next_update))
+            except Exception as exc:  # noqa: BLE001 - handed to each waiting request, which answers for it
+                for *_, future in items:
+                    if not future.done():
+                        future.set_exception(exc)
 
     @staticmethod
     def _answer_of(

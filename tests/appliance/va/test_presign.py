@@ -320,3 +320,59 @@ async def test_line_listener_stops_reading_a_client_that_does_not_read(va: Va) -
         assert ocsp.load_der_ocsp_response(body).certificate_status == C.GOOD
         assert server.requests == count
         writer.close()
+
+
+async def test_nonce_answers_sign_one_batch_while_the_one_before_is_finished(va: Va) -> None:
+    """Fresh answers (a nonce each) are signed in batches, two batches in flight (SIGN_BATCHES_IN_FLIGHT): the
+    HSM signs the next batch while the answers of the one before are verified, and a third waits. Each answer
+    still echoes its nonce and verifies."""
+    from appliance.va.ocsp import SIGN_BATCHES_IN_FLIGHT
+
+    responder = OcspResponder(va.journal, va.token, va.audit, max_inflight_signs=64)
+    await asyncio.to_thread(responder.load)
+    signing = responder._signing["issuing"]
+    real = signing.key
+    calls: list[int] = []
+    release = asyncio.Event()
+    active = [0, 0]  # now, most at once
+
+    class HoldingKey:
+        async def asign_many(self, items: list[bytes]) -> list[bytes]:
+            calls.append(len(items))
+            active[0] += 1
+            active[1] = max(active[1], active[0])
+            try:
+                await release.wait()
+                return list(await real.asign_many(items))
+            finally:
+                active[0] -= 1
+
+    signing.key = HoldingKey()
+    nonces = [bytes([i]) * 16 for i in range(9)]
+
+    def ask(i: int) -> asyncio.Task[Any]:
+        return asyncio.create_task(responder.aanswer(va.request(f"SN-{i % 6:04d}", nonce=nonces[i])))
+
+    async def until(what: str, cond: Any) -> None:
+        deadline = time.monotonic() + 120  # a hang guard, not a timing assertion
+        while not cond():
+            assert time.monotonic() < deadline, what
+            await asyncio.sleep(0.005)
+
+    tasks = [ask(0)]
+    await until("the first batch at the HSM", lambda: len(calls) == 1)
+    tasks += [ask(i) for i in range(1, 6)]
+    await until("a second batch at the HSM while the first is held", lambda: len(calls) == 2)
+    tasks += [ask(i) for i in range(6, 9)]
+    await until("three more answers queued behind two batches", lambda: len(responder._to_sign) >= 3)
+    assert len(calls) == 2 and active[0] == SIGN_BATCHES_IN_FLIGHT == 2  # the third batch waits
+    release.set()
+    answers = [await t for t in tasks]
+    signing.key = real
+    assert sum(calls) == 9 and len(calls) >= 3 and active[1] == 2
+    for nonce, answer in zip(nonces, answers, strict=True):
+        resp = _parse(answer)
+        assert resp.extensions.get_extension_for_class(x509.OCSPNonce).value.nonce == nonce
+        signer = resp.certificates[0].public_key()
+        assert isinstance(signer, ec.EllipticCurvePublicKey) and resp.signature_hash_algorithm is not None
+        signer.verify(resp.signature, resp.tbs_response_bytes, ec.ECDSA(resp.signature_hash_algorithm))
