@@ -22,7 +22,10 @@ one (call id, function, args) per call, functions by reference as pickle names t
 header (4-byte payload length, 8-byte call id, 1-byte ok) and a pickle of the value: call id 0 (READY, the
 worker's pid) once its initializer returned, then one per call in the order the calls came. A worker exits at
 end of file on its socket: when the daemon shuts the pool down, and when the daemon dies (the kernel closes its
-end).
+end); it marks its end of the socket not inheritable at once. The daemon sees a worker's death by the end of file
+on its socket or by the process's pidfd (whichever comes first: a process the worker forked would hold the
+socket open), and a call is bound to one worker when it is submitted (the least busy; PreparePool splits each
+batch into one chunk per worker).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Final
@@ -45,7 +49,8 @@ from appliance.issuance.procworker import IN_HEADER, OUT_HEADER, READY_ID
 
 # Run by `python -c` in each worker: only the standard library until the daemon's sys.path is in place.
 BOOT: Final = (
-    "import sys,socket,pickle,struct;"
+    "import os,sys,socket,pickle,struct;"
+    "os.set_inheritable(int(sys.argv[1]),False);"
     "s=socket.socket(fileno=int(sys.argv[1]));f=s.makefile('rb');"
     "n,=struct.unpack('>I',f.read(4));sys.path[:]=pickle.loads(f.read(n));"
     "from appliance.issuance.procworker import serve;serve(s,f)"
@@ -66,17 +71,22 @@ def _frame(value: Any) -> bytes:
 class _Worker(asyncio.Protocol):
     """One worker process: its socket's reader, and the calls waiting for its answers (answered in order)."""
 
-    def __init__(self, pool: ProcessPool, proc: subprocess.Popen[bytes]) -> None:
+    def __init__(self, pool: ProcessPool, proc: subprocess.Popen[bytes], sock: socket.socket) -> None:
         self.pool = pool
         self.proc = proc
+        self.sock = sock  # ours, until the transport owns it
         self.transport: asyncio.Transport | None = None
         self.ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.pending: dict[int, asyncio.Future[Any]] = {}
+        self.pidfd: int | None = None
+        self.stopped = False
         self._buffer = bytearray()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        if self.stopped:  # it ended before its transport was ready
+            transport.abort()
 
     def data_received(self, data: bytes) -> None:
         buf = self._buffer
@@ -123,14 +133,16 @@ class _Worker(asyncio.Protocol):
                 future.exception()  # retrieved: a call whose caller went away must not log "never retrieved"
 
     def close(self) -> None:
-        """Shut the socket now (the worker reads end of file at once, even if the loop never runs again)."""
-        if self.transport is None:
-            return
-        sock = self.transport.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-        self.transport.abort()
+        """Shut the socket now (the worker reads end of file at once, even if the loop never runs again) and stop
+        watching the process."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        if self.transport is not None:
+            self.transport.abort()  # else connection_made, still to come, aborts it
+        if self.pidfd is not None:
+            asyncio.get_running_loop().remove_reader(self.pidfd)
+            os.close(self.pidfd)
+            self.pidfd = None
 
 
 class ProcessPool:
@@ -162,6 +174,10 @@ class ProcessPool:
         starting waits in its socket until the worker reads it."""
         loop = asyncio.get_running_loop()
         for _ in range(self.workers):
+            if self._broken is not None or self._closed:
+                # A worker already started died (or the pool was shut down) while this loop waited: spawning the
+                # rest into a dead pool would leave them running with nobody to stop them.
+                raise BrokenProcessPool(self._broken or "the process pool was shut down while starting")
             ours, theirs = socket.socketpair()
             try:
                 argv = [
@@ -175,9 +191,16 @@ class ProcessPool:
                 raise
             finally:
                 theirs.close()
-            worker = _Worker(self, proc)
+            worker = _Worker(self, proc, ours)
             self._procs.append(worker)
+            # The process's own end, not only its socket's: a descendant that inherited the socket would keep it
+            # open after the worker died, and no call to it would ever be answered.
+            with contextlib.suppress(OSError):  # a kernel without pidfds (before 5.3): the socket's end only
+                worker.pidfd = os.pidfd_open(proc.pid)
+                loop.add_reader(worker.pidfd, self._lost, worker)
             await loop.connect_accepted_socket(lambda w=worker: w, ours)  # type: ignore[misc]
+            if worker.stopped:  # it died while its socket was being connected: _lost has run
+                continue
             assert worker.transport is not None
             worker.transport.write(_frame(sys.path) + _frame((self.initializer, self.initargs)))
         ready = asyncio.gather(*(w.ready for w in self._procs))
@@ -197,15 +220,23 @@ class ProcessPool:
         worker = min(self._procs, key=lambda w: len(w.pending))
         call_id = next(self._ids)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        data = _frame((call_id, fn, args))
+        try:
+            data = _frame((call_id, fn, args))
+        except Exception as exc:  # noqa: BLE001 - the call's own failure, as a process pool reports it
+            future.set_exception(WorkerCallError(f"the call does not pickle: {exc!r}"))
+            return future
         assert worker.transport is not None
         worker.pending[call_id] = future
         worker.transport.write(data)
         return future
 
     def _lost(self, worker: _Worker) -> None:
+        """A worker's socket reached end of file or its process ended (whichever is seen first)."""
+        if worker.stopped:
+            return
         if self._closed:
             worker.fail(None)
+            self._stop([worker], wait=False)
             return
         if self._broken is None:
             # The kernel closes a dying process's sockets just before it can be reaped: a brief wait gets the
@@ -223,27 +254,29 @@ class ProcessPool:
         error = BrokenProcessPool(self._broken)
         for w in self._procs:
             w.fail(error)
-        self._stop(wait=False)
+        self._closed = True
+        self._stop(self._procs, wait=False)
 
     def shutdown(self, wait: bool = True) -> None:
-        """Stop every worker: end of file on its socket, then (wait) up to STOP_GRACE_S for it to exit before it
-        is killed; without wait, killed at once. Calls still waiting are cancelled."""
-        if self._closed:
-            return
+        """Stop every worker still running: end of file on its socket, then (wait) until it exits, at most
+        STOP_GRACE_S for all of them together, before it is killed; without wait, killed at once. Calls still
+        waiting are cancelled. Safe to call again, and after the pool broke."""
         self._closed = True
         for w in self._procs:
             w.fail(None)
-        self._stop(wait)
+        self._stop(self._procs, wait)
 
-    def _stop(self, wait: bool) -> None:
-        self._closed = True
-        for w in self._procs:
+    def _stop(self, workers: Sequence[_Worker], wait: bool) -> None:
+        todo = [w for w in workers if not w.stopped]
+        for w in todo:
+            w.stopped = True
             w.close()
-        procs = [w.proc for w in self._procs]
+        procs = [w.proc for w in todo]
         if wait:
+            deadline = time.monotonic() + STOP_GRACE_S
             for proc in procs:
                 try:
-                    proc.wait(STOP_GRACE_S)
+                    proc.wait(max(0.0, deadline - time.monotonic()))
                 except subprocess.TimeoutExpired:
                     _kill(proc)
                     proc.wait()
@@ -251,9 +284,10 @@ class ProcessPool:
         for proc in procs:
             if proc.poll() is None:
                 _kill(proc)
-        # Reaped off the loop: a killed process is gone within milliseconds, but wait() is still a syscall that
-        # blocks until it is.
-        threading.Thread(target=_reap, args=(procs,), name="procpool-reap", daemon=True).start()
+        if procs:
+            # Reaped off the loop: a killed process is gone within milliseconds, but wait() is still a syscall
+            # that blocks until it is.
+            threading.Thread(target=_reap, args=(procs,), name="procpool-reap", daemon=True).start()
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:

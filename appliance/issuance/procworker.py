@@ -45,18 +45,23 @@ def _send(sock: socket.socket, call_id: int, ok: bool, value: Any) -> None:
 
 def serve(sock: socket.socket, rfile: io.BufferedReader) -> None:
     """Run the initializer, say READY, then answer calls until the daemon closes the socket; then exit."""
-    first = read_frame(rfile)
-    if first is None:
-        os._exit(0)
-    initializer, initargs = first
-    initializer(*initargs)  # an exception here ends the process: the daemon sees a worker that cannot start
-    _send(sock, READY_ID, True, os.getpid())
-    while (message := read_frame(rfile)) is not None:
-        call_id, fn, args = message
-        try:
-            value, ok = fn(*args), True
-        except BaseException:  # noqa: BLE001 - the call's failure is the call's result, as in a process pool
-            value, ok = traceback.format_exc(limit=8), False
-        _send(sock, call_id, ok, value)
+    try:
+        first = read_frame(rfile)
+        if first is None:
+            os._exit(0)
+        initializer, initargs = first
+        initializer(
+            *initargs
+        )  # an exception here ends the process: the daemon sees a worker that cannot start
+        _send(sock, READY_ID, True, os.getpid())
+        while (message := read_frame(rfile)) is not None:
+            call_id, fn, args = message
+            try:
+                value, ok = fn(*args), True
+            except BaseException:  # noqa: BLE001 - the call's failure is the call's result, as in a process pool
+                value, ok = traceback.format_exc(limit=8), False
+            _send(sock, call_id, ok, value)
+    except OSError:
+        pass  # the daemon closed the socket while a call ran (shutdown, a broken pool) or died: nobody to answer
     # The daemon is gone or shut the pool down. os._exit: no interpreter teardown of the worker's threads.
     os._exit(0)

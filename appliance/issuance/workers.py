@@ -147,8 +147,10 @@ class PreparePool:
         generation = self._generation
         try:
             outcomes = await asyncio.gather(*(self._pool.submit(prepare.finish_in_worker, c) for c in chunks))
-        except Exception:  # noqa: BLE001 - BrokenExecutor, or an OSError submitting: see _submit_failed
+        except BrokenExecutor:
             await self._renew(generation)
+            return None
+        except Exception:  # noqa: BLE001 - one call failed (not a death): the pool goes on, the caller finishes
             return None
         results: list[bytes | None] = []
         for outcome in outcomes:

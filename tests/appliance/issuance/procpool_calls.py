@@ -43,3 +43,17 @@ def block(path: str) -> str:
     while not os.path.exists(path):
         threading.Event().wait(0.01)
     return path
+
+
+def fork_holder() -> int:
+    """Fork a process that keeps every descriptor of this worker (its socket too) for an hour; its pid."""
+    pid = os.fork()
+    if pid == 0:
+        threading.Event().wait(3600)
+        os._exit(0)
+    return pid
+
+
+def sleep_then_echo(seconds: float, value: object) -> object:
+    threading.Event().wait(seconds)
+    return value

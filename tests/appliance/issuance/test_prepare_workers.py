@@ -381,3 +381,29 @@ def test_what_crosses_the_worker_pipe_keeps_every_field() -> None:
         assert back == value and type(back) is type(value)
         assert [getattr(back, f.name) for f in fields] == [getattr(value, f.name) for f in fields]
     assert pickle.loads(pickle.dumps(tbs)).sha256 == tbs.sha256  # noqa: S301 - our own bytes
+
+
+async def test_a_verification_call_that_raises_costs_no_certificate_and_no_worker(
+    journal: Journal,
+    issuing: CaRecord,
+    hsm_token: Token,
+    mocker: pytest.MockFixture,  # type: ignore[name-defined]
+) -> None:
+    """A call that raised is not a death: the daemon verifies that batch itself, and the pool, its workers and
+    the other batches' calls in it go on (it is not replaced, nothing in it is cancelled)."""
+    from appliance.issuance import prepare
+    from appliance.issuance.service import FINISH_HERE_MAX
+    from tests.appliance.issuance import worker_faults
+
+    mocker.patch.object(prepare, "finish_in_worker", worker_faults.finish_raises)
+    async with _service(journal, issuing, hsm_token, prepare_workers=2, batch_max=16) as svc:
+        workers = svc.prepare_pids
+        serials = [f"SN-R{i}" for i in range(3 * (FINISH_HERE_MAX + 1))]
+        results = await asyncio.gather(*(svc.issue(IssueRequest(s, make_csr()[1])) for s in serials))
+        assert svc.prepare_pids == workers
+        assert svc.prepare_stats["replaced"] == 0 and svc.prepare_stats["deaths"] == 0
+    ca_key = issuing.certificate.public_key()
+    for result in results:
+        cert = x509.load_der_x509_certificate(result.certificate)
+        ca_key.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(hashes.SHA256()))  # type: ignore[union-attr, call-arg]
+    assert {r.device_serial: r.state for r in journal.rows()} == dict.fromkeys(serials, "issued")

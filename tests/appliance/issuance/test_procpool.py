@@ -156,3 +156,77 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0]
     except (FileNotFoundError, IndexError):
         return "Z"
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_a_worker_dying_while_the_pool_starts_stops_the_start_and_leaves_nothing_behind(
+    mocker: pytest.MockFixture,  # type: ignore[name-defined]
+) -> None:
+    """Spawning can be slow (memory pressure): here the second spawn waits until the first worker has died in its
+    initializer. The start must then stop spawning, and nothing it started may outlive it (processes, sockets)."""
+    from appliance.issuance import procpool
+
+    fds = _fds()
+    spawned: list[subprocess.Popen[bytes]] = []
+    real_popen = subprocess.Popen
+
+    def slow_popen(*args: object, **kwargs: object) -> subprocess.Popen[bytes]:
+        if spawned:
+            spawned[0].wait(HANG_GUARD_S)  # the first worker is dead before the next one starts
+        proc = real_popen(*args, **kwargs)  # type: ignore[call-overload]
+        spawned.append(proc)
+        return proc  # type: ignore[no-any-return]
+
+    mocker.patch.object(procpool.subprocess, "Popen", slow_popen)
+    pool = ProcessPool(4, calls.init_fails, ("no library",))
+    with pytest.raises(BrokenProcessPool, match="exit code 1"):
+        await pool.start(HANG_GUARD_S)
+    assert len(spawned) == 2  # the third and fourth were never spawned into the dead pool
+    pool.shutdown()
+    await _until("every spawned worker reaped", lambda: all(_gone(p.pid) for p in spawned))
+    await _until("no socket left open", lambda: _fds() <= fds)
+
+
+async def test_a_worker_death_is_seen_even_when_a_descendant_holds_its_socket(tmp_path: Path) -> None:
+    """A process forked by a worker keeps the worker's socket open after the worker dies: no end of file ever
+    comes, and the pool watches the worker process itself."""
+    pool = ProcessPool(1, calls.init, ("ctx",))
+    await pool.start(HANG_GUARD_S)
+    holder = await pool.submit(calls.fork_holder)
+    try:
+        held = pool.submit(calls.block, str(tmp_path / "never"))
+        os.kill(pool.pids[0], signal.SIGKILL)
+        with pytest.raises(BrokenProcessPool, match="killed by signal 9"):
+            await asyncio.wait_for(held, HANG_GUARD_S)
+        assert pool.broken
+    finally:
+        os.kill(holder, signal.SIGKILL)
+        pool.shutdown()
+
+
+async def test_a_call_that_does_not_pickle_fails_alone() -> None:
+    pool = ProcessPool(1, calls.init, ("ctx",))
+    try:
+        await pool.start(HANG_GUARD_S)
+        with pytest.raises(WorkerCallError, match="does not pickle"):
+            await pool.submit(calls.echo, threading.Lock())
+        assert not pool.broken and (await pool.submit(calls.echo, 1))[0] == 1
+    finally:
+        pool.shutdown()
+
+
+async def test_a_worker_busy_at_shutdown_finishes_quietly(capfd: pytest.CaptureFixture[str]) -> None:
+    """Its answer has nowhere to go: the worker exits without a traceback (no BrokenPipeError in the log)."""
+    pool = ProcessPool(1, calls.init, ("ctx",))
+    await pool.start(HANG_GUARD_S)
+    busy = pool.submit(calls.sleep_then_echo, 0.5, "late")
+    (pid,) = pool.pids
+    await asyncio.sleep(
+        0.1
+    )  # the call reached the worker (if not, the worker exits at end of file: also fine)
+    pool.shutdown(wait=True)
+    assert busy.cancelled() and _gone(pid)
+    assert "Traceback" not in capfd.readouterr().err

@@ -49,3 +49,8 @@ def finish_or_die(signed: Sequence[tuple[object, bytes]]) -> list[bytes | None] 
     if any(b"FINISH-DIE" in tbs.tbs for tbs, _ in signed):  # type: ignore[attr-defined]
         os._exit(3)
     return _real_finish(signed)  # type: ignore[arg-type]
+
+
+def finish_raises(signed: Sequence[tuple[object, bytes]]) -> list[bytes | None] | None:
+    """A verification call that raises in a healthy worker (a bug, not a death)."""
+    raise RuntimeError("a bug in the worker's finish")
