@@ -211,28 +211,27 @@ def _self_cpu_s() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def _rss_mb(pid: int) -> float:
-    """Resident memory of `pid` and its descendants together (MB): the daemon as a whole. A page its processes
-    share (the Python binary, libcrypto, cryptography's library) counts once in each: an upper bound."""
+def _family_kb(pid: int, proc_file: str, field: str) -> int:
+    """`field` (kB) of /proc/<p>/<proc_file> summed over `pid` and its descendants."""
     total = 0
     for p in _family(pid):
         with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
+            for line in Path(f"/proc/{p}/{proc_file}").read_text().splitlines():
+                if line.startswith(field):
                     total += int(line.split()[1])
-    return total / 1024
+    return total
+
+
+def _rss_mb(pid: int) -> float:
+    """Resident memory of `pid` and its descendants together (MB): the daemon as a whole. A page its processes
+    share (the Python binary, libcrypto, cryptography's library) counts once in each: an upper bound."""
+    return _family_kb(pid, "status", "VmRSS:") / 1024
 
 
 def _pss_mb(pid: int) -> float:
     """Proportional set size of `pid` and its descendants together (MB): each shared page split among the
     processes that map it, so pages shared between the daemon's processes count once."""
-    total = 0
-    for p in _family(pid):
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    total += int(line.split()[1])
-    return total / 1024
+    return _family_kb(pid, "smaps_rollup", "Pss:") / 1024
 
 
 @dataclasses.dataclass
