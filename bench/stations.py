@@ -229,8 +229,9 @@ def _rss_mb(pid: int) -> float:
 
 
 def _pss_mb(pid: int) -> float:
-    """Proportional set size of `pid` and its descendants together (MB): each shared page split among the
-    processes that map it, so pages shared between the daemon's processes count once."""
+    """Proportional set size of `pid` and its descendants together (MB): a page mapped by N processes counts 1/N
+    in each, so pages shared with processes outside the daemon (this bench's own Python) are partly left out: a
+    lower bound, where the summed RSS is an upper one."""
     return _family_kb(pid, "smaps_rollup", "Pss:") / 1024
 
 

@@ -1,8 +1,9 @@
 """Worker processes on socket pairs, driven from the event loop: the process pool under `workers.PreparePool`.
 
 Why not concurrent.futures.ProcessPoolExecutor, which this replaced (issue 15):
-- its hand-offs: a call went from the event loop to the pool's management thread, its queue feeder thread and
-  back through a result thread, each needing the GIL that the event loop and the journal thread hold; at 200 LAN
+- its hand-offs: a call went from the event loop to the pool's management thread and its queue feeder thread, and
+  its result back through the management thread, each needing the GIL that the event loop and the journal thread
+  hold; at 200 LAN
   stations 11 of a prepare's 16 ms round trip were those hand-offs, 5 the work
   (bench/profiles/lan-threads-2026-12-06.txt). Here a call is one write from the event loop to a worker's
   socket, and its answer one read callback on the event loop;
