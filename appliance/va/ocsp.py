@@ -259,7 +259,10 @@ class OcspResponder(PollingTask):
         # Request bytes -> cache entry: a request seen before (or the plain encoding of a pre-produced answer)
         # is answered from its bytes alone, without parsing (fast()). Entries die with their cache entry.
         self._by_request: dict[bytes, _Entry] = {}
-        self._changed: set[tuple[str, int]] = set()  # (ca, serial) changed since the current presign began
+        # (ca, serial) changed since the current presign pass began; kept only during a pass (every issuance is a
+        # change: outside a pass the set would grow by one entry per certificate for as long as the daemon runs).
+        self._changed: set[tuple[str, int]] = set()
+        self._presigning = False
         # Answers waiting for a signature: signed together, one sign_many call per CA and turn (_drain).
         self._to_sign: list[_Waiting] = []
         self._drainer: asyncio.Task[None] | None = None
@@ -695,8 +698,16 @@ class OcspResponder(PollingTask):
 
         A certificate whose issuance or revocation row changes while its batch is signed (seen by refresh())
         is not stored: its next answer is made from the journal as it is then. Returns answers stored."""
-        stored = 0
         self._changed.clear()
+        self._presigning = True
+        try:
+            return await self._presign_pass()
+        finally:
+            self._presigning = False
+            self._changed.clear()
+
+    async def _presign_pass(self) -> int:
+        stored = 0
         for ca, signing in list(self._signing.items()):
             ids = self._certid_hashes(ca)
             if ids is None:
@@ -765,7 +776,8 @@ class OcspResponder(PollingTask):
         dropped = 0
         for ca, serial in changed:
             number = int(serial, 16)
-            self._changed.add((ca, number))
+            if self._presigning:
+                self._changed.add((ca, number))
             for alg in _CERTID_HASHES:
                 if (entry := self._cache.pop((ca, number, alg.name), None)) is not None:
                     entry.dead = True

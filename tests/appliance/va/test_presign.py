@@ -376,3 +376,19 @@ async def test_nonce_answers_sign_one_batch_while_the_one_before_is_finished(va:
         signer = resp.certificates[0].public_key()
         assert isinstance(signer, ec.EllipticCurvePublicKey) and resp.signature_hash_algorithm is not None
         signer.verify(resp.signature, resp.tbs_response_bytes, ec.ECDSA(resp.signature_hash_algorithm))
+
+
+async def test_changes_are_remembered_only_during_a_presign_pass(va: Va) -> None:
+    """Every issuance and revocation the refresh sees is a change; only a presign pass needs them (to keep an
+    answer signed before its change out of the cache). Kept outside a pass they grew by one entry per
+    certificate for as long as the daemon ran (~400 bytes each: a leak found with tracemalloc over 12,000
+    devices)."""
+    responder = OcspResponder(va.journal, va.token, va.audit, presign_max=100)
+    await asyncio.to_thread(responder.load)
+    await responder.arefresh()
+    _revoke(va, "SN-0001")
+    await responder.arefresh()
+    assert responder._changed == set()  # no pass running: nothing kept
+    assert await responder.presign() > 0
+    assert responder._changed == set()  # a pass forgets its changes when it ends
+    # ... and still honours them while it runs (test_a_revocation_while_its_batch_is_signed_is_not_stored).
