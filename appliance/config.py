@@ -597,6 +597,7 @@ def parse_config(
             request_burst_per_client=r.integer("request_burst_per_client", 400, lo=1, hi=1_000_000),
             pace_max_delay_s=r.number("pace_max_delay_s", 1.0, lo=0, hi=30),
             clients_max=r.integer("clients_max", 4096, lo=16, hi=1_000_000),
+            cache_max=r.integer("cache_max", 10_000, lo=100, hi=1_000_000),
             presign_max=r.integer("presign_max", 0, lo=0, hi=10_000_000),
             presign_batch=r.integer("presign_batch", 128, lo=1, hi=1024),
         ),
@@ -605,6 +606,12 @@ def parse_config(
     )
     if va.settings.signer_renew_days >= va.settings.signer_validity_days:
         problems.append(Problem("va.signer_renew_days", "must be less than signer_validity_days"))
+    if va.settings.presign_max > va.settings.cache_max:
+        problems.append(Problem(
+            "va.presign_max",
+            f"must not exceed cache_max ({va.settings.cache_max}): answers made ahead of time past it would push"
+            " each other out of the cache",
+        ))  # fmt: skip
     r.done()
 
     cmp = _parse_cmp(_table(data, "cmp", problems), problems, path)

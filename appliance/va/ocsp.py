@@ -187,7 +187,7 @@ class OcspResponder(PollingTask):
         validity_s: float = DEFAULT_RESPONSE_VALIDITY_S,
         never_issued: NeverIssued = "unknown",
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-        cache_max: int = 100_000,
+        cache_max: int = 10_000,
         max_pending: int = 256,
         max_inflight_signs: int = 4,
         sign_wait_s: float = 2.0,

@@ -34,7 +34,8 @@ class VaSettings:
     poll_s: float = 2.0  # how soon changes made by another process (the CLI) are seen
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # OCSP request body (POST) or decoded GET
     http_max_age_s: int = 300  # Cache-Control max-age cap for CRLs and OCSP GET answers
-    cache_max: int = 100_000  # cached OCSP answers
+    # Cached OCSP answers, about 2 KB of the daemon's memory each (docs/performance.md "Memory").
+    cache_max: int = 10_000
     max_pending_signs: int = 256  # OCSP misses waiting for the HSM beyond this get tryLater
     max_inflight_signs: int = 4  # OCSP signatures queued for or inside the HSM at once
     sign_wait_s: float = 2.0  # an OCSP signature not started by then (certificates first) gets tryLater

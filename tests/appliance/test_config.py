@@ -277,3 +277,17 @@ def test_a_configuration_path_that_never_ends_is_refused_not_read_forever(tmp_pa
     with pytest.raises(ConfigError) as info:
         load_config(big)
     assert "larger than" not in str(info.value)
+
+
+def test_the_ocsp_cache_is_bounded_and_holds_what_is_made_ahead() -> None:
+    """[va] cache_max bounds the OCSP answers kept in memory (about 2 KB each; 10,000 by default), and answers
+    made ahead of time must fit in it."""
+    assert parse_config(MINIMAL).va.settings.cache_max == 10_000
+    cfg = parse_config({**MINIMAL, "va": {"cache_max": 500, "presign_max": 500}})
+    assert (cfg.va.settings.cache_max, cfg.va.settings.presign_max) == (500, 500)
+    with pytest.raises(ConfigError) as exc:
+        parse_config({**MINIMAL, "va": {"cache_max": 500, "presign_max": 501}})
+    assert [p.where for p in exc.value.problems] == ["va.presign_max"]
+    assert "cache_max (500)" in str(exc.value)
+    with pytest.raises(ConfigError, match=r"va\.cache_max"):
+        parse_config({**MINIMAL, "va": {"cache_max": 99}})
