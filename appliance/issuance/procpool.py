@@ -77,7 +77,8 @@ class _Worker(asyncio.Protocol):
         self.proc = proc
         self.sock = sock  # ours, until the transport owns it
         self.transport: asyncio.Transport | None = None
-        self.ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.loop = asyncio.get_running_loop()  # the pool's loop: close() may run where no loop is running
+        self.ready: asyncio.Future[int] = self.loop.create_future()
         self.pending: dict[int, asyncio.Future[Any]] = {}
         self.pidfd: int | None = None
         self.stopped = False
@@ -141,7 +142,7 @@ class _Worker(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()  # else connection_made, still to come, aborts it
         if self.pidfd is not None:
-            asyncio.get_running_loop().remove_reader(self.pidfd)
+            self.loop.remove_reader(self.pidfd)
             os.close(self.pidfd)
             self.pidfd = None
 
