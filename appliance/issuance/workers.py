@@ -2,8 +2,9 @@
 
 A process pool (`procpool.ProcessPool`, as concurrent.futures.ProcessPoolExecutor before it) is broken for good
 once one of its workers dies (the OOM killer, a crash in a C library, os._exit): every later call raises
-BrokenProcessPool. Before this module that meant INTERNAL for every request of every station until a restart. `PreparePool` replaces a broken pool as soon as a batch finds it broken (a
-worker that died while idle costs no request), and the jobs that were lost with it are run again, each ALONE in
+BrokenProcessPool. Before this module that meant INTERNAL for every request of every station until a restart.
+`PreparePool` replaces a broken pool as soon as a batch finds it broken (a worker that died while idle costs no
+request), and the jobs that were lost with it are run again, each ALONE in
 a one-worker quarantine pool: a job that kills its worker every time (a poison input) is then found and refused
 by itself (BAD_CSR), while the rest of its batch still issues. No job is ever put back into a shared batch
 after a death, so a poison input cannot make the pool die in a loop.

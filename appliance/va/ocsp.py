@@ -393,17 +393,14 @@ class OcspResponder(PollingTask):
             self._batch_tasks.add(task)
             task.add_done_callback(self._batch_tasks.discard)
 
-    async def _sign_batch(
-        self, batch: list[tuple[_Parsed, CertStatus, float, asyncio.Future[OcspAnswer]]]
-    ) -> None:
+    async def _sign_batch(self, batch: list[_Waiting]) -> None:
+        """Sign one batch (one sign_many call per CA) and answer its requests; then free its place in flight."""
         try:
             await self._sign_by_ca(batch)
         finally:
             self._batches_in_flight.release()
 
-    async def _sign_by_ca(
-        self, batch: list[tuple[_Parsed, CertStatus, float, asyncio.Future[OcspAnswer]]]
-    ) -> None:
+    async def _sign_by_ca(self, batch: list[_Waiting]) -> None:
         by_ca: dict[str, list[_Waiting]] = {}
         for item in batch:
             by_ca.setdefault(item[0].ca, []).append(item)
