@@ -25,6 +25,7 @@ import sys
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 
@@ -33,11 +34,6 @@ from appliance.alarms import LogOnce
 from appliance.audit.checkpointer import Checkpointer
 from appliance.audit.log import ensure_audit_key
 from appliance.bind import binding
-from appliance.cmp.forwarder import Forwarder
-from appliance.cmp.forwarder_setup import make_forwarder
-from appliance.cmp.metrics import CmpCollector
-from appliance.cmp.ra import ensure_ra
-from appliance.cmp.server import CmpResponder, labels_from_config, make_cmp_app, settings_from_config
 from appliance.config import Config
 from appliance.connections import (
     AcceptErrors,
@@ -52,20 +48,11 @@ from appliance.control.metrics import METRICS_LIMITS
 from appliance.control.plane import ControlPlane
 from appliance.daemon_lock import DaemonLock, DaemonRunning
 from appliance.errors import BirthlineError, IssuanceFailed, IssuancePending, IssuanceRefused, ReasonCode
-from appliance.est.labels import labels_from_config as est_labels_from_config
-from appliance.est.labels import settings_from_config as est_settings_from_config
-from appliance.est.server import EstResponder, make_est_app, server_context
 from appliance.httplisten import HttpListener, TlsServing
 from appliance.issuance.journal import Journal
 from appliance.issuance.policy import IssueRequest
 from appliance.issuance.service import IssueService
 from appliance.runtime import Core, check_state, open_core, record_start
-from appliance.scep.labels import admission_from_config as scep_admission_from_config
-from appliance.scep.labels import labels_from_config as scep_labels_from_config
-from appliance.scep.metrics import ScepCollector
-from appliance.scep.ra import ensure_scep_ra
-from appliance.scep.responder import ScepResponder
-from appliance.scep.server import make_scep_app
 from appliance.station_failures import LinkFailures
 from appliance.stations_registry import StationRecord, TlsServerFiles, alist_stations
 from appliance.va.fastpath import OcspListener
@@ -80,6 +67,15 @@ from stations.session import KeyLookup, plain_frame
 from stations.tls import apply_tls_policy
 from stations.transports.base import ChannelClosed
 from stations.transports.stream import StreamChannel
+
+if TYPE_CHECKING:
+    # CMP, EST and SCEP (and the upstream forwarder, which speaks CMP) are imported where they start: off by
+    # default, and their ASN.1 stacks (pyasn1 and its RFC modules) cost the daemon ~22 MB of RSS it would carry
+    # for nothing (docs/performance.md "Memory"; tests/appliance/test_daemon_imports.py).
+    from appliance.cmp.forwarder import Forwarder
+    from appliance.cmp.server import CmpResponder
+    from appliance.est.server import EstResponder
+    from appliance.scep.responder import ScepResponder
 
 log = logging.getLogger(__name__)
 
@@ -444,6 +440,9 @@ class Daemon:
         if cfg.lan_address is not None:
             self.tls_files = prepare(self.core)
         if self.config.upstream.enabled:
+            # Imported here, not at the top: see TYPE_CHECKING.
+            from appliance.cmp.forwarder_setup import make_forwarder
+
             # The forwarder first: its queue load is what local issuance consults against the hard limits.
             self.forwarder = await self._stack.enter_async_context(make_forwarder(self.core))
             log.info(
@@ -541,6 +540,16 @@ class Daemon:
         """The CMP server on the LAN side: labels act as registered stations; answers to signature-protected
         requests are signed by the RA key in the HSM, certified by the management CA."""
         assert self.core is not None
+        # Imported here, not at the top: see TYPE_CHECKING.
+        from appliance.cmp.metrics import CmpCollector
+        from appliance.cmp.ra import ensure_ra
+        from appliance.cmp.server import (
+            CmpResponder,
+            labels_from_config,
+            make_cmp_app,
+            settings_from_config,
+        )
+
         cfg = self.config.cmp
         management = reg.ensure_management_ca(
             self.core.journal, self.core.token, self.config.stations.management_ca,
@@ -581,6 +590,14 @@ class Daemon:
         """The SCEP server (docs/scep.md): labels act as registered stations; the RA key in the HSM (RSA: SCEP
         encrypts to it) decrypts the requests and signs the answers, certified by the management CA."""
         assert self.core is not None
+        # Imported here, not at the top: see TYPE_CHECKING.
+        from appliance.scep.labels import admission_from_config as scep_admission_from_config
+        from appliance.scep.labels import labels_from_config as scep_labels_from_config
+        from appliance.scep.metrics import ScepCollector
+        from appliance.scep.ra import ensure_scep_ra
+        from appliance.scep.responder import ScepResponder
+        from appliance.scep.server import make_scep_app
+
         cfg = self.config.scep
         management = reg.ensure_management_ca(
             self.core.journal, self.core.token, self.config.stations.management_ca,
@@ -613,6 +630,11 @@ class Daemon:
         """The EST server (docs/est.md) over TLS on the LAN side: labels act as registered stations. Its server
         certificate is the appliance's TLS server certificate (management CA), as the station listener's."""
         assert self.core is not None
+        # Imported here, not at the top: see TYPE_CHECKING.
+        from appliance.est.labels import labels_from_config as est_labels_from_config
+        from appliance.est.labels import settings_from_config as est_settings_from_config
+        from appliance.est.server import EstResponder, make_est_app, server_context
+
         cfg = self.config.est
         assert cfg.address is not None
         management = reg.ensure_management_ca(
