@@ -170,6 +170,11 @@ class ProcessPool:
     def broken(self) -> bool:
         return self._broken is not None
 
+    @property
+    def saturated(self) -> bool:
+        """Every worker has a call it has not answered yet: a new call would wait behind one."""
+        return bool(self._procs) and all(w.pending for w in self._procs)
+
     async def start(self, timeout: float) -> None:
         """Start every worker and wait until each ran its initializer. Raises BrokenProcessPool if one dies
         first, OSError if one cannot be spawned. Past `timeout` it returns anyway: a call sent to a worker still

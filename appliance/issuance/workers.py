@@ -113,6 +113,11 @@ class PreparePool:
         """The process ids of the shared pool's workers (tests and benches kill or measure them)."""
         return self._pool.pids
 
+    @property
+    def saturated(self) -> bool:
+        """Every worker is busy with another call (IssueService._finish then checks a share of a batch itself)."""
+        return self._pool.saturated
+
     # -- work ----------------------------------------------------------------------------------------------------
     async def run(self, jobs: Sequence[Job]) -> list[Result]:
         """One result per job, in order."""

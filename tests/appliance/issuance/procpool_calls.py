@@ -57,3 +57,10 @@ def fork_holder() -> int:
 def sleep_then_echo(seconds: float, value: object) -> object:
     threading.Event().wait(seconds)
     return value
+
+
+def wait_for(path: str) -> str:
+    """Busy until `path` exists (the test decides when, no timing involved)."""
+    while not os.path.exists(path):
+        threading.Event().wait(0.01)
+    return path

@@ -407,3 +407,42 @@ async def test_a_verification_call_that_raises_costs_no_certificate_and_no_worke
         cert = x509.load_der_x509_certificate(result.certificate)
         ca_key.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(hashes.SHA256()))  # type: ignore[union-attr, call-arg]
     assert {r.device_serial: r.state for r in journal.rows()} == dict.fromkeys(serials, "issued")
+
+
+async def test_with_every_worker_busy_a_share_of_a_batch_is_finished_here_and_each_device_gets_its_own(
+    journal: Journal,
+    issuing: CaRecord,
+    hsm_token: Token,
+    mocker: pytest.MockFixture,  # type: ignore[name-defined]
+) -> None:
+    """At full speed every worker is busy when a batch is to be finished: the workers take the head of the batch
+    and a thread of this process the rest, at once. Every certificate still carries its own device's key and
+    serial, in the order of the requests, and verifies with the CA key."""
+    from appliance.issuance.service import _share_here
+
+    # "Every worker busy" depends on timing; the split it leads to is what is tested here.
+    mocker.patch.object(PreparePool, "saturated", new_callable=mocker.PropertyMock, return_value=True)
+    to_workers = mocker.spy(PreparePool, "finish")
+    devices = [(f"SN-S{i}", *make_csr()) for i in range(12)]
+    async with _service(journal, issuing, hsm_token, prepare_workers=1, batch_max=16) as svc:
+        results = await asyncio.gather(*(svc.issue(IssueRequest(sn, csr)) for sn, _, csr in devices))
+        assert svc.stats["batches"] == 1
+    here = _share_here(len(devices), 1)
+    assert 0 < here < len(devices)
+    assert to_workers.call_count == 1 and len(to_workers.call_args.args[1]) == len(devices) - here
+    assert to_workers.spy_return == [r.certificate for r in results[: len(devices) - here]]
+    ca_key = issuing.certificate.public_key()
+    for (serial, key, _), result in zip(devices, results, strict=True):
+        cert = x509.load_der_x509_certificate(result.certificate)
+        ca_key.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(hashes.SHA256()))  # type: ignore[union-attr, call-arg]
+        assert cert.public_key() == key.public_key() and result.device_serial == serial
+        assert serial in cert.subject.rfc4514_string()
+    assert {r.device_serial: r.state for r in journal.rows()} == {sn: "issued" for sn, _, _ in devices}
+
+
+def test_the_share_finished_here_leaves_the_workers_most_of_a_batch() -> None:
+    from appliance.issuance.service import _share_here
+
+    assert [_share_here(n, 1) for n in (2, 5, 10, 256)] == [0, 2, 4, 102]
+    assert [_share_here(n, 2) for n in (5, 10, 256)] == [1, 2, 64]
+    assert all(_share_here(n, w) < n for n in range(1, 300) for w in (1, 2, 4))

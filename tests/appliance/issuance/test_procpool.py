@@ -230,3 +230,23 @@ async def test_a_worker_busy_at_shutdown_finishes_quietly(capfd: pytest.CaptureF
     pool.shutdown(wait=True)
     assert busy.cancelled() and _gone(pid)
     assert "Traceback" not in capfd.readouterr().err
+
+
+async def test_saturated_while_every_worker_has_an_unanswered_call(tmp_path: Path) -> None:
+    """What IssueService._finish reads to share a batch with a thread of its own process."""
+    pool = ProcessPool(2, calls.init, ("ctx",))
+    try:
+        await pool.start(HANG_GUARD_S)
+        assert not pool.saturated
+        first = pool.submit(calls.wait_for, str(tmp_path / "one"))
+        assert not pool.saturated  # the other worker is idle: the next call goes there
+        second = pool.submit(calls.wait_for, str(tmp_path / "two"))
+        assert pool.saturated
+        (tmp_path / "one").touch()
+        assert await asyncio.wait_for(first, HANG_GUARD_S) == str(tmp_path / "one")
+        assert not pool.saturated
+        (tmp_path / "two").touch()
+        await asyncio.wait_for(second, HANG_GUARD_S)
+        assert not pool.saturated
+    finally:
+        pool.shutdown()

@@ -21,7 +21,7 @@ from appliance.ca import CaRecord
 from appliance.errors import IssuanceFailed, IssuancePending, IssuanceRefused, ReasonCode
 from appliance.issuance.journal import Journal
 from appliance.issuance.policy import Grant, IssueRequest
-from appliance.issuance.service import FINISH_HERE_MAX, IssueService
+from appliance.issuance.service import FINISH_HERE_MAX, IssueService, _share_here
 from appliance.issuance.workers import PreparePool
 from appliance.profiles import Profile, builtin_profiles
 from hsm.errors import DeviceError
@@ -258,20 +258,32 @@ async def test_hsm_device_error_burns_intents_and_fails_closed(
 
 
 @pytest.mark.parametrize(
-    ("workers", "count", "in_worker"),
-    [(0, 1, False), (1, 1, False), (1, FINISH_HERE_MAX, False), (1, FINISH_HERE_MAX + 1, True)],
+    ("workers", "count", "in_worker", "busy"),
+    [
+        (0, 1, False, False),
+        (1, 1, False, False),
+        (1, FINISH_HERE_MAX, False, False),
+        (1, FINISH_HERE_MAX + 1, True, False),
+        (1, FINISH_HERE_MAX + 6, True, True),
+        (2, FINISH_HERE_MAX + 6, True, True),
+    ],
 )
 async def test_unverifiable_signature_is_never_released(
     workers: int,
     count: int,
     in_worker: bool,
+    busy: bool,
     journal: Journal,
     issuing: CaRecord,
     hsm_token: Token,
     mocker: pytest.MockFixture,  # type: ignore[name-defined]
 ) -> None:
     """Whichever process verifies a batch's signatures (a prepare worker for a batch larger than FINISH_HERE_MAX,
-    else a thread of this process), a signature that does not verify is never released."""
+    else a thread of this process, or both at once when every worker is busy), a signature that does not verify
+    is never released."""
+    if busy:
+        # "Every worker busy" depends on timing; the split it leads to is what is tested here.
+        mocker.patch.object(PreparePool, "saturated", new_callable=mocker.PropertyMock, return_value=True)
     async with _service(journal, issuing, hsm_token, prepare_workers=workers, batch_max=16) as svc:
         # SoftHSM never returns a bad signature: one bit of every C_Sign output flipped. The service's own
         # verify (in the prepare worker, or on a thread without workers) must catch it.
@@ -288,7 +300,9 @@ async def test_unverifiable_signature_is_never_released(
     assert [(r.state, r.cert_der) for r in journal.rows()] == [("burned", None)] * count
     assert to_workers.call_count == (1 if in_worker else 0)
     if in_worker:  # the worker itself refused every signature (None each), not a fallback after it
-        assert to_workers.spy_return == [None] * count
+        sent = count - (_share_here(count, workers) if busy else 0)
+        assert 0 < sent < count if busy else sent == count
+        assert to_workers.spy_return == [None] * sent
 
 
 async def test_journal_failure_while_storing_withholds_the_certificate(
