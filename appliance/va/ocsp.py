@@ -164,8 +164,9 @@ class _Signing:
         return ResponseMaker(self.signer.cert, self.hash)
 
 
-# A request waiting for its answer's signature: what it asked, its status, when, and where its answer goes.
-_Waiting = tuple[_Parsed, CertStatus, float, "asyncio.Future[OcspAnswer]"]
+# A request waiting for its status and its answer's signature: what it asked, when, and where the answer (with the
+# status it states) goes.
+_Waiting = tuple[_Parsed, float, "asyncio.Future[tuple[OcspAnswer, CertStatus]]"]
 
 
 def _utc(t: float) -> dt.datetime:
@@ -375,11 +376,13 @@ class OcspResponder(PollingTask):
         return self._answer_of(response.public_bytes(serialization.Encoding.DER), p, status, this_update,
                                next_update)  # fmt: skip
 
-    async def _sign_batched(self, p: _Parsed, status: CertStatus, now: float) -> OcspAnswer:
-        """Sign in the next batch: everything that queued while the previous batch was in the HSM goes in one
-        sign_many call (which verifies each signature). Raises what signing raised (HsmBusyError, ...)."""
-        future: asyncio.Future[OcspAnswer] = asyncio.get_running_loop().create_future()
-        self._to_sign.append((p, status, now, future))
+    async def _sign_batched(self, p: _Parsed, now: float) -> tuple[OcspAnswer, CertStatus]:
+        """Look up and sign in the next batch: everything that queued while the previous batch was in the HSM
+        has its status read in one journal call and goes in one sign_many call (which verifies each
+        signature). The answer and the status it states. Raises what the lookup or signing raised
+        (HsmBusyError, ...)."""
+        future: asyncio.Future[tuple[OcspAnswer, CertStatus]] = asyncio.get_running_loop().create_future()
+        self._to_sign.append((p, now, future))
         if self._drainer is None or self._drainer.done():
             self._drainer = asyncio.create_task(self._drain(), name="va-ocsp-sign")
         return await future
@@ -401,9 +404,21 @@ class OcspResponder(PollingTask):
             self._batches_in_flight.release()
 
     async def _sign_by_ca(self, batch: list[_Waiting]) -> None:
-        by_ca: dict[str, list[_Waiting]] = {}
-        for item in batch:
-            by_ca.setdefault(item[0].ca, []).append(item)
+        try:
+            # One trip to the journal thread for the whole batch: one per request cost more of the event loop's
+            # time (a thread hand-off and a future each way) than the lookup itself.
+            statuses = await self.journal.acall(lambda: [self._lookup(p) for p, _, _ in batch])
+        except Exception as exc:  # noqa: BLE001 - handed to each waiting request, which answers for it
+            for *_, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        by_ca: dict[
+            str, list[tuple[_Parsed, CertStatus, float, asyncio.Future[tuple[OcspAnswer, CertStatus]]]]
+        ]
+        by_ca = {}
+        for (p, now, future), status in zip(batch, statuses, strict=True):
+            by_ca.setdefault(p.ca, []).append((p, status, now, future))
         for ca, items in by_ca.items():
             try:
                 signing = self._signing[ca]
@@ -415,7 +430,8 @@ class OcspResponder(PollingTask):
                     items, built, signatures, strict=True
                 ):
                     if not future.done():
-                        future.set_result(self._answer_of(u.response(sig), p, st, this_update, next_update))
+                        answer = self._answer_of(u.response(sig), p, st, this_update, next_update)
+                        future.set_result((answer, st))
             except Exception as exc:  # noqa: BLE001 - handed to each waiting request, which answers for it
                 for *_, future in items:
                     if not future.done():
@@ -643,8 +659,7 @@ class OcspResponder(PollingTask):
                     self.peak_signing = max(self.peak_signing, self._signing_now)
                     try:
                         generation = self._generation
-                        status = await self.journal.acall(self._lookup, p)
-                        answer = await self._sign_batched(p, status, now)
+                        answer, status = await self._sign_batched(p, now)
                     finally:
                         self._signing_now -= 1
                 if (entry := self._store(p, status, answer, generation)) is not None:

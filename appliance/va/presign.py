@@ -21,6 +21,7 @@ answer can be found from the request's bytes alone.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -102,6 +103,8 @@ class Presigner:
         return split_response(placeholder.public_bytes(Encoding.DER))
 
 
+# Three a signed answer (thisUpdate, nextUpdate, producedAt), the same few seconds for every answer of a batch.
+@functools.lru_cache(maxsize=64)
 def generalized_time(t: int) -> bytes:
     return der.tlv(der.TAG_GENERALIZED_TIME, time.strftime("%Y%m%d%H%M%SZ", time.gmtime(t)).encode())
 

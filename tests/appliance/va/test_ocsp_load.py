@@ -311,3 +311,47 @@ def test_config_keys_reach_the_responder(tmp_path: Path) -> None:
     documented = (Path(__file__).parents[3] / "docs" / "configuration.md").read_text()
     for key in keys:
         assert f"| `{key}` |" in documented, key
+
+
+async def test_the_requests_of_a_signing_batch_share_one_journal_lookup_and_keep_their_own_status(
+    va: Va, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nonce requests that queue while a batch is at the HSM are looked up in one call to the journal thread (one
+    per request cost the event loop more than the lookups), and each answer still states its own certificate's
+    status and carries its own nonce."""
+    from appliance.va import revocation as rv
+
+    monkeypatch.setattr(ocsp_module, "SIGN_BATCHES_IN_FLIGHT", 1)
+    rv.revoke(va.journal, va.audit, va.supervisor, device_serial="SN-0002", reason="keyCompromise")
+    responder = OcspResponder(va.journal, va.token, va.audit, max_inflight_signs=16)
+    await asyncio.to_thread(responder.load)
+    calls: list[str] = []
+    acall = va.journal.acall
+
+    async def counted(fn: Callable[..., object], *args: object) -> object:
+        calls.append(getattr(fn, "__qualname__", repr(fn)))
+        return await acall(fn, *args)
+
+    monkeypatch.setattr(va.journal, "acall", counted)  # instrumentation: the real call, counted
+    wanted = [("SN-0001", C.GOOD), ("SN-0002", C.REVOKED), (va.rogue_cert(0x7E57), C.UNKNOWN)] * 3
+    thread = va.token.thread
+    held, release = threading.Event(), threading.Event()
+    gate = thread.submit(lambda: (held.set(), release.wait(GUARD_S)))
+    await asyncio.to_thread(held.wait, GUARD_S)
+    try:
+        first = asyncio.ensure_future(responder.aanswer(va.request("SN-0003", nonce=b"\xff" * 16)))
+        await until(lambda: thread.pending() == 1)  # its batch of one is at the held HSM
+        rest = [
+            asyncio.ensure_future(responder.aanswer(va.request(cert, nonce=bytes([i]) * 16)))
+            for i, (cert, _) in enumerate(wanted)
+        ]
+        await until(lambda: len(responder._to_sign) == len(wanted))
+    finally:
+        release.set()
+    answers = await asyncio.gather(first, *rest)
+    gate.result(GUARD_S)
+    assert responder.signed == 1 + len(wanted)
+    assert len(calls) == 2, calls  # the first batch's lookup, then one for the nine queued behind it
+    for i, ((_, status), answer) in enumerate(zip(wanted, answers[1:], strict=True)):
+        parsed = ocsp.load_der_ocsp_response(answer.der)
+        assert parsed.certificate_status == status and nonce_of(answer.der) == bytes([i]) * 16
