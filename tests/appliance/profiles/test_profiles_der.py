@@ -106,6 +106,17 @@ def test_bit_string() -> None:
         der.bit_string(b"\x00", unused=8)
 
 
+@pytest.mark.parametrize("n", [0, 1, 0x7F, 0x80, 0xFF, 0x100, 0xFFFF, 0x10000, 0x123456])
+def test_tlv_header_is_the_tag_and_encode_length_at_every_length_boundary(n: int) -> None:
+    """tlv writes the short lengths' header itself (speed); it must be what encode_length would give, and
+    pyasn1 must read the element back whole."""
+    content = bytes(n)
+    element = der.tlv(der.TAG_OCTET_STRING, content)
+    assert element == bytes((der.TAG_OCTET_STRING,)) + der.encode_length(n) + content
+    value, rest = decoder.decode(element, asn1Spec=univ.OctetString())
+    assert rest == b"" and bytes(value) == content
+
+
 def test_tlv_refuses_high_tag_numbers() -> None:
     with pytest.raises(ValueError):
         der.tlv(0x1F, b"")
