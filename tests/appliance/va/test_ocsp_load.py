@@ -355,3 +355,40 @@ async def test_the_requests_of_a_signing_batch_share_one_journal_lookup_and_keep
     for i, ((_, status), answer) in enumerate(zip(wanted, answers[1:], strict=True)):
         parsed = ocsp.load_der_ocsp_response(answer.der)
         assert parsed.certificate_status == status and nonce_of(answer.der) == bytes([i]) * 16
+
+
+async def test_a_signing_batch_takes_at_most_its_share_so_the_next_is_signed_while_it_is_verified(
+    va: Va, mocker: pytest.MockFixture  # type: ignore[name-defined]
+) -> None:
+    """A batch that took every queued request would leave nothing for the next one to sign while it is
+    verified (the HSM idled half the time: bench/ocsp.py). With 8 signatures allowed in flight and two batches,
+    each takes at most 4, and two sign_many calls wait at the HSM at once."""
+    from hsm.keys import _HsmKey
+
+    responder = OcspResponder(va.journal, va.token, va.audit, max_inflight_signs=8)
+    await asyncio.to_thread(responder.load)
+    cap = 8 // SIGN_BATCHES_IN_FLIGHT
+    sizes: list[int] = []
+    real = _HsmKey.asign_many
+
+    async def recorded(self: _HsmKey, items: list[bytes]) -> list[bytes]:
+        sizes.append(len(items))
+        return await real(self, items)
+
+    mocker.patch.object(_HsmKey, "asign_many", recorded)  # instrumentation: the real call, its size recorded
+    thread = va.token.thread
+    held, release = threading.Event(), threading.Event()
+    gate = thread.submit(lambda: (held.set(), release.wait(GUARD_S)))
+    await asyncio.to_thread(held.wait, GUARD_S)
+    try:
+        tasks = [
+            asyncio.ensure_future(responder.aanswer(va.request("SN-0001", nonce=bytes([i]) * 16)))
+            for i in range(8)
+        ]
+        await until(lambda: thread.pending() == SIGN_BATCHES_IN_FLIGHT)
+    finally:
+        release.set()
+    answers = await asyncio.gather(*tasks)
+    gate.result(GUARD_S)
+    assert [nonce_of(a.der) for a in answers] == [bytes([i]) * 16 for i in range(8)]
+    assert sum(sizes) == 8 and max(sizes) <= cap, sizes
