@@ -358,7 +358,8 @@ async def test_the_requests_of_a_signing_batch_share_one_journal_lookup_and_keep
 
 
 async def test_a_signing_batch_takes_at_most_its_share_so_the_next_is_signed_while_it_is_verified(
-    va: Va, mocker: pytest.MockFixture  # type: ignore[name-defined]
+    va: Va,
+    mocker: pytest.MockFixture,  # type: ignore[name-defined]
 ) -> None:
     """A batch that took every queued request would leave nothing for the next one to sign while it is
     verified (the HSM idled half the time: bench/ocsp.py). With 8 signatures allowed in flight and two batches,
