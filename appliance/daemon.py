@@ -70,7 +70,7 @@ from stations.transports.stream import StreamChannel
 
 if TYPE_CHECKING:
     # CMP, EST and SCEP (and the upstream forwarder, which speaks CMP) are imported where they start: off by
-    # default, and their ASN.1 stacks (pyasn1 and its RFC modules) cost the daemon ~22 MB of RSS it would carry
+    # default, and their ASN.1 stacks (pyasn1 and its RFC modules) cost the daemon ~21 MB of RSS it would carry
     # for nothing (docs/performance.md "Memory"; tests/appliance/test_daemon_imports.py).
     from appliance.cmp.forwarder import Forwarder
     from appliance.cmp.server import CmpResponder

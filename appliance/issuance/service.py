@@ -65,8 +65,8 @@ FINISH_HERE_MAX = 4
 # thread here at the same time as the rest in the workers. cryptography releases the GIL while it verifies, so
 # the thread uses the core the event loop leaves idle. As if this process were two thirds of one more worker:
 # 2 / (3 W + 2), 0.4 of each batch with one worker. Measured on the 2-core reference machine: issuance 26.4% of
-# the raw sign rate on average against 25.1% without (docs/performance.md). A worker with nothing queued gets the
-# whole batch, so an event loop busy with stations (the LAN front end) is not given this work.
+# the raw sign rate (median of seven runs) against 25.4% without (docs/performance.md). A worker with nothing
+# queued gets the whole batch, so an event loop busy with stations (the LAN front end) is not given this work.
 FINISH_HERE_WORKER_SHARE = 2 / 3
 
 # Named crash points for the crash-safety tests: the process SIGKILLs itself there. Not a secret, and unset in

@@ -377,9 +377,9 @@ class OcspResponder(PollingTask):
                                next_update)  # fmt: skip
 
     async def _sign_batched(self, p: _Parsed, now: float) -> tuple[OcspAnswer, CertStatus]:
-        """Look up and sign in the next batch: everything that queued while the previous batch was in the HSM
-        has its status read in one journal call and goes in one sign_many call (which verifies each
-        signature). The answer and the status it states. Raises what the lookup or signing raised
+        """Look up and sign in the next batch: what queued while the batches before were in the HSM, up to a
+        batch's share of max_inflight_signs, has its status read in one journal call and goes in one sign_many
+        call (which verifies each signature). The answer and the status it states. Raises what the lookup or signing raised
         (HsmBusyError, ...)."""
         future: asyncio.Future[tuple[OcspAnswer, CertStatus]] = asyncio.get_running_loop().create_future()
         self._to_sign.append((p, now, future))

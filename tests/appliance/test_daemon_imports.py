@@ -1,6 +1,6 @@
 """The daemon loads the CMP, EST and SCEP stacks only when it serves them (or forwards upstream, which speaks CMP).
 
-Their ASN.1 code (pyasn1 and its RFC modules) is ~22 MB of the daemon's resident memory; the default appliance
+Their ASN.1 code (pyasn1 and its RFC modules) is ~21 MB of the daemon's resident memory; the default appliance
 serves none of them (docs/performance.md "Memory"). A real `birthline run` reports every module it imports
 (`python -X importtime`) until it listens; the same daemon with `[cmp] listen` set shows the check can fail.
 """
