@@ -66,7 +66,8 @@ FINISH_HERE_MAX = 4
 # the thread uses the core the event loop leaves idle. As if this process were two thirds of one more worker:
 # 2 / (3 W + 2), 0.4 of each batch with one worker. Measured on the 2-core reference machine: issuance 26.4% of
 # the raw sign rate (median of seven runs) against 25.4% without (docs/performance.md). A worker with nothing
-# queued gets the whole batch, so an event loop busy with stations (the LAN front end) is not given this work.
+# queued gets the whole batch: the LAN front end, whose own event loop is its limit at ~1,200 certificates/s,
+# keeps one worker about a quarter busy, so it rarely adds this work to that loop.
 FINISH_HERE_WORKER_SHARE = 2 / 3
 
 # Named crash points for the crash-safety tests: the process SIGKILLs itself there. Not a secret, and unset in

@@ -390,11 +390,16 @@ class OcspResponder(PollingTask):
     async def _drain(self) -> None:
         while self._to_sign:
             await self._batches_in_flight.acquire()
-            # What is queued by now (this task alone takes from the queue, so it is not empty), up to an equal
-            # share of the signatures allowed in flight: a batch that took them all would leave nothing for the
-            # next one to sign while it is verified, and the HSM would idle half the time.
-            cap = max(1, self.max_inflight_signs // SIGN_BATCHES_IN_FLIGHT)
-            batch, self._to_sign = self._to_sign[:cap], self._to_sign[cap:]
+            # What is queued by now (this task alone takes from the queue), up to an equal share of the signatures
+            # allowed in flight, rounded up: a batch that took them all would leave nothing for the next one to
+            # sign while it is verified, and the HSM would idle half the time. A request given up meanwhile (its
+            # task cancelled) costs neither a lookup nor a signature.
+            cap = -(-self.max_inflight_signs // SIGN_BATCHES_IN_FLIGHT)
+            queued = [w for w in self._to_sign if not w[2].done()]
+            batch, self._to_sign = queued[:cap], queued[cap:]
+            if not batch:
+                self._batches_in_flight.release()
+                break
             task = asyncio.create_task(self._sign_batch(batch), name="va-ocsp-sign-batch")
             self._batch_tasks.add(task)
             task.add_done_callback(self._batch_tasks.discard)

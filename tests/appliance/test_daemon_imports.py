@@ -2,7 +2,8 @@
 
 Their ASN.1 code (pyasn1 and its RFC modules) is ~21 MB of the daemon's resident memory; the default appliance
 serves none of them (docs/performance.md "Memory"). A real `birthline run` reports every module it imports
-(`python -X importtime`) until it listens; the same daemon with `[cmp] listen` set shows the check can fail.
+(`python -X importtime`, which its prepare workers inherit: theirs are counted too) until it listens; the same
+daemon with `[cmp] listen` set shows the check can fail.
 """
 
 from __future__ import annotations

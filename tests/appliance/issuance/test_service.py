@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import shutil
 import sqlite3
 import subprocess
@@ -27,7 +28,7 @@ from appliance.profiles import Profile, builtin_profiles
 from hsm.errors import DeviceError
 from hsm.token import Token
 from tests.appliance.conftest import make_csr
-from tests.p11_faults import corrupting
+from tests.p11_faults import corrupting, flip_one_bit
 
 
 def _service(journal: Journal, issuing: CaRecord, token: Token, **kw: object) -> IssueService:
@@ -303,6 +304,40 @@ async def test_unverifiable_signature_is_never_released(
         sent = count - (_share_here(count, workers) if busy else 0)
         assert 0 < sent < count if busy else sent == count
         assert to_workers.spy_return == [None] * sent
+
+
+async def test_a_bad_signature_in_the_share_checked_here_is_never_released(
+    journal: Journal,
+    issuing: CaRecord,
+    hsm_token: Token,
+    mocker: pytest.MockFixture,  # type: ignore[name-defined]
+) -> None:
+    """With every worker busy, the tail of a batch is checked on a thread here: a bad signature there alone (the
+    worker's part all good) still fails the whole batch and releases nothing."""
+    count = 10
+    assert _share_here(count, 1) > 0  # the last request falls in the share checked here
+    mocker.patch.object(PreparePool, "saturated", new_callable=mocker.PropertyMock, return_value=True)
+    async with _service(journal, issuing, hsm_token, prepare_workers=1, batch_max=16) as svc:
+        real, calls = hsm.keys.c_sign, itertools.count(1)
+
+        def last_bad(*args: object, **kwargs: object) -> bytes:
+            signature = real(*args, **kwargs)  # type: ignore[arg-type]
+            return flip_one_bit(signature) if next(calls) == count else signature
+
+        mocker.patch("hsm.keys.c_sign", side_effect=last_bad)
+        to_workers = mocker.spy(PreparePool, "finish")
+        outcomes = await asyncio.gather(
+            *(svc.issue(IssueRequest(f"SN-T{i}", make_csr()[1])) for i in range(count)),
+            return_exceptions=True,
+        )
+        assert svc.stats["batches"] == 1
+    assert (
+        to_workers.spy_return is not None and None not in to_workers.spy_return
+    )  # the worker's part verified
+    assert [o.code if isinstance(o, IssuanceFailed) else o for o in outcomes] == [
+        ReasonCode.SIGNATURE_INVALID
+    ] * count
+    assert [(r.state, r.cert_der) for r in journal.rows()] == [("burned", None)] * count
 
 
 async def test_journal_failure_while_storing_withholds_the_certificate(

@@ -323,7 +323,7 @@ async def test_the_requests_of_a_signing_batch_share_one_journal_lookup_and_keep
 
     monkeypatch.setattr(ocsp_module, "SIGN_BATCHES_IN_FLIGHT", 1)
     rv.revoke(va.journal, va.audit, va.supervisor, device_serial="SN-0002", reason="keyCompromise")
-    responder = OcspResponder(va.journal, va.token, va.audit, max_inflight_signs=16)
+    responder = OcspResponder(va.journal, va.token, va.audit, max_inflight_signs=16, sign_wait_s=GUARD_S)
     await asyncio.to_thread(responder.load)
     calls: list[str] = []
     acall = va.journal.acall
@@ -366,7 +366,7 @@ async def test_a_signing_batch_takes_at_most_its_share_so_the_next_is_signed_whi
     each takes at most 4, and two sign_many calls wait at the HSM at once."""
     from hsm.keys import _HsmKey
 
-    responder = OcspResponder(va.journal, va.token, va.audit, max_inflight_signs=8)
+    responder = OcspResponder(va.journal, va.token, va.audit, max_inflight_signs=8, sign_wait_s=GUARD_S)
     await asyncio.to_thread(responder.load)
     cap = 8 // SIGN_BATCHES_IN_FLIGHT
     sizes: list[int] = []
@@ -393,3 +393,33 @@ async def test_a_signing_batch_takes_at_most_its_share_so_the_next_is_signed_whi
     gate.result(GUARD_S)
     assert [nonce_of(a.der) for a in answers] == [bytes([i]) * 16 for i in range(8)]
     assert sum(sizes) == 8 and max(sizes) <= cap, sizes
+
+
+async def test_a_request_given_up_while_queued_is_neither_looked_up_nor_signed(va: Va) -> None:
+    """A nonce request whose task is cancelled (its client gone) while it waits for a batch leaves the queue:
+    the batch is made of the others."""
+    responder = OcspResponder(va.journal, va.token, va.audit, max_inflight_signs=8, sign_wait_s=GUARD_S)
+    await asyncio.to_thread(responder.load)
+    thread = va.token.thread
+    held, release = threading.Event(), threading.Event()
+    gate = thread.submit(lambda: (held.set(), release.wait(GUARD_S)))
+    await asyncio.to_thread(held.wait, GUARD_S)
+    try:
+        first = asyncio.ensure_future(responder.aanswer(va.request("SN-0001", nonce=b"\x01" * 16)))
+        await until(lambda: thread.pending() == 1)
+        second = asyncio.ensure_future(responder.aanswer(va.request("SN-0001", nonce=b"\x02" * 16)))
+        await until(lambda: thread.pending() == SIGN_BATCHES_IN_FLIGHT)  # both batches at the held HSM
+        rest = [
+            asyncio.ensure_future(responder.aanswer(va.request("SN-0001", nonce=bytes([i]) * 16)))
+            for i in range(3, 7)
+        ]
+        await until(lambda: len(responder._to_sign) == len(rest))
+        for task in rest[:3]:
+            task.cancel()
+        await asyncio.gather(*rest[:3], return_exceptions=True)
+    finally:
+        release.set()
+    answers = await asyncio.gather(first, second, rest[3])
+    gate.result(GUARD_S)
+    assert [nonce_of(a.der) for a in answers] == [b"\x01" * 16, b"\x02" * 16, b"\x06" * 16]
+    assert responder.signed == 3  # the three cancelled requests cost no signature
