@@ -17,6 +17,7 @@ from appliance import ca as ca_mod
 from appliance.ca import CaRecord
 from appliance.issuance.journal import Journal
 from appliance.production.users import ScryptCost
+from hsm.softhsm import SoftHsmToken
 from hsm.token import Token
 
 
@@ -108,3 +109,26 @@ def put_on_line(journal: Journal, station: str, line: str = "L1") -> None:
     from appliance.production.users import Role, User
 
     store.assign_station(journal, AuditLog(journal), User("alice", Role.ADMINISTRATOR), station, line)
+
+
+def daemon_state(root: Path, template: Path) -> Path:
+    """A state directory (0700, as the daemon demands) holding a copy of the journal `template`."""
+    root.mkdir(mode=0o700)
+    shutil.copy(template, root / "journal.sqlite")
+    return root
+
+
+def write_daemon_config(
+    path: Path, state: Path, token: SoftHsmToken, *, lan: str, va: str, extra: str = ""
+) -> Path:
+    """A `birthline run` configuration on `state` and the SoftHSM `token`: LAN and VA listeners at the given
+    addresses ("" for none), no control socket, then `extra` TOML."""
+    cfg = token.hsm_config()
+    path.write_text(
+        f'[appliance]\nstate_dir = "{state}"\n'
+        f'[hsm]\nmodule = "{cfg.module}"\ntoken_label = "{cfg.token_label}"\npin_file = "{cfg.pin_file}"\n'
+        f'softhsm_conf = "{cfg.softhsm_conf}"\n'
+        f'[stations]\nlan_listen = "{lan}"\ntls_dir = "{state / "tls"}"\n[va]\nlisten = "{va}"\n'
+        f"[control]\nenabled = false\n{extra}"
+    )
+    return path

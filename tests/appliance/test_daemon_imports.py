@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,25 +18,17 @@ import time
 from pathlib import Path
 
 from hsm.softhsm import SoftHsmToken
+from tests.appliance.conftest import daemon_state, write_daemon_config
 
 _IMPORT = re.compile(r"^import time:\s+\d+ \|\s+\d+ \|\s*(\S+)\s*$")
 _ASN1 = ("pyasn1", "pyasn1_alt_modules", "appliance.cmp", "appliance.est", "appliance.scep")
 
 
 def _config(tmp: Path, token: SoftHsmToken, template: Path, extra: str) -> Path:
-    state = tmp / "state"
-    state.mkdir(mode=0o700)
-    shutil.copy(template, state / "journal.sqlite")
-    cfg = token.hsm_config()
-    path = tmp / "birthline.toml"
-    path.write_text(
-        f'[appliance]\nstate_dir = "{state}"\n'
-        f'[hsm]\nmodule = "{cfg.module}"\ntoken_label = "{cfg.token_label}"\npin_file = "{cfg.pin_file}"\n'
-        f'softhsm_conf = "{cfg.softhsm_conf}"\n'
-        f'[stations]\nlan_listen = "127.0.0.1:0"\ntls_dir = "{state / "tls"}"\n[va]\nlisten = "127.0.0.1:0"\n'
-        f"[control]\nenabled = false\n{extra}"
+    state = daemon_state(tmp / "state", template)
+    return write_daemon_config(
+        tmp / "birthline.toml", state, token, lan="127.0.0.1:0", va="127.0.0.1:0", extra=extra
     )
-    return path
 
 
 def _imports_until_listening(config: Path) -> set[str]:

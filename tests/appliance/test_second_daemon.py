@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,25 +20,13 @@ from appliance.issuance.policy import IssueRequest
 from appliance.production import users
 from appliance.production.users import Role, User
 from hsm.softhsm import SoftHsmToken
-from tests.appliance.conftest import PRODUCTION_PASSWORD, TEST_COST, make_csr
-
-
-def _write_config(path: Path, state: Path, softhsm_token: SoftHsmToken, lan: str, va: str) -> Path:
-    cfg = softhsm_token.hsm_config()
-    path.write_text(
-        f'[appliance]\nstate_dir = "{state}"\n'
-        f'[hsm]\nmodule = "{cfg.module}"\ntoken_label = "{cfg.token_label}"\npin_file = "{cfg.pin_file}"\n'
-        f'softhsm_conf = "{cfg.softhsm_conf}"\n'
-        f'[stations]\nlan_listen = "{lan}"\ntls_dir = "{state / "tls"}"\n[va]\nlisten = "{va}"\n'
-        f"[control]\nenabled = false\n"
-    )
-    return path
-
-
-def _state(root: Path, template: Path) -> Path:
-    root.mkdir(mode=0o700)
-    shutil.copy(template, root / "journal.sqlite")
-    return root
+from tests.appliance.conftest import (
+    PRODUCTION_PASSWORD,
+    TEST_COST,
+    daemon_state,
+    make_csr,
+    write_daemon_config,
+)
 
 
 def _run(config: Path) -> subprocess.CompletedProcess[str]:
@@ -52,8 +39,10 @@ def _run(config: Path) -> subprocess.CompletedProcess[str]:
 async def test_a_second_daemon_is_refused_in_one_line(
     softhsm_token: SoftHsmToken, production_journal_template: Path, tmp_path: Path
 ) -> None:
-    state = _state(tmp_path / "state", production_journal_template)
-    first = _write_config(tmp_path / "first.toml", state, softhsm_token, "127.0.0.1:0", "127.0.0.1:0")
+    state = daemon_state(tmp_path / "state", production_journal_template)
+    first = write_daemon_config(
+        tmp_path / "first.toml", state, softhsm_token, lan="127.0.0.1:0", va="127.0.0.1:0"
+    )
     async with Daemon(load_config(first)) as daemon:
         assert daemon.lan_address is not None and daemon.va_server is not None
         lan = "{}:{}".format(*daemon.lan_address)
@@ -66,8 +55,8 @@ async def test_a_second_daemon_is_refused_in_one_line(
         assert err[-1].startswith("birthline: the daemon cannot start: the daemon `")
         assert f"(pid {os.getpid()}, since " in err[-1] and "stop that one first" in err[-1]
 
-        other = _state(tmp_path / "other", production_journal_template)
-        same_ports = _run(_write_config(tmp_path / "other.toml", other, softhsm_token, lan, va))
+        other = daemon_state(tmp_path / "other", production_journal_template)
+        same_ports = _run(write_daemon_config(tmp_path / "other.toml", other, softhsm_token, lan=lan, va=va))
         assert same_ports.returncode == 2
         err = same_ports.stderr.strip().splitlines()
         assert "Traceback" not in same_ports.stderr and len(err) <= 2, same_ports.stderr
@@ -82,12 +71,12 @@ async def test_birthline_issue_beside_the_daemon_leaves_its_requests_in_flight_a
 ) -> None:  # fmt: skip
     """`birthline issue` used to burn every intent it found when it started, as crash recovery, including the
     daemon's requests waiting for the HSM at that moment: the daemon then failed them ("intent vanished")."""
-    state = _state(tmp_path / "state", production_journal_template)
+    state = daemon_state(tmp_path / "state", production_journal_template)
     with Journal(state / "journal.sqlite") as journal:
         audit = AuditLog(journal)
         users.add_user(journal, audit, User("alice", Role.ADMINISTRATOR), "sam", Role.SUPERVISOR,
                        PRODUCTION_PASSWORD, cost=TEST_COST)  # fmt: skip
-    config = _write_config(tmp_path / "c.toml", state, softhsm_token, "127.0.0.1:0", "")
+    config = write_daemon_config(tmp_path / "c.toml", state, softhsm_token, lan="127.0.0.1:0", va="")
     async with Daemon(load_config(config)) as daemon:
         assert daemon.enroller is not None
         service = daemon.enroller.service

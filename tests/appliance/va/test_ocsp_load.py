@@ -5,9 +5,11 @@ request gets the pre-produced answer without its nonce (RFC 5019 2.2.1) and open
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -23,7 +25,7 @@ from appliance.va import ocsp as ocsp_module
 from appliance.va.http import VaServer, make_app
 from appliance.va.ocsp import SIGN_BATCHES_IN_FLIGHT, OcspResponder
 from appliance.va.service import ValidationAuthority, VaSettings
-from hsm.worker import Priority
+from hsm.worker import Pkcs11Thread, Priority
 from tests.appliance.conftest import make_csr
 from tests.appliance.va.conftest import Va
 from tests.appliance.va.test_openssl import Files, ocsp_query
@@ -47,6 +49,24 @@ async def until(condition: Callable[[], bool]) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not reached (deadlock guard)"
         await asyncio.sleep(0.005)
+
+
+@contextlib.asynccontextmanager
+async def hold(thread: Pkcs11Thread) -> AsyncIterator[Future[None]]:
+    """The PKCS#11 thread busy with a call of the test's own until the block ends: what is sent to the HSM
+    meanwhile queues behind it. Yields that call's future, to be waited for after the block."""
+    held, release = threading.Event(), threading.Event()
+
+    def busy() -> None:
+        held.set()
+        release.wait(GUARD_S)
+
+    gate = thread.submit(busy)
+    await asyncio.to_thread(held.wait, GUARD_S)
+    try:
+        yield gate
+    finally:
+        release.set()
 
 
 def nonce_of(der: bytes) -> bytes | None:
@@ -102,10 +122,7 @@ async def test_at_most_max_inflight_signatures_wait_for_the_hsm(va: Va) -> None:
     responder = OcspResponder(va.journal, va.token, va.audit, max_inflight_signs=2)
     await asyncio.to_thread(responder.load)
     thread = va.token.thread
-    held, release = threading.Event(), threading.Event()
-    gate = thread.submit(lambda: (held.set(), release.wait(GUARD_S)))
-    await asyncio.to_thread(held.wait, GUARD_S)
-    try:
+    async with hold(thread) as gate:
         tasks = [
             asyncio.ensure_future(responder.aanswer(va.request("SN-0001", nonce=bytes([i]) * 16)))
             for i in range(6)
@@ -115,8 +132,6 @@ async def test_at_most_max_inflight_signatures_wait_for_the_hsm(va: Va) -> None:
         await until(lambda: responder._signing_now == 2 and thread.pending() >= 1)
         await until(lambda: responder._pending == 6)  # ... four more wait their turn in the responder
         assert responder._signing_now == 2 and 1 <= thread.pending() <= SIGN_BATCHES_IN_FLIGHT
-    finally:
-        release.set()
     answers = await asyncio.gather(*tasks)
     gate.result(GUARD_S)
     assert [nonce_of(a.der) for a in answers] == [bytes([i]) * 16 for i in range(6)]
@@ -142,10 +157,7 @@ async def test_a_certificate_is_signed_before_queued_ocsp_answers(
     validation_before = thread.served[Priority.VALIDATION]
     seen_when_certificate_signed: list[int] = []
     async with service:
-        held, release = threading.Event(), threading.Event()
-        gate = thread.submit(lambda: (held.set(), release.wait(GUARD_S)))
-        await asyncio.to_thread(held.wait, GUARD_S)
-        try:
+        async with hold(thread) as gate:
             answers = [
                 asyncio.ensure_future(responder.aanswer(va.request("SN-0001", nonce=bytes([i]) * 16)))
                 for i in range(4)
@@ -161,8 +173,6 @@ async def test_a_certificate_is_signed_before_queued_ocsp_answers(
             probe = thread.submit(
                 lambda: seen_when_certificate_signed.append(thread.served[Priority.VALIDATION])
             )
-        finally:
-            release.set()
         result = await issued
         await asyncio.gather(*answers)
     gate.result(GUARD_S)
@@ -179,13 +189,8 @@ async def test_hsm_busy_with_certificates_gets_try_later_and_no_alarm(
     responder = OcspResponder(va.journal, va.token, va.audit, sign_wait_s=0.0)
     await asyncio.to_thread(responder.load)
     thread = va.token.thread
-    held, release = threading.Event(), threading.Event()
-    gate = thread.submit(lambda: (held.set(), release.wait(GUARD_S)))
-    await asyncio.to_thread(held.wait, GUARD_S)
-    try:
+    async with hold(thread) as gate:
         answer = await responder.aanswer(va.request("SN-0001", nonce=b"z" * 16))
-    finally:
-        release.set()
     gate.result(GUARD_S)
     assert answer.status == S.TRY_LATER and responder.busy == 1 and responder.errors == 0
     assert not [r for r in caplog.records if r.levelno >= 30]  # busy is no fault: nothing logged above INFO
@@ -333,12 +338,11 @@ async def test_the_requests_of_a_signing_batch_share_one_journal_lookup_and_keep
         return await acall(fn, *args)
 
     monkeypatch.setattr(va.journal, "acall", counted)  # instrumentation: the real call, counted
-    wanted = [("SN-0001", C.GOOD), ("SN-0002", C.REVOKED), (va.rogue_cert(0x7E57), C.UNKNOWN)] * 3
+    wanted: list[tuple[str | x509.Certificate, ocsp.OCSPCertStatus]] = [
+        ("SN-0001", C.GOOD), ("SN-0002", C.REVOKED), (va.rogue_cert(0x7E57), C.UNKNOWN),
+    ] * 3  # fmt: skip
     thread = va.token.thread
-    held, release = threading.Event(), threading.Event()
-    gate = thread.submit(lambda: (held.set(), release.wait(GUARD_S)))
-    await asyncio.to_thread(held.wait, GUARD_S)
-    try:
+    async with hold(thread) as gate:
         first = asyncio.ensure_future(responder.aanswer(va.request("SN-0003", nonce=b"\xff" * 16)))
         await until(lambda: thread.pending() == 1)  # its batch of one is at the held HSM
         rest = [
@@ -346,8 +350,6 @@ async def test_the_requests_of_a_signing_batch_share_one_journal_lookup_and_keep
             for i, (cert, _) in enumerate(wanted)
         ]
         await until(lambda: len(responder._to_sign) == len(wanted))
-    finally:
-        release.set()
     answers = await asyncio.gather(first, *rest)
     gate.result(GUARD_S)
     assert responder.signed == 1 + len(wanted)
@@ -378,17 +380,12 @@ async def test_a_signing_batch_takes_at_most_its_share_so_the_next_is_signed_whi
 
     mocker.patch.object(_HsmKey, "asign_many", recorded)  # instrumentation: the real call, its size recorded
     thread = va.token.thread
-    held, release = threading.Event(), threading.Event()
-    gate = thread.submit(lambda: (held.set(), release.wait(GUARD_S)))
-    await asyncio.to_thread(held.wait, GUARD_S)
-    try:
+    async with hold(thread) as gate:
         tasks = [
             asyncio.ensure_future(responder.aanswer(va.request("SN-0001", nonce=bytes([i]) * 16)))
             for i in range(8)
         ]
         await until(lambda: thread.pending() == SIGN_BATCHES_IN_FLIGHT)
-    finally:
-        release.set()
     answers = await asyncio.gather(*tasks)
     gate.result(GUARD_S)
     assert [nonce_of(a.der) for a in answers] == [bytes([i]) * 16 for i in range(8)]
@@ -401,10 +398,7 @@ async def test_a_request_given_up_while_queued_is_neither_looked_up_nor_signed(v
     responder = OcspResponder(va.journal, va.token, va.audit, max_inflight_signs=8, sign_wait_s=GUARD_S)
     await asyncio.to_thread(responder.load)
     thread = va.token.thread
-    held, release = threading.Event(), threading.Event()
-    gate = thread.submit(lambda: (held.set(), release.wait(GUARD_S)))
-    await asyncio.to_thread(held.wait, GUARD_S)
-    try:
+    async with hold(thread) as gate:
         first = asyncio.ensure_future(responder.aanswer(va.request("SN-0001", nonce=b"\x01" * 16)))
         await until(lambda: thread.pending() == 1)
         second = asyncio.ensure_future(responder.aanswer(va.request("SN-0001", nonce=b"\x02" * 16)))
@@ -417,8 +411,6 @@ async def test_a_request_given_up_while_queued_is_neither_looked_up_nor_signed(v
         for task in rest[:3]:
             task.cancel()
         await asyncio.gather(*rest[:3], return_exceptions=True)
-    finally:
-        release.set()
     answers = await asyncio.gather(first, second, rest[3])
     gate.result(GUARD_S)
     assert [nonce_of(a.der) for a in answers] == [b"\x01" * 16, b"\x02" * 16, b"\x06" * 16]
