@@ -50,9 +50,8 @@ def serve(sock: socket.socket, rfile: io.BufferedReader) -> None:
         if first is None:
             os._exit(0)
         initializer, initargs = first
-        initializer(
-            *initargs
-        )  # an exception here ends the process: the daemon sees a worker that cannot start
+        # An exception here ends the process: the daemon sees a worker that cannot start.
+        initializer(*initargs)
         _send(sock, READY_ID, True, os.getpid())
         while (message := read_frame(rfile)) is not None:
             call_id, fn, args = message

@@ -791,8 +791,8 @@ class IssueService:
         then assembled (Preparer.finish), in the prepare workers when there are some and the batch is larger
         than FINISH_HERE_MAX (the verify is the largest CPU cost left in this process), else on a thread (off the
         event loop); with every worker busy, a share of the batch on that thread at the same time
-        (FINISH_HERE_WORKER_SHARE). SignatureVerificationError if any does not verify: then none of the batch is stored or
-        released."""
+        (FINISH_HERE_WORKER_SHARE). SignatureVerificationError if any does not verify: then none of the batch is
+        stored or released."""
         signed = [(i.prep.tbs, raw) for i, raw in zip(items, raws, strict=True) if i.prep is not None]
         pool = self._pool if len(signed) > FINISH_HERE_MAX else None
         ders: list[bytes | None] | None = None
@@ -803,7 +803,9 @@ class IssueService:
                 there, ours = await asyncio.gather(
                     pool.finish(signed[:cut]), asyncio.to_thread(self._preparer.finish, signed[cut:])
                 )
-                ders = None if there is None else there + ours
+                if there is None:  # the workers could not: their part here too, not the whole batch again
+                    there = await asyncio.to_thread(self._preparer.finish, signed[:cut])
+                ders = there + ours
             else:
                 ders = await pool.finish(signed)
         if ders is None:

@@ -167,6 +167,8 @@ class _Signing:
 # A request waiting for its status and its answer's signature: what it asked, when, and where the answer (with the
 # status it states) goes.
 _Waiting = tuple[_Parsed, float, "asyncio.Future[tuple[OcspAnswer, CertStatus]]"]
+# ... and once its status is read.
+_Looked = tuple[_Parsed, CertStatus, float, "asyncio.Future[tuple[OcspAnswer, CertStatus]]"]
 
 
 def _utc(t: float) -> dt.datetime:
@@ -379,8 +381,8 @@ class OcspResponder(PollingTask):
     async def _sign_batched(self, p: _Parsed, now: float) -> tuple[OcspAnswer, CertStatus]:
         """Look up and sign in the next batch: what queued while the batches before were in the HSM, up to a
         batch's share of max_inflight_signs, has its status read in one journal call and goes in one sign_many
-        call (which verifies each signature). The answer and the status it states. Raises what the lookup or signing raised
-        (HsmBusyError, ...)."""
+        call (which verifies each signature). The answer and the status it states. Raises what the lookup or
+        signing raised (HsmBusyError, ...)."""
         future: asyncio.Future[tuple[OcspAnswer, CertStatus]] = asyncio.get_running_loop().create_future()
         self._to_sign.append((p, now, future))
         if self._drainer is None or self._drainer.done():
@@ -421,10 +423,7 @@ class OcspResponder(PollingTask):
                 if not future.done():
                     future.set_exception(exc)
             return
-        by_ca: dict[
-            str, list[tuple[_Parsed, CertStatus, float, asyncio.Future[tuple[OcspAnswer, CertStatus]]]]
-        ]
-        by_ca = {}
+        by_ca: dict[str, list[_Looked]] = {}
         for (p, now, future), status in zip(batch, statuses, strict=True):
             by_ca.setdefault(p.ca, []).append((p, status, now, future))
         for ca, items in by_ca.items():

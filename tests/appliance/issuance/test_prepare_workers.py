@@ -446,3 +446,30 @@ def test_the_share_finished_here_leaves_the_workers_most_of_a_batch() -> None:
     assert [_share_here(n, 1) for n in (2, 5, 10, 256)] == [0, 2, 4, 102]
     assert [_share_here(n, 2) for n in (5, 10, 256)] == [1, 2, 64]
     assert all(_share_here(n, w) < n for n in range(1, 300) for w in (1, 2, 4))
+
+
+async def test_with_every_worker_busy_a_verification_call_that_raises_costs_no_certificate(
+    journal: Journal,
+    issuing: CaRecord,
+    hsm_token: Token,
+    mocker: pytest.MockFixture,  # type: ignore[name-defined]
+) -> None:
+    """The workers' part of a split batch fails (a call that raised): the daemon checks that part itself, and
+    every certificate of the batch is issued and verifies with the CA key."""
+    from appliance.issuance import prepare
+    from tests.appliance.issuance import worker_faults
+
+    mocker.patch.object(prepare, "finish_in_worker", worker_faults.finish_raises)
+    mocker.patch.object(PreparePool, "saturated", new_callable=mocker.PropertyMock, return_value=True)
+    here = mocker.spy(prepare.Preparer, "finish")
+    serials = [f"SN-B{i}" for i in range(10)]
+    async with _service(journal, issuing, hsm_token, prepare_workers=1, batch_max=16) as svc:
+        results = await asyncio.gather(*(svc.issue(IssueRequest(s, make_csr()[1])) for s in serials))
+        assert svc.stats["batches"] == 1
+    # Two calls here: the share, then the workers' part; nothing finished twice.
+    assert sorted(len(c.args[1]) for c in here.call_args_list) == [4, 6]
+    ca_key = issuing.certificate.public_key()
+    for result in results:
+        cert = x509.load_der_x509_certificate(result.certificate)
+        ca_key.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(hashes.SHA256()))  # type: ignore[union-attr, call-arg]
+    assert {r.device_serial: r.state for r in journal.rows()} == dict.fromkeys(serials, "issued")
