@@ -596,6 +596,7 @@ def parse_config(
             request_rate_per_client=r.number("request_rate_per_client", 200.0, lo=0.001, hi=1_000_000),
             request_burst_per_client=r.integer("request_burst_per_client", 400, lo=1, hi=1_000_000),
             pace_max_delay_s=r.number("pace_max_delay_s", 1.0, lo=0, hi=30),
+            request_rate_while_issuing=r.number("request_rate_while_issuing", 2000.0, lo=1, hi=1_000_000),
             clients_max=r.integer("clients_max", 4096, lo=16, hi=1_000_000),
             cache_max=r.integer("cache_max", 10_000, lo=100, hi=1_000_000),
             presign_max=r.integer("presign_max", 0, lo=0, hi=10_000_000),

@@ -414,7 +414,7 @@ class Daemon:
         self.va = await self._stack.enter_async_context(
             ValidationAuthority(
                 self.core.journal, self.core.token, self.core.audit, self.config.va.settings,
-                alarms=self.core.alarms,
+                alarms=self.core.alarms, issuing=self.core.activity.busy,
             )
         )  # fmt: skip
         if self.config.va.address is not None:

@@ -24,6 +24,7 @@ from appliance.ca import CaRecord, load_ca
 from appliance.config import Config
 from appliance.errors import BirthlineError, IssuanceFailed, ReasonCode
 from appliance.files import refuse_shared_files, secure_state_dir
+from appliance.issuance.activity import Activity
 from appliance.issuance.journal import Journal, journal_files
 from hsm.errors import HsmError
 
@@ -51,6 +52,12 @@ class Core:
         """The appliance's open alarms (appliance/alarms.py): one registry per process, shared by every
         component composed from this core."""
         return Alarms()
+
+    @functools.cached_property
+    def activity(self) -> Activity:
+        """Whether issuance is at work, shared by every IssueService of the process and the OCSP responder,
+        which yields to it (appliance/issuance/activity.py)."""
+        return Activity()
 
     def issuing_ca(self, name: str | None = None) -> CaRecord:
         return load_ca(self.journal, name or self.config.issuance.issuing_ca)
@@ -103,6 +110,7 @@ class Core:
             max_queued=self.config.issuance.max_queued,
             recover_intents=recover_intents,
             forward_upstream=self.config.upstream.enabled,
+            activity=self.activity,
         )
 
 

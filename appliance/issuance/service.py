@@ -31,6 +31,7 @@ from appliance.ca import CaRecord
 from appliance.crashpoints import crash_point, die
 from appliance.der import tbs_subject
 from appliance.errors import BirthlineError, IssuanceFailed, IssuancePending, IssuanceRefused, ReasonCode
+from appliance.issuance.activity import Activity
 from appliance.issuance.checks import check_conflicts
 from appliance.issuance.confirmations import record_confirmations
 from appliance.issuance.conflicts import Present
@@ -119,6 +120,7 @@ class IssueService:
         recover_intents: bool = True,
         forward_upstream: bool = True,
         max_queued: int = 0,
+        activity: Activity | None = None,
     ) -> None:
         ca_cert = ca.certificate
         spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -189,6 +191,9 @@ class IssueService:
         """Stations an operator paused: refused STATION_PAUSED before anything else is done for them."""
         self.observer: IssuanceObserver | None = None
         """Told every answer, signing call and confirmation (the control API and metrics); None: nobody."""
+        self.activity = activity or Activity()
+        """Marked for every request from its queueing to its answer: what OCSP answers yield to (runtime.Core
+        shares one between the services of a process and the responder)."""
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     async def __aenter__(self) -> IssueService:
@@ -266,16 +271,20 @@ class IssueService:
             request = dataclasses.replace(request, request_id=uuid.uuid4().hex)
         fut: asyncio.Future[IssueResult] = asyncio.get_running_loop().create_future()
         item = Item(request, fut)
-        await self._queue.put(item)
-        if self.observer is None:
-            return await fut
+        self.activity.begin()
         try:
-            result = await fut
-        except BirthlineError as exc:
-            self._tell(item, None, exc)
-            raise
-        self._tell(item, result, None)
-        return result
+            await self._queue.put(item)
+            if self.observer is None:
+                return await fut
+            try:
+                result = await fut
+            except BirthlineError as exc:
+                self._tell(item, None, exc)
+                raise
+            self._tell(item, result, None)
+            return result
+        finally:
+            self.activity.end()
 
     def _tell(self, item: Item, result: IssueResult | None, error: BirthlineError | None) -> None:
         if self.observer is None:

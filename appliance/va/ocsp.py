@@ -29,7 +29,9 @@ Signing never starves issuance (docs/revocation.md, "Load"): the responder keys 
 validation lane, behind every certificate; at most `max_inflight_signs` signatures are queued for the HSM at
 once, each waits at most `sign_wait_s` to start (then tryLater); and a network client may cause at most
 `client_rate` fresh signatures a second (bursts of `client_burst`), all clients together `total_rate`. Over
-budget, a nonce request gets the cached answer without the nonce (RFC 5019 2.2.1), or tryLater.
+budget, a nonce request gets the cached answer without the nonce (RFC 5019 2.2.1), or tryLater. Nor do cheap
+answers starve it of the CPU: while issuance is at work (`issuing()`), all network clients' requests together
+are paced to `request_rate_while_issuing`, on top of each client's own request rate.
 """
 
 from __future__ import annotations
@@ -171,6 +173,10 @@ _Waiting = tuple[_Parsed, float, "asyncio.Future[tuple[OcspAnswer, CertStatus]]"
 _Looked = tuple[_Parsed, CertStatus, float, "asyncio.Future[tuple[OcspAnswer, CertStatus]]"]
 
 
+def _never() -> bool:
+    return False
+
+
 def _utc(t: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(int(t), dt.UTC)
 
@@ -200,6 +206,8 @@ class OcspResponder(PollingTask):
         request_rate: float = 200.0,
         request_burst: int = 400,
         pace_max_delay_s: float = 1.0,
+        request_rate_while_issuing: float = 2000.0,
+        issuing: Callable[[], bool] | None = None,
         max_clients: int = 4096,
         signer_validity_days: int = 30,
         signer_renew_days: int = 10,
@@ -230,6 +238,14 @@ class OcspResponder(PollingTask):
         self._total = Rate(total_rate, max(1.0, total_rate), limit_clock())
         self._requests = ClientLimiter(request_rate, request_burst, max_clients, clock=limit_clock)
         self.pace_max_delay_s = pace_max_delay_s
+        # Issuance first on the CPU, as it is at the HSM: while it is at work, all network clients together are
+        # paced to this rate, in bursts of a tenth of a second's worth.
+        self.request_rate_while_issuing = request_rate_while_issuing
+        self._while_issuing = Rate(
+            request_rate_while_issuing, max(1.0, request_rate_while_issuing / 10), limit_clock()
+        )
+        self.issuing: Callable[[], bool] = issuing or _never
+        """Whether issuance is at work now (runtime.Core.activity.busy in the daemon); never, by default."""
         self._slots: asyncio.Semaphore | None = None
         self._signing_now = 0
         self.peak_signing = 0  # the most signatures ever looked up / queued / signing at once
@@ -247,6 +263,8 @@ class OcspResponder(PollingTask):
         self.errors = 0
         self.paced = 0  # requests held back to their client's request rate
         self.tarpitted = 0  # ... held pace_max_delay_s and answered tryLater: far over that rate
+        self.yielded = 0  # requests held longer than their client's rate asks, for issuance at work
+        self.yielded_refused = 0  # ... answered tryLater after the hold: over that budget by pace_max_delay_s
         self.busy = 0  # the HSM had higher-priority work for sign_wait_s: tryLater
         self.throttled = 0  # no fresh signature for this client now (budget or max_pending)
         self.nonce_dropped = 0  # ... answered from the cache without the nonce instead
@@ -598,12 +616,34 @@ class OcspResponder(PollingTask):
 
     def pace(self, client: str) -> float | None:
         """admit() without the wait, for listeners that hold requests themselves (appliance/va/fastpath.py):
-        0.0 within the client's rate, seconds to hold the request, or None far above it (hold it
-        pace_max_delay_s, then answer tryLater). Counted as admit counts."""
+        0.0 within the client's rate (and, while issuance is at work, within the while-issuing rate of all
+        clients together), seconds to hold the request, or None far above either (hold it pace_max_delay_s,
+        then answer tryLater). Counted as admit counts."""
+        issuing = self.issuing()
+        held = 0.0
+        if issuing:
+            shared = self._while_issuing.reserve(self.limit_clock(), self.pace_max_delay_s)
+            if shared is None:
+                self.tarpitted += 1
+                self.yielded_refused += 1
+                self._log_once.log(
+                    log, logging.WARNING, "yield",
+                    "OCSP and CRL requests over [va] request_rate_while_issuing (%g/s) while issuance is at"
+                    " work: held, and answered tryLater (CRL: 503) past pace_max_delay_s",
+                    self.request_rate_while_issuing,
+                )  # fmt: skip
+                return None
+            held = shared
         delay = self._requests.reserve(client, self.pace_max_delay_s)
         if delay is None:
+            if issuing:
+                self._while_issuing.refund()  # refused for its own rate: it takes nothing from the others
             self.tarpitted += 1
-        elif delay > 0:
+            return None
+        if held > delay:
+            self.yielded += 1
+            delay = held
+        if delay > 0:
             self.paced += 1
         return delay
 

@@ -45,6 +45,9 @@ class VaSettings:
     request_rate_per_client: float = 200.0  # OCSP requests per second per client; faster ones are held back
     request_burst_per_client: int = 400  # ... in bursts of up to this
     pace_max_delay_s: float = 1.0  # the longest a request is held; further over the rate: held, then tryLater
+    # While issuance is at work, OCSP requests and CRL fetches of all network clients together per second:
+    # issuance first on the CPU (docs/revocation.md "Load").
+    request_rate_while_issuing: float = 2000.0
     clients_max: int = 4096  # clients tracked per budget (bounded tables; see appliance/va/ratelimit.py)
     presign_max: int = 0  # OCSP answers made ahead of time for this many newest live certificates per CA
     presign_batch: int = 128  # ... signed this many per HSM call
@@ -63,7 +66,9 @@ class ValidationAuthority:
         actor: str = "appliance",
         clock: Callable[[], float] = time.time,
         alarms: Alarms | None = None,
+        issuing: Callable[[], bool] | None = None,
     ) -> None:
+        """`issuing`: whether issuance is at work now (runtime.Core.activity.busy); OCSP yields to it."""
         self.settings = s = settings or VaSettings()
         self.alarms = alarms or Alarms()
         self.crls = CrlPublisher(
@@ -77,6 +82,7 @@ class ValidationAuthority:
             client_rate=s.sign_rate_per_client, client_burst=s.sign_burst_per_client,
             total_rate=s.sign_rate_total, request_rate=s.request_rate_per_client,
             request_burst=s.request_burst_per_client, pace_max_delay_s=s.pace_max_delay_s,
+            request_rate_while_issuing=s.request_rate_while_issuing, issuing=issuing,
             max_clients=s.clients_max, presign_max=s.presign_max, presign_batch=s.presign_batch,
             signer_validity_days=s.signer_validity_days, signer_renew_days=s.signer_renew_days,
             poll_s=s.poll_s, actor=actor, clock=clock, alarms=self.alarms,

@@ -148,6 +148,22 @@ async def test_enrol_over_tls_verifies_and_confirm_marks_the_journal(daemon: Dae
     await link.close()
 
 
+async def test_the_va_yields_to_the_daemons_issuance_from_any_front_end(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    """The responder's while-issuing budget (docs/revocation.md "Load") follows the daemon's own issuance: the
+    one Activity of the core, which every IssueService of the process marks."""
+    assert daemon.core is not None and daemon.va is not None
+    daemon.core.activity.linger_s = 3600.0  # what is checked is the wiring, not the linger's length
+    assert not daemon.va.responder.issuing()  # nothing issued yet
+    bundle = await add_lan(daemon, "st-yield", tmp_path)
+    link = await Link.tls(_addr(daemon), bundle)
+    assert isinstance(await link.handshake(), Authenticated)
+    assert isinstance(await _enroll(link, "SN-YIELD-1"), Cert)
+    assert daemon.va.responder.issuing() and daemon.core.activity.open == 0
+    await link.close()
+
+
 async def test_ca_chain_is_the_chain_of_the_profiles_issuing_ca_and_unknown_profiles_are_refused(
     daemon: Daemon, tmp_path: Path
 ) -> None:
