@@ -39,7 +39,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -47,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from appliance.audit.encoding import entry_hash
 from appliance.audit.log import ensure_audit_key
 from appliance.config import Config, load_config
+from appliance.issuance.requestids import new_request_id
 from appliance.production.policy import WorkOrderPolicy
 from appliance.profiles import new_serial_number
 from appliance.runtime import open_core
@@ -183,9 +183,10 @@ def audit_shapes(journal_path: Path) -> tuple[float, list[tuple[str, str, str]]]
 def _ordered_keys(conn: sqlite3.Connection, total: int) -> None:
     """SQL functions for the bulk rows' random keys, drawn so that each key sorts after the previous row's.
 
-    A public-key hash, a station request id and an outbox transaction id are random, and each has an index; a
-    certificate serial is the product's own, time-ordered (appliance/profiles/serial.py), for a time a
-    millisecond apart per row. Inserted in random order, every 100,000-row chunk dirties nearly every page of those
+    A public-key hash and an outbox transaction id are random, and each has an index; a certificate serial is the
+    product's own, time-ordered (appliance/profiles/serial.py), and so is a request id (a UUIDv7, as the fixture
+    library and the appliance make them: appliance/issuance/requestids.py), each for a time a millisecond apart
+    per row. Inserted in random order, every 100,000-row chunk dirties nearly every page of those
     indexes: past about four million certificates each chunk rewrote gigabytes and the fill slowed from 11,000 to
     800 certificates/s. Here row x of `total` gets a key whose leading 31 or 32 bits are x's place in the fill
     (x * 2**31 / total) and whose other bits are random: the keys are as uniformly spread and as unpredictable in
@@ -203,8 +204,8 @@ def _ordered_keys(conn: sqlite3.Connection, total: int) -> None:
     ) -> str:  # the product's layout (appliance/profiles/serial.py): time-ordered, lowercase hex
         return f"{new_serial_number(now_ms=start_ms + x):x}"
 
-    def request_id(x: int) -> str:  # a uuid4().hex, its version nibble kept
-        return f"{lead(x) << 1:08x}" + uuid.uuid4().hex[8:]
+    def request_id(x: int) -> str:  # the product's layout: a UUIDv7 in hex
+        return new_request_id(now_ms=start_ms + x)
 
     def key_blob(x: int, size: int) -> bytes:  # a SHA-256 (32) or a transaction id (16)
         return (lead(x) << 1).to_bytes(4, "big") + os.urandom(size - 4)

@@ -94,12 +94,18 @@ KEEPALIVE = 30.0  # well inside the appliance's 90 s idle timer, so an idle fixt
 RESEND_NOW = frozenset({Code.REPLAY, Code.BAD_TAG})
 
 
-def new_request_id() -> bytes:
-    """A fresh random 16-byte request id (never all zeros). Store it with the device serial before sending."""
-    while True:
-        rid = os.urandom(REQUEST_ID_LEN)
-        if rid != NO_REQUEST:
-            return rid
+def new_request_id(now_ms: int | None = None) -> bytes:
+    """A fresh 16-byte request id: a UUIDv7 (RFC 9562 5.7), the Unix time in milliseconds (`now_ms`, default the
+    wall clock), then 74 bits from the CSPRNG. Store it with the device serial before sending.
+
+    Ids made later sort after earlier ones, so the appliance's index of a station's request ids, which holds
+    years of them, grows at its end: random ids put every device on a random page of it, which the disk must read
+    and write back (docs/performance.md "Ten years of journal"). The random bits keep ids unique and unguessable;
+    the time says no more than the request itself. Never all zeros (the version bits are set)."""
+    ms = (time.time_ns() // 1_000_000 if now_ms is None else now_ms) & ((1 << 48) - 1)
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms << 80) | (0x7 << 76) | ((rand >> 62) & 0xFFF) << 64 | (0b10 << 62) | (rand & ((1 << 62) - 1))
+    return value.to_bytes(REQUEST_ID_LEN, "big")
 
 
 class _SessionLost(Exception):

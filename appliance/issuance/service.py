@@ -20,7 +20,6 @@ import logging
 import os
 import sqlite3
 import time
-import uuid
 from collections.abc import Callable, Mapping
 
 from cryptography import x509
@@ -43,6 +42,7 @@ from appliance.issuance.pauses import StationPauses
 from appliance.issuance.policy import LOCAL, AllowAll, AuditSink, AuthorisationPolicy, IssueRequest
 from appliance.issuance.prepare import Job, PrepareContext, Preparer, Refusal
 from appliance.issuance.refusals import RefusalLimiter
+from appliance.issuance.requestids import new_request_id
 from appliance.issuance.template import ALARM as TEMPLATE_ALARM
 from appliance.issuance.workers import PreparePool
 from appliance.profiles import Profile
@@ -268,7 +268,7 @@ class IssueService:
                 {"retry_after_s": SHED_RETRY_AFTER_S},
             )
         if not request.request_id:
-            request = dataclasses.replace(request, request_id=uuid.uuid4().hex)
+            request = dataclasses.replace(request, request_id=new_request_id())
         fut: asyncio.Future[IssueResult] = asyncio.get_running_loop().create_future()
         item = Item(request, fut)
         self.activity.begin()

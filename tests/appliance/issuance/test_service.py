@@ -72,6 +72,21 @@ async def test_serial_numbers_are_positive_random_and_at_least_64_bits(service: 
     assert all(s >= 2**64 for s in serials)
 
 
+async def test_a_request_without_an_id_gets_a_time_ordered_one(service: IssueService) -> None:
+    """The ids the service makes itself are UUIDv7s (appliance/issuance/requestids.py): the journal's request-id
+    index grows at its end."""
+    import uuid
+
+    from appliance.issuance.requestids import new_request_id
+
+    before = new_request_id()
+    await service.issue(IssueRequest("SN-NOID", make_csr()[1]))
+    (row,) = service.journal.rows("device_serial=?", ("SN-NOID",))
+    made = uuid.UUID(hex=row.request_id)
+    assert made.version == 7 and made.variant == uuid.RFC_4122 and row.request_id == made.hex
+    assert before[:12] <= row.request_id[:12] <= new_request_id()[:12]  # its millisecond, in order
+
+
 async def test_retry_same_device_and_key_returns_stored_certificate_byte_for_byte(
     service: IssueService, journal: Journal
 ) -> None:
