@@ -8,6 +8,11 @@ before it is stored.
 RA mode (a product whose issuance_mode is 'upstream'): authorise -> validate the CSR -> journal the request and
 its outbox row in ONE transaction -> answer "pending" (IssuancePending). Nothing is signed here; the forwarder
 stores the upstream CA's certificate in `ra_request`, and the same request asked again is then answered with it.
+
+Here: the service's life, its queues and batches, signing and storing. Beside it, by responsibility:
+intents.py (the intent transaction: clock, conflicts, work orders), finish.py (each HSM signature verified and
+its certificate assembled), health.py (the checks between requests that clear alarms), clockguard.py (whether the
+clock can date a certificate), confirmations.py (delivery confirmations).
 """
 
 from __future__ import annotations
@@ -31,22 +36,24 @@ from appliance.crashpoints import crash_point, die
 from appliance.der import tbs_subject
 from appliance.errors import BirthlineError, IssuanceFailed, IssuancePending, IssuanceRefused, ReasonCode
 from appliance.issuance.activity import Activity
-from appliance.issuance.checks import check_conflicts
+from appliance.issuance.clockguard import ClockGuard
 from appliance.issuance.confirmations import record_confirmations
-from appliance.issuance.conflicts import Present
 from appliance.issuance.faults import IssuanceAlarms
+from appliance.issuance.finish import finish_batch
+from appliance.issuance.health import HealthChecks, hsm_code
+from appliance.issuance.intents import IntentSteps
 from appliance.issuance.items import IssueResult, Item
-from appliance.issuance.journal import Journal, burn_interrupted, journal_error
+from appliance.issuance.journal import Journal, burn_interrupted
 from appliance.issuance.observe import Confirmation, IssuanceObserver, Outcome
 from appliance.issuance.pauses import StationPauses
-from appliance.issuance.policy import LOCAL, AllowAll, AuditSink, AuthorisationPolicy, IssueRequest
+from appliance.issuance.policy import AllowAll, AuditSink, AuthorisationPolicy, IssueRequest
 from appliance.issuance.prepare import Job, PrepareContext, Preparer, Refusal
 from appliance.issuance.refusals import RefusalLimiter
 from appliance.issuance.requestids import new_request_id
 from appliance.issuance.template import ALARM as TEMPLATE_ALARM
 from appliance.issuance.workers import PreparePool
 from appliance.profiles import Profile
-from hsm.errors import HsmError, SignatureVerificationError
+from hsm.errors import HsmError
 from hsm.keys import HsmPrivateKey
 
 log = logging.getLogger(__name__)
@@ -54,22 +61,6 @@ log = logging.getLogger(__name__)
 # The retry-after of a request refused because the issuance queue is full: the same second a station is told for a
 # request id still being worked on (stations.server.DUPLICATE_RETRY_MS); the queue has moved on by then.
 SHED_RETRY_AFTER_S = 1.0
-
-# A batch of at most this many signatures is verified and assembled on a thread of this process rather than in
-# a prepare worker: the round trip to a worker (~0.8 ms through the process pool's threads and pipes) costs ten
-# times the verify (~70 us each), and at a line's usual pace batches are of one or two devices. Nothing a device
-# sent is parsed here: the TBS is ours and the signature our HSM's.
-FINISH_HERE_MAX = 4
-
-# When every prepare worker is busy as a batch comes to be finished (issuance at full speed: the workers, which
-# check two signatures a certificate, are the first limit), this share of the batch is checked and assembled on a
-# thread here at the same time as the rest in the workers. cryptography releases the GIL while it verifies, so
-# the thread uses the core the event loop leaves idle. As if this process were two thirds of one more worker:
-# 2 / (3 W + 2), 0.4 of each batch with one worker. Measured on the 2-core reference machine: issuance 26.4% of
-# the raw sign rate (median of seven runs) against 25.4% without (docs/performance.md). A worker with nothing
-# queued gets the whole batch: the LAN front end, whose own event loop is its limit at ~1,200 certificates/s,
-# keeps one worker about a quarter busy, so it rarely adds this work to that loop.
-FINISH_HERE_WORKER_SHARE = 2 / 3
 
 # Named crash points for the crash-safety tests: the process SIGKILLs itself there. Not a secret, and unset in
 # production; read once at start so the hot path pays nothing.
@@ -84,13 +75,7 @@ _SPKI = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyI
 _Confirm = tuple[str, str, bytes | None, "asyncio.Future[None]"]
 
 
-def _share_here(batch: int, workers: int) -> int:
-    """How many of a batch this process finishes itself while `workers` busy workers finish the rest."""
-    share = FINISH_HERE_WORKER_SHARE / (workers + FINISH_HERE_WORKER_SHARE)
-    return min(batch - 1, int(batch * share))
-
-
-class IssueService:
+class IssueService(IntentSteps, HealthChecks):
     """Issue birth certificates from one issuing CA. Use as an async context manager."""
 
     def __init__(
@@ -136,15 +121,11 @@ class IssueService:
         self.default_profile = default_profile
         self.policy: AuthorisationPolicy = policy or AllowAll()
         self.batch_max = batch_max
-        self.clock_skew_s = clock_skew_s
         self.clock = clock
-        self.steady_clock = steady_clock
-        """A clock nobody sets (the daemon: CLOCK_BOOTTIME), against which steps of `clock` are seen: a wall clock
-        stepped by more than clock_skew_s since the last batch refuses issuance (CLOCK_NOT_TRUSTED) until it is
-        set back. None: no such check (tests that drive `clock` by hand)."""
-        self._clock_anchor: tuple[float, float] | None = (
-            None  # (wall, steady) at the last batch that was on time
-        )
+        self.clock_guard = ClockGuard(clock_skew_s, steady_clock)
+        """Refuses issuance (CLOCK_NOT_TRUSTED) while `clock` is behind the last issuance or was stepped by more than
+        clock_skew_s since the last batch (against `steady_clock`, one nobody sets: the daemon's CLOCK_BOOTTIME;
+        None: no step check, for tests that drive `clock` by hand)."""
         self.prepare_workers = prepare_workers
         self.pipeline_depth = max(1, pipeline_depth)
         self._profiles = dict(profiles)
@@ -158,7 +139,6 @@ class IssueService:
         self._tg: asyncio.TaskGroup | None = None
         self._inflight: dict[tuple[str, bytes], Item] = {}
         self._unsettled: list[int] = []  # intents whose signature was made but could not be stored or burned
-        self._last_issue_time: float | None = None
         self._hsm_fault: str | None = None
         self._crash_at = os.environ.get(CRASH_ENV, "")
         self.stats = {"issued": 0, "reused": 0, "refused": 0, "failed": 0, "batches": 0, "pending": 0}
@@ -356,12 +336,6 @@ class IssueService:
                 else:
                     fut.set_result(None)
 
-    def _note(self, conn: sqlite3.Connection, actor: str, event: str, data: Mapping[str, object]) -> None:
-        """Append to the audit log inside `conn`'s transaction: the event commits or rolls back with the rows it
-        describes, and if the log cannot be written the whole transaction fails (AUDIT_UNAVAILABLE)."""
-        if self.audit is not None:
-            self.audit.append(conn, actor, event, data)
-
     def _recover(self, conn: sqlite3.Connection) -> int:
         """Burn every intent left by a crash: its signature, if the HSM made one, was never released. Read the
         paused stations."""
@@ -526,33 +500,6 @@ class IssueService:
                     # A PEM input: from here on the request carries the DER that was validated.
                     item.request = dataclasses.replace(item.request, csr=result.csr_der)
 
-    def _record_intents(
-        self, conn: sqlite3.Connection, items: list[Item], refused: list[Item], now: float
-    ) -> None:
-        """One transaction for the whole batch; a SAVEPOINT per request so one refusal undoes only its own rows.
-        Every refusal of the batch, including those found before (bad CSR, bad serial), is audited here."""
-        # One audit entry per kind per batch, listing its requests: the chain still covers every issuance and
-        # refusal, at the cost of one append per group commit rather than one per certificate.
-        intents = self._decide(conn, items, now)
-        if intents:
-            self._note(conn, "appliance", "issuance.intent", {"ca": self.ca.name, "items": intents})
-        refusals = [
-            {"station": i.request.station, "request_id": i.request.request_id,
-             "device_serial": i.request.device_serial, "code": i.error.code.name, "reason": i.error.message}
-            for i in [*refused, *(i for i in items if i.error is not None)]
-            if i.error is not None and not isinstance(i.error, IssuancePending)
-        ]  # fmt: skip
-        # Per station, the first refusal_burst refusals of a window in full, the rest counted (refusals.py).
-        refusals = [r for r in refusals if self._refusals.admit(str(r["station"]), str(r["code"]), now)]
-        if refusals:
-            self._note(conn, "appliance", "issuance.refused", {"items": refusals})
-        self._note_summaries(conn, now)
-
-    def _note_summaries(self, conn: sqlite3.Connection, now: float, *, final: bool = False) -> None:
-        summaries = self._refusals.due(now, all_windows=final)
-        if summaries:
-            self._note(conn, "appliance", "issuance.refused-summary", {"items": summaries})
-
     async def _summaries(self) -> None:
         """Audit a station's suppressed refusals when its window closes, even if nothing else happens then."""
         while True:
@@ -574,160 +521,17 @@ class IssueService:
         except BirthlineError as exc:
             self._faults.failed(exc)
 
-    def _clock_stepped(self, now: float) -> IssuanceRefused | None:
-        """The wall clock jumped (someone set it, or a bad time source) since the last batch: compared with the
-        steady clock, it moved more than clock_skew_s further or less far. A certificate dated by a clock that
-        jumped forward is not yet valid for its device, and once the clock is set right every later issuance would
-        be refused as behind it; so refuse until the clock is set back. A step to the right time (the clock was
-        wrong when the daemon started) is accepted by restarting the daemon, which anchors afresh."""
-        if self.steady_clock is None:
-            return None
-        steady = self.steady_clock()
-        if self._clock_anchor is not None:
-            wall0, steady0 = self._clock_anchor
-            step = (now - wall0) - (steady - steady0)
-            if abs(step) > self.clock_skew_s:
-                when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(wall0))
-                return IssuanceRefused(
-                    f"the clock was stepped {'forward' if step > 0 else 'back'} by {abs(step):.0f} s since the"
-                    f" last issuance ({when}); set it back, or restart the daemon if the new time is right",
-                    ReasonCode.CLOCK_NOT_TRUSTED,
-                )
-        # Anchored at every batch on time: the slow slewing NTP does never adds up to a step.
-        self._clock_anchor = (now, steady)
-        return None
-
-    def _decide(self, conn: sqlite3.Connection, items: list[Item], now: float) -> list[dict[str, object]]:
-        if self._last_issue_time is None:
-            self._last_issue_time = conn.execute("SELECT MAX(created_at) FROM issuance").fetchone()[0] or 0.0
-        if now + self.clock_skew_s < self._last_issue_time:
-            behind = IssuanceRefused(
-                f"the clock is {self._last_issue_time - now:.0f} s behind the last issuance; set the time",
-                ReasonCode.CLOCK_NOT_TRUSTED,
-            )
-            for item in items:
-                item.error = behind
-            return []
-        if (stepped := self._clock_stepped(now)) is not None:
-            for item in items:
-                item.error = stepped
-            return []
-        intents: list[dict[str, object]] = []
-        forwarded: list[dict[str, object]] = []
-        self.policy.begin(conn)
-        present = Present(
-            conn, self.ca.name, [i.request.device_serial for i in items],
-            [i.prep.public_key_sha256 for i in items if i.prep is not None],
-            [i.prep.serial_hex for i in items if i.prep is not None],
-        )  # fmt: skip
-        for item in items:
-            assert item.prep is not None
-            req, prep = item.request, item.prep
-            conn.execute("SAVEPOINT item")
-            try:
-                check_conflicts(
-                    conn, item, present, ca=self.ca.name, policy=self.policy, observed=self.observer is not None,
-                    retry_s=self.upstream_retry_s,
-                )  # fmt: skip
-                grant = LOCAL
-                if item.reuse is None and item.ra_done is None:
-                    profile = self._profiles[prep.profile]
-                    if item.update is not None:
-                        grant = self.policy.authorise_update(conn, req, profile, item.update.id) or LOCAL
-                    else:
-                        grant = self.policy.authorise(conn, req, profile) or LOCAL
-                    item.grant = grant
-                if grant.mode == "upstream":
-                    if req.local_only:
-                        raise IssuanceRefused(
-                            f"work order {grant.work_order} is for a product in upstream (RA) issuance mode; this"
-                            " request can only be issued here (an appliance-generated key is kept nowhere to wait"
-                            " for the upstream CA)",
-                            ReasonCode.UNKNOWN_PROFILE,
-                        )
-                    forwarded.append(self._queue_upstream(conn, item, grant.work_order, now))
-                    present.forwarded(req.device_serial, prep.public_key_sha256)
-                elif item.reuse is None and item.ra_done is None:
-                    old = item.update
-                    if old is not None:
-                        # The old row leaves the one-live-row-per-device index before the new one enters it; the
-                        # link is made once the new row has its id (0 never outlives this savepoint).
-                        conn.execute("UPDATE issuance SET updated_by = 0 WHERE id = ?", (old.id,))
-                    cur = conn.execute(
-                        "INSERT INTO issuance (request_id, station, profile, ca, device_serial, public_key_sha256,"
-                        " csr_sha256, cert_serial, tbs_sha256, state, created_at, updates)"
-                        " VALUES (?,?,?,?,?,?,?,?,?,'intent',?,?)",
-                        (
-                            req.request_id, req.station, prep.profile, self.ca.name, req.device_serial,
-                            prep.public_key_sha256, prep.csr_sha256, prep.serial_hex, prep.tbs.sha256, now,
-                            None if old is None else old.id,
-                        ),
-                    )  # fmt: skip
-                    item.row_id = cur.lastrowid
-                    present.issued(req.device_serial, prep.public_key_sha256, prep.serial_hex)
-                    if old is not None:
-                        conn.execute("UPDATE issuance SET updated_by = ? WHERE id = ?", (item.row_id, old.id))
-                    if self.audit is not None:
-                        intents.append({
-                            "id": item.row_id, "station": req.station, "request_id": req.request_id,
-                            "device_serial": req.device_serial, "profile": prep.profile, "cert_serial": prep.serial_hex,
-                            "tbs_sha256": prep.tbs.sha256.hex(), "public_key_sha256": prep.public_key_sha256.hex(),
-                            **({"updates": old.cert_serial} if old is not None else {}),
-                        })  # fmt: skip
-                conn.execute("RELEASE item")
-            except (IssuanceRefused, IssuancePending) as exc:
-                conn.execute("ROLLBACK TO item")
-                conn.execute("RELEASE item")
-                item.error = exc
-        self._last_issue_time = max(self._last_issue_time, now)
-        if forwarded:
-            self._note(conn, "appliance", "issuance.forwarded", {"ca": self.ca.name, "items": forwarded})
-        return intents
-
-    def _queue_upstream(
-        self, conn: sqlite3.Connection, item: Item, work_order: str | None, now: float
-    ) -> dict[str, object]:
-        """RA mode: record the authorised request and its outbox row (same SAVEPOINT as the policy's unit);
-        nothing is signed here. The request is then answered "pending"."""
-        if self.upstream_retry_s is None:
-            raise IssuanceRefused(
-                f"work order {work_order} is for a product in upstream (RA) issuance mode, and this appliance"
-                " has no upstream CA configured ([upstream] url)",
-                ReasonCode.UNKNOWN_PROFILE,
-            )
-        assert item.prep is not None
-        req, prep = item.request, item.prep
-        cur = conn.execute(
-            "INSERT INTO ra_request (request_id, station, profile, ca, device_serial, public_key_sha256, csr_sha256,"
-            " state, created_at) VALUES (?,?,?,?,?,?,?,'pending',?)",
-            (req.request_id, req.station, prep.profile, self.ca.name, req.device_serial, prep.public_key_sha256,
-             prep.csr_sha256 if req.csr else None, now),
-        )  # fmt: skip
-        ra_id = int(cur.lastrowid or 0)
-        if req.csr:
-            kind, csr, key, subject = "p10cr", req.csr, None, None
-        else:
-            # CRMF-enrolled (CMP ir/cr): the upstream gets the key and the subject the profile built (raVerified).
-            kind, csr, key, subject = "cr", None, req.public_key_der, tbs_subject(prep.tbs.tbs)
-        conn.execute(
-            "INSERT INTO outbox (kind, ra_request_id, cert_serial, transaction_id, csr_der, public_key_der,"
-            " subject_der, next_attempt_at, created_at) VALUES (?,?,'',?,?,?,?,?,?)",
-            (kind, ra_id, os.urandom(16), csr, key, subject, now, now),
-        )
-        item.error = IssuancePending(
-            "authorised; the upstream CA issues this certificate (RA mode)", self.upstream_retry_s, ra_id
-        )
-        return {"ra_request": ra_id, "station": req.station, "request_id": req.request_id,
-                "device_serial": req.device_serial, "profile": prep.profile, "work_order": work_order,
-                "public_key_sha256": prep.public_key_sha256.hex()}  # fmt: skip
-
     async def _sign_and_store(self, items: list[Item]) -> bool:
         """Sign, verify and store; False if that failed (the items are then failed and their intents burned)."""
         ids = [i.row_id for i in items if i.row_id is not None]
         started = time.perf_counter()
         try:
             raws = await self.key.asign_unverified([i.prep.tbs.tbs for i in items if i.prep is not None])
-            ders = await self._finish(items, raws)
+            signed = []
+            for item, raw in zip(items, raws, strict=True):
+                assert item.prep is not None
+                signed.append((item.prep.tbs, raw))
+            ders = await finish_batch(self._preparer, self._pool, signed, self.key.label)
         except HsmError as exc:
             if self.observer is not None:
                 self.observer.signed(len(items), time.perf_counter() - started)
@@ -735,7 +539,7 @@ class IssueService:
             # again, rather than reserving serials (and units) only to burn them.
             self._hsm_fault = exc.message
             await self._burn(ids, f"hsm: {type(exc).__name__}")
-            self._fail(items, IssuanceFailed(f"HSM: {exc.message}", _hsm_code(exc)))
+            self._fail(items, IssuanceFailed(f"HSM: {exc.message}", hsm_code(exc)))
             return False
         if self.observer is not None:
             self.observer.signed(len(items), time.perf_counter() - started)
@@ -795,37 +599,6 @@ class IssueService:
             )
         return True
 
-    async def _finish(self, items: list[Item], raws: list[bytes]) -> list[bytes]:
-        """The certificates: every raw signature encoded and verified with the CA key over exactly its TBS bytes,
-        then assembled (Preparer.finish), in the prepare workers when there are some and the batch is larger
-        than FINISH_HERE_MAX (the verify is the largest CPU cost left in this process), else on a thread (off the
-        event loop); with every worker busy, a share of the batch on that thread at the same time
-        (FINISH_HERE_WORKER_SHARE). SignatureVerificationError if any does not verify: then none of the batch is
-        stored or released."""
-        signed = [(i.prep.tbs, raw) for i, raw in zip(items, raws, strict=True) if i.prep is not None]
-        pool = self._pool if len(signed) > FINISH_HERE_MAX else None
-        ders: list[bytes | None] | None = None
-        if pool is not None:
-            here = _share_here(len(signed), pool.workers) if pool.saturated else 0
-            if here:
-                cut = len(signed) - here
-                there, ours = await asyncio.gather(
-                    pool.finish(signed[:cut]), asyncio.to_thread(self._preparer.finish, signed[cut:])
-                )
-                if there is None:  # the workers could not: their part here too, not the whole batch again
-                    there = await asyncio.to_thread(self._preparer.finish, signed[:cut])
-                ders = there + ours
-            else:
-                ders = await pool.finish(signed)
-        if ders is None:
-            ders = await asyncio.to_thread(self._preparer.finish, signed)
-        checked = [d for d in ders if d is not None]
-        if len(checked) != len(items):
-            raise SignatureVerificationError(
-                f"the HSM returned a signature with key {self.key.label!r} that does not verify; not using it"
-            )
-        return checked
-
     async def _burn(self, ids: list[int], reason: str) -> None:
         def txn(conn: sqlite3.Connection) -> None:
             conn.executemany(
@@ -849,77 +622,6 @@ class IssueService:
                     "the journal cannot record earlier failed issuances; issuance is stopped",
                     ReasonCode.JOURNAL_UNAVAILABLE,
                 )
-
-    async def _check_hsm(self) -> None:
-        """The HSM health probe: after an HSM failure, one signature (verified) before the next batch starts."""
-        fault = self._hsm_fault
-        if fault is None:
-            return
-        try:
-            await self.key.asign_many([b"birthline hsm health probe"])
-        except HsmError as exc:
-            raise IssuanceFailed(f"HSM unavailable: {exc.message}", _hsm_code(exc)) from exc
-        self._hsm_fault = None
-        self._faults.cleared(
-            [ReasonCode.HSM_UNAVAILABLE, ReasonCode.SIGNATURE_INVALID], f"the HSM signs again after: {fault}"
-        )
-
-    async def _health(self) -> None:
-        """Between requests: probe a failed HSM, re-check an admission refusal and the work orders running out,
-        so their alarms clear when the condition does, even if no station asks meanwhile."""
-        while True:
-            try:
-                await asyncio.wait_for(self._stopping.wait(), self.health_interval_s)
-                return
-            except TimeoutError:
-                pass
-            try:
-                if self._hsm_fault is not None:
-                    await self._check_hsm()
-                if (
-                    self.admission is not None
-                    and self._faults.is_open(ReasonCode.BUSY)
-                    and not self.admission()
-                ):
-                    self._faults.cleared([ReasonCode.BUSY], "admitted again")
-                self._faults.quiet()
-                await self._check_clock()
-                if watched := self._faults.watched_work_orders:
-                    orders = await self.journal.acall(self._read_work_orders, watched)
-                    self._faults.recheck_quota(orders)
-            except sqlite3.Error as exc:
-                self._faults.failed(journal_error(exc, "reading work orders"))
-            except BirthlineError as exc:
-                self._faults.failed(exc)
-            except Exception as exc:  # noqa: BLE001 - the loop outlives a defect; its traceback is logged
-                self._faults.failed(self._faults.internal(exc))
-
-    async def _check_clock(self) -> None:
-        """Raise the clock alarm while the clock is behind the last issuance (every request is refused
-        CLOCK_NOT_TRUSTED then), at start and between requests, not only when a station asks; clear it once the
-        clock is right again."""
-        if self._last_issue_time is None:
-            last = await self.journal.acall(
-                lambda: self.journal.conn.execute("SELECT MAX(created_at) FROM issuance").fetchone()[0]
-            )
-            if self._last_issue_time is None:  # a batch may have read it meanwhile
-                self._last_issue_time = float(last or 0.0)
-        now = self.clock()
-        behind = self._last_issue_time - now
-        if behind > self.clock_skew_s:
-            self._faults.failed(IssuanceRefused(
-                f"the clock is {behind:.0f} s behind the last issuance; set the time", ReasonCode.CLOCK_NOT_TRUSTED
-            ))  # fmt: skip
-        elif (stepped := self._clock_stepped(now)) is not None:
-            # A step since the last batch refuses issuance as well (_decide): the alarm stays until it is set back.
-            self._faults.failed(stepped)
-        elif self._faults.is_open(ReasonCode.CLOCK_NOT_TRUSTED):
-            self._faults.cleared(
-                [ReasonCode.CLOCK_NOT_TRUSTED], "the clock is no longer behind the last issuance"
-            )
-
-    def _read_work_orders(self, ids: list[str]) -> dict[str, tuple[str, int, int]]:
-        return self._faults.read_work_orders(self.journal.conn, ids)
 
     def _result(self, der: bytes, serial: str, device: str, row_id: int | None, reused: bool) -> IssueResult:
         return IssueResult(der, self.chain, serial, device, row_id or 0, reused)
@@ -956,13 +658,3 @@ class IssueService:
                     res.certificate, res.chain, res.cert_serial, res.device_serial, res.issuance_id, True
                 )
             )
-
-
-def _hsm_code(exc: HsmError) -> ReasonCode:
-    """A signature that does not verify is its own refusal (the HSM answered, wrongly); anything else means the
-    HSM is not available."""
-    return (
-        ReasonCode.SIGNATURE_INVALID
-        if isinstance(exc, SignatureVerificationError)
-        else ReasonCode.HSM_UNAVAILABLE
-    )

@@ -330,7 +330,7 @@ async def test_a_worker_dying_while_verifying_signatures_costs_no_certificate(
     """The worker verifying a batch's HSM signatures dies (os._exit): the daemon verifies that batch itself, every
     certificate of it is issued (each verifies with the CA key), the pool is replaced and later batches issue."""
     from appliance.issuance import prepare
-    from appliance.issuance.service import FINISH_HERE_MAX
+    from appliance.issuance.finish import FINISH_HERE_MAX
     from tests.appliance.issuance import worker_faults
 
     mocker.patch.object(prepare, "finish_in_worker", worker_faults.finish_or_die)
@@ -392,7 +392,7 @@ async def test_a_verification_call_that_raises_costs_no_certificate_and_no_worke
     """A call that raised is not a death: the daemon verifies that batch itself, and the pool, its workers and
     the other batches' calls in it go on (it is not replaced, nothing in it is cancelled)."""
     from appliance.issuance import prepare
-    from appliance.issuance.service import FINISH_HERE_MAX
+    from appliance.issuance.finish import FINISH_HERE_MAX
     from tests.appliance.issuance import worker_faults
 
     mocker.patch.object(prepare, "finish_in_worker", worker_faults.finish_raises)
@@ -418,7 +418,7 @@ async def test_with_every_worker_busy_a_share_of_a_batch_is_finished_here_and_ea
     """At full speed every worker is busy when a batch is to be finished: the workers take the head of the batch
     and a thread of this process the rest, at once. Every certificate still carries its own device's key and
     serial, in the order of the requests, and verifies with the CA key."""
-    from appliance.issuance.service import _share_here
+    from appliance.issuance.finish import share_here
 
     # "Every worker busy" depends on timing; the split it leads to is what is tested here.
     mocker.patch.object(PreparePool, "saturated", new_callable=mocker.PropertyMock, return_value=True)
@@ -427,7 +427,7 @@ async def test_with_every_worker_busy_a_share_of_a_batch_is_finished_here_and_ea
     async with _service(journal, issuing, hsm_token, prepare_workers=1, batch_max=16) as svc:
         results = await asyncio.gather(*(svc.issue(IssueRequest(sn, csr)) for sn, _, csr in devices))
         assert svc.stats["batches"] == 1
-    here = _share_here(len(devices), 1)
+    here = share_here(len(devices), 1)
     assert 0 < here < len(devices)
     assert to_workers.call_count == 1 and len(to_workers.call_args.args[1]) == len(devices) - here
     assert to_workers.spy_return == [r.certificate for r in results[: len(devices) - here]]
@@ -441,11 +441,11 @@ async def test_with_every_worker_busy_a_share_of_a_batch_is_finished_here_and_ea
 
 
 def test_the_share_finished_here_leaves_the_workers_most_of_a_batch() -> None:
-    from appliance.issuance.service import _share_here
+    from appliance.issuance.finish import share_here
 
-    assert [_share_here(n, 1) for n in (2, 5, 10, 256)] == [0, 2, 4, 102]
-    assert [_share_here(n, 2) for n in (5, 10, 256)] == [1, 2, 64]
-    assert all(_share_here(n, w) < n for n in range(1, 300) for w in (1, 2, 4))
+    assert [share_here(n, 1) for n in (2, 5, 10, 256)] == [0, 2, 4, 102]
+    assert [share_here(n, 2) for n in (5, 10, 256)] == [1, 2, 64]
+    assert all(share_here(n, w) < n for n in range(1, 300) for w in (1, 2, 4))
 
 
 async def test_with_every_worker_busy_a_verification_call_that_raises_costs_no_certificate(

@@ -22,7 +22,8 @@ from appliance.ca import CaRecord
 from appliance.errors import IssuanceFailed, IssuancePending, IssuanceRefused, ReasonCode
 from appliance.issuance.journal import Journal
 from appliance.issuance.policy import Grant, IssueRequest
-from appliance.issuance.service import FINISH_HERE_MAX, IssueService, _share_here
+from appliance.issuance.finish import FINISH_HERE_MAX, share_here
+from appliance.issuance.service import IssueService
 from appliance.issuance.workers import PreparePool
 from appliance.profiles import Profile, builtin_profiles
 from hsm.errors import DeviceError
@@ -316,7 +317,7 @@ async def test_unverifiable_signature_is_never_released(
     assert [(r.state, r.cert_der) for r in journal.rows()] == [("burned", None)] * count
     assert to_workers.call_count == (1 if in_worker else 0)
     if in_worker:  # the worker itself refused every signature (None each), not a fallback after it
-        sent = count - (_share_here(count, workers) if busy else 0)
+        sent = count - (share_here(count, workers) if busy else 0)
         assert 0 < sent < count if busy else sent == count
         assert to_workers.spy_return == [None] * sent
 
@@ -330,7 +331,7 @@ async def test_a_bad_signature_in_the_share_checked_here_is_never_released(
     """With every worker busy, the tail of a batch is checked on a thread here: a bad signature there alone (the
     worker's part all good) still fails the whole batch and releases nothing."""
     count = 10
-    assert _share_here(count, 1) > 0  # the last request falls in the share checked here
+    assert share_here(count, 1) > 0  # the last request falls in the share checked here
     mocker.patch.object(PreparePool, "saturated", new_callable=mocker.PropertyMock, return_value=True)
     async with _service(journal, issuing, hsm_token, prepare_workers=1, batch_max=16) as svc:
         real, calls = hsm.keys.c_sign, itertools.count(1)
