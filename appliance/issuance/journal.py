@@ -36,7 +36,7 @@ from appliance.issuance.reader import JournalReader
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # The outbox (appliance/cmp/forwarder.py, docs/cmp.md "The forwarder"): one row per record to send to the
 # upstream CA. 'failed': the upstream refused the request for good; 'parked': the request could not be built or
@@ -204,8 +204,19 @@ CREATE TABLE IF NOT EXISTS issuance (
 CREATE UNIQUE INDEX IF NOT EXISTS issuance_live_device
     ON issuance (ca, device_serial) WHERE state NOT IN ('burned', 'reworked') AND updated_by IS NULL;
 CREATE INDEX IF NOT EXISTS issuance_updates ON issuance (updates) WHERE updates IS NOT NULL;
-CREATE UNIQUE INDEX IF NOT EXISTS issuance_live_key
-    ON issuance (public_key_sha256) WHERE state != 'burned';
+-- A device key is certified once: no two rows that are not burned share a public key (a burned intent's signature
+-- was never released, so its key may come back). A plain index on the key and triggers, not a UNIQUE index
+-- partial on state != 'burned': SQLite rewrites a partial index's entry whenever a column of its WHERE changes, so
+-- each certificate's intent, issued and confirmed steps each wrote a random page of ten years of keys to the WAL
+-- (docs/performance.md "Ten years of journal"). A burned row stays burned, so an insert is all there is to check.
+CREATE INDEX IF NOT EXISTS issuance_key ON issuance (public_key_sha256);
+CREATE TRIGGER IF NOT EXISTS issuance_key_once BEFORE INSERT ON issuance
+    WHEN NEW.state != 'burned' AND EXISTS (
+        SELECT 1 FROM issuance WHERE public_key_sha256 = NEW.public_key_sha256 AND state != 'burned')
+    BEGIN SELECT RAISE(ABORT, 'UNIQUE constraint failed: issuance public_key_sha256 (a live row has this key)'); END;
+CREATE TRIGGER IF NOT EXISTS issuance_burned_stays BEFORE UPDATE OF state ON issuance
+    WHEN OLD.state = 'burned' AND NEW.state != 'burned'
+    BEGIN SELECT RAISE(ABORT, 'a burned issuance row stays burned'); END;
 CREATE INDEX IF NOT EXISTS issuance_request ON issuance (station, request_id);
 -- `revoke --device` looks a device up under every CA and in every state: without this, a scan of ten years.
 CREATE INDEX IF NOT EXISTS issuance_by_device ON issuance (device_serial);
@@ -578,6 +589,9 @@ MIGRATIONS = {
         "INSERT INTO outbox_count (kind, state, n) SELECT kind, state, COUNT(*) FROM outbox GROUP BY kind, state",
         "INSERT INTO ra_request_count (state, n) SELECT state, COUNT(*) FROM ra_request GROUP BY state",
     ),
+    # Schema 4 -> 5: the public-key uniqueness moves from a partial UNIQUE index to a plain index and triggers,
+    # which SCHEMA creates right after (building the index reads the table once: ~10 s for ten million rows).
+    4: ("DROP INDEX IF EXISTS issuance_live_key",),
 }
 
 

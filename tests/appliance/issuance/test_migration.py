@@ -135,3 +135,57 @@ def test_schema_2_is_migrated_and_keeps_its_rows(tmp_path: Path) -> None:
         assert q("SELECT kind, state, n FROM outbox_count WHERE n > 0 ORDER BY kind, state") == q(
             "SELECT kind, state, COUNT(*) FROM outbox GROUP BY kind, state ORDER BY kind, state"
         )
+
+
+def _as_schema_4(path: Path) -> None:
+    """A journal as schema 4 left it: the public-key uniqueness as a UNIQUE index partial on state."""
+    Journal(path).close()
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.executescript(
+        "DROP TRIGGER issuance_key_once; DROP TRIGGER issuance_burned_stays; DROP INDEX issuance_key;"
+        " CREATE UNIQUE INDEX issuance_live_key ON issuance (public_key_sha256) WHERE state != 'burned';"
+        " UPDATE meta SET value='4' WHERE key='schema_version';"
+    )
+    conn.close()
+
+
+def _row(key: bytes, serial: str, state: str) -> str:
+    return (
+        "INSERT INTO issuance (request_id, station, profile, ca, device_serial, public_key_sha256, csr_sha256,"
+        f" cert_serial, tbs_sha256, state, created_at) VALUES ('r{serial}', 'st', 'idevid', 'issuing',"
+        f" 'SN-{serial}', x'{key.hex()}', x'00', '{serial}', x'00', '{state}', 1)"
+    )
+
+
+def test_schema_4_moves_key_uniqueness_to_a_plain_index_and_triggers(tmp_path: Path) -> None:
+    """Schema 5: a device key is still certified once (a live duplicate is refused by the database itself, a
+    burned row's key may come back), but the index on the key no longer names `state`, so changing a row's state
+    leaves that index alone."""
+    path = tmp_path / "journal.sqlite"
+    _as_schema_4(path)
+    with Journal(path) as journal:
+
+        def q(sql: str) -> list[tuple[object, ...]]:
+            return journal.call(lambda: journal.conn.execute(sql).fetchall())
+
+        assert q("SELECT value FROM meta WHERE key='schema_version'") == [(str(SCHEMA_VERSION),)]
+        names = {n for (n,) in q("SELECT name FROM sqlite_master WHERE tbl_name='issuance'")}
+        assert "issuance_live_key" not in names
+        assert {"issuance_key", "issuance_key_once", "issuance_burned_stays"} <= names
+        key = bytes(range(32))
+        q(_row(key, "01", "burned"))
+        q(_row(key, "02", "intent"))  # a burned row's key comes back
+        with pytest.raises(sqlite3.IntegrityError, match="UNIQUE constraint failed"):
+            q(_row(key, "03", "intent"))  # ... but only once
+        q(_row(key, "04", "burned"))  # a burned duplicate is no conflict
+        with pytest.raises(sqlite3.IntegrityError, match="stays burned"):
+            q("UPDATE issuance SET state='intent' WHERE cert_serial='04'")
+        q("UPDATE issuance SET state='burned' WHERE cert_serial='02'")
+        q(_row(key, "05", "intent"))  # burned again: the key is free again
+        assert q("SELECT cert_serial, state FROM issuance ORDER BY cert_serial") == [
+            ("01", "burned"), ("02", "burned"), ("04", "burned"), ("05", "intent"),
+        ]  # fmt: skip
+        plan = q(
+            f"EXPLAIN QUERY PLAN SELECT id FROM issuance WHERE public_key_sha256=x'{key.hex()}' AND state != 'burned'"
+        )
+        assert "USING INDEX issuance_key" in " ".join(str(r[-1]) for r in plan)
