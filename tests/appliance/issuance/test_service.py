@@ -20,9 +20,9 @@ import hsm.keys
 from appliance import ca as ca_mod
 from appliance.ca import CaRecord
 from appliance.errors import IssuanceFailed, IssuancePending, IssuanceRefused, ReasonCode
+from appliance.issuance.finish import FINISH_HERE_MAX, share_here
 from appliance.issuance.journal import Journal
 from appliance.issuance.policy import Grant, IssueRequest
-from appliance.issuance.finish import FINISH_HERE_MAX, share_here
 from appliance.issuance.service import IssueService
 from appliance.issuance.workers import PreparePool
 from appliance.profiles import Profile, builtin_profiles
