@@ -432,6 +432,12 @@ def main() -> int:
         " building one; if that run was stopped during the bulk fill, its certificates' audit entries are"
         " added first",
     )
+    ap.add_argument(
+        "--rounds-only",
+        action="store_true",
+        help="with --measure-kept: only the alternated issuance rounds, right after the full journal's page-cache"
+        " drop",
+    )
     args = ap.parse_args()
     if args.measure_kept is not None:
         return measure_kept(args)
@@ -524,6 +530,17 @@ def measure_kept(args: argparse.Namespace) -> int:
         fill_audit(config, want, shapes, time.time() - TEN_YEARS_S, TEN_YEARS_S)
         print(f"audit fill took {time.perf_counter() - t0:.0f} s", flush=True)
     drop_cached(full_path)
+    if args.rounds_only:
+        # Nothing else first: the rounds meet the full journal as a daemon does right after a reboot.
+        empty_only: dict[str, float] = {}
+        full_only: dict[str, float] = {}
+        alternate_rounds(args, config_empty, config, empty_only, full_only)
+        print(
+            f"  issuance rate on the full journal: {full_only['rate'] / empty_only['rate']:.0%} of the empty one"
+            f" (goal >= 80%); bytes written per certificate {empty_only['written']:.0f} ->"
+            f" {full_only['written']:.0f}"
+        )
+        return 0
     full = measure("full", base, toml, config, port, "WO-Y000000", f"KF{time.time():.0f}", args.sample)
     empty = measure(
         "empty", base, toml_empty, config_empty, port, "WO-BENCH", f"KE{time.time():.0f}", args.sample
