@@ -142,7 +142,8 @@ def _as_schema_4(path: Path) -> None:
     Journal(path).close()
     conn = sqlite3.connect(path, isolation_level=None)
     conn.executescript(
-        "DROP TRIGGER issuance_key_once; DROP TRIGGER issuance_burned_stays; DROP INDEX issuance_key;"
+        "DROP TRIGGER issuance_key_once; DROP TRIGGER issuance_burned_stays; DROP TRIGGER issuance_key_fixed;"
+        " DROP INDEX issuance_key;"
         " CREATE UNIQUE INDEX issuance_live_key ON issuance (public_key_sha256) WHERE state != 'burned';"
         " UPDATE meta SET value='4' WHERE key='schema_version';"
     )
@@ -171,7 +172,7 @@ def test_schema_4_moves_key_uniqueness_to_a_plain_index_and_triggers(tmp_path: P
         assert q("SELECT value FROM meta WHERE key='schema_version'") == [(str(SCHEMA_VERSION),)]
         names = {n for (n,) in q("SELECT name FROM sqlite_master WHERE tbl_name='issuance'")}
         assert "issuance_live_key" not in names
-        assert {"issuance_key", "issuance_key_once", "issuance_burned_stays"} <= names
+        assert {"issuance_key", "issuance_key_once", "issuance_key_fixed", "issuance_burned_stays"} <= names
         key = bytes(range(32))
         q(_row(key, "01", "burned"))
         q(_row(key, "02", "intent"))  # a burned row's key comes back
@@ -180,10 +181,14 @@ def test_schema_4_moves_key_uniqueness_to_a_plain_index_and_triggers(tmp_path: P
         q(_row(key, "04", "burned"))  # a burned duplicate is no conflict
         with pytest.raises(sqlite3.IntegrityError, match="stays burned"):
             q("UPDATE issuance SET state='intent' WHERE cert_serial='04'")
+        other = bytes(range(1, 33))
+        q(_row(other, "06", "intent"))
+        with pytest.raises(sqlite3.IntegrityError, match="never changes"):  # not even to a free key
+            q(f"UPDATE issuance SET public_key_sha256=x'{bytes(range(2, 34)).hex()}' WHERE cert_serial='06'")
         q("UPDATE issuance SET state='burned' WHERE cert_serial='02'")
         q(_row(key, "05", "intent"))  # burned again: the key is free again
         assert q("SELECT cert_serial, state FROM issuance ORDER BY cert_serial") == [
-            ("01", "burned"), ("02", "burned"), ("04", "burned"), ("05", "intent"),
+            ("01", "burned"), ("02", "burned"), ("04", "burned"), ("05", "intent"), ("06", "intent"),
         ]  # fmt: skip
         plan = q(
             f"EXPLAIN QUERY PLAN SELECT id FROM issuance WHERE public_key_sha256=x'{key.hex()}' AND state != 'burned'"
