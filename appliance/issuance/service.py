@@ -380,6 +380,15 @@ class IssueService(IntentSteps, HealthChecks):
             self._fail(batch, exc)
         except Exception as exc:  # noqa: BLE001 - a defect fails its batch (traceback logged), never the service
             self._fail(batch, self._faults.internal(exc))
+        except asyncio.CancelledError:
+            # The batch was stopped midway (its task group is going down): its callers are told rather than left
+            # waiting for ever, each still counted open in `activity`. Nothing was released; an intent it left is
+            # burned at the next start, as after a crash.
+            stopped = IssuanceFailed("the issuance service stopped", ReasonCode.BUSY)
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(stopped)
+            raise
         finally:
             for item in batch:
                 if item.prep is not None and self._inflight.get(item.key) is item:

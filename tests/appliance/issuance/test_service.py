@@ -510,3 +510,29 @@ async def test_audit_log_unwritable_stops_issuance_and_says_why(
     assert not result.reused and sign.call_count == 1
     events = [e.event for e in audit.entries()]
     assert events == ["issuance.intent", "issuance.issued"]
+
+
+async def test_a_batch_stopped_midway_tells_its_callers_and_closes_their_activity(
+    journal: Journal, issuing: CaRecord, hsm_token: Token
+) -> None:
+    """A batch task cancelled while its request waits at the HSM (what the service's task group does to every
+    batch when one of its tasks fails): the caller gets BUSY instead of waiting for ever, the request no longer
+    counts as open issuance (the OCSP responder yields to open issuance), and the service issues on."""
+    from tests.appliance.va.test_ocsp_load import GUARD_S, hold, until
+
+    async with _service(journal, issuing, hsm_token) as svc:
+        async with hold(hsm_token.thread) as gate:
+            pending = asyncio.ensure_future(svc.issue(IssueRequest("SN-STOP", make_csr()[1])))
+            await until(
+                lambda: any(r.state == "intent" for r in journal.rows())
+            )  # past its intent, at the HSM
+            (batch,) = [t for t in asyncio.all_tasks() if t.get_name().startswith("issuance-batch-")]
+            batch.cancel()
+            with pytest.raises(IssuanceFailed) as stopped:
+                await asyncio.wait_for(pending, GUARD_S)
+        gate.result(GUARD_S)
+        assert stopped.value.code == ReasonCode.BUSY and svc.activity.open == 0
+        later = await svc.issue(IssueRequest("SN-AFTER", make_csr()[1]))
+    assert later.device_serial == "SN-AFTER"
+    # The stopped request's signature, if the HSM made it, was never released; its intent waits for the next start.
+    assert {r.device_serial: r.state for r in journal.rows()} == {"SN-STOP": "intent", "SN-AFTER": "issued"}
