@@ -209,7 +209,7 @@ def mixed(
         print(
             f"  {label + ':':27} {loaded:8.0f} certificates/s  ({', '.join(f'{r:.0f}' for r in rates[kind])});"
             f" OCSP {statistics.median(ocsp_rates[kind]):.0f} answers/s meanwhile (1 in 10 with a nonce),"
-            f" {yielded[kind]} held for issuance, {try_later[kind]} of them answered tryLater"
+            f" {yielded[kind]} held for issuance, {try_later[kind]} answered tryLater for it"
         )
     print(f"  loaded / alone, no budget: {statistics.median(rates['no-budget']) / alone:8.1%}")
     print(f"  loaded / alone:            {statistics.median(rates['rules']) / alone:8.1%}  (goal >= 80%)")

@@ -618,7 +618,12 @@ class OcspResponder(PollingTask):
         """admit() without the wait, for listeners that hold requests themselves (appliance/va/fastpath.py):
         0.0 within the client's rate (and, while issuance is at work, within the while-issuing rate of all
         clients together), seconds to hold the request, or None far above either (hold it pace_max_delay_s,
-        then answer tryLater). Counted as admit counts."""
+        then answer tryLater). Counted as admit counts.
+
+        A request takes its place in the shared rate when it arrives, even if its own client's rate then holds
+        it longer: a GCRA cell keeps one time, not a calendar, so a place reserved later would lose every gap
+        before it. Clients that send faster than their own rate thus take a little of the shared rate from the
+        others (one interval per held request), never more than their own rates allow."""
         issuing = self.issuing()
         held = 0.0
         if issuing:

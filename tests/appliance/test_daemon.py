@@ -148,9 +148,7 @@ async def test_enrol_over_tls_verifies_and_confirm_marks_the_journal(daemon: Dae
     await link.close()
 
 
-async def test_the_va_yields_to_the_daemons_issuance_from_any_front_end(
-    daemon: Daemon, tmp_path: Path
-) -> None:
+async def test_the_va_yields_to_the_daemons_issuance(daemon: Daemon, tmp_path: Path) -> None:
     """The responder's while-issuing budget (docs/revocation.md "Load") follows the daemon's own issuance: the
     one Activity of the core, which every IssueService of the process marks."""
     assert daemon.core is not None and daemon.va is not None

@@ -152,3 +152,28 @@ def test_config_key_reaches_the_responder(tmp_path: Path) -> None:
     assert {p.where for p in info.value.problems} == {"va.request_rate_while_issuing"}
     documented = (Path(__file__).parents[3] / "docs" / "configuration.md").read_text()
     assert "| `request_rate_while_issuing` |" in documented
+
+
+async def test_crl_fetches_on_the_http_listener_yield_too(va: Va) -> None:
+    """The aiohttp listener's requests (OCSP and CRL alike) pass the same shared budget: far over it while
+    issuance is at work, a CRL fetch is held and answered 503 with Retry-After."""
+    import aiohttp
+
+    from appliance.va.http import VaServer, make_app
+    from appliance.va.service import ValidationAuthority, VaSettings
+
+    issuing = [True]
+    settings = VaSettings(request_rate_while_issuing=1, pace_max_delay_s=0.01)
+    authority = ValidationAuthority(va.journal, va.token, va.audit, settings, issuing=lambda: issuing[0])
+    async with authority, VaServer(make_app(authority), "127.0.0.1", 0) as srv:
+        statuses = []
+        async with aiohttp.ClientSession() as s:
+            for _ in range(3):
+                async with s.get(srv.url + "/crl/issuing.crl") as r:
+                    statuses.append((r.status, r.headers.get("Retry-After")))
+            issuing[0] = False
+            async with s.get(srv.url + "/crl/issuing.crl") as r:
+                statuses.append((r.status, r.headers.get("Retry-After")))
+    # A burst of one at 1/s: the first at once, the next two far over it; with issuance idle, at once again.
+    assert statuses == [(200, None), (503, "1"), (503, "1"), (200, None)]
+    assert authority.responder.yielded_refused == 2
