@@ -78,6 +78,16 @@ def _clean(text: str) -> str:
     return "".join(ch if " " <= ch <= "~" else "?" for ch in text)[:TEXT_MAX]
 
 
+def _undecryptable() -> ScepError:
+    """The one answer to a pkcsPKIEnvelope that does not decrypt, or whose content is not the message's (a PKCS #10
+    request, an IssuerAndSubject): which of the two a peer cannot tell (RFC 3218 2.3.2; docs/scep.md)."""
+    return ScepError(
+        "the pkcsPKIEnvelope does not decrypt with the RA key to this message's content (GetCACert gives the RA"
+        " certificate)",
+        FailInfo.BAD_MESSAGE_CHECK,
+    )
+
+
 @dataclass(frozen=True)
 class Answer:
     status: int
@@ -273,17 +283,16 @@ class ScepResponder:
         try:
             return cms.decrypt_content(envelope, key)
         except ValueError:
-            raise ScepError(
-                "the pkcsPKIEnvelope does not decrypt with the RA key (GetCACert gives its certificate)",
-                FailInfo.BAD_MESSAGE_CHECK,
-            ) from None
+            raise _undecryptable() from None
 
     def _csr(self, payload: bytes) -> x509.CertificateSigningRequest:
         try:
             return x509.load_der_x509_csr(payload)
         except ValueError:
-            raise ScepError("the envelope does not hold a PKCS #10 request (DER)", FailInfo.BAD_REQUEST,
-                            ReasonCode.BAD_CSR) from None  # fmt: skip
+            # The same answer as a content that does not decrypt: the content is CBC without integrity, so a
+            # peer that alters a recorded request's ciphertext would otherwise learn from the answer whether its
+            # padding came out right (a padding oracle on the content, which holds the challenge password).
+            raise _undecryptable() from None
 
     @staticmethod
     def _challenge(csr: x509.CertificateSigningRequest) -> bytes:
@@ -440,8 +449,8 @@ class ScepResponder:
                 or any(n.tag != 0x30 for n in names)
             ):
                 raise ValueError("not SEQUENCE { issuer Name, subject Name }")
-        except ValueError as exc:
-            raise ScepError(f"the CertPoll content is not an IssuerAndSubject: {exc}"[:200]) from None
+        except ValueError:
+            raise _undecryptable() from None  # as in _csr: no padding oracle
         label, message = request.label, request.message
         request_id = self._request_id(label, message.transaction_id)
         signer_key = cms.spki_sha256(message.signer)

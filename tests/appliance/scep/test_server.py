@@ -274,6 +274,18 @@ async def test_no_padding_oracle(scep: Served) -> None:
             and reply.fail_info == FailInfo.BAD_MESSAGE_CHECK
         )
         texts.add(reply.fail_info_text)
+    # Content that decrypts (its padding right) but is not the message's: the same answer as one that does not
+    # decrypt. The content is CBC without integrity: a different answer here would tell a peer that alters a
+    # recorded request's ciphertext whether its padding came out right, and so decrypt the request (its
+    # challenge password) byte by byte.
+    for kind, payload in ((MessageType.PKCS_REQ, b"not a CSR"), (MessageType.CERT_POLL, b"\x30\x00")):
+        data = client.request(kind, payload, signer=dev.signer, key=dev.key, ra=scep.ra_cert, transaction_id="o",
+                              cipher=AES128)  # fmt: skip
+        status, body, _ = await post(scep, data)
+        reply = client.read_reply(body, ra=scep.ra_cert, signer=dev.signer, key=dev.key, transaction_id="o")
+        assert status == 200 and reply.status is PkiStatus.FAILURE
+        assert reply.fail_info == FailInfo.BAD_MESSAGE_CHECK, kind
+        texts.add(reply.fail_info_text)
     assert len(texts) == 1, texts
 
 
