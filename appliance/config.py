@@ -43,6 +43,7 @@ class ApplianceSection:
 class JournalSection:
     path: Path
     batch_max: int = 256
+    prewarm: bool = True  # read the public-key index into the page cache after a start (issuance/prewarm.py)
 
 
 @dataclass(frozen=True)
@@ -518,9 +519,12 @@ def parse_config(
     r = _Reader(_table(data, "journal", problems), "journal", problems)
     journal_path = r.text("path", "journal.sqlite")
     batch_max = r.integer("batch_max", 256, lo=1, hi=4096)
+    prewarm = r.flag("prewarm", True)
     r.done()
     jp = Path(journal_path or "journal.sqlite")
-    journal = JournalSection(path=jp if jp.is_absolute() else state_dir / jp, batch_max=batch_max)
+    journal = JournalSection(
+        path=jp if jp.is_absolute() else state_dir / jp, batch_max=batch_max, prewarm=prewarm
+    )
 
     r = _Reader(_table(data, "issuance", problems), "issuance", problems)
     r.name("issuing_ca", names.CA)

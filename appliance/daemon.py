@@ -51,6 +51,7 @@ from appliance.errors import BirthlineError, IssuanceFailed, IssuancePending, Is
 from appliance.httplisten import HttpListener, TlsServing
 from appliance.issuance.journal import Journal
 from appliance.issuance.policy import IssueRequest
+from appliance.issuance.prewarm import JournalPrewarm
 from appliance.issuance.service import IssueService
 from appliance.runtime import Core, check_state, open_core, record_start
 from appliance.station_failures import LinkFailures
@@ -338,6 +339,7 @@ class Daemon:
         self.refused_lan = 0  # TLS connections whose certificate belongs to no enabled station
         self.link_failures: LinkFailures | None = None
         self.va: ValidationAuthority | None = None
+        self.prewarm: JournalPrewarm | None = None
         self.va_server: VaServer | None = None
         self.ocsp_line: OcspListener | None = None
         self.cmp: CmpResponder | None = None
@@ -410,6 +412,9 @@ class Daemon:
             Checkpointer(self.core.audit, ensure_audit_key(self.core.token), alarms=self.core.alarms)
         )
         record_start(self.core)
+        if self.config.journal.prewarm:
+            # Issuance's one random-key index read in order, in the background (appliance/issuance/prewarm.py).
+            self.prewarm = await self._stack.enter_async_context(JournalPrewarm(self.config.journal.path))
         # CRLs and OCSP: signed in the HSM ahead of requests, served over HTTP on the LAN side.
         self.va = await self._stack.enter_async_context(
             ValidationAuthority(

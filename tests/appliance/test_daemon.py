@@ -162,6 +162,33 @@ async def test_the_va_yields_to_the_daemons_issuance(daemon: Daemon, tmp_path: P
     await link.close()
 
 
+async def test_the_daemon_reads_the_key_index_after_it_starts(
+    softhsm_token: SoftHsmToken, production_journal_template: Path, tmp_path: Path
+) -> None:
+    """[journal] prewarm (default on): the public-key index read once in the background after the start
+    (appliance/issuance/prewarm.py); off: not at all."""
+    config = _config(tmp_path / "state", softhsm_token, production_journal_template)
+    with Journal(
+        config.journal.path
+    ) as journal:  # a few certificates' rows (burned: no other table needs them)
+        journal.call(journal.transaction, lambda conn: conn.executemany(
+            "INSERT INTO issuance (request_id, station, profile, ca, device_serial, public_key_sha256, csr_sha256,"
+            " cert_serial, tbs_sha256, state, created_at) VALUES (?, 'st', 'idevid', 'issuing', ?, ?, x'00', ?,"
+            " x'00', 'burned', 1)", [(f"r{i}", f"SN-PW{i}", bytes([i]) * 32, f"{i:x}") for i in range(1, 41)]),
+            "test rows")  # fmt: skip
+    async with Daemon(config) as d:
+        assert d.prewarm is not None
+        deadline = asyncio.get_running_loop().time() + 60
+        while d.prewarm.result is None:
+            assert asyncio.get_running_loop().time() < deadline, "the prewarm never ended"
+            await asyncio.sleep(0.02)
+        rows = d.journal.call(lambda: d.journal.conn.execute("SELECT COUNT(*) FROM issuance").fetchone()[0])
+        assert rows >= 40 and d.prewarm.result.skipped is None and d.prewarm.result.keys == rows
+    off = dataclasses.replace(config, journal=dataclasses.replace(config.journal, prewarm=False))
+    async with Daemon(off) as d:
+        assert d.prewarm is None
+
+
 async def test_ca_chain_is_the_chain_of_the_profiles_issuing_ca_and_unknown_profiles_are_refused(
     daemon: Daemon, tmp_path: Path
 ) -> None:
