@@ -413,7 +413,7 @@ class Daemon:
         )
         record_start(self.core)
         if self.config.journal.prewarm:
-            # Issuance's one random-key index read in order, in the background (appliance/issuance/prewarm.py).
+            # The random-key index every certificate writes, read in order in the background (issuance/prewarm.py).
             self.prewarm = await self._stack.enter_async_context(JournalPrewarm(self.config.journal.path))
         # CRLs and OCSP: signed in the HSM ahead of requests, served over HTTP on the LAN side.
         self.va = await self._stack.enter_async_context(

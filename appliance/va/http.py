@@ -124,7 +124,7 @@ async def crl_get(request: web.Request) -> web.Response:
     va = request.app[VA_KEY]
     if not await _admit(request, va):
         raise web.HTTPServiceUnavailable(
-            text="too many requests from this address: retry\n",
+            text="too many requests (from this address, or from all while certificates are issued): retry\n",
             headers={"Retry-After": "1", "Cache-Control": "no-store"},
         )
     info = va.crls.current(request.match_info["name"])
