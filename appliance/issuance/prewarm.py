@@ -4,8 +4,9 @@ Every certificate checks and inserts its device key's hash in `issuance_key`, an
 an index that holds every key ever certified (about 450 MB for ten million). After a reboot none of it is cached,
 so each certificate waited for one random read from disk: on a ten-million journal issuance ran at 55 to 58% of
 its rate on a small journal, and at 73 to 79% once the index had been read through once, in order, which took
-10 to 12 s (docs/performance.md "Ten years of journal"). The other indexes issuance writes grow at their end (serials and
-request ids are time-ordered, device serials mostly sequential), so their pages in use are few and soon cached.
+10 to 12 s (docs/performance.md "Ten years of journal"). The other indexes issuance writes grow at their end
+(serials and request ids are time-ordered, device serials mostly sequential), so their pages in use are few and
+soon cached; with an upstream CA the outbox's transactionID (random by RFC 9483) is the exception.
 
 The read is one covering scan of the index on a read-only connection of its own, on a thread: the daemon starts
 and issues meanwhile (a certificate then pays the random read as before), nothing is locked (WAL readers block
@@ -63,7 +64,9 @@ class JournalPrewarm:
         self.path = path
         self.available = available
         self.result: Prewarmed | None = None
-        self._conn: sqlite3.Connection | None = None
+        self._conn: sqlite3.Connection | None = (
+            None  # while the scan's connection is open (tests wait for it)
+        )
         self._stopped = False
         self._task: asyncio.Task[None] | None = None
 
@@ -86,7 +89,7 @@ class JournalPrewarm:
         self._stopped = True
 
     async def _run(self) -> None:
-        # The thread ends by itself once interrupted; the task only waits for it.
+        # The thread ends by itself once stopped (the progress handler); the task only waits for it.
         self.result = await asyncio.to_thread(self.read)
         r = self.result
         if r.skipped is not None:

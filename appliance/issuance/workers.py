@@ -115,7 +115,8 @@ class PreparePool:
 
     @property
     def saturated(self) -> bool:
-        """Every worker is busy with another call (issuance.finish.finish_batch then checks a share of a batch itself)."""
+        """Every worker is busy with another call (issuance.finish.finish_batch then checks a share of a batch
+        itself)."""
         return self._pool.saturated
 
     # -- work ----------------------------------------------------------------------------------------------------
