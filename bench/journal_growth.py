@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 import os
 import re
 import shutil
@@ -433,17 +434,20 @@ def main() -> int:
         metavar="DIR",
         help="measure a kept appliance (a birthline-growth-* directory of an earlier --keep run) instead of"
         " building one; if that run was stopped during the bulk fill, its certificates' audit entries are"
-        " added first",
+        " added first. Its empty copy (state-empty) is replaced by state-empty-pristine first (made by the"
+        " --keep run, or from state-empty by the first --measure-kept of an older kept run)",
     )
     ap.add_argument(
         "--rounds-only",
         action="store_true",
-        help="with --measure-kept: only the alternated issuance rounds (right after the full journal's page-cache"
-        " drop, then after the daemon's prewarm)",
+        help="with --measure-kept: only the alternated issuance rounds (right after a page-cache drop, without"
+        " the prewarm, then after the daemon's prewarm)",
     )
     args = ap.parse_args()
     if args.measure_kept is not None:
         return measure_kept(args)
+    if args.keep is not None:
+        args.keep.mkdir(parents=True, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="birthline-growth-", dir=args.keep)
     base = Path(tmp)
     try:
@@ -459,6 +463,8 @@ def main() -> int:
         empty = measure("empty", base, toml, config, port, "WO-BENCH", "E", args.sample)
         # A copy of the empty appliance's state, to alternate issuance rounds with the full one afterwards.
         shutil.copytree(config.appliance.state_dir, base / "state-empty")
+        if args.keep is not None:
+            keep_pristine(base / "state-empty")
         toml_empty = base / "birthline-empty.toml"
         toml_empty.write_text(toml.read_text().replace(f"{base}/state", f"{base}/state-empty"))
         config_empty = load_config(toml_empty)
@@ -506,23 +512,28 @@ def issuance_rounds(
     empty: dict[str, float],
     full: dict[str, float],
 ) -> None:
-    """The issuance rate on each journal twice, both after a page-cache drop of the full journal (a reboot):
-    first right away ("cold": what a daemon meets in its first seconds after a start), then after the read of
-    the public-key index that a started daemon runs in the background (appliance/issuance/prewarm.py, [journal]
-    prewarm): the rate of a running daemon, the figure for the goal."""
+    """The issuance rate on each journal twice. First right after a page-cache drop of both journals, as after a
+    reboot, without the prewarm ("cold": near what a daemon meets in its first seconds after a start, before its
+    prewarm has read much; the small journal is read back within its first round). Then, after another drop of
+    the full journal, after the read of the public-key index that a started daemon runs in the background
+    (appliance/issuance/prewarm.py, [journal] prewarm): the rate of a running daemon, the figure for the goal."""
     path = config.appliance.state_dir / "journal.sqlite"
+    empty_path = config_empty.appliance.state_dir / "journal.sqlite"
     held = []
-    for p in (config_empty.appliance.state_dir / "journal.sqlite", path):
+    for p in (empty_path, path):
         with contextlib.closing(sqlite3.connect(f"file:{p}?mode=ro", uri=True)) as conn:
             held.append(conn.execute("SELECT MAX(id) FROM issuance").fetchone()[0])
     print(
         f"issuance rounds: the empty journal holds {held[0]} certificates, the full one {held[1]}", flush=True
     )
+    drop_cached(
+        empty_path
+    )  # a restored or copied journal is otherwise still cached (large folios: drop_cached)
     drop_cached(path)
     cold_empty, cold_full = alternate_rounds(args, config_empty, config)
     empty["cold_rate"], full["cold_rate"] = cold_empty["rate"], cold_full["rate"]
     print(
-        f"  right after a start (page cache dropped, no prewarm): issuance rate on the full journal"
+        f"  right after a start, without the prewarm (page cache dropped): issuance rate on the full journal"
         f" {cold_full['rate'] / cold_empty['rate']:.0%} of the empty one; bytes written per certificate"
         f" {cold_empty['written']:.0f} -> {cold_full['written']:.0f}",
         flush=True,
@@ -531,7 +542,7 @@ def issuance_rounds(
     done = JournalPrewarm(path).read()
     print(f"prewarm (the daemon's, after a start): {done.keys} keys in {done.seconds:.1f} s"
           f"{'; skipped: ' + done.skipped if done.skipped else ''}", flush=True)  # fmt: skip
-    empty["prewarm_s"], full["prewarm_s"] = 0.0, done.seconds
+    empty["prewarm_s"], full["prewarm_s"] = 0.0, (math.nan if done.skipped else done.seconds)
     warm_empty, warm_full = alternate_rounds(args, config_empty, config)
     empty["rate"], full["rate"] = warm_empty["rate"], warm_full["rate"]
     empty["written"], full["written"] = warm_empty["written"], warm_full["written"]
@@ -542,23 +553,39 @@ def issuance_rounds(
     )
 
 
+def keep_pristine(state_dir: Path) -> Path:
+    """A copy of the empty journal's state as it is now (state-empty-pristine beside it), made once: every
+    measurement issues certificates into the empty copy too, and each --measure-kept run starts again from this,
+    so that repeated runs compare with the same small journal. Copied under a temporary name, then renamed: an
+    interrupted copy is never taken for a whole one."""
+    pristine = state_dir.with_name("state-empty-pristine")
+    if not pristine.exists():
+        partial = state_dir.with_name("state-empty-pristine.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(state_dir, partial)
+        partial.rename(pristine)
+    return pristine
+
+
 def measure_kept(args: argparse.Namespace) -> int:
     """--measure-kept: the empty copy and the full journal of a kept run, measured as a whole run measures them.
     A run stopped during the bulk fill kept the 100,000-certificate chunks it committed, without their audit
     entries (the audit fill comes last): those are added first, as fill() would have (a checkpoint every
-    CHECKPOINT_EVERY entries, signed in the HSM)."""
+    CHECKPOINT_EVERY entries, signed in the HSM). The empty copy (state-empty) is first put back as the whole
+    run left it before its rounds (state-empty-pristine, see keep_pristine)."""
     base = args.measure_kept.resolve()
     toml, toml_empty = base / "birthline.toml", base / "birthline-empty.toml"
     config, config_empty = load_config(toml), load_config(toml_empty)
     port = int(re.search(r'lan_listen = "127\.0\.0\.1:(\d+)"', toml.read_text()).group(1))  # type: ignore[union-attr]
-    # Every measurement issues certificates into the empty copy too; each --measure-kept starts from the copy
-    # as the whole run left it, so that repeated runs compare with the same small journal.
-    pristine = base / "state-empty-pristine"
-    if pristine.exists():
-        shutil.rmtree(config_empty.appliance.state_dir)
-        shutil.copytree(pristine, config_empty.appliance.state_dir)
-    else:
-        shutil.copytree(config_empty.appliance.state_dir, pristine)
+    state_empty = config_empty.appliance.state_dir
+    if not (base / "state-empty-pristine").exists():
+        # A kept run from before keep_pristine(): its empty copy may have grown by earlier runs' rounds.
+        print(
+            "no state-empty-pristine: taking the empty copy as it is now as the one to start from", flush=True
+        )
+    pristine = keep_pristine(state_empty)
+    shutil.rmtree(state_empty, ignore_errors=True)
+    shutil.copytree(pristine, state_empty)
     empty_path = config_empty.appliance.state_dir / "journal.sqlite"
     full_path = config.appliance.state_dir / "journal.sqlite"
     per_cert, shapes = audit_shapes(empty_path)
@@ -572,7 +599,9 @@ def measure_kept(args: argparse.Namespace) -> int:
     audit_bulk = counts["full"][1] - counts["empty"][1]
     want = round(bulk * per_cert)
     print(
-        f"kept run {base}: {bulk} bulk certificates, {audit_bulk} of their {want} audit entries", flush=True
+        f"kept run {base}: {bulk} certificates more than the empty copy (the bulk fill's and earlier runs'),"
+        f" {audit_bulk} of their {want} audit entries",
+        flush=True,
     )
     if audit_bulk < want // 2:  # the fill was stopped before its audit entries
         t0 = time.perf_counter()
@@ -581,7 +610,7 @@ def measure_kept(args: argparse.Namespace) -> int:
     empty: dict[str, float] = {}
     full: dict[str, float] = {}
     if args.rounds_only:
-        # Nothing else first: the rounds meet the full journal as a daemon does right after a reboot.
+        # Nothing else first: the first rounds meet the full journal as a daemon does right after a reboot.
         issuance_rounds(args, config_empty, config, empty, full)
         return 0
     drop_cached(full_path)
@@ -601,7 +630,7 @@ def report(empty: dict[str, float], full: dict[str, float]) -> None:
     rows = (
         ("issuance rate, prewarmed (cert/s)", "rate", "{:.0f}"),
         ("  right after a start (cold)", "cold_rate", "{:.0f}"),
-        ("bytes written per certificate", "written", "{:.0f}"),
+        ("bytes written a cert., prewarmed", "written", "{:.0f}"),
         ("OCSP cold lookup (us)", "ocsp_us", "{:.1f}"),
         ("report workorder (s)", "report_s", "{:.2f}"),
         ("export workorder --csv (s)", "export_s", "{:.2f}"),
@@ -615,10 +644,14 @@ def report(empty: dict[str, float], full: dict[str, float]) -> None:
         print(
             f"  {name:34s} {fmt.format(empty[key]):>10s} {fmt.format(full[key]):>10s} {full[key] / empty[key]:10.2f}"
         )
+    prewarmed = (
+        "after the prewarm skipped itself (see above)"
+        if math.isnan(full["prewarm_s"])
+        else f"once the daemon's prewarm has read the key index ({full['prewarm_s']:.1f} s after a start)"
+    )
     print(
-        f"  issuance rate on the full journal: {full['rate'] / empty['rate']:.0%} of the empty one once the daemon's"
-        f" prewarm has read the key index ({full['prewarm_s']:.0f} s after a start; goal >= 80%);"
-        f" {full['cold_rate'] / empty['cold_rate']:.0%} right after a start, before it"
+        f"  issuance rate on the full journal: {full['rate'] / empty['rate']:.0%} of the empty one {prewarmed}"
+        f" (goal >= 80%); {full['cold_rate'] / empty['cold_rate']:.0%} right after a start without the prewarm"
     )
     print(f"  journal bytes per certificate: {(full['bytes'] - empty['bytes']) / added:.0f}"
           f" (full journal {full['bytes'] / 1e9:.2f} GB)")  # fmt: skip
