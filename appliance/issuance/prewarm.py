@@ -5,9 +5,9 @@ an index that holds every key ever certified (about 450 MB for ten million). Aft
 so each certificate waited for one random read from disk: on a ten-million journal issuance ran at 55 to 74% of
 its rate on a small journal, and at 73 to 95% once the index had been read through once, in order, which
 took 7 to 12 s (docs/performance.md "Ten years of journal", the prewarm and run 7). The other indexes
-issuance writes grow at their end (serials and request ids are time-ordered, device serials mostly sequential),
-so their pages in use are few and soon cached; with an upstream CA the outbox's transactionID (random by RFC 9483)
-is the exception.
+issuance writes grow at their end (serials and request ids are time-ordered, device serials mostly
+sequential), so their pages in use are few and soon cached; with an upstream CA the outbox's transactionID
+(random by RFC 9483) is the exception.
 
 The read is one covering scan of the index on a read-only connection of its own, on a thread: the daemon starts
 and issues meanwhile (a certificate then pays the random read as before), nothing is locked (WAL readers block
