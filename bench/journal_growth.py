@@ -526,9 +526,8 @@ def issuance_rounds(
     print(
         f"issuance rounds: the empty journal holds {held[0]} certificates, the full one {held[1]}", flush=True
     )
-    drop_cached(
-        empty_path
-    )  # a restored or copied journal is otherwise still cached (large folios: drop_cached)
+    # A restored or copied journal is otherwise still in the page cache (large folios: see drop_cached).
+    drop_cached(empty_path)
     drop_cached(path)
     cold_empty, cold_full = alternate_rounds(args, config_empty, config)
     empty["cold_rate"], full["cold_rate"] = cold_empty["rate"], cold_full["rate"]
