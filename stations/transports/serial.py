@@ -73,6 +73,10 @@ class SerialChannel:
         self._waiters: set[asyncio.Future[None]] = set()
         self.bytes_sent = 0
         self.bytes_received = 0
+        # How late this process's timers let paced bytes go (a real UART is never late): the sum over every
+        # paced frame written and every paced read, and how many there were. A bench prints it.
+        self.pace_late_s = 0.0
+        self.pace_events = 0
 
     @classmethod
     async def open(
@@ -146,6 +150,7 @@ class SerialChannel:
                 now = self._loop.time()
                 self._rx_free = max(self._rx_free, now) + wire_time(len(data), self.baud)
                 await asyncio.sleep(self._rx_free - now)
+                self._late(self._rx_free)
             self.bytes_received += len(data)
             self._last_rx = time.monotonic()
             self._pending.extend(self._decoder.feed(data, self._last_rx))
@@ -207,6 +212,11 @@ class SerialChannel:
                     await asyncio.sleep(delay)
                 await self._write_all(chunk)
                 self._tx_free = due
+            self._late(self._tx_free)
+
+    def _late(self, due: float) -> None:
+        self.pace_late_s += max(0.0, self._loop.time() - due)
+        self.pace_events += 1
 
     async def _write_all(self, view: memoryview) -> None:
         while view:

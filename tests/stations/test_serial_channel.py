@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from pytest_mock import MockerFixture
 
 from stations.codec import DecodeEvent, DecodeEventKind, Frame, encode_frame
 from stations.simulator import PtyPair
@@ -206,3 +207,41 @@ async def test_a_path_that_is_not_a_character_device_is_never_opened(tmp_path: P
     conn.execute("COMMIT")
     with pytest.raises(ChannelClosed, match="not a serial device"):
         await SerialChannel.open(str(tmp_path))  # a directory
+
+
+async def test_pacing_lateness_is_counted(pty_pair: PtyPair, mocker: MockerFixture) -> None:
+    """A bench charges the fixture's late timers to the appliance; the channel must say how late they were."""
+    a = await SerialChannel.open(pty_pair.a, 115200, pace=True)
+    b = await SerialChannel.open(pty_pair.b, 115200, pace_reads=True)
+    try:
+        frames = [encode_frame(0x13, bytes(300)), encode_frame(0x12, bytes(200))]
+        for f in frames:
+            await a.send(f)
+        for _ in frames:
+            await next_frame(b)
+        assert a.pace_events == 2  # one per paced frame written
+        assert b.pace_events >= 1  # one per paced read
+        assert a.pace_late_s >= 0 and b.pace_late_s >= 0
+        # Late timers, injected: every pacing sleep overshoots by 30 ms.
+        real_sleep = asyncio.sleep
+
+        async def late_sleep(delay: float) -> None:
+            await real_sleep(delay + 0.03)
+
+        mocker.patch("stations.transports.serial.asyncio.sleep", late_sleep)
+        late_a, events_a, late_b, events_b = a.pace_late_s, a.pace_events, b.pace_late_s, b.pace_events
+        # One pacing slice (5 ms of line): later slices of a longer frame would catch up on the schedule.
+        await a.send(encode_frame(0x12, bytes(20)))
+        await next_frame(b)
+        assert a.pace_events == events_a + 1 and a.pace_late_s - late_a >= 0.03
+        assert b.pace_events > events_b and b.pace_late_s - late_b >= 0.03
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_unpaced_channel_counts_no_pacing(ends: tuple[SerialChannel, SerialChannel]) -> None:
+    a, b = ends
+    await a.send(encode_frame(0x12, b"x"))
+    await next_frame(b)
+    assert (a.pace_events, b.pace_events, a.pace_late_s, b.pace_late_s) == (0, 0, 0.0, 0.0)
