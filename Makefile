@@ -105,7 +105,8 @@ faults: deps
 bench-front: deps
 	$(PY) bench/stations.py lan --open-loop 50x2 --seconds 30
 	$(PY) bench/stations.py lan --stations 50 --devices 100 --core-certs 10000
-	$(PY) bench/stations.py serial --stations 1,2,8
+	$(PY) bench/stations.py serial --stations 1,2,8 --pipeline
+	$(PY) bench/stations.py serial --stations 1,2,8 --pipeline --start lockstep
 	$(PY) bench/upstream.py --count 100000 --single-count 200 --rtt-ms 20
 	$(PY) bench/upstream.py --count 20000 --single-count 100 --rtt-ms 20 --one-by-one
 	$(PY) bench/journal_growth.py --certs 1000000
