@@ -779,11 +779,12 @@ class Daemon:
 
     # -- transports -------------------------------------------------------------------------------------------------
     async def _serial_port(self, name: str, path: str, baud: int) -> None:
-        from stations.transports.serial import SerialChannel
+        from stations.transports.serial import SerialChannel, latency_advice, usb_latency_ms
 
         assert self.server is not None
         cfg = self.config.stations
         missing_logged = False
+        latency_logged = False
         while True:
             try:
                 channel = await SerialChannel.open(path, baud, pace=False, frame_timeout=cfg.frame_timeout_s)
@@ -799,6 +800,10 @@ class Daemon:
                 continue
             missing_logged = False
             log.info("station %s: port %s open at %d baud", name, path, baud)
+            advice = latency_advice(name, path, usb_latency_ms(path), baud)
+            if advice is not None and not latency_logged:  # once per port and daemon run, not per reopen
+                log.warning("%s", advice)
+                latency_logged = True
             try:
                 await self.server.serve(channel, self._lookup_for(name), station=name, close_on_timeout=False)
             except Exception:

@@ -16,6 +16,13 @@ delivers bytes as fast as the kernel copies them: a test or benchmark that means
 wire time. ``pace_reads=True`` also releases received bytes no sooner than the line would have delivered
 them, which models the other direction's wire when the peer does not pace (e.g. a simulated fixture talking
 to an appliance that opened its end unpaced).
+
+A USB serial adapter may hold received bytes back: an FTDI chip passes them to the host when its 62-byte buffer
+fills or when its latency timer runs out, 16 ms unless set lower. Every frame's last bytes then wait up to that
+long: 16 ms on each of a device's ENROLL and CONFIRM is a sixth of a station's line rate at 115200 baud.
+``usb_latency_ms`` reads the timer of the adapter behind a port (None when it has none: an on-board UART, a
+CDC-ACM device, a pty); the appliance's udev rules set it to 1 ms and the daemon warns about a port where it is
+higher.
 """
 
 from __future__ import annotations
@@ -33,9 +40,41 @@ import serial
 from stations.codec import DecodeEvent, Frame, FrameDecoder
 from stations.transports.base import ChannelClosed
 
+SYSFS = "/sys"  # where usb_latency_ms looks; a test points it at a tree of its own
 READ_CHUNK = 4096  # at most this many bytes per read; the decoder's buffer is bounded on its own
 BITS_PER_BYTE = 10  # 8N1: start bit, 8 data bits, stop bit
 PACE_SLICE = 0.005  # pacing granularity: write at most ~5 ms of line time at once
+
+
+def usb_latency_ms(path: str) -> int | None:
+    """The latency timer, in ms, of the USB serial adapter behind ``path`` (symbolic links followed), from
+    ``/sys/class/tty/NAME/device/latency_timer``; None when the port has no such timer or it cannot be read."""
+    name = os.path.basename(os.path.realpath(path))
+    try:
+        with open(
+            os.path.join(SYSFS, "class", "tty", name, "device", "latency_timer"), encoding="ascii"
+        ) as f:
+            text = f.read(16)
+    except (OSError, ValueError):
+        return None
+    return int(text) if text.strip().isdigit() else None
+
+
+def latency_advice(station: str, path: str, ms: int | None, baud: int) -> str | None:
+    """What to tell the operator about a port whose adapter holds received bytes back for more than 1 ms (None
+    when it does not). The share of the line rate assumes a device's usual 1,800 frame bytes both ways and
+    that the ENROLL and the CONFIRM each wait the whole timer."""
+    if ms is None or ms <= 1:
+        return None
+    name = os.path.basename(os.path.realpath(path))
+    lost = 2 * ms / 1000 / (wire_time(1800, baud) + 2 * ms / 1000)
+    return (
+        f"station {station}: the USB serial adapter behind {path} holds received bytes up to {ms} ms before"
+        f" passing them on (its latency timer): {ms} ms on each ENROLL and CONFIRM is about {lost:.0%} of the"
+        f" station's line rate at {baud} baud. The udev rule 70-birthline-stations.rules sets 1 ms on FTDI"
+        " adapters as they are plugged in; for this one, as root:"
+        f" echo 1 > {SYSFS}/class/tty/{name}/device/latency_timer"
+    )
 
 
 def wire_time(nbytes: int, baud: int) -> float:
@@ -212,7 +251,8 @@ class SerialChannel:
                     await asyncio.sleep(delay)
                 await self._write_all(chunk)
                 self._tx_free = due
-            self._late(self._tx_free)
+            if view:  # nothing was sent, nothing was late
+                self._late(self._tx_free)
 
     def _late(self, due: float) -> None:
         self.pace_late_s += max(0.0, self._loop.time() - due)

@@ -519,6 +519,44 @@ async def test_serial_station_enrols_survives_unplug_and_is_bound_to_its_port(
     pty.unplug()
 
 
+async def test_a_slow_usb_adapter_is_reported_once_per_port(
+    daemon: Daemon, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An adapter whose latency timer holds received bytes back (FTDI: 16 ms unless set) costs the line a sixth
+    of its rate: the daemon says so, with the fix, once per port, not at every reopen."""
+    from stations.transports import serial as serial_mod
+
+    assert daemon.core is not None
+    port = tmp_path / "ttyUSB-slow"
+    pty = _Pty(port)
+    sysfs = tmp_path / "sys"
+    timer = sysfs / "class" / "tty" / os.path.basename(os.path.realpath(port)) / "device" / "latency_timer"
+    timer.parent.mkdir(parents=True)
+    timer.write_text("16\n")
+    monkeypatch.setattr(serial_mod, "SYSFS", str(sysfs))
+    caplog.set_level(logging.WARNING, logger="appliance.daemon")
+    creds = reg.add_station(
+        daemon.journal, daemon.core.token, "st-slow", "serial", port=str(port), baud=115200,
+        audit=daemon.core.audit, actor="alice",
+    )  # fmt: skip
+    await daemon.refresh()
+    await _port_open(daemon, "st-slow")
+    warned = [r.getMessage() for r in caplog.records if "latency timer" in r.getMessage()]
+    assert len(warned) == 1
+    assert "st-slow" in warned[0] and "16 ms" in warned[0] and f"echo 1 > {timer}" in warned[0]
+    pty.unplug()  # reopened after the unplug: not said again
+    await asyncio.sleep(0.3)
+    pty = _Pty(port)
+    timer = sysfs / "class" / "tty" / os.path.basename(os.path.realpath(port)) / "device" / "latency_timer"
+    timer.parent.mkdir(parents=True, exist_ok=True)
+    timer.write_text("16\n")
+    link = Link(await pty.channel(), "st-slow", creds.record.key)
+    await _port_open(daemon, "st-slow")
+    assert isinstance(await link.handshake(), Authenticated)  # the port works all the same
+    assert len([r for r in caplog.records if "latency timer" in r.getMessage()]) == 1
+    pty.unplug()
+
+
 async def test_a_pem_csr_is_refused_bad_csr_on_the_wire(daemon: Daemon, tmp_path: Path) -> None:
     """The station protocol carries DER (section 5); PEM, which other front ends accept, is refused here."""
     bundle = await add_lan(daemon, "st-pem", tmp_path)

@@ -14,8 +14,9 @@ from pytest_mock import MockerFixture
 
 from stations.codec import DecodeEvent, DecodeEventKind, Frame, encode_frame
 from stations.simulator import PtyPair
+from stations.transports import serial as serial_mod
 from stations.transports.base import ChannelClosed
-from stations.transports.serial import SerialChannel, wire_time
+from stations.transports.serial import SerialChannel, latency_advice, usb_latency_ms, wire_time
 
 
 @pytest.fixture
@@ -230,10 +231,11 @@ async def test_pacing_lateness_is_counted(pty_pair: PtyPair, mocker: MockerFixtu
 
         mocker.patch("stations.transports.serial.asyncio.sleep", late_sleep)
         late_a, events_a, late_b, events_b = a.pace_late_s, a.pace_events, b.pace_late_s, b.pace_events
-        # One pacing slice (5 ms of line): later slices of a longer frame would catch up on the schedule.
-        await a.send(encode_frame(0x12, bytes(20)))
+        # One whole pacing slice (57 bytes, 4.9 ms of line): later slices of a longer frame would catch up on
+        # the schedule, and a shorter one leaves less time for the sleep to be due at all.
+        await a.send(encode_frame(0x12, bytes(47)))
         await next_frame(b)
-        assert a.pace_events == events_a + 1 and a.pace_late_s - late_a >= 0.03
+        assert a.pace_events == events_a + 1 and a.pace_late_s - late_a >= 0.029
         assert b.pace_events > events_b and b.pace_late_s - late_b >= 0.03
     finally:
         await a.close()
@@ -245,3 +247,34 @@ async def test_unpaced_channel_counts_no_pacing(ends: tuple[SerialChannel, Seria
     await a.send(encode_frame(0x12, b"x"))
     await next_frame(b)
     assert (a.pace_events, b.pace_events, a.pace_late_s, b.pace_late_s) == (0, 0, 0.0, 0.0)
+
+
+def test_usb_latency_timer_of_the_adapter_behind_a_port(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sysfs = tmp_path / "sys"
+    timer = sysfs / "class" / "tty" / "ttyUSB7" / "device" / "latency_timer"
+    timer.parent.mkdir(parents=True)
+    timer.write_text("16\n")
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    (dev / "ttyUSB7").touch()
+    (dev / "station-usb-1-2").symlink_to("ttyUSB7")  # a stable name: the link is followed
+    monkeypatch.setattr(serial_mod, "SYSFS", str(sysfs))
+    assert usb_latency_ms(str(dev / "station-usb-1-2")) == 16
+    assert usb_latency_ms(str(dev / "ttyS0")) is None  # no timer: an on-board UART, a pty
+    timer.write_text("sixteen")
+    assert usb_latency_ms(str(dev / "ttyUSB7")) is None
+    timer.write_text("1\n")
+    assert usb_latency_ms(str(dev / "ttyUSB7")) == 1
+
+
+def test_latency_advice() -> None:
+    assert latency_advice("st", "/dev/ttyUSB0", None, 115200) is None
+    assert latency_advice("st", "/dev/ttyUSB0", 1, 115200) is None
+    advice = latency_advice("st", "/dev/ttyUSB0", 16, 115200)
+    # 16 ms on each of ENROLL and CONFIRM against 156 ms of frames: 32 / 188.
+    assert advice is not None and "16 ms" in advice and "17%" in advice
+    assert "echo 1 > /sys/class/tty/ttyUSB0/device/latency_timer" in advice
+    slower = latency_advice("st", "/dev/ttyUSB0", 16, 57600)
+    assert slower is not None and "9%" in slower  # the same wait is less of a slower line
