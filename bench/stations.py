@@ -18,10 +18,12 @@ serial: each station is a socat pty pair paced to the baud rate in both directio
     second time, right after, each fixture sending a device's CONFIRM and the next device's ENROLL back to back
     (StationClient.confirm_and_enroll): the appliance's confirmation commit overlaps the ENROLL's line time.
     The limit is computed the same way. --start: when each fixture starts its first device within one device's
-    line time: random (default; fixtures loaded at their own pace), even (the best case) or lockstep (the
-    worst: every station's request reaches the appliance in the same millisecond, for every device). The
-    fixtures pace on a select() event loop (microsecond timeouts; epoll's are milliseconds, rounded up), and
-    how late its timers still were is printed: that time is counted against the appliance.
+    line time: random (default, seeded: --seed repeats it; fixtures loaded at their own pace), even (the best
+    case) or lockstep (the worst: the stations stay in step, their requests meeting at the appliance). A
+    pipelined run also prints its percentage of the station's own bound (its CONFIRMEDs but the last come down
+    while an ENROLL goes up). The fixtures pace on a select() event loop (microsecond timeouts; epoll's are
+    milliseconds, rounded up), and how late its timers still were is printed: an estimate of the time counted
+    against the appliance.
 lan (closed loop): N TLS stations each enrol and confirm M devices back to back: certificates/s, latency per
     device, the raw C_Sign rate of the same token key, and bench/issue.py's issuance core rate measured in the same
     run (its own process, before the daemon starts). Goal: >= 60% of the core rate.
@@ -209,8 +211,8 @@ def start_offsets(start: str, n: int, baud: int, rng: random.Random) -> list[flo
 
     random: each at its own uniformly random point, as fixtures that operators load at their own pace (the
     stations' requests then meet by chance); even: spread evenly (the best case: they never meet while the
-    appliance is quick); lockstep: all at once (the worst case: every station's ENROLL reaches the appliance in
-    the same millisecond, for every device, because each fixture's cycle is the same line time)."""
+    appliance is quick); lockstep: all at once (the worst case: each fixture's cycle is the same line time, so
+    they stay in step and their ENROLLs keep reaching the appliance within milliseconds of each other)."""
     cycle = wire_time(DEVICE_BYTES, baud)
     if start == "lockstep":
         return [0.0] * n
