@@ -77,6 +77,7 @@ if TYPE_CHECKING:
     from appliance.cmp.server import CmpResponder
     from appliance.est.server import EstResponder
     from appliance.scep.responder import ScepResponder
+    from stations.transports.serial import SerialChannel
 
 log = logging.getLogger(__name__)
 
@@ -337,6 +338,9 @@ class Daemon:
         self._stopped = asyncio.Event()
         self._watcher: asyncio.Task[None] | None = None
         self.refused_lan = 0  # TLS connections whose certificate belongs to no enabled station
+        # Serial ports whose adapter's latency timer was reported, with the value: said once per port and value
+        # for the daemon's run, again only if it changes (the port's task restarts when its station changes).
+        self._latency_said: dict[str, int] = {}
         self.link_failures: LinkFailures | None = None
         self.va: ValidationAuthority | None = None
         self.prewarm: JournalPrewarm | None = None
@@ -779,12 +783,11 @@ class Daemon:
 
     # -- transports -------------------------------------------------------------------------------------------------
     async def _serial_port(self, name: str, path: str, baud: int) -> None:
-        from stations.transports.serial import SerialChannel, latency_advice, usb_latency_ms
+        from stations.transports.serial import SerialChannel
 
         assert self.server is not None
         cfg = self.config.stations
         missing_logged = False
-        latency_logged = False
         while True:
             try:
                 channel = await SerialChannel.open(path, baud, pace=False, frame_timeout=cfg.frame_timeout_s)
@@ -800,16 +803,28 @@ class Daemon:
                 continue
             missing_logged = False
             log.info("station %s: port %s open at %d baud", name, path, baud)
-            advice = latency_advice(name, path, usb_latency_ms(path), baud)
-            if advice is not None and not latency_logged:  # once per port and daemon run, not per reopen
-                log.warning("%s", advice)
-                latency_logged = True
+            self._say_latency(name, path, channel, baud)
             try:
                 await self.server.serve(channel, self._lookup_for(name), station=name, close_on_timeout=False)
             except Exception:
                 log.exception("station %s: session loop on %s failed; reopening", name, path)
             log.info("station %s: port %s closed; reopening", name, path)
             await asyncio.sleep(cfg.reopen_interval_s)
+
+    def _say_latency(self, name: str, path: str, channel: SerialChannel, baud: int) -> None:
+        """Warn, once per port and value, about an adapter that holds received bytes back for more than 1 ms."""
+        from stations.transports.serial import latency_advice
+
+        ms = channel.usb_latency_ms
+        if ms is None or ms <= 1:
+            self._latency_said.pop(path, None)  # fixed: a later relapse is said again
+            return
+        if self._latency_said.get(path) == ms:
+            return
+        advice = latency_advice(name, path, ms, baud, channel.latency_timer_file)
+        if advice is not None:
+            log.warning("%s", advice)
+            self._latency_said[path] = ms
 
     def _spawn_lan(self, guard: Guard, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         # A task of our own rather than the one asyncio makes of a coroutine callback: in Python 3.11 that

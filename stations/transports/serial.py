@@ -17,12 +17,14 @@ wire time. ``pace_reads=True`` also releases received bytes no sooner than the l
 them, which models the other direction's wire when the peer does not pace (e.g. a simulated fixture talking
 to an appliance that opened its end unpaced).
 
-A USB serial adapter may hold received bytes back: an FTDI chip passes them to the host when its 62-byte buffer
-fills or when its latency timer runs out, 16 ms unless set lower. Every frame's last bytes then wait up to that
-long: 16 ms on each of a device's ENROLL and CONFIRM is a sixth of a station's line rate at 115200 baud.
-``usb_latency_ms`` reads the timer of the adapter behind a port (None when it has none: an on-board UART, a
-CDC-ACM device, a pty); the appliance's udev rules set it to 1 ms and the daemon warns about a port where it is
-higher.
+A USB serial adapter may hold received bytes back: an FTDI chip passes them to the host when a USB packet fills
+(62 data bytes on full-speed chips) or when its latency timer runs out, 16 ms unless set lower, so a frame's
+last bytes can wait up to that long. At worst, 16 ms on each of a device's ENROLL and CONFIRM is a sixth of a
+station's line rate at 115200 baud (one request at a time; about a tenth pipelined). ``open`` asks the driver
+for low-latency mode (ftdi_sio then uses 1 ms) and reads back the timer of the adapter behind the port,
+``usb_latency_ms``: None when the port shows none (an on-board UART, a CDC-ACM device, a pty, the oldest FTDI
+chips, whose 16 ms is fixed). The appliance's udev rules also set 1 ms on FTDI adapters as they are plugged in,
+and the daemon warns about a port where the timer is still higher.
 """
 
 from __future__ import annotations
@@ -40,40 +42,44 @@ import serial
 from stations.codec import DecodeEvent, Frame, FrameDecoder
 from stations.transports.base import ChannelClosed
 
-SYSFS = "/sys"  # where usb_latency_ms looks; a test points it at a tree of its own
+SYSFS = "/sys"  # where latency_timer_of looks; a test points it at a tree of its own
 READ_CHUNK = 4096  # at most this many bytes per read; the decoder's buffer is bounded on its own
 BITS_PER_BYTE = 10  # 8N1: start bit, 8 data bits, stop bit
 PACE_SLICE = 0.005  # pacing granularity: write at most ~5 ms of line time at once
 
 
-def usb_latency_ms(path: str) -> int | None:
-    """The latency timer, in ms, of the USB serial adapter behind ``path`` (symbolic links followed), from
-    ``/sys/class/tty/NAME/device/latency_timer``; None when the port has no such timer or it cannot be read."""
-    name = os.path.basename(os.path.realpath(path))
+def latency_timer_path(fd: int) -> str:
+    """Where the kernel shows the latency timer of the USB serial adapter behind the open port ``fd``: found by
+    the descriptor's device number, so it is the port this process has open whatever its path's links say."""
+    rdev = os.fstat(fd).st_rdev
+    return os.path.join(SYSFS, "dev", "char", f"{os.major(rdev)}:{os.minor(rdev)}", "device", "latency_timer")
+
+
+def latency_timer_of(fd: int) -> int | None:
+    """The latency timer, in ms, of the USB serial adapter behind the open port ``fd``; None when the port shows
+    none or it cannot be read."""
     try:
-        with open(
-            os.path.join(SYSFS, "class", "tty", name, "device", "latency_timer"), encoding="ascii"
-        ) as f:
+        with open(latency_timer_path(fd), "rb") as f:
             text = f.read(16)
     except (OSError, ValueError):
         return None
     return int(text) if text.strip().isdigit() else None
 
 
-def latency_advice(station: str, path: str, ms: int | None, baud: int) -> str | None:
+def latency_advice(station: str, path: str, ms: int | None, baud: int, where: str) -> str | None:
     """What to tell the operator about a port whose adapter holds received bytes back for more than 1 ms (None
-    when it does not). The share of the line rate assumes a device's usual 1,800 frame bytes both ways and
-    that the ENROLL and the CONFIRM each wait the whole timer."""
+    when it does not); ``where`` is the sysfs file to write. The share of the line rate is the worst case: a
+    device's usual 1,800 frame bytes both ways, one request at a time, ENROLL and CONFIRM each waiting the whole
+    timer."""
     if ms is None or ms <= 1:
         return None
-    name = os.path.basename(os.path.realpath(path))
     lost = 2 * ms / 1000 / (wire_time(1800, baud) + 2 * ms / 1000)
     return (
         f"station {station}: the USB serial adapter behind {path} holds received bytes up to {ms} ms before"
-        f" passing them on (its latency timer): {ms} ms on each ENROLL and CONFIRM is about {lost:.0%} of the"
-        f" station's line rate at {baud} baud. The udev rule 70-birthline-stations.rules sets 1 ms on FTDI"
-        " adapters as they are plugged in; for this one, as root:"
-        f" echo 1 > {SYSFS}/class/tty/{name}/device/latency_timer"
+        f" passing them on (its latency timer; the driver did not take low-latency mode): at worst about"
+        f" {lost:.0%} of the station's line rate at {baud} baud, about half that with a pipelining fixture. The"
+        " udev rule 70-birthline-stations.rules sets 1 ms on FTDI adapters as they are plugged in; for this one,"
+        f" as root: echo 1 > {where}"
     )
 
 
@@ -116,6 +122,10 @@ class SerialChannel:
         # paced frame written and every paced read, and how many there were. A bench prints it.
         self.pace_late_s = 0.0
         self.pace_events = 0
+        # The adapter's latency timer (ms) as read after open asked for low-latency mode (None: none shown), and
+        # the sysfs file it was read from.
+        self.usb_latency_ms: int | None = None
+        self.latency_timer_file = ""
 
     @classmethod
     async def open(
@@ -153,8 +163,13 @@ class SerialChannel:
         except (AttributeError, OSError, serial.SerialException) as exc:
             port.close()
             raise ChannelClosed(f"{path}: no file descriptor to watch: {exc}") from exc
+        _ask_low_latency(port)
         decoder = FrameDecoder() if frame_timeout is None else FrameDecoder(frame_timeout=frame_timeout)
-        return cls(port, path=path, baud=baud, pace=pace, pace_reads=pace_reads, decoder=decoder)
+        channel = cls(port, path=path, baud=baud, pace=pace, pace_reads=pace_reads, decoder=decoder)
+        channel.usb_latency_ms = latency_timer_of(fd)
+        with contextlib.suppress(OSError):
+            channel.latency_timer_file = latency_timer_path(fd)
+        return channel
 
     @property
     def peer(self) -> str:
@@ -288,6 +303,13 @@ class SerialChannel:
 
     async def close(self) -> None:
         self._shutdown()
+
+
+def _ask_low_latency(port: Any) -> None:
+    """ASYNC_LOW_LATENCY, which ftdi_sio turns into a 1 ms latency timer (no privilege needed). Best effort: a pty
+    or a driver without TIOCSSERIAL refuses it, and the timer read afterwards says what the port does."""
+    with contextlib.suppress(AttributeError, ValueError, OSError, serial.SerialException):
+        port.set_low_latency_mode(True)
 
 
 def _require_character_device(path: str) -> None:

@@ -519,41 +519,56 @@ async def test_serial_station_enrols_survives_unplug_and_is_bound_to_its_port(
     pty.unplug()
 
 
-async def test_a_slow_usb_adapter_is_reported_once_per_port(
+async def test_a_slow_usb_adapter_is_reported_once_per_port_and_value(
     daemon: Daemon, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """An adapter whose latency timer holds received bytes back (FTDI: 16 ms unless set) costs the line a sixth
-    of its rate: the daemon says so, with the fix, once per port, not at every reopen."""
+    """An adapter whose latency timer holds received bytes back (FTDI: 16 ms unless set) can cost the line a
+    sixth of its rate: the daemon says so, with the fix, once per port and value, not at every reopen."""
     from stations.transports import serial as serial_mod
+    from tests.stations.test_serial_channel import fake_latency_timer
 
-    assert daemon.core is not None
+    assert daemon.core is not None and daemon.server is not None
     port = tmp_path / "ttyUSB-slow"
-    pty = _Pty(port)
     sysfs = tmp_path / "sys"
-    timer = sysfs / "class" / "tty" / os.path.basename(os.path.realpath(port)) / "device" / "latency_timer"
-    timer.parent.mkdir(parents=True)
-    timer.write_text("16\n")
     monkeypatch.setattr(serial_mod, "SYSFS", str(sysfs))
     caplog.set_level(logging.WARNING, logger="appliance.daemon")
+
+    def said() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "latency timer" in r.getMessage()]
+
+    async def replug(text: str) -> tuple[_Pty, Path]:
+        pty = _Pty(port)
+        return pty, fake_latency_timer(sysfs, port, text)
+
+    async def unplugged(pty: _Pty) -> None:
+        pty.unplug()
+        assert daemon.server is not None
+        async with asyncio.timeout(10):  # the daemon notices before the port comes back
+            while daemon.server.connected("st-slow"):
+                await asyncio.sleep(0.02)
+        await asyncio.sleep(0.2)
+
+    pty, timer = await replug("16\n")
     creds = reg.add_station(
         daemon.journal, daemon.core.token, "st-slow", "serial", port=str(port), baud=115200,
         audit=daemon.core.audit, actor="alice",
     )  # fmt: skip
     await daemon.refresh()
     await _port_open(daemon, "st-slow")
-    warned = [r.getMessage() for r in caplog.records if "latency timer" in r.getMessage()]
-    assert len(warned) == 1
-    assert "st-slow" in warned[0] and "16 ms" in warned[0] and f"echo 1 > {timer}" in warned[0]
-    pty.unplug()  # reopened after the unplug: not said again
-    await asyncio.sleep(0.3)
-    pty = _Pty(port)
-    timer = sysfs / "class" / "tty" / os.path.basename(os.path.realpath(port)) / "device" / "latency_timer"
-    timer.parent.mkdir(parents=True, exist_ok=True)
-    timer.write_text("16\n")
+    assert len(said()) == 1
+    assert "st-slow" in said()[0] and "up to 16 ms" in said()[0] and f"echo 1 > {timer}" in said()[0]
+
+    await unplugged(pty)  # reopened with the same timer: not said again
+    pty, timer = await replug("16\n")
     link = Link(await pty.channel(), "st-slow", creds.record.key)
     await _port_open(daemon, "st-slow")
     assert isinstance(await link.handshake(), Authenticated)  # the port works all the same
-    assert len([r for r in caplog.records if "latency timer" in r.getMessage()]) == 1
+    assert len(said()) == 1
+
+    await unplugged(pty)  # another value: said
+    pty, timer = await replug("8\n")
+    await _port_open(daemon, "st-slow")
+    assert len(said()) == 2 and "up to 8 ms" in said()[1]
     pty.unplug()
 
 
