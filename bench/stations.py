@@ -293,29 +293,42 @@ def _pss_mb(pid: int) -> float:
 
 @dataclasses.dataclass
 class Cpu:
-    """CPU used by the daemon and by this generator over one timed window, with the window's wall time."""
+    """CPU used by the daemon, by this generator and by the pty relays (socat, serial only: they carry every
+    byte between a fixture and the appliance, on the same cores) over one timed window, with its wall time."""
 
     pid: int
+    relays: Sequence[int] = ()
     wall: float = 0.0
     daemon: float = 0.0
     generator: float = 0.0
-    _t0: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    relay: float = 0.0
+    _t0: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+
+    def _relays_s(self) -> float:
+        return sum(_cpu_s(p) for p in self.relays)
 
     def start(self) -> None:
-        self._t0 = (time.perf_counter(), _cpu_s(self.pid), _self_cpu_s())
+        self._t0 = (time.perf_counter(), _cpu_s(self.pid), _self_cpu_s(), self._relays_s())
 
     def stop(self) -> None:
-        t, d, g = self._t0
+        t, d, g, r = self._t0
         self.wall = time.perf_counter() - t
         self.daemon = _cpu_s(self.pid) - d
         self.generator = _self_cpu_s() - g
+        self.relay = self._relays_s() - r
 
     def line(self, per: int) -> str:
         per = max(1, per)
+        relays = (
+            f", pty relays {self.relay:.1f} s ({self.relay / self.wall:.2f} cores,"
+            f" {self.relay / per * 1e3:.2f} ms/certificate)"
+            if self.relays
+            else ""
+        )
         return (
             f"CPU over {self.wall:.1f} s: daemon {self.daemon:.1f} s ({self.daemon / self.wall:.2f} cores,"
             f" {self.daemon / per * 1e3:.2f} ms/certificate), generator {self.generator:.1f} s"
-            f" ({self.generator / self.wall:.2f} cores, {self.generator / per * 1e3:.2f} ms/certificate)"
+            f" ({self.generator / self.wall:.2f} cores, {self.generator / per * 1e3:.2f} ms/certificate){relays}"
         )
 
 
@@ -427,7 +440,7 @@ async def bench_serial(
                             await client.confirm(client.last_request_id, chain[0])
                         return time.perf_counter() - start
 
-                    cpu = Cpu(pid)
+                    cpu = Cpu(pid, [p for pair in pairs[:n] if (p := pair.pid) is not None])
                     cpu.start()
                     offsets = start_offsets(starts, n, baud, rng)
                     elapsed = await asyncio.gather(

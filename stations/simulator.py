@@ -81,6 +81,11 @@ class PtyPair:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def pid(self) -> int | None:
+        """socat's process id while it runs (a bench counts its CPU: it relays every byte)."""
+        return self._proc.pid if self.running and self._proc is not None else None
+
     def kill(self) -> None:
         """Unplug: SIGKILL socat (the links stay behind, dangling, as after a crash)."""
         if self._proc is not None and self._proc.poll() is None:
