@@ -23,7 +23,7 @@ serial: each station is a socat pty pair paced to the baud rate in both directio
     pipelined run also prints its percentage of the station's own bound (its CONFIRMEDs but the last come down
     while an ENROLL goes up). The fixtures pace on a select() event loop (microsecond timeouts; epoll's are
     milliseconds, rounded up), and how late its timers still were is printed: an estimate of the time counted
-    against the appliance.
+    against the appliance. The socat relays' CPU is printed beside the daemon's and the generator's.
 lan (closed loop): N TLS stations each enrol and confirm M devices back to back: certificates/s, latency per
     device, the raw C_Sign rate of the same token key, and bench/issue.py's issuance core rate measured in the same
     run (its own process, before the daemon starts). Goal: >= 60% of the core rate.
