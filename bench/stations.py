@@ -441,11 +441,13 @@ async def bench_serial(
                         return time.perf_counter() - start
 
                     cpu = Cpu(pid, [p for pair in pairs[:n] if (p := pair.pid) is not None])
-                    cpu.start()
                     offsets = start_offsets(starts, n, baud, rng)
+                    # The CPU window opens with the first station's first device.
+                    await asyncio.sleep(offsets[0])
+                    cpu.start()
                     elapsed = await asyncio.gather(
                         *(
-                            run(c, b, mode, o)
+                            run(c, b, mode, o - offsets[0])
                             for c, b, o in zip(clients, batches[(n, mode)], offsets, strict=True)
                         )
                     )
