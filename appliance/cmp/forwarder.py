@@ -3,7 +3,7 @@
 
 - What each record carries and how its request is built: appliance/cmp/upstream_requests.py (p10cr, cr and kur
   with POP raVerified, rr); which records are due and how a pass is recorded: appliance/cmp/outbox.py; what an
-  answer decides: appliance/cmp/upstream_replies.py.
+  answer decides: appliance/cmp/upstream_replies.py; how a message is POSTed: appliance/cmp/upstream_http.py.
 - A request is built and protected (the RA key in the HSM, or a MAC) at its first send, stored in
   `request_der` in the same transaction that moves the row to 'sent', and from then on re-sent byte for byte
   with the same transactionID, across retries and restarts.
@@ -34,9 +34,8 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Protocol
+from typing import IO, Any
 
-import aiohttp
 from cryptography import x509
 
 from appliance.alarms import Alarms, LogOnce
@@ -71,6 +70,7 @@ from appliance.cmp.protection import (
     protection_kind,
     verify_protection,
 )
+from appliance.cmp.upstream_http import HttpTransport, Transport, UpstreamError
 from appliance.cmp.upstream_replies import (
     anchored_chain,
     describe,
@@ -90,46 +90,7 @@ from appliance.issuance.policy import AuditSink
 from appliance.lifecycle import PollingTask
 from appliance.outbox import queue_status
 
-if TYPE_CHECKING:
-    pass
-
 log = logging.getLogger(__name__)
-
-CONTENT_TYPE = "application/pkixcmp"
-
-
-class UpstreamError(Exception):
-    """The upstream could not be reached or answered at the HTTP level with something other than 200."""
-
-
-class Transport(Protocol):
-    async def post(self, der: bytes) -> bytes: ...
-
-
-class HttpTransport:
-    """POST application/pkixcmp to the upstream URL (RFC 9811) with the configured timeouts."""
-
-    def __init__(self, url: str, connect_timeout_s: float, request_timeout_s: float) -> None:
-        self.url = url
-        self.timeout = aiohttp.ClientTimeout(total=request_timeout_s, sock_connect=connect_timeout_s)
-        self._session: aiohttp.ClientSession | None = None
-
-    async def post(self, der: bytes) -> bytes:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=self.timeout)
-        try:
-            async with self._session.post(self.url, data=der, headers={"Content-Type": CONTENT_TYPE}) as rsp:
-                body = await rsp.read()
-                if rsp.status != 200:
-                    raise UpstreamError(f"HTTP {rsp.status} from the upstream")
-                return body
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise UpstreamError(f"upstream unreachable: {type(exc).__name__}: {exc}"[:300]) from None
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
 
 
 class ForwarderLocked(BirthlineError):
