@@ -38,7 +38,7 @@ def queue_status(
         conn = journal.conn
         depth: dict[str, dict[str, int]] = {}
         if counts:
-            # Counters the journal's triggers keep (journal.py, OUTBOX_COUNT_TABLE): GROUP BY read every row.
+            # Counters the journal's triggers keep (issuance/schema.py, OUTBOX_COUNT_TABLE): GROUP BY read every row.
             for kind, state, n in conn.execute("SELECT kind, state, n FROM outbox_count WHERE n > 0"):
                 depth.setdefault(str(kind), {})[str(state)] = int(n)
         open_rows, oldest = conn.execute(

@@ -51,7 +51,7 @@ EVENT_RE = re.compile(r"[a-z][a-z0-9_.:-]{0,63}")
 # Events the audit package itself writes (and EVENT_CHECKPOINT, in claims.py).
 EVENT_KEY_REGISTERED = "audit.key-registered"
 
-# The last claim, through the partial index audit_claims (journal.py): the literal must match the index's WHERE.
+# The last claim, through the partial index audit_claims (schema.py): the literal must match the index's WHERE.
 _LAST_CLAIM = f"SELECT max(seq) FROM audit WHERE event = '{EVENT_CHECKPOINT}'"
 _CHECKPOINT_ROUNDS = 4  # a leftover unsigned claim, then our own: more means writers racing without end
 

@@ -1,4 +1,4 @@
-"""The upstream outbox as the forwarder reads and writes it (the `outbox` table, appliance/issuance/journal.py):
+"""The upstream outbox as the forwarder reads and writes it (the `outbox` table, appliance/issuance/schema.py):
 which records are due, what an exchange decided for each (Outcome), recording those decisions in one transaction.
 (`birthline upstream status` reads the queue through appliance/outbox.py, which needs no CMP code).
 

@@ -4,7 +4,7 @@ One `revocation` row per revoked certificate, never deleted. Revocation is separ
 machine: a revoked certificate keeps its issuance row and state. Rows come from
 
     revoke()            - a supervisor (CLI), audited here, in the same transaction;
-    scrap / rework      - SQLite triggers on the `scrap` and `rework` tables (journal.SCHEMA) revoke the
+    scrap / rework      - SQLite triggers on the `scrap` and `rework` tables (issuance/schema.py) revoke the
                           certificate in the scrap's or rework's own transaction, with reason
                           cessationOfOperation (scrap) or superseded (rework); their audit entries
                           (device.scrap, device.rework) name the supervisor and the certificate serial;
