@@ -4,7 +4,8 @@ opens a journal for writing.
 
 Much of the appliance's integrity lives here rather than in Python: the one-live-certificate-per-device and
 public-key rules, the work-order unit bound to each intent and given back by a burn, the counters of the outbox
-and RA request queues, the audit log's refusal of updates, and the revocations that a scrap or rework starts.
+and RA request queues, the audit log's refusal of updates and deletes, and the revocations that a scrap or
+rework starts.
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ from stations.client import StationClient, client_ssl_context, generate_device_k
 from tests.ports import free_ports
 
 ROOT = Path(__file__).resolve().parents[2]
+SCHEMA_FILES = ("appliance/issuance/journal.py", "appliance/issuance/schema.py")
 
 
 def _git(*args: str) -> str:
@@ -39,8 +40,9 @@ def _git(*args: str) -> str:
 def _previous_release(into: Path) -> Path:
     """The code of the last commit whose journal had schema SCHEMA_VERSION - 1, extracted into `into`."""
     try:
+        # The schema lived in journal.py up to version 5, in schema.py since (238629b): either may hold it.
         first = _git("log", "--reverse", "--format=%H", "-S", f"SCHEMA_VERSION = {SCHEMA_VERSION}", "--",
-                     "appliance/issuance/journal.py").splitlines()  # fmt: skip
+                     *SCHEMA_FILES).splitlines()  # fmt: skip
     except (OSError, subprocess.CalledProcessError) as exc:
         pytest.skip(f"no git history to take the previous release from: {exc}")
     if not first:
@@ -52,8 +54,8 @@ def _previous_release(into: Path) -> Path:
     archive = subprocess.run(["git", "archive", previous, "appliance", "hsm", "stations"], cwd=ROOT,
                              capture_output=True, check=True).stdout  # fmt: skip
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
-    journal_py = (into / "appliance" / "issuance" / "journal.py").read_text()
-    assert f"SCHEMA_VERSION = {SCHEMA_VERSION - 1}\n" in journal_py
+    held = [(into / f).read_text() for f in SCHEMA_FILES if (into / f).exists()]
+    assert any(f"SCHEMA_VERSION = {SCHEMA_VERSION - 1}\n" in text for text in held)
     return into
 
 
