@@ -6,8 +6,8 @@ so each certificate waited for one random read from disk: on a ten-million journ
 its rate on a small journal, and at 73 to 95% once the index had been read through once, in order, which
 took 7 to 12 s (docs/performance.md "Ten years of journal", the prewarm and run 7). The other indexes
 issuance writes grow at their end (serials and request ids are time-ordered, device serials mostly
-sequential), so their pages in use are few and soon cached; with an upstream CA the outbox's transactionID
-(random by RFC 9483) is the exception.
+sequential), so their pages in use are few and soon cached. (The outbox's transactionID, random by RFC 9483,
+was indexed too until schema 6, which dropped that index: schema.py.)
 
 The read is one covering scan of the index on a read-only connection of its own, on a thread: the daemon starts
 and issues meanwhile (a certificate then pays the random read as before), nothing is locked (WAL readers block

@@ -14,7 +14,7 @@ import sqlite3
 
 from appliance.errors import IssuanceFailed, ReasonCode
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # The outbox (appliance/cmp/forwarder.py, docs/cmp.md "The forwarder"): one row per record to send to the
 # upstream CA. 'failed': the upstream refused the request for good; 'parked': the request could not be built or
@@ -25,7 +25,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     kind              TEXT NOT NULL CHECK (kind IN ('p10cr', 'cr', 'kur', 'rr')),
     issuance_id       INTEGER REFERENCES issuance (id),
     cert_serial       TEXT NOT NULL,                          -- the local certificate
-    transaction_id    BLOB NOT NULL UNIQUE,                   -- 16 random bytes, fixed at creation
+    transaction_id    BLOB NOT NULL,                          -- 16 random bytes, fixed at creation; no index
     csr_der           BLOB,                                   -- p10cr: the device's CSR, as received
     public_key_der    BLOB,                                   -- cr, kur: SubjectPublicKeyInfo
     subject_der       BLOB,                                   -- cr, kur: the subject (the local certificate's)
@@ -583,6 +583,22 @@ MIGRATIONS = {
     # Schema 4 -> 5: the public-key uniqueness moves from a partial UNIQUE index to a plain index and triggers, in
     # one transaction (building the index reads the table once: 10 to 13 s for ten million rows).
     4: ("DROP INDEX IF EXISTS issuance_live_key", *KEY_RULE_STATEMENTS),
+    # Schema 5 -> 6: the outbox's transaction_id loses its UNIQUE constraint, and with it the index SQLite kept for
+    # it. Nothing looks a row up by it (the forwarder matches replies to the requests it holds in memory), its
+    # 16 bytes are random (RFC 9483 3.1: a collision is about a 2^-65 chance at 2^32 rows), and an index on random
+    # bytes put every certificate's outbox row on a random page of an index nearly as large as the key index:
+    # the journal thread's CPU a certificate grew with the journal, and on a large journal that was a random read
+    # from disk a certificate after a restart (docs/performance.md "Rounds"). SQLite drops a constraint only by
+    # rebuilding the table: as in 2 above, every row copied in one transaction, the rr trigger dropped first and
+    # recreated by SCHEMA with the outbox's triggers and indexes (its depth counters are not touched: the copy
+    # fires no trigger of the old table, and DROP TABLE none at all).
+    5: (
+        "DROP TRIGGER IF EXISTS outbox_on_revocation",
+        OUTBOX_TABLE.replace("CREATE TABLE IF NOT EXISTS outbox (", "CREATE TABLE outbox_v6 ("),
+        f"INSERT INTO outbox_v6 ({_OUTBOX_COLUMNS}) SELECT {_OUTBOX_COLUMNS} FROM outbox",
+        "DROP TABLE outbox",
+        "ALTER TABLE outbox_v6 RENAME TO outbox",
+    ),
 }
 
 

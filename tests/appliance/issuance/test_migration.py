@@ -9,6 +9,7 @@ import pytest
 
 from appliance.errors import IssuanceFailed
 from appliance.issuance.journal import SCHEMA_VERSION, Journal
+from appliance.issuance.schema import OUTBOX_TABLE, SCHEMA
 
 V1 = Path(__file__).parent / "data" / "journal-schema-1.sql"
 
@@ -194,3 +195,70 @@ def test_schema_4_moves_key_uniqueness_to_a_plain_index_and_triggers(tmp_path: P
             f"EXPLAIN QUERY PLAN SELECT id FROM issuance WHERE public_key_sha256=x'{key.hex()}' AND state != 'burned'"
         )
         assert "USING INDEX issuance_key" in " ".join(str(r[-1]) for r in plan)
+
+
+def _as_schema_5(path: Path) -> None:
+    """A journal as schema 5 left it: the outbox's transaction_id UNIQUE (an index SQLite keeps for it)."""
+    Journal(path).close()
+    conn = sqlite3.connect(path, isolation_level=None)
+    v5 = OUTBOX_TABLE.replace("transaction_id    BLOB NOT NULL,", "transaction_id    BLOB NOT NULL UNIQUE,")
+    assert v5 != OUTBOX_TABLE
+    conn.executescript(f"DROP TRIGGER outbox_on_revocation; DROP TABLE outbox; {v5};")
+    conn.executescript(SCHEMA)  # the outbox's triggers and indexes again
+    conn.execute("UPDATE meta SET value='5' WHERE key='schema_version'")
+    conn.execute(_row(bytes([1]) * 32, "0a", "intent"))
+    conn.execute(_row(bytes([2]) * 32, "0b", "intent"))
+    conn.executescript(
+        "INSERT INTO outbox (kind, cert_serial, transaction_id, csr_der, state, attempts, next_attempt_at,"
+        " created_at) VALUES ('p10cr', '0a', x'00112233445566778899aabbccddeeff', x'3003', 'queued', 0, 5, 1);"
+        "INSERT INTO outbox (kind, cert_serial, transaction_id, request_der, state, attempts, last_error,"
+        " next_attempt_at, created_at) VALUES ('p10cr', '0b', x'ffeeddccbbaa99887766554433221100', x'3001',"
+        " 'sent', 3, 'upstream unreachable', 9, 2);"
+        "INSERT INTO revocation (cert_serial, ca, reason, revoked_at, actor, source)"
+        " VALUES ('0a', 'issuing', 'keyCompromise', 3, 'alice', 'cli');"
+    )
+    assert conn.execute("SELECT 1 FROM sqlite_master WHERE name='sqlite_autoindex_outbox_1'").fetchone()
+    conn.close()
+
+
+def test_schema_5_drops_the_index_on_the_outbox_transaction_id(tmp_path: Path) -> None:
+    """Schema 6: the outbox is rebuilt without the UNIQUE constraint on transaction_id (and so without the index
+    on 16 random bytes that every certificate wrote); every row, its counters, indexes and triggers are kept."""
+    path = tmp_path / "journal.sqlite"
+    _as_schema_5(path)
+    conn = sqlite3.connect(path)
+    before = conn.execute("SELECT * FROM outbox ORDER BY id").fetchall()
+    counts = conn.execute(
+        "SELECT kind, state, n FROM outbox_count WHERE n > 0 ORDER BY kind, state"
+    ).fetchall()
+    conn.close()
+    assert [r[1] for r in before] == ["p10cr", "p10cr", "rr"] and len(counts) == 3
+    with Journal(path) as journal:
+
+        def q(sql: str) -> list[tuple[object, ...]]:
+            return journal.call(lambda: journal.conn.execute(sql).fetchall())
+
+        assert q("SELECT value FROM meta WHERE key='schema_version'") == [(str(SCHEMA_VERSION),)]
+        assert q("SELECT * FROM outbox ORDER BY id") == before
+        assert q("SELECT kind, state, n FROM outbox_count WHERE n > 0 ORDER BY kind, state") == counts
+        names = {n for (n,) in q("SELECT name FROM sqlite_master WHERE tbl_name='outbox'")}
+        assert "sqlite_autoindex_outbox_1" not in names
+        assert {"outbox_open", "outbox_open_created", "outbox_one_rr", "outbox_by_issuance", "outbox_count_insert",
+                "outbox_count_update", "outbox_count_delete"} <= names  # fmt: skip
+        assert q("PRAGMA integrity_check") == [("ok",)]
+        assert q("PRAGMA foreign_key_check(outbox)") == []
+        # The rr trigger is back: a revocation writes its rr row, and still only one per certificate.
+        journal.call(journal.transaction, lambda c: c.execute(
+            "INSERT INTO revocation (cert_serial, ca, reason, revoked_at, actor, source)"
+            " VALUES ('0b', 'issuing', 'superseded', 4, 'alice', 'cli')"), "t")  # fmt: skip
+        assert q("SELECT cert_serial FROM outbox WHERE kind='rr' ORDER BY id") == [("0a",), ("0b",)]
+        with pytest.raises(sqlite3.IntegrityError, match=r"outbox\.cert_serial"):
+            q("INSERT INTO outbox (kind, cert_serial, transaction_id, next_attempt_at, created_at)"
+              " VALUES ('rr', '0b', randomblob(16), 5, 5)")  # fmt: skip
+        # The counters follow the rebuilt table.
+        journal.call(
+            journal.transaction, lambda c: c.execute("UPDATE outbox SET state='done' WHERE id=1"), "t"
+        )
+        assert q("SELECT kind, state, n FROM outbox_count WHERE n > 0 ORDER BY kind, state") == q(
+            "SELECT kind, state, COUNT(*) FROM outbox GROUP BY kind, state ORDER BY kind, state"
+        )
