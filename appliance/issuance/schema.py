@@ -11,6 +11,7 @@ rework starts.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 
 from appliance.errors import IssuanceFailed, ReasonCode
 
@@ -602,25 +603,68 @@ MIGRATIONS = {
 }
 
 
-def migrate(conn: sqlite3.Connection) -> None:
-    """Bring an older journal up to SCHEMA_VERSION, one version per transaction (a crash leaves a whole one)."""
-    if not conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone():
-        return  # a new journal: SCHEMA creates it whole
+def statements(script: str) -> list[str]:
+    """The SQL statements of `script`, each whole (a trigger's body with its own semicolons included), for running
+    one at a time inside a transaction: executescript would COMMIT the transaction first."""
+    out: list[str] = []
+    buf = ""
+    for line in script.splitlines(keepends=True):
+        buf += line
+        if sqlite3.complete_statement(buf):
+            out.append(buf.strip())
+            buf = ""
+    if any(part.strip() and not part.strip().startswith("--") for part in buf.splitlines()):
+        raise ValueError(f"an incomplete SQL statement at the end of the script: {buf.strip()[:80]!r}")
+    return out
+
+
+def _version(conn: sqlite3.Connection) -> int:
     row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-    version = int(row[0]) if row is not None else SCHEMA_VERSION
+    return int(row[0]) if row is not None else SCHEMA_VERSION
+
+
+def _refuse_unsupported(version: int) -> None:
     if version > SCHEMA_VERSION or (version < SCHEMA_VERSION and version not in MIGRATIONS):
         raise IssuanceFailed(
             f"journal schema {version} is not the supported {SCHEMA_VERSION} (and cannot be migrated to it)",
             ReasonCode.JOURNAL_UNAVAILABLE,
         )
-    while version < SCHEMA_VERSION and version in MIGRATIONS:
+
+
+def migrate(conn: sqlite3.Connection, *, starting: Callable[[int], None] | None = None) -> int:
+    """Bring an older journal up to SCHEMA_VERSION, one version per transaction (a crash leaves a whole one), and
+    return how many versions it moved. `starting(version)` is called before each version's migration (the
+    daemon tells systemd that its start will take longer).
+
+    The version is read again under the write lock: a second process that opened the journal at the same time
+    (a CLI command beside the starting daemon) finds it migrated and leaves it alone, rather than running a
+    migration twice. The last migration runs the whole SCHEMA in its own transaction, so that no writer ever sees
+    the migrated journal without the triggers and indexes a migration dropped with a table it rebuilt."""
+    if not conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone():
+        return 0  # a new journal: SCHEMA creates it whole
+    version = _version(conn)
+    _refuse_unsupported(version)
+    moved = 0
+    while version < SCHEMA_VERSION:
         conn.execute("BEGIN IMMEDIATE")
         try:
+            version = _version(conn)
+            _refuse_unsupported(version)
+            if version == SCHEMA_VERSION:
+                conn.execute("COMMIT")
+                break
+            if starting is not None:
+                starting(version)
             for statement in MIGRATIONS[version]:
                 conn.execute(statement)
             version += 1
+            if version == SCHEMA_VERSION:
+                for statement in statements(SCHEMA):
+                    conn.execute(statement)
             conn.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(version),))
             conn.execute("COMMIT")
+            moved += 1
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+    return moved

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import socket
 import sqlite3
 from pathlib import Path
 
 import pytest
+from pytest_mock import MockerFixture
 
 from appliance.errors import IssuanceFailed
-from appliance.issuance.journal import SCHEMA_VERSION, Journal
-from appliance.issuance.schema import OUTBOX_TABLE, SCHEMA
+from appliance.issuance import schema
+from appliance.issuance.journal import MIGRATION_TIMEOUT_S, SCHEMA_VERSION, Journal
+from appliance.issuance.schema import OUTBOX_TABLE, SCHEMA, migrate, statements
 
 V1 = Path(__file__).parent / "data" / "journal-schema-1.sql"
 
@@ -262,3 +265,86 @@ def test_schema_5_drops_the_index_on_the_outbox_transaction_id(tmp_path: Path) -
         assert q("SELECT kind, state, n FROM outbox_count WHERE n > 0 ORDER BY kind, state") == q(
             "SELECT kind, state, COUNT(*) FROM outbox GROUP BY kind, state ORDER BY kind, state"
         )
+
+
+def test_the_schema_splits_into_the_statements_executescript_runs() -> None:
+    script_run = sqlite3.connect(":memory:")
+    script_run.executescript(SCHEMA)
+    one_by_one = sqlite3.connect(":memory:", isolation_level=None)
+    one_by_one.execute("BEGIN")
+    for statement in statements(SCHEMA):
+        one_by_one.execute(statement)
+    one_by_one.execute("COMMIT")
+    master = "SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY type, name"
+    assert one_by_one.execute(master).fetchall() == script_run.execute(master).fetchall()
+    assert any("CREATE TRIGGER" in s and s.count(";") > 1 for s in statements(SCHEMA))  # bodies stay whole
+    with pytest.raises(ValueError, match="incomplete"):
+        statements("CREATE TABLE a (x);\nCREATE TABLE b (y)")
+
+
+def test_the_last_migration_leaves_every_trigger_and_index_in_its_own_transaction(tmp_path: Path) -> None:
+    """migrate() alone (without the SCHEMA the journal runs after it): a writer that came in right after the
+    migration's COMMIT already finds the outbox's triggers and indexes, which the rebuild had dropped."""
+    path = tmp_path / "journal.sqlite"
+    _as_schema_5(path)
+    conn = sqlite3.connect(path, isolation_level=None)
+    assert migrate(conn) == 1
+    names = {
+        n
+        for (n,) in conn.execute("SELECT name FROM sqlite_master WHERE tbl_name IN ('outbox', 'revocation')")
+    }
+    assert {"outbox_open", "outbox_one_rr", "outbox_count_insert", "outbox_on_revocation"} <= names
+    assert migrate(conn) == 0  # nothing left to do
+    conn.close()
+
+
+def test_a_journal_migrated_meanwhile_by_another_process_is_not_migrated_again(
+    tmp_path: Path, mocker: MockerFixture
+) -> None:
+    """Two processes open a schema-5 journal together (the daemon starting, a CLI command beside it): both read
+    version 5 before either holds the write lock. The one that gets the lock second reads the version again
+    under it and finds 6. (The interleaving is injected: the first, unlocked read returns the stale 5.)"""
+    path = tmp_path / "journal.sqlite"
+    _as_schema_5(path)
+    Journal(path).close()  # the other process: migrated, triggers and indexes in place
+    real = schema._version
+    reads = iter([5])
+    mocker.patch.object(schema, "_version", side_effect=lambda c: next(reads, None) or real(c))
+    conn = sqlite3.connect(path, isolation_level=None)
+    assert migrate(conn) == 0
+    names = {n for (n,) in conn.execute("SELECT name FROM sqlite_master WHERE tbl_name = 'outbox'")}
+    assert {"outbox_open", "outbox_one_rr", "outbox_count_insert"} <= names  # not dropped by a second rebuild
+    assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == (
+        str(SCHEMA_VERSION),
+    )
+    conn.close()
+
+
+def test_a_migration_says_so_to_systemd_and_leaves_no_large_wal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon's start is extended while a migration runs (EXTEND_TIMEOUT_USEC on $NOTIFY_SOCKET), and the WAL
+    that the copied table passed through is truncated afterwards."""
+    path = tmp_path / "journal.sqlite"
+    _as_schema_5(path)
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.executemany(
+            "INSERT INTO outbox (kind, cert_serial, transaction_id, csr_der, next_attempt_at, created_at)"
+            " VALUES ('p10cr', ?, randomblob(16), randomblob(1000), 1, 1)",
+            ((f"{i:04x}",) for i in range(2000)),
+        )
+    conn.close()
+    sock_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    sock.setblocking(False)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(sock_path))
+    with Journal(path) as journal:
+        assert journal.call(lambda: journal.conn.execute("SELECT COUNT(*) FROM outbox").fetchone()) == (2003,)
+        wal = path.with_name(path.name + "-wal")
+        assert wal.stat().st_size < 100_000  # the copy was over 2 MB
+    message = sock.recv(4096).decode()
+    sock.close()
+    assert "STATUS=migrating the journal from schema 5 to 6" in message.splitlines()
+    assert f"EXTEND_TIMEOUT_USEC={MIGRATION_TIMEOUT_S * 1_000_000}" in message.splitlines()
