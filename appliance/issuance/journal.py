@@ -38,9 +38,13 @@ from appliance.issuance.schema import SCHEMA, SCHEMA_VERSION, migrate
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
-# How long systemd is asked to wait for one version's migration (EXTEND_TIMEOUT_USEC), beyond the unit's own start
-# timeout: about 13 s a million outbox rows was measured for 5 -> 6 (docs/operations.md "Upgrading").
+# How long systemd is asked to wait for one version's migration (EXTEND_TIMEOUT_USEC, counted from its start),
+# beyond the unit's own start timeout: 5 -> 6 took about 23 s a GB of outbox (docs/operations.md "Upgrading").
 MIGRATION_TIMEOUT_S = 3600
+# What the rest of the start gets after a migration: systemd/birthline.service's TimeoutStartSec.
+START_TIMEOUT_S = 600
+# The WAL file's size once a checkpoint has emptied it (journal_size_limit); in normal running it stays far below.
+WAL_SIZE_LIMIT = 64 * 1024 * 1024
 
 ORIGIN_SQL = """WITH RECURSIVE origin(id, updates, depth) AS (
     SELECT id, updates, 0 FROM issuance WHERE id = ?
@@ -102,6 +106,16 @@ def burn_interrupted(conn: sqlite3.Connection) -> list[str]:
     return serials
 
 
+def _notify(**fields: object) -> None:
+    from appliance.sdnotify import Notifier  # only here: nothing else of the journal speaks to systemd
+
+    notifier = Notifier.from_environment()
+    try:
+        notifier.send(**fields)
+    finally:
+        notifier.close()
+
+
 def _migrating(version: int) -> None:
     """Said before each version's migration: in the log, and to systemd when the daemon runs under it (a
     migration that copies a table of millions of rows takes minutes; the unit's start timeout is ten)."""
@@ -110,11 +124,27 @@ def _migrating(version: int) -> None:
         version,
         version + 1,
     )
-    from appliance.sdnotify import Notifier  # only here: nothing else of the journal speaks to systemd
-
-    Notifier.from_environment().send(
+    _notify(
         STATUS=f"migrating the journal from schema {version} to {version + 1}",
-        EXTEND_TIMEOUT_USEC=str(MIGRATION_TIMEOUT_S * 1_000_000),
+        EXTEND_TIMEOUT_USEC=MIGRATION_TIMEOUT_S * 1_000_000,
+    )
+
+
+def _migrated(conn: sqlite3.Connection) -> None:
+    """After the migrations: the WAL emptied and cut back (a reader holding a snapshot is waited for a second at
+    most; journal_size_limit cuts it at a later checkpoint otherwise), and systemd's start timeout back to the
+    unit's (the rest of the start, HSM and listeners, has its usual ten minutes again)."""
+    conn.execute("PRAGMA busy_timeout=1000")
+    try:
+        busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+    finally:
+        conn.execute("PRAGMA busy_timeout=30000")
+    if busy:
+        log.warning("the journal's WAL could not be emptied after the migration (a reader held it): later")
+    log.warning("the journal is migrated to schema %d", SCHEMA_VERSION)
+    _notify(
+        STATUS="starting: journal migrated; HSM login, listeners",
+        EXTEND_TIMEOUT_USEC=START_TIMEOUT_S * 1_000_000,
     )
 
 
@@ -235,10 +265,11 @@ class Journal:
             # NORMAL can lose committed transactions on power loss in WAL mode; an issued certificate must not.
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA foreign_keys=ON")
+            # After a large transaction (a migration's rebuilt table) the WAL file would keep its size for good:
+            # with this limit SQLite cuts it back once a checkpoint has emptied it.
+            conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
             if migrate(conn, starting=_migrating):
-                # The rebuilt table passed through the WAL, and with SQLite's secure_delete the old table's zeroed
-                # pages too: about twice the table's size, which the WAL file would otherwise keep for good.
-                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                _migrated(conn)
             conn.executescript(SCHEMA)
             row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
             if row is None:

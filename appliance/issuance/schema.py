@@ -10,8 +10,10 @@ rework starts.
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 from collections.abc import Callable
+from pathlib import Path
 
 from appliance.errors import IssuanceFailed, ReasonCode
 
@@ -631,6 +633,50 @@ def _refuse_unsupported(version: int) -> None:
         )
 
 
+# How much free disk a migration that rebuilds a table needs, as a multiple of that table's size (its rows and
+# indexes): the copy in the database file, and the WAL holding the new table and, with SQLite's secure_delete (on
+# in Debian's build), the old one's pages zeroed, both at once during the checkpoint that follows the COMMIT
+# (bench/migration.py measured 2.6 to 2.7 times).
+REBUILD_ROOM = 3.0
+# The table each migration rebuilds, if any.
+REBUILDS = {2: "outbox", 5: "outbox"}
+
+
+def _table_bytes(conn: sqlite3.Connection, table: str) -> int:
+    """The bytes of `table` and its indexes, from SQLite's dbstat (a read of the table's pages); where this SQLite
+    has no dbstat, the whole database file, which is more than the table."""
+    try:
+        row = conn.execute(
+            "SELECT SUM(pgsize) FROM dbstat WHERE name IN (SELECT name FROM sqlite_master WHERE tbl_name = ?)",
+            (table,),
+        ).fetchone()
+        return int(row[0] or 0)
+    except sqlite3.Error:
+        count, size = (
+            conn.execute("PRAGMA page_count").fetchone()[0],
+            conn.execute("PRAGMA page_size").fetchone()[0],
+        )
+        return int(count) * int(size)
+
+
+def _check_room(conn: sqlite3.Connection, version: int) -> None:
+    """Refuse a rebuild that the disk has no room for, before it starts: one that ran out of space part way would
+    roll back (or, in its checkpoint after the COMMIT, leave a journal that can no longer be written)."""
+    table = REBUILDS.get(version)
+    if table is None:
+        return
+    path = Path(conn.execute("PRAGMA database_list").fetchone()[2])
+    need = int(_table_bytes(conn, table) * REBUILD_ROOM)
+    free = shutil.disk_usage(path.parent).free
+    if free < need:
+        raise IssuanceFailed(
+            f"migrating the journal from schema {version} to {version + 1} rebuilds its {table} table and needs"
+            f" about {need / 1e9:.1f} GB free on {path.parent} ({REBUILD_ROOM:g} times the table); {free / 1e9:.1f}"
+            " GB are free: make room, then start again (nothing was changed)",
+            ReasonCode.JOURNAL_UNAVAILABLE,
+        )
+
+
 def migrate(conn: sqlite3.Connection, *, starting: Callable[[int], None] | None = None) -> int:
     """Bring an older journal up to SCHEMA_VERSION, one version per transaction (a crash leaves a whole one), and
     return how many versions it moved. `starting(version)` is called before each version's migration (the
@@ -653,6 +699,7 @@ def migrate(conn: sqlite3.Connection, *, starting: Callable[[int], None] | None 
             if version == SCHEMA_VERSION:
                 conn.execute("COMMIT")
                 break
+            _check_room(conn, version)
             if starting is not None:
                 starting(version)
             for statement in MIGRATIONS[version]:
@@ -665,6 +712,7 @@ def migrate(conn: sqlite3.Connection, *, starting: Callable[[int], None] | None 
             conn.execute("COMMIT")
             moved += 1
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:  # SQLite rolls back by itself on some errors (a full disk)
+                conn.execute("ROLLBACK")
             raise
     return moved

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
 import sqlite3
 from pathlib import Path
@@ -11,7 +12,7 @@ from pytest_mock import MockerFixture
 
 from appliance.errors import IssuanceFailed
 from appliance.issuance import schema
-from appliance.issuance.journal import MIGRATION_TIMEOUT_S, SCHEMA_VERSION, Journal
+from appliance.issuance.journal import MIGRATION_TIMEOUT_S, SCHEMA_VERSION, START_TIMEOUT_S, Journal
 from appliance.issuance.schema import OUTBOX_TABLE, SCHEMA, migrate, statements
 
 V1 = Path(__file__).parent / "data" / "journal-schema-1.sql"
@@ -344,7 +345,34 @@ def test_a_migration_says_so_to_systemd_and_leaves_no_large_wal(
         assert journal.call(lambda: journal.conn.execute("SELECT COUNT(*) FROM outbox").fetchone()) == (2003,)
         wal = path.with_name(path.name + "-wal")
         assert wal.stat().st_size < 100_000  # the copy was over 2 MB
-    message = sock.recv(4096).decode()
+    during, after = sock.recv(4096).decode().splitlines(), sock.recv(4096).decode().splitlines()
     sock.close()
-    assert "STATUS=migrating the journal from schema 5 to 6" in message.splitlines()
-    assert f"EXTEND_TIMEOUT_USEC={MIGRATION_TIMEOUT_S * 1_000_000}" in message.splitlines()
+    assert "STATUS=migrating the journal from schema 5 to 6" in during
+    assert f"EXTEND_TIMEOUT_USEC={MIGRATION_TIMEOUT_S * 1_000_000}" in during
+    # Then the rest of the start has the unit's own timeout again, not what is left of the hour.
+    assert f"EXTEND_TIMEOUT_USEC={START_TIMEOUT_S * 1_000_000}" in after
+    assert any(line.startswith("STATUS=") and "migrated" in line for line in after)
+
+
+def test_a_rebuild_the_disk_has_no_room_for_is_refused_before_it_starts(
+    tmp_path: Path, mocker: MockerFixture
+) -> None:
+    """The 5 -> 6 rebuild needs about three times the outbox's size free (the copy, and the WAL with the old pages
+    zeroed): with less, the journal is not touched and the error says how much is needed. (The full disk is
+    injected: the free space is what shutil.disk_usage says.)"""
+    path = tmp_path / "journal.sqlite"
+    _as_schema_5(path)
+    conn = sqlite3.connect(path)
+    outbox = schema._table_bytes(conn, "outbox")
+    conn.close()
+    assert outbox > 0
+    usage = shutil.disk_usage(tmp_path)
+    mocker.patch.object(schema.shutil, "disk_usage", return_value=usage._replace(free=int(outbox * 2.5)))
+    with pytest.raises(IssuanceFailed, match=r"needs about .* GB free on .*make room, then start again"):
+        Journal(path)
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("5",)
+    assert conn.execute("SELECT 1 FROM sqlite_master WHERE name='sqlite_autoindex_outbox_1'").fetchone()
+    conn.close()
+    mocker.patch.object(schema.shutil, "disk_usage", return_value=usage._replace(free=int(outbox * 3.5)))
+    Journal(path).close()  # with room, it goes ahead
