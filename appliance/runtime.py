@@ -26,6 +26,7 @@ from appliance.errors import BirthlineError, IssuanceFailed, ReasonCode
 from appliance.files import refuse_shared_files, secure_state_dir
 from appliance.issuance.activity import Activity
 from appliance.issuance.journal import Journal, journal_files
+from appliance.issuance.schema import MIGRATED_PREFIX
 from hsm.errors import HsmError
 
 if TYPE_CHECKING:
@@ -219,6 +220,13 @@ def record_start(core: Core, actor: str = "appliance") -> bool:
             core.audit.append(
                 conn, actor, "profile.changed", {"profiles_sha256": digest, "profiles": document}
             )
+        # Migrations since the last start (the journal notes them in meta, in each migration's transaction).
+        for key, note in conn.execute(
+            "SELECT key, value FROM meta WHERE key LIKE ? ORDER BY CAST(substr(key, ?) AS INTEGER)",
+            (f"{MIGRATED_PREFIX}%", len(MIGRATED_PREFIX) + 1),
+        ).fetchall():
+            core.audit.append(conn, actor, "journal.migrated", json.loads(note))
+            conn.execute("DELETE FROM meta WHERE key = ?", (key,))
         core.audit.append(conn, actor, "appliance.started", {
             "config": str(core.config.source), "issuing_ca": core.config.issuance.issuing_ca,
             "profiles_sha256": digest,

@@ -10,8 +10,10 @@ rework starts.
 
 from __future__ import annotations
 
+import json
 import shutil
 import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -633,6 +635,9 @@ def _refuse_unsupported(version: int) -> None:
         )
 
 
+# meta keys `migrated:<version>`: a migration not yet in the audit log (appliance/runtime.py record_start).
+MIGRATED_PREFIX = "migrated:"
+
 # How much free disk a migration that rebuilds a table needs, as a multiple of that table's size (its rows and
 # indexes): the copy in the database file, and the WAL holding the new table and, with SQLite's secure_delete (on
 # in Debian's build), the old one's pages zeroed, both at once during the checkpoint that follows the COMMIT
@@ -702,6 +707,7 @@ def migrate(conn: sqlite3.Connection, *, starting: Callable[[int], None] | None 
             _check_room(conn, version)
             if starting is not None:
                 starting(version)
+            began = time.monotonic()
             for statement in MIGRATIONS[version]:
                 conn.execute(statement)
             version += 1
@@ -709,6 +715,18 @@ def migrate(conn: sqlite3.Connection, *, starting: Callable[[int], None] | None 
                 for statement in statements(SCHEMA):
                     conn.execute(statement)
             conn.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(version),))
+            # For the audit log, which the daemon's next start writes it to (journal.migrated): the journal
+            # cannot sign here, and a command that migrated it may have no audit key at hand.
+            note = {
+                "from": version - 1,
+                "to": version,
+                "at": time.time(),
+                "seconds": time.monotonic() - began,
+            }
+            conn.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                (f"{MIGRATED_PREFIX}{version}", json.dumps(note, sort_keys=True)),
+            )
             conn.execute("COMMIT")
             moved += 1
         except BaseException:

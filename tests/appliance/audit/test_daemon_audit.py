@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import sqlite3
+import time
 from pathlib import Path
 
 from appliance.audit import AuditLog, verify
@@ -20,6 +22,7 @@ from appliance.config import (
 )
 from appliance.daemon import Daemon
 from appliance.issuance.journal import Journal
+from appliance.issuance.schema import OUTBOX_TABLE, SCHEMA
 from appliance.profiles import builtin_profiles
 from hsm.softhsm import SoftHsmToken
 
@@ -80,3 +83,33 @@ async def test_the_daemon_signs_what_it_inherits_first_and_everything_when_it_st
     tail = events[events.index("test.while-stopped") :]
     assert tail[:2] == ["test.while-stopped", "audit.checkpoint"] and tail[-1] == "audit.checkpoint"
     assert "appliance.started" in tail[2:]
+
+
+async def test_a_journal_migration_is_in_the_audit_log_from_the_next_start(
+    softhsm_token: SoftHsmToken, production_journal_template: Path, tmp_path: Path
+) -> None:
+    """A migration rewrites tables an auditor relies on (5 -> 6 rebuilds the outbox): the daemon's next start
+    writes it to the audit log (journal.migrated: from, to, when, how long), before its own start entry."""
+    config = _config(tmp_path / "state", softhsm_token, production_journal_template)
+    path = config.journal.path
+    conn = sqlite3.connect(path, isolation_level=None)
+    v5 = OUTBOX_TABLE.replace("transaction_id    BLOB NOT NULL,", "transaction_id    BLOB NOT NULL UNIQUE,")
+    conn.executescript(f"DROP TRIGGER outbox_on_revocation; DROP TABLE outbox; {v5}; {SCHEMA}")
+    conn.execute("UPDATE meta SET value='5' WHERE key='schema_version'")
+    conn.close()
+    before = time.time()
+    async with Daemon(config) as d:
+        entries = AuditLog(d.journal).entries()
+        events = [e.event for e in entries]
+        migrated = [json.loads(e.data) for e in entries if e.event == "journal.migrated"]
+        assert len(migrated) == 1 and events.index("journal.migrated") < events.index("appliance.started")
+        assert migrated[0]["from"] == 5 and migrated[0]["to"] == 6
+        assert before <= migrated[0]["at"] <= time.time() and migrated[0]["seconds"] >= 0
+        left = d.journal.call(
+            lambda: d.journal.conn.execute("SELECT key FROM meta WHERE key LIKE 'migrated:%'").fetchall()
+        )
+        assert left == []  # written once
+    async with Daemon(config) as d:  # the next start does not write it again
+        assert [e.event for e in AuditLog(d.journal).entries()].count("journal.migrated") == 1
+    with Journal(path) as journal:
+        assert verify(journal).ok
