@@ -49,6 +49,7 @@ bench: deps
 	$(PY) bench/upstream.py --count 5000 --single-count 1000 --rtt-ms 0,20
 	$(PY) bench/upstream.py --upstream birthline --count 3000 --single-count 300 --rtt-ms 0,20
 	$(PY) bench/fuzz_csr.py --inputs 1000000
+	$(PY) bench/migration.py --rows 200000
 
 deps: apt venv
 
