@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 MIGRATION_TIMEOUT_S = 3600
 # What the rest of the start gets after a migration: systemd/birthline.service's TimeoutStartSec.
 START_TIMEOUT_S = 600
+# How long a connection waits for another process's write lock before it gives up (sqlite3's timeout).
+BUSY_TIMEOUT_S = 30.0
 # The WAL file's size once a checkpoint has emptied it (journal_size_limit); in normal running it stays far below.
 WAL_SIZE_LIMIT = 64 * 1024 * 1024
 
@@ -138,7 +140,7 @@ def _migrated(conn: sqlite3.Connection) -> None:
     try:
         busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
     finally:
-        conn.execute("PRAGMA busy_timeout=30000")
+        conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
     if busy:
         log.warning("the journal's WAL could not be emptied after the migration (a reader held it): later")
     log.warning("the journal is migrated to schema %d", SCHEMA_VERSION)
@@ -167,7 +169,7 @@ def _create_private(path: Path) -> None:
 
 def _connect_read_only(path: Path, params: str) -> sqlite3.Connection:
     conn = sqlite3.connect(
-        f"{path.resolve().as_uri()}?{params}", uri=True, isolation_level=None, timeout=30.0
+        f"{path.resolve().as_uri()}?{params}", uri=True, isolation_level=None, timeout=BUSY_TIMEOUT_S
     )
     try:
         conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()  # open the file and its WAL index now
@@ -260,7 +262,7 @@ class Journal:
         try:
             _create_private(self.path)
             # isolation_level=None: we issue BEGIN/COMMIT ourselves, so a transaction is exactly what we say.
-            conn = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
+            conn = sqlite3.connect(self.path, isolation_level=None, timeout=BUSY_TIMEOUT_S)
             conn.execute("PRAGMA journal_mode=WAL")
             # NORMAL can lose committed transactions on power loss in WAL mode; an issued certificate must not.
             conn.execute("PRAGMA synchronous=FULL")
