@@ -1,16 +1,24 @@
 """Delivery confirmations: a station says it stored a certificate, and from then on it counts as delivered.
-The service's confirmation batcher runs these in one journal transaction for all that arrived together."""
+The service's confirmation batcher (ConfirmSteps, a mixin of IssueService whose state it uses, declared below)
+runs these in one journal transaction for all that arrived together (record_confirmations)."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hashlib
 import sqlite3
 from collections.abc import Callable, Mapping, Sequence
 
-from appliance.errors import BirthlineError, IssuanceRefused, ReasonCode
-from appliance.issuance.journal import work_order_of
-from appliance.issuance.observe import Confirmation
+from appliance.crashpoints import crash_point
+from appliance.errors import BirthlineError, IssuanceFailed, IssuanceRefused, ReasonCode
+from appliance.issuance.faults import IssuanceAlarms
+from appliance.issuance.journal import Journal, work_order_of
+from appliance.issuance.observe import Confirmation, IssuanceObserver
 from appliance.issuance.policy import AuditSink
+
+# A delivery confirmation: ("local", cert_serial) or ("ra", ra_request id), the hash, and who waits for it.
+Confirm = tuple[str, str, bytes | None, "asyncio.Future[None]"]
 
 
 class _NoAudit:
@@ -107,3 +115,68 @@ def revoke_replaced(
                 Reason.SUPERSEDED, Source.CMP, now=now, refuse_change=False,
                 selector={"key_update": str(new_serial), "work_order": str(work_order)},
             )  # fmt: skip
+
+
+class ConfirmSteps:
+    journal: Journal
+    audit: AuditSink | None
+    observer: IssuanceObserver | None
+    clock: Callable[[], float]
+    batch_max: int
+    _tg: asyncio.TaskGroup | None
+    _confirms: asyncio.Queue[Confirm | None]
+    _faults: IssuanceAlarms
+
+    async def confirm(self, cert_serial: str, cert_sha256: bytes | None = None) -> None:
+        """The station stored the certificate: from now on it counts as delivered.
+
+        Confirmations that arrive together share one transaction, as issuances do: one fsync per station
+        confirmation would cap a busy line at the disk's commit rate."""
+        await self._confirm(("local", cert_serial, cert_sha256))
+
+    async def confirm_upstream(self, ra_request: int, cert_sha256: bytes | None = None) -> None:
+        """The same for a certificate the upstream CA issued in RA mode (IssueResult.upstream)."""
+        await self._confirm(("ra", str(ra_request), cert_sha256))
+
+    async def _confirm(self, what: tuple[str, str, bytes | None]) -> None:
+        if self._tg is None:
+            raise IssuanceFailed("the issuance service is not running", ReasonCode.BUSY)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        await self._confirms.put((*what, fut))
+        await fut
+
+    async def _confirm_batcher(self) -> None:
+        while (first := await self._confirms.get()) is not None:
+            batch = [first]
+            while len(batch) < self.batch_max and not self._confirms.empty():
+                nxt = self._confirms.get_nowait()
+                if nxt is None:
+                    self._confirms.put_nowait(None)
+                    break
+                batch.append(nxt)
+            errors: dict[int, BirthlineError] = {}
+            done: list[Confirmation] = []
+            record = functools.partial(
+                record_confirmations,
+                batch=batch,
+                clock=self.clock,
+                audit=self.audit,
+                errors=errors,
+                done=done,
+            )
+            try:
+                await self.journal.atransaction(record, "confirming delivery")
+            except BirthlineError as exc:
+                self._faults.failed(exc)
+                errors = dict.fromkeys(range(len(batch)), exc)
+            else:
+                crash_point("after-confirm")
+                if done and self.observer is not None:
+                    self.observer.confirmed(done)
+            for i, (_, _, _, fut) in enumerate(batch):
+                if fut.done():
+                    continue
+                if i in errors:
+                    fut.set_exception(errors[i])
+                else:
+                    fut.set_result(None)

@@ -9,51 +9,47 @@ RA mode (a product whose issuance_mode is 'upstream'): authorise -> validate the
 its outbox row in ONE transaction -> answer "pending" (IssuancePending). Nothing is signed here; the forwarder
 stores the upstream CA's certificate in `ra_request`, and the same request asked again is then answered with it.
 
-Here: the service's life, its queues and batches, signing and storing. Beside it, by responsibility:
-intents.py (the intent transaction: clock, conflicts, work orders), finish.py (each HSM signature verified and
-its certificate assembled), health.py (the checks between requests that clear alarms), clockguard.py (whether the
-clock can date a certificate), confirmations.py (delivery confirmations).
+Here: the service's life, its queues and batches, and the answers. Beside it, by responsibility:
+intents.py (the intent transaction: clock, conflicts, work orders), signing.py (signing a batch and storing its
+certificates), finish.py (each HSM signature verified and its certificate assembled), health.py (the checks
+between requests that clear alarms), clockguard.py (whether the clock can date a certificate), confirmations.py
+(delivery confirmations).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
-import hashlib
 import logging
 import os
 import sqlite3
 import time
 from collections.abc import Callable, Mapping
 
-from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from appliance.alarms import Alarms, LogOnce
 from appliance.ca import CaRecord
-from appliance.crashpoints import crash_point, die
-from appliance.der import tbs_subject
+from appliance.crashpoints import die
 from appliance.errors import BirthlineError, IssuanceFailed, IssuancePending, IssuanceRefused, ReasonCode
 from appliance.issuance.activity import Activity
 from appliance.issuance.clockguard import ClockGuard
-from appliance.issuance.confirmations import record_confirmations
+from appliance.issuance.confirmations import Confirm, ConfirmSteps
 from appliance.issuance.faults import IssuanceAlarms
-from appliance.issuance.finish import finish_batch
-from appliance.issuance.health import HealthChecks, hsm_code
+from appliance.issuance.health import HealthChecks
 from appliance.issuance.intents import IntentSteps
 from appliance.issuance.items import IssueResult, Item
 from appliance.issuance.journal import Journal, burn_interrupted
-from appliance.issuance.observe import Confirmation, IssuanceObserver, Outcome
+from appliance.issuance.observe import IssuanceObserver, Outcome
 from appliance.issuance.pauses import StationPauses
 from appliance.issuance.policy import AllowAll, AuditSink, AuthorisationPolicy, IssueRequest
 from appliance.issuance.prepare import Job, PrepareContext, Preparer, Refusal
 from appliance.issuance.refusals import RefusalLimiter
 from appliance.issuance.requestids import new_request_id
+from appliance.issuance.signing import SignSteps
 from appliance.issuance.template import ALARM as TEMPLATE_ALARM
 from appliance.issuance.workers import PreparePool
 from appliance.profiles import Profile
-from hsm.errors import HsmError
 from hsm.keys import HsmPrivateKey
 
 log = logging.getLogger(__name__)
@@ -71,11 +67,7 @@ CRASH_ENV = "BIRTHLINE_CRASH_POINT"
 _SPKI = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
 
 
-# A delivery confirmation: ("local", cert_serial) or ("ra", ra_request id), the hash, and who waits for it.
-_Confirm = tuple[str, str, bytes | None, "asyncio.Future[None]"]
-
-
-class IssueService(IntentSteps, HealthChecks):
+class IssueService(IntentSteps, SignSteps, ConfirmSteps, HealthChecks):
     """Issue birth certificates from one issuing CA. Use as an async context manager."""
 
     def __init__(
@@ -135,7 +127,7 @@ class IssueService(IntentSteps, HealthChecks):
         # A bug of ours in preparation refuses one request (INTERNAL); logged once per place, not per request.
         self._prepare_faults = LogOnce(interval_s=300.0)
         self._queue: asyncio.Queue[Item | None] = asyncio.Queue()
-        self._confirms: asyncio.Queue[_Confirm | None] = asyncio.Queue()
+        self._confirms: asyncio.Queue[Confirm | None] = asyncio.Queue()
         self._tg: asyncio.TaskGroup | None = None
         self._inflight: dict[tuple[str, bytes], Item] = {}
         self._unsettled: list[int] = []  # intents whose signature was made but could not be stored or burned
@@ -281,60 +273,6 @@ class IssueService(IntentSteps, HealthChecks):
             None if isinstance(error, IssuancePending) else error, isinstance(error, IssuancePending),
             req.front_end,
         ))  # fmt: skip
-
-    async def confirm(self, cert_serial: str, cert_sha256: bytes | None = None) -> None:
-        """The station stored the certificate: from now on it counts as delivered.
-
-        Confirmations that arrive together share one transaction, as issuances do: one fsync per station
-        confirmation would cap a busy line at the disk's commit rate."""
-        await self._confirm(("local", cert_serial, cert_sha256))
-
-    async def confirm_upstream(self, ra_request: int, cert_sha256: bytes | None = None) -> None:
-        """The same for a certificate the upstream CA issued in RA mode (IssueResult.upstream)."""
-        await self._confirm(("ra", str(ra_request), cert_sha256))
-
-    async def _confirm(self, what: tuple[str, str, bytes | None]) -> None:
-        if self._tg is None:
-            raise IssuanceFailed("the issuance service is not running", ReasonCode.BUSY)
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        await self._confirms.put((*what, fut))
-        await fut
-
-    async def _confirm_batcher(self) -> None:
-        while (first := await self._confirms.get()) is not None:
-            batch = [first]
-            while len(batch) < self.batch_max and not self._confirms.empty():
-                nxt = self._confirms.get_nowait()
-                if nxt is None:
-                    self._confirms.put_nowait(None)
-                    break
-                batch.append(nxt)
-            errors: dict[int, BirthlineError] = {}
-            done: list[Confirmation] = []
-            record = functools.partial(
-                record_confirmations,
-                batch=batch,
-                clock=self.clock,
-                audit=self.audit,
-                errors=errors,
-                done=done,
-            )
-            try:
-                await self.journal.atransaction(record, "confirming delivery")
-            except BirthlineError as exc:
-                self._faults.failed(exc)
-                errors = dict.fromkeys(range(len(batch)), exc)
-            else:
-                crash_point("after-confirm")
-                if done and self.observer is not None:
-                    self.observer.confirmed(done)
-            for i, (_, _, _, fut) in enumerate(batch):
-                if fut.done():
-                    continue
-                if i in errors:
-                    fut.set_exception(errors[i])
-                else:
-                    fut.set_result(None)
 
     def _recover(self, conn: sqlite3.Connection) -> int:
         """Burn every intent left by a crash: its signature, if the HSM made one, was never released. Read the
@@ -529,108 +467,6 @@ class IssueService(IntentSteps, HealthChecks):
             )
         except BirthlineError as exc:
             self._faults.failed(exc)
-
-    async def _sign_and_store(self, items: list[Item]) -> bool:
-        """Sign, verify and store; False if that failed (the items are then failed and their intents burned)."""
-        ids = [i.row_id for i in items if i.row_id is not None]
-        started = time.perf_counter()
-        try:
-            raws = await self.key.asign_unverified([i.prep.tbs.tbs for i in items if i.prep is not None])
-            signed = []
-            for item, raw in zip(items, raws, strict=True):
-                assert item.prep is not None
-                signed.append((item.prep.tbs, raw))
-            ders = await finish_batch(self._preparer, self._pool, signed, self.key.label)
-        except HsmError as exc:
-            if self.observer is not None:
-                self.observer.signed(len(items), time.perf_counter() - started)
-            # Whatever went wrong in the HSM, the next batch first proves with a probe signature that it works
-            # again, rather than reserving serials (and units) only to burn them.
-            self._hsm_fault = exc.message
-            await self._burn(ids, f"hsm: {type(exc).__name__}")
-            self._fail(items, IssuanceFailed(f"HSM: {exc.message}", hsm_code(exc)))
-            return False
-        if self.observer is not None:
-            self.observer.signed(len(items), time.perf_counter() - started)
-        self._crash("after-sign")
-        certs: list[tuple[int, bytes]] = []
-        outbox: list[tuple[str, int, str, bytes, bytes | None, bytes | None, bytes | None, float, float]] = []
-        issued_at = self.clock()
-        for item, der in zip(items, ders, strict=True):
-            assert item.prep is not None and item.row_id is not None
-            certs.append((item.row_id, der))
-            # The upstream record: the device's CSR (p10cr), or for a CRMF-enrolled device its key and the
-            # subject we certified (cr with raVerified). Built and RA-protected later, by the forwarder.
-            req = item.request
-            if not self.forward_upstream:
-                continue
-            if req.csr and item.update is None:
-                outbox.append(("p10cr", item.row_id, item.prep.serial_hex, os.urandom(16), req.csr, None, None,
-                               issued_at, issued_at))  # fmt: skip
-            else:
-                # A key update goes upstream as kur for the upstream's certificate of the device (forwarder).
-                key = req.public_key_der or x509.load_der_x509_csr(req.csr).public_key().public_bytes(*_SPKI)
-                outbox.append(("kur" if item.update is not None else "cr", item.row_id, item.prep.serial_hex,
-                               os.urandom(16), None, key, tbs_subject(item.prep.tbs.tbs), issued_at, issued_at))  # fmt: skip
-
-        def store(conn: sqlite3.Connection) -> None:
-            cur = conn.executemany(
-                "UPDATE issuance SET state='issued', cert_der=?, issued_at=? WHERE id=? AND state='intent'",
-                [(der, issued_at, row_id) for row_id, der in certs],
-            )
-            if cur.rowcount != len(certs):  # rolled back whole: nothing of the batch is stored
-                raise IssuanceFailed(
-                    f"{len(certs) - cur.rowcount} intent(s) vanished before storing", ReasonCode.INTERNAL
-                )
-            conn.executemany(
-                "INSERT INTO outbox (kind, issuance_id, cert_serial, transaction_id, csr_der, public_key_der,"
-                " subject_der, next_attempt_at, created_at) VALUES (?,?,?,?,?,?,?,?,?)",
-                outbox,
-            )
-            if self.audit is not None:  # the list costs ~2 us a certificate: not built for nobody
-                self._note(conn, "appliance", "issuance.issued", {
-                    "items": [{"id": row_id, "cert_sha256": hashlib.sha256(der).hexdigest()} for row_id, der in certs]
-                })  # fmt: skip
-
-        try:
-            await self.journal.atransaction(store, "storing certificates")
-        except BirthlineError as exc:
-            # The certificates were signed but not stored: they must never be released. Burn the intents.
-            await self._burn(ids, "store failed")
-            self._fail(items, exc)
-            return False
-        self._crash("after-store")
-        for item, (_, der) in zip(items, certs, strict=True):
-            assert item.prep is not None
-            self.stats["issued"] += 1
-            item.future.set_result(
-                self._result(der, item.prep.serial_hex, item.request.device_serial, item.row_id, False)
-            )
-        return True
-
-    async def _burn(self, ids: list[int], reason: str) -> None:
-        def txn(conn: sqlite3.Connection) -> None:
-            conn.executemany(
-                "UPDATE issuance SET state='burned', burn_reason=? WHERE id=? AND state='intent'",
-                [(reason, i) for i in ids],
-            )
-            self._note(conn, "appliance", "issuance.burned", {"reason": reason, "ids": ids})
-
-        try:
-            await self.journal.atransaction(txn, "burning unreleased intents")
-        except BirthlineError:
-            # Remember them; no new issuance starts until they are settled (fail closed).
-            self._unsettled.extend(ids)
-
-    async def _settle(self) -> None:
-        if self._unsettled:
-            ids, self._unsettled = self._unsettled, []
-            await self._burn(ids, "store failed")
-            if self._unsettled:
-                raise IssuanceFailed(
-                    "the journal cannot record earlier failed issuances; issuance is stopped",
-                    ReasonCode.JOURNAL_UNAVAILABLE,
-                )
 
     def _result(self, der: bytes, serial: str, device: str, row_id: int | None, reused: bool) -> IssueResult:
         return IssueResult(der, self.chain, serial, device, row_id or 0, reused)
