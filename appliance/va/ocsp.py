@@ -32,156 +32,84 @@ once, each waits at most `sign_wait_s` to start (then tryLater); and a network c
 budget, a nonce request gets the cached answer without the nonce (RFC 5019 2.2.1), or tryLater. Nor do cheap
 answers starve it of the CPU: while issuance is at work (`issuing()`), all network clients' requests together
 are paced to `request_rate_while_issuing`, on top of each client's own request rate.
+
+Here: the responder's set-up, its answering paths and budgets, and its long-lived task. Beside it, by
+responsibility: answers.py (what an answer is and how it is built), ocsp_cache.py (the answers kept, made ahead
+and dropped), ocsp_batches.py (fresh signatures in batches), ocsp_request.py (the request parser), presign.py
+(responses built by hand for sign_many).
 """
 
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
-import functools
-import hashlib
 import logging
 import sqlite3
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509 import ocsp
-from cryptography.x509.oid import ObjectIdentifier
 
-from appliance import der
 from appliance.alarms import Alarms, LogOnce
 from appliance.ca import CaRecord
 from appliance.errors import BirthlineError
 from appliance.issuance.journal import Journal
 from appliance.issuance.policy import AuditSink
 from appliance.lifecycle import PollingTask
+from appliance.va.answers import (
+    CERTID_HASHES,
+    EXTENDED_REVOKE_OID,
+    INTERNAL_ERROR,
+    MALFORMED,
+    REFUSALS,
+    TRY_LATER,
+    UNAUTHORIZED,
+    Entry,
+    OcspAnswer,
+    Parsed,
+    Signing,
+    answer_of,
+    digest,
+    key_hash_input,
+    response_builder,
+)
 from appliance.va.crl import issuing_cas
+from appliance.va.ocsp_batches import SIGN_BATCHES_IN_FLIGHT, BatchSigning
+from appliance.va.ocsp_cache import AnswerCache
 from appliance.va.ocsp_request import Refusal, parse_request
-from appliance.va.presign import ResponseMaker, Unsigned, plain_request
 from appliance.va.ratelimit import ClientLimiter, Rate
-from appliance.va.revocation import Reason
 from appliance.va.signer import OcspSigner, ensure_signer
-from appliance.va.status import CertStatus, NeverIssued, live_statuses, lookup_status
+from appliance.va.status import CertStatus, NeverIssued, lookup_status
 from hsm.algorithms import default_hash
 from hsm.errors import HsmBusyError, HsmError
 from hsm.token import Token
 from hsm.worker import Lane, Priority
 
+# Re-exported: the HTTP and line listeners, the tests and the benches import these from here.
+__all__ = [
+    "DEFAULT_MAX_REQUEST_BYTES",
+    "DEFAULT_RESPONSE_VALIDITY_S",
+    "EXTENDED_REVOKE_OID",
+    "INTERNAL_ERROR",
+    "MALFORMED",
+    "SIGN_BATCHES_IN_FLIGHT",
+    "TRY_LATER",
+    "UNAUTHORIZED",
+    "OcspAnswer",
+    "OcspResponder",
+]
+
 log = logging.getLogger(__name__)
 
-EXTENDED_REVOKE_OID = ObjectIdentifier("1.3.6.1.5.5.7.48.1.9")  # RFC 6960 4.4.8, value NULL
-NON_ISSUED_TIME = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 DEFAULT_RESPONSE_VALIDITY_S = 3600.0
 DEFAULT_MAX_REQUEST_BYTES = 4096
-SIGN_BATCHES_IN_FLIGHT = 2
-# SHA-1 only identifies the issuer in a CertID (openssl sends it by default); it signs nothing.
-_CERTID_HASHES: tuple[hashes.HashAlgorithm, ...] = (
-    hashes.SHA1(),  # noqa: S303
-    hashes.SHA256(),
-    hashes.SHA384(),
-    hashes.SHA512(),
-)
-
-
-# -- answers -------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class OcspAnswer:
-    """One OCSPResponse and what HTTP caching needs to know about it."""
-
-    der: bytes
-    status: ocsp.OCSPResponseStatus
-    produced_at: float | None = None
-    next_update: float | None = None
-    cacheable: bool = False  # a successful answer without a nonce: HTTP caches may keep it
-    cert_status: str | None = None  # good / revoked / unknown
-
-    @functools.cached_property
-    def etag(self) -> str:
-        return '"' + hashlib.sha256(self.der).hexdigest()[:32] + '"'
-
-
-def _unsuccessful(status: ocsp.OCSPResponseStatus) -> OcspAnswer:
-    return OcspAnswer(
-        ocsp.OCSPResponseBuilder.build_unsuccessful(status).public_bytes(serialization.Encoding.DER), status
-    )
-
-
-MALFORMED = _unsuccessful(ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
-INTERNAL_ERROR = _unsuccessful(ocsp.OCSPResponseStatus.INTERNAL_ERROR)
-TRY_LATER = _unsuccessful(ocsp.OCSPResponseStatus.TRY_LATER)
-UNAUTHORIZED = _unsuccessful(ocsp.OCSPResponseStatus.UNAUTHORIZED)
-_REFUSALS = {a.status: a for a in (MALFORMED, UNAUTHORIZED)}
-
-
-# -- the responder -----------------------------------------------------------------------------------------------------
-def _key_hash_input(cert: x509.Certificate) -> bytes:
-    """The subjectPublicKey BIT STRING value (without the unused-bits octet), as CertID's issuerKeyHash hashes."""
-    spki = cert.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    outer = der.read_tlv(spki)
-    _alg, bits = der.read_children(spki, outer)
-    return spki[bits.content + 1 : bits.end]
-
-
-def _digest(alg: hashes.HashAlgorithm, data: bytes) -> bytes:
-    h = hashes.Hash(alg)
-    h.update(data)
-    return h.finalize()
-
-
-@dataclass(frozen=True)
-class _Parsed:
-    ca: str
-    algorithm: hashes.HashAlgorithm
-    name_hash: bytes
-    key_hash: bytes
-    serial: int
-    nonce: bytes | None
-
-    @property
-    def key(self) -> tuple[str, int, str]:
-        return (self.ca, self.serial, self.algorithm.name)
-
-
-@dataclass
-class _Entry:
-    answer: OcspAnswer
-    fresh_until: float
-    dead: bool = False  # dropped from the cache (changed, evicted, expired): never served again
-
-
-@dataclass
-class _Signing:
-    signer: OcspSigner
-    key: Any  # the HSM private key
-    hash: hashes.HashAlgorithm | None  # None for Ed25519
-
-    @functools.cached_property
-    def maker(self) -> ResponseMaker:
-        return ResponseMaker(self.signer.cert, self.hash)
-
-
-# A request waiting for its status and its answer's signature: what it asked, when, and where the answer (with the
-# status it states) goes.
-_Waiting = tuple[_Parsed, float, "asyncio.Future[tuple[OcspAnswer, CertStatus]]"]
-# ... and once its status is read.
-_Looked = tuple[_Parsed, CertStatus, float, "asyncio.Future[tuple[OcspAnswer, CertStatus]]"]
 
 
 def _never() -> bool:
     return False
 
 
-def _utc(t: float) -> dt.datetime:
-    return dt.datetime.fromtimestamp(int(t), dt.UTC)
-
-
-class OcspResponder(PollingTask):
+class OcspResponder(AnswerCache, BatchSigning, PollingTask):
     """RFC 6960 answers over the journal. Call load() (or enter it as an async context manager, which also
     runs the "va-ocsp-refresh" task: cache invalidation every poll_s, signer renewal every signer_check_s)."""
 
@@ -275,22 +203,16 @@ class OcspResponder(PollingTask):
         self.last_error: BaseException | None = None
         self.alarms = alarms or Alarms()
         self._issuers: dict[tuple[str, bytes, bytes], str] = {}
-        self._signing: dict[str, _Signing] = {}
-        self._cache: dict[tuple[str, int, str], _Entry] = {}
+        self._signing: dict[str, Signing] = {}
+        self._cache: dict[tuple[str, int, str], Entry] = {}
         # Request bytes -> cache entry: a request seen before (or the plain encoding of a pre-produced answer)
         # is answered from its bytes alone, without parsing (fast()). Entries die with their cache entry.
-        self._by_request: dict[bytes, _Entry] = {}
+        self._by_request: dict[bytes, Entry] = {}
         # (ca, serial) changed since the current presign pass began; kept only during a pass (every issuance is a
         # change: outside a pass the set would grow by one entry per certificate for as long as the daemon runs).
         self._changed: set[tuple[str, int]] = set()
         self._presigning = False
-        # Answers waiting for a signature: signed together, one sign_many call per CA and turn (_drain).
-        self._to_sign: list[_Waiting] = []
-        self._drainer: asyncio.Task[None] | None = None
-        # Batches between their sign_many call and their answers: the HSM signs one while the answers of the
-        # one before are verified (a thread, the GIL) instead of each waiting for the other.
-        self._batches_in_flight = asyncio.Semaphore(SIGN_BATCHES_IN_FLIGHT)
-        self._batch_tasks: set[asyncio.Task[None]] = set()
+        self._init_batches()
         self._inflight: dict[tuple[str, int, str], asyncio.Future[OcspAnswer]] = {}
         self._pending = 0
         self._generation = 0  # bumped whenever something is invalidated: a racing miss then does not cache
@@ -306,10 +228,10 @@ class OcspResponder(PollingTask):
 
     def _prepare(
         self,
-    ) -> tuple[dict[tuple[str, bytes, bytes], str], dict[str, _Signing], tuple[int, int] | None]:
+    ) -> tuple[dict[tuple[str, bytes, bytes], str], dict[str, Signing], tuple[int, int] | None]:
         """The blocking half of load(), safe in a worker thread: it only reads the responder's state."""
         issuers: dict[tuple[str, bytes, bytes], str] = {}
-        signing: dict[str, _Signing] = {}
+        signing: dict[str, Signing] = {}
         for ca in issuing_cas(self.journal):
             self._add_issuer(issuers, ca)
             signer = ensure_signer(
@@ -321,13 +243,13 @@ class OcspResponder(PollingTask):
                 signing[ca.name] = old
             else:
                 key = self.token.get_key(signer.key_label).in_lane(self.lane)
-                signing[ca.name] = _Signing(signer, key, default_hash(key.algorithm))
+                signing[ca.name] = Signing(signer, key, default_hash(key.algorithm))
         marks = None if self._loaded else self.journal.call(self._watermarks)
         return issuers, signing, marks
 
     def _install(
         self,
-        prepared: tuple[dict[tuple[str, bytes, bytes], str], dict[str, _Signing], tuple[int, int] | None],
+        prepared: tuple[dict[tuple[str, bytes, bytes], str], dict[str, Signing], tuple[int, int] | None],
     ) -> None:
         issuers, signing, marks = prepared
         for ca, s in signing.items():
@@ -343,9 +265,9 @@ class OcspResponder(PollingTask):
     def _add_issuer(issuers: dict[tuple[str, bytes, bytes], str], ca: CaRecord) -> None:
         cert = ca.certificate
         name_der = cert.subject.public_bytes()
-        key_bits = _key_hash_input(cert)
-        for alg in _CERTID_HASHES:
-            issuers[(alg.name, _digest(alg, name_der), _digest(alg, key_bits))] = ca.name
+        key_bits = key_hash_input(cert)
+        for alg in CERTID_HASHES:
+            issuers[(alg.name, digest(alg, name_der), digest(alg, key_bits))] = ca.name
 
     def signer(self, ca: str) -> OcspSigner | None:
         s = self._signing.get(ca)
@@ -359,9 +281,9 @@ class OcspResponder(PollingTask):
             log, logging.INFO, f"refused:{refusal.reason}", "OCSP request from %s refused: %s (%s)",
             client or "this process", refusal.reason, refusal.status.name,
         )  # fmt: skip
-        return _REFUSALS[refusal.status]
+        return REFUSALS[refusal.status]
 
-    def _parse(self, request_der: bytes, client: str | None = None) -> _Parsed | OcspAnswer:
+    def _parse(self, request_der: bytes, client: str | None = None) -> Parsed | OcspAnswer:
         req = parse_request(request_der, self.max_request_bytes)
         if isinstance(req, Refusal):
             return self._refuse(req, client)
@@ -371,209 +293,19 @@ class OcspResponder(PollingTask):
             return self._refuse(Refusal(ocsp.OCSPResponseStatus.UNAUTHORIZED, "unknown-issuer"), client)
         if ca not in self._signing:
             return TRY_LATER
-        return _Parsed(ca, alg, req.name_hash, req.key_hash, req.serial, req.nonce)
+        return Parsed(ca, alg, req.name_hash, req.key_hash, req.serial, req.nonce)
 
-    def _hit(self, key: tuple[str, int, str], now: float) -> OcspAnswer | None:
-        entry = self._cache.get(key)
-        if entry is None:
-            return None
-        if now >= entry.fresh_until:
-            self._cache.pop(key, None)
-            entry.dead = True
-            return None
-        self.hits += 1
-        return entry.answer
-
-    def _lookup(self, p: _Parsed) -> CertStatus:
+    def _lookup(self, p: Parsed) -> CertStatus:
         return lookup_status(self.journal.conn, p.ca, p.serial, self.never_issued)
 
-    def _sign(self, p: _Parsed, status: CertStatus, now: float) -> OcspAnswer:
+    def _sign(self, p: Parsed, status: CertStatus, now: float) -> OcspAnswer:
         signing = self._signing[p.ca]
-        builder, this_update, next_update = self._builder(signing, p, status, now)
+        builder, this_update, next_update = response_builder(signing, p, status, now, self.validity_s)
         # The key signs in the validation lane: behind every certificate the HSM has queued (hsm/worker.py).
         response = builder.sign(signing.key, signing.hash)
         self.signed += 1
-        return self._answer_of(response.public_bytes(serialization.Encoding.DER), p, status, this_update,
+        return answer_of(response.public_bytes(serialization.Encoding.DER), p, status, this_update,
                                next_update)  # fmt: skip
-
-    async def _sign_batched(self, p: _Parsed, now: float) -> tuple[OcspAnswer, CertStatus]:
-        """Look up and sign in the next batch: what queued while the batches before were in the HSM, up to a
-        batch's share of max_inflight_signs, has its status read in one journal call and goes in one sign_many
-        call (which verifies each signature). The answer and the status it states. Raises what the lookup or
-        signing raised (HsmBusyError, ...)."""
-        future: asyncio.Future[tuple[OcspAnswer, CertStatus]] = asyncio.get_running_loop().create_future()
-        self._to_sign.append((p, now, future))
-        if self._drainer is None or self._drainer.done():
-            self._drainer = asyncio.create_task(self._drain(), name="va-ocsp-sign")
-        return await future
-
-    async def _drain(self) -> None:
-        while self._to_sign:
-            await self._batches_in_flight.acquire()
-            # What is queued by now (this task alone takes from the queue), up to an equal share of the signatures
-            # allowed in flight, rounded up: a batch that took them all would leave nothing for the next one to
-            # sign while it is verified, and the HSM would idle half the time. A request given up meanwhile (its
-            # task cancelled) costs neither a lookup nor a signature.
-            cap = -(-self.max_inflight_signs // SIGN_BATCHES_IN_FLIGHT)
-            queued = [w for w in self._to_sign if not w[2].done()]
-            batch, self._to_sign = queued[:cap], queued[cap:]
-            if not batch:
-                self._batches_in_flight.release()
-                break
-            task = asyncio.create_task(self._sign_batch(batch), name="va-ocsp-sign-batch")
-            self._batch_tasks.add(task)
-            task.add_done_callback(self._batch_tasks.discard)
-
-    async def _sign_batch(self, batch: list[_Waiting]) -> None:
-        """Sign one batch (one sign_many call per CA) and answer its requests; then free its place in flight."""
-        try:
-            await self._sign_by_ca(batch)
-        finally:
-            self._batches_in_flight.release()
-
-    async def _sign_by_ca(self, batch: list[_Waiting]) -> None:
-        try:
-            # One trip to the journal thread for the whole batch: one per request cost more of the event loop's
-            # time (a thread hand-off and a future each way) than the lookup itself.
-            statuses = await self.journal.acall(lambda: [self._lookup(p) for p, _, _ in batch])
-        except Exception as exc:  # noqa: BLE001 - handed to each waiting request, which answers for it
-            for *_, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
-            return
-        by_ca: dict[str, list[_Looked]] = {}
-        for (p, now, future), status in zip(batch, statuses, strict=True):
-            by_ca.setdefault(p.ca, []).append((p, status, now, future))
-        for ca, items in by_ca.items():
-            try:
-                signing = self._signing[ca]
-                built = [self._unsigned(signing, p, st, now) for p, st, now, _ in items]
-                # The key signs in the validation lane: behind every certificate the HSM has queued.
-                signatures = await signing.key.asign_many([u.tbs for u, _, _ in built])
-                self.signed += len(signatures)
-                for (p, st, _, future), (u, this_update, next_update), sig in zip(
-                    items, built, signatures, strict=True
-                ):
-                    if not future.done():
-                        answer = self._answer_of(u.response(sig), p, st, this_update, next_update)
-                        future.set_result((answer, st))
-            except Exception as exc:  # noqa: BLE001 - handed to each waiting request, which answers for it
-                for *_, future in items:
-                    if not future.done():
-                        future.set_exception(exc)
-
-    @staticmethod
-    def _answer_of(
-        response: bytes, p: _Parsed, status: CertStatus, this_update: int, next_update: int
-    ) -> OcspAnswer:
-        return OcspAnswer(
-            response, ocsp.OCSPResponseStatus.SUCCESSFUL,
-            float(this_update), float(next_update), p.nonce is None, status.kind,
-        )  # fmt: skip
-
-    def _unsigned(
-        self, signing: _Signing, p: _Parsed, status: CertStatus, now: float
-    ) -> tuple[Unsigned, int, int]:
-        """What _builder's builder would sign, built by hand (presign.py) for sign_many."""
-        this_update = int(now)
-        next_update = this_update + int(self.validity_s)
-        revoked_at, reason = None, None
-        if status.kind == "good":
-            cert_status = ocsp.OCSPCertStatus.GOOD
-        elif status.kind == "unknown":
-            cert_status = ocsp.OCSPCertStatus.UNKNOWN
-        elif status.non_issued:
-            cert_status, revoked_at, reason = (
-                ocsp.OCSPCertStatus.REVOKED,
-                0,
-                x509.ReasonFlags.certificate_hold,
-            )
-        else:
-            why = status.reason or Reason.UNSPECIFIED
-            cert_status, revoked_at = ocsp.OCSPCertStatus.REVOKED, int(status.revoked_at or 0.0)
-            reason = None if why == Reason.UNSPECIFIED else why.flag
-        unsigned = signing.maker.make(
-            p.algorithm.name, p.name_hash, p.key_hash, p.serial, cert_status, this_update, next_update,
-            revoked_at, reason, extended_revoke=status.non_issued, nonce=p.nonce,
-        )  # fmt: skip
-        return unsigned, this_update, next_update
-
-    def _builder(
-        self, signing: _Signing, p: _Parsed, status: CertStatus, now: float
-    ) -> tuple[ocsp.OCSPResponseBuilder, int, int]:
-        this_update = int(now)
-        next_update = this_update + int(self.validity_s)
-        if status.kind == "good":
-            cert_status, rev_time, rev_reason = ocsp.OCSPCertStatus.GOOD, None, None
-        elif status.kind == "unknown":
-            cert_status, rev_time, rev_reason = ocsp.OCSPCertStatus.UNKNOWN, None, None
-        elif status.non_issued:
-            cert_status, rev_time, rev_reason = (
-                ocsp.OCSPCertStatus.REVOKED,
-                NON_ISSUED_TIME,
-                x509.ReasonFlags.certificate_hold,
-            )
-        else:
-            reason = status.reason or Reason.UNSPECIFIED
-            cert_status, rev_time = ocsp.OCSPCertStatus.REVOKED, _utc(status.revoked_at or 0.0)
-            rev_reason = None if reason == Reason.UNSPECIFIED else reason.flag
-        builder = (
-            ocsp.OCSPResponseBuilder()
-            .add_response_by_hash(
-                p.name_hash,
-                p.key_hash,
-                p.serial,
-                p.algorithm,
-                cert_status,
-                _utc(this_update),
-                _utc(next_update),
-                rev_time,
-                rev_reason,
-            )
-            .responder_id(ocsp.OCSPResponderEncoding.HASH, signing.signer.cert)
-            .certificates([signing.signer.cert])
-        )
-        if status.non_issued:
-            builder = builder.add_extension(
-                x509.UnrecognizedExtension(EXTENDED_REVOKE_OID, b"\x05\x00"), critical=False
-            )
-        if p.nonce is not None:
-            builder = builder.add_extension(x509.OCSPNonce(p.nonce), critical=False)
-        return builder, this_update, next_update
-
-    def _store(self, p: _Parsed, status: CertStatus, answer: OcspAnswer, generation: int) -> _Entry | None:
-        if p.nonce is not None or not status.cacheable or generation != self._generation:
-            return None
-        return self._put(p.key, answer)
-
-    def _put(self, key: tuple[str, int, str], answer: OcspAnswer) -> _Entry:
-        if len(self._cache) >= self.cache_max:
-            for old in list(self._cache)[: max(1, self.cache_max // 10)]:
-                self._cache.pop(old).dead = True
-        assert answer.produced_at is not None
-        if (previous := self._cache.get(key)) is not None:
-            previous.dead = True
-        entry = self._cache[key] = _Entry(answer, answer.produced_at + self.validity_s / 2)
-        return entry
-
-    def _index(self, request_der: bytes, entry: _Entry) -> None:
-        if len(self._by_request) >= self.cache_max:
-            for old in list(self._by_request)[: max(1, self.cache_max // 10)]:
-                del self._by_request[old]
-        self._by_request[request_der] = entry
-
-    def fast(self, request_der: bytes) -> OcspAnswer | None:
-        """The answer for a request whose exact bytes were answered from the cache before, or that asks in the
-        plain encoding for a pre-produced answer: one dict lookup, no parsing, no journal, no HSM. None: use
-        aanswer. Only answers without a nonce are found here (a nonce makes every request's bytes new)."""
-        entry = self._by_request.get(request_der)
-        if entry is None:
-            return None
-        if entry.dead or self.clock() >= entry.fresh_until:
-            del self._by_request[request_der]
-            return None
-        self.hits += 1
-        return entry.answer
 
     def answer(self, request_der: bytes) -> OcspAnswer:
         """Blocking form (CLI, tests): journal lookups and HSM signing on the calling thread's behalf. In-process
@@ -659,7 +391,7 @@ class OcspResponder(PollingTask):
             return True
         return self._clients.take(client) and self._total.reserve(self.limit_clock()) is not None
 
-    async def _over_budget(self, p: _Parsed, now: float) -> OcspAnswer:
+    async def _over_budget(self, p: Parsed, now: float) -> OcspAnswer:
         """No signature for this client now. A nonce request gets the pre-produced answer without its nonce if
         one is cached or being signed (RFC 5019 2.2.1: "the most complete response it can"); else tryLater."""
         self.throttled += 1
@@ -746,119 +478,6 @@ class OcspResponder(PollingTask):
             log, logging.ERROR, f"internal:{type(exc).__name__}", "OCSP responder: internal error: %r", exc
         )
         return INTERNAL_ERROR
-
-    # -- answers made ahead of time ----------------------------------------------------------------------------
-    def _certid_hashes(self, ca: str) -> tuple[bytes, bytes] | None:
-        for (alg, name_hash, key_hash), name in self._issuers.items():
-            if name == ca and alg == "sha1":
-                return name_hash, key_hash
-        return None
-
-    async def presign(self) -> int:
-        """Answer ahead of time, as large responders do: sign (SHA-1 CertID, no nonce, the form RFC 5019
-        clients and openssl send) answers for the `presign_max` newest live certificates of each CA that have
-        none in the cache, or whose answer is past a quarter of its validity, in batches of `presign_batch`
-        answers per HSM call (validation lane, behind certificates). A warm request then costs a lookup.
-
-        A certificate whose issuance or revocation row changes while its batch is signed (seen by refresh())
-        is not stored: its next answer is made from the journal as it is then. Returns answers stored."""
-        self._changed.clear()
-        self._presigning = True
-        try:
-            return await self._presign_pass()
-        finally:
-            self._presigning = False
-            self._changed.clear()
-
-    async def _presign_pass(self) -> int:
-        stored = 0
-        for ca, signing in list(self._signing.items()):
-            ids = self._certid_hashes(ca)
-            if ids is None:
-                continue
-            name_hash, key_hash = ids
-            rows = await self.journal.acall(live_statuses, self.journal.conn, ca, self.presign_max)
-            now = self.clock()
-            due = [
-                (serial, status) for serial, status in rows
-                if (e := self._cache.get((ca, serial, "sha1"))) is None or e.fresh_until - now < self.validity_s / 4
-            ]  # fmt: skip
-            for start in range(0, len(due), self.presign_batch):
-                chunk = due[start : start + self.presign_batch]
-                parsed = [_Parsed(ca, _CERTID_HASHES[0], name_hash, key_hash, s, None) for s, _ in chunk]
-                built = [
-                    self._unsigned(signing, p, st, now) for p, (_, st) in zip(parsed, chunk, strict=True)
-                ]
-                signatures = await signing.key.asign_many([u.tbs for u, _, _ in built])
-                self.signed += len(signatures)
-                self.presigned += len(signatures)
-                # A long pass must not hold back revocations: the poll's refresh also runs between batches,
-                # so what it drops (and the _changed check below) is never more than a batch late.
-                await self.arefresh()
-                if self._signing.get(ca) is not signing:
-                    break  # a new signer took over meanwhile: its answers are made on demand / next pass
-                for p, (_, status), (u, this_update, next_update), sig in zip(
-                    parsed, chunk, built, signatures, strict=True
-                ):
-                    if (ca, p.serial) in self._changed:
-                        continue
-                    answer = self._answer_of(u.response(sig), p, status, this_update, next_update)
-                    entry = self._put(p.key, answer)
-                    self._index(plain_request("sha1", name_hash, key_hash, p.serial), entry)
-                    stored += 1
-        return stored
-
-    # -- invalidation ----------------------------------------------------------------------------------------
-    def _watermarks(self) -> tuple[int, int]:
-        conn = self.journal.conn
-        rev = conn.execute("SELECT COALESCE(MAX(change_seq), 0) FROM revocation").fetchone()[0]
-        iss = conn.execute("SELECT COALESCE(MAX(id), 0) FROM issuance").fetchone()[0]
-        return int(rev), int(iss)
-
-    def _changes(self) -> tuple[int, int, list[tuple[str, str]]]:
-        conn = self.journal.conn
-        changed: list[tuple[str, str]] = []
-        rev, iss = self._seen_revocation, self._seen_issuance
-        for seq, ca, serial in conn.execute(
-            "SELECT change_seq, ca, cert_serial FROM revocation WHERE change_seq > ? ORDER BY change_seq",
-            (rev,),
-        ):
-            rev = max(rev, int(seq))
-            changed.append((str(ca), str(serial)))
-        for row_id, ca, serial in conn.execute(
-            "SELECT id, ca, cert_serial FROM issuance WHERE id > ? ORDER BY id", (iss,)
-        ):
-            iss = max(iss, int(row_id))
-            changed.append((str(ca), str(serial)))
-        return rev, iss, changed
-
-    def _apply(self, changes: tuple[int, int, list[tuple[str, str]]]) -> int:
-        rev, iss, changed = changes
-        self._seen_revocation, self._seen_issuance = rev, iss
-        if changed:
-            self._generation += 1
-        dropped = 0
-        for ca, serial in changed:
-            number = int(serial, 16)
-            if self._presigning:
-                self._changed.add((ca, number))
-            for alg in _CERTID_HASHES:
-                if (entry := self._cache.pop((ca, number, alg.name), None)) is not None:
-                    entry.dead = True
-                    dropped += 1
-        return dropped
-
-    def refresh(self) -> int:
-        """Forget cached answers whose certificate's revocation or issuance row changed; returns how many."""
-        return self._apply(self.journal.call(self._changes))
-
-    async def arefresh(self) -> int:
-        return self._apply(await self.journal.acall(self._changes))
-
-    def _forget_ca(self, ca: str) -> None:
-        self._generation += 1
-        for key in [k for k in self._cache if k[0] == ca]:
-            self._cache.pop(key).dead = True
 
     # -- long-lived ------------------------------------------------------------------------------------------
     async def _started(self) -> None:

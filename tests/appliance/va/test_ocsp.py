@@ -16,7 +16,7 @@ from cryptography.x509 import ocsp
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from appliance.ca import load_ca
-from appliance.va import ocsp as ocsp_mod
+from appliance.va import answers
 from appliance.va import revocation as rv
 from appliance.va.ocsp import EXTENDED_REVOKE_OID, OcspResponder
 from appliance.va.signer import ensure_signer
@@ -179,7 +179,7 @@ def test_answers_are_cached_until_the_status_changes_or_half_life(va: Va) -> Non
 def test_a_miss_racing_an_invalidation_is_not_cached(va: Va, responder: OcspResponder) -> None:
     real = responder._lookup
 
-    def lookup_then_revoke(p: ocsp_mod._Parsed) -> CertStatus:
+    def lookup_then_revoke(p: answers.Parsed) -> CertStatus:
         status = real(p)  # reads "good" ...
         # meanwhile another process revokes it (we are on the journal thread here) ...
         va.journal.transaction(

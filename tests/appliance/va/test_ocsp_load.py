@@ -21,7 +21,7 @@ from appliance.issuance.policy import IssueRequest
 from appliance.issuance.service import IssueService
 from appliance.production.policy import WorkOrderPolicy
 from appliance.profiles import builtin_profiles
-from appliance.va import ocsp as ocsp_module
+from appliance.va import ocsp_batches as ocsp_module
 from appliance.va.http import VaServer, make_app
 from appliance.va.ocsp import SIGN_BATCHES_IN_FLIGHT, OcspResponder
 from appliance.va.service import ValidationAuthority, VaSettings
