@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from appliance import ca as ca_mod
-from appliance import daemon as daemon_mod
+from appliance import daemon_enroller
 from appliance import stations_registry as reg
 from appliance.audit.log import AuditLog
 from appliance.config import (
@@ -810,7 +810,7 @@ async def test_confirm_answered_from_the_enrolls_memory_is_per_station_and_marks
     sample = next(iter(daemon.journal.rows("request_id=?", (rid.hex(),))))
     for n in range(enroller.RECENT + 10):
         enroller._note_recent(
-            "bounded", f"{n:032x}", daemon_mod._Issued(sample.cert_serial, "x", None, b"", "issued")
+            "bounded", f"{n:032x}", daemon_enroller._Issued(sample.cert_serial, "x", None, b"", "issued")
         )
     keys = [k for k in enroller._recent if k[0] == "bounded"]
     assert len(enroller._recent) == enroller.RECENT and keys[0] == ("bounded", f"{10:032x}")

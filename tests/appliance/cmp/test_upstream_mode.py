@@ -29,7 +29,7 @@ from appliance.cmp.protection import SignatureProtector
 from appliance.cmp.ra import ensure_ra
 from appliance.cmp.server import CmpLabel, CmpResponder, make_cmp_app
 from appliance.config import UpstreamSection
-from appliance.daemon import CoreEnroller
+from appliance.daemon_enroller import CoreEnroller
 from appliance.der import split_certificates
 from appliance.errors import IssuancePending, IssuanceRefused, ReasonCode
 from appliance.issuance.journal import Journal

@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from appliance.ca import CaRecord
-from appliance.daemon import CoreEnroller
+from appliance.daemon_enroller import CoreEnroller
 from appliance.errors import IssuanceRefused, ReasonCode
 from appliance.issuance.journal import Journal
 from appliance.issuance.policy import IssueRequest
