@@ -64,9 +64,6 @@ CRASH_POINTS = ("after-intent", "after-sign", "after-store")
 CRASH_ENV = "BIRTHLINE_CRASH_POINT"
 
 
-_SPKI = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-
-
 class IssueService(IntentSteps, SignSteps, ConfirmSteps, HealthChecks):
     """Issue birth certificates from one issuing CA. Use as an async context manager."""
 

@@ -74,7 +74,7 @@ from appliance.va.answers import (
     response_builder,
 )
 from appliance.va.crl import issuing_cas
-from appliance.va.ocsp_batches import SIGN_BATCHES_IN_FLIGHT, BatchSigning
+from appliance.va.ocsp_batches import BatchSigning
 from appliance.va.ocsp_cache import AnswerCache
 from appliance.va.ocsp_request import Refusal, parse_request
 from appliance.va.ratelimit import ClientLimiter, Rate
@@ -85,14 +85,14 @@ from hsm.errors import HsmBusyError, HsmError
 from hsm.token import Token
 from hsm.worker import Lane, Priority
 
-# Re-exported: the HTTP and line listeners, the tests and the benches import these from here.
+# Re-exported: the HTTP and line listeners, the tests and the benches import these from here. (Not
+# SIGN_BATCHES_IN_FLIGHT: it is read in ocsp_batches.py, and a copy here would be a name that sets nothing.)
 __all__ = [
     "DEFAULT_MAX_REQUEST_BYTES",
     "DEFAULT_RESPONSE_VALIDITY_S",
     "EXTENDED_REVOKE_OID",
     "INTERNAL_ERROR",
     "MALFORMED",
-    "SIGN_BATCHES_IN_FLIGHT",
     "TRY_LATER",
     "UNAUTHORIZED",
     "OcspAnswer",
@@ -304,8 +304,9 @@ class OcspResponder(AnswerCache, BatchSigning, PollingTask):
         # The key signs in the validation lane: behind every certificate the HSM has queued (hsm/worker.py).
         response = builder.sign(signing.key, signing.hash)
         self.signed += 1
-        return answer_of(response.public_bytes(serialization.Encoding.DER), p, status, this_update,
-                               next_update)  # fmt: skip
+        return answer_of(
+            response.public_bytes(serialization.Encoding.DER), p, status, this_update, next_update
+        )
 
     def answer(self, request_der: bytes) -> OcspAnswer:
         """Blocking form (CLI, tests): journal lookups and HSM signing on the calling thread's behalf. In-process

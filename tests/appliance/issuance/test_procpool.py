@@ -233,7 +233,7 @@ async def test_a_worker_busy_at_shutdown_finishes_quietly(capfd: pytest.CaptureF
 
 
 async def test_saturated_while_every_worker_has_an_unanswered_call(tmp_path: Path) -> None:
-    """What IssueService._finish reads to share a batch with a thread of its own process."""
+    """What finish_batch (appliance/issuance/finish.py) reads to share a batch with a thread of its own process."""
     pool = ProcessPool(2, calls.init, ("ctx",))
     try:
         await pool.start(HANG_GUARD_S)

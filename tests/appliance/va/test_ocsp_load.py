@@ -21,9 +21,10 @@ from appliance.issuance.policy import IssueRequest
 from appliance.issuance.service import IssueService
 from appliance.production.policy import WorkOrderPolicy
 from appliance.profiles import builtin_profiles
-from appliance.va import ocsp_batches as ocsp_module
+from appliance.va import ocsp_batches
 from appliance.va.http import VaServer, make_app
-from appliance.va.ocsp import SIGN_BATCHES_IN_FLIGHT, OcspResponder
+from appliance.va.ocsp import OcspResponder
+from appliance.va.ocsp_batches import SIGN_BATCHES_IN_FLIGHT
 from appliance.va.service import ValidationAuthority, VaSettings
 from hsm.worker import Pkcs11Thread, Priority
 from tests.appliance.conftest import make_csr
@@ -145,7 +146,7 @@ async def test_a_certificate_is_signed_before_queued_ocsp_answers(
     certificate's signature is made first: the OCSP answers never sit between issuance and the HSM."""
     # One OCSP batch at the HSM at a time, so that the count of calls queued there says when the certificate's
     # joined them (with two, a second OCSP batch could arrive in its place; the order tested is the same).
-    monkeypatch.setattr(ocsp_module, "SIGN_BATCHES_IN_FLIGHT", 1)
+    monkeypatch.setattr(ocsp_batches, "SIGN_BATCHES_IN_FLIGHT", 1)
     responder = OcspResponder(va.journal, va.token, va.audit, max_inflight_signs=4)
     await asyncio.to_thread(responder.load)
     issuing_key = va.token.get_key(va.issuing.key_label)
@@ -326,7 +327,7 @@ async def test_the_requests_of_a_signing_batch_share_one_journal_lookup_and_keep
     status and carries its own nonce."""
     from appliance.va import revocation as rv
 
-    monkeypatch.setattr(ocsp_module, "SIGN_BATCHES_IN_FLIGHT", 1)
+    monkeypatch.setattr(ocsp_batches, "SIGN_BATCHES_IN_FLIGHT", 1)
     rv.revoke(va.journal, va.audit, va.supervisor, device_serial="SN-0002", reason="keyCompromise")
     responder = OcspResponder(va.journal, va.token, va.audit, max_inflight_signs=16, sign_wait_s=GUARD_S)
     await asyncio.to_thread(responder.load)

@@ -326,7 +326,7 @@ async def test_nonce_answers_sign_one_batch_while_the_one_before_is_finished(va:
     """Fresh answers (a nonce each) are signed in batches, two batches in flight (SIGN_BATCHES_IN_FLIGHT): the
     HSM signs the next batch while the answers of the one before are verified, and a third waits. Each answer
     still echoes its nonce and verifies."""
-    from appliance.va.ocsp import SIGN_BATCHES_IN_FLIGHT
+    from appliance.va.ocsp_batches import SIGN_BATCHES_IN_FLIGHT
 
     responder = OcspResponder(va.journal, va.token, va.audit, max_inflight_signs=64)
     await asyncio.to_thread(responder.load)
