@@ -507,7 +507,9 @@ class Daemon:
         anchors = [management.certificate, *(x509.load_der_x509_certificate(c) for svc in self.est.services.values()
                                              for c in svc.chain),
                    *(root for lb in labels.values() for root in lb.idevid_roots)]  # fmt: skip
-        tls = TlsServing(server_context(files.cert, files.key, anchors), cfg.handshake_timeout_s)
+        tls = TlsServing(
+            server_context(files.cert, files.key, anchors, apply_tls_policy), cfg.handshake_timeout_s
+        )
         with binding("[est] listen", cfg.listen):
             self.est_server = await self._stack.enter_async_context(
                 HttpListener(make_est_app(self.est), *cfg.address, limits=cfg.limits, name="est", section="est",

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import secrets
 import ssl
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from aiohttp import web
@@ -41,7 +41,6 @@ from appliance.est.wire import (
     multipart,
 )
 from appliance.httpbody import read_limited
-from stations.tls import apply_tls_policy
 
 RESPONDER_KEY: web.AppKey[EstResponder] = web.AppKey("est", EstResponder)
 PREFIX = "/.well-known/est"
@@ -49,11 +48,18 @@ _GET = ("cacerts", "csrattrs")
 _POST = ("simpleenroll", "simplereenroll", "serverkeygen")
 
 
-def server_context(cert: Path, key: Path, anchors: Iterable[x509.Certificate]) -> ssl.SSLContext:
+def server_context(
+    cert: Path,
+    key: Path,
+    anchors: Iterable[x509.Certificate],
+    policy: Callable[[ssl.SSLContext], ssl.SSLContext],
+) -> ssl.SSLContext:
     """The EST listener's TLS: the appliance's server certificate, client certificates optional and verified
-    against `anchors`."""
+    against `anchors`. `policy` restricts versions and suites: the daemon passes the station link's
+    (stations/tls.py apply_tls_policy), which the appliance core does not import itself (pyproject.toml's
+    import-linter contracts)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    apply_tls_policy(ctx)
+    policy(ctx)
     ctx.load_cert_chain(cert, key)
     pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in anchors)
     if pem:

@@ -104,3 +104,32 @@ async def test_a_label_that_requires_binding_refuses_a_csr_without_it(est: Daemo
                             capture_output=True, check=True).stdout  # fmt: skip
     assert b":challengePassword" in parsed
     assert (await curl("line1/simpleenroll", *curl.basic(), body=csr)).status == 200
+
+
+def _handshake(d: Daemon, ciphers: str) -> str:
+    """A TLS 1.2 handshake with the EST listener offering only `ciphers`: the suite it got, or the error."""
+    assert d.est_server is not None
+    ctx = ssl.create_default_context(cafile=str(d.config.stations.tls_dir / "management-ca.crt"))
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(ciphers)
+    host, port = d.est_server.address
+    conn = http.client.HTTPSConnection(host, port, context=ctx, timeout=60)
+    try:
+        conn.connect()
+        sock = conn.sock
+        assert isinstance(sock, ssl.SSLSocket)
+        cipher = sock.cipher()
+        return cipher[0] if cipher else "none"
+    except ssl.SSLError as exc:
+        return f"refused: {exc.reason}"
+    finally:
+        conn.close()
+
+
+async def test_the_listener_keeps_the_station_links_tls_policy(est: Daemon) -> None:
+    """The daemon hands the EST listener the station link's TLS policy (stations/tls.py): under TLS 1.2 only
+    ECDHE with an AEAD suite. A CBC suite that OpenSSL's own defaults would take is refused."""
+    cbc = "ECDHE-ECDSA-AES128-SHA256:ECDHE-RSA-AES128-SHA256"
+    assert (await asyncio.to_thread(_handshake, est, cbc)).startswith("refused")
+    aead = "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256"
+    assert "GCM" in await asyncio.to_thread(_handshake, est, aead)
