@@ -21,6 +21,7 @@ from appliance.config_frontends import (
 from appliance.config_reader import (
     Reader,
     check_per_peer,
+    is_port,
     read_host_names,
     read_http_limits,
     read_listen,
@@ -46,7 +47,6 @@ from appliance.config_sections import (
     StationsSection,
     UpstreamSection,
     VaSection,
-    is_port,
 )
 from appliance.errors import ConfigError, Problem
 from appliance.profiles import Profile, builtin_profiles, parse_profiles

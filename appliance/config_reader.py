@@ -11,12 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from appliance import names
-from appliance.config_sections import (
-    is_port,
-)
 from appliance.connections import HttpLimits
 from appliance.errors import Problem
 from appliance.text import safe_repr
+
+
+def is_port(text: str) -> bool:
+    """ASCII digits, 0..65535. str.isdigit() alone takes '\u00b2' (which int() refuses) and strings of thousands of
+    digits (which int() refuses past 4300)."""
+    return text.isascii() and text.isdigit() and len(text) <= 5 and int(text) <= 65535
 
 
 class Reader:

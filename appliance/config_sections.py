@@ -1,5 +1,6 @@
 """The configuration's sections: frozen dataclasses, one per TOML table, with their embedded defaults (the HTTP
-listeners' bounds among them). appliance/config.py reads a file into them; nothing here reads or checks input.
+listeners' bounds among them). appliance/config.py reads a file into them and checks every value; here a
+section only splits a listen address it already holds (checked) into host and port.
 """
 
 from __future__ import annotations
@@ -91,12 +92,6 @@ class StationsSection:
             return None
         host, _, port = self.lan_listen.rpartition(":")
         return host.strip("[]"), int(port)
-
-
-def is_port(text: str) -> bool:
-    """ASCII digits, 0..65535. str.isdigit() alone takes '\u00b2' (which int() refuses) and strings of thousands of
-    digits (which int() refuses past 4300)."""
-    return text.isascii() and text.isdigit() and len(text) <= 5 and int(text) <= 65535
 
 
 def split_listen(value: str) -> tuple[str, int] | None:

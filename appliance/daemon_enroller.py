@@ -1,7 +1,8 @@
 """The station server's two ports into the issuance core: CoreEnroller (stations.server.Enroller: ENROLL,
 CONFIRM and the CA chain, over the IssueService and the journal) and CoreLinkMonitor (stations.server.LinkMonitor:
 link failures audited, logged once and alarmed). The daemon (appliance/daemon.py) composes them with the station
-server; this module and the daemon are the only parts of the appliance that import the stations package.
+server. Like the daemon, this module may import the stations package, which the appliance core may not
+(pyproject.toml's import-linter contracts).
 """
 
 from __future__ import annotations

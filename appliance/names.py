@@ -3,7 +3,8 @@
 Every entry point checks its names against these rules: the command line (argparse types in
 appliance/cli/argtypes.py), MES imports (production/model.py), the core that stores them (production/store.py,
 production/users.py, stations_registry.py, ca/hierarchy.py, the issuance profiles) and the configuration
-(config.py: CA, profile, station and CMP label names; profiles/config.py).
+(config.py: CA names; config_frontends.py: station and CMP, SCEP and EST label names; profiles/config.py:
+profile names).
 
 Names end up in file names (credential bundles), URLs (/crl/<ca>.crl, /.well-known/cmp/p/<label>),
 spreadsheets (exports), terminals, logs and the audit log. So each rule is a whitelist of ASCII characters
