@@ -151,12 +151,20 @@ class Authenticator:
                 raise refused  # another station's certificate: no password makes it this label's
         if authorization is not None and authorization[:6].lower() == "basic " and label.basic:
             return self._basic(label, authorization[6:], peer)
+        if label.basic:
+            # A certificate this label does not take, and no password yet: the challenge, as without a certificate
+            # (a beside-the-certificate password is still taken, above). A 403 here would leave a client that
+            # sends Basic only when challenged (curl --anyauth, libest) unable to log in at all.
+            why = (
+                f" (the TLS client certificate was not taken: {refused.message})"
+                if refused is not None
+                else ""
+            )
+            raise refuse(401, ReasonCode.NOT_AUTHORISED, f"EST label {label.name!r} needs HTTP Basic"
+                         f"{' or a TLS client certificate' if label.station_certificate or label.idevid_roots else ''}"
+                         f"{why}", basic_realm=f"birthline est {label.name}")  # fmt: skip
         if refused is not None:
             raise refused
-        if label.basic:
-            raise refuse(401, ReasonCode.NOT_AUTHORISED, f"EST label {label.name!r} needs HTTP Basic"
-                         f"{' or a TLS client certificate' if label.station_certificate or label.idevid_roots else ''}",
-                         basic_realm=f"birthline est {label.name}")  # fmt: skip
         # 403, not 401: a 401 must carry an HTTP authentication challenge, and no HTTP scheme sends a certificate.
         raise refuse(403, ReasonCode.NOT_AUTHORISED,
                      f"EST label {label.name!r} needs a TLS client certificate")  # fmt: skip

@@ -102,13 +102,15 @@ class EstResponder:
                 "label": label, "operation": operation, "status": exc.status, "code": exc.code.name,
                 "reason": " ".join(exc.message.split())[:500], "peer": peer,
             }))  # fmt: skip
-        entries += [(str(s["station"]), "est.refusals-suppressed", s) for s in self._refusals.due(now)]
+        entries += [
+            (str(s["label"]), "est.refusals-suppressed", s) for s in self._refusals.due(now, key="label")
+        ]
         await self._audit_entries(entries)
 
     async def flush_refusals(self) -> None:
         """At shutdown: the summaries of the windows still open."""
-        summaries = self._refusals.due(time.time(), all_windows=True)
-        await self._audit_entries([(str(s["station"]), "est.refusals-suppressed", s) for s in summaries])
+        summaries = self._refusals.due(time.time(), all_windows=True, key="label")
+        await self._audit_entries([(str(s["label"]), "est.refusals-suppressed", s) for s in summaries])
 
     async def _audit_entries(self, entries: list[tuple[str, str, dict[str, Any]]]) -> None:
         audit = self.audit

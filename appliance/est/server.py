@@ -148,6 +148,15 @@ async def est_handler(request: web.Request) -> web.StreamResponse:
         return _error(exc)
 
 
+async def elsewhere(request: web.Request) -> web.StreamResponse:
+    """Any other path: refused as every EST refusal is (status, one line with the reason code), not with the HTTP
+    library's own text, and audited under label "-"."""
+    exc = refuse(404, ReasonCode.BAD_REQUEST,
+                 f"no such EST resource: the paths are {PREFIX}/<operation> and {PREFIX}/<label>/<operation>")  # fmt: skip
+    await request.app[RESPONDER_KEY].refused("-", "-", request.remote or "?", exc)
+    return _error(exc)
+
+
 def _ok(der: bytes, content_type: str) -> web.Response:
     """A successful answer: base64 of the DER (RFC 8951 3.1), no Content-Transfer-Encoding."""
     return web.Response(body=encode_body(der), headers={"Content-Type": content_type})
@@ -159,6 +168,7 @@ def make_est_app(responder: EstResponder) -> web.Application:
     app[RESPONDER_KEY] = responder
     for path in (f"{PREFIX}/{{operation}}", f"{PREFIX}/{{label}}/{{operation}}"):
         app.router.add_route("*", path, est_handler)
+    app.router.add_route("*", "/{path:.*}", elsewhere)  # last: the routes above match first
     return app
 
 

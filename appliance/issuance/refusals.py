@@ -42,16 +42,16 @@ class RefusalLimiter:
         window.suppressed[code] += 1
         return False
 
-    def due(self, now: float, *, all_windows: bool = False) -> list[dict[str, object]]:
+    def due(self, now: float, *, all_windows: bool = False, key: str = "station") -> list[dict[str, object]]:
         """Summaries of the windows that closed (of every window with `all_windows`, at shutdown), each returned
-        once."""
+        once. `key` names what the limiter is kept per in the summary ("label" for the EST and SCEP layers)."""
         for station, window in list(self._windows.items()):
             if now - window.start >= self.window_s or all_windows:
                 del self._windows[station]
                 if window.suppressed:
                     self._closed.append((station, window))
         out: list[dict[str, object]] = [
-            {"station": station, "window_start": w.start, "window_s": self.window_s,
+            {key: station, "window_start": w.start, "window_s": self.window_s,
              "suppressed": dict(sorted(w.suppressed.items()))}
             for station, w in self._closed
         ]  # fmt: skip

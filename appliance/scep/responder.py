@@ -225,18 +225,21 @@ class ScepResponder:
     async def _audit_refusal(self, label: ScepLabel, request: _Request | None, exc: ScepError) -> None:
         now = self.clock()
         code = exc.fail_info.asn1_name
-        entries: list[tuple[str, dict[str, Any]]] = []
+        entries: list[tuple[str, str, dict[str, Any]]] = []
         if self._refusals.admit(label.name, code, now):
             tid = request.message.transaction_id if request is not None else exc.transaction_id
-            entries.append(("scep.refused", {"label": label.name, "fail_info": code, "code": exc.code.name,
-                                             "reason": _clean(exc.message), "transaction_id": tid}))  # fmt: skip
-        entries += [("scep.refusals-suppressed", summary) for summary in self._refusals.due(now)]
+            entries.append((label.name, "scep.refused", {"label": label.name, "fail_info": code,
+                            "code": exc.code.name, "reason": _clean(exc.message), "transaction_id": tid}))  # fmt: skip
+        # A summary is of its own label's window, whichever label's refusal closed it.
+        entries += [
+            (str(s["label"]), "scep.refusals-suppressed", s) for s in self._refusals.due(now, key="label")
+        ]
         if not entries:
             return
 
         def txn(conn: sqlite3.Connection) -> None:
-            for event, data in entries:
-                self.audit.append(conn, f"scep:{label.name}", event, data)
+            for name, event, data in entries:
+                self.audit.append(conn, f"scep:{name}", event, data)
 
         try:
             await self.journal.atransaction(txn, "auditing a SCEP refusal")
@@ -245,12 +248,12 @@ class ScepResponder:
 
     async def flush_refusals(self) -> None:
         """At shutdown: the summaries of the windows still open."""
-        summaries = self._refusals.due(self.clock(), all_windows=True)
+        summaries = self._refusals.due(self.clock(), all_windows=True, key="label")
         if summaries:
 
             def txn(conn: sqlite3.Connection) -> None:
                 for summary in summaries:
-                    self.audit.append(conn, f"scep:{summary['station']}", "scep.refusals-suppressed", summary)
+                    self.audit.append(conn, f"scep:{summary['label']}", "scep.refusals-suppressed", summary)
 
             await self.journal.atransaction(txn, "auditing SCEP refusals")
 

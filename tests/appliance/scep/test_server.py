@@ -427,3 +427,32 @@ async def test_a_certificate_not_valid_now_does_not_renew(scep: Served) -> None:
     )
     assert reply.status is PkiStatus.FAILURE and reply.fail_info == FailInfo.BAD_TIME, reply.fail_info_text
     assert len(scep.daemon.journal.rows("device_serial=?", ("SN-0090",))) == 1
+
+
+async def test_a_refusal_summary_is_its_own_labels(scep: Served) -> None:
+    """scep.refusals-suppressed names the label whose window it summarises (as `label`, like scep.refused), under
+    that label's actor, even when another label's refusal is what closed the window."""
+    import json
+    import time
+
+    from appliance.issuance.refusals import RefusalLimiter
+
+    responder = scep.daemon.scep
+    assert responder is not None
+    offset = [0.0]
+    responder.clock = lambda: time.time() + offset[0]
+    responder._refusals = RefusalLimiter(1, 60.0)  # one refusal in full a minute, the rest counted
+    dev = Device.new()
+    for _ in range(3):
+        reply = await enrol(scep, dev, make_csr(dev.key), label="line1")
+        assert reply.status is PkiStatus.FAILURE
+    offset[0] = 120.0  # line1's window has closed; a refusal on another label writes its summary
+    reply = await enrol(scep, dev, make_csr(dev.key), label="bycn")
+    assert reply.status is PkiStatus.FAILURE
+    journal = scep.daemon.journal
+    rows = journal.call(lambda: journal.conn.execute(
+        "SELECT actor, data FROM audit WHERE event = 'scep.refusals-suppressed'").fetchall())  # fmt: skip
+    assert len(rows) == 1, rows
+    actor, data = rows[0][0], json.loads(rows[0][1])
+    assert actor == "scep:line1" and data["label"] == "line1" and "station" not in data, (actor, data)
+    assert sum(data["suppressed"].values()) == 2
