@@ -142,6 +142,16 @@ def gone(request: web.Request) -> bool:
     return request.transport is None or request.transport.is_closing()
 
 
+# What every answer of these listeners says it is: the product, not the versions of Python and aiohttp (a
+# scanner's first question, and nothing a client needs). aiohttp's own answers to requests it cannot parse
+# (before any application runs) still carry its default.
+SERVER_HEADER = "birthline"
+
+
+async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["Server"] = SERVER_HEADER
+
+
 @web.middleware
 async def _request_phases(request: web.Request, handler: _Handler) -> web.StreamResponse:
     transport = request.transport
@@ -245,6 +255,7 @@ class HttpListener:
 
     async def __aenter__(self) -> HttpListener:
         self.app.middlewares.append(_request_phases)
+        self.app.on_response_prepare.append(_server_header)
         self._runner = web.AppRunner(
             self.app, access_log=None, keepalive_timeout=self.limits.idle_timeout_s,
             max_headers=MAX_HEADERS, max_field_size=MAX_FIELD, read_bufsize=READ_BUFSIZE,

@@ -533,3 +533,13 @@ async def test_a_request_whose_connection_ended_before_its_handler_ran_is_droppe
     response = await _request_phases(request, handler)
     assert response.status == 400
     handler.assert_not_called()
+
+
+async def test_answers_name_the_product_not_the_library_versions() -> None:
+    async with listener(SHORT) as (server, _):
+        c = await Conn.open(server)
+        await c.send(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = (await c.response()).split(b"\r\n\r\n")[0].lower()
+        c.close()
+    assert b"\r\nserver: birthline" in head, head
+    assert b"python" not in head and b"aiohttp" not in head, head
