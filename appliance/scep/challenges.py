@@ -90,6 +90,7 @@ class Claim:
     challenge: int
     device_serial: str
     work_order: str | None
+    bound: bool = False  # this request bound the device challenge to its key (release() undoes it)
 
 
 def secret_sha256(secret: bytes) -> bytes:
@@ -239,4 +240,22 @@ def claim_txn(
         audit.append(conn, f"scep:{label}", "scep.challenge-used", {
             "challenge": found.id, "device_serial": device, "public_key_sha256": key_sha256.hex(),
         })  # fmt: skip
-    return Claim(found.id, device, found.work_order)
+    return Claim(found.id, device, found.work_order,
+                 bound=found.device_serial is not None and found.used_key_sha256 is None)  # fmt: skip
+
+
+def release_txn(
+    conn: sqlite3.Connection, audit: AuditSink, label: str, claim: Claim, key_sha256: bytes, reason: str
+) -> None:
+    """Undo the binding `claim` made (the core refused the request: nothing was issued for that key), so that the
+    device's next request, with a key the core takes, can use the challenge. Only while still bound to that key;
+    audited."""
+    cur = conn.execute(
+        "UPDATE scep_challenge SET used_key_sha256 = NULL WHERE id = ? AND used_key_sha256 = ?",
+        (claim.challenge, key_sha256),
+    )
+    if cur.rowcount:
+        audit.append(conn, f"scep:{label}", "scep.challenge-released", {
+            "challenge": claim.challenge, "device_serial": claim.device_serial,
+            "public_key_sha256": key_sha256.hex(), "reason": reason,
+        })  # fmt: skip

@@ -340,7 +340,9 @@ class ScepResponder:
                             FailInfo.BAD_REQUEST)  # fmt: skip
         own = await self._own(message.signer) if renewal else None
         request_id = self._request_id(label, message.transaction_id)
+        await self._transaction_free(label, request_id, key_sha256)
         named = self._named(csr, label.device_serial_from)
+        claim: challenges.Claim | None = None
         if own is None:
             secret = self._challenge(csr)
             now = self.clock()
@@ -351,7 +353,11 @@ class ScepResponder:
                 "using a SCEP challenge",
             )
             self.admission.authenticated(request.ticket)  # the challenge password was the device's
-            csr_der, key_der = self._material(csr, claim.device_serial)
+            try:
+                csr_der, key_der = self._material(csr, claim.device_serial)
+            except ScepError as exc:
+                await self._release(label, claim, key_sha256, exc.code.name)
+                raise
             issue = IssueRequest(claim.device_serial, csr_der, label.station, request_id, label.profile,
                                  public_key_der=key_der, work_order=claim.work_order, front_end="scep")  # fmt: skip
         else:
@@ -377,9 +383,49 @@ class ScepResponder:
             issue = IssueRequest(own.device_serial, csr_der, label.station, request_id, own.profile,
                                  public_key_der=key_der, replaces=own.cert_serial, front_end="scep")  # fmt: skip
         # Shielded: a client that hangs up must not cancel a request the core has already queued.
-        result = await asyncio.shield(self.service.issue(issue))
+        try:
+            result = await asyncio.shield(self.service.issue(issue))
+        except IssuanceRefused as exc:
+            await self._release(label, claim, key_sha256, exc.code.name)
+            raise
         await self._delivered(result, replaced=issue.replaces is not None)
         return result
+
+    async def _release(
+        self, label: ScepLabel, claim: challenges.Claim | None, key_sha256: bytes, reason: str
+    ) -> None:
+        """The request that bound a device challenge to its key was refused: nothing was issued for that key, so the
+        device's next request (with a key and CSR the appliance takes) may use the challenge, rather than need a
+        supervisor to make a new one."""
+        if claim is None or not claim.bound:
+            return
+        bound = claim
+
+        def release(conn: sqlite3.Connection) -> None:
+            challenges.release_txn(conn, self.audit, label.name, bound, key_sha256, reason)
+
+        await self.journal.atransaction(release, "releasing a SCEP challenge")
+
+    async def _transaction_free(self, label: ScepLabel, request_id: str, key_sha256: bytes) -> None:
+        """A transactionID names one request on its label (RFC 8894 3.2.1.1): a PKCSReq that reuses one another key
+        asked with is refused, before it can use a challenge or take the transaction's CertPoll from its owner."""
+
+        def q() -> bytes | None:
+            conn = self.journal.conn
+            for sql in (
+                "SELECT public_key_sha256 FROM issuance WHERE station=? AND request_id=? AND state != 'burned'"
+                " ORDER BY id DESC LIMIT 1",
+                "SELECT public_key_sha256 FROM ra_request WHERE station=? AND request_id=? ORDER BY id DESC LIMIT 1",
+            ):
+                row = conn.execute(sql, (label.station, request_id)).fetchone()
+                if row is not None and row[0] is not None:
+                    return bytes(row[0])
+            return None
+
+        taken = await self.journal.acall(q)
+        if taken is not None and taken != key_sha256:
+            raise ScepError("this transactionID was used on this label by a request for another key: each request"
+                            " needs a transactionID of its own", FailInfo.BAD_REQUEST)  # fmt: skip
 
     @staticmethod
     def _material(csr: x509.CertificateSigningRequest, device: str) -> tuple[bytes, bytes | None]:

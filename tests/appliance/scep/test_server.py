@@ -456,3 +456,46 @@ async def test_a_refusal_summary_is_its_own_labels(scep: Served) -> None:
     actor, data = rows[0][0], json.loads(rows[0][1])
     assert actor == "scep:line1" and data["label"] == "line1" and "station" not in data, (actor, data)
     assert sum(data["suppressed"].values()) == 2
+
+
+async def test_a_transaction_id_is_one_requests_and_another_key_cannot_take_it(scep: Served) -> None:
+    """A PKCSReq that reuses a transactionID another key asked with on this label is refused before it uses its
+    challenge, and the transaction stays its owner's: the owner's CertPoll still answers (found by an outside
+    test: the second request was issued and the owner's poll refused)."""
+    owner, other = Device.new(), Device.new()
+    first = await enrol(scep, owner, make_csr(owner.key, challenge=scep.challenge(device_serial="SN-0030")),
+                        tid="shared-tx")  # fmt: skip
+    assert first.status is PkiStatus.SUCCESS
+    theirs = scep.challenge(device_serial="SN-0031")
+    taken = await enrol(scep, other, make_csr(other.key, challenge=theirs), tid="shared-tx")
+    assert taken.status is PkiStatus.FAILURE and taken.fail_info == FailInfo.BAD_REQUEST
+    assert taken.fail_info_text is not None and "transactionID" in taken.fail_info_text
+    assert not scep.daemon.journal.rows("device_serial=?", ("SN-0031",))
+    poll = client.issuer_and_subject(scep.ra_cert.subject, owner.signer.subject)
+    polled = await enrol(scep, owner, poll, tid="shared-tx", message_type=MessageType.CERT_POLL)
+    assert polled.status is PkiStatus.SUCCESS and polled.certificates == first.certificates
+    # The refused request did not use its challenge: with a transactionID of its own it enrols.
+    own = await enrol(scep, other, make_csr(other.key, challenge=theirs), tid="own-tx")
+    assert own.status is PkiStatus.SUCCESS
+
+
+async def test_a_request_the_core_refuses_leaves_its_device_challenge_unused(scep: Served) -> None:
+    """The core refused the request (here the profile's key policy: RSA 4096), so nothing was issued for that key:
+    the challenge is released (audited) and the device's next request, with a key the profile takes, uses it."""
+    secret = scep.challenge(device_serial="SN-0032")
+    refused_key = rsa.generate_private_key(public_exponent=65537, key_size=4096)
+    refused_dev = Device(refused_key, client.self_signed(refused_key, "device"))
+    refused = await enrol(scep, refused_dev, make_csr(refused_dev.key, challenge=secret))
+    assert refused.status is PkiStatus.FAILURE, refused
+    journal = scep.daemon.journal
+    events = journal.call(lambda: [str(r[0]) for r in journal.conn.execute(
+        "SELECT event FROM audit WHERE event LIKE 'scep.challenge-%' ORDER BY seq")])  # fmt: skip
+    assert events[-2:] == ["scep.challenge-used", "scep.challenge-released"], events
+    dev = Device.new()
+    ok = await enrol(scep, dev, make_csr(dev.key, challenge=secret))
+    assert ok.status is PkiStatus.SUCCESS, ok
+    # Bound now to the key that was issued: one-time as before.
+    again = Device.new()
+    used = await enrol(scep, again, make_csr(again.key, challenge=secret))
+    assert used.status is PkiStatus.FAILURE and used.fail_info_text is not None
+    assert "used already" in used.fail_info_text
