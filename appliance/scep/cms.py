@@ -266,7 +266,9 @@ def read_signed(data: bytes, policy: AlgorithmPolicy) -> SignedMessage:
     try:
         tid = _printable(attrs[oids.TRANSACTION_ID], "transactionID")
         nonce = _octets(attrs[oids.SENDER_NONCE], "senderNonce") if oids.SENDER_NONCE in attrs else None
-    except (KeyError, ValueError) as exc:
+    except KeyError:
+        raise _malformed("the signed attributes carry no transactionID") from None
+    except ValueError as exc:
         raise _malformed(f"no usable transactionID and senderNonce: {exc}"[:200]) from None
     if len(tid) > MAX_TRANSACTION_ID:
         raise _malformed(f"transactionID longer than {MAX_TRANSACTION_ID} characters")
@@ -370,8 +372,11 @@ def read_envelope(content: bytes, recipient: x509.Certificate, policy: Algorithm
         env, rest = der_decoder.decode(info["content"], asn1Spec=rfc5652.EnvelopedData())
         if rest:
             raise ValueError("trailing bytes after the EnvelopedData")
-    except (PyAsn1Error, ValueError, TypeError) as exc:
+    except ValueError as exc:  # ours: says what is wrong
         raise ScepError(f"the pkcsPKIEnvelope does not decode: {exc}"[:200], FailInfo.BAD_REQUEST) from None
+    except (PyAsn1Error, TypeError):  # the decoder's: its text names its internals, not the client's mistake
+        raise ScepError("the pkcsPKIEnvelope does not decode: not DER of a CMS ContentInfo holding an EnvelopedData"
+                        " (RFC 8894 3.2.2)", FailInfo.BAD_REQUEST) from None  # fmt: skip
     recipients = env["recipientInfos"]
     if len(recipients) > MAX_RECIPIENTS:
         raise ScepError(f"more than {MAX_RECIPIENTS} recipients", FailInfo.BAD_REQUEST)

@@ -264,3 +264,19 @@ def test_openssl_verifies_a_cert_rep(tmp_path: Path, ra) -> None:  # type: ignor
                               ra_pem, "-binary", "-purpose", "any"], check=False, capture_output=True)  # fmt: skip
         assert out.returncode == 0, out.stderr.decode()
         assert out.stdout == content
+
+
+def test_an_envelope_that_is_no_enveloped_data_is_refused_in_the_clients_terms(ra) -> None:  # type: ignore[no-untyped-def]
+    """The decoder's own text (its ASN.1 internals) never reaches the client's failInfoText (an outside test saw
+    "<TagSet object, tags 0:32:16> not in asn1Spec")."""
+    for content in (
+        b"\x30\x03\x02\x01\x05",  # a SEQUENCE, but no ContentInfo
+        b"\x30\x0d\x06\x09\x2a\x86\x48\x86\xf7\x0d\x01\x07\x01\xa0\x00",  # id-data, not enveloped
+        b"\x31\x00",  # a SET
+    ):
+        with pytest.raises(ScepError) as info:
+            cms.read_envelope(content, ra[1], STRICT)
+        assert info.value.fail_info is FailInfo.BAD_REQUEST
+        text = info.value.message
+        assert text.startswith("the pkcsPKIEnvelope does not decode"), text
+        assert "TagSet" not in text and "asn1Spec" not in text and "object at" not in text, text
