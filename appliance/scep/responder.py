@@ -410,8 +410,7 @@ class ScepResponder:
         """A transactionID names one request on its label (RFC 8894 3.2.1.1): a PKCSReq that reuses one another key
         asked with is refused, before it can use a challenge or take the transaction's CertPoll from its owner."""
 
-        def q() -> bytes | None:
-            conn = self.journal.conn
+        def q(conn: sqlite3.Connection) -> bytes | None:
             for sql in (
                 "SELECT public_key_sha256 FROM issuance WHERE station=? AND request_id=? AND state != 'burned'"
                 " ORDER BY id DESC LIMIT 1",
@@ -422,7 +421,9 @@ class ScepResponder:
                     return bytes(row[0])
             return None
 
-        taken = await self.journal.acall(q)
+        # On the journal's reader connection, as a station's ENROLL looks its request id up: a lookup on the
+        # request's path must not wait behind the commits queued on the journal thread (issuance/reader.py).
+        taken = await self.journal.aread(q)
         if taken is not None and taken != key_sha256:
             raise ScepError("this transactionID was used on this label by a request for another key: each request"
                             " needs a transactionID of its own", FailInfo.BAD_REQUEST)  # fmt: skip
