@@ -61,8 +61,10 @@ def check_write_target(path: Path) -> None:
         _refuse_target(os.lstat(path), Path(path))
 
 
-def write_file(path: Path, data: bytes, *, mode: int = PRIVATE) -> Path:
-    """Create or replace `path` with `data` and exactly `mode`, never through a link (see the module doc)."""
+def write_file(path: Path, data: bytes, *, mode: int = PRIVATE, replace: bool = True) -> Path:
+    """Create or replace `path` with `data` and exactly `mode`, never through a link (see the module doc).
+    `replace=False`: create only; FileExistsError if anything is at `path` (a secret shown once must not take the
+    place of another)."""
     path = Path(path)
     parent = path.parent
     dfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -86,7 +88,12 @@ def write_file(path: Path, data: bytes, *, mode: int = PRIVATE) -> Path:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.replace(tmp, path.name, src_dir_fd=dfd, dst_dir_fd=dfd)
+            if replace:
+                os.replace(tmp, path.name, src_dir_fd=dfd, dst_dir_fd=dfd)
+            else:
+                # link() never replaces what is there: the check and the creation are one step.
+                os.link(tmp, path.name, src_dir_fd=dfd, dst_dir_fd=dfd, follow_symlinks=False)
+                os.unlink(tmp, dir_fd=dfd)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp, dir_fd=dfd)

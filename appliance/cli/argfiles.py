@@ -12,6 +12,7 @@ keys 0600, everything else 0644.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -58,12 +59,24 @@ def parsing(option: str, path: str | Path, what: str) -> Iterator[None]:
         raise ArgumentFileError(option, path, f"not {what}: {exc}") from None
 
 
-def write(option: str, path: str | Path, data: bytes, *, mode: int = PUBLIC) -> Path:
+def new_file(option: str, path: str | Path) -> None:
+    """Refuse now, before anything is done, an output that write(..., replace=False) would refuse later: something
+    is at `path`, or its directory is missing."""
+    p = Path(path)
+    if os.path.lexists(p):
+        raise ArgumentFileError(option, path, "exists; name a new file")
+    if not p.parent.is_dir():
+        raise ArgumentFileError(option, path, "its directory does not exist")
+
+
+def write(option: str, path: str | Path, data: bytes, *, mode: int = PUBLIC, replace: bool = True) -> Path:
     try:
-        return write_file(Path(path), data, mode=mode)
+        return write_file(Path(path), data, mode=mode, replace=replace)
     except FileRefused as exc:
         raise ArgumentFileError(option, path, exc.message.removeprefix(f"{path} ")) from None
     except IsADirectoryError:
         raise ArgumentFileError(option, path, "is a directory") from None
+    except FileExistsError:
+        raise ArgumentFileError(option, path, "exists; name a new file") from None
     except OSError as exc:
         raise ArgumentFileError(option, path, _why(exc)) from None

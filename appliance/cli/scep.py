@@ -48,6 +48,10 @@ def cmd_add(args: argparse.Namespace) -> int:
     if args.label not in config.scep.labels:
         known = ", ".join(sorted(config.scep.labels)) or "none configured"
         raise ProductionError(f"--label {args.label}: no such label in [scep.labels] ({known})")
+    if args.out:
+        # Before the challenge exists: its password is shown once, so a file that cannot take it (or already
+        # holds another one) must stop the command while there is nothing to lose.
+        argfiles.new_file("--out", args.out)
     with authorised(args, Permission.WORK_ORDER) as s:
         found, secret = challenges.add(
             s.core.journal, s.audit, actor(s), args.label, device_serial=args.device, work_order=args.work_order,
@@ -64,7 +68,7 @@ def cmd_add(args: argparse.Namespace) -> int:
     print(f"challenge {found.id} on label {found.label} for {whom}, valid until {iso(found.expires_at)}",
           file=sys.stderr)  # fmt: skip
     if args.out:
-        argfiles.write("--out", args.out, secret.encode() + b"\n", mode=PRIVATE)
+        argfiles.write("--out", args.out, secret.encode() + b"\n", mode=PRIVATE, replace=False)
         print(f"the challenge password is in {args.out} (0600)", file=sys.stderr)
     else:
         print(secret)

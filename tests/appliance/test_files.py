@@ -14,6 +14,7 @@ from appliance.files import (
     refuse_shared_files,
     secret_directory,
     secure_state_dir,
+    write_file,
     write_private,
     write_public,
 )
@@ -98,3 +99,20 @@ def test_state_directory_and_files_others_can_reach_are_refused_with_the_fix(tmp
     with pytest.raises(FileRefused) as exc:
         refuse_shared_files([db, wal], "the station keys")
     assert f"{wal} (mode 640)" in str(exc.value) and str(exc.value).endswith(f"chmod 600 {wal}")
+
+
+def test_create_only_never_replaces_and_leaves_no_temporary_file(tmp_path: Path) -> None:
+    """replace=False (a password shown once): created when nothing is there; otherwise FileExistsError, the file
+    as it was (a symlink too, never followed), and no temporary file left behind."""
+    target = tmp_path / "secret.txt"
+    write_file(target, b"first\n", mode=0o600, replace=False)
+    assert target.read_bytes() == b"first\n" and stat.S_IMODE(target.stat().st_mode) == 0o600
+    with pytest.raises(FileExistsError):
+        write_file(target, b"second\n", mode=0o600, replace=False)
+    assert target.read_bytes() == b"first\n"
+    dangling = tmp_path / "link.txt"
+    dangling.symlink_to(tmp_path / "elsewhere.txt")
+    with pytest.raises((FileExistsError, FileRefused)):
+        write_file(dangling, b"x\n", mode=0o600, replace=False)
+    assert not (tmp_path / "elsewhere.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.txt", "secret.txt"]

@@ -51,6 +51,15 @@ def test_add_list_revoke(
                  *as_("alice", PRODUCTION_PASSWORD)]) == 0  # fmt: skip
     assert capsys.readouterr().out == ""
     assert (tmp_path / "wo.txt").stat().st_mode & 0o777 == 0o600
+    # The password is shown once: an --out that already holds one (or cannot be written) stops the command before a
+    # challenge is made (the list below has only the two above), and the file keeps its password.
+    kept = (tmp_path / "wo.txt").read_bytes()
+    for out in (tmp_path / "wo.txt", tmp_path / "no-such-dir" / "x.txt"):
+        assert (
+            main([*add, "--work-order", "WO-1", "--out", str(out), *as_("alice", PRODUCTION_PASSWORD)]) != 0
+        )
+        assert str(out) in capsys.readouterr().err
+    assert (tmp_path / "wo.txt").read_bytes() == kept
     # An operator makes no challenges; an unknown label is refused before anyone logs in.
     assert main([*add, "--device", "SN-0002", *as_("olga", OPERATOR_PASSWORD)]) != 0
     assert main(["scep", "challenge", "add", "--config", c, "--label", "nope", "--device", "SN-0002",
